@@ -1,0 +1,91 @@
+"""`FlamingoConfig`: the hyper-parameters of the trained parts and the paper's ablation switches, saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+CONFIG_NAME = "flamingo_config.json"
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+
+
+@dataclass
+class FlamingoConfig:
+    # Cross-attention placement: a GATED XATTN-DENSE block runs before LM layer i when (i + 1) % xattn_every == 0
+    # (OpenFlamingo's convention). The paper's ablation compares 1, 2 and 4.
+    xattn_every: int = 1
+    xattn_heads: int = 8
+    xattn_head_dim: int = 64
+    # Hidden width multiplier of the feed-forwards (xattn-dense and resampler).
+    ffw_mult: int = 4
+    # Perceiver Resampler: R latent queries, depth and attention shape. Works at the vision tower's width.
+    num_latents: int = 64
+    resampler_depth: int = 6
+    resampler_heads: int = 8
+    resampler_head_dim: int = 64
+    # "perceiver" (the paper's) or "mlp" (ablation: time embeddings, pool to R tokens, residual MLP).
+    resampler: Literal["perceiver", "mlp"] = "perceiver"
+    # Number of learned frame (time) embeddings: videos longer than this are sub-sampled by the processor.
+    max_frames: int = 8
+    # True: a token sees only the last image at or before it (the paper). False: all images before it (MMICL-style).
+    only_attend_last_image: bool = True
+    # Hidden state of the vision tower to use: -1 = its final output (last_hidden_state), i = hidden_states[i].
+    vision_feature_layer: int = -1
+    # Drop the tower's CLS token when it has one (CLIP, ViT; SigLIP has none). The resampler wants patch features.
+    drop_cls_token: bool = True
+    # Ablations: tanh gating (False: plain residual, the "no gating" row of the paper), frozen LM / vision tower.
+    gated: bool = True
+    freeze_lm: bool = True
+    freeze_vision: bool = True
+    # Filled in by `from_backbones`: which backbones to load back, and where the added tokens sit in the vocabulary.
+    vision_name_or_path: Optional[str] = None
+    lm_name_or_path: Optional[str] = None
+    media_token_id: Optional[int] = None
+    end_of_chunk_token_id: Optional[int] = None
+    # Added tokens are rows [first_new_token_id, first_new_token_id + num_new_tokens) of the LM's vocabulary; they
+    # live in the model's own small trainable tables (the LM's table stays frozen).
+    first_new_token_id: Optional[int] = None
+    num_new_tokens: int = 0
+    # Frozen backbone tensors that were changed after loading (e.g. an OpenFlamingo checkpoint's fine-tuned input
+    # embedding) and so must be saved even in a trained-only checkpoint. Names are `Flamingo.state_dict()` keys.
+    extra_saved_weights: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.xattn_every < 1:
+            raise ValueError(f"xattn_every must be >= 1, got {self.xattn_every}")
+        if self.resampler not in ("perceiver", "mlp"):
+            raise ValueError(f"resampler must be 'perceiver' or 'mlp', got {self.resampler!r}")
+        if self.num_latents < 1 or self.max_frames < 1:
+            raise ValueError("num_latents and max_frames must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlamingoConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown FlamingoConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str) -> "FlamingoConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def xattn_layer_indices(self, num_lm_layers: int) -> list[int]:
+        """LM layer indices that get a GATED XATTN-DENSE block before them."""
+        return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]

@@ -1,0 +1,116 @@
+"""Loading and probing the frozen backbones: any HF vision tower giving patch features, any HF causal LM."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+# Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
+DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
+
+
+def find_decoder_layers(lm: nn.Module) -> str:
+    """Dotted path of the LM's decoder layer list: the largest `nn.ModuleList` of blocks of one class, preferring
+    one whose length equals `config.num_hidden_layers`."""
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if model_type in DECODER_LAYERS_OVERRIDES:
+        return DECODER_LAYERS_OVERRIDES[model_type]
+    expected = None
+    if hasattr(lm, "config"):
+        text_config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        expected = getattr(text_config, "num_hidden_layers", None)
+    best: Optional[tuple[tuple[bool, int], str]] = None
+    for name, module in lm.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        score = (len(module) == expected, len(module))
+        if best is None or score > best[0]:
+            best = (score, name)
+    if best is None:
+        raise ValueError(f"could not find the decoder layers of {type(lm).__name__}; add its model_type to "
+                         "flamingo.model.backbones.DECODER_LAYERS_OVERRIDES")
+    return best[1]
+
+
+def hidden_size_of(config: Any) -> int:
+    for key in ("hidden_size", "d_model", "n_embd", "embed_dim"):
+        if hasattr(config, key):
+            return int(getattr(config, key))
+    raise ValueError(f"cannot tell the hidden size of {type(config).__name__}")
+
+
+def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> nn.Module:
+    """An HF vision tower from a model or a name/path. Dual encoders (CLIPModel, SiglipModel) give their vision half,
+    loaded as the standalone vision model class of their `vision_config`."""
+    if isinstance(vision, nn.Module):
+        model = vision
+    else:
+        model = AutoModel.from_pretrained(vision, **kwargs)
+    config = getattr(model, "config", None)
+    if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
+        tower = AutoModel.from_config(config.vision_config)
+        if not hasattr(tower, "vision_model"):
+            raise ValueError(f"cannot take the vision half of {type(model).__name__}")
+        tower.vision_model = model.vision_model
+        tower.name_or_path = getattr(model, "name_or_path", "")
+        return tower.to(next(model.parameters()).dtype)
+    return model
+
+
+def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrainedModel:
+    if isinstance(lm, nn.Module):
+        return lm
+    return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
+
+
+def load_image_processor(vision: Union[str, os.PathLike]) -> Any:
+    return AutoImageProcessor.from_pretrained(vision)
+
+
+def name_or_path_of(model: Union[str, os.PathLike, nn.Module]) -> Optional[str]:
+    """What `from_pretrained` needs to load this backbone again, or None for an in-memory model without one."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return name or None
+
+
+def num_cls_tokens(vision: nn.Module, seq_len: int) -> int:
+    """1 when the tower's output has a CLS token in front of its patch grid (CLIP, ViT), 0 otherwise (SigLIP)."""
+    config = getattr(vision, "config", None)
+    image_size, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    if isinstance(patch_size, (list, tuple)):
+        patch_size = patch_size[0]
+    if image_size and patch_size:
+        return 1 if seq_len == (image_size // patch_size) ** 2 + 1 else 0
+    return 0
+
+
+def vision_features(vision: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -1,
+                    drop_cls: bool = True) -> torch.Tensor:
+    """pixel_values (M, C, H, W) -> patch features (M, S, Dv) from the tower's output or one of its hidden states."""
+    if feature_layer == -1:
+        hidden = vision(pixel_values=pixel_values).last_hidden_state
+    else:
+        hidden = vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states[feature_layer]
+    if drop_cls:
+        hidden = hidden[:, num_cls_tokens(vision, hidden.shape[1]):]
+    return hidden  # (M, S, Dv)
+
+
+def vision_hidden_size(vision: nn.Module) -> int:
+    return hidden_size_of(vision.config)
+
+
+def lm_text_config(lm: PreTrainedModel) -> Any:
+    return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+
+

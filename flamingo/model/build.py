@@ -1,0 +1,69 @@
+"""`from_backbones`: a Flamingo model + processor from any HF vision tower and causal LM (objects or names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..config import FlamingoConfig
+from ..processing import FlamingoProcessor, add_flamingo_tokens
+from .backbones import load_image_processor, load_lm, load_vision_tower, name_or_path_of
+from .flamingo import Flamingo
+
+Backbone = Union[str, os.PathLike, nn.Module]
+
+
+def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str, PreTrainedTokenizerBase]] = None,
+                   config: Optional[FlamingoConfig] = None, *, image_processor: Any = None,
+                   torch_dtype: Optional[torch.dtype] = None, max_length: Optional[int] = None
+                   ) -> tuple[Flamingo, FlamingoProcessor]:
+    """Build a Flamingo on pretrained backbones.
+
+    vision / lm: HF models or names/paths for `from_pretrained` (names are kept in the config so that trained-only
+    checkpoints can refer to them). tokenizer / image_processor default to the ones saved with the LM / tower.
+    Adds `<image>`, `<|endofchunk|>` (and a pad token if missing) to the tokenizer; their embedding rows are the
+    only new trainable rows. Returns (model, processor).
+    """
+    config = dataclasses.replace(config) if config is not None else FlamingoConfig()
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    vision_ref, lm_ref = name_or_path_of(vision), name_or_path_of(lm)
+    vision_model = load_vision_tower(vision, **kwargs)
+    lm_model = load_lm(lm, **kwargs)
+
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        source = tokenizer if tokenizer is not None else lm_ref
+        if source is None:
+            raise ValueError("pass `tokenizer`: the LM is an in-memory model with no name/path to load one from")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if image_processor is None:
+        if vision_ref is None:
+            raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
+        image_processor = load_image_processor(vision_ref)
+
+    added = add_flamingo_tokens(tokenizer)
+    config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref
+    config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    if added:
+        if added != list(range(added[0], added[0] + len(added))):
+            raise ValueError(f"added token ids are not contiguous: {added}")
+        config.first_new_token_id, config.num_new_tokens = added[0], len(added)
+    else:
+        config.first_new_token_id, config.num_new_tokens = None, 0
+    vocab = lm_model.get_input_embeddings().num_embeddings
+    if config.media_token_id >= max(vocab, len(tokenizer)):
+        raise ValueError("tokenizer and LM vocabulary disagree")
+    model = Flamingo(vision_model, lm_model, config)
+    processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames)
+    return model, processor
+
+
+def load_pretrained(directory: str, **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
+    """A saved model and its processor (`save_pretrained(dir, processor=...)`)."""
+    model = Flamingo.from_pretrained(directory, **kwargs)
+    return model, FlamingoProcessor.from_pretrained(directory)

@@ -1,0 +1,341 @@
+"""`Flamingo`: a frozen HF vision tower + Perceiver Resampler + a frozen HF causal LM with GATED XATTN-DENSE blocks.
+
+How the blocks get into the LM (see docs/architecture.md): the LM stays an unmodified HF model (its class, module
+tree, state-dict keys, `generate` and caches). Three permanent forward hooks connect it to our modules:
+- a pre-hook on each chosen decoder layer replaces its hidden-states argument by `block(hidden, ...)`;
+- a hook on the input embedding puts the rows of the added tokens (`<image>`, `<|endofchunk|>`, pad) from our own
+  small trainable table, and derives each token's media index from the input ids it sees;
+- a hook on the output head fills the logits of the added tokens from our own rows (untied heads) or the input
+  rows (tied heads), so `<|endofchunk|>` can be predicted while the LM's tables stay frozen.
+Per-call conditioning (visual tokens, their K/V per block, media indices) lives in a `MediaContext` that exists for
+the duration of one call only (`Flamingo.conditioned`, cleared in `finally`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..checkpoint_io import atomic_directory
+from ..config import FlamingoConfig
+from .backbones import (
+    find_decoder_layers,
+    hidden_size_of,
+    lm_text_config,
+    load_lm,
+    load_vision_tower,
+    vision_features,
+    vision_hidden_size,
+)
+from .resampler import MLPResampler, PerceiverResampler
+from .xattn import GatedCrossAttentionBlock, MediaKV, XAttnImpl, compute_media_index
+
+WEIGHTS_NAME = "flamingo.safetensors"
+BACKBONE_PREFIXES = ("vision.", "lm.")
+
+
+@dataclass
+class MediaContext:
+    """Conditioning for one call (a forward, or a whole `generate`); never outlives it."""
+
+    visual: Optional[torch.Tensor]  # (B, N, R, Dv) visual tokens, None when the batch has no media
+    last_media_index: torch.Tensor  # (B,) images seen before the current LM call (0 at the start)
+    media_index: Optional[torch.Tensor] = None  # (B, T) of the current LM call, set when the LM embeds its ids
+    media_kv: dict[int, MediaKV] = field(default_factory=dict)  # per block: visual K/V, projected once per context
+    impl: XAttnImpl = "auto"
+
+    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock) -> Optional[MediaKV]:
+        if self.visual is None:
+            return None
+        if block_idx not in self.media_kv:
+            self.media_kv[block_idx] = block.project_media(self.visual)
+        return self.media_kv[block_idx]
+
+
+@dataclass
+class FlamingoOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    past_key_values: Any = None
+    visual_tokens: Optional[torch.Tensor] = None
+
+
+class Flamingo(nn.Module):
+    def __init__(self, vision: nn.Module, lm: nn.Module, config: FlamingoConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self._media_context: Optional[MediaContext] = None
+
+        self.decoder_layers_path = find_decoder_layers(lm)
+        layers = lm.get_submodule(self.decoder_layers_path)
+        self.xattn_layer_indices = config.xattn_layer_indices(len(layers))
+        dim, dim_visual = hidden_size_of(lm_text_config(lm)), vision_hidden_size(vision)
+
+        if config.resampler == "perceiver":
+            self.resampler: nn.Module = PerceiverResampler(
+                dim=dim_visual, depth=config.resampler_depth, num_latents=config.num_latents,
+                heads=config.resampler_heads, head_dim=config.resampler_head_dim, ffw_mult=config.ffw_mult,
+                max_frames=config.max_frames)
+        else:
+            self.resampler = MLPResampler(dim=dim_visual, num_latents=config.num_latents, ffw_mult=config.ffw_mult,
+                                          max_frames=config.max_frames)
+        self.xattn = nn.ModuleList(
+            GatedCrossAttentionBlock(dim=dim, dim_visual=dim_visual, heads=config.xattn_heads,
+                                     head_dim=config.xattn_head_dim, ffw_mult=config.ffw_mult, gated=config.gated,
+                                     only_attend_last_image=config.only_attend_last_image)
+            for _ in self.xattn_layer_indices)
+        self._init_new_token_rows()
+        param = next(lm.parameters())
+        self.resampler.to(device=param.device)
+        self.xattn.to(device=param.device)
+
+        self.vision.requires_grad_(not config.freeze_vision)
+        self.lm.requires_grad_(not config.freeze_lm)
+        for j, i in enumerate(self.xattn_layer_indices):
+            layers[i].register_forward_pre_hook(partial(self._layer_pre_hook, j), with_kwargs=True)
+        self.lm.get_input_embeddings().register_forward_hook(self._embedding_hook)
+        if config.num_new_tokens and self.lm.get_output_embeddings() is not None:
+            self.lm.get_output_embeddings().register_forward_hook(self._output_hook)
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+
+    # ------------------------------------------------------------------------------------------ added tokens
+    def _init_new_token_rows(self) -> None:
+        """Own trainable rows for the added tokens; the LM's tables (resized to hold them) stay frozen."""
+        cfg, n = self.config, self.config.num_new_tokens
+        self.new_token_embeddings: Optional[nn.Parameter] = None
+        self.new_lm_head: Optional[nn.Parameter] = None
+        self.new_lm_head_bias: Optional[nn.Parameter] = None
+        if n == 0:
+            return
+        if cfg.first_new_token_id is None:
+            raise ValueError("config.num_new_tokens > 0 needs config.first_new_token_id")
+        end = cfg.first_new_token_id + n
+        if self.lm.get_input_embeddings().num_embeddings < end:
+            self.lm.resize_token_embeddings(end, mean_resizing=False)
+        in_rows = self.lm.get_input_embeddings().weight[cfg.first_new_token_id:end]
+        self.new_token_embeddings = nn.Parameter(in_rows.detach().clone())
+        head = self.lm.get_output_embeddings()
+        if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
+            self.new_lm_head = nn.Parameter(head.weight[cfg.first_new_token_id:end].detach().clone())
+            if getattr(head, "bias", None) is not None:
+                self.new_lm_head_bias = nn.Parameter(head.bias[cfg.first_new_token_id:end].detach().clone())
+
+    def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0]  # (B, T)
+        ctx = self._media_context
+        if ctx is not None:
+            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, ctx.last_media_index)
+            ctx.last_media_index = ctx.media_index[:, -1]
+        if self.new_token_embeddings is None:
+            return output
+        first, n = self.config.first_new_token_id, self.config.num_new_tokens
+        offset = input_ids - first
+        is_new = (offset >= 0) & (offset < n)  # (B, T)
+        rows = self.new_token_embeddings[offset.clamp(0, n - 1)].to(output.dtype)  # (B, T, D)
+        return torch.where(is_new[..., None], rows, output)
+
+    def _output_hook(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        hidden = args[0]  # (..., D)
+        weight = self.new_lm_head if self.new_lm_head is not None else self.new_token_embeddings
+        first, n = self.config.first_new_token_id, self.config.num_new_tokens
+        new_logits = F.linear(hidden, weight.to(hidden.dtype),
+                              None if self.new_lm_head_bias is None else self.new_lm_head_bias.to(hidden.dtype))
+        return torch.cat([logits[..., :first], new_logits.to(logits.dtype), logits[..., first + n:]], dim=-1)
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    @contextmanager
+    def conditioned(self, ctx: MediaContext) -> Iterator[MediaContext]:
+        """Make `ctx` the conditioning of every LM call inside the block; always cleared afterwards."""
+        if self._media_context is not None:
+            raise RuntimeError("Flamingo calls cannot be nested: a media context is already active")
+        self._media_context = ctx
+        try:
+            yield ctx
+        finally:
+            self._media_context = None
+
+    def _layer_pre_hook(self, block_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+        ctx = self._media_context
+        block = self.xattn[block_idx]
+        if ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
+            hidden = block(hidden, None, None)
+        else:
+            if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
+                raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
+                                   "`inputs_embeds`) so that it can see the <image> tokens")
+            hidden = block(hidden, ctx.kv_for(block_idx, block), ctx.media_index, ctx.impl)
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    # ------------------------------------------------------------------------------------------ vision
+    def encode_media(self, images: torch.Tensor, num_media: Optional[torch.Tensor] = None,
+                     num_frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv). Only real media and frames reach the tower."""
+        if images.ndim == 5:  # (B, N, C, H, W): stills
+            images = images[:, :, None]
+        if images.ndim != 6:
+            raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
+        b, n, f = images.shape[:3]
+        device = images.device
+        media_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        if num_media is not None:
+            media_mask = torch.arange(n, device=device) < torch.as_tensor(num_media, device=device)[:, None]
+        frame_mask = media_mask[:, :, None].expand(b, n, f)  # (B, N, F)
+        if num_frames is not None:
+            num_frames = torch.as_tensor(num_frames, device=device)
+            frame_mask = frame_mask & (torch.arange(f, device=device) < num_frames[:, :, None])
+            if bool((num_frames[media_mask] < 1).any()):
+                raise ValueError("every real medium needs at least one frame (num_frames >= 1)")
+        pixels = images[frame_mask]  # (K, C, H, W) real frames only
+        tower_dtype = next(self.vision.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            features = vision_features(self.vision, pixels.to(tower_dtype), self.config.vision_feature_layer,
+                                       self.config.drop_cls_token)  # (K, S, Dv)
+        dtype = next(self.resampler.parameters()).dtype
+        grid = features.new_zeros(b, n, f, *features.shape[1:], dtype=dtype)  # (B, N, F, S, Dv)
+        grid[frame_mask] = features.to(dtype)
+        tokens = self.resampler(grid[media_mask], frame_mask[media_mask])  # (M, R, Dv)
+        visual = tokens.new_zeros(b, n, *tokens.shape[1:])  # (B, N, R, Dv)
+        visual[media_mask] = tokens
+        return visual
+
+    # ------------------------------------------------------------------------------------------ forward
+    def check_media_tokens(self, input_ids: torch.Tensor, num_media: Optional[torch.Tensor]) -> None:
+        """Each sample must have exactly as many `<image>` tokens as media."""
+        counts = (input_ids == self.config.media_token_id).sum(dim=1)
+        expected = torch.zeros_like(counts) if num_media is None else torch.as_tensor(num_media, device=counts.device)
+        bad = (counts != expected).nonzero(as_tuple=True)[0]
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"sample {i} has {int(counts[i])} <image> token(s) but {int(expected[i])} "
+                             "image(s)/video(s)")
+
+    def position_ids_for(self, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Left padding: positions count real tokens only, so a padded prompt == the same prompt alone."""
+        if attention_mask is None or not self._lm_takes_position_ids:
+            return None
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
+                num_frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
+                visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
+                **lm_kwargs: Any) -> FlamingoOutput:
+        """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
+        `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
+        labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
+        """
+        if visual_tokens is None and images is not None:
+            n = images.shape[1]
+            if num_media is None:
+                num_media = torch.full((input_ids.shape[0],), n, dtype=torch.long)
+            visual_tokens = self.encode_media(images, num_media, num_frames)
+        elif visual_tokens is not None and num_media is None:
+            num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
+        self.check_media_tokens(input_ids, num_media)
+        if "position_ids" not in lm_kwargs and lm_kwargs.get("past_key_values") is None:
+            position_ids = self.position_ids_for(attention_mask)
+            if position_ids is not None:
+                lm_kwargs["position_ids"] = position_ids
+        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl,
+                           last_media_index=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
+        with self.conditioned(ctx):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+        loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
+        return FlamingoOutput(loss=loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None),
+                              visual_tokens=visual_tokens)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
+             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-token cross-entropy, ignoring -100, `<image>` positions and padding."""
+        labels = labels.masked_fill(input_ids == self.config.media_token_id, -100)
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------------------------------ parameters
+    def train(self, mode: bool = True) -> "Flamingo":
+        """Frozen backbones stay in eval mode (no dropout): frozen means the same function at every step."""
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision.eval()
+        if self.config.freeze_lm:
+            self.lm.eval()
+        return self
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def xattn_gates(self) -> dict[int, tuple[float, float]]:
+        """LM layer index -> (tanh(attn gate), tanh(ffw gate)); the paper plots these over training."""
+        if not self.config.gated:
+            return {}
+        return {i: (float(b.attn_gate.tanh()), float(b.ffw_gate.tanh()))
+                for i, b in zip(self.xattn_layer_indices, self.xattn)}
+
+    def _saved_tensors(self, trained_only: bool) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        keep = {k for k in state if not k.startswith(BACKBONE_PREFIXES)}
+        keep |= set(self.config.extra_saved_weights)
+        if trained_only:
+            keep |= {k for k, p in self.named_parameters() if p.requires_grad}
+        # Clone so that tied tensors become separate entries (safetensors refuses shared storage).
+        return {k: state[k].detach().to("cpu").contiguous().clone() for k in sorted(keep)}
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None) -> None:
+        """Write the model atomically. Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
+        trained_only: only the trained tensors + references (name/path) to the backbones in the config, so a 9B
+        model's checkpoint holds its ~1-2B trained parameters."""
+        if trained_only and not (self.config.vision_name_or_path and self.config.lm_name_or_path):
+            raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
+                             "from_backbones(vision='name', lm='name') or save the full model")
+        with atomic_directory(directory) as tmp:
+            save_file(self._saved_tensors(trained_only), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            if not trained_only:
+                self.vision.save_pretrained(os.path.join(tmp, "vision"))
+                self.lm.save_pretrained(os.path.join(tmp, "lm"))
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            self.config.save(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, torch_dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None) -> "Flamingo":
+        """Load a directory written by `save_pretrained` (either mode). No pickle: safetensors + HF directories."""
+        config = FlamingoConfig.load(directory)
+        sources = {}
+        for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
+            local = os.path.join(directory, part)
+            sources[part] = local if os.path.isdir(local) else ref
+            if sources[part] is None:
+                raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        model = cls(load_vision_tower(sources["vision"], **kwargs), load_lm(sources["lm"], **kwargs), config)
+        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES)}
+        missing = own - set(state)
+        if missing:
+            raise ValueError(f"checkpoint {directory!r} lacks weights: {sorted(missing)[:5]}")
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {directory!r} has unknown weights: {result.unexpected_keys[:5]}")
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()

@@ -1,0 +1,174 @@
+"""GATED XATTN-DENSE (Flamingo §2.2, Fig. 4) and the masking rule, written once.
+
+The rule: `media_index[b, t]` = number of `<image>` tokens in sample b at positions <= t (the `<image>` token sees
+its own image). Token t attends to the R visual tokens of image `media_index[b, t]` only (or to every image up to it
+when `only_attend_last_image=False`); a token with media index 0 gets exactly zero from the attention — its output
+is zeroed, never a softmax over fully masked keys (IDEFICS #26428).
+
+Three exact implementations of the same rule, checked against each other in tests:
+- `reference`: SDPA over all N·R visual tokens with a boolean mask. Cost grows with N.
+- `segments`: tokens seeing the same image form contiguous runs; cut runs into pieces of P tokens and attend each
+  piece to its image's R keys in one padded batch. Cost O(T·R), independent of N.
+- `gather`: for a handful of query tokens (decode steps), gather each token's own image keys. O(T·R) memory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .resampler import feed_forward
+
+XAttnImpl = Literal["auto", "reference", "segments", "gather"]
+
+
+class MediaKV(NamedTuple):
+    """Keys and values of the visual tokens for one block, `(B, N, R, heads, head_dim)` each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def compute_media_index(input_ids: torch.Tensor, media_token_id: int,
+                        start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input_ids (B, T) -> media_index (B, T): images seen at or before each token, plus `start (B,)` images seen in
+    earlier calls (cached decoding)."""
+    index = (input_ids == media_token_id).cumsum(dim=1)
+    if start is not None:
+        index = index + start[:, None]
+    return index
+
+
+def _attend_reference(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool) -> torch.Tensor:
+    b, t, h, d = q.shape
+    n, r = kv.k.shape[1], kv.k.shape[2]
+    image_of_key = torch.arange(1, n + 1, device=q.device).repeat_interleave(r)  # (N·R,)
+    idx = media_index[:, :, None]  # (B, T, 1)
+    allowed = (image_of_key == idx) if only_last else (image_of_key <= idx)  # (B, T, N·R)
+    allowed = allowed | (idx == 0)  # rows with no image: any finite softmax, zeroed below
+    k = kv.k.flatten(1, 2).transpose(1, 2)  # (B, h, N·R, d)
+    v = kv.v.flatten(1, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[:, None])  # (B, h, T, d)
+    return out.transpose(1, 2)  # (B, T, h, d)
+
+
+def _attend_gather(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> torch.Tensor:
+    b, t, h, d = q.shape
+    image = (media_index - 1).clamp(min=0)  # (B, T)
+    batch = torch.arange(b, device=q.device)[:, None].expand(b, t)
+    k = kv.k[batch, image]  # (B, T, R, h, d)
+    v = kv.v[batch, image]
+    scores = torch.einsum("bthd,btrhd->bthr", q, k) * d**-0.5
+    return torch.einsum("bthr,btrhd->bthd", scores.softmax(dim=-1), v)  # (B, T, h, d)
+
+
+def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> torch.Tensor:
+    b, t, h, d = q.shape
+    n, r = kv.k.shape[1], kv.k.shape[2]
+    out = q.new_zeros(b, t, h, d)
+    b_idx, t_idx = (media_index > 0).nonzero(as_tuple=True)  # ordered by (b, t): runs are contiguous
+    if b_idx.numel() == 0:
+        return out
+    key = b_idx * n + media_index[b_idx, t_idx] - 1  # flat image id per query token, (M,)
+    m = key.numel()
+    new_run = torch.ones(m, dtype=torch.bool, device=q.device)
+    new_run[1:] = key[1:] != key[:-1]
+    run_id = new_run.cumsum(0) - 1  # (M,)
+    run_start = new_run.nonzero(as_tuple=True)[0]  # (runs,)
+    pos_in_run = torch.arange(m, device=q.device) - run_start[run_id]
+    run_len = torch.bincount(run_id)
+    # Piece length: the mean run length rounded up to a power of two, so padding wastes at most ~2x.
+    piece = 1 << max(3, int(m / run_len.numel() - 1).bit_length())
+    pieces_per_run = (run_len + piece - 1) // piece
+    piece_offset = pieces_per_run.cumsum(0) - pieces_per_run
+    piece_id = piece_offset[run_id] + pos_in_run // piece  # (M,)
+    slot = pos_in_run % piece
+    g = int(pieces_per_run.sum())
+    queries = q.new_zeros(g, piece, h, d)
+    queries[piece_id, slot] = q[b_idx, t_idx]
+    piece_image = key.new_zeros(g)
+    piece_image[piece_id] = key
+    k = kv.k.flatten(0, 1)[piece_image].transpose(1, 2)  # (G, h, R, d)
+    v = kv.v.flatten(0, 1)[piece_image].transpose(1, 2)
+    attended = F.scaled_dot_product_attention(queries.transpose(1, 2), k, v).transpose(1, 2)  # (G, P, h, d)
+    out[b_idx, t_idx] = attended[piece_id, slot]
+    return out
+
+
+def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, *,
+                           only_attend_last_image: bool = True, impl: XAttnImpl = "auto") -> torch.Tensor:
+    """q (B, T, h, d) attends to kv (B, N, R, h, d) under the masking rule -> (B, T, h, d); zero where index is 0."""
+    if impl == "auto":
+        if not only_attend_last_image:
+            impl = "reference"
+        elif q.shape[1] * kv.k.shape[2] <= 4096:  # a few tokens (decoding): gathering keys is cheapest
+            impl = "gather"
+        else:
+            impl = "segments"
+    if impl == "reference":
+        out = _attend_reference(q, kv, media_index, only_attend_last_image)
+    elif not only_attend_last_image:
+        raise ValueError(f"impl={impl!r} supports only only_attend_last_image=True; use 'reference'")
+    elif impl == "gather":
+        out = _attend_gather(q, kv, media_index)
+    elif impl == "segments":
+        out = _attend_segments(q, kv, media_index)
+    else:
+        raise ValueError(f"unknown cross-attention impl {impl!r}")
+    return out.masked_fill((media_index == 0)[:, :, None, None], 0.0)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries (pre-norm) attend to the visual tokens under the masking rule."""
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, only_attend_last_image: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.only_attend_last_image = only_attend_last_image
+        inner = heads * head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def project_media(self, visual: torch.Tensor) -> MediaKV:
+        """visual (B, N, R, Dv) -> MediaKV of (B, N, R, h, d): computed once per prompt when decoding."""
+        k, v = self.to_kv(visual).chunk(2, dim=-1)
+        return MediaKV(k.unflatten(-1, (self.heads, self.head_dim)), v.unflatten(-1, (self.heads, self.head_dim)))
+
+    def forward(self, x: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, impl: XAttnImpl = "auto") -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.head_dim))  # (B, T, h, d)
+        out = masked_cross_attention(q, kv, media_index, only_attend_last_image=self.only_attend_last_image, impl=impl)
+        return self.to_out(out.flatten(2))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x = x + tanh(a_attn)·xattn(x, visual); x = x + tanh(a_ffw)·ffw(x). Gates start at 0: the LM is intact."""
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, ffw_mult: int, gated: bool = True,
+                 only_attend_last_image: bool = True) -> None:
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
+                                         only_attend_last_image=only_attend_last_image)
+        self.ffw = feed_forward(dim, ffw_mult)
+        self.gated = gated
+        if gated:
+            self.attn_gate = nn.Parameter(torch.zeros(1))
+            self.ffw_gate = nn.Parameter(torch.zeros(1))
+
+    def project_media(self, visual: torch.Tensor) -> MediaKV:
+        return self.attn.project_media(visual)
+
+    def forward(self, x: torch.Tensor, kv: Optional[MediaKV], media_index: torch.Tensor,
+                impl: XAttnImpl = "auto") -> torch.Tensor:
+        """x (B, T, D), kv of (B, N, R, h, d) or None when the batch has no media, media_index (B, T) -> (B, T, D)."""
+        if kv is not None:
+            attn = self.attn(x, kv, media_index, impl)
+            x = x + (self.attn_gate.tanh() * attn if self.gated else attn)
+        # No media: the attention output is exactly zero for every token, so it is skipped, not computed.
+        ffw = self.ffw(x)
+        return x + (self.ffw_gate.tanh() * ffw if self.gated else ffw)

@@ -1,0 +1,243 @@
+"""`FlamingoProcessor`: interleaved prompts (text with `<image>` placeholders + images / videos) <-> model inputs.
+
+A prompt is either a string with one `<image>` per medium plus the list of media, or one list mixing strings and
+media (`["Question:", img, "Answer: a cat.<|endofchunk|>"]`). A medium is a PIL image, a video (a list of PIL frames,
+an array `(F, H, W, 3)`, or a path to a video file), or a path to an image file. Every medium becomes a tensor
+`(F, C, H, W)` (F = 1 for a still); a batch becomes `images (B, N_media, F, C, H, W)` zero-padded, with `num_media
+(B,)` and `num_frames (B, N_media)` saying what is real.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+
+from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+
+PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
+
+Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
+
+
+def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Add `<image>`, `<|endofchunk|>` (and a pad token if missing) to `tokenizer`; return the ids it added."""
+    before = len(tokenizer)
+    new = [t for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN) if t not in tokenizer.get_vocab()]
+    if new:
+        # transformers 5 names the keep-existing flag `replace_extra_special_tokens`, 4.x `..._additional_...`.
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        flag = next((k for k in ("replace_extra_special_tokens", "replace_additional_special_tokens") if k in params), None)
+        kwargs = {flag: False} if flag else {}
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    return list(range(before, len(tokenizer)))
+
+
+def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
+    """Indices of at most `max_frames` frames spread uniformly over a clip of `num_frames` (all if it is short)."""
+    if num_frames <= max_frames:
+        return list(range(num_frames))
+    return [int((i + 0.5) * num_frames / max_frames) for i in range(max_frames)]
+
+
+class FlamingoProcessor:
+    """Tokenizer + the vision tower's HF image processor, with Flamingo's prompt conventions."""
+
+    media_token = MEDIA_TOKEN
+    end_of_chunk_token = END_OF_CHUNK_TOKEN
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, *, max_length: Optional[int] = None,
+                 max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left") -> None:
+        missing = [t for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN) if t not in tokenizer.get_vocab()]
+        if missing or tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer lacks Flamingo tokens {missing or ['<pad>']}: call add_flamingo_tokens first")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        model_max = getattr(tokenizer, "model_max_length", None)
+        self.max_length = max_length if max_length is not None else (model_max if model_max and model_max < 10**7 else None)
+        self.max_frames = max_frames
+        self.video_fps = video_fps
+        self.padding_side = padding_side
+
+    @property
+    def media_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+
+    @property
+    def end_of_chunk_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+
+    # ----------------------------------------------------------------------------------------------------- media
+    def load_media(self, media: Media) -> list[Image.Image]:
+        """Any accepted medium -> its frames as RGB PIL images (one frame for a still), at most `max_frames`."""
+        if isinstance(media, (str, Path)):
+            path = Path(media)
+            if not path.is_file():
+                raise ValueError(f"media file not found: {str(path)!r}")
+            if path.suffix.lower() in VIDEO_EXTENSIONS:
+                from .video import decode_video  # PyAV is only needed for videos
+
+                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+            try:
+                with Image.open(path) as im:
+                    return [im.convert("RGB")]
+            except Exception as e:  # PIL raises several types for corrupt files
+                raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
+        if isinstance(media, Image.Image):
+            return [media.convert("RGB")]
+        if isinstance(media, np.ndarray):
+            if media.ndim == 3:
+                media = media[None]
+            if media.ndim != 4 or media.shape[-1] != 3:
+                raise ValueError(f"array media must be (H, W, 3) or (F, H, W, 3) uint8, got shape {media.shape}")
+            frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in media]
+        elif isinstance(media, (list, tuple)) and media and all(isinstance(f, Image.Image) for f in media):
+            frames = [f.convert("RGB") for f in media]
+        else:
+            raise ValueError(
+                f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "
+                "an array (F, H, W, 3) or a file path")
+        return [frames[i] for i in uniform_frame_indices(len(frames), self.max_frames)]
+
+    def preprocess_media(self, media: Media) -> torch.Tensor:
+        """One medium -> pixel values `(F, C, H, W)` from the vision tower's image processor."""
+        if isinstance(media, torch.Tensor):
+            if media.ndim == 3:
+                media = media[None]
+            if media.ndim != 4:
+                raise ValueError(f"tensor media must be pixel values (C, H, W) or (F, C, H, W), got {tuple(media.shape)}")
+            return media.float()
+        frames = self.load_media(media)
+        return self.image_processor(images=frames, return_tensors="pt")["pixel_values"]  # (F, C, H, W)
+
+    @staticmethod
+    def batch_media(media: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-sample lists of `(F, C, H, W)` tensors -> `images (B, N, F, C, H, W)`, `num_media`, `num_frames`.
+
+        Missing media and frames are zeros; `num_media (B,)` and `num_frames (B, N)` tell the model what is real.
+        """
+        batch = len(media)
+        n_max = max((len(m) for m in media), default=0)
+        shapes = {tuple(t.shape[1:]) for m in media for t in m}
+        if len(shapes) > 1:
+            raise ValueError(f"all media in a batch must share one pixel shape, got {sorted(shapes)}")
+        num_media = torch.tensor([len(m) for m in media], dtype=torch.long)
+        num_frames = torch.zeros(batch, n_max, dtype=torch.long)
+        if n_max == 0:
+            return {"images": None, "num_media": num_media, "num_frames": num_frames}
+        f_max = max(t.shape[0] for m in media for t in m)
+        images = torch.zeros(batch, n_max, f_max, *shapes.pop())
+        for b, sample in enumerate(media):
+            for n, t in enumerate(sample):
+                images[b, n, : t.shape[0]] = t
+                num_frames[b, n] = t.shape[0]
+        return {"images": images, "num_media": num_media, "num_frames": num_frames}
+
+    # ------------------------------------------------------------------------------------------------------ text
+    def _split_prompt(self, prompt: Any, media: Optional[Sequence[Media]]) -> tuple[str, list[Media]]:
+        if isinstance(prompt, str):
+            return prompt, list(media or [])
+        if isinstance(prompt, (list, tuple)):
+            if media:
+                raise ValueError("give media either inside an interleaved list or as `images`, not both")
+            text, found = [], []
+            for part in prompt:
+                if isinstance(part, str):
+                    text.append(part)
+                else:
+                    text.append(MEDIA_TOKEN)
+                    found.append(part)
+            return "".join(text), found
+        raise ValueError(f"a prompt must be a string or a list mixing strings and media, got {type(prompt).__name__}")
+
+    def encode_prompt(self, prompt: Any, media: Optional[Sequence[Media]] = None,
+                      max_length: Optional[int] = None) -> tuple[list[int], list[torch.Tensor]]:
+        """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length."""
+        text, media_list = self._split_prompt(prompt, media)
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        n_placeholders = sum(1 for i in ids if i == self.media_token_id)
+        if n_placeholders != len(media_list):
+            raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media_list)} "
+                             f"image(s)/video(s) were given: {text[:120]!r}")
+        limit = max_length if max_length is not None else self.max_length
+        if limit is not None and len(ids) > limit:
+            raise ValueError(f"prompt is {len(ids)} tokens, longer than max_length={limit}")
+        return ids, [self.preprocess_media(m) for m in media_list]
+
+    def pad(self, sequences: Sequence[Sequence[int]], padding_side: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Pad token id lists to `input_ids (B, T)` and `attention_mask (B, T)`."""
+        side = padding_side or self.padding_side
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        for b, seq in enumerate(sequences):
+            sl = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            input_ids[b, sl] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[b, sl] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(self, text: Any, images: Optional[Sequence[Any]] = None, *, padding_side: Optional[str] = None,
+                 max_length: Optional[int] = None) -> BatchFeature:
+        """Encode one prompt or a batch.
+
+        text: a string, an interleaved list, or a list of either (a batch).
+        images: for one string prompt, its list of media; for a batch of strings, one list of media per prompt.
+        Returns `input_ids (B, T)`, `attention_mask (B, T)`, `images (B, N, F, C, H, W)` (None when no media),
+        `num_media (B,)`, `num_frames (B, N)`.
+        """
+        single = isinstance(text, str) or (
+            isinstance(text, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in text))
+        prompts = [text] if single else list(text)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if single:
+            per_prompt = [images]
+        elif images is None:
+            per_prompt = [None] * len(prompts)
+        else:
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but media lists for {len(images)}")
+            per_prompt = list(images)
+        encoded = [self.encode_prompt(p, m, max_length) for p, m in zip(prompts, per_prompt)]
+        out = self.pad([ids for ids, _ in encoded], padding_side)
+        out.update(self.batch_media([m for _, m in encoded]))
+        return BatchFeature(out)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
+            json.dump({"max_length": self.max_length, "max_frames": self.max_frames, "video_fps": self.video_fps,
+                       "padding_side": self.padding_side}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any) -> "FlamingoProcessor":
+        path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+        kwargs: dict[str, Any] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                kwargs = json.load(f)
+        kwargs.update(overrides)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        image_processor = AutoImageProcessor.from_pretrained(directory)
+        return cls(tokenizer, image_processor, **kwargs)

@@ -6,7 +6,9 @@ are HF classes instantiated from small configs with random weights (hidden 32, a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -103,3 +105,18 @@ def tiny_image_processor(kind: str = "clip", image_size: int = 32):
     if kind == "siglip":
         return SiglipImageProcessor(size={"height": image_size, "width": image_size})
     raise ValueError(f"unknown tiny vision kind {kind!r}; choose from {VISION_KINDS}")
+
+
+def random_image(seed: int, size: int = 32) -> "Image.Image":
+    """A reproducible noise image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def set_gates(model: torch.nn.Module, value: float = 0.5) -> None:
+    """Set every tanh gate of a Flamingo's xattn blocks (tests: with the init's zeros image tests are vacuous)."""
+    with torch.no_grad():
+        for block in model.xattn:
+            if block.gated:
+                block.attn_gate.fill_(value)
+                block.ffw_gate.fill_(value)

@@ -1,0 +1,202 @@
+"""The Flamingo model on tiny random HF backbones: identity at gate 0, per-image masking through the whole LM,
+trainable parameters, gradients, architectures, no leftover state, padding."""
+
+import copy
+
+import pytest
+import torch
+
+from flamingo.tiny import LM_KINDS, tiny_lm, tiny_tokenizer
+
+from flamingo.tiny import random_image
+
+PROMPT = "Question: what? <image>Short answer: a red circle.<|endofchunk|><image>Short answer: two<|endofchunk|>"
+
+
+@pytest.mark.parametrize("lm_kind", LM_KINDS)
+def test_gate_zero_equals_bare_lm_and_ignores_images(make_model, lm_kind):
+    model, processor = make_model(lm_kind, gates=0.0)
+    bare = tiny_lm(lm_kind, vocab_size=len(tiny_tokenizer()))  # same seed: same weights as the model's LM
+    text = processor("Question: what is in the image? Short answer: a red circle.")
+    with torch.no_grad():
+        ours = model(**text).logits
+        ref = bare(input_ids=text["input_ids"]).logits
+    assert (ours[..., : ref.shape[-1]] - ref).abs().max() <= 1e-5
+
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    other = processor(PROMPT, images=[random_image(2), random_image(3)])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**other).logits)
+
+
+@pytest.mark.parametrize("lm_kind,vision_kind", [("llama", "clip"), ("gpt2", "siglip"), ("gpt_neox", "clip"),
+                                                 ("opt", "siglip"), ("qwen2", "clip"), ("phi", "siglip")])
+def test_changing_image_k_leaves_tokens_before_it_unchanged(make_model, lm_kind, vision_kind):
+    model, processor = make_model(lm_kind, vision_kind)
+    images = [random_image(i) for i in range(3)]
+    prompt = "Intro text <image>first<|endofchunk|><image>second one<|endofchunk|><image>third"
+    batch = processor(prompt, images=images)
+    ids = batch["input_ids"][0]
+    positions = (ids == processor.media_token_id).nonzero().flatten().tolist()
+    with torch.no_grad():
+        base = model(**batch).logits[0]
+        for k in range(3):
+            changed = list(images)
+            changed[k] = random_image(100 + k)
+            logits = model(**processor(prompt, images=changed)).logits[0]
+            assert torch.equal(logits[: positions[k]], base[: positions[k]]), f"image {k} leaked backwards"
+            assert not torch.allclose(logits[positions[k]:], base[positions[k]:])
+
+
+def test_only_last_image_is_seen_by_xattn_but_lm_carries_earlier_images_forward(make_model):
+    """Through the LM's self-attention later tokens do depend on earlier images; with xattn_every=4 (one block
+    before the last layer) and a zero FFW gate, the block's own output depends only on the last image."""
+    model, processor = make_model("llama", xattn_every=4)
+    images = [random_image(i) for i in range(2)]
+    prompt = "<image>first<|endofchunk|><image>second"
+    seen = {}
+    handle = model.lm.get_submodule(model.decoder_layers_path)[3].register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("h", (a[0] if a else kw["hidden_states"]).detach().clone()),
+        with_kwargs=True)
+    with torch.no_grad():
+        out_a = model(**processor(prompt, images=images)).logits
+        h_a = seen["h"]
+        out_b = model(**processor(prompt, images=[random_image(9), images[1]])).logits
+        h_b = seen["h"]
+    handle.remove()
+    assert not torch.equal(out_a, out_b)  # the LM carries information from image 1 forward
+    assert not torch.equal(h_a, h_b)
+
+
+def test_text_without_images_equals_prefix_before_first_image(make_model):
+    model, processor = make_model("llama")
+    full = processor("Some text before <image>after", images=[random_image(0)])
+    prefix_len = int((full["input_ids"][0] == processor.media_token_id).nonzero()[0])
+    text_only = {"input_ids": full["input_ids"][:, :prefix_len]}
+    with torch.no_grad():
+        a = model(**full).logits[:, :prefix_len]
+        b = model(**text_only).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_trainable_parameters_and_zero_grad_for_frozen(make_model):
+    model, processor = make_model("llama")
+    trainable = set(model.trainable_parameters())
+    expected = {n for n, _ in model.named_parameters() if n.startswith(("resampler.", "xattn."))}
+    expected |= {"new_token_embeddings", "new_lm_head"}
+    assert trainable == expected
+    assert model.new_token_embeddings.shape[0] == 3  # <|endofchunk|>, <image>, <PAD>
+    assert all(not p.requires_grad for p in model.lm.parameters())
+    assert all(not p.requires_grad for p in model.vision.parameters())
+
+    model.train()
+    assert not model.lm.training and not model.vision.training  # frozen backbones stay deterministic
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+    for name in ("new_token_embeddings", "new_lm_head"):
+        assert getattr(model, name).grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if name.startswith("xattn.") or name.startswith("resampler.layers"):
+            assert p.grad is not None, name
+
+
+def test_gradient_mask_mode_old_rows_zero_when_lm_unfrozen(make_model):
+    """freeze_lm=False (the paper's ablation): the LM trains; our added-token rows shadow its own rows, whose
+    gradient is zero, so the old vocabulary rows are unchanged in meaning and only the new rows learn for new ids."""
+    model, processor = make_model("llama", freeze_lm=False)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    emb = model.lm.get_input_embeddings().weight
+    first = model.config.first_new_token_id
+    assert torch.equal(emb.grad[first:], torch.zeros_like(emb.grad[first:]))
+    assert emb.grad[:first].abs().sum() > 0
+
+
+def test_loss_ignores_image_and_pad_positions(make_model):
+    model, processor = make_model("llama")
+    batch = processor([PROMPT, "short <image>x"], images=[[random_image(0), random_image(1)], [random_image(2)]],
+                      padding_side="right")
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"])
+        logits = out.logits[:, :-1].float()
+        labels = batch["input_ids"][:, 1:].clone()
+        labels[(labels == processor.media_token_id) | (batch["attention_mask"][:, 1:] == 0)] = -100
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_no_conditioning_state_left_after_call_even_on_error(make_model):
+    model, processor = make_model("llama")
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    model(**batch)
+    assert model._media_context is None
+    state = {k: v for k, v in vars(model).items() if not k.startswith("_modules")}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    handle = model.lm.get_submodule(model.decoder_layers_path)[1].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(**batch)
+    handle.remove()
+    assert model._media_context is None
+    assert {k: v for k, v in vars(model).items() if not k.startswith("_modules")}.keys() == state.keys()
+    for module in model.modules():  # no module keeps tensors from a call
+        assert not any(isinstance(v, torch.Tensor) for k, v in vars(module).items() if not k.startswith("_"))
+
+
+def test_left_padded_batch_equals_one_by_one(make_model):
+    model, processor = make_model("llama")
+    prompts = [PROMPT, "<image>short", "no images at all here"]
+    media = [[random_image(0), random_image(1)], [random_image(2)], []]
+    batch = processor(prompts, images=media, padding_side="left")
+    with torch.no_grad():
+        batched = model(**batch).logits
+        for i, (p, m) in enumerate(zip(prompts, media)):
+            alone = model(**processor(p, images=m)).logits[0]
+            n = alone.shape[0]
+            torch.testing.assert_close(batched[i, -n:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_media_count_mismatch_is_a_clear_error(make_model):
+    model, processor = make_model("llama")
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with pytest.raises(ValueError, match="<image> token"):
+        model(input_ids=batch["input_ids"])  # images missing
+    with pytest.raises(ValueError, match="<image> token"):
+        model(**{**batch, "num_media": torch.tensor([1])})
+
+
+def test_deepcopy_keeps_hooks_bound_to_the_copy(make_model):
+    model, processor = make_model("llama")
+    twin = copy.deepcopy(model)
+    set_to = 0.9
+    with torch.no_grad():
+        for block in twin.xattn:
+            block.attn_gate.fill_(set_to)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        a, b = model(**batch).logits, twin(**batch).logits
+    assert not torch.equal(a, b)
+    assert twin._media_context is None and model._media_context is None
+
+
+def test_xattn_every_places_blocks_like_openflamingo(make_model):
+    for every, expected in ((1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])):
+        model, _ = make_model("llama", xattn_every=every)
+        assert model.xattn_layer_indices == expected
+        assert len(model.xattn) == len(expected)
+
+
+def test_ablation_switches(make_model):
+    model, processor = make_model("llama", gated=False, resampler="mlp")
+    assert not any("gate" in n for n, _ in model.xattn.named_parameters())
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    other = processor(PROMPT, images=[random_image(0), random_image(5)])
+    with torch.no_grad():
+        a, b = model(**batch).logits, model(**other).logits
+    second = int((batch["input_ids"][0] == processor.media_token_id).nonzero()[1])
+    assert torch.equal(a[:, :second], b[:, :second]) and not torch.allclose(a[:, second:], b[:, second:])

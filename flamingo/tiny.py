@@ -120,3 +120,12 @@ def set_gates(model: torch.nn.Module, value: float = 0.5) -> None:
             if block.gated:
                 block.attn_gate.fill_(value)
                 block.ffw_gate.fill_(value)
+
+
+def tiny_flamingo_config(**overrides):
+    """A FlamingoConfig small enough for tests: 4 heads of 8, 8 latents, 2 resampler layers, 4 frames."""
+    from .config import FlamingoConfig
+
+    base = dict(xattn_heads=4, xattn_head_dim=8, resampler_heads=4, resampler_head_dim=8, num_latents=8,
+                resampler_depth=2, max_frames=4)
+    return FlamingoConfig(**{**base, **overrides})

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import pytest
 import torch
 
-from flamingo import FlamingoConfig, from_backbones
-from flamingo.tiny import set_gates, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
-
-TINY_CONFIG = FlamingoConfig(xattn_heads=4, xattn_head_dim=8, resampler_heads=4, resampler_head_dim=8,
-                             num_latents=8, resampler_depth=2, max_frames=4)
-
+from flamingo import from_backbones
+from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
 @pytest.fixture
 def make_model() -> Callable:
     def make(lm_kind: str = "llama", vision_kind: str = "clip", gates: float = 0.5, **config_overrides):
         torch.manual_seed(0)
         tok = tiny_tokenizer()
-        config = dataclasses.replace(TINY_CONFIG, **config_overrides)
+        config = tiny_flamingo_config(**config_overrides)
         model, processor = from_backbones(tiny_vision(vision_kind), tiny_lm(lm_kind, vocab_size=len(tok)), tok, config,
                                           image_processor=tiny_image_processor(vision_kind))
         set_gates(model, gates)

@@ -54,10 +54,14 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
         model = AutoModel.from_pretrained(vision, **kwargs)
     config = getattr(model, "config", None)
     if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
-        tower = AutoModel.from_config(config.vision_config)
+        half = model.vision_model
+        if isinstance(half, PreTrainedModel):  # transformers 5: the half is already a standalone vision model
+            half.name_or_path = getattr(model, "name_or_path", "")
+            return half
+        tower = AutoModel.from_config(config.vision_config)  # transformers 4: wrap the inner transformer
         if not hasattr(tower, "vision_model"):
             raise ValueError(f"cannot take the vision half of {type(model).__name__}")
-        tower.vision_model = model.vision_model
+        tower.vision_model = half
         tower.name_or_path = getattr(model, "name_or_path", "")
         return tower.to(next(model.parameters()).dtype)
     return model

@@ -1,0 +1,78 @@
+"""FlamingoProcessor: prompt conventions, padding, clear errors, persistence."""
+
+import numpy as np
+import pytest
+import torch
+
+from flamingo import FlamingoProcessor
+from flamingo.processing import add_flamingo_tokens, uniform_frame_indices
+from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer
+
+
+@pytest.fixture
+def processor():
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    return FlamingoProcessor(tok, tiny_image_processor("clip"), max_length=64)
+
+
+def test_interleaved_list_equals_string_with_placeholders(processor):
+    img = random_image(0)
+    a = processor(["Question: what?", img, "Answer: cat<|endofchunk|>"])
+    b = processor("Question: what?<image>Answer: cat<|endofchunk|>", images=[img])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["images"], b["images"])
+    assert a["images"].shape == (1, 1, 1, 3, 32, 32)
+    ids = a["input_ids"][0].tolist()
+    assert ids.count(processor.media_token_id) == 1 and ids.count(processor.end_of_chunk_token_id) == 1
+
+
+def test_padding_sides_and_media_padding(processor):
+    imgs = [[random_image(0), random_image(1)], []]
+    left = processor(["<image>a<image>b", "plain text that is longer"], images=imgs, padding_side="left")
+    right = processor(["<image>a<image>b", "plain text that is longer"], images=imgs, padding_side="right")
+    assert left["attention_mask"][0, 0] == 0 and right["attention_mask"][0, -1] == 0
+    assert left["num_media"].tolist() == [2, 0]
+    assert left["images"].shape[:2] == (2, 2) and torch.equal(left["images"][1], torch.zeros_like(left["images"][1]))
+
+
+def test_clear_errors(processor, tmp_path):
+    with pytest.raises(ValueError, match="placeholder"):
+        processor("<image><image>two", images=[random_image(0)])
+    with pytest.raises(ValueError, match="placeholder"):
+        processor("no placeholder", images=[random_image(0)])
+    with pytest.raises(ValueError, match="unsupported media type"):
+        processor("<image>x", images=[42])
+    with pytest.raises(ValueError, match="longer than max_length"):
+        processor("word " * 200)
+    with pytest.raises(ValueError, match="not found"):
+        processor("<image>x", images=[str(tmp_path / "missing.png")])
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="cannot decode image"):
+        processor("<image>x", images=[str(bad)])
+
+
+def test_image_file_and_array_inputs(processor, tmp_path):
+    img = random_image(3)
+    path = tmp_path / "a.png"
+    img.save(path)
+    a = processor("<image>x", images=[str(path)])["images"]
+    b = processor("<image>x", images=[np.asarray(img)])["images"]
+    assert torch.equal(a, b)
+
+
+def test_long_videos_are_subsampled_uniformly(processor):
+    assert uniform_frame_indices(3, 8) == [0, 1, 2]
+    assert uniform_frame_indices(16, 4) == [2, 6, 10, 14]
+    frames = [random_image(i) for i in range(20)]
+    processor.max_frames = 4
+    assert processor("<image>v", images=[frames])["images"].shape[2] == 4
+
+
+def test_save_and_load(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = FlamingoProcessor.from_pretrained(str(tmp_path))
+    img = random_image(0)
+    a, b = processor("<image>hello", images=[img]), loaded("<image>hello", images=[img])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["images"], b["images"])
+    assert loaded.max_length == 64

@@ -1,0 +1,100 @@
+"""save -> load -> identical logits, for full and trained-only checkpoints; backbones by name/path."""
+
+import os
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from flamingo import Flamingo, FlamingoProcessor, from_backbones, load_pretrained
+from flamingo.model.backbones import load_vision_tower
+from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+PROMPT = "<image>Question: what? Short answer: red.<|endofchunk|><image>Question: and this? Short answer:"
+
+
+@pytest.fixture
+def backbone_dirs(tmp_path):
+    tok = tiny_tokenizer()
+    lm_dir, vision_dir = tmp_path / "lm", tmp_path / "vision"
+    tiny_lm("llama", vocab_size=len(tok)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    tiny_vision("clip").save_pretrained(vision_dir)
+    tiny_image_processor("clip").save_pretrained(vision_dir)
+    return str(vision_dir), str(lm_dir)
+
+
+def _trained_model(vision_dir, lm_dir):
+    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config())
+    set_gates(model, 0.7)
+    with torch.no_grad():  # as if trained: every trained tensor differs from its init
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval(), processor
+
+
+@pytest.mark.parametrize("trained_only", [False, True])
+def test_save_load_identical_logits(backbone_dirs, tmp_path, trained_only):
+    model, processor = _trained_model(*backbone_dirs)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        before = model(**batch).logits
+    out = tmp_path / "ckpt"
+    model.save_pretrained(str(out), trained_only=trained_only, processor=processor)
+    assert os.path.isdir(out / "lm") != trained_only
+    assert not [f for f in os.listdir(out) if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    loaded, loaded_processor = load_pretrained(str(out))
+    batch2 = loaded_processor(PROMPT, images=[random_image(0), random_image(1)])
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    with torch.no_grad():
+        after = loaded(**batch2).logits
+    assert torch.equal(before, after)
+    assert loaded.config == model.config
+    assert set(loaded.trainable_parameters()) == set(model.trainable_parameters())
+
+
+def test_trained_only_checkpoint_holds_just_the_trained_tensors(backbone_dirs, tmp_path):
+    from safetensors import safe_open
+
+    model, processor = _trained_model(*backbone_dirs)
+    model.save_pretrained(str(tmp_path / "small"), trained_only=True)
+    with safe_open(str(tmp_path / "small" / "flamingo.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.trainable_parameters())
+
+
+def test_trained_only_needs_backbone_names(make_model, tmp_path):
+    model, _ = make_model("llama")  # in-memory backbones: nothing to refer to
+    with pytest.raises(ValueError, match="names/paths"):
+        model.save_pretrained(str(tmp_path / "x"), trained_only=True)
+    model.save_pretrained(str(tmp_path / "full"))  # the full checkpoint works
+    assert isinstance(Flamingo.from_pretrained(str(tmp_path / "full")), Flamingo)
+
+
+def test_save_is_atomic_on_failure(backbone_dirs, tmp_path):
+    model, processor = _trained_model(*backbone_dirs)
+    target = tmp_path / "ckpt"
+    model.save_pretrained(str(target), trained_only=True)
+    before = sorted(os.listdir(target))
+
+    class Broken:
+        def save_pretrained(self, directory):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        model.save_pretrained(str(target), trained_only=True, processor=Broken())
+    assert sorted(os.listdir(target)) == before  # the old checkpoint is intact
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckpt.")] == []
+
+
+def test_dual_encoder_gives_its_vision_half(tmp_path):
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=100),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    tower = load_vision_tower(str(tmp_path / "clip"))
+    pixels = torch.randn(1, 3, 32, 32)
+    full = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert torch.equal(tower(pixel_values=pixels).last_hidden_state,
+                       full.vision_model(pixel_values=pixels).last_hidden_state)

@@ -12,16 +12,20 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
 from transformers import AutoConfig
+
+try:  # transformers 5: the PIL backends (the default ones want torchvision, which we avoid)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
 
 _CORPUS = [
     "Question: what is in the image? Short answer: a red circle.",

@@ -1,0 +1,100 @@
+"""The `flamingo` command. Thin: each subcommand parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    """Build a small Flamingo from random backbones and run one interleaved prompt through it."""
+    import torch
+
+    from . import from_backbones
+    from .tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+    torch.manual_seed(args.seed)
+    tok = tiny_tokenizer()
+    start = time.perf_counter()
+    model, processor = from_backbones(tiny_vision("clip"), tiny_lm(args.lm, vocab_size=len(tok)), tok,
+                                      tiny_flamingo_config(xattn_every=args.xattn_every),
+                                      image_processor=tiny_image_processor("clip"))
+    set_gates(model, 0.5)  # random weights: open the gates so that the images visibly matter
+    prompt = "<image>Question: what is this? Short answer: a red circle.<|endofchunk|><image>Question: and this? Short answer:"
+    images = [random_image(0), [random_image(i) for i in range(1, 4)]]  # a still and a 3-frame video
+    batch = processor(prompt, images=images)
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"])
+        other = model(**processor(prompt, images=[random_image(0), [random_image(9)] * 3])).logits
+    second = int((batch["input_ids"][0] == processor.media_token_id).nonzero()[1])
+    same_before = bool(torch.equal(out.logits[0, :second], other[0, :second]))
+    changed_after = bool(not torch.allclose(out.logits[0, second:], other[0, second:]))
+    summary = {
+        "lm": args.lm, "tokens": batch["input_ids"].shape[1], "images": list(batch["images"].shape),
+        "visual_tokens": list(out.visual_tokens.shape), "logits": list(out.logits.shape),
+        "loss": round(float(out.loss), 4), "xattn_layers": model.xattn_layer_indices,
+        "trainable_params": sum(p.numel() for p in model.trainable_parameters().values()),
+        "tokens_before_2nd_image_unchanged_when_it_changes": same_before,
+        "tokens_after_2nd_image_changed": changed_after,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    print(f"prompt: {prompt}")
+    for key, value in summary.items():
+        print(f"  {key:52s} {value}")
+    print(json.dumps(summary))
+    return 0 if same_before and changed_after else 1
+
+
+def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
+    from .convert import convert_openflamingo
+
+    model, processor = convert_openflamingo(args.checkpoint, args.vision, args.lm, args.tokenizer)
+    model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
+    print(f"wrote {args.out} (xattn before layers {model.xattn_layer_indices})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny", help="build a small model from random backbones and run an interleaved prompt")
+    tiny.add_argument("--lm", default="llama", help="tiny LM architecture (llama, gpt2, gpt_neox, opt, qwen2, ...)")
+    tiny.add_argument("--xattn-every", type=int, default=1)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_tiny)
+
+    convert = sub.add_parser("convert", help="convert foreign checkpoints")
+    convert_sub = convert.add_subparsers(dest="source", required=True)
+    of = convert_sub.add_parser("open-flamingo", help="an OpenFlamingo 2.x checkpoint.pt")
+    of.add_argument("--checkpoint", required=True)
+    of.add_argument("--vision", required=True, help="HF vision tower name/path (e.g. openai/clip-vit-large-patch14)")
+    of.add_argument("--lm", required=True, help="HF causal LM name/path")
+    of.add_argument("--tokenizer", default=None, help="defaults to the LM's")
+    of.add_argument("--out", required=True)
+    of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
+    of.set_defaults(func=_cmd_convert_open_flamingo)
+
+    try:
+        from .data.cli import add_data_subcommands
+    except ImportError:  # the data package is optional at import time (it needs extra packages)
+        add_data_subcommands = None
+    if add_data_subcommands is not None:
+        add_data_subcommands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"flamingo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

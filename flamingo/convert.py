@@ -1,0 +1,162 @@
+"""OpenFlamingo 2.x checkpoints -> our model.
+
+An OpenFlamingo `checkpoint.pt` is a state dict (possibly inside `{"model_state_dict": ...}`, possibly with DDP/FSDP
+prefixes) of its trained parameters: `perceiver.*`, `lang_encoder.gated_cross_attn_layers.{layer}.*` and the LM's
+input embedding (OpenFlamingo trains the whole table). It is read with `torch.load(weights_only=True)`: no pickle code
+runs. The mapping, per OpenFlamingo module:
+- `perceiver.layers.{i}.0.*` (PerceiverAttention) -> `resampler.layers.{i}.attn.*`; `.1.{k}` (FeedForward) ->
+  `.ffw.{k}`; `perceiver.latents`, `perceiver.norm` alike. OpenFlamingo builds its resampler without frame
+  embeddings, so our time embeddings are set to zero (exactly its function for stills).
+- `lang_encoder.gated_cross_attn_layers.{L}.attn.*`, `.ff.{k}`, `.attn_gate`, `.ff_gate` -> the block before LM layer L.
+- the input embedding: the added tokens' rows -> `new_token_embeddings`; if the base rows were fine-tuned they are
+  written into the LM and recorded in `config.extra_saved_weights` so that trained-only checkpoints keep them.
+- an untied output head's added rows (present when the whole model state was saved) -> `new_lm_head`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import FlamingoConfig
+from .model.build import from_backbones
+from .model.flamingo import Flamingo
+from .processing import FlamingoProcessor
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
+
+
+def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[str, torch.Tensor]:
+    """Read an OpenFlamingo checkpoint without pickle and strip DDP/FSDP/compile wrapper prefixes."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"OpenFlamingo checkpoint not found: {checkpoint}")
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
+    else:
+        state = checkpoint
+    if "model_state_dict" in state:
+        state = state["model_state_dict"]
+    clean = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        clean[key] = value
+    if "perceiver.latents" not in clean:
+        raise ValueError("not an OpenFlamingo checkpoint: no `perceiver.latents`")
+    return clean
+
+
+def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] = None) -> FlamingoConfig:
+    """A FlamingoConfig with the shapes of an OpenFlamingo checkpoint."""
+    config = FlamingoConfig() if base is None else FlamingoConfig.from_dict(base.to_dict())
+    num_latents, dim = state["perceiver.latents"].shape
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
+    inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
+    layers = sorted({int(m.group(1)) for k in state
+                     if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
+    if not layers:
+        raise ValueError("OpenFlamingo checkpoint has no gated cross-attention layers")
+    every = layers[0] + 1
+    xinner = state[f"lang_encoder.gated_cross_attn_layers.{layers[0]}.attn.to_q.weight"].shape[0]
+    config.num_latents, config.resampler_depth = int(num_latents), depth
+    config.resampler_heads, config.resampler_head_dim = inner // _OF_HEAD_DIM, _OF_HEAD_DIM
+    config.xattn_heads, config.xattn_head_dim = xinner // _OF_HEAD_DIM, _OF_HEAD_DIM
+    config.ffw_mult = state["perceiver.layers.0.1.1.weight"].shape[0] // dim
+    config.xattn_every = every
+    config.resampler, config.gated, config.only_attend_last_image = "perceiver", True, True
+    if "perceiver.frame_embs" in state:
+        config.max_frames = state["perceiver.frame_embs"].shape[0]
+    if "perceiver.media_time_embs" in state:
+        raise ValueError("OpenFlamingo media_time_embs are not supported (OpenFlamingo itself never builds them)")
+    return config
+
+
+def _param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
+    return next(n for n, p in module.named_parameters(remove_duplicate=False) if p is target)
+
+
+def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
+                         image_processor: Any = None, config: Optional[FlamingoConfig] = None
+                         ) -> tuple[Flamingo, FlamingoProcessor]:
+    """Our model + processor with the weights of an OpenFlamingo 2.x checkpoint on the same backbones."""
+    state = load_openflamingo_state(checkpoint)
+    config = infer_config(state, config)
+    model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor)
+    config = model.config
+    layers = sorted({int(m.group(1)) for k in state
+                     if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
+    if layers != model.xattn_layer_indices:
+        raise ValueError(f"checkpoint has cross-attention before layers {layers}, expected "
+                         f"{model.xattn_layer_indices} for xattn_every={config.xattn_every}")
+
+    mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(src: str, dst: str) -> None:
+        if src not in state:
+            raise ValueError(f"OpenFlamingo checkpoint lacks {src!r}")
+        mapped[dst] = state[src]
+        used.add(src)
+
+    take("perceiver.latents", "resampler.latents")
+    for suffix in ("weight", "bias"):
+        take(f"perceiver.norm.{suffix}", f"resampler.norm.{suffix}")
+    for i in range(config.resampler_depth):
+        for name in ("norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
+                     "to_q.weight", "to_kv.weight", "to_out.weight"):
+            take(f"perceiver.layers.{i}.0.{name}", f"resampler.layers.{i}.attn.{name}")
+        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
+            take(f"perceiver.layers.{i}.1.{name}", f"resampler.layers.{i}.ffw.{name}")
+    time = torch.zeros_like(model.resampler.time_embeddings)
+    if "perceiver.frame_embs" in state:
+        time = state["perceiver.frame_embs"]
+        used.add("perceiver.frame_embs")
+    mapped["resampler.time_embeddings"] = time
+    for j, layer in enumerate(layers):
+        src = f"lang_encoder.gated_cross_attn_layers.{layer}"
+        for name in ("norm.weight", "norm.bias", "to_q.weight", "to_kv.weight", "to_out.weight"):
+            take(f"{src}.attn.{name}", f"xattn.{j}.attn.{name}")
+        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
+            take(f"{src}.ff.{name}", f"xattn.{j}.ffw.{name}")
+        take(f"{src}.attn_gate", f"xattn.{j}.attn_gate")
+        take(f"{src}.ff_gate", f"xattn.{j}.ffw_gate")
+
+    first, n = config.first_new_token_id, config.num_new_tokens
+    embedding = model.lm.get_input_embeddings().weight
+    emb_key = "lang_encoder." + _param_name(model.lm, embedding)
+    if emb_key in state:
+        table = state[emb_key]
+        used.add(emb_key)
+        if n:
+            if table.shape[0] < first + n:
+                raise ValueError(f"checkpoint embedding has {table.shape[0]} rows; the tokenizer needs {first + n}")
+            mapped["new_token_embeddings"] = table[first:first + n]
+        base = table[: first if n else embedding.shape[0]]
+        if not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
+            with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
+                embedding[: base.shape[0]].copy_(base)
+            config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {"lm." + emb_key[len("lang_encoder."):]})
+    head = model.lm.get_output_embeddings()
+    if model.new_lm_head is not None:
+        head_key = "lang_encoder." + _param_name(model.lm, head.weight)
+        if head_key in state:
+            mapped["new_lm_head"] = state[head_key][first:first + n]
+            used.add(head_key)
+
+    result = model.load_state_dict(mapped, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"conversion produced unknown keys: {result.unexpected_keys}")
+    ignored = [k for k in state if k not in used]
+    if ignored:
+        log.info("OpenFlamingo conversion ignored %d frozen/duplicate tensors (e.g. %s)", len(ignored), ignored[0])
+    return model.eval(), processor

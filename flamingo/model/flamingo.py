@@ -46,20 +46,30 @@ BACKBONE_PREFIXES = ("vision.", "lm.")
 
 @dataclass
 class MediaContext:
-    """Conditioning for one call (a forward, or a whole `generate`); never outlives it."""
+    """Conditioning for one call (a forward, or a whole `generate` / `score`); never outlives it."""
 
     visual: Optional[torch.Tensor]  # (B, N, R, Dv) visual tokens, None when the batch has no media
-    last_media_index: torch.Tensor  # (B,) images seen before the current LM call (0 at the start)
-    media_index: Optional[torch.Tensor] = None  # (B, T) of the current LM call, set when the LM embeds its ids
-    media_kv: dict[int, MediaKV] = field(default_factory=dict)  # per block: visual K/V, projected once per context
+    last_media_index: Optional[torch.Tensor] = None  # (rows,) images seen before the current LM call; None = 0
+    media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
+    # (block, rows) -> visual K/V of that block: projected once per context from the B samples' visual tokens, and
+    # expanded by indexing when the LM runs more rows than samples (beams, return sequences, scored candidates).
+    media_kv: dict[tuple[int, int], MediaKV] = field(default_factory=dict)
     impl: XAttnImpl = "auto"
 
-    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock) -> Optional[MediaKV]:
+    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
         if self.visual is None:
             return None
-        if block_idx not in self.media_kv:
-            self.media_kv[block_idx] = block.project_media(self.visual)
-        return self.media_kv[block_idx]
+        kv = self.media_kv.get((block_idx, rows))
+        if kv is None:
+            base = self.media_kv.get((block_idx, self.visual.shape[0]))
+            if base is None:
+                base = self.media_kv[(block_idx, self.visual.shape[0])] = block.project_media(self.visual)
+            samples = self.visual.shape[0]
+            if rows % samples:
+                raise RuntimeError(f"the LM runs {rows} rows for {samples} samples' media")
+            index = torch.arange(samples, device=self.visual.device).repeat_interleave(rows // samples)
+            kv = self.media_kv[(block_idx, rows)] = MediaKV(base.k[index], base.v[index])
+        return kv
 
 
 @dataclass
@@ -136,7 +146,10 @@ class Flamingo(nn.Module):
         input_ids = args[0]  # (B, T)
         ctx = self._media_context
         if ctx is not None:
-            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, ctx.last_media_index)
+            start = ctx.last_media_index
+            if start is not None and start.shape[0] != input_ids.shape[0]:
+                raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
+            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start)
             ctx.last_media_index = ctx.media_index[:, -1]
         if self.new_token_embeddings is None:
             return output
@@ -176,7 +189,7 @@ class Flamingo(nn.Module):
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
-            hidden = block(hidden, ctx.kv_for(block_idx, block), ctx.media_index, ctx.impl)
+            hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl)
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -251,8 +264,7 @@ class Flamingo(nn.Module):
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
                 lm_kwargs["position_ids"] = position_ids
-        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl,
-                           last_media_index=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
+        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl)
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
@@ -266,6 +278,19 @@ class Flamingo(nn.Module):
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 images: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+        """Cached generation (see `flamingo.generation.generate`)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, attention_mask, images, **kwargs)
+
+    def score(self, input_ids: torch.Tensor, continuations: Any, **kwargs: Any) -> torch.Tensor:
+        """Log-likelihoods of continuations after one shared context (see `flamingo.generation.score`)."""
+        from ..generation import score
+
+        return score(self, input_ids, continuations, **kwargs)
 
     # ------------------------------------------------------------------------------------------ parameters
     def train(self, mode: bool = True) -> "Flamingo":

@@ -1,0 +1,146 @@
+"""Generation and scoring with cached cross-attention.
+
+What is computed once per prompt, and what per decode step:
+- the vision tower and the resampler: once per prompt (`Flamingo.encode_media`);
+- each block's K/V projections of the visual tokens: once per prompt, kept in the call's `MediaContext`, expanded to
+  beams / return sequences by indexing (never re-projected);
+- the LM's own KV cache: HF's cache object, driven by HF's `generate` (greedy, sampling, beam search, logits
+  processors, stopping criteria all come from transformers);
+- the media index of new tokens: the last media index of their row, kept in the context; `<image>` can't be
+  generated, so a row's last image never changes while decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+from .model.flamingo import Flamingo, MediaContext
+
+
+def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
+               num_media: Optional[torch.Tensor], num_frames: Optional[torch.Tensor],
+               visual_tokens: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if visual_tokens is None and images is not None:
+        if num_media is None:
+            num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)
+        visual_tokens = model.encode_media(images, num_media, num_frames)
+    elif visual_tokens is not None and num_media is None:
+        num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
+    model.check_media_tokens(input_ids, num_media)
+    return visual_tokens, num_media
+
+
+def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
+    """The LM's generation config + Flamingo's conventions: stop at `<|endofchunk|>` or EOS, never emit `<image>`,
+    greedy unless asked otherwise. Any GenerationConfig field can be overridden by keyword."""
+    base = getattr(model.lm, "generation_config", None)
+    config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    eos = [model.config.end_of_chunk_token_id]
+    lm_eos = model.lm.config.eos_token_id
+    eos += [lm_eos] if isinstance(lm_eos, int) else list(lm_eos or [])
+    config.eos_token_id = list(dict.fromkeys(t for t in eos if t is not None))
+    config.suppress_tokens = [model.config.media_token_id]
+    config.do_sample = False
+    config.temperature, config.top_k, config.top_p = 1.0, None, None  # neutral unless asked
+    if config.pad_token_id is None:
+        config.pad_token_id = model.config.first_new_token_id + model.config.num_new_tokens - 1 \
+            if model.config.num_new_tokens else config.eos_token_id[0]
+    config.update(**kwargs)
+    return config
+
+
+@torch.no_grad()
+def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
+             num_frames: Optional[torch.Tensor] = None, *, visual_tokens: Optional[torch.Tensor] = None,
+             generation_config: Optional[GenerationConfig] = None, streamer: Any = None,
+             **kwargs: Any) -> torch.Tensor:
+    """Prompt ids (B, T) (left-padded for batches) + media -> (B·num_return_sequences, T + new) token ids.
+
+    kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+    repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...).
+    """
+    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    config_keys = set(GenerationConfig().to_dict())
+    config = generation_config or generation_config_for(
+        model, **{k: v for k, v in kwargs.items() if k in config_keys})
+    rest = {k: v for k, v in kwargs.items() if k not in config_keys}
+    ctx = MediaContext(visual=visual_tokens)
+    with model.conditioned(ctx):
+        return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 streamer=streamer, **rest)
+
+
+@torch.no_grad()
+def score(model: Flamingo, input_ids: torch.Tensor, continuations: Sequence[Sequence[int]],
+          attention_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+          num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
+          visual_tokens: Optional[torch.Tensor] = None, batch_size: int = 64) -> torch.Tensor:
+    """Log-likelihood of each continuation (token id lists) after one shared context `input_ids (1, T)`.
+
+    The context, its images and its caches are computed once; candidates run in batches of `batch_size` on a copy
+    of the context's KV cache. Returns (C,) sums of token log-probs.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError("score() takes one context (batch 1); loop over contexts for several")
+    if any(len(c) == 0 for c in continuations):
+        raise ValueError("every continuation needs at least one token")
+    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    device = input_ids.device
+    ctx = MediaContext(visual=visual_tokens)
+    scores = []
+    with model.conditioned(ctx):
+        out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=model.position_ids_for(attention_mask), use_cache=True)
+        context_cache, first_logprobs = out.past_key_values, out.logits[0, -1].float().log_softmax(-1)  # (V,)
+        context_last_index = ctx.last_media_index
+        context_len = int(attention_mask.sum())
+        for start in range(0, len(continuations), batch_size):
+            chunk = [list(c) for c in continuations[start:start + batch_size]]
+            c, longest = len(chunk), max(len(x) for x in chunk)
+            ids = torch.zeros(c, longest, dtype=torch.long, device=device)
+            mask = torch.zeros(c, longest, dtype=torch.long, device=device)
+            for i, x in enumerate(chunk):
+                ids[i, : len(x)] = torch.tensor(x, device=device)
+                mask[i, : len(x)] = 1
+            total = first_logprobs[ids[:, 0]]  # (C,)
+            if longest > 1:
+                cache = _repeat_cache(context_cache, c)
+                ctx.last_media_index = context_last_index.expand(c)
+                full_mask = torch.cat([attention_mask.expand(c, -1), mask[:, :-1]], dim=1)
+                positions = context_len + torch.arange(longest - 1, device=device).expand(c, -1)
+                logits = model.lm(input_ids=ids[:, :-1], attention_mask=full_mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True).logits  # (C, L-1, V)
+                logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
+                total = total + (logprobs * mask[:, 1:]).sum(dim=1)
+            scores.append(total)
+    return torch.cat(scores)
+
+
+def _repeat_cache(cache: Any, times: int) -> Any:
+    """A copy of an HF cache with every row repeated `times` (the context's cache stays untouched)."""
+    import copy
+
+    clone = copy.deepcopy(cache)
+    if hasattr(clone, "batch_repeat_interleave"):
+        clone.batch_repeat_interleave(times)
+        return clone
+    return tuple(tuple(t.repeat_interleave(times, dim=0) for t in layer) for layer in clone)
+
+
+@torch.no_grad()
+def continuation_logprobs_reference(model: Flamingo, input_ids: torch.Tensor, continuation: Sequence[int],
+                                    **media: Any) -> float:
+    """Sum of log-probs of `continuation` after `input_ids (1, T)` from one plain uncached forward (for tests)."""
+    full = torch.cat([input_ids, torch.tensor([list(continuation)], device=input_ids.device)], dim=1)
+    logits = model(full, **media).logits[0].float()  # (T + C, V)
+    logprobs = F.log_softmax(logits[input_ids.shape[1] - 1: -1], dim=-1)
+    return float(logprobs.gather(-1, full[0, input_ids.shape[1]:, None]).sum())

@@ -1,0 +1,168 @@
+"""Cached generation and scoring: token-identical to uncached greedy, batched == one-by-one, media K/V projected
+once per prompt, new tokens see their sample's last image, beam search = a reference beam search."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo.generation import continuation_logprobs_reference
+from flamingo.tiny import random_image
+
+SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
+PROMPTS = {
+    0: ("Question: what is this? Short answer:", []),
+    1: ("<image>Question: what is this? Short answer:", [random_image(1)]),
+    3: (SHOTS * 2 + "<image>Question: what is this? Short answer:", [random_image(i) for i in range(3)]),
+    "video": ("<image>Question: what moves? Short answer:", [[random_image(i) for i in range(4)]]),
+}
+
+
+def _banned(model):
+    return [model.config.media_token_id]
+
+
+def uncached_greedy(model, processor, prompt, media, steps):
+    batch = processor(prompt, images=media)
+    ids = batch["input_ids"]
+    extra = {k: batch[k] for k in ("images", "num_media", "num_frames") if batch.get(k) is not None}
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, **extra).logits[0, -1]
+        logits[_banned(model)] = -float("inf")
+        ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    return ids[0, batch["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_cached_equals_uncached_greedy(make_model, case):
+    model, processor = make_model("llama")
+    prompt, media = PROMPTS[case]
+    batch = processor(prompt, images=media)
+    out = model.generate(**batch, max_new_tokens=10, min_new_tokens=10)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 10)
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
+def test_batched_left_padded_equals_one_by_one(make_model, lm_kind):
+    model, processor = make_model(lm_kind)
+    cases = [PROMPTS[3], PROMPTS[0], PROMPTS[1]]
+    batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
+    out = model.generate(**batch, max_new_tokens=8, min_new_tokens=8)
+    for i, (prompt, media) in enumerate(cases):
+        alone = processor(prompt, images=media)
+        single = model.generate(**alone, max_new_tokens=8, min_new_tokens=8)
+        assert out[i, batch["input_ids"].shape[1]:].tolist() == single[0, alone["input_ids"].shape[1]:].tolist()
+
+
+def test_media_kv_projected_once_per_prompt(make_model):
+    model, processor = make_model("llama")
+    calls = []
+    for block in model.xattn:
+        block.attn.to_kv.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    batch = processor(*PROMPTS[3])
+    model.generate(**batch, max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2)
+    assert len(calls) == len(model.xattn)  # once per block, for the 1 sample (beams are expanded by indexing)
+    assert all(shape[0] == 1 for shape in calls)
+
+
+def test_new_tokens_see_the_last_image_and_only_it(make_model):
+    model, processor = make_model("llama")
+    prompt = "<image>first<|endofchunk|><image>second:"
+    recorded = []
+    handle = model.xattn[0].attn.register_forward_hook(lambda m, a, o: recorded.append(o.detach().clone()))
+
+    def decode_outputs(images):
+        recorded.clear()
+        batch = processor(prompt, images=images)
+        model.score(batch["input_ids"], [[5, 6, 7, 8]], images=batch["images"])
+        return recorded[-1]  # block 0 (before layer 0: queries are the tokens' own embeddings) on new tokens
+
+    base = decode_outputs([random_image(0), random_image(1)])
+    assert base.abs().sum() > 0  # new tokens do cross-attend (flamingo-mini #6: they must not lose the image)
+    assert torch.equal(decode_outputs([random_image(9), random_image(1)]), base)  # earlier image swapped
+    assert not torch.allclose(decode_outputs([random_image(0), random_image(8)]), base)  # last image swapped
+    handle.remove()
+
+    seen = []
+    hook = model.lm.get_input_embeddings().register_forward_hook(
+        lambda m, a, o: seen.append(model._media_context.media_index.clone()))
+    batch = processor([prompt, "<image>one"], images=[[random_image(0), random_image(1)], [random_image(2)]])
+    model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
+    hook.remove()
+    assert all(index[:, -1].tolist() == [2, 1] for index in seen[1:])  # every decode step: the last image
+
+
+def _reference_beam_search(model, batch, beams, steps, banned):
+    extra = {k: batch[k] for k in ("images", "num_media", "num_frames") if batch.get(k) is not None}
+    hyps = [(batch["input_ids"][0].tolist(), 0.0)]
+    for _ in range(steps):
+        candidates = []
+        for seq, total in hyps:
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]), **extra).logits[0, -1]
+            logits[banned] = -float("inf")
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            top = logprobs.topk(beams)
+            candidates += [(seq + [int(t)], total + float(s)) for s, t in zip(top.values, top.indices)]
+        hyps = sorted(candidates, key=lambda h: -h[1])[:beams]
+    return hyps[0][0][batch["input_ids"].shape[1]:]
+
+
+def test_beam_search_equals_reference_beam_search(make_model):
+    model, processor = make_model("llama", gates=0.8)
+    batch = processor(*PROMPTS[3])
+    steps = 4
+    banned = [model.config.media_token_id, model.config.end_of_chunk_token_id, 0]
+    out = model.generate(**batch, num_beams=3, max_new_tokens=steps, min_new_tokens=steps, length_penalty=0.0)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == _reference_beam_search(model, batch, 3, steps, banned)
+
+
+def test_gate_zero_beam_search_equals_lm_only_hf_beam_search(make_model):
+    model, processor = make_model("llama", gates=0.0)
+    prompt = "Question: what is this? Short answer:"
+    batch = processor(prompt)
+    ours = model.generate(**batch, num_beams=3, max_new_tokens=6)
+    from flamingo.generation import generation_config_for
+
+    config = generation_config_for(model, num_beams=3, max_new_tokens=6)
+    lm_only = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)  # no media context: FFW gates are 0 too
+    assert ours.tolist() == lm_only.tolist()
+
+
+def test_sampling_and_return_sequences(make_model):
+    model, processor = make_model("llama")
+    batch = processor(*PROMPTS[1])
+    torch.manual_seed(0)
+    a = model.generate(**batch, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=5,
+                       num_return_sequences=3)
+    torch.manual_seed(0)
+    b = model.generate(**batch, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=5,
+                       num_return_sequences=3)
+    assert a.shape[0] == 3 and torch.equal(a, b)
+    plain = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    penalised = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, repetition_penalty=50.0)
+    new = penalised[0, batch["input_ids"].shape[1]:].tolist()
+    assert len(set(new)) == len(new) and not torch.equal(plain, penalised)
+
+
+def test_generation_stops_at_end_of_chunk(make_model):
+    from transformers import LogitsProcessorList, SequenceBiasLogitsProcessor
+
+    model, processor = make_model("llama")
+    batch = processor(*PROMPTS[1])
+    eoc = model.config.end_of_chunk_token_id
+    push = LogitsProcessorList([SequenceBiasLogitsProcessor({(eoc,): 1e4})])  # make <|endofchunk|> certain
+    out = model.generate(**batch, max_new_tokens=10, logits_processor=push)
+    assert out[0, -1].item() == eoc and out.shape[1] == batch["input_ids"].shape[1] + 1
+
+
+def test_score_equals_plain_forward_logprobs(make_model):
+    model, processor = make_model("llama")
+    for case in (0, 3, "video"):
+        prompt, media = PROMPTS[case]
+        batch = processor(prompt, images=media)
+        extra = {k: batch[k] for k in ("images", "num_media", "num_frames") if batch.get(k) is not None}
+        candidates = [[50, 60, 70], [80], [90, 100, 110, 120, 130]]
+        scores = model.score(batch["input_ids"], candidates, **extra, batch_size=2)
+        expected = [continuation_logprobs_reference(model, batch["input_ids"], c, **extra) for c in candidates]
+        torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-4, rtol=1e-5)

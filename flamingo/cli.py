@@ -57,6 +57,34 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Few-shot prompt + media -> streamed continuation."""
+    import torch
+    from transformers import TextStreamer
+
+    from .model.build import load_pretrained
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model, processor = load_pretrained(args.model, torch_dtype=dtype if args.dtype != "fp32" else None,
+                                       device=args.device)
+    batch = processor(args.prompt, images=args.image or [])
+    inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
+    if "images" in inputs:
+        inputs["images"] = inputs["images"].to(dtype)
+    streamer = None if args.num_beams > 1 else TextStreamer(processor.tokenizer, skip_prompt=True,
+                                                               skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.sample else {}
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                         repetition_penalty=args.repetition_penalty, streamer=streamer, **sampling)
+    if streamer is None:
+        print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--xattn-every", type=int, default=1)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny)
+
+    gen = sub.add_parser("generate", help="continue a few-shot prompt with images/videos, streaming tokens")
+    gen.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
+    gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=_cmd_generate)
 
     convert = sub.add_parser("convert", help="convert foreign checkpoints")
     convert_sub = convert.add_subparsers(dest="source", required=True)

@@ -6,11 +6,20 @@ import os
 from typing import Any, Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
+
+
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """`from_pretrained` keyword for a dtype: `dtype` on transformers >= 4.56, `torch_dtype` before."""
+    if dtype is None:
+        return {}
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def find_decoder_layers(lm: nn.Module) -> str:

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import FlamingoConfig
 from ..processing import FlamingoProcessor, add_flamingo_tokens
-from .backbones import load_image_processor, load_lm, load_vision_tower, name_or_path_of
+from .backbones import dtype_kwargs, load_image_processor, load_lm, load_vision_tower, name_or_path_of
 from .flamingo import Flamingo
 
 Backbone = Union[str, os.PathLike, nn.Module]
@@ -30,7 +30,7 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     only new trainable rows. Returns (model, processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = dtype_kwargs(torch_dtype)
     vision_ref, lm_ref = name_or_path_of(vision), name_or_path_of(lm)
     vision_model = load_vision_tower(vision, **kwargs)
     lm_model = load_lm(lm, **kwargs)

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 from ..checkpoint_io import atomic_directory
 from ..config import FlamingoConfig
 from .backbones import (
+    dtype_kwargs,
     find_decoder_layers,
     hidden_size_of,
     lm_text_config,
@@ -349,7 +350,7 @@ class Flamingo(nn.Module):
             sources[part] = local if os.path.isdir(local) else ref
             if sources[part] is None:
                 raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kwargs = dtype_kwargs(torch_dtype)
         model = cls(load_vision_tower(sources["vision"], **kwargs), load_lm(sources["lm"], **kwargs), config)
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
         own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES)}

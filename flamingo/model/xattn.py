@@ -61,8 +61,8 @@ def _attend_gather(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> t
     batch = torch.arange(b, device=q.device)[:, None].expand(b, t)
     k = kv.k[batch, image]  # (B, T, R, h, d)
     v = kv.v[batch, image]
-    scores = torch.einsum("bthd,btrhd->bthr", q, k) * d**-0.5
-    return torch.einsum("bthr,btrhd->bthd", scores.softmax(dim=-1), v)  # (B, T, h, d)
+    scores = torch.einsum("bthd,btrhd->bthr", q, k).float() * d**-0.5  # softmax in fp32 for bf16/fp16 models
+    return torch.einsum("bthr,btrhd->bthd", scores.softmax(dim=-1).to(v.dtype), v)  # (B, T, h, d)
 
 
 def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,24 @@ def test_ablation_switches(make_model):
         a, b = model(**batch).logits, model(**other).logits
     second = int((batch["input_ids"][0] == processor.media_token_id).nonzero()[1])
     assert torch.equal(a[:, :second], b[:, :second]) and not torch.allclose(a[:, second:], b[:, second:])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_model):
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = make_model("llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        calls = []
+        layer = model.lm.get_submodule(model.decoder_layers_path)[1]
+        layer.self_attn.register_forward_hook(lambda m, a, o: calls.append(1))
+        batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # the layer is recomputed in backward
+        assert model._media_context is None
+        grads.append({n: p.grad.clone() for n, p in model.trainable_parameters().items()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

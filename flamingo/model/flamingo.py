@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Iterator, Optional, Union
 
@@ -88,6 +88,7 @@ class Flamingo(nn.Module):
         self.vision = vision
         self.lm = lm
         self._media_context: Optional[MediaContext] = None
+        self._activation_checkpointing = False
 
         self.decoder_layers_path = find_decoder_layers(lm)
         layers = lm.get_submodule(self.decoder_layers_path)
@@ -301,7 +302,37 @@ class Flamingo(nn.Module):
             self.vision.eval()
         if self.config.freeze_lm:
             self.lm.eval()
+            if mode and self._activation_checkpointing:
+                # HF checkpoints a layer only in training mode: the decoder layers must be in it (their dropout,
+                # if the LM has any, then applies too).
+                self.lm.get_submodule(self.decoder_layers_path).train()
         return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing of the LM's decoder layers (HF's own, non-reentrant). The recompute during
+        backward runs after the call's media context is gone, so each checkpointed layer re-installs, for its
+        recompute only, the context it saw in forward (`context_fn`)."""
+        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+        enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
+        enable(kwargs)
+        self._activation_checkpointing = True
+        self.train(self.training)
+        if hasattr(self.lm, "enable_input_require_grads") and not self.config.freeze_lm:
+            self.lm.enable_input_require_grads()
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        ctx = self._media_context
+        snapshot = None if ctx is None else replace(ctx)  # this call's media index; shares the K/V memo
+
+        @contextmanager
+        def recompute() -> Iterator[None]:
+            if snapshot is None or self._media_context is not None:
+                yield
+                return
+            with self.conditioned(snapshot):
+                yield
+
+        return nullcontext(), recompute()
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

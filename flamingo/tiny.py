@@ -6,6 +6,9 @@ are HF classes instantiated from small configs with random weights (hidden 32, a
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import numpy as np
 import torch
 from PIL import Image
@@ -37,8 +40,12 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory (no hub access). Has EOS/BOS but no pad token."""
+def tiny_tokenizer(vocab_size: int = 300, pad_vocab_to: Optional[int] = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory (no hub access). Has EOS/BOS but no pad token.
+
+    pad_vocab_to: grow the vocabulary with filler entries (never produced by the merges) to a realistic size, so
+    that benchmarks pay a real LM-head / embedding cost (e.g. 32000).
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,6 +56,11 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if pad_vocab_to is not None and pad_vocab_to > tok.get_vocab_size():
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab.update({f"<filler_{i}>": i for i in range(len(vocab), pad_vocab_to)})
+        tok = Tokenizer.from_str(json.dumps(spec))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token=None
     )

@@ -221,3 +221,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_model):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_xattn_implementation_gives_the_same_logits(make_model):
+    model, processor = make_model("llama")
+    batch = processor([PROMPT, "<image>x"], images=[[random_image(0), random_image(1)], [random_image(2)]])
+    with torch.no_grad():
+        ref = model(**batch, xattn_impl="reference").logits
+        for impl in ("segments", "gather", "flex", "auto"):
+            torch.testing.assert_close(model(**batch, xattn_impl=impl).logits, ref, atol=1e-5, rtol=1e-4)

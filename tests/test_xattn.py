@@ -27,13 +27,22 @@ def test_media_index_counts_images_at_or_before_each_token():
     assert compute_media_index(torch.tensor([[1], [2]]), MEDIA, torch.tensor([2, 1])).tolist() == [[2], [1]]
 
 
-@pytest.mark.parametrize("impl", ["segments", "gather"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("impl", ["segments", "gather", "flex"])
 def test_fast_paths_equal_reference(impl):
     ids, q, kv = _inputs()
     index = compute_media_index(ids, MEDIA)
     ref = masked_cross_attention(q, kv, index, impl="reference")
     out = masked_cross_attention(q, kv, index, impl=impl)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    if impl == "flex":  # the all-previous-images rule too, and the block mask memo is reused
+        memo: dict = {}
+        a = masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="flex", memo=memo)
+        mask = memo["flex_mask"]
+        masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="flex", memo=memo)
+        assert memo["flex_mask"] is mask
+        torch.testing.assert_close(a, masked_cross_attention(q, kv, index, only_attend_last_image=False,
+                                                             impl="reference"), atol=1e-6, rtol=1e-5)
 
 
 def test_segments_handle_long_and_uneven_runs():

@@ -56,6 +56,7 @@ class MediaContext:
     # expanded by indexing when the LM runs more rows than samples (beams, return sequences, scored candidates).
     media_kv: dict[tuple[int, int], MediaKV] = field(default_factory=dict)
     impl: XAttnImpl = "auto"
+    memo: dict = field(default_factory=dict)  # per-call attention helpers shared by the blocks (flex block mask)
 
     def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
         if self.visual is None:
@@ -191,7 +192,7 @@ class Flamingo(nn.Module):
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
-            hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl)
+            hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl, ctx.memo)
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

@@ -10,11 +10,13 @@ Three exact implementations of the same rule, checked against each other in test
 - `segments`: tokens seeing the same image form contiguous runs; cut runs into pieces of P tokens and attend each
   piece to its image's R keys in one padded batch. Cost O(T·R), independent of N.
 - `gather`: for a handful of query tokens (decode steps), gather each token's own image keys. O(T·R) memory.
+- `flex`: FlexAttention with a block mask built from the media index (once per LM call, shared by all blocks
+  through the call's memo). Block-sparse on GPU (compiled); eager on CPU, where it serves tests only.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,8 @@ from torch import nn
 
 from .resampler import feed_forward
 
-XAttnImpl = Literal["auto", "reference", "segments", "gather"]
+XAttnImpl = Literal["auto", "reference", "segments", "gather", "flex"]
+_compiled_flex: Any = None
 
 
 class MediaKV(NamedTuple):
@@ -98,18 +101,67 @@ def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) ->
     return out
 
 
+def _flex_block_mask(media_index: torch.Tensor, n: int, r: int, only_last: bool, memo: Optional[dict]) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if memo is not None and memo.get("flex_index") is media_index:
+        return memo["flex_mask"]
+
+    def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        image = kv_idx // r + 1
+        seen = media_index[b, q_idx]
+        return (image == seen) if only_last else (image <= seen)
+
+    b, t = media_index.shape
+    mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=n * r, device=media_index.device)
+    if memo is not None:
+        memo["flex_index"], memo["flex_mask"] = media_index, mask
+    return mask
+
+
+def _attend_flex(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool,
+                 memo: Optional[dict]) -> torch.Tensor:
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n, r = kv.k.shape[1], kv.k.shape[2]
+    mask = _flex_block_mask(media_index, n, r, only_last, memo)
+    fn = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    k = kv.k.flatten(1, 2).transpose(1, 2)  # (B, h, N·R, d)
+    v = kv.v.flatten(1, 2).transpose(1, 2)
+    return fn(q.transpose(1, 2), k, v, block_mask=mask).transpose(1, 2)  # (B, T, h, d)
+
+
+def flex_available(device: torch.device) -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
 def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, *,
-                           only_attend_last_image: bool = True, impl: XAttnImpl = "auto") -> torch.Tensor:
-    """q (B, T, h, d) attends to kv (B, N, R, h, d) under the masking rule -> (B, T, h, d); zero where index is 0."""
+                           only_attend_last_image: bool = True, impl: XAttnImpl = "auto",
+                           memo: Optional[dict] = None) -> torch.Tensor:
+    """q (B, T, h, d) attends to kv (B, N, R, h, d) under the masking rule -> (B, T, h, d); zero where index is 0.
+
+    memo: a dict living for one LM call (the media context's), where the flex block mask is kept for all blocks.
+    """
     if impl == "auto":
-        if not only_attend_last_image:
-            impl = "reference"
-        elif q.shape[1] * kv.k.shape[2] <= 4096:  # a few tokens (decoding): gathering keys is cheapest
+        if q.shape[1] * kv.k.shape[2] <= 4096 and only_attend_last_image:  # a few tokens (decoding): gather keys
             impl = "gather"
+        elif flex_available(q.device):
+            impl = "flex"
         else:
-            impl = "segments"
+            impl = "segments" if only_attend_last_image else "reference"
     if impl == "reference":
         out = _attend_reference(q, kv, media_index, only_attend_last_image)
+    elif impl == "flex":
+        out = _attend_flex(q, kv, media_index, only_attend_last_image, memo)
     elif not only_attend_last_image:
         raise ValueError(f"impl={impl!r} supports only only_attend_last_image=True; use 'reference'")
     elif impl == "gather":
@@ -139,10 +191,12 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(visual).chunk(2, dim=-1)
         return MediaKV(k.unflatten(-1, (self.heads, self.head_dim)), v.unflatten(-1, (self.heads, self.head_dim)))
 
-    def forward(self, x: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, impl: XAttnImpl = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, impl: XAttnImpl = "auto",
+                memo: Optional[dict] = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.head_dim))  # (B, T, h, d)
-        out = masked_cross_attention(q, kv, media_index, only_attend_last_image=self.only_attend_last_image, impl=impl)
+        out = masked_cross_attention(q, kv, media_index, only_attend_last_image=self.only_attend_last_image,
+                                     impl=impl, memo=memo)
         return self.to_out(out.flatten(2))
 
 
@@ -163,11 +217,11 @@ class GatedCrossAttentionBlock(nn.Module):
     def project_media(self, visual: torch.Tensor) -> MediaKV:
         return self.attn.project_media(visual)
 
-    def forward(self, x: torch.Tensor, kv: Optional[MediaKV], media_index: torch.Tensor,
-                impl: XAttnImpl = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: Optional[MediaKV], media_index: Optional[torch.Tensor],
+                impl: XAttnImpl = "auto", memo: Optional[dict] = None) -> torch.Tensor:
         """x (B, T, D), kv of (B, N, R, h, d) or None when the batch has no media, media_index (B, T) -> (B, T, D)."""
         if kv is not None:
-            attn = self.attn(x, kv, media_index, impl)
+            attn = self.attn(x, kv, media_index, impl, memo)
             x = x + (self.attn_gate.tanh() * attn if self.gated else attn)
         # No media: the attention output is exactly zero for every token, so it is skipped, not computed.
         ffw = self.ffw(x)

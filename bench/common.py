@@ -1,0 +1,120 @@
+"""Shared benchmark set-up: our model and the OpenFlamingo peer on the same random backbones and the same weights.
+
+Shapes (random weights, nothing downloaded):
+- `cpu`: Llama hidden 512 x 8 layers (vocab 32000), CLIP-shaped tower 256 wide x 4 layers at 64 px, xattn every layer.
+- `gpu`: a ~1.3B Llama-shaped LM (hidden 2048, 24 layers, vocab 32000) + a ViT-L/14-shaped CLIP tower at 224 px.
+- `tiny`: the test-suite backbones (hidden 32), for a smoke run of the bench scripts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from flamingo import Flamingo, FlamingoProcessor
+from flamingo.convert import convert_openflamingo
+from flamingo.peers.openflamingo import build_openflamingo
+from flamingo.tiny import tiny_image_processor, tiny_tokenizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(lm=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2), vision=dict(hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=4,
+                                                             image_size=32, patch_size=8), vocab=300),
+    "cpu": dict(lm=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=8), vision=dict(hidden_size=256, intermediate_size=1024,
+                                                            num_hidden_layers=4, num_attention_heads=4,
+                                                            image_size=64, patch_size=8), vocab=32000),
+    "gpu": dict(lm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                        num_key_value_heads=16), vision=dict(hidden_size=1024, intermediate_size=4096,
+                                                             num_hidden_layers=24, num_attention_heads=16,
+                                                             image_size=224, patch_size=14), vocab=32000),
+}
+
+
+@dataclass
+class Pair:
+    ours: Flamingo
+    peer: torch.nn.Module  # OpenFlamingo's Flamingo
+    bare_lm: torch.nn.Module  # the same LM weights with no Flamingo attached
+    processor: FlamingoProcessor
+    image_size: int
+
+
+def build_pair(shape: str, *, xattn_every: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               gate: float = 0.3, seed: int = 0) -> Pair:
+    """OpenFlamingo built on the backbones, gates set non-zero, then converted into ours: same weights."""
+    spec = SHAPES[shape]
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(pad_vocab_to=spec["vocab"]) if spec["vocab"] > 300 else tiny_tokenizer()
+    lm_config = LlamaConfig(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, **spec["lm"])
+    lm = LlamaForCausalLM(lm_config).eval()
+    vision = CLIPVisionModel(CLIPVisionConfig(**spec["vision"])).eval()
+    image_processor = tiny_image_processor("clip", spec["vision"]["image_size"])
+
+    peer, peer_tok = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                        cross_attn_every_n_layers=xattn_every)
+    with torch.no_grad():
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            if layer is not None:
+                layer.attn_gate.fill_(gate)
+                layer.ff_gate.fill_(gate)
+    state = {k: v for k, v in peer.state_dict().items()}
+    ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                           image_processor=image_processor)
+    bare = copy.deepcopy(lm)
+    bare.resize_token_embeddings(len(peer_tok))
+    for m in (ours, peer, bare):
+        m.to(device=device, dtype=dtype).eval()
+    return Pair(ours, peer, bare, processor, spec["vision"]["image_size"])
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `fn` in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def print_json(name: str, payload: dict[str, Any]) -> None:
+    print(json.dumps({"bench": name, **payload}))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)

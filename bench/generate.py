@@ -1,0 +1,89 @@
+"""Generation speed: ours vs the OpenFlamingo peer vs the bare LM, same weights, same process.
+
+    python -m bench.generate --shape cpu                       # 2 CPU cores, fp32
+    python -m bench.generate --shape gpu --device cuda --dtype bf16
+
+For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, N new tokens (forced, so every
+model decodes the same number): time to first token (prefill + vision) and decode tokens/s
+= batch x (N - 1) / (t(N tokens) - t(1 token)). The bare LM (HF `generate` on the same LM weights and the same
+token ids, no images) is the floor: a Flamingo decode step is an LM step plus small cross-attentions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from bench.common import build_pair, machine, print_json, print_table, timed
+
+SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
+QUERY = "<image>Question: what is in the image? Short answer:"
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
+    ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
+    rows = []
+    for shots in args.shots:
+        for batch in args.batch:
+            enc = processor(SHOT * shots + QUERY)
+            ids = enc["input_ids"].repeat(batch, 1).to(args.device)
+            mask = torch.ones_like(ids)
+            n_media = shots + 1
+            images = torch.randn(batch, n_media, 1, 3, pair.image_size, pair.image_size, device=args.device,
+                                 dtype=dtype)
+            new = args.new_tokens
+
+            def ours_gen(n: int) -> torch.Tensor:
+                return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n)
+
+            def peer_gen(n: int) -> torch.Tensor:
+                return peer.generate(vision_x=images, lang_x=ids, attention_mask=mask, max_new_tokens=n,
+                                     min_new_tokens=n, num_beams=1, do_sample=False,
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+
+            def bare_gen(n: int) -> torch.Tensor:
+                return bare.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+
+            row: dict[str, Any] = {"shots": shots, "batch": batch, "ctx_tokens": ids.shape[1]}
+            with torch.inference_mode():
+                same = torch.equal(ours_gen(new)[:, ids.shape[1]:].cpu(), peer_gen(new)[:, ids.shape[1]:].cpu())
+                row["same_tokens_as_peer"] = same
+                for name, fn in (("ours", ours_gen), ("openflamingo", peer_gen), ("bare_lm", bare_gen)):
+                    first = timed(lambda: fn(1), args.device, args.repeats)
+                    total = timed(lambda: fn(new), args.device, args.repeats)
+                    row[f"{name}_ttft_ms"] = first * 1e3
+                    row[f"{name}_decode_tok_s"] = batch * (new - 1) / max(total - first, 1e-9)
+            row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]
+            row["decode_time_vs_bare_lm"] = row["bare_lm_decode_tok_s"] / row["ours_decode_tok_s"]
+            row["ttft_vs_openflamingo"] = row["openflamingo_ttft_ms"] / row["ours_ttft_ms"]
+            rows.append(row)
+            print_json("generate", {"shape": args.shape, "device": machine(), "dtype": args.dtype,
+                                    "xattn_every": args.xattn_every, "new_tokens": new, **row})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("--shots", type=int, nargs="+", default=[4, 8, 32])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--xattn-every", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"# bench.generate on {machine()}, shape={args.shape}, dtype={args.dtype}, xattn_every={args.xattn_every}")
+    rows = run(args)
+    print_table(rows, ["shots", "batch", "ctx_tokens", "same_tokens_as_peer", "ours_ttft_ms", "openflamingo_ttft_ms",
+                       "bare_lm_ttft_ms", "ours_decode_tok_s", "openflamingo_decode_tok_s", "bare_lm_decode_tok_s",
+                       "decode_vs_openflamingo", "decode_time_vs_bare_lm", "ttft_vs_openflamingo"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Peer implementations imported (never copied) for equality tests and side-by-side benchmarks."""

@@ -1,0 +1,99 @@
+"""The OpenFlamingo 2.0.1 peer, built on our HF backbones, for equality tests and side-by-side benchmarks.
+
+OpenFlamingo is installed from PyPI with `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. Its
+package `__init__` imports open_clip (which pulls torchvision), so its model modules (`open_flamingo/src/helpers.py`,
+`flamingo_lm.py`, `flamingo.py`, `utils.py`) are loaded from their files under a private package name without running
+that `__init__`. Nothing of OpenFlamingo is copied here. The peer uses OpenFlamingo's own mechanism (its mixin
+class swap) on its own LM copy: that is the peer's behaviour, not ours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+_PACKAGE = "_openflamingo_peer"
+_DECODER_LAYERS = {"opt": "model.decoder.layers", "gptj": "transformer.h", "gpt2": "transformer.h",
+                   "gpt_neox": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers",
+                   "qwen2": "model.layers", "phi": "model.layers", "mpt": "transformer.blocks"}
+
+
+@lru_cache(maxsize=1)
+def load_openflamingo_modules() -> types.SimpleNamespace:
+    """OpenFlamingo's model modules, loaded from the installed package's files without its `__init__`."""
+    spec = importlib.util.find_spec("open_flamingo")  # locates the package without executing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("OpenFlamingo is not installed: pip install --no-deps open-flamingo==2.0.1 einops einops-exts")
+    src = Path(list(spec.submodule_search_locations)[0]) / "src"
+    package = types.ModuleType(_PACKAGE)
+    package.__path__ = [str(src)]
+    sys.modules[_PACKAGE] = package
+    loaded = {}
+    for name in ("utils", "helpers", "flamingo_lm", "flamingo"):
+        mod_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}", src / f"{name}.py")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+        loaded[name] = module
+    return types.SimpleNamespace(
+        Flamingo=loaded["flamingo"].Flamingo, FlamingoLMMixin=loaded["flamingo_lm"].FlamingoLMMixin,
+        extend_instance=loaded["utils"].extend_instance, PerceiverResampler=loaded["helpers"].PerceiverResampler,
+        GatedCrossAttentionBlock=loaded["helpers"].GatedCrossAttentionBlock)
+
+
+class HFVisualForOpenFlamingo(nn.Module):
+    """An HF vision tower dressed as open_clip's `.visual` with `output_tokens=True`: returns (pooled, tokens),
+    tokens = the tower's last_hidden_state without its CLS token (CLIP/ViT have one, SigLIP has none)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.tower(pixel_values=pixel_values).last_hidden_state  # (M, 1 + S or S, D)
+        cfg = self.tower.config
+        patches = (cfg.image_size // cfg.patch_size) ** 2
+        tokens = hidden[:, 1:] if hidden.shape[1] == patches + 1 else hidden
+        return tokens.mean(dim=1), tokens
+
+
+def _mixin_with_optional_mask(base: type) -> type:
+    """OpenFlamingo's mixin wants `attention_mask` positionally; HF 5's generate may omit it."""
+
+    class LMMixin(base):  # type: ignore[misc, valid-type]
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+            return super().forward(input_ids, attention_mask, **kwargs)
+
+    return LMMixin
+
+
+def build_openflamingo(vision: nn.Module, lm: nn.Module, tokenizer: Any, cross_attn_every_n_layers: int = 1,
+                       decoder_layers_attr_name: Optional[str] = None) -> tuple[nn.Module, Any]:
+    """OpenFlamingo's `create_model_and_transforms`, on the given (copied by the caller) HF backbones."""
+    of = load_openflamingo_modules()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    of.extend_instance(lm, _mixin_with_optional_mask(of.FlamingoLMMixin))
+    if decoder_layers_attr_name is None:
+        model_type = lm.config.model_type
+        if model_type not in _DECODER_LAYERS:
+            raise ValueError(f"pass decoder_layers_attr_name for model_type {model_type!r}")
+        decoder_layers_attr_name = _DECODER_LAYERS[model_type]
+    lm.set_decoder_layers_attr_name(decoder_layers_attr_name)
+    lm.resize_token_embeddings(len(tokenizer))
+    model = of.Flamingo(types.SimpleNamespace(visual=HFVisualForOpenFlamingo(vision)), lm,
+                        tokenizer.encode("<|endofchunk|>")[-1], tokenizer.encode("<image>")[-1],
+                        vis_dim=vision.config.hidden_size, cross_attn_every_n_layers=cross_attn_every_n_layers)
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    return model, tokenizer

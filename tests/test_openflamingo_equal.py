@@ -1,0 +1,123 @@
+"""Equal to OpenFlamingo: the same backbones and weights (through our converter) give the same logits.
+
+OpenFlamingo 2.0.1 is installed with `pip install --no-deps open-flamingo==2.0.1 einops einops-exts` and imported,
+never copied (flamingo/peers/openflamingo.py loads its model modules without its open_clip-importing __init__).
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from flamingo.convert import convert_openflamingo  # noqa: E402
+from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+
+PROMPTS = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>Question: and? Short answer: two."
+           "<|endofchunk|><image>Question: this?",
+           "<image>A photo of a cat.<|endofchunk|>"]
+
+
+def _peer(every: int, seed: int = 0, lm_kind: str = "llama"):
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    lm, vision = tiny_lm(lm_kind, vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=every)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # non-zero gates, and a fine-tuned embedding table (OpenFlamingo trains it all)
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            if layer is not None:
+                layer.attn_gate.uniform_(0.3, 1.0)
+                layer.ff_gate.uniform_(-1.0, -0.3)
+        peer.lang_encoder.get_input_embeddings().weight.add_(0.01 * torch.randn_like(
+            peer.lang_encoder.get_input_embeddings().weight))
+    return peer.eval(), vision, lm, tok
+
+
+def _inputs(processor):
+    media = [[random_image(0), random_image(1), random_image(2)], [random_image(3)]]
+    return processor(PROMPTS, images=media, padding_side="right")
+
+
+def _peer_logits(peer, batch):
+    images = batch["images"].clone()  # OpenFlamingo encodes every media slot, padded ones too
+    with torch.no_grad():
+        return peer(vision_x=images, lang_x=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_logits_equal_openflamingo(every):
+    peer, vision, lm, tok = _peer(every)
+    state = copy.deepcopy(peer.state_dict())  # the full model state, lm_head included
+    ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                           image_processor=tiny_image_processor("clip"))
+    assert ours.xattn_layer_indices == [i for i in range(4) if (i + 1) % every == 0]
+    batch = _inputs(processor)
+    assert batch["images"].shape[:2] == (2, 3) and batch["num_media"].tolist() == [3, 1]
+    with torch.no_grad():
+        mine = ours(**batch).logits
+    theirs = _peer_logits(peer, batch)
+    real = batch["attention_mask"].bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-5
+    # Not vacuous: the images matter to both, and the gates are open.
+    other = {**batch, "images": torch.randn_like(batch["images"])}
+    with torch.no_grad():
+        assert not torch.allclose(ours(**other).logits[real], mine[real])
+
+
+def test_released_style_checkpoint_file(tmp_path):
+    """A checkpoint.pt as OpenFlamingo releases them: trained tensors only, blocks under the wrapped decoder layers,
+    read with torch.load(weights_only=True). OpenFlamingo's untied head rows for the added tokens are not in such a
+    file (they stay at their random resize init), so the base-vocabulary logits are compared."""
+    peer, vision, lm, tok = _peer(2, seed=3)
+    layers_prefix = "lang_encoder.model.layers."
+    released = {k: v.clone() for k, v in peer.state_dict().items()
+                if k.startswith("perceiver.") or k == "lang_encoder.model.embed_tokens.weight"
+                or (k.startswith(layers_prefix) and ".gated_cross_attn_layer." in k)}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in released.items()}}, path)
+    ours, processor = convert_openflamingo(str(path), copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                           image_processor=tiny_image_processor("clip"))
+    assert ours.config.extra_saved_weights == ["lm.model.embed_tokens.weight"]
+    batch = _inputs(processor)
+    with torch.no_grad():
+        mine = ours(**batch).logits
+    theirs = _peer_logits(peer, batch)
+    real, base = batch["attention_mask"].bool(), ours.config.first_new_token_id
+    assert (mine[real][:, :base] - theirs[real][:, :base]).abs().max() <= 1e-5
+
+    # The converted model survives a trained-only round trip with its fine-tuned embedding rows.
+    backbones = tmp_path / "backbones"
+    ours.vision.save_pretrained(backbones / "vision")
+    processor.image_processor.save_pretrained(backbones / "vision")
+    ours.config.vision_name_or_path = str(backbones / "vision")
+    lm_dir = backbones / "lm"
+    copy.deepcopy(lm).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    ours.config.lm_name_or_path = str(lm_dir)
+    ours.save_pretrained(str(tmp_path / "converted"), trained_only=True, processor=processor)
+    from flamingo import load_pretrained
+
+    loaded, _ = load_pretrained(str(tmp_path / "converted"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, mine)
+
+
+def test_convert_cli(tmp_path):
+    from flamingo.cli import main
+
+    peer, vision, lm, tok = _peer(1, seed=5)
+    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
+               tmp_path / "checkpoint.pt")
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    args = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--vision",
+            str(tmp_path / "vision"), "--lm", str(tmp_path / "lm"), "--out", str(tmp_path / "out"), "--trained-only"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "flamingo.safetensors").is_file() and not (tmp_path / "out" / "lm").exists()
+    assert main(["convert", "open-flamingo", "--checkpoint", str(tmp_path / "missing.pt"), "--vision", "v",
+                 "--lm", "l", "--out", str(tmp_path / "x")]) == 2

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for shots in args.shots:
         for batch in args.batch:
-            enc = processor(SHOT * shots + QUERY)
-            ids = enc["input_ids"].repeat(batch, 1).to(args.device)
+            prompt_ids = processor.tokenizer(SHOT * shots + QUERY)["input_ids"]
+            ids = torch.tensor([prompt_ids] * batch, device=args.device)
             mask = torch.ones_like(ids)
             n_media = shots + 1
             images = torch.randn(batch, n_media, 1, 3, pair.image_size, pair.image_size, device=args.device,

@@ -85,6 +85,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .train.config import load_config
+    from .train.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(load_config(args.config, args.overrides))
+    out = trainer.run()
+    if out and trainer.rank == 0:
+        print(f"trained model: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)
+
+    train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
+    train.set_defaults(func=_cmd_train)
 
     convert = sub.add_parser("convert", help="convert foreign checkpoints")
     convert_sub = convert.add_subparsers(dest="source", required=True)

@@ -1,0 +1,128 @@
+"""Training step: ours vs the OpenFlamingo peer, same shapes, same weights, same process.
+
+    python -m bench.train --shape cpu                                  # 2 CPU cores, fp32
+    python -m bench.train --shape gpu --device cuda --batch 8 --tokens 256 --images 5
+
+Each model is moved to the device alone, so its peak memory is its own. OpenFlamingo runs its own recipe: fp32
+weights under bf16 autocast, torch AdamW over its trained parameters (the whole input embedding included). Ours:
+frozen backbones stored in bf16 on the GPU (fp32 on the CPU), fp32 master weights for the trained parameters, bf16
+autocast, fused AdamW over the trained parameters only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import torch
+
+from bench.common import build_pair, machine, print_json, print_table, timed
+from flamingo.train.flops import peak_flops
+from flamingo.train.trainer import flops_estimate
+
+
+def make_batch(processor: Any, batch: int, tokens: int, images: int, image_size: int, device: str) -> dict[str, Any]:
+    tok = processor.tokenizer
+    chunk = tok("<image>A photo of a small red circle next to a big blue square on green grass.<|endofchunk|>")[
+        "input_ids"]
+    ids = (chunk * (tokens // len(chunk) + 1))[:tokens]
+    media = tok.convert_tokens_to_ids("<image>")
+    count = ids.count(media)
+    if count > images:  # keep exactly `images` placeholders: later ones become ordinary text
+        seen = 0
+        for i, t in enumerate(ids):
+            if t == media:
+                seen += 1
+                if seen > images:
+                    ids[i] = chunk[1]
+        count = images
+    input_ids = torch.tensor([ids] * batch, device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
+            "images": torch.randn(batch, count, 1, 3, image_size, image_size, device=device)}
+
+
+def measure(step: Callable[[], None], device: str, repeats: int) -> tuple[float, float]:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device, repeats, warmup=2)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return seconds, peak
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    pair = build_pair(args.shape, xattn_every=args.xattn_every)  # on the CPU, fp32
+    dev, bf16 = args.device, args.device.startswith("cuda")
+    batch = make_batch(pair.processor, args.batch, args.tokens, args.images, pair.image_size, dev)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(
+        "cpu", enabled=False))
+    row: dict[str, Any] = {"batch": args.batch, "tokens": args.tokens, "images": batch["images"].shape[1]}
+
+    # --- OpenFlamingo: its own recipe
+    peer = pair.peer.to(dev).train()
+    peer_opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
+
+    def peer_step() -> None:
+        peer_opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = peer(vision_x=batch["images"], lang_x=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in peer.parameters() if p.requires_grad], 1.0)
+        peer_opt.step()
+
+    seconds, peak = measure(peer_step, dev, args.repeats)
+    row.update(openflamingo_step_s=seconds, openflamingo_samples_s=args.batch / seconds, openflamingo_peak_gib=peak)
+    pair.peer.to("cpu")
+    del peer_opt
+
+    # --- ours
+    ours = pair.ours
+    if bf16:
+        for module in (ours.vision, ours.lm):
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+    ours.to(dev).train()
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, fused=bf16)
+
+    def our_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = ours(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+
+    seconds, peak = measure(our_step, dev, args.repeats)
+    row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
+    row["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
+    if bf16:
+        row["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
+        peak_flops_s = peak_flops(torch.cuda.get_device_name(0))
+        if peak_flops_s:
+            flops = flops_estimate(ours, batch)
+            row["ours_mfu"] = flops / row["ours_step_s"] / peak_flops_s
+            row["openflamingo_mfu"] = flops / row["openflamingo_step_s"] / peak_flops_s
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--xattn-every", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"# bench.train on {machine()}, shape={args.shape}")
+    row = run(args)
+    print_json("train", {"shape": args.shape, "device": machine(), "xattn_every": args.xattn_every, **row})
+    print_table([row], list(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: config, optimizer and schedule, checkpoints with exact resume, the mixture step, distribution."""

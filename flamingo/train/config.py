@@ -1,0 +1,128 @@
+"""The training config: one YAML file (annotated example in configs/) + `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    vision: Optional[str] = None  # HF name/path of the vision tower
+    lm: Optional[str] = None  # HF name/path of the causal LM
+    tokenizer: Optional[str] = None  # defaults to the LM's
+    init_from: Optional[str] = None  # a saved Flamingo directory to start from instead of fresh blocks
+    flamingo: dict[str, Any] = field(default_factory=dict)  # FlamingoConfig fields (xattn_every, ...)
+
+
+@dataclass
+class DatasetSection:
+    name: str
+    kind: str  # "interleaved" | "pairs" | "video" (see docs/data.md)
+    path: str
+    batch_size: int = 8
+    loss_weight: float = 1.0  # the paper's lambda_m
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder (max_tokens, ...)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.1  # on the xattn blocks' matrices only
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    fused: bool = False  # fused AdamW kernel (CUDA)
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "constant"  # constant | linear | cosine, after the warmup
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast; trained parameters keep fp32 master weights)
+    frozen_dtype: Optional[str] = None  # e.g. "bf16": store the frozen backbones in bf16
+    gradient_checkpointing: bool = False
+    micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
+    mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    num_workers: int = 0
+    output_dir: str = "runs/flamingo"
+    device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
+    distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
+    save_trained_only: Optional[bool] = None  # final model: trained weights only (default when backbones are named)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: list[DatasetSection] = field(default_factory=list)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelSection, "optim": OptimSection, "schedule": ScheduleSection, "train": TrainSection}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown keys in {where}: {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**values)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.steps=20`, `optim.lr=3e-4`, `data.0.batch_size=4`: values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> TrainConfig:
+    unknown = set(raw) - {"model", "data", "optim", "schedule", "train"}
+    if unknown:
+        raise ValueError(f"unknown top-level config keys: {sorted(unknown)}")
+    sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    data = [_build(DatasetSection, d, f"data[{i}]") for i, d in enumerate(raw.get("data") or [])]
+    if not data:
+        raise ValueError("the config lists no datasets under `data`")
+    config = TrainConfig(data=data, **sections)
+    config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
+    if config.train.mixture not in ("accumulate", "sample"):
+        raise ValueError("train.mixture must be 'accumulate' or 'sample'")
+    if config.train.precision not in ("fp32", "bf16"):
+        raise ValueError("train.precision must be fp32 or bf16")
+    return config
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return parse_config(apply_overrides(raw, overrides or []))

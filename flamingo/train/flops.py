@@ -1,0 +1,38 @@
+"""FLOPs per training sample and MFU.
+
+A matmul with a weight of P parameters costs 2·P FLOPs per token forward. Per sample of T text tokens, M media of
+F frames of S patches, and R latents:
+- frozen vision tower: forward only, no gradient: 2·P_vision·(M·F·S);
+- frozen LM: forward 2·P_lm·T, plus the backward pass for the *input* gradient only (no weight gradient) 2·P_lm·T,
+  so 4·P_lm·T — gradients must flow through the frozen LM down to the xattn blocks;
+- trained xattn blocks (per text token) and resampler (per latent / per feature): forward 2·P and backward 4·P
+  (input and weight gradients), so 6·P per token they see.
+Attention score FLOPs (quadratic terms) are left out, as in the usual 6·N·T estimates; at T = 256 they are small.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int) -> float:
+    p_vision, p_lm = count(model.vision), count(model.lm)
+    p_xattn, p_resampler = count(model.xattn), count(model.resampler)
+    features = media * frames * patches
+    return (2 * p_vision * features + 4 * p_lm * text_tokens + 6 * p_xattn * text_tokens
+            + 6 * p_resampler * (features + media * model.config.num_latents))
+
+
+# Dense bf16 peak throughput, FLOP/s, by device name fragment.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key in device_name:
+            return value
+    return None

@@ -1,0 +1,47 @@
+"""AdamW over the trained parameters only, and the warmup + constant/linear/cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does); none on norms,
+    gates, the resampler, or the added token rows."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if name.startswith("xattn.") and p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iterable[float], eps: float,
+                   fused: bool = False) -> torch.optim.AdamW:
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the base lr at a step: linear warmup, then constant, linear decay to 0 or cosine to 0."""
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {kind!r}: constant, linear or cosine")
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup_steps, total_steps))

@@ -1,0 +1,98 @@
+"""Training checkpoints that lose nothing, written atomically, read without pickle.
+
+`checkpoints/step_00000010/` holds:
+- `trained.safetensors`: the trained parameters (by `Flamingo.named_parameters()` name);
+- `optimizer.pt`: the optimizer's state dict (tensors and numbers only; loaded with `weights_only=True`);
+- `rng.safetensors`: torch CPU (and CUDA) generator states;
+- `state.json`: step, scheduler state, fault counters, numpy / Python RNG states, the data loaders' positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint_io import atomic_directory
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+                     "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], other: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = other["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = other["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_RE.match(name))]
+    return sorted(p for p in found if os.path.isfile(os.path.join(p[1], "state.json")))
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], keep_last: int) -> str:
+    """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints."""
+    path = os.path.join(output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
+    trained = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rng_tensors, rng_other = rng_state()
+    with atomic_directory(path) as tmp:
+        save_file(trained, os.path.join(tmp, "trained.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_other, **state}, f)
+    for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    device: torch.device) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...)."""
+    trained = load_file(os.path.join(path, "trained.safetensors"))
+    params = dict(model.named_parameters())
+    missing = {n for n, p in params.items() if p.requires_grad} - set(trained)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trained parameters {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    return state

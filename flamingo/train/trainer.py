@@ -1,0 +1,312 @@
+"""The training loop: the paper's mixture step, frozen backbones, exact resume, faults, visibility.
+
+One process (CPU or one GPU) needs nothing else; under `torchrun` each rank trains its shard of the data with DDP
+(gradients all-reduced once per step) or FSDP2 (`fully_shard` per xattn block and per decoder layer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Any, Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import FlamingoConfig
+from ..model.build import from_backbones, load_pretrained
+from ..model.flamingo import Flamingo
+from ..processing import FlamingoProcessor
+from .config import TrainConfig
+from .flops import flops_per_sample, peak_flops
+from .optim import make_optimizer, make_scheduler
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BatchSource(Protocol):
+    """What the trainer needs of a dataset: batches for the model and a resumable position."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for one process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
+    m = config.model
+    if m.init_from:
+        return load_pretrained(m.init_from)
+    if not (m.vision and m.lm):
+        raise ValueError("model.vision and model.lm (or model.init_from) are required")
+    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**m.flamingo))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, sources: Optional[dict[str, BatchSource]] = None,
+                 model: Optional[Flamingo] = None, processor: Optional[FlamingoProcessor] = None) -> None:
+        self.config = config
+        t = config.train
+        self.rank, self.world, self.local_rank = dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device(t.device or (f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        if model is None:
+            model, processor = build_model(config)
+        assert processor is not None
+        self.model, self.processor = model, processor
+        if t.frozen_dtype:
+            frozen_dtype = DTYPES[t.frozen_dtype]
+            for module in (model.vision, model.lm):
+                for p in module.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(frozen_dtype)
+        model.to(self.device)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.wrapped: nn.Module = model
+        if self.world > 1:
+            if t.distributed == "fsdp":
+                from .parallel import apply_fsdp
+
+                apply_fsdp(model)
+            else:
+                self.wrapped = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True)
+        o = config.optim
+        self.optimizer = make_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, fused=o.fused)
+        self.scheduler = make_scheduler(self.optimizer, config.schedule.kind, config.schedule.warmup_steps, t.steps)
+        self.weights = {d.name: d.loss_weight for d in config.data}
+        if sources is None:
+            from ..data.build import build_sources  # the data package builds one source per dataset
+
+            sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
+                                    num_workers=t.num_workers)
+        self.sources = sources
+        self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
+        self.stop_requested = False
+        self.sample_generator = torch.Generator().manual_seed(t.seed + 1)  # `sample` mixture mode
+        os.makedirs(t.output_dir, exist_ok=True)
+        self._resume()
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.config.train.output_dir)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
+        self.step = state["step"]
+        self.nonfinite_streak, self.skipped_steps = state["nonfinite_streak"], state["skipped_steps"]
+        self.sample_generator.set_state(torch.tensor(state["sample_generator"], dtype=torch.uint8))
+        data_states = state["data"][self.rank] if isinstance(state["data"], list) else state["data"]
+        for name, source in self.sources.items():
+            source.load_state_dict(data_states[name])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def _data_state(self) -> Any:
+        local = {name: source.state_dict() for name, source in self.sources.items()}
+        if self.world == 1:
+            return local
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, local)
+        return gathered
+
+    def save(self) -> None:
+        data = self._data_state()
+        if self.rank == 0:
+            save_checkpoint(self.config.train.output_dir, self.step, self.model, self.optimizer, self.scheduler,
+                            {"nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps,
+                             "sample_generator": self.sample_generator.get_state().tolist(), "data": data},
+                            self.config.train.keep_last)
+        if self.world > 1:
+            dist.barrier()
+
+    # ---------------------------------------------------------------------------------------------- step
+    def _next(self, name: str) -> dict[str, Any]:
+        if name not in self.iterators:
+            self.iterators[name] = iter(self.sources[name])
+        try:
+            return next(self.iterators[name])
+        except StopIteration:  # an epoch ended: start the next one (the source reshuffles by its own epoch count)
+            self.iterators[name] = iter(self.sources[name])
+            return next(self.iterators[name])
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images", "num_media",
+                                                   "num_frames")}
+
+    def _step_datasets(self) -> list[str]:
+        names = list(self.sources)
+        if self.config.train.mixture == "accumulate":
+            return names  # the paper: one batch of every dataset per step, gradients accumulated
+        weights = torch.tensor([self.weights[n] for n in names])
+        return [names[int(torch.multinomial(weights, 1, generator=self.sample_generator))]]
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.config.train
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+        names = self._step_datasets()
+        losses: dict[str, torch.Tensor] = {}
+        samples, flops = 0, 0.0
+        passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
+        for i, (name, batch) in enumerate(passes):
+            batch = self._to_device(batch)
+            samples += batch["input_ids"].shape[0]
+            flops += flops_estimate(self.model, batch)
+            weight = (self.weights[name] if t.mixture == "accumulate" else 1.0) / t.micro_batches
+            sync = i == len(passes) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            with (nullcontext() if sync else self.wrapped.no_sync()), autocast:
+                loss = self.wrapped(**batch).loss
+            (loss * weight).backward()
+            losses[name] = losses.get(name, 0.0) + loss.detach() / t.micro_batches
+        total = sum(self.weights[n] * losses[n] for n in losses) if t.mixture == "accumulate" else losses[names[0]]
+        finite = torch.isfinite(total).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        grad_norm = torch.tensor(float("nan"))
+        if finite.item() == 1.0:
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            self.skipped_steps += 1
+            if self.nonfinite_streak >= t.max_nonfinite:
+                raise NonFiniteLossError(f"{self.nonfinite_streak} non-finite losses in a row at step "
+                                         f"{self.step + 1}: aborting (lower the lr, check the data)")
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(total), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "samples": samples * self.world, "flops": flops * self.world, "skipped_nonfinite": self.skipped_steps,
+                **{f"loss/{n}": float(v) for n, v in losses.items()}}
+
+    def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        k = self.config.train.micro_batches
+        if k == 1:
+            return [batch]
+        size = batch["input_ids"].shape[0]
+        if size % k:
+            raise ValueError(f"batch of {size} does not split into {k} micro-batches")
+        return [{key: v[i * size // k:(i + 1) * size // k] if isinstance(v, torch.Tensor) else v
+                 for key, v in batch.items()} for i in range(k)]
+
+    # ---------------------------------------------------------------------------------------------- run
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def run(self) -> str:
+        """Train to `train.steps`; returns the final model directory."""
+        from tqdm import tqdm
+
+        t = self.config.train
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        writer = self._tensorboard()
+        metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        try:
+            while self.step < t.steps and not self.stop_requested:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - start
+                metrics["samples_per_s"] = metrics["samples"] / elapsed
+                metrics["gates"] = {str(k): v for k, v in self.model.xattn_gates().items()}
+                if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
+                    metrics["mfu"] = metrics["flops"] / elapsed / (peak * self.world)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                sps=f"{metrics['samples_per_s']:.1f}")
+                if self.rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    if writer is not None and (self.step % t.log_every == 0 or self.step == 1):
+                        self._log_tensorboard(writer, metrics)
+                if self.step % t.save_every == 0 or self.step == t.steps:
+                    self.save()
+            if self.stop_requested and self.step < t.steps:
+                self.save()  # SIGTERM / SIGINT: a checkpoint before exiting
+                if self.rank == 0:
+                    log.warning("stopped by signal at step %d; checkpoint written", self.step)
+                return ""
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if writer is not None:
+                writer.close()
+        return self.save_final()
+
+    def save_final(self) -> str:
+        out = os.path.join(self.config.train.output_dir, "final")
+        if self.rank == 0:
+            trained_only = self.config.train.save_trained_only
+            if trained_only is None:
+                trained_only = bool(self.model.config.vision_name_or_path and self.model.config.lm_name_or_path)
+            self.model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
+            with open(os.path.join(out, "train_config.json"), "w") as f:
+                json.dump(asdict(self.config), f, indent=2)
+        if self.world > 1:
+            dist.barrier()
+        return out
+
+    def _tensorboard(self) -> Any:
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(os.path.join(self.config.train.output_dir, "tb"))
+
+    @staticmethod
+    def _log_tensorboard(writer: Any, metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                writer.add_scalar(key, value, step)
+        for layer, (attn, ffw) in metrics["gates"].items():
+            writer.add_scalar(f"gates/attn/{layer}", attn, step)
+            writer.add_scalar(f"gates/ffw/{layer}", ffw, step)
+
+
+def flops_estimate(model: Flamingo, batch: dict[str, Any]) -> float:
+    """FLOPs of one training pass over `batch` (see flops.py)."""
+    b, t = batch["input_ids"].shape
+    images = batch.get("images")
+    if images is None:
+        return b * flops_per_sample(model, t, 0, 0, 0)
+    _, n, f, _, h, w = images.shape
+    patch = getattr(model.vision.config, "patch_size", 14)
+    return b * flops_per_sample(model, t, n, f, (h // patch) * (w // patch))

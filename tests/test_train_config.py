@@ -1,0 +1,43 @@
+"""Training config parsing, overrides, and the lr schedule."""
+
+import pytest
+import torch
+
+from flamingo.train.config import load_config, parse_config
+from flamingo.train.optim import lr_lambda, param_groups
+
+
+def test_example_config_parses_with_overrides():
+    config = load_config("configs/example.yaml", ["train.steps=7", "optim.lr=3e-4", "data.1.batch_size=2",
+                                                  "model.flamingo.xattn_every=2"])
+    assert config.train.steps == 7 and config.optim.lr == 3e-4 and config.data[1].batch_size == 2
+    assert config.model.flamingo["xattn_every"] == 2
+    assert [d.name for d in config.data] == ["interleaved", "pairs", "video"]
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown keys in train"):
+        parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"stepz": 1}})
+    with pytest.raises(ValueError, match="no datasets"):
+        parse_config({"train": {"steps": 1}})
+    with pytest.raises(ValueError, match="mixture"):
+        parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"mixture": "roundrobin"}})
+
+
+def test_schedules():
+    const = lr_lambda("constant", 10, 100)
+    assert const(0) == pytest.approx(0.1) and const(9) == 1.0 and const(50) == 1.0
+    lin = lr_lambda("linear", 0, 100)
+    assert lin(0) == 1.0 and lin(50) == pytest.approx(0.5) and lin(100) == 0.0
+    cos = lr_lambda("cosine", 10, 110)
+    assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_xattn_matrices(make_model):
+    model, _ = make_model("llama")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].startswith("xattn.") and p.ndim == 2 for p in decay["params"])
+    assert {names[id(p)] for p in decay["params"] + no_decay["params"]} == set(model.trainable_parameters())
+    assert not any(torch.equal(p, q) and p is q for p in decay["params"] for q in no_decay["params"])

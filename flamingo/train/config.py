@@ -98,11 +98,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for part in parts[:-1]:
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         last = parts[-1]
+        parsed = _scalar(value)
         if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(value)
+            node[int(last)] = parsed
         else:
-            node[last] = yaml.safe_load(value)
+            node[last] = parsed
     return raw
+
+
+def _scalar(text: str) -> Any:
+    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_config(raw: dict[str, Any]) -> TrainConfig:

@@ -84,6 +84,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in {where}: {sorted(unknown)} (known: {sorted(known)})")
+    floats = {f.name for f in dataclasses.fields(cls) if f.type in ("float", float)}
+    values = {k: (_scalar(v) if k in floats and isinstance(v, str) else v) for k, v in values.items()}
     return cls(**values)
 
 

@@ -43,6 +43,30 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(range(before, len(tokenizer)))
 
 
+def load_image_processor(name_or_path: str) -> Any:
+    """The HF image processor saved with a vision tower, without torchvision if need be.
+
+    Some transformers 5 releases map e.g. `CLIPImageProcessor` to a torchvision backend and refuse to load without
+    it; their PIL twin (`CLIPImageProcessorPil`) computes the same thing from PIL/numpy.
+    """
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except ImportError:
+        import transformers
+        from transformers.image_processing_utils import ImageProcessingMixin
+
+        config, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
+        name = str(config.get("image_processor_type", "")).removesuffix("Fast")
+        for candidate in (name + "Pil", name):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                try:
+                    return cls.from_pretrained(name_or_path)
+                except ImportError:
+                    continue
+        raise
+
+
 def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
     """Indices of at most `max_frames` frames spread uniformly over a clip of `num_frames` (all if it is short)."""
     if num_frames <= max_frames:
@@ -239,5 +263,5 @@ class FlamingoProcessor:
                 kwargs = json.load(f)
         kwargs.update(overrides)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        image_processor = AutoImageProcessor.from_pretrained(directory)
+        image_processor = load_image_processor(directory)
         return cls(tokenizer, image_processor, **kwargs)

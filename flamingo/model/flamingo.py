@@ -54,9 +54,23 @@ class MediaContext:
     media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
     # (block, rows) -> visual K/V of that block: projected once per context from the B samples' visual tokens, and
     # expanded by indexing when the LM runs more rows than samples (beams, return sequences, scored candidates).
-    media_kv: dict[tuple[int, int], MediaKV] = field(default_factory=dict)
+    media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
     impl: XAttnImpl = "auto"
     memo: dict = field(default_factory=dict)  # per-call attention helpers shared by the blocks (flex block mask)
+    # Decoding (generate): after the prompt no `<image>` can come, so every later LM call sees, per row, the last
+    # image of the prompt. Its K/V slice is gathered once per block; decode steps then do a plain attention over R
+    # keys with static shapes (no media index, no gather per step).
+    static_after_prompt: bool = False
+    decoding: bool = False
+
+    def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
+        key = ("last", block_idx, rows)
+        if key not in self.media_kv:
+            kv = self.kv_for(block_idx, block, rows)  # (rows, N, R, h, d)
+            image = (self.last_media_index - 1).clamp(min=0)  # (rows,)
+            batch = torch.arange(rows, device=image.device)
+            self.media_kv[key] = MediaKV(kv.k[batch, image][:, None], kv.v[batch, image][:, None])  # (rows,1,R,h,d)
+        return self.media_kv[key]
 
     def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
         if self.visual is None:
@@ -148,7 +162,11 @@ class Flamingo(nn.Module):
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]  # (B, T)
         ctx = self._media_context
-        if ctx is not None:
+        if ctx is not None and ctx.static_after_prompt and ctx.last_media_index is not None:
+            if not ctx.decoding:  # first decode step: the index each row keeps from now on (1 = has an image)
+                ctx.decoding = True
+                ctx.media_index = (ctx.last_media_index > 0).long()[:, None]  # (rows, 1)
+        elif ctx is not None:
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
@@ -188,6 +206,10 @@ class Flamingo(nn.Module):
         block = self.xattn[block_idx]
         if ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
             hidden = block(hidden, None, None)
+        elif ctx.decoding:
+            index = ctx.media_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
+            kv = ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
+            hidden = block(hidden, kv, index, "reference")
         else:
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "

@@ -62,6 +62,7 @@ class MediaContext:
     # keys with static shapes (no media index, no gather per step).
     static_after_prompt: bool = False
     decoding: bool = False
+    decode_index: Optional[torch.Tensor] = None  # (rows, 1)
 
     def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
         key = ("last", block_idx, rows)
@@ -163,15 +164,15 @@ class Flamingo(nn.Module):
         input_ids = args[0]  # (B, T)
         ctx = self._media_context
         if ctx is not None and ctx.static_after_prompt and ctx.last_media_index is not None:
-            if not ctx.decoding:  # first decode step: the index each row keeps from now on (1 = has an image)
-                ctx.decoding = True
-                ctx.media_index = (ctx.last_media_index > 0).long()[:, None]  # (rows, 1)
+            ctx.decoding = True  # a decode step: rows keep their prompt's last image (tensors prepared in prefill)
         elif ctx is not None:
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
             ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start)
             ctx.last_media_index = ctx.media_index[:, -1]
+            if ctx.static_after_prompt:  # made here, eagerly, so compiled/graphed decode steps only read them
+                ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]  # (rows, 1): 1 = has an image
         if self.new_token_embeddings is None:
             return output
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
@@ -207,14 +208,16 @@ class Flamingo(nn.Module):
         if ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
             hidden = block(hidden, None, None)
         elif ctx.decoding:
-            index = ctx.media_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
-            kv = ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
+            index = ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
+            kv = ctx.media_kv[("last", block_idx, hidden.shape[0])]
             hidden = block(hidden, kv, index, "reference")
         else:
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
             hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl, ctx.memo)
+            if ctx.static_after_prompt:
+                ctx.last_image_kv_for(block_idx, block, hidden.shape[0])  # for the decode steps, made eagerly
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

@@ -96,6 +96,44 @@ def timed(fn: Callable[[], Any], device: str, repeats: int = 3, warmup: int = 1)
     return statistics.median(times)
 
 
+class StepClock:
+    """An HF streamer that timestamps every generation step (HF calls `put` with the prompt, then once per new
+    token, after copying it to the CPU, so each stamp is taken after the step's work finished).
+
+    ttft = first new token - start (vision + prefill + one step); decode time = last token - first token, over
+    N - 1 decode steps: measured inside one run, so noise between runs does not enter the difference."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.start = time.perf_counter()
+
+    def put(self, value: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def ttft(self) -> float:
+        return self.stamps[1] - self.start
+
+    def decode_seconds_per_step(self) -> float:
+        steps = self.stamps[1:]
+        return (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+
+
+def timed_steps(fn: Callable[[StepClock], Any], device: str, repeats: int = 3) -> tuple[float, float]:
+    """Median (time to first token, seconds per decode step) of `fn(clock)` over `repeats` runs after a warm-up."""
+    fn(StepClock())
+    ttfts, steps = [], []
+    for _ in range(repeats):
+        sync(device)
+        clock = StepClock()
+        fn(clock)
+        ttfts.append(clock.ttft())
+        steps.append(clock.decode_seconds_per_step())
+    return statistics.median(ttfts), statistics.median(steps)
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

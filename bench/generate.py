@@ -4,8 +4,8 @@
     python -m bench.generate --shape gpu --device cuda --dtype bf16
 
 For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, N new tokens (forced, so every
-model decodes the same number): time to first token (prefill + vision) and decode tokens/s
-= batch x (N - 1) / (t(N tokens) - t(1 token)). The bare LM (HF `generate` on the same LM weights and the same
+model decodes the same number): time to first token (vision + prefill + first step) and decode tokens/s
+= batch / (seconds per decode step), the steps timestamped inside each run by a streamer (bench/common.py). The bare LM (HF `generate` on the same LM weights and the same
 token ids, no images) is the floor: a Flamingo decode step is an LM step plus small cross-attentions.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, timed
+from bench.common import build_pair, machine, print_json, print_table, timed_steps
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"
@@ -39,17 +39,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             cache = {"cache_implementation": args.cache} if args.cache != "dynamic" else {}
 
-            def ours_gen(n: int) -> torch.Tensor:
-                return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n, **cache)
+            def ours_gen(n: int, streamer: Any = None) -> torch.Tensor:
+                return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n, streamer=streamer,
+                                     **cache)
 
-            def peer_gen(n: int) -> torch.Tensor:
+            def peer_gen(n: int, streamer: Any = None) -> torch.Tensor:
                 return peer.generate(vision_x=images, lang_x=ids, attention_mask=mask, max_new_tokens=n,
-                                     min_new_tokens=n, num_beams=1, do_sample=False,
+                                     min_new_tokens=n, num_beams=1, do_sample=False, streamer=streamer,
                                      pad_token_id=processor.tokenizer.pad_token_id)
 
-            def bare_gen(n: int) -> torch.Tensor:
+            def bare_gen(n: int, streamer: Any = None) -> torch.Tensor:
                 return bare.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=processor.tokenizer.pad_token_id, **cache)
+                                     do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                                     streamer=streamer, **cache)
 
             row: dict[str, Any] = {"shots": shots, "batch": batch, "ctx_tokens": ids.shape[1]}
             with torch.inference_mode():
@@ -59,10 +61,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row["same_tokens_as_peer"] = same
                     runs.append(("openflamingo", peer_gen))
                 for name, fn in runs:
-                    first = timed(lambda: fn(1), args.device, args.repeats)
-                    total = timed(lambda: fn(new), args.device, args.repeats)
-                    row[f"{name}_ttft_ms"] = first * 1e3
-                    row[f"{name}_decode_tok_s"] = batch * (new - 1) / max(total - first, 1e-9)
+                    ttft, per_step = timed_steps(lambda clock: fn(new, clock), args.device, args.repeats)
+                    row[f"{name}_ttft_ms"] = ttft * 1e3
+                    row[f"{name}_decode_tok_s"] = batch / per_step
             row["decode_time_vs_bare_lm"] = row["bare_lm_decode_tok_s"] / row["ours_decode_tok_s"]
             if not args.skip_peer:
                 row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]

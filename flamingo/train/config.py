@@ -61,6 +61,7 @@ class TrainSection:
     output_dir: str = "runs/flamingo"
     device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
     distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
+    fsdp_frozen: str = "shard"  # fsdp: shard the frozen backbones too, or replicate them (train/parallel.py)
     save_trained_only: Optional[bool] = None  # final model: trained weights only (default when backbones are named)
 
 

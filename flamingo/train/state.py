@@ -62,15 +62,32 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters())
+
+
+def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """(trained parameters by name, optimizer state) as full CPU tensors. Collective under FSDP: call on every rank
+    (ranks other than 0 get empty dicts); a plain module needs no communication."""
+    if not _is_sharded(model):
+        trained = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        return trained, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+    return trained, {"fsdp_full": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor], optimizer_state: Any,
                     scheduler: Any, state: dict[str, Any], keep_last: int) -> str:
-    """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints."""
+    """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints (rank 0 only)."""
     path = os.path.join(output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
-    trained = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
     rng_tensors, rng_other = rng_state()
     with atomic_directory(path) as tmp:
         save_file(trained, os.path.join(tmp, "trained.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_other, **state}, f)
@@ -81,18 +98,29 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...)."""
+    """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...).
+    Every rank reads the files (they must be on a shared or copied file system)."""
     trained = load_file(os.path.join(path, "trained.safetensors"))
-    params = dict(model.named_parameters())
-    missing = {n for n, p in params.items() if p.requires_grad} - set(trained)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks trained parameters {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, value in trained.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
+    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, trained, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state["fsdp_full"], options=options)
+    else:
+        params = dict(model.named_parameters())
+        missing = {n for n, p in params.items() if p.requires_grad} - set(trained)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trained parameters {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(optimizer_state)  # moves the state onto each parameter's device
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
     return state
+

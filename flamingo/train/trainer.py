@@ -27,7 +27,7 @@ from ..processing import FlamingoProcessor
 from .config import TrainConfig
 from .flops import flops_per_sample, peak_flops
 from .optim import make_optimizer, make_scheduler
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import gather_training_state, latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,7 +92,8 @@ class Trainer:
             if t.distributed == "fsdp":
                 from .parallel import apply_fsdp
 
-                apply_fsdp(model)
+                apply_fsdp(model, frozen=t.fsdp_frozen,
+                           param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
             else:
                 self.wrapped = nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -141,8 +142,9 @@ class Trainer:
 
     def save(self) -> None:
         data = self._data_state()
+        trained, optimizer_state = gather_training_state(self.model, self.optimizer)  # collective under FSDP
         if self.rank == 0:
-            save_checkpoint(self.config.train.output_dir, self.step, self.model, self.optimizer, self.scheduler,
+            save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
                             {"nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps,
                              "sample_generator": self.sample_generator.get_state().tolist(), "data": data},
                             self.config.train.keep_last)
@@ -193,6 +195,11 @@ class Trainer:
         finite = torch.isfinite(total).float()
         if self.world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            # the logged losses are the ranks' mean (what the all-reduced gradient is the gradient of)
+            logged = torch.stack([total, *losses.values()]).detach().float()
+            dist.all_reduce(logged, op=dist.ReduceOp.SUM)
+            logged /= self.world
+            total, losses = logged[0], dict(zip(losses, logged[1:]))
         grad_norm = torch.tensor(float("nan"))
         if finite.item() == 1.0:
             trained = [p for p in self.model.parameters() if p.requires_grad]

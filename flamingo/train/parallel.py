@@ -1,0 +1,83 @@
+"""FSDP2 (`fully_shard`) for a Flamingo, applied from outside the model (the model knows nothing of parallelism).
+
+Units: each GATED XATTN-DENSE block, each LM decoder layer, the resampler, each vision encoder layer, then the root.
+Frozen backbone weights can be
+
+- **sharded** (`frozen="shard"`, default): every rank keeps 1/world of the frozen LM and tower and all-gathers each
+  layer just in time. Wins when the frozen backbones do not fit (or barely fit) on one device next to the
+  activations: a 9B-70B LM, or long sequences.
+- **replicated** (`frozen="replicate"`): frozen weights are `ignored_params` of FSDP and stay whole on every rank
+  (no gradients, so nothing to reduce for them); only the trained parameters (resampler, blocks, new token rows)
+  are sharded. Wins when the backbones fit comfortably: no all-gather traffic for them in forward or backward, so
+  the step is faster (the usual case for a 1-3B LM on 80 GB GPUs). Plain DDP (`train.distributed: ddp`) is the
+  same trade with the trained parameters replicated too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from ..model.backbones import find_decoder_layers
+from ..model.flamingo import Flamingo
+
+
+def _fsdp_api():
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    return fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    return hasattr(module, "unshard") and hasattr(module, "reshard")
+
+
+def _vision_layers(vision: nn.Module) -> list[nn.Module]:
+    """The vision tower's encoder layers (the largest ModuleList of one block class), or none."""
+    best: list[nn.Module] = []
+    for module in vision.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and \
+                len({type(m) for m in module}) == 1:
+            best = list(module)
+    return best
+
+
+def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shard",
+               param_dtype: Optional[torch.dtype] = None, mesh: Optional[object] = None) -> Flamingo:
+    """Shard `model` in place with FSDP2 over the default process group (or `mesh`).
+
+    param_dtype: compute dtype of the all-gathered parameters (e.g. bf16; gradients are reduced in fp32, the
+    sharded master copies keep their own dtype).
+    """
+    if frozen not in ("shard", "replicate"):
+        raise ValueError(f"frozen must be 'shard' or 'replicate', got {frozen!r}")
+    fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    ignored = {p for p in model.parameters() if not p.requires_grad} if frozen == "replicate" else None
+    kwargs = dict(mesh=mesh, mp_policy=policy)
+
+    def shard(module: nn.Module) -> None:
+        params = list(module.parameters())
+        if not params:
+            return
+        if ignored is not None and all(p in ignored for p in params):
+            return  # wholly frozen and replicated: nothing for FSDP to do
+        fully_shard(module, ignored_params=ignored, **kwargs)
+
+    for block in model.xattn:
+        shard(block)
+        if hasattr(block, "project_media") and _is_fsdp(block):
+            # the model calls block.project_media(visual) (K/V once per call) outside block.forward: FSDP must
+            # all-gather the block's parameters around that call too
+            register_fsdp_forward_method(block, "project_media")
+    shard(model.resampler)
+    for layer in model.lm.get_submodule(find_decoder_layers(model.lm)):
+        shard(layer)
+    for layer in _vision_layers(model.vision):
+        shard(layer)
+    fully_shard(model, ignored_params=ignored, **kwargs)
+    return model

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
     of.set_defaults(func=_cmd_convert_open_flamingo)
 
+    from .eval.cli import add_eval_subcommand
+
+    add_eval_subcommand(sub)
     try:
         from .data.cli import add_data_subcommands
     except ImportError:  # the data package is optional at import time (it needs extra packages)

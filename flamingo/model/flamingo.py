@@ -369,7 +369,7 @@ class Flamingo(nn.Module):
         """LM layer index -> (tanh(attn gate), tanh(ffw gate)); the paper plots these over training."""
         if not self.config.gated:
             return {}
-        return {i: (float(b.attn_gate.tanh()), float(b.ffw_gate.tanh()))
+        return {i: (float(b.attn_gate.detach().tanh()), float(b.ffw_gate.detach().tanh()))
                 for i, b in zip(self.xattn_layer_indices, self.xattn)}
 
     def _saved_tensors(self, trained_only: bool) -> dict[str, torch.Tensor]:

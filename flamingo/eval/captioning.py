@@ -1,0 +1,47 @@
+"""Captioning (COCO Karpathy layout): beam-search a caption, score with CIDEr (pycocoevalcap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cider import cider
+from .task import Sample, Task, demo_ids_of, media_path, read_json
+
+SPLITS = {"train": ("train", "restval"), "test": ("test",)}
+
+
+class CaptioningTask(Task):
+    name = "captioning"
+    template = "<image>Output:{answer}<|endofchunk|>"
+    metrics = ("cider",)
+    max_new_tokens = 20
+    num_beams = 3
+
+    def __init__(self, template: str | None = None, answer_prefix: str | None = None,
+                 tokenizer: str = "auto") -> None:
+        super().__init__(template, answer_prefix)
+        self.tokenizer = tokenizer  # CIDEr's: "auto" (PTB when Java exists), "ptb" or "python"
+
+    def load(self, data_dir: str, split: str) -> list[Sample]:
+        root = Path(data_dir)
+        images = read_json(root / "captions.json")["images"]
+        samples = []
+        for im in images:
+            if im.get("split") not in SPLITS[split]:
+                continue
+            captions = [s["raw"] for s in im.get("sentences", [])]
+            if not captions:
+                raise ValueError(f"captions.json: image {im.get('cocoid')!r} has no sentences")
+            path = media_path(root, str(Path(im.get("filepath", "")) / im["filename"]))
+            samples.append(Sample(id=str(im.get("cocoid", im["filename"])), media=[path], fields={},
+                                  answer=captions[0].strip(), references=captions, demo_ids=demo_ids_of(im)))
+        return samples
+
+    def postprocess(self, text: str) -> str:
+        return text.split("Output")[0].split("\n")[0].strip()
+
+    def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        score, used = cider({s.id: p["prediction"] for s, p in zip(samples, predictions)},
+                            {s.id: s.references for s in samples}, self.tokenizer)
+        return {"cider": 100.0 * score, "tokenizer": used}

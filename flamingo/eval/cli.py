@@ -1,0 +1,87 @@
+"""`flamingo eval`: the few-shot evaluation subcommand (wired into flamingo/cli.py by `add_eval_subcommand`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .demos import METHODS, ZERO_SHOT
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TASK_NAMES = ("vqa", "captioning", "classification", "hateful_memes", "videoqa", "video_captioning")
+
+
+def _optional_int(value: str) -> Any:
+    return None if value.lower() in ("all", "none") else int(value)
+
+
+def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `eval` to a `parser.add_subparsers()` object; returns its parser."""
+    p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
+                                           "video QA or video captioning (see docs/eval.md)")
+    p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")
+    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])
+    p.add_argument("--trials", type=int, default=3, help="seeds seed..seed+trials-1: mean ± std")
+    p.add_argument("--demos", choices=METHODS, default="random", help="random demos or RICES (visual similarity)")
+    p.add_argument("--query-set", type=_optional_int, default=2048,
+                   help="demo candidates drawn per seed from the train split ('all' for all)")
+    p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
+                   help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
+    p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")
+    p.add_argument("--answer-prefix", default=None,
+                   help='text between the query and the answer (default: the task\'s, "" or " ")')
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=None)
+    p.add_argument("--cider-tokenizer", choices=("auto", "ptb", "python"), default="auto",
+                   help="PTB (needs java) or the documented Python tokenization")
+    p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md, results.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
+    import torch
+
+    from . import distributed
+
+    joined = distributed.init_from_env()
+    try:
+        return _run(args, distributed)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, distributed: Any) -> int:
+    import os
+
+    import torch
+
+    from ..model.build import load_pretrained
+    from .runner import evaluate, markdown_table
+
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model, processor = load_pretrained(args.model, torch_dtype=dtype if args.dtype != "fp32" else None, device=device)
+    generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
+                  if v is not None}
+    results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
+                       demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
+                       batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
+                       template=args.template, answer_prefix=args.answer_prefix, model_name=args.model, progress=not args.no_progress,
+                       generation=generation or None, cider_tokenizer=args.cider_tokenizer)
+    if distributed.rank() == 0:
+        print(markdown_table(results))
+        print(json.dumps({"task": results["task"], "out": args.out,
+                          "summary": {f"{r['metric']}@{r['shots']}": r["mean"] for r in results["summary"]}}))
+    return 0

@@ -1,0 +1,84 @@
+"""Choosing the in-context demos of each evaluated sample.
+
+- The demo pool is the task's train split, disjoint from the evaluated test split.
+- Per trial seed, a *query set* of `query_set_size` pool samples is drawn once (OpenFlamingo's 2048 default);
+  demos come from it.
+- "random": k demos drawn without replacement, with a generator seeded by (seed, sample index) so that a sample's
+  demos do not depend on batching or on which rank evaluates it.
+- "rices": the k query-set samples nearest to the sample in pooled vision features, most similar last (rices.py).
+- Episodes: a sample with `demo_ids` takes the first k of them, in order, whatever the method.
+- Zero-shot convention (`zero_shot`): "text" (Flamingo / OpenFlamingo) prompts 0-shot queries with 2 demos of the
+  same method whose `<image>` is removed, so the model sees the answer format but no image-answer pair; "none" uses
+  the bare query.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .rices import FeatureCache, nearest
+from .task import Sample
+
+METHODS = ("random", "rices")
+ZERO_SHOT = ("text", "none")
+ZERO_SHOT_TEXT_DEMOS = 2
+
+
+class DemoSelector:
+    def __init__(self, pool: Sequence[Sample], method: str = "random", query_set_size: Optional[int] = 2048,
+                 seed: int = 0, features: Optional[FeatureCache] = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"demo method must be one of {METHODS}, got {method!r}")
+        if method == "rices" and features is None:
+            raise ValueError("RICES needs a FeatureCache (the model's vision features)")
+        self.pool = list(pool)
+        self.by_id = {s.id: s for s in self.pool}
+        if len(self.by_id) != len(self.pool):
+            raise ValueError("the train split has duplicate sample ids")
+        self.method, self.seed, self.features = method, seed, features
+        size = len(self.pool) if query_set_size is None else min(query_set_size, len(self.pool))
+        chosen = np.random.default_rng(seed).choice(len(self.pool), size=size, replace=False)
+        self.query_set = [self.pool[i] for i in sorted(chosen)]
+        self._query_features = None
+
+    def select(self, sample: Sample, index: int, k: int) -> list[Sample]:
+        """The k demos of the evaluated sample at position `index` of the evaluated list, in prompt order."""
+        if k == 0:
+            return []
+        if sample.demo_ids is not None:
+            if k > len(sample.demo_ids):
+                raise ValueError(f"sample {sample.id!r} lists {len(sample.demo_ids)} demo_ids, {k} shots asked")
+            missing = [i for i in sample.demo_ids[:k] if i not in self.by_id]
+            if missing:
+                raise ValueError(f"sample {sample.id!r}: demo_ids {missing} are not in the train split")
+            return [self.by_id[i] for i in sample.demo_ids[:k]]
+        if k > len(self.query_set):
+            raise ValueError(f"{k} shots asked but the query set holds {len(self.query_set)} samples")
+        if self.method == "random":
+            rng = np.random.default_rng([self.seed, index])
+            return [self.query_set[i] for i in rng.choice(len(self.query_set), size=k, replace=False)]
+        return self.select_rices([sample], k)[0]
+
+    def select_rices(self, samples: Sequence[Sample], k: int) -> list[list[Sample]]:
+        """RICES demos of several samples at once (one similarity matmul), most similar last."""
+        if self._query_features is None:
+            self._query_features = self.features.get([s.id for s in self.query_set],
+                                                     [s.media[0] for s in self.query_set])
+        query = self.features.get([f"query:{s.id}" for s in samples], [s.media[0] for s in samples])
+        rows = nearest(query, self._query_features, k)
+        return [[self.query_set[int(i)] for i in row] for row in rows]
+
+
+def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
+                 zero_shot: str = "text") -> tuple[list[Sample], bool]:
+    """(demos, with_media) for a query: `shots` demos with their media, or the zero-shot convention's demos."""
+    if zero_shot not in ZERO_SHOT:
+        raise ValueError(f"zero_shot must be one of {ZERO_SHOT}, got {zero_shot!r}")
+    if shots > 0:
+        return selector.select(sample, index, shots), True
+    if zero_shot == "none":
+        return [], True
+    available = len(sample.demo_ids) if sample.demo_ids is not None else len(selector.query_set)
+    return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, available)), False

@@ -1,0 +1,60 @@
+"""RICES (Yang et al. 2022; Flamingo §3.3 / OpenFlamingo): retrieve in-context demos by visual similarity.
+
+Features are the Flamingo's own frozen vision tower's patch features (`model.vision`, the layer and CLS handling of
+`config.vision_feature_layer` / `drop_cls_token`), mean-pooled over patches (and over a video's frames), L2-normalised;
+similarity is their cosine. The k nearest demos go into the prompt with the MOST similar LAST, next to the query.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..model.backbones import vision_features
+from ..model.flamingo import Flamingo
+
+
+@torch.no_grad()
+def pooled_features(model: Flamingo, media: Sequence[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Preprocessed media `(F, C, H, W)` each -> (M, Dv) unit-norm features, `batch_size` media per tower call."""
+    if not media:
+        raise ValueError("no media to compute RICES features of")
+    param = next(model.vision.parameters())
+    out = []
+    for start in range(0, len(media), batch_size):
+        chunk = list(media[start:start + batch_size])
+        frames = torch.cat(chunk).to(device=param.device, dtype=param.dtype)  # (sum F, C, H, W)
+        feats = vision_features(model.vision, frames, model.config.vision_feature_layer,
+                                model.config.drop_cls_token).float().mean(dim=1)  # (sum F, Dv)
+        per_medium = torch.split(feats, [t.shape[0] for t in chunk])
+        out.append(torch.stack([f.mean(dim=0) for f in per_medium]))  # (chunk, Dv)
+    features = torch.cat(out).cpu()
+    return features / features.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
+    """query (Q, D), pool (N, D) unit-norm -> (Q, k) pool indices of the k most similar, MOST SIMILAR LAST."""
+    if k > pool.shape[0]:
+        raise ValueError(f"RICES: {k} demos asked but the pool holds {pool.shape[0]}")
+    if k == 0:
+        return torch.zeros(query.shape[0], 0, dtype=torch.long)
+    similarity = query @ pool.T  # (Q, N)
+    top = similarity.topk(k, dim=-1).indices  # (Q, k), most similar first
+    return top.flip(-1)
+
+
+class FeatureCache:
+    """Pooled features by sample id, computed on first use in batches (a query set's features once per seed)."""
+
+    def __init__(self, model: Flamingo, load: Callable[[str], torch.Tensor], batch_size: int = 32) -> None:
+        self.model, self.load, self.batch_size = model, load, batch_size
+        self.features: dict[str, torch.Tensor] = {}
+
+    def get(self, ids: Sequence[str], first_media: Sequence[str]) -> torch.Tensor:
+        """Features (len(ids), Dv) of samples given their ids and first medium's path."""
+        missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
+        if missing:
+            feats = pooled_features(self.model, [self.load(m) for _, m in missing], self.batch_size)
+            self.features.update({i: f for (i, _), f in zip(missing, feats)})
+        return torch.stack([self.features[i] for i in ids])

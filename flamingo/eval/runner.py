@@ -1,0 +1,214 @@
+"""`evaluate`: a task over shots x trials -> results (results.json, results.md, results.png in `out_dir`).
+
+Every trial uses seed `seed + trial` (its query set and random demos); the evaluated samples are the same in every
+trial (the first `num_samples` of a shuffle by `seed`, kept in file order), so the spread over trials is the spread
+due to the demos. Metrics are in percent; the summary is mean ± std (population std, as OpenFlamingo) over trials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from ..model.flamingo import Flamingo
+from ..processing import FlamingoProcessor
+from . import distributed
+from .demos import DemoSelector, prompt_demos
+from .predict import MediaLoader, build_prompt, generate_batch, rank_one
+from .rices import FeatureCache
+from .task import Sample, Task
+from .tasks import get_task
+
+
+def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: int) -> list[Sample]:
+    """The evaluated subset: all, or `num_samples` drawn with `seed`, kept in file order."""
+    if num_samples is None or num_samples >= len(samples):
+        return list(samples)
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    chosen = np.random.default_rng(seed).choice(len(samples), size=num_samples, replace=False)
+    return [samples[i] for i in sorted(chosen)]
+
+
+def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
+            selector: DemoSelector, shots: int, *, zero_shot: str = "text", batch_size: int = 8,
+            loader: Optional[MediaLoader] = None, progress: bool = True, description: str = "",
+            generation: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """Prediction records of `samples` (this rank's shard: strided, gathered in index order on every rank)."""
+    loader = loader or MediaLoader(processor)
+    n = len(samples)
+    mine = distributed.shard(n)
+    if selector.method == "rices" and shots > 0:  # one similarity matmul for the whole shard
+        needs = [i for i in mine if samples[i].demo_ids is None]
+        rices = dict(zip(needs, selector.select_rices([samples[i] for i in needs], shots))) if needs else {}
+    else:
+        rices = {}
+    local: list[tuple[int, dict[str, Any]]] = []
+    bar = tqdm(total=len(mine), desc=description, disable=not progress or distributed.rank() != 0)
+    step = batch_size if task.kind == "generate" else 1  # ranking: one prompt (context) per `score` call
+    for start in range(0, len(mine), step):
+        indices = mine[start:start + step]
+        prompts, chosen = [], []
+        for i in indices:
+            demos, with_media = (rices[i], True) if i in rices else prompt_demos(selector, samples[i], i, shots,
+                                                                                  zero_shot)
+            prompts.append(build_prompt(task, samples[i], demos, with_media))
+            chosen.append([d.id for d in demos])
+        if task.kind == "generate":
+            records = generate_batch(model, processor, loader, task, prompts, **(generation or {}))
+        else:
+            records = [rank_one(model, processor, loader, task, samples[indices[0]], prompts[0], task.continuation_ids)]
+        for i, record, demo_ids in zip(indices, records, chosen):
+            local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
+        bar.update(len(indices))
+    bar.close()
+    return distributed.all_gather(local, n)
+
+
+def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Task], data_dir: str, *,
+             shots: Sequence[int] = (0, 4, 8, 32), trials: int = 3, demos: str = "random",
+             query_set: Optional[int] = 2048, num_samples: Optional[int] = None, batch_size: int = 8,
+             out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
+             answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
+             generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto") -> dict[str, Any]:
+    """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`.
+
+    shots: numbers of demos; trials: seeds `seed .. seed + trials - 1`; demos: "random" or "rices"; query_set: demo
+    candidates drawn per seed from the train split (None = all); num_samples: evaluated test samples (None = all);
+    batch_size: prompts per `generate` call; zero_shot: "text" (2 text-only demos) or "none"; template: overrides the
+    task's prompt template (answer_prefix: the text between query and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...).
+    Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
+    dict (the content of results.json) on every rank.
+    """
+    distributed.init_from_env()
+    if isinstance(task, str):
+        task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer)
+    elif template is not None or answer_prefix is not None:
+        raise ValueError("pass `template` / `answer_prefix` only with a task name (a Task instance has its own)")
+    shots = [int(k) for k in shots]
+    if any(k < 0 for k in shots) or not shots:
+        raise ValueError(f"shots must be non-negative numbers, got {shots}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    model.eval()
+    pool = task.load(data_dir, "train")
+    samples = select_samples(task.load(data_dir, "test"), num_samples, seed)
+    if not samples:
+        raise ValueError(f"{task.name}: the test split of {data_dir!r} is empty")
+    needs_pool = any(k > 0 for k in shots) or zero_shot == "text"
+    if needs_pool and not pool and any(s.demo_ids is None for s in samples):
+        raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")
+    loader = MediaLoader(processor)
+    features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    model_name = model_name or model.config.lm_name_or_path or "flamingo"
+    base = {"task": task.name, "model": model_name, "date": date, "num_samples": len(samples)}
+    runs, predictions = [], {}
+    for trial in range(trials):
+        trial_seed = seed + trial
+        selector = DemoSelector(pool, demos, query_set, trial_seed, features)
+        for k in shots:
+            records = predict(model, processor, task, samples, selector, k, zero_shot=zero_shot,
+                              batch_size=batch_size, loader=loader, progress=progress,
+                              description=f"{task.name} {k}-shot trial {trial}", generation=generation)
+            metrics = task.compute_metrics(samples, records) if distributed.rank() == 0 else None
+            metrics = distributed.broadcast(metrics)
+            extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}
+            runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics, **extra})
+            predictions[(k, trial)] = records
+    results = {
+        **base, "data": str(data_dir),
+        "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": query_set,
+                     "zero_shot": zero_shot, "template": task.template,
+                     "answer_prefix": task.answer_prefix, "batch_size": batch_size,
+                     "world_size": distributed.world_size(), "kind": task.kind,
+                     "generation": {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams,
+                                    **(generation or {})} if task.kind == "generate" else None},
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    if "tokenizer" in runs[0]:
+        results["tokenizer"] = runs[0]["tokenizer"]
+    if out_dir is not None and distributed.rank() == 0:
+        write_results(results, predictions, out_dir)
+    return results
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs -> one row per (shots, metric): mean, std (population) and the per-trial values."""
+    rows = []
+    for k in dict.fromkeys(r["shots"] for r in runs):
+        of_k = [r for r in runs if r["shots"] == k]
+        for metric in of_k[0]["metrics"]:
+            values = [r["metrics"][metric] for r in of_k]
+            real = [v for v in values if v is not None]
+            rows.append({"task": of_k[0]["task"], "model": of_k[0]["model"], "shots": k, "metric": metric,
+                         "mean": float(np.mean(real)) if real else None,
+                         "std": float(np.std(real)) if real else None,
+                         "values": values, "seeds": [r["seed"] for r in of_k],
+                         "num_samples": of_k[0]["num_samples"], "date": of_k[0]["date"]})
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """A table with a row per metric and a column per number of shots: mean ± std over trials."""
+    shots = list(dict.fromkeys(r["shots"] for r in results["summary"]))
+    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"]))
+    cell = {(r["metric"], r["shots"]): r for r in results["summary"]}
+    s = results["settings"]
+    lines = [f"# {results['task']} — {results['model']}", "",
+             f"{results['num_samples']} samples, {s['trials']} trial(s) (seeds {s['seed']}..{s['seed'] + s['trials'] - 1}), "
+             f"demos: {s['demos']}, zero-shot: {s['zero_shot']}, date: {results['date']}"
+             + (f", CIDEr tokenizer: {results['tokenizer']}" if "tokenizer" in results else ""), "",
+             "| metric | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+             "|---|" + "---|" * len(shots)]
+    for m in metrics:
+        row = []
+        for k in shots:
+            r = cell.get((m, k))
+            row.append("n/a" if r is None or r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """Each metric vs number of shots (mean with std error bars), one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        rows = [r for r in results["summary"] if r["metric"] == m and r["mean"] is not None]
+        ax.errorbar([r["shots"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+                    marker="o", capsize=3)
+        ax.set_xticks([r["shots"] for r in rows])
+        ax.set_xlabel("shots")
+        ax.set_ylabel(m)
+        ax.set_title(f"{results['task']}: {m}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
+                  out_dir: str) -> None:
+    out = Path(out_dir)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    (out / "results.md").write_text(markdown_table(results))
+    plot(results, os.path.join(out, "results.png"))
+    for (k, trial), records in predictions.items():
+        with open(out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl", "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,131 @@
+"""`Task`: one evaluation benchmark = how to read its splits, how to write a demo and a query, how to predict
+(generate free text, or rank candidate answers by log-likelihood), and its metric.
+
+Prompts follow Flamingo / OpenFlamingo: every task has one template with an `{answer}` field, e.g.
+`<image>Question:{question} Short answer:{answer}<|endofchunk|>`. A demo fills `{answer}` with `answer_prefix +
+answer` ("red"; classification's prefix is " ": "This is a cat."); a query is the template cut just before
+`{answer}` ("...Short answer:"), so the model continues it. Ranked tasks score each candidate as the continuation
+`answer_prefix + name + <rest of the template>` of the query (" cat.<|endofchunk|>"), tokenized on its own.
+Templates (and the prefix) can be overridden (`Task(template=..., answer_prefix=...)`) as long as they keep
+`{answer}` and the task's fields.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+
+
+@dataclass
+class Sample:
+    """One example of a split. `media` are absolute paths (images or videos), in prompt order."""
+
+    id: str
+    media: list[str]
+    fields: dict[str, Any]  # the template's fields other than {answer} (question, text, ...)
+    answer: str  # what a demo shows after the query (a human answer, a caption, a class name, "yes"/"no")
+    references: list[str] = field(default_factory=list)  # what a prediction is scored against
+    label: Any = None  # classification: the class name; hateful memes: 0/1
+    candidates: Optional[list[str]] = None  # ranked tasks: this sample's candidates (else the task's classes)
+    demo_ids: Optional[list[str]] = None  # episodes: the train-split ids of its demos, in prompt order
+
+
+class Task:
+    """Base class: subclasses set the class attributes and implement `load` and `compute_metrics`."""
+
+    name: str = ""
+    kind: str = "generate"  # "generate" (free text) or "rank" (log-likelihood of candidates)
+    template: str = ""
+    answer_prefix: str = ""  # put between the query and the answer: "Short answer:red" (OpenFlamingo's prompts)
+    metrics: tuple[str, ...] = ()
+    max_new_tokens: int = 5
+    num_beams: int = 1
+
+    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
+        self.template = template or type(self).template
+        self.answer_prefix = type(self).answer_prefix if answer_prefix is None else answer_prefix
+        names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        if names.count("answer") != 1:
+            raise ValueError(f"a {self.name} template needs exactly one {{answer}} field: {self.template!r}")
+        self.suffix = self.template[self.template.index("{answer}") + len("{answer}"):]
+        if "{" in self.suffix or "}" in self.suffix:
+            raise ValueError(f"nothing after {{answer}} may be a field: {self.template!r}")
+        if self.template.count(MEDIA_TOKEN) != 1:
+            raise ValueError(f"a template needs exactly one {MEDIA_TOKEN}: {self.template!r}")
+        self.classes: list[str] = []  # ranked tasks: the default candidates, set by `load`
+        self.continuation_ids: dict[str, list[int]] = {}  # ranked tasks: candidate -> token ids, tokenized once
+
+    # ------------------------------------------------------------------------------------------------ data
+    def load(self, data_dir: str, split: str) -> list[Sample]:
+        """The "train" (demo pool) or "test" (evaluated) split of `data_dir`."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def demo_prompt(self, sample: Sample, with_media: bool = True) -> str:
+        """A solved example: the template with every field filled. Without media: its `<image>` removed (the
+        zero-shot convention's text-only demos)."""
+        text = self.template.format(**sample.fields, answer=self.answer_prefix + sample.answer)
+        return text if with_media else text.replace(MEDIA_TOKEN, "")
+
+    def query_prompt(self, sample: Sample) -> str:
+        """The template up to `{answer}`: what the model continues."""
+        return self.template[: self.template.index("{answer}")].format(**sample.fields)
+
+    def continuation(self, candidate: str) -> str:
+        """Ranked tasks: the text scored after the query for one candidate answer."""
+        return self.answer_prefix + candidate + self.suffix
+
+    def candidates_for(self, sample: Sample) -> list[str]:
+        candidates = sample.candidates or self.classes
+        if not candidates:
+            raise ValueError(f"{self.name}: sample {sample.id!r} has no candidates and the task no class list")
+        return candidates
+
+    # ------------------------------------------------------------------------------------------- predictions
+    def postprocess(self, text: str) -> str:
+        """Generated text (special tokens removed) -> the prediction."""
+        return text.split("\n")[0].strip()
+
+    def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
+        """Ranked tasks: candidates' summed log-likelihoods -> a prediction record (top-5 names, best first)."""
+        order = sorted(range(len(candidates)), key=lambda i: -scores[i])
+        return {"prediction": candidates[order[0]], "top5": [candidates[i] for i in order[:5]]}
+
+    def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Aligned samples and prediction records -> {metric: value} (values in percent, as the papers report)."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------- file helpers
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing evaluation file {str(path)!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing evaluation file {str(path)!r}")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def media_path(data_dir: Path, relative: str) -> str:
+    path = data_dir / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"media file {str(path)!r} not found")
+    return str(path)
+
+
+def demo_ids_of(record: dict[str, Any]) -> Optional[list[str]]:
+    ids = record.get("demo_ids")
+    return None if ids is None else [str(i) for i in ids]
+
+
+__all__ = ["Sample", "Task", "END_OF_CHUNK_TOKEN", "MEDIA_TOKEN"]

@@ -1,0 +1,53 @@
+"""VQA (VQAv2 / OK-VQA / VizWiz / TextVQA layout): generate a short answer, score with the official VQA accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .task import Sample, Task, demo_ids_of, media_path, read_json
+from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
+
+
+def find_image(data_dir: Path, image_id: Any) -> str:
+    """`DIR/images/{image_id}.jpg|png`, or COCO's `*_{image_id:012d}.jpg`."""
+    images = data_dir / "images"
+    for ext in (".jpg", ".png", ".jpeg"):
+        if (images / f"{image_id}{ext}").is_file():
+            return str(images / f"{image_id}{ext}")
+    if str(image_id).isdigit():
+        found = sorted(images.glob(f"*_{int(image_id):012d}.jpg"))
+        if found:
+            return str(found[0])
+    raise FileNotFoundError(f"no image for image_id {image_id!r} under {str(images)!r}")
+
+
+class VQATask(Task):
+    name = "vqa"
+    template = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+    metrics = ("vqa_accuracy",)
+    max_new_tokens = 5
+    num_beams = 3  # OpenFlamingo's VQA setting
+
+    def load(self, data_dir: str, split: str) -> list[Sample]:
+        root = Path(data_dir)
+        questions = read_json(root / f"{split}_questions.json")["questions"]
+        annotations = {a["question_id"]: a for a in read_json(root / f"{split}_annotations.json")["annotations"]}
+        samples = []
+        for q in questions:
+            ann = annotations.get(q["question_id"])
+            if ann is None:
+                raise ValueError(f"{split}: question {q['question_id']} has no annotation")
+            answers = [a["answer"] for a in ann.get("answers", [])]
+            answer = ann.get("multiple_choice_answer") or (answers[0] if answers else "")
+            image = media_path(root, q["image"]) if q.get("image") else find_image(root, q["image_id"])
+            samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},
+                                  answer=answer, references=answers or [answer], demo_ids=demo_ids_of(q)))
+        return samples
+
+    def postprocess(self, text: str) -> str:
+        return postprocess_vqa_generation(text)
+
+    def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        scores = [vqa_accuracy(p["prediction"], s.references) for s, p in zip(samples, predictions)]
+        return {"vqa_accuracy": 100.0 * sum(scores) / max(len(scores), 1)}

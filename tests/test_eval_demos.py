@@ -1,0 +1,228 @@
+"""Demo selection and prediction internals: RICES nearest neighbours (most similar last) on fixture features and on
+the model's own pooled vision features; random demos reproducible per (seed, sample); rank classification = argmax
+of plain-forward log-probs; distributed sharding + gathering (simulated, and two real gloo ranks == one process)."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from flamingo import from_backbones, load_pretrained
+from flamingo.eval import distributed, evaluate
+from flamingo.eval.classification import ClassificationTask
+from flamingo.eval.demos import DemoSelector, prompt_demos
+from flamingo.eval.predict import MediaLoader, build_prompt, rank_one
+from flamingo.eval.rices import FeatureCache, nearest, pooled_features
+from flamingo.eval.task import Sample
+from flamingo.eval.vqa import VQATask
+from flamingo.generation import continuation_logprobs_reference
+from flamingo.model.backbones import vision_features
+from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
+    set_gates(model, 0.5)
+    return model.eval(), processor
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_nearest_most_similar_last():
+    pool = _unit(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0], [0.9, 0.3]]))
+    query = _unit(torch.tensor([[1.0, 0.1], [0.0, 1.0]]))
+    # query 0: cos with pool = [.995, .0995, .778, -.995, .995*.949+.0995*.316=~.976] -> order 0, 4, 2
+    assert nearest(query, pool, 3)[0].tolist() == [2, 4, 0]
+    # query 1: [0, 1, .707, 0, .316] -> order 1, 2, 4
+    assert nearest(query, pool, 3)[1].tolist() == [4, 2, 1]
+    brute = (query @ pool.T).argsort(dim=-1, descending=True)[:, :2].flip(-1)
+    assert torch.equal(nearest(query, pool, 2), brute)
+    assert nearest(query, pool, 0).shape == (2, 0)
+    with pytest.raises(ValueError):
+        nearest(query, pool, 6)
+
+
+def _samples(n, prefix="t", media=None):
+    return [Sample(id=f"{prefix}{i}", media=[media[i] if media else f"{prefix}{i}.png"], fields={"question": "q"},
+                   answer="a") for i in range(n)]
+
+
+class PresetFeatures(FeatureCache):
+    """Features looked up from a table by medium path (fixture features, no model)."""
+
+    def __init__(self, table):
+        self.table, self.features = table, {}
+
+    def get(self, ids, first_media):
+        return torch.stack([self.table[m] for m in first_media])
+
+
+def test_rices_selector_returns_true_neighbours():
+    torch.manual_seed(0)
+    pool = _samples(20, "p")
+    query = _samples(3, "q")
+    table = {s.media[0]: _unit(torch.randn(8)) for s in pool + query}
+    selector = DemoSelector(pool, "rices", query_set_size=None, features=PresetFeatures(table))
+    pool_feats = torch.stack([table[s.media[0]] for s in pool])
+    for i, s in enumerate(query):
+        sims = pool_feats @ table[s.media[0]]
+        expected = [pool[j].id for j in sims.argsort(descending=True)[:4].tolist()][::-1]  # most similar last
+        assert [d.id for d in selector.select(s, i, 4)] == expected
+    # a query set restricts the candidates: demos only from it
+    small = DemoSelector(pool, "rices", query_set_size=5, seed=1, features=PresetFeatures(table))
+    allowed = {s.id for s in small.query_set}
+    assert len(allowed) == 5 and all(d.id in allowed for d in small.select(query[0], 0, 3))
+
+
+def test_pooled_features_are_the_models_mean_pooled_patch_features(model_and_processor):
+    model, processor = model_and_processor
+    media = [processor.preprocess_media(random_image(i)) for i in range(3)]
+    media.append(processor.preprocess_media([random_image(7), random_image(8)]))  # a 2-frame video
+    got = pooled_features(model, media, batch_size=2)
+    with torch.no_grad():
+        feats = [vision_features(model.vision, m, model.config.vision_feature_layer,
+                                 model.config.drop_cls_token).mean(dim=(0, 1)) for m in media]
+    assert torch.allclose(got, _unit(torch.stack(feats)), atol=1e-5)
+
+
+def test_random_demos_reproducible_and_seeded():
+    pool, query = _samples(30, "p"), _samples(4, "q")
+    a = DemoSelector(pool, "random", query_set_size=10, seed=0)
+    b = DemoSelector(pool, "random", query_set_size=10, seed=0)
+    c = DemoSelector(pool, "random", query_set_size=10, seed=1)
+    assert [s.id for s in a.query_set] == [s.id for s in b.query_set] != [s.id for s in c.query_set]
+    picks = [[d.id for d in a.select(s, i, 4)] for i, s in enumerate(query)]
+    assert picks == [[d.id for d in b.select(s, i, 4)] for i, s in enumerate(query)]
+    assert all(len(set(p)) == 4 and set(p) <= {s.id for s in a.query_set} for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # different samples, different demos
+    demos, with_media = prompt_demos(a, query[0], 0, 0, "text")
+    assert len(demos) == 2 and not with_media
+    assert prompt_demos(a, query[0], 0, 0, "none") == ([], True)
+
+
+def test_episode_demo_ids():
+    pool = _samples(6, "p")
+    sample = Sample(id="q", media=["q.png"], fields={"question": "q"}, answer="a", demo_ids=["p4", "p1", "p3"])
+    selector = DemoSelector(pool, "random", query_set_size=2, seed=0)
+    assert [d.id for d in selector.select(sample, 0, 2)] == ["p4", "p1"]
+    with pytest.raises(ValueError):
+        selector.select(sample, 0, 4)
+    sample.demo_ids = ["p4", "nope"]
+    with pytest.raises(ValueError, match="not in the train split"):
+        selector.select(sample, 0, 2)
+
+
+def test_prompt_assembly():
+    task = ClassificationTask()
+    demo = Sample(id="d", media=["d.png"], fields={}, answer="cat")
+    query = Sample(id="q", media=["q.png"], fields={}, answer="dog")
+    assert build_prompt(task, query, [demo]) == ("<image>This is a cat.<|endofchunk|><image>This is a",
+                                                 ["d.png", "q.png"])
+    assert build_prompt(task, query, [demo], with_media=False) == ("This is a cat.<|endofchunk|><image>This is a",
+                                                                   ["q.png"])
+    assert task.continuation("red bird") == " red bird.<|endofchunk|>"
+    vqa = VQATask()
+    sample = Sample(id="v", media=["v.png"], fields={"question": "What {colour}?"}, answer="red")
+    assert vqa.demo_prompt(sample) == "<image>Question:What {colour}? Short answer:red<|endofchunk|>"
+    assert vqa.query_prompt(sample) == "<image>Question:What {colour}? Short answer:"
+    custom = ClassificationTask(template="<image>Output:{answer}<|endofchunk|>", answer_prefix="")
+    assert custom.continuation("cat") == "cat<|endofchunk|>" and custom.demo_prompt(demo) == \
+        "<image>Output:cat<|endofchunk|>"
+    with pytest.raises(ValueError, match="answer"):
+        VQATask(template="<image>Question:{question}{answer}{answer}")
+    with pytest.raises(ValueError, match="image"):
+        VQATask(template="Question:{question} Short answer:{answer}")
+
+
+def test_rank_classification_is_argmax_of_forward_logprobs(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    task = ClassificationTask()
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        random_image(i).save(paths[-1])
+    demo = Sample(id="d", media=[paths[0]], fields={}, answer="red bird")
+    task.classes = ["cat", "dog", "red bird", "blue fish", "yes", "no", "two cats"]
+    for sample in (Sample(id="q", media=[paths[1]], fields={}, answer="dog"),
+                   Sample(id="r", media=[paths[2]], fields={}, answer="dog", candidates=["no", "cat", "two cats"])):
+        prompt = build_prompt(task, sample, [demo])
+        record = rank_one(model, processor, MediaLoader(processor), task, sample, prompt, {})
+        ids, media = processor.encode_prompt(*prompt)
+        batch = processor.batch_media([media])
+        reference = {}
+        for name in task.candidates_for(sample):
+            cont = processor.tokenizer(task.continuation(name), add_special_tokens=False)["input_ids"]
+            reference[name] = continuation_logprobs_reference(model, torch.tensor([ids]), cont, images=batch["images"],
+                                                              num_media=batch["num_media"],
+                                                              num_frames=batch["num_frames"])
+        ranked = sorted(reference, key=lambda n: -reference[n])
+        assert record["prediction"] == ranked[0]
+        assert record["top5"] == ranked[:5]
+
+
+def test_shard_and_gather_simulated():
+    n, world = 7, 3
+    shards = [distributed.shard(n, r, world) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n)) and [len(s) for s in shards] == [3, 2, 2]
+    parts = [[(i, f"p{i}") for i in s] for s in shards]
+    assert distributed.gather_by_index(parts, n) == [f"p{i}" for i in range(n)]
+    with pytest.raises(RuntimeError, match="twice"):
+        distributed.gather_by_index(parts + [[(0, "again")]], n)
+    with pytest.raises(RuntimeError, match="missing"):
+        distributed.gather_by_index(parts[:2], n)
+
+
+def _rank_worker(rank, world, port, model_dir, data_dir, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model, processor = load_pretrained(model_dir)
+    try:
+        results = evaluate(model, processor, "vqa", data_dir, shots=[0, 2], trials=1, batch_size=2, progress=False,
+                           out_dir=out_dir, generation={"max_new_tokens": 3, "num_beams": 1})
+        os.makedirs(out_dir, exist_ok=True)  # only rank 0 writes the results
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results["runs"], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
+    from test_eval_tasks import make_vqa  # the fixture dataset (5 test questions -> shards of 3 and 2)
+
+    model, processor = model_and_processor
+    model_dir, data = str(tmp_path / "model"), make_vqa(tmp_path / "data")
+    model.save_pretrained(model_dir, processor=processor)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imported modules (spawn would re-import torch + transformers twice)
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, port, model_dir, str(data), str(tmp_path / "dist")),
+                                          nprocs=2, start_method="fork")
+    single = load_pretrained(model_dir)
+    evaluate(*single, "vqa", str(data), shots=[0, 2], trials=1, batch_size=2, progress=False,
+             out_dir=str(tmp_path / "one"), generation={"max_new_tokens": 3, "num_beams": 1})
+    for name in ("vqa_0shot_trial0.jsonl", "vqa_2shot_trial0.jsonl"):
+        dist_lines = (tmp_path / "dist" / "predictions" / name).read_text().splitlines()
+        one_lines = (tmp_path / "one" / "predictions" / name).read_text().splitlines()
+        assert len(dist_lines) == 5 and dist_lines == one_lines  # every sample once, same predictions
+    runs0 = json.loads((tmp_path / "dist" / "rank0.json").read_text())
+    runs1 = json.loads((tmp_path / "dist" / "rank1.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
+    assert [r["metrics"] for r in runs0] == [r["metrics"] for r in runs1] == [r["metrics"] for r in one]

@@ -1,0 +1,113 @@
+"""Evaluation metrics on hand-computed cases: official VQA accuracy, CIDEr = pycocoevalcap's, ROC-AUC, top-k."""
+
+import pytest
+
+from flamingo.eval.cider import cider, java_available, python_tokenize, tokenize
+from flamingo.eval.classification import topk_accuracy
+from flamingo.eval.hateful_memes import roc_auc
+from flamingo.eval.vqa_metric import normalize_answer, postprocess_vqa_generation, vqa_accuracy
+
+
+@pytest.mark.parametrize("raw, normal", [
+    ("Two", "2"), ("the dog.", "dog"), ("dont", "don't"), ("A Cat", "cat"), ("yes!", "yes"), ("ten", "10"),
+    ("black/white", "black white"), ("1,000", "1000"), ("3.5", "3.5"), ("  Red  ", "red"), ("isnt it", "isn't it"),
+])
+def test_vqa_normalisation(raw, normal):
+    assert normalize_answer(raw) == normal
+
+
+def test_vqa_accuracy_leave_one_out():
+    others = ["x"] * 10
+    # m humans of 10 gave the answer: each leave-one-out subset of 9 scores min(matches/3, 1).
+    # m=1: 9 subsets keep it (1/3), 1 drops it (0) -> 9 * (1/3) / 10 = 0.3
+    assert vqa_accuracy("cat", ["cat"] + others[:9]) == pytest.approx(0.3)
+    # m=2: 8 subsets with 2 (2/3), 2 with 1 (1/3) -> (16/3 + 2/3) / 10 = 0.6
+    assert vqa_accuracy("cat", ["cat"] * 2 + others[:8]) == pytest.approx(0.6)
+    # m=3: 7 subsets with 3 (1), 3 with 2 (2/3) -> (7 + 2) / 10 = 0.9
+    assert vqa_accuracy("cat", ["cat"] * 3 + others[:7]) == pytest.approx(0.9)
+    assert vqa_accuracy("cat", ["cat"] * 4 + others[:6]) == pytest.approx(1.0)  # >= 4: every subset has 3
+    assert vqa_accuracy("dog", ["cat"] * 10) == 0.0
+    # normalisation on both sides: "Two" vs three humans writing "2" (one "two", two "2") -> 0.9
+    assert vqa_accuracy("Two", ["2", "two", "2"] + others[:7]) == pytest.approx(0.9)
+    assert vqa_accuracy("the dog.", ["dog"] * 10) == 1.0
+    with pytest.raises(ValueError):
+        vqa_accuracy("a", [])
+
+
+def test_vqa_postprocess():
+    assert postprocess_vqa_generation(" Red\nQuestion: what") == "red"
+    assert postprocess_vqa_generation("yes Question: is it") == "yes"
+    assert postprocess_vqa_generation("Two dogs Short answer:") == "two dogs"
+
+
+CAPTIONS = {
+    "a": ["A dog runs on the grass.", "a brown dog running in a field", "The dog's ball is red!"],
+    "b": ["Two cats don't sleep on a black-and-white sofa.", "cats on a couch", "two cats (maybe three) on a sofa"],
+    "c": ["A man riding a wave on top of a surfboard.", "a surfer rides a big wave", "man surfing"],
+}
+PREDICTIONS = {"a": "a dog running on grass", "b": "two cats on a sofa.", "c": "A man surfing a wave"}
+
+
+def test_cider_equals_pycocoevalcap_python_tokenizer():
+    from pycocoevalcap.cider.cider import Cider
+
+    score, used = cider(PREDICTIONS, CAPTIONS, tokenizer="python")
+    assert used == "python"
+    gts = {k: [python_tokenize(c) for c in v] for k, v in CAPTIONS.items()}
+    res = {k: [python_tokenize(PREDICTIONS[k])] for k in CAPTIONS}
+    expected, _ = Cider().compute_score(gts, res)
+    assert score == pytest.approx(expected)
+    assert score > 0
+
+
+@pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs java")
+def test_cider_equals_pycocoevalcap_ptb_and_python_tokens_match_ptb():
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    score, used = cider(PREDICTIONS, CAPTIONS, tokenizer="ptb")
+    assert used == "ptb"
+    # pycocoevalcap's own pipeline (what OpenFlamingo's coco_metric does): one PTB call per side.
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in CAPTIONS.items()})
+    res = tok.tokenize({k: [{"caption": PREDICTIONS[k]}] for k in CAPTIONS})
+    expected, _ = Cider().compute_score(gts, res)
+    assert score == pytest.approx(expected)
+    # The Python fallback tokenizes these captions exactly as PTB does, so CIDEr agrees too.
+    assert {k: [python_tokenize(c) for c in v] for k, v in CAPTIONS.items()} == gts
+    assert cider(PREDICTIONS, CAPTIONS, tokenizer="python")[0] == pytest.approx(score)
+
+
+def test_python_tokenize_rules():
+    assert python_tokenize("The dog's ball, red.") == "the dog 's ball red"
+    assert python_tokenize("Cats don't sleep!") == "cats do n't sleep"
+    assert python_tokenize("a black-and-white photo of 1,000 (or 3.5) birds") == \
+        "a black-and-white photo of 1,000 -lrb- or 3.5 -rrb- birds"
+    assert tokenize({"x": ["A B"]}, "python") == ({"x": ["a b"]}, "python")
+    with pytest.raises(ValueError):
+        tokenize({"x": ["a"]}, "nltk")
+
+
+def test_cider_input_checks():
+    with pytest.raises(ValueError):
+        cider({"a": "x"}, {"b": ["x"]}, tokenizer="python")
+    with pytest.raises(ValueError):
+        cider({"a": "x"}, {"a": []}, tokenizer="python")
+
+
+def test_roc_auc():
+    # 3 positives, 2 negatives: pairs (pos, neg) ranked right: (0.9>0.1, 0.9>0.6, 0.4>0.1, 0.4<0.6, 0.8>0.1,
+    # 0.8>0.6) -> 5 of 6.
+    assert roc_auc([1, 0, 1, 0, 1], [0.9, 0.1, 0.4, 0.6, 0.8]) == pytest.approx(5 / 6)
+    assert roc_auc([1, 0], [0.2, 0.7]) == 0.0
+    assert roc_auc([1, 1], [0.2, 0.7]) is None  # undefined with one class
+
+
+def test_topk_accuracy():
+    labels = ["cat", "dog", "bird"]
+    ranked = [["cat", "dog"], ["cat", "bird", "x", "y", "z", "dog"], ["a", "b", "c", "d", "bird"]]
+    assert topk_accuracy(labels, ranked, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(labels, ranked, 5) == pytest.approx(2 / 3)  # dog is 6th
+    assert topk_accuracy(labels, ranked, 6) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        topk_accuracy(labels, ranked[:2], 1)

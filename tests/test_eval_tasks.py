@@ -1,0 +1,236 @@
+"""End to end: every task on a tiny fixture dataset with a tiny saved model -> results.json, results.md, the PNG;
+episodes pick exactly their demo_ids; the `flamingo eval` subcommand; two ranks == one process."""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flamingo import from_backbones, load_pretrained
+from flamingo.eval import evaluate
+from flamingo.eval.cli import add_eval_subcommand
+from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+FAST = dict(shots=[0, 2], trials=2, batch_size=2, progress=False, cider_tokenizer="python",
+            generation={"max_new_tokens": 3, "num_beams": 2})
+
+
+# ---------------------------------------------------------------------------------------------- fixture datasets
+def _image(root: Path, name: str, seed: int) -> str:
+    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
+    random_image(seed).save(root / name)
+    return name
+
+
+def _video(root: Path, name: str, seed: int, frames: int = 2) -> str:
+    import av
+
+    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with av.open(str(root / name), "w") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return name
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+WORDS = ["red", "blue", "two", "yes", "no", "cat"]
+
+
+def make_vqa(root: Path, episodes: bool = False) -> Path:
+    for split, ids in (("train", range(0, 5)), ("test", range(100, 105))):
+        questions, annotations = [], []
+        for i in ids:
+            q = {"question_id": i, "image_id": i, "question": f"what is {i}?"}
+            if i % 2 == 0:
+                q["image"] = _image(root, f"images/q{i}.png", i)
+            else:
+                _image(root, f"images/{i}.png", i)  # found by image_id
+            if episodes and split == "test":
+                q["demo_ids"] = [(i + 3) % 5, (i + 1) % 5, i % 5]
+            questions.append(q)
+            answers = [WORDS[(i + j) % len(WORDS)] for j in range(10)]
+            annotations.append({"question_id": i, "image_id": i, "answers": [{"answer": a} for a in answers],
+                                "multiple_choice_answer": answers[0]})
+        _write(root / f"{split}_questions.json", {"questions": questions})
+        _write(root / f"{split}_annotations.json", {"annotations": annotations})
+    return root
+
+
+def make_captioning(root: Path) -> Path:
+    images = []
+    for i, split in enumerate(["train", "restval", "train", "val", "test", "test", "test"]):
+        images.append({"filepath": "images", "filename": _image(root, f"images/c{i}.png", i).split("/")[1],
+                       "split": split, "cocoid": i,
+                       "sentences": [{"raw": f"a {WORDS[i % 6]} square."}, {"raw": f"the {WORDS[(i + 1) % 6]} cat"}]})
+    _write(root / "captions.json", {"images": images})
+    return root
+
+
+def make_classification(root: Path) -> Path:
+    classes = ["cat", "dog", "red bird", "blue fish"]
+    _write(root / "classes.json", classes)
+    for split, ids in (("train", range(5)), ("test", range(10, 13))):
+        rows = [{"id": f"s{i}", "image": _image(root, f"images/{i}.png", i), "label": classes[i % 4]} for i in ids]
+        if split == "test":
+            rows[0]["candidates"] = ["dog", "cat"]
+        _jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def make_hateful_memes(root: Path) -> Path:
+    for split, ids in (("train", range(4)), ("dev_seen", range(10, 14))):
+        _jsonl(root / f"{split}.jsonl", [{"id": i, "img": _image(root, f"img/{i}.png", i), "label": i % 2,
+                                          "text": f"some {{text}} {i}"} for i in ids])
+    return root
+
+
+def make_videoqa(root: Path) -> Path:
+    for split, ids in (("train", range(3)), ("test", range(10, 12))):
+        rows = []
+        for i in ids:
+            rec = {"id": i, "question": "what moves?", "answer": WORDS[i % 6]}
+            if i % 2:
+                rec["video"] = _video(root, f"videos/v{i}.mp4", i)
+            else:
+                _video(root, f"videos/{i}.mp4", i)
+                rec["video_id"] = i
+            rows.append(rec)
+        _write(root / f"{split}_qa.json", rows)
+    return root
+
+
+def make_video_captioning(root: Path) -> Path:
+    for split, ids in (("train", range(3)), ("test", range(10, 12))):
+        _write(root / f"{split}.json", [{"id": i, "video": _video(root, f"videos/{i}.mp4", i),
+                                         "captions": [f"a {WORDS[i % 6]} thing moves", "something moves"]}
+                                        for i in ids])
+    return root
+
+
+MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classification": make_classification,
+          "hateful_memes": make_hateful_memes, "videoqa": make_videoqa, "video_captioning": make_video_captioning}
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hidden-32 models gain nothing from intra-op threads, and lose a lot to them on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
+    set_gates(model, 0.5)
+    directory = tmp_path_factory.mktemp("model")
+    model.save_pretrained(str(directory), processor=processor)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(saved_model):
+    return load_pretrained(saved_model)
+
+
+# --------------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("task", list(MAKERS))
+def test_end_to_end(task, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = MAKERS[task](tmp_path / "data")
+    out = tmp_path / "out"
+    results = evaluate(model, processor, task, str(data), out_dir=str(out), model_name="tiny", seed=3, **FAST)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert (out / "results.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| 0-shot | 2-shot |" in table
+    n_test = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
+              "video_captioning": 2}[task]
+    assert len(results["runs"]) == 4 and results["num_samples"] == n_test
+    for run in results["runs"]:
+        assert {"task", "model", "date", "num_samples", "shots", "trial", "seed", "metrics"} <= set(run)
+        assert run["task"] == task and run["model"] == "tiny" and run["seed"] == 3 + run["trial"]
+        for value in run["metrics"].values():
+            assert value is None or 0.0 <= value <= 1000.0
+    for row in results["summary"]:
+        assert row["metric"] in table and len(row["values"]) == 2
+    if task in ("captioning", "video_captioning"):
+        assert results["tokenizer"] == "python"
+    # every evaluated sample once, with the right number of demos (0-shot: 2 text-only demos)
+    records = [json.loads(line) for line in (out / "predictions" / f"{task}_2shot_trial1.jsonl").open()]
+    assert len(records) == n_test and len({r["id"] for r in records}) == n_test
+    assert all(len(r["demo_ids"]) == 2 for r in records)
+
+
+def test_episodes_use_exactly_their_demo_ids(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data", episodes=True)
+    evaluate(model, processor, "vqa", str(data), shots=[1, 3], trials=1, batch_size=3, progress=False,
+             out_dir=str(tmp_path / "out"), generation={"max_new_tokens": 2, "num_beams": 1})
+    test = json.loads((data / "test_questions.json").read_text())["questions"]
+    listed = {str(q["question_id"]): [str(i) for i in q["demo_ids"]] for q in test}
+    for k in (1, 3):
+        for line in (tmp_path / "out" / "predictions" / f"vqa_{k}shot_trial0.jsonl").open():
+            record = json.loads(line)
+            assert record["demo_ids"] == listed[record["id"]][:k]
+
+
+def test_batched_generation_equals_one_by_one(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    common = dict(shots=[2], trials=1, progress=False, generation={"max_new_tokens": 4, "num_beams": 1})
+    evaluate(model, processor, "vqa", str(data), batch_size=4, out_dir=str(tmp_path / "a"), **common)
+    evaluate(model, processor, "vqa", str(data), batch_size=1, out_dir=str(tmp_path / "b"), **common)
+    read = lambda d: (tmp_path / d / "predictions" / "vqa_2shot_trial0.jsonl").read_text()  # noqa: E731
+    assert read("a") == read("b")
+
+
+def test_cli_eval(saved_model, tmp_path, capsys):
+    data = make_classification(tmp_path / "data")
+    parser = argparse.ArgumentParser()
+    add_eval_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--model", saved_model, "--task", "classification", "--data", str(data),
+                              "--shots", "0", "1", "--trials", "1", "--demos", "rices", "--query-set", "all",
+                              "--out", str(tmp_path / "out"), "--no-progress"])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["demos"] == "rices" and results["settings"]["query_set"] is None
+    assert results["model"] == saved_model
+    assert '"summary"' in capsys.readouterr().out
+
+
+def test_bad_inputs(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(model, processor, "nope", str(data))
+    with pytest.raises(ValueError, match="shots"):
+        evaluate(model, processor, "vqa", str(data), shots=[6], trials=1, progress=False)
+    with pytest.raises(FileNotFoundError):
+        evaluate(model, processor, "captioning", str(data), shots=[0], trials=1, progress=False)
+    with pytest.raises(ValueError, match="answer"):
+        evaluate(model, processor, "vqa", str(data), template="<image>Q:{question}", progress=False)

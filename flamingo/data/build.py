@@ -1,0 +1,199 @@
+"""`build_sources`: one resumable `DatasetSource` (the trainer's `BatchSource`) per configured dataset.
+
+A source runs `S = max(1, num_workers)` streams per rank (in-process for num_workers=0, one per DataLoader worker
+otherwise) and emits their batches in a fixed round-robin order (stream 0, 1, ..., S-1, 0, ...; exhausted streams
+drop out). Whatever order the DataLoader delivers in, the main process re-orders to that canonical one, so the
+sequence of batches is a pure function of (files, seed, epoch, rank, world_size, num_workers).
+
+State (`state_dict()`): the epoch, the round-robin turn, and per stream the raw records consumed (`pos`), batches and
+samples emitted, whether it is exhausted, and its skip counts. `iter(source)` always continues from the current
+state: after `load_state_dict` it yields exactly the batches that would have come next; when the epoch ends it raises
+StopIteration once and the next `iter()` starts the following epoch (reshuffled by its epoch number).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections import deque
+from typing import Any, Iterator, Optional, Sequence
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..processing import FlamingoProcessor
+from .errors import merge_counts
+from .spec import DatasetSpec
+from .streaming import StreamItem, iterate_stream
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Streams(IterableDataset):
+    """Runs in each DataLoader worker: worker w is local stream w."""
+
+    def __init__(self, source: "DatasetSource", epoch: int, starts: list[dict[str, Any]]) -> None:
+        self.source, self.epoch, self.starts = source, epoch, starts
+
+    def __iter__(self) -> Iterator[StreamItem]:
+        info = get_worker_info()
+        s = info.id if info is not None else 0
+        if self.starts[s]["done"]:
+            return iter(())
+        return self.source._stream(s, self.epoch, self.starts[s])
+
+
+class DatasetSource:
+    """Collated batches of one dataset for one rank, with exact resume. See the module docstring."""
+
+    def __init__(self, spec: DatasetSpec, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, prefetch_factor: int = 2) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.spec = spec
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = num_workers
+        self.num_streams = max(1, num_workers)
+        self.prefetch_factor = prefetch_factor
+        self.epoch = 0
+        self.skipped_past: dict[str, int] = {}  # skips of finished epochs
+        self._generation = 0  # bumped by every iter() / load_state_dict: older iterators stop
+        self._new_epoch()
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _new_epoch(self) -> None:
+        self.turn = 0
+        self.streams = [{"pos": 0, "batches": 0, "samples": 0, "done": False, "skipped": {}}
+                        for _ in range(self.num_streams)]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far (all epochs, all of this rank's workers), by reason."""
+        return merge_counts([self.skipped_past, *(s["skipped"] for s in self.streams)])
+
+    @property
+    def batches_this_epoch(self) -> int:
+        return sum(s["batches"] for s in self.streams)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "turn": self.turn,
+                "streams": copy.deepcopy(self.streams), "skipped_past": dict(self.skipped_past),
+                "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "num_streams": self.num_streams}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generation += 1
+        self.epoch = int(state["epoch"])
+        self.skipped_past = dict(state.get("skipped_past", {}))
+        same = (state.get("num_streams") == self.num_streams and state.get("world_size") == self.world_size
+                and state.get("seed") == self.seed)
+        if same:
+            self.turn = int(state["turn"])
+            self.streams = copy.deepcopy(state["streams"])
+            return
+        warnings.warn(f"dataset {self.name!r}: the saved data position was made with world_size="
+                      f"{state.get('world_size')}, streams={state.get('num_streams')}, seed={state.get('seed')}; "
+                      f"now {self.world_size}, {self.num_streams}, {self.seed}: restarting epoch {self.epoch} from its "
+                      "beginning (not an exact resume)", stacklevel=2)
+        self._new_epoch()
+
+    # ------------------------------------------------------------------------------------------------ iteration
+    def _stream(self, s: int, epoch: int, start: dict[str, Any]) -> Iterator[StreamItem]:
+        g = self.rank * self.num_streams + s
+        return iterate_stream(self.spec, epoch=epoch, seed=self.seed, stream=g, local_stream=s,
+                              num_streams=self.world_size * self.num_streams, start=start["pos"],
+                              samples=start["samples"], skipped=start["skipped"])
+
+    def _items(self, epoch: int) -> Iterator[StreamItem]:
+        starts = copy.deepcopy(self.streams)
+        if self.num_workers == 0:
+            return self._stream(0, epoch, starts[0]) if not starts[0]["done"] else iter(())
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize; avoid the HF warning
+        loader = DataLoader(_Streams(self, epoch, starts), batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_identity, prefetch_factor=self.prefetch_factor)
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._generation += 1
+        return self._iterate(self._generation)
+
+    def _advance_turn(self) -> None:
+        for k in range(1, self.num_streams + 1):
+            s = (self.turn + k) % self.num_streams
+            if not self.streams[s]["done"]:
+                self.turn = s
+                return
+
+    def _iterate(self, generation: int) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        items = self._items(epoch)
+        pending: dict[int, deque[StreamItem]] = {s: deque() for s in range(self.num_streams)}
+        while not all(s["done"] for s in self.streams):
+            s = self.turn
+            if self.streams[s]["done"]:
+                self._advance_turn()
+                continue
+            while not pending[s]:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    raise RuntimeError(f"dataset {self.name!r}: stream {s} ended without its end marker") from None
+                pending[item.stream].append(item)
+            item = pending[s].popleft()
+            state = self.streams[s]
+            state.update(pos=item.pos, samples=item.samples, skipped=item.skipped)
+            if item.batch is None:
+                state["done"] = True
+                self._advance_turn()
+                continue
+            state["batches"] += 1
+            self._advance_turn()
+            yield item.batch
+            if generation != self._generation:  # a newer iter() or load_state_dict took over
+                return
+        self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: int) -> None:
+        batches = self.batches_this_epoch
+        skipped = merge_counts(s["skipped"] for s in self.streams)
+        if skipped:
+            message = (f"dataset {self.name!r} (rank {self.rank}) epoch {epoch}: skipped {sum(skipped.values())} "
+                       f"bad sample(s) {skipped}; kept {sum(s['samples'] for s in self.streams)}")
+            log.warning(message)
+            warnings.warn(message, stacklevel=3)
+        if batches == 0:
+            raise ValueError(f"dataset {self.name!r} gave no batch of {self.spec.batch_size} in epoch {epoch} on "
+                             f"rank {self.rank} of {self.world_size} with {self.num_streams} stream(s) (files: "
+                             f"{self.spec.files[:3]}{'...' if len(self.spec.files) > 3 else ''}; skipped: "
+                             f"{skipped}): too few good samples for the batch size and the number of ranks x workers")
+        self.skipped_past = merge_counts([self.skipped_past, skipped])
+        self.epoch = epoch + 1
+        self._new_epoch()
+
+
+def build_source(section: Any, processor: Optional[FlamingoProcessor], *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0) -> DatasetSource:
+    """One `DatasetSection` (name, kind, path, batch_size, options) -> its `DatasetSource`."""
+    spec = DatasetSpec.create(section.name, section.kind, section.path, section.batch_size, section.options,
+                              processor)
+    return DatasetSource(spec, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers)
+
+
+def build_sources(datasets: Sequence[Any], processor: FlamingoProcessor, *, rank: int = 0, world_size: int = 1,
+                  seed: int = 0, num_workers: int = 0) -> dict[str, DatasetSource]:
+    """The trainer's entry point: {dataset name: source}. Sources of different datasets get different seeds."""
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset names must be unique, got {names}")
+    return {d.name: build_source(d, processor, rank=rank, world_size=world_size, seed=seed + 1000 * i,
+                                 num_workers=num_workers) for i, d in enumerate(datasets)}

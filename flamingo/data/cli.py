@@ -1,0 +1,86 @@
+"""`flamingo data inspect` and `flamingo data pack` (added to the main CLI by `add_data_subcommands`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional
+
+from ..processing import FlamingoProcessor
+from .spec import KINDS
+
+
+def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--option {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def load_tokenizing_processor(directory: str) -> FlamingoProcessor:
+    """A saved processor / Flamingo model directory, or any HF tokenizer directory (Flamingo tokens added)."""
+    from ..processing import PROCESSOR_CONFIG_NAME, add_flamingo_tokens
+
+    if os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):
+        return FlamingoProcessor.from_pretrained(directory)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    add_flamingo_tokens(tokenizer)
+    return FlamingoProcessor(tokenizer, image_processor=None)  # inspect only tokenizes
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_dataset, write_report
+
+    processor = load_tokenizing_processor(args.tokenizer_from) if args.tokenizer_from else None
+    report = inspect_dataset(args.path, args.kind, processor, options=_parse_options(args.option), limit=args.limit,
+                             show=args.show)
+    print(report.table())
+    if args.out:
+        written = write_report(report, args.out)
+        print(f"wrote {written['summary']} and {written['contact_sheet']}")
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack
+
+    result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
+                  shard_size=args.shard_size)
+    print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}")
+    print(f"dataset path: {result['path']}")
+    return 0
+
+
+def add_data_subcommands(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="inspect training data, pack it into WebDataset shards")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    insp = sub.add_parser("inspect", help="count documents/images/frames/tokens/skips and draw a contact sheet")
+    insp.add_argument("path", help="a file, a directory, or a brace pattern (shard-{000000..000009}.tar)")
+    insp.add_argument("--kind", choices=KINDS, required=True)
+    insp.add_argument("--tokenizer-from", default=None,
+                      help="a saved Flamingo model/processor or HF tokenizer directory (counts tokens, truncates)")
+    insp.add_argument("--out", default=None, help="directory for summary.json and contact_sheet.png")
+    insp.add_argument("--option", action="append", help="dataset option key=value (e.g. image_dir=imgs), repeatable")
+    insp.add_argument("--limit", type=int, default=None, help="read at most this many records")
+    insp.add_argument("--show", type=int, default=6, help="samples on the contact sheet")
+    insp.set_defaults(func=_cmd_inspect)
+
+    pk = sub.add_parser("pack", help="JSONL/CSV (+ media files) or an image folder -> WebDataset tar shards")
+    src = pk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="source", help="a .jsonl/.csv/.json table (paths relative to its directory)")
+    src.add_argument("--images", help="a folder of images, each with a same-name .txt caption (pairs)")
+    pk.add_argument("--kind", choices=KINDS, default="pairs")
+    pk.add_argument("--image-dir", default=None, help="interleaved: where image_name files are (default: the table's)")
+    pk.add_argument("--out", required=True, help="output directory or pattern like out/shard-%%06d.tar")
+    pk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pk.set_defaults(func=_cmd_pack)

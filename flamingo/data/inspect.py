@@ -1,0 +1,114 @@
+"""`flamingo data inspect`: read a dataset like the loader does, report counts and draw a contact sheet.
+
+Counts: records read, samples kept (documents / pairs), media, frames, tokens (with a tokenizer), skips by reason.
+The contact sheet shows the first few kept samples: their media (first frames) and their training text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from PIL import Image, ImageDraw
+
+from ..processing import FlamingoProcessor
+from .errors import SkipSample, merge_counts
+from .sequence import tokenize
+from .sources import read_records
+from .spec import DatasetSpec
+
+
+@dataclass
+class InspectReport:
+    kind: str
+    files: int
+    records: int = 0
+    samples: int = 0
+    media: int = 0
+    frames: int = 0
+    tokens: Optional[int] = None  # None without a tokenizer
+    skipped: dict[str, int] = field(default_factory=dict)
+    shown: list[tuple[str, list[list[Image.Image]]]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "files": self.files, "records": self.records, "samples": self.samples,
+                "media": self.media, "frames": self.frames, "tokens": self.tokens, "skipped": self.skipped}
+
+    def table(self) -> str:
+        rows = [("files", self.files), ("records", self.records),
+                ("documents" if self.kind == "interleaved" else "pairs", self.samples),
+                ("images" if self.kind != "video" else "videos", self.media), ("frames", self.frames),
+                ("tokens", "n/a (no --tokenizer-from)" if self.tokens is None else self.tokens)]
+        rows += [(f"skipped: {reason}", n) for reason, n in self.skipped.items()]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def inspect_dataset(path: str, kind: str, processor: Optional[FlamingoProcessor] = None, *,
+                    options: Optional[dict[str, Any]] = None, limit: Optional[int] = None,
+                    show: int = 6) -> InspectReport:
+    """Read every record (or the first `limit`) in file order; media are decoded to count frames and spot bad ones."""
+    spec = DatasetSpec.create("inspect", kind, path, 1, options, processor)
+    report = InspectReport(kind, len(spec.files), tokens=0 if processor is not None else None)
+    skipped: Counter[str] = Counter()
+    o = spec.options
+    for file in spec.files:
+        for record in read_records(file, "json" if kind == "interleaved" else None):
+            if limit is not None and report.records >= limit:
+                break
+            report.records += 1
+            try:
+                example = spec.example(record)
+                n_media = len(example.media)
+                if processor is not None:
+                    ids = tokenize(processor, example.text, int(o["max_tokens"]))
+                    n_media = ids.count(processor.media_token_id)
+                    if n_media == 0:
+                        raise SkipSample("no_matched_image", "nothing left within max_tokens")
+                media = [ref.load(fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
+                         for ref in example.media[:n_media]]
+            except SkipSample as e:
+                skipped[e.reason] += 1
+                continue
+            report.samples += 1
+            report.media += len(media)
+            report.frames += sum(len(m) for m in media)
+            if processor is not None:
+                report.tokens = (report.tokens or 0) + len(ids)
+            if len(report.shown) < show:
+                text = processor.tokenizer.decode(ids) if processor is not None else example.text
+                report.shown.append((f"{record.key}: {text}", media))
+    report.skipped = merge_counts([skipped])
+    return report
+
+
+def contact_sheet(report: InspectReport, path: str, thumb: int = 96, per_row: int = 6) -> str:
+    """One row per shown sample: up to `per_row` thumbnails (each medium's first frames), then its text."""
+    text_width = 520
+    rows = max(1, len(report.shown))
+    sheet = Image.new("RGB", (per_row * (thumb + 4) + text_width, rows * (thumb + 8) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (text, media) in enumerate(report.shown):
+        y = 4 + r * (thumb + 8)
+        frames = [f for medium in media for f in medium[: max(1, per_row // max(1, len(media)))]][:per_row]
+        for c, frame in enumerate(frames):
+            sheet.paste(frame.resize((thumb, thumb)), (4 + c * (thumb + 4), y))
+        lines = textwrap.wrap(text, 80)[: thumb // 12]
+        draw.multiline_text((per_row * (thumb + 4) + 4, y), "\n".join(lines), fill="black")
+    if not report.shown:
+        draw.text((4, 4), "no good samples", fill="red")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def write_report(report: InspectReport, out_dir: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    summary = os.path.join(out_dir, "summary.json")
+    with open(summary, "w") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    return {"summary": summary, "contact_sheet": contact_sheet(report, os.path.join(out_dir, "contact_sheet.png"))}

@@ -1,0 +1,162 @@
+"""`flamingo data pack`: JSONL / CSV tables (+ their media files) or an image folder -> WebDataset tar shards.
+
+Shards hold `{key}.{jpg,png,...}|{mp4,...}` + `{key}.txt` for pairs and videos, and `{key}.json` (the document) +
+`{key}.{i}.{ext}` (its images, `image_name` rewritten to those member names) for interleaved documents, the layouts
+`flamingo/data` reads. Rows whose media are missing or whose JSON is malformed are left out and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from typing import Any, Iterator, Optional
+
+from .errors import SkipSample, merge_counts
+from .sources import IMAGE_EXTS, read_records, parse_json_record, resolve_relative
+
+
+class ShardWriter:
+    """Writes members into `pattern % index` tars, starting a new shard every `shard_size` samples."""
+
+    def __init__(self, pattern: str, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        if "%" not in pattern and not pattern.lower().endswith(".tar"):  # a directory (made if need be)
+            pattern = os.path.join(pattern, "shard-%06d.tar")
+        if "%" not in pattern:
+            raise ValueError(f"--out must be a directory or a pattern with a %d field (shard-%06d.tar), "
+                             f"got {pattern!r}")
+        self.pattern, self.shard_size = pattern, shard_size
+        self.paths: list[str] = []
+        self._tar: Optional[tarfile.TarFile] = None
+        self._count = 0
+
+    def write(self, members: list[tuple[str, bytes]]) -> None:
+        if self._tar is None or self._count == self.shard_size:
+            self.close()
+            path = self.pattern % len(self.paths)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._tar = tarfile.open(path, "w")
+            self.paths.append(path)
+            self._count = 0
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def brace_pattern(self) -> str:
+        """The dataset `path` to put in a config: `dir/shard-{000000..000009}.tar`."""
+        if not self.paths:
+            return ""
+        first, last = os.path.basename(self.paths[0]), os.path.basename(self.paths[-1])
+        if len(self.paths) == 1:
+            return self.paths[0]
+        i = 0
+        while first[i] == last[i]:
+            i += 1
+        j = 0
+        while first[-1 - j] == last[-1 - j]:
+            j += 1
+        # widen to the whole zero-padded number
+        while i > 0 and first[i - 1].isdigit():
+            i -= 1
+        return os.path.join(os.path.dirname(self.paths[0]), f"{first[:i]}{{{first[i:-j]}..{last[i:-j]}}}{first[-j:]}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SkipSample("missing_file", f"{path}: {e}") from e
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lstrip(".").lower() or "bin"
+
+
+def _pair_members(row: dict[str, Any], base_dir: str, key: str, field: str) -> list[tuple[str, bytes]]:
+    rel, caption = row.get(field), row.get("caption")
+    if not isinstance(rel, str) or not isinstance(caption, str):
+        raise SkipSample("bad_record", f"{key}: needs {field!r} and 'caption' strings")
+    if not caption.strip():
+        raise SkipSample("empty_text", key)
+    path = resolve_relative(base_dir, rel)
+    return [(f"{key}.{_ext(path)}", _read(path)), (f"{key}.txt", caption.encode())]
+
+
+def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> list[tuple[str, bytes]]:
+    if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
+        raise SkipSample("bad_record", f"{key}: needs text_list and image_info lists")
+    members: list[tuple[str, bytes]] = []
+    doc = dict(doc, image_info=[dict(i) for i in doc["image_info"]])
+    for i, info in enumerate(doc["image_info"]):
+        name = info.get("image_name")
+        if info.get("image_base64") or not isinstance(name, str):
+            continue
+        path = resolve_relative(image_dir, name)
+        if not os.path.isfile(path):
+            continue  # a missing image only removes that image (the loader would count the document otherwise)
+        member = f"{key}.{i}.{_ext(path)}"
+        members.append((member, _read(path)))
+        info["image_name"] = member
+    return [(f"{key}.json", json.dumps(doc).encode()), *members]
+
+
+def _folder_pairs(directory: str) -> Iterator[tuple[str, str, str]]:
+    """(key, image path, caption file) for every image with a same-stem `.txt` caption next to it."""
+    for root, _, files in sorted(os.walk(directory)):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lstrip(".").lower() in IMAGE_EXTS:
+                yield stem, os.path.join(root, name), os.path.join(root, stem + ".txt")
+
+
+def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images: Optional[str] = None,
+         image_dir: Optional[str] = None, shard_size: int = 1000) -> dict[str, Any]:
+    """Write shards; returns {"shards": [...], "path": brace pattern, "samples": n, "skipped": {reason: n}}."""
+    if (source is None) == (images is None):
+        raise ValueError("give exactly one of --from FILE (.jsonl/.csv/.json) or --images DIR")
+    if images is not None and kind != "pairs":
+        raise ValueError("--images DIR (images with .txt captions) packs image-text pairs only (--kind pairs)")
+    writer = ShardWriter(out, shard_size)
+    skipped: Counter[str] = Counter()
+    n = 0
+    try:
+        if images is not None:
+            for stem, path, caption_path in _folder_pairs(images):
+                try:
+                    caption = _read(caption_path).decode("utf-8", errors="replace").strip()
+                    if not caption:
+                        raise SkipSample("empty_text", caption_path)
+                    writer.write([(f"{n:09d}.{_ext(path)}", _read(path)), (f"{n:09d}.txt", caption.encode())])
+                    n += 1
+                except SkipSample as e:
+                    skipped[e.reason] += 1
+        else:
+            assert source is not None
+            for record in read_records(source):
+                key = f"{n:09d}"
+                try:
+                    row = parse_json_record(record.payload, record.key)
+                    if kind == "interleaved":
+                        members = _document_members(row, image_dir or record.base_dir, key)
+                    else:
+                        members = _pair_members(row, record.base_dir, key, "video" if kind == "video" else "image")
+                except SkipSample as e:
+                    skipped[e.reason] += 1
+                    continue
+                writer.write(members)
+                n += 1
+    finally:
+        writer.close()
+    return {"shards": writer.paths, "path": writer.brace_pattern(), "samples": n, "skipped": merge_counts([skipped])}

@@ -1,0 +1,74 @@
+"""Image–text and video–text pairs -> `Example`s: `<image>{caption}<|endofchunk|>` (+ EOS), one medium each.
+
+Tables (CSV / JSONL / JSON list) name the medium by a path relative to the table's directory (`image` or `video`
+field) next to `caption`; tar shards hold `{key}.jpg|jpeg|png|webp` (or `mp4|webm|mkv`) with `{key}.txt` or
+`{key}.json` (`{"caption": ...}`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from .errors import SkipSample
+from .sequence import Example, clean_text
+from .sources import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    MediaRef,
+    RawRecord,
+    file_ref,
+    member_ref,
+    parse_json_record,
+    resolve_relative,
+)
+
+
+def pair_text(caption: str, eos: str = "") -> str:
+    return f"{MEDIA_TOKEN}{caption}{END_OF_CHUNK_TOKEN}{eos}"
+
+
+def _caption_of(row: dict[str, Any], where: str) -> str:
+    caption = row.get("caption", row.get("text"))
+    if caption is None:
+        raise SkipSample("bad_record", f"{where}: no 'caption' field")
+    if not isinstance(caption, str):
+        raise SkipSample("bad_record", f"{where}: caption must be a string, got {type(caption).__name__}")
+    caption = clean_text(caption)
+    if not caption:
+        raise SkipSample("empty_text", f"{where}: empty caption")
+    return caption
+
+
+def _from_tar(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
+    shard, members = record.shard, record.payload
+    assert shard is not None
+    exts = VIDEO_EXTS if video else IMAGE_EXTS
+    ext = next((e for e in exts if e in members), None)
+    if "txt" in members:
+        caption = shard.read(members["txt"]).decode("utf-8", errors="replace")
+        caption = _caption_of({"caption": caption}, record.key)
+    elif "json" in members:
+        caption = _caption_of(parse_json_record(shard.read(members["json"]), record.key), record.key)
+    else:
+        raise SkipSample("bad_record", f"{record.key}: tar sample has neither .txt nor .json")
+    if ext is None:
+        raise SkipSample("missing_file", f"{record.key}: tar sample has no {'|'.join(exts)} member "
+                                         f"(members: {sorted(members)})")
+    return member_ref(shard, members[ext], video), caption
+
+
+def _from_table(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
+    row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+    field = "video" if video else "image"
+    rel = row.get(field)
+    if not isinstance(rel, str) or not rel.strip():
+        raise SkipSample("bad_record", f"{record.key}: no {field!r} path")
+    caption = _caption_of(row, record.key)
+    return file_ref(resolve_relative(record.base_dir, rel.strip()), video), caption
+
+
+def pair_example(record: RawRecord, *, video: bool = False, eos: str = "") -> Example:
+    """One pair record -> an `Example` with one medium (an image, or a video decoded later)."""
+    ref, caption = _from_tar(record, video) if record.shard is not None else _from_table(record, video)
+    return Example(record.key, pair_text(caption, eos), [ref])

@@ -1,0 +1,99 @@
+"""Training sequences: text with `<image>` placeholders + lazy media -> token ids, labels, pixels -> batches.
+
+The labelling rule (OpenFlamingo's, the contract's): labels are the input ids (the model shifts them), with -100 on
+`<image>`, on padding, and on every token before the first `<image>` (text no image precedes is not trained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..processing import FlamingoProcessor
+from .errors import SkipSample
+from .sources import MediaRef
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """A sample before tokenization: `text` holds one `<image>` per entry of `media`, in order."""
+
+    key: str
+    text: str
+    media: list[MediaRef]
+
+
+@dataclass
+class Encoded:
+    """A sample ready to batch: `input_ids`, `labels` (same length), one `(F, C, H, W)` tensor per `<image>`."""
+
+    key: str
+    input_ids: list[int]
+    labels: list[int]
+    media: list[torch.Tensor]
+    text: str
+
+
+def clean_text(text: str) -> str:
+    """Raw text with the special markers removed, so the `<image>` count always equals the media count."""
+    return text.replace(MEDIA_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").strip()
+
+
+def make_labels(input_ids: Sequence[int], media_token_id: int) -> list[int]:
+    """-100 on `<image>` and on everything before the first `<image>`; the ids elsewhere."""
+    labels = list(input_ids)
+    first = labels.index(media_token_id) if media_token_id in labels else len(labels)
+    for t, tok in enumerate(labels):
+        if t < first or tok == media_token_id:
+            labels[t] = IGNORE_INDEX
+    return labels
+
+
+def truncate_ids(ids: list[int], max_tokens: int, media_token_id: int) -> list[int]:
+    """Cut to `max_tokens`; an `<image>` left as the very last token (an image with no text) goes too."""
+    ids = ids[:max_tokens]
+    while ids and ids[-1] == media_token_id:
+        ids.pop()
+    return ids
+
+
+def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int]) -> list[int]:
+    ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
+    return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
+
+
+def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
+                   max_frames: int = 8) -> Encoded:
+    """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation."""
+    ids = tokenize(processor, example.text, max_tokens)
+    media_id = processor.media_token_id
+    n = ids.count(media_id)
+    if n == 0:
+        raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")
+    if n > len(example.media):
+        raise ValueError(f"{example.key}: {n} <image> tokens but {len(example.media)} media (builder bug)")
+    frames = [ref.load(fps=fps, max_frames=max_frames) for ref in example.media[:n]]
+    flat = [f for medium in frames for f in medium]
+    pixels = processor.image_processor(images=flat, return_tensors="pt")["pixel_values"]  # (sum F, C, H, W)
+    media = list(torch.split(pixels, [len(m) for m in frames]))
+    return Encoded(example.key, ids, make_labels(ids, media_id), media, example.text)
+
+
+def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_side: str = "right") -> dict[str, Any]:
+    """-> `input_ids (B, T)`, `attention_mask (B, T)`, `labels (B, T)`, `images (B, N, F, C, H, W)`, `num_media (B,)`,
+    `num_frames (B, N)`, `keys` (list of sample keys)."""
+    out = processor.pad([s.input_ids for s in samples], padding_side)
+    length = out["input_ids"].shape[1]
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for b, s in enumerate(samples):
+        sl = slice(length - len(s.labels), length) if padding_side == "left" else slice(0, len(s.labels))
+        labels[b, sl] = torch.tensor(s.labels, dtype=torch.long)
+    out["labels"] = labels
+    out.update(processor.batch_media([s.media for s in samples]))
+    out["keys"] = [s.key for s in samples]
+    return out

@@ -1,0 +1,64 @@
+"""Worker for tests/test_train.py's DDP test.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py CONFIG OUT     # DDP: each rank its shard, per-rank batch b
+    python tests/ddp_worker.py CONFIG OUT --single                # one process: rank 0's + rank 1's batches (2b)
+
+Each rank writes its trained parameters to OUT/params_rank{r}.safetensors after training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from flamingo.data.build import build_sources
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer, build_model
+
+
+class ConcatSource:
+    """The batches two ranks would see, concatenated: what one process with the doubled batch trains on."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batches in zip(*self.parts):
+            shapes = {k: {tuple(b[k].shape[1:]) for b in batches} for k in batches[0] if torch.is_tensor(batches[0][k])}
+            assert all(len(s) == 1 for s in shapes.values()), f"rank batches differ in shape: {shapes}"
+            yield {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [p.state_dict() for p in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for p, s in zip(self.parts, state["parts"]):
+            p.load_state_dict(s)
+
+
+def main() -> None:
+    config_path, out = sys.argv[1], sys.argv[2]
+    config = load_config(config_path, [f"train.output_dir={out}"])
+    if "--single" in sys.argv:
+        torch.manual_seed(config.train.seed)
+        model, processor = build_model(config)
+        per_rank = [build_sources(config.data, processor, rank=r, world_size=2, seed=config.train.seed)
+                    for r in range(2)]
+        sources = {name: ConcatSource([p[name] for p in per_rank]) for name in per_rank[0]}
+        trainer = Trainer(config, sources=sources, model=model, processor=processor)
+    else:
+        trainer = Trainer(config)
+    trainer.run()
+    trained = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    save_file(trained, os.path.join(out, f"params_rank{trainer.rank}.safetensors"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

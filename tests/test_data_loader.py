@@ -1,0 +1,189 @@
+"""Loaders: exactly the good samples, skip counts by reason, sharding across ranks x workers, bad-file abort."""
+
+import csv
+import warnings
+
+import pytest
+import torch
+
+from flamingo.data import WeightedMixture, build_source, build_sources
+from flamingo.data.fixtures import (
+    make_interleaved,
+    make_pair_shards,
+    make_pairs,
+    make_videos,
+    tiny_processor,
+    write_jsonl,
+)
+from flamingo.train.config import DatasetSection
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def _epoch(source):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(source)
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+def _check_batch(batch, processor):
+    ids = batch["input_ids"]
+    assert int((ids == processor.media_token_id).sum()) == int(batch["num_media"].sum())
+    for b in range(ids.shape[0]):
+        assert int((ids[b] == processor.media_token_id).sum()) == int(batch["num_media"][b])
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["labels"][ids == processor.media_token_id] == -100).all()
+
+
+def test_pairs_jsonl_good_samples_and_skip_counts(tmp_path, processor):
+    data = make_pairs(str(tmp_path), 7)
+    src = build_source(DatasetSection("p", "pairs", data["path"], 2, options={"drop_last": False}), processor)
+    with pytest.warns(UserWarning, match="skipped 4 bad"):
+        batches = list(src)
+    assert sorted(_keys(batches)) == sorted(data["good"])
+    assert src.skipped == data["bad"]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 2, 1]
+    for b in batches:
+        _check_batch(b, processor)
+        assert b["images"].shape[1:3] == (1, 1)
+    first = batches[0]
+    ids = first["input_ids"][0][first["attention_mask"][0] == 1].tolist()
+    caption = processor.tokenizer.decode(ids)
+    assert caption.startswith("<image>photo ") and caption.endswith("<|endofchunk|><|endoftext|>")
+    assert first["labels"][0, 0] == -100 and first["labels"][0, 1] == first["input_ids"][0, 1]
+
+
+def test_pairs_csv_and_drop_last(tmp_path, processor):
+    make_pairs(str(tmp_path), 5, bad=False)
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["image", "caption"])
+        w.writeheader()
+        for i in range(5):
+            w.writerow({"image": f"images/{i}.png", "caption": f"a photo, number {i}"})
+    src = build_source(DatasetSection("p", "pairs", str(path), 2), processor)
+    batches = _epoch(src)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2]  # drop_last: exactly batch_size
+    assert src.skipped == {}
+
+
+def test_pairs_tar_shards_and_max_tokens(tmp_path, processor):
+    data = make_pair_shards(str(tmp_path), 7, 3, bad=True)
+    src = build_source(DatasetSection("p", "pairs", data["path"], 1, options={"max_tokens": 4}), processor)
+    batches = _epoch(src)
+    assert sorted(_keys(batches)) == sorted(f"shard-{i // 3:06d}.tar:s{i:05d}" for i in range(7))
+    assert src.skipped == {"bad_image": 1}
+    assert max(b["input_ids"].shape[1] for b in batches) == 4
+
+
+def test_interleaved_jsonl_and_tar(tmp_path, processor):
+    for tar in (0, 2):
+        data = make_interleaved(str(tmp_path / f"t{tar}"), 5, tar_shards=tar)
+        options = {"drop_last": False, "image_dir": data.get("image_dir")} if not tar else {"drop_last": False}
+        src = build_source(DatasetSection("i", "interleaved", data["path"], 2, options=options), processor)
+        batches = _epoch(src)
+        assert len(_keys(batches)) == data["n_good"]
+        assert src.skipped == data["bad"]
+        for b in batches:
+            _check_batch(b, processor)
+            assert b["num_media"].tolist() == [2] * b["input_ids"].shape[0]
+
+
+def test_video_pairs(tmp_path, processor):
+    data = make_videos(str(tmp_path), 3, seconds=3)
+    src = build_source(DatasetSection("v", "video", data["path"], 3, options={"fps": 1.0, "max_frames": 2}),
+                       processor)
+    (batch,) = _epoch(src)
+    assert src.skipped == data["bad"]
+    assert batch["images"].shape == (3, 1, 2, 3, 32, 32)  # one medium of 2 frames (3 s at 1 FPS, capped at 2)
+    assert batch["num_frames"].tolist() == [[2]] * 3
+    _check_batch(batch, processor)
+
+
+def test_two_ranks_two_workers_disjoint_and_complete(tmp_path, processor):
+    data = make_pairs(str(tmp_path), 13)  # one JSONL file: split by line index
+    seen = []
+    for rank in range(2):
+        src = build_source(DatasetSection("p", "pairs", data["path"], 2, options={"drop_last": False}), processor,
+                           rank=rank, world_size=2, num_workers=2, seed=3)
+        keys = _keys(_epoch(src))
+        assert len(keys) == len(set(keys)) and keys
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(data["good"])
+    # Shards: 4 files over 4 global streams, whole files each.
+    shards = make_pair_shards(str(tmp_path / "s"), 8, 2)
+    parts = []
+    for rank in range(2):
+        src = build_source(DatasetSection("s", "pairs", shards["path"], 1), processor, rank=rank, world_size=2,
+                           num_workers=2)
+        parts.append(set(_keys(_epoch(src))))
+    assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 8
+
+
+def test_deterministic_and_reshuffled_per_epoch(tmp_path, processor):
+    data = make_pairs(str(tmp_path), 12, bad=False)
+    section = DatasetSection("p", "pairs", data["path"], 3, options={"shuffle_buffer": 8})
+    a, b = build_source(section, processor, seed=1), build_source(section, processor, seed=1)
+    ea, eb = _epoch(a), _epoch(b)
+    assert _keys(ea) == _keys(eb) and all(torch.equal(x["images"], y["images"]) for x, y in zip(ea, eb))
+    second = _epoch(a)
+    assert sorted(_keys(second)) == sorted(_keys(ea)) and _keys(second) != _keys(ea)
+    assert a.epoch == 2
+
+
+def test_mostly_bad_file_raises_naming_it(tmp_path, processor):
+    rows = [{"image": "nope.png", "caption": f"x {i}"} for i in range(12)] + ["{bad"] * 3
+    path = write_jsonl(str(tmp_path / "bad.jsonl"), rows)
+    src = build_source(DatasetSection("p", "pairs", path, 2), processor)
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        _epoch(src)
+
+
+def test_too_small_dataset_says_so(tmp_path, processor):
+    data = make_pairs(str(tmp_path), 2, bad=False)
+    src = build_source(DatasetSection("p", "pairs", data["path"], 4), processor)
+    with pytest.raises(ValueError, match="no batch of 4"):
+        _epoch(src)
+
+
+def test_bad_options_and_paths(tmp_path, processor):
+    data = make_pairs(str(tmp_path), 2, bad=False)
+    with pytest.raises(ValueError, match="unknown options"):
+        build_source(DatasetSection("p", "pairs", data["path"], 1, options={"max_imgs": 3}), processor)
+    with pytest.raises(ValueError, match="not found"):
+        build_source(DatasetSection("p", "pairs", str(tmp_path / "x-{000..002}.tar"), 1), processor)
+    with pytest.raises(ValueError, match="unknown dataset kind"):
+        build_source(DatasetSection("p", "audio", data["path"], 1), processor)
+
+
+def test_build_sources_and_weighted_mixture(tmp_path, processor):
+    pairs = make_pairs(str(tmp_path / "p"), 6, bad=False)
+    docs = make_interleaved(str(tmp_path / "i"), 4, bad=False)
+    sections = [DatasetSection("pairs", "pairs", pairs["path"], 2, loss_weight=1.0),
+                DatasetSection("mmc4", "interleaved", docs["path"], 2, options={"image_dir": docs["image_dir"]})]
+    sources = build_sources(sections, processor, rank=0, world_size=1, seed=0, num_workers=0)
+    assert set(sources) == {"pairs", "mmc4"}
+    mix = WeightedMixture(sources, {"pairs": 3.0, "mmc4": 1.0}, seed=0)
+    drawn = [next(mix) for _ in range(8)]
+    state = mix.state_dict()
+    after = [(n, b["keys"]) for n, b in (next(mix) for _ in range(4))]
+    resumed = WeightedMixture(build_sources(sections, processor), {"pairs": 3.0, "mmc4": 1.0}, seed=0)
+    resumed.load_state_dict(state)
+    assert [(n, b["keys"]) for n, b in (next(resumed) for _ in range(4))] == after
+    assert {n for n, _ in drawn} == {"pairs", "mmc4"}
+
+
+def test_video_tar_shards(tmp_path, processor):
+    data = make_pair_shards(str(tmp_path), 3, 2, video=True, seconds=2, bad=True)
+    src = build_source(DatasetSection("v", "video", data["path"], 1, options={"max_frames": 4}), processor)
+    batches = _epoch(src)
+    assert len(batches) == 3 and src.skipped == {"bad_video": 1}
+    assert all(b["num_frames"].tolist() == [[2]] for b in batches)  # 2 s at 1 FPS

@@ -1,0 +1,123 @@
+"""Sequence building: MMC4 matching (greedy, threshold), chunk markers, max_images / max_tokens, labels."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flamingo.data import build_interleaved_text, make_labels, match_images
+from flamingo.data.fixtures import colour, image_bytes, mmc4_document, tiny_processor, write_jsonl
+from flamingo.data.sequence import IGNORE_INDEX, collate
+from flamingo.data.sources import read_records
+from flamingo.data.spec import DatasetSpec
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def test_greedy_matching_by_similarity_one_to_one():
+    sim = np.array([[0.90, 0.30, 0.95],   # image 0
+                    [0.80, 0.10, 0.96],   # image 1
+                    [0.20, 0.50, 0.10]])  # image 2
+    # 0.96: img1->s2; 0.95 (img0, s2) loses s2; 0.90: img0->s0; 0.80 loses; 0.50: img2->s1.
+    assert match_images(sim, 0.4) == {2: 1, 0: 0, 1: 2}
+    assert match_images(sim, 0.6) == {2: 1, 0: 0}  # image 2's best (0.5) is under the threshold
+    assert match_images(sim, 0.5) == {2: 1, 0: 0, 1: 2}  # at the threshold counts
+    assert match_images(sim, 0.99) == {}
+
+
+def test_text_layout_chunks():
+    text = build_interleaved_text(["A.", "B.", "C.", "D."], [1, 3], eos="<E>")
+    assert text == "A.<image>B. C.<|endofchunk|><image>D.<|endofchunk|><E>"
+    assert build_interleaved_text(["A.", "B."], [0]) == "<image>A. B.<|endofchunk|>"
+
+
+def test_labels_mask_prefix_and_media():
+    assert make_labels([5, 6, 9, 7, 9, 8], media_token_id=9) == [-100, -100, -100, 7, -100, 8]
+
+
+def _spec(tmp_path, docs, processor, **options):
+    images = tmp_path / "img"
+    images.mkdir(exist_ok=True)
+    for i in range(8):
+        (images / f"img{i}.png").write_bytes(image_bytes(i))
+    path = write_jsonl(str(tmp_path / "docs.jsonl"), docs)
+    spec = DatasetSpec.create("mmc4", "interleaved", path, 2, {"image_dir": str(images), **options}, processor)
+    return spec, list(read_records(path))
+
+
+def test_document_to_sequence(tmp_path, processor):
+    # 5 sentences; image 0 -> sentence 3, image 1 -> sentence 1, image 2 below threshold everywhere.
+    doc = mmc4_document(5, {0: 3, 1: 1}, n_images=3, sim=0.9, noise=0.1)
+    spec, records = _spec(tmp_path, [doc], processor, similarity_threshold=0.24)
+    example = spec.example(records[0])
+    # Images come in text order: image 1 (before sentence 1) first, then image 0 (before sentence 3).
+    assert [m.name.rsplit("/", 1)[-1] for m in example.media] == ["img1.png", "img0.png"]
+    assert example.text == ("Sentence 0 is here.<image>Sentence 1 is here. Sentence 2 is here.<|endofchunk|>"
+                            "<image>Sentence 3 is here. Sentence 4 is here.<|endofchunk|><|endoftext|>")
+    enc = spec.encode(records[0])
+    ids, labels = enc.input_ids, enc.labels
+    media_id, eoc_id = processor.media_token_id, processor.end_of_chunk_token_id
+    first = ids.index(media_id)
+    assert ids.count(media_id) == len(enc.media) == 2
+    assert all(x == IGNORE_INDEX for x in labels[: first + 1])  # "Sentence 0 is here." and the <image>: masked
+    assert labels[first + 1] == ids[first + 1]  # the first token after the first image is trained
+    second = ids.index(media_id, first + 1)
+    assert labels[second] == IGNORE_INDEX and labels[second - 1] == eoc_id == ids[second - 1]
+    # The pixels of medium 0 are image 1's colour.
+    expected = processor.image_processor(images=[_solid(1)], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(enc.media[0], expected) and not torch.allclose(enc.media[1], expected)
+
+
+def _solid(i):
+    from PIL import Image
+
+    return Image.new("RGB", (16, 16), colour(i))
+
+
+def test_threshold_and_max_images(tmp_path, processor):
+    doc = mmc4_document(8, {0: 1, 1: 3, 2: 5, 3: 7}, sim=0.3)
+    spec, records = _spec(tmp_path, [doc], processor, similarity_threshold=0.24, max_images=2)
+    ex = spec.example(records[0])
+    assert ex.text.count("<image>") == 2 and len(ex.media) == 2  # the first two in document order
+    assert [m.name.rsplit("/", 1)[-1] for m in ex.media] == ["img0.png", "img1.png"]
+    spec, records = _spec(tmp_path, [doc], processor, similarity_threshold=0.5)
+    from flamingo.data.errors import SkipSample
+
+    with pytest.raises(SkipSample) as e:
+        spec.example(records[0])
+    assert e.value.reason == "no_matched_image"
+
+
+def test_max_tokens_drops_images_past_the_cut(tmp_path, processor):
+    doc = mmc4_document(6, {0: 1, 1: 4})
+    spec, records = _spec(tmp_path, [doc], processor)
+    full = spec.encode(records[0]).input_ids
+    media_id = processor.media_token_id
+    second = [t for t, x in enumerate(full) if x == media_id][1]
+    for cut, n_media in ((second, 1), (second + 1, 1), (second + 2, 2)):  # cut at/after the 2nd <image>
+        spec.options["max_tokens"] = cut
+        enc = spec.encode(records[0])
+        assert len(enc.input_ids) <= cut and enc.input_ids == full[: len(enc.input_ids)]
+        assert enc.input_ids.count(media_id) == len(enc.media) == n_media
+        assert enc.input_ids[-1] != media_id  # never ends on an image with no text
+
+
+def test_sanitizes_literal_markers_and_collates(tmp_path, processor):
+    doc = mmc4_document(3, {0: 1})
+    doc["text_list"][2] = "tricky <image> and <|endofchunk|> in text"
+    spec, records = _spec(tmp_path, [doc, json.loads(json.dumps(mmc4_document(2, {0: 0, 1: 1})))], processor)
+    encoded = [spec.encode(r) for r in records]
+    assert [e.input_ids.count(processor.media_token_id) for e in encoded] == [1, 2]
+    batch = collate(encoded, processor, "right")
+    assert batch["num_media"].tolist() == [1, 2] and batch["images"].shape[:3] == (2, 2, 1)
+    assert batch["num_frames"].tolist() == [[1, 0], [1, 1]]
+    for b in range(2):
+        ids = batch["input_ids"][b]
+        assert int((ids == processor.media_token_id).sum()) == int(batch["num_media"][b])
+        pad = batch["attention_mask"][b] == 0
+        assert (batch["labels"][b][pad] == IGNORE_INDEX).all()
+        assert (batch["labels"][b][ids == processor.media_token_id] == IGNORE_INDEX).all()

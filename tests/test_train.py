@@ -1,0 +1,169 @@
+"""Training: a tiny run learns and writes a loadable model, frozen weights stay bit-identical, exact resume after
+SIGKILL, DDP over two processes equals one process with the doubled batch, non-finite losses are skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flamingo import load_pretrained
+from flamingo.train.config import load_config
+from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model
+from train_fixtures import save_backbones, train_config, write_datasets
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train"))
+    vision, lm = save_backbones(root)
+    return root, vision, lm, write_datasets(os.path.join(root, "data"))
+
+
+def _losses(output_dir: str) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a resumed run re-logs steps after its checkpoint: the last entry wins)."""
+    losses = {}
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        for line in f:
+            m = json.loads(line)
+            losses[m["step"]] = m["loss"]
+    return losses
+
+
+def _trained(output_dir: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(output_dir, "final", "flamingo.safetensors"))
+
+
+def test_tiny_run_learns_writes_loadable_model_and_keeps_frozen_weights(world):
+    root, vision, lm, data = world
+    config = load_config(train_config(root, vision, lm, data, steps=30, out=os.path.join(root, "run-learn"), lr=1e-2))
+    torch.manual_seed(config.train.seed)  # the same initial weights as the trainer's (it seeds, then builds)
+    reference, _ = build_model(config)
+    trainer = Trainer(config)
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out = trainer.run()
+
+    losses = _losses(config.train.output_dir)
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
+    assert last < first - 0.5, (first, last)
+
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p.detach(), initial[name]), f"trained parameter {name} did not change"
+        else:
+            assert torch.equal(p.detach(), initial[name]), f"frozen parameter {name} changed"
+    # the frozen backbones are exactly the saved ones (nothing trained them, nothing re-initialised them)
+    ref = dict(reference.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), ref[name].detach()), name
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == \
+        set(trainer.model.trainable_parameters())
+
+    model, processor = load_pretrained(out)  # a trained-only directory referring to the backbones by path
+    model.eval()
+    batch = processor("<image>a", images=[os.path.join(os.path.dirname(data["pairs"]), "images", "p0.png")])
+    with torch.no_grad():
+        loaded = model(**batch).logits
+        trainer.model.eval()
+        trained = trainer.model(**batch).logits
+    assert torch.equal(loaded, trained)
+    gates = json.loads(open(os.path.join(config.train.output_dir, "metrics.jsonl")).readline())["gates"]
+    assert set(gates) == {str(i) for i in model.xattn_layer_indices}
+
+
+def _train_command(config: str) -> list[str]:
+    return [sys.executable, "-m", "flamingo.cli", "train", config]
+
+
+def test_exact_resume_after_sigkill(world):
+    root, vision, lm, data = world
+    straight = os.path.join(root, "run-straight")
+    resumed = os.path.join(root, "run-resumed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_command(train_config(root, vision, lm, data, steps=20, out=straight)), check=True,
+                   env=env, capture_output=True)
+    config = train_config(root, vision, lm, data, steps=20, out=resumed, save_every=1)
+    proc = subprocess.Popen(_train_command(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = os.path.join(resumed, "checkpoints", "step_00000010", "state.json")
+    deadline = time.time() + 120
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(resumed, "final"))
+    killed_at = max(_losses(resumed))
+    assert 10 <= killed_at < 20
+    subprocess.run(_train_command(config), check=True, env=env, capture_output=True)  # auto-resume
+
+    a, b = _losses(straight), _losses(resumed)
+    assert list(a) == list(range(1, 21)) and sorted(b) == list(range(1, 21))
+    assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bit-identical per-step losses
+    ta, tb = _trained(straight), _trained(resumed)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(world, tmp_path):
+    root, vision, lm, _ = world
+    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = str(tmp_path / "ddp")
+    config = train_config(str(tmp_path), vision, lm, data, steps=4, out=out, batch_size=2, interleaved=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517",
+                             os.path.join(TESTS, "ddp_worker.py"), config, out], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(os.path.join(out, f"params_rank{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical parameters on both ranks
+
+    # one process, batch 4 = rank 0's 2 samples + rank 1's 2 samples of every step
+    single = subprocess.run([sys.executable, os.path.join(TESTS, "ddp_worker.py"), config, str(tmp_path / "one"),
+                             "--single"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_losses, one_losses = _losses(out), _losses(str(tmp_path / "one"))
+    assert len(ddp_losses) == len(one_losses) == 4
+    for step in ddp_losses:
+        assert abs(ddp_losses[step] - one_losses[step]) < 1e-5, (step, ddp_losses, one_losses)
+    one = load_file(os.path.join(str(tmp_path / "one"), "params_rank0.safetensors"))
+    assert all(torch.allclose(one[k], ranks[0][k], atol=1e-5) for k in one)
+
+
+def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch):
+    root, vision, lm, data = world
+    config = load_config(train_config(root, vision, lm, data, steps=10, out=os.path.join(root, "run-nan"),
+                                      interleaved=False, max_nonfinite=3))
+    trainer = Trainer(config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    real_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 2:  # step 1 is fine, then every loss is NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    trainer.train_step()
+    after_good = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(before[n], after_good[n]) for n in before)
+    for _ in range(2):
+        metrics = trainer.train_step()  # skipped: parameters untouched, counted
+        assert all(torch.equal(p.detach(), after_good[n]) for n, p in trainer.model.named_parameters()
+                   if p.requires_grad)
+    assert metrics["skipped_nonfinite"] == 2
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.train_step()

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py CONFIG OUT     # DDP: each rank its shard, per-rank batch b
     python tests/ddp_worker.py CONFIG OUT --single                # one process: rank 0's + rank 1's batches (2b)
+    torchrun --nproc_per_node 2 tests/ddp_worker.py CONFIG OUT train.distributed=fsdp   # FSDP2 instead of DDP
 
 Each rank writes its trained parameters to OUT/params_rank{r}.safetensors after training.
 """
@@ -43,7 +44,8 @@ class ConcatSource:
 
 def main() -> None:
     config_path, out = sys.argv[1], sys.argv[2]
-    config = load_config(config_path, [f"train.output_dir={out}"])
+    overrides = [a for a in sys.argv[3:] if "=" in a]  # e.g. train.distributed=fsdp
+    config = load_config(config_path, [f"train.output_dir={out}", *overrides])
     if "--single" in sys.argv:
         torch.manual_seed(config.train.seed)
         model, processor = build_model(config)
@@ -54,7 +56,8 @@ def main() -> None:
     else:
         trainer = Trainer(config)
     trainer.run()
-    trained = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trained = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
+               for n, p in trainer.model.named_parameters() if p.requires_grad}
     save_file(trained, os.path.join(out, f"params_rank{trainer.rank}.safetensors"))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -167,3 +167,41 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch):
     assert metrics["skipped_nonfinite"] == 2
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         trainer.train_step()
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume(world, tmp_path):
+    """FSDP2 (frozen backbones sharded too): the same losses as one process with the doubled batch; a run resumed
+    from its step-2 checkpoint (sharded optimizer state gathered and re-sharded) ends bit-identical."""
+    root, vision, lm, _ = world
+    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    config = train_config(str(tmp_path), vision, lm, data, steps=4, out=str(tmp_path / "unused"), batch_size=2,
+                          interleaved=False, save_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: str, *extra: str) -> None:
+        result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29519",
+                                 os.path.join(TESTS, "ddp_worker.py"), config, out, "train.distributed=fsdp", *extra],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    straight, resumed = str(tmp_path / "fsdp"), str(tmp_path / "fsdp-resumed")
+    launch(straight)
+    single = subprocess.run([sys.executable, os.path.join(TESTS, "ddp_worker.py"), config, str(tmp_path / "one"),
+                             "--single"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    fsdp_losses, one_losses = _losses(straight), _losses(str(tmp_path / "one"))
+    assert sorted(fsdp_losses) == [1, 2, 3, 4]
+    for step in fsdp_losses:
+        assert abs(fsdp_losses[step] - one_losses[step]) < 1e-5, (step, fsdp_losses, one_losses)
+    ranks = [load_file(os.path.join(straight, f"params_rank{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(straight, "checkpoints", "step_00000002"),
+                    os.path.join(resumed, "checkpoints", "step_00000002"))
+    launch(resumed)
+    b = _losses(resumed)
+    assert sorted(b) == [3, 4] and all(b[s] == fsdp_losses[s] for s in b)
+    ta, tb = _trained(straight), _trained(resumed)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

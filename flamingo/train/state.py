@@ -62,21 +62,30 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def _is_sharded(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters())
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded the model's parameters (DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def gather_trained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, as full CPU tensors. Collective under FSDP: call on every rank (ranks other
+    than 0 get an empty dict)."""
+    if not is_sharded(model):
+        return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
-    """(trained parameters by name, optimizer state) as full CPU tensors. Collective under FSDP: call on every rank
-    (ranks other than 0 get empty dicts); a plain module needs no communication."""
-    if not _is_sharded(model):
-        trained = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters()
-                   if p.requires_grad}
+    """(trained parameters by name, optimizer state) as full CPU tensors; collective under FSDP."""
+    trained = gather_trained_parameters(model)
+    if not is_sharded(model):
         return trained, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    trained = {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
     return trained, {"fsdp_full": get_optimizer_state_dict(model, optimizer, options=options)}
 
 
@@ -102,7 +111,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     Every rank reads the files (they must be on a shared or copied file system)."""
     trained = load_file(os.path.join(path, "trained.safetensors"))
     optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 

@@ -27,7 +27,8 @@ from ..processing import FlamingoProcessor
 from .config import TrainConfig
 from .flops import flops_per_sample, peak_flops
 from .optim import make_optimizer, make_scheduler
-from .state import gather_training_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import (
+    gather_trained_parameters, gather_training_state, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint)
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -249,7 +250,7 @@ class Trainer:
                 metrics = self.train_step()
                 elapsed = time.perf_counter() - start
                 metrics["samples_per_s"] = metrics["samples"] / elapsed
-                metrics["gates"] = {str(k): v for k, v in self.model.xattn_gates().items()}
+                metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
                 if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
                     metrics["mfu"] = metrics["flops"] / elapsed / (peak * self.world)
                 bar.update(1)
@@ -277,11 +278,20 @@ class Trainer:
 
     def save_final(self) -> str:
         out = os.path.join(self.config.train.output_dir, "final")
+        model = self.model
+        if is_sharded(model):  # FSDP: gather the trained weights (collective), rank 0 saves them on an unsharded copy
+            trained = gather_trained_parameters(model)
+            if self.rank == 0:
+                model, _ = build_model(self.config)
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, value in trained.items():
+                        params[name].copy_(value)
         if self.rank == 0:
             trained_only = self.config.train.save_trained_only
             if trained_only is None:
-                trained_only = bool(self.model.config.vision_name_or_path and self.model.config.lm_name_or_path)
-            self.model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
+                trained_only = bool(model.config.vision_name_or_path and model.config.lm_name_or_path)
+            model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
             with open(os.path.join(out, "train_config.json"), "w") as f:
                 json.dump(asdict(self.config), f, indent=2)
         if self.world > 1:
@@ -306,6 +316,18 @@ class Trainer:
         for layer, (attn, ffw) in metrics["gates"].items():
             writer.add_scalar(f"gates/attn/{layer}", attn, step)
             writer.add_scalar(f"gates/ffw/{layer}", ffw, step)
+
+
+def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
+    """LM layer -> (tanh attention gate, tanh dense gate); FSDP-sharded gates are all-gathered first."""
+    if not model.config.gated:
+        return {}
+
+    def value(p: torch.Tensor) -> float:
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        return float(full.detach().tanh())
+
+    return {str(i): (value(b.attn_gate), value(b.ffw_gate)) for i, b in zip(model.xattn_layer_indices, model.xattn)}
 
 
 def flops_estimate(model: Flamingo, batch: dict[str, Any]) -> float:

@@ -99,6 +99,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Grow a mini Flamingo end to end, offline (flamingo/mini/demo.py)."""
+    from .mini.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
+                          shots=tuple(args.shots), progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="grow a mini Flamingo offline (world, backbones, training, few-shot eval, "
+                                       "report.md)")
+    demo.add_argument("--out", default="flamingo-demo", help="output directory (stages already there are reused)")
+    demo.add_argument("--size", default="default", choices=["smoke", "default"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--ablate", default=None, choices=["gating", "xattn-every-4", "mlp-resampler", "unfrozen-lm"],
+                      help="also train + evaluate the Flamingo stage with one of the paper's ablations")
+    demo.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")
     train.add_argument("config")

@@ -1,0 +1,455 @@
+"""Grow the frozen backbones of the mini demo on CPU: a byte-level BPE tokenizer, a contrastively pretrained CLIP
+vision tower and a small Llama, each saved as an ordinary Hugging Face directory.
+
+    grow_tokenizer(corpus, vocab_size, out_dir)          -> PreTrainedTokenizerFast (saved in out_dir)
+    grow_vision(pairs, out_dir, heldout=..., size=...)   -> {"dir", "wall_s", "retrieval_top1", ...}
+    grow_lm(corpus, tokenizer, out_dir, heldout=...)     -> {"dir", "wall_s", "heldout_ppl", ...}
+    grow_backbones(manifest, out_dir, size)              -> all three, plus out_dir/backbones.json
+
+The vision tower is a `CLIPVisionModel` (patch 4 at 32 px: 64 patches) trained as in CLIP (Radford et al. 2021): a
+symmetric InfoNCE loss between its max-pooled patch features and a tiny bag-of-words text encoder, with a learned
+temperature; identical captions in a batch are not negatives (their targets share the probability mass). Two
+additions make it learn shapes within a CPU budget: auxiliary attribute classifiers whose labels are read off the
+captions (kind, colour, size, position, count, background; kind weighted 3x), and 2-D sin-cos initial values for
+its learned position embeddings. Only the tower is kept; its image processor (same size, mean = std = 0.5) is saved
+beside it, so `AutoModel` / `AutoImageProcessor` load both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+try:  # transformers 5: the PIL backend (the default one wants torchvision)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
+
+from .sizes import MiniSize, get_size
+from .world import BACKGROUNDS, COLOURS, COUNT_WORDS, KINDS, POSITIONS, SIZES, plural
+
+PathLike = Union[str, os.PathLike]
+Pairs = Union[PathLike, Sequence[tuple[np.ndarray, str]]]
+EOS = "<|endoftext|>"
+
+
+def _lines(corpus: Union[PathLike, Sequence[str]]) -> list[str]:
+    if isinstance(corpus, (str, os.PathLike)):
+        with open(corpus) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    return [str(line) for line in corpus]
+
+
+def _size(size: Union[str, MiniSize, None]) -> MiniSize:
+    if size is None:
+        return get_size("default")
+    return get_size(size) if isinstance(size, str) else size
+
+
+def _lr(step: int, total: int, peak: float, warmup_frac: float = 0.1) -> float:
+    """Linear warmup then cosine decay to 10% of the peak."""
+    warmup = max(1, int(total * warmup_frac))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def grow_tokenizer(corpus: Union[PathLike, Sequence[str]], vocab_size: int, out_dir: PathLike
+                   ) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `corpus` (a text file, one document per line, or a list of strings), with
+    `<|endoftext|>` as BOS/EOS and no pad token (`from_backbones` adds pad, `<image>`, `<|endofchunk|>`)."""
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
+    with tqdm(total=3, desc="tokenizer", leave=False) as bar:
+        lines = _lines(corpus)
+        bar.update()
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(lines, trainer=trainer)
+        bar.update()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=None)
+        tokenizer.save_pretrained(str(out_dir))
+        bar.update()
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- vision tower
+def load_pairs(pairs: Pairs) -> tuple[np.ndarray, list[str]]:
+    """Pairs from a JSONL file (`image` relative to the file, `caption`) or a list of (HxWx3 uint8, caption).
+    Returns images (N, H, W, 3) uint8 and captions."""
+    if isinstance(pairs, (str, os.PathLike)):
+        path = Path(pairs)
+        images, captions = [], []
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                with Image.open(path.parent / row["image"]) as im:
+                    images.append(np.asarray(im.convert("RGB")))
+                captions.append(row["caption"])
+        return np.stack(images), captions
+    if not pairs:
+        raise ValueError("no image-text pairs given")
+    return np.stack([np.asarray(im, dtype=np.uint8) for im, _ in pairs]), [c for _, c in pairs]
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+# Attribute vocabularies read off the captions (the auxiliary head's labels and the attribute accuracy probe).
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "kind": KINDS, "size": SIZES,
+                                          "position": tuple(POSITIONS), "count": tuple(COUNT_WORDS.values()),
+                                          "background": tuple(BACKGROUNDS)}
+
+
+def caption_labels(caption: str) -> dict[str, int]:
+    """Attribute class indices stated by a caption (-100 where it says nothing). Only the caption is used: the
+    auxiliary head learns nothing that the text does not say."""
+    words = words_of(caption)
+    found: dict[str, int] = {}
+    for name, values in ATTRIBUTES.items():
+        if name == "kind":
+            hits = {i for i, v in enumerate(values) if v in words or plural(v) in words}
+        elif name == "background":
+            hits = {i for i, v in enumerate(values) if v in words} if "background" in words else set()
+        else:
+            hits = {i for i, v in enumerate(values) if v in words}
+        found[name] = hits.pop() if len(hits) == 1 else -100
+    if found["count"] == -100 and found["position"] != -100:  # "a ... on the left": one object
+        found["count"] = 0
+    return found
+
+
+class BagOfWordsEncoder(nn.Module):
+    """The contrastive text tower: mean of word embeddings -> MLP -> `embed_dim`. Word order barely matters in
+    this world (each attribute has its own words), so a bag of words is enough and costs nothing."""
+
+    def __init__(self, vocab: Sequence[str], width: int, embed_dim: int):
+        super().__init__()
+        self.index = {w: i + 1 for i, w in enumerate(vocab)}  # 0 = unknown word
+        self.embed = nn.EmbeddingBag(len(vocab) + 1, width, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, offsets = [], []
+        for text in texts:
+            offsets.append(len(ids))
+            ids.extend(self.index.get(w, 0) for w in words_of(text) or ["<empty>"])
+        return torch.tensor(ids), torch.tensor(offsets)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(ids, offsets))  # (B, E)
+
+
+class ContrastiveHead(nn.Module):
+    """Pools the tower's patch features and projects them into the joint space; plus attribute classifiers.
+
+    Max-pooling over the patch grid (CLS dropped): objects cover a few of the 64 patches, and a max lets their
+    patches carry the signal as a CNN's global max-pool does (mean- and CLS-pooling learned shapes ~2x slower
+    here). Every patch output gets a gradient, which matters because Flamingo reads patch features.
+    """
+
+    def __init__(self, hidden: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.proj = nn.Linear(hidden, embed_dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init temperature
+        self.attributes = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden[:, 1:].amax(1))  # (B, S+1, D) -> (B, D)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(hidden))  # (B, E)
+
+    def attribute_loss(self, hidden: torch.Tensor, labels: dict[str, torch.Tensor],
+                       weights: Optional[dict[str, float]] = None) -> torch.Tensor:
+        pooled, weights = self.pool(hidden), weights or {}
+        losses = [weights.get(k, 1.0) * F.cross_entropy(layer(pooled), labels[k], ignore_index=-100)
+                  for k, layer in self.attributes.items() if bool((labels[k] >= 0).any())]
+        return torch.stack(losses).sum() if losses else pooled.sum() * 0
+
+
+def sincos_positions(dim: int, grid: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings (MAE): (grid*grid, dim), x in the first half, y in the second."""
+    if dim % 4:
+        raise ValueError(f"hidden size must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = []
+    for coord in (x.flatten(), y.flatten()):
+        angles = coord[:, None] * omega[None]  # (S, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)  # (S, dim)
+
+
+@torch.no_grad()
+def init_positions(tower: CLIPVisionModel, scale: float) -> None:
+    """Start the tower's learned position embeddings from scaled 2-D sin-cos ones (CLS row 0): neighbouring
+    patches start out similar, so attention can find an object's other patches before it has learned where
+    they are. They stay trainable; the saved model is an ordinary CLIPVisionModel."""
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # transformers 4 nests a `vision_model`
+    weight = embeddings.position_embedding.weight  # (S+1, D)
+    grid = int(round(math.sqrt(weight.shape[0] - 1)))
+    weight[0].zero_()
+    weight[1:] = scale * sincos_positions(weight.shape[1], grid)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]: what the saved image processor computes (mean = std = 0.5)."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def vision_image_processor(image_size: int) -> Any:
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+@torch.no_grad()
+def retrieval_accuracy(tower: CLIPVisionModel, head: ContrastiveHead, text: BagOfWordsEncoder, images: np.ndarray,
+                       captions: Sequence[str], batch: int = 256) -> dict[str, float]:
+    """Image -> text retrieval among the distinct captions of a held-out set: top-1 / top-5 accuracy and chance."""
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    txt = F.normalize(text(*text.tokenize(distinct)), dim=-1)  # (C, E)
+    hits1 = hits5 = 0
+    for s in range(0, len(images), batch):
+        img = F.normalize(head(tower(pixel_values=to_pixels(images[s:s + batch])).last_hidden_state), dim=-1)
+        top = (img @ txt.T).topk(min(5, len(distinct)), dim=-1).indices  # (b, 5)
+        target = torch.tensor([where[c] for c in captions[s:s + batch]])
+        hits1 += int((top[:, 0] == target).sum())
+        hits5 += int((top == target[:, None]).any(-1).sum())
+    n = len(images)
+    return {"retrieval_top1": hits1 / n, "retrieval_top5": hits5 / n, "retrieval_chance": 1 / len(distinct),
+            "retrieval_candidates": len(distinct), "retrieval_images": n,
+            "attribute_accuracy": attribute_accuracy(tower, head, text, images, captions)}
+
+
+@torch.no_grad()
+def attribute_accuracy(tower: CLIPVisionModel, head: ContrastiveHead, text: BagOfWordsEncoder, images: np.ndarray,
+                       captions: Sequence[str]) -> dict[str, float]:
+    """Zero-shot attribute probe on single-object captions: swap one attribute word of the true caption for each
+    alternative ("a big red circle" -> "a big blue circle", ...) and check that the true caption ranks first.
+    Chance: 1/8 for colour and kind, 1/2 for size, 1/5 for position."""
+    img = F.normalize(head(tower(pixel_values=to_pixels(images)).last_hidden_state), dim=-1)  # (N, E)
+    result = {}
+    for name in ("colour", "kind", "size", "position"):
+        values, hits, n = ATTRIBUTES[name], 0, 0
+        for i, caption in enumerate(captions):
+            words = caption.rstrip(".").split()
+            where = [j for j, w in enumerate(words) if w in values]
+            if len(where) != 1 or any(w in words for w in ("two", "three")):
+                continue
+            j = where[0]
+            variants = [" ".join(words[:j] + [v] + words[j + 1:]) for v in values]
+            txt = F.normalize(text(*text.tokenize(variants)), dim=-1)  # (V, E)
+            hits += int(int((img[i] @ txt.T).argmax()) == values.index(words[j]))
+            n += 1
+        result[name] = round(hits / n, 4) if n else float("nan")
+    return result
+
+
+def grow_vision(pairs: Pairs, out_dir: PathLike, *, heldout: Optional[Pairs] = None,
+                size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2) -> dict:
+    """Pretrain a `CLIPVisionModel` contrastively on image-text pairs; save it + its image processor in `out_dir`.
+
+    Returns {"dir", "wall_s", "steps", "final_loss", and retrieval metrics on `heldout` when given}.
+    """
+    size, start = _size(size), time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = _train_vision(pairs, out_dir, heldout, size, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], size: MiniSize, seed: int) -> dict:
+    torch.manual_seed(seed)
+    images, captions = load_pairs(pairs)
+    if images.shape[1] != size.image_size or images.shape[2] != size.image_size:
+        raise ValueError(f"images are {images.shape[1:3]}, the size preset says {size.image_size}")
+    config = CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
+                              num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
+                              image_size=size.image_size, patch_size=size.patch_size, projection_dim=size.embed_dim)
+    tower = CLIPVisionModel(config)
+    if size.vision_sincos:
+        init_positions(tower, size.vision_sincos)
+    vocab = sorted({w for c in captions for w in words_of(c)})
+    text = BagOfWordsEncoder(vocab, width=2 * size.embed_dim, embed_dim=size.embed_dim)
+    head = ContrastiveHead(size.vision_hidden, size.embed_dim)
+    params = [*tower.parameters(), *text.parameters(), *head.parameters()]
+    optim = torch.optim.AdamW(params, lr=size.vision_lr, weight_decay=0.05)
+    pixels = to_pixels(images)  # (N, 3, H, W)
+    rng = np.random.default_rng(seed)
+    caption_ids = np.unique(captions, return_inverse=True)[1]
+    labels = {k: torch.tensor([caption_labels(c)[k] for c in captions]) for k in ATTRIBUTES}
+    loss_value = float("nan")
+    tower.train()
+    for step in tqdm(range(size.vision_steps), desc="vision tower", leave=False):
+        batch = rng.choice(len(captions), size=min(size.vision_batch, len(captions)), replace=False)
+        for group in optim.param_groups:
+            group["lr"] = _lr(step, size.vision_steps, size.vision_lr)
+        hidden = tower(pixel_values=pixels[batch]).last_hidden_state  # (B, S+1, D)
+        img = F.normalize(head(hidden), dim=-1)  # (B, E)
+        txt = F.normalize(text(*text.tokenize([captions[i] for i in batch])), dim=-1)  # (B, E)
+        logits = head.log_scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B, B)
+        same = torch.from_numpy(caption_ids[batch][:, None] == caption_ids[batch][None, :]).float()
+        targets = same / same.sum(-1, keepdim=True)  # identical captions are not negatives
+        loss = 0.5 * (torch.sum(-targets * logits.log_softmax(-1), -1).mean()
+                      + torch.sum(-targets * logits.T.log_softmax(-1), -1).mean())
+        if size.vision_aux:
+            loss = loss + size.vision_aux * head.attribute_loss(hidden, {k: v[batch] for k, v in labels.items()},
+                                                                {"kind": size.vision_kind_weight})
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        loss_value = loss.item()
+    tower.eval()
+    result: dict[str, Any] = {"dir": str(out_dir), "steps": size.vision_steps, "final_loss": round(loss_value, 4),
+                              "params": sum(p.numel() for p in tower.parameters())}
+    if heldout is not None:
+        result.update(retrieval_accuracy(tower, head, text, *load_pairs(heldout)))
+    tower.save_pretrained(str(out_dir))
+    vision_image_processor(size.image_size).save_pretrained(str(out_dir))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ LM
+def _token_stream(lines: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """Documents joined by EOS (GPT-2 style): `doc EOS doc EOS ...` as one long id tensor."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(list(lines), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(lm: LlamaForCausalLM, stream: torch.Tensor, context: int, batch: int = 16) -> float:
+    """exp(mean NLL) over non-overlapping windows of `context` tokens."""
+    n = (len(stream) - 1) // context
+    if n == 0:
+        raise ValueError(f"held-out text has {len(stream)} tokens, fewer than one window of {context}")
+    windows = stream[: n * context + 1]
+    total, count = 0.0, 0
+    for s in range(0, n, batch):
+        idx = torch.arange(s, min(n, s + batch))[:, None] * context + torch.arange(context + 1)[None]
+        chunk = windows[idx]  # (b, context + 1)
+        logits = lm(input_ids=chunk[:, :-1]).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
+            out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
+            size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2) -> dict:
+    """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
+    tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl"}."""
+    size, start = _size(size), time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = _train_lm(corpus, tokenizer, out_dir, heldout, size, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
+              out_dir: PathLike, heldout: Union[PathLike, Sequence[str], None], size: MiniSize, seed: int) -> dict:
+    torch.manual_seed(seed)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
+    stream = _token_stream(_lines(corpus), tokenizer)
+    ctx = size.lm_context
+    if len(stream) <= ctx + 1:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one window of {ctx}")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.lm_hidden, intermediate_size=size.lm_intermediate,
+                         num_hidden_layers=size.lm_layers, num_attention_heads=size.lm_heads,
+                         num_key_value_heads=size.lm_heads, max_position_embeddings=ctx, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    lm = LlamaForCausalLM(config)
+    optim = torch.optim.AdamW(lm.parameters(), lr=size.lm_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    loss_value = float("nan")
+    lm.train()
+    for step in tqdm(range(size.lm_steps), desc="language model", leave=False):
+        for group in optim.param_groups:
+            group["lr"] = _lr(step, size.lm_steps, size.lm_lr)
+        starts = torch.randint(0, len(stream) - ctx - 1, (size.lm_batch,), generator=gen)
+        chunk = stream[starts[:, None] + torch.arange(ctx + 1)[None]]  # (B, ctx + 1)
+        logits = lm(input_ids=chunk[:, :-1]).logits  # (B, ctx, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optim.step()
+        loss_value = loss.item()
+    lm.eval()
+    result: dict[str, Any] = {"dir": str(out_dir), "steps": size.lm_steps, "final_loss": round(loss_value, 4),
+                              "tokens_seen": size.lm_steps * size.lm_batch * ctx, "corpus_tokens": len(stream),
+                              "params": sum(p.numel() for p in lm.parameters())}
+    if heldout is not None:
+        result["heldout_ppl"] = round(perplexity(lm, _token_stream(_lines(heldout), tokenizer), ctx), 3)
+    lm.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- all
+def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Union[str, MiniSize, None] = None,
+                   seed: int = 0, threads: Optional[int] = 2) -> dict:
+    """Grow the three backbones from a written world (its manifest dict or root/world.json) into
+    out_dir/{tokenizer,vision,lm}; write and return out_dir/backbones.json.
+
+    threads: torch threads while training (restored after). On a machine shared with other busy processes, 1 is
+    far faster than 2 (OpenMP threads spin-wait for a busy core)."""
+    if not isinstance(manifest, dict):
+        path = Path(manifest)
+        with open(path / "world.json" if path.is_dir() else path) as f:
+            manifest = json.load(f)
+    size = _size(size if size is not None else manifest.get("size"))
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    tokenizer = grow_tokenizer(manifest["corpus"]["train"], size.vocab_size, out / "tokenizer")
+    report: dict[str, Any] = {"tokenizer": {"dir": str(out / "tokenizer"), "vocab_size": len(tokenizer),
+                                            "wall_s": round(time.perf_counter() - t0, 2)}}
+    report["vision"] = grow_vision(manifest["data"]["pairs"]["path"], out / "vision",
+                                   heldout=manifest["eval"]["retrieval"]["path"], size=size, seed=seed,
+                                   threads=threads)
+    report["lm"] = grow_lm(manifest["corpus"]["train"], tokenizer, out / "lm", heldout=manifest["corpus"]["heldout"],
+                           size=size, seed=seed, threads=threads)
+    report["wall_s"] = round(sum(report[k]["wall_s"] for k in ("tokenizer", "vision", "lm")), 2)
+    with open(out / "backbones.json", "w") as f:
+        json.dump(report, f, indent=1)
+    return report

@@ -1,0 +1,218 @@
+"""`flamingo demo`: grow a mini Flamingo end to end, offline, and show few-shot learning.
+
+Stages (each timed, each with a progress bar, each reusing its output when it is already there):
+1. world      — the synthetic multimodal world (flamingo/mini/world.py, writers.py) in the data/eval formats;
+2. backbones  — a BPE tokenizer, a contrastively pretrained vision tower, a small causal LM (flamingo/mini/backbones.py),
+                saved as HF directories and loaded back through `from_pretrained`;
+3. flamingo   — `flamingo train configs/mini.yaml ...`: both backbones frozen, the three-way mixture with lambda weights;
+4. eval       — the real harness (flamingo/eval) at 0/1/2/4/8 shots on held-out images and combinations, for the
+                trained model and the same model with its gates at 0;
+5. report     — report.md with the few-shot table, plots, gate values over training, sample generations.
+`--ablate X` reruns stages 3-4 with one of the paper's ablations and adds its rows to the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .sizes import get_size
+
+# The demo's evaluation: (eval set written by the world, harness task, headline metric).
+TASKS: dict[str, tuple[str, str]] = {
+    "vqa": ("vqa", "vqa_accuracy"),
+    "captioning": ("captioning", "cider"),
+    "classification": ("classification", "top1_accuracy"),
+    "videoqa": ("videoqa", "accuracy"),
+    "binding": ("classification", "top1_accuracy"),
+}
+# The paper's ablations as config overrides of the Flamingo stage.
+ABLATIONS: dict[str, list[str]] = {
+    "gating": ["model.flamingo.gated=false"],
+    "xattn-every-4": ["model.flamingo.xattn_every=4"],
+    "mlp-resampler": ["model.flamingo.resampler=mlp"],
+    "unfrozen-lm": ["model.flamingo.freeze_lm=false"],
+}
+SHOTS = (0, 1, 2, 4, 8)
+
+
+@dataclass
+class DemoSettings:
+    out: str = "flamingo-demo"
+    size: str = "default"
+    seed: int = 0
+    ablate: Optional[str] = None
+    shots: Sequence[int] = SHOTS
+    progress: bool = True
+
+
+@dataclass
+class DemoRun:
+    settings: DemoSettings
+    times: dict[str, float] = field(default_factory=dict)
+    world: dict[str, Any] = field(default_factory=dict)
+    backbones: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)  # variant -> trained model dir
+    commands: dict[str, str] = field(default_factory=dict)  # variant -> `flamingo train` command line
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant -> task -> results
+
+
+def config_path() -> str:
+    """configs/mini.yaml (shipped inside the package as flamingo/mini/mini.yaml)."""
+    return str(resources.files("flamingo.mini").joinpath("mini.yaml"))
+
+
+@contextmanager
+def stage(run: DemoRun, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    print(f"[demo] {name} ...", flush=True)
+    yield
+    run.times[name] = round(time.perf_counter() - start, 1)
+    print(f"[demo] {name} done in {run.times[name]:.1f} s", flush=True)
+
+
+def _done_marker(directory: str, key: dict[str, Any]) -> str:
+    return os.path.join(directory, ".done-" + "-".join(f"{k}={v}" for k, v in sorted(key.items())))
+
+
+def build_world(run: DemoRun) -> dict[str, Any]:
+    from .writers import write_world
+
+    s = run.settings
+    root = os.path.join(s.out, "world")
+    marker = _done_marker(root, {"size": s.size, "seed": s.seed})
+    if os.path.exists(marker):
+        with open(os.path.join(root, "world.json")) as f:
+            return json.load(f)
+    shutil.rmtree(root, ignore_errors=True)
+    manifest = write_world(root, s.size, s.seed)
+    open(marker, "w").close()
+    return manifest
+
+
+def build_backbones(run: DemoRun) -> dict[str, Any]:
+    from .backbones import grow_backbones
+
+    s = run.settings
+    root = os.path.join(s.out, "backbones")
+    marker = _done_marker(root, {"size": s.size, "seed": s.seed})
+    report_path = os.path.join(root, "backbones.json")
+    if os.path.exists(marker):
+        with open(report_path) as f:
+            return json.load(f)
+    shutil.rmtree(root, ignore_errors=True)
+    report = grow_backbones(run.world, root, s.size, seed=s.seed)  # also writes backbones.json
+    open(marker, "w").close()
+    return report
+
+
+def train_overrides(run: DemoRun, variant: str) -> list[str]:
+    s, size = run.settings, get_size(run.settings.size)
+    data = run.world["data"]
+    overrides = [f"model.vision={run.backbones['vision']['dir']}", f"model.lm={run.backbones['lm']['dir']}",
+                 f"data.0.path={data['interleaved']['path']}", f"data.1.path={data['pairs']['path']}",
+                 f"data.2.path={data['video']['path']}", f"train.output_dir={os.path.join(s.out, variant)}",
+                 f"train.seed={s.seed}", f"train.steps={size.flamingo_steps}"]
+    if variant != "flamingo":
+        overrides += ABLATIONS[variant]
+    return overrides
+
+
+def train_flamingo(run: DemoRun, variant: str) -> str:
+    """Stage 3 through the trainer `flamingo train` runs; returns the final model directory."""
+    from ..train.config import load_config
+    from ..train.trainer import Trainer
+
+    overrides = train_overrides(run, variant)
+    run.commands[variant] = "flamingo train configs/mini.yaml " + " ".join(overrides)
+    out = os.path.join(run.settings.out, variant)
+    final = os.path.join(out, "final")
+    if os.path.exists(_done_marker(out, {"seed": run.settings.seed})):
+        return final
+    shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(load_config(config_path(), overrides))
+    final = trainer.run()
+    open(_done_marker(out, {"seed": run.settings.seed}), "w").close()
+    return final
+
+
+def zero_gates(model: torch.nn.Module) -> None:
+    """The same model with every tanh gate at 0: the frozen LM alone (the images cannot matter)."""
+    with torch.no_grad():
+        for block in model.xattn:
+            if getattr(block, "gated", False):
+                block.attn_gate.zero_()
+                block.ffw_gate.zero_()
+
+
+def headline_task(size: str) -> tuple[str, int]:
+    """(task, shots) on which the smoke test checks that training helped (the trained model vs its gate-0 self)."""
+    return ("vqa", 4)
+
+
+def gate_zero_shots(shots: Sequence[int]) -> list[int]:
+    """The gate-0 baseline runs at the demo's 4-shot setting only (the goal compares there; it halves eval time)."""
+    return [4] if 4 in shots else [max(shots)]
+
+
+def evaluate_model(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = False,
+                   shots: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    from ..eval.runner import evaluate
+    from ..model.build import load_pretrained
+
+    s, size = run.settings, get_size(run.settings.size)
+    model, processor = load_pretrained(model_dir)
+    model.eval()
+    if gates_zero:
+        zero_gates(model)
+    name = variant + ("-gates0" if gates_zero else "")
+    results = {}
+    for task_name, (harness_task, _) in TASKS.items():
+        data_dir = run.world["eval"][task_name]["dir"]
+        results[task_name] = evaluate(
+            model, processor, harness_task, data_dir, shots=list(shots or s.shots), trials=1, demos="random",
+            query_set=None, num_samples=size.eval_samples, batch_size=16, seed=s.seed,
+            out_dir=os.path.join(s.out, "eval", name, task_name), model_name=name, progress=s.progress,
+            zero_shot="text")
+    return results
+
+
+def run_demo(settings: DemoSettings) -> DemoRun:
+    """All stages; returns what the report is made of (report.md is written into settings.out)."""
+    if settings.ablate is not None and settings.ablate not in ABLATIONS:
+        raise ValueError(f"unknown ablation {settings.ablate!r}: choose from {sorted(ABLATIONS)}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.makedirs(settings.out, exist_ok=True)
+    run = DemoRun(settings)
+    total = time.perf_counter()
+    with stage(run, "world"):
+        run.world = build_world(run)
+    with stage(run, "backbones"):
+        run.backbones = build_backbones(run)
+    variants = ["flamingo"] + ([settings.ablate] if settings.ablate else [])
+    for variant in variants:
+        with stage(run, f"train {variant}"):
+            run.models[variant] = train_flamingo(run, variant)
+    for variant in variants:
+        with stage(run, f"eval {variant}"):
+            run.results[variant] = evaluate_model(run, variant, run.models[variant])
+    with stage(run, "eval flamingo gates=0"):
+        run.results["flamingo-gates0"] = evaluate_model(run, "flamingo", run.models["flamingo"], gates_zero=True,
+                                                        shots=gate_zero_shots(settings.shots))
+    run.times["total"] = round(time.perf_counter() - total, 1)
+    from .report import write_report
+
+    with stage(run, "report"):
+        path = write_report(run)
+    run.times["total"] = round(time.perf_counter() - total, 1)
+    write_report(run)  # again, with the report stage's own time in it
+    print(f"[demo] report: {path}  (total {run.times['total']:.0f} s)")
+    return run

@@ -1,0 +1,236 @@
+"""report.md of `flamingo demo`: the few-shot table, the goals checked against the numbers, plots (metric vs shots
+per task, tanh gate values per layer over training, training losses), sample generations with their images, wall
+time per stage and the commands to reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .demo import DemoRun
+
+REPORT = "report.md"
+
+
+def headline(run: "DemoRun", variant: str, task: str, shots: int) -> Optional[float]:
+    from .demo import TASKS
+
+    results = run.results.get(variant, {}).get(task)
+    if results is None:
+        return None
+    metric = TASKS[task][1]
+    for row in results["summary"]:
+        if row["shots"] == shots and row["metric"] == metric:
+            return row["mean"]
+    return None
+
+
+def _fmt(value: Optional[float], task: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if task == "captioning" else f"{value:.1f}%"  # the harness reports percent (CIDEr x100)
+
+
+def goals(run: "DemoRun") -> list[tuple[str, bool, str]]:
+    """(goal, reached, the numbers) for each goal of the demo."""
+    from .demo import TASKS
+
+    shots = list(run.settings.shots)
+    out = []
+    chance = run.world["eval"]["binding"].get("chance")
+    b = {k: headline(run, "flamingo", "binding", k) for k in shots}
+    if 0 in b and b[0] is not None and chance:
+        out.append(("binding: chance at 0-shot (within 15 points)", abs(b[0] - 100 * chance) <= 15,
+                    f"0-shot {_fmt(b[0], 'binding')} vs chance {100 * chance:.1f}%"))
+    if b.get(4) is not None:
+        out.append(("binding: >= 90% at 4-shot", b[4] >= 90, f"4-shot {_fmt(b[4], 'binding')}"))
+    vals = [b[k] for k in shots if b.get(k) is not None]
+    if vals:
+        monotone = all(later >= earlier - 2 for earlier, later in zip(vals, vals[1:]))
+        out.append(("binding: accuracy does not fall as shots increase (0->8, 2-point tolerance)", monotone,
+                    " -> ".join(_fmt(v, "binding") for v in vals)))
+    best_vqa = max((v for k in shots if (v := headline(run, "flamingo", "vqa", k)) is not None), default=None)
+    if best_vqa is not None:
+        out.append(("attribute VQA on held-out images >= 90%", best_vqa >= 90,
+                    f"best over shots {_fmt(best_vqa, 'vqa')}"))
+    for task in TASKS:
+        k = 4 if 4 in shots else shots[-1]
+        ours, zero = headline(run, "flamingo", task, k), headline(run, "flamingo-gates0", task, k)
+        if ours is not None and zero is not None:
+            out.append((f"{task}: trained beats gates=0 ({k}-shot)", ours > zero,
+                        f"{_fmt(ours, task)} vs {_fmt(zero, task)}"))
+    return out
+
+
+def _plot_fewshot(run: "DemoRun", path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .demo import TASKS
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(3.6 * len(TASKS), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        for variant in run.results:
+            xs = [k for k in run.settings.shots if headline(run, variant, task, k) is not None]
+            ax.plot(xs, [headline(run, variant, task, k) for k in xs], marker="o", label=variant)
+        if task == "binding" and run.world["eval"]["binding"].get("chance"):
+            ax.axhline(100 * run.world["eval"]["binding"]["chance"], color="grey", ls="--", lw=1, label="chance")
+        ax.set_title(f"{task} ({TASKS[task][1]})")
+        ax.set_xlabel("shots")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _metrics(run: "DemoRun", variant: str) -> list[dict[str, Any]]:
+    path = os.path.join(run.settings.out, variant, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            rows[m["step"]] = m
+    return [rows[k] for k in sorted(rows)]
+
+
+def _plot_training(run: "DemoRun", variant: str, gates_path: str, loss_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _metrics(run, variant)
+    if not rows:
+        return
+    steps = [m["step"] for m in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for layer in rows[0]["gates"]:
+        axes[0].plot(steps, [m["gates"][layer][0] for m in rows], label=f"layer {layer}")
+        axes[1].plot(steps, [m["gates"][layer][1] for m in rows], label=f"layer {layer}")
+    for ax, name in zip(axes, ("tanh(attention gate)", "tanh(dense gate)")):
+        ax.set_title(f"{variant}: {name}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(gates_path, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in [k for k in rows[0] if k.startswith("loss/")]:
+        ax.plot(steps, [m.get(key) for m in rows], label=key[5:])
+    ax.set_title(f"{variant}: training loss per dataset")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(loss_path, dpi=100)
+    plt.close(fig)
+
+
+def _samples(run: "DemoRun", out: str, count: int = 4) -> list[str]:
+    """Sample VQA and video-QA generations of the trained model at 4 shots (or the largest), with their images."""
+    lines = []
+    k = 4 if 4 in run.settings.shots else max(run.settings.shots)
+    os.makedirs(os.path.join(out, "report_images"), exist_ok=True)
+    for task in ("vqa", "videoqa", "captioning"):
+        pred_path = os.path.join(out, "eval", "flamingo", task, "predictions", f"{task}_{k}shot_trial0.jsonl")
+        if not os.path.exists(pred_path):
+            continue
+        data_dir = run.world["eval"][task]["dir"]
+        from ..eval.tasks import get_task
+
+        samples = {s.id: s for s in get_task(task).load(data_dir, "test")}
+        with open(pred_path) as f:
+            records = [json.loads(line) for line in f][:count]
+        lines += [f"**{task}, {k}-shot** (held-out media):", "", "| media | prompt | model | reference |",
+                  "|---|---|---|---|"]
+        for r in records:
+            sample = samples.get(str(r["id"]))
+            if sample is None:
+                continue
+            media = sample.media[-1]
+            name = f"{task}_{os.path.basename(media)}"
+            shutil.copy(media, os.path.join(out, "report_images", name))
+            shown = f"![]({'report_images/' + name})" if not name.endswith((".mp4", ".webm", ".mkv")) \
+                else f"[video](report_images/{name})"
+            question = sample.fields.get("question", "")
+            reference = sample.answer
+            lines.append(f"| {shown} | {question} | {r.get('prediction', r.get('answer', ''))} | {reference} |")
+        lines.append("")
+    return lines
+
+
+def write_report(run: "DemoRun") -> str:
+    from .demo import TASKS
+
+    s = run.settings
+    out = s.out
+    _plot_fewshot(run, os.path.join(out, "fewshot.png"))
+    for variant in run.models:
+        _plot_training(run, variant, os.path.join(out, f"gates_{variant}.png"), os.path.join(out, f"loss_{variant}.png"))
+    lines = ["# flamingo demo: a mini Flamingo grown offline", "",
+             f"Size `{s.size}`, seed {s.seed}, shots {list(s.shots)}. Every number below was produced by this run.", "",
+             "## Reproduce", "", "```bash",
+             f"flamingo demo --out {out} --size {s.size} --seed {s.seed}" + (f" --ablate {s.ablate}" if s.ablate else ""),
+             "```", "", "The Flamingo stage is the ordinary trainer:", "", "```bash"]
+    lines += [run.commands[v] for v in run.commands] + ["```", ""]
+
+    lines += ["## Few-shot results", "",
+              "Held-out images (and held-out kind x colour combinations) for every task; binding uses nonsense words "
+              "never seen in training, bound to object kinds by the demos of each episode. "
+              "`flamingo-gates0` is the trained model with every tanh gate set to 0 (the frozen LM alone).", "",
+              "| model | task (metric) | " + " | ".join(f"{k}-shot" for k in s.shots) + " |",
+              "|---|---|" + "---|" * len(s.shots)]
+    for variant in run.results:
+        for task in TASKS:
+            cells = [_fmt(headline(run, variant, task, k), task) for k in s.shots]
+            lines.append(f"| {variant} | {task} ({TASKS[task][1]}) | " + " | ".join(cells) + " |")
+    chance = run.world["eval"]["binding"].get("chance")
+    if chance:
+        lines += ["", f"Binding chance level: {100 * chance:.1f}%."]
+    lines += ["", "![few-shot](fewshot.png)", "", "## Goals", "", "| goal | reached | numbers |", "|---|---|---|"]
+    lines += [f"| {g} | {'yes' if ok else '**no**'} | {nums} |" for g, ok, nums in goals(run)]
+
+    lines += ["", "## Training", ""]
+    for variant in run.models:
+        rows = _metrics(run, variant)
+        if rows:
+            lines.append(f"- `{variant}`: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; "
+                         f"final tanh gates (attention, dense) per layer: "
+                         + ", ".join(f"{k}: ({a:.2f}, {d:.2f})" for k, (a, d) in rows[-1]["gates"].items()))
+            lines += ["", f"![gates](gates_{variant}.png) ![loss](loss_{variant}.png)", ""]
+    bb = run.backbones
+    lines += ["## Backbones (grown here, frozen during Flamingo training)", ""]
+    if "vision" in bb:
+        v = bb["vision"]
+        lines.append(f"- vision tower (CLIPVisionModel, {v.get('params', 0):,} parameters, contrastive pretraining, "
+                     f"{v.get('steps')} steps): held-out image->text retrieval top-1 "
+                     f"{100 * v.get('retrieval_top1', 0):.1f}% (chance {100 * v.get('retrieval_chance', 0):.1f}%), "
+                     f"top-5 {100 * v.get('retrieval_top5', 0):.1f}%")
+    if "lm" in bb:
+        m = bb["lm"]
+        lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps): "
+                     f"held-out perplexity {m.get('heldout_ppl')}")
+    if "tokenizer" in bb:
+        lines.append(f"- byte-level BPE tokenizer: {bb['tokenizer'].get('vocab_size')} tokens")
+    lines.append("")
+    lines += ["## Sample generations", ""] + _samples(run, out)
+    lines += ["## Wall time per stage (2 CPU cores)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {t:.1f} |" for name, t in run.times.items()]
+    lines += ["", "## Try it", "", "```bash",
+              f"flamingo generate --model {run.models.get('flamingo', '')} "
+              "--prompt \"<image>Question:What colour is the object? Short answer:\" --image IMAGE.png",
+              "```", ""]
+    path = os.path.join(out, REPORT)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

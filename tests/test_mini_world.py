@@ -1,0 +1,274 @@
+"""The mini world (flamingo/mini): deterministic scenes, faithful rendering, held-out combinations and binding words
+kept out of training, every dataset in the contract's format, and smoke backbones that load like HF models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flamingo.mini.sizes import get_size
+from flamingo.mini.world import COLOURS, KINDS, World, plural
+from flamingo.mini.writers import write_world
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mini_world")
+    write_world(root, "smoke", seed=SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def manifest(world_dir) -> dict:
+    return json.loads((world_dir / "world.json").read_text())
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _training_texts(manifest: dict) -> list[str]:
+    data = manifest["data"]
+    texts = [row["caption"] for row in _jsonl(Path(data["pairs"]["path"]))]
+    texts += [row["caption"] for row in _jsonl(Path(data["video"]["path"]))]
+    texts += [t for doc in _jsonl(Path(data["interleaved"]["path"])) for t in doc["text_list"]]
+    texts += Path(manifest["corpus"]["train"]).read_text().splitlines()
+    return texts
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != "world.json":
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- world
+def test_world_is_deterministic(world_dir, tmp_path):
+    a, b = World(SEED), World(SEED)
+    ra, rb = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(20):
+        sa, sb = a.sample_scene(ra, "train"), b.sample_scene(rb, "train")
+        assert sa == sb
+        assert np.array_equal(a.render(sa), b.render(sb))
+    assert a.heldout_combos == b.heldout_combos and a.eval_words == b.eval_words
+    assert World(SEED + 1).eval_words != a.eval_words
+    write_world(tmp_path, "smoke", seed=SEED, workers=1)  # the fixture used two processes: same bytes
+    assert _digest(tmp_path) == _digest(world_dir)
+
+
+def test_rendered_colour_and_position():
+    world, rng = World(0), np.random.default_rng(0)
+    names, table = list(COLOURS), np.array(list(COLOURS.values()), dtype=float)
+    for i in range(40):
+        position = ("left", "right", "top", "bottom", "middle")[i % 5]
+        scene = world.sample_scene(rng, "eval", count=1, size="big", position=position)
+        image = world.render(scene).astype(float)  # (H, W, 3)
+        mask = np.abs(image - np.array(scene.bg_rgb)).sum(-1) > 60
+        assert mask.sum() > 10, scene
+        # The object's pixels are its colour (the most saturated ones: edges are blended with the background).
+        object_pixels = image[np.abs(image - np.array(scene.bg_rgb)).sum(-1) > 0.8 * np.abs(
+            np.array(scene.rgb) - np.array(scene.bg_rgb)).sum()]
+        mean = object_pixels.mean(0)
+        assert np.abs(mean - np.array(scene.rgb)).max() < 30, (scene, mean)
+        assert names[int(np.argmin(((table - mean) ** 2).sum(-1)))] == scene.colour
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean() / image.shape[1], ys.mean() / image.shape[0]
+        expected = {"left": cx < 0.35, "right": cx > 0.65, "top": cy < 0.35, "bottom": cy > 0.65,
+                    "middle": 0.35 < cx < 0.65 and 0.35 < cy < 0.65}
+        assert expected[position], (position, cx, cy)
+
+
+def test_counts_and_clips():
+    world, rng = World(0), np.random.default_rng(1)
+    areas = {}
+    for count in (1, 2, 3):
+        scene = world.sample_scene(rng, "eval", kind="square", colour="red", size="small", count=count)
+        image = world.render(scene).astype(float)
+        areas[count] = (np.abs(image - np.array(scene.bg_rgb)).sum(-1) > 60).sum()
+    assert areas[2] == pytest.approx(2 * areas[1], rel=0.35) and areas[3] == pytest.approx(3 * areas[1], rel=0.35)
+    for direction in ("left", "right", "up", "down"):
+        for _ in range(50):
+            clip = world.sample_clip(rng, "train", 6, motion="move")
+            if clip.direction == direction:
+                break
+        frames = world.render_clip(clip).astype(float)
+        bg = np.array(clip.first.bg_rgb)
+        centroids = []
+        for frame in frames:
+            ys, xs = np.nonzero(np.abs(frame - bg).sum(-1) > 60)
+            centroids.append((xs.mean(), ys.mean()))
+        (x0, y0), (x1, y1) = centroids[0], centroids[-1]
+        moved = {"left": x1 < x0 - 3, "right": x1 > x0 + 3, "up": y1 < y0 - 3, "down": y1 > y0 + 3}
+        assert moved[direction], (direction, centroids)
+    turn = world.sample_clip(rng, "train", 6, motion="turn")
+    assert turn.frames[0].colour != turn.frames[-1].colour == turn.colour_to
+
+
+def test_heldout_combinations_never_in_training(manifest):
+    world = World(SEED)
+    held = world.heldout_combos
+    assert len(held) == len(KINDS) and {k for k, _ in held} == set(KINDS) and {c for _, c in held} == set(COLOURS)
+    rng = np.random.default_rng(0)
+    assert not any((s.kind, s.colour) in held for s in (world.sample_scene(rng, "train") for _ in range(500)))
+    with pytest.raises(ValueError):
+        world.sample_scene(rng, "train", novel=True)
+    # Text: every sentence about one scene or clip; none may pair a kind with its held-out colour.
+    kind_words = {w: k for k in KINDS for w in (k, plural(k))}
+    for text in _training_texts(manifest):
+        for sentence in re.split(r"\.|Question:|Short answer:[a-z0-9]+", text):
+            words = re.findall(r"[a-z]+", sentence.lower())
+            kinds = {kind_words[w] for w in words if w in kind_words}
+            colours = {w for w in words if w in COLOURS}
+            assert not any((k, c) in held for k in kinds for c in colours), sentence
+    # ... while the evaluation sets do use them.
+    ev = Path(manifest["eval"]["vqa"]["dir"])
+    anns = json.loads((ev / "test_annotations.json").read_text())["annotations"]
+    retrieval = _jsonl(Path(manifest["eval"]["retrieval"]["path"]))
+    assert any(a["novel"] for a in anns) or any(r["novel"] for r in retrieval)
+
+
+def test_binding_words_disjoint_and_episodes_well_formed(manifest):
+    training_words = set()
+    vocabulary = set(KINDS) | {plural(k) for k in KINDS}
+    for text in _training_texts(manifest):
+        training_words |= {w for w in re.findall(r"(?:This is|Here is|this is) a ([a-z]+)", text)} - vocabulary
+        training_words |= set(re.findall(r"\b[aA] ([a-z]+) is a ", text)) - vocabulary
+    assert len(training_words) >= 10
+    d = Path(manifest["eval"]["binding"]["dir"])
+    classes = set(json.loads((d / "classes.json").read_text()))
+    assert classes and not classes & training_words
+    assert classes <= set(World(SEED).eval_words)
+    train = {row["id"]: row for row in _jsonl(d / "train.jsonl")}
+    test = _jsonl(d / "test.jsonl")
+    assert len(test) == get_size("smoke").binding_episodes
+    for row in test:
+        cands = row["candidates"]
+        assert row["label"] in cands and 2 <= len(cands) <= 3 and len(set(cands)) == len(cands)
+        assert len(row["demo_ids"]) == 8 and all(i in train for i in row["demo_ids"])
+        labels = [train[i]["label"] for i in row["demo_ids"]]
+        assert set(labels[: len(cands)]) == set(cands)  # any prefix of n_way demos covers every word
+        assert all((d / train[i]["image"]).is_file() for i in row["demo_ids"]) and (d / row["image"]).is_file()
+        # One kind per word within the episode, and the query shows the kind of its label.
+        kind_of = {train[i]["label"]: train[i]["kind"] for i in row["demo_ids"]}
+        assert len(set(kind_of.values())) == len(cands) and kind_of[row["label"]] == row["kind"]
+
+
+# -------------------------------------------------------------------------------------------------- formats
+def test_training_datasets_parse(manifest):
+    data = manifest["data"]
+    pairs_path = Path(data["pairs"]["path"])
+    pairs = _jsonl(pairs_path)
+    assert len(pairs) == data["pairs"]["count"]
+    assert all(set(r) >= {"image", "caption"} and (pairs_path.parent / r["image"]).is_file() for r in pairs)
+
+    docs_path = Path(data["interleaved"]["path"])
+    docs = _jsonl(docs_path)
+    assert len(docs) == data["interleaved"]["docs"] and data["interleaved"]["binding_docs"] > 0
+    for doc in docs:
+        assert set(doc) >= {"text_list", "image_info", "similarity_matrix"}
+        n_text, info, sims = len(doc["text_list"]), doc["image_info"], doc["similarity_matrix"]
+        assert 2 <= len(info) <= 5 and len(sims) == len(info) and all(len(row) == n_text for row in sims)
+        for image, row in zip(info, sims):
+            assert (docs_path.parent / image["image_name"]).is_file()
+            m = image["matched_text_index"]
+            assert 0 <= m < n_text and row[m] == image["matched_sim"] >= 0.9
+            assert max(v for j, v in enumerate(row) if j != m) < 0.24  # below MMC4's threshold elsewhere
+        assert len({i["matched_text_index"] for i in info}) == len(info)
+
+    import av
+
+    video_path = Path(data["video"]["path"])
+    videos = _jsonl(video_path)
+    assert len(videos) == data["video"]["count"]
+    for row in videos[:3]:
+        with av.open(str(video_path.parent / row["video"])) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == data["video"]["frames"]
+        assert frames[0].shape == (manifest["video_size"], manifest["video_size"], 3)
+    assert all((video_path.parent / r["video"]).is_file() and r["caption"] for r in videos)
+
+
+def test_eval_datasets_parse(manifest):
+    ev = manifest["eval"]
+    d = Path(ev["vqa"]["dir"])
+    for split in ("train", "test"):
+        questions = json.loads((d / f"{split}_questions.json").read_text())["questions"]
+        annotations = json.loads((d / f"{split}_annotations.json").read_text())["annotations"]
+        assert len(questions) == len(annotations) == ev["vqa"][split]
+        for q, a in zip(questions, annotations):
+            assert q["question_id"] == a["question_id"] and (d / q["image"]).is_file()
+            assert len(a["answers"]) == 10 and {x["answer"] for x in a["answers"]} == {a["multiple_choice_answer"]}
+
+    d = Path(ev["captioning"]["dir"])
+    images = json.loads((d / "captions.json").read_text())["images"]
+    assert {i["split"] for i in images} == {"train", "test"}
+    assert all((d / i["filepath"] / i["filename"]).is_file() and len(i["sentences"]) >= 3 for i in images)
+
+    d = Path(ev["classification"]["dir"])
+    classes = json.loads((d / "classes.json").read_text())
+    assert classes == list(KINDS)
+    for split in ("train", "test"):
+        rows = _jsonl(d / f"{split}.jsonl")
+        assert len(rows) == ev["classification"][split]
+        assert all(r["label"] in classes and (d / r["image"]).is_file() for r in rows)
+
+    d = Path(ev["videoqa"]["dir"])
+    for split in ("train", "test"):
+        rows = json.loads((d / f"{split}_qa.json").read_text())
+        assert len(rows) == ev["videoqa"][split]
+        assert all(set(r) >= {"id", "video", "question", "answer"} and (d / r["video"]).is_file() for r in rows)
+    assert any(r["question"] == "Which direction does the object move?" for r in
+               json.loads((d / "train_qa.json").read_text()) + json.loads((d / "test_qa.json").read_text()))
+
+    corpus = Path(manifest["corpus"]["train"]).read_text()
+    for prompt in ("Question:", " Short answer:", "Output:", "This is a ", "Which direction does the object move?"):
+        assert prompt in corpus
+    assert Path(manifest["corpus"]["heldout"]).read_text().strip()
+    assert Path(manifest["samples"]["grid"]).is_file() and Path(manifest["samples"]["clip"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------- backbones
+def test_smoke_backbones_load_and_learn(manifest, tmp_path):
+    from transformers import AutoModel, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    import flamingo
+    from flamingo.mini.backbones import grow_backbones, to_pixels
+    from flamingo.processing import load_image_processor
+
+    threads = torch.get_num_threads()
+    report = grow_backbones(manifest, tmp_path, "smoke", seed=0, threads=1)  # 1: robust on a shared machine
+    assert torch.get_num_threads() == threads  # restored
+    vision_dir, lm_dir = Path(report["vision"]["dir"]), Path(report["lm"]["dir"])
+
+    tower = AutoModel.from_pretrained(vision_dir)
+    assert isinstance(tower, CLIPVisionModel)
+    processor = load_image_processor(str(vision_dir))
+    image = np.asarray(__import__("PIL.Image").Image.open(next((Path(manifest["eval"]["vqa"]["dir"]) / "images")
+                                                                  .glob("*.png"))).convert("RGB"))
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, to_pixels(image[None]), atol=1e-5)  # training saw what the processor gives
+    assert isinstance(LlamaForCausalLM.from_pretrained(lm_dir), LlamaForCausalLM)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
+
+    model, proc = flamingo.from_backbones(vision=str(vision_dir), lm=str(lm_dir))
+    batch = proc(["<image>Question:What colour is the object? Short answer:"], [[image]])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+    vision, lm = report["vision"], report["lm"]
+    assert vision["retrieval_top5"] > 2 * 5 * vision["retrieval_chance"]
+    assert vision["attribute_accuracy"]["colour"] > 2 / len(COLOURS)
+    assert lm["heldout_ppl"] < 0.25 * report["tokenizer"]["vocab_size"]

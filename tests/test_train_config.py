@@ -33,11 +33,14 @@ def test_schedules():
     assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
 
 
-def test_weight_decay_only_on_xattn_matrices(make_model):
+def test_weight_decay_only_on_xattn_matrices_and_gate_learning_rate(make_model):
     model, _ = make_model("llama")
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay, gates = param_groups(model, 0.1, lr=1e-3, gate_lr_mult=10.0)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and gates["weight_decay"] == 0.0
     assert all(names[id(p)].startswith("xattn.") and p.ndim == 2 for p in decay["params"])
-    assert {names[id(p)] for p in decay["params"] + no_decay["params"]} == set(model.trainable_parameters())
+    assert {names[id(p)] for p in gates["params"]} == {n for n in model.trainable_parameters() if n.endswith("_gate")}
+    assert decay["lr"] == no_decay["lr"] == 1e-3 and gates["lr"] == pytest.approx(1e-2)
+    assert {names[id(p)] for p in decay["params"] + no_decay["params"] + gates["params"]} == \
+        set(model.trainable_parameters())
     assert not any(torch.equal(p, q) and p is q for p in decay["params"] for q in no_decay["params"])

@@ -35,6 +35,7 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fused: bool = False  # fused AdamW kernel (CUDA)
+    gate_lr_mult: float = 1.0  # learning rate of the tanh gates = lr x this (see train/optim.py)
 
 
 @dataclass

@@ -9,21 +9,33 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0) -> list[dict]:
     """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does); none on norms,
-    gates, the resampler, or the added token rows."""
-    decay, no_decay = [], []
+    gates, the resampler, or the added token rows. The tanh gates may get their own learning rate
+    (`gate_lr_mult` x lr): a gate starts at 0 and its gradient is noisy while the block is still untrained, so in short
+    runs it can stay near 0 for long; a larger step lets the images matter sooner."""
+    decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if name.startswith("xattn.") and p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name.startswith("xattn.") and name.endswith("_gate"):
+            gates.append(p)
+        elif name.startswith("xattn.") and p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_mult})
+    return groups
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iterable[float], eps: float,
-                   fused: bool = False) -> torch.optim.AdamW:
+                   fused: bool = False, gate_lr_mult: float = 1.0) -> torch.optim.AdamW:
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    return torch.optim.AdamW(param_groups(model, weight_decay, lr, gate_lr_mult), lr=lr, betas=tuple(betas), eps=eps,
+                             **kwargs)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

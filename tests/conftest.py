@@ -22,3 +22,12 @@ def make_model() -> Callable:
         return model.eval(), processor
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Hidden-32 models gain nothing from intra-op threads, and lose a lot to them on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,12 +22,7 @@ from flamingo.model.backbones import vision_features
 from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -130,13 +130,7 @@ MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classification": make
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hidden-32 models gain nothing from intra-op threads, and lose a lot to them on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def test_heldout_combinations_never_in_training(manifest):
     # Text: every sentence about one scene or clip; none may pair a kind with its held-out colour.
     kind_words = {w: k for k in KINDS for w in (k, plural(k))}
     for text in _training_texts(manifest):
-        for sentence in re.split(r"\.|Question:|Short answer:[a-z0-9]+", text):
+        for sentence in re.split(r"\.|Question:|(?:Short answer|Answer):[a-z0-9]+", text):
             words = re.findall(r"[a-z]+", sentence.lower())
             kinds = {kind_words[w] for w in words if w in kind_words}
             colours = {w for w in words if w in COLOURS}

@@ -21,6 +21,8 @@ class MiniSize:
     pairs: int = 12000  # also the vision tower's pretraining set: fewer overfit (shape accuracy drops)
     docs: int = 1500  # interleaved MMC4-style documents
     binding_fraction: float = 0.3  # share of documents that are concept-binding episodes
+    quiz_fraction: float = 0.25  # share of documents that are quiz pages (questions about each image, short answers)
+    video_qa_fraction: float = 0.4  # share of video-text pairs whose text is a question and its short answer
     videos: int = 400
     # Evaluation sets: (demo pool = train split, evaluated = test split), all on held-out images.
     vqa: tuple[int, int] = (200, 400)
@@ -59,7 +61,7 @@ class MiniSize:
     lm_batch: int = 8
     lm_lr: float = 3e-3
     # Flamingo stage (read by flamingo/mini/demo.py; the demo's owner tunes it).
-    flamingo_steps: int = 500  # Flamingo stage (demo): optimizer steps of configs/mini.yaml
+    flamingo_steps: int = 450  # Flamingo stage (demo): optimizer steps of configs/mini.yaml
     eval_samples: int = 100  # evaluated test samples per task and number of shots
 
     def replace(self, **changes) -> "MiniSize":
@@ -68,11 +70,11 @@ class MiniSize:
 
 SIZES: dict[str, MiniSize] = {
     "smoke": MiniSize(
-        name="smoke", video_frames=4, pairs=400, docs=60, videos=24, vqa=(20, 30), captioning=(10, 15),
+        name="smoke", video_frames=4, pairs=1500, docs=300, videos=60, vqa=(20, 30), captioning=(10, 15),
         classification=(16, 24), videoqa=(8, 12), binding_episodes=8, corpus_docs=400, heldout_docs=40, samples=4,
-        vocab_size=400, vision_hidden=64, vision_layers=2, vision_steps=60, vision_batch=32, retrieval_pairs=100,
-        lm_hidden=64, lm_layers=2, lm_intermediate=128, lm_context=128, lm_steps=40, lm_batch=8,
-        flamingo_steps=40, eval_samples=24),
+        vocab_size=400, vision_hidden=64, vision_layers=2, vision_steps=150, vision_batch=32, retrieval_pairs=100,
+        lm_hidden=64, lm_layers=2, lm_intermediate=128, lm_context=128, lm_steps=200, lm_batch=8,
+        flamingo_steps=150, eval_samples=24),
     "default": MiniSize(name="default"),
 }
 

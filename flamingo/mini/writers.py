@@ -120,7 +120,12 @@ class WorldWriter:
         for i in range(self.size.videos):
             clip = self.world.sample_clip(rng, "train", self.size.video_frames)
             self._save_clip(clip, videos / f"v{i:06d}.mp4")
-            rows.append({"video": f"videos/v{i:06d}.mp4", "caption": self.world.clip_caption(clip, rng)})
+            if rng.random() < self.size.video_qa_fraction:  # some video pages ask about the clip
+                _, question, answer = _pick(self.world.clip_questions(clip), rng)
+                caption = f"Question:{question} Answer:{answer}"  # the video QA prompt of flamingo/eval/videoqa.py
+            else:
+                caption = self.world.clip_caption(clip, rng)
+            rows.append({"video": f"videos/v{i:06d}.mp4", "caption": caption})
             self._tick()
         _write_jsonl(rows, d / "videos.jsonl")
         return {"path": str(d / "videos.jsonl"), "count": len(rows), "frames": self.size.video_frames,
@@ -134,13 +139,17 @@ class WorldWriter:
     def write_interleaved(self) -> dict:
         """MMC4 documents: scene stories (2-5 images, references between them) and concept-binding episodes."""
         rng, d = stream(self.seed, "interleaved"), self._dir("data", "interleaved")
-        rows, n_images, n_binding, words = [], 0, 0, set()
+        rows, n_images, n_binding, n_quiz, words = [], 0, 0, 0, set()
         for i in range(self.size.docs):
             key = f"doc{i:06d}"
-            if rng.random() < self.size.binding_fraction:
+            r = rng.random()
+            if r < self.size.binding_fraction:
                 texts, scenes, matched, doc_words = binding_document(self.world, rng, "train")
                 words.update(doc_words)
                 n_binding += 1
+            elif r < self.size.binding_fraction + self.size.quiz_fraction:
+                texts, scenes, matched = quiz_document(self.world, rng)
+                n_quiz += 1
             else:
                 texts, scenes, matched = story_document(self.world, rng)
             info, sims = [], []
@@ -158,7 +167,7 @@ class WorldWriter:
             self._tick()
         _write_jsonl(rows, d / "docs.jsonl")
         return {"path": str(d / "docs.jsonl"), "image_dir": str(d), "docs": len(rows), "images": n_images,
-                "binding_docs": n_binding, "binding_words": len(words)}
+                "binding_docs": n_binding, "quiz_docs": n_quiz, "binding_words": len(words)}
 
     # -------------------------------------------------------------------------------------------- evaluation
     def write_vqa(self) -> dict:
@@ -483,6 +492,27 @@ def story_document(world: World, rng: np.random.Generator) -> tuple[list[str], l
     return texts, scenes, matched
 
 
+def quiz_document(world: World, rng: np.random.Generator) -> tuple[list[str], list[Scene], list[int]]:
+    """A quiz page (web pages have them too): 2-5 training images, each followed by a question about it and its short
+    answer, or by what it is, in the same words as the evaluation prompts ("Question:... Short answer:red")."""
+    n = int(rng.integers(2, 6))
+    texts: list[str] = []
+    scenes: list[Scene] = []
+    matched: list[int] = []
+    if rng.random() < 0.5:
+        texts.append(_pick(OPENERS, rng))
+    for _ in range(n):
+        scene = world.sample_scene(rng, "train")
+        scenes.append(scene)
+        matched.append(len(texts))
+        if rng.random() < 0.8:
+            _, question, answer = _pick(world.questions(scene), rng)
+            texts.append(f"Question:{question} Short answer:{answer}")
+        else:
+            texts.append(f"This is a {scene.kind}.")
+    return texts, scenes, matched
+
+
 def binding_document(world: World, rng: np.random.Generator, split: Split = "train"
                      ) -> tuple[list[str], list[Scene], list[int], list[str]]:
     """A concept-binding episode in 5 images: n_way (2-3) fresh nonsense words are introduced on images of n_way
@@ -527,7 +557,7 @@ def corpus_documents(world: World, rng: np.random.Generator, n: int, num_frames:
                 if rng.random() < 0.5:
                     parts.append(world.clip_caption(clip, rng))
                 else:
-                    parts.append("Question:{} Short answer:{}".format(*_pick(world.clip_questions(clip), rng)[1:]))
+                    parts.append("Question:{} Answer:{}".format(*_pick(world.clip_questions(clip), rng)[1:]))
             text = " ".join(parts)
         elif kind == "bind_text":
             n_way = int(rng.integers(2, 4))

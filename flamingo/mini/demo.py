@@ -135,12 +135,13 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
     run.commands[variant] = "flamingo train configs/mini.yaml " + " ".join(overrides)
     out = os.path.join(run.settings.out, variant)
     final = os.path.join(out, "final")
-    if os.path.exists(_done_marker(out, {"seed": run.settings.seed})):
+    marker = _done_marker(out, {"size": run.settings.size, "seed": run.settings.seed})
+    if os.path.exists(marker):
         return final
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(load_config(config_path(), overrides))
     final = trainer.run()
-    open(_done_marker(out, {"seed": run.settings.seed}), "w").close()
+    open(marker, "w").close()
     return final
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from flamingo.mini.demo import DemoSettings, headline_task, run_demo
+from flamingo.mini.demo import SMOKE_CHECK, DemoSettings, run_demo
 from flamingo.mini.report import headline
 
 
@@ -49,7 +49,7 @@ def test_every_stage_leaves_its_artefact(demo_run):
 
 
 def test_trained_flamingo_beats_its_gate_zero_self(demo_run):
-    task, shots = headline_task(demo_run.settings.size)
+    task, shots = SMOKE_CHECK
     trained = headline(demo_run, "flamingo", task, shots)
     gates0 = headline(demo_run, "flamingo-gates0", task, shots)
     assert trained is not None and gates0 is not None

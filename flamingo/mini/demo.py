@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -79,8 +79,20 @@ def stage(run: DemoRun, name: str) -> Iterator[None]:
     print(f"[demo] {name} done in {run.times[name]:.1f} s", flush=True)
 
 
-def _done_marker(directory: str, key: dict[str, Any]) -> str:
-    return os.path.join(directory, ".done-" + "-".join(f"{k}={v}" for k, v in sorted(key.items())))
+def reuse_or_build(directory: str, key: dict[str, Any], build: Callable[[], Any]) -> Any:
+    """A stage's result, rebuilt unless `directory` holds one made with the same `key` (size, seed).
+
+    The result (JSON) is written last, into the marker file, so an interrupted stage is redone, never half-reused."""
+    marker = os.path.join(directory, ".done-" + "-".join(f"{k}={v}" for k, v in sorted(key.items())) + ".json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return json.load(f)
+    shutil.rmtree(directory, ignore_errors=True)
+    result = build()
+    os.makedirs(directory, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(result, f)
+    return result
 
 
 def build_world(run: DemoRun) -> dict[str, Any]:
@@ -88,14 +100,7 @@ def build_world(run: DemoRun) -> dict[str, Any]:
 
     s = run.settings
     root = os.path.join(s.out, "world")
-    marker = _done_marker(root, {"size": s.size, "seed": s.seed})
-    if os.path.exists(marker):
-        with open(os.path.join(root, "world.json")) as f:
-            return json.load(f)
-    shutil.rmtree(root, ignore_errors=True)
-    manifest = write_world(root, s.size, s.seed)
-    open(marker, "w").close()
-    return manifest
+    return reuse_or_build(root, {"size": s.size, "seed": s.seed}, lambda: write_world(root, s.size, s.seed))
 
 
 def build_backbones(run: DemoRun) -> dict[str, Any]:
@@ -103,15 +108,8 @@ def build_backbones(run: DemoRun) -> dict[str, Any]:
 
     s = run.settings
     root = os.path.join(s.out, "backbones")
-    marker = _done_marker(root, {"size": s.size, "seed": s.seed})
-    report_path = os.path.join(root, "backbones.json")
-    if os.path.exists(marker):
-        with open(report_path) as f:
-            return json.load(f)
-    shutil.rmtree(root, ignore_errors=True)
-    report = grow_backbones(run.world, root, s.size, seed=s.seed)  # also writes backbones.json
-    open(marker, "w").close()
-    return report
+    return reuse_or_build(root, {"size": s.size, "seed": s.seed},
+                          lambda: grow_backbones(run.world, root, s.size, seed=s.seed))
 
 
 def train_overrides(run: DemoRun, variant: str) -> list[str]:
@@ -133,31 +131,14 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
 
     overrides = train_overrides(run, variant)
     run.commands[variant] = "flamingo train configs/mini.yaml " + " ".join(overrides)
-    out = os.path.join(run.settings.out, variant)
-    final = os.path.join(out, "final")
-    marker = _done_marker(out, {"size": run.settings.size, "seed": run.settings.seed})
-    if os.path.exists(marker):
-        return final
-    shutil.rmtree(out, ignore_errors=True)
-    trainer = Trainer(load_config(config_path(), overrides))
-    final = trainer.run()
-    open(marker, "w").close()
-    return final
+    s = run.settings
+    return reuse_or_build(os.path.join(s.out, variant), {"size": s.size, "seed": s.seed},
+                          lambda: Trainer(load_config(config_path(), overrides)).run())
 
 
-def zero_gates(model: torch.nn.Module) -> None:
-    """The same model with every tanh gate at 0: the frozen LM alone (the images cannot matter)."""
-    with torch.no_grad():
-        for block in model.xattn:
-            if getattr(block, "gated", False):
-                block.attn_gate.zero_()
-                block.ffw_gate.zero_()
-
-
-def headline_task(size: str) -> tuple[str, int]:
-    """(task, shots) on which the smoke test checks that training helped (the trained model vs its gate-0 self):
-    captioning of held-out images, where the images visibly matter even after a short run."""
-    return ("captioning", 4)
+# (task, shots) on which the smoke test checks that training helped (the trained model vs its gate-0 self):
+# captioning of held-out images, where the images visibly matter even after a short run.
+SMOKE_CHECK = ("captioning", 4)
 
 
 def gate_zero_shots(shots: Sequence[int]) -> list[int]:
@@ -169,12 +150,13 @@ def evaluate_model(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bo
                    shots: Optional[Sequence[int]] = None) -> dict[str, Any]:
     from ..eval.runner import evaluate
     from ..model.build import load_pretrained
+    from ..tiny import set_gates
 
     s, size = run.settings, get_size(run.settings.size)
     model, processor = load_pretrained(model_dir)
     model.eval()
-    if gates_zero:
-        zero_gates(model)
+    if gates_zero:  # the same model with every tanh gate at 0: the frozen LM alone
+        set_gates(model, 0.0)
     name = variant + ("-gates0" if gates_zero else "")
     results = {}
     for task_name, (harness_task, _) in TASKS.items():
@@ -209,12 +191,10 @@ def run_demo(settings: DemoSettings) -> DemoRun:
     with stage(run, "eval flamingo gates=0"):
         run.results["flamingo-gates0"] = evaluate_model(run, "flamingo", run.models["flamingo"], gates_zero=True,
                                                         shots=gate_zero_shots(settings.shots))
-    run.times["total"] = round(time.perf_counter() - total, 1)
+    run.times["total"] = round(time.perf_counter() - total, 1)  # the report itself (about a second) is not counted
     from .report import write_report
 
     with stage(run, "report"):
         path = write_report(run)
-    run.times["total"] = round(time.perf_counter() - total, 1)
-    write_report(run)  # again, with the report stage's own time in it
     print(f"[demo] report: {path}  (total {run.times['total']:.0f} s)")
     return run

@@ -365,13 +365,6 @@ class Flamingo(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def xattn_gates(self) -> dict[int, tuple[float, float]]:
-        """LM layer index -> (tanh(attn gate), tanh(ffw gate)); the paper plots these over training."""
-        if not self.config.gated:
-            return {}
-        return {i: (float(b.attn_gate.detach().tanh()), float(b.ffw_gate.detach().tanh()))
-                for i, b in zip(self.xattn_layer_indices, self.xattn)}
-
     def _saved_tensors(self, trained_only: bool) -> dict[str, torch.Tensor]:
         state = self.state_dict()
         keep = {k for k in state if not k.startswith(BACKBONE_PREFIXES)}

@@ -36,14 +36,12 @@ def _is_fsdp(module: nn.Module) -> bool:
     return hasattr(module, "unshard") and hasattr(module, "reshard")
 
 
-def _vision_layers(vision: nn.Module) -> list[nn.Module]:
-    """The vision tower's encoder layers (the largest ModuleList of one block class), or none."""
-    best: list[nn.Module] = []
-    for module in vision.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and \
-                len({type(m) for m in module}) == 1:
-            best = list(module)
-    return best
+def _layers(module: nn.Module) -> nn.Module:
+    """The block list of an LM or a vision tower (the same generic finder the hooks use); empty if it has none."""
+    try:
+        return module.get_submodule(find_decoder_layers(module))
+    except ValueError:
+        return nn.ModuleList()
 
 
 def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shard",
@@ -75,9 +73,7 @@ def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shar
             # all-gather the block's parameters around that call too
             register_fsdp_forward_method(block, "project_media")
     shard(model.resampler)
-    for layer in model.lm.get_submodule(find_decoder_layers(model.lm)):
-        shard(layer)
-    for layer in _vision_layers(model.vision):
+    for layer in [*_layers(model.lm), *_layers(model.vision)]:
         shard(layer)
     fully_shard(model, ignored_params=ignored, **kwargs)
     return model

@@ -62,6 +62,13 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def _full_state_options() -> Any:
+    """Full (unsharded) CPU state of the trained parameters only, for FSDP checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when FSDP2 has sharded the model's parameters (DTensors)."""
     return any(hasattr(p, "full_tensor") for p in model.parameters())
@@ -72,10 +79,9 @@ def gather_trained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     than 0 get an empty dict)."""
     if not is_sharded(model):
         return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=_full_state_options()).items()}
 
 
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
@@ -83,10 +89,9 @@ def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     trained = gather_trained_parameters(model)
     if not is_sharded(model):
         return trained, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return trained, {"fsdp_full": get_optimizer_state_dict(model, optimizer, options=options)}
+    return trained, {"fsdp_full": get_optimizer_state_dict(model, optimizer, options=_full_state_options())}
 
 
 def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor], optimizer_state: Any,
@@ -132,4 +137,3 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
     return state
-

@@ -320,7 +320,8 @@ class Trainer:
 
 
 def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
-    """LM layer -> (tanh attention gate, tanh dense gate); FSDP-sharded gates are all-gathered first."""
+    """LM layer -> (tanh attention gate, tanh dense gate), which the paper plots over training; FSDP-sharded gates
+    are all-gathered first."""
     if not model.config.gated:
         return {}
 

@@ -38,6 +38,7 @@ def _jsonl(path: Path) -> list[dict]:
 def _training_texts(manifest: dict) -> list[str]:
     data = manifest["data"]
     texts = [row["caption"] for row in _jsonl(Path(data["pairs"]["path"]))]
+    texts += [row["caption"] for row in _jsonl(Path(data["qa"]["path"]))]
     texts += [row["caption"] for row in _jsonl(Path(data["video"]["path"]))]
     texts += [t for doc in _jsonl(Path(data["interleaved"]["path"])) for t in doc["text_list"]]
     texts += Path(manifest["corpus"]["train"]).read_text().splitlines()
@@ -171,6 +172,14 @@ def test_training_datasets_parse(manifest):
     pairs = _jsonl(pairs_path)
     assert len(pairs) == data["pairs"]["count"]
     assert all(set(r) >= {"image", "caption"} and (pairs_path.parent / r["image"]).is_file() for r in pairs)
+    # The quiz pairs: the same images, each with a question and its short answer, true of the caption's scene.
+    qa = _jsonl(Path(data["qa"]["path"]))
+    assert len(qa) == data["qa"]["count"] == len(pairs)
+    assert [r["image"] for r in qa] == [r["image"] for r in pairs]
+    for q, p in zip(qa, pairs):
+        question, answer = re.fullmatch(r"Question:(.+\?) Short answer:(\S+)", q["caption"]).groups()
+        if question.startswith("What colour are the obj") or question.startswith("What colour is the obj"):
+            assert answer in p["caption"].split() or answer + "." in p["caption"].split()
 
     docs_path = Path(data["interleaved"]["path"])
     docs = _jsonl(docs_path)
@@ -272,3 +281,28 @@ def test_smoke_backbones_load_and_learn(manifest, tmp_path):
     assert vision["retrieval_top5"] > 2 * 5 * vision["retrieval_chance"]
     assert vision["attribute_accuracy"]["colour"] > 2 / len(COLOURS)
     assert lm["heldout_ppl"] < 0.25 * report["tokenizer"]["vocab_size"]
+
+
+class _CopyingLM(torch.nn.Module):
+    """A stand-in LM: uniform over the vocabulary, except that from position `period` on it predicts the token seen
+    `period - 1` places back (exactly what copying a repeated sequence needs)."""
+
+    def __init__(self, vocab: int, period: int, copies: bool):
+        super().__init__()
+        self.vocab, self.period, self.copies = vocab, period, copies
+
+    def forward(self, input_ids: torch.Tensor):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, self.vocab)
+        if self.copies:
+            for pos in range(self.period - 1, t):
+                logits[torch.arange(b), pos, input_ids[:, pos - self.period + 1]] = 20.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copy_gain_separates_an_lm_that_copies_from_one_that_cannot():
+    from flamingo.mini.backbones import copy_gain
+
+    vocab, length = 300, 12
+    assert abs(copy_gain(_CopyingLM(vocab, length, copies=False), vocab, length=length)) < 1e-4
+    assert copy_gain(_CopyingLM(vocab, length, copies=True), vocab, length=length) > 0.9 * np.log(vocab)

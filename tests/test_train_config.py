@@ -44,3 +44,10 @@ def test_weight_decay_only_on_xattn_matrices_and_gate_learning_rate(make_model):
     assert {names[id(p)] for p in decay["params"] + no_decay["params"] + gates["params"]} == \
         set(model.trainable_parameters())
     assert not any(torch.equal(p, q) and p is q for p in decay["params"] for q in no_decay["params"])
+
+    # The attention gates can get their own multiplier; the dense gates keep gate_lr_mult.
+    *_, dense_gates, attn_gates = param_groups(model, 0.1, lr=1e-3, gate_lr_mult=10.0, attn_gate_lr_mult=2.0)
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in attn_gates["params"]} == {"attn_gate"}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in dense_gates["params"]} == {"ffw_gate"}
+    assert attn_gates["lr"] == pytest.approx(2e-3) and dense_gates["lr"] == pytest.approx(1e-2)
+    assert len(attn_gates["params"]) == len(dense_gates["params"]) == len(model.xattn)

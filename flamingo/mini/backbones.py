@@ -368,6 +368,20 @@ def perplexity(lm: LlamaForCausalLM, stream: torch.Tensor, context: int, batch: 
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def copy_gain(lm: LlamaForCausalLM, vocab_size: int, length: int = 30, batch: int = 16, seed: int = 0) -> float:
+    """In-context copying ("induction heads", Olsson et al. 2022): mean NLL of a random token sequence minus that of
+    its verbatim repeat right after it, in nats per token. About 0 for an LM that cannot copy from its context; a
+    Flamingo's in-context binding (the demo's binding task) rests on this ability of its frozen LM."""
+    gen = torch.Generator().manual_seed(seed)
+    low = min(256, vocab_size - 1)  # above the byte tokens where the vocabulary allows
+    seq = torch.randint(low, vocab_size, (batch, length), generator=gen)
+    ids = torch.cat([seq, seq], dim=1)  # (B, 2L)
+    logprobs = lm(input_ids=ids).logits.float().log_softmax(-1)[:, :-1]  # (B, 2L - 1, V)
+    nll = -logprobs.gather(-1, ids[:, 1:, None])[..., 0]  # (B, 2L - 1): position t predicts token t + 1
+    return round(float(nll[:, : length - 1].mean() - nll[:, length:].mean()), 3)
+
+
 def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
             out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
             size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2) -> dict:
@@ -421,6 +435,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
                               "params": sum(p.numel() for p in lm.parameters())}
     if heldout is not None:
         result["heldout_ppl"] = round(perplexity(lm, _token_stream(_lines(heldout), tokenizer), ctx), 3)
+    result["copy_gain"] = copy_gain(lm, len(tokenizer), length=min(30, ctx // 2))
     lm.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return result

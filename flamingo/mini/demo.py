@@ -117,7 +117,8 @@ def train_overrides(run: DemoRun, variant: str) -> list[str]:
     data = run.world["data"]
     overrides = [f"model.vision={run.backbones['vision']['dir']}", f"model.lm={run.backbones['lm']['dir']}",
                  f"data.0.path={data['interleaved']['path']}", f"data.1.path={data['pairs']['path']}",
-                 f"data.2.path={data['video']['path']}", f"train.output_dir={os.path.join(s.out, variant)}",
+                 f"data.2.path={data['video']['path']}", f"data.3.path={data['qa']['path']}",
+                 f"train.output_dir={os.path.join(s.out, variant)}",
                  f"train.seed={s.seed}", f"train.steps={size.flamingo_steps}"]
     if variant != "flamingo":
         overrides += ABLATIONS[variant]

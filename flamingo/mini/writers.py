@@ -3,6 +3,7 @@
 `write_world(root, size, seed)` writes, under `root`:
 
     data/pairs/pairs.jsonl              {"image": "images/p000000.png", "caption": ...}        (kind `pairs`)
+    data/pairs/qa.jsonl                 the same images, each with a question and its short answer (kind `pairs`)
     data/interleaved/docs.jsonl         MMC4 documents, images beside the JSONL                  (kind `interleaved`)
     data/video/videos.jsonl             {"video": "videos/v000000.mp4", "caption": ...}          (kind `video`)
     eval/vqa/{train,test}_{questions,annotations}.json + images/
@@ -105,14 +106,21 @@ class WorldWriter:
     # ---------------------------------------------------------------------------------------------- training
     def write_pairs(self) -> dict:
         rng, d = stream(self.seed, "pairs"), self._dir("data", "pairs")
-        images, rows = self._dir("data", "pairs", "images"), []
+        images, rows, qa_rows = self._dir("data", "pairs", "images"), [], []
+        qa_rng = stream(self.seed, "pairs/qa")  # its own stream: the captions do not depend on it
         for i in range(self.size.pairs):
             scene = self.world.sample_scene(rng, "train")
             save_image(self.world.render(scene), images / f"p{i:06d}.png")
             rows.append({"image": f"images/p{i:06d}.png", "caption": self.world.caption(scene, rng)})
+            _, question, answer = _pick(self.world.questions(scene), qa_rng)
+            qa_rows.append({"image": f"images/p{i:06d}.png", "caption": f"Question:{question} Short answer:{answer}"})
             self._tick()
         _write_jsonl(rows, d / "pairs.jsonl")
-        return {"path": str(d / "pairs.jsonl"), "count": len(rows)}
+        # Quiz alt text (web pages have it too): the same images with a question about each and its short answer,
+        # in the words of the evaluation prompts (flamingo/eval/vqa.py), as the quiz pages of write_interleaved.
+        _write_jsonl(qa_rows, d / "qa.jsonl")
+        return {"path": str(d / "pairs.jsonl"), "count": len(rows),
+                "qa": {"path": str(d / "qa.jsonl"), "count": len(qa_rows)}}
 
     def write_video(self) -> dict:
         rng, d = stream(self.seed, "video"), self._dir("data", "video")
@@ -434,7 +442,8 @@ def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: in
         "root": str(root.resolve()), "seed": seed, "size": size.name, "image_size": size.image_size,
         "video_size": size.image_size * size.video_scale, "kinds": list(KINDS), "colours": list(COLOURS),
         "heldout_combos": sorted([list(p) for p in w.heldout_combos]),
-        "data": {n: results[n][0] for n in DATA_WRITERS}, "eval": {n: results[n][0] for n in EVAL_WRITERS},
+        "data": {**{n: results[n][0] for n in DATA_WRITERS}, "qa": results["pairs"][0].pop("qa")},
+        "eval": {n: results[n][0] for n in EVAL_WRITERS},
         "corpus": results["corpus"][0], "samples": results["samples"][0],
         "wall_s": round(time.perf_counter() - start, 2), "timings": {n: t for n, (_, t) in results.items()},
     }

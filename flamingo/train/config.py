@@ -36,6 +36,7 @@ class OptimSection:
     eps: float = 1e-8
     fused: bool = False  # fused AdamW kernel (CUDA)
     gate_lr_mult: float = 1.0  # learning rate of the tanh gates = lr x this (see train/optim.py)
+    attn_gate_lr_mult: Optional[float] = None  # the attention gates' own multiplier (None: gate_lr_mult)
 
 
 @dataclass

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0,
+                 attn_gate_lr_mult: Optional[float] = None) -> list[dict]:
     """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does); none on norms,
     gates, the resampler, or the added token rows. The tanh gates may get their own learning rate
     (`gate_lr_mult` x lr): a gate starts at 0 and its gradient is noisy while the block is still untrained, so in short
-    runs it can stay near 0 for long; a larger step lets the images matter sooner."""
-    decay, no_decay, gates = [], [], []
+    runs it can stay near 0 for long; a larger step lets the images matter sooner. `attn_gate_lr_mult` (default:
+    `gate_lr_mult`) sets the attention gates' multiplier apart: an attention gate whose large steps flip its sign
+    around 0 leaves the block's attention weights chasing that sign, and they never learn."""
+    decay, no_decay, gates, attn_gates = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("xattn.") and name.endswith("_gate"):
+        if name.startswith("xattn.") and name.endswith("attn_gate") and attn_gate_lr_mult is not None:
+            attn_gates.append(p)
+        elif name.startswith("xattn.") and name.endswith("_gate"):
             gates.append(p)
         elif name.startswith("xattn.") and p.ndim >= 2:
             decay.append(p)
@@ -28,14 +33,17 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult:
               {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
     if gates:
         groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_mult})
+    if attn_gates:
+        groups.append({"params": attn_gates, "weight_decay": 0.0, "lr": lr * attn_gate_lr_mult})
     return groups
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iterable[float], eps: float,
-                   fused: bool = False, gate_lr_mult: float = 1.0) -> torch.optim.AdamW:
+                   fused: bool = False, gate_lr_mult: float = 1.0,
+                   attn_gate_lr_mult: Optional[float] = None) -> torch.optim.AdamW:
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(param_groups(model, weight_decay, lr, gate_lr_mult), lr=lr, betas=tuple(betas), eps=eps,
-                             **kwargs)
+    groups = param_groups(model, weight_decay, lr, gate_lr_mult, attn_gate_lr_mult)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

@@ -38,7 +38,7 @@ def _jsonl(path: Path) -> list[dict]:
 def _training_texts(manifest: dict) -> list[str]:
     data = manifest["data"]
     texts = [row["caption"] for row in _jsonl(Path(data["pairs"]["path"]))]
-    texts += [row["caption"] for row in _jsonl(Path(data["qa"]["path"]))]
+    texts += [row["caption"] for row in _jsonl(Path(data["prompted"]["path"]))]
     texts += [row["caption"] for row in _jsonl(Path(data["video"]["path"]))]
     texts += [t for doc in _jsonl(Path(data["interleaved"]["path"])) for t in doc["text_list"]]
     texts += Path(manifest["corpus"]["train"]).read_text().splitlines()
@@ -172,14 +172,18 @@ def test_training_datasets_parse(manifest):
     pairs = _jsonl(pairs_path)
     assert len(pairs) == data["pairs"]["count"]
     assert all(set(r) >= {"image", "caption"} and (pairs_path.parent / r["image"]).is_file() for r in pairs)
-    # The quiz pairs: the same images, each with a question and its short answer, true of the caption's scene.
-    qa = _jsonl(Path(data["qa"]["path"]))
-    assert len(qa) == data["qa"]["count"] == len(pairs)
-    assert [r["image"] for r in qa] == [r["image"] for r in pairs]
-    for q, p in zip(qa, pairs):
+    # The prompted pairs: the same images; a question and its short answer (true of the caption's scene), or
+    # `Output:` and a caption.
+    prompted = _jsonl(Path(data["prompted"]["path"]))
+    assert len(prompted) == data["prompted"]["count"] == len(pairs)
+    assert [r["image"] for r in prompted] == [r["image"] for r in pairs]
+    assert {r["caption"].split(":", 1)[0] for r in prompted} == {"Question", "Output"}
+    for q, p in zip(prompted, pairs):
+        if q["caption"].startswith("Output:"):
+            continue
         question, answer = re.fullmatch(r"Question:(.+\?) Short answer:(\S+)", q["caption"]).groups()
         if question.startswith("What colour are the obj") or question.startswith("What colour is the obj"):
-            assert answer in p["caption"].split() or answer + "." in p["caption"].split()
+            assert answer in p["caption"].rstrip(".").replace(",", "").split()
 
     docs_path = Path(data["interleaved"]["path"])
     docs = _jsonl(docs_path)

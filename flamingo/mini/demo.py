@@ -4,7 +4,8 @@ Stages (each timed, each with a progress bar, each reusing its output when it is
 1. world      — the synthetic multimodal world (flamingo/mini/world.py, writers.py) in the data/eval formats;
 2. backbones  — a BPE tokenizer, a contrastively pretrained vision tower, a small causal LM (flamingo/mini/backbones.py),
                 saved as HF directories and loaded back through `from_pretrained`;
-3. flamingo   — `flamingo train configs/mini.yaml ...`: both backbones frozen, the three-way mixture with lambda weights;
+3. flamingo   — `flamingo train configs/mini.yaml ...`: both backbones frozen, the weighted mixture (interleaved, pairs,
+                video, prompted pairs) with lambda weights;
 4. eval       — the real harness (flamingo/eval) at 0/1/2/4/8 shots on held-out images and combinations, for the
                 trained model and the same model with its gates at 0;
 5. report     — report.md with the few-shot table, plots, gate values over training, sample generations.
@@ -117,7 +118,7 @@ def train_overrides(run: DemoRun, variant: str) -> list[str]:
     data = run.world["data"]
     overrides = [f"model.vision={run.backbones['vision']['dir']}", f"model.lm={run.backbones['lm']['dir']}",
                  f"data.0.path={data['interleaved']['path']}", f"data.1.path={data['pairs']['path']}",
-                 f"data.2.path={data['video']['path']}", f"data.3.path={data['qa']['path']}",
+                 f"data.2.path={data['video']['path']}", f"data.3.path={data['prompted']['path']}",
                  f"train.output_dir={os.path.join(s.out, variant)}",
                  f"train.seed={s.seed}", f"train.steps={size.flamingo_steps}"]
     if variant != "flamingo":

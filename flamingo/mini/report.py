@@ -46,7 +46,9 @@ def goals(run: "DemoRun") -> list[tuple[str, bool, str]]:
         out.append(("binding: chance at 0-shot (within 15 points)", abs(b[0] - 100 * chance) <= 15,
                     f"0-shot {_fmt(b[0], 'binding')} vs chance {100 * chance:.1f}%"))
     if b.get(4) is not None:
-        out.append(("binding: >= 90% at 4-shot", b[4] >= 90, f"4-shot {_fmt(b[4], 'binding')}"))
+        copy = run.backbones.get("lm", {}).get("copy_gain")
+        note = f"; the frozen LM's in-context copy gain: {copy} nats/token" if copy is not None else ""
+        out.append(("binding: >= 90% at 4-shot", b[4] >= 90, f"4-shot {_fmt(b[4], 'binding')}{note}"))
     vals = [b[k] for k in shots if b.get(k) is not None]
     if vals:
         monotone = all(later >= earlier - 2 for earlier, later in zip(vals, vals[1:]))

@@ -1,7 +1,8 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~20 s) and `default` (the demo).
 
-Step counts were chosen by measuring on 2 CPU cores: `default` spends about 3 minutes on the world (~10 s, two
-processes) and the backbones (vision ~115 s, LM ~50 s); `smoke` about 6 s on both.
+Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2.5 minutes on the world (~14 s, two
+processes) and the backbones (vision ~85 s, LM ~55 s), about 5 minutes on the Flamingo stage and 2 on evaluation (the
+whole demo: 555 s on 2026-11-23); `smoke` about 6 s on the world and backbones.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class MiniSize:
     binding_fraction: float = 0.2  # share of documents that are concept-binding episodes
     quiz_fraction: float = 0.35  # share of documents that are quiz pages (questions about each image, short answers)
     video_qa_fraction: float = 0.7  # share of video-text pairs whose text is a question and its short answer
+    qa_caption_fraction: float = 0.3  # share of the prompted pairs written `Output:{caption}` (the rest: questions)
     videos: int = 400
     # Evaluation sets: (demo pool = train split, evaluated = test split), all on held-out images.
     vqa: tuple[int, int] = (200, 400)
@@ -44,7 +46,7 @@ class MiniSize:
     vision_heads: int = 4
     patch_size: int = 4  # 64 patches at 32 px; patch 8 (16 patches) learned positions and shapes far worse
     embed_dim: int = 64  # joint image-text embedding width
-    vision_steps: int = 700
+    vision_steps: int = 620
     vision_batch: int = 64
     vision_lr: float = 4e-3
     vision_aux: float = 1.0  # weight of the auxiliary attribute classifiers (labels read off the captions)
@@ -61,8 +63,8 @@ class MiniSize:
     lm_batch: int = 8
     lm_lr: float = 3e-3
     # Flamingo stage (read by flamingo/mini/demo.py; the demo's owner tunes it).
-    flamingo_steps: int = 420  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.75 s each)
-    eval_samples: int = 100  # evaluated test samples per task and number of shots
+    flamingo_steps: int = 360  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.85 s each)
+    eval_samples: int = 80  # evaluated test samples per task and number of shots
 
     def replace(self, **changes) -> "MiniSize":
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,7 @@
 `write_world(root, size, seed)` writes, under `root`:
 
     data/pairs/pairs.jsonl              {"image": "images/p000000.png", "caption": ...}        (kind `pairs`)
-    data/pairs/qa.jsonl                 the same images, each with a question and its short answer (kind `pairs`)
+    data/pairs/prompted.jsonl           the same images, texts in the evaluation prompts' styles  (kind `pairs`)
     data/interleaved/docs.jsonl         MMC4 documents, images beside the JSONL                  (kind `interleaved`)
     data/video/videos.jsonl             {"video": "videos/v000000.mp4", "caption": ...}          (kind `video`)
     eval/vqa/{train,test}_{questions,annotations}.json + images/
@@ -106,21 +106,19 @@ class WorldWriter:
     # ---------------------------------------------------------------------------------------------- training
     def write_pairs(self) -> dict:
         rng, d = stream(self.seed, "pairs"), self._dir("data", "pairs")
-        images, rows, qa_rows = self._dir("data", "pairs", "images"), [], []
-        qa_rng = stream(self.seed, "pairs/qa")  # its own stream: the captions do not depend on it
+        images, rows, prompted_rows = self._dir("data", "pairs", "images"), [], []
+        prompted_rng = stream(self.seed, "pairs/prompted")  # its own stream: the captions do not depend on it
         for i in range(self.size.pairs):
             scene = self.world.sample_scene(rng, "train")
             save_image(self.world.render(scene), images / f"p{i:06d}.png")
             rows.append({"image": f"images/p{i:06d}.png", "caption": self.world.caption(scene, rng)})
-            _, question, answer = _pick(self.world.questions(scene), qa_rng)
-            qa_rows.append({"image": f"images/p{i:06d}.png", "caption": f"Question:{question} Short answer:{answer}"})
+            text = prompted_text(self.world, scene, prompted_rng, self.size.qa_caption_fraction)
+            prompted_rows.append({"image": f"images/p{i:06d}.png", "caption": text})
             self._tick()
         _write_jsonl(rows, d / "pairs.jsonl")
-        # Quiz alt text (web pages have it too): the same images with a question about each and its short answer,
-        # in the words of the evaluation prompts (flamingo/eval/vqa.py), as the quiz pages of write_interleaved.
-        _write_jsonl(qa_rows, d / "qa.jsonl")
+        _write_jsonl(prompted_rows, d / "prompted.jsonl")
         return {"path": str(d / "pairs.jsonl"), "count": len(rows),
-                "qa": {"path": str(d / "qa.jsonl"), "count": len(qa_rows)}}
+                "prompted": {"path": str(d / "prompted.jsonl"), "count": len(prompted_rows)}}
 
     def write_video(self) -> dict:
         rng, d = stream(self.seed, "video"), self._dir("data", "video")
@@ -442,7 +440,7 @@ def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: in
         "root": str(root.resolve()), "seed": seed, "size": size.name, "image_size": size.image_size,
         "video_size": size.image_size * size.video_scale, "kinds": list(KINDS), "colours": list(COLOURS),
         "heldout_combos": sorted([list(p) for p in w.heldout_combos]),
-        "data": {**{n: results[n][0] for n in DATA_WRITERS}, "qa": results["pairs"][0].pop("qa")},
+        "data": {**{n: results[n][0] for n in DATA_WRITERS}, "prompted": results["pairs"][0].pop("prompted")},
         "eval": {n: results[n][0] for n in EVAL_WRITERS},
         "corpus": results["corpus"][0], "samples": results["samples"][0],
         "wall_s": round(time.perf_counter() - start, 2), "timings": {n: t for n, (_, t) in results.items()},
@@ -499,6 +497,17 @@ def story_document(world: World, rng: np.random.Generator) -> tuple[list[str], l
     if rng.random() < 0.4:
         texts.append(_pick(CLOSERS, rng))
     return texts, scenes, matched
+
+
+def prompted_text(world: World, scene: Scene, rng: np.random.Generator, caption_fraction: float) -> str:
+    """Alt text in the styles of quiz and caption pages, which are also the harness's prompts (flamingo/eval/vqa.py,
+    captioning.py): a question about the image and its short answer (`Question:{q} Short answer:{a}`), or, for
+    `caption_fraction` of the images, `Output:{caption}`. Both styles are needed: trained on questions alone, the
+    model answered the captioning prompt `<image>Output:` with a question."""
+    if rng.random() < caption_fraction:
+        return f"Output:{world.caption(scene, rng)}"
+    _, question, answer = _pick(world.questions(scene), rng)
+    return f"Question:{question} Short answer:{answer}"
 
 
 def quiz_document(world: World, rng: np.random.Generator) -> tuple[list[str], list[Scene], list[int]]:

@@ -24,7 +24,7 @@ class MiniSize:
     binding_fraction: float = 0.2  # share of documents that are concept-binding episodes
     quiz_fraction: float = 0.35  # share of documents that are quiz pages (questions about each image, short answers)
     video_qa_fraction: float = 0.7  # share of video-text pairs whose text is a question and its short answer
-    qa_caption_fraction: float = 0.3  # share of the prompted pairs written `Output:{caption}` (the rest: questions)
+    prompted_caption_fraction: float = 0.3  # prompted pairs written `Output:{caption}` (the rest: questions)
     videos: int = 400
     # Evaluation sets: (demo pool = train split, evaluated = test split), all on held-out images.
     vqa: tuple[int, int] = (200, 400)
@@ -80,7 +80,7 @@ SIZES: dict[str, MiniSize] = {
         # 150 steps are too few to learn that the prompt prefix picks the style (question or caption): with 30% and
         # with 70% captions the smoke model answered the captioning prompt with a question (CIDEr 3 and 21 vs 66 at
         # gates 0). Its prompted pairs are all `Output:` captions; questions come from quiz pages and video texts.
-        qa_caption_fraction=1.0),
+        prompted_caption_fraction=1.0),
     "default": MiniSize(name="default"),
 }
 

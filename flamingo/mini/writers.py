@@ -112,7 +112,7 @@ class WorldWriter:
             scene = self.world.sample_scene(rng, "train")
             save_image(self.world.render(scene), images / f"p{i:06d}.png")
             rows.append({"image": f"images/p{i:06d}.png", "caption": self.world.caption(scene, rng)})
-            text = prompted_text(self.world, scene, prompted_rng, self.size.qa_caption_fraction)
+            text = prompted_text(self.world, scene, prompted_rng, self.size.prompted_caption_fraction)
             prompted_rows.append({"image": f"images/p{i:06d}.png", "caption": text})
             self._tick()
         _write_jsonl(rows, d / "pairs.jsonl")
@@ -127,8 +127,7 @@ class WorldWriter:
             clip = self.world.sample_clip(rng, "train", self.size.video_frames)
             self._save_clip(clip, videos / f"v{i:06d}.mp4")
             if rng.random() < self.size.video_qa_fraction:  # some video pages ask about the clip
-                _, question, answer = _pick(self.world.clip_questions(clip), rng)
-                caption = f"Question:{question} Answer:{answer}"  # the video QA prompt of flamingo/eval/videoqa.py
+                caption = clip_question_text(self.world, clip, rng)
             else:
                 caption = self.world.clip_caption(clip, rng)
             rows.append({"video": f"videos/v{i:06d}.mp4", "caption": caption})
@@ -143,7 +142,8 @@ class WorldWriter:
         save_video(np.repeat(np.repeat(frames, k, axis=1), k, axis=2), path, self.size.video_fps)
 
     def write_interleaved(self) -> dict:
-        """MMC4 documents: scene stories (2-5 images, references between them) and concept-binding episodes."""
+        """MMC4 documents: scene stories (2-5 images, references between them), quiz pages and concept-binding
+        episodes."""
         rng, d = stream(self.seed, "interleaved"), self._dir("data", "interleaved")
         rows, n_images, n_binding, n_quiz, words = [], 0, 0, 0, set()
         for i in range(self.size.docs):
@@ -499,6 +499,18 @@ def story_document(world: World, rng: np.random.Generator) -> tuple[list[str], l
     return texts, scenes, matched
 
 
+def question_text(world: World, scene: Scene, rng: np.random.Generator) -> str:
+    """A random question about a still and its short answer, in the VQA prompt of flamingo/eval/vqa.py."""
+    _, question, answer = _pick(world.questions(scene), rng)
+    return f"Question:{question} Short answer:{answer}"
+
+
+def clip_question_text(world: World, clip: Clip, rng: np.random.Generator) -> str:
+    """A random question about a clip and its answer, in the video QA prompt of flamingo/eval/videoqa.py."""
+    _, question, answer = _pick(world.clip_questions(clip), rng)
+    return f"Question:{question} Answer:{answer}"
+
+
 def prompted_text(world: World, scene: Scene, rng: np.random.Generator, caption_fraction: float) -> str:
     """Alt text in the styles of quiz and caption pages, which are also the harness's prompts (flamingo/eval/vqa.py,
     captioning.py): a question about the image and its short answer (`Question:{q} Short answer:{a}`), or, for
@@ -506,8 +518,7 @@ def prompted_text(world: World, scene: Scene, rng: np.random.Generator, caption_
     model answered the captioning prompt `<image>Output:` with a question."""
     if rng.random() < caption_fraction:
         return f"Output:{world.caption(scene, rng)}"
-    _, question, answer = _pick(world.questions(scene), rng)
-    return f"Question:{question} Short answer:{answer}"
+    return question_text(world, scene, rng)
 
 
 def quiz_document(world: World, rng: np.random.Generator) -> tuple[list[str], list[Scene], list[int]]:
@@ -524,8 +535,7 @@ def quiz_document(world: World, rng: np.random.Generator) -> tuple[list[str], li
         scenes.append(scene)
         matched.append(len(texts))
         if rng.random() < 0.8:
-            _, question, answer = _pick(world.questions(scene), rng)
-            texts.append(f"Question:{question} Short answer:{answer}")
+            texts.append(question_text(world, scene, rng))
         else:
             texts.append(f"This is a {scene.kind}.")
     return texts, scenes, matched
@@ -562,8 +572,7 @@ def corpus_documents(world: World, rng: np.random.Generator, n: int, num_frames:
         if kind == "describe":
             text = " ".join(world.caption(world.sample_scene(rng, "train"), rng) for _ in range(m + 2))
         elif kind == "vqa":
-            text = " ".join("Question:{} Short answer:{}".format(*_pick(
-                world.questions(world.sample_scene(rng, "train")), rng)[1:]) for _ in range(m))
+            text = " ".join(question_text(world, world.sample_scene(rng, "train"), rng) for _ in range(m))
         elif kind == "caption":
             text = " ".join(f"Output:{world.caption(world.sample_scene(rng, 'train'), rng)}" for _ in range(m))
         elif kind == "classify":
@@ -575,7 +584,7 @@ def corpus_documents(world: World, rng: np.random.Generator, n: int, num_frames:
                 if rng.random() < 0.5:
                     parts.append(world.clip_caption(clip, rng))
                 else:
-                    parts.append("Question:{} Answer:{}".format(*_pick(world.clip_questions(clip), rng)[1:]))
+                    parts.append(clip_question_text(world, clip, rng))
             text = " ".join(parts)
         elif kind == "bind_text":
             n_way = int(rng.integers(2, 4))

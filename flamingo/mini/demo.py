@@ -134,6 +134,8 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
     overrides = train_overrides(run, variant)
     run.commands[variant] = "flamingo train configs/mini.yaml " + " ".join(overrides)
     s = run.settings
+    if not s.progress:  # not part of the reproduce command: it only silences the bar
+        overrides = overrides + ["train.progress=false"]
     return reuse_or_build(os.path.join(s.out, variant), {"size": s.size, "seed": s.seed},
                           lambda: Trainer(load_config(config_path(), overrides)).run())
 

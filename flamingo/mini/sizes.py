@@ -1,8 +1,9 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~20 s) and `default` (the demo).
 
-Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2.5 minutes on the world (~14 s, two
-processes) and the backbones (vision ~85 s, LM ~55 s), about 5 minutes on the Flamingo stage and 2 on evaluation (the
-whole demo: 555 s on 2026-11-23); `smoke` about 6 s on the world and backbones.
+Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2 minutes on the world (~10 s, two
+processes) and the backbones (vision ~60-85 s, LM ~40-55 s), about 5.5 minutes on the Flamingo stage and 1-2 on
+evaluation (the whole demo: 509 s on 2026-11-24; this machine's speed varies by ~30% between days); `smoke` about 6 s
+on the world and backbones.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class MiniSize:
     lm_batch: int = 8
     lm_lr: float = 3e-3
     # Flamingo stage (read by flamingo/mini/demo.py; the demo's owner tunes it).
-    flamingo_steps: int = 360  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.85 s each)
+    flamingo_steps: int = 600  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.6 s each)
     eval_samples: int = 80  # evaluated test samples per task and number of shots
 
     def replace(self, **changes) -> "MiniSize":

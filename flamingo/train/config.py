@@ -56,6 +56,7 @@ class TrainSection:
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
     log_every: int = 10
+    progress: bool = True  # a tqdm bar on rank 0
     save_every: int = 500
     keep_last: int = 3
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row

@@ -243,7 +243,8 @@ class Trainer:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         writer = self._tensorboard()
         metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
+                   dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         try:
             while self.step < t.steps and not self.stop_requested:

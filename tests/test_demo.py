@@ -37,7 +37,8 @@ def test_every_stage_leaves_its_artefact(demo_run):
         for task in demo_run.results[variant]:
             assert os.path.isfile(os.path.join(out, "eval", variant, task, "results.json"))
     report = open(os.path.join(out, "report.md")).read()
-    for section in ("## Few-shot results", "## Goals", "## Training", "## Wall time per stage", "flamingo train"):
+    for section in ("## Few-shot results", "vqa by question type", "| colour |", "## Goals", "## Training",
+                    "## Wall time per stage", "flamingo train"):
         assert section in report
     for png in ("fewshot.png", "gates_flamingo.png", "loss_flamingo.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000

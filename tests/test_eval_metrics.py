@@ -5,6 +5,9 @@ import pytest
 from flamingo.eval.cider import cider, java_available, python_tokenize, tokenize
 from flamingo.eval.classification import topk_accuracy
 from flamingo.eval.hateful_memes import roc_auc
+from flamingo.eval.runner import summarize
+from flamingo.eval.task import Sample
+from flamingo.eval.vqa import VQATask
 from flamingo.eval.vqa_metric import normalize_answer, postprocess_vqa_generation, vqa_accuracy
 
 
@@ -32,6 +35,22 @@ def test_vqa_accuracy_leave_one_out():
     assert vqa_accuracy("the dog.", ["dog"] * 10) == 1.0
     with pytest.raises(ValueError):
         vqa_accuracy("a", [])
+
+
+def test_vqa_accuracy_per_answer_type():
+    def sample(i, kind, answer):
+        return Sample(id=str(i), media=[], fields={"question": "q"}, answer=answer, references=[answer] * 10, kind=kind)
+
+    samples = [sample(0, "yes/no", "yes"), sample(1, "yes/no", "no"), sample(2, "number", "2"), sample(3, None, "x")]
+    predictions = [{"prediction": p} for p in ("yes", "yes", "2", "y")]
+    metrics = VQATask().compute_metrics(samples, predictions)
+    assert metrics == {"vqa_accuracy": 50.0, "vqa_accuracy/number": 100.0, "vqa_accuracy/yes/no": 50.0}
+    # A trial whose samples lack a type: that part is None in its values, the mean is over the trials that have it.
+    runs = [{"task": "vqa", "model": "m", "shots": 0, "seed": s, "num_samples": 4, "date": "d", "metrics": m}
+            for s, m in enumerate([metrics, {"vqa_accuracy": 25.0, "vqa_accuracy/yes/no": 0.0}])]
+    rows = {r["metric"]: r for r in summarize(runs)}
+    assert rows["vqa_accuracy/number"]["values"] == [100.0, None] and rows["vqa_accuracy/number"]["mean"] == 100.0
+    assert rows["vqa_accuracy/yes/no"]["mean"] == 25.0 and rows["vqa_accuracy"]["mean"] == 37.5
 
 
 def test_vqa_postprocess():

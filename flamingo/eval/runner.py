@@ -145,8 +145,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for k in dict.fromkeys(r["shots"] for r in runs):
         of_k = [r for r in runs if r["shots"] == k]
-        for metric in of_k[0]["metrics"]:
-            values = [r["metrics"][metric] for r in of_k]
+        for metric in dict.fromkeys(m for r in of_k for m in r["metrics"]):
+            values = [r["metrics"].get(metric) for r in of_k]  # a breakdown key a trial's samples lack: None
             real = [v for v in values if v is not None]
             rows.append({"task": of_k[0]["task"], "model": of_k[0]["model"], "shots": k, "metric": metric,
                          "mean": float(np.mean(real)) if real else None,
@@ -178,13 +178,14 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Each metric vs number of shots (mean with std error bars), one panel per metric."""
+    """Each headline metric vs number of shots (mean with std error bars), one panel per metric. Breakdowns
+    (`metric/part`, e.g. VQA accuracy per answer type) are in the table and results.json only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"]))
+    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"] if "/" not in r["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         rows = [r for r in results["summary"] if r["metric"] == m and r["mean"] is not None]

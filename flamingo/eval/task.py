@@ -33,6 +33,7 @@ class Sample:
     label: Any = None  # classification: the class name; hateful memes: 0/1
     candidates: Optional[list[str]] = None  # ranked tasks: this sample's candidates (else the task's classes)
     demo_ids: Optional[list[str]] = None  # episodes: the train-split ids of its demos, in prompt order
+    kind: Optional[str] = None  # VQA: the annotation's answer type (accuracy is also reported per kind)
 
 
 class Task:

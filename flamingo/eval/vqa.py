@@ -41,8 +41,11 @@ class VQATask(Task):
             answers = [a["answer"] for a in ann.get("answers", [])]
             answer = ann.get("multiple_choice_answer") or (answers[0] if answers else "")
             image = media_path(root, q["image"]) if q.get("image") else find_image(root, q["image_id"])
+            # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)
+            kind = ann.get("answer_type") or ann.get("question_type")
             samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},
-                                  answer=answer, references=answers or [answer], demo_ids=demo_ids_of(q)))
+                                  answer=answer, references=answers or [answer], demo_ids=demo_ids_of(q),
+                                  kind=str(kind) if kind is not None else None))
         return samples
 
     def postprocess(self, text: str) -> str:
@@ -50,4 +53,11 @@ class VQATask(Task):
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         scores = [vqa_accuracy(p["prediction"], s.references) for s, p in zip(samples, predictions)]
-        return {"vqa_accuracy": 100.0 * sum(scores) / max(len(scores), 1)}
+        metrics = {"vqa_accuracy": 100.0 * sum(scores) / max(len(scores), 1)}
+        by_kind: dict[str, list[float]] = {}
+        for sample, score in zip(samples, scores):
+            if sample.kind is not None:
+                by_kind.setdefault(sample.kind, []).append(score)
+        for kind in sorted(by_kind):  # the official evaluation's per-answer-type breakdown
+            metrics[f"vqa_accuracy/{kind}"] = 100.0 * sum(by_kind[kind]) / len(by_kind[kind])
+        return metrics

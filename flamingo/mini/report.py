@@ -28,6 +28,30 @@ def headline(run: "DemoRun", variant: str, task: str, shots: int) -> Optional[fl
     return None
 
 
+def breakdown(run: "DemoRun", variant: str, task: str, shots: int) -> dict[str, float]:
+    """The headline metric's parts (`metric/part` rows of the harness, e.g. VQA accuracy per question type)."""
+    from .demo import TASKS
+
+    results = run.results.get(variant, {}).get(task)
+    prefix = TASKS[task][1] + "/"
+    return {row["metric"][len(prefix):]: row["mean"] for row in (results or {}).get("summary", [])
+            if row["shots"] == shots and row["metric"].startswith(prefix) and row["mean"] is not None}
+
+
+def _breakdown_table(run: "DemoRun", task: str) -> list[str]:
+    """One row per part (e.g. VQA question type), one column per shot count and variant."""
+    columns = [(v, k) for v in run.results for k in run.settings.shots if breakdown(run, v, task, k)]
+    parts = sorted({p for v, k in columns for p in breakdown(run, v, task, k)})
+    if not parts:
+        return []
+    lines = [f"{task} by question type:", "", "| type | " + " | ".join(f"{v} {k}-shot" for v, k in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for part in parts:
+        cells = [_fmt(breakdown(run, v, task, k).get(part), task) for v, k in columns]
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _fmt(value: Optional[float], task: str) -> str:
     if value is None:
         return "n/a"
@@ -199,7 +223,8 @@ def write_report(run: "DemoRun") -> str:
     chance = run.world["eval"]["binding"].get("chance")
     if chance:
         lines += ["", f"Binding chance level: {100 * chance:.1f}%."]
-    lines += ["", "![few-shot](fewshot.png)", "", "## Goals", "", "| goal | reached | numbers |", "|---|---|---|"]
+    lines += [""] + _breakdown_table(run, "vqa")
+    lines += ["![few-shot](fewshot.png)", "", "## Goals", "", "| goal | reached | numbers |", "|---|---|---|"]
     lines += [f"| {g} | {'yes' if ok else '**no**'} | {nums} |" for g, ok, nums in goals(run)]
 
     lines += ["", "## Training", ""]

@@ -15,40 +15,37 @@ if TYPE_CHECKING:
 REPORT = "report.md"
 
 
+def _means(run: "DemoRun", variant: str, task: str, shots: int) -> dict[str, Optional[float]]:
+    """Every metric's mean over trials at `shots` (the harness's summary rows)."""
+    results = run.results.get(variant, {}).get(task)
+    return {row["metric"]: row["mean"] for row in (results or {}).get("summary", []) if row["shots"] == shots}
+
+
 def headline(run: "DemoRun", variant: str, task: str, shots: int) -> Optional[float]:
     from .demo import TASKS
 
-    results = run.results.get(variant, {}).get(task)
-    if results is None:
-        return None
-    metric = TASKS[task][1]
-    for row in results["summary"]:
-        if row["shots"] == shots and row["metric"] == metric:
-            return row["mean"]
-    return None
+    return _means(run, variant, task, shots).get(TASKS[task][1])
 
 
 def breakdown(run: "DemoRun", variant: str, task: str, shots: int) -> dict[str, float]:
     """The headline metric's parts (`metric/part` rows of the harness, e.g. VQA accuracy per question type)."""
     from .demo import TASKS
 
-    results = run.results.get(variant, {}).get(task)
     prefix = TASKS[task][1] + "/"
-    return {row["metric"][len(prefix):]: row["mean"] for row in (results or {}).get("summary", [])
-            if row["shots"] == shots and row["metric"].startswith(prefix) and row["mean"] is not None}
+    return {m[len(prefix):]: v for m, v in _means(run, variant, task, shots).items()
+            if m.startswith(prefix) and v is not None}
 
 
 def _breakdown_table(run: "DemoRun", task: str) -> list[str]:
     """One row per part (e.g. VQA question type), one column per shot count and variant."""
-    columns = [(v, k) for v in run.results for k in run.settings.shots if breakdown(run, v, task, k)]
-    parts = sorted({p for v, k in columns for p in breakdown(run, v, task, k)})
-    if not parts:
+    columns = {(v, k): breakdown(run, v, task, k) for v in run.results for k in run.settings.shots}
+    columns = {key: parts for key, parts in columns.items() if parts}
+    if not columns:
         return []
-    lines = [f"{task} by question type:", "", "| type | " + " | ".join(f"{v} {k}-shot" for v, k in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for part in parts:
-        cells = [_fmt(breakdown(run, v, task, k).get(part), task) for v, k in columns]
-        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    lines = [f"{task} by question type:", "",
+             "| type | " + " | ".join(f"{v} {k}-shot" for v, k in columns) + " |", "|---|" + "---|" * len(columns)]
+    for part in sorted({p for parts in columns.values() for p in parts}):
+        lines.append(f"| {part} | " + " | ".join(_fmt(parts.get(part), task) for parts in columns.values()) + " |")
     return lines + [""]
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.generate --shape cpu                       # 2 CPU cores, fp32
     python -m bench.generate --shape gpu --device cuda --dtype bf16
+    python -m bench.generate --shape gpu --device cuda --dtype bf16 --compile     # CUDA-graphed decode steps
 
 For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, N new tokens (forced, so every
 model decodes the same number): time to first token (vision + prefill + first step) and decode tokens/s
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from bench.common import build_pair, machine, print_json, print_table, timed_steps
+from flamingo.generation import compile_config
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             new = args.new_tokens
 
             cache = {"cache_implementation": args.cache} if args.cache != "dynamic" else {}
+            if args.compile:  # both ours and the bare LM: static cache, decode step under torch.compile
+                cache = {"cache_implementation": "static", "compile_config": compile_config(torch.device(args.device).type)}
 
             def ours_gen(n: int, streamer: Any = None) -> torch.Tensor:
                 return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n, streamer=streamer,
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]
                 row["ttft_vs_openflamingo"] = row["openflamingo_ttft_ms"] / row["ours_ttft_ms"]
             rows.append(row)
-            print_json("generate", {"shape": args.shape, "device": machine(), "dtype": args.dtype, "cache": args.cache,
+            print_json("generate", {"shape": args.shape, "device": machine(), "dtype": args.dtype,
+                                    "cache": "static+compile" if args.compile else args.cache,
                                     "xattn_every": args.xattn_every, "new_tokens": new, **row})
     return rows
 
@@ -86,6 +91,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
                         help="LM KV cache for ours and the bare LM; static lets HF compile the decode step (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="static cache + compiled decode step (CUDA graphs on GPU) for ours and the bare LM, on "
+                             "any device; the warm-up run compiles")
     parser.add_argument("--skip-peer", action="store_true", help="time only ours and the bare LM")
     args = parser.parse_args()
     print(f"# bench.generate on {machine()}, shape={args.shape}, dtype={args.dtype}, xattn_every={args.xattn_every}")

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 from .model.flamingo import Flamingo, MediaContext
 
@@ -53,20 +53,35 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     return config
 
 
+def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgraph: bool = True) -> CompileConfig:
+    """How `generate(compile=True)` compiles the decode step: one graph (`fullgraph`: the xattn hooks read only
+    tensors prepared in prefill, so nothing breaks the graph), CUDA graphs on GPU ("reduce-overhead"), on every
+    device. The graph does not depend on the prompt's length or number of images (no recompiles between prompts)."""
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+    config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
+    config._compile_all_devices = True  # HF's switch (no constructor argument) to compile on CPU as well
+    return config
+
+
 @torch.no_grad()
 def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
              num_frames: Optional[torch.Tensor] = None, *, visual_tokens: Optional[torch.Tensor] = None,
-             generation_config: Optional[GenerationConfig] = None, streamer: Any = None,
+             generation_config: Optional[GenerationConfig] = None, streamer: Any = None, compile: bool = False,
              **kwargs: Any) -> torch.Tensor:
     """Prompt ids (B, T) (left-padded for batches) + media -> (B·num_return_sequences, T + new) token ids.
 
     kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
     repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...).
+    compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
+    device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
     """
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if compile:
+        kwargs.setdefault("cache_implementation", "static")
+        kwargs.setdefault("compile_config", compile_config(input_ids.device.type))
     config_keys = set(GenerationConfig().to_dict())
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})

@@ -166,3 +166,23 @@ def test_score_equals_plain_forward_logprobs(make_model):
         scores = model.score(batch["input_ids"], candidates, **extra, batch_size=2)
         expected = [continuation_logprobs_reference(model, batch["input_ids"], c, **extra) for c in candidates]
         torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-4, rtol=1e-5)
+
+
+def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_model):
+    """generate(compile=True): the decode step is captured whole (fullgraph: a graph break raises), gives the eager
+    tokens, and one graph serves prompts with different lengths and image counts (the GPU path of CUDA graphs)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from flamingo.generation import compile_config
+
+    model, processor = make_model("llama")
+    torch._dynamo.reset()
+    counters.clear()
+    config = compile_config(backend="aot_eager")  # traces like inductor, without its C++ build time
+    for case in (3, 1):
+        batch = processor(*PROMPTS[case])
+        eager = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+        compiled = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, compile=True, compile_config=config)
+        assert compiled.tolist() == eager.tolist()
+    assert counters["stats"]["unique_graphs"] == 1

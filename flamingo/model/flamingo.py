@@ -61,6 +61,7 @@ class MediaContext:
     # image of the prompt. Its K/V slice is gathered once per block; decode steps then do a plain attention over R
     # keys with static shapes (no media index, no gather per step).
     static_after_prompt: bool = False
+    prefilled: bool = False
     decoding: bool = False
     decode_index: Optional[torch.Tensor] = None  # (rows, 1)
 
@@ -163,7 +164,7 @@ class Flamingo(nn.Module):
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]  # (B, T)
         ctx = self._media_context
-        if ctx is not None and ctx.static_after_prompt and ctx.last_media_index is not None:
+        if ctx is not None and ctx.static_after_prompt and ctx.prefilled:
             ctx.decoding = True  # a decode step: rows keep their prompt's last image (tensors prepared in prefill)
         elif ctx is not None:
             start = ctx.last_media_index
@@ -173,6 +174,7 @@ class Flamingo(nn.Module):
             ctx.last_media_index = ctx.media_index[:, -1]
             if ctx.static_after_prompt:  # made here, eagerly, so compiled/graphed decode steps only read them
                 ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]  # (rows, 1): 1 = has an image
+                ctx.prefilled = True  # a plain flag: decode steps test it without guarding on a tensor
         if self.new_token_embeddings is None:
             return output
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
@@ -205,12 +207,13 @@ class Flamingo(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         ctx = self._media_context
         block = self.xattn[block_idx]
-        if ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
-            hidden = block(hidden, None, None)
-        elif ctx.decoding:
-            index = ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
-            kv = ctx.media_kv[("last", block_idx, hidden.shape[0])]
+        if ctx is not None and ctx.decoding:  # reads only tensors made in prefill: a compiled decode step does not
+            # depend on (or recompile for) the prompt's number of images
+            kv = ctx.media_kv.get(("last", block_idx, hidden.shape[0]))  # None: the prompt has no media
+            index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
             hidden = block(hidden, kv, index, "reference")
+        elif ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
+            hidden = block(hidden, None, None)
         else:
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "

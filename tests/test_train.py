@@ -4,6 +4,7 @@ SIGKILL, DDP over two processes equals one process with the doubled batch, non-f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from flamingo import load_pretrained
 from flamingo.train.config import load_config
-from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model
+from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model, materialize
 from train_fixtures import save_backbones, train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -140,11 +141,17 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(world, tmp_path):
     assert all(torch.allclose(one[k], ranks[0][k], atol=1e-5) for k in one)
 
 
-def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch, fused):
+    """Non-finite steps leave every parameter (and the optimizer's state) untouched and are counted; a streak of
+    `max_nonfinite` aborts. The fused optimizer skips on the device (no host sync in the step): its streak is read
+    at logged steps, so the abort comes from `check_nonfinite`."""
     root, vision, lm, data = world
-    config = load_config(train_config(root, vision, lm, data, steps=10, out=os.path.join(root, "run-nan"),
+    config = load_config(train_config(root, vision, lm, data, steps=10, out=os.path.join(root, f"run-nan-{fused}"),
                                       interleaved=False, max_nonfinite=3))
+    config.optim.fused = fused
     trainer = Trainer(config)
+    assert trainer.skip_on_device == fused
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     real_forward = trainer.model.forward
     calls = {"n": 0}
@@ -159,14 +166,18 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch):
     monkeypatch.setattr(trainer.model, "forward", forward)
     trainer.train_step()
     after_good = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state[trainer.trained[0]].items()}
     assert any(not torch.equal(before[n], after_good[n]) for n in before)
     for _ in range(2):
-        metrics = trainer.train_step()  # skipped: parameters untouched, counted
+        metrics = materialize(trainer.train_step())  # skipped: parameters and optimizer state untouched, counted
         assert all(torch.equal(p.detach(), after_good[n]) for n, p in trainer.model.named_parameters()
                    if p.requires_grad)
-    assert metrics["skipped_nonfinite"] == 2
+        state = trainer.optimizer.state[trainer.trained[0]]
+        assert all(torch.equal(state[k], v) for k, v in moments.items())
+    assert metrics["skipped_nonfinite"] == 2 and math.isnan(metrics["loss"])
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         trainer.train_step()
+        trainer.check_nonfinite()
 
 
 def test_fsdp_two_processes_equal_one_process_and_resume(world, tmp_path):

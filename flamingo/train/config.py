@@ -34,7 +34,7 @@ class OptimSection:
     weight_decay: float = 0.1  # on the xattn blocks' matrices only
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    fused: bool = False  # fused AdamW kernel (CUDA)
+    fused: bool = False  # fused AdamW kernel; it skips non-finite steps on the device (no host sync per step)
     gate_lr_mult: float = 1.0  # learning rate of the tanh gates = lr x this (see train/optim.py)
     attn_gate_lr_mult: Optional[float] = None  # the attention gates' own multiplier (None: gate_lr_mult)
 
@@ -55,7 +55,7 @@ class TrainSection:
     micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)
     progress: bool = True  # a tqdm bar on rank 0
     save_every: int = 500
     keep_last: int = 3

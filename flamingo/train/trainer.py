@@ -112,8 +112,11 @@ class Trainer:
         self.sources = sources
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0
-        self.nonfinite_streak = 0
-        self.skipped_steps = 0
+        # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
+        self.nonfinite_streak = torch.zeros((), dtype=torch.long, device=self.device)
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))  # fused Adam(W)
         self.stop_requested = False
         self.sample_generator = torch.Generator().manual_seed(t.seed + 1)  # `sample` mixture mode
         os.makedirs(t.output_dir, exist_ok=True)
@@ -126,7 +129,8 @@ class Trainer:
             return
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.step = state["step"]
-        self.nonfinite_streak, self.skipped_steps = state["nonfinite_streak"], state["skipped_steps"]
+        self.nonfinite_streak.fill_(state["nonfinite_streak"])
+        self.skipped_steps.fill_(state["skipped_steps"])
         self.sample_generator.set_state(torch.tensor(state["sample_generator"], dtype=torch.uint8))
         data_states = state["data"][self.rank] if isinstance(state["data"], list) else state["data"]
         for name, source in self.sources.items():
@@ -147,7 +151,7 @@ class Trainer:
         trained, optimizer_state = gather_training_state(self.model, self.optimizer)  # collective under FSDP
         if self.rank == 0:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
-                            {"nonfinite_streak": self.nonfinite_streak, "skipped_steps": self.skipped_steps,
+                            {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
                              "sample_generator": self.sample_generator.get_state().tolist(), "data": data},
                             self.config.train.keep_last)
         if self.world > 1:
@@ -194,32 +198,44 @@ class Trainer:
             (loss * weight).backward()
             losses[name] = losses.get(name, 0.0) + loss.detach() / t.micro_batches
         total = sum(self.weights[n] * losses[n] for n in losses) if t.mixture == "accumulate" else losses[names[0]]
-        finite = torch.isfinite(total).float()
+        finite = torch.isfinite(total)  # () on the device
         if self.world > 1:
+            finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
             # the logged losses are the ranks' mean (what the all-reduced gradient is the gradient of)
             logged = torch.stack([total, *losses.values()]).detach().float()
             dist.all_reduce(logged, op=dist.ReduceOp.SUM)
             logged /= self.world
             total, losses = logged[0], dict(zip(losses, logged[1:]))
-        grad_norm = torch.tensor(float("nan"))
-        if finite.item() == 1.0:
-            trained = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)
+        if self.skip_on_device:
+            # fused Adam(W) skips its update (and its step count) where `found_inf` is set: no host sync
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, t.grad_clip)
+            self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-            self.nonfinite_streak = 0
+        elif bool(finite):  # a host sync: other optimizers cannot skip a step on the device
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, t.grad_clip)
+            self.optimizer.step()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_streak += 1
-            self.skipped_steps += 1
-            if self.nonfinite_streak >= t.max_nonfinite:
-                raise NonFiniteLossError(f"{self.nonfinite_streak} non-finite losses in a row at step "
-                                         f"{self.step + 1}: aborting (lower the lr, check the data)")
+            grad_norm = torch.tensor(float("nan"))
+        self.nonfinite_streak = torch.where(finite, 0, self.nonfinite_streak + 1)
+        self.skipped_steps = self.skipped_steps + (~finite).long()
+        if not self.skip_on_device:
+            self.check_nonfinite()  # `finite` is on the host already
         self.scheduler.step()
         self.step += 1
-        return {"step": self.step, "loss": float(total), "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm), "samples": samples * self.world, "flops": flops * self.world, "skipped_nonfinite": self.skipped_steps,
-                **{f"loss/{n}": float(v) for n, v in losses.items()}}
+        # tensors stay on the device: `materialize` reads them, once per logged step
+        return {"step": self.step, "loss": total.detach(), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.detach(), "samples": samples * self.world, "flops": flops * self.world,
+                "skipped_nonfinite": self.skipped_steps, **{f"loss/{n}": v for n, v in losses.items()}}
+
+    def check_nonfinite(self) -> None:
+        """Abort after `train.max_nonfinite` non-finite losses in a row (a host sync: called per logged step when
+        steps are skipped on the device)."""
+        streak = int(self.nonfinite_streak)
+        if streak >= self.config.train.max_nonfinite:
+            raise NonFiniteLossError(f"{streak} non-finite losses in a row at step {self.step}: aborting (lower the "
+                                     "lr, check the data)")
 
     def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         k = self.config.train.micro_batches
@@ -246,25 +262,33 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
         try:
             while self.step < t.steps and not self.stop_requested:
-                start = time.perf_counter()
                 metrics = self.train_step()
-                elapsed = time.perf_counter() - start
-                metrics["samples_per_s"] = metrics["samples"] / elapsed
-                metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
-                if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
-                    metrics["mfu"] = metrics["flops"] / elapsed / (peak * self.world)
+                window_samples += metrics["samples"]
+                window_flops += metrics["flops"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                sps=f"{metrics['samples_per_s']:.1f}")
-                if self.rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    if writer is not None and (self.step % t.log_every == 0 or self.step == 1):
-                        self._log_tensorboard(writer, metrics)
+                if self.step % t.log_every == 0 or self.step == 1 or self.step == t.steps:
+                    metrics = materialize(metrics)  # the window's one host sync
+                    self.check_nonfinite()
+                    elapsed = time.perf_counter() - window_start
+                    metrics["samples_per_s"] = window_samples / elapsed
+                    if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
+                        metrics["mfu"] = window_flops / elapsed / (peak * self.world)
+                    metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    sps=f"{metrics['samples_per_s']:.1f}")
+                    if self.rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                        if writer is not None:
+                            self._log_tensorboard(writer, metrics)
+                    window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
                 if self.step % t.save_every == 0 or self.step == t.steps:
+                    saving = time.perf_counter()
                     self.save()
+                    window_start += time.perf_counter() - saving  # samples/s counts training time only
             if self.stop_requested and self.step < t.steps:
                 self.save()  # SIGTERM / SIGINT: a checkpoint before exiting
                 if self.rank == 0:
@@ -318,6 +342,21 @@ class Trainer:
         for layer, (attn, ffw) in metrics["gates"].items():
             writer.add_scalar(f"gates/attn/{layer}", attn, step)
             writer.add_scalar(f"gates/ffw/{layer}", ffw, step)
+
+
+def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics with its device tensors read as Python numbers (one host sync for all of them). Every rank
+    calls it at the same steps (a sharded grad norm is gathered)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(metrics)
+    tensors = [metrics[k].detach() for k in keys]
+    tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]  # FSDP's grad norm: collective
+    values = torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist()
+    out = dict(metrics)
+    for k, v in zip(keys, values):
+        out[k] = int(v) if k == "skipped_nonfinite" else v
+    return out
 
 
 def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:

@@ -83,6 +83,8 @@ class MediaContext:
             if base is None:
                 base = self.media_kv[(block_idx, self.visual.shape[0])] = block.project_media(self.visual)
             samples = self.visual.shape[0]
+            if rows == samples:  # one row per sample (a forward, a prefill): no copy
+                return base
             if rows % samples:
                 raise RuntimeError(f"the LM runs {rows} rows for {samples} samples' media")
             index = torch.arange(samples, device=self.visual.device).repeat_interleave(rows // samples)

@@ -25,6 +25,7 @@ from torch import nn
 from .resampler import feed_forward
 
 XAttnImpl = Literal["auto", "reference", "segments", "gather", "flex"]
+GATHER_TOKENS = 16  # "auto": up to this many query tokens per row, each gathers its own image's keys
 _compiled_flex: Any = None
 
 
@@ -152,8 +153,8 @@ def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tens
     memo: a dict living for one LM call (the media context's), where the flex block mask is kept for all blocks.
     """
     if impl == "auto":
-        if q.shape[1] * kv.k.shape[2] <= 4096 and only_attend_last_image:  # a few tokens (decoding): gather keys
-            impl = "gather"
+        if q.shape[1] <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
+            impl = "gather"  # per-token keys: its backward, a scatter-add of (B, T, R, h, d), is slow for training
         elif flex_available(q.device):
             impl = "flex"
         else:

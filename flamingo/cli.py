@@ -103,6 +103,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Grow a mini Flamingo end to end, offline (flamingo/mini/demo.py)."""
     from .mini.demo import DemoSettings, run_demo
 
+    if args.no_progress:  # this process is the CLI's own: transformers' loading/saving bars go too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
                           shots=tuple(args.shots), progress=not args.no_progress))
     return 0

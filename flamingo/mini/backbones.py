@@ -70,13 +70,13 @@ def _lr(step: int, total: int, peak: float, warmup_frac: float = 0.1) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer
-def grow_tokenizer(corpus: Union[PathLike, Sequence[str]], vocab_size: int, out_dir: PathLike
-                   ) -> PreTrainedTokenizerFast:
+def grow_tokenizer(corpus: Union[PathLike, Sequence[str]], vocab_size: int, out_dir: PathLike, *,
+                   progress: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `corpus` (a text file, one document per line, or a list of strings), with
     `<|endoftext|>` as BOS/EOS and no pad token (`from_backbones` adds pad, `<image>`, `<|endofchunk|>`)."""
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
-    with tqdm(total=3, desc="tokenizer", leave=False) as bar:
+    with tqdm(total=3, desc="tokenizer", leave=False, disable=not progress) as bar:
         lines = _lines(corpus)
         bar.update()
         tok = Tokenizer(models.BPE())
@@ -271,7 +271,8 @@ def attribute_accuracy(tower: CLIPVisionModel, head: ContrastiveHead, text: BagO
 
 
 def grow_vision(pairs: Pairs, out_dir: PathLike, *, heldout: Optional[Pairs] = None,
-                size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2) -> dict:
+                size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2,
+                progress: bool = True) -> dict:
     """Pretrain a `CLIPVisionModel` contrastively on image-text pairs; save it + its image processor in `out_dir`.
 
     Returns {"dir", "wall_s", "steps", "final_loss", and retrieval metrics on `heldout` when given}.
@@ -281,14 +282,15 @@ def grow_vision(pairs: Pairs, out_dir: PathLike, *, heldout: Optional[Pairs] = N
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = _train_vision(pairs, out_dir, heldout, size, seed)
+        result = _train_vision(pairs, out_dir, heldout, size, seed, progress)
     finally:
         torch.set_num_threads(previous_threads)
     result["wall_s"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], size: MiniSize, seed: int) -> dict:
+def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], size: MiniSize, seed: int,
+                  progress: bool) -> dict:
     torch.manual_seed(seed)
     images, captions = load_pairs(pairs)
     if images.shape[1] != size.image_size or images.shape[2] != size.image_size:
@@ -310,7 +312,7 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
     labels = {k: torch.tensor([caption_labels(c)[k] for c in captions]) for k in ATTRIBUTES}
     loss_value = float("nan")
     tower.train()
-    for step in tqdm(range(size.vision_steps), desc="vision tower", leave=False):
+    for step in tqdm(range(size.vision_steps), desc="vision tower", leave=False, disable=not progress):
         batch = rng.choice(len(captions), size=min(size.vision_batch, len(captions)), replace=False)
         for group in optim.param_groups:
             group["lr"] = _lr(step, size.vision_steps, size.vision_lr)
@@ -384,7 +386,8 @@ def copy_gain(lm: LlamaForCausalLM, vocab_size: int, length: int = 30, batch: in
 
 def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
             out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
-            size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2) -> dict:
+            size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2,
+            progress: bool = True) -> dict:
     """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
     tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl"}."""
     size, start = _size(size), time.perf_counter()
@@ -392,7 +395,7 @@ def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, P
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = _train_lm(corpus, tokenizer, out_dir, heldout, size, seed)
+        result = _train_lm(corpus, tokenizer, out_dir, heldout, size, seed, progress)
     finally:
         torch.set_num_threads(previous_threads)
     result["wall_s"] = round(time.perf_counter() - start, 2)
@@ -400,7 +403,8 @@ def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, P
 
 
 def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
-              out_dir: PathLike, heldout: Union[PathLike, Sequence[str], None], size: MiniSize, seed: int) -> dict:
+              out_dir: PathLike, heldout: Union[PathLike, Sequence[str], None], size: MiniSize, seed: int,
+              progress: bool) -> dict:
     torch.manual_seed(seed)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
@@ -417,7 +421,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     gen = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
     lm.train()
-    for step in tqdm(range(size.lm_steps), desc="language model", leave=False):
+    for step in tqdm(range(size.lm_steps), desc="language model", leave=False, disable=not progress):
         for group in optim.param_groups:
             group["lr"] = _lr(step, size.lm_steps, size.lm_lr)
         starts = torch.randint(0, len(stream) - ctx - 1, (size.lm_batch,), generator=gen)
@@ -443,7 +447,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
 
 # -------------------------------------------------------------------------------------------------------- all
 def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Union[str, MiniSize, None] = None,
-                   seed: int = 0, threads: Optional[int] = 2) -> dict:
+                   seed: int = 0, threads: Optional[int] = 2, progress: bool = True) -> dict:
     """Grow the three backbones from a written world (its manifest dict or root/world.json) into
     out_dir/{tokenizer,vision,lm}; write and return out_dir/backbones.json.
 
@@ -456,14 +460,14 @@ def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Uni
     size = _size(size if size is not None else manifest.get("size"))
     out = Path(out_dir)
     t0 = time.perf_counter()
-    tokenizer = grow_tokenizer(manifest["corpus"]["train"], size.vocab_size, out / "tokenizer")
+    tokenizer = grow_tokenizer(manifest["corpus"]["train"], size.vocab_size, out / "tokenizer", progress=progress)
     report: dict[str, Any] = {"tokenizer": {"dir": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                                             "wall_s": round(time.perf_counter() - t0, 2)}}
     report["vision"] = grow_vision(manifest["data"]["pairs"]["path"], out / "vision",
                                    heldout=manifest["eval"]["retrieval"]["path"], size=size, seed=seed,
-                                   threads=threads)
+                                   threads=threads, progress=progress)
     report["lm"] = grow_lm(manifest["corpus"]["train"], tokenizer, out / "lm", heldout=manifest["corpus"]["heldout"],
-                           size=size, seed=seed, threads=threads)
+                           size=size, seed=seed, threads=threads, progress=progress)
     report["wall_s"] = round(sum(report[k]["wall_s"] for k in ("tokenizer", "vision", "lm")), 2)
     with open(out / "backbones.json", "w") as f:
         json.dump(report, f, indent=1)

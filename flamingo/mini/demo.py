@@ -101,7 +101,7 @@ def build_world(run: DemoRun) -> dict[str, Any]:
 
     s = run.settings
     root = os.path.join(s.out, "world")
-    return reuse_or_build(root, {"size": s.size, "seed": s.seed}, lambda: write_world(root, s.size, s.seed))
+    return reuse_or_build(root, {"size": s.size, "seed": s.seed}, lambda: write_world(root, s.size, s.seed, progress=s.progress))
 
 
 def build_backbones(run: DemoRun) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def build_backbones(run: DemoRun) -> dict[str, Any]:
     s = run.settings
     root = os.path.join(s.out, "backbones")
     return reuse_or_build(root, {"size": s.size, "seed": s.seed},
-                          lambda: grow_backbones(run.world, root, s.size, seed=s.seed))
+                          lambda: grow_backbones(run.world, root, s.size, seed=s.seed, progress=s.progress))
 
 
 def train_overrides(run: DemoRun, variant: str) -> list[str]:

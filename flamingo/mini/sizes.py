@@ -64,7 +64,7 @@ class MiniSize:
     lm_batch: int = 8
     lm_lr: float = 3e-3
     # Flamingo stage (read by flamingo/mini/demo.py; the demo's owner tunes it).
-    flamingo_steps: int = 600  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.6 s each)
+    flamingo_steps: int = 720  # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.45 s each)
     eval_samples: int = 80  # evaluated test samples per task and number of shots
 
     def replace(self, **changes) -> "MiniSize":

@@ -416,7 +416,8 @@ def _run_parallel(root: Path, size: MiniSize, seed: int, bar: tqdm) -> dict[str,
     return results
 
 
-def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: int = 0, workers: int = 2) -> dict:
+def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: int = 0, workers: int = 2,
+                progress: bool = True) -> dict:
     """Write every dataset of the mini world under `root`; return the manifest (also saved as root/world.json).
 
     workers: 2 writes in two forked processes (where `fork` exists), 1 in this process; the files are the same.
@@ -428,7 +429,7 @@ def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: in
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     writer = WorldWriter(root, size, seed)
-    with tqdm(total=writer.total_items(), desc="mini world", unit="item", leave=False) as bar:
+    with tqdm(total=writer.total_items(), desc="mini world", unit="item", leave=False, disable=not progress) as bar:
         if workers > 1 and "fork" in mp.get_all_start_methods():
             results = _run_parallel(root, size, seed, bar)
         else:

@@ -83,6 +83,21 @@ def test_tiny_run_learns_writes_loadable_model_and_keeps_frozen_weights(world):
     assert set(gates) == {str(i) for i in model.xattn_layer_indices}
 
 
+def test_metrics_logged_every_log_every_steps(world):
+    """Metrics are read from the device once per `log_every` window: lines for steps 1, 3 and the last (4), each with
+    finite numbers (not tensors) and the window's samples/s."""
+    root, vision, lm, data = world
+    config = load_config(train_config(root, vision, lm, data, steps=4, out=os.path.join(root, "run-log"),
+                                      interleaved=False, log_every=3, save_every=10))
+    Trainer(config).run()
+    with open(os.path.join(config.train.output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 3, 4]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "samples_per_s", "loss/pairs"))
+        assert r["skipped_nonfinite"] == 0 and set(r["gates"])
+
+
 def _train_command(config: str) -> list[str]:
     return [sys.executable, "-m", "flamingo.cli", "train", config]
 

@@ -182,7 +182,7 @@ class Flamingo(nn.Module):
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
         offset = input_ids - first
         is_new = (offset >= 0) & (offset < n)  # (B, T)
-        rows = self.new_token_embeddings[offset.clamp(0, n - 1)].to(output.dtype)  # (B, T, D)
+        rows = F.embedding(offset.clamp(0, n - 1), self.new_token_embeddings).to(output.dtype)  # (B, T, D)
         return torch.where(is_new[..., None], rows, output)
 
     def _output_hook(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:

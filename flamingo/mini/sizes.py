@@ -1,9 +1,9 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~2 minutes) and `default` (the demo).
 
 Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2 minutes on the world (~10 s, two
-processes) and the backbones (vision ~60-85 s, LM ~40-55 s), about 5.5 minutes on the Flamingo stage and 1-2 on
-evaluation (the whole demo: 488-509 s on 2026-11-24; this machine's speed varies by ~30% between days); `smoke` about 10 s
-on the world and backbones.
+processes) and the backbones (vision ~60-85 s, LM ~40-55 s), about 5.3 minutes on the Flamingo stage (720 steps) and
+1 on evaluation (the whole demo: 464-477 s on 2026-11-24; this machine's speed varies by ~30% between days); `smoke`
+about 10 s on the world and backbones.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~2 minutes) and `default` (the demo).
 
 Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2 minutes on the world (~10 s, two
-processes) and the backbones (vision ~60-85 s, LM ~40-55 s), about 5.3 minutes on the Flamingo stage (720 steps) and
-1 on evaluation (the whole demo: 464-477 s on 2026-11-24; this machine's speed varies by ~30% between days); `smoke`
-about 10 s on the world and backbones.
+processes) and the backbones (vision ~60-85 s, LM ~40-55 s), about 6 minutes on the Flamingo stage (720 steps) and
+1 on evaluation (the whole demo: 516 s with 32 latents, 464-477 s with 16, on 2026-11-24; this machine's speed varies
+by ~30% between days); `smoke` about 10 s on the world and backbones.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ SIZES: dict[str, MiniSize] = {
         vocab_size=400, vision_hidden=64, vision_layers=2, vision_steps=150, vision_batch=32, retrieval_pairs=100,
         lm_hidden=64, lm_layers=2, lm_intermediate=128, lm_context=128, lm_steps=200, lm_batch=8,
         # 240 steps and 40 test captions: with 150 steps and 15 captions test_demo's check (4-shot CIDEr, trained vs
-        # gates 0) passed by under 1 point once the attention gates stepped 10x; now 97.2 vs 53.5 (smoke demo: 107 s;
-        # 300 steps: 117.6 vs 57.7 but 114-132 s, over the issue's 2 minutes).
+        # gates 0) passed by under 1 point once the attention gates stepped 10x; then 97.2 vs 53.5 with 16 latents
+        # (107 s), 148.3 vs 51.5 with 32 (smoke demo: 105 s on 2026-11-24; 300 steps with 16 latents: 117.6 vs 57.7
+        # but 114-132 s, over the issue's 2 minutes).
         flamingo_steps=240, eval_samples=40,
         # 150-300 steps are too few to learn that the prompt prefix picks the style (question or caption): with 30% and
         # with 70% captions the smoke model answered the captioning prompt with a question (CIDEr 3 and 21 vs 66 at

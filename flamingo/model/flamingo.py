@@ -237,26 +237,32 @@ class Flamingo(nn.Module):
             raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
         b, n, f = images.shape[:3]
         device = images.device
-        media_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        # The masks live where `num_media` / `num_frames` do: built from the CPU copies a data loader makes, they
+        # select real media and frames without a host sync on the accelerator (index_select, not boolean masks).
+        mask_device = num_media.device if isinstance(num_media, torch.Tensor) else torch.device("cpu")
+        media_mask = torch.ones(b, n, dtype=torch.bool, device=mask_device)
         if num_media is not None:
-            media_mask = torch.arange(n, device=device) < torch.as_tensor(num_media, device=device)[:, None]
+            media_mask = torch.arange(n, device=mask_device) < torch.as_tensor(num_media, device=mask_device)[:, None]
         frame_mask = media_mask[:, :, None].expand(b, n, f)  # (B, N, F)
         if num_frames is not None:
-            num_frames = torch.as_tensor(num_frames, device=device)
-            frame_mask = frame_mask & (torch.arange(f, device=device) < num_frames[:, :, None])
+            num_frames = torch.as_tensor(num_frames, device=mask_device)
+            frame_mask = frame_mask & (torch.arange(f, device=mask_device) < num_frames[:, :, None])
             if bool((num_frames[media_mask] < 1).any()):
                 raise ValueError("every real medium needs at least one frame (num_frames >= 1)")
-        pixels = images[frame_mask]  # (K, C, H, W) real frames only
+        frame_rows = frame_mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (K,) real frames
+        media_rows = media_mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (M,) real media
+        pixels = images.flatten(0, 2).index_select(0, frame_rows)  # (K, C, H, W)
         tower_dtype = next(self.vision.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             features = vision_features(self.vision, pixels.to(tower_dtype), self.config.vision_feature_layer,
                                        self.config.drop_cls_token)  # (K, S, Dv)
         dtype = next(self.resampler.parameters()).dtype
-        grid = features.new_zeros(b, n, f, *features.shape[1:], dtype=dtype)  # (B, N, F, S, Dv)
-        grid[frame_mask] = features.to(dtype)
-        tokens = self.resampler(grid[media_mask], frame_mask[media_mask])  # (M, R, Dv)
-        visual = tokens.new_zeros(b, n, *tokens.shape[1:])  # (B, N, R, Dv)
-        visual[media_mask] = tokens
+        grid = features.new_zeros(b * n * f, *features.shape[1:], dtype=dtype)  # (B·N·F, S, Dv)
+        grid = grid.index_copy(0, frame_rows, features.to(dtype)).unflatten(0, (b * n, f))  # (B·N, F, S, Dv)
+        tokens = self.resampler(grid.index_select(0, media_rows),
+                                frame_mask.flatten(0, 1)[media_mask.flatten()])  # (M, R, Dv)
+        visual = tokens.new_zeros(b * n, *tokens.shape[1:])
+        visual = visual.index_copy(0, media_rows, tokens).unflatten(0, (b, n))  # (B, N, R, Dv)
         return visual
 
     # ------------------------------------------------------------------------------------------ forward
@@ -280,10 +286,11 @@ class Flamingo(nn.Module):
                 images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
                 num_frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                 visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
-                **lm_kwargs: Any) -> FlamingoOutput:
+                check_media: bool = True, **lm_kwargs: Any) -> FlamingoOutput:
         """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
         `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
         labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
+        `num_media` / `num_frames` on the CPU (as data loaders make them) keep the media selection free of host syncs.
         """
         if visual_tokens is None and images is not None:
             n = images.shape[1]
@@ -292,7 +299,8 @@ class Flamingo(nn.Module):
             visual_tokens = self.encode_media(images, num_media, num_frames)
         elif visual_tokens is not None and num_media is None:
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
-        self.check_media_tokens(input_ids, num_media)
+        if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
+            self.check_media_tokens(input_ids, num_media)
         if "position_ids" not in lm_kwargs and lm_kwargs.get("past_key_values") is None:
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:

@@ -77,8 +77,8 @@ class PerceiverResampler(nn.Module):
         x = features + self.time_embeddings[:f, None, :]  # (M, F, S, D)
         x = x.flatten(1, 2)  # (M, F·S, D)
         feature_mask = None
-        if frame_mask is not None and not bool(frame_mask.all()):
-            feature_mask = frame_mask[:, :, None].expand(m, f, s).flatten(1)  # (M, F·S)
+        if frame_mask is not None and not bool(frame_mask.all()):  # the mask may be on the CPU (no host sync)
+            feature_mask = frame_mask.to(x.device)[:, :, None].expand(m, f, s).flatten(1)  # (M, F·S)
         latents = self.latents.expand(m, -1, -1)  # (M, R, D)
         for layer in self.layers:
             latents = latents + layer["attn"](x, latents, feature_mask)
@@ -103,8 +103,7 @@ class MLPResampler(nn.Module):
         if f > self.time_embeddings.shape[0]:
             raise ValueError(f"{f} frames but max_frames={self.time_embeddings.shape[0]}")
         x = features + self.time_embeddings[:f, None, :]  # (M, F, S, D)
-        if frame_mask is None:
-            frame_mask = torch.ones(m, f, dtype=torch.bool, device=x.device)
+        frame_mask = torch.ones(m, f, dtype=torch.bool) if frame_mask is None else frame_mask.cpu()
         out = []
         for i in range(m):  # media differ in their number of real frames
             xi = x[i, frame_mask[i]].flatten(0, 1)  # (F_i·S, D)

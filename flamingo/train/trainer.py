@@ -168,9 +168,13 @@ class Trainer:
             return next(self.iterators[name])
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images", "num_media",
-                                                   "num_frames")}
+        """The model's inputs on the device, except `num_media` / `num_frames`: kept on the CPU, they select the
+        real media without a host sync; the `<image>` count check runs here, on the CPU batch, for the same reason."""
+        self.model.check_media_tokens(batch["input_ids"], batch.get("num_media"))
+        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images")}
+        moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
+        return {**moved, "check_media": False}
 
     def _step_datasets(self) -> list[str]:
         names = list(self.sources)

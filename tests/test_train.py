@@ -98,6 +98,21 @@ def test_metrics_logged_every_log_every_steps(world):
         assert r["skipped_nonfinite"] == 0 and set(r["gates"])
 
 
+def test_batches_are_checked_on_the_cpu_and_media_counts_stay_there(world):
+    """The trainer checks `<image>` counts on the CPU batch (a clear error, before anything reaches the device) and
+    leaves `num_media` / `num_frames` on the CPU, where they select the real media without a host sync."""
+    root, vision, lm, data = world
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-check"),
+                                               interleaved=False)))
+    batch = trainer._next("pairs")
+    moved = trainer._to_device(batch)
+    assert moved["check_media"] is False and moved["num_media"].device.type == "cpu"
+    assert torch.isfinite(trainer.wrapped(**moved).loss)
+    bad = {**batch, "num_media": batch["num_media"] + 1}
+    with pytest.raises(ValueError, match=r"<image> token\(s\) but"):
+        trainer._to_device(bad)
+
+
 def _train_command(config: str) -> list[str]:
     return [sys.executable, "-m", "flamingo.cli", "train", config]
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             cache = {"cache_implementation": args.cache} if args.cache != "dynamic" else {}
             if args.compile:  # both ours and the bare LM: static cache, decode step under torch.compile
-                cache = {"cache_implementation": "static", "compile_config": compile_config(torch.device(args.device).type)}
+                cache = {"cache_implementation": "static",
+                         "compile_config": compile_config(torch.device(args.device).type)}
 
             def ours_gen(n: int, streamer: Any = None) -> torch.Tensor:
                 return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n, streamer=streamer,

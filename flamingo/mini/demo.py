@@ -101,7 +101,8 @@ def build_world(run: DemoRun) -> dict[str, Any]:
 
     s = run.settings
     root = os.path.join(s.out, "world")
-    return reuse_or_build(root, {"size": s.size, "seed": s.seed}, lambda: write_world(root, s.size, s.seed, progress=s.progress))
+    return reuse_or_build(root, {"size": s.size, "seed": s.seed},
+                          lambda: write_world(root, s.size, s.seed, progress=s.progress))
 
 
 def build_backbones(run: DemoRun) -> dict[str, Any]:

@@ -230,8 +230,8 @@ def write_report(run: "DemoRun") -> str:
     for variant in run.models:
         rows = _metrics(run, variant)
         if rows:
-            lines.append(f"- `{variant}`: {rows[-1]['step']} steps, loss {rows[0]['loss']:.3f} (step {rows[0]['step']}) -> "
-                         f"{rows[-1]['loss']:.3f}; "
+            lines.append(f"- `{variant}`: {rows[-1]['step']} steps, loss {rows[0]['loss']:.3f} "
+                         f"(step {rows[0]['step']}) -> {rows[-1]['loss']:.3f}; "
                          f"final tanh gates (attention, dense) per layer: "
                          + ", ".join(f"{k}: ({a:.2f}, {d:.2f})" for k, (a, d) in rows[-1]["gates"].items()))
             lines += ["", f"![gates](gates_{variant}.png) ![loss](loss_{variant}.png)", ""]

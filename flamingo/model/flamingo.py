@@ -61,7 +61,6 @@ class MediaContext:
     # image of the prompt. Its K/V slice is gathered once per block; decode steps then do a plain attention over R
     # keys with static shapes (no media index, no gather per step).
     static_after_prompt: bool = False
-    prefilled: bool = False
     decoding: bool = False
     decode_index: Optional[torch.Tensor] = None  # (rows, 1)
 
@@ -166,7 +165,7 @@ class Flamingo(nn.Module):
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]  # (B, T)
         ctx = self._media_context
-        if ctx is not None and ctx.static_after_prompt and ctx.prefilled:
+        if ctx is not None and ctx.static_after_prompt and ctx.decode_index is not None:
             ctx.decoding = True  # a decode step: rows keep their prompt's last image (tensors prepared in prefill)
         elif ctx is not None:
             start = ctx.last_media_index
@@ -175,8 +174,9 @@ class Flamingo(nn.Module):
             ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start)
             ctx.last_media_index = ctx.media_index[:, -1]
             if ctx.static_after_prompt:  # made here, eagerly, so compiled/graphed decode steps only read them
-                ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]  # (rows, 1): 1 = has an image
-                ctx.prefilled = True  # a plain flag: decode steps test it without guarding on a tensor
+                # (rows, 1): 1 = has an image. Contiguous, unlike last_media_index (a strided view): a compiled
+                # decode step guards on it without recompiling for another prompt length.
+                ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
         if self.new_token_embeddings is None:
             return output
         first, n = self.config.first_new_token_id, self.config.num_new_tokens

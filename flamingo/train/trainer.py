@@ -359,7 +359,7 @@ def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
     values = torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist()
     out = dict(metrics)
     for k, v in zip(keys, values):
-        out[k] = int(v) if k == "skipped_nonfinite" else v
+        out[k] = v if metrics[k].is_floating_point() else int(v)  # counters stay integers
     return out
 
 

@@ -56,7 +56,8 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
 def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgraph: bool = True) -> CompileConfig:
     """How `generate(compile=True)` compiles the decode step: one graph (`fullgraph`: the xattn hooks read only
     tensors prepared in prefill, so nothing breaks the graph), CUDA graphs on GPU ("reduce-overhead"), on every
-    device. The graph does not depend on the prompt's length or number of images (no recompiles between prompts)."""
+    device. The graph does not depend on the prompt's length or number of images (no recompiles between prompts
+    with media; a text-only prompt, which skips the cross-attention, compiles a second graph)."""
     mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
     config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
     config._compile_all_devices = True  # HF's switch (no constructor argument) to compile on CPU as well

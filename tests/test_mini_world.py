@@ -285,6 +285,7 @@ def test_smoke_backbones_load_and_learn(manifest, tmp_path):
     assert vision["retrieval_top5"] > 2 * 5 * vision["retrieval_chance"]
     assert vision["attribute_accuracy"]["colour"] > 2 / len(COLOURS)
     assert lm["heldout_ppl"] < 0.25 * report["tokenizer"]["vocab_size"]
+    assert 0.0 <= lm["word_recall"] <= 1.0  # probed on the binding task's words (from the manifest)
 
 
 class _CopyingLM(torch.nn.Module):
@@ -310,6 +311,32 @@ def test_copy_gain_separates_an_lm_that_copies_from_one_that_cannot():
     vocab, length = 300, 12
     assert abs(copy_gain(_CopyingLM(vocab, length, copies=False), vocab, length=length)) < 1e-4
     assert copy_gain(_CopyingLM(vocab, length, copies=True), vocab, length=length) > 0.9 * np.log(vocab)
+
+
+class _ContextBiasedLM(torch.nn.Module):
+    """A stand-in LM: uniform over the vocabulary, plus `bias` on every token already in its input (a positive bias
+    copies from the context, a negative one avoids it)."""
+
+    def __init__(self, vocab: int, bias: float):
+        super().__init__()
+        self.vocab, self.bias = vocab, bias
+
+    def forward(self, input_ids: torch.Tensor):
+        b, t = input_ids.shape
+        causal = torch.ones(t, t).tril().expand(b, t, t)  # (B, T, T): row p marks positions <= p
+        seen = torch.zeros(b, t, self.vocab).scatter_add_(2, input_ids[:, None, :].expand(b, t, t), causal)
+        return type("Out", (), {"logits": self.bias * (seen > 0).float()})()
+
+
+def test_word_recall_separates_an_lm_that_recalls_context_words_from_one_that_avoids_them(tmp_path):
+    from flamingo.mini.backbones import grow_tokenizer, word_recall
+
+    world = World(SEED)
+    words = list(world.eval_words[:40])
+    tokenizer = grow_tokenizer([f"This is a {w}." for w in words] * 3, 400, tmp_path / "tok", progress=False)
+    vocab = len(tokenizer)
+    assert word_recall(_ContextBiasedLM(vocab, 8.0), tokenizer, words, trials=20) == 1.0
+    assert word_recall(_ContextBiasedLM(vocab, -8.0), tokenizer, words, trials=20) == 0.0
 
 
 def test_prompted_text_is_true_of_its_scene():

@@ -384,18 +384,43 @@ def copy_gain(lm: LlamaForCausalLM, vocab_size: int, length: int = 30, batch: in
     return round(float(nll[:, : length - 1].mean() - nll[:, length:].mean()), 3)
 
 
+@torch.no_grad()
+def word_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words: Sequence[str], trials: int = 60,
+                seed: int = 0) -> float:
+    """In-context recall of fresh words, the LM skill the demo's binding task rests on: after `This is a A. This is a
+    B. This is a A. This is a B. This is a`, is the best-scored of {A, B, C, D} (C, D unseen) A or B? Returns the
+    fraction of `trials` where it is (chance 0.5; an LM that copies words from its context: near 1)."""
+    if len(words) < 4:
+        raise ValueError(f"word_recall needs at least 4 words, got {len(words)}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(trials):
+        w = [words[i] for i in rng.choice(len(words), 4, replace=False)]
+        context = tokenizer(" ".join(f"This is a {w[j]}." for j in (0, 1, 0, 1)) + " This is a",
+                            add_special_tokens=False)["input_ids"]
+        scores = []
+        for word in w:
+            cont = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + cont])  # (1, T)
+            logprobs = lm(input_ids=ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
+            scores.append(float(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        hits += int(np.argmax(scores) < 2)
+    return round(hits / trials, 3)
+
+
 def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
             out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
             size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2,
-            progress: bool = True) -> dict:
+            progress: bool = True, probe_words: Optional[Sequence[str]] = None) -> dict:
     """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
-    tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl"}."""
+    tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl",
+    "copy_gain"} and, given `probe_words` (fresh words, e.g. the binding task's), "word_recall"."""
     size, start = _size(size), time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = _train_lm(corpus, tokenizer, out_dir, heldout, size, seed, progress)
+        result = _train_lm(corpus, tokenizer, out_dir, heldout, size, seed, progress, probe_words)
     finally:
         torch.set_num_threads(previous_threads)
     result["wall_s"] = round(time.perf_counter() - start, 2)
@@ -404,7 +429,7 @@ def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, P
 
 def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
               out_dir: PathLike, heldout: Union[PathLike, Sequence[str], None], size: MiniSize, seed: int,
-              progress: bool) -> dict:
+              progress: bool, probe_words: Optional[Sequence[str]] = None) -> dict:
     torch.manual_seed(seed)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
@@ -440,6 +465,8 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     if heldout is not None:
         result["heldout_ppl"] = round(perplexity(lm, _token_stream(_lines(heldout), tokenizer), ctx), 3)
     result["copy_gain"] = copy_gain(lm, len(tokenizer), length=min(30, ctx // 2))
+    if probe_words is not None and len(probe_words) >= 4:
+        result["word_recall"] = word_recall(lm, tokenizer, probe_words)
     lm.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return result
@@ -466,8 +493,10 @@ def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Uni
     report["vision"] = grow_vision(manifest["data"]["pairs"]["path"], out / "vision",
                                    heldout=manifest["eval"]["retrieval"]["path"], size=size, seed=seed,
                                    threads=threads, progress=progress)
+    binding_words = Path(manifest.get("eval", {}).get("binding", {}).get("dir", "")) / "classes.json"
+    probe_words = json.loads(binding_words.read_text()) if binding_words.is_file() else None
     report["lm"] = grow_lm(manifest["corpus"]["train"], tokenizer, out / "lm", heldout=manifest["corpus"]["heldout"],
-                           size=size, seed=seed, threads=threads, progress=progress)
+                           size=size, seed=seed, threads=threads, progress=progress, probe_words=probe_words)
     report["wall_s"] = round(sum(report[k]["wall_s"] for k in ("tokenizer", "vision", "lm")), 2)
     with open(out / "backbones.json", "w") as f:
         json.dump(report, f, indent=1)

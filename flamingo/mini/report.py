@@ -67,8 +67,10 @@ def goals(run: "DemoRun") -> list[tuple[str, bool, str]]:
         out.append(("binding: chance at 0-shot (within 15 points)", abs(b[0] - 100 * chance) <= 15,
                     f"0-shot {_fmt(b[0], 'binding')} vs chance {100 * chance:.1f}%"))
     if b.get(4) is not None:
-        copy = run.backbones.get("lm", {}).get("copy_gain")
-        note = f"; the frozen LM's in-context copy gain: {copy} nats/token" if copy is not None else ""
+        lm = run.backbones.get("lm", {})
+        note = f"; the frozen LM's in-context copy gain: {lm['copy_gain']} nats/token" if "copy_gain" in lm else ""
+        if "word_recall" in lm:
+            note += f", its recall of fresh words from its context: {100 * lm['word_recall']:.0f}% (chance 50%)"
         out.append(("binding: >= 90% at 4-shot", b[4] >= 90, f"4-shot {_fmt(b[4], 'binding')}{note}"))
     vals = [b[k] for k in shots if b.get(k) is not None]
     if vals:
@@ -248,7 +250,10 @@ def write_report(run: "DemoRun") -> str:
         lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps): "
                      f"held-out perplexity {m.get('heldout_ppl')}; in-context copying: a repeated random token "
                      f"sequence is {m.get('copy_gain')} nats/token easier the second time (about 0 means the LM "
-                     f"cannot copy from its context, which in-context binding needs)")
+                     f"cannot copy from its context, which in-context binding needs)"
+                     + (f"; recall of fresh words from its context (`This is a A. This is a B. ... This is a` ranks A "
+                        f"or B above two unseen words): {100 * m['word_recall']:.0f}% (chance 50%)"
+                        if "word_recall" in m else ""))
     if "tokenizer" in bb:
         lines.append(f"- byte-level BPE tokenizer: {bb['tokenizer'].get('vocab_size')} tokens")
     lines.append("")

@@ -60,6 +60,10 @@ class MiniSize:
     lm_heads: int = 4
     lm_intermediate: int = 384
     lm_context: int = 256
+    # 220 steps leave the LM unable to recall words from its context (word_recall 51.7%, chance 50%), which the binding
+    # task needs. Tried on 2026-11-24: 900 steps with bind_echo documents at 26% of the corpus reach 85% recall (LM
+    # stage 139 s, demo 630 s), but binding stayed at chance (37.5% at 4-shot, also with 50% of the interleaved
+    # documents as binding episodes) and VQA fell to 75% (57.5% with 50% binding documents): not kept.
     lm_steps: int = 220
     lm_batch: int = 8
     lm_lr: float = 3e-3

@@ -1,0 +1,145 @@
+"""Issue #8's table in one command: training step, decoding at batch 1 and 16 (eager and compiled) and xattn
+forward + backward at 4/8/32 images, ours vs the OpenFlamingo peer in one process on the same weights, then every
+goal of the issue with the measured ratio and whether it is reached.
+
+    python -m bench.gpu --device cuda                            # H100: 1.3B Llama-shaped LM + ViT-L/14 tower, bf16
+    python -m bench.gpu --device cuda --parts decode xattn       # some parts (a device command may run 10 minutes)
+    python -m bench.gpu --shape tiny --device cpu --repeats 1    # smoke run of this script (no goal is meaningful)
+
+The parts are the existing benches (bench/train.py, bench/generate.py, bench/xattn.py) called with the issue's
+shapes: train 8 x 256 tokens x 5 images; decode 8-shot prompts, 20 new tokens, greedy; xattn T = 2048 text tokens,
+hidden 2048, visual width 1024. Prints each part's table, then the goals table, and one JSON line with everything;
+`--out FILE` also writes that JSON (a later call with other `--parts` merges into the same file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from bench import generate, train, xattn
+from bench.common import machine, print_json, print_table
+
+PARTS = ("train", "decode", "xattn")
+# xattn sizes per shape: (text tokens, hidden, visual width). `gpu` is the issue's; `tiny` keeps the smoke run short.
+XATTN_SHAPES = {"gpu": (2048, 2048, 1024), "cpu": (2048, 512, 256), "tiny": (128, 64, 32)}
+
+
+def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    ns = argparse.Namespace(shape=args.shape, batch=8, tokens=256, images=5, xattn_every=args.xattn_every,
+                            device=args.device, repeats=args.repeats)
+    row = train.run(ns)
+    print_json("gpu.train", {"shape": args.shape, "device": machine(), **row})
+    print_table([row], list(row))
+    return [row]
+
+
+def run_decode(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Eager with the peer, then compiled (static cache + compiled decode step; CUDA graphs on GPU) without it: the
+    peer cannot use a static cache, so its eager figures are the reference for both of our rows."""
+    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    common = dict(shape=args.shape, shots=[8], batch=[1, 16], new_tokens=20, xattn_every=args.xattn_every,
+                  device=args.device, dtype=dtype, repeats=args.repeats, cache="dynamic")
+    eager = generate.run(argparse.Namespace(**common, compile=False, skip_peer=False))
+    compiled = generate.run(argparse.Namespace(**common, compile=True, skip_peer=True))
+    rows = []
+    for e, c in zip(eager, compiled):
+        for mode, r in (("eager", e), ("compiled", c)):
+            row = {"mode": mode, "shots": r["shots"], "batch": r["batch"], "ours_decode_tok_s": r["ours_decode_tok_s"],
+                   "openflamingo_decode_tok_s": e["openflamingo_decode_tok_s"],
+                   "bare_lm_decode_tok_s": r["bare_lm_decode_tok_s"], "ours_ttft_ms": r["ours_ttft_ms"],
+                   "openflamingo_ttft_ms": e["openflamingo_ttft_ms"], "same_tokens_as_peer": e["same_tokens_as_peer"]}
+            row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]
+            row["decode_time_vs_bare_lm"] = row["bare_lm_decode_tok_s"] / row["ours_decode_tok_s"]
+            rows.append(row)
+    print_table(rows, list(rows[0]))
+    return rows
+
+
+def run_xattn(args: argparse.Namespace) -> list[dict[str, Any]]:
+    tokens, dim, dim_visual = XATTN_SHAPES[args.shape]
+    ns = argparse.Namespace(images=[4, 8, 32], tokens=tokens, batch=1, dim=dim, dim_visual=dim_visual,
+                            impls=["reference", "segments", "flex"], device=args.device,
+                            dtype="bf16" if args.device.startswith("cuda") else "fp32", repeats=max(3, args.repeats))
+    rows = xattn.run(ns)
+    print_table(rows, list(rows[0]))
+    return rows
+
+
+def _best_ours_xattn_ms(row: dict[str, Any]) -> Optional[float]:
+    times = [row.get(f"{impl}_ms") for impl in ("segments", "flex")]
+    times = [t for t in times if t]
+    return min(times) if times else None
+
+
+def goals(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each goal of issue #8 that the results can speak to: (goal, measured, target, reached)."""
+    out: list[dict[str, Any]] = []
+
+    def add(goal: str, measured: Optional[float], target: float, higher_is_better: bool = True) -> None:
+        reached = None if measured is None else (measured >= target if higher_is_better else measured <= target)
+        out.append({"goal": goal, "measured": measured, "target": target, "reached": reached})
+
+    if results.get("train"):
+        r = results["train"][0]
+        add("train samples/s vs OpenFlamingo", r.get("samples_s_vs_openflamingo"), 2.5)
+        add("train MFU (ours)", r.get("ours_mfu"), 0.40)
+        add("train peak memory vs OpenFlamingo", r.get("peak_memory_vs_openflamingo"), 0.7, higher_is_better=False)
+    for batch, target in ((1, 10.0), (16, 5.0)):
+        rows = [r for r in results.get("decode", []) if r["batch"] == batch]
+        if rows:
+            add(f"decode 8-shot batch {batch}: ours (best of eager/compiled) vs OpenFlamingo",
+                max(r["decode_vs_openflamingo"] for r in rows), target)
+    for r in results.get("xattn", []):
+        if r["images"] == 32:
+            best = _best_ours_xattn_ms(r)
+            ratio = best / r["varlen_ms"] if best and r.get("varlen_ms") else None
+            add("xattn fwd+bwd at 32 images: ours (best of segments/flex) vs varlen attention", ratio, 1.2,
+                higher_is_better=False)
+    return out
+
+
+def _write_atomic(path: str, payload: dict[str, Any]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="gpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--xattn-every", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="JSON file for the results (merged with what it already holds)")
+    args = parser.parse_args()
+    print(f"# bench.gpu on {machine()}, shape={args.shape}, parts={' '.join(args.parts)}")
+    results: dict[str, Any] = {}
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f).get("results", {})
+    runners = {"train": run_train, "decode": run_decode, "xattn": run_xattn}
+    for part in args.parts:
+        print(f"\n## {part}")
+        results[part] = runners[part](args)
+    table = goals(results)
+    print("\n## goals of issue #8")
+    print_table(table, ["goal", "measured", "target", "reached"])
+    payload = {"device": machine(), "shape": args.shape, "torch": torch.__version__, "results": results,
+               "goals": table}
+    print_json("gpu", payload)
+    if args.out:
+        _write_atomic(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()

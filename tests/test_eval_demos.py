@@ -183,19 +183,34 @@ def test_shard_and_gather_simulated():
         distributed.gather_by_index(parts[:2], n)
 
 
-def _rank_worker(rank, world, port, model_dir, data_dir, out_dir):
+def _rank_worker(rank, world, port, model_dir, data_dir, out_dir, demos="random"):
+    from flamingo.eval import rices
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    encoded, pooled = [0], rices.pooled_features  # (forked: the patch stays in this rank's process)
+
+    def counting(model, media, batch_size=32):
+        encoded[0] += len(media)
+        return pooled(model, media, batch_size)
+
+    rices.pooled_features = counting
     model, processor = load_pretrained(model_dir)
     try:
         results = evaluate(model, processor, "vqa", data_dir, shots=[0, 2], trials=1, batch_size=2, progress=False,
-                           out_dir=out_dir, generation={"max_new_tokens": 3, "num_beams": 1})
+                           out_dir=out_dir, demos=demos, generation={"max_new_tokens": 3, "num_beams": 1})
         os.makedirs(out_dir, exist_ok=True)  # only rank 0 writes the results
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results["runs"], f)
+            json.dump({"runs": results["runs"], "encoded": encoded[0]}, f)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
@@ -204,12 +219,9 @@ def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
     model, processor = model_and_processor
     model_dir, data = str(tmp_path / "model"), make_vqa(tmp_path / "data")
     model.save_pretrained(model_dir, processor=processor)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # fork: the children inherit the imported modules (spawn would re-import torch + transformers twice)
-    torch.multiprocessing.start_processes(_rank_worker, args=(2, port, model_dir, str(data), str(tmp_path / "dist")),
-                                          nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), model_dir, str(data),
+                                                              str(tmp_path / "dist")), nprocs=2, start_method="fork")
     single = load_pretrained(model_dir)
     evaluate(*single, "vqa", str(data), shots=[0, 2], trials=1, batch_size=2, progress=False,
              out_dir=str(tmp_path / "one"), generation={"max_new_tokens": 3, "num_beams": 1})
@@ -217,7 +229,28 @@ def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
         dist_lines = (tmp_path / "dist" / "predictions" / name).read_text().splitlines()
         one_lines = (tmp_path / "one" / "predictions" / name).read_text().splitlines()
         assert len(dist_lines) == 5 and dist_lines == one_lines  # every sample once, same predictions
-    runs0 = json.loads((tmp_path / "dist" / "rank0.json").read_text())
-    runs1 = json.loads((tmp_path / "dist" / "rank1.json").read_text())
+    runs0 = json.loads((tmp_path / "dist" / "rank0.json").read_text())["runs"]
+    runs1 = json.loads((tmp_path / "dist" / "rank1.json").read_text())["runs"]
     one = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
     assert [r["metrics"] for r in runs0] == [r["metrics"] for r in runs1] == [r["metrics"] for r in one]
+
+
+def test_two_ranks_split_the_rices_query_set_and_equal_one_process(model_and_processor, tmp_path):
+    from test_eval_tasks import make_vqa  # 5 pool questions (the query set) and 5 test questions
+
+    model, processor = model_and_processor
+    model_dir, data = str(tmp_path / "model"), make_vqa(tmp_path / "data")
+    model.save_pretrained(model_dir, processor=processor)
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), model_dir, str(data),
+                                                              str(tmp_path / "dist"), "rices"),
+                                          nprocs=2, start_method="fork")
+    evaluate(*load_pretrained(model_dir), "vqa", str(data), shots=[0, 2], trials=1, batch_size=2, progress=False,
+             out_dir=str(tmp_path / "one"), demos="rices", generation={"max_new_tokens": 3, "num_beams": 1})
+    for name in ("vqa_0shot_trial0.jsonl", "vqa_2shot_trial0.jsonl"):
+        dist_lines = (tmp_path / "dist" / "predictions" / name).read_text().splitlines()
+        one_lines = (tmp_path / "one" / "predictions" / name).read_text().splitlines()
+        assert dist_lines == one_lines  # same RICES demos (demo_ids are in each line), same predictions
+    encoded = [json.loads((tmp_path / "dist" / f"rank{r}.json").read_text())["encoded"] for r in range(2)]
+    # Each rank encodes its share of the 5 query-set images (3 + 2) and its own test images (3 + 2), once: together
+    # what one process encodes (10), not the query set twice.
+    assert encoded == [6, 4]

@@ -113,6 +113,8 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     for trial in range(trials):
         trial_seed = seed + trial
         selector = DemoSelector(pool, demos, query_set, trial_seed, features)
+        if needs_pool and pool and any(s.demo_ids is None for s in samples):
+            selector.prepare()  # RICES: the ranks split the query set's features (all ranks, before any shard work)
         for k in shots:
             records = predict(model, processor, task, samples, selector, k, zero_shot=zero_shot,
                               batch_size=batch_size, loader=loader, progress=progress,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -85,6 +86,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_transformers(no_progress: bool) -> None:
+    """transformers' own bars (loading / saving weights) follow the CLI's progress switch, and show on rank 0 only
+    under torchrun: this process is the CLI's own, so the switch is global here (never in library code)."""
+    if no_progress or int(os.environ.get("RANK", "0")) != 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
@@ -92,7 +102,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    quiet_transformers(not config.train.progress)
+    trainer = Trainer(config)
     out = trainer.run()
     if out and trainer.rank == 0:
         print(f"trained model: {out}")
@@ -103,10 +115,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Grow a mini Flamingo end to end, offline (flamingo/mini/demo.py)."""
     from .mini.demo import DemoSettings, run_demo
 
-    if args.no_progress:  # this process is the CLI's own: transformers' loading/saving bars go too
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_transformers(args.no_progress)
     run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
                           shots=tuple(args.shots), progress=not args.no_progress))
     return 0

@@ -67,8 +67,11 @@ def _run(args: argparse.Namespace, distributed: Any) -> int:
 
     import torch
 
+    from ..cli import quiet_transformers
     from ..model.build import load_pretrained
     from .runner import evaluate, markdown_table
+
+    quiet_transformers(args.no_progress)
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -78,8 +81,9 @@ def _run(args: argparse.Namespace, distributed: Any) -> int:
     results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
                        demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
                        batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
-                       template=args.template, answer_prefix=args.answer_prefix, model_name=args.model, progress=not args.no_progress,
-                       generation=generation or None, cider_tokenizer=args.cider_tokenizer)
+                       template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
+                       progress=not args.no_progress, generation=generation or None,
+                       cider_tokenizer=args.cider_tokenizer)
     if distributed.rank() == 0:
         print(markdown_table(results))
         print(json.dumps({"task": results["task"], "out": args.out,

@@ -153,7 +153,9 @@ def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tens
     memo: a dict living for one LM call (the media context's), where the flex block mask is kept for all blocks.
     """
     if impl == "auto":
-        if q.shape[1] <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
+        if kv.k.shape[1] == 1:  # one medium per row (pairs, videos, one-image prompts): dense over its R keys is
+            impl = "reference"  # exact and cheapest (no per-token or per-run copies of the keys)
+        elif q.shape[1] <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
             impl = "gather"  # per-token keys: its backward, a scatter-add of (B, T, R, h, d), is slow for training
         elif flex_available(q.device):
             impl = "flex"

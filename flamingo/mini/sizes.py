@@ -70,10 +70,10 @@ class MiniSize:
     # Flamingo stage (read by flamingo/mini/demo.py; the demo's owner tunes it).
     # Flamingo stage (demo): optimizer steps of configs/mini.yaml (~0.44 s each). 720 -> 850 when xattn `auto` stopped
     # gathering per-token keys for one-medium rows (0.50 -> 0.42 s a step, measured alone), same stage time: seed 0
-    # VQA 90.0 -> 92.5%, CIDEr 483 -> 508, classification 65.0 -> 53.8%, video QA 32.5 -> 37.5% (4-shot); seed 2 VQA
-    # 68.8 -> 70.0% (its object-colour answers fail: 1-3/14). Seed 2 at 1100 steps (old path): VQA 87.5%, colour 14/14,
-    # so the weak seeds are undertrained, but 1100 steps do not fit the 10 minutes. Halving every batch for 1300 steps
-    # (same time) was far worse: seed 2 VQA 47.5%.
+    # VQA 90.0 -> 92.5%, CIDEr 483 -> 508, classification 65.0 -> 53.8%, video QA 32.5 -> 37.5% (4-shot); seed 1 VQA
+    # 76.2 -> 77.5% (shape 2-3/16); seed 2 VQA 68.8 -> 70.0% (its object-colour answers fail: 1-3/14). Seed 2 at 1100
+    # steps (old path): VQA 87.5%, colour 14/14, so the weak seeds are undertrained, but 1100 steps do not fit the 10
+    # minutes. Halving every batch for 1300 steps (same time) was far worse: seed 2 VQA 47.5%.
     flamingo_steps: int = 850
     eval_samples: int = 80  # evaluated test samples per task and number of shots
 

@@ -13,20 +13,22 @@ token ids, no images) is the floor: a Flamingo decode step is an LM step plus sm
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, timed_steps
+from bench.common import Pair, build_pair, machine, print_json, print_table, timed_steps
 from flamingo.generation import compile_config
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str, Any]]:
+    """pair: models already built for `args` (bench/gpu.py times eager and compiled decoding on the same ones)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
+    if pair is None:
+        pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
     ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
     rows = []
     for shots in args.shots:

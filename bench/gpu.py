@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
 
 from bench import generate, train, xattn
-from bench.common import machine, print_json, print_table
+from bench.common import build_pair, machine, print_json, print_table
+from flamingo.checkpoint_io import atomic_file
 
 PARTS = ("train", "decode", "xattn")
 # xattn sizes per shape: (text tokens, hidden, visual width). `gpu` is the issue's; `tiny` keeps the smoke run short.
@@ -42,11 +42,13 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Eager with the peer, then compiled (static cache + compiled decode step; CUDA graphs on GPU) without it: the
     peer cannot use a static cache, so its eager figures are the reference for both of our rows."""
-    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    bf16 = args.device.startswith("cuda")
     common = dict(shape=args.shape, shots=[8], batch=[1, 16], new_tokens=20, xattn_every=args.xattn_every,
-                  device=args.device, dtype=dtype, repeats=args.repeats, cache="dynamic")
-    eager = generate.run(argparse.Namespace(**common, compile=False, skip_peer=False))
-    compiled = generate.run(argparse.Namespace(**common, compile=True, skip_peer=True))
+                  device=args.device, dtype="bf16" if bf16 else "fp32", repeats=args.repeats, cache="dynamic")
+    pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device,
+                      dtype=torch.bfloat16 if bf16 else torch.float32)  # built once for both modes
+    eager = generate.run(argparse.Namespace(**common, compile=False, skip_peer=False), pair)
+    compiled = generate.run(argparse.Namespace(**common, compile=True, skip_peer=True), pair)
     rows = []
     for e, c in zip(eager, compiled):
         for mode, r in (("eager", e), ("compiled", c)):
@@ -104,15 +106,6 @@ def goals(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def _write_atomic(path: str, payload: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="gpu", choices=["tiny", "cpu", "gpu"])
@@ -138,7 +131,9 @@ def main() -> None:
                "goals": table}
     print_json("gpu", payload)
     if args.out:
-        _write_atomic(args.out, payload)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class PresetFeatures(FeatureCache):
     def __init__(self, table):
         self.table, self.features = table, {}
 
-    def get(self, ids, first_media):
+    def get(self, ids, first_media, shared=False):  # one process: nothing to share
         return torch.stack([self.table[m] for m in first_media])
 
 

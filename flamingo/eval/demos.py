@@ -61,18 +61,16 @@ class DemoSelector:
             return [self.query_set[i] for i in rng.choice(len(self.query_set), size=k, replace=False)]
         return self.select_rices([sample], k)[0]
 
-    def prepare(self) -> None:
-        """RICES: the query set's features, computed now. Under torchrun every rank must call this (a collective):
-        the ranks split the query set's media and all-gather the features."""
+    def prepare(self, shared: bool = True) -> None:
+        """RICES: the query set's features, computed now. `shared`: every rank calls this (a collective), the ranks
+        split the query set's media and all-gather the features."""
         if self.method == "rices" and self._query_features is None:
             self._query_features = self.features.get([s.id for s in self.query_set],
-                                                     [s.media[0] for s in self.query_set], shared=True)
+                                                     [s.media[0] for s in self.query_set], shared=shared)
 
     def select_rices(self, samples: Sequence[Sample], k: int) -> list[list[Sample]]:
         """RICES demos of several samples at once (one similarity matmul), most similar last."""
-        if self._query_features is None:  # one process, or a caller that skipped prepare(): computed here, alone
-            self._query_features = self.features.get([s.id for s in self.query_set],
-                                                     [s.media[0] for s in self.query_set])
+        self.prepare(shared=False)  # a caller that skipped prepare(): this process computes them alone
         query = self.features.get([f"query:{s.id}" for s in samples], [s.media[0] for s in samples])
         rows = nearest(query, self._query_features, k)
         return [[self.query_set[int(i)] for i in row] for row in rows]

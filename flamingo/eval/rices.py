@@ -51,7 +51,6 @@ class FeatureCache:
     def __init__(self, model: Flamingo, load: Callable[[str], torch.Tensor], batch_size: int = 32) -> None:
         self.model, self.load, self.batch_size = model, load, batch_size
         self.features: dict[str, torch.Tensor] = {}
-        self.encoded = 0  # media this process ran through the vision tower
 
     def get(self, ids: Sequence[str], first_media: Sequence[str], shared: bool = False) -> torch.Tensor:
         """Features (len(ids), Dv) of samples given their ids and first medium's path.
@@ -60,12 +59,9 @@ class FeatureCache:
         media and the features are all-gathered, so W ranks split the work instead of each doing all of it."""
         missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
         if missing:
-            mine = distributed.shard(len(missing)) if shared else list(range(len(missing)))
-            local = []
-            if mine:
-                feats = pooled_features(self.model, [self.load(missing[j][1]) for j in mine], self.batch_size)
-                local = list(zip(mine, feats))
-                self.encoded += len(mine)
+            mine = distributed.shard(len(missing)) if shared else range(len(missing))
+            local = list(zip(mine, pooled_features(self.model, [self.load(missing[j][1]) for j in mine],
+                                                   self.batch_size))) if mine else []
             feats = distributed.all_gather(local, len(missing)) if shared else [f for _, f in local]
             self.features.update({i: f for (i, _), f in zip(missing, feats)})
         return torch.stack([self.features[i] for i in ids])

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from .errors import SkipSample
 from .sequence import Example, clean_text
-from .sources import MediaRef, RawRecord, file_ref, parse_json_record, resolve_relative
+from .sources import MediaRef, RawRecord, file_ref, member_ref, parse_json_record, resolve_relative
 
 
 def match_images(similarity: np.ndarray, threshold: float) -> dict[int, int]:
@@ -100,8 +100,7 @@ def _image_ref(info: dict[str, Any], record: RawRecord, image_dir: Optional[str]
                 raise SkipSample("missing_file", f"{where}: no member {name!r} in {record.file!r}")
 
             return MediaRef(name, missing)
-        shard = record.shard
-        return MediaRef(f"{record.file}:{member.name}", lambda: shard.read(member))
+        return member_ref(record.shard, member)
     return file_ref(resolve_relative(image_dir or record.base_dir, name))
 
 

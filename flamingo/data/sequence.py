@@ -13,6 +13,7 @@ import torch
 
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from ..processing import FlamingoProcessor
+from ..tensor_cache import TensorCache
 from .errors import SkipSample
 from .sources import MediaRef
 
@@ -68,8 +69,9 @@ def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int])
 
 
 def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
-                   max_frames: int = 8) -> Encoded:
-    """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation."""
+                   max_frames: int = 8, cache: Optional[TensorCache] = None) -> Encoded:
+    """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation
+    (or take them from `cache`, keyed by file and frame sampling)."""
     ids = tokenize(processor, example.text, max_tokens)
     media_id = processor.media_token_id
     n = ids.count(media_id)
@@ -77,10 +79,19 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
         raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")
     if n > len(example.media):
         raise ValueError(f"{example.key}: {n} <image> tokens but {len(example.media)} media (builder bug)")
-    frames = [ref.load(fps=fps, max_frames=max_frames) for ref in example.media[:n]]
-    flat = [f for medium in frames for f in medium]
-    pixels = processor.image_processor(images=flat, return_tensors="pt")["pixel_values"]  # (sum F, C, H, W)
-    media = list(torch.split(pixels, [len(m) for m in frames]))
+    refs = example.media[:n]
+    keys = [None if cache is None or not ref.cache_key else
+            (ref.cache_key, fps, max_frames) if ref.video else (ref.cache_key,) for ref in refs]
+    media: list[Optional[torch.Tensor]] = [cache.get(k) if k is not None else None for k in keys]
+    todo = [i for i, m in enumerate(media) if m is None]
+    if todo:
+        frames = [refs[i].load(fps=fps, max_frames=max_frames) for i in todo]
+        flat = [f for medium in frames for f in medium]
+        pixels = processor.image_processor(images=flat, return_tensors="pt")["pixel_values"]  # (sum F, C, H, W)
+        for i, medium in zip(todo, torch.split(pixels, [len(m) for m in frames])):  # (F, C, H, W) each
+            media[i] = medium
+            if keys[i] is not None:
+                cache.put(keys[i], medium)
     return Encoded(example.key, ids, make_labels(ids, media_id), media, example.text)
 
 

@@ -225,6 +225,7 @@ class MediaRef:
     name: str
     read: Callable[[], bytes]
     video: bool = False
+    cache_key: Optional[str] = None  # a stable identity (file path, shard:member) for MediaCache; None: never cached
 
     def load(self, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
         """-> RGB frames (one for an image); SkipSample('missing_file' | 'bad_image' | 'bad_video') on failure."""
@@ -256,11 +257,12 @@ def file_ref(path: str, video: bool = False) -> MediaRef:
         except OSError as e:
             raise SkipSample("missing_file", f"{path}: {e}") from e
 
-    return MediaRef(path, read, video)
+    return MediaRef(path, read, video, cache_key=os.path.abspath(path))
 
 
 def member_ref(shard: TarShard, member: tarfile.TarInfo, video: bool = False) -> MediaRef:
-    return MediaRef(f"{shard.path}:{member.name}", lambda: shard.read(member), video)
+    name = f"{shard.path}:{member.name}"
+    return MediaRef(name, lambda: shard.read(member), video, cache_key=f"{os.path.abspath(shard.path)}:{member.name}")
 
 
 def bytes_ref(data: bytes, name: str, video: bool = False) -> MediaRef:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..processing import FlamingoProcessor
+from ..tensor_cache import TensorCache
 from .interleaved import interleaved_example
 from .pairs import pair_example
 from .sequence import Encoded, Example, encode_example
@@ -22,6 +23,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "min_samples_for_bad_check": 10,  # ... once this many of its samples were read (per stream)
     "padding_side": "right",
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
+    "cache_media_mb": 0,  # keep up to this many MiB of preprocessed media in memory for later epochs (tensor_cache.py)
 }
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
@@ -42,6 +44,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError(f"padding_side must be 'left' or 'right', got {resolved['padding_side']!r}")
     if int(resolved["max_tokens"]) < 2:
         raise ValueError(f"max_tokens must be >= 2 (an <image> and some text), got {resolved['max_tokens']}")
+    if float(resolved["cache_media_mb"]) < 0:
+        raise ValueError(f"cache_media_mb must be >= 0 (0: off), got {resolved['cache_media_mb']}")
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {resolved['max_bad_fraction']}")
     return resolved
@@ -57,6 +61,7 @@ class DatasetSpec:
     batch_size: int
     options: dict[str, Any]
     processor: Optional[FlamingoProcessor]  # None: inspect without a tokenizer (no tokens, no pixels)
+    media_cache: Optional[TensorCache] = None  # options.cache_media_mb > 0; pickles empty (one per worker process)
 
     @classmethod
     def create(cls, name: str, kind: str, path: str, batch_size: int, options: Optional[dict[str, Any]],
@@ -66,7 +71,8 @@ class DatasetSpec:
         resolved = resolve_options(kind, options)
         if kind == "video" and resolved["max_frames"] is None:
             resolved["max_frames"] = processor.max_frames if processor is not None else 8
-        return cls(name, kind, expand_path(path), batch_size, resolved, processor)
+        cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
+        return cls(name, kind, expand_path(path), batch_size, resolved, processor, cache)
 
     @property
     def eos(self) -> str:
@@ -87,4 +93,5 @@ class DatasetSpec:
         assert self.processor is not None, "encoding needs a processor"
         o = self.options
         return encode_example(self.example(record), self.processor, max_tokens=int(o["max_tokens"]),
-                              fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
+                              fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8),
+                              cache=self.media_cache)

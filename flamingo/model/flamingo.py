@@ -38,6 +38,7 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
+from .feature_cache import VisionFeatureCache
 from .resampler import MLPResampler, PerceiverResampler
 from .xattn import GatedCrossAttentionBlock, MediaKV, XAttnImpl, compute_media_index
 
@@ -229,8 +230,10 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------------------------------ vision
     def encode_media(self, images: torch.Tensor, num_media: Optional[torch.Tensor] = None,
-                     num_frames: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv). Only real media and frames reach the tower."""
+                     num_frames: Optional[torch.Tensor] = None,
+                     vision_cache: Optional[VisionFeatureCache] = None) -> torch.Tensor:
+        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv). Only real media and frames reach the tower
+        (only those not in `vision_cache`, when given: the tower must be frozen)."""
         if images.ndim == 5:  # (B, N, C, H, W): stills
             images = images[:, :, None]
         if images.ndim != 6:
@@ -253,9 +256,19 @@ class Flamingo(nn.Module):
         media_rows = media_mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (M,) real media
         pixels = images.flatten(0, 2).index_select(0, frame_rows)  # (K, C, H, W)
         tower_dtype = next(self.vision.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            features = vision_features(self.vision, pixels.to(tower_dtype), self.config.vision_feature_layer,
-                                       self.config.drop_cls_token)  # (K, S, Dv)
+
+        def tower(frames: torch.Tensor) -> torch.Tensor:  # (K, C, H, W) -> (K, S, Dv)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+                return vision_features(self.vision, frames.to(tower_dtype), self.config.vision_feature_layer,
+                                       self.config.drop_cls_token)
+
+        if vision_cache is None:
+            features = tower(pixels)  # (K, S, Dv)
+        elif not self.config.freeze_vision or self.vision.training:
+            raise ValueError("vision_cache needs a frozen vision tower in eval mode (freeze_vision=True): a trained "
+                             "tower's features change every step")
+        else:
+            features = vision_cache.encode(pixels, tower)  # (K, S, Dv)
         dtype = next(self.resampler.parameters()).dtype
         grid = features.new_zeros(b * n * f, *features.shape[1:], dtype=dtype)  # (B·N·F, S, Dv)
         grid = grid.index_copy(0, frame_rows, features.to(dtype)).unflatten(0, (b * n, f))  # (B·N, F, S, Dv)
@@ -286,17 +299,19 @@ class Flamingo(nn.Module):
                 images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
                 num_frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                 visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
-                check_media: bool = True, **lm_kwargs: Any) -> FlamingoOutput:
+                check_media: bool = True, vision_cache: Optional[VisionFeatureCache] = None,
+                **lm_kwargs: Any) -> FlamingoOutput:
         """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
         `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
         labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
         `num_media` / `num_frames` on the CPU (as data loaders make them) keep the media selection free of host syncs.
+        `vision_cache` (frozen tower only): reuse the tower's features of frames seen in earlier calls.
         """
         if visual_tokens is None and images is not None:
             n = images.shape[1]
             if num_media is None:
                 num_media = torch.full((input_ids.shape[0],), n, dtype=torch.long)
-            visual_tokens = self.encode_media(images, num_media, num_frames)
+            visual_tokens = self.encode_media(images, num_media, num_frames, vision_cache)
         elif visual_tokens is not None and num_media is None:
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead

@@ -61,6 +61,9 @@ class TrainSection:
     keep_last: int = 3
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_workers: int = 0
+    # MiB of frozen vision-tower features kept by frame content (model/feature_cache.py): for small datasets read for
+    # many epochs; 0 = off. Needs model.flamingo.freeze_vision.
+    cache_vision_features_mb: float = 0.0
     output_dir: str = "runs/flamingo"
     device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
     distributed: str = "ddp"  # ddp | fsdp (used under torchrun)

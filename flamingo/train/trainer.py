@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import FlamingoConfig
 from ..model.build import from_backbones, load_pretrained
+from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from .config import TrainConfig
@@ -110,6 +111,11 @@ class Trainer:
             sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
                                     num_workers=t.num_workers)
         self.sources = sources
+        self.vision_cache: Optional[VisionFeatureCache] = None
+        if t.cache_vision_features_mb > 0:
+            if not model.config.freeze_vision:
+                raise ValueError("train.cache_vision_features_mb needs a frozen vision tower (freeze_vision: true)")
+            self.vision_cache = VisionFeatureCache(int(t.cache_vision_features_mb * 2**20))
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
@@ -174,6 +180,8 @@ class Trainer:
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images")}
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
+        if self.vision_cache is not None:
+            moved["vision_cache"] = self.vision_cache
         return {**moved, "check_media": False}
 
     def _step_datasets(self) -> list[str]:

@@ -1,0 +1,49 @@
+"""`VisionFeatureCache`: a frozen vision tower's features, remembered by frame content across calls.
+
+The tower is frozen and in eval mode during Flamingo training, so a frame's features depend on its pixels only: a run
+that sees its images many times (a small dataset, many epochs) can compute each frame once. The key is a BLAKE2b
+digest of the frame's pixel bytes (plus dtype and shape), so the cache needs no help from the data pipeline and cannot
+return the features of a different image; augmented pixels simply miss. The caller owns the cache and hands it to
+`Flamingo.forward(..., vision_cache=)` per call: nothing is stored on the model.
+
+Cached features were computed in another batch, so they can differ from a fresh computation in the last bits (CPU
+matmuls block by batch size): training with the cache is deterministic run to run, equal to training without it up to
+float rounding. Hashing reads the pixels on the host: on an accelerator that is a device-to-host copy per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+
+from ..tensor_cache import TensorCache
+
+
+class VisionFeatureCache:
+    """Memo of `tower(pixels)` rows, `(C, H, W)` frame -> `(S, Dv)` features, under a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.store = TensorCache(max_bytes)
+
+    @staticmethod
+    def key(frame: torch.Tensor) -> bytes:
+        head = f"{frame.dtype}{tuple(frame.shape)}".encode()
+        return hashlib.blake2b(head + frame.numpy().tobytes(), digest_size=16).digest()
+
+    def encode(self, pixels: torch.Tensor, tower: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """pixels (K, C, H, W) -> features (K, S, Dv): the tower runs once, on the frames not seen before (a frame
+        repeated within the call is computed once too)."""
+        host = pixels.detach().to("cpu").contiguous()
+        keys = [self.key(host[i]) for i in range(host.shape[0])]
+        found = {k: self.store.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, v in found.items() if v is None]
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first row of each key
+            rows = torch.tensor([first[k] for k in missing], device=pixels.device)
+            fresh = tower(pixels.index_select(0, rows))  # (M, S, Dv)
+            for k, row in zip(missing, fresh):
+                found[k] = row
+                self.store.put(k, row)
+        return torch.stack([found[k] for k in keys])  # (K, S, Dv)

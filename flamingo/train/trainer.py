@@ -115,6 +115,9 @@ class Trainer:
         if t.cache_vision_features_mb > 0:
             if not model.config.freeze_vision:
                 raise ValueError("train.cache_vision_features_mb needs a frozen vision tower (freeze_vision: true)")
+            if self.world > 1 and t.distributed == "fsdp":  # a rank that skips the sharded tower would hang the
+                # others in its all-gathers
+                raise ValueError("train.cache_vision_features_mb does not work with FSDP (use ddp or turn it off)")
             self.vision_cache = VisionFeatureCache(int(t.cache_vision_features_mb * 2**20))
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0

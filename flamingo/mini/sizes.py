@@ -2,7 +2,7 @@
 
 Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2 minutes on the world (~10 s, two
 processes) and the backbones (vision ~60-85 s, LM ~35-55 s), about 6.2 minutes on the Flamingo stage (1100 steps) and
-1 on evaluation (the whole demo: MEASURE on 2026-11-24; this machine's speed varies by ~30% between days); `smoke`
+1 on evaluation (the whole demo: 534 s on 2026-11-24; this machine's speed varies by ~30% between days); `smoke`
 about 10 s on the world and backbones.
 """
 

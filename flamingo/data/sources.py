@@ -225,7 +225,8 @@ class MediaRef:
     name: str
     read: Callable[[], bytes]
     video: bool = False
-    cache_key: Optional[str] = None  # a stable identity (file path, shard:member) for MediaCache; None: never cached
+    # A stable identity (path, or shard:member) under which options.cache_media_mb keeps it; None: never cached.
+    cache_key: Optional[str] = None
 
     def load(self, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
         """-> RGB frames (one for an image); SkipSample('missing_file' | 'bad_image' | 'bad_video') on failure."""

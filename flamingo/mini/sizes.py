@@ -78,7 +78,8 @@ class MiniSize:
     # 87.5% (colour 14/14; shape 6-7/14 is now its weakest type, bounded by the tower's kind accuracy ~0.8).
     # With vision_kind_weight 3 -> 6 as well (from scratch, 2026-11-24; VQA best over shots / classification / video QA
     # at 4 shots): seed 0 92.5 -> 96.2% / 53.8 -> 78.8% / 37.5 -> 41.2%; seed 1 77.5 -> 88.8% / 52.5 -> 63.7% /
-    # 32.5 -> 26.2%; seed 2 70.0 -> 81.2% / 48.8% / 28.8% (its misses: near hues, yellow/orange, blue/purple).
+    # 32.5 -> 26.2%; seed 2 70.0 -> 81.2% / 30.0 -> 48.8% / 38.8 -> 28.8% (VQA misses: near hues such as
+    # yellow/orange, blue/purple; shape 6/14). Video QA fell for seeds 1 and 2: not investigated.
     # Halving every batch for 1300 steps instead was far worse (seed 2 VQA 47.5%).
     flamingo_steps: int = 1100
     eval_samples: int = 80  # evaluated test samples per task and number of shots

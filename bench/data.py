@@ -2,6 +2,7 @@
 
     python -m bench.data                      # default fixture sizes, CLIP preprocessing at 224 px
     python -m bench.data --samples 64 --image-size 64   # a quick smoke run
+    python -m bench.data --cache-media-mb 0 512         # also with the media cache (options.cache_media_mb)
 
 Fixture data is written on the fly to a temp dir: `pairs` = JPEG images (256 x 256) + captions in a JSONL;
 `interleaved` = MMC4 documents (8 sentences, 3 matched 256 x 256 JPEG images each) in a JSONL; `video` = 4 s mp4 clips
@@ -12,6 +13,7 @@ warm-up epoch; the figure is good samples / wall seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import tempfile
@@ -69,18 +71,20 @@ def make_fixtures(root: str, samples: int) -> dict[str, DatasetSection]:
     }
 
 
-def measure(section: DatasetSection, processor: FlamingoProcessor, workers: int) -> dict[str, Any]:
+def measure(section: DatasetSection, processor: FlamingoProcessor, workers: int, cache_mib: float = 0
+            ) -> dict[str, Any]:
+    section = dataclasses.replace(section, options={**(section.options or {}), "cache_media_mb": cache_mib})
     source = build_source(section, processor, num_workers=workers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        list(source)  # warm-up epoch (page cache, lazy imports)
+        list(source)  # warm-up epoch (page cache, lazy imports; fills the media cache when on, in-process)
         start = time.perf_counter()
         batches = list(source)
         seconds = time.perf_counter() - start
     samples = sum(b["input_ids"].shape[0] for b in batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     frames = sum(int(b["num_frames"].sum()) for b in batches)
-    return {"loader": section.kind, "workers": workers, "samples": samples, "seconds": seconds,
+    return {"loader": section.kind, "workers": workers, "cache_mib": cache_mib, "samples": samples, "seconds": seconds,
             "samples_per_s": samples / seconds, "frames_per_s": frames / seconds, "tokens_per_s": tokens / seconds}
 
 
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="pairs / documents (videos: a quarter)")
     parser.add_argument("--image-size", type=int, default=224, help="the image processor's output size")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--cache-media-mb", type=float, nargs="+", default=[0],
+                        help="dataset option cache_media_mb (0: off); the timed epoch is the second one")
     args = parser.parse_args()
     tok = tiny_tokenizer()
     add_flamingo_tokens(tok)
@@ -98,8 +104,9 @@ def main() -> None:
         sections = make_fixtures(root, args.samples)
         for name, section in sections.items():
             for workers in args.workers:
-                rows.append(measure(section, processor, workers))
-    print_table(rows, ["loader", "workers", "samples", "seconds", "samples_per_s", "frames_per_s", "tokens_per_s"])
+                for cache_mib in args.cache_media_mb:
+                    rows.append(measure(section, processor, workers, cache_mib))
+    print_table(rows, ["loader", "workers", "cache_mib", "samples", "seconds", "samples_per_s", "frames_per_s", "tokens_per_s"])
     print_json("data", {"cpu_count": os.cpu_count(), "image_size": args.image_size, "rows": rows})
 
 

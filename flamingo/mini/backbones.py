@@ -326,7 +326,8 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
                       + torch.sum(-targets * logits.T.log_softmax(-1), -1).mean())
         if size.vision_aux:
             loss = loss + size.vision_aux * head.attribute_loss(hidden, {k: v[batch] for k, v in labels.items()},
-                                                                {"kind": size.vision_kind_weight})
+                                                                {"kind": size.vision_kind_weight,
+                                                                 "position": size.vision_position_weight})
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -30,7 +30,8 @@ class VisionFeatureCache:
     @staticmethod
     def key(frame: torch.Tensor) -> bytes:
         head = f"{frame.dtype}{tuple(frame.shape)}".encode()
-        return hashlib.blake2b(head + frame.numpy().tobytes(), digest_size=16).digest()
+        data = frame.contiguous().view(torch.uint8).numpy().tobytes()  # any dtype (numpy has no bfloat16)
+        return hashlib.blake2b(head + data, digest_size=16).digest()
 
     def encode(self, pixels: torch.Tensor, tower: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """pixels (K, C, H, W) -> features (K, S, Dv): the tower runs once, on the frames not seen before (a frame

@@ -61,7 +61,11 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         # One learned embedding per frame index, added to every patch of that frame (paper: "time embeddings").
-        self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
+        # Unit-variance init, as OpenFlamingo's and lucidrains' `frame_embs`. At 0.02 they were still ~5% of the mini
+        # tower's feature norm after the demo's 1100 steps, and seed 1 answered "what colour is the object at first?"
+        # 0/33 times (0, 4, 8 shots); at 1.0: 20/33, video QA 26.2 -> 36.2% (4-shot). Seed 0: video QA equal (41.2%),
+        # colour-order questions 18 -> 22/51, motion direction 46 -> 38/105, VQA 96.2 -> 93.8%.
+        self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim))
         self.layers = nn.ModuleList(
             nn.ModuleDict({"attn": PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim),
                            "ffw": feed_forward(dim, ffw_mult)})
@@ -93,7 +97,7 @@ class MLPResampler(nn.Module):
     def __init__(self, *, dim: int, num_latents: int, ffw_mult: int, max_frames: int) -> None:
         super().__init__()
         self.num_latents = num_latents
-        self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
+        self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim))  # as PerceiverResampler's
         self.ffw = feed_forward(dim, ffw_mult)
         self.norm = nn.LayerNorm(dim)
 

@@ -73,10 +73,6 @@ class TensorCache:
             _, evicted = self._items.popitem(last=False)
             self.bytes -= nbytes(evicted)
 
-    def stats(self) -> dict[str, Any]:
-        return {"items": len(self._items), "mib": round(self.bytes / 2**20, 1), "hits": self.hits,
-                "misses": self.misses}
-
     def __getstate__(self) -> dict[str, Any]:
         return {"max_bytes": self.max_bytes}
 

@@ -68,6 +68,13 @@ def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int])
     return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
 
 
+def media_key(ref: MediaRef, fps: float, max_frames: int) -> Optional[tuple]:
+    """The media cache's key: the file, plus the frame sampling for a video; None for media with no stable name."""
+    if not ref.cache_key:
+        return None
+    return (ref.cache_key, fps, max_frames) if ref.video else (ref.cache_key,)
+
+
 def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
                    max_frames: int = 8, cache: Optional[TensorCache] = None) -> Encoded:
     """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation
@@ -80,8 +87,7 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
     if n > len(example.media):
         raise ValueError(f"{example.key}: {n} <image> tokens but {len(example.media)} media (builder bug)")
     refs = example.media[:n]
-    keys = [None if cache is None or not ref.cache_key else
-            (ref.cache_key, fps, max_frames) if ref.video else (ref.cache_key,) for ref in refs]
+    keys = [media_key(ref, fps, max_frames) if cache is not None else None for ref in refs]
     media: list[Optional[torch.Tensor]] = [cache.get(k) if k is not None else None for k in keys]
     todo = [i for i, m in enumerate(media) if m is None]
     if todo:

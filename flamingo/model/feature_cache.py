@@ -38,13 +38,14 @@ class VisionFeatureCache:
         repeated within the call is computed once too)."""
         host = pixels.detach().to("cpu").contiguous()
         keys = [self.key(host[i]) for i in range(host.shape[0])]
-        found = {k: self.store.get(k) for k in dict.fromkeys(keys)}
+        first: dict[bytes, int] = {}  # each distinct frame's first row
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        found = {k: self.store.get(k) for k in first}
         missing = [k for k, v in found.items() if v is None]
         if missing:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first row of each key
             rows = torch.tensor([first[k] for k in missing], device=pixels.device)
-            fresh = tower(pixels.index_select(0, rows))  # (M, S, Dv)
-            for k, row in zip(missing, fresh):
+            for k, row in zip(missing, tower(pixels.index_select(0, rows))):  # (M, S, Dv)
                 found[k] = row
                 self.store.put(k, row)
         return torch.stack([found[k] for k in keys])  # (K, S, Dv)

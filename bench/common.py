@@ -134,6 +134,33 @@ def timed_steps(fn: Callable[[StepClock], Any], device: str, repeats: int = 3) -
     return statistics.median(ttfts), statistics.median(steps)
 
 
+def profile_steps(fn: Callable[[], Any], device: str, name: str, steps: int = 3, rows: int = 25) -> dict[str, float]:
+    """torch.profiler over `steps` calls of `fn` (after one warm-up): prints the top kernels by device time and the
+    top host ops by self CPU time, and returns per-step wall ms, device-busy ms (sum of kernel times) and kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        wall = (time.perf_counter() - start) / steps
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in kernels)
+    launches = sum(e.count for e in kernels)
+    print(f"### profile: {name}")
+    if kernels:
+        print(averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+    out = {"wall_ms": wall * 1e3, "device_busy_ms": busy_us / 1e3 / steps, "kernels_per_step": launches / steps}
+    print_json(f"profile.{name}", out)
+    return out
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

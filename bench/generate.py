@@ -30,6 +30,7 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
     if pair is None:
         pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
     ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
+    impls = list(getattr(args, "xattn_impl", None) or ["auto"])
     rows = []
     for shots in args.shots:
         for batch in args.batch:
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
                 cache = {"cache_implementation": "static",
                          "compile_config": compile_config(torch.device(args.device).type)}
 
-            def ours_gen(n: int, streamer: Any = None) -> torch.Tensor:
+            def ours_gen(n: int, streamer: Any = None, impl: str = impls[0]) -> torch.Tensor:
                 return ours.generate(ids, mask, images, max_new_tokens=n, min_new_tokens=n, streamer=streamer,
-                                     **cache)
+                                     xattn_impl=impl, **cache)
 
             def peer_gen(n: int, streamer: Any = None) -> torch.Tensor:
                 return peer.generate(vision_x=images, lang_x=ids, attention_mask=mask, max_new_tokens=n,
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
                     ttft, per_step = timed_steps(lambda clock: fn(new, clock), args.device, args.repeats)
                     row[f"{name}_ttft_ms"] = ttft * 1e3
                     row[f"{name}_decode_tok_s"] = batch / per_step
+                for impl in impls[1:]:  # other prefill cross-attention implementations, ours only
+                    ttft, per_step = timed_steps(lambda clock: ours_gen(new, clock, impl), args.device, args.repeats)
+                    row[f"ours_ttft_ms_{impl}"] = ttft * 1e3
             row["decode_time_vs_bare_lm"] = row["bare_lm_decode_tok_s"] / row["ours_decode_tok_s"]
             if not args.skip_peer:
                 row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]
@@ -98,12 +102,17 @@ def main() -> None:
                         help="static cache + compiled decode step (CUDA graphs on GPU) for ours and the bare LM, on "
                              "any device; the warm-up run compiles")
     parser.add_argument("--skip-peer", action="store_true", help="time only ours and the bare LM")
+    parser.add_argument("--xattn-impl", nargs="+", default=["auto"],
+                        choices=["auto", "reference", "segments", "flex", "gather"],
+                        help="prefill cross-attention implementation(s): the first gives the main row, each other adds "
+                             "an ours_ttft_ms_<impl> column")
     args = parser.parse_args()
     print(f"# bench.generate on {machine()}, shape={args.shape}, dtype={args.dtype}, xattn_every={args.xattn_every}")
     rows = run(args)
     print_table(rows, ["shots", "batch", "ctx_tokens", "same_tokens_as_peer", "ours_ttft_ms", "openflamingo_ttft_ms",
                        "bare_lm_ttft_ms", "ours_decode_tok_s", "openflamingo_decode_tok_s", "bare_lm_decode_tok_s",
-                       "decode_vs_openflamingo", "decode_time_vs_bare_lm", "ttft_vs_openflamingo"])
+                       "decode_vs_openflamingo", "decode_time_vs_bare_lm", "ttft_vs_openflamingo"]
+                + [f"ours_ttft_ms_{impl}" for impl in args.xattn_impl[1:]])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, timed
+from bench.common import build_pair, machine, print_json, print_table, profile_steps, timed
 from flamingo.train.flops import peak_flops
 from flamingo.train.trainer import flops_estimate
 
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_opt.step()
 
     seconds, peak = measure(peer_step, dev, args.repeats)
+    if getattr(args, "profile", False):
+        prof = profile_steps(peer_step, dev, "openflamingo_train_step")
+        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"])
     row.update(openflamingo_step_s=seconds, openflamingo_samples_s=args.batch / seconds, openflamingo_peak_gib=peak)
     pair.peer.to("cpu")
     del peer_opt
@@ -96,7 +99,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
 
     seconds, peak = measure(our_step, dev, args.repeats)
+    if getattr(args, "profile", False):
+        prof = profile_steps(our_step, dev, "ours_train_step")
+        row.update(ours_device_busy_ms=prof["device_busy_ms"], ours_kernels=prof["kernels_per_step"])
     row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
+    if getattr(args, "checkpointing", False):  # the same model and optimizer, LM layers now checkpointed
+        ours.gradient_checkpointing_enable()
+        seconds, peak = measure(our_step, dev, args.repeats)
+        row.update(ours_ckpt_step_s=seconds, ours_ckpt_samples_s=args.batch / seconds, ours_ckpt_peak_gib=peak)
+        row["ckpt_samples_s_vs_openflamingo"] = row["ours_ckpt_samples_s"] / row["openflamingo_samples_s"]
+        if bf16:
+            row["ckpt_peak_memory_vs_openflamingo"] = row["ours_ckpt_peak_gib"] / row["openflamingo_peak_gib"]
     row["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
     if bf16:
         row["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
@@ -117,6 +130,10 @@ def main() -> None:
     parser.add_argument("--xattn-every", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also time ours with activation checkpointing of the LM's decoder layers")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each step (torch.profiler): top kernels, host ops, device-busy time")
     args = parser.parse_args()
     print(f"# bench.train on {machine()}, shape={args.shape}")
     row = run(args)

@@ -11,6 +11,7 @@ key segments = their image's latents).
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Any, Callable
 
 import torch
@@ -61,7 +62,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for impl in args.impls:
             impls[impl] = (lambda impl=impl: ours(x, ours.project_media(visual), media_index, impl, memo))
         row: dict[str, Any] = {"images": n, "tokens": args.tokens, "batch": args.batch}
+        exact = _float64_reference(ours, x, visual, media_index)  # correct first: every output against float64
         for name, fn in impls.items():
+            try:
+                with torch.no_grad():
+                    row[f"{name}_rel_err"] = _rel_err(fn(), exact)
+            except Exception as e:
+                row[f"{name}_rel_err"] = None
+                print(f"# {name} failed at {n} images: {type(e).__name__}: {e}")
             try:
                 row[f"{name}_ms"] = timed(step(fn), dev, args.repeats, warmup=2) * 1e3
             except Exception as e:  # an implementation this torch/device lacks
@@ -69,7 +77,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"# {name} failed at {n} images: {type(e).__name__}: {e}")
         varlen = _varlen_fn()
         if varlen is not None and dev.startswith("cuda"):
-            row["varlen_ms"] = _time_varlen(varlen, ours, x, visual, media_index, dev, args.repeats)
+            row["varlen_ms"], row["varlen_rel_err"] = _time_varlen(varlen, ours, x, visual, media_index, exact, dev,
+                                                                   args.repeats)
         best = min(v for k, v in row.items() if k.endswith("_ms") and k != "openflamingo_einsum_ms" and v)
         row["speedup_vs_openflamingo"] = row["openflamingo_einsum_ms"] / best
         if row.get("varlen_ms"):
@@ -79,9 +88,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _float64_reference(module: MaskedCrossAttention, x: torch.Tensor, visual: torch.Tensor,
+                       media_index: torch.Tensor) -> torch.Tensor:
+    """The reference path on a float64 copy of the module and inputs: (B, T, D)."""
+    ref = copy.deepcopy(module).double()
+    with torch.no_grad():
+        return ref(x.double(), ref.project_media(visual.double()), media_index, "reference")
+
+
+def _rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((out.double() - exact).norm() / exact.norm()).item()
+
+
 def _time_varlen(varlen: Callable[..., Any], module: MaskedCrossAttention, x: torch.Tensor, visual: torch.Tensor,
-                 media_index: torch.Tensor, dev: str, repeats: int) -> float | None:
-    """Query segments = runs of tokens with the same image (text before any image is left out: its output is 0)."""
+                 media_index: torch.Tensor, exact: torch.Tensor, dev: str,
+                 repeats: int) -> tuple[float | None, float | None]:
+    """Query segments = runs of tokens with the same image (text before any image is left out: its output is 0).
+    Returns (ms per forward + backward, relative error of the kept rows against the float64 reference)."""
     b, t, _ = x.shape
     n = visual.shape[1]
     keep = (media_index > 0).flatten()
@@ -92,18 +115,22 @@ def _time_varlen(varlen: Callable[..., Any], module: MaskedCrossAttention, x: to
     cu_k = torch.arange(0, (b * n + 1) * 64, 64, dtype=torch.int32, device=dev)
     max_q = int(counts.max())
 
-    def go() -> None:
+    def forward() -> torch.Tensor:
         q = module.to_q(module.norm(x)).flatten(0, 1)[keep].unflatten(-1, (8, 64))  # (M, h, d)
         kv = module.project_media(visual)
         k, v = kv.k.flatten(0, 2), kv.v.flatten(0, 2)  # (B·N·R, h, d)
-        out = varlen(q, k, v, cu_q, cu_k, max_q, 64)
-        module.to_out(out.flatten(1)).float().sum().backward()
+        return module.to_out(varlen(q, k, v, cu_q, cu_k, max_q, 64).flatten(1))  # (M, D)
+
+    def go() -> None:
+        forward().float().sum().backward()
 
     try:
-        return timed(go, dev, repeats, warmup=2) * 1e3
+        with torch.no_grad():
+            err = _rel_err(forward(), exact.flatten(0, 1)[keep])
+        return timed(go, dev, repeats, warmup=2) * 1e3, err
     except Exception as e:
         print(f"# varlen failed: {type(e).__name__}: {e}")
-        return None
+        return None, None
 
 
 def main() -> None:
@@ -123,6 +150,7 @@ def main() -> None:
     cols = ["images", "tokens", "openflamingo_einsum_ms"] + [f"{i}_ms" for i in args.impls] + ["varlen_ms",
                                                                                                 "speedup_vs_openflamingo",
                                                                                                 "flex_vs_varlen"]
+    cols += [c for c in rows[0] if c.endswith("_rel_err")]
     print_table(rows, cols)
 
 

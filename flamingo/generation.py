@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
 from .model.flamingo import Flamingo, MediaContext
+from .model.xattn import XAttnImpl
 
 
 def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
@@ -69,13 +70,14 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
              images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
              num_frames: Optional[torch.Tensor] = None, *, visual_tokens: Optional[torch.Tensor] = None,
              generation_config: Optional[GenerationConfig] = None, streamer: Any = None, compile: bool = False,
-             **kwargs: Any) -> torch.Tensor:
+             xattn_impl: XAttnImpl = "auto", **kwargs: Any) -> torch.Tensor:
     """Prompt ids (B, T) (left-padded for batches) + media -> (B·num_return_sequences, T + new) token ids.
 
     kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
     repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...).
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
+    xattn_impl: the prefill's cross-attention implementation (`masked_cross_attention`); all compute the same.
     """
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
     if attention_mask is None:
@@ -87,7 +89,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
-    ctx = MediaContext(visual=visual_tokens, static_after_prompt=True)  # `<image>` is suppressed: see MediaContext
+    ctx = MediaContext(visual=visual_tokens, static_after_prompt=True, impl=xattn_impl)  # `<image>` is suppressed: see MediaContext
     with model.conditioned(ctx):
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)

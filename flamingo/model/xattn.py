@@ -130,7 +130,10 @@ def _attend_flex(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_l
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            # dynamic=None (automatic): the first shape compiles static, a second (B, T, N·R) recompiles once with
+            # symbolic sizes. dynamic=False recompiled for every new shape (padded batch length, prompt length) and
+            # after torch's recompile limit fell back to the unfused flex path, which materializes all scores.
+            _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     k = kv.k.flatten(1, 2).transpose(1, 2)  # (B, h, N·R, d)
     v = kv.v.flatten(1, 2).transpose(1, 2)
@@ -157,8 +160,10 @@ def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tens
             impl = "reference"  # exact and cheapest (no per-token or per-run copies of the keys)
         elif q.shape[1] <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
             impl = "gather"  # per-token keys: its backward, a scatter-add of (B, T, R, h, d), is slow for training
-        elif flex_available(q.device):
+        elif flex_available(q.device) and torch.is_grad_enabled():  # training: block-sparse forward and backward
             impl = "flex"
+        elif q.is_cuda:  # inference prefill on GPU: one dense masked SDPA (no block mask to build, no compile)
+            impl = "reference"
         else:
             impl = "segments" if only_attend_last_image else "reference"
     if impl == "reference":

@@ -89,7 +89,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
-    ctx = MediaContext(visual=visual_tokens, static_after_prompt=True, impl=xattn_impl)  # `<image>` is suppressed: see MediaContext
+    # `<image>` is suppressed after the prompt: see MediaContext
+    ctx = MediaContext(visual=visual_tokens, static_after_prompt=True, impl=xattn_impl)
     with model.conditioned(ctx):
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)

@@ -246,3 +246,15 @@ def test_fsdp_two_processes_equal_one_process_and_resume(world, tmp_path):
     assert sorted(b) == [3, 4] and all(b[s] == fsdp_losses[s] for s in b)
     ta, tb = _trained(straight), _trained(resumed)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
+def test_flops_count_the_lm_head_but_not_an_untied_embedding_lookup(make_model, lm_kind):
+    from flamingo.train.flops import count, flops_per_sample
+
+    model, _ = make_model(lm_kind)
+    embedding = model.lm.get_input_embeddings().weight
+    tied = model.lm.get_output_embeddings().weight is embedding
+    p_lm = count(model.lm) - (0 if tied else embedding.numel())
+    text_only = 4 * p_lm * 10 + 6 * count(model.xattn) * 10  # no media: no tower, no resampler work
+    assert flops_per_sample(model, 10, 0, 0, 0) == text_only

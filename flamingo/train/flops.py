@@ -8,6 +8,8 @@ F frames of S patches, and R latents:
 - trained xattn blocks (per text token) and resampler (per latent / per feature): forward 2·P and backward 4·P
   (input and weight gradients), so 6·P per token they see.
 Attention score FLOPs (quadratic terms) are left out, as in the usual 6·N·T estimates; at T = 256 they are small.
+P_lm leaves out the LM's input embedding, a table lookup (65M of a 1.3B Llama's parameters), unless it is tied to
+the output head, whose matmul it then is.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def lm_matmul_parameters(lm: nn.Module) -> int:
+    """The LM's parameters that multiply activations: all but an untied input embedding."""
+    embedding = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    return count(lm) - (0 if tied else embedding.numel())
+
+
 def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int) -> float:
-    p_vision, p_lm = count(model.vision), count(model.lm)
+    p_vision, p_lm = count(model.vision), lm_matmul_parameters(model.lm)
     p_xattn, p_resampler = count(model.xattn), count(model.resampler)
     features = media * frames * patches
     return (2 * p_vision * features + 4 * p_lm * text_tokens + 6 * p_xattn * text_tokens

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
     if pair is None:
         pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
     ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
-    impls = list(getattr(args, "xattn_impl", None) or ["auto"])
+    impls = args.xattn_impl
     rows = []
     for shots in args.shots:
         for batch in args.batch:

@@ -32,6 +32,7 @@ XATTN_SHAPES = {"gpu": (2048, 2048, 1024), "cpu": (2048, 512, 256), "tiny": (128
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     ns = argparse.Namespace(shape=args.shape, batch=8, tokens=256, images=5, xattn_every=args.xattn_every,
+                            profile=False, checkpointing=False,
                             device=args.device, repeats=args.repeats)
     row = train.run(ns)
     print_json("gpu.train", {"shape": args.shape, "device": machine(), **row})
@@ -44,7 +45,8 @@ def run_decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     peer cannot use a static cache, so its eager figures are the reference for both of our rows."""
     bf16 = args.device.startswith("cuda")
     common = dict(shape=args.shape, shots=args.shots, batch=[1, 16], new_tokens=20, xattn_every=args.xattn_every,
-                  device=args.device, dtype="bf16" if bf16 else "fp32", repeats=args.repeats, cache="dynamic")
+                  device=args.device, dtype="bf16" if bf16 else "fp32", repeats=args.repeats, cache="dynamic",
+                  xattn_impl=["auto"])
     pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device,
                       dtype=torch.bfloat16 if bf16 else torch.float32)  # built once for both modes
     eager = generate.run(argparse.Namespace(**common, compile=False, skip_peer=False), pair)

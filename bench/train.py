@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_opt.step()
 
     seconds, peak = measure(peer_step, dev, args.repeats)
-    if getattr(args, "profile", False):
+    if args.profile:
         prof = profile_steps(peer_step, dev, "openflamingo_train_step")
         row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"])
     row.update(openflamingo_step_s=seconds, openflamingo_samples_s=args.batch / seconds, openflamingo_peak_gib=peak)
@@ -99,11 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
 
     seconds, peak = measure(our_step, dev, args.repeats)
-    if getattr(args, "profile", False):
+    if args.profile:
         prof = profile_steps(our_step, dev, "ours_train_step")
         row.update(ours_device_busy_ms=prof["device_busy_ms"], ours_kernels=prof["kernels_per_step"])
     row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
-    if getattr(args, "checkpointing", False):  # the same model and optimizer, LM layers now checkpointed
+    if args.checkpointing:  # the same model and optimizer, LM layers now checkpointed
         ours.gradient_checkpointing_enable()
         seconds, peak = measure(our_step, dev, args.repeats)
         row.update(ours_ckpt_step_s=seconds, ours_ckpt_samples_s=args.batch / seconds, ours_ckpt_peak_gib=peak)

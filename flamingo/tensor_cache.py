@@ -34,7 +34,6 @@ class TensorCache:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.hits = 0
-        self.misses = 0
         self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
 
     @classmethod
@@ -50,7 +49,6 @@ class TensorCache:
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         value = self._items.get(key)
         if value is None:
-            self.misses += 1
             return None
         self._items.move_to_end(key)
         self.hits += 1

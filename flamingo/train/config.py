@@ -140,6 +140,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("train.mixture must be 'accumulate' or 'sample'")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
+    if config.train.cache_vision_features_mb < 0:
+        raise ValueError(f"train.cache_vision_features_mb must be >= 0 (0: off), got "
+                         f"{config.train.cache_vision_features_mb}")
     return config
 
 

@@ -117,7 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     quiet_transformers(args.no_progress)
     run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
-                          shots=tuple(args.shots), progress=not args.no_progress))
+                          shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs))
     return 0
 
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train + evaluate the Flamingo stage with one of the paper's ablations")
     demo.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--train-procs", type=int, default=0,
+                      help="processes of the Flamingo stage (DDP, torchrun); 0: 2 on a machine with 2 cores or more")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")

@@ -8,8 +8,9 @@ import os
 
 import pytest
 import torch
+import yaml
 
-from flamingo.mini.demo import SMOKE_CHECK, DemoSettings, run_demo
+from flamingo.mini.demo import SMOKE_CHECK, DemoSettings, config_path, per_rank_batches, run_demo
 from flamingo.mini.report import headline
 
 
@@ -47,6 +48,23 @@ def test_every_stage_leaves_its_artefact(demo_run):
     with open(os.path.join(out, "flamingo", "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     assert set(first["gates"]) and {"loss/interleaved", "loss/pairs", "loss/video"} <= set(first)
+    with open(config_path()) as f:
+        datasets = yaml.safe_load(f)["data"]
+    # a step sees configs/mini.yaml's batches, whether one process or several (each with its share) trained
+    assert first["samples"] == sum(d["batch_size"] for d in datasets)
+    if demo_run.settings.train_procs > 1:
+        assert f"torchrun --standalone --nproc_per_node={demo_run.settings.train_procs}" in report
+
+
+def test_processes_share_every_batch_or_are_refused():
+    with open(config_path()) as f:
+        datasets = yaml.safe_load(f)["data"]
+    assert per_rank_batches(1) == []
+    assert per_rank_batches(2) == [f"data.{i}.batch_size={d['batch_size'] // 2}" for i, d in enumerate(datasets)]
+    with pytest.raises(ValueError, match="does not split over 5 processes"):
+        per_rank_batches(5)
+    with pytest.raises(ValueError, match="does not split over 5 processes"):  # refused before any stage runs
+        run_demo(DemoSettings(out="/nonexistent/never-written", size="smoke", train_procs=5))
 
 
 def test_trained_flamingo_beats_its_gate_zero_self(demo_run):

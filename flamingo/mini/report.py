@@ -205,10 +205,15 @@ def write_report(run: "DemoRun") -> str:
     lines = ["# flamingo demo: a mini Flamingo grown offline", "",
              f"Size `{s.size}`, seed {s.seed}, shots {list(s.shots)}. Every number below was produced by this run.", "",
              "## Reproduce", "", "```bash",
-             f"flamingo demo --out {out} --size {s.size} --seed {s.seed}" + (f" --ablate {s.ablate}" if s.ablate else ""),
+             f"flamingo demo --out {out} --size {s.size} --seed {s.seed} --train-procs {s.train_procs}"
+             + (f" --ablate {s.ablate}" if s.ablate else ""),
              "```", "", "A rerun on the same machine reproduces every number: the world, the backbones and the "
-             "Flamingo stage are bit-reproducible on CPU (two runs of the default command on 2026-11-24 wrote "
-             "byte-identical weights). The Flamingo stage is the ordinary trainer:", "", "```bash"]
+             "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the default command in one "
+             "process wrote byte-identical weights, and so did two runs of the smoke size with two processes). The "
+             "Flamingo stage is the ordinary trainer"
+             + (f", in {s.train_procs} DDP processes of one thread each (a dataset's `batch_size` is per process, "
+                "so the demo divides configs/mini.yaml's batches by the number of processes)"
+                if s.train_procs > 1 else "") + ":", "", "```bash"]
     lines += [run.commands[v] for v in run.commands] + ["```", ""]
 
     lines += ["## Few-shot results", "",

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from flamingo.mini.demo import SMOKE_CHECK, DemoSettings, config_path, per_rank_batches, run_demo
+from flamingo.mini.demo import (
+    SMOKE_CHECK, DemoRun, DemoSettings, config_path, per_rank_batches, run_demo, train_flamingo)
 from flamingo.mini.report import headline
 
 
@@ -73,3 +74,22 @@ def test_trained_flamingo_beats_its_gate_zero_self(demo_run):
     gates0 = headline(demo_run, "flamingo-gates0", task, shots)
     assert trained is not None and gates0 is not None
     assert trained > gates0, (task, shots, trained, gates0)
+
+
+def test_a_flamingo_stage_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):
+    import flamingo.train.trainer as trainer_module
+
+    class StoppedTrainer:  # what Trainer.run does after SIGINT / SIGTERM: a checkpoint, no final model, returns ""
+        def __init__(self, config):
+            pass
+
+        def run(self):
+            return ""
+
+    monkeypatch.setattr(trainer_module, "Trainer", StoppedTrainer)
+    run = DemoRun(DemoSettings(out=str(tmp_path), size="smoke", train_procs=1))
+    run.world = {"data": {kind: {"path": f"{kind}.jsonl"} for kind in ("interleaved", "pairs", "video", "prompted")}}
+    run.backbones = {"vision": {"dir": "vision"}, "lm": {"dir": "lm"}}
+    with pytest.raises(RuntimeError, match="stopped before its last step"):
+        train_flamingo(run, "flamingo")
+    assert not list(tmp_path.glob("flamingo/.done-*"))  # a rerun redoes the stage instead of reusing a missing model

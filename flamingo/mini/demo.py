@@ -60,8 +60,9 @@ class DemoSettings:
 
 
 def default_train_procs() -> int:
-    """Two DDP processes of one thread each train the mini Flamingo faster than one process of two threads on 2 cores
-    (0.46 vs 0.61 s a step over the first 20 steps, 2026-11-24): one thread keeps a small matmul busier than two."""
+    """Two DDP processes of one thread each train the mini Flamingo faster than one process of two threads on 2 cores.
+    Measured on 2026-11-24 (seed 0): 0.32 vs 0.41 s a step over steps 150-190, and the whole stage 355 s vs 371-410 s
+    (the latter in earlier runs, at other moments of the machine)."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -165,6 +166,7 @@ def launcher(procs: int) -> list[str]:
 def train_flamingo(run: DemoRun, variant: str) -> str:
     """Stage 3 through the trainer `flamingo train` runs (under torchrun for several processes); returns the final
     model directory."""
+    from ..config import CONFIG_NAME
     from ..train.config import load_config
     from ..train.trainer import Trainer
 
@@ -177,17 +179,23 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
 
     def build() -> str:
         if s.train_procs == 1:
-            return Trainer(load_config(config_path(), overrides)).run()
-        command = [sys.executable, "-m", "torch.distributed.run", *launcher(s.train_procs)[1:], config_path(),
-                   *overrides]
-        threads = max(1, min(2, os.cpu_count() or 1) // s.train_procs)
-        # one thread per rank; TORCH_CPP_LOG_LEVEL hides DDP's C++ notice that find_unused_parameters found none
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL="ERROR")
-        code = subprocess.run(command, env=env).returncode
-        if code != 0:
-            raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code}; its command: "
-                               + " ".join(command))
-        return os.path.join(out, "final")
+            Trainer(load_config(config_path(), overrides)).run()
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", *launcher(s.train_procs)[1:], config_path(),
+                       *overrides]
+            threads = max(1, min(2, os.cpu_count() or 1) // s.train_procs)
+            # one thread per rank; TORCH_CPP_LOG_LEVEL hides DDP's C++ notice that find_unused_parameters found none
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL="ERROR")
+            code = subprocess.run(command, env=env).returncode
+            if code != 0:
+                raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code}; its command: "
+                                   + " ".join(command))
+        final = os.path.join(out, "final")
+        if not os.path.isfile(os.path.join(final, CONFIG_NAME)):  # stopped by a signal: no final model,
+            # and no stage marker either, so that a rerun redoes the stage instead of reusing a missing model
+            raise RuntimeError(f"the Flamingo stage ({variant}) stopped before its last step; rerun the demo to "
+                               "redo it")
+        return final
 
     return reuse_or_build(out, {"size": s.size, "seed": s.seed, "procs": s.train_procs}, build)
 

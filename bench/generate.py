@@ -8,6 +8,7 @@ For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, 
 model decodes the same number): time to first token (vision + prefill + first step) and decode tokens/s
 = batch / (seconds per decode step), the steps timestamped inside each run by a streamer (bench/common.py). The bare LM (HF `generate` on the same LM weights and the same
 token ids, no images) is the floor: a Flamingo decode step is an LM step plus small cross-attentions.
+Where the greedy tokens differ from the peer's, the row says where and whether it is a near tie (`divergence`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,36 @@ from flamingo.generation import compile_config
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"
+
+
+@torch.inference_mode()
+def divergence(pair: Pair, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor, ours_new: torch.Tensor,
+               peer_new: torch.Tensor) -> dict[str, Any]:
+    """Where greedy decoding of ours and the peer first picks different tokens, and whether that is a near tie.
+
+    ids/mask (B, T) the prompt, images (B, N, F, C, H, W), ours_new/peer_new (B, n) the generated tokens. Both models
+    score the common prefix of the earliest differing row in one forward pass. At its last position, each model's
+    gap between the two picked tokens is compared with the largest difference between the two models' logits there:
+    `near_tie` when both gaps are within it, i.e. the two models' numerical disagreement (e.g. bf16 rounding, other
+    kernels) is enough to flip the pick; otherwise the models disagree by more than rounding.
+    """
+    differ = ours_new != peer_new  # (B, n)
+    if not bool(differ.any()):
+        return {"first_divergence_step": None}
+    first = torch.where(differ.any(1), differ.float().argmax(1), differ.shape[1])  # (B,) first differing step
+    b = int(first.argmin())
+    t = int(first[b])
+    prefix = torch.cat([ids[b:b + 1], ours_new[b:b + 1, :t]], dim=1)  # (1, T + t): equal in both up to step t
+    prefix_mask = torch.cat([mask[b:b + 1], torch.ones_like(ours_new[b:b + 1, :t])], dim=1)
+    ours_logits = pair.ours(input_ids=prefix, attention_mask=prefix_mask, images=images[b:b + 1]).logits[0, -1]
+    peer_logits = pair.peer(vision_x=images[b:b + 1], lang_x=prefix, attention_mask=prefix_mask).logits[0, -1]
+    ours_logits, peer_logits = ours_logits.float(), peer_logits.float()
+    mine, theirs = int(ours_new[b, t]), int(peer_new[b, t])
+    ours_gap = float(ours_logits[mine] - ours_logits[theirs])  # > 0: ours prefers its own pick in this forward
+    peer_gap = float(peer_logits[theirs] - peer_logits[mine])
+    spread = float((ours_logits - peer_logits).abs().max())
+    return {"first_divergence_step": t, "divergence_row": b, "ours_logit_gap": ours_gap, "peer_logit_gap": peer_gap,
+            "max_logit_diff": spread, "near_tie": max(abs(ours_gap), abs(peer_gap)) <= spread}
 
 
 def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str, Any]]:
@@ -65,8 +96,10 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
             with torch.inference_mode():
                 runs = [("ours", ours_gen), ("bare_lm", bare_gen)]
                 if not args.skip_peer:
-                    same = torch.equal(ours_gen(new)[:, ids.shape[1]:].cpu(), peer_gen(new)[:, ids.shape[1]:].cpu())
-                    row["same_tokens_as_peer"] = same
+                    ours_new, peer_new = ours_gen(new)[:, ids.shape[1]:], peer_gen(new)[:, ids.shape[1]:]
+                    row["same_tokens_as_peer"] = torch.equal(ours_new, peer_new)
+                    if not row["same_tokens_as_peer"]:  # a near tie (rounding) or a real difference?
+                        row.update(divergence(pair, ids, mask, images, ours_new, peer_new))
                     runs.append(("openflamingo", peer_gen))
                 for name, fn in runs:
                     ttft, per_step = timed_steps(lambda clock: fn(new, clock), args.device, args.repeats)
@@ -109,7 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# bench.generate on {machine()}, shape={args.shape}, dtype={args.dtype}, xattn_every={args.xattn_every}")
     rows = run(args)
-    print_table(rows, ["shots", "batch", "ctx_tokens", "same_tokens_as_peer", "ours_ttft_ms", "openflamingo_ttft_ms",
+    print_table(rows, ["shots", "batch", "ctx_tokens", "same_tokens_as_peer", "near_tie", "ours_ttft_ms",
+                       "openflamingo_ttft_ms",
                        "bare_lm_ttft_ms", "ours_decode_tok_s", "openflamingo_decode_tok_s", "bare_lm_decode_tok_s",
                        "decode_vs_openflamingo", "decode_time_vs_bare_lm", "ttft_vs_openflamingo"]
                 + [f"ours_ttft_ms_{impl}" for impl in args.xattn_impl[1:]])

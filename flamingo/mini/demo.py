@@ -188,8 +188,8 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL="ERROR")
             code = subprocess.run(command, env=env).returncode
             if code != 0:
-                raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code}; its command: "
-                                   + " ".join(command))
+                raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code} (`--train-procs 1` "
+                                   "trains in this process, without torchrun); its command: " + " ".join(command))
         final = os.path.join(out, "final")
         if not os.path.isfile(os.path.join(final, CONFIG_NAME)):  # stopped by a signal: no final model,
             # and no stage marker either, so that a rerun redoes the stage instead of reusing a missing model

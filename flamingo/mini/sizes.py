@@ -1,10 +1,12 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~2 minutes) and `default` (the demo).
 
-Step counts were chosen by measuring on 2 CPU cores: `default` spends about 2 minutes on the world (~10 s, two
-processes) and the backbones (vision ~60-85 s, LM ~35-55 s), about 6.2 minutes on the Flamingo stage (1100 steps) and
-1 on evaluation. The whole demo from scratch, 2026-11-24: 534 s at 07:07 and 600.5 s at 08:34 (same work: the
-machine was slower, backbones 87 -> 102 s, Flamingo stage 371 -> 410 s), so the 10 minutes hold only at its normal
-speed; `smoke` about 10 s on the world and backbones.
+Step counts were chosen by measuring on 2 CPU cores: `default` spends about 1.5 minutes on the world (~10 s, two
+processes) and the backbones (vision ~60-85 s, LM ~35-55 s), about 6 minutes on the Flamingo stage (1100 steps) and
+1 on evaluation. The whole demo from scratch, 2026-11-24, with the Flamingo stage in one process: 534 s at 07:07 and
+600.5 s at 08:34 (same work: the machine was slower, backbones 87 -> 102 s, Flamingo stage 371 -> 410 s); in two DDP
+processes (the default on 2+ cores since then): 509 s at 12:45 (backbones 87 s, Flamingo stage 355 s). Growing the
+vision tower and the LM at the same time in two one-thread processes took as long as one after the other (101 s):
+the tower trains 1.5x slower on one thread. `smoke` about 10 s on the world and backbones.
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class MiniSize:
     # both; seed 1 VQA 88.8% both, classification 63.7 -> 65.0%, video QA 26.2 -> 36.2%, CIDEr 456 -> 473; seed 2
     # (from scratch, 570 s) VQA 81.2 -> 83.8% (shape 4/14), classification 48.8 -> 71.2%, video QA 28.8 -> 31.2%.
     # Halving every batch for 1300 steps instead was far worse (seed 2 VQA 47.5%).
+    # Two DDP processes (each with half of every batch; same world and backbones; VQA best over shots / classification
+    # / video QA / CIDEr at 4 shots, one process -> two): seed 0 93.8 -> 96.2% / 75.0 -> 67.5% / 41.2 -> 37.5% /
+    # 491 -> 503; seed 1 88.8 -> 86.2% / 65.0 -> 57.5% / 36.2 -> 32.5% / 473 -> 479; seed 2 83.8 -> 83.8% /
+    # 71.2 -> 57.5% / 31.2 -> 42.5% / 469 -> 435. Classification fell for all three seeds (7.5-13.7 points).
     # 1000 steps instead (seed 0, same backbones), for more margin under the 10 minutes: VQA 96.2 -> 92.5%,
     # classification 78.8 -> 72.5%, video QA 41.2 -> 36.2%, CIDEr 489 -> 471 (4-shot); stage 355 s at a slow moment.
     flamingo_steps: int = 1100

@@ -208,8 +208,9 @@ def write_report(run: "DemoRun") -> str:
              f"flamingo demo --out {out} --size {s.size} --seed {s.seed} --train-procs {s.train_procs}"
              + (f" --ablate {s.ablate}" if s.ablate else ""),
              "```", "", "A rerun on the same machine reproduces every number: the world, the backbones and the "
-             "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the default command in one "
-             "process wrote byte-identical weights, and so did two runs of the smoke size with two processes). The "
+             "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the default size wrote "
+             "byte-identical weights with the Flamingo stage in one process, and two more with it in two processes; "
+             "so did two smoke runs in two processes). The "
              "Flamingo stage is the ordinary trainer"
              + (f", in {s.train_procs} DDP processes of one thread each (a dataset's `batch_size` is per process, "
                 "so the demo divides configs/mini.yaml's batches by the number of processes)"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
+from .model.backbones import lm_cache_argument, lm_output_cache
 from .model.flamingo import Flamingo, MediaContext
 from .model.xattn import XAttnImpl
 
@@ -119,7 +120,7 @@ def score(model: Flamingo, input_ids: torch.Tensor, continuations: Sequence[Sequ
     with model.conditioned(ctx):
         out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=model.position_ids_for(attention_mask), use_cache=True)
-        context_cache, first_logprobs = out.past_key_values, out.logits[0, -1].float().log_softmax(-1)  # (V,)
+        context_cache, first_logprobs = lm_output_cache(out), out.logits[0, -1].float().log_softmax(-1)  # (V,)
         context_last_index = ctx.last_media_index
         context_len = int(attention_mask.sum())
         for start in range(0, len(continuations), batch_size):
@@ -137,7 +138,7 @@ def score(model: Flamingo, input_ids: torch.Tensor, continuations: Sequence[Sequ
                 full_mask = torch.cat([attention_mask.expand(c, -1), mask[:, :-1]], dim=1)
                 positions = context_len + torch.arange(longest - 1, device=device).expand(c, -1)
                 logits = model.lm(input_ids=ids[:, :-1], attention_mask=full_mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True).logits  # (C, L-1, V)
+                                  use_cache=True, **{lm_cache_argument(model.lm): cache}).logits  # (C, L-1, V)
                 logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
                 total = total + (logprobs * mask[:, 1:]).sum(dim=1)
             scores.append(total)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from flamingo.model.backbones import lm_cache_argument
 from flamingo.tiny import LM_KINDS, tiny_lm, tiny_tokenizer
 
 from flamingo.tiny import random_image
@@ -231,3 +232,18 @@ def test_every_xattn_implementation_gives_the_same_logits(make_model):
         ref = model(**batch, xattn_impl="reference").logits
         for impl in ("segments", "gather", "flex", "auto"):
             torch.testing.assert_close(model(**batch, xattn_impl=impl).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_cache_continues_the_sequence_under_either_name(make_model):
+    """The LM's KV cache comes back as `cache` (transformers >= 5.24 names it so; `past_key_values` reads the same
+    object) and continuing a text prompt from it gives the logits of one full pass."""
+    model, processor = make_model("llama")
+    ids = processor("A red circle and a blue square")["input_ids"]
+    split = ids.shape[1] - 2
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        head = model(input_ids=ids[:, :split], use_cache=True)
+        assert head.cache is not None and head.past_key_values is head.cache
+        tail = model(input_ids=ids[:, split:], use_cache=True, position_ids=torch.arange(split, ids.shape[1])[None],
+                     **{lm_cache_argument(model.lm): head.cache}).logits
+    torch.testing.assert_close(tail, full[:, split:], atol=1e-5, rtol=1e-5)

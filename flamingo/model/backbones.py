@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from typing import Any, Optional, Union
 
@@ -117,6 +119,19 @@ def vision_features(vision: nn.Module, pixel_values: torch.Tensor, feature_layer
 
 def vision_hidden_size(vision: nn.Module) -> int:
     return hidden_size_of(vision.config)
+
+
+def lm_output_cache(out: Any) -> Any:
+    """The KV cache of an HF LM output: its `cache` field from transformers 5.24 on (where `past_key_values` is a
+    deprecated alias that warns), `past_key_values` before; None when the LM returned none."""
+    names = {f.name for f in dataclasses.fields(out)}
+    return getattr(out, "cache" if "cache" in names else "past_key_values", None)
+
+
+def lm_cache_argument(lm: nn.Module) -> str:
+    """The name of the LM forward's KV-cache argument: `cache` from transformers 5.24 on (`past_key_values` is
+    deprecated there), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def lm_text_config(lm: PreTrainedModel) -> Any:

@@ -32,6 +32,7 @@ from .backbones import (
     dtype_kwargs,
     find_decoder_layers,
     hidden_size_of,
+    lm_output_cache,
     lm_text_config,
     load_lm,
     load_vision_tower,
@@ -96,8 +97,13 @@ class MediaContext:
 class FlamingoOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
-    past_key_values: Any = None
+    cache: Any = None  # the LM's KV cache; named as transformers >= 5.24 names it (`past_key_values` still reads it)
     visual_tokens: Optional[torch.Tensor] = None
+
+    @property
+    def past_key_values(self) -> Any:
+        """The LM's KV cache under its older name (transformers < 5.24 outputs call it so)."""
+        return self.cache
 
 
 class Flamingo(nn.Module):
@@ -316,7 +322,8 @@ class Flamingo(nn.Module):
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
-        if "position_ids" not in lm_kwargs and lm_kwargs.get("past_key_values") is None:
+        no_cache = all(lm_kwargs.get(name) is None for name in ("past_key_values", "cache"))  # cache: 5.24 on
+        if "position_ids" not in lm_kwargs and no_cache:
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
                 lm_kwargs["position_ids"] = position_ids
@@ -324,8 +331,7 @@ class Flamingo(nn.Module):
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
-        return FlamingoOutput(loss=loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None),
-                              visual_tokens=visual_tokens)
+        return FlamingoOutput(loss=loss, logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -6,8 +6,9 @@
 
 For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, N new tokens (forced, so every
 model decodes the same number): time to first token (vision + prefill + first step) and decode tokens/s
-= batch / (seconds per decode step), the steps timestamped inside each run by a streamer (bench/common.py). The bare LM (HF `generate` on the same LM weights and the same
-token ids, no images) is the floor: a Flamingo decode step is an LM step plus small cross-attentions.
+= batch / (seconds per decode step), the steps timestamped inside each run by a streamer (bench/common.py). The
+bare LM (HF `generate` on the same LM weights and the same token ids, no images) is the floor: a Flamingo decode
+step is an LM step plus small cross-attentions.
 Where the greedy tokens differ from the peer's, the row says where and whether it is a near tie (`divergence`).
 """
 

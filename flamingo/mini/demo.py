@@ -183,9 +183,9 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
         else:
             command = [sys.executable, "-m", "torch.distributed.run", *launcher(s.train_procs)[1:], config_path(),
                        *overrides]
-            threads = max(1, min(2, os.cpu_count() or 1) // s.train_procs)
-            # one thread per rank; TORCH_CPP_LOG_LEVEL hides DDP's C++ notice that find_unused_parameters found none
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL="ERROR")
+            # one thread per rank (the demo's 2 threads split); TORCH_CPP_LOG_LEVEL hides DDP's C++ notice that
+            # find_unused_parameters found none
+            env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
             code = subprocess.run(command, env=env).returncode
             if code != 0:
                 raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code} (`--train-procs 1` "

@@ -339,6 +339,82 @@ def test_word_recall_separates_an_lm_that_recalls_context_words_from_one_that_av
     assert word_recall(_ContextBiasedLM(vocab, -8.0), tokenizer, words, trials=20) == 0.0
 
 
+class _InductionLM(torch.nn.Module):
+    """A stand-in LM with one induction head: at each position, all its mass on the token that followed the last
+    earlier occurrence of the current token (uniform where the current token is new)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids: torch.Tensor):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, self.vocab)
+        for row in range(b):
+            ids = input_ids[row].tolist()
+            for pos in range(1, t):
+                earlier = [j for j in range(pos) if ids[j] == ids[pos]]
+                if earlier:
+                    logits[row, pos, ids[earlier[-1] + 1]] = 20.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_assoc_recall_needs_induction_not_just_recall_of_context_words(tmp_path):
+    from flamingo.mini.backbones import assoc_recall, grow_tokenizer
+    from flamingo.mini.world import KINDS
+
+    world = World(SEED)
+    words = list(world.eval_words[:40])
+    text = [f"This is a {k} {w}." for k in KINDS for w in words]
+    tokenizer = grow_tokenizer(text, 400, tmp_path / "tok", progress=False)
+    vocab = len(tokenizer)
+    assert assoc_recall(_InductionLM(vocab), tokenizer, words, trials=30) == 1.0
+    # Recalling every context word equally cannot tell the kinds' words apart: about chance, never near 1.
+    assert 0.2 <= assoc_recall(_ContextBiasedLM(vocab, 8.0), tokenizer, words, trials=30) <= 0.8
+
+
+def test_induction_documents_repeat_their_words_and_keep_each_kinds_word():
+    from flamingo.mini.world import KINDS
+    from flamingo.mini.writers import induction_documents
+
+    world = World(SEED)
+    docs = induction_documents(world, np.random.default_rng(0), copies=20, assocs=20)
+    assert len(docs) == 40
+    for doc in docs[:20]:
+        sentences = doc.split(". ")
+        assert 2 <= len(sentences) <= 3 and len({s.rstrip(".") for s in sentences}) == 1
+        assert not set(sentences[0].rstrip(".").split()) & set(world.eval_words)  # training words only
+    for doc in docs[20:]:
+        bound = {}
+        for sentence in doc.rstrip(".").split(". "):
+            this, is_, a, kind, word = sentence.split()
+            assert (this, is_, a) == ("This", "is", "a") and kind in KINDS and word not in world.eval_words
+            assert bound.setdefault(kind, word) == word  # a kind keeps its word through the document
+        assert len(set(bound.values())) == len(bound) >= 2
+
+
+def test_induction_documents_go_to_the_lm_but_leave_the_world_as_it_was(world_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from flamingo.mini.backbones import grow_backbones
+
+    size = get_size("smoke").replace(copy_docs=30, assoc_docs=20, vision_steps=2, lm_steps=2)
+    manifest = write_world(tmp_path / "world", size, seed=SEED, workers=1)
+    assert manifest["corpus"]["induction_docs"] == 50
+    assert len(Path(manifest["corpus"]["induction"]).read_text().splitlines()) == 50
+    for name in ("train.txt", "heldout.txt"):  # the world's own text is unchanged
+        assert (tmp_path / "world" / "corpus" / name).read_bytes() == (world_dir / "corpus" / name).read_bytes()
+    with_docs = grow_backbones(manifest, tmp_path / "bb", size, seed=0, threads=1, progress=False)
+    plain = {**manifest, "corpus": {k: v for k, v in manifest["corpus"].items() if not k.startswith("induction")}}
+    without = grow_backbones(plain, tmp_path / "bb0", size, seed=0, threads=1, progress=False)
+    induction_tokens = sum(len(t) + 1 for t in AutoTokenizer.from_pretrained(str(tmp_path / "bb" / "tokenizer"))(
+        Path(manifest["corpus"]["induction"]).read_text().splitlines(), add_special_tokens=False)["input_ids"])
+    assert with_docs["lm"]["corpus_tokens"] == without["lm"]["corpus_tokens"] + induction_tokens
+    # The tokenizer learns its merges from the world's text alone.
+    assert (tmp_path / "bb" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "bb0" / "tokenizer" / "tokenizer.json").read_bytes()
+
+
 def test_prompted_text_is_true_of_its_scene():
     from flamingo.mini.writers import prompted_text
 

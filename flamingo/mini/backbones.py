@@ -409,13 +409,40 @@ def word_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words:
     return round(hits / trials, 3)
 
 
+@torch.no_grad()
+def assoc_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words: Sequence[str], trials: int = 60,
+                 seed: int = 0) -> float:
+    """Content-keyed recall, the text form of the binding task: after `This is a circle A. This is a star B. This is a
+    circle A. This is a star B. This is a circle` (or B's kind), is the word of that kind scored above the other?
+    An LM that only recalls `a word after "This is a"` (word_recall) stays at chance 0.5; one with induction heads
+    (match the kind, copy what followed it) gets near 1."""
+    if len(words) < 2:
+        raise ValueError(f"assoc_recall needs at least 2 words, got {len(words)}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(trials):
+        kinds = [KINDS[i] for i in rng.choice(len(KINDS), 2, replace=False)]
+        w = [words[i] for i in rng.choice(len(words), 2, replace=False)]
+        order, target = ((0, 1, 0, 1) if rng.random() < 0.5 else (1, 0, 1, 0)), int(rng.integers(2))
+        context = tokenizer(" ".join(f"This is a {kinds[j]} {w[j]}." for j in order) + f" This is a {kinds[target]}",
+                            add_special_tokens=False)["input_ids"]
+        scores = []
+        for word in w:
+            cont = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + cont])  # (1, T)
+            logprobs = lm(input_ids=ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
+            scores.append(float(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        hits += int(np.argmax(scores) == target)
+    return round(hits / trials, 3)
+
+
 def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
             out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
             size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2,
             progress: bool = True, probe_words: Optional[Sequence[str]] = None) -> dict:
     """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
     tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl",
-    "copy_gain"} and, given `probe_words` (fresh words, e.g. the binding task's), "word_recall"."""
+    "copy_gain"} and, given `probe_words` (fresh words, e.g. the binding task's), "word_recall" and "assoc_recall"."""
     size, start = _size(size), time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
@@ -468,6 +495,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     result["copy_gain"] = copy_gain(lm, len(tokenizer), length=min(30, ctx // 2))
     if probe_words is not None and len(probe_words) >= 4:
         result["word_recall"] = word_recall(lm, tokenizer, probe_words)
+        result["assoc_recall"] = assoc_recall(lm, tokenizer, probe_words)
     lm.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return result
@@ -496,7 +524,11 @@ def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Uni
                                    threads=threads, progress=progress)
     binding_words = Path(manifest.get("eval", {}).get("binding", {}).get("dir", "")) / "classes.json"
     probe_words = json.loads(binding_words.read_text()) if binding_words.is_file() else None
-    report["lm"] = grow_lm(manifest["corpus"]["train"], tokenizer, out / "lm", heldout=manifest["corpus"]["heldout"],
+    corpus: Union[str, list[str]] = manifest["corpus"]["train"]
+    if manifest["corpus"].get("induction"):  # mixed into the world's text in a seeded order
+        corpus = _lines(corpus) + _lines(manifest["corpus"]["induction"])
+        corpus = [corpus[i] for i in np.random.default_rng([seed, 11]).permutation(len(corpus))]
+    report["lm"] = grow_lm(corpus, tokenizer, out / "lm", heldout=manifest["corpus"]["heldout"],
                            size=size, seed=seed, threads=threads, progress=progress, probe_words=probe_words)
     report["wall_s"] = round(sum(report[k]["wall_s"] for k in ("tokenizer", "vision", "lm")), 2)
     with open(out / "backbones.json", "w") as f:

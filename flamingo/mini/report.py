@@ -71,6 +71,8 @@ def goals(run: "DemoRun") -> list[tuple[str, bool, str]]:
         note = f"; the frozen LM's in-context copy gain: {lm['copy_gain']} nats/token" if "copy_gain" in lm else ""
         if "word_recall" in lm:
             note += f", its recall of fresh words from its context: {100 * lm['word_recall']:.0f}% (chance 50%)"
+        if "assoc_recall" in lm:
+            note += f", its recall of a kind's word in text: {100 * lm['assoc_recall']:.0f}% (chance 50%)"
         out.append(("binding: >= 90% at 4-shot", b[4] >= 90, f"4-shot {_fmt(b[4], 'binding')}{note}"))
     vals = [b[k] for k in shots if b.get(k) is not None]
     if vals:
@@ -259,7 +261,9 @@ def write_report(run: "DemoRun") -> str:
                      f"cannot copy from its context, which in-context binding needs)"
                      + (f"; recall of fresh words from its context (`This is a A. This is a B. ... This is a` ranks A "
                         f"or B above two unseen words): {100 * m['word_recall']:.0f}% (chance 50%)"
-                        if "word_recall" in m else ""))
+                        if "word_recall" in m else "")
+                     + (f"; recall of a kind's word (`This is a circle A. This is a star B. ... This is a circle` "
+                        f"ranks A above B): {100 * m['assoc_recall']:.0f}% (chance 50%)" if "assoc_recall" in m else ""))
     if "tokenizer" in bb:
         lines.append(f"- byte-level BPE tokenizer: {bb['tokenizer'].get('vocab_size')} tokens")
     lines.append("")

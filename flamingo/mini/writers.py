@@ -308,19 +308,28 @@ class WorldWriter:
     # ------------------------------------------------------------------------------------------- corpus, samples
     def write_corpus(self) -> dict:
         """Plain text for LM pretraining: world sentences, the eval harness's prompt formats, binding text, and the
-        training documents' text. The held-out part comes from its own stream (same distribution, fresh lines)."""
+        training documents' text. The held-out part comes from its own stream (same distribution, fresh lines).
+        Where the size asks, induction documents go to their own file: the LM trains on them too, the tokenizer
+        does not (its merges stay those of the world's language)."""
         d = self._dir("corpus")
         train = corpus_documents(self.world, stream(self.seed, "corpus"), self.size.corpus_docs,
                                  self.size.video_frames) + self.interleaved_texts
         order = stream(self.seed, "corpus/order").permutation(len(train))
         heldout = corpus_documents(self.world, stream(self.seed, "corpus/heldout"), self.size.heldout_docs,
                                    self.size.video_frames)
-        for name, docs in (("train.txt", [train[i] for i in order]), ("heldout.txt", heldout)):
+        files = [("train.txt", [train[i] for i in order]), ("heldout.txt", heldout)]
+        if self.size.copy_docs or self.size.assoc_docs:  # own stream and file: the other documents stay as they were
+            files.append(("induction.txt", induction_documents(self.world, stream(self.seed, "corpus/induction"),
+                                                               self.size.copy_docs, self.size.assoc_docs)))
+        for name, docs in files:
             with open(d / name, "w") as f:
                 f.write("\n".join(docs) + "\n")
         self._tick(len(train))
-        return {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt"), "docs": len(train),
-                "heldout_docs": len(heldout), "chars": sum(len(t) for t in train)}
+        out = {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt"), "docs": len(train),
+               "heldout_docs": len(heldout), "chars": sum(len(t) for t in train)}
+        if len(files) == 3:
+            out.update(induction=str(d / "induction.txt"), induction_docs=len(files[2][1]))
+        return out
 
     def write_samples(self) -> dict:
         """A grid of evaluation-style stills (upscaled 4x, nearest) and one clip's frames, with their captions."""
@@ -602,4 +611,24 @@ def corpus_documents(world: World, rng: np.random.Generator, n: int, num_frames:
             seq = list(rng.permutation(n_way)) + [int(rng.integers(n_way)) for _ in range(m)]
             text = " ".join(f"This is a {ws[j]}." for j in seq)
         docs.append(text[0].upper() + text[1:])
+    return docs
+
+
+def induction_documents(world: World, rng: np.random.Generator, copies: int, assocs: int) -> list[str]:
+    """Text that an LM can only predict by looking back in its context (Olsson et al. 2022's induction heads; the
+    binding task rests on them), made of fresh training-only nonsense words:
+    - `copies` copy documents: 3-8 words, then the same words again, 2 or 3 times in all
+      (`wug dax fep. wug dax fep.`);
+    - `assocs` association documents: 2-3 kinds each bound to a word, restated in a random order
+      (`This is a circle dax. This is a star fep. This is a circle dax.`): after a kind, the word that followed it."""
+    docs = []
+    for _ in range(copies):
+        words = world.train_words(rng, int(rng.integers(3, 9)))
+        docs.append(" ".join([" ".join(words) + "."] * int(rng.integers(2, 4))))
+    for _ in range(assocs):
+        n_way = int(rng.integers(2, 4))
+        kinds = [KINDS[k] for k in rng.choice(len(KINDS), n_way, replace=False)]
+        words = world.train_words(rng, n_way)
+        order = list(rng.permutation(n_way)) + [int(rng.integers(n_way)) for _ in range(int(rng.integers(2, 6)))]
+        docs.append(" ".join(f"This is a {kinds[j]} {words[j]}." for j in order))
     return docs

@@ -41,7 +41,7 @@ class MiniSize:
     novel_prob: float = 0.25  # share of evaluation scenes on a held-out (kind, colour) combination
     # Text corpus for the LM (one document per line) and its held-out part for perplexity.
     corpus_docs: int = 6000
-    # Induction documents (writers.induction_documents), added to the LM corpus: 0 in `default`, see `large`.
+    # Induction documents (writers.induction_documents), added to the LM corpus: 0 in `default`, see `binding`.
     copy_docs: int = 0
     assoc_docs: int = 0
     heldout_docs: int = 300
@@ -125,15 +125,17 @@ SIZES: dict[str, MiniSize] = {
         prompted_caption_fraction=1.0),
     "default": MiniSize(name="default"),
     # `default` with an LM that has induction heads, which the binding task needs: 1500 LM steps on the world's text
-    # plus 3000 copy and 2000 association documents (writers.induction_documents). `flamingo demo --size binding`,
-    # seed 0, 2026-11-24: 824 s in all (backbones 340 s, of which the LM 277 s; Flamingo stage 418 s); the LM's copy
-    # gain -0.10 -> 1.28 nats/token, assoc_recall 0.98 (default: chance), held-out perplexity 3.10 -> 2.48. Few-shot,
-    # 0/1/2/4/8 shots: binding 45.0/48.8/60.0/58.8/55.0% (default: 33.8% at every count; chance 42.1%), 4-shot
-    # 58.8% vs 35.0% with gates at 0, so the trained model beats its gates-0 self on every task; VQA 92.5% best
-    # over shots (default 96.2%), classification 60.0/58.8% at 0/4 shots (default 68.8/67.5%), video QA 40.0% at
-    # 4 shots (default 37.5%). The same LM grown by hand with the Flamingo stage run alone: binding 4-shot 66.2%, and
-    # 400 more binding documents in the Flamingo mixture left it at 66.2% (VQA fell to 63.8%). Shorter LM runs
-    # leave assoc_recall at chance: 800 steps at lr 6e-3 (copy gain 0.33), 2 layers x 1500 steps (0.29).
+    # plus 3000 copy and 2000 association documents (writers.induction_documents). `flamingo demo --size binding`
+    # from scratch, 2026-11-24, seeds 0/1/2: 824/850/776 s in all (LM 277/259/264 s; Flamingo stage 418/438/375 s).
+    # The LM: copy gain 1.28/1.41/0.82 nats/token (default about -0.1), assoc_recall 98/97/100% (default: chance).
+    # 4-shot binding 58.8/70.0/37.5% (gates 0: 35.0/37.5/45.0%; chance ~42%; default: at chance for all three);
+    # seed 0 over 0/1/2/4/8 shots 45.0/48.8/60.0/58.8/55.0%, seed 1 41.2/37.5/68.8/70.0/71.2%. Against the
+    # default size (two-process runs), seeds 0/1/2: VQA best over shots 92.5/77.5/86.2% (96.2/86.2/83.8%),
+    # classification 4-shot 58.8/61.3/57.5% (67.5/57.5/57.5%), video QA 4-shot 40.0/32.5/41.2% (37.5/32.5/42.5%).
+    # Seed 0's LM grown by hand with the Flamingo stage run alone: binding 4-shot 66.2%; 400 more binding documents
+    # in the Flamingo mixture left it at 66.2% (VQA fell to 63.8%). Shorter LM runs leave assoc_recall at chance:
+    # 440-1000 steps, 800 steps at lr 6e-3 (copy gain 0.33), 2 layers x 1500 steps (0.29), twice the induction
+    # documents for 700 steps, context 128 x batch 16 for 700 steps.
     "binding": MiniSize(name="binding", copy_docs=3000, assoc_docs=2000, lm_steps=1500),
 }
 

@@ -263,7 +263,8 @@ def write_report(run: "DemoRun") -> str:
                         f"or B above two unseen words): {100 * m['word_recall']:.0f}% (chance 50%)"
                         if "word_recall" in m else "")
                      + (f"; recall of a kind's word (`This is a circle A. This is a star B. ... This is a circle` "
-                        f"ranks A above B): {100 * m['assoc_recall']:.0f}% (chance 50%)" if "assoc_recall" in m else ""))
+                        f"ranks A above B): {100 * m['assoc_recall']:.0f}% (chance 50%)"
+                        if "assoc_recall" in m else ""))
     if "tokenizer" in bb:
         lines.append(f"- byte-level BPE tokenizer: {bb['tokenizer'].get('vocab_size')} tokens")
     lines.append("")

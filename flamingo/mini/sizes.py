@@ -134,10 +134,10 @@ SIZES: dict[str, MiniSize] = {
     # classification 4-shot 58.8/61.3/57.5% (67.5/57.5/57.5%), video QA 4-shot 40.0/32.5/41.2% (37.5/32.5/42.5%).
     # Seed 2's world and backbones with the Flamingo stage's train.seed 1 instead of 2: binding 45.0% at 4 shots (chance
     # 41.7%), so that world, not the training seed, keeps binding at chance (its tower's kind probe: 84.3%, seeds 0/1
-    # 86.8/86.7%). Seed 0's LM grown by hand with the Flamingo stage run alone: binding 4-shot 66.2%; 400 more binding documents
-    # in the Flamingo mixture left it at 66.2% (VQA fell to 63.8%). Shorter LM runs leave assoc_recall at chance:
-    # 440-1000 steps, 800 steps at lr 6e-3 (copy gain 0.33), 2 layers x 1500 steps (0.29), twice the induction
-    # documents for 700 steps, context 128 x batch 16 for 700 steps.
+    # 86.8/86.7%). Seed 0's LM grown by hand with the Flamingo stage run alone: binding 4-shot 66.2%; 400 more binding
+    # documents in the Flamingo mixture left it at 66.2% (VQA fell to 63.8%). Shorter LM runs leave assoc_recall at
+    # chance: 440-1000 steps, 800 steps at lr 6e-3 (copy gain 0.33), 2 layers x 1500 steps (0.29), twice the
+    # induction documents for 700 steps, context 128 x batch 16 for 700 steps.
     "binding": MiniSize(name="binding", copy_docs=3000, assoc_docs=2000, lm_steps=1500),
 }
 

@@ -385,6 +385,19 @@ def copy_gain(lm: LlamaForCausalLM, vocab_size: int, length: int = 30, batch: in
     return round(float(nll[:, : length - 1].mean() - nll[:, length:].mean()), 3)
 
 
+def _word_scores(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, context: str,
+                 words: Sequence[str]) -> list[float]:
+    """Log-probability of each ` word` as the continuation of `context` (summed over its tokens)."""
+    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    scores = []
+    for word in words:
+        cont = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        logits = lm(input_ids=torch.tensor([ids + cont])).logits  # (1, T, V)
+        logprobs = logits[0, len(ids) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
+        scores.append(float(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum()))
+    return scores
+
+
 @torch.no_grad()
 def word_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words: Sequence[str], trials: int = 60,
                 seed: int = 0) -> float:
@@ -397,14 +410,7 @@ def word_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words:
     hits = 0
     for _ in range(trials):
         w = [words[i] for i in rng.choice(len(words), 4, replace=False)]
-        context = tokenizer(" ".join(f"This is a {w[j]}." for j in (0, 1, 0, 1)) + " This is a",
-                            add_special_tokens=False)["input_ids"]
-        scores = []
-        for word in w:
-            cont = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([context + cont])  # (1, T)
-            logprobs = lm(input_ids=ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
-            scores.append(float(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        scores = _word_scores(lm, tokenizer, " ".join(f"This is a {w[j]}." for j in (0, 1, 0, 1)) + " This is a", w)
         hits += int(np.argmax(scores) < 2)
     return round(hits / trials, 3)
 
@@ -424,14 +430,8 @@ def assoc_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words
         kinds = [KINDS[i] for i in rng.choice(len(KINDS), 2, replace=False)]
         w = [words[i] for i in rng.choice(len(words), 2, replace=False)]
         order, target = ((0, 1, 0, 1) if rng.random() < 0.5 else (1, 0, 1, 0)), int(rng.integers(2))
-        context = tokenizer(" ".join(f"This is a {kinds[j]} {w[j]}." for j in order) + f" This is a {kinds[target]}",
-                            add_special_tokens=False)["input_ids"]
-        scores = []
-        for word in w:
-            cont = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([context + cont])  # (1, T)
-            logprobs = lm(input_ids=ids).logits[0, len(context) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
-            scores.append(float(logprobs.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        context = " ".join(f"This is a {kinds[j]} {w[j]}." for j in order) + f" This is a {kinds[target]}"
+        scores = _word_scores(lm, tokenizer, context, w)
         hits += int(np.argmax(scores) == target)
     return round(hits / trials, 3)
 

@@ -317,18 +317,18 @@ class WorldWriter:
         order = stream(self.seed, "corpus/order").permutation(len(train))
         heldout = corpus_documents(self.world, stream(self.seed, "corpus/heldout"), self.size.heldout_docs,
                                    self.size.video_frames)
-        files = [("train.txt", [train[i] for i in order]), ("heldout.txt", heldout)]
+        files = {"train": [train[i] for i in order], "heldout": heldout}
         if self.size.copy_docs or self.size.assoc_docs:  # own stream and file: the other documents stay as they were
-            files.append(("induction.txt", induction_documents(self.world, stream(self.seed, "corpus/induction"),
-                                                               self.size.copy_docs, self.size.assoc_docs)))
-        for name, docs in files:
-            with open(d / name, "w") as f:
+            files["induction"] = induction_documents(self.world, stream(self.seed, "corpus/induction"),
+                                                     self.size.copy_docs, self.size.assoc_docs)
+        for name, docs in files.items():
+            with open(d / f"{name}.txt", "w") as f:
                 f.write("\n".join(docs) + "\n")
         self._tick(len(train))
-        out = {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt"), "docs": len(train),
-               "heldout_docs": len(heldout), "chars": sum(len(t) for t in train)}
-        if len(files) == 3:
-            out.update(induction=str(d / "induction.txt"), induction_docs=len(files[2][1]))
+        out = {name: str(d / f"{name}.txt") for name in files}
+        out.update(docs=len(train), heldout_docs=len(heldout), chars=sum(len(t) for t in train))
+        if "induction" in files:
+            out["induction_docs"] = len(files["induction"])
         return out
 
     def write_samples(self) -> dict:

@@ -56,7 +56,7 @@ class MiniSize:
     vision_heads: int = 4
     patch_size: int = 4  # 64 patches at 32 px; patch 8 (16 patches) learned positions and shapes far worse
     embed_dim: int = 64  # joint image-text embedding width
-    # 620 -> 1000 steps on 2026-11-24. The tower: 69 -> 92 s (seed 1 world, by hand); zero-shot kind probe
+    # 620 -> 1000 steps on 2026-11-24. The tower (seed 1): 69 s in a demo run -> 92 s by hand, hours apart; kind probe
     # 86.8 -> 96.4% (seed 0), 86.7 -> 95.6% (seed 1); held-out retrieval top-1 79.8 -> 91.2% (seed 0). Shape was the
     # Flamingo's weakest attribute (binding size: shape VQA ~43-50%) and the binding task's errors were shape
     # confusions (diamond/star, cross/star). Demo numbers, 4-shot, 620 -> 1000 (VQA: best over shots):

@@ -3,6 +3,7 @@ kept out of training, every dataset in the contract's format, and smoke backbone
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -286,6 +287,44 @@ def test_smoke_backbones_load_and_learn(manifest, tmp_path):
     assert vision["attribute_accuracy"]["colour"] > 2 / len(COLOURS)
     assert lm["heldout_ppl"] < 0.25 * report["tokenizer"]["vocab_size"]
     assert 0.0 <= lm["word_recall"] <= 1.0  # probed on the binding task's words (from the manifest)
+
+
+def test_recolour_permutes_the_objects_channels_and_keeps_grey_backgrounds():
+    from flamingo.mini.backbones import CHANNEL_ORDERS, recolour, to_pixels
+
+    world, rng = World(seed=0), np.random.default_rng(0)
+    scene = world.sample_scene(rng, "train", kind="circle", count=1)
+    scene = dataclasses.replace(scene, rgb=COLOURS["red"], centers=((0.5, 0.5),), background="grey",
+                                bg_rgb=(118, 118, 118))
+    pixels = to_pixels(world.render(scene)[None])  # (1, 3, H, W)
+    out = recolour(pixels.repeat(2, 1, 1, 1), CHANNEL_ORDERS[[0, 3]])  # identity; (G, B, R)
+    assert torch.equal(out[0], pixels[0])
+    centre, corner = pixels.shape[-1] // 2, 0
+    assert torch.equal(out[1, :, corner, corner], pixels[0, :, corner, corner])  # grey stays grey
+    assert torch.equal(out[1, :, centre, centre], pixels[0, [1, 2, 0], centre, centre])  # red -> (35, 35, 215): blue
+    assert out[1, 2, centre, centre] > out[1, 0, centre, centre]
+
+
+def test_attribute_loss_adds_the_mean_pooled_classifiers_with_their_weight():
+    from flamingo.mini.backbones import ContrastiveHead
+
+    torch.manual_seed(0)
+    head = ContrastiveHead(hidden=16, embed_dim=8)
+    hidden = torch.randn(4, 10, 16)  # (B, 1 + patches, D)
+    labels = {"colour": torch.tensor([0, 1, -100, 3]), "kind": torch.tensor([2, 2, 5, 7]),
+              "size": torch.full((4,), -100), "position": torch.tensor([0, 1, 2, 3]),
+              "count": torch.tensor([0, 0, 1, 2]), "background": torch.tensor([0, 1, 2, -100])}
+    weights = {"kind": 6.0}
+    max_only = head.attribute_loss(hidden, labels, weights)
+    both = head.attribute_loss(hidden, labels, weights, mean_weight=0.5)
+    pooled = head.mean_norm(hidden[:, 1:].mean(1))
+    mean_part = sum(weights.get(k, 1.0) * torch.nn.functional.cross_entropy(head.mean_attributes[k](pooled),
+                                                                             labels[k], ignore_index=-100)
+                    for k in labels if k != "size")  # "size" has no label here: left out, as in the max part
+    assert torch.allclose(both, max_only + 0.5 * mean_part)
+    hidden2 = hidden.clone()
+    hidden2[:, 1:] = hidden[:, 1:].flip(1)  # patch order does not matter to either pool
+    assert torch.allclose(head.attribute_loss(hidden2, labels, weights, mean_weight=0.5), both, atol=1e-6)
 
 
 class _CopyingLM(torch.nn.Module):

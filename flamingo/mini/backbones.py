@@ -121,6 +121,16 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "kind": KIND
                                           "background": tuple(BACKGROUNDS)}
 
 
+# The six orders of the RGB channels; the first is the identity.
+CHANNEL_ORDERS = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def recolour(pixels: torch.Tensor, orders: np.ndarray) -> torch.Tensor:
+    """(N, 3, H, W) images with image i's RGB channels read in the order `orders[i]` ((N, 3) indices). Greys (the
+    world's backgrounds) stay as they are; a red object turns green or blue, a yellow one cyan or purple."""
+    return pixels[torch.arange(len(pixels))[:, None], torch.from_numpy(orders)]
+
+
 def caption_labels(caption: str) -> dict[str, int]:
     """Attribute class indices stated by a caption (-100 where it says nothing). Only the caption is used: the
     auxiliary head learns nothing that the text does not say."""
@@ -174,6 +184,8 @@ class ContrastiveHead(nn.Module):
         self.proj = nn.Linear(hidden, embed_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init temperature
         self.attributes = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
+        self.mean_norm = nn.LayerNorm(hidden)
+        self.mean_attributes = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden[:, 1:].amax(1))  # (B, S+1, D) -> (B, D)
@@ -182,11 +194,15 @@ class ContrastiveHead(nn.Module):
         return self.proj(self.pool(hidden))  # (B, E)
 
     def attribute_loss(self, hidden: torch.Tensor, labels: dict[str, torch.Tensor],
-                       weights: Optional[dict[str, float]] = None) -> torch.Tensor:
-        pooled, weights = self.pool(hidden), weights or {}
-        losses = [weights.get(k, 1.0) * F.cross_entropy(layer(pooled), labels[k], ignore_index=-100)
-                  for k, layer in self.attributes.items() if bool((labels[k] >= 0).any())]
-        return torch.stack(losses).sum() if losses else pooled.sum() * 0
+                       weights: Optional[dict[str, float]] = None, mean_weight: float = 0.0) -> torch.Tensor:
+        """Attribute classifiers on the max-pooled patches and, with `mean_weight`, on their mean as well."""
+        weights = weights or {}
+        pools = [(self.pool(hidden), self.attributes, 1.0)]
+        if mean_weight:
+            pools.append((self.mean_norm(hidden[:, 1:].mean(1)), self.mean_attributes, mean_weight))
+        losses = [scale * weights.get(k, 1.0) * F.cross_entropy(layers[k](pooled), labels[k], ignore_index=-100)
+                  for pooled, layers, scale in pools for k in layers if bool((labels[k] >= 0).any())]
+        return torch.stack(losses).sum() if losses else hidden.sum() * 0
 
 
 def sincos_positions(dim: int, grid: int) -> torch.Tensor:
@@ -308,6 +324,7 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
     optim = torch.optim.AdamW(params, lr=size.vision_lr, weight_decay=0.05)
     pixels = to_pixels(images)  # (N, 3, H, W)
     rng = np.random.default_rng(seed)
+    recolour_rng = np.random.default_rng([seed, 1])  # its own stream: the batches stay those of `rng`
     caption_ids = np.unique(captions, return_inverse=True)[1]
     labels = {k: torch.tensor([caption_labels(c)[k] for c in captions]) for k in ATTRIBUTES}
     loss_value = float("nan")
@@ -316,18 +333,30 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
         batch = rng.choice(len(captions), size=min(size.vision_batch, len(captions)), replace=False)
         for group in optim.param_groups:
             group["lr"] = _lr(step, size.vision_steps, size.vision_lr)
-        hidden = tower(pixel_values=pixels[batch]).last_hidden_state  # (B, S+1, D)
-        img = F.normalize(head(hidden), dim=-1)  # (B, E)
-        txt = F.normalize(text(*text.tokenize([captions[i] for i in batch])), dim=-1)  # (B, E)
-        logits = head.log_scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B, B)
-        same = torch.from_numpy(caption_ids[batch][:, None] == caption_ids[batch][None, :]).float()
+        # The first `recoloured` images of the batch get their RGB channels permuted (achromatic backgrounds stay
+        # as they are): their captions' colour words no longer hold, so they sit out the contrastive loss and the
+        # colour classifier, and only teach the other attribute classifiers, kind first, to ignore colour.
+        recoloured = int(round(size.vision_recolour * len(batch)))
+        images_in = pixels[batch]  # (B, 3, H, W)
+        if recoloured:
+            orders = CHANNEL_ORDERS[recolour_rng.integers(1, len(CHANNEL_ORDERS), recoloured)]  # (r, 3), no identity
+            images_in = torch.cat([recolour(images_in[:recoloured], orders), images_in[recoloured:]])
+        hidden = tower(pixel_values=images_in).last_hidden_state  # (B, S+1, D)
+        keep = batch[recoloured:]  # the images with their own colours
+        img = F.normalize(head(hidden[recoloured:]), dim=-1)  # (B', E)
+        txt = F.normalize(text(*text.tokenize([captions[i] for i in keep])), dim=-1)  # (B', E)
+        logits = head.log_scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B', B')
+        same = torch.from_numpy(caption_ids[keep][:, None] == caption_ids[keep][None, :]).float()
         targets = same / same.sum(-1, keepdim=True)  # identical captions are not negatives
         loss = 0.5 * (torch.sum(-targets * logits.log_softmax(-1), -1).mean()
                       + torch.sum(-targets * logits.T.log_softmax(-1), -1).mean())
         if size.vision_aux:
-            loss = loss + size.vision_aux * head.attribute_loss(hidden, {k: v[batch] for k, v in labels.items()},
+            batch_labels = {k: v[batch] for k, v in labels.items()}
+            batch_labels["colour"] = torch.cat([torch.full((recoloured,), -100), batch_labels["colour"][recoloured:]])
+            loss = loss + size.vision_aux * head.attribute_loss(hidden, batch_labels,
                                                                 {"kind": size.vision_kind_weight,
-                                                                 "position": size.vision_position_weight})
+                                                                 "position": size.vision_position_weight},
+                                                                size.vision_mean_aux)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

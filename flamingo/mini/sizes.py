@@ -94,6 +94,9 @@ class MiniSize:
     # pairs and tested on the classification images (seed 0; seen / held-out (kind, colour) combinations), max-pooled
     # patches: 95.7 / 69.6% without either, 91.8 / 40.5% mean_aux 1, 96.8 / 83.5% recolour 0.5, 89.3 / 65.8% both;
     # mean-pooled: 62.3 / 36.7%, 87.9 / 19.0%, 64.1 / 40.5%, 85.1 / 55.7%.
+    # Caveat: a permuted image can look like a held-out (kind, colour) combination (a red star read as G, B, R is a
+    # blue-ish star), so the tower may see shapes in such colours, never with a colour word. The held-out combinations
+    # then test Flamingo's composition over a tower that, like a web-pretrained one, has seen many colours on a shape.
     vision_mean_aux: float = 0.0
     vision_recolour: float = 0.0
     vision_sincos: float = 0.2  # scale of the 2-D sin-cos init of the position embeddings (0: HF's random init)

@@ -175,12 +175,12 @@ SIZES: dict[str, MiniSize] = {
     # induction documents for 700 steps, context 128 x batch 16 for 700 steps.
     # Its tower since 2026-11-24 (evening): vision_mean_aux 1 and vision_recolour 0.5 (see there). Seeds 0/1/2, 4-shot
     # (VQA: best over shots), the 1000-step tower without -> with them, on the same (bit-reproducible) worlds and LMs:
-    # binding 43.8/86.2/35.0 -> 87.5/78.8/78.8% (8-shot 85.0/80.0/75.0%; gates 0: 33.8/36.2/42.5%; chance ~42%),
+    # binding 43.8/86.2/35.0 -> 87.5/78.8/78.8% (8-shot 85.0/80.0/75.0%; gates 0: 35.0/37.5/42.5%; chance ~42%),
     # classification 42.5/80.0/72.5 -> 82.5/76.2/78.8% (held-out combinations 72.7/72.7/68.2%), VQA 82.5/96.2/85.0 ->
-    # 90.0/87.5/87.5%, CIDEr 438/567/485 -> 539/492/516, video QA 33.8/47.5/46.2 -> 31.2/35.0/50.0%. Seed 0 with
+    # 90.0/87.5/87.5%, CIDEr 438/567/485 -> 533/490/516, video QA 33.8/47.5/46.2 -> 31.2/35.0/50.0%. Seed 0 with
     # one of them: binding 83.8% (mean_aux alone; background VQA 27.8%, answered "black"), 63.7% (recolour alone;
     # classification 58.8%). Seed 2 with mean_aux alone: binding 43.8% (chance). Background is the weak VQA type with
-    # mean_aux (27.8-88.9% over five runs). Seed 1's tower: 103 s, its LM 252 s, demo 818 s.
+    # mean_aux (27.8-88.9% over six runs). Seed 1's tower: 103 s, its LM 252 s, demo 818 s.
     "binding": MiniSize(name="binding", copy_docs=3000, assoc_docs=2000, lm_steps=1500, vision_mean_aux=1.0,
                         vision_recolour=0.5),
 }

@@ -337,10 +337,10 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
         # as they are): their captions' colour words no longer hold, so they sit out the contrastive loss and the
         # colour classifier, and only teach the other attribute classifiers, kind first, to ignore colour.
         recoloured = int(round(size.vision_recolour * len(batch)))
-        images_in = pixels[batch]  # (B, 3, H, W)
+        images_in = pixels[batch]  # (B, 3, H, W), a copy
         if recoloured:
             orders = CHANNEL_ORDERS[recolour_rng.integers(1, len(CHANNEL_ORDERS), recoloured)]  # (r, 3), no identity
-            images_in = torch.cat([recolour(images_in[:recoloured], orders), images_in[recoloured:]])
+            images_in[:recoloured] = recolour(images_in[:recoloured], orders)
         hidden = tower(pixel_values=images_in).last_hidden_state  # (B, S+1, D)
         keep = batch[recoloured:]  # the images with their own colours
         img = F.normalize(head(hidden[recoloured:]), dim=-1)  # (B', E)
@@ -351,8 +351,8 @@ def _train_vision(pairs: Pairs, out_dir: PathLike, heldout: Optional[Pairs], siz
         loss = 0.5 * (torch.sum(-targets * logits.log_softmax(-1), -1).mean()
                       + torch.sum(-targets * logits.T.log_softmax(-1), -1).mean())
         if size.vision_aux:
-            batch_labels = {k: v[batch] for k, v in labels.items()}
-            batch_labels["colour"] = torch.cat([torch.full((recoloured,), -100), batch_labels["colour"][recoloured:]])
+            batch_labels = {k: v[batch] for k, v in labels.items()}  # copies
+            batch_labels["colour"][:recoloured] = -100
             loss = loss + size.vision_aux * head.attribute_loss(hidden, batch_labels,
                                                                 {"kind": size.vision_kind_weight,
                                                                  "position": size.vision_position_weight},

@@ -227,10 +227,10 @@ def evaluate_model(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bo
     results = {}
     for task_name, (harness_task, _) in TASKS.items():
         data_dir = run.world["eval"][task_name]["dir"]
+        num_samples = None if task_name == "binding" else size.eval_samples
         results[task_name] = evaluate(
             model, processor, harness_task, data_dir, shots=list(shots or s.shots), trials=1, demos="random",
-            query_set=None, num_samples=None if task_name == "binding" else size.eval_samples, batch_size=16,
-            seed=s.seed,
+            query_set=None, num_samples=num_samples, batch_size=16, seed=s.seed,
             out_dir=os.path.join(s.out, "eval", name, task_name), model_name=name, progress=s.progress,
             zero_shot="text")
     return results

@@ -219,12 +219,13 @@ def write_report(run: "DemoRun") -> str:
                 if s.train_procs > 1 else "") + ":", "", "```bash"]
     lines += [run.commands[v] for v in run.commands] + ["```", ""]
 
+    first = next(iter(run.results.values()), {})  # every variant evaluates the same queries
+    queries = ", ".join(f"{task} {r.get('num_samples', 'n/a')}" for task, r in first.items())
     lines += ["## Few-shot results", "",
               "Held-out images (and held-out kind x colour combinations) for every task; binding uses nonsense words "
               "never seen in training, bound to object kinds by the demos of each episode. "
               "`flamingo-gates0` is the trained model with every tanh gate set to 0 (the frozen LM alone). "
-              "Queries per cell: " + ", ".join(f"{task} {r.get('num_samples', 'n/a')}"
-                                               for task, r in next(iter(run.results.values()), {}).items()) + ".", "",
+              f"Queries per cell: {queries}.", "",
               "| model | task (metric) | " + " | ".join(f"{k}-shot" for k in s.shots) + " |",
               "|---|---|" + "---|" * len(s.shots)]
     for variant in run.results:

@@ -39,6 +39,10 @@ class FlamingoConfig:
     drop_cls_token: bool = True
     # Ablations: tanh gating (False: plain residual, the "no gating" row of the paper), frozen LM / vision tower.
     gated: bool = True
+    # "scalar": one tanh gate per block and branch (the paper, OpenFlamingo). "vector": one per LM hidden channel, all
+    # starting at 0 (IDEFICS's alpha_type="vector"). Each channel opens or stays shut on its own, so an attention
+    # block is not lost when a single scalar gate wanders around 0 (flamingo/mini/sizes.py has the measurements).
+    gate_type: Literal["scalar", "vector"] = "scalar"
     freeze_lm: bool = True
     freeze_vision: bool = True
     # Filled in by `from_backbones`: which backbones to load back, and where the added tokens sit in the vocabulary.
@@ -59,6 +63,8 @@ class FlamingoConfig:
             raise ValueError(f"xattn_every must be >= 1, got {self.xattn_every}")
         if self.resampler not in ("perceiver", "mlp"):
             raise ValueError(f"resampler must be 'perceiver' or 'mlp', got {self.resampler!r}")
+        if self.gate_type not in ("scalar", "vector"):
+            raise ValueError(f"gate_type must be 'scalar' or 'vector', got {self.gate_type!r}")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 

@@ -80,6 +80,7 @@ def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] 
     config.ffw_mult = state["perceiver.layers.0.1.1.weight"].shape[0] // dim
     config.xattn_every = every
     config.resampler, config.gated, config.only_attend_last_image = "perceiver", True, True
+    config.gate_type = "scalar"  # OpenFlamingo's gates are scalars
     if "perceiver.frame_embs" in state:
         config.max_frames = state["perceiver.frame_embs"].shape[0]
     if "perceiver.media_time_embs" in state:

@@ -203,6 +203,39 @@ def test_ablation_switches(make_model):
     assert torch.equal(a[:, :second], b[:, :second]) and not torch.allclose(a[:, second:], b[:, second:])
 
 
+def test_vector_gates_generalise_the_scalar_gate_channel_by_channel(make_model):
+    """gate_type="vector": one tanh gate per LM channel. All at 0: the bare LM; all at g: the scalar gate g; one
+    channel open: the block writes that channel only."""
+    zero, processor = make_model("llama", gates=0.0, gate_type="vector")
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    other = processor(PROMPT, images=[random_image(2), random_image(3)])
+    text = processor("Question: what is in the image? Short answer: a red circle.")
+    bare = tiny_lm("llama", vocab_size=len(tiny_tokenizer()))
+    with torch.no_grad():
+        ref = bare(input_ids=text["input_ids"]).logits
+        assert (zero(**text).logits[..., : ref.shape[-1]] - ref).abs().max() <= 1e-5
+        assert torch.equal(zero(**batch).logits, zero(**other).logits)
+    vector, _ = make_model("llama", gates=0.6, gate_type="vector")
+    scalar, _ = make_model("llama", gates=0.6)
+    assert vector.xattn[0].attn_gate.shape == (vector.lm.config.hidden_size,) and scalar.xattn[0].attn_gate.numel() == 1
+    with torch.no_grad():
+        assert torch.allclose(vector(**batch).logits, scalar(**batch).logits, atol=1e-6)
+
+    block = vector.xattn[0]
+    dim = block.attn_gate.numel()
+    with torch.no_grad():
+        block.attn_gate.zero_()
+        block.attn_gate[3] = 0.8
+        block.ffw_gate.zero_()
+        visual = torch.randn(1, 2, 8, block.attn.to_kv.in_features)  # (B, N, R, Dv)
+        x = torch.randn(1, 5, dim)
+        media_index = torch.tensor([[0, 1, 1, 2, 2]])
+        delta = block(x, block.project_media(visual), media_index) - x
+    assert delta[..., 3].abs()[0, 1:].min() > 0 and torch.equal(delta[..., :3], torch.zeros_like(delta[..., :3]))
+    assert torch.equal(delta[..., 4:], torch.zeros_like(delta[..., 4:]))
+    assert torch.equal(delta[0, 0], torch.zeros(dim))  # a token before any image: nothing
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(make_model):
     grads = []
     for checkpointing in (False, True):

@@ -24,8 +24,8 @@ def backbone_dirs(tmp_path):
     return str(vision_dir), str(lm_dir)
 
 
-def _trained_model(vision_dir, lm_dir):
-    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config())
+def _trained_model(vision_dir, lm_dir, gate_type="scalar"):
+    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config(gate_type=gate_type))
     set_gates(model, 0.7)
     with torch.no_grad():  # as if trained: every trained tensor differs from its init
         for p in model.trainable_parameters().values():
@@ -33,9 +33,9 @@ def _trained_model(vision_dir, lm_dir):
     return model.eval(), processor
 
 
-@pytest.mark.parametrize("trained_only", [False, True])
-def test_save_load_identical_logits(backbone_dirs, tmp_path, trained_only):
-    model, processor = _trained_model(*backbone_dirs)
+@pytest.mark.parametrize("trained_only,gate_type", [(False, "scalar"), (True, "scalar"), (True, "vector")])
+def test_save_load_identical_logits(backbone_dirs, tmp_path, trained_only, gate_type):
+    model, processor = _trained_model(*backbone_dirs, gate_type=gate_type)
     batch = processor(PROMPT, images=[random_image(0), random_image(1)])
     with torch.no_grad():
         before = model(**batch).logits

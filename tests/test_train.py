@@ -258,3 +258,18 @@ def test_flops_count_the_lm_head_but_not_an_untied_embedding_lookup(make_model, 
     p_lm = count(model.lm) - (0 if tied else embedding.numel())
     text_only = 4 * p_lm * 10 + 6 * count(model.xattn) * 10  # no media: no tower, no resampler work
     assert flops_per_sample(model, 10, 0, 0, 0) == text_only
+
+
+def test_gate_values_are_signed_for_scalar_gates_and_mean_abs_for_vector_gates(make_model):
+    from flamingo.train.trainer import gate_values
+
+    scalar, _ = make_model("llama", gates=-0.5)
+    assert all(a == pytest.approx(math.tanh(-0.5)) and d == pytest.approx(math.tanh(-0.5))
+               for a, d in gate_values(scalar).values())
+    vector, _ = make_model("llama", gates=0.0, gate_type="vector")
+    with torch.no_grad():
+        for block in vector.xattn:
+            block.attn_gate.copy_(torch.tensor([0.5, -0.5]).repeat(block.attn_gate.numel() // 2))
+    values = gate_values(vector)
+    assert set(values) == {str(i) for i in vector.xattn_layer_indices}
+    assert all(a == pytest.approx(math.tanh(0.5)) and d == 0.0 for a, d in values.values())

@@ -133,6 +133,8 @@ def train_overrides(run: DemoRun, variant: str) -> list[str]:
                  f"data.2.path={data['video']['path']}", f"data.3.path={data['prompted']['path']}",
                  f"train.output_dir={os.path.join(s.out, variant)}",
                  f"train.seed={s.seed}", f"train.steps={size.flamingo_steps}"]
+    if size.flamingo_gate_type != "scalar":
+        overrides.append(f"model.flamingo.gate_type={size.flamingo_gate_type}")
     if variant != "flamingo":
         overrides += ABLATIONS[variant]
     return overrides + per_rank_batches(s.train_procs)

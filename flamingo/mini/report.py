@@ -9,6 +9,8 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..config import CONFIG_NAME, FlamingoConfig
+
 if TYPE_CHECKING:
     from .demo import DemoRun
 
@@ -128,6 +130,15 @@ def _metrics(run: "DemoRun", variant: str) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def _gate_names(run: "DemoRun", variant: str) -> tuple[str, str]:
+    """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates."""
+    path = os.path.join(run.models.get(variant, ""), CONFIG_NAME)
+    vector = os.path.exists(path) and FlamingoConfig.load(os.path.dirname(path)).gate_type == "vector"
+    if vector:
+        return "mean |tanh(attention gate)|", "mean |tanh(dense gate)|"
+    return "tanh(attention gate)", "tanh(dense gate)"
+
+
 def _plot_training(run: "DemoRun", variant: str, gates_path: str, loss_path: str) -> None:
     import matplotlib
 
@@ -142,7 +153,7 @@ def _plot_training(run: "DemoRun", variant: str, gates_path: str, loss_path: str
     for layer in rows[0]["gates"]:
         axes[0].plot(steps, [m["gates"][layer][0] for m in rows], label=f"layer {layer}")
         axes[1].plot(steps, [m["gates"][layer][1] for m in rows], label=f"layer {layer}")
-    for ax, name in zip(axes, ("tanh(attention gate)", "tanh(dense gate)")):
+    for ax, name in zip(axes, _gate_names(run, variant)):
         ax.set_title(f"{variant}: {name}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -245,7 +256,7 @@ def write_report(run: "DemoRun") -> str:
         if rows:
             lines.append(f"- `{variant}`: {rows[-1]['step']} steps, loss {rows[0]['loss']:.3f} "
                          f"(step {rows[0]['step']}) -> {rows[-1]['loss']:.3f}; "
-                         f"final tanh gates (attention, dense) per layer: "
+                         f"final gates per layer ({', '.join(_gate_names(run, variant))}): "
                          + ", ".join(f"{k}: ({a:.2f}, {d:.2f})" for k, (a, d) in rows[-1]["gates"].items()))
             lines += ["", f"![gates](gates_{variant}.png) ![loss](loss_{variant}.png)", ""]
     bb = run.backbones

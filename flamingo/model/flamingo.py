@@ -131,7 +131,7 @@ class Flamingo(nn.Module):
         self.xattn = nn.ModuleList(
             GatedCrossAttentionBlock(dim=dim, dim_visual=dim_visual, heads=config.xattn_heads,
                                      head_dim=config.xattn_head_dim, ffw_mult=config.ffw_mult, gated=config.gated,
-                                     only_attend_last_image=config.only_attend_last_image)
+                                     only_attend_last_image=config.only_attend_last_image, gate_type=config.gate_type)
             for _ in self.xattn_layer_indices)
         self._init_new_token_rows()
         param = next(lm.parameters())

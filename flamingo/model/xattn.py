@@ -215,15 +215,16 @@ class GatedCrossAttentionBlock(nn.Module):
     """x = x + tanh(a_attn)·xattn(x, visual); x = x + tanh(a_ffw)·ffw(x). Gates start at 0: the LM is intact."""
 
     def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, ffw_mult: int, gated: bool = True,
-                 only_attend_last_image: bool = True) -> None:
+                 only_attend_last_image: bool = True, gate_type: str = "scalar") -> None:
         super().__init__()
         self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
                                          only_attend_last_image=only_attend_last_image)
         self.ffw = feed_forward(dim, ffw_mult)
         self.gated = gated
         if gated:
-            self.attn_gate = nn.Parameter(torch.zeros(1))
-            self.ffw_gate = nn.Parameter(torch.zeros(1))
+            gate_size = dim if gate_type == "vector" else 1  # broadcast over (B, T, D)
+            self.attn_gate = nn.Parameter(torch.zeros(gate_size))
+            self.ffw_gate = nn.Parameter(torch.zeros(gate_size))
 
     def project_media(self, visual: torch.Tensor) -> MediaKV:
         return self.attn.project_media(visual)

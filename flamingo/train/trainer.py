@@ -376,13 +376,14 @@ def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
     """LM layer -> (tanh attention gate, tanh dense gate), which the paper plots over training; FSDP-sharded gates
-    are all-gathered first."""
+    are all-gathered first. Vector gates (`gate_type="vector"`) give the mean |tanh| over channels: their signs differ
+    from channel to channel, so a signed mean would hide how far they opened."""
     if not model.config.gated:
         return {}
 
     def value(p: torch.Tensor) -> float:
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        return float(full.detach().tanh())
+        full = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tanh()
+        return float(full) if full.numel() == 1 else float(full.abs().mean())
 
     return {str(i): (value(b.attn_gate), value(b.ffw_gate)) for i, b in zip(model.xattn_layer_indices, model.xattn)}
 

@@ -132,9 +132,9 @@ def _metrics(run: "DemoRun", variant: str) -> list[dict[str, Any]]:
 
 def _gate_names(run: "DemoRun", variant: str) -> tuple[str, str]:
     """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates."""
-    path = os.path.join(run.models.get(variant, ""), CONFIG_NAME)
-    vector = os.path.exists(path) and FlamingoConfig.load(os.path.dirname(path)).gate_type == "vector"
-    if vector:
+    model_dir = run.models.get(variant, "")
+    saved = bool(model_dir) and os.path.exists(os.path.join(model_dir, CONFIG_NAME))
+    if saved and FlamingoConfig.load(model_dir).gate_type == "vector":
         return "mean |tanh(attention gate)|", "mean |tanh(dense gate)|"
     return "tanh(attention gate)", "tanh(dense gate)"
 

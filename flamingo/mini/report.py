@@ -9,7 +9,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import CONFIG_NAME, FlamingoConfig
+from .sizes import get_size
 
 if TYPE_CHECKING:
     from .demo import DemoRun
@@ -130,11 +130,10 @@ def _metrics(run: "DemoRun", variant: str) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _gate_names(run: "DemoRun", variant: str) -> tuple[str, str]:
-    """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates."""
-    model_dir = run.models.get(variant, "")
-    saved = bool(model_dir) and os.path.exists(os.path.join(model_dir, CONFIG_NAME))
-    if saved and FlamingoConfig.load(model_dir).gate_type == "vector":
+def _gate_names(run: "DemoRun") -> tuple[str, str]:
+    """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates. Every
+    variant of a run trains with its size's gate type (demo.train_overrides)."""
+    if get_size(run.settings.size).flamingo_gate_type == "vector":
         return "mean |tanh(attention gate)|", "mean |tanh(dense gate)|"
     return "tanh(attention gate)", "tanh(dense gate)"
 
@@ -153,7 +152,7 @@ def _plot_training(run: "DemoRun", variant: str, gates_path: str, loss_path: str
     for layer in rows[0]["gates"]:
         axes[0].plot(steps, [m["gates"][layer][0] for m in rows], label=f"layer {layer}")
         axes[1].plot(steps, [m["gates"][layer][1] for m in rows], label=f"layer {layer}")
-    for ax, name in zip(axes, _gate_names(run, variant)):
+    for ax, name in zip(axes, _gate_names(run)):
         ax.set_title(f"{variant}: {name}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -256,7 +255,7 @@ def write_report(run: "DemoRun") -> str:
         if rows:
             lines.append(f"- `{variant}`: {rows[-1]['step']} steps, loss {rows[0]['loss']:.3f} "
                          f"(step {rows[0]['step']}) -> {rows[-1]['loss']:.3f}; "
-                         f"final gates per layer ({', '.join(_gate_names(run, variant))}): "
+                         f"final gates per layer ({', '.join(_gate_names(run))}): "
                          + ", ".join(f"{k}: ({a:.2f}, {d:.2f})" for k, (a, d) in rows[-1]["gates"].items()))
             lines += ["", f"![gates](gates_{variant}.png) ![loss](loss_{variant}.png)", ""]
     bb = run.backbones

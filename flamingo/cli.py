@@ -117,7 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     quiet_transformers(args.no_progress)
     run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
-                          shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs))
+                          shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs,
+                          eval_procs=args.eval_procs))
     return 0
 
 
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--train-procs", type=int, default=0,
                       help="processes of the Flamingo stage (DDP, torchrun); 0: 2 on a machine with 2 cores or more")
+    demo.add_argument("--eval-procs", type=int, default=0,
+                      help="processes of the evaluation stage (torchrun, each with a share of every task's queries); "
+                           "0: 2 on a machine with 2 cores or more")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")

@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from flamingo.mini.demo import (
-    SMOKE_CHECK, DemoRun, DemoSettings, config_path, per_rank_batches, run_demo, train_flamingo)
+    SMOKE_CHECK, DemoRun, DemoSettings, config_path, eval_job, gate_zero_shots, per_rank_batches, run_demo,
+    train_flamingo)
+from flamingo.mini.evaluate import run_eval_job
 from flamingo.mini.report import headline
 
 
@@ -45,7 +47,7 @@ def test_every_stage_leaves_its_artefact(demo_run):
     for png in ("fewshot.png", "gates_flamingo.png", "loss_flamingo.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     stages = set(demo_run.times)
-    assert {"world", "backbones", "train flamingo", "eval flamingo", "report"} <= stages
+    assert {"world", "backbones", "train flamingo", "eval", "report"} <= stages
     with open(os.path.join(out, "flamingo", "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     assert set(first["gates"]) and {"loss/interleaved", "loss/pairs", "loss/video"} <= set(first)
@@ -74,6 +76,30 @@ def test_trained_flamingo_beats_its_gate_zero_self(demo_run):
     gates0 = headline(demo_run, "flamingo-gates0", task, shots)
     assert trained is not None and gates0 is not None
     assert trained > gates0, (task, shots, trained, gates0)
+
+
+def test_evaluation_in_several_processes_equals_one_process(demo_run, tmp_path):
+    """The demo's eval stage ran under torchrun (each process a strided share of the queries); the gate-0 job redone
+    here in this one process gives the same predictions and metrics."""
+    if demo_run.settings.eval_procs == 1:
+        pytest.skip("this machine has one core: the demo evaluated in one process")
+    job = eval_job(demo_run, "flamingo", demo_run.models["flamingo"], gates_zero=True,
+                   shots=gate_zero_shots(demo_run.settings.shots))
+    for task in job["tasks"]:
+        task["out_dir"] = str(tmp_path / task["name"])
+    threads = torch.get_num_threads()
+    try:
+        alone = run_eval_job(job)
+    finally:
+        torch.set_num_threads(threads)
+    shared = demo_run.results["flamingo-gates0"]
+    assert set(alone) == set(shared)
+    for task in alone:
+        assert [r["metrics"] for r in alone[task]["runs"]] == [r["metrics"] for r in shared[task]["runs"]], task
+        for f in (tmp_path / task / "predictions").iterdir():
+            other = os.path.join(demo_run.settings.out, "eval", "flamingo-gates0", task, "predictions", f.name)
+            with open(other) as g:
+                assert f.read_text() == g.read(), (task, f.name)
 
 
 def test_a_flamingo_stage_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ Stages (each timed, each with a progress bar, each reusing its output when it is
                 video, prompted pairs) with lambda weights; on a machine with 2 cores or more, two DDP processes of one
                 thread each (`torchrun`), each with half of every batch;
 4. eval       — the real harness (flamingo/eval) at 0/1/2/4/8 shots on held-out images and combinations, for the
-                trained model and the same model with its gates at 0;
+                trained model and the same model with its gates at 0 (flamingo/mini/evaluate.py); on a machine with 2
+                cores or more, two processes of one thread each (`torchrun`), each with half of every task's queries;
 5. report     — report.md with the few-shot table, plots, gate values over training, sample generations.
 `--ablate X` reruns stages 3-4 with one of the paper's ablations and adds its rows to the report.
 """
@@ -57,6 +58,7 @@ class DemoSettings:
     shots: Sequence[int] = SHOTS
     progress: bool = True
     train_procs: int = 0  # processes of the Flamingo stage (DDP over gloo); 0: 2 on a machine with 2 cores or more
+    eval_procs: int = 0  # processes of the evaluation stage (torchrun, strided query shards); 0: as for train_procs
 
 
 def default_train_procs() -> int:
@@ -212,30 +214,46 @@ def gate_zero_shots(shots: Sequence[int]) -> list[int]:
     return [4] if 4 in shots else [max(shots)]
 
 
-def evaluate_model(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = False,
-                   shots: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    from ..eval.runner import evaluate
-    from ..model.build import load_pretrained
-    from ..tiny import set_gates
-
+def eval_job(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = False,
+             shots: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """One model's evaluation on every task of the demo, as plain JSON for flamingo/mini/evaluate.py."""
     s, size = run.settings, get_size(run.settings.size)
-    model, processor = load_pretrained(model_dir)
-    model.eval()
-    if gates_zero:  # the same model with every tanh gate at 0: the frozen LM alone
-        set_gates(model, 0.0)
     name = variant + ("-gates0" if gates_zero else "")
     # Binding is evaluated on all of its episodes (150 in `default`/`binding`, one query each): at 80 queries its
     # standard error near 90% is 3.4 points, too coarse for the goals (>= 90%, no fall with shots); 150 make it 2.4.
-    results = {}
-    for task_name, (harness_task, _) in TASKS.items():
-        data_dir = run.world["eval"][task_name]["dir"]
-        num_samples = None if task_name == "binding" else size.eval_samples
-        results[task_name] = evaluate(
-            model, processor, harness_task, data_dir, shots=list(shots or s.shots), trials=1, demos="random",
-            query_set=None, num_samples=num_samples, batch_size=16, seed=s.seed,
-            out_dir=os.path.join(s.out, "eval", name, task_name), model_name=name, progress=s.progress,
-            zero_shot="text")
-    return results
+    tasks = [{"name": task_name, "harness_task": harness_task, "data_dir": run.world["eval"][task_name]["dir"],
+              "shots": [int(k) for k in (shots or s.shots)],
+              "num_samples": None if task_name == "binding" else size.eval_samples,
+              "out_dir": os.path.join(s.out, "eval", name, task_name)}
+             for task_name, (harness_task, _) in TASKS.items()]
+    return {"name": name, "model_dir": model_dir, "gates_zero": gates_zero, "seed": s.seed, "batch_size": 16,
+            "tasks": tasks}
+
+
+def evaluate_models(run: DemoRun, jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stage 4: every job through the real harness; returns job name -> task -> results. With `eval_procs` > 1 the
+    jobs run under torchrun, each process with one thread and a strided share of every task's queries (one launch
+    for all jobs: each process loads torch once)."""
+    from .evaluate import read_results, run_eval_job
+
+    s = run.settings
+    if s.eval_procs == 1:
+        return {job["name"]: run_eval_job(job, progress=s.progress) for job in jobs}
+    path = os.path.join(s.out, "eval", "jobs.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(jobs, f, indent=1)
+    for job in jobs:  # a stale results.json from an earlier run must not pass for this one's
+        for task in job["tasks"]:
+            shutil.rmtree(task["out_dir"], ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.eval_procs}",
+               "-m", "flamingo.mini.evaluate", path] + (["--progress"] if s.progress else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
+    code = subprocess.run(command, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"the evaluation stage failed with exit code {code} (`--eval-procs 1` evaluates in this "
+                           "process, without torchrun); its command: " + " ".join(command))
+    return {job["name"]: read_results(job) for job in jobs}
 
 
 def run_demo(settings: DemoSettings) -> DemoRun:
@@ -244,8 +262,12 @@ def run_demo(settings: DemoSettings) -> DemoRun:
         raise ValueError(f"unknown ablation {settings.ablate!r}: choose from {sorted(ABLATIONS)}")
     if settings.train_procs < 0:
         raise ValueError(f"train_procs must be >= 0 (0: automatic), got {settings.train_procs}")
+    if settings.eval_procs < 0:
+        raise ValueError(f"eval_procs must be >= 0 (0: automatic), got {settings.eval_procs}")
     if settings.train_procs == 0:
         settings = replace(settings, train_procs=default_train_procs())
+    if settings.eval_procs == 0:
+        settings = replace(settings, eval_procs=default_train_procs())
     per_rank_batches(settings.train_procs)  # a batch that does not split fails here, not after two stages
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     os.makedirs(settings.out, exist_ok=True)
@@ -259,12 +281,11 @@ def run_demo(settings: DemoSettings) -> DemoRun:
     for variant in variants:
         with stage(run, f"train {variant}"):
             run.models[variant] = train_flamingo(run, variant)
-    for variant in variants:
-        with stage(run, f"eval {variant}"):
-            run.results[variant] = evaluate_model(run, variant, run.models[variant])
-    with stage(run, "eval flamingo gates=0"):
-        run.results["flamingo-gates0"] = evaluate_model(run, "flamingo", run.models["flamingo"], gates_zero=True,
-                                                        shots=gate_zero_shots(settings.shots))
+    jobs = [eval_job(run, variant, run.models[variant]) for variant in variants]
+    jobs.append(eval_job(run, "flamingo", run.models["flamingo"], gates_zero=True,
+                         shots=gate_zero_shots(settings.shots)))
+    with stage(run, "eval"):
+        run.results = evaluate_models(run, jobs)
     run.times["total"] = round(time.perf_counter() - total, 1)  # the report itself (about a second) is not counted
     from .report import write_report
 

@@ -217,7 +217,8 @@ def write_report(run: "DemoRun") -> str:
     lines = ["# flamingo demo: a mini Flamingo grown offline", "",
              f"Size `{s.size}`, seed {s.seed}, shots {list(s.shots)}. Every number below was produced by this run.", "",
              "## Reproduce", "", "```bash",
-             f"flamingo demo --out {out} --size {s.size} --seed {s.seed} --train-procs {s.train_procs}"
+             f"flamingo demo --out {out} --size {s.size} --seed {s.seed} --train-procs {s.train_procs} "
+             f"--eval-procs {s.eval_procs}"
              + (f" --ablate {s.ablate}" if s.ablate else ""),
              "```", "", "A rerun on the same machine reproduces every number: the world, the backbones and the "
              "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the default size wrote "

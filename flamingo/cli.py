@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "report.md)")
     demo.add_argument("--out", default="flamingo-demo", help="output directory (stages already there are reused)")
     demo.add_argument("--size", default="default", choices=["smoke", "default", "binding"],
-                      help="binding: default with an LM grown long enough for induction heads (14-17 minutes)")
+                      help="binding: default with an LM grown long enough for induction heads (~20 minutes on 2 cores)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--ablate", default=None, choices=["gating", "xattn-every-4", "mlp-resampler", "unfrozen-lm"],
                       help="also train + evaluate the Flamingo stage with one of the paper's ablations")

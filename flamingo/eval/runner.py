@@ -203,11 +203,14 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+RESULTS_FILE = "results.json"  # in each out_dir: the dict `evaluate` returns
+
+
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
                   out_dir: str) -> None:
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
+    with open(out / RESULTS_FILE, "w") as f:
         json.dump(results, f, indent=2)
     (out / "results.md").write_text(markdown_table(results))
     plot(results, os.path.join(out, "results.png"))

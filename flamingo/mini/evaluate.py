@@ -13,13 +13,12 @@ writes each task's results.json, which the demo then reads. A job is plain JSON 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 from typing import Any, Optional, Sequence
-
-RESULTS_FILE = "results.json"
 
 
 def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[str, Any]]:
@@ -43,6 +42,8 @@ def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[
 
 def read_results(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What `run_eval_job` returned, read back from the results.json files its rank 0 wrote."""
+    from ..eval.runner import RESULTS_FILE
+
     results = {}
     for task in job["tasks"]:
         path = os.path.join(task["out_dir"], RESULTS_FILE)
@@ -60,20 +61,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..cli import quiet_transformers
     from ..eval import distributed
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    progress = "--progress" in args
-    paths = [a for a in args if a != "--progress"]
-    if len(paths) != 1:
-        print("usage: python -m flamingo.mini.evaluate JOBS.json [--progress]", file=sys.stderr)
-        return 2
-    with open(paths[0]) as f:
+    parser = argparse.ArgumentParser(prog="python -m flamingo.mini.evaluate",
+                                     description="Run the demo's evaluation jobs.")
+    parser.add_argument("jobs", help="a JSON list of jobs (written by flamingo.mini.demo)")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    with open(args.jobs) as f:
         jobs = json.load(f)
-    quiet_transformers(not progress)
+    quiet_transformers(not args.progress)
     joined = distributed.init_from_env()
     try:
         for job in jobs:
             start = time.perf_counter()
-            run_eval_job(job, progress=progress)
+            run_eval_job(job, progress=args.progress)
             if distributed.rank() == 0:
                 print(f"[eval] {job['name']}: {time.perf_counter() - start:.1f} s", flush=True)
     finally:

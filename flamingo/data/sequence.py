@@ -101,16 +101,52 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
     return Encoded(example.key, ids, make_labels(ids, media_id), media, example.text)
 
 
-def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_side: str = "right") -> dict[str, Any]:
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of at most `capacity` tokens (a longer sample gets a
+    row of its own). Deterministic; each row lists its samples in their original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_side: str = "right",
+            pack_tokens: int = 0) -> dict[str, Any]:
     """-> `input_ids (B, T)`, `attention_mask (B, T)`, `labels (B, T)`, `images (B, N, F, C, H, W)`, `num_media (B,)`,
-    `num_frames (B, N)`, `keys` (list of sample keys)."""
-    out = processor.pad([s.input_ids for s in samples], padding_side)
+    `num_frames (B, N)`, `keys` (list of sample keys).
+
+    pack_tokens > 0: the samples are packed into rows of up to that many tokens (`pack_rows`, right padding), and the
+    batch also holds `document_ids (B, T)`: the sample's place in its row, -1 on padding (`Flamingo.forward`). B is
+    then the number of rows; `keys` lists the samples row by row."""
+    if pack_tokens > 0:
+        if padding_side != "right":
+            raise ValueError("packed rows are right-padded: pack_tokens needs padding_side 'right'")
+        groups = pack_rows([len(s.input_ids) for s in samples], pack_tokens)
+    else:
+        groups = [[i] for i in range(len(samples))]
+    rows = [[samples[i] for i in group] for group in groups]
+    out = processor.pad([[t for s in row for t in s.input_ids] for row in rows], padding_side)
     length = out["input_ids"].shape[1]
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    for b, s in enumerate(samples):
-        sl = slice(length - len(s.labels), length) if padding_side == "left" else slice(0, len(s.labels))
-        labels[b, sl] = torch.tensor(s.labels, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    document_ids = torch.full((len(rows), length), -1, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        row_labels = [t for s in row for t in s.labels]
+        sl = slice(length - len(row_labels), length) if padding_side == "left" else slice(0, len(row_labels))
+        labels[b, sl] = torch.tensor(row_labels, dtype=torch.long)
+        document_ids[b, :len(row_labels)] = torch.repeat_interleave(
+            torch.arange(len(row)), torch.tensor([len(s.labels) for s in row]))
     out["labels"] = labels
-    out.update(processor.batch_media([s.media for s in samples]))
-    out["keys"] = [s.key for s in samples]
+    if pack_tokens > 0:
+        out["document_ids"] = document_ids
+    out.update(processor.batch_media([[m for s in row for m in s.media] for row in rows]))
+    out["keys"] = [s.key for row in rows for s in row]
     return out

@@ -24,6 +24,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "padding_side": "right",
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
     "cache_media_mb": 0,  # keep up to this many MiB of preprocessed media in memory for later epochs (tensor_cache.py)
+    "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
 }
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
@@ -44,6 +45,10 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError(f"padding_side must be 'left' or 'right', got {resolved['padding_side']!r}")
     if int(resolved["max_tokens"]) < 2:
         raise ValueError(f"max_tokens must be >= 2 (an <image> and some text), got {resolved['max_tokens']}")
+    if int(resolved["pack_tokens"]) < 0:
+        raise ValueError(f"pack_tokens must be >= 0 (0: one sample per row), got {resolved['pack_tokens']}")
+    if int(resolved["pack_tokens"]) > 0 and resolved["padding_side"] != "right":
+        raise ValueError("pack_tokens needs padding_side 'right' (packed rows are right-padded)")
     if float(resolved["cache_media_mb"]) < 0:
         raise ValueError(f"cache_media_mb must be >= 0 (0: off), got {resolved['cache_media_mb']}")
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:

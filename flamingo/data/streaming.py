@@ -103,10 +103,10 @@ def iterate_stream(spec: DatasetSpec, *, epoch: int, seed: int, stream: int, loc
         if len(pending) == spec.batch_size:
             samples += len(pending)
             yield StreamItem(local_stream, pos, samples, dict(counts), collate(pending, spec.processor,
-                                                                              o["padding_side"]))
+                                                                              o["padding_side"], o["pack_tokens"]))
             pending = []
     if pending and not o["drop_last"]:
         samples += len(pending)
         yield StreamItem(local_stream, pos, samples, dict(counts), collate(pending, spec.processor,
-                                                                          o["padding_side"]))
+                                                                          o["padding_side"], o["pack_tokens"]))
     yield StreamItem(local_stream, pos, samples, dict(counts), None)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import __version__ as transformers_version
 from transformers.utils import ModelOutput
 
 from ..checkpoint_io import atomic_directory
@@ -41,7 +42,14 @@ from .backbones import (
 )
 from .feature_cache import VisionFeatureCache
 from .resampler import MLPResampler, PerceiverResampler
-from .xattn import GatedCrossAttentionBlock, MediaKV, XAttnImpl, compute_media_index
+from .xattn import (
+    GatedCrossAttentionBlock,
+    MediaKV,
+    XAttnImpl,
+    compute_media_index,
+    document_positions,
+    document_starts,
+)
 
 WEIGHTS_NAME = "flamingo.safetensors"
 BACKBONE_PREFIXES = ("vision.", "lm.")
@@ -58,6 +66,7 @@ class MediaContext:
     # expanded by indexing when the LM runs more rows than samples (beams, return sequences, scored candidates).
     media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
     impl: XAttnImpl = "auto"
+    document_ids: Optional[torch.Tensor] = None  # (B, T) packed rows: which sample each token belongs to
     memo: dict = field(default_factory=dict)  # per-call attention helpers shared by the blocks (flex block mask)
     # Decoding (generate): after the prompt no `<image>` can come, so every later LM call sees, per row, the last
     # image of the prompt. Its K/V slice is gathered once per block; decode steps then do a plain attention over R
@@ -106,6 +115,15 @@ class FlamingoOutput(ModelOutput):
         return self.cache
 
 
+def packed_sequences_supported() -> bool:
+    """Whether this transformers builds block-diagonal causal masks from position ids that restart (packed rows)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Flamingo(nn.Module):
     def __init__(self, vision: nn.Module, lm: nn.Module, config: FlamingoConfig) -> None:
         super().__init__()
@@ -146,6 +164,7 @@ class Flamingo(nn.Module):
         if config.num_new_tokens and self.lm.get_output_embeddings() is not None:
             self.lm.get_output_embeddings().register_forward_hook(self._output_hook)
         self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
 
     # ------------------------------------------------------------------------------------------ added tokens
     def _init_new_token_rows(self) -> None:
@@ -178,7 +197,7 @@ class Flamingo(nn.Module):
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
-            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start)
+            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids)
             ctx.last_media_index = ctx.media_index[:, -1]
             if ctx.static_after_prompt:  # made here, eagerly, so compiled/graphed decode steps only read them
                 # (rows, 1): 1 = has an image. Contiguous, unlike last_media_index (a strided view): a compiled
@@ -306,12 +325,16 @@ class Flamingo(nn.Module):
                 num_frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                 visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
                 check_media: bool = True, vision_cache: Optional[VisionFeatureCache] = None,
-                **lm_kwargs: Any) -> FlamingoOutput:
+                document_ids: Optional[torch.Tensor] = None, **lm_kwargs: Any) -> FlamingoOutput:
         """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
         `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
         labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
         `num_media` / `num_frames` on the CPU (as data loaders make them) keep the media selection free of host syncs.
         `vision_cache` (frozen tower only): reuse the tower's features of frames seen in earlier calls.
+        `document_ids (B, T)`: rows that pack several samples (`flamingo.data` with `pack_tokens`), one run of equal
+        ids per sample, any other id on the padding. Each sample then sees only itself: the LM's attention and
+        positions restart at each sample (transformers' packed-sequence masks), its tokens see only its own images,
+        and no sample's last token is trained to predict the next sample's first.
         """
         if visual_tokens is None and images is not None:
             n = images.shape[1]
@@ -323,15 +346,57 @@ class Flamingo(nn.Module):
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
         no_cache = all(lm_kwargs.get(name) is None for name in ("past_key_values", "cache"))  # cache: 5.24 on
-        if "position_ids" not in lm_kwargs and no_cache:
+        lm_attention_mask = attention_mask
+        if document_ids is not None:
+            self._check_packing(lm_kwargs, no_cache)
+            lm_kwargs["position_ids"] = document_positions(document_ids)
+            lm_kwargs["use_cache"] = False  # transformers looks for packed samples only when no cache is made
+            lm_attention_mask = None  # transformers reads the packed samples off the position ids
+        elif "position_ids" not in lm_kwargs and no_cache:
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
                 lm_kwargs["position_ids"] = position_ids
-        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl)
+        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl, document_ids=document_ids)
         with self.conditioned(ctx):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+            out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
+        if labels is not None and document_ids is not None:
+            labels = labels.masked_fill(document_starts(document_ids), -100)  # not predicted from another sample
         loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
         return FlamingoOutput(loss=loss, logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
+
+    def _check_packing(self, lm_kwargs: dict[str, Any], no_cache: bool) -> None:
+        """Packed rows need: the last-image rule, no cache, and an LM that keeps packed samples apart when given
+        position ids that restart (transformers' packed-sequence masks; checked once by `_lm_packs_exactly`)."""
+        if not self.config.only_attend_last_image:
+            raise ValueError("packed rows (document_ids) need only_attend_last_image=True: with attention to every "
+                             "earlier image, a sample would see the images of the samples packed before it")
+        if not no_cache or "position_ids" in lm_kwargs or lm_kwargs.get("use_cache"):
+            raise ValueError("packed rows (document_ids) make their own position ids and take no KV cache")
+        if self._packs_exactly is None:
+            self._packs_exactly = self._lm_packs_exactly()
+        if not self._packs_exactly:
+            raise ValueError(f"this LM ({type(self.lm).__name__}, transformers {transformers_version}) does not keep "
+                             "packed samples apart (its attention mask ignores position ids that restart): set the "
+                             "dataset option pack_tokens: 0")
+
+    def _lm_packs_exactly(self) -> bool:
+        """Probe: two short token runs packed in one row (positions restarting at the second) must give the second
+        run the logits it has alone. Measured against the same row without restarts, so it holds in any dtype."""
+        if not self._lm_takes_position_ids or not packed_sequences_supported():
+            return False
+        device = next(self.lm.parameters()).device
+        first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
+        ids = torch.arange(1, 10, device=device)[None] % max(first - 1, 1) + 1  # (1, 9): plain LM tokens
+        with torch.no_grad():
+            def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
+
+            alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
+            restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+            packed = logits(ids, restart)[:, 5:]
+            mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
+        error, contamination = (packed - alone).abs().max(), (mixed - alone).abs().max()
+        return bool(error <= 0.1 * contamination) if contamination > 0 else bool(error == 0)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

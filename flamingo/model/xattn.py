@@ -37,13 +37,40 @@ class MediaKV(NamedTuple):
 
 
 def compute_media_index(input_ids: torch.Tensor, media_token_id: int,
-                        start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        start: Optional[torch.Tensor] = None,
+                        document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """input_ids (B, T) -> media_index (B, T): images seen at or before each token, plus `start (B,)` images seen in
-    earlier calls (cached decoding)."""
-    index = (input_ids == media_token_id).cumsum(dim=1)
+    earlier calls (cached decoding).
+
+    document_ids (B, T): packed rows, where each run of equal ids is one sample. A token then sees only the images
+    of its own sample: the index keeps counting the row's images (the row's media are its samples' media in order),
+    but is 0 until the sample's first `<image>`."""
+    is_media = (input_ids == media_token_id).long()
+    index = is_media.cumsum(dim=1)
+    if document_ids is not None:
+        if start is not None:
+            raise ValueError("packed rows (document_ids) are for training and scoring forwards, not cached decoding")
+        starts = document_starts(document_ids)
+        before = index - is_media  # images strictly before each token
+        earlier = torch.where(starts, before, 0).cummax(dim=1).values  # images of the row's earlier samples
+        index = torch.where(index > earlier, index, 0)
     if start is not None:
         index = index + start[:, None]
     return index
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids (B, T) -> (B, T) bool: True where a packed sample (a run of equal ids) begins."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids (B, T) -> position ids (B, T) that restart at 0 where each packed sample begins."""
+    t = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    first = torch.where(document_starts(document_ids), t, 0).cummax(dim=1).values  # (B, T) start of own sample
+    return t - first
 
 
 def _attend_reference(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool) -> torch.Tensor:

@@ -181,7 +181,7 @@ class Trainer:
         real media without a host sync; the `<image>` count check runs here, on the CPU batch, for the same reason."""
         self.model.check_media_tokens(batch["input_ids"], batch.get("num_media"))
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images")}
+                 for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images", "document_ids")}
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
         if self.vision_cache is not None:
             moved["vision_cache"] = self.vision_cache
@@ -203,8 +203,8 @@ class Trainer:
         samples, flops = 0, 0.0
         passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
         for i, (name, batch) in enumerate(passes):
+            samples += batch_samples(batch)
             batch = self._to_device(batch)
-            samples += batch["input_ids"].shape[0]
             flops += flops_estimate(self.model, batch)
             weight = (self.weights[name] if t.mixture == "accumulate" else 1.0) / t.micro_batches
             sync = i == len(passes) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
@@ -386,6 +386,12 @@ def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
         return float(full) if full.numel() == 1 else float(full.abs().mean())
 
     return {str(i): (value(b.attn_gate), value(b.ffw_gate)) for i, b in zip(model.xattn_layer_indices, model.xattn)}
+
+
+def batch_samples(batch: dict[str, Any]) -> int:
+    """Samples in a (CPU) batch: its rows, or with packed rows (`document_ids`) the samples packed into them."""
+    docs = batch.get("document_ids")
+    return batch["input_ids"].shape[0] if docs is None else int((docs.amax(dim=1) + 1).sum())
 
 
 def flops_estimate(model: Flamingo, batch: dict[str, Any]) -> float:

@@ -16,7 +16,8 @@ from flamingo.data.sequence import Encoded, collate, make_labels, pack_rows
 from flamingo.data.spec import resolve_options
 from flamingo.tiny import random_image
 from flamingo.train.config import load_config
-from flamingo.train.trainer import Trainer, batch_samples
+from flamingo.train.flops import flops_per_sample
+from flamingo.train.trainer import Trainer, batch_samples, flops_estimate
 
 from train_fixtures import save_backbones, train_config, write_datasets
 
@@ -87,6 +88,11 @@ def test_collate_packs_samples_with_their_media_and_labels(make_model):
         s = next(s for s in samples if s.key == key)
         assert batch["input_ids"][b][where].tolist() == s.input_ids
         assert batch["labels"][b][where].tolist() == s.labels
+    # FLOPs: computed tokens are the rows' (padding too), media only the real ones (packed rows pad many slots)
+    tokens = batch["input_ids"].numel() - plain["input_ids"].numel()
+    model = make_model()[0]
+    assert flops_estimate(model, batch) - flops_estimate(model, plain) == pytest.approx(
+        flops_per_sample(model, tokens, 0, 0, 0), rel=1e-9)
     padding = batch["document_ids"] < 0
     assert (batch["attention_mask"][padding] == 0).all() and (batch["labels"][padding] == -100).all()
     assert (batch["attention_mask"][~padding] == 1).all()

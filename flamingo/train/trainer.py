@@ -395,11 +395,18 @@ def batch_samples(batch: dict[str, Any]) -> int:
 
 
 def flops_estimate(model: Flamingo, batch: dict[str, Any]) -> float:
-    """FLOPs of one training pass over `batch` (see flops.py)."""
+    """FLOPs of one training pass over `batch` (see flops.py): every row's tokens (padding too: it is computed), but
+    only the real media and frames (the model selects them; packed rows pad many media slots)."""
     b, t = batch["input_ids"].shape
     images = batch.get("images")
     if images is None:
         return b * flops_per_sample(model, t, 0, 0, 0)
     _, n, f, _, h, w = images.shape
+    media, frames = b * n, b * n * f
+    if batch.get("num_media") is not None:
+        real = torch.arange(n) < torch.as_tensor(batch["num_media"]).cpu()[:, None]  # (B, N)
+        media = int(real.sum())
+        frames = int(torch.as_tensor(batch["num_frames"]).cpu()[real].sum()) if batch.get("num_frames") is not None \
+            else media * f
     patch = getattr(model.vision.config, "patch_size", 14)
-    return b * flops_per_sample(model, t, n, f, (h // patch) * (w // patch))
+    return flops_per_sample(model, b * t, media, frames / max(media, 1), (h // patch) * (w // patch))

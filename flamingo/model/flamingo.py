@@ -387,14 +387,19 @@ class Flamingo(nn.Module):
         device = next(self.lm.parameters()).device
         first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
         ids = torch.arange(1, 10, device=device)[None] % max(first - 1, 1) + 1  # (1, 9): plain LM tokens
-        with torch.no_grad():
-            def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
+        def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
 
-            alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
-            restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
-            packed = logits(ids, restart)[:, 5:]
-            mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
+        was_training = self.lm.training
+        self.lm.eval()  # no dropout in the probe (an unfrozen LM trains in train mode)
+        try:
+            with torch.no_grad():
+                alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
+                restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+                packed = logits(ids, restart)[:, 5:]
+                mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
+        finally:
+            self.lm.train(was_training)
         error, contamination = (packed - alone).abs().max(), (mixed - alone).abs().max()
         return bool(error <= 0.1 * contamination) if contamination > 0 else bool(error == 0)
 

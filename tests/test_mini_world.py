@@ -465,3 +465,16 @@ def test_prompted_text_is_true_of_its_scene():
         assert (q, a) in {(qq, aa) for _, qq, aa in world.questions(scene)}
         caption = prompted_text(world, scene, rng, caption_fraction=1.0)
         assert caption.startswith("Output:") and caption[len("Output:"):] in world.captions(scene)
+
+
+def test_lm_learning_rate_schedules_warm_up_then_decay_or_hold():
+    from flamingo.mini.backbones import _lr
+
+    total, peak = 100, 6e-3
+    for schedule in ("cosine", "constant"):
+        assert [_lr(s, total, peak, schedule=schedule) for s in range(10)] == pytest.approx(
+            [peak * (s + 1) / 10 for s in range(10)])  # 10% linear warmup
+    assert _lr(99, total, peak, schedule="cosine") == pytest.approx(0.1 * peak, rel=1e-2)  # down to 10% of the peak
+    assert all(_lr(s, total, peak, schedule="constant") == peak for s in range(10, total))
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        _lr(50, total, peak, schedule="linear")

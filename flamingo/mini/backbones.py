@@ -60,11 +60,15 @@ def _size(size: Union[str, MiniSize, None]) -> MiniSize:
     return get_size(size) if isinstance(size, str) else size
 
 
-def _lr(step: int, total: int, peak: float, warmup_frac: float = 0.1) -> float:
-    """Linear warmup then cosine decay to 10% of the peak."""
+def _lr(step: int, total: int, peak: float, warmup_frac: float = 0.1, schedule: str = "cosine") -> float:
+    """Linear warmup, then cosine decay to 10% of the peak (`cosine`) or the peak to the end (`constant`)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose 'cosine' or 'constant'")
     warmup = max(1, int(total * warmup_frac))
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -505,7 +509,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     lm.train()
     for step in tqdm(range(size.lm_steps), desc="language model", leave=False, disable=not progress):
         for group in optim.param_groups:
-            group["lr"] = _lr(step, size.lm_steps, size.lm_lr)
+            group["lr"] = _lr(step, size.lm_steps, size.lm_lr, schedule=size.lm_schedule)
         starts = torch.randint(0, len(stream) - ctx - 1, (size.lm_batch,), generator=gen)
         chunk = stream[starts[:, None] + torch.arange(ctx + 1)[None]]  # (B, ctx + 1)
         logits = lm(input_ids=chunk[:, :-1]).logits  # (B, ctx, V)

@@ -171,3 +171,6 @@ def test_trainer_steps_on_packed_rows_equal_steps_on_one_sample_per_row(tmp_path
         assert all(m["samples"] == 4 + 2 for m in metrics)  # samples, not rows
         losses.append(torch.stack([m["loss"] for m in metrics]))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="micro_batches > 1 cannot split"):  # rows per batch vary when packed
+        load_config(train_config(root, vision, lm, data, steps=3, out=os.path.join(root, "run-micro")),
+                    ["data.0.options.pack_tokens=64", "train.micro_batches=2"])

@@ -143,6 +143,10 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.cache_vision_features_mb < 0:
         raise ValueError(f"train.cache_vision_features_mb must be >= 0 (0: off), got "
                          f"{config.train.cache_vision_features_mb}")
+    packed = [d.name for d in data if int((d.options or {}).get("pack_tokens") or 0) > 0]
+    if packed and config.train.micro_batches > 1:
+        raise ValueError(f"datasets {packed} pack their samples (pack_tokens), so their batches have a varying number "
+                         "of rows, which train.micro_batches > 1 cannot split evenly: use one or the other")
     return config
 
 

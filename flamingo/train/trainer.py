@@ -181,7 +181,8 @@ class Trainer:
         real media without a host sync; the `<image>` count check runs here, on the CPU batch, for the same reason."""
         self.model.check_media_tokens(batch["input_ids"], batch.get("num_media"))
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "images", "document_ids")}
+                 for k, v in batch.items()
+                 if k in ("input_ids", "attention_mask", "labels", "images", "document_ids")}
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
         if self.vision_cache is not None:
             moved["vision_cache"] = self.vision_cache

@@ -137,16 +137,16 @@ def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_si
     out = processor.pad([[t for s in row for t in s.input_ids] for row in rows], padding_side)
     length = out["input_ids"].shape[1]
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    document_ids = torch.full((len(rows), length), -1, dtype=torch.long)  # (B, T)
     for b, row in enumerate(rows):
         row_labels = [t for s in row for t in s.labels]
         sl = slice(length - len(row_labels), length) if padding_side == "left" else slice(0, len(row_labels))
         labels[b, sl] = torch.tensor(row_labels, dtype=torch.long)
-        document_ids[b, :len(row_labels)] = torch.repeat_interleave(
-            torch.arange(len(row)), torch.tensor([len(s.labels) for s in row]))
     out["labels"] = labels
-    if pack_tokens > 0:
-        out["document_ids"] = document_ids
+    if pack_tokens > 0:  # right-padded rows: each sample's place in its row, -1 on padding
+        out["document_ids"] = torch.full((len(rows), length), -1, dtype=torch.long)  # (B, T)
+        for b, row in enumerate(rows):
+            lengths = torch.tensor([len(s.input_ids) for s in row])
+            out["document_ids"][b, :int(lengths.sum())] = torch.repeat_interleave(torch.arange(len(row)), lengths)
     out.update(processor.batch_media([[m for s in row for m in s.media] for row in rows]))
     out["keys"] = [s.key for row in rows for s in row]
     return out

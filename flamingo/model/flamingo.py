@@ -115,15 +115,6 @@ class FlamingoOutput(ModelOutput):
         return self.cache
 
 
-def packed_sequences_supported() -> bool:
-    """Whether this transformers builds block-diagonal causal masks from position ids that restart (packed rows)."""
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class Flamingo(nn.Module):
     def __init__(self, vision: nn.Module, lm: nn.Module, config: FlamingoConfig) -> None:
         super().__init__()
@@ -381,8 +372,9 @@ class Flamingo(nn.Module):
 
     def _lm_packs_exactly(self) -> bool:
         """Probe: two short token runs packed in one row (positions restarting at the second) must give the second
-        run the logits it has alone. Measured against the same row without restarts, so it holds in any dtype."""
-        if not self._lm_takes_position_ids or not packed_sequences_supported():
+        run the logits it has alone. Measured against the same row without restarts, so it holds in any dtype. It
+        also fails where transformers predates packed-sequence masks (the restarts are then ignored)."""
+        if not self._lm_takes_position_ids:
             return False
         device = next(self.lm.parameters()).device
         first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size

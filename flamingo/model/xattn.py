@@ -50,9 +50,7 @@ def compute_media_index(input_ids: torch.Tensor, media_token_id: int,
     if document_ids is not None:
         if start is not None:
             raise ValueError("packed rows (document_ids) are for training and scoring forwards, not cached decoding")
-        starts = document_starts(document_ids)
-        before = index - is_media  # images strictly before each token
-        earlier = torch.where(starts, before, 0).cummax(dim=1).values  # images of the row's earlier samples
+        earlier = value_at_document_start(index - is_media, document_ids)  # images of the row's earlier samples
         index = torch.where(index > earlier, index, 0)
     if start is not None:
         index = index + start[:, None]
@@ -66,11 +64,16 @@ def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def value_at_document_start(values: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """values (B, T), non-decreasing along T -> (B, T): each token gets the value at its own packed sample's first
+    token (carried forward by a running max)."""
+    return torch.where(document_starts(document_ids), values, 0).cummax(dim=1).values
+
+
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     """document_ids (B, T) -> position ids (B, T) that restart at 0 where each packed sample begins."""
     t = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
-    first = torch.where(document_starts(document_ids), t, 0).cummax(dim=1).values  # (B, T) start of own sample
-    return t - first
+    return t - value_at_document_start(t, document_ids)
 
 
 def _attend_reference(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool) -> torch.Tensor:

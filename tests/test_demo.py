@@ -44,6 +44,9 @@ def test_every_stage_leaves_its_artefact(demo_run):
     for section in ("## Few-shot results", "vqa by question type", "| colour |", "## Goals", "## Training",
                     "## Wall time per stage", "flamingo train"):
         assert section in report
+    lm = demo_run.backbones["lm"]  # the smoke size probes its LM's in-context recall, which never forms there
+    assert (lm["steps"], lm["induction_step"]) == (200, None)
+    assert "200 steps, the most: its in-context recall probe never passed" in report
     for png in ("fewshot.png", "gates_flamingo.png", "loss_flamingo.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     stages = set(demo_run.times)

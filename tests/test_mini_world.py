@@ -478,3 +478,37 @@ def test_lm_learning_rate_schedules_warm_up_then_decay_or_hold():
     assert all(_lr(s, total, peak, schedule="constant") == peak for s in range(10, total))
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         _lr(50, total, peak, schedule="linear")
+
+
+def test_lm_early_stop_probes_without_changing_the_run(manifest, tmp_path):
+    """`lm_probe_every`: the recall probes read the LM without touching its bits or the run's random state; the run
+    stops `lm_steps_after_induction` steps after the first passing probe, or runs all `lm_steps` when none passes."""
+    from safetensors.torch import load_file
+
+    from flamingo.mini.backbones import fresh_words, grow_lm, grow_tokenizer
+
+    corpus = Path(manifest["corpus"]["train"]).read_text().splitlines()
+    tokenizer = grow_tokenizer(corpus, 400, tmp_path / "tok", progress=False)
+    base = get_size("smoke").replace(lm_steps=6, lm_hidden=32, lm_intermediate=64, lm_context=32, lm_probe_every=0)
+
+    def grow(name: str, **changes) -> tuple[dict, dict]:
+        result = grow_lm(corpus, tokenizer, tmp_path / name, size=base.replace(**changes), seed=0, threads=1,
+                         progress=False)
+        return result, load_file(str(tmp_path / name / "model.safetensors"))
+
+    plain, plain_weights = grow("plain")
+    assert plain["steps"] == 6 and "induction_step" not in plain
+    # A probe that always passes, at step 2, but 10 more steps allowed: all 6 steps, the same bits as no probes.
+    probed, probed_weights = grow("probed", lm_probe_every=2, lm_induction_recall=0.0, lm_steps_after_induction=10)
+    assert (probed["steps"], probed["induction_step"]) == (6, 2)
+    assert all(torch.equal(plain_weights[k], probed_weights[k]) for k in plain_weights)
+    # Stop 1 step after the first passing probe (step 2): 3 steps.
+    early, _ = grow("early", lm_probe_every=2, lm_induction_recall=0.0, lm_steps_after_induction=1)
+    assert (early["steps"], early["induction_step"], early["tokens_seen"]) == (3, 2, 3 * 8 * 32)
+    # A probe that never passes: all 6 steps, no induction step.
+    never, _ = grow("never", lm_probe_every=2, lm_induction_recall=1.01)
+    assert (never["steps"], never["induction_step"]) == (6, None)
+    # The probe words are fresh: in no line of the corpus, and deterministic.
+    words = fresh_words(corpus, 16, seed=0)
+    seen = {w for line in corpus for w in re.findall(r"[a-z]+", line.lower())}
+    assert len(set(words)) == 16 and not set(words) & seen and words == fresh_words(corpus, 16, seed=0)

@@ -40,7 +40,7 @@ except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor
 
 from .sizes import MiniSize, get_size
-from .world import BACKGROUNDS, COLOURS, COUNT_WORDS, KINDS, POSITIONS, SIZES, plural
+from .world import BACKGROUNDS, COLOURS, COUNT_WORDS, KINDS, POSITIONS, SIZES, NonsenseWords, plural
 
 PathLike = Union[str, os.PathLike]
 Pairs = Union[PathLike, Sequence[tuple[np.ndarray, str]]]
@@ -469,13 +469,20 @@ def assoc_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words
     return round(hits / trials, 3)
 
 
+def fresh_words(corpus: Sequence[str], n: int, seed: int) -> list[str]:
+    """`n` nonsense words that occur nowhere in `corpus`: probes of in-context recall that no weight can know."""
+    seen = {w for line in corpus for w in re.findall(r"[a-z]+", line.lower())}
+    return list(NonsenseWords(banned=sorted(seen)).sample_unique(np.random.default_rng([seed, 17]), n))
+
+
 def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, PreTrainedTokenizerFast],
             out_dir: PathLike, *, heldout: Union[PathLike, Sequence[str], None] = None,
             size: Union[str, MiniSize, None] = None, seed: int = 0, threads: Optional[int] = 2,
             progress: bool = True, probe_words: Optional[Sequence[str]] = None) -> dict:
     """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
     tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl",
-    "copy_gain"} and, given `probe_words` (fresh words, e.g. the binding task's), "word_recall" and "assoc_recall"."""
+    "copy_gain"}, "induction_step" when the size probes for an early stop (`lm_probe_every`), and, given
+    `probe_words` (fresh words, e.g. the binding task's), "word_recall" and "assoc_recall"."""
     size, start = _size(size), time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
@@ -494,7 +501,8 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     torch.manual_seed(seed)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
-    stream = _token_stream(_lines(corpus), tokenizer)
+    lines = _lines(corpus)
+    stream = _token_stream(lines, tokenizer)
     ctx = size.lm_context
     if len(stream) <= ctx + 1:
         raise ValueError(f"corpus has {len(stream)} tokens, fewer than one window of {ctx}")
@@ -506,8 +514,13 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     optim = torch.optim.AdamW(lm.parameters(), lr=size.lm_lr, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
+    fresh = fresh_words(lines, 64, seed) if size.lm_probe_every > 0 else []
+    stop, induction_step, steps = size.lm_steps, None, 0
     lm.train()
-    for step in tqdm(range(size.lm_steps), desc="language model", leave=False, disable=not progress):
+    bar = tqdm(total=size.lm_steps, desc="language model", leave=False, disable=not progress)
+    for step in range(size.lm_steps):
+        if step >= stop:
+            break
         for group in optim.param_groups:
             group["lr"] = _lr(step, size.lm_steps, size.lm_lr, schedule=size.lm_schedule)
         starts = torch.randint(0, len(stream) - ctx - 1, (size.lm_batch,), generator=gen)
@@ -519,10 +532,20 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optim.step()
         loss_value = loss.item()
+        steps = step + 1
+        bar.update(1)
+        if induction_step is None and size.lm_probe_every > 0 and steps % size.lm_probe_every == 0:
+            lm.eval()  # no dropout in this LM and no random state drawn: the probe leaves the run's bits unchanged
+            if assoc_recall(lm, tokenizer, fresh) >= size.lm_induction_recall:
+                induction_step, stop = steps, min(size.lm_steps, steps + size.lm_steps_after_induction)
+            lm.train()
+    bar.close()
     lm.eval()
-    result: dict[str, Any] = {"dir": str(out_dir), "steps": size.lm_steps, "final_loss": round(loss_value, 4),
-                              "tokens_seen": size.lm_steps * size.lm_batch * ctx, "corpus_tokens": len(stream),
+    result: dict[str, Any] = {"dir": str(out_dir), "steps": steps, "final_loss": round(loss_value, 4),
+                              "tokens_seen": steps * size.lm_batch * ctx, "corpus_tokens": len(stream),
                               "params": sum(p.numel() for p in lm.parameters())}
+    if size.lm_probe_every > 0:  # the step whose probe first found in-context recall (None: not within lm_steps)
+        result["induction_step"] = induction_step
     if heldout is not None:
         result["heldout_ppl"] = round(perplexity(lm, _token_stream(_lines(heldout), tokenizer), ctx), 3)
     result["copy_gain"] = copy_gain(lm, len(tokenizer), length=min(30, ctx // 2))

@@ -269,7 +269,14 @@ def write_report(run: "DemoRun") -> str:
                      f"top-5 {100 * v.get('retrieval_top5', 0):.1f}%")
     if "lm" in bb:
         m = bb["lm"]
-        lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps): "
+        stopped = ""
+        if "induction_step" in m:  # the size probed its in-context recall to stop early
+            most = get_size(run.settings.size).lm_steps
+            stopped = (f" of at most {most}: stopped {m['steps'] - m['induction_step']} steps after its in-context "
+                       f"recall probe first passed, at step {m['induction_step']}"
+                       if m["induction_step"] is not None else ", the most: its in-context recall probe never passed")
+        lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps"
+                     f"{stopped}): "
                      f"held-out perplexity {m.get('heldout_ppl')}; in-context copying: a repeated random token "
                      f"sequence is {m.get('copy_gain')} nats/token easier the second time (about 0 means the LM "
                      f"cannot copy from its context, which in-context binding needs)"

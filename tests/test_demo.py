@@ -46,7 +46,7 @@ def test_every_stage_leaves_its_artefact(demo_run):
         assert section in report
     lm = demo_run.backbones["lm"]  # the smoke size probes its LM's in-context recall, which never forms there
     assert (lm["steps"], lm["induction_step"]) == (200, None)
-    assert "200 steps, the most: its in-context recall probe never passed" in report
+    assert "200 steps of at most 200; its in-context recall probe, every 50 steps, never passed" in report
     for png in ("fewshot.png", "gates_flamingo.png", "loss_flamingo.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     stages = set(demo_run.times)

@@ -271,10 +271,10 @@ def write_report(run: "DemoRun") -> str:
         m = bb["lm"]
         stopped = ""
         if "induction_step" in m:  # the size probed its in-context recall to stop early
-            most = get_size(run.settings.size).lm_steps
-            stopped = (f" of at most {most}: stopped {m['steps'] - m['induction_step']} steps after its in-context "
-                       f"recall probe first passed, at step {m['induction_step']}"
-                       if m["induction_step"] is not None else ", the most: its in-context recall probe never passed")
+            size = get_size(run.settings.size)
+            stopped = (f" of at most {size.lm_steps}; its in-context recall probe, every {size.lm_probe_every} steps, "
+                       + (f"first passed at step {m['induction_step']}" if m["induction_step"] is not None
+                          else "never passed"))
         lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps"
                      f"{stopped}): "
                      f"held-out perplexity {m.get('heldout_ppl')}; in-context copying: a repeated random token "

@@ -1,5 +1,5 @@
 """Size presets of the mini world and its backbones: `smoke` (the test suite, ~2 minutes), `default` (the demo,
-~9-15 minutes on 2 CPU cores) and `binding` (the demo with an LM able to bind words in context, ~17-20 minutes).
+~11-15 minutes on 2 CPU cores) and `binding` (the demo with an LM able to bind words in context, ~17-20 minutes).
 
 Each value was chosen by measuring on 2 CPU cores; docs/demo.md keeps the measurements (what was tried, on which
 seeds, what it gave, and what was not kept).

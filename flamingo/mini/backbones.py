@@ -471,7 +471,7 @@ def assoc_recall(lm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, words
 
 def fresh_words(corpus: Sequence[str], n: int, seed: int) -> list[str]:
     """`n` nonsense words that occur nowhere in `corpus`: probes of in-context recall that no weight can know."""
-    seen = {w for line in corpus for w in re.findall(r"[a-z]+", line.lower())}
+    seen = {w for line in corpus for w in words_of(line)}
     return list(NonsenseWords(banned=sorted(seen)).sample_unique(np.random.default_rng([seed, 17]), n))
 
 
@@ -481,8 +481,9 @@ def grow_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike, P
             progress: bool = True, probe_words: Optional[Sequence[str]] = None) -> dict:
     """Train a small `LlamaForCausalLM` on `corpus` (random windows of the EOS-joined documents); save it and the
     tokenizer in `out_dir`. Returns {"dir", "wall_s", "steps", "tokens_seen", "final_loss", "heldout_ppl",
-    "copy_gain"}, "induction_step" when the size probes for an early stop (`lm_probe_every`), and, given
-    `probe_words` (fresh words, e.g. the binding task's), "word_recall" and "assoc_recall"."""
+    "copy_gain"}, "induction_step" / "probe_every" / "max_steps" when the size probes for an early stop
+    (`lm_probe_every`), and, given `probe_words` (fresh words, e.g. the binding task's), "word_recall" and
+    "assoc_recall"."""
     size, start = _size(size), time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
@@ -515,14 +516,12 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     gen = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
     fresh = fresh_words(lines, 64, seed) if size.lm_probe_every > 0 else []
-    stop, induction_step, steps = size.lm_steps, None, 0
+    steps, stop, induction_step = 0, size.lm_steps, None
     lm.train()
     bar = tqdm(total=size.lm_steps, desc="language model", leave=False, disable=not progress)
-    for step in range(size.lm_steps):
-        if step >= stop:
-            break
+    while steps < stop:
         for group in optim.param_groups:
-            group["lr"] = _lr(step, size.lm_steps, size.lm_lr, schedule=size.lm_schedule)
+            group["lr"] = _lr(steps, size.lm_steps, size.lm_lr, schedule=size.lm_schedule)
         starts = torch.randint(0, len(stream) - ctx - 1, (size.lm_batch,), generator=gen)
         chunk = stream[starts[:, None] + torch.arange(ctx + 1)[None]]  # (B, ctx + 1)
         logits = lm(input_ids=chunk[:, :-1]).logits  # (B, ctx, V)
@@ -532,7 +531,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optim.step()
         loss_value = loss.item()
-        steps = step + 1
+        steps += 1
         bar.update(1)
         if induction_step is None and size.lm_probe_every > 0 and steps % size.lm_probe_every == 0:
             lm.eval()  # no dropout in this LM and no random state drawn: the probe leaves the run's bits unchanged
@@ -545,7 +544,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
                               "tokens_seen": steps * size.lm_batch * ctx, "corpus_tokens": len(stream),
                               "params": sum(p.numel() for p in lm.parameters())}
     if size.lm_probe_every > 0:  # the step whose probe first found in-context recall (None: not within lm_steps)
-        result["induction_step"] = induction_step
+        result.update(induction_step=induction_step, probe_every=size.lm_probe_every, max_steps=size.lm_steps)
     if heldout is not None:
         result["heldout_ppl"] = round(perplexity(lm, _token_stream(_lines(heldout), tokenizer), ctx), 3)
     result["copy_gain"] = copy_gain(lm, len(tokenizer), length=min(30, ctx // 2))

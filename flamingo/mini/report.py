@@ -271,8 +271,7 @@ def write_report(run: "DemoRun") -> str:
         m = bb["lm"]
         stopped = ""
         if "induction_step" in m:  # the size probed its in-context recall to stop early
-            size = get_size(run.settings.size)
-            stopped = (f" of at most {size.lm_steps}; its in-context recall probe, every {size.lm_probe_every} steps, "
+            stopped = (f" of at most {m['max_steps']}; its in-context recall probe, every {m['probe_every']} steps, "
                        + (f"first passed at step {m['induction_step']}" if m["induction_step"] is not None
                           else "never passed"))
         lines.append(f"- causal LM (LlamaForCausalLM, {m.get('params', 0):,} parameters, {m.get('steps')} steps"

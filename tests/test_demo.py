@@ -14,7 +14,8 @@ from flamingo.mini.demo import (
     SMOKE_CHECK, DemoRun, DemoSettings, config_path, eval_job, gate_zero_shots, per_rank_batches, run_demo,
     train_flamingo)
 from flamingo.mini.evaluate import run_eval_job
-from flamingo.mini.report import headline
+from flamingo.mini.report import headline, time_goal
+from flamingo.mini.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,18 @@ def test_every_stage_leaves_its_artefact(demo_run):
     lm = demo_run.backbones["lm"]  # the smoke size probes its LM's in-context recall, which never forms there
     assert (lm["steps"], lm["induction_step"]) == (200, None)
     assert "200 steps of at most 200; its in-context recall probe, every 50 steps, never passed" in report
+    # `flamingo generate` ran on every hand-written prompt, and the goals table states the generate and time goals
+    assert "## `flamingo generate` on prompts written by hand" in report
+    assert [g["name"] for g in demo_run.generations] == [p.name for p in HAND_PROMPTS]
+    for g in demo_run.generations:
+        assert g["exit_code"] == 0 and all(os.path.isfile(p) for p in g["images"]) and g["command"] in report
+    assert "| `flamingo generate` answers few-shot prompts written by hand |" in report
+    assert "| the whole demo (size `smoke`) in <= 10 minutes on 2 CPU cores, from scratch |" in report
     for png in ("fewshot.png", "gates_flamingo.png", "loss_flamingo.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
     stages = set(demo_run.times)
-    assert {"world", "backbones", "train flamingo", "eval", "report"} <= stages
+    assert {"world", "backbones", "train flamingo", "eval", "generate", "report"} <= stages
+    assert demo_run.reused == []
     with open(os.path.join(out, "flamingo", "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     assert set(first["gates"]) and {"loss/interleaved", "loss/pairs", "loss/video"} <= set(first)
@@ -122,3 +131,32 @@ def test_a_flamingo_stage_stopped_by_a_signal_is_not_marked_done(tmp_path, monke
     with pytest.raises(RuntimeError, match="stopped before its last step"):
         train_flamingo(run, "flamingo")
     assert not list(tmp_path.glob("flamingo/.done-*"))  # a rerun redoes the stage instead of reusing a missing model
+
+
+def test_time_goal_is_judged_only_from_scratch_on_two_cores(tmp_path, monkeypatch):
+    run = DemoRun(DemoSettings(out=str(tmp_path), size="binding"))
+    run.times = {"world": 10.0, "backbones": 400.0, "train flamingo": 500.0, "eval": 90.0, "generate": 1.0,
+                 "total": 1001.0}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    goal, ok, numbers = time_goal(run)
+    assert ok is False and "total 1001 s (world 10 s, backbones 400 s" in numbers and "`binding`" in goal
+    run.times = {"world": 10.0, "total": 590.0}
+    assert time_goal(run)[1] is True
+    run.reused = ["world", "backbones"]  # an earlier run's stages: no from-scratch time
+    goal, ok, numbers = time_goal(run)
+    assert ok is None and "reused world, backbones" in numbers
+    run.reused = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert time_goal(run)[1] is None
+
+
+def test_hand_written_binding_words_are_fresh(tmp_path):
+    text = tmp_path / "docs.jsonl"
+    text.write_text('{"text": ["This is a Dax.", "a wugs is not a wug"]}\n')
+    assert fresh_hand_words([str(text)]) == ["toma", "fep"]  # dax and wug occur (whole words, any case)
+    assert fresh_hand_words([]) == list(HAND_WORDS[:2])
+    text.write_text(" ".join(HAND_WORDS[1:]))
+    with pytest.raises(ValueError, match="occurs in the training text"):
+        fresh_hand_words([str(text)])
+    assert answer_word(" Ring.<|endofchunk|>") == "ring" and answer_word("\n3 objects") == "3"
+    assert answer_word("") == ""

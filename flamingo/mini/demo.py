@@ -10,7 +10,9 @@ Stages (each timed, each with a progress bar, each reusing its output when it is
 4. eval       — the real harness (flamingo/eval) at 0/1/2/4/8 shots on held-out images and combinations, for the
                 trained model and the same model with its gates at 0 (flamingo/mini/evaluate.py); on a machine with 2
                 cores or more, two processes of one thread each (`torchrun`), each with half of every task's queries;
-5. report     — report.md with the few-shot table, plots, gate values over training, sample generations.
+5. generate   — `flamingo generate` (the CLI's entry point) on few-shot prompts written by hand
+                (flamingo/mini/tryit.py);
+6. report     — report.md with the few-shot table, the goals, plots, gate values over training, sample generations.
 `--ablate X` reruns stages 3-4 with one of the paper's ablations and adds its rows to the report.
 """
 
@@ -78,6 +80,8 @@ class DemoRun:
     models: dict[str, str] = field(default_factory=dict)  # variant -> trained model dir
     commands: dict[str, str] = field(default_factory=dict)  # variant -> `flamingo train` command line
     results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant -> task -> results
+    generations: list[dict[str, Any]] = field(default_factory=list)  # `flamingo generate` on hand-written prompts
+    reused: list[str] = field(default_factory=list)  # stages whose output an earlier run left in `out`
 
 
 def config_path() -> str:
@@ -94,12 +98,16 @@ def stage(run: DemoRun, name: str) -> Iterator[None]:
     print(f"[demo] {name} done in {run.times[name]:.1f} s", flush=True)
 
 
-def reuse_or_build(directory: str, key: dict[str, Any], build: Callable[[], Any]) -> Any:
-    """A stage's result, rebuilt unless `directory` holds one made with the same `key` (size, seed).
+def reuse_or_build(directory: str, key: dict[str, Any], build: Callable[[], Any],
+                   reused: Optional[list[str]] = None) -> Any:
+    """A stage's result, rebuilt unless `directory` holds one made with the same `key` (size, seed); a reused
+    directory's name is appended to `reused`.
 
     The result (JSON) is written last, into the marker file, so an interrupted stage is redone, never half-reused."""
     marker = os.path.join(directory, ".done-" + "-".join(f"{k}={v}" for k, v in sorted(key.items())) + ".json")
     if os.path.exists(marker):
+        if reused is not None:
+            reused.append(os.path.basename(os.path.normpath(directory)))
         with open(marker) as f:
             return json.load(f)
     shutil.rmtree(directory, ignore_errors=True)
@@ -116,7 +124,7 @@ def build_world(run: DemoRun) -> dict[str, Any]:
     s = run.settings
     root = os.path.join(s.out, "world")
     return reuse_or_build(root, {"size": s.size, "seed": s.seed},
-                          lambda: write_world(root, s.size, s.seed, progress=s.progress))
+                          lambda: write_world(root, s.size, s.seed, progress=s.progress), run.reused)
 
 
 def build_backbones(run: DemoRun) -> dict[str, Any]:
@@ -125,7 +133,8 @@ def build_backbones(run: DemoRun) -> dict[str, Any]:
     s = run.settings
     root = os.path.join(s.out, "backbones")
     return reuse_or_build(root, {"size": s.size, "seed": s.seed},
-                          lambda: grow_backbones(run.world, root, s.size, seed=s.seed, progress=s.progress))
+                          lambda: grow_backbones(run.world, root, s.size, seed=s.seed, progress=s.progress),
+                          run.reused)
 
 
 def train_overrides(run: DemoRun, variant: str) -> list[str]:
@@ -202,7 +211,7 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
                                "redo it")
         return final
 
-    return reuse_or_build(out, {"size": s.size, "seed": s.seed, "procs": s.train_procs}, build)
+    return reuse_or_build(out, {"size": s.size, "seed": s.seed, "procs": s.train_procs}, build, run.reused)
 
 
 # (task, shots) on which the smoke test checks that training helped (the trained model vs its gate-0 self):
@@ -285,6 +294,11 @@ def run_demo(settings: DemoSettings) -> DemoRun:
                          shots=gate_zero_shots(settings.shots)))
     with stage(run, "eval"):
         run.results = evaluate_models(run, jobs)
+    from .tryit import run_hand_prompts
+
+    with stage(run, "generate"):  # `flamingo generate` on few-shot prompts written by hand
+        run.generations = run_hand_prompts(run.world, run.models["flamingo"], os.path.join(settings.out, "generate"),
+                                           seed=settings.seed)
     run.times["total"] = round(time.perf_counter() - total, 1)  # the report itself (about a second) is not counted
     from .report import write_report
 

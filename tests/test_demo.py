@@ -15,7 +15,7 @@ from flamingo.mini.demo import (
     train_flamingo)
 from flamingo.mini.evaluate import run_eval_job
 from flamingo.mini.report import headline, time_goal
-from flamingo.mini.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
+from flamingo.mini.tryit import HAND_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +149,3 @@ def test_time_goal_is_judged_only_from_scratch_on_two_cores(tmp_path, monkeypatc
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert time_goal(run)[1] is None
 
-
-def test_hand_written_binding_words_are_fresh(tmp_path):
-    text = tmp_path / "docs.jsonl"
-    text.write_text('{"text": ["This is a Dax.", "a wugs is not a wug"]}\n')
-    assert fresh_hand_words([str(text)]) == ["toma", "fep"]  # dax and wug occur (whole words, any case)
-    assert fresh_hand_words([]) == list(HAND_WORDS[:2])
-    text.write_text(" ".join(HAND_WORDS[1:]))
-    with pytest.raises(ValueError, match="occurs in the training text"):
-        fresh_hand_words([str(text)])
-    assert answer_word(" Ring.<|endofchunk|>") == "ring" and answer_word("\n3 objects") == "3"
-    assert answer_word("") == ""

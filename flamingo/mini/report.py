@@ -83,7 +83,7 @@ def generate_goal(run: "DemoRun") -> Optional[tuple[str, bool, str]]:
     if not run.generations:
         return None
     asked = [g for g in run.generations if not g["binding"]]
-    numbers = "; ".join(f"{g['name']}: {g['answer'] or repr(g['output'])} (expected {g['expected']})"
+    numbers = "; ".join(f"{g['name']}: {g['answer'] or _cell(repr(g['output']))} (expected {g['expected']})"
                         + ("" if not g["binding"] else ", not part of this goal") for g in run.generations)
     return ("`flamingo generate` answers few-shot prompts written by hand", all(g["correct"] for g in asked),
             f"{sum(g['correct'] for g in asked)} of {len(asked)} right; {numbers}")
@@ -134,6 +134,11 @@ def _reached(ok: Optional[bool]) -> str:
     return "not measured" if ok is None else "yes" if ok else "**no**"
 
 
+def _cell(text: str) -> str:
+    """`text` inside one markdown table cell: one line, its pipes escaped."""
+    return " ".join(text.split("\n")).replace("|", "\\|")
+
+
 def _hand_prompts(run: "DemoRun") -> list[str]:
     """The hand-written prompts, their images, what `flamingo generate` answered, and the commands."""
     if not run.generations:
@@ -146,9 +151,8 @@ def _hand_prompts(run: "DemoRun") -> list[str]:
              "| prompt | images (the last is the query) | answer | expected | right |", "|---|---|---|---|---|"]
     for g in run.generations:
         images = " ".join(f"![]({os.path.relpath(p, out)})" for p in g["images"])
-        prompt = g["prompt"].replace("|", "\\|")
-        lines.append(f"| `{prompt}` | {images} | {g['output'] or '(nothing)'} | {g['expected']} | "
-                     f"{_reached(g['correct'])} |")
+        answer = _cell(g["output"]) or "(nothing)"
+        lines.append(f"| `{_cell(g['prompt'])}` | {images} | {answer} | {g['expected']} | {_reached(g['correct'])} |")
     lines += ["", "```bash"] + [g["command"] for g in run.generations] + ["```", ""]
     return lines
 
@@ -349,7 +353,7 @@ def write_report(run: "DemoRun") -> str:
     lines.append("")
     lines += ["## Sample generations", ""] + _samples(run, out)
     lines += _hand_prompts(run)
-    lines += ["## Wall time per stage (2 CPU cores)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"## Wall time per stage ({os.cpu_count()} CPU cores)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {t:.1f} |" for name, t in run.times.items()]
     path = os.path.join(out, REPORT)
     with open(path, "w") as f:

@@ -1,0 +1,33 @@
+"""The demo's hand-written prompts (flamingo/mini/tryit.py): fresh binding words, answer words, well-formed prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from flamingo.mini.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
+from flamingo.mini.world import KINDS
+
+
+def test_hand_written_binding_words_are_fresh(tmp_path):
+    text = tmp_path / "docs.jsonl"
+    text.write_text('{"text": ["This is a Dax.", "a wugs is not a wug"]}\n')
+    assert fresh_hand_words([str(text)]) == ["toma", "fep"]  # dax and wug occur (whole words, any case)
+    assert fresh_hand_words([]) == list(HAND_WORDS[:2])
+    text.write_text(" ".join(HAND_WORDS[1:]))
+    with pytest.raises(ValueError, match="occurs in the training text"):
+        fresh_hand_words([str(text)])
+    assert answer_word(" Ring.<|endofchunk|>") == "ring" and answer_word("\n3 objects") == "3"
+    assert answer_word("") == ""
+
+
+def test_each_prompt_has_one_image_per_scene_and_a_query_answer_no_demo_gives():
+    for p in HAND_PROMPTS:
+        text = p.text.format(a="dax", b="wug") if p.binding else p.text
+        assert text.count("<image>") == len(p.scenes), p.name
+        assert text.rstrip().endswith(("Short answer:", "This is a")), p.name
+        assert all(s.get("kind", "circle") in KINDS for s in p.scenes)
+        if not p.binding:  # the query's answer is in none of the demos: copying a demo is wrong
+            assert f"Short answer:{p.expected}<" not in text, p.name
+    binding = next(p for p in HAND_PROMPTS if p.binding)
+    # the query is the first kind again, and the last demo is another kind: the latest word is the wrong answer
+    assert binding.scenes[-1]["kind"] == binding.scenes[0]["kind"] != binding.scenes[-2]["kind"]

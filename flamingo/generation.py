@@ -19,17 +19,19 @@ import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
 from .model.backbones import lm_cache_argument, lm_output_cache
+from .model.feature_cache import VisionFeatureCache
 from .model.flamingo import Flamingo, MediaContext
 from .model.xattn import XAttnImpl
 
 
 def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
                num_media: Optional[torch.Tensor], num_frames: Optional[torch.Tensor],
-               visual_tokens: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+               visual_tokens: Optional[torch.Tensor], vision_cache: Optional[VisionFeatureCache] = None
+               ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     if visual_tokens is None and images is not None:
         if num_media is None:
             num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)
-        visual_tokens = model.encode_media(images, num_media, num_frames)
+        visual_tokens = model.encode_media(images, num_media, num_frames, vision_cache=vision_cache)
     elif visual_tokens is not None and num_media is None:
         num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
     model.check_media_tokens(input_ids, num_media)
@@ -71,7 +73,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
              images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
              num_frames: Optional[torch.Tensor] = None, *, visual_tokens: Optional[torch.Tensor] = None,
              generation_config: Optional[GenerationConfig] = None, streamer: Any = None, compile: bool = False,
-             xattn_impl: XAttnImpl = "auto", **kwargs: Any) -> torch.Tensor:
+             xattn_impl: XAttnImpl = "auto", vision_cache: Optional[VisionFeatureCache] = None,
+             **kwargs: Any) -> torch.Tensor:
     """Prompt ids (B, T) (left-padded for batches) + media -> (B·num_return_sequences, T + new) token ids.
 
     kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
@@ -79,8 +82,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
     xattn_impl: the prefill's cross-attention implementation (`masked_cross_attention`); all compute the same.
+    vision_cache: the frozen tower's features of frames seen in earlier calls (`VisionFeatureCache`), e.g. the demo
+    images an evaluation shows with many queries.
     """
-    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
+    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if compile:
@@ -101,59 +106,96 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
 def score(model: Flamingo, input_ids: torch.Tensor, continuations: Sequence[Sequence[int]],
           attention_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
           num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
-          visual_tokens: Optional[torch.Tensor] = None, batch_size: int = 64) -> torch.Tensor:
+          visual_tokens: Optional[torch.Tensor] = None, batch_size: int = 64,
+          vision_cache: Optional[VisionFeatureCache] = None) -> torch.Tensor:
     """Log-likelihood of each continuation (token id lists) after one shared context `input_ids (1, T)`.
 
     The context, its images and its caches are computed once; candidates run in batches of `batch_size` on a copy
-    of the context's KV cache. Returns (C,) sums of token log-probs.
+    of the context's KV cache. Returns (C,) sums of token log-probs. `score_batch` does several contexts at once.
     """
     if input_ids.shape[0] != 1:
-        raise ValueError("score() takes one context (batch 1); loop over contexts for several")
-    if any(len(c) == 0 for c in continuations):
+        raise ValueError("score() takes one context (batch 1); score_batch() takes several")
+    return score_batch(model, input_ids, [continuations], attention_mask, images, num_media, num_frames,
+                       visual_tokens=visual_tokens, batch_size=batch_size, vision_cache=vision_cache)[0]
+
+
+@torch.no_grad()
+def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequence[Sequence[Sequence[int]]],
+                attention_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
+                visual_tokens: Optional[torch.Tensor] = None, batch_size: int = 64,
+                vision_cache: Optional[VisionFeatureCache] = None) -> list[torch.Tensor]:
+    """Log-likelihoods of each context's own candidates, for B contexts in one batch.
+
+    input_ids (B, T), left-padded (`attention_mask`); `continuations[b]` is context b's list of candidates (token id
+    lists, any number per context). The contexts and their images run once, in one forward; then the (context,
+    candidate) rows run in batches of `batch_size` rows, each row on its context's KV cache and media. Returns B
+    tensors, (C_b,) summed token log-probs each: what `score` gives for each context alone, up to float rounding.
+    vision_cache: as in `generate`.
+    """
+    b = input_ids.shape[0]
+    if len(continuations) != b:
+        raise ValueError(f"{b} contexts but {len(continuations)} candidate lists")
+    if any(len(c) == 0 for cands in continuations for c in cands):
         raise ValueError("every continuation needs at least one token")
-    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("score_batch needs left padding (each context's tokens last in its row)")
+    visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
     ctx = MediaContext(visual=visual_tokens)
+    pairs = [(i, j) for i, cands in enumerate(continuations) for j in range(len(cands))]  # one row per candidate
     scores = []
     with model.conditioned(ctx):
         out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=model.position_ids_for(attention_mask), use_cache=True)
-        context_cache, first_logprobs = lm_output_cache(out), out.logits[0, -1].float().log_softmax(-1)  # (V,)
-        context_last_index = ctx.last_media_index
-        context_len = int(attention_mask.sum())
-        for start in range(0, len(continuations), batch_size):
-            chunk = [list(c) for c in continuations[start:start + batch_size]]
-            c, longest = len(chunk), max(len(x) for x in chunk)
+        context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+        context_last_index = ctx.last_media_index  # (B,)
+        context_len = attention_mask.sum(dim=1)  # (B,)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            rows = torch.tensor([i for i, _ in chunk], device=device)  # (C,) each candidate's context
+            seqs = [list(continuations[i][j]) for i, j in chunk]
+            c, longest = len(seqs), max(len(x) for x in seqs)
             ids = torch.zeros(c, longest, dtype=torch.long, device=device)
             mask = torch.zeros(c, longest, dtype=torch.long, device=device)
-            for i, x in enumerate(chunk):
-                ids[i, : len(x)] = torch.tensor(x, device=device)
-                mask[i, : len(x)] = 1
-            total = first_logprobs[ids[:, 0]]  # (C,)
+            for k, x in enumerate(seqs):
+                ids[k, : len(x)] = torch.tensor(x, device=device)
+                mask[k, : len(x)] = 1
+            total = first_logprobs[rows, ids[:, 0]]  # (C,)
             if longest > 1:
-                cache = _repeat_cache(context_cache, c)
-                ctx.last_media_index = context_last_index.expand(c)
-                full_mask = torch.cat([attention_mask.expand(c, -1), mask[:, :-1]], dim=1)
-                positions = context_len + torch.arange(longest - 1, device=device).expand(c, -1)
+                cache = _select_cache_rows(context_cache, rows)
+                ctx.last_media_index, ctx.row_samples = context_last_index[rows], rows
+                full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
+                positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
                 logits = model.lm(input_ids=ids[:, :-1], attention_mask=full_mask, position_ids=positions,
                                   use_cache=True, **{lm_cache_argument(model.lm): cache}).logits  # (C, L-1, V)
                 logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
                 total = total + (logprobs * mask[:, 1:]).sum(dim=1)
             scores.append(total)
-    return torch.cat(scores)
+    flat = torch.cat(scores) if scores else torch.zeros(0)
+    return list(flat.split([len(cands) for cands in continuations]))
 
 
-def _repeat_cache(cache: Any, times: int) -> Any:
-    """A copy of an HF cache with every row repeated `times` (the context's cache stays untouched)."""
+def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched (its rows are read,
+    not copied, where transformers' dynamic layers allow: their updates rebind rather than write in place)."""
     import copy
 
-    clone = copy.deepcopy(cache)
-    if hasattr(clone, "batch_repeat_interleave"):
-        clone.batch_repeat_interleave(times)
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
+        clone = copy.copy(cache)
+        clone.layers = [copy.copy(layer) for layer in layers]
+        clone.batch_select_indices(rows)
         return clone
-    return tuple(tuple(t.repeat_interleave(times, dim=0) for t in layer) for layer in clone)
+    if hasattr(cache, "batch_select_indices"):
+        clone = copy.deepcopy(cache)
+        clone.batch_select_indices(rows)
+        return clone
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
 
 
 @torch.no_grad()

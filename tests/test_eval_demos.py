@@ -13,7 +13,7 @@ from flamingo import from_backbones, load_pretrained
 from flamingo.eval import distributed, evaluate
 from flamingo.eval.classification import ClassificationTask
 from flamingo.eval.demos import DemoSelector, prompt_demos
-from flamingo.eval.predict import MediaLoader, build_prompt, rank_one
+from flamingo.eval.predict import MediaLoader, build_prompt, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
 from flamingo.eval.task import Sample
 from flamingo.eval.vqa import VQATask
@@ -146,6 +146,8 @@ def test_prompt_assembly():
 
 
 def test_rank_classification_is_argmax_of_forward_logprobs(model_and_processor, tmp_path):
+    """Two queries ranked in one left-padded batch (prompts of different lengths and image counts, candidate sets of
+    different sizes) rank as the plain forward's log-probs of each query alone do."""
     model, processor = model_and_processor
     task = ClassificationTask()
     paths = []
@@ -154,10 +156,11 @@ def test_rank_classification_is_argmax_of_forward_logprobs(model_and_processor, 
         random_image(i).save(paths[-1])
     demo = Sample(id="d", media=[paths[0]], fields={}, answer="red bird")
     task.classes = ["cat", "dog", "red bird", "blue fish", "yes", "no", "two cats"]
-    for sample in (Sample(id="q", media=[paths[1]], fields={}, answer="dog"),
-                   Sample(id="r", media=[paths[2]], fields={}, answer="dog", candidates=["no", "cat", "two cats"])):
-        prompt = build_prompt(task, sample, [demo])
-        record = rank_one(model, processor, MediaLoader(processor), task, sample, prompt, {})
+    samples = [Sample(id="q", media=[paths[1]], fields={}, answer="dog"),
+               Sample(id="r", media=[paths[2]], fields={}, answer="dog", candidates=["no", "cat", "two cats"])]
+    prompts = [build_prompt(task, samples[0], [demo, demo]), build_prompt(task, samples[1], [])]
+    records = rank_batch(model, processor, MediaLoader(processor), task, samples, prompts, {})
+    for sample, prompt, record in zip(samples, prompts, records):
         ids, media = processor.encode_prompt(*prompt)
         batch = processor.batch_media([media])
         reference = {}

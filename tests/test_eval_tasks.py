@@ -3,6 +3,7 @@ episodes pick exactly their demo_ids; the `flamingo eval` subcommand; two ranks 
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from flamingo import from_backbones, load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
+from flamingo.eval.tasks import get_task
 from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
 FAST = dict(shots=[0, 2], trials=2, batch_size=2, progress=False, cider_tokenizer="python",
@@ -193,14 +195,44 @@ def test_episodes_use_exactly_their_demo_ids(model_and_processor, tmp_path):
             assert record["demo_ids"] == listed[record["id"]][:k]
 
 
-def test_batched_generation_equals_one_by_one(model_and_processor, tmp_path):
+@pytest.mark.parametrize("task", ["vqa", "classification"])
+def test_batched_equals_one_by_one(task, model_and_processor, tmp_path):
+    """Generation (vqa) and ranking (classification: `score_batch` over left-padded prompts) in batches of 4 give
+    the predictions of one prompt at a time."""
     model, processor = model_and_processor
-    data = make_vqa(tmp_path / "data")
+    data = MAKERS[task](tmp_path / "data")
     common = dict(shots=[2], trials=1, progress=False, generation={"max_new_tokens": 4, "num_beams": 1})
-    evaluate(model, processor, "vqa", str(data), batch_size=4, out_dir=str(tmp_path / "a"), **common)
-    evaluate(model, processor, "vqa", str(data), batch_size=1, out_dir=str(tmp_path / "b"), **common)
-    read = lambda d: (tmp_path / d / "predictions" / "vqa_2shot_trial0.jsonl").read_text()  # noqa: E731
+    evaluate(model, processor, task, str(data), batch_size=4, out_dir=str(tmp_path / "a"), **common)
+    evaluate(model, processor, task, str(data), batch_size=1, out_dir=str(tmp_path / "b"), **common)
+    read = lambda d: (tmp_path / d / "predictions" / f"{task}_2shot_trial0.jsonl").read_text()  # noqa: E731
     assert read("a") == read("b")
+
+
+@pytest.mark.parametrize("task", ["vqa", "classification", "videoqa"])
+def test_vision_cache_encodes_each_frame_once_and_changes_no_prediction(task, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = MAKERS[task](tmp_path / "data")
+    frames = []
+    hook = model.vision.register_forward_hook(lambda m, args, out: frames.append(out.last_hidden_state.shape[0]))
+    common = dict(shots=[1, 2], trials=2, progress=False, generation={"max_new_tokens": 4, "num_beams": 1})
+    try:
+        evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "off"), vision_cache_mb=0, **common)
+        uncached, frames[:] = sum(frames), []
+        evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "on"), **common)
+        cached = sum(frames)
+    finally:
+        hook.remove()
+    distinct = set()
+    for split in ("train", "test"):
+        for sample in get_task(task).load(str(data), split):
+            for medium in sample.media:
+                for frame in processor.preprocess_media(medium):
+                    distinct.add(frame.numpy().tobytes())
+    assert cached <= len(distinct) < uncached  # each distinct frame at most once (some demos are never drawn)
+    for name in sorted(os.listdir(tmp_path / "off" / "predictions")):
+        off = [json.loads(line) for line in (tmp_path / "off" / "predictions" / name).open()]
+        on = [json.loads(line) for line in (tmp_path / "on" / "predictions" / name).open()]
+        assert on == off
 
 
 def test_cli_eval(saved_model, tmp_path, capsys):

@@ -186,3 +186,30 @@ def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_mod
         compiled = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, compile=True, compile_config=config)
         assert compiled.tolist() == eager.tolist()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
+def test_score_batch_of_left_padded_contexts_equals_each_alone(make_model, lm_kind):
+    """Contexts of different lengths and image counts (0, 3, video), each with its own number of candidates, in one
+    left-padded batch and in row chunks that split a context's candidates: each context's scores are its `score`."""
+    model, processor = make_model(lm_kind)
+    cases = [PROMPTS[3], PROMPTS[0], PROMPTS["video"], PROMPTS[1]]
+    candidates = [[[50, 60, 70], [80]], [[90, 100, 110, 120, 130]], [[7], [8, 9], [10, 11, 12]], [[13, 14]]]
+    batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
+    for rows in (64, 3):
+        scores = model.score_batch(batch["input_ids"], candidates, attention_mask=batch["attention_mask"],
+                                   images=batch["images"], num_media=batch["num_media"],
+                                   num_frames=batch["num_frames"], batch_size=rows)
+        for (prompt, media), cands, got in zip(cases, candidates, scores):
+            alone = processor(prompt, images=media)
+            extra = {k: alone[k] for k in ("images", "num_media", "num_frames") if alone.get(k) is not None}
+            torch.testing.assert_close(got, model.score(alone["input_ids"], cands, **extra), atol=1e-5, rtol=1e-5)
+
+
+def test_score_batch_rejects_right_padding_and_count_mismatch(make_model):
+    model, processor = make_model("llama")
+    batch = processor([PROMPTS[0][0], "Question:"], padding_side="right")
+    with pytest.raises(ValueError, match="left padding"):
+        model.score_batch(batch["input_ids"], [[[5]], [[6]]], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="candidate lists"):
+        model.score_batch(batch["input_ids"], [[[5]]], attention_mask=batch["attention_mask"])

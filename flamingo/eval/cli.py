@@ -29,7 +29,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--query-set", type=_optional_int, default=2048,
                    help="demo candidates drawn per seed from the train split ('all' for all)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
+    p.add_argument("--vision-cache-mb", type=float, default=256,
+                   help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off")
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
                    help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
     p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace, distributed: Any) -> int:
                        batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
                        template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                        progress=not args.no_progress, generation=generation or None,
-                       cider_tokenizer=args.cider_tokenizer)
+                       cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb)
     if distributed.rank() == 0:
         print(markdown_table(results))
         print(json.dumps({"task": results["task"], "out": args.out,

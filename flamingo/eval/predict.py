@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from .task import Sample, Task
@@ -62,18 +63,20 @@ def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoa
 
 
 @torch.no_grad()
-def rank_one(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task, sample: Sample,
-             prompt: tuple[str, list[str]], continuation_ids: dict[str, list[int]], batch_size: int = 64
-             ) -> dict[str, Any]:
-    """Score every candidate of `sample` after its prompt with `model.score` -> the task's prediction record."""
-    candidates = task.candidates_for(sample)
-    for c in candidates:
+def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
+               samples: Sequence[Sample], prompts: Sequence[tuple[str, list[str]]],
+               continuation_ids: dict[str, list[int]], batch_size: int = 64,
+               vision_cache: Optional[VisionFeatureCache] = None) -> list[dict[str, Any]]:
+    """Score every candidate of each sample after its prompt, the prompts left-padded into one `score_batch` call
+    -> the task's prediction records."""
+    candidates = [task.candidates_for(sample) for sample in samples]
+    for c in {c for cands in candidates for c in cands}:
         if c not in continuation_ids:
             continuation_ids[c] = processor.tokenizer(task.continuation(c), add_special_tokens=False)["input_ids"]
-    text, media = prompt
-    ids, tensors = processor.encode_prompt(text, [load(m) for m in media])
-    batch = {"input_ids": torch.tensor([ids]), **processor.batch_media([tensors])}
+    encoded = [processor.encode_prompt(text, [load(m) for m in media]) for text, media in prompts]
+    batch = processor.pad([ids for ids, _ in encoded], padding_side="left")
+    batch.update(processor.batch_media([m for _, m in encoded]))
     inputs = _to_device(model, batch)
-    scores = model.score(inputs.pop("input_ids"), [continuation_ids[c] for c in candidates],
-                         batch_size=batch_size, **inputs)  # (C,)
-    return task.from_scores(sample, candidates, scores.tolist())
+    scores = model.score_batch(inputs.pop("input_ids"), [[continuation_ids[c] for c in cands] for cands in candidates],
+                               batch_size=batch_size, vision_cache=vision_cache, **inputs)  # B x (C_b,)
+    return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]

@@ -16,11 +16,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from . import distributed
 from .demos import DemoSelector, prompt_demos
-from .predict import MediaLoader, build_prompt, generate_batch, rank_one
+from .predict import MediaLoader, build_prompt, generate_batch, rank_batch
 from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
@@ -39,7 +40,8 @@ def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: 
 def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
             selector: DemoSelector, shots: int, *, zero_shot: str = "text", batch_size: int = 8,
             loader: Optional[MediaLoader] = None, progress: bool = True, description: str = "",
-            generation: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+            generation: Optional[dict[str, Any]] = None, vision_cache: Optional[VisionFeatureCache] = None
+            ) -> list[dict[str, Any]]:
     """Prediction records of `samples` (this rank's shard: strided, gathered in index order on every rank)."""
     loader = loader or MediaLoader(processor)
     n = len(samples)
@@ -51,9 +53,8 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
         rices = {}
     local: list[tuple[int, dict[str, Any]]] = []
     bar = tqdm(total=len(mine), desc=description, disable=not progress or distributed.rank() != 0)
-    step = batch_size if task.kind == "generate" else 1  # ranking: one prompt (context) per `score` call
-    for start in range(0, len(mine), step):
-        indices = mine[start:start + step]
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
         prompts, chosen = [], []
         for i in indices:
             demos, with_media = (rices[i], True) if i in rices else prompt_demos(selector, samples[i], i, shots,
@@ -61,9 +62,11 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
             prompts.append(build_prompt(task, samples[i], demos, with_media))
             chosen.append([d.id for d in demos])
         if task.kind == "generate":
-            records = generate_batch(model, processor, loader, task, prompts, **(generation or {}))
+            records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
+                                     **(generation or {}))
         else:
-            records = [rank_one(model, processor, loader, task, samples[indices[0]], prompts[0], task.continuation_ids)]
+            records = rank_batch(model, processor, loader, task, [samples[i] for i in indices], prompts,
+                                 task.continuation_ids, vision_cache=vision_cache)
         for i, record, demo_ids in zip(indices, records, chosen):
             local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
         bar.update(len(indices))
@@ -76,13 +79,18 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
              query_set: Optional[int] = 2048, num_samples: Optional[int] = None, batch_size: int = 8,
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
-             generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto") -> dict[str, Any]:
+             generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
+             vision_cache_mb: float = 256) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`.
 
     shots: numbers of demos; trials: seeds `seed .. seed + trials - 1`; demos: "random" or "rices"; query_set: demo
     candidates drawn per seed from the train split (None = all); num_samples: evaluated test samples (None = all);
-    batch_size: prompts per `generate` call; zero_shot: "text" (2 text-only demos) or "none"; template: overrides the
-    task's prompt template (answer_prefix: the text between query and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...).
+    batch_size: prompts per `generate` call, or per `score_batch` call for ranked tasks; zero_shot: "text" (2
+    text-only demos) or "none"; template: overrides the task's prompt template (answer_prefix: the text between query
+    and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...);
+    vision_cache_mb: budget of the frozen tower's features kept by frame content across queries and shots (demo
+    images recur: each is encoded once), 0 = off. Cached features come from another batch, so they can differ from a
+    fresh computation in the last bits.
     Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
     dict (the content of results.json) on every rank.
     """
@@ -105,6 +113,9 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     if needs_pool and not pool and any(s.demo_ids is None for s in samples):
         raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")
     loader = MediaLoader(processor)
+    # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
+    vision_cache = VisionFeatureCache(int(vision_cache_mb * 2**20)) \
+        if vision_cache_mb > 0 and model.config.freeze_vision else None
     features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     model_name = model_name or model.config.lm_name_or_path or "flamingo"
@@ -118,7 +129,8 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
         for k in shots:
             records = predict(model, processor, task, samples, selector, k, zero_shot=zero_shot,
                               batch_size=batch_size, loader=loader, progress=progress,
-                              description=f"{task.name} {k}-shot trial {trial}", generation=generation)
+                              description=f"{task.name} {k}-shot trial {trial}", generation=generation,
+                              vision_cache=vision_cache)
             metrics = task.compute_metrics(samples, records) if distributed.rank() == 0 else None
             metrics = distributed.broadcast(metrics)
             extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}

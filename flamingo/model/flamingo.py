@@ -74,6 +74,9 @@ class MediaContext:
     static_after_prompt: bool = False
     decoding: bool = False
     decode_index: Optional[torch.Tensor] = None  # (rows, 1)
+    # (rows,) the sample whose media each LM row reads, when rows are not `rows // samples` consecutive copies of
+    # each sample (batched scoring: each context's own number of candidates). None = consecutive copies.
+    row_samples: Optional[torch.Tensor] = None
 
     def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
         key = ("last", block_idx, rows)
@@ -87,14 +90,16 @@ class MediaContext:
     def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
         if self.visual is None:
             return None
+        samples = self.visual.shape[0]
+        base = self.media_kv.get((block_idx, samples))
+        if base is None:
+            base = self.media_kv[(block_idx, samples)] = block.project_media(self.visual)
+        if self.row_samples is not None and rows == self.row_samples.shape[0]:  # set per LM call: not memoised
+            return MediaKV(base.k[self.row_samples], base.v[self.row_samples])
+        if rows == samples:  # one row per sample (a forward, a prefill): no copy
+            return base
         kv = self.media_kv.get((block_idx, rows))
         if kv is None:
-            base = self.media_kv.get((block_idx, self.visual.shape[0]))
-            if base is None:
-                base = self.media_kv[(block_idx, self.visual.shape[0])] = block.project_media(self.visual)
-            samples = self.visual.shape[0]
-            if rows == samples:  # one row per sample (a forward, a prefill): no copy
-                return base
             if rows % samples:
                 raise RuntimeError(f"the LM runs {rows} rows for {samples} samples' media")
             index = torch.arange(samples, device=self.visual.device).repeat_interleave(rows // samples)
@@ -415,6 +420,12 @@ class Flamingo(nn.Module):
         from ..generation import score
 
         return score(self, input_ids, continuations, **kwargs)
+
+    def score_batch(self, input_ids: torch.Tensor, continuations: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """Each left-padded context's own candidates, several contexts at once (`flamingo.generation.score_batch`)."""
+        from ..generation import score_batch
+
+        return score_batch(self, input_ids, continuations, **kwargs)
 
     # ------------------------------------------------------------------------------------------ parameters
     def train(self, mode: bool = True) -> "Flamingo":

@@ -149,3 +149,16 @@ def test_time_goal_is_judged_only_from_scratch_on_two_cores(tmp_path, monkeypatc
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert time_goal(run)[1] is None
 
+
+
+def test_the_main_command_runs_the_size_whose_lm_can_bind():
+    """`flamingo demo` with no options (the README's command) grows the LM with induction documents, as does its
+    Python default; `--size fast` is the one without them."""
+    from flamingo.cli import build_parser
+    from flamingo.mini.sizes import get_size
+
+    size = build_parser().parse_args(["demo"]).size
+    assert size == DemoSettings(out="x").size
+    main, fast = get_size(size), get_size("fast")
+    assert main.copy_docs > 0 and main.assoc_docs > 0 and main.flamingo_gate_type == "vector"
+    assert fast.copy_docs == fast.assoc_docs == 0

@@ -1,6 +1,6 @@
 """The mini world: a procedural world of coloured shapes, its datasets and home-grown backbones, for `flamingo demo`.
 
-    manifest = write_world(root, "default", seed=0)          # datasets + root/world.json
+    manifest = write_world(root, "binding", seed=0)          # datasets + root/world.json
     report = grow_backbones(manifest, root / "backbones")    # tokenizer/, vision/, lm/ + backbones.json
     flamingo.from_backbones(vision=report["vision"]["dir"], lm=report["lm"]["dir"])
 """

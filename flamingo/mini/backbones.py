@@ -39,7 +39,7 @@ try:  # transformers 5: the PIL backend (the default one wants torchvision)
 except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor
 
-from .sizes import MiniSize, get_size
+from .sizes import DEFAULT_SIZE, MiniSize, get_size
 from .world import BACKGROUNDS, COLOURS, COUNT_WORDS, KINDS, POSITIONS, SIZES, NonsenseWords, plural
 
 PathLike = Union[str, os.PathLike]
@@ -56,7 +56,7 @@ def _lines(corpus: Union[PathLike, Sequence[str]]) -> list[str]:
 
 def _size(size: Union[str, MiniSize, None]) -> MiniSize:
     if size is None:
-        return get_size("default")
+        return get_size(DEFAULT_SIZE)
     return get_size(size) if isinstance(size, str) else size
 
 

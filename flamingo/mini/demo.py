@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .sizes import get_size
+from .sizes import DEFAULT_SIZE, get_size
 
 # The demo's evaluation: (eval set written by the world, harness task, headline metric).
 TASKS: dict[str, tuple[str, str]] = {
@@ -54,7 +54,7 @@ SHOTS = (0, 1, 2, 4, 8)
 @dataclass
 class DemoSettings:
     out: str = "flamingo-demo"
-    size: str = "default"
+    size: str = DEFAULT_SIZE
     seed: int = 0
     ablate: Optional[str] = None
     shots: Sequence[int] = SHOTS
@@ -229,7 +229,7 @@ def eval_job(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = F
     """One model's evaluation on every task of the demo, as plain JSON for flamingo/mini/evaluate.py."""
     s, size = run.settings, get_size(run.settings.size)
     name = variant + ("-gates0" if gates_zero else "")
-    # Binding is evaluated on all of its episodes (150 in `default`/`binding`, one query each): at 80 queries its
+    # Binding is evaluated on all of its episodes (150 in `fast`/`binding`, one query each): at 80 queries its
     # standard error near 90% is 3.4 points, too coarse for the goals (>= 90%, no fall with shots); 150 make it 2.4.
     tasks = [{"name": task_name, "harness_task": harness_task, "data_dir": run.world["eval"][task_name]["dir"],
               "shots": [int(k) for k in (shots or s.shots)],

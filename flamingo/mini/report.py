@@ -282,7 +282,7 @@ def write_report(run: "DemoRun") -> str:
              f"--eval-procs {s.eval_procs}"
              + (f" --ablate {s.ablate}" if s.ablate else ""),
              "```", "", "A rerun on the same machine reproduces every number: the world, the backbones and the "
-             "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the default size wrote "
+             "Flamingo stage are bit-reproducible on CPU (on 2026-11-24, two runs of the `fast` size wrote "
              "byte-identical weights with the Flamingo stage in one process, and two more with it in two processes; "
              "so did two smoke runs in two processes). The "
              "Flamingo stage is the ordinary trainer"

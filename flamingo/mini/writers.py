@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .sizes import MiniSize, get_size
+from .sizes import DEFAULT_SIZE, MiniSize, get_size
 from .world import COLOURS, KINDS, Clip, Scene, Split, World
 
 PathLike = Union[str, os.PathLike]
@@ -425,7 +425,7 @@ def _run_parallel(root: Path, size: MiniSize, seed: int, bar: tqdm) -> dict[str,
     return results
 
 
-def write_world(root: PathLike, size: Union[str, MiniSize] = "default", seed: int = 0, workers: int = 2,
+def write_world(root: PathLike, size: Union[str, MiniSize] = DEFAULT_SIZE, seed: int = 0, workers: int = 2,
                 progress: bool = True) -> dict:
     """Write every dataset of the mini world under `root`; return the manifest (also saved as root/world.json).
 

@@ -12,6 +12,7 @@ What is computed once per prompt, and what per decode step:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -148,8 +149,10 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     pairs = [(i, j) for i, cands in enumerate(continuations) for j in range(len(cands))]  # one row per candidate
     scores = []
     with model.conditioned(ctx):
+        # only the last position's logits are read: B x T x V of them would not fit for long prompts, large vocabs
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.lm.forward).parameters else {}
         out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=model.position_ids_for(attention_mask), use_cache=True)
+                       position_ids=model.position_ids_for(attention_mask), use_cache=True, **last_only)
         context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         context_last_index = ctx.last_media_index  # (B,)
         context_len = attention_mask.sum(dim=1)  # (B,)

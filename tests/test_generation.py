@@ -196,14 +196,19 @@ def test_score_batch_of_left_padded_contexts_equals_each_alone(make_model, lm_ki
     cases = [PROMPTS[3], PROMPTS[0], PROMPTS["video"], PROMPTS[1]]
     candidates = [[[50, 60, 70], [80]], [[90, 100, 110, 120, 130]], [[7], [8, 9], [10, 11, 12]], [[13, 14]]]
     batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
+    head_rows = []
+    hook = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:2]))
     for rows in (64, 3):
+        head_rows.clear()
         scores = model.score_batch(batch["input_ids"], candidates, attention_mask=batch["attention_mask"],
                                    images=batch["images"], num_media=batch["num_media"],
                                    num_frames=batch["num_frames"], batch_size=rows)
+        assert tuple(head_rows[0]) == (len(cases), 1)  # the contexts' logits: last position only
         for (prompt, media), cands, got in zip(cases, candidates, scores):
             alone = processor(prompt, images=media)
             extra = {k: alone[k] for k in ("images", "num_media", "num_frames") if alone.get(k) is not None}
             torch.testing.assert_close(got, model.score(alone["input_ids"], cands, **extra), atol=1e-5, rtol=1e-5)
+    hook.remove()
 
 
 def test_score_batch_rejects_right_padding_and_count_mismatch(make_model):

@@ -30,8 +30,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="demo candidates drawn per seed from the train split ('all' for all)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
-    p.add_argument("--vision-cache-mb", type=float, default=256,
-                   help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off")
+    p.add_argument("--vision-cache-mb", type=float, default=None,
+                   help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off; "
+                        "default 256 on CPU, off on GPU (hashing the pixels costs about as much as the tower there)")
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
                    help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
     p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")

@@ -80,7 +80,7 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
-             vision_cache_mb: float = 256) -> dict[str, Any]:
+             vision_cache_mb: Optional[float] = None) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`.
 
     shots: numbers of demos; trials: seeds `seed .. seed + trials - 1`; demos: "random" or "rices"; query_set: demo
@@ -89,8 +89,9 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     text-only demos) or "none"; template: overrides the task's prompt template (answer_prefix: the text between query
     and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...);
     vision_cache_mb: budget of the frozen tower's features kept by frame content across queries and shots (demo
-    images recur: each is encoded once), 0 = off. Cached features come from another batch, so they can differ from a
-    fresh computation in the last bits.
+    images recur: each is encoded once), 0 = off; None: 256 for a tower on the CPU, off on an accelerator, where
+    hashing a frame's pixels on the host (~1 ms for 224 px) costs about as much as the tower. Cached features come from
+    another batch, so they can differ from a fresh computation in the last bits.
     Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
     dict (the content of results.json) on every rank.
     """
@@ -114,6 +115,8 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
         raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")
     loader = MediaLoader(processor)
     # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
+    if vision_cache_mb is None:
+        vision_cache_mb = 256 if next(model.vision.parameters()).device.type == "cpu" else 0
     vision_cache = VisionFeatureCache(int(vision_cache_mb * 2**20)) \
         if vision_cache_mb > 0 and model.config.freeze_vision else None
     features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None

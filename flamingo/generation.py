@@ -12,14 +12,13 @@ What is computed once per prompt, and what per decode step:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
-from .model.backbones import lm_cache_argument, lm_output_cache
+from .model.backbones import lm_cache_argument, lm_last_logits_only, lm_output_cache
 from .model.feature_cache import VisionFeatureCache
 from .model.flamingo import Flamingo, MediaContext
 from .model.xattn import XAttnImpl
@@ -150,9 +149,9 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     scores = []
     with model.conditioned(ctx):
         # only the last position's logits are read: B x T x V of them would not fit for long prompts, large vocabs
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.lm.forward).parameters else {}
         out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=model.position_ids_for(attention_mask), use_cache=True, **last_only)
+                       position_ids=model.position_ids_for(attention_mask), use_cache=True,
+                       **lm_last_logits_only(model.lm))
         context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         context_last_index = ctx.last_media_index  # (B,)
         context_len = attention_mask.sum(dim=1)  # (B,)
@@ -182,8 +181,9 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
 
 
 def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched (its rows are read,
-    not copied, where transformers' dynamic layers allow: their updates rebind rather than write in place)."""
+    """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched. Transformers' dynamic
+    layers rebind their tensors on update rather than write in place, so for them only the selected rows are copied;
+    other caches are copied whole first."""
     import copy
 
     from transformers.cache_utils import DynamicLayer

@@ -150,7 +150,6 @@ def test_time_goal_is_judged_only_from_scratch_on_two_cores(tmp_path, monkeypatc
     assert time_goal(run)[1] is None
 
 
-
 def test_the_main_command_runs_the_size_whose_lm_can_bind():
     """`flamingo demo` with no options (the README's command) grows the LM with induction documents, as does its
     Python default; `--size fast` is the one without them."""

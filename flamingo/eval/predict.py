@@ -38,12 +38,16 @@ def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media
     return text, media + list(sample.media)
 
 
-def _to_device(model: Flamingo, batch: dict[str, Any]) -> dict[str, Any]:
+def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
+                        prompts: Sequence[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Prompts (text, media paths) -> the model's left-padded batch on its device (images in the tower's dtype)."""
+    encoded = [processor.encode_prompt(text, [load(m) for m in media]) for text, media in prompts]
+    batch = processor.pad([ids for ids, _ in encoded], padding_side="left")
+    batch.update(processor.batch_media([m for _, m in encoded]))
     device = next(model.parameters()).device
-    dtype = next(model.vision.parameters()).dtype
     out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "images" in out:
-        out["images"] = out["images"].to(dtype)
+        out["images"] = out["images"].to(next(model.vision.parameters()).dtype)
     return out
 
 
@@ -51,10 +55,7 @@ def _to_device(model: Flamingo, batch: dict[str, Any]) -> dict[str, Any]:
 def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                    prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
     """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw = decoded new text)."""
-    encoded = [processor.encode_prompt(text, [load(m) for m in media]) for text, media in prompts]
-    batch = processor.pad([ids for ids, _ in encoded], padding_side="left")
-    batch.update(processor.batch_media([m for _, m in encoded]))
-    inputs = _to_device(model, batch)
+    inputs = _left_padded_inputs(model, processor, load, prompts)
     settings = {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams, **generation}
     out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
@@ -73,10 +74,7 @@ def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
     for c in {c for cands in candidates for c in cands}:
         if c not in continuation_ids:
             continuation_ids[c] = processor.tokenizer(task.continuation(c), add_special_tokens=False)["input_ids"]
-    encoded = [processor.encode_prompt(text, [load(m) for m in media]) for text, media in prompts]
-    batch = processor.pad([ids for ids, _ in encoded], padding_side="left")
-    batch.update(processor.batch_media([m for _, m in encoded]))
-    inputs = _to_device(model, batch)
+    inputs = _left_padded_inputs(model, processor, load, prompts)
     scores = model.score_batch(inputs.pop("input_ids"), [[continuation_ids[c] for c in cands] for cands in candidates],
                                batch_size=batch_size, vision_cache=vision_cache, **inputs)  # B x (C_b,)
     return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]

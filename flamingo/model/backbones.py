@@ -134,6 +134,12 @@ def lm_cache_argument(lm: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
+def lm_last_logits_only(lm: nn.Module) -> dict[str, int]:
+    """Keyword arguments that make the LM compute the last position's logits only (`logits_to_keep=1`), where its
+    forward takes them; {} otherwise."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+
+
 def lm_text_config(lm: PreTrainedModel) -> Any:
     return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
 

@@ -15,7 +15,7 @@ from flamingo.eval.classification import ClassificationTask
 from flamingo.eval.demos import DemoSelector, prompt_demos
 from flamingo.eval.predict import MediaLoader, build_prompt, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
-from flamingo.eval.task import Sample
+from flamingo.eval.task import Sample, ways_of
 from flamingo.eval.vqa import VQATask
 from flamingo.generation import continuation_logprobs_reference
 from flamingo.model.backbones import vision_features
@@ -121,6 +121,33 @@ def test_episode_demo_ids():
     sample.demo_ids = ["p4", "nope"]
     with pytest.raises(ValueError, match="not in the train split"):
         selector.select(sample, 0, 2)
+
+
+def test_n_way_episodes_count_shots_per_class():
+    """An n-way episode (concept binding): one shot is one demo of each class, so k shots are k * n demos; the
+    zero-shot text demos stay two, whatever a shot holds."""
+    pool = _samples(8, "p")
+    ids = ["p0", "p1", "p2", "p3", "p4", "p5"]  # shots (p0, p1, p2) and (p3, p4, p5) of a 3-way episode
+    sample = Sample(id="q", media=["q.png"], fields={"question": "q"}, answer="a", demo_ids=ids, ways=3)
+    selector = DemoSelector(pool, "random", query_set_size=2, seed=0)
+    assert [d.id for d in selector.select(sample, 0, 1)] == ids[:3]
+    assert [d.id for d in selector.select(sample, 0, 2)] == ids
+    with pytest.raises(ValueError, match="3 demos a shot"):
+        selector.select(sample, 0, 3)
+    demos, with_media = prompt_demos(selector, sample, 0, 0, "text")
+    assert [d.id for d in demos] == ids[:2] and not with_media
+    demos, with_media = prompt_demos(selector, sample, 0, 1, "text")
+    assert [d.id for d in demos] == ids[:3] and with_media
+
+
+def test_ways_in_a_record_is_checked():
+    assert ways_of({"id": "q", "demo_ids": ["a", "b"], "ways": 2}) == 2
+    assert ways_of({"id": "q", "demo_ids": ["a"]}) is None
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="positive integer"):
+            ways_of({"id": "q", "demo_ids": ["a"], "ways": bad})
+    with pytest.raises(ValueError, match="no 'demo_ids'"):
+        ways_of({"id": "q", "ways": 2})
 
 
 def test_prompt_assembly():

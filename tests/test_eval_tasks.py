@@ -195,6 +195,25 @@ def test_episodes_use_exactly_their_demo_ids(model_and_processor, tmp_path):
             assert record["demo_ids"] == listed[record["id"]][:k]
 
 
+def test_n_way_episodes_take_a_demo_of_each_class_per_shot(model_and_processor, tmp_path):
+    """Classification JSONL with `ways` (the binding task's layout): k shots are the first k * ways demo_ids."""
+    model, processor = model_and_processor
+    data = make_classification(tmp_path / "data")
+    rows = [json.loads(line) for line in (data / "test.jsonl").open()]
+    for j, row in enumerate(rows):
+        row.update(candidates=["cat", "dog"], ways=2, demo_ids=[f"s{(j + i) % 5}" for i in range(4)])
+    _jsonl(data / "test.jsonl", rows)
+    evaluate(model, processor, "classification", str(data), shots=[0, 1, 2], trials=1, batch_size=2, progress=False,
+             out_dir=str(tmp_path / "out"))
+    listed = {row["id"]: row["demo_ids"] for row in rows}
+    for k, n in ((0, 2), (1, 2), (2, 4)):  # 0 shots: the two text-only demos of the zero-shot convention
+        records = [json.loads(line) for line in
+                   (tmp_path / "out" / "predictions" / f"classification_{k}shot_trial0.jsonl").open()]
+        assert len(records) == len(rows) and all(r["demo_ids"] == listed[r["id"]][:n] for r in records)
+    with pytest.raises(ValueError, match="2 demos a shot"):
+        evaluate(model, processor, "classification", str(data), shots=[3], trials=1, progress=False)
+
+
 @pytest.mark.parametrize("task", ["vqa", "classification"])
 def test_batched_equals_one_by_one(task, model_and_processor, tmp_path):
     """Generation (vqa) and ranking (classification: `score_batch` over left-padded prompts) in batches of 4 give

@@ -157,9 +157,12 @@ def test_binding_words_disjoint_and_episodes_well_formed(manifest):
     for row in test:
         cands = row["candidates"]
         assert row["label"] in cands and 2 <= len(cands) <= 3 and len(set(cands)) == len(cands)
-        assert len(row["demo_ids"]) == 8 and all(i in train for i in row["demo_ids"])
+        # n-way k-shot as in Frozen: `binding_shots` demos of each word, listed shot by shot (`ways` per shot).
+        ways = row["ways"]
+        assert ways == len(cands) and len(row["demo_ids"]) == get_size("smoke").binding_shots * ways
+        assert all(i in train for i in row["demo_ids"])
         labels = [train[i]["label"] for i in row["demo_ids"]]
-        assert set(labels[: len(cands)]) == set(cands)  # any prefix of n_way demos covers every word
+        assert all(sorted(labels[j:j + ways]) == sorted(cands) for j in range(0, len(labels), ways))
         assert all((d / train[i]["image"]).is_file() for i in row["demo_ids"]) and (d / row["image"]).is_file()
         # One kind per word within the episode, and the query shows the kind of its label.
         kind_of = {train[i]["label"]: train[i]["kind"] for i in row["demo_ids"]}

@@ -6,7 +6,9 @@
 - "random": k demos drawn without replacement, with a generator seeded by (seed, sample index) so that a sample's
   demos do not depend on batching or on which rank evaluates it.
 - "rices": the k query-set samples nearest to the sample in pooled vision features, most similar last (rices.py).
-- Episodes: a sample with `demo_ids` takes the first k of them, in order, whatever the method.
+- Episodes: a sample with `demo_ids` takes the first k of them, in order, whatever the method; an n-way episode
+  (`ways` = n, e.g. concept binding) counts shots per class as Frozen's fast binding does: k shots are its first
+  k * n demos, which list one demo of each class per shot.
 - Zero-shot convention (`zero_shot`): "text" (Flamingo / OpenFlamingo) prompts 0-shot queries with 2 demos of the
   same method whose `<image>` is removed, so the model sees the answer format but no image-answer pair; "none" uses
   the bare query.
@@ -48,18 +50,23 @@ class DemoSelector:
         if k == 0:
             return []
         if sample.demo_ids is not None:
-            if k > len(sample.demo_ids):
-                raise ValueError(f"sample {sample.id!r} lists {len(sample.demo_ids)} demo_ids, {k} shots asked")
-            missing = [i for i in sample.demo_ids[:k] if i not in self.by_id]
-            if missing:
-                raise ValueError(f"sample {sample.id!r}: demo_ids {missing} are not in the train split")
-            return [self.by_id[i] for i in sample.demo_ids[:k]]
+            return self.episode_demos(sample, k * (sample.ways or 1), f"{k} shots")
         if k > len(self.query_set):
             raise ValueError(f"{k} shots asked but the query set holds {len(self.query_set)} samples")
         if self.method == "random":
             rng = np.random.default_rng([self.seed, index])
             return [self.query_set[i] for i in rng.choice(len(self.query_set), size=k, replace=False)]
         return self.select_rices([sample], k)[0]
+
+    def episode_demos(self, sample: Sample, n: int, asked: str) -> list[Sample]:
+        """The first n of an episode's `demo_ids`, in order; `asked` names the request in the error."""
+        if n > len(sample.demo_ids):
+            per = f" ({sample.ways} demos a shot)" if sample.ways else ""
+            raise ValueError(f"sample {sample.id!r} lists {len(sample.demo_ids)} demo_ids, {asked}{per} asked")
+        missing = [i for i in sample.demo_ids[:n] if i not in self.by_id]
+        if missing:
+            raise ValueError(f"sample {sample.id!r}: demo_ids {missing} are not in the train split")
+        return [self.by_id[i] for i in sample.demo_ids[:n]]
 
     def prepare(self, shared: bool = True) -> None:
         """RICES: the query set's features, computed now. `shared`: every rank calls this (a collective), the ranks
@@ -85,5 +92,7 @@ def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
         return selector.select(sample, index, shots), True
     if zero_shot == "none":
         return [], True
-    available = len(sample.demo_ids) if sample.demo_ids is not None else len(selector.query_set)
-    return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, available)), False
+    if sample.demo_ids is not None:  # the first demos of the episode, however many a shot holds
+        n = min(ZERO_SHOT_TEXT_DEMOS, len(sample.demo_ids))
+        return selector.episode_demos(sample, n, f"{n} text-only demos"), False
+    return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, len(selector.query_set))), False

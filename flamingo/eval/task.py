@@ -33,6 +33,9 @@ class Sample:
     label: Any = None  # classification: the class name; hateful memes: 0/1
     candidates: Optional[list[str]] = None  # ranked tasks: this sample's candidates (else the task's classes)
     demo_ids: Optional[list[str]] = None  # episodes: the train-split ids of its demos, in prompt order
+    # n-way episodes (concept binding): one shot is one demo of each of the `ways` classes (Frozen's inner shots),
+    # so k shots take the first k * ways demo_ids; None: one demo per shot
+    ways: Optional[int] = None
     kind: Optional[str] = None  # VQA: the annotation's answer type (accuracy is also reported per kind)
 
 
@@ -127,6 +130,18 @@ def media_path(data_dir: Path, relative: str) -> str:
 def demo_ids_of(record: dict[str, Any]) -> Optional[list[str]]:
     ids = record.get("demo_ids")
     return None if ids is None else [str(i) for i in ids]
+
+
+def ways_of(record: dict[str, Any]) -> Optional[int]:
+    """An episode's `ways` (demos per shot); it needs `demo_ids` listed class by class, one of each per shot."""
+    ways = record.get("ways")
+    if ways is None:
+        return None
+    if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
+        raise ValueError(f"record {record.get('id')!r}: 'ways' must be a positive integer, got {ways!r}")
+    if record.get("demo_ids") is None:
+        raise ValueError(f"record {record.get('id')!r} has 'ways' but no 'demo_ids'")
+    return ways
 
 
 __all__ = ["Sample", "Task", "END_OF_CHUNK_TOKEN", "MEDIA_TOKEN"]

@@ -32,8 +32,8 @@ class MiniSize:
     captioning: tuple[int, int] = (100, 200)
     classification: tuple[int, int] = (120, 240)
     videoqa: tuple[int, int] = (60, 150)
-    binding_episodes: int = 150  # one query each, with its own `binding_demos` demos in the train split
-    binding_demos: int = 8
+    binding_episodes: int = 150  # one query each, with its own demos in the train split
+    binding_shots: int = 8  # an episode's demos: this many per word (n-way k-shot, k counted per word as in Frozen)
     novel_prob: float = 0.25  # share of evaluation scenes on a held-out (kind, colour) combination
     # Text corpus for the LM (one document per line) and its held-out part for perplexity.
     corpus_docs: int = 6000

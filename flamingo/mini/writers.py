@@ -42,6 +42,7 @@ OPENERS = ("Some shapes from my notebook.", "Look at these pictures.", "Here is 
            "I drew a few shapes today.", "A short photo story.")
 CLOSERS = ("That is all for today.", "Thanks for looking.", "More shapes tomorrow.", "The end.")
 COMMENTS = ("I like this one.", "It was easy to draw.", "Nice colour.", "This one took a while.")
+MAX_BINDING_WAYS = 3  # an evaluation binding episode binds 2 or 3 words
 BINDING_OPENERS = ("Some new words.", "Let me teach you two words.", "Learn these names.")
 
 
@@ -267,9 +268,11 @@ class WorldWriter:
     def write_binding(self) -> dict:
         """Concept-binding episodes (Frozen's fast binding) in the classification layout.
 
-        Episode e binds 2 or 3 fresh evaluation-only nonsense words to object kinds. Its `binding_demos` demos
-        (train split) alternate the kinds, so any prefix of n_way demos names every kind once; its query (test
-        split) is a new image of one of the kinds, labelled with that kind's word, ranked among `candidates`.
+        Episode e binds n_way (2 or 3) fresh evaluation-only nonsense words to object kinds. Its
+        `binding_shots` * n_way demos (train split) alternate the kinds, so its first k * n_way demos show each kind
+        k times: shots count per word, as in Frozen's fast binding (its record's `ways` tells the harness). Its
+        query (test split) is a new image of one of the kinds, labelled with that kind's word, ranked among
+        `candidates`.
         """
         rng, d = stream(self.seed, "eval/binding"), self._dir("eval", "binding")
         images, train, test = self._dir("eval", "binding", "images"), [], []
@@ -277,12 +280,12 @@ class WorldWriter:
         order = rng.permutation(len(words))
         used = 0
         for e in range(self.size.binding_episodes):
-            n_way = 2 if rng.random() < 0.5 else 3
+            n_way = 2 if rng.random() < 0.5 else MAX_BINDING_WAYS
             kinds = [KINDS[k] for k in rng.choice(len(KINDS), n_way, replace=False)]
             episode_words = [words[order[(used + k) % len(words)]] for k in range(n_way)]
             used += n_way
             demo_ids = []
-            for j in range(self.size.binding_demos):
+            for j in range(self.size.binding_shots * n_way):
                 k = j % n_way
                 scene = self.world.sample_scene(rng, "eval", kind=kinds[k], count=1)
                 sid = f"ep{e:05d}_d{j}"
@@ -296,9 +299,9 @@ class WorldWriter:
             sid = f"ep{e:05d}_q"
             save_image(self.world.render(scene), images / f"{sid}.png")
             test.append({"id": sid, "image": f"images/{sid}.png", "label": episode_words[k],
-                         "candidates": episode_words, "demo_ids": demo_ids, "episode": e, "kind": kinds[k],
-                         "novel": scene.novel})
-            self._tick()
+                         "candidates": episode_words, "demo_ids": demo_ids, "ways": n_way, "episode": e,
+                         "kind": kinds[k], "novel": scene.novel})
+            self._tick(1 + self.size.binding_shots * (MAX_BINDING_WAYS - n_way))  # total_items counts 3 ways
         _write_json(sorted({w for row in test for w in row["candidates"]}), d / "classes.json")
         _write_jsonl(train, d / "train.jsonl")
         _write_jsonl(test, d / "test.jsonl")
@@ -364,7 +367,7 @@ class WorldWriter:
     def total_items(self) -> int:
         s = self.size
         return (s.pairs + s.videos + 2 * s.docs + sum(s.vqa) + sum(s.captioning) + sum(s.classification)
-                + sum(s.videoqa) + s.retrieval_pairs + s.binding_episodes * (s.binding_demos + 1) + s.corpus_docs)
+                + sum(s.videoqa) + s.retrieval_pairs + s.binding_episodes * (s.binding_shots * MAX_BINDING_WAYS + 1) + s.corpus_docs)
 
 
 # Two balanced groups of writers for two processes; the corpus reuses the interleaved documents' text, so it runs

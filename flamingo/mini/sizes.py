@@ -1,5 +1,5 @@
 """Size presets of the mini world and its backbones: `binding` (what `flamingo demo` runs: an LM able to bind words
-in context; ~16-19 minutes on 2 CPU cores), `fast` (the same without binding, ~11-16 minutes; called `default`
+in context; ~16-21 minutes on 2 CPU cores), `fast` (the same without binding, ~11-16 minutes; called `default`
 until 2026-11-25) and `smoke` (the test suite, ~2 minutes).
 
 Each value was chosen by measuring on 2 CPU cores; docs/demo.md keeps the measurements (what was tried, on which
@@ -120,7 +120,8 @@ SIZES: dict[str, MiniSize] = {
     #   depended on the Flamingo stage's random seed.
     # Its LM is probed every 100 steps, so the report says when its induction heads formed, but always trains all
     # 1100 steps: stopping 200 steps after the first passing probe (seeds 0/1/2: at 900/1050/900 steps) gave
-    # binding 93.3/90.0/88.7% at 4 shots against 90.0/94.7/96.0% with all 1100 (docs/demo.md).
+    # binding 93.3/90.0/88.7% at 4 shots against 90.0/94.7/96.0% with all 1100 (docs/demo.md; 4 demos, measured
+    # before binding shots counted per word).
     "binding": MiniSize(name="binding", copy_docs=9000, assoc_docs=6000, lm_steps=1100, lm_lr=6e-3,
                         lm_schedule="constant", lm_probe_every=100, lm_steps_after_induction=1100,
                         vision_steps=1500, vision_mean_aux=1.0, vision_recolour=0.5, flamingo_gate_type="vector"),

@@ -272,7 +272,8 @@ class WorldWriter:
         `binding_shots` * n_way demos (train split) alternate the kinds, so its first k * n_way demos show each kind
         k times: shots count per word, as in Frozen's fast binding (its record's `ways` tells the harness). Its
         query (test split) is a new image of one of the kinds, labelled with that kind's word, ranked among
-        `candidates`.
+        `candidates`. At 8 shots a 3-way prompt holds 25 images: on the seed-0 world 2 of the 150 prompts ran past
+        the binding size's 256-token LM windows (268 tokens at most; its 2-way prompts, 180; docs/demo.md).
         """
         rng, d = stream(self.seed, "eval/binding"), self._dir("eval", "binding")
         images, train, test = self._dir("eval", "binding", "images"), [], []

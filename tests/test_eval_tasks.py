@@ -214,6 +214,23 @@ def test_n_way_episodes_take_a_demo_of_each_class_per_shot(model_and_processor, 
         evaluate(model, processor, "classification", str(data), shots=[3], trials=1, progress=False)
 
 
+def test_every_episode_loader_reads_ways(tmp_path):
+    """`ways` is part of the episode format of every task whose records list `demo_ids` (Frozen's Fast-VQA is a
+    2-way VQA episode); a bad value is a clear error at load time."""
+    data = make_vqa(tmp_path / "data", episodes=True)
+    path = data / "test_questions.json"
+    questions = json.loads(path.read_text())["questions"]
+    for q in questions:
+        q["ways"] = 3
+    _write(path, {"questions": questions})
+    samples = get_task("vqa").load(str(data), "test")
+    assert [s.ways for s in samples] == [3] * len(questions) and all(len(s.demo_ids) == 3 for s in samples)
+    questions[0]["ways"] = 0
+    _write(path, {"questions": questions})
+    with pytest.raises(ValueError, match="'ways' must be a positive integer"):
+        get_task("vqa").load(str(data), "test")
+
+
 @pytest.mark.parametrize("task", ["vqa", "classification"])
 def test_batched_equals_one_by_one(task, model_and_processor, tmp_path):
     """Generation (vqa) and ranking (classification: `score_batch` over left-padded prompts) in batches of 4 give

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cider import cider
-from .task import Sample, Task, demo_ids_of, media_path, read_json
+from .task import Sample, Task, episode_fields, media_path, read_json
 
 SPLITS = {"train": ("train", "restval"), "test": ("test",)}
 
@@ -35,7 +35,7 @@ class CaptioningTask(Task):
                 raise ValueError(f"captions.json: image {im.get('cocoid')!r} has no sentences")
             path = media_path(root, str(Path(im.get("filepath", "")) / im["filename"]))
             samples.append(Sample(id=str(im.get("cocoid", im["filename"])), media=[path], fields={},
-                                  answer=captions[0].strip(), references=captions, demo_ids=demo_ids_of(im)))
+                                  answer=captions[0].strip(), references=captions, **episode_fields(im)))
         return samples
 
     def postprocess(self, text: str) -> str:

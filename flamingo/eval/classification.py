@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, demo_ids_of, media_path, read_json, read_jsonl, ways_of
+from .task import Sample, Task, episode_fields, media_path, read_json, read_jsonl
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -36,7 +36,7 @@ class ClassificationTask(Task):
             return [Sample(id=str(r["id"]), media=[media_path(root, r["image"])], fields={}, answer=str(r["label"]),
                            references=[str(r["label"])], label=str(r["label"]),
                            candidates=[str(c) for c in r["candidates"]] if r.get("candidates") else None,
-                           demo_ids=demo_ids_of(r), ways=ways_of(r)) for r in records]
+                           **episode_fields(r)) for r in records]
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
             raise FileNotFoundError(f"{str(root)!r} has neither {split}.jsonl nor an ImageNet-style {folder.name}/")

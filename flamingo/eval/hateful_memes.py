@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .task import Sample, Task, demo_ids_of, media_path, read_jsonl
+from .task import Sample, Task, episode_fields, media_path, read_jsonl
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> Optional[float]:
@@ -39,7 +39,7 @@ class HatefulMemesTask(Task):
             label = int(r["label"])
             samples.append(Sample(id=str(r["id"]), media=[media_path(root, r["img"])], fields={"text": r["text"]},
                                   answer="yes" if label else "no", references=["yes" if label else "no"],
-                                  label=label, demo_ids=demo_ids_of(r)))
+                                  label=label, **episode_fields(r)))
         return samples
 
     def candidates_for(self, sample: Sample) -> list[str]:

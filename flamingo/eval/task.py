@@ -132,6 +132,11 @@ def demo_ids_of(record: dict[str, Any]) -> Optional[list[str]]:
     return None if ids is None else [str(i) for i in ids]
 
 
+def episode_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A test record's episode fields for `Sample`: its `demo_ids` and, for an n-way episode, its `ways`."""
+    return {"demo_ids": demo_ids_of(record), "ways": ways_of(record)}
+
+
 def ways_of(record: dict[str, Any]) -> Optional[int]:
     """An episode's `ways` (demos per shot); it needs `demo_ids` listed class by class, one of each per shot."""
     ways = record.get("ways")

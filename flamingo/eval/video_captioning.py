@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .captioning import CaptioningTask
-from .task import Sample, demo_ids_of, media_path, read_json
+from .task import Sample, episode_fields, media_path, read_json
 
 
 class VideoCaptioningTask(CaptioningTask):
@@ -21,5 +21,5 @@ class VideoCaptioningTask(CaptioningTask):
             if not captions:
                 raise ValueError(f"{split}.json: video {rec.get('id')!r} has no captions")
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, rec["video"])], fields={},
-                                  answer=captions[0].strip(), references=captions, demo_ids=demo_ids_of(rec)))
+                                  answer=captions[0].strip(), references=captions, **episode_fields(rec)))
         return samples

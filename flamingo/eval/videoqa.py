@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, demo_ids_of, media_path, read_json
+from .task import Sample, Task, episode_fields, media_path, read_json
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 
@@ -23,7 +23,7 @@ class VideoQATask(Task):
             video = rec.get("video") or f"videos/{rec['video_id']}.mp4"
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, video)],
                                   fields={"question": rec["question"]}, answer=str(rec["answer"]),
-                                  references=[str(rec["answer"])], demo_ids=demo_ids_of(rec)))
+                                  references=[str(rec["answer"])], **episode_fields(rec)))
         return samples
 
     def postprocess(self, text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, demo_ids_of, media_path, read_json
+from .task import Sample, Task, episode_fields, media_path, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
 
@@ -44,7 +44,7 @@ class VQATask(Task):
             # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)
             kind = ann.get("answer_type") or ann.get("question_type")
             samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},
-                                  answer=answer, references=answers or [answer], demo_ids=demo_ids_of(q),
+                                  answer=answer, references=answers or [answer], **episode_fields(q),
                                   kind=str(kind) if kind is not None else None))
         return samples
 

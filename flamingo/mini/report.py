@@ -295,8 +295,8 @@ def write_report(run: "DemoRun") -> str:
     queries = ", ".join(f"{task} {r.get('num_samples', 'n/a')}" for task, r in first.items())
     lines += ["## Few-shot results", "",
               "Held-out images (and held-out kind x colour combinations) for every task; binding uses nonsense words "
-              "never seen in training, bound to object kinds by the demos of each 2- or 3-way episode; a binding shot is one "
-              "demo of each word (n-way k-shot, shots counted per word as in Frozen's fast binding). "
+              "never seen in training, bound to object kinds by the demos of each 2- or 3-way episode; a binding "
+              "shot is one demo of each word (n-way k-shot, shots counted per word as in Frozen's fast binding). "
               "`flamingo-gates0` is the trained model with every tanh gate set to 0 (the frozen LM alone). "
               f"Queries per cell: {queries}.", "",
               "| model | task (metric) | " + " | ".join(f"{k}-shot" for k in s.shots) + " |",

@@ -368,7 +368,8 @@ class WorldWriter:
     def total_items(self) -> int:
         s = self.size
         return (s.pairs + s.videos + 2 * s.docs + sum(s.vqa) + sum(s.captioning) + sum(s.classification)
-                + sum(s.videoqa) + s.retrieval_pairs + s.binding_episodes * (s.binding_shots * MAX_BINDING_WAYS + 1) + s.corpus_docs)
+                + sum(s.videoqa) + s.retrieval_pairs + s.binding_episodes * (s.binding_shots * MAX_BINDING_WAYS + 1)
+                + s.corpus_docs)
 
 
 # Two balanced groups of writers for two processes; the corpus reuses the interleaved documents' text, so it runs

@@ -14,7 +14,9 @@ from flamingo.mini.demo import (
     SMOKE_CHECK, DemoRun, DemoSettings, config_path, eval_job, gate_zero_shots, per_rank_batches, run_demo,
     train_flamingo)
 from flamingo.mini.evaluate import run_eval_job
-from flamingo.mini.report import headline, time_goal
+from flamingo.mini.sizes import get_size
+from flamingo.model.build import load_pretrained
+from flamingo.mini.report import headline, skipped_queries, time_goal
 from flamingo.mini.tryit import HAND_PROMPTS
 
 
@@ -88,6 +90,21 @@ def test_trained_flamingo_beats_its_gate_zero_self(demo_run):
     gates0 = headline(demo_run, "flamingo-gates0", task, shots)
     assert trained is not None and gates0 is not None
     assert trained > gates0, (task, shots, trained, gates0)
+
+
+def test_prompts_longer_than_the_lms_window_are_skipped_and_reported(demo_run):
+    """The grown tokenizer carries the LM's context as model_max_length, so the harness skips (and the report counts)
+    the smoke LM's 8-shot binding prompts (3 demos a shot of 2-3 nonsense words: far over its 128 positions)."""
+    context = get_size("smoke").lm_context
+    _, processor = load_pretrained(demo_run.models["flamingo"])
+    assert processor.max_length == context == demo_run.backbones["lm"]["context"]
+    binding = {r["shots"]: r["skipped"] for r in demo_run.results["flamingo"]["binding"]["runs"]}
+    n = demo_run.results["flamingo"]["binding"]["num_samples"]
+    assert binding[0] == 0 and binding[8] == n  # 0-shot prompts hold two text demos; 8 shots: 16-24 demos
+    assert headline(demo_run, "flamingo", "binding", 8) is None
+    assert f"flamingo binding 8-shot: {n} of {n}" in skipped_queries(demo_run)
+    with open(os.path.join(demo_run.settings.out, "report.md")) as f:
+        assert f"flamingo binding 8-shot: {n} of {n}" in f.read()
 
 
 def test_evaluation_in_several_processes_equals_one_process(demo_run, tmp_path):

@@ -16,6 +16,7 @@ from flamingo.eval.demos import DemoSelector, prompt_demos
 from flamingo.eval.predict import MediaLoader, build_prompt, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
 from flamingo.eval.task import Sample, ways_of
+from flamingo.eval.tasks import get_task
 from flamingo.eval.vqa import VQATask
 from flamingo.generation import continuation_logprobs_reference
 from flamingo.model.backbones import vision_features
@@ -186,7 +187,7 @@ def test_rank_classification_is_argmax_of_forward_logprobs(model_and_processor, 
     samples = [Sample(id="q", media=[paths[1]], fields={}, answer="dog"),
                Sample(id="r", media=[paths[2]], fields={}, answer="dog", candidates=["no", "cat", "two cats"])]
     prompts = [build_prompt(task, samples[0], [demo, demo]), build_prompt(task, samples[1], [])]
-    records = rank_batch(model, processor, MediaLoader(processor), task, samples, prompts, {})
+    records = rank_batch(model, processor, MediaLoader(processor), task, samples, prompts)
     for sample, prompt, record in zip(samples, prompts, records):
         ids, media = processor.encode_prompt(*prompt)
         batch = processor.batch_media([media])
@@ -284,3 +285,50 @@ def test_two_ranks_split_the_rices_query_set_and_equal_one_process(model_and_pro
     # Each rank encodes its share of the 5 query-set images (3 + 2) and its own test images (3 + 2), once: together
     # what one process encodes (10), not the query set twice.
     assert encoded == [6, 4]
+
+
+def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_processor, tmp_path):
+    """A query whose prompt plus longest candidate (ranked) or plus max_new_tokens (generated) needs more positions
+    than the processor's max_length is not run: its record says why, the run counts it, the metric is over the rest
+    and the other queries' predictions are unchanged."""
+    import copy
+
+    from test_eval_tasks import make_classification, make_vqa
+
+    from flamingo.eval.predict import needed_tokens
+
+    model, processor = model_and_processor
+    data = str(make_classification(tmp_path / "cls"))
+    task = ClassificationTask()
+    samples = task.load(data, "test")
+    needed = [needed_tokens(processor, task, s, task.query_prompt(s), 0) for s in samples]
+    # s10 ranks two short candidates, s11/s12 the class list (longest: two words)
+    assert needed[0] < min(needed[1:]), needed
+    full = evaluate(model, processor, "classification", data, shots=[0], trials=1, zero_shot="none",
+                    progress=False, out_dir=str(tmp_path / "full"))
+    short = copy.copy(processor)
+    short.max_length = needed[0]  # exactly what s10 needs: kept
+    cut = evaluate(model, short, "classification", data, shots=[0], trials=1, zero_shot="none", progress=False,
+                   out_dir=str(tmp_path / "cut"))
+    full_records = [json.loads(line) for line in
+                    (tmp_path / "full" / "predictions" / "classification_0shot_trial0.jsonl").read_text().splitlines()]
+    cut_records = [json.loads(line) for line in
+                   (tmp_path / "cut" / "predictions" / "classification_0shot_trial0.jsonl").read_text().splitlines()]
+    assert cut_records[0] == full_records[0]
+    assert [r["id"] for r in cut_records] == [s.id for s in samples]
+    for record, n in zip(cut_records[1:], needed[1:]):
+        assert "prediction" not in record and record["skipped"] == f"needs {n} tokens, max_length is {needed[0]}"
+    assert cut["runs"][0]["skipped"] == 2 and full["runs"][0]["skipped"] == 0
+    assert cut["runs"][0]["metrics"] == task.compute_metrics(samples[:1], full_records[:1])
+    assert "0-shot 2" in (tmp_path / "cut" / "results.md").read_text()
+
+    # generation: prompt + max_new_tokens; every query one token too long -> no metric, the table says n/a
+    vqa_dir = str(make_vqa(tmp_path / "vqa"))
+    vqa = get_task("vqa")
+    queries = vqa.load(vqa_dir, "test")
+    short.max_length = min(needed_tokens(processor, vqa, s, vqa.query_prompt(s), 3) for s in queries) - 1
+    none = evaluate(model, short, vqa, vqa_dir, shots=[0, 1], trials=1, zero_shot="none", progress=False,
+                    out_dir=str(tmp_path / "none"), generation={"max_new_tokens": 3, "num_beams": 1})
+    assert [r["skipped"] for r in none["runs"]] == [5, 5] and all(r["metrics"] == {} for r in none["runs"])
+    table = (tmp_path / "none" / "results.md").read_text()
+    assert "0-shot 5, 1-shot 5." in table and not (tmp_path / "none" / "results.png").exists()

@@ -38,6 +38,25 @@ def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media
     return text, media + list(sample.media)
 
 
+def needed_tokens(processor: FlamingoProcessor, task: Task, sample: Sample, prompt_text: str,
+                  max_new_tokens: int) -> int:
+    """Positions the LM must hold for one query: its prompt plus the longest candidate continuation (ranked
+    tasks) or `max_new_tokens` (generation). A query needing more than `processor.max_length` is skipped."""
+    length = len(processor.tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+    if task.kind == "generate":
+        return length + max_new_tokens
+    ids = continuation_ids_of(processor, task, task.candidates_for(sample))
+    return length + max(len(i) for i in ids)
+
+
+def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Sequence[str]) -> list[list[int]]:
+    """Ranked tasks: each candidate's continuation token ids, tokenized once per task (`task.continuation_ids`)."""
+    for c in candidates:
+        if c not in task.continuation_ids:
+            task.continuation_ids[c] = processor.tokenizer(task.continuation(c), add_special_tokens=False)["input_ids"]
+    return [task.continuation_ids[c] for c in candidates]
+
+
 def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
                         prompts: Sequence[tuple[str, list[str]]]) -> dict[str, Any]:
     """Prompts (text, media paths) -> the model's left-padded batch on its device (images in the tower's dtype)."""
@@ -65,16 +84,12 @@ def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoa
 
 @torch.no_grad()
 def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
-               samples: Sequence[Sample], prompts: Sequence[tuple[str, list[str]]],
-               continuation_ids: dict[str, list[int]], batch_size: int = 64,
+               samples: Sequence[Sample], prompts: Sequence[tuple[str, list[str]]], batch_size: int = 64,
                vision_cache: Optional[VisionFeatureCache] = None) -> list[dict[str, Any]]:
     """Score every candidate of each sample after its prompt, the prompts left-padded into one `score_batch` call
     -> the task's prediction records."""
     candidates = [task.candidates_for(sample) for sample in samples]
-    for c in {c for cands in candidates for c in cands}:
-        if c not in continuation_ids:
-            continuation_ids[c] = processor.tokenizer(task.continuation(c), add_special_tokens=False)["input_ids"]
     inputs = _left_padded_inputs(model, processor, load, prompts)
-    scores = model.score_batch(inputs.pop("input_ids"), [[continuation_ids[c] for c in cands] for cands in candidates],
+    scores = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c) for c in candidates],
                                batch_size=batch_size, vision_cache=vision_cache, **inputs)  # B x (C_b,)
     return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]

@@ -21,7 +21,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from . import distributed
 from .demos import DemoSelector, prompt_demos
-from .predict import MediaLoader, build_prompt, generate_batch, rank_batch
+from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
@@ -42,7 +42,9 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
             loader: Optional[MediaLoader] = None, progress: bool = True, description: str = "",
             generation: Optional[dict[str, Any]] = None, vision_cache: Optional[VisionFeatureCache] = None
             ) -> list[dict[str, Any]]:
-    """Prediction records of `samples` (this rank's shard: strided, gathered in index order on every rank)."""
+    """Prediction records of `samples` (this rank's shard: strided, gathered in index order on every rank). A query
+    that needs more positions than `processor.max_length` (its prompt plus the longest candidate, or plus the new
+    tokens) is not run: its record holds `skipped` (why) instead of a prediction, and `evaluate` counts it."""
     loader = loader or MediaLoader(processor)
     n = len(samples)
     mine = distributed.shard(n)
@@ -52,24 +54,36 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
     else:
         rices = {}
     local: list[tuple[int, dict[str, Any]]] = []
+    limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
+    new_tokens = int({"max_new_tokens": task.max_new_tokens, **(generation or {})}["max_new_tokens"]) \
+        if task.kind == "generate" else 0
     bar = tqdm(total=len(mine), desc=description, disable=not progress or distributed.rank() != 0)
     for start in range(0, len(mine), batch_size):
-        indices = mine[start:start + batch_size]
-        prompts, chosen = [], []
-        for i in indices:
+        indices, prompts, chosen = [], [], []
+        for i in mine[start:start + batch_size]:
             demos, with_media = (rices[i], True) if i in rices else prompt_demos(selector, samples[i], i, shots,
                                                                                   zero_shot)
-            prompts.append(build_prompt(task, samples[i], demos, with_media))
-            chosen.append([d.id for d in demos])
-        if task.kind == "generate":
+            prompt = build_prompt(task, samples[i], demos, with_media)
+            demo_ids = [d.id for d in demos]
+            if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],
+                                                              new_tokens)) > limit:
+                local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
+                                  "demo_ids": demo_ids}))
+                continue
+            indices.append(i)
+            prompts.append(prompt)
+            chosen.append(demo_ids)
+        if not indices:
+            records = []
+        elif task.kind == "generate":
             records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
                                      **(generation or {}))
         else:
             records = rank_batch(model, processor, loader, task, [samples[i] for i in indices], prompts,
-                                 task.continuation_ids, vision_cache=vision_cache)
+                                 vision_cache=vision_cache)
         for i, record, demo_ids in zip(indices, records, chosen):
             local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
-        bar.update(len(indices))
+        bar.update(len(mine[start:start + batch_size]))
     bar.close()
     return distributed.all_gather(local, n)
 
@@ -134,10 +148,13 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
                               batch_size=batch_size, loader=loader, progress=progress,
                               description=f"{task.name} {k}-shot trial {trial}", generation=generation,
                               vision_cache=vision_cache)
-            metrics = task.compute_metrics(samples, records) if distributed.rank() == 0 else None
+            kept = [(sample, r) for sample, r in zip(samples, records) if "skipped" not in r]
+            metrics = task.compute_metrics([sample for sample, _ in kept], [r for _, r in kept]) \
+                if distributed.rank() == 0 and kept else {}  # every query too long: no metric at k shots
             metrics = distributed.broadcast(metrics)
             extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}
-            runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics, **extra})
+            runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
+                         "skipped": len(samples) - len(kept), **extra})
             predictions[(k, trial)] = records
     results = {
         **base, "data": str(data_dir),
@@ -160,22 +177,25 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs -> one row per (shots, metric): mean, std (population) and the per-trial values."""
     rows = []
+    metrics = list(dict.fromkeys(m for r in runs for m in r["metrics"]))
     for k in dict.fromkeys(r["shots"] for r in runs):
         of_k = [r for r in runs if r["shots"] == k]
-        for metric in dict.fromkeys(m for r in of_k for m in r["metrics"]):
-            values = [r["metrics"].get(metric) for r in of_k]  # a breakdown key a trial's samples lack: None
+        for metric in metrics:
+            # None: a breakdown key a trial's samples lack, or a trial whose queries were all skipped
+            values = [r["metrics"].get(metric) for r in of_k]
             real = [v for v in values if v is not None]
             rows.append({"task": of_k[0]["task"], "model": of_k[0]["model"], "shots": k, "metric": metric,
                          "mean": float(np.mean(real)) if real else None,
                          "std": float(np.std(real)) if real else None,
                          "values": values, "seeds": [r["seed"] for r in of_k],
-                         "num_samples": of_k[0]["num_samples"], "date": of_k[0]["date"]})
+                         "num_samples": of_k[0]["num_samples"], "skipped": [r.get("skipped", 0) for r in of_k],
+                         "date": of_k[0]["date"]})
     return rows
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     """A table with a row per metric and a column per number of shots: mean ± std over trials."""
-    shots = list(dict.fromkeys(r["shots"] for r in results["summary"]))
+    shots = list(dict.fromkeys(r["shots"] for r in results["runs"]))
     metrics = list(dict.fromkeys(r["metric"] for r in results["summary"]))
     cell = {(r["metric"], r["shots"]): r for r in results["summary"]}
     s = results["settings"]
@@ -191,6 +211,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = cell.get((m, k))
             row.append("n/a" if r is None or r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
+    skipped: dict[int, int] = {}
+    for run in results["runs"]:
+        if run.get("skipped"):
+            skipped[run["shots"]] = max(skipped.get(run["shots"], 0), run["skipped"])
+    if skipped:
+        lines += ["", f"Not run, longer than the model's max_length (of {results['num_samples']} queries, most over "
+                      "trials): " + ", ".join(f"{k}-shot {n}" for k, n in skipped.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +230,8 @@ def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(r["metric"] for r in results["summary"] if "/" not in r["metric"]))
+    if not metrics:  # every query of every run was skipped (longer than max_length): nothing to plot
+        return
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         rows = [r for r in results["summary"] if r["metric"] == m and r["mean"] is not None]

@@ -75,9 +75,11 @@ def _lr(step: int, total: int, peak: float, warmup_frac: float = 0.1, schedule: 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer
 def grow_tokenizer(corpus: Union[PathLike, Sequence[str]], vocab_size: int, out_dir: PathLike, *,
-                   progress: bool = True) -> PreTrainedTokenizerFast:
+                   model_max_length: Optional[int] = None, progress: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `corpus` (a text file, one document per line, or a list of strings), with
-    `<|endoftext|>` as BOS/EOS and no pad token (`from_backbones` adds pad, `<image>`, `<|endofchunk|>`)."""
+    `<|endoftext|>` as BOS/EOS and no pad token (`from_backbones` adds pad, `<image>`, `<|endofchunk|>`).
+    `model_max_length`: the LM's context, saved with the tokenizer as a hub LM's tokenizer has it, so that the
+    Flamingo processor refuses longer prompts and the evaluation harness skips (and counts) them."""
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
     with tqdm(total=3, desc="tokenizer", leave=False, disable=not progress) as bar:
@@ -90,7 +92,9 @@ def grow_tokenizer(corpus: Union[PathLike, Sequence[str]], vocab_size: int, out_
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(lines, trainer=trainer)
         bar.update()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=None)
+        extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=None,
+                                            **extra)
         tokenizer.save_pretrained(str(out_dir))
         bar.update()
     return tokenizer
@@ -542,7 +546,7 @@ def _train_lm(corpus: Union[PathLike, Sequence[str]], tokenizer: Union[PathLike,
     lm.eval()
     result: dict[str, Any] = {"dir": str(out_dir), "steps": steps, "final_loss": round(loss_value, 4),
                               "tokens_seen": steps * size.lm_batch * ctx, "corpus_tokens": len(stream),
-                              "params": sum(p.numel() for p in lm.parameters())}
+                              "params": sum(p.numel() for p in lm.parameters()), "context": ctx}
     if size.lm_probe_every > 0:  # the step whose probe first found in-context recall (None: not within lm_steps)
         result.update(induction_step=induction_step, probe_every=size.lm_probe_every, max_steps=size.lm_steps)
     if heldout is not None:
@@ -571,7 +575,8 @@ def grow_backbones(manifest: Union[dict, PathLike], out_dir: PathLike, size: Uni
     size = _size(size if size is not None else manifest.get("size"))
     out = Path(out_dir)
     t0 = time.perf_counter()
-    tokenizer = grow_tokenizer(manifest["corpus"]["train"], size.vocab_size, out / "tokenizer", progress=progress)
+    tokenizer = grow_tokenizer(manifest["corpus"]["train"], size.vocab_size, out / "tokenizer",
+                               model_max_length=size.lm_context, progress=progress)
     report: dict[str, Any] = {"tokenizer": {"dir": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                                             "wall_s": round(time.perf_counter() - t0, 2)}}
     report["vision"] = grow_vision(manifest["data"]["pairs"]["path"], out / "vision",

@@ -51,6 +51,17 @@ def _breakdown_table(run: "DemoRun", task: str) -> list[str]:
     return lines + [""]
 
 
+def skipped_queries(run: "DemoRun") -> list[str]:
+    """`variant task k-shot: n of N` for every cell the harness skipped queries of (longer than max_length)."""
+    out = []
+    for variant, tasks in run.results.items():
+        for task, results in tasks.items():
+            for r in results.get("runs", []):
+                if r.get("skipped"):
+                    out.append(f"{variant} {task} {r['shots']}-shot: {r['skipped']} of {results['num_samples']}")
+    return out
+
+
 def _fmt(value: Optional[float], task: str) -> str:
     if value is None:
         return "n/a"
@@ -308,6 +319,11 @@ def write_report(run: "DemoRun") -> str:
     chance = run.world["eval"]["binding"].get("chance")
     if chance:
         lines += ["", f"Binding chance level: {100 * chance:.1f}%."]
+    skipped = skipped_queries(run)
+    if skipped:
+        lines += ["", "Not run (the prompt and its answer need more positions than the LM's "
+                      f"{run.backbones.get('lm', {}).get('context', 'n/a')}-token window; the cell is over the rest): "
+                  + "; ".join(skipped) + "."]
     lines += [""] + _breakdown_table(run, "vqa")
     lines += ["![few-shot](fewshot.png)", "", "## Goals", "", "| goal | reached | numbers |", "|---|---|---|"]
     lines += [f"| {g} | {_reached(ok)} | {nums} |" for g, ok, nums in goals(run)]

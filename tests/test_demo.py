@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from flamingo.mini.demo import (
-    SMOKE_CHECK, DemoRun, DemoSettings, config_path, eval_job, gate_zero_shots, per_rank_batches, run_demo,
-    train_flamingo)
+    ABLATIONS, SMOKE_CHECK, DemoRun, DemoSettings, config_path, eval_job, gate_zero_shots, per_rank_batches,
+    run_demo, train_flamingo, train_overrides)
 from flamingo.mini.evaluate import run_eval_job
 from flamingo.mini.sizes import get_size
 from flamingo.model.build import load_pretrained
@@ -71,6 +71,46 @@ def test_every_stage_leaves_its_artefact(demo_run):
     assert first["samples"] == sum(d["batch_size"] for d in datasets)
     if demo_run.settings.train_procs > 1:
         assert f"torchrun --standalone --nproc_per_node={demo_run.settings.train_procs}" in report
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_each_ablation_trains_the_papers_variant(demo_run, ablation):
+    """`--ablate X`'s Flamingo stage is configs/mini.yaml with the demo's overrides plus X's: the model it builds
+    differs from the demo's in that one way (the paper's Table 3 rows), on the grown smoke backbones."""
+    from flamingo.model.resampler import MLPResampler, PerceiverResampler
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import build_model
+
+    base, _ = build_model(load_config(config_path(), train_overrides(demo_run, "flamingo")))
+    layers = len(base.lm.get_submodule(base.decoder_layers_path))
+    config = load_config(config_path(), train_overrides(demo_run, ablation))
+    if ablation == "xattn-every-4" and layers < 4:  # the smoke LM has 2 layers: no block would be left
+        with pytest.raises(ValueError, match="places no cross-attention block in this 2-layer LM"):
+            build_model(config)
+        with pytest.raises(ValueError, match="needs an LM of 4 layers or more"):  # refused before any stage runs
+            run_demo(DemoSettings(out="/nonexistent/never-written", size="smoke", ablate=ablation))
+        return
+    model, _ = build_model(config)
+
+    def trainable(m):
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+
+    def gates(m):
+        return {n for n, _ in m.named_parameters() if n.endswith("_gate")}
+
+    assert base.xattn_layer_indices == list(range(layers)) and isinstance(base.resampler, PerceiverResampler)
+    assert len(gates(base)) == 2 * layers and gates(base) <= trainable(base)
+    if ablation == "gating":
+        assert not gates(model) and trainable(base) - trainable(model) == gates(base)
+    elif ablation == "xattn-every-4":
+        assert len(model.xattn) == len(model.xattn_layer_indices) == layers // 4 < len(base.xattn)
+    elif ablation == "mlp-resampler":
+        assert isinstance(model.resampler, MLPResampler) and len(model.xattn) == len(base.xattn)
+    else:
+        assert ablation == "unfrozen-lm"
+        lm_params = {f"lm.{n}" for n, _ in model.lm.named_parameters()}
+        assert lm_params <= trainable(model) and not lm_params <= trainable(base)
+        assert not any(p.requires_grad for p in model.vision.parameters())
 
 
 def test_processes_share_every_batch_or_are_refused():

@@ -270,6 +270,10 @@ def run_demo(settings: DemoSettings) -> DemoRun:
     """All stages; returns what the report is made of (report.md is written into settings.out)."""
     if settings.ablate is not None and settings.ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {settings.ablate!r}: choose from {sorted(ABLATIONS)}")
+    layers = get_size(settings.size).lm_layers
+    if settings.ablate == "xattn-every-4" and layers < 4:  # refused here, not by the trainer after two stages
+        raise ValueError(f"--ablate xattn-every-4 needs an LM of 4 layers or more: the {settings.size!r} size's "
+                         f"LM has {layers}, so no cross-attention block would be left")
     for name in ("train_procs", "eval_procs"):
         procs = getattr(settings, name)
         if procs < 0:

@@ -132,6 +132,9 @@ class Flamingo(nn.Module):
         self.decoder_layers_path = find_decoder_layers(lm)
         layers = lm.get_submodule(self.decoder_layers_path)
         self.xattn_layer_indices = config.xattn_layer_indices(len(layers))
+        if not self.xattn_layer_indices:  # the images could never reach the text
+            raise ValueError(f"xattn_every={config.xattn_every} places no cross-attention block in this "
+                             f"{len(layers)}-layer LM (a block goes before layer i when (i + 1) % xattn_every == 0)")
         dim, dim_visual = hidden_size_of(lm_text_config(lm)), vision_hidden_size(vision)
 
         if config.resampler == "perceiver":

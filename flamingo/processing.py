@@ -95,6 +95,12 @@ class FlamingoProcessor:
         self.video_fps = video_fps
         self.padding_side = padding_side
 
+    def token_ids(self, text: str, *, special_tokens: bool = True) -> list[int]:
+        """`text` -> token ids, however long. Every caller checks the length itself and says what it does about it
+        (raises, truncates, or skips and counts), so HF's warning for sequences over `model_max_length` ("will result
+        in indexing errors"), untrue for all of them, is not printed."""
+        return self.tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
+
     @property
     def media_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
@@ -190,7 +196,7 @@ class FlamingoProcessor:
                       max_length: Optional[int] = None) -> tuple[list[int], list[torch.Tensor]]:
         """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length."""
         text, media_list = self._split_prompt(prompt, media)
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = self.token_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
         if n_placeholders != len(media_list):
             raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media_list)} "

@@ -52,6 +52,27 @@ def test_clear_errors(processor, tmp_path):
         processor("<image>x", images=[str(bad)])
 
 
+def test_over_long_text_is_told_once_by_us_not_by_hf(caplog):
+    """A tokenizer that knows its LM's context (model_max_length, as hub tokenizers and the demo's have it): a prompt
+    past it is refused by our error, a training text is truncated, an eval query is measured and skipped; HF's own
+    warning ("... will result in indexing errors") is logged by none of them."""
+    from flamingo.data.sequence import tokenize
+
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    tok.model_max_length = 16
+    processor = FlamingoProcessor(tok, tiny_image_processor("clip"))
+    assert processor.max_length == 16
+    text = "word " * 40
+    with pytest.raises(ValueError, match="longer than max_length=16"):
+        processor(text)
+    assert len(tokenize(processor, text, 16)) == 16
+    assert len(processor.token_ids(text)) > 16
+    assert "indexing errors" not in caplog.text
+    tok(text)  # the check can fail: HF's plain call logs it
+    assert "indexing errors" in caplog.text
+
+
 def test_image_file_and_array_inputs(processor, tmp_path):
     img = random_image(3)
     path = tmp_path / "a.png"

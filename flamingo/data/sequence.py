@@ -64,7 +64,7 @@ def truncate_ids(ids: list[int], max_tokens: int, media_token_id: int) -> list[i
 
 
 def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int]) -> list[int]:
-    ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = processor.token_ids(text)
     return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
 
 

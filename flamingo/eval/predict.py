@@ -42,7 +42,7 @@ def needed_tokens(processor: FlamingoProcessor, task: Task, sample: Sample, prom
                   max_new_tokens: int) -> int:
     """Positions the LM must hold for one query: its prompt plus the longest candidate continuation (ranked
     tasks) or `max_new_tokens` (generation). A query needing more than `processor.max_length` is skipped."""
-    length = len(processor.tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+    length = len(processor.token_ids(prompt_text))
     if task.kind == "generate":
         return length + max_new_tokens
     ids = continuation_ids_of(processor, task, task.candidates_for(sample))
@@ -53,7 +53,7 @@ def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Se
     """Ranked tasks: each candidate's continuation token ids, tokenized once per task (`task.continuation_ids`)."""
     for c in candidates:
         if c not in task.continuation_ids:
-            task.continuation_ids[c] = processor.tokenizer(task.continuation(c), add_special_tokens=False)["input_ids"]
+            task.continuation_ids[c] = processor.token_ids(task.continuation(c), special_tokens=False)
     return [task.continuation_ids[c] for c in candidates]
 
 

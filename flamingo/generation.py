@@ -12,16 +12,20 @@ What is computed once per prompt, and what per decode step:
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
-from .model.backbones import lm_cache_argument, lm_last_logits_only, lm_output_cache
+from .model.backbones import lm_cache_argument, lm_last_logits_only, lm_max_positions, lm_output_cache
 from .model.feature_cache import VisionFeatureCache
 from .model.flamingo import Flamingo, MediaContext
 from .model.xattn import XAttnImpl
+
+log = logging.getLogger(__name__)
 
 
 def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
@@ -54,6 +58,29 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
         config.pad_token_id = model.config.first_new_token_id + model.config.num_new_tokens - 1 \
             if model.config.num_new_tokens else config.eos_token_id[0]
     config.update(**kwargs)
+    return config
+
+
+def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: torch.Tensor) -> GenerationConfig:
+    """`config` with at most as many new tokens as the LM has positions left after the longest prompt (a copy, and
+    a logged warning, when it asked for more); a prompt that leaves none is a clear error. Without this an LM with
+    learned positions (GPT-2, OPT) fails deep inside torch at the first position past its table."""
+    limit = lm_max_positions(model.lm)
+    if limit is None:
+        return config
+    prompt = int(attention_mask.sum(dim=1).max())  # positions of the longest prompt (left padding takes none)
+    if prompt >= limit:
+        raise ValueError(f"the prompt takes {prompt} positions and the LM has {limit} (max_position_embeddings): "
+                         "none is left to generate into; shorten the prompt")
+    room = limit - prompt
+    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - attention_mask.shape[1]
+    if new <= room:
+        return config
+    log.warning("max_new_tokens=%d capped to %d: the prompt takes %d of the LM's %d positions", new, room, prompt, limit)
+    config = copy.deepcopy(config)
+    config.max_new_tokens = room
+    if config.min_new_tokens is not None:
+        config.min_new_tokens = min(config.min_new_tokens, room)
     return config
 
 
@@ -94,6 +121,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config_keys = set(GenerationConfig().to_dict())
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
+    config = fit_to_positions(model, config, attention_mask)
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     # `<image>` is suppressed after the prompt: see MediaContext
     ctx = MediaContext(visual=visual_tokens, static_after_prompt=True, impl=xattn_impl)
@@ -142,6 +170,15 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
         attention_mask = torch.ones_like(input_ids)
     elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("score_batch needs left padding (each context's tokens last in its row)")
+    limit = lm_max_positions(model.lm)
+    if limit is not None:
+        # a candidate's last token is only scored, never fed: context + longest candidate - 1 positions
+        needed = attention_mask.sum(dim=1).cpu() + torch.tensor([max((len(c) for c in cands), default=1) - 1
+                                                                 for cands in continuations])  # (B,)
+        if bool((needed > limit).any()):
+            i = int(needed.argmax())
+            raise ValueError(f"context {i} and its longest continuation need {int(needed[i])} positions; the LM has "
+                             f"{limit} (max_position_embeddings)")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
     ctx = MediaContext(visual=visual_tokens)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from flamingo.generation import continuation_logprobs_reference
-from flamingo.tiny import random_image
+from flamingo.tiny import random_image, set_gates
 
 SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
 PROMPTS = {
@@ -166,6 +166,48 @@ def test_score_equals_plain_forward_logprobs(make_model):
         scores = model.score(batch["input_ids"], candidates, **extra, batch_size=2)
         expected = [continuation_logprobs_reference(model, batch["input_ids"], c, **extra) for c in candidates]
         torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lm_kind", ["gpt2", "opt", "llama"])
+def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
+    """An LM of 24 positions. GPT-2 and OPT learn one embedding per position, so past them they failed with an
+    IndexError deep inside torch. Generation now stops at the last position (max_new_tokens capped, logged), with
+    the tokens it would have made anyway; a candidate that ends exactly at the last position is scored as a plain
+    forward scores it, one token more is a clear error, and so are a prompt that leaves no position (the processor
+    refuses it first) and a forward longer than the positions."""
+    from flamingo.model.build import from_backbones
+    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+    tok = tiny_tokenizer()
+    positions = {"n_positions": 24} if lm_kind == "gpt2" else {"max_position_embeddings": 24}
+    model, processor = from_backbones(tiny_vision(), tiny_lm(lm_kind, vocab_size=len(tok), **positions), tok,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor())
+    set_gates(model.eval())
+    batch = processor("<image>a b c d e", images=[random_image(0)])
+    t = batch["input_ids"].shape[1]
+    with caplog.at_level("WARNING", logger="flamingo.generation"):
+        capped = model.generate(**batch, max_new_tokens=40, min_new_tokens=40)
+    assert f"max_new_tokens=40 capped to {24 - t}" in caplog.text
+    assert torch.equal(capped, model.generate(**batch, max_new_tokens=24 - t, min_new_tokens=24 - t))
+
+    extra = {k: batch[k] for k in ("images", "num_media")}
+    fits = list(range(50, 50 + 25 - t))  # its last token is predicted at position 23, never fed
+    full = torch.cat([batch["input_ids"], torch.tensor([fits])], dim=1)[:, :-1]  # (1, 24)
+    with torch.no_grad():
+        logprobs = model(full, **extra).logits[0, t - 1:].float().log_softmax(-1)  # (len(fits), V)
+    expected = logprobs.gather(-1, torch.tensor(fits)[:, None]).sum()
+    torch.testing.assert_close(model.score(batch["input_ids"], [fits], **extra)[0], expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="need 25 positions; the LM has 24"):
+        model.score(batch["input_ids"], [[7], fits + [50]], **extra)
+
+    assert processor.max_length == 24  # from the LM's positions (the tiny tokenizer names no context)
+    with pytest.raises(ValueError, match="longer than max_length=24"):
+        processor("<image>" + " a" * 30, images=[random_image(0)])
+    ids = torch.tensor([processor.token_ids("<image>" + " a" * 30)[:24]])  # (1, 24): every position taken
+    with pytest.raises(ValueError, match="none is left to generate into"):
+        model.generate(ids, images=batch["images"], max_new_tokens=1)
+    with pytest.raises(ValueError, match="25 tokens per row, but the LM has 24 positions"):
+        model(torch.cat([ids, ids[:, -1:]], dim=1), images=batch["images"])
 
 
 def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_model):

@@ -144,3 +144,9 @@ def lm_text_config(lm: PreTrainedModel) -> Any:
     return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
 
 
+def lm_max_positions(lm: PreTrainedModel) -> Optional[int]:
+    """The positions the LM was built for (`max_position_embeddings`; GPT-2's `n_positions` reads as it), None when
+    its config names none. Past them an LM with learned positions (GPT-2, OPT) fails with an index error deep inside
+    torch, and a rotary one runs outside what it was trained on."""
+    value = getattr(lm_text_config(lm), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

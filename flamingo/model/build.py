@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import FlamingoConfig
 from ..processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
-from .backbones import dtype_kwargs, load_lm, load_vision_tower, name_or_path_of
+from .backbones import dtype_kwargs, lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .flamingo import Flamingo
 
 Backbone = Union[str, os.PathLike, nn.Module]
@@ -60,6 +60,9 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
         raise ValueError("tokenizer and LM vocabulary disagree")
     model = Flamingo(vision_model, lm_model, config)
     processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames)
+    positions = lm_max_positions(lm_model)
+    if max_length is None and positions is not None:  # the tokenizer may not know its LM's context, or think it
+        processor.max_length = min(processor.max_length or positions, positions)  # longer
     return model, processor
 
 

@@ -33,6 +33,7 @@ from .backbones import (
     dtype_kwargs,
     find_decoder_layers,
     hidden_size_of,
+    lm_max_positions,
     lm_output_cache,
     lm_text_config,
     load_lm,
@@ -345,6 +346,11 @@ class Flamingo(nn.Module):
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
         no_cache = all(lm_kwargs.get(name) is None for name in ("past_key_values", "cache"))  # cache: 5.24 on
+        limit = lm_max_positions(self.lm)
+        if limit is not None and no_cache and document_ids is None and input_ids.shape[1] > limit:  # shapes only:
+            # no host sync (packed rows restart their positions, so only their samples' lengths count)
+            raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions "
+                             "(max_position_embeddings): cut the texts (a dataset's max_tokens) to fit")
         lm_attention_mask = attention_mask
         if document_ids is not None:
             self._check_packing(lm_kwargs, no_cache)

@@ -75,14 +75,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
         inputs["images"] = inputs["images"].to(dtype)
-    streamer = None if args.num_beams > 1 else TextStreamer(processor.tokenizer, skip_prompt=True,
-                                                               skip_special_tokens=True)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # the sampled tokens repeat with the seed
+    # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) \
+        if args.num_beams == 1 and args.num_return_sequences == 1 else None
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else {}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                         num_return_sequences=args.num_return_sequences,
                          repetition_penalty=args.repetition_penalty, streamer=streamer, **sampling)
     if streamer is None:
-        print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
+        for row in out[:, inputs["input_ids"].shape[1]:]:  # one line per sequence
+            print(processor.decode(row))
     return 0
 
 
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--num-return-sequences", type=int, default=1,
+                     help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="flamingo-demo", help="output directory (stages already there are reused)")
     demo.add_argument("--size", default="binding", choices=["smoke", "fast", "binding"],
                       help="binding (the default): an LM grown long enough for induction heads, so few-shot binding "
-                           "works (~16-21 minutes on 2 cores); fast: the same without it (~11-16 minutes)")
+                           "works (~16-23 minutes on 2 cores); fast: the same without it (~11-16 minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--ablate", default=None, choices=["gating", "xattn-every-4", "mlp-resampler", "unfrozen-lm"],
                       help="also train + evaluate the Flamingo stage with one of the paper's ablations")

@@ -1,5 +1,5 @@
 """Size presets of the mini world and its backbones: `binding` (what `flamingo demo` runs: an LM able to bind words
-in context; ~16-21 minutes on 2 CPU cores), `fast` (the same without binding, ~11-16 minutes; called `default`
+in context; ~16-23 minutes on 2 CPU cores), `fast` (the same without binding, ~11-16 minutes; called `default`
 until 2026-11-25) and `smoke` (the test suite, ~2 minutes).
 
 Each value was chosen by measuring on 2 CPU cores; docs/demo.md keeps the measurements (what was tried, on which

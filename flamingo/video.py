@@ -69,9 +69,11 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
                     frames.append(frame.to_image().convert("RGB"))
                     while next_time <= t + 1e-6:
                         next_time += step
+    except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
+        raise ValueError(f"cannot decode video {name}: {e}") from e
     except ValueError:
         raise
-    except Exception as e:  # PyAV raises many types (InvalidDataError, IndexError on a cut header, ...)
+    except Exception as e:  # PyAV raises other types too (IndexError on a cut header, ...)
         raise ValueError(f"cannot decode video {name}: {type(e).__name__}: {e}") from e
     if not frames:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")

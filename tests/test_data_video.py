@@ -45,6 +45,8 @@ def test_bad_files_raise_value_error_naming_them(tmp_path, clip):
     for path in (cut, junk, tmp_path / "missing.mp4"):
         with pytest.raises(ValueError, match=path.name):
             decode_video(str(path))
+    with pytest.raises(ValueError, match="cannot decode video .*junk.mp4"):  # PyAV's own ValueError, worded by us
+        decode_video(str(junk))
 
 
 def test_processor_loads_video_files_through_decode_video(clip):

@@ -170,11 +170,12 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
         attention_mask = torch.ones_like(input_ids)
     elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("score_batch needs left padding (each context's tokens last in its row)")
+    context_len = attention_mask.sum(dim=1)  # (B,)
     limit = lm_max_positions(model.lm)
     if limit is not None:
         # a candidate's last token is only scored, never fed: context + longest candidate - 1 positions
-        needed = attention_mask.sum(dim=1).cpu() + torch.tensor([max((len(c) for c in cands), default=1) - 1
-                                                                 for cands in continuations])  # (B,)
+        needed = context_len.cpu() + torch.tensor([max((len(c) for c in cands), default=1) - 1
+                                                   for cands in continuations])  # (B,)
         if bool((needed > limit).any()):
             i = int(needed.argmax())
             raise ValueError(f"context {i} and its longest continuation need {int(needed[i])} positions; the LM has "
@@ -191,7 +192,6 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
                        **lm_last_logits_only(model.lm))
         context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         context_last_index = ctx.last_media_index  # (B,)
-        context_len = attention_mask.sum(dim=1)  # (B,)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             rows = torch.tensor([i for i, _ in chunk], device=device)  # (C,) each candidate's context

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from bench.common import Pair, build_pair, machine, print_json, print_table, timed_steps
-from flamingo.generation import compile_config
+from flamingo.model.generation import compile_config
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"

@@ -23,7 +23,7 @@ import torch
 
 from bench import generate, train, xattn
 from bench.common import build_pair, machine, print_json, print_table
-from flamingo.checkpoint_io import atomic_file
+from flamingo.runtime.checkpoint_io import atomic_file
 
 PARTS = ("train", "decode", "xattn")
 # xattn sizes per shape: (text tokens, hidden, visual width). `gpu` is the issue's; `tiny` keeps the smoke run short.

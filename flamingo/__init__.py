@@ -1,7 +1,7 @@
 """flamingo: Flamingo-style visual language models on any Hugging Face vision tower and causal LM."""
 
 from .config import FlamingoConfig
-from .model.build import from_backbones, load_pretrained
+from .build import from_backbones, load_pretrained
 from .model.flamingo import Flamingo, FlamingoOutput
 from .processing import FlamingoProcessor
 

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .runtime import DTYPE_NAMES, quiet_transformers, torch_dtype
+
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
     """Build a small Flamingo from random backbones and run one interleaved prompt through it."""
@@ -58,18 +60,15 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Few-shot prompt + media -> streamed continuation."""
     import torch
     from transformers import TextStreamer
 
-    from .model.build import load_pretrained
+    from .build import load_pretrained
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    model, processor = load_pretrained(args.model, torch_dtype=dtype if args.dtype != "fp32" else None,
+    dtype = torch_dtype(args.dtype)
+    model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
                                        device=args.device)
     batch = processor(args.prompt, images=args.image or [])
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
@@ -89,15 +88,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for row in out[:, inputs["input_ids"].shape[1]:]:  # one line per sequence
             print(processor.decode(row))
     return 0
-
-
-def quiet_transformers(no_progress: bool) -> None:
-    """transformers' own bars (loading / saving weights) follow the CLI's progress switch, and show on rank 0 only
-    under torchrun: this process is the CLI's own, so the switch is global here (never in library code)."""
-    if no_progress or int(os.environ.get("RANK", "0")) != 0:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -151,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)
 

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import FlamingoConfig
-from .model.build import from_backbones
+from .build import from_backbones
 from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor
 

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
@@ -67,13 +68,6 @@ def load_image_processor(name_or_path: str) -> Any:
         raise
 
 
-def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
-    """Indices of at most `max_frames` frames spread uniformly over a clip of `num_frames` (all if it is short)."""
-    if num_frames <= max_frames:
-        return list(range(num_frames))
-    return [int((i + 0.5) * num_frames / max_frames) for i in range(max_frames)]
-
-
 class FlamingoProcessor:
     """Tokenizer + the vision tower's HF image processor, with Flamingo's prompt conventions."""
 
@@ -117,8 +111,6 @@ class FlamingoProcessor:
             if not path.is_file():
                 raise ValueError(f"media file not found: {str(path)!r}")
             if path.suffix.lower() in VIDEO_EXTENSIONS:
-                from .video import decode_video  # PyAV is only needed for videos
-
                 return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
             try:
                 with Image.open(path) as im:

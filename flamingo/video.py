@@ -1,7 +1,7 @@
 """Video decoding with PyAV: frames sampled at a fixed rate by timestamp, then uniformly capped at `max_frames`.
 
 The paper samples training and evaluation videos at 1 FPS; a clip longer than the model's learned time embeddings
-(`max_frames`) is sub-sampled uniformly (`uniform_frame_indices`, shared with the processor).
+(`max_frames`) is sub-sampled uniformly (`uniform_frame_indices`, which the processor uses for frame lists too).
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ VideoInput = Union[str, "os.PathLike[str]", bytes, BinaryIO]
 
 # A clip whose header promises N frames but decodes to fewer than this fraction of them is treated as truncated.
 _TRUNCATED_FRACTION = 0.9
+
+
+def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
+    """Indices of at most `max_frames` frames spread uniformly over a clip of `num_frames` (all if it is short)."""
+    if num_frames <= max_frames:
+        return list(range(num_frames))
+    return [int((i + 0.5) * num_frames / max_frames) for i in range(max_frames)]
 
 
 def _describe(path: VideoInput) -> str:
@@ -37,8 +44,6 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
         ValueError (naming the file) when the file is missing, truncated, has no video stream or cannot be decoded.
     """
     import av  # imported lazily: only videos need PyAV
-
-    from .processing import uniform_frame_indices
 
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"decode_video needs fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")

@@ -15,7 +15,7 @@ from flamingo.mini.demo import (
     run_demo, train_flamingo, train_overrides)
 from flamingo.mini.evaluate import run_eval_job
 from flamingo.mini.sizes import get_size
-from flamingo.model.build import load_pretrained
+from flamingo.build import load_pretrained
 from flamingo.mini.report import headline, skipped_queries, time_goal
 from flamingo.mini.tryit import HAND_PROMPTS
 

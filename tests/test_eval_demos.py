@@ -18,7 +18,7 @@ from flamingo.eval.rices import FeatureCache, nearest, pooled_features
 from flamingo.eval.task import Sample, ways_of
 from flamingo.eval.tasks import get_task
 from flamingo.eval.vqa import VQATask
-from flamingo.generation import continuation_logprobs_reference
+from flamingo.model.generation import continuation_logprobs_reference
 from flamingo.model.backbones import vision_features
 from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 

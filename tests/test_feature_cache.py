@@ -10,7 +10,7 @@ from flamingo.data import build_source
 from flamingo.data.fixtures import make_interleaved, make_pairs, make_videos, tiny_processor
 from flamingo.data.sources import MediaRef
 from flamingo.model.feature_cache import VisionFeatureCache
-from flamingo.tensor_cache import TensorCache
+from flamingo.runtime.lru import TensorCache
 from flamingo.tiny import random_image
 from flamingo.train.config import DatasetSection
 

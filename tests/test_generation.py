@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flamingo.generation import continuation_logprobs_reference
+from flamingo.model.generation import continuation_logprobs_reference
 from flamingo.tiny import random_image, set_gates
 
 SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
@@ -122,7 +122,7 @@ def test_gate_zero_beam_search_equals_lm_only_hf_beam_search(make_model):
     prompt = "Question: what is this? Short answer:"
     batch = processor(prompt)
     ours = model.generate(**batch, num_beams=3, max_new_tokens=6)
-    from flamingo.generation import generation_config_for
+    from flamingo.model.generation import generation_config_for
 
     config = generation_config_for(model, num_beams=3, max_new_tokens=6)
     lm_only = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)  # no media context: FFW gates are 0 too
@@ -175,7 +175,7 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
     the tokens it would have made anyway; a candidate that ends exactly at the last position is scored as a plain
     forward scores it, one token more is a clear error, and so are a prompt that leaves no position (the processor
     refuses it first) and a forward longer than the positions."""
-    from flamingo.model.build import from_backbones
+    from flamingo.build import from_backbones
     from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
     tok = tiny_tokenizer()
@@ -185,7 +185,7 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
     set_gates(model.eval())
     batch = processor("<image>a b c d e", images=[random_image(0)])
     t = batch["input_ids"].shape[1]
-    with caplog.at_level("WARNING", logger="flamingo.generation"):
+    with caplog.at_level("WARNING", logger="flamingo.model.generation"):
         capped = model.generate(**batch, max_new_tokens=40, min_new_tokens=40)
     assert f"max_new_tokens=40 capped to {24 - t}" in caplog.text
     assert torch.equal(capped, model.generate(**batch, max_new_tokens=24 - t, min_new_tokens=24 - t))
@@ -216,7 +216,7 @@ def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_mod
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from flamingo.generation import compile_config
+    from flamingo.model.generation import compile_config
 
     model, processor = make_model("llama")
     torch._dynamo.reset()

@@ -13,7 +13,7 @@ import torch
 
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from ..processing import FlamingoProcessor
-from ..tensor_cache import TensorCache
+from ..runtime.lru import TensorCache
 from .errors import SkipSample
 from .sources import MediaRef
 

@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
 from .demos import METHODS, ZERO_SHOT
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TASK_NAMES = ("vqa", "captioning", "classification", "hateful_memes", "videoqa", "video_captioning")
 
 
@@ -44,7 +44,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="PTB (needs java) or the documented Python tokenization")
     p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md, results.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
@@ -57,7 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from . import distributed
 
-    joined = distributed.init_from_env()
+    joined = init_process_group_from_env()
     try:
         return _run(args, distributed)
     finally:
@@ -66,19 +66,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, distributed: Any) -> int:
-    import os
-
-    import torch
-
-    from ..cli import quiet_transformers
-    from ..model.build import load_pretrained
+    from ..build import load_pretrained
     from .runner import evaluate, markdown_table
 
     quiet_transformers(args.no_progress)
 
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    model, processor = load_pretrained(args.model, torch_dtype=dtype if args.dtype != "fp32" else None, device=device)
+    dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
+    model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device))
     generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
                   if v is not None}
     results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,

@@ -2,31 +2,17 @@
 
 Rank r evaluates samples r, r + W, r + 2W, ... (W = WORLD_SIZE), so shards differ by at most one sample and nothing
 is padded: `all_gather_object` carries lists of any length, and `gather_by_index` checks that every sample index
-arrives exactly once. A single process (no RANK/WORLD_SIZE) needs nothing.
+arrives exactly once. A single process (no RANK/WORLD_SIZE) needs nothing; the process group
+is joined by `flamingo.runtime.init_process_group_from_env`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence, TypeVar
 
-import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
-
-
-def init_from_env() -> bool:
-    """Join the torchrun process group if the environment asks for one; True when distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return True
 
 
 def _active() -> bool:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from ..runtime import init_process_group_from_env
 from . import distributed
 from .demos import DemoSelector, prompt_demos
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
@@ -109,7 +110,7 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
     dict (the content of results.json) on every rank.
     """
-    distributed.init_from_env()
+    init_process_group_from_env()
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer)
     elif template is not None or answer_prefix is not None:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate one job's model on each of its tasks; returns task name -> the harness's results dict."""
     from ..eval.runner import evaluate
-    from ..model.build import load_pretrained
+    from ..build import load_pretrained
     from ..tiny import set_gates
 
     model, processor = load_pretrained(job["model_dir"])
@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m flamingo.mini.evaluate JOBS.json [--progress]`: run every job (under torchrun: one share each)."""
     import torch
 
-    from ..cli import quiet_transformers
+    from ..runtime import init_process_group_from_env, quiet_transformers
     from ..eval import distributed
 
     parser = argparse.ArgumentParser(prog="python -m flamingo.mini.evaluate",
@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(args.jobs) as f:
         jobs = json.load(f)
     quiet_transformers(not args.progress)
-    joined = distributed.init_from_env()
+    joined = init_process_group_from_env()
     try:
         for job in jobs:
             start = time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..tensor_cache import TensorCache
+from ..runtime.lru import TensorCache
 
 
 class VisionFeatureCache:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import __version__ as transformers_version
 from transformers.utils import ModelOutput
 
-from ..checkpoint_io import atomic_directory
+from ..runtime.checkpoint_io import atomic_directory
 from ..config import FlamingoConfig
 from .backbones import (
     dtype_kwargs,

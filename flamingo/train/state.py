@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint_io import atomic_directory
+from ..runtime.checkpoint_io import atomic_directory
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{8})$")

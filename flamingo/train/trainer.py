@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import FlamingoConfig
-from ..model.build import from_backbones, load_pretrained
+from ..build import from_backbones, load_pretrained
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor

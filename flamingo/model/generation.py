@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
-from .model.backbones import lm_cache_argument, lm_last_logits_only, lm_max_positions, lm_output_cache
-from .model.feature_cache import VisionFeatureCache
-from .model.flamingo import Flamingo, MediaContext
-from .model.xattn import XAttnImpl
+from .backbones import lm_cache_argument, lm_last_logits_only, lm_max_positions, lm_output_cache
+from .feature_cache import VisionFeatureCache
+from .flamingo import Flamingo, MediaContext
+from .xattn import XAttnImpl
 
 log = logging.getLogger(__name__)
 

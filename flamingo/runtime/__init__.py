@@ -1,0 +1,19 @@
+"""The bottom layer: what every other layer may use and nothing above it is imported by.
+
+- `dtypes`: the dtype names of configs and command lines (fp32, bf16, fp16);
+- `distributed`: rank, world size and device from torchrun's environment, and joining its process group;
+- `launch`: running a module in several processes under torchrun;
+- `quiet`: silencing transformers' own progress bars;
+- `lru`: one bounded least-recently-used store (by count or by bytes), and the tensor cache built on it;
+- `checkpoint_io`: atomic directory writes.
+"""
+
+from .checkpoint_io import atomic_directory
+from .distributed import default_device, dist_info, init_process_group_from_env
+from .dtypes import DTYPE_NAMES, torch_dtype
+from .launch import run_torchrun, torchrun_command
+from .lru import LRU, TensorCache
+from .quiet import quiet_transformers
+
+__all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info",
+           "init_process_group_from_env", "quiet_transformers", "run_torchrun", "torch_dtype", "torchrun_command"]

@@ -1,0 +1,36 @@
+"""One process or several under torchrun: rank, world size, device, and the process group, read from the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for one process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def default_device(requested: Union[str, torch.device, None] = None) -> torch.device:
+    """`requested`, else this rank's GPU (cuda:LOCAL_RANK) when CUDA exists, else the CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device(f"cuda:{dist_info()[2]}" if torch.cuda.is_available() else "cpu")
+
+
+def init_process_group_from_env(device: Optional[torch.device] = None) -> bool:
+    """Join torchrun's process group when the environment names more than one process (NCCL with CUDA, else
+    gloo); True when this process is one of several. A group already joined is kept."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if dist_info()[1] <= 1:
+        return False
+    device = device if device is not None else default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True

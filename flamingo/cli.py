@@ -1,4 +1,5 @@
-"""The `flamingo` command. Thin: each subcommand parses arguments and calls the library."""
+"""The `flamingo` command. Thin: each subcommand parses arguments and calls the library (`demo` hands over to
+the demo package beside it)."""
 
 from __future__ import annotations
 
@@ -106,17 +107,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Grow a mini Flamingo end to end, offline (flamingo/mini/demo.py)."""
-    from .mini.demo import DemoSettings, run_demo
-
-    quiet_transformers(args.no_progress)
-    run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
-                          shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs,
-                          eval_procs=args.eval_procs))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,23 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="grow a mini Flamingo offline (world, backbones, training, few-shot eval, "
-                                       "report.md)")
-    demo.add_argument("--out", default="flamingo-demo", help="output directory (stages already there are reused)")
-    demo.add_argument("--size", default="binding", choices=["smoke", "fast", "binding"],
-                      help="binding (the default): an LM grown long enough for induction heads, so few-shot binding "
-                           "works (~16-23 minutes on 2 cores); fast: the same without it (~11-16 minutes)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--ablate", default=None, choices=["gating", "xattn-every-4", "mlp-resampler", "unfrozen-lm"],
-                      help="also train + evaluate the Flamingo stage with one of the paper's ablations")
-    demo.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    demo.add_argument("--no-progress", action="store_true")
-    demo.add_argument("--train-procs", type=int, default=0,
-                      help="processes of the Flamingo stage (DDP, torchrun); 0: 2 on a machine with 2 cores or more")
-    demo.add_argument("--eval-procs", type=int, default=0,
-                      help="processes of the evaluation stage (torchrun, each with a share of every task's queries); "
-                           "0: 2 on a machine with 2 cores or more")
-    demo.set_defaults(func=_cmd_demo)
+    # The demo sits beside the library (flamingo_demo/): `main` hands it the rest of the command line unparsed, so
+    # its options and help are its own, and it is imported only when asked for.
+    sub.add_parser("demo", add_help=False, help="grow a mini Flamingo offline (world, backbones, training, few-shot "
+                                                "eval, report.md); `flamingo demo --help` for its options")
 
     train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")
     train.add_argument("config")
@@ -192,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from flamingo_demo.cli import main as demo_main  # the one import of the demo: lazily, for this command
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,15 +1,24 @@
-"""The `flamingo` command: the README's smoke run, generation from a saved model, clear errors."""
+"""The `flamingo` command: the README's smoke run, generation from a saved model, clear errors, the demo's
+hand-over."""
+
+import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from flamingo import from_backbones
 from flamingo.cli import main
 from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
 
-def test_tiny_command_runs_and_checks_masking(capsys):
-    assert main(["tiny"]) == 0
-    assert '"tokens_before_2nd_image_unchanged_when_it_changes": true' in capsys.readouterr().out
+def test_tiny_command_reports_per_image_masking_in_its_json_line(capsys):
+    assert main(["tiny", "--lm", "gpt2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tokens_before_2nd_image_unchanged_when_it_changes"] is True
+    assert summary["tokens_after_2nd_image_changed"] is True
+    assert summary["lm"] == "gpt2" and summary["visual_tokens"][:2] == [1, 2]
 
 
 @pytest.fixture
@@ -23,20 +32,24 @@ def saved_model(tmp_path):
     return tmp_path
 
 
-def test_generate_command(saved_model, capsys):
+def test_generate_command_beam_search_prints_the_api_beams(saved_model, capsys):
+    from flamingo import load_pretrained
+
     d = saved_model
-    args = ["generate", "--model", str(d / "model"), "--prompt", "<image>Question: what? Answer:",
-            "--image", str(d / "a.png"), "--max-new-tokens", "4"]
+    model, processor = load_pretrained(str(d / "model"))
+    prompt = "<image>Question: what? Answer:"
+    batch = processor(prompt, images=[str(d / "a.png")])
+    args = ["generate", "--model", str(d / "model"), "--prompt", prompt, "--image", str(d / "a.png"),
+            "--max-new-tokens", "4", "--num-beams", "3", "--num-return-sequences", "2"]
     assert main(args) == 0
-    assert main(args + ["--num-beams", "2", "--dtype", "bf16"]) == 0
-    assert main(args + ["--sample", "--top-k", "5"]) == 0
+    beams = model.generate(**batch, max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    t = batch["input_ids"].shape[1]
+    assert capsys.readouterr().out == "".join(processor.decode(row) + "\n" for row in beams[:, t:])
 
 
 def test_generate_command_prints_what_the_api_generates(saved_model, capsys):
     """The streamed greedy answer is the API's; `--sample --seed S --num-return-sequences 3` prints the three
     sequences the API samples under that seed, one per line, the same on a rerun."""
-    import torch
-
     from flamingo import load_pretrained
 
     d = saved_model
@@ -59,7 +72,7 @@ def test_generate_command_prints_what_the_api_generates(saved_model, capsys):
     assert main(sampled) == 0 and capsys.readouterr().out == printed
 
 
-def test_generate_command_clear_errors(saved_model, capsys):
+def test_generate_command_reports_bad_prompts_and_media_with_exit_code_2(saved_model, capsys):
     d = saved_model
     base = ["generate", "--model", str(d / "model"), "--max-new-tokens", "2"]
     assert main(base + ["--prompt", "<image><image>x", "--image", str(d / "a.png")]) == 2
@@ -69,3 +82,20 @@ def test_generate_command_clear_errors(saved_model, capsys):
     (d / "bad.png").write_bytes(b"garbage")
     assert main(base + ["--prompt", "<image>x", "--image", str(d / "bad.png")]) == 2
     assert "cannot decode" in capsys.readouterr().err
+
+
+def test_demo_subcommand_hands_its_arguments_to_the_demo_package(monkeypatch):
+    """`flamingo demo ARGS` is `flamingo_demo.cli.main(ARGS)`, imported only then; its options are the demo's."""
+    import flamingo_demo.cli
+
+    seen = []
+    monkeypatch.setattr(flamingo_demo.cli, "main", lambda argv: seen.append(list(argv)) or 7)
+    assert main(["demo", "--out", "x", "--seed", "3", "--help"]) == 7
+    assert seen == [["--out", "x", "--seed", "3", "--help"]]
+
+
+def test_library_import_does_not_load_the_demo():
+    code = "import flamingo, flamingo.cli, flamingo.train.trainer, flamingo.eval.runner, sys; " \
+           "print(sorted(m for m in sys.modules if m.startswith('flamingo_demo')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

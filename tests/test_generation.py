@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flamingo.model.generation import continuation_logprobs_reference
+from helpers import continuation_logprobs_reference
 from flamingo.tiny import random_image, set_gates
 
 SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
@@ -40,6 +40,19 @@ def test_cached_equals_uncached_greedy(make_model, case):
     batch = processor(prompt, images=media)
     out = model.generate(**batch, max_new_tokens=10, min_new_tokens=10)
     assert out[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 10)
+
+
+def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(make_model):
+    """The phase is set by the caller: every chunk of a chunked prefill is PREFILL (its tokens see their own images),
+    and decoding starts only after the prompt's logits."""
+    model, processor = make_model("llama")
+    prompt, media = PROMPTS[3]
+    batch = processor(prompt, images=media)
+    whole = model.generate(**batch, max_new_tokens=8, min_new_tokens=8)
+    chunked = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, prefill_chunk_size=5)
+    assert batch["input_ids"].shape[1] > 10  # several chunks, images in more than one of them
+    assert chunked.tolist() == whole.tolist()
+    assert whole[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 8)
 
 
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
@@ -129,7 +142,7 @@ def test_gate_zero_beam_search_equals_lm_only_hf_beam_search(make_model):
     assert ours.tolist() == lm_only.tolist()
 
 
-def test_sampling_and_return_sequences(make_model):
+def test_sampling_repeats_under_a_seed_and_repetition_penalty_applies(make_model):
     model, processor = make_model("llama")
     batch = processor(*PROMPTS[1])
     torch.manual_seed(0)
@@ -210,6 +223,7 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
         model(torch.cat([ids, ids[:, -1:]], dim=1), images=batch["images"])
 
 
+@pytest.mark.slow
 def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_model):
     """generate(compile=True): the decode step is captured whole (fullgraph: a graph break raises), gives the eager
     tokens, and one graph serves prompts with different lengths and image counts (the GPU path of CUDA graphs)."""

@@ -149,6 +149,23 @@ def test_no_conditioning_state_left_after_call_even_on_error(make_model):
         assert not any(isinstance(v, torch.Tensor) for k, v in vars(module).items() if not k.startswith("_"))
 
 
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
+def test_hooked_lm_outside_a_flamingo_call_is_the_bare_lm(make_model, lm_kind):
+    """model.lm called directly (no Flamingo call around it) computes exactly the frozen LM it was built from: no
+    block runs (not even the gated FFW), and the added tokens use the LM's own rows."""
+    model, processor = make_model(lm_kind)
+    bare = copy.deepcopy(model.lm)
+    for module in [bare, *bare.modules()]:  # the copy without Flamingo's hooks
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    ids = processor(PROMPT, images=[random_image(0), random_image(1)])["input_ids"]  # includes the added tokens
+    with torch.no_grad():
+        hooked, plain = model.lm(input_ids=ids).logits, bare(input_ids=ids).logits
+        flamingo = model(ids, images=processor(PROMPT, images=[random_image(0), random_image(1)])["images"]).logits
+    assert torch.equal(hooked, plain)
+    assert not torch.allclose(flamingo, plain)  # the gates are open: inside a call the blocks do run
+
+
 def test_left_padded_batch_equals_one_by_one(make_model):
     model, processor = make_model("llama")
     prompts = [PROMPT, "<image>short", "no images at all here"]
@@ -192,7 +209,7 @@ def test_xattn_every_places_blocks_like_openflamingo(make_model):
         assert len(model.xattn) == len(expected)
 
 
-def test_ablation_switches(make_model):
+def test_ungated_mlp_resampler_model_keeps_per_image_masking(make_model):
     model, processor = make_model("llama", gated=False, resampler="mlp")
     assert not any("gate" in n for n, _ in model.xattn.named_parameters())
     batch = processor(PROMPT, images=[random_image(0), random_image(1)])

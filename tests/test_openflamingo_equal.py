@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
 from flamingo.convert import convert_openflamingo  # noqa: E402
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
@@ -67,7 +68,7 @@ def test_logits_equal_openflamingo(every):
         assert not torch.allclose(ours(**other).logits[real], mine[real])
 
 
-def test_released_style_checkpoint_file(tmp_path):
+def test_released_style_checkpoint_file_converts_to_equal_logits(tmp_path):
     """A checkpoint.pt as OpenFlamingo releases them: trained tensors only, blocks under the wrapped decoder layers,
     read with torch.load(weights_only=True). OpenFlamingo's untied head rows for the added tokens are not in such a
     file (they stay at their random resize init), so the base-vocabulary logits are compared."""
@@ -105,7 +106,7 @@ def test_released_style_checkpoint_file(tmp_path):
         assert torch.equal(loaded(**batch).logits, mine)
 
 
-def test_convert_cli(tmp_path):
+def test_convert_command_writes_a_trained_only_model_and_refuses_a_missing_file(tmp_path):
     from flamingo.cli import main
 
     peer, vision, lm, tok = _peer(1, seed=5)

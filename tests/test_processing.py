@@ -36,7 +36,7 @@ def test_padding_sides_and_media_padding(processor):
     assert left["images"].shape[:2] == (2, 2) and torch.equal(left["images"][1], torch.zeros_like(left["images"][1]))
 
 
-def test_clear_errors(processor, tmp_path):
+def test_processor_rejects_placeholder_mismatch_bad_media_and_over_long_text(processor, tmp_path):
     with pytest.raises(ValueError, match="placeholder"):
         processor("<image><image>two", images=[random_image(0)])
     with pytest.raises(ValueError, match="placeholder"):
@@ -74,7 +74,7 @@ def test_over_long_text_is_told_once_by_us_not_by_hf(caplog):
     assert "indexing errors" in caplog.text
 
 
-def test_image_file_and_array_inputs(processor, tmp_path):
+def test_image_file_and_array_inputs_give_the_same_pixels(processor, tmp_path):
     img = random_image(3)
     path = tmp_path / "a.png"
     img.save(path)
@@ -91,7 +91,7 @@ def test_long_videos_are_subsampled_uniformly(processor):
     assert processor("<image>v", images=[frames])["images"].shape[2] == 4
 
 
-def test_save_and_load(processor, tmp_path):
+def test_saved_processor_loads_to_the_same_ids_and_pixels(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = FlamingoProcessor.from_pretrained(str(tmp_path))
     img = random_image(0)

@@ -7,8 +7,9 @@ tree, state-dict keys, `generate` and caches). Three permanent forward hooks con
   small trainable table, and derives each token's media index from the input ids it sees;
 - a hook on the output head fills the logits of the added tokens from our own rows (untied heads) or the input
   rows (tied heads), so `<|endofchunk|>` can be predicted while the LM's tables stay frozen.
-Per-call conditioning (visual tokens, their K/V per block, media indices) lives in a `MediaContext` that exists for
-the duration of one call only (`Flamingo.conditioned`, cleared in `finally`).
+Per-call conditioning (visual tokens, their K/V per block, media indices) and the call's phase (forward, prefill,
+decode, score) live in a `MediaContext` (context.py) that exists for the duration of one call only
+(`Flamingo.conditioned`, cleared in `finally`). Outside a call every hook is a no-op: `model.lm` is the bare LM.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Optional, Union
 
@@ -28,6 +29,7 @@ from transformers import __version__ as transformers_version
 from transformers.utils import ModelOutput
 
 from ..runtime.checkpoint_io import atomic_directory
+from . import generation
 from ..config import FlamingoConfig
 from .backbones import (
     dtype_kwargs,
@@ -41,71 +43,13 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
+from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
 from .resampler import MLPResampler, PerceiverResampler
-from .xattn import (
-    GatedCrossAttentionBlock,
-    MediaKV,
-    XAttnImpl,
-    compute_media_index,
-    document_positions,
-    document_starts,
-)
+from .xattn import GatedCrossAttentionBlock, XAttnImpl, compute_media_index, document_positions, document_starts
 
 WEIGHTS_NAME = "flamingo.safetensors"
 BACKBONE_PREFIXES = ("vision.", "lm.")
-
-
-@dataclass
-class MediaContext:
-    """Conditioning for one call (a forward, or a whole `generate` / `score`); never outlives it."""
-
-    visual: Optional[torch.Tensor]  # (B, N, R, Dv) visual tokens, None when the batch has no media
-    last_media_index: Optional[torch.Tensor] = None  # (rows,) images seen before the current LM call; None = 0
-    media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
-    # (block, rows) -> visual K/V of that block: projected once per context from the B samples' visual tokens, and
-    # expanded by indexing when the LM runs more rows than samples (beams, return sequences, scored candidates).
-    media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
-    impl: XAttnImpl = "auto"
-    document_ids: Optional[torch.Tensor] = None  # (B, T) packed rows: which sample each token belongs to
-    memo: dict = field(default_factory=dict)  # per-call attention helpers shared by the blocks (flex block mask)
-    # Decoding (generate): after the prompt no `<image>` can come, so every later LM call sees, per row, the last
-    # image of the prompt. Its K/V slice is gathered once per block; decode steps then do a plain attention over R
-    # keys with static shapes (no media index, no gather per step).
-    static_after_prompt: bool = False
-    decoding: bool = False
-    decode_index: Optional[torch.Tensor] = None  # (rows, 1)
-    # (rows,) the sample whose media each LM row reads, when rows are not `rows // samples` consecutive copies of
-    # each sample (batched scoring: each context's own number of candidates). None = consecutive copies.
-    row_samples: Optional[torch.Tensor] = None
-
-    def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
-        key = ("last", block_idx, rows)
-        if key not in self.media_kv:
-            kv = self.kv_for(block_idx, block, rows)  # (rows, N, R, h, d)
-            image = (self.last_media_index - 1).clamp(min=0)  # (rows,)
-            batch = torch.arange(rows, device=image.device)
-            self.media_kv[key] = MediaKV(kv.k[batch, image][:, None], kv.v[batch, image][:, None])  # (rows,1,R,h,d)
-        return self.media_kv[key]
-
-    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
-        if self.visual is None:
-            return None
-        samples = self.visual.shape[0]
-        base = self.media_kv.get((block_idx, samples))
-        if base is None:
-            base = self.media_kv[(block_idx, samples)] = block.project_media(self.visual)
-        if self.row_samples is not None and rows == self.row_samples.shape[0]:  # set per LM call: not memoised
-            return MediaKV(base.k[self.row_samples], base.v[self.row_samples])
-        if rows == samples:  # one row per sample (a forward, a prefill): no copy
-            return base
-        kv = self.media_kv.get((block_idx, rows))
-        if kv is None:
-            if rows % samples:
-                raise RuntimeError(f"the LM runs {rows} rows for {samples} samples' media")
-            index = torch.arange(samples, device=self.visual.device).repeat_interleave(rows // samples)
-            kv = self.media_kv[(block_idx, rows)] = MediaKV(base.k[index], base.v[index])
-        return kv
 
 
 @dataclass
@@ -189,19 +133,18 @@ class Flamingo(nn.Module):
                 self.new_lm_head_bias = nn.Parameter(head.bias[cfg.first_new_token_id:end].detach().clone())
 
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        input_ids = args[0]  # (B, T)
         ctx = self._media_context
-        if ctx is not None and ctx.static_after_prompt and ctx.decode_index is not None:
-            ctx.decoding = True  # a decode step: rows keep their prompt's last image (tensors prepared in prefill)
-        elif ctx is not None:
+        if ctx is None:  # outside a Flamingo call: the bare LM's embedding
+            return output
+        input_ids = args[0]  # (B, T)
+        if ctx.phase is not Phase.DECODE:  # DECODE reads only what PREFILL prepared
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
             ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids)
             ctx.last_media_index = ctx.media_index[:, -1]
-            if ctx.static_after_prompt:  # made here, eagerly, so compiled/graphed decode steps only read them
-                # (rows, 1): 1 = has an image. Contiguous, unlike last_media_index (a strided view): a compiled
-                # decode step guards on it without recompiling for another prompt length.
+            if ctx.phase is Phase.PREFILL:  # (rows, 1): 1 = has an image; made here, eagerly, so that compiled
+                # decode steps only read it
                 ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
         if self.new_token_embeddings is None:
             return output
@@ -212,6 +155,8 @@ class Flamingo(nn.Module):
         return torch.where(is_new[..., None], rows, output)
 
     def _output_hook(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        if self._media_context is None:  # outside a Flamingo call: the bare LM's head
+            return logits
         hidden = args[0]  # (..., D)
         weight = self.new_lm_head if self.new_lm_head is not None else self.new_token_embeddings
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
@@ -232,22 +177,24 @@ class Flamingo(nn.Module):
             self._media_context = None
 
     def _layer_pre_hook(self, block_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         ctx = self._media_context
+        if ctx is None:  # outside a Flamingo call: the bare LM's layer
+            return args, kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         block = self.xattn[block_idx]
-        if ctx is not None and ctx.decoding:  # reads only tensors made in prefill: a compiled decode step does not
-            # depend on (or recompile for) the prompt's number of images
+        if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
+            # on (or recompile for) the prompt's number of images
             kv = ctx.media_kv.get(("last", block_idx, hidden.shape[0]))  # None: the prompt has no media
             index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
             hidden = block(hidden, kv, index, "reference")
-        elif ctx is None or ctx.visual is None:  # text only: the attention term is exactly zero
+        elif ctx.visual is None:  # text only: the attention term is exactly zero
             hidden = block(hidden, None, None)
         else:
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
             hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl, ctx.memo)
-            if ctx.static_after_prompt:
+            if ctx.phase is Phase.PREFILL:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])  # for the decode steps, made eagerly
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
@@ -361,7 +308,7 @@ class Flamingo(nn.Module):
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
                 lm_kwargs["position_ids"] = position_ids
-        ctx = MediaContext(visual=visual_tokens, impl=xattn_impl, document_ids=document_ids)
+        ctx = MediaContext(Phase.FORWARD, visual_tokens, impl=xattn_impl, document_ids=document_ids)
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
         if labels is not None and document_ids is not None:
@@ -419,22 +366,16 @@ class Flamingo(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  images: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
-        """Cached generation (see `flamingo.generation.generate`)."""
-        from ..generation import generate
-
-        return generate(self, input_ids, attention_mask, images, **kwargs)
+        """Cached generation (see `flamingo.model.generation.generate`)."""
+        return generation.generate(self, input_ids, attention_mask, images, **kwargs)
 
     def score(self, input_ids: torch.Tensor, continuations: Any, **kwargs: Any) -> torch.Tensor:
-        """Log-likelihoods of continuations after one shared context (see `flamingo.generation.score`)."""
-        from ..generation import score
-
-        return score(self, input_ids, continuations, **kwargs)
+        """Log-likelihoods of continuations after one shared context (see `flamingo.model.generation.score`)."""
+        return generation.score(self, input_ids, continuations, **kwargs)
 
     def score_batch(self, input_ids: torch.Tensor, continuations: Any, **kwargs: Any) -> list[torch.Tensor]:
-        """Each left-padded context's own candidates, several contexts at once (`flamingo.generation.score_batch`)."""
-        from ..generation import score_batch
-
-        return score_batch(self, input_ids, continuations, **kwargs)
+        """Each left-padded context's own candidates, several contexts at once (`generation.score_batch`)."""
+        return generation.score_batch(self, input_ids, continuations, **kwargs)
 
     # ------------------------------------------------------------------------------------------ parameters
     def train(self, mode: bool = True) -> "Flamingo":
@@ -464,9 +405,7 @@ class Flamingo(nn.Module):
 
     def _checkpoint_contexts(self) -> tuple[Any, Any]:
         ctx = self._media_context
-        # This call's media index; fresh memos, so that the recompute projects the visual K/V again exactly as the
-        # first forward did (checkpointing requires the same saved tensors in both).
-        snapshot = None if ctx is None else replace(ctx, media_kv={}, memo={})
+        snapshot = None if ctx is None else ctx.for_recompute()
 
         @contextmanager
         def recompute() -> Iterator[None]:

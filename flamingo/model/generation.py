@@ -8,22 +8,29 @@ What is computed once per prompt, and what per decode step:
   processors, stopping criteria all come from transformers);
 - the media index of new tokens: the last media index of their row, kept in the context; `<image>` can't be
   generated, so a row's last image never changes while decoding.
+The call's phase is set here, by the caller of the LM: `generate` runs the prompt under PREFILL and switches to DECODE
+when transformers hands the prompt's logits to the logits processors (`EnterDecode`), so a prompt prefilled in
+chunks stays in PREFILL; `score_batch` runs the contexts under FORWARD and each chunk of candidates under its own
+SCORE context (context.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from transformers import CompileConfig, GenerationConfig
+from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
 from .backbones import lm_cache_argument, lm_last_logits_only, lm_max_positions, lm_output_cache
+from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
-from .flamingo import Flamingo, MediaContext
 from .xattn import XAttnImpl
+
+if TYPE_CHECKING:  # annotations only: the model's methods call this module
+    from .flamingo import Flamingo
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +130,23 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
     config = fit_to_positions(model, config, attention_mask)
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
-    # `<image>` is suppressed after the prompt: see MediaContext
-    ctx = MediaContext(visual=visual_tokens, static_after_prompt=True, impl=xattn_impl)
+    ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
+    rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
     with model.conditioned(ctx):
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)
+
+
+class EnterDecode(LogitsProcessor):
+    """Switches a generation's context from PREFILL to DECODE when transformers hands over the prompt's logits:
+    every later LM call of the generation decodes new tokens. Leaves the scores as they are."""
+
+    def __init__(self, ctx: MediaContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.ctx.phase = Phase.DECODE
+        return scores
 
 
 @torch.no_grad()
@@ -182,37 +201,36 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
                              f"{limit} (max_position_embeddings)")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
-    ctx = MediaContext(visual=visual_tokens)
-    pairs = [(i, j) for i, cands in enumerate(continuations) for j in range(len(cands))]  # one row per candidate
-    scores = []
-    with model.conditioned(ctx):
+    contexts = MediaContext(Phase.FORWARD, visual_tokens)
+    with model.conditioned(contexts):
         # only the last position's logits are read: B x T x V of them would not fit for long prompts, large vocabs
         out = model.lm(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=model.position_ids_for(attention_mask), use_cache=True,
                        **lm_last_logits_only(model.lm))
-        context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-        context_last_index = ctx.last_media_index  # (B,)
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            rows = torch.tensor([i for i, _ in chunk], device=device)  # (C,) each candidate's context
-            seqs = [list(continuations[i][j]) for i, j in chunk]
-            c, longest = len(seqs), max(len(x) for x in seqs)
-            ids = torch.zeros(c, longest, dtype=torch.long, device=device)
-            mask = torch.zeros(c, longest, dtype=torch.long, device=device)
-            for k, x in enumerate(seqs):
-                ids[k, : len(x)] = torch.tensor(x, device=device)
-                mask[k, : len(x)] = 1
-            total = first_logprobs[rows, ids[:, 0]]  # (C,)
-            if longest > 1:
-                cache = _select_cache_rows(context_cache, rows)
-                ctx.last_media_index, ctx.row_samples = context_last_index[rows], rows
-                full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
-                positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
+    context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+    pairs = [(i, j) for i, cands in enumerate(continuations) for j in range(len(cands))]  # one row per candidate
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        rows = torch.tensor([i for i, _ in chunk], device=device)  # (C,) each candidate's context
+        seqs = [list(continuations[i][j]) for i, j in chunk]
+        c, longest = len(seqs), max(len(x) for x in seqs)
+        ids = torch.zeros(c, longest, dtype=torch.long, device=device)
+        mask = torch.zeros(c, longest, dtype=torch.long, device=device)
+        for k, x in enumerate(seqs):
+            ids[k, : len(x)] = torch.tensor(x, device=device)
+            mask[k, : len(x)] = 1
+        total = first_logprobs[rows, ids[:, 0]]  # (C,)
+        if longest > 1:
+            cache = _select_cache_rows(context_cache, rows)
+            full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
+            positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
+            with model.conditioned(contexts.for_candidates(rows)):
                 logits = model.lm(input_ids=ids[:, :-1], attention_mask=full_mask, position_ids=positions,
                                   use_cache=True, **{lm_cache_argument(model.lm): cache}).logits  # (C, L-1, V)
-                logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
-                total = total + (logprobs * mask[:, 1:]).sum(dim=1)
-            scores.append(total)
+            logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
+            total = total + (logprobs * mask[:, 1:]).sum(dim=1)
+        scores.append(total)
     flat = torch.cat(scores) if scores else torch.zeros(0)
     return list(flat.split([len(cands) for cands in continuations]))
 
@@ -221,10 +239,6 @@ def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched. Transformers' dynamic
     layers rebind their tensors on update rather than write in place, so for them only the selected rows are copied;
     other caches are copied whole first."""
-    import copy
-
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
         clone = copy.copy(cache)
@@ -236,13 +250,3 @@ def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
         clone.batch_select_indices(rows)
         return clone
     return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
-
-
-@torch.no_grad()
-def continuation_logprobs_reference(model: Flamingo, input_ids: torch.Tensor, continuation: Sequence[int],
-                                    **media: Any) -> float:
-    """Sum of log-probs of `continuation` after `input_ids (1, T)` from one plain uncached forward (for tests)."""
-    full = torch.cat([input_ids, torch.tensor([list(continuation)], device=input_ids.device)], dim=1)
-    logits = model(full, **media).logits[0].float()  # (T + C, V)
-    logprobs = F.log_softmax(logits[input_ids.shape[1] - 1: -1], dim=-1)
-    return float(logprobs.gather(-1, full[0, input_ids.shape[1]:, None]).sum())

@@ -61,10 +61,8 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         # One learned embedding per frame index, added to every patch of that frame (paper: "time embeddings").
-        # Unit-variance init, as OpenFlamingo's and lucidrains' `frame_embs`. At 0.02 they were still ~5% of the mini
-        # tower's feature norm after the demo's 1100 steps, and seed 1 answered "what colour is the object at first?"
-        # 0/33 times (0, 4, 8 shots); at 1.0: 20/33, video QA 26.2 -> 36.2% (4-shot). Seed 0: video QA equal (41.2%),
-        # colour-order questions 18 -> 22/51, motion direction 46 -> 38/105, VQA 96.2 -> 93.8%.
+        # Unit-variance init, as OpenFlamingo's and lucidrains' `frame_embs`: at 0.02 they stay too small next to the
+        # tower's features to tell frames apart (docs/demo.md, "time embeddings").
         self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim))
         self.layers = nn.ModuleList(
             nn.ModuleDict({"attn": PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim),

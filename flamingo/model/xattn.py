@@ -160,12 +160,10 @@ def _attend_flex(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_l
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
-            # dynamic=None (automatic): the first shape compiles static; a size that changes becomes symbolic at its
-            # recompile, and block counts of 1 (T or N·R <= 128) stay specialized, so recompiles stop once B, T and
-            # N·R have each varied (10 padded shapes: 7 frames on an H100, tests/test_xattn_cuda.py; 6 on CPU,
-            # where 4 of the last 5 shapes compiled nothing). dynamic=False compiled one graph per shape, and past
-            # torch's recompile limit fell back to the unfused flex path, which materializes all scores.
-            # (dynamic=True fails to build on CPU inductor in torch 2.13.)
+            # dynamic=None (automatic): the first shape compiles static and a size that changes becomes symbolic,
+            # so recompiles stop once B, T and N·R have each varied (tests/test_xattn_cuda.py; figures in
+            # docs/architecture.md). dynamic=False compiles one graph per shape and, past torch's recompile limit,
+            # falls back to an unfused path that materializes all scores; dynamic=True does not build on CPU.
             _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     k = kv.k.flatten(1, 2).transpose(1, 2)  # (B, h, N·R, d)

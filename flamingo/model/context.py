@@ -1,0 +1,99 @@
+"""`MediaContext`: the conditioning of one Flamingo call, and the `Phase` its caller says the call is in.
+
+A context exists for the duration of one call only (`Flamingo.conditioned` sets it and clears it in `finally`); the
+LM's hooks read it and nothing else. Outside a call there is no context, and the hooked LM computes exactly the bare
+LM: no block runs and the added token rows are the LM's own.
+
+What each phase means for the hooks (set by the caller, never inferred from the order of LM calls):
+- FORWARD: a whole sequence (training, a plain forward, a scored context). Each token's media index is computed from
+  the ids of the call; every block attends under the masking rule.
+- PREFILL: a prompt before decoding. As FORWARD (a prompt prefilled in chunks continues its media index across
+  calls), and each block also keeps, per row, the K/V of the prompt's last image for the decode steps.
+- DECODE: tokens generated after the prompt. `<image>` cannot be generated, so each row sees its prompt's last image:
+  the hooks read only tensors made in PREFILL (static shapes, so a compiled decode step neither depends on nor
+  recompiles for the prompt's length or number of images).
+- SCORE: candidate continuations run on a copy of their contexts' KV cache. Row k belongs to context
+  `row_samples[k]`: it reads that context's visual K/V, and its media index continues from the context's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Optional
+
+import torch
+
+from .xattn import GatedCrossAttentionBlock, MediaKV, XAttnImpl
+
+
+class Phase(Enum):
+    FORWARD = "forward"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SCORE = "score"
+
+
+@dataclass
+class MediaContext:
+    """Conditioning for one call (a forward, or a whole `generate` / `score`); never outlives it."""
+
+    phase: Phase
+    visual: Optional[torch.Tensor]  # (B, N, R, Dv) visual tokens, None when the batch has no media
+    impl: XAttnImpl = "auto"
+    document_ids: Optional[torch.Tensor] = None  # (B, T) packed rows: which sample each token belongs to
+    # (rows,) images each row saw before the current LM call (PREFILL in chunks, SCORE); None = 0
+    last_media_index: Optional[torch.Tensor] = None
+    media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
+    # (rows, 1) for DECODE: 1 where the row's prompt has an image. Made eagerly in PREFILL and contiguous (unlike
+    # last_media_index, a strided view), so a compiled decode step guards on it without recompiling.
+    decode_index: Optional[torch.Tensor] = None
+    # (rows,) SCORE: the context each candidate row belongs to (any number of candidates per context)
+    row_samples: Optional[torch.Tensor] = None
+    # Visual K/V by (block, rows), and ("last", block, rows) for DECODE: projected once from the B samples' visual
+    # tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
+    media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # per-LM-call attention helpers shared by the blocks (flex block mask)
+
+    def for_candidates(self, rows: torch.Tensor) -> MediaContext:
+        """The SCORE context of candidate rows `rows (C,)` (each the index of its context in this FORWARD context's
+        batch): their media index continues from their context's, and the projected visual K/V are shared."""
+        if self.last_media_index is None:
+            raise RuntimeError("candidates need their contexts' forward first (it sets the contexts' media index)")
+        return MediaContext(phase=Phase.SCORE, visual=self.visual, impl=self.impl,
+                            last_media_index=self.last_media_index[rows], row_samples=rows, media_kv=self.media_kv)
+
+    def for_recompute(self) -> MediaContext:
+        """The same call's conditioning with fresh memos, for activation checkpointing's recompute (which must
+        project the visual K/V again exactly as the first forward did)."""
+        return replace(self, media_kv={}, memo={})
+
+    def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
+        """Each row's last image's K/V for one block, (rows, 1, R, h, d): what DECODE steps attend to."""
+        key = ("last", block_idx, rows)
+        if key not in self.media_kv:
+            kv = self.kv_for(block_idx, block, rows)  # (rows, N, R, h, d)
+            image = (self.last_media_index - 1).clamp(min=0)  # (rows,)
+            batch = torch.arange(rows, device=image.device)
+            self.media_kv[key] = MediaKV(kv.k[batch, image][:, None], kv.v[batch, image][:, None])
+        return self.media_kv[key]
+
+    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
+        """The visual K/V of one block for an LM call of `rows` rows, (rows, N, R, h, d)."""
+        if self.visual is None:
+            return None
+        samples = self.visual.shape[0]
+        base = self.media_kv.get((block_idx, samples))
+        if base is None:
+            base = self.media_kv[(block_idx, samples)] = block.project_media(self.visual)
+        if self.row_samples is not None:  # SCORE: rows map to contexts by index, so nothing is memoised
+            return MediaKV(base.k[self.row_samples], base.v[self.row_samples])
+        if rows == samples:  # one row per sample (a forward, a prefill): no copy
+            return base
+        kv = self.media_kv.get((block_idx, rows))
+        if kv is None:
+            if rows % samples:
+                raise RuntimeError(f"the LM runs {rows} rows for {samples} samples' media")
+            index = torch.arange(samples, device=self.visual.device).repeat_interleave(rows // samples)
+            kv = self.media_kv[(block_idx, rows)] = MediaKV(base.k[index], base.v[index])
+        return kv

@@ -1,0 +1,146 @@
+"""Test-only helpers shared by several test files: the plain, uncached computations that the fast paths are checked
+against, and the tiny fixture datasets of every evaluation task (the layouts of docs/eval.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flamingo import Flamingo
+from flamingo.tiny import random_image
+
+
+# ------------------------------------------------------------------------------------------------------ references
+@torch.no_grad()
+def continuation_logprobs_reference(model: Flamingo, input_ids: torch.Tensor, continuation: Sequence[int],
+                                    **media: Any) -> float:
+    """Sum of log-probs of `continuation` after `input_ids (1, T)` from one plain uncached forward."""
+    full = torch.cat([input_ids, torch.tensor([list(continuation)], device=input_ids.device)], dim=1)
+    logits = model(full, **media).logits[0].float()  # (T + C, V)
+    logprobs = F.log_softmax(logits[input_ids.shape[1] - 1: -1], dim=-1)
+    return float(logprobs.gather(-1, full[0, input_ids.shape[1]:, None]).sum())
+
+
+# ---------------------------------------------------------------------------------------- evaluation datasets
+WORDS = ["red", "blue", "two", "yes", "no", "cat"]
+
+
+def _image(root: Path, name: str, seed: int) -> str:
+    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
+    random_image(seed).save(root / name)
+    return name
+
+
+def _video(root: Path, name: str, seed: int, frames: int = 2) -> str:
+    import av  # optional: the video extra
+
+    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with av.open(str(root / name), "w") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return name
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_vqa(root: Path, episodes: bool = False) -> Path:
+    """5 train and 5 test questions (even ids name their image, odd ones are found by image_id)."""
+    for split, ids in (("train", range(0, 5)), ("test", range(100, 105))):
+        questions, annotations = [], []
+        for i in ids:
+            q = {"question_id": i, "image_id": i, "question": f"what is {i}?"}
+            if i % 2 == 0:
+                q["image"] = _image(root, f"images/q{i}.png", i)
+            else:
+                _image(root, f"images/{i}.png", i)  # found by image_id
+            if episodes and split == "test":
+                q["demo_ids"] = [(i + 3) % 5, (i + 1) % 5, i % 5]
+            questions.append(q)
+            answers = [WORDS[(i + j) % len(WORDS)] for j in range(10)]
+            annotations.append({"question_id": i, "image_id": i, "answers": [{"answer": a} for a in answers],
+                                "multiple_choice_answer": answers[0]})
+        write_json(root / f"{split}_questions.json", {"questions": questions})
+        write_json(root / f"{split}_annotations.json", {"annotations": annotations})
+    return root
+
+
+def make_captioning(root: Path) -> Path:
+    """Karpathy splits: 3 demo images (train + restval), 3 test images, and a val image that is neither."""
+    images = []
+    for i, split in enumerate(["train", "restval", "train", "val", "test", "test", "test"]):
+        images.append({"filepath": "images", "filename": _image(root, f"images/c{i}.png", i).split("/")[1],
+                       "split": split, "cocoid": i,
+                       "sentences": [{"raw": f"a {WORDS[i % 6]} square."}, {"raw": f"the {WORDS[(i + 1) % 6]} cat"}]})
+    write_json(root / "captions.json", {"images": images})
+    return root
+
+
+def make_classification(root: Path) -> Path:
+    """4 classes, 5 train and 3 test images; the first test sample (s10) ranks its own two candidates."""
+    classes = ["cat", "dog", "red bird", "blue fish"]
+    write_json(root / "classes.json", classes)
+    for split, ids in (("train", range(5)), ("test", range(10, 13))):
+        rows = [{"id": f"s{i}", "image": _image(root, f"images/{i}.png", i), "label": classes[i % 4]} for i in ids]
+        if split == "test":
+            rows[0]["candidates"] = ["dog", "cat"]
+        write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def make_hateful_memes(root: Path) -> Path:
+    """4 train and 4 dev_seen memes (the test split's fallback), labels alternating."""
+    for split, ids in (("train", range(4)), ("dev_seen", range(10, 14))):
+        write_jsonl(root / f"{split}.jsonl", [{"id": i, "img": _image(root, f"img/{i}.png", i), "label": i % 2,
+                                               "text": f"some {{text}} {i}"} for i in ids])
+    return root
+
+
+def make_videoqa(root: Path) -> Path:
+    """3 train and 2 test 2-frame videos, named by path or by video_id."""
+    for split, ids in (("train", range(3)), ("test", range(10, 12))):
+        rows = []
+        for i in ids:
+            rec = {"id": i, "question": "what moves?", "answer": WORDS[i % 6]}
+            if i % 2:
+                rec["video"] = _video(root, f"videos/v{i}.mp4", i)
+            else:
+                _video(root, f"videos/{i}.mp4", i)
+                rec["video_id"] = i
+            rows.append(rec)
+        write_json(root / f"{split}_qa.json", rows)
+    return root
+
+
+def make_video_captioning(root: Path) -> Path:
+    """3 train and 2 test 2-frame videos with two captions each."""
+    for split, ids in (("train", range(3)), ("test", range(10, 12))):
+        write_json(root / f"{split}.json", [{"id": i, "video": _video(root, f"videos/{i}.mp4", i),
+                                             "captions": [f"a {WORDS[i % 6]} thing moves", "something moves"]}
+                                            for i in ids])
+    return root
+
+
+DATASET_MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classification": make_classification,
+                  "hateful_memes": make_hateful_memes, "videoqa": make_videoqa,
+                  "video_captioning": make_video_captioning}
+TEST_SAMPLES = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
+                "video_captioning": 2}  # the evaluated samples of each fixture dataset

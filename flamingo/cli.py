@@ -1,5 +1,6 @@
 """The `flamingo` command. Thin: each subcommand parses arguments and calls the library (`demo` hands over to
-the demo package beside it)."""
+the demo package beside it). Subcommands import their part of the library when they run, so that `flamingo --help`
+and one subcommand do not load them all; the CLI is the top layer, so these imports can form no cycle."""
 
 from __future__ import annotations
 

@@ -102,11 +102,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         sections = make_fixtures(root, args.samples)
-        for name, section in sections.items():
+        for section in sections.values():
             for workers in args.workers:
                 for cache_mib in args.cache_media_mb:
                     rows.append(measure(section, processor, workers, cache_mib))
-    print_table(rows, ["loader", "workers", "cache_mib", "samples", "seconds", "samples_per_s", "frames_per_s", "tokens_per_s"])
+    print_table(rows, ["loader", "workers", "cache_mib", "samples", "seconds", "samples_per_s", "frames_per_s",
+                       "tokens_per_s"])
     print_json("data", {"cpu_count": os.cpu_count(), "image_size": args.image_size, "rows": rows})
 
 

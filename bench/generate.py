@@ -21,6 +21,7 @@ import torch
 
 from bench.common import Pair, build_pair, machine, print_json, print_table, timed_steps
 from flamingo.model.generation import compile_config
+from flamingo.runtime import DTYPE_NAMES, torch_dtype
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
 QUERY = "<image>Question: what is in the image? Short answer:"
@@ -58,7 +59,7 @@ def divergence(pair: Pair, ids: torch.Tensor, mask: torch.Tensor, images: torch.
 
 def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str, Any]]:
     """pair: models already built for `args` (bench/gpu.py times eager and compiled decoding on the same ones)."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if pair is None:
         pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
     ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--xattn-every", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
                         help="LM KV cache for ours and the bare LM; static lets HF compile the decode step (GPU)")

@@ -2,8 +2,8 @@
 forward + backward at 4/8/32 images, ours vs the OpenFlamingo peer in one process on the same weights, then every
 goal of the issue with the measured ratio and whether it is reached.
 
-    python -m bench.gpu --device cuda                            # H100: 1.3B Llama-shaped LM + ViT-L/14 tower, bf16
-    python -m bench.gpu --device cuda --parts decode xattn       # some parts (a device command may run 10 minutes)
+    python -m bench.gpu --device cuda                            # 1.3B Llama-shaped LM + ViT-L/14 tower, bf16
+    python -m bench.gpu --device cuda --parts decode xattn       # some parts only
     python -m bench.gpu --shape tiny --device cpu --repeats 1    # smoke run of this script (no goal is meaningful)
 
 The parts are the existing benches (bench/train.py, bench/generate.py, bench/xattn.py) called with the issue's

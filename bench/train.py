@@ -50,6 +50,29 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> tuple[float,
     return seconds, peak
 
 
+def _time_peer(peer: torch.nn.Module, batch: dict[str, Any], autocast: Callable[[], Any],
+               args: argparse.Namespace) -> dict[str, Any]:
+    """OpenFlamingo's own recipe: fp32 weights under autocast, torch AdamW over its trained parameters."""
+    opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
+
+    def peer_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = peer(vision_x=batch["images"], lang_x=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in peer.parameters() if p.requires_grad], 1.0)
+        opt.step()
+
+    seconds, peak = measure(peer_step, args.device, args.repeats)
+    row = {"openflamingo_step_s": seconds, "openflamingo_samples_s": args.batch / seconds,
+           "openflamingo_peak_gib": peak}
+    if args.profile:
+        prof = profile_steps(peer_step, args.device, "openflamingo_train_step")
+        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"])
+    return row
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pair = build_pair(args.shape, xattn_every=args.xattn_every)  # on the CPU, fp32
     dev, bf16 = args.device, args.device.startswith("cuda")
@@ -58,26 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu", enabled=False))
     row: dict[str, Any] = {"batch": args.batch, "tokens": args.tokens, "images": batch["images"].shape[1]}
 
-    # --- OpenFlamingo: its own recipe
-    peer = pair.peer.to(dev).train()
-    peer_opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
-
-    def peer_step() -> None:
-        peer_opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = peer(vision_x=batch["images"], lang_x=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in peer.parameters() if p.requires_grad], 1.0)
-        peer_opt.step()
-
-    seconds, peak = measure(peer_step, dev, args.repeats)
-    if args.profile:
-        prof = profile_steps(peer_step, dev, "openflamingo_train_step")
-        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"])
-    row.update(openflamingo_step_s=seconds, openflamingo_samples_s=args.batch / seconds, openflamingo_peak_gib=peak)
+    row.update(_time_peer(pair.peer.to(dev).train(), batch, autocast, args))  # its optimizer is freed on return
     pair.peer.to("cpu")
-    del peer_opt
 
     # --- ours
     ours = pair.ours

@@ -19,6 +19,7 @@ import torch
 from bench.common import machine, print_json, print_table, timed
 from flamingo.model.xattn import MaskedCrossAttention, compute_media_index
 from flamingo.peers.openflamingo import load_openflamingo_modules
+from flamingo.runtime import DTYPE_NAMES, torch_dtype
 
 MEDIA = 1
 
@@ -32,7 +33,7 @@ def _varlen_fn() -> Callable[..., Any] | None:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     dev = args.device
     rows = []
     for n in args.images:
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--dim-visual", type=int, default=1024)
     parser.add_argument("--impls", nargs="+", default=["reference", "segments", "flex"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(f"# bench.xattn on {machine()}, dtype={args.dtype}")

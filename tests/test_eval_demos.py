@@ -2,26 +2,35 @@
 the model's own pooled vision features; random demos reproducible per (seed, sample); rank classification = argmax
 of plain-forward log-probs; distributed sharding + gathering (simulated, and two real gloo ranks == one process)."""
 
+import copy
 import json
 import os
 import socket
 
 import pytest
 import torch
+from helpers import continuation_logprobs_reference, make_classification, make_vqa
 
 from flamingo import from_backbones, load_pretrained
-from flamingo.eval import distributed, evaluate
+from flamingo.eval import evaluate, rices
 from flamingo.eval.classification import ClassificationTask
 from flamingo.eval.demos import DemoSelector, prompt_demos
-from flamingo.eval.predict import MediaLoader, build_prompt, rank_batch
+from flamingo.eval.distributed import gather_by_index, shard
+from flamingo.eval.predict import MediaLoader, build_prompt, needed_tokens, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
 from flamingo.eval.task import Sample, ways_of
 from flamingo.eval.tasks import get_task
 from flamingo.eval.vqa import VQATask
-from flamingo.model.generation import continuation_logprobs_reference
 from flamingo.model.backbones import vision_features
-from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
-
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +49,7 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def test_nearest_most_similar_last():
+def test_nearest_returns_the_k_most_similar_most_similar_last():
     pool = _unit(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0], [0.9, 0.3]]))
     query = _unit(torch.tensor([[1.0, 0.1], [0.0, 1.0]]))
     # query 0: cos with pool = [.995, .0995, .778, -.995, .995*.949+.0995*.316=~.976] -> order 0, 4, 2
@@ -97,7 +106,7 @@ def test_pooled_features_are_the_models_mean_pooled_patch_features(model_and_pro
     assert torch.allclose(got, _unit(torch.stack(feats)), atol=1e-5)
 
 
-def test_random_demos_reproducible_and_seeded():
+def test_random_demos_depend_only_on_seed_and_sample_index():
     pool, query = _samples(30, "p"), _samples(4, "q")
     a = DemoSelector(pool, "random", query_set_size=10, seed=0)
     b = DemoSelector(pool, "random", query_set_size=10, seed=0)
@@ -112,7 +121,7 @@ def test_random_demos_reproducible_and_seeded():
     assert prompt_demos(a, query[0], 0, 0, "none") == ([], True)
 
 
-def test_episode_demo_ids():
+def test_episode_takes_its_first_demo_ids_in_order_and_refuses_unknown_ones():
     pool = _samples(6, "p")
     sample = Sample(id="q", media=["q.png"], fields={"question": "q"}, answer="a", demo_ids=["p4", "p1", "p3"])
     selector = DemoSelector(pool, "random", query_set_size=2, seed=0)
@@ -141,7 +150,7 @@ def test_n_way_episodes_count_shots_per_class():
     assert [d.id for d in demos] == ids[:3] and with_media
 
 
-def test_ways_in_a_record_is_checked():
+def test_ways_of_accepts_a_positive_int_with_demo_ids_only():
     assert ways_of({"id": "q", "demo_ids": ["a", "b"], "ways": 2}) == 2
     assert ways_of({"id": "q", "demo_ids": ["a"]}) is None
     for bad in (0, -1, 1.5, "2", True):
@@ -151,7 +160,7 @@ def test_ways_in_a_record_is_checked():
         ways_of({"id": "q", "ways": 2})
 
 
-def test_prompt_assembly():
+def test_prompts_fill_the_template_and_list_demo_media_before_the_query():
     task = ClassificationTask()
     demo = Sample(id="d", media=["d.png"], fields={}, answer="cat")
     query = Sample(id="q", media=["q.png"], fields={}, answer="dog")
@@ -202,21 +211,19 @@ def test_rank_classification_is_argmax_of_forward_logprobs(model_and_processor, 
         assert record["top5"] == ranked[:5]
 
 
-def test_shard_and_gather_simulated():
+def test_shards_are_strided_and_gathering_wants_each_index_exactly_once():
     n, world = 7, 3
-    shards = [distributed.shard(n, r, world) for r in range(world)]
+    shards = [shard(n, r, world) for r in range(world)]
     assert sorted(i for s in shards for i in s) == list(range(n)) and [len(s) for s in shards] == [3, 2, 2]
     parts = [[(i, f"p{i}") for i in s] for s in shards]
-    assert distributed.gather_by_index(parts, n) == [f"p{i}" for i in range(n)]
+    assert gather_by_index(parts, n) == [f"p{i}" for i in range(n)]
     with pytest.raises(RuntimeError, match="twice"):
-        distributed.gather_by_index(parts + [[(0, "again")]], n)
+        gather_by_index(parts + [[(0, "again")]], n)
     with pytest.raises(RuntimeError, match="missing"):
-        distributed.gather_by_index(parts[:2], n)
+        gather_by_index(parts[:2], n)
 
 
 def _rank_worker(rank, world, port, model_dir, data_dir, out_dir, demos="random"):
-    from flamingo.eval import rices
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -244,9 +251,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
-    from test_eval_tasks import make_vqa  # the fixture dataset (5 test questions -> shards of 3 and 2)
-
+@pytest.mark.distributed
+def test_two_ranks_give_the_predictions_and_metrics_of_one_process(model_and_processor, tmp_path):
+    # the fixture dataset's 5 test questions -> shards of 3 and 2
     model, processor = model_and_processor
     model_dir, data = str(tmp_path / "model"), make_vqa(tmp_path / "data")
     model.save_pretrained(model_dir, processor=processor)
@@ -266,9 +273,9 @@ def test_two_ranks_equal_one_process(model_and_processor, tmp_path):
     assert [r["metrics"] for r in runs0] == [r["metrics"] for r in runs1] == [r["metrics"] for r in one]
 
 
+@pytest.mark.distributed
 def test_two_ranks_split_the_rices_query_set_and_equal_one_process(model_and_processor, tmp_path):
-    from test_eval_tasks import make_vqa  # 5 pool questions (the query set) and 5 test questions
-
+    # 5 pool questions (the query set) and 5 test questions
     model, processor = model_and_processor
     model_dir, data = str(tmp_path / "model"), make_vqa(tmp_path / "data")
     model.save_pretrained(model_dir, processor=processor)
@@ -291,12 +298,6 @@ def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_proces
     """A query whose prompt plus longest candidate (ranked) or plus max_new_tokens (generated) needs more positions
     than the processor's max_length is not run: its record says why, the run counts it, the metric is over the rest
     and the other queries' predictions are unchanged."""
-    import copy
-
-    from test_eval_tasks import make_classification, make_vqa
-
-    from flamingo.eval.predict import needed_tokens
-
     model, processor = model_and_processor
     data = str(make_classification(tmp_path / "cls"))
     task = ClassificationTask()

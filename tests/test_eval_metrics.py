@@ -15,11 +15,11 @@ from flamingo.eval.vqa_metric import normalize_answer, postprocess_vqa_generatio
     ("Two", "2"), ("the dog.", "dog"), ("dont", "don't"), ("A Cat", "cat"), ("yes!", "yes"), ("ten", "10"),
     ("black/white", "black white"), ("1,000", "1000"), ("3.5", "3.5"), ("  Red  ", "red"), ("isnt it", "isn't it"),
 ])
-def test_vqa_normalisation(raw, normal):
+def test_vqa_normalisation_matches_the_official_script(raw, normal):
     assert normalize_answer(raw) == normal
 
 
-def test_vqa_accuracy_leave_one_out():
+def test_vqa_accuracy_averages_min_matches_over_3_over_leave_one_out_subsets():
     others = ["x"] * 10
     # m humans of 10 gave the answer: each leave-one-out subset of 9 scores min(matches/3, 1).
     # m=1: 9 subsets keep it (1/3), 1 drops it (0) -> 9 * (1/3) / 10 = 0.3
@@ -37,7 +37,7 @@ def test_vqa_accuracy_leave_one_out():
         vqa_accuracy("a", [])
 
 
-def test_vqa_accuracy_per_answer_type():
+def test_vqa_accuracy_is_broken_down_per_answer_type_and_averaged_over_trials_that_have_it():
     def sample(i, kind, answer):
         return Sample(id=str(i), media=[], fields={"question": "q"}, answer=answer, references=[answer] * 10, kind=kind)
 
@@ -53,7 +53,7 @@ def test_vqa_accuracy_per_answer_type():
     assert rows["vqa_accuracy/yes/no"]["mean"] == 25.0 and rows["vqa_accuracy"]["mean"] == 37.5
 
 
-def test_vqa_postprocess():
+def test_vqa_postprocess_cuts_at_a_newline_or_the_next_prompt_word_and_lowercases():
     assert postprocess_vqa_generation(" Red\nQuestion: what") == "red"
     assert postprocess_vqa_generation("yes Question: is it") == "yes"
     assert postprocess_vqa_generation("Two dogs Short answer:") == "two dogs"
@@ -97,7 +97,7 @@ def test_cider_equals_pycocoevalcap_ptb_and_python_tokens_match_ptb():
     assert cider(PREDICTIONS, CAPTIONS, tokenizer="python")[0] == pytest.approx(score)
 
 
-def test_python_tokenize_rules():
+def test_python_tokenize_splits_clitics_keeps_numbers_and_names_brackets_as_ptb():
     assert python_tokenize("The dog's ball, red.") == "the dog 's ball red"
     assert python_tokenize("Cats don't sleep!") == "cats do n't sleep"
     assert python_tokenize("a black-and-white photo of 1,000 (or 3.5) birds") == \
@@ -107,14 +107,14 @@ def test_python_tokenize_rules():
         tokenize({"x": ["a"]}, "nltk")
 
 
-def test_cider_input_checks():
+def test_cider_refuses_mismatched_keys_and_samples_without_references():
     with pytest.raises(ValueError):
         cider({"a": "x"}, {"b": ["x"]}, tokenizer="python")
     with pytest.raises(ValueError):
         cider({"a": "x"}, {"a": []}, tokenizer="python")
 
 
-def test_roc_auc():
+def test_roc_auc_is_the_fraction_of_ordered_pairs_and_none_for_one_class():
     # 3 positives, 2 negatives: pairs (pos, neg) ranked right: (0.9>0.1, 0.9>0.6, 0.4>0.1, 0.4<0.6, 0.8>0.1,
     # 0.8>0.6) -> 5 of 6.
     assert roc_auc([1, 0, 1, 0, 1], [0.9, 0.1, 0.4, 0.6, 0.8]) == pytest.approx(5 / 6)
@@ -122,7 +122,7 @@ def test_roc_auc():
     assert roc_auc([1, 1], [0.2, 0.7]) is None  # undefined with one class
 
 
-def test_topk_accuracy():
+def test_topk_accuracy_counts_labels_within_the_first_k_names():
     labels = ["cat", "dog", "bird"]
     ranked = [["cat", "dog"], ["cat", "bird", "x", "y", "z", "dog"], ["a", "b", "c", "d", "bird"]]
     assert topk_accuracy(labels, ranked, 1) == pytest.approx(1 / 3)

@@ -1,134 +1,23 @@
-"""End to end: every task on a tiny fixture dataset with a tiny saved model -> results.json, results.md, the PNG;
-episodes pick exactly their demo_ids; the `flamingo eval` subcommand; two ranks == one process."""
+"""Every task through `evaluate` on a tiny fixture dataset with a tiny saved model: results.json, results.md, the PNG
+and one prediction record per sample; episodes pick exactly their demo_ids; batching and the vision cache change no
+prediction; the `flamingo eval` subcommand; bad inputs are refused."""
 
 import argparse
 import json
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import DATASET_MAKERS, TEST_SAMPLES, make_classification, make_vqa, write_json, write_jsonl
 
 from flamingo import from_backbones, load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
 from flamingo.eval.tasks import get_task
-from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
 FAST = dict(shots=[0, 2], trials=2, batch_size=2, progress=False, cider_tokenizer="python",
             generation={"max_new_tokens": 3, "num_beams": 2})
-
-
-# ---------------------------------------------------------------------------------------------- fixture datasets
-def _image(root: Path, name: str, seed: int) -> str:
-    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
-    random_image(seed).save(root / name)
-    return name
-
-
-def _video(root: Path, name: str, seed: int, frames: int = 2) -> str:
-    import av
-
-    (root / Path(name).parent).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with av.open(str(root / name), "w") as container:
-        stream = container.add_stream("mpeg4", rate=1)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return name
-
-
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-
-
-def _jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-WORDS = ["red", "blue", "two", "yes", "no", "cat"]
-
-
-def make_vqa(root: Path, episodes: bool = False) -> Path:
-    for split, ids in (("train", range(0, 5)), ("test", range(100, 105))):
-        questions, annotations = [], []
-        for i in ids:
-            q = {"question_id": i, "image_id": i, "question": f"what is {i}?"}
-            if i % 2 == 0:
-                q["image"] = _image(root, f"images/q{i}.png", i)
-            else:
-                _image(root, f"images/{i}.png", i)  # found by image_id
-            if episodes and split == "test":
-                q["demo_ids"] = [(i + 3) % 5, (i + 1) % 5, i % 5]
-            questions.append(q)
-            answers = [WORDS[(i + j) % len(WORDS)] for j in range(10)]
-            annotations.append({"question_id": i, "image_id": i, "answers": [{"answer": a} for a in answers],
-                                "multiple_choice_answer": answers[0]})
-        _write(root / f"{split}_questions.json", {"questions": questions})
-        _write(root / f"{split}_annotations.json", {"annotations": annotations})
-    return root
-
-
-def make_captioning(root: Path) -> Path:
-    images = []
-    for i, split in enumerate(["train", "restval", "train", "val", "test", "test", "test"]):
-        images.append({"filepath": "images", "filename": _image(root, f"images/c{i}.png", i).split("/")[1],
-                       "split": split, "cocoid": i,
-                       "sentences": [{"raw": f"a {WORDS[i % 6]} square."}, {"raw": f"the {WORDS[(i + 1) % 6]} cat"}]})
-    _write(root / "captions.json", {"images": images})
-    return root
-
-
-def make_classification(root: Path) -> Path:
-    classes = ["cat", "dog", "red bird", "blue fish"]
-    _write(root / "classes.json", classes)
-    for split, ids in (("train", range(5)), ("test", range(10, 13))):
-        rows = [{"id": f"s{i}", "image": _image(root, f"images/{i}.png", i), "label": classes[i % 4]} for i in ids]
-        if split == "test":
-            rows[0]["candidates"] = ["dog", "cat"]
-        _jsonl(root / f"{split}.jsonl", rows)
-    return root
-
-
-def make_hateful_memes(root: Path) -> Path:
-    for split, ids in (("train", range(4)), ("dev_seen", range(10, 14))):
-        _jsonl(root / f"{split}.jsonl", [{"id": i, "img": _image(root, f"img/{i}.png", i), "label": i % 2,
-                                          "text": f"some {{text}} {i}"} for i in ids])
-    return root
-
-
-def make_videoqa(root: Path) -> Path:
-    for split, ids in (("train", range(3)), ("test", range(10, 12))):
-        rows = []
-        for i in ids:
-            rec = {"id": i, "question": "what moves?", "answer": WORDS[i % 6]}
-            if i % 2:
-                rec["video"] = _video(root, f"videos/v{i}.mp4", i)
-            else:
-                _video(root, f"videos/{i}.mp4", i)
-                rec["video_id"] = i
-            rows.append(rec)
-        _write(root / f"{split}_qa.json", rows)
-    return root
-
-
-def make_video_captioning(root: Path) -> Path:
-    for split, ids in (("train", range(3)), ("test", range(10, 12))):
-        _write(root / f"{split}.json", [{"id": i, "video": _video(root, f"videos/{i}.mp4", i),
-                                         "captions": [f"a {WORDS[i % 6]} thing moves", "something moves"]}
-                                        for i in ids])
-    return root
-
-
-MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classification": make_classification,
-          "hateful_memes": make_hateful_memes, "videoqa": make_videoqa, "video_captioning": make_video_captioning}
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -153,10 +42,10 @@ def model_and_processor(saved_model):
 
 
 # --------------------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("task", list(MAKERS))
-def test_end_to_end(task, model_and_processor, tmp_path):
+@pytest.mark.parametrize("task", list(DATASET_MAKERS))
+def test_every_task_writes_results_and_one_record_per_sample_with_its_demos(task, model_and_processor, tmp_path):
     model, processor = model_and_processor
-    data = MAKERS[task](tmp_path / "data")
+    data = DATASET_MAKERS[task](tmp_path / "data")
     out = tmp_path / "out"
     results = evaluate(model, processor, task, str(data), out_dir=str(out), model_name="tiny", seed=3, **FAST)
     on_disk = json.loads((out / "results.json").read_text())
@@ -164,8 +53,7 @@ def test_end_to_end(task, model_and_processor, tmp_path):
     assert (out / "results.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| 0-shot | 2-shot |" in table
-    n_test = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
-              "video_captioning": 2}[task]
+    n_test = TEST_SAMPLES[task]
     assert len(results["runs"]) == 4 and results["num_samples"] == n_test
     for run in results["runs"]:
         assert {"task", "model", "date", "num_samples", "shots", "trial", "seed", "metrics"} <= set(run)
@@ -202,7 +90,7 @@ def test_n_way_episodes_take_a_demo_of_each_class_per_shot(model_and_processor, 
     rows = [json.loads(line) for line in (data / "test.jsonl").open()]
     for j, row in enumerate(rows):
         row.update(candidates=["cat", "dog"], ways=2, demo_ids=[f"s{(j + i) % 5}" for i in range(4)])
-    _jsonl(data / "test.jsonl", rows)
+    write_jsonl(data / "test.jsonl", rows)
     evaluate(model, processor, "classification", str(data), shots=[0, 1, 2], trials=1, batch_size=2, progress=False,
              out_dir=str(tmp_path / "out"))
     listed = {row["id"]: row["demo_ids"] for row in rows}
@@ -222,21 +110,21 @@ def test_every_episode_loader_reads_ways(tmp_path):
     questions = json.loads(path.read_text())["questions"]
     for q in questions:
         q["ways"] = 3
-    _write(path, {"questions": questions})
+    write_json(path, {"questions": questions})
     samples = get_task("vqa").load(str(data), "test")
     assert [s.ways for s in samples] == [3] * len(questions) and all(len(s.demo_ids) == 3 for s in samples)
     questions[0]["ways"] = 0
-    _write(path, {"questions": questions})
+    write_json(path, {"questions": questions})
     with pytest.raises(ValueError, match="'ways' must be a positive integer"):
         get_task("vqa").load(str(data), "test")
 
 
 @pytest.mark.parametrize("task", ["vqa", "classification"])
-def test_batched_equals_one_by_one(task, model_and_processor, tmp_path):
+def test_batched_predictions_equal_one_prompt_at_a_time(task, model_and_processor, tmp_path):
     """Generation (vqa) and ranking (classification: `score_batch` over left-padded prompts) in batches of 4 give
     the predictions of one prompt at a time."""
     model, processor = model_and_processor
-    data = MAKERS[task](tmp_path / "data")
+    data = DATASET_MAKERS[task](tmp_path / "data")
     common = dict(shots=[2], trials=1, progress=False, generation={"max_new_tokens": 4, "num_beams": 1})
     evaluate(model, processor, task, str(data), batch_size=4, out_dir=str(tmp_path / "a"), **common)
     evaluate(model, processor, task, str(data), batch_size=1, out_dir=str(tmp_path / "b"), **common)
@@ -247,7 +135,7 @@ def test_batched_equals_one_by_one(task, model_and_processor, tmp_path):
 @pytest.mark.parametrize("task", ["vqa", "classification", "videoqa"])
 def test_vision_cache_encodes_each_frame_once_and_changes_no_prediction(task, model_and_processor, tmp_path):
     model, processor = model_and_processor
-    data = MAKERS[task](tmp_path / "data")
+    data = DATASET_MAKERS[task](tmp_path / "data")
     frames = []
     hook = model.vision.register_forward_hook(lambda m, args, out: frames.append(out.last_hidden_state.shape[0]))
     common = dict(shots=[1, 2], trials=2, progress=False, generation={"max_new_tokens": 4, "num_beams": 1})
@@ -271,7 +159,7 @@ def test_vision_cache_encodes_each_frame_once_and_changes_no_prediction(task, mo
         assert on == off
 
 
-def test_cli_eval(saved_model, tmp_path, capsys):
+def test_eval_subcommand_writes_results_and_prints_the_summary_as_json(saved_model, tmp_path, capsys):
     data = make_classification(tmp_path / "data")
     parser = argparse.ArgumentParser()
     add_eval_subcommand(parser.add_subparsers(dest="command"))
@@ -282,10 +170,12 @@ def test_cli_eval(saved_model, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["settings"]["demos"] == "rices" and results["settings"]["query_set"] is None
     assert results["model"] == saved_model
-    assert '"summary"' in capsys.readouterr().out
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+    assert summary == {f"{r['metric']}@{r['shots']}": r["mean"] for r in results["summary"]}
+    assert set(summary) == {"top1_accuracy@0", "top1_accuracy@1", "top5_accuracy@0", "top5_accuracy@1"}
 
 
-def test_bad_inputs(model_and_processor, tmp_path):
+def test_evaluate_refuses_unknown_task_too_many_shots_missing_files_and_bad_template(model_and_processor, tmp_path):
     model, processor = model_and_processor
     data = make_vqa(tmp_path / "data")
     with pytest.raises(ValueError, match="unknown task"):

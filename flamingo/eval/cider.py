@@ -24,6 +24,7 @@ import shutil
 import warnings
 from typing import Mapping, Sequence
 
+TOKENIZERS = ("auto", "ptb", "python")  # "auto": PTB when `java` is on PATH
 PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
                              "--", "...", ";"])  # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS
 _WORD = r"[^\W_]+(?:-[^\W_]+)*"
@@ -52,8 +53,8 @@ def tokenize(captions: Mapping[str, Sequence[str]], tokenizer: str = "auto") -> 
 
     tokenizer: "auto" (PTB when `java` is on PATH), "ptb" or "python".
     """
-    if tokenizer not in ("auto", "ptb", "python"):
-        raise ValueError(f"tokenizer must be 'auto', 'ptb' or 'python', got {tokenizer!r}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
     if tokenizer == "ptb" or (tokenizer == "auto" and java_available()):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -63,7 +64,7 @@ def tokenize(captions: Mapping[str, Sequence[str]], tokenizer: str = "auto") -> 
         except Exception as e:  # Java present but unusable (e.g. a read-only site-packages for its temp file)
             if tokenizer == "ptb":
                 raise
-            warnings.warn(f"PTB tokenizer failed ({e}); using the Python tokenization")
+            warnings.warn(f"PTB tokenizer failed ({e}); using the Python tokenization", stacklevel=2)
     return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}, "python"
 
 

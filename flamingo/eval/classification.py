@@ -29,10 +29,10 @@ class ClassificationTask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
+        names = read_json(root / "classes.json") if (root / "classes.json").is_file() else None
         if (root / f"{split}.jsonl").is_file():
-            classes = read_json(root / "classes.json") if (root / "classes.json").is_file() else None
             records = read_jsonl(root / f"{split}.jsonl")
-            self.classes = list(classes) if classes else sorted({str(r["label"]) for r in records} | set(self.classes))
+            self.classes = list(names) if names else sorted({str(r["label"]) for r in records} | set(self.classes))
             return [Sample(id=str(r["id"]), media=[media_path(root, r["image"])], fields={}, answer=str(r["label"]),
                            references=[str(r["label"])], label=str(r["label"]),
                            candidates=[str(c) for c in r["candidates"]] if r.get("candidates") else None,
@@ -40,7 +40,6 @@ class ClassificationTask(Task):
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
             raise FileNotFoundError(f"{str(root)!r} has neither {split}.jsonl nor an ImageNet-style {folder.name}/")
-        names = read_json(root / "classes.json") if (root / "classes.json").is_file() else None
         folders = sorted(p for p in folder.iterdir() if p.is_dir())
         # classes.json: a {folder: name} map, or a list of names in sorted-folder order; else the folder names.
         if isinstance(names, dict):

@@ -6,10 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
-from .demos import METHODS, ZERO_SHOT
+import torch.distributed as dist
 
-TASK_NAMES = ("vqa", "captioning", "classification", "hateful_memes", "videoqa", "video_captioning")
+from ..build import load_pretrained
+from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
+from .cider import TOKENIZERS
+from .demos import METHODS, ZERO_SHOT
+from .distributed import rank
+from .runner import evaluate, markdown_table
+from .tasks import TASKS
 
 
 def _optional_int(value: str) -> Any:
@@ -21,7 +26,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
                                            "video QA or video captioning (see docs/eval.md)")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")
-    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])
     p.add_argument("--trials", type=int, default=3, help="seeds seed..seed+trials-1: mean ± std")
@@ -40,7 +45,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--cider-tokenizer", choices=("auto", "ptb", "python"), default="auto",
+    p.add_argument("--cider-tokenizer", choices=TOKENIZERS, default="auto",
                    help="PTB (needs java) or the documented Python tokenization")
     p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md, results.png)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,36 +58,24 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
-    import torch
-
-    from . import distributed
-
     joined = init_process_group_from_env()
     try:
-        return _run(args, distributed)
+        quiet_transformers(args.no_progress)
+        dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
+        model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device))
+        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
+                      if v is not None}
+        results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
+                           demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
+                           batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
+                           template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
+                           progress=not args.no_progress, generation=generation or None,
+                           cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb)
+        if rank() == 0:
+            print(markdown_table(results))
+            print(json.dumps({"task": results["task"], "out": args.out,
+                              "summary": {f"{r['metric']}@{r['shots']}": r["mean"] for r in results["summary"]}}))
+        return 0
     finally:
         if joined:
-            torch.distributed.destroy_process_group()
-
-
-def _run(args: argparse.Namespace, distributed: Any) -> int:
-    from ..build import load_pretrained
-    from .runner import evaluate, markdown_table
-
-    quiet_transformers(args.no_progress)
-
-    dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
-    model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device))
-    generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
-                  if v is not None}
-    results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
-                       demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
-                       batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
-                       template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
-                       progress=not args.no_progress, generation=generation or None,
-                       cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb)
-    if distributed.rank() == 0:
-        print(markdown_table(results))
-        print(json.dumps({"task": results["task"], "out": args.out,
-                          "summary": {f"{r['metric']}@{r['shots']}": r["mean"] for r in results["summary"]}}))
-    return 0
+            dist.destroy_process_group()

@@ -2,8 +2,8 @@
 
 Rank r evaluates samples r, r + W, r + 2W, ... (W = WORLD_SIZE), so shards differ by at most one sample and nothing
 is padded: `all_gather_object` carries lists of any length, and `gather_by_index` checks that every sample index
-arrives exactly once. A single process (no RANK/WORLD_SIZE) needs nothing; the process group
-is joined by `flamingo.runtime.init_process_group_from_env`.
+arrives exactly once. A single process (no RANK/WORLD_SIZE) needs nothing; the process group is joined by
+`flamingo.runtime.init_process_group_from_env`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, read_jsonl
+from .task import Sample, Task, episode_fields, media_path, percent, read_jsonl
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> Optional[float]:
@@ -54,4 +54,4 @@ class HatefulMemesTask(Task):
         labels = [int(s.label) for s in samples]
         auc = roc_auc(labels, [p["prob_yes"] for p in predictions])
         hits = [(p["prediction"] == "yes") == bool(label) for label, p in zip(labels, predictions)]
-        return {"roc_auc": None if auc is None else 100.0 * auc, "accuracy": 100.0 * sum(hits) / max(len(hits), 1)}
+        return {"roc_auc": None if auc is None else 100.0 * auc, "accuracy": percent(hits)}

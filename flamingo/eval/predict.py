@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,24 +9,23 @@ import torch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from ..runtime import LRU
 from .task import Sample, Task
 
 
 class MediaLoader:
-    """Preprocessed media `(F, C, H, W)` by path, with an LRU cache (demo images recur across queries)."""
+    """Preprocessed media `(F, C, H, W)` by path, the `capacity` most recently used kept (demo images recur across
+    queries)."""
 
     def __init__(self, processor: FlamingoProcessor, capacity: int = 512) -> None:
-        self.processor, self.capacity = processor, capacity
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.processor = processor
+        self.cache: LRU[str, torch.Tensor] = LRU(capacity)
 
     def __call__(self, path: str) -> torch.Tensor:
-        if path in self._cache:
-            self._cache.move_to_end(path)
-            return self._cache[path]
-        tensor = self.processor.preprocess_media(path)
-        self._cache[path] = tensor
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        tensor = self.cache.get(path)
+        if tensor is None:
+            tensor = self.processor.preprocess_media(path)
+            self.cache.put(path, tensor)
         return tensor
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..model.backbones import vision_features
 from ..model.flamingo import Flamingo
-from . import distributed
+from .distributed import all_gather, shard
 
 
 @torch.no_grad()
@@ -59,9 +59,9 @@ class FeatureCache:
         media and the features are all-gathered, so W ranks split the work instead of each doing all of it."""
         missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
         if missing:
-            mine = distributed.shard(len(missing)) if shared else range(len(missing))
+            mine = shard(len(missing)) if shared else range(len(missing))
             local = list(zip(mine, pooled_features(self.model, [self.load(missing[j][1]) for j in mine],
                                                    self.batch_size))) if mine else []
-            feats = distributed.all_gather(local, len(missing)) if shared else [f for _, f in local]
+            feats = all_gather(local, len(missing)) if shared else [f for _, f in local]
             self.features.update({i: f for (i, _), f in zip(missing, feats)})
         return torch.stack([self.features[i] for i in ids])

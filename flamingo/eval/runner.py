@@ -20,8 +20,8 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env
-from . import distributed
 from .demos import DemoSelector, prompt_demos
+from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from .rices import FeatureCache
 from .task import Sample, Task
@@ -48,7 +48,7 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
     tokens) is not run: its record holds `skipped` (why) instead of a prediction, and `evaluate` counts it."""
     loader = loader or MediaLoader(processor)
     n = len(samples)
-    mine = distributed.shard(n)
+    mine = shard(n)
     if selector.method == "rices" and shots > 0:  # one similarity matmul for the whole shard
         needs = [i for i in mine if samples[i].demo_ids is None]
         rices = dict(zip(needs, selector.select_rices([samples[i] for i in needs], shots))) if needs else {}
@@ -58,7 +58,7 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
     limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
     new_tokens = int({"max_new_tokens": task.max_new_tokens, **(generation or {})}["max_new_tokens"]) \
         if task.kind == "generate" else 0
-    bar = tqdm(total=len(mine), desc=description, disable=not progress or distributed.rank() != 0)
+    bar = tqdm(total=len(mine), desc=description, disable=not progress or rank() != 0)
     for start in range(0, len(mine), batch_size):
         indices, prompts, chosen = [], [], []
         for i in mine[start:start + batch_size]:
@@ -86,7 +86,7 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
             local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
         bar.update(len(mine[start:start + batch_size]))
     bar.close()
-    return distributed.all_gather(local, n)
+    return all_gather(local, n)
 
 
 def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Task], data_dir: str, *,
@@ -105,7 +105,7 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...);
     vision_cache_mb: budget of the frozen tower's features kept by frame content across queries and shots (demo
     images recur: each is encoded once), 0 = off; None: 256 for a tower on the CPU, off on an accelerator, where
-    hashing a frame's pixels on the host (~1 ms for 224 px) costs about as much as the tower. Cached features come from
+    hashing a frame's pixels on the host costs about as much as the tower (docs/eval.md). Cached features come from
     another batch, so they can differ from a fresh computation in the last bits.
     Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
     dict (the content of results.json) on every rank.
@@ -151,8 +151,8 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
                               vision_cache=vision_cache)
             kept = [(sample, r) for sample, r in zip(samples, records) if "skipped" not in r]
             metrics = task.compute_metrics([sample for sample, _ in kept], [r for _, r in kept]) \
-                if distributed.rank() == 0 and kept else {}  # every query too long: no metric at k shots
-            metrics = distributed.broadcast(metrics)
+                if rank() == 0 and kept else {}  # every query too long: no metric at k shots
+            metrics = broadcast(metrics)
             extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}
             runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
                          "skipped": len(samples) - len(kept), **extra})
@@ -162,7 +162,7 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
         "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": query_set,
                      "zero_shot": zero_shot, "template": task.template,
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
-                     "world_size": distributed.world_size(), "kind": task.kind,
+                     "world_size": world_size(), "kind": task.kind,
                      "generation": {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams,
                                     **(generation or {})} if task.kind == "generate" else None},
         "runs": runs,
@@ -170,7 +170,7 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     }
     if "tokenizer" in runs[0]:
         results["tokenizer"] = runs[0]["tokenizer"]
-    if out_dir is not None and distributed.rank() == 0:
+    if out_dir is not None and rank() == 0:
         write_results(results, predictions, out_dir)
     return results
 
@@ -201,7 +201,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     cell = {(r["metric"], r["shots"]): r for r in results["summary"]}
     s = results["settings"]
     lines = [f"# {results['task']} — {results['model']}", "",
-             f"{results['num_samples']} samples, {s['trials']} trial(s) (seeds {s['seed']}..{s['seed'] + s['trials'] - 1}), "
+             f"{results['num_samples']} samples, {s['trials']} trial(s) "
+             f"(seeds {s['seed']}..{s['seed'] + s['trials'] - 1}), "
              f"demos: {s['demos']}, zero-shot: {s['zero_shot']}, date: {results['date']}"
              + (f", CIDEr tokenizer: {results['tokenizer']}" if "tokenizer" in results else ""), "",
              "| metric | " + " | ".join(f"{k}-shot" for k in shots) + " |",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..config import MEDIA_TOKEN
 
 
 @dataclass
@@ -106,17 +106,19 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------------- file helpers
-def read_json(path: Path) -> Any:
+def _existing(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"missing evaluation file {str(path)!r}")
-    with open(path) as f:
+    return path
+
+
+def read_json(path: Path) -> Any:
+    with open(_existing(path)) as f:
         return json.load(f)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing evaluation file {str(path)!r}")
-    with open(path) as f:
+    with open(_existing(path)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -125,6 +127,11 @@ def media_path(data_dir: Path, relative: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"media file {str(path)!r} not found")
     return str(path)
+
+
+def percent(scores: Sequence[float]) -> float:
+    """100 x the mean per-sample score (0 for no samples): metrics are reported in percent, as the papers do."""
+    return 100.0 * sum(scores) / max(len(scores), 1)
 
 
 def demo_ids_of(record: dict[str, Any]) -> Optional[list[str]]:
@@ -147,6 +154,3 @@ def ways_of(record: dict[str, Any]) -> Optional[int]:
     if record.get("demo_ids") is None:
         raise ValueError(f"record {record.get('id')!r} has 'ways' but no 'demo_ids'")
     return ways
-
-
-__all__ = ["Sample", "Task", "END_OF_CHUNK_TOKEN", "MEDIA_TOKEN"]

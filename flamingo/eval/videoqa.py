@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, read_json
+from .task import Sample, Task, episode_fields, media_path, percent, read_json
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 
@@ -31,4 +31,4 @@ class VideoQATask(Task):
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         hits = [normalize_answer(p["prediction"]) == normalize_answer(s.answer) for s, p in zip(samples, predictions)]
-        return {"accuracy": 100.0 * sum(hits) / max(len(hits), 1)}
+        return {"accuracy": percent(hits)}

@@ -30,7 +30,8 @@ def load_openflamingo_modules() -> types.SimpleNamespace:
     """OpenFlamingo's model modules, loaded from the installed package's files without its `__init__`."""
     spec = importlib.util.find_spec("open_flamingo")  # locates the package without executing it
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("OpenFlamingo is not installed: pip install --no-deps open-flamingo==2.0.1 einops einops-exts")
+        raise ImportError("OpenFlamingo is not installed: "
+                          "pip install --no-deps open-flamingo==2.0.1 einops einops-exts")
     src = Path(list(spec.submodule_search_locations)[0]) / "src"
     package = types.ModuleType(_PACKAGE)
     package.__path__ = [str(src)]

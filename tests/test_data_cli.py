@@ -1,19 +1,29 @@
-"""`flamingo data inspect` / `flamingo data pack`: counts, contact sheet, shards the loader reads back."""
+"""`flamingo data inspect` / `flamingo data pack`: counts, contact sheet, the kind told from the files, shards the
+loader reads back."""
 
+import csv
 import json
 import os
 import warnings
 
+import pytest
 from PIL import Image
 
 from flamingo.cli import main
 from flamingo.data import build_source
-from flamingo.data.fixtures import make_interleaved, make_pairs, make_videos, tiny_processor
-from flamingo.data.inspect import inspect_dataset
+from flamingo.data.fixtures import (
+    make_interleaved,
+    make_pair_shards,
+    make_pairs,
+    make_videos,
+    tiny_processor,
+    write_jsonl,
+)
+from flamingo.data.inspect import detect_kind, inspect_dataset
 from flamingo.train.config import DatasetSection
 
 
-def test_inspect_counts_and_contact_sheet(tmp_path, capsys):
+def test_inspect_cli_counts_samples_skips_tokens_and_draws_a_contact_sheet(tmp_path, capsys):
     data = make_pairs(str(tmp_path / "p"), 5)
     processor_dir = tmp_path / "proc"
     tiny_processor().save_pretrained(str(processor_dir))
@@ -28,7 +38,7 @@ def test_inspect_counts_and_contact_sheet(tmp_path, capsys):
         assert sheet.size[0] > 100 and sheet.size[1] > 100
 
 
-def test_inspect_without_tokenizer_interleaved_and_video(tmp_path):
+def test_inspect_without_tokenizer_counts_documents_videos_and_frames(tmp_path):
     docs = make_interleaved(str(tmp_path / "i"), 3)
     report = inspect_dataset(docs["path"], "interleaved", options={"image_dir": docs["image_dir"]})
     assert (report.samples, report.media, report.tokens) == (3, 6, None)
@@ -38,7 +48,7 @@ def test_inspect_without_tokenizer_interleaved_and_video(tmp_path):
     assert (report.samples, report.media, report.frames) == (2, 2, 4) and report.skipped == clips["bad"]
 
 
-def test_pack_pairs_and_interleaved_then_load(tmp_path, capsys):
+def test_packed_pairs_and_interleaved_shards_load_back(tmp_path, capsys):
     processor = tiny_processor()
     pairs = make_pairs(str(tmp_path / "p"), 5)
     assert main(["data", "pack", "--from", pairs["path"], "--out", str(tmp_path / "ps"), "--shard-size", "2"]) == 0
@@ -64,7 +74,7 @@ def test_pack_pairs_and_interleaved_then_load(tmp_path, capsys):
     assert src.skipped == {"empty_text": 1, "missing_file": 1, "no_matched_image": 1}
 
 
-def test_pack_image_folder(tmp_path):
+def test_pack_image_folder_with_txt_captions(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
@@ -74,3 +84,51 @@ def test_pack_image_folder(tmp_path):
 
     result = pack(str(tmp_path / "out"), images=str(folder), shard_size=10)
     assert result["samples"] == 3 and len(result["shards"]) == 1
+
+
+def _pairs_csv(root):
+    make_pairs(str(root), 3, bad=False)
+    path = root / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["image", "caption"])
+        writer.writeheader()
+        writer.writerows({"image": f"images/{i}.png", "caption": f"photo {i}"} for i in range(3))
+    return str(path)
+
+
+@pytest.mark.parametrize("layout, kind", [
+    ("pairs-jsonl", "pairs"), ("pairs-csv", "pairs"), ("pairs-tar", "pairs"), ("interleaved-jsonl", "interleaved"),
+    ("interleaved-tar", "interleaved"), ("video-jsonl", "video"), ("video-tar", "video")])
+def test_detect_kind_tells_each_kind_in_each_format(tmp_path, layout, kind):
+    """Bad records (malformed lines, a document's image-only tar groups) do not confuse it."""
+    path = {"pairs-jsonl": lambda: make_pairs(str(tmp_path), 3)["path"],
+            "pairs-csv": lambda: _pairs_csv(tmp_path),
+            "pairs-tar": lambda: make_pair_shards(str(tmp_path), 4, 2, bad=True)["path"],
+            "interleaved-jsonl": lambda: make_interleaved(str(tmp_path), 3)["path"],
+            "interleaved-tar": lambda: make_interleaved(str(tmp_path), 3, tar_shards=2)["path"],
+            "video-jsonl": lambda: make_videos(str(tmp_path), 2, seconds=1)["path"],
+            "video-tar": lambda: make_pair_shards(str(tmp_path), 2, 1, video=True, seconds=1)["path"]}[layout]()
+    assert detect_kind(path) == kind
+
+
+def test_inspect_without_kind_detects_it_and_says_so(tmp_path, capsys):
+    clips = make_videos(str(tmp_path), 2, seconds=3)
+    assert main(["data", "inspect", clips["path"], "--option", "max_frames=2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("kind: video (detected")
+    summary = json.loads(out[-1])
+    assert (summary["kind"], summary["samples"], summary["frames"]) == ("video", 2, 4)
+
+
+def test_inspect_without_kind_on_mixed_or_unknown_records_asks_for_kind(tmp_path, capsys):
+    mixed = write_jsonl(str(tmp_path / "mixed.jsonl"), [{"image": "a.png", "caption": "a"},
+                                                       {"video": "b.mp4", "caption": "b"}])
+    assert main(["data", "inspect", mixed]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell the kind of dataset" in err and "fit pairs and video alike" in err
+    assert "pass --kind pairs|video" in err and "Traceback" not in err
+
+    unknown = write_jsonl(str(tmp_path / "unknown.jsonl"), [{"url": "x", "label": 3}, "{not json"])
+    assert main(["data", "inspect", unknown]) == 2
+    err = capsys.readouterr().err
+    assert "fit none of interleaved, pairs, video" in err and "pass --kind interleaved|pairs|video" in err

@@ -1,12 +1,13 @@
 """Loaders: exactly the good samples, skip counts by reason, sharding across ranks x workers, bad-file abort."""
 
 import csv
+import json
 import warnings
 
 import pytest
 import torch
 
-from flamingo.data import WeightedMixture, build_source, build_sources
+from flamingo.data import MixtureSampler, WeightedMixture, build_source, build_sources
 from flamingo.data.fixtures import (
     make_interleaved,
     make_pair_shards,
@@ -15,6 +16,7 @@ from flamingo.data.fixtures import (
     tiny_processor,
     write_jsonl,
 )
+from flamingo.data.sources import open_shard
 from flamingo.train.config import DatasetSection
 
 
@@ -60,7 +62,7 @@ def test_pairs_jsonl_good_samples_and_skip_counts(tmp_path, processor):
     assert first["labels"][0, 0] == -100 and first["labels"][0, 1] == first["input_ids"][0, 1]
 
 
-def test_pairs_csv_and_drop_last(tmp_path, processor):
+def test_pairs_csv_batches_are_exactly_batch_size_with_drop_last(tmp_path, processor):
     make_pairs(str(tmp_path), 5, bad=False)
     path = tmp_path / "pairs.csv"
     with open(path, "w", newline="") as f:
@@ -74,7 +76,7 @@ def test_pairs_csv_and_drop_last(tmp_path, processor):
     assert src.skipped == {}
 
 
-def test_pairs_tar_shards_and_max_tokens(tmp_path, processor):
+def test_pairs_tar_shards_skip_bad_images_and_truncate_to_max_tokens(tmp_path, processor):
     data = make_pair_shards(str(tmp_path), 7, 3, bad=True)
     src = build_source(DatasetSection("p", "pairs", data["path"], 1, options={"max_tokens": 4}), processor)
     batches = _epoch(src)
@@ -83,7 +85,7 @@ def test_pairs_tar_shards_and_max_tokens(tmp_path, processor):
     assert max(b["input_ids"].shape[1] for b in batches) == 4
 
 
-def test_interleaved_jsonl_and_tar(tmp_path, processor):
+def test_interleaved_jsonl_and_tar_keep_good_documents_with_their_images(tmp_path, processor):
     for tar in (0, 2):
         data = make_interleaved(str(tmp_path / f"t{tar}"), 5, tar_shards=tar)
         options = {"drop_last": False, "image_dir": data.get("image_dir")} if not tar else {"drop_last": False}
@@ -96,7 +98,7 @@ def test_interleaved_jsonl_and_tar(tmp_path, processor):
             assert b["num_media"].tolist() == [2] * b["input_ids"].shape[0]
 
 
-def test_video_pairs(tmp_path, processor):
+def test_video_pairs_give_one_medium_of_frames_at_fps_capped_at_max_frames(tmp_path, processor):
     data = make_videos(str(tmp_path), 3, seconds=3)
     src = build_source(DatasetSection("v", "video", data["path"], 3, options={"fps": 1.0, "max_frames": 2}),
                        processor)
@@ -128,7 +130,7 @@ def test_two_ranks_two_workers_disjoint_and_complete(tmp_path, processor):
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 8
 
 
-def test_deterministic_and_reshuffled_per_epoch(tmp_path, processor):
+def test_same_seed_gives_same_batches_and_each_epoch_is_reshuffled(tmp_path, processor):
     data = make_pairs(str(tmp_path), 12, bad=False)
     section = DatasetSection("p", "pairs", data["path"], 3, options={"shuffle_buffer": 8})
     a, b = build_source(section, processor, seed=1), build_source(section, processor, seed=1)
@@ -147,14 +149,14 @@ def test_mostly_bad_file_raises_naming_it(tmp_path, processor):
         _epoch(src)
 
 
-def test_too_small_dataset_says_so(tmp_path, processor):
+def test_dataset_too_small_for_one_batch_raises(tmp_path, processor):
     data = make_pairs(str(tmp_path), 2, bad=False)
     src = build_source(DatasetSection("p", "pairs", data["path"], 4), processor)
     with pytest.raises(ValueError, match="no batch of 4"):
         _epoch(src)
 
 
-def test_bad_options_and_paths(tmp_path, processor):
+def test_unknown_options_missing_files_and_unknown_kinds_are_errors(tmp_path, processor):
     data = make_pairs(str(tmp_path), 2, bad=False)
     with pytest.raises(ValueError, match="unknown options"):
         build_source(DatasetSection("p", "pairs", data["path"], 1, options={"max_imgs": 3}), processor)
@@ -164,7 +166,7 @@ def test_bad_options_and_paths(tmp_path, processor):
         build_source(DatasetSection("p", "audio", data["path"], 1), processor)
 
 
-def test_build_sources_and_weighted_mixture(tmp_path, processor):
+def test_weighted_mixture_draws_every_source_and_resumes_exactly(tmp_path, processor):
     pairs = make_pairs(str(tmp_path / "p"), 6, bad=False)
     docs = make_interleaved(str(tmp_path / "i"), 4, bad=False)
     sections = [DatasetSection("pairs", "pairs", pairs["path"], 2, loss_weight=1.0),
@@ -176,14 +178,47 @@ def test_build_sources_and_weighted_mixture(tmp_path, processor):
     state = mix.state_dict()
     after = [(n, b["keys"]) for n, b in (next(mix) for _ in range(4))]
     resumed = WeightedMixture(build_sources(sections, processor), {"pairs": 3.0, "mmc4": 1.0}, seed=0)
-    resumed.load_state_dict(state)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # plain data, as checkpoints store it
     assert [(n, b["keys"]) for n, b in (next(resumed) for _ in range(4))] == after
     assert {n for n, _ in drawn} == {"pairs", "mmc4"}
+    sampler = MixtureSampler({"pairs": 3.0, "mmc4": 1.0}, seed=0)
+    assert [n for n, _ in drawn] == [sampler.draw() for _ in range(8)]  # the mixture draws with the one sampler
 
 
-def test_video_tar_shards(tmp_path, processor):
+def test_mixture_sampler_draws_as_torch_multinomial_with_a_seeded_generator():
+    """The trainer's `sample` mode draws a dataset per step as `torch.multinomial(weights, 1)` with a generator seeded
+    train.seed + 1: the sampler reproduces that sequence exactly and resumes it from its plain-data state."""
+    weights = {"interleaved": 1.0, "pairs": 0.2, "video": 0.03}
+    generator = torch.Generator().manual_seed(7)
+    expected = [list(weights)[int(torch.multinomial(torch.tensor(list(weights.values())), 1, generator=generator))]
+                for _ in range(60)]
+    sampler = MixtureSampler(weights, seed=7)
+    assert [sampler.draw() for _ in range(30)] == expected[:30]
+    state = json.loads(json.dumps(sampler.state_dict()))
+    resumed = MixtureSampler(weights, seed=123)
+    resumed.load_state_dict(state)
+    assert [resumed.draw() for _ in range(30)] == expected[30:]
+    assert set(expected) == set(weights)
+
+
+@pytest.mark.parametrize("weights", [{"a": 1.0, "b": -0.5}, {"a": 0.0, "b": 0.0}, {}])
+def test_mixture_sampler_rejects_negative_or_all_zero_weights(weights):
+    with pytest.raises(ValueError, match="mixture weights must be >= 0 with at least one > 0"):
+        MixtureSampler(weights, seed=0)
+
+
+def test_video_tar_shards_skip_bad_clips_and_sample_frames_at_1_fps(tmp_path, processor):
     data = make_pair_shards(str(tmp_path), 3, 2, video=True, seconds=2, bad=True)
     src = build_source(DatasetSection("v", "video", data["path"], 1, options={"max_frames": 4}), processor)
     batches = _epoch(src)
     assert len(batches) == 3 and src.skipped == {"bad_video": 1}
     assert all(b["num_frames"].tolist() == [[2]] for b in batches)  # 2 s at 1 FPS
+
+
+def test_open_tar_shards_are_capped_and_the_evicted_shard_is_closed(tmp_path):
+    shards = make_pair_shards(str(tmp_path), 10, 2)["files"]  # 5 shards, one more than stay open
+    opened = [open_shard(path) for path in shards]
+    assert opened[0]._file.closed and not any(s._file.closed for s in opened[1:])
+    assert open_shard(shards[-1]) is opened[-1]  # an open shard is reused, not indexed again
+    reopened = open_shard(shards[0])
+    assert reopened is not opened[0] and not reopened._file.closed and opened[1]._file.closed

@@ -29,13 +29,13 @@ def test_greedy_matching_by_similarity_one_to_one():
     assert match_images(sim, 0.99) == {}
 
 
-def test_text_layout_chunks():
+def test_image_goes_before_its_sentence_and_endofchunk_closes_each_chunk():
     text = build_interleaved_text(["A.", "B.", "C.", "D."], [1, 3], eos="<E>")
     assert text == "A.<image>B. C.<|endofchunk|><image>D.<|endofchunk|><E>"
     assert build_interleaved_text(["A.", "B."], [0]) == "<image>A. B.<|endofchunk|>"
 
 
-def test_labels_mask_prefix_and_media():
+def test_labels_mask_text_before_the_first_image_and_image_tokens():
     assert make_labels([5, 6, 9, 7, 9, 8], media_token_id=9) == [-100, -100, -100, 7, -100, 8]
 
 
@@ -49,7 +49,7 @@ def _spec(tmp_path, docs, processor, **options):
     return spec, list(read_records(path))
 
 
-def test_document_to_sequence(tmp_path, processor):
+def test_document_keeps_images_in_text_order_with_labels_and_pixels(tmp_path, processor):
     # 5 sentences; image 0 -> sentence 3, image 1 -> sentence 1, image 2 below threshold everywhere.
     doc = mmc4_document(5, {0: 3, 1: 1}, n_images=3, sim=0.9, noise=0.1)
     spec, records = _spec(tmp_path, [doc], processor, similarity_threshold=0.24)
@@ -78,7 +78,7 @@ def _solid(i):
     return Image.new("RGB", (16, 16), colour(i))
 
 
-def test_threshold_and_max_images(tmp_path, processor):
+def test_threshold_drops_weak_matches_and_max_images_keeps_the_first(tmp_path, processor):
     doc = mmc4_document(8, {0: 1, 1: 3, 2: 5, 3: 7}, sim=0.3)
     spec, records = _spec(tmp_path, [doc], processor, similarity_threshold=0.24, max_images=2)
     ex = spec.example(records[0])
@@ -106,7 +106,7 @@ def test_max_tokens_drops_images_past_the_cut(tmp_path, processor):
         assert enc.input_ids[-1] != media_id  # never ends on an image with no text
 
 
-def test_sanitizes_literal_markers_and_collates(tmp_path, processor):
+def test_literal_markers_in_text_are_removed_and_batches_count_media(tmp_path, processor):
     doc = mmc4_document(3, {0: 1})
     doc["text_list"][2] = "tricky <image> and <|endofchunk|> in text"
     spec, records = _spec(tmp_path, [doc, json.loads(json.dumps(mmc4_document(2, {0: 0, 1: 1})))], processor)

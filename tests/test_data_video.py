@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flamingo.data.fixtures import frame_level, video_bytes, tiny_processor
+from flamingo.data.fixtures import frame_level, tiny_processor, video_bytes
 from flamingo.video import decode_video
 
 
@@ -28,7 +28,7 @@ def test_one_frame_per_second_in_order(clip):
     assert frames[0].mode == "RGB" and frames[0].size == (16, 16)
 
 
-def test_uniform_cap_and_other_rates(clip):
+def test_max_frames_caps_uniformly_and_other_fps_sample_by_timestamp(clip):
     capped = decode_video(str(clip), fps=1.0, max_frames=3)  # 6 sampled -> indices 1, 3, 5
     assert _close(_levels(capped), [frame_level(t) for t in (1, 3, 5)])
     half = decode_video(str(clip), fps=0.5, max_frames=10)  # t = 0, 2, 4

@@ -1,6 +1,8 @@
 """Caches for many-epoch runs: the frozen tower's features by frame content (same loss, the tower skips frames it has
-seen) and the data layer's preprocessed media (bit-identical batches, no decoding after the first epoch)."""
+seen) and the data layer's preprocessed media (bit-identical batches, no decoding after the first epoch), both on one
+least-recently-used store (`LRU`, also the tar shards' open-file cache)."""
 
+import pickle
 import warnings
 
 import pytest
@@ -10,7 +12,7 @@ from flamingo.data import build_source
 from flamingo.data.fixtures import make_interleaved, make_pairs, make_videos, tiny_processor
 from flamingo.data.sources import MediaRef
 from flamingo.model.feature_cache import VisionFeatureCache
-from flamingo.runtime.lru import TensorCache
+from flamingo.runtime.lru import LRU, TensorCache
 from flamingo.tiny import random_image
 from flamingo.train.config import DatasetSection
 
@@ -52,6 +54,47 @@ def test_feature_cache_needs_a_frozen_tower(make_model):
     batch = processor(PROMPT, images=[random_image(i) for i in range(3)])
     with pytest.raises(ValueError, match="frozen vision tower"):
         model(**batch, vision_cache=VisionFeatureCache(2**20))
+
+
+def test_lru_count_budget_evicts_the_least_recently_used():
+    store = LRU(3)
+    for k in "abc":
+        store.put(k, k.upper())
+    assert store.get("a") == "A"  # a is now the most recent: b is the least
+    store.put("d", "D")
+    assert "b" not in store and [k in store for k in "acd"] == [True, True, True] and len(store) == 3
+    store.put("c", "C2")  # replacing a key takes no extra room
+    assert len(store) == 3 and store.get("c") == "C2" and store.hits == 2
+    with pytest.raises(ValueError, match="positive budget"):
+        LRU(0)
+
+
+def test_lru_on_evict_gets_each_evicted_value():
+    evicted = []
+    store = LRU(2, on_evict=evicted.append)
+    for k in "abcd":
+        store.put(k, f"value {k}")
+    assert evicted == ["value a", "value b"]
+
+
+def test_lru_does_not_store_an_item_over_its_whole_budget():
+    store = LRU(10, size_of=len)
+    store.put("small", "x" * 6)
+    store.put("huge", "x" * 11)
+    assert "huge" not in store and store.get("small") == "x" * 6 and store.size == 6
+    store.put("more", "x" * 5)  # 6 + 5 > 10: the older item leaves
+    assert "small" not in store and store.size == 5
+
+
+def test_lru_pickles_empty_with_its_budget():
+    store = LRU(5, size_of=len)
+    store.put("a", "abc")
+    copy = pickle.loads(pickle.dumps(store))
+    assert len(copy) == 0 and copy.size == 0 and copy.max_size == 5 and copy.size_of is len
+    cache = TensorCache(1024)
+    cache.put("t", torch.zeros(4))
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(copy) == 0 and copy.max_bytes == 1024
 
 
 def test_tensor_cache_evicts_least_recently_used_within_its_budget():

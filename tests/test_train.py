@@ -1,5 +1,6 @@
 """Training: a tiny run learns and writes a loadable model, frozen weights stay bit-identical, exact resume after
-SIGKILL, DDP over two processes equals one process with the doubled batch, non-finite losses are skipped."""
+SIGKILL, DDP over two processes equals one process with the doubled batch, non-finite losses are skipped, the
+`sample` mixture draws its datasets from one seeded sampler."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import save_backbones, train_config, write_datasets
 
 from flamingo import load_pretrained
 from flamingo.train.config import load_config
 from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model, materialize
-from train_fixtures import save_backbones, train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +46,7 @@ def _trained(output_dir: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(output_dir, "final", "flamingo.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_writes_loadable_model_and_keeps_frozen_weights(world):
     root, vision, lm, data = world
     config = load_config(train_config(root, vision, lm, data, steps=30, out=os.path.join(root, "run-learn"), lr=1e-2))
@@ -113,10 +115,36 @@ def test_batches_are_checked_on_the_cpu_and_media_counts_stay_there(world):
         trainer._to_device(bad)
 
 
+def test_sample_mixture_draws_by_loss_weight_and_resumes_from_either_state_key(world):
+    """`mixture: sample` draws each step's dataset as `torch.multinomial(loss weights, 1)` with a generator seeded
+    train.seed + 1 (this pins a run's sequence of datasets); a checkpoint resumes the draws, whether it holds the
+    generator's state under "mixture" or as "sample_generator"."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-sample")
+    config = load_config(train_config(root, vision, lm, data, steps=1, out=out, mixture="sample"))
+    generator = torch.Generator().manual_seed(config.train.seed + 1)
+    weights = torch.tensor([1.0, 0.5])  # pairs, interleaved
+    expected = [["pairs", "interleaved"][int(torch.multinomial(weights, 1, generator=generator))] for _ in range(60)]
+    trainer = Trainer(config)
+    assert [trainer._step_datasets() for _ in range(20)] == [[name] for name in expected[:20]]
+    trainer.save()
+    state_path = os.path.join(out, "checkpoints", "step_00000000", "state.json")
+    with open(state_path) as f:
+        state = json.load(f)
+    resumed = Trainer(config)
+    assert [resumed._step_datasets()[0] for _ in range(40)] == expected[20:60]
+    state["sample_generator"] = state.pop("mixture")["generator"]
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    resumed = Trainer(config)
+    assert [resumed._step_datasets()[0] for _ in range(40)] == expected[20:60]
+
+
 def _train_command(config: str) -> list[str]:
     return [sys.executable, "-m", "flamingo.cli", "train", config]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(world):
     root, vision, lm, data = world
     straight = os.path.join(root, "run-straight")
@@ -145,6 +173,8 @@ def test_exact_resume_after_sigkill(world):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process_with_double_batch(world, tmp_path):
     root, vision, lm, _ = world
     data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
@@ -210,6 +240,8 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch, fused):
         trainer.check_nonfinite()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_two_processes_equal_one_process_and_resume(world, tmp_path):
     """FSDP2 (frozen backbones sharded too): the same losses as one process with the doubled batch; a run resumed
     from its step-2 checkpoint (sharded optimizer state gathered and re-sharded) ends bit-identical."""

@@ -15,7 +15,7 @@ def test_example_config_parses_with_overrides():
     assert [d.name for d in config.data] == ["interleaved", "pairs", "video"]
 
 
-def test_config_errors_are_clear():
+def test_unknown_keys_missing_datasets_and_unknown_mixture_are_errors():
     with pytest.raises(ValueError, match="unknown keys in train"):
         parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"stepz": 1}})
     with pytest.raises(ValueError, match="no datasets"):
@@ -24,7 +24,7 @@ def test_config_errors_are_clear():
         parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"mixture": "roundrobin"}})
 
 
-def test_schedules():
+def test_warmup_then_constant_linear_or_cosine_schedule():
     const = lr_lambda("constant", 10, 100)
     assert const(0) == pytest.approx(0.1) and const(9) == 1.0 and const(50) == 1.0
     lin = lr_lambda("linear", 0, 100)

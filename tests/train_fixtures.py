@@ -69,8 +69,8 @@ def train_config(root: str, vision: str, lm: str, data: dict[str, str], *, steps
     if interleaved:
         datasets.append({"name": "interleaved", "kind": "interleaved", "path": data["interleaved"],
                          "batch_size": 2, "loss_weight": 0.5,
-                         "options": {"max_images": 2, "max_tokens": 64, "image_dir": os.path.dirname(data["pairs"]) + "/images",
-                                     "shuffle_buffer": 4}})
+                         "options": {"max_images": 2, "max_tokens": 64, "shuffle_buffer": 4,
+                                     "image_dir": os.path.dirname(data["pairs"]) + "/images"}})
     config = {
         "model": {"vision": vision, "lm": lm, "flamingo": dict(
             xattn_heads=4, xattn_head_dim=8, resampler_heads=4, resampler_head_dim=8, num_latents=8,

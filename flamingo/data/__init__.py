@@ -7,9 +7,9 @@ num_workers=)`; each source yields collated batches for `Flamingo.forward` and h
 from .build import DatasetSource, build_source, build_sources
 from .errors import REASONS, SkipSample
 from .interleaved import build_interleaved_text, match_images
-from .mixture import WeightedMixture
+from .mixture import MixtureSampler, WeightedMixture
 from .sequence import collate, make_labels
 from .spec import KINDS, DatasetSpec
 
-__all__ = ["DatasetSource", "DatasetSpec", "KINDS", "REASONS", "SkipSample", "WeightedMixture", "build_interleaved_text",
-           "build_source", "build_sources", "collate", "make_labels", "match_images"]
+__all__ = ["DatasetSource", "DatasetSpec", "KINDS", "REASONS", "MixtureSampler", "SkipSample", "WeightedMixture",
+           "build_interleaved_text", "build_source", "build_sources", "collate", "make_labels", "match_images"]

@@ -7,13 +7,16 @@ import json
 import os
 from typing import Any, Optional
 
-from ..processing import FlamingoProcessor
+import yaml
+from transformers import AutoTokenizer
+
+from ..processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, add_flamingo_tokens
+from .inspect import detect_kind, inspect_dataset, write_report
+from .pack import pack
 from .spec import KINDS
 
 
 def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
-    import yaml
-
     options: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -25,22 +28,20 @@ def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
 
 def load_tokenizing_processor(directory: str) -> FlamingoProcessor:
     """A saved processor / Flamingo model directory, or any HF tokenizer directory (Flamingo tokens added)."""
-    from ..processing import PROCESSOR_CONFIG_NAME, add_flamingo_tokens
-
     if os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):
         return FlamingoProcessor.from_pretrained(directory)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(directory)
     add_flamingo_tokens(tokenizer)
     return FlamingoProcessor(tokenizer, image_processor=None)  # inspect only tokenizes
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_dataset, write_report
-
+    kind = args.kind
+    if kind is None:
+        kind = detect_kind(args.path)  # a ValueError naming the kinds it could not tell apart: exit code 2
+        print(f"kind: {kind} (detected from the files; --kind chooses)")
     processor = load_tokenizing_processor(args.tokenizer_from) if args.tokenizer_from else None
-    report = inspect_dataset(args.path, args.kind, processor, options=_parse_options(args.option), limit=args.limit,
+    report = inspect_dataset(args.path, kind, processor, options=_parse_options(args.option), limit=args.limit,
                              show=args.show)
     print(report.table())
     if args.out:
@@ -51,8 +52,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .pack import pack
-
     result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
                   shard_size=args.shard_size)
     print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}")
@@ -66,7 +65,8 @@ def add_data_subcommands(subparsers: Any) -> None:
 
     insp = sub.add_parser("inspect", help="count documents/images/frames/tokens/skips and draw a contact sheet")
     insp.add_argument("path", help="a file, a directory, or a brace pattern (shard-{000000..000009}.tar)")
-    insp.add_argument("--kind", choices=KINDS, required=True)
+    insp.add_argument("--kind", choices=KINDS, default=None,
+                      help="the dataset's kind (default: detected from its records; docs/data.md has the formats)")
     insp.add_argument("--tokenizer-from", default=None,
                       help="a saved Flamingo model/processor or HF tokenizer directory (counts tokens, truncates)")
     insp.add_argument("--out", default=None, help="directory for summary.json and contact_sheet.png")

@@ -1,4 +1,4 @@
-"""Small synthetic datasets in the training formats (tests, benchmarks, `flamingo data` demos). Offline, fast.
+"""Small synthetic datasets in the training formats, offline and fast: for the tests and bench/data.py.
 
 Media encode their identity: image `i` is a solid colour `colour(i)`; frame `t` (at second t) of a video is grey
 level `frame_level(t)`, so tests can check which image went where and which frames were sampled.
@@ -15,6 +15,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+from ..processing import FlamingoProcessor, add_flamingo_tokens
+from ..tiny import tiny_image_processor, tiny_tokenizer
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -205,11 +208,8 @@ def make_interleaved(root: str, n: int, *, bad: bool = True, images_per_doc: int
             "bad": counts, "n_good": n}
 
 
-def tiny_processor(max_frames: int = 4, image_size: int = 32) -> Any:
+def tiny_processor(max_frames: int = 4, image_size: int = 32) -> FlamingoProcessor:
     """The tiny tokenizer (with Flamingo's tokens) + the tiny CLIP image processor."""
-    from ..processing import FlamingoProcessor, add_flamingo_tokens
-    from ..tiny import tiny_image_processor, tiny_tokenizer
-
     tok = tiny_tokenizer()
     add_flamingo_tokens(tok)
     return FlamingoProcessor(tok, tiny_image_processor("clip", image_size), max_frames=max_frames)

@@ -2,6 +2,7 @@
 
 Counts: records read, samples kept (documents / pairs), media, frames, tokens (with a tokenizer), skips by reason.
 The contact sheet shows the first few kept samples: their media (first frames) and their training text.
+Without a kind, `detect_kind` tells it from the first records (the formats are in docs/data.md).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from PIL import Image, ImageDraw
 from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
 from .sequence import tokenize
-from .sources import read_records
-from .spec import DatasetSpec
+from .sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, expand_path, parse_json_record, read_records
+from .spec import KINDS, DatasetSpec
+
+DETECT_RECORDS = 50  # records read to tell a dataset's kind
 
 
 @dataclass
@@ -48,10 +51,52 @@ class InspectReport:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def inspect_dataset(path: str, kind: str, processor: Optional[FlamingoProcessor] = None, *,
+def record_kinds(record: RawRecord) -> set[str]:
+    """The kinds one raw record fits: a document (`text_list`) is interleaved; a row naming a `video` or an `image`,
+    or a tar group with a video or an image member and its caption (`.txt` / `.json`), is video or pairs. A tar group
+    of images alone (a document's images) and an unreadable record fit none."""
+    try:
+        if record.shard is None:
+            row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+            fields = {"interleaved": "text_list", "video": "video", "pairs": "image"}
+            return {kind for kind, name in fields.items() if row.get(name)}
+        members = record.payload
+        if "json" in members and "text_list" in parse_json_record(record.shard.read(members["json"]), record.key):
+            return {"interleaved"}
+    except SkipSample:
+        return set()
+    if "txt" not in members and "json" not in members:
+        return set()
+    return {kind for kind, exts in (("video", VIDEO_EXTS), ("pairs", IMAGE_EXTS)) if any(e in members for e in exts)}
+
+
+def detect_kind(path: str, records: int = DETECT_RECORDS) -> str:
+    """The dataset kind of `path`, told from its first `records` raw records (`record_kinds`); a ValueError naming
+    the kinds it could not tell apart (or that it found none) otherwise."""
+    seen: set[str] = set()
+    read = 0
+    for file in expand_path(path):
+        for record in read_records(file):
+            seen |= record_kinds(record)
+            read += 1
+            if read >= records:
+                break
+        if read >= records:
+            break
+    if len(seen) == 1:
+        return seen.pop()
+    found = (f"its records fit {' and '.join(sorted(seen))} alike" if seen else
+             f"its first {read} record(s) fit none of {', '.join(KINDS)} (docs/data.md has the formats)")
+    raise ValueError(f"cannot tell the kind of dataset {path!r}: {found}; pass --kind "
+                     f"{'|'.join(sorted(seen) or KINDS)}")
+
+
+def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[FlamingoProcessor] = None, *,
                     options: Optional[dict[str, Any]] = None, limit: Optional[int] = None,
                     show: int = 6) -> InspectReport:
-    """Read every record (or the first `limit`) in file order; media are decoded to count frames and spot bad ones."""
+    """Read every record (or the first `limit`) in file order; media are decoded to count frames and spot bad ones.
+    `kind` None: `detect_kind(path)`."""
+    kind = kind or detect_kind(path)
     spec = DatasetSpec.create("inspect", kind, path, 1, options, processor)
     report = InspectReport(kind, len(spec.files), tokens=0 if processor is not None else None)
     skipped: Counter[str] = Counter()

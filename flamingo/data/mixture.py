@@ -1,56 +1,82 @@
-"""`WeightedMixture`: the `sample` mixture mode stand-alone — each step draws one dataset with probability ∝ weight.
+"""Drawing datasets by weight: `MixtureSampler` (the one sampler of the package) and `WeightedMixture` (a stream of
+batches built on it).
 
-The trainer's default (`accumulate`, the paper's) takes one batch of every dataset per step and weights the losses;
-this iterator is for scripts and tools that want one stream of batches from several sources.
+The trainer's `sample` mixture mode draws each step's dataset with a `MixtureSampler`; its default (`accumulate`,
+the paper's) takes one batch of every dataset per step and weights the losses. `WeightedMixture` is the `sample` mode
+stand-alone, for scripts and tools that want one stream of batches from several sources.
 """
 
 from __future__ import annotations
 
-import random
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, MutableMapping
+
+import torch
+
+
+class MixtureSampler:
+    """Draws one name per call with probability ∝ its weight, from its own seeded `torch.Generator`.
+
+    A draw is `torch.multinomial(weights, 1)` over the names in the order given; `state_dict()` holds the
+    generator's state as plain data (a list of bytes), so a run resumes with the same sequence of draws.
+    """
+
+    def __init__(self, weights: Mapping[str, float], seed: int) -> None:
+        values = [float(w) for w in weights.values()]
+        if not values or any(w < 0 for w in values) or not any(w > 0 for w in values):
+            raise ValueError(f"mixture weights must be >= 0 with at least one > 0, got {dict(weights)}")
+        self.names = list(weights)
+        self.weights = torch.tensor(values)  # (D,) float32
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self) -> str:
+        return self.names[int(torch.multinomial(self.weights, 1, generator=self.generator))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def next_batch(sources: Mapping[str, Any], iterators: MutableMapping[str, Iterator[Any]], name: str) -> Any:
+    """The next batch of `sources[name]`, iterated through `iterators[name]`; when an epoch ends the source is
+    iterated again (its next epoch: a source reshuffles by its own epoch count)."""
+    if name not in iterators:
+        iterators[name] = iter(sources[name])
+    try:
+        return next(iterators[name])
+    except StopIteration:
+        iterators[name] = iter(sources[name])
+        return next(iterators[name])
 
 
 class WeightedMixture:
-    """Endless (name, batch) pairs from `sources`, drawing a source by `weights` with a seeded RNG.
+    """Endless (name, batch) pairs from `sources`, drawing a source by `weights` with a `MixtureSampler`.
 
-    A source that reaches the end of an epoch is re-iterated (its next epoch). `state_dict()` holds the RNG state and
-    every source's own state, so a mixture resumes exactly.
+    A source that reaches the end of an epoch is re-iterated (its next epoch). `state_dict()` holds the sampler's
+    state and every source's own state, so a mixture resumes exactly.
     """
 
     def __init__(self, sources: Mapping[str, Any], weights: Mapping[str, float], seed: int = 0) -> None:
         missing = set(sources) - set(weights)
         if missing:
             raise ValueError(f"no weight for sources {sorted(missing)}")
-        if any(weights[n] < 0 for n in sources) or not any(weights[n] > 0 for n in sources):
-            raise ValueError(f"weights must be >= 0 with at least one > 0, got {dict(weights)}")
         self.sources = dict(sources)
-        self.names = list(sources)
-        self.weights = [float(weights[n]) for n in self.names]
-        self.rng = random.Random(seed)
+        self.sampler = MixtureSampler({n: weights[n] for n in self.sources}, seed)
         self._iterators: dict[str, Iterator[dict[str, Any]]] = {}
-
-    def _next(self, name: str) -> dict[str, Any]:
-        if name not in self._iterators:
-            self._iterators[name] = iter(self.sources[name])
-        try:
-            return next(self._iterators[name])
-        except StopIteration:
-            self._iterators[name] = iter(self.sources[name])
-            return next(self._iterators[name])
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         return self
 
     def __next__(self) -> tuple[str, dict[str, Any]]:
-        name = self.rng.choices(self.names, weights=self.weights)[0]
-        return name, self._next(name)
+        name = self.sampler.draw()
+        return name, next_batch(self.sources, self._iterators, name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "sources": {n: s.state_dict() for n, s in self.sources.items()}}
+        return {"sampler": self.sampler.state_dict(), "sources": {n: s.state_dict() for n, s in self.sources.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        rng_state = state["rng"]
-        self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        self.sampler.load_state_dict(state["sampler"])
         for name, source in self.sources.items():
             source.load_state_dict(state["sources"][name])
         self._iterators.clear()

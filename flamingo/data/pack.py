@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any, Iterator, Optional
 
 from .errors import SkipSample, merge_counts
-from .sources import IMAGE_EXTS, read_records, parse_json_record, resolve_relative
+from .sources import IMAGE_EXTS, parse_json_record, read_records, resolve_relative
 
 
 class ShardWriter:
@@ -133,7 +133,7 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
     n = 0
     try:
         if images is not None:
-            for stem, path, caption_path in _folder_pairs(images):
+            for _, path, caption_path in _folder_pairs(images):
                 try:
                     caption = _read(caption_path).decode("utf-8", errors="replace").strip()
                     if not caption:

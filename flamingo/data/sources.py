@@ -15,12 +15,13 @@ import os
 import re
 import tarfile
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 
+from ..runtime.lru import LRU
+from ..video import decode_video
 from .errors import SkipSample
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -96,8 +97,14 @@ class TarShard:
         return self.by_name.get(name) or self.by_name.get(os.path.basename(name))
 
 
-_OPEN_SHARDS: "OrderedDict[tuple[int, str], TarShard]" = OrderedDict()
+def _close(shard: TarShard) -> None:
+    if shard._file is not None:
+        shard._file.close()
+
+
 _MAX_OPEN_SHARDS = 4
+# (process id, path) -> the shard with its open file: a forked DataLoader worker never reads its parent's file object
+_OPEN_SHARDS: LRU[tuple[int, str], TarShard] = LRU(max_size=_MAX_OPEN_SHARDS, on_evict=_close)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -114,7 +121,6 @@ def open_shard(path: str) -> TarShard:
     cache_key = (os.getpid(), path)
     shard = _OPEN_SHARDS.get(cache_key)
     if shard is not None:
-        _OPEN_SHARDS.move_to_end(cache_key)
         return shard
     members: list[tarfile.TarInfo] = []
     error = None
@@ -143,11 +149,7 @@ def open_shard(path: str) -> TarShard:
         by_name.setdefault(m.name, m)
         by_name.setdefault(os.path.basename(m.name), m)
     shard = TarShard(path, groups, by_name, error, tf)
-    _OPEN_SHARDS[cache_key] = shard
-    while len(_OPEN_SHARDS) > _MAX_OPEN_SHARDS:
-        _, old = _OPEN_SHARDS.popitem(last=False)
-        if old._file is not None:
-            old._file.close()
+    _OPEN_SHARDS.put(cache_key, shard)
     return shard
 
 
@@ -232,8 +234,6 @@ class MediaRef:
         """-> RGB frames (one for an image); SkipSample('missing_file' | 'bad_image' | 'bad_video') on failure."""
         data = self.read()
         if self.video:
-            from ..video import decode_video
-
             try:
                 return decode_video(data, fps=fps, max_frames=max_frames)
             except ValueError as e:

@@ -23,7 +23,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "min_samples_for_bad_check": 10,  # ... once this many of its samples were read (per stream)
     "padding_side": "right",
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
-    "cache_media_mb": 0,  # keep up to this many MiB of preprocessed media in memory for later epochs (flamingo/runtime/lru.py)
+    "cache_media_mb": 0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
     "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
 }
 KIND_OPTIONS: dict[str, dict[str, Any]] = {

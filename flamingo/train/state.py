@@ -118,7 +118,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, trained, options=options)

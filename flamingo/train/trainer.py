@@ -19,20 +19,30 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
-from ..config import FlamingoConfig
 from ..build import from_backbones, load_pretrained
+from ..config import FlamingoConfig
+from ..data.build import build_sources
+from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from .config import TrainConfig
 from .flops import flops_per_sample, peak_flops
 from .optim import make_optimizer, make_scheduler
+from .parallel import apply_fsdp
 from .state import (
-    gather_trained_parameters, gather_training_state, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint)
+    gather_trained_parameters,
+    gather_training_state,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BatchSource(Protocol):
@@ -47,11 +57,6 @@ class BatchSource(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for one process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
@@ -69,9 +74,8 @@ class Trainer:
         self.config = config
         t = config.train
         self.rank, self.world, self.local_rank = dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device(t.device or (f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
+        init_process_group_from_env(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)  # same initial weights on every rank
@@ -80,7 +84,7 @@ class Trainer:
         assert processor is not None
         self.model, self.processor = model, processor
         if t.frozen_dtype:
-            frozen_dtype = DTYPES[t.frozen_dtype]
+            frozen_dtype = torch_dtype(t.frozen_dtype)
             for module in (model.vision, model.lm):
                 for p in module.parameters():
                     if not p.requires_grad:
@@ -92,8 +96,6 @@ class Trainer:
         self.wrapped: nn.Module = model
         if self.world > 1:
             if t.distributed == "fsdp":
-                from .parallel import apply_fsdp
-
                 apply_fsdp(model, frozen=t.fsdp_frozen,
                            param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
             else:
@@ -106,8 +108,6 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config.schedule.kind, config.schedule.warmup_steps, t.steps)
         self.weights = {d.name: d.loss_weight for d in config.data}
         if sources is None:
-            from ..data.build import build_sources  # the data package builds one source per dataset
-
             sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
                                     num_workers=t.num_workers)
         self.sources = sources
@@ -127,7 +127,8 @@ class Trainer:
         self.trained = [p for p in model.parameters() if p.requires_grad]
         self.skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))  # fused Adam(W)
         self.stop_requested = False
-        self.sample_generator = torch.Generator().manual_seed(t.seed + 1)  # `sample` mixture mode
+        # `sample` mixture mode: one dataset per step, drawn by loss weight (the same draws on every rank)
+        self.sampler = MixtureSampler({name: self.weights[name] for name in self.sources}, seed=t.seed + 1)
         os.makedirs(t.output_dir, exist_ok=True)
         self._resume()
 
@@ -140,7 +141,9 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_streak.fill_(state["nonfinite_streak"])
         self.skipped_steps.fill_(state["skipped_steps"])
-        self.sample_generator.set_state(torch.tensor(state["sample_generator"], dtype=torch.uint8))
+        # a checkpoint without "mixture" holds the same generator state as "sample_generator": it resumes too
+        self.sampler.load_state_dict(state["mixture"] if "mixture" in state else
+                                     {"generator": state["sample_generator"]})
         data_states = state["data"][self.rank] if isinstance(state["data"], list) else state["data"]
         for name, source in self.sources.items():
             source.load_state_dict(data_states[name])
@@ -161,20 +164,14 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
                             {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
-                             "sample_generator": self.sample_generator.get_state().tolist(), "data": data},
+                             "mixture": self.sampler.state_dict(), "data": data},
                             self.config.train.keep_last)
         if self.world > 1:
             dist.barrier()
 
     # ---------------------------------------------------------------------------------------------- step
     def _next(self, name: str) -> dict[str, Any]:
-        if name not in self.iterators:
-            self.iterators[name] = iter(self.sources[name])
-        try:
-            return next(self.iterators[name])
-        except StopIteration:  # an epoch ended: start the next one (the source reshuffles by its own epoch count)
-            self.iterators[name] = iter(self.sources[name])
-            return next(self.iterators[name])
+        return next_batch(self.sources, self.iterators, name)  # at an epoch's end: the source's next epoch
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The model's inputs on the device, except `num_media` / `num_frames`: kept on the CPU, they select the
@@ -189,11 +186,9 @@ class Trainer:
         return {**moved, "check_media": False}
 
     def _step_datasets(self) -> list[str]:
-        names = list(self.sources)
         if self.config.train.mixture == "accumulate":
-            return names  # the paper: one batch of every dataset per step, gradients accumulated
-        weights = torch.tensor([self.weights[n] for n in names])
-        return [names[int(torch.multinomial(weights, 1, generator=self.sample_generator))]]
+            return list(self.sources)  # the paper: one batch of every dataset per step, gradients accumulated
+        return [self.sampler.draw()]
 
     def train_step(self) -> dict[str, Any]:
         t = self.config.train
@@ -269,8 +264,6 @@ class Trainer:
 
     def run(self) -> str:
         """Train to `train.steps`; returns the final model directory."""
-        from tqdm import tqdm
-
         t = self.config.train
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         writer = self._tensorboard()

@@ -1,4 +1,4 @@
-"""The mini world (flamingo/mini): deterministic scenes, faithful rendering, held-out combinations and binding words
+"""The mini world (flamingo_demo): deterministic scenes, faithful rendering, held-out combinations and binding words
 kept out of training, every dataset in the contract's format, and smoke backbones that load like HF models."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from flamingo.mini.sizes import get_size
-from flamingo.mini.world import COLOURS, KINDS, World, plural
-from flamingo.mini.writers import write_world
+from flamingo_demo.sizes import get_size
+from flamingo_demo.world import COLOURS, KINDS, World, plural
+from flamingo_demo.build_world import write_world
 
 SEED = 3
 
@@ -69,7 +69,7 @@ def test_world_is_deterministic(world_dir, tmp_path):
     assert _digest(tmp_path) == _digest(world_dir)
 
 
-def test_rendered_colour_and_position():
+def test_rendered_scene_shows_its_colour_at_its_position():
     world, rng = World(0), np.random.default_rng(0)
     names, table = list(COLOURS), np.array(list(COLOURS.values()), dtype=float)
     for i in range(40):
@@ -91,7 +91,7 @@ def test_rendered_colour_and_position():
         assert expected[position], (position, cx, cy)
 
 
-def test_counts_and_clips():
+def test_scenes_hold_their_count_of_objects_and_clips_move_them():
     world, rng = World(0), np.random.default_rng(1)
     areas = {}
     for count in (1, 2, 3):
@@ -170,7 +170,7 @@ def test_binding_words_disjoint_and_episodes_well_formed(manifest):
 
 
 # -------------------------------------------------------------------------------------------------- formats
-def test_training_datasets_parse(manifest):
+def test_training_datasets_load_through_the_data_layer(manifest):
     data = manifest["data"]
     pairs_path = Path(data["pairs"]["path"])
     pairs = _jsonl(pairs_path)
@@ -216,7 +216,7 @@ def test_training_datasets_parse(manifest):
     assert all((video_path.parent / r["video"]).is_file() and r["caption"] for r in videos)
 
 
-def test_eval_datasets_parse(manifest):
+def test_eval_datasets_load_through_the_eval_tasks(manifest):
     ev = manifest["eval"]
     d = Path(ev["vqa"]["dir"])
     for split in ("train", "test"):
@@ -255,12 +255,14 @@ def test_eval_datasets_parse(manifest):
     assert Path(manifest["samples"]["grid"]).is_file() and Path(manifest["samples"]["clip"]).is_file()
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------------- backbones
 def test_smoke_backbones_load_and_learn(manifest, tmp_path):
     from transformers import AutoModel, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     import flamingo
-    from flamingo.mini.backbones import grow_backbones, to_pixels
+    from flamingo_demo.backbones import grow_backbones
+    from flamingo_demo.tower import to_pixels
     from flamingo.processing import load_image_processor
 
     threads = torch.get_num_threads()
@@ -293,7 +295,7 @@ def test_smoke_backbones_load_and_learn(manifest, tmp_path):
 
 
 def test_recolour_permutes_the_objects_channels_and_keeps_grey_backgrounds():
-    from flamingo.mini.backbones import CHANNEL_ORDERS, recolour, to_pixels
+    from flamingo_demo.tower import CHANNEL_ORDERS, recolour, to_pixels
 
     world, rng = World(seed=0), np.random.default_rng(0)
     scene = world.sample_scene(rng, "train", kind="circle", count=1)
@@ -309,7 +311,7 @@ def test_recolour_permutes_the_objects_channels_and_keeps_grey_backgrounds():
 
 
 def test_attribute_loss_adds_the_mean_pooled_classifiers_with_their_weight():
-    from flamingo.mini.backbones import ContrastiveHead
+    from flamingo_demo.tower import ContrastiveHead
 
     torch.manual_seed(0)
     head = ContrastiveHead(hidden=16, embed_dim=8)
@@ -348,7 +350,7 @@ class _CopyingLM(torch.nn.Module):
 
 
 def test_copy_gain_separates_an_lm_that_copies_from_one_that_cannot():
-    from flamingo.mini.backbones import copy_gain
+    from flamingo_demo.probes import copy_gain
 
     vocab, length = 300, 12
     assert abs(copy_gain(_CopyingLM(vocab, length, copies=False), vocab, length=length)) < 1e-4
@@ -371,7 +373,8 @@ class _ContextBiasedLM(torch.nn.Module):
 
 
 def test_word_recall_separates_an_lm_that_recalls_context_words_from_one_that_avoids_them(tmp_path):
-    from flamingo.mini.backbones import grow_tokenizer, word_recall
+    from flamingo_demo.probes import word_recall
+    from flamingo_demo.tokenizer import grow_tokenizer
 
     world = World(SEED)
     words = list(world.eval_words[:40])
@@ -402,8 +405,9 @@ class _InductionLM(torch.nn.Module):
 
 
 def test_assoc_recall_needs_induction_not_just_recall_of_context_words(tmp_path):
-    from flamingo.mini.backbones import assoc_recall, grow_tokenizer
-    from flamingo.mini.world import KINDS
+    from flamingo_demo.probes import assoc_recall
+    from flamingo_demo.tokenizer import grow_tokenizer
+    from flamingo_demo.world import KINDS
 
     world = World(SEED)
     words = list(world.eval_words[:40])
@@ -416,8 +420,8 @@ def test_assoc_recall_needs_induction_not_just_recall_of_context_words(tmp_path)
 
 
 def test_induction_documents_repeat_their_words_and_keep_each_kinds_word():
-    from flamingo.mini.world import KINDS
-    from flamingo.mini.writers import induction_documents
+    from flamingo_demo.world import KINDS
+    from flamingo_demo.texts import induction_documents
 
     world = World(SEED)
     docs = induction_documents(world, np.random.default_rng(0), copies=20, assocs=20)
@@ -435,10 +439,11 @@ def test_induction_documents_repeat_their_words_and_keep_each_kinds_word():
         assert len(set(bound.values())) == len(bound) >= 2
 
 
+@pytest.mark.slow
 def test_induction_documents_go_to_the_lm_but_leave_the_world_as_it_was(world_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from flamingo.mini.backbones import grow_backbones
+    from flamingo_demo.backbones import grow_backbones
 
     size = get_size("smoke").replace(copy_docs=30, assoc_docs=20, vision_steps=2, lm_steps=2)
     manifest = write_world(tmp_path / "world", size, seed=SEED, workers=1)
@@ -458,7 +463,7 @@ def test_induction_documents_go_to_the_lm_but_leave_the_world_as_it_was(world_di
 
 
 def test_prompted_text_is_true_of_its_scene():
-    from flamingo.mini.writers import prompted_text
+    from flamingo_demo.texts import prompted_text
 
     world, rng = World(SEED), np.random.default_rng(0)
     for _ in range(30):
@@ -471,7 +476,7 @@ def test_prompted_text_is_true_of_its_scene():
 
 
 def test_lm_learning_rate_schedules_warm_up_then_decay_or_hold():
-    from flamingo.mini.backbones import _lr
+    from flamingo_demo.common import lr_at as _lr
 
     total, peak = 100, 6e-3
     for schedule in ("cosine", "constant"):
@@ -488,7 +493,9 @@ def test_lm_early_stop_probes_without_changing_the_run(manifest, tmp_path):
     stops `lm_steps_after_induction` steps after the first passing probe, or runs all `lm_steps` when none passes."""
     from safetensors.torch import load_file
 
-    from flamingo.mini.backbones import fresh_words, grow_lm, grow_tokenizer
+    from flamingo_demo.lm import grow_lm
+    from flamingo_demo.probes import fresh_words
+    from flamingo_demo.tokenizer import grow_tokenizer
 
     corpus = Path(manifest["corpus"]["train"]).read_text().splitlines()
     tokenizer = grow_tokenizer(corpus, 400, tmp_path / "tok", progress=False)

@@ -1,11 +1,11 @@
-"""The demo's hand-written prompts (flamingo/mini/tryit.py): fresh binding words, answer words, well-formed prompts."""
+"""The demo's hand-written prompts (flamingo_demo/tryit.py): fresh binding words, answer words, well-formed prompts."""
 
 from __future__ import annotations
 
 import pytest
 
-from flamingo.mini.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
-from flamingo.mini.world import KINDS
+from flamingo_demo.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
+from flamingo_demo.world import KINDS
 
 
 def test_hand_written_binding_words_are_fresh(tmp_path):
@@ -33,3 +33,29 @@ def test_each_prompt_has_one_image_per_scene_and_a_query_answer_no_demo_gives():
     binding = next(p for p in HAND_PROMPTS if p.binding)
     # the query is the first kind again, and the last demo is another kind: the latest word is the wrong answer
     assert binding.scenes[-1]["kind"] == binding.scenes[0]["kind"] != binding.scenes[-2]["kind"]
+
+
+def test_hand_prompts_are_answered_as_the_generate_command_answers_them(tmp_path, capsys):
+    """The demo runs its prompts through the API (`generate_text`), not through the CLI; the text is what
+    `flamingo generate` prints for the same model, prompt and images."""
+    from flamingo import from_backbones, load_pretrained
+    from flamingo.cli import main
+    from flamingo.tiny import (
+        random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision)
+    from flamingo_demo.tryit import generate_text
+
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
+    set_gates(model, 0.5)
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    images = []
+    for i in range(2):
+        random_image(i).save(tmp_path / f"{i}.png")
+        images.append(str(tmp_path / f"{i}.png"))
+    prompt = "<image>Question: what? Short answer: red<|endofchunk|><image>Question: what? Short answer:"
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", prompt, "--image", images[0],
+                 "--image", images[1], "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "model"))
+    assert generate_text(loaded, loaded_processor, prompt, images, max_new_tokens=6) == printed

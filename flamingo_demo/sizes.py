@@ -1,6 +1,5 @@
 """Size presets of the mini world and its backbones: `binding` (what `flamingo demo` runs: an LM able to bind words
-in context; ~16-23 minutes on 2 CPU cores), `fast` (the same without binding, ~11-16 minutes; called `default`
-until 2026-11-25) and `smoke` (the test suite, ~2 minutes).
+in context), `fast` (the same without binding) and `smoke` (the test suite); `MINUTES` says how long each takes.
 
 Each value was chosen by measuring on 2 CPU cores; docs/demo.md keeps the measurements (what was tried, on which
 seeds, what it gave, and what was not kept).
@@ -37,7 +36,7 @@ class MiniSize:
     novel_prob: float = 0.25  # share of evaluation scenes on a held-out (kind, colour) combination
     # Text corpus for the LM (one document per line) and its held-out part for perplexity.
     corpus_docs: int = 6000
-    # Induction documents (writers.induction_documents), added to the LM corpus: 0 in `fast`, see `binding`.
+    # Induction documents (texts.induction_documents), added to the LM corpus: 0 in `fast`, see `binding`.
     copy_docs: int = 0
     assoc_docs: int = 0
     heldout_docs: int = 300
@@ -55,7 +54,7 @@ class MiniSize:
     vision_batch: int = 64
     vision_lr: float = 4e-3
     vision_aux: float = 1.0  # weight of the auxiliary attribute classifiers (labels read off the captions)
-    # Shape is the slowest attribute to learn: its classifier counts 6x (3x-16x measured in docs/demo.md).
+    # Shape is the slowest attribute to learn: its classifier counts 6x (the weights tried: docs/demo.md).
     vision_kind_weight: float = 6.0
     # 4x helped video QA on one seed but cost VQA and classification: not kept.
     vision_position_weight: float = 1.0
@@ -88,8 +87,7 @@ class MiniSize:
     lm_probe_every: int = 0
     lm_induction_recall: float = 0.9
     lm_steps_after_induction: int = 200
-    # Flamingo stage (read by flamingo/mini/demo.py): optimizer steps of configs/mini.yaml. Fewer lose VQA points
-    # (1000 steps: seed 0 96.2 -> 92.5%; 800 steps on the binding size, seed 2: 83.8 -> 73.8%; docs/demo.md).
+    # Flamingo stage (read by demo.py): optimizer steps of configs/mini.yaml. Fewer lose VQA points (docs/demo.md).
     flamingo_steps: int = 1100
     flamingo_gate_type: str = "scalar"  # FlamingoConfig.gate_type of the Flamingo stage (see `binding`)
     eval_samples: int = 80  # evaluated test samples per task and number of shots (binding: all its episodes)
@@ -106,22 +104,20 @@ SIZES: dict[str, MiniSize] = {
         lm_hidden=64, lm_layers=2, lm_intermediate=128, lm_context=128, lm_steps=200, lm_batch=8,
         lm_probe_every=50,  # exercises the early-stop probes (its LM never passes them: all 200 steps)
         # 240 steps and 40 test captions keep test_demo's check (4-shot CIDEr, trained vs gates 0) well apart in
-        # under 2 minutes; its prompted pairs are all `Output:` captions (150-300 steps are too few to learn that
-        # the prompt prefix picks question or caption); docs/demo.md has the numbers.
+        # its time; its prompted pairs are all `Output:` captions (too few steps to learn that the prompt prefix
+        # picks question or caption); docs/demo.md has the numbers.
         flamingo_steps=240, eval_samples=40,
         prompted_caption_fraction=1.0),
     "fast": MiniSize(name="fast"),
     # `fast` with an LM that has induction heads, which the binding task needs (docs/demo.md has every run):
     # - the LM trains on the world's text plus 9000 copy and 6000 association documents
-    #   (writers.induction_documents) at a constant lr 6e-3, up to 1100 steps: its induction heads form
-    #   abruptly, between steps ~500 and ~900 in the runs measured;
+    #   (texts.induction_documents) at a constant lr 6e-3, up to 1100 steps: its induction heads form
+    #   abruptly, part way through (docs/demo.md);
     # - the tower trains 1500 steps with `vision_mean_aux` and `vision_recolour` (above);
     # - the Flamingo stage has one tanh gate per LM channel (`gate_type: vector`): with scalar gates binding
     #   depended on the Flamingo stage's random seed.
     # Its LM is probed every 100 steps, so the report says when its induction heads formed, but always trains all
-    # 1100 steps: stopping 200 steps after the first passing probe (seeds 0/1/2: at 900/1050/900 steps) gave
-    # binding 93.3/90.0/88.7% at 4 shots against 90.0/94.7/96.0% with all 1100 (docs/demo.md; 4 demos, measured
-    # before binding shots counted per word).
+    # 1100 steps: stopping soon after the first passing probe bound words less well (docs/demo.md).
     "binding": MiniSize(name="binding", copy_docs=9000, assoc_docs=6000, lm_steps=1100, lm_lr=6e-3,
                         lm_schedule="constant", lm_probe_every=100, lm_steps_after_induction=1100,
                         vision_steps=1500, vision_mean_aux=1.0, vision_recolour=0.5, flamingo_gate_type="vector"),
@@ -130,6 +126,16 @@ SIZES: dict[str, MiniSize] = {
 
 # What `flamingo demo` runs: the size that shows the binding task (the `fast` LM cannot copy from its context).
 DEFAULT_SIZE = "binding"
+
+# How long `flamingo demo --size S` takes from scratch on 2 CPU cores, (fewest, most) minutes over the runs in
+# docs/demo.md. The CLI's help reads it; the README and docs cite it.
+MINUTES: dict[str, tuple[int, int]] = {"binding": (16, 23), "fast": (11, 16), "smoke": (2, 2)}
+
+
+def duration(size: str) -> str:
+    """`~16-23 minutes` for a size, from `MINUTES`."""
+    low, high = MINUTES[size]
+    return f"~{low} minutes" if low == high else f"~{low}-{high} minutes"
 
 
 def get_size(name: str) -> MiniSize:

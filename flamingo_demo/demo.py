@@ -1,17 +1,17 @@
 """`flamingo demo`: grow a mini Flamingo end to end, offline, and show few-shot learning.
 
 Stages (each timed, each with a progress bar, each reusing its output when it is already there):
-1. world      — the synthetic multimodal world (flamingo/mini/world.py, writers.py) in the data/eval formats;
-2. backbones  — a BPE tokenizer, a contrastively pretrained vision tower, a small causal LM (flamingo/mini/backbones.py),
+1. world      — the synthetic multimodal world (world.py, texts.py, writers.py) in the data/eval formats;
+2. backbones  — a BPE tokenizer, a contrastively pretrained vision tower, a small causal LM (backbones.py),
                 saved as HF directories and loaded back through `from_pretrained`;
 3. flamingo   — `flamingo train configs/mini.yaml ...`: both backbones frozen, the weighted mixture (interleaved, pairs,
                 video, prompted pairs) with lambda weights; on a machine with 2 cores or more, two DDP processes of one
                 thread each (`torchrun`), each with half of every batch;
 4. eval       — the real harness (flamingo/eval) at 0/1/2/4/8 shots on held-out images and combinations, for the
-                trained model and the same model with its gates at 0 (flamingo/mini/evaluate.py); on a machine with 2
+                trained model and the same model with its gates at 0 (evaluate.py); on a machine with 2
                 cores or more, two processes of one thread each (`torchrun`), each with half of every task's queries;
-5. generate   — `flamingo generate` (the CLI's entry point) on few-shot prompts written by hand
-                (flamingo/mini/tryit.py);
+5. generate   — few-shot prompts written by hand, through the library's API as `flamingo generate` runs them
+                (tryit.py);
 6. report     — report.md with the few-shot table, the goals, plots, gate values over training, sample generations.
 `--ablate X` reruns stages 3-4 with one of the paper's ablations and adds its rows to the report.
 """
@@ -21,72 +21,38 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+import yaml
 
-from .sizes import DEFAULT_SIZE, get_size
+from flamingo.config import CONFIG_NAME
+from flamingo.runtime import run_torchrun, torchrun_command
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer
 
-# The demo's evaluation: (eval set written by the world, harness task, headline metric).
-TASKS: dict[str, tuple[str, str]] = {
-    "vqa": ("vqa", "vqa_accuracy"),
-    "captioning": ("captioning", "cider"),
-    "classification": ("classification", "top1_accuracy"),
-    "videoqa": ("videoqa", "accuracy"),
-    "binding": ("classification", "top1_accuracy"),
-}
-# The paper's ablations as config overrides of the Flamingo stage.
-ABLATIONS: dict[str, list[str]] = {
-    "gating": ["model.flamingo.gated=false"],
-    "xattn-every-4": ["model.flamingo.xattn_every=4"],
-    "mlp-resampler": ["model.flamingo.resampler=mlp"],
-    "unfrozen-lm": ["model.flamingo.freeze_lm=false"],
-}
-SHOTS = (0, 1, 2, 4, 8)
-
-
-@dataclass
-class DemoSettings:
-    out: str = "flamingo-demo"
-    size: str = DEFAULT_SIZE
-    seed: int = 0
-    ablate: Optional[str] = None
-    shots: Sequence[int] = SHOTS
-    progress: bool = True
-    train_procs: int = 0  # processes of the Flamingo stage (DDP over gloo); 0: 2 on a machine with 2 cores or more
-    eval_procs: int = 0  # processes of the evaluation stage (torchrun, strided query shards); 0: as for train_procs
+from .backbones import grow_backbones
+from .build_world import write_world
+from .evaluate import read_results, run_eval_job
+from .report import write_report
+from .run import ABLATIONS, TASKS, DemoRun, DemoSettings
+from .sizes import get_size
+from .tryit import run_hand_prompts
 
 
 def default_procs() -> int:
     """Two processes of one thread each train and evaluate the mini Flamingo faster than one process of two threads
-    on 2 cores. Training, measured on 2026-11-24 (seed 0): 0.32 vs 0.41 s a step over steps 150-190, and the whole
-    stage 355 s vs 371-410 s (the latter in earlier runs, at other moments of the machine). Evaluation, 2026-11-25
-    (seed 0, same model, minutes apart): 87.2 vs 113.7 s, identical predictions."""
+    on 2 cores, with identical evaluation predictions (docs/demo.md has the timings)."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-@dataclass
-class DemoRun:
-    settings: DemoSettings
-    times: dict[str, float] = field(default_factory=dict)
-    world: dict[str, Any] = field(default_factory=dict)
-    backbones: dict[str, Any] = field(default_factory=dict)
-    models: dict[str, str] = field(default_factory=dict)  # variant -> trained model dir
-    commands: dict[str, str] = field(default_factory=dict)  # variant -> `flamingo train` command line
-    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant -> task -> results
-    generations: list[dict[str, Any]] = field(default_factory=list)  # `flamingo generate` on hand-written prompts
-    reused: list[str] = field(default_factory=list)  # stages whose output an earlier run left in `out`
-
-
 def config_path() -> str:
-    """configs/mini.yaml (shipped inside the package as flamingo/mini/mini.yaml)."""
-    return str(resources.files("flamingo.mini").joinpath("mini.yaml"))
+    """configs/mini.yaml (shipped inside the package as flamingo_demo/mini.yaml)."""
+    return str(resources.files("flamingo_demo").joinpath("mini.yaml"))
 
 
 @contextmanager
@@ -119,8 +85,6 @@ def reuse_or_build(directory: str, key: dict[str, Any], build: Callable[[], Any]
 
 
 def build_world(run: DemoRun) -> dict[str, Any]:
-    from .writers import write_world
-
     s = run.settings
     root = os.path.join(s.out, "world")
     return reuse_or_build(root, {"size": s.size, "seed": s.seed},
@@ -128,8 +92,6 @@ def build_world(run: DemoRun) -> dict[str, Any]:
 
 
 def build_backbones(run: DemoRun) -> dict[str, Any]:
-    from .backbones import grow_backbones
-
     s = run.settings
     root = os.path.join(s.out, "backbones")
     return reuse_or_build(root, {"size": s.size, "seed": s.seed},
@@ -157,8 +119,6 @@ def per_rank_batches(procs: int) -> list[str]:
     is per rank)."""
     if procs == 1:
         return []
-    import yaml
-
     with open(config_path()) as f:
         datasets = yaml.safe_load(f)["data"]
     overrides = []
@@ -172,18 +132,12 @@ def per_rank_batches(procs: int) -> list[str]:
 
 def launcher(procs: int) -> list[str]:
     """The command line that runs `flamingo train` in `procs` processes (as the report prints it)."""
-    if procs == 1:
-        return ["flamingo", "train"]
-    return ["torchrun", "--standalone", f"--nproc_per_node={procs}", "-m", "flamingo.cli", "train"]
+    return ["flamingo", "train"] if procs == 1 else torchrun_command(procs, "flamingo.cli", ["train"])
 
 
 def train_flamingo(run: DemoRun, variant: str) -> str:
     """Stage 3 through the trainer `flamingo train` runs (under torchrun for several processes); returns the final
     model directory."""
-    from ..config import CONFIG_NAME
-    from ..train.config import load_config
-    from ..train.trainer import Trainer
-
     s = run.settings
     overrides = train_overrides(run, variant)
     run.commands[variant] = " ".join(launcher(s.train_procs) + ["configs/mini.yaml"] + overrides)
@@ -194,16 +148,10 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
     def build() -> str:
         if s.train_procs == 1:
             Trainer(load_config(config_path(), overrides)).run()
-        else:
-            command = [sys.executable, "-m", "torch.distributed.run", *launcher(s.train_procs)[1:], config_path(),
-                       *overrides]
-            # one thread per rank (the demo's 2 threads split); TORCH_CPP_LOG_LEVEL hides DDP's C++ notice that
-            # find_unused_parameters found none
-            env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
-            code = subprocess.run(command, env=env).returncode
-            if code != 0:
-                raise RuntimeError(f"the Flamingo stage ({variant}) failed with exit code {code} (`--train-procs 1` "
-                                   "trains in this process, without torchrun); its command: " + " ".join(command))
+        else:  # one thread per rank: the demo's 2 threads split
+            run_torchrun(s.train_procs, "flamingo.cli", ["train", config_path(), *overrides],
+                         what=f"the Flamingo stage ({variant})",
+                         hint="`--train-procs 1` trains in this process, without torchrun")
         final = os.path.join(out, "final")
         if not os.path.isfile(os.path.join(final, CONFIG_NAME)):  # stopped by a signal: no final model,
             # and no stage marker either, so that a rerun redoes the stage instead of reusing a missing model
@@ -214,11 +162,6 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
     return reuse_or_build(out, {"size": s.size, "seed": s.seed, "procs": s.train_procs}, build, run.reused)
 
 
-# (task, shots) on which the smoke test checks that training helped (the trained model vs its gate-0 self):
-# captioning of held-out images, where the images visibly matter even after a short run.
-SMOKE_CHECK = ("captioning", 4)
-
-
 def gate_zero_shots(shots: Sequence[int]) -> list[int]:
     """The gate-0 baseline runs at the demo's 4-shot setting only (the goal compares there; it halves eval time)."""
     return [4] if 4 in shots else [max(shots)]
@@ -226,11 +169,11 @@ def gate_zero_shots(shots: Sequence[int]) -> list[int]:
 
 def eval_job(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = False,
              shots: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """One model's evaluation on every task of the demo, as plain JSON for flamingo/mini/evaluate.py."""
+    """One model's evaluation on every task of the demo, as plain JSON for evaluate.py."""
     s, size = run.settings, get_size(run.settings.size)
     name = variant + ("-gates0" if gates_zero else "")
-    # Binding is evaluated on all of its episodes (150 in `fast`/`binding`, one query each): at 80 queries its
-    # standard error near 90% is 3.4 points, too coarse for the goals (>= 90%, no fall with shots); 150 make it 2.4.
+    # Binding is evaluated on all of its episodes (one query each): at 80 queries its standard error near 90% would be
+    # too coarse for the goals (>= 90%, no fall with shots).
     tasks = [{"name": task_name, "harness_task": harness_task, "data_dir": run.world["eval"][task_name]["dir"],
               "shots": [int(k) for k in (shots or s.shots)],
               "num_samples": None if task_name == "binding" else size.eval_samples,
@@ -244,8 +187,6 @@ def evaluate_models(run: DemoRun, jobs: list[dict[str, Any]]) -> dict[str, dict[
     """Stage 4: every job through the real harness; returns job name -> task -> results. With `eval_procs` > 1 the
     jobs run under torchrun, each process with one thread and a strided share of every task's queries (one launch
     for all jobs: each process loads torch once)."""
-    from .evaluate import read_results, run_eval_job
-
     s = run.settings
     if s.eval_procs == 1:
         return {job["name"]: run_eval_job(job, progress=s.progress) for job in jobs}
@@ -256,13 +197,8 @@ def evaluate_models(run: DemoRun, jobs: list[dict[str, Any]]) -> dict[str, dict[
     for job in jobs:  # a stale results.json from an earlier run must not pass for this one's
         for task in job["tasks"]:
             shutil.rmtree(task["out_dir"], ignore_errors=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.eval_procs}",
-               "-m", "flamingo.mini.evaluate", path] + (["--progress"] if s.progress else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
-    code = subprocess.run(command, env=env).returncode
-    if code != 0:
-        raise RuntimeError(f"the evaluation stage failed with exit code {code} (`--eval-procs 1` evaluates in this "
-                           "process, without torchrun); its command: " + " ".join(command))
+    run_torchrun(s.eval_procs, "flamingo_demo.evaluate", [path] + (["--progress"] if s.progress else []),
+                 what="the evaluation stage", hint="`--eval-procs 1` evaluates in this process, without torchrun")
     return {job["name"]: read_results(job) for job in jobs}
 
 
@@ -298,13 +234,10 @@ def run_demo(settings: DemoSettings) -> DemoRun:
                          shots=gate_zero_shots(settings.shots)))
     with stage(run, "eval"):
         run.results = evaluate_models(run, jobs)
-    from .tryit import run_hand_prompts
-
-    with stage(run, "generate"):  # `flamingo generate` on few-shot prompts written by hand
+    with stage(run, "generate"):  # few-shot prompts written by hand, as `flamingo generate` runs them
         run.generations = run_hand_prompts(run.world, run.models["flamingo"], os.path.join(settings.out, "generate"),
                                            seed=settings.seed)
     run.times["total"] = round(time.perf_counter() - total, 1)  # the report itself (about a second) is not counted
-    from .report import write_report
 
     with stage(run, "report"):
         path = write_report(run)

@@ -339,13 +339,14 @@ _ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kl", "l
 _VOWELS = ("a", "e", "i", "o", "u", "oo", "ee", "ai")
 _CODAS = ("", "", "", "x", "k", "p", "t", "n", "m", "g", "sh", "b", "ck", "zz")
 # Common short English words the syllable generator could stumble on.
-_ENGLISH = frozenset("""a an and are as at be big but by can do for from get go had has he her him his how if in is it
-its me my no not of on one or out see she so that the them then they this to too two up us was we what when where who
-why will with yes you top tip bat bin bun but cat cot cup dip dog dot fan fig fin fit fun gap gun hat hit hot jam jet kit
-lap leg let lip log man map mat men mix mop mud nap net nut pan pat peg pen pet pig pin pit pot pub rag ram rat red rib
-rim rip rob rod rot rub rug run sad sat set sit six sob sun tan tap ten tin tub van vet wax web wet win wig zip zoo bee
-see tee free tree three glee green grin grim drip drop skip slip snip stop trip plan plot slot spot blue black brown gem bed bug hug jug mug nod pod vat wit zap
-clip flip flop glob grab grub plum slim slam swim trim yellow pink ring star heart cross box""".split())
+_ENGLISH = frozenset("""a an and are as at be big but by can do for from get go had has he her him his how if in is
+it its me my no not of on one or out see she so that the them then they this to too two up us was we what when where
+who why will with yes you top tip bat bin bun but cat cot cup dip dog dot fan fig fin fit fun gap gun hat hit hot
+jam jet kit lap leg let lip log man map mat men mix mop mud nap net nut pan pat peg pen pet pig pin pit pot pub rag
+ram rat red rib rim rip rob rod rot rub rug run sad sat set sit six sob sun tan tap ten tin tub van vet wax web wet
+win wig zip zoo bee see tee free tree three glee green grin grim drip drop skip slip snip stop trip plan plot slot
+spot blue black brown gem bed bug hug jug mug nod pod vat wit zap clip flip flop glob grab grub plum slim slam swim
+trim yellow pink ring star heart cross box""".split())
 
 
 class NonsenseWords:

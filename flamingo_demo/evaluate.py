@@ -1,10 +1,10 @@
 """The demo's evaluation stage: jobs (one model, possibly with its gates at 0, on several tasks) run through the real
 harness (`flamingo.eval.runner.evaluate`), in this process or in several under torchrun:
 
-    torchrun --standalone --nproc_per_node=2 -m flamingo.mini.evaluate RUN/eval/jobs.json
+    torchrun --standalone --nproc_per_node=2 -m flamingo_demo.evaluate RUN/eval/jobs.json
 
 Under torchrun each rank evaluates its strided share of every task's queries (flamingo/eval/distributed.py) and rank 0
-writes each task's results.json, which the demo then reads. A job is plain JSON (built by `flamingo.mini.demo`):
+writes each task's results.json, which the demo then reads. A job is plain JSON (built by `flamingo_demo.demo`):
 
     {"name": "flamingo-gates0", "model_dir": "...", "gates_zero": true, "seed": 0, "batch_size": 16,
      "tasks": [{"name": "binding", "harness_task": "classification", "data_dir": "...", "shots": [4],
@@ -20,13 +20,17 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import torch
+
+from flamingo.build import load_pretrained
+from flamingo.eval.distributed import rank
+from flamingo.eval.runner import RESULTS_FILE, evaluate
+from flamingo.runtime import init_process_group_from_env, quiet_transformers
+from flamingo.tiny import set_gates
+
 
 def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate one job's model on each of its tasks; returns task name -> the harness's results dict."""
-    from ..eval.runner import evaluate
-    from ..build import load_pretrained
-    from ..tiny import set_gates
-
     model, processor = load_pretrained(job["model_dir"])
     model.eval()
     if job["gates_zero"]:  # the same model with every tanh gate at 0: the frozen LM alone
@@ -42,8 +46,6 @@ def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[
 
 def read_results(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What `run_eval_job` returned, read back from the results.json files its rank 0 wrote."""
-    from ..eval.runner import RESULTS_FILE
-
     results = {}
     for task in job["tasks"]:
         path = os.path.join(task["out_dir"], RESULTS_FILE)
@@ -55,15 +57,11 @@ def read_results(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m flamingo.mini.evaluate JOBS.json [--progress]`: run every job (under torchrun: one share each)."""
-    import torch
+    """`python -m flamingo_demo.evaluate JOBS.json [--progress]`: run every job (under torchrun: one share each)."""
 
-    from ..runtime import init_process_group_from_env, quiet_transformers
-    from ..eval import distributed
-
-    parser = argparse.ArgumentParser(prog="python -m flamingo.mini.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m flamingo_demo.evaluate",
                                      description="Run the demo's evaluation jobs.")
-    parser.add_argument("jobs", help="a JSON list of jobs (written by flamingo.mini.demo)")
+    parser.add_argument("jobs", help="a JSON list of jobs (written by flamingo_demo.demo)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     with open(args.jobs) as f:
@@ -74,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in jobs:
             start = time.perf_counter()
             run_eval_job(job, progress=args.progress)
-            if distributed.rank() == 0:
+            if rank() == 0:
                 print(f"[eval] {job['name']}: {time.perf_counter() - start:.1f} s", flush=True)
     finally:
         if joined:

@@ -41,7 +41,7 @@ class FlamingoConfig:
     gated: bool = True
     # "scalar": one tanh gate per block and branch (the paper, OpenFlamingo). "vector": one per LM hidden channel, all
     # starting at 0 (IDEFICS's alpha_type="vector"). Each channel opens or stays shut on its own, so an attention
-    # block is not lost when a single scalar gate wanders around 0 (flamingo/mini/sizes.py has the measurements).
+    # block is not lost when a single scalar gate wanders around 0 (docs/demo.md has the measurements).
     gate_type: Literal["scalar", "vector"] = "scalar"
     freeze_lm: bool = True
     freeze_vision: bool = True

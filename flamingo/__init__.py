@@ -1,7 +1,7 @@
 """flamingo: Flamingo-style visual language models on any Hugging Face vision tower and causal LM."""
 
-from .config import FlamingoConfig
 from .build import from_backbones, load_pretrained
+from .config import FlamingoConfig
 from .model.flamingo import Flamingo, FlamingoOutput
 from .processing import FlamingoProcessor
 

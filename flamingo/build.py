@@ -11,9 +11,9 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import FlamingoConfig
-from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 from .model.backbones import dtype_kwargs, lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo
+from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 
 Backbone = Union[str, os.PathLike, nn.Module]
 

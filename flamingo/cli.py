@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -19,7 +18,15 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     import torch
 
     from . import from_backbones
-    from .tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+    from .tiny import (
+        random_image,
+        set_gates,
+        tiny_flamingo_config,
+        tiny_image_processor,
+        tiny_lm,
+        tiny_tokenizer,
+        tiny_vision,
+    )
 
     torch.manual_seed(args.seed)
     tok = tiny_tokenizer()
@@ -28,7 +35,8 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
                                       tiny_flamingo_config(xattn_every=args.xattn_every),
                                       image_processor=tiny_image_processor("clip"))
     set_gates(model, 0.5)  # random weights: open the gates so that the images visibly matter
-    prompt = "<image>Question: what is this? Short answer: a red circle.<|endofchunk|><image>Question: and this? Short answer:"
+    prompt = ("<image>Question: what is this? Short answer: a red circle.<|endofchunk|>"
+              "<image>Question: and this? Short answer:")
     images = [random_image(0), [random_image(i) for i in range(1, 4)]]  # a still and a 3-frame video
     batch = processor(prompt, images=images)
     with torch.no_grad():

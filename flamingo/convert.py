@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import FlamingoConfig
 from .build import from_backbones
+from .config import FlamingoConfig
 from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor
 
@@ -152,7 +152,8 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
         if not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
             with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
                 embedding[: base.shape[0]].copy_(base)
-            config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {"lm." + emb_key[len("lang_encoder."):]})
+            table = "lm." + emb_key[len("lang_encoder."):]
+            config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {table})
     head = model.lm.get_output_embeddings()
     if model.new_lm_head is not None:
         head_key = "lang_encoder." + _param_name(model.lm, head.weight)

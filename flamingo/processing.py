@@ -36,7 +36,8 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if new:
         # transformers 5 names the keep-existing flag `replace_extra_special_tokens`, 4.x `..._additional_...`.
         params = inspect.signature(tokenizer.add_special_tokens).parameters
-        flag = next((k for k in ("replace_extra_special_tokens", "replace_additional_special_tokens") if k in params), None)
+        flags = ("replace_extra_special_tokens", "replace_additional_special_tokens")
+        flag = next((k for k in flags if k in params), None)
         kwargs = {flag: False} if flag else {}
         tokenizer.add_special_tokens({"additional_special_tokens": new}, **kwargs)
     if tokenizer.pad_token is None:
@@ -84,7 +85,9 @@ class FlamingoProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         model_max = getattr(tokenizer, "model_max_length", None)
-        self.max_length = max_length if max_length is not None else (model_max if model_max and model_max < 10**7 else None)
+        if max_length is None and model_max and model_max < 10**7:  # HF's "no limit" is a huge number
+            max_length = model_max
+        self.max_length = max_length
         self.max_frames = max_frames
         self.video_fps = video_fps
         self.padding_side = padding_side
@@ -139,7 +142,8 @@ class FlamingoProcessor:
             if media.ndim == 3:
                 media = media[None]
             if media.ndim != 4:
-                raise ValueError(f"tensor media must be pixel values (C, H, W) or (F, C, H, W), got {tuple(media.shape)}")
+                raise ValueError("tensor media must be pixel values (C, H, W) or (F, C, H, W), got "
+                                 f"{tuple(media.shape)}")
             return media.float()
         frames = self.load_media(media)
         return self.image_processor(images=frames, return_tensors="pt")["pixel_values"]  # (F, C, H, W)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -22,7 +23,6 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers import AutoConfig
 
 try:  # transformers 5: the PIL backends (the default ones want torchvision, which we avoid)
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor

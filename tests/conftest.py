@@ -10,6 +10,7 @@ import torch
 from flamingo import from_backbones
 from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
+
 @pytest.fixture
 def make_model() -> Callable:
     def make(lm_kind: str = "llama", vision_kind: str = "clip", gates: float = 0.5, **config_overrides):

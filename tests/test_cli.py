@@ -10,7 +10,15 @@ import torch
 
 from flamingo import from_backbones
 from flamingo.cli import main
-from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
 
 
 def test_tiny_command_reports_per_image_masking_in_its_json_line(capsys):

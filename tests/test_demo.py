@@ -16,7 +16,14 @@ from flamingo.build import load_pretrained
 from flamingo.runtime import torchrun_command
 from flamingo_demo.cli import build_parser
 from flamingo_demo.demo import (
-    config_path, eval_job, gate_zero_shots, per_rank_batches, run_demo, train_flamingo, train_overrides)
+    config_path,
+    eval_job,
+    gate_zero_shots,
+    per_rank_batches,
+    run_demo,
+    train_flamingo,
+    train_overrides,
+)
 from flamingo_demo.evaluate import run_eval_job
 from flamingo_demo.goals import generate_goal, goals, headline, skipped_queries, time_goal
 from flamingo_demo.run import ABLATIONS, DemoRun, DemoSettings

@@ -9,7 +9,6 @@ import socket
 
 import pytest
 import torch
-from helpers import continuation_logprobs_reference, make_classification, make_vqa
 
 from flamingo import from_backbones, load_pretrained
 from flamingo.eval import evaluate, rices
@@ -31,6 +30,8 @@ from flamingo.tiny import (
     tiny_tokenizer,
     tiny_vision,
 )
+
+from helpers import continuation_logprobs_reference, make_classification, make_vqa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

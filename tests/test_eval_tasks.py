@@ -8,13 +8,14 @@ import os
 
 import pytest
 import torch
-from helpers import DATASET_MAKERS, TEST_SAMPLES, make_classification, make_vqa, write_json, write_jsonl
 
 from flamingo import from_backbones, load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
 from flamingo.eval.tasks import get_task
 from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+from helpers import DATASET_MAKERS, TEST_SAMPLES, make_classification, make_vqa, write_json, write_jsonl
 
 FAST = dict(shots=[0, 2], trials=2, batch_size=2, progress=False, cider_tokenizer="python",
             generation={"max_new_tokens": 3, "num_beams": 2})

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import continuation_logprobs_reference
 from flamingo.tiny import random_image, set_gates
+
+from helpers import continuation_logprobs_reference
 
 SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
 PROMPTS = {
@@ -138,7 +139,9 @@ def test_gate_zero_beam_search_equals_lm_only_hf_beam_search(make_model):
     from flamingo.model.generation import generation_config_for
 
     config = generation_config_for(model, num_beams=3, max_new_tokens=6)
-    lm_only = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)  # no media context: FFW gates are 0 too
+    # outside a Flamingo call the hooked LM is the bare LM
+    lm_only = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                generation_config=config)
     assert ours.tolist() == lm_only.tolist()
 
 

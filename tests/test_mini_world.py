@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from flamingo_demo.build_world import write_world
 from flamingo_demo.sizes import get_size
 from flamingo_demo.world import COLOURS, KINDS, World, plural
-from flamingo_demo.build_world import write_world
 
 SEED = 3
 
@@ -261,9 +261,9 @@ def test_smoke_backbones_load_and_learn(manifest, tmp_path):
     from transformers import AutoModel, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     import flamingo
+    from flamingo.processing import load_image_processor
     from flamingo_demo.backbones import grow_backbones
     from flamingo_demo.tower import to_pixels
-    from flamingo.processing import load_image_processor
 
     threads = torch.get_num_threads()
     report = grow_backbones(manifest, tmp_path, "smoke", seed=0, threads=1)  # 1: robust on a shared machine
@@ -420,8 +420,8 @@ def test_assoc_recall_needs_induction_not_just_recall_of_context_words(tmp_path)
 
 
 def test_induction_documents_repeat_their_words_and_keep_each_kinds_word():
-    from flamingo_demo.world import KINDS
     from flamingo_demo.texts import induction_documents
+    from flamingo_demo.world import KINDS
 
     world = World(SEED)
     docs = induction_documents(world, np.random.default_rng(0), copies=20, assocs=20)

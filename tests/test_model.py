@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from flamingo.model.backbones import lm_cache_argument
-from flamingo.tiny import LM_KINDS, tiny_lm, tiny_tokenizer
-
-from flamingo.tiny import random_image
+from flamingo.tiny import LM_KINDS, random_image, tiny_lm, tiny_tokenizer
 
 PROMPT = "Question: what? <image>Short answer: a red circle.<|endofchunk|><image>Short answer: two<|endofchunk|>"
 

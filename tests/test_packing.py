@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-from train_fixtures import save_backbones, train_config, write_datasets
 
 from flamingo.data.sequence import Encoded, collate, make_labels, pack_rows
 from flamingo.data.spec import resolve_options
@@ -19,6 +18,8 @@ from flamingo.tiny import random_image
 from flamingo.train.config import load_config
 from flamingo.train.flops import flops_per_sample
 from flamingo.train.trainer import Trainer, batch_samples, flops_estimate
+
+from train_fixtures import save_backbones, train_config, write_datasets
 
 TEXTS = [  # 1, 2, 0... images per sample, different lengths; `<image>` first or after some text
     "<image>Output: a red circle.<|endofchunk|>",

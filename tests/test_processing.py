@@ -6,8 +6,8 @@ import torch
 
 from flamingo import FlamingoProcessor
 from flamingo.processing import add_flamingo_tokens
-from flamingo.video import uniform_frame_indices
 from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer
+from flamingo.video import uniform_frame_indices
 
 
 @pytest.fixture

@@ -6,9 +6,17 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from flamingo import Flamingo, FlamingoProcessor, from_backbones, load_pretrained
+from flamingo import Flamingo, from_backbones, load_pretrained
 from flamingo.model.backbones import load_vision_tower
-from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
 
 PROMPT = "<image>Question: what? Short answer: red.<|endofchunk|><image>Question: and this? Short answer:"
 

@@ -16,11 +16,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import save_backbones, train_config, write_datasets
 
 from flamingo import load_pretrained
 from flamingo.train.config import load_config
 from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model, materialize
+
+from train_fixtures import save_backbones, train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -41,7 +41,14 @@ def test_hand_prompts_are_answered_as_the_generate_command_answers_them(tmp_path
     from flamingo import from_backbones, load_pretrained
     from flamingo.cli import main
     from flamingo.tiny import (
-        random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision)
+        random_image,
+        set_gates,
+        tiny_flamingo_config,
+        tiny_image_processor,
+        tiny_lm,
+        tiny_tokenizer,
+        tiny_vision,
+    )
     from flamingo_demo.tryit import generate_text
 
     tok = tiny_tokenizer()

@@ -28,9 +28,9 @@ from torch import nn
 from transformers import __version__ as transformers_version
 from transformers.utils import ModelOutput
 
+from ..config import FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from . import generation
-from ..config import FlamingoConfig
 from .backbones import (
     dtype_kwargs,
     find_decoder_layers,

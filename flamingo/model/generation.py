@@ -83,7 +83,8 @@ def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: 
     new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - attention_mask.shape[1]
     if new <= room:
         return config
-    log.warning("max_new_tokens=%d capped to %d: the prompt takes %d of the LM's %d positions", new, room, prompt, limit)
+    log.warning("max_new_tokens=%d capped to %d: the prompt takes %d of the LM's %d positions",
+                new, room, prompt, limit)
     config = copy.deepcopy(config)
     config.max_new_tokens = room
     if config.min_new_tokens is not None:

@@ -101,7 +101,7 @@ def _attend_gather(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> t
 
 def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> torch.Tensor:
     b, t, h, d = q.shape
-    n, r = kv.k.shape[1], kv.k.shape[2]
+    n = kv.k.shape[1]
     out = q.new_zeros(b, t, h, d)
     b_idx, t_idx = (media_index > 0).nonzero(as_tuple=True)  # ordered by (b, t): runs are contiguous
     if b_idx.numel() == 0:

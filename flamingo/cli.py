@@ -17,24 +17,11 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     """Build a small Flamingo from random backbones and run one interleaved prompt through it."""
     import torch
 
-    from . import from_backbones
-    from .tiny import (
-        random_image,
-        set_gates,
-        tiny_flamingo_config,
-        tiny_image_processor,
-        tiny_lm,
-        tiny_tokenizer,
-        tiny_vision,
-    )
+    from .tiny import random_image, tiny_flamingo
 
-    torch.manual_seed(args.seed)
-    tok = tiny_tokenizer()
     start = time.perf_counter()
-    model, processor = from_backbones(tiny_vision("clip"), tiny_lm(args.lm, vocab_size=len(tok)), tok,
-                                      tiny_flamingo_config(xattn_every=args.xattn_every),
-                                      image_processor=tiny_image_processor("clip"))
-    set_gates(model, 0.5)  # random weights: open the gates so that the images visibly matter
+    # random weights: open the gates so that the images visibly matter
+    model, processor = tiny_flamingo(args.lm, "clip", gates=0.5, seed=args.seed, xattn_every=args.xattn_every)
     prompt = ("<image>Question: what is this? Short answer: a red circle.<|endofchunk|>"
               "<image>Question: and this? Short answer:")
     images = [random_image(0), [random_image(i) for i in range(1, 4)]]  # a still and a 3-frame video

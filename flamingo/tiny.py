@@ -7,7 +7,7 @@ are HF classes instantiated from small configs with random weights (hidden 32, a
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -29,6 +29,11 @@ try:  # transformers 5: the PIL backends (the default ones want torchvision, whi
     from transformers import SiglipImageProcessorPil as SiglipImageProcessor
 except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+from .build import from_backbones
+from .config import FlamingoConfig
+from .model.flamingo import Flamingo
+from .processing import FlamingoProcessor
 
 _CORPUS = [
     "Question: what is in the image? Short answer: a red circle.",
@@ -138,10 +143,22 @@ def set_gates(model: torch.nn.Module, value: float = 0.5) -> None:
                 block.ffw_gate.fill_(value)
 
 
-def tiny_flamingo_config(**overrides):
+def tiny_flamingo_config(**overrides) -> FlamingoConfig:
     """A FlamingoConfig small enough for tests: 4 heads of 8, 8 latents, 2 resampler layers, 4 frames."""
-    from .config import FlamingoConfig
-
     base = dict(xattn_heads=4, xattn_head_dim=8, resampler_heads=4, resampler_head_dim=8, num_latents=8,
                 resampler_depth=2, max_frames=4)
     return FlamingoConfig(**{**base, **overrides})
+
+
+def tiny_flamingo(lm: str = "llama", vision: str = "clip", *, gates: float = 0.5, seed: int = 0,
+                  lm_overrides: Optional[dict[str, Any]] = None, **config_overrides: Any
+                  ) -> tuple[Flamingo, FlamingoProcessor]:
+    """A small Flamingo on random tiny backbones (`tiny_lm(lm)`, `tiny_vision(vision)`, `tiny_tokenizer()`), its
+    new modules initialised under `seed` and every tanh gate at `gates` (0: the bare LM), in eval mode."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision(vision), tiny_lm(lm, vocab_size=len(tok), **(lm_overrides or {})),
+                                      tok, tiny_flamingo_config(**config_overrides),
+                                      image_processor=tiny_image_processor(vision))
+    set_gates(model, gates)
+    return model.eval(), processor

@@ -7,20 +7,13 @@ from typing import Callable
 import pytest
 import torch
 
-from flamingo import from_backbones
-from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+from flamingo.tiny import tiny_flamingo
 
 
 @pytest.fixture
 def make_model() -> Callable:
     def make(lm_kind: str = "llama", vision_kind: str = "clip", gates: float = 0.5, **config_overrides):
-        torch.manual_seed(0)
-        tok = tiny_tokenizer()
-        config = tiny_flamingo_config(**config_overrides)
-        model, processor = from_backbones(tiny_vision(vision_kind), tiny_lm(lm_kind, vocab_size=len(tok)), tok, config,
-                                          image_processor=tiny_image_processor(vision_kind))
-        set_gates(model, gates)
-        return model.eval(), processor
+        return tiny_flamingo(lm_kind, vision_kind, gates=gates, **config_overrides)
 
     return make
 

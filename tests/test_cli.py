@@ -8,16 +8,10 @@ import sys
 import pytest
 import torch
 
-from flamingo import from_backbones
 from flamingo.cli import main
 from flamingo.tiny import (
     random_image,
-    set_gates,
-    tiny_flamingo_config,
-    tiny_image_processor,
-    tiny_lm,
-    tiny_tokenizer,
-    tiny_vision,
+    tiny_flamingo,
 )
 
 
@@ -31,10 +25,7 @@ def test_tiny_command_reports_per_image_masking_in_its_json_line(capsys):
 
 @pytest.fixture
 def saved_model(tmp_path):
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
-                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
-    set_gates(model, 0.5)
+    model, processor = tiny_flamingo()
     model.save_pretrained(str(tmp_path / "model"), processor=processor)
     random_image(0).save(tmp_path / "a.png")
     return tmp_path

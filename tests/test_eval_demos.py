@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 
-from flamingo import from_backbones, load_pretrained
+from flamingo import load_pretrained
 from flamingo.eval import evaluate, rices
 from flamingo.eval.classification import ClassificationTask
 from flamingo.eval.demos import DemoSelector, prompt_demos
@@ -23,12 +23,7 @@ from flamingo.eval.vqa import VQATask
 from flamingo.model.backbones import vision_features
 from flamingo.tiny import (
     random_image,
-    set_gates,
-    tiny_flamingo_config,
-    tiny_image_processor,
-    tiny_lm,
-    tiny_tokenizer,
-    tiny_vision,
+    tiny_flamingo,
 )
 
 from helpers import continuation_logprobs_reference, make_classification, make_vqa
@@ -38,11 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_and_processor():
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
-                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
-    set_gates(model, 0.5)
+    model, processor = tiny_flamingo()
     return model.eval(), processor
 
 

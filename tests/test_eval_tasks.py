@@ -7,13 +7,14 @@ import json
 import os
 
 import pytest
-import torch
 
-from flamingo import from_backbones, load_pretrained
+from flamingo import load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
 from flamingo.eval.tasks import get_task
-from flamingo.tiny import set_gates, tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+from flamingo.tiny import (
+    tiny_flamingo,
+)
 
 from helpers import DATASET_MAKERS, TEST_SAMPLES, make_classification, make_vqa, write_json, write_jsonl
 
@@ -27,11 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
-                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
-    set_gates(model, 0.5)
+    model, processor = tiny_flamingo()
     directory = tmp_path_factory.mktemp("model")
     model.save_pretrained(str(directory), processor=processor)
     return str(directory)

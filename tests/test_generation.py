@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flamingo.tiny import random_image, set_gates
+from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import continuation_logprobs_reference
 
@@ -191,14 +191,9 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
     the tokens it would have made anyway; a candidate that ends exactly at the last position is scored as a plain
     forward scores it, one token more is a clear error, and so are a prompt that leaves no position (the processor
     refuses it first) and a forward longer than the positions."""
-    from flamingo.build import from_backbones
-    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
 
-    tok = tiny_tokenizer()
     positions = {"n_positions": 24} if lm_kind == "gpt2" else {"max_position_embeddings": 24}
-    model, processor = from_backbones(tiny_vision(), tiny_lm(lm_kind, vocab_size=len(tok), **positions), tok,
-                                      tiny_flamingo_config(), image_processor=tiny_image_processor())
-    set_gates(model.eval())
+    model, processor = tiny_flamingo(lm_kind, lm_overrides=positions)
     batch = processor("<image>a b c d e", images=[random_image(0)])
     t = batch["input_ids"].shape[1]
     with caplog.at_level("WARNING", logger="flamingo.model.generation"):

@@ -38,23 +38,15 @@ def test_each_prompt_has_one_image_per_scene_and_a_query_answer_no_demo_gives():
 def test_hand_prompts_are_answered_as_the_generate_command_answers_them(tmp_path, capsys):
     """The demo runs its prompts through the API (`generate_text`), not through the CLI; the text is what
     `flamingo generate` prints for the same model, prompt and images."""
-    from flamingo import from_backbones, load_pretrained
+    from flamingo import load_pretrained
     from flamingo.cli import main
     from flamingo.tiny import (
         random_image,
-        set_gates,
-        tiny_flamingo_config,
-        tiny_image_processor,
-        tiny_lm,
-        tiny_tokenizer,
-        tiny_vision,
+        tiny_flamingo,
     )
     from flamingo_demo.tryit import generate_text
 
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision("clip"), tiny_lm("llama", vocab_size=len(tok)), tok,
-                                      tiny_flamingo_config(), image_processor=tiny_image_processor("clip"))
-    set_gates(model, 0.5)
+    model, processor = tiny_flamingo()
     model.save_pretrained(str(tmp_path / "model"), processor=processor)
     images = []
     for i in range(2):

@@ -7,13 +7,14 @@ from typing import Optional
 from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .hateful_memes import HatefulMemesTask
+from .mme import MMETask
 from .task import Task
 from .video_captioning import VideoCaptioningTask
 from .videoqa import VideoQATask
 from .vqa import VQATask
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQATask, CaptioningTask, ClassificationTask, HatefulMemesTask,
-                                                    VideoQATask, VideoCaptioningTask)}
+                                                    VideoQATask, VideoCaptioningTask, MMETask)}
 
 
 def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[str] = None,

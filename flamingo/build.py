@@ -14,6 +14,7 @@ from .config import FlamingoConfig
 from .model.backbones import dtype_kwargs, lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
+from .references import reference_token
 
 Backbone = Union[str, os.PathLike, nn.Module]
 
@@ -45,10 +46,14 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
             raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
         image_processor = load_image_processor(str(vision_ref))
 
-    added = add_flamingo_tokens(tokenizer)
+    added = add_flamingo_tokens(tokenizer, config.num_image_references)
     config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref
     config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    references = [tokenizer.convert_tokens_to_ids(reference_token(k)) for k in range(config.num_image_references)]
+    if references != list(range(references[0], references[0] + len(references))) if references else False:
+        raise ValueError(f"the tokenizer's reference tokens <image0>... are not contiguous ids: {references}")
+    config.first_reference_token_id = references[0] if references else None
     if added:
         if added != list(range(added[0], added[0] + len(added))):
             raise ValueError(f"added token ids are not contiguous: {added}")

@@ -31,8 +31,11 @@ class FlamingoConfig:
     resampler: Literal["perceiver", "mlp"] = "perceiver"
     # Number of learned frame (time) embeddings: videos longer than this are sub-sampled by the processor.
     max_frames: int = 8
-    # True: a token sees only the last image at or before it (the paper). False: all images before it (MMICL-style).
+    # True: a token sees only the last image at or before it (the paper). False: all images before it.
     only_attend_last_image: bool = True
+    # MMICL-style references: `<image0>` ... `<imageK-1>` tokens (K = this) that re-target the cross-attention to an
+    # earlier image of the prompt (flamingo/references.py); 0: none, the paper's model.
+    num_image_references: int = 0
     # Hidden state of the vision tower to use: -1 = its final output (last_hidden_state), i = hidden_states[i].
     vision_feature_layer: int = -1
     # Drop the tower's CLS token when it has one (CLIP, ViT; SigLIP has none). The resampler wants patch features.
@@ -54,6 +57,7 @@ class FlamingoConfig:
     # live in the model's own small trainable tables (the LM's table stays frozen).
     first_new_token_id: Optional[int] = None
     num_new_tokens: int = 0
+    first_reference_token_id: Optional[int] = None  # `<image0>`; the others follow it
     # Frozen backbone tensors that were changed after loading (e.g. an OpenFlamingo checkpoint's fine-tuned input
     # embedding) and so must be saved even in a trained-only checkpoint. Names are `Flamingo.state_dict()` keys.
     extra_saved_weights: list[str] = field(default_factory=list)

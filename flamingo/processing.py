@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from .references import reference_token, resolve_declarations
 from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
@@ -29,10 +30,22 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
 
 
-def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Add `<image>`, `<|endofchunk|>` (and a pad token if missing) to `tokenizer`; return the ids it added."""
+def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0) -> list[int]:
+    """Add `<image>`, `<|endofchunk|>` (a pad token if missing, then `<image0>` ... for `num_references` reference
+    tokens) to `tokenizer`; return the ids it added."""
     before = len(tokenizer)
     new = [t for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN) if t not in tokenizer.get_vocab()]
+    if new:
+        _add_special_tokens(tokenizer, new)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    references = [reference_token(k) for k in range(num_references) if reference_token(k) not in tokenizer.get_vocab()]
+    if references:
+        _add_special_tokens(tokenizer, references)
+    return list(range(before, len(tokenizer)))
+
+
+def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, new: list[str]) -> None:
     if new:
         # transformers 5 names the keep-existing flag `replace_extra_special_tokens`, 4.x `..._additional_...`.
         params = inspect.signature(tokenizer.add_special_tokens).parameters
@@ -40,9 +53,6 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         flag = next((k for k in flags if k in params), None)
         kwargs = {flag: False} if flag else {}
         tokenizer.add_special_tokens({"additional_special_tokens": new}, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    return list(range(before, len(tokenizer)))
 
 
 def load_image_processor(name_or_path: str) -> Any:
@@ -76,7 +86,8 @@ class FlamingoProcessor:
     end_of_chunk_token = END_OF_CHUNK_TOKEN
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, *, max_length: Optional[int] = None,
-                 max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left") -> None:
+                 max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left",
+                 image_references: bool = False) -> None:
         missing = [t for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN) if t not in tokenizer.get_vocab()]
         if missing or tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer lacks Flamingo tokens {missing or ['<pad>']}: call add_flamingo_tokens first")
@@ -91,6 +102,19 @@ class FlamingoProcessor:
         self.max_frames = max_frames
         self.video_fps = video_fps
         self.padding_side = padding_side
+        # declared-image prompts (`Image 0 is <image0> ... <image0>`, references.py) instead of `<image>` ones
+        self.image_references = image_references
+        if image_references and self.num_references == 0:
+            raise ValueError("image_references needs a tokenizer with `<image0>` ... (FlamingoConfig."
+                             "num_image_references > 0 in from_backbones)")
+
+    @property
+    def num_references(self) -> int:
+        """How many reference tokens (`<image0>`, `<image1>`, ...) the tokenizer holds."""
+        vocab, k = self.tokenizer.get_vocab(), 0
+        while reference_token(k) in vocab:
+            k += 1
+        return k
 
     def token_ids(self, text: str, *, special_tokens: bool = True) -> list[int]:
         """`text` -> token ids, however long. Every caller checks the length itself and says what it does about it
@@ -189,9 +213,13 @@ class FlamingoProcessor:
         raise ValueError(f"a prompt must be a string or a list mixing strings and media, got {type(prompt).__name__}")
 
     def encode_prompt(self, prompt: Any, media: Optional[Sequence[Media]] = None,
-                      max_length: Optional[int] = None) -> tuple[list[int], list[torch.Tensor]]:
-        """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length."""
+                      max_length: Optional[int] = None, image_references: Optional[bool] = None
+                      ) -> tuple[list[int], list[torch.Tensor]]:
+        """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length.
+        image_references (default: the processor's): the prompt declares its images (`Image 0 is <image0>`)."""
         text, media_list = self._split_prompt(prompt, media)
+        if self.image_references if image_references is None else image_references:
+            text = resolve_declarations(text, len(media_list), self.num_references)
         ids = self.token_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
         if n_placeholders != len(media_list):
@@ -215,7 +243,7 @@ class FlamingoProcessor:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def __call__(self, text: Any, images: Optional[Sequence[Any]] = None, *, padding_side: Optional[str] = None,
-                 max_length: Optional[int] = None) -> BatchFeature:
+                 max_length: Optional[int] = None, image_references: Optional[bool] = None) -> BatchFeature:
         """Encode one prompt or a batch.
 
         text: a string, an interleaved list, or a list of either (a batch).
@@ -236,7 +264,7 @@ class FlamingoProcessor:
             if len(images) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but media lists for {len(images)}")
             per_prompt = list(images)
-        encoded = [self.encode_prompt(p, m, max_length) for p, m in zip(prompts, per_prompt)]
+        encoded = [self.encode_prompt(p, m, max_length, image_references) for p, m in zip(prompts, per_prompt)]
         out = self.pad([ids for ids, _ in encoded], padding_side)
         out.update(self.batch_media([m for _, m in encoded]))
         return BatchFeature(out)
@@ -254,7 +282,7 @@ class FlamingoProcessor:
         self.image_processor.save_pretrained(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
             json.dump({"max_length": self.max_length, "max_frames": self.max_frames, "video_fps": self.video_fps,
-                       "padding_side": self.padding_side}, f, indent=2)
+                       "padding_side": self.padding_side, "image_references": self.image_references}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> "FlamingoProcessor":

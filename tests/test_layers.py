@@ -22,7 +22,7 @@ PACKAGES = ("flamingo", "flamingo_demo")
 
 LAYERS: list[tuple[str, ...]] = [
     ("flamingo.config", "flamingo.runtime"),
-    ("flamingo.model", "flamingo.processing", "flamingo.video"),
+    ("flamingo.model", "flamingo.processing", "flamingo.video", "flamingo.references"),
     ("flamingo.build", "flamingo.tiny", "flamingo.convert", "flamingo.peers"),
     ("flamingo.data",),
     ("flamingo.train", "flamingo.eval"),

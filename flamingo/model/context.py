@@ -11,7 +11,8 @@ What each phase means for the hooks (set by the caller, never inferred from the 
   calls), and each block also keeps, per row, the K/V of the prompt's last image for the decode steps.
 - DECODE: tokens generated after the prompt. `<image>` cannot be generated, so each row sees its prompt's last image:
   the hooks read only tensors made in PREFILL (static shapes, so a compiled decode step neither depends on nor
-  recompiles for the prompt's length or number of images).
+  recompiles for the prompt's length or number of images). With reference tokens (or attention to every earlier
+  image) a row keeps all its images' K/V instead, and a generated `<imageK>` re-targets it to image K.
 - SCORE: candidate continuations run on a copy of their contexts' KV cache. Row k belongs to context
   `row_samples[k]`: it reads that context's visual K/V, and its media index continues from the context's.
 """
@@ -42,16 +43,21 @@ class MediaContext:
     visual: Optional[torch.Tensor]  # (B, N, R, Dv) visual tokens, None when the batch has no media
     impl: XAttnImpl = "auto"
     document_ids: Optional[torch.Tensor] = None  # (B, T) packed rows: which sample each token belongs to
-    # (rows,) images each row saw before the current LM call (PREFILL in chunks, SCORE); None = 0
+    # (rows,) the media index each row had after the earlier LM calls (PREFILL in chunks, SCORE); None = 0
     last_media_index: Optional[torch.Tensor] = None
+    # (rows,) images the earlier LM calls held (with reference tokens, the index and the count part ways); None = 0
+    media_count: Optional[torch.Tensor] = None
     media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
-    # (rows, 1) for DECODE: 1 where the row's prompt has an image. Made eagerly in PREFILL and contiguous (unlike
-    # last_media_index, a strided view), so a compiled decode step guards on it without recompiling.
+    # (rows, 1) for DECODE: 1 where the row's prompt has an image (its last image's K/V are all it keeps), or, when
+    # it keeps every image's K/V, the image it sees (updated in place by generated references). Made eagerly in
+    # PREFILL and contiguous (unlike last_media_index, a strided view), so a compiled decode step guards on it
+    # without recompiling.
     decode_index: Optional[torch.Tensor] = None
+    decode_count: Optional[torch.Tensor] = None  # (rows, 1) images of each row's prompt, for DECODE with references
     # (rows,) SCORE: the context each candidate row belongs to (any number of candidates per context)
     row_samples: Optional[torch.Tensor] = None
-    # Visual K/V by (block, rows), and ("last", block, rows) for DECODE: projected once from the B samples' visual
-    # tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
+    # Visual K/V by (block, rows), and ("last" | "all", block, rows) for DECODE: projected once from the B samples'
+    # visual tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
     media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)  # per-LM-call attention helpers shared by the blocks (flex block mask)
 
@@ -61,7 +67,8 @@ class MediaContext:
         if self.last_media_index is None:
             raise RuntimeError("candidates need their contexts' forward first (it sets the contexts' media index)")
         return MediaContext(phase=Phase.SCORE, visual=self.visual, impl=self.impl,
-                            last_media_index=self.last_media_index[rows], row_samples=rows, media_kv=self.media_kv)
+                            last_media_index=self.last_media_index[rows], row_samples=rows, media_kv=self.media_kv,
+                            media_count=None if self.media_count is None else self.media_count[rows])
 
     def for_recompute(self) -> MediaContext:
         """The same call's conditioning with fresh memos, for activation checkpointing's recompute (which must

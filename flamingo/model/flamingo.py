@@ -108,6 +108,15 @@ class Flamingo(nn.Module):
         if config.num_new_tokens and self.lm.get_output_embeddings() is not None:
             self.lm.get_output_embeddings().register_forward_hook(self._output_hook)
         self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        # (first id, count) of the `<imageK>` reference tokens, or None (references.py)
+        self.references: Optional[tuple[int, int]] = None
+        if config.num_image_references:
+            if config.first_reference_token_id is None:
+                raise ValueError("config.num_image_references > 0 needs config.first_reference_token_id")
+            self.references = (config.first_reference_token_id, config.num_image_references)
+        # Decoding keeps every image's K/V per row (not only the last) when a row's image can change after its
+        # prompt (references) or every earlier image is seen.
+        self._decode_all_images = self.references is not None or not config.only_attend_last_image
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
 
     # ------------------------------------------------------------------------------------------ added tokens
@@ -137,15 +146,28 @@ class Flamingo(nn.Module):
         if ctx is None:  # outside a Flamingo call: the bare LM's embedding
             return output
         input_ids = args[0]  # (B, T)
-        if ctx.phase is not Phase.DECODE:  # DECODE reads only what PREFILL prepared
+        if ctx.phase is Phase.DECODE:  # reads what PREFILL prepared; a generated reference re-targets its row
+            if self.references is not None and ctx.decode_index is not None:
+                first, n = self.references
+                k = input_ids[:, -1:] - first  # (rows, 1): decode steps feed one token a row
+                switch = (k >= 0) & (k < n) & (k < ctx.decode_count)
+                ctx.decode_index.copy_(torch.where(switch, k + 1, ctx.decode_index))
+        else:
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
-            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids)
+            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids,
+                                                  references=self.references, start_count=ctx.media_count)
             ctx.last_media_index = ctx.media_index[:, -1]
-            if ctx.phase is Phase.PREFILL:  # (rows, 1): 1 = has an image; made here, eagerly, so that compiled
-                # decode steps only read it
-                ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
+            if self.references is not None:
+                images = (input_ids == self.config.media_token_id).sum(dim=1)  # (rows,)
+                ctx.media_count = images if ctx.media_count is None else ctx.media_count + images
+            if ctx.phase is Phase.PREFILL:  # made here, eagerly, so that compiled decode steps only read them
+                if self._decode_all_images:  # (rows, 1): the image each row sees
+                    ctx.decode_index = ctx.last_media_index.clone()[:, None]
+                    ctx.decode_count = None if ctx.media_count is None else ctx.media_count.clone()[:, None]
+                else:  # (rows, 1): 1 = has an image
+                    ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
         if self.new_token_embeddings is None:
             return output
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
@@ -183,10 +205,11 @@ class Flamingo(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         block = self.xattn[block_idx]
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
-            # on (or recompile for) the prompt's number of images
-            kv = ctx.media_kv.get(("last", block_idx, hidden.shape[0]))  # None: the prompt has no media
+            # on (or, keeping only the last image, recompile for) the prompt's number of images
+            kv = ctx.media_kv.get(("all" if self._decode_all_images else "last", block_idx, hidden.shape[0]))
             index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
-            hidden = block(hidden, kv, index, "reference")
+            impl = "gather" if self._decode_all_images and self.config.only_attend_last_image else "reference"
+            hidden = block(hidden, kv, index, impl)
         elif ctx.visual is None:  # text only: the attention term is exactly zero
             hidden = block(hidden, None, None)
         else:
@@ -194,8 +217,10 @@ class Flamingo(nn.Module):
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
             hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl, ctx.memo)
-            if ctx.phase is Phase.PREFILL:
-                ctx.last_image_kv_for(block_idx, block, hidden.shape[0])  # for the decode steps, made eagerly
+            if ctx.phase is Phase.PREFILL and self._decode_all_images:  # for the decode steps, made eagerly
+                ctx.media_kv[("all", block_idx, hidden.shape[0])] = ctx.kv_for(block_idx, block, hidden.shape[0])
+            elif ctx.phase is Phase.PREFILL:
+                ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

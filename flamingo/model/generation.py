@@ -50,8 +50,9 @@ def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.
 
 
 def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
-    """The LM's generation config + Flamingo's conventions: stop at `<|endofchunk|>` or EOS, never emit `<image>`,
-    greedy unless asked otherwise. Any GenerationConfig field can be overridden by keyword."""
+    """The LM's generation config + Flamingo's conventions: stop at `<|endofchunk|>` or EOS, never emit `<image>`
+    (nor, in beam search, a reference token), greedy unless asked otherwise. Any GenerationConfig field can be
+    overridden by keyword."""
     base = getattr(model.lm, "generation_config", None)
     config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     eos = [model.config.end_of_chunk_token_id]
@@ -61,10 +62,15 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     config.suppress_tokens = [model.config.media_token_id]
     config.do_sample = False
     config.temperature, config.top_k, config.top_p = 1.0, None, None  # neutral unless asked
-    if config.pad_token_id is None:
+    if config.pad_token_id is None:  # the last added token before the reference tokens
         config.pad_token_id = model.config.first_new_token_id + model.config.num_new_tokens - 1 \
-            if model.config.num_new_tokens else config.eos_token_id[0]
+            - model.config.num_image_references if model.config.num_new_tokens else config.eos_token_id[0]
     config.update(**kwargs)
+    if model.references is not None and (config.num_beams or 1) > 1:
+        # a beam's rows are reordered each step, and a row's image (which a generated reference would change) is
+        # not: beams keep their prompt's images
+        first, n = model.references
+        config.suppress_tokens = config.suppress_tokens + list(range(first, first + n))
     return config
 
 

@@ -38,23 +38,55 @@ class MediaKV(NamedTuple):
 
 def compute_media_index(input_ids: torch.Tensor, media_token_id: int,
                         start: Optional[torch.Tensor] = None,
-                        document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """input_ids (B, T) -> media_index (B, T): images seen at or before each token, plus `start (B,)` images seen in
-    earlier calls (cached decoding).
+                        document_ids: Optional[torch.Tensor] = None, *,
+                        references: Optional[tuple[int, int]] = None,
+                        start_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input_ids (B, T) -> media_index (B, T): which image each token sees (1-based, 0: none).
+
+    The rule: a token sees the image of the last `<image>` at or before it (that is, the number of images so far),
+    plus `start (B,)`, the index the row had after its earlier calls (cached decoding, chunked prefill).
+
+    references = (first id, count): MMICL-style reference tokens (`<image0>`, `<image1>`, ... at ids first,
+    first + 1, ...). A reference to image k re-targets the tokens at and after it to image k + 1 (1-based) until the
+    next image or reference; one to an image the row has not seen yet changes nothing. Then `start` is the index
+    after earlier calls and `start_count (B,)` the number of images they held (a later `<image>` counts on from it).
 
     document_ids (B, T): packed rows, where each run of equal ids is one sample. A token then sees only the images
     of its own sample: the index keeps counting the row's images (the row's media are its samples' media in order),
-    but is 0 until the sample's first `<image>`."""
+    but is 0 until the sample's first `<image>` (or reference, which counts from the sample's first image)."""
     is_media = (input_ids == media_token_id).long()
     index = is_media.cumsum(dim=1)
+    if document_ids is not None and start is not None:
+        raise ValueError("packed rows (document_ids) are for training and scoring forwards, not cached decoding")
+    if references is not None:
+        return _media_index_with_references(input_ids, is_media, index, start, document_ids, references, start_count)
     if document_ids is not None:
-        if start is not None:
-            raise ValueError("packed rows (document_ids) are for training and scoring forwards, not cached decoding")
         earlier = value_at_document_start(index - is_media, document_ids)  # images of the row's earlier samples
         index = torch.where(index > earlier, index, 0)
     if start is not None:
         index = index + start[:, None]
     return index
+
+
+def _media_index_with_references(input_ids: torch.Tensor, is_media: torch.Tensor, count: torch.Tensor,
+                                 start: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
+                                 references: tuple[int, int], start_count: Optional[torch.Tensor]) -> torch.Tensor:
+    """`compute_media_index` when reference tokens exist: the value of the last image or reference event."""
+    first, n = references
+    if start_count is not None:
+        count = count + start_count[:, None]  # (B, T) images so far, this token included
+    earlier = torch.zeros_like(count) if document_ids is None else value_at_document_start(count - is_media,
+                                                                                            document_ids)
+    target = input_ids - first + 1 + earlier  # a reference's image, counted in the row
+    is_ref = (input_ids >= first) & (input_ids < first + n) & (target <= count)
+    value = torch.where(is_media.bool(), count, torch.where(is_ref, target, 0))  # (B, T)
+    t = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last = torch.where(is_media.bool() | is_ref, t, -1).cummax(dim=1).values  # (B, T) the last event at or before
+    index = value.gather(1, last.clamp(min=0))
+    carried = torch.zeros_like(index) if start is None else start[:, None].expand_as(index)
+    if document_ids is not None:  # an event of an earlier packed sample is not this token's
+        last = torch.where(last >= value_at_document_start(t, document_ids), last, -1)
+    return torch.where(last >= 0, index, carried)
 
 
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""MMICL-style declared images and references (Zhao et al., 2023): `Image 0 is <image0>` declares the prompt's first
+medium where the declaration stands; a later `<image0>` in the text refers back to it.
+
+The model sees a declaration as the ordinary `<image>` placeholder, and a reference as its own token `<imageK>` (one
+added token per K < `FlamingoConfig.num_image_references`); the masking rule then lets the tokens at and after a
+reference see image K until the next image or reference (`model/xattn.compute_media_index`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import MEDIA_TOKEN
+
+DECLARATION = re.compile(r"Image\s+(\d+)\s+is\s+<image(\d+)>")
+REFERENCE = re.compile(r"<image(\d+)>")
+
+
+def reference_token(k: int) -> str:
+    """The token of a reference to image k: `<imagek>`."""
+    return f"<image{k}>"
+
+
+def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
+    """A declared-image prompt -> the model's text: each declaration's `<imagek>` becomes `<image>` (where image k
+    goes), each later `<imagek>` stays a reference token.
+
+    Clear errors: a plain `<image>` among declarations, a declaration out of order (image k must be the k-th
+    declared), a duplicate declaration, a reference to an image not declared before it, more declarations than media
+    (or fewer), and an image index the model has no reference token for."""
+    if MEDIA_TOKEN in text:
+        raise ValueError(f"a declared-image prompt places its media with `Image k is <imagek>`, not {MEDIA_TOKEN}: "
+                         f"{text[:120]!r}")
+    declarations = {m.start(2) - len("<image"): m for m in DECLARATION.finditer(text)}
+    declared: set[int] = set()
+    out, end = [], 0
+    for ref in REFERENCE.finditer(text):
+        k = int(ref.group(1))
+        if k >= num_references:
+            raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}")
+        declaration = declarations.get(ref.start())
+        if declaration is not None:
+            if int(declaration.group(1)) != k:
+                raise ValueError(f"{declaration.group(0)!r} declares image {declaration.group(1)} with <image{k}>")
+            if k in declared:
+                raise ValueError(f"image {k} is declared twice")
+            if k != len(declared):
+                raise ValueError(f"image {k} is declared before image {len(declared)}: declare images in order")
+            if k >= num_media:
+                raise ValueError(f"the prompt declares image {k} but {num_media} image(s)/video(s) were given")
+            declared.add(k)
+            out.append(text[end:ref.start()] + MEDIA_TOKEN)
+        else:
+            if k not in declared:
+                raise ValueError(f"<image{k}> refers to image {k} before any `Image {k} is <image{k}>` declares it")
+            out.append(text[end:ref.end()])
+        end = ref.end()
+    if len(declared) != num_media:
+        raise ValueError(f"the prompt declares {len(declared)} image(s) but {num_media} image(s)/video(s) were "
+                         "given")
+    return "".join(out) + text[end:]

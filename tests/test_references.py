@@ -1,0 +1,179 @@
+"""MMICL-style declared images and references: the processor's declarations, the extended masking rule, and a
+reference's effect through forward, cached decoding (eager and compiled), beams and scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from flamingo.model.xattn import compute_media_index
+from flamingo.references import resolve_declarations
+from flamingo.tiny import random_image
+
+IMG, REF = 9, 20  # media token id, first reference token id (tests of the rule alone)
+PROMPT = ("Image 0 is <image0>. A red circle.<|endofchunk|>Image 1 is <image1>. A blue star.<|endofchunk|>"
+          "Question: what colour is the shape in <image0>? Answer:")
+
+
+def test_declarations_become_placeholders_and_later_mentions_references():
+    text = resolve_declarations("Image 0 is <image0>. Image 1 is <image1>. Is <image0> red?", 2, 4)
+    assert text == "Image 0 is <image>. Image 1 is <image>. Is <image0> red?"
+    errors = {"Image 0 is <image0>. Image 0 is <image0>.": "declared twice",
+              "Is <image0> red? Image 0 is <image0>.": "before any `Image 0 is <image0>` declares it",
+              "Image 1 is <image1>. Image 0 is <image0>.": "declare images in order",
+              "Image 0 is <image0>. Image 1 is <image1>.": "declares image 1 but 1 image",
+              "Image 0 is <image0>. Is <image5> red?": "reference tokens for images 0-3",
+              "<image> Image 0 is <image0>.": "not <image>"}
+    for text, message in errors.items():
+        with pytest.raises(ValueError, match=message):
+            resolve_declarations(text, 1, 4)
+    with pytest.raises(ValueError, match="declares 1 image"):  # fewer declarations than media
+        resolve_declarations("Image 0 is <image0>.", 2, 4)
+
+
+def test_masking_rule_follows_the_last_image_or_reference():
+    ids = torch.tensor([[1, IMG, 2, IMG, 3, REF + 0, 4, REF + 1, 5, IMG, 6]])
+    expected = [[0, 1, 1, 2, 2, 1, 1, 2, 2, 3, 3]]
+    assert compute_media_index(ids, IMG, references=(REF, 4)).tolist() == expected
+    # without reference tokens in the ids, the rule is today's (a cumulative count of images)
+    plain = torch.tensor([[1, IMG, 2, IMG, 3]])
+    assert compute_media_index(plain, IMG, references=(REF, 4)).tolist() == compute_media_index(plain, IMG).tolist()
+    # a reference to an image the row has not seen changes nothing; text before any image still gets 0
+    assert compute_media_index(torch.tensor([[REF + 1, 1, IMG, REF + 3, 2]]), IMG, references=(REF, 4)).tolist() \
+        == [[0, 0, 1, 1, 1]]
+    # continued calls carry the index and the count apart: after [IMG, IMG, REF+0], a new image is the third
+    first = torch.tensor([[IMG, IMG, REF]])
+    index = compute_media_index(first, IMG, references=(REF, 4))
+    assert index.tolist() == [[1, 2, 1]]
+    more = compute_media_index(torch.tensor([[7, IMG, 8]]), IMG, start=index[:, -1], references=(REF, 4),
+                               start_count=torch.tensor([2]))
+    assert more.tolist() == [[1, 3, 3]]
+
+
+def test_packed_samples_refer_to_their_own_images():
+    ids = torch.tensor([[IMG, 1, IMG, REF, 2, IMG, 3, REF, 4]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    # sample 1's <image0> is the row's third image
+    assert compute_media_index(ids, IMG, document_ids=docs, references=(REF, 4)).tolist() == \
+        [[1, 1, 2, 1, 1, 3, 3, 3, 3]]
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])  # sample 1 starts with text: 0 until its own image
+    assert compute_media_index(ids, IMG, document_ids=docs, references=(REF, 4)).tolist() == \
+        [[1, 1, 2, 1, 0, 3, 3, 3, 3]]
+
+
+@pytest.fixture
+def ref_model(make_model):
+    model, processor = make_model("llama", num_image_references=4)
+    processor.image_references = True
+    return model, processor
+
+
+def _batch(processor, prompt=PROMPT, images=(0, 1)):
+    return processor(prompt, images=[random_image(i) for i in images])
+
+
+def test_processor_encodes_declarations_as_images_and_references_as_their_tokens(ref_model):
+    model, processor = ref_model
+    ids = _batch(processor)["input_ids"][0].tolist()
+    first, n = model.references
+    assert (first, n) == (model.config.first_reference_token_id, 4)
+    assert ids.count(model.config.media_token_id) == 2 and ids.count(first) == 1 and first + 1 not in ids
+    assert first >= model.config.first_new_token_id  # reference rows are trained like the other added tokens
+    assert first + n <= model.config.first_new_token_id + model.config.num_new_tokens
+
+
+def test_a_reference_changes_what_follows_it_and_nothing_before(ref_model):
+    model, processor = ref_model
+    a = _batch(processor)
+    b = _batch(processor, PROMPT.replace("shape in <image0>", "shape in <image1>"))
+    ref = int((a["input_ids"][0] == model.references[0]).nonzero())
+    with torch.no_grad():
+        la, lb = model(**a).logits, model(**b).logits
+    assert torch.equal(la[0, :ref], lb[0, :ref])
+    assert not torch.allclose(la[0, ref:], lb[0, ref:])
+    # swapping image 0 changes the tokens after the reference even where image 1 was the last image
+    c = processor(PROMPT, images=[random_image(5), random_image(1)])
+    with torch.no_grad():
+        lc = model(**c).logits
+    assert not torch.allclose(la[0, ref:], lc[0, ref:])
+
+
+class Force(LogitsProcessor):
+    """Forces token `token` at generation step `step` (greedy then picks it)."""
+
+    def __init__(self, prompt_len: int, step: int, token: int) -> None:
+        self.prompt_len, self.step, self.token = prompt_len, step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_len == self.step:
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.token] = 0.0
+        return scores
+
+
+def _uncached_logits(model, batch, sequence):
+    """The logits a plain uncached forward gives at each generated position of `sequence (1, T + new)`."""
+    with torch.no_grad():
+        logits = model(sequence, images=batch["images"], num_media=batch["num_media"]).logits[0]
+    t = batch["input_ids"].shape[1]
+    return logits[t - 1:-1]  # (new, V)
+
+
+def _generate_logits(model, batch, steps, **kwargs):
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)[0]  # (1, T + new), (new, V)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_a_generated_reference_retargets_the_next_steps_as_uncached_decoding_does(ref_model, target):
+    model, processor = ref_model
+    batch = _batch(processor, PROMPT.replace("shape in <image0>? Answer:", "last shape? Answer:"))
+    t = batch["input_ids"].shape[1]
+    token = model.references[0] + target
+    sequence, cached = _generate_logits(model, batch, 6, logits_processor=LogitsProcessorList([Force(t, 2, token)]))
+    assert sequence[0, t + 2] == token
+    torch.testing.assert_close(cached, _uncached_logits(model, batch, sequence), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoding_follows_a_generated_reference(ref_model):
+    import torch._dynamo
+
+    from flamingo.model.generation import compile_config
+
+    model, processor = ref_model
+    batch = _batch(processor, PROMPT.replace("shape in <image0>? Answer:", "last shape? Answer:"))
+    t = batch["input_ids"].shape[1]
+    force = LogitsProcessorList([Force(t, 1, model.references[0])])
+    torch._dynamo.reset()
+    eager, eager_logits = _generate_logits(model, batch, 6, logits_processor=force)
+    compiled, compiled_logits = _generate_logits(model, batch, 6, logits_processor=force, compile=True,
+                                                 compile_config=compile_config(backend="aot_eager"))
+    assert compiled.tolist() == eager.tolist()
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eager_logits, _uncached_logits(model, batch, eager), atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_never_generates_a_reference_and_scores_match_a_plain_forward(ref_model):
+    from helpers import continuation_logprobs_reference
+
+    model, processor = ref_model
+    batch = _batch(processor)
+    first, n = model.references
+    beams = model.generate(**batch, num_beams=3, max_new_tokens=6)
+    assert not any(first <= token < first + n for token in beams[0].tolist()[batch["input_ids"].shape[1]:])
+    candidates = [[first, 5, 6], [first + 1, 7], [8, first, 9]]
+    scores = model.score(batch["input_ids"], candidates, images=batch["images"])
+    for c, s in zip(candidates, scores):
+        expected = continuation_logprobs_reference(model, batch["input_ids"], c, images=batch["images"])
+        assert float(s) == pytest.approx(expected, abs=1e-4)
+
+
+def test_attending_to_every_earlier_image_decodes_as_uncached(make_model):
+    """only_attend_last_image=False: decode steps keep every image's K/V, so cached decoding equals the forward."""
+    model, processor = make_model("llama", only_attend_last_image=False)
+    batch = processor("<image>A red circle.<|endofchunk|><image>A blue star.<|endofchunk|>Both are",
+                      images=[random_image(0), random_image(1)])
+    sequence, cached = _generate_logits(model, batch, 6)
+    torch.testing.assert_close(cached, _uncached_logits(model, batch, sequence), atol=1e-4, rtol=1e-4)

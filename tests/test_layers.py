@@ -2,7 +2,7 @@
 
 Every `import` counts, at module top or inside a function (an import hidden in a function is still a dependency);
 only `if TYPE_CHECKING:` blocks are left out. Layers, bottom to top (a module may import its own layer and below):
-config/runtime < model, processing, video < build, tiny, convert, peers < data < train, eval < cli. The demo
+config/runtime < model, processing, video, references < build, tiny, convert, peers < data < train, eval < cli. The demo
 (`flamingo_demo`) sits beside the library: it may import the library's public modules but not its CLI, and nothing in
 the library imports the demo except the CLI's `demo` subcommand.
 """

@@ -177,3 +177,30 @@ def test_attending_to_every_earlier_image_decodes_as_uncached(make_model):
                       images=[random_image(0), random_image(1)])
     sequence, cached = _generate_logits(model, batch, 6)
     torch.testing.assert_close(cached, _uncached_logits(model, batch, sequence), atol=1e-4, rtol=1e-4)
+
+
+def test_training_text_refers_to_its_samples_images_with_the_same_tokens(ref_model):
+    """A training text (an interleaved document or a pair's caption) may carry `<imageK>`: the data layer tokenizes it
+    to the reference token, which is labelled like text, and the forward's masking rule follows it."""
+    import io
+
+    from flamingo.data.sequence import IGNORE_INDEX, Example, collate, encode_example
+    from flamingo.data.sources import bytes_ref
+
+    model, processor = ref_model
+    png = []
+    for i in (0, 1):
+        buffer = io.BytesIO()
+        random_image(i).save(buffer, format="PNG")
+        png.append(bytes_ref(buffer.getvalue(), f"{i}.png"))
+    text = "<image>A red circle.<|endofchunk|><image>A blue star.<|endofchunk|>The shape in <image0> is red."
+    encoded = encode_example(Example("doc", text, png), processor, max_tokens=None)
+    first = model.references[0]
+    at = encoded.input_ids.index(first)
+    assert encoded.labels[at] == first != IGNORE_INDEX  # predicted like any text token
+    batch = collate([encoded], processor)
+    index = compute_media_index(batch["input_ids"], model.config.media_token_id, references=model.references)
+    assert index[0, at - 1] == 2 and index[0, at:].tolist() == [1] * (index.shape[1] - at)
+    with torch.no_grad():  # and the model trains on it like on any batch
+        out = model(**{k: v for k, v in batch.items() if k != "keys"})
+    assert torch.isfinite(out.loss)

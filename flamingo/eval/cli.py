@@ -24,7 +24,8 @@ def _optional_int(value: str) -> Any:
 def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add `eval` to a `parser.add_subparsers()` object; returns its parser."""
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
-                                           "MME, video QA or video captioning (see docs/eval.md)")
+                                           "MME, multi-image questions, video QA or video captioning "
+                                           "(see docs/eval.md)")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")

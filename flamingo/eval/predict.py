@@ -31,7 +31,7 @@ class MediaLoader:
 
 def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media: bool = True) -> tuple[str, list[str]]:
     """(prompt text, media paths in order) for one query and its demos."""
-    text = "".join(task.demo_prompt(d, with_media) for d in demos) + task.query_prompt(sample)
+    text = task.join_prompt([task.demo_prompt(d, with_media) for d in demos] + [task.query_prompt(sample)])
     media = [m for d in demos for m in d.media] if with_media else []
     return text, media + list(sample.media)
 
@@ -56,9 +56,10 @@ def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Se
 
 
 def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
-                        prompts: Sequence[tuple[str, list[str]]]) -> dict[str, Any]:
+                        prompts: Sequence[tuple[str, list[str]]], image_references: bool = False) -> dict[str, Any]:
     """Prompts (text, media paths) -> the model's left-padded batch on its device (images in the tower's dtype)."""
-    encoded = [processor.encode_prompt(text, [load(m) for m in media]) for text, media in prompts]
+    encoded = [processor.encode_prompt(text, [load(m) for m in media], image_references=image_references)
+               for text, media in prompts]
     batch = processor.pad([ids for ids, _ in encoded], padding_side="left")
     batch.update(processor.batch_media([m for _, m in encoded]))
     device = next(model.parameters()).device
@@ -72,7 +73,7 @@ def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: Med
 def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                    prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
     """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw = decoded new text)."""
-    inputs = _left_padded_inputs(model, processor, load, prompts)
+    inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
     settings = {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams, **generation}
     out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
@@ -87,7 +88,7 @@ def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
     """Score every candidate of each sample after its prompt, the prompts left-padded into one `score_batch` call
     -> the task's prediction records."""
     candidates = [task.candidates_for(sample) for sample in samples]
-    inputs = _left_padded_inputs(model, processor, load, prompts)
+    inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
     scores = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c) for c in candidates],
                                batch_size=batch_size, vision_cache=vision_cache, **inputs)  # B x (C_b,)
     return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]

@@ -125,6 +125,13 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     samples = select_samples(task.load(data_dir, "test"), num_samples, seed)
     if not samples:
         raise ValueError(f"{task.name}: the test split of {data_dir!r} is empty")
+    if task.image_references:  # every image of a prompt is declared and may be referred to
+        per_sample = max(len(s.media) for s in [*samples, *pool])
+        needed = per_sample * (max(shots) + 1)
+        if processor.num_references < needed:
+            raise ValueError(f"{task.name} at {max(shots)} shots declares up to {needed} images a prompt, but the "
+                             f"model has reference tokens for {processor.num_references} (FlamingoConfig."
+                             "num_image_references)")
     needs_pool = any(k > 0 for k in shots) or zero_shot == "text"
     if needs_pool and not pool and any(s.demo_ids is None for s in samples):
         raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")

@@ -49,6 +49,7 @@ class Task:
     metrics: tuple[str, ...] = ()
     max_new_tokens: int = 5
     num_beams: int = 1
+    image_references: bool = False  # prompts declare their images (`Image 0 is <image0>`, flamingo/references.py)
 
     def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
         self.template = template or type(self).template
@@ -79,6 +80,10 @@ class Task:
     def query_prompt(self, sample: Sample) -> str:
         """The template up to `{answer}`: what the model continues."""
         return self.template[: self.template.index("{answer}")].format(**sample.fields)
+
+    def join_prompt(self, parts: Sequence[str]) -> str:
+        """The demos' prompts and the query's, in order -> the prompt."""
+        return "".join(parts)
 
     def continuation(self, candidate: str) -> str:
         """Ranked tasks: the text scored after the query for one candidate answer."""

@@ -1,0 +1,93 @@
+"""Multi-image questions (MMICL-style): 2-3 images per query, declared in the prompt (`Image 0 is <image0>`), and a
+question that names one of them by reference ("what colour is the shape in <image0>?", "are <image0> and <image2> the
+same shape?"); a short answer, exact match after VQA normalisation.
+
+Records (`{train,test}.jsonl`): `{"id", "images": [paths], "question", "answer"}` (+ optional `"type"`, reported per
+type), where the question writes `<imagek>` for the sample's k-th image. In a few-shot prompt every sample declares
+its own images, numbered on through the prompt (a demo of 3 images takes 0-2, the next one's start at 3): the model's
+masking rule reads a reference as the prompt's k-th image. The model needs reference tokens for every image of the
+longest prompt (`FlamingoConfig.num_image_references`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import MEDIA_TOKEN
+from ..references import DECLARATION, REFERENCE, reference_token
+from .task import Sample, Task, episode_fields, media_path, percent, read_jsonl
+from .vqa_metric import normalize_answer, postprocess_vqa_generation
+
+NUMBERED = re.compile(r"(Image\s+)(\d+)(\s+is\s+)<image(\d+)>|<image(\d+)>")
+
+
+def declarations(n: int) -> str:
+    """`Image 0 is <image0>. Image 1 is <image1>. ` for n images."""
+    return "".join(f"Image {k} is {reference_token(k)}. " for k in range(n))
+
+
+def renumber(text: str, offset: int) -> str:
+    """Every image number of `text` (declarations and references) shifted by `offset`."""
+    def shift(m: re.Match) -> str:
+        if m.group(5) is not None:
+            return reference_token(int(m.group(5)) + offset)
+        return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}{reference_token(int(m.group(4)) + offset)}"
+
+    return NUMBERED.sub(shift, text)
+
+
+class MultiImageTask(Task):
+    name = "multi_image"
+    # `<image>` stands for the sample's declared images (`declarations`)
+    template = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+    metrics = ("accuracy",)
+    max_new_tokens = 5
+    num_beams = 3
+    image_references = True
+
+    def load(self, data_dir: str, split: str) -> list[Sample]:
+        root = Path(data_dir)
+        samples = []
+        for rec in read_jsonl(root / f"{split}.jsonl"):
+            images = [media_path(root, p) for p in rec["images"]]
+            question = str(rec["question"])
+            bad = [int(k) for k in REFERENCE.findall(question) if int(k) >= len(images)]
+            if bad:
+                raise ValueError(f"{self.name} record {rec['id']!r}: the question refers to image {bad[0]} but the "
+                                 f"record has {len(images)} image(s)")
+            samples.append(Sample(id=str(rec["id"]), media=images, fields={"question": question},
+                                  answer=str(rec["answer"]), references=[str(rec["answer"])], kind=rec.get("type"),
+                                  **episode_fields(rec)))
+        return samples
+
+    def demo_prompt(self, sample: Sample, with_media: bool = True) -> str:
+        """A solved example declaring its images; without media (the zero-shot convention's text-only demos) its
+        references read `image k`."""
+        text = self.template.format(**sample.fields, answer=self.answer_prefix + sample.answer)
+        if with_media:
+            return text.replace(MEDIA_TOKEN, declarations(len(sample.media)), 1)
+        return REFERENCE.sub(lambda m: f"image {m.group(1)}", text.replace(MEDIA_TOKEN, ""))
+
+    def query_prompt(self, sample: Sample) -> str:
+        text = self.template[: self.template.index("{answer}")].format(**sample.fields)
+        return text.replace(MEDIA_TOKEN, declarations(len(sample.media)), 1)
+
+    def join_prompt(self, parts: Sequence[str]) -> str:
+        """Each part numbers its images from 0; in the prompt they number on from the images before it."""
+        out, offset = [], 0
+        for part in parts:
+            out.append(renumber(part, offset))
+            offset += len(DECLARATION.findall(part))
+        return "".join(out)
+
+    def postprocess(self, text: str) -> str:
+        return postprocess_vqa_generation(text)
+
+    def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        hits = [normalize_answer(p["prediction"]) == normalize_answer(s.answer) for s, p in zip(samples, predictions)]
+        metrics = {"accuracy": percent(hits)}
+        for kind in sorted({s.kind for s in samples if s.kind is not None}):
+            metrics[f"accuracy/{kind}"] = percent([h for s, h in zip(samples, hits) if s.kind == kind])
+        return metrics

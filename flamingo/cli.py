@@ -67,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     dtype = torch_dtype(args.dtype)
     model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
                                        device=args.device)
-    batch = processor(args.prompt, images=args.image or [])
+    batch = processor(args.prompt, images=args.image or [], image_references=args.image_references or None)
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
         inputs["images"] = inputs["images"].to(dtype)
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a directory written by save_pretrained")
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
+    gen.add_argument("--image-references", action="store_true",
+                     help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"
+                          " the model needs reference tokens (FlamingoConfig.num_image_references)")
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")

@@ -98,3 +98,23 @@ def test_library_import_does_not_load_the_demo():
            "print(sorted(m for m in sys.modules if m.startswith('flamingo_demo')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_generate_command_reads_declared_images_and_references(tmp_path, capsys):
+    from flamingo import load_pretrained
+
+    model, processor = tiny_flamingo(num_image_references=4)
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    for i in (0, 1):
+        random_image(i).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    prompt = "Image 0 is <image0>. Image 1 is <image1>. Question: what is in <image0>? Answer:"
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt", prompt, "--image", images[0], "--image",
+            images[1], "--max-new-tokens", "4", "--image-references"]
+    assert main(args) == 0
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "model"))
+    batch = loaded_processor(prompt, images=images, image_references=True)
+    expected = loaded.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1]:]
+    assert capsys.readouterr().out.strip() == loaded_processor.decode(expected).strip()
+    assert main(args[:-1]) == 2  # read as plain <image> prompt: its <image0> has no placeholder to match
+    assert "placeholder" in capsys.readouterr().err

@@ -22,8 +22,10 @@ uses a held-out (kind, colour) combination, which no training file ever shows.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -59,14 +61,10 @@ def _worker(root: str, size: MiniSize, seed: int, names: Sequence[str], queue: A
         queue.put(("tick", pending[0]))
         queue.put(("done", results))
     except BaseException:  # report it to the parent, which raises
-        import traceback
-
         queue.put(("error", traceback.format_exc()))
 
 
 def _run_parallel(root: Path, size: MiniSize, seed: int, bar: tqdm) -> dict[str, tuple[dict, float]]:
-    import multiprocessing as mp
-
     ctx = mp.get_context("fork")  # the writers need no torch; fork starts at once
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(str(root), size, seed, names, queue), daemon=True)
@@ -99,8 +97,6 @@ def write_world(root: PathLike, size: Union[str, MiniSize] = DEFAULT_SIZE, seed:
 
     workers: 2 writes in two forked processes (where `fork` exists), 1 in this process; the files are the same.
     """
-    import multiprocessing as mp
-
     size = get_size(size) if isinstance(size, str) else size
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -25,8 +26,6 @@ def save_image(array: np.ndarray, path: Path) -> None:
 
 def save_video(frames: np.ndarray, path: Path, fps: float = 1.0) -> None:
     """(F, H, W, 3) uint8 -> mp4 (libx264 when available, else mpeg4; yuv420p, so H and W must be even)."""
-    from fractions import Fraction
-
     import av  # only the video writers need PyAV
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:

@@ -25,6 +25,32 @@ def arrow(ax, start, end, color="#444444", style="-|>", rad=0.0):
                                  connectionstyle=f"arc3,rad={rad}"))
 
 
+SEES = {1: "#ffe08a", 2: "#c9bdf0", 0: "#ffffff"}  # which image a token's cross-attention reads (0: none)
+
+
+def mask_rule(ax, x, y, w, h):
+    """The masking rule, drawn on two interleaved chunks: each token coloured by the one image it attends to."""
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc="#ffffff",
+                                ec="#444444", lw=1.0))
+    ax.text(x + w / 2, y + h - 0.32, "masking: each text token attends only\nto the last <image> at or before it",
+            ha="center", va="center", fontsize=8.5)
+    rows = [[("Hi.", 0), ("<image>", 1), ("A", 1), ("cat.", 1)],
+            [("<|endofchunk|>", 1), ("<image>", 2), ("A", 2), ("dog", 2), ("...", 2)]]
+    for r, tokens in enumerate(rows):
+        tx, ty = x + 0.12, y + h - 0.95 - r * 0.42
+        for text, image in tokens:
+            tw = 0.058 * len(text) + 0.1
+            ax.add_patch(FancyBboxPatch((tx, ty), tw, 0.26, boxstyle="round,pad=0.01,rounding_size=0.04",
+                                        fc=SEES[image], ec="#666666", lw=0.6))
+            ax.text(tx + tw / 2, ty + 0.13, text, ha="center", va="center", fontsize=7)
+            tx += tw + 0.04
+    for i, (label, image) in enumerate([("sees image 1", 1), ("sees image 2", 2), ("sees none", 0)]):
+        lx, ly = x + 0.12, y + 0.62 - i * 0.2
+        ax.add_patch(FancyBboxPatch((lx, ly), 0.16, 0.12, boxstyle="square,pad=0", fc=SEES[image], ec="#666666",
+                                    lw=0.6))
+        ax.text(lx + 0.24, ly + 0.06, label, ha="left", va="center", fontsize=7.5)
+
+
 def main() -> None:
     fig, ax = plt.subplots(figsize=(11, 6.2))
     ax.set_xlim(0, 11)
@@ -65,15 +91,13 @@ def main() -> None:
         "x += tanh(a) · xattn(x, visual)\nx += tanh(b) · ffw(x)\n\na = b = 0 at init:\nthe LM is intact", TRAINED,
         size=9)
     arrow(ax, (8.25, 3.7), (x0 + w, 3.5), color="#b5651d", style="-", rad=0.0)
-    box(ax, 8.25, 0.35, 2.55, 2.2,
-        "masking: each text token\nattends only to the\nvisual tokens of the last\n<image> at or before it;\n"
-        "text before any image\ngets exactly zero", "#ffffff", size=9)
+    mask_rule(ax, 8.25, 0.35, 2.55, 2.2)
     ax.text(5.5, 6.0, "Flamingo: a frozen vision encoder and a frozen causal LM, bridged by trained modules",
             ha="center", va="center", fontsize=11, weight="bold")
     ax.text(0.3, 5.55, "frozen", fontsize=9, bbox=dict(fc=FROZEN, ec="#444444", boxstyle="round"))
     ax.text(1.2, 5.55, "trained", fontsize=9, bbox=dict(fc=TRAINED, ec="#444444", boxstyle="round"))
     fig.tight_layout()
-    fig.savefig(OUT, dpi=110)
+    fig.savefig(OUT, dpi=130)
     plt.close(fig)
 
 

@@ -35,11 +35,11 @@ def mask_rule(ax, x, y, w, h):
     ax.text(x + w / 2, y + h - 0.32, "masking: each text token attends only\nto the last <image> at or before it",
             ha="center", va="center", fontsize=8.5)
     rows = [[("Hi.", 0), ("<image>", 1), ("A", 1), ("cat.", 1)],
-            [("<|endofchunk|>", 1), ("<image>", 2), ("A", 2), ("dog", 2), ("...", 2)]]
+            [("<|endofchunk|>", 1), ("<image>", 2), ("A", 2), ("dog.", 2)]]
     for r, tokens in enumerate(rows):
         tx, ty = x + 0.12, y + h - 0.95 - r * 0.42
         for text, image in tokens:
-            tw = 0.058 * len(text) + 0.1
+            tw = 0.056 * len(text) + 0.14
             ax.add_patch(FancyBboxPatch((tx, ty), tw, 0.26, boxstyle="round,pad=0.01,rounding_size=0.04",
                                         fc=SEES[image], ec="#666666", lw=0.6))
             ax.text(tx + tw / 2, ty + 0.13, text, ha="center", va="center", fontsize=7)
@@ -96,6 +96,7 @@ def main() -> None:
             ha="center", va="center", fontsize=11, weight="bold")
     ax.text(0.3, 5.55, "frozen", fontsize=9, bbox=dict(fc=FROZEN, ec="#444444", boxstyle="round"))
     ax.text(1.2, 5.55, "trained", fontsize=9, bbox=dict(fc=TRAINED, ec="#444444", boxstyle="round"))
+    ax.text(2.15, 5.55, "inputs and outputs", fontsize=9, bbox=dict(fc=DATA, ec="#444444", boxstyle="round"))
     fig.tight_layout()
     fig.savefig(OUT, dpi=130)
     plt.close(fig)

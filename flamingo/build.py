@@ -27,8 +27,9 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
 
     vision / lm: HF models or names/paths for `from_pretrained` (names are kept in the config so that trained-only
     checkpoints can refer to them). tokenizer / image_processor default to the ones saved with the LM / tower.
-    Adds `<image>`, `<|endofchunk|>` (and a pad token if missing) to the tokenizer; their embedding rows are the
-    only new trainable rows. Returns (model, processor).
+    Adds `<image>`, `<|endofchunk|>` (a pad token if missing, and `config.num_image_references` reference tokens
+    `<image0>`, ...) to the tokenizer; their embedding rows are the only new trainable rows. Returns (model,
+    processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
     kwargs = dtype_kwargs(torch_dtype)
@@ -51,8 +52,8 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     references = [tokenizer.convert_tokens_to_ids(reference_token(k)) for k in range(config.num_image_references)]
-    if references != list(range(references[0], references[0] + len(references))) if references else False:
-        raise ValueError(f"the tokenizer's reference tokens <image0>... are not contiguous ids: {references}")
+    if not set(references) <= set(added):  # added in order, so contiguous; trained like the other added rows
+        raise ValueError(f"the tokenizer already had reference tokens <image0>...: {references}; they must be new")
     config.first_reference_token_id = references[0] if references else None
     if added:
         if added != list(range(added[0], added[0] + len(added))):

@@ -39,7 +39,8 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int 
         _add_special_tokens(tokenizer, new)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    references = [reference_token(k) for k in range(num_references) if reference_token(k) not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    references = [reference_token(k) for k in range(num_references) if reference_token(k) not in vocab]
     if references:
         _add_special_tokens(tokenizer, references)
     return list(range(before, len(tokenizer)))
@@ -104,17 +105,11 @@ class FlamingoProcessor:
         self.padding_side = padding_side
         # declared-image prompts (`Image 0 is <image0> ... <image0>`, references.py) instead of `<image>` ones
         self.image_references = image_references
+        vocab = tokenizer.get_vocab()  # the reference tokens `<image0>`, `<image1>`, ... it holds
+        self.num_references = next(k for k in range(len(vocab) + 1) if reference_token(k) not in vocab)
         if image_references and self.num_references == 0:
             raise ValueError("image_references needs a tokenizer with `<image0>` ... (FlamingoConfig."
                              "num_image_references > 0 in from_backbones)")
-
-    @property
-    def num_references(self) -> int:
-        """How many reference tokens (`<image0>`, `<image1>`, ...) the tokenizer holds."""
-        vocab, k = self.tokenizer.get_vocab(), 0
-        while reference_token(k) in vocab:
-            k += 1
-        return k
 
     def token_ids(self, text: str, *, special_tokens: bool = True) -> list[int]:
         """`text` -> token ids, however long. Every caller checks the length itself and says what it does about it

@@ -12,7 +12,7 @@ import re
 
 from .config import MEDIA_TOKEN
 
-DECLARATION = re.compile(r"Image\s+(\d+)\s+is\s+<image(\d+)>")
+DECLARATION = re.compile(r"Image\s+(\d+)\s+is\s+(<image(\d+)>)")  # group 2: the tag that stands for the image
 REFERENCE = re.compile(r"<image(\d+)>")
 
 
@@ -31,7 +31,7 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
     if MEDIA_TOKEN in text:
         raise ValueError(f"a declared-image prompt places its media with `Image k is <imagek>`, not {MEDIA_TOKEN}: "
                          f"{text[:120]!r}")
-    declarations = {m.start(2) - len("<image"): m for m in DECLARATION.finditer(text)}
+    declarations = {m.start(2): m for m in DECLARATION.finditer(text)}
     declared: set[int] = set()
     out, end = [], 0
     for ref in REFERENCE.finditer(text):

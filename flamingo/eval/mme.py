@@ -115,18 +115,15 @@ class MMETask(Task):
     def _list_demos(samples: list[Sample]) -> None:
         """Each query's demos: one question about each other image of its subtask, in a seeded order, taking the
         images' first and second questions in turn (so yes and no answers alternate where the pairs are ordered)."""
-        images: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
+        images: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))  # subtask, image -> questions
         for s in samples:
             images[s.kind][s.media[0]].append(s)
-        for subtask, of_image in images.items():
-            names = sorted(of_image)
-            for s in samples:
-                if s.kind != subtask:
-                    continue
-                others = [n for n in names if n != s.media[0]]
-                rng = np.random.default_rng(zlib.crc32(s.id.encode()))
-                order = [others[i] for i in rng.permutation(len(others))][:MAX_DEMOS]
-                s.demo_ids = [of_image[n][j % len(of_image[n])].id for j, n in enumerate(order)]
+        for s in samples:
+            of_image = images[s.kind]
+            others = [name for name in sorted(of_image) if name != s.media[0]]
+            rng = np.random.default_rng(zlib.crc32(s.id.encode()))
+            order = [others[i] for i in rng.permutation(len(others))][:MAX_DEMOS]
+            s.demo_ids = [of_image[n][j % len(of_image[n])].id for j, n in enumerate(order)]
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return mme_scores([(s.kind, s.media[0], p["prediction"] == s.label) for s, p in zip(samples, predictions)])

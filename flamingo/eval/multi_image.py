@@ -20,7 +20,7 @@ from ..references import DECLARATION, REFERENCE, reference_token
 from .task import Sample, Task, episode_fields, media_path, percent, read_jsonl
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
-NUMBERED = re.compile(r"(Image\s+)(\d+)(\s+is\s+)<image(\d+)>|<image(\d+)>")
+NUMBERED = re.compile(f"{DECLARATION.pattern}|{REFERENCE.pattern}")  # a declaration, or a reference
 
 
 def declarations(n: int) -> str:
@@ -31,9 +31,9 @@ def declarations(n: int) -> str:
 def renumber(text: str, offset: int) -> str:
     """Every image number of `text` (declarations and references) shifted by `offset`."""
     def shift(m: re.Match) -> str:
-        if m.group(5) is not None:
-            return reference_token(int(m.group(5)) + offset)
-        return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}{reference_token(int(m.group(4)) + offset)}"
+        if m.group(4) is not None:  # a reference
+            return reference_token(int(m.group(4)) + offset)
+        return f"Image {int(m.group(1)) + offset} is {reference_token(int(m.group(3)) + offset)}"
 
     return NUMBERED.sub(shift, text)
 

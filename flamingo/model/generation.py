@@ -6,8 +6,9 @@ What is computed once per prompt, and what per decode step:
   beams / return sequences by indexing (never re-projected);
 - the LM's own KV cache: HF's cache object, driven by HF's `generate` (greedy, sampling, beam search, logits
   processors, stopping criteria all come from transformers);
-- the media index of new tokens: the last media index of their row, kept in the context; `<image>` can't be
-  generated, so a row's last image never changes while decoding.
+- the media index of new tokens: the last media index of their row, kept in the context. `<image>` can't be
+  generated, so a row's image changes while decoding only through a generated reference token (`<imageK>`, models
+  with `num_image_references`), which the context follows per row.
 The call's phase is set here, by the caller of the LM: `generate` runs the prompt under PREFILL and switches to DECODE
 when transformers hands the prompt's logits to the logits processors (`EnterDecode`), so a prompt prefilled in
 chunks stays in PREFILL; `score_batch` runs the contexts under FORWARD and each chunk of candidates under its own

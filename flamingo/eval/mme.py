@@ -115,7 +115,8 @@ class MMETask(Task):
     def _list_demos(samples: list[Sample]) -> None:
         """Each query's demos: one question about each other image of its subtask, in a seeded order, taking the
         images' first and second questions in turn (so yes and no answers alternate where the pairs are ordered)."""
-        images: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))  # subtask, image -> questions
+        # subtask -> image -> its questions
+        images: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
         for s in samples:
             images[s.kind][s.media[0]].append(s)
         for s in samples:

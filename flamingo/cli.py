@@ -57,6 +57,19 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_idefics(args: argparse.Namespace) -> int:
+    from .convert.idefics import from_idefics, write_backbones
+
+    if args.trained_only and not args.backbones:
+        raise ValueError("--trained-only needs --backbones DIR (where the vision tower and LM are written once)")
+    model, processor = from_idefics(args.model, args.tokenizer)
+    if args.backbones:
+        write_backbones(model, processor, args.backbones)
+    model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
+    print(f"wrote {args.out} (IDEFICS blocks before layers {model.xattn_layer_indices})")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Few-shot prompt + media -> streamed continuation."""
     import torch
@@ -84,6 +97,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if streamer is None:
         for row in out[:, inputs["input_ids"].shape[1]:]:  # one line per sequence
             print(processor.decode(row))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible server with continuous batching and a web page (docs/serve.md)."""
+    import logging
+
+    from .serve.server import build_engine, serve, settings_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
+                          device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                          prefill_chunk=args.prefill_chunk)
+    settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
+                            max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
+                            media_root=args.media_root, allow_remote_media=args.allow_remote_media,
+                            max_image_pixels=args.max_image_pixels, model_name=args.model_name)
+    serve(engine, settings, host=args.host, port=args.port, grace=args.grace)
     return 0
 
 
@@ -134,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_generate)
 
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
+    srv.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
+    srv.add_argument("--prefill-chunk", type=int, default=128,
+                     help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
+    srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
+    srv.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
+    srv.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")
+    srv.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
+    srv.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
+    srv.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
+    srv.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs")
+    srv.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
+    srv.set_defaults(func=_cmd_serve)
+
     # The demo sits beside the library (flamingo_demo/): `main` hands it the rest of the command line unparsed, so
     # its options and help are its own, and it is imported only when asked for.
     sub.add_parser("demo", add_help=False, help="grow a mini Flamingo offline (world, backbones, training, few-shot "
@@ -154,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     of.add_argument("--out", required=True)
     of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
     of.set_defaults(func=_cmd_convert_open_flamingo)
+    idefics = convert_sub.add_parser("idefics", help="an IdeficsForVisionText2Text checkpoint (docs/convert.md)")
+    idefics.add_argument("--model", required=True, help="hub name or directory (e.g. HuggingFaceM4/idefics-9b)")
+    idefics.add_argument("--tokenizer", default=None, help="defaults to the model's")
+    idefics.add_argument("--out", required=True)
+    idefics.add_argument("--backbones", default=None, help="write the vision tower and LM here (vision/, lm/)")
+    idefics.add_argument("--trained-only", action="store_true",
+                         help="store trained weights + references to the --backbones directories")
+    idefics.set_defaults(func=_cmd_convert_idefics)
 
     from .eval.cli import add_eval_subcommand
 

@@ -18,6 +18,15 @@ class FlamingoConfig:
     # Cross-attention placement: a GATED XATTN-DENSE block runs before LM layer i when (i + 1) % xattn_every == 0
     # (OpenFlamingo's convention). The paper's ablation compares 1, 2 and 4.
     xattn_every: int = 1
+    # Explicit placement: the LM layers that get a block before them (overrides xattn_every), e.g. IDEFICS's
+    # 0, k, 2k, ... (`idx % cross_layer_interval == 0`).
+    xattn_layers: Optional[list[int]] = None
+    # "flamingo": the paper's / OpenFlamingo's block (LayerNorm, GELU FFW of ffw_mult). "idefics": IDEFICS's (RMSNorm,
+    # optional q/k RMSNorm per head, gated SiLU MLP of xattn_ffw_dim; model/idefics_block.py).
+    block: Literal["flamingo", "idefics"] = "flamingo"
+    xattn_qk_norm: bool = False  # "idefics" block: RMSNorm on each head's queries and keys
+    xattn_ffw_dim: Optional[int] = None  # "idefics" block: the MLP's hidden width (IDEFICS: the LM's intermediate)
+    xattn_norm_eps: float = 1e-6  # "idefics" block: the RMSNorms' epsilon
     xattn_heads: int = 8
     xattn_head_dim: int = 64
     # Hidden width multiplier of the feed-forwards (xattn-dense and resampler).
@@ -29,6 +38,8 @@ class FlamingoConfig:
     resampler_head_dim: int = 64
     # "perceiver" (the paper's) or "mlp" (ablation: time embeddings, pool to R tokens, residual MLP).
     resampler: Literal["perceiver", "mlp"] = "perceiver"
+    resampler_qk_norm: bool = False  # LayerNorm on each head's queries and keys (IDEFICS's qk_layer_norms_perceiver)
+    resampler_ffw_act: Literal["gelu", "relu"] = "gelu"  # the resampler FFW's activation (IDEFICS: ReLU)
     # Number of learned frame (time) embeddings: videos longer than this are sub-sampled by the processor.
     max_frames: int = 8
     # True: a token sees only the last image at or before it (the paper). False: all images before it.
@@ -69,6 +80,15 @@ class FlamingoConfig:
             raise ValueError(f"resampler must be 'perceiver' or 'mlp', got {self.resampler!r}")
         if self.gate_type not in ("scalar", "vector"):
             raise ValueError(f"gate_type must be 'scalar' or 'vector', got {self.gate_type!r}")
+        if self.block not in ("flamingo", "idefics"):
+            raise ValueError(f"block must be 'flamingo' or 'idefics', got {self.block!r}")
+        if self.block == "idefics" and not self.xattn_ffw_dim:
+            raise ValueError("block='idefics' needs xattn_ffw_dim (the gated MLP's hidden width)")
+        if self.resampler_ffw_act not in ("gelu", "relu"):
+            raise ValueError(f"resampler_ffw_act must be 'gelu' or 'relu', got {self.resampler_ffw_act!r}")
+        if self.xattn_layers is not None and (sorted(set(self.xattn_layers)) != list(self.xattn_layers)
+                                              or min(self.xattn_layers, default=0) < 0):
+            raise ValueError(f"xattn_layers must be distinct increasing layer indices, got {self.xattn_layers}")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 
@@ -98,4 +118,9 @@ class FlamingoConfig:
 
     def xattn_layer_indices(self, num_lm_layers: int) -> list[int]:
         """LM layer indices that get a GATED XATTN-DENSE block before them."""
+        if self.xattn_layers is not None:
+            beyond = [i for i in self.xattn_layers if i >= num_lm_layers]
+            if beyond:
+                raise ValueError(f"xattn_layers {beyond} lie beyond the LM's {num_lm_layers} layers")
+            return list(self.xattn_layers)
         return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -25,9 +26,23 @@ from .references import reference_token, resolve_declarations
 from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
+IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"
+TEMPLATES = ("flamingo", "idefics")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
+
+
+def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
+    """IDEFICS's prompt format, as its processor writes it: BOS first, every `<image>` between
+    `<fake_token_around_image>`s (consecutive images share one). A prompt already in that format is unchanged."""
+    wrapped = f"{IDEFICS_IMAGE_WRAPPER}{MEDIA_TOKEN}{IDEFICS_IMAGE_WRAPPER}"
+    text = re.sub(f"(?:{re.escape(IDEFICS_IMAGE_WRAPPER)})?{re.escape(MEDIA_TOKEN)}"
+                  f"(?:{re.escape(IDEFICS_IMAGE_WRAPPER)})?", wrapped, text)
+    text = text.replace(IDEFICS_IMAGE_WRAPPER * 2, IDEFICS_IMAGE_WRAPPER)
+    if bos_token and not text.startswith(bos_token):
+        text = bos_token + text
+    return text
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0) -> list[int]:
@@ -88,10 +103,17 @@ class FlamingoProcessor:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, *, max_length: Optional[int] = None,
                  max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left",
-                 image_references: bool = False) -> None:
-        missing = [t for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN) if t not in tokenizer.get_vocab()]
+                 image_references: bool = False, template: str = "flamingo") -> None:
+        """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples) or "idefics" (IDEFICS's
+        format: `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        needed = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN) if template == "flamingo" else (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER)
+        missing = [t for t in needed if t not in tokenizer.get_vocab()]
         if missing or tokenizer.pad_token_id is None:
-            raise ValueError(f"tokenizer lacks Flamingo tokens {missing or ['<pad>']}: call add_flamingo_tokens first")
+            raise ValueError(f"tokenizer lacks the {template} prompt tokens {missing or ['<pad>']}"
+                             + (": call add_flamingo_tokens first" if template == "flamingo" else ""))
+        self.template = template
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = tokenizer
@@ -215,7 +237,10 @@ class FlamingoProcessor:
         text, media_list = self._split_prompt(prompt, media)
         if self.image_references if image_references is None else image_references:
             text = resolve_declarations(text, len(media_list), self.num_references)
-        ids = self.token_ids(text)
+        if self.template == "idefics":  # BOS written into the text, as IDEFICS's processor does
+            ids = self.token_ids(idefics_prompt(text, self.tokenizer.bos_token), special_tokens=False)
+        else:
+            ids = self.token_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
         if n_placeholders != len(media_list):
             raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media_list)} "
@@ -277,7 +302,8 @@ class FlamingoProcessor:
         self.image_processor.save_pretrained(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
             json.dump({"max_length": self.max_length, "max_frames": self.max_frames, "video_fps": self.video_fps,
-                       "padding_side": self.padding_side, "image_references": self.image_references}, f, indent=2)
+                       "padding_side": self.padding_side, "image_references": self.image_references,
+                       "template": self.template}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str, **overrides: Any) -> "FlamingoProcessor":

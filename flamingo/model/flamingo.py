@@ -45,6 +45,7 @@ from .backbones import (
 )
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
+from .idefics_block import IdeficsCrossAttentionBlock
 from .resampler import MLPResampler, PerceiverResampler
 from .xattn import GatedCrossAttentionBlock, XAttnImpl, compute_media_index, document_positions, document_starts
 
@@ -79,22 +80,19 @@ class Flamingo(nn.Module):
         self.xattn_layer_indices = config.xattn_layer_indices(len(layers))
         if not self.xattn_layer_indices:  # the images could never reach the text
             raise ValueError(f"xattn_every={config.xattn_every} places no cross-attention block in this "
-                             f"{len(layers)}-layer LM (a block goes before layer i when (i + 1) % xattn_every == 0)")
+                             f"{len(layers)}-layer LM (a block goes before layer i when (i + 1) % xattn_every == 0)"
+                             if config.xattn_layers is None else "xattn_layers is empty: no cross-attention block")
         dim, dim_visual = hidden_size_of(lm_text_config(lm)), vision_hidden_size(vision)
 
         if config.resampler == "perceiver":
             self.resampler: nn.Module = PerceiverResampler(
                 dim=dim_visual, depth=config.resampler_depth, num_latents=config.num_latents,
                 heads=config.resampler_heads, head_dim=config.resampler_head_dim, ffw_mult=config.ffw_mult,
-                max_frames=config.max_frames)
+                max_frames=config.max_frames, qk_norm=config.resampler_qk_norm, ffw_act=config.resampler_ffw_act)
         else:
             self.resampler = MLPResampler(dim=dim_visual, num_latents=config.num_latents, ffw_mult=config.ffw_mult,
                                           max_frames=config.max_frames)
-        self.xattn = nn.ModuleList(
-            GatedCrossAttentionBlock(dim=dim, dim_visual=dim_visual, heads=config.xattn_heads,
-                                     head_dim=config.xattn_head_dim, ffw_mult=config.ffw_mult, gated=config.gated,
-                                     only_attend_last_image=config.only_attend_last_image, gate_type=config.gate_type)
-            for _ in self.xattn_layer_indices)
+        self.xattn = nn.ModuleList(self._make_block(dim, dim_visual) for _ in self.xattn_layer_indices)
         self._init_new_token_rows()
         param = next(lm.parameters())
         self.resampler.to(device=param.device)
@@ -118,6 +116,16 @@ class Flamingo(nn.Module):
         # prompt (references) or every earlier image is seen.
         self._decode_all_images = self.references is not None or not config.only_attend_last_image
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
+
+    def _make_block(self, dim: int, dim_visual: int) -> nn.Module:
+        """One cross-attention block of the configured variant: the paper's (default) or IDEFICS's."""
+        cfg = self.config
+        common = dict(dim=dim, dim_visual=dim_visual, heads=cfg.xattn_heads, head_dim=cfg.xattn_head_dim,
+                      gated=cfg.gated, only_attend_last_image=cfg.only_attend_last_image, gate_type=cfg.gate_type)
+        if cfg.block == "idefics":
+            return IdeficsCrossAttentionBlock(ffw_dim=cfg.xattn_ffw_dim, eps=cfg.xattn_norm_eps,
+                                              qk_norm=cfg.xattn_qk_norm, **common)
+        return GatedCrossAttentionBlock(ffw_mult=cfg.ffw_mult, **common)
 
     # ------------------------------------------------------------------------------------------ added tokens
     def _init_new_token_rows(self) -> None:

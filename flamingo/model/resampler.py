@@ -13,20 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """Pre-norm GELU MLP without biases (the paper's FFW)."""
+def feed_forward(dim: int, mult: int, act: str = "gelu") -> nn.Sequential:
+    """Pre-norm MLP without biases: GELU (the paper's FFW) or ReLU (IDEFICS's perceiver)."""
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
-        nn.GELU(),
+        nn.ReLU() if act == "relu" else nn.GELU(),
         nn.Linear(dim * mult, dim, bias=False),
     )
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to `concat(features, latents)`: keys/values come from both, queries from the latents."""
+    """Latents attend to `concat(features, latents)`: keys/values come from both, queries from the latents.
+    qk_norm: a LayerNorm on each head's queries and keys (IDEFICS's `qk_layer_norms_perceiver`)."""
 
-    def __init__(self, *, dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, *, dim: int, heads: int, head_dim: int, qk_norm: bool = False) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
@@ -35,6 +36,8 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else None
 
     def forward(self, features: torch.Tensor, latents: torch.Tensor,
                 feature_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -45,6 +48,8 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)  # (M, R, inner)
         k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)  # (M, L+R, inner)
         q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))  # (M, h, ·, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         mask = None
         if feature_mask is not None:
             keep = torch.cat([feature_mask, feature_mask.new_ones(m, r)], dim=1)  # latents always visible
@@ -57,7 +62,7 @@ class PerceiverResampler(nn.Module):
     """x_f + time embeddings -> flatten (F·S) -> `depth` x [latents += attn(x_f, latents); latents += ffw(latents)]."""
 
     def __init__(self, *, dim: int, depth: int, num_latents: int, heads: int, head_dim: int, ffw_mult: int,
-                 max_frames: int) -> None:
+                 max_frames: int, qk_norm: bool = False, ffw_act: str = "gelu") -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         # One learned embedding per frame index, added to every patch of that frame (paper: "time embeddings").
@@ -65,8 +70,8 @@ class PerceiverResampler(nn.Module):
         # tower's features to tell frames apart (docs/demo.md, "time embeddings").
         self.time_embeddings = nn.Parameter(torch.randn(max_frames, dim))
         self.layers = nn.ModuleList(
-            nn.ModuleDict({"attn": PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim),
-                           "ffw": feed_forward(dim, ffw_mult)})
+            nn.ModuleDict({"attn": PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim, qk_norm=qk_norm),
+                           "ffw": feed_forward(dim, ffw_mult, ffw_act)})
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 

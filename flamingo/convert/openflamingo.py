@@ -22,10 +22,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .build import from_backbones
-from .config import FlamingoConfig
-from .model.flamingo import Flamingo
-from .processing import FlamingoProcessor
+from ..build import from_backbones
+from ..config import FlamingoConfig
+from ..model.flamingo import Flamingo
+from ..processing import FlamingoProcessor
 
 log = logging.getLogger(__name__)
 

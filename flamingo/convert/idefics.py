@@ -1,0 +1,252 @@
+"""Hugging Face's IDEFICS (`IdeficsForVisionText2Text`) -> our model, computing the same function.
+
+What goes where (DESIGN §10; transformers' `models/idefics/`):
+- `model.vision_model.*` (a CLIP-shaped ViT of IDEFICS's own class) -> `CLIPVisionModel`, key for key; its image
+  processor (resize to a square, bicubic, CLIP's mean/std) -> `CLIPImageProcessorPil` with the same settings.
+- `model.layers.*`, `model.norm`, `model.embed_tokens.weight`, `lm_head.weight` (a Llama copy) -> `LlamaForCausalLM`
+  with the same rotary and norm settings. The decoupled rows (`embed_tokens.additional_embedding`,
+  `lm_head.additional_fc`: `<fake_token_around_image>`, `<image>`) become the LM's rows [V, V + A) and our added-token
+  rows (`new_token_embeddings`, `new_lm_head`), the only trainable vocabulary rows, as IDEFICS trains them.
+- `model.perceiver_resampler.*` -> our `PerceiverResampler` (ReLU FFW, optional q/k LayerNorms, no time embeddings:
+  they are set to zero, one frame), fed the tower's whole output (CLS included: `drop_cls_token=False`).
+- `model.gated_cross_attn_layers.{j}` -> the `block: idefics` variant before LM layer j·k
+  (`idx % cross_layer_interval == 0`), with its q/k RMSNorms and float or vector alphas (our scalar/vector gates).
+- The prompt format -> the processor's `idefics` template (`processing.idefics_prompt`).
+Known difference: IDEFICS's processor also cuts a token's image at a `</s>` that follows it (its packed-document
+rule); our masking rule does not, so prompts with `</s>` after an image differ there (none of its prompt formats has
+one). Checkpoints are read from safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    IdeficsConfig,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
+
+from ..config import MEDIA_TOKEN, FlamingoConfig
+from ..model.flamingo import Flamingo
+from ..processing import IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
+
+try:  # transformers 5: the PIL backend (the default one wants torchvision)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
+
+log = logging.getLogger(__name__)
+
+END_OF_UTTERANCE = "<end_of_utterance>"  # the instruct models' end of a turn: generation stops there
+IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
+_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+
+
+def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsConfig, dict[str, torch.Tensor],
+                                                                     Optional[str]]:
+    """(config, state dict, local directory or None) of an IDEFICS model object, directory or hub name."""
+    if isinstance(source, nn.Module):
+        if not isinstance(getattr(source, "config", None), IdeficsConfig):
+            raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
+        return source.config, source.state_dict(), None
+    path = str(source)
+    if not os.path.isdir(path):
+        if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # not a hub name "org/model"
+            raise FileNotFoundError(f"IDEFICS model directory not found: {path}")
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=_FILES)
+    config = IdeficsConfig.from_pretrained(path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors in {path!r}: IDEFICS is read from safetensors only (no pickle)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return config, state, path
+
+
+def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:
+    """Our config for an IDEFICS one: its block variant and placement, its perceiver's shape and options."""
+    if not config.use_resampler:
+        raise ValueError("IDEFICS without its perceiver (use_resampler=False) is not supported: every published "
+                         "IDEFICS checkpoint uses it")
+    if config.alpha_type not in ("float", "vector"):
+        raise ValueError(f"unknown IDEFICS alpha_type {config.alpha_type!r}")
+    layers, every = config.num_hidden_layers, config.cross_layer_interval
+    if layers % every:
+        raise ValueError(f"num_hidden_layers={layers} is not a multiple of cross_layer_interval={every}: IDEFICS "
+                         "itself cannot run this config")
+    perceiver = config.perceiver_config
+    return FlamingoConfig(
+        block="idefics", xattn_layers=list(range(0, layers, every)), xattn_every=every,
+        xattn_heads=config.num_attention_heads, xattn_head_dim=config.hidden_size // config.num_attention_heads,
+        xattn_ffw_dim=config.intermediate_size, xattn_norm_eps=config.rms_norm_eps, xattn_qk_norm=config.qk_layer_norms,
+        gate_type="vector" if config.alpha_type == "vector" else "scalar", gated=True, only_attend_last_image=True,
+        num_latents=perceiver.resampler_n_latents, resampler_depth=perceiver.resampler_depth,
+        resampler_heads=perceiver.resampler_n_heads, resampler_head_dim=perceiver.resampler_head_dim,
+        resampler_qk_norm=perceiver.qk_layer_norms_perceiver, resampler_ffw_act="relu",
+        ffw_mult=4,  # the perceiver's MLP is 4x the tower's width (IdeficsPerceiverResampler.intermediate_dim)
+        max_frames=1, drop_cls_token=False, vision_feature_layer=-1,
+        first_new_token_id=config.vocab_size, num_new_tokens=config.additional_vocab_size)
+
+
+def _vision_tower(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    vc = config.vision_config
+    clip = CLIPVisionConfig(hidden_size=vc.embed_dim, intermediate_size=vc.intermediate_size,
+                            num_hidden_layers=vc.num_hidden_layers, num_attention_heads=vc.num_attention_heads,
+                            num_channels=vc.num_channels, image_size=vc.image_size, patch_size=vc.patch_size,
+                            hidden_act=vc.hidden_act, layer_norm_eps=vc.layer_norm_eps)
+    tower = CLIPVisionModel._from_config(clip, dtype=dtype)
+    prefix = "model.vision_model."
+    ours = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""  # 4.x / 5.x
+    tower.load_state_dict({ours + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return tower.eval()
+
+
+def _language_model(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    v, a = config.vocab_size, config.additional_vocab_size
+    llama = LlamaConfig(
+        vocab_size=v + a, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=False, attention_bias=False,
+        mlp_bias=False, pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id)
+    lm = AutoModelForCausalLM.from_config(llama, dtype=dtype)
+    mapped = {k: t for k, t in state.items() if k.startswith(("model.layers.", "model.norm."))}
+    embed = state["model.embed_tokens.weight"]
+    head = state.get("lm_head.weight", embed if config.tie_word_embeddings else None)
+    if head is None:
+        raise ValueError("IDEFICS checkpoint lacks lm_head.weight")
+    if a:
+        embed = torch.cat([embed, state["model.embed_tokens.additional_embedding.weight"]])
+        head = torch.cat([head, state.get("lm_head.additional_fc.weight",
+                                          state["model.embed_tokens.additional_embedding.weight"])])
+    mapped["model.embed_tokens.weight"], mapped["lm_head.weight"] = embed, head
+    lm.load_state_dict(mapped, strict=True)
+    return lm.eval()
+
+
+def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, state: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The perceiver and the gated cross-attention layers under our names."""
+    out: dict[str, torch.Tensor] = {}
+    src = "model.perceiver_resampler."
+    out["resampler.latents"] = state[src + "latents"]
+    out["resampler.time_embeddings"] = torch.zeros(1, state[src + "latents"].shape[1],
+                                                   dtype=state[src + "latents"].dtype)
+    for s in ("weight", "bias"):
+        out[f"resampler.norm.{s}"] = state[f"{src}layer_norm.{s}"]
+    for i in range(flamingo.resampler_depth):
+        attn, ffw, dst = f"{src}blocks.{i}.0.", f"{src}blocks.{i}.1.", f"resampler.layers.{i}."
+        for s in ("weight", "bias"):
+            out[f"{dst}attn.norm_media.{s}"] = state[f"{attn}context_layer_norm.{s}"]
+            out[f"{dst}attn.norm_latents.{s}"] = state[f"{attn}latents_layer_norm.{s}"]
+            if flamingo.resampler_qk_norm:
+                out[f"{dst}attn.q_norm.{s}"] = state[f"{attn}q_layer_norm.{s}"]
+                out[f"{dst}attn.k_norm.{s}"] = state[f"{attn}k_layer_norm.{s}"]
+            out[f"{dst}ffw.0.{s}"] = state[f"{ffw}ln.{s}"]
+        out[f"{dst}attn.to_q.weight"] = state[f"{attn}q_proj.weight"]
+        out[f"{dst}attn.to_kv.weight"] = torch.cat([state[f"{attn}k_proj.weight"], state[f"{attn}v_proj.weight"]])
+        out[f"{dst}attn.to_out.weight"] = state[f"{attn}output_proj.weight"]
+        out[f"{dst}ffw.1.weight"] = state[f"{ffw}fc.weight"]
+        out[f"{dst}ffw.3.weight"] = state[f"{ffw}c_proj.weight"]
+    for j in range(len(flamingo.xattn_layers or [])):
+        src, dst = f"model.gated_cross_attn_layers.{j}.", f"xattn.{j}."
+        out[f"{dst}attn.norm.weight"] = state[f"{src}input_layernorm.weight"]
+        out[f"{dst}attn.to_q.weight"] = state[f"{src}cross_attn.q_proj.weight"]
+        out[f"{dst}attn.to_kv.weight"] = torch.cat([state[f"{src}cross_attn.k_proj.weight"],
+                                                    state[f"{src}cross_attn.v_proj.weight"]])
+        out[f"{dst}attn.to_out.weight"] = state[f"{src}cross_attn.o_proj.weight"]
+        if flamingo.xattn_qk_norm:
+            out[f"{dst}attn.q_norm.weight"] = state[f"{src}cross_attn.q_layer_norm.weight"]
+            out[f"{dst}attn.k_norm.weight"] = state[f"{src}cross_attn.k_layer_norm.weight"]
+        out[f"{dst}ffw.norm.weight"] = state[f"{src}post_attention_layernorm.weight"]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{dst}ffw.{name}.weight"] = state[f"{src}mlp.{name}.weight"]
+        out[f"{dst}attn_gate"] = state[f"{src}alpha_cross_attn"].reshape(-1)  # (1,) or (1, 1, D) -> (1,) or (D,)
+        out[f"{dst}ffw_gate"] = state[f"{src}alpha_dense"].reshape(-1)
+    return out
+
+
+def idefics_image_processor(image_size: int, mean: Optional[list] = None, std: Optional[list] = None) -> Any:
+    """IDEFICS's image preprocessing (a square resize, bicubic, no crop) as a CLIP image processor."""
+    return CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                              resample=3, image_mean=mean or IDEFICS_MEAN, image_std=std or IDEFICS_STD,
+                              do_convert_rgb=True)
+
+
+def _image_processor_of(directory: Optional[str], image_size: int) -> Any:
+    if directory and os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
+        saved = load_image_processor(directory)
+        size = getattr(saved, "image_size", None) or image_size
+        return idefics_image_processor(int(size), list(saved.image_mean), list(saved.image_std))
+    return idefics_image_processor(image_size)
+
+
+def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[None, str, PreTrainedTokenizerBase]
+                 = None, *, image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None
+                 ) -> tuple[Flamingo, FlamingoProcessor]:
+    """Our model + processor computing what an `IdeficsForVisionText2Text` (object, directory or hub name) does.
+
+    tokenizer / image_processor default to the ones saved with the model. torch_dtype defaults to the weights'.
+    The backbones are in-memory models: `write_backbones` saves them for trained-only checkpoints.
+    """
+    config, state, directory = read_idefics(source)
+    flamingo = idefics_flamingo_config(config)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        if tokenizer is None and directory is None:
+            raise ValueError("pass `tokenizer`: the IDEFICS model is an in-memory object")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or directory)
+    vocab = tokenizer.get_vocab()
+    total = config.vocab_size + config.additional_vocab_size
+    for token in (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER):
+        if token not in vocab or vocab[token] >= total:
+            raise ValueError(f"the tokenizer has no {token} within the model's {total} embedding rows")
+    flamingo.media_token_id = vocab[MEDIA_TOKEN]
+    if END_OF_UTTERANCE in vocab and vocab[END_OF_UTTERANCE] < total:
+        flamingo.end_of_chunk_token_id = vocab[END_OF_UTTERANCE]  # generation stops at the end of a turn
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = config.pad_token_id
+    dtype = torch_dtype or state["model.embed_tokens.weight"].dtype
+
+    model = Flamingo(_vision_tower(config, state, dtype), _language_model(config, state, dtype), flamingo)
+    trained = _trained_state(config, flamingo, state)
+    if config.additional_vocab_size:  # the added rows, as IDEFICS's decoupled tables hold them
+        trained["new_token_embeddings"] = state["model.embed_tokens.additional_embedding.weight"]
+        trained["new_lm_head"] = state.get("lm_head.additional_fc.weight", trained["new_token_embeddings"])
+    result = model.load_state_dict(trained, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("vision.", "lm."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"IDEFICS conversion left {missing or result.unexpected_keys} unmatched")
+    model.to(dtype)
+    if image_processor is None:
+        image_processor = _image_processor_of(directory, config.vision_config.image_size)
+    limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)
+    processor = FlamingoProcessor(tokenizer, image_processor, max_length=limit, max_frames=1, template="idefics")
+    return model.eval(), processor
+
+
+def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:
+    """Save a converted model's vision tower and LM as HF directories (`directory/vision`, `directory/lm`) and point
+    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them."""
+    vision, lm = os.path.join(directory, "vision"), os.path.join(directory, "lm")
+    model.vision.save_pretrained(vision)
+    processor.image_processor.save_pretrained(vision)
+    model.lm.save_pretrained(lm)
+    processor.tokenizer.save_pretrained(lm)
+    model.config.vision_name_or_path, model.config.lm_name_or_path = os.path.abspath(vision), os.path.abspath(lm)

@@ -1,0 +1,372 @@
+"""Continuous batching: rows that join and leave a running decode batch (what `flamingo serve` decodes with).
+
+HF `generate` cannot take new rows mid-run, so a server runs its own loop over two model-level steps:
+- `Prefill`: one prompt alone, in chunks of at most `chunk` tokens per `step()` (the media are encoded with the
+  first chunk), so rows already decoding wait at most one chunk for a joining prompt. It leaves a `PrefilledRow`:
+  the prompt's LM cache, each block's visual K/V that its decode steps read, its decode media index, the last logits.
+- `DecodeBatch`: the running rows. Each row keeps its own LM cache rows, its own visual K/V per block (the last
+  image's `(1, R, h, d)`, or all its images' when the model decodes with references), its own media index and its own
+  position. `add` copies a prefilled row into a free row (the rows stay packed at the front: `remove` moves the last
+  row into the freed one), `step` feeds one token per row.
+
+The LM cache of the batch is preallocated per decoder layer, `(rows, heads, length, head_dim)`, and grows by doubling.
+Rows are left-padded to one shared length (a joining prompt longer than the batch's length shifts the others right;
+padding that every row has is trimmed when rows leave); the attention mask hides the padding and position ids count
+each row's real tokens, so padding and row order are exact no-ops: a row decodes the tokens it decodes alone
+(tests/test_serve_batching.py). Decoding never concatenates caches (HF's dynamic cache copies the whole cache at
+every step); a join copies one row's prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from .backbones import lm_cache_argument, lm_last_logits_only
+from .context import MediaContext, Phase
+from .xattn import MediaKV
+
+if TYPE_CHECKING:  # annotations only
+    from .flamingo import Flamingo
+
+
+def decodes_all_images(model: Flamingo) -> bool:
+    """Whether a row's decode steps read all its images' K/V (reference tokens, or attention to every earlier
+    image) rather than the last image's only (the model's own choice, made in `Flamingo.__init__`)."""
+    return model.references is not None or not model.config.only_attend_last_image
+
+
+@dataclass
+class PrefilledRow:
+    """What a prompt's prefill leaves for its decode steps."""
+
+    cache: DynamicCache  # the prompt's LM cache, one row
+    length: int  # prompt tokens
+    media_kv: Optional[list[MediaKV]]  # per block, (1, N, R, h, d) (N = 1 for the last image); None: no image
+    decode_index: torch.Tensor  # (1, 1) the media context's decode index after the prompt
+    decode_count: Optional[torch.Tensor]  # (1, 1) images of the prompt, for decoding with references
+    logits: torch.Tensor  # (V,) the prompt's last position
+
+
+class Prefill:
+    """One prompt prefilled in chunks: `step()` runs the next chunk and returns the `PrefilledRow` after the last.
+
+    input_ids (T,); images (1, N, F, C, H, W) or None, with num_media (1,) and num_frames (1, N) as the processor
+    makes them. Chunks continue the prompt's media index (a PREFILL context spans all of them)."""
+
+    def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+                 num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
+                 chunk: int = 128) -> None:
+        if input_ids.ndim != 1 or input_ids.numel() == 0:
+            raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model, self.chunk = model, chunk
+        self.device = next(model.lm.parameters()).device
+        self.input_ids = input_ids.to(self.device)
+        self.images, self.num_media, self.num_frames = images, num_media, num_frames
+        self.done = 0
+        self.ctx: Optional[MediaContext] = None
+        self.cache: Optional[DynamicCache] = None
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.numel()
+
+    @torch.no_grad()
+    def step(self) -> Optional[PrefilledRow]:
+        model = self.model
+        if self.ctx is None:  # the media are encoded with the first chunk
+            ids = self.input_ids[None]
+            visual = None
+            if self.images is not None:
+                num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
+                visual = model.encode_media(self.images.to(self.device), num_media, self.num_frames)
+                model.check_media_tokens(ids, num_media)
+            else:
+                model.check_media_tokens(ids, None)
+            self.ctx = MediaContext(Phase.PREFILL, visual)
+            self.cache = DynamicCache(config=model.lm.config)
+        end = min(self.done + self.chunk, self.length)
+        ids = self.input_ids[None, self.done:end]  # (1, c)
+        kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
+        if _takes_position_ids(model.lm):
+            kwargs["position_ids"] = torch.arange(self.done, end, device=self.device)[None]
+        with model.conditioned(self.ctx):
+            out = model.lm(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                           use_cache=True, **kwargs)
+        self.done = end
+        if self.done < self.length:
+            return None
+        return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
+                            None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
+                            out.logits[0, -1])
+
+    def _decode_media_kv(self) -> Optional[list[MediaKV]]:
+        ctx, model = self.ctx, self.model
+        if ctx.visual is None:
+            return None
+        kvs = []
+        for j, block in enumerate(model.xattn):
+            if decodes_all_images(model):
+                kvs.append(ctx.kv_for(j, block, 1))  # (1, N, R, h, d)
+            else:  # the memo made by an earlier chunk may hold an earlier image: take the prompt's last one
+                ctx.media_kv.pop(("last", j, 1), None)
+                kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d)
+        return kvs
+
+
+def _takes_position_ids(lm: torch.nn.Module) -> bool:
+    return "position_ids" in inspect.signature(lm.forward).parameters
+
+
+class _Shape:
+    """The rows and shared length of a `DecodeBatch`, read by all its cache layers during one LM call."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.length = 0
+
+
+class _RowsLayer(CacheLayerMixin):
+    """One decoder layer's K/V for the rows of a `DecodeBatch`: preallocated buffers `(rows_cap, h, len_cap, d)`;
+    an LM call writes its tokens at the shared length and attends to `[:rows, :, :length + T]`."""
+
+    is_sliding = False
+
+    def __init__(self, shape: _Shape) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a DecodeBatch allocates its cache when its first row joins")
+
+    def allocate(self, rows: int, length: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        """(Re)allocate for `rows` x `length`, keeping what the old buffers held."""
+        h, d_k, d_v = like_k.shape[1], like_k.shape[-1], like_v.shape[-1]
+        keys = like_k.new_zeros(rows, h, length, d_k)
+        values = like_v.new_zeros(rows, like_v.shape[1], length, d_v)
+        if self.is_initialized:
+            r, n = min(rows, self.keys.shape[0]), min(length, self.keys.shape[2])
+            keys[:r, :, :n] = self.keys[:r, :, :n]
+            values[:r, :, :n] = self.values[:r, :, :n]
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, start = self.shape.rows, self.shape.length
+        end = start + key_states.shape[-2]
+        self.keys[:rows, :, start:end] = key_states
+        self.values[:rows, :, start:end] = value_states
+        return self.keys[:rows, :, :end], self.values[:rows, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.shape.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.shape.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DecodeBatch:
+    """The rows being decoded: add a prefilled row, step them all by one token, remove a finished one.
+
+    Row i of every buffer belongs to the same request; rows 0..rows-1 are live. Not thread-safe: one thread (the
+    server's engine loop) owns a batch."""
+
+    def __init__(self, model: Flamingo, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.model, self.max_rows = model, max_rows
+        self.device = next(model.lm.parameters()).device
+        self._shape = _Shape()
+        self._layers: list[_RowsLayer] = []
+        self.cache = Cache(layers=[])
+        self._cap_rows = self._cap_len = 0
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows_cap, len_cap)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (rows_cap,) real tokens per row
+        self.media_k: list[torch.Tensor] = []  # per block (rows_cap, N_cap, R, h, d)
+        self.media_v: list[torch.Tensor] = []
+        self.decode_index = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
+        self.decode_count = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
+        self._takes_positions = _takes_position_ids(model.lm)
+
+    @property
+    def rows(self) -> int:
+        return self._shape.rows
+
+    @property
+    def length(self) -> int:
+        return self._shape.length
+
+    def free_rows(self) -> int:
+        return self.max_rows - self.rows
+
+    # ------------------------------------------------------------------------------------------------ storage
+    def _grow(self, rows: int, length: int, like: Optional[DynamicCache] = None) -> None:
+        """Make room for `rows` rows of `length` positions (capacities double)."""
+        if rows <= self._cap_rows and length <= self._cap_len:
+            return
+        cap_rows = min(self.max_rows, max(rows, 2 * self._cap_rows, 4))
+        cap_len = max(length, 2 * self._cap_len if length > self._cap_len else self._cap_len, 64)
+        if not self._layers:
+            if like is None:
+                raise RuntimeError("the batch's cache is allocated from its first row's prefill cache")
+            for layer in like.layers:
+                if type(layer) is not DynamicLayer:
+                    raise ValueError(f"continuous batching needs full-attention cache layers; this LM has "
+                                     f"{type(layer).__name__} (sliding or linear attention)")
+            self._layers = [_RowsLayer(self._shape) for _ in like.layers]
+            self.cache.layers = list(self._layers)
+        for layer, src in zip(self._layers, like.layers if like is not None else self._layers):
+            layer.allocate(cap_rows, cap_len, src.keys if not layer.is_initialized else layer.keys,
+                           src.values if not layer.is_initialized else layer.values)
+        mask = torch.zeros(cap_rows, cap_len, dtype=torch.long, device=self.device)
+        mask[:self._cap_rows, :self._cap_len] = self.mask
+        positions = torch.zeros(cap_rows, dtype=torch.long, device=self.device)
+        positions[:self._cap_rows] = self.positions
+        self.mask, self.positions = mask, positions
+        self._cap_rows, self._cap_len = cap_rows, cap_len
+        self._grow_media(cap_rows, None)
+
+    def _grow_media(self, rows: int, like: Optional[list[MediaKV]]) -> None:
+        """Media buffers for `rows` rows holding at least as many images as `like` (per block (1, N, R, h, d))."""
+        need_n = 0 if like is None else like[0].k.shape[1]
+        have_rows = self.decode_index.shape[0]
+        have_n = self.media_k[0].shape[1] if self.media_k else 0
+        if rows <= have_rows and need_n <= have_n:
+            return
+        if like is None and not self.media_k:  # no image seen yet: only the index buffers
+            self.decode_index = _grown(self.decode_index, (rows, 1))
+            self.decode_count = _grown(self.decode_count, (rows, 1))
+            return
+        n = max(need_n, have_n)
+        for j in range(len(self.media_k) or len(like)):
+            ref = like[j] if like is not None else MediaKV(self.media_k[j], self.media_v[j])
+            shape = (rows, n, *ref.k.shape[2:])
+            old_k = self.media_k[j] if j < len(self.media_k) else None
+            old_v = self.media_v[j] if j < len(self.media_v) else None
+            k = ref.k.new_zeros(shape)
+            v = ref.v.new_zeros(shape)
+            if old_k is not None:
+                k[:old_k.shape[0], :old_k.shape[1]] = old_k
+                v[:old_v.shape[0], :old_v.shape[1]] = old_v
+            if j < len(self.media_k):
+                self.media_k[j], self.media_v[j] = k, v
+            else:
+                self.media_k.append(k)
+                self.media_v.append(v)
+        self.decode_index = _grown(self.decode_index, (rows, 1))
+        self.decode_count = _grown(self.decode_count, (rows, 1))
+
+    def _shift(self, offset: int) -> None:
+        """Move every live row's columns by `offset` (> 0: right, making room for a longer prompt; < 0: left,
+        dropping padding every row has)."""
+        rows, length = self.rows, self.length
+        new_length = length + offset
+        src = slice(max(0, -offset), length)
+        dst = slice(max(0, offset), new_length)
+        for layer in self._layers:
+            layer.keys[:rows, :, dst] = layer.keys[:rows, :, src].clone()
+            layer.values[:rows, :, dst] = layer.values[:rows, :, src].clone()
+        self.mask[:rows, dst] = self.mask[:rows, src].clone()
+        if offset > 0:
+            self.mask[:rows, :offset] = 0
+        self._shape.length = new_length
+
+    # ------------------------------------------------------------------------------------------------ rows
+    @torch.no_grad()
+    def add(self, row: PrefilledRow, copies: int = 1) -> list[int]:
+        """Copy a prefilled prompt into `copies` new rows (several choices of one request share its prefill);
+        returns their row indices."""
+        if copies > self.free_rows():
+            raise RuntimeError(f"{copies} rows asked, {self.free_rows()} free")
+        p = row.length
+        first = self.rows
+        self._grow(first + copies, max(self.length, p) + 1, like=row.cache)
+        if p > self.length:
+            self._shift(p - self.length)
+        start = self.length - p
+        for layer, src in zip(self._layers, row.cache.layers):
+            layer.keys[first:first + copies, :, :start] = 0
+            layer.values[first:first + copies, :, :start] = 0
+            layer.keys[first:first + copies, :, start:self.length] = src.keys[0]
+            layer.values[first:first + copies, :, start:self.length] = src.values[0]
+        self.mask[first:first + copies, :start] = 0
+        self.mask[first:first + copies, start:self.length] = 1
+        self.positions[first:first + copies] = p
+        self._grow_media(self._cap_rows, row.media_kv)
+        for j in range(len(self.media_k)):
+            self.media_k[j][first:first + copies] = 0
+            self.media_v[j][first:first + copies] = 0
+            if row.media_kv is not None:
+                n = row.media_kv[j].k.shape[1]
+                self.media_k[j][first:first + copies, :n] = row.media_kv[j].k[0]
+                self.media_v[j][first:first + copies, :n] = row.media_kv[j].v[0]
+        self.decode_index[first:first + copies] = row.decode_index
+        self.decode_count[first:first + copies] = 0 if row.decode_count is None else row.decode_count
+        self._shape.rows = first + copies
+        return list(range(first, first + copies))
+
+    @torch.no_grad()
+    def remove(self, i: int) -> None:
+        """Free row i: the last row moves into it (remove several rows from the highest index down)."""
+        last = self.rows - 1
+        if not 0 <= i <= last:
+            raise IndexError(f"row {i} is not live ({self.rows} rows)")
+        if i != last:
+            for layer in self._layers:
+                layer.keys[i, :, :self.length] = layer.keys[last, :, :self.length]
+                layer.values[i, :, :self.length] = layer.values[last, :, :self.length]
+            for buffer in (self.mask, self.positions, self.decode_index, self.decode_count, *self.media_k,
+                           *self.media_v):
+                buffer[i] = buffer[last]
+        self._shape.rows = last
+        if last == 0:
+            self._shape.length = 0
+            return
+        pad = self.length - int(self.positions[:last].max())  # padding every row has
+        if pad > 0 and 4 * pad >= self.length:
+            self._shift(-pad)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per live row, tokens (rows,) -> the next logits (rows, V)."""
+        rows, length = self.rows, self.length
+        if rows == 0:
+            raise RuntimeError("no rows to decode")
+        if tokens.shape != (rows,):
+            raise ValueError(f"one token per row: expected ({rows},), got {tuple(tokens.shape)}")
+        self._grow(rows, length + 1)
+        self.mask[:rows, length] = 1
+        ctx = MediaContext(Phase.DECODE, None, decode_index=self.decode_index[:rows],
+                           decode_count=self.decode_count[:rows] if self.model.references is not None else None)
+        if self.media_k and bool((self.decode_index[:rows] > 0).any()):  # else no block attends: skipped
+            kind = "all" if decodes_all_images(self.model) else "last"
+            for j in range(len(self.media_k)):
+                ctx.media_kv[(kind, j, rows)] = MediaKV(self.media_k[j][:rows], self.media_v[j][:rows])
+        kwargs: dict[str, Any] = {lm_cache_argument(self.model.lm): self.cache}
+        if self._takes_positions:
+            kwargs["position_ids"] = self.positions[:rows, None]
+        with self.model.conditioned(ctx):
+            out = self.model.lm(input_ids=tokens.to(self.device)[:, None], attention_mask=self.mask[:rows, :length + 1],
+                                use_cache=True, **kwargs)
+        self._shape.length = length + 1
+        self.positions[:rows] += 1
+        return out.logits[:, -1]
+
+
+def _grown(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`t` zero-padded to `shape` (each dimension at least its old size)."""
+    if tuple(t.shape) == shape:
+        return t
+    out = t.new_zeros(tuple(max(a, b) for a, b in zip(shape, t.shape)))
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out

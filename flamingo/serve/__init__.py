@@ -1,0 +1,10 @@
+"""`flamingo serve`: an OpenAI-compatible HTTP server with continuous batching and a web page (docs/serve.md).
+
+- `protocol`: request schemas and OpenAI-style errors;
+- `template`: chat messages -> one Flamingo prompt;
+- `media`: media URLs -> frames under the operator's policy;
+- `sampling`: per-row greedy / temperature / top-p choice;
+- `engine`: the bounded queue and the continuous-batching loop (over `flamingo.model.batching`);
+- `metrics`: Prometheus text;
+- `app`: the FastAPI routes; `server`: loading a model and running uvicorn.
+"""

@@ -1,0 +1,294 @@
+"""The serving engine: a bounded queue of requests and one thread that runs the continuous-batching loop.
+
+Each turn of the loop (`Engine._turn`): drop cancelled work; if no prompt is being prefilled and the batch has free
+rows for a waiting request's choices, start its `Prefill`; run one decode step for all running rows; run one prefill
+chunk. So a joining request's prefill stalls the running rows by at most one chunk per step, and a request joins at
+the step after its prefill ends. A request's choices (`n`) share its prefill and decode as separate rows. Rows leave
+at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away (at the next step).
+
+Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new, holding
+back a tail that could still become a stop string or is an incomplete UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..model.batching import DecodeBatch, Prefill
+from ..model.generation import generation_config_for
+from .metrics import Metrics
+from .sampling import SamplingParams, pick_tokens, row_generator
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: the client should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the server is busy: too many requests are waiting")
+        self.retry_after = retry_after
+
+
+class NotAccepting(Exception):
+    """The server is shutting down."""
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's handler: a text delta of one choice, a choice's end, the request's end
+    (with its usage) or an error."""
+
+    kind: str  # "delta" | "finish" | "done" | "error"
+    choice: int = 0
+    text: str = ""
+    finish_reason: Optional[str] = None
+    usage: Optional[dict[str, int]] = None
+    message: str = ""
+
+
+@dataclass
+class Job:
+    """One request: prompt ids (T,), its media as the processor batches them, how to sample, and where to send
+    events (called from the engine thread; must be thread-safe and quick)."""
+
+    prompt_ids: torch.Tensor
+    media: dict[str, Any]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    strip_leading_whitespace: bool = False  # chat answers: the template puts a space before an assistant turn
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    completion_tokens: int = 0
+    open_choices: int = 0
+    first_token_at: Optional[float] = None
+
+
+class _Choice:
+    """One running row: a choice of a job, its tokens so far and the text already sent."""
+
+    def __init__(self, job: Job, index: int, generator: Optional[torch.Generator]) -> None:
+        self.job, self.index, self.generator = job, index, generator
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the text already emitted
+        self.last_step_at = 0.0
+
+
+class Engine:
+    """Owns the model once started: every model call happens on its thread."""
+
+    def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 128, metrics: Optional[Metrics] = None) -> None:
+        self.model, self.processor = model, processor
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.metrics = metrics or Metrics()
+        self.device = next(model.lm.parameters()).device
+        config = generation_config_for(model)
+        self.eos = set(config.eos_token_id)
+        self.suppress = list(config.suppress_tokens or [])
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._batch = DecodeBatch(model, max_batch)
+        self._rows: list[_Choice] = []  # row i of the batch
+        self._prefill: Optional[tuple[Job, Prefill]] = None
+        self._accepting = True
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        if job.params.n > self.max_batch:
+            raise ValueError(f"n={job.params.n} is more than the server's --max-batch {self.max_batch}")
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(retry_after=1 + len(self._waiting) // max(1, self.max_batch))
+            self._waiting.append(job)
+            self.metrics.set_gauge("queue_depth", len(self._waiting))
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """Stop accepting requests; those already in keep running."""
+        with self._cond:
+            self._accepting = False
+
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._prefill or self._rows)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace` seconds, cancel the rest, end the
+        thread."""
+        self.drain()
+        deadline = time.monotonic() + grace
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not (self._waiting or self._prefill or self._rows):
+                    self._cond.wait(timeout=0.5)
+                if self._stopping:
+                    break
+            try:
+                self._turn()
+            except Exception as e:  # a bug or an accelerator error: fail what is running, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"internal error while generating: {type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down", include_waiting=True)
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        if self._prefill is None:
+            self._admit()
+        if self._rows:
+            self._decode_step()
+        if self._prefill is not None:
+            self._prefill_step()
+
+    def _admit(self) -> None:
+        with self._cond:
+            if not self._waiting or self._waiting[0].params.n > self._batch.free_rows():
+                return
+            job = self._waiting.popleft()
+            self.metrics.set_gauge("queue_depth", len(self._waiting))
+        media = job.media
+        self._prefill = (job, Prefill(self.model, job.prompt_ids, media.get("images"), media.get("num_media"),
+                                      media.get("num_frames"), chunk=self.prefill_chunk))
+
+    def _prefill_step(self) -> None:
+        job, prefill = self._prefill
+        try:
+            row = prefill.step()
+        except Exception as e:  # the request's own fault (bad media the checks missed): only it fails
+            log.exception("prefill failed")
+            self._prefill = None
+            job.emit(Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
+            return
+        if row is None:
+            return
+        self._prefill = None
+        now = time.perf_counter()
+        job.first_token_at = now
+        self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
+        self.metrics.inc("prompt_tokens_total", row.length)
+        choices = [_Choice(job, i, row_generator(job.params, i, self.device)) for i in range(job.params.n)]
+        job.open_choices = len(choices)
+        tokens = pick_tokens(row.logits[None].expand(len(choices), -1), [job.params] * len(choices),
+                             [c.generator for c in choices], self.suppress)
+        running = [c for c, t in zip(choices, tokens.tolist()) if not self._advance(c, t, now)]
+        if running and not job.cancelled.is_set():
+            self._batch.add(row, copies=len(running))
+            self._rows.extend(running)
+        self.metrics.set_gauge("running_rows", len(self._rows))
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        logits = self._batch.step(torch.tensor([c.tokens[-1] for c in rows], dtype=torch.long))
+        tokens = pick_tokens(logits, [c.job.params for c in rows], [c.generator for c in rows], self.suppress)
+        now = time.perf_counter()
+        self.metrics.observe("batch_size", len(rows))
+        finished = [i for i, (c, t) in enumerate(zip(rows, tokens.tolist())) if self._advance(c, t, now)]
+        for i in reversed(finished):
+            self._remove_row(i)
+        self.metrics.set_gauge("running_rows", len(self._rows))
+
+    def _remove_row(self, i: int) -> None:
+        self._batch.remove(i)
+        self._rows[i] = self._rows[-1]
+        self._rows.pop()
+
+    def _advance(self, choice: _Choice, token: int, now: float) -> bool:
+        """Take one new token of a choice; emit its text; True when the choice is finished."""
+        job, params = choice.job, choice.job.params
+        if choice.tokens:
+            self.metrics.observe("inter_token_latency_seconds", now - choice.last_step_at)
+        choice.last_step_at = now
+        choice.tokens.append(token)
+        job.completion_tokens += 1
+        self.metrics.inc("generation_tokens_total")
+        reason = "stop" if token in self.eos else None
+        text = self.processor.decode(choice.tokens[:-1] if reason else choice.tokens)
+        if job.strip_leading_whitespace:
+            text = text.lstrip()
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        if reason is None and len(choice.tokens) >= params.max_tokens:
+            reason = "length"
+        end = len(text)
+        if reason is None:  # hold back what may still become a stop string or a whole character
+            end -= max((len(s) - 1 for s in params.stop), default=0)
+            while end > choice.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        if end > choice.sent:
+            job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end]))
+            choice.sent = end
+        if reason is None:
+            return False
+        job.emit(Event("finish", choice=choice.index, finish_reason=reason))
+        job.open_choices -= 1
+        if job.open_choices == 0:
+            self._finish_job(job)
+        return True
+
+    def _finish_job(self, job: Job) -> None:
+        prompt = int(job.prompt_ids.numel())
+        job.emit(Event("done", usage={"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
+                                      "total_tokens": prompt + job.completion_tokens}))
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [j for j in self._waiting if j.cancelled.is_set()]
+            for job in gone:
+                self._waiting.remove(job)
+            self.metrics.set_gauge("queue_depth", len(self._waiting))
+        if self._prefill is not None and self._prefill[0].cancelled.is_set():
+            self._prefill = None
+        for i in reversed(range(len(self._rows))):
+            if self._rows[i].job.cancelled.is_set():
+                self._remove_row(i)
+        self.metrics.set_gauge("running_rows", len(self._rows))
+
+    def _fail_all(self, message: str, include_waiting: bool = False) -> None:
+        jobs = {id(c.job): c.job for c in self._rows}
+        if self._prefill is not None:
+            jobs[id(self._prefill[0])] = self._prefill[0]
+        with self._cond:
+            if include_waiting:
+                jobs.update({id(j): j for j in self._waiting})
+                self._waiting.clear()
+        for job in jobs.values():
+            job.emit(Event("error", message=message))
+        self._rows, self._prefill = [], None
+        self._batch = DecodeBatch(self.model, self.max_batch)
+        self.metrics.set_gauge("running_rows", 0)

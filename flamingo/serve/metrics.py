@@ -1,0 +1,75 @@
+"""The server's metrics in Prometheus' text format (`GET /metrics`), without a client library.
+
+Counters: requests by endpoint and status, prompt and generated tokens. Gauges: requests waiting, rows decoding.
+Histograms: rows per decode step, time to first token, time between a row's tokens. All names start `flamingo_`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Optional
+
+_HELP = {
+    "requests_total": ("counter", "HTTP requests to the generation endpoints, by endpoint and status code"),
+    "prompt_tokens_total": ("counter", "prompt tokens prefilled"),
+    "generation_tokens_total": ("counter", "tokens generated"),
+    "queue_depth": ("gauge", "requests waiting for a batch row"),
+    "running_rows": ("gauge", "rows in the decode batch"),
+    "batch_size": ("histogram", "rows per decode step"),
+    "time_to_first_token_seconds": ("histogram", "from a request's arrival in the queue to its first token"),
+    "inter_token_latency_seconds": ("histogram", "between two tokens of one row"),
+}
+_BUCKETS = {
+    "batch_size": (1, 2, 4, 8, 16, 32, 64, 128, 256),
+    "time_to_first_token_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    "inter_token_latency_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+}
+
+
+class Metrics:
+    """Thread-safe counters, gauges and histograms (fixed buckets), rendered by `render()`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._hist: dict[str, tuple[list[int], list[float]]] = {
+            name: ([0] * (len(b) + 1), [0.0]) for name, b in _BUCKETS.items()}  # bucket counts, [sum]
+
+    def inc(self, name: str, value: float = 1, labels: Optional[dict[str, str]] = None) -> None:
+        key = (name, tuple(sorted((labels or {}).items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + value
+
+    def set_gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[(name, ())] = value
+
+    def observe(self, name: str, value: float) -> None:
+        counts, total = self._hist[name]
+        with self._lock:
+            counts[bisect.bisect_left(_BUCKETS[name], value)] += 1
+            total[0] += value
+
+    def value(self, name: str, labels: Optional[dict[str, str]] = None) -> float:
+        with self._lock:
+            return self._values.get((name, tuple(sorted((labels or {}).items()))), 0)
+
+    def render(self) -> str:
+        lines = []
+        with self._lock:
+            for name, (kind, text) in _HELP.items():
+                lines += [f"# HELP flamingo_{name} {text}", f"# TYPE flamingo_{name} {kind}"]
+                if kind == "histogram":
+                    counts, total = self._hist[name]
+                    running = 0
+                    for bound, count in zip((*_BUCKETS[name], "+Inf"), counts):
+                        running += count
+                        lines.append(f'flamingo_{name}_bucket{{le="{bound}"}} {running}')
+                    lines += [f"flamingo_{name}_sum {total[0]:.6g}", f"flamingo_{name}_count {running}"]
+                    continue
+                series = [(k[1], v) for k, v in self._values.items() if k[0] == name] or [((), 0)]
+                for labels, v in sorted(series):
+                    label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+                    lines.append(f"flamingo_{name}{{{label_text}}} {v:g}" if label_text else f"flamingo_{name} {v:g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""`flamingo serve`: load a saved model, start the engine, run the app under uvicorn until SIGTERM / Ctrl-C.
+
+On SIGTERM (or SIGINT) the server stops accepting requests (new ones get 503), uvicorn closes its sockets and waits
+up to `grace` seconds for in-flight requests to finish; then the engine cancels what is left (an error event ends
+each stream) and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..build import load_pretrained
+from .app import ServeSettings, create_app
+from .engine import Engine
+from .media import MediaPolicy
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
+                 max_queue: int = 64, prefill_chunk: int = 128) -> Engine:
+    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device)
+    return Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+
+
+def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,
+                 max_tokens_cap: int = 512, max_images: int = 32, media_root: Optional[str] = None,
+                 allow_remote_media: bool = False, max_image_pixels: int = 20_000_000,
+                 model_name: Optional[str] = None) -> ServeSettings:
+    media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
+                        max_pixels=max_image_pixels, max_bytes=int(max_body_mb * 2**20))
+    return ServeSettings(model_name=model_name or Path(os.path.abspath(model_dir)).name, api_key=api_key,
+                         max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
+                         max_images=max_images, media=media)
+
+
+def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+          grace: float = 30.0, log_level: str = "info") -> None:
+    """Run until SIGTERM / SIGINT; returns after a clean shutdown."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.drain()  # before uvicorn stops reading: requests still arriving get 503
+            super().handle_exit(sig, frame)
+
+    engine.start()
+    config = uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=grace)
+    Server(config).run()
+    engine.stop(0.0)

@@ -1,0 +1,72 @@
+"""Test-only helpers for the server's tests: a tiny saved model, and the app served by uvicorn in a thread on a free
+loopback port (bounded start and stop, no hangs)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from flamingo.build import load_pretrained
+from flamingo.serve.app import ServeSettings, create_app
+from flamingo.serve.engine import Engine
+from flamingo.tiny import tiny_flamingo
+
+SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
+
+
+def save_tiny_model(directory: Path, lm: str = "llama", seed: int = 0) -> Path:
+    """A tiny Flamingo (gates 0.5, so images matter) saved as a user would, with its processor."""
+    model, processor = tiny_flamingo(lm, "clip", gates=0.5, seed=seed)
+    model.save_pretrained(str(directory), processor=processor)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_for(model_dir: Path, **kwargs) -> Engine:
+    model, processor = load_pretrained(str(model_dir))
+    return Engine(model, processor, **kwargs)
+
+
+@contextlib.contextmanager
+def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>; yields the base URL."""
+    import uvicorn
+
+    engine.start()
+    port = free_port()
+    config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)
+        engine.stop(0.0)
+
+
+def greedy_alone(engine: Engine, prompt: str, media: list, max_tokens: int) -> list[int]:
+    """The tokens `model.generate(do_sample=False)` gives for one prompt alone (up to its stop token)."""
+    model, processor = engine.model, engine.processor
+    batch = processor(prompt, images=media)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False)
+    return out[0, batch["input_ids"].shape[1]:].tolist()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from flamingo.eval.multi_image import MultiImageTask, renumber
+from flamingo.eval.multi_image import MultiImagePlainTask, MultiImageTask, renumber
 from flamingo.eval.predict import build_prompt
 from flamingo.eval.runner import evaluate
 from flamingo.references import resolve_declarations
@@ -42,6 +42,9 @@ def test_prompts_declare_each_samples_images_and_number_them_on_through_the_demo
     text_only, _ = build_prompt(task, test[0], pool[:1], with_media=False)
     assert text_only.startswith("Question:what is in image 0? Short answer:a0<|endofchunk|>Image 0 is <image0>.")
     assert renumber("Is <image1> like Image 0 is <image0>?", 2) == "Is <image3> like Image 2 is <image2>?"
+    plain, _ = build_prompt(MultiImagePlainTask(), test[1], pool[:2])  # the same prompt, references in words
+    assert plain == text.replace("in <image0>?", "in image 0?").replace("in <image3>?", "in image 3?").replace(
+        "in <image6>?", "in image 6?")
 
 
 def test_a_question_about_an_image_the_record_lacks_is_refused(tmp_path):

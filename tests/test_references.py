@@ -204,3 +204,33 @@ def test_training_text_refers_to_its_samples_images_with_the_same_tokens(ref_mod
     with torch.no_grad():  # and the model trains on it like on any batch
         out = model(**{k: v for k, v in batch.items() if k != "keys"})
     assert torch.isfinite(out.loss)
+
+
+def test_a_pair_row_declares_several_images_and_bad_declarations_are_skipped(tmp_path, ref_model):
+    """A pairs row with `images` and a declaring caption reads as the processor reads the same prompt; a row whose
+    declarations do not match its images is skipped and counted as `bad_record`."""
+    import json
+
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.pairs import pair_example
+    from flamingo.data.sequence import encode_example
+    from flamingo.data.sources import RawRecord
+
+    _, processor = ref_model
+    for i in (0, 1):
+        random_image(i).save(tmp_path / f"{i}.png")
+    caption = "Image 0 is <image0>. Image 1 is <image1>. Question:What colour is the object in <image0>? Short answer:"
+    row = {"images": ["0.png", "1.png"], "caption": caption + "red"}
+    example = pair_example(RawRecord("r0", str(tmp_path / "multi.jsonl"), json.dumps(row)))
+    assert [m.name for m in example.media] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    encoded = encode_example(example, processor, max_tokens=None)
+    prompt_ids, _ = processor.encode_prompt(caption + "red<|endofchunk|>", [random_image(0), random_image(1)],
+                                            image_references=True)
+    assert encoded.input_ids == prompt_ids
+    assert torch.equal(encoded.media[1], processor.preprocess_media(random_image(1)))
+    for bad in ({"images": ["0.png"], "caption": caption},  # two declarations, one image
+                {"images": ["0.png", "1.png"], "caption": "Is <image0> red? Image 0 is <image0>. Image 1 is <image1>."},
+                {"images": [], "caption": caption}, {"images": "0.png", "caption": caption}):
+        with pytest.raises(SkipSample) as info:
+            pair_example(RawRecord("bad", str(tmp_path / "multi.jsonl"), json.dumps(bad)))
+        assert info.value.reason == "bad_record"

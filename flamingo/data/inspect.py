@@ -52,14 +52,15 @@ class InspectReport:
 
 
 def record_kinds(record: RawRecord) -> set[str]:
-    """The kinds one raw record fits: a document (`text_list`) is interleaved; a row naming a `video` or an `image`,
-    or a tar group with a video or an image member and its caption (`.txt` / `.json`), is video or pairs. A tar group
-    of images alone (a document's images) and an unreadable record fit none."""
+    """The kinds one raw record fits: a document (`text_list`) is interleaved; a row naming a `video`, an `image`
+    or declared `images`, or a tar group with a video or an image member and its caption (`.txt` / `.json`), is video
+    or pairs. A tar group of images alone (a document's images) and an unreadable record fit none."""
     try:
         if record.shard is None:
             row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
             fields = {"interleaved": "text_list", "video": "video", "pairs": "image"}
-            return {kind for kind, name in fields.items() if row.get(name)}
+            kinds = {kind for kind, name in fields.items() if row.get(name)}
+            return kinds | {"pairs"} if row.get("images") else kinds
         members = record.payload
         if "json" in members and "text_list" in parse_json_record(record.shard.read(members["json"]), record.key):
             return {"interleaved"}

@@ -3,6 +3,10 @@
 Tables (CSV / JSONL / JSON list) name the medium by a path relative to the table's directory (`image` or `video`
 field) next to `caption`; tar shards hold `{key}.jpg|jpeg|png|webp` (or `mp4|webm|mkv`) with `{key}.txt` or
 `{key}.json` (`{"caption": ...}`).
+
+A JSONL/JSON row may instead hold several images (`images`: a list of paths) and a caption that declares each of
+them MMICL-style (`Image 0 is <image0>. Image 1 is <image1>. ...`, flamingo/references.py) where it goes, and may
+refer back to them (`<image0>`): `{caption with the declarations as <image>}<|endofchunk|>` (+ EOS).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..references import resolve_declarations
 from .errors import SkipSample
 from .sequence import Example, clean_text
 from .sources import (
@@ -58,8 +63,7 @@ def _from_tar(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
     return member_ref(shard, members[ext], video), caption
 
 
-def _from_table(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
-    row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+def _from_table(record: RawRecord, row: dict[str, Any], video: bool) -> tuple[MediaRef, str]:
     field = "video" if video else "image"
     rel = row.get(field)
     if not isinstance(rel, str) or not rel.strip():
@@ -68,7 +72,28 @@ def _from_table(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
     return file_ref(resolve_relative(record.base_dir, rel.strip()), video), caption
 
 
+def _declared_images(record: RawRecord, row: dict[str, Any], eos: str) -> Example:
+    """A row with `images` and a caption declaring them -> an `Example` with those images in declaration order."""
+    paths = row["images"]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise SkipSample("bad_record", f"{record.key}: 'images' must be a non-empty list of paths")
+    caption = _caption_of(row, record.key)
+    try:  # every reference names a declared image, so len(paths) reference tokens are enough to resolve them
+        text = resolve_declarations(caption, len(paths), len(paths))
+    except ValueError as e:
+        raise SkipSample("bad_record", f"{record.key}: {e}") from e
+    refs = [file_ref(resolve_relative(record.base_dir, p.strip())) for p in paths]
+    return Example(record.key, f"{text}{END_OF_CHUNK_TOKEN}{eos}", refs)
+
+
 def pair_example(record: RawRecord, *, video: bool = False, eos: str = "") -> Example:
-    """One pair record -> an `Example` with one medium (an image, or a video decoded later)."""
-    ref, caption = _from_tar(record, video) if record.shard is not None else _from_table(record, video)
+    """One pair record -> an `Example` with one medium (an image, or a video decoded later), or with the images of
+    a row that declares several (`images`)."""
+    if record.shard is not None:
+        ref, caption = _from_tar(record, video)
+    else:
+        row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+        if "images" in row and not video:
+            return _declared_images(record, row, eos)
+        ref, caption = _from_table(record, row, video)
     return Example(record.key, pair_text(caption, eos), [ref])

@@ -28,6 +28,11 @@ def declarations(n: int) -> str:
     return "".join(f"Image {k} is {reference_token(k)}. " for k in range(n))
 
 
+def in_words(text: str) -> str:
+    """Every reference of `text` written as words: `<image0>` -> `image 0`."""
+    return REFERENCE.sub(lambda m: f"image {m.group(1)}", text)
+
+
 def renumber(text: str, offset: int) -> str:
     """Every image number of `text` (declarations and references) shifted by `offset`."""
     def shift(m: re.Match) -> str:
@@ -68,19 +73,24 @@ class MultiImageTask(Task):
         text = self.template.format(**sample.fields, answer=self.answer_prefix + sample.answer)
         if with_media:
             return text.replace(MEDIA_TOKEN, declarations(len(sample.media)), 1)
-        return REFERENCE.sub(lambda m: f"image {m.group(1)}", text.replace(MEDIA_TOKEN, ""))
+        return in_words(text.replace(MEDIA_TOKEN, ""))
 
     def query_prompt(self, sample: Sample) -> str:
         text = self.template[: self.template.index("{answer}")].format(**sample.fields)
         return text.replace(MEDIA_TOKEN, declarations(len(sample.media)), 1)
 
     def join_prompt(self, parts: Sequence[str]) -> str:
-        """Each part numbers its images from 0; in the prompt they number on from the images before it."""
+        """Each part numbers its images from 0; in the prompt they number on from the images before it. Then the
+        images are named after their declarations as `name_images` says."""
         out, offset = [], 0
         for part in parts:
             out.append(renumber(part, offset))
             offset += len(DECLARATION.findall(part))
-        return "".join(out)
+        return self.name_images("".join(out))
+
+    def name_images(self, prompt: str) -> str:
+        """How the prompt names a declared image: by reference (`<image0>`)."""
+        return prompt
 
     def postprocess(self, text: str) -> str:
         return postprocess_vqa_generation(text)
@@ -91,3 +101,14 @@ class MultiImageTask(Task):
         for kind in sorted({s.kind for s in samples if s.kind is not None}):
             metrics[f"accuracy/{kind}"] = percent([h for s, h in zip(samples, hits) if s.kind == kind])
         return metrics
+
+
+class MultiImagePlainTask(MultiImageTask):
+    """The same questions with the images named in words (`image 0`), not by reference: the images are declared, but
+    the question's tokens see the last image only, as in any Flamingo prompt (the baseline references improve on)."""
+
+    name = "multi_image_plain"
+
+    def name_images(self, prompt: str) -> str:
+        """References in words (`image 3`, numbered through the prompt); the declarations stay."""
+        return NUMBERED.sub(lambda m: m.group(0) if m.group(4) is None else f"image {m.group(4)}", prompt)

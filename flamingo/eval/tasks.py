@@ -8,7 +8,7 @@ from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .hateful_memes import HatefulMemesTask
 from .mme import MMETask
-from .multi_image import MultiImageTask
+from .multi_image import MultiImagePlainTask, MultiImageTask
 from .task import Task
 from .video_captioning import VideoCaptioningTask
 from .videoqa import VideoQATask
@@ -16,7 +16,7 @@ from .vqa import VQATask
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQATask, CaptioningTask, ClassificationTask, HatefulMemesTask,
                                                     VideoQATask, VideoCaptioningTask, MMETask,
-                                                    MultiImageTask)}
+                                                    MultiImageTask, MultiImagePlainTask)}
 
 
 def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[str] = None,

@@ -159,6 +159,7 @@ def test_an_idefics_prompt_works_unchanged():
         assert torch.allclose(mine["images"][:, :, 0], theirs["pixel_values"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_convert_idefics_command_round_trip(tmp_path):
     from flamingo import load_pretrained
     from flamingo.cli import main

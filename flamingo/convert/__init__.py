@@ -1,6 +1,8 @@
-"""Foreign checkpoints -> our model: OpenFlamingo 2.x (`openflamingo.py`) and Hugging Face's IDEFICS (`idefics.py`)."""
+"""Foreign checkpoints -> our model: OpenFlamingo 2.x (`openflamingo.py`, its published LMs in `lm_families.py`)
+and Hugging Face's IDEFICS (`idefics.py`)."""
 
 from .idefics import from_idefics
+from .lm_families import load_openflamingo_lm
 from .openflamingo import convert_openflamingo, infer_config, load_openflamingo_state
 
-__all__ = ["convert_openflamingo", "from_idefics", "infer_config", "load_openflamingo_state"]
+__all__ = ["convert_openflamingo", "from_idefics", "infer_config", "load_openflamingo_lm", "load_openflamingo_state"]

@@ -26,6 +26,7 @@ from ..build import from_backbones
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from .lm_families import load_openflamingo_lm
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,24 @@ def _param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
                          image_processor: Any = None, config: Optional[FlamingoConfig] = None
                          ) -> tuple[Flamingo, FlamingoProcessor]:
-    """Our model + processor with the weights of an OpenFlamingo 2.x checkpoint on the same backbones."""
+    """Our model + processor with the weights of an OpenFlamingo 2.x checkpoint on the same backbones.
+
+    lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
+    on classes transformers ships). OpenFlamingo cut the LM's table to its tokenizer (MPT's and RedPajama's padded
+    50432 rows to 50280); the LM gets the checkpoint's row count too, and then refers to no name (save it whole)."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
+    if isinstance(lm, (str, os.PathLike)):
+        tokenizer = tokenizer if tokenizer is not None else str(lm)
+        lm = load_openflamingo_lm(lm)
+    emb_key = "lang_encoder." + _param_name(lm, lm.get_input_embeddings().weight)
+    shrunk = emb_key in state and state[emb_key].shape[0] < lm.get_input_embeddings().num_embeddings
+    if shrunk:
+        lm.resize_token_embeddings(state[emb_key].shape[0], mean_resizing=False)
     model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor)
     config = model.config
+    if shrunk:
+        config.lm_name_or_path = None
     layers = sorted({int(m.group(1)) for k in state
                      if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
     if layers != model.xattn_layer_indices:

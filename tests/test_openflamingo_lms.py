@@ -1,0 +1,154 @@
+"""The published OpenFlamingo checkpoints' LM families, loaded without remote code and equal to OpenFlamingo.
+
+Each family is a tiny random model written in the layout its hub repository has (the remote code's config fields
+and key names, its weight file format); `load_openflamingo_lm` reads it onto a transformers class, and a converted
+OpenFlamingo built on it (OpenFlamingo's own modules, as in test_openflamingo_equal.py) gives the same logits.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MptConfig, MptForCausalLM
+
+pytestmark = pytest.mark.peer
+pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from flamingo.convert import convert_openflamingo, load_openflamingo_lm  # noqa: E402
+from flamingo.convert.lm_families import MOSAIC_GPT_KEYS  # noqa: E402
+from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer, tiny_vision  # noqa: E402
+
+PADDED_VOCAB = 320  # the hub LMs pad their tables (50432 rows for a 50277-token tokenizer); OpenFlamingo cuts them
+REMOTE_MPT_FIELDS = {  # what mosaicml/mpt-7b's config.json holds beyond transformers' MptConfig
+    "architectures": ["MPTForCausalLM"], "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig",
+                                                      "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+    "init_config": {"init_std": 0.02, "name": "kaiming_normal_"}, "tokenizer_name": "EleutherAI/gpt-neox-20b",
+    "learned_pos_emb": True, "norm_type": "low_precision_layernorm", "verbose": 0}
+
+
+def _mpt(seed: int = 0) -> MptForCausalLM:
+    torch.manual_seed(seed)
+    config = MptConfig(d_model=32, n_heads=4, n_layers=4, vocab_size=PADDED_VOCAB, max_seq_len=128)
+    return MptForCausalLM(config).eval()
+
+
+def write_mpt_7b_layout(lm: MptForCausalLM, directory, **attn) -> None:
+    """MPT-7B's repository: transformers' key names, the remote code's config fields, .bin shards."""
+    directory.mkdir()
+    config = lm.config.to_dict()
+    config.update(REMOTE_MPT_FIELDS)
+    config["attn_config"] = {**config["attn_config"], "attn_impl": "torch", "qk_ln": False, "prefix_lm": False,
+                             "attn_uses_sequence_id": False, **attn}
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    torch.save(state, directory / "pytorch_model-00001-of-00001.bin")
+
+
+def write_mpt_1b_layout(lm: MptForCausalLM, directory, qk_ln: bool = False, bias: float = 0.0) -> None:
+    """MPT-1B's repository (MosaicGPT): its own config fields and key names, biases in its Linears and norms."""
+    directory.mkdir()
+    c = lm.config
+    config = {"model_type": "mosaic_gpt", "architectures": ["MosaicGPT"], "d_model": c.d_model, "n_heads": c.n_heads,
+              "n_layers": c.n_layers, "mlp_ratio": 4, "max_seq_len": c.max_seq_len, "vocab_size": c.vocab_size,
+              "alibi": True, "alibi_bias_max": 8, "attn_clip_qkv": None, "attn_qk_ln": qk_ln, "attn_impl": "torch",
+              "low_precision_layernorm": True, "softmax_scale": None, "auto_map": {"AutoConfig": "x.y"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    inverse = [(new.replace("\\", "")[1:-1], old.replace("\\", "")[1:-1]) for old, new in MOSAIC_GPT_KEYS]
+    state = {}
+    for key, value in lm.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        for ours, theirs in inverse:
+            key = key.replace(f".{ours}.", f".{theirs}.")
+        state[key] = value
+        if key.endswith(".weight") and ".wte." not in key:
+            state[key[: -len("weight")] + "bias"] = torch.full(value.shape[:1], bias)
+    torch.save(state, directory / "pytorch_model.bin")
+
+
+def _gpt_neox(seed: int = 0) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           vocab_size=PADDED_VOCAB, max_position_embeddings=128, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def _family(name: str, tmp_path):
+    lm = _gpt_neox() if name == "gpt_neox" else _mpt()
+    directory = tmp_path / name
+    if name == "mpt":
+        write_mpt_7b_layout(lm, directory)
+    elif name == "mosaic_gpt":
+        write_mpt_1b_layout(lm, directory)
+    else:
+        lm.save_pretrained(directory)
+    return lm, directory
+
+
+@pytest.mark.parametrize("family", ["mosaic_gpt", "mpt", "gpt_neox"])
+def test_family_loads_onto_a_shipped_class_and_equals_openflamingo(family, tmp_path):
+    lm, directory = _family(family, tmp_path)
+    loaded = load_openflamingo_lm(str(directory))
+    assert type(loaded).__module__.startswith("transformers.models.")
+    ids = torch.randint(0, PADDED_VOCAB, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, lm(ids).logits, atol=1e-6)
+
+    tok, vision = tiny_tokenizer(), tiny_vision("clip")
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            if layer is not None:
+                layer.attn_gate.uniform_(0.3, 1.0)
+                layer.ff_gate.uniform_(-1.0, -0.3)
+    state = copy.deepcopy(peer.eval().state_dict())
+    ours, processor = convert_openflamingo(state, copy.deepcopy(vision), str(directory), copy.deepcopy(tok),
+                                           image_processor=tiny_image_processor("clip"))
+    prompts = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>Question: and?",
+               "<image>A photo of a cat.<|endofchunk|>"]
+    batch = processor(prompts, images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="right")
+    with torch.no_grad():
+        mine = ours(**batch).logits
+        theirs = peer(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                      attention_mask=batch["attention_mask"]).logits
+    assert mine.shape == theirs.shape  # the table cut to OpenFlamingo's rows, as OpenFlamingo did
+    real = batch["attention_mask"].bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-5
+    single = processor(prompts[1], images=[random_image(2)])
+    ids = ours.generate(**single, max_new_tokens=3, min_new_tokens=3)  # generation takes it like any other model
+    assert ids.shape == (1, single["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("layout,option,reason", [
+    ("mpt", {"qk_ln": True}, "QK LayerNorm"), ("mpt", {"prefix_lm": True}, "prefix-LM"),
+    ("mosaic_gpt", {"qk_ln": True}, "QK LayerNorm"), ("mosaic_gpt", {"bias": 0.1}, "non-zero biases")])
+def test_what_transformers_mpt_cannot_compute_is_refused(layout, option, reason, tmp_path):
+    """transformers' MPT ignores these options silently; the loader says why it refuses instead."""
+    if layout == "mpt":
+        write_mpt_7b_layout(_mpt(), tmp_path / "lm", **option)
+    else:
+        write_mpt_1b_layout(_mpt(), tmp_path / "lm", **option)
+    with pytest.raises(ValueError, match=reason):
+        load_openflamingo_lm(str(tmp_path / "lm"))
+
+
+def test_convert_command_takes_a_remote_code_layout_lm(tmp_path):
+    from flamingo.cli import main
+
+    lm, directory = _family("mosaic_gpt", tmp_path)
+    tok, vision = tiny_tokenizer(), tiny_vision("clip")
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=1)
+    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
+               tmp_path / "checkpoint.pt")
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    tok.save_pretrained(directory)
+    args = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--vision",
+            str(tmp_path / "vision"), "--lm", str(directory), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "lm" / "config.json").is_file()  # written whole, as transformers' MPT
+    assert json.loads((tmp_path / "out" / "lm" / "config.json").read_text())["model_type"] == "mpt"

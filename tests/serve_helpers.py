@@ -3,7 +3,9 @@ loopback port (bounded start and stop, no hangs)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -39,11 +41,14 @@ def engine_for(model_dir: Path, **kwargs) -> Engine:
 
 
 @contextlib.contextmanager
-def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0) -> Iterator[str]:
-    """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>; yields the base URL."""
+def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0,
+                   start_engine: bool = True) -> Iterator[str]:
+    """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>; yields the base URL. start_engine=False:
+    requests queue up and nothing runs them (until the server stops and fails them)."""
     import uvicorn
 
-    engine.start()
+    if start_engine:
+        engine.start()
     port = free_port()
     config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=5)
@@ -70,3 +75,10 @@ def greedy_alone(engine: Engine, prompt: str, media: list, max_tokens: int) -> l
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False)
     return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def data_url(image, fmt: str = "PNG") -> str:
+    """A PIL image as a `data:image/...;base64,` URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -53,6 +53,7 @@ class Event:
     finish_reason: Optional[str] = None
     usage: Optional[dict[str, int]] = None
     message: str = ""
+    tokens: Optional[list[int]] = None  # "finish": the choice's token ids (its stop token included)
 
 
 @dataclass
@@ -142,6 +143,8 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        else:  # never started: fail what waits
+            self._fail_all("the server is shutting down", include_waiting=True)
 
     @property
     def accepting(self) -> bool:
@@ -255,7 +258,7 @@ class Engine:
             choice.sent = end
         if reason is None:
             return False
-        job.emit(Event("finish", choice=choice.index, finish_reason=reason))
+        job.emit(Event("finish", choice=choice.index, finish_reason=reason, tokens=list(choice.tokens)))
         job.open_choices -= 1
         if job.open_choices == 0:
             self._finish_job(job)

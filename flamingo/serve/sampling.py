@@ -42,7 +42,7 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[Optional[torch.Generator]], suppress: Sequence[int]) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,): row b by `params[b]` with `generators[b]`; `suppress` ids are never chosen
     (`<image>`: what `generate` suppresses)."""
-    logits = logits.float()
+    logits = logits.to(torch.float32, copy=True)  # (B, V), the caller's stays as it was
     if suppress:
         logits[:, list(suppress)] = -float("inf")
     tokens = logits.argmax(dim=-1)  # (B,)

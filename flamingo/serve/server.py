@@ -7,10 +7,13 @@ each stream) and the process exits with status 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -48,6 +51,19 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
         def handle_exit(self, sig: int, frame: Any) -> None:
             engine.drain()  # before uvicorn stops reading: requests still arriving get 503
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """As uvicorn's, but the signal is not raised again after the shutdown: a drained server exits 0."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
     engine.start()
     config = uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,

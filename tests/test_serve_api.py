@@ -1,0 +1,221 @@
+"""The OpenAI-compatible API: the official `openai` client's chat and streaming calls, raw completions with media,
+local and video media, n / seed / stop / usage, models, health, metrics, a disconnecting client, and SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.media import MediaPolicy
+from flamingo.tiny import random_image
+
+from helpers import _video
+from serve_helpers import data_url, engine_for, free_port, greedy_alone, running_server, save_tiny_model
+
+QUESTION = "Question: what is in the image? Short answer:"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_api")
+    model_dir = save_tiny_model(root / "model")
+    media = root / "media"
+    media.mkdir()
+    random_image(7).save(media / "seven.png")
+    _video(media, "clip.mp4", seed=3, frames=3)
+    engine = engine_for(model_dir, max_batch=8, prefill_chunk=16)
+    settings = ServeSettings(model_name="tiny", media=MediaPolicy(root=media))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with running_server(engine, settings) as url:
+        yield engine, url, media
+    torch.set_num_threads(before)
+
+
+def _expected(engine, prompt, media, max_tokens, strip=True):
+    tokens = greedy_alone(engine, prompt, media, max_tokens)
+    stopped = bool(tokens) and tokens[-1] in engine.eos
+    text = engine.processor.decode(tokens[:-1] if stopped else tokens)
+    return (text.lstrip() if strip else text), len(tokens), "stop" if stopped else "length"
+
+
+def _few_shot():
+    images = [random_image(1), random_image(2)]
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[0])}},
+                                     {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": "a red circle."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[1], "JPEG")}},
+                                     {"type": "text", "text": QUESTION}]},
+    ]
+    prompt = f"<image>{QUESTION} a red circle.<|endofchunk|><image>{QUESTION}"
+    return messages, prompt, [random_image(1), _jpeg_roundtrip(images[1])]
+
+
+def _jpeg_roundtrip(image):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_chat_equals_greedy_generation(served):
+    engine, url, _ = served
+    messages, prompt, images = _few_shot()
+    out = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    text, count, reason = _expected(engine, prompt, images, 10)
+    assert out.choices[0].message.content == text
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == reason
+    assert out.usage.completion_tokens == count
+    assert out.usage.prompt_tokens == len(engine.processor(prompt, images=images)["input_ids"][0])
+    assert out.usage.total_tokens == out.usage.prompt_tokens + count
+
+
+def test_openai_client_streaming_equals_the_whole_answer(served):
+    engine, url, _ = served
+    messages, prompt, images = _few_shot()
+    stream = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    expected, count, reason = _expected(engine, prompt, images, 10)
+    assert (text, reasons) == (expected, [reason])
+    assert chunks[-1].usage.completion_tokens == count
+    assert len(chunks) > 3  # streamed in pieces, not in one chunk
+
+
+def test_raw_completion_with_media_local_file_and_video(served):
+    engine, url, media = served
+    prompt = "<image>Output: a cat.<|endofchunk|><image>Output:"
+    with open(media / "clip.mp4", "rb") as f:
+        video = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+    body = {"prompt": prompt, "media": ["seven.png", video], "max_tokens": 8, "temperature": 0}
+    out = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    text, count, reason = _expected(engine, prompt, [str(media / "seven.png"), str(media / "clip.mp4")], 8,
+                                    strip=False)
+    assert out["object"] == "text_completion"
+    assert (out["choices"][0]["text"], out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"]) == \
+        (text, count, reason)
+    # the same video as a chat video part, and a file:// URL under the media root
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                             {"type": "text", "text": "Output:"}]}]
+    chat = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == _expected(engine, "<image>Output:", [str(media / "clip.mp4")], 8)[0]
+    messages = [{"role": "user", "content": [{"type": "image_url",
+                                              "image_url": {"url": (media / "seven.png").as_uri()}}]}]
+    chat = _client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert chat.choices[0].message.content == _expected(engine, "<image>", [str(media / "seven.png")], 4)[0]
+
+
+def test_n_seed_and_stop(served):
+    engine, url, _ = served
+    client = _client(url)
+    messages, prompt, images = _few_shot()
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    sampled = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=1.5,
+                                              top_p=0.9, n=3, seed=11) for _ in range(2)]
+    texts = [[c.message.content for c in s.choices] for s in sampled]
+    assert texts[0] == texts[1]  # the seed repeats them
+    assert len(set(texts[0])) > 1  # each choice samples its own tokens
+    text, _, _ = _expected(engine, prompt, images, 8)
+    stop = text[2:4]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop=[stop])
+    assert out.choices[0].message.content == text[:text.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_models_health_metrics_and_page(served):
+    engine, url, _ = served
+    assert [m.id for m in _client(url).models.list().data] == ["tiny"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(url + "/metrics").text
+    for name in ("requests_total", "generation_tokens_total", "queue_depth", "batch_size_bucket",
+                 "time_to_first_token_seconds_count", "inter_token_latency_seconds_sum"):
+        assert f"flamingo_{name}" in metrics
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_a_client_that_disconnects_frees_its_row(served):
+    engine, url, _ = served
+    before = engine.metrics.value("generation_tokens_total")
+    body = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 500, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": ""' not in line:
+                break  # the first token: go away
+    deadline = time.monotonic() + 20
+    while engine.running_rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running_rows == 0
+    assert engine.metrics.value("generation_tokens_total") - before < 500
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", str(model_dir),
+                             "--port", str(port), "--grace", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+        lines: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 300, "temperature": 0,
+                    "stream": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    started.set()
+
+        client = threading.Thread(target=stream)
+        client.start()
+        assert started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        client.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    data = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]" or lines[-2:] == ["data: [DONE]", ""]
+    assert data[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # finished, not cut off
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)

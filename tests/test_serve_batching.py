@@ -1,0 +1,212 @@
+"""Continuous batching: rows that join (prefilled in chunks) and leave a running batch decode exactly the greedy tokens
+of each request alone, whatever their neighbours, padding or row order; over HTTP too, with 32 concurrent streaming
+clients."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+
+from flamingo.model.batching import DecodeBatch, Prefill
+from flamingo.serve.app import ServeSettings
+from flamingo.tiny import random_image
+
+from serve_helpers import SHOT, data_url, engine_for, greedy_alone, running_server, save_tiny_model
+
+PROMPTS = [
+    ("Question: what is this? Short answer:", []),
+    ("<image>Question: what is this? Short answer:", [random_image(1)]),
+    (SHOT * 2 + "<image>Question: what is this? Short answer:", [random_image(i) for i in range(3)]),
+    ("<image>Question: what moves? Short answer:", [[random_image(i) for i in range(4)]]),  # a 4-frame video
+    (SHOT * 4 + "<image>Question: and this one? Short answer:", [random_image(i + 5) for i in range(5)]),
+]
+
+
+def _run_batch(model, processor, cases, steps, *, chunk, max_rows, copies=1):
+    """Requests join one at a time (prefill chunks interleaved with decode steps) and leave after `steps` tokens:
+    the engine's schedule, driven by hand. Returns each request's tokens (one list per copy)."""
+    suppress = model.config.media_token_id
+    batch = DecodeBatch(model, max_rows)
+    rows: list[tuple[int, list[int]]] = []
+    pending, prefill, done = list(range(len(cases))), None, {}
+    for _ in range(10_000):
+        if not (pending or prefill or rows):
+            break
+        if prefill is None and pending and batch.free_rows() >= copies:
+            i = pending.pop(0)
+            b = processor(cases[i][0], images=cases[i][1])
+            prefill = (i, Prefill(model, b["input_ids"][0], b["images"], b["num_media"], b["num_frames"],
+                                  chunk=chunk))
+        if rows:
+            logits = batch.step(torch.tensor([r[1][-1] for r in rows]))
+            logits[:, suppress] = -float("inf")
+            for r, t in zip(rows, logits.argmax(-1).tolist()):
+                r[1].append(t)
+            for k in reversed(range(len(rows))):
+                if len(rows[k][1]) >= steps:
+                    done.setdefault(rows[k][0], []).append(rows[k][1])
+                    batch.remove(k)
+                    rows[k] = rows[-1]
+                    rows.pop()
+        if prefill is not None:
+            row = prefill[1].step()
+            if row is not None:
+                logits = row.logits.clone()
+                logits[suppress] = -float("inf")
+                batch.add(row, copies=copies)
+                rows += [(prefill[0], [int(logits.argmax())]) for _ in range(copies)]
+                prefill = None
+    return done
+
+
+def _alone(model, processor, prompt, media, steps):
+    b = processor(prompt, images=media)
+    out = model.generate(**b, max_new_tokens=steps, min_new_tokens=steps)
+    return out[0, b["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
+def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, one_thread):
+    model, processor = make_model(lm_kind)
+    cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows
+    got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3)
+    for i, (prompt, media) in enumerate(cases):
+        assert got[i] == [_alone(model, processor, prompt, media, 10)], i
+
+
+@pytest.mark.parametrize("overrides", [dict(num_image_references=4), dict(only_attend_last_image=False)])
+def test_rows_that_keep_every_image_decode_like_alone(make_model, overrides, one_thread):
+    """Models whose decode steps read all of a row's images (reference tokens, attention to every earlier image):
+    rows with different image counts share padded media buffers."""
+    model, processor = make_model("llama", **overrides)
+    got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4)
+    for i, (prompt, media) in enumerate(PROMPTS):
+        assert got[i] == [_alone(model, processor, prompt, media, 8)], i
+
+
+def test_choices_share_one_prefill(make_model, one_thread):
+    model, processor = make_model("llama")
+    got = _run_batch(model, processor, PROMPTS[1:3], steps=6, chunk=64, max_rows=4, copies=2)
+    for i, (prompt, media) in enumerate(PROMPTS[1:3]):
+        assert got[i] == [_alone(model, processor, prompt, media, 6)] * 2
+
+
+def test_a_full_batch_refuses_more_rows(make_model):
+    model, processor = make_model("llama")
+    b = processor(*PROMPTS[0])
+    row = Prefill(model, b["input_ids"][0], chunk=1000).step()
+    batch = DecodeBatch(model, 2)
+    assert batch.add(row, copies=2) == [0, 1]
+    with pytest.raises(RuntimeError, match="free"):
+        batch.add(row)
+    with pytest.raises(ValueError, match="one token per row"):
+        batch.step(torch.zeros(3, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("serve_model"))
+
+
+def _messages(prompt_index: int) -> tuple[list[dict], str, list]:
+    """A chat few-shot conversation and the raw prompt + media the template makes of it."""
+    shots = prompt_index % 3
+    images = [random_image(10 * prompt_index + k) for k in range(shots + 1)]
+    messages, prompt = [], ""
+    for k in range(shots):
+        messages += [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[k])}},
+                                                  {"type": "text", "text": f"Question: what is {k}? Short answer:"}]},
+                     {"role": "assistant", "content": "a red circle."}]
+        prompt += f"<image>Question: what is {k}? Short answer: a red circle.<|endofchunk|>"
+    question = "Question: what is in the image? Short answer:" if prompt_index % 2 else "Output:"
+    messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[-1])}},
+                                                 {"type": "text", "text": question}]})
+    return messages, prompt + "<image>" + question, images
+
+
+def test_32_concurrent_streaming_clients_get_their_greedy_answers(model_dir, one_thread):
+    """Every client streams its own few-shot request at once (loopback, bounded waits); each answer is the text and
+    the token count of `model.generate(do_sample=False)` for that request alone."""
+    engine = engine_for(model_dir, max_batch=16, max_queue=64, prefill_chunk=16)
+    clients, max_tokens = 32, 12
+    answers: dict[int, tuple[str, int, str]] = {}
+    errors: list[str] = []
+
+    def client(i: int, url: str) -> None:
+        messages, _, _ = _messages(i)
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        text, usage, reason = "", None, None
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    for choice in chunk["choices"]:
+                        text += choice["delta"].get("content") or ""
+                        reason = choice["finish_reason"] or reason
+                    usage = chunk.get("usage") or usage
+            answers[i] = (text, usage["completion_tokens"], reason)
+        except Exception as e:  # reported below, with the client's number
+            errors.append(f"client {i}: {type(e).__name__}: {e}")
+
+    with running_server(engine, ServeSettings()) as url:
+        threads = [threading.Thread(target=client, args=(i, url)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert not any(t.is_alive() for t in threads), "a client hung"
+        batch_sizes = engine.metrics.render()
+    assert errors == []
+    eos = engine.eos
+    for i in range(clients):
+        _, prompt, images = _messages(i)
+        tokens = greedy_alone(engine, prompt, images, max_tokens)
+        stopped = bool(tokens) and tokens[-1] in eos
+        expected = engine.processor.decode(tokens[:-1] if stopped else tokens).lstrip()
+        assert answers[i] == (expected, len(tokens), "stop" if stopped else "length"), i
+    assert 'flamingo_batch_size_bucket{le="1"}' in batch_sizes
+    count = float(batch_sizes.split("flamingo_batch_size_count ")[1].split()[0])
+    total = float(batch_sizes.split("flamingo_batch_size_sum ")[1].split()[0])
+    assert total / count > 2  # the rows were decoded together, not one at a time
+
+
+def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, one_thread):
+    """The engine alone, 32 jobs from 32 threads: each choice's token ids are `generate`'s for its prompt alone."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=8, max_queue=64, prefill_chunk=8)
+    processor, results, done = engine.processor, {}, threading.Semaphore(0)
+    cases = [(_messages(i)[1], _messages(i)[2]) for i in range(32)]
+
+    def submit(i: int) -> None:
+        ids, media = processor.encode_prompt(*cases[i])
+        batch = processor.batch_media([media])
+
+        def emit(event):
+            if event.kind == "finish":
+                results[i] = event.tokens
+            if event.kind in ("done", "error"):
+                done.release()
+
+        engine.submit(Job(torch.tensor(ids), batch, SamplingParams(max_tokens=10, temperature=0.0), emit))
+
+    engine.start()
+    try:
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for _ in range(32):
+            assert done.acquire(timeout=120), "the engine did not finish every job"
+    finally:
+        engine.stop(0.0)
+    for i, (prompt, media) in enumerate(cases):
+        assert results[i] == greedy_alone(engine, prompt, media, 10), i

@@ -15,7 +15,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.media import MediaPolicy
@@ -28,7 +27,7 @@ QUESTION = "Question: what is in the image? Short answer:"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("serve_api")
     model_dir = save_tiny_model(root / "model")
     media = root / "media"
@@ -37,11 +36,8 @@ def served(tmp_path_factory):
     _video(media, "clip.mp4", seed=3, frames=3)
     engine = engine_for(model_dir, max_batch=8, prefill_chunk=16)
     settings = ServeSettings(model_name="tiny", media=MediaPolicy(root=media))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     with running_server(engine, settings) as url:
         yield engine, url, media
-    torch.set_num_threads(before)
 
 
 def _expected(engine, prompt, media, max_tokens, strip=True):

@@ -1,0 +1,149 @@
+"""Bad input: each case gets a 4xx with an OpenAI-style error body that says what is wrong, and the server keeps
+serving; a full queue answers 429 with Retry-After."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import zlib
+
+import httpx
+import pytest
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.media import MediaPolicy
+from flamingo.tiny import random_image
+
+from serve_helpers import data_url, engine_for, running_server, save_tiny_model
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _png_claiming(width: int, height: int) -> str:
+    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb's shape)."""
+    buffer = io.BytesIO()
+    random_image(0, size=1).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    png[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    png[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(png[ihdr - 4:ihdr + 13])))
+    return "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
+
+
+def _user(*parts):
+    content = [{"type": "image_url", "image_url": {"url": p}} if p.startswith(("data:", "/", ".", "http", "file"))
+               or p.endswith(".png") else {"type": "text", "text": p} for p in parts]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("serve_bad")
+    model_dir = save_tiny_model(root / "model")
+    media = root / "media"
+    media.mkdir()
+    random_image(3).save(media / "ok.png")
+    random_image(4).save(root / "secret.png")  # beside the media root, not in it
+    engine = engine_for(model_dir, max_batch=4, prefill_chunk=32)
+    settings = ServeSettings(model_name="tiny", api_key=KEY, max_body_bytes=64 * 1024, max_tokens_cap=32,
+                             max_images=3, media=MediaPolicy(root=media, max_pixels=64 * 64))
+    with running_server(engine, settings) as url:
+        yield url
+
+
+GOOD = _user(data_url(random_image(1)), "Output:")
+QUICK = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 1}  # the server still answers
+CASES = {
+    "malformed JSON": (dict(content=b'{"messages": [', headers={"content-type": "application/json"}), 400,
+                       "not valid JSON"),
+    "body not an object": (dict(json=[1, 2]), 400, "JSON object"),
+    "wrong type": (dict(json={**GOOD, "max_tokens": "ten"}), 400, "max_tokens"),
+    "wrong type (bool as int)": (dict(json={**GOOD, "n": True}), 400, "n"),
+    "unknown field": (dict(json={**GOOD, "frobnicate": 1}), 400, "Unrecognized request argument supplied: frobnicate"),
+    "bad content part": (dict(json={"messages": [{"role": "user", "content": [{"type": "audio"}]}]}), 400,
+                         "messages"),
+    "too many images": (dict(json=_user(*[data_url(random_image(i)) for i in range(4)], "Output:")), 400,
+                        "more than the 3"),
+    "not an image": (dict(json=_user("data:image/png;base64," + base64.b64encode(b"hello, world").decode())), 400,
+                     "not a decodable image"),
+    "bad base64": (dict(json=_user("data:image/png;base64,@@@")), 400, "base64"),
+    "not a media type": (dict(json=_user("data:text/plain;base64,aGk=")), 400, "unsupported media type"),
+    "decompression bomb": (dict(json=_user(_png_claiming(50_000, 50_000))), 400, "decompression bomb"),
+    "bomb under PIL's limit": (dict(json=_user(_png_claiming(5_000, 5_000))), 400, "5000x5000 is more than"),
+    "over the pixel limit": (dict(json=_user(data_url(random_image(0, size=100)))), 400, "100x100"),
+    "body too large": (dict(json=_user("x" * 70_000)), 413, "larger than the server's limit"),
+    "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "positions"),
+    "prompt + max_tokens past the positions": (dict(json={**_user("yes no " * 1020), "max_tokens": 32}), 400,
+                                               "positions"),
+    "max_tokens over the cap": (dict(json={**GOOD, "max_tokens": 33}), 400, "cap of 32"),
+    "n over the limit": (dict(json={**GOOD, "n": 17}), 400, "n"),
+    "path outside the media root": (dict(json=_user("../secret.png")), 400, "outside the server's media root"),
+    "absolute path outside the root": (dict(json=_user("/etc/hostname.png")), 400, "outside"),
+    "missing local file": (dict(json=_user("nope.png")), 400, "no file"),
+    "remote URL refused": (dict(json=_user("http://127.0.0.1:9/x.png")), 400, "remote media"),
+    "last message not the user's": (dict(json={"messages": [{"role": "assistant", "content": "hi"}]}), 400,
+                                    "last message"),
+    "a placeholder in chat text": (dict(json=_user("<image>Output:")), 400, "may not contain <image>"),
+    "raw prompt placeholder mismatch": (dict(json={"prompt": "<image><image>Output:",
+                                                   "media": [data_url(random_image(1))]}, path="/v1/completions"),
+                                        400, "placeholder"),
+    "penalties are not implemented": (dict(json={**GOOD, "presence_penalty": 0.5}), 400, "presence_penalty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case):
+    request, status, message = CASES[case]
+    path = request.pop("path", "/v1/chat/completions") if "path" in request else "/v1/chat/completions"
+    response = httpx.post(served + path, headers={**AUTH, **request.get("headers", {})}, timeout=30,
+                          **{k: v for k, v in request.items() if k != "headers"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+    ok = httpx.post(served + "/v1/chat/completions", json=QUICK, headers=AUTH, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_a_missing_or_wrong_api_key_is_refused(served, headers):
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/metrics")):
+        response = httpx.request(method, served + path, json=GOOD, headers=headers, timeout=30)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(served + "/health", timeout=30).status_code == 200  # open: for load balancers
+
+
+def test_unknown_route_is_an_openai_style_404(served):
+    response = httpx.get(served + "/v1/nothing", headers=AUTH, timeout=30)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_a_full_queue_answers_429_with_retry_after(tmp_path):
+    """Nothing runs the queue (the engine is not started): two requests wait, the third is turned away."""
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=1, max_queue=2)
+    with running_server(engine, ServeSettings(), start_engine=False) as url:
+        waiting = [threading.Thread(target=_post_and_forget, args=(url,)) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        for _ in range(200):  # until both wait in the queue
+            if len(engine._waiting) == 2:
+                break
+            threading.Event().wait(0.02)
+        response = httpx.post(url + "/v1/chat/completions", json=GOOD, timeout=10)
+        assert response.status_code == 429
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["type"] == "rate_limit_error"
+        engine.stop(0.0)  # fails the waiting two (500), so that the server stops at once
+    for t in waiting:
+        t.join(timeout=30)
+
+
+def _post_and_forget(url: str) -> None:
+    try:
+        httpx.post(url + "/v1/chat/completions", json=GOOD, timeout=3)
+    except httpx.TransportError:
+        pass

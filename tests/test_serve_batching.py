@@ -15,7 +15,7 @@ from flamingo.model.batching import DecodeBatch, Prefill
 from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
 
-from serve_helpers import SHOT, data_url, engine_for, greedy_alone, running_server, save_tiny_model
+from serve_helpers import SHARP, SHOT, data_url, engine_for, greedy_alone, running_server, save_tiny_model
 
 PROMPTS = [
     ("Question: what is this? Short answer:", []),
@@ -71,7 +71,7 @@ def _alone(model, processor, prompt, media, steps):
 
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
 def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, one_thread):
-    model, processor = make_model(lm_kind)
+    model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
     cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows
     got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3)
     for i, (prompt, media) in enumerate(cases):
@@ -82,14 +82,14 @@ def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_
 def test_rows_that_keep_every_image_decode_like_alone(make_model, overrides, one_thread):
     """Models whose decode steps read all of a row's images (reference tokens, attention to every earlier image):
     rows with different image counts share padded media buffers."""
-    model, processor = make_model("llama", **overrides)
+    model, processor = make_model("llama", lm_overrides=SHARP["llama"], **overrides)
     got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4)
     for i, (prompt, media) in enumerate(PROMPTS):
         assert got[i] == [_alone(model, processor, prompt, media, 8)], i
 
 
 def test_choices_share_one_prefill(make_model, one_thread):
-    model, processor = make_model("llama")
+    model, processor = make_model("llama", lm_overrides=SHARP["llama"])
     got = _run_batch(model, processor, PROMPTS[1:3], steps=6, chunk=64, max_rows=4, copies=2)
     for i, (prompt, media) in enumerate(PROMPTS[1:3]):
         assert got[i] == [_alone(model, processor, prompt, media, 6)] * 2

@@ -6,8 +6,9 @@ chunk. So a joining request's prefill stalls the running rows by at most one chu
 the step after its prefill ends. A request's choices (`n`) share its prefill and decode as separate rows. Rows leave
 at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away (at the next step).
 
-Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new, holding
-back a tail that could still become a stop string or is an incomplete UTF-8 character.
+Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
+empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
+character.
 """
 
 from __future__ import annotations
@@ -253,9 +254,9 @@ class Engine:
             end -= max((len(s) - 1 for s in params.stop), default=0)
             while end > choice.sent and text[end - 1] == "\ufffd":
                 end -= 1
-        if end > choice.sent:
-            job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end]))
-            choice.sent = end
+        # one delta per token, empty while text is held back: streams show when each token came
+        job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end] if end > choice.sent else ""))
+        choice.sent = max(choice.sent, end)
         if reason is None:
             return False
         job.emit(Event("finish", choice=choice.index, finish_reason=reason, tokens=list(choice.tokens)))

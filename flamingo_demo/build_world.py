@@ -6,11 +6,13 @@
     data/pairs/prompted.jsonl           the same images, texts in the evaluation prompts' styles  (kind `pairs`)
     data/interleaved/docs.jsonl         MMC4 documents, images beside the JSONL                  (kind `interleaved`)
     data/video/videos.jsonl             {"video": "videos/v000000.mp4", "caption": ...}          (kind `video`)
+    data/multi/multi.jsonl              {"images": [...], "caption": "Image 0 is <image0>. ..."} (kind `pairs`)
     eval/vqa/{train,test}_{questions,annotations}.json + images/
     eval/captioning/captions.json + images/                       (COCO Karpathy layout)
     eval/classification/{classes.json,train.jsonl,test.jsonl} + images/
     eval/videoqa/{train,test}_qa.json + videos/                   (MSRVTT-QA layout)
     eval/binding/{classes.json,train.jsonl,test.jsonl} + images/  (classification layout with candidates/demo_ids)
+    eval/multi_image/{train,test}.jsonl + images/                 (multi-image questions naming images by reference)
     eval/retrieval/pairs.jsonl + images/                          (held-out pairs: the vision tower's retrieval test)
     corpus/train.txt, corpus/heldout.txt                          (LM text, one document per line)
     samples/grid.png, samples/clip.png, samples/samples.json      (for the report)
@@ -39,10 +41,10 @@ from .writers import WorldWriter
 PathLike = Union[str, os.PathLike]
 
 
-WRITER_GROUPS = (("pairs", "video", "vqa", "captioning"),
-                 ("interleaved", "corpus", "classification", "videoqa", "binding", "retrieval"))
-DATA_WRITERS = ("pairs", "interleaved", "video")
-EVAL_WRITERS = ("vqa", "captioning", "classification", "videoqa", "binding", "retrieval")
+WRITER_GROUPS = (("pairs", "video", "vqa", "captioning", "multi_image"),
+                 ("interleaved", "corpus", "classification", "videoqa", "binding", "retrieval", "multi"))
+DATA_WRITERS = ("pairs", "interleaved", "video", "multi")
+EVAL_WRITERS = ("vqa", "captioning", "classification", "videoqa", "binding", "retrieval", "multi_image")
 
 
 def _worker(root: str, size: MiniSize, seed: int, names: Sequence[str], queue: Any) -> None:

@@ -39,7 +39,7 @@ from .backbones import grow_backbones
 from .build_world import write_world
 from .evaluate import read_results, run_eval_job
 from .report import write_report
-from .run import ABLATIONS, TASKS, DemoRun, DemoSettings
+from .run import ABLATIONS, EVAL_SETS, TASK_SHOTS, TASKS, DemoRun, DemoSettings
 from .sizes import get_size
 from .tryit import run_hand_prompts
 
@@ -105,6 +105,7 @@ def train_overrides(run: DemoRun, variant: str) -> list[str]:
     overrides = [f"model.vision={run.backbones['vision']['dir']}", f"model.lm={run.backbones['lm']['dir']}",
                  f"data.0.path={data['interleaved']['path']}", f"data.1.path={data['pairs']['path']}",
                  f"data.2.path={data['video']['path']}", f"data.3.path={data['prompted']['path']}",
+                 f"data.4.path={data['multi']['path']}",
                  f"train.output_dir={os.path.join(s.out, variant)}",
                  f"train.seed={s.seed}", f"train.steps={size.flamingo_steps}"]
     if size.flamingo_gate_type != "scalar":
@@ -174,11 +175,13 @@ def eval_job(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = F
     name = variant + ("-gates0" if gates_zero else "")
     # Binding is evaluated on all of its episodes (one query each): at 80 queries its standard error near 90% would be
     # too coarse for the goals (>= 90%, no fall with shots).
-    tasks = [{"name": task_name, "harness_task": harness_task, "data_dir": run.world["eval"][task_name]["dir"],
-              "shots": [int(k) for k in (shots or s.shots)],
+    tasks = [{"name": task_name, "harness_task": harness_task,
+              "data_dir": run.world["eval"][EVAL_SETS.get(task_name, task_name)]["dir"],
+              "shots": [int(k) for k in (shots or s.shots) if int(k) in TASK_SHOTS.get(task_name, (int(k),))],
               "num_samples": None if task_name == "binding" else size.eval_samples,
               "out_dir": os.path.join(s.out, "eval", name, task_name)}
              for task_name, (harness_task, _) in TASKS.items()]
+    tasks = [t for t in tasks if t["shots"]]
     return {"name": name, "model_dir": model_dir, "gates_zero": gates_zero, "seed": s.seed, "batch_size": 16,
             "tasks": tasks}
 

@@ -33,6 +33,23 @@ def _breakdown_table(run: DemoRun, task: str) -> list[str]:
     return lines + [""]
 
 
+def _multi_image(run: DemoRun) -> list[str]:
+    """The multi-image questions: what they are, and each variant's accuracy per question type."""
+    if not any("multi_image" in tasks for tasks in run.results.values()):
+        return []
+    lines = ["## Multi-image questions", "",
+             "2-3 held-out images a query, declared MMICL-style (`Image 0 is <image0>. Image 1 is <image1>.`), then a "
+             "question naming one or two of them: `multi_image` names them by reference (`What colour is the object "
+             "in <image1>?`, `Are <image0> and <image2> the same shape?`): a token sees the image of the last image "
+             "or reference before it. `multi_image_plain` asks the same questions naming the images in words "
+             "(`image 1`): every token after the declarations then sees the last image only. "
+             "The images of a query differ in kind and colour (but for a `yes` pair in the attribute asked), so "
+             "an answer read off another image than the one named is wrong. "
+             + ("`all-images` is the model trained with `only_attend_last_image=false` (every token sees every "
+                "image before it). " if "all-images" in run.results else ""), ""]
+    return lines + _breakdown_table(run, "multi_image") + _breakdown_table(run, "multi_image_plain")
+
+
 def _hand_prompts(run: DemoRun) -> list[str]:
     """The hand-written prompts, their images, what `flamingo generate` answered, and the commands."""
     if not run.generations:
@@ -131,7 +148,7 @@ def write_report(run: DemoRun) -> str:
         lines += ["", "Not run (the prompt and its answer need more positions than the LM's "
                       f"{run.backbones.get('lm', {}).get('context', 'n/a')}-token window; the cell is over the rest): "
                   + "; ".join(skipped) + "."]
-    lines += [""] + _breakdown_table(run, "vqa")
+    lines += [""] + _breakdown_table(run, "vqa") + _multi_image(run)
     lines += ["![few-shot](fewshot.png)", "", "## Goals", "", "| goal | reached | numbers |", "|---|---|---|"]
     lines += [f"| {g} | {reached(ok)} | {nums} |" for g, ok, nums in goals(run)]
 

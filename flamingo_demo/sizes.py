@@ -26,11 +26,14 @@ class MiniSize:
     video_qa_fraction: float = 0.7  # share of video-text pairs whose text is a question and its short answer
     prompted_caption_fraction: float = 0.3  # prompted pairs written `Output:{caption}` (the rest: questions)
     videos: int = 400
+    multi_docs: int = 4000  # multi-image pairs (2-3 images, a question naming one or two by reference)
+    multi_plain_fraction: float = 0.2  # share of them naming the images in words (`image 0`), as plain prompts do
     # Evaluation sets: (demo pool = train split, evaluated = test split), all on held-out images.
     vqa: tuple[int, int] = (200, 400)
     captioning: tuple[int, int] = (100, 200)
     classification: tuple[int, int] = (120, 240)
     videoqa: tuple[int, int] = (60, 150)
+    multi_image: tuple[int, int] = (120, 240)
     binding_episodes: int = 150  # one query each, with its own demos in the train split
     binding_shots: int = 8  # an episode's demos: this many per word (n-way k-shot, k counted per word as in Frozen)
     novel_prob: float = 0.25  # share of evaluation scenes on a held-out (kind, colour) combination
@@ -99,7 +102,8 @@ class MiniSize:
 SIZES: dict[str, MiniSize] = {
     "smoke": MiniSize(
         name="smoke", video_frames=4, pairs=1500, docs=300, videos=60, vqa=(20, 30), captioning=(10, 40),
-        classification=(16, 24), videoqa=(8, 12), binding_episodes=8, corpus_docs=400, heldout_docs=40, samples=4,
+        classification=(16, 24), videoqa=(8, 12), multi_docs=200, multi_image=(12, 16), binding_episodes=8,
+        corpus_docs=400, heldout_docs=40, samples=4,
         vocab_size=400, vision_hidden=64, vision_layers=2, vision_steps=150, vision_batch=32, retrieval_pairs=100,
         lm_hidden=64, lm_layers=2, lm_intermediate=128, lm_context=128, lm_steps=200, lm_batch=8,
         lm_probe_every=50,  # exercises the early-stop probes (its LM never passes them: all 200 steps)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -128,6 +128,55 @@ def binding_document(world: World, rng: np.random.Generator, split: Split = "tra
         matched.append(len(texts))
         texts.append(f"This is a {words[k]}." if rng.random() < 0.8 else f"Here is a {words[k]}.")
     return texts, scenes, matched, words
+
+
+MULTI_IMAGE_TYPES = ("colour", "shape", "same_shape", "same_colour")
+
+
+def multi_image_question(world: World, rng: np.random.Generator, split: Split
+                         ) -> tuple[list[Scene], str, str, str]:
+    """2-3 single-object images and a question that names one or two of them by reference (MMICL-style, the prompt
+    declares them: flamingo/eval/multi_image.py): "What colour is the object in <image1>?", "What shape is the object
+    in <image0>?", "Are <image0> and <image2> the same shape?" (yes half of the time). Returns (scenes, question type,
+    question, answer). The images differ in kind and colour (but for a "yes" pair in the attribute asked), so a
+    question answered from another image than the named one is wrong."""
+    n = 2 if rng.random() < 0.5 else 3
+    r = rng.random()
+    qtype = MULTI_IMAGE_TYPES[min(int(r * len(MULTI_IMAGE_TYPES)), len(MULTI_IMAGE_TYPES) - 1)]  # a quarter each
+    i, j = sorted(int(x) for x in rng.choice(n, 2, replace=False))
+    same = qtype.startswith("same") and rng.random() < 0.5
+    scenes: list[Scene] = []
+    for k in range(n):
+        while True:
+            if same and k == j:  # the attribute asked copied from image i
+                fixed = {"kind": scenes[i].kind} if qtype == "same_shape" else {"colour": scenes[i].colour}
+                scene = _scene_with(world, rng, split, **fixed)
+            else:
+                scene = world.sample_scene(rng, split, count=1)
+            twin = same and k == j
+            others = [o for m, o in enumerate(scenes) if not (twin and m == i)]
+            if all(scene.kind != o.kind and scene.colour != o.colour for o in others) and not (
+                    twin and (scene.kind, scene.colour) == (scenes[i].kind, scenes[i].colour)):
+                break
+        scenes.append(scene)
+    k = int(rng.integers(n))
+    if qtype == "colour":
+        return scenes, qtype, f"What colour is the object in <image{k}>?", scenes[k].colour
+    if qtype == "shape":
+        return scenes, qtype, f"What shape is the object in <image{k}>?", scenes[k].kind
+    attr = "shape" if qtype == "same_shape" else "colour"
+    return scenes, qtype, f"Are <image{i}> and <image{j}> the same {attr}?", "yes" if same else "no"
+
+
+def _scene_with(world: World, rng: np.random.Generator, split: Split, kind: Optional[str] = None,
+                colour: Optional[str] = None) -> Scene:
+    """A one-object scene of this kind or colour, the other attribute drawn among those `split` allows."""
+    while True:
+        k = kind if kind is not None else KINDS[int(rng.integers(len(KINDS)))]
+        if colour is None:
+            return world.sample_scene(rng, split, kind=k, count=1)
+        if world.allowed(k, colour, split):
+            return world.sample_scene(rng, split, kind=k, colour=colour, count=1)
 
 
 def corpus_documents(world: World, rng: np.random.Generator, n: int, num_frames: int) -> list[str]:

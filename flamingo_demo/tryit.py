@@ -46,6 +46,7 @@ class HandPrompt:
     scenes: tuple[dict[str, Any], ...]  # World.sample_scene attributes of each image, in order; the last is the query
     expected: str  # the answer's first word ({a} / {b} in binding prompts)
     binding: bool = False
+    image_references: bool = False  # declared images (`Image 0 is <image0>`), as `flamingo generate --image-references`
 
 
 # Each query's answer is absent from its demos, so copying a demo's answer is wrong.
@@ -62,6 +63,13 @@ HAND_PROMPTS: tuple[HandPrompt, ...] = (
     HandPrompt("binding", f"<image>This is a {{a}}.{CHUNK}<image>This is a {{b}}.{CHUNK}" * 2 + "<image>This is a",
                ({"kind": "circle", "count": 1}, {"kind": "star", "count": 1}, {"kind": "circle", "count": 1},
                 {"kind": "star", "count": 1}, {"kind": "circle", "count": 1}), "{a}", binding=True),
+    # the query names its first image, not the last one its tokens would see without the reference
+    HandPrompt("named image", "Image 0 is <image0>. Image 1 is <image1>. Question:What colour is the object in "
+               f"<image1>? Short answer:blue{CHUNK}Image 2 is <image2>. Image 3 is <image3>. Question:What colour is "
+               "the object in <image2>? Short answer:",
+               ({"kind": "circle", "colour": "red", "count": 1}, {"kind": "star", "colour": "blue", "count": 1},
+                {"kind": "triangle", "colour": "green", "count": 1}, {"kind": "heart", "colour": "pink", "count": 1}),
+               "green", image_references=True),
 )
 # Nonsense words for the binding prompt, in order of preference; the first two that no training text contains are used.
 # Short ones first: a word of several BPE tokens is copied less reliably (docs/demo.md, "hand prompts").
@@ -85,7 +93,7 @@ def fresh_hand_words(texts: Iterable[str], candidates: Sequence[str] = HAND_WORD
 def training_texts(world: dict[str, Any]) -> list[str]:
     """Every text file the demo's LM and Flamingo stage train on."""
     data, corpus = world["data"], world["corpus"]
-    paths = [data[k]["path"] for k in ("interleaved", "pairs", "video", "prompted")]
+    paths = [data[k]["path"] for k in ("interleaved", "pairs", "video", "prompted", "multi") if k in data]
     paths += [corpus[k] for k in ("train", "induction") if corpus.get(k)]
     return [p for p in paths if os.path.isfile(p)]
 
@@ -99,10 +107,10 @@ def answer_word(text: str) -> str:
 
 @torch.no_grad()
 def generate_text(model: Flamingo, processor: FlamingoProcessor, prompt: str, images: Sequence[str],
-                  max_new_tokens: int) -> str:
-    """What `flamingo generate --prompt PROMPT --image ... --max-new-tokens N` prints: the greedy continuation after
-    the prompt, without special tokens."""
-    batch = processor(prompt, images=list(images))
+                  max_new_tokens: int, image_references: bool = False) -> str:
+    """What `flamingo generate --prompt PROMPT --image ... --max-new-tokens N [--image-references]` prints: the greedy
+    continuation after the prompt, without special tokens."""
+    batch = processor(prompt, images=list(images), image_references=image_references or None)
     inputs = {k: v for k, v in batch.items() if v is not None}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=1,
                          repetition_penalty=1.0)
@@ -135,8 +143,11 @@ def run_hand_prompts(world: dict[str, Any], model_dir: str, out_dir: str, *, see
         argv = ["generate", "--model", model_dir, "--prompt", text, "--max-new-tokens", str(max_new_tokens)]
         for path in images:
             argv += ["--image", path]
+        if prompt.image_references:
+            argv.append("--image-references")
         try:
-            output, code = generate_text(model, processor, text, images, max_new_tokens), 0
+            output, code = generate_text(model, processor, text, images, max_new_tokens,
+                                         image_references=prompt.image_references), 0
         except ValueError as e:  # a placeholder / image count mismatch: `flamingo generate` exits with code 2
             output, code = "", 2
             print(f"flamingo: error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from flamingo.eval.multi_image import declarations, in_words
+
 from .files import save_image, save_video, stream, write_json, write_jsonl
 from .sizes import MiniSize
 from .texts import (
@@ -21,6 +23,7 @@ from .texts import (
     clip_question_text,
     corpus_documents,
     induction_documents,
+    multi_image_question,
     pick,
     prompted_text,
     quiz_document,
@@ -121,6 +124,27 @@ class WorldWriter:
         return {"path": str(d / "docs.jsonl"), "image_dir": str(d), "docs": len(rows), "images": n_images,
                 "binding_docs": n_binding, "quiz_docs": n_quiz, "binding_words": len(words)}
 
+    def write_multi(self) -> dict:
+        """Multi-image pairs (MMICL-style, docs/data.md): 2-3 images declared in the caption and a question naming
+        one or two of them, in the evaluation prompt's words (flamingo/eval/multi_image.py). `multi_plain_fraction`
+        of them name the images in words (`image 0`) instead of by reference, as the plain prompt does."""
+        rng, d = stream(self.seed, "multi"), self._dir("data", "multi")
+        self._dir("data", "multi", "images")
+        rows = []
+        for i in range(self.size.multi_docs):
+            scenes, _, question, answer = multi_image_question(self.world, rng, "train")
+            if rng.random() < self.size.multi_plain_fraction:
+                question = in_words(question)
+            names = []
+            for k, scene in enumerate(scenes):
+                names.append(f"images/m{i:06d}_{k}.png")
+                save_image(self.world.render(scene), d / names[-1])
+            rows.append({"images": names,
+                         "caption": f"{declarations(len(scenes))}Question:{question} Short answer:{answer}"})
+            self._tick()
+        write_jsonl(rows, d / "multi.jsonl")
+        return {"path": str(d / "multi.jsonl"), "count": len(rows), "images": sum(len(r["images"]) for r in rows)}
+
     # -------------------------------------------------------------------------------------------- evaluation
     def write_vqa(self) -> dict:
         rng, d = stream(self.seed, "eval/vqa"), self._dir("eval", "vqa")
@@ -196,6 +220,25 @@ class WorldWriter:
             write_json(rows, d / f"{split}_qa.json")
         return {"dir": str(d), "train": self.size.videoqa[0], "test": self.size.videoqa[1],
                 "frames": self.size.video_frames, "fps": self.size.video_fps}
+
+    def write_multi_image(self) -> dict:
+        """Multi-image questions on held-out images, in the `multi_image` task's layout (flamingo/eval/multi_image.py);
+        the `multi_image_plain` task reads the same records."""
+        rng, d = stream(self.seed, "eval/multi_image"), self._dir("eval", "multi_image")
+        self._dir("eval", "multi_image", "images")
+        for split, n in zip(("train", "test"), self.size.multi_image):
+            rows = []
+            for i in range(n):
+                scenes, qtype, question, answer = multi_image_question(self.world, rng, "eval")
+                names = []
+                for k, scene in enumerate(scenes):
+                    names.append(f"images/{split}_{i:06d}_{k}.png")
+                    save_image(self.world.render(scene), d / names[-1])
+                rows.append({"id": f"{split}_{i:06d}", "images": names, "question": question, "answer": answer,
+                             "type": qtype, "novel": any(s.novel for s in scenes)})
+                self._tick()
+            write_jsonl(rows, d / f"{split}.jsonl")
+        return {"dir": str(d), "train": self.size.multi_image[0], "test": self.size.multi_image[1]}
 
     def write_retrieval(self) -> dict:
         """Held-out image-text pairs (canonical captions) for the vision tower's retrieval accuracy."""
@@ -314,7 +357,7 @@ class WorldWriter:
         s = self.size
         return (s.pairs + s.videos + 2 * s.docs + sum(s.vqa) + sum(s.captioning) + sum(s.classification)
                 + sum(s.videoqa) + s.retrieval_pairs + s.binding_episodes * (s.binding_shots * MAX_BINDING_WAYS + 1)
-                + s.corpus_docs)
+                + s.corpus_docs + s.multi_docs + sum(s.multi_image))
 
 
 # Two balanced groups of writers for two processes; the corpus reuses the interleaved documents' text, so it runs

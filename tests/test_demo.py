@@ -50,7 +50,7 @@ def demo_run(tmp_path_factory):
 def test_every_stage_leaves_its_artefact(demo_run):
     out = demo_run.settings.out
     world = demo_run.world
-    for kind in ("pairs", "interleaved", "video"):
+    for kind in ("pairs", "interleaved", "video", "multi"):
         assert os.path.isfile(world["data"][kind]["path"])
     for name in ("tokenizer", "vision", "lm"):
         assert os.path.isfile(os.path.join(demo_run.backbones[name]["dir"], "config.json")) or name == "tokenizer"
@@ -78,7 +78,10 @@ def test_every_stage_leaves_its_artefact(demo_run):
     assert demo_run.reused == []
     with open(os.path.join(out, "flamingo", "metrics.jsonl")) as f:
         first = json.loads(f.readline())
-    assert set(first["gates"]) and {"loss/interleaved", "loss/pairs", "loss/video"} <= set(first)
+    assert set(first["gates"]) and {"loss/interleaved", "loss/pairs", "loss/video", "loss/multi"} <= set(first)
+    # the multi-image questions, by reference and in words, at their own shots (3 images a sample)
+    for task in ("multi_image", "multi_image_plain"):
+        assert sorted({r["shots"] for r in demo_run.results["flamingo"][task]["runs"]}) == [0, 2, 4]
     with open(config_path()) as f:
         datasets = yaml.safe_load(f)["data"]
     # a step sees configs/mini.yaml's batches, whether one process or several (each with its share) trained
@@ -123,6 +126,9 @@ def test_each_ablation_trains_the_papers_variant(demo_run, ablation):
         assert len(model.xattn) == len(model.xattn_layer_indices) == layers // 4 < len(base.xattn)
     elif ablation == "mlp-resampler":
         assert isinstance(model.resampler, MLPResampler) and len(model.xattn) == len(base.xattn)
+    elif ablation == "all-images":  # the same model; only the masking rule differs
+        assert (base.config.only_attend_last_image, model.config.only_attend_last_image) == (True, False)
+        assert trainable(model) == trainable(base)
     else:
         assert ablation == "unfrozen-lm"
         lm_params = {f"lm.{n}" for n, _ in model.lm.named_parameters()}
@@ -234,3 +240,26 @@ def test_the_main_command_runs_the_size_whose_lm_can_bind():
     main, fast = get_size(size), get_size("fast")
     assert main.copy_docs > 0 and main.assoc_docs > 0 and main.flamingo_gate_type == "vector"
     assert fast.copy_docs == fast.assoc_docs == 0
+
+
+def test_multi_image_goals_weigh_each_question_type_and_compare_with_words(tmp_path):
+    """One named image and two compared are judged apart (each type weighs the same), at the best shot count; the
+    references must beat the plain prompt at every shot count."""
+    from flamingo_demo.goals import multi_image_goals
+
+    def results(rows: dict[int, dict[str, float]]) -> dict:
+        return {"summary": [{"shots": k, "metric": m, "mean": v} for k, ms in rows.items() for m, v in ms.items()]}
+
+    run = DemoRun(DemoSettings(out=str(tmp_path)))
+    by_ref = {0: {"accuracy": 70.0, "accuracy/colour": 90.0, "accuracy/shape": 86.0, "accuracy/same_colour": 50.0,
+                  "accuracy/same_shape": 50.0},
+              4: {"accuracy": 75.0, "accuracy/colour": 100.0, "accuracy/shape": 90.0, "accuracy/same_colour": 60.0,
+                  "accuracy/same_shape": 40.0}}
+    run.results = {"flamingo": {"multi_image": results(by_ref),
+                                "multi_image_plain": results({0: {"accuracy": 40.0}, 4: {"accuracy": 80.0}})}}
+    one, two, words = multi_image_goals(run, [0, 2, 4])
+    assert one[1] is True and one[2].startswith("4-shot 95.0% (colour 100.0%, shape 90.0%)")
+    assert two[1] is False and two[2].startswith("0-shot 50.0%")
+    assert words[1] is False and words[2] == "0-shot 70.0% vs 40.0%; 4-shot 75.0% vs 80.0%"
+    run.results = {"flamingo": {}}
+    assert multi_image_goals(run, [0, 2, 4]) == []

@@ -42,6 +42,7 @@ def _training_texts(manifest: dict) -> list[str]:
     texts += [row["caption"] for row in _jsonl(Path(data["prompted"]["path"]))]
     texts += [row["caption"] for row in _jsonl(Path(data["video"]["path"]))]
     texts += [t for doc in _jsonl(Path(data["interleaved"]["path"])) for t in doc["text_list"]]
+    texts += [row["caption"] for row in _jsonl(Path(data["multi"]["path"]))]
     texts += Path(manifest["corpus"]["train"]).read_text().splitlines()
     return texts
 
@@ -203,6 +204,26 @@ def test_training_datasets_load_through_the_data_layer(manifest):
             assert max(v for j, v in enumerate(row) if j != m) < 0.24  # below MMC4's threshold elsewhere
         assert len({i["matched_text_index"] for i in info}) == len(info)
 
+    # Multi-image pairs: the images declared in the caption, questions by reference or (some) in words; read by the
+    # data layer as the processor reads the same prompt.
+    from flamingo.data.pairs import pair_example
+    from flamingo.data.sources import RawRecord
+
+    multi_path = Path(data["multi"]["path"])
+    multi = _jsonl(multi_path)
+    assert len(multi) == data["multi"]["count"] and data["multi"]["images"] == sum(len(r["images"]) for r in multi)
+    plain = 0
+    for i, row in enumerate(multi):
+        n = len(row["images"])
+        decl = "".join(f"Image {k} is <image{k}>. " for k in range(n))
+        pattern = re.escape(decl) + r"Question:(.+\?) Short answer:(\S+)"
+        question, answer = re.fullmatch(pattern, row["caption"]).groups()
+        plain += "<image" not in question
+        example = pair_example(RawRecord(f"m{i}", str(multi_path), json.dumps(row)))
+        assert example.text.count("<image>") == n and [m.name for m in example.media] == [
+            str(multi_path.parent / p) for p in row["images"]]
+    assert 0 < plain < len(multi) / 2
+
     import av
 
     video_path = Path(data["video"]["path"])
@@ -247,6 +268,14 @@ def test_eval_datasets_load_through_the_eval_tasks(manifest):
         assert all(set(r) >= {"id", "video", "question", "answer"} and (d / r["video"]).is_file() for r in rows)
     assert any(r["question"] == "Which direction does the object move?" for r in
                json.loads((d / "train_qa.json").read_text()) + json.loads((d / "test_qa.json").read_text()))
+
+    from flamingo.eval.multi_image import MultiImagePlainTask, MultiImageTask
+
+    d = Path(ev["multi_image"]["dir"])
+    for split in ("train", "test"):
+        samples = MultiImageTask().load(str(d), split)
+        assert len(samples) == ev["multi_image"][split] and all(2 <= len(s.media) <= 3 for s in samples)
+        assert [s.fields for s in MultiImagePlainTask().load(str(d), split)] == [s.fields for s in samples]
 
     corpus = Path(manifest["corpus"]["train"]).read_text()
     for prompt in ("Question:", " Short answer:", "Output:", "This is a ", "Which direction does the object move?"):
@@ -473,6 +502,37 @@ def test_prompted_text_is_true_of_its_scene():
         assert (q, a) in {(qq, aa) for _, qq, aa in world.questions(scene)}
         caption = prompted_text(world, scene, rng, caption_fraction=1.0)
         assert caption.startswith("Output:") and caption[len("Output:"):] in world.captions(scene)
+
+
+def test_multi_image_questions_are_true_of_the_named_image_and_only_of_it():
+    """Each question names one or two images by reference and its answer is true of them; the images differ in kind
+    and colour (but for a "yes" pair in the attribute asked), so an answer read off another image is wrong."""
+    from flamingo_demo.texts import MULTI_IMAGE_TYPES, multi_image_question
+
+    world, rng = World(SEED), np.random.default_rng(0)
+    seen, yes = set(), []
+    for split in ("train", "eval") * 100:
+        scenes, qtype, question, answer = multi_image_question(world, rng, split)
+        seen.add((qtype, len(scenes)))
+        named = [int(k) for k in re.findall(r"<image(\d+)>", question)]
+        assert 2 <= len(scenes) <= 3 and all(k < len(scenes) for k in named) and all(s.count == 1 for s in scenes)
+        if split == "train":
+            assert not any((s.kind, s.colour) in world.heldout_combos for s in scenes)
+        if qtype in ("colour", "shape"):
+            (k,) = named
+            attr = "colour" if qtype == "colour" else "kind"
+            assert answer == getattr(scenes[k], attr)
+            assert [getattr(s, attr) for s in scenes].count(answer) == 1  # no other image gives this answer
+        else:
+            i, j = named
+            attr = "kind" if qtype == "same_shape" else "colour"
+            assert answer == ("yes" if getattr(scenes[i], attr) == getattr(scenes[j], attr) else "no")
+            yes.append(answer == "yes")
+        pairs = [(a, b) for a in range(len(scenes)) for b in range(a + 1, len(scenes))]
+        clashes = [(a, b) for a, b in pairs if scenes[a].kind == scenes[b].kind or scenes[a].colour == scenes[b].colour]
+        assert clashes == ([tuple(named)] if answer == "yes" else [])
+    assert {t for t, _ in seen} == set(MULTI_IMAGE_TYPES) and {n for _, n in seen} == {2, 3}
+    assert 0.3 < np.mean(yes) < 0.7
 
 
 def test_lm_learning_rate_schedules_warm_up_then_decay_or_hold():

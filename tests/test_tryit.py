@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from flamingo.references import resolve_declarations
 from flamingo_demo.tryit import HAND_PROMPTS, HAND_WORDS, answer_word, fresh_hand_words
 from flamingo_demo.world import KINDS
 
@@ -25,6 +26,8 @@ def test_hand_written_binding_words_are_fresh(tmp_path):
 def test_each_prompt_has_one_image_per_scene_and_a_query_answer_no_demo_gives():
     for p in HAND_PROMPTS:
         text = p.text.format(a="dax", b="wug") if p.binding else p.text
+        if p.image_references:  # declared images: the processor places them where declared
+            text = resolve_declarations(text, len(p.scenes), len(p.scenes))
         assert text.count("<image>") == len(p.scenes), p.name
         assert text.rstrip().endswith(("Short answer:", "This is a")), p.name
         assert all(s.get("kind", "circle") in KINDS for s in p.scenes)
@@ -58,3 +61,13 @@ def test_hand_prompts_are_answered_as_the_generate_command_answers_them(tmp_path
     printed = capsys.readouterr().out.strip()
     loaded, loaded_processor = load_pretrained(str(tmp_path / "model"))
     assert generate_text(loaded, loaded_processor, prompt, images, max_new_tokens=6) == printed
+
+    # declared images with a reference, as `flamingo generate --image-references` reads them
+    model, processor = tiny_flamingo(num_image_references=4)
+    model.save_pretrained(str(tmp_path / "refs"), processor=processor)
+    prompt = "Image 0 is <image0>. Image 1 is <image1>. Question:What colour is the object in <image0>? Short answer:"
+    assert main(["generate", "--model", str(tmp_path / "refs"), "--prompt", prompt, "--image", images[0],
+                 "--image", images[1], "--max-new-tokens", "6", "--image-references"]) == 0
+    printed = capsys.readouterr().out.strip()
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "refs"))
+    assert generate_text(loaded, loaded_processor, prompt, images, max_new_tokens=6, image_references=True) == printed

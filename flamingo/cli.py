@@ -107,6 +107,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import build_engine, serve, settings_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)
@@ -175,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
     srv.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
     srv.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")

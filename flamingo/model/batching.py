@@ -186,6 +186,7 @@ class DecodeBatch:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.model, self.max_rows = model, max_rows
         self.device = next(model.lm.parameters()).device
+        _check_full_attention(DynamicCache(config=model.lm.config))
         self._shape = _Shape()
         self._layers: list[_RowsLayer] = []
         self.cache = Cache(layers=[])
@@ -219,10 +220,7 @@ class DecodeBatch:
         if not self._layers:
             if like is None:
                 raise RuntimeError("the batch's cache is allocated from its first row's prefill cache")
-            for layer in like.layers:
-                if type(layer) is not DynamicLayer:
-                    raise ValueError(f"continuous batching needs full-attention cache layers; this LM has "
-                                     f"{type(layer).__name__} (sliding or linear attention)")
+            _check_full_attention(like)
             self._layers = [_RowsLayer(self._shape) for _ in like.layers]
             self.cache.layers = list(self._layers)
         for layer, src in zip(self._layers, like.layers if like is not None else self._layers):
@@ -361,6 +359,15 @@ class DecodeBatch:
         self._shape.length = length + 1
         self.positions[:rows] += 1
         return out.logits[:, -1]
+
+
+def _check_full_attention(cache: Cache) -> None:
+    """Rows of a batch keep every position's K/V: LMs whose caches hold sliding windows or linear-attention states
+    (HF picks their layer classes from the config) are refused."""
+    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(f"continuous batching needs full-attention cache layers; this LM's cache has {odd} "
+                         "(sliding-window or linear attention)")
 
 
 def _grown(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

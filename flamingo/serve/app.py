@@ -72,12 +72,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        if request.url.path in ("/v1/chat/completions", "/v1/completions"):
-            metrics.inc("requests_total", labels={"endpoint": request.url.path, "status": str(response.status_code)})
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -229,6 +224,29 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+class _CountRequests:
+    """ASGI middleware: counts the generation endpoints' responses by status (a plain ASGI wrapper, so streamed
+    bodies pass through untouched)."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.inc("requests_total", labels={"endpoint": scope["path"],
+                                                           "status": str(message["status"])})
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 async def _sse(events: asyncio.Queue, job: Job, head: dict[str, Any], kind: str, chat: bool,

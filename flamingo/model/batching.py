@@ -2,8 +2,9 @@
 
 HF `generate` cannot take new rows mid-run, so a server runs its own loop over two model-level steps:
 - `Prefill`: one prompt alone, in chunks of at most `chunk` tokens per `step()` (the media are encoded with the
-  first chunk), so rows already decoding wait at most one chunk for a joining prompt. It leaves a `PrefilledRow`:
-  the prompt's LM cache, each block's visual K/V that its decode steps read, its decode media index, the last logits.
+  first chunk, or in a step of their own), so rows already decoding wait at most one chunk for a joining prompt.
+  It leaves a `PrefilledRow`: the prompt's LM cache, each block's visual K/V that its decode steps read, its decode
+  media index, the last logits.
 - `DecodeBatch`: the running rows. Each row keeps its own LM cache rows, its own visual K/V per block (the last
   image's `(1, R, h, d)`, or all its images' when the model decodes with references), its own media index and its own
   position. `add` copies a prefilled row into a free row (the rows stay packed at the front: `remove` moves the last
@@ -78,9 +79,12 @@ class Prefill:
         return self.input_ids.numel()
 
     @torch.no_grad()
-    def step(self) -> Optional[PrefilledRow]:
+    def step(self, chunk: Optional[int] = None, media_alone: bool = False) -> Optional[PrefilledRow]:
+        """Run the next chunk (`chunk` tokens, default the constructor's); media_alone: a first step that encodes
+        media does only that (so its cost and a chunk's do not add up in one step)."""
         model = self.model
-        if self.ctx is None:  # the media are encoded with the first chunk
+        chunk = self.chunk if chunk is None else chunk
+        if self.ctx is None:  # the media are encoded with (or, media_alone, before) the first chunk
             ids = self.input_ids[None]
             visual = None
             if self.images is not None:
@@ -91,7 +95,9 @@ class Prefill:
                 model.check_media_tokens(ids, None)
             self.ctx = MediaContext(Phase.PREFILL, visual)
             self.cache = DynamicCache(config=model.lm.config)
-        end = min(self.done + self.chunk, self.length)
+            if media_alone and visual is not None:
+                return None
+        end = min(self.done + chunk, self.length)
         ids = self.input_ids[None, self.done:end]  # (1, c)
         kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
         if _takes_position_ids(model.lm):

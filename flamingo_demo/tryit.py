@@ -64,7 +64,7 @@ HAND_PROMPTS: tuple[HandPrompt, ...] = (
                ({"kind": "circle", "count": 1}, {"kind": "star", "count": 1}, {"kind": "circle", "count": 1},
                 {"kind": "star", "count": 1}, {"kind": "circle", "count": 1}), "{a}", binding=True),
     # the query names its first image, not the last one its tokens would see without the reference
-    HandPrompt("named image", "Image 0 is <image0>. Image 1 is <image1>. Question:What colour is the object in "
+    HandPrompt("named-image", "Image 0 is <image0>. Image 1 is <image1>. Question:What colour is the object in "
                f"<image1>? Short answer:blue{CHUNK}Image 2 is <image2>. Image 3 is <image3>. Question:What colour is "
                "the object in <image2>? Short answer:",
                ({"kind": "circle", "colour": "red", "count": 1}, {"kind": "star", "colour": "blue", "count": 1},

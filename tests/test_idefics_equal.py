@@ -180,3 +180,16 @@ def test_convert_idefics_command_round_trip(tmp_path):
     small, _ = load_pretrained(str(tmp_path / "small"))
     assert _max_diff(small, peer, batch, tok) <= 1e-5
     assert main(["convert", "idefics", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_bench_idefics_decodes_the_same_tokens_as_idefics():
+    """bench/idefics.py's set-up: ours and transformers' IDEFICS on the same weights generate the same tokens."""
+    import argparse
+
+    from bench.idefics import run
+
+    args = argparse.Namespace(shape="tiny", images=[3], batch=[2], new_tokens=4, device="cpu", dtype="fp32",
+                              repeats=1)
+    (row,) = run(args)
+    assert row["same_tokens"] and row["ours_decode_tok_s"] > 0 and row["idefics_decode_tok_s"] > 0

@@ -116,6 +116,10 @@ def test_a_dropped_vector_gate_or_qk_norm_fails_the_equality():
         for module in modules:
             module.q_norm = module.k_norm = None
         assert _max_diff(dropped, peer, batch, tok) > 1e-3, part
+    extra = copy.deepcopy(peer)  # a tensor the converter has no place for is an error, never dropped silently
+    extra.model.gated_cross_attn_layers[1].register_buffer("beta", torch.ones(1))
+    with pytest.raises(ValueError, match="no place for"):
+        from_idefics(extra, copy.deepcopy(tok))
 
 
 def test_greedy_generation_equal_idefics():

@@ -141,9 +141,23 @@ def _language_model(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype
     return lm.eval()
 
 
-def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, state: dict[str, torch.Tensor]
+class _Reads(dict):
+    """A state dict that remembers which keys were read."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(state)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
-    """The perceiver and the gated cross-attention layers under our names."""
+    """The perceiver and the gated cross-attention layers under our names; a tensor of theirs left unread is an
+    error (a part the converter would drop)."""
+    state = _Reads(source)
     out: dict[str, torch.Tensor] = {}
     src = "model.perceiver_resampler."
     out["resampler.latents"] = state[src + "latents"]
@@ -180,6 +194,10 @@ def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, state: dict[
             out[f"{dst}ffw.{name}.weight"] = state[f"{src}mlp.{name}.weight"]
         out[f"{dst}attn_gate"] = state[f"{src}alpha_cross_attn"].reshape(-1)  # (1,) or (1, 1, D) -> (1,) or (D,)
         out[f"{dst}ffw_gate"] = state[f"{src}alpha_dense"].reshape(-1)
+    unread = [k for k in source if k.startswith(("model.perceiver_resampler.", "model.gated_cross_attn_layers."))
+              and k not in state.read]
+    if unread:
+        raise ValueError(f"IDEFICS tensors the conversion has no place for: {unread[:5]}")
     return out
 
 

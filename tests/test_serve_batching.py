@@ -52,8 +52,8 @@ def _run_batch(model, processor, cases, steps, *, chunk, max_rows, copies=1):
                     batch.remove(k)
                     rows[k] = rows[-1]
                     rows.pop()
-        if prefill is not None:
-            row = prefill[1].step()
+        if prefill is not None:  # media one per step while rows run, as the engine does
+            row = prefill[1].step(media_per_step=1 if rows else None)
             if row is not None:
                 logits = row.logits.clone()
                 logits[suppress] = -float("inf")

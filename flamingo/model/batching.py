@@ -2,7 +2,8 @@
 
 HF `generate` cannot take new rows mid-run, so a server runs its own loop over two model-level steps:
 - `Prefill`: one prompt alone, in chunks of at most `chunk` tokens per `step()` (the media are encoded with the
-  first chunk, or in a step of their own), so rows already decoding wait at most one chunk for a joining prompt.
+  first chunk, or a few per step in steps of their own), so rows already decoding wait at most one chunk for a
+  joining prompt.
   It leaves a `PrefilledRow`: the prompt's LM cache, each block's visual K/V that its decode steps read, its decode
   media index, the last logits.
 - `DecodeBatch`: the running rows. Each row keeps its own LM cache rows, its own visual K/V per block (the last
@@ -71,6 +72,7 @@ class Prefill:
         self.input_ids = input_ids.to(self.device)
         self.images, self.num_media, self.num_frames = images, num_media, num_frames
         self.done = 0
+        self._visual: list[torch.Tensor] = []  # (1, n, R, Dv) per group of media encoded so far
         self.ctx: Optional[MediaContext] = None
         self.cache: Optional[DynamicCache] = None
 
@@ -79,23 +81,18 @@ class Prefill:
         return self.input_ids.numel()
 
     @torch.no_grad()
-    def step(self, chunk: Optional[int] = None, media_alone: bool = False) -> Optional[PrefilledRow]:
-        """Run the next chunk (`chunk` tokens, default the constructor's); media_alone: a first step that encodes
-        media does only that (so its cost and a chunk's do not add up in one step)."""
+    def step(self, chunk: Optional[int] = None, media_per_step: Optional[int] = None) -> Optional[PrefilledRow]:
+        """Run the next chunk (`chunk` tokens, default the constructor's). media_per_step: encode the media in
+        steps of their own, this many media per step (so that no step costs a whole prompt's media plus a chunk);
+        None: all of them with the first chunk."""
         model = self.model
         chunk = self.chunk if chunk is None else chunk
-        if self.ctx is None:  # the media are encoded with (or, media_alone, before) the first chunk
-            ids = self.input_ids[None]
-            visual = None
-            if self.images is not None:
-                num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
-                visual = model.encode_media(self.images.to(self.device), num_media, self.num_frames)
-                model.check_media_tokens(ids, num_media)
-            else:
-                model.check_media_tokens(ids, None)
-            self.ctx = MediaContext(Phase.PREFILL, visual)
+        if self.ctx is None:
+            if not self._encode_media(media_per_step):
+                return None
+            self.ctx = MediaContext(Phase.PREFILL, torch.cat(self._visual, dim=1) if self._visual else None)
             self.cache = DynamicCache(config=model.lm.config)
-            if media_alone and visual is not None:
+            if media_per_step is not None and self._visual:
                 return None
         end = min(self.done + chunk, self.length)
         ids = self.input_ids[None, self.done:end]  # (1, c)
@@ -111,6 +108,24 @@ class Prefill:
         return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
                             None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
                             out.logits[0, -1])
+
+    def _encode_media(self, per_step: Optional[int]) -> bool:
+        """Encode the next `per_step` media (all when None) into `self._visual`; True when every medium is done."""
+        ids = self.input_ids[None]
+        if self.images is None:
+            self.model.check_media_tokens(ids, None)
+            return True
+        num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
+        total = int(num_media[0])
+        if not self._visual:
+            self.model.check_media_tokens(ids, num_media)
+        start = sum(v.shape[1] for v in self._visual)
+        end = total if per_step is None else min(total, start + per_step)
+        if end > start:
+            frames = None if self.num_frames is None else self.num_frames[:, start:end]
+            self._visual.append(self.model.encode_media(self.images[:, start:end].to(self.device),
+                                                        torch.tensor([end - start]), frames))  # (1, n, R, Dv)
+        return end >= total
 
     def _decode_media_kv(self) -> Optional[list[MediaKV]]:
         ctx, model = self.ctx, self.model

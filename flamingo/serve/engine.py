@@ -2,10 +2,11 @@
 
 Each turn of the loop (`Engine._turn`): drop cancelled work; if no prompt is being prefilled and the batch has free
 rows for a waiting request's choices, start its `Prefill`; run one decode step for all running rows; run one prefill
-chunk (its media encoding is a chunk of its own). So a joining request's prefill stalls the running rows by at most
-one chunk per step, and a request joins at the step after its prefill ends. With no row running, nobody waits: the
-rest of the prompt is prefilled at once. A request's choices (`n`) share its prefill and decode as separate rows.
-Rows leave at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away (at the next step).
+chunk (its media are encoded first, `media_per_step` per turn). So a joining request's prefill stalls the running
+rows by at most one chunk per step, and a request joins at the step after its prefill ends. With no row running,
+nobody waits: the rest of the prompt is prefilled at once. A request's choices (`n`) share its prefill and decode
+as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away
+(at the next step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
@@ -90,9 +91,10 @@ class Engine:
     """Owns the model once started: every model call happens on its thread."""
 
     def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128, metrics: Optional[Metrics] = None) -> None:
+                 prefill_chunk: int = 128, media_per_step: int = 2, metrics: Optional[Metrics] = None) -> None:
         self.model, self.processor = model, processor
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.media_per_step = media_per_step  # media a joining prompt encodes per turn while rows are running
         self.metrics = metrics or Metrics()
         self.device = next(model.lm.parameters()).device
         config = generation_config_for(model)
@@ -192,8 +194,8 @@ class Engine:
 
     def _prefill_step(self) -> None:
         job, prefill = self._prefill
-        try:  # with rows waiting: one chunk, media in a step of their own; with none: the whole prompt at once
-            row = prefill.step(self.prefill_chunk, media_alone=True) if self._rows else prefill.step(2**62)
+        try:  # with rows waiting: one chunk, or a few media; with none: the whole prompt at once
+            row = prefill.step(self.prefill_chunk, self.media_per_step) if self._rows else prefill.step(2**62)
         except Exception as e:  # the request's own fault (bad media the checks missed): only it fails
             log.exception("prefill failed")
             self._prefill = None

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
-    srv.add_argument("--prefill-chunk", type=int, default=128,
+    srv.add_argument("--prefill-chunk", type=int, default=64,
                      help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")

@@ -62,7 +62,7 @@ class Prefill:
 
     def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                  num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
-                 chunk: int = 128) -> None:
+                 chunk: int = 64) -> None:
         if input_ids.ndim != 1 or input_ids.numel() == 0:
             raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
         if chunk < 1:

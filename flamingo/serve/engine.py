@@ -91,7 +91,7 @@ class Engine:
     """Owns the model once started: every model call happens on its thread."""
 
     def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128, media_per_step: int = 2, metrics: Optional[Metrics] = None) -> None:
+                 prefill_chunk: int = 64, media_per_step: int = 2, metrics: Optional[Metrics] = None) -> None:
         self.model, self.processor = model, processor
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.media_per_step = media_per_step  # media a joining prompt encodes per turn while rows are running

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
-                 max_queue: int = 64, prefill_chunk: int = 128) -> Engine:
+                 max_queue: int = 64, prefill_chunk: int = 64) -> Engine:
     model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device)
     return Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
 

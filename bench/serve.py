@@ -1,0 +1,202 @@
+"""Serving throughput and latency: `flamingo serve` (continuous batching) under concurrent clients vs the same
+requests sent one at a time.
+
+    python -m bench.serve --shape cpu                                 # 2 CPU cores: clients 1 4 16 64, fp32
+    python -m bench.serve --shape gpu --device cuda --dtype bf16      # batch up to 64
+    python -m bench.serve --shape tiny --requests 8 --clients 1 4     # smoke run
+
+A model of the shape (bench/common.py's SHAPES, random weights, gates 0.3) is saved to a temporary directory and
+served by `python -m flamingo.cli serve` in a subprocess (its own cores and GIL); this process runs the clients
+(asyncio, one connection each, closed loop: a client sends its next request when its answer is complete). Requests:
+k-shot prompts of bench/generate.py's SHOT / QUERY with k drawn from `--shots` (mixed lengths and image counts),
+greedy, `--max-tokens` new tokens at most, streamed. Each token comes as one server-sent event, timestamped on
+arrival: time to first token = first token - request sent; inter-token latency = gaps between one stream's tokens
+(so a gap that a joining request's prefill chunk lengthens is counted). Throughput = completion tokens / wall time.
+Clients 1 is "one at a time": the same requests, sequentially, through the same server. `same_answers` checks every
+request's answer against the one-at-a-time run's (greedy output must not depend on the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from bench.common import SHAPES, machine, print_json, print_table
+from bench.generate import QUERY, SHOT
+from flamingo.build import from_backbones
+from flamingo.config import FlamingoConfig
+from flamingo.runtime import DTYPE_NAMES
+from flamingo.tiny import random_image, set_gates, tiny_image_processor, tiny_tokenizer
+
+
+def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, seed: int = 0) -> int:
+    """A random Flamingo of `shape` saved with its processor; returns the image size."""
+    spec = SHAPES[shape]
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(pad_vocab_to=spec["vocab"]) if spec["vocab"] > 300 else tiny_tokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, **spec["lm"])).eval()
+    vision = CLIPVisionModel(CLIPVisionConfig(**spec["vision"])).eval()
+    size = spec["vision"]["image_size"]
+    model, processor = from_backbones(vision, lm, tok, FlamingoConfig(xattn_every=xattn_every),
+                                      image_processor=tiny_image_processor("clip", size))
+    set_gates(model, gate)
+    model.save_pretrained(directory, processor=processor)
+    return size
+
+
+def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """`count` raw k-shot completion requests (k from `shots`), each with its own random images."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        k = rng.choice(shots)
+        media = []
+        for j in range(k + 1):
+            buffer = io.BytesIO()
+            random_image(1000 * i + j, size=image_size).save(buffer, format="PNG")
+            media.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+        out.append({"prompt": SHOT * k + QUERY, "media": media, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}})
+    return out
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict[str, Any]:
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    text, usage = "", None
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {(await response.aread()).decode()[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            for choice in chunk["choices"]:
+                if choice["finish_reason"] is None:  # one event per token, then one that says why it ended
+                    stamps.append(time.perf_counter())
+                text += choice["text"]
+            usage = chunk.get("usage") or usage
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"text": text, "tokens": usage["completion_tokens"], "ttft": stamps[0] - sent, "gaps": gaps}
+
+
+async def run_clients(url: str, requests: list[dict], clients: int) -> tuple[float, list[dict]]:
+    """Closed loop: `clients` workers take the next request when their last one is answered."""
+    queue = list(enumerate(requests))
+    results: list[Any] = [None] * len(requests)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                i, body = queue.pop(0)
+                results[i] = await _one(client, url, body)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - start, results
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def _batch_mean(url: str) -> tuple[float, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    read = lambda name: float(text.split(f"flamingo_batch_size_{name} ")[1].split()[0])  # noqa: E731
+    return read("sum"), read("count")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=64, help="requests per client count (the same ones)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=64)
+    parser.add_argument("--xattn-every", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    args = parser.parse_args()
+    print(f"# bench.serve on {machine()}, shape={args.shape}, dtype={args.dtype}, max_batch={args.max_batch}, "
+          f"prefill_chunk={args.prefill_chunk}, server threads={args.threads or torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        image_size = save_model(args.shape, model_dir, args.xattn_every)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flamingo.cli", "serve", "--model", model_dir, "--port", str(port),
+             "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8), "--prefill-chunk",
+             str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
+             *(["--threads", str(args.threads)] if args.threads else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError("the server did not start")
+            requests = requests_for(args.requests, args.shots, image_size, args.max_tokens)
+            asyncio.run(run_clients(url, requests[:2], 1))  # warm-up
+            rows, baseline = [], None
+            for clients in args.clients:
+                before = _batch_mean(url)
+                wall, results = asyncio.run(run_clients(url, requests, clients))
+                after = _batch_mean(url)
+                gaps = [g for r in results for g in r["gaps"]]
+                ttfts = [r["ttft"] for r in results]
+                tokens = sum(r["tokens"] for r in results)
+                row = {"clients": clients, "requests": len(results), "tokens": tokens, "seconds": wall,
+                       "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
+                       "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
+                       "itl_p99_ms": 1e3 * _pct(gaps, 99),
+                       "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1])}
+                row["itl_p99_over_p50"] = row["itl_p99_ms"] / row["itl_p50_ms"]
+                if baseline is None and clients == 1:
+                    baseline = (row["output_tok_s"], [r["text"] for r in results])
+                if baseline is not None:
+                    row["vs_one_at_a_time"] = row["output_tok_s"] / baseline[0]
+                    row["same_answers"] = [r["text"] for r in results] == baseline[1]
+                rows.append(row)
+                print_json("serve", {"shape": args.shape, "device": machine(), "dtype": args.dtype,
+                                     "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
+                                     "max_tokens": args.max_tokens, "shots": args.shots, **row})
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+    print_table(rows, ["clients", "requests", "tokens", "output_tok_s", "vs_one_at_a_time", "same_answers",
+                       "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "itl_p99_over_p50", "mean_batch"])
+
+
+if __name__ == "__main__":
+    main()

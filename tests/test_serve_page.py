@@ -1,6 +1,7 @@
 """The web page at `/`, in a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium):
 build a few-shot prompt with images, see the streamed answer (the API's greedy answer for the same conversation)
-and its figures, chat with an attached image; a screenshot is kept as an artifact.
+and its figures, chat with an attached image, attach images by drag and drop and by paste; screenshots are kept as
+artifacts.
 
 Skipped without Chromium, except under CI (the environment variable CI set), where it fails instead."""
 
@@ -43,6 +44,19 @@ def _browser():
                  "--window-size=1100,1000"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+DROP_AND_PASTE = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const files = () => {
+  const t = new DataTransfer();
+  t.items.add(new File([bytes], "x.png", {type: "image/png"}));
+  return t;
+};
+const composer = document.getElementById("composer");
+composer.dispatchEvent(new DragEvent("drop", {dataTransfer: files(), bubbles: true, cancelable: true}));
+composer.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files(), bubbles: true, cancelable: true}));
+"""
 
 
 def _data_url(path: Path) -> str:
@@ -101,6 +115,10 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
             assert "time to first token" in reply.find_element(By.CSS_SELECTOR, ".stats").text
             assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user img")) == 1
             browser.save_screenshot(str(ARTIFACTS / "serve-page-chat.png"))
+
+            # drag and drop, and paste, of an image onto the composer attach it
+            browser.execute_script(DROP_AND_PASTE, base64.b64encode(query.read_bytes()).decode())
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#chat-attachments .chip img")) == 2)
     finally:
         browser.quit()
     assert (ARTIFACTS / "serve-page-few-shot.png").stat().st_size > 1000

@@ -90,6 +90,8 @@ CASES = {
     "raw prompt placeholder mismatch": (dict(json={"prompt": "<image><image>Output:",
                                                    "media": [data_url(random_image(1))]}, path="/v1/completions"),
                                         400, "placeholder"),
+    "empty prompt": (dict(json={"prompt": "", "max_tokens": 2}, path="/v1/completions"), 400, "empty"),
+    "empty chat": (dict(json={"messages": [{"role": "user", "content": []}]}), 400, "empty"),
     "penalties are not implemented": (dict(json={**GOOD, "presence_penalty": 0.5}), 400, "presence_penalty"),
 }
 

@@ -210,3 +210,32 @@ def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, one_th
         engine.stop(0.0)
     for i, (prompt, media) in enumerate(cases):
         assert results[i] == greedy_alone(engine, prompt, media, 10), i
+
+
+def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
+    """A prompt the model refuses (here: empty, which the app turns away first) ends its own request with an error;
+    the next request is served."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=2)
+    events: dict[str, list] = {"bad": [], "good": []}
+    finished = threading.Semaphore(0)
+
+    def sink(name):
+        def emit(event):
+            events[name].append(event.kind)
+            if event.kind in ("done", "error"):
+                finished.release()
+        return emit
+
+    ids = torch.tensor(engine.processor.token_ids("Output:"))
+    engine.start()
+    try:
+        engine.submit(Job(torch.zeros(0, dtype=torch.long), {}, SamplingParams(max_tokens=2), sink("bad")))
+        engine.submit(Job(ids, {}, SamplingParams(max_tokens=2, temperature=0.0), sink("good")))
+        assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+    finally:
+        engine.stop(0.0)
+    assert events["bad"] == ["error"]
+    assert events["good"][-1] == "done"

@@ -114,6 +114,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                                                  image_references=False if chat else None)
         except ValueError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        if not ids:
+            raise APIError(400, "the prompt is empty: nothing to continue", param="messages" if chat else "prompt")
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if asked is not None and asked > settings.max_tokens_cap:
             raise APIError(400, f"max_tokens={asked} is more than this server's cap of {settings.max_tokens_cap}",

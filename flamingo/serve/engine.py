@@ -189,8 +189,11 @@ class Engine:
             job = self._waiting.popleft()
             self.metrics.set_gauge("queue_depth", len(self._waiting))
         media = job.media
-        self._prefill = (job, Prefill(self.model, job.prompt_ids, media.get("images"), media.get("num_media"),
-                                      media.get("num_frames"), chunk=self.prefill_chunk))
+        try:
+            self._prefill = (job, Prefill(self.model, job.prompt_ids, media.get("images"), media.get("num_media"),
+                                          media.get("num_frames"), chunk=self.prefill_chunk))
+        except ValueError as e:  # only this request fails
+            job.emit(Event("error", message=str(e)))
 
     def _prefill_step(self) -> None:
         job, prefill = self._prefill

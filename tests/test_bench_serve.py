@@ -1,0 +1,33 @@
+"""bench/serve.py's measurement: k-shot requests with one image per shot plus the query, and the client that times
+each streamed token (one timestamp per token, so its gaps are the inter-token latencies)."""
+
+import asyncio
+
+from bench.generate import QUERY, SHOT
+from bench.serve import _pct, requests_for, run_clients
+from flamingo.serve.app import ServeSettings
+
+from serve_helpers import engine_for, running_server, save_tiny_model
+
+
+def test_requests_are_k_shot_prompts_with_their_own_images():
+    requests = requests_for(6, [0, 2], image_size=32, max_tokens=5, seed=1)
+    for r in requests:
+        k = r["prompt"].count(SHOT)
+        assert r["prompt"] == SHOT * k + QUERY and k in (0, 2)
+        assert len(r["media"]) == k + 1 and len(set(r["media"])) == k + 1
+        assert r["temperature"] == 0 and r["stream"] and r["max_tokens"] == 5
+    assert {r["prompt"].count(SHOT) for r in requests} == {0, 2}
+    assert _pct([3.0, 1.0, 2.0], 50) == 2.0 and _pct([1.0, 2.0, 3.0], 99) == 3.0
+
+
+def test_clients_time_every_token_and_agree_with_one_at_a_time(tmp_path, one_thread):
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=4, prefill_chunk=8)
+    requests = requests_for(4, [0, 1, 2], image_size=32, max_tokens=6)
+    with running_server(engine, ServeSettings(max_images=8)) as url:
+        _, alone = asyncio.run(run_clients(url, requests, 1))
+        _, together = asyncio.run(run_clients(url, requests, 4))
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    for r in together:
+        assert len(r["gaps"]) == r["tokens"] - 1  # one event per token
+        assert r["ttft"] > 0 and all(g >= 0 for g in r["gaps"])

@@ -208,7 +208,8 @@ def test_a_flamingo_stage_stopped_by_a_signal_is_not_marked_done(tmp_path, monke
 
     monkeypatch.setattr(demo_module, "Trainer", StoppedTrainer)
     run = DemoRun(DemoSettings(out=str(tmp_path), size="smoke", train_procs=1))
-    run.world = {"data": {kind: {"path": f"{kind}.jsonl"} for kind in ("interleaved", "pairs", "video", "prompted", "multi")}}
+    kinds = ("interleaved", "pairs", "video", "prompted", "multi")
+    run.world = {"data": {kind: {"path": f"{kind}.jsonl"} for kind in kinds}}
     run.backbones = {"vision": {"dir": "vision"}, "lm": {"dir": "lm"}}
     with pytest.raises(RuntimeError, match="stopped before its last step"):
         train_flamingo(run, "flamingo")

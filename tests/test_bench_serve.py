@@ -4,7 +4,7 @@ each streamed token (one timestamp per token, so its gaps are the inter-token la
 import asyncio
 
 from bench.generate import QUERY, SHOT
-from bench.serve import _pct, requests_for, run_clients
+from bench.serve import _pct, prefill_ceiling, requests_for, run_clients
 from flamingo.serve.app import ServeSettings
 
 from serve_helpers import engine_for, running_server, save_tiny_model
@@ -31,3 +31,8 @@ def test_clients_time_every_token_and_agree_with_one_at_a_time(tmp_path, one_thr
     for r in together:
         assert len(r["gaps"]) == r["tokens"] - 1  # one event per token
         assert r["ttft"] > 0 and all(g >= 0 for g in r["gaps"])
+
+
+def test_prefill_ceiling_is_whole_time_over_prefill_time():
+    results = [{"ttft": 0.2, "gaps": [0.1, 0.1, 0.2]}, {"ttft": 0.6, "gaps": [0.2]}]
+    assert abs(prefill_ceiling(results) - (0.4 + 0.3) / 0.4) < 1e-12  # means: prefill 0.4 s, decode 0.3 s

@@ -45,12 +45,13 @@ from bench.common import SHAPES, machine, print_json, print_table
 from bench.generate import QUERY, SHOT
 from flamingo.build import from_backbones
 from flamingo.config import FlamingoConfig
+from flamingo.model.flamingo import Flamingo
 from flamingo.runtime import DTYPE_NAMES
 from flamingo.tiny import random_image, set_gates, tiny_image_processor, tiny_tokenizer
 
 
-def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, seed: int = 0) -> int:
-    """A random Flamingo of `shape` saved with its processor; returns the image size."""
+def build_model(shape: str, xattn_every: int, gate: float = 0.3, seed: int = 0) -> tuple[Flamingo, Any, int]:
+    """A random Flamingo of `shape` (eval mode) with its processor and image size."""
     spec = SHAPES[shape]
     torch.manual_seed(seed)
     tok = tiny_tokenizer(pad_vocab_to=spec["vocab"]) if spec["vocab"] > 300 else tiny_tokenizer()
@@ -60,6 +61,12 @@ def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, 
     model, processor = from_backbones(vision, lm, tok, FlamingoConfig(xattn_every=xattn_every),
                                       image_processor=tiny_image_processor("clip", size))
     set_gates(model, gate)
+    return model.eval(), processor, size
+
+
+def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, seed: int = 0) -> int:
+    """A random Flamingo of `shape` saved with its processor; returns the image size."""
+    model, processor, size = build_model(shape, xattn_every, gate, seed)
     model.save_pretrained(directory, processor=processor)
     return size
 

@@ -5,6 +5,7 @@ import asyncio
 
 from bench.generate import QUERY, SHOT
 from bench.serve import _pct, prefill_ceiling, requests_for, run_clients
+from bench.serve_steps import _spread
 from flamingo.serve.app import ServeSettings
 
 from serve_helpers import engine_for, running_server, save_tiny_model
@@ -36,3 +37,8 @@ def test_clients_time_every_token_and_agree_with_one_at_a_time(tmp_path, one_thr
 def test_prefill_ceiling_is_whole_time_over_prefill_time():
     results = [{"ttft": 0.2, "gaps": [0.1, 0.1, 0.2]}, {"ttft": 0.6, "gaps": [0.2]}]
     assert abs(prefill_ceiling(results) - (0.4 + 0.3) / 0.4) < 1e-12  # means: prefill 0.4 s, decode 0.3 s
+
+
+def test_mixed_step_batches_hold_the_shortest_and_longest_prompts():
+    assert _spread([8, 0, 1, 2, 4], 4) == [0, 1, 2, 8]
+    assert _spread([0, 8], 1) == [0] and sorted(set(_spread([0, 1, 2, 4, 8], 16))) == [0, 1, 2, 4, 8]

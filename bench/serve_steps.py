@@ -1,0 +1,105 @@
+"""The serving engine's two costs, in-process (no HTTP): one decode step of a `DecodeBatch` at 1, 4 and 16 rows
+(prompts of equal or mixed lengths), and one k-shot prompt's prefill split into vision encoding and LM prefill.
+
+    python -m bench.serve_steps --shape cpu --threads 1
+
+What it answers: how much a batched decode step costs over a one-row step (so whether batching makes decoding
+cheap), what padding rows to the longest one costs (a mixed batch attends over its longest prompt's length, as
+a batch of long prompts does; a batch of short prompts over the shortest: the mixed step against the two), and how
+a prefill splits between the vision tower and the LM. Prompts are bench/generate.py's SHOT * k + QUERY with k + 1
+images, the model is bench/serve.py's (random weights, gates 0.3). Times are means over `--repeats` calls after one
+warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench.common import machine, print_json, print_table
+from bench.generate import QUERY, SHOT
+from bench.serve import build_model
+from flamingo.model.batching import DecodeBatch, Prefill, PrefilledRow
+from flamingo.tiny import random_image
+
+
+def _mean_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def k_shot(processor: Any, k: int, image_size: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A k-shot prompt's ids (T,) and its media as the server batches them."""
+    images = [random_image(100 * seed + j, size=image_size) for j in range(k + 1)]
+    ids, media = processor.encode_prompt(SHOT * k + QUERY, images, max_length=2**62)
+    return torch.tensor(ids, dtype=torch.long), processor.batch_media([media])
+
+
+def _spread(shots: list[int], rows: int) -> list[int]:
+    """`rows` shot counts spread over `shots` from its first to its last (so the batch holds both ends)."""
+    ordered = sorted(shots)
+    return [ordered[i * (len(ordered) - 1) // max(1, rows - 1)] for i in range(rows)]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--xattn-every", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# bench.serve_steps on {machine()}, shape={args.shape}, fp32, threads={torch.get_num_threads()}")
+    model, processor, size = build_model(args.shape, args.xattn_every)
+
+    prefilled: dict[int, PrefilledRow] = {}
+    prefill_rows = []
+    for k in args.shots:
+        ids, media = k_shot(processor, k, size)
+        images, num_media, num_frames = media["images"], media.get("num_media"), media.get("num_frames")
+
+        def prefill() -> PrefilledRow:
+            return Prefill(model, ids, images, num_media, num_frames).step(2**62)
+
+        whole = _mean_seconds(prefill, max(1, args.repeats // 3))
+        vision = _mean_seconds(lambda: model.encode_media(images, num_media, num_frames), max(1, args.repeats // 3))
+        prefilled[k] = prefill()
+        row = {"shots": k, "prompt_tokens": int(ids.numel()), "images": k + 1, "prefill_ms": 1e3 * whole,
+               "vision_ms": 1e3 * vision, "lm_ms": 1e3 * (whole - vision)}
+        prefill_rows.append(row)
+        print_json("serve_steps.prefill", {"shape": args.shape, **row})
+    print_table(prefill_rows, ["shots", "prompt_tokens", "images", "prefill_ms", "vision_ms", "lm_ms"])
+
+    longest, shortest = max(args.shots), min(args.shots)
+    step_rows, one_row = [], None
+    for rows in args.rows:
+        for label, shots in (("equal, short", [shortest] * rows), ("equal, long", [longest] * rows),
+                             ("mixed", _spread(args.shots, rows))):
+            if rows == 1 and label == "mixed":
+                continue
+            batch = DecodeBatch(model, max(args.rows))
+            for k in shots:
+                batch.add(prefilled[k])
+            tokens = torch.full((rows,), 5, dtype=torch.long)
+            seconds = _mean_seconds(lambda: batch.step(tokens), args.repeats)
+            if rows == 1 and label == "equal, short":
+                one_row = seconds
+            row = {"rows": rows, "prompts": label, "batch_length": batch.length, "step_ms": 1e3 * seconds,
+                   "vs_one_row": seconds / one_row, "ms_per_row": 1e3 * seconds / rows}
+            step_rows.append(row)
+            print_json("serve_steps.decode", {"shape": args.shape, **row})
+    print_table(step_rows, ["rows", "prompts", "batch_length", "step_ms", "vs_one_row", "ms_per_row"])
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 (prompts of equal or mixed lengths), and one k-shot prompt's prefill split into vision encoding and LM prefill.
 
     python -m bench.serve_steps --shape cpu --threads 1
+    python -m bench.serve_steps --shape cpu --threads 1 --profile     # + matmul time per weight shape (torch.profiler)
 
 What it answers: how much a batched decode step costs over a one-row step (so whether batching makes decoding
 cheap), what padding rows to the longest one costs (a mixed batch attends over its longest prompt's length, as
@@ -41,6 +42,22 @@ def k_shot(processor: Any, k: int, image_size: int, seed: int = 0) -> tuple[torc
     return torch.tensor(ids, dtype=torch.long), processor.batch_media([media])
 
 
+def _matmuls(fn: Callable[[], Any], repeats: int) -> tuple[float, dict[str, float]]:
+    """Self time of `aten::mm` per call of `fn` (ms), in all and by weight shape `in x out` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(repeats):
+            fn()
+    by_shape: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key == "aten::mm" and len(event.input_shapes) == 2 and len(event.input_shapes[1]) == 2:
+            key = "x".join(str(n) for n in event.input_shapes[1])
+            by_shape[key] = by_shape.get(key, 0.0) + event.self_cpu_time_total / 1e3 / repeats
+    by_shape = {k: round(v, 2) for k, v in sorted(by_shape.items(), key=lambda kv: -kv[1])}
+    return sum(by_shape.values()), by_shape
+
+
 def _spread(shots: list[int], rows: int) -> list[int]:
     """`rows` shot counts spread over `shots` from its first to its last (so the batch holds both ends)."""
     ordered = sorted(shots)
@@ -56,6 +73,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--xattn-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the equal-short steps: time of the step's matmuls by weight shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,9 +115,14 @@ def main() -> None:
                 one_row = seconds
             row = {"rows": rows, "prompts": label, "batch_length": batch.length, "step_ms": 1e3 * seconds,
                    "vs_one_row": seconds / one_row, "ms_per_row": 1e3 * seconds / rows}
+            if args.profile and label == "equal, short":
+                row["matmul_ms"], row["matmul_by_shape_ms"] = _matmuls(lambda: batch.step(tokens), args.repeats)
             step_rows.append(row)
             print_json("serve_steps.decode", {"shape": args.shape, **row})
-    print_table(step_rows, ["rows", "prompts", "batch_length", "step_ms", "vs_one_row", "ms_per_row"])
+    print_table(step_rows, ["rows", "prompts", "batch_length", "step_ms", "vs_one_row", "ms_per_row", "matmul_ms"])
+    for row in step_rows:
+        if "matmul_by_shape_ms" in row:
+            print(f"# {row['rows']} rows, ms per step by (in, out) weight shape: {row['matmul_by_shape_ms']}")
 
 
 if __name__ == "__main__":

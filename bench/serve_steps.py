@@ -8,8 +8,8 @@ What it answers: how much a batched decode step costs over a one-row step (so wh
 cheap), what padding rows to the longest one costs (a mixed batch attends over its longest prompt's length, as
 a batch of long prompts does; a batch of short prompts over the shortest: the mixed step against the two), and how
 a prefill splits between the vision tower and the LM. Prompts are bench/generate.py's SHOT * k + QUERY with k + 1
-images, the model is bench/serve.py's (random weights, gates 0.3). Times are means over `--repeats` calls after one
-warm-up.
+images, the model is bench/serve.py's (random weights, gates 0.3). Times are the fastest of `--repeats` calls after one
+warm-up (the least disturbed on shared cores).
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from flamingo.model.batching import DecodeBatch, Prefill, PrefilledRow
 from flamingo.tiny import random_image
 
 
-def _mean_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up: on cores shared with other jobs, the least disturbed one."""
     fn()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def k_shot(processor: Any, k: int, image_size: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -90,8 +93,8 @@ def main() -> None:
         def prefill() -> PrefilledRow:
             return Prefill(model, ids, images, num_media, num_frames).step(2**62)
 
-        whole = _mean_seconds(prefill, max(1, args.repeats // 3))
-        vision = _mean_seconds(lambda: model.encode_media(images, num_media, num_frames), max(1, args.repeats // 3))
+        whole = _seconds(prefill, max(1, args.repeats // 3))
+        vision = _seconds(lambda: model.encode_media(images, num_media, num_frames), max(1, args.repeats // 3))
         prefilled[k] = prefill()
         row = {"shots": k, "prompt_tokens": int(ids.numel()), "images": k + 1, "prefill_ms": 1e3 * whole,
                "vision_ms": 1e3 * vision, "lm_ms": 1e3 * (whole - vision)}
@@ -110,7 +113,7 @@ def main() -> None:
             for k in shots:
                 batch.add(prefilled[k])
             tokens = torch.full((rows,), 5, dtype=torch.long)
-            seconds = _mean_seconds(lambda: batch.step(tokens), args.repeats)
+            seconds = _seconds(lambda: batch.step(tokens), args.repeats)
             if rows == 1 and label == "equal, short":
                 one_row = seconds
             row = {"rows": rows, "prompts": label, "batch_length": batch.length, "step_ms": 1e3 * seconds,

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .xattn import GatedCrossAttentionBlock, MediaKV, XAttnImpl
+from .xattn import GatedResidualBlock, MediaKV, XAttnImpl
 
 
 class Phase(Enum):
@@ -75,7 +75,7 @@ class MediaContext:
         project the visual K/V again exactly as the first forward did)."""
         return replace(self, media_kv={}, memo={})
 
-    def last_image_kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> MediaKV:
+    def last_image_kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> MediaKV:
         """Each row's last image's K/V for one block, (rows, 1, R, h, d): what DECODE steps attend to."""
         key = ("last", block_idx, rows)
         if key not in self.media_kv:
@@ -85,7 +85,7 @@ class MediaContext:
             self.media_kv[key] = MediaKV(kv.k[batch, image][:, None], kv.v[batch, image][:, None])
         return self.media_kv[key]
 
-    def kv_for(self, block_idx: int, block: GatedCrossAttentionBlock, rows: int) -> Optional[MediaKV]:
+    def kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> Optional[MediaKV]:
         """The visual K/V of one block for an LM call of `rows` rows, (rows, N, R, h, d)."""
         if self.visual is None:
             return None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .xattn import MediaKV, XAttnImpl, masked_cross_attention
+from .xattn import GatedResidualBlock, MediaKV, XAttnImpl, masked_cross_attention
 
 
 class RMSNorm(nn.Module):
@@ -81,30 +81,13 @@ class IdeficsCrossAttention(nn.Module):
         return self.to_out(out.flatten(2))
 
 
-class IdeficsCrossAttentionBlock(nn.Module):
-    """IDEFICS's GATED XATTN-DENSE; the same interface and gate parameters as `GatedCrossAttentionBlock`."""
+class IdeficsCrossAttentionBlock(GatedResidualBlock):
+    """IDEFICS's GATED XATTN-DENSE (RMSNorm'd cross-attention with optional q/k norms, a gated SiLU MLP); the same
+    interface and gate parameters as `GatedCrossAttentionBlock`."""
 
     def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, ffw_dim: int, eps: float = 1e-6,
                  qk_norm: bool = False, gated: bool = True, only_attend_last_image: bool = True,
                  gate_type: str = "scalar") -> None:
-        super().__init__()
-        self.attn = IdeficsCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
-                                          qk_norm=qk_norm, eps=eps, only_attend_last_image=only_attend_last_image)
-        self.ffw = GatedMLP(dim, ffw_dim, eps)
-        self.gated = gated
-        if gated:
-            gate_size = dim if gate_type == "vector" else 1  # IDEFICS's alpha_type "vector" / "float"
-            self.attn_gate = nn.Parameter(torch.zeros(gate_size))
-            self.ffw_gate = nn.Parameter(torch.zeros(gate_size))
-
-    def project_media(self, visual: torch.Tensor) -> MediaKV:
-        return self.attn.project_media(visual)
-
-    def forward(self, x: torch.Tensor, kv: Optional[MediaKV], media_index: Optional[torch.Tensor],
-                impl: XAttnImpl = "auto", memo: Optional[dict] = None) -> torch.Tensor:
-        """x (B, T, D), kv of (B, N, R, h, d) or None when the batch has no media, media_index (B, T) -> (B, T, D)."""
-        if kv is not None:
-            attn = self.attn(x, kv, media_index, impl, memo)
-            x = x + (self.attn_gate.tanh() * attn if self.gated else attn)
-        ffw = self.ffw(x)
-        return x + (self.ffw_gate.tanh() * ffw if self.gated else ffw)
+        super().__init__(IdeficsCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
+                                               qk_norm=qk_norm, eps=eps, only_attend_last_image=only_attend_last_image),
+                         GatedMLP(dim, ffw_dim, eps), dim=dim, gated=gated, gate_type=gate_type)

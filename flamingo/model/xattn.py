@@ -271,18 +271,19 @@ class MaskedCrossAttention(nn.Module):
         return self.to_out(out.flatten(2))
 
 
-class GatedCrossAttentionBlock(nn.Module):
-    """x = x + tanh(a_attn)·xattn(x, visual); x = x + tanh(a_ffw)·ffw(x). Gates start at 0: the LM is intact."""
+class GatedResidualBlock(nn.Module):
+    """x = x + tanh(a_attn)·attn(x, visual); x = x + tanh(a_ffw)·ffw(x). Gates start at 0: the LM is intact.
 
-    def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, ffw_mult: int, gated: bool = True,
-                 only_attend_last_image: bool = True, gate_type: str = "scalar") -> None:
+    The block variants (this paper's, IDEFICS's) differ in their attention and feed-forward modules only."""
+
+    def __init__(self, attn: nn.Module, ffw: nn.Module, *, dim: int, gated: bool = True,
+                 gate_type: str = "scalar") -> None:
         super().__init__()
-        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
-                                         only_attend_last_image=only_attend_last_image)
-        self.ffw = feed_forward(dim, ffw_mult)
+        self.attn = attn
+        self.ffw = ffw
         self.gated = gated
         if gated:
-            gate_size = dim if gate_type == "vector" else 1  # broadcast over (B, T, D)
+            gate_size = dim if gate_type == "vector" else 1  # broadcast over (B, T, D); IDEFICS's alpha_type
             self.attn_gate = nn.Parameter(torch.zeros(gate_size))
             self.ffw_gate = nn.Parameter(torch.zeros(gate_size))
 
@@ -298,3 +299,13 @@ class GatedCrossAttentionBlock(nn.Module):
         # No media: the attention output is exactly zero for every token, so it is skipped, not computed.
         ffw = self.ffw(x)
         return x + (self.ffw_gate.tanh() * ffw if self.gated else ffw)
+
+
+class GatedCrossAttentionBlock(GatedResidualBlock):
+    """The paper's GATED XATTN-DENSE: masked cross-attention and a GELU feed-forward, each behind a tanh gate."""
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, head_dim: int, ffw_mult: int, gated: bool = True,
+                 only_attend_last_image: bool = True, gate_type: str = "scalar") -> None:
+        super().__init__(MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, head_dim=head_dim,
+                                              only_attend_last_image=only_attend_last_image),
+                         feed_forward(dim, ffw_mult), dim=dim, gated=gated, gate_type=gate_type)

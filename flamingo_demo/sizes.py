@@ -133,7 +133,7 @@ DEFAULT_SIZE = "binding"
 
 # How long `flamingo demo --size S` takes from scratch on 2 CPU cores, (fewest, most) minutes over the runs in
 # docs/demo.md. The CLI's help reads it; the README and docs cite it.
-MINUTES: dict[str, tuple[int, int]] = {"binding": (16, 23), "fast": (11, 16), "smoke": (2, 2)}
+MINUTES: dict[str, tuple[int, int]] = {"binding": (14, 23), "fast": (11, 16), "smoke": (2, 2)}
 
 
 def duration(size: str) -> str:

@@ -178,6 +178,22 @@ def test_convert_idefics_command_round_trip(tmp_path):
     assert _max_diff(ours, peer, batch, tok) <= 1e-5
     ids = ours.generate(**batch, max_new_tokens=3, min_new_tokens=3)  # generation accepts it as any other model
     assert ids.shape == (3, batch["input_ids"].shape[1] + 3)
+    # so does the server's decode loop: prefill in chunks, then batched steps, the greedy tokens of `generate`
+    from flamingo.model.batching import DecodeBatch, Prefill
+
+    one = processor(PROMPTS[0], images=[random_image(i) for i in range(NUM_IMAGES[0])])  # text, then 3 images
+    expected = ours.generate(**one, max_new_tokens=4, min_new_tokens=4)[0, one["input_ids"].shape[1]:].tolist()
+    prefill = Prefill(ours, one["input_ids"][0], one["images"], one["num_media"], one["num_frames"], chunk=5)
+    row = None
+    while row is None:
+        row = prefill.step()
+    decode = DecodeBatch(ours, max_rows=2)
+    decode.add(row)
+    tokens = [int(row.logits.argmax())]
+    with torch.no_grad():
+        while len(tokens) < 4:
+            tokens.append(int(decode.step(torch.tensor([tokens[-1]])).argmax(-1)))
+    assert tokens == expected
     args = ["convert", "idefics", "--model", str(tmp_path / "idefics"), "--out", str(tmp_path / "small"),
             "--trained-only", "--backbones", str(tmp_path / "backbones")]
     assert main(args) == 0 and not (tmp_path / "small" / "lm").exists()

@@ -84,8 +84,8 @@ def multi_image_goals(run: DemoRun, shots: list[int]) -> list[tuple[str, Optiona
     ref = {k: v for k in shots if (v := headline(run, "flamingo", "multi_image", k)) is not None}
     if not ref:
         return out
+    parts = {k: breakdown(run, "flamingo", "multi_image", k) for k in ref}
     for what, types in (("one image named", ONE_IMAGE), ("two images compared", TWO_IMAGES)):
-        parts = {k: breakdown(run, "flamingo", "multi_image", k) for k in ref}
         means = {k: sum(p.get(t, 0.0) for t in types) / len(types) for k, p in parts.items()
                  if all(t in p for t in types)}
         if means:

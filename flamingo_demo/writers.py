@@ -29,7 +29,7 @@ from .texts import (
     quiz_document,
     story_document,
 )
-from .world import KINDS, Clip, World
+from .world import KINDS, Clip, Scene, World
 
 PathLike = Union[str, os.PathLike]
 
@@ -124,6 +124,13 @@ class WorldWriter:
         return {"path": str(d / "docs.jsonl"), "image_dir": str(d), "docs": len(rows), "images": n_images,
                 "binding_docs": n_binding, "quiz_docs": n_quiz, "binding_words": len(words)}
 
+    def _save_scenes(self, scenes: Sequence[Scene], d: Path, stem: str) -> list[str]:
+        """Render scenes to `d/{stem}_{k}.png`; their names relative to `d`, in order."""
+        names = [f"{stem}_{k}.png" for k in range(len(scenes))]
+        for name, scene in zip(names, scenes):
+            save_image(self.world.render(scene), d / name)
+        return names
+
     def write_multi(self) -> dict:
         """Multi-image pairs (MMICL-style, docs/data.md): 2-3 images declared in the caption and a question naming
         one or two of them, in the evaluation prompt's words (flamingo/eval/multi_image.py). `multi_plain_fraction`
@@ -135,10 +142,7 @@ class WorldWriter:
             scenes, _, question, answer = multi_image_question(self.world, rng, "train")
             if rng.random() < self.size.multi_plain_fraction:
                 question = in_words(question)
-            names = []
-            for k, scene in enumerate(scenes):
-                names.append(f"images/m{i:06d}_{k}.png")
-                save_image(self.world.render(scene), d / names[-1])
+            names = self._save_scenes(scenes, d, f"images/m{i:06d}")
             rows.append({"images": names,
                          "caption": f"{declarations(len(scenes))}Question:{question} Short answer:{answer}"})
             self._tick()
@@ -230,10 +234,7 @@ class WorldWriter:
             rows = []
             for i in range(n):
                 scenes, qtype, question, answer = multi_image_question(self.world, rng, "eval")
-                names = []
-                for k, scene in enumerate(scenes):
-                    names.append(f"images/{split}_{i:06d}_{k}.png")
-                    save_image(self.world.render(scene), d / names[-1])
+                names = self._save_scenes(scenes, d, f"images/{split}_{i:06d}")
                 rows.append({"id": f"{split}_{i:06d}", "images": names, "question": question, "answer": answer,
                              "type": qtype, "novel": any(s.novel for s in scenes)})
                 self._tick()

@@ -29,8 +29,8 @@ def declarations(n: int) -> str:
 
 
 def in_words(text: str) -> str:
-    """Every reference of `text` written as words: `<image0>` -> `image 0`."""
-    return REFERENCE.sub(lambda m: f"image {m.group(1)}", text)
+    """Every reference of `text` written as words (`<image0>` -> `image 0`); declarations stay."""
+    return NUMBERED.sub(lambda m: m.group(0) if m.group(4) is None else f"image {m.group(4)}", text)
 
 
 def renumber(text: str, offset: int) -> str:
@@ -111,4 +111,4 @@ class MultiImagePlainTask(MultiImageTask):
 
     def name_images(self, prompt: str) -> str:
         """References in words (`image 3`, numbered through the prompt); the declarations stay."""
-        return NUMBERED.sub(lambda m: m.group(0) if m.group(4) is None else f"image {m.group(4)}", prompt)
+        return in_words(prompt)

@@ -19,13 +19,11 @@ one). Checkpoints are read from safetensors (no pickle).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -40,6 +38,7 @@ from transformers import (
 from ..config import MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
+from .checkpoints import local_dir, read_tensors
 
 try:  # transformers 5: the PIL backend (the default one wants torchvision)
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -61,21 +60,8 @@ def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsCon
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, source.state_dict(), None
-    path = str(source)
-    if not os.path.isdir(path):
-        if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # not a hub name "org/model"
-            raise FileNotFoundError(f"IDEFICS model directory not found: {path}")
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path, allow_patterns=_FILES)
-    config = IdeficsConfig.from_pretrained(path)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"no *.safetensors in {path!r}: IDEFICS is read from safetensors only (no pickle)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return config, state, path
+    path = local_dir(str(source), _FILES, "IDEFICS model")
+    return IdeficsConfig.from_pretrained(path), read_tensors(path, allow_bin=False), path
 
 
 def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:

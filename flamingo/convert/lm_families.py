@@ -17,7 +17,6 @@ Weights are read from safetensors, or `.bin` files with `torch.load(weights_only
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -26,39 +25,12 @@ from typing import Any, Optional, Union
 import torch
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTrainedModel
 
+from .checkpoints import local_dir, read_tensors
+
 _FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.txt", "*.model"]
 # MosaicGPT (mpt-1b-redpajama-200b) -> transformers' MPT: key renames
 MOSAIC_GPT_KEYS = [(r"\.ln_1\.", ".norm_1."), (r"\.ln_2\.", ".norm_2."), (r"\.mlp\.mlp_up\.", ".ffn.up_proj."),
                    (r"\.mlp\.mlp_down\.", ".ffn.down_proj."), (r"\.ln_f\.", ".norm_f.")]
-
-
-def _local(source: str) -> str:
-    if os.path.isdir(source):
-        return source
-    if os.path.isabs(source) or source.startswith(".") or source.count("/") != 1:
-        raise FileNotFoundError(f"LM directory not found: {source}")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, allow_patterns=_FILES)
-
-
-def read_state(directory: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory: safetensors files, else `.bin` files read weights-only."""
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if files:
-        return {k: v for f in files for k, v in load_file(f).items()}
-    files = sorted(glob.glob(os.path.join(directory, "*.bin")))
-    if not files:
-        raise ValueError(f"no *.safetensors or *.bin weights in {directory!r}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
-    return state
 
 
 def mpt_config_from_mosaic_gpt(remote: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +82,7 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     """An OpenFlamingo LM (hub name or directory) on a class transformers ships. Returns it in eval mode, with
     `name_or_path` set when `AutoModelForCausalLM.from_pretrained` can load the same model back (so trained-only
     checkpoints can refer to it), empty when the load needed renamed keys."""
-    directory = _local(str(source))
+    directory = local_dir(str(source), _FILES, "LM")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in {directory!r}")
@@ -122,7 +94,7 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model.name_or_path = str(source)
         return model.eval()
-    state = read_state(directory)
+    state = read_tensors(directory)
     if model_type == "mosaic_gpt":
         remote = mpt_config_from_mosaic_gpt(remote)
         for pattern, new in MOSAIC_GPT_KEYS:

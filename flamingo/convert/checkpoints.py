@@ -1,0 +1,44 @@
+"""Where a converter reads a published checkpoint from: a local directory, or a hub name downloaded once (only the
+files a converter needs), and its tensors without running pickle code."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Sequence
+
+import torch
+
+
+def local_dir(source: str, allow_patterns: Sequence[str], what: str) -> str:
+    """`source` if it is a directory, else the snapshot of the hub repository it names (`org/name`)."""
+    if os.path.isdir(source):
+        return source
+    if os.path.isabs(source) or source.startswith(".") or source.count("/") != 1:  # not a hub name "org/model"
+        raise FileNotFoundError(f"{what} directory not found: {source}")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=list(allow_patterns))
+
+
+def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: its safetensors files, else (when `allow_bin`) its `.bin` files read
+    weights-only."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        return {k: v for f in files for k, v in load_file(f).items()}
+    if not allow_bin:
+        raise ValueError(f"no *.safetensors in {directory!r}: this checkpoint is read from safetensors only (no "
+                         "pickle)")
+    files = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    if not files:
+        raise ValueError(f"no *.safetensors or *.bin weights in {directory!r}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
+    return state

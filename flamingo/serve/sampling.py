@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,9 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     for b, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        probs = _top_p((logits[b] / p.temperature).softmax(dim=-1), p.top_p)  # (V,)
-        tokens[b] = torch.multinomial(probs, 1, generator=generator)[0]
+        row = TemperatureLogitsWarper(p.temperature)(None, logits[b:b + 1])  # (1, V); transformers' own warpers
+        if p.top_p < 1.0:
+            row = TopPLogitsWarper(p.top_p)(None, row)
+        tokens[b] = torch.multinomial(row[0].softmax(dim=-1), 1, generator=generator)[0]
     return tokens
 
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches `top_p` (always the most likely one)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
-    sorted_probs[before >= top_p] = 0.0
-    return torch.zeros_like(probs).scatter(0, order, sorted_probs)

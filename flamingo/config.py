@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 CONFIG_NAME = "flamingo_config.json"
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+QUANTIZE_MODES = ("none", "int8", "int4", "nf4")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class FlamingoConfig:
     gate_type: Literal["scalar", "vector"] = "scalar"
     freeze_lm: bool = True
     freeze_vision: bool = True
+    # Storage of the frozen backbones' linear weights: "none" (their dtype), "int8", "int4" (CUDA) or "nf4", weight-only
+    # (model/quantize.py, docs/memory.md). Applied once the model is on its device; needs both backbones frozen.
+    quantize_frozen: Literal["none", "int8", "int4", "nf4"] = "none"
     # Filled in by `from_backbones`: which backbones to load back, and where the added tokens sit in the vocabulary.
     vision_name_or_path: Optional[str] = None
     lm_name_or_path: Optional[str] = None
@@ -89,6 +93,11 @@ class FlamingoConfig:
         if self.xattn_layers is not None and (sorted(set(self.xattn_layers)) != list(self.xattn_layers)
                                               or min(self.xattn_layers, default=0) < 0):
             raise ValueError(f"xattn_layers must be distinct increasing layer indices, got {self.xattn_layers}")
+        if self.quantize_frozen not in QUANTIZE_MODES:
+            raise ValueError(f"quantize_frozen must be one of {', '.join(QUANTIZE_MODES)}: {self.quantize_frozen!r}")
+        if self.quantize_frozen != "none" and not (self.freeze_lm and self.freeze_vision):
+            raise ValueError(f"quantize_frozen={self.quantize_frozen} needs frozen backbones (freeze_lm and "
+                             "freeze_vision true): a trained backbone keeps floating-point weights")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 

@@ -14,6 +14,7 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from contextlib import contextmanager, nullcontext
@@ -30,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from ..config import FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
-from . import generation
+from . import generation, quantize
 from .backbones import (
     dtype_kwargs,
     find_decoder_layers,
@@ -470,6 +471,11 @@ class Flamingo(nn.Module):
         if trained_only and not (self.config.vision_name_or_path and self.config.lm_name_or_path):
             raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
                              "from_backbones(vision='name', lm='name') or save the full model")
+        stored = quantize.quantized_mode(self)
+        if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
+            raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
+                             "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
+                             "model before quantizing it")
         with atomic_directory(directory) as tmp:
             save_file(self._saved_tensors(trained_only), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             if not trained_only:
@@ -481,9 +487,13 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, torch_dtype: Optional[torch.dtype] = None,
-                        device: Union[str, torch.device, None] = None) -> "Flamingo":
-        """Load a directory written by `save_pretrained` (either mode). No pickle: safetensors + HF directories."""
+                        device: Union[str, torch.device, None] = None,
+                        quantize_frozen: Optional[str] = None) -> "Flamingo":
+        """Load a directory written by `save_pretrained` (either mode). No pickle: safetensors + HF directories.
+        The frozen backbones are quantized on `device` to `quantize_frozen` (default: the saved config's mode)."""
         config = FlamingoConfig.load(directory)
+        if quantize_frozen is not None:
+            config = dataclasses.replace(config, quantize_frozen=quantize_frozen)  # validated like a saved one
         sources = {}
         for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
             local = os.path.join(directory, part)
@@ -504,4 +514,5 @@ class Flamingo(nn.Module):
             model.to(torch_dtype)
         if device is not None:
             model.to(device)
+        quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
         return model.eval()

@@ -27,6 +27,7 @@ from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
+from ..model.quantize import quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from .config import TrainConfig
@@ -61,8 +62,11 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     m = config.model
-    if m.init_from:
-        return load_pretrained(m.init_from)
+    if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device
+        mode = FlamingoConfig.load(m.init_from).quantize_frozen
+        model, processor = load_pretrained(m.init_from, quantize_frozen="none")
+        model.config.quantize_frozen = mode
+        return model, processor
     if not (m.vision and m.lm):
         raise ValueError("model.vision and model.lm (or model.init_from) are required")
     return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**m.flamingo))
@@ -90,6 +94,11 @@ class Trainer:
                     if not p.requires_grad:
                         p.data = p.data.to(frozen_dtype)
         model.to(self.device)
+        if model.config.quantize_frozen != "none":  # model.flamingo.quantize_frozen, packed on the training device
+            if self.world > 1:
+                raise ValueError("quantize_frozen trains on one process only (DDP/FSDP do not move quantized "
+                                 "frozen weights): set model.flamingo.quantize_frozen: none or run one process")
+            quantize_frozen(model)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()

@@ -1,0 +1,175 @@
+"""Quantized frozen backbones: the frozen LM's and vision tower's linear weights stored in int8, int4 or nf4.
+
+Weight-only quantization with torchao (the `memory` extra): activations, the trained parameters (resampler,
+cross-attention blocks, the added token rows, LoRA adapters) and every non-linear backbone tensor (embeddings, norms,
+convolutions) keep their dtype. Only `nn.Linear` layers inside `model.vision` / `model.lm` whose weight does not train
+are touched, and an output head tied to the input embedding is left alone (its weight is the embedding table).
+
+Modes (`FlamingoConfig.quantize_frozen`):
+- "int8": per-output-channel symmetric int8 (torchao `Int8WeightOnlyConfig`), CPU and CUDA.
+- "int4": groups of 128 input channels (64 or 32 when a layer's width needs it), asymmetric int4 packed two to a
+  byte for CUDA's tinygemm kernel (torchao `Int4WeightOnlyConfig`, tile_packed_to_4d): CUDA with compute capability
+  >= 8.0 only; torchao packs int4 for no CPU kernel here, so on the CPU it is an error that points to nf4.
+- "nf4": QLoRA's 4-bit NormalFloat, blocks of 64 with double-quantized scales (torchao `NF4Tensor`), CPU and CUDA.
+Gradients flow through all three to the activations, so the trained blocks train on a quantized frozen LM.
+
+Quantize after the model is on its device (`Flamingo.from_pretrained(..., device=)` and the trainer do): torchao's
+int4 layout belongs to the device it was packed for. Quantizing is lossy and one-way: a model with quantized
+backbones saves trained-only checkpoints (the backbones are re-loaded by name and quantized again on load).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import QUANTIZE_MODES
+
+if TYPE_CHECKING:
+    from .flamingo import Flamingo
+
+INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides a layer's input width
+NF4_BLOCK_SIZE = 64  # values per absmax scale (QLoRA's)
+NF4_SCALER_BLOCK = 256  # scales per double-quantization block (QLoRA's); smaller where a layer has fewer blocks
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The mode cannot run here (library missing, device without a kernel)."""
+
+
+def _torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise QuantizationUnavailable("quantize_frozen needs torchao: pip install 'flamingo-vlm[memory]'") from e
+
+
+def check_available(mode: str, device: torch.device | str) -> None:
+    """Raise a clear error when `mode` cannot run on `device`; return quietly when it can."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize_frozen must be one of {', '.join(QUANTIZE_MODES)}; got {mode!r}")
+    if mode == "none":
+        return
+    _torchao()
+    device = torch.device(device)
+    if mode == "int4":
+        if device.type != "cuda":
+            raise QuantizationUnavailable(f"quantize_frozen=int4 packs weights for CUDA's int4 kernel; there is none "
+                                          f"for {device.type} here: use nf4 (also 4-bit) or int8")
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise QuantizationUnavailable(f"quantize_frozen=int4 needs CUDA compute capability >= 8.0 (tinygemm); "
+                                          f"{torch.cuda.get_device_name(device)} has {major}.x: use nf4 or int8")
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """Whether `t` is a torchao quantized tensor (a tensor subclass holding packed data and scales)."""
+    return type(t).__module__.startswith("torchao.")
+
+
+def quantized_mode(model: "Flamingo") -> str:
+    """The mode the backbones are actually stored in ("none" when no weight is quantized)."""
+    for _, linear in _linears(model):
+        if is_quantized(linear.weight):
+            return _mode_of(linear.weight)
+    return "none"
+
+
+def _mode_of(weight: torch.Tensor) -> str:
+    name = type(weight).__name__
+    return "nf4" if name.startswith("NF4") else "int4" if name.startswith("Int4") else "int8"
+
+
+def _linears(model: "Flamingo") -> Iterator[tuple[str, nn.Linear]]:
+    """The frozen `nn.Linear` layers of the vision tower and the LM, as `Flamingo.state_dict()` prefixes."""
+    tied = model.lm.get_input_embeddings().weight
+    for prefix, backbone in (("vision", model.vision), ("lm", model.lm)):
+        for name, module in backbone.named_modules():
+            if type(module) is not nn.Linear or module.weight.requires_grad:  # plain layers only: not LoRA's
+                continue
+            if module.weight is tied:  # a head that shares the embedding table
+                continue
+            yield f"{prefix}.{name}", module
+
+
+def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, int]:
+    """Quantize the frozen backbones' linear weights in place to `mode` (default: `model.config.quantize_frozen`),
+    on the device they are on, and record the mode in the config. Returns counts: layers quantized, layers left
+    in their dtype (a width the format cannot split), and the backbones' weight bytes before and after."""
+    mode = model.config.quantize_frozen if mode is None else mode
+    current = quantized_mode(model)
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize_frozen must be one of {', '.join(QUANTIZE_MODES)}; got {mode!r}")
+    if current != "none":
+        if current != mode:
+            raise ValueError(f"the backbones are already quantized to {current}; quantizing is one-way: reload the "
+                             f"model to use {mode}")
+        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+    if mode == "none":
+        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+    trained = [name for name, on in (("freeze_lm", model.config.freeze_lm),
+                                     ("freeze_vision", model.config.freeze_vision)) if not on]
+    if trained:
+        raise ValueError(f"quantize_frozen={mode} quantizes frozen backbones, but {' and '.join(trained)} is false: "
+                         "a trained backbone keeps its weights in floating point (or set quantize_frozen: none)")
+    linears = list(_linears(model))
+    if not linears:
+        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+    check_available(mode, linears[0][1].weight.device)
+    before = sum(tensor_bytes(m.weight) for _, m in linears)
+    quantized = kept = 0
+    for _, linear in linears:
+        weight = _quantize_weight(linear.weight.detach(), mode)
+        if weight is None:
+            kept += 1
+            continue
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        quantized += 1
+    model.config.quantize_frozen = mode
+    after = sum(tensor_bytes(m.weight) for _, m in linears)
+    return {"quantized": quantized, "kept": kept, "bytes_before": before, "bytes_after": after}
+
+
+def _quantize_weight(weight: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
+    """One linear weight (out, in) as a torchao tensor, or None where the format cannot split its shape."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, to_nf4
+    from torchao.quantization.quant_api import _int4_weight_only_quantize_tensor, _int8_weight_only_quantize_tensor
+
+    if mode == "int8":
+        return _int8_weight_only_quantize_tensor(weight, Int8WeightOnlyConfig())
+    if mode == "int4":
+        group = next((g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0), None)
+        if group is None or weight.shape[0] % 8:  # tinygemm tiles 8 output rows
+            return None
+        config = Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
+                                      set_inductor_config=False)
+        return _int4_weight_only_quantize_tensor(weight.to(torch.bfloat16), config)  # tinygemm runs in bf16
+    if weight.numel() % NF4_BLOCK_SIZE:
+        return None
+    blocks = weight.numel() // NF4_BLOCK_SIZE
+    return to_nf4(weight, NF4_BLOCK_SIZE, math.gcd(blocks, NF4_SCALER_BLOCK))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a quantized tensor's packed data, scales and zero points; a plain tensor's elements."""
+    if is_quantized(t) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.numel() * t.element_size()
+
+
+def module_bytes(module: nn.Module, trained: Optional[bool] = None) -> int:
+    """Bytes of `module`'s parameters and buffers (quantized ones as stored); `trained` selects parameters that
+    train (True) or do not (False); buffers count as frozen. Shared tensors count once."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [(p, p.requires_grad) for p in module.parameters()] + [(b, False) for b in module.buffers()]
+    for t, grad in tensors:
+        if id(t) in seen or (trained is not None and grad != trained):
+            continue
+        seen.add(id(t))
+        total += tensor_bytes(t)
+    return total

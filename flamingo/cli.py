@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .config import QUANTIZE_MODES
 from .runtime import DTYPE_NAMES, quiet_transformers, torch_dtype
 
 
@@ -79,7 +80,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     dtype = torch_dtype(args.dtype)
     model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
-                                       device=args.device)
+                                       device=args.device, quantize_frozen=args.quantize_frozen)
     batch = processor(args.prompt, images=args.image or [], image_references=args.image_references or None)
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
@@ -113,7 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, quantize_frozen=args.quantize_frozen)
     settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
     gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
+                     help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
+                     help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
     srv.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")

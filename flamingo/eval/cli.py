@@ -9,6 +9,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..build import load_pretrained
+from ..config import QUANTIZE_MODES
 from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
@@ -52,6 +53,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")
+    p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
+                   help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
     return p
@@ -63,7 +66,8 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         quiet_transformers(args.no_progress)
         dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
-        model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device))
+        model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device),
+                                           quantize_frozen=args.quantize_frozen)
         generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
                       if v is not None}
         results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
-                 max_queue: int = 64, prefill_chunk: int = 64) -> Engine:
-    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device)
+                 max_queue: int = 64, prefill_chunk: int = 64, quantize_frozen: Optional[str] = None) -> Engine:
+    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen)
     return Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
 
 

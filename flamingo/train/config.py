@@ -30,6 +30,7 @@ class DatasetSection:
 
 @dataclass
 class OptimSection:
+    kind: str = "adamw"  # adamw (fp32 states) | adamw8bit (torchao's 8-bit states: 2 bytes per trained parameter)
     lr: float = 1e-4
     weight_decay: float = 0.1  # on the xattn blocks' matrices only
     betas: tuple[float, float] = (0.9, 0.999)
@@ -138,6 +139,10 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
     if config.train.mixture not in ("accumulate", "sample"):
         raise ValueError("train.mixture must be 'accumulate' or 'sample'")
+    if config.optim.kind not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optim.kind must be adamw or adamw8bit, got {config.optim.kind!r}")
+    if config.optim.kind == "adamw8bit" and config.optim.fused:
+        raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
     if config.train.cache_vision_features_mb < 0:

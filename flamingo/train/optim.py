@@ -1,8 +1,10 @@
-"""AdamW over the trained parameters only, and the warmup + constant/linear/cosine schedule."""
+"""AdamW over the trained parameters only (fp32 or 8-bit states), and the warmup + constant/linear/cosine schedule."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from typing import Iterable, Optional
 
 import torch
@@ -38,12 +40,43 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult:
     return groups
 
 
+OPTIMIZER_KINDS = ("adamw", "adamw8bit")
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iterable[float], eps: float,
                    fused: bool = False, gate_lr_mult: float = 1.0,
-                   attn_gate_lr_mult: Optional[float] = None) -> torch.optim.AdamW:
-    kwargs = {"fused": True} if fused else {}
+                   attn_gate_lr_mult: Optional[float] = None, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. kind="adamw": torch's, 8 bytes of fp32 state per trained parameter.
+    kind="adamw8bit": torchao's AdamW8bit, 2 bytes (block-wise quantized moments, Dettmers et al. 2022); tensors
+    under 4096 values (norms, gates, biases) keep fp32 states. Its update is a torch.compile'd kernel per parameter
+    shape: the first step compiles them (seconds each on a CPU), later steps reuse them."""
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"unknown optimizer kind {kind!r}: {' or '.join(OPTIMIZER_KINDS)}")
     groups = param_groups(model, weight_decay, lr, gate_lr_mult, attn_gate_lr_mult)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    if kind == "adamw":
+        kwargs = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    if fused:
+        raise ValueError("optim.fused is torch's AdamW kernel: it does not apply to optim.kind=adamw8bit")
+    return _adamw8bit()(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def _adamw8bit() -> type:
+    """torchao's AdamW8bit class, or a clear error where it cannot run."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as e:
+        raise ImportError("optim.kind=adamw8bit needs torchao: pip install 'flamingo-vlm[memory]'") from e
+    if not _has_compiler():
+        raise RuntimeError("optim.kind=adamw8bit compiles its update with torch.compile, which on a CPU needs a C++ "
+                           "compiler (g++ or clang++, or $CXX): install one or use optim.kind=adamw")
+    return AdamW8bit
+
+
+def _has_compiler() -> bool:
+    """A C++ compiler for inductor's CPU kernels (CUDA kernels are Triton's, but the host side still builds C++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in names)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

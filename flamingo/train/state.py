@@ -2,9 +2,12 @@
 
 `checkpoints/step_00000010/` holds:
 - `trained.safetensors`: the trained parameters (by `Flamingo.named_parameters()` name);
-- `optimizer.pt`: the optimizer's state dict (tensors and numbers only; loaded with `weights_only=True`);
+- `optimizer.safetensors`: the optimizer's and the scheduler's state dicts, their tensors as plain tensors (8-bit
+  optimizer states as their codes and scales) and their structure as JSON in the file's metadata (state_codec.py);
 - `rng.safetensors`: torch CPU (and CUDA) generator states;
-- `state.json`: step, scheduler state, fault counters, numpy / Python RNG states, the data loaders' positions.
+- `state.json`: step, fault counters, numpy / Python RNG states, the data loaders' positions.
+Checkpoints written before `optimizer.safetensors` (an `optimizer.pt` read with `weights_only=True`, the scheduler in
+state.json) still load.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..runtime.checkpoint_io import atomic_directory
+from . import state_codec
 
 CHECKPOINT_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -101,13 +107,27 @@ def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor]
     rng_tensors, rng_other = rng_state()
     with atomic_directory(path) as tmp:
         save_file(trained, os.path.join(tmp, "trained.safetensors"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        optimizer_tree, optimizer_tensors = state_codec.encode(optimizer_state, "optimizer")
+        scheduler_tree, scheduler_tensors = state_codec.encode(scheduler.state_dict(), "scheduler")
+        save_file({**optimizer_tensors, **scheduler_tensors}, os.path.join(tmp, OPTIMIZER_FILE),
+                  metadata={"optimizer": json.dumps(optimizer_tree), "scheduler": json.dumps(scheduler_tree)})
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_other, **state}, f)
+            json.dump({"step": step, "rng": rng_other, **state}, f)
     for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _optimizer_and_scheduler_state(path: str, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    file = os.path.join(path, OPTIMIZER_FILE)
+    if not os.path.isfile(file):  # written before optimizer.safetensors
+        return torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True), state["scheduler"]
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    return (state_codec.decode(json.loads(metadata["optimizer"]), tensors),
+            state_codec.decode(json.loads(metadata["scheduler"]), tensors))
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -115,7 +135,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...).
     Every rank reads the files (they must be on a shared or copied file system)."""
     trained = load_file(os.path.join(path, "trained.safetensors"))
-    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    optimizer_state, scheduler_state = _optimizer_and_scheduler_state(path, state)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -135,8 +157,6 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             for name, value in trained.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(optimizer_state)  # moves the state onto each parameter's device
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(scheduler_state)
     set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
     return state

@@ -113,7 +113,8 @@ class Trainer:
                     find_unused_parameters=True)
         o = config.optim
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, fused=o.fused,
-                                        gate_lr_mult=o.gate_lr_mult, attn_gate_lr_mult=o.attn_gate_lr_mult)
+                                        gate_lr_mult=o.gate_lr_mult, attn_gate_lr_mult=o.attn_gate_lr_mult,
+                                        kind=o.kind)
         self.scheduler = make_scheduler(self.optimizer, config.schedule.kind, config.schedule.warmup_steps, t.steps)
         self.weights = {d.name: d.loss_weight for d in config.data}
         if sources is None:

@@ -4,7 +4,13 @@ implementation (reference, segments, gather) computes the same function."""
 import pytest
 import torch
 
-from flamingo.model.xattn import GatedCrossAttentionBlock, MediaKV, compute_media_index, masked_cross_attention
+from flamingo.model.xattn import (
+    GatedCrossAttentionBlock,
+    MediaKV,
+    compute_media_index,
+    flex_block_mask,
+    masked_cross_attention,
+)
 
 MEDIA = 7
 
@@ -35,12 +41,9 @@ def test_fast_paths_equal_reference(impl):
     ref = masked_cross_attention(q, kv, index, impl="reference")
     out = masked_cross_attention(q, kv, index, impl=impl)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    if impl == "flex":  # the all-previous-images rule too, and the block mask memo is reused
-        memo: dict = {}
-        a = masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="flex", memo=memo)
-        mask = memo["flex_mask"]
-        masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="flex", memo=memo)
-        assert memo["flex_mask"] is mask
+    if impl == "flex":  # the all-previous-images rule too, with a block mask made beforehand (as the hooks do)
+        mask = flex_block_mask(index, kv.k.shape[1], kv.k.shape[2], only_last=False)
+        a = masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="flex", block_mask=mask)
         torch.testing.assert_close(a, masked_cross_attention(q, kv, index, only_attend_last_image=False,
                                                              impl="reference"), atol=1e-6, rtol=1e-5)
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from .xattn import GatedResidualBlock, MediaKV, XAttnImpl
+from .xattn import GatedResidualBlock, MediaKV, XAttnImpl, flex_block_mask
 
 
 class Phase(Enum):
@@ -59,7 +59,7 @@ class MediaContext:
     # Visual K/V by (block, rows), and ("last" | "all", block, rows) for DECODE: projected once from the B samples'
     # visual tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
     media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
-    memo: dict = field(default_factory=dict)  # per-LM-call attention helpers shared by the blocks (flex block mask)
+    memo: dict = field(default_factory=dict)  # the flex block mask of the current LM call, shared by the blocks
 
     def for_candidates(self, rows: torch.Tensor) -> MediaContext:
         """The SCORE context of candidate rows `rows (C,)` (each the index of its context in this FORWARD context's
@@ -74,6 +74,14 @@ class MediaContext:
         """The same call's conditioning with fresh memos, for activation checkpointing's recompute (which must
         project the visual K/V again exactly as the first forward did)."""
         return replace(self, media_kv={}, memo={})
+
+    def flex_mask(self, images: int, keys_per_image: int, only_attend_last_image: bool) -> Any:
+        """The flex block mask of the current LM call's media index, made once for all its blocks (eagerly: a
+        compiled block receives it as an input)."""
+        if self.memo.get("flex_index") is not self.media_index:  # a new LM call (chunked prefill: a new chunk)
+            self.memo["flex_index"] = self.media_index
+            self.memo["flex_mask"] = flex_block_mask(self.media_index, images, keys_per_image, only_attend_last_image)
+        return self.memo["flex_mask"]
 
     def last_image_kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> MediaKV:
         """Each row's last image's K/V for one block, (rows, 1, R, h, d): what DECODE steps attend to."""

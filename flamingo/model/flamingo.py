@@ -48,7 +48,14 @@ from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
 from .idefics_block import IdeficsCrossAttentionBlock
 from .resampler import MLPResampler, PerceiverResampler
-from .xattn import GatedCrossAttentionBlock, XAttnImpl, compute_media_index, document_positions, document_starts
+from .xattn import (
+    GatedCrossAttentionBlock,
+    XAttnImpl,
+    choose_impl,
+    compute_media_index,
+    document_positions,
+    document_starts,
+)
 
 WEIGHTS_NAME = "flamingo.safetensors"
 BACKBONE_PREFIXES = ("vision.", "lm.")
@@ -225,7 +232,11 @@ class Flamingo(nn.Module):
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
-            hidden = block(hidden, ctx.kv_for(block_idx, block, hidden.shape[0]), ctx.media_index, ctx.impl, ctx.memo)
+            kv = ctx.kv_for(block_idx, block, hidden.shape[0])  # (B, N, R, h, d)
+            only_last = self.config.only_attend_last_image
+            impl = choose_impl(ctx.impl, hidden.shape[1], kv.k.shape[1], only_last, hidden.device)
+            mask = ctx.flex_mask(kv.k.shape[1], kv.k.shape[2], only_last) if impl == "flex" else None
+            hidden = block(hidden, kv, ctx.media_index, impl, mask)
             if ctx.phase is Phase.PREFILL and self._decode_all_images:  # for the decode steps, made eagerly
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = ctx.kv_for(block_idx, block, hidden.shape[0])
             elif ctx.phase is Phase.PREFILL:
@@ -332,6 +343,8 @@ class Flamingo(nn.Module):
             # no host sync (packed rows restart their positions, so only their samples' lengths count)
             raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions "
                              "(max_position_embeddings): cut the texts (a dataset's max_tokens) to fit")
+        if self.training:  # a training forward builds no KV cache (the LM's own default would make one)
+            lm_kwargs.setdefault("use_cache", False)
         lm_attention_mask = attention_mask
         if document_ids is not None:
             self._check_packing(lm_kwargs, no_cache)

@@ -10,7 +10,7 @@ as the paper block does; IDEFICS itself re-projects them at every decode step.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +71,13 @@ class IdeficsCrossAttention(nn.Module):
         return MediaKV(k if self.k_norm is None else self.k_norm(k), v)
 
     def forward(self, x: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, impl: XAttnImpl = "auto",
-                memo: Optional[dict] = None) -> torch.Tensor:
+                block_mask: Any = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.head_dim))  # (B, T, h, d)
         if self.q_norm is not None:
             q = self.q_norm(q)
         out = masked_cross_attention(q, kv, media_index, only_attend_last_image=self.only_attend_last_image,
-                                     impl=impl, memo=memo)
+                                     impl=impl, block_mask=block_mask)
         return self.to_out(out.flatten(2))
 
 

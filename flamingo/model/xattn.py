@@ -10,8 +10,12 @@ Three exact implementations of the same rule, checked against each other in test
 - `segments`: tokens seeing the same image form contiguous runs; cut runs into pieces of P tokens and attend each
   piece to its image's R keys in one padded batch. Cost O(T·R), independent of N.
 - `gather`: for a handful of query tokens (decode steps), gather each token's own image keys. O(T·R) memory.
-- `flex`: FlexAttention with a block mask built from the media index (once per LM call, shared by all blocks
-  through the call's memo). Block-sparse on GPU (compiled); eager on CPU, where it serves tests only.
+- `flex`: FlexAttention with a block mask built from the media index (once per LM call by the caller, outside any
+  compiled region, and shared by all blocks). Block-sparse on GPU (compiled); eager on CPU, where it serves tests
+  only (no CPU backward).
+
+`choose_impl` says which one "auto" runs; the LM's layer hooks ask it first, so that the flex block mask is made
+eagerly and a compiled block (`train.compile`) receives it as an input.
 """
 
 from __future__ import annotations
@@ -164,11 +168,9 @@ def _attend_segments(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) ->
     return out
 
 
-def _flex_block_mask(media_index: torch.Tensor, n: int, r: int, only_last: bool, memo: Optional[dict]) -> Any:
+def flex_block_mask(media_index: torch.Tensor, n: int, r: int, only_last: bool) -> Any:
+    """The FlexAttention block mask of the masking rule for media_index (B, T) over n images of r keys each."""
     from torch.nn.attention.flex_attention import create_block_mask
-
-    if memo is not None and memo.get("flex_index") is media_index:
-        return memo["flex_mask"]
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         image = kv_idx // r + 1
@@ -176,19 +178,16 @@ def _flex_block_mask(media_index: torch.Tensor, n: int, r: int, only_last: bool,
         return (image == seen) if only_last else (image <= seen)
 
     b, t = media_index.shape
-    mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=n * r, device=media_index.device)
-    if memo is not None:
-        memo["flex_index"], memo["flex_mask"] = media_index, mask
-    return mask
+    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=n * r, device=media_index.device)
 
 
 def _attend_flex(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool,
-                 memo: Optional[dict]) -> torch.Tensor:
+                 block_mask: Any) -> torch.Tensor:
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     n, r = kv.k.shape[1], kv.k.shape[2]
-    mask = _flex_block_mask(media_index, n, r, only_last, memo)
+    mask = block_mask if block_mask is not None else flex_block_mask(media_index, n, r, only_last)
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
@@ -211,28 +210,35 @@ def flex_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def choose_impl(impl: XAttnImpl, tokens: int, images: int, only_attend_last_image: bool,
+                device: torch.device) -> XAttnImpl:
+    """The implementation `impl` runs for `tokens` query tokens per row over `images` images per row: itself, or
+    for "auto" the fastest exact one for the shape, the device and whether gradients are on."""
+    if impl != "auto":
+        return impl
+    if images == 1:  # one medium per row (pairs, videos, one-image prompts): dense over its R keys is exact and
+        return "reference"  # cheapest (no per-token or per-run copies of the keys)
+    if tokens <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
+        return "gather"  # per-token keys: its backward, a scatter-add of (B, T, R, h, d), is slow for training
+    if flex_available(device) and torch.is_grad_enabled():  # training: block-sparse forward and backward
+        return "flex"
+    if device.type == "cuda":  # inference prefill on GPU: one dense masked SDPA (no block mask to build, no compile)
+        return "reference"
+    return "segments" if only_attend_last_image else "reference"
+
+
 def masked_cross_attention(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, *,
                            only_attend_last_image: bool = True, impl: XAttnImpl = "auto",
-                           memo: Optional[dict] = None) -> torch.Tensor:
+                           block_mask: Any = None) -> torch.Tensor:
     """q (B, T, h, d) attends to kv (B, N, R, h, d) under the masking rule -> (B, T, h, d); zero where index is 0.
 
-    memo: a dict living for one LM call (the media context's), where the flex block mask is kept for all blocks.
+    block_mask: for "flex", the mask `flex_block_mask` made for this media index (made here when None).
     """
-    if impl == "auto":
-        if kv.k.shape[1] == 1:  # one medium per row (pairs, videos, one-image prompts): dense over its R keys is
-            impl = "reference"  # exact and cheapest (no per-token or per-run copies of the keys)
-        elif q.shape[1] <= GATHER_TOKENS and only_attend_last_image:  # a few tokens (scored continuations)
-            impl = "gather"  # per-token keys: its backward, a scatter-add of (B, T, R, h, d), is slow for training
-        elif flex_available(q.device) and torch.is_grad_enabled():  # training: block-sparse forward and backward
-            impl = "flex"
-        elif q.is_cuda:  # inference prefill on GPU: one dense masked SDPA (no block mask to build, no compile)
-            impl = "reference"
-        else:
-            impl = "segments" if only_attend_last_image else "reference"
+    impl = choose_impl(impl, q.shape[1], kv.k.shape[1], only_attend_last_image, q.device)
     if impl == "reference":
         out = _attend_reference(q, kv, media_index, only_attend_last_image)
     elif impl == "flex":
-        out = _attend_flex(q, kv, media_index, only_attend_last_image, memo)
+        out = _attend_flex(q, kv, media_index, only_attend_last_image, block_mask)
     elif not only_attend_last_image:
         raise ValueError(f"impl={impl!r} supports only only_attend_last_image=True; use 'reference'")
     elif impl == "gather":
@@ -263,11 +269,11 @@ class MaskedCrossAttention(nn.Module):
         return MediaKV(k.unflatten(-1, (self.heads, self.head_dim)), v.unflatten(-1, (self.heads, self.head_dim)))
 
     def forward(self, x: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, impl: XAttnImpl = "auto",
-                memo: Optional[dict] = None) -> torch.Tensor:
+                block_mask: Any = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.head_dim))  # (B, T, h, d)
         out = masked_cross_attention(q, kv, media_index, only_attend_last_image=self.only_attend_last_image,
-                                     impl=impl, memo=memo)
+                                     impl=impl, block_mask=block_mask)
         return self.to_out(out.flatten(2))
 
 
@@ -291,10 +297,11 @@ class GatedResidualBlock(nn.Module):
         return self.attn.project_media(visual)
 
     def forward(self, x: torch.Tensor, kv: Optional[MediaKV], media_index: Optional[torch.Tensor],
-                impl: XAttnImpl = "auto", memo: Optional[dict] = None) -> torch.Tensor:
-        """x (B, T, D), kv of (B, N, R, h, d) or None when the batch has no media, media_index (B, T) -> (B, T, D)."""
+                impl: XAttnImpl = "auto", block_mask: Any = None) -> torch.Tensor:
+        """x (B, T, D), kv of (B, N, R, h, d) or None when the batch has no media, media_index (B, T) -> (B, T, D).
+        block_mask: the flex block mask of this LM call (see `masked_cross_attention`)."""
         if kv is not None:
-            attn = self.attn(x, kv, media_index, impl, memo)
+            attn = self.attn(x, kv, media_index, impl, block_mask)
             x = x + (self.attn_gate.tanh() * attn if self.gated else attn)
         # No media: the attention output is exactly zero for every token, so it is skipped, not computed.
         ffw = self.ffw(x)

@@ -14,6 +14,29 @@ END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")
 
 
+def lora_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """`lm_lora` with its defaults filled in and checked: r (required), alpha (default r: scale 1), target_modules
+    (default q_proj, v_proj: Llama-style names) and dropout (default 0)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"lm_lora must be a mapping {{r, alpha, target_modules, dropout}}, got {spec!r}")
+    unknown = set(spec) - {"r", "alpha", "target_modules", "dropout"}
+    if unknown:
+        raise ValueError(f"unknown lm_lora keys {sorted(unknown)} (known: r, alpha, target_modules, dropout)")
+    r = spec.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"lm_lora.r must be an integer >= 1, got {r!r}")
+    alpha = spec.get("alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ValueError(f"lm_lora.alpha must be a number > 0, got {alpha!r}")
+    targets = spec.get("target_modules", ["q_proj", "v_proj"])
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"lm_lora.target_modules must be a non-empty list of module names, got {targets!r}")
+    dropout = spec.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lm_lora.dropout must be in [0, 1), got {dropout!r}")
+    return {"r": r, "alpha": alpha, "target_modules": list(targets), "dropout": float(dropout)}
+
+
 @dataclass
 class FlamingoConfig:
     # Cross-attention placement: a GATED XATTN-DENSE block runs before LM layer i when (i + 1) % xattn_every == 0
@@ -63,6 +86,9 @@ class FlamingoConfig:
     # Storage of the frozen backbones' linear weights: "none" (their dtype), "int8", "int4" (CUDA) or "nf4", weight-only
     # (model/quantize.py, docs/memory.md). Applied once the model is on its device; needs both backbones frozen.
     quantize_frozen: Literal["none", "int8", "int4", "nf4"] = "none"
+    # LoRA adapters on the frozen LM, trained with the blocks (model/lora.py, docs/memory.md): {r, alpha (default r),
+    # target_modules (default [q_proj, v_proj]), dropout (default 0)}; None: no adapters.
+    lm_lora: Optional[dict[str, Any]] = None
     # Filled in by `from_backbones`: which backbones to load back, and where the added tokens sit in the vocabulary.
     vision_name_or_path: Optional[str] = None
     lm_name_or_path: Optional[str] = None
@@ -98,6 +124,10 @@ class FlamingoConfig:
         if self.quantize_frozen != "none" and not (self.freeze_lm and self.freeze_vision):
             raise ValueError(f"quantize_frozen={self.quantize_frozen} needs frozen backbones (freeze_lm and "
                              "freeze_vision true): a trained backbone keeps floating-point weights")
+        if self.lm_lora is not None:
+            self.lm_lora = lora_spec(self.lm_lora)
+            if not self.freeze_lm:
+                raise ValueError("lm_lora adapts a frozen LM: set freeze_lm true (or drop lm_lora to train it all)")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 

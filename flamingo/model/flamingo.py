@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from ..config import FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
-from . import generation, quantize
+from . import generation, lora, quantize
 from .backbones import (
     dtype_kwargs,
     find_decoder_layers,
@@ -108,6 +108,8 @@ class Flamingo(nn.Module):
 
         self.vision.requires_grad_(not config.freeze_vision)
         self.lm.requires_grad_(not config.freeze_lm)
+        if config.lm_lora is not None:  # adapters injected in place (model/lora.py): only they train in the LM
+            lora.apply_lora(self.lm, config.lm_lora)
         for j, i in enumerate(self.xattn_layer_indices):
             layers[i].register_forward_pre_hook(partial(self._layer_pre_hook, j), with_kwargs=True)
         self.lm.get_input_embeddings().register_forward_hook(self._embedding_hook)
@@ -436,6 +438,8 @@ class Flamingo(nn.Module):
                 # HF checkpoints a layer only in training mode: the decoder layers must be in it (their dropout,
                 # if the LM has any, then applies too).
                 self.lm.get_submodule(self.decoder_layers_path).train()
+            if self.config.lm_lora is not None:
+                lora.train_adapters(self.lm, mode)
         return self
 
     def gradient_checkpointing_enable(self) -> None:
@@ -464,6 +468,18 @@ class Flamingo(nn.Module):
 
         return nullcontext(), recompute()
 
+    def merge_lora(self) -> None:
+        """Fold the LM's LoRA adapters into its weights (inference: no adapter matmuls; the same logits). The LM is a
+        plain HF model again: `config.lm_lora` is cleared and the merged weights join `config.extra_saved_weights`,
+        so that a trained-only checkpoint saved afterwards keeps them. Merge before quantizing the backbones."""
+        if self.config.lm_lora is None:
+            raise ValueError("this model has no LoRA adapters on its LM (config.lm_lora is None)")
+        if quantize.quantized_mode(self) != "none":
+            raise ValueError("merge_lora needs the LM's float weights: merge before quantizing the backbones")
+        changed = lora.merge_lora(self.lm)
+        self.config.lm_lora = None
+        self.config.extra_saved_weights = sorted(set(self.config.extra_saved_weights) | {f"lm.{n}" for n in changed})
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
@@ -471,6 +487,7 @@ class Flamingo(nn.Module):
         state = self.state_dict()
         keep = {k for k in state if not k.startswith(BACKBONE_PREFIXES)}
         keep |= set(self.config.extra_saved_weights)
+        keep |= {k for k in state if lora.is_adapter_key(k)}  # LM adapters: beside our tensors in either mode
         if trained_only:
             keep |= {k for k, p in self.named_parameters() if p.requires_grad}
         # Clone so that tied tensors become separate entries (safetensors refuses shared storage).
@@ -493,7 +510,8 @@ class Flamingo(nn.Module):
             save_file(self._saved_tensors(trained_only), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             if not trained_only:
                 self.vision.save_pretrained(os.path.join(tmp, "vision"))
-                self.lm.save_pretrained(os.path.join(tmp, "lm"))
+                bare = {"state_dict": lora.base_state_dict(self.lm)} if lora.has_lora(self.lm) else {}
+                self.lm.save_pretrained(os.path.join(tmp, "lm"), **bare)  # the bare LM: its adapters live in ours
             if processor is not None:
                 processor.save_pretrained(tmp)
             self.config.save(tmp)
@@ -516,7 +534,7 @@ class Flamingo(nn.Module):
         kwargs = dtype_kwargs(torch_dtype)
         model = cls(load_vision_tower(sources["vision"], **kwargs), load_lm(sources["lm"], **kwargs), config)
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES)}
+        own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES) or lora.is_adapter_key(k)}
         missing = own - set(state)
         if missing:
             raise ValueError(f"checkpoint {directory!r} lacks weights: {sorted(missing)[:5]}")

@@ -10,13 +10,16 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..model.lora import is_adapter_key
+
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0,
                  attn_gate_lr_mult: Optional[float] = None) -> list[dict]:
-    """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does); none on norms,
-    gates, the resampler, or the added token rows. The tanh gates may get their own learning rate
-    (`gate_lr_mult` x lr): a gate starts at 0 and its gradient is noisy while the block is still untrained, so in short
-    runs it can stay near 0 for long; a larger step lets the images matter sooner. `attn_gate_lr_mult` (default:
+    """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does) and on the LM's LoRA
+    matrices (decay pulls them towards the bare LM); none on norms, gates, the resampler, or the added token rows.
+    The tanh gates may get their own learning rate (`gate_lr_mult` x lr): a gate starts at 0 and its gradient is noisy
+    while the block is still untrained, so in short runs it can stay near 0 for long; a larger step lets the images
+    matter sooner. `attn_gate_lr_mult` (default:
     `gate_lr_mult`) sets the attention gates' multiplier apart: an attention gate whose large steps flip its sign
     around 0 leaves the block's attention weights chasing that sign, and they never learn."""
     decay, no_decay, gates, attn_gates = [], [], [], []
@@ -27,7 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult:
             attn_gates.append(p)
         elif name.startswith("xattn.") and name.endswith("_gate"):
             gates.append(p)
-        elif name.startswith("xattn.") and p.ndim >= 2:
+        elif (name.startswith("xattn.") or is_adapter_key(name)) and p.ndim >= 2:
             decay.append(p)
         else:
             no_decay.append(p)

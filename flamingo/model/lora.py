@@ -1,0 +1,109 @@
+"""LoRA on the frozen LM (`FlamingoConfig.lm_lora`): a middle road between a frozen and a fully trained LM.
+
+PEFT's `inject_adapter_in_model` puts its adapters into the LM in place: each targeted `nn.Linear` inside the decoder
+layers becomes a `lora.Linear` holding the original layer (`base_layer`) and the adapter (`lora_A`, `lora_B`). The
+LM keeps its class, its decoder layers (where our pre-hooks sit) and its input embedding and output head (where the
+added-token hooks sit); no `PeftModel` wrapper. `lora_B` starts at zero, so a fresh adapter changes nothing: with the
+gates at 0 the model is still the bare LM at init. Only the adapters train; the LM's weights stay untouched.
+
+Persistence: the adapters are `Flamingo` parameters named `lm.<module>.lora_A.default.weight` etc.; they are written
+in `flamingo.safetensors` in both checkpoint modes, while a full checkpoint's `lm/` directory holds the bare LM
+(`base_state_dict`). Loading builds the LM, injects fresh adapters from the config, then loads their weights.
+`merge_lora` folds them into the LM's weights for inference (one matmul per layer again) and restores the plain
+modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import lora_spec
+
+ADAPTER_NAME = "default"
+ADAPTER_MARK = ".lora_"  # in the state-dict keys of the adapters' tensors (lora_A, lora_B, lora_embedding_A, ...)
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("lm_lora needs peft: pip install 'flamingo-vlm[memory]'") from e
+    return peft
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of target names: the module's name is the target or ends with '.' + target."""
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Inject LoRA adapters into `lm` in place (its other weights are frozen; only the adapters require grad);
+    returns `lm`. `Flamingo` calls this from `config.lm_lora`; it also serves a bare LM (a peer's, in a bench)."""
+    spec = lora_spec(spec)
+    peft = _peft()
+    if has_lora(lm):
+        raise ValueError("the LM already holds LoRA adapters")
+    tables = {id(m) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None} \
+        if hasattr(lm, "get_input_embeddings") else set()
+    names = [n for n, m in lm.named_modules() if any(_matches(n, t) for t in spec["target_modules"])]
+    hooked = [n for n, m in lm.named_modules() if id(m) in tables and n in names]
+    if hooked:
+        raise ValueError(f"lm_lora.target_modules reach the LM's token tables {hooked}: Flamingo's added-token rows "
+                         "hook them; target the decoder layers' projections (e.g. q_proj, v_proj)")
+    linear = [n for n in names if type(lm.get_submodule(n)).__name__ in ("Linear", "Conv1D")]  # Conv1D: GPT-2's
+    if not linear:
+        raise ValueError(f"lm_lora.target_modules {spec['target_modules']} name no linear layer of "
+                         f"{type(lm).__name__} (e.g. Llama: q_proj, k_proj, v_proj, o_proj; GPT-2: c_attn)")
+    conv1d = all(type(lm.get_submodule(n)).__name__ == "Conv1D" for n in linear)  # (in, out) weights: GPT-2
+    config = peft.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                             lora_dropout=spec["dropout"], bias="none", init_lora_weights=True, fan_in_fan_out=conv1d)
+    peft.inject_adapter_in_model(config, lm, adapter_name=ADAPTER_NAME)
+    return lm
+
+
+def _tuner_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in lm.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def train_adapters(lm: nn.Module, mode: bool) -> None:
+    """Put the adapters' dropout in `mode`: a frozen LM stays in eval mode, but its adapters train."""
+    for name, module in lm.named_modules():
+        if name.rpartition(".")[2] == "lora_dropout":
+            module.train(mode)
+
+
+def has_lora(lm: nn.Module) -> bool:
+    return any(ADAPTER_MARK in n for n, _ in lm.named_parameters())
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key names an adapter tensor."""
+    return ADAPTER_MARK in key
+
+
+def base_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LM's state dict without its adapters, under the bare LM's keys (`...q_proj.base_layer.weight` ->
+    `...q_proj.weight`): what `lm.save_pretrained` must write so that the directory loads as the plain HF model."""
+    return {k.replace(".base_layer.", "."): v for k, v in lm.state_dict().items() if not is_adapter_key(k)}
+
+
+def merge_lora(lm: nn.Module) -> list[str]:
+    """Fold each adapter into its layer's weight (W + alpha/r * B A) and put the plain layer back in place of PEFT's;
+    returns the names (in `lm`) of the weights that changed. After this the LM is a plain HF model again."""
+    if not has_lora(lm):
+        raise ValueError("the LM holds no LoRA adapters to merge")
+    changed = []
+    for name, layer in _tuner_layers(lm):
+        layer.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
+        parent, _, child = name.rpartition(".")
+        base = layer.get_base_layer()
+        setattr(lm.get_submodule(parent) if parent else lm, child, base)
+        changed.append(f"{name}.weight")
+    if hasattr(lm, "peft_config"):
+        del lm.peft_config
+    return changed

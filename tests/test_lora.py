@@ -1,0 +1,200 @@
+"""LoRA on the LM (`lm_lora`, PEFT adapters injected in place): the model is the bare LM at init and not after a
+step, our hooks still run (the xattn blocks see the images), only the adapters train in the LM, save -> load keeps
+the logits in both checkpoint modes, merged == unmerged, and `flamingo train` trains them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from flamingo import Flamingo, load_pretrained
+from flamingo.config import FlamingoConfig
+from flamingo.model import lora
+from flamingo.tiny import random_image, set_gates, tiny_lm, tiny_tokenizer
+from flamingo.train.optim import make_optimizer
+
+from train_fixtures import save_backbones, train_config, write_datasets
+
+pytest.importorskip("peft")
+
+SPEC = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+PROMPT = "<image>Question: what? Short answer: red.<|endofchunk|><image>Question: and this? Short answer:"
+
+
+def _perturb_adapters(model) -> None:
+    """As if trained: lora_B away from its zero init, so that the adapters change the LM's output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if lora.is_adapter_key(name):
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+@pytest.mark.parametrize("lm_kind,targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])])
+def test_lora_model_is_the_bare_lm_at_init_and_not_after_a_step(make_model, lm_kind, targets):
+    model, processor = make_model(lm_kind, gates=0.0, lm_lora={**SPEC, "target_modules": targets})
+    bare = tiny_lm(lm_kind, vocab_size=len(tiny_tokenizer()))  # same seed: the same weights as the model's LM
+    assert type(model.lm) is type(bare) and model.decoder_layers_path
+    assert any(type(m).__name__ in ("Linear", "Conv1D") and "lora" in type(m).__module__ for m in model.lm.modules())
+    text = processor("Question: what is in the image? Short answer: a red circle.")
+    with torch.no_grad():
+        ref = bare(input_ids=text["input_ids"]).logits
+        assert (model(**text).logits[..., :ref.shape[-1]] - ref).abs().max() <= 1e-5
+
+    trained = model.trainable_parameters()
+    adapters = {n for n in trained if lora.is_adapter_key(n)}
+    assert adapters and all(n.startswith("xattn.") or n.startswith("resampler.") or n.startswith("new_")
+                            or n in adapters for n in trained)
+    frozen = {n: p.detach().clone() for n, p in model.lm.named_parameters() if not p.requires_grad}
+    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.999), 1e-8)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert all(id(trained[n]) in decayed for n in adapters)  # LoRA matrices decay, like the blocks' matrices
+    model.train()
+    loss = model(**text, labels=text["input_ids"]).loss
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(**text).logits[..., :ref.shape[-1]] - ref).abs().max() > 1e-4  # text only: LoRA's doing
+    assert all(torch.equal(p, frozen[n]) for n, p in model.lm.named_parameters() if not p.requires_grad)
+
+
+def test_xattn_blocks_still_run_through_the_adapted_layers(make_model):
+    """The decoder-layer pre-hooks and the added-token hooks sit on modules PEFT leaves in place: with non-zero
+    gates the images change the logits, and gradients reach both the blocks and the adapters."""
+    model, processor = make_model("llama", gates=0.5, lm_lora=SPEC)
+    _perturb_adapters(model)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    other = processor(PROMPT, images=[random_image(2), random_image(3)])
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, model(**other).logits)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
+               if lora.is_adapter_key(n) or n.endswith("attn_gate"))
+
+
+def test_adapter_dropout_trains_while_the_frozen_lm_stays_in_eval_mode(make_model):
+    model, _ = make_model("llama", lm_lora={**SPEC, "dropout": 0.1})
+    model.train()
+    dropouts = [m for n, m in model.lm.named_modules() if n.endswith("lora_dropout")]
+    assert dropouts and all(m.training for m in dropouts) and not model.lm.training
+    model.eval()
+    assert not any(m.training for m in dropouts)
+
+
+@pytest.fixture
+def backbone_dirs(tmp_path):
+    return save_backbones(str(tmp_path))
+
+
+@pytest.mark.parametrize("trained_only", [False, True])
+def test_save_load_keeps_the_adapters(backbone_dirs, tmp_path, trained_only):
+    from flamingo import from_backbones
+    from flamingo.tiny import tiny_flamingo_config
+
+    model, processor = from_backbones(*backbone_dirs, config=tiny_flamingo_config(lm_lora=SPEC))
+    set_gates(model, 0.5)
+    _perturb_adapters(model)
+    model.eval()
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        before = model(**batch).logits
+    out = str(tmp_path / "ckpt")
+    model.save_pretrained(out, trained_only=trained_only, processor=processor)
+    with safe_open(os.path.join(out, "flamingo.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert {n for n in model.trainable_parameters() if lora.is_adapter_key(n)} <= saved
+    if not trained_only:  # the lm/ directory is the bare HF LM: no adapters, no PEFT names
+        with safe_open(os.path.join(out, "lm", "model.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if ".lora_" in k or ".base_layer." in k]
+        assert torch.equal(load_pretrained(out)[0].lm.state_dict()[
+            "model.layers.0.self_attn.q_proj.base_layer.weight"], model.lm.model.layers[0].self_attn.q_proj.weight)
+    loaded, _ = load_pretrained(out)
+    assert loaded.config.lm_lora == model.config.lm_lora
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, before)
+
+
+def test_merged_equals_unmerged_and_saves(backbone_dirs, tmp_path):
+    from flamingo import from_backbones
+    from flamingo.tiny import tiny_flamingo_config
+
+    model, processor = from_backbones(*backbone_dirs, config=tiny_flamingo_config(lm_lora=SPEC))
+    set_gates(model, 0.5)
+    _perturb_adapters(model)
+    model.eval()
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        model.merge_lora()
+        merged = model(**batch).logits
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert not lora.has_lora(model.lm) and model.config.lm_lora is None and not hasattr(model.lm, "peft_config")
+    assert set(model.lm.state_dict()) == set(tiny_lm("llama", vocab_size=len(tiny_tokenizer())).state_dict())
+    assert "lm.model.layers.0.self_attn.q_proj.weight" in model.config.extra_saved_weights
+    out = str(tmp_path / "merged")
+    model.save_pretrained(out, trained_only=True)  # the merged weights travel as extra_saved_weights
+    loaded = Flamingo.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, merged)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        model.merge_lora()
+
+
+def test_bad_lora_specs_are_refused_clearly(make_model):
+    with pytest.raises(ValueError, match="lm_lora.r must be an integer"):
+        FlamingoConfig(lm_lora={"r": 0})
+    with pytest.raises(ValueError, match="unknown lm_lora keys"):
+        FlamingoConfig(lm_lora={"r": 4, "rank": 4})
+    with pytest.raises(ValueError, match="non-empty list"):
+        FlamingoConfig(lm_lora={"r": 4, "target_modules": "q_proj"})
+    with pytest.raises(ValueError, match="frozen LM"):
+        FlamingoConfig(lm_lora={"r": 4}, freeze_lm=False)
+    assert FlamingoConfig(lm_lora={"r": 4}).lm_lora == {"r": 4, "alpha": 4, "target_modules": ["q_proj", "v_proj"],
+                                                        "dropout": 0.0}
+    with pytest.raises(ValueError, match="token tables"):
+        make_model("llama", lm_lora={"r": 4, "target_modules": ["embed_tokens"]})
+    with pytest.raises(ValueError, match="name no linear layer"):
+        make_model("llama", lm_lora={"r": 4, "target_modules": ["nonexistent_proj"]})
+
+
+@pytest.mark.slow
+def test_flamingo_train_trains_the_adapters(tmp_path):
+    """`flamingo train` with model.flamingo.lm_lora: the adapters are in the optimizer, they change, the LM's own
+    weights do not, and the trained-only final checkpoint holds them and loads to the same logits."""
+    from flamingo.cli import main
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    root = str(tmp_path)
+    vision, lm = save_backbones(root)
+    data = write_datasets(os.path.join(root, "data"), n_pairs=16, n_docs=4)
+    path = train_config(root, vision, lm, data, steps=3, out=os.path.join(root, "run"), interleaved=False, lr=1e-2)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["flamingo"]["lm_lora"] = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    trainer = Trainer(load_config(path, ["train.output_dir=" + os.path.join(root, "probe")]))
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    adapters = {n: p for n, p in trainer.model.named_parameters() if lora.is_adapter_key(n)}
+    assert adapters and all(id(p) in in_optimizer for p in adapters.values())
+
+    assert main(["train", path, "train.progress=false"]) == 0
+    out = os.path.join(root, "run", "final")
+    with safe_open(os.path.join(out, "flamingo.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    b_weights = [k for k in saved if ".lora_B." in k]
+    assert set(adapters) <= set(saved) and b_weights
+    assert any(saved[k].abs().max() > 0 for k in b_weights)  # lora_B left its zero init: the adapters trained
+    assert not [k for k in saved if k.startswith("lm.") and not lora.is_adapter_key(k)]  # the LM's weights: no
+    model, processor = load_pretrained(out)
+    batch = processor("<image>a red square.", images=[os.path.join(os.path.dirname(data["pairs"]), "images",
+                                                                   "p0.png")])
+    assert lora.has_lora(model.lm)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

@@ -198,3 +198,41 @@ def test_flamingo_train_trains_the_adapters(tmp_path):
     assert lora.has_lora(model.lm)
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_adapters_train_on_a_quantized_frozen_lm(make_model, mode):
+    """QLoRA's setting: the adapted layers' base weights quantized (quantize_frozen), the adapters in fp32 and
+    trained; the loss is the unquantized model's up to the quantization error."""
+    pytest.importorskip("torchao")
+    from flamingo.model.quantize import is_quantized, quantize_frozen
+
+    plain, processor = make_model("llama", gates=0.5, lm_lora=SPEC)
+    model, _ = make_model("llama", gates=0.5, lm_lora=SPEC, quantize_frozen=mode)
+    quantize_frozen(model)
+    q_proj = model.lm.model.layers[0].self_attn.q_proj
+    assert is_quantized(q_proj.base_layer.weight) and not is_quantized(q_proj.lora_A.default.weight)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    with torch.no_grad():
+        reference = float(plain(**batch, labels=batch["input_ids"]).loss)
+    assert abs(float(loss.detach()) - reference) < 0.05
+    loss.backward()
+    assert q_proj.lora_B.default.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="merge before quantizing"):
+        model.merge_lora()
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(make_model):
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = make_model("llama", gates=0.5, lm_lora=SPEC)
+        _perturb_adapters(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if lora.is_adapter_key(n)})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

@@ -1,0 +1,51 @@
+"""bench/memory.py's measurements: the CPU peak sees a step's allocations, quantized rows hold fewer frozen bytes and
+stay close to fp32, and the goals table judges each goal in its direction."""
+
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from bench.memory import goals, peak_during, run_rows  # noqa: E402
+
+
+def _args(**overrides):
+    base = dict(shape="tiny", device="cpu", batch=1, tokens=48, images=2, repeats=1, decode_tokens=3,
+                xattn_every=1)
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def test_cpu_peak_sees_a_step_that_allocates_and_frees():
+    def step():
+        x = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
+        del x
+
+    assert peak_during(step, "cpu") >= 30 * 2**20
+    assert peak_during(lambda: None, "cpu") < 8 * 2**20
+
+
+def test_rows_at_the_tiny_shape(one_thread):
+    train = {r["row"]: r for r in run_rows(_args(), "train", ["openflamingo", "fp32", "int8_frozen", "int4_frozen"])}
+    assert train["int8_frozen"]["frozen_mib"] < train["fp32"]["frozen_mib"]
+    assert train["int8_frozen"]["trained_mib"] == train["fp32"]["trained_mib"]
+    assert train["fp32"]["optim_mib"] == pytest.approx(2 * train["fp32"]["trained_mib"], rel=1e-3)  # 2 fp32 moments
+    assert all(r["peak_gib"] > 0 for r in train.values() if "note" not in r)
+    assert "not run" in train["int4_frozen"]["note"]  # no int4 kernel on the CPU: said, not crashed
+
+    infer = {r["row"]: r for r in run_rows(_args(), "infer", ["fp32", "fp16", "int8"])}
+    assert infer["fp16"]["weights_mib"] == pytest.approx(infer["fp32"]["weights_mib"] / 2, rel=1e-3)
+    assert infer["int8"]["backbones_mib"] < infer["fp16"]["backbones_mib"]
+    assert 0 < infer["int8"]["logit_mad_rel"] < 0.01 and infer["int8"]["decode_tok_s"] > 0
+
+
+def test_goals_direction_and_missing_rows():
+    train = [{"row": "openflamingo", "peak_gib": 10.0}, {"row": "int8+adamw8bit", "peak_gib": 3.9}]
+    infer = [{"row": "fp16", "weights_mib": 100.0, "backbones_mib": 80.0},
+             {"row": "int4", "weights_mib": 40.0, "backbones_mib": 24.0}]
+    demo = [{"row": "demo vqa none", "vqa_accuracy": 90.0}, {"row": "demo vqa int8", "vqa_accuracy": 87.5}]
+    table = {r["goal"]: r for r in goals(train, infer, demo)}
+    assert [r["reached"] for r in table.values()] == [True, False, True, False]
+    assert table["demo VQA points lost, int8 vs fp32"]["measured"] == 2.5
+    assert all(r["measured"] is None and r["reached"] is None for r in goals([], [], []))

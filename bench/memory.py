@@ -52,10 +52,11 @@ TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpoi
     "nf4_frozen": dict(frozen="nf4"),
     "adamw8bit": dict(frozen="bf16", optim="adamw8bit"),
     "checkpointing": dict(frozen="bf16", checkpointing=True),
-    "lora": dict(frozen="bf16", lora=True),
+    "lora": dict(frozen="bf16", lora=True),  # LORA: r 16 on the attention's q and v projections
     "int8+adamw8bit": dict(frozen="int8", optim="adamw8bit"),
     "int8+adamw8bit+ckpt": dict(frozen="int8", optim="adamw8bit", checkpointing=True),
 }
+LORA = {"r": 16, "target_modules": ["q_proj", "v_proj"]}
 INFER_ROWS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4")
 DEMO_MODES = ("none", "int8", "int4", "nf4")
 DEMO_DIRS = ("/work/demo-scratch/flamingo/final", "/work/demo-scratch/world/eval/vqa")
@@ -92,10 +93,10 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 # ------------------------------------------------------------------------------------------------------ training
 def _lora(model: torch.nn.Module) -> None:
-    """LoRA adapters on the LM (flamingo/model/lora.py, helper "optim"'s module)."""
-    from flamingo.model import lora  # noqa: F401  (raises ImportError until it exists)
+    """LoRA adapters (r 16 on q_proj and v_proj, flamingo/model/lora.py) on the copy's frozen LM."""
+    from flamingo.model.lora import apply_lora
 
-    raise NotImplementedError("the LoRA row waits for flamingo/model/lora.py's entry point")
+    apply_lora(model.lm, LORA)
 
 
 def _optimizer(model: torch.nn.Module, kind: str, fused: bool) -> torch.optim.Optimizer:

@@ -285,6 +285,7 @@ def run_rows(args: argparse.Namespace, kind: str, names: list[str]) -> list[dict
         batch = make_batch(pair.processor, args.batch, args.tokens, args.images, pair.image_size, args.device)
         for name in names:
             rows.append(_guarded(name, lambda: train_row(name, pair, batch, args)))
+            print_json("memory.row", rows[-1])  # as it comes: a run cut short keeps its rows
     else:
         reference = None
         for name in names:
@@ -293,6 +294,7 @@ def run_rows(args: argparse.Namespace, kind: str, names: list[str]) -> list[dict
                 row, logits = row
                 reference = logits if name == "fp32" else reference
             rows.append(row)
+            print_json("memory.row", row)
     return rows
 
 

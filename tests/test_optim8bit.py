@@ -4,11 +4,16 @@ pickle (codes and scales as plain tensors), and exact resume: N/2 steps, a check
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from flamingo.train import state_codec
@@ -17,6 +22,8 @@ from flamingo.train.optim import make_optimizer, make_scheduler
 from flamingo.train.trainer import Trainer
 
 from train_fixtures import save_backbones, train_config, write_datasets
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 pytest.importorskip("torchao")
 
@@ -125,3 +132,59 @@ def test_adamw8bit_resumes_exactly(world):
         sa, sb = straight.optimizer.state[p]["exp_avg"], second.optimizer.state[q]["exp_avg"]
         assert type(sa) is type(sb) and torch.equal(sa.dequantize() if hasattr(sa, "codes") else sa,
                                                     sb.dequantize() if hasattr(sb, "codes") else sb)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_adamw8bit_under_fsdp_resumes_exactly(world, tmp_path):
+    """FSDP2 over two processes (shards of uneven sizes: each rank compiles its own update kernels) with 8-bit
+    states: a run resumed from its step-2 checkpoint (states gathered, stored as codes, re-sharded) ends
+    bit-identical to the straight run."""
+    root, vision, lm, _ = world
+    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    config = train_config(str(tmp_path), vision, lm, data, steps=4, out=str(tmp_path / "unused"), batch_size=2,
+                          interleaved=False, save_every=2)
+
+    def launch(out: str) -> dict[int, float]:
+        result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29523",
+                                 os.path.join(TESTS, "ddp_worker.py"), config, out, "train.distributed=fsdp",
+                                 "optim.kind=adamw8bit"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return {m["step"]: m["loss"] for m in map(json.loads, f)}
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    losses = launch(straight)
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(straight, "checkpoints", "step_00000002"),
+                    os.path.join(resumed, "checkpoints", "step_00000002"))
+    again = launch(resumed)
+    assert sorted(again) == [3, 4] and all(again[s] == losses[s] for s in again)
+    a, b = (load_file(os.path.join(d, "final", "flamingo.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_from_before_optimizer_safetensors_still_resume(world):
+    """An older checkpoint (optimizer.pt read with weights_only=True, the scheduler in state.json) loads the same
+    optimizer and scheduler states as the safetensors one."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=4, out=os.path.join(root, "old"), interleaved=False,
+                        save_every=100)
+    trainer = Trainer(load_config(path))
+    trainer.train_step()
+    trainer.save()
+    current = Trainer(load_config(path))
+    checkpoint = os.path.join(root, "old", "checkpoints", "step_00000001")
+    torch.save(current.optimizer.state_dict(), os.path.join(checkpoint, "optimizer.pt"))
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        state = json.load(f)
+    with open(os.path.join(checkpoint, "state.json"), "w") as f:
+        json.dump({**state, "scheduler": current.scheduler.state_dict()}, f)
+    os.remove(os.path.join(checkpoint, "optimizer.safetensors"))
+    old = Trainer(load_config(path))
+    assert old.step == 1 and old.scheduler.state_dict() == current.scheduler.state_dict()
+    for p, q in zip(current.trained, old.trained, strict=True):
+        a, b = current.optimizer.state[p], old.optimizer.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -61,7 +61,14 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iter
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
     if fused:
         raise ValueError("optim.fused is torch's AdamW kernel: it does not apply to optim.kind=adamw8bit")
-    return _adamw8bit()(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    optimizer = _adamw8bit()(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if any(hasattr(p, "full_tensor") for g in groups for p in g["params"]):  # FSDP2 shards (DTensors)
+        # Ranks hold shards of different shapes under one global shape, and AOT autograd's on-disk cache keys the
+        # compiled update by the global one: a rank would load another rank's kernel and fail a size assertion.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = False
+    return optimizer
 
 
 def _adamw8bit() -> type:

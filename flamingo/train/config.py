@@ -32,7 +32,7 @@ class DatasetSection:
 class OptimSection:
     kind: str = "adamw"  # adamw (fp32 states) | adamw8bit (torchao's 8-bit states: 2 bytes per trained parameter)
     lr: float = 1e-4
-    weight_decay: float = 0.1  # on the xattn blocks' matrices only
+    weight_decay: float = 0.1  # on the xattn blocks' matrices (and LoRA's) only
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fused: bool = False  # fused AdamW kernel; it skips non-finite steps on the device (no host sync per step)

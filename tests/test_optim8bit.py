@@ -101,15 +101,20 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_adamw8bit_resumes_exactly(world):
+@pytest.mark.parametrize("lora", [False, True])
+def test_adamw8bit_resumes_exactly(world, lora):
     """4 steps straight == 2 steps, a checkpoint, a new trainer that resumes, 2 more: same losses, same weights, and
-    the checkpoint holds uint8 codes (no pickle)."""
+    the checkpoint holds uint8 codes (no pickle). With LoRA adapters on the LM too (they are trained parameters)."""
+    if lora:
+        pytest.importorskip("peft")
     root, vision, lm, data = world
+    tag = "-lora" if lora else ""
 
     def trainer(out: str) -> Trainer:
-        path = train_config(root, vision, lm, data, steps=4, out=os.path.join(root, out), interleaved=False,
+        path = train_config(root, vision, lm, data, steps=4, out=os.path.join(root, out + tag), interleaved=False,
                             save_every=100)
-        return Trainer(load_config(path, ["optim.kind=adamw8bit"]))
+        extra = ["model.flamingo.lm_lora.r=8", "model.flamingo.lm_lora.alpha=16"] if lora else []
+        return Trainer(load_config(path, ["optim.kind=adamw8bit", *extra]))
 
     straight = trainer("straight")
     losses = [float(straight.train_step()["loss"]) for _ in range(4)]
@@ -118,8 +123,10 @@ def test_adamw8bit_resumes_exactly(world):
     first = trainer("resumed")
     resumed_losses = [float(first.train_step()["loss"]) for _ in range(2)]
     first.save()
-    checkpoint = os.path.join(root, "resumed", "checkpoints", "step_00000002")
+    checkpoint = os.path.join(root, "resumed" + tag, "checkpoints", "step_00000002")
     assert not os.path.exists(os.path.join(checkpoint, "optimizer.pt"))
+    with safe_open(os.path.join(checkpoint, "trained.safetensors"), "pt") as f:
+        assert any(".lora_B." in k for k in f.keys()) == lora
     with safe_open(os.path.join(checkpoint, "optimizer.safetensors"), "pt") as f:
         assert any(k.endswith("/codes") and f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
     second = trainer("resumed")

@@ -16,6 +16,7 @@ pytest.importorskip("torchao")
 from flamingo import FlamingoConfig, from_backbones, load_pretrained  # noqa: E402
 from flamingo.model.quantize import (  # noqa: E402
     QuantizationUnavailable,
+    QuantizedLinear,
     check_available,
     is_quantized,
     module_bytes,
@@ -81,7 +82,7 @@ def test_only_frozen_backbone_linears_are_quantized(make_model, mode):
             full = f"{name}.{pname}" if name else pname
             in_backbone = full.startswith(("vision.", "lm."))
             if is_quantized(p):
-                assert in_backbone and type(module) is nn.Linear and not p.requires_grad, full
+                assert in_backbone and type(module) is QuantizedLinear and not p.requires_grad, full
             else:
                 assert type(p) is nn.Parameter and type(p.data) is torch.Tensor, full
     for part in (model.xattn, model.resampler):  # the trained modules: plain tensors, unchanged values
@@ -92,7 +93,10 @@ def test_only_frozen_backbone_linears_are_quantized(make_model, mode):
     assert set(trained_before) == set(model.trainable_parameters())
     assert not is_quantized(model.lm.get_input_embeddings().weight)  # embeddings stay in their dtype
     assert not is_quantized(model.new_token_embeddings)
-    linears = [m for m in [*model.vision.modules(), *model.lm.modules()] if type(m) is nn.Linear]
+    head = model.lm.get_output_embeddings()
+    assert type(head) is nn.Linear and not is_quantized(head.weight)  # Flamingo's hook fills the added rows' logits
+    linears = [m for m in [*model.vision.modules(), *model.lm.modules()]
+               if type(m) in (nn.Linear, QuantizedLinear) and m is not head]
     assert sum(is_quantized(m.weight) for m in linears) == report["quantized"]
     assert report["quantized"] + report["kept"] == len(linears)
 
@@ -157,6 +161,39 @@ def test_gradients_reach_the_blocks_through_a_quantized_lm_and_loss_falls(make_m
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("mode", CPU_MODES)
+def test_backward_keeps_no_dequantized_weights_and_gives_their_input_gradient(make_model, mode):
+    """Autograd saves the same activations as with float weights (torchao's own linear would also keep a
+    dequantized copy of each weight), and the input gradient is the one through the dequantized weight."""
+    def saved_bytes(model, batch):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters() if not is_quantized(p)}
+        saved = {}
+
+        def pack(t):
+            if not is_quantized(t) and t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**batch, labels=batch["input_ids"])
+        return sum(saved.values())
+
+    model, processor = make_model()
+    batch = _batch(processor)
+    plain = saved_bytes(model, batch)
+    quantize_frozen(model, mode)
+    assert saved_bytes(model, batch) == plain
+
+    layer = model.lm.model.layers[0].mlp.down_proj
+    assert type(layer) is QuantizedLinear
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    (layer(x) * torch.arange(layer.out_features)).sum().backward()
+    dense = layer.weight.to(torch.float32) if mode == "nf4" else layer.weight.dequantize(torch.float32)
+    x2 = x.detach().clone().requires_grad_()
+    (torch.nn.functional.linear(x2, dense, layer.bias) * torch.arange(layer.out_features)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
 
 
 def test_unavailable_modes_and_trained_backbones_fail_clearly(make_model):

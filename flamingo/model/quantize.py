@@ -3,7 +3,8 @@
 Weight-only quantization with torchao (the `memory` extra): activations, the trained parameters (resampler,
 cross-attention blocks, the added token rows, LoRA adapters) and every non-linear backbone tensor (embeddings, norms,
 convolutions) keep their dtype. Only `nn.Linear` layers inside `model.vision` / `model.lm` whose weight does not train
-are touched, and an output head tied to the input embedding is left alone (its weight is the embedding table).
+are touched, each replaced by a `QuantizedLinear` in the same place (same attribute names and state-dict keys); the
+LM's output head stays as it is (Flamingo hooks it for the added tokens' logits).
 
 Modes (`FlamingoConfig.quantize_frozen`):
 - "int8": per-output-channel symmetric int8 (torchao `Int8WeightOnlyConfig`), CPU and CUDA.
@@ -11,7 +12,9 @@ Modes (`FlamingoConfig.quantize_frozen`):
   byte for CUDA's tinygemm kernel (torchao `Int4WeightOnlyConfig`, tile_packed_to_4d): CUDA with compute capability
   >= 8.0 only; torchao packs int4 for no CPU kernel here, so on the CPU it is an error that points to nf4.
 - "nf4": QLoRA's 4-bit NormalFloat, blocks of 64 with double-quantized scales (torchao `NF4Tensor`), CPU and CUDA.
-Gradients flow through all three to the activations, so the trained blocks train on a quantized frozen LM.
+Gradients flow through int8 and nf4 to the activations, so the trained blocks train on a quantized frozen LM; the
+backward keeps only the quantized weight and dequantizes it per layer (`_FrozenLinear`). int4's kernel has no
+backward: it is for inference.
 
 Quantize after the model is on its device (`Flamingo.from_pretrained(..., device=)` and the trainer do): torchao's
 int4 layout belongs to the device it was packed for. Quantizing is lossy and one-way: a model with quantized
@@ -21,9 +24,10 @@ backbones saves trained-only checkpoints (the backbones are re-loaded by name an
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QUANTIZE_MODES
@@ -72,7 +76,7 @@ def is_quantized(t: torch.Tensor) -> bool:
 
 def quantized_mode(model: "Flamingo") -> str:
     """The mode the backbones are actually stored in ("none" when no weight is quantized)."""
-    for _, linear in _linears(model):
+    for _, _, linear in _linears(model):
         if is_quantized(linear.weight):
             return _mode_of(linear.weight)
     return "none"
@@ -83,16 +87,58 @@ def _mode_of(weight: torch.Tensor) -> str:
     return "nf4" if name.startswith("NF4") else "int4" if name.startswith("Int4") else "int8"
 
 
-def _linears(model: "Flamingo") -> Iterator[tuple[str, nn.Linear]]:
-    """The frozen `nn.Linear` layers of the vision tower and the LM, as `Flamingo.state_dict()` prefixes."""
-    tied = model.lm.get_input_embeddings().weight
-    for prefix, backbone in (("vision", model.vision), ("lm", model.lm)):
-        for name, module in backbone.named_modules():
-            if type(module) is not nn.Linear or module.weight.requires_grad:  # plain layers only: not LoRA's
-                continue
-            if module.weight is tied:  # a head that shares the embedding table
-                continue
-            yield f"{prefix}.{name}", module
+def _linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """The frozen linear layers of the vision tower and the LM, as (parent module, attribute name, layer)."""
+    head = model.lm.get_output_embeddings()
+    for backbone in (model.vision, model.lm):
+        for parent in backbone.modules():
+            for name, module in parent.named_children():
+                if type(module) not in (nn.Linear, QuantizedLinear) or module.weight.requires_grad:  # not LoRA's
+                    continue
+                if module is head:  # Flamingo's hook on it fills the added tokens' logits; tied or not, it stays
+                    continue
+                yield parent, name, module
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b with a frozen quantized W: backward needs only W, so it keeps W as stored and dequantizes it
+    again for the input's gradient. (torchao's own linear lets autograd keep a dequantized copy of W per layer until
+    backward: a quantized LM then took more memory in a training step than a bf16 one.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.weight, ctx.x_dtype = weight, x.dtype  # a frozen parameter: never changed in place
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight = _dequantize(ctx.weight, grad.dtype)  # (out, in)
+        return (grad @ weight).to(ctx.x_dtype), None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if _mode_of(weight) == "int4":
+        raise QuantizationUnavailable("quantize_frozen=int4 runs forward only (torchao's tinygemm kernel has no "
+                                      "backward): train with nf4 (also 4-bit) or int8")
+    if _mode_of(weight) == "nf4":
+        return weight.to(dtype)
+    return weight.dequantize(dtype)
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen `nn.Linear` whose weight is a torchao quantized tensor (same attribute names, so the same state-dict
+    keys, and PEFT still wraps it as a linear layer). Under autograd its input gradient comes from `_FrozenLinear`."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, int]:
@@ -118,18 +164,20 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
     linears = list(_linears(model))
     if not linears:
         return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
-    check_available(mode, linears[0][1].weight.device)
-    before = sum(tensor_bytes(m.weight) for _, m in linears)
+    check_available(mode, linears[0][2].weight.device)
+    before = sum(tensor_bytes(m.weight) for _, _, m in linears)
     quantized = kept = 0
-    for _, linear in linears:
+    after = 0
+    for parent, name, linear in linears:
         weight = _quantize_weight(linear.weight.detach(), mode)
         if weight is None:
             kept += 1
+            after += tensor_bytes(linear.weight)
             continue
-        linear.weight = nn.Parameter(weight, requires_grad=False)
+        setattr(parent, name, QuantizedLinear(linear, weight))  # a new module in the same place, not a new class
         quantized += 1
+        after += tensor_bytes(weight)
     model.config.quantize_frozen = mode
-    after = sum(tensor_bytes(m.weight) for _, m in linears)
     return {"quantized": quantized, "kept": kept, "bytes_before": before, "bytes_after": after}
 
 

@@ -11,10 +11,11 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import FlamingoConfig
-from .model.backbones import dtype_kwargs, lm_max_positions, load_lm, load_vision_tower, name_or_path_of
+from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 from .references import reference_token
+from .runtime.compat import dtype_kwargs
 
 Backbone = Union[str, os.PathLike, nn.Module]
 

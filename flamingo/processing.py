@@ -9,7 +9,6 @@ an array `(F, H, W, 3)`, or a path to a video file), or a path to an image file.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTra
 
 from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from .references import reference_token, resolve_declarations
+from .runtime.compat import keep_special_tokens_kwargs
 from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
@@ -63,12 +63,7 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int 
 
 def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, new: list[str]) -> None:
     if new:
-        # transformers 5 names the keep-existing flag `replace_extra_special_tokens`, 4.x `..._additional_...`.
-        params = inspect.signature(tokenizer.add_special_tokens).parameters
-        flags = ("replace_extra_special_tokens", "replace_additional_special_tokens")
-        flag = next((k for k in flags if k in params), None)
-        kwargs = {flag: False} if flag else {}
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, **kwargs)
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, **keep_special_tokens_kwargs(tokenizer))
 
 
 def load_image_processor(name_or_path: str) -> Any:

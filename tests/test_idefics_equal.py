@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
-from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 from transformers.models.idefics.processing_idefics import (
     IdeficsProcessor,
     image_attention_mask_for_packed_input_ids,
@@ -20,6 +19,7 @@ from transformers.models.idefics.processing_idefics import (
 
 from flamingo.convert import from_idefics
 from flamingo.convert.idefics import idefics_image_processor
+from flamingo.runtime.compat import TRANSFORMERS, pil_image_processor
 from flamingo.tiny import random_image, tiny_tokenizer
 
 FAKE = "<fake_token_around_image>"
@@ -29,6 +29,7 @@ PROMPTS = [  # 3 images with text before the first, 1 image, 0 images: left padd
     "Only text, no image at all in this one.",
 ]
 NUM_IMAGES = [3, 1, 0]
+IdeficsImageProcessorPil = pil_image_processor("IdeficsImageProcessor")
 
 
 def _tokenizer():
@@ -148,6 +149,8 @@ def test_vision_tower_and_image_processing_equal():
     assert torch.allclose(mine, theirs, atol=1e-6)
 
 
+@pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="transformers 4's IdeficsProcessor (the peer) takes only a "
+                    "LlamaTokenizerFast, and the tiny tokenizer is a PreTrainedTokenizerFast")
 def test_an_idefics_prompt_works_unchanged():
     """The `idefics` template: IDEFICS's processor and ours give the same ids, whether the user writes IDEFICS's
     wrapped form or a plain `<image>` prompt."""

@@ -38,12 +38,10 @@ from transformers import (
 from ..config import MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
+from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from .checkpoints import local_dir, read_tensors
 
-try:  # transformers 5: the PIL backend (the default one wants torchvision)
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-except ImportError:  # transformers 4
-    from transformers import CLIPImageProcessor
+CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ def _vision_tower(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype: 
                             num_hidden_layers=vc.num_hidden_layers, num_attention_heads=vc.num_attention_heads,
                             num_channels=vc.num_channels, image_size=vc.image_size, patch_size=vc.patch_size,
                             hidden_act=vc.hidden_act, layer_norm_eps=vc.layer_norm_eps)
-    tower = CLIPVisionModel._from_config(clip, dtype=dtype)
+    tower = CLIPVisionModel._from_config(clip, **dtype_kwargs(dtype))
     prefix = "model.vision_model."
     ours = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""  # 4.x / 5.x
     tower.load_state_dict({ours + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
@@ -109,10 +107,10 @@ def _language_model(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=False, attention_bias=False,
+        tie_word_embeddings=False, attention_bias=False, **idefics_rope_kwargs(config),
         mlp_bias=False, pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id)
-    lm = AutoModelForCausalLM.from_config(llama, dtype=dtype)
+    lm = AutoModelForCausalLM.from_config(llama, **dtype_kwargs(dtype))
     mapped = {k: t for k, t in state.items() if k.startswith(("model.layers.", "model.norm."))}
     embed = state["model.embed_tokens.weight"]
     head = state.get("lm_head.weight", embed if config.tie_word_embeddings else None)

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 from typing import Any, Optional, Union
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
-
-
-def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict[str, Any]:
-    """`from_pretrained` keyword for a dtype: `dtype` on transformers >= 4.56, `torch_dtype` before."""
-    if dtype is None:
-        return {}
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def find_decoder_layers(lm: nn.Module) -> str:
@@ -119,25 +108,6 @@ def vision_features(vision: nn.Module, pixel_values: torch.Tensor, feature_layer
 
 def vision_hidden_size(vision: nn.Module) -> int:
     return hidden_size_of(vision.config)
-
-
-def lm_output_cache(out: Any) -> Any:
-    """The KV cache of an HF LM output: its `cache` field from transformers 5.24 on (where `past_key_values` is a
-    deprecated alias that warns), `past_key_values` before; None when the LM returned none."""
-    names = {f.name for f in dataclasses.fields(out)}
-    return getattr(out, "cache" if "cache" in names else "past_key_values", None)
-
-
-def lm_cache_argument(lm: nn.Module) -> str:
-    """The name of the LM forward's KV-cache argument: `cache` from transformers 5.24 on (`past_key_values` is
-    deprecated there), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-
-
-def lm_last_logits_only(lm: nn.Module) -> dict[str, int]:
-    """Keyword arguments that make the LM compute the last position's logits only (`logits_to_keep=1`), where its
-    forward takes them; {} otherwise."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
 
 
 def lm_text_config(lm: PreTrainedModel) -> Any:

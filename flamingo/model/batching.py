@@ -21,14 +21,13 @@ every step); a join copies one row's prompt.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from .backbones import lm_cache_argument, lm_last_logits_only
+from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
 from .context import MediaContext, Phase
 from .xattn import MediaKV
 
@@ -97,7 +96,7 @@ class Prefill:
         end = min(self.done + chunk, self.length)
         ids = self.input_ids[None, self.done:end]  # (1, c)
         kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
-        if _takes_position_ids(model.lm):
+        if lm_takes_position_ids(model.lm):
             kwargs["position_ids"] = torch.arange(self.done, end, device=self.device)[None]
         with model.conditioned(self.ctx):
             out = model.lm(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
@@ -139,10 +138,6 @@ class Prefill:
                 ctx.media_kv.pop(("last", j, 1), None)
                 kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d)
         return kvs
-
-
-def _takes_position_ids(lm: torch.nn.Module) -> bool:
-    return "position_ids" in inspect.signature(lm.forward).parameters
 
 
 class _Shape:
@@ -218,7 +213,7 @@ class DecodeBatch:
         self.media_v: list[torch.Tensor] = []
         self.decode_index = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
         self.decode_count = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
-        self._takes_positions = _takes_position_ids(model.lm)
+        self._takes_positions = lm_takes_position_ids(model.lm)
 
     @property
     def rows(self) -> int:

@@ -15,7 +15,6 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,18 +25,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import __version__ as transformers_version
 from transformers.utils import ModelOutput
 
 from ..config import FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
+from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
 from . import generation, lora, quantize
 from .backbones import (
-    dtype_kwargs,
     find_decoder_layers,
     hidden_size_of,
     lm_max_positions,
-    lm_output_cache,
     lm_text_config,
     load_lm,
     load_vision_tower,
@@ -115,7 +112,7 @@ class Flamingo(nn.Module):
         self.lm.get_input_embeddings().register_forward_hook(self._embedding_hook)
         if config.num_new_tokens and self.lm.get_output_embeddings() is not None:
             self.lm.get_output_embeddings().register_forward_hook(self._output_hook)
-        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        self._lm_takes_position_ids = lm_takes_position_ids(lm)
         # (first id, count) of the `<imageK>` reference tokens, or None (references.py)
         self.references: Optional[tuple[int, int]] = None
         if config.num_image_references:
@@ -339,7 +336,7 @@ class Flamingo(nn.Module):
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
-        no_cache = all(lm_kwargs.get(name) is None for name in ("past_key_values", "cache"))  # cache: 5.24 on
+        no_cache = all(lm_kwargs.get(name) is None for name in CACHE_NAMES)
         limit = lm_max_positions(self.lm)
         if limit is not None and no_cache and document_ids is None and input_ids.shape[1] > limit:  # shapes only:
             # no host sync (packed rows restart their positions, so only their samples' lengths count)
@@ -376,7 +373,7 @@ class Flamingo(nn.Module):
         if self._packs_exactly is None:
             self._packs_exactly = self._lm_packs_exactly()
         if not self._packs_exactly:
-            raise ValueError(f"this LM ({type(self.lm).__name__}, transformers {transformers_version}) does not keep "
+            raise ValueError(f"this LM ({type(self.lm).__name__}, transformers {TRANSFORMERS_VERSION}) does not keep "
                              "packed samples apart (its attention mask ignores position ids that restart): set the "
                              "dataset option pack_tokens: 0")
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
 
-from .backbones import lm_cache_argument, lm_last_logits_only, lm_max_positions, lm_output_cache
+from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_output_cache, select_cache_rows
+from .backbones import lm_max_positions
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
 from .xattn import XAttnImpl
@@ -230,7 +230,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
             mask[k, : len(x)] = 1
         total = first_logprobs[rows, ids[:, 0]]  # (C,)
         if longest > 1:
-            cache = _select_cache_rows(context_cache, rows)
+            cache = select_cache_rows(context_cache, rows)
             full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
             positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
             with model.conditioned(contexts.for_candidates(rows)):
@@ -242,19 +242,3 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     flat = torch.cat(scores) if scores else torch.zeros(0)
     return list(flat.split([len(cands) for cands in continuations]))
 
-
-def _select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched. Transformers' dynamic
-    layers rebind their tensors on update rather than write in place, so for them only the selected rows are copied;
-    other caches are copied whole first."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
-        clone = copy.copy(cache)
-        clone.layers = [copy.copy(layer) for layer in layers]
-        clone.batch_select_indices(rows)
-        return clone
-    if hasattr(cache, "batch_select_indices"):
-        clone = copy.deepcopy(cache)
-        clone.batch_select_indices(rows)
-        return clone
-    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)

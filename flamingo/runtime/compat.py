@@ -1,0 +1,106 @@
+"""Every place where the installed transformers (or torch) changes what the library must call, in one module.
+
+The supported range is in pyproject.toml and docs/compat.md. Each branch here is tested on a version that takes it
+(tests/test_compat.py; CI runs those tests on both ends of the range). Probes of the LM's forward signature are here
+too: which arguments a forward takes moved between releases (`cache`, `logits_to_keep`) and differs by family.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any, Optional
+
+import torch
+import transformers
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+
+def version_tuple(text: str) -> tuple[int, int]:
+    """'4.56.2' / '2.6.0+cu124' / '5.0.0.dev0' -> (major, minor)."""
+    major, minor = text.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+TRANSFORMERS: tuple[int, int] = version_tuple(TRANSFORMERS_VERSION)
+TORCH: tuple[int, int] = version_tuple(torch.__version__)
+
+# The names an LM's forward and output give its KV cache: `cache` from transformers 5.24 on (where `past_key_values`
+# is a deprecated alias that warns), `past_key_values` before.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """`from_pretrained`'s dtype keyword: `dtype` on transformers >= 4.56, `torch_dtype` before."""
+    if dtype is None:
+        return {}
+    return {"dtype" if TRANSFORMERS >= (4, 56) else "torch_dtype": dtype}
+
+
+def lm_output_cache(out: Any) -> Any:
+    """The KV cache of an HF LM output (`cache` from 5.24 on, `past_key_values` before); None when it has none."""
+    names = {f.name for f in dataclasses.fields(out)}
+    return getattr(out, "cache" if "cache" in names else "past_key_values", None)
+
+
+def _forward_parameters(lm: nn.Module) -> Any:
+    return inspect.signature(lm.forward).parameters
+
+
+def lm_cache_argument(lm: nn.Module) -> str:
+    """The name of the LM forward's KV-cache argument: `cache` from 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in _forward_parameters(lm) else "past_key_values"
+
+
+def lm_last_logits_only(lm: nn.Module) -> dict[str, int]:
+    """Keyword arguments that make the LM compute the last position's logits only (`logits_to_keep=1`), where its
+    forward takes them (transformers >= 4.50, most families); {} otherwise."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(lm) else {}
+
+
+def lm_takes_position_ids(lm: nn.Module) -> bool:
+    """Whether the LM's forward takes `position_ids` (MPT's, with ALiBi, does not)."""
+    return "position_ids" in _forward_parameters(lm)
+
+
+def keep_special_tokens_kwargs(tokenizer: Any) -> dict[str, bool]:
+    """`add_special_tokens` keyword that keeps the tokenizer's existing extra special tokens when adding more:
+    `replace_extra_special_tokens` in transformers 5, `replace_additional_special_tokens` in 4.x."""
+    params = inspect.signature(tokenizer.add_special_tokens).parameters
+    flag = next((k for k in ("replace_extra_special_tokens", "replace_additional_special_tokens") if k in params), None)
+    return {flag: False} if flag else {}
+
+
+def pil_image_processor(name: str) -> type:
+    """transformers' image processor class `name` on PIL/numpy: transformers 5's `...Pil` twin (the default class
+    there may want torchvision, which we avoid), the class itself on 4.x."""
+    cls = getattr(transformers, name + "Pil", None)
+    return cls if cls is not None else getattr(transformers, name)
+
+
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched. Transformers' dynamic
+    layers (4.54 on) rebind their tensors on update rather than write in place, so for them only the selected rows
+    are copied; other cache objects are copied whole first; legacy tuples (families that still return them) are
+    indexed."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
+        clone = copy.copy(cache)
+        clone.layers = [copy.copy(layer) for layer in layers]
+        clone.batch_select_indices(rows)
+        return clone
+    if hasattr(cache, "batch_select_indices"):
+        clone = copy.deepcopy(cache)
+        clone.batch_select_indices(rows)
+        return clone
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+
+
+def idefics_rope_kwargs(config: Any) -> dict[str, Any]:
+    """The `LlamaConfig` keyword giving an IDEFICS config's rotary embedding: its `rope_parameters` on transformers
+    5; none before, where IDEFICS's rotary base is fixed at 10000, LlamaConfig's default `rope_theta`."""
+    params = getattr(config, "rope_parameters", None)
+    return {} if params is None else {"rope_parameters": dict(params)}

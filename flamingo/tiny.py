@@ -24,16 +24,14 @@ from transformers import (
     SiglipVisionModel,
 )
 
-try:  # transformers 5: the PIL backends (the default ones want torchvision, which we avoid)
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-except ImportError:  # transformers 4
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
 from .build import from_backbones
 from .config import FlamingoConfig
 from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor
+from .runtime.compat import pil_image_processor
+
+CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
+SiglipImageProcessor = pil_image_processor("SiglipImageProcessor")
 
 _CORPUS = [
     "Question: what is in the image? Short answer: a red circle.",
@@ -85,6 +83,9 @@ _LM_CONFIGS: dict[str, dict] = {
     "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2),
     "phi": dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
+    "mpt": dict(model_type="mpt", d_model=32, n_heads=4, n_layers=4, max_seq_len=512),
+    "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8),
 }
 
 LM_KINDS = tuple(_LM_CONFIGS)
@@ -100,7 +101,7 @@ def tiny_lm(kind: str = "llama", vocab_size: int = 300, seed: int = 0, **overrid
     kw.update(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     kw.update(overrides)
     config = AutoConfig.for_model(model_type, **kw)
-    config._attn_implementation = "eager" if kind in ("gpt2",) else "sdpa"
+    config._attn_implementation = "eager" if kind in ("gpt2", "mpt") else "sdpa"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 

@@ -53,6 +53,14 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16 (autocast; trained parameters keep fp32 master weights)
     frozen_dtype: Optional[str] = None  # e.g. "bf16": store the frozen backbones in bf16
     gradient_checkpointing: bool = False
+    # torch.compile of the repeated regions (decoder layers, vision layers, xattn blocks, resampler): train/compile.py.
+    # Pays off in long runs on a GPU; compiling costs minutes first (docs/training.md).
+    compile: bool = False
+    compile_dynamic: Optional[bool] = None  # None: torch's automatic dynamic shapes; False: a graph per shape
+    # Padding buckets (train/buckets.py): text length and media per row rounded up to these multiples, so a compiled
+    # step sees few shapes. 0: 64 tokens when compiling, else none; media: none.
+    pad_tokens_multiple: int = 0
+    pad_media_multiple: int = 0
     micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
@@ -145,6 +153,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
+    if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:
+        raise ValueError("train.pad_tokens_multiple and train.pad_media_multiple must be >= 0 (0: default)")
     if config.train.cache_vision_features_mb < 0:
         raise ValueError(f"train.cache_vision_features_mb must be >= 0 (0: off), got "
                          f"{config.train.cache_vision_features_mb}")

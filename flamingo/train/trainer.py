@@ -30,6 +30,8 @@ from ..model.flamingo import Flamingo
 from ..model.quantize import quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
+from .buckets import pad_to_buckets
+from .compile import compile_regions
 from .config import TrainConfig
 from .flops import flops_per_sample, peak_flops
 from .optim import make_optimizer, make_scheduler
@@ -102,6 +104,14 @@ class Trainer:
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
+        if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
+            compile_regions(model, dynamic=t.compile_dynamic)
+        # padding buckets: 64 tokens by default when compiling (few shapes), none otherwise
+        self.pad_tokens_multiple = t.pad_tokens_multiple or (64 if t.compile else 1)
+        self.pad_media_multiple = t.pad_media_multiple or 1
+        # compiled on a CPU: the dense masked cross-attention (the per-image segments have data-dependent shapes, a
+        # graph break each; FlexAttention has no CPU backward). On a GPU "auto" picks FlexAttention for training.
+        self.xattn_impl = "reference" if t.compile and self.device.type != "cuda" else "auto"
         self.wrapped: nn.Module = model
         if self.world > 1:
             if t.distributed == "fsdp":
@@ -187,13 +197,18 @@ class Trainer:
         """The model's inputs on the device, except `num_media` / `num_frames`: kept on the CPU, they select the
         real media without a host sync; the `<image>` count check runs here, on the CPU batch, for the same reason."""
         self.model.check_media_tokens(batch["input_ids"], batch.get("num_media"))
-        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()
+        if self.pad_tokens_multiple > 1 or self.pad_media_multiple > 1:
+            batch = pad_to_buckets(batch, tokens_multiple=self.pad_tokens_multiple,
+                                   media_multiple=self.pad_media_multiple,
+                                   pad_token_id=self.processor.tokenizer.pad_token_id)
+        pin = self.device.type == "cuda"  # page-locked, so that the copies below overlap the step's kernels
+        moved = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                 else v for k, v in batch.items()
                  if k in ("input_ids", "attention_mask", "labels", "images", "document_ids")}
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
         if self.vision_cache is not None:
             moved["vision_cache"] = self.vision_cache
-        return {**moved, "check_media": False}
+        return {**moved, "check_media": False, "xattn_impl": self.xattn_impl}
 
     def _step_datasets(self) -> list[str]:
         if self.config.train.mixture == "accumulate":

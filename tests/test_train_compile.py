@@ -1,0 +1,113 @@
+"""`train.compile`: the compiled regions compute the eager step's losses and gradients, compile a handful of graphs
+(not one per layer or per batch), and the padding buckets that keep shapes few are exact."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch._dynamo
+
+from flamingo.tiny import random_image
+from flamingo.train.buckets import pad_to_buckets, round_up
+from flamingo.train.compile import compile_regions
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer, materialize
+
+from train_fixtures import save_backbones, train_config, write_datasets
+
+
+def _batch(processor, texts: list[str], images_per_row: list[int], seed: int = 0) -> dict:
+    """A right-padded training batch: row i holds `images_per_row[i]` images (its text as many `<image>`s)."""
+    images = [[random_image(seed + 10 * i + k) for k in range(n)] for i, n in enumerate(images_per_row)]
+    batch = processor(texts, images, padding_side="right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _loss_and_grads(model, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padding_buckets_are_exact(make_model):
+    """Text padded on the right (mask 0, labels -100) and empty media slots left out by num_media: the same loss and
+    the same gradients for every trained parameter."""
+    model, processor = make_model(gates=0.5)
+    model.train()
+    batch = _batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1])
+    padded = pad_to_buckets(batch, tokens_multiple=16, media_multiple=4,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    t, n = batch["input_ids"].shape[1], batch["images"].shape[1]
+    assert padded["input_ids"].shape[1] == round_up(t, 16) > t and padded["images"].shape[1] == 4 > n
+    assert padded["num_media"].tolist() == batch["num_media"].tolist()
+    loss, grads = _loss_and_grads(model, batch)
+    loss_p, grads_p = _loss_and_grads(model, padded)
+    torch.testing.assert_close(loss_p, loss, atol=1e-6, rtol=1e-6)
+    assert set(grads_p) == set(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_padding_marks_packed_rows_padding_and_counts_media_when_none_was_given():
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long),
+             "document_ids": torch.tensor([[0, 0, 1, 1, -1], [0, 0, 0, 0, 0]]),
+             "images": torch.ones(2, 3, 1, 3, 4, 4)}
+    out = pad_to_buckets(batch, tokens_multiple=8, media_multiple=2, pad_token_id=7)
+    assert out["input_ids"][:, 5:].eq(7).all() and out["labels"][:, 5:].eq(-100).all()
+    assert out["document_ids"][:, 5:].eq(-1).all() and out["attention_mask"][:, 5:].eq(0).all()
+    assert out["attention_mask"][:, :5].eq(1).all()
+    assert out["num_media"].tolist() == [3, 3] and out["images"].shape[1] == 4 and out["images"][:, 3].eq(0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
+    """Three batches of different lengths and image counts: the compiled model's losses and gradients equal the eager
+    model's (fp32 tolerance); the decoder layers share their graphs (no recompile per layer) and a change of shape
+    compiles at most once more (automatic dynamic shapes). Traced by `aot_eager` (the graphs inductor would get,
+    forward and backward, without generating C++ kernels: minutes on 2 cores); the trainer test below runs inductor."""
+    eager, processor = make_model(gates=0.5)
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    regions = compile_regions(compiled, backend="aot_eager")
+    assert any(r.startswith("lm.") for r in regions) and "resampler" in regions
+    batches = [_batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1]),
+               _batch(processor, ["<image>one.<|endofchunk|><image>two", "<image>x<|endofchunk|><image>y"], [2, 2], 5),
+               _batch(processor, ["<image>a<|endofchunk|><image>b<|endofchunk|><image>a long caption here",
+                                  "<image>z"], [3, 1], 9)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for batch in batches:  # the dense masked cross-attention, as the trainer runs it compiled on a CPU
+        loss, grads = _loss_and_grads(eager, batch, xattn_impl="reference")
+        loss_c, grads_c = _loss_and_grads(compiled, batch, xattn_impl="reference")
+        torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+        assert set(grads_c) == set(grads)
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    layers = len(compiled.lm.get_submodule(compiled.decoder_layers_path))
+    # 4 region classes (decoder layer, vision layer, xattn block, resampler), each compiled for the first shapes and
+    # at most twice more as sizes change: far fewer than one graph per layer and batch
+    assert 4 <= graphs <= 12 < layers * len(batches) + 4
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_trainer_compiled_steps_equal_eager_steps(tmp_path):
+    """`train.compile: true` (with its default 64-token buckets) trains the same losses as the eager trainer."""
+    root = str(tmp_path)
+    vision, lm = save_backbones(root)
+    data = write_datasets(os.path.join(root, "data"), n_pairs=16, n_docs=8)
+    losses = {}
+    for compiled in (False, True):
+        config = load_config(train_config(root, vision, lm, data, steps=2, out=os.path.join(root, f"run-{compiled}"),
+                                          interleaved=False, compile=compiled, progress=False))
+        trainer = Trainer(config)
+        assert trainer.pad_tokens_multiple == (64 if compiled else 1)
+        losses[compiled] = [materialize(trainer.train_step())["loss"] for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)

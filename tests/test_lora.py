@@ -158,6 +158,8 @@ def test_bad_lora_specs_are_refused_clearly(make_model):
                                                         "dropout": 0.0}
     with pytest.raises(ValueError, match="token tables"):
         make_model("llama", lm_lora={"r": 4, "target_modules": ["embed_tokens"]})
+    with pytest.raises(ValueError, match="non-linear modules"):
+        make_model("llama", lm_lora={"r": 4, "target_modules": ["q_proj", "self_attn"]})
     with pytest.raises(ValueError, match="name no linear layer"):
         make_model("llama", lm_lora={"r": 4, "target_modules": ["nonexistent_proj"]})
 

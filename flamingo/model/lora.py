@@ -57,6 +57,10 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
     if not linear:
         raise ValueError(f"lm_lora.target_modules {spec['target_modules']} name no linear layer of "
                          f"{type(lm).__name__} (e.g. Llama: q_proj, k_proj, v_proj, o_proj; GPT-2: c_attn)")
+    other = sorted({type(lm.get_submodule(n)).__name__ for n in names} - {"Linear", "Conv1D"})
+    if other:
+        raise ValueError(f"lm_lora.target_modules {spec['target_modules']} also name non-linear modules ({other}): "
+                         "name the linear projections themselves")
     conv1d = all(type(lm.get_submodule(n)).__name__ == "Conv1D" for n in linear)  # (in, out) weights: GPT-2
     config = peft.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
                              lora_dropout=spec["dropout"], bias="none", init_lora_weights=True, fan_in_fan_out=conv1d)

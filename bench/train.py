@@ -2,21 +2,29 @@
 
     python -m bench.train --shape cpu                                  # 2 CPU cores, fp32
     python -m bench.train --shape gpu --device cuda --batch 8 --tokens 256 --images 5
+    python -m bench.train --shape cpu --compile       # also ours with train.compile's regions (inductor)
 
 Each model is moved to the device alone, so its peak memory is its own. OpenFlamingo runs its own recipe: fp32
 weights under bf16 autocast, torch AdamW over its trained parameters (the whole input embedding included). Ours:
 frozen backbones stored in bf16 on the GPU (fp32 on the CPU), fp32 master weights for the trained parameters, bf16
 autocast, fused AdamW over the trained parameters only.
+
+`--compile`: after the eager steps, the same model's regions are compiled in place (`flamingo.train.compile`) and
+timed again (compile time = the first compiled step); both compute the loss of one batch at the same weights first,
+and `compiled_loss_diff` is their difference. On the CPU the compiled step uses the dense masked cross-attention,
+as the trainer does there; on a GPU "auto" (FlexAttention for training) in both.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, Callable
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, profile_steps, timed
+from bench.common import build_pair, machine, print_json, print_table, profile_steps, sync, timed
+from flamingo.train.compile import compile_regions
 from flamingo.train.flops import peak_flops
 from flamingo.train.trainer import flops_estimate
 
@@ -95,10 +103,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trained = [p for p in ours.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, fused=bf16)
 
+    impl = {"xattn_impl": "auto"}
+
+    def loss_now() -> float:  # the loss of the batch at the current weights (no step)
+        with autocast():
+            return float(ours(**batch, check_media=False, **impl).loss.detach())
+
     def our_step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = ours(**batch, check_media=False).loss  # as the trainer: it checks the CPU batch, no host sync
+            loss = ours(**batch, check_media=False, **impl).loss  # as the trainer: it checks the CPU batch
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
@@ -115,6 +129,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["ckpt_samples_s_vs_openflamingo"] = row["ours_ckpt_samples_s"] / row["openflamingo_samples_s"]
         if bf16:
             row["ckpt_peak_memory_vs_openflamingo"] = row["ours_ckpt_peak_gib"] / row["openflamingo_peak_gib"]
+    if args.compile:
+        row.update(_time_compiled(ours, our_step, loss_now, impl, args))
+        row["compiled_vs_eager"] = row["ours_step_s"] / row["compiled_step_s"]
+        row["compiled_samples_s_vs_openflamingo"] = row["compiled_samples_s"] / row["openflamingo_samples_s"]
+        if bf16:
+            row["compiled_peak_memory_vs_openflamingo"] = row["compiled_peak_gib"] / row["openflamingo_peak_gib"]
     row["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
     if bf16:
         row["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
@@ -122,7 +142,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if peak_flops_s:
             flops = flops_estimate(ours, batch)
             row["ours_mfu"] = flops / row["ours_step_s"] / peak_flops_s
+            if args.compile:
+                row["compiled_mfu"] = flops / row["compiled_step_s"] / peak_flops_s
             row["openflamingo_mfu"] = flops / row["openflamingo_step_s"] / peak_flops_s
+    return row
+
+
+def _time_compiled(ours: torch.nn.Module, our_step: Callable[[], None], loss_now: Callable[[], float],
+                   impl: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Our step again with train.compile's regions (compiled in place, at the weights the eager steps left)."""
+    dev = args.device
+    eager_loss = loss_now()
+    compile_regions(ours)
+    if not dev.startswith("cuda"):
+        impl["xattn_impl"] = "reference"  # the trainer's choice on a CPU (no graph breaks)
+    start = time.perf_counter()
+    compiled_loss = loss_now()
+    our_step()  # forward and backward compile here
+    sync(dev)
+    compile_s = time.perf_counter() - start
+    seconds, peak = measure(our_step, dev, args.repeats)
+    row = {"compiled_step_s": seconds, "compiled_samples_s": args.batch / seconds, "compiled_peak_gib": peak,
+           "compile_s": compile_s, "compiled_loss_diff": abs(compiled_loss - eager_loss)}
+    if args.profile:
+        prof = profile_steps(our_step, dev, "ours_compiled_train_step")
+        row.update(compiled_device_busy_ms=prof["device_busy_ms"], compiled_kernels=prof["kernels_per_step"])
     return row
 
 
@@ -137,9 +181,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpointing", action="store_true",
                         help="also time ours with activation checkpointing of the LM's decoder layers")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with train.compile's regions (after its eager steps, same process)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each step (torch.profiler): top kernels, host ops, device-busy time")
     args = parser.parse_args()
+    if args.compile and args.checkpointing:
+        parser.error("--compile and --checkpointing: one at a time (the compiled step would run checkpointed too)")
     print(f"# bench.train on {machine()}, shape={args.shape}")
     row = run(args)
     print_json("train", {"shape": args.shape, "device": machine(), "xattn_every": args.xattn_every, **row})

@@ -9,7 +9,9 @@ def _by_goal(table):
 
 def test_goals_use_the_best_decode_mode_and_the_right_direction_per_goal():
     results = {
-        "train": [{"samples_s_vs_openflamingo": 2.6, "ours_mfu": 0.35, "peak_memory_vs_openflamingo": 0.72}],
+        "train": [{"samples_s_vs_openflamingo": 1.1, "ours_mfu": 0.15, "peak_memory_vs_openflamingo": 0.72,
+                   "compiled_samples_s_vs_openflamingo": 2.6, "compiled_mfu": 0.35,
+                   "compiled_peak_memory_vs_openflamingo": 0.75}],  # the better of eager and compiled counts
         "decode": [{"mode": "eager", "shots": 8, "batch": 1, "decode_vs_openflamingo": 4.0},
                    {"mode": "compiled", "shots": 8, "batch": 1, "decode_vs_openflamingo": 11.0},
                    {"mode": "eager", "shots": 8, "batch": 16, "decode_vs_openflamingo": 4.9},
@@ -19,9 +21,11 @@ def test_goals_use_the_best_decode_mode_and_the_right_direction_per_goal():
                   {"images": 32, "segments_ms": 3.0, "flex_ms": 2.3, "varlen_ms": 2.0}],
     }
     table = _by_goal(goals(results))
+    assert table["train samples/s vs OpenFlamingo"]["measured"] == 2.6
     assert table["train samples/s vs OpenFlamingo"]["reached"] is True
-    assert table["train MFU (ours)"]["reached"] is False
-    assert table["train peak memory vs OpenFlamingo"]["reached"] is False  # lower is better: 0.72 > 0.7
+    assert table["train MFU (ours)"]["measured"] == 0.35 and table["train MFU (ours)"]["reached"] is False
+    assert table["train peak memory vs OpenFlamingo"]["measured"] == 0.72  # lower is better: the eager 0.72
+    assert table["train peak memory vs OpenFlamingo"]["reached"] is False  # 0.72 > 0.7
     assert table["decode 8-shot batch 1"]["measured"] == 11.0 and table["decode 8-shot batch 1"]["reached"] is True
     assert table["decode 8-shot batch 16"]["measured"] == 4.9 and table["decode 8-shot batch 16"]["reached"] is False
     xattn = table["xattn fwd+bwd at 32 images"]

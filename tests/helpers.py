@@ -26,6 +26,21 @@ def continuation_logprobs_reference(model: Flamingo, input_ids: torch.Tensor, co
     return float(logprobs.gather(-1, full[0, input_ids.shape[1]:, None]).sum())
 
 
+def training_batch(processor, texts: list[str], images_per_row: list[int], seed: int = 0) -> dict:
+    """A right-padded training batch: row i holds `images_per_row[i]` images (its text as many `<image>`s)."""
+    images = [[random_image(seed + 10 * i + k) for k in range(n)] for i, n in enumerate(images_per_row)]
+    batch = processor(texts, images, padding_side="right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def loss_and_grads(model, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 # ---------------------------------------------------------------------------------------- evaluation datasets
 WORDS = ["red", "blue", "two", "yes", "no", "cat"]
 

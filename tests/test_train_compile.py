@@ -10,28 +10,13 @@ import pytest
 import torch
 import torch._dynamo
 
-from flamingo.tiny import random_image
 from flamingo.train.buckets import pad_to_buckets, round_up
 from flamingo.train.compile import compile_regions
 from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer, materialize
 
+from helpers import loss_and_grads, training_batch
 from train_fixtures import save_backbones, train_config, write_datasets
-
-
-def _batch(processor, texts: list[str], images_per_row: list[int], seed: int = 0) -> dict:
-    """A right-padded training batch: row i holds `images_per_row[i]` images (its text as many `<image>`s)."""
-    images = [[random_image(seed + 10 * i + k) for k in range(n)] for i, n in enumerate(images_per_row)]
-    batch = processor(texts, images, padding_side="right")
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
-
-
-def _loss_and_grads(model, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch, **kwargs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_padding_buckets_are_exact(make_model):
@@ -39,14 +24,14 @@ def test_padding_buckets_are_exact(make_model):
     the same gradients for every trained parameter."""
     model, processor = make_model(gates=0.5)
     model.train()
-    batch = _batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1])
+    batch = training_batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1])
     padded = pad_to_buckets(batch, tokens_multiple=16, media_multiple=4,
                             pad_token_id=processor.tokenizer.pad_token_id)
     t, n = batch["input_ids"].shape[1], batch["images"].shape[1]
     assert padded["input_ids"].shape[1] == round_up(t, 16) > t and padded["images"].shape[1] == 4 > n
     assert padded["num_media"].tolist() == batch["num_media"].tolist()
-    loss, grads = _loss_and_grads(model, batch)
-    loss_p, grads_p = _loss_and_grads(model, padded)
+    loss, grads = loss_and_grads(model, batch)
+    loss_p, grads_p = loss_and_grads(model, padded)
     torch.testing.assert_close(loss_p, loss, atol=1e-6, rtol=1e-6)
     assert set(grads_p) == set(grads)
     for name in grads:
@@ -76,15 +61,15 @@ def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
     compiled = copy.deepcopy(eager)
     regions = compile_regions(compiled, backend="aot_eager")
     assert any(r.startswith("lm.") for r in regions) and "resampler" in regions
-    batches = [_batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1]),
-               _batch(processor, ["<image>one.<|endofchunk|><image>two", "<image>x<|endofchunk|><image>y"], [2, 2], 5),
-               _batch(processor, ["<image>a<|endofchunk|><image>b<|endofchunk|><image>a long caption here",
-                                  "<image>z"], [3, 1], 9)]
+    prompts = [(["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1]),
+               (["<image>one.<|endofchunk|><image>two", "<image>x<|endofchunk|><image>y"], [2, 2]),
+               (["<image>a<|endofchunk|><image>b<|endofchunk|><image>a long caption here", "<image>z"], [3, 1])]
+    batches = [training_batch(processor, texts, counts, seed) for seed, (texts, counts) in enumerate(prompts)]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for batch in batches:  # the dense masked cross-attention, as the trainer runs it compiled on a CPU
-        loss, grads = _loss_and_grads(eager, batch, xattn_impl="reference")
-        loss_c, grads_c = _loss_and_grads(compiled, batch, xattn_impl="reference")
+        loss, grads = loss_and_grads(eager, batch, xattn_impl="reference")
+        loss_c, grads_c = loss_and_grads(compiled, batch, xattn_impl="reference")
         torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
         assert set(grads_c) == set(grads)
         for name in grads:

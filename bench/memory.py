@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -73,6 +74,7 @@ def _status_kib(field: str) -> int:
 
 def peak_during(fn: Callable[[], Any], device: str) -> float:
     """Bytes: CUDA's max allocated during `fn`; on the CPU the rise of the resident high-water mark during `fn`."""
+    gc.collect()  # a Flamingo is a reference cycle (its hooks hold it): an earlier row's copy is freed only here
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -137,8 +137,13 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return _FrozenLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = _FrozenLinear.apply(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        # the dtype a float linear layer gives (torchao's int8 promotes to its fp32 scales' dtype, which doubled the
+        # LM's saved activations in a bf16 training step)
+        kind = x.device.type
+        return y.to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype)
 
 
 def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, int]:

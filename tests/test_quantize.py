@@ -196,6 +196,17 @@ def test_backward_keeps_no_dequantized_weights_and_gives_their_input_gradient(ma
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+@pytest.mark.parametrize("mode", CPU_MODES)
+def test_quantized_layer_gives_a_float_layers_dtype(make_model, mode):
+    model, _ = make_model()
+    quantize_frozen(model, mode)
+    layer = model.lm.model.layers[0].mlp.up_proj
+    x = torch.randn(2, layer.in_features)
+    assert layer(x).dtype == torch.float32 and layer(x.bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # int8's scales are fp32: no promotion to them
+        assert layer(x).dtype == layer(x.requires_grad_()).dtype == torch.bfloat16
+
+
 def test_unavailable_modes_and_trained_backbones_fail_clearly(make_model):
     with pytest.raises(QuantizationUnavailable, match="nf4"):
         check_available("int4", "cpu")

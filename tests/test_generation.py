@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flamingo.runtime.compat import CHUNKED_PREFILL_WITH_MEDIA
 from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import continuation_logprobs_reference
@@ -43,6 +44,8 @@ def test_cached_equals_uncached_greedy(make_model, case):
     assert out[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 10)
 
 
+@pytest.mark.skipif(not CHUNKED_PREFILL_WITH_MEDIA, reason="transformers < 5.13 chunks a prompt with images "
+                    "differently; generate refuses it there (test_chunked_prefill_with_images_refused_before_5_13)")
 def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(make_model):
     """The phase is set by the caller: every chunk of a chunked prefill is PREFILL (its tokens see their own images),
     and decoding starts only after the prompt's logits."""
@@ -54,6 +57,13 @@ def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(make_model):
     assert batch["input_ids"].shape[1] > 10  # several chunks, images in more than one of them
     assert chunked.tolist() == whole.tolist()
     assert whole[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 8)
+
+
+@pytest.mark.skipif(CHUNKED_PREFILL_WITH_MEDIA, reason="transformers >= 5.13 prefills a prompt with images in chunks")
+def test_chunked_prefill_with_images_refused_before_5_13(make_model):
+    model, processor = make_model("llama")
+    with pytest.raises(ValueError, match="prefill_chunk_size with images needs transformers >= 5.13"):
+        model.generate(**processor(*PROMPTS[1]), max_new_tokens=2, prefill_chunk_size=4)
 
 
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])

@@ -10,8 +10,6 @@ from flamingo.tiny import LM_KINDS, random_image, tiny_flamingo
 
 from helpers import continuation_logprobs_reference
 
-pytestmark = pytest.mark.compat
-
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "qwen2", "mistral", "phi", "mpt", "gemma")
 LAYERS_PATH = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers",
                "mpt": "transformer.blocks"}  # the others: model.layers

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_output_cache, select_cache_rows
+from ..runtime.compat import (
+    CHUNKED_PREFILL_WITH_MEDIA,
+    TRANSFORMERS_VERSION,
+    lm_cache_argument,
+    lm_last_logits_only,
+    lm_output_cache,
+    select_cache_rows,
+)
 from .backbones import lm_max_positions
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
@@ -137,6 +144,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
     config = fit_to_positions(model, config, attention_mask)
+    if config.prefill_chunk_size is not None and visual_tokens is not None and not CHUNKED_PREFILL_WITH_MEDIA:
+        raise ValueError(f"prefill_chunk_size with images needs transformers >= 5.13 (installed: "
+                         f"{TRANSFORMERS_VERSION}); prefill the prompt whole")
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])

@@ -28,6 +28,10 @@ TRANSFORMERS_VERSION: str = transformers.__version__
 TRANSFORMERS: tuple[int, int] = version_tuple(TRANSFORMERS_VERSION)
 TORCH: tuple[int, int] = version_tuple(torch.__version__)
 
+# transformers' `prefill_chunk_size` gives a prompt with images the tokens of one prefill from 5.13 on; before, the
+# chunked prompt decodes other tokens (text-only prompts match; docs/compat.md).
+CHUNKED_PREFILL_WITH_MEDIA: bool = TRANSFORMERS >= (5, 13)
+
 # The names an LM's forward and output give its KV cache: `cache` from transformers 5.24 on (where `past_key_values`
 # is a deprecated alias that warns), `past_key_values` before.
 CACHE_NAMES = ("cache", "past_key_values")

@@ -31,9 +31,9 @@ from train_fixtures import save_backbones, train_config, write_datasets  # noqa:
 
 CPU_MODES = ["int8", "nf4"]  # int4 packs for CUDA's kernel only: bench/memory.py runs it on a GPU
 PROMPT = "<image>Question: what? Short answer: red.<|endofchunk|><image>Question: and this? Short answer:"
-# Mean |logit - fp32 logit| / std(fp32 logits) on the tiny Llama (hidden 32) with gates 0.5, as measured: int8 ~0.5%,
-# nf4 ~2.5%. The bounds leave about 2x.
-RELATIVE_ERROR = {"int8": 0.01, "nf4": 0.05}
+# Mean |logit - fp32 logit| / std(fp32 logits) on the tiny Llama (hidden 32) with gates 0.5, as measured: int8 0.11%,
+# nf4 2.3%. The bounds leave 2-3x.
+RELATIVE_ERROR = {"int8": 0.003, "nf4": 0.05}
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 from flamingo import FlamingoConfig, from_backbones, load_pretrained  # noqa: E402
+from flamingo.cli import main  # noqa: E402
 from flamingo.model.quantize import (  # noqa: E402
     QuantizationUnavailable,
     QuantizedLinear,
@@ -23,7 +24,7 @@ from flamingo.model.quantize import (  # noqa: E402
     quantize_frozen,
     quantized_mode,
 )
-from flamingo.tiny import random_image, set_gates, tiny_flamingo_config  # noqa: E402
+from flamingo.tiny import random_image, set_gates, tiny_flamingo, tiny_flamingo_config  # noqa: E402
 from flamingo.train.config import load_config  # noqa: E402
 from flamingo.train.trainer import Trainer  # noqa: E402
 
@@ -224,6 +225,22 @@ def test_unavailable_modes_and_trained_backbones_fail_clearly(make_model):
     trained_lm, _ = make_model(freeze_lm=False)
     with pytest.raises(ValueError, match="freeze_lm is false"):
         quantize_frozen(trained_lm, "int8")
+
+
+def test_cli_generates_with_quantized_backbones_and_refuses_int4_on_the_cpu(tmp_path, capsys):
+    model, processor = tiny_flamingo()
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    random_image(0).save(tmp_path / "a.png")
+    prompt = "<image>Question: what? Answer:"
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt", prompt, "--image", str(tmp_path / "a.png"),
+            "--max-new-tokens", "4", "--num-beams", "2"]
+    assert main(args + ["--quantize-frozen", "nf4"]) == 0
+    loaded, _ = load_pretrained(str(tmp_path / "model"), quantize_frozen="nf4")
+    batch = processor(prompt, images=[str(tmp_path / "a.png")])
+    out = loaded.generate(**batch, max_new_tokens=4, num_beams=2)
+    assert capsys.readouterr().out == processor.decode(out[0, batch["input_ids"].shape[1]:]) + "\n"
+    assert main(args + ["--quantize-frozen", "int4"]) == 2
+    assert "nf4" in capsys.readouterr().err
 
 
 def test_trainer_quantizes_after_building_and_saves_trained_only(tmp_path):

@@ -40,8 +40,8 @@ NF4_BLOCK_SIZE = 64  # values per absmax scale (QLoRA's)
 NF4_SCALER_BLOCK = 256  # scales per double-quantization block (QLoRA's); smaller where a layer has fewer blocks
 
 
-class QuantizationUnavailable(RuntimeError):
-    """The mode cannot run here (library missing, device without a kernel)."""
+class QuantizationUnavailable(ValueError):
+    """The mode cannot run here (library missing, device without a kernel): a bad option value for this machine."""
 
 
 def _torchao() -> None:

@@ -96,3 +96,42 @@ def test_trainer_compiled_steps_equal_eager_steps(tmp_path):
         assert trainer.pad_tokens_multiple == (64 if compiled else 1)
         losses[compiled] = [materialize(trainer.train_step())["loss"] for _ in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+
+
+def test_compile_with_activation_checkpointing_is_refused_clearly(make_model):
+    model, _ = make_model()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        compile_regions(model)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("variant", ["lora", "int8"])
+def test_compiled_regions_with_lora_or_quantized_frozen_weights_equal_eager(make_model, variant):
+    """The memory modes under compile: LoRA adapters in the compiled decoder layers, int8 frozen linears (aot_eager)."""
+    extra = {"lm_lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if variant == "lora" else {}
+    eager, processor = make_model(gates=0.5, **extra)
+    if variant == "int8":
+        pytest.importorskip("torchao")
+        from flamingo.model.quantize import quantize_frozen
+
+        quantize_frozen(eager, "int8")
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled, backend="aot_eager")
+    batch = training_batch(processor, ["<image>a red square.<|endofchunk|><image>a blue one", "<image>green."], [2, 1])
+    loss, grads = loss_and_grads(eager, batch, xattn_impl="reference")
+    loss_c, grads_c = loss_and_grads(compiled, batch, xattn_impl="reference")
+    torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+    assert set(grads_c) == set(grads) and any("lora" in n for n in grads) == (variant == "lora")
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_config_refuses_compile_with_gradient_checkpointing_and_negative_buckets():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        load_config("configs/example.yaml", ["train.compile=true", "train.gradient_checkpointing=true"])
+    with pytest.raises(ValueError, match="pad_tokens_multiple"):
+        load_config("configs/example.yaml", ["train.pad_tokens_multiple=-1"])
+    assert load_config("configs/example.yaml", ["train.compile=true"]).train.compile is True

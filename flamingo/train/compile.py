@@ -42,7 +42,13 @@ def compile_regions(model: Flamingo, *, dynamic: Optional[bool] = None, vision: 
 
     compiled = []
     layers_path = model.decoder_layers_path
-    for i, layer in enumerate(model.lm.get_submodule(layers_path)):
+    layers = model.lm.get_submodule(layers_path)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ValueError("compiling needs the LM's layers without activation checkpointing: HF checkpoints inside the "
+                         "layer's forward with a context function (ours, which re-installs the media context for "
+                         "the recompute) that torch.compile cannot trace; use train.compile or "
+                         "train.gradient_checkpointing, not both")
+    for i, layer in enumerate(layers):
         compile_forward(layer)
         compiled.append(f"lm.{layers_path}.{i}")
     if vision:

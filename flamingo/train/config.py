@@ -153,6 +153,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
+    if config.train.compile and config.train.gradient_checkpointing:
+        raise ValueError("train.compile and train.gradient_checkpointing cannot be combined (HF's checkpointing runs "
+                         "inside the compiled layers with a context function torch.compile cannot trace): pick one")
     if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:
         raise ValueError("train.pad_tokens_multiple and train.pad_media_multiple must be >= 0 (0: default)")
     if config.train.cache_vision_features_mb < 0:

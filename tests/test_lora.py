@@ -91,8 +91,8 @@ def backbone_dirs(tmp_path):
     return save_backbones(str(tmp_path))
 
 
-@pytest.mark.parametrize("trained_only", [False, True])
-def test_save_load_keeps_the_adapters(backbone_dirs, tmp_path, trained_only):
+def _adapted_model(backbone_dirs):
+    """A model from the saved backbones with LoRA (adapters perturbed off zero), gates at 0.5, and a two-image batch."""
     from flamingo import from_backbones
     from flamingo.tiny import tiny_flamingo_config
 
@@ -100,7 +100,12 @@ def test_save_load_keeps_the_adapters(backbone_dirs, tmp_path, trained_only):
     set_gates(model, 0.5)
     _perturb_adapters(model)
     model.eval()
-    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    return model, processor, processor(PROMPT, images=[random_image(0), random_image(1)])
+
+
+@pytest.mark.parametrize("trained_only", [False, True])
+def test_save_load_keeps_the_adapters(backbone_dirs, tmp_path, trained_only):
+    model, processor, batch = _adapted_model(backbone_dirs)
     with torch.no_grad():
         before = model(**batch).logits
     out = str(tmp_path / "ckpt")
@@ -120,14 +125,7 @@ def test_save_load_keeps_the_adapters(backbone_dirs, tmp_path, trained_only):
 
 
 def test_merged_equals_unmerged_and_saves(backbone_dirs, tmp_path):
-    from flamingo import from_backbones
-    from flamingo.tiny import tiny_flamingo_config
-
-    model, processor = from_backbones(*backbone_dirs, config=tiny_flamingo_config(lm_lora=SPEC))
-    set_gates(model, 0.5)
-    _perturb_adapters(model)
-    model.eval()
-    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    model, processor, batch = _adapted_model(backbone_dirs)
     with torch.no_grad():
         unmerged = model(**batch).logits
         model.merge_lora()

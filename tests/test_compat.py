@@ -6,9 +6,10 @@ import torch
 import transformers
 from transformers import IdeficsConfig
 
+from flamingo.model.batching import DecodeBatch
 from flamingo.runtime import compat
 from flamingo.runtime.compat import TRANSFORMERS
-from flamingo.tiny import tiny_lm, tiny_tokenizer
+from flamingo.tiny import tiny_flamingo, tiny_lm, tiny_tokenizer
 
 before_5_24 = pytest.mark.skipif(TRANSFORMERS >= (5, 24), reason="transformers >= 5.24 names the KV cache `cache`")
 from_5_24 = pytest.mark.skipif(TRANSFORMERS < (5, 24), reason="transformers < 5.24 names it `past_key_values`")
@@ -127,3 +128,9 @@ def test_select_cache_rows_leaves_the_source_untouched(kind):
     rows = torch.tensor([2, 0, 2])
     picked = compat.select_cache_rows(cache, rows)
     assert torch.equal(keys(picked), before[rows]) and torch.equal(keys(cache), before)
+
+
+@pytest.mark.skipif(compat.CONTINUOUS_BATCHING, reason="transformers >= 5.4 batches (tests/test_serve_batching.py)")
+def test_continuous_batching_refused_before_5_4():
+    with pytest.raises(RuntimeError, match="continuous batching .* needs transformers >= 5.4"):
+        DecodeBatch(tiny_flamingo("llama")[0], max_rows=2)

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
+from ..runtime.compat import (
+    CONTINUOUS_BATCHING,
+    TRANSFORMERS_VERSION,
+    lm_cache_argument,
+    lm_last_logits_only,
+    lm_takes_position_ids,
+)
 from .context import MediaContext, Phase
 from .xattn import MediaKV
 
@@ -190,6 +196,9 @@ class _RowsLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # get_max_length's older name, still abstract in transformers 5.4
+        return -1
+
 
 class DecodeBatch:
     """The rows being decoded: add a prefilled row, step them all by one token, remove a finished one.
@@ -198,6 +207,9 @@ class DecodeBatch:
     server's engine loop) owns a batch."""
 
     def __init__(self, model: Flamingo, max_rows: int) -> None:
+        if not CONTINUOUS_BATCHING:
+            raise RuntimeError(f"continuous batching (flamingo serve) needs transformers >= 5.4, not "
+                               f"{TRANSFORMERS_VERSION} (docs/compat.md)")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.model, self.max_rows = model, max_rows

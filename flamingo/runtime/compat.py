@@ -32,6 +32,10 @@ TORCH: tuple[int, int] = version_tuple(torch.__version__)
 # chunked prompt decodes other tokens (text-only prompts match; docs/compat.md).
 CHUNKED_PREFILL_WITH_MEDIA: bool = TRANSFORMERS >= (5, 13)
 
+# The serving engine's batched decode cache (flamingo/model/batching.py) is a transformers cache layer; the layer
+# interface it implements is the one of 5.4 on (4.54 - 5.3 changed it from release to release).
+CONTINUOUS_BATCHING: bool = TRANSFORMERS >= (5, 4)
+
 # The names an LM's forward and output give its KV cache: `cache` from transformers 5.24 on (where `past_key_values`
 # is a deprecated alias that warns), `past_key_values` before.
 CACHE_NAMES = ("cache", "past_key_values")

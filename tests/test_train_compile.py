@@ -84,7 +84,7 @@ def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_trainer_compiled_steps_equal_eager_steps(tmp_path):
-    """`train.compile: true` (with its default 64-token buckets) trains the same losses as the eager trainer."""
+    """`train.compile: true` (with its default 8-token buckets) trains the same losses as the eager trainer."""
     root = str(tmp_path)
     vision, lm = save_backbones(root)
     data = write_datasets(os.path.join(root, "data"), n_pairs=16, n_docs=8)
@@ -93,7 +93,7 @@ def test_trainer_compiled_steps_equal_eager_steps(tmp_path):
         config = load_config(train_config(root, vision, lm, data, steps=2, out=os.path.join(root, f"run-{compiled}"),
                                           interleaved=False, compile=compiled, progress=False))
         trainer = Trainer(config)
-        assert trainer.pad_tokens_multiple == (64 if compiled else 1)
+        assert trainer.pad_tokens_multiple == (8 if compiled else 1)
         losses[compiled] = [materialize(trainer.train_step())["loss"] for _ in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 

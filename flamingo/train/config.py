@@ -58,7 +58,8 @@ class TrainSection:
     compile: bool = False
     compile_dynamic: Optional[bool] = None  # None: torch's automatic dynamic shapes; False: a graph per shape
     # Padding buckets (train/buckets.py): text length and media per row rounded up to these multiples, so a compiled
-    # step sees few shapes. 0: 64 tokens when compiling, else none; media: none.
+    # step sees few shapes. 0: 8 tokens when compiling, else none; media: none. With compile_dynamic: false use
+    # coarser buckets (e.g. 64): each length compiles its own graph.
     pad_tokens_multiple: int = 0
     pad_media_multiple: int = 0
     micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)

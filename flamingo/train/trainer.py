@@ -106,8 +106,9 @@ class Trainer:
         model.train()
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
-        # padding buckets: 64 tokens by default when compiling (few shapes), none otherwise
-        self.pad_tokens_multiple = t.pad_tokens_multiple or (64 if t.compile else 1)
+        # padding buckets: 8 tokens by default when compiling (aligned shapes at < 8 tokens of padding a row; automatic
+        # dynamic shapes keep the graphs few), none otherwise
+        self.pad_tokens_multiple = t.pad_tokens_multiple or (8 if t.compile else 1)
         self.pad_media_multiple = t.pad_media_multiple or 1
         # compiled on a CPU: the dense masked cross-attention (the per-image segments have data-dependent shapes, a
         # graph break each; FlexAttention has no CPU backward). On a GPU "auto" picks FlexAttention for training.

@@ -87,7 +87,11 @@ def gather_trained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=_full_state_options()).items()}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    # by name: a tied alias of a frozen table (an LM's lm_head.weight tied to its input embedding) is not one of the
+    # model's named parameters, so `ignore_frozen_params` cannot tell that it is frozen and keeps it
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=_full_state_options()).items()
+            if k in trained}
 
 
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:

@@ -306,3 +306,24 @@ def test_gate_values_are_signed_for_scalar_gates_and_mean_abs_for_vector_gates(m
     values = gate_values(vector)
     assert set(values) == {str(i) for i in vector.xattn_layer_indices}
     assert all(a == pytest.approx(math.tanh(0.5)) and d == 0.0 for a, d in values.values())
+
+
+def test_fsdp_trained_state_leaves_out_a_tied_frozen_alias(tmp_path):
+    """A tied LM (GPT-2: lm_head.weight is the input embedding) under FSDP2: the gathered trained state holds the
+    trained parameters only. DCP's `ignore_frozen_params` keeps the tied alias, whose frozenness it cannot see, and
+    the final save then failed on it (one gloo process is enough to show it)."""
+    import torch.distributed as dist
+
+    from flamingo.tiny import tiny_flamingo
+    from flamingo.train.parallel import apply_fsdp
+    from flamingo.train.state import gather_trained_parameters
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/rendezvous")
+    try:
+        model, _ = tiny_flamingo("gpt2")
+        assert model.lm.get_output_embeddings().weight is model.lm.get_input_embeddings().weight
+        apply_fsdp(model, frozen="shard")
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert set(gather_trained_parameters(model)) == trained
+    finally:
+        dist.destroy_process_group()

@@ -225,7 +225,9 @@ class DecodeBatch:
         self.media_v: list[torch.Tensor] = []
         self.decode_index = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
         self.decode_count = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows_cap, 1)
+        # the LM forward's signature, read once (not per decode step)
         self._takes_positions = lm_takes_position_ids(model.lm)
+        self._cache_argument = lm_cache_argument(model.lm)
 
     @property
     def rows(self) -> int:
@@ -378,7 +380,7 @@ class DecodeBatch:
             kind = "all" if decodes_all_images(self.model) else "last"
             for j in range(len(self.media_k)):
                 ctx.media_kv[(kind, j, rows)] = MediaKV(self.media_k[j][:rows], self.media_v[j][:rows])
-        kwargs: dict[str, Any] = {lm_cache_argument(self.model.lm): self.cache}
+        kwargs: dict[str, Any] = {self._cache_argument: self.cache}
         if self._takes_positions:
             kwargs["position_ids"] = self.positions[:rows, None]
         with self.model.conditioned(ctx):

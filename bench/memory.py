@@ -39,6 +39,7 @@ from bench.common import build_pair, machine, print_json, print_table, timed_ste
 from bench.train import make_batch
 from flamingo.model.quantize import (
     QuantizationUnavailable,
+    cast_frozen,
     check_available,
     module_bytes,
     quantize_frozen,
@@ -113,10 +114,7 @@ def prepare_ours(master: torch.nn.Module, spec: dict[str, Any], device: str) -> 
     frozen = spec.get("frozen", "fp32")
     low = torch.bfloat16 if (frozen == "bf16" or (device.startswith("cuda") and frozen != "fp32")) else None
     if low is not None:
-        for module in (model.vision, model.lm):
-            for p in module.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(low)
+        cast_frozen(model, low)
     model.to(device)
     if frozen in ("int8", "int4", "nf4"):
         quantize_frozen(model, frozen)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from bench.common import build_pair, machine, print_json, print_table, profile_steps, sync, timed
+from flamingo.model.quantize import cast_frozen
 from flamingo.train.compile import compile_regions
 from flamingo.train.flops import peak_flops
 from flamingo.train.trainer import flops_estimate
@@ -95,10 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # --- ours
     ours = pair.ours
     if bf16:
-        for module in (ours.vision, ours.lm):
-            for p in module.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+        cast_frozen(ours, torch.bfloat16)
     ours.to(dev).train()
     trained = [p for p in ours.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, fused=bf16)

@@ -146,6 +146,14 @@ class QuantizedLinear(nn.Linear):
         return y.to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype)
 
 
+def cast_frozen(model: "Flamingo", dtype: torch.dtype) -> None:
+    """Store the backbones' frozen parameters in `dtype` (e.g. bf16: half their bytes); trained ones keep theirs."""
+    for module in (model.vision, model.lm):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+
 def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, int]:
     """Quantize the frozen backbones' linear weights in place to `mode` (default: `model.config.quantize_frozen`),
     on the device they are on, and record the mode in the config. Returns counts: layers quantized, layers left

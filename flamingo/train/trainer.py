@@ -27,7 +27,7 @@ from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
-from ..model.quantize import quantize_frozen
+from ..model.quantize import cast_frozen, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from .buckets import pad_to_buckets
@@ -90,11 +90,7 @@ class Trainer:
         assert processor is not None
         self.model, self.processor = model, processor
         if t.frozen_dtype:
-            frozen_dtype = torch_dtype(t.frozen_dtype)
-            for module in (model.vision, model.lm):
-                for p in module.parameters():
-                    if not p.requires_grad:
-                        p.data = p.data.to(frozen_dtype)
+            cast_frozen(model, torch_dtype(t.frozen_dtype))
         model.to(self.device)
         if model.config.quantize_frozen != "none":  # model.flamingo.quantize_frozen, packed on the training device
             if self.world > 1:

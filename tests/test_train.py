@@ -1,6 +1,6 @@
 """Training: a tiny run learns and writes a loadable model, frozen weights stay bit-identical, exact resume after
-SIGKILL, DDP over two processes equals one process with the doubled batch, non-finite losses are skipped, the
-`sample` mixture draws its datasets from one seeded sampler."""
+SIGKILL, DDP over two processes equals one process with the doubled batch (also with quantized frozen backbones and
+LoRA), non-finite losses are skipped, the `sample` mixture draws its datasets from one seeded sampler."""
 
 from __future__ import annotations
 
@@ -325,5 +325,71 @@ def test_fsdp_trained_state_leaves_out_a_tied_frozen_alias(tmp_path):
         apply_fsdp(model, frozen="shard")
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert set(gather_trained_parameters(model)) == trained
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("distributed,fsdp_frozen,quantize,lora", [
+    ("ddp", "shard", "int8", False), ("fsdp", "replicate", "nf4", True), ("fsdp", "shard", "none", True)])
+def test_quantized_and_lora_runs_two_processes_equal_one_process(world, tmp_path, distributed, fsdp_frozen, quantize,
+                                                                 lora):
+    """Quantized frozen backbones (DDP; FSDP replicating them) and LoRA adapters on the LM (sharded with their layer
+    under FSDP): two processes train the losses and weights of one process with the doubled batch."""
+    if quantize != "none":
+        pytest.importorskip("torchao")
+    if lora:
+        pytest.importorskip("peft")
+    root, vision, lm, _ = world
+    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
+    config = train_config(str(tmp_path), vision, lm, data, steps=3, out=str(tmp_path / "unused"), batch_size=2,
+                          interleaved=False)
+    overrides = [f"train.distributed={distributed}", f"train.fsdp_frozen={fsdp_frozen}",
+                 f"model.flamingo.quantize_frozen={quantize}"]
+    if lora:
+        overrides += ["model.flamingo.lm_lora.r=4", "model.flamingo.lm_lora.alpha=8"]
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29521",
+                             os.path.join(TESTS, "ddp_worker.py"), config, two, *overrides], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = subprocess.run([sys.executable, os.path.join(TESTS, "ddp_worker.py"), config, one, "--single",
+                             *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two_losses, one_losses = _losses(two), _losses(one)
+    assert sorted(two_losses) == [1, 2, 3]
+    assert all(abs(two_losses[s] - one_losses[s]) < 1e-5 for s in two_losses), (two_losses, one_losses)
+    ranks = [load_file(os.path.join(two, f"params_rank{r}.safetensors")) for r in range(2)]
+    alone = load_file(os.path.join(one, "params_rank0.safetensors"))
+    assert any("lora_" in k for k in alone) == lora
+    assert ranks[0].keys() == ranks[1].keys() == alone.keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.allclose(alone[k], ranks[0][k], atol=1e-5)
+               for k in alone)
+
+
+def test_ddp_leaves_quantized_frozen_weights_out_of_its_broadcast_and_fsdp_will_not_shard_them(tmp_path):
+    """torchao's quantized tensors cannot be broadcast (DDP's start-up sync) or split into shards (FSDP2): DDP skips
+    them (each rank quantized the same weights), FSDP asks for `fsdp_frozen: replicate` (one gloo process shows it)."""
+    pytest.importorskip("torchao")
+    import torch.distributed as dist
+
+    from flamingo.model.quantize import quantize_frozen
+    from flamingo.tiny import tiny_flamingo
+    from flamingo.train.parallel import apply_fsdp, wrap_ddp
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/rendezvous")
+    try:
+        model, _ = tiny_flamingo("llama")
+        quantize_frozen(model, "int8")
+        with pytest.raises(NotImplementedError):  # what DDP does with them unaided
+            torch.nn.parallel.DistributedDataParallel(model)
+        wrapped = wrap_ddp(model, torch.device("cpu"))
+        assert wrapped.module is model
+        with pytest.raises(ValueError, match="fsdp_frozen: replicate"):
+            apply_fsdp(model, frozen="shard")
+        apply_fsdp(model, frozen="replicate")
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""FSDP2 (`fully_shard`) for a Flamingo, applied from outside the model (the model knows nothing of parallelism).
+"""DDP and FSDP2 (`fully_shard`) for a Flamingo, applied from outside the model (the model knows nothing of
+parallelism).
 
 Units: each GATED XATTN-DENSE block, each LM decoder layer, the resampler, each vision encoder layer, then the root.
 Frozen backbone weights can be
@@ -11,6 +12,11 @@ Frozen backbone weights can be
   are sharded. Wins when the backbones fit comfortably: no all-gather traffic for them in forward or backward, so
   the step is faster (the usual case for a 1-3B LM on 80 GB GPUs). Plain DDP (`train.distributed: ddp`) is the
   same trade with the trained parameters replicated too.
+
+Quantized frozen backbones (`quantize_frozen`, torchao tensor subclasses) train under DDP and under FSDP2 with
+`frozen="replicate"`: every rank loads the same backbone weights and quantizes them the same way, so they are left out
+of DDP's start-up broadcast and of FSDP's sharding (torchao's int8/nf4 tensors implement neither the flat views of a
+broadcast nor the splits of a shard).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 
 from ..model.backbones import find_decoder_layers
 from ..model.flamingo import Flamingo
+from ..model.quantize import is_quantized
 
 
 def _fsdp_api():
@@ -44,6 +51,15 @@ def _layers(module: nn.Module) -> nn.Module:
         return nn.ModuleList()
 
 
+def wrap_ddp(model: Flamingo, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP over the default process group; quantized frozen weights are not broadcast (each rank made its own)."""
+    quantized = [name for name, p in model.named_parameters() if is_quantized(p)]
+    if quantized:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+
 def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shard",
                param_dtype: Optional[torch.dtype] = None, mesh: Optional[object] = None) -> Flamingo:
     """Shard `model` in place with FSDP2 over the default process group (or `mesh`).
@@ -53,6 +69,10 @@ def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shar
     """
     if frozen not in ("shard", "replicate"):
         raise ValueError(f"frozen must be 'shard' or 'replicate', got {frozen!r}")
+    if frozen == "shard" and any(is_quantized(p) for p in model.parameters()):
+        raise ValueError("FSDP cannot shard quantized frozen weights (torchao's tensors have no shard ops): set "
+                         "train.fsdp_frozen: replicate (each rank keeps the whole quantized backbones, the point "
+                         "of quantizing them) or train.distributed: ddp")
     fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     ignored = {p for p in model.parameters() if not p.requires_grad} if frozen == "replicate" else None

@@ -35,7 +35,7 @@ from .compile import compile_regions
 from .config import TrainConfig
 from .flops import flops_per_sample, peak_flops
 from .optim import make_optimizer, make_scheduler
-from .parallel import apply_fsdp
+from .parallel import apply_fsdp, wrap_ddp
 from .state import (
     gather_trained_parameters,
     gather_training_state,
@@ -93,9 +93,6 @@ class Trainer:
             cast_frozen(model, torch_dtype(t.frozen_dtype))
         model.to(self.device)
         if model.config.quantize_frozen != "none":  # model.flamingo.quantize_frozen, packed on the training device
-            if self.world > 1:
-                raise ValueError("quantize_frozen trains on one process only (DDP/FSDP do not move quantized "
-                                 "frozen weights): set model.flamingo.quantize_frozen: none or run one process")
             quantize_frozen(model)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -115,9 +112,7 @@ class Trainer:
                 apply_fsdp(model, frozen=t.fsdp_frozen,
                            param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
             else:
-                self.wrapped = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    find_unused_parameters=True)
+                self.wrapped = wrap_ddp(model, self.device)
         o = config.optim
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, fused=o.fused,
                                         gate_lr_mult=o.gate_lr_mult, attn_gate_lr_mult=o.attn_gate_lr_mult,

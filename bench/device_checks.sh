@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU checks still open (issues #35 memory, #36 training speed and the decode batch-1 goal), prepared so that a
+# lent device spends its minutes measuring. Two steps:
+#
+#   bash bench/device_checks.sh wheels                # here (package index reachable): what the GPU image lacks
+#   bash bench/device_checks.sh run train memory      # on the device, carrying .gpu_wheels; call 1 (~8-9 min)
+#   bash bench/device_checks.sh run tests decode      # call 2 (~4-5 min)
+#
+# Parts (each under its own time limit, so one slow part cannot eat the call):
+#   train   bench.gpu --parts train --profile: eager and compiled training step beside OpenFlamingo, kernels per step
+#   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes
+#   tests   the CUDA-only tests (compiled training step, FlexAttention, CUDA-graphed decoding)
+#   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
+# Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
+# Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc bash bench/device_checks.sh run train memory decode
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+WHEELS=.gpu_wheels  # git-ignored
+SHAPE=${SHAPE:-gpu}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+OUT=${OUT:-device-out}
+PY=${PYTHON:-python3}
+
+wheels() {
+    mkdir -p "$WHEELS"
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d "$WHEELS" open-flamingo==2.0.1 einops-exts==0.0.4 torchao==0.18.0
+}
+
+part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "part $name: exit $rc after $((SECONDS - start)) s (limit $limit s); log $OUT/$name.log"
+    tail -n 25 "$OUT/$name.log"
+}
+
+run() {
+    mkdir -p "$OUT"
+    if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl || exit 1
+        export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    export PYTHONUNBUFFERED=1
+    { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; git rev-parse HEAD 2>/dev/null
+      "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    } | tee "$OUT/versions.txt"
+    for name in "$@"; do
+        case $name in
+            train) part train 330 "$PY" -m bench.gpu --shape "$SHAPE" --device "$DEVICE" --parts train --profile \
+                --out "$OUT/gpu-train.json" ;;
+            memory) part memory 240 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --demo-model '' \
+                --train-rows openflamingo,bf16_frozen,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora,int8+adamw8bit,int8+adamw8bit+ckpt \
+                --infer-rows fp32,fp16,int8,int4,nf4 ;;
+            tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py \
+                tests/test_xattn_cuda.py tests/test_generation_cuda.py ;;
+            decode) part decode 330 "$PY" -m bench.generate --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+                --shots 8 --batch 1 --compile --repeats 3 ;;
+            *) echo "unknown part $name (train, memory, tests, decode)"; exit 2 ;;
+        esac
+    done
+}
+
+case ${1:-} in
+    wheels) wheels ;;
+    run) shift; run "$@" ;;
+    *) sed -n 2,18p "$0"; exit 2 ;;
+esac

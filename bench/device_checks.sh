@@ -9,7 +9,7 @@
 # Parts (each under its own time limit, so one slow part cannot eat the call):
 #   train   bench.gpu --parts train --profile: eager and compiled training step beside OpenFlamingo, kernels per step
 #   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes
-#   tests   the CUDA-only tests (compiled training step, FlexAttention, CUDA-graphed decoding)
+#   tests   the CUDA-only tests (compiled training step, tower CUDA graphs, FlexAttention, CUDA-graphed decoding)
 #   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
 # Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc bash bench/device_checks.sh run train memory decode
@@ -59,7 +59,7 @@ run() {
             memory) part memory 240 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --demo-model '' \
                 --train-rows openflamingo,bf16_frozen,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora,int8+adamw8bit,int8+adamw8bit+ckpt \
                 --infer-rows fp32,fp16,int8,int4,nf4 ;;
-            tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py \
+            tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
                 tests/test_xattn_cuda.py tests/test_generation_cuda.py ;;
             decode) part decode 330 "$PY" -m bench.generate --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
                 --shots 8 --batch 1 --compile --repeats 3 ;;

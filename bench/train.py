@@ -12,7 +12,9 @@ autocast, fused AdamW over the trained parameters only.
 `--compile`: after the eager steps, the same model's regions are compiled in place (`flamingo.train.compile`) and
 timed again (compile time = the first compiled step); both compute the loss of one batch at the same weights first,
 and `compiled_loss_diff` is their difference. On the CPU the compiled step uses the dense masked cross-attention,
-as the trainer does there; on a GPU "auto" (FlexAttention for training) in both.
+as the trainer does there; on a GPU "auto" (FlexAttention for training) in both. `--vision-graphs` (CUDA, with
+`--compile`): then the frozen tower's forward is CUDA-graphed too (`train.vision_cuda_graphs`) and timed again
+(`graphed_*`, its loss at the same weights in `graphed_loss_diff`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench.common import build_pair, machine, print_json, print_table, profile_s
 from flamingo.model.quantize import cast_frozen
 from flamingo.train.compile import compile_regions
 from flamingo.train.flops import peak_flops
+from flamingo.train.tower_graphs import install_tower_graphs
 from flamingo.train.trainer import flops_estimate
 
 
@@ -133,6 +136,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["compiled_samples_s_vs_openflamingo"] = row["compiled_samples_s"] / row["openflamingo_samples_s"]
         if bf16:
             row["compiled_peak_memory_vs_openflamingo"] = row["compiled_peak_gib"] / row["openflamingo_peak_gib"]
+        if getattr(args, "vision_graphs", False):
+            row.update(_time_graphed(ours, our_step, loss_now, args))
+            row["graphed_samples_s_vs_openflamingo"] = row["graphed_samples_s"] / row["openflamingo_samples_s"]
+            if bf16:
+                row["graphed_peak_memory_vs_openflamingo"] = row["graphed_peak_gib"] / row["openflamingo_peak_gib"]
     row["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
     if bf16:
         row["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
@@ -142,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["ours_mfu"] = flops / row["ours_step_s"] / peak_flops_s
             if args.compile:
                 row["compiled_mfu"] = flops / row["compiled_step_s"] / peak_flops_s
+            if "graphed_step_s" in row:
+                row["graphed_mfu"] = flops / row["graphed_step_s"] / peak_flops_s
             row["openflamingo_mfu"] = flops / row["openflamingo_step_s"] / peak_flops_s
     return row
 
@@ -168,6 +178,22 @@ def _time_compiled(ours: torch.nn.Module, our_step: Callable[[], None], loss_now
     return row
 
 
+def _time_graphed(ours: torch.nn.Module, our_step: Callable[[], None], loss_now: Callable[[], float],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The compiled step again with the frozen tower's forward replayed from CUDA graphs (captured on first use)."""
+    compiled_loss = loss_now()
+    graphs = install_tower_graphs(ours.vision)
+    graphed_loss = loss_now()  # captures the batch's graph
+    seconds, peak = measure(our_step, args.device, args.repeats)
+    row = {"graphed_step_s": seconds, "graphed_samples_s": args.batch / seconds, "graphed_peak_gib": peak,
+           "graphed_loss_diff": abs(graphed_loss - compiled_loss), "vision_graphs": graphs.stats.captured,
+           "vision_eager_calls": graphs.stats.eager_calls}
+    if args.profile:
+        prof = profile_steps(our_step, args.device, "ours_graphed_train_step")
+        row.update(graphed_device_busy_ms=prof["device_busy_ms"], graphed_kernels=prof["kernels_per_step"])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="cpu", choices=["tiny", "cpu", "gpu"])
@@ -181,9 +207,13 @@ def main() -> None:
                         help="also time ours with activation checkpointing of the LM's decoder layers")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with train.compile's regions (after its eager steps, same process)")
+    parser.add_argument("--vision-graphs", action="store_true",
+                        help="with --compile on CUDA: also time the compiled step with the frozen tower CUDA-graphed")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each step (torch.profiler): top kernels, host ops, device-busy time")
     args = parser.parse_args()
+    if args.vision_graphs and not (args.compile and args.device.startswith("cuda")):
+        parser.error("--vision-graphs needs --compile and a CUDA device")
     if args.compile and args.checkpointing:
         parser.error("--compile and --checkpointing: one at a time (the compiled step would run checkpointed too)")
     print(f"# bench.train on {machine()}, shape={args.shape}")

@@ -62,6 +62,11 @@ class TrainSection:
     # coarser buckets (e.g. 64): each length compiles its own graph.
     pad_tokens_multiple: int = 0
     pad_media_multiple: int = 0
+    # CUDA graphs of the frozen vision tower's forward (train/tower_graphs.py): one replay instead of its kernel
+    # launches, a graph per frame count rounded up to vision_graph_frames_multiple. CUDA and a frozen tower only;
+    # not with FSDP sharding the tower.
+    vision_cuda_graphs: bool = False
+    vision_graph_frames_multiple: int = 8
     micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
@@ -159,6 +164,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
                          "inside the compiled layers with a context function torch.compile cannot trace): pick one")
     if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:
         raise ValueError("train.pad_tokens_multiple and train.pad_media_multiple must be >= 0 (0: default)")
+    if config.train.vision_graph_frames_multiple < 1:
+        raise ValueError(f"train.vision_graph_frames_multiple must be >= 1, got "
+                         f"{config.train.vision_graph_frames_multiple}")
     if config.train.cache_vision_features_mb < 0:
         raise ValueError(f"train.cache_vision_features_mb must be >= 0 (0: off), got "
                          f"{config.train.cache_vision_features_mb}")

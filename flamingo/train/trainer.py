@@ -44,6 +44,7 @@ from .state import (
     load_checkpoint,
     save_checkpoint,
 )
+from .tower_graphs import TowerGraphs, install_tower_graphs
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,12 @@ class Trainer:
         model.train()
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
+        self.tower_graphs: Optional[TowerGraphs] = None
+        if t.vision_cuda_graphs:
+            if self.world > 1 and t.distributed == "fsdp" and t.fsdp_frozen == "shard":
+                raise ValueError("train.vision_cuda_graphs cannot capture a sharded tower (FSDP all-gathers its "
+                                 "layers in every call): set train.fsdp_frozen: replicate or train.distributed: ddp")
+            self.tower_graphs = install_tower_graphs(model.vision, frames_multiple=t.vision_graph_frames_multiple)
         # padding buckets: 8 tokens by default when compiling (aligned shapes at < 8 tokens of padding a row; automatic
         # dynamic shapes keep the graphs few), none otherwise
         self.pad_tokens_multiple = t.pad_tokens_multiple or (8 if t.compile else 1)
@@ -303,6 +310,9 @@ class Trainer:
                     if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
                         metrics["mfu"] = window_flops / elapsed / (peak * self.world)
                     metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
+                    if self.tower_graphs is not None:  # graphs captured so far, calls that could not replay one
+                        stats = self.tower_graphs.stats
+                        metrics.update(vision_graphs=stats.captured, vision_eager_calls=stats.eager_calls)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     sps=f"{metrics['samples_per_s']:.1f}")
                     if self.rank == 0:

@@ -99,6 +99,7 @@ def test_metrics_logged_every_log_every_steps(world):
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "samples_per_s", "loss/pairs"))
         assert r["skipped_nonfinite"] == 0 and set(r["gates"])
+        assert 0 < r["max_rss_gib"] < 64  # the process's resident high-water (peak_memory_gib on CUDA)
 
 
 def test_batches_are_checked_on_the_cpu_and_media_counts_stay_there(world):

@@ -310,6 +310,7 @@ class Trainer:
                     if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
                         metrics["mfu"] = window_flops / elapsed / (peak * self.world)
                     metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
+                    metrics.update(self._memory())
                     if self.tower_graphs is not None:  # graphs captured so far, calls that could not replay one
                         stats = self.tower_graphs.stats
                         metrics.update(vision_graphs=stats.captured, vision_eager_calls=stats.eager_calls)
@@ -368,6 +369,20 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(os.path.join(self.config.train.output_dir, "tb"))
+
+    def _memory(self) -> dict[str, float]:
+        """This rank's memory high-water: on CUDA the window's peak of tensor memory (then reset), on the CPU the
+        process's peak resident set since it started (Linux's VmHWM)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return {"peak_memory_gib": peak}
+        try:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):  # not Linux
+            return {}
+        return {"max_rss_gib": kib / 2**20}
 
     @staticmethod
     def _log_tensorboard(writer: Any, metrics: dict[str, Any]) -> None:

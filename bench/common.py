@@ -136,7 +136,8 @@ def timed_steps(fn: Callable[[StepClock], Any], device: str, repeats: int = 3) -
 
 def profile_steps(fn: Callable[[], Any], device: str, name: str, steps: int = 3, rows: int = 25) -> dict[str, float]:
     """torch.profiler over `steps` calls of `fn` (after one warm-up): prints the top kernels by device time and the
-    top host ops by self CPU time, and returns per-step wall ms, device-busy ms (sum of kernel times) and kernels."""
+    top host ops by self CPU time, and returns per-step wall ms, device-busy ms (sum of kernel times), kernels, and
+    the device's idle fraction of the step (None without device kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -156,7 +157,10 @@ def profile_steps(fn: Callable[[], Any], device: str, name: str, steps: int = 3,
     if kernels:
         print(averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
-    out = {"wall_ms": wall * 1e3, "device_busy_ms": busy_us / 1e3 / steps, "kernels_per_step": launches / steps}
+    busy_ms = busy_us / 1e3 / steps
+    out = {"wall_ms": wall * 1e3, "device_busy_ms": busy_ms, "kernels_per_step": launches / steps,
+           # the share of the step the GPU runs no kernel (kernels on other streams may overlap: clamped at 0)
+           "device_idle_fraction": max(0.0, 1 - busy_ms / (wall * 1e3)) if kernels else None}
     print_json(f"profile.{name}", out)
     return out
 

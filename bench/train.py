@@ -81,7 +81,8 @@ def _time_peer(peer: torch.nn.Module, batch: dict[str, Any], autocast: Callable[
            "openflamingo_peak_gib": peak}
     if args.profile:
         prof = profile_steps(peer_step, args.device, "openflamingo_train_step")
-        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"])
+        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"],
+                   openflamingo_idle_fraction=prof["device_idle_fraction"])
     return row
 
 
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds, peak = measure(our_step, dev, args.repeats)
     if args.profile:
         prof = profile_steps(our_step, dev, "ours_train_step")
-        row.update(ours_device_busy_ms=prof["device_busy_ms"], ours_kernels=prof["kernels_per_step"])
+        row.update(ours_device_busy_ms=prof["device_busy_ms"], ours_kernels=prof["kernels_per_step"],
+                   ours_idle_fraction=prof["device_idle_fraction"])
     row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
     if args.checkpointing:  # the same model and optimizer, LM layers now checkpointed
         ours.gradient_checkpointing_enable()
@@ -174,7 +176,8 @@ def _time_compiled(ours: torch.nn.Module, our_step: Callable[[], None], loss_now
            "compile_s": compile_s, "compiled_loss_diff": abs(compiled_loss - eager_loss)}
     if args.profile:
         prof = profile_steps(our_step, dev, "ours_compiled_train_step")
-        row.update(compiled_device_busy_ms=prof["device_busy_ms"], compiled_kernels=prof["kernels_per_step"])
+        row.update(compiled_device_busy_ms=prof["device_busy_ms"], compiled_kernels=prof["kernels_per_step"],
+                   compiled_idle_fraction=prof["device_idle_fraction"])
     return row
 
 
@@ -190,7 +193,8 @@ def _time_graphed(ours: torch.nn.Module, our_step: Callable[[], None], loss_now:
            "vision_eager_calls": graphs.stats.eager_calls}
     if args.profile:
         prof = profile_steps(our_step, args.device, "ours_graphed_train_step")
-        row.update(graphed_device_busy_ms=prof["device_busy_ms"], graphed_kernels=prof["kernels_per_step"])
+        row.update(graphed_device_busy_ms=prof["device_busy_ms"], graphed_kernels=prof["kernels_per_step"],
+                   graphed_idle_fraction=prof["device_idle_fraction"])
     return row
 
 

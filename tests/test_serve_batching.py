@@ -174,10 +174,11 @@ def test_32_concurrent_streaming_clients_get_their_greedy_answers(model_dir, one
         assert answers[i] == (expected, len(tokens), "stop" if stopped else "length"), i
     assert 'flamingo_batch_size_bucket{le="1"}' in batch_sizes
     count = float(batch_sizes.split("flamingo_batch_size_count ")[1].split()[0])
-    up_to_4 = float(batch_sizes.split('flamingo_batch_size_bucket{le="4"} ')[1].split()[0])
-    # the rows were decoded together, not one at a time: some steps held more than 4 rows. The mean batch depends on
-    # how fast the clients' requests arrive (it fell to 1.98 on 2 loaded cores), so it is not the check.
-    assert up_to_4 < count
+    single = float(batch_sizes.split('flamingo_batch_size_bucket{le="1"} ')[1].split()[0])
+    # the rows were decoded together, not one at a time: some steps held several rows. How many depends on how the
+    # requests' arrivals fall between steps (a joining prompt prefills one chunk per decode step, and a row lives
+    # 12 steps): in two CI runs the mean batch was 1.98, and no step held more than 4 rows; so those are not checks.
+    assert single < count
 
 
 def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, one_thread):

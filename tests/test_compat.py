@@ -23,6 +23,19 @@ def test_version_tuple_reads_local_and_dev_versions():
     assert compat.TORCH == compat.version_tuple(torch.__version__)
 
 
+def test_versions_below_the_floors_are_refused_by_name():
+    """Installed around pip's ranges, transformers 4.53 failed at import on a missing cache class; now it is named."""
+    compat.check_supported(transformers.__version__, torch.__version__)  # the installed pair is supported
+    compat.check_supported("4.54.1", "2.6.0+cu124")
+    with pytest.raises(ImportError, match=r"transformers 4\.53\.3 \(needs >= 4\.54\)"):
+        compat.check_supported("4.53.3", "2.13.0")
+    with pytest.raises(ImportError, match=r"transformers 4\.40\.0 .* and torch 2\.5\.1 \(needs >= 2\.6\)"):
+        compat.check_supported("4.40.0", "2.5.1")
+    text = open("pyproject.toml").read()  # the floors are pyproject's
+    assert '"transformers>=4.54,<6"' in text and '"torch>=2.6"' in text
+    assert compat.TRANSFORMERS_FLOOR == (4, 54) and compat.TORCH_FLOOR == (2, 6)
+
+
 def test_dtype_keyword_is_the_one_from_pretrained_takes(tmp_path):
     expected = "dtype" if TRANSFORMERS >= (4, 56) else "torch_dtype"
     assert compat.dtype_kwargs(torch.float16) == {expected: torch.float16} and compat.dtype_kwargs(None) == {}

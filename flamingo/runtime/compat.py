@@ -15,7 +15,6 @@ from typing import Any, Optional
 import torch
 import transformers
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
 
 def version_tuple(text: str) -> tuple[int, int]:
@@ -24,9 +23,29 @@ def version_tuple(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+# The floors of pyproject.toml's ranges (docs/compat.md says what fails below them).
+TRANSFORMERS_FLOOR, TORCH_FLOOR = (4, 54), (2, 6)
+
+
+def check_supported(transformers_version: str, torch_version: str) -> None:
+    """A clear ImportError below the supported floors (an environment installed around pip's ranges), instead of a
+    missing name deep in an import."""
+    found = []
+    if version_tuple(transformers_version) < TRANSFORMERS_FLOOR:
+        found.append(f"transformers {transformers_version} (needs >= {'.'.join(map(str, TRANSFORMERS_FLOOR))})")
+    if version_tuple(torch_version) < TORCH_FLOOR:
+        found.append(f"torch {torch_version} (needs >= {'.'.join(map(str, TORCH_FLOOR))})")
+    if found:
+        raise ImportError(f"flamingo does not support {' and '.join(found)}: pip install -U 'transformers>=4.54,<6' "
+                          f"'torch>=2.6' (docs/compat.md)")
+
+
 TRANSFORMERS_VERSION: str = transformers.__version__
+check_supported(TRANSFORMERS_VERSION, torch.__version__)
 TRANSFORMERS: tuple[int, int] = version_tuple(TRANSFORMERS_VERSION)
 TORCH: tuple[int, int] = version_tuple(torch.__version__)
+
+from transformers.cache_utils import DynamicLayer  # noqa: E402  (4.54 on: after the floor check)
 
 # transformers' `prefill_chunk_size` gives a prompt with images the tokens of one prefill from 5.13 on; before, the
 # chunked prompt decodes other tokens (text-only prompts match; docs/compat.md).

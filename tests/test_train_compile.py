@@ -74,11 +74,28 @@ def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
         assert set(grads_c) == set(grads)
         for name in grads:
             torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch._dynamo.utils.counters["graph_break"]  # each region is whole graphs (the resampler read its
+    # frame mask, a break, until the model passed None for all-real media)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     layers = len(compiled.lm.get_submodule(compiled.decoder_layers_path))
     # 4 region classes (decoder layer, vision layer, xattn block, resampler), each compiled for the first shapes and
     # at most twice more as sizes change: far fewer than one graph per layer and batch
     assert 4 <= graphs <= 12 < layers * len(batches) + 4
+
+
+def test_compiled_resampler_keeps_a_frame_mask_without_breaking_its_graph(make_model):
+    """Videos with padded frames: the compiled resampler applies the mask inside its graph (an all-real mask too,
+    where the eager one drops it: the same tokens)."""
+    model, _ = make_model()
+    resampler = model.resampler.train()
+    compiled = copy.deepcopy(resampler)
+    compiled.compile(backend="aot_eager")
+    features = torch.randn(3, 2, 5, resampler.latents.shape[-1])  # (M, F, S, D)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for mask in (torch.tensor([[True, True], [True, False], [True, True]]), torch.ones(3, 2, dtype=torch.bool), None):
+        torch.testing.assert_close(compiled(features, mask), resampler(features, mask), atol=1e-5, rtol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 @pytest.mark.slow

@@ -288,8 +288,11 @@ class Flamingo(nn.Module):
         dtype = next(self.resampler.parameters()).dtype
         grid = features.new_zeros(b * n * f, *features.shape[1:], dtype=dtype)  # (B·N·F, S, Dv)
         grid = grid.index_copy(0, frame_rows, features.to(dtype)).unflatten(0, (b * n, f))  # (B·N, F, S, Dv)
+        real_frames = frame_mask.flatten(0, 1)[media_mask.flatten()]  # (M, F)
+        # every frame real (stills, full clips): no mask, decided here on the mask's device (the CPU for loader
+        # batches), so that a compiled resampler never reads it
         tokens = self.resampler(grid.index_select(0, media_rows),
-                                frame_mask.flatten(0, 1)[media_mask.flatten()])  # (M, R, Dv)
+                                None if bool(real_frames.all()) else real_frames)  # (M, R, Dv)
         visual = tokens.new_zeros(b * n, *tokens.shape[1:])
         visual = visual.index_copy(0, media_rows, tokens).unflatten(0, (b, n))  # (B, N, R, Dv)
         return visual

@@ -411,7 +411,10 @@ class Flamingo(nn.Module):
         labels = labels.masked_fill(input_ids == self.config.media_token_id, -100)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
+        # position copied them (and their gradient) at every step (docs/training.md)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  images: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:

@@ -45,6 +45,7 @@ from flamingo.model.quantize import (
     quantize_frozen,
     tensor_bytes,
 )
+from flamingo.runtime import status_kib
 
 TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpointing, LoRA
     "fp32": dict(frozen="fp32"),
@@ -68,11 +69,6 @@ PROMPTS = ["<image>Question: what colour is the shape? Short answer:",
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_during(fn: Callable[[], Any], device: str) -> float:
     """Bytes: CUDA's max allocated during `fn`; on the CPU the rise of the resident high-water mark during `fn`."""
     gc.collect()  # a Flamingo is a reference cycle (its hooks hold it): an earlier row's copy is freed only here
@@ -85,9 +81,9 @@ def peak_during(fn: Callable[[], Any], device: str) -> float:
         return float(torch.cuda.max_memory_allocated())
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     fn()
-    return float(_status_kib("VmHWM") - before) * 1024
+    return float(status_kib("VmHWM") - before) * 1024
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -29,7 +29,7 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..model.quantize import cast_frozen, quantize_frozen
 from ..processing import FlamingoProcessor
-from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
+from ..runtime import default_device, dist_info, init_process_group_from_env, status_kib, torch_dtype
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig
@@ -377,12 +377,8 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
             return {"peak_memory_gib": peak}
-        try:
-            with open("/proc/self/status") as f:
-                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration, ValueError):  # not Linux
-            return {}
-        return {"max_rss_gib": kib / 2**20}
+        kib = status_kib("VmHWM")
+        return {} if kib is None else {"max_rss_gib": kib / 2**20}
 
     @staticmethod
     def _log_tensorboard(writer: Any, metrics: dict[str, Any]) -> None:

@@ -84,8 +84,8 @@ def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
 
 
 def test_compiled_resampler_keeps_a_frame_mask_without_breaking_its_graph(make_model):
-    """Videos with padded frames: the compiled resampler applies the mask inside its graph (an all-real mask too,
-    where the eager one drops it: the same tokens)."""
+    """Videos with padded frames: the compiled resampler applies the mask inside its graph, an all-real one too,
+    without reading it (the same tokens as eager)."""
     model, _ = make_model()
     resampler = model.resampler.train()
     compiled = copy.deepcopy(resampler)

@@ -237,7 +237,7 @@ class Flamingo(nn.Module):
             mask = ctx.flex_mask(kv.k.shape[1], kv.k.shape[2], only_last) if impl == "flex" else None
             hidden = block(hidden, kv, ctx.media_index, impl, mask)
             if ctx.phase is Phase.PREFILL and self._decode_all_images:  # for the decode steps, made eagerly
-                ctx.media_kv[("all", block_idx, hidden.shape[0])] = ctx.kv_for(block_idx, block, hidden.shape[0])
+                ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
             elif ctx.phase is Phase.PREFILL:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
         if args:

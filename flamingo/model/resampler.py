@@ -84,9 +84,9 @@ class PerceiverResampler(nn.Module):
         x = features + self.time_embeddings[:f, None, :]  # (M, F, S, D)
         x = x.flatten(1, 2)  # (M, F·S, D)
         feature_mask = None
-        # an all-real mask is dropped (the mask may be on the CPU: no host sync); a compiled resampler keeps it, as
-        # reading it would break the graph (the model passes None for all-real media: Flamingo.encode_media)
-        if frame_mask is not None and (torch.compiler.is_compiling() or not bool(frame_mask.all())):
+        # a mask is applied as given, never read here (a read would break a compiled resampler's graph): the model
+        # passes None when every frame is real (Flamingo.encode_media)
+        if frame_mask is not None:
             feature_mask = frame_mask.to(x.device)[:, :, None].expand(m, f, s).flatten(1)  # (M, F·S)
         latents = self.latents.expand(m, -1, -1)  # (M, R, D)
         for layer in self.layers:

@@ -62,6 +62,13 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> tuple[float,
     return seconds, peak
 
 
+def _profiled(step: Callable[[], None], device: str, prefix: str, name: str) -> dict[str, Any]:
+    """`profile_steps` of one variant as its row columns: device-busy ms, kernels and idle fraction per step."""
+    prof = profile_steps(step, device, name)
+    return {f"{prefix}_device_busy_ms": prof["device_busy_ms"], f"{prefix}_kernels": prof["kernels_per_step"],
+            f"{prefix}_idle_fraction": prof["device_idle_fraction"]}
+
+
 def _time_peer(peer: torch.nn.Module, batch: dict[str, Any], autocast: Callable[[], Any],
                args: argparse.Namespace) -> dict[str, Any]:
     """OpenFlamingo's own recipe: fp32 weights under autocast, torch AdamW over its trained parameters."""
@@ -80,9 +87,7 @@ def _time_peer(peer: torch.nn.Module, batch: dict[str, Any], autocast: Callable[
     row = {"openflamingo_step_s": seconds, "openflamingo_samples_s": args.batch / seconds,
            "openflamingo_peak_gib": peak}
     if args.profile:
-        prof = profile_steps(peer_step, args.device, "openflamingo_train_step")
-        row.update(openflamingo_device_busy_ms=prof["device_busy_ms"], openflamingo_kernels=prof["kernels_per_step"],
-                   openflamingo_idle_fraction=prof["device_idle_fraction"])
+        row.update(_profiled(peer_step, args.device, "openflamingo", "openflamingo_train_step"))
     return row
 
 
@@ -121,9 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     seconds, peak = measure(our_step, dev, args.repeats)
     if args.profile:
-        prof = profile_steps(our_step, dev, "ours_train_step")
-        row.update(ours_device_busy_ms=prof["device_busy_ms"], ours_kernels=prof["kernels_per_step"],
-                   ours_idle_fraction=prof["device_idle_fraction"])
+        row.update(_profiled(our_step, dev, "ours", "ours_train_step"))
     row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
     if args.checkpointing:  # the same model and optimizer, LM layers now checkpointed
         ours.gradient_checkpointing_enable()
@@ -175,9 +178,7 @@ def _time_compiled(ours: torch.nn.Module, our_step: Callable[[], None], loss_now
     row = {"compiled_step_s": seconds, "compiled_samples_s": args.batch / seconds, "compiled_peak_gib": peak,
            "compile_s": compile_s, "compiled_loss_diff": abs(compiled_loss - eager_loss)}
     if args.profile:
-        prof = profile_steps(our_step, dev, "ours_compiled_train_step")
-        row.update(compiled_device_busy_ms=prof["device_busy_ms"], compiled_kernels=prof["kernels_per_step"],
-                   compiled_idle_fraction=prof["device_idle_fraction"])
+        row.update(_profiled(our_step, dev, "compiled", "ours_compiled_train_step"))
     return row
 
 
@@ -192,9 +193,7 @@ def _time_graphed(ours: torch.nn.Module, our_step: Callable[[], None], loss_now:
            "graphed_loss_diff": abs(graphed_loss - compiled_loss), "vision_graphs": graphs.stats.captured,
            "vision_eager_calls": graphs.stats.eager_calls}
     if args.profile:
-        prof = profile_steps(our_step, args.device, "ours_graphed_train_step")
-        row.update(graphed_device_busy_ms=prof["device_busy_ms"], graphed_kernels=prof["kernels_per_step"],
-                   graphed_idle_fraction=prof["device_idle_fraction"])
+        row.update(_profiled(our_step, args.device, "graphed", "ours_graphed_train_step"))
     return row
 
 

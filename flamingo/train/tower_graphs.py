@@ -46,11 +46,14 @@ class _Captured:
 
 @dataclass
 class TowerGraphStats:
-    captured: int = 0  # graphs captured (one per input bucket)
     replays: int = 0  # calls answered by a replay
     eager_calls: int = 0  # calls run by the tower's own forward (grad on, CPU, extra kwargs, past max_graphs)
     padded_frames: int = 0  # zero frames added to reach a bucket, summed over replays
-    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # the static input of each graph, in capture order
+
+    @property
+    def captured(self) -> int:  # graphs captured (one per input bucket)
+        return len(self.shapes)
 
 
 def slice_output(output: Any, k: int) -> Any:
@@ -117,7 +120,6 @@ class TowerGraphs:
         graph, output = self._record(run, like.device)
         entry = _Captured(graph, pixels, output)
         self.graphs[key] = entry
-        self.stats.captured += 1
         self.stats.shapes.append(tuple(pixels.shape))
         return entry
 

@@ -38,6 +38,9 @@ class OptimSection:
     fused: bool = False  # fused AdamW kernel; it skips non-finite steps on the device (no host sync per step)
     gate_lr_mult: float = 1.0  # learning rate of the tanh gates = lr x this (see train/optim.py)
     attn_gate_lr_mult: Optional[float] = None  # the attention gates' own multiplier (None: gate_lr_mult)
+    # Step each trained parameter inside backward and free its gradient at once (train/in_backward.py): no memory for
+    # all the gradients together. Needs train.grad_clip: 0, one micro-batch, one dataset per step; not DDP (FSDP works).
+    in_backward: bool = False
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ScheduleSection:
 @dataclass
 class TrainSection:
     steps: int = 1000
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping (the norm is still logged)
     precision: str = "fp32"  # fp32 | bf16 (autocast; trained parameters keep fp32 master weights)
     frozen_dtype: Optional[str] = None  # e.g. "bf16": store the frozen backbones in bf16
     gradient_checkpointing: bool = False
@@ -159,6 +162,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
+    if config.train.grad_clip < 0:
+        raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {config.train.grad_clip}")
+    check_in_backward(config)
     if config.train.compile and config.train.gradient_checkpointing:
         raise ValueError("train.compile and train.gradient_checkpointing cannot be combined (HF's checkpointing runs "
                          "inside the compiled layers with a context function torch.compile cannot trace): pick one")
@@ -175,6 +181,23 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"datasets {packed} pack their samples (pack_tokens), so their batches have a varying number "
                          "of rows, which train.micro_batches > 1 cannot split evenly: use one or the other")
     return config
+
+
+def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:
+    """optim.in_backward's refusals (train/in_backward.py says why); world, distributed: the run's under torchrun."""
+    if not config.optim.in_backward:
+        return
+    if config.train.grad_clip:
+        raise ValueError("optim.in_backward steps each parameter inside backward, before the norm over all gradients "
+                         f"exists, so it cannot clip it (train.grad_clip={config.train.grad_clip}): set "
+                         "train.grad_clip: 0")
+    if config.train.micro_batches > 1 or (config.train.mixture == "accumulate" and len(config.data) > 1):
+        raise ValueError("optim.in_backward steps on the gradients of one backward, so it cannot accumulate them over "
+                         "train.micro_batches > 1 or over several datasets (train.mixture: accumulate): use one "
+                         "micro-batch and train.mixture: sample")
+    if world > 1 and distributed != "fsdp":
+        raise ValueError("optim.in_backward does not work with DDP (it all-reduces a gradient after the parameter has "
+                         "stepped on its local one): use train.distributed: fsdp")
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:

@@ -32,8 +32,9 @@ from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, status_kib, torch_dtype
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig
+from .config import TrainConfig, check_in_backward
 from .flops import flops_per_sample, peak_flops
+from .in_backward import BackwardSteps
 from .optim import make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
 from .state import (
@@ -81,6 +82,7 @@ class Trainer:
         self.config = config
         t = config.train
         self.rank, self.world, self.local_rank = dist_info()
+        check_in_backward(config, self.world, t.distributed)
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
         init_process_group_from_env(self.device)
         if self.device.type == "cuda":
@@ -144,6 +146,8 @@ class Trainer:
         self.nonfinite_streak = torch.zeros((), dtype=torch.long, device=self.device)
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
         self.trained = [p for p in model.parameters() if p.requires_grad]
+        # optim.in_backward: the optimizer steps inside backward, one parameter at a time (train/in_backward.py)
+        self.backward_steps = BackwardSteps(self.trained, self.optimizer) if o.in_backward else None
         self.skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))  # fused Adam(W)
         self.stop_requested = False
         # `sample` mixture mode: one dataset per step, drawn by loss weight (the same draws on every rank)
@@ -230,29 +234,18 @@ class Trainer:
             sync = i == len(passes) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.wrapped.no_sync()), autocast:
                 loss = self.wrapped(**batch).loss
-            (loss * weight).backward()
             losses[name] = losses.get(name, 0.0) + loss.detach() / t.micro_batches
-        total = sum(self.weights[n] * losses[n] for n in losses) if t.mixture == "accumulate" else losses[names[0]]
-        finite = torch.isfinite(total)  # () on the device
-        if self.world > 1:
-            finite = finite.float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-            # the logged losses are the ranks' mean (what the all-reduced gradient is the gradient of)
-            logged = torch.stack([total, *losses.values()]).detach().float()
-            dist.all_reduce(logged, op=dist.ReduceOp.SUM)
-            logged /= self.world
-            total, losses = logged[0], dict(zip(losses, logged[1:]))
-        if self.skip_on_device:
-            # fused Adam(W) skips its update (and its step count) where `found_inf` is set: no host sync
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, t.grad_clip)
-            self.optimizer.found_inf = (~finite).float()
-            self.optimizer.step()
-        elif bool(finite):  # a host sync: other optimizers cannot skip a step on the device
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, t.grad_clip)
-            self.optimizer.step()
+            if self.backward_steps is not None:
+                # the step's only pass (check_in_backward): its backward steps the parameters, so its loss is
+                # checked first
+                finite, total, losses = self._reduce_losses(losses, names)
+                self._begin_backward_steps(finite)
+            (loss * weight).backward()
+        if self.backward_steps is not None:
+            grad_norm = self.backward_steps.grad_norm(sharded=is_sharded(self.model))
         else:
-            grad_norm = torch.tensor(float("nan"))
+            finite, total, losses = self._reduce_losses(losses, names)
+            grad_norm = self._clip_and_step(finite)
         self.nonfinite_streak = torch.where(finite, 0, self.nonfinite_streak + 1)
         self.skipped_steps = self.skipped_steps + (~finite).long()
         if not self.skip_on_device:
@@ -263,6 +256,47 @@ class Trainer:
         return {"step": self.step, "loss": total.detach(), "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm.detach(), "samples": samples * self.world, "flops": flops * self.world,
                 "skipped_nonfinite": self.skipped_steps, **{f"loss/{n}": v for n, v in losses.items()}}
+
+    def _reduce_losses(self, losses: dict[str, torch.Tensor], names: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Whether the step's total loss is finite on every rank (a () bool on the device), the total and the
+        per-dataset losses to log (under torchrun the ranks' mean: what the all-reduced gradient is the gradient of)."""
+        t = self.config.train
+        total = sum(self.weights[n] * losses[n] for n in losses) if t.mixture == "accumulate" else losses[names[0]]
+        finite = torch.isfinite(total)  # () on the device
+        if self.world > 1:
+            finite = finite.float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
+            logged = torch.stack([total, *losses.values()]).detach().float()
+            dist.all_reduce(logged, op=dist.ReduceOp.SUM)
+            logged /= self.world
+            total, losses = logged[0], dict(zip(losses, logged[1:]))
+        return finite, total, losses
+
+    def _clip_and_step(self, finite: torch.Tensor) -> torch.Tensor:
+        """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm."""
+        clip = self.config.train.grad_clip or float("inf")  # inf: the norm alone (every gradient scaled by 1)
+        if self.skip_on_device:
+            # fused Adam(W) skips its update (and its step count) where `found_inf` is set: no host sync
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            return grad_norm
+        if bool(finite):  # a host sync: other optimizers cannot skip a step on the device
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
+            self.optimizer.step()
+            return grad_norm
+        return torch.tensor(float("nan"))
+
+    def _begin_backward_steps(self, finite: torch.Tensor) -> None:
+        """Arm the in-backward steps for this step: skipped where the loss is not finite on every rank."""
+        assert self.backward_steps is not None
+        if self.skip_on_device:  # fused AdamW skips on the device: no host sync
+            self.optimizer.found_inf = (~finite).float()
+            self.backward_steps.begin()
+        else:
+            self.backward_steps.begin(skip=not bool(finite))
 
     def check_nonfinite(self) -> None:
         """Abort after `train.max_nonfinite` non-finite losses in a row (a host sync: called per logged step when

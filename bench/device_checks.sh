@@ -8,7 +8,8 @@
 #
 # Parts (each under its own time limit, so one slow part cannot eat the call):
 #   train   bench.gpu --parts train --profile: eager and compiled training step beside OpenFlamingo, kernels per step
-#   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes
+#   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes;
+#           the goal's rows first (each row prints as it ends, so a part cut at its limit keeps them)
 #   tests   the CUDA-only tests (compiled training step, tower CUDA graphs, FlexAttention, CUDA-graphed decoding)
 #   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
@@ -57,7 +58,7 @@ run() {
             train) part train 330 "$PY" -m bench.gpu --shape "$SHAPE" --device "$DEVICE" --parts train --profile \
                 --out "$OUT/gpu-train.json" ;;
             memory) part memory 240 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --demo-model '' \
-                --train-rows openflamingo,bf16_frozen,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora,int8+adamw8bit,int8+adamw8bit+ckpt \
+                --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+inbwd,int8+adamw8bit+ckpt+inbwd,bf16_frozen,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora \
                 --infer-rows fp32,fp16,int8,int4,nf4 ;;
             tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
                 tests/test_xattn_cuda.py tests/test_generation_cuda.py ;;

@@ -6,8 +6,9 @@
 
 Training rows (one AdamW step, batch x tokens with images, `bench.train`'s batch): OpenFlamingo's default recipe
 (fp32 weights, bf16 autocast on CUDA, torch AdamW over its trained parameters) beside ours with the frozen backbones
-in fp32, bf16, int8, int4 (CUDA) or nf4, with 8-bit AdamW states, activation checkpointing and LoRA on the LM. Per
-row: bytes of frozen and trained weights, optimizer states, gradients, and the step's peak memory.
+in fp32, bf16, int8, int4 (CUDA) or nf4, with 8-bit AdamW states, activation checkpointing, LoRA on the LM, and the
+optimizer stepping inside backward (`inbwd`: no global-norm clip there, the others clip at 1). Per row: bytes of frozen
+and trained weights, optimizer states, gradients, and the step's peak memory.
 - CUDA: `torch.cuda.max_memory_allocated` over the measured steps (every tensor on the device).
 - CPU: the counted bytes of weights and optimizer states + the rise of the process's resident-set high-water mark
   (VmHWM, reset through /proc/self/clear_refs) over one step after warm-up steps: activations, gradients and
@@ -46,6 +47,7 @@ from flamingo.model.quantize import (
     tensor_bytes,
 )
 from flamingo.runtime import status_kib
+from flamingo.train.in_backward import BackwardSteps
 
 TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpointing, LoRA
     "fp32": dict(frozen="fp32"),
@@ -58,6 +60,9 @@ TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpoi
     "lora": dict(frozen="bf16", lora=True),  # LORA: r 16 on the attention's q and v projections
     "int8+adamw8bit": dict(frozen="int8", optim="adamw8bit"),
     "int8+adamw8bit+ckpt": dict(frozen="int8", optim="adamw8bit", checkpointing=True),
+    # optim.in_backward (flamingo/train/in_backward.py): each parameter steps inside backward, its gradient freed
+    "int8+adamw8bit+inbwd": dict(frozen="int8", optim="adamw8bit", in_backward=True),
+    "int8+adamw8bit+ckpt+inbwd": dict(frozen="int8", optim="adamw8bit", checkpointing=True, in_backward=True),
 }
 LORA = {"r": 16, "target_modules": ["q_proj", "v_proj"]}
 INFER_ROWS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4")
@@ -140,6 +145,8 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(model, spec.get("optim", "adamw"), fused=cuda)
         bf16 = cuda or spec["frozen"] == "bf16"
+        if spec.get("in_backward"):
+            in_backward = BackwardSteps(trained, optimizer)
 
         def loss() -> torch.Tensor:
             return model(**batch, check_media=False).loss
@@ -150,6 +157,10 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             value = loss()
+        if spec.get("in_backward"):
+            in_backward.begin()
+            value.backward()  # the optimizer steps in its hooks
+            return
         value.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
@@ -262,9 +273,10 @@ def goals(train: list[dict[str, Any]], infer: list[dict[str, Any]], demo: list[d
     peer, best = by_train.get("openflamingo"), by_train.get("int8+adamw8bit")
     add("train peak, int8 frozen + 8-bit states, vs OpenFlamingo",
         best["peak_gib"] / peer["peak_gib"] if peer and best else None, 0.4)
-    ckpt = by_train.get("int8+adamw8bit+ckpt")
-    add("(the same, with activation checkpointing)", ckpt["peak_gib"] / peer["peak_gib"] if peer and ckpt else None,
-        0.4)
+    for suffix, says in (("+ckpt", "with activation checkpointing"), ("+inbwd", "stepping inside backward"),
+                         ("+ckpt+inbwd", "with both")):
+        row = by_train.get("int8+adamw8bit" + suffix)
+        add(f"(the same, {says})", row["peak_gib"] / peer["peak_gib"] if peer and row else None, 0.4)
     fp16, int4 = by_infer.get("fp16"), by_infer.get("int4")
     add("inference weights, int4 vs fp16", int4["weights_mib"] / fp16["weights_mib"] if fp16 and int4 else None, 0.35)
     add("(the same, frozen backbones only)", int4["backbones_mib"] / fp16["backbones_mib"] if fp16 and int4 else None,

@@ -40,12 +40,20 @@ def test_rows_at_the_tiny_shape(one_thread):
     assert 0 < infer["int8"]["logit_mad_rel"] < 0.01 and infer["int8"]["decode_tok_s"] > 0
 
 
+@pytest.mark.slow
+def test_stepping_inside_backward_leaves_no_gradients_and_the_same_states(one_thread):
+    train = {r["row"]: r for r in run_rows(_args(), "train", ["int8+adamw8bit", "int8+adamw8bit+inbwd"])}
+    after, inside = train["int8+adamw8bit"], train["int8+adamw8bit+inbwd"]
+    assert after["grads_mib"] == pytest.approx(after["trained_mib"], rel=1e-3) and inside["grads_mib"] == 0
+    assert inside["optim_mib"] == after["optim_mib"] and inside["peak_gib"] > 0
+
+
 def test_goals_direction_and_missing_rows():
     train = [{"row": "openflamingo", "peak_gib": 10.0}, {"row": "int8+adamw8bit", "peak_gib": 3.9}]
     infer = [{"row": "fp16", "weights_mib": 100.0, "backbones_mib": 80.0},
              {"row": "int4", "weights_mib": 40.0, "backbones_mib": 24.0}]
     demo = [{"row": "demo vqa none", "vqa_accuracy": 90.0}, {"row": "demo vqa int8", "vqa_accuracy": 87.5}]
     table = {r["goal"]: r for r in goals(train, infer, demo)}
-    assert [r["reached"] for r in table.values()] == [True, None, False, True, False]
+    assert [r["reached"] for r in table.values()] == [True, None, None, None, False, True, False]
     assert table["demo VQA points lost, int8 vs fp32"]["measured"] == 2.5
     assert all(r["measured"] is None and r["reached"] is None for r in goals([], [], []))

@@ -50,11 +50,14 @@ def _steps(trainer: Trainer, n: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("variant", ["adamw", "checkpointing", pytest.param("adamw8bit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["adamw", "fused", "checkpointing",
+                                     pytest.param("adamw8bit", marks=pytest.mark.slow)])
 def test_steps_in_backward_equal_steps_after_backward(world, variant):
     overrides = {"optim.kind": "adamw8bit"} if variant == "adamw8bit" else {}
     if variant == "adamw8bit":
         pytest.importorskip("torchao")
+    if variant == "fused":
+        overrides["optim.fused"] = "true"
     if variant == "checkpointing":
         overrides["train.gradient_checkpointing"] = "true"
     after = Trainer(_config(world, f"after-{variant}", **overrides))

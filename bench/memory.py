@@ -10,10 +10,13 @@ in fp32, bf16, int8, int4 (CUDA) or nf4, with 8-bit AdamW states, activation che
 optimizer stepping inside backward (`inbwd`: no global-norm clip there, the others clip at 1). Per row: bytes of frozen
 and trained weights, optimizer states, gradients, and the step's peak memory.
 - CUDA: `torch.cuda.max_memory_allocated` over the measured steps (every tensor on the device).
-- CPU: the counted bytes of weights and optimizer states + the rise of the process's resident-set high-water mark
-  (VmHWM, reset through /proc/self/clear_refs) over one step after warm-up steps: activations, gradients and
-  temporaries as the allocator got them from the OS. Each row runs in its own process so that memory freed by
-  another row is not reused unseen (`--in-process` gives that up for speed).
+- CPU: the counted bytes of weights, optimizer states and gradients + the rise of the process's resident-set
+  high-water mark (VmHWM, reset through /proc/self/clear_refs) over one step after warm-up steps: activations and
+  temporaries as the allocator got them from the OS. Gradients are counted, not seen in the rise: they live from one
+  step's backward to the next step's `zero_grad`, so the previous step's are resident when the measured step starts
+  and its own reuse their pages (stepping inside backward holds none between steps: 0 counted, each one alone in the
+  rise). Each row runs in its own process so that memory freed by another row is not reused unseen (`--in-process`
+  gives that up for speed).
 On CUDA every row of ours computes under bf16 autocast with the non-quantized frozen weights in bf16 (as `bench.train`
 and the trainer's `frozen_dtype: bf16`); on the CPU in fp32 (quantized rows too), except the bf16 row.
 
@@ -176,9 +179,10 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
            "step_s": seconds}
     if cuda:
         row["peak_gib"] = max(peaks) / 2**30
-    else:  # counted weights and states + the step's resident rise
+    else:  # counted weights, states and gradients + the step's resident rise
         row["rss_rise_mib"] = max(peaks) / 2**20
-        row["peak_gib"] = (row["frozen_mib"] + row["trained_mib"] + row["optim_mib"] + row["rss_rise_mib"]) / 2**10
+        row["peak_gib"] = (row["frozen_mib"] + row["trained_mib"] + row["optim_mib"] + row["grads_mib"]
+                           + row["rss_rise_mib"]) / 2**10
     if name == "openflamingo":
         pair.peer.to("cpu")
     return row

@@ -199,7 +199,10 @@ class Flamingo(nn.Module):
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
         new_logits = F.linear(hidden, weight.to(hidden.dtype),
                               None if self.new_lm_head_bias is None else self.new_lm_head_bias.to(hidden.dtype))
-        return torch.cat([logits[..., :first], new_logits.to(logits.dtype), logits[..., first + n:]], dim=-1)
+        # written into the head's fresh output: a cat would copy the (B, T, V) logits, and its backward would build
+        # a zero-filled gradient per slice
+        logits[..., first:first + n] = new_logits
+        return logits
 
     # ------------------------------------------------------------------------------------------ conditioning
     @contextmanager

@@ -10,13 +10,11 @@ in fp32, bf16, int8, int4 (CUDA) or nf4, with 8-bit AdamW states, activation che
 optimizer stepping inside backward (`inbwd`: no global-norm clip there, the others clip at 1). Per row: bytes of frozen
 and trained weights, optimizer states, gradients, and the step's peak memory.
 - CUDA: `torch.cuda.max_memory_allocated` over the measured steps (every tensor on the device).
-- CPU: the counted bytes of weights, optimizer states and gradients + the rise of the process's resident-set
-  high-water mark (VmHWM, reset through /proc/self/clear_refs) over one step after warm-up steps: activations and
-  temporaries as the allocator got them from the OS. Gradients are counted, not seen in the rise: they live from one
-  step's backward to the next step's `zero_grad`, so the previous step's are resident when the measured step starts
-  and its own reuse their pages (stepping inside backward holds none between steps: 0 counted, each one alone in the
-  rise). Each row runs in its own process so that memory freed by another row is not reused unseen (`--in-process`
-  gives that up for speed).
+- CPU: the timeline of torch's memory profiler over one step (`torch.profiler`, `profile_memory`): every tensor the
+  CPU allocator hands out and takes back, and the tensors alive before the step that its ops read; its highest total,
+  plus the weights and states it did not see at its start (`unseen_mib`: torchao's 8-bit states, read only inside
+  their compiled update). Tensor bytes, like CUDA's figure, not the resident set (which the allocator's reuse of
+  freed pages blurs: a step's gradients reuse the pages the previous step's freed).
 On CUDA every row of ours computes under bf16 autocast with the non-quantized frozen weights in bf16 (as `bench.train`
 and the trainer's `frozen_dtype: bf16`); on the CPU in fp32 (quantized rows too), except the bf16 row.
 
@@ -49,7 +47,6 @@ from flamingo.model.quantize import (
     quantize_frozen,
     tensor_bytes,
 )
-from flamingo.runtime import status_kib
 from flamingo.train.in_backward import BackwardSteps
 
 TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpointing, LoRA
@@ -77,21 +74,27 @@ PROMPTS = ["<image>Question: what colour is the shape? Short answer:",
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-def peak_during(fn: Callable[[], Any], device: str) -> float:
-    """Bytes: CUDA's max allocated during `fn`; on the CPU the rise of the resident high-water mark during `fn`."""
+def peak_during(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """Bytes of tensor memory during `fn`: (peak, at its start). CUDA: the allocator's max allocated and allocated.
+    CPU: the timeline of torch's memory profiler (every tensor the CPU allocator hands out and takes back, and the
+    tensors alive before `fn` that its ops touch): its highest total and its first."""
     gc.collect()  # a Flamingo is a reference cycle (its hooks hold it): an earlier row's copy is freed only here
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = status_kib("VmRSS")
-    fn()
-    return float(status_kib("VmHWM") - before) * 1024
+        return float(torch.cuda.max_memory_allocated()), float(start)
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")  # bytes per category per event
+    totals = [sum(row) for row in sizes]
+    return (float(max(totals)), float(totals[0])) if totals else (0.0, 0.0)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -171,18 +174,22 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
     for _ in range(2):  # warm-up: optimizer states exist, compiled kernels (8-bit states) are built
         step()
     start = time.perf_counter()
-    peaks = [peak_during(step, dev) for _ in range(args.repeats)]
+    for _ in range(args.repeats):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.repeats
+    peak, at_start = max(peak_during(step, dev) for _ in range(args.repeats))
     row = {"row": name, "frozen_mib": module_bytes(model, trained=False) / 2**20,
            "trained_mib": module_bytes(model, trained=True) / 2**20, "optim_mib": state_bytes(optimizer) / 2**20,
            "grads_mib": sum(tensor_bytes(p.grad) for p in trained if p.grad is not None) / 2**20,
            "step_s": seconds}
-    if cuda:
-        row["peak_gib"] = max(peaks) / 2**30
-    else:  # counted weights, states and gradients + the step's resident rise
-        row["rss_rise_mib"] = max(peaks) / 2**20
-        row["peak_gib"] = (row["frozen_mib"] + row["trained_mib"] + row["optim_mib"] + row["grads_mib"]
-                           + row["rss_rise_mib"]) / 2**10
+    if not cuda:  # weights and states the profiler's timeline did not see at its start (tensors no op of the step
+        # reads directly: torchao's 8-bit states live inside its compiled update) are alive throughout: added
+        held = (row["frozen_mib"] + row["trained_mib"] + row["optim_mib"]) * 2**20
+        row["unseen_mib"] = max(0.0, held - at_start) / 2**20
+        peak += row["unseen_mib"] * 2**20
+    row["peak_gib"] = peak / 2**30
     if name == "openflamingo":
         pair.peer.to("cpu")
     return row
@@ -385,7 +392,7 @@ def main() -> None:
     demo = demo_rows(args)
 
     print("\n## training step")
-    print_table(train, ["row", "frozen_mib", "trained_mib", "optim_mib", "grads_mib", "rss_rise_mib", "peak_gib",
+    print_table(train, ["row", "frozen_mib", "trained_mib", "optim_mib", "grads_mib", "unseen_mib", "peak_gib",
                         "peak_vs_openflamingo", "step_s", "note"])
     print("\n## inference")
     print_table(infer, ["row", "weights_mib", "weights_vs_fp16", "backbones_mib", "backbones_vs_fp16", "decode_tok_s",

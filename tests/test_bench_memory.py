@@ -17,13 +17,19 @@ def _args(**overrides):
     return argparse.Namespace(**{**base, **overrides})
 
 
-def test_cpu_peak_sees_a_step_that_allocates_and_frees():
-    def step():
-        x = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
-        del x
+def test_cpu_peak_is_the_most_tensor_memory_alive_at_once():
+    held = torch.ones(2**20)  # 4 MiB alive before the step and read by it
 
-    assert peak_during(step, "cpu") >= 30 * 2**20
-    assert peak_during(lambda: None, "cpu") < 8 * 2**20
+    def step():
+        a = torch.ones(4 * 2**20)  # 16 MiB
+        b = a + held.sum()  # 16 MiB more: 32 MiB of the step's own alive here
+        del a
+        c = b * 2  # b and c: 32 MiB again
+        del b, c
+
+    peak, start = peak_during(step, "cpu")
+    assert start == 4 * 2**20 and peak - start == pytest.approx(32 * 2**20, abs=2**12)
+    assert peak_during(lambda: None, "cpu") == (0.0, 0.0)
 
 
 def test_rows_at_the_tiny_shape(one_thread):

@@ -61,6 +61,13 @@ def main() -> None:
     save_file(trained, os.path.join(out, f"params_rank{trainer.rank}.safetensors"))
     if dist.is_initialized():
         dist.destroy_process_group()
+        # Exit without finalizing the interpreter. The gloo group can outlive destroy_process_group (FSDP2 keeps
+        # references to it), and so do its worker threads; one may still be dropping the last collective's tensors,
+        # which takes the GIL, and a thread that asks for the GIL while the interpreter finalizes aborts the whole
+        # process ("terminate called without an active exception", SIGABRT) after every file was written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

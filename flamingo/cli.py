@@ -11,7 +11,7 @@ import time
 from typing import Optional, Sequence
 
 from .config import QUANTIZE_MODES
-from .runtime import DTYPE_NAMES, quiet_transformers, torch_dtype
+from .runtime import DTYPE_NAMES, leave_process_group_and_exit, quiet_transformers, torch_dtype
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -136,6 +136,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = trainer.run()
     if out and trainer.rank == 0:
         print(f"trained model: {out}")
+    if trainer.world > 1:  # gloo's threads can abort a finalizing interpreter (runtime/distributed.py)
+        leave_process_group_and_exit(0)
     return 0
 
 

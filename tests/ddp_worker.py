@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from flamingo.data.build import build_sources
+from flamingo.runtime import leave_process_group_and_exit
 from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer, build_model
 
@@ -60,14 +61,7 @@ def main() -> None:
                for n, p in trainer.model.named_parameters() if p.requires_grad}
     save_file(trained, os.path.join(out, f"params_rank{trainer.rank}.safetensors"))
     if dist.is_initialized():
-        dist.destroy_process_group()
-        # Exit without finalizing the interpreter. The gloo group can outlive destroy_process_group (FSDP2 keeps
-        # references to it), and so do its worker threads; one may still be dropping the last collective's tensors,
-        # which takes the GIL, and a thread that asks for the GIL while the interpreter finalizes aborts the whole
-        # process ("terminate called without an active exception", SIGABRT) after every file was written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_process_group_and_exit(0)  # as `flamingo train` does (gloo's threads vs a finalizing interpreter)
 
 
 if __name__ == "__main__":

@@ -400,3 +400,21 @@ def test_ddp_leaves_quantized_frozen_weights_out_of_its_broadcast_and_fsdp_will_
         apply_fsdp(model, frozen="replicate")
     finally:
         dist.destroy_process_group()
+
+
+def test_leaving_the_process_group_exits_with_the_output_flushed(tmp_path):
+    """`flamingo train` under torchrun ends this way: the group destroyed, buffered output written, no interpreter
+    finalization (where gloo's worker threads could abort the process), the exit code kept."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, os, sys\n"
+        "import torch.distributed as dist\n"
+        "from flamingo.runtime import leave_process_group_and_exit\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29525', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "print('written', end='')\n"
+        "sys.stderr.write('also written')\n"
+        "leave_process_group_and_exit(3)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout == "written" and result.stderr.endswith("also written")

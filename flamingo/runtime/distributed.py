@@ -3,8 +3,10 @@ environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK)."""
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Optional, Union
+import sys
+from typing import NoReturn, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -34,3 +36,17 @@ def init_process_group_from_env(device: Optional[torch.device] = None) -> bool:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def leave_process_group_and_exit(code: int = 0) -> NoReturn:
+    """End a torchrun process whose work is done: destroy its process group, flush logging and the standard streams,
+    and exit without finalizing the interpreter (atexit handlers do not run). The gloo group's worker threads outlive
+    `destroy_process_group` while anything still references the group (FSDP2 does); one still releasing the last
+    collective's tensors asks for the GIL, and asking for it while the interpreter finalizes aborts the process
+    (SIGABRT, "terminate called without an active exception") after every file was written."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -173,6 +173,8 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
 
     for _ in range(2):  # warm-up: optimizer states exist, compiled kernels (8-bit states) are built
         step()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.repeats):
         step()

@@ -59,8 +59,3 @@ class BackwardSteps:
             squares = squares.clone()
             dist.all_reduce(squares)
         return squares.sqrt()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []

@@ -1,13 +1,17 @@
-"""Shared fixtures: tiny random backbones (hidden 32) and a factory for Flamingo models with non-zero gates."""
+"""Shared fixtures: tiny random backbones (hidden 32), a factory for Flamingo models with non-zero gates, and a
+training world (saved backbones and fixture datasets) per test module."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pytest
 import torch
 
 from flamingo.tiny import tiny_flamingo
+
+from train_fixtures import save_backbones, write_datasets
 
 
 @pytest.fixture
@@ -25,3 +29,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple:
+    """(root, vision dir, LM dir, dataset paths): tiny backbones saved and the fixture datasets written."""
+    root = str(tmp_path_factory.mktemp("world"))
+    vision, lm = save_backbones(root)
+    return root, vision, lm, write_datasets(os.path.join(root, "data"))

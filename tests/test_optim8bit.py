@@ -21,7 +21,7 @@ from flamingo.train.config import load_config, parse_config
 from flamingo.train.optim import make_optimizer, make_scheduler
 from flamingo.train.trainer import Trainer
 
-from train_fixtures import save_backbones, train_config, write_datasets
+from train_fixtures import train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,12 +92,6 @@ def test_8bit_states_and_tensor_learning_rates_round_trip_without_pickle():
     skeleton, tensors = state_codec.encode(scheduler.state_dict(), "scheduler")
     assert state_codec.decode(skeleton, tensors)["base_lrs"][0].dtype == torch.float32
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("optim8bit"))
-    vision, lm = save_backbones(root)
-    return root, vision, lm, write_datasets(os.path.join(root, "data"))
 
 
 @pytest.mark.slow

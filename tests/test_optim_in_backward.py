@@ -19,16 +19,10 @@ from safetensors.torch import load_file
 from flamingo.train.config import check_in_backward, load_config
 from flamingo.train.trainer import Trainer, materialize
 
-from train_fixtures import save_backbones, train_config, write_datasets
+from train_fixtures import nan_losses_after_the_first_step, train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("in_backward"))
-    vision, lm = save_backbones(root)
-    return root, vision, lm, write_datasets(os.path.join(root, "data"))
 
 
 def _config(world, name: str, steps: int = 4, **overrides):
@@ -114,17 +108,7 @@ def test_non_finite_losses_skip_the_steps_in_backward(world, monkeypatch, fused)
     config = _config(world, f"nan-{fused}", steps=10, **{"optim.in_backward": "true", "train.max_nonfinite": 5})
     config.optim.fused = fused
     trainer = Trainer(config)
-    real_forward = trainer.model.forward
-    calls = {"n": 0}
-
-    def forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] >= 2:  # step 1 is fine, then every loss is NaN
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer.model, "forward", forward)
+    nan_losses_after_the_first_step(trainer, monkeypatch)  # step 1 is fine, then every loss is NaN
     before = _trained(trainer)
     trainer.train_step()
     good = _trained(trainer)

@@ -21,16 +21,10 @@ from flamingo import load_pretrained
 from flamingo.train.config import load_config
 from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model, materialize
 
-from train_fixtures import save_backbones, train_config, write_datasets
+from train_fixtures import nan_losses_after_the_first_step, train_config, write_datasets
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("train"))
-    vision, lm = save_backbones(root)
-    return root, vision, lm, write_datasets(os.path.join(root, "data"))
 
 
 def _losses(output_dir: str) -> dict[int, float]:
@@ -215,17 +209,7 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch, fused):
     trainer = Trainer(config)
     assert trainer.skip_on_device == fused
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    real_forward = trainer.model.forward
-    calls = {"n": 0}
-
-    def forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] >= 2:  # step 1 is fine, then every loss is NaN
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer.model, "forward", forward)
+    nan_losses_after_the_first_step(trainer, monkeypatch)  # step 1 is fine, then every loss is NaN
     trainer.train_step()
     after_good = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     moments = {k: v.clone() for k, v in trainer.optimizer.state[trainer.trained[0]].items()}

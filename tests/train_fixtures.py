@@ -84,3 +84,18 @@ def train_config(root: str, vision: str, lm: str, data: dict[str, str], *, steps
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return path
+
+
+def nan_losses_after_the_first_step(trainer: Any, monkeypatch: Any) -> None:
+    """From the trainer's second forward on, every loss is NaN (the first step trains normally)."""
+    real_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)

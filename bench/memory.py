@@ -151,19 +151,18 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(model, spec.get("optim", "adamw"), fused=cuda)
         bf16 = cuda or spec["frozen"] == "bf16"
-        if spec.get("in_backward"):
-            in_backward = BackwardSteps(trained, optimizer)
 
         def loss() -> torch.Tensor:
             return model(**batch, check_media=False).loss
 
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
+    in_backward = BackwardSteps(trained, optimizer) if spec.get("in_backward") else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             value = loss()
-        if spec.get("in_backward"):
+        if in_backward is not None:
             in_backward.begin()
             value.backward()  # the optimizer steps in its hooks
             return

@@ -83,20 +83,19 @@ class TowerGraphs:
 
     def __call__(self, pixel_values: Optional[torch.Tensor] = None, output_hidden_states: Optional[bool] = None,
                  **kwargs: Any) -> Any:
-        if not self._replayable(pixel_values, kwargs):
+        entry, padded = None, 0
+        if self._replayable(pixel_values, kwargs):
+            padded = round_up(pixel_values.shape[0], self.frames_multiple)  # pixel_values (K, C, H, W)
+            autocast = torch.is_autocast_enabled("cuda")
+            key = (padded, *pixel_values.shape[1:], pixel_values.dtype, pixel_values.device,
+                   bool(output_hidden_states), autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+            entry = self.graphs.get(key)
+            if entry is None and len(self.graphs) < self.max_graphs:
+                entry = self._capture(key, pixel_values, padded, output_hidden_states)
+        if entry is None:  # not replayable, or a new shape past max_graphs
             self.stats.eager_calls += 1
             return self.forward(pixel_values=pixel_values, output_hidden_states=output_hidden_states, **kwargs)
-        k = pixel_values.shape[0]  # (K, C, H, W)
-        padded = round_up(k, self.frames_multiple)
-        autocast = torch.is_autocast_enabled("cuda")
-        key = (padded, *pixel_values.shape[1:], pixel_values.dtype, pixel_values.device, bool(output_hidden_states),
-               autocast, torch.get_autocast_dtype("cuda") if autocast else None)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                self.stats.eager_calls += 1
-                return self.forward(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
-            entry = self._capture(key, pixel_values, padded, output_hidden_states)
+        k = pixel_values.shape[0]
         entry.pixels[:k].copy_(pixel_values)
         if padded > k:
             entry.pixels[k:].zero_()

@@ -275,19 +275,17 @@ class Trainer:
         return finite, total, losses
 
     def _clip_and_step(self, finite: torch.Tensor) -> torch.Tensor:
-        """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm."""
+        """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm.
+        A non-finite step is skipped: by the fused Adam(W) on the device (`found_inf`, no host sync), by the others
+        after one host sync."""
+        if not self.skip_on_device and not bool(finite):
+            return torch.tensor(float("nan"))
         clip = self.config.train.grad_clip or float("inf")  # inf: the norm alone (every gradient scaled by 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
         if self.skip_on_device:
-            # fused Adam(W) skips its update (and its step count) where `found_inf` is set: no host sync
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
             self.optimizer.found_inf = (~finite).float()
-            self.optimizer.step()
-            return grad_norm
-        if bool(finite):  # a host sync: other optimizers cannot skip a step on the device
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
-            self.optimizer.step()
-            return grad_norm
-        return torch.tensor(float("nan"))
+        self.optimizer.step()
+        return grad_norm
 
     def _begin_backward_steps(self, finite: torch.Tensor) -> None:
         """Arm the in-backward steps for this step: skipped where the loss is not finite on every rank."""

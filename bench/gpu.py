@@ -26,6 +26,7 @@ import torch
 from bench import generate, train, xattn
 from bench.common import build_pair, machine, print_json, print_table
 from flamingo.runtime.checkpoint_io import atomic_file
+from flamingo.train.config import TrainSection
 
 PARTS = ("train", "decode", "xattn")
 # xattn sizes per shape: (text tokens, hidden, visual width). `gpu` is the issue's; `tiny` keeps the smoke run short.
@@ -36,7 +37,7 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     ns = argparse.Namespace(shape=args.shape, batch=8, tokens=256, images=5, xattn_every=args.xattn_every,
                             profile=args.profile, checkpointing=False, compile=not args.no_compile,
                             vision_graphs=not args.no_compile and args.device.startswith("cuda"),
-                            device=args.device, repeats=args.repeats)
+                            device=args.device, repeats=args.repeats, loss_chunks=TrainSection.loss_chunks)
     row = train.run(ns)
     print_json("gpu.train", {"shape": args.shape, "device": machine(), **row})
     print_table([row], list(row))

@@ -7,8 +7,9 @@
 Training rows (one AdamW step, batch x tokens with images, `bench.train`'s batch): OpenFlamingo's default recipe
 (fp32 weights, bf16 autocast on CUDA, torch AdamW over its trained parameters) beside ours with the frozen backbones
 in fp32, bf16, int8, int4 (CUDA) or nf4, with 8-bit AdamW states, activation checkpointing, LoRA on the LM, and the
-optimizer stepping inside backward (`inbwd`: no global-norm clip there, the others clip at 1). Per row: bytes of frozen
-and trained weights, optimizer states, gradients, and the step's peak memory.
+optimizer stepping inside backward (`inbwd`: no global-norm clip there, the others clip at 1). Our rows compute the loss
+as the trainer does by default, the logits made in 8 chunks of the tokens (`train.loss_chunks`); `whole_logits` from
+the whole logits. Per row: bytes of frozen and trained weights, optimizer states, gradients, and the step's peak memory.
 - CUDA: `torch.cuda.max_memory_allocated` over the measured steps (every tensor on the device).
 - CPU: the timeline of torch's memory profiler over one step (`torch.profiler`, `profile_memory`): every tensor the
   CPU allocator hands out and takes back, and the tensors alive before the step that its ops read; its highest total,
@@ -47,6 +48,7 @@ from flamingo.model.quantize import (
     quantize_frozen,
     tensor_bytes,
 )
+from flamingo.train.config import TrainSection
 from flamingo.train.in_backward import BackwardSteps
 
 TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpointing, LoRA
@@ -58,6 +60,8 @@ TRAIN_ROWS: dict[str, dict[str, Any]] = {  # frozen storage, optimizer, checkpoi
     "adamw8bit": dict(frozen="bf16", optim="adamw8bit"),
     "checkpointing": dict(frozen="bf16", checkpointing=True),
     "lora": dict(frozen="bf16", lora=True),  # LORA: r 16 on the attention's q and v projections
+    # the loss from the whole (B, T, V) logits, not the trainer's default chunks (model/chunked_loss.py)
+    "whole_logits": dict(frozen="bf16", loss_chunks=0),
     "int8+adamw8bit": dict(frozen="int8", optim="adamw8bit"),
     "int8+adamw8bit+ckpt": dict(frozen="int8", optim="adamw8bit", checkpointing=True),
     # optim.in_backward (flamingo/train/in_backward.py): each parameter steps inside backward, its gradient freed
@@ -152,8 +156,10 @@ def train_row(name: str, pair: Any, batch: dict[str, Any], args: argparse.Namesp
         optimizer = _optimizer(model, spec.get("optim", "adamw"), fused=cuda)
         bf16 = cuda or spec["frozen"] == "bf16"
 
+        chunks = spec.get("loss_chunks", TrainSection.loss_chunks)
+
         def loss() -> torch.Tensor:
-            return model(**batch, check_media=False).loss
+            return model(**batch, check_media=False, loss_chunks=chunks).loss
 
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
     in_backward = BackwardSteps(trained, optimizer) if spec.get("in_backward") else None

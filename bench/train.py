@@ -7,7 +7,8 @@
 Each model is moved to the device alone, so its peak memory is its own. OpenFlamingo runs its own recipe: fp32
 weights under bf16 autocast, torch AdamW over its trained parameters (the whole input embedding included). Ours:
 frozen backbones stored in bf16 on the GPU (fp32 on the CPU), fp32 master weights for the trained parameters, bf16
-autocast, fused AdamW over the trained parameters only.
+autocast, fused AdamW over the trained parameters only, the loss's logits made in chunks as the trainer makes them
+(`--loss-chunks`, default `train.loss_chunks`; 0: the whole logits).
 
 `--compile`: after the eager steps, the same model's regions are compiled in place (`flamingo.train.compile`) and
 timed again (compile time = the first compiled step); both compute the loss of one batch at the same weights first,
@@ -28,6 +29,7 @@ import torch
 from bench.common import build_pair, machine, print_json, print_table, profile_steps, sync, timed
 from flamingo.model.quantize import cast_frozen
 from flamingo.train.compile import compile_regions
+from flamingo.train.config import TrainSection
 from flamingo.train.flops import peak_flops
 from flamingo.train.tower_graphs import install_tower_graphs
 from flamingo.train.trainer import flops_estimate
@@ -114,12 +116,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def loss_now() -> float:  # the loss of the batch at the current weights (no step)
         with autocast():
-            return float(ours(**batch, check_media=False, **impl).loss.detach())
+            return float(ours(**batch, check_media=False, loss_chunks=args.loss_chunks, **impl).loss.detach())
 
     def our_step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = ours(**batch, check_media=False, **impl).loss  # as the trainer: it checks the CPU batch
+            # as the trainer: it checks the CPU batch
+            loss = ours(**batch, check_media=False, loss_chunks=args.loss_chunks, **impl).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
@@ -212,6 +215,8 @@ def main() -> None:
                         help="also time ours with train.compile's regions (after its eager steps, same process)")
     parser.add_argument("--vision-graphs", action="store_true",
                         help="with --compile on CUDA: also time the compiled step with the frozen tower CUDA-graphed")
+    parser.add_argument("--loss-chunks", type=int, default=TrainSection.loss_chunks,
+                        help="the loss's logits in this many chunks (train.loss_chunks; 0: whole)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each step (torch.profiler): top kernels, host ops, device-busy time")
     args = parser.parse_args()

@@ -60,6 +60,10 @@ class MediaContext:
     # visual tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
     media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)  # the flex block mask of the current LM call, shared by the blocks
+    # FORWARD with a chunked loss: the LM's head gets no tokens (its logits are never made whole); its input, the
+    # last hidden states (B, T, D), is kept here for the loss
+    defer_head: bool = False
+    head_input: Optional[torch.Tensor] = None
 
     def for_candidates(self, rows: torch.Tensor) -> MediaContext:
         """The SCORE context of candidate rows `rows (C,)` (each the index of its context in this FORWARD context's

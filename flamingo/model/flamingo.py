@@ -1,12 +1,14 @@
 """`Flamingo`: a frozen HF vision tower + Perceiver Resampler + a frozen HF causal LM with GATED XATTN-DENSE blocks.
 
 How the blocks get into the LM (see docs/architecture.md): the LM stays an unmodified HF model (its class, module
-tree, state-dict keys, `generate` and caches). Three permanent forward hooks connect it to our modules:
+tree, state-dict keys, `generate` and caches). Permanent forward hooks connect it to our modules:
 - a pre-hook on each chosen decoder layer replaces its hidden-states argument by `block(hidden, ...)`;
 - a hook on the input embedding puts the rows of the added tokens (`<image>`, `<|endofchunk|>`, pad) from our own
   small trainable table, and derives each token's media index from the input ids it sees;
 - a hook on the output head fills the logits of the added tokens from our own rows (untied heads) or the input
-  rows (tied heads), so `<|endofchunk|>` can be predicted while the LM's tables stay frozen.
+  rows (tied heads), so `<|endofchunk|>` can be predicted while the LM's tables stay frozen;
+- a pre-hook on the output head, for a loss computed in chunks (`forward(loss_chunks=...)`), keeps the head's
+  input and hands the head no tokens, so the (B, T, V) logits are never made whole (chunked_loss.py).
 Per-call conditioning (visual tokens, their K/V per block, media indices) and the call's phase (forward, prefill,
 decode, score) live in a `MediaContext` (context.py) that exists for the duration of one call only
 (`Flamingo.conditioned`, cleared in `finally`). Outside a call every hook is a no-op: `model.lm` is the bare LM.
@@ -41,6 +43,7 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
+from .chunked_loss import chunked_cross_entropy
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
 from .idefics_block import IdeficsCrossAttentionBlock
@@ -110,8 +113,11 @@ class Flamingo(nn.Module):
         for j, i in enumerate(self.xattn_layer_indices):
             layers[i].register_forward_pre_hook(partial(self._layer_pre_hook, j), with_kwargs=True)
         self.lm.get_input_embeddings().register_forward_hook(self._embedding_hook)
-        if config.num_new_tokens and self.lm.get_output_embeddings() is not None:
-            self.lm.get_output_embeddings().register_forward_hook(self._output_hook)
+        head = self.lm.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(self._head_pre_hook)
+            if config.num_new_tokens:
+                head.register_forward_hook(self._output_hook)
         self._lm_takes_position_ids = lm_takes_position_ids(lm)
         # (first id, count) of the `<imageK>` reference tokens, or None (references.py)
         self.references: Optional[tuple[int, int]] = None
@@ -123,6 +129,7 @@ class Flamingo(nn.Module):
         # prompt (references) or every earlier image is seen.
         self._decode_all_images = self.references is not None or not config.only_attend_last_image
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
+        self._head_is_last: Optional[bool] = None  # whether the LM returns its head's output as is (probed likewise)
 
     def _make_block(self, dim: int, dim_visual: int) -> nn.Module:
         """One cross-attention block of the configured variant: the paper's (default) or IDEFICS's."""
@@ -191,10 +198,27 @@ class Flamingo(nn.Module):
         rows = F.embedding(offset.clamp(0, n - 1), self.new_token_embeddings).to(output.dtype)  # (B, T, D)
         return torch.where(is_new[..., None], rows, output)
 
+    def _head_pre_hook(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+        ctx = self._media_context
+        if ctx is None or not ctx.defer_head or ctx.head_input is not None:
+            return None
+        ctx.head_input = args[0]  # (B, T, D)
+        return (args[0][..., :0, :],) + tuple(args[1:])  # the LM's own logits: (B, 0, V)
+
     def _output_hook(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
-        if self._media_context is None:  # outside a Flamingo call: the bare LM's head
+        ctx = self._media_context
+        if ctx is None or ctx.defer_head:  # outside a Flamingo call (the bare LM's head), or a chunked loss's
             return logits
-        hidden = args[0]  # (..., D)
+        return self._write_new_logits(args[0], logits)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (n, D) -> the logits (n, V) of a Flamingo call, added tokens included; the same with or without a
+        media context (a chunked loss calls it again in backward, after the call's context is gone)."""
+        logits = self.lm.get_output_embeddings()(hidden)
+        return logits if not self.config.num_new_tokens else self._write_new_logits(hidden, logits)
+
+    def _write_new_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Fill the added tokens' columns of the head's fresh output `logits (..., V)` from our rows and `hidden`."""
         weight = self.new_lm_head if self.new_lm_head is not None else self.new_token_embeddings
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
         new_logits = F.linear(hidden, weight.to(hidden.dtype),
@@ -322,7 +346,8 @@ class Flamingo(nn.Module):
                 num_frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                 visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
                 check_media: bool = True, vision_cache: Optional[VisionFeatureCache] = None,
-                document_ids: Optional[torch.Tensor] = None, **lm_kwargs: Any) -> FlamingoOutput:
+                document_ids: Optional[torch.Tensor] = None, loss_chunks: int = 0,
+                **lm_kwargs: Any) -> FlamingoOutput:
         """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
         `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
         labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
@@ -332,6 +357,9 @@ class Flamingo(nn.Module):
         ids per sample, any other id on the padding. Each sample then sees only itself: the LM's attention and
         positions restart at each sample (transformers' packed-sequence masks), its tokens see only its own images,
         and no sample's last token is trained to predict the next sample's first.
+        `loss_chunks` > 0 (with labels): the loss from the LM's last hidden states, the tokens' logits made in that
+        many chunks, one at a time (chunked_loss.py); the output then has no logits. LMs that change their head's
+        output (Gemma 2's logit soft-capping, say) get the whole logits instead (`head_is_last_op`).
         """
         if visual_tokens is None and images is not None:
             n = images.shape[1]
@@ -360,13 +388,22 @@ class Flamingo(nn.Module):
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
                 lm_kwargs["position_ids"] = position_ids
-        ctx = MediaContext(Phase.FORWARD, visual_tokens, impl=xattn_impl, document_ids=document_ids)
+        chunked = labels is not None and loss_chunks > 0 and self.head_is_last_op()
+        ctx = MediaContext(Phase.FORWARD, visual_tokens, impl=xattn_impl, document_ids=document_ids,
+                           defer_head=chunked)
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
         if labels is not None and document_ids is not None:
             labels = labels.masked_fill(document_starts(document_ids), -100)  # not predicted from another sample
-        loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
-        return FlamingoOutput(loss=loss, logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
+        if not chunked:
+            loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
+            return FlamingoOutput(loss=loss, logits=out.logits, cache=lm_output_cache(out),
+                                  visual_tokens=visual_tokens)
+        if ctx.head_input is None:
+            raise RuntimeError(f"{type(self.lm).__name__} never called its output head")
+        targets = self.loss_targets(labels, input_ids, attention_mask)
+        loss = chunked_cross_entropy(ctx.head_input, targets, self._head_logits, loss_chunks)
+        return FlamingoOutput(loss=loss, cache=lm_output_cache(out), visual_tokens=visual_tokens)
 
     def _check_packing(self, lm_kwargs: dict[str, Any], no_cache: bool) -> None:
         """Packed rows need: the last-image rule, no cache, and an LM that keeps packed samples apart when given
@@ -410,14 +447,45 @@ class Flamingo(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Next-token cross-entropy, ignoring -100, `<image>` positions and padding."""
+        """Next-token cross-entropy of logits (B, T, V), ignoring -100, `<image>` positions and padding."""
+        targets = self.loss_targets(labels, input_ids, attention_mask)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def loss_targets(self, labels: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T): the token position t is trained to predict (-100: none), from labels (B, T)."""
         labels = labels.masked_fill(input_ids == self.config.media_token_id, -100)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
         # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
         # position copied them (and their gradient) at every step (docs/training.md)
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+
+    def head_is_last_op(self) -> bool:
+        """Whether the LM's logits are its output head's output, unchanged (up to a cast to fp32): what a chunked
+        loss needs. Probed once on a few tokens; false for heads followed by soft-capping or scaling (Gemma 2,
+        Cohere), and for LMs without an output head module."""
+        if self._head_is_last is None:
+            head = self.lm.get_output_embeddings()
+            self._head_is_last = head is not None and self._probe_head(head)
+        return self._head_is_last
+
+    def _probe_head(self, head: nn.Module) -> bool:
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
+        device = next(self.lm.parameters()).device
+        first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
+        ids = torch.arange(1, 9, device=device)[None] % max(first - 1, 1) + 1  # (1, 8): plain LM tokens
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            with torch.no_grad():
+                logits = self.lm(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+            self.lm.train(was_training)
+        return (len(seen) == 1 and seen[0].shape == logits.shape
+                and torch.equal(seen[0].float(), logits.float()))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  images: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:

@@ -56,6 +56,9 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16 (autocast; trained parameters keep fp32 master weights)
     frozen_dtype: Optional[str] = None  # e.g. "bf16": store the frozen backbones in bf16
     gradient_checkpointing: bool = False
+    # The loss from the LM's last hidden states, the tokens' logits made in this many chunks, one at a time and again
+    # in backward (model/chunked_loss.py): the (B, T, V) logits and their gradient never exist whole. 0: whole logits.
+    loss_chunks: int = 8
     # torch.compile of the repeated regions (decoder layers, vision layers, xattn blocks, resampler): train/compile.py.
     # Pays off in long runs on a GPU; compiling costs minutes first (docs/training.md).
     compile: bool = False
@@ -168,6 +171,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.compile and config.train.gradient_checkpointing:
         raise ValueError("train.compile and train.gradient_checkpointing cannot be combined (HF's checkpointing runs "
                          "inside the compiled layers with a context function torch.compile cannot trace): pick one")
+    if config.train.loss_chunks < 0:
+        raise ValueError(f"train.loss_chunks must be >= 0 (0: the whole logits), got {config.train.loss_chunks}")
     if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:
         raise ValueError("train.pad_tokens_multiple and train.pad_media_multiple must be >= 0 (0: default)")
     if config.train.vision_graph_frames_multiple < 1:

@@ -100,6 +100,8 @@ class Trainer:
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
+        if t.loss_chunks:
+            model.head_is_last_op()  # its probe runs eagerly, before any region is compiled or sharded
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
         self.tower_graphs: Optional[TowerGraphs] = None
@@ -211,7 +213,8 @@ class Trainer:
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
         if self.vision_cache is not None:
             moved["vision_cache"] = self.vision_cache
-        return {**moved, "check_media": False, "xattn_impl": self.xattn_impl}
+        return {**moved, "check_media": False, "xattn_impl": self.xattn_impl,
+                "loss_chunks": self.config.train.loss_chunks}
 
     def _step_datasets(self) -> list[str]:
         if self.config.train.mixture == "accumulate":

@@ -1,0 +1,165 @@
+"""The loss from the LM's last hidden states in chunks (`forward(loss_chunks=...)`, `train.loss_chunks`): the same
+loss and gradients as from the whole logits on every LM family (added tokens' head rows, untied heads with bias,
+padding, packed rows, checkpointing, bf16, quantized backbones), the logits never made whole, LMs that change their
+head's output refused the chunks, and the trainer's run unchanged."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from flamingo.build import from_backbones
+from flamingo.model.chunked_loss import chunked_cross_entropy
+from flamingo.tiny import (
+    LM_KINDS,
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_tokenizer,
+    tiny_vision,
+)
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer, materialize
+
+from helpers import loss_and_grads, training_batch
+from train_fixtures import train_config
+
+PROMPT = "Question: what? <image>Short answer: a red circle.<|endofchunk|><image>Short answer: two<|endofchunk|>"
+
+
+def _batch(processor) -> dict:
+    """Two right-padded rows, three images, `<|endofchunk|>` (an added token) among the labels."""
+    return training_batch(processor, [PROMPT, "<image>x y z<|endofchunk|>"], [2, 1])
+
+
+def _assert_same(chunked: tuple, whole: tuple, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    (loss_c, grads_c), (loss_w, grads_w) = chunked, whole
+    torch.testing.assert_close(loss_c, loss_w, atol=atol, rtol=1e-6)
+    assert grads_c.keys() == grads_w.keys() and grads_w
+    for name in grads_w:
+        torch.testing.assert_close(grads_c[name], grads_w[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("lm_kind", LM_KINDS)
+def test_chunked_loss_equals_the_whole_logits_loss(make_model, lm_kind):
+    model, processor = make_model(lm_kind)
+    model.train()
+    batch = _batch(processor)
+    whole = loss_and_grads(model, batch)
+    assert model.head_is_last_op()
+    for chunks in (1, 3, 1000):  # one chunk, uneven chunks, more chunks than tokens
+        _assert_same(loss_and_grads(model, batch, loss_chunks=chunks), whole)
+    grads = loss_and_grads(model, batch, loss_chunks=3)[1]
+    new_rows = "new_lm_head" if model.new_lm_head is not None else "new_token_embeddings"
+    assert grads[new_rows].abs().sum() > 0  # the added tokens' head rows learn through the chunks
+    assert model._media_context is None
+
+
+def test_the_logits_are_never_made_whole(make_model):
+    model, processor = make_model("llama")
+    model.train()
+    batch = _batch(processor)
+    tokens = batch["input_ids"].numel()
+    assert model.head_is_last_op()  # its probe (one call of the head) made before counting
+    rows: list[int] = []
+    handle = model.lm.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(out.shape[:-1].numel()))
+    out = model(**batch, loss_chunks=4)
+    assert out.logits is None and rows[0] == 0  # the LM's own head call gets no token
+    assert len(rows) == 5 and max(rows) == math.ceil(tokens / 4)
+    out.loss.backward()
+    assert len(rows) == 9 and max(rows) == math.ceil(tokens / 4)  # each chunk once more, in backward
+    handle.remove()
+    with torch.no_grad():  # no gradient: no recompute, the same chunks
+        model(**batch, loss_chunks=4)
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape  # without chunks: the logits, as ever
+
+
+def test_chunked_loss_with_checkpointing_and_bf16(make_model):
+    model, processor = make_model("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = _batch(processor)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = loss_and_grads(model, batch)
+        chunked = loss_and_grads(model, batch, loss_chunks=3)
+    # bf16 tolerance: the added tokens' head rows sum their bf16 gradient over each chunk's tokens, then over chunks
+    _assert_same(chunked, whole, atol=1e-5, rtol=1.6e-2)
+
+
+def test_chunked_loss_of_packed_rows(make_model):
+    model, processor = make_model("llama")
+    model.train()
+    batch = _batch(processor)
+    ids = torch.cat([batch["input_ids"][0], batch["input_ids"][1]])[None]  # (1, T0 + T1): both samples in a row
+    images = torch.cat([batch["images"][0, :2], batch["images"][1, :1]])[None]
+    document_ids = torch.cat([torch.zeros(batch["input_ids"].shape[1]), torch.ones(batch["input_ids"].shape[1])])
+    packed = dict(input_ids=ids, images=images, num_media=torch.tensor([3]), labels=ids.clone(),
+                  document_ids=document_ids.long()[None])
+    _assert_same(loss_and_grads(model, packed, loss_chunks=5), loss_and_grads(model, packed))
+
+
+def test_chunked_loss_on_quantized_backbones(make_model):
+    pytest.importorskip("torchao")
+    from flamingo.model.quantize import quantize_frozen
+
+    model, processor = make_model("llama")
+    quantize_frozen(model, "int8")
+    model.train()
+    batch = _batch(processor)
+    _assert_same(loss_and_grads(model, batch, loss_chunks=4), loss_and_grads(model, batch), atol=1e-5)
+
+
+def test_no_labelled_token_gives_nan_as_the_whole_loss_does():
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    targets = torch.full((2, 3), -100)
+    loss = chunked_cross_entropy(hidden, targets, lambda h: h @ torch.ones(4, 5), chunks=2)
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="chunks must be >= 1"):
+        chunked_cross_entropy(hidden, targets, lambda h: h, chunks=0)
+
+
+@pytest.mark.parametrize("model_type, options", [("gemma2", {"final_logit_softcapping": 30.0}),
+                                                 ("cohere", {"logit_scale": 0.5})])
+def test_lms_that_change_their_head_output_get_the_whole_logits(model_type, options):
+    """Gemma 2 soft-caps its logits after the head, Cohere scales them: the chunks would drop that, so the probe
+    refuses them and the loss comes from the LM's own logits."""
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=None, **options)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    model, processor = from_backbones(tiny_vision(), lm, tok, tiny_flamingo_config(xattn_every=1),
+                                      image_processor=tiny_image_processor())
+    set_gates(model, 0.5)
+    model.train()
+    batch = training_batch(processor, ["<image>a b c d", "<image>x y z"], [1, 1])
+    assert not model.head_is_last_op()
+    out = model(**batch, loss_chunks=4)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, model.loss(out.logits, batch["labels"], batch["input_ids"],
+                                                    batch["attention_mask"]))
+
+
+def test_trainer_runs_the_same_with_and_without_chunks(world):
+    root, vision, lm, data = world
+
+    def run(name: str, chunks: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+        path = train_config(root, vision, lm, data, steps=3, out=os.path.join(root, name))
+        trainer = Trainer(load_config(path, [f"train.loss_chunks={chunks}"]))
+        losses = [materialize(trainer.train_step())["loss"] for _ in range(3)]
+        return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    (whole_losses, whole), (chunked_losses, chunked) = run("whole", 0), run("chunked", 8)
+    assert chunked_losses == pytest.approx(whole_losses, rel=1e-6)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="loss_chunks must be >= 0"):
+        load_config(train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "bad")),
+                    ["train.loss_chunks=-1"])

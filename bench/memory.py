@@ -384,7 +384,8 @@ def main() -> None:
     print(f"# bench.memory on {machine()}, shape={args.shape}, batch={args.batch}, tokens={args.tokens}, "
           f"images={args.images}")
     started = time.perf_counter()
-    train_names, infer_names = args.train_rows.split(","), args.infer_rows.split(",")
+    train_names = [n for n in args.train_rows.split(",") if n]
+    infer_names = [n for n in args.infer_rows.split(",") if n]
     if cuda or args.in_process:
         train = run_rows(args, "train", train_names)
         infer = run_rows(args, "infer", infer_names)

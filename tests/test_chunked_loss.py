@@ -92,6 +92,22 @@ def test_chunked_loss_with_checkpointing_and_bf16(make_model):
     _assert_same(chunked, whole, atol=1e-5, rtol=1.6e-2)
 
 
+def test_the_probes_leave_activation_checkpointing_on(make_model):
+    """A frozen LM is in eval mode with its decoder layers in train mode (HF checkpoints only in training mode): a
+    probe that put the whole LM back in eval mode would silently turn checkpointing off."""
+    model, processor = make_model("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert model.head_is_last_op() and model._lm_packs_exactly()
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    calls = []
+    model.lm.get_submodule(model.decoder_layers_path)[1].self_attn.register_forward_hook(lambda m, a, o: calls.append(1))
+    batch = _batch(processor)
+    model(**batch, loss_chunks=4).loss.backward()
+    assert len(calls) == 2  # recomputed in backward
+
+
 def test_chunked_loss_of_packed_rows(make_model):
     model, processor = make_model("llama")
     model.train()

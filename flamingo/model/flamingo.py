@@ -432,16 +432,11 @@ class Flamingo(nn.Module):
         def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
 
-        was_training = self.lm.training
-        self.lm.eval()  # no dropout in the probe (an unfrozen LM trains in train mode)
-        try:
-            with torch.no_grad():
-                alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
-                restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
-                packed = logits(ids, restart)[:, 5:]
-                mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
-        finally:
-            self.lm.train(was_training)
+        with self._lm_in_eval_mode(), torch.no_grad():
+            alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
+            restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+            packed = logits(ids, restart)[:, 5:]
+            mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
         error, contamination = (packed - alone).abs().max(), (mixed - alone).abs().max()
         return bool(error <= 0.1 * contamination) if contamination > 0 else bool(error == 0)
 
@@ -461,6 +456,18 @@ class Flamingo(nn.Module):
         # position copied them (and their gradient) at every step (docs/training.md)
         return F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
 
+    @contextmanager
+    def _lm_in_eval_mode(self) -> Iterator[None]:
+        """The LM in eval mode (no dropout) for a probe, and every module's own mode back afterwards: a frozen LM
+        in eval mode keeps its decoder layers in train mode for activation checkpointing (`train`)."""
+        modes = [(module, module.training) for module in self.lm.modules()]
+        self.lm.eval()
+        try:
+            yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
     def head_is_last_op(self) -> bool:
         """Whether the LM's logits are its output head's output, unchanged (up to a cast to fp32): what a chunked
         loss needs. Probed once on a few tokens; false for heads followed by soft-capping or scaling (Gemma 2,
@@ -476,14 +483,11 @@ class Flamingo(nn.Module):
         device = next(self.lm.parameters()).device
         first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
         ids = torch.arange(1, 9, device=device)[None] % max(first - 1, 1) + 1  # (1, 8): plain LM tokens
-        was_training = self.lm.training
-        self.lm.eval()
         try:
-            with torch.no_grad():
+            with self._lm_in_eval_mode(), torch.no_grad():
                 logits = self.lm(input_ids=ids, use_cache=False).logits
         finally:
             handle.remove()
-            self.lm.train(was_training)
         return (len(seen) == 1 and seen[0].shape == logits.shape
                 and torch.equal(seen[0].float(), logits.float()))
 

@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch = make_batch(pair.processor, args.batch, args.tokens, args.images, pair.image_size, dev)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(
         "cpu", enabled=False))
-    row: dict[str, Any] = {"batch": args.batch, "tokens": args.tokens, "images": batch["images"].shape[1]}
+    row: dict[str, Any] = {"batch": args.batch, "tokens": args.tokens, "images": batch["images"].shape[1],
+                           "loss_chunks": args.loss_chunks}
 
     row.update(_time_peer(pair.peer.to(dev).train(), batch, autocast, args))  # its optimizer is freed on return
     pair.peer.to("cpu")

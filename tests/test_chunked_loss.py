@@ -16,7 +16,6 @@ from flamingo.build import from_backbones
 from flamingo.model.chunked_loss import chunked_cross_entropy
 from flamingo.tiny import (
     LM_KINDS,
-    random_image,
     set_gates,
     tiny_flamingo_config,
     tiny_image_processor,
@@ -102,7 +101,8 @@ def test_the_probes_leave_activation_checkpointing_on(make_model):
     assert model.head_is_last_op() and model._lm_packs_exactly()
     assert {name: m.training for name, m in model.named_modules()} == modes
     calls = []
-    model.lm.get_submodule(model.decoder_layers_path)[1].self_attn.register_forward_hook(lambda m, a, o: calls.append(1))
+    layer = model.lm.get_submodule(model.decoder_layers_path)[1]
+    layer.self_attn.register_forward_hook(lambda m, a, o: calls.append(1))
     batch = _batch(processor)
     model(**batch, loss_chunks=4).loss.backward()
     assert len(calls) == 2  # recomputed in backward

@@ -63,10 +63,11 @@ BACKBONE_PREFIXES = ("vision.", "lm.")
 
 @dataclass
 class FlamingoOutput(ModelOutput):
-    loss: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None  # the mean over the labelled tokens
     logits: Optional[torch.Tensor] = None
     cache: Any = None  # the LM's KV cache; named as transformers >= 5.24 names it (`past_key_values` still reads it)
     visual_tokens: Optional[torch.Tensor] = None
+    loss_tokens: Optional[torch.Tensor] = None  # () how many tokens the loss is the mean over (to weigh batches)
 
     @property
     def past_key_values(self) -> Any:
@@ -395,15 +396,18 @@ class Flamingo(nn.Module):
             out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
         if labels is not None and document_ids is not None:
             labels = labels.masked_fill(document_starts(document_ids), -100)  # not predicted from another sample
+        if labels is None:
+            return FlamingoOutput(logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
+        targets = self.loss_targets(labels, input_ids, attention_mask)  # (B, T)
         if not chunked:
-            loss = None if labels is None else self.loss(out.logits, labels, input_ids, attention_mask)
-            return FlamingoOutput(loss=loss, logits=out.logits, cache=lm_output_cache(out),
-                                  visual_tokens=visual_tokens)
+            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), logits=out.logits,
+                                  cache=lm_output_cache(out), visual_tokens=visual_tokens)
         if ctx.head_input is None:
             raise RuntimeError(f"{type(self.lm).__name__} never called its output head")
-        targets = self.loss_targets(labels, input_ids, attention_mask)
         loss = chunked_cross_entropy(ctx.head_input, targets, self._head_logits, loss_chunks)
-        return FlamingoOutput(loss=loss, cache=lm_output_cache(out), visual_tokens=visual_tokens)
+        return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), cache=lm_output_cache(out),
+                              visual_tokens=visual_tokens)
 
     def _check_packing(self, lm_kwargs: dict[str, Any], no_cache: bool) -> None:
         """Packed rows need: the last-image rule, no cache, and an LM that keeps packed samples apart when given

@@ -79,6 +79,8 @@ class TrainSection:
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)
     progress: bool = True  # a tqdm bar on rank 0
     save_every: int = 500
+    eval_every: int = 0  # steps between validation losses (the `validation` datasets); 0: at the end only
+    eval_batches: int = 0  # batches of each validation dataset per evaluation, the same ones each time; 0: all
     keep_last: int = 3
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_workers: int = 0
@@ -99,6 +101,9 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    # held-out datasets (the `data` schema; loss_weight unused, shuffle off unless set): their loss every
+    # train.eval_every steps and at the end (train/validation.py)
+    validation: list[DatasetSection] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,14 +153,21 @@ def _scalar(text: str) -> Any:
 
 
 def parse_config(raw: dict[str, Any]) -> TrainConfig:
-    unknown = set(raw) - {"model", "data", "optim", "schedule", "train"}
+    unknown = set(raw) - {"model", "data", "optim", "schedule", "train", "validation"}
     if unknown:
         raise ValueError(f"unknown top-level config keys: {sorted(unknown)}")
     sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
     data = [_build(DatasetSection, d, f"data[{i}]") for i, d in enumerate(raw.get("data") or [])]
     if not data:
         raise ValueError("the config lists no datasets under `data`")
-    config = TrainConfig(data=data, **sections)
+    validation = [_build(DatasetSection, {**d, "options": {"shuffle": False, **(d.get("options") or {})}},
+                         f"validation[{i}]") for i, d in enumerate(raw.get("validation") or [])]
+    names = [d.name for d in validation]
+    if len(set(names)) != len(names):
+        raise ValueError(f"validation dataset names must be unique, got {names}")
+    config = TrainConfig(data=data, validation=validation, **sections)
+    if config.train.eval_every < 0 or config.train.eval_batches < 0:
+        raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0: at the end only; every batch)")
     config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
     if config.train.mixture not in ("accumulate", "sample"):
         raise ValueError("train.mixture must be 'accumulate' or 'sample'")

@@ -46,6 +46,7 @@ from .state import (
     save_checkpoint,
 )
 from .tower_graphs import TowerGraphs, install_tower_graphs
+from .validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ class Trainer:
             sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
                                     num_workers=t.num_workers)
         self.sources = sources
+        self.validation: Optional[Validation] = None
+        if config.validation:  # held-out datasets, seeded apart from the training ones
+            self.validation = Validation(
+                build_sources(config.validation, processor, rank=self.rank, world_size=self.world,
+                              seed=t.seed + 10**6, num_workers=t.num_workers),
+                max_batches=t.eval_batches, world=self.world)
         self.vision_cache: Optional[VisionFeatureCache] = None
         if t.cache_vision_features_mb > 0:
             if not model.config.freeze_vision:
@@ -357,6 +364,11 @@ class Trainer:
                         if writer is not None:
                             self._log_tensorboard(writer, metrics)
                     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
+                if self.validation is not None and (
+                        (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps):
+                    evaluating = time.perf_counter()
+                    self._log_validation(self.validate(), metrics_path, writer)
+                    window_start += time.perf_counter() - evaluating  # samples/s counts training time only
                 if self.step % t.save_every == 0 or self.step == t.steps:
                     saving = time.perf_counter()
                     self.save()
@@ -373,6 +385,36 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return self.save_final()
+
+    def validate(self) -> dict[str, float]:
+        """The loss of every validation dataset at the current weights (train/validation.py), in eval mode and
+        without gradients, under the training step's autocast and input handling; every rank must call it."""
+        if self.validation is None:
+            raise ValueError("the config lists no `validation` datasets")
+        bf16 = self.config.train.precision == "bf16"
+
+        def batch_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = {k: v for k, v in self._to_device(batch).items() if k != "vision_cache"}  # kept for training
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                out = self.model(**inputs)  # the module itself: no DDP bookkeeping for a forward without backward
+            return out.loss, out.loss_tokens
+
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.validation.run(batch_loss, self.device)
+        finally:
+            self.model.train()
+
+    def _log_validation(self, values: dict[str, float], metrics_path: str, writer: Any) -> None:
+        if self.rank != 0:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(key, value, self.step)
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "loss" in k))
 
     def save_final(self) -> str:
         out = os.path.join(self.config.train.output_dir, "final")

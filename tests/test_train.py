@@ -111,6 +111,28 @@ def test_batches_are_checked_on_the_cpu_and_media_counts_stay_there(world):
         trainer._to_device(bad)
 
 
+def test_micro_batches_train_as_the_whole_batch(world):
+    """Gradient accumulation weighs each micro-batch by its labelled tokens: 2 micro-batches of unequal token
+    counts train as the one batch (a mean of the micro-batches' means would not: 1e-3 apart in the weights here)."""
+    root, vision, lm, data = world
+    runs = {}
+    for k in (1, 2):
+        path = train_config(root, vision, lm, data, steps=3, out=os.path.join(root, f"micro-{k}"))
+        trainer = Trainer(load_config(path, [f"train.micro_batches={k}"]))
+        if k == 2:  # the first step's micro-batches, read by a second trainer on the same data
+            probe = Trainer(load_config(path, ["train.micro_batches=2", f"train.output_dir={root}/micro-probe"]))
+            halves = probe._micro_batches(probe._next("interleaved"))
+            counts = [int((probe.model.loss_targets(h["labels"], h["input_ids"], h["attention_mask"]) != -100).sum())
+                      for h in halves]
+            assert counts[0] != counts[1]  # the weighting matters in this step
+        losses = [materialize(trainer.train_step()) for _ in range(3)]
+        runs[k] = ([m["loss"] for m in losses], [m["loss/interleaved"] for m in losses],
+                   {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-6) and runs[2][1] == pytest.approx(runs[1][1], rel=1e-6)
+    for name, weight in runs[1][2].items():
+        torch.testing.assert_close(runs[2][2][name], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_sample_mixture_draws_by_loss_weight_and_resumes_from_either_state_key(world):
     """`mixture: sample` draws each step's dataset as `torch.multinomial(loss weights, 1)` with a generator seeded
     train.seed + 1 (this pins a run's sequence of datasets); a checkpoint resumes the draws, whether it holds the

@@ -394,11 +394,9 @@ class Flamingo(nn.Module):
                            defer_head=chunked)
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
-        if labels is not None and document_ids is not None:
-            labels = labels.masked_fill(document_starts(document_ids), -100)  # not predicted from another sample
         if labels is None:
             return FlamingoOutput(logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
-        targets = self.loss_targets(labels, input_ids, attention_mask)  # (B, T)
+        targets = self.loss_targets(labels, input_ids, attention_mask, document_ids)  # (B, T)
         if not chunked:
             loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), logits=out.logits,
@@ -451,8 +449,12 @@ class Flamingo(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def loss_targets(self, labels: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T): the token position t is trained to predict (-100: none), from labels (B, T)."""
+                     attention_mask: Optional[torch.Tensor] = None,
+                     document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T): the token position t is trained to predict (-100: none), from labels (B, T). The one place that
+        says which tokens the loss counts (the trainer weighs micro-batches and ranks by their number)."""
+        if document_ids is not None:  # packed rows: a sample's first token is not predicted from another sample
+            labels = labels.masked_fill(document_starts(document_ids), -100)
         labels = labels.masked_fill(input_ids == self.config.media_token_id, -100)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)

@@ -73,7 +73,9 @@ class TrainSection:
     # not with FSDP sharding the tower.
     vision_cuda_graphs: bool = False
     vision_graph_frames_multiple: int = 8
-    micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
+    # split each dataset's batch into this many micro-batches (gradient accumulation), each weighed by its labelled
+    # tokens: the step trains as on the whole batch (trainer.py `_token_shares`)
+    micro_batches: int = 1
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)

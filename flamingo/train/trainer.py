@@ -236,15 +236,16 @@ class Trainer:
         losses: dict[str, torch.Tensor] = {}
         samples, flops = 0, 0.0
         passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
-        for i, (name, batch) in enumerate(passes):
+        shares = self._token_shares(passes)
+        for i, ((name, batch), share) in enumerate(zip(passes, shares)):
             samples += batch_samples(batch)
             batch = self._to_device(batch)
             flops += flops_estimate(self.model, batch)
-            weight = (self.weights[name] if t.mixture == "accumulate" else 1.0) / t.micro_batches
+            weight = self.weights[name] if t.mixture == "accumulate" else 1.0
             sync = i == len(passes) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.wrapped.no_sync()), autocast:
-                loss = self.wrapped(**batch).loss
-            losses[name] = losses.get(name, 0.0) + loss.detach() / t.micro_batches
+                loss = self.wrapped(**batch).loss * share
+            losses[name] = losses.get(name, 0.0) + loss.detach()
             if self.backward_steps is not None:
                 # the step's only pass (check_in_backward): its backward steps the parameters, so its loss is
                 # checked first
@@ -314,7 +315,27 @@ class Trainer:
             raise NonFiniteLossError(f"{streak} non-finite losses in a row at step {self.step}: aborting (lower the "
                                      "lr, check the data)")
 
+    def _token_shares(self, passes: list[tuple[str, dict[str, Any]]]) -> list[torch.Tensor]:
+        """Each pass's weight within its dataset's step loss, (): its labelled tokens over the dataset's tokens in
+        the step, summed over micro-batches and ranks, times the world size (DDP and FSDP average the ranks'
+        gradients). So a dataset's loss is the mean over all its labelled tokens of the step, whatever the split into
+        micro-batches and ranks. Counted on the CPU batches (`Flamingo.loss_targets`): no host sync."""
+        counts = torch.tensor([float((self.model.loss_targets(b["labels"], b["input_ids"], b.get("attention_mask"),
+                                                              b.get("document_ids")) != -100).sum())
+                               for _, b in passes], dtype=torch.float64)  # (passes,)
+        names = list(dict.fromkeys(name for name, _ in passes))
+        index = torch.tensor([names.index(name) for name, _ in passes])
+        totals = torch.zeros(len(names), dtype=torch.float64).index_add_(0, index, counts)
+        pin = self.device.type == "cuda"  # page-locked + non-blocking: the copies wait for no kernel
+        counts, totals, index = ((x.pin_memory() if pin else x).to(self.device, non_blocking=True)
+                                 for x in (counts, totals, index))
+        if self.world > 1:
+            dist.all_reduce(totals)
+        shares = counts * self.world / totals[index]  # (passes,); 0 / 0: nan, a skipped step as before
+        return list(shares.float().unbind())
+
     def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+
         k = self.config.train.micro_batches
         if k == 1:
             return [batch]

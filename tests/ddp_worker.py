@@ -23,6 +23,14 @@ from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer, build_model
 
 
+def _right_pad(batch: dict[str, Any], length: int) -> dict[str, Any]:
+    extra = length - batch["input_ids"].shape[1]
+    if extra == 0:
+        return batch
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
+
+
 class ConcatSource:
     """The batches two ranks would see, concatenated: what one process with the doubled batch trains on."""
 
@@ -31,6 +39,8 @@ class ConcatSource:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batches in zip(*self.parts):
+            length = max(b["input_ids"].shape[1] for b in batches)  # right-padded to the longer rank's length:
+            batches = [_right_pad(b, length) for b in batches]  # pads are masked, unlabelled and after the text
             shapes = {k: {tuple(b[k].shape[1:]) for b in batches} for k in batches[0] if torch.is_tensor(batches[0][k])}
             assert all(len(s) == 1 for s in shapes.values()), f"rank batches differ in shape: {shapes}"
             yield {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])}

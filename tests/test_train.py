@@ -193,14 +193,17 @@ def test_exact_resume_after_sigkill(world):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ddp_two_processes_equal_one_process_with_double_batch(world, tmp_path):
+@pytest.mark.parametrize("same_caption", [True, False])
+def test_ddp_two_processes_equal_one_process_with_double_batch(world, tmp_path, same_caption):
+    """With captions of different lengths the ranks' token counts differ: the step's loss is still the mean over
+    all their tokens (`Trainer._token_shares`), the one process's over the same samples."""
     root, vision, lm, _ = world
-    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=True)
+    data = write_datasets(str(tmp_path / "same"), n_pairs=32, same_caption=same_caption)
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = str(tmp_path / "ddp")
     config = train_config(str(tmp_path), vision, lm, data, steps=4, out=out, batch_size=2, interleaved=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517",
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517" if same_caption else "29531",
                              os.path.join(TESTS, "ddp_worker.py"), config, out], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -36,8 +36,8 @@ def _image(colour: str, seed: int) -> Image.Image:
 def write_datasets(root: str, n_pairs: int = 48, n_docs: int = 24, same_caption: bool = False) -> dict[str, str]:
     """Pairs JSONL (caption names the image's colour) and MMC4-style interleaved JSONL, images as PNG files.
 
-    same_caption: every pair has the same caption (equal token counts per sample: the per-rank mean losses of DDP
-    then average to exactly the one-process mean).
+    same_caption: every pair has the same caption (equal token counts per sample and equal batch shapes across
+    ranks).
     """
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     names = list(COLOURS)

@@ -140,7 +140,7 @@ class Trainer:
             self.validation = Validation(
                 build_sources(config.validation, processor, rank=self.rank, world_size=self.world,
                               seed=t.seed + 10**6, num_workers=t.num_workers),
-                max_batches=t.eval_batches, world=self.world)
+                max_batches=t.eval_batches, world=self.world, progress=self.rank == 0 and t.progress)
         self.vision_cache: Optional[VisionFeatureCache] = None
         if t.cache_vision_features_mb > 0:
             if not model.config.freeze_vision:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..data.build import DatasetSource
 
@@ -25,10 +26,12 @@ BatchLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Validation:
-    def __init__(self, sources: dict[str, DatasetSource], *, max_batches: int = 0, world: int = 1) -> None:
+    def __init__(self, sources: dict[str, DatasetSource], *, max_batches: int = 0, world: int = 1,
+                 progress: bool = False) -> None:
         self.sources = sources
         self.max_batches = max_batches
         self.world = world
+        self.progress = progress  # a tqdm bar per dataset (rank 0's trainer passes train.progress)
         self._starts = {name: copy.deepcopy(source.state_dict()) for name, source in sources.items()}
 
     def _batches(self, name: str) -> Iterator[dict[str, Any]]:
@@ -45,6 +48,8 @@ class Validation:
         for name in self.sources:
             total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss x tokens, tokens, batches
             batches = self._batches(name)
+            bar = tqdm(total=self.max_batches or None, desc=f"validate {name}", disable=not self.progress,
+                       dynamic_ncols=True, leave=False)
             while True:
                 batch = next(batches, None)
                 if self.world > 1:  # every rank must have a batch, or none runs its (collective) forward
@@ -58,6 +63,8 @@ class Validation:
                 tokens = tokens.double()
                 weighted = torch.where(tokens > 0, loss.detach().double() * tokens, 0.0)  # no token: nan mean
                 total += torch.stack([weighted, tokens, torch.ones((), dtype=torch.float64, device=device)])
+                bar.update(1)
+            bar.close()
             if self.world > 1:
                 dist.all_reduce(total)
             loss_sum, tokens, read = total.tolist()

@@ -58,7 +58,7 @@ run() {
             train) part train 330 "$PY" -m bench.gpu --shape "$SHAPE" --device "$DEVICE" --parts train --profile \
                 --out "$OUT/gpu-train.json" ;;
             memory) part memory 240 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --in-process --demo-model '' \
-                --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+inbwd,int8+adamw8bit+ckpt+inbwd,bf16_frozen,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora \
+                --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+inbwd,int8+adamw8bit+ckpt+inbwd,bf16_frozen,whole_logits,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora \
                 --infer-rows fp32,fp16,int8,int4,nf4 ;;
             tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
                 tests/test_xattn_cuda.py tests/test_generation_cuda.py ;;

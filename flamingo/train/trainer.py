@@ -335,7 +335,6 @@ class Trainer:
         return list(shares.float().unbind())
 
     def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-
         k = self.config.train.micro_batches
         if k == 1:
             return [batch]

@@ -61,7 +61,7 @@ def test_validation_loss_is_the_token_mean_over_the_held_out_set(world):
     values = trainer.validate()
     loss, tokens, read = _manual_loss(trainer)
     assert values["val_loss/held_out"] == pytest.approx(loss, rel=1e-6)
-    assert values["val_tokens/held_out"] == tokens and values["val_batches/held_out"] == read == 48 // 5
+    assert values["val_tokens/held_out"] == tokens and values["val_batches/held_out"] == read == 10  # 48 = 9x5 + 3
     assert trainer.validate() == values  # the same batches from the same start, every time
     assert trainer.model.training and trainer.model.lm.training is False  # back in training mode (LM frozen)
 
@@ -102,6 +102,12 @@ def test_validation_settings_are_checked(world):
         yaml.safe_dump(raw, f)
     with pytest.raises(ValueError, match="unique"):
         load_config(path)
+    raw["validation"] = [{"name": "tiny", "kind": "pairs", "path": data["pairs"], "batch_size": 64,
+                          "options": {"drop_last": True}}]  # 48 pairs: no batch of 64
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    with pytest.raises(ValueError, match="gave no batch of 64"):
+        Trainer(load_config(path))  # when the trainer starts, not at the first evaluation
     trainer = Trainer(_config(world, "val-none", validation=False))
     with pytest.raises(ValueError, match="no `validation` datasets"):
         trainer.validate()

@@ -103,8 +103,8 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
-    # held-out datasets (the `data` schema; loss_weight unused, shuffle off unless set): their loss every
-    # train.eval_every steps and at the end (train/validation.py)
+    # held-out datasets (the `data` schema; loss_weight unused; shuffle off and the last partial batch kept unless
+    # set): their loss every train.eval_every steps and at the end (train/validation.py)
     validation: list[DatasetSection] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +162,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     data = [_build(DatasetSection, d, f"data[{i}]") for i, d in enumerate(raw.get("data") or [])]
     if not data:
         raise ValueError("the config lists no datasets under `data`")
-    validation = [_build(DatasetSection, {**d, "options": {"shuffle": False, **(d.get("options") or {})}},
+    validation = [_build(DatasetSection, {**d, "options": {"shuffle": False, "drop_last": False,
+                                                           **(d.get("options") or {})}},
                          f"validation[{i}]") for i, d in enumerate(raw.get("validation") or [])]
     names = [d.name for d in validation]
     if len(set(names)) != len(names):

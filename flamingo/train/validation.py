@@ -2,7 +2,8 @@
 
 Each evaluation reads every validation dataset from the same start (its source's state at construction is loaded
 back first, and shuffling is off unless the config turns it on), so successive evaluations see the same batches:
-`train.eval_batches` of them, or the whole set. The loss of a dataset is the mean over all its labelled tokens (each
+`train.eval_batches` of them, or the whole set (its last partial batch too, unless `drop_last` is set). A set that
+gives no batch fails when the trainer starts. The loss of a dataset is the mean over all its labelled tokens (each
 batch's mean weighted by its token count, summed over ranks), not a mean of batch means.
 
 Under torchrun every rank reads its own shard and the ranks step together: each batch starts with an all-reduce of
@@ -33,6 +34,8 @@ class Validation:
         self.world = world
         self.progress = progress  # a tqdm bar per dataset (rank 0's trainer passes train.progress)
         self._starts = {name: copy.deepcopy(source.state_dict()) for name, source in sources.items()}
+        for name in sources:  # a set with no batch fails now, with the source's clear error, not at the first
+            next(self._batches(name), None)  # evaluation many steps into training
 
     def _batches(self, name: str) -> Iterator[dict[str, Any]]:
         source = self.sources[name]

@@ -133,6 +133,20 @@ def test_micro_batches_train_as_the_whole_batch(world):
         torch.testing.assert_close(runs[2][2][name], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_loss_average_passes_is_the_mean_of_the_micro_batches_means(world):
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "passes"), interleaved=False)
+    trainer = Trainer(load_config(path, ["train.micro_batches=2", "train.loss_average=passes"]))
+    probe = Trainer(load_config(path, ["train.micro_batches=2", f"train.output_dir={root}/passes-probe"]))
+    halves = probe._micro_batches(probe._next("pairs"))
+    with torch.no_grad():
+        means = [float(probe.model(**probe._to_device(h)).loss) for h in halves]  # the same initial weights
+    assert means[0] != pytest.approx(means[1])
+    assert materialize(trainer.train_step())["loss/pairs"] == pytest.approx(sum(means) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="loss_average must be tokens or passes"):
+        load_config(path, ["train.loss_average=samples"])
+
+
 def test_sample_mixture_draws_by_loss_weight_and_resumes_from_either_state_key(world):
     """`mixture: sample` draws each step's dataset as `torch.multinomial(loss weights, 1)` with a generator seeded
     train.seed + 1 (this pins a run's sequence of datasets); a checkpoint resumes the draws, whether it holds the

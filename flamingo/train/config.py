@@ -73,9 +73,11 @@ class TrainSection:
     # not with FSDP sharding the tower.
     vision_cuda_graphs: bool = False
     vision_graph_frames_multiple: int = 8
-    # split each dataset's batch into this many micro-batches (gradient accumulation), each weighed by its labelled
-    # tokens: the step trains as on the whole batch (trainer.py `_token_shares`)
-    micro_batches: int = 1
+    micro_batches: int = 1  # split each dataset's batch into this many micro-batches (gradient accumulation)
+    # How a dataset's step loss averages its passes (micro-batches, and ranks under torchrun): tokens = the mean over
+    # all their labelled tokens, as one batch would give (trainer.py `_token_shares`); passes = the mean of the
+    # passes' means (each micro-batch and rank counts the same, whatever its tokens)
+    loss_average: str = "tokens"
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)
@@ -186,6 +188,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.compile and config.train.gradient_checkpointing:
         raise ValueError("train.compile and train.gradient_checkpointing cannot be combined (HF's checkpointing runs "
                          "inside the compiled layers with a context function torch.compile cannot trace): pick one")
+    if config.train.loss_average not in ("tokens", "passes"):
+        raise ValueError(f"train.loss_average must be tokens or passes, got {config.train.loss_average!r}")
     if config.train.loss_chunks < 0:
         raise ValueError(f"train.loss_chunks must be >= 0 (0: the whole logits), got {config.train.loss_chunks}")
     if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:

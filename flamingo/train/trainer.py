@@ -319,7 +319,10 @@ class Trainer:
         """Each pass's weight within its dataset's step loss, (): its labelled tokens over the dataset's tokens in
         the step, summed over micro-batches and ranks, times the world size (DDP and FSDP average the ranks'
         gradients). So a dataset's loss is the mean over all its labelled tokens of the step, whatever the split into
-        micro-batches and ranks. Counted on the CPU batches (`Flamingo.loss_targets`): no host sync."""
+        micro-batches and ranks. Counted on the CPU batches (`Flamingo.loss_targets`): no host sync.
+        `train.loss_average: passes`: 1 / micro_batches instead (the passes' means averaged)."""
+        if self.config.train.loss_average == "passes":
+            return [torch.tensor(1.0 / self.config.train.micro_batches, device=self.device) for _ in passes]
         counts = torch.tensor([float((self.model.loss_targets(b["labels"], b["input_ids"], b.get("attention_mask"),
                                                               b.get("document_ids")) != -100).sum())
                                for _, b in passes], dtype=torch.float64)  # (passes,)

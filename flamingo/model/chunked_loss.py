@@ -40,6 +40,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor,
     return total / (targets != -100).sum()  # 0 / 0 = nan with no labelled token, as F.cross_entropy's mean
 
 
+def whole_logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same mean from logits (B, T, V) made whole (LMs whose head output is changed, and callers that keep the
+    logits): (B, T, V) flattens to a view, so no copy but the fp32 one."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,
                     logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     logits = logits_fn(hidden)  # (n, V)

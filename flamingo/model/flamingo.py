@@ -43,7 +43,7 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
-from .chunked_loss import chunked_cross_entropy
+from .chunked_loss import chunked_cross_entropy, whole_logits_cross_entropy
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
 from .idefics_block import IdeficsCrossAttentionBlock
@@ -398,7 +398,7 @@ class Flamingo(nn.Module):
             return FlamingoOutput(logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
         targets = self.loss_targets(labels, input_ids, attention_mask, document_ids)  # (B, T)
         if not chunked:
-            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = whole_logits_cross_entropy(out.logits, targets)
             return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), logits=out.logits,
                                   cache=lm_output_cache(out), visual_tokens=visual_tokens)
         if ctx.head_input is None:
@@ -428,9 +428,9 @@ class Flamingo(nn.Module):
         also fails where transformers predates packed-sequence masks (the restarts are then ignored)."""
         if not self._lm_takes_position_ids:
             return False
-        device = next(self.lm.parameters()).device
-        first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
-        ids = torch.arange(1, 10, device=device)[None] % max(first - 1, 1) + 1  # (1, 9): plain LM tokens
+        ids = self._plain_token_ids(9)  # (1, 9)
+        device = ids.device
+
         def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
 
@@ -445,8 +445,7 @@ class Flamingo(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Next-token cross-entropy of logits (B, T, V), ignoring -100, `<image>` positions and padding."""
-        targets = self.loss_targets(labels, input_ids, attention_mask)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return whole_logits_cross_entropy(logits, self.loss_targets(labels, input_ids, attention_mask))
 
     def loss_targets(self, labels: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: Optional[torch.Tensor] = None,
@@ -461,6 +460,11 @@ class Flamingo(nn.Module):
         # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
         # position copied them (and their gradient) at every step (docs/training.md)
         return F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+
+    def _plain_token_ids(self, n: int) -> torch.Tensor:
+        """(1, n) ids of the LM's own vocabulary (none of the added tokens) on its device, for a probe."""
+        first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
+        return torch.arange(1, n + 1, device=next(self.lm.parameters()).device)[None] % max(first - 1, 1) + 1
 
     @contextmanager
     def _lm_in_eval_mode(self) -> Iterator[None]:
@@ -486,9 +490,7 @@ class Flamingo(nn.Module):
     def _probe_head(self, head: nn.Module) -> bool:
         seen: list[torch.Tensor] = []
         handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
-        device = next(self.lm.parameters()).device
-        first = self.config.first_new_token_id or lm_text_config(self.lm).vocab_size
-        ids = torch.arange(1, 9, device=device)[None] % max(first - 1, 1) + 1  # (1, 8): plain LM tokens
+        ids = self._plain_token_ids(8)  # (1, 8)
         try:
             with self._lm_in_eval_mode(), torch.no_grad():
                 logits = self.lm(input_ids=ids, use_cache=False).logits

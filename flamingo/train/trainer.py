@@ -223,6 +223,12 @@ class Trainer:
         return {**moved, "check_media": False, "xattn_impl": self.xattn_impl,
                 "loss_chunks": self.config.train.loss_chunks}
 
+    def _autocast(self) -> Any:
+        """train.precision's context for a forward: bf16 autocast, or none (fp32)."""
+        if self.config.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def _step_datasets(self) -> list[str]:
         if self.config.train.mixture == "accumulate":
             return list(self.sources)  # the paper: one batch of every dataset per step, gradients accumulated
@@ -231,7 +237,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+        autocast = self._autocast()
         names = self._step_datasets()
         losses: dict[str, torch.Tensor] = {}
         samples, flops = 0, 0.0
@@ -414,11 +420,9 @@ class Trainer:
         without gradients, under the training step's autocast and input handling; every rank must call it."""
         if self.validation is None:
             raise ValueError("the config lists no `validation` datasets")
-        bf16 = self.config.train.precision == "bf16"
-
         def batch_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
             inputs = {k: v for k, v in self._to_device(batch).items() if k != "vision_cache"}  # kept for training
-            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            with self._autocast():
                 out = self.model(**inputs)  # the module itself: no DDP bookkeeping for a forward without backward
             return out.loss, out.loss_tokens
 

@@ -4,6 +4,7 @@ requests sent one at a time.
     python -m bench.serve --shape cpu                                 # 2 CPU cores: clients 1 4 16 64, fp32
     python -m bench.serve --shape gpu --device cuda --dtype bf16      # batch up to 64
     python -m bench.serve --shape tiny --requests 8 --clients 1 4     # smoke run
+    python -m bench.serve --shape cpu --shared-demos --prefix-cache-mib 0 1024   # few-shot: prefix cache off, on
 
 A model of the shape (bench/common.py's SHAPES, random weights, gates 0.3) is saved to a temporary directory and
 served by `python -m flamingo.cli serve` in a subprocess (its own cores and GIL); this process runs the clients
@@ -19,6 +20,11 @@ request's answer against the one-at-a-time run's (greedy output must not depend 
 time to first token and decode = the rest of the stream. Prompts are prefilled one at a time, so even with decoding
 made free by batching a request costs at least its prefill: no client count can beat this ratio (prefilling several
 prompts in one call could, where a prefill does not already use the whole device, not on the CPU).
+
+`--shared-demos`: the k demonstrations' images are the same in every request of that k, as in few-shot use with fixed
+demonstrations; only the query image differs. `--prefix-cache-mib` (the server's prefix cache; several values: one
+server each, the same requests, compared with the first at each client count): `cached_share` = prompt tokens the
+server reported as cached (`usage.prompt_tokens_details.cached_tokens`) / all prompt tokens.
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, 
     return size
 
 
-def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int, seed: int = 0) -> list[dict]:
-    """`count` raw k-shot completion requests (k from `shots`), each with its own random images."""
+def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int, seed: int = 0,
+                 shared_demos: bool = False) -> list[dict]:
+    """`count` raw k-shot completion requests (k from `shots`), each with its own random images; shared_demos: the
+    k demonstrations' images are the same in every request of that k (only the query image differs)."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -80,7 +88,7 @@ def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int,
         media = []
         for j in range(k + 1):
             buffer = io.BytesIO()
-            random_image(1000 * i + j, size=image_size).save(buffer, format="PNG")
+            random_image(j if shared_demos and j < k else 1000 * i + j, size=image_size).save(buffer, format="PNG")
             media.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
         out.append({"prompt": SHOT * k + QUERY, "media": media, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}})
@@ -106,7 +114,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict[str, Any
                 text += choice["text"]
             usage = chunk.get("usage") or usage
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"text": text, "tokens": usage["completion_tokens"], "ttft": stamps[0] - sent, "gaps": gaps}
+    return {"text": text, "tokens": usage["completion_tokens"], "ttft": stamps[0] - sent, "gaps": gaps,
+            "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
 async def run_clients(url: str, requests: list[dict], clients: int) -> tuple[float, list[dict]]:
@@ -150,12 +160,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], mib: float) -> list[dict]:
+    """Start `flamingo serve` with a prefix cache of `mib` MiB, run every client count, stop it; one row each."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flamingo.cli", "serve", "--model", model_dir, "--port", str(port),
+         "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8), "--prefill-chunk",
+         str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
+         "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, baseline = [], None
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the server did not start")
+        asyncio.run(run_clients(url, requests[:2], 1))  # warm-up
+        for clients in args.clients:
+            before = _batch_mean(url)
+            wall, results = asyncio.run(run_clients(url, requests, clients))
+            after = _batch_mean(url)
+            gaps = [g for r in results for g in r["gaps"]]
+            ttfts = [r["ttft"] for r in results]
+            tokens = sum(r["tokens"] for r in results)
+            row = {"prefix_cache_mib": mib, "clients": clients, "requests": len(results), "tokens": tokens,
+                   "seconds": wall, "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
+                   "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
+                   "itl_p99_ms": 1e3 * _pct(gaps, 99),
+                   "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1]),
+                   "cached_share": sum(r["cached_tokens"] for r in results) / sum(r["prompt_tokens"] for r in results),
+                   "texts": [r["text"] for r in results]}
+            row["itl_p99_over_p50"] = row["itl_p99_ms"] / row["itl_p50_ms"]
+            if baseline is None and clients == 1:
+                baseline = (row["output_tok_s"], row["texts"], prefill_ceiling(results))
+            if baseline is not None:
+                row["vs_one_at_a_time"] = row["output_tok_s"] / baseline[0]
+                row["prefill_ceiling"] = baseline[2]
+                row["same_answers"] = row["texts"] == baseline[1]
+            rows.append(row)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=64, help="requests per client count (the same ones)")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    parser.add_argument("--shared-demos", action="store_true",
+                        help="the demonstrations' images are the same in all requests of one k (few-shot use)")
+    parser.add_argument("--prefix-cache-mib", type=float, nargs="+", default=[1024],
+                        help="one server per value, the same requests; with several, rows compare to the first")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=64)
@@ -165,59 +228,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
     args = parser.parse_args()
     print(f"# bench.serve on {machine()}, shape={args.shape}, dtype={args.dtype}, max_batch={args.max_batch}, "
-          f"prefill_chunk={args.prefill_chunk}, server threads={args.threads or torch.get_num_threads()}")
+          f"prefill_chunk={args.prefill_chunk}, server threads={args.threads or torch.get_num_threads()}, "
+          f"shared demos={args.shared_demos}")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         image_size = save_model(args.shape, model_dir, args.xattn_every)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flamingo.cli", "serve", "--model", model_dir, "--port", str(port),
-             "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8), "--prefill-chunk",
-             str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
-             *(["--threads", str(args.threads)] if args.threads else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("the server did not start")
-            requests = requests_for(args.requests, args.shots, image_size, args.max_tokens)
-            asyncio.run(run_clients(url, requests[:2], 1))  # warm-up
-            rows, baseline = [], None
-            for clients in args.clients:
-                before = _batch_mean(url)
-                wall, results = asyncio.run(run_clients(url, requests, clients))
-                after = _batch_mean(url)
-                gaps = [g for r in results for g in r["gaps"]]
-                ttfts = [r["ttft"] for r in results]
-                tokens = sum(r["tokens"] for r in results)
-                row = {"clients": clients, "requests": len(results), "tokens": tokens, "seconds": wall,
-                       "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
-                       "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
-                       "itl_p99_ms": 1e3 * _pct(gaps, 99),
-                       "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1])}
-                row["itl_p99_over_p50"] = row["itl_p99_ms"] / row["itl_p50_ms"]
-                if baseline is None and clients == 1:
-                    baseline = (row["output_tok_s"], [r["text"] for r in results], prefill_ceiling(results))
-                if baseline is not None:
-                    row["vs_one_at_a_time"] = row["output_tok_s"] / baseline[0]
-                    row["prefill_ceiling"] = baseline[2]
-                    row["same_answers"] = [r["text"] for r in results] == baseline[1]
+        requests = requests_for(args.requests, args.shots, image_size, args.max_tokens,
+                                shared_demos=args.shared_demos)
+        first: dict[int, dict] = {}
+        for mib in args.prefix_cache_mib:
+            for row in run_server_phase(args, model_dir, requests, mib):
+                base = first.setdefault(row["clients"], row)
+                if base is not row:  # the same clients against the first server: throughput and latency ratios
+                    row["tok_s_vs_first"] = row["output_tok_s"] / base["output_tok_s"]
+                    row["ttft_p50_vs_first"] = row["ttft_p50_ms"] / base["ttft_p50_ms"]
+                    row["same_as_first"] = row["texts"] == base["texts"]
                 rows.append(row)
                 print_json("serve", {"shape": args.shape, "device": machine(), "dtype": args.dtype,
                                      "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
-                                     "max_tokens": args.max_tokens, "shots": args.shots, **row})
-        finally:
-            server.terminate()
-            server.wait(timeout=120)
-    print_table(rows, ["clients", "requests", "tokens", "output_tok_s", "vs_one_at_a_time", "prefill_ceiling",
-                       "same_answers",
-                       "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "itl_p99_over_p50", "mean_batch"])
+                                     "max_tokens": args.max_tokens, "shots": args.shots,
+                                     "shared_demos": args.shared_demos,
+                                     **{k: v for k, v in row.items() if k != "texts"}})
+    columns = ["prefix_cache_mib", "clients", "requests", "tokens", "output_tok_s", "vs_one_at_a_time",
+               "prefill_ceiling", "same_answers", "cached_share", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+               "itl_p99_ms", "itl_p99_over_p50", "mean_batch"]
+    if len(args.prefix_cache_mib) > 1:
+        columns += ["tok_s_vs_first", "ttft_p50_vs_first", "same_as_first"]
+    print_table(rows, columns)
 
 
 if __name__ == "__main__":

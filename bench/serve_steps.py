@@ -1,5 +1,6 @@
 """The serving engine's two costs, in-process (no HTTP): one decode step of a `DecodeBatch` at 1, 4 and 16 rows
-(prompts of equal or mixed lengths), and one k-shot prompt's prefill split into vision encoding and LM prefill.
+(prompts of equal or mixed lengths), and one k-shot prompt's prefill split into vision encoding and LM prefill; alone,
+and after a prompt with the same demonstrations (another query image) filled the prefix cache.
 
     python -m bench.serve_steps --shape cpu --threads 1
     python -m bench.serve_steps --shape cpu --threads 1 --profile     # + matmul time per weight shape (torch.profiler)
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from bench.common import machine, print_json, print_table
 from bench.generate import QUERY, SHOT
 from bench.serve import build_model
-from flamingo.model.batching import DecodeBatch, Prefill, PrefilledRow
+from flamingo.model.batching import DecodeBatch
+from flamingo.model.prefill import Prefill, PrefilledRow
+from flamingo.model.prefix_cache import PrefixCache
 from flamingo.tiny import random_image
 
 
@@ -38,11 +41,20 @@ def _seconds(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def k_shot(processor: Any, k: int, image_size: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A k-shot prompt's ids (T,) and its media as the server batches them."""
-    images = [random_image(100 * seed + j, size=image_size) for j in range(k + 1)]
+def k_shot(processor: Any, k: int, image_size: int, seed: int = 0, query_seed: Optional[int] = None
+           ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A k-shot prompt's ids (T,) and its media as the server batches them (query_seed: the query image's seed, so
+    prompts of one `seed` share their demonstrations)."""
+    images = [random_image(100 * seed + j, size=image_size) for j in range(k)]
+    images.append(random_image(100 * seed + k if query_seed is None else 10**6 + query_seed, size=image_size))
     ids, media = processor.encode_prompt(SHOT * k + QUERY, images, max_length=2**62)
     return torch.tensor(ids, dtype=torch.long), processor.batch_media([media])
+
+
+def _prompt(processor: Any, k: int, image_size: int, query: int) -> tuple[torch.Tensor, ...]:
+    """Prefill's arguments for a k-shot prompt with the demonstrations of seed 0 and query image `query`."""
+    ids, media = k_shot(processor, k, image_size, query_seed=query)
+    return ids, media["images"], media.get("num_media"), media.get("num_frames")
 
 
 def _matmuls(fn: Callable[[], Any], repeats: int) -> tuple[float, dict[str, float]]:
@@ -98,9 +110,20 @@ def main() -> None:
         prefilled[k] = prefill()
         row = {"shots": k, "prompt_tokens": int(ids.numel()), "images": k + 1, "prefill_ms": 1e3 * whole,
                "vision_ms": 1e3 * vision, "lm_ms": 1e3 * (whole - vision)}
+        # the same demonstrations, another query image: the prefix cache holds an earlier prompt's blocks
+        cache = PrefixCache(2**30)
+        Prefill(model, *_prompt(processor, k, size, 0), prefix_cache=cache).step(2**62)
+        queries = iter(range(1, 10**6))
+
+        def shared() -> PrefilledRow:
+            return Prefill(model, *_prompt(processor, k, size, next(queries)), prefix_cache=cache).step(2**62)
+
+        warm = _seconds(shared, max(1, args.repeats // 3))
+        row.update(shared_demos_ms=1e3 * warm, cached_tokens=shared().cached_tokens, vs_alone=whole / warm)
         prefill_rows.append(row)
         print_json("serve_steps.prefill", {"shape": args.shape, **row})
-    print_table(prefill_rows, ["shots", "prompt_tokens", "images", "prefill_ms", "vision_ms", "lm_ms"])
+    print_table(prefill_rows, ["shots", "prompt_tokens", "images", "prefill_ms", "vision_ms", "lm_ms",
+                               "shared_demos_ms", "cached_tokens", "vs_alone"])
 
     longest, shortest = max(args.shots), min(args.shots)
     step_rows, one_row = [], None

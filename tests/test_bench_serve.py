@@ -22,6 +22,12 @@ def test_requests_are_k_shot_prompts_with_their_own_images():
     assert _pct([3.0, 1.0, 2.0], 50) == 2.0 and _pct([1.0, 2.0, 3.0], 99) == 3.0
 
 
+def test_shared_demos_share_all_but_the_query_image():
+    requests = requests_for(6, [2], image_size=32, max_tokens=5, seed=1, shared_demos=True)
+    assert len({tuple(r["media"][:2]) for r in requests}) == 1
+    assert len({r["media"][2] for r in requests}) == 6
+
+
 def test_clients_time_every_token_and_agree_with_one_at_a_time(tmp_path, one_thread):
     engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=4, prefill_chunk=8)
     requests = requests_for(4, [0, 1, 2], image_size=32, max_tokens=6)
@@ -29,6 +35,7 @@ def test_clients_time_every_token_and_agree_with_one_at_a_time(tmp_path, one_thr
         _, alone = asyncio.run(run_clients(url, requests, 1))
         _, together = asyncio.run(run_clients(url, requests, 4))
     assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert all(r["prompt_tokens"] > r["cached_tokens"] >= 0 for r in together)
     for r in together:
         assert len(r["gaps"]) == r["tokens"] - 1  # one event per token
         assert r["ttft"] > 0 and all(g >= 0 for g in r["gaps"])

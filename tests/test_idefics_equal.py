@@ -182,7 +182,8 @@ def test_convert_idefics_command_round_trip(tmp_path):
     ids = ours.generate(**batch, max_new_tokens=3, min_new_tokens=3)  # generation accepts it as any other model
     assert ids.shape == (3, batch["input_ids"].shape[1] + 3)
     # so does the server's decode loop: prefill in chunks, then batched steps, the greedy tokens of `generate`
-    from flamingo.model.batching import DecodeBatch, Prefill
+    from flamingo.model.batching import DecodeBatch
+    from flamingo.model.prefill import Prefill
 
     one = processor(PROMPTS[0], images=[random_image(i) for i in range(NUM_IMAGES[0])])  # text, then 3 images
     expected = ours.generate(**one, max_new_tokens=4, min_new_tokens=4)[0, one["input_ids"].shape[1]:].tolist()

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import torch
 
-from flamingo.model.batching import DecodeBatch, Prefill
+from flamingo.model.batching import DecodeBatch
+from flamingo.model.prefill import Prefill
 from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
 

@@ -1,11 +1,7 @@
 """Continuous batching: rows that join and leave a running decode batch (what `flamingo serve` decodes with).
 
 HF `generate` cannot take new rows mid-run, so a server runs its own loop over two model-level steps:
-- `Prefill`: one prompt alone, in chunks of at most `chunk` tokens per `step()` (the media are encoded with the
-  first chunk, or a few per step in steps of their own), so rows already decoding wait at most one chunk for a
-  joining prompt.
-  It leaves a `PrefilledRow`: the prompt's LM cache, each block's visual K/V that its decode steps read, its decode
-  media index, the last logits.
+- `Prefill` (model/prefill.py): one prompt alone, in chunks; it leaves a `PrefilledRow`.
 - `DecodeBatch`: the running rows. Each row keeps its own LM cache rows, its own visual K/V per block (the last
   image's `(1, R, h, d)`, or all its images' when the model decodes with references), its own media index and its own
   position. `add` copies a prefilled row into a free row (the rows stay packed at the front: `remove` moves the last
@@ -21,129 +17,18 @@ every step); a join copies one row's prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ..runtime.compat import (
-    CONTINUOUS_BATCHING,
-    TRANSFORMERS_VERSION,
-    lm_cache_argument,
-    lm_last_logits_only,
-    lm_takes_position_ids,
-)
+from ..runtime.compat import CONTINUOUS_BATCHING, TRANSFORMERS_VERSION, lm_cache_argument, lm_takes_position_ids
 from .context import MediaContext, Phase
+from .prefill import PrefilledRow, decodes_all_images
 from .xattn import MediaKV
 
 if TYPE_CHECKING:  # annotations only
     from .flamingo import Flamingo
-
-
-def decodes_all_images(model: Flamingo) -> bool:
-    """Whether a row's decode steps read all its images' K/V (reference tokens, or attention to every earlier
-    image) rather than the last image's only (the model's own choice, made in `Flamingo.__init__`)."""
-    return model.references is not None or not model.config.only_attend_last_image
-
-
-@dataclass
-class PrefilledRow:
-    """What a prompt's prefill leaves for its decode steps."""
-
-    cache: DynamicCache  # the prompt's LM cache, one row
-    length: int  # prompt tokens
-    media_kv: Optional[list[MediaKV]]  # per block, (1, N, R, h, d) (N = 1 for the last image); None: no image
-    decode_index: torch.Tensor  # (1, 1) the media context's decode index after the prompt
-    decode_count: Optional[torch.Tensor]  # (1, 1) images of the prompt, for decoding with references
-    logits: torch.Tensor  # (V,) the prompt's last position
-
-
-class Prefill:
-    """One prompt prefilled in chunks: `step()` runs the next chunk and returns the `PrefilledRow` after the last.
-
-    input_ids (T,); images (1, N, F, C, H, W) or None, with num_media (1,) and num_frames (1, N) as the processor
-    makes them. Chunks continue the prompt's media index (a PREFILL context spans all of them)."""
-
-    def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
-                 num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
-                 chunk: int = 64) -> None:
-        if input_ids.ndim != 1 or input_ids.numel() == 0:
-            raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.model, self.chunk = model, chunk
-        self.device = next(model.lm.parameters()).device
-        self.input_ids = input_ids.to(self.device)
-        self.images, self.num_media, self.num_frames = images, num_media, num_frames
-        self.done = 0
-        self._visual: list[torch.Tensor] = []  # (1, n, R, Dv) per group of media encoded so far
-        self.ctx: Optional[MediaContext] = None
-        self.cache: Optional[DynamicCache] = None
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.numel()
-
-    @torch.no_grad()
-    def step(self, chunk: Optional[int] = None, media_per_step: Optional[int] = None) -> Optional[PrefilledRow]:
-        """Run the next chunk (`chunk` tokens, default the constructor's). media_per_step: encode the media in
-        steps of their own, this many media per step (so that no step costs a whole prompt's media plus a chunk);
-        None: all of them with the first chunk."""
-        model = self.model
-        chunk = self.chunk if chunk is None else chunk
-        if self.ctx is None:
-            if not self._encode_media(media_per_step):
-                return None
-            self.ctx = MediaContext(Phase.PREFILL, torch.cat(self._visual, dim=1) if self._visual else None)
-            self.cache = DynamicCache(config=model.lm.config)
-            if media_per_step is not None and self._visual:
-                return None
-        end = min(self.done + chunk, self.length)
-        ids = self.input_ids[None, self.done:end]  # (1, c)
-        kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
-        if lm_takes_position_ids(model.lm):
-            kwargs["position_ids"] = torch.arange(self.done, end, device=self.device)[None]
-        with model.conditioned(self.ctx):
-            out = model.lm(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
-                           use_cache=True, **kwargs)
-        self.done = end
-        if self.done < self.length:
-            return None
-        return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
-                            None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
-                            out.logits[0, -1])
-
-    def _encode_media(self, per_step: Optional[int]) -> bool:
-        """Encode the next `per_step` media (all when None) into `self._visual`; True when every medium is done."""
-        ids = self.input_ids[None]
-        if self.images is None:
-            self.model.check_media_tokens(ids, None)
-            return True
-        num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
-        total = int(num_media[0])
-        if not self._visual:
-            self.model.check_media_tokens(ids, num_media)
-        start = sum(v.shape[1] for v in self._visual)
-        end = total if per_step is None else min(total, start + per_step)
-        if end > start:
-            frames = None if self.num_frames is None else self.num_frames[:, start:end]
-            self._visual.append(self.model.encode_media(self.images[:, start:end].to(self.device),
-                                                        torch.tensor([end - start]), frames))  # (1, n, R, Dv)
-        return end >= total
-
-    def _decode_media_kv(self) -> Optional[list[MediaKV]]:
-        ctx, model = self.ctx, self.model
-        if ctx.visual is None:
-            return None
-        kvs = []
-        for j, block in enumerate(model.xattn):
-            if decodes_all_images(model):
-                kvs.append(ctx.kv_for(j, block, 1))  # (1, N, R, h, d)
-            else:  # the memo made by an earlier chunk may hold an earlier image: take the prompt's last one
-                ctx.media_kv.pop(("last", j, 1), None)
-                kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d)
-        return kvs
 
 
 class _Shape:

@@ -4,9 +4,11 @@ Each turn of the loop (`Engine._turn`): drop cancelled work; if no prompt is bei
 rows for a waiting request's choices, start its `Prefill`; run one decode step for all running rows; run one prefill
 chunk (its media are encoded first, `media_per_step` per turn). So a joining request's prefill stalls the running
 rows by at most one chunk per step, and a request joins at the step after its prefill ends. With no row running,
-nobody waits: the rest of the prompt is prefilled at once. A request's choices (`n`) share its prefill and decode
-as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away
-(at the next step).
+nobody waits: the rest of the prompt is prefilled at once. With a prefix cache (`prefix_cache_mib`), a prompt that
+begins as an earlier one did (the same few-shot demonstrations and images) starts its prefill after their shared
+whole blocks; the usage reports those tokens as `prompt_tokens_details.cached_tokens`, as OpenAI's API does. A
+request's choices (`n`) share its prefill and decode as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop
+string, `max_tokens`, or when their client goes away (at the next step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
@@ -25,12 +27,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..model.batching import DecodeBatch, Prefill
+from ..model.batching import DecodeBatch
 from ..model.generation import generation_config_for
+from ..model.prefill import Prefill
+from ..model.prefix_cache import PrefixCache
 from .metrics import Metrics
 from .sampling import SamplingParams, pick_tokens, row_generator
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX_CACHE_MIB = 1024  # on the model's device; at bench's gpu shape (bf16) ~5,400 prompt tokens' K/V
 
 
 class QueueFull(Exception):
@@ -54,7 +60,7 @@ class Event:
     choice: int = 0
     text: str = ""
     finish_reason: Optional[str] = None
-    usage: Optional[dict[str, int]] = None
+    usage: Optional[dict[str, Any]] = None  # OpenAI's usage object
     message: str = ""
     tokens: Optional[list[int]] = None  # "finish": the choice's token ids (its stop token included)
 
@@ -73,6 +79,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose prefill came from the prefix cache
     open_choices: int = 0
     first_token_at: Optional[float] = None
 
@@ -91,8 +98,11 @@ class Engine:
     """Owns the model once started: every model call happens on its thread."""
 
     def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 64, media_per_step: int = 2, metrics: Optional[Metrics] = None) -> None:
+                 prefill_chunk: int = 64, media_per_step: int = 2,
+                 prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
+                 metrics: Optional[Metrics] = None) -> None:
         self.model, self.processor = model, processor
+        self.prefix_cache = PrefixCache.of_mib(prefix_cache_mib)  # prompts that begin alike share their prefill
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.media_per_step = media_per_step  # media a joining prompt encodes per turn while rows are running
         self.metrics = metrics or Metrics()
@@ -191,7 +201,8 @@ class Engine:
         media = job.media
         try:
             self._prefill = (job, Prefill(self.model, job.prompt_ids, media.get("images"), media.get("num_media"),
-                                          media.get("num_frames"), chunk=self.prefill_chunk))
+                                          media.get("num_frames"), chunk=self.prefill_chunk,
+                                          prefix_cache=self.prefix_cache))
         except ValueError as e:  # only this request fails
             job.emit(Event("error", message=str(e)))
 
@@ -211,6 +222,10 @@ class Engine:
         job.first_token_at = now
         self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
         self.metrics.inc("prompt_tokens_total", row.length)
+        job.cached_tokens = row.cached_tokens
+        if self.prefix_cache is not None:
+            self.metrics.inc("prompt_tokens_cached_total", row.cached_tokens)
+            self.metrics.set_gauge("prefix_cache_bytes", self.prefix_cache.bytes)
         choices = [_Choice(job, i, row_generator(job.params, i, self.device)) for i in range(job.params.n)]
         job.open_choices = len(choices)
         tokens = pick_tokens(row.logits[None].expand(len(choices), -1), [job.params] * len(choices),
@@ -274,7 +289,8 @@ class Engine:
     def _finish_job(self, job: Job) -> None:
         prompt = int(job.prompt_ids.numel())
         job.emit(Event("done", usage={"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
-                                      "total_tokens": prompt + job.completion_tokens}))
+                                      "total_tokens": prompt + job.completion_tokens,
+                                      "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}))
 
     def _drop_cancelled(self) -> None:
         with self._cond:

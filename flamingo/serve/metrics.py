@@ -1,6 +1,7 @@
 """The server's metrics in Prometheus' text format (`GET /metrics`), without a client library.
 
-Counters: requests by endpoint and status, prompt and generated tokens. Gauges: requests waiting, rows decoding.
+Counters: requests by endpoint and status, prompt (and prefix-cached) and generated tokens. Gauges: requests waiting,
+rows decoding, prefix cache bytes.
 Histograms: rows per decode step, time to first token, time between a row's tokens. All names start `flamingo_`.
 """
 
@@ -13,9 +14,11 @@ from typing import Optional
 _HELP = {
     "requests_total": ("counter", "HTTP requests to the generation endpoints, by endpoint and status code"),
     "prompt_tokens_total": ("counter", "prompt tokens prefilled"),
+    "prompt_tokens_cached_total": ("counter", "prompt tokens whose prefill came from the prefix cache"),
     "generation_tokens_total": ("counter", "tokens generated"),
     "queue_depth": ("gauge", "requests waiting for a batch row"),
     "running_rows": ("gauge", "rows in the decode batch"),
+    "prefix_cache_bytes": ("gauge", "bytes held by the prefix cache"),
     "batch_size": ("histogram", "rows per decode step"),
     "time_to_first_token_seconds": ("histogram", "from a request's arrival in the queue to its first token"),
     "inter_token_latency_seconds": ("histogram", "between two tokens of one row"),

@@ -1,0 +1,186 @@
+"""`Prefill`: one prompt prefilled for continuous batching, in chunks, optionally from a `PrefixCache`.
+
+`step()` runs the next chunk of at most `chunk` tokens (the media are encoded with the first chunk, or a few per step
+in steps of their own), so rows already decoding wait at most one chunk for a joining prompt. After the last chunk it
+returns a `PrefilledRow`: the prompt's LM cache, each block's visual K/V that its decode steps read, its decode media
+index, the last logits; `DecodeBatch.add` copies it into the running batch (model/batching.py).
+
+With a prefix cache, the prompt's first whole blocks that an earlier prompt prefilled (same tokens, same media) are
+not computed again: the prefill starts after them, with their K/V and visual tokens, and afterwards the prompt's own
+new blocks are stored for later prompts (model/prefix_cache.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
+from .context import MediaContext, Phase
+from .prefix_cache import PrefixCache
+from .xattn import MediaKV, compute_media_index
+
+if TYPE_CHECKING:  # annotations only
+    from .flamingo import Flamingo
+
+
+def decodes_all_images(model: Flamingo) -> bool:
+    """Whether a row's decode steps read all its images' K/V (reference tokens, or attention to every earlier
+    image) rather than the last image's only (the model's own choice, made in `Flamingo.__init__`)."""
+    return model.references is not None or not model.config.only_attend_last_image
+
+
+@dataclass
+class PrefilledRow:
+    """What a prompt's prefill leaves for its decode steps."""
+
+    cache: DynamicCache  # the prompt's LM cache, one row
+    length: int  # prompt tokens
+    media_kv: Optional[list[MediaKV]]  # per block, (1, N, R, h, d) (N = 1 for the last image); None: no image
+    decode_index: torch.Tensor  # (1, 1) the media context's decode index after the prompt
+    decode_count: Optional[torch.Tensor]  # (1, 1) images of the prompt, for decoding with references
+    logits: torch.Tensor  # (V,) the prompt's last position
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+
+
+class Prefill:
+    """One prompt prefilled in chunks: `step()` runs the next chunk and returns the `PrefilledRow` after the last.
+
+    input_ids (T,); images (1, N, F, C, H, W) or None, with num_media (1,) and num_frames (1, N) as the processor
+    makes them. Chunks continue the prompt's media index (a PREFILL context spans all of them). prefix_cache: reuse
+    and extend the prefills of earlier prompts that begin alike."""
+
+    def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+                 num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
+                 chunk: int = 64, prefix_cache: Optional[PrefixCache] = None) -> None:
+        if input_ids.ndim != 1 or input_ids.numel() == 0:
+            raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model, self.chunk, self.prefix_cache = model, chunk, prefix_cache
+        self.device = next(model.lm.parameters()).device
+        self.input_ids = input_ids.to(self.device)
+        self.images, self.num_media, self.num_frames = images, num_media, num_frames
+        self.done = 0
+        self._checked = False
+        self._visual: list[torch.Tensor] = []  # (1, n, R, Dv) per group of media encoded so far (or reused)
+        self.ctx: Optional[MediaContext] = None
+        self.cache: Optional[DynamicCache] = None
+        self.cached_tokens = 0
+        self._keys: list[bytes] = []
+        self._media_per_block: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.numel()
+
+    @torch.no_grad()
+    def step(self, chunk: Optional[int] = None, media_per_step: Optional[int] = None) -> Optional[PrefilledRow]:
+        """Run the next chunk (`chunk` tokens, default the constructor's). media_per_step: encode the media in
+        steps of their own, this many media per step (so that no step costs a whole prompt's media plus a chunk);
+        None: all of them with the first chunk."""
+        model = self.model
+        chunk = self.chunk if chunk is None else chunk
+        if self.ctx is None:
+            if not self._checked:
+                self._check_and_reuse()
+            encoded = self._encode_media(media_per_step)
+            if encoded is None:
+                return None
+            self.ctx = MediaContext(Phase.PREFILL, torch.cat(self._visual, dim=1) if self._visual else None,
+                                    **self._media_state())
+            if self.cache is None:
+                self.cache = DynamicCache(config=model.lm.config)
+            if media_per_step is not None and encoded:
+                return None
+        end = min(self.done + chunk, self.length)
+        ids = self.input_ids[None, self.done:end]  # (1, c)
+        kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
+        if lm_takes_position_ids(model.lm):
+            kwargs["position_ids"] = torch.arange(self.done, end, device=self.device)[None]
+        with model.conditioned(self.ctx):
+            out = model.lm(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                           use_cache=True, **kwargs)
+        self.done = end
+        if self.done < self.length:
+            return None
+        self._store_prefix()
+        return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
+                            None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
+                            out.logits[0, -1], self.cached_tokens)
+
+    def _check_and_reuse(self) -> None:
+        """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
+        stored blocks (leaving at least the last token to compute)."""
+        self._checked = True
+        ids = self.input_ids[None]
+        num_media = None
+        if self.images is not None:
+            num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
+        self.model.check_media_tokens(ids, num_media)
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        media_token = self.model.config.media_token_id
+        self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
+        self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
+        hit = cache.lookup(self._keys, (self.length - 1) // cache.block, self._media_per_block)
+        if hit is None:
+            return
+        self.cache = DynamicCache(config=self.model.lm.config)
+        for i, (k, v) in enumerate(hit.kv):
+            self.cache.update(k, v, i)
+        if hit.visual is not None:
+            self._visual.append(hit.visual)
+        self.done = self.cached_tokens = hit.tokens
+
+    def _media_state(self) -> dict[str, Optional[torch.Tensor]]:
+        """The media index (and, with references, the image count) after the reused tokens: where the first LM
+        call of this prefill continues from."""
+        if self.done == 0:
+            return {}
+        model = self.model
+        ids = self.input_ids[None, :self.done]  # (1, done)
+        index = compute_media_index(ids, model.config.media_token_id, references=model.references)  # (1, done)
+        count = (ids == model.config.media_token_id).sum(dim=1) if model.references is not None else None
+        return {"last_media_index": index[:, -1], "media_count": count}
+
+    def _encode_media(self, per_step: Optional[int]) -> Optional[bool]:
+        """Encode the next `per_step` media (all when None) into `self._visual`: None while media remain, else
+        whether this call encoded any."""
+        if self.images is None:
+            return False
+        num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
+        total = int(num_media[0])
+        start = sum(v.shape[1] for v in self._visual)
+        end = total if per_step is None else min(total, start + per_step)
+        if end > start:
+            frames = None if self.num_frames is None else self.num_frames[:, start:end]
+            self._visual.append(self.model.encode_media(self.images[:, start:end].to(self.device),
+                                                        torch.tensor([end - start]), frames))  # (1, n, R, Dv)
+        return end > start if end >= total else None
+
+    def _store_prefix(self) -> None:
+        """Give the prompt's whole blocks to the prefix cache (those it holds already are only touched)."""
+        cache = self.prefix_cache
+        if cache is None or not self._keys:
+            return
+        kv = [(layer.keys, layer.values) for layer in self.cache.layers]  # (1, h, T, d)
+        first = self.cached_tokens // cache.block
+        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block)
+
+    def _decode_media_kv(self) -> Optional[list[MediaKV]]:
+        ctx, model = self.ctx, self.model
+        if ctx.visual is None:
+            return None
+        kvs = []
+        for j, block in enumerate(model.xattn):
+            if decodes_all_images(model):
+                kvs.append(ctx.kv_for(j, block, 1))  # (1, N, R, h, d)
+            else:  # the memo made by an earlier chunk may hold an earlier image: take the prompt's last one
+                ctx.media_kv.pop(("last", j, 1), None)
+                kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d)
+        return kvs

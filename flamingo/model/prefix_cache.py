@@ -1,0 +1,149 @@
+"""`PrefixCache`: prompts that begin alike (the same few-shot demonstrations, images included) reuse each other's
+prefill.
+
+A prompt is cut into blocks of `block` tokens. Block b's key chains the keys before it: a BLAKE2b digest of block
+b-1's key, block b's token ids, and the pixel digests of the media whose `<image>` token falls in block b. So a key
+names everything the block's K/V depend on: every earlier token and every earlier image (the cross-attention makes the
+text after an image depend on its pixels; causal attention, the media index and the visual K/V read nothing later).
+Block b stores the LM's K/V of its tokens, per decoder layer `(1, heads, block, head_dim)`, and the visual tokens of its
+media `(n, R, Dv)`; a prompt whose first m blocks are stored starts its prefill at token m·block with those K/V and
+visual tokens, encodes only its later media and runs the LM on its later tokens (at least its last one: the next
+token's logits come from an LM call).
+
+Stored K/V were made in another prompt's prefill, in other chunks: a prompt prefilled from them equals the prompt
+prefilled alone up to float rounding (as chunked prefill does; tests/test_prefix_cache.py).
+
+The blocks live in one least-recently-used store under a byte budget. A prompt's blocks are touched from its last to
+its first, so a block is always more recent than the blocks that extend it: eviction takes chains from their ends and
+never leaves a block unreachable behind an evicted one. The model owns nothing of it: the server's engine owns the
+cache and hands it to each `Prefill`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..runtime.lru import LRU, nbytes
+from .feature_cache import VisionFeatureCache
+
+DEFAULT_BLOCK = 16  # tokens per block: a hit reuses whole blocks, a prompt differing at token t reuses t // 16 blocks
+
+
+@dataclass
+class CachedBlock:
+    """One block's K/V per decoder layer, (1, h, block, d) each, and the visual tokens of its media (n, R, Dv)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    visual: Optional[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(k) + nbytes(v) for k, v in self.kv) + (0 if self.visual is None else nbytes(self.visual))
+
+
+@dataclass
+class PrefixHit:
+    """What a prompt found: its first `tokens` tokens' K/V per layer (1, h, tokens, d), and the visual tokens of the
+    media among them (1, M, R, Dv) (None: no medium)."""
+
+    tokens: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    visual: Optional[torch.Tensor]
+
+
+class PrefixCache:
+    """Prefilled blocks of earlier prompts under `max_bytes`; see the module's docstring."""
+
+    def __init__(self, max_bytes: int, block: int = DEFAULT_BLOCK) -> None:
+        if block < 1:
+            raise ValueError(f"a prefix block holds at least 1 token, got {block}")
+        self.block = block
+        self.store: LRU[bytes, CachedBlock] = LRU(max_bytes, size_of=lambda b: b.nbytes)
+        self.hit_tokens = 0  # prompt tokens whose prefill was reused
+        self.lookups = 0
+
+    @classmethod
+    def of_mib(cls, mib: float, block: int = DEFAULT_BLOCK) -> Optional["PrefixCache"]:
+        """A cache of `mib` MiB, or None for 0 (off)."""
+        if mib < 0:
+            raise ValueError(f"a prefix cache needs a size >= 0 MiB, got {mib}")
+        return cls(int(mib * 2**20), block) if mib > 0 else None
+
+    @property
+    def bytes(self) -> int:
+        return self.store.size
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    # ------------------------------------------------------------------------------------------------ keys
+    def keys(self, input_ids: torch.Tensor, media_token_id: int, images: Optional[torch.Tensor] = None,
+             num_frames: Optional[torch.Tensor] = None) -> list[bytes]:
+        """One key per whole block of the prompt. input_ids (T,); images (1, N, F, C, H, W) in the order of the
+        prompt's `<image>` tokens, num_frames (1, N) real frames per medium (default F)."""
+        ids = input_ids.detach().to("cpu", torch.long)
+        at = (ids == media_token_id).nonzero().squeeze(1).tolist()  # each medium's token position
+        digests = [self._media_digest(images, num_frames, j) for j in range(len(at))] if images is not None else []
+        keys, key, j = [], b"", 0
+        for b in range(ids.numel() // self.block):
+            h = hashlib.blake2b(key, digest_size=16)
+            h.update(ids[b * self.block:(b + 1) * self.block].numpy().tobytes())
+            while j < len(at) and at[j] < (b + 1) * self.block:
+                h.update(digests[j] if j < len(digests) else b"?")  # a medium missing its pixels: the check fails later
+                j += 1
+            key = h.digest()
+            keys.append(key)
+        return keys
+
+    @staticmethod
+    def _media_digest(images: torch.Tensor, num_frames: Optional[torch.Tensor], j: int) -> bytes:
+        if j >= images.shape[1]:
+            return b"?"
+        frames = images.shape[2] if images.ndim == 6 else 1
+        if num_frames is not None:
+            frames = int(num_frames[0, j])
+        medium = images[0, j, :frames] if images.ndim == 6 else images[0, j:j + 1]  # (F, C, H, W)
+        return VisionFeatureCache.key(medium.detach().to("cpu"))  # BLAKE2b of dtype, shape and bytes
+
+    # ------------------------------------------------------------------------------------------------ use
+    def lookup(self, keys: list[bytes], max_blocks: int, media_per_block: list[int]) -> Optional[PrefixHit]:
+        """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them;
+        `media_per_block[b]`: how many media the prompt's block b holds. None when the first block is not stored."""
+        self.lookups += 1
+        m = 0
+        while m < min(max_blocks, len(keys)) and keys[m] in self.store:
+            m += 1
+        if m == 0:
+            return None
+        blocks = [self.store.get(keys[b]) for b in reversed(range(m))][::-1]  # touched last to first
+        if any(b is None or (b.visual.shape[0] if b.visual is not None else 0) != n
+               for b, n in zip(blocks, media_per_block)):
+            return None  # a digest collision with another media layout: never reuse it
+        kv = [(torch.cat([b.kv[i][0] for b in blocks], dim=2), torch.cat([b.kv[i][1] for b in blocks], dim=2))
+              for i in range(len(blocks[0].kv))]  # (1, h, m·block, d) per layer
+        visual = [b.visual for b in blocks if b.visual is not None]
+        self.hit_tokens += m * self.block
+        return PrefixHit(m * self.block, kv, torch.cat(visual)[None] if visual else None)
+
+    def insert(self, keys: list[bytes], first: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
+               visual: Optional[torch.Tensor], media_per_block: list[int]) -> None:
+        """Store the blocks from `first` on that are not stored yet, from a prefilled prompt's kv per layer
+        (1, h, T, d) (T >= its whole blocks' end) and visual (1, N, R, Dv); touch all its blocks, last to first."""
+        starts = [sum(media_per_block[:b]) for b in range(len(keys))]  # the media before each block
+        for b in reversed(range(len(keys))):  # last to first: parents more recent than the blocks extending them
+            if b < first or keys[b] in self.store:
+                self.store.get(keys[b])
+                continue
+            n, span = media_per_block[b], slice(b * self.block, (b + 1) * self.block)
+            block_kv = [(k[:, :, span].clone(), v[:, :, span].clone()) for k, v in kv]  # (1, h, block, d)
+            media = visual[0, starts[b]:starts[b] + n].clone() if n else None  # (n, R, Dv)
+            self.store.put(keys[b], CachedBlock(block_kv, media))
+
+    def media_per_block(self, input_ids: torch.Tensor, media_token_id: int, blocks: int) -> list[int]:
+        """How many `<image>` tokens each of the first `blocks` blocks holds."""
+        ids = input_ids.detach().to("cpu")[:blocks * self.block]
+        return (ids == media_token_id).view(blocks, self.block).sum(dim=1).tolist() if blocks else []

@@ -13,7 +13,8 @@ k-shot prompts of bench/generate.py's SHOT / QUERY with k drawn from `--shots` (
 greedy, `--max-tokens` new tokens at most, streamed. Each token comes as one server-sent event, timestamped on
 arrival: time to first token = first token - request sent; inter-token latency = gaps between one stream's tokens
 (so a gap that a joining request's prefill chunk lengthens is counted). Throughput = completion tokens / wall time.
-Clients 1 is "one at a time": the same requests, sequentially, through the same server. `same_answers` checks every
+Clients 1 is "one at a time": the same requests, sequentially. Each client count runs on a fresh server, warmed up by
+two other requests (so no phase finds an earlier phase's prompts in the prefix cache). `same_answers` checks every
 request's answer against the one-at-a-time run's (greedy output must not depend on the batch).
 
 `prefill_ceiling` (from the one-at-a-time run): (mean prefill + mean decode) / mean prefill per request, with prefill =
@@ -79,8 +80,9 @@ def save_model(shape: str, directory: str, xattn_every: int, gate: float = 0.3, 
 
 def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int, seed: int = 0,
                  shared_demos: bool = False) -> list[dict]:
-    """`count` raw k-shot completion requests (k from `shots`), each with its own random images; shared_demos: the
-    k demonstrations' images are the same in every request of that k (only the query image differs)."""
+    """`count` raw k-shot completion requests (k from `shots`), each with its own random images (other images for
+    another seed); shared_demos: the k demonstrations' images are the same in every request of that k (whatever
+    the seed), only the query image differs."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -88,7 +90,8 @@ def requests_for(count: int, shots: list[int], image_size: int, max_tokens: int,
         media = []
         for j in range(k + 1):
             buffer = io.BytesIO()
-            random_image(j if shared_demos and j < k else 1000 * i + j, size=image_size).save(buffer, format="PNG")
+            own = 10**6 * seed + 1000 * i + j  # each request's own images (per seed)
+            random_image(j if shared_demos and j < k else own, size=image_size).save(buffer, format="PNG")
             media.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
         out.append({"prompt": SHOT * k + QUERY, "media": media, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}})
@@ -160,8 +163,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], mib: float) -> list[dict]:
-    """Start `flamingo serve` with a prefix cache of `mib` MiB, run every client count, stop it; one row each."""
+def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], warmup: list[dict],
+                     mib: float, clients: int) -> dict[str, Any]:
+    """A fresh `flamingo serve` (prefix cache of `mib` MiB), warmed up with `warmup`, runs `requests` with `clients`
+    clients: one row. Fresh, so that no phase finds the prompts of an earlier one in the prefix cache."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -170,7 +175,6 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
          str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
          "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows, baseline = [], None
     try:
         for _ in range(600):
             try:
@@ -180,33 +184,25 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
                 time.sleep(0.5)
         else:
             raise RuntimeError("the server did not start")
-        asyncio.run(run_clients(url, requests[:2], 1))  # warm-up
-        for clients in args.clients:
-            before = _batch_mean(url)
-            wall, results = asyncio.run(run_clients(url, requests, clients))
-            after = _batch_mean(url)
-            gaps = [g for r in results for g in r["gaps"]]
-            ttfts = [r["ttft"] for r in results]
-            tokens = sum(r["tokens"] for r in results)
-            row = {"prefix_cache_mib": mib, "clients": clients, "requests": len(results), "tokens": tokens,
-                   "seconds": wall, "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
-                   "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
-                   "itl_p99_ms": 1e3 * _pct(gaps, 99),
-                   "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1]),
-                   "cached_share": sum(r["cached_tokens"] for r in results) / sum(r["prompt_tokens"] for r in results),
-                   "texts": [r["text"] for r in results]}
-            row["itl_p99_over_p50"] = row["itl_p99_ms"] / row["itl_p50_ms"]
-            if baseline is None and clients == 1:
-                baseline = (row["output_tok_s"], row["texts"], prefill_ceiling(results))
-            if baseline is not None:
-                row["vs_one_at_a_time"] = row["output_tok_s"] / baseline[0]
-                row["prefill_ceiling"] = baseline[2]
-                row["same_answers"] = row["texts"] == baseline[1]
-            rows.append(row)
+        asyncio.run(run_clients(url, warmup, 1))
+        before = _batch_mean(url)
+        wall, results = asyncio.run(run_clients(url, requests, clients))
+        after = _batch_mean(url)
     finally:
         server.terminate()
         server.wait(timeout=120)
-    return rows
+    gaps = [g for r in results for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    row = {"prefix_cache_mib": mib, "clients": clients, "requests": len(results), "tokens": tokens,
+           "seconds": wall, "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
+           "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
+           "itl_p99_ms": 1e3 * _pct(gaps, 99), "itl_max_ms": 1e3 * max(gaps),
+           "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1]),
+           "cached_share": sum(r["cached_tokens"] for r in results) / sum(r["prompt_tokens"] for r in results),
+           "texts": [r["text"] for r in results], "prefill_ceiling": prefill_ceiling(results)}
+    row["itl_p99_over_p50"] = row["itl_p99_ms"] / row["itl_p50_ms"]
+    return row
 
 
 def main() -> None:
@@ -236,9 +232,17 @@ def main() -> None:
         image_size = save_model(args.shape, model_dir, args.xattn_every)
         requests = requests_for(args.requests, args.shots, image_size, args.max_tokens,
                                 shared_demos=args.shared_demos)
+        # other query images (the same demonstrations when they are shared): no measured prompt is warmed up
+        warmup = requests_for(2, args.shots, image_size, args.max_tokens, seed=1, shared_demos=args.shared_demos)
         first: dict[int, dict] = {}
+        alone: dict[float, dict] = {}
         for mib in args.prefix_cache_mib:
-            for row in run_server_phase(args, model_dir, requests, mib):
+            for clients in args.clients:
+                row = run_server_phase(args, model_dir, requests, warmup, mib, clients)
+                base = alone.setdefault(mib, row)  # the first client count (1: one at a time) of this server
+                row["vs_one_at_a_time"] = row["output_tok_s"] / base["output_tok_s"]
+                row["same_answers"] = row["texts"] == base["texts"]
+                row["prefill_ceiling"] = base["prefill_ceiling"]
                 base = first.setdefault(row["clients"], row)
                 if base is not row:  # the same clients against the first server: throughput and latency ratios
                     row["tok_s_vs_first"] = row["output_tok_s"] / base["output_tok_s"]
@@ -252,7 +256,7 @@ def main() -> None:
                                      **{k: v for k, v in row.items() if k != "texts"}})
     columns = ["prefix_cache_mib", "clients", "requests", "tokens", "output_tok_s", "vs_one_at_a_time",
                "prefill_ceiling", "same_answers", "cached_share", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-               "itl_p99_ms", "itl_p99_over_p50", "mean_batch"]
+               "itl_p99_ms", "itl_p99_over_p50", "itl_max_ms", "mean_batch"]
     if len(args.prefix_cache_mib) > 1:
         columns += ["tok_s_vs_first", "ttft_p50_vs_first", "same_as_first"]
     print_table(rows, columns)

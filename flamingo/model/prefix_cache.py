@@ -63,8 +63,6 @@ class PrefixCache:
             raise ValueError(f"a prefix block holds at least 1 token, got {block}")
         self.block = block
         self.store: LRU[bytes, CachedBlock] = LRU(max_bytes, size_of=lambda b: b.nbytes)
-        self.hit_tokens = 0  # prompt tokens whose prefill was reused
-        self.lookups = 0
 
     @classmethod
     def of_mib(cls, mib: float, block: int = DEFAULT_BLOCK) -> Optional["PrefixCache"]:
@@ -84,25 +82,26 @@ class PrefixCache:
     def keys(self, input_ids: torch.Tensor, media_token_id: int, images: Optional[torch.Tensor] = None,
              num_frames: Optional[torch.Tensor] = None) -> list[bytes]:
         """One key per whole block of the prompt. input_ids (T,); images (1, N, F, C, H, W) in the order of the
-        prompt's `<image>` tokens, num_frames (1, N) real frames per medium (default F)."""
+        prompt's `<image>` tokens (one medium per token, as `Flamingo.check_media_tokens` requires), num_frames
+        (1, N) real frames per medium (default F)."""
         ids = input_ids.detach().to("cpu", torch.long)
         at = (ids == media_token_id).nonzero().squeeze(1).tolist()  # each medium's token position
-        digests = [self._media_digest(images, num_frames, j) for j in range(len(at))] if images is not None else []
+        digests = [self._media_digest(images, num_frames, j) for j in range(len(at))]
         keys, key, j = [], b"", 0
         for b in range(ids.numel() // self.block):
             h = hashlib.blake2b(key, digest_size=16)
             h.update(ids[b * self.block:(b + 1) * self.block].numpy().tobytes())
             while j < len(at) and at[j] < (b + 1) * self.block:
-                h.update(digests[j] if j < len(digests) else b"?")  # a medium missing its pixels: the check fails later
+                h.update(digests[j])
                 j += 1
             key = h.digest()
             keys.append(key)
         return keys
 
     @staticmethod
-    def _media_digest(images: torch.Tensor, num_frames: Optional[torch.Tensor], j: int) -> bytes:
-        if j >= images.shape[1]:
-            return b"?"
+    def _media_digest(images: Optional[torch.Tensor], num_frames: Optional[torch.Tensor], j: int) -> bytes:
+        if images is None or j >= images.shape[1]:
+            raise ValueError(f"the prompt's <image> token {j} has no medium")
         frames = images.shape[2] if images.ndim == 6 else 1
         if num_frames is not None:
             frames = int(num_frames[0, j])
@@ -113,7 +112,6 @@ class PrefixCache:
     def lookup(self, keys: list[bytes], max_blocks: int, media_per_block: list[int]) -> Optional[PrefixHit]:
         """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them;
         `media_per_block[b]`: how many media the prompt's block b holds. None when the first block is not stored."""
-        self.lookups += 1
         m = 0
         while m < min(max_blocks, len(keys)) and keys[m] in self.store:
             m += 1
@@ -126,7 +124,6 @@ class PrefixCache:
         kv = [(torch.cat([b.kv[i][0] for b in blocks], dim=2), torch.cat([b.kv[i][1] for b in blocks], dim=2))
               for i in range(len(blocks[0].kv))]  # (1, h, m·block, d) per layer
         visual = [b.visual for b in blocks if b.visual is not None]
-        self.hit_tokens += m * self.block
         return PrefixHit(m * self.block, kv, torch.cat(visual)[None] if visual else None)
 
     def insert(self, keys: list[bytes], first: int, kv: list[tuple[torch.Tensor, torch.Tensor]],

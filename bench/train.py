@@ -30,9 +30,8 @@ from bench.common import build_pair, machine, print_json, print_table, profile_s
 from flamingo.model.quantize import cast_frozen
 from flamingo.train.compile import compile_regions
 from flamingo.train.config import TrainSection
-from flamingo.train.flops import peak_flops
+from flamingo.train.flops import flops_estimate, peak_flops
 from flamingo.train.tower_graphs import install_tower_graphs
-from flamingo.train.trainer import flops_estimate
 
 
 def make_batch(processor: Any, batch: int, tokens: int, images: int, image_size: int, device: str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from flamingo.tiny import (
     tiny_vision,
 )
 from flamingo.train.config import load_config
-from flamingo.train.trainer import Trainer, materialize
+from flamingo.train.run_log import materialize
+from flamingo.train.trainer import Trainer
 
 from helpers import loss_and_grads, training_batch
 from train_fixtures import train_config

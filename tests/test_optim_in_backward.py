@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from flamingo.train.config import check_in_backward, load_config
-from flamingo.train.trainer import Trainer, materialize
+from flamingo.train.run_log import materialize
+from flamingo.train.trainer import Trainer
 
 from train_fixtures import nan_losses_after_the_first_step, train_config, write_datasets
 

@@ -16,8 +16,8 @@ from flamingo.data.sequence import Encoded, collate, make_labels, pack_rows
 from flamingo.data.spec import resolve_options
 from flamingo.tiny import random_image
 from flamingo.train.config import load_config
-from flamingo.train.flops import flops_per_sample
-from flamingo.train.trainer import Trainer, batch_samples, flops_estimate
+from flamingo.train.flops import batch_samples, flops_estimate, flops_per_sample
+from flamingo.train.trainer import Trainer
 
 from train_fixtures import save_backbones, train_config, write_datasets
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from flamingo import load_pretrained
 from flamingo.train.config import load_config
-from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model, materialize
+from flamingo.train.run_log import materialize
+from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model
 
 from train_fixtures import nan_losses_after_the_first_step, train_config, write_datasets
 
@@ -318,7 +319,7 @@ def test_flops_count_the_lm_head_but_not_an_untied_embedding_lookup(make_model, 
 
 
 def test_gate_values_are_signed_for_scalar_gates_and_mean_abs_for_vector_gates(make_model):
-    from flamingo.train.trainer import gate_values
+    from flamingo.train.run_log import gate_values
 
     scalar, _ = make_model("llama", gates=-0.5)
     assert all(a == pytest.approx(math.tanh(-0.5)) and d == pytest.approx(math.tanh(-0.5))

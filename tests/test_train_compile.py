@@ -13,7 +13,8 @@ import torch._dynamo
 from flamingo.train.buckets import pad_to_buckets, round_up
 from flamingo.train.compile import compile_regions
 from flamingo.train.config import load_config
-from flamingo.train.trainer import Trainer, materialize
+from flamingo.train.run_log import materialize
+from flamingo.train.trainer import Trainer
 
 from helpers import loss_and_grads, training_batch
 from train_fixtures import save_backbones, train_config, write_datasets

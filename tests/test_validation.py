@@ -16,7 +16,8 @@ import yaml
 
 from flamingo.data.build import build_source
 from flamingo.train.config import load_config
-from flamingo.train.trainer import Trainer, materialize
+from flamingo.train.run_log import materialize
+from flamingo.train.trainer import Trainer
 
 from train_fixtures import train_config, write_datasets
 

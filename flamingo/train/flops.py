@@ -14,6 +14,9 @@ the output head, whose matmul it then is.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 
@@ -46,3 +49,27 @@ def peak_flops(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+def batch_samples(batch: dict[str, Any]) -> int:
+    """Samples in a (CPU) batch: its rows, or with packed rows (`document_ids`) the samples packed into them."""
+    docs = batch.get("document_ids")
+    return batch["input_ids"].shape[0] if docs is None else int((docs.amax(dim=1) + 1).sum())
+
+
+def flops_estimate(model: nn.Module, batch: dict[str, Any]) -> float:
+    """FLOPs of one training pass of a Flamingo over `batch` (the formula above): every row's tokens (padding too: it
+    is computed), but only the real media and frames (the model selects them; packed rows pad many media slots)."""
+    b, t = batch["input_ids"].shape
+    images = batch.get("images")
+    if images is None:
+        return b * flops_per_sample(model, t, 0, 0, 0)
+    _, n, f, _, h, w = images.shape
+    media, frames = b * n, b * n * f
+    if batch.get("num_media") is not None:
+        real = torch.arange(n) < torch.as_tensor(batch["num_media"]).cpu()[:, None]  # (B, N)
+        media = int(real.sum())
+        frames = int(torch.as_tensor(batch["num_frames"]).cpu()[real].sum()) if batch.get("num_frames") is not None \
+            else media * f
+    patch = getattr(model.vision.config, "patch_size", 14)
+    return flops_per_sample(model, b * t, media, frames / max(media, 1), (h // patch) * (w // patch))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -29,14 +28,15 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..model.quantize import cast_frozen, quantize_frozen
 from ..processing import FlamingoProcessor
-from ..runtime import default_device, dist_info, init_process_group_from_env, status_kib, torch_dtype
+from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_in_backward
-from .flops import flops_per_sample, peak_flops
+from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
+from .run_log import RunLog, gate_values, materialize, memory_high_water
 from .state import (
     gather_trained_parameters,
     gather_training_state,
@@ -361,8 +361,7 @@ class Trainer:
         """Train to `train.steps`; returns the final model directory."""
         t = self.config.train
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        writer = self._tensorboard()
-        metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
+        run_log = RunLog(t.output_dir, self.rank)
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -381,22 +380,18 @@ class Trainer:
                     if peak is not None:  # model FLOPs utilisation, all ranks together (flops.py has the formula)
                         metrics["mfu"] = window_flops / elapsed / (peak * self.world)
                     metrics["gates"] = gate_values(self.model)  # collective under FSDP: every rank calls it
-                    metrics.update(self._memory())
+                    metrics.update(memory_high_water(self.device))
                     if self.tower_graphs is not None:  # graphs captured so far, calls that could not replay one
                         stats = self.tower_graphs.stats
                         metrics.update(vision_graphs=stats.captured, vision_eager_calls=stats.eager_calls)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     sps=f"{metrics['samples_per_s']:.1f}")
-                    if self.rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(metrics) + "\n")
-                        if writer is not None:
-                            self._log_tensorboard(writer, metrics)
+                    run_log.training(metrics)
                     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
                 if self.validation is not None and (
                         (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps):
                     evaluating = time.perf_counter()
-                    self._log_validation(self.validate(), metrics_path, writer)
+                    run_log.validation(self.step, self.validate())
                     window_start += time.perf_counter() - evaluating  # samples/s counts training time only
                 if self.step % t.save_every == 0 or self.step == t.steps:
                     saving = time.perf_counter()
@@ -411,8 +406,7 @@ class Trainer:
             bar.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-            if writer is not None:
-                writer.close()
+            run_log.close()
         return self.save_final()
 
     def validate(self) -> dict[str, float]:
@@ -432,16 +426,6 @@ class Trainer:
                 return self.validation.run(batch_loss, self.device)
         finally:
             self.model.train()
-
-    def _log_validation(self, values: dict[str, float], metrics_path: str, writer: Any) -> None:
-        if self.rank != 0:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": self.step, **values}) + "\n")
-        if writer is not None:
-            for key, value in values.items():
-                writer.add_scalar(key, value, self.step)
-        log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "loss" in k))
 
     def save_final(self) -> str:
         out = os.path.join(self.config.train.output_dir, "final")
@@ -464,85 +448,3 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return out
-
-    def _tensorboard(self) -> Any:
-        if self.rank != 0:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(os.path.join(self.config.train.output_dir, "tb"))
-
-    def _memory(self) -> dict[str, float]:
-        """This rank's memory high-water: on CUDA the window's peak of tensor memory (then reset), on the CPU the
-        process's peak resident set since it started (Linux's VmHWM)."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return {"peak_memory_gib": peak}
-        kib = status_kib("VmHWM")
-        return {} if kib is None else {"max_rss_gib": kib / 2**20}
-
-    @staticmethod
-    def _log_tensorboard(writer: Any, metrics: dict[str, Any]) -> None:
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                writer.add_scalar(key, value, step)
-        for layer, (attn, ffw) in metrics["gates"].items():
-            writer.add_scalar(f"gates/attn/{layer}", attn, step)
-            writer.add_scalar(f"gates/ffw/{layer}", ffw, step)
-
-
-def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A step's metrics with its device tensors read as Python numbers (one host sync for all of them). Every rank
-    calls it at the same steps (a sharded grad norm is gathered)."""
-    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    if not keys:
-        return dict(metrics)
-    tensors = [metrics[k].detach() for k in keys]
-    tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]  # FSDP's grad norm: collective
-    values = torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist()
-    out = dict(metrics)
-    for k, v in zip(keys, values):
-        out[k] = v if metrics[k].is_floating_point() else int(v)  # counters stay integers
-    return out
-
-
-def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
-    """LM layer -> (tanh attention gate, tanh dense gate), which the paper plots over training; FSDP-sharded gates
-    are all-gathered first. Vector gates (`gate_type="vector"`) give the mean |tanh| over channels: their signs differ
-    from channel to channel, so a signed mean would hide how far they opened."""
-    if not model.config.gated:
-        return {}
-
-    def value(p: torch.Tensor) -> float:
-        full = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tanh()
-        return float(full) if full.numel() == 1 else float(full.abs().mean())
-
-    return {str(i): (value(b.attn_gate), value(b.ffw_gate)) for i, b in zip(model.xattn_layer_indices, model.xattn)}
-
-
-def batch_samples(batch: dict[str, Any]) -> int:
-    """Samples in a (CPU) batch: its rows, or with packed rows (`document_ids`) the samples packed into them."""
-    docs = batch.get("document_ids")
-    return batch["input_ids"].shape[0] if docs is None else int((docs.amax(dim=1) + 1).sum())
-
-
-def flops_estimate(model: Flamingo, batch: dict[str, Any]) -> float:
-    """FLOPs of one training pass over `batch` (see flops.py): every row's tokens (padding too: it is computed), but
-    only the real media and frames (the model selects them; packed rows pad many media slots)."""
-    b, t = batch["input_ids"].shape
-    images = batch.get("images")
-    if images is None:
-        return b * flops_per_sample(model, t, 0, 0, 0)
-    _, n, f, _, h, w = images.shape
-    media, frames = b * n, b * n * f
-    if batch.get("num_media") is not None:
-        real = torch.arange(n) < torch.as_tensor(batch["num_media"]).cpu()[:, None]  # (B, N)
-        media = int(real.sum())
-        frames = int(torch.as_tensor(batch["num_frames"]).cpu()[real].sum()) if batch.get("num_frames") is not None \
-            else media * f
-    patch = getattr(model.vision.config, "patch_size", 14)
-    return flops_per_sample(model, b * t, media, frames / max(media, 1), (h // patch) * (w // patch))

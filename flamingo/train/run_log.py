@@ -1,0 +1,114 @@
+"""What a training run writes down: `metrics.jsonl` and TensorBoard scalars (rank 0), a step's metrics read from the
+device in one sync, the tanh gates the paper plots, and the memory high-water.
+
+Each logged training step is one JSON line (loss per dataset, lr, grad norm, samples/s, MFU on a known GPU, gates,
+memory); each validation pass one more (`val_loss/<name>`, ...). The same numbers go to TensorBoard under `tb/` when
+tensorboard is installed (gates as `gates/attn/<layer>` and `gates/ffw/<layer>`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from ..runtime import status_kib
+
+if TYPE_CHECKING:  # annotations only
+    from ..model.flamingo import Flamingo
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    """The run's metrics file and TensorBoard writer. Every rank may call it; only rank 0 writes."""
+
+    def __init__(self, output_dir: str, rank: int) -> None:
+        self.rank = rank
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = _tensorboard(os.path.join(output_dir, "tb")) if rank == 0 else None
+
+    def training(self, metrics: dict[str, Any]) -> None:
+        """One logged step's materialized metrics (with "step" and "gates")."""
+        if self.rank != 0:
+            return
+        self._append(metrics)
+        if self.writer is None:
+            return
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        for layer, (attn, ffw) in metrics["gates"].items():
+            self.writer.add_scalar(f"gates/attn/{layer}", attn, step)
+            self.writer.add_scalar(f"gates/ffw/{layer}", ffw, step)
+
+    def validation(self, step: int, values: dict[str, float]) -> None:
+        """One validation pass: `val_loss/<name>`, `val_tokens/<name>`, `val_batches/<name>`."""
+        if self.rank != 0:
+            return
+        self._append({"step": step, **values})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "loss" in k))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _tensorboard(directory: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(directory)
+
+
+def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics with its device tensors read as Python numbers (one host sync for all of them). Every rank
+    calls it at the same steps (a sharded grad norm is gathered)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(metrics)
+    tensors = [metrics[k].detach() for k in keys]
+    tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]  # FSDP's grad norm: collective
+    values = torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist()
+    out = dict(metrics)
+    for k, v in zip(keys, values):
+        out[k] = v if metrics[k].is_floating_point() else int(v)  # counters stay integers
+    return out
+
+
+def gate_values(model: Flamingo) -> dict[str, tuple[float, float]]:
+    """LM layer -> (tanh attention gate, tanh dense gate), which the paper plots over training; FSDP-sharded gates
+    are all-gathered first. Vector gates (`gate_type="vector"`) give the mean |tanh| over channels: their signs differ
+    from channel to channel, so a signed mean would hide how far they opened."""
+    if not model.config.gated:
+        return {}
+
+    def value(p: torch.Tensor) -> float:
+        full = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tanh()
+        return float(full) if full.numel() == 1 else float(full.abs().mean())
+
+    return {str(i): (value(b.attn_gate), value(b.ffw_gate)) for i, b in zip(model.xattn_layer_indices, model.xattn)}
+
+
+def memory_high_water(device: torch.device) -> dict[str, float]:
+    """This rank's memory high-water: on CUDA the window's peak of tensor memory (then reset), on the CPU the
+    process's peak resident set since it started (Linux's VmHWM)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_memory_gib": peak}
+    kib: Optional[int] = status_kib("VmHWM")
+    return {} if kib is None else {"max_rss_gib": kib / 2**20}

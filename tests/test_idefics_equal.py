@@ -184,20 +184,25 @@ def test_convert_idefics_command_round_trip(tmp_path):
     # so does the server's decode loop: prefill in chunks, then batched steps, the greedy tokens of `generate`
     from flamingo.model.batching import DecodeBatch
     from flamingo.model.prefill import Prefill
+    from flamingo.model.prefix_cache import PrefixCache
 
     one = processor(PROMPTS[0], images=[random_image(i) for i in range(NUM_IMAGES[0])])  # text, then 3 images
     expected = ours.generate(**one, max_new_tokens=4, min_new_tokens=4)[0, one["input_ids"].shape[1]:].tolist()
-    prefill = Prefill(ours, one["input_ids"][0], one["images"], one["num_media"], one["num_frames"], chunk=5)
-    row = None
-    while row is None:
-        row = prefill.step()
-    decode = DecodeBatch(ours, max_rows=2)
-    decode.add(row)
-    tokens = [int(row.logits.argmax())]
-    with torch.no_grad():
-        while len(tokens) < 4:
-            tokens.append(int(decode.step(torch.tensor([tokens[-1]])).argmax(-1)))
-    assert tokens == expected
+    cache = PrefixCache(2**24, block=4)
+    for again in (False, True):  # the second time from the prefix cache: all but the prompt's last block reused
+        prefill = Prefill(ours, one["input_ids"][0], one["images"], one["num_media"], one["num_frames"], chunk=5,
+                          prefix_cache=cache)
+        row = None
+        while row is None:
+            row = prefill.step()
+        assert (row.cached_tokens > 0) == again
+        decode = DecodeBatch(ours, max_rows=2)
+        decode.add(row)
+        tokens = [int(row.logits.argmax())]
+        with torch.no_grad():
+            while len(tokens) < 4:
+                tokens.append(int(decode.step(torch.tensor([tokens[-1]])).argmax(-1)))
+        assert tokens == expected
     args = ["convert", "idefics", "--model", str(tmp_path / "idefics"), "--out", str(tmp_path / "small"),
             "--trained-only", "--backbones", str(tmp_path / "backbones")]
     assert main(args) == 0 and not (tmp_path / "small" / "lm").exists()

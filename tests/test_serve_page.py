@@ -104,7 +104,13 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
                              json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
             assert answer == api["choices"][0]["message"]["content"] and answer.strip()
             assert "time to first token" in stats and "tokens/s" in stats
-            assert f"{api['usage']['completion_tokens']} tokens" in stats
+            assert f"{api['usage']['completion_tokens']} tokens" in stats and "cached" not in stats
+            cached = api["usage"]["prompt_tokens_details"]["cached_tokens"]  # the page's prompt, sent again
+            assert cached > 0
+            browser.find_element(By.ID, "run-fewshot").click()  # the same demonstration: its blocks are reused
+            wait.until(lambda b: "cached" in b.find_element(By.ID, "fewshot-stats").text)
+            assert f"{cached} of {api['usage']['prompt_tokens']} prompt tokens cached" in \
+                browser.find_element(By.ID, "fewshot-stats").text
 
             browser.find_element(By.ID, "tab-chat").click()
             browser.find_element(By.ID, "chat-file").send_keys(str(query))

@@ -91,7 +91,7 @@ async function streamChat(messages, onText) {
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "", first = null, last = null, tokens = 0, reason = null;
+  let buffer = "", first = null, last = null, tokens = 0, reason = null, promptTokens = 0, cached = 0;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -103,7 +103,11 @@ async function streamChat(messages, onText) {
       if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
       const chunk = JSON.parse(event.slice(6));
       if (chunk.error) throw new Error(chunk.error.message);
-      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      if (chunk.usage) {
+        tokens = chunk.usage.completion_tokens;
+        promptTokens = chunk.usage.prompt_tokens;
+        cached = (chunk.usage.prompt_tokens_details || {}).cached_tokens || 0;  // the server's prefix cache
+      }
       for (const choice of chunk.choices || []) {
         const delta = choice.delta || {};
         if (typeof delta.content === "string" && !delta.role) {  // one chunk per token (maybe empty text)
@@ -119,14 +123,15 @@ async function streamChat(messages, onText) {
   const end = performance.now();
   first = first === null ? end : first;
   const decodeSeconds = ((last || end) - first) / 1000;
-  return { ttftMs: first - start, tokens, reason,
+  return { ttftMs: first - start, tokens, reason, promptTokens, cached,
            tokensPerSecond: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null };
 }
 
 function describe(stats) {
   const speed = stats.tokensPerSecond === null ? "–" : stats.tokensPerSecond.toFixed(1);
+  const cached = stats.cached ? ` · ${stats.cached} of ${stats.promptTokens} prompt tokens cached` : "";
   return `time to first token ${stats.ttftMs.toFixed(0)} ms · ${speed} tokens/s · ${stats.tokens} tokens` +
-         ` · ${stats.reason || ""}`;
+         `${cached} · ${stats.reason || ""}`;
 }
 
 // ------------------------------------------------------------------------------------------------ chat

@@ -79,6 +79,20 @@ def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_
         assert got[i] == [_alone(model, processor, prompt, media, 10)], i
 
 
+def test_uninitialised_cache_memory_is_never_read(make_model, monkeypatch, one_thread):
+    """The batch's K/V buffers are allocated uninitialised: filled with NaN instead, every request still decodes its
+    tokens alone (a position read before it was written would turn its row's logits into NaN)."""
+    import flamingo.model.batching as batching
+
+    monkeypatch.setattr(batching, "_uninitialized", lambda like, shape: like.new_full(shape, float("nan")))
+    model, processor = make_model("llama", lm_overrides=SHARP["llama"])
+    # the 5-shot prompt joins while the first row decodes: that row shifts right past its own length
+    cases = [PROMPTS[0], PROMPTS[4], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    got = _run_batch(model, processor, cases, steps=14, chunk=32, max_rows=5)
+    for i, (prompt, media) in enumerate(cases):
+        assert got[i] == [_alone(model, processor, prompt, media, 14)], i
+
+
 @pytest.mark.parametrize("overrides", [dict(num_image_references=4), dict(only_attend_last_image=False)])
 def test_rows_that_keep_every_image_decode_like_alone(make_model, overrides, one_thread):
     """Models whose decode steps read all of a row's images (reference tokens, attention to every earlier image):

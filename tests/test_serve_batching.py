@@ -257,3 +257,39 @@ def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
         engine.stop(0.0)
     assert events["bad"] == ["error"]
     assert events["good"][-1] == "done"
+
+
+def test_one_turn_prefills_several_prompts_that_fit_its_budget(model_dir, one_thread):
+    """While a row decodes, a turn's token budget (`prefill_chunk`) is shared by the waiting prompts in order: three
+    short prompts join in one turn, a media step encodes two prompts' images, and each request still gets the greedy
+    tokens of `model.generate` alone."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=8, prefill_chunk=64, media_per_step=2, prefix_cache_mib=0)
+    finished: dict[str, list[int]] = {}
+
+    def submit(prompt: str, media: list, max_tokens: int) -> Job:
+        ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
+        job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(max_tokens, 0.0),
+                  emit=lambda e: finished.setdefault(job.id, e.tokens) if e.kind == "finish" else None)
+        engine.submit(job)
+        return job
+
+    first = submit(*PROMPTS[0], max_tokens=40)
+    while engine.running_rows == 0:
+        engine._turn()
+    short = [submit(f"Question: what is {k}? Answer:", [], 6) for k in range(3)]
+    engine._turn()  # one decode step, then one token step: all three (~10 tokens each) fit in 64
+    assert engine.running_rows == 4
+    imaged = [submit(*PROMPTS[1], max_tokens=6), submit("<image>Output:", [random_image(9)], 6)]
+    engine._turn()  # a media step: both prompts' images
+    assert all(not p.needs_media for _, p in engine._prefills) and len(engine._prefills) == 2
+    for _ in range(200):
+        if not engine.busy():
+            break
+        engine._turn()
+    cases = [(first, *PROMPTS[0], 40)] + [(j, f"Question: what is {k}? Answer:", [], 6) for k, j in enumerate(short)] \
+        + [(imaged[0], *PROMPTS[1], 6), (imaged[1], "<image>Output:", [random_image(9)], 6)]
+    for job, prompt, media, steps in cases:
+        assert finished[job.id] == greedy_alone(engine, prompt, media, steps)

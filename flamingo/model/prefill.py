@@ -77,6 +77,22 @@ class Prefill:
     def length(self) -> int:
         return self.input_ids.numel()
 
+    @property
+    def media_done(self) -> int:
+        """Media whose visual tokens are ready (encoded, or taken from the prefix cache)."""
+        return sum(v.shape[1] for v in self._visual)
+
+    @property
+    def needs_media(self) -> bool:
+        """Whether the next `step` encodes media (after `prepare`): some are left, and no chunk has run."""
+        return self.ctx is None and self.media_done < self._total_media()
+
+    def prepare(self) -> None:
+        """Check the prompt's media tokens against its media and take what the prefix cache holds (the first `step`
+        does it when nobody did before). Raises ValueError for a prompt whose `<image>` tokens and media differ."""
+        if not self._checked:
+            self._check_and_reuse()
+
     @torch.no_grad()
     def step(self, chunk: Optional[int] = None, media_per_step: Optional[int] = None) -> Optional[PrefilledRow]:
         """Run the next chunk (`chunk` tokens, default the constructor's). media_per_step: encode the media in
@@ -85,8 +101,7 @@ class Prefill:
         model = self.model
         chunk = self.chunk if chunk is None else chunk
         if self.ctx is None:
-            if not self._checked:
-                self._check_and_reuse()
+            self.prepare()
             encoded = self._encode_media(media_per_step)
             if encoded is None:
                 return None
@@ -153,15 +168,19 @@ class Prefill:
         whether this call encoded any."""
         if self.images is None:
             return False
-        num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
-        total = int(num_media[0])
-        start = sum(v.shape[1] for v in self._visual)
+        total = self._total_media()
+        start = self.media_done
         end = total if per_step is None else min(total, start + per_step)
         if end > start:
             frames = None if self.num_frames is None else self.num_frames[:, start:end]
             self._visual.append(self.model.encode_media(self.images[:, start:end].to(self.device),
                                                         torch.tensor([end - start]), frames))  # (1, n, R, Dv)
         return end > start if end >= total else None
+
+    def _total_media(self) -> int:
+        if self.images is None:
+            return 0
+        return int(self.num_media[0]) if self.num_media is not None else self.images.shape[1]
 
     def _store_prefix(self) -> None:
         """Give the prompt's whole blocks to the prefix cache (those it holds already are only touched)."""

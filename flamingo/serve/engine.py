@@ -1,14 +1,16 @@
 """The serving engine: a bounded queue of requests and one thread that runs the continuous-batching loop.
 
-Each turn of the loop (`Engine._turn`): drop cancelled work; if no prompt is being prefilled and the batch has free
-rows for a waiting request's choices, start its `Prefill`; run one decode step for all running rows; run one prefill
-chunk (its media are encoded first, `media_per_step` per turn). So a joining request's prefill stalls the running
-rows by at most one chunk per step, and a request joins at the step after its prefill ends. With no row running,
-nobody waits: the rest of the prompt is prefilled at once. With a prefix cache (`prefix_cache_mib`), a prompt that
-begins as an earlier one did (the same few-shot demonstrations and images) starts its prefill after their shared
-whole blocks; the usage reports those tokens as `prompt_tokens_details.cached_tokens`, as OpenAI's API does. A
-request's choices (`n`) share its prefill and decode as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop
-string, `max_tokens`, or when their client goes away (at the next step).
+Each turn of the loop (`Engine._turn`): drop cancelled work; start the prefill of the waiting requests whose choices
+fit in the free rows (in order); run one decode step for all running rows; then one prefill step, shared by the
+prefills in order: a media step (up to `media_per_step` media, of the prompts that need media next) or a token step
+(up to `prefill_chunk` tokens, of the prompts that need tokens next). So a joining request's prefill stalls the
+running rows by at most one chunk or one media step per turn, several short prompts can join in one turn, and a
+request joins at the step after its prefill ends. With no row running, nobody waits: the first prompt is prefilled
+at once. With a prefix cache (`prefix_cache_mib`), a prompt that begins as an earlier one did (the same few-shot
+demonstrations and images) starts its prefill after their shared whole blocks; the usage reports those tokens as
+`prompt_tokens_details.cached_tokens`, as OpenAI's API does. A request's choices (`n`) share its prefill and decode
+as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away
+(at the next step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
@@ -29,7 +31,7 @@ import torch
 
 from ..model.batching import DecodeBatch
 from ..model.generation import generation_config_for
-from ..model.prefill import Prefill
+from ..model.prefill import Prefill, PrefilledRow
 from ..model.prefix_cache import PrefixCache
 from .metrics import Metrics
 from .sampling import SamplingParams, pick_tokens, row_generator
@@ -114,7 +116,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._batch = DecodeBatch(model, max_batch)
         self._rows: list[_Choice] = []  # row i of the batch
-        self._prefill: Optional[tuple[Job, Prefill]] = None
+        self._prefills: list[tuple[Job, Prefill]] = []  # admitted, in order; their rows are reserved
         self._accepting = True
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -143,7 +145,7 @@ class Engine:
 
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._waiting or self._prefill or self._rows)
+            return bool(self._waiting or self._prefills or self._rows)
 
     def stop(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` seconds, cancel the rest, end the
@@ -172,7 +174,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not (self._waiting or self._prefill or self._rows):
+                while not self._stopping and not (self._waiting or self._prefills or self._rows):
                     self._cond.wait(timeout=0.5)
                 if self._stopping:
                     break
@@ -185,39 +187,72 @@ class Engine:
 
     def _turn(self) -> None:
         self._drop_cancelled()
-        if self._prefill is None:
-            self._admit()
+        self._admit()
         if self._rows:
             self._decode_step()
-        if self._prefill is not None:
+        if self._prefills:
             self._prefill_step()
 
     def _admit(self) -> None:
-        with self._cond:
-            if not self._waiting or self._waiting[0].params.n > self._batch.free_rows():
-                return
-            job = self._waiting.popleft()
-            self.metrics.set_gauge("queue_depth", len(self._waiting))
-        media = job.media
-        try:
-            self._prefill = (job, Prefill(self.model, job.prompt_ids, media.get("images"), media.get("num_media"),
-                                          media.get("num_frames"), chunk=self.prefill_chunk,
-                                          prefix_cache=self.prefix_cache))
-        except ValueError as e:  # only this request fails
-            job.emit(Event("error", message=str(e)))
+        """Start the prefill of every waiting request, in order, whose choices fit in the rows not yet taken or
+        reserved by earlier prefills."""
+        while True:
+            reserved = sum(job.params.n for job, _ in self._prefills)
+            with self._cond:
+                if not self._waiting or self._waiting[0].params.n > self._batch.free_rows() - reserved:
+                    return
+                job = self._waiting.popleft()
+                self.metrics.set_gauge("queue_depth", len(self._waiting))
+            media = job.media
+            try:
+                self._prefills.append((job, Prefill(
+                    self.model, job.prompt_ids, media.get("images"), media.get("num_media"), media.get("num_frames"),
+                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)))
+            except ValueError as e:  # only this request fails
+                job.emit(Event("error", message=str(e)))
 
     def _prefill_step(self) -> None:
-        job, prefill = self._prefill
-        try:  # with rows waiting: one chunk, or a few media; with none: the whole prompt at once
-            row = prefill.step(self.prefill_chunk, self.media_per_step) if self._rows else prefill.step(2**62)
+        """With rows running, a turn is a media step or a token step, shared by the prefills in order: up to
+        `media_per_step` media of the prompts that need media next, or up to `prefill_chunk` tokens of those that
+        need tokens next (so a short prompt, or one mostly in the prefix cache, leaves the rest of the turn to the
+        next one, and running rows still wait at most one chunk or one media step). With none running, nobody waits:
+        the first prompt is prefilled whole."""
+        tokens, media, kind = self.prefill_chunk, self.media_per_step, None
+        for job, prefill in list(self._prefills):
+            try:
+                prefill.prepare()
+            except ValueError as e:  # only this request fails
+                self._prefills.remove((job, prefill))
+                job.emit(Event("error", message=str(e)))
+                continue
+            if not self._rows:
+                self._run_prefill(job, prefill, 2**62, None)
+                return
+            step_kind = "media" if prefill.needs_media else "tokens"
+            if kind not in (None, step_kind) or (tokens if step_kind == "tokens" else media) <= 0:
+                return
+            kind = step_kind
+            done, encoded = prefill.done, prefill.media_done
+            self._run_prefill(job, prefill, tokens, media)
+            tokens -= prefill.done - done
+            media -= prefill.media_done - encoded
+            if prefill.done == done and prefill.media_done == encoded:
+                return  # it could not use what is left of the turn
+
+    def _run_prefill(self, job: Job, prefill: Prefill, tokens: int, media: Optional[int]) -> None:
+        try:
+            row = prefill.step(tokens, media)
         except Exception as e:  # the request's own fault (bad media the checks missed): only it fails
             log.exception("prefill failed")
-            self._prefill = None
+            self._prefills.remove((job, prefill))
             job.emit(Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
             return
-        if row is None:
-            return
-        self._prefill = None
+        if row is not None:
+            self._prefills.remove((job, prefill))
+            self._join(job, row)
+
+    def _join(self, job: Job, row: PrefilledRow) -> None:
+        """A prefilled request: its first token, then its choices' rows in the batch."""
         now = time.perf_counter()
         job.first_token_at = now
         self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
@@ -298,8 +333,7 @@ class Engine:
             for job in gone:
                 self._waiting.remove(job)
             self.metrics.set_gauge("queue_depth", len(self._waiting))
-        if self._prefill is not None and self._prefill[0].cancelled.is_set():
-            self._prefill = None
+        self._prefills = [(job, p) for job, p in self._prefills if not job.cancelled.is_set()]
         for i in reversed(range(len(self._rows))):
             if self._rows[i].job.cancelled.is_set():
                 self._remove_row(i)
@@ -307,14 +341,13 @@ class Engine:
 
     def _fail_all(self, message: str, include_waiting: bool = False) -> None:
         jobs = {id(c.job): c.job for c in self._rows}
-        if self._prefill is not None:
-            jobs[id(self._prefill[0])] = self._prefill[0]
+        jobs.update({id(job): job for job, _ in self._prefills})
         with self._cond:
             if include_waiting:
                 jobs.update({id(j): j for j in self._waiting})
                 self._waiting.clear()
         for job in jobs.values():
             job.emit(Event("error", message=message))
-        self._rows, self._prefill = [], None
+        self._rows, self._prefills = [], []
         self._batch = DecodeBatch(self.model, self.max_batch)
         self.metrics.set_gauge("running_rows", 0)

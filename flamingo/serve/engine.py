@@ -219,6 +219,8 @@ class Engine:
         the first prompt is prefilled whole."""
         tokens, media, kind = self.prefill_chunk, self.media_per_step, None
         for job, prefill in list(self._prefills):
+            if (tokens if kind == "tokens" else media if kind == "media" else 1) <= 0:
+                return  # not prepared before its turn: a prompt takes the prefix cache's blocks as late as it can
             try:
                 prefill.prepare()
             except ValueError as e:  # only this request fails

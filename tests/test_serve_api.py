@@ -178,7 +178,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--grace", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", str(port), "--grace", "20", "--prefix-cache-mib", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -131,18 +131,15 @@ class Prefill:
         """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
         stored blocks (leaving at least the last token to compute)."""
         self._checked = True
-        ids = self.input_ids[None]
-        num_media = None
-        if self.images is not None:
-            num_media = self.num_media if self.num_media is not None else torch.tensor([self.images.shape[1]])
-        self.model.check_media_tokens(ids, num_media)
+        self.model.check_media_tokens(self.input_ids[None],
+                                      None if self.images is None else torch.tensor([self._total_media()]))
         cache = self.prefix_cache
         if cache is None:
             return
         media_token = self.model.config.media_token_id
         self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
         self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
-        hit = cache.lookup(self._keys, (self.length - 1) // cache.block, self._media_per_block)
+        hit = cache.lookup(self._keys, (self.length - 1) // cache.block)
         if hit is None:
             return
         self.cache = DynamicCache(config=self.model.lm.config)

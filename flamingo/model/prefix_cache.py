@@ -75,9 +75,6 @@ class PrefixCache:
     def bytes(self) -> int:
         return self.store.size
 
-    def __len__(self) -> int:
-        return len(self.store)
-
     # ------------------------------------------------------------------------------------------------ keys
     def keys(self, input_ids: torch.Tensor, media_token_id: int, images: Optional[torch.Tensor] = None,
              num_frames: Optional[torch.Tensor] = None) -> list[bytes]:
@@ -109,18 +106,15 @@ class PrefixCache:
         return VisionFeatureCache.key(medium.detach().to("cpu"))  # BLAKE2b of dtype, shape and bytes
 
     # ------------------------------------------------------------------------------------------------ use
-    def lookup(self, keys: list[bytes], max_blocks: int, media_per_block: list[int]) -> Optional[PrefixHit]:
-        """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them;
-        `media_per_block[b]`: how many media the prompt's block b holds. None when the first block is not stored."""
+    def lookup(self, keys: list[bytes], max_blocks: int) -> Optional[PrefixHit]:
+        """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them; None when the
+        first block is not stored."""
         m = 0
         while m < min(max_blocks, len(keys)) and keys[m] in self.store:
             m += 1
         if m == 0:
             return None
         blocks = [self.store.get(keys[b]) for b in reversed(range(m))][::-1]  # touched last to first
-        if any(b is None or (b.visual.shape[0] if b.visual is not None else 0) != n
-               for b, n in zip(blocks, media_per_block)):
-            return None  # a digest collision with another media layout: never reuse it
         kv = [(torch.cat([b.kv[i][0] for b in blocks], dim=2), torch.cat([b.kv[i][1] for b in blocks], dim=2))
               for i in range(len(blocks[0].kv))]  # (1, h, m·block, d) per layer
         visual = [b.visual for b in blocks if b.visual is not None]

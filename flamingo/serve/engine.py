@@ -219,7 +219,7 @@ class Engine:
         the first prompt is prefilled whole."""
         tokens, media, kind = self.prefill_chunk, self.media_per_step, None
         for job, prefill in list(self._prefills):
-            if (tokens if kind == "tokens" else media if kind == "media" else 1) <= 0:
+            if kind is not None and (tokens if kind == "tokens" else media) <= 0:
                 return  # not prepared before its turn: a prompt takes the prefix cache's blocks as late as it can
             try:
                 prefill.prepare()
@@ -231,15 +231,13 @@ class Engine:
                 self._run_prefill(job, prefill, 2**62, None)
                 return
             step_kind = "media" if prefill.needs_media else "tokens"
-            if kind not in (None, step_kind) or (tokens if step_kind == "tokens" else media) <= 0:
-                return
+            if kind not in (None, step_kind):
+                return  # a turn is a media step or a token step
             kind = step_kind
             done, encoded = prefill.done, prefill.media_done
             self._run_prefill(job, prefill, tokens, media)
             tokens -= prefill.done - done
             media -= prefill.media_done - encoded
-            if prefill.done == done and prefill.media_done == encoded:
-                return  # it could not use what is left of the turn
 
     def _run_prefill(self, job: Job, prefill: Prefill, tokens: int, media: Optional[int]) -> None:
         try:

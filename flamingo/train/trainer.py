@@ -414,6 +414,7 @@ class Trainer:
         without gradients, under the training step's autocast and input handling; every rank must call it."""
         if self.validation is None:
             raise ValueError("the config lists no `validation` datasets")
+
         def batch_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
             inputs = {k: v for k, v in self._to_device(batch).items() if k != "vision_cache"}  # kept for training
             with self._autocast():

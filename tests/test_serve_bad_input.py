@@ -92,7 +92,9 @@ CASES = {
                                         400, "placeholder"),
     "empty prompt": (dict(json={"prompt": "", "max_tokens": 2}, path="/v1/completions"), 400, "empty"),
     "empty chat": (dict(json={"messages": [{"role": "user", "content": []}]}), 400, "empty"),
-    "penalties are not implemented": (dict(json={**GOOD, "presence_penalty": 0.5}), 400, "presence_penalty"),
+    "penalty out of OpenAI's range": (dict(json={**GOOD, "presence_penalty": 2.5}), 400, "presence_penalty"),
+    "logprobs past the completions API's 5": (dict(json={"prompt": "Output:", "logprobs": 6}, path="/v1/completions"),
+                                              400, "logprobs"),
 }
 
 

@@ -8,6 +8,10 @@ index, the last logits; `DecodeBatch.add` copies it into the running batch (mode
 With a prefix cache, the prompt's first whole blocks that an earlier prompt prefilled (same tokens, same media) are
 not computed again: the prefill starts after them, with their K/V and visual tokens, and afterwards the prompt's own
 new blocks are stored for later prompts (model/prefix_cache.py).
+
+With `prompt_logprobs`, every chunk keeps its logits long enough to give each prompt token (but the first) its
+log-probability and its position's likeliest tokens (a server's `echo` with `logprobs`); such a prompt does not start
+from the prefix cache, whose blocks keep no logits, but still stores its blocks for later prompts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
 from .context import MediaContext, Phase
+from .logprobs import TokenLogprobs, token_logprobs
 from .prefix_cache import PrefixCache
 from .xattn import MediaKV, compute_media_index
 
@@ -44,6 +49,7 @@ class PrefilledRow:
     decode_count: Optional[torch.Tensor]  # (1, 1) images of the prompt, for decoding with references
     logits: torch.Tensor  # (V,) the prompt's last position
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    prompt_logprobs: Optional[TokenLogprobs] = None  # of tokens 1..T-1, when the prefill was asked for them
 
 
 class Prefill:
@@ -51,16 +57,22 @@ class Prefill:
 
     input_ids (T,); images (1, N, F, C, H, W) or None, with num_media (1,) and num_frames (1, N) as the processor
     makes them. Chunks continue the prompt's media index (a PREFILL context spans all of them). prefix_cache: reuse
-    and extend the prefills of earlier prompts that begin alike."""
+    and extend the prefills of earlier prompts that begin alike. prompt_logprobs: give the prompt's tokens their
+    log-probabilities, with this many likeliest alternatives per position (None: not computed)."""
 
     def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                  num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
-                 chunk: int = 64, prefix_cache: Optional[PrefixCache] = None) -> None:
+                 chunk: int = 64, prefix_cache: Optional[PrefixCache] = None,
+                 prompt_logprobs: Optional[int] = None) -> None:
         if input_ids.ndim != 1 or input_ids.numel() == 0:
             raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if prompt_logprobs is not None and prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {prompt_logprobs}")
         self.model, self.chunk, self.prefix_cache = model, chunk, prefix_cache
+        self.prompt_logprobs = prompt_logprobs
+        self._logprobs: list[TokenLogprobs] = []  # per chunk run, with prompt_logprobs
         self.device = next(model.lm.parameters()).device
         self.input_ids = input_ids.to(self.device)
         self.images, self.num_media, self.num_frames = images, num_media, num_frames
@@ -113,19 +125,26 @@ class Prefill:
                 return None
         end = min(self.done + chunk, self.length)
         ids = self.input_ids[None, self.done:end]  # (1, c)
-        kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache, **lm_last_logits_only(model.lm)}
+        kwargs: dict[str, Any] = {lm_cache_argument(model.lm): self.cache}
+        if self.prompt_logprobs is None:
+            kwargs.update(lm_last_logits_only(model.lm))
         if lm_takes_position_ids(model.lm):
             kwargs["position_ids"] = torch.arange(self.done, end, device=self.device)[None]
         with model.conditioned(self.ctx):
             out = model.lm(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
                            use_cache=True, **kwargs)
+        if self.prompt_logprobs is not None:  # position t's logits give token t + 1 its log-probability
+            following = self.input_ids[self.done + 1:end + 1]  # (c,) or (c - 1,) in the last chunk
+            self._logprobs.append(token_logprobs(out.logits[0, :following.numel()], following,
+                                                 self.prompt_logprobs))
         self.done = end
         if self.done < self.length:
             return None
         self._store_prefix()
         return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
                             None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
-                            out.logits[0, -1], self.cached_tokens)
+                            out.logits[0, -1], self.cached_tokens,
+                            TokenLogprobs.cat(self._logprobs) if self._logprobs else None)
 
     def _check_and_reuse(self) -> None:
         """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
@@ -139,6 +158,8 @@ class Prefill:
         media_token = self.model.config.media_token_id
         self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
         self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
+        if self.prompt_logprobs is not None:  # every position's logits are needed: computed, not reused
+            return
         hit = cache.lookup(self._keys, (self.length - 1) // cache.block)
         if hit is None:
             return

@@ -3,8 +3,9 @@
 Every check happens here, before any model work: body size, JSON, field types, the API key, media (count, policy,
 pixels), prompt length against the LM's positions, `max_tokens` against the cap. A request that passes becomes an
 engine `Job`; its events come back through an asyncio queue and go out as one JSON body or as server-sent events
-(`data: {...}` chunks, then `data: [DONE]`). A client that disconnects cancels its job (its rows leave at the next
-decode step).
+(`data: {...}` chunks, then `data: [DONE]`), with OpenAI's `logprobs` objects when asked for (serve/logprobs.py) and,
+for raw completions with `echo`, the prompt before the answer. A client that disconnects cancels its job (its rows
+leave at the next decode step).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.backbones import lm_max_positions
+from ..model.logprobs import TokenLogprobs
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
+from .logprobs import CompletionLogprobs, TokenStrings, chat_entries
 from .media import MediaPolicy, load_medium
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .sampling import SamplingParams
@@ -50,7 +53,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     """The app around a started (or to-be-started) engine; the lifespan stops the engine when the server ends."""
     processor, model = engine.processor, engine.model
     positions = lm_max_positions(model.lm)
+    vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
     metrics = engine.metrics
+    strings = TokenStrings(processor.tokenizer)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -120,7 +125,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if asked is not None and asked > settings.max_tokens_cap:
             raise APIError(400, f"max_tokens={asked} is more than this server's cap of {settings.max_tokens_cap}",
                            param="max_tokens")
-        max_tokens = asked or settings.max_tokens_cap
+        max_tokens = asked if asked is not None else settings.max_tokens_cap
         if positions is not None:
             if len(ids) >= positions:
                 raise APIError(400, f"the prompt takes {len(ids)} tokens and the model has {positions} positions",
@@ -129,8 +134,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens={asked} exceed the model's "
                                     f"{positions} positions", param="max_tokens", code="context_length_exceeded")
             max_tokens = min(max_tokens, positions - len(ids))
+        logprobs = req.top_logprobs_asked()
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
-                                n=req.n, stop=req.stops(), seed=req.seed)
+                                n=req.n, stop=req.stops(), seed=req.seed,
+                                frequency_penalty=float(req.frequency_penalty or 0),
+                                presence_penalty=float(req.presence_penalty or 0), logit_bias=req.biases(vocab),
+                                logprobs=logprobs, echo_logprobs=bool(getattr(req, "echo", False))
+                                and logprobs is not None)
         if params.n > engine.max_batch:
             raise APIError(400, f"n={params.n} is more than the server's batch of {engine.max_batch}", param="n")
         batch = processor.batch_media([media])
@@ -140,7 +150,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
                    strip_leading_whitespace=chat)
 
-    async def run(request: Request, job: Job, chat: bool, stream: bool, include_usage: bool) -> Response:
+    async def run(request: Request, job: Job, chat: bool, stream: bool, include_usage: bool,
+                  echo: Optional[str] = None) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -161,10 +172,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "created": created, "model": settings.model_name}
+        answer = _Answer(strings, job, chat, echo)
         if stream:
-            return StreamingResponse(_sse(events, job, head, kind, chat, include_usage),
+            return StreamingResponse(_sse(events, answer, head, kind, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [""] * job.params.n
+        texts = [answer.echo_text] * job.params.n
         reasons: list[Optional[str]] = [None] * job.params.n
         while True:
             try:
@@ -174,8 +186,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                     job.cancelled.set()
                     return Response(status_code=499)
                 continue
-            if event.kind == "delta":
+            if event.kind == "prompt":
+                answer.prompt(event)
+            elif event.kind == "delta":
                 texts[event.choice] += event.text
+                answer.token(event)
             elif event.kind == "finish":
                 reasons[event.choice] = event.finish_reason
             elif event.kind == "error":
@@ -183,7 +198,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             elif event.kind == "done":
                 break
         choices = [({"index": i, "message": {"role": "assistant", "content": t}} if chat else {"index": i, "text": t})
-                   | {"finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+                   | {"finish_reason": r, "logprobs": answer.logprobs(i)}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
         return JSONResponse({**head, "object": kind, "choices": choices, "usage": event.usage})
 
     @app.post("/v1/chat/completions")
@@ -200,7 +216,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(CompletionRequest, await read_json(request))
         refs = [MediaRef(url, video=False) for url in req.media]
         job = await run_in_threadpool(prepare, req.prompt, refs, req, False)
-        return await run(request, job, False, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        return await run(request, job, False, req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                         echo=req.prompt if req.echo else None)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -251,9 +268,57 @@ class _CountRequests:
         await self.app(scope, receive, counted)
 
 
-async def _sse(events: asyncio.Queue, job: Job, head: dict[str, Any], kind: str, chat: bool,
+class _Answer:
+    """One request's choices as OpenAI writes them: the echoed prompt (raw completions with `echo`) and, when the
+    request asked for logprobs, each choice's `logprobs` object, built from the engine's events."""
+
+    def __init__(self, strings: TokenStrings, job: Job, chat: bool, echo: Optional[str]) -> None:
+        self.strings, self.job, self.chat = strings, job, chat
+        self.echo_text = echo or ""
+        self.asked = job.params.logprobs is not None
+        n = job.params.n
+        self._chat_tokens: list[list[int]] = [[] for _ in range(n)]
+        self._chat_logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        self._completion = [CompletionLogprobs(strings) for _ in range(n)]
+        self._prompt_part: Optional[dict[str, list[Any]]] = None  # the echoed prompt's lists, for a stream
+
+    def prompt(self, event: Event) -> None:
+        """The echoed prompt's log-probabilities: its first token has none."""
+        ids = self.job.prompt_ids.tolist()
+        for c in self._completion:
+            first, rest = c.add(ids[:1], None), c.add(ids[1:], event.logprobs)
+        self._prompt_part = {k: first[k] + rest[k] for k in first}
+
+    def token(self, event: Event) -> Optional[dict[str, Any]]:
+        """Take a delta's token; returns its `logprobs` object for a stream chunk (None when not asked for, or
+        for a stop token)."""
+        if not self.asked or event.token is None or event.logprobs is None:
+            return None
+        if self.chat:
+            self._chat_tokens[event.choice].append(event.token)
+            self._chat_logprobs[event.choice].append(event.logprobs)
+            return {"content": chat_entries(self.strings, [event.token], event.logprobs), "refusal": None}
+        return self._completion[event.choice].add([event.token], event.logprobs)
+
+    def logprobs(self, choice: int) -> Optional[dict[str, Any]]:
+        """A whole choice's `logprobs` object (None when not asked for)."""
+        if not self.asked:
+            return None
+        if self.chat:
+            parts = self._chat_logprobs[choice]
+            entries = chat_entries(self.strings, self._chat_tokens[choice], TokenLogprobs.cat(parts)) if parts else []
+            return {"content": entries, "refusal": None}
+        return self._completion[choice].body
+
+    def prompt_chunk(self) -> Optional[dict[str, Any]]:
+        """The echoed prompt's `logprobs` lists, for a stream's first chunk of each choice."""
+        return self._prompt_part
+
+
+async def _sse(events: asyncio.Queue, answer: _Answer, head: dict[str, Any], kind: str,
                include_usage: bool) -> AsyncIterator[str]:
     """The job's events as OpenAI stream chunks; the job is cancelled when the client goes away."""
+    job, chat = answer.job, answer.chat
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -263,11 +328,18 @@ async def _sse(events: asyncio.Queue, job: Job, head: dict[str, Any], kind: str,
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(job.params.n)])
+        elif answer.echo_text and not job.params.echo_logprobs:
+            yield chunk([{"index": i, "text": answer.echo_text, "finish_reason": None, "logprobs": None}
+                         for i in range(job.params.n)])
         while True:
             event = await events.get()
-            if event.kind == "delta":
+            if event.kind == "prompt":
+                answer.prompt(event)
+                yield chunk([{"index": i, "text": answer.echo_text, "finish_reason": None,
+                              "logprobs": answer.prompt_chunk()} for i in range(job.params.n)])
+            elif event.kind == "delta":
                 body = {"delta": {"content": event.text}} if chat else {"text": event.text}
-                yield chunk([{"index": event.choice, **body, "finish_reason": None, "logprobs": None}])
+                yield chunk([{"index": event.choice, **body, "finish_reason": None, "logprobs": answer.token(event)}])
             elif event.kind == "finish":
                 body = {"delta": {}} if chat else {"text": ""}
                 yield chunk([{"index": event.choice, **body, "finish_reason": event.finish_reason, "logprobs": None}])

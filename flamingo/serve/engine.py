@@ -9,8 +9,10 @@ request joins at the step after its prefill ends. With no row running, nobody wa
 at once. With a prefix cache (`prefix_cache_mib`), a prompt that begins as an earlier one did (the same few-shot
 demonstrations and images) starts its prefill after their shared whole blocks; the usage reports those tokens as
 `prompt_tokens_details.cached_tokens`, as OpenAI's API does. A request's choices (`n`) share its prefill and decode
-as separate rows. Rows leave at EOS / `<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away
-(at the next step).
+as separate rows. A request that asks for logprobs gets each generated token's log-probability (and its position's
+likeliest tokens) with its delta; one that echoes its prompt with logprobs gets the prompt's before its first token
+(its prefill keeps every position's logits and does not start from the prefix cache). Rows leave at EOS /
+`<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away (at the next step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
@@ -31,6 +33,7 @@ import torch
 
 from ..model.batching import DecodeBatch
 from ..model.generation import generation_config_for
+from ..model.logprobs import TokenLogprobs, token_logprobs
 from ..model.prefill import Prefill, PrefilledRow
 from ..model.prefix_cache import PrefixCache
 from .metrics import Metrics
@@ -58,13 +61,17 @@ class Event:
     """What the engine tells a request's handler: a text delta of one choice, a choice's end, the request's end
     (with its usage) or an error."""
 
-    kind: str  # "delta" | "finish" | "done" | "error"
+    kind: str  # "prompt" | "delta" | "finish" | "done" | "error"
     choice: int = 0
     text: str = ""
     finish_reason: Optional[str] = None
     usage: Optional[dict[str, Any]] = None  # OpenAI's usage object
     message: str = ""
     tokens: Optional[list[int]] = None  # "finish": the choice's token ids (its stop token included)
+    # "delta" of a request with logprobs: its token (None for a stop token, which is not part of the text);
+    # "prompt": the prompt's tokens 1..T-1 (of a request echoing its prompt with logprobs)
+    logprobs: Optional[TokenLogprobs] = None
+    token: Optional[int] = None
 
 
 @dataclass
@@ -207,7 +214,8 @@ class Engine:
             try:
                 self._prefills.append((job, Prefill(
                     self.model, job.prompt_ids, media.get("images"), media.get("num_media"), media.get("num_frames"),
-                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)))
+                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache,
+                    prompt_logprobs=(job.params.logprobs or 0) if job.params.echo_logprobs else None)))
             except ValueError as e:  # only this request fails
                 job.emit(Event("error", message=str(e)))
 
@@ -261,11 +269,18 @@ class Engine:
         if self.prefix_cache is not None:
             self.metrics.inc("prompt_tokens_cached_total", row.cached_tokens)
             self.metrics.set_gauge("prefix_cache_bytes", self.prefix_cache.bytes)
+        if row.prompt_logprobs is not None:
+            job.emit(Event("prompt", logprobs=row.prompt_logprobs))
         choices = [_Choice(job, i, row_generator(job.params, i, self.device)) for i in range(job.params.n)]
         job.open_choices = len(choices)
-        tokens = pick_tokens(row.logits[None].expand(len(choices), -1), [job.params] * len(choices),
-                             [c.generator for c in choices], self.suppress)
-        running = [c for c, t in zip(choices, tokens.tolist()) if not self._advance(c, t, now)]
+        if job.params.max_tokens == 0:  # an echo of the prompt only
+            for choice in choices:
+                self._finish_choice(choice, "length")
+            return
+        logits = row.logits[None].expand(len(choices), -1)  # (n, V)
+        tokens = pick_tokens(logits, [job.params] * len(choices), [c.generator for c in choices], self.suppress)
+        logprobs = self._logprobs(logits, tokens, choices)
+        running = [c for c, t, lp in zip(choices, tokens.tolist(), logprobs) if not self._advance(c, t, now, lp)]
         if running and not job.cancelled.is_set():
             self._batch.add(row, copies=len(running))
             self._rows.extend(running)
@@ -274,10 +289,13 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self._rows
         logits = self._batch.step(torch.tensor([c.tokens[-1] for c in rows], dtype=torch.long))
-        tokens = pick_tokens(logits, [c.job.params for c in rows], [c.generator for c in rows], self.suppress)
+        tokens = pick_tokens(logits, [c.job.params for c in rows], [c.generator for c in rows], self.suppress,
+                             generated=[c.tokens for c in rows])
+        logprobs = self._logprobs(logits, tokens, rows)
         now = time.perf_counter()
         self.metrics.observe("batch_size", len(rows))
-        finished = [i for i, (c, t) in enumerate(zip(rows, tokens.tolist())) if self._advance(c, t, now)]
+        finished = [i for i, (c, t, lp) in enumerate(zip(rows, tokens.tolist(), logprobs))
+                    if self._advance(c, t, now, lp)]
         for i in reversed(finished):
             self._remove_row(i)
         self.metrics.set_gauge("running_rows", len(self._rows))
@@ -287,8 +305,26 @@ class Engine:
         self._rows[i] = self._rows[-1]
         self._rows.pop()
 
-    def _advance(self, choice: _Choice, token: int, now: float) -> bool:
-        """Take one new token of a choice; emit its text; True when the choice is finished."""
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, choices: list[_Choice]
+                  ) -> list[Optional[TokenLogprobs]]:
+        """logits (B, V) and the tokens picked (B,) -> each row's token log-probabilities, for the rows whose
+        request asked for them (the most alternatives any of them asked for, cut per row)."""
+        want = [i for i, c in enumerate(choices) if c.job.params.logprobs is not None]
+        out: list[Optional[TokenLogprobs]] = [None] * len(choices)
+        if not want:
+            return out
+        top = max(choices[i].job.params.logprobs for i in want)
+        index = torch.tensor(want, device=logits.device)
+        found = token_logprobs(logits.index_select(0, index), tokens.to(logits.device).index_select(0, index), top)
+        for j, i in enumerate(want):
+            k = choices[i].job.params.logprobs
+            out[i] = TokenLogprobs(found.logprobs[j:j + 1], found.top_ids[j:j + 1, :k], found.top_logprobs[j:j + 1, :k])
+        return out
+
+    def _advance(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs] = None) -> bool:
+        """Take one new token of a choice; emit its text (with its log-probabilities, when asked for); True when the
+        choice is finished."""
         job, params = choice.job, choice.job.params
         if choice.tokens:
             self.metrics.observe("inter_token_latency_seconds", now - choice.last_step_at)
@@ -311,15 +347,21 @@ class Engine:
             while end > choice.sent and text[end - 1] == "\ufffd":
                 end -= 1
         # one delta per token, empty while text is held back: streams show when each token came
-        job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end] if end > choice.sent else ""))
+        in_text = token not in self.eos
+        job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end] if end > choice.sent else "",
+                       logprobs=logprobs if in_text else None, token=token if in_text else None))
         choice.sent = max(choice.sent, end)
         if reason is None:
             return False
+        self._finish_choice(choice, reason)
+        return True
+
+    def _finish_choice(self, choice: _Choice, reason: str) -> None:
+        job = choice.job
         job.emit(Event("finish", choice=choice.index, finish_reason=reason, tokens=list(choice.tokens)))
         job.open_choices -= 1
         if job.open_choices == 0:
             self._finish_job(job)
-        return True
 
     def _finish_job(self, job: Job) -> None:
         prompt = int(job.prompt_ids.numel())

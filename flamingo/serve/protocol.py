@@ -1,8 +1,10 @@
 """Request schemas of the OpenAI-compatible endpoints and OpenAI-style error bodies.
 
 Fields are typed strictly (`"max_tokens": "10"` is an error, not 10) and unknown fields are refused, as OpenAI's API
-does ("Unrecognized request argument supplied"). A few OpenAI fields this server does not implement are accepted
-at their neutral value only (penalties 0, no logprobs), so clients that always send them keep working.
+does ("Unrecognized request argument supplied"). Ranges are OpenAI's: penalties in [-2, 2], `logit_bias` at most 300
+token ids with biases in [-100, 100], chat `top_logprobs` up to 20 (with `logprobs: true`), completions `logprobs` up
+to 5; `max_tokens: 0` only with the completions API's `echo` (the prompt's log-probabilities alone, as
+evaluation harnesses ask for them).
 """
 
 from __future__ import annotations
@@ -78,10 +80,9 @@ class _Sampling(_Strict):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None
-    # OpenAI fields not implemented: accepted at their neutral values only
-    frequency_penalty: Optional[Number] = Field(default=None, ge=0, le=0)
-    presence_penalty: Optional[Number] = Field(default=None, ge=0, le=0)
-    logprobs: Optional[Union[StrictBool, StrictInt]] = None
+    frequency_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
+    logit_bias: Optional[dict[StrictStr, Number]] = None  # token id (as a string) -> bias
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -89,10 +90,33 @@ class _Sampling(_Strict):
             raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
         return tuple(stops)
 
+    def biases(self, vocab: int) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs, each id checked against the model's `vocab` logits."""
+        pairs: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or int(key) >= vocab:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})",
+                               param="logit_bias")
+            if not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], not {bias}",
+                               param="logit_bias")
+            pairs[int(key)] = float(bias)
+        if len(pairs) > 300:
+            raise APIError(400, f"logit_bias takes at most 300 tokens, got {len(pairs)}", param="logit_bias")
+        return tuple(pairs.items())
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+
+    def top_logprobs_asked(self) -> Optional[int]:
+        """None: no logprobs; k: each token's log-probability and its position's k likeliest tokens."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -101,6 +125,13 @@ class CompletionRequest(_Sampling):
     prompt: StrictStr
     media: list[StrictStr] = Field(default_factory=list)
     echo: StrictBool = False
+    logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=5)
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
+
+    def top_logprobs_asked(self) -> Optional[int]:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing: it is allowed with echo only", param="max_tokens")
+        return self.logprobs
 
 
 def parse(model: type[_Strict], payload: Any) -> Any:
@@ -115,10 +146,7 @@ def parse(model: type[_Strict], payload: Any) -> Any:
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {where}", param=where) from None
         raise APIError(400, f"invalid value for {where or 'the body'}: {first['msg']}", param=where or None) from None
-    if getattr(request, "logprobs", None):
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-    if getattr(request, "echo", False):
-        raise APIError(400, "echo is not supported by this server", param="echo")
+    request.top_logprobs_asked()  # the cross-field checks
     return request
 
 

@@ -1,6 +1,8 @@
 """Per-row token choice for a batch whose rows differ in settings: greedy rows take the argmax, sampled rows their own
 temperature, top-p and random generator (a request's `seed` makes its sampled tokens repeat, whatever its
-neighbours)."""
+neighbours). Before either, a row's logits take its request's `logit_bias` and OpenAI's frequency and presence
+penalties over the tokens it has generated (`logits[t] -= count[t] * frequency + (count[t] > 0) * presence`; the
+prompt does not count, as in OpenAI's definition)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,19 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: Optional[int] = None  # give each generated token its log-probability and this many alternatives
+    echo_logprobs: bool = False  # give the prompt's tokens theirs (raw completions with `echo`)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 def row_generator(params: SamplingParams, choice: int, device: torch.device) -> Optional[torch.Generator]:
@@ -40,10 +51,15 @@ def row_generator(params: SamplingParams, choice: int, device: torch.device) -> 
 
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[Optional[torch.Generator]], suppress: Sequence[int]) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B,): row b by `params[b]` with `generators[b]`; `suppress` ids are never chosen
-    (`<image>`: what `generate` suppresses)."""
+                generators: Sequence[Optional[torch.Generator]], suppress: Sequence[int],
+                generated: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,): row b by `params[b]` with `generators[b]`, penalised by the tokens it has
+    generated, `generated[b]` (none when omitted); `suppress` ids are never chosen (`<image>`: what `generate`
+    suppresses)."""
     logits = logits.to(torch.float32, copy=True)  # (B, V), the caller's stays as it was
+    for b, p in enumerate(params):
+        if p.adjusts_logits:
+            adjust_logits(logits[b], p, generated[b] if generated is not None else ())
     if suppress:
         logits[:, list(suppress)] = -float("inf")
     tokens = logits.argmax(dim=-1)  # (B,)
@@ -56,3 +72,13 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         tokens[b] = torch.multinomial(row[0].softmax(dim=-1), 1, generator=generator)[0]
     return tokens
 
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int]) -> None:
+    """Apply `params`' logit bias and frequency / presence penalties to one row's logits (V,), in place."""
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    if generated and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
+        logits[ids] -= counts.to(logits.dtype) * params.frequency_penalty + params.presence_penalty

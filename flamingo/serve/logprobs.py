@@ -1,0 +1,107 @@
+"""Log-probabilities as OpenAI's API writes them: chat's `logprobs.content` entries and the completions API's
+`tokens` / `token_logprobs` / `top_logprobs` / `text_offset` lists.
+
+A token's text is what it adds in the middle of a text (decoded after a newline token, so a SentencePiece word keeps
+its leading space), special tokens included; its bytes are that text's UTF-8, except for a token that is part of a
+character (its text is "\ufffd"), whose own bytes are given (a byte-fallback `<0xNN>` token, or a byte-level BPE
+token), so a client can join them back into the character.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from ..model.logprobs import TokenLogprobs
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (the inverse of its `bytes_to_unicode` table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenStrings:
+    """Token id -> (text, UTF-8 bytes), cached."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._anchor = tokenizer.encode("\n", add_special_tokens=False)[-1:]
+        self._anchor_text = self._decode(self._anchor)
+        self._byte_level = _byte_level_decoder()
+        self._known: dict[int, tuple[str, bytes]] = {}  # at most the vocabulary
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        if token not in self._known:
+            self._known[token] = self._text_and_bytes(token)
+        return self._known[token]
+
+    def _text_and_bytes(self, token: int) -> tuple[str, bytes]:
+        text = self._decode(self._anchor + [token])
+        text = text[len(self._anchor_text):] if text.startswith(self._anchor_text) else self._decode([token])
+        if "\ufffd" not in text:
+            return text, text.encode()
+        raw = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(raw, str):
+            byte = _BYTE_TOKEN.fullmatch(raw)
+            if byte:
+                return text, bytes([int(byte.group(1), 16)])
+            if raw and all(c in self._byte_level for c in raw):
+                return text, bytes(self._byte_level[c] for c in raw)
+        return text, text.encode()
+
+
+def chat_entries(strings: TokenStrings, tokens: list[int], logprobs: TokenLogprobs) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content`: one entry per token, each with its `top_logprobs` alternatives."""
+    def entry(token: int, lp: float) -> dict[str, Any]:
+        text, raw = strings(token)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+
+    return [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+            for t, (lp, top) in zip(tokens, logprobs.rows())]
+
+
+class CompletionLogprobs:
+    """The completions API's `logprobs` object of one choice, built token by token; `text_offset` counts the
+    characters of the tokens' texts before each token (from `offset`, where the echoed prompt's tokens begin)."""
+
+    def __init__(self, strings: TokenStrings, offset: int = 0) -> None:
+        self.strings, self.offset = strings, offset
+        self.body: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, tokens: list[int], logprobs: Optional[TokenLogprobs]) -> dict[str, list[Any]]:
+        """Append tokens (T,) with their log-probabilities (None: the first token of a prompt, which has none);
+        returns the lists of just these tokens (a stream's chunk)."""
+        rows = logprobs.rows() if logprobs is not None else [(None, None)] * len(tokens)
+        part: dict[str, list[Any]] = {k: [] for k in self.body}
+        for token, (lp, top) in zip(tokens, rows):
+            text, _ = self.strings(token)
+            part["tokens"].append(text)
+            part["token_logprobs"].append(lp)
+            part["top_logprobs"].append(None if top is None else self._alternatives(top))
+            part["text_offset"].append(self.offset)
+            self.offset += len(text)
+        for key, values in part.items():
+            self.body[key].extend(values)
+        return part
+
+    def _alternatives(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """A position's alternatives by text; of tokens with one text (ids the tokenizer has no token for read
+        ""), the likeliest."""
+        out: dict[str, float] = {}
+        for token, lp in top:
+            out.setdefault(self.strings(token)[0], lp)
+        return out

@@ -1,0 +1,314 @@
+"""Log-probabilities, penalties and logit bias in `flamingo serve` (serve/logprobs.py, serve/sampling.py,
+model/logprobs.py): what the server reports equals the log-softmax of one uncached forward over the prompt and the
+answer, alone or batched; `echo` with `max_tokens: 0` gives the prompt's (an evaluation harness's loglikelihood
+request), with the prefix cache holding the prompt or not; penalties and biases change greedy tokens exactly as
+OpenAI defines them; token texts and bytes join back into the text. Through the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.engine import Engine, Job
+from flamingo.serve.logprobs import TokenStrings
+from flamingo.serve.sampling import SamplingParams
+from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
+
+from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+
+QUERY = "<image>Question: what is in the image? Short answer:"
+ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logits are large)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("serve_logprobs")
+    engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        yield engine, url
+
+
+def _client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _forward_logprobs(engine, prompt, media, continuation=()):
+    """log-softmax (T, V) of one uncached forward over the prompt and `continuation`; the prompt's ids."""
+    batch = engine.processor(prompt, images=media)
+    prompt_ids = batch["input_ids"][0].tolist()
+    ids = torch.tensor([prompt_ids + list(continuation)])
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), **rest).logits[0]
+    return logits.float().log_softmax(-1), prompt_ids
+
+
+def _raw(prompt, media, **kwargs):
+    return {"prompt": prompt, "media": [data_url(m) for m in media], "temperature": 0, **kwargs}
+
+
+def _submit(engine, prompt, media, params):
+    """Submit a job straight to the engine; returns a wait() -> (token ids of choice 0, its events)."""
+    ids, medium = engine.processor.encode_prompt(prompt, media)
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event.kind in ("done", "error"):
+            done.set()
+
+    def wait():
+        assert done.wait(60), "the engine did not finish the job"
+        assert events[-1].kind == "done", events[-1].message
+        return next(e.tokens for e in events if e.kind == "finish"), events
+
+    engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit))
+    return wait
+
+
+def _run_job(engine, prompt, media, params):
+    return _submit(engine, prompt, media, params)()
+
+
+def test_completion_logprobs_equal_an_uncached_forward(served):
+    """Each generated token's log-probability and top-3 alternatives equal those of one uncached forward over the
+    prompt and the answer; the tokens' texts are the answer."""
+    engine, url = served
+    strings = TokenStrings(engine.processor.tokenizer)
+    for seed in (2, 3):
+        prompt, media = SHOT + QUERY, [random_image(1), random_image(seed)]
+        reply = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=8, logprobs=3, temperature=0,
+                                                extra_body={"media": [data_url(m) for m in media]})
+        lp = reply.choices[0].logprobs
+        assert lp.tokens
+        answer = []  # the greedy answer of the uncached reference, token by token
+        for text, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            last = _forward_logprobs(engine, prompt, media, answer)[0][-1]  # (V,)
+            allowed = last.clone()
+            allowed[engine.suppress] = -float("inf")
+            chosen = int(allowed.argmax())
+            assert text == strings(chosen)[0]
+            assert value == pytest.approx(float(last[chosen]), abs=ATOL)
+            best = last.topk(3)
+            # a dict by token text: alternatives with one text (ids past the tokenizer's, "") keep the likeliest
+            assert all(min(abs(v - b) for b in best.values.tolist()) < ATOL for v in top.values())
+            assert max(top.values()) == pytest.approx(float(best.values[0]), abs=ATOL)
+            assert len(top) == len({strings(int(i))[0] for i in best.indices})
+            answer.append(chosen)
+        if not any("\ufffd" in t for t in lp.tokens):
+            assert "".join(lp.tokens) == reply.choices[0].text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+
+
+def test_logprobs_in_a_batch_equal_alone(served):
+    """Rows decoded together (the requests queued before the engine starts, so they share decode steps) report
+    the tokens and log-probabilities each reports alone."""
+    engine, _ = served
+    jobs = [(SHOT + QUERY, [random_image(1), random_image(40 + i)]) for i in range(4)]
+    params = SamplingParams(8, temperature=0.0, logprobs=2)
+    alone = [_run_job(engine, prompt, media, params) for prompt, media in jobs]
+    together = Engine(engine.model, engine.processor, max_batch=8, prefill_chunk=16)
+    waits = [_submit(together, prompt, media, params) for prompt, media in jobs]
+    together.start()
+    try:
+        batched = [wait() for wait in waits]
+    finally:
+        together.stop(0.0)
+    rendered = together.metrics.render()
+    steps = float(rendered.split("flamingo_batch_size_count ")[1].split()[0])
+    rows = float(rendered.split("flamingo_batch_size_sum ")[1].split()[0])
+    assert rows / steps > 1.5, (rows, steps)  # they did share steps
+    for (tokens, events), (tokens_b, events_b) in zip(alone, batched):
+        assert tokens_b == tokens
+        values = [e.logprobs for e in events if e.kind == "delta" and e.logprobs is not None]
+        values_b = [e.logprobs for e in events_b if e.kind == "delta" and e.logprobs is not None]
+        assert len(values) == len(values_b) > 0
+        for a, b in zip(values, values_b):
+            torch.testing.assert_close(b.logprobs, a.logprobs, atol=ATOL, rtol=0)
+            assert b.top_ids.tolist() == a.top_ids.tolist()
+            torch.testing.assert_close(b.top_logprobs, a.top_logprobs, atol=ATOL, rtol=0)
+
+
+def test_chat_logprobs_stream_and_whole_answer_agree(served):
+    """Chat: `logprobs.content` entries carry the token, its log-probability, its bytes and `top_logprobs`
+    alternatives (likeliest first); the streamed chunks' entries are the whole answer's."""
+    engine, url = served
+    client = _client(url)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(5))}},
+                                             {"type": "text", "text": "Describe:"}]}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    entries = whole.choices[0].logprobs.content
+    assert entries and len(entries) <= 6
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob <= e.top_logprobs[0].logprob + 1e-6 and e.logprob <= 0
+        if "\ufffd" not in e.token:  # else a part of a character: its bytes are the token's own
+            assert bytes(e.bytes).decode() == e.token
+    text = b"".join(bytes(e.bytes) for e in entries).decode(errors="replace")
+    assert text.lstrip() == whole.choices[0].message.content
+    streamed = []
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "prompt-in-prefix-cache"])
+def test_echo_with_max_tokens_0_gives_the_prompts_logprobs(served, warm):
+    """A loglikelihood request as evaluation harnesses send it (`echo`, `logprobs`, `max_tokens: 0`): the prompt
+    comes back with each token's log-probability under one uncached forward (the first token has none), nothing is
+    generated; when the prefix cache holds the prompt, it is computed anyway (no logits are cached)."""
+    engine, url = served
+    media = [random_image(11), random_image(12)]
+    prompt = SHOT + QUERY + " a blue square."
+    if warm:
+        httpx.post(url + "/v1/completions", json=_raw(prompt, media, max_tokens=1), timeout=60).raise_for_status()
+    reply = httpx.post(url + "/v1/completions", json=_raw(prompt, media, max_tokens=0, echo=True, logprobs=2),
+                       timeout=60).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 0 and reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    reference, prompt_ids = _forward_logprobs(engine, prompt, media)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(prompt_ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    expected = reference[torch.arange(len(prompt_ids) - 1), torch.tensor(prompt_ids[1:])]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=ATOL)
+    for position, top in enumerate(lp["top_logprobs"][1:]):
+        assert sorted(top.values(), reverse=True)[0] == pytest.approx(float(reference[position].max()), abs=ATOL)
+    # echo with an answer: the prompt's entries, then the answer's
+    reply = httpx.post(url + "/v1/completions", json=_raw(prompt, media, max_tokens=3, echo=True, logprobs=0),
+                       timeout=60).json()
+    choice = reply["choices"][0]
+    assert choice["text"].startswith(prompt)
+    generated = reply["usage"]["completion_tokens"]
+    stopped = choice["finish_reason"] == "stop"
+    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids) + generated - stopped
+    assert choice["logprobs"]["token_logprobs"][1:len(prompt_ids)] == pytest.approx(expected.tolist(), abs=ATOL)
+
+
+def test_echo_streams_the_prompt_first(served):
+    _, url = served
+    media = [random_image(13)]
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json=_raw(QUERY, media, max_tokens=2, echo=True, logprobs=1, stream=True)) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    first = json.loads(lines[0][6:])["choices"][0]
+    assert first["text"] == QUERY and first["logprobs"]["token_logprobs"][0] is None
+    assert len(first["logprobs"]["tokens"]) > 5
+
+
+def _greedy_reference(engine, prompt, media, steps, frequency=0.0, presence=0.0, bias=()):
+    """Greedy decoding by uncached forwards, with OpenAI's penalties over the generated tokens and the biases."""
+    answer = []
+    for _ in range(steps):
+        row, _ = _forward_logprobs(engine, prompt, media, answer)
+        logits = row[-1].clone()  # log-softmax differs from the logits by a constant per position: same choice
+        for t in set(answer):
+            logits[t] -= answer.count(t) * frequency + presence
+        for t, b in bias:
+            logits[t] += b
+        logits[engine.suppress] = -float("inf")
+        answer.append(int(logits.argmax()))
+        if answer[-1] in engine.eos:
+            break
+    return answer
+
+
+@pytest.fixture(scope="module")
+def gentle(one_thread):
+    """An engine whose LM's logits are close enough for penalties in OpenAI's range to matter (the `SHARP` models'
+    margins are tens of logits) and whose greedy answer repeats tokens."""
+    model, processor = tiny_flamingo("llama", "clip", gates=0.5, seed=0, lm_overrides={"initializer_range": 0.2})
+    engine = Engine(model, processor, max_batch=4, prefill_chunk=16)
+    engine.start()
+    yield engine
+    engine.stop(0.0)
+
+
+PENALTIES = [(0.25, 0.0), (0.0, 0.25), (0.25, 0.25), (-0.3, 0.0), (0.0, -0.3)]
+
+
+def test_penalties_change_greedy_tokens_as_openai_defines_them(gentle):
+    """frequency / presence penalties over the generated tokens: the engine's greedy tokens equal those of uncached
+    forwards with OpenAI's formula; each setting gives its own answer, none the plain one."""
+    prompt, media = SHOT + QUERY, [random_image(1), random_image(21)]
+    answers = []
+    for frequency, presence in PENALTIES:
+        params = SamplingParams(12, temperature=0.0, frequency_penalty=frequency, presence_penalty=presence)
+        tokens, _ = _run_job(gentle, prompt, media, params)
+        assert tokens == _greedy_reference(gentle, prompt, media, 12, frequency, presence), (frequency, presence)
+        answers.append(tuple(tokens))
+    plain = tuple(_greedy_reference(gentle, prompt, media, 12))
+    assert len(set(answers)) == len(answers) and plain not in answers
+
+
+def test_logit_bias_forces_and_bans_tokens(served):
+    """A bias of +100 makes every token the biased one; -100 bans the unbiased first token, and the answer is
+    then the reference's with that bias."""
+    engine, _ = served
+    prompt, media = SHOT + QUERY, [random_image(1), random_image(21)]
+    plain = _greedy_reference(engine, prompt, media, 6)
+    forced = engine.processor.tokenizer.encode(" red", add_special_tokens=False)[0]
+    tokens, _ = _run_job(engine, prompt, media, SamplingParams(5, temperature=0.0, logit_bias=((forced, 100.0),)))
+    assert tokens == [forced] * 5
+    banned = ((plain[0], -100.0),)
+    tokens, _ = _run_job(engine, prompt, media, SamplingParams(6, temperature=0.0, logit_bias=banned))
+    assert tokens[0] != plain[0] and tokens == _greedy_reference(engine, prompt, media, 6, bias=banned)
+
+
+def test_logit_bias_over_http(served):
+    engine, url = served
+    forced = engine.processor.tokenizer.encode(" red", add_special_tokens=False)[0]
+    reply = _client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say:"}],
+                                                 max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+    text = TokenStrings(engine.processor.tokenizer)(forced)[0]
+    assert reply.choices[0].message.content == (text * 4).lstrip()
+
+
+BAD = {
+    "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
+    "top_logprobs over 20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "chat logprobs as a number": ({"logprobs": 3}, "logprobs"),
+    "penalty out of range": ({"presence_penalty": 2.5}, "presence_penalty"),
+    "bias key not a token id": ({"logit_bias": {"red": 5}}, "not a token id"),
+    "bias id past the vocabulary": ({"logit_bias": {"999999": 5}}, "not a token id"),
+    "bias out of range": ({"logit_bias": {"5": 101}}, "[-100, 100]"),
+    "completions logprobs over 5": ({"prompt": "Say:", "logprobs": 6}, "logprobs"),
+    "max_tokens 0 without echo": ({"prompt": "Say:", "max_tokens": 0}, "echo"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_logprob_and_penalty_fields_get_a_clear_400(served, case):
+    _, url = served
+    fields, says = BAD[case]
+    raw = "prompt" in fields
+    body = ({"max_tokens": 2} if raw else {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 2})
+    response = httpx.post(url + ("/v1/completions" if raw else "/v1/chat/completions"), json={**body, **fields},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert says in response.json()["error"]["message"]
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say:"}],
+                                                          "max_tokens": 1}, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("text", ["naïve café 🦩 — ok", "plain words only", "日本語のテキスト"])
+def test_token_texts_and_bytes_join_back_into_the_text(text):
+    """Byte-level BPE splits a character over tokens: their texts hold U+FFFD, their bytes rebuild it."""
+    tokenizer = tiny_tokenizer()
+    strings = TokenStrings(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(strings(i)[1] for i in ids) == text.encode()
+    if all("\ufffd" not in strings(i)[0] for i in ids):
+        assert "".join(strings(i)[0] for i in ids) == text

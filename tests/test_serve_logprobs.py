@@ -101,8 +101,9 @@ def test_completion_logprobs_equal_an_uncached_forward(served):
             assert max(top.values()) == pytest.approx(float(best.values[0]), abs=ATOL)
             assert len(top) == len({strings(int(i))[0] for i in best.indices})
             answer.append(chosen)
-        if not any("\ufffd" in t for t in lp.tokens):
-            assert "".join(lp.tokens) == reply.choices[0].text
+        in_text = lp.tokens[:-1] if reply.choices[0].finish_reason == "stop" else lp.tokens
+        if not any("\ufffd" in t for t in in_text):
+            assert "".join(in_text) == reply.choices[0].text
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
 
 
@@ -151,7 +152,8 @@ def test_chat_logprobs_stream_and_whole_answer_agree(served):
         assert e.logprob <= e.top_logprobs[0].logprob + 1e-6 and e.logprob <= 0
         if "\ufffd" not in e.token:  # else a part of a character: its bytes are the token's own
             assert bytes(e.bytes).decode() == e.token
-    text = b"".join(bytes(e.bytes) for e in entries).decode(errors="replace")
+    in_text = entries[:-1] if whole.choices[0].finish_reason == "stop" else entries  # the stop token is listed
+    text = b"".join(bytes(e.bytes) for e in in_text).decode(errors="replace")
     assert text.lstrip() == whole.choices[0].message.content
     streamed = []
     for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
@@ -192,8 +194,7 @@ def test_echo_with_max_tokens_0_gives_the_prompts_logprobs(served, warm):
     choice = reply["choices"][0]
     assert choice["text"].startswith(prompt)
     generated = reply["usage"]["completion_tokens"]
-    stopped = choice["finish_reason"] == "stop"
-    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids) + generated - stopped
+    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids) + generated  # a stop token listed too
     assert choice["logprobs"]["token_logprobs"][1:len(prompt_ids)] == pytest.approx(expected.tolist(), abs=ATOL)
 
 
@@ -312,3 +313,95 @@ def test_token_texts_and_bytes_join_back_into_the_text(text):
     assert b"".join(strings(i)[1] for i in ids) == text.encode()
     if all("\ufffd" not in strings(i)[0] for i in ids):
         assert "".join(strings(i)[0] for i in ids) == text
+
+
+def test_a_list_of_prompts_answers_each_as_alone(served):
+    """The completions API's prompt list (texts or token ids): prompt k's choice j is choice k * n + j, each the
+    answer that prompt gets alone; the usage adds up."""
+    engine, url = served
+    texts = ["Question: what colour? Answer:", "A photo of", "Once upon a time"]
+    alone = [httpx.post(url + "/v1/completions", json=_raw(t, [], max_tokens=5, n=2), timeout=60).json()
+             for t in texts]
+    ids = [engine.processor.token_ids(t) for t in texts]
+    for prompt in (texts, ids):
+        reply = httpx.post(url + "/v1/completions", json=_raw(prompt, [], max_tokens=5, n=2), timeout=60).json()
+        assert [c["index"] for c in reply["choices"]] == list(range(6))
+        for k, single in enumerate(alone):
+            for j in range(2):
+                assert reply["choices"][k * 2 + j]["text"] == single["choices"][j]["text"]
+        assert reply["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+        assert reply["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+
+
+def test_token_id_prompt_with_media_equals_the_text_prompt(served):
+    engine, url = served
+    media = [random_image(1), random_image(50)]
+    prompt = SHOT + QUERY
+    ids = engine.processor.encode_prompt(prompt, media)[0]
+    by_text = httpx.post(url + "/v1/completions", json=_raw(prompt, media, max_tokens=6, logprobs=1, echo=True),
+                         timeout=60).json()["choices"][0]
+    by_ids = httpx.post(url + "/v1/completions", json=_raw(ids, media, max_tokens=6, logprobs=1, echo=True),
+                        timeout=60).json()["choices"][0]
+    assert by_ids["logprobs"]["tokens"] == by_text["logprobs"]["tokens"]
+    assert by_ids["logprobs"]["token_logprobs"][1:] == pytest.approx(by_text["logprobs"]["token_logprobs"][1:],
+                                                                     abs=ATOL)
+    echoed = engine.processor.decode(ids, skip_special_tokens=False)
+    assert by_ids["text"] == echoed + by_text["text"][len(prompt):]
+
+
+@pytest.mark.parametrize("body,says", [
+    ({"prompt": ["a", "b"], "media": ["data:,"]}, "media go with one prompt"),
+    ({"prompt": [1, 2, 99999]}, "token ids must be in"),
+    ({"prompt": []}, "empty"),
+    ({"prompt": [[1, 2], []]}, "empty"),
+    ({"prompt": ["a", 1]}, "prompt"),
+])
+def test_bad_prompt_lists_get_a_clear_400(served, body, says):
+    _, url = served
+    response = httpx.post(url + "/v1/completions", json={"max_tokens": 2, **body}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert says in response.json()["error"]["message"]
+
+
+def test_token_ids_must_match_the_media(served):
+    engine, url = served
+    ids = engine.processor.encode_prompt(QUERY, [random_image(1)])[0]
+    response = httpx.post(url + "/v1/completions", json=_raw(ids, [random_image(1)] * 2, max_tokens=2), timeout=60)
+    assert response.status_code == 400 and "<image> token" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
+def test_lm_evaluation_harness_scores_through_the_server(served, tmp_path, tokenized, monkeypatch):
+    """EleutherAI's lm-evaluation-harness (`local-completions`, its batched loglikelihood requests: `echo`,
+    `logprobs`, `max_tokens: 1`, token ids or text) gets the log-likelihoods our own `model.score` gives, and its
+    greedy flag; and its generation requests get the server's greedy answer."""
+    from lm_eval.api.instance import Instance  # the serve extra installs it
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    engine, url = served
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    engine.processor.tokenizer.save_pretrained(tmp_path)
+    lm = LocalCompletionsAPI(base_url=url + "/v1/completions", model="tiny", tokenizer=str(tmp_path),
+                             tokenizer_backend="huggingface", tokenized_requests=tokenized, batch_size=2,
+                             max_retries=1)
+    pairs = [("Question: what is in the image? Short answer:", " a red circle."),
+             ("Question: what is in the image? Short answer:", " a blue square."),
+             ("A photo of", " a cat")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    tokenizer = engine.processor.tokenizer
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        context_ids = tokenizer.encode(context, add_special_tokens=False)
+        whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+        continuation_ids = whole[len(context_ids):]  # lm-eval splits the whole text's tokens at the context's
+        with torch.no_grad():
+            expected = engine.model.score(torch.tensor([context_ids]), [continuation_ids])
+        assert logprob == pytest.approx(float(expected[0]), abs=ATOL)
+        reference = _forward_logprobs(engine, context + continuation, [])[0]  # (T, V)
+        start = len(context_ids)
+        argmax = reference[start - 1:len(whole) - 1].argmax(-1).tolist()
+        assert greedy == (argmax == continuation_ids)
+    generated = lm.generate_until([Instance("generate_until", {}, ("A photo of", {"until": ["\n"],
+                                                                                  "max_gen_toks": 5}), 0)])
+    reply = httpx.post(url + "/v1/completions", json=_raw("A photo of", [], max_tokens=5, stop=["\n"]),
+                       timeout=60).json()
+    assert generated == [reply["choices"][0]["text"]]

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -26,11 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.backbones import lm_max_positions
-from ..model.logprobs import TokenLogprobs
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
-from .logprobs import CompletionLogprobs, TokenStrings, chat_entries
+from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .template import MediaRef, chat_prompt
 
@@ -105,8 +105,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
 
-    def prepare(text: str, refs: list[MediaRef], req: Any, chat: bool) -> Job:
-        """Media, tokens and limits -> a Job (runs in a worker thread: decoding media takes time)."""
+    def prepare(prompt: Union[str, list[int]], refs: list[MediaRef], req: Any, chat: bool) -> Job:
+        """Media, tokens and limits -> a Job (runs in a worker thread: decoding media takes time). A prompt is text,
+        or token ids (the completions API's; their `<image>` ids must match the media)."""
         if len(refs) > settings.max_images:
             raise APIError(400, f"{len(refs)} images/videos, more than the {settings.max_images} this server "
                                 "accepts per prompt", param="messages" if chat else "media")
@@ -115,8 +116,14 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         frames = [load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
                               max_frames=processor.max_frames, where=f"medium {i}") for i, r in enumerate(refs)]
         try:
-            ids, media = processor.encode_prompt(text, frames, max_length=2**62,
-                                                 image_references=False if chat else None)
+            if isinstance(prompt, str):
+                ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,
+                                                     image_references=False if chat else None)
+            else:
+                ids, media = prompt, [processor.preprocess_media(f) for f in frames]
+                if ids.count(processor.media_token_id) != len(media):
+                    raise ValueError(f"the prompt's ids hold {ids.count(processor.media_token_id)} <image> token(s) "
+                                     f"(id {processor.media_token_id}) but {len(media)} media were given")
         except ValueError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         if not ids:
@@ -150,57 +157,41 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
                    strip_leading_whitespace=chat)
 
-    async def run(request: Request, job: Job, chat: bool, stream: bool, include_usage: bool,
-                  echo: Optional[str] = None) -> Response:
+    async def run(request: Request, jobs: list[Job], chat: bool, stream_it: bool, include_usage: bool,
+                  echoes: Optional[list[str]] = None) -> Response:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is gone (server stopped)
-                job.cancelled.set()
+        def emitter(k: int, job: Job) -> Any:
+            def emit(event: Event) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (k, event))
+                except RuntimeError:  # the loop is gone (server stopped)
+                    job.cancelled.set()
+            return emit
 
-        job.emit = emit
+        for k, job in enumerate(jobs):
+            job.emit = emitter(k, job)
         try:
-            engine.submit(job)
+            engine.submit_all(jobs)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
         except NotAccepting as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-        created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "created": created, "model": settings.model_name}
-        answer = _Answer(strings, job, chat, echo)
-        if stream:
-            return StreamingResponse(_sse(events, answer, head, kind, include_usage),
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + jobs[0].id, "created": int(time.time()),
+                "model": settings.model_name}
+        answers = [Answer(strings, job, chat, echoes[k] if echoes else None, k * job.params.n)
+                   for k, job in enumerate(jobs)]
+        if stream_it:
+            return StreamingResponse(stream(events, answers, head, kind, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [answer.echo_text] * job.params.n
-        reasons: list[Optional[str]] = [None] * job.params.n
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return Response(status_code=499)
-                continue
-            if event.kind == "prompt":
-                answer.prompt(event)
-            elif event.kind == "delta":
-                texts[event.choice] += event.text
-                answer.token(event)
-            elif event.kind == "finish":
-                reasons[event.choice] = event.finish_reason
-            elif event.kind == "error":
-                raise APIError(500, event.message, type="server_error")
-            elif event.kind == "done":
-                break
-        choices = [({"index": i, "message": {"role": "assistant", "content": t}} if chat else {"index": i, "text": t})
-                   | {"finish_reason": r, "logprobs": answer.logprobs(i)}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return JSONResponse({**head, "object": kind, "choices": choices, "usage": event.usage})
+        result = await whole(events, answers, chat, request.is_disconnected)
+        if result is None:
+            return Response(status_code=499)
+        choices, usage = result
+        return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -208,16 +199,26 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(ChatCompletionRequest, await read_json(request))
         text, refs = chat_prompt(req.messages)
         job = await run_in_threadpool(prepare, text, refs, req, True)
-        return await run(request, job, True, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        return await run(request, [job], True, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
         req = parse(CompletionRequest, await read_json(request))
+        prompts = req.prompts(vocab)
+        if req.media and len(prompts) > 1:
+            raise APIError(400, "media go with one prompt: send a request per prompt that has images",
+                           param="media")
+        if len(prompts) > engine.max_queue:
+            raise APIError(400, f"{len(prompts)} prompts, more than the server's queue of {engine.max_queue}",
+                           param="prompt")
         refs = [MediaRef(url, video=False) for url in req.media]
-        job = await run_in_threadpool(prepare, req.prompt, refs, req, False)
-        return await run(request, job, False, req.stream, bool(req.stream_options and req.stream_options.include_usage),
-                         echo=req.prompt if req.echo else None)
+        jobs = await run_in_threadpool(lambda: [prepare(p, refs, req, False) for p in prompts])
+        echoes = [p if isinstance(p, str) else processor.decode(p, skip_special_tokens=False) for p in prompts]
+        return await run(request, jobs, False, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage),
+                         echoes=echoes if req.echo else None)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -266,90 +267,3 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, counted)
-
-
-class _Answer:
-    """One request's choices as OpenAI writes them: the echoed prompt (raw completions with `echo`) and, when the
-    request asked for logprobs, each choice's `logprobs` object, built from the engine's events."""
-
-    def __init__(self, strings: TokenStrings, job: Job, chat: bool, echo: Optional[str]) -> None:
-        self.strings, self.job, self.chat = strings, job, chat
-        self.echo_text = echo or ""
-        self.asked = job.params.logprobs is not None
-        n = job.params.n
-        self._chat_tokens: list[list[int]] = [[] for _ in range(n)]
-        self._chat_logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
-        self._completion = [CompletionLogprobs(strings) for _ in range(n)]
-        self._prompt_part: Optional[dict[str, list[Any]]] = None  # the echoed prompt's lists, for a stream
-
-    def prompt(self, event: Event) -> None:
-        """The echoed prompt's log-probabilities: its first token has none."""
-        ids = self.job.prompt_ids.tolist()
-        for c in self._completion:
-            first, rest = c.add(ids[:1], None), c.add(ids[1:], event.logprobs)
-        self._prompt_part = {k: first[k] + rest[k] for k in first}
-
-    def token(self, event: Event) -> Optional[dict[str, Any]]:
-        """Take a delta's token; returns its `logprobs` object for a stream chunk (None when not asked for, or
-        for a stop token)."""
-        if not self.asked or event.token is None or event.logprobs is None:
-            return None
-        if self.chat:
-            self._chat_tokens[event.choice].append(event.token)
-            self._chat_logprobs[event.choice].append(event.logprobs)
-            return {"content": chat_entries(self.strings, [event.token], event.logprobs), "refusal": None}
-        return self._completion[event.choice].add([event.token], event.logprobs)
-
-    def logprobs(self, choice: int) -> Optional[dict[str, Any]]:
-        """A whole choice's `logprobs` object (None when not asked for)."""
-        if not self.asked:
-            return None
-        if self.chat:
-            parts = self._chat_logprobs[choice]
-            entries = chat_entries(self.strings, self._chat_tokens[choice], TokenLogprobs.cat(parts)) if parts else []
-            return {"content": entries, "refusal": None}
-        return self._completion[choice].body
-
-    def prompt_chunk(self) -> Optional[dict[str, Any]]:
-        """The echoed prompt's `logprobs` lists, for a stream's first chunk of each choice."""
-        return self._prompt_part
-
-
-async def _sse(events: asyncio.Queue, answer: _Answer, head: dict[str, Any], kind: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    """The job's events as OpenAI stream chunks; the job is cancelled when the client goes away."""
-    job, chat = answer.job, answer.chat
-    chunk_kind = kind + ".chunk" if chat else kind
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return "data: " + json.dumps({**head, "object": chunk_kind, "choices": choices, **extra}) + "\n\n"
-
-    try:
-        if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                         for i in range(job.params.n)])
-        elif answer.echo_text and not job.params.echo_logprobs:
-            yield chunk([{"index": i, "text": answer.echo_text, "finish_reason": None, "logprobs": None}
-                         for i in range(job.params.n)])
-        while True:
-            event = await events.get()
-            if event.kind == "prompt":
-                answer.prompt(event)
-                yield chunk([{"index": i, "text": answer.echo_text, "finish_reason": None,
-                              "logprobs": answer.prompt_chunk()} for i in range(job.params.n)])
-            elif event.kind == "delta":
-                body = {"delta": {"content": event.text}} if chat else {"text": event.text}
-                yield chunk([{"index": event.choice, **body, "finish_reason": None, "logprobs": answer.token(event)}])
-            elif event.kind == "finish":
-                body = {"delta": {}} if chat else {"text": ""}
-                yield chunk([{"index": event.choice, **body, "finish_reason": event.finish_reason, "logprobs": None}])
-            elif event.kind == "error":
-                yield "data: " + json.dumps(APIError(500, event.message, type="server_error").body()) + "\n\n"
-                break
-            elif event.kind == "done":
-                if include_usage:
-                    yield chunk([], usage=event.usage)
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # a no-op for a finished job; frees the rows of an abandoned one

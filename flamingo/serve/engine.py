@@ -68,8 +68,9 @@ class Event:
     usage: Optional[dict[str, Any]] = None  # OpenAI's usage object
     message: str = ""
     tokens: Optional[list[int]] = None  # "finish": the choice's token ids (its stop token included)
-    # "delta" of a request with logprobs: its token (None for a stop token, which is not part of the text);
-    # "prompt": the prompt's tokens 1..T-1 (of a request echoing its prompt with logprobs)
+    # "delta": its token, with its log-probabilities when the request asked for them (a stop token too: the usage
+    # counts it, and evaluation harnesses drop the last generated token's entry); "prompt": the prompt's tokens
+    # 1..T-1 (of a request echoing its prompt with logprobs)
     logprobs: Optional[TokenLogprobs] = None
     token: Optional[int] = None
 
@@ -134,14 +135,19 @@ class Engine:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if job.params.n > self.max_batch:
-            raise ValueError(f"n={job.params.n} is more than the server's --max-batch {self.max_batch}")
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue jobs, all or none (a request with several prompts)."""
+        for job in jobs:
+            if job.params.n > self.max_batch:
+                raise ValueError(f"n={job.params.n} is more than the server's --max-batch {self.max_batch}")
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(retry_after=1 + len(self._waiting) // max(1, self.max_batch))
-            self._waiting.append(job)
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(retry_after=1 + (len(self._waiting) + len(jobs)) // max(1, self.max_batch))
+            self._waiting.extend(jobs)
             self.metrics.set_gauge("queue_depth", len(self._waiting))
             self._cond.notify()
 
@@ -347,9 +353,8 @@ class Engine:
             while end > choice.sent and text[end - 1] == "\ufffd":
                 end -= 1
         # one delta per token, empty while text is held back: streams show when each token came
-        in_text = token not in self.eos
         job.emit(Event("delta", choice=choice.index, text=text[choice.sent:end] if end > choice.sent else "",
-                       logprobs=logprobs if in_text else None, token=token if in_text else None))
+                       logprobs=logprobs, token=token))
         choice.sent = max(choice.sent, end)
         if reason is None:
             return False

@@ -120,13 +120,25 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """A raw Flamingo prompt: text with one `<image>` per entry of `media` (URLs as in chat image parts)."""
+    """A raw Flamingo prompt: text with one `<image>` per entry of `media` (URLs as in chat image parts); or, as
+    OpenAI's API takes them, token ids, or a list of prompts (texts or token id lists; media with one prompt only)."""
 
-    prompt: StrictStr
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     media: list[StrictStr] = Field(default_factory=list)
     echo: StrictBool = False
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=5)
     max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
+
+    def prompts(self, vocab: int) -> list[Union[str, list[int]]]:
+        """The request's prompts: texts or token id lists, each id checked against the model's `vocab`."""
+        p = self.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise APIError(400, "the prompt list is empty", param="prompt")
+        for ids in prompts:
+            if not isinstance(ids, str) and any(not 0 <= i < vocab for i in ids):
+                raise APIError(400, f"the prompt's token ids must be in [0, {vocab})", param="prompt")
+        return prompts
 
     def top_logprobs_asked(self) -> Optional[int]:
         if self.max_tokens == 0 and not self.echo:
@@ -151,5 +163,6 @@ def parse(model: type[_Strict], payload: Any) -> Any:
 
 
 # pydantic names the branch of a union in an error's location; people need only the field
-_UNION_TAGS = {"str", "list[str]", "list[tagged-union[TextPart,ImagePart,VideoPart]]", "text", "image_url",
+_UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]",
+               "list[tagged-union[TextPart,ImagePart,VideoPart]]", "text", "image_url",
                "video_url", "int", "float", "none", "bool"}

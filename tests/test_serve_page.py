@@ -112,6 +112,21 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
             assert f"{cached} of {api['usage']['prompt_tokens']} prompt tokens cached" in \
                 browser.find_element(By.ID, "fewshot-stats").text
 
+            # token probabilities: each shown token shaded by its probability, its alternatives in its title
+            browser.find_element(By.ID, "show-probs").click()
+            browser.find_element(By.ID, "run-fewshot").click()
+            wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+            spans = browser.execute_script("return Array.from(document.querySelectorAll('#fewshot-output .tok'))"
+                                           ".map((s) => [s.textContent, s.dataset.logprob, s.title])")
+            with_probs = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 5}).json()
+            entries = with_probs["choices"][0]["logprobs"]["content"]
+            assert spans and "".join(text for text, _, _ in spans) == answer
+            shown = iter(e["logprob"] for e in entries)  # tokens with no visible text of their own have no span
+            assert all(any(abs(float(lp) - v) < 1e-4 for v in shown) for _, lp, _ in spans)
+            assert all("%" in title and title.count("\n") == 5 for _, _, title in spans)
+            browser.save_screenshot(str(ARTIFACTS / "serve-page-token-probabilities.png"))
+
             browser.find_element(By.ID, "tab-chat").click()
             browser.find_element(By.ID, "chat-file").send_keys(str(query))
             browser.find_element(By.ID, "chat-input").send_keys(QUESTION)

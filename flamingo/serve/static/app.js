@@ -1,5 +1,6 @@
 // The page of `flamingo serve`: a chat with images and videos, and a few-shot builder. Both send the OpenAI chat
-// API (streamed server-sent events) and show each answer's time to first token and tokens per second.
+// API (streamed server-sent events) and show each answer's time to first token and tokens per second; with "token
+// probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -75,13 +76,15 @@ function acceptMedia(el, take) {
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
-// POST a chat request with stream=true; onText(delta) per piece; resolves to the answer's figures.
+// POST a chat request with stream=true; onText(delta, entry) per token (entry: its logprobs entry, when asked for);
+// resolves to the answer's figures.
 async function streamChat(messages, onText) {
   const body = {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
     max_tokens: parseInt($("#max-tokens").value, 10) || 32,
     temperature: parseFloat($("#temperature").value) || 0,
   };
+  if ($("#show-probs").checked) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const start = performance.now();
   const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!response.ok) {
@@ -114,7 +117,7 @@ async function streamChat(messages, onText) {
           const now = performance.now();
           if (first === null) first = now;
           last = now;
-          if (delta.content) onText(delta.content);
+          if (delta.content) onText(delta.content, choice.logprobs ? choice.logprobs.content[0] : null);
         }
         if (choice.finish_reason) reason = choice.finish_reason;
       }
@@ -125,6 +128,22 @@ async function streamChat(messages, onText) {
   const decodeSeconds = ((last || end) - first) / 1000;
   return { ttftMs: first - start, tokens, reason, promptTokens, cached,
            tokensPerSecond: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null };
+}
+
+// Append a piece of an answer to `out`: plain text, or (with a logprobs entry) a span shaded by the token's
+// probability whose title lists the likeliest alternatives.
+function appendPiece(out, text, entry) {
+  if (!entry) { out.append(text); return; }
+  const p = Math.exp(entry.logprob);
+  const span = document.createElement("span");
+  span.className = "tok";
+  span.textContent = text;
+  span.dataset.logprob = entry.logprob;
+  span.style.background = `rgba(217, 72, 15, ${(0.6 * (1 - p)).toFixed(3)})`;
+  const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+  const alternatives = entry.top_logprobs.map((t) => `${JSON.stringify(t.token)} ${percent(t.logprob)}`);
+  span.title = `${JSON.stringify(entry.token)} ${percent(entry.logprob)}\n` + alternatives.join("\n");
+  out.append(span);
 }
 
 function describe(stats) {
@@ -188,7 +207,7 @@ async function sendChat() {
   const out = $(".text", reply);
   $("#chat-send").disabled = true;
   try {
-    const stats = await streamChat(history, (t) => { out.textContent += t; });
+    const stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry));
     history.push({ role: "assistant", content: out.textContent });
     $(".stats", reply).textContent = describe(stats);
   } catch (e) {
@@ -249,7 +268,7 @@ async function runFewShot() {
   $("#fewshot-stats").textContent = "";
   $("#run-fewshot").disabled = true;
   try {
-    const stats = await streamChat(fewShotMessages(), (t) => { out.textContent += t; });
+    const stats = await streamChat(fewShotMessages(), (t, entry) => appendPiece(out, t, entry));
     $("#fewshot-stats").textContent = describe(stats);
   } catch (e) {
     out.classList.add("error");

@@ -32,6 +32,7 @@ from .media import MediaPolicy, load_medium
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
+from .structured import GrammarError, Grammars
 from .template import MediaRef, chat_prompt
 
 STATIC = Path(__file__).parent / "static"
@@ -56,6 +57,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
     metrics = engine.metrics
     strings = TokenStrings(processor.tokenizer)
+    grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -150,12 +152,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                                 and logprobs is not None)
         if params.n > engine.max_batch:
             raise APIError(400, f"n={params.n} is more than the server's batch of {engine.max_batch}", param="n")
+        try:
+            grammar = grammars.compile(req.response_format.spec() if req.response_format is not None else None)
+        except GrammarError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
         batch = processor.batch_media([media])
         images = batch["images"]
         if images is not None:
             images = images.to(next(model.vision.parameters()).dtype)
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
-                   strip_leading_whitespace=chat)
+                   strip_leading_whitespace=chat, grammar=grammar)
 
     async def run(request: Request, jobs: list[Job], chat: bool, stream_it: bool, include_usage: bool,
                   echoes: Optional[list[str]] = None) -> Response:

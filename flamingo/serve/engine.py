@@ -9,10 +9,11 @@ request joins at the step after its prefill ends. With no row running, nobody wa
 at once. With a prefix cache (`prefix_cache_mib`), a prompt that begins as an earlier one did (the same few-shot
 demonstrations and images) starts its prefill after their shared whole blocks; the usage reports those tokens as
 `prompt_tokens_details.cached_tokens`, as OpenAI's API does. A request's choices (`n`) share its prefill and decode
-as separate rows. A request that asks for logprobs gets each generated token's log-probability (and its position's
-likeliest tokens) with its delta; one that echoes its prompt with logprobs gets the prompt's before its first token
-(its prefill keeps every position's logits and does not start from the prefix cache). Rows leave at EOS /
-`<|endofchunk|>`, a stop string, `max_tokens`, or when their client goes away (at the next step).
+as separate rows; with a response format, each choice's tokens obey its grammar (serve/structured.py). A request
+that asks for logprobs gets each generated token's log-probability (and its position's likeliest tokens) with its
+delta; one that echoes its prompt with logprobs gets the prompt's before its first token (its prefill keeps every
+position's logits and does not start from the prefix cache). Rows leave at EOS / `<|endofchunk|>`, a stop string,
+`max_tokens`, the end of their grammar, or when their client goes away (at the next step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
@@ -85,6 +86,7 @@ class Job:
     params: SamplingParams
     emit: Callable[[Event], None]
     strip_leading_whitespace: bool = False  # chat answers: the template puts a space before an assistant turn
+    grammar: Optional[Any] = None  # a response format's compiled grammar (serve/structured.py): each choice obeys it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -99,6 +101,7 @@ class _Choice:
 
     def __init__(self, job: Job, index: int, generator: Optional[torch.Generator]) -> None:
         self.job, self.index, self.generator = job, index, generator
+        self.constraint = job.grammar.constraint() if job.grammar is not None else None
         self.tokens: list[int] = []
         self.sent = 0  # characters of the text already emitted
         self.last_step_at = 0.0
@@ -284,7 +287,8 @@ class Engine:
                 self._finish_choice(choice, "length")
             return
         logits = row.logits[None].expand(len(choices), -1)  # (n, V)
-        tokens = pick_tokens(logits, [job.params] * len(choices), [c.generator for c in choices], self.suppress)
+        tokens = pick_tokens(logits, [job.params] * len(choices), [c.generator for c in choices], self.suppress,
+                             constraints=[c.constraint for c in choices])
         logprobs = self._logprobs(logits, tokens, choices)
         running = [c for c, t, lp in zip(choices, tokens.tolist(), logprobs) if not self._advance(c, t, now, lp)]
         if running and not job.cancelled.is_set():
@@ -296,7 +300,7 @@ class Engine:
         rows = self._rows
         logits = self._batch.step(torch.tensor([c.tokens[-1] for c in rows], dtype=torch.long))
         tokens = pick_tokens(logits, [c.job.params for c in rows], [c.generator for c in rows], self.suppress,
-                             generated=[c.tokens for c in rows])
+                             generated=[c.tokens for c in rows], constraints=[c.constraint for c in rows])
         logprobs = self._logprobs(logits, tokens, rows)
         now = time.perf_counter()
         self.metrics.observe("batch_size", len(rows))
@@ -340,6 +344,8 @@ class Engine:
         self.metrics.inc("generation_tokens_total")
         reason = "stop" if token in self.eos else None
         text = self.processor.decode(choice.tokens[:-1] if reason else choice.tokens)
+        if choice.constraint is not None and choice.constraint.accept(token):
+            reason = "stop"  # the response format's grammar is complete: nothing may follow this token
         if job.strip_leading_whitespace:
             text = text.lstrip()
         cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)

@@ -69,6 +69,29 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: StrictStr = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: Optional[StrictStr] = None
+    strict: Optional[StrictBool] = None  # the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    def spec(self) -> dict[str, Any]:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs its json_schema",
+                           param="response_format")
+        out: dict[str, Any] = {"type": self.type}
+        if self.type == "json_schema":
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out
+
+
 class _Sampling(_Strict):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
@@ -83,6 +106,7 @@ class _Sampling(_Strict):
     frequency_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[dict[StrictStr, Number]] = None  # token id (as a string) -> bias
+    response_format: Optional[ResponseFormat] = None  # completions too (an extension, as vLLM has)
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -2,12 +2,12 @@
 temperature, top-p and random generator (a request's `seed` makes its sampled tokens repeat, whatever its
 neighbours). Before either, a row's logits take its request's `logit_bias` and OpenAI's frequency and presence
 penalties over the tokens it has generated (`logits[t] -= count[t] * frequency + (count[t] > 0) * presence`; the
-prompt does not count, as in OpenAI's definition)."""
+prompt does not count, as in OpenAI's definition), then its grammar's mask when it has a response format."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
@@ -52,16 +52,20 @@ def row_generator(params: SamplingParams, choice: int, device: torch.device) -> 
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[Optional[torch.Generator]], suppress: Sequence[int],
-                generated: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+                generated: Optional[Sequence[Sequence[int]]] = None,
+                constraints: Optional[Sequence[Any]] = None) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,): row b by `params[b]` with `generators[b]`, penalised by the tokens it has
     generated, `generated[b]` (none when omitted); `suppress` ids are never chosen (`<image>`: what `generate`
-    suppresses)."""
+    suppresses); a row's constraint (serve/structured.py; None: free) leaves only the tokens its grammar allows."""
     logits = logits.to(torch.float32, copy=True)  # (B, V), the caller's stays as it was
     for b, p in enumerate(params):
         if p.adjusts_logits:
             adjust_logits(logits[b], p, generated[b] if generated is not None else ())
     if suppress:
         logits[:, list(suppress)] = -float("inf")
+    for b, constraint in enumerate(constraints or ()):
+        if constraint is not None:
+            constraint.restrict(logits[b])
     tokens = logits.argmax(dim=-1)  # (B,)
     for b, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:

@@ -1,0 +1,172 @@
+"""Structured outputs (`response_format`, serve/structured.py): every answer of a JSON-schema request parses and
+follows the schema, greedy or sampled, streamed or whole, alone or beside free rows; the constrained greedy tokens
+equal uncached greedy decoding under the grammar's own token masks; a free row beside constrained ones decodes as
+alone; bad formats get a clear 400."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import llguidance
+import llguidance.hf
+import openai
+import pytest
+import torch
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.engine import Engine, Job
+from flamingo.serve.sampling import SamplingParams
+from flamingo.serve.structured import Grammars
+from flamingo.tiny import random_image
+
+from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+
+QUERY = "<image>Question: what is in the image? Short answer:"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "label": {"type": "string", "maxLength": 5},
+        "round": {"type": "boolean"},
+    },
+    "required": ["color", "count", "label", "round"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA, "strict": True}}
+
+
+def _follows_schema(text: str) -> bool:
+    value = json.loads(text)
+    return (set(value) == {"color", "count", "label", "round"} and value["color"] in ("red", "green", "blue")
+            and type(value["count"]) is int and 0 <= value["count"] <= 99 and isinstance(value["label"], str)
+            and len(value["label"]) <= 5 and type(value["round"]) is bool)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("serve_structured")
+    engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        yield engine, url
+
+
+def _client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _messages(seed):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(seed))}},
+                                         {"type": "text", "text": "Describe the shape as JSON."}]}]
+
+
+def test_every_answer_follows_the_schema_greedy_sampled_and_streamed(served):
+    _, url = served
+    client = _client(url)
+    greedy = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=64, temperature=0,
+                                            response_format=FORMAT)
+    assert greedy.choices[0].finish_reason == "stop" and _follows_schema(greedy.choices[0].message.content)
+    sampled = client.chat.completions.create(model="tiny", messages=_messages(2), max_tokens=64, temperature=1.0,
+                                             n=4, seed=3, response_format=FORMAT)
+    texts = [c.message.content for c in sampled.choices]
+    assert all(c.finish_reason == "stop" for c in sampled.choices) and all(_follows_schema(t) for t in texts)
+    assert len(set(texts)) > 1  # sampled within the grammar, not one forced answer
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="tiny", messages=_messages(1), max_tokens=64, temperature=0, response_format=FORMAT, stream=True)
+        if chunk.choices)
+    assert streamed == greedy.choices[0].message.content
+    free = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=24, temperature=0)
+    with pytest.raises(ValueError):  # the SHARP tiny model's free answer is no JSON: the grammar did the work
+        json.loads(free.choices[0].message.content)
+    raw = httpx.post(url + "/v1/completions", timeout=60, json={
+        "prompt": SHOT + QUERY, "media": [data_url(random_image(1)), data_url(random_image(4))], "max_tokens": 64,
+        "temperature": 0, "response_format": {"type": "json_object"}}).json()
+    if raw["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(raw["choices"][0]["text"]), dict)
+    else:  # a free-form object the model kept extending: cut at max_tokens, an object's beginning
+        assert raw["choices"][0]["text"].startswith("{")
+
+
+def _reference(engine, prompt, media, steps):
+    """Greedy tokens of uncached forwards, each step masked by llguidance's own bitmask for the same schema."""
+    tokenizer = engine.processor.tokenizer
+    vocab = engine.model.lm.get_output_embeddings().weight.shape[0]
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(engine.eos)),
+                                   llguidance.LLMatcher.grammar_from_json_schema(
+                                       json.dumps(SCHEMA), overrides={"whitespace_flexible": False}))
+    batch = engine.processor(prompt, images=media)
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    answer = []
+    for _ in range(steps):
+        ids = torch.tensor([batch["input_ids"][0].tolist() + answer])
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), **rest).logits[0, -1].float()
+        bits = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+        allowed = ((bits[:, None] >> torch.arange(8)) & 1).flatten()[:vocab].bool()  # token i: bit i % 8 of byte i // 8
+        logits[~allowed] = -float("inf")
+        logits[engine.suppress] = -float("inf")
+        answer.append(int(logits.argmax()))
+        matcher.consume_token(answer[-1])
+        if matcher.is_stopped() or answer[-1] in engine.eos:
+            break
+    return answer
+
+
+def _submit(engine, prompt, media, params, grammar):
+    ids, medium = engine.processor.encode_prompt(prompt, media)
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event.kind in ("done", "error"):
+            done.set()
+
+    def wait():
+        assert done.wait(60) and events[-1].kind == "done", events[-1].message
+        return next(e for e in events if e.kind == "finish")
+
+    engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit, grammar=grammar))
+    return wait
+
+
+def test_constrained_greedy_equals_uncached_decoding_under_the_grammar_beside_free_rows(served):
+    """Constrained and free requests queued together (so they share decode steps): each constrained answer is the
+    greedy decoding of uncached forwards under the grammar's masks, each free one is its answer alone."""
+    engine, _ = served
+    grammars = Grammars(engine.processor.tokenizer, engine.model.lm.get_output_embeddings().weight.shape[0],
+                        sorted(engine.eos))
+    jobs = [(SHOT + QUERY, [random_image(1), random_image(60 + i)]) for i in range(4)]
+    params = SamplingParams(96, temperature=0.0)
+    free_alone = [_submit(engine, p, m, params, None)().tokens for p, m in jobs[2:]]
+    together = Engine(engine.model, engine.processor, max_batch=8, prefill_chunk=16)
+    waits = [_submit(together, p, m, params, grammars.compile(FORMAT) if k < 2 else None)
+             for k, (p, m) in enumerate(jobs)]
+    together.start()
+    try:
+        finished = [wait() for wait in waits]
+    finally:
+        together.stop(0.0)
+    for (prompt, media), finish in zip(jobs[:2], finished[:2]):
+        assert finish.finish_reason == "stop", repr(engine.processor.decode(finish.tokens))
+        assert finish.tokens == _reference(engine, prompt, media, 96)
+        assert _follows_schema(engine.processor.decode(finish.tokens))
+    assert [f.tokens for f in finished[2:]] == free_alone
+
+
+@pytest.mark.parametrize("response_format,says", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "nonsense"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "nowhere"),
+    ({"type": "json_schema"}, "needs its json_schema"),
+    ({"type": "xml"}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name"),
+])
+def test_bad_response_formats_get_a_clear_400(served, response_format, says):
+    _, url = served
+    body = {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 4, "response_format": response_format}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert says in response.json()["error"]["message"]
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say:"}],
+                                                          "max_tokens": 1}, timeout=60).status_code == 200

@@ -49,3 +49,17 @@ def test_prefill_ceiling_is_whole_time_over_prefill_time():
 def test_mixed_step_batches_hold_the_shortest_and_longest_prompts():
     assert _spread([8, 0, 1, 2, 4], 4) == [0, 1, 2, 8]
     assert _spread([0, 8], 1) == [0] and sorted(set(_spread([0, 1, 2, 4, 8], 16))) == [0, 1, 2, 4, 8]
+
+
+def test_sampling_bench_runs_and_its_answer_follows_its_schema(capsys, one_thread):
+    """bench/serve_sampling.py on the tiny shape: its table and JSON lines (it raises if the answer it walks the
+    grammar with does not follow the schema)."""
+    import json
+
+    from bench.serve_sampling import main
+
+    main(["--shape", "tiny", "--rows", "1", "2", "--repeats", "1"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"bench"')]
+    steps = [line for line in lines if line["bench"] == "serve_sampling"]
+    assert [line["rows"] for line in steps] == [1, 2]
+    assert all(line["json_schema_ms"] > 0 and line["decode_step_ms"] > 0 for line in steps)

@@ -134,6 +134,13 @@ class FlamingoProcessor:
         in indexing errors"), untrue for all of them, is not printed."""
         return self.tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's text (`<image>` placeholders, declarations resolved) -> the ids the model reads, its template's
+        special tokens included."""
+        if self.template == "idefics":  # BOS written into the text, as IDEFICS's processor does
+            return self.token_ids(idefics_prompt(text, self.tokenizer.bos_token), special_tokens=False)
+        return self.token_ids(text)
+
     @property
     def media_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
@@ -232,10 +239,7 @@ class FlamingoProcessor:
         text, media_list = self._split_prompt(prompt, media)
         if self.image_references if image_references is None else image_references:
             text = resolve_declarations(text, len(media_list), self.num_references)
-        if self.template == "idefics":  # BOS written into the text, as IDEFICS's processor does
-            ids = self.token_ids(idefics_prompt(text, self.tokenizer.bos_token), special_tokens=False)
-        else:
-            ids = self.token_ids(text)
+        ids = self.prompt_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
         if n_placeholders != len(media_list):
             raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media_list)} "

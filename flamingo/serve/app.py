@@ -29,7 +29,7 @@ from ..model.backbones import lm_max_positions
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
@@ -233,6 +233,32 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap,
                 "max_images": settings.max_images}
         return JSONResponse({"object": "list", "data": [card]})
+
+    # vLLM's tokenizer endpoints: clients count tokens, and lm-evaluation-harness tokenizes through the server
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = parse(TokenizeRequest, await read_json(request))
+        text = req.prompt if req.messages is None else chat_prompt(req.messages)[0]
+        ids = processor.prompt_ids(text) if req.add_special_tokens else processor.token_ids(text, special_tokens=False)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": positions})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        req = parse(DetokenizeRequest, await read_json(request))
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": processor.decode(req.tokens, skip_special_tokens=False)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        authorize(request)
+        tok = processor.tokenizer
+        return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token,
+                             "bos_token": tok.bos_token, "pad_token": tok.pad_token, "vocab_size": vocab,
+                             "model_max_length": positions, "media_token": "<image>",
+                             "media_token_id": processor.media_token_id})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -33,6 +33,9 @@ class APIError(Exception):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    def check(self) -> None:
+        """Checks across fields (an APIError), after the fields' own."""
+
 
 class ImageURL(_Strict):
     url: StrictStr
@@ -136,6 +139,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
 
+    def check(self) -> None:
+        self.top_logprobs_asked()
+
     def top_logprobs_asked(self) -> Optional[int]:
         """None: no logprobs; k: each token's log-probability and its position's k likeliest tokens."""
         if self.top_logprobs is not None and not self.logprobs:
@@ -164,10 +170,31 @@ class CompletionRequest(_Sampling):
                 raise APIError(400, f"the prompt's token ids must be in [0, {vocab})", param="prompt")
         return prompts
 
+    def check(self) -> None:
+        self.top_logprobs_asked()
+
     def top_logprobs_asked(self) -> Optional[int]:
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens: 0 generates nothing: it is allowed with echo only", param="max_tokens")
         return self.logprobs
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `/tokenize`: a raw prompt or chat messages (media are not fetched: each is its `<image>` token)."""
+
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[Message]] = Field(default=None, min_length=1)
+    add_special_tokens: StrictBool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[StrictStr] = None
+    tokens: list[StrictInt]
 
 
 def parse(model: type[_Strict], payload: Any) -> Any:
@@ -182,7 +209,7 @@ def parse(model: type[_Strict], payload: Any) -> Any:
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {where}", param=where) from None
         raise APIError(400, f"invalid value for {where or 'the body'}: {first['msg']}", param=where or None) from None
-    request.top_logprobs_asked()  # the cross-field checks
+    request.check()
     return request
 
 

@@ -1,0 +1,89 @@
+"""vLLM's tokenizer endpoints on `flamingo serve` (`/tokenize`, `/detokenize`, `/tokenizer_info`): a prompt's ids are
+the ones its completion request is billed for (raw prompts with images, chat messages), they decode back, and
+lm-evaluation-harness, finding them, tokenizes through the server with no tokenizer of its own."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from flamingo.serve.app import ServeSettings
+from flamingo.tiny import random_image
+
+from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+
+QUERY = "<image>Question: what is in the image? Short answer:"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("serve_tokenize")
+    engine = engine_for(save_tiny_model(root / "model"), max_batch=4, prefill_chunk=32)
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        yield engine, url
+
+
+def test_tokenize_gives_the_ids_a_request_is_billed_for(served):
+    engine, url = served
+    media = [random_image(1), random_image(2)]
+    prompt = SHOT + QUERY
+    tokens = httpx.post(url + "/tokenize", json={"prompt": prompt}, timeout=30).json()
+    assert tokens["tokens"] == engine.processor.encode_prompt(prompt, media)[0] and tokens["count"] == len(
+        tokens["tokens"])
+    billed = httpx.post(url + "/v1/completions", timeout=60, json={
+        "prompt": prompt, "media": [data_url(m) for m in media], "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert billed == tokens["count"]
+    bare = httpx.post(url + "/tokenize", json={"prompt": "A photo of", "add_special_tokens": False}, timeout=30)
+    assert bare.json()["tokens"] == engine.processor.tokenizer.encode("A photo of", add_special_tokens=False)
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(media[0])}},
+                                             {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "a circle."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(media[1])}},
+                                             {"type": "text", "text": "And this?"}]}]
+    counted = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30).json()["count"]
+    chat = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60).json()
+    assert counted == chat["usage"]["prompt_tokens"]
+
+
+def test_detokenize_and_tokenizer_info(served):
+    engine, url = served
+    ids = httpx.post(url + "/tokenize", json={"prompt": QUERY}, timeout=30).json()["tokens"]
+    assert httpx.post(url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"] == \
+        engine.processor.decode(ids, skip_special_tokens=False)
+    info = httpx.get(url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == engine.processor.tokenizer.eos_token
+    assert info["media_token_id"] == engine.processor.media_token_id and info["media_token"] == "<image>"
+
+
+@pytest.mark.parametrize("path,body,says", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "either prompt or messages"),
+    ("/tokenize", {}, "either prompt or messages"),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "a"}]}, "last message"),
+    ("/detokenize", {"tokens": [1, 10**9]}, "token ids must be in"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_bad_tokenizer_requests_get_a_clear_400(served, path, body, says):
+    _, url = served
+    response = httpx.post(url + path, json=body, timeout=30)
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+
+
+def test_lm_evaluation_harness_finds_the_servers_tokenizer(served, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` with no tokenizer argument detects the tokenizer endpoints and tokenizes
+    through them; its log-likelihoods equal those it computes with the model's Hugging Face tokenizer."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    engine, url = served
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    engine.processor.tokenizer.save_pretrained(tmp_path)
+    pairs = [("Question: what is in the image? Short answer:", " a red circle."), ("A photo of", " a cat")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    remote = LocalCompletionsAPI(base_url=url + "/v1/completions", model="tiny", max_retries=1)
+    assert remote.tokenizer_backend == "remote"
+    local = LocalCompletionsAPI(base_url=url + "/v1/completions", model="tiny", tokenizer=str(tmp_path),
+                                tokenizer_backend="huggingface", max_retries=1)
+    by_remote, by_local = remote.loglikelihood(requests), local.loglikelihood(requests)
+    assert [g for _, g in by_remote] == [g for _, g in by_local]
+    assert [lp for lp, _ in by_remote] == pytest.approx([lp for lp, _ in by_local], abs=1e-4)

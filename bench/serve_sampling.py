@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
 from bench.common import machine, print_json, print_table
 from bench.serve import build_model
-from bench.serve_steps import k_shot
+from bench.serve_steps import _seconds, k_shot
 from flamingo.model.batching import DecodeBatch
 from flamingo.model.generation import generation_config_for
 from flamingo.model.logprobs import token_logprobs
@@ -34,16 +34,6 @@ SCHEMA = {"type": "object", "properties": {
     "caption": {"type": "string", "maxLength": 40}, "outdoors": {"type": "boolean"}},
     "required": ["animal", "count", "caption", "outdoors"], "additionalProperties": False}
 ANSWER = '{"animal":"dog","count":2,"caption":"two dogs play with a ball on the grass","outdoors":true}'
-
-
-def _seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.no_grad()

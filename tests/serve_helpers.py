@@ -87,3 +87,31 @@ def data_url(image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def openai_client(url: str):
+    """The official client on a test server (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def submit_job(engine: Engine, prompt: str, media: list, params, grammar=None):
+    """Queue a job straight on the engine (no HTTP); returns wait() -> (token ids of choice 0, the job's events)."""
+    from flamingo.serve.engine import Job
+
+    ids, medium = engine.processor.encode_prompt(prompt, media)
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event.kind in ("done", "error"):
+            done.set()
+
+    def wait():
+        assert done.wait(60), "the engine did not finish the job"
+        assert events[-1].kind == "done", events[-1].message
+        return next(e.tokens for e in events if e.kind == "finish"), events
+
+    engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit, grammar=grammar))
+    return wait

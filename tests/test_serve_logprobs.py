@@ -7,20 +7,18 @@ OpenAI defines them; token texts and bytes join back into the text. Through the 
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
-import openai
 import pytest
 import torch
 
 from flamingo.serve.app import ServeSettings
-from flamingo.serve.engine import Engine, Job
+from flamingo.serve.engine import Engine
 from flamingo.serve.logprobs import TokenStrings
 from flamingo.serve.sampling import SamplingParams
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
 
-from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+from serve_helpers import SHOT, data_url, engine_for, openai_client, running_server, save_tiny_model, submit_job
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logits are large)
@@ -32,10 +30,6 @@ def served(tmp_path_factory, one_thread):
     engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
     with running_server(engine, ServeSettings(model_name="tiny")) as url:
         yield engine, url
-
-
-def _client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _forward_logprobs(engine, prompt, media, continuation=()):
@@ -53,27 +47,8 @@ def _raw(prompt, media, **kwargs):
     return {"prompt": prompt, "media": [data_url(m) for m in media], "temperature": 0, **kwargs}
 
 
-def _submit(engine, prompt, media, params):
-    """Submit a job straight to the engine; returns a wait() -> (token ids of choice 0, its events)."""
-    ids, medium = engine.processor.encode_prompt(prompt, media)
-    events, done = [], threading.Event()
-
-    def emit(event):
-        events.append(event)
-        if event.kind in ("done", "error"):
-            done.set()
-
-    def wait():
-        assert done.wait(60), "the engine did not finish the job"
-        assert events[-1].kind == "done", events[-1].message
-        return next(e.tokens for e in events if e.kind == "finish"), events
-
-    engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit))
-    return wait
-
-
 def _run_job(engine, prompt, media, params):
-    return _submit(engine, prompt, media, params)()
+    return submit_job(engine, prompt, media, params)()
 
 
 def test_completion_logprobs_equal_an_uncached_forward(served):
@@ -83,8 +58,8 @@ def test_completion_logprobs_equal_an_uncached_forward(served):
     strings = TokenStrings(engine.processor.tokenizer)
     for seed in (2, 3):
         prompt, media = SHOT + QUERY, [random_image(1), random_image(seed)]
-        reply = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=8, logprobs=3, temperature=0,
-                                                extra_body={"media": [data_url(m) for m in media]})
+        reply = openai_client(url).completions.create(model="tiny", prompt=prompt, max_tokens=8, logprobs=3,
+                                                      temperature=0, extra_body={"media": [data_url(m) for m in media]})
         lp = reply.choices[0].logprobs
         assert lp.tokens
         answer = []  # the greedy answer of the uncached reference, token by token
@@ -115,7 +90,7 @@ def test_logprobs_in_a_batch_equal_alone(served):
     params = SamplingParams(8, temperature=0.0, logprobs=2)
     alone = [_run_job(engine, prompt, media, params) for prompt, media in jobs]
     together = Engine(engine.model, engine.processor, max_batch=8, prefill_chunk=16)
-    waits = [_submit(together, prompt, media, params) for prompt, media in jobs]
+    waits = [submit_job(together, prompt, media, params) for prompt, media in jobs]
     together.start()
     try:
         batched = [wait() for wait in waits]
@@ -140,7 +115,7 @@ def test_chat_logprobs_stream_and_whole_answer_agree(served):
     """Chat: `logprobs.content` entries carry the token, its log-probability, its bytes and `top_logprobs`
     alternatives (likeliest first); the streamed chunks' entries are the whole answer's."""
     engine, url = served
-    client = _client(url)
+    client = openai_client(url)
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(5))}},
                                              {"type": "text", "text": "Describe:"}]}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
@@ -271,7 +246,7 @@ def test_logit_bias_forces_and_bans_tokens(served):
 def test_logit_bias_over_http(served):
     engine, url = served
     forced = engine.processor.tokenizer.encode(" red", add_special_tokens=False)[0]
-    reply = _client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say:"}],
+    reply = openai_client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say:"}],
                                                  max_tokens=4, temperature=0, logit_bias={str(forced): 100})
     text = TokenStrings(engine.processor.tokenizer)(forced)[0]
     assert reply.choices[0].message.content == (text * 4).lstrip()

@@ -6,22 +6,20 @@ alone; bad formats get a clear 400."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import llguidance
 import llguidance.hf
-import openai
 import pytest
 import torch
 
 from flamingo.serve.app import ServeSettings
-from flamingo.serve.engine import Engine, Job
+from flamingo.serve.engine import Engine
 from flamingo.serve.sampling import SamplingParams
 from flamingo.serve.structured import Grammars
 from flamingo.tiny import random_image
 
-from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+from serve_helpers import SHOT, data_url, engine_for, openai_client, running_server, save_tiny_model, submit_job
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 SCHEMA = {
@@ -53,10 +51,6 @@ def served(tmp_path_factory, one_thread):
         yield engine, url
 
 
-def _client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def _messages(seed):
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(seed))}},
                                          {"type": "text", "text": "Describe the shape as JSON."}]}]
@@ -64,7 +58,7 @@ def _messages(seed):
 
 def test_every_answer_follows_the_schema_greedy_sampled_and_streamed(served):
     _, url = served
-    client = _client(url)
+    client = openai_client(url)
     greedy = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=64, temperature=0,
                                             response_format=FORMAT)
     assert greedy.choices[0].finish_reason == "stop" and _follows_schema(greedy.choices[0].message.content)
@@ -114,23 +108,6 @@ def _reference(engine, prompt, media, steps):
     return answer
 
 
-def _submit(engine, prompt, media, params, grammar):
-    ids, medium = engine.processor.encode_prompt(prompt, media)
-    events, done = [], threading.Event()
-
-    def emit(event):
-        events.append(event)
-        if event.kind in ("done", "error"):
-            done.set()
-
-    def wait():
-        assert done.wait(60) and events[-1].kind == "done", events[-1].message
-        return next(e for e in events if e.kind == "finish")
-
-    engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit, grammar=grammar))
-    return wait
-
-
 def test_constrained_greedy_equals_uncached_decoding_under_the_grammar_beside_free_rows(served):
     """Constrained and free requests queued together (so they share decode steps): each constrained answer is the
     greedy decoding of uncached forwards under the grammar's masks, each free one is its answer alone."""
@@ -139,13 +116,13 @@ def test_constrained_greedy_equals_uncached_decoding_under_the_grammar_beside_fr
                         sorted(engine.eos))
     jobs = [(SHOT + QUERY, [random_image(1), random_image(60 + i)]) for i in range(4)]
     params = SamplingParams(96, temperature=0.0)
-    free_alone = [_submit(engine, p, m, params, None)().tokens for p, m in jobs[2:]]
+    free_alone = [submit_job(engine, p, m, params)()[0] for p, m in jobs[2:]]
     together = Engine(engine.model, engine.processor, max_batch=8, prefill_chunk=16)
-    waits = [_submit(together, p, m, params, grammars.compile(FORMAT) if k < 2 else None)
+    waits = [submit_job(together, p, m, params, grammars.compile(FORMAT) if k < 2 else None)
              for k, (p, m) in enumerate(jobs)]
     together.start()
     try:
-        finished = [wait() for wait in waits]
+        finished = [next(e for e in wait()[1] if e.kind == "finish") for wait in waits]
     finally:
         together.stop(0.0)
     for (prompt, media), finish in zip(jobs[:2], finished[:2]):

@@ -119,6 +119,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
+                            allow_private_media_hosts=args.allow_private_media_hosts,
                             max_image_pixels=args.max_image_pixels, model_name=args.model_name)
     serve(engine, settings, host=args.host, port=args.port, grace=args.grace)
     return 0
@@ -197,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
     srv.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
     srv.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
-    srv.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs")
+    srv.add_argument("--allow-remote-media", action="store_true",
+                     help="fetch http(s) media URLs (from public addresses only)")
+    srv.add_argument("--allow-private-media-hosts", action="store_true",
+                     help="with --allow-remote-media: also from loopback, private and link-local addresses")
     srv.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
     srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
     srv.set_defaults(func=_cmd_serve)

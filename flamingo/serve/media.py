@@ -5,7 +5,10 @@ A medium is a URL:
   1 by default, up to its `max_frames`, by `flamingo.video`);
 - a local path (`/abs/path.png`, `rel/path.mp4` or `file://...`), only under the `--media-root` directory: the path is
   resolved (symlinks and `..` included) and refused when it leaves the root;
-- `http(s)://...`, only with `--allow-remote-media` (fetched with a timeout and the body size limit).
+- `http(s)://...`, only with `--allow-remote-media` (fetched with a timeout and the body size limit), and only from
+  public addresses unless `--allow-private-media-hosts`: the address each connection reaches (every redirect hop
+  included, after DNS, so a name that resolves to an internal address is caught) must not be loopback, private,
+  link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
 (decompression bombs stop there). Errors are `APIError`s (400) that say which medium and why.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import re
 import urllib.parse
 import urllib.request
@@ -37,6 +42,7 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*
 class MediaPolicy:
     root: Optional[Path] = None  # local paths are read only under it
     allow_remote: bool = False
+    allow_private: bool = False  # remote media from loopback, private and link-local addresses too
     max_pixels: int = 20_000_000  # per image or video frame
     max_bytes: int = 50 * 2**20  # a remote file's size
     remote_timeout: float = 10.0
@@ -97,9 +103,54 @@ def _under_root(path: str, root: Optional[Path], where: str) -> Path:
     return resolved
 
 
+def public_address(address: str) -> bool:
+    """Whether a connection's peer address is a global one (an IPv4-mapped IPv6 address by its IPv4 address)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global
+
+
+def _checked(connection: type, policy: MediaPolicy) -> type:
+    """`connection` (http.client's HTTP or HTTPS connection) refusing, once connected and before any request is
+    sent, a peer whose address is not public (unless the policy allows private hosts)."""
+
+    class Checked(connection):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            super().connect()
+            peer = self.sock.getpeername()[0]
+            if not policy.allow_private and not public_address(peer):
+                self.close()
+                raise ConnectionRefusedError(f"{self.host} is at {peer}, not a public address "
+                                             "(--allow-private-media-hosts)")
+
+    return Checked
+
+
+def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
+    """http(s) only (redirects to other schemes fail), every connection checked by `_checked`."""
+    http_connection, https_connection = _checked(http.client.HTTPConnection, policy), \
+        _checked(http.client.HTTPSConnection, policy)
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(http_connection, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(https_connection, req, context=self._context)
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), HTTP(), HTTPS(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
 def _fetch(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes, bool, str]:
     try:
-        with urllib.request.urlopen(url, timeout=policy.remote_timeout) as response:  # noqa: S310 (operator's opt-in)
+        with _opener(policy).open(url, timeout=policy.remote_timeout) as response:  # operator's opt-in
             data = response.read(policy.max_bytes + 1)
             mime = (response.headers.get_content_type() or "").lower()
     except OSError as e:

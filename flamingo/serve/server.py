@@ -35,10 +35,12 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
 
 def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,
                  max_tokens_cap: int = 512, max_images: int = 32, media_root: Optional[str] = None,
-                 allow_remote_media: bool = False, max_image_pixels: int = 20_000_000,
+                 allow_remote_media: bool = False, allow_private_media_hosts: bool = False,
+                 max_image_pixels: int = 20_000_000,
                  model_name: Optional[str] = None) -> ServeSettings:
     media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
-                        max_pixels=max_image_pixels, max_bytes=int(max_body_mb * 2**20))
+                        allow_private=allow_private_media_hosts, max_pixels=max_image_pixels,
+                        max_bytes=int(max_body_mb * 2**20))
     return ServeSettings(model_name=model_name or Path(os.path.abspath(model_dir)).name, api_key=api_key,
                          max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
                          max_images=max_images, media=media)

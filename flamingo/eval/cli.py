@@ -10,10 +10,12 @@ import torch.distributed as dist
 
 from ..build import load_pretrained
 from ..config import QUANTIZE_MODES
+from ..processing import FlamingoProcessor
 from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
 from .distributed import rank
+from .remote import RemoteModel
 from .runner import evaluate, markdown_table
 from .tasks import TASKS
 
@@ -55,6 +57,11 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")
     p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
+    p.add_argument("--server", default=None,
+                   help="predict through a running `flamingo serve` at this URL (e.g. http://127.0.0.1:8000): "
+                        "--model then gives only the processor; random demos, greedy decoding (--num-beams 1)")
+    p.add_argument("--api-key", default=None, help="the server's API key, if it asks for one")
+    p.add_argument("--concurrency", type=int, default=8, help="requests to the server in flight at once")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
     return p
@@ -66,8 +73,12 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         quiet_transformers(args.no_progress)
         dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
-        model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device),
-                                           quantize_frozen=args.quantize_frozen)
+        if args.server:  # the server holds the model; the harness needs only its processor
+            model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
+            processor = FlamingoProcessor.from_pretrained(args.model)
+        else:
+            model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device),
+                                               quantize_frozen=args.quantize_frozen)
         generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
                       if v is not None}
         results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,

@@ -23,6 +23,7 @@ from ..runtime import init_process_group_from_env
 from .demos import DemoSelector, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
+from .remote import RemoteModel
 from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
@@ -38,7 +39,7 @@ def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: 
     return [samples[i] for i in sorted(chosen)]
 
 
-def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
+def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
             selector: DemoSelector, shots: int, *, zero_shot: str = "text", batch_size: int = 8,
             loader: Optional[MediaLoader] = None, progress: bool = True, description: str = "",
             generation: Optional[dict[str, Any]] = None, vision_cache: Optional[VisionFeatureCache] = None
@@ -76,6 +77,10 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
             chosen.append(demo_ids)
         if not indices:
             records = []
+        elif isinstance(model, RemoteModel):  # the same prompts, predicted by a server
+            records = model.generate_batch(processor, loader, task, prompts, **(generation or {})) \
+                if task.kind == "generate" else model.rank_batch(processor, loader, task,
+                                                                 [samples[i] for i in indices], prompts)
         elif task.kind == "generate":
             records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
                                      **(generation or {}))
@@ -89,14 +94,16 @@ def predict(model: Flamingo, processor: FlamingoProcessor, task: Task, samples: 
     return all_gather(local, n)
 
 
-def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Task], data_dir: str, *,
+def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, task: Union[str, Task],
+             data_dir: str, *,
              shots: Sequence[int] = (0, 4, 8, 32), trials: int = 3, demos: str = "random",
              query_set: Optional[int] = 2048, num_samples: Optional[int] = None, batch_size: int = 8,
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
              vision_cache_mb: Optional[float] = None) -> dict[str, Any]:
-    """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`.
+    """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
+    `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
     shots: numbers of demos; trials: seeds `seed .. seed + trials - 1`; demos: "random" or "rices"; query_set: demo
     candidates drawn per seed from the train split (None = all); num_samples: evaluated test samples (None = all);
@@ -120,7 +127,14 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
         raise ValueError(f"shots must be non-negative numbers, got {shots}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    model.eval()
+    remote = isinstance(model, RemoteModel)
+    if remote and demos == "rices":
+        raise ValueError("RICES ranks demos by the vision tower's features: evaluate in-process, or with "
+                         "--demos random against a server")
+    if not remote:
+        model.eval()
+    elif (positions := model.positions()) is not None:  # the served LM's window bounds the prompts, as in-process
+        processor.max_length = min(processor.max_length or positions, positions)
     pool = task.load(data_dir, "train")
     samples = select_samples(task.load(data_dir, "test"), num_samples, seed)
     if not samples:
@@ -138,12 +152,12 @@ def evaluate(model: Flamingo, processor: FlamingoProcessor, task: Union[str, Tas
     loader = MediaLoader(processor)
     # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
     if vision_cache_mb is None:
-        vision_cache_mb = 256 if next(model.vision.parameters()).device.type == "cpu" else 0
+        vision_cache_mb = 256 if not remote and next(model.vision.parameters()).device.type == "cpu" else 0
     vision_cache = VisionFeatureCache(int(vision_cache_mb * 2**20)) \
-        if vision_cache_mb > 0 and model.config.freeze_vision else None
+        if vision_cache_mb > 0 and not remote and model.config.freeze_vision else None
     features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    model_name = model_name or model.config.lm_name_or_path or "flamingo"
+    model_name = model_name or (model.base_url if remote else model.config.lm_name_or_path) or "flamingo"
     base = {"task": task.name, "model": model_name, "date": date, "num_samples": len(samples)}
     runs, predictions = [], {}
     for trial in range(trials):

@@ -136,7 +136,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            param="max_tokens")
         max_tokens = asked if asked is not None else settings.max_tokens_cap
         if positions is not None:
-            if len(ids) >= positions:
+            if len(ids) > positions or (len(ids) == positions and max_tokens != 0):  # echo alone: no new token
                 raise APIError(400, f"the prompt takes {len(ids)} tokens and the model has {positions} positions",
                                param="messages" if chat else "prompt", code="context_length_exceeded")
             if asked is not None and len(ids) + asked > positions:

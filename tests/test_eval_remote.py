@@ -1,0 +1,111 @@
+"""`flamingo eval --server`: the harness's prompts predicted by `flamingo serve` give the predictions and metrics of
+the same model in-process (generation greedy; ranking by the server's echoed log-probabilities); the subcommand
+with --server; beams and RICES refused with a clear error; the server's window bounds the prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from flamingo import load_pretrained
+from flamingo.eval import evaluate
+from flamingo.eval.cli import add_eval_subcommand
+from flamingo.eval.remote import RemoteModel
+from flamingo.processing import FlamingoProcessor
+from flamingo.serve.app import ServeSettings
+
+from helpers import DATASET_MAKERS
+from serve_helpers import engine_for, running_server, save_tiny_model
+
+COMMON = dict(shots=[0, 2], trials=2, batch_size=3, progress=False, cider_tokenizer="python", vision_cache_mb=0,
+              generation={"max_new_tokens": 4, "num_beams": 1})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("eval_remote") / "model")
+    with running_server(engine_for(model_dir, max_batch=8, prefill_chunk=32), ServeSettings()) as url:
+        yield str(model_dir), url
+
+
+def _records(out, task):
+    return {p.name: [json.loads(line) for line in p.open()] for p in sorted((out / "predictions").iterdir())}
+
+
+@pytest.mark.parametrize("task", ["vqa", "classification", "videoqa", "captioning"])
+def test_predictions_and_metrics_through_the_server_equal_in_process(served, task, tmp_path):
+    model_dir, url = served
+    data = DATASET_MAKERS[task](tmp_path / "data")
+    model, processor = load_pretrained(model_dir)
+    local = evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "local"), model_name="tiny", **COMMON)
+    remote = evaluate(RemoteModel(url, concurrency=4), FlamingoProcessor.from_pretrained(model_dir), task, str(data),
+                      out_dir=str(tmp_path / "remote"), model_name="tiny", **COMMON)
+    for a, b in zip(local["runs"], remote["runs"], strict=True):
+        assert b["metrics"] == pytest.approx(a["metrics"]) and b["skipped"] == a["skipped"]
+    by_local, by_remote = _records(tmp_path / "local", task), _records(tmp_path / "remote", task)
+    assert by_local.keys() == by_remote.keys()
+    assert any(r.get("prediction") for records in by_local.values() for r in records)  # something to compare
+    assert by_remote == by_local  # every record: prediction, raw text or top-5 ranking, demos
+
+
+def test_eval_subcommand_with_server(served, tmp_path, capsys):
+    model_dir, url = served
+    data = DATASET_MAKERS["vqa"](tmp_path / "data")
+    parser = argparse.ArgumentParser()
+    add_eval_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--model", model_dir, "--server", url, "--task", "vqa", "--data", str(data),
+                              "--shots", "0", "--trials", "1", "--num-beams", "1", "--max-new-tokens", "3",
+                              "--out", str(tmp_path / "out"), "--no-progress"])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["generation"]["num_beams"] == 1 and results["runs"][0]["metrics"]
+
+
+def test_beams_rices_and_a_missing_server_are_clear_errors(served, tmp_path):
+    model_dir, url = served
+    data = DATASET_MAKERS["vqa"](tmp_path / "data")
+    processor = FlamingoProcessor.from_pretrained(model_dir)
+    quick = dict(shots=[0], trials=1, progress=False)
+    with pytest.raises(ValueError, match="--num-beams 1"):  # VQA's default is 3 beams
+        evaluate(RemoteModel(url), processor, "vqa", str(data), **quick)
+    with pytest.raises(ValueError, match="RICES"):
+        evaluate(RemoteModel(url), processor, "vqa", str(data), demos="rices", **quick)
+    with pytest.raises(RuntimeError, match="cannot reach the server"):
+        evaluate(RemoteModel("http://127.0.0.1:9"), processor, "vqa", str(data), **quick)
+
+
+def test_the_servers_window_bounds_the_prompts(served, tmp_path):
+    """The harness skips (and counts) a query longer than the served LM's positions, as in-process: it takes them
+    from the server's `/v1/models`."""
+    model_dir, url = served
+    data = DATASET_MAKERS["classification"](tmp_path / "data")
+    processor = FlamingoProcessor.from_pretrained(model_dir)
+    processor.max_length = None
+    evaluate(RemoteModel(url), processor, "classification", str(data), shots=[0], trials=1, progress=False)
+    assert processor.max_length == RemoteModel(url).positions() == load_pretrained(model_dir)[1].max_length
+
+
+def test_candidate_scores_equal_score_batch(served, tmp_path):
+    """The server's summed log-probabilities of every candidate after its prompt equal `model.score_batch`'s."""
+    from flamingo.eval.demos import DemoSelector
+    from flamingo.eval.predict import MediaLoader, _left_padded_inputs, build_prompt, continuation_ids_of
+    from flamingo.eval.tasks import get_task
+
+    model_dir, url = served
+    data = DATASET_MAKERS["classification"](tmp_path / "data")
+    model, processor = load_pretrained(model_dir)
+    task = get_task("classification")
+    samples, pool = task.load(str(data), "test"), task.load(str(data), "train")
+    demos = DemoSelector(pool, "random", None, 0, None)
+    prompts = [build_prompt(task, s, demos.select(s, i, 2)) for i, s in enumerate(samples)]
+    candidates = [["dog", "cat", "red bird", "blue fish"]] * len(samples)  # several tokens and one
+    loader = MediaLoader(processor)
+    by_server = RemoteModel(url).score_batch(processor, loader, task, prompts, candidates)
+    inputs = _left_padded_inputs(model, processor, loader, prompts)
+    in_process = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c)
+                                                             for c in candidates], **inputs)
+    for remote, local in zip(by_server, in_process, strict=True):
+        assert remote == pytest.approx(local.tolist(), abs=5e-3)
+    assert len({round(v, 3) for v in by_server[0]}) == 4  # distinct scores: the comparison can tell them apart

@@ -350,7 +350,7 @@ def test_lm_evaluation_harness_scores_through_the_server(served, tmp_path, token
     """EleutherAI's lm-evaluation-harness (`local-completions`, its batched loglikelihood requests: `echo`,
     `logprobs`, `max_tokens: 1`, token ids or text) gets the log-likelihoods our own `model.score` gives, and its
     greedy flag; and its generation requests get the server's greedy answer."""
-    from lm_eval.api.instance import Instance  # the serve extra installs it
+    from lm_eval.api.instance import Instance  # the interop extra installs it
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     engine, url = served

@@ -138,6 +138,36 @@ def test_the_budget_evicts_chains_from_their_ends(make_model, one_thread):
     assert PrefixCache.of_mib(0) is None
 
 
+def test_blocks_keep_log_probabilities_when_a_prefill_computed_them(make_model, one_thread):
+    """A prompt-logprobs prefill reuses only blocks that keep their tokens' log-probabilities, recomputes from the
+    last reused token, and gives the values of a prefill without the cache; a block stored without them gains them
+    when such a prefill passes; more alternatives than blocks keep are computed, not reused."""
+    model, processor = make_model("llama")
+    prompt, media = SHOT * 2 + QUERY, DEMOS[:3]
+    b = processor(prompt, images=media)
+    args = (model, b["input_ids"][0], b["images"], b["num_media"], b["num_frames"])
+
+    def run(cache, top=2):
+        return Prefill(*args, chunk=7, prefix_cache=cache, prompt_logprobs=top).step(2**62)
+
+    alone = run(None)
+    assert len(alone.prompt_logprobs) == b["input_ids"].shape[1] - 1 and alone.prompt_logprobs.top_ids.shape[1] == 2
+    cache = PrefixCache(2**30, block=8)
+    Prefill(*args, chunk=7, prefix_cache=cache).step(2**62)  # a plain prefill: blocks without log-probabilities
+    keys = cache.keys(b["input_ids"][0], model.config.media_token_id, b["images"], b["num_frames"])
+    assert cache.lookup(keys, len(keys), logprobs=True) is None and cache.lookup(keys, len(keys)) is not None
+    first = run(cache)
+    assert first.cached_tokens == 0  # nothing with log-probabilities yet; this prefill adds them to the blocks
+    assert cache.lookup(keys, len(keys), logprobs=True).tokens == len(keys) * 8
+    again = run(cache)
+    assert again.cached_tokens == ((b["input_ids"].shape[1] - 1) // 8) * 8 - 1  # the last reused token runs again
+    for row in (first, again):
+        torch.testing.assert_close(row.prompt_logprobs.logprobs, alone.prompt_logprobs.logprobs, atol=5e-3, rtol=0)
+        torch.testing.assert_close(row.prompt_logprobs.top_logprobs, alone.prompt_logprobs.top_logprobs, atol=5e-3,
+                                   rtol=0)
+    assert run(cache, top=6).cached_tokens == 0  # blocks keep 5 alternatives
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("prefix_model"))

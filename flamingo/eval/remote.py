@@ -69,7 +69,8 @@ class RemoteModel:
                     prompts: Sequence[tuple[str, list[str]]], candidates: Sequence[Sequence[str]]
                     ) -> list[list[float]]:
         """Per prompt, each candidate continuation's summed token log-probability (`model.score_batch`'s values):
-        one echo request per candidate, the prompt's ids followed by the candidate's."""
+        one echo request per candidate, the prompt's ids followed by the candidate's; the first candidate of every
+        prompt goes first, so the server's prefix cache holds the prompt (with its log-probabilities) for the rest."""
         bodies, spans = [], []
         for (text, media), cands in zip(prompts, candidates):
             ids, urls = self._ids(processor, load, task, text, media), self._media(media)
@@ -77,8 +78,12 @@ class RemoteModel:
                 bodies.append({"prompt": ids + continuation, "media": urls, "max_tokens": 0, "echo": True,
                                "logprobs": 0, "temperature": 0})
                 spans.append(len(continuation))
-        values = [reply["choices"][0]["logprobs"]["token_logprobs"][-n:]
-                  for reply, n in zip(self._post_all("/v1/completions", bodies), spans)]
+        # each prompt's first candidate, then the others: their prompt's blocks are in the server's prefix cache by then
+        firsts = [sum(len(c) for c in candidates[:i]) for i in range(len(candidates)) if candidates[i]]
+        rest = [j for j in range(len(bodies)) if j not in set(firsts)]
+        replies = dict(zip(firsts, self._post_all("/v1/completions", [bodies[j] for j in firsts])))
+        replies.update(zip(rest, self._post_all("/v1/completions", [bodies[j] for j in rest])))
+        values = [replies[j]["choices"][0]["logprobs"]["token_logprobs"][-n:] for j, n in enumerate(spans)]
         out, at = [], 0
         for cands in candidates:
             out.append([float(sum(v)) for v in values[at:at + len(cands)]])

@@ -23,6 +23,17 @@ class TokenLogprobs:
     def __len__(self) -> int:
         return self.logprobs.shape[0]
 
+    def __getitem__(self, rows: slice) -> "TokenLogprobs":
+        return TokenLogprobs(self.logprobs[rows], self.top_ids[rows], self.top_logprobs[rows])
+
+    def top(self, k: int) -> "TokenLogprobs":
+        """The same tokens with their positions' `k` likeliest alternatives only."""
+        return TokenLogprobs(self.logprobs, self.top_ids[:, :k], self.top_logprobs[:, :k])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.logprobs, self.top_ids, self.top_logprobs))
+
     @staticmethod
     def cat(parts: list["TokenLogprobs"]) -> "TokenLogprobs":
         return TokenLogprobs(torch.cat([p.logprobs for p in parts]), torch.cat([p.top_ids for p in parts]),

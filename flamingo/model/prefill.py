@@ -10,8 +10,10 @@ not computed again: the prefill starts after them, with their K/V and visual tok
 new blocks are stored for later prompts (model/prefix_cache.py).
 
 With `prompt_logprobs`, every chunk keeps its logits long enough to give each prompt token (but the first) its
-log-probability and its position's likeliest tokens (a server's `echo` with `logprobs`); such a prompt does not start
-from the prefix cache, whose blocks keep no logits, but still stores its blocks for later prompts.
+log-probability and its position's likeliest tokens (a server's `echo` with `logprobs`). Such a prompt starts from
+the prefix cache's blocks that keep their tokens' log-probabilities (stored by earlier such prompts; at most
+`STORED_TOP` alternatives asked for), recomputing from the last reused token on, whose logits give the next token
+its log-probability; its blocks are stored with theirs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformers.cache_utils import DynamicCache
 from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
 from .context import MediaContext, Phase
 from .logprobs import TokenLogprobs, token_logprobs
-from .prefix_cache import PrefixCache
+from .prefix_cache import STORED_TOP, PrefixCache
 from .xattn import MediaKV, compute_media_index
 
 if TYPE_CHECKING:  # annotations only
@@ -136,7 +138,7 @@ class Prefill:
         if self.prompt_logprobs is not None:  # position t's logits give token t + 1 its log-probability
             following = self.input_ids[self.done + 1:end + 1]  # (c,) or (c - 1,) in the last chunk
             self._logprobs.append(token_logprobs(out.logits[0, :following.numel()], following,
-                                                 self.prompt_logprobs))
+                                                 max(self.prompt_logprobs, STORED_TOP)))  # for the cache too
         self.done = end
         if self.done < self.length:
             return None
@@ -144,7 +146,7 @@ class Prefill:
         return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
                             None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
                             out.logits[0, -1], self.cached_tokens,
-                            TokenLogprobs.cat(self._logprobs) if self._logprobs else None)
+                            TokenLogprobs.cat(self._logprobs).top(self.prompt_logprobs) if self._logprobs else None)
 
     def _check_and_reuse(self) -> None:
         """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
@@ -158,17 +160,22 @@ class Prefill:
         media_token = self.model.config.media_token_id
         self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
         self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
-        if self.prompt_logprobs is not None:  # every position's logits are needed: computed, not reused
+        logprobs = self.prompt_logprobs is not None
+        if logprobs and self.prompt_logprobs > STORED_TOP:  # more alternatives than blocks keep: all computed
             return
-        hit = cache.lookup(self._keys, (self.length - 1) // cache.block)
+        hit = cache.lookup(self._keys, (self.length - 1) // cache.block, logprobs=logprobs)
         if hit is None:
             return
+        # with logprobs, the last reused token runs again: its position's logits give the next token's
+        reused = hit.tokens - 1 if logprobs else hit.tokens
         self.cache = DynamicCache(config=self.model.lm.config)
         for i, (k, v) in enumerate(hit.kv):
-            self.cache.update(k, v, i)
+            self.cache.update(k[:, :, :reused], v[:, :, :reused], i)
         if hit.visual is not None:
             self._visual.append(hit.visual)
-        self.done = self.cached_tokens = hit.tokens
+        if hit.logprobs is not None:
+            self._logprobs.append(hit.logprobs)  # tokens 1..hit.tokens - 1
+        self.done = self.cached_tokens = reused
 
     def _media_state(self) -> dict[str, Optional[torch.Tensor]]:
         """The media index (and, with references, the image count) after the reused tokens: where the first LM
@@ -207,7 +214,8 @@ class Prefill:
             return
         kv = [(layer.keys, layer.values) for layer in self.cache.layers]  # (1, h, T, d)
         first = self.cached_tokens // cache.block
-        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block)
+        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block,
+                     TokenLogprobs.cat(self._logprobs) if self._logprobs else None)
 
     def _decode_media_kv(self) -> Optional[list[MediaKV]]:
         ctx, model = self.ctx, self.model

@@ -13,6 +13,12 @@ token's logits come from an LM call).
 Stored K/V were made in another prompt's prefill, in other chunks: a prompt prefilled from them equals the prompt
 prefilled alone up to float rounding (as chunked prefill does; tests/test_prefix_cache.py).
 
+A block may also keep its tokens' log-probabilities (each under the logits of the position before it, with that
+position's `STORED_TOP` likeliest tokens), stored by a prefill that computed them (a server's `echo` with
+`logprobs`): they depend on nothing outside the block's key either, so a later prompt asking for its prompt's
+log-probabilities reuses such blocks (and only such), recomputing from the last reused token on, whose position's
+logits give the next token its log-probability.
+
 The blocks live in one least-recently-used store under a byte budget. A prompt's blocks are touched from its last to
 its first, so a block is always more recent than the blocks that extend it: eviction takes chains from their ends and
 never leaves a block unreachable behind an evicted one. The model owns nothing of it: the server's engine owns the
@@ -29,30 +35,37 @@ import torch
 
 from ..runtime.lru import LRU, nbytes
 from .feature_cache import VisionFeatureCache
+from .logprobs import TokenLogprobs
 
 DEFAULT_BLOCK = 16  # tokens per block: a hit reuses whole blocks, a prompt differing at token t reuses t // 16 blocks
+STORED_TOP = 5  # alternatives kept per position with a block's log-probabilities (OpenAI's completions allow 5)
 
 
 @dataclass
 class CachedBlock:
-    """One block's K/V per decoder layer, (1, h, block, d) each, and the visual tokens of its media (n, R, Dv)."""
+    """One block's K/V per decoder layer, (1, h, block, d) each, the visual tokens of its media (n, R, Dv), and
+    maybe its tokens' log-probabilities (block 0: of its tokens but the first)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     visual: Optional[torch.Tensor]
+    logprobs: Optional[TokenLogprobs] = None
 
     @property
     def nbytes(self) -> int:
-        return sum(nbytes(k) + nbytes(v) for k, v in self.kv) + (0 if self.visual is None else nbytes(self.visual))
+        return sum(nbytes(k) + nbytes(v) for k, v in self.kv) + (0 if self.visual is None else nbytes(self.visual)) \
+            + (0 if self.logprobs is None else self.logprobs.nbytes)
 
 
 @dataclass
 class PrefixHit:
-    """What a prompt found: its first `tokens` tokens' K/V per layer (1, h, tokens, d), and the visual tokens of the
-    media among them (1, M, R, Dv) (None: no medium)."""
+    """What a prompt found: its first `tokens` tokens' K/V per layer (1, h, tokens, d), the visual tokens of the
+    media among them (1, M, R, Dv) (None: no medium), and, when asked for, the log-probabilities of tokens
+    1..tokens-1."""
 
     tokens: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     visual: Optional[torch.Tensor]
+    logprobs: Optional[TokenLogprobs] = None
 
 
 class PrefixCache:
@@ -106,11 +119,12 @@ class PrefixCache:
         return VisionFeatureCache.key(medium.detach().to("cpu"))  # BLAKE2b of dtype, shape and bytes
 
     # ------------------------------------------------------------------------------------------------ use
-    def lookup(self, keys: list[bytes], max_blocks: int) -> Optional[PrefixHit]:
-        """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them; None when the
-        first block is not stored."""
+    def lookup(self, keys: list[bytes], max_blocks: int, logprobs: bool = False) -> Optional[PrefixHit]:
+        """The longest run of stored blocks from the prompt's first, at most `max_blocks` of them (with `logprobs`:
+        of blocks that keep their log-probabilities); None when the first block is not stored."""
         m = 0
-        while m < min(max_blocks, len(keys)) and keys[m] in self.store:
+        while m < min(max_blocks, len(keys)) and keys[m] in self.store and \
+                (not logprobs or self.store.peek(keys[m]).logprobs is not None):
             m += 1
         if m == 0:
             return None
@@ -118,23 +132,38 @@ class PrefixCache:
         kv = [(torch.cat([b.kv[i][0] for b in blocks], dim=2), torch.cat([b.kv[i][1] for b in blocks], dim=2))
               for i in range(len(blocks[0].kv))]  # (1, h, m·block, d) per layer
         visual = [b.visual for b in blocks if b.visual is not None]
-        return PrefixHit(m * self.block, kv, torch.cat(visual)[None] if visual else None)
+        found = TokenLogprobs.cat([b.logprobs for b in blocks]) if logprobs else None
+        return PrefixHit(m * self.block, kv, torch.cat(visual)[None] if visual else None, found)
 
     def insert(self, keys: list[bytes], first: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
-               visual: Optional[torch.Tensor], media_per_block: list[int]) -> None:
+               visual: Optional[torch.Tensor], media_per_block: list[int],
+               logprobs: Optional[TokenLogprobs] = None) -> None:
         """Store the blocks from `first` on that are not stored yet, from a prefilled prompt's kv per layer
-        (1, h, T, d) (T >= its whole blocks' end) and visual (1, N, R, Dv); touch all its blocks, last to first."""
+        (1, h, T, d) (T >= its whole blocks' end) and visual (1, N, R, Dv); touch all its blocks, last to first.
+        logprobs: of the prompt's tokens 1..T-1 (at least `STORED_TOP` alternatives): every block keeps its own, a
+        stored block that has none gains them."""
         starts = [sum(media_per_block[:b]) for b in range(len(keys))]  # the media before each block
         for b in reversed(range(len(keys))):  # last to first: parents more recent than the blocks extending them
-            if b < first or keys[b] in self.store:
-                self.store.get(keys[b])
+            own = None if logprobs is None else \
+                logprobs[max(1, b * self.block) - 1:(b + 1) * self.block - 1].top(STORED_TOP)
+            stored = self.store.get(keys[b])
+            if stored is not None:
+                if own is not None and stored.logprobs is None:
+                    self.store.put(keys[b], CachedBlock(stored.kv, stored.visual, _copy(own)))
+                continue
+            if b < first:
                 continue
             n, span = media_per_block[b], slice(b * self.block, (b + 1) * self.block)
             block_kv = [(k[:, :, span].clone(), v[:, :, span].clone()) for k, v in kv]  # (1, h, block, d)
             media = visual[0, starts[b]:starts[b] + n].clone() if n else None  # (n, R, Dv)
-            self.store.put(keys[b], CachedBlock(block_kv, media))
+            self.store.put(keys[b], CachedBlock(block_kv, media, None if own is None else _copy(own)))
 
     def media_per_block(self, input_ids: torch.Tensor, media_token_id: int, blocks: int) -> list[int]:
         """How many `<image>` tokens each of the first `blocks` blocks holds."""
         ids = input_ids.detach().to("cpu")[:blocks * self.block]
         return (ids == media_token_id).view(blocks, self.block).sum(dim=1).tolist() if blocks else []
+
+
+def _copy(logprobs: TokenLogprobs) -> TokenLogprobs:
+    """A block's own tensors (a slice would keep the whole prompt's alive)."""
+    return TokenLogprobs(logprobs.logprobs.clone(), logprobs.top_ids.clone(), logprobs.top_logprobs.clone())

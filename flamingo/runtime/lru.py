@@ -42,6 +42,10 @@ class LRU(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
+    def peek(self, key: K) -> Optional[V]:
+        """The value without touching it (nor counting a hit)."""
+        return self._items.get(key)
+
     def get(self, key: K) -> Optional[V]:
         value = self._items.get(key)
         if value is None:

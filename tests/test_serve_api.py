@@ -146,6 +146,9 @@ def test_n_seed_and_stop(served):
 def test_models_health_metrics_and_page(served):
     engine, url, _ = served
     assert [m.id for m in _client(url).models.list().data] == ["tiny"]
+    assert _client(url).models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        _client(url).models.retrieve("gpt-4")
     assert httpx.get(url + "/health").json()["status"] == "ok"
     metrics = httpx.get(url + "/metrics").text
     for name in ("requests_total", "generation_tokens_total", "queue_depth", "batch_size_bucket",

@@ -226,13 +226,21 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                          bool(req.stream_options and req.stream_options.include_usage),
                          echoes=echoes if req.echo else None)
 
+    card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
+            "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images}
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
-        card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
-                "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap,
-                "max_images": settings.max_images}
         return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str, request: Request) -> JSONResponse:
+        authorize(request)
+        if model_id != settings.model_name:
+            raise APIError(404, f"The model {model_id!r} does not exist (this server serves {settings.model_name!r})",
+                           code="model_not_found")
+        return JSONResponse(card)
 
     # vLLM's tokenizer endpoints: clients count tokens, and lm-evaluation-harness tokenizes through the server
     @app.post("/tokenize")

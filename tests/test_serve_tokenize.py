@@ -67,23 +67,3 @@ def test_bad_tokenizer_requests_get_a_clear_400(served, path, body, says):
     _, url = served
     response = httpx.post(url + path, json=body, timeout=30)
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
-
-
-def test_lm_evaluation_harness_finds_the_servers_tokenizer(served, tmp_path, monkeypatch):
-    """lm-eval's `local-completions` with no tokenizer argument detects the tokenizer endpoints and tokenizes
-    through them; its log-likelihoods equal those it computes with the model's Hugging Face tokenizer."""
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    engine, url = served
-    monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    engine.processor.tokenizer.save_pretrained(tmp_path)
-    pairs = [("Question: what is in the image? Short answer:", " a red circle."), ("A photo of", " a cat")]
-    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    remote = LocalCompletionsAPI(base_url=url + "/v1/completions", model="tiny", max_retries=1)
-    assert remote.tokenizer_backend == "remote"
-    local = LocalCompletionsAPI(base_url=url + "/v1/completions", model="tiny", tokenizer=str(tmp_path),
-                                tokenizer_backend="huggingface", max_retries=1)
-    by_remote, by_local = remote.loglikelihood(requests), local.loglikelihood(requests)
-    assert [g for _, g in by_remote] == [g for _, g in by_local]
-    assert [lp for lp, _ in by_remote] == pytest.approx([lp for lp, _ in by_local], abs=1e-4)

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -115,3 +115,11 @@ def submit_job(engine: Engine, prompt: str, media: list, params, grammar=None):
 
     engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, emit, grammar=grammar))
     return wait
+
+
+@contextlib.contextmanager
+def serving_tiny(root: Path, settings: Optional[ServeSettings] = None, **engine_kwargs) -> Iterator[tuple[Engine, str]]:
+    """A `save_tiny_model` under `root` served (model name "tiny" unless `settings` say otherwise): (engine, URL)."""
+    engine = engine_for(save_tiny_model(root / "model"), **engine_kwargs)
+    with running_server(engine, settings or ServeSettings(model_name="tiny")) as url:
+        yield engine, url

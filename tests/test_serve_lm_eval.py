@@ -15,20 +15,17 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.api_models import JsonChatStr
 from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
 
-from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
 
-from serve_helpers import data_url, engine_for, running_server, save_tiny_model
+from serve_helpers import data_url, serving_tiny
 
 ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logits are large)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("serve_lm_eval")
-    engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
-    with running_server(engine, ServeSettings(model_name="tiny")) as url:
-        yield engine, url
+    with serving_tiny(tmp_path_factory.mktemp("serve_lm_eval"), max_batch=8, prefill_chunk=16) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)

@@ -12,13 +12,12 @@ import httpx
 import pytest
 import torch
 
-from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
 from flamingo.serve.logprobs import TokenStrings
 from flamingo.serve.sampling import SamplingParams
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
 
-from serve_helpers import SHOT, data_url, engine_for, openai_client, running_server, save_tiny_model, submit_job
+from serve_helpers import SHOT, data_url, openai_client, serving_tiny, submit_job
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logits are large)
@@ -26,10 +25,8 @@ ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logi
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("serve_logprobs")
-    engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
-    with running_server(engine, ServeSettings(model_name="tiny")) as url:
-        yield engine, url
+    with serving_tiny(tmp_path_factory.mktemp("serve_logprobs"), max_batch=8, prefill_chunk=16) as served:
+        yield served
 
 
 def _forward_logprobs(engine, prompt, media, continuation=()):

@@ -13,13 +13,12 @@ import llguidance.hf
 import pytest
 import torch
 
-from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
 from flamingo.serve.sampling import SamplingParams
 from flamingo.serve.structured import Grammars
 from flamingo.tiny import random_image
 
-from serve_helpers import SHOT, data_url, engine_for, openai_client, running_server, save_tiny_model, submit_job
+from serve_helpers import SHOT, data_url, openai_client, serving_tiny, submit_job
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 SCHEMA = {
@@ -45,10 +44,8 @@ def _follows_schema(text: str) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("serve_structured")
-    engine = engine_for(save_tiny_model(root / "model"), max_batch=8, prefill_chunk=16)
-    with running_server(engine, ServeSettings(model_name="tiny")) as url:
-        yield engine, url
+    with serving_tiny(tmp_path_factory.mktemp("serve_structured"), max_batch=8, prefill_chunk=16) as served:
+        yield served
 
 
 def _messages(seed):

@@ -7,20 +7,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
 
-from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+from serve_helpers import SHOT, data_url, serving_tiny
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("serve_tokenize")
-    engine = engine_for(save_tiny_model(root / "model"), max_batch=4, prefill_chunk=32)
-    with running_server(engine, ServeSettings(model_name="tiny")) as url:
-        yield engine, url
+    with serving_tiny(tmp_path_factory.mktemp("serve_tokenize"), max_batch=4, prefill_chunk=32) as served:
+        yield served
 
 
 def test_tokenize_gives_the_ids_a_request_is_billed_for(served):

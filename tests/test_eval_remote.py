@@ -109,3 +109,31 @@ def test_candidate_scores_equal_score_batch(served, tmp_path):
     for remote, local in zip(by_server, in_process, strict=True):
         assert remote == pytest.approx(local.tolist(), abs=5e-3)
     assert len({round(v, 3) for v in by_server[0]}) == 4  # distinct scores: the comparison can tell them apart
+
+
+def test_a_busy_server_is_waited_for_and_long_candidate_lists_are_split(tmp_path, one_thread):
+    """Against a server whose queue holds 3 requests: candidate lists go in groups of 3, and the requests the full
+    queue refuses (429) are sent again after its Retry-After; the scores are those of a roomy server."""
+    from flamingo.eval.demos import DemoSelector
+    from flamingo.eval.predict import MediaLoader, build_prompt
+    from flamingo.eval.tasks import get_task
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = DATASET_MAKERS["classification"](tmp_path / "data")
+    processor = FlamingoProcessor.from_pretrained(str(model_dir))
+    task = get_task("classification")
+    samples = task.load(str(data), "test")[:2]
+    demos = DemoSelector(task.load(str(data), "train"), "random", None, 0, None)
+    prompts = [build_prompt(task, s, demos.select(s, i, 1)) for i, s in enumerate(samples)]
+    candidates = [["dog", "cat", "red bird", "blue fish"]] * len(samples)
+    scores = {}
+    for queue in (64, 3):
+        engine = engine_for(model_dir, max_batch=4, prefill_chunk=32, max_queue=queue)
+        with running_server(engine, ServeSettings()) as url:
+            remote = RemoteModel(url, concurrency=4)
+            scores[queue] = remote.score_batch(processor, MediaLoader(processor), task, prompts, candidates)
+            refused = engine.metrics.value("requests_total", {"endpoint": "/v1/completions", "status": "429"})
+        if queue == 3:
+            assert refused > 0  # the queue was full at least once, and the client waited
+    for busy, roomy in zip(scores[3], scores[64], strict=True):
+        assert busy == pytest.approx(roomy, abs=5e-3)

@@ -312,6 +312,25 @@ def test_a_list_of_prompts_answers_each_as_alone(served):
         assert reply["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
 
 
+def test_a_list_of_prompts_with_media_scores_each_as_alone(served):
+    """Several continuations of one image prompt in one request (the list shares `media`): each choice's echoed
+    log-probabilities are those of its prompt sent alone; the later prompts take the shared prompt from the prefix
+    cache that the first one filled."""
+    engine, url = served
+    media = [random_image(1), random_image(70)]
+    prompt = engine.processor.encode_prompt(SHOT + QUERY, media)[0]
+    endings = [engine.processor.token_ids(e, special_tokens=False) for e in (" a red circle.", " a cat", " blue")]
+    together = httpx.post(url + "/v1/completions", timeout=60, json=_raw([prompt + e for e in endings], media,
+                                                                         max_tokens=0, echo=True, logprobs=0)).json()
+    assert together["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    for k, ending in enumerate(endings):
+        alone = httpx.post(url + "/v1/completions", timeout=60, json=_raw(prompt + ending, media, max_tokens=0,
+                                                                          echo=True, logprobs=0)).json()
+        lp = together["choices"][k]["logprobs"]["token_logprobs"]
+        assert together["choices"][k]["index"] == k and len(lp) == len(prompt) + len(ending)
+        assert lp[1:] == pytest.approx(alone["choices"][0]["logprobs"]["token_logprobs"][1:], abs=ATOL)
+
+
 def test_token_id_prompt_with_media_equals_the_text_prompt(served):
     engine, url = served
     media = [random_image(1), random_image(50)]
@@ -329,7 +348,6 @@ def test_token_id_prompt_with_media_equals_the_text_prompt(served):
 
 
 @pytest.mark.parametrize("body,says", [
-    ({"prompt": ["a", "b"], "media": ["data:,"]}, "media go with one prompt"),
     ({"prompt": [1, 2, 99999]}, "token ids must be in"),
     ({"prompt": []}, "empty"),
     ({"prompt": [[1, 2], []]}, "empty"),

@@ -2,12 +2,12 @@
 any server of its API), the prompts, demos, metrics and records staying the harness's own.
 
 The harness builds each prompt locally, as for a model in-process: its token ids come from the model's processor
-(`--model DIR`: only the processor is loaded), the media go as data URLs. Generation tasks send
-`/v1/completions` with those ids and greedy decoding (the server does not run beams: `--num-beams 1`); ranked tasks
-send, per candidate, the prompt's ids followed by the candidate's with `echo`, `logprobs` and `max_tokens: 0`, and sum
-the candidate tokens' log-probabilities: what `model.score_batch` sums in-process. Requests of a batch go out
-concurrently, so the server batches them. tests/test_eval_remote.py checks that predictions and metrics equal the
-in-process ones.
+(`--model DIR`: only the processor is loaded), the media go as data URLs. Generation tasks send `/v1/completions`
+with those ids and greedy decoding (the server does not run beams: `--num-beams 1`); ranked tasks send, per prompt,
+the list of its candidates' prompts (the prompt's ids followed by the candidate's) with `echo`, `logprobs` and
+`max_tokens: 0`, and sum the candidate tokens' log-probabilities: what `model.score_batch` sums in-process. Requests
+of a batch go out concurrently, so the server batches them; a full queue (429) is waited out.
+tests/test_eval_remote.py checks that predictions and metrics equal the in-process ones.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,9 @@ from ..processing import VIDEO_EXTENSIONS, FlamingoProcessor
 from ..runtime import LRU
 from .predict import MediaLoader, continuation_ids_of
 from .task import Sample, Task
+
+CANDIDATES_PER_REQUEST = 16  # continuations scored per request (within a server's queue; its answer stays small)
+BUSY_RETRIES = 30  # a busy server (429) is asked again after its Retry-After, this many times
 
 
 class RemoteModel:
@@ -36,14 +40,20 @@ class RemoteModel:
         self.base_url, self.api_key, self.concurrency, self.timeout = base_url.rstrip("/"), api_key, concurrency, \
             timeout
         self._urls: LRU[str, str] = LRU(512)  # data URLs by path (demo images recur)
+        self._model_card: Optional[dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.base_url!r})"
 
     def positions(self) -> Optional[int]:
         """The served LM's positions (`/v1/models`' `max_model_len`), None when the server does not say."""
-        models = self._request("/v1/models", None)["data"]
-        return models[0].get("max_model_len") if models else None
+        return self._card().get("max_model_len")
+
+    def _card(self) -> dict[str, Any]:
+        if self._model_card is None:
+            models = self._request("/v1/models", None)["data"]
+            self._model_card = models[0] if models else {}
+        return self._model_card
 
     # ------------------------------------------------------------------------------------------------ harness
     def generate_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
@@ -68,26 +78,24 @@ class RemoteModel:
     def score_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                     prompts: Sequence[tuple[str, list[str]]], candidates: Sequence[Sequence[str]]
                     ) -> list[list[float]]:
-        """Per prompt, each candidate continuation's summed token log-probability (`model.score_batch`'s values):
-        one echo request per candidate, the prompt's ids followed by the candidate's; the first candidate of every
-        prompt goes first, so the server's prefix cache holds the prompt (with its log-probabilities) for the rest."""
-        bodies, spans = [], []
-        for (text, media), cands in zip(prompts, candidates):
+        """Per prompt, each candidate continuation's summed token log-probability (`model.score_batch`'s values).
+        One echo request per prompt (per `CANDIDATES_PER_REQUEST` candidates, fewer for a smaller server queue): a
+        list of token-id prompts, the prompt's ids followed by each candidate's, with the prompt's media; the server
+        prefills the first and takes the shared prompt from its prefix cache for the others."""
+        per_request = min(CANDIDATES_PER_REQUEST, self._card().get("max_queue") or CANDIDATES_PER_REQUEST)
+        bodies, owners = [], []
+        for k, ((text, media), cands) in enumerate(zip(prompts, candidates)):
             ids, urls = self._ids(processor, load, task, text, media), self._media(media)
-            for continuation in continuation_ids_of(processor, task, cands):
-                bodies.append({"prompt": ids + continuation, "media": urls, "max_tokens": 0, "echo": True,
+            continuations = continuation_ids_of(processor, task, cands)
+            for start in range(0, len(continuations), per_request):
+                group = continuations[start:start + per_request]
+                bodies.append({"prompt": [ids + c for c in group], "media": urls, "max_tokens": 0, "echo": True,
                                "logprobs": 0, "temperature": 0})
-                spans.append(len(continuation))
-        # each prompt's first candidate, then the others: their prompt's blocks are in the server's prefix cache by then
-        firsts = [sum(len(c) for c in candidates[:i]) for i in range(len(candidates)) if candidates[i]]
-        rest = [j for j in range(len(bodies)) if j not in set(firsts)]
-        replies = dict(zip(firsts, self._post_all("/v1/completions", [bodies[j] for j in firsts])))
-        replies.update(zip(rest, self._post_all("/v1/completions", [bodies[j] for j in rest])))
-        values = [replies[j]["choices"][0]["logprobs"]["token_logprobs"][-n:] for j, n in enumerate(spans)]
-        out, at = [], 0
-        for cands in candidates:
-            out.append([float(sum(v)) for v in values[at:at + len(cands)]])
-            at += len(cands)
+                owners.append((k, group))
+        out: list[list[float]] = [[] for _ in prompts]
+        for reply, (k, group) in zip(self._post_all("/v1/completions", bodies), owners):
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            out[k] += [float(sum(c["logprobs"]["token_logprobs"][-len(cont):])) for c, cont in zip(choices, group)]
         return out
 
     # ------------------------------------------------------------------------------------------------ requests
@@ -122,15 +130,23 @@ class RemoteModel:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's server)
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")
+        attempt = 0
+        while True:
             try:
-                detail = json.loads(detail)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            raise RuntimeError(f"the server at {self.base_url} answered {e.code}: {detail}") from None
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's)
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                attempt += 1
+                if e.code != 429 or attempt > BUSY_RETRIES:
+                    raise self._error(e) from None
+                time.sleep(float(e.headers.get("Retry-After") or 1))  # the server's queue is full: wait, ask again
+            except urllib.error.URLError as e:
+                raise RuntimeError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
+
+    def _error(self, e: urllib.error.HTTPError) -> RuntimeError:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        return RuntimeError(f"the server at {self.base_url} answered {e.code}: {detail}")

@@ -107,16 +107,19 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
 
-    def prepare(prompt: Union[str, list[int]], refs: list[MediaRef], req: Any, chat: bool) -> Job:
-        """Media, tokens and limits -> a Job (runs in a worker thread: decoding media takes time). A prompt is text,
-        or token ids (the completions API's; their `<image>` ids must match the media)."""
+    def load_media(refs: list[MediaRef], chat: bool) -> list[Any]:
+        """A request's media, checked and decoded (in a worker thread: decoding takes time)."""
         if len(refs) > settings.max_images:
             raise APIError(400, f"{len(refs)} images/videos, more than the {settings.max_images} this server "
                                 "accepts per prompt", param="messages" if chat else "media")
         if model.references is not None and len(refs) > model.references[1]:
             raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens")
-        frames = [load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
-                              max_frames=processor.max_frames, where=f"medium {i}") for i, r in enumerate(refs)]
+        return [load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
+                            max_frames=processor.max_frames, where=f"medium {i}") for i, r in enumerate(refs)]
+
+    def prepare(prompt: Union[str, list[int]], frames: list[Any], req: Any, chat: bool) -> Job:
+        """A prompt, its decoded media and the request's limits -> a Job. A prompt is text, or token ids (the
+        completions API's; their `<image>` ids must match the media)."""
         try:
             if isinstance(prompt, str):
                 ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,
@@ -204,7 +207,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
         text, refs = chat_prompt(req.messages)
-        job = await run_in_threadpool(prepare, text, refs, req, True)
+        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True))
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -213,21 +216,24 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(CompletionRequest, await read_json(request))
         prompts = req.prompts(vocab)
-        if req.media and len(prompts) > 1:
-            raise APIError(400, "media go with one prompt: send a request per prompt that has images",
-                           param="media")
         if len(prompts) > engine.max_queue:
             raise APIError(400, f"{len(prompts)} prompts, more than the server's queue of {engine.max_queue}",
                            param="prompt")
         refs = [MediaRef(url, video=False) for url in req.media]
-        jobs = await run_in_threadpool(lambda: [prepare(p, refs, req, False) for p in prompts])
+
+        def prepare_all() -> list[Job]:  # the media are decoded once; every prompt of the list gets them
+            frames = load_media(refs, False)
+            return [prepare(p, frames, req, False) for p in prompts]
+
+        jobs = await run_in_threadpool(prepare_all)
         echoes = [p if isinstance(p, str) else processor.decode(p, skip_special_tokens=False) for p in prompts]
         return await run(request, jobs, False, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage),
                          echoes=echoes if req.echo else None)
 
     card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
-            "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images}
+            "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images,
+            "max_queue": engine.max_queue}
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -151,7 +151,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     """A raw Flamingo prompt: text with one `<image>` per entry of `media` (URLs as in chat image parts); or, as
-    OpenAI's API takes them, token ids, or a list of prompts (texts or token id lists; media with one prompt only)."""
+    OpenAI's API takes them, token ids, or a list of prompts (texts or token id lists), each with the same `media`
+    (several continuations of one image prompt scored in one request)."""
 
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     media: list[StrictStr] = Field(default_factory=list)

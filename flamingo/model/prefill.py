@@ -142,11 +142,12 @@ class Prefill:
         self.done = end
         if self.done < self.length:
             return None
-        self._store_prefix()
+        logprobs = TokenLogprobs.cat(self._logprobs) if self._logprobs else None  # tokens 1..T-1
+        self._store_prefix(logprobs)
         return PrefilledRow(self.cache, self.length, self._decode_media_kv(), self.ctx.decode_index.clone(),
                             None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
                             out.logits[0, -1], self.cached_tokens,
-                            TokenLogprobs.cat(self._logprobs).top(self.prompt_logprobs) if self._logprobs else None)
+                            None if logprobs is None else logprobs.top(self.prompt_logprobs))
 
     def _check_and_reuse(self) -> None:
         """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
@@ -207,15 +208,15 @@ class Prefill:
             return 0
         return int(self.num_media[0]) if self.num_media is not None else self.images.shape[1]
 
-    def _store_prefix(self) -> None:
-        """Give the prompt's whole blocks to the prefix cache (those it holds already are only touched)."""
+    def _store_prefix(self, logprobs: Optional[TokenLogprobs]) -> None:
+        """Give the prompt's whole blocks to the prefix cache (those it holds already are only touched), with the
+        prompt's log-probabilities when this prefill computed them."""
         cache = self.prefix_cache
         if cache is None or not self._keys:
             return
         kv = [(layer.keys, layer.values) for layer in self.cache.layers]  # (1, h, T, d)
         first = self.cached_tokens // cache.block
-        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block,
-                     TokenLogprobs.cat(self._logprobs) if self._logprobs else None)
+        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block, logprobs)
 
     def _decode_media_kv(self) -> Optional[list[MediaKV]]:
         ctx, model = self.ctx, self.model

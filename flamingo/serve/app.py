@@ -107,25 +107,35 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
 
-    def load_media(refs: list[MediaRef], chat: bool) -> list[Any]:
-        """A request's media, checked and decoded (in a worker thread: decoding takes time)."""
+    def load_media(refs: list[MediaRef], chat: bool) -> list[torch.Tensor]:
+        """A request's media, checked, decoded and preprocessed to pixel values `(F, C, H, W)` once for all its
+        prompts (in a worker thread: decoding takes time)."""
         if len(refs) > settings.max_images:
             raise APIError(400, f"{len(refs)} images/videos, more than the {settings.max_images} this server "
                                 "accepts per prompt", param="messages" if chat else "media")
         if model.references is not None and len(refs) > model.references[1]:
             raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens")
-        return [load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
-                            max_frames=processor.max_frames, where=f"medium {i}") for i, r in enumerate(refs)]
+        return [processor.preprocess_media(load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
+                                                       max_frames=processor.max_frames, where=f"medium {i}"))
+                for i, r in enumerate(refs)]
 
-    def prepare(prompt: Union[str, list[int]], frames: list[Any], req: Any, chat: bool) -> Job:
-        """A prompt, its decoded media and the request's limits -> a Job. A prompt is text, or token ids (the
-        completions API's; their `<image>` ids must match the media)."""
+    def response_grammar(req: Any) -> Any:
+        """The request's `response_format`, compiled once for all its prompts (None: free text)."""
+        try:
+            return grammars.compile(req.response_format.spec() if req.response_format is not None else None)
+        except GrammarError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
+
+    def prepare(prompt: Union[str, list[int]], frames: list[torch.Tensor], req: Any, chat: bool,
+                grammar: Any) -> Job:
+        """A prompt, its preprocessed media, the request's limits and compiled format -> a Job. A prompt is text, or
+        token ids (the completions API's; their `<image>` ids must match the media)."""
         try:
             if isinstance(prompt, str):
                 ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,
                                                      image_references=False if chat else None)
             else:
-                ids, media = prompt, [processor.preprocess_media(f) for f in frames]
+                ids, media = prompt, frames
                 if ids.count(processor.media_token_id) != len(media):
                     raise ValueError(f"the prompt's ids hold {ids.count(processor.media_token_id)} <image> token(s) "
                                      f"(id {processor.media_token_id}) but {len(media)} media were given")
@@ -155,10 +165,6 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                                 and logprobs is not None)
         if params.n > engine.max_batch:
             raise APIError(400, f"n={params.n} is more than the server's batch of {engine.max_batch}", param="n")
-        try:
-            grammar = grammars.compile(req.response_format.spec() if req.response_format is not None else None)
-        except GrammarError as e:
-            raise APIError(400, f"response_format: {e}", param="response_format") from None
         batch = processor.batch_media([media])
         images = batch["images"]
         if images is not None:
@@ -207,7 +213,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
         text, refs = chat_prompt(req.messages)
-        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True))
+        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True, response_grammar(req)))
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -221,9 +227,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            param="prompt")
         refs = [MediaRef(url, video=False) for url in req.media]
 
-        def prepare_all() -> list[Job]:  # the media are decoded once; every prompt of the list gets them
-            frames = load_media(refs, False)
-            return [prepare(p, frames, req, False) for p in prompts]
+        def prepare_all() -> list[Job]:  # media and format made once; every prompt of the list gets them
+            frames, grammar = load_media(refs, False), response_grammar(req)
+            return [prepare(p, frames, req, False, grammar) for p in prompts]
 
         jobs = await run_in_threadpool(prepare_all)
         echoes = [p if isinstance(p, str) else processor.decode(p, skip_special_tokens=False) for p in prompts]

@@ -27,6 +27,7 @@ from transformers import (
 from .build import from_backbones
 from .config import FlamingoConfig
 from .model.flamingo import Flamingo
+from .model.mosaic_gpt import register as register_mosaic_gpt
 from .processing import FlamingoProcessor
 from .runtime.compat import pil_image_processor
 
@@ -84,6 +85,7 @@ _LM_CONFIGS: dict[str, dict] = {
                     num_attention_heads=4, num_key_value_heads=2),
     "phi": dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
     "mpt": dict(model_type="mpt", d_model=32, n_heads=4, n_layers=4, max_seq_len=512),
+    "mosaic_gpt": dict(model_type="mosaic_gpt", d_model=32, n_heads=4, n_layers=4, max_seq_len=512, attn_qk_ln=True),
     "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8),
 }
@@ -100,10 +102,17 @@ def tiny_lm(kind: str = "llama", vocab_size: int = 300, seed: int = 0, **overrid
     model_type = kw.pop("model_type")
     kw.update(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     kw.update(overrides)
+    register_mosaic_gpt()
     config = AutoConfig.for_model(model_type, **kw)
     config._attn_implementation = "eager" if kind in ("gpt2", "mpt") else "sdpa"
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if kind == "mosaic_gpt":  # its biases and QK LayerNorms start at 0 / 1: random, so that they count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") or "_ln." in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    return model
 
 
 def tiny_vision(kind: str = "clip", image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,

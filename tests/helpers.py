@@ -14,6 +14,30 @@ import torch.nn.functional as F
 from flamingo import Flamingo
 from flamingo.tiny import random_image
 
+# --------------------------------------------------------------------------------------------------- hub layouts
+MOSAIC_GPT_HUB_FIELDS = {  # what mpt-1b-redpajama-200b's config.json holds beyond the fields that set the function
+    "architectures": ["MosaicGPT"], "auto_map": {"AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig",
+                                                 "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"},
+    "attn_impl": "torch", "low_precision_layernorm": False, "init_device": "cpu", "param_init_fn": "kaiming_normal_",
+    "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "float32", "verbose": 0, "use_cache": False}
+
+
+def write_mosaic_gpt_layout(model: torch.nn.Module, directory: Path, state: dict | None = None, **config) -> None:
+    """A MosaicGPT hub repository (OpenFlamingo-3B's LM): its config fields, `pytorch_model.bin` without the head
+    (tied to `transformer.wte`). `state` replaces the model's tensors; `config` overrides fields."""
+    directory.mkdir()
+    c = model.config
+    fields = {"model_type": "mosaic_gpt", **MOSAIC_GPT_HUB_FIELDS}
+    for key in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size", "alibi", "alibi_bias_max",
+                "attn_clip_qkv", "attn_qk_ln", "softmax_scale", "logit_scale", "no_bias", "embedding_fraction",
+                "prefix_lm", "attn_pdrop", "resid_pdrop", "emb_pdrop"):
+        fields[key] = getattr(c, key)
+    fields.update(config)
+    (directory / "config.json").write_text(json.dumps(fields))
+    if state is None:
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, directory / "pytorch_model.bin")
+
 
 # ------------------------------------------------------------------------------------------------------ references
 @torch.no_grad()

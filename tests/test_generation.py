@@ -66,7 +66,7 @@ def test_chunked_prefill_with_images_refused_before_5_13(make_model):
         model.generate(**processor(*PROMPTS[1]), max_new_tokens=2, prefill_chunk_size=4)
 
 
-@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt"])
 def test_batched_left_padded_equals_one_by_one(make_model, lm_kind):
     model, processor = make_model(lm_kind)
     cases = [PROMPTS[3], PROMPTS[0], PROMPTS[1]]

@@ -10,12 +10,12 @@ from flamingo.tiny import LM_KINDS, random_image, tiny_flamingo
 
 from helpers import continuation_logprobs_reference
 
-FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "qwen2", "mistral", "phi", "mpt", "gemma")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "qwen2", "mistral", "phi", "mpt", "mosaic_gpt", "gemma")
 LAYERS_PATH = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers",
-               "mpt": "transformer.blocks"}  # the others: model.layers
-# OPT builds its attention mask without the position ids, and MPT (ALiBi) takes none: their packed samples would
-# see each other, so `Flamingo` refuses packed rows for them.
-PACKS_EXACTLY = {kind: kind not in ("opt", "mpt") for kind in FAMILIES}
+               "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks"}  # the others: model.layers
+# OPT builds its attention mask without the position ids, and MPT and MosaicGPT (ALiBi) take none: their packed
+# samples would see each other, so `Flamingo` refuses packed rows for them.
+PACKS_EXACTLY = {kind: kind not in ("opt", "mpt", "mosaic_gpt") for kind in FAMILIES}
 PROMPT = "Intro <image>A photo of<|endofchunk|><image>two"
 
 

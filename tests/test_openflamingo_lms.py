@@ -1,8 +1,9 @@
 """The published OpenFlamingo checkpoints' LM families, loaded without remote code and equal to OpenFlamingo.
 
 Each family is a tiny random model written in the layout its hub repository has (the remote code's config fields
-and key names, its weight file format); `load_openflamingo_lm` reads it onto a transformers class, and a converted
-OpenFlamingo built on it (OpenFlamingo's own modules, as in test_openflamingo_equal.py) gives the same logits.
+and key names, its weight file format); `load_openflamingo_lm` reads it onto a transformers class (MosaicGPT, which
+transformers lacks, onto ours: tests/test_mosaic_gpt.py pins its function), and a converted OpenFlamingo built on it
+(OpenFlamingo's own modules, as in test_openflamingo_equal.py) gives the same logits.
 """
 
 import copy
@@ -14,10 +15,12 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MptConfig, MptForCau
 
 pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from flamingo import load_pretrained  # noqa: E402
 from flamingo.convert import convert_openflamingo, load_openflamingo_lm  # noqa: E402
-from flamingo.convert.lm_families import MOSAIC_GPT_KEYS  # noqa: E402
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
-from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer, tiny_vision  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+
+from helpers import write_mosaic_gpt_layout  # noqa: E402
 
 PADDED_VOCAB = 320  # the hub LMs pad their tables (50432 rows for a 50277-token tokenizer); OpenFlamingo cuts them
 REMOTE_MPT_FIELDS = {  # what mosaicml/mpt-7b's config.json holds beyond transformers' MptConfig
@@ -45,28 +48,6 @@ def write_mpt_7b_layout(lm: MptForCausalLM, directory, **attn) -> None:
     torch.save(state, directory / "pytorch_model-00001-of-00001.bin")
 
 
-def write_mpt_1b_layout(lm: MptForCausalLM, directory, qk_ln: bool = False, bias: float = 0.0) -> None:
-    """MPT-1B's repository (MosaicGPT): its own config fields and key names, biases in its Linears and norms."""
-    directory.mkdir()
-    c = lm.config
-    config = {"model_type": "mosaic_gpt", "architectures": ["MosaicGPT"], "d_model": c.d_model, "n_heads": c.n_heads,
-              "n_layers": c.n_layers, "mlp_ratio": 4, "max_seq_len": c.max_seq_len, "vocab_size": c.vocab_size,
-              "alibi": True, "alibi_bias_max": 8, "attn_clip_qkv": None, "attn_qk_ln": qk_ln, "attn_impl": "torch",
-              "low_precision_layernorm": True, "softmax_scale": None, "auto_map": {"AutoConfig": "x.y"}}
-    (directory / "config.json").write_text(json.dumps(config))
-    inverse = [(new.replace("\\", "")[1:-1], old.replace("\\", "")[1:-1]) for old, new in MOSAIC_GPT_KEYS]
-    state = {}
-    for key, value in lm.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        for ours, theirs in inverse:
-            key = key.replace(f".{ours}.", f".{theirs}.")
-        state[key] = value
-        if key.endswith(".weight") and ".wte." not in key:
-            state[key[: -len("weight")] + "bias"] = torch.full(value.shape[:1], bias)
-    torch.save(state, directory / "pytorch_model.bin")
-
-
 def _gpt_neox(seed: int = 0) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -74,13 +55,18 @@ def _gpt_neox(seed: int = 0) -> GPTNeoXForCausalLM:
     return GPTNeoXForCausalLM(config).eval()
 
 
+def _mosaic_gpt():
+    """MPT-1B's MosaicGPT: QK LayerNorm, random biases in every Linear and LayerNorm (flamingo.tiny)."""
+    return tiny_lm("mosaic_gpt", vocab_size=PADDED_VOCAB, max_seq_len=128)
+
+
 def _family(name: str, tmp_path):
-    lm = _gpt_neox() if name == "gpt_neox" else _mpt()
+    lm = {"gpt_neox": _gpt_neox, "mosaic_gpt": _mosaic_gpt}.get(name, _mpt)()
     directory = tmp_path / name
     if name == "mpt":
         write_mpt_7b_layout(lm, directory)
     elif name == "mosaic_gpt":
-        write_mpt_1b_layout(lm, directory)
+        write_mosaic_gpt_layout(lm, directory)
     else:
         lm.save_pretrained(directory)
     return lm, directory
@@ -90,7 +76,8 @@ def _family(name: str, tmp_path):
 def test_family_loads_onto_a_shipped_class_and_equals_openflamingo(family, tmp_path):
     lm, directory = _family(family, tmp_path)
     loaded = load_openflamingo_lm(str(directory))
-    assert type(loaded).__module__.startswith("transformers.models.")
+    shipped_by = "flamingo.model." if family == "mosaic_gpt" else "transformers.models."
+    assert type(loaded).__module__.startswith(shipped_by)
     ids = torch.randint(0, PADDED_VOCAB, (2, 12))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, lm(ids).logits, atol=1e-6)
@@ -122,33 +109,39 @@ def test_family_loads_onto_a_shipped_class_and_equals_openflamingo(family, tmp_p
     assert ids.shape == (1, single["input_ids"].shape[1] + 3)
 
 
-@pytest.mark.parametrize("layout,option,reason", [
-    ("mpt", {"qk_ln": True}, "QK LayerNorm"), ("mpt", {"prefix_lm": True}, "prefix-LM"),
-    ("mosaic_gpt", {"qk_ln": True}, "QK LayerNorm"), ("mosaic_gpt", {"bias": 0.1}, "non-zero biases")])
-def test_what_transformers_mpt_cannot_compute_is_refused(layout, option, reason, tmp_path):
+@pytest.mark.parametrize("option,reason", [({"qk_ln": True}, "QK LayerNorm"), ({"prefix_lm": True}, "prefix-LM")])
+def test_what_transformers_mpt_cannot_compute_is_refused(option, reason, tmp_path):
     """transformers' MPT ignores these options silently; the loader says why it refuses instead."""
-    if layout == "mpt":
-        write_mpt_7b_layout(_mpt(), tmp_path / "lm", **option)
-    else:
-        write_mpt_1b_layout(_mpt(), tmp_path / "lm", **option)
+    write_mpt_7b_layout(_mpt(), tmp_path / "lm", **option)
     with pytest.raises(ValueError, match=reason):
         load_openflamingo_lm(str(tmp_path / "lm"))
 
 
-def test_convert_command_takes_a_remote_code_layout_lm(tmp_path):
+def test_convert_command_takes_openflamingo_3b_layout_and_loads_back(tmp_path):
     from flamingo.cli import main
 
     lm, directory = _family("mosaic_gpt", tmp_path)
     tok, vision = tiny_tokenizer(), tiny_vision("clip")
     peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
                                  cross_attn_every_n_layers=1)
-    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
-               tmp_path / "checkpoint.pt")
+    with torch.no_grad():
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            layer.attn_gate.fill_(0.6)
+            layer.ff_gate.fill_(-0.4)
+    trained = ("perceiver.", "lang_encoder.gated", "lang_encoder.transformer.wte.")  # as OpenFlamingo saves them
+    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(trained)}, tmp_path / "checkpoint.pt")
     vision.save_pretrained(tmp_path / "vision")
     tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
     tok.save_pretrained(directory)
     args = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--vision",
             str(tmp_path / "vision"), "--lm", str(directory), "--out", str(tmp_path / "out")]
     assert main(args) == 0
-    assert (tmp_path / "out" / "lm" / "config.json").is_file()  # written whole, as transformers' MPT
-    assert json.loads((tmp_path / "out" / "lm" / "config.json").read_text())["model_type"] == "mpt"
+    assert (tmp_path / "out" / "lm" / "config.json").is_file()  # written whole (its table cut to the tokenizer)
+    assert json.loads((tmp_path / "out" / "lm" / "config.json").read_text())["model_type"] == "mosaic_gpt"
+    model, processor = load_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        batch = processor("<image>A photo of a cat.<|endofchunk|><image>two", images=[random_image(0), random_image(1)])
+        mine = model(**batch).logits
+        theirs = peer.eval()(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    assert (mine - theirs).abs().max() <= 1e-5

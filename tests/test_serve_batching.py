@@ -70,7 +70,7 @@ def _alone(model, processor, prompt, media, steps):
     return out[0, b["input_ids"].shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt"])  # mosaic_gpt: ALiBi over the slots
 def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, one_thread):
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
     cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows

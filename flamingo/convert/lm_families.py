@@ -1,17 +1,14 @@
-"""The LMs of the published OpenFlamingo checkpoints, on classes that transformers ships (no `trust_remote_code`).
+"""The LMs of the published OpenFlamingo checkpoints, without `trust_remote_code`.
 
-- OpenFlamingo 3B (mpt1b): anas-awadalla/mpt-1b-redpajama-200b(-dolly), remote code `mosaic_gpt` ->
-  `MptForCausalLM` with renamed keys, when it fits (below).
+- OpenFlamingo 3B (mpt1b): anas-awadalla/mpt-1b-redpajama-200b(-dolly), remote code `mosaic_gpt` -> our
+  `MosaicGPTForCausalLM` (flamingo/model/mosaic_gpt.py): transformers has no class computing MosaicGPT (biases in
+  every Linear and LayerNorm, QK LayerNorm); ours keeps the checkpoint's key names, so its weights load as they are.
 - OpenFlamingo 4B (rpj3b): togethercomputer/RedPajama-INCITE-(Base|Instruct)-3B-v1, `gpt_neox` -> as is.
 - OpenFlamingo 9B (mpt7b): anas-awadalla/mpt-7b, remote code `mpt` -> `MptForCausalLM`, after checking its config.
 - `mpt` (MPT-7B): the remote code's key names are transformers' own, and transformers 5 builds its own class from the
   config even with the remote code's `auto_map`, but silently ignores the options its class lacks. The options are
   checked here: QK LayerNorm, biases, prefix-LM, sequence-id masking, learned positions, a logit scale, a non-GELU or
   non-4x MLP, no ALiBi: any of them makes transformers' class compute another function, so the load refuses.
-- `mosaic_gpt` (MPT-1B, MosaicML's earlier code): renamed keys (`ln_1` -> `norm_1`, `ln_2` -> `norm_2`,
-  `mlp.mlp_up` -> `ffn.up_proj`, `mlp.mlp_down` -> `ffn.down_proj`, `ln_f` -> `norm_f`) and config fields
-  (`mlp_ratio`, `attn_qk_ln`, `attn_clip_qkv`, `alibi`, ...), then the same checks. Its model card says it uses QK
-  LayerNorm, which no transformers class implements with ALiBi: such a checkpoint is refused with that reason.
 Weights are read from safetensors, or `.bin` files with `torch.load(weights_only=True)` (no pickle code runs).
 """
 
@@ -19,31 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTrainedModel
 
+from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
+from ..runtime.compat import dtype_kwargs
 from .checkpoints import local_dir, read_tensors
 
 _FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.txt", "*.model"]
-# MosaicGPT (mpt-1b-redpajama-200b) -> transformers' MPT: key renames
-MOSAIC_GPT_KEYS = [(r"\.ln_1\.", ".norm_1."), (r"\.ln_2\.", ".norm_2."), (r"\.mlp\.mlp_up\.", ".ffn.up_proj."),
-                   (r"\.mlp\.mlp_down\.", ".ffn.down_proj."), (r"\.ln_f\.", ".norm_f.")]
-
-
-def mpt_config_from_mosaic_gpt(remote: dict[str, Any]) -> dict[str, Any]:
-    """MosaicGPT's config fields -> the remote MPT config's (then checked and built as for MPT-7B)."""
-    attn = {"alibi": remote.get("alibi", False), "alibi_bias_max": remote.get("alibi_bias_max", 8),
-            "clip_qkv": remote.get("attn_clip_qkv"), "qk_ln": remote.get("attn_qk_ln", False),
-            "softmax_scale": remote.get("softmax_scale"), "prefix_lm": remote.get("prefix_lm", False),
-            "attn_uses_sequence_id": remote.get("attn_uses_sequence_id", False)}
-    return {"d_model": remote["d_model"], "n_heads": remote["n_heads"], "n_layers": remote["n_layers"],
-            "expansion_ratio": remote.get("mlp_ratio", 4), "max_seq_len": remote["max_seq_len"],
-            "vocab_size": remote["vocab_size"], "attn_config": attn, "logit_scale": remote.get("logit_scale"),
-            "no_bias": remote.get("no_bias", False), "embedding_fraction": remote.get("embedding_fraction", 1.0),
-            "learned_pos_emb": not attn["alibi"]}
 
 
 def check_mpt(remote: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -89,16 +71,14 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     with open(config_path) as f:
         remote = json.load(f)
     model_type = remote.get("model_type")
-    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
-    if model_type not in ("mpt", "mosaic_gpt"):
+    kwargs = dtype_kwargs(torch_dtype)
+    if model_type == "mosaic_gpt":
+        return load_mosaic_gpt(directory, str(source), **kwargs)
+    if model_type != "mpt":
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model.name_or_path = str(source)
         return model.eval()
     state = read_tensors(directory)
-    if model_type == "mosaic_gpt":
-        remote = mpt_config_from_mosaic_gpt(remote)
-        for pattern, new in MOSAIC_GPT_KEYS:
-            state = {re.sub(pattern, new, k): v for k, v in state.items()}
     check_mpt(remote, state)
     state = {k: v for k, v in state.items() if not k.endswith(".bias")}  # all zero (checked)
     known = set(MptConfig().to_dict())
@@ -114,5 +94,19 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
         raise ValueError(f"MPT checkpoint does not match transformers' MPT: missing {result.missing_keys[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
-    model.name_or_path = str(source) if model_type == "mpt" else ""
+    model.name_or_path = str(source)
+    return model.eval()
+
+
+def load_mosaic_gpt(directory: str, source: str, **kwargs: Any) -> PreTrainedModel:
+    """MosaicGPT's repository (config.json with its fields, `.bin` or safetensors weights under its key names) on
+    `MosaicGPTForCausalLM`. Every tensor of the checkpoint must find its parameter and every parameter its tensor
+    (the head is the token embedding): anything else is refused, never left at random."""
+    register()  # so that `AutoModelForCausalLM.from_pretrained(source)` loads it again
+    model, info = MosaicGPTForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]
+    if missing or info["unexpected_keys"]:
+        raise ValueError(f"{source}: the checkpoint does not match MosaicGPT: missing {missing[:3]}, unexpected "
+                         f"{list(info['unexpected_keys'])[:3]}")
+    model.name_or_path = source
     return model.eval()

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from .mosaic_gpt import register as register_mosaic_gpt
+
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
 
@@ -68,8 +70,10 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
 
 
 def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrainedModel:
+    """An HF causal LM from a model or a name/path; the LM classes transformers lacks (MosaicGPT) included."""
     if isinstance(lm, nn.Module):
         return lm
+    register_mosaic_gpt()
     return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
 
 

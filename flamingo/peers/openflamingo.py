@@ -22,7 +22,8 @@ from torch import nn
 _PACKAGE = "_openflamingo_peer"
 _DECODER_LAYERS = {"opt": "model.decoder.layers", "gptj": "transformer.h", "gpt2": "transformer.h",
                    "gpt_neox": "gpt_neox.layers", "llama": "model.layers", "mistral": "model.layers",
-                   "qwen2": "model.layers", "phi": "model.layers", "mpt": "transformer.blocks"}
+                   "qwen2": "model.layers", "phi": "model.layers", "mpt": "transformer.blocks",
+                   "mosaic_gpt": "transformer.blocks"}
 
 
 @lru_cache(maxsize=1)

@@ -60,6 +60,16 @@ CONTINUOUS_BATCHING: bool = TRANSFORMERS >= (5, 4)
 CACHE_NAMES = ("cache", "past_key_values")
 
 
+def _output_cache_field() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+# The field an LM output of our own (flamingo/model/mosaic_gpt.py) puts its cache in, by the same rule.
+OUTPUT_CACHE_FIELD: str = _output_cache_field()
+
+
 def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """`from_pretrained`'s dtype keyword: `dtype` on transformers >= 4.56, `torch_dtype` before."""
     if dtype is None:

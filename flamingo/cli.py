@@ -50,9 +50,17 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
-    from .convert import convert_openflamingo
+    from .convert import convert_openflamingo, published_openflamingo
 
-    model, processor = convert_openflamingo(args.checkpoint, args.vision, args.lm, args.tokenizer)
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("pass --model NAME (a published OpenFlamingo) or --checkpoint FILE with --vision and --lm")
+    checkpoint, vision, lm = args.checkpoint, args.vision, args.lm
+    if args.model is not None:
+        checkpoint, published_vision, published_lm = published_openflamingo(args.model)
+        vision, lm = vision or published_vision, lm or published_lm
+    elif vision is None or lm is None:
+        raise ValueError("--checkpoint needs --vision and --lm (the backbones the checkpoint was trained on)")
+    model, processor = convert_openflamingo(checkpoint, vision, lm, args.tokenizer)
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     print(f"wrote {args.out} (xattn before layers {model.xattn_layer_indices})")
     return 0
@@ -219,9 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert foreign checkpoints")
     convert_sub = convert.add_subparsers(dest="source", required=True)
     of = convert_sub.add_parser("open-flamingo", help="an OpenFlamingo 2.x checkpoint.pt")
-    of.add_argument("--checkpoint", required=True)
-    of.add_argument("--vision", required=True, help="HF vision tower name/path (e.g. openai/clip-vit-large-patch14)")
-    of.add_argument("--lm", required=True, help="HF causal LM name/path")
+    of.add_argument("--model", default=None, help="a published checkpoint, e.g. "
+                    "openflamingo/OpenFlamingo-3B-vitl-mpt1b (its checkpoint.pt and backbones downloaded; "
+                    "docs/convert.md lists them)")
+    of.add_argument("--checkpoint", default=None, help="an OpenFlamingo checkpoint.pt (instead of --model)")
+    of.add_argument("--vision", default=None, help="HF vision tower name/path (e.g. openai/clip-vit-large-patch14); "
+                    "with --model, the published one unless given")
+    of.add_argument("--lm", default=None, help="HF causal LM name/path; with --model, the published one unless given")
     of.add_argument("--tokenizer", default=None, help="defaults to the LM's")
     of.add_argument("--out", required=True)
     of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")

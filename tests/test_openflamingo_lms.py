@@ -8,6 +8,10 @@ transformers lacks, onto ours: tests/test_mosaic_gpt.py pins its function), and 
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,3 +149,59 @@ def test_convert_command_takes_openflamingo_3b_layout_and_loads_back(tmp_path):
         theirs = peer.eval()(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
                              attention_mask=batch["attention_mask"]).logits
     assert (mine - theirs).abs().max() <= 1e-5
+
+
+def _hub_cache_entry(cache, repo: str, files) -> None:
+    """`files` (a directory) as the cached snapshot of hub repository `repo`: what a download leaves behind."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    shutil.copytree(files, folder / "snapshots" / commit)
+
+
+def test_a_published_checkpoint_converts_by_its_hub_name(tmp_path, capsys):
+    """`flamingo convert open-flamingo --model openflamingo/OpenFlamingo-3B-vitl-mpt1b`: the checkpoint, the vision
+    tower and the LM (with its tokenizer) come from the hub under the names OpenFlamingo's README gives; here from a
+    hub cache holding tiny stand-ins under those names, offline, in a fresh process."""
+    from flamingo.cli import main
+    from flamingo.convert import PUBLISHED
+
+    name = "openflamingo/OpenFlamingo-3B-vitl-mpt1b"
+    vision_name, lm_name = PUBLISHED[name]
+    lm, tok, vision = _mosaic_gpt(), tiny_tokenizer(), tiny_vision("clip")
+    for directory in ("vision", "lm", "of"):
+        (tmp_path / directory).mkdir()
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    (tmp_path / "lm").rmdir()
+    write_mosaic_gpt_layout(lm, tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=1)
+    with torch.no_grad():
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            layer.attn_gate.uniform_(0.3, 1.0)
+            layer.ff_gate.uniform_(-1.0, -0.3)
+    torch.save(peer.state_dict(), tmp_path / "of" / "checkpoint.pt")  # the whole state, as `checkpoint.pt` has it
+    cache = tmp_path / "hf" / "hub"
+    for repo, files in ((name, "of"), (vision_name, "vision"), (lm_name, "lm")):
+        _hub_cache_entry(cache, repo, tmp_path / files)
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    argv = ["convert", "open-flamingo", "--model", name, "--out", str(tmp_path / "out")]
+    code = f"from flamingo.cli import main; raise SystemExit(main({argv!r}))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model, processor = load_pretrained(str(tmp_path / "out"))
+    batch = processor("<image>A photo of a cat.<|endofchunk|><image>two", images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        mine = model(**batch).logits
+        theirs = peer.eval()(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    assert (mine - theirs).abs().max() <= 1e-5
+
+    assert main(["convert", "open-flamingo", "--model", "openflamingo/OpenFlamingo-1B", "--out", "x"]) == 2
+    assert main(["convert", "open-flamingo", "--checkpoint", "c.pt", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "not a published OpenFlamingo checkpoint" in err and "--checkpoint needs --vision and --lm" in err

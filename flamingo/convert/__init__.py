@@ -3,6 +3,7 @@ and Hugging Face's IDEFICS (`idefics.py`)."""
 
 from .idefics import from_idefics
 from .lm_families import load_openflamingo_lm
-from .openflamingo import convert_openflamingo, infer_config, load_openflamingo_state
+from .openflamingo import PUBLISHED, convert_openflamingo, infer_config, load_openflamingo_state, published_openflamingo
 
-__all__ = ["convert_openflamingo", "from_idefics", "infer_config", "load_openflamingo_lm", "load_openflamingo_state"]
+__all__ = ["PUBLISHED", "convert_openflamingo", "from_idefics", "infer_config", "load_openflamingo_lm",
+           "load_openflamingo_state", "published_openflamingo"]

@@ -30,6 +30,30 @@ from .lm_families import load_openflamingo_lm
 
 log = logging.getLogger(__name__)
 
+CLIP_VIT_L = "openai/clip-vit-large-patch14"  # open_clip's ViT-L-14 "openai" weights, as transformers ships them
+# The published OpenFlamingo 2.x checkpoints (OpenFlamingo's README): hub repository -> (vision tower, LM and its
+# tokenizer) each was trained on. Each repository holds one `checkpoint.pt`; the xattn interval is read from it.
+PUBLISHED: dict[str, tuple[str, str]] = {
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": (CLIP_VIT_L, "anas-awadalla/mpt-1b-redpajama-200b"),
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": (CLIP_VIT_L, "anas-awadalla/mpt-1b-redpajama-200b-dolly"),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": (CLIP_VIT_L, "togethercomputer/RedPajama-INCITE-Base-3B-v1"),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": (CLIP_VIT_L,
+                                                             "togethercomputer/RedPajama-INCITE-Instruct-3B-v1"),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": (CLIP_VIT_L, "anas-awadalla/mpt-7b"),
+}
+
+
+def published_openflamingo(name: str) -> tuple[str, str, str]:
+    """A published checkpoint's (local `checkpoint.pt`, vision tower, LM): the file is downloaded once (the hub
+    cache), the backbones are named as `PUBLISHED` lists them."""
+    if name not in PUBLISHED:
+        raise ValueError(f"{name!r} is not a published OpenFlamingo checkpoint; choose from {sorted(PUBLISHED)}, or "
+                         "pass --checkpoint FILE --vision V --lm L")
+    from huggingface_hub import hf_hub_download
+
+    vision, lm = PUBLISHED[name]
+    return hf_hub_download(name, "checkpoint.pt"), vision, lm
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
 

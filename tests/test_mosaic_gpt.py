@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicCache
 
 from flamingo.convert import load_openflamingo_lm
 from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
+from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import write_mosaic_gpt_layout
 
@@ -158,6 +159,15 @@ def test_transformers_generate_gives_the_uncached_greedy_tokens():
         expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
         m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], dim=1)
     assert out.tolist() == expected.tolist()
+
+
+def test_a_static_cache_is_refused_clearly():
+    """Compiled decoding's static cache: refused by transformers 4.x itself, by the model on 5.x (not a shape error
+    deep inside attention)."""
+    model, processor = tiny_flamingo("mosaic_gpt", gates=0.5)
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    with pytest.raises(ValueError, match="static"):
+        model.generate(**batch, max_new_tokens=2, cache_implementation="static")
 
 
 def test_save_then_auto_load_gives_the_same_logits(tmp_path):

@@ -52,12 +52,13 @@ def test_padding_marks_packed_rows_padding_and_counts_media_when_none_was_given(
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_compiled_regions_equal_eager_losses_and_gradients(make_model):
+@pytest.mark.parametrize("lm_kind", ["llama", "mosaic_gpt"])  # mosaic_gpt: our own LM class's layers compile too
+def test_compiled_regions_equal_eager_losses_and_gradients(make_model, lm_kind):
     """Three batches of different lengths and image counts: the compiled model's losses and gradients equal the eager
     model's (fp32 tolerance); the decoder layers share their graphs (no recompile per layer) and a change of shape
     compiles at most once more (automatic dynamic shapes). Traced by `aot_eager` (the graphs inductor would get,
     forward and backward, without generating C++ kernels: minutes on 2 cores); the trainer test below runs inductor."""
-    eager, processor = make_model(gates=0.5)
+    eager, processor = make_model(lm_kind, gates=0.5)
     eager.train()
     compiled = copy.deepcopy(eager)
     regions = compile_regions(compiled, backend="aot_eager")

@@ -220,6 +220,9 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"MosaicGPT takes a transformers Cache as its KV cache, not {type(cache).__name__}")
+        if getattr(cache, "is_compileable", False):  # its slots would outnumber the mask's keys
+            raise ValueError("MosaicGPT decodes with a dynamic KV cache; a static one (cache_implementation='static', "
+                             "generate(compile=True)) is not supported for it")
         if use_cache is None:  # a cache passed in is used (hub configs say use_cache: false)
             use_cache = cache is not None or self.config.use_cache
         if use_cache and cache is None:

@@ -4,6 +4,8 @@ Shapes (random weights, nothing downloaded):
 - `cpu`: Llama hidden 512 x 8 layers (vocab 32000), CLIP-shaped tower 256 wide x 4 layers at 64 px, xattn every layer.
 - `gpu`: a ~1.3B Llama-shaped LM (hidden 2048, 24 layers, vocab 32000) + a ViT-L/14-shaped CLIP tower at 224 px.
 - `tiny`: the test-suite backbones (hidden 32), for a smoke run of the bench scripts.
+`lm="mosaic_gpt"` puts MosaicGPT (OpenFlamingo-3B's LM family: biases, QK LayerNorm, ALiBi, a 4x GELU MLP) of the
+same width, depth and heads in the Llama's place; at the `gpu` shape that is MPT-1B's shape (2048 x 24, 16 heads).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.convert import convert_openflamingo
+from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from flamingo.peers.openflamingo import build_openflamingo
 from flamingo.tiny import tiny_image_processor, tiny_tokenizer
 
@@ -49,14 +52,28 @@ class Pair:
     image_size: int
 
 
+LM_FAMILIES = ("llama", "mosaic_gpt")
+
+
+def random_lm(family: str, spec: dict[str, Any], vocab: int) -> torch.nn.Module:
+    """A random LM of the shape's width, depth and heads: Llama, or MosaicGPT (biases and QK LayerNorm on)."""
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=0, **spec)).eval()
+    if family == "mosaic_gpt":
+        config = MosaicGPTConfig(d_model=spec["hidden_size"], n_heads=spec["num_attention_heads"],
+                                 n_layers=spec["num_hidden_layers"], vocab_size=vocab, max_seq_len=2048,
+                                 attn_qk_ln=True, bos_token_id=0, eos_token_id=0)
+        return MosaicGPTForCausalLM(config).eval()
+    raise ValueError(f"unknown LM family {family!r}; choose from {LM_FAMILIES}")
+
+
 def build_pair(shape: str, *, xattn_every: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               gate: float = 0.3, seed: int = 0) -> Pair:
+               gate: float = 0.3, seed: int = 0, lm: str = "llama") -> Pair:
     """OpenFlamingo built on the backbones, gates set non-zero, then converted into ours: same weights."""
     spec = SHAPES[shape]
     torch.manual_seed(seed)
     tok = tiny_tokenizer(pad_vocab_to=spec["vocab"]) if spec["vocab"] > 300 else tiny_tokenizer()
-    lm_config = LlamaConfig(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, **spec["lm"])
-    lm = LlamaForCausalLM(lm_config).eval()
+    lm = random_lm(lm, spec["lm"], len(tok))
     vision = CLIPVisionModel(CLIPVisionConfig(**spec["vision"])).eval()
     image_processor = tiny_image_processor("clip", spec["vision"]["image_size"])
 

@@ -3,6 +3,7 @@
     python -m bench.generate --shape cpu                       # 2 CPU cores, fp32
     python -m bench.generate --shape gpu --device cuda --dtype bf16
     python -m bench.generate --shape gpu --device cuda --dtype bf16 --compile     # CUDA-graphed decode steps
+    python -m bench.generate --shape cpu --lm mosaic_gpt       # OpenFlamingo-3B's LM family (bench/common.py)
 
 For k-shot prompts (one image per shot plus the query), batch 1 and 16, greedy, N new tokens (forced, so every
 model decodes the same number): time to first token (vision + prefill + first step) and decode tokens/s
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import Pair, build_pair, machine, print_json, print_table, timed_steps
+from bench.common import LM_FAMILIES, Pair, build_pair, machine, print_json, print_table, timed_steps
 from flamingo.model.generation import compile_config
 from flamingo.runtime import DTYPE_NAMES, torch_dtype
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
     """pair: models already built for `args` (bench/gpu.py times eager and compiled decoding on the same ones)."""
     dtype = torch_dtype(args.dtype)
     if pair is None:
-        pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype)
+        pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=dtype, lm=args.lm)
     ours, peer, bare, processor = pair.ours, pair.peer, pair.bare_lm, pair.processor
     impls = args.xattn_impl
     rows = []
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
                 row["decode_vs_openflamingo"] = row["ours_decode_tok_s"] / row["openflamingo_decode_tok_s"]
                 row["ttft_vs_openflamingo"] = row["openflamingo_ttft_ms"] / row["ours_ttft_ms"]
             rows.append(row)
-            print_json("generate", {"shape": args.shape, "device": machine(), "dtype": args.dtype,
+            print_json("generate", {"shape": args.shape, "lm": args.lm, "device": machine(), "dtype": args.dtype,
                                     "cache": "static+compile" if args.compile else args.cache,
                                     "xattn_every": args.xattn_every, "new_tokens": new, **row})
     return rows
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace, pair: Optional[Pair] = None) -> list[dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="cpu", choices=["tiny", "cpu", "gpu"])
+    parser.add_argument("--lm", default="llama", choices=LM_FAMILIES, help="the LM family at the shape's size")
     parser.add_argument("--shots", type=int, nargs="+", default=[4, 8, 32])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=20)
@@ -142,7 +144,8 @@ def main() -> None:
                         help="prefill cross-attention implementation(s): the first gives the main row, each other adds "
                              "an ours_ttft_ms_<impl> column")
     args = parser.parse_args()
-    print(f"# bench.generate on {machine()}, shape={args.shape}, dtype={args.dtype}, xattn_every={args.xattn_every}")
+    print(f"# bench.generate on {machine()}, shape={args.shape}, lm={args.lm}, dtype={args.dtype}, "
+          f"xattn_every={args.xattn_every}")
     rows = run(args)
     print_table(rows, ["shots", "batch", "ctx_tokens", "same_tokens_as_peer", "near_tie", "ours_ttft_ms",
                        "openflamingo_ttft_ms",

@@ -48,9 +48,9 @@ def run_decode(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Eager with the peer, then compiled (static cache + compiled decode step; CUDA graphs on GPU) without it: the
     peer cannot use a static cache, so its eager figures are the reference for both of our rows."""
     bf16 = args.device.startswith("cuda")
-    common = dict(shape=args.shape, shots=args.shots, batch=[1, 16], new_tokens=20, xattn_every=args.xattn_every,
-                  device=args.device, dtype="bf16" if bf16 else "fp32", repeats=args.repeats, cache="dynamic",
-                  xattn_impl=["auto"])
+    common = dict(shape=args.shape, lm="llama", shots=args.shots, batch=[1, 16], new_tokens=20,
+                  xattn_every=args.xattn_every, device=args.device, dtype="bf16" if bf16 else "fp32",
+                  repeats=args.repeats, cache="dynamic", xattn_impl=["auto"])
     pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device,
                       dtype=torch.bfloat16 if bf16 else torch.float32)  # built once for both modes
     eager = generate.run(argparse.Namespace(**common, compile=False, skip_peer=False), pair)

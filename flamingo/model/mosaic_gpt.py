@@ -225,7 +225,9 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
                              "generate(compile=True)) is not supported for it")
         if use_cache is None:  # a cache passed in is used (hub configs say use_cache: false)
             use_cache = cache is not None or self.config.use_cache
-        if use_cache and cache is None:
+        if not use_cache:
+            cache = None
+        elif cache is None:
             cache = DynamicCache()
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T = x.shape[:2]
@@ -246,7 +248,7 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
         for block in self.transformer.blocks:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, attention_mask=bias, cache=cache if use_cache else None)
+            x = block(x, attention_mask=bias, cache=cache)
         x = self.transformer.ln_f(x)
         if hidden_states is not None:
             hidden_states.append(x)
@@ -258,7 +260,7 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=None if hidden_states is None
-                                      else tuple(hidden_states), **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
+                                      else tuple(hidden_states), **{OUTPUT_CACHE_FIELD: cache})
 
 
 def register() -> None:

@@ -138,6 +138,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if compile:
+        if not getattr(type(model.lm), "_can_compile_fullgraph", False):  # transformers' flag for a static cache
+            raise ValueError(f"{type(model.lm).__name__} cannot decode with a static cache (transformers marks it not "
+                             "compileable, MPT and MosaicGPT among them): generate without compile")
         kwargs.setdefault("cache_implementation", "static")
         kwargs.setdefault("compile_config", compile_config(input_ids.device.type))
     config_keys = set(GenerationConfig().to_dict())

@@ -79,6 +79,17 @@ def _cmd_convert_idefics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
+    from .build import load_pretrained
+    from .convert.to_openflamingo import save_openflamingo_checkpoint
+
+    model, _ = load_pretrained(args.model)
+    recipe = save_openflamingo_checkpoint(model, args.out)
+    print(f"wrote {args.out} and {args.out}.json (how OpenFlamingo loads it):")
+    print(json.dumps(recipe, indent=2))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Few-shot prompt + media -> streamed continuation."""
     import torch
@@ -246,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     idefics.add_argument("--trained-only", action="store_true",
                          help="store trained weights + references to the --backbones directories")
     idefics.set_defaults(func=_cmd_convert_idefics)
+
+    export = sub.add_parser("export", help="write a model in a foreign format")
+    export_sub = export.add_subparsers(dest="target", required=True)
+    to_of = export_sub.add_parser("open-flamingo", help="an OpenFlamingo 2.x checkpoint.pt (docs/convert.md)")
+    to_of.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    to_of.add_argument("--out", required=True, help="the checkpoint file to write (and OUT.json: how to load it)")
+    to_of.set_defaults(func=_cmd_export_open_flamingo)
 
     from .eval.cli import add_eval_subcommand
 

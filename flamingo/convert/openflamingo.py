@@ -55,7 +55,7 @@ def published_openflamingo(name: str) -> tuple[str, str, str]:
     return hf_hub_download(name, "checkpoint.pt"), vision, lm
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
+OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
 
 
 def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[str, torch.Tensor]:
@@ -100,8 +100,8 @@ def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] 
     every = layers[0] + 1
     xinner = state[f"lang_encoder.gated_cross_attn_layers.{layers[0]}.attn.to_q.weight"].shape[0]
     config.num_latents, config.resampler_depth = int(num_latents), depth
-    config.resampler_heads, config.resampler_head_dim = inner // _OF_HEAD_DIM, _OF_HEAD_DIM
-    config.xattn_heads, config.xattn_head_dim = xinner // _OF_HEAD_DIM, _OF_HEAD_DIM
+    config.resampler_heads, config.resampler_head_dim = inner // OF_HEAD_DIM, OF_HEAD_DIM
+    config.xattn_heads, config.xattn_head_dim = xinner // OF_HEAD_DIM, OF_HEAD_DIM
     config.ffw_mult = state["perceiver.layers.0.1.1.weight"].shape[0] // dim
     config.xattn_every = every
     config.resampler, config.gated, config.only_attend_last_image = "perceiver", True, True
@@ -113,7 +113,7 @@ def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] 
     return config
 
 
-def _param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
+def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
     return next(n for n, p in module.named_parameters(remove_duplicate=False) if p is target)
 
 
@@ -130,7 +130,7 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     if isinstance(lm, (str, os.PathLike)):
         tokenizer = tokenizer if tokenizer is not None else str(lm)
         lm = load_openflamingo_lm(lm)
-    emb_key = "lang_encoder." + _param_name(lm, lm.get_input_embeddings().weight)
+    emb_key = "lang_encoder." + param_name(lm, lm.get_input_embeddings().weight)
     shrunk = emb_key in state and state[emb_key].shape[0] < lm.get_input_embeddings().num_embeddings
     if shrunk:
         lm.resize_token_embeddings(state[emb_key].shape[0], mean_resizing=False)
@@ -178,7 +178,7 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
 
     first, n = config.first_new_token_id, config.num_new_tokens
     embedding = model.lm.get_input_embeddings().weight
-    emb_key = "lang_encoder." + _param_name(model.lm, embedding)
+    emb_key = "lang_encoder." + param_name(model.lm, embedding)
     if emb_key in state:
         table = state[emb_key]
         used.add(emb_key)
@@ -194,7 +194,7 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
             config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {table})
     head = model.lm.get_output_embeddings()
     if model.new_lm_head is not None:
-        head_key = "lang_encoder." + _param_name(model.lm, head.weight)
+        head_key = "lang_encoder." + param_name(model.lm, head.weight)
         if head_key in state:
             mapped["new_lm_head"] = state[head_key][first:first + n]
             used.add(head_key)

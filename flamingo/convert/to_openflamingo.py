@@ -1,0 +1,144 @@
+"""Our model -> an OpenFlamingo 2.x `checkpoint.pt`: the inverse of `convert_openflamingo`, so that a model trained
+here runs in OpenFlamingo's code (its evaluation suite, its demos) on the same backbones.
+
+OpenFlamingo's `checkpoint.pt` holds the trained tensors under its module names: `perceiver.*`,
+`lang_encoder.gated_cross_attn_layers.{L}.*`, and the LM's whole input embedding (OpenFlamingo trains it; its rows
+are the LM's tokenizer plus `<|endofchunk|>`, `<image>`, and `<PAD>` when the tokenizer had no pad token, in that
+order, which is ours). OpenFlamingo loads it with `model.load_state_dict(torch.load(path), strict=False)`.
+Two of our tensors have no place in what `create_model_and_transforms` builds, so they are written under the names
+OpenFlamingo's modules give them when asked for them, and `openflamingo_recipe` says how:
+- the resampler's time embeddings (`perceiver.frame_embs`; OpenFlamingo adds them when its resampler is built with
+  `max_num_frames`, which its factory never passes);
+- an untied output head's added rows (the head's whole table; OpenFlamingo leaves those rows at their resize init).
+What OpenFlamingo cannot compute is refused with the reasons (`incompatibilities`): another resampler or block,
+vector gates, sizes its factory does not build, attention to every earlier image, image references, another layer
+rule, a trained or adapted LM or tower, other vision features.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ..model.flamingo import Flamingo
+from ..model.lora import has_lora
+from ..runtime.checkpoint_io import atomic_file
+from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, param_name
+
+# What `create_model_and_transforms` builds, whatever the checkpoint: PerceiverResampler(dim) and
+# GatedCrossAttentionBlock(dim, dim_visual) with their defaults (latents, depth, heads, head width; xattn heads, head
+# width; FFW multiple)
+OF_FACTORY_SHAPES = (64, 6, 8, OF_HEAD_DIM, 8, OF_HEAD_DIM, 4)
+# HF vision towers -> the open_clip (model, pretrained) names OpenFlamingo's factory takes for the same weights
+OPEN_CLIP_NAMES = {CLIP_VIT_L: ("ViT-L-14", "openai")}
+
+
+def incompatibilities(model: Flamingo) -> list[str]:
+    """What OpenFlamingo 2.x cannot compute of this model (empty: it exports exactly)."""
+    c = model.config
+    found = []
+    if c.resampler != "perceiver" or c.resampler_qk_norm or c.resampler_ffw_act != "gelu":
+        found.append("a resampler other than OpenFlamingo's Perceiver (no q/k norms, GELU)")
+    if c.block != "flamingo":
+        found.append(f"{c.block!r} cross-attention blocks")
+    if not c.gated or c.gate_type != "scalar":
+        found.append("gates other than one tanh scalar per branch")
+    built = (c.num_latents, c.resampler_depth, c.resampler_heads, c.resampler_head_dim, c.xattn_heads,
+             c.xattn_head_dim, c.ffw_mult)
+    if built != OF_FACTORY_SHAPES:
+        found.append("resampler / block sizes (latents, depth, heads, head width; xattn heads, head width; FFW "
+                     f"multiple) {built}, not the {OF_FACTORY_SHAPES} OpenFlamingo's factory builds")
+    if not c.only_attend_last_image:
+        found.append("attention to every earlier image (OpenFlamingo's tokens see the last one)")
+    if c.num_image_references:
+        found.append("image reference tokens")
+    layers = len(model.lm.get_submodule(model.decoder_layers_path))
+    if model.xattn_layer_indices != [i for i in range(layers) if (i + 1) % c.xattn_every == 0]:
+        found.append(f"blocks before layers {model.xattn_layer_indices}, not every {c.xattn_every}th")
+    if c.vision_feature_layer != -1 or not c.drop_cls_token:
+        found.append("vision features other than the tower's last hidden state without its CLS token")
+    if has_lora(model.lm) or not c.freeze_lm:
+        found.append("a trained or adapted LM (OpenFlamingo's checkpoint holds no LM weights but its embedding)")
+    if not c.freeze_vision:
+        found.append("a trained vision tower")
+    return found
+
+
+def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
+    """Our trained tensors under OpenFlamingo's names (see the module docstring). Raises ValueError listing what
+    OpenFlamingo cannot compute."""
+    problems = incompatibilities(model)
+    if problems:
+        raise ValueError("OpenFlamingo cannot represent this model: " + "; ".join(problems))
+    c, ours = model.config, model.state_dict()
+    state: dict[str, torch.Tensor] = {"perceiver.latents": ours["resampler.latents"]}
+    for suffix in ("weight", "bias"):
+        state[f"perceiver.norm.{suffix}"] = ours[f"resampler.norm.{suffix}"]
+    for i in range(c.resampler_depth):
+        for name in ("norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
+                     "to_q.weight", "to_kv.weight", "to_out.weight"):
+            state[f"perceiver.layers.{i}.0.{name}"] = ours[f"resampler.layers.{i}.attn.{name}"]
+        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
+            state[f"perceiver.layers.{i}.1.{name}"] = ours[f"resampler.layers.{i}.ffw.{name}"]
+    time = ours["resampler.time_embeddings"]
+    if bool(time.any()):
+        state["perceiver.frame_embs"] = time  # (F, D)
+    for j, layer in enumerate(model.xattn_layer_indices):
+        dst = f"lang_encoder.gated_cross_attn_layers.{layer}"
+        for name in ("norm.weight", "norm.bias", "to_q.weight", "to_kv.weight", "to_out.weight"):
+            state[f"{dst}.attn.{name}"] = ours[f"xattn.{j}.attn.{name}"]
+        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
+            state[f"{dst}.ff.{name}"] = ours[f"xattn.{j}.ffw.{name}"]
+        state[f"{dst}.attn_gate"] = ours[f"xattn.{j}.attn_gate"].reshape(1)
+        state[f"{dst}.ff_gate"] = ours[f"xattn.{j}.ffw_gate"].reshape(1)
+
+    first, n = c.first_new_token_id, c.num_new_tokens
+    rows = first + n if n else model.lm.get_input_embeddings().num_embeddings  # OpenFlamingo cuts to its tokenizer
+    embedding = model.lm.get_input_embeddings().weight
+    table = embedding.detach()[:rows].clone()
+    if n:
+        table[first:] = model.new_token_embeddings.detach().to(table.dtype)
+    state["lang_encoder." + param_name(model.lm, embedding)] = table
+    head = model.lm.get_output_embeddings()
+    if model.new_lm_head is not None:  # untied: the head's table with our trained added rows
+        head_table = head.weight.detach()[:rows].clone()
+        head_table[first:] = model.new_lm_head.detach().to(head_table.dtype)
+        state["lang_encoder." + param_name(model.lm, head.weight)] = head_table
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments and the
+    additions its factory does not make."""
+    c = model.config
+    vision = c.vision_name_or_path
+    clip_name, pretrained = OPEN_CLIP_NAMES.get(vision or "", (None, None))
+    recipe: dict[str, Any] = {
+        "create_model_and_transforms": {
+            "clip_vision_encoder_path": clip_name or f"<the open_clip model of {vision}>",
+            "clip_vision_encoder_pretrained": pretrained or f"<the open_clip weights of {vision}>",
+            "lang_encoder_path": c.lm_name_or_path, "tokenizer_path": c.lm_name_or_path,
+            "cross_attn_every_n_layers": c.xattn_every},
+        "load": "model.load_state_dict(torch.load(path), strict=False)",
+    }
+    before = []
+    if "perceiver.frame_embs" in state:
+        frames, dim = state["perceiver.frame_embs"].shape
+        before.append(f"model.perceiver.frame_embs = torch.nn.Parameter(torch.zeros({frames}, {dim}))")
+    if before:
+        recipe["before_load"] = before
+    return recipe
+
+
+def save_openflamingo_checkpoint(model: Flamingo, path: str) -> dict[str, Any]:
+    """Write `openflamingo_state(model)` to `path` (a torch file of tensors only: `torch.load(weights_only=True)` reads
+    it) atomically, and `path` + `.json` with the recipe. Returns the recipe."""
+    state = openflamingo_state(model)
+    recipe = openflamingo_recipe(model, state)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+    with atomic_file(path + ".json") as tmp, open(tmp, "w") as f:
+        json.dump(recipe, f, indent=2)
+    return recipe

@@ -1,0 +1,98 @@
+"""Our model -> OpenFlamingo's `checkpoint.pt` (flamingo/convert/to_openflamingo.py): OpenFlamingo's own modules,
+built as its factory builds them on the same backbones and loading the file as its README says (plus the recipe's
+additions), give our logits; converting the file back gives our model again; what OpenFlamingo cannot compute is
+refused with the reasons."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.peer
+pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from flamingo.cli import main  # noqa: E402
+from flamingo.convert import convert_openflamingo  # noqa: E402
+from flamingo.convert.to_openflamingo import incompatibilities, openflamingo_state  # noqa: E402
+from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
+from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer  # noqa: E402
+
+# the sizes OpenFlamingo's factory builds (64 latents, 6 resampler layers, 8 heads of 64; xattn 8 heads of 64)
+FACTORY = dict(num_latents=64, resampler_depth=6, resampler_heads=8, resampler_head_dim=64, xattn_heads=8,
+               xattn_head_dim=64, ffw_mult=4, xattn_every=2)
+PROMPTS = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>Question: and?",
+           "<image>A photo of a cat.<|endofchunk|>"]
+
+
+def _ours(lm: str):
+    """A model of ours as training leaves it: gates, time embeddings and added rows (and an untied head's) all
+    non-zero and unlike their initial values."""
+    model, processor = tiny_flamingo(lm, gates=0.4, **FACTORY)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for block in model.xattn:  # every gate its own value
+            block.attn_gate.uniform_(0.2, 1.0)
+            block.ffw_gate.uniform_(-1.0, -0.2)
+        model.resampler.time_embeddings.normal_(0, 0.5)
+        model.new_token_embeddings.normal_(0, 0.5)
+        if model.new_lm_head is not None:
+            model.new_lm_head.normal_(0, 0.5)
+    return model, processor
+
+
+def _batch(processor):
+    """Stills only: OpenFlamingo 2.0.1 runs one frame per medium (it adds frame_embs[0], as we add the first time
+    embedding)."""
+    return processor(PROMPTS, images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="right")
+
+
+@pytest.mark.parametrize("lm", ["llama", "mosaic_gpt"])  # untied head (its added rows exported), tied head
+def test_openflamingo_loads_the_export_and_computes_our_logits(lm, tmp_path):
+    model, processor = _ours(lm)
+    model.save_pretrained(str(tmp_path / "ours"), processor=processor)
+    out = tmp_path / "checkpoint.pt"
+    assert main(["export", "open-flamingo", "--model", str(tmp_path / "ours"), "--out", str(out)]) == 0
+    recipe = json.loads((tmp_path / "checkpoint.pt.json").read_text())
+    assert recipe["create_model_and_transforms"]["cross_attn_every_n_layers"] == 2
+
+    peer, _ = build_openflamingo(copy.deepcopy(model.vision), copy.deepcopy(model.lm).eval(), tiny_tokenizer(),
+                                 cross_attn_every_n_layers=2)
+    for line in recipe.get("before_load", []):  # the additions OpenFlamingo's factory does not make
+        exec(line, {"torch": torch, "model": peer})
+    state = torch.load(out, weights_only=True)
+    result = peer.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    trained = [k for k, p in peer.named_parameters() if k.startswith(("perceiver.", "lang_encoder.gated_cross"))]
+    assert trained and not set(trained) & set(result.missing_keys)
+
+    batch = _batch(processor)
+    with torch.no_grad():
+        mine = model(**batch).logits
+        theirs = peer.eval()(vision_x=batch["images"], lang_x=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert mine.shape == theirs.shape
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-5
+
+    back, back_processor = convert_openflamingo(state, copy.deepcopy(model.vision), copy.deepcopy(model.lm),
+                                                tiny_tokenizer(), image_processor=processor.image_processor)
+    with torch.no_grad():
+        again = back(**_batch(back_processor)).logits
+    assert (again[real] - mine[real]).abs().max() <= 1e-5
+
+
+def test_what_openflamingo_cannot_compute_is_refused(tmp_path, capsys):
+    model, processor = tiny_flamingo("llama", block="idefics", xattn_ffw_dim=64, only_attend_last_image=False,
+                                     num_image_references=2)
+    reasons = incompatibilities(model)
+    for words in ("'idefics' cross-attention blocks", "every earlier image", "image reference", "factory builds"):
+        assert any(words in r for r in reasons), (words, reasons)
+    with pytest.raises(ValueError, match="OpenFlamingo cannot represent this model"):
+        openflamingo_state(model)
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    assert main(["export", "open-flamingo", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "c.pt")]) == 2
+    assert "OpenFlamingo cannot represent this model" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
+
+    exportable, _ = _ours("llama")
+    assert incompatibilities(exportable) == []

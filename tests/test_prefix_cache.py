@@ -52,7 +52,7 @@ def _generate(model, batch, steps):
     return out[0, batch["input_ids"].shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("lm_kind,overrides", [("llama", {}), ("gpt2", {}), ("opt", {}),
+@pytest.mark.parametrize("lm_kind,overrides", [("llama", {}), ("gpt2", {}), ("opt", {}), ("mosaic_gpt", {}),
                                                ("llama", dict(num_image_references=4)),
                                                ("llama", dict(only_attend_last_image=False))])
 def test_prompts_sharing_demos_reuse_the_prefill_and_decode_as_alone(make_model, lm_kind, overrides, one_thread):

@@ -134,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, quantize_frozen=args.quantize_frozen,
-                          prefix_cache_mib=args.prefix_cache_mib)
+                          prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib)
     settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefix-cache-mib", type=float, default=1024,
                      help="memory for the prefills of earlier prompts, reused by prompts that begin alike (the same "
                           "few-shot demonstrations and images); 0: off")
+    srv.add_argument("--vision-cache-mib", type=float, default=256,
+                     help="memory for the vision tower's features of frames seen before (an image shared by a "
+                          "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,

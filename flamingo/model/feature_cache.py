@@ -15,7 +15,7 @@ What it saves on a many-epoch run: docs/data.md, "Measurements behind the defaul
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,18 @@ class VisionFeatureCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.store = TensorCache(max_bytes)
+        self.frames = self.computed = 0  # frames asked for, and those the tower ran on
+
+    @classmethod
+    def of_mib(cls, mib: float) -> Optional["VisionFeatureCache"]:
+        """A cache of `mib` MiB, or None for 0 (off)."""
+        if mib < 0:
+            raise ValueError(f"a vision feature cache needs a size >= 0 MiB, got {mib}")
+        return cls(int(mib * 2**20)) if mib > 0 else None
+
+    @property
+    def bytes(self) -> int:
+        return self.store.bytes
 
     @staticmethod
     def key(frame: torch.Tensor) -> bytes:
@@ -44,6 +56,8 @@ class VisionFeatureCache:
             first.setdefault(k, i)
         found = {k: self.store.get(k) for k in first}
         missing = [k for k, v in found.items() if v is None]
+        self.frames += len(keys)
+        self.computed += len(missing)
         if missing:
             rows = torch.tensor([first[k] for k in missing], device=pixels.device)
             for k, row in zip(missing, tower(pixels.index_select(0, rows))):  # (M, S, Dv)

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..runtime.compat import lm_cache_argument, lm_last_logits_only, lm_takes_position_ids
 from .context import MediaContext, Phase
+from .feature_cache import VisionFeatureCache
 from .logprobs import TokenLogprobs, token_logprobs
 from .prefix_cache import STORED_TOP, PrefixCache
 from .xattn import MediaKV, compute_media_index
@@ -60,19 +61,20 @@ class Prefill:
     input_ids (T,); images (1, N, F, C, H, W) or None, with num_media (1,) and num_frames (1, N) as the processor
     makes them. Chunks continue the prompt's media index (a PREFILL context spans all of them). prefix_cache: reuse
     and extend the prefills of earlier prompts that begin alike. prompt_logprobs: give the prompt's tokens their
-    log-probabilities, with this many likeliest alternatives per position (None: not computed)."""
+    log-probabilities, with this many likeliest alternatives per position (None: not computed). vision_cache: the
+    frozen tower's features of frames seen by earlier prompts (`VisionFeatureCache`)."""
 
     def __init__(self, model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                  num_media: Optional[torch.Tensor] = None, num_frames: Optional[torch.Tensor] = None, *,
                  chunk: int = 64, prefix_cache: Optional[PrefixCache] = None,
-                 prompt_logprobs: Optional[int] = None) -> None:
+                 prompt_logprobs: Optional[int] = None, vision_cache: Optional[VisionFeatureCache] = None) -> None:
         if input_ids.ndim != 1 or input_ids.numel() == 0:
             raise ValueError("Prefill takes one non-empty prompt, input_ids (T,)")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if prompt_logprobs is not None and prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {prompt_logprobs}")
-        self.model, self.chunk, self.prefix_cache = model, chunk, prefix_cache
+        self.model, self.chunk, self.prefix_cache, self.vision_cache = model, chunk, prefix_cache, vision_cache
         self.prompt_logprobs = prompt_logprobs
         self._logprobs: list[TokenLogprobs] = []  # per chunk run, with prompt_logprobs
         self.device = next(model.lm.parameters()).device
@@ -200,7 +202,8 @@ class Prefill:
         if end > start:
             frames = None if self.num_frames is None else self.num_frames[:, start:end]
             self._visual.append(self.model.encode_media(self.images[:, start:end].to(self.device),
-                                                        torch.tensor([end - start]), frames))  # (1, n, R, Dv)
+                                                        torch.tensor([end - start]), frames,
+                                                        vision_cache=self.vision_cache))  # (1, n, R, Dv)
         return end > start if end >= total else None
 
     def _total_media(self) -> int:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..model.batching import DecodeBatch
+from ..model.feature_cache import VisionFeatureCache
 from ..model.generation import generation_config_for
 from ..model.logprobs import TokenLogprobs, token_logprobs
 from ..model.prefill import Prefill, PrefilledRow
@@ -43,6 +44,7 @@ from .sampling import SamplingParams, pick_tokens, row_generator
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX_CACHE_MIB = 1024  # on the model's device; at bench's gpu shape (bf16) ~5,400 prompt tokens' K/V
+DEFAULT_VISION_CACHE_MIB = 256  # the tower's features by frame content: ViT-L/14 at 224 px, fp32, ~1 MiB a frame
 
 
 class QueueFull(Exception):
@@ -113,9 +115,13 @@ class Engine:
     def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 64, media_per_step: int = 2,
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
-                 metrics: Optional[Metrics] = None) -> None:
+                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, metrics: Optional[Metrics] = None) -> None:
         self.model, self.processor = model, processor
         self.prefix_cache = PrefixCache.of_mib(prefix_cache_mib)  # prompts that begin alike share their prefill
+        # a frame seen before (a prompt list's shared image, demonstrations reused across queries, a chat resending
+        # its image) skips the frozen tower
+        self.vision_cache = VisionFeatureCache.of_mib(vision_cache_mib) if model.config.freeze_vision else None
+        self._vision_counted = (0, 0)  # the cache's frame counts already in the metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.media_per_step = media_per_step  # media a joining prompt encodes per turn while rows are running
         self.metrics = metrics or Metrics()
@@ -223,7 +229,7 @@ class Engine:
             try:
                 self._prefills.append((job, Prefill(
                     self.model, job.prompt_ids, media.get("images"), media.get("num_media"), media.get("num_frames"),
-                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache,
+                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache, vision_cache=self.vision_cache,
                     prompt_logprobs=(job.params.logprobs or 0) if job.params.echo_logprobs else None)))
             except ValueError as e:  # only this request fails
                 job.emit(Event("error", message=str(e)))
@@ -278,6 +284,12 @@ class Engine:
         if self.prefix_cache is not None:
             self.metrics.inc("prompt_tokens_cached_total", row.cached_tokens)
             self.metrics.set_gauge("prefix_cache_bytes", self.prefix_cache.bytes)
+        if self.vision_cache is not None:  # the cache counts every frame since the start: report what is new
+            cache, (frames, computed) = self.vision_cache, self._vision_counted
+            self.metrics.inc("vision_frames_total", cache.frames - frames)
+            self.metrics.inc("vision_frames_computed_total", cache.computed - computed)
+            self.metrics.set_gauge("vision_cache_bytes", cache.bytes)
+            self._vision_counted = (cache.frames, cache.computed)
         if row.prompt_logprobs is not None:
             job.emit(Event("prompt", logprobs=row.prompt_logprobs))
         choices = [_Choice(job, i, row_generator(job.params, i, self.device)) for i in range(job.params.n)]

@@ -1,7 +1,8 @@
 """The server's metrics in Prometheus' text format (`GET /metrics`), without a client library.
 
 Counters: requests by endpoint and status, prompt (and prefix-cached) and generated tokens. Gauges: requests waiting,
-rows decoding, prefix cache bytes.
+rows decoding, prefix cache bytes, vision cache bytes. Counters of frames brought to the vision tower and of those it
+ran on.
 Histograms: rows per decode step, time to first token, time between a row's tokens. All names start `flamingo_`.
 """
 
@@ -19,6 +20,9 @@ _HELP = {
     "queue_depth": ("gauge", "requests waiting for a batch row"),
     "running_rows": ("gauge", "rows in the decode batch"),
     "prefix_cache_bytes": ("gauge", "bytes held by the prefix cache"),
+    "vision_frames_total": ("counter", "media frames prompts brought to the vision tower"),
+    "vision_frames_computed_total": ("counter", "of those, the frames the tower ran on (the others: the vision cache)"),
+    "vision_cache_bytes": ("gauge", "bytes held by the vision feature cache"),
     "batch_size": ("histogram", "rows per decode step"),
     "time_to_first_token_seconds": ("histogram", "from a request's arrival in the queue to its first token"),
     "inter_token_latency_seconds": ("histogram", "between two tokens of one row"),

@@ -19,7 +19,7 @@ import torch
 
 from ..build import load_pretrained
 from .app import ServeSettings, create_app
-from .engine import DEFAULT_PREFIX_CACHE_MIB, Engine
+from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
                  max_queue: int = 64, prefill_chunk: int = 64, quantize_frozen: Optional[str] = None,
-                 prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB) -> Engine:
+                 prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
+                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB) -> Engine:
     model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen)
     return Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                  prefix_cache_mib=prefix_cache_mib)
+                  prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib)
 
 
 def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,

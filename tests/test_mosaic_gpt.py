@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from flamingo.convert import load_openflamingo_lm
 from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
+from flamingo.runtime.compat import STATIC_CACHE_MASK_HOOK
 from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import write_mosaic_gpt_layout
@@ -161,18 +162,32 @@ def test_transformers_generate_gives_the_uncached_greedy_tokens():
     assert out.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("kind", ["mosaic_gpt", "mpt"])
-def test_a_static_cache_is_refused_clearly(kind):
-    """Compiled decoding's static cache: `generate(compile=True)` refuses LMs transformers marks not compileable
-    (transformers' MPT would silently decode uncompiled); a static cache reaching MosaicGPT anyway is refused by the
-    model (transformers 4.x refuses it first), not met by a shape error deep inside attention."""
-    model, processor = tiny_flamingo(kind, gates=0.5)
-    batch = processor("<image>A photo of", images=[random_image(0)])
-    with pytest.raises(ValueError, match="cannot decode with a static cache"):
-        model.generate(**batch, max_new_tokens=2, compile=True)
-    if kind == "mosaic_gpt":
+def test_static_cache_decoding_equals_the_dynamic_one():
+    """A static cache (compiled decoding's, `generate(compile=True)`): transformers' generate asks the model for the
+    bias over all the cache's slots (`create_masks_for_generate`); left-padded rows decode the dynamic cache's
+    tokens. Before transformers 5.25 the model does not claim a static cache and both requests are refused."""
+    model, processor = tiny_flamingo("mosaic_gpt", gates=0.5, lm_overrides={"initializer_range": 1.0})
+    batch = processor(["<image>A photo of<|endofchunk|><image>two", "<image>a cat"],
+                      images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="left")
+    if not STATIC_CACHE_MASK_HOOK:
         with pytest.raises(ValueError, match="static"):
             model.generate(**batch, max_new_tokens=2, cache_implementation="static")
+        with pytest.raises(ValueError, match="cannot decode with a static cache"):
+            model.generate(**batch, max_new_tokens=2, compile=True)
+        return
+    dynamic = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    static = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, cache_implementation="static")
+    assert static.tolist() == dynamic.tolist()
+    with pytest.raises(ValueError, match="static KV cache needs"):  # a static cache without the bias: refused
+        model.lm(batch["input_ids"], attention_mask=batch["attention_mask"],
+                 past_key_values=StaticCache(config=model.lm.config, max_cache_len=64))
+
+
+def test_compiled_decoding_is_refused_for_lms_transformers_marks_not_compileable():
+    """transformers' MPT would silently decode uncompiled under a compile request: refused with the class's name."""
+    model, processor = tiny_flamingo("mpt", gates=0.5)
+    with pytest.raises(ValueError, match="MptForCausalLM cannot decode with a static cache"):
+        model.generate(**processor("<image>A photo of", images=[random_image(0)]), max_new_tokens=2, compile=True)
 
 
 def test_save_then_auto_load_gives_the_same_logits(tmp_path):

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..runtime.compat import OUTPUT_CACHE_FIELD
+from ..runtime.compat import OUTPUT_CACHE_FIELD, STATIC_CACHE_MASK_HOOK
 
 
 class MosaicGPTConfig(PretrainedConfig):
@@ -88,21 +88,24 @@ def alibi_slopes(n_heads: int, bias_max: float) -> torch.Tensor:
     return slopes
 
 
-def attention_bias(attention_mask: torch.Tensor, queries: int, slopes: torch.Tensor, dtype: torch.dtype
-                   ) -> torch.Tensor:
-    """The additive attention bias of one forward: ALiBi on the key slots, minus the largest float where a query may
-    not look (a later slot, or a padded key).
+def attention_bias(attention_mask: torch.Tensor, queries: int, slopes: torch.Tensor, dtype: torch.dtype,
+                   keys: Optional[int] = None) -> torch.Tensor:
+    """The additive attention bias of one forward: ALiBi, `-slope * (q - k)` for query slot q and key slot k, and the
+    dtype's minimum where a query may not look (a later slot, a padded or an empty one).
 
-    attention_mask (B, K): 1 on real tokens of the K key slots (cache + this call); the last `queries` slots are this
-    call's tokens. ALiBi is written relative to the last slot, `slope * (k - (K - 1))`, as MosaicGPT writes it: for one
-    query this differs from `-slope * (q - k)` by a constant, which softmax ignores. Returns (B, H, queries, K)."""
-    keys = attention_mask.shape[1]
+    attention_mask (B, M): 1 on real tokens of the first M key slots (cache + this call); the last `queries` of them
+    are this call's tokens. keys: the slots attention reads, M by default (a static cache's length: the slots after M
+    are empty). MosaicGPT writes ALiBi relative to the last key, which differs per query by a constant softmax ignores;
+    relative to the query the numbers near it stay small, so they keep their precision in bf16. Returns (B, H, Q, K)."""
+    b, m = attention_mask.shape
+    keys = m if keys is None else keys
     device = attention_mask.device
-    slot = torch.arange(keys, device=device)
-    alibi = slopes.to(device)[:, None] * (slot - (keys - 1)).to(torch.float32)  # (H, K)
-    query_slot = torch.arange(keys - queries, keys, device=device)  # (Q,)
-    allowed = (slot[None, :] <= query_slot[:, None])[None] & attention_mask.bool()[:, None, :]  # (B, Q, K)
-    bias = alibi.to(dtype)[None, :, None, :].expand(attention_mask.shape[0], -1, queries, -1)  # (B, H, Q, K)
+    distance = torch.arange(m - queries, m, device=device)[:, None] - torch.arange(keys, device=device)  # (Q, K)
+    alibi = -slopes.to(device)[:, None, None] * distance.to(torch.float32)  # (H, Q, K)
+    real = torch.zeros(b, keys, dtype=torch.bool, device=device)
+    real[:, :m] = attention_mask.bool()
+    allowed = (distance >= 0)[None] & real[:, None, :]  # (B, Q, K)
+    bias = alibi.to(dtype)[None].expand(b, -1, -1, -1)  # (B, H, Q, K)
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
@@ -183,6 +186,8 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["MosaicGPTBlock"]
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     _supports_sdpa = True  # its attention is always scaled_dot_product_attention
+    # a static cache and a compiled decode step: where transformers' generate asks the model for its mask
+    _can_compile_fullgraph = STATIC_CACHE_MASK_HOOK
 
     def __init__(self, config: MosaicGPTConfig) -> None:
         super().__init__(config)
@@ -207,6 +212,24 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def _bias(self, attention_mask: torch.Tensor, queries: int, dtype: torch.dtype,
+              keys: Optional[int] = None) -> torch.Tensor:
+        # the slopes are made here, not kept in a buffer: transformers' loading leaves non-persistent buffers unset
+        slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max)  # (H,)
+        return attention_bias(attention_mask, queries, slopes, dtype, keys)
+
+    def create_masks_for_generate(self, config: Any, inputs_embeds: torch.Tensor,
+                                  attention_mask: Optional[torch.Tensor], cache: Optional[Cache] = None,
+                                  past_key_values: Optional[Cache] = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' hook for a static (compileable) cache: the next forward's bias over all the cache's slots,
+        made before the compiled step runs (it reads the cache's length on the host). Returns (B, H, T, max_len)."""
+        cache = cache if cache is not None else past_key_values
+        B, T = inputs_embeds.shape[:2]
+        past = int(cache.get_seq_length())
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)
+        return self._bias(attention_mask[:, -(past + T):], T, inputs_embeds.dtype, keys=cache.get_max_length())
+
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None, past_key_values: Optional[Cache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
@@ -220,9 +243,6 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"MosaicGPT takes a transformers Cache as its KV cache, not {type(cache).__name__}")
-        if getattr(cache, "is_compileable", False):  # its slots would outnumber the mask's keys
-            raise ValueError("MosaicGPT decodes with a dynamic KV cache; a static one (cache_implementation='static', "
-                             "generate(compile=True)) is not supported for it")
         if use_cache is None:  # a cache passed in is used (hub configs say use_cache: false)
             use_cache = cache is not None or self.config.use_cache
         if not use_cache:
@@ -231,19 +251,23 @@ class MosaicGPTForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T = x.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
-        elif attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must cover the {past} cached and {T} new "
-                             f"slots of {B} rows")
+        if attention_mask is not None and attention_mask.dim() == 4:  # the bias `create_masks_for_generate` made
+            bias = attention_mask.to(x.dtype)  # (B, H, T, K)
+        else:
+            if getattr(cache, "is_compileable", False):
+                raise ValueError("a static KV cache needs the (B, H, T, K) bias of `create_masks_for_generate` as the "
+                                 "attention_mask (transformers' generate makes it)")
+            past = cache.get_seq_length() if cache is not None else 0
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+            elif attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must cover the {past} cached and {T} "
+                                 f"new slots of {B} rows")
+            bias = self._bias(attention_mask, T, x.dtype)  # (B, H, T, K)
         fraction = self.config.embedding_fraction
         if fraction != 1:  # GLM-130B's embedding gradient shrink: the same values, a scaled gradient
             x = x * fraction + x.detach() * (1 - fraction)
         x = self.transformer.emb_drop(x)
-        # the slopes are made here, not kept in a buffer: transformers' loading leaves non-persistent buffers unset
-        slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max)  # (H,)
-        bias = attention_bias(attention_mask, T, slopes, x.dtype)  # (B, H, T, K)
         hidden_states = [] if output_hidden_states else None
         for block in self.transformer.blocks:
             if hidden_states is not None:

@@ -69,6 +69,10 @@ def _output_cache_field() -> str:
 # The field an LM output of our own (flamingo/model/mosaic_gpt.py) puts its cache in, by the same rule.
 OUTPUT_CACHE_FIELD: str = _output_cache_field()
 
+# transformers' generate asks the model for the mask of a static cache (`create_masks_for_generate`, passing `cache`),
+# and static cache layers count their own positions: our MosaicGPT decodes with a static cache, compiled, from here.
+STATIC_CACHE_MASK_HOOK: bool = TRANSFORMERS >= (5, 25)
+
 
 def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """`from_pretrained`'s dtype keyword: `dtype` on transformers >= 4.56, `torch_dtype` before."""

@@ -10,7 +10,9 @@ weights load as they are; `register()` makes transformers' Auto classes build th
 
 Options the published configs do not use are refused at build time (prefix-LM, learned positions) rather than
 computed differently. Attention is one `scaled_dot_product_attention` per layer with one additive bias (ALiBi,
-causality, padding) built once per forward and shared by every layer.
+causality, padding) built once per forward and shared by every layer; with a static cache (compiled decoding), the
+bias over all the cache's slots comes from `create_masks_for_generate`, which transformers' generate calls before the
+compiled step.
 """
 
 from __future__ import annotations

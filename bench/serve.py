@@ -163,6 +163,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, tries: int = 600) -> None:
+    """Poll a starting `flamingo serve` until `/health` answers 200 (half a second between tries)."""
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not start")
+
+
 def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], warmup: list[dict],
                      mib: float, clients: int) -> dict[str, Any]:
     """A fresh `flamingo serve` (prefix cache of `mib` MiB), warmed up with `warmup`, runs `requests` with `clients`
@@ -176,14 +188,7 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
          "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("the server did not start")
+        wait_until_healthy(url)
         asyncio.run(run_clients(url, warmup, 1))
         before = _batch_mean(url)
         wall, results = asyncio.run(run_clients(url, requests, clients))

@@ -17,7 +17,6 @@ import argparse
 import filecmp
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,7 @@ from typing import Any
 import httpx
 
 from bench.common import machine, print_json, print_table
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.serve import free_port, wait_until_healthy
 
 
 def _eval(args: argparse.Namespace, task: str, out: str, server: str = "") -> float:
@@ -54,19 +48,13 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
     rows = []
     for repeat in range(args.repeats):
         for mib in args.vision_cache_mib:
-            port = _free_port()
+            port = free_port()
             server = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", args.model,
                                        "--port", str(port), "--threads", "1", "--vision-cache-mib", str(mib)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             url = f"http://127.0.0.1:{port}"
             try:
-                for _ in range(300):
-                    try:
-                        if httpx.get(url + "/health", timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.5)
+                wait_until_healthy(url)
                 row: dict[str, Any] = {"setting": f"server, vision cache {mib:g} MiB", "repeat": repeat}
                 for task in args.tasks:
                     row[f"{task}_s"] = _eval(args, task, os.path.join(root, f"{task}-{mib:g}-{repeat}"), url)

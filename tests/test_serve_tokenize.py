@@ -64,3 +64,28 @@ def test_bad_tokenizer_requests_get_a_clear_400(served, path, body, says):
     _, url = served
     response = httpx.post(url + path, json=body, timeout=30)
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+
+
+def test_a_declared_image_prompt_is_tokenized_as_its_completion_reads_it(tmp_path, one_thread):
+    """A model with image references (MMICL-style declarations, `Image 0 is <image0>`): `/tokenize` resolves a raw
+    prompt's declarations as the completions endpoint does (one medium per declaration), so its count is what the
+    completion is billed for; a prompt whose declarations are wrong is a 400, as its completion would be."""
+    from flamingo.serve.app import ServeSettings
+    from flamingo.tiny import tiny_flamingo
+
+    from serve_helpers import engine_for, running_server
+
+    model, processor = tiny_flamingo("llama", num_image_references=4)
+    processor.image_references = True
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    engine = engine_for(tmp_path / "m", max_batch=2)
+    prompt = "Image 0 is <image0>. Image 1 is <image1>. Question: what is in <image0>? Short answer:"
+    media = [random_image(1), random_image(2)]
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        tokens = httpx.post(url + "/tokenize", json={"prompt": prompt}, timeout=30).json()
+        assert tokens["tokens"] == engine.processor.encode_prompt(prompt, media)[0]
+        billed = httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": prompt, "media": [data_url(m) for m in media], "max_tokens": 1}).json()["usage"]
+        assert billed["prompt_tokens"] == tokens["count"]
+        bad = httpx.post(url + "/tokenize", json={"prompt": "Is <image0> red? Image 0 is <image0>."}, timeout=30)
+        assert bad.status_code == 400 and "prompt" in bad.json()["error"]["param"]

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.backbones import lm_max_positions
+from ..references import DECLARATION, resolve_declarations
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
@@ -260,6 +261,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(TokenizeRequest, await read_json(request))
         text = req.prompt if req.messages is None else chat_prompt(req.messages)[0]
+        if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
+            try:  # resolve it: one medium per declaration
+                text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
         ids = processor.prompt_ids(text) if req.add_special_tokens else processor.token_ids(text, special_tokens=False)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": positions})
 

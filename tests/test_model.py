@@ -28,6 +28,19 @@ def test_gate_zero_equals_bare_lm_and_ignores_images(make_model, lm_kind):
         assert torch.equal(model(**batch).logits, model(**other).logits)
 
 
+@pytest.mark.parametrize("lm_kind", LM_KINDS)
+def test_added_tokens_read_the_rows_the_lm_would_give_them(make_model, lm_kind):
+    """At init the added tokens' trainable rows are the LM's own rows for them: with gates 0, a prompt full of
+    `<image>` and `<|endofchunk|>` gives the bare LM's logits, also where the LM's embedding scales its output
+    (Gemma's scaled word embedding in transformers 5)."""
+    model, processor = make_model(lm_kind, gates=0.0)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        ours = model(**batch).logits
+        bare = model.lm(input_ids=batch["input_ids"]).logits  # outside a Flamingo call: no hook runs
+    assert (ours - bare).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("lm_kind,vision_kind", [("llama", "clip"), ("gpt2", "siglip"), ("gpt_neox", "clip"),
                                                  ("opt", "siglip"), ("qwen2", "clip"), ("phi", "siglip")])
 def test_changing_image_k_leaves_tokens_before_it_unchanged(make_model, lm_kind, vision_kind):

@@ -197,6 +197,9 @@ class Flamingo(nn.Module):
         offset = input_ids - first
         is_new = (offset >= 0) & (offset < n)  # (B, T)
         rows = F.embedding(offset.clamp(0, n - 1), self.new_token_embeddings).to(output.dtype)  # (B, T, D)
+        scale = getattr(module, "embed_scale", None)  # an embedding that scales its output (Gemma's in transformers 5)
+        if scale is not None:
+            rows = rows * (scale.to(output.dtype) if torch.is_tensor(scale) else scale)
         return torch.where(is_new[..., None], rows, output)
 
     def _head_pre_hook(self, module: nn.Module, args: tuple) -> Optional[tuple]:

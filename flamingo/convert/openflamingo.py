@@ -30,6 +30,9 @@ from .lm_families import load_openflamingo_lm
 
 log = logging.getLogger(__name__)
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
+
 CLIP_VIT_L = "openai/clip-vit-large-patch14"  # open_clip's ViT-L-14 "openai" weights, as transformers ships them
 # The published OpenFlamingo 2.x checkpoints (OpenFlamingo's README): hub repository -> (vision tower, LM and its
 # tokenizer) each was trained on. Each repository holds one `checkpoint.pt`; the xattn interval is read from it.
@@ -53,9 +56,6 @@ def published_openflamingo(name: str) -> tuple[str, str, str]:
 
     vision, lm = PUBLISHED[name]
     return hf_hub_download(name, "checkpoint.pt"), vision, lm
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
 
 
 def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[str, torch.Tensor]:

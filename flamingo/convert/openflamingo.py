@@ -58,6 +58,26 @@ def published_openflamingo(name: str) -> tuple[str, str, str]:
     return hf_hub_download(name, "checkpoint.pt"), vision, lm
 
 
+def module_names(resampler_depth: int, xattn_layers: list[int]) -> list[tuple[str, str]]:
+    """(OpenFlamingo's name, ours) of every resampler and block tensor, gates included: the one mapping the converter
+    and the exporter (to_openflamingo.py) read in opposite directions. Block j sits before LM layer xattn_layers[j]."""
+    pairs = [("perceiver.latents", "resampler.latents"), ("perceiver.norm.weight", "resampler.norm.weight"),
+             ("perceiver.norm.bias", "resampler.norm.bias")]
+    ffw = ("0.weight", "0.bias", "1.weight", "3.weight")  # LayerNorm, Linear, GELU, Linear
+    for i in range(resampler_depth):
+        pairs += [(f"perceiver.layers.{i}.0.{name}", f"resampler.layers.{i}.attn.{name}")
+                  for name in ("norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
+                               "to_q.weight", "to_kv.weight", "to_out.weight")]
+        pairs += [(f"perceiver.layers.{i}.1.{name}", f"resampler.layers.{i}.ffw.{name}") for name in ffw]
+    for j, layer in enumerate(xattn_layers):
+        block = f"lang_encoder.gated_cross_attn_layers.{layer}"
+        pairs += [(f"{block}.attn.{name}", f"xattn.{j}.attn.{name}")
+                  for name in ("norm.weight", "norm.bias", "to_q.weight", "to_kv.weight", "to_out.weight")]
+        pairs += [(f"{block}.ff.{name}", f"xattn.{j}.ffw.{name}") for name in ffw]
+        pairs += [(f"{block}.attn_gate", f"xattn.{j}.attn_gate"), (f"{block}.ff_gate", f"xattn.{j}.ffw_gate")]
+    return pairs
+
+
 def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[str, torch.Tensor]:
     """Read an OpenFlamingo checkpoint without pickle and strip DDP/FSDP/compile wrapper prefixes."""
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -144,37 +164,17 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
         raise ValueError(f"checkpoint has cross-attention before layers {layers}, expected "
                          f"{model.xattn_layer_indices} for xattn_every={config.xattn_every}")
 
-    mapped: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(src: str, dst: str) -> None:
-        if src not in state:
-            raise ValueError(f"OpenFlamingo checkpoint lacks {src!r}")
-        mapped[dst] = state[src]
-        used.add(src)
-
-    take("perceiver.latents", "resampler.latents")
-    for suffix in ("weight", "bias"):
-        take(f"perceiver.norm.{suffix}", f"resampler.norm.{suffix}")
-    for i in range(config.resampler_depth):
-        for name in ("norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
-                     "to_q.weight", "to_kv.weight", "to_out.weight"):
-            take(f"perceiver.layers.{i}.0.{name}", f"resampler.layers.{i}.attn.{name}")
-        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
-            take(f"perceiver.layers.{i}.1.{name}", f"resampler.layers.{i}.ffw.{name}")
+    pairs = module_names(config.resampler_depth, layers)
+    missing = [src for src, _ in pairs if src not in state]
+    if missing:
+        raise ValueError(f"OpenFlamingo checkpoint lacks {missing[0]!r}")
+    mapped = {dst: state[src] for src, dst in pairs}
+    used = {src for src, _ in pairs}
     time = torch.zeros_like(model.resampler.time_embeddings)
     if "perceiver.frame_embs" in state:
         time = state["perceiver.frame_embs"]
         used.add("perceiver.frame_embs")
     mapped["resampler.time_embeddings"] = time
-    for j, layer in enumerate(layers):
-        src = f"lang_encoder.gated_cross_attn_layers.{layer}"
-        for name in ("norm.weight", "norm.bias", "to_q.weight", "to_kv.weight", "to_out.weight"):
-            take(f"{src}.attn.{name}", f"xattn.{j}.attn.{name}")
-        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
-            take(f"{src}.ff.{name}", f"xattn.{j}.ffw.{name}")
-        take(f"{src}.attn_gate", f"xattn.{j}.attn_gate")
-        take(f"{src}.ff_gate", f"xattn.{j}.ffw_gate")
 
     first, n = config.first_new_token_id, config.num_new_tokens
     embedding = model.lm.get_input_embeddings().weight

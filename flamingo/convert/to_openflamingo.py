@@ -25,7 +25,7 @@ import torch
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
 from ..runtime.checkpoint_io import atomic_file
-from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, param_name
+from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
 
 # What `create_model_and_transforms` builds, whatever the checkpoint: PerceiverResampler(dim) and
 # GatedCrossAttentionBlock(dim, dim_visual) with their defaults (latents, depth, heads, head width; xattn heads, head
@@ -73,26 +73,10 @@ def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
     if problems:
         raise ValueError("OpenFlamingo cannot represent this model: " + "; ".join(problems))
     c, ours = model.config, model.state_dict()
-    state: dict[str, torch.Tensor] = {"perceiver.latents": ours["resampler.latents"]}
-    for suffix in ("weight", "bias"):
-        state[f"perceiver.norm.{suffix}"] = ours[f"resampler.norm.{suffix}"]
-    for i in range(c.resampler_depth):
-        for name in ("norm_media.weight", "norm_media.bias", "norm_latents.weight", "norm_latents.bias",
-                     "to_q.weight", "to_kv.weight", "to_out.weight"):
-            state[f"perceiver.layers.{i}.0.{name}"] = ours[f"resampler.layers.{i}.attn.{name}"]
-        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
-            state[f"perceiver.layers.{i}.1.{name}"] = ours[f"resampler.layers.{i}.ffw.{name}"]
+    state = {theirs: ours[mine] for theirs, mine in module_names(c.resampler_depth, model.xattn_layer_indices)}
     time = ours["resampler.time_embeddings"]
     if bool(time.any()):
         state["perceiver.frame_embs"] = time  # (F, D)
-    for j, layer in enumerate(model.xattn_layer_indices):
-        dst = f"lang_encoder.gated_cross_attn_layers.{layer}"
-        for name in ("norm.weight", "norm.bias", "to_q.weight", "to_kv.weight", "to_out.weight"):
-            state[f"{dst}.attn.{name}"] = ours[f"xattn.{j}.attn.{name}"]
-        for name in ("0.weight", "0.bias", "1.weight", "3.weight"):
-            state[f"{dst}.ff.{name}"] = ours[f"xattn.{j}.ffw.{name}"]
-        state[f"{dst}.attn_gate"] = ours[f"xattn.{j}.attn_gate"].reshape(1)
-        state[f"{dst}.ff_gate"] = ours[f"xattn.{j}.ffw_gate"].reshape(1)
 
     first, n = c.first_new_token_id, c.num_new_tokens
     rows = first + n if n else model.lm.get_input_embeddings().num_embeddings  # OpenFlamingo cuts to its tokenizer

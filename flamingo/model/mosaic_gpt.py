@@ -104,8 +104,7 @@ def attention_bias(attention_mask: torch.Tensor, queries: int, slopes: torch.Ten
     device = attention_mask.device
     distance = torch.arange(m - queries, m, device=device)[:, None] - torch.arange(keys, device=device)  # (Q, K)
     alibi = -slopes.to(device)[:, None, None] * distance.to(torch.float32)  # (H, Q, K)
-    real = torch.zeros(b, keys, dtype=torch.bool, device=device)
-    real[:, :m] = attention_mask.bool()
+    real = F.pad(attention_mask.bool(), (0, keys - m))  # (B, K): a static cache's empty slots are not real
     allowed = (distance >= 0)[None] & real[:, None, :]  # (B, Q, K)
     bias = alibi.to(dtype)[None].expand(b, -1, -1, -1)  # (B, H, Q, K)
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)

@@ -3,10 +3,11 @@
 An OpenFlamingo `checkpoint.pt` is a state dict (possibly inside `{"model_state_dict": ...}`, possibly with DDP/FSDP
 prefixes) of its trained parameters: `perceiver.*`, `lang_encoder.gated_cross_attn_layers.{layer}.*` and the LM's
 input embedding (OpenFlamingo trains the whole table). It is read with `torch.load(weights_only=True)`: no pickle code
-runs. The mapping, per OpenFlamingo module:
+runs. The mapping, per OpenFlamingo module (`module_names` lists it; to_openflamingo.py reads it backwards):
 - `perceiver.layers.{i}.0.*` (PerceiverAttention) -> `resampler.layers.{i}.attn.*`; `.1.{k}` (FeedForward) ->
-  `.ffw.{k}`; `perceiver.latents`, `perceiver.norm` alike. OpenFlamingo builds its resampler without frame
-  embeddings, so our time embeddings are set to zero (exactly its function for stills).
+  `.ffw.{k}`; `perceiver.latents`, `perceiver.norm` alike. OpenFlamingo's factory builds its resampler without
+  frame embeddings, so our time embeddings are set to zero (exactly its function for stills), or to
+  `perceiver.frame_embs` when the checkpoint has them.
 - `lang_encoder.gated_cross_attn_layers.{L}.attn.*`, `.ff.{k}`, `.attn_gate`, `.ff_gate` -> the block before LM layer L.
 - the input embedding: the added tokens' rows -> `new_token_embeddings`; if the base rows were fine-tuned they are
   written into the LM and recorded in `config.extra_saved_weights` so that trained-only checkpoints keep them.

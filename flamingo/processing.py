@@ -27,6 +27,7 @@ from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"
+END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS's end of a dialogue turn (its instruct models' tokenizers hold it)
 TEMPLATES = ("flamingo", "idefics")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 

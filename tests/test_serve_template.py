@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
-from flamingo.serve.template import chat_prompt
+from flamingo.serve.template import FLAMINGO
 
 
 def _messages(*turns):
@@ -17,7 +17,7 @@ def _image(url):
 
 
 def test_a_few_shot_conversation_is_the_flamingo_prompt():
-    text, media = chat_prompt(_messages(
+    text, media = FLAMINGO.render(_messages(
         {"role": "system", "content": "Answer briefly.\n"},
         {"role": "user", "content": [_image("a"), {"type": "text", "text": "Output:"}]},
         {"role": "assistant", "content": "a cat."},
@@ -30,7 +30,7 @@ def test_a_few_shot_conversation_is_the_flamingo_prompt():
 
 
 def test_no_space_is_added_where_there_is_one():
-    text, _ = chat_prompt(_messages({"role": "user", "content": "Q: "}, {"role": "assistant", "content": "yes"},
+    text, _ = FLAMINGO.render(_messages({"role": "user", "content": "Q: "}, {"role": "assistant", "content": "yes"},
                                     {"role": "user", "content": "Q:"}, {"role": "assistant", "content": " no"},
                                     {"role": "user", "content": "Q:"}))
     assert text == "Q: yes<|endofchunk|>Q: no<|endofchunk|>Q:"
@@ -45,4 +45,4 @@ def test_no_space_is_added_where_there_is_one():
 ])
 def test_conversations_the_template_refuses(turns, message):
     with pytest.raises(APIError, match=message.replace("|", r"\|")):
-        chat_prompt(_messages(*turns))
+        FLAMINGO.render(_messages(*turns))

@@ -37,7 +37,7 @@ from transformers import (
 
 from ..config import MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
-from ..processing import IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
+from ..processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from .checkpoints import local_dir, read_tensors
 
@@ -45,7 +45,6 @@ CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
 log = logging.getLogger(__name__)
 
-END_OF_UTTERANCE = "<end_of_utterance>"  # the instruct models' end of a turn: generation stops there
 IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
 _FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]

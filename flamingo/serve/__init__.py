@@ -1,7 +1,7 @@
 """`flamingo serve`: an OpenAI-compatible HTTP server with continuous batching and a web page (docs/serve.md).
 
 - `protocol`: request schemas and OpenAI-style errors;
-- `template`: chat messages -> one Flamingo prompt;
+- `template`: chat messages -> one prompt in the served model's format (Flamingo's few-shot, IDEFICS's dialogue);
 - `media`: media URLs -> frames under the operator's policy;
 - `sampling`: per-row greedy / temperature / top-p choice;
 - `engine`: the bounded queue and the continuous-batching loop (over `flamingo.model.batching`);

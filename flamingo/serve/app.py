@@ -34,7 +34,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Detoke
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
-from .template import MediaRef, chat_prompt
+from .template import MediaRef, chat_template_for
 
 STATIC = Path(__file__).parent / "static"
 
@@ -59,6 +59,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     metrics = engine.metrics
     strings = TokenStrings(processor.tokenizer)
     grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
+    chat_template = chat_template_for(processor, vocab)  # the served model's conversation format
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -159,7 +160,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             max_tokens = min(max_tokens, positions - len(ids))
         logprobs = req.top_logprobs_asked()
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
-                                n=req.n, stop=req.stops(), seed=req.seed,
+                                n=req.n, stop=req.stops() + (chat_template.stops if chat else ()), seed=req.seed,
                                 frequency_penalty=float(req.frequency_penalty or 0),
                                 presence_penalty=float(req.presence_penalty or 0), logit_bias=req.biases(vocab),
                                 logprobs=logprobs, echo_logprobs=bool(getattr(req, "echo", False))
@@ -213,7 +214,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
-        text, refs = chat_prompt(req.messages)
+        text, refs = chat_template.render(req.messages)
         job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True, response_grammar(req)))
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
@@ -240,7 +241,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
             "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images,
-            "max_queue": engine.max_queue}
+            "max_queue": engine.max_queue, "chat_template": chat_template.name}
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -260,7 +261,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def tokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = parse(TokenizeRequest, await read_json(request))
-        text = req.prompt if req.messages is None else chat_prompt(req.messages)[0]
+        text = req.prompt if req.messages is None else chat_template.render(req.messages)[0]
         if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)

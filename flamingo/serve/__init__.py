@@ -5,6 +5,8 @@
 - `media`: media URLs -> frames under the operator's policy;
 - `sampling`: per-row greedy / temperature / top-p choice;
 - `engine`: the bounded queue and the continuous-batching loop (over `flamingo.model.batching`);
+- `responses`: engine events -> chat / completion bodies and stream chunks; `openai_responses`: -> the Responses
+  API's object and typed events;
 - `metrics`: Prometheus text;
 - `app`: the FastAPI routes; `server`: loading a model and running uvicorn.
 """

@@ -30,7 +30,16 @@ from ..references import DECLARATION, resolve_declarations
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
+from .openai_responses import ResponseWriter, status_of, stream_response
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+    parse,
+)
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
@@ -174,8 +183,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
                    strip_leading_whitespace=chat, grammar=grammar)
 
-    async def run(request: Request, jobs: list[Job], chat: bool, stream_it: bool, include_usage: bool,
-                  echoes: Optional[list[str]] = None) -> Response:
+    def submit(jobs: list[Job]) -> asyncio.Queue:
+        """Queue the jobs on the engine; their events arrive on the returned queue, tagged with the job's index."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -196,6 +205,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            headers={"Retry-After": str(e.retry_after)}) from None
         except NotAccepting as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        return events
+
+    async def run(request: Request, jobs: list[Job], chat: bool, stream_it: bool, include_usage: bool,
+                  echoes: Optional[list[str]] = None) -> Response:
+        events = submit(jobs)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + jobs[0].id, "created": int(time.time()),
                 "model": settings.model_name}
@@ -218,6 +232,24 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True, response_grammar(req)))
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        authorize(request)
+        req = parse(ResponsesRequest, await read_json(request))
+        chat = req.chat()
+        text, refs = chat_template.render(chat.messages)
+        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), chat, True, response_grammar(chat)))
+        events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
+        if req.stream:
+            return StreamingResponse(stream_response(events, job, writer), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result = await whole(events, [Answer(strings, job, True, None, 0)], True, request.is_disconnected)
+        if result is None:
+            return Response(status_code=499)
+        (choice,), usage = result
+        status = status_of(choice["finish_reason"])
+        return JSONResponse(writer.body(status, choice["message"]["content"], usage))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

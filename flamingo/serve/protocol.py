@@ -180,6 +180,120 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+class InputText(_Strict):
+    type: Literal["input_text"]
+    text: StrictStr
+
+
+class InputImage(_Strict):
+    """An image (or a video data URL) by URL; uploaded files (`file_id`) are not kept by this server."""
+
+    type: Literal["input_image"]
+    image_url: Optional[StrictStr] = None
+    file_id: Optional[StrictStr] = None
+    detail: Optional[StrictStr] = None  # accepted and ignored: one resolution per model
+
+
+class OutputText(_Strict):
+    """An earlier answer's text, as a client replays a conversation's assistant turns."""
+
+    type: Literal["output_text"]
+    text: StrictStr
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: Optional[list[Any]] = None
+
+
+InputPart = Annotated[Union[InputText, InputImage, OutputText], Field(discriminator="type")]
+
+
+class InputMessage(_Strict):
+    """One item of a Responses `input`: a message (`developer` is a system message)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[InputPart]]
+    id: Optional[StrictStr] = None
+    status: Optional[StrictStr] = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[StrictStr] = Field(default=None, min_length=1, max_length=64)
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    description: Optional[StrictStr] = None
+    strict: Optional[StrictBool] = None  # the schema is always enforced
+
+
+class TextConfig(_Strict):
+    format: Optional[TextFormat] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored
+
+
+class ResponsesRequest(_Strict):
+    """OpenAI's Responses API (`/v1/responses`), stateless: the whole conversation comes in `input` (a text, or
+    messages with `input_text` / `input_image` parts); no tools, no stored responses to continue from."""
+
+    model: Optional[StrictStr] = None
+    input: Union[StrictStr, list[InputMessage]]
+    instructions: Optional[StrictStr] = None
+    max_output_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    temperature: Number = Field(default=1.0, ge=0, le=2)
+    top_p: Number = Field(default=1.0, gt=0, le=1)
+    stream: StrictBool = False
+    text: Optional[TextConfig] = None
+    store: Optional[StrictBool] = None  # nothing is stored: the response says `store: false`
+    metadata: Optional[dict[StrictStr, StrictStr]] = Field(default=None, max_length=16)
+    user: Optional[StrictStr] = None
+    tools: list[Any] = Field(default_factory=list)
+    tool_choice: Optional[Literal["none", "auto"]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    truncation: Optional[Literal["disabled"]] = None
+    previous_response_id: Optional[StrictStr] = None
+
+    def check(self) -> None:
+        if self.previous_response_id is not None:
+            raise APIError(400, "this server keeps no responses: send the whole conversation in `input`",
+                           param="previous_response_id")
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if isinstance(self.input, list) and not self.input:
+            raise APIError(400, "input is empty", param="input")
+        for i, item in enumerate(self.input if isinstance(self.input, list) else []):
+            for part in item.content if isinstance(item.content, list) else []:
+                if isinstance(part, InputImage) and part.image_url is None:
+                    raise APIError(400, f"input[{i}]: an input_image needs its image_url (a data URL, a path under "
+                                        "the server's media root or an allowed http(s) URL); files are not kept here",
+                                   param="input")
+
+    def chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion: `instructions` first as a system message, parts as chat parts."""
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            role = "system" if item.role == "developer" else item.role
+            if isinstance(item.content, str):
+                messages.append({"role": role, "content": item.content})
+                continue
+            parts: list[dict[str, Any]] = []
+            for part in item.content:
+                if isinstance(part, InputImage):
+                    parts.append({"type": "image_url", "image_url": {"url": part.image_url}})
+                else:
+                    parts.append({"type": "text", "text": part.text})
+            messages.append({"role": role, "content": parts})
+        fmt = self.text.format if self.text is not None else None
+        response_format = None
+        if fmt is not None:
+            if fmt.type == "json_schema" and (fmt.schema_ is None or fmt.name is None):
+                raise APIError(400, "text.format of type json_schema needs its name and schema", param="text.format")
+            response_format = {"type": fmt.type}
+            if fmt.type == "json_schema":
+                response_format["json_schema"] = {"name": fmt.name, "schema": fmt.schema_}
+        return parse(ChatCompletionRequest, {"messages": messages, "max_tokens": self.max_output_tokens,
+                                             "temperature": self.temperature, "top_p": self.top_p,
+                                             "response_format": response_format})
+
+
 class TokenizeRequest(_Strict):
     """vLLM's `/tokenize`: a raw prompt or chat messages (media are not fetched: each is its `<image>` token)."""
 
@@ -217,4 +331,5 @@ def parse(model: type[_Strict], payload: Any) -> Any:
 # pydantic names the branch of a union in an error's location; people need only the field
 _UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]",
                "list[tagged-union[TextPart,ImagePart,VideoPart]]", "text", "image_url",
-               "video_url", "int", "float", "none", "bool"}
+               "video_url", "int", "float", "none", "bool", "list[InputMessage]",
+               "list[tagged-union[InputText,InputImage,OutputText]]", "input_text", "input_image", "output_text"}

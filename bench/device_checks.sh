@@ -10,8 +10,11 @@
 #   train   bench.gpu --parts train --profile: eager and compiled training step beside OpenFlamingo, kernels per step
 #   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes;
 #           the goal's rows first (each row prints as it ends, so a part cut at its limit keeps them)
-#   tests   the CUDA-only tests (compiled training step, tower CUDA graphs, FlexAttention, CUDA-graphed decoding)
+#   tests   the CUDA-only tests (compiled training step, tower CUDA graphs, FlexAttention, CUDA-graphed decoding,
+#           the server's CUDA-graphed decode steps)
 #   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
+#   serve   bench.serve_steps --compile: the server's decode step eager and CUDA-graphed (`flamingo serve --compile`);
+#           not in the two calls above: a third call if minutes are left (~5 min)
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
 # Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc bash bench/device_checks.sh run train memory decode
 set -uo pipefail
@@ -61,10 +64,12 @@ run() {
                 --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+inbwd,int8+adamw8bit+ckpt+inbwd,bf16_frozen,whole_logits,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora \
                 --infer-rows fp32,fp16,int8,int4,nf4 ;;
             tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
-                tests/test_xattn_cuda.py tests/test_generation_cuda.py ;;
+                tests/test_xattn_cuda.py tests/test_generation_cuda.py tests/test_serve_compile_cuda.py ;;
             decode) part decode 330 "$PY" -m bench.generate --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
                 --shots 8 --batch 1 --compile --repeats 3 ;;
-            *) echo "unknown part $name (train, memory, tests, decode)"; exit 2 ;;
+            serve) part serve 300 "$PY" -m bench.serve_steps --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+                --compile --shots 0 8 --rows 1 16 64 --repeats 5 ;;
+            *) echo "unknown part $name (train, memory, tests, decode, serve)"; exit 2 ;;
         esac
     done
 }
@@ -72,5 +77,5 @@ run() {
 case ${1:-} in
     wheels) wheels ;;
     run) shift; run "$@" ;;
-    *) sed -n 2,18p "$0"; exit 2 ;;
+    *) sed -n 2,19p "$0"; exit 2 ;;
 esac

@@ -4,11 +4,15 @@ and after a prompt with the same demonstrations (another query image) filled the
 
     python -m bench.serve_steps --shape cpu --threads 1
     python -m bench.serve_steps --shape cpu --threads 1 --profile     # + matmul time per weight shape (torch.profiler)
+    python -m bench.serve_steps --shape cpu --threads 1 --compile     # + the compiled step (`flamingo serve --compile`)
+    python -m bench.serve_steps --shape gpu --device cuda --dtype bf16 --compile --shots 0 8 --rows 1 4 16 64
 
 What it answers: how much a batched decode step costs over a one-row step (so whether batching makes decoding
 cheap), what padding rows to the longest one costs (a mixed batch attends over its longest prompt's length, as
-a batch of long prompts does; a batch of short prompts over the shortest: the mixed step against the two), and how
-a prefill splits between the vision tower and the LM. Prompts are bench/generate.py's SHOT * k + QUERY with k + 1
+a batch of long prompts does; a batch of short prompts over the shortest: the mixed step against the two), how
+a prefill splits between the vision tower and the LM, and (`--compile`) what a compiled step (inductor; CUDA graphs on
+a GPU; fixed shapes, model/batching.py) costs against the eager one on the same prompts, and how long its first call
+took to compile. Prompts are bench/generate.py's SHOT * k + QUERY with k + 1
 images, the model is bench/serve.py's (random weights, gates 0.3). Times are the fastest of `--repeats` calls after one
 warm-up (the least disturbed on shared cores).
 """
@@ -27,6 +31,7 @@ from bench.serve import build_model
 from flamingo.model.batching import DecodeBatch
 from flamingo.model.prefill import Prefill, PrefilledRow
 from flamingo.model.prefix_cache import PrefixCache
+from flamingo.runtime import DTYPE_NAMES, torch_dtype
 from flamingo.tiny import random_image
 
 
@@ -41,19 +46,22 @@ def _seconds(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def k_shot(processor: Any, k: int, image_size: int, seed: int = 0, query_seed: Optional[int] = None
-           ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A k-shot prompt's ids (T,) and its media as the server batches them (query_seed: the query image's seed, so
-    prompts of one `seed` share their demonstrations)."""
+def k_shot(processor: Any, k: int, image_size: int, seed: int = 0, query_seed: Optional[int] = None,
+           device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A k-shot prompt's ids (T,) and its media as the server batches them, on `device` (query_seed: the query
+    image's seed, so prompts of one `seed` share their demonstrations)."""
     images = [random_image(100 * seed + j, size=image_size) for j in range(k)]
     images.append(random_image(100 * seed + k if query_seed is None else 10**6 + query_seed, size=image_size))
     ids, media = processor.encode_prompt(SHOT * k + QUERY, images, max_length=2**62)
-    return torch.tensor(ids, dtype=torch.long), processor.batch_media([media])
+    media = processor.batch_media([media])
+    media["images"] = media["images"].to(device, dtype)
+    return torch.tensor(ids, dtype=torch.long, device=device), media
 
 
-def _prompt(processor: Any, k: int, image_size: int, query: int) -> tuple[torch.Tensor, ...]:
+def _prompt(processor: Any, k: int, image_size: int, query: int, device: str, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, ...]:
     """Prefill's arguments for a k-shot prompt with the demonstrations of seed 0 and query image `query`."""
-    ids, media = k_shot(processor, k, image_size, query_seed=query)
+    ids, media = k_shot(processor, k, image_size, query_seed=query, device=device, dtype=dtype)
     return ids, media["images"], media.get("num_media"), media.get("num_frames")
 
 
@@ -79,6 +87,20 @@ def _spread(shots: list[int], rows: int) -> list[int]:
     return [ordered[i * (len(ordered) - 1) // max(1, rows - 1)] for i in range(rows)]
 
 
+def _filled(batch: DecodeBatch, prefilled: dict[int, PrefilledRow], shots: list[int]) -> DecodeBatch:
+    for k in shots:
+        batch.add(prefilled[k])
+    return batch
+
+
+def _synced(step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """One step, finished on the device before the clock reads it."""
+    logits = step(tokens)
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    return logits
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,16 +112,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also profile the equal-short steps: time of the step's matmuls by weight shape")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each decode step compiled (inductor), side by side with the eager one")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# bench.serve_steps on {machine()}, shape={args.shape}, fp32, threads={torch.get_num_threads()}")
+    print(f"# bench.serve_steps on {machine()}, shape={args.shape}, {args.dtype}, device={args.device}, "
+          f"threads={torch.get_num_threads()}")
     model, processor, size = build_model(args.shape, args.xattn_every)
+    dtype = torch_dtype(args.dtype)
+    model.to(device=args.device, dtype=dtype)
 
     prefilled: dict[int, PrefilledRow] = {}
     prefill_rows = []
     for k in args.shots:
-        ids, media = k_shot(processor, k, size)
+        ids, media = k_shot(processor, k, size, device=args.device, dtype=dtype)
         images, num_media, num_frames = media["images"], media.get("num_media"), media.get("num_frames")
 
         def prefill() -> PrefilledRow:
@@ -112,11 +141,12 @@ def main() -> None:
                "vision_ms": 1e3 * vision, "lm_ms": 1e3 * (whole - vision)}
         # the same demonstrations, another query image: the prefix cache holds an earlier prompt's blocks
         cache = PrefixCache(2**30)
-        Prefill(model, *_prompt(processor, k, size, 0), prefix_cache=cache).step(2**62)
+        Prefill(model, *_prompt(processor, k, size, 0, args.device, dtype), prefix_cache=cache).step(2**62)
         queries = iter(range(1, 10**6))
 
         def shared() -> PrefilledRow:
-            return Prefill(model, *_prompt(processor, k, size, next(queries)), prefix_cache=cache).step(2**62)
+            return Prefill(model, *_prompt(processor, k, size, next(queries), args.device, dtype),
+                           prefix_cache=cache).step(2**62)
 
         warm = _seconds(shared, max(1, args.repeats // 3))
         row.update(shared_demos_ms=1e3 * warm, cached_tokens=shared().cached_tokens, vs_alone=whole / warm)
@@ -132,20 +162,26 @@ def main() -> None:
                              ("mixed", _spread(args.shots, rows))):
             if rows == 1 and label == "mixed":
                 continue
-            batch = DecodeBatch(model, max(args.rows))
-            for k in shots:
-                batch.add(prefilled[k])
+            batch = _filled(DecodeBatch(model, max(args.rows)), prefilled, shots)
             tokens = torch.full((rows,), 5, dtype=torch.long)
-            seconds = _seconds(lambda: batch.step(tokens), args.repeats)
+            seconds = _seconds(lambda: _synced(batch.step, tokens), args.repeats)
             if rows == 1 and label == "equal, short":
                 one_row = seconds
             row = {"rows": rows, "prompts": label, "batch_length": batch.length, "step_ms": 1e3 * seconds,
                    "vs_one_row": seconds / one_row, "ms_per_row": 1e3 * seconds / rows}
+            if args.compile:  # the same prompts in a compiled batch: its first step compiles this shape
+                compiled = _filled(DecodeBatch(model, max(args.rows), compile_backend="inductor"), prefilled, shots)
+                start = time.perf_counter()
+                _synced(compiled.step, tokens)
+                row["compile_s"] = time.perf_counter() - start
+                row["compiled_ms"] = 1e3 * _seconds(lambda: _synced(compiled.step, tokens), args.repeats)
+                row["eager_vs_compiled"] = row["step_ms"] / row["compiled_ms"]
             if args.profile and label == "equal, short":
                 row["matmul_ms"], row["matmul_by_shape_ms"] = _matmuls(lambda: batch.step(tokens), args.repeats)
             step_rows.append(row)
             print_json("serve_steps.decode", {"shape": args.shape, **row})
-    print_table(step_rows, ["rows", "prompts", "batch_length", "step_ms", "vs_one_row", "ms_per_row", "matmul_ms"])
+    print_table(step_rows, ["rows", "prompts", "batch_length", "step_ms", "vs_one_row", "ms_per_row", "matmul_ms"]
+                + (["compiled_ms", "eager_vs_compiled", "compile_s"] if args.compile else []))
     for row in step_rows:
         if "matmul_by_shape_ms" in row:
             print(f"# {row['rows']} rows, ms per step by (in, out) weight shape: {row['matmul_by_shape_ms']}")

@@ -134,7 +134,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, quantize_frozen=args.quantize_frozen,
-                          prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib)
+                          prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib,
+                          compile=args.compile)
     settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--compile", action="store_true",
+                     help="decode steps under torch.compile, CUDA graphs on a GPU (rows padded to powers of two; "
+                          "each new shape compiles once, seconds to a minute; docs/serve.md)")
     srv.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                      help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

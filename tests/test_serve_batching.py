@@ -27,11 +27,11 @@ PROMPTS = [
 ]
 
 
-def _run_batch(model, processor, cases, steps, *, chunk, max_rows, copies=1):
+def _run_batch(model, processor, cases, steps, *, chunk, max_rows, copies=1, **batch_options):
     """Requests join one at a time (prefill chunks interleaved with decode steps) and leave after `steps` tokens:
     the engine's schedule, driven by hand. Returns each request's tokens (one list per copy)."""
     suppress = model.config.media_token_id
-    batch = DecodeBatch(model, max_rows)
+    batch = DecodeBatch(model, max_rows, **batch_options)
     rows: list[tuple[int, list[int]]] = []
     pending, prefill, done = list(range(len(cases))), None, {}
     for _ in range(10_000):
@@ -70,13 +70,46 @@ def _alone(model, processor, prompt, media, steps):
     return out[0, b["input_ids"].shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("static", [False, True])  # True: the fixed-shape steps a compiled batch runs
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt"])  # mosaic_gpt: ALiBi over the slots
-def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, one_thread):
+def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, static, one_thread):
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
     cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows
-    got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3)
+    got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3, static=static)
     for i, (prompt, media) in enumerate(cases):
         assert got[i] == [_alone(model, processor, prompt, media, 10)], i
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", pytest.param("mosaic_gpt", marks=pytest.mark.slow)])
+def test_compiled_steps_decode_like_alone_in_a_few_graphs(make_model, lm_kind, one_thread):
+    """`torch.compile`d steps (aot_eager: the graphs inductor would get) give each request's tokens alone, in one
+    graph per (rows, window, media) shape: no graph breaks, no recompiles per step or per length."""
+    from torch._dynamo.utils import counters
+
+    model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
+    counters.clear()
+    got = _run_batch(model, processor, PROMPTS * 2, steps=10, chunk=7, max_rows=3, compile_backend="aot_eager")
+    for i, (prompt, media) in enumerate(PROMPTS * 2):
+        assert got[i] == [_alone(model, processor, prompt, media, 10)], i
+    assert not counters["graph_break"]
+    # rows 1-3 x windows 64, 128 x with and without media, at most; ~90 steps ran
+    assert counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
+
+
+def test_static_steps_cross_their_window_boundaries(make_model, one_thread):
+    """A static step attends over a power-of-two window of positions: rows decoding past 64 and 128 positions one
+    step at a time (the window must hold the step's own position when the length is a power of two)."""
+    model, processor = make_model("llama", lm_overrides=SHARP["llama"])
+    cases = [PROMPTS[1], PROMPTS[2]]  # 27 and 101 prompt tokens
+    got = _run_batch(model, processor, cases, steps=40, chunk=64, max_rows=2, static=True)
+    for i, (prompt, media) in enumerate(cases):
+        assert got[i] == [_alone(model, processor, prompt, media, 40)], i
+
+
+def test_static_steps_refuse_lms_that_cannot_compile(make_model):
+    model, _ = make_model("mpt")
+    with pytest.raises(ValueError, match="MptForCausalLM cannot decode with a static cache"):
+        DecodeBatch(model, 2, static=True)
 
 
 def test_uninitialised_cache_memory_is_never_read(make_model, monkeypatch, one_thread):
@@ -98,9 +131,10 @@ def test_rows_that_keep_every_image_decode_like_alone(make_model, overrides, one
     """Models whose decode steps read all of a row's images (reference tokens, attention to every earlier image):
     rows with different image counts share padded media buffers."""
     model, processor = make_model("llama", lm_overrides=SHARP["llama"], **overrides)
-    got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4)
-    for i, (prompt, media) in enumerate(PROMPTS):
-        assert got[i] == [_alone(model, processor, prompt, media, 8)], i
+    for static in (False, True):
+        got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4, static=static)
+        for i, (prompt, media) in enumerate(PROMPTS):
+            assert got[i] == [_alone(model, processor, prompt, media, 8)], (i, static)
 
 
 def test_choices_share_one_prefill(make_model, one_thread):
@@ -196,12 +230,14 @@ def test_32_concurrent_streaming_clients_get_their_greedy_answers(model_dir, one
     assert single < count
 
 
-def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, one_thread):
-    """The engine alone, 32 jobs from 32 threads: each choice's token ids are `generate`'s for its prompt alone."""
+@pytest.mark.parametrize("compile_backend", [None, pytest.param("aot_eager", marks=pytest.mark.slow)])
+def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, compile_backend, one_thread):
+    """The engine alone, 32 jobs from 32 threads: each choice's token ids are `generate`'s for its prompt alone
+    (with compiled decode steps too: `flamingo serve --compile`)."""
     from flamingo.serve.engine import Job
     from flamingo.serve.sampling import SamplingParams
 
-    engine = engine_for(model_dir, max_batch=8, max_queue=64, prefill_chunk=8)
+    engine = engine_for(model_dir, max_batch=8, max_queue=64, prefill_chunk=8, compile_backend=compile_backend)
     processor, results, done = engine.processor, {}, threading.Semaphore(0)
     cases = [(_messages(i)[1], _messages(i)[2]) for i in range(32)]
 

@@ -65,6 +65,7 @@ def test_a_response_is_the_greedy_answer_to_the_conversation(served):
                                                       max_tokens=6, temperature=0)
     plain = openai_client(url).responses.create(model="tiny", input="Hi", max_output_tokens=6, temperature=0)
     assert plain.output_text == chat.choices[0].message.content
+    assert engine.metrics.value("requests_total", {"endpoint": "/v1/responses", "status": "200"}) >= 2
 
 
 def test_a_streamed_response_is_the_whole_one(served):

@@ -13,16 +13,30 @@ padding that every row has is trimmed when rows leave); the attention mask hides
 each row's real tokens, so padding and row order are exact no-ops: a row decodes the tokens it decodes alone
 (tests/test_serve_batching.py). Decoding never concatenates caches (HF's dynamic cache copies the whole cache at
 every step); a join copies one row's prompt.
+
+A static batch (`static=True`, or `compile_backend` for `torch.compile`d steps: `flamingo serve --compile`) runs each
+step in one of a few fixed shapes: the rows padded with idle ones to a power of two, attention over a power-of-two
+window of positions (at least 64, the empty ones masked; the buffers start at zero), the write position a tensor, the
+mask the LM's own for a static cache (`create_masks_for_generate`) made before the step. So a compiled step compiles
+once per (rows, window, media) shape, never per token, and on a GPU replays as a CUDA graph. Its tokens are those of
+the dynamic steps (tests/test_serve_batching.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ..runtime.compat import CONTINUOUS_BATCHING, TRANSFORMERS_VERSION, lm_cache_argument, lm_takes_position_ids
+from ..runtime.compat import (
+    CONTINUOUS_BATCHING,
+    STATIC_CACHE_MASK_HOOK,
+    TRANSFORMERS_VERSION,
+    lm_cache_argument,
+    lm_takes_position_ids,
+)
 from .context import MediaContext, Phase
 from .prefill import PrefilledRow, decodes_all_images
 from .xattn import MediaKV
@@ -32,11 +46,16 @@ if TYPE_CHECKING:  # annotations only
 
 
 class _Shape:
-    """The rows and shared length of a `DecodeBatch`, read by all its cache layers during one LM call."""
+    """The rows and shared length of a `DecodeBatch`, read by all its cache layers during one LM call. A static
+    batch's step writes at `position`, a tensor (the length as a Python number would make a compiled step
+    recompile at every token), and attends over the first `window` positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, static: bool = False) -> None:
         self.rows = 0
         self.length = 0
+        self.static = static
+        self.position = torch.zeros(1, dtype=torch.long)  # static: (1,) the step's position, on the cache's device
+        self.window = 0  # static: the positions a step attends over (a power of two, at most the buffers' length)
 
 
 class _RowsLayer(CacheLayerMixin):
@@ -56,36 +75,57 @@ class _RowsLayer(CacheLayerMixin):
         """(Re)allocate for `rows` x `length`, keeping what the old buffers held. The rest stays uninitialised: a
         live row's positions below the batch's length are always written before an LM call reads them (`add`,
         `step`, `_shift`, `remove`), and nothing else is read. (Zero-filling the new buffers made a CPU batch growing
-        from 16 to 32 rows stall ~1.5 s on page faults: bench/README.md, "Prefix cache".)"""
+        from 16 to 32 rows stall ~1.5 s on page faults: bench/README.md, "Prefix cache".) A static batch's step
+        reads every position, masked or not, so its buffers start at zero (a masked NaN would still poison the
+        attention's weighted sum)."""
         h, d_k, d_v = like_k.shape[1], like_k.shape[-1], like_v.shape[-1]
-        keys = _uninitialized(like_k, (rows, h, length, d_k))
-        values = _uninitialized(like_v, (rows, like_v.shape[1], length, d_v))
+        new = _zeros if self.shape.static else _uninitialized
+        keys = new(like_k, (rows, h, length, d_k))
+        values = new(like_v, (rows, like_v.shape[1], length, d_v))
         if self.is_initialized:
             r, n = min(rows, self.keys.shape[0]), min(length, self.keys.shape[2])
             keys[:r, :, :n] = self.keys[:r, :, :n]
             values[:r, :, :n] = self.values[:r, :, :n]
+        if self.shape.static and keys.is_cuda:  # CUDA graphs replay on fixed addresses
+            torch._dynamo.mark_static_address(keys)
+            torch._dynamo.mark_static_address(values)
         self.keys, self.values = keys, values
         self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shape.static:  # one token per row at `position`; attends over the window (the mask hides the rest)
+            rows, window = key_states.shape[0], self.shape.window
+            # written into the whole buffers by index, not through a view of them: a compiled step would copy the
+            # whole buffers to write into a view (bench/README.md, "Compiled decode steps in the server")
+            row = torch.arange(rows, device=key_states.device)[:, None]  # (rows, 1)
+            head = torch.arange(key_states.shape[1], device=key_states.device)[None]  # (1, h)
+            self.keys.index_put_((row, head, self.shape.position), key_states[:, :, 0])  # (rows, h, d)
+            self.values.index_put_((row, head, self.shape.position), value_states[:, :, 0])
+            return self.keys[:rows, :, :window], self.values[:rows, :, :window]
         rows, start = self.shape.rows, self.shape.length
         end = start + key_states.shape[-2]
         self.keys[:rows, :, start:end] = key_states
         self.values[:rows, :, start:end] = value_states
         return self.keys[:rows, :, :end], self.values[:rows, :, :end]
 
+    @property
+    def is_compileable(self) -> bool:  # transformers then always makes the step's mask (no causal shortcut)
+        return self.shape.static
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.shape.static:
+            return self.shape.window, 0
         return self.shape.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.shape.length
 
     def get_max_length(self) -> int:
-        return -1
+        return self.shape.window if self.shape.static else -1
 
     def get_max_cache_shape(self) -> int:  # get_max_length's older name, still abstract in transformers 5.4
-        return -1
+        return self.get_max_length()
 
 
 class DecodeBatch:
@@ -94,16 +134,35 @@ class DecodeBatch:
     Row i of every buffer belongs to the same request; rows 0..rows-1 are live. Not thread-safe: one thread (the
     server's engine loop) owns a batch."""
 
-    def __init__(self, model: Flamingo, max_rows: int) -> None:
+    def __init__(self, model: Flamingo, max_rows: int, *, static: bool = False,
+                 compile_backend: Optional[str] = None) -> None:
+        """static: steps of a few fixed shapes (rows and attended positions padded to powers of two, the write
+        position a tensor), what a compiled step needs; compile_backend: run the LM's step under `torch.compile`
+        with that backend (static steps; "inductor" runs CUDA graphs on a GPU)."""
         if not CONTINUOUS_BATCHING:
             raise RuntimeError(f"continuous batching (flamingo serve) needs transformers >= 5.4, not "
                                f"{TRANSFORMERS_VERSION} (docs/compat.md)")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        static = static or compile_backend is not None
+        if static:
+            check_static_steps(model)
         self.model, self.max_rows = model, max_rows
         self.device = next(model.lm.parameters()).device
         _check_full_attention(DynamicCache(config=model.lm.config))
-        self._shape = _Shape()
+        self._shape = _Shape(static)
+        self._shape.position = self._shape.position.to(self.device)
+        if static and self.device.type == "cuda":
+            torch._dynamo.mark_static_address(self._shape.position)
+        self._lm_step: Callable[..., torch.Tensor] = self._call_lm
+        self._dynamo_config: dict[str, int] = {}
+        if compile_backend is not None:
+            mode = "reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor" else None
+            self._lm_step = torch.compile(self._call_lm, backend=compile_backend, mode=mode, fullgraph=True,
+                                          dynamic=False)
+            # one graph per (rows, window, media) shape: more than torch's default of 8 per function
+            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            self._dynamo_config = {limit: 64}
         self._layers: list[_RowsLayer] = []
         self.cache = Cache(layers=[])
         self._cap_rows = self._cap_len = 0
@@ -265,21 +324,64 @@ class DecodeBatch:
             raise ValueError(f"one token per row: expected ({rows},), got {tuple(tokens.shape)}")
         self._grow(rows, length + 1)
         self.mask[:rows, length] = 1
-        ctx = MediaContext(Phase.DECODE, None, decode_index=self.decode_index[:rows],
-                           decode_count=self.decode_count[:rows] if self.model.references is not None else None)
+        ids = tokens.to(self.device)[:, None]  # (rows, 1)
+        if self._shape.static:  # rows and attended positions up to powers of two: a handful of shapes
+            run = min(self._cap_rows, _power_of_two(rows))
+            self._shape.window = min(self._cap_len, max(64, _power_of_two(length + 1)))
+            self.mask[rows:run, :length] = 0  # an idle row sees its own token only (no row without keys)
+            self.mask[rows:run, length] = 1
+            ids = F.pad(ids, (0, 0, 0, run - rows))  # (run, 1)
+            self._shape.position.fill_(length)
+        else:
+            run = rows
+        ctx = MediaContext(Phase.DECODE, None, decode_index=self.decode_index[:run],
+                           decode_count=self.decode_count[:run] if self.model.references is not None else None)
         if self.media_k and bool((self.decode_index[:rows] > 0).any()):  # else no block attends: skipped
             kind = "all" if decodes_all_images(self.model) else "last"
             for j in range(len(self.media_k)):
-                ctx.media_kv[(kind, j, rows)] = MediaKV(self.media_k[j][:rows], self.media_v[j][:rows])
-        kwargs: dict[str, Any] = {self._cache_argument: self.cache}
-        if self._takes_positions:
-            kwargs["position_ids"] = self.positions[:rows, None]
-        with self.model.conditioned(ctx):
-            out = self.model.lm(input_ids=tokens.to(self.device)[:, None], attention_mask=self.mask[:rows, :length + 1],
-                                use_cache=True, **kwargs)
+                ctx.media_kv[(kind, j, run)] = MediaKV(self.media_k[j][:run], self.media_v[j][:run])
+        mask = self.mask[:run, :length + 1]  # (run, length + 1)
+        positions = self.positions[:run, None] if self._takes_positions else None
+        if self._shape.static:  # the LM's own 4D mask over the whole buffer, made outside the compiled step
+            mask = self._mask_for(ids, mask, positions)
+        with self.model.conditioned(ctx), torch._dynamo.config.patch(**self._dynamo_config):
+            logits = self._lm_step(ids, mask, positions)  # (run, V)
         self._shape.length = length + 1
         self.positions[:rows] += 1
-        return out.logits[:, -1]
+        return logits[:rows].clone() if self.device.type == "cuda" else logits[:rows]  # a CUDA graph's output is
+        # overwritten by its next replay
+
+    def _call_lm(self, ids: torch.Tensor, mask: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """One LM call of the batch's rows under the active context -> the next logits (rows, V)."""
+        kwargs: dict[str, Any] = {self._cache_argument: self.cache}
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        return self.model.lm(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs).logits[:, -1]
+
+    def _mask_for(self, ids: torch.Tensor, mask: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """A static step's attention mask as the LM builds it for a static cache (`create_masks_for_generate`, the
+        LM's own where it has one): the padding of `mask (rows, length + 1)` and the empty slots after it hidden."""
+        from transformers.masking_utils import create_masks_for_generate  # transformers >= 5.25 (check_static_steps)
+
+        lm = self.model.lm
+        make = getattr(lm, "create_masks_for_generate", create_masks_for_generate)
+        embeds = torch.empty((ids.shape[0], 1, 0), dtype=next(lm.parameters()).dtype, device=self.device)
+        return make(config=lm.config, inputs_embeds=embeds, attention_mask=mask, cache=self.cache,
+                    position_ids=positions)
+
+
+def check_static_steps(model: Flamingo) -> None:
+    """Static (compileable) decode steps need transformers' mask hook for static caches and an LM transformers can
+    compile with one; a clear error otherwise."""
+    if not STATIC_CACHE_MASK_HOOK:
+        raise ValueError(f"compiled decode steps in a batch need transformers >= 5.25, not {TRANSFORMERS_VERSION}")
+    if not getattr(type(model.lm), "_can_compile_fullgraph", False):
+        raise ValueError(f"{type(model.lm).__name__} cannot decode with a static cache (transformers marks it not "
+                         "compileable, MPT among them): serve without compile")
+    if not lm_takes_position_ids(model.lm) and not hasattr(model.lm, "create_masks_for_generate"):
+        # (MosaicGPT takes none, but its positions are in the ALiBi bias its mask hook makes outside the step)
+        raise ValueError(f"{type(model.lm).__name__} takes no position_ids: its positions would come from the "
+                         "cache's length, which a compiled step cannot read; serve without compile")
 
 
 def _check_full_attention(cache: Cache) -> None:
@@ -294,6 +396,15 @@ def _check_full_attention(cache: Cache) -> None:
 def _uninitialized(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A K/V buffer whose contents are never read before they are written (tests fill it with NaN to check)."""
     return like.new_empty(shape)
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _zeros(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return like.new_zeros(shape)
 
 
 def _grown(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -341,7 +341,7 @@ class _CountRequests:
     """ASGI middleware: counts the generation endpoints' responses by status (a plain ASGI wrapper, so streamed
     bodies pass through untouched)."""
 
-    PATHS = ("/v1/chat/completions", "/v1/completions")
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
     def __init__(self, app: Any, metrics: Any) -> None:
         self.app, self.metrics = app, metrics

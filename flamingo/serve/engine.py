@@ -115,8 +115,12 @@ class Engine:
     def __init__(self, model: Any, processor: Any, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 64, media_per_step: int = 2,
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
-                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, metrics: Optional[Metrics] = None) -> None:
+                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, metrics: Optional[Metrics] = None,
+                 compile_backend: Optional[str] = None) -> None:
+        """compile_backend: decode steps under `torch.compile` with this backend ("inductor": CUDA graphs on a GPU),
+        in fixed shapes (model/batching.py); the first steps of each shape compile."""
         self.model, self.processor = model, processor
+        self.compile_backend = compile_backend
         self.prefix_cache = PrefixCache.of_mib(prefix_cache_mib)  # prompts that begin alike share their prefill
         # a frame seen before (a prompt list's shared image, demonstrations reused across queries, a chat resending
         # its image) skips the frozen tower
@@ -131,7 +135,7 @@ class Engine:
         self.suppress = list(config.suppress_tokens or [])
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._batch = DecodeBatch(model, max_batch)
+        self._batch = DecodeBatch(model, max_batch, compile_backend=compile_backend)
         self._rows: list[_Choice] = []  # row i of the batch
         self._prefills: list[tuple[Job, Prefill]] = []  # admitted, in order; their rows are reserved
         self._accepting = True
@@ -414,5 +418,5 @@ class Engine:
         for job in jobs.values():
             job.emit(Event("error", message=message))
         self._rows, self._prefills = [], []
-        self._batch = DecodeBatch(self.model, self.max_batch)
+        self._batch = DecodeBatch(self.model, self.max_batch, compile_backend=self.compile_backend)
         self.metrics.set_gauge("running_rows", 0)

@@ -24,6 +24,8 @@ the dynamic steps (tests/test_serve_batching.py).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -40,6 +42,8 @@ from ..runtime.compat import (
 from .context import MediaContext, Phase
 from .prefill import PrefilledRow, decodes_all_images
 from .xattn import MediaKV
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only
     from .flamingo import Flamingo
@@ -156,6 +160,8 @@ class DecodeBatch:
             torch._dynamo.mark_static_address(self._shape.position)
         self._lm_step: Callable[..., torch.Tensor] = self._call_lm
         self._dynamo_config: dict[str, int] = {}
+        self._compiles = compile_backend is not None
+        self._compiled_shapes: set[tuple[int, int, bool]] = set()  # (rows, window, media) shapes compiled so far
         if compile_backend is not None:
             mode = "reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor" else None
             self._lm_step = torch.compile(self._call_lm, backend=compile_backend, mode=mode, fullgraph=True,
@@ -344,8 +350,17 @@ class DecodeBatch:
         positions = self.positions[:run, None] if self._takes_positions else None
         if self._shape.static:  # the LM's own 4D mask over the whole buffer, made outside the compiled step
             mask = self._mask_for(ids, mask, positions)
+        shape = (run, self._shape.window, bool(ctx.media_kv))
+        first = self._compiles and shape not in self._compiled_shapes
+        if first:  # the step stalls while it compiles: say so
+            log.info("compiling the decode step for %d row(s) x %d positions (%s media)", run, shape[1],
+                     "with" if shape[2] else "without")
+            started = time.perf_counter()
         with self.model.conditioned(ctx), torch._dynamo.config.patch(**self._dynamo_config):
             logits = self._lm_step(ids, mask, positions)  # (run, V)
+        if first:
+            self._compiled_shapes.add(shape)
+            log.info("compiled in %.1f s", time.perf_counter() - started)
         self._shape.length = length + 1
         self.positions[:rows] += 1
         return logits[:rows].clone() if self.device.type == "cuda" else logits[:rows]  # a CUDA graph's output is

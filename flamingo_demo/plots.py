@@ -3,9 +3,10 @@ and the training loss per dataset."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from flamingo.train.plots import GATE_NAMES, plot_gates, plot_losses, read_metrics
 
 from .goals import headline
 from .run import TASKS, DemoRun
@@ -35,55 +36,27 @@ def plot_fewshot(run: DemoRun, path: str) -> None:
 
 
 def training_metrics(run: DemoRun, variant: str) -> list[dict[str, Any]]:
+    """A variant's logged training steps, in step order (its validation passes, if any, left out)."""
     path = os.path.join(run.settings.out, variant, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            m = json.loads(line)
-            rows[m["step"]] = m
-    return [rows[k] for k in sorted(rows)]
+    return read_metrics(path)[0] if os.path.exists(path) else []
+
+
+def gate_type(run: DemoRun) -> str:
+    """Every variant of a run trains with its size's gate type (demo.train_overrides)."""
+    return get_size(run.settings.size).flamingo_gate_type
 
 
 def gate_names(run: DemoRun) -> tuple[str, str]:
-    """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates. Every
-    variant of a run trains with its size's gate type (demo.train_overrides)."""
-    if get_size(run.settings.size).flamingo_gate_type == "vector":
-        return "mean |tanh(attention gate)|", "mean |tanh(dense gate)|"
-    return "tanh(attention gate)", "tanh(dense gate)"
+    """What the logged gate values are: tanh of scalar gates, or the mean |tanh| of vector (per-channel) gates."""
+    return GATE_NAMES[gate_type(run)]
 
 
 def plot_training(run: DemoRun, variant: str, gates_path: str, loss_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = training_metrics(run, variant)
-    if not rows:
+    path = os.path.join(run.settings.out, variant, "metrics.jsonl")
+    if not os.path.exists(path):
         return
-    steps = [m["step"] for m in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for layer in rows[0]["gates"]:
-        axes[0].plot(steps, [m["gates"][layer][0] for m in rows], label=f"layer {layer}")
-        axes[1].plot(steps, [m["gates"][layer][1] for m in rows], label=f"layer {layer}")
-    for ax, name in zip(axes, gate_names(run)):
-        ax.set_title(f"{variant}: {name}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(gates_path, dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in [k for k in rows[0] if k.startswith("loss/")]:
-        ax.plot(steps, [m.get(key) for m in rows], label=key[5:])
-    ax.set_title(f"{variant}: training loss per dataset")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(loss_path, dpi=100)
-    plt.close(fig)
+    training, validation = read_metrics(path)
+    if not training:
+        return
+    plot_gates(training, gates_path, variant, gate_type(run))
+    plot_losses(training, validation, loss_path, variant)

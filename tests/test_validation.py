@@ -88,6 +88,8 @@ def test_validation_leaves_the_training_run_unchanged_and_is_logged(world):
     train_on = [line["loss"] for line in lines if "loss" in line]
     train_off = [json.loads(line)["loss"] for line in open(os.path.join(root, "val-off", "metrics.jsonl"))]
     assert train_on == train_off
+    for picture in ("loss.png", "gates.png"):  # drawn at each checkpoint and at the end (train/plots.py)
+        assert os.path.getsize(os.path.join(root, "val-on", picture)) > 0
     for (name, a), b in zip(plain.model.named_parameters(), with_val.model.parameters()):
         assert torch.equal(a, b), name
 

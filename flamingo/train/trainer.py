@@ -36,6 +36,7 @@ from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
+from .plots import plot_run
 from .run_log import RunLog, gate_values, materialize, memory_high_water
 from .state import (
     gather_trained_parameters,
@@ -396,9 +397,11 @@ class Trainer:
                 if self.step % t.save_every == 0 or self.step == t.steps:
                     saving = time.perf_counter()
                     self.save()
+                    self._plot()
                     window_start += time.perf_counter() - saving  # samples/s counts training time only
             if self.stop_requested and self.step < t.steps:
                 self.save()  # SIGTERM / SIGINT: a checkpoint before exiting
+                self._plot()
                 if self.rank == 0:
                     log.warning("stopped by signal at step %d; checkpoint written", self.step)
                 return ""
@@ -408,6 +411,11 @@ class Trainer:
                 signal.signal(s, h)
             run_log.close()
         return self.save_final()
+
+    def _plot(self) -> None:
+        """loss.png and gates.png in the output directory, from the metrics logged so far (rank 0)."""
+        if self.rank == 0:
+            plot_run(self.config.train.output_dir, self.model.config.gate_type)
 
     def validate(self) -> dict[str, float]:
         """The loss of every validation dataset at the current weights (train/validation.py), in eval mode and

@@ -1,0 +1,113 @@
+"""A run's curves as pictures: `loss.png` (training loss per dataset, validation loss dashed) and `gates.png` (each
+block's tanh gates over training, the paper's figure), drawn from `metrics.jsonl` (run_log.py). The trainer redraws
+them at every checkpoint and at the end; `plot_run(output_dir)` draws them for any run directory, finished or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GATE_NAMES = {"scalar": ("tanh(attention gate)", "tanh(dense gate)"),
+              # per-channel gates: their signs differ across channels, so the mean |tanh| says how far they opened
+              "vector": ("mean |tanh(attention gate)|", "mean |tanh(dense gate)|")}
+
+
+def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`metrics.jsonl` -> (training rows, validation rows), each in step order (a resumed run's repeated steps: the
+    last record). Lines that are not a step's record (a line torn by a killed run) are skipped and counted."""
+    training: dict[int, dict[str, Any]] = {}
+    validation: dict[int, dict[str, Any]] = {}
+    unreadable = 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or "step" not in record:
+                unreadable += 1
+                continue
+            if any(k.startswith("val_loss/") for k in record):
+                validation[record["step"]] = record
+            else:
+                training[record["step"]] = record
+    if unreadable:
+        log.warning("%s: %d line(s) that are no step's record skipped", path, unreadable)
+    return [training[s] for s in sorted(training)], [validation[s] for s in sorted(validation)]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """Training loss per dataset (solid) and validation loss per dataset (dashed) against the step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = list(dict.fromkeys(k[len("loss/"):] for row in training for k in row if k.startswith("loss/")))
+    for name in names:
+        rows = [r for r in training if f"loss/{name}" in r]
+        ax.plot([r["step"] for r in rows], [r[f"loss/{name}"] for r in rows], label=name)
+    for name in dict.fromkeys(k[len("val_loss/"):] for row in validation for k in row if k.startswith("val_loss/")):
+        rows = [r for r in validation if f"val_loss/{name}" in r]
+        ax.plot([r["step"] for r in rows], [r[f"val_loss/{name}"] for r in rows], "--", marker=".",
+                label=f"{name} (validation)")
+    ax.set_title(f"{title}: loss" if title else "loss")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_type: str = "scalar") -> None:
+    """Each block's attention and dense gates against the step, one line per LM layer it sits before."""
+    plt = _pyplot()
+    rows = [r for r in training if r.get("gates")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    for layer in (rows[0]["gates"] if rows else {}):
+        axes[0].plot(steps, [r["gates"][layer][0] for r in rows], label=f"layer {layer}")
+        axes[1].plot(steps, [r["gates"][layer][1] for r in rows], label=f"layer {layer}")
+    for ax, name in zip(axes, GATE_NAMES[gate_type]):
+        ax.set_title(f"{title}: {name}" if title else name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if rows:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_run(output_dir: str, gate_type: str = "scalar", title: str = "") -> list[str]:
+    """Draw `loss.png` and `gates.png` in `output_dir` from its `metrics.jsonl`; returns the files written (none
+    without metrics yet, or without matplotlib, which is then said once in the log)."""
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        return []
+    try:
+        _pyplot()
+    except ImportError:
+        log.info("matplotlib is not installed: no loss.png / gates.png (the curves are in metrics.jsonl)")
+        return []
+    training, validation = read_metrics(metrics)
+    if not training and not validation:
+        return []
+    written = [os.path.join(output_dir, "loss.png")]
+    plot_losses(training, validation, written[0], title)
+    if any(r.get("gates") for r in training):
+        written.append(os.path.join(output_dir, "gates.png"))
+        plot_gates(training, written[1], title, gate_type)
+    return written

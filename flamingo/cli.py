@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--compile", action="store_true",
-                     help="decode steps under torch.compile, CUDA graphs on a GPU (rows padded to powers of two; "
-                          "each new shape compiles once, seconds to a minute; docs/serve.md)")
+                     help="decode steps under torch.compile, CUDA graphs on a GPU (attended positions padded to "
+                          "powers of two; each new shape compiles once, seconds to a minute; docs/serve.md)")
     srv.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                      help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -70,12 +70,14 @@ def _alone(model, processor, prompt, media, steps):
     return out[0, b["input_ids"].shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("static", [False, True])  # True: the fixed-shape steps a compiled batch runs
+# static: the fixed-shape steps a compiled batch runs; pad_rows: with idle rows up to a power of two (as on a GPU)
+@pytest.mark.parametrize("options", [{}, {"static": True}, {"static": True, "pad_rows": True}],
+                         ids=["dynamic", "static", "static-padded"])
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt"])  # mosaic_gpt: ALiBi over the slots
-def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, static, one_thread):
+def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, options, one_thread):
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
     cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows
-    got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3, static=static)
+    got = _run_batch(model, processor, cases, steps=10, chunk=7, max_rows=3, **options)
     for i, (prompt, media) in enumerate(cases):
         assert got[i] == [_alone(model, processor, prompt, media, 10)], i
 
@@ -83,7 +85,8 @@ def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_
 @pytest.mark.parametrize("lm_kind", ["llama", pytest.param("mosaic_gpt", marks=pytest.mark.slow)])
 def test_compiled_steps_decode_like_alone_in_a_few_graphs(make_model, lm_kind, one_thread):
     """`torch.compile`d steps (aot_eager: the graphs inductor would get) give each request's tokens alone, in one
-    graph per (rows, window, media) shape: no graph breaks, no recompiles per step or per length."""
+    graph per (one row or more, window, media) shape: no graph breaks, no recompiles per step, length or row
+    count."""
     from torch._dynamo.utils import counters
 
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
@@ -92,7 +95,7 @@ def test_compiled_steps_decode_like_alone_in_a_few_graphs(make_model, lm_kind, o
     for i, (prompt, media) in enumerate(PROMPTS * 2):
         assert got[i] == [_alone(model, processor, prompt, media, 10)], i
     assert not counters["graph_break"]
-    # rows 1-3 x windows 64, 128 x with and without media, at most; ~90 steps ran
+    # 1 row or 2-3 rows x windows 64, 128, 256 x with and without media, at most; ~90 steps ran
     assert counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
 
 
@@ -131,10 +134,10 @@ def test_rows_that_keep_every_image_decode_like_alone(make_model, overrides, one
     """Models whose decode steps read all of a row's images (reference tokens, attention to every earlier image):
     rows with different image counts share padded media buffers."""
     model, processor = make_model("llama", lm_overrides=SHARP["llama"], **overrides)
-    for static in (False, True):
-        got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4, static=static)
+    for options in ({}, {"static": True, "pad_rows": True}):
+        got = _run_batch(model, processor, PROMPTS, steps=8, chunk=5, max_rows=4, **options)
         for i, (prompt, media) in enumerate(PROMPTS):
-            assert got[i] == [_alone(model, processor, prompt, media, 8)], (i, static)
+            assert got[i] == [_alone(model, processor, prompt, media, 8)], (i, options)
 
 
 def test_choices_share_one_prefill(make_model, one_thread):

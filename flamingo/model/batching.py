@@ -15,11 +15,12 @@ each row's real tokens, so padding and row order are exact no-ops: a row decodes
 every step); a join copies one row's prompt.
 
 A static batch (`static=True`, or `compile_backend` for `torch.compile`d steps: `flamingo serve --compile`) runs each
-step in one of a few fixed shapes: the rows padded with idle ones to a power of two, attention over a power-of-two
-window of positions (at least 64, the empty ones masked; the buffers start at zero), the write position a tensor, the
-mask the LM's own for a static cache (`create_masks_for_generate`) made before the step. So a compiled step compiles
-once per (rows, window, media) shape, never per token, and on a GPU replays as a CUDA graph. Its tokens are those of
-the dynamic steps (tests/test_serve_batching.py).
+step in one of a few shapes: attention over a power-of-two window of positions (at least 64, the empty ones masked;
+the buffers start at zero), the write position a tensor, the mask the LM's own for a static cache
+(`create_masks_for_generate`) made before the step. The row count is the compiled step's one dynamic dimension, so a
+step compiles once per (one row or more, window, media) shape, never per token or per row count; on a GPU the rows
+are also padded with idle ones to a power of two, since a CUDA graph is recorded per row count. Its tokens are those
+of the dynamic steps (tests/test_serve_batching.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..runtime.compat import (
     lm_takes_position_ids,
 )
 from .context import MediaContext, Phase
-from .prefill import PrefilledRow, decodes_all_images
+from .prefill import PrefilledRow
 from .xattn import MediaKV
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,12 @@ class DecodeBatch:
     server's engine loop) owns a batch."""
 
     def __init__(self, model: Flamingo, max_rows: int, *, static: bool = False,
-                 compile_backend: Optional[str] = None) -> None:
-        """static: steps of a few fixed shapes (rows and attended positions padded to powers of two, the write
-        position a tensor), what a compiled step needs; compile_backend: run the LM's step under `torch.compile`
-        with that backend (static steps; "inductor" runs CUDA graphs on a GPU)."""
+                 compile_backend: Optional[str] = None, pad_rows: Optional[bool] = None) -> None:
+        """static: steps of a few fixed shapes (attended positions padded to a power of two, the write position a
+        tensor), what a compiled step needs; compile_backend: run the LM's step under `torch.compile` with that
+        backend (static steps, the row count dynamic; "inductor" runs CUDA graphs on a GPU); pad_rows: static steps
+        also pad the rows to a power of two with idle ones (default: on a GPU, where CUDA graphs record one graph
+        per row count)."""
         if not CONTINUOUS_BATCHING:
             raise RuntimeError(f"continuous batching (flamingo serve) needs transformers >= 5.4, not "
                                f"{TRANSFORMERS_VERSION} (docs/compat.md)")
@@ -159,16 +162,17 @@ class DecodeBatch:
         if static and self.device.type == "cuda":
             torch._dynamo.mark_static_address(self._shape.position)
         self._lm_step: Callable[..., torch.Tensor] = self._call_lm
-        self._dynamo_config: dict[str, int] = {}
+        self._dynamo_config: dict[str, Any] = {}
         self._compiles = compile_backend is not None
-        self._compiled_shapes: set[tuple[int, int, bool]] = set()  # (rows, window, media) shapes compiled so far
+        self._pad_rows = static and (self.device.type == "cuda" if pad_rows is None else pad_rows)
+        self._compiled_shapes: set[tuple[int, int, bool]] = set()  # (1 or 2+ rows, window, media) compiled so far
         if compile_backend is not None:
             mode = "reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor" else None
-            self._lm_step = torch.compile(self._call_lm, backend=compile_backend, mode=mode, fullgraph=True,
-                                          dynamic=False)
-            # one graph per (rows, window, media) shape: more than torch's default of 8 per function
+            self._lm_step = torch.compile(self._call_lm, backend=compile_backend, mode=mode, fullgraph=True)
+            # one graph per (1 row or more, window, media) shape: more than torch's default of 8 per function; the
+            # row count is the only dynamic dimension (marked), the window's never becomes one
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            self._dynamo_config = {limit: 64}
+            self._dynamo_config = {limit: 64, "automatic_dynamic_shapes": False}
         self._layers: list[_RowsLayer] = []
         self.cache = Cache(layers=[])
         self._cap_rows = self._cap_len = 0
@@ -195,11 +199,15 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------------------------------------ storage
     def _grow(self, rows: int, length: int, like: Optional[DynamicCache] = None) -> None:
-        """Make room for `rows` rows of `length` positions (capacities double)."""
+        """Make room for `rows` rows of `length` positions (each capacity doubles when it must grow). A static batch
+        holds `max_rows` rows from the start and a power of two of positions: a compiled step's buffers change shape
+        only when the length doubles."""
         if rows <= self._cap_rows and length <= self._cap_len:
             return
-        cap_rows = min(self.max_rows, max(rows, 2 * self._cap_rows, 4))
+        cap_rows = self._cap_rows if rows <= self._cap_rows else min(self.max_rows, max(rows, 2 * self._cap_rows, 4))
         cap_len = max(length, 2 * self._cap_len if length > self._cap_len else self._cap_len, 64)
+        if self._shape.static:
+            cap_rows, cap_len = self.max_rows, _power_of_two(cap_len)
         if not self._layers:
             if like is None:
                 raise RuntimeError("the batch's cache is allocated from its first row's prefill cache")
@@ -331,8 +339,8 @@ class DecodeBatch:
         self._grow(rows, length + 1)
         self.mask[:rows, length] = 1
         ids = tokens.to(self.device)[:, None]  # (rows, 1)
-        if self._shape.static:  # rows and attended positions up to powers of two: a handful of shapes
-            run = min(self._cap_rows, _power_of_two(rows))
+        if self._shape.static:  # attended positions up to a power of two (and, on a GPU, rows): a few shapes
+            run = min(self._cap_rows, _power_of_two(rows)) if self._pad_rows else rows
             self._shape.window = min(self._cap_len, max(64, _power_of_two(length + 1)))
             self.mask[rows:run, :length] = 0  # an idle row sees its own token only (no row without keys)
             self.mask[rows:run, length] = 1
@@ -341,20 +349,24 @@ class DecodeBatch:
         else:
             run = rows
         ctx = MediaContext(Phase.DECODE, None, decode_index=self.decode_index[:run],
-                           decode_count=self.decode_count[:run] if self.model.references is not None else None)
+                           decode_count=self.decode_count[:run] if self.model.references is not None else None,
+                           decode_kv=[])
         if self.media_k and bool((self.decode_index[:rows] > 0).any()):  # else no block attends: skipped
-            kind = "all" if decodes_all_images(self.model) else "last"
-            for j in range(len(self.media_k)):
-                ctx.media_kv[(kind, j, run)] = MediaKV(self.media_k[j][:run], self.media_v[j][:run])
+            ctx.decode_kv = [MediaKV(k[:run], v[:run]) for k, v in zip(self.media_k, self.media_v)]
         mask = self.mask[:run, :length + 1]  # (run, length + 1)
         positions = self.positions[:run, None] if self._takes_positions else None
         if self._shape.static:  # the LM's own 4D mask over the whole buffer, made outside the compiled step
             mask = self._mask_for(ids, mask, positions)
-        shape = (run, self._shape.window, bool(ctx.media_kv))
+        if self._compiles:  # one graph for every row count but 1 (torch specializes size-1 dimensions)
+            for t in (ids, mask, positions, ctx.decode_index, ctx.decode_count,
+                      *(t for kv in ctx.decode_kv for t in (kv.k, kv.v))):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        shape = (min(run, 2), self._shape.window, bool(ctx.decode_kv))
         first = self._compiles and shape not in self._compiled_shapes
         if first:  # the step stalls while it compiles: say so
-            log.info("compiling the decode step for %d row(s) x %d positions (%s media)", run, shape[1],
-                     "with" if shape[2] else "without")
+            log.info("compiling the decode step for %s x %d positions (%s media)",
+                     "1 row" if run == 1 else "2 or more rows", shape[1], "with" if shape[2] else "without")
             started = time.perf_counter()
         with self.model.conditioned(ctx), torch._dynamo.config.patch(**self._dynamo_config):
             logits = self._lm_step(ids, mask, positions)  # (run, V)

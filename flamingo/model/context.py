@@ -54,6 +54,10 @@ class MediaContext:
     # without recompiling.
     decode_index: Optional[torch.Tensor] = None
     decode_count: Optional[torch.Tensor] = None  # (rows, 1) images of each row's prompt, for DECODE with references
+    # DECODE in a continuous batch (model/batching.py): each block's K/V of the batch's rows, (rows, N, R, h, d);
+    # [] when no row has an image. Not keyed by the row count as `media_kv` is, so that a compiled step whose row
+    # count is dynamic does not specialize on it.
+    decode_kv: Optional[list[MediaKV]] = None
     # (rows,) SCORE: the context each candidate row belongs to (any number of candidates per context)
     row_samples: Optional[torch.Tensor] = None
     # Visual K/V by (block, rows), and ("last" | "all", block, rows) for DECODE: projected once from the B samples'

@@ -252,7 +252,8 @@ class Flamingo(nn.Module):
         block = self.xattn[block_idx]
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
             # on (or, keeping only the last image, recompile for) the prompt's number of images
-            kv = ctx.media_kv.get(("all" if self._decode_all_images else "last", block_idx, hidden.shape[0]))
+            kv = ctx.media_kv.get(("all" if self._decode_all_images else "last", block_idx, hidden.shape[0])) \
+                if ctx.decode_kv is None else (ctx.decode_kv[block_idx] if ctx.decode_kv else None)
             index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
             impl = "gather" if self._decode_all_images and self.config.only_attend_last_image else "reference"
             hidden = block(hidden, kv, index, impl)

@@ -241,6 +241,10 @@ def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, compil
     from flamingo.serve.sampling import SamplingParams
 
     engine = engine_for(model_dir, max_batch=8, max_queue=64, prefill_chunk=8, compile_backend=compile_backend)
+    if compile_backend is not None:  # as `flamingo serve --compile` does before it listens
+        engine.warm_up()
+        assert engine._batch.compiled_shapes == {(1, 64, False), (2, 64, False), (1, 64, True), (2, 64, True)}
+        assert engine._batch.rows == 0 and engine._batch.length == 0
     processor, results, done = engine.processor, {}, threading.Semaphore(0)
     cases = [(_messages(i)[1], _messages(i)[2]) for i in range(32)]
 

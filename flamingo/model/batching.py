@@ -194,6 +194,11 @@ class DecodeBatch:
     def length(self) -> int:
         return self._shape.length
 
+    @property
+    def compiled_shapes(self) -> set[tuple[int, int, bool]]:
+        """The (1 row, or 2 for two or more; window; with media) shapes a compiled batch has compiled so far."""
+        return set(self._compiled_shapes)
+
     def free_rows(self) -> int:
         return self.max_rows - self.rows
 

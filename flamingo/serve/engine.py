@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import MEDIA_TOKEN
 from ..model.batching import DecodeBatch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.generation import generation_config_for
@@ -146,6 +147,28 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
         self._thread.start()
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the batch's decode step (with `compile_backend`) for the shapes every server meets first: one row
+        and several, in the first window of positions, without and with an image; before `start`, so that no request
+        waits for them. Longer windows compile when a batch first reaches them."""
+        from PIL import Image  # the processor's own dependency
+
+        dtype = next(self.model.vision.parameters()).dtype
+        for text, media in (("warm up", []), (f"{MEDIA_TOKEN} warm up", [Image.new("RGB", (64, 64))])):
+            ids, medium = self.processor.encode_prompt(text, media, image_references=False)
+            batch = self.processor.batch_media([medium])
+            images = None if batch["images"] is None else batch["images"].to(dtype)
+            row = Prefill(self.model, torch.tensor(ids), images, batch.get("num_media"), batch.get("num_frames"))
+            prefilled = None
+            while prefilled is None:
+                prefilled = row.step()
+            for rows in (1, 2):
+                self._batch.add(prefilled)
+                self._batch.step(torch.zeros(rows, dtype=torch.long))
+            for i in reversed(range(self._batch.rows)):
+                self._batch.remove(i)
 
     def submit(self, job: Job) -> None:
         self.submit_all([job])

@@ -30,9 +30,13 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
                  vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False) -> Engine:
     model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen)
-    return Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                  prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib,
-                  compile_backend="inductor" if compile else None)
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                    prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib,
+                    compile_backend="inductor" if compile else None)
+    if compile:  # the server listens once its first decode shapes are compiled
+        log.info("compiling the decode step's first shapes before serving")
+        engine.warm_up()
+    return engine
 
 
 def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,

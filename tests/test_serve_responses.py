@@ -122,3 +122,10 @@ def test_requests_the_server_cannot_answer_are_a_clear_400(served, body, message
     with pytest.raises(openai.BadRequestError):  # the official client raises it as OpenAI's own 400
         openai_client(url).responses.create(model="tiny", extra_body=body)
     assert openai_client(url).responses.create(model="tiny", input="ok", max_output_tokens=2).status  # still serving
+
+
+def test_errors_name_the_responses_field(served):
+    _, url = served
+    r = httpx.post(url + "/v1/responses", json={"model": "tiny", "input": "hi " * 5000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "input"

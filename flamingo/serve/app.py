@@ -3,8 +3,9 @@
 Every check happens here, before any model work: body size, JSON, field types, the API key, media (count, policy,
 pixels), prompt length against the LM's positions, `max_tokens` against the cap. A request that passes becomes an
 engine `Job`; its events come back through an asyncio queue and go out as one JSON body or as server-sent events
-(`data: {...}` chunks, then `data: [DONE]`), with OpenAI's `logprobs` objects when asked for (serve/logprobs.py) and,
-for raw completions with `echo`, the prompt before the answer. A client that disconnects cancels its job (its rows
+(`data: {...}` chunks, then `data: [DONE]`; the Responses API's typed events, serve/openai_responses.py), with
+OpenAI's `logprobs` objects when asked for (serve/logprobs.py) and, for raw completions with `echo`, the prompt before
+the answer. A client that disconnects cancels its job (its rows
 leave at the next decode step).
 """
 
@@ -118,12 +119,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
 
-    def load_media(refs: list[MediaRef], chat: bool) -> list[torch.Tensor]:
-        """A request's media, checked, decoded and preprocessed to pixel values `(F, C, H, W)` once for all its
-        prompts (in a worker thread: decoding takes time)."""
+    def load_media(refs: list[MediaRef], param: str) -> list[torch.Tensor]:
+        """A request's media (given in its field `param`), checked, decoded and preprocessed to pixel values
+        `(F, C, H, W)` once for all its prompts (in a worker thread: decoding takes time)."""
         if len(refs) > settings.max_images:
             raise APIError(400, f"{len(refs)} images/videos, more than the {settings.max_images} this server "
-                                "accepts per prompt", param="messages" if chat else "media")
+                                "accepts per prompt", param=param)
         if model.references is not None and len(refs) > model.references[1]:
             raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens")
         return [processor.preprocess_media(load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
@@ -138,9 +139,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise APIError(400, f"response_format: {e}", param="response_format") from None
 
     def prepare(prompt: Union[str, list[int]], frames: list[torch.Tensor], req: Any, chat: bool,
-                grammar: Any) -> Job:
-        """A prompt, its preprocessed media, the request's limits and compiled format -> a Job. A prompt is text, or
-        token ids (the completions API's; their `<image>` ids must match the media)."""
+                grammar: Any, param: str = "prompt") -> Job:
+        """A prompt (the request's field `param`), its preprocessed media, the request's limits and compiled format
+        -> a Job. A prompt is text, or token ids (the completions API's; their `<image>` ids must match the media).
+        chat: a conversation's answer (the chat template's stop strings; sent without leading whitespace)."""
         try:
             if isinstance(prompt, str):
                 ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,
@@ -151,9 +153,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                     raise ValueError(f"the prompt's ids hold {ids.count(processor.media_token_id)} <image> token(s) "
                                      f"(id {processor.media_token_id}) but {len(media)} media were given")
         except ValueError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+            raise APIError(400, str(e), param=param) from None
         if not ids:
-            raise APIError(400, "the prompt is empty: nothing to continue", param="messages" if chat else "prompt")
+            raise APIError(400, "the prompt is empty: nothing to continue", param=param)
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if asked is not None and asked > settings.max_tokens_cap:
             raise APIError(400, f"max_tokens={asked} is more than this server's cap of {settings.max_tokens_cap}",
@@ -162,7 +164,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if positions is not None:
             if len(ids) > positions or (len(ids) == positions and max_tokens != 0):  # echo alone: no new token
                 raise APIError(400, f"the prompt takes {len(ids)} tokens and the model has {positions} positions",
-                               param="messages" if chat else "prompt", code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
             if asked is not None and len(ids) + asked > positions:
                 raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens={asked} exceed the model's "
                                     f"{positions} positions", param="max_tokens", code="context_length_exceeded")
@@ -229,7 +231,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
         text, refs = chat_template.render(req.messages)
-        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), req, True, response_grammar(req)))
+        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "messages"), req, True,
+                                                      response_grammar(req), "messages"))
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -239,7 +242,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(ResponsesRequest, await read_json(request))
         chat = req.chat()
         text, refs = chat_template.render(chat.messages)
-        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, True), chat, True, response_grammar(chat)))
+        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
+                                                      response_grammar(chat), "input"))
         events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
         if req.stream:
             return StreamingResponse(stream_response(events, job, writer), media_type="text/event-stream",
@@ -262,7 +266,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         refs = [MediaRef(url, video=False) for url in req.media]
 
         def prepare_all() -> list[Job]:  # media and format made once; every prompt of the list gets them
-            frames, grammar = load_media(refs, False), response_grammar(req)
+            frames, grammar = load_media(refs, "media"), response_grammar(req)
             return [prepare(p, frames, req, False, grammar) for p in prompts]
 
         jobs = await run_in_threadpool(prepare_all)

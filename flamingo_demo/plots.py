@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from flamingo.runtime import pyplot
 from flamingo.train.plots import GATE_NAMES, plot_gates, plot_losses, read_metrics
 
 from .goals import headline
@@ -14,11 +15,7 @@ from .sizes import get_size
 
 
 def plot_fewshot(run: DemoRun, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(TASKS), figsize=(3.6 * len(TASKS), 3.2), squeeze=False)
     for ax, task in zip(axes[0], TASKS):
         for variant in run.results:

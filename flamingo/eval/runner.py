@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
-from ..runtime import init_process_group_from_env
+from ..runtime import init_process_group_from_env, pyplot
 from .demos import DemoSelector, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
@@ -247,11 +247,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Each headline metric vs number of shots (mean with std error bars), one panel per metric. Breakdowns
     (`metric/part`, e.g. VQA accuracy per answer type) are in the table and results.json only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = list(dict.fromkeys(r["metric"] for r in results["summary"] if "/" not in r["metric"]))
     if not metrics:  # every query of every run was skipped (longer than max_length): nothing to plot
         return

@@ -55,11 +55,11 @@ class _Shape:
     batch's step writes at `position`, a tensor (the length as a Python number would make a compiled step
     recompile at every token), and attends over the first `window` positions."""
 
-    def __init__(self, static: bool = False) -> None:
+    def __init__(self, static: bool = False, device: Optional[torch.device] = None) -> None:
         self.rows = 0
         self.length = 0
         self.static = static
-        self.position = torch.zeros(1, dtype=torch.long)  # static: (1,) the step's position, on the cache's device
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # static: (1,) the step's position
         self.window = 0  # static: the positions a step attends over (a power of two, at most the buffers' length)
 
 
@@ -157,8 +157,7 @@ class DecodeBatch:
         self.model, self.max_rows = model, max_rows
         self.device = next(model.lm.parameters()).device
         _check_full_attention(DynamicCache(config=model.lm.config))
-        self._shape = _Shape(static)
-        self._shape.position = self._shape.position.to(self.device)
+        self._shape = _Shape(static, self.device)
         if static and self.device.type == "cuda":
             torch._dynamo.mark_static_address(self._shape.position)
         self._lm_step: Callable[..., torch.Tensor] = self._call_lm

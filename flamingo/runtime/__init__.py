@@ -6,7 +6,8 @@
 - `quiet`: silencing transformers' own progress bars;
 - `lru`: one bounded least-recently-used store (by count or by bytes), and the tensor cache built on it;
 - `checkpoint_io`: atomic directory writes;
-- `host_memory`: the process's resident memory (Linux).
+- `host_memory`: the process's resident memory (Linux);
+- `plotting`: matplotlib's pyplot drawing to files only.
 """
 
 from .checkpoint_io import atomic_directory
@@ -15,8 +16,9 @@ from .dtypes import DTYPE_NAMES, torch_dtype
 from .host_memory import status_kib
 from .launch import run_torchrun, torchrun_command
 from .lru import LRU, TensorCache
+from .plotting import pyplot
 from .quiet import quiet_transformers
 
 __all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info",
-           "init_process_group_from_env", "leave_process_group_and_exit", "quiet_transformers", "run_torchrun",
-           "status_kib", "torch_dtype", "torchrun_command"]
+           "init_process_group_from_env", "leave_process_group_and_exit", "pyplot", "quiet_transformers",
+           "run_torchrun", "status_kib", "torch_dtype", "torchrun_command"]

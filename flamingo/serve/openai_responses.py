@@ -87,11 +87,12 @@ async def stream_response(events: asyncio.Queue, job: Job, writer: ResponseWrite
                 yield event("response.failed", response=writer.body("failed", text, error=e.message))
                 return
             elif e.kind == "done":
+                usage = e.usage
                 break
         status = status_of(reason)
         yield event("response.output_text.done", **where, text=text, logprobs=[])
         yield event("response.content_part.done", **where, part=writer.part(text))
         yield event("response.output_item.done", output_index=0, item=writer.message(text, status))
-        yield event(f"response.{status}", response=writer.body(status, text, e.usage))
+        yield event(f"response.{status}", response=writer.body(status, text, usage))
     finally:
         job.cancelled.set()  # a no-op for a finished job; frees the rows of an abandoned one

@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Any
 
+from ..runtime import pyplot
+
 log = logging.getLogger(__name__)
 
 GATE_NAMES = {"scalar": ("tanh(attention gate)", "tanh(dense gate)"),
@@ -41,27 +43,15 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return [training[s] for s in sorted(training)], [validation[s] for s in sorted(validation)]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Training loss per dataset (solid) and validation loss per dataset (dashed) against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    names = list(dict.fromkeys(k[len("loss/"):] for row in training for k in row if k.startswith("loss/")))
-    for name in names:
-        rows = [r for r in training if f"loss/{name}" in r]
-        ax.plot([r["step"] for r in rows], [r[f"loss/{name}"] for r in rows], label=name)
-    for name in dict.fromkeys(k[len("val_loss/"):] for row in validation for k in row if k.startswith("val_loss/")):
-        rows = [r for r in validation if f"val_loss/{name}" in r]
-        ax.plot([r["step"] for r in rows], [r[f"val_loss/{name}"] for r in rows], "--", marker=".",
-                label=f"{name} (validation)")
+    for records, prefix, style, suffix in ((training, "loss/", {}, ""),
+                                           (validation, "val_loss/", {"ls": "--", "marker": "."}, " (validation)")):
+        for key in dict.fromkeys(k for r in records for k in r if k.startswith(prefix)):  # one line per dataset
+            rows = [r for r in records if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[len(prefix):] + suffix, **style)
     ax.set_title(f"{title}: loss" if title else "loss")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
@@ -73,7 +63,7 @@ def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]]
 
 def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_type: str = "scalar") -> None:
     """Each block's attention and dense gates against the step, one line per LM layer it sits before."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in training if r.get("gates")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [r["step"] for r in rows]
@@ -98,7 +88,7 @@ def plot_run(output_dir: str, gate_type: str = "scalar", title: str = "") -> lis
     if not os.path.exists(metrics):
         return []
     try:
-        _pyplot()
+        pyplot()
     except ImportError:
         log.info("matplotlib is not installed: no loss.png / gates.png (the curves are in metrics.jsonl)")
         return []

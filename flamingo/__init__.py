@@ -1,9 +1,32 @@
-"""flamingo: Flamingo-style visual language models on any Hugging Face vision tower and causal LM."""
+"""flamingo: Flamingo-style visual language models on any Hugging Face vision tower and causal LM.
 
-from .build import from_backbones, load_pretrained
-from .config import FlamingoConfig
-from .model.flamingo import Flamingo, FlamingoOutput
-from .processing import FlamingoProcessor
+The public names load on first use (PEP 562): importing a submodule (the CLI, `flamingo.config`) does not import
+transformers and every backbone class first."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .build import from_backbones, load_pretrained
+    from .config import FlamingoConfig
+    from .model.flamingo import Flamingo, FlamingoOutput
+    from .processing import FlamingoProcessor
+
+_HOMES = {"Flamingo": ".model.flamingo", "FlamingoConfig": ".config", "FlamingoOutput": ".model.flamingo",
+          "FlamingoProcessor": ".processing", "from_backbones": ".build", "load_pretrained": ".build"}
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor", "from_backbones", "load_pretrained"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'flamingo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -11,7 +11,13 @@ import time
 from typing import Optional, Sequence
 
 from .config import QUANTIZE_MODES
-from .runtime import DTYPE_NAMES, leave_process_group_and_exit, quiet_transformers, torch_dtype
+from .runtime import (
+    DTYPE_NAMES,
+    leave_process_group_and_exit,
+    quiet_irrelevant_warnings,
+    quiet_transformers,
+    torch_dtype,
+)
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -286,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_irrelevant_warnings()  # before anything imports transformers (and with it torchao)
     if argv[:1] == ["demo"]:
         from flamingo_demo.cli import main as demo_main  # the one import of the demo: lazily, for this command
 

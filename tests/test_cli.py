@@ -118,3 +118,28 @@ def test_generate_command_reads_declared_images_and_references(tmp_path, capsys)
     assert capsys.readouterr().out.strip() == loaded_processor.decode(expected).strip()
     assert main(args[:-1]) == 2  # read as plain <image> prompt: its <image0> has no placeholder to match
     assert "placeholder" in capsys.readouterr().err
+
+
+def test_the_command_starts_without_other_packages_start_up_warnings():
+    """torchao's optional kernels that a CPU build cannot load and torch's pytree deprecation are dropped by the
+    command (before anything imports transformers); other warnings of the same loggers still show."""
+    import logging
+
+    from flamingo.runtime import quiet_irrelevant_warnings
+
+    run = subprocess.run([sys.executable, "-m", "flamingo.cli", "tiny"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Failed to load" not in run.stderr and "is an Enum subclass" not in run.stderr, run.stderr[-2000:]
+    quiet_irrelevant_warnings()
+    quiet_irrelevant_warnings()  # once is enough: no second filter
+    logger = logging.getLogger("torchao")
+    assert len([f for f in logger.filters if getattr(f, "prefix", None) == "Failed to load "]) == 1
+    kept = [r for r in (logger.makeRecord("torchao", logging.WARNING, __file__, 1, msg, (), None)
+                        for msg in ("Failed to load /x/_C_mxfp8.so: no", "Detected no triton")) if logger.filter(r)]
+    assert [r.msg for r in kept] == ["Detected no triton"]
+
+
+def test_importing_the_cli_or_the_config_leaves_transformers_unloaded():
+    code = "import sys, flamingo.cli, flamingo.config; print('transformers' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]

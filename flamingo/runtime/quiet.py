@@ -1,8 +1,29 @@
-"""Silencing transformers' own progress bars (loading and saving weights)."""
+"""Silencing transformers' own progress bars (loading and saving weights), and two start-up warnings of other
+packages that say nothing about a run of ours."""
 
 from __future__ import annotations
 
+import logging
+
 from .distributed import dist_info
+
+# (logger, the start of a message it logs that no command of ours needs to show)
+IRRELEVANT_WARNINGS = (
+    # torchao's optional compiled kernels (MX formats, CUTLASS for sm90a) that do not load with a CPU build of torch
+    # or another CUDA build; the quantized modes (model/quantize.py) and 8-bit optimizer states use none of them
+    ("torchao", "Failed to load "),
+    # torchao registering enums as pytree constants, deprecated by torch 2.13; nothing for a user to do
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_transformers(no_progress: bool) -> None:
@@ -12,3 +33,12 @@ def quiet_transformers(no_progress: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def quiet_irrelevant_warnings() -> None:
+    """Drop `IRRELEVANT_WARNINGS` in this process (other warnings of those loggers still show). Commands call it
+    before they import transformers (the CLI's `main`), library code never does."""
+    for name, prefix in IRRELEVANT_WARNINGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessages(prefix))

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .build import from_backbones, load_pretrained
     from .config import FlamingoConfig
+    from .hub import push_to_hub
     from .model.flamingo import Flamingo, FlamingoOutput
     from .processing import FlamingoProcessor
 
 _HOMES = {"Flamingo": ".model.flamingo", "FlamingoConfig": ".config", "FlamingoOutput": ".model.flamingo",
-          "FlamingoProcessor": ".processing", "from_backbones": ".build", "load_pretrained": ".build"}
-__all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor", "from_backbones", "load_pretrained"]
+          "FlamingoProcessor": ".processing", "from_backbones": ".build", "load_pretrained": ".build",
+          "push_to_hub": ".hub"}
+__all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor", "from_backbones", "load_pretrained",
+           "push_to_hub"]
 __version__ = "0.1.0"
 
 

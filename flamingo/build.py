@@ -16,6 +16,7 @@ from .model.flamingo import Flamingo
 from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
+from .runtime.hub import local_dir
 
 Backbone = Union[str, os.PathLike, nn.Module]
 
@@ -73,7 +74,11 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     return model, processor
 
 
-def load_pretrained(directory: str, **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
-    """A saved model and its processor (`save_pretrained(dir, processor=...)`)."""
+def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
+                    **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
+    """A saved model and its processor (`save_pretrained(dir, processor=...)`): a directory, or a Hub repository
+    holding one (`org/name`, at `revision`: a branch, tag or commit), downloaded once into the hub cache. kwargs:
+    `Flamingo.from_pretrained`'s."""
+    directory = local_dir(name_or_path, "Flamingo model", revision=revision)
     model = Flamingo.from_pretrained(directory, **kwargs)
     return model, FlamingoProcessor.from_pretrained(directory)

@@ -19,6 +19,8 @@ from .runtime import (
     torch_dtype,
 )
 
+MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holding one (org/name)"
+
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
     """Build a small Flamingo from random backbones and run one interleaved prompt through it."""
@@ -82,6 +84,16 @@ def _cmd_convert_idefics(args: argparse.Namespace) -> int:
         write_backbones(model, processor, args.backbones)
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     print(f"wrote {args.out} (IDEFICS blocks before layers {model.xattn_layer_indices})")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_directory
+
+    url = push_directory(args.model, args.repo, private=args.private or None, revision=args.revision,
+                         commit_message=args.message, replace_card=args.replace_card)
+    print(f"pushed {args.model} to {args.repo}: {url}")
+    print(f"load it with load_pretrained({args.repo!r}) or `flamingo serve --model {args.repo}`")
     return 0
 
 
@@ -180,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_cmd_tiny)
 
     gen = sub.add_parser("generate", help="continue a few-shot prompt with images/videos, streaming tokens")
-    gen.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action="store_true",
@@ -203,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
-    srv.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    srv.add_argument("--model", required=True, help=MODEL_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
@@ -234,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fetch http(s) media URLs (from public addresses only)")
     srv.add_argument("--allow-private-media-hosts", action="store_true",
                      help="with --allow-remote-media: also from loopback, private and link-local addresses")
-    srv.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    srv.add_argument("--model-name", default=None,
+                     help="the model id clients send (default: the directory's name, or the Hub repository org/name)")
     srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
     srv.set_defaults(func=_cmd_serve)
 
@@ -271,10 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="store trained weights + references to the --backbones directories")
     idefics.set_defaults(func=_cmd_convert_idefics)
 
+    push = sub.add_parser("push", help="share a saved model on the Hugging Face Hub (docs/architecture.md)")
+    push.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")
+    push.add_argument("--repo", required=True, help="the model repository, org/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default=None, help="the branch to commit to (created if missing; default main)")
+    push.add_argument("--message", default="Upload Flamingo", help="the commit message")
+    push.add_argument("--replace-card", action="store_true",
+                      help="replace the repository's README.md (kept by default when it has one)")
+    push.set_defaults(func=_cmd_push)
+
     export = sub.add_parser("export", help="write a model in a foreign format")
     export_sub = export.add_subparsers(dest="target", required=True)
     to_of = export_sub.add_parser("open-flamingo", help="an OpenFlamingo 2.x checkpoint.pt (docs/convert.md)")
-    to_of.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    to_of.add_argument("--model", required=True, help=MODEL_HELP)
     to_of.add_argument("--out", required=True, help="the checkpoint file to write (and OUT.json: how to load it)")
     to_of.set_defaults(func=_cmd_export_open_flamingo)
 

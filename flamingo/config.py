@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 CONFIG_NAME = "flamingo_config.json"
+WEIGHTS_NAME = "flamingo.safetensors"  # the tensors stored beside the backbones (model/flamingo.py)
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")

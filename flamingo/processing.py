@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTra
 from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from .references import reference_token, resolve_declarations
 from .runtime.compat import keep_special_tokens_kwargs
+from .runtime.hub import local_dir
 from .video import decode_video, uniform_frame_indices
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
@@ -306,7 +307,10 @@ class FlamingoProcessor:
                        "template": self.template}, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, directory: str, **overrides: Any) -> "FlamingoProcessor":
+    def from_pretrained(cls, name_or_path: str, *, revision: Optional[str] = None,
+                        **overrides: Any) -> "FlamingoProcessor":
+        """The processor saved with a model: a directory, or a Hub repository holding one (`org/name`)."""
+        directory = local_dir(name_or_path, "Flamingo processor", revision=revision)
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         kwargs: dict[str, Any] = {}
         if os.path.isfile(path):

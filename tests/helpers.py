@@ -4,6 +4,7 @@ against, and the tiny fixture datasets of every evaluation task (the layouts of 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,16 @@ def loss_and_grads(model, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str
 
 # ---------------------------------------------------------------------------------------- evaluation datasets
 WORDS = ["red", "blue", "two", "yes", "no", "cat"]
+
+
+def hub_cache_entry(cache: Path, repo: str, files: Path, revision: str = "main",
+                    commit: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """`files` (a directory) as the cached snapshot of hub repository `repo` at `revision`: what a download leaves
+    behind, read by `huggingface_hub` with `HF_HUB_CACHE=cache` (and `HF_HUB_OFFLINE=1`: no network)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / revision).write_text(commit)
+    shutil.copytree(files, folder / "snapshots" / commit)
 
 
 def _image(root: Path, name: str, seed: int) -> str:

@@ -9,7 +9,6 @@ transformers lacks, onto ours: tests/test_mosaic_gpt.py pins its function), and 
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from flamingo.convert import convert_openflamingo, load_openflamingo_lm  # noqa:
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
 
-from helpers import write_mosaic_gpt_layout  # noqa: E402
+from helpers import hub_cache_entry, write_mosaic_gpt_layout  # noqa: E402
 
 PADDED_VOCAB = 320  # the hub LMs pad their tables (50432 rows for a 50277-token tokenizer); OpenFlamingo cuts them
 REMOTE_MPT_FIELDS = {  # what mosaicml/mpt-7b's config.json holds beyond transformers' MptConfig
@@ -151,15 +150,6 @@ def test_convert_command_takes_openflamingo_3b_layout_and_loads_back(tmp_path):
     assert (mine - theirs).abs().max() <= 1e-5
 
 
-def _hub_cache_entry(cache, repo: str, files) -> None:
-    """`files` (a directory) as the cached snapshot of hub repository `repo`: what a download leaves behind."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(commit)
-    shutil.copytree(files, folder / "snapshots" / commit)
-
-
 def test_a_published_checkpoint_converts_by_its_hub_name(tmp_path, capsys):
     """`flamingo convert open-flamingo --model openflamingo/OpenFlamingo-3B-vitl-mpt1b`: the checkpoint, the vision
     tower and the LM (with its tokenizer) come from the hub under the names OpenFlamingo's README gives; here from a
@@ -186,7 +176,7 @@ def test_a_published_checkpoint_converts_by_its_hub_name(tmp_path, capsys):
     torch.save(peer.state_dict(), tmp_path / "of" / "checkpoint.pt")  # the whole state, as `checkpoint.pt` has it
     cache = tmp_path / "hf" / "hub"
     for repo, files in ((name, "of"), (vision_name, "vision"), (lm_name, "lm")):
-        _hub_cache_entry(cache, repo, tmp_path / files)
+        hub_cache_entry(cache, repo, tmp_path / files)
 
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     argv = ["convert", "open-flamingo", "--model", name, "--out", str(tmp_path / "out")]

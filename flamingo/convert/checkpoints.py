@@ -1,24 +1,11 @@
-"""Where a converter reads a published checkpoint from: a local directory, or a hub name downloaded once (only the
-files a converter needs), and its tensors without running pickle code."""
+"""A published checkpoint's tensors, read without running pickle code (its directory: `runtime.hub.local_dir`)."""
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
 
 import torch
-
-
-def local_dir(source: str, allow_patterns: Sequence[str], what: str) -> str:
-    """`source` if it is a directory, else the snapshot of the hub repository it names (`org/name`)."""
-    if os.path.isdir(source):
-        return source
-    if os.path.isabs(source) or source.startswith(".") or source.count("/") != 1:  # not a hub name "org/model"
-        raise FileNotFoundError(f"{what} directory not found: {source}")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, allow_patterns=list(allow_patterns))
 
 
 def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.Tensor]:

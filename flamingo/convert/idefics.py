@@ -39,7 +39,8 @@ from ..config import MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
-from .checkpoints import local_dir, read_tensors
+from ..runtime.hub import local_dir
+from .checkpoints import read_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
@@ -57,7 +58,7 @@ def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsCon
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, source.state_dict(), None
-    path = local_dir(str(source), _FILES, "IDEFICS model")
+    path = local_dir(str(source), "IDEFICS model", allow_patterns=_FILES, ignore_patterns=None)
     return IdeficsConfig.from_pretrained(path), read_tensors(path, allow_bin=False), path
 
 

@@ -29,7 +29,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
                                            "MME, multi-image questions, video QA or video captioning "
                                            "(see docs/eval.md)")
-    p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")
+    p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor), or a "
+                                                  "Hub repository holding one (org/name)")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])

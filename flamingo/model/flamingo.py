@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..config import FlamingoConfig
+from ..config import WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
+from ..runtime.hub import local_dir
 from . import generation, lora, quantize
 from .backbones import (
     find_decoder_layers,
@@ -43,6 +44,7 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
+from .card import CARD_NAME, model_card
 from .chunked_loss import chunked_cross_entropy, whole_logits_cross_entropy
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
@@ -57,7 +59,6 @@ from .xattn import (
     document_starts,
 )
 
-WEIGHTS_NAME = "flamingo.safetensors"
 BACKBONE_PREFIXES = ("vision.", "lm.")
 
 
@@ -605,13 +606,17 @@ class Flamingo(nn.Module):
             if processor is not None:
                 processor.save_pretrained(tmp)
             self.config.save(tmp)
+            with open(os.path.join(tmp, CARD_NAME), "w") as f:  # named after the directory; a push renames it
+                f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
     @classmethod
-    def from_pretrained(cls, directory: str, *, torch_dtype: Optional[torch.dtype] = None,
-                        device: Union[str, torch.device, None] = None,
-                        quantize_frozen: Optional[str] = None) -> "Flamingo":
-        """Load a directory written by `save_pretrained` (either mode). No pickle: safetensors + HF directories.
-        The frozen backbones are quantized on `device` to `quantize_frozen` (default: the saved config's mode)."""
+    def from_pretrained(cls, name_or_path: str, *, torch_dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, quantize_frozen: Optional[str] = None,
+                        revision: Optional[str] = None) -> "Flamingo":
+        """Load what `save_pretrained` wrote (either mode): a directory, or a Hub repository holding one (`org/name`,
+        at `revision`), downloaded once. No pickle: safetensors + HF directories. The frozen backbones are quantized
+        on `device` to `quantize_frozen` (default: the saved config's mode)."""
+        directory = local_dir(name_or_path, "Flamingo model", revision=revision)
         config = FlamingoConfig.load(directory)
         if quantize_frozen is not None:
             config = dataclasses.replace(config, quantize_frozen=quantize_frozen)  # validated like a saved one

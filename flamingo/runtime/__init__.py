@@ -6,6 +6,7 @@
 - `quiet`: silencing transformers' own progress bars and other packages' start-up warnings irrelevant to a run;
 - `lru`: one bounded least-recently-used store (by count or by bytes), and the tensor cache built on it;
 - `checkpoint_io`: atomic directory writes;
+- `hub`: where a model is read from, a directory or a Hub repository (`org/name`) downloaded once;
 - `host_memory`: the process's resident memory (Linux);
 - `plotting`: matplotlib's pyplot drawing to files only.
 """

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..build import load_pretrained
+from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
 from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine
 from .media import MediaPolicy
@@ -47,7 +48,10 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
     media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
                         allow_private=allow_private_media_hosts, max_pixels=max_image_pixels,
                         max_bytes=int(max_body_mb * 2**20))
-    return ServeSettings(model_name=model_name or Path(os.path.abspath(model_dir)).name, api_key=api_key,
+    if model_name is None:  # a Hub repository's full name, as other OpenAI-compatible servers name it
+        hub = not os.path.isdir(model_dir) and is_hub_name(model_dir)
+        model_name = model_dir if hub else Path(os.path.abspath(model_dir)).name
+    return ServeSettings(model_name=model_name, api_key=api_key,
                          max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
                          max_images=max_images, media=media)
 

@@ -1,0 +1,81 @@
+"""Sharing a Flamingo on the Hugging Face Hub: `push_to_hub` uploads what `save_pretrained` writes to a model
+repository in one commit, its card (`README.md`) named after the repository; `load_pretrained("org/name")` and
+`flamingo serve --model org/name` read it back (runtime/hub.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional, Union
+
+from .config import CONFIG_NAME, WEIGHTS_NAME
+from .model.card import CARD_NAME, model_card
+from .model.flamingo import Flamingo
+from .runtime.hub import is_hub_name
+
+# remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
+# must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names)
+_OWNED_DIRS = ("vision/", "lm/")
+_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, "flamingo_processor.json")
+
+
+def _local_files(directory: str) -> dict[str, str]:
+    """Every file under `directory` by its repository path (`/` separated), dot-files left out."""
+    files = {}
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, directory).replace(os.sep, "/")] = path
+    return files
+
+
+def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = None, revision: Optional[str] = None,
+                   commit_message: str = "Upload Flamingo", token: Optional[str] = None,
+                   replace_card: bool = False) -> str:
+    """Upload a directory written by `save_pretrained` to the model repository `repo_id` (created if missing; on
+    branch `revision`, created if missing) in one commit; returns the commit's URL. The card save_pretrained wrote is
+    written again for `repo_id` (one edited by hand goes as it is); a card already in the repository is kept unless
+    `replace_card`. Files of the format that the
+    repository holds and the directory lacks are removed in the same commit; other files are left alone."""
+    if not is_hub_name(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise ValueError(f"{directory!r} holds no {name}: not a directory written by save_pretrained")
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    local = _local_files(directory)
+    card = local.pop(CARD_NAME, None)
+    text = None if card is None else open(card, encoding="utf-8").read()
+    if text is None or text == model_card(directory, os.path.basename(os.path.abspath(directory))):
+        text = model_card(directory, repo_id)  # the card save_pretrained wrote, named for the repository
+    remote = set(api.list_repo_files(repo_id, revision=revision))
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=file)
+                             for path, file in local.items()]
+    if replace_card or CARD_NAME not in remote:
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=text.encode()))
+    operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(remote - set(local))
+                   if path.startswith(_OWNED_DIRS) or path in _OWNED_FILES]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    return str(info.commit_url)
+
+
+def push_to_hub(model: Union[Flamingo, str], repo_id: str, *, processor: Any = None, trained_only: bool = False,
+                **kwargs: Any) -> str:
+    """Share a model on the Hub: a `Flamingo` (saved first, as `save_pretrained(..., trained_only=, processor=)`
+    writes it; pass the processor so that `load_pretrained(repo_id)` finds it) or a saved directory. kwargs:
+    `push_directory`'s (private, revision, commit_message, token, replace_card). Returns the commit's URL."""
+    if isinstance(model, Flamingo):
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = os.path.join(tmp, repo_id.rsplit("/", 1)[-1])
+            model.save_pretrained(directory, trained_only=trained_only, processor=processor)
+            return push_directory(directory, repo_id, **kwargs)
+    if processor is not None or trained_only:
+        raise ValueError("processor and trained_only apply to a model object; a directory is pushed as saved")
+    return push_directory(str(model), repo_id, **kwargs)

@@ -1,0 +1,139 @@
+"""The model card (`README.md`) a saved Flamingo carries: what it is built from, what trained, how to load, generate
+with and serve it, and the Hub's metadata (library, task, base models) in its YAML header. Written from the saved
+files alone, so that pushing a directory can name the card after its repository."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+import yaml
+from safetensors import safe_open
+
+from ..config import WEIGHTS_NAME, FlamingoConfig
+from ..runtime.hub import is_hub_name
+from . import lora
+
+CARD_NAME = "README.md"
+
+
+def _parameters(weights: str) -> dict[str, int]:
+    """Parameters per part of the tensors stored beside the backbones (the file's header only)."""
+    parts = {"resampler": 0, "blocks": 0, "rows": 0, "lora": 0, "other": 0}
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            numel = math.prod(f.get_slice(key).get_shape())
+            part = ("lora" if lora.is_adapter_key(key) else "resampler" if key.startswith("resampler.")
+                    else "blocks" if key.startswith("xattn.") else "rows" if key.startswith("new_") else "other")
+            parts[part] += numel
+    return parts
+
+
+def _lm_layers(directory: str) -> Optional[int]:
+    """The saved LM's layer count (from `lm/config.json`), when the backbones are in the directory."""
+    path = os.path.join(directory, "lm", "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lm_config: dict[str, Any] = json.load(f)
+    lm_config = lm_config.get("text_config") or lm_config
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(lm_config.get(key), int):
+            return lm_config[key]
+    return None
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+
+
+def _placement(config: FlamingoConfig, layers: Optional[int]) -> str:
+    if layers is not None:
+        indices = config.xattn_layer_indices(layers)
+        return f"before {len(indices)} of the LM's {layers} layers ({', '.join(map(str, indices))})"
+    if config.xattn_layers is not None:
+        return f"before the LM's layers {', '.join(map(str, config.xattn_layers))}"
+    n = config.xattn_every
+    if n == 1:
+        return "before every layer of the LM"
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"before every {n}{suffix} layer of the LM"
+
+
+def model_card(directory: str, name: str) -> str:
+    """The card of the model saved in `directory`, loaded as `name` (a Hub repository or a path) in its examples."""
+    config = FlamingoConfig.load(directory)
+    full = all(os.path.isdir(os.path.join(directory, part)) for part in ("vision", "lm"))
+    parts = _parameters(os.path.join(directory, WEIGHTS_NAME))
+    bases = [b for b in (config.vision_name_or_path, config.lm_name_or_path) if b and is_hub_name(str(b))]
+    meta: dict[str, Any] = {"library_name": "flamingo", "pipeline_tag": "image-text-to-text",
+                            "tags": ["flamingo", "vision-language", "few-shot", "multimodal"]}
+    if bases:
+        meta["base_model"] = bases
+    vision = f"`{config.vision_name_or_path}`" if config.vision_name_or_path else "saved in `vision/`"
+    lm = f"`{config.lm_name_or_path}`" if config.lm_name_or_path else "saved in `lm/`"
+    frozen = "frozen" if config.freeze_lm else "trained"
+    if config.lm_lora:
+        frozen += f", with LoRA adapters (r={config.lm_lora.get('r')}) trained"
+    rows = [
+        ("vision tower", f"{vision} ({'frozen' if config.freeze_vision else 'trained'})"),
+        ("language model", f"{lm} ({frozen})"),
+        ("visual tokens per image", f"{config.num_latents} ({config.resampler} resampler)"),
+        ("cross-attention blocks", f"{config.block} blocks {_placement(config, _lm_layers(directory))}"
+                                   + (", tanh gates" if config.gated else ", ungated")),
+        ("each text token sees", "the last image before it" if config.only_attend_last_image
+         else "every image before it"),
+        ("parameters stored beside the backbones",
+         f"{_millions(sum(parts.values()))}: resampler {_millions(parts['resampler'])}, blocks "
+         f"{_millions(parts['blocks'])}, added tokens' rows {_millions(parts['rows'])}"
+         + (f", LoRA {_millions(parts['lora'])}" if parts["lora"] else "")
+         + (f", other trained LM/tower tensors {_millions(parts['other'])}" if parts["other"] else "")),
+        ("checkpoint", "full: the backbones are in `vision/` and `lm/`" if full
+         else "trained tensors only: the backbones are loaded by the names above"),
+    ]
+    if config.quantize_frozen != "none":
+        rows.append(("frozen weights", f"quantized to {config.quantize_frozen} when loaded"))
+    if config.num_image_references:
+        rows.append(("image references", f"`<image0>` ... `<image{config.num_image_references - 1}>` (MMICL-style)"))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):  # saved with its processor
+        load = f'from flamingo import load_pretrained\n\nmodel, processor = load_pretrained("{name}")'
+    else:
+        load = (f'from flamingo import Flamingo, FlamingoProcessor\n\nmodel = Flamingo.from_pretrained("{name}")\n'
+                f'processor = FlamingoProcessor.from_pretrained(...)  # saved without one: the tokenizer and image '
+                f'processor it was trained with')
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+
+# {name.rstrip("/").split("/")[-1]}
+
+A Flamingo-style visual language model (Alayrac et al., NeurIPS 2022): a frozen vision tower encodes each image (or
+each video frame), a Perceiver Resampler maps its features to a few visual tokens, and gated cross-attention blocks
+inserted into a frozen causal LM let the text attend to them. `<image>` marks each image in a prompt and
+`<|endofchunk|>` ends a chunk of interleaved text; it is used few-shot, with examples in the prompt.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+With the `flamingo` package:
+
+```python
+{load}
+prompt = "<image>Question: what is in the picture? Short answer:"
+batch = processor(prompt, images=["photo.jpg"])
+ids = model.generate(**batch, max_new_tokens=10)
+print(processor.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+An OpenAI-compatible server with a page to try it:
+
+```bash
+flamingo serve --model {name}
+```
+"""

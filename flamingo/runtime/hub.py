@@ -1,0 +1,44 @@
+"""Where a model is read from: a local directory, or a Hugging Face Hub repository (`org/name`) downloaded once into
+the hub cache (`HF_HUB_CACHE`; `HF_HUB_OFFLINE=1` reads the cache only)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Sequence
+
+# what a repository name may look like on the Hub: `org/name`, letters, digits, `-`, `_`, `.`
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# files a saved model never needs: other frameworks' weights and pickled tensors (we read safetensors only)
+NEVER_READ = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf")
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether `source` reads as a Hub repository name (`org/name`), not a path: it does not start with `/`, `.` or
+    `~`, has exactly one `/` and no `..`."""
+    return bool(_REPO_ID.match(source)) and ".." not in source
+
+
+def local_dir(source: str, what: str, *, revision: Optional[str] = None,
+              allow_patterns: Optional[Sequence[str]] = None,
+              ignore_patterns: Optional[Sequence[str]] = NEVER_READ) -> str:
+    """`source` if it is a directory, else the local snapshot of the Hub repository it names (downloaded on first use,
+    only the files the patterns let through; `revision`: a branch, tag or commit). Raises FileNotFoundError naming
+    `what` when it is neither (a path that does not exist, a repository that cannot be found or reached, a name
+    absent from the cache when offline)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return source
+    if not is_hub_name(source):
+        raise FileNotFoundError(f"{what} directory not found: {source}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(source, revision=revision,
+                                 allow_patterns=None if allow_patterns is None else list(allow_patterns),
+                                 ignore_patterns=None if ignore_patterns is None else list(ignore_patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(f"{what} {source!r} is not a local directory, and the Hub repository of that name "
+                                f"could not be read{at} ({type(e).__name__}: {str(e).splitlines()[0]})") from e

@@ -1,0 +1,232 @@
+"""Sharing on the Hugging Face Hub: a model pushed (`push_to_hub`, `flamingo push`) is what
+`load_pretrained("org/name")` reads back from the hub cache (offline, in a fresh process) with the same logits, at a
+branch too; a trained-only push names its backbones, which load by their own hub names; the card is the Hub's format
+with the right metadata; names that are neither a directory nor a reachable repository get a clear error.
+
+The Hub itself is out of reach here: `HfApi` is replaced by a small in-memory hub that applies the commit
+operations our code builds, and what it holds is laid out as a download leaves it in the hub cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from flamingo import load_pretrained, push_to_hub
+from flamingo.cli import main
+from flamingo.hub import push_directory
+from flamingo.tiny import random_image, tiny_flamingo, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision
+
+from helpers import hub_cache_entry
+
+PROMPT = "<image>A photo of a cat.<|endofchunk|><image>two"
+
+
+class FakeHub:
+    """The part of `huggingface_hub.HfApi` a push uses, over an in-memory store {repo: {branch: {path: bytes}}}."""
+
+    repos: dict[str, dict[str, dict[str, bytes]]] = {}
+    commits: list[tuple[str, str, list[str]]] = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **_):
+        if repo_id in self.repos and not exist_ok:
+            raise RuntimeError("exists")
+        self.repos.setdefault(repo_id, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **_):
+        self.repos[repo_id].setdefault(branch, dict(self.repos[repo_id]["main"]))
+
+    def list_repo_files(self, repo_id, revision=None, **_):
+        return sorted(self.repos[repo_id][revision or "main"])
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None, **_):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        files = self.repos[repo_id][revision or "main"]
+        for op in operations:
+            if isinstance(op, CommitOperationAdd):
+                source = op.path_or_fileobj
+                files[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+            else:
+                assert isinstance(op, CommitOperationDelete)
+                del files[op.path_in_repo]
+        self.commits.append((repo_id, commit_message, [op.path_in_repo for op in operations]))
+
+        class Info:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/{len(self.commits):040x}"
+        return Info()
+
+    @classmethod
+    def to_cache(cls, repo_id: str, cache: Path, scratch: Path, branch: str = "main", commit: str = "1" * 40):
+        """The repository's branch as a download leaves it in the hub cache."""
+        folder = scratch / f"{repo_id.replace('/', '--')}-{branch}"
+        for path, data in cls.repos[repo_id][branch].items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(data)
+        hub_cache_entry(cache, repo_id, folder, revision=branch, commit=commit)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHub.repos, FakeHub.commits = {}, []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    return FakeHub
+
+
+def _gated_model(seed: int = 0, gates: float = 0.5, **kwargs):
+    return tiny_flamingo(gates=gates, seed=seed, **kwargs)
+
+
+def _logits(model, processor) -> torch.Tensor:
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _load_offline(tmp_path: Path, cache: Path, calls: list[dict]) -> list:
+    """Run `load_pretrained(name, revision=)` per call in a fresh process with only the hub cache (no network);
+    each returns its logits on PROMPT (or its error)."""
+    out = tmp_path / "offline.json"
+    code = f"""
+import json, torch
+from flamingo import load_pretrained
+from flamingo.tiny import random_image
+results = []
+for call in {calls!r}:
+    try:
+        model, processor = load_pretrained(call["name"], revision=call.get("revision"))
+    except FileNotFoundError as e:
+        results.append({{"error": str(e)}})
+        continue
+    batch = processor({PROMPT!r}, images=[random_image(0), random_image(1)])
+    with torch.no_grad():
+        results.append({{"logits": model(**batch).logits.tolist()}})
+json.dump(results, open({str(out)!r}, "w"))
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [r if "error" in r else torch.tensor(r["logits"]) for r in json.loads(out.read_text())]
+
+
+def test_a_pushed_model_loads_by_its_hub_name_with_the_same_logits_at_each_branch(tmp_path, hub):
+    model, processor = _gated_model(seed=0)
+    other, _ = _gated_model(seed=1, gates=-0.7)
+    url = push_to_hub(model, "someone/tiny-flamingo", processor=processor)
+    assert url.startswith("https://huggingface.co/someone/tiny-flamingo/commit/")
+    push_to_hub(other, "someone/tiny-flamingo", processor=processor, revision="v2", commit_message="gates -0.7")
+    files = hub.repos["someone/tiny-flamingo"]["main"]
+    assert {"flamingo.safetensors", "flamingo_config.json", "flamingo_processor.json", "README.md",
+            "lm/config.json", "vision/config.json"} <= set(files)
+    assert hub.commits[-1][1] == "gates -0.7" and "someone/tiny-flamingo" in hub.repos
+
+    cache = tmp_path / "hf" / "hub"
+    hub.to_cache("someone/tiny-flamingo", cache, tmp_path / "scratch")
+    hub.to_cache("someone/tiny-flamingo", cache, tmp_path / "scratch", branch="v2", commit="2" * 40)
+    main_logits, v2_logits, absent, path = _load_offline(tmp_path, cache, [
+        {"name": "someone/tiny-flamingo"}, {"name": "someone/tiny-flamingo", "revision": "v2"},
+        {"name": "nobody/absent-flamingo"}, {"name": str(tmp_path / "no" / "such" / "dir")}])
+    assert torch.allclose(main_logits, _logits(model, processor), atol=1e-5, rtol=0)
+    assert torch.allclose(v2_logits, _logits(other, processor), atol=1e-5, rtol=0)
+    assert not torch.allclose(main_logits, v2_logits, atol=1e-3)
+    assert "nobody/absent-flamingo" in absent["error"] and "could not be read" in absent["error"]
+    assert "directory not found" in path["error"]
+
+
+def test_a_trained_only_push_loads_its_backbones_by_their_hub_names_and_drops_stale_ones(tmp_path, hub):
+    model, processor = _gated_model(seed=0)
+    push_to_hub(model, "someone/tiny-flamingo", processor=processor)  # full, with vision/ and lm/
+    cache = tmp_path / "hf" / "hub"
+    for name, backbone in (("someone/tiny-clip", model.vision), ("someone/tiny-llama", model.lm)):
+        backbone.save_pretrained(tmp_path / name)
+        hub_cache_entry(cache, name, tmp_path / name)
+    tiny_image_processor("clip").save_pretrained(tmp_path / "someone/tiny-clip")
+    model.config.vision_name_or_path, model.config.lm_name_or_path = "someone/tiny-clip", "someone/tiny-llama"
+    push_to_hub(model, "someone/tiny-flamingo", processor=processor, trained_only=True)
+
+    files = hub.repos["someone/tiny-flamingo"]["main"]
+    assert not any(p.startswith(("vision/", "lm/")) for p in files), sorted(files)  # removed in the same commit
+    card = ModelCard(files["README.md"].decode())
+    assert "trained tensors only" not in card.text  # a card already there is kept: the full push's
+    push_to_hub(model, "someone/tiny-flamingo", processor=processor, trained_only=True, replace_card=True)
+    card = ModelCard(hub.repos["someone/tiny-flamingo"]["main"]["README.md"].decode())
+    assert "trained tensors only" in card.text
+    assert card.data.base_model == ["someone/tiny-clip", "someone/tiny-llama"]
+
+    hub.to_cache("someone/tiny-flamingo", cache, tmp_path / "scratch")
+    (logits,) = _load_offline(tmp_path, cache, [{"name": "someone/tiny-flamingo"}])
+    assert torch.allclose(logits, _logits(model, processor), atol=1e-5, rtol=0)
+
+
+def test_the_card_has_the_hubs_metadata_and_counts_what_trained(tmp_path):
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "my-flamingo"), processor=processor)
+    card = ModelCard((tmp_path / "my-flamingo" / "README.md").read_text())
+    assert card.data.library_name == "flamingo" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.base_model is None  # built from objects: no hub names to link
+    trained = sum(p.numel() for p in model.trainable_parameters().values())
+    assert f"| parameters stored beside the backbones | {trained:,}:" in card.text
+    layers = ", ".join(map(str, model.xattn_layer_indices))
+    assert f"before {len(model.xattn_layer_indices)} of the LM's {model.lm.config.num_hidden_layers} layers " \
+           f"({layers})" in card.text
+    assert 'load_pretrained("my-flamingo")' in card.text and "full: the backbones are in" in card.text
+
+    vision, tokenizer = tiny_vision("clip"), tiny_tokenizer()
+    lm = tiny_lm("llama", vocab_size=len(tokenizer))
+    vision.save_pretrained(tmp_path / "v")
+    lm.save_pretrained(tmp_path / "l")
+    from flamingo import FlamingoConfig, from_backbones
+
+    model, _ = from_backbones(str(tmp_path / "v"), str(tmp_path / "l"), tokenizer,
+                              FlamingoConfig(num_latents=4, resampler_depth=1, xattn_every=2, num_image_references=3),
+                              image_processor=tiny_image_processor("clip"))
+    model.save_pretrained(str(tmp_path / "refs"), trained_only=True)  # local paths, no processor
+    card = ModelCard((tmp_path / "refs" / "README.md").read_text())
+    assert card.data.base_model is None  # local paths are not hub names
+    assert "trained tensors only" in card.text and "`<image0>` ... `<image2>`" in card.text
+    assert "every 2nd layer" in card.text and "Flamingo.from_pretrained(" in card.text
+
+
+def test_push_command_and_clear_errors(tmp_path, hub, capsys):
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    card = tmp_path / "m" / "README.md"
+    assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m"]) == 0
+    assert "someone/m" in capsys.readouterr().out
+    pushed = hub.repos["someone/m"]["main"]
+    assert 'load_pretrained("someone/m")' in pushed["README.md"].decode()  # renamed for the repository
+    assert pushed["flamingo.safetensors"] == (tmp_path / "m" / "flamingo.safetensors").read_bytes()
+
+    card.write_text(card.read_text() + "\nTrained on my photos.\n")  # edited by hand: pushed as it is
+    push_directory(str(tmp_path / "m"), "someone/m", replace_card=True)
+    assert hub.repos["someone/m"]["main"]["README.md"].decode() == card.read_text()
+
+    assert main(["push", "--model", str(tmp_path / "m"), "--repo", "not a repo"]) == 2
+    assert main(["push", "--model", str(tmp_path), "--repo", "someone/m"]) == 2
+    err = capsys.readouterr().err
+    assert "not a Hub repository name" in err and "not a directory written by save_pretrained" in err
+    with pytest.raises(ValueError, match="a directory is pushed as saved"):
+        push_to_hub(str(tmp_path / "m"), "someone/m", trained_only=True)
+    with pytest.raises(FileNotFoundError, match="directory not found"):
+        load_pretrained("../no/such/model")
+
+
+def test_a_server_of_a_hub_model_names_it_by_its_repository(tmp_path):
+    pytest.importorskip("fastapi")
+    from flamingo.serve.server import settings_for
+
+    assert settings_for("someone/tiny-flamingo").model_name == "someone/tiny-flamingo"
+    (tmp_path / "runs" / "final").mkdir(parents=True)
+    assert settings_for(str(tmp_path / "runs" / "final")).model_name == "final"
+    assert settings_for("someone/tiny-flamingo", model_name="x").model_name == "x"

@@ -128,8 +128,8 @@ class Flamingo(nn.Module):
                 raise ValueError("config.num_image_references > 0 needs config.first_reference_token_id")
             self.references = (config.first_reference_token_id, config.num_image_references)
         # Decoding keeps every image's K/V per row (not only the last) when a row's image can change after its
-        # prompt (references) or every earlier image is seen.
-        self._decode_all_images = self.references is not None or not config.only_attend_last_image
+        # prompt (references) or every earlier image is seen (read by generation and the server's prefill too).
+        self.decodes_all_images = self.references is not None or not config.only_attend_last_image
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
         self._head_is_last: Optional[bool] = None  # whether the LM returns its head's output as is (probed likewise)
 
@@ -187,7 +187,7 @@ class Flamingo(nn.Module):
                 images = (input_ids == self.config.media_token_id).sum(dim=1)  # (rows,)
                 ctx.media_count = images if ctx.media_count is None else ctx.media_count + images
             if ctx.phase is Phase.PREFILL:  # made here, eagerly, so that compiled decode steps only read them
-                if self._decode_all_images:  # (rows, 1): the image each row sees
+                if self.decodes_all_images:  # (rows, 1): the image each row sees
                     ctx.decode_index = ctx.last_media_index.clone()[:, None]
                     ctx.decode_count = None if ctx.media_count is None else ctx.media_count.clone()[:, None]
                 else:  # (rows, 1): 1 = has an image
@@ -253,10 +253,10 @@ class Flamingo(nn.Module):
         block = self.xattn[block_idx]
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
             # on (or, keeping only the last image, recompile for) the prompt's number of images
-            kv = ctx.media_kv.get(("all" if self._decode_all_images else "last", block_idx, hidden.shape[0])) \
+            kv = ctx.media_kv.get(("all" if self.decodes_all_images else "last", block_idx, hidden.shape[0])) \
                 if ctx.decode_kv is None else (ctx.decode_kv[block_idx] if ctx.decode_kv else None)
             index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
-            impl = "gather" if self._decode_all_images and self.config.only_attend_last_image else "reference"
+            impl = "gather" if self.decodes_all_images and self.config.only_attend_last_image else "reference"
             hidden = block(hidden, kv, index, impl)
         elif ctx.visual is None:  # text only: the attention term is exactly zero
             hidden = block(hidden, None, None)
@@ -269,7 +269,7 @@ class Flamingo(nn.Module):
             impl = choose_impl(ctx.impl, hidden.shape[1], kv.k.shape[1], only_last, hidden.device)
             mask = ctx.flex_mask(kv.k.shape[1], kv.k.shape[2], only_last) if impl == "flex" else None
             hidden = block(hidden, kv, ctx.media_index, impl, mask)
-            if ctx.phase is Phase.PREFILL and self._decode_all_images:  # for the decode steps, made eagerly
+            if ctx.phase is Phase.PREFILL and self.decodes_all_images:  # for the decode steps, made eagerly
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
             elif ctx.phase is Phase.PREFILL:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])

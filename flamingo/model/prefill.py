@@ -35,12 +35,6 @@ if TYPE_CHECKING:  # annotations only
     from .flamingo import Flamingo
 
 
-def decodes_all_images(model: Flamingo) -> bool:
-    """Whether a row's decode steps read all its images' K/V (reference tokens, or attention to every earlier
-    image) rather than the last image's only (the model's own choice, made in `Flamingo.__init__`)."""
-    return model.references is not None or not model.config.only_attend_last_image
-
-
 @dataclass
 class PrefilledRow:
     """What a prompt's prefill leaves for its decode steps."""
@@ -227,7 +221,7 @@ class Prefill:
             return None
         kvs = []
         for j, block in enumerate(model.xattn):
-            if decodes_all_images(model):
+            if model.decodes_all_images:
                 kvs.append(ctx.kv_for(j, block, 1))  # (1, N, R, h, d)
             else:  # the memo made by an earlier chunk may hold an earlier image: take the prompt's last one
                 ctx.media_kv.pop(("last", j, 1), None)

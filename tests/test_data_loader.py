@@ -222,3 +222,14 @@ def test_open_tar_shards_are_capped_and_the_evicted_shard_is_closed(tmp_path):
     assert open_shard(shards[-1]) is opened[-1]  # an open shard is reused, not indexed again
     reopened = open_shard(shards[0])
     assert reopened is not opened[0] and not reopened._file.closed and opened[1]._file.closed
+
+
+def test_a_shuffle_buffer_holding_more_shards_than_stay_open_loses_no_sample(tmp_path, processor):
+    """Records wait in the buffer while later shards open and close earlier ones: a closed shard opens again."""
+    data = make_pair_shards(str(tmp_path), 12, 1)  # 12 shards of one sample, 3x the shards kept open
+    src = build_source(DatasetSection("p", "pairs", data["path"], 1, options={"shuffle_buffer": 1000}), processor)
+    batches = _epoch(src)
+    assert src.skipped == {} and sorted(_keys(batches)) == sorted(f"shard-{i:06d}.tar:s{i:05d}" for i in range(12))
+    from flamingo.data.sources import _OPEN_SHARDS
+
+    assert len(_OPEN_SHARDS) <= 4 and all(not s._file.closed for s in _OPEN_SHARDS._items.values())

@@ -82,10 +82,27 @@ class TarShard:
     by_name: dict[str, tarfile.TarInfo]
     error: Optional[str] = None  # set when the shard could not be read to its end
     _file: Any = field(default=None, repr=False)
+    _pid: int = field(default_factory=os.getpid, repr=False)  # the process whose file `_file` is
+
+    def _open_file(self) -> Any:
+        """The shard's open file in this process. Records wait in a shuffle buffer longer than their shard stays
+        open (at most `_MAX_OPEN_SHARDS` are), so a closed one opens again (its index still holds) and counts
+        among the open shards; a shard open under the same path lends its file."""
+        key = (os.getpid(), self.path)
+        if self._file is not None and not self._file.closed and self._pid == key[0]:
+            return self._file
+        current = _OPEN_SHARDS.get(key)
+        if current is not None:  # open (the store closes only what it evicts)
+            self._file = current._file
+        else:
+            self._file = tarfile.open(self.path, "r:*")
+            _OPEN_SHARDS.put(key, self)
+        self._pid = key[0]
+        return self._file
 
     def read(self, member: tarfile.TarInfo) -> bytes:
         try:
-            f = self._file.extractfile(member)
+            f = self._open_file().extractfile(member)
             data = f.read() if f is not None else None
         except Exception as e:  # a truncated shard fails here
             raise SkipSample("bad_shard", f"cannot read {member.name!r} from {self.path!r}: {e}") from e

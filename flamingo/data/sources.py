@@ -23,6 +23,7 @@ from PIL import Image
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
+from .remote import FetchError, ShardFetcher, default_fetcher, is_remote
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".json")
@@ -52,10 +53,18 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def expand_path(path: str) -> list[str]:
-    """A file, a brace pattern, a glob, or a directory (its data files, sorted) -> the list of data files."""
+    """A file, a brace pattern, a glob, or a directory (its data files, sorted) -> the list of data files. Remote
+    tar shards (`https://`, `hf://datasets/...`, `pipe:`; data/remote.py) are listed by name or brace pattern and
+    fetched when read."""
     files: list[str] = []
-    for name in _expand_braces(os.path.expanduser(str(path))):
-        if os.path.isdir(name):
+    remote = is_remote(str(path))
+    for name in _expand_braces(str(path) if remote else os.path.expanduser(str(path))):
+        if remote:
+            if not (name.startswith("pipe:") or is_tar(name.split("?", 1)[0])):
+                raise ValueError(f"remote data must be tar shards (.tar, .tar.gz, .tgz), whose media travel with "
+                                 f"them: {name!r}")
+            files.append(name)
+        elif os.path.isdir(name):
             inside = sorted(os.path.join(name, f) for f in os.listdir(name)
                             if f.lower().endswith(TAR_SUFFIXES + TABLE_SUFFIXES))
             if not inside:
@@ -185,13 +194,23 @@ class RawRecord:
         return os.path.dirname(os.path.abspath(self.file))
 
 
-def read_records(path: str, tar_needs: Optional[str] = None) -> Iterator[RawRecord]:
+def read_records(path: str, tar_needs: Optional[str] = None,
+                 fetcher: Optional[ShardFetcher] = None) -> Iterator[RawRecord]:
     """The raw records of one data file, in file order. `tar_needs`: keep only tar groups with that member extension
-    (interleaved shards: `json`, the documents; their images are separate members found by name)."""
-    name = os.path.basename(path)
+    (interleaved shards: `json`, the documents; their images are separate members found by name). A remote shard is
+    fetched first (by `fetcher`, else into the default cache); one that cannot be fetched is skipped with a
+    warning, like a shard unreadable from its start."""
+    name = os.path.basename(path.split("?", 1)[0].rstrip(" -"))
     low = path.lower()
-    if is_tar(path):
-        shard = open_shard(path)
+    if is_remote(path) or is_tar(path):
+        local = path
+        if is_remote(path):
+            try:
+                local = (fetcher or default_fetcher()).fetch(path)
+            except FetchError as e:
+                warnings.warn(f"remote shard could not be fetched ({e}): its samples are skipped", stacklevel=2)
+                return
+        shard = open_shard(local)
         for key, members in shard.groups:
             if tar_needs is None or tar_needs in members:
                 yield RawRecord(f"{name}:{key}", path, members, shard)

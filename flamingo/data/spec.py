@@ -9,6 +9,7 @@ from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
 from .interleaved import interleaved_example
 from .pairs import pair_example
+from .remote import DEFAULT_CACHE_GB, ShardFetcher, default_cache_dir, is_remote
 from .sequence import Encoded, Example, encode_example
 from .sources import RawRecord, expand_path
 
@@ -25,6 +26,8 @@ COMMON_OPTIONS: dict[str, Any] = {
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
     "cache_media_mb": 0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
     "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
+    "remote_cache_dir": None,  # where remote shards are fetched to (data/remote.py); None: ~/.cache/flamingo/shards
+    "remote_cache_gb": DEFAULT_CACHE_GB,  # the most GiB of fetched shards kept there (least recently used leave)
 }
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
@@ -51,6 +54,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError("pack_tokens needs padding_side 'right' (packed rows are right-padded)")
     if float(resolved["cache_media_mb"]) < 0:
         raise ValueError(f"cache_media_mb must be >= 0 (0: off), got {resolved['cache_media_mb']}")
+    if float(resolved["remote_cache_gb"]) <= 0:
+        raise ValueError(f"remote_cache_gb must be > 0, got {resolved['remote_cache_gb']}")
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {resolved['max_bad_fraction']}")
     return resolved
@@ -67,6 +72,7 @@ class DatasetSpec:
     options: dict[str, Any]
     processor: Optional[FlamingoProcessor]  # None: inspect without a tokenizer (no tokens, no pixels)
     media_cache: Optional[TensorCache] = None  # options.cache_media_mb > 0; pickles empty (one per worker process)
+    fetcher: Optional[ShardFetcher] = None  # remote shards' cache (options.remote_cache_*); None: no remote files
 
     @classmethod
     def create(cls, name: str, kind: str, path: str, batch_size: int, options: Optional[dict[str, Any]],
@@ -77,7 +83,12 @@ class DatasetSpec:
         if kind == "video" and resolved["max_frames"] is None:
             resolved["max_frames"] = processor.max_frames if processor is not None else 8
         cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
-        return cls(name, kind, expand_path(path), batch_size, resolved, processor, cache)
+        files = expand_path(path)
+        fetcher = None
+        if any(is_remote(f) for f in files):
+            fetcher = ShardFetcher(resolved["remote_cache_dir"] or default_cache_dir(),
+                                   int(float(resolved["remote_cache_gb"]) * 2**30))
+        return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher)
 
     @property
     def eos(self) -> str:

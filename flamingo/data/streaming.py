@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from .errors import BadFractionGuard, SkipSample
+from .remote import ShardFetcher, is_remote
 from .sequence import collate
 from .sources import RawRecord, read_records
 from .spec import DatasetSpec
@@ -27,24 +28,33 @@ def epoch_rng(seed: int, epoch: int, stream: Optional[int] = None) -> random.Ran
     return random.Random(f"flamingo-data/{seed}/{epoch}/{'files' if stream is None else stream}")
 
 
+def _read_in_turn(paths: list[str], tar_needs: Optional[str], fetcher: Optional[ShardFetcher]
+                  ) -> Iterator[RawRecord]:
+    """The records of `paths` in order; while one is read, the next remote shard is fetched in the background."""
+    for i, path in enumerate(paths):
+        if fetcher is not None and i + 1 < len(paths) and is_remote(paths[i + 1]):
+            fetcher.prefetch(paths[i + 1])
+        yield from read_records(path, tar_needs, fetcher)
+
+
 def stream_records(files: list[str], *, epoch: int, seed: int, stream: int, num_streams: int,
-                   shuffle: bool = True, tar_needs: Optional[str] = None) -> Iterator[RawRecord]:
-    """The raw records of global stream `stream` of `num_streams` in this epoch, before the shuffle buffer."""
+                   shuffle: bool = True, tar_needs: Optional[str] = None,
+                   fetcher: Optional[ShardFetcher] = None) -> Iterator[RawRecord]:
+    """The raw records of global stream `stream` of `num_streams` in this epoch, before the shuffle buffer.
+    `fetcher`: where remote shards are fetched to (data/remote.py)."""
     if not 0 <= stream < num_streams:
         raise ValueError(f"stream {stream} out of range for {num_streams} streams")
     order = list(files)
     if shuffle:
         epoch_rng(seed, epoch).shuffle(order)
     if len(order) >= num_streams:
-        for path in order[stream::num_streams]:
-            yield from read_records(path, tar_needs)
+        yield from _read_in_turn(order[stream::num_streams], tar_needs, fetcher)
         return
     index = 0
-    for path in order:
-        for record in read_records(path, tar_needs):
-            if index % num_streams == stream:
-                yield record
-            index += 1
+    for record in _read_in_turn(order, tar_needs, fetcher):
+        if index % num_streams == stream:
+            yield record
+        index += 1
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -81,7 +91,8 @@ def iterate_stream(spec: DatasetSpec, *, epoch: int, seed: int, stream: int, loc
     """Batches of one global stream, resuming after `start` raw records; ends with an end marker (batch None)."""
     o = spec.options
     records = stream_records(spec.files, epoch=epoch, seed=seed, stream=stream, num_streams=num_streams,
-                             shuffle=bool(o["shuffle"]), tar_needs="json" if spec.kind == "interleaved" else None)
+                             shuffle=bool(o["shuffle"]), tar_needs="json" if spec.kind == "interleaved" else None,
+                             fetcher=spec.fetcher)
     if o["shuffle"]:
         records = shuffle_buffer(records, int(o["shuffle_buffer"]), epoch_rng(seed, epoch, stream))
     counts: Counter[str] = Counter(skipped or {})

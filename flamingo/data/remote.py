@@ -1,0 +1,162 @@
+"""Remote tar shards: named by URL (`https://...`, `http://...`), on the Hugging Face Hub
+(`hf://datasets/org/name/path/shard-000.tar`, or `hf://datasets/org/name@revision/...`), or by a command whose output
+is the shard (WebDataset's `pipe:`, e.g. `pipe:aws s3 cp s3://bucket/shard-000.tar -`). A shard is fetched whole into
+a local cache bounded in bytes, then read like a local one (its member index, random access, exact resume). The
+shard a stream reads next is fetched in the background while it reads the current one.
+
+The cache holds the least recently used shards up to `max_bytes` (shared by the processes that use one directory);
+it should hold at least two shards per DataLoader worker, or a prefetched shard may be evicted before it is read and
+fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
+_HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
+_LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
+_LOCKS_GUARD = threading.Lock()
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_PREFIXES)
+
+
+DEFAULT_CACHE_GB = 20.0
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flamingo", "shards")
+
+
+def default_fetcher() -> "ShardFetcher":
+    """The fetcher of a dataset whose options name no cache: `~/.cache/flamingo/shards`, `DEFAULT_CACHE_GB`."""
+    return ShardFetcher(default_cache_dir(), int(DEFAULT_CACHE_GB * 2**30))
+
+
+def hub_url(path: str) -> tuple[str, dict[str, str]]:
+    """`hf://datasets/org/name[@revision]/file` -> its download URL on the Hub (`HF_ENDPOINT`) and the headers that
+    carry the user's token (`huggingface-cli login` or `HF_TOKEN`), when there is one."""
+    m = _HF_PATH.match(path)
+    if m is None:
+        raise ValueError(f"{path!r}: a Hub shard is hf://datasets/ORG/NAME[@REVISION]/PATH")
+    from huggingface_hub import constants, get_token
+
+    repo, revision, file = m.group(1), m.group(2) or "main", m.group(3)
+    url = (f"{constants.ENDPOINT}/datasets/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
+           f"{urllib.parse.quote(file)}")
+    token = get_token()
+    return url, ({"authorization": f"Bearer {token}"} if token else {})
+
+
+class FetchError(Exception):
+    """A shard that could not be fetched (after retries)."""
+
+
+@dataclass(frozen=True)
+class ShardFetcher:
+    """Fetches remote shards into `cache_dir`, keeping at most `max_bytes` there. Picklable (sent to workers)."""
+
+    cache_dir: str
+    max_bytes: int
+    retries: int = 3  # attempts per shard, with 1 s, 2 s, ... between them
+    timeout: float = 60.0  # seconds without data before an HTTP attempt fails
+
+    def local_path(self, source: str) -> str:
+        """Where `source` is cached: a name from its digest (distinct sources never collide) and its basename."""
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        tail = re.sub(r"[^\w.-]", "_", source.rstrip(" -").rsplit("/", 1)[-1])[-60:]
+        return os.path.join(self.cache_dir, f"{digest}-{tail}")
+
+    def fetch(self, source: str) -> str:
+        """The local path of the shard `source`, fetched now unless cached (then marked as just used). Raises
+        FetchError with the last failure when every attempt fails."""
+        path = self.local_path(source)
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(source, threading.Lock())
+        with lock:
+            if os.path.isfile(path):
+                os.utime(path)
+                return path
+            os.makedirs(self.cache_dir, exist_ok=True)
+            error: Optional[Exception] = None
+            for attempt in range(max(1, self.retries)):
+                if attempt:
+                    time.sleep(attempt)
+                part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+                try:
+                    self._download(source, part)
+                    os.replace(part, path)  # atomic: readers see a whole shard or none
+                    error = None
+                    break
+                except (OSError, http.client.HTTPException, subprocess.SubprocessError, ValueError) as e:
+                    error = e
+                    if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
+                        break  # the request itself is wrong (missing, forbidden): another attempt fails alike
+                finally:
+                    if os.path.exists(part):
+                        os.remove(part)
+            if error is not None:
+                raise FetchError(f"{source}: {type(error).__name__}: {error}")
+        self._evict(keep=path)
+        return path
+
+    def prefetch(self, source: str) -> None:
+        """Fetch `source` in a background thread (a failure is left for the read to report)."""
+        def run() -> None:
+            try:
+                self.fetch(source)
+            except FetchError:
+                pass
+
+        threading.Thread(target=run, name="flamingo-shard-prefetch", daemon=True).start()
+
+    def _download(self, source: str, part: str) -> None:
+        if source.startswith("pipe:"):
+            with open(part, "wb") as out:
+                run = subprocess.run(source[len("pipe:"):], shell=True, stdout=out, stderr=subprocess.PIPE)
+            if run.returncode != 0:
+                raise subprocess.SubprocessError(f"exit status {run.returncode}: "
+                                                 f"{run.stderr.decode(errors='replace').strip()[-300:]}")
+            return
+        url, headers = hub_url(source) if source.startswith("hf://") else (source, {})
+        request = urllib.request.Request(url, headers={"user-agent": "flamingo", **headers})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+            expected = response.headers.get("content-length")
+        if expected is not None and os.path.getsize(part) != int(expected):
+            raise OSError(f"got {os.path.getsize(part)} of {expected} bytes")
+
+    def _evict(self, keep: str) -> None:
+        """Remove the least recently used shards until the cache fits `max_bytes` (never `keep`; files other
+        processes are still writing are not shards yet; a removed shard stays readable by whoever has it open)."""
+        try:
+            entries = [e for e in os.scandir(self.cache_dir) if e.is_file() and ".part-" not in e.name]
+            stats = sorted(((e.stat().st_mtime, e.stat().st_size, e.path) for e in entries))
+        except FileNotFoundError:  # another process emptied it
+            return
+        total = sum(size for _, size, _ in stats)
+        for _, size, path in stats:
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            try:
+                os.remove(path)
+                total -= size
+            except FileNotFoundError:  # removed by another process
+                total -= size

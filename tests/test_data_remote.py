@@ -1,0 +1,149 @@
+"""Remote shards (data/remote.py): tar shards named by URL, `hf://datasets/...` or `pipe:` give the batches their local
+copies give, across workers and after a resume; the shard cache stays within its budget; a shard that cannot be
+fetched is skipped with a warning and the others still read. A local HTTP server stands in for the remote store
+(it also serves the Hub's `resolve` paths, with `HF_ENDPOINT` pointing at it)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+from flamingo.data import build_source
+from flamingo.data.fixtures import make_interleaved, make_pair_shards, tiny_processor
+from flamingo.data.remote import ShardFetcher, hub_url
+from flamingo.data.sources import expand_path
+from flamingo.train.config import DatasetSection
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+        _Handler.requests.append(self.path)
+        if self.path.startswith("/datasets/someone/shards/resolve/main/"):  # the Hub's download path
+            self.path = "/" + self.path.rsplit("/", 1)[-1]
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "remote"
+    root.mkdir()
+    handler = functools.partial(_Handler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    _Handler.requests = []
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def _batches(section: DatasetSection, processor, **kwargs):
+    source = build_source(section, processor, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(source), source
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x["keys"] == y["keys"] and all(torch.equal(x[k], y[k]) for k in x if isinstance(x[k], torch.Tensor))
+        for x, y in zip(a, b))
+
+
+def test_shards_by_url_give_the_local_batches_in_workers_and_after_a_resume(tmp_path, server, processor):
+    root, url = server
+    data = make_pair_shards(str(root), 12, 3)  # 4 shards
+    cache = str(tmp_path / "cache")
+    options = {"remote_cache_dir": cache, "shuffle_buffer": 8}
+    remote = f"{url}/shard-{{000000..000003}}.tar"
+    local, _ = _batches(DatasetSection("p", "pairs", data["path"], 2, options=options), processor)
+    fetched, source = _batches(DatasetSection("p", "pairs", remote, 2, options=options), processor)
+    assert _same(fetched, local) and len(local) == 6
+    assert sorted(_Handler.requests) == [f"/shard-{i:06d}.tar" for i in range(4)]  # each fetched once
+    assert len(os.listdir(cache)) == 4  # into the configured cache
+    again, _ = _batches(DatasetSection("p", "pairs", remote, 2, options=options), processor)
+    assert _same(again, local) and len(_Handler.requests) == 4  # from the cache
+
+    shutil.rmtree(cache)
+    workers, _ = _batches(DatasetSection("p", "pairs", remote, 2, options=options), processor, num_workers=2)
+    local_workers, _ = _batches(DatasetSection("p", "pairs", data["path"], 2, options=options), processor,
+                                num_workers=2)
+    assert _same(workers, local_workers)
+
+    resumed = build_source(DatasetSection("p", "pairs", remote, 2, options=options), processor)
+    it = iter(resumed)
+    first = [next(it) for _ in range(2)]
+    state = resumed.state_dict()
+    resumed = build_source(DatasetSection("p", "pairs", remote, 2, options=options), processor)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _same(first + list(resumed), local)
+
+
+def test_hub_and_pipe_shards_and_interleaved_documents(tmp_path, server, processor, monkeypatch):
+    root, url = server
+    docs = make_interleaved(str(tmp_path / "docs"), 6, bad=False, tar_shards=2)
+    for path in docs["files"]:
+        shutil.copy(path, root / os.path.basename(path))
+    names = sorted(os.listdir(root))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    options = {"remote_cache_dir": str(tmp_path / "cache"), "shuffle": False}
+    local, _ = _batches(DatasetSection("d", "interleaved", docs["path"], 1, options=options), processor)
+    hub = "hf://datasets/someone/shards/{" + ",".join(names) + "}"
+    fetched, _ = _batches(DatasetSection("d", "interleaved", hub, 1, options=options), processor)
+    assert _same(fetched, local) and len(local) > 0
+    assert all(r.startswith("/datasets/someone/shards/resolve/main/") for r in _Handler.requests)
+
+    copy = (f"{sys.executable} -c \"import shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), "
+            f"sys.stdout.buffer)\"")
+    pipe = "pipe:" + copy + " " + str(root) + "/{" + ",".join(names) + "}"
+    piped, _ = _batches(DatasetSection("d", "interleaved", pipe, 1, options={**options, "remote_cache_dir":
+                                                                             str(tmp_path / "cache2")}), processor)
+    assert _same(piped, local)
+
+    assert hub_url("hf://datasets/org/name@v1.0/sub/shard 1.tar")[0] == \
+        f"{url}/datasets/org/name/resolve/v1.0/sub/shard%201.tar"
+    with pytest.raises(ValueError, match="hf://datasets/ORG/NAME"):
+        hub_url("hf://models/org/name/x.tar")
+
+
+def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_budget(tmp_path, server, processor):
+    root, url = server
+    make_pair_shards(str(root), 12, 3)  # 4 shards of ~same size
+    size = os.path.getsize(root / "shard-000000.tar")
+    cache = tmp_path / "cache"
+    options = {"remote_cache_dir": str(cache), "remote_cache_gb": 2.5 * size / 2**30, "shuffle": False}
+    section = DatasetSection("p", "pairs", f"{url}/shard-{{000000..000004}}.tar", 1, options=options)  # 4 exists
+    source = build_source(section, processor)
+    with pytest.warns(UserWarning, match=r"shard-000004\.tar: HTTPError.*404.*its samples are skipped"):
+        batches = list(source)
+    assert len(batches) == 12
+    assert 1 <= len(os.listdir(cache)) <= 2  # the least recently used shards left
+    assert sum(os.path.getsize(cache / f) for f in os.listdir(cache)) <= 2.5 * size
+    fetcher = ShardFetcher(str(cache), 10 * size, retries=2)
+    assert _Handler.requests.count("/shard-000004.tar") == 2  # the prefetch's and the read's: a 404 is not retried
+    with pytest.raises(Exception, match="404"):
+        fetcher.fetch(f"{url}/shard-000004.tar")
+    with pytest.raises(ValueError, match="remote data must be tar shards"):
+        expand_path(f"{url}/pairs.jsonl")

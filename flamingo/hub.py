@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any, Optional, Union
 
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, model_card
 from .model.flamingo import Flamingo
 from .runtime.hub import is_hub_name
@@ -44,6 +44,12 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
             raise ValueError(f"{directory!r} holds no {name}: not a directory written by save_pretrained")
+    config = FlamingoConfig.load(directory)
+    for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
+        if not os.path.isdir(os.path.join(directory, part)) and not is_hub_name(str(ref)):
+            raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
+                             f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
+                             "trained_only), or build the model from the backbones' Hub names")
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)

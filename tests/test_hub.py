@@ -216,6 +216,10 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     assert main(["push", "--model", str(tmp_path), "--repo", "someone/m"]) == 2
     err = capsys.readouterr().err
     assert "not a Hub repository name" in err and "not a directory written by save_pretrained" in err
+    assert len(hub.commits) == 2  # nothing pushed by the refusals
+    with pytest.raises(ValueError, match="lm backbone is the local path"):
+        model.config.vision_name_or_path, model.config.lm_name_or_path = "someone/clip", str(tmp_path / "my-llama")
+        push_to_hub(model, "someone/m", processor=processor, trained_only=True)
     with pytest.raises(ValueError, match="a directory is pushed as saved"):
         push_to_hub(str(tmp_path / "m"), "someone/m", trained_only=True)
     with pytest.raises(FileNotFoundError, match="directory not found"):

@@ -189,8 +189,48 @@ def make_video_captioning(root: Path) -> Path:
     return root
 
 
+def make_videoqa_mc(root: Path) -> Path:
+    """3 train and 3 test questions on 2-frame videos, 3 options each; answers by index or by text; two types."""
+    for split, ids in (("train", range(3)), ("test", range(10, 13))):
+        rows = []
+        for i in ids:
+            options = [WORDS[(i + j) % len(WORDS)] for j in range(3)]
+            rows.append({"id": i, "video": _video(root, f"videos/{i}.mp4", i), "question": "what moves?",
+                         "options": options, "answer": i % 3 if i % 2 else options[i % 3],
+                         "type": "interaction" if i % 2 else "sequence"})
+        write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def make_visdial(root: Path, dense: bool = True) -> Path:
+    """VisDial v1.0 files: 4 train and 3 val dialogs of 3 rounds with 5 answer options each, images named by id the
+    way VisDial's are; dense relevance for 2 of the val dialogs (the evaluated rounds), when `dense`."""
+    questions = [f"is it {w}" for w in WORDS]
+    answers = [f"{a} {w}" for a in ("yes", "no") for w in WORDS]
+    for split, ids, prefix in (("train", range(4), "COCO_train2014"), ("val", range(10, 13), "VisualDialog_val2018")):
+        dialogs = []
+        for image_id in ids:
+            _image(root, f"images/{prefix}_{image_id:012d}.png", image_id)
+            rounds = []
+            for r in range(3):
+                options = [(image_id + r + j) % len(answers) for j in range(5)]
+                gt = (image_id + r) % 5
+                rounds.append({"question": (image_id + r) % len(questions), "answer": options[gt],
+                               "answer_options": options, "gt_index": gt})
+            dialogs.append({"image_id": image_id, "caption": f"a {WORDS[image_id % 6]} thing", "dialog": rounds})
+        write_json(root / f"visdial_1.0_{split}.json",
+                   {"split": split, "version": "1.0",
+                    "data": {"questions": questions, "answers": answers, "dialogs": dialogs}})
+    if dense:
+        write_json(root / "visdial_1.0_val_dense_annotations.json",
+                   [{"image_id": 10, "round_id": 2, "gt_relevance": [0.0, 1.0, 0.5, 0.0, 0.5]},
+                    {"image_id": 12, "round_id": 3, "gt_relevance": [1.0, 0.0, 0.0, 0.5, 0.0]}])
+    return root
+
+
 DATASET_MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classification": make_classification,
                   "hateful_memes": make_hateful_memes, "videoqa": make_videoqa,
-                  "video_captioning": make_video_captioning}
+                  "video_captioning": make_video_captioning, "videoqa_mc": make_videoqa_mc,
+                  "visdial": make_visdial}
 TEST_SAMPLES = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
-                "video_captioning": 2}  # the evaluated samples of each fixture dataset
+                "video_captioning": 2, "videoqa_mc": 3, "visdial": 2}  # the evaluated samples of each fixture dataset

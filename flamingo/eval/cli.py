@@ -27,8 +27,8 @@ def _optional_int(value: str) -> Any:
 def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add `eval` to a `parser.add_subparsers()` object; returns its parser."""
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
-                                           "MME, multi-image questions, video QA or video captioning "
-                                           "(see docs/eval.md)")
+                                           "VisDial, MME, multi-image questions, video QA (open or multiple "
+                                           "choice) or video captioning (see docs/eval.md)")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor), or a "
                                                   "Hub repository holding one (org/name)")
     p.add_argument("--task", required=True, choices=list(TASKS))

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..config import MEDIA_TOKEN
 from ..references import DECLARATION, REFERENCE, reference_token
-from .task import Sample, Task, episode_fields, media_path, percent, read_jsonl
+from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_jsonl
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 NUMBERED = re.compile(f"{DECLARATION.pattern}|{REFERENCE.pattern}")  # a declaration, or a reference
@@ -97,10 +97,7 @@ class MultiImageTask(Task):
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         hits = [normalize_answer(p["prediction"]) == normalize_answer(s.answer) for s, p in zip(samples, predictions)]
-        metrics = {"accuracy": percent(hits)}
-        for kind in sorted({s.kind for s in samples if s.kind is not None}):
-            metrics[f"accuracy/{kind}"] = percent([h for s, h in zip(samples, hits) if s.kind == kind])
-        return metrics
+        return {"accuracy": percent(hits), **per_kind("accuracy", samples, hits)}
 
 
 class MultiImagePlainTask(MultiImageTask):

@@ -139,6 +139,16 @@ def percent(scores: Sequence[float]) -> float:
     return 100.0 * sum(scores) / max(len(scores), 1)
 
 
+def per_kind(name: str, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
+    """`{name}/{kind}`: the percent of each kind of sample (`Sample.kind`: VQA's answer type, a question type), for
+    the samples that name one."""
+    by_kind: dict[str, list[float]] = {}
+    for sample, score in zip(samples, scores):
+        if sample.kind is not None:
+            by_kind.setdefault(str(sample.kind), []).append(float(score))
+    return {f"{name}/{kind}": percent(by_kind[kind]) for kind in sorted(by_kind)}
+
+
 def demo_ids_of(record: dict[str, Any]) -> Optional[list[str]]:
     ids = record.get("demo_ids")
     return None if ids is None else [str(i) for i in ids]

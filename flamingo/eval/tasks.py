@@ -12,11 +12,13 @@ from .multi_image import MultiImagePlainTask, MultiImageTask
 from .task import Task
 from .video_captioning import VideoCaptioningTask
 from .videoqa import VideoQATask
+from .videoqa_mc import VideoQAChoiceTask
+from .visdial import VisDialTask
 from .vqa import VQATask
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQATask, CaptioningTask, ClassificationTask, HatefulMemesTask,
-                                                    VideoQATask, VideoCaptioningTask, MMETask,
-                                                    MultiImageTask, MultiImagePlainTask)}
+                                                    VideoQATask, VideoQAChoiceTask, VideoCaptioningTask, MMETask,
+                                                    MultiImageTask, MultiImagePlainTask, VisDialTask)}
 
 
 def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[str] = None,

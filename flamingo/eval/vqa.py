@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, percent, read_json
+from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
 
@@ -53,11 +53,5 @@ class VQATask(Task):
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         scores = [vqa_accuracy(p["prediction"], s.references) for s, p in zip(samples, predictions)]
-        metrics = {"vqa_accuracy": percent(scores)}
-        by_kind: dict[str, list[float]] = {}
-        for sample, score in zip(samples, scores):
-            if sample.kind is not None:
-                by_kind.setdefault(sample.kind, []).append(score)
-        for kind in sorted(by_kind):  # the official evaluation's per-answer-type breakdown
-            metrics[f"vqa_accuracy/{kind}"] = percent(by_kind[kind])
-        return metrics
+        # with the official evaluation's per-answer-type breakdown
+        return {"vqa_accuracy": percent(scores), **per_kind("vqa_accuracy", samples, scores)}

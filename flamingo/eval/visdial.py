@@ -1,0 +1,124 @@
+"""VisDial v1.0 (Das et al., 2017), as the Flamingo paper evaluates it: each dialog round ranks its 100 answer options
+by log-likelihood after the image, the caption, the earlier rounds and the question. Metrics as VisDial's
+evaluation (visdial-challenge-starter): NDCG over the dense relevance annotations (the paper's metric), and the ground
+truth's rank among the options: R@1, R@5, R@10, MRR, mean rank.
+
+Files: `visdial_1.0_train.json` (or `train.json`: the demo pool), `visdial_1.0_val.json` (or `test.json`: evaluated;
+v1.0's own test split withholds its answers), optional `visdial_1.0_val_dense_annotations.json` (or
+`test_dense_annotations.json`); images anywhere under the directory, named with their COCO / VisDial image id at
+the end of the file name (`COCO_train2014_000000123456.jpg`, `VisualDialog_val2018_000000123456.jpg`, `123456.png`).
+With dense annotations, the evaluated rounds are the annotated ones (one per dialog); without, every round (NDCG is
+then not reported). A demo is one round of a training dialog with its history and its answer; one round per dialog
+(the round `dialog index % rounds`), so the pool is a sample per dialog.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .task import Sample, Task, percent, read_json
+
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+_TRAILING_ID = re.compile(r"(\d+)$")
+
+
+def ndcg(relevance: Sequence[float], order: Sequence[int]) -> float:
+    """VisDial's NDCG of one round: `order` lists the options best first; the gain of the first k, k = the options
+    with non-zero relevance, over the best possible."""
+    k = sum(1 for r in relevance if r != 0)
+
+    def dcg(ranking: Sequence[int]) -> float:
+        return sum(relevance[i] / math.log2(j + 2) for j, i in enumerate(ranking[:k]))
+
+    best = dcg(sorted(range(len(relevance)), key=lambda i: -relevance[i]))
+    return dcg(order) / best if best > 0 else 0.0
+
+
+def _images_by_id(root: Path) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for path in sorted(root.rglob("*")):
+        m = _TRAILING_ID.search(path.stem)
+        if m is not None and path.suffix.lower() in _IMAGE_EXTS and path.is_file():
+            found.setdefault(int(m.group(1)), str(path))
+    return found
+
+
+def _first(root: Path, *names: str) -> Optional[Path]:
+    return next((root / n for n in names if (root / n).is_file()), None)
+
+
+class VisDialTask(Task):
+    name = "visdial"
+    template = "<image>Caption: {caption}. {history}Question: {question}? Answer:{answer}<|endofchunk|>"
+    answer_prefix = " "
+    kind = "rank"
+    metrics = ("ndcg", "r@1", "r@5", "r@10", "mrr", "mean_rank")
+
+    def load(self, data_dir: str, split: str) -> list[Sample]:
+        root = Path(data_dir)
+        names = (f"visdial_1.0_{split}.json", f"{split}.json") if split == "train" else \
+            ("visdial_1.0_val.json", "test.json")
+        path = _first(root, *names)
+        if path is None:
+            raise FileNotFoundError(f"{str(root)!r} has none of {list(names)} (VisDial v1.0's dialogs)")
+        data = read_json(path)["data"]
+        questions, answers = data["questions"], data["answers"]
+        dense: dict[int, tuple[int, list[float]]] = {}
+        dense_path = None if split == "train" else _first(root, "visdial_1.0_val_dense_annotations.json",
+                                                           "test_dense_annotations.json")
+        if dense_path is not None:
+            for entry in read_json(dense_path):  # round_id counts from 1, as VisDial's evaluation reads it
+                dense[int(entry["image_id"])] = (int(entry["round_id"]) - 1, [float(r) for r in entry["gt_relevance"]])
+        images = _images_by_id(root)
+        samples = []
+        for d, dialog in enumerate(data["dialogs"]):
+            image_id = int(dialog["image_id"])
+            if image_id not in images:
+                raise FileNotFoundError(f"no image for VisDial image_id {image_id} under {str(root)!r}")
+            rounds = dialog["dialog"]
+            if split == "train":
+                chosen = [d % len(rounds)]
+            elif dense_path is not None:
+                chosen = [dense[image_id][0]] if image_id in dense else []
+            else:
+                chosen = list(range(len(rounds)))
+            for r in chosen:
+                turn = rounds[r]
+                history = "".join(f"Question: {questions[t['question']]}? Answer: {answers[t['answer']]}. "
+                                  for t in rounds[:r])
+                answer = answers[turn["answer"]]
+                options = [answers[i] for i in turn.get("answer_options", [])]
+                gt_index = turn.get("gt_index", options.index(answer) if answer in options else None)
+                relevance = dense[image_id][1] if image_id in dense and dense[image_id][0] == r else None
+                samples.append(Sample(
+                    id=f"{image_id}_{r + 1}", media=[images[image_id]],
+                    fields={"caption": dialog["caption"], "history": history, "question": questions[turn["question"]]},
+                    answer=answer, references=[answer], candidates=options if split != "train" else None,
+                    label={"gt_index": gt_index, "relevance": relevance}))
+        return samples
+
+    def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
+        order = sorted(range(len(candidates)), key=lambda i: -scores[i])  # stable: ties keep the options' order
+        record: dict[str, Any] = {"prediction": candidates[order[0]], "top5": [candidates[i] for i in order[:5]]}
+        gt, relevance = sample.label["gt_index"], sample.label["relevance"]
+        if gt is not None:
+            record["rank"] = order.index(gt) + 1
+        if relevance is not None:
+            if len(relevance) != len(candidates):
+                raise ValueError(f"VisDial round {sample.id}: {len(relevance)} relevance scores for "
+                                 f"{len(candidates)} options")
+            record["ndcg"] = ndcg(relevance, order)
+        return record
+
+    def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        ranks = [p["rank"] for p in predictions if "rank" in p]
+        gains = [p["ndcg"] for p in predictions if "ndcg" in p]
+        metrics: dict[str, Any] = {"ndcg": percent(gains) if gains else None}
+        for k in (1, 5, 10):
+            metrics[f"r@{k}"] = percent([r <= k for r in ranks]) if ranks else None
+        metrics["mrr"] = percent([1 / r for r in ranks]) if ranks else None
+        metrics["mean_rank"] = sum(ranks) / len(ranks) if ranks else None
+        return metrics

@@ -20,6 +20,7 @@ from .runtime import (
 )
 
 MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holding one (org/name)"
+REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -117,7 +118,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     dtype = torch_dtype(args.dtype)
     model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
-                                       device=args.device, quantize_frozen=args.quantize_frozen)
+                                       device=args.device, quantize_frozen=args.quantize_frozen,
+                                       revision=args.revision)
     batch = processor(args.prompt, images=args.image or [], image_references=args.image_references or None)
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
@@ -153,7 +155,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, quantize_frozen=args.quantize_frozen,
                           prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib,
-                          compile=args.compile)
+                          compile=args.compile, revision=args.revision)
     settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a few-shot prompt with images/videos, streaming tokens")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--revision", default=None, help=REVISION_HELP)
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action="store_true",
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
     srv.add_argument("--model", required=True, help=MODEL_HELP)
+    srv.add_argument("--revision", default=None, help=REVISION_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")

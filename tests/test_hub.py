@@ -143,6 +143,20 @@ def test_a_pushed_model_loads_by_its_hub_name_with_the_same_logits_at_each_branc
     assert "nobody/absent-flamingo" in absent["error"] and "could not be read" in absent["error"]
     assert "directory not found" in path["error"]
 
+    # the command line loads the branch it names
+    random_image(0).save(tmp_path / "a.png")
+    prompt = "<image>Question: what? Answer:"
+    argv = ["generate", "--model", "someone/tiny-flamingo", "--revision", "v2", "--prompt", prompt,
+            "--image", str(tmp_path / "a.png"), "--max-new-tokens", "4"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = f"from flamingo.cli import main; raise SystemExit(main({argv!r}))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    batch = processor(prompt, images=[str(tmp_path / "a.png")])
+    greedy = other.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1]:]
+    assert run.stdout.strip() == processor.decode(greedy).strip()
+    assert not torch.equal(model.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1]:], greedy)
+
 
 def test_a_trained_only_push_loads_its_backbones_by_their_hub_names_and_drops_stale_ones(tmp_path, hub):
     model, processor = _gated_model(seed=0)

@@ -31,6 +31,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                                            "choice) or video captioning (see docs/eval.md)")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor), or a "
                                                   "Hub repository holding one (org/name)")
+    p.add_argument("--revision", default=None,
+                   help="with a Hub repository as --model: the branch, tag or commit to load (default: main)")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])
@@ -76,10 +78,10 @@ def run_eval(args: argparse.Namespace) -> int:
         dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
         if args.server:  # the server holds the model; the harness needs only its processor
             model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
-            processor = FlamingoProcessor.from_pretrained(args.model)
+            processor = FlamingoProcessor.from_pretrained(args.model, revision=args.revision)
         else:
             model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device),
-                                               quantize_frozen=args.quantize_frozen)
+                                               quantize_frozen=args.quantize_frozen, revision=args.revision)
         generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
                       if v is not None}
         results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
                  max_queue: int = 64, prefill_chunk: int = 64, quantize_frozen: Optional[str] = None,
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
-                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False) -> Engine:
-    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen)
+                 vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False,
+                 revision: Optional[str] = None) -> Engine:
+    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen,
+                                       revision=revision)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib,
                     compile_backend="inductor" if compile else None)

@@ -147,3 +147,17 @@ def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_
         fetcher.fetch(f"{url}/shard-000004.tar")
     with pytest.raises(ValueError, match="remote data must be tar shards"):
         expand_path(f"{url}/pairs.jsonl")
+
+
+def test_records_outliving_their_shard_in_the_cache_fetch_it_again(tmp_path, server, processor):
+    """A cache of one shard, a shuffle buffer holding records of all 12: the shards leave the cache (and the open
+    ones close) while their records wait; reading one fetches its shard again, and no sample is lost."""
+    root, url = server
+    make_pair_shards(str(root), 12, 1)
+    size = os.path.getsize(root / "shard-000000.tar")
+    options = {"remote_cache_dir": str(tmp_path / "cache"), "remote_cache_gb": 1.5 * size / 2**30,
+               "shuffle_buffer": 1000}
+    batches, source = _batches(DatasetSection("p", "pairs", f"{url}/shard-{{000000..000011}}.tar", 1,
+                                              options=options), processor)
+    assert source.skipped == {} and len(batches) == 12
+    assert len(_Handler.requests) > 12  # some shards fetched twice

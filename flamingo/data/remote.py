@@ -28,6 +28,7 @@ from typing import Optional
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
 _HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
 _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
+_PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -83,43 +84,59 @@ class ShardFetcher:
         return os.path.join(self.cache_dir, f"{digest}-{tail}")
 
     def fetch(self, source: str) -> str:
-        """The local path of the shard `source`, fetched now unless cached (then marked as just used). Raises
+        """The local path of the shard `source`, fetched now unless cached (then marked as just used), pinned: this
+        process's evictions leave it alone until `release(path)` (call it once the shard is open). Raises
         FetchError with the last failure when every attempt fails."""
         path = self.local_path(source)
         with _LOCKS_GUARD:
             lock = _LOCKS.setdefault(source, threading.Lock())
-        with lock:
-            if os.path.isfile(path):
-                os.utime(path)
-                return path
-            os.makedirs(self.cache_dir, exist_ok=True)
-            error: Optional[Exception] = None
-            for attempt in range(max(1, self.retries)):
-                if attempt:
-                    time.sleep(attempt)
-                part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
-                try:
-                    self._download(source, part)
-                    os.replace(part, path)  # atomic: readers see a whole shard or none
-                    error = None
-                    break
-                except (OSError, http.client.HTTPException, subprocess.SubprocessError, ValueError) as e:
-                    error = e
-                    if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
-                        break  # the request itself is wrong (missing, forbidden): another attempt fails alike
-                finally:
-                    if os.path.exists(part):
-                        os.remove(part)
-            if error is not None:
-                raise FetchError(f"{source}: {type(error).__name__}: {error}")
+            _PINNED[path] = _PINNED.get(path, 0) + 1  # before the file is looked at: no eviction takes it after
+        try:
+            with lock:
+                self._ensure(source, path)
+        except BaseException:
+            self.release(path)
+            raise
         self._evict(keep=path)
         return path
+
+    def release(self, path: str) -> None:
+        """Unpin a path `fetch` returned."""
+        with _LOCKS_GUARD:
+            _PINNED[path] -= 1
+            if not _PINNED[path]:
+                del _PINNED[path]
+
+    def _ensure(self, source: str, path: str) -> None:
+        try:
+            os.utime(path)  # a hit: the shard is the most recently used
+            return
+        except FileNotFoundError:
+            pass
+        os.makedirs(self.cache_dir, exist_ok=True)
+        error: Optional[Exception] = None
+        for attempt in range(max(1, self.retries)):
+            if attempt:
+                time.sleep(attempt)
+            part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+            try:
+                self._download(source, part)
+                os.replace(part, path)  # atomic: readers see a whole shard or none
+                return
+            except (OSError, http.client.HTTPException, subprocess.SubprocessError, ValueError) as e:
+                error = e
+                if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
+                    break  # the request itself is wrong (missing, forbidden): another attempt fails alike
+            finally:
+                if os.path.exists(part):
+                    os.remove(part)
+        raise FetchError(f"{source}: {type(error).__name__}: {error}")
 
     def prefetch(self, source: str) -> None:
         """Fetch `source` in a background thread (a failure is left for the read to report)."""
         def run() -> None:
             try:
-                self.fetch(source)
+                self.release(self.fetch(source))
             except FetchError:
                 pass
 
@@ -153,7 +170,7 @@ class ShardFetcher:
         for _, size, path in stats:
             if total <= self.max_bytes:
                 break
-            if path == keep:
+            if path == keep or path in _PINNED:
                 continue
             try:
                 os.remove(path)

@@ -8,6 +8,7 @@ Nothing here decodes an image or parses a document: a raw record is a JSONL line
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
@@ -92,6 +93,8 @@ class TarShard:
     error: Optional[str] = None  # set when the shard could not be read to its end
     _file: Any = field(default=None, repr=False)
     _pid: int = field(default_factory=os.getpid, repr=False)  # the process whose file `_file` is
+    # a remote shard's fetch (data/remote.py): its file may leave the shard cache while records still wait for it
+    refetch: Optional[Callable[[], Any]] = field(default=None, repr=False)
 
     def _open_file(self) -> Any:
         """The shard's open file in this process. Records wait in a shuffle buffer longer than their shard stays
@@ -104,7 +107,10 @@ class TarShard:
         if current is not None:  # open (the store closes only what it evicts)
             self._file = current._file
         else:
-            self._file = tarfile.open(self.path, "r:*")
+            if self.refetch is not None and not os.path.exists(self.path):
+                self._file = self.refetch()  # the same bytes at the same path: the member index still holds
+            else:
+                self._file = _open_tar(self.path)
             _OPEN_SHARDS.put(key, self)
         self._pid = key[0]
         return self._file
@@ -194,23 +200,39 @@ class RawRecord:
         return os.path.dirname(os.path.abspath(self.file))
 
 
+def _open_tar(path: str) -> tarfile.TarFile:
+    return tarfile.open(path, "r:*")
+
+
+def _fetched(fetcher: ShardFetcher, source: str, open_file: Callable[[str], Any]) -> Any:
+    """`open_file` of the remote shard `source`, fetched into the cache: opened before the cache may evict it (an
+    open file stays readable)."""
+    local = fetcher.fetch(source)
+    try:
+        return open_file(local)
+    finally:
+        fetcher.release(local)
+
+
 def read_records(path: str, tar_needs: Optional[str] = None,
                  fetcher: Optional[ShardFetcher] = None) -> Iterator[RawRecord]:
     """The raw records of one data file, in file order. `tar_needs`: keep only tar groups with that member extension
     (interleaved shards: `json`, the documents; their images are separate members found by name). A remote shard is
     fetched first (by `fetcher`, else into the default cache); one that cannot be fetched is skipped with a
     warning, like a shard unreadable from its start."""
-    name = os.path.basename(path.split("?", 1)[0].rstrip(" -"))
+    name = os.path.basename(path.split("?", 1)[0].rstrip(" -") if is_remote(path) else path)
     low = path.lower()
     if is_remote(path) or is_tar(path):
-        local = path
         if is_remote(path):
+            fetcher = fetcher or default_fetcher()
             try:
-                local = (fetcher or default_fetcher()).fetch(path)
+                shard = _fetched(fetcher, path, open_shard)
             except FetchError as e:
                 warnings.warn(f"remote shard could not be fetched ({e}): its samples are skipped", stacklevel=2)
                 return
-        shard = open_shard(local)
+            shard.refetch = functools.partial(_fetched, fetcher, path, _open_tar)
+        else:
+            shard = open_shard(path)
         for key, members in shard.groups:
             if tar_needs is None or tar_needs in members:
                 yield RawRecord(f"{name}:{key}", path, members, shard)

@@ -50,6 +50,19 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    try:
+        return _commit(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
+                       token=token, replace_card=replace_card)
+    except (HfHubHTTPError, LocalTokenNotFoundError) as e:
+        raise ValueError(f"the Hub refused the push to {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                         "log in with a write token (`hf auth login`, or HF_TOKEN), and check the repository's "
+                         "name and your rights to it") from e
+
+
+def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: Optional[str], commit_message: str,
+            token: Optional[str], replace_card: bool) -> str:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)

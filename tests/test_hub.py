@@ -33,11 +33,16 @@ class FakeHub:
 
     repos: dict[str, dict[str, dict[str, bytes]]] = {}
     commits: list[tuple[str, str, list[str]]] = []
+    logged_in = True
 
     def __init__(self, token=None):
         self.token = token
 
     def create_repo(self, repo_id, private=None, exist_ok=False, **_):
+        if not (self.logged_in or self.token):
+            from huggingface_hub.errors import LocalTokenNotFoundError
+
+            raise LocalTokenNotFoundError("Token is required (write-access action) but no token found.")
         if repo_id in self.repos and not exist_ok:
             raise RuntimeError("exists")
         self.repos.setdefault(repo_id, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
@@ -79,7 +84,7 @@ class FakeHub:
 def hub(monkeypatch):
     import huggingface_hub
 
-    FakeHub.repos, FakeHub.commits = {}, []
+    FakeHub.repos, FakeHub.commits, FakeHub.logged_in = {}, [], True
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     return FakeHub
 
@@ -234,6 +239,10 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     with pytest.raises(ValueError, match="lm backbone is the local path"):
         model.config.vision_name_or_path, model.config.lm_name_or_path = "someone/clip", str(tmp_path / "my-llama")
         push_to_hub(model, "someone/m", processor=processor, trained_only=True)
+    hub.logged_in = False
+    assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m"]) == 2
+    assert "log in with a write token" in capsys.readouterr().err
+    push_directory(str(tmp_path / "m"), "someone/m", token="hf_xyz")  # a token given: pushed
     with pytest.raises(ValueError, match="a directory is pushed as saved"):
         push_to_hub(str(tmp_path / "m"), "someone/m", trained_only=True)
     with pytest.raises(FileNotFoundError, match="directory not found"):

@@ -92,7 +92,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_directory
 
     url = push_directory(args.model, args.repo, private=args.private or None, revision=args.revision,
-                         commit_message=args.message, replace_card=args.replace_card)
+                         commit_message=args.message, replace_card=args.replace_card, results=args.results)
     print(f"pushed {args.model} to {args.repo}: {url}")
     print(f"load it with load_pretrained({args.repo!r}) or `flamingo serve --model {args.repo}`")
     return 0
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", default="Upload Flamingo", help="the commit message")
     push.add_argument("--replace-card", action="store_true",
                       help="replace the repository's README.md (kept by default when it has one)")
+    push.add_argument("--results", nargs="+", default=[], metavar="DIR",
+                      help="`flamingo eval --out` directories: their results tables go into the card")
     push.set_defaults(func=_cmd_push)
 
     export = sub.add_parser("export", help="write a model in a foreign format")

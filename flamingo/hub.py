@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, model_card
@@ -17,6 +17,7 @@ from .runtime.hub import is_hub_name
 # must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names)
 _OWNED_DIRS = ("vision/", "lm/")
 _OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, "flamingo_processor.json")
+RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)
 
 
 def _local_files(directory: str) -> dict[str, str]:
@@ -33,11 +34,12 @@ def _local_files(directory: str) -> dict[str, str]:
 
 def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = None, revision: Optional[str] = None,
                    commit_message: str = "Upload Flamingo", token: Optional[str] = None,
-                   replace_card: bool = False) -> str:
+                   replace_card: bool = False, results: Sequence[str] = ()) -> str:
     """Upload a directory written by `save_pretrained` to the model repository `repo_id` (created if missing; on
     branch `revision`, created if missing) in one commit; returns the commit's URL. The card save_pretrained wrote is
     written again for `repo_id` (one edited by hand goes as it is); a card already in the repository is kept unless
-    `replace_card`. Files of the format that the
+    `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
+    gains under "Evaluation" (the card is then written even over one on the Hub). Files of the format that the
     repository holds and the directory lacks are removed in the same commit; other files are left alone."""
     if not is_hub_name(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
@@ -50,19 +52,30 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")
+    tables = [_results_table(d) for d in results]
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     try:
         return _commit(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
-                       token=token, replace_card=replace_card)
+                       token=token, replace_card=replace_card or bool(tables), tables=tables)
     except (HfHubHTTPError, LocalTokenNotFoundError) as e:
         raise ValueError(f"the Hub refused the push to {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                          "log in with a write token (`hf auth login`, or HF_TOKEN), and check the repository's "
                          "name and your rights to it") from e
 
 
+def _results_table(out_dir: str) -> str:
+    """The table `flamingo eval --out out_dir` wrote, its title a third-level heading."""
+    path = os.path.join(out_dir, RESULTS_TABLE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} holds no {RESULTS_TABLE}: not a directory `flamingo eval --out` wrote")
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return "###" + text[1:] if text.startswith("# ") else text
+
+
 def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: Optional[str], commit_message: str,
-            token: Optional[str], replace_card: bool) -> str:
+            token: Optional[str], replace_card: bool, tables: Sequence[str]) -> str:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
@@ -74,6 +87,9 @@ def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: 
     text = None if card is None else open(card, encoding="utf-8").read()
     if text is None or text == model_card(directory, os.path.basename(os.path.abspath(directory))):
         text = model_card(directory, repo_id)  # the card save_pretrained wrote, named for the repository
+    if tables:
+        intro = "Few-shot results measured with `flamingo eval` (mean ± std over trials, in percent):"
+        text = text.rstrip("\n") + f"\n\n## Evaluation\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"
     remote = set(api.list_repo_files(repo_id, revision=revision))
     operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=file)
                              for path, file in local.items()]
@@ -89,7 +105,7 @@ def push_to_hub(model: Union[Flamingo, str], repo_id: str, *, processor: Any = N
                 **kwargs: Any) -> str:
     """Share a model on the Hub: a `Flamingo` (saved first, as `save_pretrained(..., trained_only=, processor=)`
     writes it; pass the processor so that `load_pretrained(repo_id)` finds it) or a saved directory. kwargs:
-    `push_directory`'s (private, revision, commit_message, token, replace_card). Returns the commit's URL."""
+    `push_directory`'s (private, revision, commit_message, token, replace_card, results). Returns the commit's URL."""
     if isinstance(model, Flamingo):
         with tempfile.TemporaryDirectory() as tmp:
             directory = os.path.join(tmp, repo_id.rsplit("/", 1)[-1])

@@ -239,6 +239,15 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     with pytest.raises(ValueError, match="lm backbone is the local path"):
         model.config.vision_name_or_path, model.config.lm_name_or_path = "someone/clip", str(tmp_path / "my-llama")
         push_to_hub(model, "someone/m", processor=processor, trained_only=True)
+    results = tmp_path / "eval"  # what `flamingo eval --out` leaves
+    results.mkdir()
+    table = "| metric | 0-shot |\n|---|---|\n| vqa_accuracy | 41.00 ± 0.50 |\n"
+    (results / "results.md").write_text("# vqa — m\n\n" + table)
+    assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m", "--results", str(results)]) == 0
+    card = ModelCard(hub.repos["someone/m"]["main"]["README.md"].decode())
+    assert "## Evaluation" in card.text and "### vqa — m\n\n" + table in card.text
+    assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m", "--results", str(tmp_path)]) == 2
+    assert "not a directory `flamingo eval --out` wrote" in capsys.readouterr().err
     hub.logged_in = False
     assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m"]) == 2
     assert "log in with a write token" in capsys.readouterr().err

@@ -18,9 +18,10 @@ two other requests (so no phase finds an earlier phase's prompts in the prefix c
 request's answer against the one-at-a-time run's (greedy output must not depend on the batch).
 
 `prefill_ceiling` (from the one-at-a-time run): (mean prefill + mean decode) / mean prefill per request, with prefill =
-time to first token and decode = the rest of the stream. Prompts are prefilled one at a time, so even with decoding
-made free by batching a request costs at least its prefill: no client count can beat this ratio (prefilling several
-prompts in one call could, where a prefill does not already use the whole device, not on the CPU).
+time to first token and decode = the rest of the stream: with prompts prefilled one at a time, even with decoding
+made free by batching a request costs at least its prefill, so no client count could beat this ratio. The server
+prefills prompts that wait while no row runs together, in one call (`--prefill-batch-tokens`, one server per value;
+0: one at a time), which can pass it.
 
 `--shared-demos`: the k demonstrations' images are the same in every request of that k, as in few-shot use with fixed
 demonstrations; only the query image differs. `--prefix-cache-mib` (the server's prefix cache; several values: one
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import random
@@ -42,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import httpx
 import torch
@@ -176,16 +178,18 @@ def wait_until_healthy(url: str, tries: int = 600) -> None:
 
 
 def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], warmup: list[dict],
-                     mib: float, clients: int) -> dict[str, Any]:
-    """A fresh `flamingo serve` (prefix cache of `mib` MiB), warmed up with `warmup`, runs `requests` with `clients`
-    clients: one row. Fresh, so that no phase finds the prompts of an earlier one in the prefix cache."""
+                     mib: float, clients: int, batch_tokens: Optional[int] = None) -> dict[str, Any]:
+    """A fresh `flamingo serve` (prefix cache of `mib` MiB, shared prefills of up to `batch_tokens`, None: its
+    default), warmed up with `warmup`, runs `requests` with `clients` clients: one row. Fresh, so that no phase finds
+    the prompts of an earlier one in the prefix cache."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "flamingo.cli", "serve", "--model", model_dir, "--port", str(port),
          "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8), "--prefill-chunk",
          str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
-         "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else [])],
+         "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else []),
+         *(["--prefill-batch-tokens", str(batch_tokens)] if batch_tokens is not None else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_healthy(url)
@@ -199,7 +203,8 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    row = {"prefix_cache_mib": mib, "clients": clients, "requests": len(results), "tokens": tokens,
+    row = {"prefix_cache_mib": mib, "prefill_batch_tokens": "default" if batch_tokens is None else batch_tokens,
+           "clients": clients, "requests": len(results), "tokens": tokens,
            "seconds": wall, "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
            "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
            "itl_p99_ms": 1e3 * _pct(gaps, 99), "itl_max_ms": 1e3 * max(gaps),
@@ -220,6 +225,8 @@ def main() -> None:
                         help="the demonstrations' images are the same in all requests of one k (few-shot use)")
     parser.add_argument("--prefix-cache-mib", type=float, nargs="+", default=[1024],
                         help="one server per value, the same requests; with several, rows compare to the first")
+    parser.add_argument("--prefill-batch-tokens", type=int, nargs="+", default=[None],
+                        help="one server per value (0: prompts prefilled one at a time; default: the server's)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=64)
@@ -240,11 +247,11 @@ def main() -> None:
         # other query images (the same demonstrations when they are shared): no measured prompt is warmed up
         warmup = requests_for(2, args.shots, image_size, args.max_tokens, seed=1, shared_demos=args.shared_demos)
         first: dict[int, dict] = {}
-        alone: dict[float, dict] = {}
-        for mib in args.prefix_cache_mib:
+        alone: dict[tuple, dict] = {}
+        for mib, batch_tokens in itertools.product(args.prefix_cache_mib, args.prefill_batch_tokens):
             for clients in args.clients:
-                row = run_server_phase(args, model_dir, requests, warmup, mib, clients)
-                base = alone.setdefault(mib, row)  # the first client count (1: one at a time) of this server
+                row = run_server_phase(args, model_dir, requests, warmup, mib, clients, batch_tokens)
+                base = alone.setdefault((mib, batch_tokens), row)  # the first client count (1: one at a time)
                 row["vs_one_at_a_time"] = row["output_tok_s"] / base["output_tok_s"]
                 row["same_answers"] = row["texts"] == base["texts"]
                 row["prefill_ceiling"] = base["prefill_ceiling"]
@@ -259,10 +266,10 @@ def main() -> None:
                                      "max_tokens": args.max_tokens, "shots": args.shots,
                                      "shared_demos": args.shared_demos,
                                      **{k: v for k, v in row.items() if k != "texts"}})
-    columns = ["prefix_cache_mib", "clients", "requests", "tokens", "output_tok_s", "vs_one_at_a_time",
-               "prefill_ceiling", "same_answers", "cached_share", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-               "itl_p99_ms", "itl_p99_over_p50", "itl_max_ms", "mean_batch"]
-    if len(args.prefix_cache_mib) > 1:
+    columns = ["prefix_cache_mib", "prefill_batch_tokens", "clients", "requests", "tokens", "output_tok_s",
+               "vs_one_at_a_time", "prefill_ceiling", "same_answers", "cached_share", "ttft_p50_ms", "ttft_p99_ms",
+               "itl_p50_ms", "itl_p99_ms", "itl_p99_over_p50", "itl_max_ms", "mean_batch"]
+    if len(args.prefix_cache_mib) * len(args.prefill_batch_tokens) > 1:
         columns += ["tok_s_vs_first", "ttft_p50_vs_first", "same_as_first"]
     print_table(rows, columns)
 

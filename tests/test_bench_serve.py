@@ -63,3 +63,14 @@ def test_sampling_bench_runs_and_its_answer_follows_its_schema(capsys, one_threa
     steps = [line for line in lines if line["bench"] == "serve_sampling"]
     assert [line["rows"] for line in steps] == [1, 2]
     assert all(line["json_schema_ms"] > 0 and line["decode_step_ms"] > 0 for line in steps)
+
+
+def test_prefill_bench_times_prompts_alone_and_together(capsys, one_thread):
+    import json
+
+    from bench.serve_prefill import main
+
+    main(["--shape", "tiny", "--kinds", "chat", "1-shot", "--prompts", "2", "--repeats", "1"])
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"bench"')]
+    assert [(r["kind"], r["prompts"]) for r in line["results"]] == [("chat", 2), ("1-shot", 2)]
+    assert all(r["alone_ms"] > 0 and r["together_ms"] > 0 and r["padded"] == 1.0 for r in line["results"])

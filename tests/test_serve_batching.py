@@ -336,3 +336,33 @@ def test_one_turn_prefills_several_prompts_that_fit_its_budget(model_dir, one_th
         + [(imaged[0], *PROMPTS[1], 6), (imaged[1], "<image>Output:", [random_image(9)], 6)]
     for job, prompt, media, steps in cases:
         assert finished[job.id] == greedy_alone(engine, prompt, media, steps)
+
+
+def test_waiting_prompts_share_one_prefill_and_get_their_greedy_tokens(model_dir, one_thread):
+    """Prompts waiting when no row runs are prefilled together in one LM call (`prefill_together`), images and all;
+    each request still gets `generate`'s greedy tokens alone. With `prefill_batch_tokens=0` they go one at a time."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    cases = [(f"Question: what is {k}? Answer:", []) for k in range(3)] + [PROMPTS[1], ("<image>Output: a", [
+        random_image(9)])]
+    for budget, rows_after_one_turn in ((None, len(cases)), (0, 1)):
+        engine = engine_for(model_dir, max_batch=8, prefix_cache_mib=0, prefill_batch_tokens=budget)
+        finished: dict[str, list[int]] = {}
+        jobs = []
+        for prompt, media in cases:
+            ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
+            job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(6, 0.0),
+                      emit=lambda e, i=len(jobs): finished.setdefault(i, e.tokens) if e.kind == "finish" else None)
+            jobs.append(job)
+            engine.submit(job)
+        engine._turn()
+        assert engine.running_rows == rows_after_one_turn
+        for _ in range(200):
+            if not engine.busy():
+                break
+            engine._turn()
+        for i, (prompt, media) in enumerate(cases):
+            assert finished[i] == greedy_alone(engine, prompt, media, 6)
+        shared = engine.metrics.render()
+        assert ("prefill_prompts_shared_total 5" in shared) == (budget is None)

@@ -17,6 +17,8 @@ _HELP = {
     "prompt_tokens_total": ("counter", "prompt tokens prefilled"),
     "prompt_tokens_cached_total": ("counter", "prompt tokens whose prefill came from the prefix cache"),
     "generation_tokens_total": ("counter", "tokens generated"),
+    "prefill_calls_shared_total": ("counter", "LM calls that prefilled several prompts together"),
+    "prefill_prompts_shared_total": ("counter", "prompts prefilled in those calls"),
     "queue_depth": ("gauge", "requests waiting for a batch row"),
     "running_rows": ("gauge", "rows in the decode batch"),
     "prefix_cache_bytes": ("gauge", "bytes held by the prefix cache"),

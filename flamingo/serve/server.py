@@ -30,12 +30,12 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
                  max_queue: int = 64, prefill_chunk: int = 64, quantize_frozen: Optional[str] = None,
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
                  vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False,
-                 revision: Optional[str] = None) -> Engine:
+                 revision: Optional[str] = None, prefill_batch_tokens: Optional[int] = None) -> Engine:
     model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen,
                                        revision=revision)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib,
-                    compile_backend="inductor" if compile else None)
+                    compile_backend="inductor" if compile else None, prefill_batch_tokens=prefill_batch_tokens)
     if compile:  # the server listens once its first decode shapes are compiled
         log.info("compiling the decode step's first shapes before serving")
         engine.warm_up()

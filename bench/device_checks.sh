@@ -15,6 +15,8 @@
 #   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
 #   serve   bench.serve_steps --compile: the server's decode step eager and CUDA-graphed (`flamingo serve --compile`);
 #           not in the two calls above: a third call if minutes are left (~5 min)
+#   prefill bench.serve_prefill: waiting prompts prefilled together vs one at a time (`flamingo serve`'s shared
+#           prefill) at 4, 16, 64 prompts; with `serve` in the third call
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
 # Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc bash bench/device_checks.sh run train memory decode
 set -uo pipefail
@@ -69,7 +71,9 @@ run() {
                 --shots 8 --batch 1 --compile --repeats 3 ;;
             serve) part serve 300 "$PY" -m bench.serve_steps --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
                 --compile --shots 0 8 --rows 1 16 64 --repeats 5 ;;
-            *) echo "unknown part $name (train, memory, tests, decode, serve)"; exit 2 ;;
+            prefill) part prefill 200 "$PY" -m bench.serve_prefill --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+                --prompts 4 16 64 --kinds chat 0-shot 8-shot --repeats 3 ;;
+            *) echo "unknown part $name (train, memory, tests, decode, serve, prefill)"; exit 2 ;;
         esac
     done
 }

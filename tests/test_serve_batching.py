@@ -366,3 +366,44 @@ def test_waiting_prompts_share_one_prefill_and_get_their_greedy_tokens(model_dir
             assert finished[i] == greedy_alone(engine, prompt, media, 6)
         shared = engine.metrics.render()
         assert ("prefill_prompts_shared_total 5" in shared) == (budget is None)
+
+
+def test_prompts_that_begin_alike_reuse_blocks_instead_of_sharing_a_call(model_dir, monkeypatch, one_thread):
+    """Two prompts with the same demonstrations are not prefilled together: the second waits and reuses the first's
+    prefix-cache blocks. A shared call that fails leaves its prompts to the one-at-a-time path."""
+    from flamingo.serve import engine as engine_module
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    demos = SHOT * 2 + "<image>Question: what is this? Short answer:"
+    cases = [(demos, [random_image(i) for i in range(3)]), (demos, [random_image(0), random_image(1),
+                                                                     random_image(7)]),
+             ("Question: what is 5? Answer:", [])]
+
+    def run(engine):
+        finished, jobs = {}, []
+        for prompt, media in cases:
+            ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
+            job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(5, 0.0),
+                      emit=lambda e, i=len(jobs): finished.setdefault(i, e.tokens) if e.kind == "finish" else None)
+            jobs.append(job)
+            engine.submit(job)
+        for _ in range(300):
+            if not engine.busy():
+                break
+            engine._turn()
+        for i, (prompt, media) in enumerate(cases):
+            assert finished[i] == greedy_alone(engine, prompt, media, 5)
+        return jobs
+
+    engine = engine_for(model_dir, max_batch=8)
+    jobs = run(engine)
+    assert jobs[1].cached_tokens > 0 and jobs[0].cached_tokens == 0
+
+    def broken(model, prefills):
+        raise RuntimeError("a media the checks missed")
+
+    monkeypatch.setattr(engine_module, "prefill_together", broken)
+    engine = engine_for(model_dir, max_batch=8, prefix_cache_mib=0)
+    run(engine)  # every request still answered, one at a time
+    assert "prefill_prompts_shared_total 0" in engine.metrics.render()

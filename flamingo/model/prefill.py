@@ -80,7 +80,7 @@ class Prefill:
         self.ctx: Optional[MediaContext] = None
         self.cache: Optional[DynamicCache] = None
         self.cached_tokens = 0
-        self._keys: list[bytes] = []
+        self._keys: Optional[list[bytes]] = None  # the prefix cache's block keys, once computed (`block_keys`)
         self._media_per_block: list[int] = []
 
     @property
@@ -163,6 +163,17 @@ class Prefill:
                             None if self.ctx.decode_count is None else self.ctx.decode_count.clone(),
                             logits, self.cached_tokens, top)
 
+    def block_keys(self) -> list[bytes]:
+        """The prefix cache's key of each whole block of the prompt ([] without a prefix cache), computed once and
+        without looking anything up: prompts whose first keys are equal begin alike. Raises ValueError for a prompt
+        with fewer media than `<image>` tokens."""
+        cache = self.prefix_cache
+        if cache is not None and self._keys is None:
+            media_token = self.model.config.media_token_id
+            self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
+            self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
+        return self._keys or []
+
     def _check_and_reuse(self) -> None:
         """Check the prompt's media tokens against its media; with a prefix cache, start after the longest run of
         stored blocks (leaving at least the last token to compute)."""
@@ -172,13 +183,11 @@ class Prefill:
         cache = self.prefix_cache
         if cache is None:
             return
-        media_token = self.model.config.media_token_id
-        self._keys = cache.keys(self.input_ids, media_token, self.images, self.num_frames)
-        self._media_per_block = cache.media_per_block(self.input_ids, media_token, len(self._keys))
+        keys = self.block_keys()
         logprobs = self.prompt_logprobs is not None
         if logprobs and self.prompt_logprobs > STORED_TOP:  # more alternatives than blocks keep: all computed
             return
-        hit = cache.lookup(self._keys, (self.length - 1) // cache.block, logprobs=logprobs)
+        hit = cache.lookup(keys, (self.length - 1) // cache.block, logprobs=logprobs)
         if hit is None:
             return
         # with logprobs, the last reused token runs again: its position's logits give the next token's

@@ -310,30 +310,37 @@ class Engine:
         running = bool(self._rows)
         budget = min(self.prefill_chunk, self.prefill_batch_tokens) if running else self.prefill_batch_tokens
         group: list[tuple[Job, Prefill]] = []
+        firsts: set[bytes] = set()  # the group's first prefix-cache blocks
         longest = tokens = media = 0
         for job, prefill in self._prefills:
             try:
+                keys = prefill.block_keys()
+                if keys and keys[0] in firsts:  # it begins like a prompt of the group: after the call it reuses
+                    break  # that prompt's blocks (its lookup happens then, not before)
                 prefill.prepare()
             except ValueError:
                 break  # the one-at-a-time path reports it
             if not prefill.fresh:
                 break
-            longest, tokens = max(longest, prefill.length), tokens + prefill.length
+            length, tokens = max(longest, prefill.length), tokens + prefill.length
             media += prefill.total_media
-            padded = longest * (len(group) + 1)
+            padded = length * (len(group) + 1)
             if padded > budget or padded > PADDING_LIMIT * tokens or (running and media > self.media_per_step):
                 break
+            longest = length
             group.append((job, prefill))
+            firsts.update(keys[:1])
         if len(group) < 2 or not can_prefill_together(self.model, longest):
             return False
         try:
             rows = prefill_together(self.model, [prefill for _, prefill in group])
-        except Exception as e:  # a request's own fault (bad media the checks missed): the group fails
-            log.exception("prefill failed")
+        except Exception:  # bad media the checks missed: one at a time, where only its own request fails
+            log.exception("shared prefill failed; prefilling its prompts one at a time")
             for pair in group:
-                self._prefills.remove(pair)
-                pair[0].emit(Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
-            return True
+                if pair[1].ctx is not None:  # past the shared call: it cannot go on alone
+                    self._prefills.remove(pair)
+                    pair[0].emit(Event("error", message="prefill failed"))
+            return False
         self.metrics.inc("prefill_calls_shared_total")
         self.metrics.inc("prefill_prompts_shared_total", len(group))
         for pair, row in zip(group, rows):

@@ -277,12 +277,33 @@ def can_prefill_together(model: Flamingo, length: int) -> bool:
         or (isinstance(window, int) and length < window - 1)
 
 
+def _encode_together(model: Flamingo, prefills: Sequence[Prefill]) -> Optional[torch.Tensor]:
+    """All the prompts' media through one `encode_media` call (padded to the most media and frames; only real frames
+    reach the tower, through the first prompt's vision cache) -> (B, N, R, Dv), or None without media."""
+    owners = [p for p in prefills if p.total_media]
+    if not owners:
+        return None
+    media = max(p.total_media for p in owners)
+    frames = max(p.images.shape[2] for p in owners)
+    first = owners[0].images
+    images = first.new_zeros(len(prefills), media, frames, *first.shape[3:])  # (B, N, F, C, H, W)
+    num_frames = torch.ones(len(prefills), media, dtype=torch.long)
+    num_media = torch.tensor([p.total_media for p in prefills])
+    for i, p in enumerate(prefills):
+        n, f = p.total_media, p.images.shape[2] if p.total_media else 0
+        if n:
+            images[i, :n, :f] = p.images[0, :n]
+            num_frames[i, :n] = p.num_frames[0, :n].cpu() if p.num_frames is not None else f
+    return model.encode_media(images.to(prefills[0].device), num_media, num_frames,
+                              vision_cache=owners[0].vision_cache)
+
+
 @torch.no_grad()
 def prefill_together(model: Flamingo, prefills: Sequence[Prefill]) -> list[PrefilledRow]:
     """Prefill fresh prompts (`Prefill.fresh`) in one left-padded LM call and hand each its own row: its cache (the
     call's rows without their padding, copied), its images' K/V, its media state, its last logits; the prefix
     cache gets each prompt's blocks. A row equals its prompt prefilled alone up to the rounding of the batched
-    matmuls (tests/test_prefill_together.py). One pass over the weights (and one vision tower call) for all: on one
+    matmuls (tests/test_prefill_together.py). One pass over the weights and one vision tower call for all: on one
     CPU thread 2-16 prompts take 0.54-0.78x their time one at a time (bench/README.md, "Prompts prefilled
     together")."""
     if not prefills or not all(p.fresh for p in prefills):
@@ -293,18 +314,9 @@ def prefill_together(model: Flamingo, prefills: Sequence[Prefill]) -> list[Prefi
         raise ValueError("this LM cannot prefill prompts together (no position ids, or a sliding window shorter "
                          "than the prompts)")
     device = prefills[0].device
-    visuals = []
-    for p in prefills:
-        p._encode_media(None)
-        visuals.append(torch.cat(p._visual, dim=1) if p._visual else None)  # (1, n, R, Dv)
-    images = max((v.shape[1] for v in visuals if v is not None), default=0)
-    visual = None
-    if images:
-        first = next(v for v in visuals if v is not None)
-        visual = first.new_zeros(rows, images, *first.shape[2:])  # (B, N, R, Dv), padded images never indexed
-        for i, v in enumerate(visuals):
-            if v is not None:
-                visual[i, :v.shape[1]] = v[0]
+    visual = _encode_together(model, prefills)  # (B, N, R, Dv) or None
+    visuals = [None if visual is None or not p.total_media else visual[i:i + 1, :p.total_media].clone()
+               for i, p in enumerate(prefills)]  # (1, n, R, Dv) each: a row's own (the prefix cache keeps them)
     ids = torch.full((rows, longest), _padding_id(model), dtype=torch.long, device=device)  # (B, T) left-padded
     mask = torch.zeros(rows, longest, dtype=torch.long, device=device)
     for i, p in enumerate(prefills):
@@ -324,7 +336,7 @@ def prefill_together(model: Flamingo, prefills: Sequence[Prefill]) -> list[Prefi
             p.cache.update(layer.keys[i:i + 1, :, start:].clone(), layer.values[i:i + 1, :, start:].clone(), j)
         p.ctx = MediaContext(Phase.PREFILL, visuals[i], decode_index=ctx.decode_index[i:i + 1],
                              decode_count=None if ctx.decode_count is None else ctx.decode_count[i:i + 1])
-        p.done = p.length
+        p.done, p._visual = p.length, [] if visuals[i] is None else [visuals[i]]
         media_kv = None
         if visuals[i] is not None:
             n = visuals[i].shape[1]

@@ -304,7 +304,7 @@ def prefill_together(model: Flamingo, prefills: Sequence[Prefill]) -> list[Prefi
     call's rows without their padding, copied), its images' K/V, its media state, its last logits; the prefix
     cache gets each prompt's blocks. A row equals its prompt prefilled alone up to the rounding of the batched
     matmuls (tests/test_prefill_together.py). One pass over the weights and one vision tower call for all: on one
-    CPU thread 2-16 prompts take 0.54-0.78x their time one at a time (bench/README.md, "Prompts prefilled
+    CPU thread 2-16 prompts take 0.48-0.77x their time one at a time (bench/README.md, "Prompts prefilled
     together")."""
     if not prefills or not all(p.fresh for p in prefills):
         raise ValueError("prefill_together takes fresh prompts: prepared, nothing run or reused, no logprobs")

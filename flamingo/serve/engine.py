@@ -49,8 +49,8 @@ DEFAULT_VISION_CACHE_MIB = 256  # the tower's features by frame content: ViT-L/1
 
 
 # Tokens (padding included) of one shared prefill call while no row runs, on a CPU and on a GPU. On one CPU thread a
-# shared call of 2-16 equal prompts took 0.54-0.78x their time one at a time, from 27 to 323 tokens (16 x 323 = 5168
-# tokens: 0.67x); prompts of 27, 101 and 323 tokens padded to 2.15x their tokens took 1.11x (bench/README.md,
+# shared call of 2-16 equal prompts took 0.48-0.77x their time one at a time, from 27 to 323 tokens (16 x 323 = 5168
+# tokens: 0.68x); prompts of 27, 101 and 323 tokens padded to 2.15x their tokens took 1.11x (bench/README.md,
 # "Prompts prefilled together"). On a GPU, unmeasured: a larger call, as long as it fits beside the running batch.
 PREFILL_BATCH_TOKENS = (4096, 8192)
 PADDING_LIMIT = 1.5  # a shared call computes at most this many times its prompts' own tokens

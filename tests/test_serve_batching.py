@@ -338,66 +338,58 @@ def test_one_turn_prefills_several_prompts_that_fit_its_budget(model_dir, one_th
         assert finished[job.id] == greedy_alone(engine, prompt, media, steps)
 
 
-def test_waiting_prompts_share_one_prefill_and_get_their_greedy_tokens(model_dir, one_thread):
-    """Prompts waiting when no row runs are prefilled together in one LM call (`prefill_together`), images and all;
-    each request still gets `generate`'s greedy tokens alone. With `prefill_batch_tokens=0` they go one at a time."""
+def _submit_greedy(engine, cases, max_tokens: int) -> tuple[list, dict[int, list[int]]]:
+    """Queue a greedy job per (prompt, media) case: the jobs, and the dict their finished tokens land in."""
     from flamingo.serve.engine import Job
     from flamingo.serve.sampling import SamplingParams
 
+    finished: dict[int, list[int]] = {}
+    jobs = []
+    for prompt, media in cases:
+        ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
+        job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(max_tokens, 0.0),
+                  emit=lambda e, i=len(jobs): finished.setdefault(i, e.tokens) if e.kind == "finish" else None)
+        jobs.append(job)
+        engine.submit(job)
+    return jobs, finished
+
+
+def _drain_greedy(engine, cases, finished: dict[int, list[int]], max_tokens: int) -> None:
+    """Turn the engine until idle; every case got `generate`'s greedy tokens alone."""
+    for _ in range(300):
+        if not engine.busy():
+            break
+        engine._turn()
+    for i, (prompt, media) in enumerate(cases):
+        assert finished[i] == greedy_alone(engine, prompt, media, max_tokens)
+
+
+def test_waiting_prompts_share_one_prefill_and_get_their_greedy_tokens(model_dir, one_thread):
+    """Prompts waiting when no row runs are prefilled together in one LM call (`prefill_together`), images and all;
+    each request still gets `generate`'s greedy tokens alone. With `prefill_batch_tokens=0` they go one at a time."""
     cases = [(f"Question: what is {k}? Answer:", []) for k in range(3)] + [PROMPTS[1], ("<image>Output: a", [
         random_image(9)])]
     for budget, rows_after_one_turn in ((None, len(cases)), (0, 1)):
         engine = engine_for(model_dir, max_batch=8, prefix_cache_mib=0, prefill_batch_tokens=budget)
-        finished: dict[str, list[int]] = {}
-        jobs = []
-        for prompt, media in cases:
-            ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
-            job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(6, 0.0),
-                      emit=lambda e, i=len(jobs): finished.setdefault(i, e.tokens) if e.kind == "finish" else None)
-            jobs.append(job)
-            engine.submit(job)
+        _, finished = _submit_greedy(engine, cases, 6)
         engine._turn()
         assert engine.running_rows == rows_after_one_turn
-        for _ in range(200):
-            if not engine.busy():
-                break
-            engine._turn()
-        for i, (prompt, media) in enumerate(cases):
-            assert finished[i] == greedy_alone(engine, prompt, media, 6)
-        shared = engine.metrics.render()
-        assert ("prefill_prompts_shared_total 5" in shared) == (budget is None)
+        _drain_greedy(engine, cases, finished, 6)
+        assert ("prefill_prompts_shared_total 5" in engine.metrics.render()) == (budget is None)
 
 
 def test_prompts_that_begin_alike_reuse_blocks_instead_of_sharing_a_call(model_dir, monkeypatch, one_thread):
     """Two prompts with the same demonstrations are not prefilled together: the second waits and reuses the first's
     prefix-cache blocks. A shared call that fails leaves its prompts to the one-at-a-time path."""
     from flamingo.serve import engine as engine_module
-    from flamingo.serve.engine import Job
-    from flamingo.serve.sampling import SamplingParams
 
     demos = SHOT * 2 + "<image>Question: what is this? Short answer:"
     cases = [(demos, [random_image(i) for i in range(3)]), (demos, [random_image(0), random_image(1),
                                                                      random_image(7)]),
              ("Question: what is 5? Answer:", [])]
-
-    def run(engine):
-        finished, jobs = {}, []
-        for prompt, media in cases:
-            ids, batched = engine.processor.encode_prompt(prompt, media, max_length=2**62)
-            job = Job(torch.tensor(ids), engine.processor.batch_media([batched]), SamplingParams(5, 0.0),
-                      emit=lambda e, i=len(jobs): finished.setdefault(i, e.tokens) if e.kind == "finish" else None)
-            jobs.append(job)
-            engine.submit(job)
-        for _ in range(300):
-            if not engine.busy():
-                break
-            engine._turn()
-        for i, (prompt, media) in enumerate(cases):
-            assert finished[i] == greedy_alone(engine, prompt, media, 5)
-        return jobs
-
     engine = engine_for(model_dir, max_batch=8)
-    jobs = run(engine)
+    jobs, finished = _submit_greedy(engine, cases, 5)
+    _drain_greedy(engine, cases, finished, 5)
     assert jobs[1].cached_tokens > 0 and jobs[0].cached_tokens == 0
 
     def broken(model, prefills):
@@ -405,5 +397,6 @@ def test_prompts_that_begin_alike_reuse_blocks_instead_of_sharing_a_call(model_d
 
     monkeypatch.setattr(engine_module, "prefill_together", broken)
     engine = engine_for(model_dir, max_batch=8, prefix_cache_mib=0)
-    run(engine)  # every request still answered, one at a time
+    _, finished = _submit_greedy(engine, cases, 5)
+    _drain_greedy(engine, cases, finished, 5)  # every request still answered, one at a time
     assert "prefill_prompts_shared_total 0" in engine.metrics.render()

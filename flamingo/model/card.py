@@ -45,7 +45,7 @@ def _lm_layers(directory: str) -> Optional[int]:
     return None
 
 
-def _millions(n: int) -> str:
+def _amount(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
 
 
@@ -86,10 +86,10 @@ def model_card(directory: str, name: str) -> str:
         ("each text token sees", "the last image before it" if config.only_attend_last_image
          else "every image before it"),
         ("parameters stored beside the backbones",
-         f"{_millions(sum(parts.values()))}: resampler {_millions(parts['resampler'])}, blocks "
-         f"{_millions(parts['blocks'])}, added tokens' rows {_millions(parts['rows'])}"
-         + (f", LoRA {_millions(parts['lora'])}" if parts["lora"] else "")
-         + (f", other trained LM/tower tensors {_millions(parts['other'])}" if parts["other"] else "")),
+         f"{_amount(sum(parts.values()))}: resampler {_amount(parts['resampler'])}, blocks "
+         f"{_amount(parts['blocks'])}, added tokens' rows {_amount(parts['rows'])}"
+         + (f", LoRA {_amount(parts['lora'])}" if parts["lora"] else "")
+         + (f", other trained LM/tower tensors {_amount(parts['other'])}" if parts["other"] else "")),
         ("checkpoint", "full: the backbones are in `vision/` and `lm/`" if full
          else "trained tensors only: the backbones are loaded by the names above"),
     ]

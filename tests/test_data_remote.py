@@ -161,3 +161,28 @@ def test_records_outliving_their_shard_in_the_cache_fetch_it_again(tmp_path, ser
                                               options=options), processor)
     assert source.skipped == {} and len(batches) == 12
     assert len(_Handler.requests) > 12  # some shards fetched twice
+
+
+def _fetch_in_child(fetcher, source, out) -> None:
+    out.put(os.path.getsize(fetcher.fetch(source)))
+
+
+def test_a_worker_forked_while_a_fetch_holds_its_locks_still_fetches(tmp_path):
+    """DataLoader workers fork from a process whose prefetch threads may hold the fetcher's locks at that moment."""
+    import multiprocessing
+
+    from flamingo.data import remote
+
+    shard = make_pair_shards(str(tmp_path / "data"), 2, 2)["files"][0]
+    fetcher = ShardFetcher(str(tmp_path / "cache"), 2**30)
+    source = f"pipe:cat {shard}"
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    with remote._LOCKS_GUARD:  # as a prefetch thread does for an instant
+        child = context.Process(target=_fetch_in_child, args=(fetcher, source, out))
+        child.start()
+        child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and out.get(timeout=5) == os.path.getsize(shard)

@@ -32,6 +32,18 @@ _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in th
 _LOCKS_GUARD = threading.Lock()
 
 
+def _reset_after_fork() -> None:
+    """A forked DataLoader worker starts with fresh locks and pins: a lock a parent's prefetch thread held at the
+    fork would stay locked in the child forever."""
+    global _LOCKS_GUARD
+    _LOCKS.clear()
+    _PINNED.clear()
+    _LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def is_remote(path: str) -> bool:
     return str(path).startswith(REMOTE_PREFIXES)
 

@@ -11,12 +11,13 @@ from typing import Any, Optional, Sequence, Union
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, model_card
 from .model.flamingo import Flamingo
+from .processing import PROCESSOR_CONFIG_NAME
 from .runtime.hub import is_hub_name
 
 # remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
 # must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names)
 _OWNED_DIRS = ("vision/", "lm/")
-_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, "flamingo_processor.json")
+_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, PROCESSOR_CONFIG_NAME)
 RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)
 
 

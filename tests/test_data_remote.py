@@ -105,9 +105,7 @@ def test_hub_and_pipe_shards_and_interleaved_documents(tmp_path, server, process
     for path in docs["files"]:
         shutil.copy(path, root / os.path.basename(path))
     names = sorted(os.listdir(root))
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setenv("HF_ENDPOINT", url)
     options = {"remote_cache_dir": str(tmp_path / "cache"), "shuffle": False}
     local, _ = _batches(DatasetSection("d", "interleaved", docs["path"], 1, options=options), processor)
     hub = "hf://datasets/someone/shards/{" + ",".join(names) + "}"

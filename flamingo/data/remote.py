@@ -20,7 +20,6 @@ import subprocess
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Optional
@@ -63,17 +62,16 @@ def default_fetcher() -> "ShardFetcher":
 
 def hub_url(path: str) -> tuple[str, dict[str, str]]:
     """`hf://datasets/org/name[@revision]/file` -> its download URL on the Hub (`HF_ENDPOINT`) and the headers that
-    carry the user's token (`huggingface-cli login` or `HF_TOKEN`), when there is one."""
+    carry the user's token (`hf auth login` or `HF_TOKEN`), when there is one (huggingface_hub's own)."""
     m = _HF_PATH.match(path)
     if m is None:
         raise ValueError(f"{path!r}: a Hub shard is hf://datasets/ORG/NAME[@REVISION]/PATH")
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
-    repo, revision, file = m.group(1), m.group(2) or "main", m.group(3)
-    url = (f"{constants.ENDPOINT}/datasets/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
-           f"{urllib.parse.quote(file)}")
-    token = get_token()
-    return url, ({"authorization": f"Bearer {token}"} if token else {})
+    url = hf_hub_url(m.group(1), m.group(3), repo_type="dataset", revision=m.group(2) or "main",
+                     endpoint=os.environ.get("HF_ENDPOINT"))  # as set now (huggingface_hub read it at import)
+    return url, build_hf_headers(library_name="flamingo")
 
 
 class FetchError(Exception):

@@ -14,6 +14,7 @@ then not reported). A demo is one round of a training dialog with its history an
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -37,7 +38,9 @@ def ndcg(relevance: Sequence[float], order: Sequence[int]) -> float:
     return dcg(order) / best if best > 0 else 0.0
 
 
+@functools.lru_cache(maxsize=4)
 def _images_by_id(root: Path) -> dict[int, str]:
+    """Every image under `root` by the id its file name ends with (walked once for both splits)."""
     found: dict[int, str] = {}
     for path in sorted(root.rglob("*")):
         m = _TRAILING_ID.search(path.stem)

@@ -90,7 +90,9 @@ class Prefill:
     @property
     def total_media(self) -> int:
         """The prompt's media (images and videos)."""
-        return self._total_media()
+        if self.images is None:
+            return 0
+        return int(self.num_media[0]) if self.num_media is not None else self.images.shape[1]
 
     @property
     def media_done(self) -> int:
@@ -107,7 +109,7 @@ class Prefill:
     @property
     def needs_media(self) -> bool:
         """Whether the next `step` encodes media (after `prepare`): some are left, and no chunk has run."""
-        return self.ctx is None and self.media_done < self._total_media()
+        return self.ctx is None and self.media_done < self.total_media
 
     def prepare(self) -> None:
         """Check the prompt's media tokens against its media and take what the prefix cache holds (the first `step`
@@ -179,7 +181,7 @@ class Prefill:
         stored blocks (leaving at least the last token to compute)."""
         self._checked = True
         self.model.check_media_tokens(self.input_ids[None],
-                                      None if self.images is None else torch.tensor([self._total_media()]))
+                                      None if self.images is None else torch.tensor([self.total_media]))
         cache = self.prefix_cache
         if cache is None:
             return
@@ -217,7 +219,7 @@ class Prefill:
         whether this call encoded any."""
         if self.images is None:
             return False
-        total = self._total_media()
+        total = self.total_media
         start = self.media_done
         end = total if per_step is None else min(total, start + per_step)
         if end > start:
@@ -226,11 +228,6 @@ class Prefill:
                                                         torch.tensor([end - start]), frames,
                                                         vision_cache=self.vision_cache))  # (1, n, R, Dv)
         return end > start if end >= total else None
-
-    def _total_media(self) -> int:
-        if self.images is None:
-            return 0
-        return int(self.num_media[0]) if self.num_media is not None else self.images.shape[1]
 
     def _store_prefix(self, logprobs: Optional[TokenLogprobs]) -> None:
         """Give the prompt's whole blocks to the prefix cache (those it holds already are only touched), with the

@@ -307,6 +307,8 @@ class Engine:
         """Prefill the leading fresh prompts (`Prefill.fresh`) in one call when two or more fit in the turn's budget:
         `prefill_batch_tokens` padded tokens with no row running; with rows running, `prefill_chunk` tokens and
         `media_per_step` media (a turn's cost for the running rows stays as it was). Returns whether it ran."""
+        if self.prefill_batch_tokens <= 0 or len(self._prefills) < 2:
+            return False
         running = bool(self._rows)
         budget = min(self.prefill_chunk, self.prefill_batch_tokens) if running else self.prefill_batch_tokens
         group: list[tuple[Job, Prefill]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,14 +23,16 @@ Backbone = Union[str, os.PathLike, nn.Module]
 
 def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str, PreTrainedTokenizerBase]] = None,
                    config: Optional[FlamingoConfig] = None, *, image_processor: Any = None,
-                   torch_dtype: Optional[torch.dtype] = None, max_length: Optional[int] = None
+                   torch_dtype: Optional[torch.dtype] = None, max_length: Optional[int] = None,
+                   extra_tokens: Sequence[str] = (), template: str = "flamingo"
                    ) -> tuple[Flamingo, FlamingoProcessor]:
     """Build a Flamingo on pretrained backbones.
 
     vision / lm: HF models or names/paths for `from_pretrained` (names are kept in the config so that trained-only
     checkpoints can refer to them). tokenizer / image_processor default to the ones saved with the LM / tower.
     Adds `<image>`, `<|endofchunk|>` (a pad token if missing, and `config.num_image_references` reference tokens
-    `<image0>`, ...) to the tokenizer; their embedding rows are the only new trainable rows. Returns (model,
+    `<image0>`, ...) to the tokenizer, `extra_tokens` right after `<image>` (a family's own markers); their
+    embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`). Returns (model,
     processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
@@ -49,7 +51,7 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
             raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
         image_processor = load_image_processor(str(vision_ref))
 
-    added = add_flamingo_tokens(tokenizer, config.num_image_references)
+    added = add_flamingo_tokens(tokenizer, config.num_image_references, extra_tokens)
     config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref
     config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
@@ -67,7 +69,8 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
     model = Flamingo(vision_model, lm_model, config)
-    processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames)
+    processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames,
+                                   template=template)
     positions = lm_max_positions(lm_model)
     if max_length is None and positions is not None:  # the tokenizer may not know its LM's context, or think it
         processor.max_length = min(processor.max_length or positions, positions)  # longer

@@ -75,16 +75,20 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert_idefics(args: argparse.Namespace) -> int:
-    from .convert.idefics import from_idefics, write_backbones
+def _cmd_convert_whole(args: argparse.Namespace) -> int:
+    """IDEFICS and Otter: checkpoints holding their backbones, written whole or once under --backbones."""
+    from .convert import from_idefics, from_otter, write_backbones
 
     if args.trained_only and not args.backbones:
         raise ValueError("--trained-only needs --backbones DIR (where the vision tower and LM are written once)")
-    model, processor = from_idefics(args.model, args.tokenizer)
+    if args.source == "idefics":
+        model, processor = from_idefics(args.model, args.tokenizer)
+    else:
+        model, processor = from_otter(args.model, args.tokenizer, revision=args.revision)
     if args.backbones:
         write_backbones(model, processor, args.backbones)
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
-    print(f"wrote {args.out} (IDEFICS blocks before layers {model.xattn_layer_indices})")
+    print(f"wrote {args.out} ({args.source}: blocks before layers {model.xattn_layer_indices})")
     return 0
 
 
@@ -286,11 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     idefics = convert_sub.add_parser("idefics", help="an IdeficsForVisionText2Text checkpoint (docs/convert.md)")
     idefics.add_argument("--model", required=True, help="hub name or directory (e.g. HuggingFaceM4/idefics-9b)")
     idefics.add_argument("--tokenizer", default=None, help="defaults to the model's")
-    idefics.add_argument("--out", required=True)
-    idefics.add_argument("--backbones", default=None, help="write the vision tower and LM here (vision/, lm/)")
-    idefics.add_argument("--trained-only", action="store_true",
-                         help="store trained weights + references to the --backbones directories")
-    idefics.set_defaults(func=_cmd_convert_idefics)
+    otter = convert_sub.add_parser("otter", help="an Otter (or its HF-format OpenFlamingo) checkpoint "
+                                   "(docs/convert.md)")
+    otter.add_argument("--model", required=True, help="hub name or directory (e.g. luodian/OTTER-Image-MPT7B)")
+    otter.add_argument("--revision", default=None, help="a hub branch, tag or commit")
+    otter.add_argument("--tokenizer", default=None, help="defaults to the repository's, else the base LM's Otter "
+                       "loads (mosaicml/mpt-7b-instruct for MPT)")
+    for whole in (idefics, otter):
+        whole.add_argument("--out", required=True)
+        whole.add_argument("--backbones", default=None, help="write the vision tower and LM here (vision/, lm/)")
+        whole.add_argument("--trained-only", action="store_true",
+                           help="store trained weights + references to the --backbones directories")
+        whole.set_defaults(func=_cmd_convert_whole)
 
     push = sub.add_parser("push", help="share a saved model on the Hugging Face Hub (docs/architecture.md)")
     push.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor)")

@@ -29,7 +29,7 @@ from .video import decode_video, uniform_frame_indices
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"
 END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS's end of a dialogue turn (its instruct models' tokenizers hold it)
-TEMPLATES = ("flamingo", "idefics")
+TEMPLATES = ("flamingo", "idefics", "otter")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
@@ -47,11 +47,14 @@ def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
     return text
 
 
-def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0) -> list[int]:
-    """Add `<image>`, `<|endofchunk|>` (a pad token if missing, then `<image0>` ... for `num_references` reference
-    tokens) to `tokenizer`; return the ids it added."""
+def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0,
+                        extra_tokens: Sequence[str] = ()) -> list[int]:
+    """Add `<|endofchunk|>`, `<image>` and `extra_tokens` (a model family's own markers, e.g. Otter's `<answer>`) in
+    one call, then a pad token if missing, then `<image0>` ... for `num_references` reference tokens, to
+    `tokenizer`; return the ids it added."""
     before = len(tokenizer)
-    new = [t for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN) if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    new = [t for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN, *extra_tokens) if t not in vocab]
     if new:
         _add_special_tokens(tokenizer, new)
     if tokenizer.pad_token is None:
@@ -101,15 +104,17 @@ class FlamingoProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, *, max_length: Optional[int] = None,
                  max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left",
                  image_references: bool = False, template: str = "flamingo") -> None:
-        """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples) or "idefics" (IDEFICS's
-        format: `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
+        """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples), "otter" (prompts as written;
+        chat turns in Otter's `User: ... GPT:<answer>` format, serve/template.py) or "idefics" (IDEFICS's format:
+        `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-        needed = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN) if template == "flamingo" else (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER)
+        idefics = template == "idefics"
+        needed = (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER) if idefics else (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
         missing = [t for t in needed if t not in tokenizer.get_vocab()]
         if missing or tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer lacks the {template} prompt tokens {missing or ['<pad>']}"
-                             + (": call add_flamingo_tokens first" if template == "flamingo" else ""))
+                             + ("" if idefics else ": call add_flamingo_tokens first"))
         self.template = template
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

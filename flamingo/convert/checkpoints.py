@@ -1,4 +1,5 @@
-"""A published checkpoint's tensors, read without running pickle code (its directory: `runtime.hub.local_dir`)."""
+"""A published checkpoint's tensors, read without running pickle code (its directory: `runtime.hub.local_dir`); a
+converted model's backbones written once for trained-only checkpoints."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import glob
 import os
 
 import torch
+
+from ..model.flamingo import Flamingo
+from ..processing import FlamingoProcessor
 
 
 def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.Tensor]:
@@ -29,3 +33,14 @@ def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.T
         except Exception as e:
             raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
     return state
+
+
+def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:
+    """Save a converted model's vision tower and LM as HF directories (`directory/vision`, `directory/lm`) and point
+    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them."""
+    vision, lm = os.path.join(directory, "vision"), os.path.join(directory, "lm")
+    model.vision.save_pretrained(vision)
+    processor.image_processor.save_pretrained(vision)
+    model.lm.save_pretrained(lm)
+    processor.tokenizer.save_pretrained(lm)
+    model.config.vision_name_or_path, model.config.lm_name_or_path = os.path.abspath(vision), os.path.abspath(lm)

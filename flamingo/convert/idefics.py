@@ -241,14 +241,3 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)
     processor = FlamingoProcessor(tokenizer, image_processor, max_length=limit, max_frames=1, template="idefics")
     return model.eval(), processor
-
-
-def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:
-    """Save a converted model's vision tower and LM as HF directories (`directory/vision`, `directory/lm`) and point
-    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them."""
-    vision, lm = os.path.join(directory, "vision"), os.path.join(directory, "lm")
-    model.vision.save_pretrained(vision)
-    processor.image_processor.save_pretrained(vision)
-    model.lm.save_pretrained(lm)
-    processor.tokenizer.save_pretrained(lm)
-    model.config.vision_name_or_path, model.config.lm_name_or_path = os.path.abspath(vision), os.path.abspath(lm)

@@ -79,14 +79,22 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model.name_or_path = str(source)
         return model.eval()
-    state = read_tensors(directory)
+    model = mpt_from_state(remote, read_tensors(directory), **kwargs)
+    model.name_or_path = str(source)
+    return model
+
+
+def mpt_from_state(remote: dict[str, Any], state: dict[str, torch.Tensor], **kwargs: Any) -> MptForCausalLM:
+    """MPT remote code's config (a dict) and tensors on transformers' `MptForCausalLM`, in eval mode, after
+    `check_mpt`; every tensor must find its parameter and back."""
     check_mpt(remote, state)
     state = {k: v for k, v in state.items() if not k.endswith(".bias")}  # all zero (checked)
     known = set(MptConfig().to_dict())
     config = MptConfig(**{k: v for k, v in remote.items() if k in known and k not in ("attn_config",)},
+                       # not attn_pdrop: dropout acts in training only, and transformers 5.2x types it int,
+                       # refusing the 0.0 some MPT configs hold
                        attn_config={k: v for k, v in (remote.get("attn_config") or {}).items()
-                                    if k in ("attn_type", "attn_pdrop", "clip_qkv", "softmax_scale", "alibi",
-                                             "alibi_bias_max")})
+                                    if k in ("attn_type", "clip_qkv", "softmax_scale", "alibi", "alibi_bias_max")})
     model = MptForCausalLM._from_config(config, **kwargs)
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied
@@ -95,7 +103,6 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
         raise ValueError(f"MPT checkpoint does not match transformers' MPT: missing {result.missing_keys[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
-    model.name_or_path = str(source)
     return model.eval()
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -139,13 +139,15 @@ def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 
 
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
-                         image_processor: Any = None, config: Optional[FlamingoConfig] = None
+                         image_processor: Any = None, config: Optional[FlamingoConfig] = None,
+                         extra_tokens: Sequence[str] = (), template: str = "flamingo"
                          ) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor with the weights of an OpenFlamingo 2.x checkpoint on the same backbones.
 
     lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
     on classes transformers ships). OpenFlamingo cut the LM's table to its tokenizer (MPT's and RedPajama's padded
-    50432 rows to 50280); the LM gets the checkpoint's row count too, and then refers to no name (save it whole)."""
+    50432 rows to 50280); the LM gets the checkpoint's row count too, and then refers to no name (save it whole).
+    extra_tokens / template: `from_backbones`'s (a family's markers added after `<image>`, the processor's template)."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
     if isinstance(lm, (str, os.PathLike)):
@@ -155,7 +157,8 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     shrunk = emb_key in state and state[emb_key].shape[0] < lm.get_input_embeddings().num_embeddings
     if shrunk:
         lm.resize_token_embeddings(state[emb_key].shape[0], mean_resizing=False)
-    model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor)
+    model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor,
+                                      extra_tokens=extra_tokens, template=template)
     config = model.config
     if shrunk:
         config.lm_name_or_path = None

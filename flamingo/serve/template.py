@@ -18,6 +18,13 @@ So `<image>Output: a cat.<|endofchunk|><image>Output:` is the conversation user 
 A tokenizer without `<end_of_utterance>` (the base models) gets the same turns ended by the line break alone, and
 answers stop at the next `\nUser:`.
 
+`otter` (Otter's instruction format, as its demos and MIMIC-IT training write it,
+`<image>User: {question} GPT:<answer> {answer}<|endofchunk|>`):
+- `system` text first, then a line break (Otter has no system turn);
+- each `user` turn is its media's `<image>`s, then `User: ` and its text;
+- each `assistant` turn is ` GPT:<answer> `, its text and `<|endofchunk|>`;
+- the prompt ends with ` GPT:<answer>`, which the model continues (answers end at `<|endofchunk|>`).
+
 Either way the model's answer starts with the space the template would put back, so chat answers are sent without
 leading whitespace.
 """
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from ..processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
 from .protocol import APIError, ImagePart, Message, TextPart
+
+OTTER_ANSWER = "<answer>"  # Otter's marker before each answer
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,27 @@ class IdeficsChat(ChatTemplate):
         return "Assistant:"
 
 
+@dataclass(frozen=True)
+class OtterChat(ChatTemplate):
+    """Otter's format: `<image>User: ... GPT:<answer> ...<|endofchunk|>` per exchange."""
+
+    name: str = "otter"
+    reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN, OTTER_ANSWER)
+
+    def turn(self, role: str, pieces: list[str], before: str) -> str:
+        if role == "system":
+            return "".join(pieces) + "\n"
+        if role == "assistant":
+            return self.answer_prefix() + " " + "".join(pieces).lstrip() + END_OF_CHUNK_TOKEN
+        media = "".join(p for p in pieces if p == MEDIA_TOKEN)
+        return media + "User: " + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
+
+    def answer_prefix(self) -> str:
+        return " GPT:" + OTTER_ANSWER
+
+
 FLAMINGO = ChatTemplate()
+OTTER = OtterChat()
 
 
 def chat_template_for(processor: FlamingoProcessor, vocab: int) -> ChatTemplate:
@@ -118,6 +147,8 @@ def chat_template_for(processor: FlamingoProcessor, vocab: int) -> ChatTemplate:
     embedding has `vocab` rows: IDEFICS turns end with `<end_of_utterance>` where the model has a row for it."""
     if processor.template == "flamingo":
         return FLAMINGO
+    if processor.template == "otter":
+        return OTTER
     eou = processor.tokenizer.get_vocab().get(END_OF_UTTERANCE)
     return IdeficsChat(end_of_turn=END_OF_UTTERANCE if eou is not None and eou < vocab else "",
                        reserved=(MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER) + ((END_OF_UTTERANCE,) if eou is not None else ()))

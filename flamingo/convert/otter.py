@@ -1,0 +1,211 @@
+"""Otter checkpoints (Li et al. 2023, "Otter: A Multi-Modal Model with In-Context Instruction Tuning") -> our model.
+
+An Otter repository (e.g. `luodian/OTTER-Image-MPT7B`) is a transformers `save_pretrained` directory of Otter's
+`OtterForConditionalGeneration` (config `model_type: otter`), or of the same project's Hugging Face-format OpenFlamingo
+`FlamingoForConditionalGeneration` (`model_type: flamingo`, e.g. `luodian/OPENFLAMINGO-9B-HF`). Its config holds
+`vision_config` (CLIP's), `text_config` (the LM's own), `cross_attn_every_n_layers` and, for video models,
+`max_num_frames`. Its tensors:
+- `vision_encoder.*`: a transformers `CLIPVisionModel`;
+- `lang_encoder.*`: the LM with each decoder layer wrapped: `<layers>.{L}.decoder_layer.*` is the LM's layer L,
+  `<layers>.{L}.gated_cross_attn_layer.*` the block before it (where (L + 1) % n == 0);
+- `perceiver.*`: the resampler (`latents`, `frame_embs` for video, `layers.{i}.{norm_media, norm_latents, to_q, to_kv,
+  to_out, feed_forward}`, `norm`).
+Its modules compute what OpenFlamingo's do: the same Perceiver, the same gated block, each token attending to the
+last image at or before it (Otter's `use_media_placement_augmentation` is off), and features = the tower's last hidden
+state without CLS, before CLIP's final LayerNorm. So the tensors are renamed to OpenFlamingo's names and go through
+`convert_openflamingo`, on an LM and a tower built from the checkpoint itself: Otter trains the LM's whole input
+embedding (and LLaMA's head), so both are saved whole, never referred to by the base model's name.
+
+Tokens: Otter's tokenizer is its base LM's with `<|endofchunk|>`, `<image>`, `<answer>` added in one call, then `<PAD>`
+when it has no pad token (its OpenFlamingo format: without `<answer>`). Adding the same here gives the same ids; their
+rows become our added rows (trained like ours). The repository's own tokenizer is used when it ships one, else the
+base tokenizer Otter's code loads (`mosaicml/mpt-7b-instruct` for MPT, the LM's `_name_or_path` for LLaMA).
+
+Known difference: Otter's `generate` feeds each cached decode step its new token alone, and its layers compute the
+media locations from that step's ids, so generated tokens see no image. Here every token sees the last image before
+it, as in Otter's training forward; Otter's `generate(use_cache=False)` gives the same tokens as ours
+(tests/test_otter_equal.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ..model.flamingo import Flamingo
+from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
+from ..processing import FlamingoProcessor, load_image_processor
+from ..runtime.compat import dtype_kwargs, pil_image_processor
+from ..runtime.hub import local_dir
+from .checkpoints import read_tensors
+from .lm_families import mpt_from_state
+from .openflamingo import convert_openflamingo
+
+# model_type -> the markers its tokenizer adds after `<|endofchunk|>`, `<image>`, and the processor's template
+FORMATS: dict[str, tuple[tuple[str, ...], str]] = {"otter": (("<answer>",), "otter"), "flamingo": ((), "flamingo")}
+# The tokenizer Otter's code loads for an LM family whose config names none (the LM's `_name_or_path` otherwise)
+BASE_TOKENIZERS = {"mpt": "mosaicml/mpt-7b-instruct", "mosaic_gpt": "mosaicml/mosaic-llama-redpajama-final-candidate"}
+_FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_LAYER = re.compile(r"lang_encoder\.(.+)\.(\d+)\.(decoder_layer|gated_cross_attn_layer)\.(.*)$")
+
+
+def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = None
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Weights
+    are read from safetensors, or `.bin` files weights-only (no pickle code runs)."""
+    directory = local_dir(str(source), "Otter model", revision=revision, allow_patterns=_FILES, ignore_patterns=None)
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {directory!r}: not a transformers save_pretrained directory")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") not in FORMATS:
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r} is not Otter's (`otter`) or its "
+                         "OpenFlamingo format's (`flamingo`)")
+    for part in ("vision_config", "text_config"):
+        if not isinstance(config.get(part), dict):
+            raise ValueError(f"{source}: config.json has no {part}")
+    return config, read_tensors(directory), directory
+
+
+def split_otter_state(state: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Otter's tensors -> (the vision tower's, the LM's, OpenFlamingo-named ones for `convert_openflamingo`). The
+    OpenFlamingo-named set holds the perceiver, the blocks and (under `lang_encoder.`) the LM's tensors, so that the
+    converter finds the embedding and head rows of the added tokens."""
+    if any("lora_" in key for key in state):
+        raise ValueError("this Otter checkpoint holds LoRA adapters on its LM: merge them into the LM first (Otter's "
+                         "converting_otter_to_lora.py wrote them; peft's merge_and_unload undoes it)")
+    vision: dict[str, torch.Tensor] = {}
+    lm: dict[str, torch.Tensor] = {}
+    of: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if key.startswith("vision_encoder."):
+            vision[key[len("vision_encoder."):]] = value
+        elif key.startswith("perceiver."):
+            m = re.match(r"perceiver\.layers\.(\d+)\.(feed_forward\.)?(.*)$", key)
+            if m:  # OpenFlamingo: `.0` the attention, `.1` the feed-forward
+                key = f"perceiver.layers.{m.group(1)}.{'1' if m.group(2) else '0'}.{m.group(3)}"
+            of[key] = value
+        elif key.startswith("lang_encoder."):
+            m = _LAYER.match(key)
+            if m and m.group(3) == "gated_cross_attn_layer":
+                rest = re.sub(r"^feed_forward\.", "ff.", m.group(4))
+                of[f"lang_encoder.gated_cross_attn_layers.{m.group(2)}.{rest}"] = value
+                continue
+            name = f"{m.group(1)}.{m.group(2)}.{m.group(4)}" if m else key[len("lang_encoder."):]
+            lm[name] = value
+            of["lang_encoder." + name] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"tensors outside Otter's vision_encoder / lang_encoder / perceiver: {unknown[:5]}")
+    if not vision or not lm:
+        raise ValueError("the checkpoint lacks the vision tower (vision_encoder.*) or the LM (lang_encoder.*)")
+    return vision, lm, of
+
+
+def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's CLIP tower; every tensor must find its parameter and back."""
+    config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+    model = CLIPVisionModel(config).to(dtype)
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in older transformers
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"Otter's vision tower does not match CLIPVisionModel: missing {result.missing_keys[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
+    """The checkpoint's LM on a class transformers ships (or our MosaicGPT), its tensors loaded as they are."""
+    model_type = text_config.get("model_type")
+    kwargs = dtype_kwargs(dtype)
+    if model_type == "mpt":
+        return mpt_from_state(text_config, state, **kwargs)
+    fields = {k: v for k, v in text_config.items() if k != "model_type"}
+    if model_type == "mosaic_gpt":
+        register()
+        model: PreTrainedModel = MosaicGPTForCausalLM(MosaicGPTConfig(**fields)).to(dtype)
+    else:
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except ValueError as e:
+            raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    result = model.load_state_dict(state, strict=False)
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"Otter's LM does not match transformers' {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    model.name_or_path = ""  # its table is Otter's, not the base model's: saved whole
+    return model.eval()
+
+
+TokenizerArg = Union[None, str, os.PathLike, PreTrainedTokenizerBase]
+
+
+def otter_tokenizer(directory: str, text_config: dict[str, Any], tokenizer: TokenizerArg = None
+                    ) -> PreTrainedTokenizerBase:
+    """`tokenizer` (object, name or directory), else the repository's own, else the base one Otter's code loads."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    source = tokenizer
+    if source is None and any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
+        source = directory
+    if source is None:
+        source = BASE_TOKENIZERS.get(text_config.get("model_type")) or text_config.get("_name_or_path")
+    if not source:
+        raise ValueError("the Otter checkpoint names no tokenizer: pass tokenizer= (--tokenizer), its base LM's")
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, *, revision: Optional[str] = None,
+               image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None
+               ) -> tuple[Flamingo, FlamingoProcessor]:
+    """Our model + processor computing what an Otter checkpoint (hub name or directory) computes.
+
+    tokenizer: the repository's or its base LM's unless given (module docstring). image_processor: the repository's
+    `preprocessor_config.json`, else `CLIPImageProcessor()` at the tower's size (what Otter's demos use).
+    torch_dtype defaults to the checkpoint's. The backbones are saved whole (`save_pretrained`), or once with
+    `convert.write_backbones` for trained-only checkpoints."""
+    config, state, directory = read_otter(source, revision=revision)
+    vision_state, lm_state, of_state = split_otter_state(state)
+    extra_tokens, template = FORMATS[config["model_type"]]
+    dtype = torch_dtype or next(iter(lm_state.values())).dtype
+    text_config = config["text_config"]
+    tokenizer = otter_tokenizer(directory, text_config, tokenizer)
+    if image_processor is None:
+        if os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
+            image_processor = load_image_processor(directory)
+        else:
+            size = int(config["vision_config"].get("image_size", 224))
+            image_processor = pil_image_processor("CLIPImageProcessor")(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    model, processor = convert_openflamingo(of_state, otter_vision(config["vision_config"], vision_state, dtype),
+                                            otter_lm(text_config, lm_state, dtype), tokenizer,
+                                            image_processor=image_processor, extra_tokens=extra_tokens,
+                                            template=template)
+    every = config.get("cross_attn_every_n_layers")
+    if every is not None and model.config.xattn_every != every:
+        raise ValueError(f"the checkpoint's blocks sit every {model.config.xattn_every} layers, its config says "
+                         f"{every}")
+    return model.to(dtype).eval(), processor

@@ -1,0 +1,169 @@
+"""Equal to Otter: a checkpoint saved by Otter's own model classes, converted, gives Otter's logits and tokens.
+
+Otter is installed with `pip install --no-deps otter-ai==0.0.0a8` and imported, never copied. Its classes build the
+reference on tiny random configs (a 1024-wide CLIP tower: Otter fixes its resampler's width), save it with
+`save_pretrained`, and `from_otter` reads that directory as it reads a hub repository.
+"""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.peer
+pytest.importorskip("einops", reason="Otter's model needs einops")
+otter_modeling = pytest.importorskip("otter_ai.models.otter.modeling_otter", reason="otter-ai is not installed")
+flamingo_modeling = pytest.importorskip("otter_ai.models.flamingo.modeling_flamingo")
+from otter_ai.models.flamingo.configuration_flamingo import FlamingoConfig as OtterFlamingoConfig  # noqa: E402
+from otter_ai.models.otter.configuration_otter import OtterConfig  # noqa: E402
+
+from flamingo.build import load_pretrained  # noqa: E402
+from flamingo.cli import main  # noqa: E402
+from flamingo.convert import from_otter  # noqa: E402
+from flamingo.convert.otter import split_otter_state  # noqa: E402
+from flamingo.tiny import random_image, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+
+PROMPTS = ["<image>User: what is it? GPT:<answer> a red square.<|endofchunk|><image>User: and this one? GPT:<answer>",
+           "<image>User: describe the image GPT:<answer>"]
+MPT_TEXT = dict(architectures=["MPTForCausalLM"], model_type="mpt", d_model=32, hidden_size=32, n_heads=4, n_layers=4,
+                max_seq_len=512, vocab_size=320, expansion_ratio=4, no_bias=True, tie_word_embeddings=True,
+                attn_config=dict(alibi=True, attn_impl="torch", attn_pdrop=0.0), init_device="cpu")
+
+
+def _reference(tmp_path, monkeypatch, lm: str = "llama", every: int = 2, frames=None, kind: str = "otter"):
+    """(Otter's model, its save_pretrained directory, the base tokenizer's directory)."""
+    tok_dir = tmp_path / "llama-tokenizer"  # Otter picks LLaMA's tokenizer by "llama" in the LM's _name_or_path
+    tiny_tokenizer().save_pretrained(tok_dir)
+    modeling = otter_modeling if kind == "otter" else flamingo_modeling
+    # Otter's code names the MPT tokenizer by its hub name; offline, the same tiny one stands in for it
+    monkeypatch.setattr(modeling, "AutoTokenizer", type("Tok", (), {
+        "from_pretrained": staticmethod(lambda *a, **k: AutoTokenizer.from_pretrained(tok_dir))}))
+    if lm == "llama":
+        text = tiny_lm("llama", vocab_size=310).config.to_dict()
+        text.update(_name_or_path=str(tok_dir), architectures=["LlamaForCausalLM"])
+    else:
+        text = dict(MPT_TEXT)
+    vision = tiny_vision("clip", hidden_size=1024, num_layers=1).config.to_dict()
+    extra = {} if frames is None else {"max_num_frames": frames}
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # Otter prints every trainable parameter
+        if kind == "otter":
+            model = otter_modeling.OtterForConditionalGeneration(OtterConfig(
+                vision_config=vision, text_config=text, cross_attn_every_n_layers=every, **extra))
+        else:
+            model = flamingo_modeling.FlamingoForConditionalGeneration(OtterFlamingoConfig(
+                vision_config=vision, text_config=text, cross_attn_every_n_layers=every,
+                use_media_placement_augmentation=False))
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero gates, a fine-tuned table (Otter trains it all) and, for video, frame embeddings
+        for name, p in model.named_parameters():
+            if name.endswith("attn_gate"):
+                p.uniform_(0.3, 1.0)
+            elif name.endswith("ff_gate"):
+                p.uniform_(-1.0, -0.3)
+        table = model.lang_encoder.get_input_embeddings().weight
+        table.add_(0.01 * torch.randn_like(table))
+    model.eval().save_pretrained(tmp_path / "otter")
+    return model, tmp_path / "otter", tok_dir
+
+
+def _reference_logits(model, batch):
+    with torch.no_grad():
+        return model(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("lm,every", [("llama", 2), ("mpt", 1)])
+def test_logits_equal_otter(tmp_path, monkeypatch, lm, every):
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, lm, every)
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    assert ours.xattn_layer_indices == [i for i in range(4) if (i + 1) % every == 0]
+    assert processor.template == "otter"
+    for token in ("<|endofchunk|>", "<image>", "<answer>"):  # Otter's ids, and our trained rows
+        assert processor.tokenizer.convert_tokens_to_ids(token) == reference.text_tokenizer.convert_tokens_to_ids(token)
+    assert ours.config.num_new_tokens == 4 and ours.new_token_embeddings.requires_grad
+    batch = processor(PROMPTS, images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="right")
+    assert batch["input_ids"][0].tolist() == reference.text_tokenizer(PROMPTS[0])["input_ids"]
+    expected = _reference_logits(reference, batch)
+    with torch.no_grad():
+        got = ours(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    bare = ours.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (bare[real] - expected[real]).abs().max() > 1e-2  # the images and blocks count
+
+
+def test_video_equal_otter(tmp_path, monkeypatch):
+    """Otter-Video: frames of one medium, a learned embedding per frame (its `frame_embs`, our time embeddings)."""
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2, frames=4)
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    assert ours.config.max_frames == 4
+    torch.testing.assert_close(ours.resampler.time_embeddings.reshape(4, -1), reference.perceiver.frame_embs)
+    video = [random_image(k) for k in range(3)]
+    batch = processor([PROMPTS[1]], images=[[video]])
+    assert batch["images"].shape[:3] == (1, 1, 3)
+    torch.testing.assert_close(ours(**batch).logits.detach(), _reference_logits(reference, batch),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_equal_otter_uncached(tmp_path, monkeypatch):
+    """Otter's uncached generate attends every token to its image, as ours does (its cached steps see none: the
+    module docstring); the same greedy tokens, stopping at `<|endofchunk|>` as Otter's generate does."""
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2)
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    batch = processor([PROMPTS[0]], images=[[random_image(0), random_image(1)]])
+    with torch.no_grad():
+        expected = reference.generate(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"], max_new_tokens=8, do_sample=False,
+                                      use_cache=False)
+        got = ours.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == expected.tolist()
+
+
+def test_openflamingo_hf_format_equal(tmp_path, monkeypatch):
+    """The Otter project's HF-format OpenFlamingo (`model_type: flamingo`): no `<answer>`, Flamingo's template."""
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2, kind="flamingo")
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    assert processor.template == "flamingo" and "<answer>" not in processor.tokenizer.get_vocab()
+    prompt = "<image>Output: a red square.<|endofchunk|><image>Output:"
+    batch = processor([prompt], images=[[random_image(0), random_image(1)]])
+    torch.testing.assert_close(ours(**batch).logits.detach(), _reference_logits(reference, batch),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_cli_convert_then_load(tmp_path, monkeypatch, capsys):
+    """`flamingo convert otter` writes a directory `load_pretrained` reads back: same logits, Otter's template; with
+    --backbones a trained-only checkpoint refers to backbones written once."""
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, "mpt", 2)
+    assert main(["convert", "otter", "--model", str(directory), "--tokenizer", str(tok_dir),
+                 "--out", str(tmp_path / "whole")]) == 0
+    assert main(["convert", "otter", "--model", str(directory), "--tokenizer", str(tok_dir),
+                 "--out", str(tmp_path / "small"), "--backbones", str(tmp_path / "backbones"), "--trained-only"]) == 0
+    assert "blocks before layers [1, 3]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "whole" / "flamingo_processor.json").read_text())["template"] == "otter"
+    batch = None
+    for out in ("whole", "small"):
+        model, processor = load_pretrained(str(tmp_path / out))
+        batch = batch or processor([PROMPTS[0]], images=[[random_image(0), random_image(1)]])
+        torch.testing.assert_close(model(**batch).logits.detach(), _reference_logits(reference, batch),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_bad_checkpoints_are_refused(tmp_path, monkeypatch):
+    _, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "idefics"}))
+    with pytest.raises(ValueError, match="not Otter's"):
+        from_otter(directory, tokenizer=tok_dir)
+    (directory / "config.json").write_text(json.dumps({**config, "cross_attn_every_n_layers": 4}))
+    with pytest.raises(ValueError, match="every 2 layers, its config says 4"):
+        from_otter(directory, tokenizer=tok_dir)
+    with pytest.raises(ValueError, match="LoRA"):
+        split_otter_state({"lang_encoder.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                           torch.zeros(1)})
+    with pytest.raises(ValueError, match="outside Otter's"):
+        split_otter_state({"perceiver.latents": torch.zeros(1), "text_projection.weight": torch.zeros(1)})

@@ -1,0 +1,88 @@
+"""Chat with an Otter model in its own instruction format (docs/serve.md, "The template"): OpenAI messages become the
+prompt Otter's in-context demo writes, `<image>User: {q} GPT:<answer> {a}<|endofchunk|>...`, and the served answer is
+the model's greedy answer to it, stopping at `<|endofchunk|>`."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from flamingo.build import from_backbones
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.engine import Engine
+from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
+from flamingo.serve.template import FLAMINGO, OTTER, chat_template_for
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
+
+from serve_helpers import data_url, greedy_alone, openai_client, running_server
+
+# Otter's in-context demo (pipeline/demo/otter_image_incontext.py): one example, then the question
+DEMO = "<image>User: What does the image describe? GPT:<answer> A family is taking picture in front of a snow " \
+       "mountain.<|endofchunk|><image>User: What is in this one? GPT:<answer>"
+
+
+def _messages(*turns):
+    return parse(ChatCompletionRequest, {"messages": list(turns)}).messages
+
+
+def _demo_turns(first="a", second="b"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": first}},
+                                         {"type": "text", "text": "What does the image describe?"}]},
+            {"role": "assistant", "content": "A family is taking picture in front of a snow mountain."},
+            {"role": "user", "content": [{"type": "text", "text": "What is in this one?"},
+                                         {"type": "image_url", "image_url": {"url": second}}]}]
+
+
+def test_the_in_context_demo_format():
+    text, media = OTTER.render(_messages(*_demo_turns()))
+    assert text == DEMO and [m.url for m in media] == ["a", "b"]
+    text, _ = OTTER.render(_messages({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}))
+    assert text == "Be brief.\nUser: Hi GPT:<answer>"
+    for marker in ("<answer>", "<|endofchunk|>", "<image>"):
+        with pytest.raises(APIError, match="may not contain"):
+            OTTER.render(_messages({"role": "user", "content": f"a {marker} b"}))
+    FLAMINGO.render(_messages({"role": "user", "content": "a <answer> b"}))  # plain text to a Flamingo model
+
+
+def _otter_shaped():
+    """A tiny model with Otter's tokens (`<answer>` added after `<image>`) and template."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                      image_processor=tiny_image_processor(), extra_tokens=("<answer>",),
+                                      template="otter")
+    set_gates(model, 0.5)
+    return model.eval(), processor
+
+
+def test_otter_tokens_are_added_rows_in_otters_order():
+    _, processor = _otter_shaped()
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|endofchunk|>", "<image>", "<answer>", "<PAD>")]
+    assert ids == list(range(len(tok) - 4, len(tok)))  # Otter's add_special_tokens calls give these ids
+    assert chat_template_for(processor, len(tok)) is OTTER
+
+
+def test_served_otter_chat_is_its_greedy_answer(one_thread):
+    model, processor = _otter_shaped()
+    images = [random_image(3), random_image(4)]
+    engine = Engine(model, processor, max_batch=4)
+    with running_server(engine, ServeSettings(model_name="otter")) as url:
+        assert httpx.get(url + "/v1/models/otter").json()["chat_template"] == "otter"
+        turns = _demo_turns(data_url(images[0]), data_url(images[1]))
+        out = openai_client(url).chat.completions.create(model="otter", messages=turns, max_tokens=10, temperature=0)
+    tokens = greedy_alone(engine, DEMO, images, 10)
+    eoc = processor.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    stopped = bool(tokens) and tokens[-1] == eoc
+    assert out.choices[0].message.content == processor.decode(tokens[:-1] if stopped else tokens).lstrip()
+    assert out.usage.completion_tokens == len(tokens)
+    assert out.usage.prompt_tokens == processor(DEMO, images=images)["input_ids"].shape[1]

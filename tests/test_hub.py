@@ -266,3 +266,38 @@ def test_a_server_of_a_hub_model_names_it_by_its_repository(tmp_path):
     (tmp_path / "runs" / "final").mkdir(parents=True)
     assert settings_for(str(tmp_path / "runs" / "final")).model_name == "final"
     assert settings_for("someone/tiny-flamingo", model_name="x").model_name == "x"
+
+
+def test_a_converted_repository_downloads_safetensors_or_bin_never_both(tmp_path, monkeypatch):
+    """Foreign checkpoints (converters, OpenFlamingo's LMs) download configs, tokenizer files and one weight format:
+    the safetensors when the repository has them, else its .bin files."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from flamingo.convert.checkpoints import checkpoint_dir
+
+    remote = {"a/both": ["config.json", "tokenizer.json", "model.safetensors", "pytorch_model.bin",
+                         "flax_model.msgpack"],
+              "a/bin": ["config.json", "tokenizer.model", "pytorch_model-00001-of-00002.bin",
+                        "pytorch_model-00002-of-00002.bin"]}
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None):
+        calls.append(repo_id)
+        directory = tmp_path / repo_id.replace("/", "--")
+        directory.mkdir(exist_ok=True)
+        for name in remote[repo_id]:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (directory / name).write_text("x")
+        return str(directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    both = Path(checkpoint_dir("a/both", "model"))
+    assert sorted(os.listdir(both)) == ["config.json", "model.safetensors", "tokenizer.json"] and calls == ["a/both"]
+    only_bin = Path(checkpoint_dir("a/bin", "model"))
+    assert sorted(os.listdir(only_bin)) == ["config.json", "pytorch_model-00001-of-00002.bin",
+                                            "pytorch_model-00002-of-00002.bin", "tokenizer.model"]
+    assert calls == ["a/both", "a/bin", "a/bin"]
+    checkpoint_dir("a/bin", "model", allow_bin=False)  # safetensors-only readers (IDEFICS) never fetch .bin
+    assert calls[3:] == ["a/bin"]

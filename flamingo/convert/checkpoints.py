@@ -1,15 +1,31 @@
-"""A published checkpoint's tensors, read without running pickle code (its directory: `runtime.hub.local_dir`); a
-converted model's backbones written once for trained-only checkpoints."""
+"""A published checkpoint's directory and tensors, read without running pickle code; a converted model's backbones
+written once for trained-only checkpoints."""
 
 from __future__ import annotations
 
 import glob
 import os
+from typing import Optional
 
 import torch
 
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from ..runtime.hub import local_dir
+
+# what a conversion reads besides the weights: configs, tokenizer files (sentencepiece models, BPE merges and vocabs)
+_METADATA = ["*.json", "tokenizer*", "*.model", "*.txt"]
+
+
+def checkpoint_dir(source: str, what: str, *, revision: Optional[str] = None, allow_bin: bool = True) -> str:
+    """`source` if it is a directory, else the local snapshot of the Hub repository it names, with its configs,
+    tokenizer files and weights: its safetensors when it has them, else (when `allow_bin`) its `.bin` files, never
+    both (a 7B repository holding both would be twice the download)."""
+    directory = local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.safetensors"],
+                          ignore_patterns=None)
+    if not allow_bin or os.path.isdir(source) or glob.glob(os.path.join(directory, "*.safetensors")):
+        return directory
+    return local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.bin"], ignore_patterns=None)
 
 
 def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.Tensor]:

@@ -39,8 +39,7 @@ from ..config import MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
-from ..runtime.hub import local_dir
-from .checkpoints import read_tensors
+from .checkpoints import checkpoint_dir, read_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 
 IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
-_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 
 
 def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsConfig, dict[str, torch.Tensor],
@@ -58,7 +56,7 @@ def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsCon
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, source.state_dict(), None
-    path = local_dir(str(source), "IDEFICS model", allow_patterns=_FILES, ignore_patterns=None)
+    path = checkpoint_dir(str(source), "IDEFICS model", allow_bin=False)
     return IdeficsConfig.from_pretrained(path), read_tensors(path, allow_bin=False), path
 
 

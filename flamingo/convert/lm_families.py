@@ -23,10 +23,7 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 
 from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
-from ..runtime.hub import local_dir
-from .checkpoints import read_tensors
-
-_FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.txt", "*.model"]
+from .checkpoints import checkpoint_dir, read_tensors
 
 
 def check_mpt(remote: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -65,7 +62,7 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     """An OpenFlamingo LM (hub name or directory) on a class transformers ships. Returns it in eval mode, with
     `name_or_path` set when `AutoModelForCausalLM.from_pretrained` can load the same model back (so trained-only
     checkpoints can refer to it), empty when the load needed renamed keys."""
-    directory = local_dir(str(source), "LM", allow_patterns=_FILES, ignore_patterns=None)
+    directory = checkpoint_dir(str(source), "LM")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in {directory!r}")

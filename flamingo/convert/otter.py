@@ -50,8 +50,7 @@ from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, pil_image_processor
-from ..runtime.hub import local_dir
-from .checkpoints import read_tensors
+from .checkpoints import checkpoint_dir, read_tensors
 from .lm_families import mpt_from_state
 from .openflamingo import convert_openflamingo
 
@@ -59,7 +58,6 @@ from .openflamingo import convert_openflamingo
 FORMATS: dict[str, tuple[tuple[str, ...], str]] = {"otter": (("<answer>",), "otter"), "flamingo": ((), "flamingo")}
 # The tokenizer Otter's code loads for an LM family whose config names none (the LM's `_name_or_path` otherwise)
 BASE_TOKENIZERS = {"mpt": "mosaicml/mpt-7b-instruct", "mosaic_gpt": "mosaicml/mosaic-llama-redpajama-final-candidate"}
-_FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _LAYER = re.compile(r"lang_encoder\.(.+)\.(\d+)\.(decoder_layer|gated_cross_attn_layer)\.(.*)$")
 
@@ -68,7 +66,7 @@ def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Weights
     are read from safetensors, or `.bin` files weights-only (no pickle code runs)."""
-    directory = local_dir(str(source), "Otter model", revision=revision, allow_patterns=_FILES, ignore_patterns=None)
+    directory = checkpoint_dir(str(source), "Otter model", revision=revision)
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {directory!r}: not a transformers save_pretrained directory")

@@ -105,7 +105,7 @@ class FlamingoProcessor:
                  max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left",
                  image_references: bool = False, template: str = "flamingo") -> None:
         """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples), "otter" (prompts as written;
-        chat turns in Otter's `User: ... GPT:<answer>` format, serve/template.py) or "idefics" (IDEFICS's format:
+        chat turns in Otter's `User: ... GPT:<answer>` format, flamingo/chat.py) or "idefics" (IDEFICS's format:
         `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
@@ -141,12 +141,17 @@ class FlamingoProcessor:
         in indexing errors"), untrue for all of them, is not printed."""
         return self.tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
 
+    def prompt_text(self, text: str) -> tuple[str, bool]:
+        """A prompt's text -> (the string its template tokenizes, whether the tokenizer adds its special tokens)."""
+        if self.template == "idefics":  # BOS written into the text, as IDEFICS's processor does
+            return idefics_prompt(text, self.tokenizer.bos_token), False
+        return text, True
+
     def prompt_ids(self, text: str) -> list[int]:
         """A prompt's text (`<image>` placeholders, declarations resolved) -> the ids the model reads, its template's
         special tokens included."""
-        if self.template == "idefics":  # BOS written into the text, as IDEFICS's processor does
-            return self.token_ids(idefics_prompt(text, self.tokenizer.bos_token), special_tokens=False)
-        return self.token_ids(text)
+        final, special = self.prompt_text(text)
+        return self.token_ids(final, special_tokens=special)
 
     @property
     def media_token_id(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 from transformers.models.idefics.processing_idefics import IdeficsProcessor
 
+from flamingo.chat import FLAMINGO, IdeficsChat, chat_format_for
 from flamingo.convert import from_idefics
 from flamingo.convert.idefics import idefics_image_processor
 from flamingo.processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
@@ -19,7 +20,7 @@ from flamingo.runtime.compat import TRANSFORMERS, pil_image_processor
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
-from flamingo.serve.template import FLAMINGO, IdeficsChat, chat_template_for
+from flamingo.serve.template import render_messages
 from flamingo.tiny import random_image, tiny_tokenizer
 
 from serve_helpers import data_url, greedy_alone, openai_client, running_server
@@ -54,13 +55,13 @@ def _tokenizer(end_of_utterance: bool = True):
 
 
 def test_the_instruct_dialogue_format():
-    text, media = IdeficsChat().render(_messages(*_card_turns()))
+    text, media = render_messages(IdeficsChat(), _messages(*_card_turns()))
     assert text == CARD
     assert [m.url for m in media] == ["a", "b"]
-    text, _ = IdeficsChat().render(_messages({"role": "system", "content": "Be brief."},
+    text, _ = render_messages(IdeficsChat(), _messages({"role": "system", "content": "Be brief."},
                                              {"role": "user", "content": "Hi"}, {"role": "user", "content": " Bye"}))
     assert text == "Be brief.\nUser: Hi<end_of_utterance>\nUser: Bye<end_of_utterance>\nAssistant:"
-    base, _ = IdeficsChat(end_of_turn="").render(_messages(*_card_turns()))  # the base models: a line break alone
+    base, _ = render_messages(IdeficsChat(end_of_turn=""), _messages(*_card_turns()))  # base models: a line break
     assert base == CARD.replace(END_OF_UTTERANCE, "")
 
 
@@ -69,20 +70,20 @@ def test_the_template_follows_the_model():
     image_processor = IdeficsImageProcessorPil(image_size=32)
     processor = FlamingoProcessor(tok, image_processor, template="idefics")
     eou = tok.convert_tokens_to_ids(END_OF_UTTERANCE)
-    assert chat_template_for(processor, eou + 1) == IdeficsChat()
+    assert chat_format_for(processor, eou + 1) == IdeficsChat()
     # a tokenizer whose token the model has no row for: turns without it, and message text may not hold it
-    no_row = chat_template_for(processor, eou)
+    no_row = chat_format_for(processor, eou)
     assert no_row.end_of_turn == "" and END_OF_UTTERANCE in no_row.reserved
-    base = chat_template_for(FlamingoProcessor(_tokenizer(False), image_processor, template="idefics"), 10**6)
+    base = chat_format_for(FlamingoProcessor(_tokenizer(False), image_processor, template="idefics"), 10**6)
     assert base.end_of_turn == "" and END_OF_UTTERANCE not in base.reserved and base.stops == ("\nUser:",)
 
 
 @pytest.mark.parametrize("text", ["<end_of_utterance>", "a <fake_token_around_image> b", "<image>"])
 def test_idefics_markers_in_message_text_are_refused(text):
     with pytest.raises(APIError, match="may not contain"):
-        IdeficsChat().render(_messages({"role": "user", "content": text}))
+        render_messages(IdeficsChat(), _messages({"role": "user", "content": text}))
     if text != "<image>":  # plain text to a Flamingo model
-        FLAMINGO.render(_messages({"role": "user", "content": text}))
+        render_messages(FLAMINGO, _messages({"role": "user", "content": text}))
 
 
 @pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="transformers 4's IdeficsProcessor (the peer) takes only a "
@@ -96,7 +97,7 @@ def test_a_chat_gives_the_ids_idefics_processor_gives_the_model_cards_dialogue()
     theirs = IdeficsProcessor(image_processor, copy.deepcopy(tok))(text=[card], add_end_of_utterance_token=False,
                                                                    return_tensors="pt")
     processor = FlamingoProcessor(tok, idefics_image_processor(32), template="idefics")
-    text, _ = IdeficsChat().render(_messages(*_card_turns()))
+    text, _ = render_messages(IdeficsChat(), _messages(*_card_turns()))
     mine = processor(text, images=images)
     assert mine["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert torch.allclose(mine["images"][:, :, 0], theirs["pixel_values"], atol=1e-6)

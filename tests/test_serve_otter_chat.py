@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from flamingo.build import from_backbones
+from flamingo.chat import FLAMINGO, OTTER, chat_format_for
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
-from flamingo.serve.template import FLAMINGO, OTTER, chat_template_for
+from flamingo.serve.template import render_messages
 from flamingo.tiny import (
     random_image,
     set_gates,
@@ -43,14 +44,15 @@ def _demo_turns(first="a", second="b"):
 
 
 def test_the_in_context_demo_format():
-    text, media = OTTER.render(_messages(*_demo_turns()))
+    text, media = render_messages(OTTER, _messages(*_demo_turns()))
     assert text == DEMO and [m.url for m in media] == ["a", "b"]
-    text, _ = OTTER.render(_messages({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}))
+    text, _ = render_messages(OTTER, _messages({"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi"}))
     assert text == "Be brief.\nUser: Hi GPT:<answer>"
     for marker in ("<answer>", "<|endofchunk|>", "<image>"):
         with pytest.raises(APIError, match="may not contain"):
-            OTTER.render(_messages({"role": "user", "content": f"a {marker} b"}))
-    FLAMINGO.render(_messages({"role": "user", "content": "a <answer> b"}))  # plain text to a Flamingo model
+            render_messages(OTTER, _messages({"role": "user", "content": f"a {marker} b"}))
+    render_messages(FLAMINGO, _messages({"role": "user", "content": "a <answer> b"}))  # plain text to a Flamingo model
 
 
 def _otter_shaped():
@@ -69,7 +71,7 @@ def test_otter_tokens_are_added_rows_in_otters_order():
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in ("<|endofchunk|>", "<image>", "<answer>", "<PAD>")]
     assert ids == list(range(len(tok) - 4, len(tok)))  # Otter's add_special_tokens calls give these ids
-    assert chat_template_for(processor, len(tok)) is OTTER
+    assert chat_format_for(processor, len(tok)) is OTTER
 
 
 def test_served_otter_chat_is_its_greedy_answer(one_thread):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from flamingo.chat import FLAMINGO
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
-from flamingo.serve.template import FLAMINGO
+from flamingo.serve.template import render_messages
 
 
 def _messages(*turns):
@@ -17,7 +18,7 @@ def _image(url):
 
 
 def test_a_few_shot_conversation_is_the_flamingo_prompt():
-    text, media = FLAMINGO.render(_messages(
+    text, media = render_messages(FLAMINGO, _messages(
         {"role": "system", "content": "Answer briefly.\n"},
         {"role": "user", "content": [_image("a"), {"type": "text", "text": "Output:"}]},
         {"role": "assistant", "content": "a cat."},
@@ -30,9 +31,9 @@ def test_a_few_shot_conversation_is_the_flamingo_prompt():
 
 
 def test_no_space_is_added_where_there_is_one():
-    text, _ = FLAMINGO.render(_messages({"role": "user", "content": "Q: "}, {"role": "assistant", "content": "yes"},
-                                    {"role": "user", "content": "Q:"}, {"role": "assistant", "content": " no"},
-                                    {"role": "user", "content": "Q:"}))
+    text, _ = render_messages(FLAMINGO, _messages(
+        {"role": "user", "content": "Q: "}, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "Q:"},
+        {"role": "assistant", "content": " no"}, {"role": "user", "content": "Q:"}))
     assert text == "Q: yes<|endofchunk|>Q: no<|endofchunk|>Q:"
 
 
@@ -45,4 +46,4 @@ def test_no_space_is_added_where_there_is_one():
 ])
 def test_conversations_the_template_refuses(turns, message):
     with pytest.raises(APIError, match=message.replace("|", r"\|")):
-        FLAMINGO.render(_messages(*turns))
+        render_messages(FLAMINGO, _messages(*turns))

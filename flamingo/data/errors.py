@@ -12,7 +12,7 @@ REASONS = (
     "missing_file",  # a referenced image / video file (or tar member) does not exist
     "bad_image",  # image bytes PIL cannot decode
     "bad_video",  # a truncated or undecodable video
-    "empty_text",  # no caption / all sentences empty
+    "empty_text",  # no caption / all sentences empty / a conversation with no answer (left within max_tokens)
     "no_matched_image",  # interleaved: no image matched a sentence above the similarity threshold
     "bad_shard",  # a tar shard that cannot be read (to the end)
 )

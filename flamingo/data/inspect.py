@@ -43,7 +43,7 @@ class InspectReport:
 
     def table(self) -> str:
         rows = [("files", self.files), ("records", self.records),
-                ("documents" if self.kind == "interleaved" else "pairs", self.samples),
+                ({"interleaved": "documents", "chat": "conversations"}.get(self.kind, "pairs"), self.samples),
                 ("images" if self.kind != "video" else "videos", self.media), ("frames", self.frames),
                 ("tokens", "n/a (no --tokenizer-from)" if self.tokens is None else self.tokens)]
         rows += [(f"skipped: {reason}", n) for reason, n in self.skipped.items()]
@@ -52,18 +52,25 @@ class InspectReport:
 
 
 def record_kinds(record: RawRecord) -> set[str]:
-    """The kinds one raw record fits: a document (`text_list`) is interleaved; a row naming a `video`, an `image`
-    or declared `images`, or a tar group with a video or an image member and its caption (`.txt` / `.json`), is video
-    or pairs. A tar group of images alone (a document's images) and an unreadable record fit none."""
+    """The kinds one raw record fits: a document (`text_list`) is interleaved; a conversation (`messages` or
+    `conversations`) is chat; a row naming a `video`, an `image` or declared `images`, or a tar group with a video or
+    an image member and its caption (`.txt` / `.json`), is video or pairs. A tar group of images alone (a document's
+    images) and an unreadable record fit none."""
     try:
         if record.shard is None:
             row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+            if "messages" in row or "conversations" in row:
+                return {"chat"}
             fields = {"interleaved": "text_list", "video": "video", "pairs": "image"}
             kinds = {kind for kind, name in fields.items() if row.get(name)}
             return kinds | {"pairs"} if row.get("images") else kinds
         members = record.payload
-        if "json" in members and "text_list" in parse_json_record(record.shard.read(members["json"]), record.key):
-            return {"interleaved"}
+        if "json" in members:
+            row = parse_json_record(record.shard.read(members["json"]), record.key)
+            if "text_list" in row:
+                return {"interleaved"}
+            if "messages" in row or "conversations" in row:
+                return {"chat"}
     except SkipSample:
         return set()
     if "txt" not in members and "json" not in members:
@@ -103,7 +110,7 @@ def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[F
     skipped: Counter[str] = Counter()
     o = spec.options
     for file in spec.files:
-        for record in read_records(file, "json" if kind == "interleaved" else None):
+        for record in read_records(file, spec.tar_needs):
             if limit is not None and report.records >= limit:
                 break
             report.records += 1

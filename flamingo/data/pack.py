@@ -1,7 +1,8 @@
 """`flamingo data pack`: JSONL / CSV tables (+ their media files) or an image folder -> WebDataset tar shards.
 
 Shards hold `{key}.{jpg,png,...}|{mp4,...}` + `{key}.txt` for pairs and videos, and `{key}.json` (the document) +
-`{key}.{i}.{ext}` (its images, `image_name` rewritten to those member names) for interleaved documents, the layouts
+`{key}.{i}.{ext}` (its images, `image_name` rewritten to those member names) for interleaved documents, and
+`{key}.json` (the conversation, its media paths rewritten) + `{key}.{i}.{ext}` for conversations: the layouts
 `flamingo/data` reads. Rows whose media are missing or whose JSON is malformed are left out and counted.
 """
 
@@ -94,6 +95,42 @@ def _pair_members(row: dict[str, Any], base_dir: str, key: str, field: str) -> l
     return [(f"{key}.{_ext(path)}", _read(path)), (f"{key}.txt", caption.encode())]
 
 
+def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[str, bytes]]:
+    """A conversation (data/chat.py) and its media files as members `{key}.{i}.{ext}`, the paths renamed to them."""
+    row = json.loads(json.dumps(row))  # a copy whose media paths are rewritten
+    members: list[tuple[str, bytes]] = []
+
+    def member(path: Any) -> str:
+        if not isinstance(path, str) or not path.strip():
+            raise SkipSample("bad_record", f"{key}: a media path must be a non-empty string")
+        source = resolve_relative(base_dir, path.strip())
+        name = f"{key}.{len(members)}.{_ext(source)}"
+        members.append((name, _read(source)))
+        return name
+
+    if isinstance(row.get("messages"), list):
+        for message in row["messages"]:
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image", "video"):
+                    part[kind] = member(part.get(kind))
+                elif kind in ("image_url", "video_url"):
+                    value = part.get(kind)
+                    if isinstance(value, dict):
+                        value["url"] = member(value.get("url"))
+                    else:
+                        part[kind] = member(value)
+    elif isinstance(row.get("conversations"), list):
+        for field in ("image", "video"):
+            value = row.get(field)
+            if value is not None:
+                row[field] = [member(p) for p in value] if isinstance(value, list) else member(value)
+    else:
+        raise SkipSample("bad_record", f"{key}: no 'messages' or 'conversations' list")
+    return [(f"{key}.json", json.dumps(row).encode()), *members]
+
+
 def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> list[tuple[str, bytes]]:
     if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
         raise SkipSample("bad_record", f"{key}: needs text_list and image_info lists")
@@ -150,6 +187,8 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
                     row = parse_json_record(record.payload, record.key)
                     if kind == "interleaved":
                         members = _document_members(row, image_dir or record.base_dir, key)
+                    elif kind == "chat":
+                        members = _chat_members(row, record.base_dir, key)
                     else:
                         members = _pair_members(row, record.base_dir, key, "video" if kind == "video" else "image")
                 except SkipSample as e:

@@ -2,6 +2,7 @@
 
 The labelling rule (OpenFlamingo's, the contract's): labels are the input ids (the model shifts them), with -100 on
 `<image>`, on padding, and on every token before the first `<image>` (text no image precedes is not trained).
+Conversations (data/chat.py) instead label only the tokens of their answers (`Example.trained_spans`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Example:
     key: str
     text: str
     media: list[MediaRef]
+    # character spans of `text` to train on (conversations: the answers); None: the labelling rule above
+    trained_spans: Optional[list[tuple[int, int]]] = None
 
 
 @dataclass
@@ -68,6 +71,29 @@ def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int])
     return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
 
 
+def tokenize_spans(processor: FlamingoProcessor, text: str, spans: Sequence[tuple[int, int]],
+                   max_tokens: Optional[int]) -> tuple[list[int], list[int]]:
+    """A prompt in the processor's template (`prompt_text`, as served) -> (ids, labels): the ids of the tokens that
+    overlap a character span of `spans` as labels, -100 elsewhere (and on `<image>`); cut to `max_tokens`."""
+    final, special = processor.prompt_text(text)
+    located = []
+    for a, b in spans:  # where each span sits in the string the template tokenizes
+        start = len(processor.prompt_text(text[:a])[0])
+        if final[start:start + b - a] != text[a:b]:
+            raise ValueError(f"the {processor.template} template moves trained text: cannot label it")
+        located.append((start, start + b - a))
+    if not processor.tokenizer.is_fast:
+        raise ValueError("conversations need a fast tokenizer (its offsets place the answers' tokens)")
+    encoded = processor.tokenizer(final, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+    ids = encoded["input_ids"]
+    media_id = processor.media_token_id
+    labels = [tok if tok != media_id and e > s and any(s < b and e > a for a, b in located) else IGNORE_INDEX
+              for tok, (s, e) in zip(ids, encoded["offset_mapping"])]
+    if max_tokens:
+        ids = truncate_ids(ids, max_tokens, media_id)
+    return ids, labels[:len(ids)]
+
+
 def media_key(ref: MediaRef, fps: float, max_frames: int) -> Optional[tuple]:
     """The media cache's key: the file, plus the frame sampling for a video; None for media with no stable name."""
     if not ref.cache_key:
@@ -79,8 +105,14 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
                    max_frames: int = 8, cache: Optional[TensorCache] = None) -> Encoded:
     """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation
     (or take them from `cache`, keyed by file and frame sampling)."""
-    ids = tokenize(processor, example.text, max_tokens)
     media_id = processor.media_token_id
+    if example.trained_spans is None:
+        ids = tokenize(processor, example.text, max_tokens)
+        labels = make_labels(ids, media_id)
+    else:
+        ids, labels = tokenize_spans(processor, example.text, example.trained_spans, max_tokens)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample("empty_text", f"{example.key}: no answer token within max_tokens={max_tokens}")
     n = ids.count(media_id)
     if n == 0:
         raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")
@@ -98,7 +130,7 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
             media[i] = medium
             if keys[i] is not None:
                 cache.put(keys[i], medium)
-    return Encoded(example.key, ids, make_labels(ids, media_id), media, example.text)
+    return Encoded(example.key, ids, labels, media, example.text)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..chat import FLAMINGO, chat_format_for
 from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
+from .chat import chat_example
 from .interleaved import interleaved_example
 from .pairs import pair_example
 from .remote import DEFAULT_CACHE_GB, ShardFetcher, default_cache_dir, is_remote
 from .sequence import Encoded, Example, encode_example
 from .sources import RawRecord, expand_path
 
-KINDS = ("interleaved", "pairs", "video")
+KINDS = ("interleaved", "pairs", "video", "chat")
 
 # Options every kind takes (`DatasetSection.options`), with defaults.
 COMMON_OPTIONS: dict[str, Any] = {
@@ -33,6 +35,8 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
     "pairs": {"max_tokens": 32},
     "video": {"max_tokens": 32, "fps": 1.0, "max_frames": None},  # max_frames None: the processor's
+    # conversations end with the format's end-of-answer marker, which generation stops at: no EOS after it
+    "chat": {"max_tokens": 512, "fps": 1.0, "max_frames": None, "append_eos": False},
 }
 
 
@@ -80,7 +84,7 @@ class DatasetSpec:
         if batch_size < 1:
             raise ValueError(f"dataset {name!r}: batch_size must be >= 1, got {batch_size}")
         resolved = resolve_options(kind, options)
-        if kind == "video" and resolved["max_frames"] is None:
+        if kind in ("video", "chat") and resolved["max_frames"] is None:
             resolved["max_frames"] = processor.max_frames if processor is not None else 8
         cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
         files = expand_path(path)
@@ -89,6 +93,11 @@ class DatasetSpec:
             fetcher = ShardFetcher(resolved["remote_cache_dir"] or default_cache_dir(),
                                    int(float(resolved["remote_cache_gb"]) * 2**30))
         return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher)
+
+    @property
+    def tar_needs(self) -> Optional[str]:
+        """The member a tar sample of this kind must have (`read_records`): documents and conversations are JSON."""
+        return "json" if self.kind in ("interleaved", "chat") else None
 
     @property
     def eos(self) -> str:
@@ -102,6 +111,9 @@ class DatasetSpec:
         if self.kind == "interleaved":
             return interleaved_example(record, similarity_threshold=float(o["similarity_threshold"]),
                                        max_images=int(o["max_images"]), image_dir=o["image_dir"], eos=self.eos)
+        if self.kind == "chat":  # written as the model is served (its processor's template)
+            return chat_example(record, FLAMINGO if self.processor is None else chat_format_for(self.processor),
+                                eos=self.eos)
         return pair_example(record, video=self.kind == "video", eos=self.eos)
 
     def encode(self, record: RawRecord) -> Encoded:

@@ -91,7 +91,7 @@ def iterate_stream(spec: DatasetSpec, *, epoch: int, seed: int, stream: int, loc
     """Batches of one global stream, resuming after `start` raw records; ends with an end marker (batch None)."""
     o = spec.options
     records = stream_records(spec.files, epoch=epoch, seed=seed, stream=stream, num_streams=num_streams,
-                             shuffle=bool(o["shuffle"]), tar_needs="json" if spec.kind == "interleaved" else None,
+                             shuffle=bool(o["shuffle"]), tar_needs=spec.tar_needs,
                              fetcher=spec.fetcher)
     if o["shuffle"]:
         records = shuffle_buffer(records, int(o["shuffle_buffer"]), epoch_rng(seed, epoch, stream))

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import chat_format_for
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
@@ -44,7 +45,7 @@ from .protocol import (
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
-from .template import MediaRef, chat_template_for
+from .template import MediaRef, render_messages
 
 STATIC = Path(__file__).parent / "static"
 
@@ -69,7 +70,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     metrics = engine.metrics
     strings = TokenStrings(processor.tokenizer)
     grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
-    chat_template = chat_template_for(processor, vocab)  # the served model's conversation format
+    chat_template = chat_format_for(processor, vocab)  # the served model's conversation format
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -230,7 +231,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
-        text, refs = chat_template.render(req.messages)
+        text, refs = render_messages(chat_template, req.messages)
         job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "messages"), req, True,
                                                       response_grammar(req), "messages"))
         return await run(request, [job], True, req.stream,
@@ -241,7 +242,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         req = parse(ResponsesRequest, await read_json(request))
         chat = req.chat()
-        text, refs = chat_template.render(chat.messages)
+        text, refs = render_messages(chat_template, chat.messages)
         job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
                                                       response_grammar(chat), "input"))
         events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
@@ -297,7 +298,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def tokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = parse(TokenizeRequest, await read_json(request))
-        text = req.prompt if req.messages is None else chat_template.render(req.messages)[0]
+        text = req.prompt if req.messages is None else render_messages(chat_template, req.messages)[0]
         if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)

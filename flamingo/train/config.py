@@ -21,7 +21,7 @@ class ModelSection:
 @dataclass
 class DatasetSection:
     name: str
-    kind: str  # "interleaved" | "pairs" | "video" (see docs/data.md)
+    kind: str  # "interleaved" | "pairs" | "video" | "chat" (see docs/data.md)
     path: str
     batch_size: int = 8
     loss_weight: float = 1.0  # the paper's lambda_m

@@ -1,0 +1,162 @@
+"""Conversations -> one prompt in the format a model was trained on: the server's chat (serve/template.py) and
+chat training data (data/chat.py) write them with the same code, so a model tuned on conversations is served the
+prompts it was tuned on.
+
+A conversation is a list of `Turn`s: a role (`system`, `user`, `assistant`) and its pieces, text or `<image>` (one
+per medium, in order). Formats (chosen by the processor's template, `chat_format_for`):
+
+`flamingo` (models trained here, OpenFlamingo's): a conversation is a few-shot prompt.
+- `system` and `user` pieces go in as they are, in order;
+- an `assistant` turn is a demo answer: a space (unless the text before it ends in whitespace or the answer starts
+  with it), its text, then `<|endofchunk|>`;
+- the model continues right after the last user turn.
+So `<image>Output: a cat.<|endofchunk|><image>Output:` is user [image, "Output:"], assistant "a cat.", user [image,
+"Output:"].
+
+`idefics` (IDEFICS, its instruct models' dialogue format, as their model card and demo write it):
+- `system` text first, then a line break;
+- each `user` turn is `User:`, a space unless the turn starts with an image (or with whitespace), its pieces
+  (`<image>` per medium; the processor wraps it in `<fake_token_around_image>`), `<end_of_utterance>` and a line break;
+- each `assistant` turn is `Assistant:`, a space, its text, `<end_of_utterance>` and a line break;
+- the prompt ends with `Assistant:`, which the model continues.
+A tokenizer without `<end_of_utterance>` (the base models) gets the same turns ended by the line break alone, and
+answers stop at the next `\\nUser:`.
+
+`otter` (Otter's instruction format, as its demos and MIMIC-IT training write it,
+`<image>User: {question} GPT:<answer> {answer}<|endofchunk|>`):
+- `system` text first, then a line break (Otter has no system turn);
+- each `user` turn is its media's `<image>`s, then `User: ` and its text;
+- each `assistant` turn is ` GPT:<answer> `, its text and `<|endofchunk|>`;
+- the prompt ends with ` GPT:<answer>`, which the model continues (answers end at `<|endofchunk|>`).
+
+An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
+(`segments`), the lead is the format's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from .processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
+
+ROLES = ("system", "user", "assistant")
+OTTER_ANSWER = "<answer>"  # Otter's marker before each answer
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # one of ROLES
+    pieces: tuple[str, ...]  # text, and MEDIA_TOKEN for each medium (user turns only)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Flamingo's conversation format; subclasses write other families'. `reserved`: the format's own markers, which
+    message text may not contain (media come as pieces of their own); `stops`: strings every answer ends at,
+    besides the model's stop tokens."""
+
+    name: str = "flamingo"
+    reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
+    stops: tuple[str, ...] = ()
+
+    def render(self, turns: Sequence[Turn]) -> str:
+        """The prompt: the turns, then what the model continues after (a conversation ending with a user turn)."""
+        return "".join(text for text, _ in self.segments(turns)) + self.answer_prefix()
+
+    def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
+        """The turns' text as (piece, is an answer) in order: answers (an assistant turn's text and end marker) are
+        True. Their concatenation is the conversation as written."""
+        out: list[tuple[str, bool]] = []
+        before = ""
+        for turn in turns:
+            content = "".join(turn.pieces)
+            if turn.role == "assistant":
+                lead, answer, end = self.assistant(content, before)
+                parts = [(lead, False), (answer + end, True)]
+            else:
+                parts = [(self.turn(turn.role, list(turn.pieces)), False)]
+            for text, trained in parts:
+                if text:
+                    out.append((text, trained))
+                    before += text
+        return out
+
+    def first_reserved(self, text: str) -> Optional[str]:
+        """The first of the format's markers `text` contains, or None."""
+        return next((token for token in self.reserved if token in text), None)
+
+    def turn(self, role: str, pieces: list[str]) -> str:
+        """A system or user turn's pieces -> its text in the prompt."""
+        return "".join(pieces)
+
+    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
+        """An assistant turn after the text `before` -> (the format's lead, the answer, its end marker)."""
+        space = "" if not before or before[-1].isspace() or content[:1].isspace() else " "
+        return space, content, END_OF_CHUNK_TOKEN
+
+    def answer_prefix(self) -> str:
+        """What follows the last user turn: the model continues after it."""
+        return ""
+
+
+@dataclass(frozen=True)
+class IdeficsChat(ChatFormat):
+    """IDEFICS's dialogue format: `User:` / `Assistant:` turns ended by `end_of_turn` and a line break."""
+
+    name: str = "idefics"
+    end_of_turn: str = END_OF_UTTERANCE  # "" for models without it (the base models)
+    reserved: tuple[str, ...] = (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER, END_OF_UTTERANCE)
+    stops: tuple[str, ...] = ("\nUser:",)
+
+    def turn(self, role: str, pieces: list[str]) -> str:
+        content = "".join(pieces)
+        if role == "system":
+            return content + "\n"
+        space = "" if pieces[:1] == [MEDIA_TOKEN] or content[:1].isspace() else " "
+        return "User:" + space + content + self.end_of_turn + "\n"
+
+    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
+        return "Assistant:" + ("" if content[:1].isspace() else " "), content, self.end_of_turn + "\n"
+
+    def answer_prefix(self) -> str:
+        return "Assistant:"
+
+
+@dataclass(frozen=True)
+class OtterChat(ChatFormat):
+    """Otter's format: `<image>User: ... GPT:<answer> ...<|endofchunk|>` per exchange."""
+
+    name: str = "otter"
+    reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN, OTTER_ANSWER)
+
+    def turn(self, role: str, pieces: list[str]) -> str:
+        if role == "system":
+            return "".join(pieces) + "\n"
+        media = "".join(p for p in pieces if p == MEDIA_TOKEN)
+        return media + "User: " + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
+
+    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
+        return self.answer_prefix() + " ", content.lstrip(), END_OF_CHUNK_TOKEN
+
+    def answer_prefix(self) -> str:
+        return " GPT:" + OTTER_ANSWER
+
+
+FLAMINGO = ChatFormat()
+OTTER = OtterChat()
+
+
+def chat_format_for(processor: FlamingoProcessor, vocab: Optional[int] = None) -> ChatFormat:
+    """The conversation format of the model `processor` prepares prompts for (its prompt template decides), whose
+    embedding has `vocab` rows (default: the tokenizer's size): IDEFICS turns end with `<end_of_utterance>` where the
+    model has a row for it."""
+    if processor.template == "flamingo":
+        return FLAMINGO
+    if processor.template == "otter":
+        return OTTER
+    vocab = len(processor.tokenizer) if vocab is None else vocab
+    eou = processor.tokenizer.get_vocab().get(END_OF_UTTERANCE)
+    return IdeficsChat(end_of_turn=END_OF_UTTERANCE if eou is not None and eou < vocab else "",
+                       reserved=(MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER) + ((END_OF_UTTERANCE,) if eou is not None else ()))

@@ -1,0 +1,188 @@
+"""Conversations (visual instruction tuning) -> `Example`s in the model's chat format, trained on the answers only.
+
+A record (a JSONL / JSON row, or a tar sample's `.json` with its image or video member) holds either
+- `messages`: OpenAI chat messages, `role` system | user | assistant and `content` a string or a list of parts:
+  `{"type": "text", "text": ...}`, `{"type": "image", "image": PATH}` or `{"type": "image_url", "image_url":
+  {"url": PATH}}`, `{"type": "video", "video": PATH}` or `{"type": "video_url", "video_url": {"url": PATH}}`; or
+- `conversations` (LLaVA's format): `{"from": "human" | "gpt" | "system", "value": ...}` turns and the row's `image`
+  (a path or a list of paths) or `video`, each medium at the next `<image>` placeholder of the human turns
+  (LLaVA writes `<image>\\n` first); with no placeholder at all, the media go before the first human turn's text.
+Paths are relative to the table's directory; in a tar shard they name members (`flamingo data pack --kind chat`
+writes them so), and a medium without a path is the sample's own image (or video) member (`{key}.jpg` beside
+`{key}.json`). The conversation is written in the format of the processor's template (flamingo/chat.py: what
+`flamingo serve` writes for the same messages), and trained on its answers only: the assistant turns' text and end
+marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
+(`Example.trained_spans`). Turns after the last answer are dropped with their media (nothing there is learned).
+
+Skipped and counted: a conversation without an answer (`empty_text`); a format marker in message text, media in a
+system or assistant turn, placeholders that do not match the media, unknown roles or part types (`bad_record`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..chat import ROLES, ChatFormat, Turn
+from ..config import MEDIA_TOKEN
+from .errors import SkipSample
+from .sequence import Example
+from .sources import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    MediaRef,
+    RawRecord,
+    file_ref,
+    member_ref,
+    parse_json_record,
+    resolve_relative,
+)
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+               "system": "system"}
+
+
+class _Media:
+    """Resolves a record's media: a path relative to its table, or the tar sample's own member."""
+
+    def __init__(self, record: RawRecord) -> None:
+        self.record = record
+
+    def ref(self, path: Any, video: bool) -> MediaRef:
+        record = self.record
+        if isinstance(path, str) and path.strip():
+            if record.shard is None:
+                return file_ref(resolve_relative(record.base_dir, path.strip()), video)
+            member = record.shard.find(path.strip())  # a shard's conversation names its members
+            if member is None:
+                raise SkipSample("missing_file", f"{record.key}: no member {path!r} in {record.file}")
+            return member_ref(record.shard, member, video)
+        if path is not None and not isinstance(path, str):
+            raise SkipSample("bad_record", f"{record.key}: a media path must be a string")
+        if record.shard is None:
+            raise SkipSample("bad_record", f"{record.key}: a medium without a path")
+        exts = VIDEO_EXTS if video else IMAGE_EXTS
+        ext = next((e for e in exts if e in record.payload), None)
+        if ext is None:
+            raise SkipSample("missing_file", f"{record.key}: tar sample has no {'|'.join(exts)} member")
+        return member_ref(record.shard, record.payload[ext], video)
+
+
+def _part_media(part: dict[str, Any]) -> Optional[tuple[Any, bool]]:
+    """(path, is video) of a media part; None for a text part."""
+    kind = part.get("type")
+    if kind == "text":
+        return None
+    if kind in ("image", "video"):
+        return part.get(kind), kind == "video"
+    if kind in ("image_url", "video_url"):
+        value = part.get(kind)
+        return (value.get("url") if isinstance(value, dict) else value), kind == "video_url"
+    raise ValueError(f"unknown content part type {kind!r}")
+
+
+def _from_messages(messages: Any, media: _Media, key: str) -> tuple[list[Turn], list[list[MediaRef]]]:
+    if not isinstance(messages, list) or not messages:
+        raise SkipSample("bad_record", f"{key}: 'messages' must be a non-empty list")
+    turns, refs = [], []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise SkipSample("bad_record", f"{key}: messages[{i}] has role {role!r} (expected one of {ROLES})")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise SkipSample("bad_record", f"{key}: messages[{i}] content must be a string or a list of parts")
+        pieces, turn_refs = [], []
+        for part in parts:
+            try:
+                found = _part_media(part)
+            except ValueError as e:
+                raise SkipSample("bad_record", f"{key}: messages[{i}]: {e}") from e
+            if found is None:
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise SkipSample("bad_record", f"{key}: messages[{i}] has a text part without text")
+                pieces.append(text)
+            else:
+                turn_refs.append(media.ref(*found))
+                pieces.append(MEDIA_TOKEN)
+        turns.append(Turn(role, tuple(pieces)))
+        refs.append(turn_refs)
+    return turns, refs
+
+
+def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn], list[list[MediaRef]]]:
+    conversations = row["conversations"]
+    if not isinstance(conversations, list) or not conversations:
+        raise SkipSample("bad_record", f"{key}: 'conversations' must be a non-empty list")
+    video = row.get("video") is not None
+    paths = row.get("video" if video else "image")
+    paths = [] if paths is None else paths if isinstance(paths, list) else [paths]
+    if not paths and media.record.shard is not None:  # a tar sample: its member
+        paths = [None]
+    pending = [media.ref(p, video) for p in paths]
+    values = []
+    for i, turn in enumerate(conversations):
+        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise SkipSample("bad_record", f"{key}: conversations[{i}] needs 'from' (human, gpt or system) and a "
+                                           "string 'value'")
+        values.append((role, turn["value"]))
+    placeholders = sum(v.count(MEDIA_TOKEN) for role, v in values if role == "user")
+    if placeholders not in (0, len(pending)) or any(MEDIA_TOKEN in v for role, v in values if role != "user"):
+        raise SkipSample("bad_record", f"{key}: {placeholders} <image> placeholders in the human turns for "
+                                       f"{len(pending)} media")
+    turns, refs = [], []
+    first_user = next((i for i, (role, _) in enumerate(values) if role == "user"), None)
+    for i, (role, value) in enumerate(values):
+        if placeholders == 0 and i == first_user:
+            value = MEDIA_TOKEN * len(pending) + value
+        texts = value.split(MEDIA_TOKEN)
+        pieces = [texts[0]]
+        for text in texts[1:]:
+            pieces += [MEDIA_TOKEN, text]
+        turn_refs = [pending.pop(0) for _ in range(len(texts) - 1)]
+        turns.append(Turn(role, tuple(p for p in pieces if p)))
+        refs.append(turn_refs)
+    if pending:
+        raise SkipSample("bad_record", f"{key}: {len(pending)} media but no human turn to place them in")
+    return turns, refs
+
+
+def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Example:
+    """One conversation record -> an `Example` written in `fmt`, its answers' character spans to train on."""
+    media = _Media(record)
+    if record.shard is not None:
+        members = record.payload
+        if "json" not in members:
+            raise SkipSample("bad_record", f"{record.key}: tar sample has no .json conversation")
+        row = parse_json_record(record.shard.read(members["json"]), record.key)
+    else:
+        row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+    if "messages" in row:
+        turns, refs = _from_messages(row["messages"], media, record.key)
+    elif "conversations" in row:
+        turns, refs = _from_llava(row, media, record.key)
+    else:
+        raise SkipSample("bad_record", f"{record.key}: no 'messages' or 'conversations'")
+    last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
+    if last is None:
+        raise SkipSample("empty_text", f"{record.key}: no assistant answer to train on")
+    turns, refs = turns[:last + 1], refs[:last + 1]
+    for i, (turn, turn_refs) in enumerate(zip(turns, refs)):
+        if turn_refs and turn.role != "user":
+            raise SkipSample("bad_record", f"{record.key}: turn {i} ({turn.role}) holds media; only user turns may")
+        for piece in turn.pieces:
+            marker = fmt.first_reserved(piece) if piece != MEDIA_TOKEN else None
+            if marker is not None:
+                raise SkipSample("bad_record", f"{record.key}: turn {i} contains {marker}, a marker of the "
+                                               f"{fmt.name} format")
+    text, spans = "", []
+    for piece, trained in fmt.segments(turns):
+        if trained:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    if eos:  # the sequence's end is learned with the last answer
+        spans[-1] = (spans[-1][0], len(text) + len(eos))
+        text += eos
+    return Example(record.key, text, [r for turn_refs in refs for r in turn_refs], trained_spans=spans)

@@ -1,0 +1,220 @@
+"""Conversation data (visual instruction tuning, docs/data.md "Conversations"): LLaVA's `conversations` and OpenAI
+`messages` give the same sample, written in the model's chat format exactly as `flamingo serve` writes it, with labels
+on the answers (and their end markers) only; malformed conversations are skipped and counted; a tiny model trains on
+them."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+
+import pytest
+import torch
+
+from flamingo.build import from_backbones
+from flamingo.chat import Turn, chat_format_for
+from flamingo.cli import main
+from flamingo.config import END_OF_CHUNK_TOKEN
+from flamingo.data import build_source
+from flamingo.data.errors import SkipSample
+from flamingo.data.inspect import detect_kind, inspect_dataset
+from flamingo.data.sequence import IGNORE_INDEX
+from flamingo.data.sources import read_records
+from flamingo.data.spec import DatasetSpec
+from flamingo.processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
+from flamingo.train.config import DatasetSection
+
+QUESTIONS = ["What is in the image?", "And its colour?"]
+ANSWERS = ["A square next to a circle.", "Red."]
+END = {"flamingo": END_OF_CHUNK_TOKEN, "otter": END_OF_CHUNK_TOKEN, "idefics": END_OF_UTTERANCE}
+
+
+def _processor(template: str) -> FlamingoProcessor:
+    tok = tiny_tokenizer()
+    if template == "idefics":
+        tok.add_special_tokens({"additional_special_tokens": [IDEFICS_IMAGE_WRAPPER, "<image>", END_OF_UTTERANCE]})
+        tok.pad_token = tok.eos_token
+        return FlamingoProcessor(tok, tiny_image_processor(), template="idefics")
+    _, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                  image_processor=tiny_image_processor(), template=template,
+                                  extra_tokens=("<answer>",) if template == "otter" else ())
+    return processor
+
+
+def _write(tmp_path, rows, name="chat.jsonl"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for k in range(3):
+        random_image(k).save(tmp_path / "img" / f"{k}.png")
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+LLAVA = {"image": "img/0.png", "conversations": [
+    {"from": "human", "value": "<image>\n" + QUESTIONS[0]}, {"from": "gpt", "value": ANSWERS[0]},
+    {"from": "human", "value": QUESTIONS[1]}, {"from": "gpt", "value": ANSWERS[1]}]}
+MESSAGES = {"messages": [
+    {"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                 {"type": "text", "text": "\n" + QUESTIONS[0]}]},
+    {"role": "assistant", "content": ANSWERS[0]},
+    {"role": "user", "content": QUESTIONS[1]},
+    {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[1]}]}]}
+
+
+def _encode(path, processor, **options):
+    spec = DatasetSpec.create("chat", "chat", path, 1, options, processor)
+    return [spec.encode(record) for record in read_records(path)]
+
+
+def _runs(labels):
+    """The contiguous runs of labelled tokens."""
+    runs, run = [], []
+    for label in labels + [IGNORE_INDEX]:
+        if label == IGNORE_INDEX:
+            if run:
+                runs.append(run)
+            run = []
+        else:
+            run.append(label)
+    return runs
+
+
+@pytest.mark.parametrize("template", ["flamingo", "otter", "idefics"])
+def test_llava_and_openai_records_give_one_sample_labelled_on_its_answers(tmp_path, template):
+    processor = _processor(template)
+    llava, messages = _encode(_write(tmp_path, [LLAVA, MESSAGES]), processor)
+    assert (llava.input_ids, llava.labels) == (messages.input_ids, messages.labels)
+    assert torch.equal(llava.media[0], messages.media[0]) and len(llava.media) == 1
+    runs = [processor.tokenizer.decode(run).strip() for run in _runs(llava.labels)]
+    assert runs == [a + END[template] for a in ANSWERS]
+    # what the server writes for the conversation up to the second question is this sample's beginning
+    fmt = chat_format_for(processor)
+    served = fmt.render([Turn("user", ("<image>", "\n" + QUESTIONS[0])), Turn("assistant", (ANSWERS[0],)),
+                         Turn("user", (QUESTIONS[1],))])
+    assert llava.text.startswith(served) and llava.text == served + " " + ANSWERS[1] + END[template] + \
+        ("\n" if template == "idefics" else "")
+    served_ids = processor.prompt_ids(served)
+    assert llava.input_ids[:len(served_ids)] == served_ids
+    if template == "idefics":  # its template's BOS and image wrappers, as served
+        assert llava.input_ids[0] == processor.tokenizer.bos_token_id
+        assert processor.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER) in llava.input_ids
+
+
+def test_placement_trailing_turns_eos_and_truncation(tmp_path):
+    processor = _processor("flamingo")
+    two = {"image": ["img/1.png", "img/2.png"], "conversations": [
+        {"from": "system", "value": "Be brief. "}, {"from": "human", "value": "Compare:"},
+        {"from": "gpt", "value": "Same."}, {"from": "human", "value": "and?"}]}  # no placeholders: the images open
+    # the first human turn
+    path = _write(tmp_path, [two])
+    (sample,) = _encode(path, processor)
+    assert sample.text == "Be brief. <image><image>Compare: Same.<|endofchunk|>"  # the unanswered turn is dropped
+    assert len(sample.media) == 2
+    (with_eos,) = _encode(path, processor, append_eos=True)
+    assert with_eos.text.endswith("<|endofchunk|><|endoftext|>") and with_eos.labels[-1] == with_eos.input_ids[-1]
+    (full,) = _encode(_write(tmp_path, [LLAVA]), processor)
+    cut = len(full.input_ids) - 3  # inside the second answer
+    (short,) = _encode(_write(tmp_path, [LLAVA]), processor, max_tokens=cut)
+    assert short.input_ids == full.input_ids[:cut] and short.labels == full.labels[:cut]
+    first_answer = next(t for t, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    with pytest.raises(SkipSample, match="no answer token") as e:  # cut before any answer: nothing to learn
+        _encode(_write(tmp_path, [LLAVA]), processor, max_tokens=first_answer)
+    assert e.value.reason == "empty_text"
+
+
+@pytest.mark.parametrize("row, reason, detail", [
+    ({"image": "img/0.png", "conversations": [{"from": "human", "value": "<image>hi"}]}, "empty_text",
+     "no assistant answer"),
+    ({"image": "img/0.png", "conversations": [{"from": "human", "value": "a <|endofchunk|> b"},
+                                              {"from": "gpt", "value": "x"}]}, "bad_record", "marker"),
+    ({"image": "img/0.png", "conversations": [{"from": "human", "value": "<image><image>hi"},
+                                              {"from": "gpt", "value": "x"}]}, "bad_record", "placeholders"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image", "image": "img/0.png"}]}]}, "bad_record", "only user turns"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "bad_record", "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "bad_record", "part type"),
+    ({"image": "img/0.png", "caption": "a pair"}, "bad_record", "no 'messages' or 'conversations'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "img/9.png"}}]},
+                   {"role": "assistant", "content": "x"}]}, "missing_file", ""),
+])
+def test_bad_conversations_are_skipped_with_their_reason(tmp_path, row, reason, detail):
+    processor = _processor("flamingo")
+    with pytest.raises(SkipSample, match=detail) as e:
+        _encode(_write(tmp_path, [row]), processor)
+    assert e.value.reason == reason
+
+
+def test_kind_detection_inspection_and_tar_shards(tmp_path):
+    path = _write(tmp_path, [LLAVA, MESSAGES, {"messages": [{"role": "user", "content": "no answer"}]}])
+    assert detect_kind(path) == "chat"
+    report = inspect_dataset(path, processor=_processor("flamingo"))
+    assert (report.kind, report.samples, report.media, report.skipped) == ("chat", 2, 2, {"empty_text": 1})
+    shard = tmp_path / "chat-000.tar"
+    with tarfile.open(shard, "w") as tar:  # WebDataset layout: the conversation and its image member
+        row = {k: v for k, v in LLAVA.items() if k != "image"}
+        (tmp_path / "s.json").write_text(json.dumps(row))
+        tar.add(tmp_path / "s.json", "s0.json")
+        tar.add(tmp_path / "img" / "0.png", "s0.png")
+    assert detect_kind(str(shard)) == "chat"
+    processor = _processor("flamingo")
+    (from_tar,) = _encode(str(shard), processor)
+    (from_table,) = _encode(_write(tmp_path, [LLAVA]), processor)
+    assert from_tar.input_ids == from_table.input_ids and torch.equal(from_tar.media[0], from_table.media[0])
+    # `flamingo data pack --kind chat`: several media per conversation, as members the JSON names
+    two = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/1.png"},
+                                                     {"type": "text", "text": "And"},
+                                                     {"type": "image_url", "image_url": {"url": "img/2.png"}}]},
+                        {"role": "assistant", "content": "Two."}]}
+    table = _write(tmp_path, [LLAVA, two, {"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "img/7.png"}]}, {"role": "assistant", "content": "x"}]}], "pack.jsonl")
+    assert main(["data", "pack", "--from", table, "--kind", "chat", "--out", str(tmp_path / "packed")]) == 0
+    packed = _encode(str(tmp_path / "packed" / "shard-000000.tar"), processor)
+    tables = [_encode(_write(tmp_path, [row], "one.jsonl"), processor)[0] for row in (LLAVA, two)]  # the third:
+    # its image is missing, so it is left out of the shard (and counted)
+    assert [s.input_ids for s in packed] == [s.input_ids for s in tables]
+    assert all(torch.equal(a, b) for s, t in zip(packed, tables) for a, b in zip(s.media, t.media))
+    assert len(packed[1].media) == 2
+
+
+def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):
+    """The batches train: the loss is over the answers' tokens only, and a few steps on the blocks lower it."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                      image_processor=tiny_image_processor())
+    set_gates(model, 0.5)
+    path = _write(tmp_path, [LLAVA, MESSAGES] * 4)
+    source = build_source(DatasetSection("chat", "chat", path, batch_size=4, options={"shuffle": False}), processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(source)
+    assert len(batches) == 2
+    batch = {k: v for k, v in batches[0].items() if k != "keys"}
+    answer_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert 0 < answer_tokens < int(batch["attention_mask"].sum()) // 2  # the questions and leads are not trained
+    with torch.no_grad():  # the loss is the mean next-token loss over the answers' tokens
+        out = model(**batch)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, expected)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trained, lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(8):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    assert losses[-1] < losses[0] - 0.1, losses

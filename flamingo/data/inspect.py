@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
-from .sequence import tokenize
+from .sequence import example_ids
 from .sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, expand_path, parse_json_record, read_records
 from .spec import KINDS, DatasetSpec
 
@@ -118,7 +118,7 @@ def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[F
                 example = spec.example(record)
                 n_media = len(example.media)
                 if processor is not None:
-                    ids = tokenize(processor, example.text, int(o["max_tokens"]))
+                    ids, _ = example_ids(processor, example, int(o["max_tokens"]))
                     n_media = ids.count(processor.media_token_id)
                     if n_media == 0:
                         raise SkipSample("no_matched_image", "nothing left within max_tokens")

@@ -101,18 +101,24 @@ def media_key(ref: MediaRef, fps: float, max_frames: int) -> Optional[tuple]:
     return (ref.cache_key, fps, max_frames) if ref.video else (ref.cache_key,)
 
 
+def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]
+                ) -> tuple[list[int], list[int]]:
+    """An example's token ids and labels, cut to `max_tokens`; SkipSample when a conversation has no answer left."""
+    if example.trained_spans is None:
+        ids = tokenize(processor, example.text, max_tokens)
+        return ids, make_labels(ids, processor.media_token_id)
+    ids, labels = tokenize_spans(processor, example.text, example.trained_spans, max_tokens)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise SkipSample("empty_text", f"{example.key}: no answer token within max_tokens={max_tokens}")
+    return ids, labels
+
+
 def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
                    max_frames: int = 8, cache: Optional[TensorCache] = None) -> Encoded:
     """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation
     (or take them from `cache`, keyed by file and frame sampling)."""
     media_id = processor.media_token_id
-    if example.trained_spans is None:
-        ids = tokenize(processor, example.text, max_tokens)
-        labels = make_labels(ids, media_id)
-    else:
-        ids, labels = tokenize_spans(processor, example.text, example.trained_spans, max_tokens)
-        if all(label == IGNORE_INDEX for label in labels):
-            raise SkipSample("empty_text", f"{example.key}: no answer token within max_tokens={max_tokens}")
+    ids, labels = example_ids(processor, example, max_tokens)
     n = ids.count(media_id)
     if n == 0:
         raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")

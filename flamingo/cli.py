@@ -124,7 +124,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
                                        device=args.device, quantize_frozen=args.quantize_frozen,
                                        revision=args.revision)
-    batch = processor(args.prompt, images=args.image or [], image_references=args.image_references or None)
+    prompt = args.prompt
+    if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
+        from .chat import Turn, chat_format_for
+
+        fmt = chat_format_for(processor, model.lm.get_output_embeddings().weight.shape[0])
+        marker = fmt.first_reserved(prompt)
+        if marker is not None:
+            raise ValueError(f"with --chat the prompt is the question alone: it may not contain {marker} (the "
+                             f"{fmt.name} format places one <image> per --image itself)")
+        prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
+    batch = processor(prompt, images=args.image or [], image_references=args.image_references or None)
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
         inputs["images"] = inputs["images"].to(dtype)
@@ -201,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a few-shot prompt with images/videos, streaming tokens")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--revision", default=None, help=REVISION_HELP)
-    gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
+    gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image; with --chat, the question')
+    gen.add_argument("--chat", action="store_true",
+                     help="write --prompt and the --image files as a user turn in the model's chat format (its "
+                          "template: flamingo, otter or idefics; docs/serve.md) and answer it")
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action="store_true",
                      help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"

@@ -88,3 +88,22 @@ def test_served_otter_chat_is_its_greedy_answer(one_thread):
     assert out.choices[0].message.content == processor.decode(tokens[:-1] if stopped else tokens).lstrip()
     assert out.usage.completion_tokens == len(tokens)
     assert out.usage.prompt_tokens == processor(DEMO, images=images)["input_ids"].shape[1]
+
+
+def test_generate_chat_writes_the_question_in_the_models_format(tmp_path, capsys):
+    """`flamingo generate --chat`: the question and images as one user turn of the model's format (here Otter's)."""
+    from flamingo.build import load_pretrained
+    from flamingo.cli import main
+
+    model, processor = _otter_shaped()
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    random_image(5).save(tmp_path / "a.png")
+    args = ["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "a.png"), "--max-new-tokens",
+            "6", "--chat", "--prompt"]
+    assert main(args + ["What is in this one?"]) == 0
+    model, processor = load_pretrained(str(tmp_path / "model"))
+    batch = processor("<image>User: What is in this one? GPT:<answer>", images=[str(tmp_path / "a.png")])
+    expected = model.generate(**batch, max_new_tokens=6)[0, batch["input_ids"].shape[1]:]
+    assert capsys.readouterr().out.rstrip("\n") == processor.decode(expected)  # (its bytes include whitespace)
+    assert main(args + ["<image>What?"]) == 2
+    assert "may not contain <image>" in capsys.readouterr().err

@@ -167,3 +167,42 @@ def test_bad_checkpoints_are_refused(tmp_path, monkeypatch):
                            torch.zeros(1)})
     with pytest.raises(ValueError, match="outside Otter's"):
         split_otter_state({"perceiver.latents": torch.zeros(1), "text_projection.weight": torch.zeros(1)})
+
+
+def test_a_converted_otter_tunes_on_conversations_in_its_own_format(tmp_path, monkeypatch):
+    """Convert, then `flamingo train` from it (`model.init_from`) on LLaVA-style conversations: the samples are
+    written in Otter's format and labelled on the answers, the blocks and Otter's token rows train, the LM stays."""
+    import yaml
+
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    _, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2)
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    ours.save_pretrained(str(tmp_path / "converted"), processor=processor)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for k in range(4):
+        random_image(k).save(tmp_path / "img" / f"{k}.png")
+        rows.append({"image": f"img/{k}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"Colour {k}."}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": {"init_from": str(tmp_path / "converted")},
+              "data": [{"name": "chat", "kind": "chat", "path": str(tmp_path / "chat.jsonl"), "batch_size": 2,
+                        "options": {"shuffle": False}}],
+              "optim": {"lr": 1e-2}, "schedule": {"kind": "constant", "warmup_steps": 0},
+              "train": {"steps": 3, "output_dir": str(tmp_path / "run"), "seed": 0, "save_every": 3, "log_every": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    trainer = Trainer(load_config(str(tmp_path / "config.yaml")))
+    batch = next(iter(trainer.sources["chat"]))
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith("<image>User: What colour is it? GPT:<answer> Colour 0.<|endofchunk|>")
+    answers = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    assert answers.strip() == "Colour 0.<|endofchunk|>"
+    lm_before = {n: p.detach().clone() for n, p in trainer.model.lm.named_parameters()}
+    rows_before = trainer.model.new_token_embeddings.detach().clone()
+    out = trainer.run()
+    assert all(torch.equal(p, lm_before[n]) for n, p in trainer.model.lm.named_parameters())
+    assert not torch.equal(trainer.model.new_token_embeddings, rows_before)  # <|endofchunk|> is an answer token
+    tuned, tuned_processor = load_pretrained(out)
+    assert tuned_processor.template == "otter" and tuned.config.num_new_tokens == 4

@@ -184,3 +184,34 @@ def test_a_worker_forked_while_a_fetch_holds_its_locks_still_fetches(tmp_path):
     if alive:
         child.kill()
     assert not alive and child.exitcode == 0 and out.get(timeout=5) == os.path.getsize(shard)
+
+
+def _hold_pin(fetcher, source, pinned, done) -> None:
+    fetcher.fetch(source)  # pinned until this process ends, as a worker between fetching and opening a shard
+    pinned.set()
+    done.wait(60)
+
+
+def test_a_shard_another_process_is_about_to_open_is_never_evicted(tmp_path):
+    """Eviction removes a shard only under an exclusive lock; a pin (fetch until release) holds a shared one, seen
+    by every process using the cache, so a worker's just-fetched shard cannot vanish before it opens it."""
+    import multiprocessing
+
+    make_pair_shards(str(tmp_path / "src"), 9, 3)
+    shards = sorted((tmp_path / "src").glob("shard-*.tar"))
+    sources = [f"pipe:cat {path}" for path in shards]
+    fetcher = ShardFetcher(str(tmp_path / "cache"), int(1.5 * os.path.getsize(shards[0])))
+    context = multiprocessing.get_context("fork")
+    pinned, done = context.Event(), context.Event()
+    child = context.Process(target=_hold_pin, args=(fetcher, sources[0], pinned, done))
+    child.start()
+    try:
+        assert pinned.wait(60)
+        fetcher.release(fetcher.fetch(sources[1]))  # over budget, and the only older shard is the child's pin
+        assert os.path.exists(fetcher.local_path(sources[0]))
+    finally:
+        done.set()
+        child.join(60)
+    fetcher.release(fetcher.fetch(sources[2]))  # the pin is gone with its process: the least recently used leave
+    assert not os.path.exists(fetcher.local_path(sources[0]))
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(fetcher.local_path(sources[2]))]

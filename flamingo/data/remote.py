@@ -6,11 +6,14 @@ shard a stream reads next is fetched in the background while it reads the curren
 
 The cache holds the least recently used shards up to `max_bytes` (shared by the processes that use one directory);
 it should hold at least two shards per DataLoader worker, or a prefetched shard may be evicted before it is read and
-fetched again.
+fetched again. A shard between its fetch and its opening is pinned: a shared `flock` on it, which every process's
+eviction respects (it removes a shard only under an exclusive lock), so no process removes a shard another is about
+to open.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import os
@@ -28,16 +31,40 @@ REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
 _HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
 _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
 _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
+_PIN_FDS: dict[str, list[int]] = {}  # the descriptors holding their shared locks (seen by other processes)
 _LOCKS_GUARD = threading.Lock()
 
 
 def _reset_after_fork() -> None:
     """A forked DataLoader worker starts with fresh locks and pins: a lock a parent's prefetch thread held at the
-    fork would stay locked in the child forever."""
+    fork would stay locked in the child forever, and a pin's inherited descriptor would keep the parent's shared
+    lock alive after the parent released it."""
     global _LOCKS_GUARD
+    for fds in _PIN_FDS.values():
+        for fd in fds:
+            os.close(fd)
+    _PIN_FDS.clear()
     _LOCKS.clear()
     _PINNED.clear()
     _LOCKS_GUARD = threading.Lock()
+
+
+def _pin_file(path: str) -> Optional[int]:
+    """A descriptor of the cached shard `path` holding a shared lock on it (no eviction removes it meanwhile), or
+    None when another process removed it before the lock was taken."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits while an eviction holds the exclusive lock (a moment)
+    try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # removed (and maybe fetched again) between the open and the lock
+        os.close(fd)
+        return None
+    return fd
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -48,6 +75,7 @@ def is_remote(path: str) -> bool:
 
 
 DEFAULT_CACHE_GB = 20.0
+_PIN_ATTEMPTS = 3  # fetches of a shard other processes keep evicting before it can be pinned
 
 
 def default_cache_dir() -> str:
@@ -102,16 +130,36 @@ class ShardFetcher:
             lock = _LOCKS.setdefault(source, threading.Lock())
             _PINNED[path] = _PINNED.get(path, 0) + 1  # before the file is looked at: no eviction takes it after
         try:
-            with lock:
-                self._ensure(source, path)
+            for _ in range(_PIN_ATTEMPTS):
+                with lock:
+                    self._ensure(source, path)
+                fd = _pin_file(path)
+                if fd is not None:
+                    break
+            else:
+                raise FetchError(f"{source}: other processes evicted it {_PIN_ATTEMPTS} times as soon as it was "
+                                 "fetched: the shard cache is too small for the processes sharing it")
         except BaseException:
-            self.release(path)
+            self._unpin(path)
             raise
+        with _LOCKS_GUARD:
+            _PIN_FDS.setdefault(path, []).append(fd)
         self._evict(keep=path)
         return path
 
     def release(self, path: str) -> None:
         """Unpin a path `fetch` returned."""
+        with _LOCKS_GUARD:
+            fds = _PIN_FDS.get(path)
+            fd = fds.pop() if fds else None
+            if fds == []:
+                del _PIN_FDS[path]
+        if fd is not None:
+            os.close(fd)  # releases its shared lock
+        self._unpin(path)
+
+    @staticmethod
+    def _unpin(path: str) -> None:
         with _LOCKS_GUARD:
             _PINNED[path] -= 1
             if not _PINNED[path]:
@@ -183,7 +231,19 @@ class ShardFetcher:
             if path == keep or path in _PINNED:
                 continue
             try:
-                os.remove(path)
-                total -= size
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # removed by another process
                 total -= size
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # pinned by another process: it is about to open it
+                os.close(fd)
+                continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+            total -= size

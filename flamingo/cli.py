@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import QUANTIZE_MODES
 from .runtime import (
@@ -154,13 +155,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    """An OpenAI-compatible server with continuous batching and a web page (docs/serve.md)."""
-    import logging
+def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """`serve`'s and `batch`'s engine (the model loaded) and request settings, from their shared options."""
+    from .serve.server import build_engine, settings_for
 
-    from .serve.server import build_engine, serve, settings_for
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         import torch
 
@@ -176,7 +174,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
                             allow_private_media_hosts=args.allow_private_media_hosts,
                             max_image_pixels=args.max_image_pixels, model_name=args.model_name)
+    return engine, settings
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible server with continuous batching and a web page (docs/serve.md)."""
+    import logging
+
+    from .serve.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, settings = _engine_and_settings(args)
     serve(engine, settings, host=args.host, port=args.port, grace=args.grace)
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    """OpenAI Batch API requests (JSONL) -> their responses (JSONL), offline through the server's endpoints."""
+    from .serve.batch import run_batch
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"no input file {args.input!r}")
+    engine, settings = _engine_and_settings(args)
+    report = run_batch(engine, settings, args.input, args.output, concurrency=args.concurrency,
+                       progress=not args.no_progress)
+    summary = report.to_dict()
+    for key, value in summary.items():
+        print(f"  {key:26s} {value}")
+    print(json.dumps(summary))
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -196,6 +222,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.world > 1:  # gloo's threads can abort a finalizing interpreter (runtime/distributed.py)
         leave_process_group_and_exit(0)
     return 0
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The model, engine and request-limit options `serve` and `batch` share."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
+    p.add_argument("--prefill-batch-tokens", type=int, default=None,
+                   help="waiting prompts prefilled together in one call of up to this many tokens, padding "
+                        "included (default: 4096 on a CPU, 8192 on a GPU; 0: one at a time)")
+    p.add_argument("--prefix-cache-mib", type=float, default=1024,
+                   help="memory for the prefills of earlier prompts, reused by prompts that begin alike (the same "
+                        "few-shot demonstrations and images); 0: off")
+    p.add_argument("--vision-cache-mib", type=float, default=256,
+                   help="memory for the vision tower's features of frames seen before (an image shared by a "
+                        "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps under torch.compile, CUDA graphs on a GPU (attended positions padded to "
+                        "powers of two; each new shape compiles once, seconds to a minute; docs/serve.md)")
+    p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
+                   help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")
+    p.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
+    p.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
+    p.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http(s) media URLs (from public addresses only)")
+    p.add_argument("--allow-private-media-hosts", action="store_true",
+                   help="with --allow-remote-media: also from loopback, private and link-local addresses")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the directory's name, or the Hub repository org/name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,45 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
-    srv.add_argument("--model", required=True, help=MODEL_HELP)
-    srv.add_argument("--revision", default=None, help=REVISION_HELP)
+    _add_engine_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
-    srv.add_argument("--prefill-chunk", type=int, default=64,
-                     help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
-    srv.add_argument("--prefill-batch-tokens", type=int, default=None,
-                     help="waiting prompts prefilled together in one call of up to this many tokens, padding "
-                          "included (default: 4096 on a CPU, 8192 on a GPU; 0: one at a time)")
-    srv.add_argument("--prefix-cache-mib", type=float, default=1024,
-                     help="memory for the prefills of earlier prompts, reused by prompts that begin alike (the same "
-                          "few-shot demonstrations and images); 0: off")
-    srv.add_argument("--vision-cache-mib", type=float, default=256,
-                     help="memory for the vision tower's features of frames seen before (an image shared by a "
-                          "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
-    srv.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
-    srv.add_argument("--device", default="cpu")
-    srv.add_argument("--compile", action="store_true",
-                     help="decode steps under torch.compile, CUDA graphs on a GPU (attended positions padded to "
-                          "powers of two; each new shape compiles once, seconds to a minute; docs/serve.md)")
-    srv.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
-                     help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
-    srv.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
-    srv.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
-    srv.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")
-    srv.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
-    srv.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
-    srv.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
-    srv.add_argument("--allow-remote-media", action="store_true",
-                     help="fetch http(s) media URLs (from public addresses only)")
-    srv.add_argument("--allow-private-media-hosts", action="store_true",
-                     help="with --allow-remote-media: also from loopback, private and link-local addresses")
-    srv.add_argument("--model-name", default=None,
-                     help="the model id clients send (default: the directory's name, or the Hub repository org/name)")
     srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
     srv.set_defaults(func=_cmd_serve)
+
+    bat = sub.add_parser("batch", help="answer a JSONL file of OpenAI Batch API requests offline, through the "
+                                       "server's endpoints (docs/serve.md)")
+    _add_engine_options(bat)
+    bat.add_argument("--input", required=True, help="requests, one per line: {custom_id, method, url, body}")
+    bat.add_argument("--output", required=True, help="responses in input order, OpenAI's batch output format")
+    bat.add_argument("--concurrency", type=int, default=None,
+                     help="requests in flight (default: twice --max-batch, within --max-queue)")
+    bat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bat.set_defaults(func=_cmd_batch, api_key=None)
 
     # The demo sits beside the library (flamingo_demo/): `main` hands it the rest of the command line unparsed, so
     # its options and help are its own, and it is imported only when asked for.

@@ -1,0 +1,79 @@
+"""`flamingo batch` (docs/serve.md, "Batch files"): OpenAI Batch API requests answered offline through the server's
+endpoints: the answers a running server gives the same bodies, in input order, refusals with their status and
+error body, lines that are no request with an error; the CLI prints counts and writes the file."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from flamingo.cli import main
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.batch import run_batch
+from flamingo.tiny import random_image
+
+from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+
+
+def _chat(image, question, max_tokens=6):
+    return {"model": "tiny", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                      {"type": "text", "text": question}]}]}
+
+
+def test_a_batch_file_gets_the_servers_answers_in_order(tmp_path, one_thread):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    images = [data_url(random_image(k)) for k in range(3)]
+    bodies = [_chat(images[0], "Question: what is in the image? Short answer:"),
+              {"model": "tiny", "prompt": SHOT + "<image>Question: and here? Short answer:", "max_tokens": 5,
+               "temperature": 0, "media": [images[1], images[2]]},
+              _chat(images[2], "Output:", max_tokens=4)]
+    lines = [json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": bodies[0]}),
+             "not json",
+             json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": bodies[1]}),
+             json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+             json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions",
+                         "body": _chat("data:image/png;base64,AAAA", "broken")}),
+             json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": bodies[0]}),
+             json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {**bodies[2], "stream": True}}),
+             json.dumps({"custom_id": "f", "method": "POST", "url": "/v1/chat/completions", "body": bodies[2]})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    settings = ServeSettings(model_name="tiny")
+    report = run_batch(engine_for(model_dir, max_batch=4), settings, str(tmp_path / "in.jsonl"),
+                       str(tmp_path / "out.jsonl"), progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", None, "b", "c", "d", "a", "e", "f"]
+    assert [o["id"] for o in out] == [f"batch_req_{n}" for n in range(1, 9)]
+    assert [o["error"]["code"] if o["error"] else None for o in out] == \
+        [None, "invalid_json", None, "invalid_url", None, "duplicate_custom_id", "invalid_request", None]
+    assert [o["response"]["status_code"] if o["response"] else None for o in out] == \
+        [200, None, 200, None, 400, None, None, 200]
+    assert out[4]["response"]["body"]["error"]["type"] == "invalid_request_error"
+    assert (report.requests, report.succeeded, report.failed, report.invalid) == (8, 3, {400: 1}, 4)
+    with running_server(engine_for(model_dir, max_batch=4), settings) as url:  # the same bodies, one by one
+        served = [httpx.post(url + path, json=body, timeout=60).json()
+                  for path, body in zip(["/v1/chat/completions", "/v1/completions", "/v1/chat/completions"], bodies)]
+    batched = [out[0], out[2], out[7]]
+    assert [b["response"]["body"]["choices"] for b in batched] == [s["choices"] for s in served]
+    assert [b["response"]["body"]["usage"] for b in batched] == [s["usage"] for s in served]
+    assert report.completion_tokens == sum(s["usage"]["completion_tokens"] for s in served) > 0
+
+
+def test_batch_command_prints_counts_and_refuses_a_missing_input(tmp_path, capsys, one_thread):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    request = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
+               "body": _chat(data_url(random_image(1)), "Output:", max_tokens=3)}
+    (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n")
+    args = ["batch", "--model", str(model_dir), "--input", str(tmp_path / "in.jsonl"), "--output",
+            str(tmp_path / "out" / "res.jsonl"), "--no-progress", "--max-batch", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads(next(line for line in printed if line.startswith("{")))
+    assert (summary["requests"], summary["succeeded"], summary["invalid"]) == (1, 1, 0)
+    (entry,) = [json.loads(line) for line in (tmp_path / "out" / "res.jsonl").read_text().splitlines()]
+    assert entry["response"]["status_code"] == 200 and entry["response"]["body"]["object"] == "chat.completion"
+    assert main(["batch", "--model", str(model_dir), "--input", str(tmp_path / "none.jsonl"), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    assert "no input file" in capsys.readouterr().err

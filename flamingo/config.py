@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 
 CONFIG_NAME = "flamingo_config.json"
 WEIGHTS_NAME = "flamingo.safetensors"  # the tensors stored beside the backbones (model/flamingo.py)
+PROCESSOR_CONFIG_NAME = "flamingo_processor.json"  # the processor's settings and prompt template (processing.py)
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")

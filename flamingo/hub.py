@@ -19,6 +19,14 @@ from .runtime.hub import is_hub_name
 _OWNED_DIRS = ("vision/", "lm/")
 _OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, PROCESSOR_CONFIG_NAME)
 RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)
+RESULTS_FILE = "results.json"
+# `flamingo eval` task -> the Hub's task type, for the card's `model-index` (the Hub's evaluation results)
+HUB_TASK_TYPES = {"vqa": "visual-question-answering", "videoqa": "visual-question-answering",
+                  "videoqa_mc": "visual-question-answering", "visdial": "visual-question-answering",
+                  "mme": "visual-question-answering", "multi_image": "visual-question-answering",
+                  "multi_image_plain": "visual-question-answering", "captioning": "image-to-text",
+                  "video_captioning": "video-text-to-text", "classification": "image-classification",
+                  "hateful_memes": "image-classification"}
 
 
 def _local_files(directory: str) -> dict[str, str]:
@@ -40,7 +48,8 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     branch `revision`, created if missing) in one commit; returns the commit's URL. The card save_pretrained wrote is
     written again for `repo_id` (one edited by hand goes as it is); a card already in the repository is kept unless
     `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
-    gains under "Evaluation" (the card is then written even over one on the Hub). Files of the format that the
+    gains under "Evaluation", and their means its `model-index` metadata (the Hub's evaluation results; the card is
+    then written even over one on the Hub). Files of the format that the
     repository holds and the directory lacks are removed in the same commit; other files are left alone."""
     if not is_hub_name(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
@@ -54,15 +63,35 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")
     tables = [_results_table(d) for d in results]
+    evals = [e for d in results for e in eval_results(d)]
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     try:
         return _commit(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
-                       token=token, replace_card=replace_card or bool(tables), tables=tables)
+                       token=token, replace_card=replace_card or bool(tables), tables=tables, evals=evals)
     except (HfHubHTTPError, LocalTokenNotFoundError) as e:
         raise ValueError(f"the Hub refused the push to {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                          "log in with a write token (`hf auth login`, or HF_TOKEN), and check the repository's "
                          "name and your rights to it") from e
+
+
+def eval_results(out_dir: str) -> list[Any]:
+    """The card metadata (`huggingface_hub.EvalResult`s) of a directory `flamingo eval --out` wrote: each metric's
+    mean over trials, per number of shots (breakdowns such as `vqa_accuracy/yes/no` stay in the table)."""
+    import json
+
+    from huggingface_hub import EvalResult
+
+    path = os.path.join(out_dir, RESULTS_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} holds no {RESULTS_FILE}: not a directory `flamingo eval --out` wrote")
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    task, data = results["task"], os.path.basename(str(results.get("data", "")).rstrip("/")) or results["task"]
+    return [EvalResult(task_type=HUB_TASK_TYPES.get(task, "image-text-to-text"), task_name=f"{task}, {row['shots']}"
+                       f"-shot", dataset_type=task, dataset_name=data, metric_type=row["metric"],
+                       metric_name=f"{row['metric']} ({row['shots']}-shot)", metric_value=round(row["mean"], 2))
+            for row in results["summary"] if row["mean"] is not None and "/" not in row["metric"]]
 
 
 def _results_table(out_dir: str) -> str:
@@ -76,8 +105,8 @@ def _results_table(out_dir: str) -> str:
 
 
 def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: Optional[str], commit_message: str,
-            token: Optional[str], replace_card: bool, tables: Sequence[str]) -> str:
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+            token: Optional[str], replace_card: bool, tables: Sequence[str], evals: Sequence[Any] = ()) -> str:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -91,6 +120,11 @@ def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: 
     if tables:
         intro = "Few-shot results measured with `flamingo eval` (mean ± std over trials, in percent):"
         text = text.rstrip("\n") + f"\n\n## Evaluation\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"
+    if evals:  # the same means as the Hub's evaluation results (`model-index`)
+        card = ModelCard(text)
+        card.data.model_name = card.data.model_name or repo_id.split("/")[-1]
+        card.data.eval_results = list(evals)
+        text = str(card)
     remote = set(api.list_repo_files(repo_id, revision=revision))
     operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=file)
                              for path, file in local.items()]

@@ -243,9 +243,19 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     results.mkdir()
     table = "| metric | 0-shot |\n|---|---|\n| vqa_accuracy | 41.00 ± 0.50 |\n"
     (results / "results.md").write_text("# vqa — m\n\n" + table)
+    rows = [{"shots": 0, "metric": "vqa_accuracy", "mean": 41.0, "std": 0.5},
+            {"shots": 0, "metric": "vqa_accuracy/yes/no", "mean": 60.0, "std": 1.0},  # a breakdown: table only
+            {"shots": 4, "metric": "vqa_accuracy", "mean": 44.256, "std": 0.1}]
+    (results / "results.json").write_text(json.dumps({"task": "vqa", "data": "/data/vqav2/", "summary": rows}))
     assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m", "--results", str(results)]) == 0
     card = ModelCard(hub.repos["someone/m"]["main"]["README.md"].decode())
     assert "## Evaluation" in card.text and "### vqa — m\n\n" + table in card.text
+    assert card.data.library_name == "flamingo"  # the card's own metadata kept beside the results
+    (index,) = card.data.to_dict()["model-index"]  # the Hub's evaluation results
+    assert index["name"] == "m"
+    assert [(r["task"]["type"], r["dataset"]["name"], [(m["type"], m["value"], m["name"]) for m in r["metrics"]])
+            for r in index["results"]] == [("visual-question-answering", "vqav2", [
+                ("vqa_accuracy", 41.0, "vqa_accuracy (0-shot)"), ("vqa_accuracy", 44.26, "vqa_accuracy (4-shot)")])]
     assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m", "--results", str(tmp_path)]) == 2
     assert "not a directory `flamingo eval --out` wrote" in capsys.readouterr().err
     hub.logged_in = False

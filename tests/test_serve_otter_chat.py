@@ -97,6 +97,8 @@ def test_generate_chat_writes_the_question_in_the_models_format(tmp_path, capsys
 
     model, processor = _otter_shaped()
     model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    card = (tmp_path / "model" / "README.md").read_text()  # its example prompt is in the model's format
+    assert 'prompt = "<image>User: What is in the picture? GPT:<answer>"' in card and "otter format" in card
     random_image(5).save(tmp_path / "a.png")
     args = ["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "a.png"), "--max-new-tokens",
             "6", "--chat", "--prompt"]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import yaml
 from safetensors import safe_open
 
-from ..config import WEIGHTS_NAME, FlamingoConfig
+from ..config import PROCESSOR_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.hub import is_hub_name
 from . import lora
 
@@ -98,6 +98,10 @@ def model_card(directory: str, name: str) -> str:
     if config.num_image_references:
         rows.append(("image references", f"`<image0>` ... `<image{config.num_image_references - 1}>` (MMICL-style)"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    template = _template(directory)
+    prompt = {"otter": "<image>User: What is in the picture? GPT:<answer>",  # its format (flamingo/chat.py)
+              "idefics": "User:<image>What is in the picture?<end_of_utterance>\\nAssistant:"}.get(
+        template, "<image>Question: what is in the picture? Short answer:")
     if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):  # saved with its processor
         load = f'from flamingo import load_pretrained\n\nmodel, processor = load_pretrained("{name}")'
     else:
@@ -125,7 +129,7 @@ With the `flamingo` package:
 
 ```python
 {load}
-prompt = "<image>Question: what is in the picture? Short answer:"
+prompt = "{prompt}"
 batch = processor(prompt, images=["photo.jpg"])
 ids = model.generate(**batch, max_new_tokens=10)
 print(processor.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -136,4 +140,15 @@ An OpenAI-compatible server with a page to try it:
 ```bash
 flamingo serve --model {name}
 ```
-"""
+""" + ("" if template == "flamingo" else f"""
+Chat messages (the server, `flamingo generate --chat`) are written in the model's {template} format.
+""")
+
+
+def _template(directory: str) -> str:
+    """The prompt template of the processor saved with the model (flamingo, otter, idefics)."""
+    path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return "flamingo"
+    with open(path) as f:
+        return str(json.load(f).get("template", "flamingo"))

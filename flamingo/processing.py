@@ -157,6 +157,12 @@ class FlamingoProcessor:
         return self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
 
     @property
+    def media_marker_ids(self) -> tuple[int, ...]:
+        """The ids the template writes around each `<image>` (IDEFICS's `<fake_token_around_image>`): format, never
+        a training target."""
+        return (self.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER),) if self.template == "idefics" else ()
+
+    @property
     def end_of_chunk_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
 

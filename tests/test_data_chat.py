@@ -218,3 +218,18 @@ def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):
         loss.backward()
         optim.step()
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_pairs_for_an_idefics_model_are_written_as_it_is_served(tmp_path):
+    """Every kind is tokenized in the processor's template: a converted IDEFICS model trains on BOS and wrapped
+    images, as it is prompted; the wrappers, like `<image>`, are never targets."""
+    processor = _processor("idefics")
+    path = tmp_path / "pairs.jsonl"
+    _write(tmp_path, [])
+    path.write_text(json.dumps({"image": "img/0.png", "caption": "a red square."}) + "\n")
+    spec = DatasetSpec.create("p", "pairs", str(path), 1, None, processor)
+    (sample,) = [spec.encode(record) for record in read_records(str(path))]
+    assert sample.input_ids == processor.prompt_ids("<image>a red square.<|endofchunk|>" + spec.eos)
+    wrapper = processor.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER)
+    assert sample.input_ids[:4] == [processor.tokenizer.bos_token_id, wrapper, processor.media_token_id, wrapper]
+    assert sample.labels[:4] == [IGNORE_INDEX] * 4 and sample.labels[4] == sample.input_ids[4]

@@ -1,7 +1,8 @@
 """Training sequences: text with `<image>` placeholders + lazy media -> token ids, labels, pixels -> batches.
 
 The labelling rule (OpenFlamingo's, the contract's): labels are the input ids (the model shifts them), with -100 on
-`<image>`, on padding, and on every token before the first `<image>` (text no image precedes is not trained).
+`<image>` (and the template's markers around it), on padding, and on every token before the first `<image>` (text no
+image precedes is not trained). Text is tokenized in the processor's template, as the model is served.
 Conversations (data/chat.py) instead label only the tokens of their answers (`Example.trained_spans`).
 """
 
@@ -48,12 +49,13 @@ def clean_text(text: str) -> str:
     return text.replace(MEDIA_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").strip()
 
 
-def make_labels(input_ids: Sequence[int], media_token_id: int) -> list[int]:
-    """-100 on `<image>` and on everything before the first `<image>`; the ids elsewhere."""
+def make_labels(input_ids: Sequence[int], media_token_id: int, marker_ids: Sequence[int] = ()) -> list[int]:
+    """-100 on `<image>` (and on `marker_ids`, a template's markers around it) and on everything before the first
+    `<image>`; the ids elsewhere."""
     labels = list(input_ids)
     first = labels.index(media_token_id) if media_token_id in labels else len(labels)
     for t, tok in enumerate(labels):
-        if t < first or tok == media_token_id:
+        if t < first or tok == media_token_id or tok in marker_ids:
             labels[t] = IGNORE_INDEX
     return labels
 
@@ -67,7 +69,9 @@ def truncate_ids(ids: list[int], max_tokens: int, media_token_id: int) -> list[i
 
 
 def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int]) -> list[int]:
-    ids = processor.token_ids(text)
+    """A sample's text in the processor's template (`prompt_text`: IDEFICS's BOS and image wrappers, as served)."""
+    final, special = processor.prompt_text(text)
+    ids = processor.token_ids(final, special_tokens=special)
     return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
 
 
@@ -106,7 +110,7 @@ def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Opti
     """An example's token ids and labels, cut to `max_tokens`; SkipSample when a conversation has no answer left."""
     if example.trained_spans is None:
         ids = tokenize(processor, example.text, max_tokens)
-        return ids, make_labels(ids, processor.media_token_id)
+        return ids, make_labels(ids, processor.media_token_id, processor.media_marker_ids)
     ids, labels = tokenize_spans(processor, example.text, example.trained_spans, max_tokens)
     if all(label == IGNORE_INDEX for label in labels):
         raise SkipSample("empty_text", f"{example.key}: no answer token within max_tokens={max_tokens}")

@@ -144,6 +144,15 @@ class OtterChat(ChatFormat):
         return " GPT:" + OTTER_ANSWER
 
 
+def pieces_of(text: str) -> tuple[str, ...]:
+    """Text with `<image>` placeholders -> a turn's pieces: its text runs and one MEDIA_TOKEN per placeholder."""
+    parts = text.split(MEDIA_TOKEN)
+    pieces = [parts[0]]
+    for part in parts[1:]:
+        pieces += [MEDIA_TOKEN, part]
+    return tuple(p for p in pieces if p)
+
+
 FLAMINGO = ChatFormat()
 OTTER = OtterChat()
 

@@ -15,6 +15,28 @@ import torch.nn.functional as F
 from flamingo import Flamingo
 from flamingo.tiny import random_image
 
+
+def tiny_otter_shaped(gates: float = 0.5) -> tuple[Flamingo, Any]:
+    """A tiny model with Otter's tokens (`<answer>` added after `<image>`) and its chat format (template `otter`)."""
+    from flamingo.build import from_backbones
+    from flamingo.tiny import (
+        set_gates,
+        tiny_flamingo_config,
+        tiny_image_processor,
+        tiny_lm,
+        tiny_tokenizer,
+        tiny_vision,
+    )
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                      image_processor=tiny_image_processor(), extra_tokens=("<answer>",),
+                                      template="otter")
+    set_gates(model, gates)
+    return model.eval(), processor
+
+
 # --------------------------------------------------------------------------------------------------- hub layouts
 MOSAIC_GPT_HUB_FIELDS = {  # what mpt-1b-redpajama-200b's config.json holds beyond the fields that set the function
     "architectures": ["MosaicGPT"], "auto_map": {"AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig",

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
-from flamingo.build import from_backbones
 from flamingo.chat import FLAMINGO, OTTER, chat_format_for
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
 from flamingo.serve.template import render_messages
-from flamingo.tiny import (
-    random_image,
-    set_gates,
-    tiny_flamingo_config,
-    tiny_image_processor,
-    tiny_lm,
-    tiny_tokenizer,
-    tiny_vision,
-)
+from flamingo.tiny import random_image
 
+from helpers import tiny_otter_shaped
 from serve_helpers import data_url, greedy_alone, openai_client, running_server
 
 # Otter's in-context demo (pipeline/demo/otter_image_incontext.py): one example, then the question
@@ -55,19 +46,8 @@ def test_the_in_context_demo_format():
     render_messages(FLAMINGO, _messages({"role": "user", "content": "a <answer> b"}))  # plain text to a Flamingo model
 
 
-def _otter_shaped():
-    """A tiny model with Otter's tokens (`<answer>` added after `<image>`) and template."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
-                                      image_processor=tiny_image_processor(), extra_tokens=("<answer>",),
-                                      template="otter")
-    set_gates(model, 0.5)
-    return model.eval(), processor
-
-
 def test_otter_tokens_are_added_rows_in_otters_order():
-    _, processor = _otter_shaped()
+    _, processor = tiny_otter_shaped()
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in ("<|endofchunk|>", "<image>", "<answer>", "<PAD>")]
     assert ids == list(range(len(tok) - 4, len(tok)))  # Otter's add_special_tokens calls give these ids
@@ -75,7 +55,7 @@ def test_otter_tokens_are_added_rows_in_otters_order():
 
 
 def test_served_otter_chat_is_its_greedy_answer(one_thread):
-    model, processor = _otter_shaped()
+    model, processor = tiny_otter_shaped()
     images = [random_image(3), random_image(4)]
     engine = Engine(model, processor, max_batch=4)
     with running_server(engine, ServeSettings(model_name="otter")) as url:
@@ -95,7 +75,7 @@ def test_generate_chat_writes_the_question_in_the_models_format(tmp_path, capsys
     from flamingo.build import load_pretrained
     from flamingo.cli import main
 
-    model, processor = _otter_shaped()
+    model, processor = tiny_otter_shaped()
     model.save_pretrained(str(tmp_path / "model"), processor=processor)
     card = (tmp_path / "model" / "README.md").read_text()  # its example prompt is in the model's format
     assert 'prompt = "<image>User: What is in the picture? GPT:<answer>"' in card and "otter format" in card

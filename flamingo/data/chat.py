@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..chat import ROLES, ChatFormat, Turn
+from ..chat import ROLES, ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
 from .errors import SkipSample
 from .sequence import Example
@@ -137,13 +137,8 @@ def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn
     for i, (role, value) in enumerate(values):
         if placeholders == 0 and i == first_user:
             value = MEDIA_TOKEN * len(pending) + value
-        texts = value.split(MEDIA_TOKEN)
-        pieces = [texts[0]]
-        for text in texts[1:]:
-            pieces += [MEDIA_TOKEN, text]
-        turn_refs = [pending.pop(0) for _ in range(len(texts) - 1)]
-        turns.append(Turn(role, tuple(p for p in pieces if p)))
-        refs.append(turn_refs)
+        turns.append(Turn(role, pieces_of(value)))
+        refs.append([pending.pop(0) for _ in range(value.count(MEDIA_TOKEN))])
     if pending:
         raise SkipSample("bad_record", f"{key}: {len(pending)} media but no human turn to place them in")
     return turns, refs

@@ -48,6 +48,10 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
                    help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
     p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")
+    p.add_argument("--chat", action="store_true",
+                   help="write each demo and the query as chat turns in the model's format (Otter's, IDEFICS's: "
+                        "its processor's template), for instruction-tuned models; the template's query text is "
+                        "the user's turn")
     p.add_argument("--answer-prefix", default=None,
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -89,7 +93,8 @@ def run_eval(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
                            template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                            progress=not args.no_progress, generation=generation or None,
-                           cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb)
+                           cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
+                           chat=args.chat)
         if rank() == 0:
             print(markdown_table(results))
             print(json.dumps({"task": results["task"], "out": args.out,

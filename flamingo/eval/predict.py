@@ -31,7 +31,10 @@ class MediaLoader:
 
 def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media: bool = True) -> tuple[str, list[str]]:
     """(prompt text, media paths in order) for one query and its demos."""
-    text = task.join_prompt([task.demo_prompt(d, with_media) for d in demos] + [task.query_prompt(sample)])
+    if task.chat is not None:
+        text = task.chat_prompt(demos, sample, with_media)
+    else:
+        text = task.join_prompt([task.demo_prompt(d, with_media) for d in demos] + [task.query_prompt(sample)])
     media = [m for d in demos for m in d.media] if with_media else []
     return text, media + list(sample.media)
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from ..chat import chat_format_for
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
@@ -101,7 +102,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
-             vision_cache_mb: Optional[float] = None) -> dict[str, Any]:
+             vision_cache_mb: Optional[float] = None, chat: bool = False) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
@@ -113,7 +114,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     vision_cache_mb: budget of the frozen tower's features kept by frame content across queries and shots (demo
     images recur: each is encoded once), 0 = off; None: 256 for a tower on the CPU, off on an accelerator, where
     hashing a frame's pixels on the host costs about as much as the tower (docs/eval.md). Cached features come from
-    another batch, so they can differ from a fresh computation in the last bits.
+    another batch, so they can differ from a fresh computation in the last bits. chat: demos and query as a
+    conversation in the model's chat format (its processor's template; `Task.use_chat`), for instruction-tuned models.
     Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
     dict (the content of results.json) on every rank.
     """
@@ -122,6 +124,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer)
     elif template is not None or answer_prefix is not None:
         raise ValueError("pass `template` / `answer_prefix` only with a task name (a Task instance has its own)")
+    if chat:
+        task.use_chat(chat_format_for(processor))
     shots = [int(k) for k in shots]
     if any(k < 0 for k in shots) or not shots:
         raise ValueError(f"shots must be non-negative numbers, got {shots}")
@@ -182,6 +186,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         **base, "data": str(data_dir),
         "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": query_set,
                      "zero_shot": zero_shot, "template": task.template,
+                     "chat": task.chat.name if task.chat is not None else None,
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
                      "world_size": world_size(), "kind": task.kind,
                      "generation": {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams,

@@ -8,6 +8,11 @@ answer` ("red"; classification's prefix is " ": "This is a cat."); a query is th
 `answer_prefix + name + <rest of the template>` of the query (" cat.<|endofchunk|>"), tokenized on its own.
 Templates (and the prefix) can be overridden (`Task(template=..., answer_prefix=...)`) as long as they keep
 `{answer}` and the task's fields.
+
+Chat prompts (`task.chat`, a format of flamingo/chat.py: `flamingo eval --chat`): each demo is a user turn (its
+query, the template up to `{answer}`, media in place) and an assistant turn (its answer), the query a last user turn,
+all written in the model's chat format (Otter's `User: ... GPT:<answer>`, IDEFICS's `User:` / `Assistant:`), as the
+model is served; a ranked candidate is scored as the assistant's answer and end marker.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..chat import ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
 
 
@@ -64,6 +70,7 @@ class Task:
             raise ValueError(f"a template needs exactly one {MEDIA_TOKEN}: {self.template!r}")
         self.classes: list[str] = []  # ranked tasks: the default candidates, set by `load`
         self.continuation_ids: dict[str, list[int]] = {}  # ranked tasks: candidate -> token ids, tokenized once
+        self.chat: Optional[ChatFormat] = None  # chat prompts in this format (`use_chat`); None: the template's
 
     # ------------------------------------------------------------------------------------------------ data
     def load(self, data_dir: str, split: str) -> list[Sample]:
@@ -85,9 +92,31 @@ class Task:
         """The demos' prompts and the query's, in order -> the prompt."""
         return "".join(parts)
 
+    def use_chat(self, fmt: Optional[ChatFormat]) -> None:
+        """Write prompts as conversations in `fmt` (None: the template's few-shot prompts)."""
+        if fmt is not None and self.image_references:
+            raise ValueError(f"{self.name} declares its images (`Image 0 is <image0>`): it has no chat prompts")
+        self.chat = fmt
+        self.continuation_ids.clear()
+
+    def chat_prompt(self, demos: Sequence[Sample], sample: Sample, with_media: bool = True) -> str:
+        """The demos and the query as a conversation in `self.chat`, ending where the assistant answers."""
+        assert self.chat is not None
+        turns = []
+        for demo in demos:
+            query = self.query_prompt(demo)
+            turns += [Turn("user", pieces_of(query if with_media else query.replace(MEDIA_TOKEN, ""))),
+                      Turn("assistant", (demo.answer,))]
+        return self.chat.render(turns + [Turn("user", pieces_of(self.query_prompt(sample)))])
+
     def continuation(self, candidate: str) -> str:
-        """Ranked tasks: the text scored after the query for one candidate answer."""
-        return self.answer_prefix + candidate + self.suffix
+        """Ranked tasks: the text scored after the query for one candidate answer (in chat prompts: the assistant's
+        answer and end marker, after the lead the prompt already ends with)."""
+        if self.chat is None:
+            return self.answer_prefix + candidate + self.suffix
+        lead, answer, end = self.chat.assistant(candidate, before="?")  # after a query's last word
+        prefix = self.chat.answer_prefix()
+        return (lead[len(prefix):] if prefix and lead.startswith(prefix) else lead) + answer + end
 
     def candidates_for(self, sample: Sample) -> list[str]:
         candidates = sample.candidates or self.classes

@@ -1,0 +1,79 @@
+"""Evaluation in the model's chat format (`flamingo eval --chat`, docs/eval.md): demos become user / assistant turns
+and the query a last user turn, written as the server writes chats; ranked candidates are scored as the assistant's
+answer and end marker; tasks that declare their images have no chat prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from flamingo.chat import FLAMINGO, OTTER, IdeficsChat, Turn
+from flamingo.eval import evaluate
+from flamingo.eval.predict import build_prompt
+from flamingo.eval.task import Sample
+from flamingo.eval.tasks import get_task
+
+from helpers import make_classification, make_vqa, tiny_otter_shaped
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _vqa_samples():
+    return [Sample(f"s{k}", [f"/img/{k}.png"], {"question": q}, answer=a)
+            for k, (q, a) in enumerate([("what colour?", "red"), ("how many?", "two"), ("what shape?", "")])]
+
+
+def test_demos_and_query_are_turns_of_the_models_chat_format():
+    vqa = get_task("vqa")
+    demo1, demo2, query = _vqa_samples()
+    vqa.use_chat(OTTER)
+    text, media = build_prompt(vqa, query, [demo1, demo2])
+    assert text == ("<image>User: Question:what colour? Short answer: GPT:<answer> red<|endofchunk|>"
+                    "<image>User: Question:how many? Short answer: GPT:<answer> two<|endofchunk|>"
+                    "<image>User: Question:what shape? Short answer: GPT:<answer>")
+    assert media == ["/img/0.png", "/img/1.png", "/img/2.png"]
+    text, media = build_prompt(vqa, query, [demo1], with_media=False)  # the zero-shot convention's text-only demos
+    assert text.startswith("User: Question:what colour?") and media == ["/img/2.png"]
+    # each format writes the same conversation its own way: the server's rendering of those turns
+    turns = [Turn("user", ("<image>", "Question:what colour? Short answer:")), Turn("assistant", ("red",)),
+             Turn("user", ("<image>", "Question:what shape? Short answer:"))]
+    for fmt in (FLAMINGO, IdeficsChat()):
+        vqa.use_chat(fmt)
+        assert build_prompt(vqa, query, [demo1])[0] == fmt.render(turns)
+    vqa.use_chat(None)
+    assert build_prompt(vqa, query, [demo1])[0] == vqa.demo_prompt(demo1) + vqa.query_prompt(query)
+
+
+def test_ranked_candidates_are_the_assistants_answer_and_end_marker():
+    task = get_task("classification")
+    assert task.continuation("cat") == " cat.<|endofchunk|>"  # the template's
+    task.use_chat(OTTER)
+    assert task.continuation("cat") == " cat<|endofchunk|>"  # after "... GPT:<answer>"
+    task.use_chat(IdeficsChat())
+    assert task.continuation("cat") == " cat<end_of_utterance>\n"  # after "Assistant:"
+    task.use_chat(FLAMINGO)
+    assert task.continuation("cat") == " cat<|endofchunk|>"
+    with pytest.raises(ValueError, match="declares its images"):
+        get_task("multi_image").use_chat(OTTER)
+
+
+@pytest.mark.parametrize("task, maker", [("vqa", make_vqa), ("classification", make_classification)])
+def test_evaluate_with_chat_prompts_records_the_format(task, maker, tmp_path, monkeypatch):
+    import flamingo.eval.runner as runner
+
+    prompts = []
+
+    def spy(*args, **kwargs):
+        prompts.append(build_prompt(*args, **kwargs)[0])
+        return build_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "build_prompt", spy)
+    model, processor = tiny_otter_shaped()
+    data = maker(tmp_path / "data")
+    common = dict(shots=[0, 2], trials=1, batch_size=2, progress=False, generation={"max_new_tokens": 3})
+    chat = evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "chat"), chat=True, **common)
+    chat_prompts, prompts[:] = list(prompts), []
+    plain = evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "plain"), **common)
+    assert chat["settings"]["chat"] == "otter" and plain["settings"]["chat"] is None
+    assert len(chat["runs"]) == 2 and all(run["metrics"] for run in chat["runs"])
+    assert chat_prompts and all(p.endswith(" GPT:<answer>") and p.count("User: ") in (1, 3) for p in chat_prompts)
+    assert prompts and not any("GPT:<answer>" in p for p in prompts)

@@ -43,7 +43,7 @@ def needed_tokens(processor: FlamingoProcessor, task: Task, sample: Sample, prom
                   max_new_tokens: int) -> int:
     """Positions the LM must hold for one query: its prompt plus the longest candidate continuation (ranked
     tasks) or `max_new_tokens` (generation). A query needing more than `processor.max_length` is skipped."""
-    length = len(processor.token_ids(prompt_text))
+    length = len(processor.prompt_ids(prompt_text))  # in its template, as encoded (IDEFICS's wrappers count)
     if task.kind == "generate":
         return length + max_new_tokens
     ids = continuation_ids_of(processor, task, task.candidates_for(sample))

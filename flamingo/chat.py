@@ -36,10 +36,12 @@ An assistant turn is (lead, answer, end): the answer text and the end marker are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
-from .processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
+from .config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN
+
+if TYPE_CHECKING:
+    from .processing import FlamingoProcessor
 
 ROLES = ("system", "user", "assistant")
 OTTER_ANSWER = "<answer>"  # Otter's marker before each answer
@@ -157,7 +159,7 @@ FLAMINGO = ChatFormat()
 OTTER = OtterChat()
 
 
-def chat_format_for(processor: FlamingoProcessor, vocab: Optional[int] = None) -> ChatFormat:
+def chat_format_for(processor: "FlamingoProcessor", vocab: Optional[int] = None) -> ChatFormat:
     """The conversation format of the model `processor` prepares prompts for (its prompt template decides), whose
     embedding has `vocab` rows (default: the tokenizer's size): IDEFICS turns end with `<end_of_utterance>` where the
     model has a row for it."""

@@ -12,13 +12,8 @@ import time
 from typing import Any, Optional, Sequence
 
 from .config import QUANTIZE_MODES
-from .runtime import (
-    DTYPE_NAMES,
-    leave_process_group_and_exit,
-    quiet_irrelevant_warnings,
-    quiet_transformers,
-    torch_dtype,
-)
+from .runtime.dtypes import DTYPE_NAMES, torch_dtype
+from .runtime.quiet import quiet_irrelevant_warnings, quiet_transformers
 
 MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holding one (org/name)"
 REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
@@ -220,6 +215,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if out and trainer.rank == 0:
         print(f"trained model: {out}")
     if trainer.world > 1:  # gloo's threads can abort a finalizing interpreter (runtime/distributed.py)
+        from .runtime.distributed import leave_process_group_and_exit
+
         leave_process_group_and_exit(0)
     return 0
 

@@ -13,6 +13,8 @@ WEIGHTS_NAME = "flamingo.safetensors"  # the tensors stored beside the backbones
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"  # the processor's settings and prompt template (processing.py)
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"  # IDEFICS writes each <image> between two
+END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS's end of a dialogue turn (its instruct models' tokenizers hold it)
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")
 
 

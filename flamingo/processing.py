@@ -20,14 +20,12 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
-from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
+from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
 from .references import reference_token, resolve_declarations
 from .runtime.compat import keep_special_tokens_kwargs
 from .runtime.hub import local_dir
 from .video import decode_video, uniform_frame_indices
 
-IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"
-END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS's end of a dialogue turn (its instruct models' tokenizers hold it)
 TEMPLATES = ("flamingo", "idefics", "otter")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 

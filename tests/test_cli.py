@@ -143,3 +143,18 @@ def test_importing_the_cli_or_the_config_leaves_transformers_unloaded():
     code = "import sys, flamingo.cli, flamingo.config; print('transformers' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_help_and_argument_parsing_import_neither_torch_nor_transformers():
+    """`flamingo --help` and every subcommand's parser are built from plain data (task names, dataset kinds, dtype
+    names): the library's stack is imported by the command that runs, so help answers at once."""
+    code = ("import sys; from flamingo.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'flamingo.model.flamingo', 'flamingo.data.spec') "
+            "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
+    for command in (["--help"], ["eval", "--help"], ["data", "inspect", "--help"], ["batch", "--help"]):
+        run = subprocess.run([sys.executable, "-m", "flamingo.cli", *command], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0 and "usage: flamingo" in run.stdout, run.stderr[-2000:]

@@ -15,14 +15,14 @@ import torch
 from flamingo.build import from_backbones
 from flamingo.chat import Turn, chat_format_for
 from flamingo.cli import main
-from flamingo.config import END_OF_CHUNK_TOKEN
+from flamingo.config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.data import build_source
 from flamingo.data.errors import SkipSample
 from flamingo.data.inspect import detect_kind, inspect_dataset
 from flamingo.data.sequence import IGNORE_INDEX
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
-from flamingo.processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
+from flamingo.processing import FlamingoProcessor
 from flamingo.tiny import (
     random_image,
     set_gates,

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
+from flamingo.data.kinds import resolve_options
 from flamingo.data.sequence import Encoded, collate, make_labels, pack_rows
-from flamingo.data.spec import resolve_options
 from flamingo.tiny import random_image
 from flamingo.train.config import load_config
 from flamingo.train.flops import batch_samples, flops_estimate, flops_per_sample

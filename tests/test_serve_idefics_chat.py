@@ -13,9 +13,10 @@ from transformers import IdeficsConfig, IdeficsForVisionText2Text
 from transformers.models.idefics.processing_idefics import IdeficsProcessor
 
 from flamingo.chat import FLAMINGO, IdeficsChat, chat_format_for
+from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.convert import from_idefics
 from flamingo.convert.idefics import idefics_image_processor
-from flamingo.processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor
+from flamingo.processing import FlamingoProcessor
 from flamingo.runtime.compat import TRANSFORMERS, pil_image_processor
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine

@@ -35,9 +35,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..config import MEDIA_TOKEN, FlamingoConfig
+from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
-from ..processing import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, FlamingoProcessor, load_image_processor
+from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from .checkpoints import checkpoint_dir, read_tensors
 

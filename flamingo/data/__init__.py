@@ -4,12 +4,32 @@ Formats and rules: docs/data.md. The trainer calls `build_sources(config.data, p
 num_workers=)`; each source yields collated batches for `Flamingo.forward` and has `state_dict/load_state_dict`.
 """
 
-from .build import DatasetSource, build_source, build_sources
-from .errors import REASONS, SkipSample
-from .interleaved import build_interleaved_text, match_images
-from .mixture import MixtureSampler, WeightedMixture
-from .sequence import collate, make_labels
-from .spec import KINDS, DatasetSpec
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .build import DatasetSource, build_source, build_sources
+    from .errors import REASONS, SkipSample
+    from .interleaved import build_interleaved_text, match_images
+    from .kinds import KINDS
+    from .mixture import MixtureSampler, WeightedMixture
+    from .sequence import collate, make_labels
+    from .spec import DatasetSpec
+
+# Names load on first use (PEP 562): `flamingo data --help` lists the kinds without importing the loaders.
+_HOMES = {"DatasetSource": ".build", "build_source": ".build", "build_sources": ".build", "REASONS": ".errors",
+          "SkipSample": ".errors", "build_interleaved_text": ".interleaved", "match_images": ".interleaved",
+          "KINDS": ".kinds", "MixtureSampler": ".mixture", "WeightedMixture": ".mixture", "collate": ".sequence",
+          "make_labels": ".sequence", "DatasetSpec": ".spec"}
 __all__ = ["DatasetSource", "DatasetSpec", "KINDS", "REASONS", "MixtureSampler", "SkipSample", "WeightedMixture",
            "build_interleaved_text", "build_source", "build_sources", "collate", "make_labels", "match_images"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'flamingo.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

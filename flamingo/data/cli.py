@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import yaml
-from transformers import AutoTokenizer
+from ..config import PROCESSOR_CONFIG_NAME
+from .kinds import KINDS
 
-from ..processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, add_flamingo_tokens
-from .inspect import detect_kind, inspect_dataset, write_report
-from .pack import pack
-from .spec import KINDS
+if TYPE_CHECKING:  # the loaders (transformers, torch) are imported when a command runs, not for its --help
+    from ..processing import FlamingoProcessor
 
 
 def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
+    import yaml
+
     options: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -26,8 +26,12 @@ def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
     return options
 
 
-def load_tokenizing_processor(directory: str) -> FlamingoProcessor:
+def load_tokenizing_processor(directory: str) -> "FlamingoProcessor":
     """A saved processor / Flamingo model directory, or any HF tokenizer directory (Flamingo tokens added)."""
+    from transformers import AutoTokenizer
+
+    from ..processing import FlamingoProcessor, add_flamingo_tokens
+
     if os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):
         return FlamingoProcessor.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -36,6 +40,8 @@ def load_tokenizing_processor(directory: str) -> FlamingoProcessor:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import detect_kind, inspect_dataset, write_report
+
     kind = args.kind
     if kind is None:
         kind = detect_kind(args.path)  # a ValueError naming the kinds it could not tell apart: exit code 2
@@ -52,6 +58,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack
+
     result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
                   shard_size=args.shard_size)
     print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}")

@@ -18,9 +18,10 @@ from PIL import Image, ImageDraw
 
 from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
+from .kinds import KINDS
 from .sequence import example_ids
 from .sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, expand_path, parse_json_record, read_records
-from .spec import KINDS, DatasetSpec
+from .spec import DatasetSpec
 
 DETECT_RECORDS = 50  # records read to tell a dataset's kind
 

@@ -6,17 +6,11 @@ import argparse
 import json
 from typing import Any
 
-import torch.distributed as dist
-
-from ..build import load_pretrained
 from ..config import QUANTIZE_MODES
-from ..processing import FlamingoProcessor
-from ..runtime import DTYPE_NAMES, default_device, init_process_group_from_env, quiet_transformers, torch_dtype
+from ..runtime.dtypes import DTYPE_NAMES, torch_dtype
+from ..runtime.quiet import quiet_transformers
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
-from .distributed import rank
-from .remote import RemoteModel
-from .runner import evaluate, markdown_table
 from .tasks import TASKS
 
 
@@ -76,6 +70,15 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
+    import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
+
+    from ..build import load_pretrained
+    from ..processing import FlamingoProcessor
+    from ..runtime.distributed import default_device, init_process_group_from_env
+    from .distributed import rank
+    from .remote import RemoteModel
+    from .runner import evaluate, markdown_table
+
     joined = init_process_group_from_env()
     try:
         quiet_transformers(args.no_progress)

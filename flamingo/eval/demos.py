@@ -16,12 +16,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .rices import FeatureCache, nearest
 from .task import Sample
+
+if TYPE_CHECKING:
+    from .rices import FeatureCache
 
 METHODS = ("random", "rices")
 ZERO_SHOT = ("text", "none")
@@ -30,7 +32,7 @@ ZERO_SHOT_TEXT_DEMOS = 2
 
 class DemoSelector:
     def __init__(self, pool: Sequence[Sample], method: str = "random", query_set_size: Optional[int] = 2048,
-                 seed: int = 0, features: Optional[FeatureCache] = None) -> None:
+                 seed: int = 0, features: Optional["FeatureCache"] = None) -> None:
         if method not in METHODS:
             raise ValueError(f"demo method must be one of {METHODS}, got {method!r}")
         if method == "rices" and features is None:
@@ -79,6 +81,8 @@ class DemoSelector:
         """RICES demos of several samples at once (one similarity matmul), most similar last."""
         self.prepare(shared=False)  # a caller that skipped prepare(): this process computes them alone
         query = self.features.get([f"query:{s.id}" for s in samples], [s.media[0] for s in samples])
+        from .rices import nearest  # torch: only for RICES
+
         rows = nearest(query, self._query_features, k)
         return [[self.query_set[int(i)] for i in row] for row in rows]
 

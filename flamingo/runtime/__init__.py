@@ -11,16 +11,35 @@
 - `plotting`: matplotlib's pyplot drawing to files only.
 """
 
-from .checkpoint_io import atomic_directory
-from .distributed import default_device, dist_info, init_process_group_from_env, leave_process_group_and_exit
-from .dtypes import DTYPE_NAMES, torch_dtype
-from .host_memory import status_kib
-from .launch import run_torchrun, torchrun_command
-from .lru import LRU, TensorCache
-from .plotting import pyplot
-from .quiet import quiet_irrelevant_warnings, quiet_transformers
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .checkpoint_io import atomic_directory
+    from .distributed import default_device, dist_info, init_process_group_from_env, leave_process_group_and_exit
+    from .dtypes import DTYPE_NAMES, torch_dtype
+    from .host_memory import status_kib
+    from .launch import run_torchrun, torchrun_command
+    from .lru import LRU, TensorCache
+    from .plotting import pyplot
+    from .quiet import quiet_irrelevant_warnings, quiet_transformers
+
+# Names load on first use (PEP 562): the CLI parses its arguments (and prints --help) without importing torch.
+_HOMES = {"atomic_directory": ".checkpoint_io", "default_device": ".distributed", "dist_info": ".distributed",
+          "init_process_group_from_env": ".distributed", "leave_process_group_and_exit": ".distributed",
+          "DTYPE_NAMES": ".dtypes", "torch_dtype": ".dtypes", "status_kib": ".host_memory",
+          "run_torchrun": ".launch", "torchrun_command": ".launch", "LRU": ".lru", "TensorCache": ".lru",
+          "pyplot": ".plotting", "quiet_irrelevant_warnings": ".quiet", "quiet_transformers": ".quiet"}
 __all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info",
            "init_process_group_from_env", "leave_process_group_and_exit", "pyplot", "quiet_irrelevant_warnings",
-           "quiet_transformers",
-           "run_torchrun", "status_kib", "torch_dtype", "torchrun_command"]
+           "quiet_transformers", "run_torchrun", "status_kib", "torch_dtype", "torchrun_command"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'flamingo.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

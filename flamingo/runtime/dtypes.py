@@ -1,14 +1,19 @@
-"""Dtype names as configs and command lines spell them."""
+"""Dtype names as configs and command lines spell them (torch is imported when a name is resolved)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-DTYPE_NAMES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch's
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> "torch.dtype":
     """'fp32' | 'bf16' | 'fp16' -> the torch dtype; any other name is a clear error."""
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}: choose from {sorted(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from .distributed import dist_info
-
 # (logger, the start of a message it logs that no command of ours needs to show)
 IRRELEVANT_WARNINGS = (
     # torchao's optional compiled kernels (MX formats, CUTLASS for sm90a) that do not load with a CPU build of torch
@@ -29,6 +27,8 @@ class _DropMessages(logging.Filter):
 def quiet_transformers(no_progress: bool) -> None:
     """transformers' bars follow a command's progress switch and show on rank 0 only under torchrun. The switch is
     process-wide: commands call it (the CLI, the demo), library code never does."""
+    from .distributed import dist_info  # torch: only when a command runs
+
     if no_progress or dist_info()[0] != 0:
         from transformers.utils import logging as hf_logging
 

@@ -138,6 +138,23 @@ class StepClock:
         return (steps[-1] - steps[0]) / max(1, len(steps) - 1)
 
 
+def interleaved(fns: dict[str, Callable[[StepClock], Any]], device: str, repeats: int
+                ) -> dict[str, tuple[float, float]]:
+    """Median (time to first token, seconds per decode step) of each `fn(clock)`, the runs of the models taking
+    turns (one warm-up each first), so that a change in the machine's load falls on both alike."""
+    for fn in fns.values():
+        fn(StepClock())
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            clock = StepClock()
+            fn(clock)
+            samples[name].append((clock.ttft(), clock.decode_seconds_per_step()))
+    return {name: (statistics.median(t for t, _ in runs), statistics.median(s for _, s in runs))
+            for name, runs in samples.items()}
+
+
 def timed_steps(fn: Callable[[StepClock], Any], device: str, repeats: int = 3) -> tuple[float, float]:
     """Median (time to first token, seconds per decode step) of `fn(clock)` over `repeats` runs after a warm-up."""
     fn(StepClock())

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
@@ -31,7 +30,7 @@ from transformers.models.idefics.processing_idefics import (
     incremental_to_binary_attention_mask,
 )
 
-from bench.common import StepClock, machine, print_json, print_table, sync
+from bench.common import interleaved, machine, print_json, print_table
 from flamingo.convert import from_idefics
 from flamingo.runtime import DTYPE_NAMES, torch_dtype
 from flamingo.tiny import tiny_tokenizer
@@ -78,23 +77,6 @@ def build(shape: str, device: str, dtype: torch.dtype, alpha: float = 0.3, seed:
     peer.to(device=device, dtype=dtype)
     ours.to(device=device, dtype=dtype)
     return ours, peer, processor
-
-
-def interleaved(fns: dict[str, Callable[[StepClock], Any]], device: str, repeats: int
-                ) -> dict[str, tuple[float, float]]:
-    """Median (time to first token, seconds per decode step) of each `fn(clock)`, the runs of the models taking
-    turns (one warm-up each first), so that a change in the machine's load falls on both alike."""
-    for fn in fns.values():
-        fn(StepClock())
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            clock = StepClock()
-            fn(clock)
-            samples[name].append((clock.ttft(), clock.decode_seconds_per_step()))
-    return {name: (statistics.median(t for t, _ in runs), statistics.median(s for _, s in runs))
-            for name, runs in samples.items()}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

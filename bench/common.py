@@ -155,6 +155,20 @@ def interleaved(fns: dict[str, Callable[[StepClock], Any]], device: str, repeats
             for name, runs in samples.items()}
 
 
+def add_generation_options(parser: Any, shapes: Any, images: list[int], repeats: int) -> None:
+    """The options of a generation bench against a peer (shape, images per prompt, batch sizes, forced new tokens,
+    device, dtype, repeats)."""
+    from flamingo.runtime import DTYPE_NAMES
+
+    parser.add_argument("--shape", default="cpu", choices=sorted(shapes))
+    parser.add_argument("--images", type=int, nargs="+", default=images)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
 def timed_steps(fn: Callable[[StepClock], Any], device: str, repeats: int = 3) -> tuple[float, float]:
     """Median (time to first token, seconds per decode step) of `fn(clock)` over `repeats` runs after a warm-up."""
     fn(StepClock())

@@ -30,9 +30,9 @@ from transformers.models.idefics.processing_idefics import (
     incremental_to_binary_attention_mask,
 )
 
-from bench.common import interleaved, machine, print_json, print_table
+from bench.common import add_generation_options, interleaved, machine, print_json, print_table
 from flamingo.convert import from_idefics
-from flamingo.runtime import DTYPE_NAMES, torch_dtype
+from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -123,13 +123,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
-    parser.add_argument("--images", type=int, nargs="+", default=[4, 8, 32])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
-    parser.add_argument("--repeats", type=int, default=5)
+    add_generation_options(parser, SHAPES, images=[4, 8, 32], repeats=5)
     args = parser.parse_args()
     print(f"# bench.idefics on {machine()}, shape={args.shape}, dtype={args.dtype}")
     rows = run(args)

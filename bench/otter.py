@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from bench.common import interleaved, machine, print_json, print_table
+from bench.common import add_generation_options, interleaved, machine, print_json, print_table
 from flamingo.convert import from_otter
-from flamingo.runtime import DTYPE_NAMES, torch_dtype
+from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_lm, tiny_tokenizer, tiny_vision
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -114,13 +114,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
-    parser.add_argument("--images", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
-    parser.add_argument("--repeats", type=int, default=3)
+    add_generation_options(parser, SHAPES, images=[4, 16], repeats=3)
     args = parser.parse_args()
     print(f"# bench.otter on {machine()}, shape={args.shape}, dtype={args.dtype}")
     rows = run(args)

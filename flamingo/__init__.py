@@ -5,8 +5,9 @@ transformers and every backbone class first."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .runtime.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .build import from_backbones, load_pretrained
@@ -21,14 +22,7 @@ _HOMES = {"Flamingo": ".model.flamingo", "FlamingoConfig": ".config", "FlamingoO
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "FlamingoProcessor", "from_backbones", "load_pretrained",
            "push_to_hub"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'flamingo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:

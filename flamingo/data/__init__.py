@@ -6,8 +6,9 @@ num_workers=)`; each source yields collated batches for `Flamingo.forward` and h
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..runtime.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .build import DatasetSource, build_source, build_sources
@@ -25,11 +26,4 @@ _HOMES = {"DatasetSource": ".build", "build_source": ".build", "build_sources": 
           "make_labels": ".sequence", "DatasetSpec": ".spec"}
 __all__ = ["DatasetSource", "DatasetSpec", "KINDS", "REASONS", "MixtureSampler", "SkipSample", "WeightedMixture",
            "build_interleaved_text", "build_source", "build_sources", "collate", "make_labels", "match_images"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'flamingo.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES)

@@ -4,8 +4,9 @@ trials, distributed over torchrun ranks. See docs/eval.md."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..runtime.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .runner import evaluate
@@ -15,11 +16,4 @@ if TYPE_CHECKING:
 # Names load on first use (PEP 562): `flamingo eval --help` lists the tasks without importing the model.
 _HOMES = {"evaluate": ".runner", "Sample": ".task", "Task": ".task", "TASKS": ".tasks", "get_task": ".tasks"}
 __all__ = ["evaluate", "Sample", "Task", "TASKS", "get_task"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'flamingo.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES)

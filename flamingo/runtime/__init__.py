@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .checkpoint_io import atomic_directory
@@ -35,11 +36,4 @@ _HOMES = {"atomic_directory": ".checkpoint_io", "default_device": ".distributed"
 __all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info",
            "init_process_group_from_env", "leave_process_group_and_exit", "pyplot", "quiet_irrelevant_warnings",
            "quiet_transformers", "run_torchrun", "status_kib", "torch_dtype", "torchrun_command"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'flamingo.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES)

@@ -8,7 +8,8 @@
 - `checkpoint_io`: atomic directory writes;
 - `hub`: where a model is read from, a directory or a Hub repository (`org/name`) downloaded once;
 - `host_memory`: the process's resident memory (Linux);
-- `plotting`: matplotlib's pyplot drawing to files only.
+- `plotting`: matplotlib's pyplot drawing to files only;
+- `lazy`: packages whose public names load on first use (this one too).
 """
 
 from __future__ import annotations

@@ -161,8 +161,7 @@ def test_kind_detection_inspection_and_tar_shards(tmp_path):
     assert (report.kind, report.samples, report.media, report.skipped) == ("chat", 2, 2, {"empty_text": 1})
     shard = tmp_path / "chat-000.tar"
     with tarfile.open(shard, "w") as tar:  # WebDataset layout: the conversation and its image member
-        row = {k: v for k, v in LLAVA.items() if k != "image"}
-        (tmp_path / "s.json").write_text(json.dumps(row))
+        (tmp_path / "s.json").write_text(json.dumps(LLAVA))  # its `image` the original path, no member's name
         tar.add(tmp_path / "s.json", "s0.json")
         tar.add(tmp_path / "img" / "0.png", "s0.png")
     assert detect_kind(str(shard)) == "chat"

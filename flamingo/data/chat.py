@@ -8,9 +8,10 @@ A record (a JSONL / JSON row, or a tar sample's `.json` with its image or video 
   (a path or a list of paths) or `video`, each medium at the next `<image>` placeholder of the human turns
   (LLaVA writes `<image>\\n` first); with no placeholder at all, the media go before the first human turn's text.
 Paths are relative to the table's directory; in a tar shard they name members (`flamingo data pack --kind chat`
-writes them so), and a medium without a path is the sample's own image (or video) member (`{key}.jpg` beside
-`{key}.json`). The conversation is written in the format of the processor's template (flamingo/chat.py: what
-`flamingo serve` writes for the same messages), and trained on its answers only: the assistant turns' text and end
+writes them so), and a medium whose path is no member (or that has none) is the sample's own image (or video) member
+(`{key}.jpg` beside `{key}.json`, the WebDataset layout of LLaVA-style data, whose JSON may keep the original path).
+The conversation is written in the format of the processor's template (flamingo/chat.py: what `flamingo serve`
+writes for the same messages), and trained on its answers only: the assistant turns' text and end
 marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
 (`Example.trained_spans`). Turns after the last answer are dropped with their media (nothing there is learned).
 
@@ -49,22 +50,22 @@ class _Media:
 
     def ref(self, path: Any, video: bool) -> MediaRef:
         record = self.record
-        if isinstance(path, str) and path.strip():
-            if record.shard is None:
-                return file_ref(resolve_relative(record.base_dir, path.strip()), video)
-            member = record.shard.find(path.strip())  # a shard's conversation names its members
-            if member is None:
-                raise SkipSample("missing_file", f"{record.key}: no member {path!r} in {record.file}")
-            return member_ref(record.shard, member, video)
         if path is not None and not isinstance(path, str):
             raise SkipSample("bad_record", f"{record.key}: a media path must be a string")
+        path = (path or "").strip()
         if record.shard is None:
-            raise SkipSample("bad_record", f"{record.key}: a medium without a path")
-        exts = VIDEO_EXTS if video else IMAGE_EXTS
-        ext = next((e for e in exts if e in record.payload), None)
-        if ext is None:
-            raise SkipSample("missing_file", f"{record.key}: tar sample has no {'|'.join(exts)} member")
-        return member_ref(record.shard, record.payload[ext], video)
+            if not path:
+                raise SkipSample("bad_record", f"{record.key}: a medium without a path")
+            return file_ref(resolve_relative(record.base_dir, path), video)
+        member = record.shard.find(path) if path else None  # a packed conversation names its members
+        if member is None:  # else the sample's own member (WebDataset: `{key}.jpg` beside `{key}.json`, whatever
+            exts = VIDEO_EXTS if video else IMAGE_EXTS  # path the JSON kept from the original dataset)
+            ext = next((e for e in exts if e in record.payload), None)
+            if ext is None:
+                raise SkipSample("missing_file", f"{record.key}: no member {path!r} in {record.file}, and the "
+                                                 f"sample has no {'|'.join(exts)} member")
+            member = record.payload[ext]
+        return member_ref(record.shard, member, video)
 
 
 def _part_media(part: dict[str, Any]) -> Optional[tuple[Any, bool]]:

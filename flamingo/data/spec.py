@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..chat import FLAMINGO, chat_format_for
+from ..chat import FLAMINGO, ChatFormat, chat_format_for
 from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
 from .chat import chat_example
@@ -29,6 +29,7 @@ class DatasetSpec:
     processor: Optional[FlamingoProcessor]  # None: inspect without a tokenizer (no tokens, no pixels)
     media_cache: Optional[TensorCache] = None  # options.cache_media_mb > 0; pickles empty (one per worker process)
     fetcher: Optional[ShardFetcher] = None  # remote shards' cache (options.remote_cache_*); None: no remote files
+    chat: ChatFormat = FLAMINGO  # conversations are written in the processor's chat format (resolved once)
 
     @classmethod
     def create(cls, name: str, kind: str, path: str, batch_size: int, options: Optional[dict[str, Any]],
@@ -44,7 +45,8 @@ class DatasetSpec:
         if any(is_remote(f) for f in files):
             fetcher = ShardFetcher(resolved["remote_cache_dir"] or default_cache_dir(),
                                    int(float(resolved["remote_cache_gb"]) * 2**30))
-        return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher)
+        chat = chat_format_for(processor) if processor is not None else FLAMINGO
+        return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher, chat)
 
     @property
     def tar_needs(self) -> Optional[str]:
@@ -63,9 +65,8 @@ class DatasetSpec:
         if self.kind == "interleaved":
             return interleaved_example(record, similarity_threshold=float(o["similarity_threshold"]),
                                        max_images=int(o["max_images"]), image_dir=o["image_dir"], eos=self.eos)
-        if self.kind == "chat":  # written as the model is served (its processor's template)
-            return chat_example(record, FLAMINGO if self.processor is None else chat_format_for(self.processor),
-                                eos=self.eos)
+        if self.kind == "chat":  # written as the model is served
+            return chat_example(record, self.chat, eos=self.eos)
         return pair_example(record, video=self.kind == "video", eos=self.eos)
 
     def encode(self, record: RawRecord) -> Encoded:

@@ -30,7 +30,8 @@ answers stop at the next `\\nUser:`.
 - the prompt ends with ` GPT:<answer>`, which the model continues (answers end at `<|endofchunk|>`).
 
 An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
-(`segments`), the lead is the format's.
+(`segments`); the lead is the format's answer prefix (what a prompt ends with) and a gap, so that what follows a
+prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,14 @@ class ChatFormat:
         return "".join(pieces)
 
     def assistant(self, content: str, before: str) -> tuple[str, str, str]:
-        """An assistant turn after the text `before` -> (the format's lead, the answer, its end marker)."""
+        """An assistant turn after the text `before` -> (the format's lead, the answer, its end marker): the lead is
+        `answer_prefix()` (what a prompt ends with) and the gap `answer` puts after it."""
+        gap, answer, end = self.answer(content, before + self.answer_prefix())
+        return self.answer_prefix() + gap, answer, end
+
+    def answer(self, content: str, before: str) -> tuple[str, str, str]:
+        """What follows `answer_prefix()` (ending the text `before`) for an answer `content`: (gap, answer, end
+        marker). A prompt's continuation is their concatenation (what ranked candidates are scored as)."""
         space = "" if not before or before[-1].isspace() or content[:1].isspace() else " "
         return space, content, END_OF_CHUNK_TOKEN
 
@@ -119,8 +127,8 @@ class IdeficsChat(ChatFormat):
         space = "" if pieces[:1] == [MEDIA_TOKEN] or content[:1].isspace() else " "
         return "User:" + space + content + self.end_of_turn + "\n"
 
-    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
-        return "Assistant:" + ("" if content[:1].isspace() else " "), content, self.end_of_turn + "\n"
+    def answer(self, content: str, before: str) -> tuple[str, str, str]:
+        return "" if content[:1].isspace() else " ", content, self.end_of_turn + "\n"
 
     def answer_prefix(self) -> str:
         return "Assistant:"
@@ -139,8 +147,8 @@ class OtterChat(ChatFormat):
         media = "".join(p for p in pieces if p == MEDIA_TOKEN)
         return media + "User: " + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
 
-    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
-        return self.answer_prefix() + " ", content.lstrip(), END_OF_CHUNK_TOKEN
+    def answer(self, content: str, before: str) -> tuple[str, str, str]:
+        return " ", content.lstrip(), END_OF_CHUNK_TOKEN
 
     def answer_prefix(self) -> str:
         return " GPT:" + OTTER_ANSWER

@@ -114,9 +114,7 @@ class Task:
         answer and end marker, after the lead the prompt already ends with)."""
         if self.chat is None:
             return self.answer_prefix + candidate + self.suffix
-        lead, answer, end = self.chat.assistant(candidate, before="?")  # after a query's last word
-        prefix = self.chat.answer_prefix()
-        return (lead[len(prefix):] if prefix and lead.startswith(prefix) else lead) + answer + end
+        return "".join(self.chat.answer(candidate, before="?" + self.chat.answer_prefix()))  # after a query's word
 
     def candidates_for(self, sample: Sample) -> list[str]:
         candidates = sample.candidates or self.classes

@@ -155,6 +155,16 @@ def interleaved(fns: dict[str, Callable[[StepClock], Any]], device: str, repeats
             for name, runs in samples.items()}
 
 
+def timing_columns(timings: dict[str, tuple[float, float]], batch: int) -> dict[str, float]:
+    """`interleaved`'s (time to first token, seconds per decode step) per model -> `{name}_ttft_ms` and
+    `{name}_decode_tok_s` (rows of `batch` sequences)."""
+    columns = {}
+    for name, (ttft, per_step) in timings.items():
+        columns[f"{name}_ttft_ms"] = ttft * 1e3
+        columns[f"{name}_decode_tok_s"] = batch / per_step
+    return columns
+
+
 def add_generation_options(parser: Any, shapes: Any, images: list[int], repeats: int) -> None:
     """The options of a generation bench against a peer (shape, images per prompt, batch sizes, forced new tokens,
     device, dtype, repeats)."""

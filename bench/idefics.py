@@ -30,7 +30,7 @@ from transformers.models.idefics.processing_idefics import (
     incremental_to_binary_attention_mask,
 )
 
-from bench.common import add_generation_options, interleaved, machine, print_json, print_table
+from bench.common import add_generation_options, interleaved, machine, print_json, print_table, timing_columns
 from flamingo.convert import from_idefics
 from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_tokenizer
@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             with torch.inference_mode():
                 row["same_tokens"] = torch.equal(ours_gen(), peer_gen())
                 timings = interleaved({"ours": ours_gen, "idefics": peer_gen}, args.device, args.repeats)
-            for name, (ttft, per_step) in timings.items():
-                row[f"{name}_ttft_ms"] = ttft * 1e3
-                row[f"{name}_decode_tok_s"] = batch / per_step
+            row.update(timing_columns(timings, batch))
             row["decode_vs_idefics"] = row["ours_decode_tok_s"] / row["idefics_decode_tok_s"]
             row["ttft_vs_idefics"] = row["idefics_ttft_ms"] / row["ours_ttft_ms"]
             rows.append(row)

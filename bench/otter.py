@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bench.common import add_generation_options, interleaved, machine, print_json, print_table
+from bench.common import add_generation_options, interleaved, machine, print_json, print_table, timing_columns
 from flamingo.convert import from_otter
 from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_lm, tiny_tokenizer, tiny_vision
@@ -101,9 +101,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row["same_tokens_cached"] = torch.equal(mine, otter_gen())
                 timings = interleaved({"ours": ours_gen, "otter": otter_gen, "otter_nocache": otter_uncached},
                                       args.device, args.repeats)
-            for name, (ttft, per_step) in timings.items():
-                row[f"{name}_ttft_ms"] = ttft * 1e3
-                row[f"{name}_decode_tok_s"] = batch / per_step
+            row.update(timing_columns(timings, batch))
             row["decode_vs_otter"] = row["ours_decode_tok_s"] / row["otter_decode_tok_s"]
             row["decode_vs_otter_nocache"] = row["ours_decode_tok_s"] / row["otter_nocache_decode_tok_s"]
             rows.append(row)

@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-from flamingo.build import from_backbones
 from flamingo.chat import Turn, chat_format_for
 from flamingo.cli import main
 from flamingo.config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
@@ -23,16 +22,10 @@ from flamingo.data.sequence import IGNORE_INDEX
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.processing import FlamingoProcessor
-from flamingo.tiny import (
-    random_image,
-    set_gates,
-    tiny_flamingo_config,
-    tiny_image_processor,
-    tiny_lm,
-    tiny_tokenizer,
-    tiny_vision,
-)
+from flamingo.tiny import random_image, tiny_flamingo, tiny_image_processor, tiny_tokenizer
 from flamingo.train.config import DatasetSection
+
+from helpers import tiny_otter_shaped
 
 QUESTIONS = ["What is in the image?", "And its colour?"]
 ANSWERS = ["A square next to a circle.", "Red."]
@@ -40,15 +33,12 @@ END = {"flamingo": END_OF_CHUNK_TOKEN, "otter": END_OF_CHUNK_TOKEN, "idefics": E
 
 
 def _processor(template: str) -> FlamingoProcessor:
-    tok = tiny_tokenizer()
     if template == "idefics":
+        tok = tiny_tokenizer()
         tok.add_special_tokens({"additional_special_tokens": [IDEFICS_IMAGE_WRAPPER, "<image>", END_OF_UTTERANCE]})
         tok.pad_token = tok.eos_token
         return FlamingoProcessor(tok, tiny_image_processor(), template="idefics")
-    _, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
-                                  image_processor=tiny_image_processor(), template=template,
-                                  extra_tokens=("<answer>",) if template == "otter" else ())
-    return processor
+    return (tiny_otter_shaped() if template == "otter" else tiny_flamingo())[1]
 
 
 def _write(tmp_path, rows, name="chat.jsonl"):
@@ -145,7 +135,7 @@ def test_placement_trailing_turns_eos_and_truncation(tmp_path):
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "bad_record", "part type"),
     ({"image": "img/0.png", "caption": "a pair"}, "bad_record", "no 'messages' or 'conversations'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "img/9.png"}}]},
-                   {"role": "assistant", "content": "x"}]}, "missing_file", ""),
+                   {"role": "assistant", "content": "x"}]}, "missing_file", "9.png"),
 ])
 def test_bad_conversations_are_skipped_with_their_reason(tmp_path, row, reason, detail):
     processor = _processor("flamingo")
@@ -187,11 +177,7 @@ def test_kind_detection_inspection_and_tar_shards(tmp_path):
 
 def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):
     """The batches train: the loss is over the answers' tokens only, and a few steps on the blocks lower it."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(),
-                                      image_processor=tiny_image_processor())
-    set_gates(model, 0.5)
+    model, processor = tiny_flamingo(gates=0.5)
     path = _write(tmp_path, [LLAVA, MESSAGES] * 4)
     source = build_source(DatasetSection("chat", "chat", path, batch_size=4, options={"shuffle": False}), processor)
     with warnings.catch_warnings():

@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..runtime.checkpoint_io import atomic_file
 from .app import ServeSettings, create_app
 from .engine import Engine
 
@@ -154,9 +154,7 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
         else:
             report.invalid += 1
         lines.append(json.dumps(entry) + "\n")
-    directory = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, delete=False, suffix=".part") as out:
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with atomic_file(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.writelines(lines)
-    os.replace(out.name, output_path)
     return report

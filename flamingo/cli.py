@@ -55,17 +55,21 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
-    from .convert import convert_openflamingo, published_openflamingo
+    from .convert import PUBLISHED_V1, convert_openflamingo, published_openflamingo
 
     if (args.model is None) == (args.checkpoint is None):
         raise ValueError("pass --model NAME (a published OpenFlamingo) or --checkpoint FILE with --vision and --lm")
+    if args.model in PUBLISHED_V1 and args.lm is None:
+        raise ValueError(f"{args.model} sits on LLaMA-7B (v1), which has no canonical hub name: pass --lm with a "
+                         "LLaMA-7B directory or mirror in Hugging Face format")
     checkpoint, vision, lm = args.checkpoint, args.vision, args.lm
     if args.model is not None:
         checkpoint, published_vision, published_lm = published_openflamingo(args.model)
         vision, lm = vision or published_vision, lm or published_lm
     elif vision is None or lm is None:
         raise ValueError("--checkpoint needs --vision and --lm (the backbones the checkpoint was trained on)")
-    model, processor = convert_openflamingo(checkpoint, vision, lm, args.tokenizer)
+    model, processor = convert_openflamingo(checkpoint, vision, lm, args.tokenizer,
+                                            attend_next_image=args.v1 or args.model in PUBLISHED_V1)
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     print(f"wrote {args.out} (xattn before layers {model.xattn_layer_indices})")
     return 0
@@ -326,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert foreign checkpoints")
     convert_sub = convert.add_subparsers(dest="source", required=True)
-    of = convert_sub.add_parser("open-flamingo", help="an OpenFlamingo 2.x checkpoint.pt")
+    of = convert_sub.add_parser("open-flamingo", help="an OpenFlamingo checkpoint (2.x, or v1 and Med-Flamingo)")
     of.add_argument("--model", default=None, help="a published checkpoint, e.g. "
                     "openflamingo/OpenFlamingo-3B-vitl-mpt1b (its checkpoint.pt and backbones downloaded; "
                     "docs/convert.md lists them)")
@@ -335,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --model, the published one unless given")
     of.add_argument("--lm", default=None, help="HF causal LM name/path; with --model, the published one unless given")
     of.add_argument("--tokenizer", default=None, help="defaults to the LM's")
+    of.add_argument("--v1", action="store_true", help="an OpenFlamingo v1 checkpoint (open_flamingo 0.0.x): text "
+                    "sees the next image, as v1 computes it (implied by --model for the v1 names)")
     of.add_argument("--out", required=True)
     of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
     of.set_defaults(func=_cmd_convert_open_flamingo)

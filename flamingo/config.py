@@ -72,6 +72,10 @@ class FlamingoConfig:
     max_frames: int = 8
     # True: a token sees only the last image at or before it (the paper). False: all images before it.
     only_attend_last_image: bool = True
+    # OpenFlamingo v1's rule at inference (its `attend_previous=False`; OpenFlamingo-9B v1 and Med-Flamingo were
+    # trained and evaluated with it): a text token sees the next image of its row, none after the row's last image;
+    # an `<image>` token sees its own. For converted v1 checkpoints; False is the paper's rule.
+    attend_next_image: bool = False
     # MMICL-style references: `<image0>` ... `<imageK-1>` tokens (K = this) that re-target the cross-attention to an
     # earlier image of the prompt (flamingo/references.py); 0: none, the paper's model.
     num_image_references: int = 0
@@ -132,6 +136,9 @@ class FlamingoConfig:
             self.lm_lora = lora_spec(self.lm_lora)
             if not self.freeze_lm:
                 raise ValueError("lm_lora adapts a frozen LM: set freeze_lm true (or drop lm_lora to train it all)")
+        if self.attend_next_image and (self.num_image_references or not self.only_attend_last_image):
+            raise ValueError("attend_next_image (OpenFlamingo v1's rule) goes with only_attend_last_image=True and no "
+                             "image references")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 

@@ -1,4 +1,9 @@
-"""OpenFlamingo 2.x checkpoints -> our model.
+"""OpenFlamingo checkpoints (2.x, and v1: open_flamingo 0.0.x, Med-Flamingo) -> our model.
+
+OpenFlamingo v1 has 2.x's modules and checkpoint layout; only its masking differs: at inference (its
+`attend_previous=False`) a text token sees the next image, none after the row's last, an `<image>` token its own.
+A v1 checkpoint converts with `attend_next_image=True` (config `attend_next_image`), so that the model computes what
+v1 computed (tests/test_openflamingo_v1_equal.py, against open_flamingo 0.0.2's classes).
 
 An OpenFlamingo `checkpoint.pt` is a state dict (possibly inside `{"model_state_dict": ...}`, possibly with DDP/FSDP
 prefixes) of its trained parameters: `perceiver.*`, `lang_encoder.gated_cross_attn_layers.{layer}.*` and the LM's
@@ -46,15 +51,24 @@ PUBLISHED: dict[str, tuple[str, str]] = {
     "openflamingo/OpenFlamingo-9B-vitl-mpt7b": (CLIP_VIT_L, "anas-awadalla/mpt-7b"),
 }
 
+# The published v1 checkpoints: hub repository -> its file. Both sit on CLIP ViT-L/14 and LLaMA-7B (v1), whose
+# weights have no canonical hub name: the user names a LLaMA-7B directory or mirror (--lm).
+PUBLISHED_V1: dict[str, str] = {
+    "openflamingo/OpenFlamingo-9B-deprecated": "checkpoint.pt",  # OpenFlamingo v1's 9B
+    "med-flamingo/med-flamingo": "model.pt",  # Med-Flamingo, fine-tuned from it on medical papers and textbooks
+}
 
-def published_openflamingo(name: str) -> tuple[str, str, str]:
-    """A published checkpoint's (local `checkpoint.pt`, vision tower, LM): the file is downloaded once (the hub
-    cache), the backbones are named as `PUBLISHED` lists them."""
-    if name not in PUBLISHED:
-        raise ValueError(f"{name!r} is not a published OpenFlamingo checkpoint; choose from {sorted(PUBLISHED)}, or "
-                         "pass --checkpoint FILE --vision V --lm L")
+
+def published_openflamingo(name: str) -> tuple[str, str, Optional[str]]:
+    """A published checkpoint's (local checkpoint file, vision tower, LM or None where the user must name it): the
+    file is downloaded once (the hub cache), the backbones are named as `PUBLISHED` lists them."""
+    if name not in PUBLISHED and name not in PUBLISHED_V1:
+        raise ValueError(f"{name!r} is not a published OpenFlamingo checkpoint; choose from "
+                         f"{sorted(PUBLISHED) + sorted(PUBLISHED_V1)}, or pass --checkpoint FILE --vision V --lm L")
     from huggingface_hub import hf_hub_download
 
+    if name in PUBLISHED_V1:
+        return hf_hub_download(name, PUBLISHED_V1[name]), CLIP_VIT_L, None
     vision, lm = PUBLISHED[name]
     return hf_hub_download(name, "checkpoint.pt"), vision, lm
 
@@ -140,16 +154,19 @@ def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
                          image_processor: Any = None, config: Optional[FlamingoConfig] = None,
-                         extra_tokens: Sequence[str] = (), template: str = "flamingo"
+                         extra_tokens: Sequence[str] = (), template: str = "flamingo", attend_next_image: bool = False
                          ) -> tuple[Flamingo, FlamingoProcessor]:
-    """Our model + processor with the weights of an OpenFlamingo 2.x checkpoint on the same backbones.
+    """Our model + processor with the weights of an OpenFlamingo checkpoint on the same backbones.
 
     lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
     on classes transformers ships). OpenFlamingo cut the LM's table to its tokenizer (MPT's and RedPajama's padded
     50432 rows to 50280); the LM gets the checkpoint's row count too, and then refers to no name (save it whole).
-    extra_tokens / template: `from_backbones`'s (a family's markers added after `<image>`, the processor's template)."""
+    extra_tokens / template: `from_backbones`'s (a family's markers added after `<image>`, the processor's template).
+    attend_next_image: the checkpoint is OpenFlamingo v1's (open_flamingo 0.0.x: OpenFlamingo-9B v1, Med-Flamingo),
+    whose text sees the next image (the module docstring)."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
+    config.attend_next_image = attend_next_image
     if isinstance(lm, (str, os.PathLike)):
         tokenizer = tokenizer if tokenizer is not None else str(lm)
         lm = load_openflamingo_lm(lm)

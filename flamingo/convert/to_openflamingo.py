@@ -54,6 +54,8 @@ def incompatibilities(model: Flamingo) -> list[str]:
         found.append("attention to every earlier image (OpenFlamingo's tokens see the last one)")
     if c.num_image_references:
         found.append("image reference tokens")
+    if c.attend_next_image:
+        found.append("OpenFlamingo v1's next-image rule (OpenFlamingo 2.x's tokens see the image before them)")
     layers = len(model.lm.get_submodule(model.decoder_layers_path))
     if model.xattn_layer_indices != [i for i in range(layers) if (i + 1) % c.xattn_every == 0]:
         found.append(f"blocks before layers {model.xattn_layer_indices}, not every {c.xattn_every}th")

@@ -47,6 +47,9 @@ class MediaContext:
     last_media_index: Optional[torch.Tensor] = None
     # (rows,) images the earlier LM calls held (with reference tokens, the index and the count part ways); None = 0
     media_count: Optional[torch.Tensor] = None
+    # (rows,) `<image>` tokens of each row's whole sequence, for `attend_next_image` (a text token sees the next
+    # image, so a chunk must know whether a later chunk holds one); None: the images up to the end of each LM call
+    row_images: Optional[torch.Tensor] = None
     media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
     # (rows, 1) for DECODE: 1 where the row's prompt has an image (its last image's K/V are all it keeps), or, when
     # it keeps every image's K/V, the image it sees (updated in place by generated references). Made eagerly in

@@ -57,6 +57,7 @@ from .xattn import (
     compute_media_index,
     document_positions,
     document_starts,
+    next_image_index,
 )
 
 BACKBONE_PREFIXES = ("vision.", "lm.")
@@ -180,9 +181,11 @@ class Flamingo(nn.Module):
             start = ctx.last_media_index
             if start is not None and start.shape[0] != input_ids.shape[0]:
                 raise RuntimeError(f"LM call with {input_ids.shape[0]} rows after one with {start.shape[0]}")
-            ctx.media_index = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids,
-                                                  references=self.references, start_count=ctx.media_count)
-            ctx.last_media_index = ctx.media_index[:, -1]
+            count = compute_media_index(input_ids, self.config.media_token_id, start, ctx.document_ids,
+                                        references=self.references, start_count=ctx.media_count)
+            ctx.last_media_index = count[:, -1]  # where the next call of these rows counts on from
+            ctx.media_index = count if not self.config.attend_next_image else \
+                next_image_index(count, input_ids == self.config.media_token_id, ctx.row_images)
             if self.references is not None:
                 images = (input_ids == self.config.media_token_id).sum(dim=1)  # (rows,)
                 ctx.media_count = images if ctx.media_count is None else ctx.media_count + images
@@ -190,6 +193,8 @@ class Flamingo(nn.Module):
                 if self.decodes_all_images:  # (rows, 1): the image each row sees
                     ctx.decode_index = ctx.last_media_index.clone()[:, None]
                     ctx.decode_count = None if ctx.media_count is None else ctx.media_count.clone()[:, None]
+                elif self.config.attend_next_image:  # (rows, 1): generated text follows the last image: none
+                    ctx.decode_index = torch.zeros_like(ctx.last_media_index)[:, None]
                 else:  # (rows, 1): 1 = has an image
                     ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
         if self.new_token_embeddings is None:
@@ -418,6 +423,9 @@ class Flamingo(nn.Module):
         if not self.config.only_attend_last_image:
             raise ValueError("packed rows (document_ids) need only_attend_last_image=True: with attention to every "
                              "earlier image, a sample would see the images of the samples packed before it")
+        if self.config.attend_next_image:
+            raise ValueError("packed rows (document_ids) need the last-image rule: with attend_next_image, a "
+                             "sample's last text would see the next sample's first image")
         if not no_cache or "position_ids" in lm_kwargs or lm_kwargs.get("use_cache"):
             raise ValueError("packed rows (document_ids) make their own position ids and take no KV cache")
         if self._packs_exactly is None:

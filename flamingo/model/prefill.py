@@ -68,6 +68,8 @@ class Prefill:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if prompt_logprobs is not None and prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {prompt_logprobs}")
+        if model.config.attend_next_image:  # a block's text sees the next image, maybe beyond the block: not reused
+            prefix_cache = None
         self.model, self.chunk, self.prefix_cache, self.vision_cache = model, chunk, prefix_cache, vision_cache
         self.prompt_logprobs = prompt_logprobs
         self._logprobs: list[TokenLogprobs] = []  # per chunk run, with prompt_logprobs
@@ -129,8 +131,9 @@ class Prefill:
             encoded = self._encode_media(media_per_step)
             if encoded is None:
                 return None
+            media_tokens = (self.input_ids == model.config.media_token_id).sum()[None]  # (1,) the whole prompt's
             self.ctx = MediaContext(Phase.PREFILL, torch.cat(self._visual, dim=1) if self._visual else None,
-                                    **self._media_state())
+                                    row_images=media_tokens, **self._media_state())
             if self.cache is None:
                 self.cache = DynamicCache(config=model.lm.config)
             if media_per_step is not None and encoded:

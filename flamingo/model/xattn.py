@@ -3,7 +3,8 @@
 The rule: `media_index[b, t]` = number of `<image>` tokens in sample b at positions <= t (the `<image>` token sees
 its own image). Token t attends to the R visual tokens of image `media_index[b, t]` only (or to every image up to it
 when `only_attend_last_image=False`); a token with media index 0 gets exactly zero from the attention — its output
-is zeroed, never a softmax over fully masked keys (IDEFICS #26428).
+is zeroed, never a softmax over fully masked keys (IDEFICS #26428). OpenFlamingo v1's variant (`next_image_index`,
+config `attend_next_image`): a text token sees the next image instead, none after its row's last.
 
 Three exact implementations of the same rule, checked against each other in tests:
 - `reference`: SDPA over all N·R visual tokens with a boolean mask. Cost grows with N.
@@ -70,6 +71,18 @@ def compute_media_index(input_ids: torch.Tensor, media_token_id: int,
     if start is not None:
         index = index + start[:, None]
     return index
+
+
+def next_image_index(count: torch.Tensor, is_media: torch.Tensor,
+                     row_images: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """OpenFlamingo v1's rule at inference (`attend_previous=False` in its `MaskedCrossAttention`): count (B, T), the
+    images at or before each token (`compute_media_index`) -> media index (B, T). An `<image>` token sees its own
+    image, a text token the next one: count + 1, or 0 when the row has no image after it (text after the row's last
+    image sees none). row_images (B,): the images of each row's whole sequence, when it comes in several LM calls
+    (chunked prefill); None: the images up to the end of this call."""
+    total = count[:, -1] if row_images is None else row_images.to(count.device)  # (B,)
+    index = torch.where(is_media.bool(), count, count + 1)
+    return torch.where(index > total[:, None], 0, index)
 
 
 def _media_index_with_references(input_ids: torch.Tensor, is_media: torch.Tensor, count: torch.Tensor,

@@ -1,15 +1,20 @@
-"""The OpenFlamingo 2.0.1 peer, built on our HF backbones, for equality tests and side-by-side benchmarks.
+"""The OpenFlamingo peers (2.0.1, and v1: 0.0.2), built on our HF backbones, for equality tests and benchmarks.
 
-OpenFlamingo is installed from PyPI with `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. Its
+OpenFlamingo 2.0.1 is installed from PyPI with `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. Its
 package `__init__` imports open_clip (which pulls torchvision), so its model modules (`open_flamingo/src/helpers.py`,
 `flamingo_lm.py`, `flamingo.py`, `utils.py`) are loaded from their files under a private package name without running
 that `__init__`. Nothing of OpenFlamingo is copied here. The peer uses OpenFlamingo's own mechanism (its mixin
 class swap) on its own LM copy: that is the peer's behaviour, not ours.
+
+OpenFlamingo v1 has the same package name, so it lives in a directory of its own, `pip install --no-deps --target
+.peers/open-flamingo-0.0.2 open-flamingo==0.0.2` (or wherever `OPENFLAMINGO_V1_PATH` says), and its modules are
+loaded from there the same way, under another private name.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 from functools import lru_cache
@@ -26,6 +31,16 @@ _DECODER_LAYERS = {"opt": "model.decoder.layers", "gptj": "transformer.h", "gpt2
                    "mosaic_gpt": "transformer.blocks"}
 
 
+_V1_PACKAGE = "_openflamingo_v1_peer"
+V1_PATH_VARIABLE = "OPENFLAMINGO_V1_PATH"
+_V1_DEFAULT = Path(__file__).resolve().parents[2] / ".peers" / "open-flamingo-0.0.2"  # a repository checkout's
+
+
+def openflamingo_v1_dir() -> Path:
+    """The directory holding OpenFlamingo 0.0.2's `open_flamingo/` (a `pip install --target` directory)."""
+    return Path(os.environ.get(V1_PATH_VARIABLE) or _V1_DEFAULT)
+
+
 @lru_cache(maxsize=1)
 def load_openflamingo_modules() -> types.SimpleNamespace:
     """OpenFlamingo's model modules, loaded from the installed package's files without its `__init__`."""
@@ -33,13 +48,26 @@ def load_openflamingo_modules() -> types.SimpleNamespace:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("OpenFlamingo is not installed: "
                           "pip install --no-deps open-flamingo==2.0.1 einops einops-exts")
-    src = Path(list(spec.submodule_search_locations)[0]) / "src"
-    package = types.ModuleType(_PACKAGE)
+    return _load_modules(Path(list(spec.submodule_search_locations)[0]) / "src", _PACKAGE)
+
+
+@lru_cache(maxsize=1)
+def load_openflamingo_v1_modules() -> types.SimpleNamespace:
+    """OpenFlamingo v1's (0.0.2) model modules, from `openflamingo_v1_dir()`, without its `__init__`."""
+    src = openflamingo_v1_dir() / "open_flamingo" / "src"
+    if not (src / "flamingo_lm.py").is_file():
+        raise ImportError(f"OpenFlamingo v1 is not in {openflamingo_v1_dir()}: pip install --no-deps --target "
+                          f"{openflamingo_v1_dir()} open-flamingo==0.0.2 (or set {V1_PATH_VARIABLE})")
+    return _load_modules(src, _V1_PACKAGE)
+
+
+def _load_modules(src: Path, package_name: str) -> types.SimpleNamespace:
+    package = types.ModuleType(package_name)
     package.__path__ = [str(src)]
-    sys.modules[_PACKAGE] = package
+    sys.modules[package_name] = package
     loaded = {}
     for name in ("utils", "helpers", "flamingo_lm", "flamingo"):
-        mod_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}", src / f"{name}.py")
+        mod_spec = importlib.util.spec_from_file_location(f"{package_name}.{name}", src / f"{name}.py")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[mod_spec.name] = module
         mod_spec.loader.exec_module(module)
@@ -77,9 +105,10 @@ def _mixin_with_optional_mask(base: type) -> type:
 
 
 def build_openflamingo(vision: nn.Module, lm: nn.Module, tokenizer: Any, cross_attn_every_n_layers: int = 1,
-                       decoder_layers_attr_name: Optional[str] = None) -> tuple[nn.Module, Any]:
-    """OpenFlamingo's `create_model_and_transforms`, on the given (copied by the caller) HF backbones."""
-    of = load_openflamingo_modules()
+                       decoder_layers_attr_name: Optional[str] = None, v1: bool = False) -> tuple[nn.Module, Any]:
+    """OpenFlamingo's `create_model_and_transforms`, on the given (copied by the caller) HF backbones; v1: OpenFlamingo
+    0.0.2's (its mixin conditions every decoder layer of `get_decoder().layers`)."""
+    of = load_openflamingo_v1_modules() if v1 else load_openflamingo_modules()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})

@@ -1,0 +1,202 @@
+"""Equal to OpenFlamingo v1 (open_flamingo 0.0.2: OpenFlamingo-9B v1, Med-Flamingo): a v1 checkpoint converted with
+`attend_next_image` gives v1's logits and greedy tokens on the same backbones, and every path of ours that splits
+a prompt (chunked prefill, scored continuations) computes the same rule.
+
+v1 is installed apart from 2.0.1 (same package name): `pip install --no-deps --target .peers/open-flamingo-0.0.2
+open-flamingo==0.0.2` (flamingo/peers/openflamingo.py)."""
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.peer
+pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from flamingo.convert import convert_openflamingo, save_openflamingo_checkpoint  # noqa: E402
+from flamingo.model.generation import generate, score_batch  # noqa: E402
+from flamingo.model.prefill import Prefill  # noqa: E402
+from flamingo.peers.openflamingo import build_openflamingo, openflamingo_v1_dir  # noqa: E402
+from flamingo.runtime.compat import CONTINUOUS_BATCHING  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+
+if not (openflamingo_v1_dir() / "open_flamingo" / "src" / "flamingo_lm.py").is_file():
+    pytest.skip(f"OpenFlamingo v1 is not installed in {openflamingo_v1_dir()}", allow_module_level=True)
+
+# Text before the first image, between images and after the last: each sees something else under v1's rule.
+PROMPTS = ["Intro <image>Question: what? Answer: red.<|endofchunk|><image>Question: and? Answer: two."
+           "<|endofchunk|><image>Question: this? Answer:",
+           "<image>A photo of a cat.<|endofchunk|><image>A dog"]
+MEDIA = [[random_image(0), random_image(1), random_image(2)], [random_image(3), random_image(4)]]
+
+
+def _peer(every: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    lm, vision = tiny_lm("llama", vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=every, v1=True)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # open gates, and a fine-tuned embedding table (v1 trains it all)
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            if layer is not None:
+                layer.attn_gate.uniform_(0.5, 1.0)
+                layer.ff_gate.uniform_(-1.0, -0.3)
+        peer.lang_encoder.get_input_embeddings().weight.add_(0.01 * torch.randn_like(
+            peer.lang_encoder.get_input_embeddings().weight))
+    return peer.eval(), vision, lm, tok
+
+
+def _convert(peer, vision, lm, tok, attend_next_image: bool = True):
+    return convert_openflamingo(copy.deepcopy(peer.state_dict()), copy.deepcopy(vision), copy.deepcopy(lm),
+                                copy.deepcopy(tok), image_processor=tiny_image_processor("clip"),
+                                attend_next_image=attend_next_image)
+
+
+def _peer_logits(peer, batch):
+    with torch.no_grad():
+        return peer(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                    attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.fixture(scope="module")
+def v1():
+    peer, vision, lm, tok = _peer()
+    ours, processor = _convert(peer, vision, lm, tok)
+    return peer, ours, processor, (vision, lm, tok)
+
+
+def test_logits_equal_openflamingo_v1(v1):
+    peer, ours, processor, backbones = v1
+    assert ours.config.attend_next_image
+    batch = processor(PROMPTS, images=MEDIA, padding_side="right")
+    with torch.no_grad():
+        mine = ours(**batch).logits
+    theirs = _peer_logits(peer, batch)
+    real = batch["attention_mask"].bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-5
+
+    # Not vacuous: the paper's rule (2.x's) computes something else on the same weights ...
+    v2_rule, _ = _convert(peer, *backbones, attend_next_image=False)
+    with torch.no_grad():
+        assert (v2_rule(**batch).logits[real] - theirs[real]).abs().max() > 1e-3
+
+
+def test_next_image_index():
+    """v1's rule on `x <image> a b <image> c` (2 images): x and a, b see the next image, each `<image>` its own,
+    c (after the last image) none; with the whole row's image count given, a chunk's last text sees a later image."""
+    from flamingo.model.xattn import compute_media_index, next_image_index
+
+    media = 9
+    ids = torch.tensor([[5, media, 6, 7, media, 8]])
+    count = compute_media_index(ids, media)
+    assert next_image_index(count, ids == media).tolist() == [[1, 1, 2, 2, 2, 0]]
+    first_chunk = ids[:, :4]
+    assert next_image_index(compute_media_index(first_chunk, media), first_chunk == media,
+                            torch.tensor([2])).tolist() == [[1, 1, 2, 2]]
+
+
+def test_generate_equals_openflamingo_v1(v1):
+    peer, ours, processor, _ = v1
+    batch = processor(PROMPTS, images=MEDIA, padding_side="left")
+    mine = generate(ours, batch["input_ids"], batch["attention_mask"], batch["images"], batch["num_media"],
+                    max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        theirs = peer.generate(batch["images"].clone(), batch["input_ids"], batch["attention_mask"],
+                               max_new_tokens=6, num_beams=1)
+    n = min(mine.shape[1], theirs.shape[1])
+    assert torch.equal(mine[:, :n], theirs[:, :n])
+    assert mine.shape[1] > batch["input_ids"].shape[1]
+
+
+serve_path = pytest.mark.skipif(not CONTINUOUS_BATCHING, reason="the server's prefill needs transformers >= 5.4")
+
+
+@serve_path
+def test_chunked_prefill_and_scores_follow_the_rule(v1):
+    """A prompt prefilled in chunks of 3 (the server's path) and candidates scored after it (eval's) equal one
+    forward: a chunk's text sees an image that only a later chunk holds."""
+    _, ours, processor, _ = v1
+    batch = processor(PROMPTS[:1], images=MEDIA[:1])
+    ids = batch["input_ids"][0]
+    with torch.no_grad():
+        whole = ours(**batch).logits[0]  # (T, V)
+    prefill = Prefill(ours, ids, batch["images"], batch["num_media"], batch.get("num_frames"), chunk=3)
+    row = None
+    while row is None:
+        row = prefill.step()
+    assert (row.logits - whole[-1]).abs().max() <= 1e-5
+    assert int(row.decode_index) == 0  # generated text follows the last image: it sees none
+
+    context, continuation = ids[:-2], ids[-2:].tolist()
+    scored = score_batch(ours, context[None], [[continuation]], images=batch["images"],
+                         num_media=batch["num_media"])[0]
+    logprobs = whole[-3:-1].float().log_softmax(-1)
+    expected = logprobs[torch.arange(2), torch.tensor(continuation)].sum()
+    assert torch.allclose(scored, expected[None], atol=1e-4)
+
+
+def test_v1_rule_is_refused_where_it_cannot_hold(v1, tmp_path):
+    from flamingo.config import FlamingoConfig
+
+    _, ours, processor, _ = v1
+    with pytest.raises(ValueError, match="attend_next_image"):
+        FlamingoConfig(attend_next_image=True, only_attend_last_image=False)
+    batch = processor(PROMPTS[:1], images=MEDIA[:1])
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        generate(ours, batch["input_ids"], images=batch["images"], num_media=batch["num_media"], max_new_tokens=2,
+                 prefill_chunk_size=4)
+    with pytest.raises(ValueError, match="packed rows"):
+        ours(**batch, document_ids=torch.zeros_like(batch["input_ids"]))
+    with pytest.raises(ValueError, match="v1's next-image rule"):
+        save_openflamingo_checkpoint(ours, str(tmp_path / "of.pt"))
+
+
+def test_convert_command_v1_and_published_names(tmp_path):
+    from flamingo import load_pretrained
+    from flamingo.cli import main
+
+    peer, vision, lm, tok = _peer(every=1, seed=4)
+    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
+               tmp_path / "model.pt")
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    base = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "model.pt"), "--vision",
+            str(tmp_path / "vision"), "--lm", str(tmp_path / "lm")]
+    assert main(base + ["--out", str(tmp_path / "v1"), "--v1"]) == 0
+    assert main(base + ["--out", str(tmp_path / "v2")]) == 0
+    loaded, _ = load_pretrained(str(tmp_path / "v1"))
+    assert loaded.config.attend_next_image  # saved and loaded with the model
+    assert not load_pretrained(str(tmp_path / "v2"))[0].config.attend_next_image
+    # The published v1 checkpoints sit on LLaMA-7B, which has no hub name: refused before any download.
+    assert main(["convert", "open-flamingo", "--model", "med-flamingo/med-flamingo", "--out", str(tmp_path / "m")]) == 2
+
+
+@serve_path
+def test_continuous_batch_decodes_like_generate(v1):
+    """The server's path (chunked prefill, then steps of a `DecodeBatch` holding two rows) gives each prompt the
+    greedy tokens `generate` gives it alone."""
+    from flamingo.model.batching import DecodeBatch
+
+    _, ours, processor, _ = v1
+    suppress, steps = ours.config.media_token_id, 5
+    batch, rows = DecodeBatch(ours, 2), []
+    for prompt, media in zip(PROMPTS, MEDIA):
+        b = processor(prompt, images=media)
+        prefill, row = Prefill(ours, b["input_ids"][0], b["images"], b["num_media"], b["num_frames"], chunk=3), None
+        while row is None:
+            row = prefill.step()
+        batch.add(row)
+        logits = row.logits.clone()
+        logits[suppress] = -float("inf")
+        rows.append([int(logits.argmax())])
+    for _ in range(steps - 1):
+        logits = batch.step(torch.tensor([r[-1] for r in rows]))
+        logits[:, suppress] = -float("inf")
+        for r, t in zip(rows, logits.argmax(-1).tolist()):
+            r.append(t)
+    for (prompt, media), got in zip(zip(PROMPTS, MEDIA), rows):
+        b = processor(prompt, images=media)
+        alone = ours.generate(**b, max_new_tokens=steps, min_new_tokens=steps)[0, b["input_ids"].shape[1]:]
+        assert got == alone.tolist()

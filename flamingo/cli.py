@@ -172,7 +172,9 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
                             allow_private_media_hosts=args.allow_private_media_hosts,
-                            max_image_pixels=args.max_image_pixels, model_name=args.model_name)
+                            max_image_pixels=args.max_image_pixels, model_name=args.model_name,
+                            batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
+                            max_batch_file_mb=args.max_batch_file_mb)
     return engine, settings
 
 
@@ -306,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
     srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
+    srv.add_argument("--batch-dir", default=None,
+                     help="serve OpenAI's Files and Batch APIs (/v1/files, /v1/batches), keeping files and batches "
+                          "in this directory; a batch left running runs again on restart (docs/serve.md)")
+    srv.add_argument("--batch-concurrency", type=int, default=None,
+                     help="a batch's requests in flight, the rest of the queue left to interactive requests "
+                          "(default: --max-batch)")
+    srv.add_argument("--max-batch-file-mb", type=float, default=200, help="an uploaded batch file's size limit")
     srv.set_defaults(func=_cmd_serve)
 
     bat = sub.add_parser("batch", help="answer a JSONL file of OpenAI Batch API requests offline, through the "
@@ -316,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--concurrency", type=int, default=None,
                      help="requests in flight (default: twice --max-batch, within --max-queue)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bat.set_defaults(func=_cmd_batch, api_key=None)
+    bat.set_defaults(func=_cmd_batch, api_key=None, batch_dir=None, batch_concurrency=None, max_batch_file_mb=200)
 
     # The demo sits beside the library (flamingo_demo/): `main` hands it the rest of the command line unparsed, so
     # its options and help are its own, and it is imported only when asked for.

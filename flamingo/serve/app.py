@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import chat_format_for
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
+from .batches import mount_batch_api
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
@@ -60,6 +61,9 @@ class ServeSettings:
     max_tokens_cap: int = 512  # the most `max_tokens` a request may ask for (and the default, within positions)
     max_images: int = 32  # media parts per prompt
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    batch_dir: Optional[str] = None  # the Files and Batch APIs' storage (serve/batches.py); None: those routes 404
+    batch_concurrency: Optional[int] = None  # a batch's requests in flight (default: the engine's batch)
+    max_batch_file_bytes: int = 200 * 2**20  # an uploaded file's limit (OpenAI's)
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -73,7 +77,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     chat_template = chat_format_for(processor, vocab)  # the served model's conversation format
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if batches is not None:
+            await batches.start()
         yield
+        if batches is not None:  # before the engine stops: its refusals would read as the batch's answers
+            await batches.close()
         await run_in_threadpool(engine.stop, 0.0)  # uvicorn has let in-flight requests finish (its grace period)
 
     app = FastAPI(title="flamingo serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -323,6 +331,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                              "bos_token": tok.bos_token, "pad_token": tok.pad_token, "vocab_size": vocab,
                              "model_max_length": positions, "media_token": "<image>",
                              "media_token_id": processor.media_token_id})
+
+    batches = mount_batch_api(app, engine, settings.batch_dir, api_key=settings.api_key,
+                              concurrency=settings.batch_concurrency, max_file_bytes=settings.max_batch_file_bytes,
+                              model_name=settings.model_name, authorize=authorize, read_json=read_json)
 
     @app.get("/health")
     async def health() -> JSONResponse:

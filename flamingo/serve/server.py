@@ -45,8 +45,9 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
 def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,
                  max_tokens_cap: int = 512, max_images: int = 32, media_root: Optional[str] = None,
                  allow_remote_media: bool = False, allow_private_media_hosts: bool = False,
-                 max_image_pixels: int = 20_000_000,
-                 model_name: Optional[str] = None) -> ServeSettings:
+                 max_image_pixels: int = 20_000_000, model_name: Optional[str] = None,
+                 batch_dir: Optional[str] = None, batch_concurrency: Optional[int] = None,
+                 max_batch_file_mb: float = 200) -> ServeSettings:
     media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
                         allow_private=allow_private_media_hosts, max_pixels=max_image_pixels,
                         max_bytes=int(max_body_mb * 2**20))
@@ -55,7 +56,8 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
         model_name = model_dir if hub else Path(os.path.abspath(model_dir)).name
     return ServeSettings(model_name=model_name, api_key=api_key,
                          max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
-                         max_images=max_images, media=media)
+                         max_images=max_images, media=media, batch_dir=batch_dir,
+                         batch_concurrency=batch_concurrency, max_batch_file_bytes=int(max_batch_file_mb * 2**20))
 
 
 def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

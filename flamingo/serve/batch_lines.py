@@ -1,0 +1,136 @@
+"""The lines of an OpenAI Batch API file: parsed, sent through the server's own app, written as output entries.
+
+`flamingo batch` (serve/batch.py) and the HTTP Batch API (serve/batch_runner.py) share this core, so a line gets the
+same checks, the same answer and the same output entry either way.
+
+Input, one request per line:
+
+    {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [...]}}
+
+Output entry, as OpenAI's batch output and error files hold them:
+
+    {"id": "batch_req_1", "custom_id": "q-1", "response": {"status_code": 200, "request_id": "req_1", "body": {...}},
+     "error": null}
+
+A line that is no request (not JSON, no `custom_id`, a `custom_id` seen before, another method or URL,
+`stream: true`) gets `response: null` and an `error` with a code and a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import httpx
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+Answer = tuple[int, Any]  # (HTTP status, decoded body)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One non-blank input line: a request to send, or the error that replaces its response."""
+
+    custom_id: Optional[str]
+    request: Optional[dict[str, Any]]  # {"url", "body"}; None: the line is no request
+    error: Optional[dict[str, str]] = None  # {"code", "message"} when request is None
+
+
+def parse_line(line: str, seen: set[str]) -> Line:
+    """One input line -> a Line; `seen` collects the custom_ids so far (a second use is refused)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Line(None, None, {"code": "invalid_json", "message": f"not JSON: {e}"})
+    if not isinstance(request, dict):
+        return Line(None, None, {"code": "invalid_request", "message": "a request is a JSON object"})
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return Line(None, None, {"code": "invalid_request", "message": "custom_id must be a non-empty string"})
+    if custom_id in seen:
+        return Line(custom_id, None, {"code": "duplicate_custom_id",
+                                      "message": f"custom_id {custom_id!r} is used twice"})
+    seen.add(custom_id)
+    if request.get("method", "POST") != "POST":
+        return Line(custom_id, None, {"code": "invalid_request", "message": "method must be POST"})
+    if request.get("url") not in URLS:
+        return Line(custom_id, None, {"code": "invalid_url", "message": f"url must be one of {list(URLS)}, got "
+                                                                       f"{request.get('url')!r}"})
+    body = request.get("body")
+    if not isinstance(body, dict):
+        return Line(custom_id, None, {"code": "invalid_request", "message": "body must be a JSON object"})
+    if body.get("stream"):
+        return Line(custom_id, None, {"code": "invalid_request",
+                                      "message": "a batch request is not streamed (stream: true)"})
+    return Line(custom_id, {"url": request["url"], "body": body})
+
+
+def parse_lines(lines: Iterable[str]) -> list[Line]:
+    """The non-blank lines of a file, parsed in order."""
+    seen: set[str] = set()
+    return [parse_line(line, seen) for line in lines if line.strip()]
+
+
+def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
+    """A client that calls `app` in this process (no socket), with the server's key when it has one."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://flamingo-batch",
+                             headers=headers, timeout=None)
+
+
+async def _answer(client: httpx.AsyncClient, request: dict[str, Any]) -> Answer:
+    for attempt in range(1000):
+        response = await client.post(request["url"], json=request["body"])
+        if response.status_code != 429:
+            break
+        await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)))  # the engine's queue is full: wait for room
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"error": {"message": response.text}}
+
+
+async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: int, *,
+                   stop: Optional[asyncio.Event] = None,
+                   on_answer: Optional[Callable[[int, Answer], None]] = None) -> list[Optional[Answer]]:
+    """Each line's request through `client`, at most `concurrency` in flight; answers in line order. None: the line
+    is no request, or `stop` was set before its turn (requests already sent finish). on_answer(index, answer) runs
+    as each answer arrives."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(k: int, line: Line) -> Optional[Answer]:
+        if line.request is None:
+            return None
+        async with limit:
+            if stop is not None and stop.is_set():
+                return None
+            answer = await _answer(client, line.request)
+        if on_answer is not None:
+            on_answer(k, answer)
+        return answer
+
+    return list(await asyncio.gather(*(one(k, line) for k, line in enumerate(lines))))
+
+
+def entry(n: int, line: Line, answer: Optional[Answer]) -> dict[str, Any]:
+    """The output entry of the n-th request (from 1)."""
+    out: dict[str, Any] = {"id": f"batch_req_{n}", "custom_id": line.custom_id, "response": None,
+                           "error": line.error}
+    if answer is not None:
+        status, body = answer
+        out["response"] = {"status_code": status, "request_id": f"req_{n}", "body": body}
+    return out
+
+
+def tokens_of(body: Any) -> tuple[int, int, int]:
+    """(prompt, completion, cached prompt) tokens of an answer's usage, in the chat or the Responses API's names."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    return (int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0),
+            int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0),
+            int(details.get("cached_tokens", 0) or 0))

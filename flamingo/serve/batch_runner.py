@@ -1,0 +1,203 @@
+"""The HTTP Batch API's worker: batches run in the background of `flamingo serve`, one at a time, in creation order.
+
+A batch moves through OpenAI's states: `validating` -> `in_progress` -> `finalizing` -> `completed`; `failed` when
+validation refuses its input file; `cancelling` -> `cancelled` on a cancel.
+
+- Validation, as OpenAI's: an input file with no request (`empty_file`), with more than 50,000 (`too_many_tasks`),
+  or with lines whose `url` is not the batch's endpoint (`url_mismatch`, one error per line, the first 100 listed)
+  fails the batch with `errors.data`. Any other bad line (not JSON, a `custom_id` used twice, ...) runs as a failed
+  request: it goes to the error file (serve/batch_lines.py).
+- Running: the lines go through the server's own app in this process (the checks and answers interactive clients
+  get), at most `concurrency` in flight, so the engine keeps room for interactive requests; 429s are retried.
+  `request_counts` follow the answers as they come.
+- Finalizing: the output file holds the entries answered with status 200, the error file the others (OpenAI's
+  split), each only when not empty.
+- Cancel: no new line is sent, those in flight finish, and the partial files are written; lines never sent are in
+  neither file (`completed + failed < total`). A batch not started yet is cancelled at once.
+- Restart: the answers live in memory until finalizing, so a batch the server stopped in the middle of (validating,
+  in progress or finalizing) runs again from its first line when a server starts on the same directory; one that
+  was cancelling is cancelled without files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import IO, Any, Callable, Optional
+
+from starlette.concurrency import run_in_threadpool
+
+from .batch_lines import Answer, Line, app_client, entry, parse_lines, send_all, tokens_of
+from .batch_store import BatchStore, Record, new_id
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS = 50_000  # OpenAI's limit per batch
+MAX_LISTED_ERRORS = 100  # url_mismatch lines listed in errors.data
+ACTIVE = ("validating", "in_progress", "finalizing")
+
+
+def validation_errors(raw_lines: list[str], endpoint: str) -> list[dict[str, Any]]:
+    """What fails a batch before it runs (OpenAI's codes); [] for a file that runs."""
+    requests = [(n, text) for n, text in enumerate(raw_lines, 1) if text.strip()]
+    if not requests:
+        return [_error("empty_file", "the input file holds no request")]
+    if len(requests) > MAX_REQUESTS:
+        return [_error("too_many_tasks", f"the input file holds {len(requests)} requests; a batch takes at most "
+                                         f"{MAX_REQUESTS}")]
+    errors = []
+    for n, text in requests:
+        try:
+            request = json.loads(text)
+        except json.JSONDecodeError:
+            continue  # a bad line, answered in the error file
+        if isinstance(request, dict) and request.get("url") != endpoint:
+            errors.append(_error("url_mismatch", f"the line's url {request.get('url')!r} is not the batch's "
+                                                 f"endpoint {endpoint!r}", line=n, param="url"))
+    return errors[:MAX_LISTED_ERRORS]
+
+
+def _error(code: str, message: str, line: Optional[int] = None, param: Optional[str] = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "line": line, "param": param}
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class BatchRunner:
+    def __init__(self, store: BatchStore, app: Any, api_key: Optional[str], concurrency: int,
+                 accepting: Callable[[], bool]) -> None:
+        """app: the server's ASGI app, which answers the lines; accepting: False once the server is stopping."""
+        self.store, self.app, self.api_key = store, app, api_key
+        self.concurrency, self.accepting = concurrency, accepting
+        self.running: Optional[str] = None  # the batch the worker holds
+        self._stop = asyncio.Event()  # set: the running batch is cancelled
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._task: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        """Queue the batches a previous server left unfinished, then start the worker."""
+        for record in sorted(self.store.batches.values(), key=lambda r: r.created_ns):
+            body = record.body
+            if body["status"] == "cancelling":
+                body.update(status="cancelled", cancelled_at=_now())
+                self.store.save_batch(record)
+            elif body["status"] in ACTIVE:
+                log.info("batch %s was %s when the server stopped: it runs again", body["id"], body["status"])
+                self.submit(record)
+        self._task = asyncio.create_task(self._work())
+
+    async def close(self) -> None:
+        """Stop the worker; a batch it held stays active on disk (it runs again on the next start)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def submit(self, record: Record) -> None:
+        self._queue.put_nowait(record.body["id"])
+
+    def cancel(self, record: Record) -> None:
+        """Cancel an active batch: the running one stops sending lines, a queued one is cancelled now."""
+        body, now = record.body, _now()
+        if body["id"] == self.running:
+            body.update(status="cancelling", cancelling_at=now)
+            self._stop.set()
+        else:
+            body.update(status="cancelled", cancelling_at=now, cancelled_at=now)
+        self.store.save_batch(record)
+
+    async def _work(self) -> None:
+        while True:
+            record = self.store.batches.get(await self._queue.get())
+            if record is None or record.body["status"] not in ACTIVE:  # cancelled while queued
+                continue
+            self.running, self._stop = record.body["id"], asyncio.Event()
+            try:
+                await self._run(record)
+            except Exception as e:  # a batch that cannot run must not stop the ones after it
+                log.exception("batch %s failed", record.body["id"])
+                record.body.update(status="failed", failed_at=_now(),
+                                   errors={"object": "list", "data": [_error("server_error", f"{type(e).__name__}: "
+                                                                                             f"{e}")]})
+                self.store.save_batch(record)
+            finally:
+                self.running = None
+
+    async def _run(self, record: Record) -> None:
+        body = record.body
+        source = self.store.files.get(body["input_file_id"])
+        if source is None:
+            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [_error(
+                "file_not_found", f"the input file {body['input_file_id']!r} was deleted", param="input_file_id")]})
+            self.store.save_batch(record)
+            return
+        raw = await run_in_threadpool(self._read, self.store.content_path(body["input_file_id"]))
+        errors = validation_errors(raw, body["endpoint"])
+        if errors:
+            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
+            self.store.save_batch(record)
+            return
+        lines = parse_lines(raw)
+        counts = {"total": len(lines), "completed": 0, "failed": sum(line.request is None for line in lines)}
+        if not self._stop.is_set():
+            body.update(status="in_progress", in_progress_at=body.get("in_progress_at") or _now())
+        body["request_counts"] = counts
+        self.store.save_batch(record)
+
+        def counted(k: int, answer: Answer) -> None:
+            counts["completed" if answer[0] == 200 else "failed"] += 1
+
+        async with app_client(self.app, self.api_key) as client:
+            answers = await send_all(client, lines, self.concurrency, stop=self._stop, on_answer=counted)
+        if not self.accepting():  # the server is stopping: its refusals are no answers; run again next start
+            return
+        await self._finalize(record, lines, answers)
+
+    @staticmethod
+    def _read(path: str) -> list[str]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
+
+    async def _finalize(self, record: Record, lines: list[Line], answers: list[Optional[Answer]]) -> None:
+        body, cancelled = record.body, self._stop.is_set()
+        if not cancelled:
+            body.update(status="finalizing", finalizing_at=_now())
+            self.store.save_batch(record)
+        succeeded: list[str] = []
+        refused: list[str] = []
+        prompt = completion = cached = 0
+        for n, (line, answer) in enumerate(zip(lines, answers), 1):
+            if line.request is not None and answer is None:
+                continue  # never sent: the batch was cancelled first
+            (succeeded if answer is not None and answer[0] == 200 else refused).append(
+                json.dumps(entry(n, line, answer)) + "\n")
+            if answer is not None and answer[0] == 200:
+                p, c, h = tokens_of(answer[1])
+                prompt, completion, cached = prompt + p, completion + c, cached + h
+        body["output_file_id"] = await self._write_file(body["id"] + "_output.jsonl", succeeded)
+        body["error_file_id"] = await self._write_file(body["id"] + "_error.jsonl", refused)
+        body["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                         "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                         "total_tokens": prompt + completion}
+        if cancelled:
+            body.update(status="cancelled", cancelled_at=_now())
+        else:
+            body.update(status="completed", completed_at=_now())
+        self.store.save_batch(record)
+
+    async def _write_file(self, filename: str, entries: list[str]) -> Optional[str]:
+        """A batch_output file of `entries`; its id (None when there is none to write)."""
+        if not entries:
+            return None
+        file_id = new_id("file-")
+
+        def fill(f: IO[bytes]) -> None:
+            f.writelines(e.encode("utf-8") for e in entries)
+
+        size = await run_in_threadpool(self.store.write_content, file_id, fill)
+        return self.store.add_file(file_id, size, filename, "batch_output").body["id"]

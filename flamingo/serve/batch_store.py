@@ -1,0 +1,115 @@
+"""The files and batches of the HTTP Batch API, kept in a directory (`flamingo serve --batch-dir DIR`).
+
+    DIR/files/file-<hex>.json        the file object (OpenAI's: id, bytes, created_at, filename, purpose, ...)
+    DIR/files/file-<hex>.data        its content
+    DIR/batches/batch_<hex>.json     the batch object
+
+Each is written whole and renamed into place (runtime/checkpoint_io.py), content before its object, so a record on
+disk is always complete; a content without its object (a crash between the two) is ignored. Ids are random. The
+records live in memory too: the server reads them there and writes each change through to disk. Every method but
+`write_content` runs on the server's event loop; `write_content` touches only its own file and may run in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Optional
+
+from ..runtime.checkpoint_io import atomic_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Record:
+    body: dict[str, Any]  # the object as the API answers it
+    created_ns: int  # orders lists and the queue (created_at counts whole seconds)
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def page(records: dict[str, Record], limit: int, after: Optional[str], newest_first: bool = True) -> dict[str, Any]:
+    """OpenAI's list object over `records`: `limit` of them after the object `after`, and whether more follow."""
+    ordered = sorted(records.values(), key=lambda r: r.created_ns, reverse=newest_first)
+    ids = [r.body["id"] for r in ordered]
+    start = ids.index(after) + 1 if after is not None else 0
+    data = [r.body for r in ordered[start:start + limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(ordered)}
+
+
+class BatchStore:
+    def __init__(self, root: str) -> None:
+        self.files_dir = os.path.join(root, "files")
+        self.batches_dir = os.path.join(root, "batches")
+        os.makedirs(self.files_dir, exist_ok=True)
+        os.makedirs(self.batches_dir, exist_ok=True)
+        self.files = {k: r for k, r in self._load(self.files_dir).items() if os.path.isfile(self.content_path(k))}
+        self.batches = self._load(self.batches_dir)
+
+    @staticmethod
+    def _load(directory: str) -> dict[str, Record]:
+        records = {}
+        for name in os.listdir(directory):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8") as f:
+                    saved = json.load(f)
+                record = Record(saved["body"], int(saved["created_ns"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("skipping unreadable record %s: %s", os.path.join(directory, name), e)
+                continue
+            records[record.body["id"]] = record
+        return records
+
+    @staticmethod
+    def _write(path: str, record: Record) -> None:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"created_ns": record.created_ns, "body": record.body}, f)
+
+    def content_path(self, file_id: str) -> str:
+        return os.path.join(self.files_dir, file_id + ".data")
+
+    def write_content(self, file_id: str, fill: Callable[[IO[bytes]], None]) -> int:
+        """The content of a new file, written by `fill`; returns its size in bytes."""
+        path = self.content_path(file_id)
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                fill(f)
+            size = os.path.getsize(tmp)
+        return size
+
+    def add_file(self, file_id: str, size: int, filename: str, purpose: str) -> Record:
+        """The object of a file whose content is written."""
+        now = time.time_ns()
+        record = Record({"id": file_id, "object": "file", "bytes": size, "created_at": now // 10**9,
+                         "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+                         "status_details": None}, now)
+        self._write(os.path.join(self.files_dir, file_id + ".json"), record)
+        self.files[file_id] = record
+        return record
+
+    def delete_file(self, file_id: str) -> None:
+        del self.files[file_id]
+        os.remove(os.path.join(self.files_dir, file_id + ".json"))  # the object first: no object, no file
+        os.remove(self.content_path(file_id))
+
+    def add_batch(self, body: dict[str, Any]) -> Record:
+        """A new batch object (its `created_at` set here)."""
+        now = time.time_ns()
+        record = Record({**body, "created_at": now // 10**9}, now)
+        self.batches[body["id"]] = record
+        self.save_batch(record)
+        return record
+
+    def save_batch(self, record: Record) -> None:
+        self._write(os.path.join(self.batches_dir, record.body["id"] + ".json"), record)

@@ -1,0 +1,208 @@
+"""OpenAI's Files and Batch APIs over HTTP (docs/serve.md, "Batch API over HTTP"): what the `openai` client's
+`files.*` and `batches.*` calls expect, on `flamingo serve --batch-dir DIR`.
+
+    POST /v1/files (multipart: file, purpose=batch)   GET /v1/files   GET|DELETE /v1/files/{id}
+    GET /v1/files/{id}/content
+    POST /v1/batches   GET /v1/batches   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
+
+Every route checks the API key first. A server without `--batch-dir` answers each with a 404 that says so. Lists
+are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after`, `has_more`.
+Storage: serve/batch_store.py; running: serve/batch_runner.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import StrictStr
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .batch_lines import URLS
+from .batch_runner import BatchRunner
+from .batch_store import BatchStore, Record, new_id, page
+from .engine import Engine
+from .protocol import APIError, _Strict, parse
+
+COMPLETION_WINDOWS = ("24h",)
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
+
+
+class BatchCreateRequest(_Strict):
+    input_file_id: StrictStr
+    endpoint: StrictStr
+    completion_window: StrictStr
+    metadata: Optional[dict[StrictStr, StrictStr]] = None
+
+    def check(self) -> None:
+        if self.endpoint not in URLS:
+            raise APIError(400, f"endpoint must be one of {list(URLS)}, got {self.endpoint!r}", param="endpoint")
+        if self.completion_window not in COMPLETION_WINDOWS:
+            raise APIError(400, f"completion_window must be one of {list(COMPLETION_WINDOWS)}, got "
+                                f"{self.completion_window!r}", param="completion_window")
+        pairs = self.metadata or {}
+        if len(pairs) > METADATA_PAIRS or any(len(k) > METADATA_KEY_CHARS or len(v) > METADATA_VALUE_CHARS
+                                              for k, v in pairs.items()):
+            raise APIError(400, f"metadata takes at most {METADATA_PAIRS} pairs, keys of at most "
+                                f"{METADATA_KEY_CHARS} characters, values of at most {METADATA_VALUE_CHARS}",
+                           param="metadata")
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    given = request.query_params.get("limit")
+    if given is None:
+        return default
+    if not given.isdigit() or not 1 <= int(given) <= most:
+        raise APIError(400, f"limit must be an integer from 1 to {most}, got {given!r}", param="limit")
+    return int(given)
+
+
+def _listing(request: Request, records: dict[str, Record], default: int, most: int,
+             newest_first: bool = True) -> JSONResponse:
+    after = request.query_params.get("after")
+    if after is not None and after not in records:
+        raise APIError(400, f"after: no object {after!r} to list after", param="after")
+    return JSONResponse(page(records, _limit(request, default, most), after, newest_first))
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str]:
+    """A multipart upload's `file` and `purpose`, the body at most `limit` bytes."""
+    too_big = APIError(413, f"the upload is larger than the server's limit of {limit} bytes (--max-batch-file-mb)",
+                       code="file_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "a file is uploaded as multipart/form-data (fields `file` and `purpose`)")
+
+    async def counted() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise too_big
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, counted(), max_files=1, max_fields=8).parse()
+    except MultiPartException as e:
+        raise APIError(400, f"the upload is not valid multipart/form-data: {e.message}") from None
+    upload, purpose = form.get("file"), form.get("purpose")
+    if not isinstance(upload, UploadFile):
+        await form.close()
+        raise APIError(400, "the upload has no `file` part", param="file")
+    if purpose != "batch":
+        await form.close()
+        raise APIError(400, f"purpose must be 'batch' (the only purpose this server takes), got {purpose!r}",
+                       param="purpose")
+    return upload, purpose
+
+
+def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, api_key: Optional[str],
+                    concurrency: Optional[int], max_file_bytes: int, model_name: str,
+                    authorize: Callable[[Request], None],
+                    read_json: Callable[[Request], Awaitable[Any]]) -> Optional[BatchRunner]:
+    """Add the Files and Batch routes to `app`; the runner whose start/close the app's lifespan calls (None when the
+    server has no batch directory). concurrency: a batch's requests in flight (default: the engine's batch)."""
+    store = BatchStore(batch_dir) if batch_dir else None
+    runner = None if store is None else BatchRunner(store, app, api_key, concurrency or engine.max_batch,
+                                                    lambda: engine.accepting)
+
+    def stored(request: Request) -> BatchStore:
+        authorize(request)
+        if store is None:
+            raise APIError(404, "this server keeps no files or batches: start `flamingo serve` with --batch-dir DIR",
+                           code="batch_api_disabled")
+        return store
+
+    def file_record(s: BatchStore, file_id: str) -> Record:
+        if file_id not in s.files:
+            raise APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+        return s.files[file_id]
+
+    def batch_record(s: BatchStore, batch_id: str) -> Record:
+        if batch_id not in s.batches:
+            raise APIError(404, f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
+        return s.batches[batch_id]
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request) -> JSONResponse:
+        s = stored(request)
+        upload, purpose = await _read_upload(request, max_file_bytes)
+        file_id = new_id("file-")
+        try:
+            size = await run_in_threadpool(s.write_content, file_id, lambda f: shutil.copyfileobj(upload.file, f))
+        finally:
+            await upload.close()
+        return JSONResponse(s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose).body)
+
+    @app.get("/v1/files")
+    async def list_files(request: Request) -> JSONResponse:
+        s = stored(request)
+        order, purpose = request.query_params.get("order", "desc"), request.query_params.get("purpose")
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        files = {k: r for k, r in s.files.items() if purpose is None or r.body["purpose"] == purpose}
+        return _listing(request, files, 10_000, 10_000, newest_first=order == "desc")
+
+    @app.get("/v1/files/{file_id}")
+    async def retrieve_file(file_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(file_record(stored(request), file_id).body)
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, request: Request) -> JSONResponse:
+        s = stored(request)
+        file_record(s, file_id)
+        s.delete_file(file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request) -> FileResponse:
+        s = stored(request)
+        record = file_record(s, file_id)
+        return FileResponse(s.content_path(file_id), media_type="application/octet-stream",
+                            filename=record.body["filename"])
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> JSONResponse:
+        s = stored(request)
+        req = parse(BatchCreateRequest, await read_json(request))
+        source = file_record(s, req.input_file_id)
+        if source.body["purpose"] != "batch":
+            raise APIError(400, f"the input file {req.input_file_id!r} has purpose {source.body['purpose']!r}, "
+                                "not 'batch'", param="input_file_id")
+        timestamps = dict.fromkeys(("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
+                                    "expired_at", "cancelling_at", "cancelled_at"))
+        record = s.add_batch({
+            "id": new_id("batch_"), "object": "batch", "endpoint": req.endpoint, "model": model_name, "errors": None,
+            "input_file_id": req.input_file_id, "completion_window": req.completion_window, "status": "validating",
+            "output_file_id": None, "error_file_id": None, **timestamps,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata, "usage": None})
+        assert runner is not None  # a store comes with its runner
+        runner.submit(record)
+        return JSONResponse(record.body)
+
+    @app.get("/v1/batches")
+    async def list_batches(request: Request) -> JSONResponse:
+        return _listing(request, stored(request).batches, 20, 100)
+
+    @app.get("/v1/batches/{batch_id}")
+    async def retrieve_batch(batch_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(batch_record(stored(request), batch_id).body)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
+        record = batch_record(stored(request), batch_id)
+        status = record.body["status"]
+        if status in ("validating", "in_progress"):
+            assert runner is not None
+            runner.cancel(record)
+        elif status not in ("cancelling", "cancelled"):
+            raise APIError(409, f"a batch that is {status} cannot be cancelled", code="invalid_state")
+        return JSONResponse(record.body)
+
+    return runner

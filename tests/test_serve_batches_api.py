@@ -1,0 +1,301 @@
+"""OpenAI's Files and Batch APIs on `flamingo serve --batch-dir` (docs/serve.md, "Batch API over HTTP"), driven by
+the official client: upload -> create -> poll -> download gives the answers `/v1/chat/completions` gives the same
+bodies, refused lines in the error file; validation fails a batch as OpenAI does (`errors.data` with line numbers);
+cancel keeps the partial output; lists paginate; bad calls are 4xx; the key is needed and passed on; a batch left
+in progress runs again when a server starts on the same directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from flamingo.serve.app import ServeSettings, create_app
+from flamingo.tiny import random_image
+
+from serve_helpers import data_url, engine_for, openai_client, running_server, save_tiny_model
+
+KEY = "batch-key"
+DONE = ("completed", "failed", "cancelled")
+
+
+def _chat(k: int, question: str = "Output:", max_tokens: int = 5) -> dict:
+    return {"model": "tiny", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                       "image_url": {"url": data_url(random_image(k))}},
+                                                      {"type": "text", "text": question}]}]}
+
+
+def _line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def _jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _upload(client, lines: list[str], name: str = "requests.jsonl"):
+    return client.files.create(file=(name, _jsonl(lines), "application/jsonl"), purpose="batch")
+
+
+def _wait(client, batch_id: str, until=DONE, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
+        time.sleep(0.02)
+
+
+def _entries(client, file_id) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, one_thread):
+    return save_tiny_model(tmp_path_factory.mktemp("serve_batches") / "model")
+
+
+@contextlib.contextmanager
+def _serving(model_dir, batch_dir, start_engine: bool = True, **settings):
+    settings = ServeSettings(model_name="tiny", batch_dir=str(batch_dir), **settings)
+    with running_server(engine_for(model_dir, max_batch=4, prefill_chunk=32), settings,
+                        start_engine=start_engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    with _serving(model_dir, tmp_path_factory.mktemp("batches"), batch_concurrency=2,
+                  max_batch_file_bytes=256 * 1024) as url:
+        yield url
+
+
+def test_a_batch_answers_as_the_endpoint_and_splits_refusals_into_the_error_file(served, tmp_path):
+    client = openai_client(served)
+    bodies = [_chat(1, "Question: what is in the image? Short answer:"), _chat(2), _chat(3, max_tokens=3)]
+    lines = [_line("a", bodies[0]), "not json", _line("b", bodies[1]),
+             _line("c", {**_chat(4), "messages": [{"role": "user", "content": [
+                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+             "", _line("a", bodies[2]), _line("d", bodies[2])]
+    (tmp_path / "requests.jsonl").write_bytes(_jsonl(lines))
+    with open(tmp_path / "requests.jsonl", "rb") as f:
+        uploaded = client.files.create(file=f, purpose="batch")
+    assert uploaded.id.startswith("file-") and uploaded.object == "file" and uploaded.purpose == "batch"
+    assert uploaded.bytes == len(_jsonl(lines)) and uploaded.filename == "requests.jsonl"
+    assert client.files.content(uploaded.id).content == _jsonl(lines)
+
+    created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h", metadata={"run": "one"})
+    assert created.id.startswith("batch_") and created.object == "batch" and created.status == "validating"
+    batch = _wait(client, created.id)
+    assert batch.status == "completed" and batch.metadata == {"run": "one"} and batch.errors is None
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 3, 3)
+
+    out = _entries(client, batch.output_file_id)
+    assert [o["custom_id"] for o in out] == ["a", "b", "d"]
+    assert [o["id"] for o in out] == ["batch_req_1", "batch_req_3", "batch_req_6"]
+    served_directly = [httpx.post(served + "/v1/chat/completions", json=b, timeout=60).json() for b in bodies]
+    assert [o["response"]["body"]["choices"] for o in out] == [s["choices"] for s in served_directly]
+    counted = ("prompt_tokens", "completion_tokens")  # cached_tokens differ: the batch filled the prefix cache
+    assert [[o["response"]["body"]["usage"][k] for k in counted] for o in out] == \
+        [[s["usage"][k] for k in counted] for s in served_directly]
+    assert batch.usage.output_tokens == sum(s["usage"]["completion_tokens"] for s in served_directly) > 0
+
+    errors = _entries(client, batch.error_file_id)
+    assert [e["custom_id"] for e in errors] == [None, "c", "a"]
+    assert [e["error"]["code"] if e["error"] else None for e in errors] == ["invalid_json", None,
+                                                                           "duplicate_custom_id"]
+    assert errors[1]["response"]["status_code"] == 400
+    for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
+        stored = client.files.retrieve(file_id)
+        assert stored.purpose == "batch_output" and stored.filename == f"{batch.id}_{kind}.jsonl"
+
+
+def test_validation_fails_a_batch_with_the_lines_at_fault(served):
+    client = openai_client(served)
+    chat = _chat(1)
+    lines = [_line("a", chat), _line("b", {**chat, "prompt": "x"}, url="/v1/completions"), "not json",
+             _line("c", chat, url="/v1/embeddings")]
+    batch = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    batch = _wait(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at is not None and batch.output_file_id is None
+    assert [(e.code, e.line, e.param) for e in batch.errors.data] == [("url_mismatch", 2, "url"),
+                                                                      ("url_mismatch", 4, "url")]
+    empty = client.batches.create(input_file_id=_upload(client, [""]).id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    assert [e.code for e in _wait(client, empty.id).errors.data] == ["empty_file"]
+    many = client.batches.create(input_file_id=_upload(client, ["{}"] * 50_001).id, endpoint="/v1/completions",
+                                 completion_window="24h")
+    assert [e.code for e in _wait(client, many.id).errors.data] == ["too_many_tasks"]
+
+
+def test_bad_calls_are_4xx_and_the_server_keeps_serving(served):
+    client = openai_client(served)
+    good = _upload(client, [_line("a", _chat(1))])
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("x.jsonl", b"{}\n", "application/jsonl"), purpose="fine-tune")
+    with pytest.raises(openai.APIStatusError, match="max-batch-file-mb") as e:
+        client.files.create(file=("big.jsonl", b"x" * 300 * 1024, "application/jsonl"), purpose="batch")
+    assert e.value.status_code == 413
+    for call in (lambda: client.files.retrieve("file-nope"), lambda: client.files.content("file-nope"),
+                 lambda: client.files.delete("file-nope"), lambda: client.batches.retrieve("batch_nope"),
+                 lambda: client.batches.cancel("batch_nope"),
+                 lambda: client.batches.create(input_file_id="file-nope", endpoint="/v1/completions",
+                                               completion_window="24h")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    bad = {"endpoint": dict(endpoint="/v1/embeddings"), "completion_window": dict(completion_window="48h"),
+           "metadata": dict(metadata={f"k{i}": "v" for i in range(17)}),
+           "metadata ": dict(metadata={"k": "v" * 513})}
+    for param, change in bad.items():
+        kwargs = {"input_file_id": good.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                  **change}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.batches.create(**kwargs)
+        assert e.value.body["param"] == param.strip()
+    with pytest.raises(openai.BadRequestError, match="limit"):
+        client.batches.list(limit=0)
+    raw = httpx.post(served + "/v1/files", content=b"{}", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "multipart" in raw.json()["error"]["message"]
+    done = _wait(client, client.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions",
+                                               completion_window="24h").id)
+    assert done.status == "completed"
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(done.id)
+    assert client.files.delete(good.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(good.id)
+
+
+def test_cancel_stops_a_running_batch_and_keeps_its_partial_output(served):
+    client = openai_client(served)
+    lines = [_line(f"q{k}", {"messages": [{"role": "user", "content": f"Count {k}:"}], "max_tokens": 8,
+                             "temperature": 0}) for k in range(300)]
+    running = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    queued = client.batches.create(input_file_id=_upload(client, lines[:2]).id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (batch := client.batches.retrieve(running.id)).request_counts.completed < 2:
+        assert batch.status in ("validating", "in_progress") and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.batches.cancel(queued.id).status == "cancelled"  # not started: cancelled at once
+    assert client.batches.cancel(running.id).status == "cancelling"
+    batch = _wait(client, running.id)
+    assert batch.status == "cancelled" and batch.cancelling_at <= batch.cancelled_at
+    counts = batch.request_counts
+    assert counts.total == 300 and 2 <= counts.completed < 300 and counts.failed == 0
+    out = _entries(client, batch.output_file_id)
+    assert len(out) == counts.completed and batch.error_file_id is None
+    assert all(o["response"]["status_code"] == 200 for o in out)
+    queued = client.batches.retrieve(queued.id)
+    assert queued.status == "cancelled" and queued.output_file_id is None and queued.request_counts.total == 0
+
+
+def test_lists_page_newest_first(model_dir, tmp_path):
+    with _serving(model_dir, tmp_path / "batches") as url:
+        client = openai_client(url)
+        files = [_upload(client, [_line("a", _chat(1, max_tokens=1))], name=f"f{k}.jsonl") for k in range(5)]
+        first = client.files.list(limit=2)
+        assert [f.id for f in first.data] == [files[4].id, files[3].id] and first.has_more
+        assert [f.id for f in client.files.list(limit=2, after=files[3].id).data] == [files[2].id, files[1].id]
+        assert [f.id for f in client.files.list(limit=2)] == [f.id for f in reversed(files)]  # the SDK pages on
+        assert [f.id for f in client.files.list(order="asc")] == [f.id for f in files]
+        batches = [client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h") for f in files[:3]]
+        assert [b.id for b in client.batches.list(limit=1)] == [b.id for b in reversed(batches)]
+        last = client.batches.list(limit=2, after=batches[1].id)
+        assert [b.id for b in last.data] == [batches[0].id] and not last.has_more
+        for b in batches:
+            assert _wait(client, b.id).status == "completed"  # in creation order, one at a time
+        assert len(client.files.list(purpose="batch_output").data) == 3
+
+
+def test_the_key_guards_the_routes_and_the_batch_passes_it_on(model_dir, tmp_path):
+    with _serving(model_dir, tmp_path / "batches", api_key=KEY) as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(url).files.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        batch = client.batches.create(input_file_id=_upload(client, [_line("a", _chat(1))]).id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        batch = _wait(client, batch.id)
+        assert (batch.status, batch.request_counts.completed) == ("completed", 1)
+        assert _entries(client, batch.output_file_id)[0]["response"]["status_code"] == 200
+
+
+def test_a_server_without_a_batch_dir_says_so(model_dir):
+    app = create_app(engine_for(model_dir), ServeSettings(model_name="tiny"))
+
+    async def get() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+            return await c.get("/v1/batches")
+
+    answer = asyncio.run(get())
+    assert answer.status_code == 404 and "--batch-dir" in answer.json()["error"]["message"]
+
+
+def test_a_batch_in_progress_when_the_server_stops_runs_again_on_restart(model_dir, tmp_path):
+    batch_dir = tmp_path / "batches"
+    bodies = [_chat(1), _chat(2, max_tokens=3)]
+    with _serving(model_dir, batch_dir, start_engine=False) as url:  # the engine never runs the lines
+        client = openai_client(url)
+        batch = client.batches.create(input_file_id=_upload(client, [_line("a", bodies[0]), _line("b", bodies[1])]).id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        _wait(client, batch.id, until=("in_progress",))
+    on_disk = json.loads((batch_dir / "batches" / f"{batch.id}.json").read_text())
+    assert on_disk["body"]["status"] == "in_progress"
+    with _serving(model_dir, batch_dir) as url:
+        client = openai_client(url)
+        batch = _wait(client, batch.id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.total) == ("completed", 2, 2)
+        direct = [httpx.post(url + "/v1/chat/completions", json=b, timeout=60).json()["choices"] for b in bodies]
+        assert [o["response"]["body"]["choices"] for o in _entries(client, batch.output_file_id)] == direct
+
+
+def test_a_draining_server_leaves_its_batch_to_the_next_start(model_dir, tmp_path):
+    """On SIGTERM the engine refuses new requests (503): those refusals are no answers, so the batch is not
+    finalized with them; it stays in progress and the next server answers every line."""
+    batch_dir = tmp_path / "batches"
+    lines = [_line(f"q{k}", {"messages": [{"role": "user", "content": f"Count {k}:"}], "max_tokens": 4,
+                             "temperature": 0}) for k in range(40)]
+    engine = engine_for(model_dir, max_batch=4, prefill_chunk=32)
+    settings = ServeSettings(model_name="tiny", batch_dir=str(batch_dir), batch_concurrency=1)
+    with running_server(engine, settings) as url:
+        client = openai_client(url)
+        batch = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.drain()
+        while (counts := client.batches.retrieve(batch.id).request_counts).completed + counts.failed < 40:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        left = client.batches.retrieve(batch.id)
+        assert left.status == "in_progress" and left.output_file_id is None and counts.failed > 0
+    with _serving(model_dir, batch_dir) as url:
+        batch = _wait(openai_client(url), batch.id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 40, 0)
+
+
+def test_serve_options_reach_the_settings():
+    from flamingo.cli import build_parser
+    from flamingo.serve.server import settings_for
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--batch-dir", "d", "--batch-concurrency", "3",
+                                      "--max-batch-file-mb", "0.5"])
+    settings = settings_for(args.model, batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
+                            max_batch_file_mb=args.max_batch_file_mb)
+    assert (settings.batch_dir, settings.batch_concurrency, settings.max_batch_file_bytes) == ("d", 3, 512 * 1024)
+    assert build_parser().parse_args(["batch", "--model", "m", "--input", "i", "--output", "o"]).batch_dir is None

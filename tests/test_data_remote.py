@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import sys
@@ -28,6 +29,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         _Handler.requests.append(self.path)
+        if self.path.startswith("/api/datasets/someone/shards/tree/main"):  # the Hub's listing of the repository
+            root = self.directory
+            files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+            body = json.dumps([{"type": "file", "path": f, "size": os.path.getsize(os.path.join(root, f)),
+                                "oid": "0" * 40} for f in files]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/datasets/someone/shards/resolve/main/"):  # the Hub's download path
             self.path = "/" + self.path.rsplit("/", 1)[-1]
         super().do_GET()
@@ -119,6 +131,23 @@ def test_hub_and_pipe_shards_and_interleaved_documents(tmp_path, server, process
     piped, _ = _batches(DatasetSection("d", "interleaved", pipe, 1, options={**options, "remote_cache_dir":
                                                                              str(tmp_path / "cache2")}), processor)
     assert _same(piped, local)
+
+    # The same shards by glob and by directory: one listing call to the Hub, then its tar files only, sorted.
+    (root / "README.md").write_text("not a shard")
+    (root / "sub").mkdir()
+    shutil.copy(root / names[0], root / "sub" / names[0])
+    _Handler.requests = []
+    by_glob = expand_path("hf://datasets/someone/shards/*.tar")
+    assert by_glob == [f"hf://datasets/someone/shards/{n}" for n in names]
+    assert len(_Handler.requests) == 1 and _Handler.requests[0].startswith("/api/datasets/someone/shards/tree/main")
+    assert expand_path("hf://datasets/someone/shards/") == sorted(by_glob + [f"hf://datasets/someone/shards/sub/"
+                                                                            f"{names[0]}"])
+    assert expand_path("hf://datasets/someone/shards/sub/") == [f"hf://datasets/someone/shards/sub/{names[0]}"]
+    listed, _ = _batches(DatasetSection("d", "interleaved", "hf://datasets/someone/shards/*.tar", 1,
+                                        options=options), processor)
+    assert _same(listed, local)
+    with pytest.raises(ValueError, match="no tar shards"):
+        expand_path("hf://datasets/someone/shards/*.parquet")
 
     assert hub_url("hf://datasets/org/name@v1.0/sub/shard 1.tar")[0] == \
         f"{url}/datasets/org/name/resolve/v1.0/sub/shard%201.tar"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
 _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
 _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
@@ -100,6 +101,42 @@ def hub_url(path: str) -> tuple[str, dict[str, str]]:
     url = hf_hub_url(m.group(1), m.group(3), repo_type="dataset", revision=m.group(2) or "main",
                      endpoint=os.environ.get("HF_ENDPOINT"))  # as set now (huggingface_hub read it at import)
     return url, build_hf_headers(library_name="flamingo")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A path glob -> its regex: `*` and `?` stay inside one directory, `**` crosses them, `[...]` is a class."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+            continue
+        if c == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            out, i = out + "[" + pattern[i + 1:j].replace("!", "^", 1) + "]", j + 1
+            continue
+        out += "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z")
+
+
+def list_hub_shards(path: str) -> list[str]:
+    """`hf://datasets/org/name[@revision]/dir/` (its tar shards, at any depth) or `.../train-*.tar` (a glob) -> the
+    `hf://` paths of the matching tar shards in the repository, sorted: one listing call to the Hub."""
+    m = _HF_PATH.match(path if not path.endswith("/") else path + "*")  # the repository's root: any file
+    if m is None:
+        raise ValueError(f"{path!r}: Hub shards are hf://datasets/ORG/NAME[@REVISION]/PATH")
+    from huggingface_hub import HfApi
+
+    repo, revision, pattern = m.group(1), m.group(2), m.group(3) + ("*" if path.endswith("/") else "")  # dir/**
+    files = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).list_repo_files(repo, repo_type="dataset",
+                                                                           revision=revision or "main")
+    match = _glob_regex(pattern)
+    prefix = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + "/"
+    found = sorted(prefix + f for f in files if match.match(f) and f.lower().endswith(TAR_SUFFIXES))
+    if not found:
+        raise ValueError(f"no tar shards (.tar, .tar.gz, .tgz) match {path!r} in the Hub dataset {repo}")
+    return found
 
 
 class FetchError(Exception):

@@ -24,9 +24,8 @@ from PIL import Image
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
-from .remote import FetchError, ShardFetcher, default_fetcher, is_remote
+from .remote import TAR_SUFFIXES, FetchError, ShardFetcher, default_fetcher, is_remote, list_hub_shards
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".json")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv")
@@ -55,12 +54,15 @@ def _expand_braces(pattern: str) -> list[str]:
 
 def expand_path(path: str) -> list[str]:
     """A file, a brace pattern, a glob, or a directory (its data files, sorted) -> the list of data files. Remote
-    tar shards (`https://`, `hf://datasets/...`, `pipe:`; data/remote.py) are listed by name or brace pattern and
+    tar shards (`https://`, `hf://datasets/...`, `pipe:`; data/remote.py) are listed by name or brace pattern, Hub
+    ones also by glob or directory (`hf://datasets/org/name/train-*.tar`, `.../train/`: one listing call), and
     fetched when read."""
     files: list[str] = []
     remote = is_remote(str(path))
     for name in _expand_braces(str(path) if remote else os.path.expanduser(str(path))):
-        if remote:
+        if name.startswith("hf://") and (name.endswith("/") or any(c in name for c in "*?[")):
+            files.extend(list_hub_shards(name))
+        elif remote:
             if not (name.startswith("pipe:") or is_tar(name.split("?", 1)[0])):
                 raise ValueError(f"remote data must be tar shards (.tar, .tar.gz, .tgz), whose media travel with "
                                  f"them: {name!r}")

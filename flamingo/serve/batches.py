@@ -26,13 +26,13 @@ from .batch_lines import URLS
 from .batch_runner import BatchRunner
 from .batch_store import BatchStore, Record, new_id, page
 from .engine import Engine
-from .protocol import APIError, _Strict, parse
+from .protocol import APIError, StrictModel, parse
 
 COMPLETION_WINDOWS = ("24h",)
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
-class BatchCreateRequest(_Strict):
+class BatchCreateRequest(StrictModel):
     input_file_id: StrictStr
     endpoint: StrictStr
     completion_window: StrictStr

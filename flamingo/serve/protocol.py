@@ -30,29 +30,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     def check(self) -> None:
         """Checks across fields (an APIError), after the fields' own."""
 
 
-class ImageURL(_Strict):
+class ImageURL(StrictModel):
     url: StrictStr
     detail: Optional[StrictStr] = None  # accepted and ignored: one resolution per model
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: StrictStr
 
 
-class ImagePart(_Strict):
+class ImagePart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class VideoPart(_Strict):
+class VideoPart(StrictModel):
     """A video by URL (`data:video/mp4;base64,...`); a video data URL in an `image_url` part works too."""
 
     type: Literal["video_url"]
@@ -62,24 +62,24 @@ class VideoPart(_Strict):
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: Union[StrictStr, list[ContentPart]]
     name: Optional[StrictStr] = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: StrictBool = False
 
 
-class JSONSchemaFormat(_Strict):
+class JSONSchemaFormat(StrictModel):
     name: StrictStr = Field(min_length=1, max_length=64)
     schema_: dict[str, Any] = Field(alias="schema")
     description: Optional[StrictStr] = None
     strict: Optional[StrictBool] = None  # the schema is always enforced
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     """OpenAI's `response_format`: plain text, any JSON object, or JSON that follows a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -95,7 +95,7 @@ class ResponseFormat(_Strict):
         return out
 
 
-class _Sampling(_Strict):
+class _Sampling(StrictModel):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
@@ -180,12 +180,12 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
-class InputText(_Strict):
+class InputText(StrictModel):
     type: Literal["input_text"]
     text: StrictStr
 
 
-class InputImage(_Strict):
+class InputImage(StrictModel):
     """An image (or a video data URL) by URL; uploaded files (`file_id`) are not kept by this server."""
 
     type: Literal["input_image"]
@@ -194,7 +194,7 @@ class InputImage(_Strict):
     detail: Optional[StrictStr] = None  # accepted and ignored: one resolution per model
 
 
-class OutputText(_Strict):
+class OutputText(StrictModel):
     """An earlier answer's text, as a client replays a conversation's assistant turns."""
 
     type: Literal["output_text"]
@@ -206,7 +206,7 @@ class OutputText(_Strict):
 InputPart = Annotated[Union[InputText, InputImage, OutputText], Field(discriminator="type")]
 
 
-class InputMessage(_Strict):
+class InputMessage(StrictModel):
     """One item of a Responses `input`: a message (`developer` is a system message)."""
 
     type: Literal["message"] = "message"
@@ -216,7 +216,7 @@ class InputMessage(_Strict):
     status: Optional[StrictStr] = None
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     name: Optional[StrictStr] = Field(default=None, min_length=1, max_length=64)
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
@@ -224,12 +224,12 @@ class TextFormat(_Strict):
     strict: Optional[StrictBool] = None  # the schema is always enforced
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     format: Optional[TextFormat] = None
     verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictModel):
     """OpenAI's Responses API (`/v1/responses`), stateless: the whole conversation comes in `input` (a text, or
     messages with `input_text` / `input_image` parts); no tools, no stored responses to continue from."""
 
@@ -294,7 +294,7 @@ class ResponsesRequest(_Strict):
                                              "response_format": response_format})
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictModel):
     """vLLM's `/tokenize`: a raw prompt or chat messages (media are not fetched: each is its `<image>` token)."""
 
     model: Optional[StrictStr] = None
@@ -307,12 +307,12 @@ class TokenizeRequest(_Strict):
             raise APIError(400, "give either prompt or messages", param="prompt")
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     model: Optional[StrictStr] = None
     tokens: list[StrictInt]
 
 
-def parse(model: type[_Strict], payload: Any) -> Any:
+def parse(model: type[StrictModel], payload: Any) -> Any:
     """`payload` (decoded JSON) as `model`, or an APIError naming the first bad field."""
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object")

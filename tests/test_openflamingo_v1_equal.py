@@ -200,3 +200,12 @@ def test_continuous_batch_decodes_like_generate(v1):
         b = processor(prompt, images=media)
         alone = ours.generate(**b, max_new_tokens=steps, min_new_tokens=steps)[0, b["input_ids"].shape[1]:]
         assert got == alone.tolist()
+
+
+def test_a_whole_checkpoint_refuses_another_lm(v1):
+    """Med-Flamingo's model.pt is a whole `state_dict()`: its frozen LM tensors must be the given LM's."""
+    peer, _, _, (vision, lm, tok) = v1
+    other = tiny_lm("llama", vocab_size=len(tok), seed=7)
+    with pytest.raises(ValueError, match="differ from the given LM"):
+        convert_openflamingo(copy.deepcopy(peer.state_dict()), copy.deepcopy(vision), other, copy.deepcopy(tok),
+                             image_processor=tiny_image_processor("clip"), attend_next_image=True)

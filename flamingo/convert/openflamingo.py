@@ -224,6 +224,27 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     if result.unexpected_keys:
         raise ValueError(f"conversion produced unknown keys: {result.unexpected_keys}")
     ignored = [k for k in state if k not in used]
+    check_frozen_lm({k: state[k] for k in ignored}, model.lm)
     if ignored:
         log.info("OpenFlamingo conversion ignored %d frozen/duplicate tensors (e.g. %s)", len(ignored), ignored[0])
     return model.eval(), processor
+
+
+def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module) -> None:
+    """A checkpoint saved whole (Med-Flamingo's `model.pt`, a `model.state_dict()`) also holds the frozen LM it was
+    trained on, under `lang_encoder.` (decoder layers wrapped: `...{i}.decoder_layer.*`). Those tensors are not
+    converted, but they must be the LM's: raise when they differ (another LM, or another conversion of it, than the
+    checkpoint's), at the checkpoint's precision."""
+    ours = lm.state_dict()
+    differ = []
+    for key, value in state.items():
+        name = key[len("lang_encoder."):].replace(".decoder_layer.", ".") if key.startswith("lang_encoder.") else None
+        if name is None or name not in ours or ours[name].shape != value.shape:
+            continue
+        mine = ours[name].to(value.dtype).float()
+        if not torch.allclose(mine, value.float(), rtol=1e-3, atol=1e-5):
+            differ.append(name)
+    if differ:
+        raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and {len(differ)} of its tensors "
+                         f"differ from the given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained "
+                         "on (--lm)")

@@ -164,12 +164,21 @@ def test_kind_detection_inspection_and_tar_shards(tmp_path):
                                                      {"type": "text", "text": "And"},
                                                      {"type": "image_url", "image_url": {"url": "img/2.png"}}]},
                         {"role": "assistant", "content": "Two."}]}
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     table = _write(tmp_path, [LLAVA, two, {"messages": [{"role": "user", "content": [
-        {"type": "image", "image": "img/7.png"}]}, {"role": "assistant", "content": "x"}]}], "pack.jsonl")
+        {"type": "image", "image": "img/7.png"}]}, {"role": "assistant", "content": "x"}]}, text_only], "pack.jsonl")
     assert main(["data", "pack", "--from", table, "--kind", "chat", "--out", str(tmp_path / "packed")]) == 0
-    packed = _encode(str(tmp_path / "packed" / "shard-000000.tar"), processor)
-    tables = [_encode(_write(tmp_path, [row], "one.jsonl"), processor)[0] for row in (LLAVA, two)]  # the third:
-    # its image is missing, so it is left out of the shard (and counted)
+    shard = str(tmp_path / "packed" / "shard-000000.tar")
+    records = list(read_records(shard))  # the third row's image is missing: left out of the shard (and counted)
+    spec = DatasetSpec.create("chat", "chat", shard, 1, {}, processor)
+    packed = [spec.encode(record) for record in records[:2]]
+    tables = [_encode(_write(tmp_path, [row], "one.jsonl"), processor)[0] for row in (LLAVA, two)]
+    # A text conversation reads back as one, with no media member to look for; like its table row, it is then
+    # skipped for having no image (Flamingo's samples have one), not for a missing file.
+    for source in (records[2], next(iter(read_records(_write(tmp_path, [text_only], "text.jsonl"))))):
+        with pytest.raises(SkipSample) as skipped:
+            spec.encode(source)
+        assert skipped.value.reason == "no_matched_image"
     assert [s.input_ids for s in packed] == [s.input_ids for s in tables]
     assert all(torch.equal(a, b) for s, t in zip(packed, tables) for a, b in zip(s.media, t.media))
     assert len(packed[1].media) == 2

@@ -119,8 +119,10 @@ def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn
     video = row.get("video") is not None
     paths = row.get("video" if video else "image")
     paths = [] if paths is None else paths if isinstance(paths, list) else [paths]
-    if not paths and media.record.shard is not None:  # a tar sample: its member
-        paths = [None]
+    record = media.record
+    exts = VIDEO_EXTS if video else IMAGE_EXTS
+    if not paths and record.shard is not None and any(e in record.payload for e in exts):
+        paths = [None]  # a tar sample's own image (or video) member; a sample with none is a text conversation
     pending = [media.ref(p, video) for p in paths]
     values = []
     for i, turn in enumerate(conversations):

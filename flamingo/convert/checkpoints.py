@@ -1,13 +1,23 @@
-"""A published checkpoint's directory and tensors, read without running pickle code; a converted model's backbones
-written once for trained-only checkpoints."""
+"""A published checkpoint's directory and tensors, read without running pickle code and without a second copy of
+the weights; models built on them without random init; a converted model's backbones written once for trained-only
+checkpoints.
+
+How a conversion stays near one copy of the weights (peak resident memory: bench/convert_memory.py): the HF models
+are built with their parameters on the meta device (`meta_parameters`), the checkpoint's tensors are read one at a
+time (`CheckpointTensors`), renamed and cast as they are read, and become the parameters themselves
+(`assign_tensors`: `load_state_dict(assign=True)`, no copy into a built model).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-from typing import Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
@@ -15,6 +25,8 @@ from ..runtime.hub import local_dir
 
 # what a conversion reads besides the weights: configs, tokenizer files (sentencepiece models, BPE merges and vocabs)
 _METADATA = ["*.json", "tokenizer*", "*.model", "*.txt"]
+
+Reader = Callable[[str, Optional[torch.dtype]], torch.Tensor]  # (name, dtype to cast to or None) -> the tensor
 
 
 def checkpoint_dir(source: str, what: str, *, revision: Optional[str] = None, allow_bin: bool = True) -> str:
@@ -28,27 +40,159 @@ def checkpoint_dir(source: str, what: str, *, revision: Optional[str] = None, al
     return local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.bin"], ignore_patterns=None)
 
 
-def read_tensors(directory: str, *, allow_bin: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory: its safetensors files, else (when `allow_bin`) its `.bin` files read
-    weights-only."""
-    from safetensors.torch import load_file
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by name, each read when it is asked for, in `dtype` when set (floating tensors only).
+    From safetensors every `tensors[name]` is a new tensor of its own, so that a dict renaming them holds the only
+    copy and a tensor the conversion drops or concatenates is freed at once; from `.bin` files (read whole) it is the
+    loaded tensor. `in`, `len`, iteration and `dtype_of` read no data; `.items()` and `.values()` read every tensor."""
 
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if files:
-        return {k: v for f in files for k, v in load_file(f).items()}
-    if not allow_bin:
-        raise ValueError(f"no *.safetensors in {directory!r}: this checkpoint is read from safetensors only (no "
-                         "pickle)")
-    files = sorted(glob.glob(os.path.join(directory, "*.bin")))
-    if not files:
-        raise ValueError(f"no *.safetensors or *.bin weights in {directory!r}")
+    def __init__(self, dtypes: dict[str, torch.dtype], read: Reader, dtype: Optional[torch.dtype] = None) -> None:
+        self._dtypes, self._read, self.dtype = dtypes, read, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._dtypes:
+            raise KeyError(name)
+        cast = self.dtype if self.dtype is not None and self._dtypes[name].is_floating_point else None
+        return self._read(name, cast)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._dtypes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dtypes)
+
+    def __len__(self) -> int:
+        return len(self._dtypes)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor `name`, without reading it."""
+        return self._dtypes[name]
+
+    def cast(self, dtype: Optional[torch.dtype]) -> "CheckpointTensors":
+        """The same tensors, floating ones read in `dtype` (None: as stored)."""
+        return CheckpointTensors(self._dtypes, self._read, dtype)
+
+    @classmethod
+    def of_dict(cls, state: Mapping[str, torch.Tensor], *, copy: bool) -> "CheckpointTensors":
+        """Tensors already in memory; `copy` gives each reader its own (a converted model then shares nothing with an
+        in-memory source model), else the reader gets the tensor itself (cast when asked)."""
+
+        def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+            tensor = state[name].detach()
+            return tensor.to(dtype=dtype or tensor.dtype, copy=copy)
+
+        return cls({k: v.dtype for k, v in state.items()}, read)
+
+
+def _safetensors(files: list[str]) -> CheckpointTensors:
+    from safetensors import safe_open
+
+    where: dict[str, str] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                where[name] = path
+                dtypes[name] = f.get_tensor(name).dtype  # a view of the file's mapping: no data is read
+
+    def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        # The file is opened for this tensor alone: safetensors' tensors are views of one mapping of the file per
+        # open, which stays resident as long as any view lives. Copied out, the mapping goes when this returns, and
+        # the model owns its memory (the checkpoint may be moved or rewritten while it lives).
+        with safe_open(where[name], framework="pt") as f:
+            mapped = f.get_tensor(name)
+        return mapped.to(dtype=dtype or mapped.dtype, copy=True)
+
+    return CheckpointTensors(dtypes, read)
+
+
+def _torch_files(files: list[str]) -> CheckpointTensors:
+    """`.bin` files read weights-only, whole: the tensors a conversion takes become its parameters (no copy)."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:
             raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
-    return state
+    return CheckpointTensors.of_dict(state, copy=False)
+
+
+def open_tensors(directory: str, *, allow_bin: bool = True) -> CheckpointTensors:
+    """Every tensor of a checkpoint directory: its safetensors files (read a tensor at a time), else (when
+    `allow_bin`) its `.bin` files read weights-only."""
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        return _safetensors(files)
+    if not allow_bin:
+        raise ValueError(f"no *.safetensors in {directory!r}: this checkpoint is read from safetensors only (no "
+                         "pickle)")
+    files = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    if not files:
+        raise ValueError(f"no *.safetensors or *.bin weights in {directory!r}")
+    return _torch_files(files)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Modules built inside hold their parameters on the meta device: no memory, and initialisers that run on shapes
+    only. Buffers are made as usual, on the CPU: the non-persistent ones (rotary frequencies, position ids) are in no
+    checkpoint, so the constructor's values are the ones to keep. Parameters a constructor draws itself
+    (`nn.Parameter(torch.randn(d))`) are drawn, then moved. `assign_tensors` gives each parameter its tensor. Patches
+    `nn.Module.register_parameter` for the process while inside: build nothing else in another thread meanwhile."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside (and floating tensors made without a dtype) are `dtype`: parts that a conversion builds
+    at random and then loads are made in the dtype they end in, not in float32 to be cast after. Sets torch's
+    default dtype for the process while inside."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def assign_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """`model` (built under `meta_parameters`) with the tensors of `state` as its parameters and buffers: each cast
+    to the dtype the model gave it (what `load_state_dict`'s copy would do), no copy otherwise. Its HF parts tie
+    their weights again, and parameters that do not tie but share a tensor (a `.bin` file saving one tensor under
+    two names) get one each. Returns `load_state_dict`'s (missing keys, unexpected keys); `meta_tensors` lists
+    what the state left unset."""
+    targets = model.state_dict(keep_vars=True)
+    cast = {k: v.to(targets[k].dtype) if k in targets and v.dtype != targets[k].dtype else v for k, v in state.items()}
+    result = model.load_state_dict(cast, strict=False, assign=True)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()
+    owners: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type == "meta" or param.numel() == 0:
+                continue
+            pointer = param.untyped_storage().data_ptr()
+            if owners.setdefault(pointer, param) is not param:
+                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """The names of `model`'s parameters and buffers still on the meta device (given no tensor)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, tensor in named if tensor.device.type == "meta"]
 
 
 def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:

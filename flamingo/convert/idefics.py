@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, Flami
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
-from .checkpoints import checkpoint_dir, read_tensors
+from .checkpoints import CheckpointTensors, assign_tensors, checkpoint_dir, meta_parameters, meta_tensors, open_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
@@ -49,15 +49,16 @@ IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsConfig, dict[str, torch.Tensor],
+def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsConfig, CheckpointTensors,
                                                                      Optional[str]]:
-    """(config, state dict, local directory or None) of an IDEFICS model object, directory or hub name."""
+    """(config, tensors, local directory or None) of an IDEFICS model object, directory or hub name. An object's
+    tensors are copied as they are read: the converted model shares nothing with it."""
     if isinstance(source, nn.Module):
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
-        return source.config, source.state_dict(), None
+        return source.config, CheckpointTensors.of_dict(source.state_dict(), copy=True), None
     path = checkpoint_dir(str(source), "IDEFICS model", allow_bin=False)
-    return IdeficsConfig.from_pretrained(path), read_tensors(path, allow_bin=False), path
+    return IdeficsConfig.from_pretrained(path), open_tensors(path, allow_bin=False), path
 
 
 def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:
@@ -85,20 +86,23 @@ def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:
         first_new_token_id=config.vocab_size, num_new_tokens=config.additional_vocab_size)
 
 
-def _vision_tower(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+def _vision_tower(config: IdeficsConfig, dtype: torch.dtype) -> nn.Module:
     vc = config.vision_config
     clip = CLIPVisionConfig(hidden_size=vc.embed_dim, intermediate_size=vc.intermediate_size,
                             num_hidden_layers=vc.num_hidden_layers, num_attention_heads=vc.num_attention_heads,
                             num_channels=vc.num_channels, image_size=vc.image_size, patch_size=vc.patch_size,
                             hidden_act=vc.hidden_act, layer_norm_eps=vc.layer_norm_eps)
-    tower = CLIPVisionModel._from_config(clip, **dtype_kwargs(dtype))
+    return CLIPVisionModel._from_config(clip, **dtype_kwargs(dtype)).eval()
+
+
+def _vision_state(tower: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tower's tensors under `Flamingo.vision`'s names."""
     prefix = "model.vision_model."
     ours = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""  # 4.x / 5.x
-    tower.load_state_dict({ours + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    return tower.eval()
+    return {f"vision.{ours}{k[len(prefix):]}": tensors[k] for k in tensors if k.startswith(prefix)}
 
 
-def _language_model(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+def _language_model(config: IdeficsConfig, dtype: torch.dtype) -> nn.Module:
     v, a = config.vocab_size, config.additional_vocab_size
     llama = LlamaConfig(
         vocab_size=v + a, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -108,43 +112,55 @@ def _language_model(config: IdeficsConfig, state: dict[str, torch.Tensor], dtype
         tie_word_embeddings=False, attention_bias=False, **idefics_rope_kwargs(config),
         mlp_bias=False, pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id)
-    lm = AutoModelForCausalLM.from_config(llama, **dtype_kwargs(dtype))
-    mapped = {k: t for k, t in state.items() if k.startswith(("model.layers.", "model.norm."))}
-    embed = state["model.embed_tokens.weight"]
-    head = state.get("lm_head.weight", embed if config.tie_word_embeddings else None)
-    if head is None:
+    return AutoModelForCausalLM.from_config(llama, **dtype_kwargs(dtype)).eval()
+
+
+def _lm_state(config: IdeficsConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LM's tensors under `Flamingo.lm`'s names: the decoupled rows appended to the table and the head."""
+    out = {f"lm.{k}": tensors[k] for k in tensors if k.startswith(("model.layers.", "model.norm."))}
+    added = "model.embed_tokens.additional_embedding.weight"
+    head_key = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+    if head_key != "lm_head.weight" and not config.tie_word_embeddings:
         raise ValueError("IDEFICS checkpoint lacks lm_head.weight")
-    if a:
-        embed = torch.cat([embed, state["model.embed_tokens.additional_embedding.weight"]])
-        head = torch.cat([head, state.get("lm_head.additional_fc.weight",
-                                          state["model.embed_tokens.additional_embedding.weight"])])
-    mapped["model.embed_tokens.weight"], mapped["lm_head.weight"] = embed, head
-    lm.load_state_dict(mapped, strict=True)
-    return lm.eval()
+    embed, head = tensors["model.embed_tokens.weight"], tensors[head_key]
+    if config.additional_vocab_size:
+        embed = torch.cat([embed, tensors[added]])
+        head = torch.cat([head, tensors["lm_head.additional_fc.weight" if "lm_head.additional_fc.weight" in tensors
+                                        else added]])
+    out["lm.model.embed_tokens.weight"], out["lm.lm_head.weight"] = embed, head
+    return out
 
 
-class _Reads(dict):
-    """A state dict that remembers which keys were read."""
+class _Reads(Mapping[str, torch.Tensor]):
+    """Tensors that remember which names were read."""
 
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__(state)
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = tensors
         self.read: set[str] = set()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         self.read.add(key)
-        return super().__getitem__(key)
+        return self._tensors[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
-def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: dict[str, torch.Tensor]
+def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: Mapping[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
-    """The perceiver and the gated cross-attention layers under our names; a tensor of theirs left unread is an
-    error (a part the converter would drop)."""
+    """The perceiver, the gated cross-attention layers and the added token rows under our names; a tensor of theirs
+    left unread is an error (a part the converter would drop)."""
     state = _Reads(source)
     out: dict[str, torch.Tensor] = {}
     src = "model.perceiver_resampler."
-    out["resampler.latents"] = state[src + "latents"]
-    out["resampler.time_embeddings"] = torch.zeros(1, state[src + "latents"].shape[1],
-                                                   dtype=state[src + "latents"].dtype)
+    latents = out["resampler.latents"] = state[src + "latents"]
+    out["resampler.time_embeddings"] = torch.zeros(1, latents.shape[1], dtype=latents.dtype)
     for s in ("weight", "bias"):
         out[f"resampler.norm.{s}"] = state[f"{src}layer_norm.{s}"]
     for i in range(flamingo.resampler_depth):
@@ -176,6 +192,11 @@ def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: dict
             out[f"{dst}ffw.{name}.weight"] = state[f"{src}mlp.{name}.weight"]
         out[f"{dst}attn_gate"] = state[f"{src}alpha_cross_attn"].reshape(-1)  # (1,) or (1, 1, D) -> (1,) or (D,)
         out[f"{dst}ffw_gate"] = state[f"{src}alpha_dense"].reshape(-1)
+    if config.additional_vocab_size:  # the added rows, as IDEFICS's decoupled tables hold them
+        added = "model.embed_tokens.additional_embedding.weight"
+        out["new_token_embeddings"] = source[added]
+        out["new_lm_head"] = source["lm_head.additional_fc.weight" if "lm_head.additional_fc.weight" in source
+                                    else added]
     unread = [k for k in source if k.startswith(("model.perceiver_resampler.", "model.gated_cross_attn_layers."))
               and k not in state.read]
     if unread:
@@ -206,7 +227,7 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     tokenizer / image_processor default to the ones saved with the model. torch_dtype defaults to the weights'.
     The backbones are in-memory models: `write_backbones` saves them for trained-only checkpoints.
     """
-    config, state, directory = read_idefics(source)
+    config, tensors, directory = read_idefics(source)
     flamingo = idefics_flamingo_config(config)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         if tokenizer is None and directory is None:
@@ -222,18 +243,17 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
         flamingo.end_of_chunk_token_id = vocab[END_OF_UTTERANCE]  # generation stops at the end of a turn
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = config.pad_token_id
-    dtype = torch_dtype or state["model.embed_tokens.weight"].dtype
+    dtype = torch_dtype or tensors.dtype_of("model.embed_tokens.weight")
+    tensors = tensors.cast(dtype)
 
-    model = Flamingo(_vision_tower(config, state, dtype), _language_model(config, state, dtype), flamingo)
-    trained = _trained_state(config, flamingo, state)
-    if config.additional_vocab_size:  # the added rows, as IDEFICS's decoupled tables hold them
-        trained["new_token_embeddings"] = state["model.embed_tokens.additional_embedding.weight"]
-        trained["new_lm_head"] = state.get("lm_head.additional_fc.weight", trained["new_token_embeddings"])
-    result = model.load_state_dict(trained, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("vision.", "lm."))]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"IDEFICS conversion left {missing or result.unexpected_keys} unmatched")
-    model.to(dtype)
+    with meta_parameters():  # the whole model: its tensors are all in the checkpoint
+        model = Flamingo(_vision_tower(config, dtype), _language_model(config, dtype), flamingo)
+    model.to(dtype)  # the trained parts' (meta) parameters and the buffers, as the copy into a built model did
+    state = {**_vision_state(model.vision, tensors), **_lm_state(config, tensors),
+             **_trained_state(config, flamingo, tensors)}
+    missing, unexpected = assign_tensors(model, state)
+    if missing or unexpected or meta_tensors(model):
+        raise ValueError(f"IDEFICS conversion left {missing or unexpected or meta_tensors(model)} unmatched")
     if image_processor is None:
         image_processor = _image_processor_of(directory, config.vision_config.image_size)
     limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTrainedModel
 
 from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
-from .checkpoints import checkpoint_dir, read_tensors
+from .checkpoints import assign_tensors, checkpoint_dir, meta_parameters, meta_tensors, open_tensors
 
 
-def check_mpt(remote: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def check_mpt(remote: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     """Refuse what transformers' `MptForCausalLM` would silently compute differently."""
     attn = remote.get("attn_config") or {}
     problems = []
@@ -48,7 +48,7 @@ def check_mpt(remote: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         problems.append("embedding_fraction != 1")
     if any(".wpe." in k for k in state):
         problems.append("a learned position table (wpe)")
-    biases = [k for k, v in state.items() if k.endswith(".bias") and bool(v.any())]
+    biases = [k for k in state if k.endswith(".bias") and bool(state[k].any())]
     if biases:
         problems.append(f"non-zero biases ({biases[0]}, ...; transformers' MPT has none)")
     if problems:
@@ -76,30 +76,31 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model.name_or_path = str(source)
         return model.eval()
-    model = mpt_from_state(remote, read_tensors(directory), **kwargs)
+    model = mpt_from_state(remote, open_tensors(directory).cast(torch_dtype), **kwargs)
     model.name_or_path = str(source)
     return model
 
 
-def mpt_from_state(remote: dict[str, Any], state: dict[str, torch.Tensor], **kwargs: Any) -> MptForCausalLM:
+def mpt_from_state(remote: dict[str, Any], state: Mapping[str, torch.Tensor], **kwargs: Any) -> MptForCausalLM:
     """MPT remote code's config (a dict) and tensors on transformers' `MptForCausalLM`, in eval mode, after
-    `check_mpt`; every tensor must find its parameter and back."""
+    `check_mpt`; the tensors become its parameters (it is built without random init), and every tensor must find
+    its parameter and back."""
     check_mpt(remote, state)
-    state = {k: v for k, v in state.items() if not k.endswith(".bias")}  # all zero (checked)
+    state = {k: state[k] for k in state if not k.endswith(".bias")}  # all zero (checked)
     known = set(MptConfig().to_dict())
     config = MptConfig(**{k: v for k, v in remote.items() if k in known and k not in ("attn_config",)},
                        # not attn_pdrop: dropout acts in training only, and transformers 5.2x types it int,
                        # refusing the 0.0 some MPT configs hold
                        attn_config={k: v for k, v in (remote.get("attn_config") or {}).items()
                                     if k in ("attn_type", "clip_qkv", "softmax_scale", "alibi", "alibi_bias_max")})
-    model = MptForCausalLM._from_config(config, **kwargs)
+    with meta_parameters():
+        model = MptForCausalLM._from_config(config, **kwargs)
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"MPT checkpoint does not match transformers' MPT: missing {result.missing_keys[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
-    model.tie_weights()
+    missing, unexpected = assign_tensors(model, state)
+    if missing or unexpected or meta_tensors(model):
+        raise ValueError(f"MPT checkpoint does not match transformers' MPT: missing "
+                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
 
 

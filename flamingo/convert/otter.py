@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -50,9 +50,17 @@ from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, pil_image_processor
-from .checkpoints import checkpoint_dir, read_tensors
+from .checkpoints import (
+    CheckpointTensors,
+    assign_tensors,
+    checkpoint_dir,
+    default_dtype,
+    meta_parameters,
+    meta_tensors,
+    open_tensors,
+)
 from .lm_families import mpt_from_state
-from .openflamingo import convert_openflamingo
+from .openflamingo import convert_openflamingo, param_name
 
 # model_type -> the markers its tokenizer adds after `<|endofchunk|>`, `<image>`, and the processor's template
 FORMATS: dict[str, tuple[tuple[str, ...], str]] = {"otter": (("<answer>",), "otter"), "flamingo": ((), "flamingo")}
@@ -63,7 +71,7 @@ _LAYER = re.compile(r"lang_encoder\.(.+)\.(\d+)\.(decoder_layer|gated_cross_attn
 
 
 def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = None
-               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+               ) -> tuple[dict[str, Any], CheckpointTensors, str]:
     """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Weights
     are read from safetensors, or `.bin` files weights-only (no pickle code runs)."""
     directory = checkpoint_dir(str(source), "Otter model", revision=revision)
@@ -78,38 +86,36 @@ def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part), dict):
             raise ValueError(f"{source}: config.json has no {part}")
-    return config, read_tensors(directory), directory
+    return config, open_tensors(directory), directory
 
 
-def split_otter_state(state: dict[str, torch.Tensor]
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Otter's tensors -> (the vision tower's, the LM's, OpenFlamingo-named ones for `convert_openflamingo`). The
-    OpenFlamingo-named set holds the perceiver, the blocks and (under `lang_encoder.`) the LM's tensors, so that the
-    converter finds the embedding and head rows of the added tokens."""
-    if any("lora_" in key for key in state):
+def split_otter_state(names: Iterable[str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Otter's tensor names -> where each goes, as {new name: Otter's name}: the vision tower's, the LM's, and the
+    OpenFlamingo names of the perceiver and the blocks (for `convert_openflamingo`). Reads no tensor."""
+    names = list(names)
+    if any("lora_" in key for key in names):
         raise ValueError("this Otter checkpoint holds LoRA adapters on its LM: merge them into the LM first (Otter's "
                          "converting_otter_to_lora.py wrote them; peft's merge_and_unload undoes it)")
-    vision: dict[str, torch.Tensor] = {}
-    lm: dict[str, torch.Tensor] = {}
-    of: dict[str, torch.Tensor] = {}
+    vision: dict[str, str] = {}
+    lm: dict[str, str] = {}
+    of: dict[str, str] = {}
     unknown = []
-    for key, value in state.items():
+    for key in names:
         if key.startswith("vision_encoder."):
-            vision[key[len("vision_encoder."):]] = value
+            vision[key[len("vision_encoder."):]] = key
         elif key.startswith("perceiver."):
             m = re.match(r"perceiver\.layers\.(\d+)\.(feed_forward\.)?(.*)$", key)
+            name = key
             if m:  # OpenFlamingo: `.0` the attention, `.1` the feed-forward
-                key = f"perceiver.layers.{m.group(1)}.{'1' if m.group(2) else '0'}.{m.group(3)}"
-            of[key] = value
+                name = f"perceiver.layers.{m.group(1)}.{'1' if m.group(2) else '0'}.{m.group(3)}"
+            of[name] = key
         elif key.startswith("lang_encoder."):
             m = _LAYER.match(key)
             if m and m.group(3) == "gated_cross_attn_layer":
                 rest = re.sub(r"^feed_forward\.", "ff.", m.group(4))
-                of[f"lang_encoder.gated_cross_attn_layers.{m.group(2)}.{rest}"] = value
+                of[f"lang_encoder.gated_cross_attn_layers.{m.group(2)}.{rest}"] = key
                 continue
-            name = f"{m.group(1)}.{m.group(2)}.{m.group(4)}" if m else key[len("lang_encoder."):]
-            lm[name] = value
-            of["lang_encoder." + name] = value
+            lm[f"{m.group(1)}.{m.group(2)}.{m.group(4)}" if m else key[len("lang_encoder."):]] = key
         else:
             unknown.append(key)
     if unknown:
@@ -120,42 +126,55 @@ def split_otter_state(state: dict[str, torch.Tensor]
 
 
 def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """The checkpoint's CLIP tower; every tensor must find its parameter and back."""
+    """The checkpoint's CLIP tower, its tensors becoming its parameters; every tensor must find its parameter and
+    back."""
     config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
-    model = CLIPVisionModel(config).to(dtype)
+    with meta_parameters():
+        model = CLIPVisionModel(config).to(dtype)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in older transformers
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"Otter's vision tower does not match CLIPVisionModel: missing {result.missing_keys[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+    missing, unexpected = assign_tensors(model, state)
+    if missing or unexpected or meta_tensors(model):
+        raise ValueError(f"Otter's vision tower does not match CLIPVisionModel: missing "
+                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
 
 
 def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
-    """The checkpoint's LM on a class transformers ships (or our MosaicGPT), its tensors loaded as they are."""
+    """The checkpoint's LM on a class transformers ships (or our MosaicGPT), its tensors becoming its parameters."""
     model_type = text_config.get("model_type")
     kwargs = dtype_kwargs(dtype)
     if model_type == "mpt":
         return mpt_from_state(text_config, state, **kwargs)
     fields = {k: v for k, v in text_config.items() if k != "model_type"}
-    if model_type == "mosaic_gpt":
-        register()
-        model: PreTrainedModel = MosaicGPTForCausalLM(MosaicGPTConfig(**fields)).to(dtype)
-    else:
-        try:
-            config = AutoConfig.for_model(model_type, **fields)
-        except ValueError as e:
-            raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    result = model.load_state_dict(state, strict=False)
+    with meta_parameters():
+        if model_type == "mosaic_gpt":
+            register()
+            model: PreTrainedModel = MosaicGPTForCausalLM(MosaicGPTConfig(**fields)).to(dtype)
+        else:
+            try:
+                config = AutoConfig.for_model(model_type, **fields)
+            except ValueError as e:
+                raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    missing, unexpected = assign_tensors(model, state)
     tied = model.get_output_embeddings() is not None and \
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"Otter's LM does not match transformers' {type(model).__name__}: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected or meta_tensors(model):
+        raise ValueError(f"Otter's LM does not match transformers' {type(model).__name__}: missing "
+                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
     model.name_or_path = ""  # its table is Otter's, not the base model's: saved whole
     return model.eval()
+
+
+def _embedding_rows(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The LM's input table and output head under OpenFlamingo's names: `convert_openflamingo` takes the added
+    tokens' rows from them. They are the LM's own tensors, read from the checkpoint: no second copy."""
+    rows = {}
+    for module in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+        if module is not None:
+            rows["lang_encoder." + param_name(lm, module.weight)] = module.weight.detach()
+    return rows
 
 
 TokenizerArg = Union[None, str, os.PathLike, PreTrainedTokenizerBase]
@@ -185,10 +204,11 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     `preprocessor_config.json`, else `CLIPImageProcessor()` at the tower's size (what Otter's demos use).
     torch_dtype defaults to the checkpoint's. The backbones are saved whole (`save_pretrained`), or once with
     `convert.write_backbones` for trained-only checkpoints."""
-    config, state, directory = read_otter(source, revision=revision)
-    vision_state, lm_state, of_state = split_otter_state(state)
+    config, tensors, directory = read_otter(source, revision=revision)
+    vision_names, lm_names, of_names = split_otter_state(tensors)
     extra_tokens, template = FORMATS[config["model_type"]]
-    dtype = torch_dtype or next(iter(lm_state.values())).dtype
+    dtype = torch_dtype or next(d for d in map(tensors.dtype_of, lm_names.values()) if d.is_floating_point)
+    tensors = tensors.cast(dtype)
     text_config = config["text_config"]
     tokenizer = otter_tokenizer(directory, text_config, tokenizer)
     if image_processor is None:
@@ -198,10 +218,13 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
             size = int(config["vision_config"].get("image_size", 224))
             image_processor = pil_image_processor("CLIPImageProcessor")(
                 size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    model, processor = convert_openflamingo(of_state, otter_vision(config["vision_config"], vision_state, dtype),
-                                            otter_lm(text_config, lm_state, dtype), tokenizer,
-                                            image_processor=image_processor, extra_tokens=extra_tokens,
-                                            template=template)
+    vision = otter_vision(config["vision_config"], {k: tensors[v] for k, v in vision_names.items()}, dtype)
+    lm = otter_lm(text_config, {k: tensors[v] for k, v in lm_names.items()}, dtype)
+    of_state = {**{k: tensors[v] for k, v in of_names.items()}, **_embedding_rows(lm)}
+    with default_dtype(dtype):  # the perceiver and blocks it builds, then loads: made in `dtype`, never float32
+        model, processor = convert_openflamingo(of_state, vision, lm, tokenizer, image_processor=image_processor,
+                                                extra_tokens=extra_tokens, template=template)
+    del of_state  # copied into the model: freed before the cast below
     every = config.get("cross_attn_every_n_layers")
     if every is not None and model.config.xattn_every != every:
         raise ValueError(f"the checkpoint's blocks sit every {model.config.xattn_every} layers, its config says "

@@ -16,6 +16,47 @@ from flamingo import Flamingo
 from flamingo.tiny import random_image
 
 
+def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: bool = False,
+                      attn_gates: tuple[float, float] = (0.3, 1.0)) -> tuple[Any, Any, Any, Any]:
+    """(OpenFlamingo peer, vision tower, LM, tokenizer) on tiny random backbones (the peer holds copies): its gates
+    open and its embedding table perturbed (OpenFlamingo trains it all). v1: OpenFlamingo 0.0.2's classes."""
+    import copy
+
+    from flamingo.peers.openflamingo import build_openflamingo
+    from flamingo.tiny import tiny_lm, tiny_tokenizer, tiny_vision
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    lm, vision = tiny_lm(lm_kind, vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
+    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                 cross_attn_every_n_layers=every, v1=v1)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in peer.lang_encoder.gated_cross_attn_layers:
+            if layer is not None:
+                layer.attn_gate.uniform_(*attn_gates)
+                layer.ff_gate.uniform_(-1.0, -0.3)
+        table = peer.lang_encoder.get_input_embeddings().weight
+        table.add_(0.01 * torch.randn_like(table))
+    return peer.eval(), vision, lm, tok
+
+
+def write_openflamingo_files(peer: Any, vision: Any, lm: Any, tok: Any, directory: Path,
+                             name: str = "checkpoint.pt") -> list[str]:
+    """A released-style checkpoint file of the peer (its perceiver and blocks) and its backbones as directories, as
+    `flamingo convert open-flamingo` takes them: the command's `--checkpoint F --vision V --lm L` arguments."""
+    from flamingo.tiny import tiny_image_processor
+
+    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
+               directory / name)
+    vision.save_pretrained(directory / "vision")
+    tiny_image_processor("clip").save_pretrained(directory / "vision")
+    lm.save_pretrained(directory / "lm")
+    tok.save_pretrained(directory / "lm")
+    return ["--checkpoint", str(directory / name), "--vision", str(directory / "vision"), "--lm",
+            str(directory / "lm")]
+
+
 def tiny_otter_shaped(gates: float = 0.5) -> tuple[Flamingo, Any]:
     """A tiny model with Otter's tokens (`<answer>` added after `<image>`) and its chat format (template `otter`)."""
     from flamingo.build import from_backbones

@@ -12,8 +12,9 @@ import torch
 pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
 from flamingo.convert import convert_openflamingo  # noqa: E402
-from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
-from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor  # noqa: E402
+
+from helpers import openflamingo_peer, write_openflamingo_files  # noqa: E402
 
 PROMPTS = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>Question: and? Short answer: two."
            "<|endofchunk|><image>Question: this?",
@@ -21,20 +22,7 @@ PROMPTS = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>
 
 
 def _peer(every: int, seed: int = 0, lm_kind: str = "llama"):
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    lm, vision = tiny_lm(lm_kind, vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
-    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
-                                 cross_attn_every_n_layers=every)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero gates, and a fine-tuned embedding table (OpenFlamingo trains it all)
-        for layer in peer.lang_encoder.gated_cross_attn_layers:
-            if layer is not None:
-                layer.attn_gate.uniform_(0.3, 1.0)
-                layer.ff_gate.uniform_(-1.0, -0.3)
-        peer.lang_encoder.get_input_embeddings().weight.add_(0.01 * torch.randn_like(
-            peer.lang_encoder.get_input_embeddings().weight))
-    return peer.eval(), vision, lm, tok
+    return openflamingo_peer(every, seed, lm_kind)
 
 
 def _inputs(processor):
@@ -109,15 +97,8 @@ def test_released_style_checkpoint_file_converts_to_equal_logits(tmp_path):
 def test_convert_command_writes_a_trained_only_model_and_refuses_a_missing_file(tmp_path):
     from flamingo.cli import main
 
-    peer, vision, lm, tok = _peer(1, seed=5)
-    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
-               tmp_path / "checkpoint.pt")
-    vision.save_pretrained(tmp_path / "vision")
-    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    args = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--vision",
-            str(tmp_path / "vision"), "--lm", str(tmp_path / "lm"), "--out", str(tmp_path / "out"), "--trained-only"]
+    args = ["convert", "open-flamingo", *write_openflamingo_files(*_peer(1, seed=5), tmp_path), "--out",
+            str(tmp_path / "out"), "--trained-only"]
     assert main(args) == 0
     assert (tmp_path / "out" / "flamingo.safetensors").is_file() and not (tmp_path / "out" / "lm").exists()
     assert main(["convert", "open-flamingo", "--checkpoint", str(tmp_path / "missing.pt"), "--vision", "v",

@@ -15,9 +15,11 @@ pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-ex
 from flamingo.convert import convert_openflamingo, save_openflamingo_checkpoint  # noqa: E402
 from flamingo.model.generation import generate, score_batch  # noqa: E402
 from flamingo.model.prefill import Prefill  # noqa: E402
-from flamingo.peers.openflamingo import build_openflamingo, openflamingo_v1_dir  # noqa: E402
+from flamingo.peers.openflamingo import openflamingo_v1_dir  # noqa: E402
 from flamingo.runtime.compat import CONTINUOUS_BATCHING  # noqa: E402
-from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_lm  # noqa: E402
+
+from helpers import openflamingo_peer, write_openflamingo_files  # noqa: E402
 
 if not (openflamingo_v1_dir() / "open_flamingo" / "src" / "flamingo_lm.py").is_file():
     pytest.skip(f"OpenFlamingo v1 is not installed in {openflamingo_v1_dir()}", allow_module_level=True)
@@ -30,20 +32,7 @@ MEDIA = [[random_image(0), random_image(1), random_image(2)], [random_image(3), 
 
 
 def _peer(every: int = 2, seed: int = 0):
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    lm, vision = tiny_lm("llama", vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
-    peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
-                                 cross_attn_every_n_layers=every, v1=True)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():  # open gates, and a fine-tuned embedding table (v1 trains it all)
-        for layer in peer.lang_encoder.gated_cross_attn_layers:
-            if layer is not None:
-                layer.attn_gate.uniform_(0.5, 1.0)
-                layer.ff_gate.uniform_(-1.0, -0.3)
-        peer.lang_encoder.get_input_embeddings().weight.add_(0.01 * torch.randn_like(
-            peer.lang_encoder.get_input_embeddings().weight))
-    return peer.eval(), vision, lm, tok
+    return openflamingo_peer(every, seed, v1=True, attn_gates=(0.5, 1.0))
 
 
 def _convert(peer, vision, lm, tok, attend_next_image: bool = True):
@@ -155,15 +144,7 @@ def test_convert_command_v1_and_published_names(tmp_path):
     from flamingo import load_pretrained
     from flamingo.cli import main
 
-    peer, vision, lm, tok = _peer(every=1, seed=4)
-    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
-               tmp_path / "model.pt")
-    vision.save_pretrained(tmp_path / "vision")
-    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    base = ["convert", "open-flamingo", "--checkpoint", str(tmp_path / "model.pt"), "--vision",
-            str(tmp_path / "vision"), "--lm", str(tmp_path / "lm")]
+    base = ["convert", "open-flamingo", *write_openflamingo_files(*_peer(every=1, seed=4), tmp_path, "model.pt")]
     assert main(base + ["--out", str(tmp_path / "v1"), "--v1"]) == 0
     assert main(base + ["--out", str(tmp_path / "v2")]) == 0
     loaded, _ = load_pretrained(str(tmp_path / "v1"))

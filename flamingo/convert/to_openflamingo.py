@@ -1,5 +1,7 @@
 """Our model -> an OpenFlamingo 2.x `checkpoint.pt`: the inverse of `convert_openflamingo`, so that a model trained
-here runs in OpenFlamingo's code (its evaluation suite, its demos) on the same backbones.
+here runs in OpenFlamingo's code (its evaluation suite, its demos) on the same backbones. A model with OpenFlamingo
+v1's rule (`attend_next_image`: a converted v1 or Med-Flamingo checkpoint, fine-tuned here) is written the same way
+for v1's code (open_flamingo 0.0.x, whose modules and names are 2.x's); the recipe names the version.
 
 OpenFlamingo's `checkpoint.pt` holds the trained tensors under its module names: `perceiver.*`,
 `lang_encoder.gated_cross_attn_layers.{L}.*`, and the LM's whole input embedding (OpenFlamingo trains it; its rows
@@ -54,8 +56,6 @@ def incompatibilities(model: Flamingo) -> list[str]:
         found.append("attention to every earlier image (OpenFlamingo's tokens see the last one)")
     if c.num_image_references:
         found.append("image reference tokens")
-    if c.attend_next_image:
-        found.append("OpenFlamingo v1's next-image rule (OpenFlamingo 2.x's tokens see the image before them)")
     layers = len(model.lm.get_submodule(model.decoder_layers_path))
     if model.xattn_layer_indices != [i for i in range(layers) if (i + 1) % c.xattn_every == 0]:
         found.append(f"blocks before layers {model.xattn_layer_indices}, not every {c.xattn_every}th")
@@ -108,6 +108,8 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
             "lang_encoder_path": c.lm_name_or_path, "tokenizer_path": c.lm_name_or_path,
             "cross_attn_every_n_layers": c.xattn_every},
         "load": "model.load_state_dict(torch.load(path), strict=False)",
+        # the code whose masking rule the model computes (module docstring of convert/openflamingo.py)
+        "open_flamingo": "0.0.2 (v1: text sees the next image)" if c.attend_next_image else "2.x",
     }
     before = []
     if "perceiver.frame_embs" in state:

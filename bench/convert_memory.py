@@ -1,7 +1,8 @@
-"""Peak resident memory and wall time of converting an IDEFICS and an Otter checkpoint, as the library converts
-(`new`: the HF models built with their parameters on the meta device, each tensor read from its file alone, renamed,
-and assigned as the parameter) and as it converted before (`old`: every tensor read at once, the models built with
-random init, the tensors copied into them by `load_state_dict`; kept here only, as `random_init_then_copy`).
+"""Peak resident memory and wall time of converting an IDEFICS, an Otter and a whole OpenFlamingo checkpoint, as the
+library converts (`new`: the HF models built with their parameters on the meta device, each tensor read from its
+file alone, renamed, and assigned as the parameter; an OpenFlamingo file memory-mapped, a sample of its frozen LM
+compared) and as it converted before (`old`: every tensor read at once, the models built with random init, the
+tensors copied into them by `load_state_dict`; kept here only, as `random_init_then_copy`).
 
     python -m bench.convert_memory --shape cpu              # 2 CPU cores: ~2 min
     python -m bench.convert_memory --shape tiny --repeats 1 # a smoke run
@@ -11,7 +12,9 @@ Shapes (random weights written as safetensors in `--checkpoint-dtype`, bf16 by d
   32000 + 2), gated cross-attention layers before every 2nd, a CLIP-shaped tower 768 wide x 6 layers at 224 px, a
   perceiver of 64 latents x 6 layers (606 MiB in bf16). Otter-shaped (Otter's own `OtterForConditionalGeneration`,
   when otter-ai is installed): the same Llama (vocab 32000 + 4), OpenFlamingo blocks before every 2nd layer, a CLIP
-  tower 1024 wide (Otter fixes its resampler's width) x 4 layers at 224 px (619 MiB).
+  tower 1024 wide (Otter fixes its resampler's width) x 4 layers at 224 px (619 MiB). OpenFlamingo-shaped (its own
+  classes, open-flamingo 2.0.1): the same Llama, blocks before every 2nd layer, a CLIP tower of the IDEFICS shape's
+  widths, the whole `state_dict()` saved as `model.pt` (Med-Flamingo's layout; 554 MiB), the LM and tower beside it.
 - `tiny`: the test suite's widths (hidden 32; Otter's resampler stays 1024 wide), a smoke run: the conversion's own
   overheads (tokenizer, imports it makes) outweigh such weights, so its ratios mean nothing.
 Each conversion runs in a fresh subprocess (one per variant and repeat, the variants taking turns). Its baseline is
@@ -44,7 +47,7 @@ import torch
 from transformers import PreTrainedModel
 
 from bench.common import machine, print_json, print_table
-from flamingo.convert import idefics, lm_families, otter
+from flamingo.convert import idefics, lm_families, openflamingo, otter
 from flamingo.convert.checkpoints import CheckpointTensors, open_tensors
 from flamingo.runtime import torch_dtype
 from flamingo.runtime.dtypes import DTYPE_NAMES
@@ -65,7 +68,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                 otter_vision=dict(intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16, image_size=224,
                                   patch_size=14), vocab=32000),
 }
-KINDS = ("idefics", "otter")
+KINDS = ("idefics", "otter", "openflamingo")
 PATHS = ("old", "new")
 IDEFICS_MARKERS = ["<fake_token_around_image>", "<image>"]
 
@@ -115,7 +118,35 @@ def write_otter(directory: str, tokenizer_dir: str, shape: str, dtype: torch.dty
     model.to(dtype).save_pretrained(directory)
 
 
+def write_openflamingo(directory: str, shape: str, dtype: torch.dtype) -> None:
+    """A whole OpenFlamingo `state_dict()` as Med-Flamingo's `model.pt` holds one (its frozen LM included), built by
+    OpenFlamingo's own classes on a Llama and a CLIP tower, which are saved beside it as `lm/` and `vision/`."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from flamingo.peers.openflamingo import build_openflamingo
+    from flamingo.tiny import tiny_image_processor
+
+    spec = SHAPES[shape]
+    tok = _tokenizer(shape)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), num_key_value_heads=spec["lm"]["num_attention_heads"],
+                                      bos_token_id=0, eos_token_id=0, **spec["lm"]))
+    v = spec["vision"]
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=v["embed_dim"], **{k: x for k, x in v.items()
+                                                                             if k != "embed_dim"}))
+    os.makedirs(directory)
+    lm.to(dtype).save_pretrained(os.path.join(directory, "lm"))
+    tok.save_pretrained(os.path.join(directory, "lm"))
+    vision.to(dtype).save_pretrained(os.path.join(directory, "vision"))
+    tiny_image_processor("clip", image_size=v["image_size"]).save_pretrained(os.path.join(directory, "vision"))
+    peer, _ = build_openflamingo(vision, lm, tok, cross_attn_every_n_layers=2)
+    torch.save(peer.to(dtype).state_dict(), os.path.join(directory, "model.pt"))
+
+
 def checkpoint_bytes(directory: str) -> int:
+    whole = os.path.join(directory, "model.pt")
+    if os.path.isfile(whole):
+        return os.path.getsize(whole)
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))
 
 
@@ -143,6 +174,14 @@ def _float32(dtype: torch.dtype) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+_torch_load = torch.load
+
+
+def _load_whole(*args: Any, **kwargs: Any) -> Any:
+    kwargs.pop("mmap", None)
+    return _torch_load(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def random_init_then_copy() -> Iterator[None]:
     """The conversions as they were before meta-device builds: every tensor of the checkpoint read at once, the
@@ -154,6 +193,9 @@ def random_init_then_copy() -> Iterator[None]:
                                       ("open_tensors", _read_all), ("default_dtype", _float32)):
                 if hasattr(module, name):
                     stack.enter_context(mock.patch.object(module, name, replacement))
+        # an OpenFlamingo checkpoint read whole (not memory-mapped), its frozen LM tensors not compared
+        stack.enter_context(mock.patch.object(torch, "load", _load_whole))
+        stack.enter_context(mock.patch.object(openflamingo, "check_frozen_lm", lambda state, lm: None))
         yield
 
 
@@ -163,6 +205,12 @@ def convert(kind: str, path: str, directory: str, tokenizer_dir: Optional[str] =
     with random_init_then_copy() if path == "old" else contextlib.nullcontext():
         if kind == "idefics":
             model, _ = idefics.from_idefics(directory, torch_dtype=dtype)
+        elif kind == "openflamingo":
+            model, _ = openflamingo.convert_openflamingo(os.path.join(directory, "model.pt"),
+                                                         os.path.join(directory, "vision"),
+                                                         os.path.join(directory, "lm"))
+            if dtype is not None:
+                model.to(dtype)
         else:
             model, _ = otter.from_otter(directory, tokenizer=tokenizer_dir, torch_dtype=dtype)
     return model
@@ -239,6 +287,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 tok_dir = os.path.join(work, "llama-tokenizer")
                 write_otter(os.path.join(work, "otter"), tok_dir, args.shape, stored)
                 directories["otter"] = (os.path.join(work, "otter"), tok_dir)
+        if "openflamingo" in kinds:
+            write_openflamingo(os.path.join(work, "openflamingo"), args.shape, stored)
+            directories["openflamingo"] = (os.path.join(work, "openflamingo"), None)
         for kind in kinds:
             directory, tok_dir = directories[kind]
             size = checkpoint_bytes(directory)

@@ -10,10 +10,11 @@ from bench.convert_memory import run
 
 @pytest.mark.slow
 def test_the_convert_memory_bench_runs_both_paths_in_subprocesses():
-    args = argparse.Namespace(shape="tiny", kinds=["idefics"], checkpoint_dtype="bf16", dtype=None, repeats=1)
-    rows = {row["path"]: row for row in run(args)}
-    assert set(rows) == {"old", "new"}
-    for row in rows.values():
-        assert row["kind"] == "idefics" and row["checkpoint_mib"] > 0 and row["seconds"] > 0
+    args = argparse.Namespace(shape="tiny", kinds=["idefics", "openflamingo"], checkpoint_dtype="bf16", dtype=None,
+                              repeats=1)
+    rows = {(row["kind"], row["path"]): row for row in run(args)}
+    assert set(rows) == {(kind, path) for kind in ("idefics", "openflamingo") for path in ("old", "new")}
+    for (kind, _), row in rows.items():
+        assert row["checkpoint_mib"] > 0 and row["seconds"] > 0
         assert row["peak_over_weights"] >= row["held_over_weights"] > 0
-        assert row["model_over_weights"] == pytest.approx(rows["old"]["model_over_weights"])
+        assert row["model_over_weights"] == pytest.approx(rows[kind, "old"]["model_over_weights"])

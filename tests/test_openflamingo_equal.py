@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
-from flamingo.convert import convert_openflamingo  # noqa: E402
+from flamingo.convert import convert_openflamingo, load_openflamingo_state  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor  # noqa: E402
 
 from helpers import openflamingo_peer, write_openflamingo_files  # noqa: E402
@@ -70,6 +70,11 @@ def test_released_style_checkpoint_file_converts_to_equal_logits(tmp_path):
     ours, processor = convert_openflamingo(str(path), copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
                                            image_processor=tiny_image_processor("clip"))
     assert ours.config.extra_saved_weights == ["lm.model.embed_tokens.weight"]
+    legacy = tmp_path / "legacy.pt"  # torch's pre-1.6 format cannot be memory-mapped: it is read whole
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in released.items()}}, legacy,
+               _use_new_zipfile_serialization=False)
+    mapped, whole = load_openflamingo_state(str(path)), load_openflamingo_state(str(legacy))
+    assert mapped.keys() == whole.keys() and all(torch.equal(mapped[k], whole[k]) for k in mapped)
     batch = _inputs(processor)
     with torch.no_grad():
         mine = ours(**batch).logits

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
+FROZEN_LM_SAMPLES = 8  # a whole checkpoint's frozen LM tensors compared with the given LM's (check_frozen_lm)
 
 CLIP_VIT_L = "openai/clip-vit-large-patch14"  # open_clip's ViT-L-14 "openai" weights, as transformers ships them
 # The published OpenFlamingo 2.x checkpoints (OpenFlamingo's README): hub repository -> (vision tower, LM and its
@@ -98,8 +99,12 @@ def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[s
     if isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"OpenFlamingo checkpoint not found: {checkpoint}")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:  # mapped, not read: a whole `state_dict()` (Med-Flamingo's model.pt) holds a frozen LM never kept
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # a legacy (pre-zip) file cannot be mapped: read it whole
+                raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
+            state = _load_whole(checkpoint)
         except Exception as e:
             raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
     else:
@@ -120,6 +125,13 @@ def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[s
     if "perceiver.latents" not in clean:
         raise ValueError("not an OpenFlamingo checkpoint: no `perceiver.latents`")
     return clean
+
+
+def _load_whole(checkpoint: Union[str, os.PathLike]) -> dict:
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
 
 
 def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] = None) -> FlamingoConfig:
@@ -230,21 +242,21 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     return model.eval(), processor
 
 
-def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module) -> None:
+def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples: int = FROZEN_LM_SAMPLES) -> None:
     """A checkpoint saved whole (Med-Flamingo's `model.pt`, a `model.state_dict()`) also holds the frozen LM it was
     trained on, under `lang_encoder.` (decoder layers wrapped: `...{i}.decoder_layer.*`). Those tensors are not
     converted, but they must be the LM's: raise when they differ (another LM, or another conversion of it, than the
-    checkpoint's), at the checkpoint's precision."""
+    checkpoint's), at the checkpoint's precision. `samples` of them, spread over the LM, are compared (another LM
+    differs in every tensor): the rest of a memory-mapped checkpoint is never read."""
     ours = lm.state_dict()
-    differ = []
+    pairs = []
     for key, value in state.items():
         name = key[len("lang_encoder."):].replace(".decoder_layer.", ".") if key.startswith("lang_encoder.") else None
-        if name is None or name not in ours or ours[name].shape != value.shape:
-            continue
-        mine = ours[name].to(value.dtype).float()
-        if not torch.allclose(mine, value.float(), rtol=1e-3, atol=1e-5):
-            differ.append(name)
+        if name is not None and name in ours and ours[name].shape == value.shape:
+            pairs.append((name, value))
+    step = max(1, -(-len(pairs) // samples))  # ceil: at most `samples`, the first and the spread of the rest
+    differ = [name for name, value in pairs[::step]
+              if not torch.allclose(ours[name].to(value.dtype).float(), value.float(), rtol=1e-3, atol=1e-5)]
     if differ:
-        raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and {len(differ)} of its tensors "
-                         f"differ from the given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained "
-                         "on (--lm)")
+        raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and its tensors differ from the "
+                         f"given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained on (--lm)")

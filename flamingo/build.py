@@ -24,16 +24,16 @@ Backbone = Union[str, os.PathLike, nn.Module]
 def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str, PreTrainedTokenizerBase]] = None,
                    config: Optional[FlamingoConfig] = None, *, image_processor: Any = None,
                    torch_dtype: Optional[torch.dtype] = None, max_length: Optional[int] = None,
-                   extra_tokens: Sequence[str] = (), template: str = "flamingo"
-                   ) -> tuple[Flamingo, FlamingoProcessor]:
+                   extra_tokens: Sequence[str] = (), template: str = "flamingo",
+                   resampler_and_blocks_on_meta: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
     """Build a Flamingo on pretrained backbones.
 
     vision / lm: HF models or names/paths for `from_pretrained` (names are kept in the config so that trained-only
     checkpoints can refer to them). tokenizer / image_processor default to the ones saved with the LM / tower.
     Adds `<image>`, `<|endofchunk|>` (a pad token if missing, and `config.num_image_references` reference tokens
     `<image0>`, ...) to the tokenizer, `extra_tokens` right after `<image>` (a family's own markers); their
-    embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`). Returns (model,
-    processor).
+    embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`).
+    resampler_and_blocks_on_meta: `Flamingo`'s (a converter that assigns them all). Returns (model, processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
     kwargs = dtype_kwargs(torch_dtype)
@@ -68,7 +68,7 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     vocab = lm_model.get_input_embeddings().num_embeddings
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
-    model = Flamingo(vision_model, lm_model, config)
+    model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
     processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames,
                                    template=template)
     positions = lm_max_positions(lm_model)

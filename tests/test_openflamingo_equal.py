@@ -43,6 +43,8 @@ def test_logits_equal_openflamingo(every):
     ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
                                            image_processor=tiny_image_processor("clip"))
     assert ours.xattn_layer_indices == [i for i in range(4) if (i + 1) % every == 0]
+    given = {t.untyped_storage().data_ptr() for t in state.values()}  # the model owns its tensors
+    assert not given & {p.untyped_storage().data_ptr() for p in ours.parameters()}
     batch = _inputs(processor)
     assert batch["images"].shape[:2] == (2, 3) and batch["num_media"].tolist() == [3, 1]
     with torch.no_grad():

@@ -133,27 +133,6 @@ def open_tensors(directory: str, *, allow_bin: bool = True) -> CheckpointTensors
 
 
 @contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Modules built inside hold their parameters on the meta device: no memory, and initialisers that run on shapes
-    only. Buffers are made as usual, on the CPU: the non-persistent ones (rotary frequencies, position ids) are in no
-    checkpoint, so the constructor's values are the ones to keep. Parameters a constructor draws itself
-    (`nn.Parameter(torch.randn(d))`) are drawn, then moved. `assign_tensors` gives each parameter its tensor. Patches
-    `nn.Module.register_parameter` for the process while inside: build nothing else in another thread meanwhile."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Modules built inside (and floating tensors made without a dtype) are `dtype`: parts that a conversion builds
     at random and then loads are made in the dtype they end in, not in float32 to be cast after. Sets torch's

@@ -39,7 +39,8 @@ from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, Flami
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
-from .checkpoints import CheckpointTensors, assign_tensors, checkpoint_dir, meta_parameters, meta_tensors, open_tensors
+from ..runtime.meta import meta_parameters
+from .checkpoints import CheckpointTensors, assign_tensors, checkpoint_dir, meta_tensors, open_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 
 from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
-from .checkpoints import assign_tensors, checkpoint_dir, meta_parameters, meta_tensors, open_tensors
+from ..runtime.meta import meta_parameters
+from .checkpoints import assign_tensors, checkpoint_dir, meta_tensors, open_tensors
 
 
 def check_mpt(remote: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:

@@ -32,6 +32,7 @@ from ..build import from_backbones
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
+from .checkpoints import meta_tensors
 from .lm_families import load_openflamingo_lm
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,8 @@ def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
                          image_processor: Any = None, config: Optional[FlamingoConfig] = None,
-                         extra_tokens: Sequence[str] = (), template: str = "flamingo", attend_next_image: bool = False
-                         ) -> tuple[Flamingo, FlamingoProcessor]:
+                         extra_tokens: Sequence[str] = (), template: str = "flamingo", attend_next_image: bool = False,
+                         take_tensors: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor with the weights of an OpenFlamingo checkpoint on the same backbones.
 
     lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
@@ -175,7 +176,9 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     50432 rows to 50280); the LM gets the checkpoint's row count too, and then refers to no name (save it whole).
     extra_tokens / template: `from_backbones`'s (a family's markers added after `<image>`, the processor's template).
     attend_next_image: the checkpoint is OpenFlamingo v1's (open_flamingo 0.0.x: OpenFlamingo-9B v1, Med-Flamingo),
-    whose text sees the next image (the module docstring)."""
+    whose text sees the next image (the module docstring). take_tensors: the tensors of a `checkpoint` dict are the
+    caller's to give (read for this conversion alone): those of the resampler and blocks become the parameters, not
+    copies (a file's, memory-mapped, and a dict's otherwise, are copied: the model owns its memory)."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
     config.attend_next_image = attend_next_image
@@ -187,7 +190,8 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     if shrunk:
         lm.resize_token_embeddings(state[emb_key].shape[0], mean_resizing=False)
     model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor,
-                                      extra_tokens=extra_tokens, template=template)
+                                      extra_tokens=extra_tokens, template=template,
+                                      resampler_and_blocks_on_meta=True)  # the checkpoint's are assigned below
     config = model.config
     if shrunk:
         config.lm_name_or_path = None
@@ -203,7 +207,8 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
         raise ValueError(f"OpenFlamingo checkpoint lacks {missing[0]!r}")
     mapped = {dst: state[src] for src, dst in pairs}
     used = {src for src, _ in pairs}
-    time = torch.zeros_like(model.resampler.time_embeddings)
+    ours = model.state_dict(keep_vars=True)  # the resampler's and blocks' parameters on meta: shapes and dtypes
+    time = torch.zeros(ours["resampler.time_embeddings"].shape)
     if "perceiver.frame_embs" in state:
         time = state["perceiver.frame_embs"]
         used.add("perceiver.frame_embs")
@@ -232,9 +237,16 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
             mapped["new_lm_head"] = state[head_key][first:first + n]
             used.add(head_key)
 
-    result = model.load_state_dict(mapped, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"conversion produced unknown keys: {result.unexpected_keys}")
+    unknown = sorted(set(mapped) - set(ours))
+    if unknown:
+        raise ValueError(f"conversion produced unknown keys: {unknown}")
+    # each a tensor of its own in the parameter's dtype (never a view into a mapped file or a larger table), assigned
+    take = take_tensors and not isinstance(checkpoint, (str, os.PathLike))
+    model.load_state_dict({k: v.to(ours[k].dtype, copy=not (take and v.untyped_storage().nbytes() == v.nbytes))
+                           for k, v in mapped.items()}, strict=False, assign=True)
+    unset = meta_tensors(model)
+    if unset:
+        raise ValueError(f"the OpenFlamingo checkpoint leaves {unset[:3]} unset")
     ignored = [k for k in state if k not in used]
     check_frozen_lm({k: state[k] for k in ignored}, model.lm)
     if ignored:
@@ -255,8 +267,8 @@ def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples
         if name is not None and name in ours and ours[name].shape == value.shape:
             pairs.append((name, value))
     step = max(1, -(-len(pairs) // samples))  # ceil: at most `samples`, the first and the spread of the rest
-    differ = [name for name, value in pairs[::step]
-              if not torch.allclose(ours[name].to(value.dtype).float(), value.float(), rtol=1e-3, atol=1e-5)]
+    differ = [name for name, value in pairs[::step]  # compared in the checkpoint's dtype: no float32 copies
+              if not torch.allclose(ours[name].to(value.dtype), value, rtol=1e-3, atol=1e-5)]
     if differ:
         raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and its tensors differ from the "
                          f"given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained on (--lm)")

@@ -50,12 +50,12 @@ from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, pil_image_processor
+from ..runtime.meta import meta_parameters
 from .checkpoints import (
     CheckpointTensors,
     assign_tensors,
     checkpoint_dir,
     default_dtype,
-    meta_parameters,
     meta_tensors,
     open_tensors,
 )
@@ -221,10 +221,10 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     vision = otter_vision(config["vision_config"], {k: tensors[v] for k, v in vision_names.items()}, dtype)
     lm = otter_lm(text_config, {k: tensors[v] for k, v in lm_names.items()}, dtype)
     of_state = {**{k: tensors[v] for k, v in of_names.items()}, **_embedding_rows(lm)}
-    with default_dtype(dtype):  # the perceiver and blocks it builds, then loads: made in `dtype`, never float32
+    with default_dtype(dtype):  # the perceiver and blocks: in `dtype` (never float32), the checkpoint's own tensors
         model, processor = convert_openflamingo(of_state, vision, lm, tokenizer, image_processor=image_processor,
-                                                extra_tokens=extra_tokens, template=template)
-    del of_state  # copied into the model: freed before the cast below
+                                                extra_tokens=extra_tokens, template=template, take_tensors=True)
+    del of_state
     every = config.get("cross_attn_every_n_layers")
     if every is not None and model.config.xattn_every != every:
         raise ValueError(f"the checkpoint's blocks sit every {model.config.xattn_every} layers, its config says "

@@ -33,6 +33,7 @@ from ..config import WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
 from ..runtime.hub import local_dir
+from ..runtime.meta import meta_parameters
 from . import generation, lora, quantize
 from .backbones import (
     find_decoder_layers,
@@ -78,7 +79,10 @@ class FlamingoOutput(ModelOutput):
 
 
 class Flamingo(nn.Module):
-    def __init__(self, vision: nn.Module, lm: nn.Module, config: FlamingoConfig) -> None:
+    def __init__(self, vision: nn.Module, lm: nn.Module, config: FlamingoConfig, *,
+                 resampler_and_blocks_on_meta: bool = False) -> None:
+        """resampler_and_blocks_on_meta: build those with their parameters on the meta device (no memory, no random
+        init), for a caller that assigns every one of them (a conversion: `load_state_dict(..., assign=True)`)."""
         super().__init__()
         self.config = config
         self.vision = vision
@@ -95,19 +99,22 @@ class Flamingo(nn.Module):
                              if config.xattn_layers is None else "xattn_layers is empty: no cross-attention block")
         dim, dim_visual = hidden_size_of(lm_text_config(lm)), vision_hidden_size(vision)
 
-        if config.resampler == "perceiver":
-            self.resampler: nn.Module = PerceiverResampler(
-                dim=dim_visual, depth=config.resampler_depth, num_latents=config.num_latents,
-                heads=config.resampler_heads, head_dim=config.resampler_head_dim, ffw_mult=config.ffw_mult,
-                max_frames=config.max_frames, qk_norm=config.resampler_qk_norm, ffw_act=config.resampler_ffw_act)
-        else:
-            self.resampler = MLPResampler(dim=dim_visual, num_latents=config.num_latents, ffw_mult=config.ffw_mult,
-                                          max_frames=config.max_frames)
-        self.xattn = nn.ModuleList(self._make_block(dim, dim_visual) for _ in self.xattn_layer_indices)
+        with meta_parameters() if resampler_and_blocks_on_meta else nullcontext():
+            if config.resampler == "perceiver":
+                self.resampler: nn.Module = PerceiverResampler(
+                    dim=dim_visual, depth=config.resampler_depth, num_latents=config.num_latents,
+                    heads=config.resampler_heads, head_dim=config.resampler_head_dim, ffw_mult=config.ffw_mult,
+                    max_frames=config.max_frames, qk_norm=config.resampler_qk_norm,
+                    ffw_act=config.resampler_ffw_act)
+            else:
+                self.resampler = MLPResampler(dim=dim_visual, num_latents=config.num_latents,
+                                              ffw_mult=config.ffw_mult, max_frames=config.max_frames)
+            self.xattn = nn.ModuleList(self._make_block(dim, dim_visual) for _ in self.xattn_layer_indices)
         self._init_new_token_rows()
         param = next(lm.parameters())
-        self.resampler.to(device=param.device)
-        self.xattn.to(device=param.device)
+        if not resampler_and_blocks_on_meta:
+            self.resampler.to(device=param.device)
+            self.xattn.to(device=param.device)
 
         self.vision.requires_grad_(not config.freeze_vision)
         self.lm.requires_grad_(not config.freeze_lm)

@@ -8,6 +8,7 @@
 - `checkpoint_io`: atomic directory writes;
 - `hub`: where a model is read from, a directory or a Hub repository (`org/name`) downloaded once;
 - `host_memory`: the process's resident memory (Linux);
+- `meta`: modules built with their parameters on the meta device, for a caller that assigns them all;
 - `plotting`: matplotlib's pyplot drawing to files only;
 - `lazy`: packages whose public names load on first use (this one too).
 """

@@ -51,6 +51,7 @@ from flamingo.convert import idefics, lm_families, openflamingo, otter
 from flamingo.convert.checkpoints import CheckpointTensors, open_tensors
 from flamingo.runtime import torch_dtype
 from flamingo.runtime.dtypes import DTYPE_NAMES
+from flamingo.runtime.host_memory import status_kib
 from flamingo.tiny import tiny_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -218,9 +219,11 @@ def convert(kind: str, path: str, directory: str, tokenizer_dir: Optional[str] =
 
 # ------------------------------------------------------------------------------------------------------ processes
 def _status_kib(field: str) -> int:
-    """`VmRSS` (resident now) or `VmHWM` (its peak) of this process, in KiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    """`VmRSS` (resident now) or `VmHWM` (its peak) of this process, in KiB (Linux only)."""
+    value = status_kib(field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status: this bench measures Linux processes")
+    return value
 
 
 def _reset_peak() -> None:

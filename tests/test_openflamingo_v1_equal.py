@@ -19,7 +19,7 @@ from flamingo.peers.openflamingo import openflamingo_v1_dir  # noqa: E402
 from flamingo.runtime.compat import CONTINUOUS_BATCHING  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor, tiny_lm  # noqa: E402
 
-from helpers import openflamingo_peer, write_openflamingo_files  # noqa: E402
+from helpers import hub_cache_entry, openflamingo_peer, write_openflamingo_files  # noqa: E402
 
 if not (openflamingo_v1_dir() / "open_flamingo" / "src" / "flamingo_lm.py").is_file():
     pytest.skip(f"OpenFlamingo v1 is not installed in {openflamingo_v1_dir()}", allow_module_level=True)
@@ -205,3 +205,37 @@ def test_a_whole_checkpoint_refuses_another_lm(v1):
     with pytest.raises(ValueError, match="differ from the given LM"):
         convert_openflamingo(copy.deepcopy(peer.state_dict()), copy.deepcopy(vision), other, copy.deepcopy(tok),
                              image_processor=tiny_image_processor("clip"), attend_next_image=True)
+
+
+def test_published_med_flamingo_converts_offline_from_the_hub_cache(tmp_path):
+    """`--model med-flamingo/med-flamingo --lm DIR` in a fresh offline process whose hub cache holds a tiny stand-in
+    under the published name (its `model.pt`, a whole v1 `state_dict()`) and the CLIP tower's: v1's logits."""
+    import os
+    import subprocess
+    import sys
+
+    from flamingo import load_pretrained
+    from flamingo.convert.openflamingo import CLIP_VIT_L, PUBLISHED_V1
+
+    name = "med-flamingo/med-flamingo"
+    peer, vision, lm, tok = _peer(every=1, seed=6)
+    (tmp_path / "med").mkdir()
+    torch.save(peer.state_dict(), tmp_path / "med" / PUBLISHED_V1[name])
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    lm.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    cache = tmp_path / "hf" / "hub"
+    for repo, files in ((name, "med"), (CLIP_VIT_L, "vision")):
+        hub_cache_entry(cache, repo, tmp_path / files)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    argv = ["convert", "open-flamingo", "--model", name, "--lm", str(tmp_path / "llama"), "--out",
+            str(tmp_path / "out")]
+    code = f"from flamingo.cli import main; raise SystemExit(main({argv!r}))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model, processor = load_pretrained(str(tmp_path / "out"))
+    assert model.config.attend_next_image
+    batch = processor(PROMPTS[0], images=MEDIA[0])
+    with torch.no_grad():
+        assert (model(**batch).logits - _peer_logits(peer, batch)).abs().max() <= 1e-5

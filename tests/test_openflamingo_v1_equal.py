@@ -163,7 +163,8 @@ def test_convert_command_v1_and_published_names(tmp_path):
     assert main(base + ["--out", str(tmp_path / "v1"), "--v1"]) == 0
     assert main(base + ["--out", str(tmp_path / "v2")]) == 0
     loaded, _ = load_pretrained(str(tmp_path / "v1"))
-    assert loaded.config.attend_next_image  # saved and loaded with the model
+    assert loaded.config.attend_next_image  # saved and loaded with the model, and its card says so
+    assert "OpenFlamingo v1's rule" in (tmp_path / "v1" / "README.md").read_text()
     assert not load_pretrained(str(tmp_path / "v2"))[0].config.attend_next_image
     # The published v1 checkpoints sit on LLaMA-7B, which has no hub name: refused before any download.
     assert main(["convert", "open-flamingo", "--model", "med-flamingo/med-flamingo", "--out", str(tmp_path / "m")]) == 2

@@ -83,7 +83,8 @@ def model_card(directory: str, name: str) -> str:
         ("visual tokens per image", f"{config.num_latents} ({config.resampler} resampler)"),
         ("cross-attention blocks", f"{config.block} blocks {_placement(config, _lm_layers(directory))}"
                                    + (", tanh gates" if config.gated else ", ungated")),
-        ("each text token sees", "the last image before it" if config.only_attend_last_image
+        ("each text token sees", "the next image after it, none after the last (OpenFlamingo v1's rule)"
+         if config.attend_next_image else "the last image before it" if config.only_attend_last_image
          else "every image before it"),
         ("parameters stored beside the backbones",
          f"{_amount(sum(parts.values()))}: resampler {_amount(parts['resampler'])}, blocks "

@@ -134,10 +134,11 @@ WORDS = ["red", "blue", "two", "yes", "no", "cat"]
 
 
 def hub_cache_entry(cache: Path, repo: str, files: Path, revision: str = "main",
-                    commit: str = "0123456789abcdef0123456789abcdef01234567") -> None:
-    """`files` (a directory) as the cached snapshot of hub repository `repo` at `revision`: what a download leaves
-    behind, read by `huggingface_hub` with `HF_HUB_CACHE=cache` (and `HF_HUB_OFFLINE=1`: no network)."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
+                    commit: str = "0123456789abcdef0123456789abcdef01234567", repo_type: str = "model") -> None:
+    """`files` (a directory) as the cached snapshot of hub repository `repo` (a model, or a dataset) at `revision`:
+    what a download leaves behind, read by `huggingface_hub` with `HF_HUB_CACHE=cache` (and `HF_HUB_OFFLINE=1`: no
+    network)."""
+    folder = cache / f"{repo_type}s--{repo.replace('/', '--')}"
     (folder / "refs").mkdir(parents=True, exist_ok=True)
     (folder / "refs" / revision).write_text(commit)
     shutil.copytree(files, folder / "snapshots" / commit)

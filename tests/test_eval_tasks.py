@@ -16,7 +16,15 @@ from flamingo.tiny import (
     tiny_flamingo,
 )
 
-from helpers import DATASET_MAKERS, TEST_SAMPLES, make_classification, make_vqa, write_json, write_jsonl
+from helpers import (
+    DATASET_MAKERS,
+    TEST_SAMPLES,
+    hub_cache_entry,
+    make_classification,
+    make_vqa,
+    write_json,
+    write_jsonl,
+)
 
 FAST = dict(shots=[0, 2], trials=2, batch_size=2, progress=False, cider_tokenizer="python",
             generation={"max_new_tokens": 3, "num_beams": 2})
@@ -184,3 +192,31 @@ def test_evaluate_refuses_unknown_task_too_many_shots_missing_files_and_bad_temp
         evaluate(model, processor, "captioning", str(data), shots=[0], trials=1, progress=False)
     with pytest.raises(ValueError, match="answer"):
         evaluate(model, processor, "vqa", str(data), template="<image>Q:{question}", progress=False)
+
+
+def test_a_hub_dataset_evaluates_as_its_local_copy(saved_model, model_and_processor, tmp_path):
+    """`--data hf://datasets/ORG/NAME/FOLDER`: the folder of the dataset's snapshot (here a hub cache stand-in read
+    offline in a fresh process, the local copy removed) gives the local directory's predictions."""
+    import shutil
+    import subprocess
+    import sys
+
+    model, processor = model_and_processor
+    make_vqa(tmp_path / "repo" / "vqa")
+    evaluate(model, processor, "vqa", str(tmp_path / "repo" / "vqa"), seed=3, out_dir=str(tmp_path / "local"), **FAST)
+    cache = tmp_path / "hf" / "hub"
+    hub_cache_entry(cache, "someone/evalsets", tmp_path / "repo", repo_type="dataset")
+    shutil.rmtree(tmp_path / "repo")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = (f"from flamingo import load_pretrained; from flamingo.eval import evaluate; "
+            f"m, p = load_pretrained({saved_model!r}); "
+            f"evaluate(m, p, 'vqa', 'hf://datasets/someone/evalsets/vqa', seed=3, out_dir={str(tmp_path / 'hub')!r}, "
+            f"**{FAST!r})")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "local" / "predictions").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "hub" / "predictions").iterdir())
+    for name in files:
+        assert (tmp_path / "hub" / "predictions" / name).read_text() == \
+            (tmp_path / "local" / "predictions" / name).read_text()
+    assert json.loads((tmp_path / "hub" / "results.json").read_text())["data"] == "hf://datasets/someone/evalsets/vqa"

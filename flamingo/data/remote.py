@@ -27,9 +27,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from ..runtime.hub import HF_DATASET
+
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-_HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
 _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
 _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
 _PIN_FDS: dict[str, list[int]] = {}  # the descriptors holding their shared locks (seen by other processes)
@@ -92,8 +93,8 @@ def default_fetcher() -> "ShardFetcher":
 def hub_url(path: str) -> tuple[str, dict[str, str]]:
     """`hf://datasets/org/name[@revision]/file` -> its download URL on the Hub (`HF_ENDPOINT`) and the headers that
     carry the user's token (`hf auth login` or `HF_TOKEN`), when there is one (huggingface_hub's own)."""
-    m = _HF_PATH.match(path)
-    if m is None:
+    m = HF_DATASET.match(path)
+    if m is None or not m.group(3):
         raise ValueError(f"{path!r}: a Hub shard is hf://datasets/ORG/NAME[@REVISION]/PATH")
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
@@ -123,12 +124,14 @@ def _glob_regex(pattern: str) -> re.Pattern:
 def list_hub_shards(path: str) -> list[str]:
     """`hf://datasets/org/name[@revision]/dir/` (its tar shards, at any depth) or `.../train-*.tar` (a glob) -> the
     `hf://` paths of the matching tar shards in the repository, sorted: one listing call to the Hub."""
-    m = _HF_PATH.match(path if not path.endswith("/") else path + "*")  # the repository's root: any file
+    m = HF_DATASET.match(path)
     if m is None:
         raise ValueError(f"{path!r}: Hub shards are hf://datasets/ORG/NAME[@REVISION]/PATH")
     from huggingface_hub import HfApi
 
-    repo, revision, pattern = m.group(1), m.group(2), m.group(3) + ("*" if path.endswith("/") else "")  # dir/**
+    repo, revision, pattern = m.group(1), m.group(2), m.group(3) or ""
+    if not pattern or pattern.endswith("/"):  # a folder (or the repository): its shards at any depth
+        pattern += "**"
     files = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).list_repo_files(repo, repo_type="dataset",
                                                                            revision=revision or "main")
     match = _glob_regex(pattern)

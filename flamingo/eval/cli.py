@@ -28,7 +28,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None,
                    help="with a Hub repository as --model: the branch, tag or commit to load (default: main)")
     p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md)")
+    p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md), or a folder of a "
+                   "Hub dataset, hf://datasets/ORG/NAME[@REVISION][/FOLDER] (downloaded once)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])
     p.add_argument("--trials", type=int, default=3, help="seeds seed..seed+trials-1: mean ± std")
     p.add_argument("--demos", choices=METHODS, default="random", help="random demos or RICES (visual similarity)")

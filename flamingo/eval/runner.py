@@ -21,6 +21,7 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
+from ..runtime.hub import dataset_dir
 from .demos import DemoSelector, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
@@ -139,8 +140,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         model.eval()
     elif (positions := model.positions()) is not None:  # the served LM's window bounds the prompts, as in-process
         processor.max_length = min(processor.max_length or positions, positions)
-    pool = task.load(data_dir, "train")
-    samples = select_samples(task.load(data_dir, "test"), num_samples, seed)
+    local = dataset_dir(data_dir, f"{task.name} data")  # a directory, or a Hub dataset's (hf://datasets/...)
+    pool = task.load(local, "train")
+    samples = select_samples(task.load(local, "test"), num_samples, seed)
     if not samples:
         raise ValueError(f"{task.name}: the test split of {data_dir!r} is empty")
     if task.image_references:  # every image of a prompt is declared and may be referred to

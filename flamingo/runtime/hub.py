@@ -19,9 +19,26 @@ def is_hub_name(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and ".." not in source
 
 
+# a Hub dataset, or a folder of it: hf://datasets/ORG/NAME[@REVISION][/PATH]
+HF_DATASET = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?(?:/(.*))?$")
+
+
+def dataset_dir(source: str, what: str) -> str:
+    """`source` as a local path: itself, or for `hf://datasets/ORG/NAME[@REVISION][/PATH]` the folder PATH of the
+    dataset repository's local snapshot (downloaded whole on first use, into the hub cache)."""
+    m = HF_DATASET.match(os.fspath(source))
+    if m is None:
+        return os.fspath(source)
+    root = local_dir(m.group(1), what, revision=m.group(2), ignore_patterns=None, repo_type="dataset")
+    folder = os.path.join(root, m.group(3) or "")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what}: the Hub dataset {m.group(1)} has no folder {m.group(3)!r}")
+    return folder
+
+
 def local_dir(source: str, what: str, *, revision: Optional[str] = None,
               allow_patterns: Optional[Sequence[str]] = None,
-              ignore_patterns: Optional[Sequence[str]] = NEVER_READ) -> str:
+              ignore_patterns: Optional[Sequence[str]] = NEVER_READ, repo_type: str = "model") -> str:
     """`source` if it is a directory, else the local snapshot of the Hub repository it names (downloaded on first use,
     only the files the patterns let through; `revision`: a branch, tag or commit). Raises FileNotFoundError naming
     `what` when it is neither (a path that does not exist, a repository that cannot be found or reached, a name
@@ -35,7 +52,7 @@ def local_dir(source: str, what: str, *, revision: Optional[str] = None,
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(source, revision=revision,
+        return snapshot_download(source, revision=revision, repo_type=repo_type,
                                  allow_patterns=None if allow_patterns is None else list(allow_patterns),
                                  ignore_patterns=None if ignore_patterns is None else list(ignore_patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, OSError) as e:

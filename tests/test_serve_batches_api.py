@@ -16,12 +16,13 @@ import openai
 import pytest
 
 from flamingo.serve.app import ServeSettings, create_app
+from flamingo.serve.batch_runner import COMPLETION_WINDOWS
 from flamingo.tiny import random_image
 
 from serve_helpers import data_url, engine_for, openai_client, running_server, save_tiny_model
 
 KEY = "batch-key"
-DONE = ("completed", "failed", "cancelled")
+DONE = ("completed", "failed", "cancelled", "expired")
 
 
 def _chat(k: int, question: str = "Output:", max_tokens: int = 5) -> dict:
@@ -199,6 +200,36 @@ def test_cancel_stops_a_running_batch_and_keeps_its_partial_output(served):
     assert all(o["response"]["status_code"] == 200 for o in out)
     queued = client.batches.retrieve(queued.id)
     assert queued.status == "cancelled" and queued.output_file_id is None and queued.request_counts.total == 0
+
+
+def test_a_batch_past_its_window_expires_with_its_answers_kept(served, monkeypatch):
+    """OpenAI's expiry, with the window cut from 24 h to 1 s (and then to 0): the lines answered by then keep their
+    answers, the others go to the error file as `batch_expired`; a batch whose window passed before it ran has all
+    its lines so."""
+    client = openai_client(served)
+    lines = [_line(f"q{k}", {"messages": [{"role": "user", "content": f"Count {k}:"}], "max_tokens": 8,
+                             "temperature": 0}) for k in range(300)]
+    monkeypatch.setitem(COMPLETION_WINDOWS, "24h", 1)
+    created = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    assert created.expires_at == created.created_at + 1
+    batch = _wait(client, created.id)
+    assert batch.status == "expired" and batch.expired_at >= batch.created_at
+    counts = batch.request_counts
+    assert counts.total == 300 and counts.completed < 300 and counts.completed + counts.failed == 300
+    errors = _entries(client, batch.error_file_id)
+    assert len(errors) == counts.failed and {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert all(e["response"] is None for e in errors)
+    out = _entries(client, batch.output_file_id) if batch.output_file_id else []
+    assert len(out) == counts.completed and all(o["response"]["status_code"] == 200 for o in out)
+    assert sorted(o["custom_id"] for o in out + errors) == sorted(f"q{k}" for k in range(300))
+
+    monkeypatch.setitem(COMPLETION_WINDOWS, "24h", 0)
+    late = _wait(client, client.batches.create(input_file_id=_upload(client, lines[:3]).id,
+                                               endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert late.status == "expired" and late.output_file_id is None and late.in_progress_at is None
+    assert (late.request_counts.completed, late.request_counts.failed) == (0, 3)
+    assert [e["custom_id"] for e in _entries(client, late.error_file_id)] == ["q0", "q1", "q2"]
 
 
 def test_lists_page_newest_first(model_dir, tmp_path):

@@ -14,6 +14,9 @@ validation refuses its input file; `cancelling` -> `cancelled` on a cancel.
   split), each only when not empty.
 - Cancel: no new line is sent, those in flight finish, and the partial files are written; lines never sent are in
   neither file (`completed + failed < total`). A batch not started yet is cancelled at once.
+- Expiry: a batch not done `completion_window` after its creation (24 h) stops sending lines, as on a cancel, and
+  ends `expired`: its answers in the output and error files, the lines never sent in the error file with the code
+  `batch_expired` (OpenAI's); one whose window passed before it ran has them all so.
 - Restart: the answers live in memory until finalizing, so a batch the server stopped in the middle of (validating,
   in progress or finalizing) runs again from its first line when a server starts on the same directory; one that
   was cancelling is cancelled without files.
@@ -36,6 +39,9 @@ from .batch_store import BatchStore, Record, new_id
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
+COMPLETION_WINDOWS = {"24h": 24 * 3600}  # OpenAI's windows, in seconds: a batch not done by then expires
+EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window "
+                                               "expired."}
 MAX_LISTED_ERRORS = 100  # url_mismatch lines listed in errors.data
 ACTIVE = ("validating", "in_progress", "finalizing")
 
@@ -75,7 +81,8 @@ class BatchRunner:
         self.store, self.app, self.api_key = store, app, api_key
         self.concurrency, self.accepting = concurrency, accepting
         self.running: Optional[str] = None  # the batch the worker holds
-        self._stop = asyncio.Event()  # set: the running batch is cancelled
+        self._stop = asyncio.Event()  # set: the running batch is cancelled (or expired)
+        self._expired = False  # the running batch's window has passed
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._task: Optional[asyncio.Task] = None
 
@@ -116,7 +123,7 @@ class BatchRunner:
             record = self.store.batches.get(await self._queue.get())
             if record is None or record.body["status"] not in ACTIVE:  # cancelled while queued
                 continue
-            self.running, self._stop = record.body["id"], asyncio.Event()
+            self.running, self._stop, self._expired = record.body["id"], asyncio.Event(), False
             try:
                 await self._run(record)
             except Exception as e:  # a batch that cannot run must not stop the ones after it
@@ -144,6 +151,9 @@ class BatchRunner:
             return
         lines = parse_lines(raw)
         counts = {"total": len(lines), "completed": 0, "failed": sum(line.request is None for line in lines)}
+        left = record.created_ns / 1e9 + COMPLETION_WINDOWS[body["completion_window"]] - time.time()
+        if left <= 0:
+            self._expire()
         if not self._stop.is_set():
             body.update(status="in_progress", in_progress_at=body.get("in_progress_at") or _now())
         body["request_counts"] = counts
@@ -152,11 +162,19 @@ class BatchRunner:
         def counted(k: int, answer: Answer) -> None:
             counts["completed" if answer[0] == 200 else "failed"] += 1
 
-        async with app_client(self.app, self.api_key) as client:
-            answers = await send_all(client, lines, self.concurrency, stop=self._stop, on_answer=counted)
+        watchdog = asyncio.get_running_loop().call_later(max(left, 0.0), self._expire)
+        try:
+            async with app_client(self.app, self.api_key) as client:
+                answers = await send_all(client, lines, self.concurrency, stop=self._stop, on_answer=counted)
+        finally:
+            watchdog.cancel()
         if not self.accepting():  # the server is stopping: its refusals are no answers; run again next start
             return
         await self._finalize(record, lines, answers)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._stop.set()
 
     @staticmethod
     def _read(path: str) -> list[str]:
@@ -164,7 +182,8 @@ class BatchRunner:
             return f.read().splitlines()
 
     async def _finalize(self, record: Record, lines: list[Line], answers: list[Optional[Answer]]) -> None:
-        body, cancelled = record.body, self._stop.is_set()
+        body, expired = record.body, self._expired
+        cancelled = self._stop.is_set() and not expired
         if not cancelled:
             body.update(status="finalizing", finalizing_at=_now())
             self.store.save_batch(record)
@@ -172,8 +191,11 @@ class BatchRunner:
         refused: list[str] = []
         prompt = completion = cached = 0
         for n, (line, answer) in enumerate(zip(lines, answers), 1):
-            if line.request is not None and answer is None:
-                continue  # never sent: the batch was cancelled first
+            if line.request is not None and answer is None:  # never sent: the batch was cancelled or expired first
+                if expired:
+                    refused.append(json.dumps({**entry(n, line, None), "error": EXPIRED}) + "\n")
+                    body["request_counts"]["failed"] += 1
+                continue
             (succeeded if answer is not None and answer[0] == 200 else refused).append(
                 json.dumps(entry(n, line, answer)) + "\n")
             if answer is not None and answer[0] == 200:
@@ -184,7 +206,9 @@ class BatchRunner:
         body["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                          "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": prompt + completion}
-        if cancelled:
+        if expired:
+            body.update(status="expired", expired_at=_now())
+        elif cancelled:
             body.update(status="cancelled", cancelled_at=_now())
         else:
             body.update(status="completed", completed_at=_now())

@@ -23,12 +23,11 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .batch_lines import URLS
-from .batch_runner import BatchRunner
+from .batch_runner import COMPLETION_WINDOWS, BatchRunner
 from .batch_store import BatchStore, Record, new_id, page
 from .engine import Engine
 from .protocol import APIError, StrictModel, parse
 
-COMPLETION_WINDOWS = ("24h",)
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
@@ -182,6 +181,8 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
             "input_file_id": req.input_file_id, "completion_window": req.completion_window, "status": "validating",
             "output_file_id": None, "error_file_id": None, **timestamps,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata, "usage": None})
+        record.body["expires_at"] = record.body["created_at"] + COMPLETION_WINDOWS[req.completion_window]
+        s.save_batch(record)
         assert runner is not None  # a store comes with its runner
         runner.submit(record)
         return JSONResponse(record.body)

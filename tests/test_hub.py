@@ -293,7 +293,8 @@ def test_a_converted_repository_downloads_safetensors_or_bin_never_both(tmp_path
                         "pytorch_model-00002-of-00002.bin"]}
     calls = []
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None):
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, repo_type="model"):
+        assert repo_type == "model"
         calls.append(repo_id)
         directory = tmp_path / repo_id.replace("/", "--")
         directory.mkdir(exist_ok=True)

@@ -138,6 +138,8 @@ class Flamingo(nn.Module):
         # Decoding keeps every image's K/V per row (not only the last) when a row's image can change after its
         # prompt (references) or every earlier image is seen (read by generation and the server's prefill too).
         self.decodes_all_images = self.references is not None or not config.only_attend_last_image
+        # ... or no image at all (OpenFlamingo v1's rule: generated text follows the last image): no decode K/V made
+        self.decodes_no_image = config.attend_next_image
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
         self._head_is_last: Optional[bool] = None  # whether the LM returns its head's output as is (probed likewise)
 
@@ -283,7 +285,7 @@ class Flamingo(nn.Module):
             hidden = block(hidden, kv, ctx.media_index, impl, mask)
             if ctx.phase is Phase.PREFILL and self.decodes_all_images:  # for the decode steps, made eagerly
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
-            elif ctx.phase is Phase.PREFILL:
+            elif ctx.phase is Phase.PREFILL and not self.decodes_no_image:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
         if args:
             return (hidden,) + tuple(args[1:]), kwargs

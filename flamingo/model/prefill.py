@@ -244,7 +244,7 @@ class Prefill:
 
     def _decode_media_kv(self) -> Optional[list[MediaKV]]:
         ctx, model = self.ctx, self.model
-        if ctx.visual is None:
+        if ctx.visual is None or model.decodes_no_image:
             return None
         kvs = []
         for j, block in enumerate(model.xattn):
@@ -338,7 +338,7 @@ def prefill_together(model: Flamingo, prefills: Sequence[Prefill]) -> list[Prefi
                              decode_count=None if ctx.decode_count is None else ctx.decode_count[i:i + 1])
         p.done, p._visual = p.length, [] if visuals[i] is None else [visuals[i]]
         media_kv = None
-        if visuals[i] is not None:
+        if visuals[i] is not None and not model.decodes_no_image:
             n = visuals[i].shape[1]
             media_kv = []
             for j, block in enumerate(model.xattn):

@@ -47,7 +47,7 @@ import torch
 from transformers import PreTrainedModel
 
 from bench.common import machine, print_json, print_table
-from flamingo.convert import idefics, lm_families, openflamingo, otter
+from flamingo.convert import checkpoints, idefics, lm_families, openflamingo, otter
 from flamingo.convert.checkpoints import CheckpointTensors, open_tensors
 from flamingo.runtime import torch_dtype
 from flamingo.runtime.dtypes import DTYPE_NAMES
@@ -189,7 +189,7 @@ def random_init_then_copy() -> Iterator[None]:
     models built with random init (our trained parts in float32, cast after), the tensors copied into them
     (`load_state_dict`)."""
     with contextlib.ExitStack() as stack:
-        for module in (idefics, otter, lm_families):
+        for module in (idefics, otter, lm_families, checkpoints):
             for name, replacement in (("meta_parameters", contextlib.nullcontext), ("assign_tensors", _copy_into),
                                       ("open_tensors", _read_all), ("default_dtype", _float32)):
                 if hasattr(module, name):

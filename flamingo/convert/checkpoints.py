@@ -168,6 +168,19 @@ def assign_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def assign_all(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """`assign_tensors`, refusing a state that names a tensor the model lacks or leaves one without its tensor (a
+    weight tied to one the state gives has it)."""
+    missing, unexpected = assign_tensors(model, state)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    given = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in given)]
+    unset = meta_tensors(model)
+    if missing or unexpected or unset:
+        raise ValueError(f"{what} does not match {type(model).__name__}: missing {(missing or unset)[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
 def meta_tensors(model: nn.Module) -> list[str]:
     """The names of `model`'s parameters and buffers still on the meta device (given no tensor)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]

@@ -40,7 +40,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from ..runtime.meta import meta_parameters
-from .checkpoints import CheckpointTensors, assign_tensors, checkpoint_dir, meta_tensors, open_tensors
+from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
@@ -252,9 +252,7 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     model.to(dtype)  # the trained parts' (meta) parameters and the buffers, as the copy into a built model did
     state = {**_vision_state(model.vision, tensors), **_lm_state(config, tensors),
              **_trained_state(config, flamingo, tensors)}
-    missing, unexpected = assign_tensors(model, state)
-    if missing or unexpected or meta_tensors(model):
-        raise ValueError(f"IDEFICS conversion left {missing or unexpected or meta_tensors(model)} unmatched")
+    assign_all(model, state, "the IDEFICS checkpoint")
     if image_processor is None:
         image_processor = _image_processor_of(directory, config.vision_config.image_size)
     limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)

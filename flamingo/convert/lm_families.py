@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
 from ..runtime.meta import meta_parameters
-from .checkpoints import assign_tensors, checkpoint_dir, meta_tensors, open_tensors
+from .checkpoints import assign_all, checkpoint_dir, open_tensors
 
 
 def check_mpt(remote: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
@@ -98,10 +98,7 @@ def mpt_from_state(remote: dict[str, Any], state: Mapping[str, torch.Tensor], **
         model = MptForCausalLM._from_config(config, **kwargs)
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied
-    missing, unexpected = assign_tensors(model, state)
-    if missing or unexpected or meta_tensors(model):
-        raise ValueError(f"MPT checkpoint does not match transformers' MPT: missing "
-                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
+    assign_all(model, state, "the MPT checkpoint")
     return model.eval()
 
 

@@ -53,10 +53,9 @@ from ..runtime.compat import dtype_kwargs, pil_image_processor
 from ..runtime.meta import meta_parameters
 from .checkpoints import (
     CheckpointTensors,
-    assign_tensors,
+    assign_all,
     checkpoint_dir,
     default_dtype,
-    meta_tensors,
     open_tensors,
 )
 from .lm_families import mpt_from_state
@@ -132,10 +131,7 @@ def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], 
     with meta_parameters():
         model = CLIPVisionModel(config).to(dtype)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in older transformers
-    missing, unexpected = assign_tensors(model, state)
-    if missing or unexpected or meta_tensors(model):
-        raise ValueError(f"Otter's vision tower does not match CLIPVisionModel: missing "
-                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
+    assign_all(model, state, "Otter's vision tower")
     return model.eval()
 
 
@@ -156,13 +152,7 @@ def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype:
             except ValueError as e:
                 raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
             model = AutoModelForCausalLM.from_config(config, **kwargs)
-    missing, unexpected = assign_tensors(model, state)
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected or meta_tensors(model):
-        raise ValueError(f"Otter's LM does not match transformers' {type(model).__name__}: missing "
-                         f"{(missing or meta_tensors(model))[:3]}, unexpected {unexpected[:3]}")
+    assign_all(model, state, "Otter's LM")
     model.name_or_path = ""  # its table is Otter's, not the base model's: saved whole
     return model.eval()
 

@@ -29,6 +29,12 @@ answers stop at the next `\\nUser:`.
 - each `assistant` turn is ` GPT:<answer> `, its text and `<|endofchunk|>`;
 - the prompt ends with ` GPT:<answer>`, which the model continues (answers end at `<|endofchunk|>`).
 
+`mmgpt` (Multimodal-GPT's Alpaca-style format, as its demo and instruction data write it):
+- a preamble: the `system` text, else `MMGPT_PREAMBLE`;
+- each `user` turn is `\n\n### Image:\n<image>` per medium, then `\n\n### Instruction:\n` and its text;
+- each `assistant` turn is `\n\n### Response:\n`, its text and the tokenizer's EOS (its training data end answers so);
+- the prompt ends with `\n\n### Response:\n`, which the model continues (answers end at EOS).
+
 An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
 (`segments`); the lead is the format's answer prefix (what a prompt ends with) and a gap, so that what follows a
 prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`).
@@ -46,6 +52,9 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 OTTER_ANSWER = "<answer>"  # Otter's marker before each answer
+MMGPT_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                  "request.")  # Multimodal-GPT's (Alpaca's) default system text
+MMGPT_SEPARATOR = "\n\n### "
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,33 @@ class OtterChat(ChatFormat):
         return " GPT:" + OTTER_ANSWER
 
 
+@dataclass(frozen=True)
+class MMGPTChat(ChatFormat):
+    """Multimodal-GPT's format: a preamble, then `### Image:` / `### Instruction:` / `### Response:` sections."""
+
+    name: str = "mmgpt"
+    end_of_answer: str = ""  # the tokenizer's EOS
+    reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
+    stops: tuple[str, ...] = (MMGPT_SEPARATOR + "Instruction:",)
+
+    def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
+        if not turns or turns[0].role != "system":
+            turns = [Turn("system", (MMGPT_PREAMBLE,)), *turns]
+        return super().segments(turns)
+
+    def turn(self, role: str, pieces: list[str]) -> str:
+        if role == "system":
+            return "".join(pieces)
+        images = "".join(MMGPT_SEPARATOR + "Image:\n" + MEDIA_TOKEN for p in pieces if p == MEDIA_TOKEN)
+        return images + MMGPT_SEPARATOR + "Instruction:\n" + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
+
+    def answer(self, content: str, before: str) -> tuple[str, str, str]:
+        return "", content.strip(), self.end_of_answer
+
+    def answer_prefix(self) -> str:
+        return MMGPT_SEPARATOR + "Response:\n"
+
+
 def pieces_of(text: str) -> tuple[str, ...]:
     """Text with `<image>` placeholders -> a turn's pieces: its text runs and one MEDIA_TOKEN per placeholder."""
     parts = text.split(MEDIA_TOKEN)
@@ -175,6 +211,9 @@ def chat_format_for(processor: "FlamingoProcessor", vocab: Optional[int] = None)
         return FLAMINGO
     if processor.template == "otter":
         return OTTER
+    if processor.template == "mmgpt":
+        eos = processor.tokenizer.eos_token or ""
+        return MMGPTChat(end_of_answer=eos, reserved=(MEDIA_TOKEN, END_OF_CHUNK_TOKEN) + ((eos,) if eos else ()))
     vocab = len(processor.tokenizer) if vocab is None else vocab
     eou = processor.tokenizer.get_vocab().get(END_OF_UTTERANCE)
     return IdeficsChat(end_of_turn=END_OF_UTTERANCE if eou is not None and eou < vocab else "",

@@ -75,6 +75,17 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_mmgpt(args: argparse.Namespace) -> int:
+    from .convert.mmgpt import CLIP_VIT_L, MMGPT_LORA_URL, convert_mmgpt, published_base
+
+    model, processor = convert_mmgpt(args.finetune or MMGPT_LORA_URL, published_base(args.base), args.lm,
+                                     args.tokenizer, vision=args.vision or CLIP_VIT_L, merge_lm_lora=args.merge_lora)
+    model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
+    adapters = "merged into the LM" if args.merge_lora else f"kept as lm_lora {model.config.lm_lora}"
+    print(f"wrote {args.out} (Multimodal-GPT: the LM's LoRA adapters {adapters})")
+    return 0
+
+
 def _cmd_convert_whole(args: argparse.Namespace) -> int:
     """IDEFICS and Otter: checkpoints holding their backbones, written whole or once under --backbones."""
     from .convert import from_idefics, from_otter, write_backbones
@@ -281,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image; with --chat, the question')
     gen.add_argument("--chat", action="store_true",
                      help="write --prompt and the --image files as a user turn in the model's chat format (its "
-                          "template: flamingo, otter or idefics; docs/serve.md) and answer it")
+                          "template: flamingo, otter, idefics or mmgpt; docs/serve.md) and answer it")
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action="store_true",
                      help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"
@@ -353,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     of.add_argument("--out", required=True)
     of.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
     of.set_defaults(func=_cmd_convert_open_flamingo)
+    mmgpt = convert_sub.add_parser("mmgpt", help="a Multimodal-GPT checkpoint (OpenFlamingo-9B v1 + LoRA; "
+                                   "docs/convert.md)")
+    mmgpt.add_argument("--lm", required=True, help="the LLaMA-7B it was trained on: a directory or mirror in Hugging "
+                       "Face format (LLaMA-7B has no canonical hub name)")
+    mmgpt.add_argument("--finetune", default=None, help="its LoRA file or URL (default: the released "
+                       "mmgpt-lora-v0-release.pt, downloaded once)")
+    mmgpt.add_argument("--base", default=None, help="the OpenFlamingo v1 checkpoint.pt it sits on (default: "
+                       "openflamingo/OpenFlamingo-9B-deprecated's, downloaded once)")
+    mmgpt.add_argument("--vision", default=None, help="the vision tower (default: openai/clip-vit-large-patch14)")
+    mmgpt.add_argument("--tokenizer", default=None, help="defaults to the LM's")
+    mmgpt.add_argument("--merge-lora", action="store_true", help="fold the LM's adapters into its weights (the LM "
+                       "is then saved whole) instead of keeping them as lm_lora adapters")
+    mmgpt.add_argument("--out", required=True)
+    mmgpt.add_argument("--trained-only", action="store_true", help="store trained weights + backbone references")
+    mmgpt.set_defaults(func=_cmd_convert_mmgpt)
     idefics = convert_sub.add_parser("idefics", help="an IdeficsForVisionText2Text checkpoint (docs/convert.md)")
     idefics.add_argument("--model", required=True, help="hub name or directory (e.g. HuggingFaceM4/idefics-9b)")
     idefics.add_argument("--tokenizer", default=None, help="defaults to the model's")

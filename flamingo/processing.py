@@ -26,7 +26,7 @@ from .runtime.compat import keep_special_tokens_kwargs
 from .runtime.hub import local_dir
 from .video import decode_video, uniform_frame_indices
 
-TEMPLATES = ("flamingo", "idefics", "otter")
+TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
@@ -102,7 +102,8 @@ class FlamingoProcessor:
                  max_frames: int = 8, video_fps: float = 1.0, padding_side: str = "left",
                  image_references: bool = False, template: str = "flamingo") -> None:
         """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples), "otter" (prompts as written;
-        chat turns in Otter's `User: ... GPT:<answer>` format, flamingo/chat.py) or "idefics" (IDEFICS's format:
+        chat turns in Otter's `User: ... GPT:<answer>` format, flamingo/chat.py), "mmgpt" (the same; chat turns in
+        Multimodal-GPT's `### Instruction:` / `### Response:` format) or "idefics" (IDEFICS's format:
         `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")

@@ -17,9 +17,10 @@ from flamingo.tiny import random_image
 
 
 def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: bool = False,
-                      attn_gates: tuple[float, float] = (0.3, 1.0)) -> tuple[Any, Any, Any, Any]:
+                      attn_gates: tuple[float, float] = (0.3, 1.0), modules: Any = None) -> tuple[Any, Any, Any, Any]:
     """(OpenFlamingo peer, vision tower, LM, tokenizer) on tiny random backbones (the peer holds copies): its gates
-    open and its embedding table perturbed (OpenFlamingo trains it all). v1: OpenFlamingo 0.0.2's classes."""
+    open and its embedding table perturbed (OpenFlamingo trains it all). v1: OpenFlamingo 0.0.2's classes; modules:
+    another copy of them (Multimodal-GPT's)."""
     import copy
 
     from flamingo.peers.openflamingo import build_openflamingo
@@ -29,7 +30,7 @@ def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: 
     tok = tiny_tokenizer()
     lm, vision = tiny_lm(lm_kind, vocab_size=len(tok), seed=seed), tiny_vision("clip", seed=seed)
     peer, _ = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
-                                 cross_attn_every_n_layers=every, v1=v1)
+                                 cross_attn_every_n_layers=every, v1=v1, modules=modules)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for layer in peer.lang_encoder.gated_cross_attn_layers:

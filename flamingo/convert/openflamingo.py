@@ -112,20 +112,21 @@ def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[s
         state = checkpoint
     if "model_state_dict" in state:
         state = state["model_state_dict"]
-    clean = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        # Released checkpoints keep the blocks under the wrapped decoder layers
-        # (`lang_encoder.<layers>.{L}.gated_cross_attn_layer.*`); the live model also lists them as
-        # `lang_encoder.gated_cross_attn_layers.{L}.*`. Both name the same tensors: use the second form.
-        m = re.match(r"lang_encoder\.(.+)\.(\d+)\.gated_cross_attn_layer\.(.*)$", key)
-        if m:
-            key = f"lang_encoder.gated_cross_attn_layers.{m.group(2)}.{m.group(3)}"
-        clean[key] = value
+    clean = {canonical_key(key): value for key, value in state.items()}
     if "perceiver.latents" not in clean:
         raise ValueError("not an OpenFlamingo checkpoint: no `perceiver.latents`")
     return clean
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key without DDP/FSDP/compile wrapper prefixes, its block under `gated_cross_attn_layers`."""
+    for prefix in _WRAPPER_PREFIXES:
+        key = key.replace(prefix, "")
+    # Released checkpoints keep the blocks under the wrapped decoder layers
+    # (`lang_encoder.<layers>.{L}.gated_cross_attn_layer.*`); the live model also lists them as
+    # `lang_encoder.gated_cross_attn_layers.{L}.*`. Both name the same tensors: use the second form.
+    m = re.match(r"lang_encoder\.(.+)\.(\d+)\.gated_cross_attn_layer\.(.*)$", key)
+    return f"lang_encoder.gated_cross_attn_layers.{m.group(2)}.{m.group(3)}" if m else key
 
 
 def _load_whole(checkpoint: Union[str, os.PathLike]) -> dict:

@@ -101,6 +101,9 @@ def model_card(directory: str, name: str) -> str:
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     template = _template(directory)
     prompt = {"otter": "<image>User: What is in the picture? GPT:<answer>",  # its format (flamingo/chat.py)
+              "mmgpt": "Below is an instruction that describes a task. Write a response that appropriately completes "
+                       "the request.\\n\\n### Image:\\n<image>\\n\\n### Instruction:\\nWhat is in the picture?"
+                       "\\n\\n### Response:\\n",
               "idefics": "User:<image>What is in the picture?<end_of_utterance>\\nAssistant:"}.get(
         template, "<image>Question: what is in the picture? Short answer:")
     if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):  # saved with its processor
@@ -147,7 +150,7 @@ Chat messages (the server, `flamingo generate --chat`) are written in the model'
 
 
 def _template(directory: str) -> str:
-    """The prompt template of the processor saved with the model (flamingo, otter, idefics)."""
+    """The prompt template of the processor saved with the model (flamingo, otter, idefics, mmgpt)."""
     path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
     if not os.path.isfile(path):
         return "flamingo"

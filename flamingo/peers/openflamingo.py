@@ -48,7 +48,7 @@ def load_openflamingo_modules() -> types.SimpleNamespace:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("OpenFlamingo is not installed: "
                           "pip install --no-deps open-flamingo==2.0.1 einops einops-exts")
-    return _load_modules(Path(list(spec.submodule_search_locations)[0]) / "src", _PACKAGE)
+    return load_modules(Path(list(spec.submodule_search_locations)[0]) / "src", _PACKAGE)
 
 
 @lru_cache(maxsize=1)
@@ -58,10 +58,12 @@ def load_openflamingo_v1_modules() -> types.SimpleNamespace:
     if not (src / "flamingo_lm.py").is_file():
         raise ImportError(f"OpenFlamingo v1 is not in {openflamingo_v1_dir()}: pip install --no-deps --target "
                           f"{openflamingo_v1_dir()} open-flamingo==0.0.2 (or set {V1_PATH_VARIABLE})")
-    return _load_modules(src, _V1_PACKAGE)
+    return load_modules(src, _V1_PACKAGE)
 
 
-def _load_modules(src: Path, package_name: str) -> types.SimpleNamespace:
+def load_modules(src: Path, package_name: str) -> types.SimpleNamespace:
+    """OpenFlamingo's four model modules (`utils`, `helpers`, `flamingo_lm`, `flamingo`) from the directory `src`, as
+    the private package `package_name`."""
     package = types.ModuleType(package_name)
     package.__path__ = [str(src)]
     sys.modules[package_name] = package
@@ -105,10 +107,12 @@ def _mixin_with_optional_mask(base: type) -> type:
 
 
 def build_openflamingo(vision: nn.Module, lm: nn.Module, tokenizer: Any, cross_attn_every_n_layers: int = 1,
-                       decoder_layers_attr_name: Optional[str] = None, v1: bool = False) -> tuple[nn.Module, Any]:
+                       decoder_layers_attr_name: Optional[str] = None, v1: bool = False,
+                       modules: Optional[types.SimpleNamespace] = None) -> tuple[nn.Module, Any]:
     """OpenFlamingo's `create_model_and_transforms`, on the given (copied by the caller) HF backbones; v1: OpenFlamingo
-    0.0.2's (its mixin conditions every decoder layer of `get_decoder().layers`)."""
-    of = load_openflamingo_v1_modules() if v1 else load_openflamingo_modules()
+    0.0.2's (its mixin conditions every decoder layer of `get_decoder().layers`); modules: another copy of
+    OpenFlamingo's modules (`load_modules`' result, e.g. Multimodal-GPT's)."""
+    of = modules or (load_openflamingo_v1_modules() if v1 else load_openflamingo_modules())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})

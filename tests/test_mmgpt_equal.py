@@ -1,0 +1,197 @@
+"""Equal to Multimodal-GPT (mmgpt 0.0.1: OpenFlamingo v1 + PEFT LoRA on its LM and blocks): its LoRA file converted
+on top of an OpenFlamingo v1 checkpoint gives mmgpt's logits and greedy tokens on the same backbones, with the LM's
+adapters kept (lm_lora) or merged, from the file forms PEFT has written, and through `flamingo convert mmgpt`.
+
+mmgpt is installed with `pip install --no-deps mmgpt==0.0.1` (flamingo/peers/mmgpt.py)."""
+
+import copy
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.peer
+pytest.importorskip("einops_exts", reason="the Multimodal-GPT peer needs einops-exts")
+pytest.importorskip("peft", reason="Multimodal-GPT's LoRA needs peft")
+if __import__("importlib.util").util.find_spec("mmgpt") is None:
+    pytest.skip("Multimodal-GPT is not installed (pip install --no-deps mmgpt==0.0.1)", allow_module_level=True)
+from flamingo.chat import MMGPT_PREAMBLE, Turn, chat_format_for  # noqa: E402
+from flamingo.convert import convert_mmgpt  # noqa: E402
+from flamingo.model.generation import generate  # noqa: E402
+from flamingo.peers.mmgpt import LORA_CONFIG, apply_mmgpt_lora, load_mmgpt_modules  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor  # noqa: E402
+
+from helpers import hub_cache_entry, openflamingo_peer  # noqa: E402
+
+# Multimodal-GPT's own format (its app.py and instruction data), one image each.
+PROMPTS = [MMGPT_PREAMBLE + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat is in the image?\n\n### Response:\n",
+           MMGPT_PREAMBLE + "\n\n### Image:\n<image>\n\n### Instruction:\nDescribe it.\n\n### Response:\nA red"]
+MEDIA = [[random_image(0)], [random_image(1)]]
+
+
+def _mmgpt(every: int = 2, seed: int = 0):
+    """(Multimodal-GPT peer with random LoRA tensors, its OpenFlamingo v1 base state, its LoRA file, backbones)."""
+    peer, vision, lm, tok = openflamingo_peer(every, seed, modules=load_mmgpt_modules(), attn_gates=(0.5, 1.0))
+    base = {k: v.clone() for k, v in peer.state_dict().items()}  # a whole v1 state_dict(), as the v1 tests use
+    apply_mmgpt_lora(peer)
+    torch.manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0.0, 0.2)
+    # what mmgpt's training saves: its trained (LoRA) tensors, behind DDP's `module.`, and its tuning config
+    lora = {"module." + k: v.clone() for k, v in peer.state_dict().items() if ".lora_" in k}
+    return peer.eval(), base, {"model_state_dict": lora, "tuning_config": dict(LORA_CONFIG)}, (vision, lm, tok)
+
+
+def _convert(base, finetune, backbones, **kwargs):
+    vision, lm, tok = backbones
+    return convert_mmgpt(copy.deepcopy(finetune), copy.deepcopy(base), copy.deepcopy(lm), copy.deepcopy(tok),
+                         vision=copy.deepcopy(vision), image_processor=tiny_image_processor("clip"), **kwargs)
+
+
+def _peer_logits(peer, batch):
+    with torch.no_grad():
+        return peer(vision_x=batch["images"].clone(), lang_x=batch["input_ids"],
+                    attention_mask=batch["attention_mask"]).logits
+
+
+def _max_diff(model, peer, processor) -> float:
+    batch = processor(PROMPTS, images=MEDIA, padding_side="right")
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        mine = model(**batch).logits
+    return float((mine[real] - _peer_logits(peer, batch)[real]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def mmgpt():
+    peer, base, finetune, backbones = _mmgpt()
+    ours, processor = _convert(base, finetune, backbones)
+    return peer, ours, processor, base, finetune, backbones
+
+
+def test_logits_equal_mmgpt(mmgpt):
+    peer, ours, processor, base, finetune, backbones = mmgpt
+    assert ours.config.attend_next_image and processor.template == "mmgpt"
+    assert ours.config.lm_lora == {"r": 16, "alpha": 16.0, "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                                   "dropout": 0.0}
+    assert _max_diff(ours, peer, processor) <= 1e-5
+    # Not vacuous: without the LoRA tensors (the base OpenFlamingo v1 alone) the logits differ
+    no_lora = copy.deepcopy(finetune)
+    for key, value in no_lora["model_state_dict"].items():
+        if ".lora_B" in key:
+            value.zero_()
+    bare, _ = _convert(base, no_lora, backbones)
+    assert _max_diff(bare, peer, processor) > 1e-3
+
+
+def test_generate_equals_mmgpt(mmgpt):
+    peer, ours, processor, *_ = mmgpt
+    batch = processor(PROMPTS, images=MEDIA, padding_side="left")
+    mine = generate(ours, batch["input_ids"], batch["attention_mask"], batch["images"], batch["num_media"],
+                    max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        theirs = peer.generate(batch["images"].clone(), batch["input_ids"], batch["attention_mask"],
+                               max_new_tokens=6, num_beams=1)
+    n = min(mine.shape[1], theirs.shape[1])
+    assert n > batch["input_ids"].shape[1] + 1
+    assert torch.equal(mine[:, :n], theirs[:, :n])
+
+
+def test_merged_adapters_and_peft_key_forms(mmgpt):
+    """The LM's adapters merged into it give the same logits; a file from PEFT before adapter names (`lora_A.weight`)
+    without DDP's prefix, its blocks named under `gated_cross_attn_layers`, converts to the same model."""
+    peer, _, processor, base, finetune, backbones = mmgpt
+    merged, _ = _convert(base, finetune, backbones, merge_lm_lora=True)
+    assert merged.config.lm_lora is None and not any(".lora_" in n for n, _ in merged.named_parameters())
+    assert _max_diff(merged, peer, processor) <= 1e-5
+
+    old = {}
+    for key, value in finetune["model_state_dict"].items():
+        key = key.removeprefix("module.").replace(".default.weight", ".weight")
+        key = key.replace("model.layers.1.gated_cross_attn_layer.", "gated_cross_attn_layers.1.")
+        old[key] = value
+    assert any(k.startswith("lang_encoder.base_model.model.gated_cross_attn_layers.1.") for k in old)
+    older, _ = _convert(base, {"model_state_dict": old, "tuning_config": finetune["tuning_config"]}, backbones)
+    assert _max_diff(older, peer, processor) <= 1e-5
+
+
+def test_bad_files_are_refused(mmgpt):
+    _, _, _, base, finetune, backbones = mmgpt
+    no_alpha = copy.deepcopy(finetune)
+    del no_alpha["tuning_config"]["lora_alpha"]
+    with pytest.raises(ValueError, match="lora_alpha"):
+        _convert(base, no_alpha, backbones)
+    unpaired = copy.deepcopy(finetune)
+    unpaired["model_state_dict"] = {k: v for k, v in unpaired["model_state_dict"].items() if ".lora_B" not in k}
+    with pytest.raises(ValueError, match="without their pair"):
+        _convert(base, unpaired, backbones)
+    with pytest.raises(ValueError, match="no LoRA tensors"):
+        _convert(base, {"model_state_dict": {"module.perceiver.latents": torch.zeros(2, 2)}}, backbones)
+
+
+def test_mmgpt_chat_format(mmgpt):
+    """The server's and chat data's `mmgpt` format writes what Multimodal-GPT's demo writes (its PromptGenerator:
+    preamble, `### Image:` before the instruction, `### Response:` last) and ends answers with EOS."""
+    _, _, processor, *_ = mmgpt
+    fmt = chat_format_for(processor)
+    image = "<image>"
+    turns = [Turn("user", (image, "What is in the image?"))]
+    assert fmt.render(turns) == PROMPTS[0]
+    eos = processor.tokenizer.eos_token
+    two = [Turn("system", ("Be brief.",)), Turn("user", (image, "What?")), Turn("assistant", ("A cat.",)),
+           Turn("user", ("And its colour?",))]
+    assert fmt.render(two) == ("Be brief.\n\n### Image:\n<image>\n\n### Instruction:\nWhat?\n\n### Response:\nA cat."
+                               + eos + "\n\n### Instruction:\nAnd its colour?\n\n### Response:\n")
+    assert fmt.first_reserved("a " + eos) == eos
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_convert_command_downloads_the_finetune_and_finds_the_published_base(tmp_path):
+    """`flamingo convert mmgpt --lm DIR --finetune URL` in a fresh offline process: the LoRA file is downloaded once
+    (torch's hub cache), the base is `openflamingo/OpenFlamingo-9B-deprecated` from a hub-cache stand-in, and the
+    saved model (the LM's adapters kept as lm_lora) gives mmgpt's logits."""
+    import os
+    import subprocess
+    import sys
+
+    from flamingo import load_pretrained
+    from flamingo.convert.mmgpt import MMGPT_BASE
+    from flamingo.convert.openflamingo import CLIP_VIT_L, PUBLISHED_V1
+
+    peer, base, finetune, (vision, lm, tok) = _mmgpt(every=1, seed=5)
+    (tmp_path / "of").mkdir()
+    torch.save(base, tmp_path / "of" / PUBLISHED_V1[MMGPT_BASE])
+    (tmp_path / "web").mkdir()
+    torch.save(finetune, tmp_path / "web" / "mmgpt-lora-v0-release.pt")
+    vision.save_pretrained(tmp_path / "vision")
+    tiny_image_processor("clip").save_pretrained(tmp_path / "vision")
+    lm.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    cache = tmp_path / "hf" / "hub"
+    for repo, files in ((MMGPT_BASE, "of"), (CLIP_VIT_L, "vision")):
+        hub_cache_entry(cache, repo, tmp_path / files)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_Quiet, directory=str(tmp_path / "web")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mmgpt-lora-v0-release.pt"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "TORCH_HOME": str(tmp_path / "torch")}
+    argv = ["convert", "mmgpt", "--lm", str(tmp_path / "llama"), "--finetune", url, "--out", str(tmp_path / "out")]
+    code = f"from flamingo.cli import main; raise SystemExit(main({argv!r}))"
+    try:
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "mmgpt-lora-v0-release.pt").is_file()
+    model, processor = load_pretrained(str(tmp_path / "out"))
+    assert model.config.lm_lora is not None and model.config.attend_next_image and processor.template == "mmgpt"
+    assert _max_diff(model, peer, processor) <= 1e-5

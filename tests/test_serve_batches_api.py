@@ -2,19 +2,22 @@
 the official client: upload -> create -> poll -> download gives the answers `/v1/chat/completions` gives the same
 bodies, refused lines in the error file; validation fails a batch as OpenAI does (`errors.data` with line numbers);
 cancel keeps the partial output; lists paginate; bad calls are 4xx; the key is needed and passed on; a batch left
-in progress runs again when a server starts on the same directory."""
+in progress runs again when a server starts on the same directory; a batch runs one model; files expire when asked
+(`expires_after`, `output_expires_after`); output entries have random unique ids."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import re
 import time
 
 import httpx
 import openai
 import pytest
 
+from flamingo.serve import batch_runner, batch_store
 from flamingo.serve.app import ServeSettings, create_app
 from flamingo.serve.batch_runner import COMPLETION_WINDOWS
 from flamingo.tiny import random_image
@@ -23,6 +26,7 @@ from serve_helpers import data_url, engine_for, openai_client, running_server, s
 
 KEY = "batch-key"
 DONE = ("completed", "failed", "cancelled", "expired")
+HOUR = {"anchor": "created_at", "seconds": 3600}  # OpenAI's shortest file lifetime
 
 
 def _chat(k: int, question: str = "Output:", max_tokens: int = 5) -> dict:
@@ -58,6 +62,16 @@ def _entries(client, file_id) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
 
 
+def _on_disk(batch_dir, file_id: str) -> list[str]:
+    """The parts of a file (object, content) its store holds on disk."""
+    return [ext for ext in (".json", ".data") if (batch_dir / "files" / (file_id + ext)).exists()]
+
+
+def _clock_ahead(monkeypatch, seconds: float) -> None:
+    """Move the clock file expiry reads `seconds` ahead (instead of waiting for it)."""
+    monkeypatch.setattr(batch_store, "clock", lambda: time.time() + seconds)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, one_thread):
     return save_tiny_model(tmp_path_factory.mktemp("serve_batches") / "model")
@@ -72,9 +86,13 @@ def _serving(model_dir, batch_dir, start_engine: bool = True, **settings):
 
 
 @pytest.fixture(scope="module")
-def served(model_dir, tmp_path_factory):
-    with _serving(model_dir, tmp_path_factory.mktemp("batches"), batch_concurrency=2,
-                  max_batch_file_bytes=256 * 1024) as url:
+def served_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("batches")
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, served_dir):
+    with _serving(model_dir, served_dir, batch_concurrency=2, max_batch_file_bytes=256 * 1024) as url:
         yield url
 
 
@@ -102,7 +120,6 @@ def test_a_batch_answers_as_the_endpoint_and_splits_refusals_into_the_error_file
 
     out = _entries(client, batch.output_file_id)
     assert [o["custom_id"] for o in out] == ["a", "b", "d"]
-    assert [o["id"] for o in out] == ["batch_req_1", "batch_req_3", "batch_req_6"]
     served_directly = [httpx.post(served + "/v1/chat/completions", json=b, timeout=60).json() for b in bodies]
     assert [o["response"]["body"]["choices"] for o in out] == [s["choices"] for s in served_directly]
     counted = ("prompt_tokens", "completion_tokens")  # cached_tokens differ: the batch filled the prefix cache
@@ -115,6 +132,8 @@ def test_a_batch_answers_as_the_endpoint_and_splits_refusals_into_the_error_file
     assert [e["error"]["code"] if e["error"] else None for e in errors] == ["invalid_json", None,
                                                                            "duplicate_custom_id"]
     assert errors[1]["response"]["status_code"] == 400
+    ids = [e["id"] for e in out + errors]  # OpenAI's: random and unique; custom_id joins an entry to its line
+    assert all(re.fullmatch("batch_req_[0-9a-f]{24}", i) for i in ids) and len(set(ids)) == len(ids)
     for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
         stored = client.files.retrieve(file_id)
         assert stored.purpose == "batch_output" and stored.filename == f"{batch.id}_{kind}.jsonl"
@@ -137,6 +156,113 @@ def test_validation_fails_a_batch_with_the_lines_at_fault(served):
     many = client.batches.create(input_file_id=_upload(client, ["{}"] * 50_001).id, endpoint="/v1/completions",
                                  completion_window="24h")
     assert [e.code for e in _wait(client, many.id).errors.data] == ["too_many_tasks"]
+
+
+def test_a_batch_runs_one_model(served):
+    """OpenAI's rule: the lines of a batch name one model. A line naming another model than the first line that
+    names one is a `model_mismatch` (its line, `param` body.model) and fails the batch, as a `url_mismatch` does;
+    lines that name no model run (the endpoints take requests without one)."""
+    client = openai_client(served)
+    chat = _chat(1, max_tokens=1)
+    unnamed = {k: v for k, v in chat.items() if k != "model"}
+    lines = [_line("a", unnamed), _line("b", chat), _line("c", {**chat, "model": "other"}), _line("d", chat),
+             _line("e", {**chat, "model": "other"}, url="/v1/completions")]
+    batch = _wait(client, client.batches.create(input_file_id=_upload(client, lines).id,
+                                                endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert batch.status == "failed" and batch.output_file_id is None and batch.in_progress_at is None
+    assert [(e.code, e.line, e.param) for e in batch.errors.data] == [
+        ("model_mismatch", 3, "body.model"), ("url_mismatch", 5, "url"), ("model_mismatch", 5, "body.model")]
+    assert "'tiny', the model of line 2" in batch.errors.data[0].message
+    one = _wait(client, client.batches.create(input_file_id=_upload(client, [lines[0], lines[1], lines[3]]).id,
+                                              endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert (one.status, one.request_counts.completed) == ("completed", 3)
+
+
+def test_files_expire_when_asked_and_are_gone_from_then_on(served, served_dir, monkeypatch):
+    """OpenAI's `files.create(expires_after=...)` and `batches.create(output_expires_after=...)`: a file's
+    `expires_at` is its `created_at` + seconds; from then on (the clock moved ahead rather than waited for) the
+    first call finds it 404 on retrieve and content, absent from lists, and gone from the disk. Files asked no
+    expiry stay; the batch keeps the ids of its expired files, as OpenAI's does."""
+    client = openai_client(served)
+    lines = [_line("a", _chat(1, max_tokens=1)), "not json"]
+    kept = _upload(client, lines)
+    short = client.files.create(file=("short.jsonl", _jsonl(lines), "application/jsonl"), purpose="batch",
+                                expires_after=HOUR)
+    assert kept.expires_at is None and short.expires_at == short.created_at + 3600
+    assert client.files.retrieve(short.id).expires_at == short.expires_at
+    batch = _wait(client, client.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h",
+                                                output_expires_after={**HOUR, "seconds": 7200}).id)
+    assert batch.status == "completed" and batch.output_file_id and batch.error_file_id
+    outputs = [client.files.retrieve(batch.output_file_id), client.files.retrieve(batch.error_file_id)]
+    assert [f.expires_at - f.created_at for f in outputs] == [7200, 7200]
+
+    def gone(file_id: str) -> None:
+        for call in (client.files.retrieve, client.files.content):
+            with pytest.raises(openai.NotFoundError):
+                call(file_id)
+        assert file_id not in [f.id for f in client.files.list()]
+        assert _on_disk(served_dir, file_id) == []
+
+    _clock_ahead(monkeypatch, 3600)
+    gone(short.id)
+    assert _entries(client, batch.output_file_id)[0]["custom_id"] == "a"  # 7200 s: still there
+    _clock_ahead(monkeypatch, 7200)
+    for f in outputs:
+        gone(f.id)
+    assert client.files.retrieve(kept.id).id == kept.id and _on_disk(served_dir, kept.id) == [".json", ".data"]
+    assert client.batches.retrieve(batch.id).output_file_id == outputs[0].id
+
+
+def test_the_sweep_deletes_expired_files_nobody_asks_for(model_dir, tmp_path, monkeypatch):
+    """Besides each call, the runner's sweep (every FILE_SWEEP_SECONDS, cut here from 60 s) deletes expired files
+    from the disk: no call is needed."""
+    monkeypatch.setattr(batch_runner, "FILE_SWEEP_SECONDS", 0.02)
+    with _serving(model_dir, tmp_path / "batches") as url:
+        short = openai_client(url).files.create(file=("s.jsonl", b"{}\n", "application/jsonl"), purpose="batch",
+                                                expires_after=HOUR)
+        time.sleep(0.1)  # sweeps pass; the file lives on
+        assert _on_disk(tmp_path / "batches", short.id) == [".json", ".data"]
+        _clock_ahead(monkeypatch, 3600)
+        deadline = time.monotonic() + 10
+        while _on_disk(tmp_path / "batches", short.id):
+            assert time.monotonic() < deadline, "the sweep left an expired file on disk"
+            time.sleep(0.02)
+
+
+def test_expiry_policies_outside_openais_range_are_400(served):
+    """`expires_after` and `output_expires_after` take anchor `created_at` and 3600 to 2592000 seconds (OpenAI's);
+    anything else is a 400 naming the part at fault, including what the client cannot send (a part missing, a
+    number that is no integer, another field)."""
+    client = openai_client(served)
+    good = _upload(client, [_line("a", _chat(1, max_tokens=1))])
+    create = dict(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
+    bad = {"anchor": {"anchor": "last_active_at", "seconds": 3600}, "seconds": {**HOUR, "seconds": 3599},
+           "seconds ": {**HOUR, "seconds": 2592001}}
+    for part, policy in bad.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.files.create(file=("x.jsonl", b"{}\n", "application/jsonl"), purpose="batch", expires_after=policy)
+        assert e.value.body["param"] == "expires_after." + part.strip()
+        with pytest.raises(openai.BadRequestError) as e:
+            client.batches.create(**create, output_expires_after=policy)
+        assert e.value.body["param"] == "output_expires_after." + part.strip()
+    forms = [({"expires_after[anchor]": "created_at"}, "expires_after.seconds"),
+             ({"expires_after[seconds]": "3600"}, "expires_after.anchor"),
+             ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "1h"}, "expires_after.seconds"),
+             ({"expires_after[days]": "1"}, "expires_after[days]")]
+    for fields, param in forms:
+        raw = httpx.post(served + "/v1/files", data={"purpose": "batch", **fields},
+                         files={"file": ("x.jsonl", b"{}\n")})
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == param, fields
+    for policy in ({"anchor": "created_at"}, {**HOUR, "seconds": "3600"}, {**HOUR, "seconds": 3600.0}):
+        raw = httpx.post(served + "/v1/batches", json={**create, "output_expires_after": policy})
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "output_expires_after.seconds", policy
+    for seconds in (3600, 2592000):  # both ends are taken
+        f = client.files.create(file=("x.jsonl", b"{}\n", "application/jsonl"), purpose="batch",
+                                expires_after={**HOUR, "seconds": seconds})
+        assert f.expires_at == f.created_at + seconds
+        batch = client.batches.create(**create, output_expires_after={**HOUR, "seconds": seconds})
+        assert _wait(client, batch.id).status == "completed"
 
 
 def test_bad_calls_are_4xx_and_the_server_keeps_serving(served):

@@ -7,10 +7,11 @@ Input, one request per line:
 
     {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [...]}}
 
-Output entry, as OpenAI's batch output and error files hold them:
+Output entry, as OpenAI's batch output and error files hold them (`id` random and unique, as OpenAI's; `custom_id`
+joins an entry to its request):
 
-    {"id": "batch_req_1", "custom_id": "q-1", "response": {"status_code": 200, "request_id": "req_1", "body": {...}},
-     "error": null}
+    {"id": "batch_req_<hex>", "custom_id": "q-1", "response": {"status_code": 200, "request_id": "req_1",
+     "body": {...}}, "error": null}
 
 A line that is no request (not JSON, no `custom_id`, a `custom_id` seen before, another method or URL,
 `stream: true`) gets `response: null` and an `error` with a code and a message.
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import httpx
+
+from .batch_store import new_id
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -117,7 +120,7 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
 
 def entry(n: int, line: Line, answer: Optional[Answer]) -> dict[str, Any]:
     """The output entry of the n-th request (from 1)."""
-    out: dict[str, Any] = {"id": f"batch_req_{n}", "custom_id": line.custom_id, "response": None,
+    out: dict[str, Any] = {"id": new_id("batch_req_"), "custom_id": line.custom_id, "response": None,
                            "error": line.error}
     if answer is not None:
         status, body = answer

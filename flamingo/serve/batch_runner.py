@@ -4,8 +4,10 @@ A batch moves through OpenAI's states: `validating` -> `in_progress` -> `finaliz
 validation refuses its input file; `cancelling` -> `cancelled` on a cancel.
 
 - Validation, as OpenAI's: an input file with no request (`empty_file`), with more than 50,000 (`too_many_tasks`),
-  or with lines whose `url` is not the batch's endpoint (`url_mismatch`, one error per line, the first 100 listed)
-  fails the batch with `errors.data`. Any other bad line (not JSON, a `custom_id` used twice, ...) runs as a failed
+  with lines whose `url` is not the batch's endpoint (`url_mismatch`) or whose `body.model` is not the model the
+  first line naming one names (`model_mismatch`: a batch runs one model; a line naming none is fine, since the
+  server's endpoints take requests without one) fails the batch with `errors.data`, one error per line at fault,
+  the first 100 listed. Any other bad line (not JSON, a `custom_id` used twice, ...) runs as a failed
   request: it goes to the error file (serve/batch_lines.py).
 - Running: the lines go through the server's own app in this process (the checks and answers interactive clients
   get), at most `concurrency` in flight, so the engine keeps room for interactive requests; 429s are retried.
@@ -17,6 +19,9 @@ validation refuses its input file; `cancelling` -> `cancelled` on a cancel.
 - Expiry: a batch not done `completion_window` after its creation (24 h) stops sending lines, as on a cancel, and
   ends `expired`: its answers in the output and error files, the lines never sent in the error file with the code
   `batch_expired` (OpenAI's); one whose window passed before it ran has them all so.
+- Files: the output and error files live `output_expires_after` seconds when the batch asked so. The runner
+  deletes expired files (batch_store.py) when it starts, every `FILE_SWEEP_SECONDS` and before reading an input
+  file; the routes do it on every call too.
 - Restart: the answers live in memory until finalizing, so a batch the server stopped in the middle of (validating,
   in progress or finalizing) runs again from its first line when a server starts on the same directory; one that
   was cancelling is cancelled without files.
@@ -42,7 +47,8 @@ MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 COMPLETION_WINDOWS = {"24h": 24 * 3600}  # OpenAI's windows, in seconds: a batch not done by then expires
 EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window "
                                                "expired."}
-MAX_LISTED_ERRORS = 100  # url_mismatch lines listed in errors.data
+MAX_LISTED_ERRORS = 100  # url_mismatch and model_mismatch lines listed in errors.data
+FILE_SWEEP_SECONDS = 60.0  # how often expired files leave the disk unasked (an access deletes them at once)
 ACTIVE = ("validating", "in_progress", "finalizing")
 
 
@@ -55,14 +61,27 @@ def validation_errors(raw_lines: list[str], endpoint: str) -> list[dict[str, Any
         return [_error("too_many_tasks", f"the input file holds {len(requests)} requests; a batch takes at most "
                                          f"{MAX_REQUESTS}")]
     errors = []
+    first_model: Optional[tuple[int, Any]] = None  # (line, model) of the first line that names a model
     for n, text in requests:
         try:
             request = json.loads(text)
         except json.JSONDecodeError:
             continue  # a bad line, answered in the error file
-        if isinstance(request, dict) and request.get("url") != endpoint:
+        if not isinstance(request, dict):
+            continue
+        if request.get("url") != endpoint:
             errors.append(_error("url_mismatch", f"the line's url {request.get('url')!r} is not the batch's "
                                                  f"endpoint {endpoint!r}", line=n, param="url"))
+        body = request.get("body")
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is None:
+            continue
+        if first_model is None:
+            first_model = (n, model)
+        elif model != first_model[1]:
+            errors.append(_error("model_mismatch", f"the line's model {model!r} is not {first_model[1]!r}, the "
+                                                   f"model of line {first_model[0]}: a batch runs one model",
+                                 line=n, param="body.model"))
     return errors[:MAX_LISTED_ERRORS]
 
 
@@ -84,10 +103,11 @@ class BatchRunner:
         self._stop = asyncio.Event()  # set: the running batch is cancelled (or expired)
         self._expired = False  # the running batch's window has passed
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._task: Optional[asyncio.Task] = None
+        self._tasks: list[asyncio.Task] = []  # the worker and the file sweep
 
     async def start(self) -> None:
-        """Queue the batches a previous server left unfinished, then start the worker."""
+        """Queue the batches a previous server left unfinished, then start the worker and the file sweep (whose first
+        pass deletes the files that expired while no server ran)."""
         for record in sorted(self.store.batches.values(), key=lambda r: r.created_ns):
             body = record.body
             if body["status"] == "cancelling":
@@ -96,14 +116,23 @@ class BatchRunner:
             elif body["status"] in ACTIVE:
                 log.info("batch %s was %s when the server stopped: it runs again", body["id"], body["status"])
                 self.submit(record)
-        self._task = asyncio.create_task(self._work())
+        self._tasks = [asyncio.create_task(self._work()), asyncio.create_task(self._sweep())]
 
     async def close(self) -> None:
-        """Stop the worker; a batch it held stays active on disk (it runs again on the next start)."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the worker and the sweep; a batch the worker held stays active on disk (it runs again on the next
+        start)."""
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def _sweep(self) -> None:
+        while True:
+            try:
+                self.store.expire_files()
+            except OSError:  # a disk error must not end the sweep: the next pass tries again
+                log.exception("deleting expired files failed")
+            await asyncio.sleep(FILE_SWEEP_SECONDS)
 
     def submit(self, record: Record) -> None:
         self._queue.put_nowait(record.body["id"])
@@ -137,10 +166,12 @@ class BatchRunner:
 
     async def _run(self, record: Record) -> None:
         body = record.body
+        self.store.expire_files()
         source = self.store.files.get(body["input_file_id"])
         if source is None:
-            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [_error(
-                "file_not_found", f"the input file {body['input_file_id']!r} was deleted", param="input_file_id")]})
+            missing = _error("file_not_found", f"the input file {body['input_file_id']!r} was deleted or expired",
+                             param="input_file_id")
+            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [missing]})
             self.store.save_batch(record)
             return
         raw = await run_in_threadpool(self._read, self.store.content_path(body["input_file_id"]))
@@ -201,8 +232,9 @@ class BatchRunner:
             if answer is not None and answer[0] == 200:
                 p, c, h = tokens_of(answer[1])
                 prompt, completion, cached = prompt + p, completion + c, cached + h
-        body["output_file_id"] = await self._write_file(body["id"] + "_output.jsonl", succeeded)
-        body["error_file_id"] = await self._write_file(body["id"] + "_error.jsonl", refused)
+        lifetime = record.output_expires_after
+        body["output_file_id"] = await self._write_file(body["id"] + "_output.jsonl", succeeded, lifetime)
+        body["error_file_id"] = await self._write_file(body["id"] + "_error.jsonl", refused, lifetime)
         body["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                          "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": prompt + completion}
@@ -214,8 +246,9 @@ class BatchRunner:
             body.update(status="completed", completed_at=_now())
         self.store.save_batch(record)
 
-    async def _write_file(self, filename: str, entries: list[str]) -> Optional[str]:
-        """A batch_output file of `entries`; its id (None when there is none to write)."""
+    async def _write_file(self, filename: str, entries: list[str], expires_after: Optional[int]) -> Optional[str]:
+        """A batch_output file of `entries` living `expires_after` seconds (None: until deleted); its id (None when
+        there is none to write)."""
         if not entries:
             return None
         file_id = new_id("file-")
@@ -224,4 +257,4 @@ class BatchRunner:
             f.writelines(e.encode("utf-8") for e in entries)
 
         size = await run_in_threadpool(self.store.write_content, file_id, fill)
-        return self.store.add_file(file_id, size, filename, "batch_output").body["id"]
+        return self.store.add_file(file_id, size, filename, "batch_output", expires_after).body["id"]

@@ -9,10 +9,15 @@ disk is always complete; a content without its object (a crash between the two) 
 records live in memory too: the server reads them there and writes each change through to disk. Every method but
 `write_content` runs on the server's event loop; `write_content` touches only its own file and may run in a worker
 thread.
+
+A file may expire (OpenAI's `expires_after`): its object has `expires_at`, and `expire_files` deletes it, object and
+content, once `clock()` reaches that second. The routes call it on every access and the runner on a sweep, so an
+expired file is never served and its content leaves the disk even when nobody asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +35,12 @@ log = logging.getLogger(__name__)
 class Record:
     body: dict[str, Any]  # the object as the API answers it
     created_ns: int  # orders lists and the queue (created_at counts whole seconds)
+    output_expires_after: Optional[int] = None  # a batch's: seconds its output files live (None: until deleted)
+
+
+def clock() -> float:
+    """The time file expiry reads, in seconds (one function, so that tests can move it forward)."""
+    return time.time()
 
 
 def new_id(prefix: str) -> str:
@@ -64,7 +75,7 @@ class BatchStore:
             try:
                 with open(os.path.join(directory, name), encoding="utf-8") as f:
                     saved = json.load(f)
-                record = Record(saved["body"], int(saved["created_ns"]))
+                record = Record(saved["body"], int(saved["created_ns"]), saved.get("output_expires_after"))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("skipping unreadable record %s: %s", os.path.join(directory, name), e)
                 continue
@@ -74,7 +85,8 @@ class BatchStore:
     @staticmethod
     def _write(path: str, record: Record) -> None:
         with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"created_ns": record.created_ns, "body": record.body}, f)
+            json.dump({"created_ns": record.created_ns, "body": record.body,
+                       "output_expires_after": record.output_expires_after}, f)
 
     def content_path(self, file_id: str) -> str:
         return os.path.join(self.files_dir, file_id + ".data")
@@ -88,11 +100,14 @@ class BatchStore:
             size = os.path.getsize(tmp)
         return size
 
-    def add_file(self, file_id: str, size: int, filename: str, purpose: str) -> Record:
-        """The object of a file whose content is written."""
+    def add_file(self, file_id: str, size: int, filename: str, purpose: str,
+                 expires_after: Optional[int] = None) -> Record:
+        """The object of a file whose content is written; expires_after: seconds it lives (None: until deleted)."""
         now = time.time_ns()
-        record = Record({"id": file_id, "object": "file", "bytes": size, "created_at": now // 10**9,
-                         "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+        created_at = now // 10**9
+        expires_at = None if expires_after is None else created_at + expires_after
+        record = Record({"id": file_id, "object": "file", "bytes": size, "created_at": created_at,
+                         "filename": filename, "purpose": purpose, "status": "processed", "expires_at": expires_at,
                          "status_details": None}, now)
         self._write(os.path.join(self.files_dir, file_id + ".json"), record)
         self.files[file_id] = record
@@ -100,13 +115,24 @@ class BatchStore:
 
     def delete_file(self, file_id: str) -> None:
         del self.files[file_id]
-        os.remove(os.path.join(self.files_dir, file_id + ".json"))  # the object first: no object, no file
-        os.remove(self.content_path(file_id))
+        # the object first (no object, no file); a part already gone is no error
+        for path in (os.path.join(self.files_dir, file_id + ".json"), self.content_path(file_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
-    def add_batch(self, body: dict[str, Any]) -> Record:
-        """A new batch object (its `created_at` set here)."""
+    def expire_files(self) -> list[str]:
+        """Delete the files whose `expires_at` has come; their ids."""
+        now = clock()
+        gone = [k for k, r in self.files.items() if r.body["expires_at"] is not None and r.body["expires_at"] <= now]
+        for file_id in gone:
+            log.info("file %s expired", file_id)
+            self.delete_file(file_id)
+        return gone
+
+    def add_batch(self, body: dict[str, Any], output_expires_after: Optional[int] = None) -> Record:
+        """A new batch object (its `created_at` set here); output_expires_after: seconds its output files live."""
         now = time.time_ns()
-        record = Record({**body, "created_at": now // 10**9}, now)
+        record = Record({**body, "created_at": now // 10**9}, now, output_expires_after)
         self.batches[body["id"]] = record
         self.save_batch(record)
         return record

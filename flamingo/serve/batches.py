@@ -1,25 +1,28 @@
 """OpenAI's Files and Batch APIs over HTTP (docs/serve.md, "Batch API over HTTP"): what the `openai` client's
 `files.*` and `batches.*` calls expect, on `flamingo serve --batch-dir DIR`.
 
-    POST /v1/files (multipart: file, purpose=batch)   GET /v1/files   GET|DELETE /v1/files/{id}
-    GET /v1/files/{id}/content
-    POST /v1/batches   GET /v1/batches   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
+    POST /v1/files (multipart: file, purpose=batch, expires_after[anchor], expires_after[seconds])
+    GET /v1/files   GET|DELETE /v1/files/{id}   GET /v1/files/{id}/content
+    POST /v1/batches (input_file_id, endpoint, completion_window, metadata, output_expires_after)
+    GET /v1/batches   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
 
-Every route checks the API key first. A server without `--batch-dir` answers each with a 404 that says so. Lists
+Every route checks the API key first, then deletes the files whose `expires_at` has come (batch_store.py), so an
+expired file is 404 from that second on. A server without `--batch-dir` answers each with a 404 that says so. Lists
 are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after`, `has_more`.
 Storage: serve/batch_store.py; running: serve/batch_runner.py.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import StrictStr
+from pydantic import StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .batch_lines import URLS
@@ -29,6 +32,24 @@ from .engine import Engine
 from .protocol import APIError, StrictModel, parse
 
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
+EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range of a file's lifetime: 1 hour to 30 days
+UPLOAD_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")  # the openai client's names
+
+
+def expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
+    """OpenAI's expiry policy `{anchor: "created_at", seconds: N}` -> N, or a 400 naming the part at fault."""
+    if anchor != "created_at":
+        raise APIError(400, f"{param}.anchor must be 'created_at', got {anchor!r}", param=f"{param}.anchor")
+    low, high = EXPIRY_SECONDS
+    if type(seconds) is not int or not low <= seconds <= high:
+        raise APIError(400, f"{param}.seconds must be an integer from {low} to {high}, got {seconds!r}",
+                       param=f"{param}.seconds")
+    return seconds
+
+
+class ExpiresAfter(StrictModel):
+    anchor: StrictStr
+    seconds: StrictInt
 
 
 class BatchCreateRequest(StrictModel):
@@ -36,6 +57,7 @@ class BatchCreateRequest(StrictModel):
     endpoint: StrictStr
     completion_window: StrictStr
     metadata: Optional[dict[StrictStr, StrictStr]] = None
+    output_expires_after: Optional[ExpiresAfter] = None  # the lifetime of the batch's output and error files
 
     def check(self) -> None:
         if self.endpoint not in URLS:
@@ -49,6 +71,9 @@ class BatchCreateRequest(StrictModel):
             raise APIError(400, f"metadata takes at most {METADATA_PAIRS} pairs, keys of at most "
                                 f"{METADATA_KEY_CHARS} characters, values of at most {METADATA_VALUE_CHARS}",
                            param="metadata")
+        if self.output_expires_after is not None:
+            expiry_seconds(self.output_expires_after.anchor, self.output_expires_after.seconds,
+                           "output_expires_after")
 
 
 def _limit(request: Request, default: int, most: int) -> int:
@@ -68,8 +93,9 @@ def _listing(request: Request, records: dict[str, Record], default: int, most: i
     return JSONResponse(page(records, _limit(request, default, most), after, newest_first))
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str]:
-    """A multipart upload's `file` and `purpose`, the body at most `limit` bytes."""
+async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str, Optional[int]]:
+    """A multipart upload's `file`, `purpose` and `expires_after` seconds (None: none asked), the body at most
+    `limit` bytes."""
     too_big = APIError(413, f"the upload is larger than the server's limit of {limit} bytes (--max-batch-file-mb)",
                        code="file_too_large")
     declared = request.headers.get("content-length")
@@ -90,15 +116,30 @@ async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str]:
         form = await MultiPartParser(request.headers, counted(), max_files=1, max_fields=8).parse()
     except MultiPartException as e:
         raise APIError(400, f"the upload is not valid multipart/form-data: {e.message}") from None
+    try:
+        return _upload_fields(form)
+    except APIError:
+        await form.close()
+        raise
+
+
+def _upload_fields(form: FormData) -> tuple[UploadFile, str, Optional[int]]:
+    """The fields of an upload's form, as `_read_upload` returns them."""
+    unknown = [k for k in form.keys() if k not in UPLOAD_FIELDS]
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
     upload, purpose = form.get("file"), form.get("purpose")
     if not isinstance(upload, UploadFile):
-        await form.close()
         raise APIError(400, "the upload has no `file` part", param="file")
     if purpose != "batch":
-        await form.close()
         raise APIError(400, f"purpose must be 'batch' (the only purpose this server takes), got {purpose!r}",
                        param="purpose")
-    return upload, purpose
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return upload, purpose, None
+    if isinstance(seconds, str) and re.fullmatch("[0-9]{1,9}", seconds):  # a form sends the number as text
+        seconds = int(seconds)
+    return upload, purpose, expiry_seconds(anchor, seconds, "expires_after")
 
 
 def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, api_key: Optional[str],
@@ -116,6 +157,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         if store is None:
             raise APIError(404, "this server keeps no files or batches: start `flamingo serve` with --batch-dir DIR",
                            code="batch_api_disabled")
+        store.expire_files()
         return store
 
     def file_record(s: BatchStore, file_id: str) -> Record:
@@ -131,13 +173,13 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
     @app.post("/v1/files")
     async def upload_file(request: Request) -> JSONResponse:
         s = stored(request)
-        upload, purpose = await _read_upload(request, max_file_bytes)
+        upload, purpose, expires_after = await _read_upload(request, max_file_bytes)
         file_id = new_id("file-")
         try:
             size = await run_in_threadpool(s.write_content, file_id, lambda f: shutil.copyfileobj(upload.file, f))
         finally:
             await upload.close()
-        return JSONResponse(s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose).body)
+        return JSONResponse(s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose, expires_after).body)
 
     @app.get("/v1/files")
     async def list_files(request: Request) -> JSONResponse:
@@ -180,7 +222,8 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
             "id": new_id("batch_"), "object": "batch", "endpoint": req.endpoint, "model": model_name, "errors": None,
             "input_file_id": req.input_file_id, "completion_window": req.completion_window, "status": "validating",
             "output_file_id": None, "error_file_id": None, **timestamps,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata, "usage": None})
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata, "usage": None},
+            output_expires_after=None if req.output_expires_after is None else req.output_expires_after.seconds)
         record.body["expires_at"] = record.body["created_at"] + COMPLETION_WINDOWS[req.completion_window]
         s.save_batch(record)
         assert runner is not None  # a store comes with its runner

@@ -76,6 +76,10 @@ class FlamingoConfig:
     # trained and evaluated with it): a text token sees the next image of its row, none after the row's last image;
     # an `<image>` token sees its own. For converted v1 checkpoints; False is the paper's rule.
     attend_next_image: bool = False
+    # A row without any image skips the blocks (computes the bare LM, adapters included), as Multimodal-GPT's
+    # text-only prompts do; False: every row runs the blocks (Flamingo's rule: the attention term of text that sees
+    # no image is zero, the gated FFW still applies). For converted Multimodal-GPT checkpoints.
+    imageless_rows_skip_blocks: bool = False
     # MMICL-style references: `<image0>` ... `<imageK-1>` tokens (K = this) that re-target the cross-attention to an
     # earlier image of the prompt (flamingo/references.py); 0: none, the paper's model.
     num_image_references: int = 0
@@ -139,6 +143,8 @@ class FlamingoConfig:
         if self.attend_next_image and (self.num_image_references or not self.only_attend_last_image):
             raise ValueError("attend_next_image (OpenFlamingo v1's rule) goes with only_attend_last_image=True and no "
                              "image references")
+        if self.imageless_rows_skip_blocks and self.num_image_references:
+            raise ValueError("imageless_rows_skip_blocks goes without image references")
         if self.num_latents < 1 or self.max_frames < 1:
             raise ValueError("num_latents and max_frames must be >= 1")
 

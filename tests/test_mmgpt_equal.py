@@ -101,6 +101,88 @@ def test_generate_equals_mmgpt(mmgpt):
     assert torch.equal(mine[:, :n], theirs[:, :n])
 
 
+TEXT_ONLY = MMGPT_PREAMBLE + "\n\n### Instruction:\nWrite a haiku.\n\n### Response:\n"
+
+
+def _peer_text_only(peer, input_ids, attention_mask, generate_tokens: int = 0):
+    """Multimodal-GPT on a prompt without an image: its LM alone (its forward with `vision_x=None`; its demo's
+    `condition_only_lang_x` around the LM's `generate`)."""
+    with torch.no_grad():
+        if not generate_tokens:
+            return peer(vision_x=None, lang_x=input_ids, attention_mask=attention_mask).logits
+        layers = peer.lang_encoder._get_decoder_layers()
+        for layer in layers:
+            layer.condition_only_lang_x(True)
+        try:
+            return peer.lang_encoder.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                              max_new_tokens=generate_tokens, num_beams=1, do_sample=False)
+        finally:
+            for layer in layers:
+                layer.condition_only_lang_x(False)
+
+
+def test_prompts_without_an_image_run_the_lm_alone(mmgpt):
+    """As Multimodal-GPT computes a prompt without an image (its LM alone, adapters included), per row: in a batch
+    beside an image prompt, in `generate`, and in the server's continuous batch."""
+    peer, ours, processor, base, finetune, backbones = mmgpt
+    assert ours.config.imageless_rows_skip_blocks
+    batch = processor([TEXT_ONLY, PROMPTS[0]], images=[[], MEDIA[0]], padding_side="right")
+    with torch.no_grad():
+        mine = ours(**batch).logits
+    n = int(batch["attention_mask"][0].sum())
+    text = _peer_text_only(peer, batch["input_ids"][:1, :n], batch["attention_mask"][:1, :n])
+    assert (mine[0, :n] - text[0]).abs().max() <= 1e-5
+    m = int(batch["attention_mask"][1].sum())
+    alone = processor(PROMPTS[0], images=MEDIA[0])
+    assert (mine[1, :m] - _peer_logits(peer, alone)[0]).abs().max() <= 1e-5
+    # Not vacuous: the blocks' dense layers (Flamingo's rule for text that sees no image) give other logits
+    flamingo_rule = copy.deepcopy(ours)
+    flamingo_rule.config.imageless_rows_skip_blocks = False
+    with torch.no_grad():
+        assert (flamingo_rule(**batch).logits[0, :n] - text[0]).abs().max() > 1e-3
+
+    single = processor(TEXT_ONLY)
+    mine = generate(ours, single["input_ids"], single["attention_mask"], max_new_tokens=6, do_sample=False)
+    theirs = _peer_text_only(peer, single["input_ids"], single["attention_mask"], generate_tokens=6)
+    k = min(mine.shape[1], theirs.shape[1])
+    assert k > single["input_ids"].shape[1] + 1 and torch.equal(mine[:, :k], theirs[:, :k])
+
+
+@pytest.mark.skipif(not __import__("flamingo.runtime.compat", fromlist=["x"]).CONTINUOUS_BATCHING,
+                    reason="the server's prefill needs transformers >= 5.4")
+def test_continuous_batch_mixes_text_only_and_image_rows(mmgpt):
+    """The server's path (chunked prefill, then a `DecodeBatch` of a text-only and an image row) gives each prompt
+    the greedy tokens `generate` gives it alone, and the text-only row Multimodal-GPT's."""
+    from flamingo.model.batching import DecodeBatch
+    from flamingo.model.prefill import Prefill
+
+    peer, ours, processor, *_ = mmgpt
+    suppress, steps = ours.config.media_token_id, 5
+    batch, rows, prompts = DecodeBatch(ours, 2), [], [(TEXT_ONLY, []), (PROMPTS[0], MEDIA[0])]
+    for prompt, media in prompts:
+        b = processor(prompt, images=media or None)
+        prefill, row = Prefill(ours, b["input_ids"][0], b.get("images"), b.get("num_media"), b.get("num_frames"),
+                               chunk=7), None
+        while row is None:
+            row = prefill.step()
+        batch.add(row)
+        logits = row.logits.clone()
+        logits[suppress] = -float("inf")
+        rows.append([int(logits.argmax())])
+    for _ in range(steps - 1):
+        logits = batch.step(torch.tensor([r[-1] for r in rows]))
+        logits[:, suppress] = -float("inf")
+        for r, t in zip(rows, logits.argmax(-1).tolist()):
+            r.append(t)
+    for (prompt, media), got in zip(prompts, rows):
+        b = processor(prompt, images=media or None)
+        alone = ours.generate(**b, max_new_tokens=steps, min_new_tokens=steps)[0, b["input_ids"].shape[1]:]
+        assert got == alone.tolist()
+    text = processor(TEXT_ONLY)
+    theirs = _peer_text_only(peer, text["input_ids"], text["attention_mask"], steps)[0, text["input_ids"].shape[1]:]
+    assert len(theirs) > 1 and rows[0][:len(theirs)] == theirs.tolist()  # and the text-only row is mmgpt's
+
+
 def test_merged_adapters_and_peft_key_forms(mmgpt):
     """The LM's adapters merged into it give the same logits; a file from PEFT before adapter names (`lora_A.weight`)
     without DDP's prefix, its blocks named under `gated_cross_attn_layers`, converts to the same model."""
@@ -131,6 +213,8 @@ def test_bad_files_are_refused(mmgpt):
         _convert(base, unpaired, backbones)
     with pytest.raises(ValueError, match="no LoRA tensors"):
         _convert(base, {"model_state_dict": {"module.perceiver.latents": torch.zeros(2, 2)}}, backbones)
+
+
 
 
 def test_mmgpt_chat_format(mmgpt):
@@ -194,4 +278,6 @@ def test_convert_command_downloads_the_finetune_and_finds_the_published_base(tmp
     assert (tmp_path / "torch" / "hub" / "checkpoints" / "mmgpt-lora-v0-release.pt").is_file()
     model, processor = load_pretrained(str(tmp_path / "out"))
     assert model.config.lm_lora is not None and model.config.attend_next_image and processor.template == "mmgpt"
+    assert model.config.imageless_rows_skip_blocks
+    assert "Multimodal-GPT's rule" in (tmp_path / "out" / "README.md").read_text()  # the model card says so
     assert _max_diff(model, peer, processor) <= 1e-5

@@ -314,3 +314,45 @@ def test_forward_cache_continues_the_sequence_under_either_name(make_model):
         tail = model(input_ids=ids[:, split:], use_cache=True, position_ids=torch.arange(split, ids.shape[1])[None],
                      **{lm_cache_argument(model.lm): head.cache}).logits
     torch.testing.assert_close(tail, full[:, split:], atol=1e-5, rtol=1e-5)
+
+
+def test_imageless_rows_skip_blocks_on_the_papers_rule():
+    """`imageless_rows_skip_blocks` (Multimodal-GPT's text-only prompts; tests/test_mmgpt_equal.py compares with
+    it under v1's rule): a row without any image computes the bare LM beside a row with images, whose text before
+    its first image still runs the blocks; a chunked prefill whose first chunk holds no image yet equals one forward;
+    chunked `generate` and packed rows refuse it."""
+    from flamingo.config import FlamingoConfig
+    from flamingo.model.generation import generate
+    from flamingo.model.prefill import Prefill
+    from flamingo.runtime.compat import CONTINUOUS_BATCHING
+    from flamingo.tiny import tiny_flamingo
+
+    model, processor = tiny_flamingo(imageless_rows_skip_blocks=True)
+    prompts = ["A text without images.", "Some text first, then <image>a photo of a cat."]
+    batch = processor(prompts, images=[[], [random_image(0)]], padding_side="right")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        n = int(batch["attention_mask"][0].sum())
+        bare = model.lm(input_ids=batch["input_ids"][:1, :n]).logits
+        assert (logits[0, :n] - bare[0]).abs().max() <= 1e-5
+        flamingo_rule = copy.deepcopy(model)
+        flamingo_rule.config.imageless_rows_skip_blocks = False
+        other = flamingo_rule(**batch).logits
+    assert (other[0, :n] - bare[0]).abs().max() > 1e-3  # the blocks' FFW moves text that sees no image
+    m = int(batch["attention_mask"][1].sum())
+    assert torch.allclose(logits[1, :m], other[1, :m], atol=1e-6)  # a row with an image runs every block
+
+    if CONTINUOUS_BATCHING:
+        one = processor(prompts[1], images=[random_image(0)])
+        prefill, row = Prefill(model, one["input_ids"][0], one["images"], one["num_media"], chunk=3), None
+        while row is None:
+            row = prefill.step()
+        assert (row.logits - logits[1, m - 1]).abs().max() <= 1e-5
+
+    with pytest.raises(ValueError, match="imageless_rows_skip_blocks"):
+        FlamingoConfig(imageless_rows_skip_blocks=True, num_image_references=2)
+    with pytest.raises(ValueError, match="imageless_rows_skip_blocks"):
+        generate(model, batch["input_ids"][1:], images=batch["images"][1:], num_media=batch["num_media"][1:],
+                 max_new_tokens=2, prefill_chunk_size=4)
+    with pytest.raises(ValueError, match="imageless_rows_skip_blocks"):
+        model(**batch, document_ids=torch.zeros_like(batch["input_ids"]))

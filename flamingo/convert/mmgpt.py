@@ -10,14 +10,11 @@ attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) and the gated blo
 - the LM's adapters become our `lm_lora` adapters (model/lora.py), so the LM stays the LLaMA-7B the user names and
   the checkpoint stays small; `merge_lm_lora=True` folds them into the LM instead (a plain LM, saved whole);
 - the rest is OpenFlamingo v1's conversion (openflamingo.py), v1's masking rule included (`attend_next_image`);
+- a prompt without any image runs the LM alone (with its adapters), as Multimodal-GPT's does (its layers'
+  `condition_only_lang_x`): config `imageless_rows_skip_blocks`, per row, so a batch may mix such prompts with others;
 - prompts use Multimodal-GPT's format (`mmgpt` template, flamingo/chat.py).
 Keys are read in the forms PEFT has written (`lora_A.weight`, `lora_A.default.weight`), behind `module.` (DDP) and
 PEFT's `base_model.model.`; blocks under the wrapped decoder layers or under `gated_cross_attn_layers`.
-
-Known difference: for a prompt without any image Multimodal-GPT's demo runs the LM alone (its layers'
-`condition_only_lang_x`), skipping the blocks; here the blocks' dense layers still apply (Flamingo's rule: the
-attention term is zero for text that sees no image, the gated FFW is not). Prompts with an image are equal
-(tests/test_mmgpt_equal.py).
 """
 
 from __future__ import annotations
@@ -137,7 +134,7 @@ def convert_mmgpt(finetune: Union[str, os.PathLike, dict], base: Union[str, os.P
             raise ValueError(f"the checkpoint trains {key!r} whole, which the conversion cannot place")
         state[canonical_key(key)] = value
 
-    config = FlamingoConfig()
+    config = FlamingoConfig(imageless_rows_skip_blocks=True)
     if lm_adapters:
         targets = sorted({path.rpartition(".")[2] for path in lm_adapters})
         config.lm_lora = {"r": r, "alpha": alpha, "target_modules": targets, "dropout": 0.0}

@@ -86,6 +86,8 @@ def model_card(directory: str, name: str) -> str:
         ("each text token sees", "the next image after it, none after the last (OpenFlamingo v1's rule)"
          if config.attend_next_image else "the last image before it" if config.only_attend_last_image
          else "every image before it"),
+        *([("prompts without an image", "the LM alone: the blocks are skipped (Multimodal-GPT's rule)")]
+          if config.imageless_rows_skip_blocks else []),
         ("parameters stored beside the backbones",
          f"{_amount(sum(parts.values()))}: resampler {_amount(parts['resampler'])}, blocks "
          f"{_amount(parts['blocks'])}, added tokens' rows {_amount(parts['rows'])}"

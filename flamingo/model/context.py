@@ -51,8 +51,12 @@ class MediaContext:
     # image, so a chunk must know whether a later chunk holds one); None: the images up to the end of each LM call
     row_images: Optional[torch.Tensor] = None
     media_index: Optional[torch.Tensor] = None  # (rows, T) of the current LM call, set when the LM embeds its ids
+    # (rows,) True where the row holds no image at all, with `imageless_rows_skip_blocks` (such rows skip the
+    # blocks); set with media_index. In DECODE such rows have decode_index -1 instead.
+    skip_rows: Optional[torch.Tensor] = None
     # (rows, 1) for DECODE: 1 where the row's prompt has an image (its last image's K/V are all it keeps), or, when
-    # it keeps every image's K/V, the image it sees (updated in place by generated references). Made eagerly in
+    # it keeps every image's K/V, the image it sees (updated in place by generated references); -1 where the row
+    # holds no image and skips the blocks (`imageless_rows_skip_blocks`). Made eagerly in
     # PREFILL and contiguous (unlike last_media_index, a strided view), so a compiled decode step guards on it
     # without recompiling.
     decode_index: Optional[torch.Tensor] = None

@@ -198,6 +198,8 @@ class Flamingo(nn.Module):
             if self.references is not None:
                 images = (input_ids == self.config.media_token_id).sum(dim=1)  # (rows,)
                 ctx.media_count = images if ctx.media_count is None else ctx.media_count + images
+            if self.config.imageless_rows_skip_blocks:  # (rows,): no image in the whole row
+                ctx.skip_rows = (count[:, -1] if ctx.row_images is None else ctx.row_images.to(count.device)) == 0
             if ctx.phase is Phase.PREFILL:  # made here, eagerly, so that compiled decode steps only read them
                 if self.decodes_all_images:  # (rows, 1): the image each row sees
                     ctx.decode_index = ctx.last_media_index.clone()[:, None]
@@ -206,6 +208,8 @@ class Flamingo(nn.Module):
                     ctx.decode_index = torch.zeros_like(ctx.last_media_index)[:, None]
                 else:  # (rows, 1): 1 = has an image
                     ctx.decode_index = (ctx.last_media_index > 0).long()[:, None]
+                if ctx.skip_rows is not None:  # (rows, 1): -1 = skips the blocks
+                    ctx.decode_index = torch.where(ctx.skip_rows[:, None], -1, ctx.decode_index)
         if self.new_token_embeddings is None:
             return output
         first, n = self.config.first_new_token_id, self.config.num_new_tokens
@@ -265,15 +269,20 @@ class Flamingo(nn.Module):
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         block = self.xattn[block_idx]
+        skip = self.config.imageless_rows_skip_blocks
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
             # on (or, keeping only the last image, recompile for) the prompt's number of images
             kv = ctx.media_kv.get(("all" if self.decodes_all_images else "last", block_idx, hidden.shape[0])) \
                 if ctx.decode_kv is None else (ctx.decode_kv[block_idx] if ctx.decode_kv else None)
-            index = None if kv is None else ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T)
+            rows_index = None if ctx.decode_index is None else \
+                ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T); -1: skips the block
+            index = None if kv is None else rows_index.clamp(min=0) if skip else rows_index
             impl = "gather" if self.decodes_all_images and self.config.only_attend_last_image else "reference"
-            hidden = block(hidden, kv, index, impl)
+            out = block(hidden, kv, index, impl)
+            hidden = torch.where((rows_index < 0)[..., None], hidden, out) if skip else out
         elif ctx.visual is None:  # text only: the attention term is exactly zero
-            hidden = block(hidden, None, None)
+            if not skip:  # (with imageless_rows_skip_blocks, no row runs the block)
+                hidden = block(hidden, None, None)
         else:
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
@@ -282,7 +291,8 @@ class Flamingo(nn.Module):
             only_last = self.config.only_attend_last_image
             impl = choose_impl(ctx.impl, hidden.shape[1], kv.k.shape[1], only_last, hidden.device)
             mask = ctx.flex_mask(kv.k.shape[1], kv.k.shape[2], only_last) if impl == "flex" else None
-            hidden = block(hidden, kv, ctx.media_index, impl, mask)
+            out = block(hidden, kv, ctx.media_index, impl, mask)
+            hidden = torch.where(ctx.skip_rows[:, None, None], hidden, out) if skip else out
             if ctx.phase is Phase.PREFILL and self.decodes_all_images:  # for the decode steps, made eagerly
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
             elif ctx.phase is Phase.PREFILL and not self.decodes_no_image:
@@ -435,6 +445,9 @@ class Flamingo(nn.Module):
         if self.config.attend_next_image:
             raise ValueError("packed rows (document_ids) need the last-image rule: with attend_next_image, a "
                              "sample's last text would see the next sample's first image")
+        if self.config.imageless_rows_skip_blocks:
+            raise ValueError("packed rows (document_ids) cannot skip the blocks per sample "
+                             "(imageless_rows_skip_blocks): train on unpacked rows")
         if not no_cache or "position_ids" in lm_kwargs or lm_kwargs.get("use_cache"):
             raise ValueError("packed rows (document_ids) make their own position ids and take no KV cache")
         if self._packs_exactly is None:

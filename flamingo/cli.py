@@ -93,7 +93,7 @@ def _cmd_convert_whole(args: argparse.Namespace) -> int:
     if args.trained_only and not args.backbones:
         raise ValueError("--trained-only needs --backbones DIR (where the vision tower and LM are written once)")
     if args.source == "idefics":
-        model, processor = from_idefics(args.model, args.tokenizer)
+        model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter)
     else:
         model, processor = from_otter(args.model, args.tokenizer, revision=args.revision)
     if args.backbones:
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     idefics = convert_sub.add_parser("idefics", help="an IdeficsForVisionText2Text checkpoint (docs/convert.md)")
     idefics.add_argument("--model", required=True, help="hub name or directory (e.g. HuggingFaceM4/idefics-9b)")
     idefics.add_argument("--tokenizer", default=None, help="defaults to the model's")
+    idefics.add_argument("--adapter", default=None, help="a PEFT LoRA adapter of the model (directory or hub name; "
+                         "a fine-tune, as HF's IDEFICS notebooks save them), merged in; --model may also be such an "
+                         "adapter, on the base its config names")
     otter = convert_sub.add_parser("otter", help="an Otter (or its HF-format OpenFlamingo) checkpoint "
                                    "(docs/convert.md)")
     otter.add_argument("--model", required=True, help="hub name or directory (e.g. luodian/OTTER-Image-MPT7B)")

@@ -40,6 +40,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from ..runtime.meta import meta_parameters
+from .adapters import LoraAdapter, is_adapter_dir, read_lora_adapter
 from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
@@ -220,14 +221,35 @@ def _image_processor_of(directory: Optional[str], image_size: int) -> Any:
     return idefics_image_processor(image_size)
 
 
+def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optional[Union[str, os.PathLike]]
+                      ) -> tuple[Optional[LoraAdapter], Union[str, os.PathLike, nn.Module]]:
+    """(the PEFT adapter to merge or None, the base model): `adapter` names one; else `source` may be one, whose
+    config names its base."""
+    if adapter is not None:
+        return read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True)), source
+    if isinstance(source, nn.Module):
+        return None, source
+    directory = checkpoint_dir(str(source), "IDEFICS model", allow_bin=False)
+    if not is_adapter_dir(directory):
+        return None, directory
+    found = read_lora_adapter(directory)
+    if not found.base:
+        raise ValueError(f"{source!r} is a PEFT adapter whose config names no base model: pass the base IDEFICS as "
+                         "the model and this as the adapter (--adapter)")
+    return found, found.base
+
+
 def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[None, str, PreTrainedTokenizerBase]
-                 = None, *, image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None
-                 ) -> tuple[Flamingo, FlamingoProcessor]:
+                 = None, *, image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None,
+                 adapter: Optional[Union[str, os.PathLike]] = None) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor computing what an `IdeficsForVisionText2Text` (object, directory or hub name) does.
 
     tokenizer / image_processor default to the ones saved with the model. torch_dtype defaults to the weights'.
-    The backbones are in-memory models: `write_backbones` saves them for trained-only checkpoints.
+    adapter: a PEFT LoRA adapter of it (directory or hub name; adapters.py), merged as its tensors are read; `source`
+    may also be such an adapter itself, on the base its config names. The backbones are in-memory models:
+    `write_backbones` saves them for trained-only checkpoints.
     """
+    lora, source = _adapter_and_base(source, adapter)
     config, tensors, directory = read_idefics(source)
     flamingo = idefics_flamingo_config(config)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -246,6 +268,8 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
         tokenizer.pad_token_id = config.pad_token_id
     dtype = torch_dtype or tensors.dtype_of("model.embed_tokens.weight")
     tensors = tensors.cast(dtype)
+    if lora is not None:
+        tensors = lora.merged(tensors)
 
     with meta_parameters():  # the whole model: its tensors are all in the checkpoint
         model = Flamingo(_vision_tower(config, dtype), _language_model(config, dtype), flamingo)
@@ -253,6 +277,8 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     state = {**_vision_state(model.vision, tensors), **_lm_state(config, tensors),
              **_trained_state(config, flamingo, tensors)}
     assign_all(model, state, "the IDEFICS checkpoint")
+    if lora is not None:
+        lora.check_used()
     if image_processor is None:
         image_processor = _image_processor_of(directory, config.vision_config.image_size)
     limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)

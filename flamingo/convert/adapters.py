@@ -1,0 +1,157 @@
+"""PEFT LoRA adapters of a published checkpoint (an IDEFICS fine-tune, as Hugging Face's IDEFICS notebooks make
+them), merged into its tensors as a conversion reads them.
+
+A PEFT adapter directory (or Hub repository) holds `adapter_config.json` (`peft_type: LORA`, `r`, `lora_alpha`,
+`rank_pattern`, `alpha_pattern`, `use_rslora`, `fan_in_fan_out`, `base_model_name_or_path`) and
+`adapter_model.safetensors` (or `.bin`): `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r) per adapted Linear, and `base_model.model.<module>.<param>` for the modules it trained whole
+(`modules_to_save`). Merged, an adapted weight is W + s·B·A (Bᵀ·Aᵀ transposed for `fan_in_fan_out`), s = alpha / r
+(alpha / sqrt(r) with rsLoRA), each module's r and alpha from the patterns where they name it: what PEFT's
+`merge_and_unload` computes. The converted model then holds the fine-tune's weights everywhere (vision tower, LM,
+resampler and blocks alike) and refers to no base by name. DoRA, LoRA biases, embedding and convolution adapters,
+trainable tokens and parameter targets are refused with their name, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from .checkpoints import CheckpointTensors, open_tensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+_LORA = re.compile(r"^(.*)\.lora_([AB])\.weight$")
+# adapter_config.json options whose effect merging as above would not reproduce: (option, value that is harmless)
+_REFUSED = (("use_dora", False), ("lora_bias", False), ("layer_replication", None), ("trainable_token_indices", None),
+            ("target_parameters", None))
+
+
+def is_adapter_dir(directory: str) -> bool:
+    """A PEFT adapter (its config, and no model config of its own)."""
+    return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)) and \
+        not os.path.isfile(os.path.join(directory, "config.json"))
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first pattern the module's name ends with."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter: per adapted weight of the base model (its state-dict name), the update s·B·A."""
+
+    directory: str
+    base: Optional[str]  # base_model_name_or_path
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # weight name -> (A (r, in), B (out, r), scale)
+    replaced: dict[str, torch.Tensor]  # modules_to_save: base tensor name -> the adapter's tensor
+    fan_in_fan_out: bool = False
+    used: set[str] = field(default_factory=set)
+
+    def delta(self, name: str) -> Optional[torch.Tensor]:
+        """The float32 update of weight `name`, shaped as the weight, or None when it is not adapted."""
+        if name not in self.lora:
+            return None
+        a, b, scale = self.lora[name]
+        update = scale * (b.float() @ a.float())  # (out, in)
+        return update.T if self.fan_in_fan_out else update
+
+    def merged(self, tensors: CheckpointTensors) -> MergedTensors:
+        return MergedTensors(tensors, self)
+
+    def check_used(self) -> None:
+        """Raise when a tensor of the adapter named no tensor the conversion read (a module the base lacks)."""
+        unused = sorted((set(self.lora) | set(self.replaced)) - self.used)
+        if unused:
+            raise ValueError(f"the adapter {self.directory!r} adapts tensors the conversion never read, e.g. "
+                             f"{unused[0]!r}: is it an adapter of this base model?")
+
+
+def read_lora_adapter(directory: str) -> LoraAdapter:
+    """The LoRA adapter in `directory` (its config read and checked, its tensors loaded: they are small)."""
+    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory!r} holds a {config.get('peft_type')} adapter; only LoRA adapters merge")
+    for option, harmless in _REFUSED:
+        if config.get(option, harmless) not in (harmless, [], {}):
+            raise ValueError(f"the adapter uses {option}={config[option]!r}, which merging as LoRA would not "
+                             "reproduce: merge it with PEFT's merge_and_unload and convert the merged model")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"the adapter trains biases (bias={config['bias']!r}): merge it with PEFT first")
+    tensors = open_tensors(directory)
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replaced = {}
+    for key in tensors:
+        name = key.removeprefix(_PREFIX)
+        m = _LORA.match(name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = tensors[key]
+        elif ".lora_" in name:
+            raise ValueError(f"the adapter holds {key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
+        else:
+            replaced[name] = tensors[key]
+    lora = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"the adapter's {module!r} lacks its lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, r)
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(f"the adapter's {module!r} has rank {a.shape[0]}, its config says {rank}")
+        module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
+        scale = module_alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+        lora[f"{module}.weight"] = (a, b, scale)
+    if not lora and not replaced:
+        raise ValueError(f"the adapter in {directory!r} holds no tensors")
+    return LoraAdapter(directory, config.get("base_model_name_or_path"), lora, replaced,
+                       bool(config.get("fan_in_fan_out")))
+
+
+class MergedTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors with an adapter merged into each as it is read (CheckpointTensors' interface)."""
+
+    def __init__(self, tensors: CheckpointTensors, adapter: LoraAdapter) -> None:
+        self._tensors, self._adapter = tensors, adapter
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        adapter = self._adapter
+        if name in adapter.replaced:
+            adapter.used.add(name)
+            tensor = adapter.replaced[name]
+            dtype = self._tensors.dtype if self._tensors.dtype is not None and tensor.is_floating_point() else None
+            return tensor.to(dtype=dtype or self._tensors.dtype_of(name), copy=True)
+        tensor = self._tensors[name]
+        delta = adapter.delta(name)
+        if delta is None:
+            return tensor
+        adapter.used.add(name)
+        if delta.shape != tensor.shape:
+            raise ValueError(f"the adapter's update of {name!r} is {tuple(delta.shape)}, the weight "
+                             f"{tuple(tensor.shape)}")
+        return (tensor.float() + delta).to(tensor.dtype)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._tensors.dtype_of(name)
+
+    def cast(self, dtype: Optional[torch.dtype]) -> MergedTensors:
+        return MergedTensors(self._tensors.cast(dtype), self._adapter)

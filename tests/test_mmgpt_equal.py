@@ -281,3 +281,35 @@ def test_convert_command_downloads_the_finetune_and_finds_the_published_base(tmp
     assert model.config.imageless_rows_skip_blocks
     assert "Multimodal-GPT's rule" in (tmp_path / "out" / "README.md").read_text()  # the model card says so
     assert _max_diff(model, peer, processor) <= 1e-5
+
+
+@pytest.mark.skipif(not __import__("flamingo.runtime.compat", fromlist=["x"]).CONTINUOUS_BATCHING,
+                    reason="the server needs transformers >= 5.4")
+def test_served_chats_are_its_greedy_answers(mmgpt, one_thread):
+    """Two chats at once through the server (OpenAI's client): one with an image, one without; each answer is the
+    greedy answer to the prompt Multimodal-GPT's demo writes, the text-only one its LM-alone answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flamingo.serve.app import ServeSettings
+    from flamingo.serve.engine import Engine
+
+    from serve_helpers import data_url, greedy_alone, openai_client, running_server
+
+    peer, ours, processor, *_ = mmgpt
+    engine = Engine(ours, processor, max_batch=4)
+    chats = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(MEDIA[0][0])}},
+                                           {"type": "text", "text": "What is in the image?"}]}],
+             [{"role": "user", "content": "Write a haiku."}]]
+    with running_server(engine, ServeSettings(model_name="mmgpt")) as url:
+        client = openai_client(url)
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda m: client.chat.completions.create(model="mmgpt", messages=m, max_tokens=6,
+                                                                          temperature=0), chats))
+    eos = processor.tokenizer.eos_token_id
+    for out, (prompt, media) in zip(outs, [(PROMPTS[0], MEDIA[0]), (TEXT_ONLY, [])]):
+        tokens = greedy_alone(engine, prompt, media or None, 6)
+        tokens = tokens[:-1] if tokens and tokens[-1] == eos else tokens
+        assert out.choices[0].message.content == processor.decode(tokens).strip()
+    text = processor(TEXT_ONLY)
+    theirs = _peer_text_only(peer, text["input_ids"], text["attention_mask"], 6)[0, text["input_ids"].shape[1]:]
+    assert greedy_alone(engine, TEXT_ONLY, None, 6)[:len(theirs)] == theirs.tolist()

@@ -42,6 +42,33 @@ def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: 
     return peer.eval(), vision, lm, tok
 
 
+def continuous_batch_greedy(model: Flamingo, processor: Any, prompts: Sequence[tuple[str, list]], steps: int,
+                            chunk: int = 3) -> list[list[int]]:
+    """The server's path for several prompts at once: each prefilled in chunks of `chunk` tokens (`Prefill`), then
+    `steps` greedy tokens each from one `DecodeBatch` holding them all (`<image>` suppressed, as the server does)."""
+    from flamingo.model.batching import DecodeBatch
+    from flamingo.model.prefill import Prefill
+
+    suppress = model.config.media_token_id
+    batch, rows = DecodeBatch(model, len(prompts)), []
+    for prompt, media in prompts:
+        b = processor(prompt, images=media or None)
+        prefill, row = Prefill(model, b["input_ids"][0], b.get("images"), b.get("num_media"), b.get("num_frames"),
+                               chunk=chunk), None
+        while row is None:
+            row = prefill.step()
+        batch.add(row)
+        logits = row.logits.clone()
+        logits[suppress] = -float("inf")
+        rows.append([int(logits.argmax())])
+    for _ in range(steps - 1):
+        logits = batch.step(torch.tensor([r[-1] for r in rows]))
+        logits[:, suppress] = -float("inf")
+        for r, t in zip(rows, logits.argmax(-1).tolist()):
+            r.append(t)
+    return rows
+
+
 def write_openflamingo_files(peer: Any, vision: Any, lm: Any, tok: Any, directory: Path,
                              name: str = "checkpoint.pt") -> list[str]:
     """A released-style checkpoint file of the peer (its perceiver and blocks) and its backbones as directories, as

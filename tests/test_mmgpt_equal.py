@@ -23,7 +23,7 @@ from flamingo.model.generation import generate  # noqa: E402
 from flamingo.peers.mmgpt import LORA_CONFIG, apply_mmgpt_lora, load_mmgpt_modules  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor  # noqa: E402
 
-from helpers import hub_cache_entry, openflamingo_peer  # noqa: E402
+from helpers import continuous_batch_greedy, hub_cache_entry, openflamingo_peer  # noqa: E402
 
 # Multimodal-GPT's own format (its app.py and instruction data), one image each.
 PROMPTS = [MMGPT_PREAMBLE + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat is in the image?\n\n### Response:\n",
@@ -153,27 +153,9 @@ def test_prompts_without_an_image_run_the_lm_alone(mmgpt):
 def test_continuous_batch_mixes_text_only_and_image_rows(mmgpt):
     """The server's path (chunked prefill, then a `DecodeBatch` of a text-only and an image row) gives each prompt
     the greedy tokens `generate` gives it alone, and the text-only row Multimodal-GPT's."""
-    from flamingo.model.batching import DecodeBatch
-    from flamingo.model.prefill import Prefill
-
     peer, ours, processor, *_ = mmgpt
-    suppress, steps = ours.config.media_token_id, 5
-    batch, rows, prompts = DecodeBatch(ours, 2), [], [(TEXT_ONLY, []), (PROMPTS[0], MEDIA[0])]
-    for prompt, media in prompts:
-        b = processor(prompt, images=media or None)
-        prefill, row = Prefill(ours, b["input_ids"][0], b.get("images"), b.get("num_media"), b.get("num_frames"),
-                               chunk=7), None
-        while row is None:
-            row = prefill.step()
-        batch.add(row)
-        logits = row.logits.clone()
-        logits[suppress] = -float("inf")
-        rows.append([int(logits.argmax())])
-    for _ in range(steps - 1):
-        logits = batch.step(torch.tensor([r[-1] for r in rows]))
-        logits[:, suppress] = -float("inf")
-        for r, t in zip(rows, logits.argmax(-1).tolist()):
-            r.append(t)
+    steps, prompts = 5, [(TEXT_ONLY, []), (PROMPTS[0], MEDIA[0])]
+    rows = continuous_batch_greedy(ours, processor, prompts, steps, chunk=7)
     for (prompt, media), got in zip(prompts, rows):
         b = processor(prompt, images=media or None)
         alone = ours.generate(**b, max_new_tokens=steps, min_new_tokens=steps)[0, b["input_ids"].shape[1]:]

@@ -19,7 +19,12 @@ from flamingo.peers.openflamingo import openflamingo_v1_dir  # noqa: E402
 from flamingo.runtime.compat import CONTINUOUS_BATCHING  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor, tiny_lm  # noqa: E402
 
-from helpers import hub_cache_entry, openflamingo_peer, write_openflamingo_files  # noqa: E402
+from helpers import (  # noqa: E402
+    continuous_batch_greedy,
+    hub_cache_entry,
+    openflamingo_peer,
+    write_openflamingo_files,
+)
 
 if not (openflamingo_v1_dir() / "open_flamingo" / "src" / "flamingo_lm.py").is_file():
     pytest.skip(f"OpenFlamingo v1 is not installed in {openflamingo_v1_dir()}", allow_module_level=True)
@@ -174,25 +179,9 @@ def test_convert_command_v1_and_published_names(tmp_path):
 def test_continuous_batch_decodes_like_generate(v1):
     """The server's path (chunked prefill, then steps of a `DecodeBatch` holding two rows) gives each prompt the
     greedy tokens `generate` gives it alone."""
-    from flamingo.model.batching import DecodeBatch
-
     _, ours, processor, _ = v1
-    suppress, steps = ours.config.media_token_id, 5
-    batch, rows = DecodeBatch(ours, 2), []
-    for prompt, media in zip(PROMPTS, MEDIA):
-        b = processor(prompt, images=media)
-        prefill, row = Prefill(ours, b["input_ids"][0], b["images"], b["num_media"], b["num_frames"], chunk=3), None
-        while row is None:
-            row = prefill.step()
-        batch.add(row)
-        logits = row.logits.clone()
-        logits[suppress] = -float("inf")
-        rows.append([int(logits.argmax())])
-    for _ in range(steps - 1):
-        logits = batch.step(torch.tensor([r[-1] for r in rows]))
-        logits[:, suppress] = -float("inf")
-        for r, t in zip(rows, logits.argmax(-1).tolist()):
-            r.append(t)
+    steps = 5
+    rows = continuous_batch_greedy(ours, processor, list(zip(PROMPTS, MEDIA)), steps)
     for (prompt, media), got in zip(zip(PROMPTS, MEDIA), rows):
         b = processor(prompt, images=media)
         alone = ours.generate(**b, max_new_tokens=steps, min_new_tokens=steps)[0, b["input_ids"].shape[1]:]

@@ -16,6 +16,8 @@ from .runtime.dtypes import DTYPE_NAMES, torch_dtype
 from .runtime.quiet import quiet_irrelevant_warnings, quiet_transformers
 
 MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holding one (org/name)"
+ANY_MODEL_HELP = (MODEL_HELP + "; or an IDEFICS (or its PEFT adapter), Otter or published OpenFlamingo checkpoint, "
+                  "converted in memory on each load (docs/convert.md)")
 REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
 
 
@@ -129,12 +131,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .build import load_pretrained
+    from .convert.auto import load_model
 
     dtype = torch_dtype(args.dtype)
-    model, processor = load_pretrained(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
-                                       device=args.device, quantize_frozen=args.quantize_frozen,
-                                       revision=args.revision)
+    model, processor = load_model(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
+                                  device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
     prompt = args.prompt
     if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
         from .chat import Turn, chat_format_for
@@ -240,7 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """The model, engine and request-limit options `serve` and `batch` share."""
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", required=True, help=ANY_MODEL_HELP)
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_cmd_tiny)
 
     gen = sub.add_parser("generate", help="continue a few-shot prompt with images/videos, streaming tokens")
-    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--model", required=True, help=ANY_MODEL_HELP)
     gen.add_argument("--revision", default=None, help=REVISION_HELP)
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image; with --chat, the question')
     gen.add_argument("--chat", action="store_true",

@@ -51,15 +51,15 @@ IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def read_idefics(source: Union[str, os.PathLike, nn.Module]) -> tuple[IdeficsConfig, CheckpointTensors,
-                                                                     Optional[str]]:
-    """(config, tensors, local directory or None) of an IDEFICS model object, directory or hub name. An object's
-    tensors are copied as they are read: the converted model shares nothing with it."""
+def read_idefics(source: Union[str, os.PathLike, nn.Module], revision: Optional[str] = None
+                 ) -> tuple[IdeficsConfig, CheckpointTensors, Optional[str]]:
+    """(config, tensors, local directory or None) of an IDEFICS model object, directory or hub name (at `revision`).
+    An object's tensors are copied as they are read: the converted model shares nothing with it."""
     if isinstance(source, nn.Module):
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, CheckpointTensors.of_dict(source.state_dict(), copy=True), None
-    path = checkpoint_dir(str(source), "IDEFICS model", allow_bin=False)
+    path = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     return IdeficsConfig.from_pretrained(path), open_tensors(path, allow_bin=False), path
 
 
@@ -221,15 +221,15 @@ def _image_processor_of(directory: Optional[str], image_size: int) -> Any:
     return idefics_image_processor(image_size)
 
 
-def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optional[Union[str, os.PathLike]]
-                      ) -> tuple[Optional[LoraAdapter], Union[str, os.PathLike, nn.Module]]:
-    """(the PEFT adapter to merge or None, the base model): `adapter` names one; else `source` may be one, whose
-    config names its base."""
+def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optional[Union[str, os.PathLike]],
+                      revision: Optional[str]) -> tuple[Optional[LoraAdapter], Union[str, os.PathLike, nn.Module]]:
+    """(the PEFT adapter to merge or None, the base model): `adapter` names one; else `source` (at `revision`) may be
+    one, whose config names its base."""
     if adapter is not None:
         return read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True)), source
     if isinstance(source, nn.Module):
         return None, source
-    directory = checkpoint_dir(str(source), "IDEFICS model", allow_bin=False)
+    directory = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     if not is_adapter_dir(directory):
         return None, directory
     found = read_lora_adapter(directory)
@@ -241,15 +241,17 @@ def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optio
 
 def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[None, str, PreTrainedTokenizerBase]
                  = None, *, image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None,
-                 adapter: Optional[Union[str, os.PathLike]] = None) -> tuple[Flamingo, FlamingoProcessor]:
+                 adapter: Optional[Union[str, os.PathLike]] = None, revision: Optional[str] = None
+                 ) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor computing what an `IdeficsForVisionText2Text` (object, directory or hub name) does.
 
     tokenizer / image_processor default to the ones saved with the model. torch_dtype defaults to the weights'.
     adapter: a PEFT LoRA adapter of it (directory or hub name; adapters.py), merged as its tensors are read; `source`
-    may also be such an adapter itself, on the base its config names. The backbones are in-memory models:
+    may also be such an adapter itself, on the base its config names. revision: a hub branch, tag or commit of
+    `source`. The backbones are in-memory models:
     `write_backbones` saves them for trained-only checkpoints.
     """
-    lora, source = _adapter_and_base(source, adapter)
+    lora, source = _adapter_and_base(source, adapter, revision)
     config, tensors, directory = read_idefics(source)
     flamingo = idefics_flamingo_config(config)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):

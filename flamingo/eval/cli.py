@@ -24,7 +24,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                                            "VisDial, MME, multi-image questions, video QA (open or multiple "
                                            "choice) or video captioning (see docs/eval.md)")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (with its processor), or a "
-                                                  "Hub repository holding one (org/name)")
+                                                  "Hub repository holding one (org/name); or an IDEFICS, Otter or "
+                                                  "published OpenFlamingo checkpoint, converted in memory on load")
     p.add_argument("--revision", default=None,
                    help="with a Hub repository as --model: the branch, tag or commit to load (default: main)")
     p.add_argument("--task", required=True, choices=list(TASKS))
@@ -73,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
     import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
 
-    from ..build import load_pretrained
+    from ..convert.auto import load_model
     from ..processing import FlamingoProcessor
     from ..runtime.distributed import default_device, init_process_group_from_env
     from .distributed import rank
@@ -88,8 +89,8 @@ def run_eval(args: argparse.Namespace) -> int:
             model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
             processor = FlamingoProcessor.from_pretrained(args.model, revision=args.revision)
         else:
-            model, processor = load_pretrained(args.model, torch_dtype=dtype, device=default_device(args.device),
-                                               quantize_frozen=args.quantize_frozen, revision=args.revision)
+            model, processor = load_model(args.model, torch_dtype=dtype, device=default_device(args.device),
+                                          quantize_frozen=args.quantize_frozen, revision=args.revision)
         generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
                       if v is not None}
         results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..build import load_pretrained
+from ..convert.auto import load_model
 from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
 from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine
@@ -31,8 +31,8 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
                  vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False,
                  revision: Optional[str] = None, prefill_batch_tokens: Optional[int] = None) -> Engine:
-    model, processor = load_pretrained(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen,
-                                       revision=revision)
+    model, processor = load_model(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen,
+                                  revision=revision)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     prefix_cache_mib=prefix_cache_mib, vision_cache_mib=vision_cache_mib,
                     compile_backend="inductor" if compile else None, prefill_batch_tokens=prefill_batch_tokens)

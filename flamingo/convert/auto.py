@@ -1,0 +1,90 @@
+"""One loader for every command that takes `--model`: a model saved here (`load_pretrained`), or a published
+checkpoint of another family, converted in memory on each load (`flamingo convert` saves the conversion once).
+
+What a source is, from its files (a directory, or a Hub repository's configs, fetched first):
+- `flamingo_config.json`: a model saved here;
+- a PEFT adapter (`adapter_config.json`, no `config.json`): an IDEFICS fine-tune on the base its config names;
+- `config.json` with `model_type` `idefics`: IDEFICS; `otter`, or `flamingo` (the Otter project's HF-format
+  OpenFlamingo): Otter;
+- a name of `PUBLISHED` (the OpenFlamingo 2.x releases): OpenFlamingo, on its published backbones.
+OpenFlamingo v1 names need a LLaMA-7B the user names, and Multimodal-GPT a LoRA file: those go through `flamingo
+convert`, which takes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+
+from ..build import load_pretrained
+from ..config import CONFIG_NAME
+from ..model import quantize
+from ..model.flamingo import Flamingo
+from ..processing import FlamingoProcessor
+from ..runtime.hub import local_dir
+from .adapters import is_adapter_dir
+from .idefics import from_idefics
+from .openflamingo import PUBLISHED, PUBLISHED_V1, convert_openflamingo, published_openflamingo
+from .otter import from_otter
+
+log = logging.getLogger(__name__)
+
+OTTER_TYPES = ("otter", "flamingo")  # Otter's model types (convert/otter.py FORMATS)
+
+
+def checkpoint_format(source: str, revision: Optional[str] = None) -> str:
+    """`flamingo`, `idefics`, `otter` or `open-flamingo`: which loader `source` needs (the module docstring)."""
+    if source in PUBLISHED:
+        return "open-flamingo"
+    if source in PUBLISHED_V1:
+        raise ValueError(f"{source} sits on LLaMA-7B (v1), which has no canonical hub name: convert it once with "
+                         f"`flamingo convert open-flamingo --model {source} --lm LLAMA7B_DIR --out DIR`")
+    directory = local_dir(source, "model", revision=revision, allow_patterns=["*.json"])  # the configs alone
+    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return "flamingo"
+    if is_adapter_dir(directory):
+        return "idefics"
+    path = os.path.join(directory, "config.json")
+    model_type = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    if model_type == "idefics":
+        return "idefics"
+    if model_type in OTTER_TYPES:
+        return "otter"
+    raise ValueError(f"{source!r} is neither a model saved here ({CONFIG_NAME}) nor an IDEFICS, Otter or published "
+                     f"OpenFlamingo checkpoint (config.json model_type: {model_type!r}); `flamingo convert --help` "
+                     "lists what converts")
+
+
+def load_model(source: Union[str, os.PathLike], *, revision: Optional[str] = None,
+               torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+               quantize_frozen: Optional[str] = None) -> tuple[Flamingo, FlamingoProcessor]:
+    """A model and its processor from any source `checkpoint_format` knows; kwargs as `Flamingo.from_pretrained`'s
+    (quantize_frozen None: the saved model's mode, `none` for a conversion)."""
+    source = os.fspath(source)
+    kind = checkpoint_format(source, revision)
+    if kind == "flamingo":
+        return load_pretrained(source, revision=revision, torch_dtype=torch_dtype, device=device,
+                               quantize_frozen=quantize_frozen)
+    log.warning("%s is an %s checkpoint: converting it in memory, as on every load (`flamingo convert %s ... --out "
+                "DIR` saves the conversion once)", source, kind, kind)
+    if kind == "idefics":
+        model, processor = from_idefics(source, torch_dtype=torch_dtype, revision=revision)
+    elif kind == "otter":
+        model, processor = from_otter(source, revision=revision, torch_dtype=torch_dtype)
+    else:
+        checkpoint, vision, lm = published_openflamingo(source)
+        model, processor = convert_openflamingo(checkpoint, vision, lm)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    if device is not None:
+        model.to(device)
+    if quantize_frozen not in (None, "none"):
+        quantize.quantize_frozen(model, quantize_frozen)
+    return model.eval(), processor

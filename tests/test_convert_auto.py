@@ -1,0 +1,78 @@
+"""`--model` takes any checkpoint the converters read (flamingo/convert/auto.py): a model saved here, an IDEFICS
+directory or its PEFT adapter, an Otter repository, a published OpenFlamingo name; the foreign ones are converted in
+memory, computing what `flamingo convert` would save."""
+
+import json
+
+import pytest
+import torch
+from test_idefics_equal import _inputs, _peer  # noqa: E402
+
+from flamingo.convert import from_idefics
+from flamingo.convert.auto import checkpoint_format, load_model
+from flamingo.model.quantize import quantized_mode
+from flamingo.tiny import random_image
+
+
+@pytest.fixture(scope="module")
+def idefics_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idefics")
+    peer, tok = _peer("vector", True)
+    peer.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_formats_are_told_apart(tmp_path, idefics_dir):
+    from flamingo.convert.openflamingo import PUBLISHED
+    from flamingo.tiny import tiny_flamingo
+
+    model, processor = tiny_flamingo()
+    model.save_pretrained(str(tmp_path / "ours"), processor=processor)
+    assert checkpoint_format(str(tmp_path / "ours")) == "flamingo"
+    assert checkpoint_format(str(idefics_dir)) == "idefics"
+    for model_type in ("otter", "flamingo"):  # Otter's, and its project's HF-format OpenFlamingo
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert checkpoint_format(str(tmp_path / model_type)) == "otter"
+    assert checkpoint_format(next(iter(PUBLISHED))) == "open-flamingo"  # by name, before any download
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type: 'llama'"):
+        checkpoint_format(str(tmp_path / "llama"))
+    with pytest.raises(ValueError, match="--lm"):
+        checkpoint_format("med-flamingo/med-flamingo")
+    with pytest.raises(FileNotFoundError):
+        checkpoint_format(str(tmp_path / "missing"))
+
+
+def test_an_idefics_directory_loads_as_its_conversion(idefics_dir):
+    ours, processor = load_model(str(idefics_dir))
+    converted, _ = from_idefics(str(idefics_dir))
+    batch = _inputs(processor)
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).logits, converted(**batch).logits)
+    from flamingo.serve.server import build_engine
+
+    engine = build_engine(str(idefics_dir), max_batch=2)  # `flamingo serve` / `flamingo batch`
+    assert engine.processor.template == "idefics"
+    with torch.no_grad():
+        assert torch.equal(engine.model(**batch).logits, converted(**batch).logits)
+    half, _ = load_model(str(idefics_dir), torch_dtype=torch.bfloat16)
+    assert half.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    pytest.importorskip("torchao", reason="int8 frozen weights need torchao")
+    int8, _ = load_model(str(idefics_dir), quantize_frozen="int8")
+    assert quantized_mode(int8) == "int8"
+
+
+def test_generate_command_takes_an_idefics_directory(idefics_dir, tmp_path, capsys):
+    from flamingo.cli import main
+
+    random_image(2).save(tmp_path / "a.png")
+    prompt = "User:<image>What is in this image?<end_of_utterance>\nAssistant:"
+    assert main(["generate", "--model", str(idefics_dir), "--image", str(tmp_path / "a.png"), "--max-new-tokens",
+                 "5", "--prompt", prompt]) == 0
+    ours, processor = from_idefics(str(idefics_dir))
+    batch = processor(prompt, images=[str(tmp_path / "a.png")])
+    expected = ours.generate(**batch, max_new_tokens=5)[0, batch["input_ids"].shape[1]:]
+    assert capsys.readouterr().out.rstrip("\n") == processor.decode(expected)

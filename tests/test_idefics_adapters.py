@@ -51,6 +51,21 @@ def test_an_adapter_directory_converts_to_the_fine_tuned_model(tmp_path):
     assert _max_diff(explicit, tuned, batch, tok) <= 1e-5
 
 
+def test_a_training_checkpoint_directory_with_a_bin_adapter(tmp_path):
+    """A trainer's `checkpoint-N/`: `adapter_model.bin` (PEFT's format before safetensors) beside pickled training
+    arguments and optimizer state, which are never read."""
+    import argparse
+
+    _, tuned, tok = _adapted(tmp_path)
+    ckpt = tmp_path / "checkpoint-500"
+    tuned.save_pretrained(ckpt, safe_serialization=False)
+    assert (ckpt / "adapter_model.bin").is_file() and not (ckpt / "adapter_model.safetensors").exists()
+    torch.save(argparse.Namespace(lr=1e-4), ckpt / "training_args.bin")  # a pickled object: weights-only refuses it
+    torch.save({"state": {}}, ckpt / "optimizer.pt")
+    ours, processor = from_idefics(str(ckpt))
+    assert _max_diff(ours, tuned, _inputs(processor), tok) <= 1e-5
+
+
 def test_patterns_rslora_and_modules_to_save_merge_as_peft_does(tmp_path):
     _, tuned, tok = _adapted(tmp_path, use_rslora=True, rank_pattern={"perceiver_resampler.blocks.0.0.q_proj": 2},
                              alpha_pattern={"cross_attn.q_proj": 3}, modules_to_save=["post_attention_layernorm"])

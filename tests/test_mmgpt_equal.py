@@ -199,6 +199,65 @@ def test_bad_files_are_refused(mmgpt):
 
 
 
+def _mmengine_classes(addict_era: bool):
+    """Classes that pickle as mmengine's `Config` and `ConfigDict` do (under their module and names): what
+    Multimodal-GPT's training saves as `tuning_config`. `addict_era`: ConfigDict pickled by addict's protocol (its
+    2023 releases), else by mmengine's later `__reduce_ex__`."""
+    import types
+
+    module = types.ModuleType("mmengine.config.config")
+
+    class ConfigDict(dict):
+        def __getnewargs__(self):
+            return tuple(self.items())
+
+        def __getstate__(self):
+            return self
+
+        def __setstate__(self, state):
+            self.update(state)
+
+        if not addict_era:
+            def __reduce_ex__(self, proto):
+                return self.__class__, (dict(self),), None, None, None, None
+
+    class Config:
+        def __init__(self, cfg):
+            self._cfg_dict, self._filename, self._text = ConfigDict(cfg), "lora_config.py", "..."
+            self._env_variables, self._format_python_code, self._imported_names = {}, True, set()
+
+        def __getstate__(self):
+            return (self._cfg_dict, self._filename, self._text, self._env_variables, self._format_python_code,
+                    self._imported_names)
+
+    for cls in (ConfigDict, Config):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    return module
+
+
+@pytest.mark.parametrize("addict_era", [True, False])
+def test_files_saved_with_mmengine_configs_load_without_their_code(mmgpt, tmp_path, monkeypatch, addict_era):
+    """Multimodal-GPT's training saves its mmengine `Config` (or the inner ConfigDict) beside the tensors: the file is
+    read weights-only, those objects as data, and converts as the plain dict does."""
+    import sys
+    import types
+
+    peer, _, processor, base, finetune, backbones = mmgpt
+    module = _mmengine_classes(addict_era)
+    with monkeypatch.context() as patch:  # the classes exist while the file is written, as in mmgpt's process
+        patch.setitem(sys.modules, "mmengine", types.ModuleType("mmengine"))
+        patch.setitem(sys.modules, "mmengine.config", types.ModuleType("mmengine.config"))
+        patch.setitem(sys.modules, "mmengine.config.config", module)
+        whole = module.Config({"tuning_config": module.ConfigDict(LORA_CONFIG)})
+        torch.save({"model_state_dict": finetune["model_state_dict"], "tuning_config": whole}, tmp_path / "a.pt")
+        torch.save({"model_state_dict": finetune["model_state_dict"],
+                    "tuning_config": module.ConfigDict(LORA_CONFIG)}, tmp_path / "b.pt")
+    for name in ("a.pt", "b.pt"):
+        ours, _ = _convert(base, str(tmp_path / name), backbones)
+        assert _max_diff(ours, peer, processor) <= 1e-5, name
+
+
 def test_mmgpt_chat_format(mmgpt):
     """The server's and chat data's `mmgpt` format writes what Multimodal-GPT's demo writes (its PromptGenerator:
     preamble, `### Image:` before the instruction, `### Response:` last) and ends answers with EOS."""

@@ -456,3 +456,17 @@ def test_serve_options_reach_the_settings():
                             max_batch_file_mb=args.max_batch_file_mb)
     assert (settings.batch_dir, settings.batch_concurrency, settings.max_batch_file_bytes) == ("d", 3, 512 * 1024)
     assert build_parser().parse_args(["batch", "--model", "m", "--input", "i", "--output", "o"]).batch_dir is None
+
+
+def test_a_file_whose_content_goes_between_checks_is_404_and_fails_a_batch(served, served_dir):
+    """A file's content removed under its object (what an expiry racing a call leaves for a moment): its content is a
+    404 (not a 500), and a batch reading it fails with `file_not_found`."""
+    client = openai_client(served)
+    uploaded = _upload(client, [_line("a", _chat(1))])
+    (served_dir / "files" / f"{uploaded.id}.data").unlink()
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(uploaded.id)
+    done = _wait(client, client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                               completion_window="24h").id)
+    assert done.status == "failed" and done.errors.data[0].code == "file_not_found"
+    assert client.models.list().data  # and the server keeps serving

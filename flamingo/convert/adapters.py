@@ -22,9 +22,10 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from .checkpoints import CheckpointTensors, open_tensors
+from .checkpoints import CheckpointTensors
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(.*)\.lora_([AB])\.weight$")
 # adapter_config.json options whose effect merging as above would not reproduce: (option, value that is harmless)
@@ -88,7 +89,7 @@ def read_lora_adapter(directory: str) -> LoraAdapter:
                              "reproduce: merge it with PEFT's merge_and_unload and convert the merged model")
     if config.get("bias", "none") != "none":
         raise ValueError(f"the adapter trains biases (bias={config['bias']!r}): merge it with PEFT first")
-    tensors = open_tensors(directory)
+    tensors = _adapter_tensors(directory)
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replaced = {}
@@ -116,6 +117,23 @@ def read_lora_adapter(directory: str) -> LoraAdapter:
         raise ValueError(f"the adapter in {directory!r} holds no tensors")
     return LoraAdapter(directory, config.get("base_model_name_or_path"), lora, replaced,
                        bool(config.get("fan_in_fan_out")))
+
+
+def _adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """`adapter_model.safetensors`, else `adapter_model.bin` read weights-only: those files alone (a training
+    checkpoint's directory also holds its optimizer state and pickled arguments)."""
+    path = os.path.join(directory, ADAPTER_WEIGHTS[0])
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    path = os.path.join(directory, ADAPTER_WEIGHTS[1])
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory!r} holds no {' or '.join(ADAPTER_WEIGHTS)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a weights-only torch file: {e}") from e
 
 
 class MergedTensors(Mapping[str, torch.Tensor]):

@@ -232,7 +232,8 @@ def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optio
     directory = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     if not is_adapter_dir(directory):
         return None, directory
-    found = read_lora_adapter(directory)
+    # an adapter's weights may be `.bin` (PEFT's format before safetensors), which the model's fetch leaves out
+    found = read_lora_adapter(checkpoint_dir(str(source), "PEFT adapter", revision=revision, allow_bin=True))
     if not found.base:
         raise ValueError(f"{source!r} is a PEFT adapter whose config names no base model: pass the base IDEFICS as "
                          "the model and this as the adapter (--adapter)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from typing import Any, Optional, Union
 
 import torch
@@ -51,19 +52,54 @@ def finetune_file(source: Union[str, os.PathLike]) -> str:
     return target
 
 
+class _ConfigDict:
+    """Stands in for mmengine's `ConfigDict` (an addict `Dict`) while a checkpoint is unpickled: becomes an
+    OrderedDict of its items (a type the weights-only unpickler fills and builds). Both of its pickled forms load:
+    addict's (`__new__` with the items, then the items again, then its state) and mmengine's later `__reduce_ex__`
+    (called with a dict)."""
+
+    def __new__(cls, *args: Any) -> Any:
+        if len(args) == 1 and isinstance(args[0], dict):
+            return OrderedDict(args[0])
+        return OrderedDict(args)
+
+
+class _Config:
+    """Stands in for mmengine's `Config`, whose pickled state is (its ConfigDict, filename, text, ...)."""
+
+    def __setstate__(self, state: tuple) -> None:
+        self.cfg_dict = state[0]
+
+
+# what Multimodal-GPT's training saves as `tuning_config` (`Config.fromfile(...)`, or its inner ConfigDict): classes
+# allowed by name to the weights-only unpickler, bound to the stand-ins above, so that no code of theirs runs
+_MMENGINE_GLOBALS = [(_ConfigDict, "mmengine.config.config.ConfigDict"), (_Config, "mmengine.config.config.Config")]
+
+
+def _lora_settings(tuning: Any) -> dict[str, Any]:
+    """The LoRA settings of a tuning config: a dict, a ConfigDict, or a whole Config holding `tuning_config`."""
+    if isinstance(tuning, _Config):
+        tuning = tuning.cfg_dict
+    if isinstance(tuning, dict) and "lora_r" not in tuning and isinstance(tuning.get("tuning_config"), dict):
+        tuning = tuning["tuning_config"]
+    return dict(tuning) if isinstance(tuning, dict) else {}
+
+
 def read_finetune(source: Union[str, os.PathLike, dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A Multimodal-GPT checkpoint -> (its tensors under the wrapped LM's names, `lang_encoder.` kept and PEFT's
-    `base_model.model.` and DDP's `module.` removed; its tuning config). Read weights-only: no pickle code runs."""
+    `base_model.model.` and DDP's `module.` removed; its LoRA settings). Read weights-only: no pickle code runs (its
+    mmengine config objects are read as data)."""
     if isinstance(source, dict):
         checkpoint = source
     else:
         path = finetune_file(source)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_MMENGINE_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from e
     state = checkpoint.get("model_state_dict", checkpoint)
-    tuning = checkpoint.get("tuning_config") or {}
+    tuning = _lora_settings(checkpoint.get("tuning_config"))
     tensors = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -72,7 +108,7 @@ def read_finetune(source: Union[str, os.PathLike, dict]) -> tuple[dict[str, torc
         tensors[key] = value
     if not any(_LORA.match(k) for k in tensors):
         raise ValueError("not a Multimodal-GPT checkpoint: no LoRA tensors (`*.lora_A.*`) in it")
-    return tensors, dict(tuning)
+    return tensors, tuning
 
 
 def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

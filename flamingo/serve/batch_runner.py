@@ -167,14 +167,18 @@ class BatchRunner:
     async def _run(self, record: Record) -> None:
         body = record.body
         self.store.expire_files()
-        source = self.store.files.get(body["input_file_id"])
-        if source is None:
-            missing = _error("file_not_found", f"the input file {body['input_file_id']!r} was deleted or expired",
-                             param="input_file_id")
+        missing = _error("file_not_found", f"the input file {body['input_file_id']!r} was deleted or expired",
+                         param="input_file_id")
+        raw = None
+        if body["input_file_id"] in self.store.files:
+            try:  # the file may expire (or be deleted) while it is read
+                raw = await run_in_threadpool(self._read, self.store.content_path(body["input_file_id"]))
+            except FileNotFoundError:
+                pass
+        if raw is None:
             body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [missing]})
             self.store.save_batch(record)
             return
-        raw = await run_in_threadpool(self._read, self.store.content_path(body["input_file_id"]))
         errors = validation_errors(raw, body["endpoint"])
         if errors:
             body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})

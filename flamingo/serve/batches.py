@@ -14,12 +14,14 @@ Storage: serve/batch_store.py; running: serve/batch_runner.py.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -31,6 +33,7 @@ from .batch_store import BatchStore, Record, new_id, page
 from .engine import Engine
 from .protocol import APIError, StrictModel, parse
 
+CONTENT_CHUNK = 1 << 20  # bytes per read when a file's content is sent
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range of a file's lifetime: 1 hour to 30 days
 UPLOAD_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")  # the openai client's names
@@ -202,11 +205,22 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
     @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str, request: Request) -> FileResponse:
+    async def file_content(file_id: str, request: Request) -> StreamingResponse:
         s = stored(request)
         record = file_record(s, file_id)
-        return FileResponse(s.content_path(file_id), media_type="application/octet-stream",
-                            filename=record.body["filename"])
+        try:  # opened here: the open file outlives an expiry or a delete while it is sent
+            handle = open(s.content_path(file_id), "rb")
+        except FileNotFoundError:
+            raise APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found") from None
+
+        def chunks() -> Iterator[bytes]:
+            with handle:
+                yield from iter(lambda: handle.read(CONTENT_CHUNK), b"")
+
+        size = os.fstat(handle.fileno()).st_size
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"content-length": str(size), "content-disposition":
+                                          f'attachment; filename="{quote(record.body["filename"])}"'})
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> JSONResponse:

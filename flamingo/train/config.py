@@ -14,7 +14,9 @@ class ModelSection:
     vision: Optional[str] = None  # HF name/path of the vision tower
     lm: Optional[str] = None  # HF name/path of the causal LM
     tokenizer: Optional[str] = None  # defaults to the LM's
-    init_from: Optional[str] = None  # a saved Flamingo directory to start from instead of fresh blocks
+    # a saved Flamingo (directory or Hub repository) to start from instead of fresh blocks; or an IDEFICS, Otter or
+    # published OpenFlamingo checkpoint, converted as it loads (flamingo/convert/auto.py)
+    init_from: Optional[str] = None
     flamingo: dict[str, Any] = field(default_factory=dict)  # FlamingoConfig fields (xattn_every, ...)
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..build import from_backbones, load_pretrained
 from ..config import FlamingoConfig
+from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
@@ -29,6 +30,7 @@ from ..model.flamingo import Flamingo
 from ..model.quantize import cast_frozen, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
+from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_in_backward
@@ -68,9 +70,12 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     m = config.model
+    if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
+        return load_model(m.init_from)
     if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device
-        mode = FlamingoConfig.load(m.init_from).quantize_frozen
-        model, processor = load_pretrained(m.init_from, quantize_frozen="none")
+        directory = local_dir(m.init_from, "Flamingo model")
+        mode = FlamingoConfig.load(directory).quantize_frozen
+        model, processor = load_pretrained(directory, quantize_frozen="none")
         model.config.quantize_frozen = mode
         return model, processor
     if not (m.vision and m.lm):

@@ -126,6 +126,17 @@ def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_idefics(args: argparse.Namespace) -> int:
+    from .build import load_pretrained
+    from .convert.to_idefics import save_idefics
+
+    model, processor = load_pretrained(args.model)
+    config = save_idefics(model, processor, args.out)
+    print(f"wrote {args.out}: IdeficsForVisionText2Text.from_pretrained / IdeficsProcessor.from_pretrained load it "
+          f"(cross_layer_interval {config.cross_layer_interval}, alpha_type {config.alpha_type})")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Few-shot prompt + media -> streamed continuation."""
     import torch
@@ -417,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     to_of.add_argument("--model", required=True, help=MODEL_HELP)
     to_of.add_argument("--out", required=True, help="the checkpoint file to write (and OUT.json: how to load it)")
     to_of.set_defaults(func=_cmd_export_open_flamingo)
+    to_idefics = export_sub.add_parser("idefics", help="a transformers IdeficsForVisionText2Text directory "
+                                       "(docs/convert.md)")
+    to_idefics.add_argument("--model", required=True, help=MODEL_HELP)
+    to_idefics.add_argument("--out", required=True, help="the directory to write (model, tokenizer, image processor)")
+    to_idefics.set_defaults(func=_cmd_export_idefics)
 
     from .eval.cli import add_eval_subcommand
 

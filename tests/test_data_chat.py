@@ -227,3 +227,42 @@ def test_pairs_for_an_idefics_model_are_written_as_it_is_served(tmp_path):
     wrapper = processor.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER)
     assert sample.input_ids[:4] == [processor.tokenizer.bos_token_id, wrapper, processor.media_token_id, wrapper]
     assert sample.labels[:4] == [IGNORE_INDEX] * 4 and sample.labels[4] == sample.input_ids[4]
+
+
+TEXT_ONLY = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]}
+
+
+def test_text_only_conversations_are_kept_when_asked_and_train(tmp_path):
+    """`text_only: true` keeps conversations without media (language-only instruction data), labelled on their
+    answers; by default they are skipped and counted. A batch mixing them with image conversations trains: with
+    `imageless_rows_skip_blocks` (Multimodal-GPT's rule) a text-only batch moves the LM's adapters and no block,
+    under Flamingo's rule it moves the blocks' dense layers too."""
+    processor = tiny_flamingo()[1]
+    path = _write(tmp_path, [LLAVA, TEXT_ONLY])
+    with pytest.raises(SkipSample, match="no <image>"):
+        _encode(_write(tmp_path, [TEXT_ONLY], "t.jsonl"), processor)
+    image, text = _encode(path, processor, text_only=True)
+    assert len(image.media) == 1 and text.media == []
+    assert [processor.tokenizer.decode(r).strip() for r in _runs(text.labels)] == ["Blue.<|endofchunk|>"]
+    late = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                         {"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                                      {"type": "text", "text": "And here?"}]},
+                         {"role": "assistant", "content": "Red."}]}
+    cut = _write(tmp_path, [late], "cut.jsonl")  # a conversation whose image the truncation cuts: still skipped
+    whole = _encode(cut, processor, text_only=True)[0].input_ids
+    with pytest.raises(SkipSample, match="no <image>"):
+        _encode(cut, processor, text_only=True, max_tokens=whole.index(processor.media_token_id))
+
+    for skip, moves_blocks in ((True, False), (False, True)):
+        model, processor = tiny_flamingo(gates=0.5, lm_lora={"r": 2}, imageless_rows_skip_blocks=skip)
+        only_text = _write(tmp_path, [TEXT_ONLY] * 2, "only.jsonl")
+        source = build_source(DatasetSection("c", "chat", only_text, batch_size=2,
+                                             options={"shuffle": False, "text_only": True}), processor)
+        batch = {k: v for k, v in next(iter(source)).items() if k != "keys"}
+        assert batch["images"] is None
+        model.train()
+        model(**batch).loss.backward()
+        lora = [p.grad for n, p in model.named_parameters() if ".lora_B" in n]
+        blocks = [p.grad for p in model.xattn.parameters() if p.requires_grad]
+        assert all(g is not None and g.abs().sum() > 0 for g in lora)
+        assert any(g is not None and g.abs().sum() > 0 for g in blocks) == moves_blocks

@@ -15,6 +15,11 @@ writes for the same messages), and trained on its answers only: the assistant tu
 marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
 (`Example.trained_spans`). Turns after the last answer are dropped with their media (nothing there is learned).
 
+A conversation without any medium is skipped (`no_matched_image`: Flamingo's samples hold an image) unless the
+source's `text_only` option keeps it: language-only instruction data, which trains the LM's adapters (`lm_lora`) and,
+under Flamingo's rule, the blocks' dense layers; a model with `imageless_rows_skip_blocks` (Multimodal-GPT's) runs
+such rows through its LM alone, as it trained them.
+
 Skipped and counted: a conversation without an answer (`empty_text`); a format marker in message text, media in a
 system or assistant turn, placeholders that do not match the media, unknown roles or part types (`bad_record`).
 """

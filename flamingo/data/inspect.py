@@ -121,7 +121,7 @@ def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[F
                 if processor is not None:
                     ids, _ = example_ids(processor, example, int(o["max_tokens"]))
                     n_media = ids.count(processor.media_token_id)
-                    if n_media == 0:
+                    if n_media == 0 and not (o.get("text_only") and not example.media):
                         raise SkipSample("no_matched_image", "nothing left within max_tokens")
                 media = [ref.load(fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
                          for ref in example.media[:n_media]]

@@ -27,8 +27,9 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
     "pairs": {"max_tokens": 32},
     "video": {"max_tokens": 32, "fps": 1.0, "max_frames": None},  # max_frames None: the processor's
-    # conversations end with the format's end-of-answer marker, which generation stops at: no EOS after it
-    "chat": {"max_tokens": 512, "fps": 1.0, "max_frames": None, "append_eos": False},
+    # conversations end with the format's end-of-answer marker, which generation stops at: no EOS after it.
+    # text_only: keep conversations without any medium (language-only instruction data, as Multimodal-GPT mixes in)
+    "chat": {"max_tokens": 512, "fps": 1.0, "max_frames": None, "append_eos": False, "text_only": False},
 }
 
 

@@ -118,13 +118,14 @@ def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Opti
 
 
 def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
-                   max_frames: int = 8, cache: Optional[TensorCache] = None) -> Encoded:
+                   max_frames: int = 8, cache: Optional[TensorCache] = None, text_only: bool = False) -> Encoded:
     """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation
-    (or take them from `cache`, keyed by file and frame sampling)."""
+    (or take them from `cache`, keyed by file and frame sampling). text_only: an example without any medium is kept
+    (one whose media the truncation cut is still skipped)."""
     media_id = processor.media_token_id
     ids, labels = example_ids(processor, example, max_tokens)
     n = ids.count(media_id)
-    if n == 0:
+    if n == 0 and not (text_only and not example.media):
         raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")
     if n > len(example.media):
         raise ValueError(f"{example.key}: {n} <image> tokens but {len(example.media)} media (builder bug)")

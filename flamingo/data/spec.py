@@ -75,4 +75,4 @@ class DatasetSpec:
         o = self.options
         return encode_example(self.example(record), self.processor, max_tokens=int(o["max_tokens"]),
                               fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8),
-                              cache=self.media_cache)
+                              cache=self.media_cache, text_only=bool(o.get("text_only", False)))

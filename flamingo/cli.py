@@ -72,6 +72,8 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint needs --vision and --lm (the backbones the checkpoint was trained on)")
     model, processor = convert_openflamingo(checkpoint, vision, lm, args.tokenizer,
                                             attend_next_image=args.v1 or args.model in PUBLISHED_V1)
+    if args.dtype:  # OpenFlamingo keeps its trained parts in float32
+        model.to(torch_dtype(args.dtype))
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     print(f"wrote {args.out} (xattn before layers {model.xattn_layer_indices})")
     return 0
@@ -82,6 +84,8 @@ def _cmd_convert_mmgpt(args: argparse.Namespace) -> int:
 
     model, processor = convert_mmgpt(args.finetune or MMGPT_LORA_URL, published_base(args.base), args.lm,
                                      args.tokenizer, vision=args.vision or CLIP_VIT_L, merge_lm_lora=args.merge_lora)
+    if args.dtype:
+        model.to(torch_dtype(args.dtype))
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     adapters = "merged into the LM" if args.merge_lora else f"kept as lm_lora {model.config.lm_lora}"
     print(f"wrote {args.out} (Multimodal-GPT: the LM's LoRA adapters {adapters})")
@@ -94,10 +98,11 @@ def _cmd_convert_whole(args: argparse.Namespace) -> int:
 
     if args.trained_only and not args.backbones:
         raise ValueError("--trained-only needs --backbones DIR (where the vision tower and LM are written once)")
+    dtype = torch_dtype(args.dtype) if args.dtype else None  # read in it: no second copy in another dtype
     if args.source == "idefics":
-        model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter)
+        model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter, torch_dtype=dtype)
     else:
-        model, processor = from_otter(args.model, args.tokenizer, revision=args.revision)
+        model, processor = from_otter(args.model, args.tokenizer, revision=args.revision, torch_dtype=dtype)
     if args.backbones:
         write_backbones(model, processor, args.backbones)
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
@@ -403,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     otter.add_argument("--revision", default=None, help="a hub branch, tag or commit")
     otter.add_argument("--tokenizer", default=None, help="defaults to the repository's, else the base LM's Otter "
                        "loads (mosaicml/mpt-7b-instruct for MPT)")
+    for converter in (of, mmgpt, idefics, otter):
+        converter.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                               help="the dtype to save in (default: the checkpoint's; OpenFlamingo's trained parts "
+                                    "are float32)")
     for whole in (idefics, otter):
         whole.add_argument("--out", required=True)
         whole.add_argument("--backbones", default=None, help="write the vision tower and LM here (vision/, lm/)")

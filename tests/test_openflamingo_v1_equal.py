@@ -167,6 +167,16 @@ def test_convert_command_v1_and_published_names(tmp_path):
     base = ["convert", "open-flamingo", *write_openflamingo_files(*_peer(every=1, seed=4), tmp_path, "model.pt")]
     assert main(base + ["--out", str(tmp_path / "v1"), "--v1"]) == 0
     assert main(base + ["--out", str(tmp_path / "v2")]) == 0
+    assert main(base + ["--out", str(tmp_path / "half"), "--v1", "--dtype", "bf16"]) == 0  # trained parts: fp32
+    from safetensors import safe_open
+
+    sizes = {}
+    for name in ("v1", "half"):
+        with safe_open(str(tmp_path / name / "flamingo.safetensors"), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        sizes[name] = (tmp_path / name / "flamingo.safetensors").stat().st_size
+        assert dtypes == ({"F32"} if name == "v1" else {"BF16"}), (name, dtypes)
+    assert sizes["half"] < 0.6 * sizes["v1"]
     loaded, _ = load_pretrained(str(tmp_path / "v1"))
     assert loaded.config.attend_next_image  # saved and loaded with the model, and its card says so
     assert "OpenFlamingo v1's rule" in (tmp_path / "v1" / "README.md").read_text()

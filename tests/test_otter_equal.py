@@ -6,6 +6,7 @@ reference on tiny random configs (a 1024-wide CLIP tower: Otter fixes its resamp
 """
 
 import contextlib
+import copy
 import io
 import json
 
@@ -33,7 +34,8 @@ MPT_TEXT = dict(architectures=["MPTForCausalLM"], model_type="mpt", d_model=32, 
                 attn_config=dict(alibi=True, attn_impl="torch", attn_pdrop=0.0), init_device="cpu")
 
 
-def _reference(tmp_path, monkeypatch, lm: str = "llama", every: int = 2, frames=None, kind: str = "otter"):
+def _reference(tmp_path, monkeypatch, lm: str = "llama", every: int = 2, frames=None, kind: str = "otter",
+               lora: bool = False):
     """(Otter's model, its save_pretrained directory, the base tokenizer's directory)."""
     tok_dir = tmp_path / "llama-tokenizer"  # Otter picks LLaMA's tokenizer by "llama" in the LM's _name_or_path
     tiny_tokenizer().save_pretrained(tok_dir)
@@ -48,6 +50,8 @@ def _reference(tmp_path, monkeypatch, lm: str = "llama", every: int = 2, frames=
         text = dict(MPT_TEXT)
     vision = tiny_vision("clip", hidden_size=1024, num_layers=1).config.to_dict()
     extra = {} if frames is None else {"max_num_frames": frames}
+    if lora:  # Otter's LoRA fine-tunes: its LM under PEFT (converting_otter_to_lora.py's settings)
+        extra["lora_config"] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # Otter prints every trainable parameter
         if kind == "otter":
@@ -66,6 +70,9 @@ def _reference(tmp_path, monkeypatch, lm: str = "llama", every: int = 2, frames=
                 p.uniform_(-1.0, -0.3)
         table = model.lang_encoder.get_input_embeddings().weight
         table.add_(0.01 * torch.randn_like(table))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # trained adapters
+                p.normal_(0.0, 0.05)
     model.eval().save_pretrained(tmp_path / "otter")
     return model, tmp_path / "otter", tok_dir
 
@@ -151,6 +158,30 @@ def test_cli_convert_then_load(tmp_path, monkeypatch, capsys):
         batch = batch or processor([PROMPTS[0]], images=[[random_image(0), random_image(1)]])
         torch.testing.assert_close(model(**batch).logits.detach(), _reference_logits(reference, batch),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_an_otter_with_lora_adapters_converts_them_merged(tmp_path, monkeypatch, lm):
+    """Otter saved with `lora_config` (its LM under PEFT's LoRA: q/v projections, MPT's Wqkv): converted with the
+    adapters merged into the LM, the logits are Otter's."""
+    peft = pytest.importorskip("peft")
+    # Otter's code calls a printing method its training scripts add to PEFT's model
+    monkeypatch.setattr(peft.PeftModel, "master_print_trainable_parameters", lambda self: None, raising=False)
+    reference, directory, tok_dir = _reference(tmp_path, monkeypatch, lm, 2 if lm == "llama" else 1, lora=True)
+    names = list(__import__("safetensors").safe_open(str(next(directory.glob("*.safetensors"))), "pt").keys())
+    assert any(".lora_B" in n for n in names)
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    batch = processor(PROMPTS, images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="right")
+    expected = _reference_logits(reference, batch)
+    with torch.no_grad():
+        got = ours(**batch).logits
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+        without = copy.deepcopy(reference)  # not vacuous: the adapters change Otter's logits
+        for name, p in without.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        assert (_reference_logits(without, batch)[real] - expected[real]).abs().max() > 1e-3
 
 
 def test_bad_checkpoints_are_refused(tmp_path, monkeypatch):

@@ -136,6 +136,39 @@ def _adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {path} as a weights-only torch file: {e}") from e
 
 
+_WRAPPED = re.compile(r"base_model\.model\.")  # PEFT's wrapper in a saved module's names (its first occurrence)
+
+
+def merge_saved_peft(tensors: CheckpointTensors, alpha: float) -> CheckpointTensors:
+    """A checkpoint that saved a PEFT-wrapped module whole (Otter's `lora_config`: its LM under `get_peft_model`):
+    the module's own names restored (PEFT's `base_model.model.` and `.base_layer` removed), each LoRA pair merged into
+    its weight (W + alpha / r · B·A, r from the pair) as it is read, and the pairs dropped."""
+    rename: dict[str, str] = {}  # restored name -> the checkpoint's
+    pairs: dict[str, dict[str, str]] = {}  # restored weight name -> {"A": key, "B": key}
+    for key in tensors:
+        name = _WRAPPED.sub("", key, count=1).replace(".base_layer.", ".")
+        m = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        if m:
+            pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = key
+        elif ".lora_" in name:
+            raise ValueError(f"the checkpoint holds {key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
+        else:
+            rename[name] = key
+    for weight, ab in pairs.items():
+        if set(ab) != {"A", "B"} or weight not in rename:
+            raise ValueError(f"the checkpoint's LoRA of {weight!r} lacks its lora_A, lora_B or base weight")
+    lora = {weight: (tensors.cast(None)[ab["A"]], tensors.cast(None)[ab["B"]]) for weight, ab in pairs.items()}
+
+    def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        tensor = tensors.cast(None)[rename[name]]
+        if name in lora:
+            a, b = lora[name]
+            tensor = (tensor.float() + (alpha / a.shape[0]) * (b.float() @ a.float())).to(tensor.dtype)
+        return tensor.to(dtype=dtype or tensor.dtype)
+
+    return CheckpointTensors({name: tensors.dtype_of(key) for name, key in rename.items()}, read)
+
+
 class MergedTensors(Mapping[str, torch.Tensor]):
     """A checkpoint's tensors with an adapter merged into each as it is read (CheckpointTensors' interface)."""
 

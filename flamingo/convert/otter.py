@@ -51,6 +51,7 @@ from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, pil_image_processor
 from ..runtime.meta import meta_parameters
+from .adapters import merge_saved_peft
 from .checkpoints import (
     CheckpointTensors,
     assign_all,
@@ -93,8 +94,8 @@ def split_otter_state(names: Iterable[str]) -> tuple[dict[str, str], dict[str, s
     OpenFlamingo names of the perceiver and the blocks (for `convert_openflamingo`). Reads no tensor."""
     names = list(names)
     if any("lora_" in key for key in names):
-        raise ValueError("this Otter checkpoint holds LoRA adapters on its LM: merge them into the LM first (Otter's "
-                         "converting_otter_to_lora.py wrote them; peft's merge_and_unload undoes it)")
+        raise ValueError("this Otter checkpoint holds LoRA adapters but its config has no `lora_config` (their "
+                         "alpha): merge them into the LM first (peft's merge_and_unload)")
     vision: dict[str, str] = {}
     lm: dict[str, str] = {}
     of: dict[str, str] = {}
@@ -195,6 +196,8 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     torch_dtype defaults to the checkpoint's. The backbones are saved whole (`save_pretrained`), or once with
     `convert.write_backbones` for trained-only checkpoints."""
     config, tensors, directory = read_otter(source, revision=revision)
+    if "lora_config" in config:  # its LM saved under PEFT's LoRA (Otter's converting_otter_to_lora.py): merged
+        tensors = merge_saved_peft(tensors, float(config["lora_config"]["lora_alpha"]))
     vision_names, lm_names, of_names = split_otter_state(tensors)
     extra_tokens, template = FORMATS[config["model_type"]]
     dtype = torch_dtype or next(d for d in map(tensors.dtype_of, lm_names.values()) if d.is_floating_point)

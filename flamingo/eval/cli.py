@@ -74,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
     import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
 
-    from ..convert.auto import load_model
+    from ..convert.auto import checkpoint_format, load_model
     from ..processing import FlamingoProcessor
     from ..runtime.distributed import default_device, init_process_group_from_env
     from .distributed import rank
@@ -86,6 +86,10 @@ def run_eval(args: argparse.Namespace) -> int:
         quiet_transformers(args.no_progress)
         dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
         if args.server:  # the server holds the model; the harness needs only its processor
+            if checkpoint_format(args.model, args.revision) != "flamingo":
+                raise ValueError(f"with --server, --model names the processor to prompt with: {args.model} is a "
+                                 "checkpoint of another family; convert it once (`flamingo convert ... --out DIR`) "
+                                 "and pass that directory")
             model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
             processor = FlamingoProcessor.from_pretrained(args.model, revision=args.revision)
         else:

@@ -124,7 +124,7 @@ def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
     from .build import load_pretrained
     from .convert.to_openflamingo import save_openflamingo_checkpoint
 
-    model, _ = load_pretrained(args.model)
+    model, _ = load_pretrained(args.model, quantize_frozen="none")  # the trained parts, never the frozen weights
     recipe = save_openflamingo_checkpoint(model, args.out)
     print(f"wrote {args.out} and {args.out}.json (how OpenFlamingo loads it):")
     print(json.dumps(recipe, indent=2))
@@ -135,7 +135,9 @@ def _cmd_export_idefics(args: argparse.Namespace) -> int:
     from .build import load_pretrained
     from .convert.to_idefics import save_idefics
 
-    model, processor = load_pretrained(args.model)
+    model, processor = load_pretrained(args.model, quantize_frozen="none")  # written whole: float weights
+    if model.config.lm_lora is not None:  # the LM is written whole: its adapters merged into it
+        model.merge_lora()
     config = save_idefics(model, processor, args.out)
     print(f"wrote {args.out}: IdeficsForVisionText2Text.from_pretrained / IdeficsProcessor.from_pretrained load it "
           f"(cross_layer_interval {config.cross_layer_interval}, alpha_type {config.alpha_type})")

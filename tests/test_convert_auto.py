@@ -121,3 +121,22 @@ def test_eval_through_a_server_needs_a_saved_processor(idefics_dir, capsys):
     assert main(["eval", "--model", str(idefics_dir), "--server", "http://127.0.0.1:9", "--task", "vqa",
                  "--data", str(idefics_dir)]) == 2
     assert "convert it once" in capsys.readouterr().err
+
+
+def test_init_from_takes_the_options_that_apply_to_a_trained_model(idefics_dir, tmp_path):
+    """With `model.init_from`, `model.flamingo` may set LoRA adapters on the LM and the frozen weights' format; an
+    option that shapes a new model is refused, never ignored."""
+    from flamingo.train.config import parse_config
+    from flamingo.train.trainer import build_model
+
+    def config(**flamingo):
+        return parse_config({"model": {"init_from": str(idefics_dir), "flamingo": flamingo},
+                             "data": [{"name": "d", "kind": "chat", "path": "unused.jsonl", "batch_size": 1}],
+                             "train": {"steps": 1, "output_dir": str(tmp_path / "run")}})
+
+    pytest.importorskip("peft", reason="lm_lora needs peft")
+    model, _ = build_model(config(lm_lora={"r": 2}, quantize_frozen="int8"))
+    assert model.config.lm_lora["r"] == 2 and any(".lora_A" in n for n, _ in model.lm.named_parameters())
+    assert model.config.quantize_frozen == "int8"  # (the Trainer quantizes on its device)
+    with pytest.raises(ValueError, match="xattn_every"):
+        build_model(config(xattn_every=2))

@@ -266,3 +266,35 @@ def test_text_only_conversations_are_kept_when_asked_and_train(tmp_path):
         blocks = [p.grad for p in model.xattn.parameters() if p.requires_grad]
         assert all(g is not None and g.abs().sum() > 0 for g in lora)
         assert any(g is not None and g.abs().sum() > 0 for g in blocks) == moves_blocks
+
+
+def test_text_only_micro_batches_and_fsdp(tmp_path):
+    """A micro-batch of text-only rows (its slice of `images` all padding) runs as a batch without images, the tower
+    never called on zero frames; text_only under FSDP is refused (a rank without images would skip the sharded
+    tower's collectives)."""
+    import yaml
+
+    from flamingo.train.config import check_text_only, load_config
+    from flamingo.train.trainer import Trainer
+
+    model, processor = tiny_flamingo(gates=0.5)
+    batch = processor(["<image>A photo.", "Some text."], images=[[random_image(0)], []])
+    with torch.no_grad():
+        alone = model(**processor("Some text.")).logits
+        second = model(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:],
+                       images=batch["images"][1:], num_media=batch["num_media"][1:]).logits
+    n = int(batch["attention_mask"][1].sum())
+    assert torch.allclose(second[0, -n:], alone[0], atol=1e-5)
+
+    path = _write(tmp_path, [TEXT_ONLY, TEXT_ONLY, LLAVA, LLAVA], "mixed.jsonl")
+    config = {"model": {"vision": "unused", "lm": "unused"},
+              "data": [{"name": "c", "kind": "chat", "path": path, "batch_size": 4,
+                        "options": {"shuffle": False, "text_only": True}}],
+              "train": {"steps": 1, "micro_batches": 2, "output_dir": str(tmp_path / "run"), "save_every": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_config(str(tmp_path / "c.yaml"))
+    trainer = Trainer(loaded, model=model, processor=processor)
+    assert trainer.train_step()["loss"] > 0
+    check_text_only(loaded, world=2, distributed="ddp")
+    with pytest.raises(ValueError, match="FSDP"):
+        check_text_only(loaded, world=2, distributed="fsdp")

@@ -158,3 +158,31 @@ def test_export_idefics_command_round_trip(tmp_path):
     ours.save_pretrained(str(tmp_path / "ours"), processor=processor)
     assert main(["export", "idefics", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "idefics")]) == 0
     assert _max_diff(ours, _load(tmp_path / "idefics"), _inputs(processor), tok) <= 1e-5
+
+
+def test_export_command_writes_float_weights_of_quantized_and_lora_models(tmp_path):
+    """A model saved with `quantize_frozen` (loaded quantized by default) exports its float weights; one with LoRA
+    adapters on its LM exports them merged (IDEFICS's LM is written whole)."""
+    import importlib.util
+
+    from flamingo.model.lora import apply_lora
+
+    _, tok, ours, processor = _fine_tuned("vector", True)
+    if importlib.util.find_spec("torchao") is not None:
+        saved = copy.deepcopy(ours)
+        saved.config.quantize_frozen = "int8"  # what a run with quantize_frozen: int8 saves
+        saved.save_pretrained(str(tmp_path / "int8"), processor=processor)
+        assert main(["export", "idefics", "--model", str(tmp_path / "int8"), "--out", str(tmp_path / "a")]) == 0
+        assert _max_diff(ours, _load(tmp_path / "a"), _inputs(processor), tok) <= 1e-5
+    if importlib.util.find_spec("peft") is not None:
+        adapted = copy.deepcopy(ours)
+        adapted.config.lm_lora = {"r": 2, "alpha": 2, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
+        apply_lora(adapted.lm, adapted.config.lm_lora)
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if ".lora_B" in name:
+                    p.normal_(0.0, 0.1)
+        adapted.save_pretrained(str(tmp_path / "lora"), processor=processor)
+        assert main(["export", "idefics", "--model", str(tmp_path / "lora"), "--out", str(tmp_path / "b")]) == 0
+        assert _max_diff(adapted, _load(tmp_path / "b"), _inputs(processor), tok) <= 1e-5
+        assert _max_diff(ours, _load(tmp_path / "b"), _inputs(processor), tok) > 1e-3

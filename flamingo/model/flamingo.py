@@ -395,7 +395,11 @@ class Flamingo(nn.Module):
             n = images.shape[1]
             if num_media is None:
                 num_media = torch.full((input_ids.shape[0],), n, dtype=torch.long)
-            visual_tokens = self.encode_media(images, num_media, num_frames, vision_cache)
+            elif not bool(torch.as_tensor(num_media).any()):  # no row holds a medium (a micro-batch of text-only
+                # conversations): as a batch without images, the tower never called on zero frames
+                images = None
+            if images is not None:
+                visual_tokens = self.encode_media(images, num_media, num_frames, vision_cache)
         elif visual_tokens is not None and num_media is None:
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead

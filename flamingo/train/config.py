@@ -209,6 +209,15 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
+def check_text_only(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:
+    """Chat data with `text_only` under FSDP is refused: a rank whose batch holds no image skips the sharded tower
+    and resampler, and the other ranks would wait in their all-gathers."""
+    names = [d.name for d in [*config.data, *config.validation] if (d.options or {}).get("text_only")]
+    if names and world > 1 and distributed == "fsdp":
+        raise ValueError(f"data {names}: text_only batches do not work with FSDP (use ddp, or drop the text-only "
+                         "conversations)")
+
+
 def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:
     """optim.in_backward's refusals (train/in_backward.py says why); world, distributed: the run's under torchrun."""
     if not config.optim.in_backward:

@@ -6,6 +6,7 @@ One process (CPU or one GPU) needs nothing else; under `torchrun` each rank trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,19 +22,20 @@ from torch import nn
 from tqdm import tqdm
 
 from ..build import from_backbones, load_pretrained
-from ..config import FlamingoConfig
+from ..config import FlamingoConfig, lora_spec
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
+from ..model.lora import apply_lora
 from ..model.quantize import cast_frozen, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_in_backward
+from .config import TrainConfig, check_in_backward, check_text_only
 from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import make_optimizer, make_scheduler
@@ -68,15 +70,38 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+INIT_FROM_OPTIONS = ("quantize_frozen", "lm_lora")  # model.flamingo options a run from model.init_from may set
+
+
+def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
+    """model.flamingo with model.init_from: the options that apply to a trained model (its frozen weights' format, LoRA
+    adapters on its LM); the others shape a new model and are refused, never ignored."""
+    other = sorted(set(options) - set(INIT_FROM_OPTIONS))
+    if other:
+        raise ValueError(f"model.flamingo {other} shape a new model: with model.init_from the model is the one it "
+                         f"names; only {list(INIT_FROM_OPTIONS)} apply to it")
+    if options.get("lm_lora") is not None:
+        if model.config.lm_lora is not None:
+            raise ValueError("model.init_from names a model whose LM already holds LoRA adapters")
+        model.config.lm_lora = lora_spec(options["lm_lora"])
+        apply_lora(model.lm, model.config.lm_lora)
+    if "quantize_frozen" in options:
+        model.config.quantize_frozen = dataclasses.replace(model.config,
+                                                           quantize_frozen=options["quantize_frozen"]).quantize_frozen
+
+
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     m = config.model
     if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
-        return load_model(m.init_from)
+        model, processor = load_model(m.init_from)
+        _starting_options(model, m.flamingo)
+        return model, processor
     if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device
         directory = local_dir(m.init_from, "Flamingo model")
         mode = FlamingoConfig.load(directory).quantize_frozen
         model, processor = load_pretrained(directory, quantize_frozen="none")
         model.config.quantize_frozen = mode
+        _starting_options(model, m.flamingo)
         return model, processor
     if not (m.vision and m.lm):
         raise ValueError("model.vision and model.lm (or model.init_from) are required")
@@ -155,6 +180,7 @@ class Trainer:
                 # others in its all-gathers
                 raise ValueError("train.cache_vision_features_mb does not work with FSDP (use ddp or turn it off)")
             self.vision_cache = VisionFeatureCache(int(t.cache_vision_features_mb * 2**20))
+        check_text_only(config, self.world, t.distributed)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)

@@ -154,44 +154,57 @@ class _Reads(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
+def idefics_names(resampler_depth: int, resampler_qk_norm: bool, blocks: int, xattn_qk_norm: bool
+                  ) -> list[tuple[tuple[str, ...], str]]:
+    """(IDEFICS's names, ours) of every resampler and block tensor but the gates: one IDEFICS tensor each, or the
+    (k, v) pair our fused `to_kv` concatenates. The one mapping the converter and the exporter (to_idefics.py) read
+    in opposite directions."""
+    pairs: list[tuple[tuple[str, ...], str]] = []
+    src = "model.perceiver_resampler."
+    pairs.append(((src + "latents",), "resampler.latents"))
+    pairs += [((f"{src}layer_norm.{s}",), f"resampler.norm.{s}") for s in ("weight", "bias")]
+    for i in range(resampler_depth):
+        attn, ffw, dst = f"{src}blocks.{i}.0.", f"{src}blocks.{i}.1.", f"resampler.layers.{i}."
+        for s in ("weight", "bias"):
+            pairs += [((f"{attn}context_layer_norm.{s}",), f"{dst}attn.norm_media.{s}"),
+                      ((f"{attn}latents_layer_norm.{s}",), f"{dst}attn.norm_latents.{s}")]
+            if resampler_qk_norm:
+                pairs += [((f"{attn}q_layer_norm.{s}",), f"{dst}attn.q_norm.{s}"),
+                          ((f"{attn}k_layer_norm.{s}",), f"{dst}attn.k_norm.{s}")]
+            pairs.append(((f"{ffw}ln.{s}",), f"{dst}ffw.0.{s}"))
+        pairs += [((f"{attn}q_proj.weight",), f"{dst}attn.to_q.weight"),
+                  ((f"{attn}k_proj.weight", f"{attn}v_proj.weight"), f"{dst}attn.to_kv.weight"),
+                  ((f"{attn}output_proj.weight",), f"{dst}attn.to_out.weight"),
+                  ((f"{ffw}fc.weight",), f"{dst}ffw.1.weight"), ((f"{ffw}c_proj.weight",), f"{dst}ffw.3.weight")]
+    for j in range(blocks):
+        src, dst = f"model.gated_cross_attn_layers.{j}.", f"xattn.{j}."
+        pairs += [((f"{src}input_layernorm.weight",), f"{dst}attn.norm.weight"),
+                  ((f"{src}cross_attn.q_proj.weight",), f"{dst}attn.to_q.weight"),
+                  ((f"{src}cross_attn.k_proj.weight", f"{src}cross_attn.v_proj.weight"), f"{dst}attn.to_kv.weight"),
+                  ((f"{src}cross_attn.o_proj.weight",), f"{dst}attn.to_out.weight")]
+        if xattn_qk_norm:
+            pairs += [((f"{src}cross_attn.q_layer_norm.weight",), f"{dst}attn.q_norm.weight"),
+                      ((f"{src}cross_attn.k_layer_norm.weight",), f"{dst}attn.k_norm.weight")]
+        pairs.append(((f"{src}post_attention_layernorm.weight",), f"{dst}ffw.norm.weight"))
+        pairs += [((f"{src}mlp.{name}.weight",), f"{dst}ffw.{name}.weight")
+                  for name in ("gate_proj", "up_proj", "down_proj")]
+    return pairs
+
+
 def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: Mapping[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """The perceiver, the gated cross-attention layers and the added token rows under our names; a tensor of theirs
     left unread is an error (a part the converter would drop)."""
     state = _Reads(source)
+    blocks = len(flamingo.xattn_layers or [])
     out: dict[str, torch.Tensor] = {}
-    src = "model.perceiver_resampler."
-    latents = out["resampler.latents"] = state[src + "latents"]
+    for theirs, ours in idefics_names(flamingo.resampler_depth, flamingo.resampler_qk_norm, blocks,
+                                      flamingo.xattn_qk_norm):
+        out[ours] = state[theirs[0]] if len(theirs) == 1 else torch.cat([state[name] for name in theirs])
+    latents = out["resampler.latents"]
     out["resampler.time_embeddings"] = torch.zeros(1, latents.shape[1], dtype=latents.dtype)
-    for s in ("weight", "bias"):
-        out[f"resampler.norm.{s}"] = state[f"{src}layer_norm.{s}"]
-    for i in range(flamingo.resampler_depth):
-        attn, ffw, dst = f"{src}blocks.{i}.0.", f"{src}blocks.{i}.1.", f"resampler.layers.{i}."
-        for s in ("weight", "bias"):
-            out[f"{dst}attn.norm_media.{s}"] = state[f"{attn}context_layer_norm.{s}"]
-            out[f"{dst}attn.norm_latents.{s}"] = state[f"{attn}latents_layer_norm.{s}"]
-            if flamingo.resampler_qk_norm:
-                out[f"{dst}attn.q_norm.{s}"] = state[f"{attn}q_layer_norm.{s}"]
-                out[f"{dst}attn.k_norm.{s}"] = state[f"{attn}k_layer_norm.{s}"]
-            out[f"{dst}ffw.0.{s}"] = state[f"{ffw}ln.{s}"]
-        out[f"{dst}attn.to_q.weight"] = state[f"{attn}q_proj.weight"]
-        out[f"{dst}attn.to_kv.weight"] = torch.cat([state[f"{attn}k_proj.weight"], state[f"{attn}v_proj.weight"]])
-        out[f"{dst}attn.to_out.weight"] = state[f"{attn}output_proj.weight"]
-        out[f"{dst}ffw.1.weight"] = state[f"{ffw}fc.weight"]
-        out[f"{dst}ffw.3.weight"] = state[f"{ffw}c_proj.weight"]
-    for j in range(len(flamingo.xattn_layers or [])):
+    for j in range(blocks):
         src, dst = f"model.gated_cross_attn_layers.{j}.", f"xattn.{j}."
-        out[f"{dst}attn.norm.weight"] = state[f"{src}input_layernorm.weight"]
-        out[f"{dst}attn.to_q.weight"] = state[f"{src}cross_attn.q_proj.weight"]
-        out[f"{dst}attn.to_kv.weight"] = torch.cat([state[f"{src}cross_attn.k_proj.weight"],
-                                                    state[f"{src}cross_attn.v_proj.weight"]])
-        out[f"{dst}attn.to_out.weight"] = state[f"{src}cross_attn.o_proj.weight"]
-        if flamingo.xattn_qk_norm:
-            out[f"{dst}attn.q_norm.weight"] = state[f"{src}cross_attn.q_layer_norm.weight"]
-            out[f"{dst}attn.k_norm.weight"] = state[f"{src}cross_attn.k_layer_norm.weight"]
-        out[f"{dst}ffw.norm.weight"] = state[f"{src}post_attention_layernorm.weight"]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{dst}ffw.{name}.weight"] = state[f"{src}mlp.{name}.weight"]
         out[f"{dst}attn_gate"] = state[f"{src}alpha_cross_attn"].reshape(-1)  # (1,) or (1, 1, D) -> (1,) or (D,)
         out[f"{dst}ffw_gate"] = state[f"{src}alpha_dense"].reshape(-1)
     if config.additional_vocab_size:  # the added rows, as IDEFICS's decoupled tables hold them

@@ -41,6 +41,7 @@ from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import TRANSFORMERS, pil_image_processor
 from ..runtime.meta import meta_parameters
 from .checkpoints import meta_tensors
+from .idefics import idefics_names
 
 IdeficsImageProcessor = pil_image_processor("IdeficsImageProcessor")
 
@@ -209,41 +210,16 @@ def _tables(model: Flamingo) -> dict[str, torch.Tensor]:
 
 
 def _trained_state(model: Flamingo) -> dict[str, torch.Tensor]:
-    """The resampler and the blocks under IDEFICS's names (`from_idefics`'s mapping, inverted)."""
+    """The resampler and the blocks under IDEFICS's names (`from_idefics`'s mapping, `idefics_names`, inverted)."""
     c, ours = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    blocks = len(model.xattn_layer_indices)
     out: dict[str, torch.Tensor] = {}
-    dst = "model.perceiver_resampler."
-    out[dst + "latents"] = ours["resampler.latents"]
-    for s in ("weight", "bias"):
-        out[f"{dst}layer_norm.{s}"] = ours[f"resampler.norm.{s}"]
-    for i in range(c.resampler_depth):
-        attn, ffw, src = f"{dst}blocks.{i}.0.", f"{dst}blocks.{i}.1.", f"resampler.layers.{i}."
-        for s in ("weight", "bias"):
-            out[f"{attn}context_layer_norm.{s}"] = ours[f"{src}attn.norm_media.{s}"]
-            out[f"{attn}latents_layer_norm.{s}"] = ours[f"{src}attn.norm_latents.{s}"]
-            if c.resampler_qk_norm:
-                out[f"{attn}q_layer_norm.{s}"] = ours[f"{src}attn.q_norm.{s}"]
-                out[f"{attn}k_layer_norm.{s}"] = ours[f"{src}attn.k_norm.{s}"]
-            out[f"{ffw}ln.{s}"] = ours[f"{src}ffw.0.{s}"]
-        out[f"{attn}q_proj.weight"] = ours[f"{src}attn.to_q.weight"]
-        out[f"{attn}k_proj.weight"], out[f"{attn}v_proj.weight"] = ours[f"{src}attn.to_kv.weight"].chunk(2)
-        out[f"{attn}output_proj.weight"] = ours[f"{src}attn.to_out.weight"]
-        out[f"{ffw}fc.weight"] = ours[f"{src}ffw.1.weight"]
-        out[f"{ffw}c_proj.weight"] = ours[f"{src}ffw.3.weight"]
+    for theirs, name in idefics_names(c.resampler_depth, c.resampler_qk_norm, blocks, c.xattn_qk_norm):
+        parts = ours[name].chunk(len(theirs))  # the fused (k, v) split
+        out.update(zip(theirs, parts))
     gate_shape = (1, 1, -1) if c.gate_type == "vector" else (1,)  # IDEFICS's alphas: (1, 1, D) or (1,)
-    for j in range(len(model.xattn_layer_indices)):
+    for j in range(blocks):
         src, dst = f"xattn.{j}.", f"model.gated_cross_attn_layers.{j}."
-        out[f"{dst}input_layernorm.weight"] = ours[f"{src}attn.norm.weight"]
-        out[f"{dst}cross_attn.q_proj.weight"] = ours[f"{src}attn.to_q.weight"]
-        k, v = ours[f"{src}attn.to_kv.weight"].chunk(2)
-        out[f"{dst}cross_attn.k_proj.weight"], out[f"{dst}cross_attn.v_proj.weight"] = k, v
-        out[f"{dst}cross_attn.o_proj.weight"] = ours[f"{src}attn.to_out.weight"]
-        if c.xattn_qk_norm:
-            out[f"{dst}cross_attn.q_layer_norm.weight"] = ours[f"{src}attn.q_norm.weight"]
-            out[f"{dst}cross_attn.k_layer_norm.weight"] = ours[f"{src}attn.k_norm.weight"]
-        out[f"{dst}post_attention_layernorm.weight"] = ours[f"{src}ffw.norm.weight"]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{dst}mlp.{name}.weight"] = ours[f"{src}ffw.{name}.weight"]
         out[f"{dst}alpha_cross_attn"] = ours[f"{src}attn_gate"].reshape(gate_shape)
         out[f"{dst}alpha_dense"] = ours[f"{src}ffw_gate"].reshape(gate_shape)
     return out

@@ -42,6 +42,28 @@ def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: 
     return peer.eval(), vision, lm, tok
 
 
+def chat_run_config(tmp_path: Path, init_from: str, steps: int) -> Path:
+    """A training config starting from `init_from` on four LLaVA-style conversations (`What colour is it?` about
+    four images): the run `model.init_from` tests make. Returns the YAML's path."""
+    import yaml
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for k in range(4):
+        random_image(k).save(tmp_path / "img" / f"{k}.png")
+        rows.append({"image": f"img/{k}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"Colour {k}."}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": {"init_from": init_from},
+              "data": [{"name": "chat", "kind": "chat", "path": str(tmp_path / "chat.jsonl"), "batch_size": 2,
+                        "options": {"shuffle": False}}],
+              "optim": {"lr": 1e-2}, "schedule": {"kind": "constant", "warmup_steps": 0},
+              "train": {"steps": steps, "output_dir": str(tmp_path / "run"), "seed": 0, "save_every": steps,
+                        "log_every": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "config.yaml"
+
+
 def continuous_batch_greedy(model: Flamingo, processor: Any, prompts: Sequence[tuple[str, list]], steps: int,
                             chunk: int = 3) -> list[list[int]]:
     """The server's path for several prompts at once: each prefilled in chunks of `chunk` tokens (`Prefill`), then

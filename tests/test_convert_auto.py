@@ -13,6 +13,8 @@ from flamingo.convert.auto import checkpoint_format, load_model
 from flamingo.model.quantize import quantized_mode
 from flamingo.tiny import random_image
 
+from helpers import chat_run_config  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def idefics_dir(tmp_path_factory):
@@ -81,26 +83,13 @@ def test_generate_command_takes_an_idefics_directory(idefics_dir, tmp_path, caps
 def test_training_starts_from_an_idefics_directory(idefics_dir, tmp_path):
     """`model.init_from` names an IDEFICS checkpoint: converted as it loads, then tuned on conversations written in
     IDEFICS's dialogue format; the blocks train, the LM stays, and the run saves a model of ours."""
-    import yaml
 
     from flamingo import load_pretrained
     from flamingo.train.config import load_config
     from flamingo.train.trainer import Trainer
 
-    (tmp_path / "img").mkdir()
-    rows = []
-    for k in range(4):
-        random_image(k).save(tmp_path / "img" / f"{k}.png")
-        rows.append({"image": f"img/{k}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"Colour {k}."}]})
-    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": {"init_from": str(idefics_dir)},
-              "data": [{"name": "chat", "kind": "chat", "path": str(tmp_path / "chat.jsonl"), "batch_size": 2,
-                        "options": {"shuffle": False}}],
-              "optim": {"lr": 1e-2}, "schedule": {"kind": "constant", "warmup_steps": 0},
-              "train": {"steps": 2, "output_dir": str(tmp_path / "run"), "seed": 0, "save_every": 2, "log_every": 1}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    trainer = Trainer(load_config(str(tmp_path / "config.yaml")))
+    path = chat_run_config(tmp_path, str(idefics_dir), steps=2)
+    trainer = Trainer(load_config(str(path)))
     assert trainer.processor.template == "idefics"
     batch = next(iter(trainer.sources["chat"]))
     assert "User:" in trainer.processor.tokenizer.decode(batch["input_ids"][0])

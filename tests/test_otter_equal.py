@@ -27,6 +27,8 @@ from flamingo.convert import from_otter  # noqa: E402
 from flamingo.convert.otter import split_otter_state  # noqa: E402
 from flamingo.tiny import random_image, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
 
+from helpers import chat_run_config  # noqa: E402
+
 PROMPTS = ["<image>User: what is it? GPT:<answer> a red square.<|endofchunk|><image>User: and this one? GPT:<answer>",
            "<image>User: describe the image GPT:<answer>"]
 MPT_TEXT = dict(architectures=["MPTForCausalLM"], model_type="mpt", d_model=32, hidden_size=32, n_heads=4, n_layers=4,
@@ -203,7 +205,6 @@ def test_bad_checkpoints_are_refused(tmp_path, monkeypatch):
 def test_a_converted_otter_tunes_on_conversations_in_its_own_format(tmp_path, monkeypatch):
     """Convert, then `flamingo train` from it (`model.init_from`) on LLaVA-style conversations: the samples are
     written in Otter's format and labelled on the answers, the blocks and Otter's token rows train, the LM stays."""
-    import yaml
 
     from flamingo.train.config import load_config
     from flamingo.train.trainer import Trainer
@@ -211,20 +212,8 @@ def test_a_converted_otter_tunes_on_conversations_in_its_own_format(tmp_path, mo
     _, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2)
     ours, processor = from_otter(directory, tokenizer=tok_dir)
     ours.save_pretrained(str(tmp_path / "converted"), processor=processor)
-    (tmp_path / "img").mkdir()
-    rows = []
-    for k in range(4):
-        random_image(k).save(tmp_path / "img" / f"{k}.png")
-        rows.append({"image": f"img/{k}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"Colour {k}."}]})
-    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": {"init_from": str(tmp_path / "converted")},
-              "data": [{"name": "chat", "kind": "chat", "path": str(tmp_path / "chat.jsonl"), "batch_size": 2,
-                        "options": {"shuffle": False}}],
-              "optim": {"lr": 1e-2}, "schedule": {"kind": "constant", "warmup_steps": 0},
-              "train": {"steps": 3, "output_dir": str(tmp_path / "run"), "seed": 0, "save_every": 3, "log_every": 1}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    trainer = Trainer(load_config(str(tmp_path / "config.yaml")))
+    path = chat_run_config(tmp_path, str(tmp_path / "converted"), steps=3)
+    trainer = Trainer(load_config(str(path)))
     batch = next(iter(trainer.sources["chat"]))
     text = processor.tokenizer.decode(batch["input_ids"][0])
     assert text.startswith("<image>User: What colour is it? GPT:<answer> Colour 0.<|endofchunk|>")

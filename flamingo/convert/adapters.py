@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -66,8 +66,27 @@ class LoraAdapter:
         update = scale * (b.float() @ a.float())  # (out, in)
         return update.T if self.fan_in_fan_out else update
 
-    def merged(self, tensors: CheckpointTensors) -> MergedTensors:
-        return MergedTensors(tensors, self)
+    def merged(self, tensors: CheckpointTensors) -> CheckpointTensors:
+        """`tensors` with this adapter merged into each as it is read (its `modules_to_save` tensors in their place),
+        cast as `tensors` casts them."""
+        stored = tensors.cast(None)
+
+        def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+            if name in self.replaced:
+                self.used.add(name)
+                tensor = self.replaced[name]
+                return tensor.to(dtype=dtype or tensor.dtype, copy=True)
+            tensor = stored[name]
+            delta = self.delta(name)
+            if delta is not None:
+                self.used.add(name)
+                if delta.shape != tensor.shape:
+                    raise ValueError(f"the adapter's update of {name!r} is {tuple(delta.shape)}, the weight "
+                                     f"{tuple(tensor.shape)}")
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+            return tensor.to(dtype=dtype or tensor.dtype)
+
+        return CheckpointTensors({name: tensors.dtype_of(name) for name in tensors}, read, tensors.dtype)
 
     def check_used(self) -> None:
         """Raise when a tensor of the adapter named no tensor the conversion read (a module the base lacks)."""
@@ -167,42 +186,3 @@ def merge_saved_peft(tensors: CheckpointTensors, alpha: float) -> CheckpointTens
         return tensor.to(dtype=dtype or tensor.dtype)
 
     return CheckpointTensors({name: tensors.dtype_of(key) for name, key in rename.items()}, read)
-
-
-class MergedTensors(Mapping[str, torch.Tensor]):
-    """A checkpoint's tensors with an adapter merged into each as it is read (CheckpointTensors' interface)."""
-
-    def __init__(self, tensors: CheckpointTensors, adapter: LoraAdapter) -> None:
-        self._tensors, self._adapter = tensors, adapter
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        adapter = self._adapter
-        if name in adapter.replaced:
-            adapter.used.add(name)
-            tensor = adapter.replaced[name]
-            dtype = self._tensors.dtype if self._tensors.dtype is not None and tensor.is_floating_point() else None
-            return tensor.to(dtype=dtype or self._tensors.dtype_of(name), copy=True)
-        tensor = self._tensors[name]
-        delta = adapter.delta(name)
-        if delta is None:
-            return tensor
-        adapter.used.add(name)
-        if delta.shape != tensor.shape:
-            raise ValueError(f"the adapter's update of {name!r} is {tuple(delta.shape)}, the weight "
-                             f"{tuple(tensor.shape)}")
-        return (tensor.float() + delta).to(tensor.dtype)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def dtype_of(self, name: str) -> torch.dtype:
-        return self._tensors.dtype_of(name)
-
-    def cast(self, dtype: Optional[torch.dtype]) -> MergedTensors:
-        return MergedTensors(self._tensors.cast(dtype), self._adapter)

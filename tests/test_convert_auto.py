@@ -129,3 +129,15 @@ def test_init_from_takes_the_options_that_apply_to_a_trained_model(idefics_dir, 
     assert model.config.quantize_frozen == "int8"  # (the Trainer quantizes on its device)
     with pytest.raises(ValueError, match="xattn_every"):
         build_model(config(xattn_every=2))
+
+
+def test_a_checkpoint_saved_quantized_is_refused_by_name(idefics_dir, tmp_path):
+    """bitsandbytes / GPTQ checkpoints hold packed integers, not weights: refused before any tensor is read."""
+    import shutil
+
+    shutil.copytree(idefics_dir, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="saved quantized \\(bitsandbytes\\)"):
+        from_idefics(str(tmp_path / "q"))

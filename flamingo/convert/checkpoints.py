@@ -40,6 +40,16 @@ def checkpoint_dir(source: str, what: str, *, revision: Optional[str] = None, al
     return local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.bin"], ignore_patterns=None)
 
 
+def refuse_quantized(config: dict, source: str) -> None:
+    """A checkpoint saved quantized (bitsandbytes, GPTQ, AWQ, ...: `quantization_config` in its config) holds packed
+    integers and scales, not the weights a conversion maps: refused by name, before any tensor is read."""
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(f"{source} was saved quantized ({method}): convert the unquantized checkpoint (quantize the "
+                         "converted model with --quantize-frozen instead)")
+
+
 class CheckpointTensors(Mapping[str, torch.Tensor]):
     """A checkpoint's tensors by name, each read when it is asked for, in `dtype` when set (floating tensors only).
     From safetensors every `tensors[name]` is a new tensor of its own, so that a dict renaming them holds the only

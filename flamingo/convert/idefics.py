@@ -41,7 +41,7 @@ from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from ..runtime.meta import meta_parameters
 from .adapters import LoraAdapter, is_adapter_dir, read_lora_adapter
-from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors
+from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors, refuse_quantized
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
@@ -60,7 +60,9 @@ def read_idefics(source: Union[str, os.PathLike, nn.Module], revision: Optional[
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, CheckpointTensors.of_dict(source.state_dict(), copy=True), None
     path = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
-    return IdeficsConfig.from_pretrained(path), open_tensors(path, allow_bin=False), path
+    config = IdeficsConfig.from_pretrained(path)
+    refuse_quantized(config.to_dict(), str(source))
+    return config, open_tensors(path, allow_bin=False), path
 
 
 def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:

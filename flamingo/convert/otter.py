@@ -58,6 +58,7 @@ from .checkpoints import (
     checkpoint_dir,
     default_dtype,
     open_tensors,
+    refuse_quantized,
 )
 from .lm_families import mpt_from_state
 from .openflamingo import convert_openflamingo, param_name
@@ -86,6 +87,7 @@ def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part), dict):
             raise ValueError(f"{source}: config.json has no {part}")
+    refuse_quantized(config, str(source))
     return config, open_tensors(directory), directory
 
 

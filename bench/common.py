@@ -6,6 +6,9 @@ Shapes (random weights, nothing downloaded):
 - `tiny`: the test-suite backbones (hidden 32), for a smoke run of the bench scripts.
 `lm="mosaic_gpt"` puts MosaicGPT (OpenFlamingo-3B's LM family: biases, QK LayerNorm, ALiBi, a 4x GELU MLP) of the
 same width, depth and heads in the Llama's place; at the `gpu` shape that is MPT-1B's shape (2048 x 24, 16 heads).
+`peer="v1"` builds OpenFlamingo v1 (0.0.2) instead of 2.0.1 and converts it with v1's rule; `peer="mmgpt"`
+Multimodal-GPT (v1 + PEFT LoRA on its LM and blocks, random non-zero adapters), converted twice: the LM's adapters
+kept (`ours`) and merged (`ours_merged`).
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.convert import convert_openflamingo
+from flamingo.convert import convert_mmgpt, convert_openflamingo
 from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
+from flamingo.peers.mmgpt import LORA_CONFIG, apply_mmgpt_lora, load_mmgpt_modules
 from flamingo.peers.openflamingo import build_openflamingo
 from flamingo.tiny import tiny_image_processor, tiny_tokenizer
 
@@ -50,9 +54,12 @@ class Pair:
     bare_lm: torch.nn.Module  # the same LM weights with no Flamingo attached
     processor: FlamingoProcessor
     image_size: int
+    peer_name: str = "openflamingo"  # which of PEERS `peer` is
+    ours_merged: Optional[Flamingo] = None  # mmgpt: ours with the LM's LoRA adapters merged into its weights
 
 
 LM_FAMILIES = ("llama", "mosaic_gpt")
+PEERS = ("openflamingo", "v1", "mmgpt")  # OpenFlamingo 2.0.1, OpenFlamingo v1 (0.0.2), Multimodal-GPT (0.0.1)
 
 
 def random_lm(family: str, spec: dict[str, Any], vocab: int) -> torch.nn.Module:
@@ -68,8 +75,8 @@ def random_lm(family: str, spec: dict[str, Any], vocab: int) -> torch.nn.Module:
 
 
 def build_pair(shape: str, *, xattn_every: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               gate: float = 0.3, seed: int = 0, lm: str = "llama") -> Pair:
-    """OpenFlamingo built on the backbones, gates set non-zero, then converted into ours: same weights."""
+               gate: float = 0.3, seed: int = 0, lm: str = "llama", peer: str = "openflamingo") -> Pair:
+    """The peer (one of PEERS) built on the backbones, gates set non-zero, then converted into ours: same weights."""
     spec = SHAPES[shape]
     torch.manual_seed(seed)
     tok = tiny_tokenizer(pad_vocab_to=spec["vocab"]) if spec["vocab"] > 300 else tiny_tokenizer()
@@ -77,21 +84,49 @@ def build_pair(shape: str, *, xattn_every: int = 1, device: str = "cpu", dtype: 
     vision = CLIPVisionModel(CLIPVisionConfig(**spec["vision"])).eval()
     image_processor = tiny_image_processor("clip", spec["vision"]["image_size"])
 
+    if peer not in PEERS:
+        raise ValueError(f"unknown peer {peer!r}; choose from {PEERS}")
+    peer_name = peer
     peer, peer_tok = build_openflamingo(copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
-                                        cross_attn_every_n_layers=xattn_every)
+                                        cross_attn_every_n_layers=xattn_every, v1=peer_name != "openflamingo",
+                                        modules=load_mmgpt_modules() if peer_name == "mmgpt" else None)
     with torch.no_grad():
         for layer in peer.lang_encoder.gated_cross_attn_layers:
             if layer is not None:
                 layer.attn_gate.fill_(gate)
                 layer.ff_gate.fill_(gate)
     state = {k: v for k, v in peer.state_dict().items()}
-    ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
-                                           image_processor=image_processor)
-    bare = copy.deepcopy(lm)
+    merged = None
+    if peer_name == "mmgpt":  # the state above is its OpenFlamingo v1 base; its LoRA file holds the adapters
+        peer, finetune = _with_random_mmgpt_lora(peer, seed)
+
+        def convert(**kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
+            return convert_mmgpt(finetune, state, copy.deepcopy(lm), copy.deepcopy(tok), vision=copy.deepcopy(vision),
+                                 image_processor=image_processor, **kwargs)
+
+        (ours, processor), (merged, _) = convert(), convert(merge_lm_lora=True)
+    else:
+        ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                               image_processor=image_processor, attend_next_image=peer_name == "v1")
+    bare = copy.deepcopy(lm)  # mmgpt: the LM without its adapters (merged, they cost nothing per step)
     bare.resize_token_embeddings(len(peer_tok))
-    for m in (ours, peer, bare):
+    for m in (ours, peer, bare) + ((merged,) if merged is not None else ()):
         m.to(device=device, dtype=dtype).eval()
-    return Pair(ours, peer, bare, processor, spec["vision"]["image_size"])
+    return Pair(ours, peer, bare, processor, spec["vision"]["image_size"], peer_name, merged)
+
+
+def _with_random_mmgpt_lora(peer: torch.nn.Module, seed: int, std: float = 0.05) -> tuple[torch.nn.Module, dict]:
+    """Multimodal-GPT's LoRA (its `LORA_CONFIG`) on an OpenFlamingo v1 model of its modules, `lora_B` drawn from
+    N(0, std) so the adapters change the output (fresh, they are zero); returns the model and its LoRA file's
+    content as mmgpt's training saves it (behind DDP's `module.`, with its tuning config)."""
+    apply_mmgpt_lora(peer)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(0.0, std)
+    lora = {"module." + k: v.clone() for k, v in peer.state_dict().items() if ".lora_" in k}
+    return peer.eval(), {"model_state_dict": lora, "tuning_config": dict(LORA_CONFIG)}
 
 
 def sync(device: str) -> None:

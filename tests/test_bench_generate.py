@@ -33,3 +33,31 @@ def test_divergence_finds_the_first_differing_step_and_scores_both_picks():
     assert abs(report["ours_logit_gap"] - float(logits.max() - logits.min())) < 1e-4
     assert report["max_logit_diff"] < 1e-4  # the two models agree to float32 rounding
     assert report["near_tie"] is False  # a real difference, far beyond that
+
+
+def test_v1_and_mmgpt_peers_decode_the_same_tokens_as_ours():
+    """`--peer v1` / `--peer mmgpt` at the tiny shape: the peer's own generate (forced tokens handed to its LM's) and
+    ours (for mmgpt with the LM's adapters kept and merged) give the same greedy tokens, and every timed column is
+    there."""
+    import argparse
+    import importlib.util
+
+    import pytest
+
+    from flamingo.peers.openflamingo import openflamingo_v1_dir
+
+    if not (openflamingo_v1_dir() / "open_flamingo" / "src" / "flamingo_lm.py").is_file():
+        pytest.skip("OpenFlamingo v1 is not installed")
+    from bench.generate import run
+
+    peers = ["v1"] + (["mmgpt"] if importlib.util.find_spec("mmgpt") and importlib.util.find_spec("peft") else [])
+    for peer in peers:
+        pair = build_pair("tiny", peer=peer)
+        args = argparse.Namespace(dtype="fp32", shots=[2], batch=[2], new_tokens=3, device="cpu", cache="dynamic",
+                                  compile=False, skip_peer=False, xattn_impl=["auto"], repeats=1, shape="tiny",
+                                  xattn_every=1, lm="llama")
+        (row,) = run(args, pair)
+        assert row["same_tokens_as_peer"], (peer, row)
+        assert row[f"decode_vs_{peer}"] > 0 and row[f"{peer}_decode_tok_s"] > 0
+        if peer == "mmgpt":
+            assert row["ours_merged_same_tokens_as_peer"] and row["ours_merged_decode_tok_s"] > 0

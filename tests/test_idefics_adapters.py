@@ -98,3 +98,21 @@ def test_convert_command_takes_an_adapter(tmp_path):
                  "--out", str(tmp_path / "out")]) == 0
     model, processor = load_pretrained(str(tmp_path / "out"))
     assert _max_diff(model, tuned, _inputs(processor), tok) <= 1e-5
+
+
+def test_a_saved_module_with_two_adapters_is_refused():
+    """A PEFT-wrapped module saved whole with two adapter names: which was active is not in the file, so nothing is
+    merged by guess."""
+    from flamingo.convert.adapters import merge_saved_peft
+    from flamingo.convert.checkpoints import CheckpointTensors
+
+    lm = "lang_encoder.base_model.model.model.layers.0.self_attn.q_proj"
+    state = {f"{lm}.base_layer.weight": torch.zeros(4, 4)}
+    for name in ("default", "other"):
+        state[f"{lm}.lora_A.{name}.weight"] = torch.zeros(2, 4)
+        state[f"{lm}.lora_B.{name}.weight"] = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="several LoRA adapters"):
+        merge_saved_peft(CheckpointTensors.of_dict(state, copy=False), alpha=2.0)
+    del state[f"{lm}.lora_A.other.weight"], state[f"{lm}.lora_B.other.weight"]
+    merged = merge_saved_peft(CheckpointTensors.of_dict(state, copy=False), alpha=2.0)
+    assert list(merged) == ["lang_encoder.model.layers.0.self_attn.q_proj.weight"]

@@ -164,15 +164,20 @@ def merge_saved_peft(tensors: CheckpointTensors, alpha: float) -> CheckpointTens
     its weight (W + alpha / r · B·A, r from the pair) as it is read, and the pairs dropped."""
     rename: dict[str, str] = {}  # restored name -> the checkpoint's
     pairs: dict[str, dict[str, str]] = {}  # restored weight name -> {"A": key, "B": key}
+    adapters = set()  # PEFT's adapter names in the keys (`default`; none in its oldest format)
     for key in tensors:
         name = _WRAPPED.sub("", key, count=1).replace(".base_layer.", ".")
-        m = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        m = re.match(r"^(.*)\.lora_([AB])(?:\.([^.]+))?\.weight$", name)
         if m:
             pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = key
+            adapters.add(m.group(3))
         elif ".lora_" in name:
             raise ValueError(f"the checkpoint holds {key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
         else:
             rename[name] = key
+    if len(adapters) > 1:  # which ones were active is not in the checkpoint
+        raise ValueError(f"the checkpoint holds several LoRA adapters {sorted(a or '' for a in adapters)}; one "
+                         "merges here")
     for weight, ab in pairs.items():
         if set(ab) != {"A", "B"} or weight not in rename:
             raise ValueError(f"the checkpoint's LoRA of {weight!r} lacks its lora_A, lora_B or base weight")

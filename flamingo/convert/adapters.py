@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from .checkpoints import CheckpointTensors
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
-_LORA = re.compile(r"^(.*)\.lora_([AB])\.weight$")
+_LORA = re.compile(r"^(.*)\.lora_([AB])(?:\.([^.]+))?\.weight$")  # module, A or B, PEFT's adapter name if any
 # adapter_config.json options whose effect merging as above would not reproduce: (option, value that is harmless)
 _REFUSED = (("use_dora", False), ("lora_bias", False), ("layer_replication", None), ("trainable_token_indices", None),
             ("target_parameters", None))
@@ -47,6 +47,43 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def split_lora_keys(keys: Iterable[str], rename: Callable[[str], str] = lambda key: key
+                    ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """Tensor keys of a PEFT-saved LoRA -> (module -> its (lora_A, lora_B) keys, every other tensor's name -> its key),
+    names as `rename` gives them. One adapter name (`default`, or none in PEFT's oldest format), every pair complete,
+    Linear adapters only: a ValueError otherwise, never a guess."""
+    pairs: dict[str, dict[str, str]] = {}
+    others: dict[str, str] = {}
+    adapters = set()
+    for key in keys:
+        name = rename(key)
+        m = _LORA.match(name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = key
+            adapters.add(m.group(3))
+        elif ".lora_" in name:
+            raise ValueError(f"{key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
+        else:
+            others[name] = key
+    if len(adapters) > 1:  # which one was active is not in the checkpoint
+        raise ValueError(f"the checkpoint holds several LoRA adapters {sorted(a or '' for a in adapters)}; one merges")
+    unpaired = sorted(module for module, ab in pairs.items() if set(ab) != {"A", "B"})
+    if unpaired:
+        raise ValueError(f"LoRA tensors without their pair: {unpaired[:3]}")
+    return {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}, others
+
+
+def merge_pair(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str,
+               fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W + scale·B·A (A (r, in), B (out, r); transposed for GPT-2-style (in, out) weights), computed in float32 and
+    returned in W's dtype: what PEFT's merge computes."""
+    update = scale * (b.float() @ a.float())  # (out, in)
+    update = update.T if fan_in_fan_out else update
+    if update.shape != weight.shape:
+        raise ValueError(f"the LoRA update of {name!r} is {tuple(update.shape)}, the weight {tuple(weight.shape)}")
+    return (weight.float() + update).to(weight.dtype)
+
+
 @dataclass
 class LoraAdapter:
     """A PEFT LoRA adapter: per adapted weight of the base model (its state-dict name), the update s·B·A."""
@@ -57,14 +94,6 @@ class LoraAdapter:
     replaced: dict[str, torch.Tensor]  # modules_to_save: base tensor name -> the adapter's tensor
     fan_in_fan_out: bool = False
     used: set[str] = field(default_factory=set)
-
-    def delta(self, name: str) -> Optional[torch.Tensor]:
-        """The float32 update of weight `name`, shaped as the weight, or None when it is not adapted."""
-        if name not in self.lora:
-            return None
-        a, b, scale = self.lora[name]
-        update = scale * (b.float() @ a.float())  # (out, in)
-        return update.T if self.fan_in_fan_out else update
 
     def merged(self, tensors: CheckpointTensors) -> CheckpointTensors:
         """`tensors` with this adapter merged into each as it is read (its `modules_to_save` tensors in their place),
@@ -77,13 +106,9 @@ class LoraAdapter:
                 tensor = self.replaced[name]
                 return tensor.to(dtype=dtype or tensor.dtype, copy=True)
             tensor = stored[name]
-            delta = self.delta(name)
-            if delta is not None:
+            if name in self.lora:
                 self.used.add(name)
-                if delta.shape != tensor.shape:
-                    raise ValueError(f"the adapter's update of {name!r} is {tuple(delta.shape)}, the weight "
-                                     f"{tuple(tensor.shape)}")
-                tensor = (tensor.float() + delta).to(tensor.dtype)
+                tensor = merge_pair(tensor, *self.lora[name], name, self.fan_in_fan_out)
             return tensor.to(dtype=dtype or tensor.dtype)
 
         return CheckpointTensors({name: tensors.dtype_of(name) for name in tensors}, read, tensors.dtype)
@@ -110,22 +135,11 @@ def read_lora_adapter(directory: str) -> LoraAdapter:
         raise ValueError(f"the adapter trains biases (bias={config['bias']!r}): merge it with PEFT first")
     tensors = _adapter_tensors(directory)
     r, alpha = int(config["r"]), float(config["lora_alpha"])
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    replaced = {}
-    for key in tensors:
-        name = key.removeprefix(_PREFIX)
-        m = _LORA.match(name)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = tensors[key]
-        elif ".lora_" in name:
-            raise ValueError(f"the adapter holds {key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
-        else:
-            replaced[name] = tensors[key]
+    pairs, others = split_lora_keys(tensors, lambda key: key.removeprefix(_PREFIX))
+    replaced = {name: tensors[key] for name, key in others.items()}
     lora = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"the adapter's {module!r} lacks its lora_A or lora_B")
-        a, b = ab["A"], ab["B"]
+    for module, (a_key, b_key) in pairs.items():
+        a, b = tensors[a_key], tensors[b_key]
         rank = _pattern_value(config.get("rank_pattern") or {}, module, r)
         if a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(f"the adapter's {module!r} has rank {a.shape[0]}, its config says {rank}")
@@ -162,32 +176,19 @@ def merge_saved_peft(tensors: CheckpointTensors, alpha: float) -> CheckpointTens
     """A checkpoint that saved a PEFT-wrapped module whole (Otter's `lora_config`: its LM under `get_peft_model`):
     the module's own names restored (PEFT's `base_model.model.` and `.base_layer` removed), each LoRA pair merged into
     its weight (W + alpha / r · B·A, r from the pair) as it is read, and the pairs dropped."""
-    rename: dict[str, str] = {}  # restored name -> the checkpoint's
-    pairs: dict[str, dict[str, str]] = {}  # restored weight name -> {"A": key, "B": key}
-    adapters = set()  # PEFT's adapter names in the keys (`default`; none in its oldest format)
-    for key in tensors:
-        name = _WRAPPED.sub("", key, count=1).replace(".base_layer.", ".")
-        m = re.match(r"^(.*)\.lora_([AB])(?:\.([^.]+))?\.weight$", name)
-        if m:
-            pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = key
-            adapters.add(m.group(3))
-        elif ".lora_" in name:
-            raise ValueError(f"the checkpoint holds {key!r}: only Linear LoRA adapters (lora_A / lora_B) merge here")
-        else:
-            rename[name] = key
-    if len(adapters) > 1:  # which ones were active is not in the checkpoint
-        raise ValueError(f"the checkpoint holds several LoRA adapters {sorted(a or '' for a in adapters)}; one "
-                         "merges here")
-    for weight, ab in pairs.items():
-        if set(ab) != {"A", "B"} or weight not in rename:
-            raise ValueError(f"the checkpoint's LoRA of {weight!r} lacks its lora_A, lora_B or base weight")
-    lora = {weight: (tensors.cast(None)[ab["A"]], tensors.cast(None)[ab["B"]]) for weight, ab in pairs.items()}
+    pairs, rename = split_lora_keys(tensors, lambda key: _WRAPPED.sub("", key, count=1).replace(".base_layer.", "."))
+    stored = tensors.cast(None)
+    lora = {}  # the restored weight's name -> (A, B, alpha / r)
+    for module, (a_key, b_key) in pairs.items():
+        if f"{module}.weight" not in rename:
+            raise ValueError(f"the checkpoint's LoRA of {module!r} has no base weight")
+        a, b = stored[a_key], stored[b_key]
+        lora[f"{module}.weight"] = (a, b, alpha / a.shape[0])
 
     def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
-        tensor = tensors.cast(None)[rename[name]]
+        tensor = stored[rename[name]]
         if name in lora:
-            a, b = lora[name]
-            tensor = (tensor.float() + (alpha / a.shape[0]) * (b.float() @ a.float())).to(tensor.dtype)
+            tensor = merge_pair(tensor, *lora[name], name)
         return tensor.to(dtype=dtype or tensor.dtype)
 
     return CheckpointTensors({name: tensors.dtype_of(key) for name, key in rename.items()}, read)

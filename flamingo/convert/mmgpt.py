@@ -29,11 +29,18 @@ import torch
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
-from .openflamingo import CLIP_VIT_L, PUBLISHED_V1, canonical_key, convert_openflamingo, load_openflamingo_state
+from .adapters import merge_pair, split_lora_keys
+from .openflamingo import (
+    CLIP_VIT_L,
+    PUBLISHED_V1,
+    canonical_key,
+    convert_openflamingo,
+    load_openflamingo_state,
+    published_openflamingo,
+)
 
 MMGPT_LORA_URL = "https://download.openmmlab.com/mmgpt/v0/mmgpt-lora-v0-release.pt"  # the released adapters
 MMGPT_BASE = "openflamingo/OpenFlamingo-9B-deprecated"  # OpenFlamingo-9B v1, which they were trained on
-_LORA = re.compile(r"^(.*)\.lora_([AB])(?:\.([^.]+))?\.weight$")  # module path, A or B, PEFT's adapter name
 _BLOCK = re.compile(r"^(?:.+\.(\d+)\.gated_cross_attn_layer|gated_cross_attn_layers\.(\d+))\.(.+)$")
 
 
@@ -106,26 +113,9 @@ def read_finetune(source: Union[str, os.PathLike, dict]) -> tuple[dict[str, torc
             continue
         key = key.removeprefix("module.").replace("lang_encoder.base_model.model.", "lang_encoder.")
         tensors[key] = value
-    if not any(_LORA.match(k) for k in tensors):
+    if not any(".lora_" in k for k in tensors):
         raise ValueError("not a Multimodal-GPT checkpoint: no LoRA tensors (`*.lora_A.*`) in it")
     return tensors, tuning
-
-
-def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module path (under `lang_encoder.`) -> its adapter's (A (r, in), B (out, r))."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    names = set()
-    for key, value in tensors.items():
-        m = _LORA.match(key)
-        if m:
-            found.setdefault(m.group(1), {})[m.group(2)] = value
-            names.add(m.group(3))
-    if len(names) > 1:
-        raise ValueError(f"the checkpoint holds several PEFT adapters {sorted(n or '' for n in names)}; one expected")
-    unpaired = [path for path, ab in found.items() if set(ab) != {"A", "B"}]
-    if unpaired:
-        raise ValueError(f"LoRA tensors without their pair: {unpaired[:3]}")
-    return {path: (ab["A"], ab["B"]) for path, ab in found.items()}
 
 
 def _scale(tuning: dict[str, Any], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
@@ -148,7 +138,8 @@ def convert_mmgpt(finetune: Union[str, os.PathLike, dict], base: Union[str, os.P
     (`base`: its `checkpoint.pt` or state dict) and LLaMA-7B (`lm`: a directory or model, the tokenizer's too unless
     `tokenizer` is given). The module docstring says how."""
     tensors, tuning = read_finetune(finetune)
-    pairs = _lora_pairs(tensors)
+    keys, others = split_lora_keys(tensors)
+    pairs = {module: (tensors[a], tensors[b]) for module, (a, b) in keys.items()}
     r, alpha = _scale(tuning, pairs)
     state = dict(load_openflamingo_state(base))
     blocks, lm_adapters = {}, {}
@@ -162,13 +153,11 @@ def convert_mmgpt(finetune: Union[str, os.PathLike, dict], base: Union[str, os.P
     for key, (a, b) in blocks.items():
         if key not in state:
             raise ValueError(f"the checkpoint adapts {key!r}, which the OpenFlamingo checkpoint lacks")
-        weight = state[key]
-        state[key] = (weight.float() + (alpha / r) * (b.float() @ a.float())).to(weight.dtype)  # (out, in)
-    others = {k: v for k, v in tensors.items() if not _LORA.match(k)}  # modules it trained whole (`unfrozen`)
-    for key, value in others.items():
+        state[key] = merge_pair(state[key], a, b, alpha / r, key)
+    for key in others.values():  # modules it trained whole (`unfrozen`)
         if canonical_key(key) not in state:
             raise ValueError(f"the checkpoint trains {key!r} whole, which the conversion cannot place")
-        state[canonical_key(key)] = value
+        state[canonical_key(key)] = tensors[key]
 
     config = FlamingoConfig(imageless_rows_skip_blocks=True)
     if lm_adapters:
@@ -209,6 +198,4 @@ def published_base(name_or_path: Optional[str]) -> Union[str, os.PathLike]:
     source = name_or_path or MMGPT_BASE
     if os.path.exists(source) or source not in PUBLISHED_V1:
         return source
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(source, PUBLISHED_V1[source])
+    return published_openflamingo(source)[0]

@@ -140,6 +140,11 @@ class Flamingo(nn.Module):
         self.decodes_all_images = self.references is not None or not config.only_attend_last_image
         # ... or no image at all (OpenFlamingo v1's rule: generated text follows the last image): no decode K/V made
         self.decodes_no_image = config.attend_next_image
+        # The rules under which what a prompt's early tokens compute depends on what comes later in it (a text token
+        # sees the next image; a row skips the blocks if it holds no image): such prompts are prefilled whole, or in
+        # chunks that know the row's image count, and their blocks are never reused for another prompt.
+        self.whole_prompt_rules = [name for name in ("attend_next_image", "imageless_rows_skip_blocks")
+                                   if getattr(config, name)]
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
         self._head_is_last: Optional[bool] = None  # whether the LM returns its head's output as is (probed likewise)
 

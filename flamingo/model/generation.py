@@ -147,12 +147,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config = generation_config or generation_config_for(
         model, **{k: v for k, v in kwargs.items() if k in config_keys})
     config = fit_to_positions(model, config, attention_mask)
-    if config.prefill_chunk_size is not None and model.config.attend_next_image:
-        raise ValueError("attend_next_image (OpenFlamingo v1's rule): a prompt's text sees the image after it, so "
-                         "the prompt is prefilled whole: generate without prefill_chunk_size")
-    if config.prefill_chunk_size is not None and model.config.imageless_rows_skip_blocks:
-        raise ValueError("imageless_rows_skip_blocks: whether a row runs the blocks depends on its whole prompt, so "
-                         "the prompt is prefilled whole: generate without prefill_chunk_size")
+    if config.prefill_chunk_size is not None and model.whole_prompt_rules:
+        raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
+                         "rest of it, so the prompt is prefilled whole: generate without prefill_chunk_size")
     if config.prefill_chunk_size is not None and visual_tokens is not None and not CHUNKED_PREFILL_WITH_MEDIA:
         raise ValueError(f"prefill_chunk_size with images needs transformers >= 5.13 (installed: "
                          f"{TRANSFORMERS_VERSION}); prefill the prompt whole")

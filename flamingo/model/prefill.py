@@ -68,8 +68,7 @@ class Prefill:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if prompt_logprobs is not None and prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {prompt_logprobs}")
-        if model.config.attend_next_image or model.config.imageless_rows_skip_blocks:  # a block's text sees the
-            # next image, or skips the blocks if the row holds none, maybe beyond the block: not reused
+        if model.whole_prompt_rules:  # a block's tokens depend on what follows it: not reused
             prefix_cache = None
         self.model, self.chunk, self.prefix_cache, self.vision_cache = model, chunk, prefix_cache, vision_cache
         self.prompt_logprobs = prompt_logprobs

@@ -38,7 +38,7 @@ from ..model.lora import has_lora
 from ..model.quantize import quantized_mode
 from ..processing import FlamingoProcessor
 from ..runtime.checkpoint_io import atomic_directory
-from ..runtime.compat import TRANSFORMERS, pil_image_processor
+from ..runtime.compat import idefics_rope_kwargs, idefics_rope_problem, pil_image_processor
 from ..runtime.meta import meta_parameters
 from .checkpoints import meta_tensors
 from .idefics import idefics_names
@@ -82,17 +82,6 @@ def _image_processing_differences(image_processor: Any, image_size: int) -> list
     if not getattr(ip, "do_normalize", False) or getattr(ip, "image_mean", None) is None:
         found.append("not normalised")
     return found
-
-
-def _rope_problem(lm_config: Any) -> Optional[str]:
-    """Why IDEFICS cannot take the LM's rotary settings, or None: transformers 5's IDEFICS takes any
-    `rope_parameters`; 4.x's has a fixed base of 10000 and no scaling."""
-    if TRANSFORMERS >= (5, 0):
-        return None
-    theta, scaling = getattr(lm_config, "rope_theta", 10000.0), getattr(lm_config, "rope_scaling", None)
-    if float(theta) != 10000.0 or scaling:
-        return f"rotary base {theta} / scaling {scaling} (transformers 4's IDEFICS: base 10000, no scaling)"
-    return None
 
 
 def incompatibilities(model: Flamingo, processor: Optional[FlamingoProcessor] = None) -> list[str]:
@@ -145,7 +134,7 @@ def incompatibilities(model: Flamingo, processor: Optional[FlamingoProcessor] = 
             found.append(f"a block MLP of {c.xattn_ffw_dim}, not the LM's intermediate size {lc.intermediate_size}")
         if c.block == "idefics" and c.xattn_norm_eps != lc.rms_norm_eps:
             found.append(f"block norm epsilon {c.xattn_norm_eps}, not the LM's {lc.rms_norm_eps}")
-        rope = _rope_problem(lc)
+        rope = idefics_rope_problem(lc)
         if rope:
             found.append(rope)
         rows = model.lm.get_input_embeddings().num_embeddings
@@ -172,7 +161,7 @@ def idefics_config(model: Flamingo, processor: FlamingoProcessor) -> IdeficsConf
     rows = model.lm.get_input_embeddings().num_embeddings
     first = c.first_new_token_id if c.num_new_tokens else rows  # our rows from here on: IDEFICS's additional ones
     pad = processor.tokenizer.pad_token_id
-    rope = {"rope_parameters": dict(lc.rope_parameters)} if TRANSFORMERS >= (5, 0) else {}
+    rope = idefics_rope_kwargs(lc)  # the converter's mapping: the same keyword on IdeficsConfig
     return IdeficsConfig(
         vocab_size=first, additional_vocab_size=rows - first, hidden_size=lc.hidden_size,
         intermediate_size=lc.intermediate_size, num_hidden_layers=lc.num_hidden_layers,

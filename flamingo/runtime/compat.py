@@ -140,6 +140,17 @@ def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
 
 
+def idefics_rope_problem(lm_config: Any) -> Optional[str]:
+    """Why IDEFICS cannot take a Llama config's rotary settings, or None: transformers 5's IDEFICS takes any
+    `rope_parameters`; 4.x's has a fixed base of 10000 and no scaling."""
+    if TRANSFORMERS >= (5, 0):
+        return None
+    theta, scaling = getattr(lm_config, "rope_theta", 10000.0), getattr(lm_config, "rope_scaling", None)
+    if float(theta) != 10000.0 or scaling:
+        return f"rotary base {theta} / scaling {scaling} (transformers 4's IDEFICS: base 10000, no scaling)"
+    return None
+
+
 def idefics_rope_kwargs(config: Any) -> dict[str, Any]:
     """The `LlamaConfig` keyword giving an IDEFICS config's rotary embedding: its `rope_parameters` on transformers
     5; none before, where IDEFICS's rotary base is fixed at 10000, LlamaConfig's default `rope_theta`."""

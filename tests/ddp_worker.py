@@ -31,6 +31,17 @@ def _right_pad(batch: dict[str, Any], length: int) -> dict[str, Any]:
     return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
+def _with_media(batch: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """`batch` (text-only rows: no `images`) with padding media shaped like `like`'s, none of them real."""
+    if batch.get("images") is not None or like.get("images") is None:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    media = {"images": like["images"].new_zeros(rows, *like["images"].shape[1:])}
+    if like.get("num_frames") is not None:
+        media["num_frames"] = like["num_frames"].new_zeros(rows, *like["num_frames"].shape[1:])
+    return {**batch, **media}
+
+
 class ConcatSource:
     """The batches two ranks would see, concatenated: what one process with the doubled batch trains on."""
 
@@ -41,9 +52,11 @@ class ConcatSource:
         for batches in zip(*self.parts):
             length = max(b["input_ids"].shape[1] for b in batches)  # right-padded to the longer rank's length:
             batches = [_right_pad(b, length) for b in batches]  # pads are masked, unlabelled and after the text
+            with_media = next((b for b in batches if b.get("images") is not None), batches[0])
+            batches = [_with_media(b, with_media) for b in batches]
             shapes = {k: {tuple(b[k].shape[1:]) for b in batches} for k in batches[0] if torch.is_tensor(batches[0][k])}
             assert all(len(s) == 1 for s in shapes.values()), f"rank batches differ in shape: {shapes}"
-            yield {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])}
+            yield {k: torch.cat([b[k] for b in batches]) for k in with_media if torch.is_tensor(with_media[k])}
 
     def state_dict(self) -> dict[str, Any]:
         return {"parts": [p.state_dict() for p in self.parts]}

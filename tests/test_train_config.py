@@ -22,6 +22,9 @@ def test_unknown_keys_missing_datasets_and_unknown_mixture_are_errors():
         parse_config({"train": {"steps": 1}})
     with pytest.raises(ValueError, match="mixture"):
         parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"mixture": "roundrobin"}})
+    for key, value in (("log_every", 0), ("save_every", -1)):
+        with pytest.raises(ValueError, match=f"train.{key} must be"):
+            parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {key: value}})
 
 
 def test_warmup_then_constant_linear_or_cosine_schedule():

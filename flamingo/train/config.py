@@ -84,7 +84,7 @@ class TrainSection:
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)
     progress: bool = True  # a tqdm bar on rank 0
-    save_every: int = 500
+    save_every: int = 500  # steps between checkpoints; 0: at the end only (and when stopped by a signal)
     eval_every: int = 0  # steps between validation losses (the `validation` datasets); 0: at the end only
     eval_batches: int = 0  # batches of each validation dataset per evaluation, the same ones each time; 0: all
     keep_last: int = 3
@@ -173,6 +173,10 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if len(set(names)) != len(names):
         raise ValueError(f"validation dataset names must be unique, got {names}")
     config = TrainConfig(data=data, validation=validation, **sections)
+    if config.train.log_every < 1:
+        raise ValueError(f"train.log_every must be >= 1, got {config.train.log_every}")
+    if config.train.save_every < 0:
+        raise ValueError(f"train.save_every must be >= 0 (0: at the end only), got {config.train.save_every}")
     if config.train.eval_every < 0 or config.train.eval_batches < 0:
         raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0: at the end only; every batch)")
     config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
@@ -207,15 +211,6 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"datasets {packed} pack their samples (pack_tokens), so their batches have a varying number "
                          "of rows, which train.micro_batches > 1 cannot split evenly: use one or the other")
     return config
-
-
-def check_text_only(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:
-    """Chat data with `text_only` under FSDP is refused: a rank whose batch holds no image skips the sharded tower
-    and resampler, and the other ranks would wait in their all-gathers."""
-    names = [d.name for d in [*config.data, *config.validation] if (d.options or {}).get("text_only")]
-    if names and world > 1 and distributed == "fsdp":
-        raise ValueError(f"data {names}: text_only batches do not work with FSDP (use ddp, or drop the text-only "
-                         "conversations)")
 
 
 def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:

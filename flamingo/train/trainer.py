@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -35,7 +36,7 @@ from ..runtime import default_device, dist_info, init_process_group_from_env, to
 from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_in_backward, check_text_only
+from .config import TrainConfig, check_in_backward
 from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import make_optimizer, make_scheduler
@@ -176,11 +177,17 @@ class Trainer:
         if t.cache_vision_features_mb > 0:
             if not model.config.freeze_vision:
                 raise ValueError("train.cache_vision_features_mb needs a frozen vision tower (freeze_vision: true)")
-            if self.world > 1 and t.distributed == "fsdp":  # a rank that skips the sharded tower would hang the
-                # others in its all-gathers
-                raise ValueError("train.cache_vision_features_mb does not work with FSDP (use ddp or turn it off)")
+            if self.world > 1 and t.distributed == "fsdp" and t.fsdp_frozen == "shard":  # a rank that skips the
+                # sharded tower (its frames cached) would hang the others in its all-gathers
+                raise ValueError("train.cache_vision_features_mb needs the tower whole on every rank under FSDP: set "
+                                 "train.fsdp_frozen: replicate (or use ddp)")
             self.vision_cache = VisionFeatureCache(int(t.cache_vision_features_mb * 2**20))
-        check_text_only(config, self.world, t.distributed)
+        # FSDP: a micro-batch without any medium (text-only chat rows) still runs the tower and the resampler, on one
+        # blank frame that no token sees (the attention term stays exactly zero), so that every rank joins each
+        # sharded module's all-gathers and reduce-scatters in the same order
+        self.blank_frame: Optional[torch.Tensor] = None
+        if self.world > 1 and t.distributed == "fsdp":
+            self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8)))  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
@@ -250,6 +257,11 @@ class Trainer:
                  else v for k, v in batch.items()
                  if k in ("input_ids", "attention_mask", "labels", "images", "document_ids")}
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
+        if self.blank_frame is not None and not bool(torch.as_tensor(batch.get("num_media", 0)).any()):
+            rows = batch["input_ids"].shape[0]  # the blank is the first row's only medium; no <image> token sees it
+            moved["images"] = self.blank_frame.expand(rows, 1, *self.blank_frame.shape).to(self.device)
+            moved["num_media"] = (torch.arange(rows) == 0).long()
+            moved.pop("num_frames", None)
         if self.vision_cache is not None:
             moved["vision_cache"] = self.vision_cache
         return {**moved, "check_media": False, "xattn_impl": self.xattn_impl,
@@ -425,7 +437,7 @@ class Trainer:
                     evaluating = time.perf_counter()
                     run_log.validation(self.step, self.validate())
                     window_start += time.perf_counter() - evaluating  # samples/s counts training time only
-                if self.step % t.save_every == 0 or self.step == t.steps:
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                     saving = time.perf_counter()
                     self.save()
                     self._plot()

@@ -67,6 +67,11 @@ def processor():
     return tiny_processor()
 
 
+def _shards(cache) -> list[str]:
+    """The cached shards (not the download locks' directory)."""
+    return [name for name in os.listdir(cache) if name != ".fetching"]
+
+
 def _batches(section: DatasetSection, processor, **kwargs):
     source = build_source(section, processor, **kwargs)
     with warnings.catch_warnings():
@@ -90,7 +95,7 @@ def test_shards_by_url_give_the_local_batches_in_workers_and_after_a_resume(tmp_
     fetched, source = _batches(DatasetSection("p", "pairs", remote, 2, options=options), processor)
     assert _same(fetched, local) and len(local) == 6
     assert sorted(_Handler.requests) == [f"/shard-{i:06d}.tar" for i in range(4)]  # each fetched once
-    assert len(os.listdir(cache)) == 4  # into the configured cache
+    assert len(_shards(cache)) == 4  # into the configured cache
     again, _ = _batches(DatasetSection("p", "pairs", remote, 2, options=options), processor)
     assert _same(again, local) and len(_Handler.requests) == 4  # from the cache
 
@@ -166,8 +171,8 @@ def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_
     with pytest.warns(UserWarning, match=r"shard-000004\.tar: HTTPError.*404.*its samples are skipped"):
         batches = list(source)
     assert len(batches) == 12
-    assert 1 <= len(os.listdir(cache)) <= 2  # the least recently used shards left
-    assert sum(os.path.getsize(cache / f) for f in os.listdir(cache)) <= 2.5 * size
+    assert 1 <= len(_shards(cache)) <= 2  # the least recently used shards left
+    assert sum(os.path.getsize(cache / f) for f in _shards(cache)) <= 2.5 * size
     fetcher = ShardFetcher(str(cache), 10 * size, retries=2)
     assert _Handler.requests.count("/shard-000004.tar") == 2  # the prefetch's and the read's: a 404 is not retried
     with pytest.raises(Exception, match="404"):
@@ -243,4 +248,33 @@ def test_a_shard_another_process_is_about_to_open_is_never_evicted(tmp_path):
         child.join(60)
     fetcher.release(fetcher.fetch(sources[2]))  # the pin is gone with its process: the least recently used leave
     assert not os.path.exists(fetcher.local_path(sources[0]))
-    assert os.listdir(tmp_path / "cache") == [os.path.basename(fetcher.local_path(sources[2]))]
+    assert _shards(tmp_path / "cache") == [os.path.basename(fetcher.local_path(sources[2]))]
+
+
+def _fetch_and_report(fetcher, source, out) -> None:
+    path = fetcher.fetch(source)
+    out.put(os.path.getsize(path))
+    fetcher.release(path)
+
+
+def test_processes_wanting_one_shard_at_once_download_it_once(tmp_path):
+    """Workers that all read every shard (fewer shards than streams) or ranks sharing a cache ask for the same shard
+    at once: one downloads it, the others wait and read its copy. A worker forked while its parent downloads waits
+    for that download (the lock is not inherited)."""
+    import multiprocessing
+
+    shard = make_pair_shards(str(tmp_path / "data"), 2, 2)["files"][0]
+    log = tmp_path / "downloads.log"
+    source = f"pipe:echo x >> {log}; sleep 1; cat {shard}"
+    fetcher = ShardFetcher(str(tmp_path / "cache"), 2**30)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    fetcher.prefetch(source)  # this process's download starts, then four workers fork and want the shard too
+    children = [context.Process(target=_fetch_and_report, args=(fetcher, source, out)) for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+    assert all(child.exitcode == 0 for child in children)
+    assert [out.get(timeout=5) for _ in children] == [os.path.getsize(shard)] * 4
+    assert log.read_text() == "x\n"

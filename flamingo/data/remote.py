@@ -8,11 +8,14 @@ The cache holds the least recently used shards up to `max_bytes` (shared by the 
 it should hold at least two shards per DataLoader worker, or a prefetched shard may be evicted before it is read and
 fetched again. A shard between its fetch and its opening is pinned: a shared `flock` on it, which every process's
 eviction respects (it removes a shard only under an exclusive lock), so no process removes a shard another is about
-to open.
+to open. A shard is downloaded by one process at a time (a lock file per shard under `.fetching/`): processes that
+want it meanwhile (DataLoader workers that all read every shard, when there are fewer shards than streams; ranks
+sharing the cache) wait for that download and read its copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import http.client
@@ -25,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..runtime.hub import HF_DATASET
 
@@ -70,6 +73,20 @@ def _pin_file(path: str) -> Optional[int]:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+@contextlib.contextmanager
+def _download_lock(path: str) -> Iterator[None]:
+    """Held by one process at a time per cached shard `path`: a POSIX record lock (`lockf`), which a forked child does
+    not inherit, so a worker forked while its parent downloads waits for that download instead of deadlocking."""
+    directory = os.path.join(os.path.dirname(path), ".fetching")
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, os.path.basename(path)), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def is_remote(path: str) -> bool:
@@ -142,6 +159,15 @@ def list_hub_shards(path: str) -> list[str]:
     return found
 
 
+def _touch(path: str) -> bool:
+    """Whether the shard `path` is cached; if so it becomes the most recently used."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 class FetchError(Exception):
     """A shard that could not be fetched (after retries)."""
 
@@ -206,12 +232,14 @@ class ShardFetcher:
                 del _PINNED[path]
 
     def _ensure(self, source: str, path: str) -> None:
-        try:
-            os.utime(path)  # a hit: the shard is the most recently used
+        if _touch(path):
             return
-        except FileNotFoundError:
-            pass
         os.makedirs(self.cache_dir, exist_ok=True)
+        with _download_lock(path):
+            if not _touch(path):  # (another process may have fetched it while this one waited)
+                self._download_with_retries(source, path)
+
+    def _download_with_retries(self, source: str, path: str) -> None:
         error: Optional[Exception] = None
         for attempt in range(max(1, self.retries)):
             if attempt:

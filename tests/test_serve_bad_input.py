@@ -93,6 +93,8 @@ CASES = {
     "empty prompt": (dict(json={"prompt": "", "max_tokens": 2}, path="/v1/completions"), 400, "empty"),
     "empty chat": (dict(json={"messages": [{"role": "user", "content": []}]}), 400, "empty"),
     "penalty out of OpenAI's range": (dict(json={**GOOD, "presence_penalty": 2.5}), 400, "presence_penalty"),
+    "logit_bias key of a digit int() refuses": (dict(json={**GOOD, "logit_bias": {"\u00b2": 5}}), 400,
+                                                "not a token id"),
     "logprobs past the completions API's 5": (dict(json={"prompt": "Output:", "logprobs": 6}, path="/v1/completions"),
                                               400, "logprobs"),
 }
@@ -151,3 +153,48 @@ def _post_and_forget(url: str) -> None:
         httpx.post(url + "/v1/chat/completions", json=GOOD, timeout=3)
     except httpx.TransportError:
         pass
+
+
+# valid values at the edges of their ranges (no 4xx: each is answered)
+ODD = {"temperature near 0": {"temperature": 1e-300},
+       "seed past 64 bits": {"temperature": 1.0, "seed": 2**70},
+       "seed + choice past 64 bits": {"temperature": 1.0, "seed": 2**64 - 1, "n": 2}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("serve_odd") / "model")
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_sampling_values_are_answered_and_leave_a_neighbour_alone(model_dir, case, one_thread):
+    """An odd request queued behind a greedy one, so that both join in one turn: it gets its answer (no NaN, no seed
+    overflow failing the batch and stranding the request) and the neighbour gets its answer alone."""
+    neighbour = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 8, "temperature": 0}
+    odd = {"messages": [{"role": "user", "content": "Question:"}], "max_tokens": 4, **ODD[case]}
+    engine = engine_for(model_dir, max_batch=4)
+    answers: dict[str, object] = {}
+
+    def post(name: str, body: dict, url: str) -> None:
+        try:
+            answers[name] = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        except httpx.TransportError as e:  # a request the engine strands times out
+            answers[name] = e
+
+    with running_server(engine, ServeSettings(), start_engine=False) as url:
+        threads = []
+        for name, body in (("neighbour", neighbour), ("odd", odd)):
+            threads.append(threading.Thread(target=post, args=(name, body, url)))
+            threads[-1].start()
+            for _ in range(200):  # queued in this order
+                if len(engine._waiting) == len(threads):
+                    break
+                threading.Event().wait(0.02)
+        engine.start()
+        for t in threads:
+            t.join(timeout=60)
+        alone = httpx.post(url + "/v1/chat/completions", json=neighbour, timeout=30)
+    for name in ("neighbour", "odd"):
+        assert isinstance(answers[name], httpx.Response) and answers[name].status_code == 200, answers[name]
+    assert len(answers["odd"].json()["choices"]) == ODD[case].get("n", 1)
+    assert answers["neighbour"].json()["choices"] == alone.json()["choices"]

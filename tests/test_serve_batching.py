@@ -302,6 +302,43 @@ def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
     assert events["good"][-1] == "done"
 
 
+def test_a_failure_while_a_prompt_joins_fails_its_request(model_dir, monkeypatch, one_thread):
+    """An engine error between a prompt's prefill and its rows (here: its choices' generators) ends that request with
+    an error, as for a running one, instead of leaving it waiting for ever; the next request is served."""
+    from flamingo.serve import engine as engine_module
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    def broken(params, choice, device):
+        if params.seed == 13:
+            raise RuntimeError("no generator")
+        return None
+
+    monkeypatch.setattr(engine_module, "row_generator", broken)
+    engine = engine_for(model_dir, max_batch=2)
+    events: dict[str, list] = {"bad": [], "good": []}
+    finished = threading.Semaphore(0)
+
+    def sink(name):
+        def emit(event):
+            events[name].append(event.kind)
+            if event.kind in ("done", "error"):
+                finished.release()
+        return emit
+
+    ids = torch.tensor(engine.processor.token_ids("Output:"))
+    engine.start()
+    try:
+        engine.submit(Job(ids, {}, SamplingParams(max_tokens=2, temperature=0.0, seed=13), sink("bad")))
+        assert finished.acquire(timeout=30), "the request was left waiting"
+        engine.submit(Job(ids, {}, SamplingParams(max_tokens=2, temperature=0.0), sink("good")))
+        assert finished.acquire(timeout=30)
+    finally:
+        engine.stop(0.0)
+    assert events["bad"] == ["error"]
+    assert events["good"][-1] == "done"
+
+
 def test_one_turn_prefills_several_prompts_that_fit_its_budget(model_dir, one_thread):
     """While a row decodes, a turn's token budget (`prefill_chunk`) is shared by the waiting prompts in order: three
     short prompts join in one turn, a media step encodes two prompts' images, and each request still gets the greedy

@@ -19,3 +19,23 @@ def test_rows_sample_by_their_own_settings_and_greedy_rows_take_the_argmax():
     assert {p[2] for p in picks} <= {0, 1, 2} and len({p[2] for p in picks}) > 1  # sampled, never the suppressed id
     again = [row_generator(p, 0, torch.device("cpu")) for p in params]
     assert [pick_tokens(logits, params, again, suppress=[3]).tolist() for _ in range(50)] == picks  # the seed repeats
+
+
+def test_a_tiny_temperature_takes_the_argmax_not_nan():
+    """A temperature near 0 (down to one float32 and float64 cannot hold) samples the likeliest token, as 0 does."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -float("inf")], [9.0, -4.0, 8.5, 0.0]])
+    for temperature in (5e-324, 1e-300, 1e-40, 1e-30):
+        params = [SamplingParams(8, temperature=temperature, seed=0)] * 2
+        generators = [row_generator(p, 0, torch.device("cpu")) for p in params]
+        assert pick_tokens(logits, params, generators, suppress=[]).tolist() == [1, 0]
+
+
+def test_any_seed_is_taken_wrapped_into_64_bits():
+    """torch seeds take 64 bits: a seed (plus its choice) outside them wraps, as a negative seed already did."""
+    def draws(seed: int, choice: int) -> list[float]:
+        generator = row_generator(SamplingParams(8, seed=seed), choice, torch.device("cpu"))
+        return torch.rand(3, generator=generator).tolist()
+
+    assert draws(2**64 - 1, 1) == draws(0, 0)
+    assert draws(2**70 + 5, 0) == draws(5, 0)
+    assert draws(-1, 0) == draws(2**64 - 1, 0)

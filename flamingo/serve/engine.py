@@ -346,8 +346,8 @@ class Engine:
         self.metrics.inc("prefill_calls_shared_total")
         self.metrics.inc("prefill_prompts_shared_total", len(group))
         for pair, row in zip(group, rows):
+            self._join(pair[0], row)  # listed until joined: a failure there fails it (`_fail_all`), never strands it
             self._prefills.remove(pair)
-            self._join(pair[0], row)
         return True
 
     def _run_prefill(self, job: Job, prefill: Prefill, tokens: int, media: Optional[int]) -> None:
@@ -359,8 +359,8 @@ class Engine:
             job.emit(Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
             return
         if row is not None:
+            self._join(job, row)  # listed until joined: a failure there fails it (`_fail_all`), never strands it
             self._prefills.remove((job, prefill))
-            self._join(job, row)
 
     def _join(self, job: Job, row: PrefilledRow) -> None:
         """A prefilled request: its first token, then its choices' rows in the batch."""

@@ -121,7 +121,7 @@ class _Sampling(StrictModel):
         """`logit_bias` as (token id, bias) pairs, each id checked against the model's `vocab` logits."""
         pairs: dict[int, float] = {}
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit() or int(key) >= vocab:
+            if not key.strip().isdecimal() or int(key) >= vocab:  # isdigit() takes "²", which int() refuses
                 raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})",
                                param="logit_bias")
             if not -100 <= bias <= 100:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ..model.logprobs import TokenLogprobs
 from .engine import Event, Job
 from .logprobs import CompletionLogprobs, TokenStrings, chat_entries
 from .protocol import APIError
+
+DISCONNECT_CHECK_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked for having gone away
 
 
 class Answer:
@@ -73,14 +76,19 @@ async def whole(events: asyncio.Queue, answers: list[Answer], chat: bool,
     texts = {(k, i): a.echo_text for k, a in enumerate(answers) for i in range(a.job.params.n)}
     reasons: dict[tuple[int, int], Optional[str]] = {}
     usage, open_jobs = None, len(answers)
+    checked = time.monotonic()
     while open_jobs:
         try:
-            k, event = await asyncio.wait_for(events.get(), timeout=0.5)
+            k, event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
         except asyncio.TimeoutError:
+            k, event = -1, None
+        if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:  # also while tokens keep coming
+            checked = time.monotonic()
             if await disconnected():
                 for a in answers:
                     a.job.cancelled.set()
                 return None
+        if event is None:
             continue
         answer = answers[k]
         if event.kind == "prompt":

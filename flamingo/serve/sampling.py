@@ -45,8 +45,8 @@ def row_generator(params: SamplingParams, choice: int, device: torch.device) -> 
     generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()
-    else:
-        generator.manual_seed(params.seed + choice)
+    else:  # torch takes seeds of 64 bits (a negative one as its two's complement): any int wraps into them
+        generator.manual_seed((params.seed + choice) % 2**64)
     return generator
 
 
@@ -70,7 +70,10 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     for b, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        row = TemperatureLogitsWarper(p.temperature)(None, logits[b:b + 1])  # (1, V); transformers' own warpers
+        # a tiny temperature must not make NaN: the logits shifted to a max of 0 (the same distribution) over a
+        # temperature float32 keeps above 0 send all but the likeliest to -inf, never the likeliest to 0/0
+        temperature = max(p.temperature, torch.finfo(logits.dtype).tiny)
+        row = TemperatureLogitsWarper(temperature)(None, logits[b:b + 1] - logits[b].max())  # (1, V); HF's warpers
         if p.top_p < 1.0:
             row = TopPLogitsWarper(p.top_p)(None, row)
         tokens[b] = torch.multinomial(row[0].softmax(dim=-1), 1, generator=generator)[0]

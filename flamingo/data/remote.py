@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -38,13 +39,17 @@ _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at
 _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
 _PIN_FDS: dict[str, list[int]] = {}  # the descriptors holding their shared locks (seen by other processes)
 _LOCKS_GUARD = threading.Lock()
+# Held while a `pipe:` command starts, and by `os.fork` (a DataLoader worker starting): a process forked meanwhile
+# would inherit the write end of subprocess's exec-error pipe, and the starting thread would wait for it (holding the
+# shard's download lock) as long as that process lives, while the process waits for the shard.
+_SPAWN_LOCK = threading.Lock()
 
 
 def _reset_after_fork() -> None:
     """A forked DataLoader worker starts with fresh locks and pins: a lock a parent's prefetch thread held at the
     fork would stay locked in the child forever, and a pin's inherited descriptor would keep the parent's shared
     lock alive after the parent released it."""
-    global _LOCKS_GUARD
+    global _LOCKS_GUARD, _SPAWN_LOCK
     for fds in _PIN_FDS.values():
         for fd in fds:
             os.close(fd)
@@ -52,6 +57,7 @@ def _reset_after_fork() -> None:
     _LOCKS.clear()
     _PINNED.clear()
     _LOCKS_GUARD = threading.Lock()
+    _SPAWN_LOCK = threading.Lock()
 
 
 def _pin_file(path: str) -> Optional[int]:
@@ -72,7 +78,8 @@ def _pin_file(path: str) -> Optional[int]:
     return fd
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+os.register_at_fork(before=lambda: _SPAWN_LOCK.acquire(), after_in_parent=lambda: _SPAWN_LOCK.release(),
+                    after_in_child=_reset_after_fork)
 
 
 @contextlib.contextmanager
@@ -270,11 +277,14 @@ class ShardFetcher:
 
     def _download(self, source: str, part: str) -> None:
         if source.startswith("pipe:"):
-            with open(part, "wb") as out:
-                run = subprocess.run(source[len("pipe:"):], shell=True, stdout=out, stderr=subprocess.PIPE)
-            if run.returncode != 0:
-                raise subprocess.SubprocessError(f"exit status {run.returncode}: "
-                                                 f"{run.stderr.decode(errors='replace').strip()[-300:]}")
+            with open(part, "wb") as out, tempfile.TemporaryFile() as errors:  # (no pipe a fork could inherit)
+                with _SPAWN_LOCK:
+                    process = subprocess.Popen(source[len("pipe:"):], shell=True, stdout=out, stderr=errors)
+                code = process.wait()
+                errors.seek(0)
+                message = errors.read().decode(errors="replace").strip()[-300:]
+            if code != 0:
+                raise subprocess.SubprocessError(f"exit status {code}: {message}")
             return
         url, headers = hub_url(source) if source.startswith("hf://") else (source, {})
         request = urllib.request.Request(url, headers={"user-agent": "flamingo", **headers})

@@ -132,6 +132,8 @@ def test_placement_trailing_turns_eos_and_truncation(tmp_path):
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
         {"type": "image", "image": "img/0.png"}]}]}, "bad_record", "only user turns"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "bad_record", "role"),
+    ({"image": "img/0.png", "conversations": [{"from": ["human"], "value": "<image>hi"},
+                                              {"from": "gpt", "value": "x"}]}, "bad_record", "needs 'from'"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "bad_record", "part type"),
     ({"image": "img/0.png", "caption": "a pair"}, "bad_record", "no 'messages' or 'conversations'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "img/9.png"}}]},

@@ -74,6 +74,18 @@ def test_packed_pairs_and_interleaved_shards_load_back(tmp_path, capsys):
     assert src.skipped == {"empty_text": 1, "missing_file": 1, "no_matched_image": 1}
 
 
+@pytest.mark.parametrize("pattern", ["shard-%06d.tar", "s-%d.tar", "s-%03d"])
+def test_printed_dataset_path_names_every_packed_shard(tmp_path, pattern):
+    # 11 shards: the first and last names share the number's last digit (shard-000000.tar, shard-000010.tar)
+    from flamingo.data.pack import pack
+    from flamingo.data.sources import expand_path
+
+    pairs = make_pairs(str(tmp_path / "p"), 11, bad=False)
+    result = pack(str(tmp_path / "out" / pattern), source=pairs["path"], shard_size=1)
+    assert len(result["shards"]) == 11
+    assert expand_path(result["path"]) == result["shards"]
+
+
 def test_pack_image_folder_with_txt_captions(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -166,6 +166,17 @@ def test_unknown_options_missing_files_and_unknown_kinds_are_errors(tmp_path, pr
         build_source(DatasetSection("p", "audio", data["path"], 1), processor)
 
 
+@pytest.mark.parametrize("kind, option, value", [("interleaved", "max_images", 0), ("interleaved", "max_images", -1),
+                                                 ("video", "fps", 0), ("video", "max_frames", 0),
+                                                 ("chat", "fps", -1.0)])
+def test_options_below_their_least_value_are_refused_by_name(tmp_path, processor, kind, option, value):
+    # max_images 0 / fps 0 skipped every sample as bad data; max_images -1 cut each document's last image unseen;
+    # max_frames 0 meant 8
+    data = make_pairs(str(tmp_path), 2, bad=False)
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        build_source(DatasetSection("d", kind, data["path"], 1, options={option: value}), processor)
+
+
 def test_weighted_mixture_draws_every_source_and_resumes_exactly(tmp_path, processor):
     pairs = make_pairs(str(tmp_path / "p"), 6, bad=False)
     docs = make_interleaved(str(tmp_path / "i"), 4, bad=False)

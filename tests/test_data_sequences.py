@@ -92,6 +92,19 @@ def test_threshold_drops_weak_matches_and_max_images_keeps_the_first(tmp_path, p
     assert e.value.reason == "no_matched_image"
 
 
+@pytest.mark.parametrize("score", [None, "high", [0.9]])
+def test_a_matched_sim_that_is_no_number_skips_the_document(tmp_path, processor, score):
+    from flamingo.data.errors import SkipSample
+
+    doc = mmc4_document(4, {0: 1, 1: 3})
+    del doc["similarity_matrix"]  # MMC4 core style: each image's matched_text_index and matched_sim
+    doc["image_info"][1]["matched_sim"] = score
+    spec, records = _spec(tmp_path, [doc], processor)
+    with pytest.raises(SkipSample, match="matched_sim") as e:
+        spec.example(records[0])
+    assert e.value.reason == "bad_record"
+
+
 def test_max_tokens_drops_images_past_the_cut(tmp_path, processor):
     doc = mmc4_document(6, {0: 1, 1: 4})
     spec, records = _spec(tmp_path, [doc], processor)

@@ -54,3 +54,34 @@ def test_weight_decay_only_on_xattn_matrices_and_gate_learning_rate(make_model):
     assert {names[id(p)].rsplit(".", 1)[-1] for p in dense_gates["params"]} == {"ffw_gate"}
     assert attn_gates["lr"] == pytest.approx(2e-3) and dense_gates["lr"] == pytest.approx(1e-2)
     assert len(attn_gates["params"]) == len(dense_gates["params"]) == len(model.xattn)
+
+
+DATA = [{"name": "a", "kind": "pairs", "path": "x", "batch_size": 4}]
+
+
+@pytest.mark.parametrize("key,value", [("micro_batches", 0), ("max_nonfinite", 0), ("num_workers", -1)])
+def test_counts_below_their_least_value_are_refused(key, value):
+    # micro_batches 0 divided by zero at the first step; max_nonfinite 0 aborted it before any non-finite loss
+    with pytest.raises(ValueError, match=f"train.{key} must be >= "):
+        parse_config({"data": DATA, "train": {key: value}})
+
+
+def test_numbers_and_flags_of_the_wrong_type_are_refused_by_name():
+    for overrides, message in ((["train.steps=abc"], "train.steps must be an integer"),
+                               (["data.0.batch_size=abc"], r"data\[0\].batch_size must be an integer"),
+                               (["optim.lr=abc"], "optim.lr must be a number"),
+                               (["train.compile=maybe"], "train.compile must be true or false"),
+                               (["train.steps=true"], "train.steps must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            load_config("configs/example.yaml", overrides)
+    config = load_config("configs/example.yaml", ["train.steps=1e3", "optim.lr=3e-4", "train.device=null"])
+    assert config.train.steps == 1000 and isinstance(config.train.steps, int) and config.optim.lr == 3e-4
+
+
+def test_micro_batches_that_cannot_split_every_batch_are_refused_before_training():
+    # a partial last batch (drop_last false) would stop the run at the end of its first epoch
+    with pytest.raises(ValueError, match=r"\['a'\] have batches that train.micro_batches=2 cannot split"):
+        parse_config({"data": [{**DATA[0], "options": {"drop_last": False}}], "train": {"micro_batches": 2}})
+    with pytest.raises(ValueError, match="train.micro_batches=3 cannot split"):
+        parse_config({"data": DATA, "train": {"micro_batches": 3}})
+    assert parse_config({"data": DATA, "train": {"micro_batches": 2}}).train.micro_batches == 2

@@ -131,7 +131,8 @@ def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn
     pending = [media.ref(p, video) for p in paths]
     values = []
     for i, turn in enumerate(conversations):
-        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise SkipSample("bad_record", f"{key}: conversations[{i}] needs 'from' (human, gpt or system) and a "
                                            "string 'value'")

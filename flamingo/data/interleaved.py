@@ -75,7 +75,10 @@ def _similarity(doc: dict[str, Any], n_images: int, n_sentences: int, where: str
     for i, info in enumerate(doc["image_info"]):
         j = info.get("matched_text_index")
         if isinstance(j, int) and 0 <= j < n_sentences:
-            sim[i, j] = float(info.get("matched_sim", 1.0))
+            try:
+                sim[i, j] = float(info.get("matched_sim", 1.0))
+            except (TypeError, ValueError) as e:
+                raise SkipSample("bad_record", f"{where}: image_info[{i}].matched_sim is not a number: {e}") from e
     return sim
 
 

@@ -45,6 +45,13 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError(f"padding_side must be 'left' or 'right', got {resolved['padding_side']!r}")
     if int(resolved["max_tokens"]) < 2:
         raise ValueError(f"max_tokens must be >= 2 (an <image> and some text), got {resolved['max_tokens']}")
+    # zero or negative values would skip every sample (blaming the data) or cut a document's last image unseen
+    if "max_images" in resolved and int(resolved["max_images"]) < 1:
+        raise ValueError(f"max_images must be >= 1, got {resolved['max_images']}")
+    if "fps" in resolved and float(resolved["fps"]) <= 0:
+        raise ValueError(f"fps must be > 0, got {resolved['fps']}")
+    if resolved.get("max_frames") is not None and int(resolved["max_frames"]) < 1:
+        raise ValueError(f"max_frames must be >= 1 (null: the processor's), got {resolved['max_frames']}")
     if int(resolved["pack_tokens"]) < 0:
         raise ValueError(f"pack_tokens must be >= 0 (0: one sample per row), got {resolved['pack_tokens']}")
     if int(resolved["pack_tokens"]) > 0 and resolved["padding_side"] != "right":

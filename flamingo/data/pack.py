@@ -67,10 +67,13 @@ class ShardWriter:
         j = 0
         while first[-1 - j] == last[-1 - j]:
             j += 1
-        # widen to the whole zero-padded number
+        # widen to the whole zero-padded number, at both ends (shard-000000 .. shard-000010 share the suffix `0.tar`)
         while i > 0 and first[i - 1].isdigit():
             i -= 1
-        return os.path.join(os.path.dirname(self.paths[0]), f"{first[:i]}{{{first[i:-j]}..{last[i:-j]}}}{first[-j:]}")
+        while j > 0 and first[-j].isdigit():
+            j -= 1
+        lo, hi = first[i:len(first) - j], last[i:len(last) - j]
+        return os.path.join(os.path.dirname(self.paths[0]), f"{first[:i]}{{{lo}..{hi}}}{first[len(first) - j:]}")
 
 
 def _read(path: str) -> bytes:

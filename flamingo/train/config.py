@@ -123,9 +123,29 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in {where}: {sorted(unknown)} (known: {sorted(known)})")
-    floats = {f.name for f in dataclasses.fields(cls) if f.type in ("float", float)}
-    values = {k: (_scalar(v) if k in floats and isinstance(v, str) else v) for k, v in values.items()}
-    return cls(**values)
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+    return cls(**{k: _typed(v, types[k], f"{where}.{k}") for k, v in values.items()})
+
+
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,)}
+_SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _typed(value: Any, annotation: str, where: str) -> Any:
+    """A number or flag field's value, checked here so that a wrong one (`train.steps=abc`) is refused by name, not
+    met deep inside the run. Floats YAML 1.1 leaves as strings (`3e-4`) are read; a whole float is an int (`1e3`).
+    Strings and structured fields pass as they are."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if base not in _SCALAR_TYPES or (optional and value is None):
+        return value
+    if base == "float" and isinstance(value, str):
+        value = _scalar(value)
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) != (base == "bool") or not isinstance(value, _SCALAR_TYPES[base]):
+        raise ValueError(f"{where} must be {_SCALAR_NAMES[base]}{' or null' if optional else ''}, got {value!r}")
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -175,6 +195,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(data=data, validation=validation, **sections)
     if config.train.log_every < 1:
         raise ValueError(f"train.log_every must be >= 1, got {config.train.log_every}")
+    for key, least in (("micro_batches", 1), ("max_nonfinite", 1), ("num_workers", 0)):
+        if getattr(config.train, key) < least:
+            raise ValueError(f"train.{key} must be >= {least}, got {getattr(config.train, key)}")
     if config.train.save_every < 0:
         raise ValueError(f"train.save_every must be >= 0 (0: at the end only), got {config.train.save_every}")
     if config.train.eval_every < 0 or config.train.eval_batches < 0:
@@ -210,6 +233,14 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if packed and config.train.micro_batches > 1:
         raise ValueError(f"datasets {packed} pack their samples (pack_tokens), so their batches have a varying number "
                          "of rows, which train.micro_batches > 1 cannot split evenly: use one or the other")
+    # checked here, not at the first batch that does not split: a partial last batch (drop_last false) would stop
+    # the run at the end of its first epoch
+    micro = config.train.micro_batches
+    uneven = [d.name for d in data
+              if micro > 1 and (d.batch_size % micro or not (d.options or {}).get("drop_last", True))]
+    if uneven:
+        raise ValueError(f"datasets {uneven} have batches that train.micro_batches={micro} cannot split evenly: each "
+                         "batch_size must be a multiple of it, with drop_last true (no partial last batch)")
     return config
 
 

@@ -41,17 +41,16 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     vision_model = load_vision_tower(vision, **kwargs)
     lm_model = load_lm(lm, **kwargs)
 
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        source = tokenizer if tokenizer is not None else lm_ref
-        if source is None:
-            raise ValueError("pass `tokenizer`: the LM is an in-memory model with no name/path to load one from")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    if image_processor is None:
-        if vision_ref is None:
-            raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
-        image_processor = load_image_processor(str(vision_ref))
-
-    added = add_flamingo_tokens(tokenizer, config.num_image_references, extra_tokens)
+    if tokenizer is None and lm_ref is None:
+        raise ValueError("pass `tokenizer`: the LM is an in-memory model with no name/path to load one from")
+    if image_processor is None and vision_ref is None:
+        raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
+    processor, added = flamingo_processor(tokenizer if tokenizer is not None else lm_ref,
+                                          image_processor if image_processor is not None else vision_ref,
+                                          max_frames=config.max_frames, max_positions=lm_max_positions(lm_model),
+                                          max_length=max_length, num_image_references=config.num_image_references,
+                                          extra_tokens=extra_tokens, template=template)
+    tokenizer = processor.tokenizer
     config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref
     config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
@@ -69,12 +68,30 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
-    processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=config.max_frames,
-                                   template=template)
-    positions = lm_max_positions(lm_model)
-    if max_length is None and positions is not None:  # the tokenizer may not know its LM's context, or think it
-        processor.max_length = min(processor.max_length or positions, positions)  # longer
     return model, processor
+
+
+def flamingo_processor(tokenizer: Union[str, os.PathLike, PreTrainedTokenizerBase], image_processor: Any, *,
+                       max_frames: int, max_positions: Optional[int], max_length: Optional[int] = None,
+                       num_image_references: int = 0, extra_tokens: Sequence[str] = (), template: str = "flamingo"
+                       ) -> tuple[FlamingoProcessor, list[int]]:
+    """The processor of a model built on these backbones (`from_backbones`), and the ids of the tokens it added.
+
+    tokenizer: an object, or a name/path to load one from; image_processor: an object, or the vision tower's
+    name/path to load its own from. Adds Flamingo's tokens (`add_flamingo_tokens`: `num_image_references`,
+    `extra_tokens`). max_positions: the LM's (`lm_max_positions`), which bound the processor's length when
+    `max_length` is None (the tokenizer may not know its LM's context, or think it longer). Reads no weights.
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if isinstance(image_processor, (str, os.PathLike)):
+        image_processor = load_image_processor(str(image_processor))
+    added = add_flamingo_tokens(tokenizer, num_image_references, extra_tokens)
+    processor = FlamingoProcessor(tokenizer, image_processor, max_length=max_length, max_frames=max_frames,
+                                  template=template)
+    if max_length is None and max_positions is not None:
+        processor.max_length = min(processor.max_length or max_positions, max_positions)
+    return processor, added
 
 
 def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,

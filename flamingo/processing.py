@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTra
 from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
 from .references import reference_token, resolve_declarations
 from .runtime.compat import keep_special_tokens_kwargs
-from .runtime.hub import local_dir
+from .runtime.hub import metadata_dir
 from .video import decode_video, uniform_frame_indices
 
 TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
@@ -323,8 +323,9 @@ class FlamingoProcessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, revision: Optional[str] = None,
                         **overrides: Any) -> "FlamingoProcessor":
-        """The processor saved with a model: a directory, or a Hub repository holding one (`org/name`)."""
-        directory = local_dir(name_or_path, "Flamingo processor", revision=revision)
+        """The processor saved with a model: a directory, or a Hub repository holding one (`org/name`; its processor
+        files alone are fetched)."""
+        directory = metadata_dir(name_or_path, "Flamingo processor", revision=revision)
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         kwargs: dict[str, Any] = {}
         if os.path.isfile(path):

@@ -102,16 +102,6 @@ def test_training_starts_from_an_idefics_directory(idefics_dir, tmp_path):
     assert processor.template == "idefics" and tuned.config.block == "idefics"
 
 
-def test_eval_through_a_server_needs_a_saved_processor(idefics_dir, capsys):
-    """`flamingo eval --server URL --model X` prompts with X's processor: a foreign checkpoint is refused, saying
-    what to pass, before any request."""
-    from flamingo.cli import main
-
-    assert main(["eval", "--model", str(idefics_dir), "--server", "http://127.0.0.1:9", "--task", "vqa",
-                 "--data", str(idefics_dir)]) == 2
-    assert "convert it once" in capsys.readouterr().err
-
-
 def test_init_from_takes_the_options_that_apply_to_a_trained_model(idefics_dir, tmp_path):
     """With `model.init_from`, `model.flamingo` may set LoRA adapters on the LM and the frozen weights' format; an
     option that shapes a new model is refused, never ignored."""

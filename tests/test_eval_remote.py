@@ -63,6 +63,36 @@ def test_eval_subcommand_with_server(served, tmp_path, capsys):
     assert results["settings"]["generation"]["num_beams"] == 1 and results["runs"][0]["metrics"]
 
 
+def test_eval_subcommand_with_server_and_a_foreign_checkpoint(tmp_path, one_thread):
+    """`--model` an IDEFICS directory, served converted in memory: the harness prompts with its processor, read from
+    a copy of the directory without its weights, and writes the predictions and metrics of the in-process run."""
+    import shutil
+
+    from test_idefics_equal import _peer
+
+    from flamingo.cli import main
+    from flamingo.serve.server import build_engine
+
+    source = tmp_path / "idefics"
+    peer, tok = _peer("vector", True)
+    peer.save_pretrained(source)
+    tok.save_pretrained(source)
+    bare = shutil.copytree(source, tmp_path / "bare", ignore=shutil.ignore_patterns("*.safetensors"))
+    data = DATASET_MAKERS["vqa"](tmp_path / "data")
+    common = ["eval", "--task", "vqa", "--data", str(data), "--shots", "0", "1", "--trials", "1", "--num-beams", "1",
+              "--max-new-tokens", "3", "--batch-size", "3", "--vision-cache-mb", "0", "--no-progress"]
+    assert main([*common, "--model", str(source), "--out", str(tmp_path / "local")]) == 0
+    with running_server(build_engine(str(source), max_batch=8, prefill_chunk=32), ServeSettings()) as url:
+        assert main([*common, "--model", str(bare), "--server", url, "--out", str(tmp_path / "remote")]) == 0
+    local, remote = _records(tmp_path / "local", "vqa"), _records(tmp_path / "remote", "vqa")
+    assert any(r.get("prediction") for records in local.values() for r in records)  # something to compare
+    assert remote == local
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("local", "remote")]
+    local_summary, remote_summary = ([(r["shots"], r["values"], r["skipped"]) for r in run["summary"]]
+                                     for run in results)
+    assert remote_summary == local_summary and [skipped for _, _, skipped in local_summary] == [[0], [0]]
+
+
 def test_beams_rices_and_a_missing_server_are_clear_errors(served, tmp_path):
     model_dir, url = served
     data = DATASET_MAKERS["vqa"](tmp_path / "data")

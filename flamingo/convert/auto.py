@@ -8,7 +8,8 @@ What a source is, from its files (a directory, or a Hub repository's configs, fe
   OpenFlamingo): Otter;
 - a name of `PUBLISHED` (the OpenFlamingo 2.x releases): OpenFlamingo, on its published backbones.
 OpenFlamingo v1 names need a LLaMA-7B the user names, and Multimodal-GPT a LoRA file: those go through `flamingo
-convert`, which takes them.
+convert`, which takes them. `load_processor` builds the processor `load_model` would return from the configs and
+tokenizer files alone (`flamingo eval --server`: the server holds the model).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime.hub import local_dir
 from .adapters import is_adapter_dir
-from .idefics import from_idefics
-from .openflamingo import PUBLISHED, PUBLISHED_V1, convert_openflamingo, published_openflamingo
-from .otter import from_otter
+from .idefics import from_idefics, idefics_processor_of
+from .openflamingo import PUBLISHED, PUBLISHED_V1, convert_openflamingo, published_openflamingo, published_processor
+from .otter import from_otter, otter_processor_of
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,17 @@ def load_model(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     if quantize_frozen not in (None, "none"):
         quantize.quantize_frozen(model, quantize_frozen)
     return model.eval(), processor
+
+
+def load_processor(source: Union[str, os.PathLike], revision: Optional[str] = None) -> FlamingoProcessor:
+    """The processor `load_model(source)` returns, from configs, tokenizer files and preprocessor configs alone: no
+    weights are fetched or read (an IDEFICS adapter's: its base's)."""
+    source = os.fspath(source)
+    kind = checkpoint_format(source, revision)
+    if kind == "flamingo":
+        return FlamingoProcessor.from_pretrained(source, revision=revision)
+    if kind == "idefics":
+        return idefics_processor_of(source, revision=revision)
+    if kind == "otter":
+        return otter_processor_of(source, revision=revision)
+    return published_processor(source)

@@ -21,10 +21,7 @@ from transformers import PreTrainedModel
 
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
-from ..runtime.hub import local_dir
-
-# what a conversion reads besides the weights: configs, tokenizer files (sentencepiece models, BPE merges and vocabs)
-_METADATA = ["*.json", "tokenizer*", "*.model", "*.txt"]
+from ..runtime.hub import METADATA, local_dir
 
 Reader = Callable[[str, Optional[torch.dtype]], torch.Tensor]  # (name, dtype to cast to or None) -> the tensor
 
@@ -33,11 +30,11 @@ def checkpoint_dir(source: str, what: str, *, revision: Optional[str] = None, al
     """`source` if it is a directory, else the local snapshot of the Hub repository it names, with its configs,
     tokenizer files and weights: its safetensors when it has them, else (when `allow_bin`) its `.bin` files, never
     both (a 7B repository holding both would be twice the download)."""
-    directory = local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.safetensors"],
+    directory = local_dir(source, what, revision=revision, allow_patterns=[*METADATA, "*.safetensors"],
                           ignore_patterns=None)
     if not allow_bin or os.path.isdir(source) or glob.glob(os.path.join(directory, "*.safetensors")):
         return directory
-    return local_dir(source, what, revision=revision, allow_patterns=[*_METADATA, "*.bin"], ignore_patterns=None)
+    return local_dir(source, what, revision=revision, allow_patterns=[*METADATA, "*.bin"], ignore_patterns=None)
 
 
 def refuse_quantized(config: dict, source: str) -> None:

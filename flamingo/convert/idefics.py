@@ -19,6 +19,7 @@ one). Checkpoints are read from safetensors (no pickle).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -39,8 +40,9 @@ from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, Flami
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
+from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
-from .adapters import LoraAdapter, is_adapter_dir, read_lora_adapter
+from .adapters import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_lora_adapter
 from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors, refuse_quantized
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
@@ -247,12 +249,52 @@ def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optio
     directory = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     if not is_adapter_dir(directory):
         return None, directory
+    base = _adapter_base(directory, str(source))
     # an adapter's weights may be `.bin` (PEFT's format before safetensors), which the model's fetch leaves out
-    found = read_lora_adapter(checkpoint_dir(str(source), "PEFT adapter", revision=revision, allow_bin=True))
-    if not found.base:
+    return read_lora_adapter(checkpoint_dir(str(source), "PEFT adapter", revision=revision, allow_bin=True)), base
+
+
+def _adapter_base(directory: str, source: str) -> str:
+    """The base model a PEFT adapter's config (in `directory`) names."""
+    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
         raise ValueError(f"{source!r} is a PEFT adapter whose config names no base model: pass the base IDEFICS as "
                          "the model and this as the adapter (--adapter)")
-    return found, found.base
+    return base
+
+
+def idefics_processor(config: IdeficsConfig, directory: Optional[str],
+                      tokenizer: Union[None, str, os.PathLike, PreTrainedTokenizerBase] = None,
+                      image_processor: Any = None) -> FlamingoProcessor:
+    """The processor of the IDEFICS model `config` describes (saved in `directory`, or None for an in-memory one):
+    `tokenizer` (object, name or directory; default the model's), which must hold IDEFICS's image tokens within the
+    model's rows, its pad token the config's when it names none; `image_processor` (default the model's preprocessing,
+    `idefics_image_processor`); the `idefics` template; the LM's positions as the length limit."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        if tokenizer is None and directory is None:
+            raise ValueError("pass `tokenizer`: the IDEFICS model is an in-memory object")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or directory))
+    vocab = tokenizer.get_vocab()
+    total = config.vocab_size + config.additional_vocab_size
+    for token in (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER):
+        if token not in vocab or vocab[token] >= total:
+            raise ValueError(f"the tokenizer has no {token} within the model's {total} embedding rows")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = config.pad_token_id
+    if image_processor is None:
+        image_processor = _image_processor_of(directory, config.vision_config.image_size)
+    limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)
+    return FlamingoProcessor(tokenizer, image_processor, max_length=limit, max_frames=1, template="idefics")
+
+
+def idefics_processor_of(source: Union[str, os.PathLike], *, revision: Optional[str] = None) -> FlamingoProcessor:
+    """The processor `from_idefics(source)` gives (a PEFT adapter's: its base's), from configs and tokenizer files
+    alone: no weights are fetched or read."""
+    directory = metadata_dir(str(source), "IDEFICS model", revision=revision)
+    if is_adapter_dir(directory):
+        directory = metadata_dir(_adapter_base(directory, str(source)), "IDEFICS model")
+    return idefics_processor(IdeficsConfig.from_pretrained(directory), directory)
 
 
 def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[None, str, PreTrainedTokenizerBase]
@@ -270,20 +312,11 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     lora, source = _adapter_and_base(source, adapter, revision)
     config, tensors, directory = read_idefics(source)
     flamingo = idefics_flamingo_config(config)
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        if tokenizer is None and directory is None:
-            raise ValueError("pass `tokenizer`: the IDEFICS model is an in-memory object")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or directory)
-    vocab = tokenizer.get_vocab()
-    total = config.vocab_size + config.additional_vocab_size
-    for token in (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER):
-        if token not in vocab or vocab[token] >= total:
-            raise ValueError(f"the tokenizer has no {token} within the model's {total} embedding rows")
+    processor = idefics_processor(config, directory, tokenizer, image_processor)
+    vocab = processor.tokenizer.get_vocab()
     flamingo.media_token_id = vocab[MEDIA_TOKEN]
-    if END_OF_UTTERANCE in vocab and vocab[END_OF_UTTERANCE] < total:
+    if END_OF_UTTERANCE in vocab and vocab[END_OF_UTTERANCE] < config.vocab_size + config.additional_vocab_size:
         flamingo.end_of_chunk_token_id = vocab[END_OF_UTTERANCE]  # generation stops at the end of a turn
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = config.pad_token_id
     dtype = torch_dtype or tensors.dtype_of("model.embed_tokens.weight")
     tensors = tensors.cast(dtype)
     if lora is not None:
@@ -297,8 +330,4 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     assign_all(model, state, "the IDEFICS checkpoint")
     if lora is not None:
         lora.check_used()
-    if image_processor is None:
-        image_processor = _image_processor_of(directory, config.vision_config.image_size)
-    limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)
-    processor = FlamingoProcessor(tokenizer, image_processor, max_length=limit, max_frames=1, template="idefics")
     return model.eval(), processor

@@ -19,10 +19,18 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
-from ..model.mosaic_gpt import MosaicGPTForCausalLM, register
+from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
+from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
 from .checkpoints import assign_all, checkpoint_dir, open_tensors
 
@@ -64,11 +72,7 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     `name_or_path` set when `AutoModelForCausalLM.from_pretrained` can load the same model back (so trained-only
     checkpoints can refer to it), empty when the load needed renamed keys."""
     directory = checkpoint_dir(str(source), "LM")
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"no config.json in {directory!r}")
-    with open(config_path) as f:
-        remote = json.load(f)
+    remote = _config_json(directory)
     model_type = remote.get("model_type")
     kwargs = dtype_kwargs(torch_dtype)
     if model_type == "mosaic_gpt":
@@ -82,18 +86,42 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     return model
 
 
+def openflamingo_lm_config(source: Union[str, os.PathLike]) -> PretrainedConfig:
+    """The config of the LM `load_openflamingo_lm(source)` builds, from its configs alone (no weights fetched)."""
+    directory = metadata_dir(str(source), "LM")
+    remote = _config_json(directory)
+    if remote.get("model_type") == "mpt":
+        return mpt_config(remote)
+    if remote.get("model_type") == "mosaic_gpt":  # its `auto_map` names remote code, never run
+        return MosaicGPTConfig.from_pretrained(directory)
+    return AutoConfig.from_pretrained(directory)
+
+
+def _config_json(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {directory!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def mpt_config(remote: dict[str, Any]) -> MptConfig:
+    """MPT remote code's config (a dict) as transformers' `MptConfig`: the fields it knows."""
+    known = set(MptConfig().to_dict())
+    return MptConfig(**{k: v for k, v in remote.items() if k in known and k not in ("attn_config",)},
+                     # not attn_pdrop: dropout acts in training only, and transformers 5.2x types it int,
+                     # refusing the 0.0 some MPT configs hold
+                     attn_config={k: v for k, v in (remote.get("attn_config") or {}).items()
+                                  if k in ("attn_type", "clip_qkv", "softmax_scale", "alibi", "alibi_bias_max")})
+
+
 def mpt_from_state(remote: dict[str, Any], state: Mapping[str, torch.Tensor], **kwargs: Any) -> MptForCausalLM:
     """MPT remote code's config (a dict) and tensors on transformers' `MptForCausalLM`, in eval mode, after
     `check_mpt`; the tensors become its parameters (it is built without random init), and every tensor must find
     its parameter and back."""
     check_mpt(remote, state)
     state = {k: state[k] for k in state if not k.endswith(".bias")}  # all zero (checked)
-    known = set(MptConfig().to_dict())
-    config = MptConfig(**{k: v for k, v in remote.items() if k in known and k not in ("attn_config",)},
-                       # not attn_pdrop: dropout acts in training only, and transformers 5.2x types it int,
-                       # refusing the 0.0 some MPT configs hold
-                       attn_config={k: v for k, v in (remote.get("attn_config") or {}).items()
-                                    if k in ("attn_type", "clip_qkv", "softmax_scale", "alibi", "alibi_bias_max")})
+    config = mpt_config(remote)
     with meta_parameters():
         model = MptForCausalLM._from_config(config, **kwargs)
     if "lm_head.weight" not in state:

@@ -28,12 +28,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..build import from_backbones
+from ..build import flamingo_processor, from_backbones
 from ..config import FlamingoConfig
+from ..model.backbones import config_max_positions
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from .checkpoints import meta_tensors
-from .lm_families import load_openflamingo_lm
+from .lm_families import load_openflamingo_lm, openflamingo_lm_config
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ def published_openflamingo(name: str) -> tuple[str, str, Optional[str]]:
         return hf_hub_download(name, PUBLISHED_V1[name]), CLIP_VIT_L, None
     vision, lm = PUBLISHED[name]
     return hf_hub_download(name, "checkpoint.pt"), vision, lm
+
+
+def published_processor(name: str) -> FlamingoProcessor:
+    """The processor `convert_openflamingo` gives a published 2.x checkpoint (`PUBLISHED`), from its backbones'
+    tokenizer, image processor and LM config: the checkpoint is not downloaded. Its resampler has no frame embeddings
+    (OpenFlamingo's factory builds none), so its `max_frames` is the default `infer_config` keeps."""
+    if name not in PUBLISHED:
+        raise ValueError(f"{name!r} is not a published OpenFlamingo 2.x checkpoint; choose from {sorted(PUBLISHED)}")
+    vision, lm = PUBLISHED[name]
+    processor, _ = flamingo_processor(lm, vision, max_frames=FlamingoConfig().max_frames,
+                                      max_positions=config_max_positions(openflamingo_lm_config(lm)))
+    return processor
 
 
 def module_names(resampler_depth: int, xattn_layers: list[int]) -> list[tuple[str, str]]:

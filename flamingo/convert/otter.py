@@ -42,14 +42,19 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from ..build import flamingo_processor
+from ..config import FlamingoConfig
+from ..model.backbones import config_max_positions
 from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, pil_image_processor
+from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
 from .adapters import merge_saved_peft
 from .checkpoints import (
@@ -60,7 +65,7 @@ from .checkpoints import (
     open_tensors,
     refuse_quantized,
 )
-from .lm_families import mpt_from_state
+from .lm_families import mpt_config, mpt_from_state
 from .openflamingo import convert_openflamingo, param_name
 
 # model_type -> the markers its tokenizer adds after `<|endofchunk|>`, `<image>`, and the processor's template
@@ -76,6 +81,13 @@ def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Weights
     are read from safetensors, or `.bin` files weights-only (no pickle code runs)."""
     directory = checkpoint_dir(str(source), "Otter model", revision=revision)
+    config = otter_config(directory, str(source))
+    refuse_quantized(config, str(source))
+    return config, open_tensors(directory), directory
+
+
+def otter_config(directory: str, source: str) -> dict[str, Any]:
+    """The `config.json` of an Otter repository (its local `directory`), checked to be Otter's."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {directory!r}: not a transformers save_pretrained directory")
@@ -87,8 +99,7 @@ def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part), dict):
             raise ValueError(f"{source}: config.json has no {part}")
-    refuse_quantized(config, str(source))
-    return config, open_tensors(directory), directory
+    return config
 
 
 def split_otter_state(names: Iterable[str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
@@ -140,24 +151,33 @@ def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], 
 
 def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
     """The checkpoint's LM on a class transformers ships (or our MosaicGPT), its tensors becoming its parameters."""
-    model_type = text_config.get("model_type")
     kwargs = dtype_kwargs(dtype)
-    if model_type == "mpt":
+    if text_config.get("model_type") == "mpt":
         return mpt_from_state(text_config, state, **kwargs)
-    fields = {k: v for k, v in text_config.items() if k != "model_type"}
+    config = otter_lm_config(text_config)
     with meta_parameters():
-        if model_type == "mosaic_gpt":
+        if isinstance(config, MosaicGPTConfig):
             register()
-            model: PreTrainedModel = MosaicGPTForCausalLM(MosaicGPTConfig(**fields)).to(dtype)
+            model: PreTrainedModel = MosaicGPTForCausalLM(config).to(dtype)
         else:
-            try:
-                config = AutoConfig.for_model(model_type, **fields)
-            except ValueError as e:
-                raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     assign_all(model, state, "Otter's LM")
     model.name_or_path = ""  # its table is Otter's, not the base model's: saved whole
     return model.eval()
+
+
+def otter_lm_config(text_config: dict[str, Any]) -> PretrainedConfig:
+    """The config of the LM `otter_lm` builds from the checkpoint's `text_config`."""
+    model_type = text_config.get("model_type")
+    if model_type == "mpt":
+        return mpt_config(text_config)
+    fields = {k: v for k, v in text_config.items() if k != "model_type"}
+    if model_type == "mosaic_gpt":
+        return MosaicGPTConfig(**fields)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:
+        raise ValueError(f"Otter's LM is a {model_type!r}, which transformers does not know: {e}") from e
 
 
 def _embedding_rows(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -188,6 +208,45 @@ def otter_tokenizer(directory: str, text_config: dict[str, Any], tokenizer: Toke
     return AutoTokenizer.from_pretrained(str(source))
 
 
+def otter_image_processor(config: dict[str, Any], directory: str) -> Any:
+    """The repository's `preprocessor_config.json`, else `CLIPImageProcessor()` at the tower's size (what Otter's demos
+    use)."""
+    if os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
+        return load_image_processor(directory)
+    size = int(config["vision_config"].get("image_size", 224))
+    return pil_image_processor("CLIPImageProcessor")(size={"shortest_edge": size},
+                                                     crop_size={"height": size, "width": size})
+
+
+def otter_processor_kwargs(config: dict[str, Any], directory: str, tokenizer: TokenizerArg = None,
+                           image_processor: Any = None) -> dict[str, Any]:
+    """The processor's parts, as `convert_openflamingo` and `flamingo_processor` take them: `tokenizer`
+    (`otter_tokenizer`), `image_processor` (`otter_image_processor` unless given), the format's `extra_tokens` and
+    `template` (`FORMATS`)."""
+    extra_tokens, template = FORMATS[config["model_type"]]
+    return {"tokenizer": otter_tokenizer(directory, config["text_config"], tokenizer),
+            "image_processor": image_processor if image_processor is not None
+            else otter_image_processor(config, directory),
+            "extra_tokens": extra_tokens, "template": template}
+
+
+def otter_max_frames(config: dict[str, Any]) -> int:
+    """The converted model's `max_frames`: Otter builds `max_num_frames` frame embeddings when its config sets it (its
+    OpenFlamingo format never does); without them, `infer_config`'s default."""
+    frames = config.get("max_num_frames") if config["model_type"] == "otter" else None
+    return int(frames) if frames is not None else FlamingoConfig().max_frames
+
+
+def otter_processor_of(source: Union[str, os.PathLike], *, revision: Optional[str] = None) -> FlamingoProcessor:
+    """The processor `from_otter(source)` gives, from the repository's configs and tokenizer files alone: no weights
+    are fetched or read."""
+    directory = metadata_dir(str(source), "Otter model", revision=revision)
+    config = otter_config(directory, str(source))
+    processor, _ = flamingo_processor(**otter_processor_kwargs(config, directory), max_frames=otter_max_frames(config),
+                                      max_positions=config_max_positions(otter_lm_config(config["text_config"])))
+    return processor
+
+
 def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, *, revision: Optional[str] = None,
                image_processor: Any = None, torch_dtype: Optional[torch.dtype] = None
                ) -> tuple[Flamingo, FlamingoProcessor]:
@@ -201,27 +260,20 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     if "lora_config" in config:  # its LM saved under PEFT's LoRA (Otter's converting_otter_to_lora.py): merged
         tensors = merge_saved_peft(tensors, float(config["lora_config"]["lora_alpha"]))
     vision_names, lm_names, of_names = split_otter_state(tensors)
-    extra_tokens, template = FORMATS[config["model_type"]]
     dtype = torch_dtype or next(d for d in map(tensors.dtype_of, lm_names.values()) if d.is_floating_point)
     tensors = tensors.cast(dtype)
-    text_config = config["text_config"]
-    tokenizer = otter_tokenizer(directory, text_config, tokenizer)
-    if image_processor is None:
-        if os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
-            image_processor = load_image_processor(directory)
-        else:
-            size = int(config["vision_config"].get("image_size", 224))
-            image_processor = pil_image_processor("CLIPImageProcessor")(
-                size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    parts = otter_processor_kwargs(config, directory, tokenizer, image_processor)
     vision = otter_vision(config["vision_config"], {k: tensors[v] for k, v in vision_names.items()}, dtype)
-    lm = otter_lm(text_config, {k: tensors[v] for k, v in lm_names.items()}, dtype)
+    lm = otter_lm(config["text_config"], {k: tensors[v] for k, v in lm_names.items()}, dtype)
     of_state = {**{k: tensors[v] for k, v in of_names.items()}, **_embedding_rows(lm)}
     with default_dtype(dtype):  # the perceiver and blocks: in `dtype` (never float32), the checkpoint's own tensors
-        model, processor = convert_openflamingo(of_state, vision, lm, tokenizer, image_processor=image_processor,
-                                                extra_tokens=extra_tokens, template=template, take_tensors=True)
+        model, processor = convert_openflamingo(of_state, vision, lm, **parts, take_tensors=True)
     del of_state
     every = config.get("cross_attn_every_n_layers")
     if every is not None and model.config.xattn_every != every:
         raise ValueError(f"the checkpoint's blocks sit every {model.config.xattn_every} layers, its config says "
                          f"{every}")
+    if model.config.max_frames != otter_max_frames(config):  # `otter_processor_of` reads them from the config
+        raise ValueError(f"the checkpoint's frame embeddings make max_frames {model.config.max_frames}, its config "
+                         f"{otter_max_frames(config)} (max_num_frames)")
     return model.to(dtype).eval(), processor

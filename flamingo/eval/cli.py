@@ -62,7 +62,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     p.add_argument("--server", default=None,
                    help="predict through a running `flamingo serve` at this URL (e.g. http://127.0.0.1:8000): "
-                        "--model then gives only the processor; random demos, greedy decoding (--num-beams 1)")
+                        "--model then gives only the processor (of any model --model takes: its configs and "
+                        "tokenizer files are read, never its weights); random demos, greedy decoding (--num-beams 1)")
     p.add_argument("--api-key", default=None, help="the server's API key, if it asks for one")
     p.add_argument("--concurrency", type=int, default=8, help="requests to the server in flight at once")
     p.add_argument("--no-progress", action="store_true")
@@ -74,8 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
     import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
 
-    from ..convert.auto import checkpoint_format, load_model
-    from ..processing import FlamingoProcessor
+    from ..convert.auto import load_model, load_processor
     from ..runtime.distributed import default_device, init_process_group_from_env
     from .distributed import rank
     from .remote import RemoteModel
@@ -86,12 +86,8 @@ def run_eval(args: argparse.Namespace) -> int:
         quiet_transformers(args.no_progress)
         dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
         if args.server:  # the server holds the model; the harness needs only its processor
-            if checkpoint_format(args.model, args.revision) != "flamingo":
-                raise ValueError(f"with --server, --model names the processor to prompt with: {args.model} is a "
-                                 "checkpoint of another family; convert it once (`flamingo convert ... --out DIR`) "
-                                 "and pass that directory")
+            processor = load_processor(args.model, revision=args.revision)
             model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
-            processor = FlamingoProcessor.from_pretrained(args.model, revision=args.revision)
         else:
             model, processor = load_model(args.model, torch_dtype=dtype, device=default_device(args.device),
                                           quantize_frozen=args.quantize_frozen, revision=args.revision)

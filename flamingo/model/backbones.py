@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .mosaic_gpt import register as register_mosaic_gpt
 
@@ -122,5 +122,11 @@ def lm_max_positions(lm: PreTrainedModel) -> Optional[int]:
     """The positions the LM was built for (`max_position_embeddings`; GPT-2's `n_positions` reads as it), None when
     its config names none. Past them an LM with learned positions (GPT-2, OPT) fails with an index error deep inside
     torch, and a rotary one runs outside what it was trained on."""
-    value = getattr(lm_text_config(lm), "max_position_embeddings", None)
+    return config_max_positions(lm.config)
+
+
+def config_max_positions(config: PretrainedConfig) -> Optional[int]:
+    """`lm_max_positions` of the LM `config` builds, from the config alone."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None

@@ -11,6 +11,9 @@ from typing import Optional, Sequence
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # files a saved model never needs: other frameworks' weights and pickled tensors (we read safetensors only)
 NEVER_READ = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf")
+# what a model's processor is built from, never its weights: configs (the model's, the tokenizer's, the image
+# processor's), tokenizer files (sentencepiece models, BPE merges and vocabs) and chat templates
+METADATA = ("*.json", "tokenizer*", "*.model", "*.txt", "*.jinja")
 
 
 def is_hub_name(source: str) -> bool:
@@ -59,3 +62,8 @@ def local_dir(source: str, what: str, *, revision: Optional[str] = None,
         at = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(f"{what} {source!r} is not a local directory, and the Hub repository of that name "
                                 f"could not be read{at} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def metadata_dir(source: str, what: str, *, revision: Optional[str] = None) -> str:
+    """`local_dir` of `source` with its `METADATA` files alone: what a processor is built from, never the weights."""
+    return local_dir(source, what, revision=revision, allow_patterns=METADATA, ignore_patterns=None)

@@ -86,6 +86,15 @@ def test_printed_dataset_path_names_every_packed_shard(tmp_path, pattern):
     assert expand_path(result["path"]) == result["shards"]
 
 
+def test_pack_with_no_good_row_fails_saying_why(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"image": "missing.png", "caption": "a red square."}) + "\n")
+    assert main(["data", "pack", "--from", str(rows), "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "dataset path" not in captured.out and "no sample could be packed" in captured.err
+    assert "missing_file" in captured.err
+
+
 def test_pack_image_folder_with_txt_captions(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -177,6 +177,21 @@ def test_options_below_their_least_value_are_refused_by_name(tmp_path, processor
         build_source(DatasetSection("d", kind, data["path"], 1, options={option: value}), processor)
 
 
+@pytest.mark.parametrize("kind,option,value,what", [
+    ("pairs", "shuffle", "false", "true or false"), ("pairs", "max_tokens", "32", "an integer"),
+    ("pairs", "max_tokens", True, "an integer"), ("pairs", "max_bad_fraction", "half", "a number"),
+    ("video", "max_frames", 2.5, "an integer or null"), ("pairs", "remote_cache_dir", 7, "a string or null")])
+def test_options_of_another_type_than_their_default_are_refused_by_name(tmp_path, processor, kind, option, value,
+                                                                         what):
+    # a quoted "false" read as true; "32" failed deep inside the loader
+    data = make_pairs(str(tmp_path), 2, bad=False)
+    with pytest.raises(ValueError, match=f"option {option} must be {what}, got"):
+        build_source(DatasetSection("d", kind, data["path"], 1, options={option: value}), processor)
+    # integers where a number is asked for, null where the default is null: taken
+    build_source(DatasetSection("d", "pairs", data["path"], 1, options={
+        "max_bad_fraction": 1, "cache_media_mb": 16, "remote_cache_dir": None}), processor)
+
+
 def test_weighted_mixture_draws_every_source_and_resumes_exactly(tmp_path, processor):
     pairs = make_pairs(str(tmp_path / "p"), 6, bad=False)
     docs = make_interleaved(str(tmp_path / "i"), 4, bad=False)

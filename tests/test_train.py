@@ -174,6 +174,26 @@ def test_sample_mixture_draws_by_loss_weight_and_resumes_from_either_state_key(w
     assert [resumed._step_datasets()[0] for _ in range(40)] == expected[20:60]
 
 
+def test_resuming_with_a_renamed_dataset_warns_and_starts_it_fresh(world):
+    """A checkpoint saved with other datasets than the config names: the new one reads from its beginning, the
+    gone one is no longer read, each said in a warning (not a bare KeyError); the datasets it shares resume."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-renamed")
+    config = load_config(train_config(root, vision, lm, data, steps=1, out=out))
+    trainer = Trainer(config)
+    unread = trainer.sources["interleaved"].state_dict()
+    trainer.train_step()
+    trainer.save()
+    saved = trainer.sources["pairs"].state_dict()
+    assert trainer.sources["interleaved"].state_dict() != unread
+    renamed = load_config(train_config(root, vision, lm, data, steps=2, out=out), ["data.1.name=pages"])
+    with pytest.warns(UserWarning, match=r"\['pages'\] start from their beginning, \['interleaved'\] are no longer"):
+        resumed = Trainer(renamed)
+    assert resumed.step == 1 and resumed.sources["pairs"].state_dict() == saved
+    assert resumed.sources["pages"].state_dict() == unread  # (the same file, options and seed, as yet unread)
+    assert resumed.train_step()["step"] == 2
+
+
 def _train_command(config: str) -> list[str]:
     return [sys.executable, "-m", "flamingo.cli", "train", config]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import PROCESSOR_CONFIG_NAME
@@ -63,6 +64,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
                   shard_size=args.shard_size)
     print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}")
+    if not result["samples"]:
+        print(f"error: no sample could be packed (skipped, by reason: {result['skipped']})", file=sys.stderr)
+        return 1
     print(f"dataset path: {result['path']}")
     return 0
 

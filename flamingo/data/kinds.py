@@ -18,7 +18,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "min_samples_for_bad_check": 10,  # ... once this many of its samples were read (per stream)
     "padding_side": "right",
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
-    "cache_media_mb": 0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
+    "cache_media_mb": 0.0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
     "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
     "remote_cache_dir": None,  # where remote shards are fetched to (data/remote.py); None: ~/.cache/flamingo/shards
     "remote_cache_gb": DEFAULT_CACHE_GB,  # the most GiB of fetched shards kept there (least recently used leave)
@@ -33,6 +33,27 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# the type of the options whose default is None
+NULLABLE_TYPES: dict[str, type] = {"max_frames": int, "remote_cache_dir": str, "image_dir": str}
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """An option's value has its default's type (a quoted "false" would read as true; "8" fails deep in a loader)."""
+    wanted = NULLABLE_TYPES.get(name, str) if default is None else type(default)
+    if default is None and value is None:
+        return
+    if wanted is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif wanted is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif wanted is float:
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, what = isinstance(value, wanted), "a string"
+    if not ok:
+        raise ValueError(f"option {name} must be {what}{' or null' if default is None else ''}, got {value!r}")
+
+
 def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; choose from {KINDS}")
@@ -40,6 +61,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
     unknown = set(options or {}) - set(defaults)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for a {kind!r} dataset; known: {sorted(defaults)}")
+    for name, value in (options or {}).items():
+        _check_type(name, value, defaults[name])
     resolved = {**defaults, **(options or {})}
     if resolved["padding_side"] not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {resolved['padding_side']!r}")

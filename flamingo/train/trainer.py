@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Iterator, Optional, Protocol
@@ -216,8 +217,13 @@ class Trainer:
         self.sampler.load_state_dict(state["mixture"] if "mixture" in state else
                                      {"generator": state["sample_generator"]})
         data_states = state["data"][self.rank] if isinstance(state["data"], list) else state["data"]
+        added, dropped = sorted(set(self.sources) - set(data_states)), sorted(set(data_states) - set(self.sources))
+        if added or dropped:  # the config's datasets changed since the checkpoint (a new name is a new dataset)
+            warnings.warn(f"resuming from {path} with other datasets than it was saved with: {added or 'none'} "
+                          f"start from their beginning, {dropped or 'none'} are no longer read", stacklevel=2)
         for name, source in self.sources.items():
-            source.load_state_dict(data_states[name])
+            if name in data_states:
+                source.load_state_dict(data_states[name])
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
 

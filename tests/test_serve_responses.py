@@ -129,3 +129,9 @@ def test_errors_name_the_responses_field(served):
     r = httpx.post(url + "/v1/responses", json={"model": "tiny", "input": "hi " * 5000}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert r.json()["error"]["param"] == "input"
+    for body, field in (({"input": "hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+                        ({"input": [{"role": "assistant", "content": "hi"}]}, "input")):
+        r = httpx.post(url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == field, error
+        assert "max_tokens" not in error["message"] and "messages" not in error["message"], error

@@ -49,6 +49,8 @@ from .structured import GrammarError, Grammars
 from .template import MediaRef, render_messages
 
 STATIC = Path(__file__).parent / "static"
+# a /v1/responses request runs as a chat completion: the chat fields its errors name, as the Responses API calls them
+RESPONSES_FIELDS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 
 
 @dataclass
@@ -249,10 +251,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def responses(request: Request) -> Response:
         authorize(request)
         req = parse(ResponsesRequest, await read_json(request))
-        chat = req.chat()
-        text, refs = render_messages(chat_template, chat.messages)
-        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
-                                                      response_grammar(chat), "input"))
+        try:  # checked as the chat request it becomes: its errors name the Responses fields
+            chat = req.chat()
+            text, refs = render_messages(chat_template, chat.messages)
+            job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
+                                                          response_grammar(chat), "input"))
+        except APIError as e:
+            name = RESPONSES_FIELDS.get(e.param or "")
+            if name is not None:
+                e.message, e.param = e.message.replace(e.param, name), name
+            raise
         events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
         if req.stream:
             return StreamingResponse(stream_response(events, job, writer), media_type="text/event-stream",

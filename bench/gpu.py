@@ -1,6 +1,6 @@
-"""Issue #8's table in one command: training step, decoding at batch 1 and 16 (eager and compiled) and xattn
-forward + backward at 4/8/32 images, ours vs the OpenFlamingo peer in one process on the same weights, then every
-goal of the issue with the measured ratio and whether it is reached.
+"""The GPU goals' table in one command (issues #8 and #36): training step, decoding at batch 1 and 16 (eager and
+compiled) and xattn forward + backward at 4/8/32 images, ours vs the OpenFlamingo peer in one process on the same
+weights, then every goal with the measured ratio and whether it is reached.
 
     python -m bench.gpu --device cuda                            # 1.3B Llama-shaped LM + ViT-L/14 tower, bf16
     python -m bench.gpu --device cuda --parts decode xattn       # some parts only
@@ -86,7 +86,7 @@ def _best_ours_xattn_ms(row: dict[str, Any]) -> Optional[float]:
 
 
 def goals(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Each goal of issue #8 that the results can speak to: (goal, measured, target, reached)."""
+    """Each goal of issues #8 and #36 that the results can speak to: (goal, measured, target, reached)."""
     out: list[dict[str, Any]] = []
 
     def add(goal: str, measured: Optional[float], target: float, higher_is_better: bool = True) -> None:
@@ -143,7 +143,7 @@ def main() -> None:
         print(f"\n## {part}")
         results[part] = runners[part](args)
     table = goals(results)
-    print("\n## goals of issue #8")
+    print("\n## goals of issues #8 and #36")
     print_table(table, ["goal", "measured", "target", "reached"])
     payload = {"device": machine(), "shape": args.shape, "torch": torch.__version__, "results": results,
                "goals": table}

@@ -20,6 +20,7 @@ from helpers import (
     DATASET_MAKERS,
     TEST_SAMPLES,
     hub_cache_entry,
+    make_captioning,
     make_classification,
     make_vqa,
     write_json,
@@ -192,6 +193,90 @@ def test_evaluate_refuses_unknown_task_too_many_shots_missing_files_and_bad_temp
         evaluate(model, processor, "captioning", str(data), shots=[0], trials=1, progress=False)
     with pytest.raises(ValueError, match="answer"):
         evaluate(model, processor, "vqa", str(data), template="<image>Q:{question}", progress=False)
+
+
+QUICK = dict(shots=[0], trials=1, progress=False, generation={"max_new_tokens": 2, "num_beams": 1})
+
+
+def test_evaluate_refuses_settings_below_one_by_name(model_and_processor, tmp_path):
+    """A batch size, query set or generation setting below 1 is refused with a message naming it (not `range()`'s,
+    numpy's or transformers' error from deep inside, nor a RuntimeError about samples missing after gathering)."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            evaluate(model, processor, "vqa", str(data), **{**QUICK, "batch_size": size})
+    with pytest.raises(ValueError, match="query_set must be >= 1"):
+        evaluate(model, processor, "vqa", str(data), query_set=-1, **QUICK)
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        evaluate(model, processor, "vqa", str(data), **{**QUICK, "generation": {"num_beams": 0}})
+
+
+def test_evaluate_refuses_an_out_path_that_is_a_file_before_any_query(model_and_processor, tmp_path):
+    """`--out` naming a file fails at the start, not in `mkdir` after every query ran."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    (tmp_path / "taken").write_text("a file")
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    try:
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "taken"), **QUICK)
+    finally:
+        del model.generate
+    assert calls == []  # refused before the first query
+
+
+def test_evaluate_names_the_split_or_file_and_the_field_a_record_lacks(model_and_processor, tmp_path):
+    """A record without a field its task reads, or a file that is not JSON: a ValueError naming the split or the file
+    (not a bare KeyError from the loader, nor json's message alone)."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    path = data / "test_questions.json"
+    questions = json.loads(path.read_text())["questions"]
+    del questions[1]["question"]
+    write_json(path, {"questions": questions})
+    with pytest.raises(ValueError, match="vqa: a record of the test split .* lacks the field 'question'"):
+        evaluate(model, processor, "vqa", str(data), **QUICK)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="test_questions.json.* is not JSON"):
+        evaluate(model, processor, "vqa", str(data), **QUICK)
+    rows = [json.loads(line) for line in (make_classification(tmp_path / "cls") / "test.jsonl").open()]
+    del rows[0]["label"]  # an unlabelled split (a benchmark's withheld test set)
+    write_jsonl(tmp_path / "cls" / "test.jsonl", rows)
+    with pytest.raises(ValueError, match="classification: a record of the test split .* lacks the field 'label'"):
+        evaluate(model, processor, "classification", str(tmp_path / "cls"), **QUICK)
+    (tmp_path / "cls" / "test.jsonl").write_text(json.dumps(rows[1]) + "\n{oops\n")
+    with pytest.raises(ValueError, match="test.jsonl.* line 2 is not JSON"):
+        evaluate(model, processor, "classification", str(tmp_path / "cls"), **QUICK)
+
+
+def test_evaluate_names_a_template_field_the_samples_lack(model_and_processor, tmp_path):
+    """`--template` with a typo in a field (`{quest}` for `{question}`) is refused before any prompt, naming the
+    field and the fields the samples have (not a KeyError from `str.format`)."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"names \{quest\}.*\['question'\]"):
+        evaluate(model, processor, "vqa", str(data), template="<image>Q:{quest} A:{answer}", **QUICK)
+    with pytest.raises(ValueError, match=r"names \{0\}"):
+        evaluate(model, processor, "vqa", str(data), template="<image>Q:{0} A:{answer}", **QUICK)
+
+
+def test_evaluate_refuses_duplicate_test_ids(model_and_processor, tmp_path):
+    """CIDEr is computed over predictions keyed by sample id: two test samples with one id would be scored as one, so
+    the metric would silently cover fewer samples than `num_samples` says. Such a split is refused."""
+    model, processor = model_and_processor
+    data = make_captioning(tmp_path / "data")
+    path = data / "captions.json"
+    images = json.loads(path.read_text())["images"]
+    for image in images:
+        if image["split"] == "test":
+            image["cocoid"] = 4  # three test images, one id
+    write_json(path, {"images": images})
+    with pytest.raises(ValueError, match="duplicate sample ids.*'4'"):
+        evaluate(model, processor, "captioning", str(data), shots=[0], trials=1, progress=False,
+                 cider_tokenizer="python", generation={"max_new_tokens": 2, "num_beams": 1})
 
 
 def test_a_hub_dataset_evaluates_as_its_local_copy(saved_model, model_and_processor, tmp_path):

@@ -79,3 +79,18 @@ def test_batch_command_prints_counts_and_refuses_a_missing_input(tmp_path, capsy
     assert main(["batch", "--model", str(model_dir), "--input", str(tmp_path / "none.jsonl"), "--output",
                  str(tmp_path / "o.jsonl")]) == 2
     assert "no input file" in capsys.readouterr().err
+
+
+def test_a_line_that_is_not_utf8_is_answered_and_the_rest_too(tmp_path, one_thread):
+    """A stray byte that is not UTF-8 (a Latin-1 `é` in one prompt) costs that line its character, as the HTTP Batch
+    API reads a file, never the whole run (before: a UnicodeDecodeError and no output file)."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                         "body": {"model": "tiny", "prompt": f"caf{cid} and", "max_tokens": 2, "temperature": 0}})
+             for cid in ("a", "b")]
+    (tmp_path / "in.jsonl").write_bytes(lines[0].encode().replace(b"cafa", b"caf\xe9") + b"\n" + lines[1].encode())
+    report = run_batch(engine_for(model_dir, max_batch=2), ServeSettings(model_name="tiny"), str(tmp_path / "in.jsonl"),
+                       str(tmp_path / "out.jsonl"), progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", "b"]
+    assert [o["response"]["status_code"] for o in out] == [200, 200] and report.succeeded == 2

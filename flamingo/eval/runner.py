@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -39,6 +40,18 @@ def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: 
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     chosen = np.random.default_rng(seed).choice(len(samples), size=num_samples, replace=False)
     return [samples[i] for i in sorted(chosen)]
+
+
+def load_split(task: Task, local: str, split: str, data_dir: str) -> list[Sample]:
+    """`task.load(local, split)`, a record lacking a field its task reads (or of another shape) named as such."""
+    try:
+        return task.load(local, split)
+    except KeyError as e:
+        raise ValueError(f"{task.name}: a record of the {split} split of {data_dir!r} lacks the field {e} "
+                         "(layouts: docs/eval.md)") from e
+    except TypeError as e:
+        raise ValueError(f"{task.name}: the {split} split of {data_dir!r} is not in the task's layout ({e}; "
+                         "layouts: docs/eval.md)") from e
 
 
 def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
@@ -132,6 +145,16 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         raise ValueError(f"shots must be non-negative numbers, got {shots}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if query_set is not None and query_set < 1:
+        raise ValueError(f"query_set must be >= 1 (None: the whole train split), got {query_set}")
+    for key in ("max_new_tokens", "num_beams"):
+        if key in (generation or {}) and int(generation[key]) < 1:
+            raise ValueError(f"generation's {key} must be >= 1, got {generation[key]}")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        # checked now: the results are written after every query has run
+        raise ValueError(f"out_dir {out_dir!r} is a file, not a directory")
     remote = isinstance(model, RemoteModel)
     if remote and demos == "rices":
         raise ValueError("RICES ranks demos by the vision tower's features: evaluate in-process, or with "
@@ -141,10 +164,15 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     elif (positions := model.positions()) is not None:  # the served LM's window bounds the prompts, as in-process
         processor.max_length = min(processor.max_length or positions, positions)
     local = dataset_dir(data_dir, f"{task.name} data")  # a directory, or a Hub dataset's (hf://datasets/...)
-    pool = task.load(local, "train")
-    samples = select_samples(task.load(local, "test"), num_samples, seed)
+    pool = load_split(task, local, "train", data_dir)
+    test = load_split(task, local, "test", data_dir)
+    if dups := sorted(i for i, n in Counter(s.id for s in test).items() if n > 1):
+        # records and CIDEr's inputs are keyed by id: one id twice would be written and scored once
+        raise ValueError(f"{task.name}: the test split of {data_dir!r} has duplicate sample ids {dups[:5]}")
+    samples = select_samples(test, num_samples, seed)
     if not samples:
         raise ValueError(f"{task.name}: the test split of {data_dir!r} is empty")
+    task.check_fields([*samples, *pool])
     if task.image_references:  # every image of a prompt is declared and may be referred to
         per_sample = max(len(s.media) for s in [*samples, *pool])
         needed = per_sample * (max(shots) + 1)

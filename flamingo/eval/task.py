@@ -77,6 +77,16 @@ class Task:
         """The "train" (demo pool) or "test" (evaluated) split of `data_dir`."""
         raise NotImplementedError
 
+    def check_fields(self, samples: Sequence[Sample]) -> None:
+        """Refuse a template that names a field the samples lack (a typo in `--template`), before any prompt."""
+        names = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None} - {"answer"}
+        for sample in samples:
+            missing = sorted(n for n in names if n.split(".")[0].split("[")[0] not in sample.fields)
+            if missing:
+                raise ValueError(f"the {self.name} template {self.template!r} names "
+                                 + ", ".join(f"{{{n}}}" for n in missing)
+                                 + f", which sample {sample.id!r} lacks: its fields are {sorted(sample.fields)}")
+
     # ---------------------------------------------------------------------------------------------- prompts
     def demo_prompt(self, sample: Sample, with_media: bool = True) -> str:
         """A solved example: the template with every field filled. Without media: its `<image>` removed (the
@@ -146,12 +156,22 @@ def _existing(path: Path) -> Path:
 
 def read_json(path: Path) -> Any:
     with open(_existing(path)) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"evaluation file {str(path)!r} is not JSON: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
     with open(_existing(path)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"evaluation file {str(path)!r}: line {n} is not JSON: {e}") from None
+    return records
 
 
 def media_path(data_dir: Path, relative: str) -> str:

@@ -61,7 +61,8 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
     is started here and stopped at the end. concurrency: requests in flight (default: twice the engine's batch,
     within its queue)."""
     report = BatchReport()
-    with open(input_path, encoding="utf-8") as f:
+    # a byte that is not UTF-8 costs its line that character, not the run (as the HTTP Batch API reads a file)
+    with open(input_path, encoding="utf-8", errors="replace") as f:
         lines = parse_lines(f)
     report.requests = len(lines)
     concurrency = concurrency or min(2 * engine.max_batch, engine.max_queue)

@@ -151,6 +151,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .convert.auto import load_model
 
+    for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
+        raise ValueError("--temperature, --top-k and --top-p shape sampling: add --sample (without it the "
+                         "continuation is greedy or beam search)")
+    if args.temperature <= 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or \
+            (args.top_k is not None and args.top_k < 1):
+        raise ValueError("sampling needs --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
     dtype = torch_dtype(args.dtype)
     model, processor = load_model(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
@@ -165,6 +174,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                              f"{fmt.name} format places one <image> per --image itself)")
         prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
     batch = processor(prompt, images=args.image or [], image_references=args.image_references or None)
+    if batch["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt is empty: nothing to continue")
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
         inputs["images"] = inputs["images"].to(dtype)

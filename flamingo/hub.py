@@ -4,6 +4,7 @@ repository in one commit, its card (`README.md`) named after the repository; `lo
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from typing import Any, Optional, Sequence, Union
@@ -73,6 +74,22 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
         raise ValueError(f"the Hub refused the push to {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                          "log in with a write token (`hf auth login`, or HF_TOKEN), and check the repository's "
                          "name and your rights to it") from e
+    except _network_errors() as e:
+        raise ValueError(f"the push to {repo_id!r} could not reach the Hub ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}): check the network, HF_ENDPOINT, and that "
+                         "HF_HUB_OFFLINE is not set") from e
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub cannot be reached: OSError (huggingface_hub's offline mode, requests'
+    errors) and the transport errors of the HTTP client huggingface_hub uses (httpx or httpx2, by its version)."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def eval_results(out_dir: str) -> list[Any]:

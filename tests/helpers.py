@@ -259,13 +259,13 @@ def make_captioning(root: Path) -> Path:
 
 
 def make_classification(root: Path) -> Path:
-    """4 classes, 5 train and 3 test images; the first test sample (s10) ranks its own two candidates."""
+    """4 classes, 5 train and 3 test images; the first test sample (s10, a dog) ranks its own two candidates."""
     classes = ["cat", "dog", "red bird", "blue fish"]
     write_json(root / "classes.json", classes)
     for split, ids in (("train", range(5)), ("test", range(10, 13))):
         rows = [{"id": f"s{i}", "image": _image(root, f"images/{i}.png", i), "label": classes[i % 4]} for i in ids]
         if split == "test":
-            rows[0]["candidates"] = ["dog", "cat"]
+            rows[0].update(candidates=["dog", "cat"], label="dog")
         write_jsonl(root / f"{split}.jsonl", rows)
     return root
 

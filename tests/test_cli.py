@@ -81,6 +81,13 @@ def test_generate_command_reports_bad_prompts_and_media_with_exit_code_2(saved_m
     (d / "bad.png").write_bytes(b"garbage")
     assert main(base + ["--prompt", "<image>x", "--image", str(d / "bad.png")]) == 2
     assert "cannot decode" in capsys.readouterr().err
+    for extra, message in ((["--prompt", ""], "the prompt is empty"),  # an IndexError inside generate before
+                           (["--prompt", "x", "--num-beams", "0"], "--num-beams must be >= 1"),  # ZeroDivisionError
+                           (["--prompt", "x", "--num-return-sequences", "0"], "--num-return-sequences must be"),
+                           (["--prompt", "x", "--temperature", "0.5"], "add --sample"),  # silently greedy
+                           (["--prompt", "x", "--sample", "--top-p", "2"], "--top-p in (0, 1]")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_demo_subcommand_hands_its_arguments_to_the_demo_package(monkeypatch):

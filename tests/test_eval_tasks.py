@@ -96,7 +96,8 @@ def test_n_way_episodes_take_a_demo_of_each_class_per_shot(model_and_processor, 
     data = make_classification(tmp_path / "data")
     rows = [json.loads(line) for line in (data / "test.jsonl").open()]
     for j, row in enumerate(rows):
-        row.update(candidates=["cat", "dog"], ways=2, demo_ids=[f"s{(j + i) % 5}" for i in range(4)])
+        row.update(candidates=["cat", "dog"], label=["cat", "dog"][j % 2], ways=2,
+                   demo_ids=[f"s{(j + i) % 5}" for i in range(4)])
     write_jsonl(data / "test.jsonl", rows)
     evaluate(model, processor, "classification", str(data), shots=[0, 1, 2], trials=1, batch_size=2, progress=False,
              out_dir=str(tmp_path / "out"))
@@ -213,7 +214,8 @@ def test_evaluate_refuses_settings_below_one_by_name(model_and_processor, tmp_pa
 
 
 def test_evaluate_refuses_an_out_path_that_is_a_file_before_any_query(model_and_processor, tmp_path):
-    """`--out` naming a file fails at the start, not in `mkdir` after every query ran."""
+    """`--out` naming a file fails at the start, not in `mkdir` after every query ran; so do more shots than the
+    query set holds, not after the smaller shots ran."""
     model, processor = model_and_processor
     data = make_vqa(tmp_path / "data")
     (tmp_path / "taken").write_text("a file")
@@ -223,9 +225,11 @@ def test_evaluate_refuses_an_out_path_that_is_a_file_before_any_query(model_and_
     try:
         with pytest.raises(ValueError, match="is a file, not a directory"):
             evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "taken"), **QUICK)
+        with pytest.raises(ValueError, match="shots asked, but the query set holds 2 demos"):
+            evaluate(model, processor, "vqa", str(data), **{**QUICK, "shots": [0, 8]}, query_set=2)
     finally:
         del model.generate
-    assert calls == []  # refused before the first query
+    assert calls == []  # refused before the first query (the 0-shot run did not start either)
 
 
 def test_evaluate_names_the_split_or_file_and_the_field_a_record_lacks(model_and_processor, tmp_path):
@@ -250,6 +254,11 @@ def test_evaluate_names_the_split_or_file_and_the_field_a_record_lacks(model_and
     (tmp_path / "cls" / "test.jsonl").write_text(json.dumps(rows[1]) + "\n{oops\n")
     with pytest.raises(ValueError, match="test.jsonl.* line 2 is not JSON"):
         evaluate(model, processor, "classification", str(tmp_path / "cls"), **QUICK)
+    for row, among in (({**rows[1], "label": "zebra"}, "classes.json"),  # scored wrong, unseen, before
+                       ({**rows[1], "candidates": ["cat", "red bird"]}, "the record")):
+        write_jsonl(tmp_path / "cls" / "test.jsonl", [row])
+        with pytest.raises(ValueError, match=f"record 's11': its label .* is not among its candidates \\({among}"):
+            evaluate(model, processor, "classification", str(tmp_path / "cls"), **QUICK)
 
 
 def test_evaluate_names_a_template_field_the_samples_lack(model_and_processor, tmp_path):

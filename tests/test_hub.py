@@ -268,6 +268,17 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
         load_pretrained("../no/such/model")
 
 
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_a_push_that_cannot_reach_the_hub_is_a_clear_error(tmp_path, env):
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    result = subprocess.run([sys.executable, "-m", "flamingo.cli", "push", "--model", str(tmp_path / "m"), "--repo",
+                             "someone/m"], env={**os.environ, "HF_TOKEN": "hf_x", **env}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not reach the Hub" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_server_of_a_hub_model_names_it_by_its_repository(tmp_path):
     pytest.importorskip("fastapi")
     from flamingo.serve.server import settings_for

@@ -470,3 +470,14 @@ def test_a_file_whose_content_goes_between_checks_is_404_and_fails_a_batch(serve
                                                completion_window="24h").id)
     assert done.status == "failed" and done.errors.data[0].code == "file_not_found"
     assert client.models.list().data  # and the server keeps serving
+
+
+def test_an_input_file_is_split_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 (or U+0085) raw: the line it is on stays one request."""
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+               "body": {"prompt": "one\u2028two\x85three", "max_tokens": 1}}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(request, ensure_ascii=False) + "\n" + json.dumps({**request, "custom_id": "b"}) + "\n",
+                    encoding="utf-8")
+    lines = [line for line in batch_runner.BatchRunner._read(str(path)) if line.strip()]
+    assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b"]

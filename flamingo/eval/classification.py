@@ -33,6 +33,11 @@ class ClassificationTask(Task):
         if (root / f"{split}.jsonl").is_file():
             records = read_jsonl(root / f"{split}.jsonl")
             self.classes = list(names) if names else sorted({str(r["label"]) for r in records} | set(self.classes))
+            for r in records if split == "test" else []:  # a label no candidate names would be scored wrong, unseen
+                choices = [str(c) for c in r.get("candidates") or self.classes]
+                if str(r["label"]) not in choices:
+                    raise ValueError(f"{split}.jsonl record {r['id']!r}: its label {str(r['label'])!r} is not among "
+                                     f"its candidates ({'the record' if r.get('candidates') else 'classes.json'})")
             return [Sample(id=str(r["id"]), media=[media_path(root, r["image"])], fields={}, answer=str(r["label"]),
                            references=[str(r["label"])], label=str(r["label"]),
                            candidates=[str(c) for c in r["candidates"]] if r.get("candidates") else None,

@@ -183,6 +183,10 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     needs_pool = any(k > 0 for k in shots) or zero_shot == "text"
     if needs_pool and not pool and any(s.demo_ids is None for s in samples):
         raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")
+    drawable = len(pool) if query_set is None else min(query_set, len(pool))  # the demo selector's query set
+    if max(shots) > drawable and any(s.demo_ids is None for s in samples):  # checked before the smaller shots run
+        raise ValueError(f"{task.name}: {max(shots)} shots asked, but the query set holds {drawable} demos (the "
+                         f"train split of {data_dir!r} has {len(pool)})")
     loader = MediaLoader(processor)
     # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
     if vision_cache_mb is None:

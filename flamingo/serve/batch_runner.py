@@ -214,7 +214,7 @@ class BatchRunner:
     @staticmethod
     def _read(path: str) -> list[str]:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().splitlines()
+            return f.read().split("\n")  # not splitlines(): JSON strings may hold U+2028, \x85 and their kin raw
 
     async def _finalize(self, record: Record, lines: list[Line], answers: list[Optional[Answer]]) -> None:
         body, expired = record.body, self._expired

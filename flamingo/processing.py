@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
@@ -42,6 +42,22 @@ def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
     if bos_token and not text.startswith(bos_token):
         text = bos_token + text
     return text
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB as HF's image processors convert it (`convert_to_rgb`): transparency composited onto white. A
+    plain `convert("RGB")` keeps the colour under transparent pixels, and the processor then sees no alpha."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An image read from a file or bytes, as HF's `load_image` and image processors see it: turned upright by its
+    EXIF orientation, then `to_rgb`. Every path media come in by (files here, the server's uploads, training
+    shards) reads images through it, so a model sees an image the same way in training and in use."""
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0,
@@ -176,19 +192,21 @@ class FlamingoProcessor:
                 return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
             try:
                 with Image.open(path) as im:
-                    return [im.convert("RGB")]
+                    return [upright_rgb(im)]
             except Exception as e:  # PIL raises several types for corrupt files
                 raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
         if isinstance(media, Image.Image):
-            return [media.convert("RGB")]
+            return [to_rgb(media)]
         if isinstance(media, np.ndarray):
             if media.ndim == 3:
                 media = media[None]
-            if media.ndim != 4 or media.shape[-1] != 3:
-                raise ValueError(f"array media must be (H, W, 3) or (F, H, W, 3) uint8, got shape {media.shape}")
-            frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in media]
+            # other dtypes are refused, not cast: a float image in [0, 1] would turn black, 16-bit values wrap
+            if media.ndim != 4 or media.shape[-1] != 3 or media.dtype != np.uint8:
+                raise ValueError(f"array media must be (H, W, 3) or (F, H, W, 3) uint8, got shape {media.shape} "
+                                 f"{media.dtype}")
+            frames = [Image.fromarray(f) for f in media]
         elif isinstance(media, (list, tuple)) and media and all(isinstance(f, Image.Image) for f in media):
-            frames = [f.convert("RGB") for f in media]
+            frames = [to_rgb(f) for f in media]
         else:
             raise ValueError(
                 f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "

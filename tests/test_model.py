@@ -205,6 +205,33 @@ def test_media_count_mismatch_is_a_clear_error(make_model):
         model(**{**batch, "num_media": torch.tensor([1])})
 
 
+def test_empty_prompt_is_a_clear_error_in_every_entry_point(make_model):
+    """A prompt of no tokens (`processor("")` on a tokenizer without BOS) failed inside the embedding hook."""
+    model, processor = make_model("llama")
+    empty = processor("")
+    assert empty["input_ids"].shape == (1, 0)
+    for call in (lambda: model(**empty), lambda: model.generate(**empty, max_new_tokens=2),
+                 lambda: model.score_batch(empty["input_ids"], [[[5]]], attention_mask=empty["attention_mask"])):
+        with pytest.raises(ValueError, match="no tokens"):
+            call()
+
+
+def test_media_for_another_batch_size_is_a_clear_error(make_model):
+    """images / num_media / visual_tokens with another number of rows than input_ids failed inside torch."""
+    model, processor = make_model("llama")
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    two = batch["input_ids"].repeat(2, 1)  # (2, T)
+    with pytest.raises(ValueError, match="input_ids has 2 row"):
+        model(input_ids=two, images=batch["images"])
+    with pytest.raises(ValueError, match="input_ids has 2 row"):
+        model(input_ids=two, images=batch["images"], num_media=torch.tensor([2]))
+    with pytest.raises(ValueError, match="input_ids has 1 row"):
+        model(**{**batch, "num_media": torch.tensor([2, 2])})
+    visual = model(**batch).visual_tokens
+    with pytest.raises(ValueError, match="input_ids has 2 row"):
+        model.generate(input_ids=two, visual_tokens=visual, num_media=torch.tensor([2]), max_new_tokens=2)
+
+
 def test_deepcopy_keeps_hooks_bound_to_the_copy(make_model):
     model, processor = make_model("llama")
     twin = copy.deepcopy(model)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from flamingo import FlamingoProcessor
 from flamingo.processing import add_flamingo_tokens
@@ -98,3 +99,60 @@ def test_saved_processor_loads_to_the_same_ids_and_pixels(processor, tmp_path):
     a, b = processor("<image>hello", images=[img]), loaded("<image>hello", images=[img])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["images"], b["images"])
     assert loaded.max_length == 64
+
+
+def test_transparent_pixels_are_composited_onto_white_as_the_image_processor_does(processor):
+    """An image with alpha (RGBA, LA) gets the pixels the vision tower's own processor gives it: HF composites
+    transparency onto white, where a plain convert("RGB") kept the colour under it."""
+    rgba = np.asarray(random_image(4).convert("RGBA")).copy()
+    rgba[..., 3] = np.linspace(0, 255, rgba.shape[1], dtype=np.uint8)[None, :]  # (H, W): transparent to opaque
+    for image in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba, "RGBA").convert("LA")):
+        expected = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, C, H, W)
+        assert torch.equal(processor("<image>x", images=[image])["images"][0, 0], expected), image.mode
+
+
+def test_image_files_are_turned_upright_by_their_exif_orientation(processor, tmp_path):
+    """A photo file stored sideways with an EXIF orientation reads as the image processor reads the file (upright)."""
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue: a rotation moves it
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.jpg"
+    image.save(path, exif=exif.tobytes())
+    with Image.open(path) as stored:
+        upright = ImageOps.exif_transpose(stored)
+    assert upright.size == (20, 40)
+    expected = processor.image_processor(images=[upright], return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor("<image>x", images=[str(path)])["images"][0, 0], expected)
+
+
+def test_files_uploads_and_training_shards_read_an_image_alike(processor, tmp_path):
+    """The processor's file path, the server's upload decoder and the training shards' decoder give the same pixels
+    for a sideways JPEG and a half-transparent PNG (upright, on white), so a model sees an image in use as it saw it
+    in training."""
+    from flamingo.data.sources import decode_image
+    from flamingo.serve.media import _decode_image
+
+    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
+    sideways.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "sideways.jpg", exif=exif.tobytes())
+    clear = Image.new("RGBA", (32, 32), (0, 200, 0, 255))
+    clear.paste((0, 0, 0, 0), (0, 0, 16, 32))  # left half transparent black: white once composited
+    clear.save(tmp_path / "clear.png")
+    for name in ("sideways.jpg", "clear.png"):
+        path = tmp_path / name
+        expected = processor("<image>x", images=[str(path)])["images"][0, 0]
+        for decoded in (decode_image(path.read_bytes(), name), _decode_image(path.read_bytes(), 10**8, name)):
+            assert torch.equal(processor("<image>x", images=[decoded])["images"][0, 0], expected), name
+    assert decode_image((tmp_path / "sideways.jpg").read_bytes(), "s").size == (20, 40)
+    assert decode_image((tmp_path / "clear.png").read_bytes(), "c").getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("array", [np.full((32, 32, 3), 0.5), np.full((2, 32, 32, 3), 300),
+                                   np.ones((32, 32, 3), dtype=bool)])
+def test_arrays_other_than_uint8_are_refused_not_cast(processor, array):
+    """A float image in [0, 1] cast to uint8 was black, int values past 255 wrapped around: refused by name."""
+    with pytest.raises(ValueError, match="uint8"):
+        processor("<image>x", images=[array])

@@ -95,6 +95,23 @@ def test_save_is_atomic_on_failure(backbone_dirs, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.startswith("ckpt.")] == []
 
 
+def test_save_refuses_a_file_or_a_directory_holding_other_files(make_model, tmp_path):
+    """Saving replaces the target directory whole: a file, or a directory of other files (say the working
+    directory), was silently deleted. An earlier checkpoint is still replaced."""
+    model, processor = make_model("llama")
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    with pytest.raises(ValueError, match="is a file"):
+        model.save_pretrained(str(note))
+    with pytest.raises(ValueError, match="not a saved Flamingo model"):
+        model.save_pretrained(str(tmp_path))
+    assert note.read_text() == "keep me"
+    target = tmp_path / "ckpt"
+    model.save_pretrained(str(target), processor=processor)
+    model.save_pretrained(str(target), processor=processor)  # over an earlier checkpoint: fine
+    assert isinstance(Flamingo.from_pretrained(str(target)), Flamingo)
+
+
 def test_dual_encoder_gives_its_vision_half(tmp_path):
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, vocab_size=100),

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 
+from ..processing import upright_rgb
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
@@ -305,7 +306,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.convert("RGB")
+            return upright_rgb(im)
     except Exception as e:  # PIL raises several types for corrupt bytes
         raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from e
 

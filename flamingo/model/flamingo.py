@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..config import WEIGHTS_NAME, FlamingoConfig
+from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
 from ..runtime.hub import local_dir
@@ -360,6 +360,21 @@ class Flamingo(nn.Module):
         return visual
 
     # ------------------------------------------------------------------------------------------ forward
+    @staticmethod
+    def check_input_shapes(input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+                           num_media: Optional[torch.Tensor] = None,
+                           visual_tokens: Optional[torch.Tensor] = None) -> None:
+        """input_ids (B, T) with T >= 1, and media for the same B rows: shapes only (no host sync), checked before
+        any of them reaches the tower or the LM, where a mismatch failed deep inside torch."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (B, T) with at least one token, got shape {tuple(input_ids.shape)}"
+                             + (": the prompt has no tokens" if input_ids.numel() == 0 else ""))
+        rows = input_ids.shape[0]
+        for name, media in (("images", images), ("visual_tokens", visual_tokens), ("num_media", num_media)):
+            if media is not None and torch.as_tensor(media).shape[:1] != (rows,):
+                raise ValueError(f"input_ids has {rows} row(s) but {name} has shape "
+                                 f"{tuple(torch.as_tensor(media).shape)}: one entry per row")
+
     def check_media_tokens(self, input_ids: torch.Tensor, num_media: Optional[torch.Tensor]) -> None:
         """Each sample must have exactly as many `<image>` tokens as media."""
         counts = (input_ids == self.config.media_token_id).sum(dim=1)
@@ -396,6 +411,7 @@ class Flamingo(nn.Module):
         many chunks, one at a time (chunked_loss.py); the output then has no logits. LMs that change their head's
         output (Gemma 2's logit soft-capping, say) get the whole logits instead (`head_is_last_op`).
         """
+        self.check_input_shapes(input_ids, images, num_media, visual_tokens)
         if visual_tokens is None and images is not None:
             n = images.shape[1]
             if num_media is None:
@@ -625,12 +641,20 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None) -> None:
-        """Write the model atomically. Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
+        """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint).
+        Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
         trained_only: only the trained tensors + references (name/path) to the backbones in the config, so a 9B
         model's checkpoint holds its ~1-2B trained parameters."""
         if trained_only and not (self.config.vision_name_or_path and self.config.lm_name_or_path):
             raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
                              "from_backbones(vision='name', lm='name') or save the full model")
+        # the directory is replaced whole: refuse one that holds anything but an earlier checkpoint
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"{directory!r} is a file: save_pretrained writes a directory")
+        if os.path.isdir(directory) and os.listdir(directory) \
+                and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            raise ValueError(f"{directory!r} holds files and is not a saved Flamingo model (no {CONFIG_NAME}): "
+                             "saving replaces the whole directory, so save into a new or empty one")
         stored = quantize.quantized_mode(self)
         if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "

@@ -47,6 +47,7 @@ def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.
                num_media: Optional[torch.Tensor], num_frames: Optional[torch.Tensor],
                visual_tokens: Optional[torch.Tensor], vision_cache: Optional[VisionFeatureCache] = None
                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    model.check_input_shapes(input_ids, images, num_media, visual_tokens)
     if visual_tokens is None and images is not None:
         if num_media is None:
             num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)

@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 from PIL import Image
 
-from ..processing import VIDEO_EXTENSIONS
+from ..processing import VIDEO_EXTENSIONS, upright_rgb
 from ..video import decode_video
 from .protocol import APIError
 
@@ -170,7 +170,7 @@ def _decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
                 if width * height > max_pixels:
                     raise APIError(400, f"{name}: {width}x{height} is more than the server's {max_pixels} pixels "
                                         "per image")
-                return im.convert("RGB")
+                return upright_rgb(im)
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

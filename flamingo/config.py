@@ -170,7 +170,10 @@ class FlamingoConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            config = cls.from_dict(json.load(f))
+        if config.media_token_id is None:  # set when a model is built: without it the first call fails far away
+            raise ValueError(f"{path!r} names no media_token_id: not a complete saved Flamingo config")
+        return config
 
     def xattn_layer_indices(self, num_lm_layers: int) -> list[int]:
         """LM layer indices that get a GATED XATTN-DENSE block before them."""

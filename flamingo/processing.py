@@ -53,6 +53,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
+# one medium given where a list of media is expected (arrays and tensors keep their first axis as the list's)
+ONE_MEDIUM = (str, os.PathLike, Image.Image)
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """An image read from a file or bytes, as HF's `load_image` and image processors see it: turned upright by its
     EXIF orientation, then `to_rgb`. Every path media come in by (files here, the server's uploads, training
@@ -286,6 +290,8 @@ class FlamingoProcessor:
     def pad(self, sequences: Sequence[Sequence[int]], padding_side: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Pad token id lists to `input_ids (B, T)` and `attention_mask (B, T)`."""
         side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
@@ -300,7 +306,8 @@ class FlamingoProcessor:
         """Encode one prompt or a batch.
 
         text: a string, an interleaved list, or a list of either (a batch).
-        images: for one string prompt, its list of media; for a batch of strings, one list of media per prompt.
+        images: for one string prompt, its list of media; for a batch of strings, one list of media per prompt. A
+        medium given alone (a path or a PIL image) stands for a list of that one medium.
         Returns `input_ids (B, T)`, `attention_mask (B, T)`, `images (B, N, F, C, H, W)` (None when no media),
         `num_media (B,)`, `num_frames (B, N)`.
         """
@@ -310,13 +317,14 @@ class FlamingoProcessor:
         if not prompts:
             raise ValueError("no prompts given")
         if single:
-            per_prompt = [images]
+            per_prompt = [[images] if isinstance(images, ONE_MEDIUM) else images]
         elif images is None:
             per_prompt = [None] * len(prompts)
         else:
-            if len(images) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but media lists for {len(images)}")
-            per_prompt = list(images)
+            if isinstance(images, ONE_MEDIUM) or len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but media lists for "
+                                 f"{1 if isinstance(images, ONE_MEDIUM) else len(images)}")
+            per_prompt = [[m] if isinstance(m, ONE_MEDIUM) else m for m in images]
         encoded = [self.encode_prompt(p, m, max_length, image_references) for p, m in zip(prompts, per_prompt)]
         out = self.pad([ids for ids, _ in encoded], padding_side)
         out.update(self.batch_media([m for _, m in encoded]))

@@ -82,6 +82,13 @@ def test_image_file_and_array_inputs_give_the_same_pixels(processor, tmp_path):
     a = processor("<image>x", images=[str(path)])["images"]
     b = processor("<image>x", images=[np.asarray(img)])["images"]
     assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="padding_side must be"):  # was right padding, silently
+        processor(["<image>x", "y"], images=[[img], []], padding_side="middle")
+    # a medium alone stands for its one-item list (a path was read one character at a time, a PIL image failed)
+    for alone in (str(path), path, img):
+        assert torch.equal(processor("<image>x", images=alone)["images"], a)
+    batch = processor(["<image>x", "<image>y"], images=[img, [str(path)]])["images"]
+    assert torch.equal(batch[0], a[0]) and torch.equal(batch[1], a[0])
 
 
 def test_long_videos_are_subsampled_uniformly(processor):

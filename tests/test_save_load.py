@@ -112,6 +112,27 @@ def test_save_refuses_a_file_or_a_directory_holding_other_files(make_model, tmp_
     assert isinstance(Flamingo.from_pretrained(str(target)), Flamingo)
 
 
+def test_a_damaged_checkpoint_is_named_when_loaded(make_model, tmp_path):
+    """A truncated weights file (safetensors' own error named no file) or a config without its media token id (the
+    load worked, the first call failed with an AttributeError) is a clear error at load time."""
+    import json
+
+    model, processor = make_model("llama")
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    weights = tmp_path / "m" / "flamingo.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="flamingo.safetensors' is not a readable safetensors file"):
+        Flamingo.from_pretrained(str(tmp_path / "m"))
+    weights.write_bytes(whole)
+    config_path = tmp_path / "m" / "flamingo_config.json"
+    config = json.loads(config_path.read_text())
+    del config["media_token_id"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names no media_token_id"):
+        Flamingo.from_pretrained(str(tmp_path / "m"))
+
+
 def test_dual_encoder_gives_its_vision_half(tmp_path):
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, vocab_size=100),

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
@@ -691,7 +692,11 @@ class Flamingo(nn.Module):
                 raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
         kwargs = dtype_kwargs(torch_dtype)
         model = cls(load_vision_tower(sources["vision"], **kwargs), load_lm(sources["lm"], **kwargs), config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        path = os.path.join(directory, WEIGHTS_NAME)
+        try:
+            state = load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged): {e}") from e
         own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES) or lora.is_adapter_key(k)}
         missing = own - set(state)
         if missing:

@@ -273,14 +273,9 @@ def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, compil
         assert results[i] == greedy_alone(engine, prompt, media, 10), i
 
 
-def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
-    """A prompt the model refuses (here: empty, which the app turns away first) ends its own request with an error;
-    the next request is served."""
-    from flamingo.serve.engine import Job
-    from flamingo.serve.sampling import SamplingParams
-
-    engine = engine_for(model_dir, max_batch=2)
-    events: dict[str, list] = {"bad": [], "good": []}
+def _recording_sinks(*names: str):
+    """Per name, the kinds of the events a job emits; a semaphore released at each job's end; `sink(name)`."""
+    events: dict[str, list] = {name: [] for name in names}
     finished = threading.Semaphore(0)
 
     def sink(name):
@@ -289,6 +284,18 @@ def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
             if event.kind in ("done", "error"):
                 finished.release()
         return emit
+
+    return events, finished, sink
+
+
+def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
+    """A prompt the model refuses (here: empty, which the app turns away first) ends its own request with an error;
+    the next request is served."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=2)
+    events, finished, sink = _recording_sinks("bad", "good")
 
     ids = torch.tensor(engine.processor.token_ids("Output:"))
     engine.start()
@@ -316,15 +323,7 @@ def test_a_failure_while_a_prompt_joins_fails_its_request(model_dir, monkeypatch
 
     monkeypatch.setattr(engine_module, "row_generator", broken)
     engine = engine_for(model_dir, max_batch=2)
-    events: dict[str, list] = {"bad": [], "good": []}
-    finished = threading.Semaphore(0)
-
-    def sink(name):
-        def emit(event):
-            events[name].append(event.kind)
-            if event.kind in ("done", "error"):
-                finished.release()
-        return emit
+    events, finished, sink = _recording_sinks("bad", "good")
 
     ids = torch.tensor(engine.processor.token_ids("Output:"))
     engine.start()

@@ -193,15 +193,12 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if len(set(names)) != len(names):
         raise ValueError(f"validation dataset names must be unique, got {names}")
     config = TrainConfig(data=data, validation=validation, **sections)
-    if config.train.log_every < 1:
-        raise ValueError(f"train.log_every must be >= 1, got {config.train.log_every}")
-    for key, least in (("micro_batches", 1), ("max_nonfinite", 1), ("num_workers", 0)):
+    # each count's least value, and what its 0 means where 0 is allowed
+    for key, least, zero in (("log_every", 1, ""), ("micro_batches", 1, ""), ("max_nonfinite", 1, ""),
+                             ("num_workers", 0, ""), ("save_every", 0, " (0: at the end only)"),
+                             ("eval_every", 0, " (0: at the end only)"), ("eval_batches", 0, " (0: every batch)")):
         if getattr(config.train, key) < least:
-            raise ValueError(f"train.{key} must be >= {least}, got {getattr(config.train, key)}")
-    if config.train.save_every < 0:
-        raise ValueError(f"train.save_every must be >= 0 (0: at the end only), got {config.train.save_every}")
-    if config.train.eval_every < 0 or config.train.eval_batches < 0:
-        raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0: at the end only; every batch)")
+            raise ValueError(f"train.{key} must be >= {least}{zero}, got {getattr(config.train, key)}")
     config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
     if config.train.mixture not in ("accumulate", "sample"):
         raise ValueError("train.mixture must be 'accumulate' or 'sample'")

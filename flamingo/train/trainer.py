@@ -188,7 +188,7 @@ class Trainer:
         # sharded module's all-gathers and reduce-scatters in the same order
         self.blank_frame: Optional[torch.Tensor] = None
         if self.world > 1 and t.distributed == "fsdp":
-            self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8)))  # (F, C, H, W)
+            self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8))).to(self.device)  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step = 0
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
@@ -265,7 +265,7 @@ class Trainer:
         moved.update({k: batch[k] for k in ("num_media", "num_frames") if k in batch})
         if self.blank_frame is not None and not bool(torch.as_tensor(batch.get("num_media", 0)).any()):
             rows = batch["input_ids"].shape[0]  # the blank is the first row's only medium; no <image> token sees it
-            moved["images"] = self.blank_frame.expand(rows, 1, *self.blank_frame.shape).to(self.device)
+            moved["images"] = self.blank_frame.expand(rows, 1, *self.blank_frame.shape)  # a view: no copy a step
             moved["num_media"] = (torch.arange(rows) == 0).long()
             moved.pop("num_frames", None)
         if self.vision_cache is not None:

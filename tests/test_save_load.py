@@ -144,3 +144,19 @@ def test_dual_encoder_gives_its_vision_half(tmp_path):
     full = CLIPModel.from_pretrained(tmp_path / "clip")
     assert torch.equal(tower(pixel_values=pixels).last_hidden_state,
                        full.vision_model(pixel_values=pixels).last_hidden_state)
+
+
+def test_every_atomic_write_refuses_a_directory_of_other_files(tmp_path):
+    """The guard sits in `atomic_directory`, so exports and training checkpoints keep a user's files too."""
+    from flamingo.runtime.checkpoint_io import atomic_directory
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a training checkpoint \\(no state.json\\)"):
+        with atomic_directory(str(tmp_path), "state.json", "a training checkpoint"):
+            pass
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    for _ in range(2):  # new, then over its earlier write
+        with atomic_directory(str(tmp_path / "ckpt"), "state.json", "a training checkpoint") as tmp:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                f.write("{}")
+    assert os.listdir(tmp_path / "ckpt") == ["state.json"]

@@ -286,7 +286,7 @@ def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, 
     state = idefics_state(model, torch_dtype)
     idefics = _idefics_model(config, state)
     idefics.generation_config = generation_config_for(model)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, "config.json", "a model directory") as tmp:
         idefics.save_pretrained(tmp)
         _write_processor(processor, config.vision_config.image_size, tmp)
     return config

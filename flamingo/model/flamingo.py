@@ -649,19 +649,12 @@ class Flamingo(nn.Module):
         if trained_only and not (self.config.vision_name_or_path and self.config.lm_name_or_path):
             raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
                              "from_backbones(vision='name', lm='name') or save the full model")
-        # the directory is replaced whole: refuse one that holds anything but an earlier checkpoint
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise ValueError(f"{directory!r} is a file: save_pretrained writes a directory")
-        if os.path.isdir(directory) and os.listdir(directory) \
-                and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            raise ValueError(f"{directory!r} holds files and is not a saved Flamingo model (no {CONFIG_NAME}): "
-                             "saving replaces the whole directory, so save into a new or empty one")
         stored = quantize.quantized_mode(self)
         if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
             save_file(self._saved_tensors(trained_only), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             if not trained_only:
                 self.vision.save_pretrained(os.path.join(tmp, "vision"))

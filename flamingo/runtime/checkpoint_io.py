@@ -8,9 +8,21 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def check_replaceable(target: str, marker: str, what: str) -> None:
+    """`target` may be replaced whole: it is absent, an empty directory, or an earlier write (`what`: it holds
+    `marker`). A file, or a directory of other files (the working directory, say), is refused, never deleted."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"{target!r} is a file: {what} is a directory")
+    if os.path.isdir(target) and os.listdir(target) and not os.path.isfile(os.path.join(target, marker)):
+        raise ValueError(f"{target!r} holds files and is not {what} (no {marker}): writing replaces the whole "
+                         "directory, so write into a new or empty one")
+
+
 @contextmanager
-def atomic_directory(target: str) -> Iterator[str]:
-    """Yield a temporary sibling directory to fill; on success it replaces `target`, on error it is removed."""
+def atomic_directory(target: str, marker: str, what: str) -> Iterator[str]:
+    """Yield a temporary sibling directory to fill; on success it replaces `target`, on error it is removed. `marker`:
+    a file every such write holds, `what`: what it is (`check_replaceable`, checked first)."""
+    check_replaceable(target, marker, what)
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)

@@ -109,7 +109,7 @@ def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor]
     """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints (rank 0 only)."""
     path = os.path.join(output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     rng_tensors, rng_other = rng_state()
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, "state.json", "a training checkpoint") as tmp:
         save_file(trained, os.path.join(tmp, "trained.safetensors"))
         optimizer_tree, optimizer_tensors = state_codec.encode(optimizer_state, "optimizer")
         scheduler_tree, scheduler_tensors = state_codec.encode(scheduler.state_dict(), "scheduler")

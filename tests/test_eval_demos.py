@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,13 @@ def test_nearest_returns_the_k_most_similar_most_similar_last():
     assert nearest(query, pool, 0).shape == (2, 0)
     with pytest.raises(ValueError):
         nearest(query, pool, 6)
+
+
+def test_nearest_puts_a_zero_row_after_every_other():
+    """A demo whose image cannot be read has a zero feature: even a dissimilar demo (negative cosine) comes first."""
+    pool = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    assert nearest(torch.tensor([[-1.0, 0.0]]), pool, 2).tolist() == [[0, 2]]
+    assert nearest(torch.tensor([[-1.0, 0.0]]), pool, 3).tolist() == [[1, 0, 2]]
 
 
 def _samples(n, prefix="t", media=None):
@@ -325,3 +333,49 @@ def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_proces
     assert [r["skipped"] for r in none["runs"]] == [5, 5] and all(r["metrics"] == {} for r in none["runs"])
     table = (tmp_path / "none" / "results.md").read_text()
     assert "0-shot 5, 1-shot 5." in table and not (tmp_path / "none" / "results.png").exists()
+
+
+def _records(out: Path, k: int) -> list[dict]:
+    lines = (out / "predictions" / f"classification_{k}shot_trial0.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_queries_with_unreadable_media_are_skipped_and_counted(model_and_processor, tmp_path):
+    """A query whose own image cannot be read is not run: its record says why, the run counts it by reason, a
+    warning names the file and the other queries' predictions are those of the clean data. Under RICES a demo whose
+    image cannot be read is never preferred. More than half of a run's queries unreadable: the data is wrong, stop."""
+    model, processor = model_and_processor
+    clean = make_classification(tmp_path / "clean")
+    broken = make_classification(tmp_path / "broken")
+    (broken / "images" / "11.png").write_bytes(b"not a png")  # the query s11's image
+    (broken / "images" / "0.png").write_bytes(b"")  # the demo s0's image
+
+    runs = {"random": dict(shots=[0], zero_shot="none"), "rices": dict(shots=[2], zero_shot="none")}
+    for demos, settings in runs.items():
+        ref_dir, got_dir = tmp_path / f"ref_{demos}", tmp_path / f"got_{demos}"
+        evaluate(model, processor, "classification", str(clean), trials=1, demos=demos, progress=False,
+                 out_dir=str(ref_dir), **settings)
+        with pytest.warns(UserWarning, match=r"could not be read \(1 file\(s\)\).*11\.png"):
+            got = evaluate(model, processor, "classification", str(broken), trials=1, demos=demos, progress=False,
+                           out_dir=str(got_dir), **settings)
+        k = settings["shots"][0]
+        assert got["runs"][0]["skipped"] == 1 and got["runs"][0]["skipped_by"] == {"unreadable_media": 1}
+        same = 0
+        for ref, record in zip(_records(ref_dir, k), _records(got_dir, k)):
+            assert "s0" not in record["demo_ids"]  # RICES: the unreadable demo comes after every readable one
+            if record["id"] == "s11":
+                assert record["skip_reason"] == "unreadable_media" and "prediction" not in record
+                assert "11.png" in record["skipped"]
+            else:
+                assert "skipped" not in record
+                if record["demo_ids"] == ref["demo_ids"]:
+                    assert record == ref
+                    same += 1
+        assert same >= 1
+        assert "with an image or video that cannot be read (of 3 queries, most over trials): " \
+            f"{k}-shot 1." in (got_dir / "results.md").read_text()
+
+    (broken / "images" / "10.png").write_bytes(b"")  # 2 of the 3 queries
+    with pytest.raises(ValueError, match=r"2 of 3 queries of .* have media that cannot be read .*10\.png"):
+        evaluate(model, processor, "classification", str(broken), shots=[0], trials=1, zero_shot="none",
+                 progress=False)

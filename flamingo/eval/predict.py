@@ -15,11 +15,12 @@ from .task import Sample, Task
 
 class MediaLoader:
     """Preprocessed media `(F, C, H, W)` by path, the `capacity` most recently used kept (demo images recur across
-    queries)."""
+    queries); a file that cannot be read is tried once and remembered (`unreadable`)."""
 
     def __init__(self, processor: FlamingoProcessor, capacity: int = 512) -> None:
         self.processor = processor
         self.cache: LRU[str, torch.Tensor] = LRU(capacity)
+        self.failed: dict[str, str] = {}  # path -> why it cannot be read (missing, undecodable, truncated)
 
     def __call__(self, path: str) -> torch.Tensor:
         tensor = self.cache.get(path)
@@ -27,6 +28,19 @@ class MediaLoader:
             tensor = self.processor.preprocess_media(path)
             self.cache.put(path, tensor)
         return tensor
+
+    def unreadable(self, paths: Sequence[str]) -> Optional[str]:
+        """Why the first of `paths` that cannot be read fails (the processor's error), or None when all can; the
+        readable ones are now cached."""
+        for path in paths:
+            if path not in self.failed:
+                try:
+                    self(path)
+                except ValueError as e:  # the processor's error for a missing, undecodable or truncated file
+                    self.failed[path] = str(e)
+            if path in self.failed:
+                return self.failed[path]
+        return None
 
 
 def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media: bool = True) -> tuple[str, list[str]]:

@@ -7,13 +7,14 @@ similarity is their cosine. The k nearest demos go into the prompt with the MOST
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..model.backbones import vision_features
 from ..model.flamingo import Flamingo
 from .distributed import all_gather, shard
+from .predict import MediaLoader
 
 
 @torch.no_grad()
@@ -35,22 +36,25 @@ def pooled_features(model: Flamingo, media: Sequence[torch.Tensor], batch_size: 
 
 
 def nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
-    """query (Q, D), pool (N, D) unit-norm -> (Q, k) pool indices of the k most similar, MOST SIMILAR LAST."""
+    """query (Q, D), pool (N, D) unit-norm -> (Q, k) pool indices of the k most similar, MOST SIMILAR LAST. A zero
+    pool row (a demo whose image cannot be read) comes after every other."""
     if k > pool.shape[0]:
         raise ValueError(f"RICES: {k} demos asked but the pool holds {pool.shape[0]}")
     if k == 0:
         return torch.zeros(query.shape[0], 0, dtype=torch.long)
-    similarity = query @ pool.T  # (Q, N)
+    similarity = (query @ pool.T).masked_fill(pool.norm(dim=-1) == 0, float("-inf"))  # (Q, N)
     top = similarity.topk(k, dim=-1).indices  # (Q, k), most similar first
     return top.flip(-1)
 
 
 class FeatureCache:
-    """Pooled features by sample id, computed on first use in batches (a query set's features once per seed)."""
+    """Pooled features by sample id, computed on first use in batches (a query set's features once per seed). A
+    sample whose first medium cannot be read gets a zero feature: `nearest` never prefers it, and a prompt that still
+    holds it is skipped and counted by the runner."""
 
-    def __init__(self, model: Flamingo, load: Callable[[str], torch.Tensor], batch_size: int = 32) -> None:
+    def __init__(self, model: Flamingo, load: MediaLoader, batch_size: int = 32) -> None:
         self.model, self.load, self.batch_size = model, load, batch_size
-        self.features: dict[str, torch.Tensor] = {}
+        self.features: dict[str, Optional[torch.Tensor]] = {}  # None: unreadable (a zero row once the size is known)
 
     def get(self, ids: Sequence[str], first_media: Sequence[str], shared: bool = False) -> torch.Tensor:
         """Features (len(ids), Dv) of samples given their ids and first medium's path.
@@ -60,8 +64,15 @@ class FeatureCache:
         missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
         if missing:
             mine = shard(len(missing)) if shared else range(len(missing))
-            local = list(zip(mine, pooled_features(self.model, [self.load(missing[j][1]) for j in mine],
-                                                   self.batch_size))) if mine else []
-            feats = all_gather(local, len(missing)) if shared else [f for _, f in local]
+            readable = [j for j in mine if self.load.unreadable([missing[j][1]]) is None]
+            local: list[tuple[int, Optional[torch.Tensor]]] = list(zip(readable, pooled_features(
+                self.model, [self.load(missing[j][1]) for j in readable], self.batch_size))) if readable else []
+            local += [(j, None) for j in sorted(set(mine) - set(readable))]
+            feats = all_gather(local, len(missing)) if shared else [f for _, f in sorted(local, key=lambda x: x[0])]
             self.features.update({i: f for (i, _), f in zip(missing, feats)})
-        return torch.stack([self.features[i] for i in ids])
+        rows = [self.features[i] for i in ids]
+        known = next((f for f in [*rows, *self.features.values()] if f is not None), None)
+        if known is None:
+            raise ValueError(f"RICES: none of the {len(ids)} media can be read, e.g. "
+                             f"{self.load.unreadable(first_media[:1])}")
+        return torch.stack([torch.zeros_like(known) if f is None else f for f in rows])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -30,6 +31,9 @@ from .remote import RemoteModel
 from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
+
+SKIP_REASONS = ("too_long", "unreadable_media")  # why a query is not run (a record's `skip_reason`)
+MAX_UNREADABLE_FRACTION = 0.5  # more of a run's queries with unreadable media: the data is wrong, stop
 
 
 def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: int) -> list[Sample]:
@@ -61,7 +65,8 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
             ) -> list[dict[str, Any]]:
     """Prediction records of `samples` (this rank's shard: strided, gathered in index order on every rank). A query
     that needs more positions than `processor.max_length` (its prompt plus the longest candidate, or plus the new
-    tokens) is not run: its record holds `skipped` (why) instead of a prediction, and `evaluate` counts it."""
+    tokens), or whose prompt holds an image or video that cannot be read, is not run: its record holds `skipped`
+    (why) and `skip_reason` (one of SKIP_REASONS) instead of a prediction, and `evaluate` counts it."""
     loader = loader or MediaLoader(processor)
     n = len(samples)
     mine = shard(n)
@@ -85,6 +90,10 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
             if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],
                                                               new_tokens)) > limit:
                 local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
+                                  "skip_reason": "too_long", "demo_ids": demo_ids}))
+                continue
+            if (why := loader.unreadable(prompt[1])) is not None:  # its own or a demo's image / video
+                local.append((i, {"id": samples[i].id, "skipped": why, "skip_reason": "unreadable_media",
                                   "demo_ids": demo_ids}))
                 continue
             indices.append(i)
@@ -209,12 +218,14 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                               description=f"{task.name} {k}-shot trial {trial}", generation=generation,
                               vision_cache=vision_cache)
             kept = [(sample, r) for sample, r in zip(samples, records) if "skipped" not in r]
+            skipped_by = dict(sorted(Counter(r["skip_reason"] for r in records if "skipped" in r).items()))
+            check_unreadable(records, data_dir)
             metrics = task.compute_metrics([sample for sample, _ in kept], [r for _, r in kept]) \
                 if rank() == 0 and kept else {}  # every query too long: no metric at k shots
             metrics = broadcast(metrics)
             extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}
             runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
-                         "skipped": len(samples) - len(kept), **extra})
+                         "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra})
             predictions[(k, trial)] = records
     results = {
         **base, "data": str(data_dir),
@@ -232,7 +243,21 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         results["tokenizer"] = runs[0]["tokenizer"]
     if out_dir is not None and rank() == 0:
         write_results(results, predictions, out_dir)
+    unreadable = {r["skipped"] for rs in predictions.values() for r in rs if r.get("skip_reason") == "unreadable_media"}
+    if unreadable and rank() == 0:
+        warnings.warn(f"{task.name}: media of {data_dir!r} could not be read ({len(unreadable)} file(s)); the queries "
+                      f"prompted with them were skipped and counted (runs' skipped_by), e.g. {min(unreadable)}",
+                      stacklevel=2)
     return results
+
+
+def check_unreadable(records: Sequence[dict[str, Any]], data_dir: str) -> None:
+    """Raise when more than MAX_UNREADABLE_FRACTION of a run's queries were skipped for unreadable media: a wrong
+    media root or a partial download, not a few corrupt files."""
+    bad = [r for r in records if r.get("skip_reason") == "unreadable_media"]
+    if records and len(bad) / len(records) > MAX_UNREADABLE_FRACTION:
+        raise ValueError(f"{len(bad)} of {len(records)} queries of {data_dir!r} have media that cannot be read "
+                         f"(more than {MAX_UNREADABLE_FRACTION:.0%}), e.g. {bad[0]['skipped']}")
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -273,13 +298,16 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = cell.get((m, k))
             row.append("n/a" if r is None or r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    skipped: dict[int, int] = {}
-    for run in results["runs"]:
-        if run.get("skipped"):
-            skipped[run["shots"]] = max(skipped.get(run["shots"], 0), run["skipped"])
-    if skipped:
-        lines += ["", f"Not run, longer than the model's max_length (of {results['num_samples']} queries, most over "
-                      "trials): " + ", ".join(f"{k}-shot {n}" for k, n in skipped.items()) + "."]
+    for reason, why in (("too_long", "longer than the model's max_length"),
+                        ("unreadable_media", "with an image or video that cannot be read")):
+        skipped: dict[int, int] = {}
+        for run in results["runs"]:
+            n = run.get("skipped_by", {"too_long": run.get("skipped", 0)}).get(reason, 0)
+            if n:
+                skipped[run["shots"]] = max(skipped.get(run["shots"], 0), n)
+        if skipped:
+            lines += ["", f"Not run, {why} (of {results['num_samples']} queries, most over trials): "
+                          + ", ".join(f"{k}-shot {n}" for k, n in skipped.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

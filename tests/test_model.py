@@ -232,6 +232,43 @@ def test_media_for_another_batch_size_is_a_clear_error(make_model):
         model.generate(input_ids=two, visual_tokens=visual, num_media=torch.tensor([2]), max_new_tokens=2)
 
 
+def test_malformed_tensors_are_clear_errors_in_every_entry_point(make_model):
+    """Per-token tensors of another shape, float or out-of-vocabulary ids, pixels in another channel layout and
+    frame counts beyond the frames given failed inside torch (or, for a continuation id of -2, scored another
+    token)."""
+    model, processor = make_model("llama")
+    batch = processor([PROMPT, PROMPT], images=[[random_image(0), random_image(1)], [random_image(2), random_image(3)]])
+    vocab = model.lm.get_input_embeddings().weight.shape[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    oov = ids.clone()
+    oov[1, -1] = vocab
+    cases = [
+        (dict(attention_mask=mask[:, 1:]), "attention_mask must have input_ids' shape"),
+        (dict(input_ids=oov), f"token id {vocab}, outside the LM's vocabulary"),
+        (dict(input_ids=ids.float()), "integer token ids"),
+        (dict(images=batch["images"][..., :1, :, :]), "1 channel"),
+        (dict(images=batch["images"].movedim(3, -1)), "channel"),  # (..., H, W, C)
+        (dict(num_frames=torch.full((2, 2), 2)), "num_frames holds 2 but images have 1 frame"),
+        (dict(num_frames=torch.ones(2, dtype=torch.long)), "num_frames must be"),
+        (dict(num_media=torch.tensor([3, 2])), r"num_media must be in \[0, 2\]"),
+    ]
+    for change, message in cases:
+        inputs = {**batch, **change}
+        with pytest.raises(ValueError, match=message):
+            model(**inputs)
+        with pytest.raises(ValueError, match=message):
+            model.generate(**inputs, max_new_tokens=2)
+        with pytest.raises(ValueError, match=message):
+            model.score_batch(inputs.pop("input_ids"), [[[5]], [[5]]], **inputs)
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        model(**batch, labels=ids[:1])
+    with pytest.raises(ValueError, match="document_ids must have input_ids' shape"):
+        model(**batch, document_ids=torch.zeros(2, 1, dtype=torch.long))
+    for bad in (vocab, -2):
+        with pytest.raises(ValueError, match=f"continuations hold token id {bad}, outside"):
+            model.score_batch(ids, [[[5]], [[5, bad]]], **{k: v for k, v in batch.items() if k != "input_ids"})
+
+
 def test_deepcopy_keeps_hooks_bound_to_the_copy(make_model):
     model, processor = make_model("llama")
     twin = copy.deepcopy(model)

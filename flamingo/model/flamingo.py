@@ -361,20 +361,59 @@ class Flamingo(nn.Module):
         return visual
 
     # ------------------------------------------------------------------------------------------ forward
-    @staticmethod
-    def check_input_shapes(input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+    def check_input_shapes(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                            num_media: Optional[torch.Tensor] = None,
-                           visual_tokens: Optional[torch.Tensor] = None) -> None:
-        """input_ids (B, T) with T >= 1, and media for the same B rows: shapes only (no host sync), checked before
-        any of them reaches the tower or the LM, where a mismatch failed deep inside torch."""
+                           visual_tokens: Optional[torch.Tensor] = None, *,
+                           num_frames: Optional[torch.Tensor] = None,
+                           **per_token: Optional[torch.Tensor]) -> None:
+        """input_ids (B, T) of integer ids with T >= 1, media for the same B rows in the tower's channels,
+        `num_frames (B, N)` within F, and each of `per_token` (attention_mask, labels, document_ids) (B, T): checked
+        before any of them reaches the tower or the LM, where a mismatch failed deep inside torch. Shapes only, and
+        values where they live on the CPU (no host sync; `check_token_ids` checks an accelerator's ids)."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with at least one token, got shape {tuple(input_ids.shape)}"
                              + (": the prompt has no tokens" if input_ids.numel() == 0 else ""))
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         rows = input_ids.shape[0]
         for name, media in (("images", images), ("visual_tokens", visual_tokens), ("num_media", num_media)):
             if media is not None and torch.as_tensor(media).shape[:1] != (rows,):
                 raise ValueError(f"input_ids has {rows} row(s) but {name} has shape "
                                  f"{tuple(torch.as_tensor(media).shape)}: one entry per row")
+        for name, tensor in per_token.items():
+            if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got "
+                                 f"{tuple(tensor.shape)}")
+        if images is not None and visual_tokens is None:
+            if images.ndim not in (5, 6):
+                raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
+            channels = getattr(getattr(self.vision, "config", None), "num_channels", None)
+            if channels is not None and images.shape[-3] != channels:
+                raise ValueError(f"images have {images.shape[-3]} channel(s) at dimension -3 but the vision tower "
+                                 f"takes {channels}: pixel values are (..., C, H, W), as the processor makes them")
+            if isinstance(num_media, torch.Tensor) and num_media.device.type == "cpu" and \
+                    bool(((num_media < 0) | (num_media > images.shape[1])).any()):
+                raise ValueError(f"num_media must be in [0, {images.shape[1]}] (the images' N_media), got "
+                                 f"{num_media.tolist()}")
+            if num_frames is not None:
+                num_frames = torch.as_tensor(num_frames)
+                frames = images.shape[2] if images.ndim == 6 else 1
+                if tuple(num_frames.shape) != tuple(images.shape[:2]):
+                    raise ValueError(f"num_frames must be (B, N_media) = {tuple(images.shape[:2])}, got "
+                                     f"{tuple(num_frames.shape)}")
+                if num_frames.device.type == "cpu" and bool((num_frames > frames).any()):
+                    raise ValueError(f"num_frames holds {int(num_frames.max())} but images have {frames} frame(s) "
+                                     "per medium")
+        if input_ids.device.type == "cpu":
+            self.check_token_ids(input_ids)
+
+    def check_token_ids(self, ids: torch.Tensor, what: str = "input_ids") -> None:
+        """Every id in [0, V) of the LM's embedding table (V counts the added rows); a host sync on an accelerator,
+        so `generate` and `score_batch` call it once per call and a training forward only on CPU ids."""
+        vocab = self.lm.get_input_embeddings().weight.shape[0]
+        if ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab).any())):
+            bad = ids[(ids < 0) | (ids >= vocab)]
+            raise ValueError(f"{what} holds token id {int(bad[0])}, outside the LM's vocabulary [0, {vocab})")
 
     def check_media_tokens(self, input_ids: torch.Tensor, num_media: Optional[torch.Tensor]) -> None:
         """Each sample must have exactly as many `<image>` tokens as media."""
@@ -412,7 +451,10 @@ class Flamingo(nn.Module):
         many chunks, one at a time (chunked_loss.py); the output then has no logits. LMs that change their head's
         output (Gemma 2's logit soft-capping, say) get the whole logits instead (`head_is_last_op`).
         """
-        self.check_input_shapes(input_ids, images, num_media, visual_tokens)
+        no_cache = all(lm_kwargs.get(name) is None for name in CACHE_NAMES)
+        self.check_input_shapes(input_ids, images, num_media, visual_tokens, num_frames=num_frames, labels=labels,
+                                document_ids=document_ids,  # with a cache, the mask spans the cached tokens too
+                                attention_mask=attention_mask if no_cache else None)
         if visual_tokens is None and images is not None:
             n = images.shape[1]
             if num_media is None:
@@ -426,7 +468,6 @@ class Flamingo(nn.Module):
             num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
-        no_cache = all(lm_kwargs.get(name) is None for name in CACHE_NAMES)
         limit = lm_max_positions(self.lm)
         if limit is not None and no_cache and document_ids is None and input_ids.shape[1] > limit:  # shapes only:
             # no host sync (packed rows restart their positions, so only their samples' lengths count)

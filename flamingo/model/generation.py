@@ -43,11 +43,21 @@ if TYPE_CHECKING:  # annotations only: the model's methods call this module
 log = logging.getLogger(__name__)
 
 
+def _check_inputs(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  images: Optional[torch.Tensor], num_media: Optional[torch.Tensor],
+                  num_frames: Optional[torch.Tensor], visual_tokens: Optional[torch.Tensor]) -> None:
+    """A generate / score call's inputs, before any work: shapes, and the prompt's token ids on any device (one host
+    sync per call)."""
+    model.check_input_shapes(input_ids, images, num_media, visual_tokens, num_frames=num_frames,
+                             attention_mask=attention_mask)
+    if input_ids.device.type != "cpu":  # on the CPU check_input_shapes did
+        model.check_token_ids(input_ids)
+
+
 def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
                num_media: Optional[torch.Tensor], num_frames: Optional[torch.Tensor],
                visual_tokens: Optional[torch.Tensor], vision_cache: Optional[VisionFeatureCache] = None
                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    model.check_input_shapes(input_ids, images, num_media, visual_tokens)
     if visual_tokens is None and images is not None:
         if num_media is None:
             num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)
@@ -135,6 +145,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     vision_cache: the frozen tower's features of frames seen in earlier calls (`VisionFeatureCache`), e.g. the demo
     images an evaluation shows with many queries.
     """
+    _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -205,11 +216,15 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     tensors, (C_b,) summed token log-probs each: what `score` gives for each context alone, up to float rounding.
     vision_cache: as in `generate`.
     """
+    _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
     b = input_ids.shape[0]
     if len(continuations) != b:
         raise ValueError(f"{b} contexts but {len(continuations)} candidate lists")
     if any(len(c) == 0 for cands in continuations for c in cands):
         raise ValueError("every continuation needs at least one token")
+    vocab = model.lm.get_input_embeddings().weight.shape[0]
+    if bad := [t for cands in continuations for c in cands for t in c if not 0 <= int(t) < vocab]:
+        raise ValueError(f"continuations hold token id {bad[0]}, outside the LM's vocabulary [0, {vocab})")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from flamingo.serve.engine import Engine
+from flamingo.serve.engine import Engine, find_stop
 from flamingo.serve.logprobs import TokenStrings
 from flamingo.serve.sampling import SamplingParams
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
@@ -256,6 +256,22 @@ def test_logit_bias_over_http(served):
     assert reply.choices[0].message.content == (text * 4).lstrip()
 
 
+def test_a_stop_string_never_matches_a_character_still_being_decoded(served):
+    """`"\ufffd"` as a stop string: a first byte of a two-byte character decodes to U+FFFD until its second byte
+    comes, so it must not stop there; a second lead byte makes the first a real U+FFFD, which does."""
+    assert find_stop("caf\ufffd", ["\ufffd"], final=False) == -1
+    assert find_stop("caf\ufffd", ["\ufffd"], final=True) == 3
+    assert find_stop("a\ufffd\ufffd", ["\ufffd"], final=False) == 1
+    assert find_stop("a\ufffdb", ["\ufffd", "b"], final=False) == 1
+    engine, url = served
+    lead = engine.processor.tokenizer.encode("\u00e9", add_special_tokens=False)[0]  # 0xC3 of "é" (0xC3 0xA9)
+    assert TokenStrings(engine.processor.tokenizer)(lead)[1] == b"\xc3"
+    reply = openai_client(url).completions.create(model="tiny", prompt="Say:", max_tokens=5, temperature=0,
+                                                  logit_bias={str(lead): 100}, stop=["\ufffd"])
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].text == ""
+    assert reply.usage.completion_tokens == 2  # the first 0xC3 is a character's start until the second comes
+
+
 BAD = {
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     "top_logprobs over 20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -263,6 +279,7 @@ BAD = {
     "penalty out of range": ({"presence_penalty": 2.5}, "presence_penalty"),
     "bias key not a token id": ({"logit_bias": {"red": 5}}, "not a token id"),
     "bias id past the vocabulary": ({"logit_bias": {"999999": 5}}, "not a token id"),
+    "bias id in full-width digits": ({"logit_bias": {"\uff11\uff12": 5}}, "not a token id"),  # int() reads 12
     "bias out of range": ({"logit_bias": {"5": 101}}, "[-100, 100]"),
     "completions logprobs over 5": ({"prompt": "Say:", "logprobs": 6}, "logprobs"),
     "max_tokens 0 without echo": ({"prompt": "Say:", "max_tokens": 0}, "echo"),

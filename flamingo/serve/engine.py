@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -55,6 +55,14 @@ DEFAULT_VISION_CACHE_MIB = 256  # the tower's features by frame content: ViT-L/1
 PREFILL_BATCH_TOKENS = (4096, 8192)
 PADDING_LIMIT = 1.5  # a shared call computes at most this many times its prompts' own tokens
 
+
+
+def find_stop(text: str, stops: Sequence[str], final: bool) -> int:
+    """Where the first stop string starts in `text`, or -1. Unless the text is `final`, a trailing U+FFFD may be the
+    start of a character that the next tokens complete (decoding replaces a truncated UTF-8 sequence by one U+FFFD):
+    a stop string never matches into it."""
+    stable = text[:-1] if not final and text.endswith("\ufffd") else text
+    return min((i for i in (stable.find(s) for s in stops) if i >= 0), default=-1)
 
 class QueueFull(Exception):
     """The waiting queue is full: the client should retry after `retry_after` seconds."""
@@ -448,11 +456,11 @@ class Engine:
             reason = "stop"  # the response format's grammar is complete: nothing may follow this token
         if job.strip_leading_whitespace:
             text = text.lstrip()
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
         if reason is None and len(choice.tokens) >= params.max_tokens:
             reason = "length"
+        cut = find_stop(text, params.stop, final=reason is not None)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
         end = len(text)
         if reason is None:  # hold back what may still become a stop string or a whole character
             end -= max((len(s) - 1 for s in params.stop), default=0)

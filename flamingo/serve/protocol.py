@@ -121,7 +121,8 @@ class _Sampling(StrictModel):
         """`logit_bias` as (token id, bias) pairs, each id checked against the model's `vocab` logits."""
         pairs: dict[int, float] = {}
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdecimal() or int(key) >= vocab:  # isdigit() takes "²", which int() refuses
+            # ASCII digits only: isdigit() takes "²", which int() refuses; int() reads full-width "１２" as 12
+            if not (key.strip().isascii() and key.strip().isdecimal()) or int(key) >= vocab:
                 raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})",
                                param="logit_bias")
             if not -100 <= bias <= 100:

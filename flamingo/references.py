@@ -27,7 +27,7 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
 
     Clear errors: a plain `<image>` among declarations, a declaration out of order (image k must be the k-th
     declared), a duplicate declaration, a reference to an image not declared before it, more declarations than media
-    (or fewer), and an image index the model has no reference token for."""
+    (or fewer), an image index the model has no reference token for, and an index with leading zeros."""
     if MEDIA_TOKEN in text:
         raise ValueError(f"a declared-image prompt places its media with `Image k is <imagek>`, not {MEDIA_TOKEN}: "
                          f"{text[:120]!r}")
@@ -36,11 +36,13 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
     out, end = [], 0
     for ref in REFERENCE.finditer(text):
         k = int(ref.group(1))
+        if ref.group(1) != str(k):  # `<image01>` is no token of the model's: not silently image 1
+            raise ValueError(f"{ref.group(0)}: image indices have no leading zeros (<image{k}>)")
         if k >= num_references:
             raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}")
         declaration = declarations.get(ref.start())
         if declaration is not None:
-            if int(declaration.group(1)) != k:
+            if declaration.group(1) != str(k):
                 raise ValueError(f"{declaration.group(0)!r} declares image {declaration.group(1)} with <image{k}>")
             if k in declared:
                 raise ValueError(f"image {k} is declared twice")

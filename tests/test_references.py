@@ -24,7 +24,9 @@ def test_declarations_become_placeholders_and_later_mentions_references():
               "Image 1 is <image1>. Image 0 is <image0>.": "declare images in order",
               "Image 0 is <image0>. Image 1 is <image1>.": "declares image 1 but 1 image",
               "Image 0 is <image0>. Is <image5> red?": "reference tokens for images 0-3",
-              "<image> Image 0 is <image0>.": "not <image>"}
+              "<image> Image 0 is <image0>.": "not <image>",
+              "Image 0 is <image0>. Is <image00> red?": "<image00>: image indices have no leading zeros",
+              "Image 00 is <image0>.": "declares image 00 with <image0>"}
     for text, message in errors.items():
         with pytest.raises(ValueError, match=message):
             resolve_declarations(text, 1, 4)

@@ -1,8 +1,9 @@
 """`FlamingoProcessor`: interleaved prompts (text with `<image>` placeholders + images / videos) <-> model inputs.
 
 A prompt is either a string with one `<image>` per medium plus the list of media, or one list mixing strings and
-media (`["Question:", img, "Answer: a cat.<|endofchunk|>"]`). A medium is a PIL image, a video (a list of PIL frames,
-an array `(F, H, W, 3)`, or a path to a video file), or a path to an image file. Every medium becomes a tensor
+media (`["Question:", img, "Answer: a cat.<|endofchunk|>"]`). A medium is a PIL image, an array `(H, W, 3)` of uint8
+pixels, a video (a list of PIL frames, an array `(F, H, W, 3)`, or a path to a video file), a path to an image file,
+or pixel values already preprocessed (a float tensor `(C, H, W)` or `(F, C, H, W)`). Every medium becomes a tensor
 `(F, C, H, W)` (F = 1 for a still); a batch becomes `images (B, N_media, F, C, H, W)` zero-padded, with `num_media
 (B,)` and `num_frames (B, N_media)` saying what is real.
 """
@@ -44,23 +45,62 @@ def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
     return text
 
 
+# The longest side may be at most this many times the shortest (Qwen2-VL's bound). Image processors that resize the
+# shortest side to S before cropping (CLIP) hold S x (S * ratio) pixels: a 5000x1 image at S = 224 takes GBs.
+MAX_ASPECT_RATIO = 200
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Refuse an image with an empty side or an aspect ratio over `MAX_ASPECT_RATIO`:1, before an image processor
+    resizes it."""
+    if min(width, height) <= 0:
+        raise ValueError(f"{width}x{height} image: no pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{width}x{height} image: aspect ratio over {MAX_ASPECT_RATIO}:1, too thin to resize (the "
+                         "image processor scales the short side up first)")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` in RGB as HF's image processors convert it (`convert_to_rgb`): transparency composited onto white. A
-    plain `convert("RGB")` keeps the colour under transparent pixels, and the processor then sees no alpha."""
+    plain `convert("RGB")` keeps the colour under transparent pixels, and the processor then sees no alpha.
+
+    16-bit greyscale (modes `I;16*`, and `I` with values in 0..65535, as Pillow reads 16-bit PNG, TIFF and PGM
+    files) keeps its high byte (`v >> 8`, as Pillow reduces 16-bit RGB), where a plain convert clips it to white.
+    Floating-point images (mode `F`) and mode `I` values outside 0..65535 are refused: their range (0..1, 0..255,
+    depth in metres, ...) is unknown. So are the sizes `check_image_size` refuses."""
+    check_image_size(*image.size)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{image.mode} image with values in {values.min()}..{values.max()}: only 16-bit values "
+                             "(0..65535) have a known scale to 8 bits; convert it to 8-bit RGB first")
+        image = Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("floating-point (mode F) image: its value range is unknown; convert it to 8-bit RGB first")
     if "A" not in image.getbands() and image.info.get("transparency") is None:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
-# one medium given where a list of media is expected (arrays and tensors keep their first axis as the list's)
-ONE_MEDIUM = (str, os.PathLike, Image.Image)
+# One medium given where a list of media is expected: a path, a PIL image, an array or a tensor (an array or tensor
+# with a frame axis is one video, not a list of images).
+ONE_MEDIUM = (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)
+
+
+def media_list(media: Any) -> list:
+    """A prompt's media argument -> its list of media: None is none, a medium alone (`ONE_MEDIUM`) is a list of it."""
+    if media is None:
+        return []
+    return [media] if isinstance(media, ONE_MEDIUM) else list(media)
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """An image read from a file or bytes, as HF's `load_image` and image processors see it: turned upright by its
-    EXIF orientation, then `to_rgb`. Every path media come in by (files here, the server's uploads, training
-    shards) reads images through it, so a model sees an image the same way in training and in use."""
+    """An image as HF's `load_image` and image processors see its file: turned upright by its EXIF orientation, then
+    `to_rgb`. Every path media come in by (files, PIL images and frames given to the processor, the server's uploads,
+    training shards) reads images through it, so a model sees an image the same way in training and in use. Its
+    result carries no orientation, so reading it again leaves it as it is; an image rotated by hand (`rotate`,
+    `transpose`) keeps the file's tag and is turned again: give such an image as `ImageOps.exif_transpose` left it."""
     return to_rgb(ImageOps.exif_transpose(image))
 
 
@@ -187,45 +227,74 @@ class FlamingoProcessor:
 
     # ----------------------------------------------------------------------------------------------------- media
     def load_media(self, media: Media) -> list[Image.Image]:
-        """Any accepted medium -> its frames as RGB PIL images (one frame for a still), at most `max_frames`."""
-        if isinstance(media, (str, Path)):
+        """Any accepted medium but a tensor -> its frames as RGB PIL images (one frame for a still), at most
+        `max_frames`, spread uniformly over longer videos. PIL images and frames are read as files are
+        (`upright_rgb`); arrays must be uint8 pixels (other dtypes are refused, not cast: a float image in [0, 1]
+        would turn black, 16-bit values wrap)."""
+        if isinstance(media, (str, os.PathLike)):
             path = Path(media)
             if not path.is_file():
                 raise ValueError(f"media file not found: {str(path)!r}")
             if path.suffix.lower() in VIDEO_EXTENSIONS:
-                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+                frames = decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+                try:
+                    check_image_size(*frames[0].size)
+                except ValueError as e:
+                    raise ValueError(f"video {str(path)!r}: {e}") from e
+                return frames
             try:
                 with Image.open(path) as im:
                     return [upright_rgb(im)]
             except Exception as e:  # PIL raises several types for corrupt files
                 raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
         if isinstance(media, Image.Image):
-            return [to_rgb(media)]
+            return [upright_rgb(media)]
         if isinstance(media, np.ndarray):
-            if media.ndim == 3:
-                media = media[None]
-            # other dtypes are refused, not cast: a float image in [0, 1] would turn black, 16-bit values wrap
-            if media.ndim != 4 or media.shape[-1] != 3 or media.dtype != np.uint8:
+            frames = media[None] if media.ndim == 3 else media  # (F, H, W, 3)
+            if frames.ndim != 4 or frames.shape[-1] != 3 or media.dtype != np.uint8:
                 raise ValueError(f"array media must be (H, W, 3) or (F, H, W, 3) uint8, got shape {media.shape} "
                                  f"{media.dtype}")
-            frames = [Image.fromarray(f) for f in media]
-        elif isinstance(media, (list, tuple)) and media and all(isinstance(f, Image.Image) for f in media):
-            frames = [to_rgb(f) for f in media]
-        else:
-            raise ValueError(
-                f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "
-                "an array (F, H, W, 3) or a file path")
-        return [frames[i] for i in uniform_frame_indices(len(frames), self.max_frames)]
+            if frames.shape[0] == 0:
+                raise ValueError(f"array media of shape {media.shape} has no frames")
+            check_image_size(frames.shape[2], frames.shape[1])
+            return [Image.fromarray(f) for f in frames[uniform_frame_indices(len(frames), self.max_frames)]]
+        if isinstance(media, (list, tuple)) and all(isinstance(f, Image.Image) for f in media):
+            if not media:
+                raise ValueError("a video given as a list of PIL frames has no frames")
+            return [upright_rgb(media[i]) for i in uniform_frame_indices(len(media), self.max_frames)]
+        raise ValueError(
+            f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "
+            "a uint8 array (H, W, 3) or (F, H, W, 3), pixel values (F, C, H, W) or a file path")
+
+    def check_pixel_values(self, media: torch.Tensor) -> torch.Tensor:
+        """Pixel values given as a tensor `(C, H, W)` or `(F, C, H, W)`, as the image processor makes them ->
+        `(F, C, H, W)` float, at most `max_frames` frames spread uniformly over longer videos (as other media).
+        Refused: integer dtypes (raw pixels: give those as an array or PIL image), channels last, no frames,
+        NaN or infinite values."""
+        shape = tuple(media.shape)
+        expected = "tensor media must be preprocessed pixel values (C, H, W) or (F, C, H, W)"
+        if media.ndim not in (3, 4):
+            raise ValueError(f"{expected}, got shape {shape}")
+        if not media.is_floating_point():
+            raise ValueError(f"{expected} in a floating-point dtype, got {media.dtype}: give raw pixels as a uint8 "
+                             "array (H, W, 3) or a PIL image")
+        if shape[-1] == 3 and shape[-3] != 3:
+            raise ValueError(f"{expected}, got shape {shape}: channels last? Put channels before height and width "
+                             "(`.permute`)")
+        frames = media[None] if media.ndim == 3 else media  # (F, C, H, W)
+        if frames.numel() == 0:
+            raise ValueError(f"{expected}, got shape {shape}: no frames or no pixels")
+        if not bool(torch.isfinite(frames).all()):
+            raise ValueError(f"tensor media of shape {shape} holds NaN or infinite values")
+        if frames.shape[0] > self.max_frames:
+            frames = frames[uniform_frame_indices(frames.shape[0], self.max_frames)]
+        return frames.float()
 
     def preprocess_media(self, media: Media) -> torch.Tensor:
-        """One medium -> pixel values `(F, C, H, W)` from the vision tower's image processor."""
+        """One medium -> pixel values `(F, C, H, W)` from the vision tower's image processor (a tensor: checked by
+        `check_pixel_values`)."""
         if isinstance(media, torch.Tensor):
-            if media.ndim == 3:
-                media = media[None]
-            if media.ndim != 4:
-                raise ValueError("tensor media must be pixel values (C, H, W) or (F, C, H, W), got "
-                                 f"{tuple(media.shape)}")
-            return media.float()
+            return self.check_pixel_values(media)
         frames = self.load_media(media)
         return self.image_processor(images=frames, return_tensors="pt")["pixel_values"]  # (F, C, H, W)
 
@@ -253,11 +322,11 @@ class FlamingoProcessor:
         return {"images": images, "num_media": num_media, "num_frames": num_frames}
 
     # ------------------------------------------------------------------------------------------------------ text
-    def _split_prompt(self, prompt: Any, media: Optional[Sequence[Media]]) -> tuple[str, list[Media]]:
+    def _split_prompt(self, prompt: Any, media: Union[Media, Sequence[Media], None]) -> tuple[str, list[Media]]:
         if isinstance(prompt, str):
-            return prompt, list(media or [])
+            return prompt, media_list(media)
         if isinstance(prompt, (list, tuple)):
-            if media:
+            if media_list(media):
                 raise ValueError("give media either inside an interleaved list or as `images`, not both")
             text, found = [], []
             for part in prompt:
@@ -269,23 +338,29 @@ class FlamingoProcessor:
             return "".join(text), found
         raise ValueError(f"a prompt must be a string or a list mixing strings and media, got {type(prompt).__name__}")
 
-    def encode_prompt(self, prompt: Any, media: Optional[Sequence[Media]] = None,
+    def encode_prompt(self, prompt: Any, media: Union[Media, Sequence[Media], None] = None,
                       max_length: Optional[int] = None, image_references: Optional[bool] = None
                       ) -> tuple[list[int], list[torch.Tensor]]:
         """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length.
         image_references (default: the processor's): the prompt declares its images (`Image 0 is <image0>`)."""
-        text, media_list = self._split_prompt(prompt, media)
+        text, media = self._split_prompt(prompt, media)
         if self.image_references if image_references is None else image_references:
-            text = resolve_declarations(text, len(media_list), self.num_references)
+            text = resolve_declarations(text, len(media), self.num_references)
         ids = self.prompt_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
-        if n_placeholders != len(media_list):
-            raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media_list)} "
+        if n_placeholders != len(media):
+            raise ValueError(f"prompt has {n_placeholders} {MEDIA_TOKEN} placeholder(s) but {len(media)} "
                              f"image(s)/video(s) were given: {text[:120]!r}")
         limit = max_length if max_length is not None else self.max_length
         if limit is not None and len(ids) > limit:
             raise ValueError(f"prompt is {len(ids)} tokens, longer than max_length={limit}")
-        return ids, [self.preprocess_media(m) for m in media_list]
+        pixels = []
+        for i, medium in enumerate(media):
+            try:
+                pixels.append(self.preprocess_media(medium))
+            except ValueError as e:
+                raise ValueError(f"medium {i} of the prompt: {e}") from e
+        return ids, pixels
 
     def pad(self, sequences: Sequence[Sequence[int]], padding_side: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Pad token id lists to `input_ids (B, T)` and `attention_mask (B, T)`."""
@@ -307,7 +382,8 @@ class FlamingoProcessor:
 
         text: a string, an interleaved list, or a list of either (a batch).
         images: for one string prompt, its list of media; for a batch of strings, one list of media per prompt. A
-        medium given alone (a path or a PIL image) stands for a list of that one medium.
+        medium given alone (a path, a PIL image, an array or a tensor: one image or one video) stands for a list of
+        that one medium.
         Returns `input_ids (B, T)`, `attention_mask (B, T)`, `images (B, N, F, C, H, W)` (None when no media),
         `num_media (B,)`, `num_frames (B, N)`.
         """

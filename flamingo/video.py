@@ -1,21 +1,41 @@
-"""Video decoding with PyAV: frames sampled at a fixed rate by timestamp, then uniformly capped at `max_frames`.
+"""Video decoding with PyAV: the frame shown at each instant of a fixed-rate timeline, uniformly capped at `max_frames`.
 
 The paper samples training and evaluation videos at 1 FPS; a clip longer than the model's learned time embeddings
 (`max_frames`) is sub-sampled uniformly (`uniform_frame_indices`, which the processor uses for frame lists too).
+Only the kept frames are converted to images, so memory is bounded by `max_frames` frames, not by the clip's length.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Union
+import struct
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Optional, Union
 
 from PIL import Image
 
+if TYPE_CHECKING:
+    import av
+
 VideoInput = Union[str, "os.PathLike[str]", bytes, BinaryIO]
 
-# A clip whose header promises N frames but decodes to fewer than this fraction of them is treated as truncated.
+# A clip whose header promises N frames (or T seconds, when it lists no frame count) but decodes to fewer than this
+# fraction of them is treated as truncated.
 _TRUNCATED_FRACTION = 0.9
+# A frame time this close to a sampling instant counts as at it (float rounding of timestamps; far below a frame).
+_TIME_TOLERANCE = 1e-4
+
+# Display matrix (signs of its 2x2 part a, b, c, d, with x' = a x + c y, y' = b x + d y in image coordinates, y down)
+# -> the PIL transpose that shows the frame as players do; the same eight orientations as EXIF's.
+_DISPLAY_TRANSPOSE = {
+    (-1, 0, 0, 1): Image.Transpose.FLIP_LEFT_RIGHT,
+    (1, 0, 0, -1): Image.Transpose.FLIP_TOP_BOTTOM,
+    (-1, 0, 0, -1): Image.Transpose.ROTATE_180,
+    (0, -1, 1, 0): Image.Transpose.ROTATE_90,  # counter-clockwise
+    (0, 1, -1, 0): Image.Transpose.ROTATE_270,  # clockwise: a portrait phone video
+    (0, 1, 1, 0): Image.Transpose.TRANSPOSE,
+    (0, -1, -1, 0): Image.Transpose.TRANSVERSE,
+}
 
 
 def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
@@ -31,15 +51,114 @@ def _describe(path: VideoInput) -> str:
     return repr(getattr(path, "name", "<in-memory video>"))
 
 
-def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
-    """Decode a video into RGB frames taken every `1 / fps` seconds, at most `max_frames` (uniformly spread).
+def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
+    """-> a function giving `av.open` a fresh view of the video each call (decoding may take two passes)."""
+    if isinstance(path, (str, os.PathLike)):
+        return lambda: os.fspath(path)
+    if isinstance(path, bytes):
+        return lambda: io.BytesIO(path)
+    if not path.seekable():  # a pipe or socket: keep the compressed bytes to read them again
+        data = path.read()
+        return lambda: io.BytesIO(data)
+    file, start = path, path.tell()
 
+    def rewound() -> BinaryIO:
+        file.seek(start)
+        return file
+
+    return rewound
+
+
+def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:
+    """The transpose that turns a decoded frame upright, from its display matrix (a phone's rotation); None if none.
+
+    A matrix that is not a multiple of 90 degrees (with or without a mirror) is ignored.
+    """
+    for data in getattr(frame, "side_data", ()):
+        if str(getattr(data, "type", "")).endswith("DISPLAYMATRIX") and len(bytes(data)) >= 36:
+            a, b, _, c, d = struct.unpack("=5i", bytes(data)[:20])  # 16.16 fixed point, row-major 3x3
+            key = tuple((v > 0) - (v < 0) if abs(v) > 0x8000 else 0 for v in (a, b, c, d))
+            return _DISPLAY_TRANSPOSE.get(key)
+    return None
+
+
+def frame_to_image(frame: "av.VideoFrame") -> Image.Image:
+    """A decoded frame -> an upright RGB image (as `upright_rgb` uprights still images by their EXIF orientation)."""
+    image = frame.to_image().convert("RGB")
+    transpose = display_transpose(frame)
+    return image.transpose(transpose) if transpose is not None else image
+
+
+def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int],
+            stop_when_kept: bool = False) -> tuple[dict[int, Image.Image], int, int, Optional[float]]:
+    """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
+
+    The frame shown at t is the last one whose time is at or before t, so a frame repeats over a gap in a
+    variable-rate clip. Only instants in `keep` are converted to images; with `stop_when_kept`, decoding stops once
+    they all are.
+    Returns:
+        (images by instant, number of instants, frames decoded, time of the last decoded frame from the first).
+    """
+    images: dict[int, Image.Image] = {}
+    instants = decoded = 0
+    start: Optional[float] = None
+    t: Optional[float] = None
+    previous = None  # the frame on screen until the current one
+    last_kept = max(keep, default=-1)
+    for frame in frames:
+        t = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
+        decoded += 1
+        if start is None:
+            start = t
+        t -= start
+        while instants * step <= t + _TIME_TOLERANCE:
+            if instants in keep:
+                gap = instants * step < t - _TIME_TOLERANCE and previous is not None
+                images[instants] = frame_to_image(previous if gap else frame)
+            instants += 1
+        previous = frame
+        if stop_when_kept and instants > last_kept:
+            break
+    return images, instants, decoded, t
+
+
+def _predicted_instants(frames: int, seconds: Optional[float], rate: Optional[float], step: float) -> int:
+    """The number of sampling instants a constant-rate clip's header implies (0 when it cannot tell)."""
+    if not rate:
+        return 0
+    last = (frames - 1) / rate if frames else (seconds - 1 / rate if seconds else None)
+    return int((last + _TIME_TOLERANCE) / step) + 1 if last is not None and last >= 0 else 0
+
+
+def _header_seconds(container: "av.container.InputContainer", stream: "av.VideoStream") -> Optional[float]:
+    """The video stream's duration as its header lists it: the stream's own, else the container's; None if none."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")  # Matroska/WebM: "HH:MM:SS.nnnnnnnnn" per track
+    if tag:
+        try:
+            h, m, s = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+        except ValueError:
+            pass
+    return container.duration / 1e6 if container.duration else None
+
+
+def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
+    """Decode the frames shown at t = 0, 1/fps, 2/fps, ... (by timestamp), at most `max_frames`, uniformly spread.
+
+    At most `max_frames` frames are converted and held. When the header (frame count or duration, and rate)
+    predicts the number of instants, one decoding pass suffices; otherwise a first pass reads only timestamps and a
+    second converts the chosen frames. Frames are turned upright by their display matrix.
+    A file is truncated when it decodes under 90% of the frames its header lists, or, with no frame count
+    (Matroska/WebM), ends before 90% of the duration its header lists; a file whose header lists neither
+    (a fragmented MP4, a live-recorded WebM) cannot be checked and is accepted.
     Args:
         path: a file path, the file's bytes, or a binary file object.
-        fps: sampling rate in frames per second of video time (the frame shown at t = 0, 1/fps, 2/fps, ...).
+        fps: sampling rate in frames per second of video time.
         max_frames: cap; longer samplings are sub-sampled uniformly.
     Returns:
-        the sampled frames, in time order, as RGB PIL images.
+        the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
         ValueError (naming the file) when the file is missing, truncated, has no video stream or cannot be decoded.
     """
@@ -50,38 +169,36 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
     name = _describe(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise ValueError(f"video file not found: {name}")
-    source = io.BytesIO(path) if isinstance(path, bytes) else path
     step = 1.0 / fps
-    frames: list[Image.Image] = []
-    decoded = 0
     try:
-        with av.open(source) as container:  # type: ignore[arg-type]
+        source = _opener(path)
+        with av.open(source()) as container:
             if not container.streams.video:
                 raise ValueError(f"no video stream in {name}")
             stream = container.streams.video[0]
             expected = int(stream.frames or 0)
+            seconds = _header_seconds(container, stream)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-            start: float | None = None
-            next_time = 0.0
-            for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
-                decoded += 1
-                if start is None:
-                    start = t
-                t -= start
-                # Take this frame for every sampling instant it is the first frame at or after (once).
-                if t + 1e-6 >= next_time:
-                    frames.append(frame.to_image().convert("RGB"))
-                    while next_time <= t + 1e-6:
-                        next_time += step
+            predicted = _predicted_instants(expected, seconds, rate, step)
+            guess = set(uniform_frame_indices(predicted, max_frames))
+            images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess)
+        if not instants:
+            raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
+        if expected and decoded < _TRUNCATED_FRACTION * expected:
+            raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
+        span = (last_t or 0.0) + (1 / rate if rate else 0.0)
+        if not expected and seconds and span < _TRUNCATED_FRACTION * seconds:
+            raise ValueError(f"video {name} is truncated: decoded {span:.2f} s of the {seconds:.2f} s its header lists")
+        chosen = uniform_frame_indices(instants, max_frames)
+        images = {i: images[i] for i in chosen if i in images}
+        if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
+            with av.open(source()) as container:
+                missing = set(chosen) - images.keys()
+                images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
     except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
         raise ValueError(f"cannot decode video {name}: {e}") from e
     except ValueError:
         raise
     except Exception as e:  # PyAV raises other types too (IndexError on a cut header, ...)
         raise ValueError(f"cannot decode video {name}: {type(e).__name__}: {e}") from e
-    if not frames:
-        raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
-    if expected and decoded < _TRUNCATED_FRACTION * expected:
-        raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
-    return [frames[i] for i in uniform_frame_indices(len(frames), max_frames)]
+    return [images[i] for i in chosen]

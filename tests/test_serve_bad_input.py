@@ -33,6 +33,24 @@ def _png_claiming(width: int, height: int) -> str:
     return "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
 
 
+def _thin_video_url(width: int = 404, height: int = 2) -> str:
+    """A 2-frame mp4 of `width` x `height` frames (over the 200:1 aspect bound, under the pixel limit)."""
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(2):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def _user(*parts):
     content = [{"type": "image_url", "image_url": {"url": p}} if p.startswith(("data:", "/", ".", "http", "file"))
                or p.endswith(".png") else {"type": "text", "text": p} for p in parts]
@@ -74,6 +92,10 @@ CASES = {
     "decompression bomb": (dict(json=_user(_png_claiming(50_000, 50_000))), 400, "decompression bomb"),
     "bomb under PIL's limit": (dict(json=_user(_png_claiming(5_000, 5_000))), 400, "5000x5000 is more than"),
     "over the pixel limit": (dict(json=_user(data_url(random_image(0, size=100)))), 400, "100x100"),
+    "image too thin to resize": (dict(json=_user(data_url(random_image(0).resize((402, 2))))), 400, "aspect ratio"),
+    "video too thin to resize": (dict(json={"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": _thin_video_url()}}, {"type": "text", "text": "Output:"}]}],
+        "max_tokens": 2}), 400, "aspect ratio"),
     "body too large": (dict(json=_user("x" * 70_000)), 413, "larger than the server's limit"),
     "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "positions"),
     "prompt + max_tokens past the positions": (dict(json={**_user("yes no " * 1020), "max_tokens": 32}), 400,

@@ -138,9 +138,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                                 "accepts per prompt", param=param)
         if model.references is not None and len(refs) > model.references[1]:
             raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens")
-        return [processor.preprocess_media(load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
-                                                       max_frames=processor.max_frames, where=f"medium {i}"))
-                for i, r in enumerate(refs)]
+        pixels = []
+        for i, r in enumerate(refs):
+            frames = load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
+                                 max_frames=processor.max_frames, where=f"medium {i}")
+            try:
+                pixels.append(processor.preprocess_media(frames))  # (F, C, H, W)
+            except ValueError as e:  # the processor's checks (image size and mode)
+                raise APIError(400, f"medium {i}: {e}", param=param) from None
+        return pixels
 
     def response_grammar(req: Any) -> Any:
         """The request's `response_format`, compiled once for all its prompts (None: free text)."""

@@ -1,0 +1,191 @@
+"""Media the processor, the server and the training shards accept or refuse: image modes, sizes, arrays, tensors,
+EXIF orientation, and a medium given without a list."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flamingo import FlamingoProcessor
+from flamingo.processing import MAX_ASPECT_RATIO, add_flamingo_tokens, upright_rgb
+from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer
+from flamingo.video import uniform_frame_indices
+
+
+@pytest.fixture
+def processor():
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    return FlamingoProcessor(tok, tiny_image_processor("clip"), max_length=64, max_frames=4)
+
+
+def pixels(processor, medium):
+    return processor("<image>x", images=[medium])["images"][0, 0]  # (F, C, H, W)
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def server_decode(data, name):
+    pytest.importorskip("fastapi")  # the server's extra
+    from flamingo.serve.media import _decode_image
+
+    return _decode_image(data, 10**8, name)
+
+
+def test_16_bit_greyscale_keeps_its_contrast_at_every_entry_point(processor, tmp_path):
+    """A 16-bit greyscale PNG (a depth map, a scan) reads as its high byte: dark stays dark, mid-grey mid-grey, the
+    full range keeps its contrast. It was clipped to white everywhere."""
+    values = np.zeros((32, 64), dtype=np.uint16)  # (H, W)
+    values[:, :16] = 1000
+    values[:, 16:32] = 0x8000
+    values[:, 32:] = np.linspace(0, 65535, 32, dtype=np.uint16)[None, :]  # the full range
+    grey16 = Image.fromarray(values)
+    assert grey16.mode == "I;16"
+    eight_bit = Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+    expected = pixels(processor, eight_bit)
+    path = tmp_path / "grey16.png"
+    grey16.save(path)
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")  # stored as 16 bits
+    assert torch.equal(pixels(processor, grey16), expected)
+    assert torch.equal(pixels(processor, str(path)), expected)
+    assert torch.equal(pixels(processor, server_decode(path.read_bytes(), "grey16")), expected)
+    # mode I (32-bit) with 16-bit values, as older Pillows read 16-bit PNGs
+    assert torch.equal(pixels(processor, Image.fromarray(values.astype(np.int32), "I")), expected)
+
+
+def test_images_of_unknown_value_range_are_refused(processor):
+    """A float image (mode F) may be 0..1, 0..255 or metres; mode I past 16 bits has no 8-bit scale: refused by name
+    rather than turned black or white."""
+    with pytest.raises(ValueError, match=r"medium 0 of the prompt: floating-point \(mode F\)"):
+        pixels(processor, Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32), "F"))
+    with pytest.raises(ValueError, match="values in 0..70000"):
+        pixels(processor, Image.fromarray(np.linspace(0, 70000, 32 * 32, dtype=np.int32).reshape(32, 32), "I"))
+
+
+@pytest.mark.parametrize("size", [(5000, 1), (1, 300), (0, 0), (32, 0)])
+def test_thin_and_empty_images_are_refused_before_the_image_processor(processor, size):
+    """A 5000x1 image is 5000 pixels, but the CLIP processor scales its short side up first (GBs at 224 px); an empty
+    one divided by zero inside transformers. Refused with its size, from the processor, the server and the shards."""
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.sources import decode_image
+
+    image = Image.new("RGB", size, (200, 0, 0))
+    why = "aspect ratio over 200:1" if min(size) else "no pixels"
+    with pytest.raises(ValueError, match=f"{size[0]}x{size[1]} image: {why}"):
+        pixels(processor, image)
+    with pytest.raises(ValueError, match=why):
+        pixels(processor, np.zeros((size[1], size[0], 3), np.uint8))
+    if min(size):  # PNG cannot store an empty image
+        data = png_bytes(image)
+        with pytest.raises(SkipSample, match=why):
+            decode_image(data, "thin.png")
+        with pytest.raises(Exception, match=why):  # the server's 400
+            server_decode(data, "thin.png")
+
+
+def test_thin_videos_are_refused_by_the_processor_and_skipped_by_the_shards(processor, tmp_path):
+    """A video of 404x2 frames: refused as its frames would be, skipped and counted (`bad_video`) by the loader."""
+    av = pytest.importorskip("av")
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.sources import file_ref
+
+    path = tmp_path / "thin.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 404, 2, "yuv420p"
+        for _ in range(2):
+            frame = av.VideoFrame.from_ndarray(np.full((2, 404, 3), 128, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(ValueError, match="thin.mp4.*aspect ratio over 200:1"):
+        pixels(processor, str(path))
+    with pytest.raises(SkipSample, match="aspect ratio") as skipped:
+        file_ref(str(path), video=True).load(fps=1.0, max_frames=4)
+    assert skipped.value.reason == "bad_video"
+
+
+def test_images_at_the_aspect_ratio_bound_are_accepted(processor):
+    assert pixels(processor, Image.new("RGB", (MAX_ASPECT_RATIO, 1))).shape == (1, 3, 32, 32)
+    assert pixels(processor, np.zeros((MAX_ASPECT_RATIO, 1, 3), np.uint8)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("tensor, why", [
+    (torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), "floating-point dtype, got torch.uint8"),
+    (torch.full((3, 32, 32), float("nan")), "NaN or infinite"),
+    (torch.full((2, 3, 32, 32), float("inf")), "NaN or infinite"),
+    (torch.zeros(0, 3, 32, 32), r"got shape \(0, 3, 32, 32\): no frames"),
+    (torch.zeros(32, 32, 3), r"got shape \(32, 32, 3\): channels last"),
+    (torch.zeros(2, 32, 32, 3), r"got shape \(2, 32, 32, 3\): channels last"),
+    (torch.zeros(32, 32), r"got shape \(32, 32\)"),
+])
+def test_tensor_media_that_are_not_pixel_values_are_refused(processor, tensor, why):
+    with pytest.raises(ValueError, match=why):
+        processor.preprocess_media(tensor)
+
+
+def test_long_tensor_videos_are_subsampled_as_arrays_are(processor):
+    """Pixel values of 10 frames become the same 4 frames as the 10-frame array they came from."""
+    video = np.stack([np.full((32, 32, 3), 20 * k, np.uint8) for k in range(10)])  # (F, H, W, 3)
+    all_frames = processor.image_processor(images=list(video), return_tensors="pt")["pixel_values"]  # (10, C, H, W)
+    from_array = pixels(processor, video)
+    assert from_array.shape[0] == 4
+    assert torch.equal(pixels(processor, all_frames), from_array)
+    assert torch.equal(from_array, all_frames[uniform_frame_indices(10, 4)])
+
+
+def test_an_array_or_tensor_alone_stands_for_one_medium(processor):
+    """Like a path or a PIL image alone: `images=array` is `images=[array]` (it was numpy's "truth value of an array
+    is ambiguous")."""
+    image = np.asarray(random_image(0))
+    video = np.stack([image] * 3)
+    values = processor.preprocess_media(image)
+    for alone in (image, video, values):
+        in_list = processor("<image>x", images=[alone])["images"]
+        assert torch.equal(processor("<image>x", images=alone)["images"], in_list)
+        assert torch.equal(processor.encode_prompt("<image>x", alone)[1][0], processor.preprocess_media(alone))
+    with pytest.raises(ValueError, match="not both"):
+        processor(["x", image], images=image)
+    with pytest.raises(ValueError, match="2 prompts but media lists for 1"):
+        processor(["<image>x", "<image>y"], images=video)
+
+
+def test_bad_arrays_are_refused_with_the_shape_given(processor):
+    with pytest.raises(ValueError, match=r"medium 1 of the prompt: .*got shape \(32, 32, 1\) uint8"):
+        processor("<image>a<image>b", images=[random_image(0), np.zeros((32, 32, 1), np.uint8)])
+    with pytest.raises(ValueError, match=r"shape \(0, 32, 32, 3\) has no frames"):
+        pixels(processor, np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="list of PIL frames has no frames"):
+        pixels(processor, [])
+
+
+def test_an_opened_image_is_turned_upright_like_its_file_and_only_once(processor, tmp_path):
+    """A sideways JPEG opened by the caller reads as its path does; an image already turned upright (the server's
+    and the shards' decoders, `upright_rgb`) carries no orientation and is not turned again."""
+    from flamingo.data.sources import decode_image
+
+    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
+    sideways.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue: a rotation moves it
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.jpg"
+    sideways.save(path, exif=exif.tobytes())
+    expected = pixels(processor, str(path))
+    with Image.open(path) as opened:
+        assert torch.equal(pixels(processor, opened), expected)
+        assert torch.equal(pixels(processor, opened.convert("RGB")), expected)  # convert keeps the tag
+        assert processor.load_media([opened, opened])[0].size == (20, 40)  # frames too
+        upright = upright_rgb(opened)
+    assert upright.size == (20, 40)
+    data = path.read_bytes()
+    for once in (upright, decode_image(data, "s.jpg"), server_decode(data, "s.jpg")):
+        assert processor.load_media(once)[0].size == (20, 40)
+        assert torch.equal(pixels(processor, once), expected)

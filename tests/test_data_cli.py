@@ -16,6 +16,7 @@ from flamingo.data.fixtures import (
     make_pair_shards,
     make_pairs,
     make_videos,
+    mmc4_document,
     tiny_processor,
     write_jsonl,
 )
@@ -62,16 +63,24 @@ def test_packed_pairs_and_interleaved_shards_load_back(tmp_path, capsys):
     assert len(keys) == 5 and src.skipped == {"bad_image": 1}
 
     docs = make_interleaved(str(tmp_path / "i"), 4)
+    # a document with one image missing of two: packed with the other (its sentence keeps no image)
+    half = mmc4_document(4, {0: 1, 1: 3}, image_names=["d1_0.png", "gone.png"])
+    with open(docs["path"], "a") as f:
+        f.write(json.dumps(half) + "\n")
     assert main(["data", "pack", "--kind", "interleaved", "--from", docs["path"], "--image-dir", docs["image_dir"],
                  "--out", str(tmp_path / "is" / "docs-%04d.tar"), "--shard-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    # the document whose only image is missing is skipped here; the half one loses one image, counted
+    assert "packed 7 samples" in printed and "'missing_file': 1" in printed
+    assert "dropped 1 missing image(s) of packed documents" in printed
     shards = sorted(os.listdir(tmp_path / "is"))
     assert shards == ["docs-0000.tar", "docs-0001.tar", "docs-0002.tar"]
     src = build_source(DatasetSection("i", "interleaved", str(tmp_path / "is"), 1), processor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(src)
-    assert len(batches) == 4 and all(int(b["num_media"][0]) == 2 for b in batches)
-    assert src.skipped == {"empty_text": 1, "missing_file": 1, "no_matched_image": 1}
+    assert sorted(int(b["num_media"][0]) for b in batches) == [1, 2, 2, 2, 2]
+    assert src.skipped == {"empty_text": 1, "no_matched_image": 1}
 
 
 @pytest.mark.parametrize("pattern", ["shard-%06d.tar", "s-%d.tar", "s-%03d"])

@@ -278,3 +278,22 @@ def test_processes_wanting_one_shard_at_once_download_it_once(tmp_path):
     assert all(child.exitcode == 0 for child in children)
     assert [out.get(timeout=5) for _ in children] == [os.path.getsize(shard)] * 4
     assert log.read_text() == "x\n"
+
+
+def test_data_inspect_fetches_remote_shards_into_the_options_cache(tmp_path, server, monkeypatch, capsys):
+    """`flamingo data inspect --option remote_cache_dir=...` (with and without --kind) fetches there, never into
+    the default cache."""
+    from flamingo.cli import main
+
+    root, url = server
+    make_pair_shards(str(root), 6, 3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "default"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    pattern = url + "/shard-{000000..000001}.tar"
+    for kind in (["--kind", "pairs"], []):
+        cache = tmp_path / f"cache{len(kind)}"
+        assert main(["data", "inspect", pattern, *kind, "--option", f"remote_cache_dir={cache}",
+                     "--option", "remote_cache_gb=1"]) == 0
+        assert '"samples": 6' in capsys.readouterr().out
+        assert sorted(name.split("-", 1)[1] for name in _shards(cache)) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not (tmp_path / "default").exists() and not (tmp_path / "home").exists()

@@ -43,13 +43,13 @@ def load_tokenizing_processor(directory: str) -> "FlamingoProcessor":
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import detect_kind, inspect_dataset, write_report
 
-    kind = args.kind
+    kind, options = args.kind, _parse_options(args.option)
     if kind is None:
-        kind = detect_kind(args.path)  # a ValueError naming the kinds it could not tell apart: exit code 2
+        # a ValueError naming the kinds it could not tell apart: exit code 2
+        kind = detect_kind(args.path, options=options)
         print(f"kind: {kind} (detected from the files; --kind chooses)")
     processor = load_tokenizing_processor(args.tokenizer_from) if args.tokenizer_from else None
-    report = inspect_dataset(args.path, kind, processor, options=_parse_options(args.option), limit=args.limit,
-                             show=args.show)
+    report = inspect_dataset(args.path, kind, processor, options=options, limit=args.limit, show=args.show)
     print(report.table())
     if args.out:
         written = write_report(report, args.out)
@@ -63,7 +63,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
     result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
                   shard_size=args.shard_size)
-    print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}")
+    print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}"
+          + (f"; dropped {result['dropped_images']} missing image(s) of packed documents"
+             if result["dropped_images"] else ""))
     if not result["samples"]:
         print(f"error: no sample could be packed (skipped, by reason: {result['skipped']})", file=sys.stderr)
         return 1

@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw
 
 from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
-from .kinds import KINDS
+from .kinds import KINDS, resolve_options
 from .sequence import example_ids
 from .sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, expand_path, parse_json_record, read_records
-from .spec import DatasetSpec
+from .spec import DatasetSpec, remote_fetcher
 
 DETECT_RECORDS = 50  # records read to tell a dataset's kind
 
@@ -79,13 +79,17 @@ def record_kinds(record: RawRecord) -> set[str]:
     return {kind for kind, exts in (("video", VIDEO_EXTS), ("pairs", IMAGE_EXTS)) if any(e in members for e in exts)}
 
 
-def detect_kind(path: str, records: int = DETECT_RECORDS) -> str:
+def detect_kind(path: str, records: int = DETECT_RECORDS, options: Optional[dict[str, Any]] = None) -> str:
     """The dataset kind of `path`, told from its first `records` raw records (`record_kinds`); a ValueError naming
-    the kinds it could not tell apart (or that it found none) otherwise."""
+    the kinds it could not tell apart (or that it found none) otherwise. `options`: the dataset's, for where remote
+    shards are fetched to (`remote_cache_dir`, `remote_cache_gb`; the others are read once the kind is known)."""
     seen: set[str] = set()
     read = 0
-    for file in expand_path(path):
-        for record in read_records(file):
+    files = expand_path(path)
+    remote = {k: v for k, v in (options or {}).items() if k in ("remote_cache_dir", "remote_cache_gb")}
+    fetcher = remote_fetcher(files, resolve_options("pairs", remote))  # options every kind shares
+    for file in files:
+        for record in read_records(file, fetcher=fetcher):
             seen |= record_kinds(record)
             read += 1
             if read >= records:
@@ -105,13 +109,13 @@ def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[F
                     show: int = 6) -> InspectReport:
     """Read every record (or the first `limit`) in file order; media are decoded to count frames and spot bad ones.
     `kind` None: `detect_kind(path)`."""
-    kind = kind or detect_kind(path)
+    kind = kind or detect_kind(path, options=options)
     spec = DatasetSpec.create("inspect", kind, path, 1, options, processor)
     report = InspectReport(kind, len(spec.files), tokens=0 if processor is not None else None)
     skipped: Counter[str] = Counter()
     o = spec.options
     for file in spec.files:
-        for record in read_records(file, spec.tar_needs):
+        for record in read_records(file, spec.tar_needs, spec.fetcher):
             if limit is not None and report.records >= limit:
                 break
             report.records += 1

@@ -134,22 +134,32 @@ def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[st
     return [(f"{key}.json", json.dumps(row).encode()), *members]
 
 
-def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> list[tuple[str, bytes]]:
+def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> tuple[list[tuple[str, bytes]], int]:
+    """A document's shard members and how many of its images were missing. A missing image is dropped (its entry
+    keeps its place, and its similarity row, but names no image, so the loader never matches it; the loader would
+    skip the whole document for a missing file); a document left with no image is skipped as `missing_file`."""
     if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
         raise SkipSample("bad_record", f"{key}: needs text_list and image_info lists")
     members: list[tuple[str, bytes]] = []
-    doc = dict(doc, image_info=[dict(i) for i in doc["image_info"]])
+    doc = dict(doc, image_info=[dict(i) if isinstance(i, dict) else i for i in doc["image_info"]])
+    missing = []
     for i, info in enumerate(doc["image_info"]):
+        if not isinstance(info, dict):
+            continue  # the loader refuses the document as a bad record
         name = info.get("image_name")
         if info.get("image_base64") or not isinstance(name, str):
             continue
         path = resolve_relative(image_dir, name)
         if not os.path.isfile(path):
-            continue  # a missing image only removes that image (the loader would count the document otherwise)
+            missing.append(name)
+            info["image_name"] = None
+            continue
         member = f"{key}.{i}.{_ext(path)}"
         members.append((member, _read(path)))
         info["image_name"] = member
-    return [(f"{key}.json", json.dumps(doc).encode()), *members]
+    if missing and not members and not any(isinstance(i, dict) and i.get("image_base64") for i in doc["image_info"]):
+        raise SkipSample("missing_file", f"{key}: none of its images exists under {image_dir!r}: {missing[:3]}")
+    return [(f"{key}.json", json.dumps(doc).encode()), *members], len(missing)
 
 
 def _folder_pairs(directory: str) -> Iterator[tuple[str, str, str]]:
@@ -163,14 +173,15 @@ def _folder_pairs(directory: str) -> Iterator[tuple[str, str, str]]:
 
 def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images: Optional[str] = None,
          image_dir: Optional[str] = None, shard_size: int = 1000) -> dict[str, Any]:
-    """Write shards; returns {"shards": [...], "path": brace pattern, "samples": n, "skipped": {reason: n}}."""
+    """Write shards; returns {"shards": [...], "path": brace pattern, "samples": n, "skipped": {reason: n},
+    "dropped_images": missing images left out of packed documents}."""
     if (source is None) == (images is None):
         raise ValueError("give exactly one of --from FILE (.jsonl/.csv/.json) or --images DIR")
     if images is not None and kind != "pairs":
         raise ValueError("--images DIR (images with .txt captions) packs image-text pairs only (--kind pairs)")
     writer = ShardWriter(out, shard_size)
     skipped: Counter[str] = Counter()
-    n = 0
+    n = dropped = 0  # dropped: missing images of packed documents
     try:
         if images is not None:
             for _, path, caption_path in _folder_pairs(images):
@@ -189,7 +200,8 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
                 try:
                     row = parse_json_record(record.payload, record.key)
                     if kind == "interleaved":
-                        members = _document_members(row, image_dir or record.base_dir, key)
+                        members, missing = _document_members(row, image_dir or record.base_dir, key)
+                        dropped += missing
                     elif kind == "chat":
                         members = _chat_members(row, record.base_dir, key)
                     else:
@@ -201,4 +213,5 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
                 n += 1
     finally:
         writer.close()
-    return {"shards": writer.paths, "path": writer.brace_pattern(), "samples": n, "skipped": merge_counts([skipped])}
+    return {"shards": writer.paths, "path": writer.brace_pattern(), "samples": n, "skipped": merge_counts([skipped]),
+            "dropped_images": dropped}

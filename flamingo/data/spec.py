@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..chat import FLAMINGO, ChatFormat, chat_format_for
 from ..processing import FlamingoProcessor
@@ -41,10 +41,7 @@ class DatasetSpec:
             resolved["max_frames"] = processor.max_frames if processor is not None else 8
         cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
         files = expand_path(path)
-        fetcher = None
-        if any(is_remote(f) for f in files):
-            fetcher = ShardFetcher(resolved["remote_cache_dir"] or default_cache_dir(),
-                                   int(float(resolved["remote_cache_gb"]) * 2**30))
+        fetcher = remote_fetcher(files, resolved)
         chat = chat_format_for(processor) if processor is not None else FLAMINGO
         return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher, chat)
 
@@ -76,3 +73,12 @@ class DatasetSpec:
         return encode_example(self.example(record), self.processor, max_tokens=int(o["max_tokens"]),
                               fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8),
                               cache=self.media_cache, text_only=bool(o.get("text_only", False)))
+
+
+def remote_fetcher(files: Sequence[str], options: dict[str, Any]) -> Optional[ShardFetcher]:
+    """The cache that the remote ones of `files` are fetched to, as resolved `options` name it
+    (`remote_cache_dir`, `remote_cache_gb`); None when no file is remote."""
+    if not any(is_remote(f) for f in files):
+        return None
+    return ShardFetcher(options["remote_cache_dir"] or default_cache_dir(),
+                        int(float(options["remote_cache_gb"]) * 2**30))

@@ -68,6 +68,8 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
+    if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
+        model.to(torch_dtype)
     return model, processor
 
 

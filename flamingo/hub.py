@@ -59,7 +59,8 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
             raise ValueError(f"{directory!r} holds no {name}: not a directory written by save_pretrained")
     config = FlamingoConfig.load(directory)
     for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
-        if not os.path.isdir(os.path.join(directory, part)) and not is_hub_name(str(ref)):
+        # a local path nobody else has, even one that reads as `org/name` (a relative path, resolved here)
+        if not os.path.isdir(os.path.join(directory, part)) and (not is_hub_name(str(ref)) or os.path.exists(str(ref))):
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")

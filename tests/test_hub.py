@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,22 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
         push_to_hub(str(tmp_path / "m"), "someone/m", trained_only=True)
     with pytest.raises(FileNotFoundError, match="directory not found"):
         load_pretrained("../no/such/model")
+
+
+def test_a_push_refuses_a_backbone_that_is_a_local_path_shaped_like_a_hub_name(tmp_path, hub, monkeypatch):
+    """`of/lm`, a relative path, reads as the Hub name `of/lm`: pushed, nobody else could load the LM."""
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    model.lm.save_pretrained(tmp_path / "of" / "lm")
+    config = json.loads((tmp_path / "m" / "flamingo_config.json").read_text())
+    (tmp_path / "m" / "flamingo_config.json").write_text(json.dumps({**config, "lm_name_or_path": "of/lm",
+                                                                      "vision_name_or_path": "someone/clip"}))
+    for part in ("vision", "lm"):  # trained-only: the backbones by reference
+        shutil.rmtree(tmp_path / "m" / part)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="lm backbone is the local path 'of/lm', which nobody else can load"):
+        push_directory(str(tmp_path / "m"), "someone/m")
+    assert hub.commits == []
 
 
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])

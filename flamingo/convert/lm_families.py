@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..model.backbones import name_or_path_of
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
 from ..runtime.hub import metadata_dir
@@ -68,21 +69,24 @@ def check_mpt(remote: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None
 
 def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Optional[torch.dtype] = None
                          ) -> PreTrainedModel:
-    """An OpenFlamingo LM (hub name or directory) on a class transformers ships. Returns it in eval mode, with
+    """An OpenFlamingo LM (hub name or directory) on a class transformers ships, in `torch_dtype` (float32 unless
+    given, whatever dtype its config names: the converted blocks are float32). Returns it in eval mode, with
     `name_or_path` set when `AutoModelForCausalLM.from_pretrained` can load the same model back (so trained-only
-    checkpoints can refer to it), empty when the load needed renamed keys."""
+    checkpoints can refer to it; a local directory by its absolute path), empty when the load needed renamed keys."""
     directory = checkpoint_dir(str(source), "LM")
     remote = _config_json(directory)
     model_type = remote.get("model_type")
-    kwargs = dtype_kwargs(torch_dtype)
+    dtype = torch_dtype or torch.float32
+    kwargs = dtype_kwargs(dtype)
+    name = name_or_path_of(source) or ""
     if model_type == "mosaic_gpt":
-        return load_mosaic_gpt(directory, str(source), **kwargs)
+        return load_mosaic_gpt(directory, name, **kwargs)
     if model_type != "mpt":
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        model.name_or_path = str(source)
+        model.name_or_path = name
         return model.eval()
-    model = mpt_from_state(remote, open_tensors(directory).cast(torch_dtype), **kwargs)
-    model.name_or_path = str(source)
+    model = mpt_from_state(remote, open_tensors(directory).cast(dtype), **kwargs)
+    model.name_or_path = name
     return model
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from ..runtime.compat import dtype_kwargs
+from ..runtime.hub import local_or_hub
 from .mosaic_gpt import register as register_mosaic_gpt
 
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
@@ -47,13 +49,25 @@ def hidden_size_of(config: Any) -> int:
     raise ValueError(f"cannot tell the hidden size of {type(config).__name__}")
 
 
+def with_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` kwargs with an explicit dtype: float32 unless they name one. transformers 5 would otherwise
+    load in the dtype the backbone's config names (most Hub LMs say bf16 or fp16) and transformers 4 in float32;
+    our resampler and blocks are built in float32, and one model runs in one dtype."""
+    given = {k: v for k, v in kwargs.items() if not (k in ("dtype", "torch_dtype") and v is None)}
+    if "dtype" in given or "torch_dtype" in given:
+        return given
+    return {**given, **dtype_kwargs(torch.float32)}
+
+
 def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> nn.Module:
-    """An HF vision tower from a model or a name/path. Dual encoders (CLIPModel, SiglipModel) give their vision half,
-    loaded as the standalone vision model class of their `vision_config`."""
+    """An HF vision tower from a model or a name/path (a local directory, else a Hub name; kwargs: `from_pretrained`'s,
+    its dtype float32 unless given). Dual encoders (CLIPModel, SiglipModel) give their vision half, loaded as the
+    standalone vision model class of their `vision_config`."""
     if isinstance(vision, nn.Module):
         model = vision
     else:
-        model = AutoModel.from_pretrained(vision, **kwargs)
+        local_or_hub(vision, "vision tower")
+        model = AutoModel.from_pretrained(vision, **with_dtype(kwargs))
     config = getattr(model, "config", None)
     if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
         half = model.vision_model
@@ -70,19 +84,26 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
 
 
 def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrainedModel:
-    """An HF causal LM from a model or a name/path; the LM classes transformers lacks (MosaicGPT) included."""
+    """An HF causal LM from a model or a name/path (a local directory, else a Hub name; kwargs: `from_pretrained`'s,
+    its dtype float32 unless given); the LM classes transformers lacks (MosaicGPT) included."""
     if isinstance(lm, nn.Module):
         return lm
+    local_or_hub(lm, "LM")
     register_mosaic_gpt()
-    return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(lm, **with_dtype(kwargs))
 
 
 def name_or_path_of(model: Union[str, os.PathLike, nn.Module]) -> Optional[str]:
-    """What `from_pretrained` needs to load this backbone again, or None for an in-memory model without one."""
+    """What `from_pretrained` needs to load this backbone again, or None for an in-memory model without one. A path
+    that exists is made absolute: stored relative, it would later be read from another working directory, or as a
+    Hub name (`org/name`)."""
     if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    return name or None
+        name = os.fspath(model)
+    else:
+        name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not name:
+        return None
+    return os.path.abspath(name) if os.path.exists(name) else str(name)
 
 
 def num_cls_tokens(vision: nn.Module, seq_len: int) -> int:

@@ -21,7 +21,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
-from ..runtime.hub import local_dir
+from ..runtime.hub import local_dir, local_or_hub
 from ..runtime.meta import meta_parameters
 from . import generation, lora, quantize
 from .backbones import (
@@ -713,34 +713,97 @@ class Flamingo(nn.Module):
                         revision: Optional[str] = None) -> "Flamingo":
         """Load what `save_pretrained` wrote (either mode): a directory, or a Hub repository holding one (`org/name`,
         at `revision`), downloaded once. No pickle: safetensors + HF directories. The frozen backbones are quantized
-        on `device` to `quantize_frozen` (default: the saved config's mode)."""
+        on `device` to `quantize_frozen` (default: the saved config's mode).
+
+        torch_dtype: the whole model's, backbones included (whatever dtype their own configs name). None: the model
+        as it was saved, the floating dtype of `flamingo.safetensors` when it holds one (a model saved in bf16 loads
+        in bf16), else float32 (trained parts kept in float32 beside half-precision backbone tensors)."""
         directory = local_dir(name_or_path, "Flamingo model", revision=revision)
         config = FlamingoConfig.load(directory)
         if quantize_frozen is not None:
             config = dataclasses.replace(config, quantize_frozen=quantize_frozen)  # validated like a saved one
-        sources = {}
-        for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
-            local = os.path.join(directory, part)
-            sources[part] = local if os.path.isdir(local) else ref
-            if sources[part] is None:
-                raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
-        kwargs = dtype_kwargs(torch_dtype)
-        model = cls(load_vision_tower(sources["vision"], **kwargs), load_lm(sources["lm"], **kwargs), config)
         path = os.path.join(directory, WEIGHTS_NAME)
         try:
             state = load_file(path)
         except SafetensorError as e:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged): {e}") from e
+        torch_dtype = torch_dtype or saved_dtype(state)
+        vision = _load_backbone(directory, config, "vision", torch_dtype)
+        lm = _load_backbone(directory, config, "lm", torch_dtype)
+        model = cls(vision, lm, config)
         own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES) or lora.is_adapter_key(k)}
         missing = own - set(state)
         if missing:
             raise ValueError(f"checkpoint {directory!r} lacks weights: {sorted(missing)[:5]}")
+        listed = set(config.extra_saved_weights) - set(state)
+        if listed:  # the backbone tensors the model changed (a fine-tuned table, merged LoRA): the base's are wrong
+            raise ValueError(f"{path!r} lacks {sorted(listed)[:5]}, which {CONFIG_NAME} lists in extra_saved_weights "
+                             "(backbone weights the model changed): the file is incomplete, or the config was edited")
+        check_state_shapes(model, state, f"checkpoint {directory!r}",
+                           f"it was saved with other backbones or another config; check {CONFIG_NAME} and the "
+                           f"backbones (vision {config.vision_name_or_path!r}, lm {config.lm_name_or_path!r}, or "
+                           "the vision/ and lm/ directories beside it)")
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"checkpoint {directory!r} has unknown weights: {result.unexpected_keys[:5]}")
-        if torch_dtype is not None:
-            model.to(torch_dtype)
+        model.to(torch_dtype)
         if device is not None:
             model.to(device)
         quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
         return model.eval()
+
+
+def saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a saved model loads in by default: its tensors' floating dtype when they have one, else float32."""
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    return floats.pop() if len(floats) == 1 else torch.float32
+
+
+def _load_backbone(directory: str, config: FlamingoConfig, part: str, dtype: torch.dtype) -> nn.Module:
+    """The `part` ("vision" or "lm") of the saved model in `directory`, in `dtype`: its own `part/` directory, else
+    the backbone its config names (a local directory, or a Hub name). A reference that is neither, or a backbone
+    that cannot be read, is a clear error naming the config key or the directory."""
+    key = f"{part}_name_or_path"
+    ref = getattr(config, key)
+    local = os.path.join(directory, part)
+    if os.path.isdir(local):
+        source, where = local, repr(local)
+    elif ref is None:
+        raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
+    else:
+        source, where = ref, f"{ref!r} ({key} in {os.path.join(directory, CONFIG_NAME)})"
+        try:
+            local_or_hub(ref, part)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{directory!r} is a trained-only checkpoint whose {key} {ref!r} is neither a "
+                                    f"directory nor a Hub name: moved or deleted? Point {key} in {CONFIG_NAME} at "
+                                    "the backbone") from e
+    load, what = (load_vision_tower, "vision tower") if part == "vision" else (load_lm, "LM")
+    try:
+        return load(source, **dtype_kwargs(dtype))
+    except (OSError, SafetensorError) as e:  # a missing or damaged weights file, a Hub name that cannot be read
+        raise ValueError(f"cannot load the {what} of {directory!r} from {where}: "
+                         f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+
+
+def check_state_shapes(model: Union[nn.Module, Mapping[str, Any]], state: Mapping[str, Any], what: str,
+                       hint: str = "is it the backbone and config the checkpoint was trained with?") -> None:
+    """Refuse `state` where a tensor's shape differs from its namesake's in `model`, before `load_state_dict` fails
+    with torch's `size mismatch`: a ValueError naming `what`, the first differing tensors with both shapes, and `hint`.
+
+    model: a module (its state dict, meta parameters included) or tensors/shapes by name. state: tensors, or their
+    shapes, by name (pass shapes for a checkpoint read lazily). Names only one side has are left to the caller."""
+    ours = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
+    bad = []
+    for name in state:
+        if name in ours:
+            theirs, mine = _shape(state[name]), _shape(ours[name])
+            if theirs != mine:
+                bad.append(f"{name} is {theirs} there, {mine} in the model")
+    if bad:
+        raise ValueError(f"{what} does not fit the model: {len(bad)} tensor(s) differ in shape ("
+                         f"{'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}): {hint}")
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)

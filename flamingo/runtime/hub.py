@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 # what a repository name may look like on the Hub: `org/name`, letters, digits, `-`, `_`, `.`
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -20,6 +20,18 @@ def is_hub_name(source: str) -> bool:
     """Whether `source` reads as a Hub repository name (`org/name`), not a path: it does not start with `/`, `.` or
     `~`, has exactly one `/` and no `..`."""
     return bool(_REPO_ID.match(source)) and ".." not in source
+
+
+def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
+    """"local" when `source` is a directory, "hub" when it is a Hub repository name and no local path; anything else
+    (a path that does not exist, a file) is a FileNotFoundError naming `what`. A local path wins over the Hub name
+    it may also read as (`org/name` relative to the working directory)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return "local"
+    if is_hub_name(source) and not os.path.exists(source):
+        return "hub"
+    raise FileNotFoundError(f"{what} directory not found: {source}")
 
 
 # a Hub dataset, or a folder of it: hf://datasets/ORG/NAME[@REVISION][/PATH]
@@ -47,10 +59,8 @@ def local_dir(source: str, what: str, *, revision: Optional[str] = None,
     `what` when it is neither (a path that does not exist, a repository that cannot be found or reached, a name
     absent from the cache when offline)."""
     source = os.fspath(source)
-    if os.path.isdir(source):
+    if local_or_hub(source, what) == "local":
         return source
-    if not is_hub_name(source):
-        raise FileNotFoundError(f"{what} directory not found: {source}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 

@@ -101,7 +101,8 @@ def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device
         directory = local_dir(m.init_from, "Flamingo model")
         mode = FlamingoConfig.load(directory).quantize_frozen
-        model, processor = load_pretrained(directory, quantize_frozen="none")
+        # float32 master weights whatever the file's dtype (train.precision casts the frozen parts after)
+        model, processor = load_pretrained(directory, quantize_frozen="none", torch_dtype=torch.float32)
         model.config.quantize_frozen = mode
         _starting_options(model, m.flamingo)
         return model, processor

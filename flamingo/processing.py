@@ -28,7 +28,8 @@ from .runtime.hub import metadata_dir
 from .video import decode_video, uniform_frame_indices
 
 TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
+# Files read as videos (by PyAV) wherever a path comes in; a GIF is one (animated: its frames at 1 FPS).
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv", ".gif")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
 

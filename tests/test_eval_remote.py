@@ -8,6 +8,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from flamingo import load_pretrained
 from flamingo.eval import evaluate
@@ -167,3 +168,22 @@ def test_a_busy_server_is_waited_for_and_long_candidate_lists_are_split(tmp_path
             assert refused > 0  # the queue was full at least once, and the client waited
     for busy, roomy in zip(scores[3], scores[64], strict=True):
         assert busy == pytest.approx(roomy, abs=5e-3)
+
+
+def test_a_gif_reaches_the_server_as_the_video_it_is_in_process(tmp_path):
+    """A `.gif` query image is a video to the processor (its frames at 1 FPS); sent to a server it goes as
+    `video/gif`, which the server decodes to the same frames (as `image/gif` it took only the first)."""
+    from PIL import Image
+
+    from flamingo.serve.media import MediaPolicy, load_medium
+    from flamingo.tiny import random_image, tiny_flamingo
+
+    frames = [random_image(i) for i in range(3)]
+    path = tmp_path / "clip.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000, loop=0)
+    _, processor = tiny_flamingo()
+    url = RemoteModel("http://127.0.0.1:9")._data_url(str(path))
+    assert url.startswith("data:video/gif;base64,")
+    served = load_medium(url, MediaPolicy(root=None), fps=processor.video_fps, max_frames=processor.max_frames)
+    assert isinstance(served, list) and len(served) == 3 and all(isinstance(f, Image.Image) for f in served)
+    assert torch.equal(processor.preprocess_media(served), processor.preprocess_media(str(path)))

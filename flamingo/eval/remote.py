@@ -109,8 +109,10 @@ class RemoteModel:
     def _data_url(self, path: str) -> str:
         url = self._urls.get(path)
         if url is None:
-            kind = mimetypes.guess_type(path)[0] or ("video/mp4" if path.lower().endswith(VIDEO_EXTENSIONS)
-                                                     else "image/png")
+            kind = mimetypes.guess_type(path)[0]
+            if path.lower().endswith(VIDEO_EXTENSIONS):  # a video to the server as in-process (a .gif too)
+                kind = "video/" + (kind or "video/mp4").split("/", 1)[1]
+            kind = kind or "image/png"
             with open(path, "rb") as f:
                 url = f"data:{kind};base64," + base64.b64encode(f.read()).decode()
             self._urls.put(path, url)

@@ -56,9 +56,33 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0 if same_before and changed_after else 1
 
 
+def _check_convert_out(args: argparse.Namespace, *sources: Optional[str]) -> None:
+    """Before a conversion runs: `--out` (and `--backbones`) can be written (new, empty, or an earlier write of the
+    same kind: `save_pretrained` and `write_backbones` replace them whole), apart from each other and around no
+    local source."""
+    from .config import CONFIG_NAME
+    from .convert.checkpoints import check_backbones_dir
+    from .runtime.checkpoint_io import check_apart, check_replaceable
+
+    check_replaceable(args.out, CONFIG_NAME, "a saved Flamingo model")
+    backbones = getattr(args, "backbones", None)
+    if backbones:
+        check_backbones_dir(backbones)
+        out, written = os.path.realpath(args.out), os.path.realpath(backbones)
+        if os.path.commonpath([out, written]) in (out, written):  # either write would replace the other
+            raise ValueError(f"--backbones {backbones!r} and --out {args.out!r} overlap: give them separate "
+                             "directories")
+    for source in sources:
+        if source is not None:
+            check_apart(args.out, str(source), "--out", inside=False)
+            if backbones:
+                check_apart(backbones, str(source), "--backbones", inside=False)
+
+
 def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     from .convert import PUBLISHED_V1, convert_openflamingo, published_openflamingo
 
+    _check_convert_out(args, args.checkpoint, args.vision, args.lm, args.tokenizer)
     if (args.model is None) == (args.checkpoint is None):
         raise ValueError("pass --model NAME (a published OpenFlamingo) or --checkpoint FILE with --vision and --lm")
     if args.model in PUBLISHED_V1 and args.lm is None:
@@ -82,6 +106,7 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
 def _cmd_convert_mmgpt(args: argparse.Namespace) -> int:
     from .convert.mmgpt import CLIP_VIT_L, MMGPT_LORA_URL, convert_mmgpt, published_base
 
+    _check_convert_out(args, args.finetune, args.base, args.lm, args.vision, args.tokenizer)
     model, processor = convert_mmgpt(args.finetune or MMGPT_LORA_URL, published_base(args.base), args.lm,
                                      args.tokenizer, vision=args.vision or CLIP_VIT_L, merge_lm_lora=args.merge_lora)
     if args.dtype:
@@ -98,6 +123,7 @@ def _cmd_convert_whole(args: argparse.Namespace) -> int:
 
     if args.trained_only and not args.backbones:
         raise ValueError("--trained-only needs --backbones DIR (where the vision tower and LM are written once)")
+    _check_convert_out(args, args.model, args.tokenizer, getattr(args, "adapter", None))
     dtype = torch_dtype(args.dtype) if args.dtype else None  # read in it: no second copy in another dtype
     if args.source == "idefics":
         model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter, torch_dtype=dtype)
@@ -122,8 +148,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
     from .build import load_pretrained
-    from .convert.to_openflamingo import save_openflamingo_checkpoint
+    from .convert.to_openflamingo import check_openflamingo_out, save_openflamingo_checkpoint
+    from .runtime.checkpoint_io import check_apart
 
+    check_openflamingo_out(args.out)  # before the model loads
+    check_apart(args.out, args.model, "--out")
     model, _ = load_pretrained(args.model, quantize_frozen="none")  # the trained parts, never the frozen weights
     recipe = save_openflamingo_checkpoint(model, args.out)
     print(f"wrote {args.out} and {args.out}.json (how OpenFlamingo loads it):")
@@ -133,8 +162,11 @@ def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
 
 def _cmd_export_idefics(args: argparse.Namespace) -> int:
     from .build import load_pretrained
-    from .convert.to_idefics import save_idefics
+    from .convert.to_idefics import check_idefics_out, save_idefics
+    from .runtime.checkpoint_io import check_apart
 
+    check_idefics_out(args.out)  # before the model loads
+    check_apart(args.out, args.model, "--out")
     model, processor = load_pretrained(args.model, quantize_frozen="none")  # written whole: float weights
     if model.config.lm_lora is not None:  # the LM is written whole: its adapters merged into it
         model.merge_lora()
@@ -160,8 +192,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature <= 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or \
             (args.top_k is not None and args.top_k < 1):
         raise ValueError("sampling needs --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
-    dtype = torch_dtype(args.dtype)
-    model, processor = load_model(args.model, torch_dtype=None if args.dtype == "fp32" else dtype,
+    model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
     prompt = args.prompt
     if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
@@ -178,7 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: nothing to continue")
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
     if "images" in inputs:
-        inputs["images"] = inputs["images"].to(dtype)
+        inputs["images"] = inputs["images"].to(next(model.vision.parameters()).dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # the sampled tokens repeat with the seed
     # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end
@@ -203,7 +234,7 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = build_engine(args.model, dtype=None if args.dtype == "fp32" else torch_dtype(args.dtype),
+    engine = build_engine(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None,
                           device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, quantize_frozen=args.quantize_frozen,
                           prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib,
@@ -285,7 +316,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-cache-mib", type=float, default=256,
                    help="memory for the vision tower's features of frames seen before (an image shared by a "
                         "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                   help="the model's dtype (default: the one it was saved in; a converted model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true",
                    help="decode steps under torch.compile, CUDA graphs on a GPU (attended positions padded to "
@@ -337,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
-    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                     help="the model's dtype (default: the one it was saved in; a converted model's)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                      help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")

@@ -186,3 +186,31 @@ def test_export_command_writes_float_weights_of_quantized_and_lora_models(tmp_pa
         assert main(["export", "idefics", "--model", str(tmp_path / "lora"), "--out", str(tmp_path / "b")]) == 0
         assert _max_diff(adapted, _load(tmp_path / "b"), _inputs(processor), tok) <= 1e-5
         assert _max_diff(ours, _load(tmp_path / "b"), _inputs(processor), tok) > 1e-3
+
+
+def test_export_replaces_only_an_earlier_idefics_export(tmp_path, capsys):
+    """Every transformers directory holds a config.json: `--out` over one that is not IDEFICS's (another model, the
+    source model's own LM) is refused before the model loads, its files kept; an earlier export is replaced."""
+    import os
+    import shutil
+
+    from flamingo.build import load_pretrained
+
+    _, tok, ours, processor = _fine_tuned("float", False)
+    ours.save_pretrained(str(tmp_path / "ours"), processor=processor)
+    other = tmp_path / "llama"  # an unrelated model directory, with the user's notes
+    shutil.copytree(tmp_path / "ours" / "lm", other)
+    (other / "notes.txt").write_text("keep me")
+    before = sorted(os.listdir(other))
+    command = ["export", "idefics", "--model", str(tmp_path / "ours"), "--out"]
+    assert main([*command, str(other)]) == 2
+    assert "is not an IDEFICS model directory" in capsys.readouterr().err
+    assert sorted(os.listdir(other)) == before
+    assert main([*command, str(tmp_path / "ours" / "lm")]) == 2  # the source's own LM
+    assert main([*command, str(tmp_path / "ours" / "idefics")]) == 2  # inside the source
+    assert "which it is made from" in capsys.readouterr().err
+    load_pretrained(str(tmp_path / "ours"))  # the source is intact
+
+    for _ in range(2):  # new, then over the earlier export
+        assert main([*command, str(tmp_path / "idefics")]) == 0
+    assert _max_diff(ours, _load(tmp_path / "idefics"), _inputs(processor), tok) <= 1e-5

@@ -96,3 +96,47 @@ def test_what_openflamingo_cannot_compute_is_refused(tmp_path, capsys):
 
     exportable, _ = _ours("llama")
     assert incompatibilities(exportable) == []
+
+
+def test_export_overwrites_only_an_earlier_export(tmp_path, capsys, monkeypatch):
+    """`--out` is a file: a directory, an existing file that is no earlier export (the source's own weights, a
+    user's file) and a path inside the source are refused before the model loads; a missing parent is created; an
+    earlier export is replaced, its recipe with it, and a failed export leaves the earlier pair as it was."""
+    from flamingo.build import load_pretrained
+    from flamingo.convert import to_openflamingo
+
+    model, processor = _ours("llama")
+    model.save_pretrained(str(tmp_path / "ours"), processor=processor)
+    command = ["export", "open-flamingo", "--model", str(tmp_path / "ours"), "--out"]
+    assert main([*command, str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert main([*command, str(notes)]) == 2
+    assert "is not an earlier OpenFlamingo export" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not an earlier OpenFlamingo export"):
+        to_openflamingo.save_openflamingo_checkpoint(model, str(notes))
+    assert notes.read_text() == "keep me" and not (tmp_path / "notes.txt.json").exists()
+    weights = tmp_path / "ours" / "flamingo.safetensors"
+    saved = weights.read_bytes()
+    assert main([*command, str(weights)]) == 2
+    assert main([*command, str(tmp_path / "ours" / "checkpoint.pt")]) == 2
+    assert weights.read_bytes() == saved and not (tmp_path / "ours" / "checkpoint.pt").exists()
+    load_pretrained(str(tmp_path / "ours"))
+
+    out = tmp_path / "new" / "checkpoint.pt"  # its parent is created
+    assert main([*command, str(out)]) == 0
+    assert main([*command, str(out)]) == 0  # over the earlier export
+    first = out.read_bytes(), (tmp_path / "new" / "checkpoint.pt.json").read_bytes()
+
+    with torch.no_grad():
+        model.resampler.latents.add_(1.0)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(to_openflamingo.json, "dump", fail)  # the recipe cannot be written
+    with pytest.raises(OSError, match="disk full"):
+        to_openflamingo.save_openflamingo_checkpoint(model, str(out))
+    assert (out.read_bytes(), (tmp_path / "new" / "checkpoint.pt.json").read_bytes()) == first
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["checkpoint.pt", "checkpoint.pt.json"]

@@ -99,6 +99,23 @@ def test_openflamingo_on_a_bf16_lm_converts_in_float32_and_dtype_bf16_loads_in_b
     loaded, loaded_processor = load_pretrained(str(out))
     assert _dtypes(loaded) == {torch.bfloat16}
     _runs(loaded, loaded_processor)
+    # the commands load it as saved, or in the --dtype asked for (fp32 too: not taken for the default)
+    image = tmp_path / "query.png"
+    random_image(0).save(image)
+    import flamingo.convert.auto as auto
+
+    seen = []
+
+    def load_model(*a, **kw):
+        seen.append(kw["torch_dtype"])
+        return load_pretrained(str(out), torch_dtype=kw["torch_dtype"])
+
+    for dtype in ([], ["--dtype", "fp32"]):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(auto, "load_model", load_model)
+            assert main(["generate", "--model", str(out), "--prompt", PROMPT, "--image", str(image),
+                         "--max-new-tokens", "2", *dtype]) == 0
+    assert seen == [None, torch.float32]
 
 
 def test_relative_backbone_paths_are_stored_absolute(bf16_backbones, tmp_path, monkeypatch):

@@ -111,7 +111,8 @@ class LoraAdapter:
                 tensor = merge_pair(tensor, *self.lora[name], name, self.fan_in_fan_out)
             return tensor.to(dtype=dtype or tensor.dtype)
 
-        return CheckpointTensors({name: tensors.dtype_of(name) for name in tensors}, read, tensors.dtype)
+        return CheckpointTensors({name: tensors.dtype_of(name) for name in tensors}, read, tensors.dtype,
+                                 tensors.where)
 
     def check_used(self) -> None:
         """Raise when a tensor of the adapter named no tensor the conversion read (a module the base lacks)."""
@@ -123,8 +124,8 @@ class LoraAdapter:
 
 def read_lora_adapter(directory: str) -> LoraAdapter:
     """The LoRA adapter in `directory` (its config read and checked, its tensors loaded: they are small)."""
-    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-        config = json.load(f)
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory!r} holds a {config.get('peft_type')} adapter; only LoRA adapters merge")
     for option, harmless in _REFUSED:
@@ -133,6 +134,11 @@ def read_lora_adapter(directory: str) -> LoraAdapter:
                              "reproduce: merge it with PEFT's merge_and_unload and convert the merged model")
     if config.get("bias", "none") != "none":
         raise ValueError(f"the adapter trains biases (bias={config['bias']!r}): merge it with PEFT first")
+    for key in ("r", "lora_alpha"):  # the scale lora_alpha / r: no default would be the adapter's
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (key == "r" and value <= 0):
+            raise ValueError(f"{path!r} gives no {'positive ' if key == 'r' else ''}{key!r} (it has {value!r}): the "
+                             "LoRA scale lora_alpha / r is unknown")
     tensors = _adapter_tensors(directory)
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     pairs, others = split_lora_keys(tensors, lambda key: key.removeprefix(_PREFIX))
@@ -152,14 +158,30 @@ def read_lora_adapter(directory: str) -> LoraAdapter:
                        bool(config.get("fan_in_fan_out")))
 
 
+def read_adapter_config(path: str) -> dict[str, Any]:
+    """A PEFT `adapter_config.json`: a JSON object, or a ValueError naming the file."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON (truncated?): {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} holds {type(config).__name__}, not an adapter config object")
+    return config
+
+
 def _adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     """`adapter_model.safetensors`, else `adapter_model.bin` read weights-only: those files alone (a training
     checkpoint's directory also holds its optimizer state and pickled arguments)."""
     path = os.path.join(directory, ADAPTER_WEIGHTS[0])
     if os.path.isfile(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged?): {e}") from e
     path = os.path.join(directory, ADAPTER_WEIGHTS[1])
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} holds no {' or '.join(ADAPTER_WEIGHTS)}")
@@ -191,4 +213,5 @@ def merge_saved_peft(tensors: CheckpointTensors, alpha: float) -> CheckpointTens
             tensor = merge_pair(tensor, *lora[name], name)
         return tensor.to(dtype=dtype or tensor.dtype)
 
-    return CheckpointTensors({name: tensors.dtype_of(key) for name, key in rename.items()}, read)
+    return CheckpointTensors({name: tensors.dtype_of(key) for name, key in rename.items()}, read,
+                             where=tensors.where)

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..model.flamingo import Flamingo
+from ..model.flamingo import Flamingo, check_state_shapes
 from ..processing import FlamingoProcessor
+from ..runtime.checkpoint_io import atomic_directory, check_replaceable
 from ..runtime.hub import METADATA, local_dir
 
 Reader = Callable[[str, Optional[torch.dtype]], torch.Tensor]  # (name, dtype to cast to or None) -> the tensor
@@ -47,18 +48,32 @@ def refuse_quantized(config: dict, source: str) -> None:
                          "converted model with --quantize-frozen instead)")
 
 
+class MissingTensor(KeyError, ValueError):
+    """A tensor a conversion needs is not in the checkpoint: a KeyError to `Mapping` code (`get`), a ValueError with a
+    readable message to callers (the CLI reports those)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class CheckpointTensors(Mapping[str, torch.Tensor]):
     """A checkpoint's tensors by name, each read when it is asked for, in `dtype` when set (floating tensors only).
     From safetensors every `tensors[name]` is a new tensor of its own, so that a dict renaming them holds the only
     copy and a tensor the conversion drops or concatenates is freed at once; from `.bin` files (read whole) it is the
-    loaded tensor. `in`, `len`, iteration and `dtype_of` read no data; `.items()` and `.values()` read every tensor."""
+    loaded tensor. `in`, `len`, iteration and `dtype_of` read no data; `.items()` and `.values()` read every tensor.
+    `where` names the checkpoint in errors: a tensor it lacks raises `MissingTensor`."""
 
-    def __init__(self, dtypes: dict[str, torch.dtype], read: Reader, dtype: Optional[torch.dtype] = None) -> None:
-        self._dtypes, self._read, self.dtype = dtypes, read, dtype
+    def __init__(self, dtypes: dict[str, torch.dtype], read: Reader, dtype: Optional[torch.dtype] = None,
+                 where: str = "the checkpoint") -> None:
+        self._dtypes, self._read, self.dtype, self.where = dtypes, read, dtype, where
+
+    def _check(self, name: str) -> None:
+        if name not in self._dtypes:
+            raise MissingTensor(f"{self.where} has no tensor {name!r}: is it complete, and does its config describe "
+                                "its tensors?")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._dtypes:
-            raise KeyError(name)
+        self._check(name)
         cast = self.dtype if self.dtype is not None and self._dtypes[name].is_floating_point else None
         return self._read(name, cast)
 
@@ -73,14 +88,16 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The stored dtype of tensor `name`, without reading it."""
+        self._check(name)
         return self._dtypes[name]
 
     def cast(self, dtype: Optional[torch.dtype]) -> "CheckpointTensors":
         """The same tensors, floating ones read in `dtype` (None: as stored)."""
-        return CheckpointTensors(self._dtypes, self._read, dtype)
+        return CheckpointTensors(self._dtypes, self._read, dtype, self.where)
 
     @classmethod
-    def of_dict(cls, state: Mapping[str, torch.Tensor], *, copy: bool) -> "CheckpointTensors":
+    def of_dict(cls, state: Mapping[str, torch.Tensor], *, copy: bool, where: str = "the checkpoint"
+                ) -> "CheckpointTensors":
         """Tensors already in memory; `copy` gives each reader its own (a converted model then shares nothing with an
         in-memory source model), else the reader gets the tensor itself (cast when asked)."""
 
@@ -88,32 +105,35 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
             tensor = state[name].detach()
             return tensor.to(dtype=dtype or tensor.dtype, copy=copy)
 
-        return cls({k: v.dtype for k, v in state.items()}, read)
+        return cls({k: v.dtype for k, v in state.items()}, read, where=where)
 
 
-def _safetensors(files: list[str]) -> CheckpointTensors:
-    from safetensors import safe_open
+def _safetensors(files: list[str], where: str) -> CheckpointTensors:
+    from safetensors import SafetensorError, safe_open
 
-    where: dict[str, str] = {}
+    located: dict[str, str] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                where[name] = path
-                dtypes[name] = f.get_tensor(name).dtype  # a view of the file's mapping: no data is read
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    located[name] = path
+                    dtypes[name] = f.get_tensor(name).dtype  # a view of the file's mapping: no data is read
+        except SafetensorError as e:
+            raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged?): {e}") from e
 
     def read(name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
         # The file is opened for this tensor alone: safetensors' tensors are views of one mapping of the file per
         # open, which stays resident as long as any view lives. Copied out, the mapping goes when this returns, and
         # the model owns its memory (the checkpoint may be moved or rewritten while it lives).
-        with safe_open(where[name], framework="pt") as f:
+        with safe_open(located[name], framework="pt") as f:
             mapped = f.get_tensor(name)
         return mapped.to(dtype=dtype or mapped.dtype, copy=True)
 
-    return CheckpointTensors(dtypes, read)
+    return CheckpointTensors(dtypes, read, where=where)
 
 
-def _torch_files(files: list[str]) -> CheckpointTensors:
+def _torch_files(files: list[str], where: str) -> CheckpointTensors:
     """`.bin` files read weights-only, whole: the tensors a conversion takes become its parameters (no copy)."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
@@ -121,22 +141,23 @@ def _torch_files(files: list[str]) -> CheckpointTensors:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:
             raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
-    return CheckpointTensors.of_dict(state, copy=False)
+    return CheckpointTensors.of_dict(state, copy=False, where=where)
 
 
 def open_tensors(directory: str, *, allow_bin: bool = True) -> CheckpointTensors:
     """Every tensor of a checkpoint directory: its safetensors files (read a tensor at a time), else (when
     `allow_bin`) its `.bin` files read weights-only."""
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    where = f"the checkpoint {directory!r}"
     if files:
-        return _safetensors(files)
+        return _safetensors(files, where)
     if not allow_bin:
         raise ValueError(f"no *.safetensors in {directory!r}: this checkpoint is read from safetensors only (no "
                          "pickle)")
     files = sorted(glob.glob(os.path.join(directory, "*.bin")))
     if not files:
         raise ValueError(f"no *.safetensors or *.bin weights in {directory!r}")
-    return _torch_files(files)
+    return _torch_files(files, where)
 
 
 @contextlib.contextmanager
@@ -176,8 +197,10 @@ def assign_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple
 
 
 def assign_all(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """`assign_tensors`, refusing a state that names a tensor the model lacks or leaves one without its tensor (a
-    weight tied to one the state gives has it)."""
+    """`assign_tensors`, refusing a state of tensors of other shapes than the model's (`check_state_shapes`), that
+    names a tensor the model lacks or leaves one without its tensor (a weight tied to one the state gives has it)."""
+    check_state_shapes(model, state, what, "is it the checkpoint of this model, and its config the one it was "
+                       "trained with?")
     missing, unexpected = assign_tensors(model, state)
     params = dict(model.named_parameters(remove_duplicate=False))
     given = {id(params[k]) for k in state if k in params}
@@ -194,12 +217,28 @@ def meta_tensors(model: nn.Module) -> list[str]:
     return [name for name, tensor in named if tensor.device.type == "meta"]
 
 
+BACKBONES = ("lm", "vision")  # what `write_backbones` writes, and all it writes
+
+
+def is_backbones_dir(directory: str) -> bool:
+    """Whether `directory` is an earlier `write_backbones` (its `vision/` and `lm/`, nothing else)."""
+    return sorted(os.listdir(directory)) == list(BACKBONES)
+
+
+def check_backbones_dir(directory: str) -> None:
+    """Refuse a backbones directory that holds files and is not an earlier `write_backbones` (it is replaced whole)."""
+    check_replaceable(directory, "lm/config.json", "a converted model's backbones (vision/, lm/)", is_backbones_dir)
+
+
 def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:
     """Save a converted model's vision tower and LM as HF directories (`directory/vision`, `directory/lm`) and point
-    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them."""
+    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them. `directory` is
+    new, empty or an earlier such write (`check_backbones_dir`), replaced whole, atomically."""
+    with atomic_directory(directory, "lm/config.json", "a converted model's backbones (vision/, lm/)",
+                          is_backbones_dir) as tmp:
+        model.vision.save_pretrained(os.path.join(tmp, "vision"))
+        processor.image_processor.save_pretrained(os.path.join(tmp, "vision"))
+        model.lm.save_pretrained(os.path.join(tmp, "lm"))
+        processor.tokenizer.save_pretrained(os.path.join(tmp, "lm"))
     vision, lm = os.path.join(directory, "vision"), os.path.join(directory, "lm")
-    model.vision.save_pretrained(vision)
-    processor.image_processor.save_pretrained(vision)
-    model.lm.save_pretrained(lm)
-    processor.tokenizer.save_pretrained(lm)
     model.config.vision_name_or_path, model.config.lm_name_or_path = os.path.abspath(vision), os.path.abspath(lm)

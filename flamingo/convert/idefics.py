@@ -42,13 +42,14 @@ from ..processing import FlamingoProcessor, load_image_processor
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
-from .adapters import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_lora_adapter
+from .adapters import ADAPTER_CONFIG, LoraAdapter, is_adapter_dir, read_adapter_config, read_lora_adapter
 from .checkpoints import CheckpointTensors, assign_all, checkpoint_dir, open_tensors, refuse_quantized
 
 CLIPImageProcessor = pil_image_processor("CLIPImageProcessor")
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -62,9 +63,25 @@ def read_idefics(source: Union[str, os.PathLike, nn.Module], revision: Optional[
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, CheckpointTensors.of_dict(source.state_dict(), copy=True), None
     path = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
-    config = IdeficsConfig.from_pretrained(path)
+    config = read_idefics_config(path)
     refuse_quantized(config.to_dict(), str(source))
     return config, open_tensors(path, allow_bin=False), path
+
+
+def read_idefics_config(directory: str) -> IdeficsConfig:
+    """The `IdeficsConfig` saved in `directory`, or a ValueError naming its `config.json` (missing, unreadable, or
+    another model's: transformers would fill in defaults or raise an OSError)."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except FileNotFoundError as e:
+        raise ValueError(f"no config.json in {directory!r}: not an IDEFICS model directory") from e
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path!r} is not a JSON config object (truncated?): {e}") from e
+    if model_type != "idefics":
+        raise ValueError(f"{path!r} describes a {model_type!r} model, not IDEFICS (model_type 'idefics')")
+    return IdeficsConfig.from_pretrained(directory)
 
 
 def idefics_flamingo_config(config: IdeficsConfig) -> FlamingoConfig:
@@ -240,12 +257,14 @@ def _image_processor_of(directory: Optional[str], image_size: int) -> Any:
 
 def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optional[Union[str, os.PathLike]],
                       revision: Optional[str]) -> tuple[Optional[LoraAdapter], Union[str, os.PathLike, nn.Module]]:
-    """(the PEFT adapter to merge or None, the base model): `adapter` names one; else `source` (at `revision`) may be
-    one, whose config names its base."""
-    if adapter is not None:
-        return read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True)), source
+    """(the PEFT adapter to merge or None, the base model: an object or its local directory): `adapter` names one
+    (`revision`: the base's); else `source` (at `revision`) may be one, whose config names its base (at main)."""
     if isinstance(source, nn.Module):
-        return None, source
+        lora = None if adapter is None else read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter"))
+        return lora, source
+    if adapter is not None:  # `revision` is the base's
+        base = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
+        return read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True)), base
     directory = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     if not is_adapter_dir(directory):
         return None, directory
@@ -256,8 +275,7 @@ def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optio
 
 def _adapter_base(directory: str, source: str) -> str:
     """The base model a PEFT adapter's config (in `directory`) names."""
-    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    base = read_adapter_config(os.path.join(directory, ADAPTER_CONFIG)).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{source!r} is a PEFT adapter whose config names no base model: pass the base IDEFICS as "
                          "the model and this as the adapter (--adapter)")
@@ -274,7 +292,11 @@ def idefics_processor(config: IdeficsConfig, directory: Optional[str],
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         if tokenizer is None and directory is None:
             raise ValueError("pass `tokenizer`: the IDEFICS model is an in-memory object")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or directory))
+        source = str(tokenizer or directory)
+        if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {source!r}: pass the model's "
+                             "tokenizer (--tokenizer)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
     vocab = tokenizer.get_vocab()
     total = config.vocab_size + config.additional_vocab_size
     for token in (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER):
@@ -294,7 +316,7 @@ def idefics_processor_of(source: Union[str, os.PathLike], *, revision: Optional[
     directory = metadata_dir(str(source), "IDEFICS model", revision=revision)
     if is_adapter_dir(directory):
         directory = metadata_dir(_adapter_base(directory, str(source)), "IDEFICS model")
-    return idefics_processor(IdeficsConfig.from_pretrained(directory), directory)
+    return idefics_processor(read_idefics_config(directory), directory)
 
 
 def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[None, str, PreTrainedTokenizerBase]
@@ -325,8 +347,13 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     with meta_parameters():  # the whole model: its tensors are all in the checkpoint
         model = Flamingo(_vision_tower(config, dtype), _language_model(config, dtype), flamingo)
     model.to(dtype)  # the trained parts' (meta) parameters and the buffers, as the copy into a built model did
-    state = {**_vision_state(model.vision, tensors), **_lm_state(config, tensors),
-             **_trained_state(config, flamingo, tensors)}
+    reads = _Reads(tensors)
+    state = {**_vision_state(model.vision, reads), **_lm_state(config, reads),
+             **_trained_state(config, flamingo, reads)}
+    unread = [k for k in tensors if k not in reads.read]
+    if unread:  # dropped, they would change what the model computes
+        raise ValueError(f"{tensors.where} holds tensors the conversion has no place for: {unread[:5]}"
+                         f"{f' (and {len(unread) - 5} more)' if len(unread) > 5 else ''}")
     assign_all(model, state, "the IDEFICS checkpoint")
     if lora is not None:
         lora.check_used()

@@ -31,7 +31,7 @@ import torch
 from ..build import flamingo_processor, from_backbones
 from ..config import FlamingoConfig
 from ..model.backbones import config_max_positions
-from ..model.flamingo import Flamingo
+from ..model.flamingo import Flamingo, check_state_shapes
 from ..processing import FlamingoProcessor
 from .checkpoints import meta_tensors
 from .lm_families import load_openflamingo_lm, openflamingo_lm_config
@@ -111,6 +111,8 @@ def module_names(resampler_depth: int, xattn_layers: list[int]) -> list[tuple[st
 def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[str, torch.Tensor]:
     """Read an OpenFlamingo checkpoint without pickle and strip DDP/FSDP/compile wrapper prefixes."""
     if isinstance(checkpoint, (str, os.PathLike)):
+        if os.path.isdir(checkpoint):
+            raise ValueError(f"{checkpoint} is a directory: pass the checkpoint file inside it (checkpoint.pt)")
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"OpenFlamingo checkpoint not found: {checkpoint}")
         try:  # mapped, not read: a whole `state_dict()` (Med-Flamingo's model.pt) holds a frozen LM never kept
@@ -152,13 +154,20 @@ def _load_whole(checkpoint: Union[str, os.PathLike]) -> dict:
 def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] = None) -> FlamingoConfig:
     """A FlamingoConfig with the shapes of an OpenFlamingo checkpoint."""
     config = FlamingoConfig() if base is None else FlamingoConfig.from_dict(base.to_dict())
-    num_latents, dim = state["perceiver.latents"].shape
-    depth = len({int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
-    inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
     layers = sorted({int(m.group(1)) for k in state
                      if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
     if not layers:
         raise ValueError("OpenFlamingo checkpoint has no gated cross-attention layers")
+    sized = ("perceiver.latents", "perceiver.layers.0.0.to_q.weight", "perceiver.layers.0.1.1.weight",
+             f"lang_encoder.gated_cross_attn_layers.{layers[0]}.attn.to_q.weight")  # what the sizes are read from
+    for key in sized:
+        if key not in state:
+            raise ValueError(f"OpenFlamingo checkpoint lacks {key!r}")
+        if not isinstance(state[key], torch.Tensor) or state[key].ndim != 2:
+            raise ValueError(f"OpenFlamingo checkpoint's {key!r} is not a matrix: {getattr(state[key], 'shape', None)}")
+    num_latents, dim = state["perceiver.latents"].shape
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
+    inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
     every = layers[0] + 1
     xinner = state[f"lang_encoder.gated_cross_attn_layers.{layers[0]}.attn.to_q.weight"].shape[0]
     config.num_latents, config.resampler_depth = int(num_latents), depth
@@ -182,7 +191,7 @@ def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
                          image_processor: Any = None, config: Optional[FlamingoConfig] = None,
                          extra_tokens: Sequence[str] = (), template: str = "flamingo", attend_next_image: bool = False,
-                         take_tensors: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
+                         take_tensors: bool = False, padded_table: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor with the weights of an OpenFlamingo checkpoint on the same backbones.
 
     lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
@@ -192,7 +201,9 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     attend_next_image: the checkpoint is OpenFlamingo v1's (open_flamingo 0.0.x: OpenFlamingo-9B v1, Med-Flamingo),
     whose text sees the next image (the module docstring). take_tensors: the tensors of a `checkpoint` dict are the
     caller's to give (read for this conversion alone): those of the resampler and blocks become the parameters, not
-    copies (a file's, memory-mapped, and a dict's otherwise, are copied: the model owns its memory)."""
+    copies (a file's, memory-mapped, and a dict's otherwise, are copied: the model owns its memory). padded_table:
+    the embedding table is an LM's own, saved whole (Otter's), whose rows may run past the tokenizer's (padding);
+    otherwise it has exactly the training tokenizer's rows (`check_table_rows`)."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
     config.attend_next_image = attend_next_image
@@ -231,19 +242,20 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     first, n = config.first_new_token_id, config.num_new_tokens
     embedding = model.lm.get_input_embeddings().weight
     emb_key = "lang_encoder." + param_name(model.lm, embedding)
+    base = None  # the checkpoint's rows of the LM's own vocabulary
     if emb_key in state:
         table = state[emb_key]
         used.add(emb_key)
+        if table.ndim != 2 or table.shape[1] != embedding.shape[1]:
+            raise ValueError(f"the checkpoint's embedding table {emb_key!r} is {tuple(table.shape)}, the LM's rows "
+                             f"are {embedding.shape[1]} wide: is it the LM the checkpoint was trained on?")
         if n:
-            if table.shape[0] < first + n:
-                raise ValueError(f"checkpoint embedding has {table.shape[0]} rows; the tokenizer needs {first + n}")
+            if not padded_table:
+                check_table_rows(table.shape[0], first, n, processor.tokenizer.pad_token_id)
+            elif table.shape[0] < first + n:
+                raise ValueError(f"the LM's embedding table has {table.shape[0]} rows; the tokenizer needs {first + n}")
             mapped["new_token_embeddings"] = table[first:first + n]
         base = table[: first if n else embedding.shape[0]]
-        if not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
-            with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
-                embedding[: base.shape[0]].copy_(base)
-            table = "lm." + emb_key[len("lang_encoder."):]
-            config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {table})
     head = model.lm.get_output_embeddings()
     if model.new_lm_head is not None:
         head_key = "lang_encoder." + param_name(model.lm, head.weight)
@@ -254,6 +266,21 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     unknown = sorted(set(mapped) - set(ours))
     if unknown:
         raise ValueError(f"conversion produced unknown keys: {unknown}")
+    check_state_shapes(ours, mapped, "the OpenFlamingo checkpoint",
+                       "is it the LM and vision tower the checkpoint was trained on?")
+    ignored = [k for k in state if k not in used]
+    # a whole-state checkpoint also holds its frozen backbones (the LM's checked below); anything else unread
+    # would be dropped, and the model compute another function
+    foreign = [k for k in ignored if k.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers."))
+               or not k.startswith(("lang_encoder.", "vision_encoder."))]
+    if foreign:
+        raise ValueError(f"the OpenFlamingo checkpoint holds tensors the conversion has no place for: {foreign[:5]}"
+                         f"{f' (and {len(foreign) - 5} more)' if len(foreign) > 5 else ''}")
+    if base is not None and not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
+        with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
+            embedding[: base.shape[0]].copy_(base)
+        saved = "lm." + emb_key[len("lang_encoder."):]
+        config.extra_saved_weights = sorted(set(config.extra_saved_weights) | {saved})
     # each a tensor of its own in the parameter's dtype (never a view into a mapped file or a larger table), assigned
     take = take_tensors and not isinstance(checkpoint, (str, os.PathLike))
     model.load_state_dict({k: v.to(ours[k].dtype, copy=not (take and v.untyped_storage().nbytes() == v.nbytes))
@@ -261,11 +288,22 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     unset = meta_tensors(model)
     if unset:
         raise ValueError(f"the OpenFlamingo checkpoint leaves {unset[:3]} unset")
-    ignored = [k for k in state if k not in used]
     check_frozen_lm({k: state[k] for k in ignored}, model.lm)
     if ignored:
-        log.info("OpenFlamingo conversion ignored %d frozen/duplicate tensors (e.g. %s)", len(ignored), ignored[0])
+        log.info("OpenFlamingo conversion ignored %d frozen backbone tensors (e.g. %s)", len(ignored), ignored[0])
     return model.eval(), processor
+
+
+def check_table_rows(rows: int, first: int, n: int, pad_token_id: Optional[int]) -> None:
+    """An OpenFlamingo embedding table holds the training tokenizer's rows then its added tokens' (`<|endofchunk|>`,
+    `<image>`, `<PAD>` when it had no pad token): `first` + `n` rows for the given tokenizer (`first` tokens, `n`
+    added), or one more when the given tokenizer has a pad token of its own and the training one did not (`<PAD>`
+    is then the last row). Another count means another tokenizer, whose rows `first`... are not these tokens."""
+    fits = [first + n] + ([first + n + 1] if pad_token_id is not None and pad_token_id < first else [])
+    if rows not in fits:
+        raise ValueError(f"the checkpoint's embedding table has {rows} rows, the tokenizer {first} tokens + {n} "
+                         f"added ({' or '.join(map(str, fits))} rows): the checkpoint was trained with another "
+                         "tokenizer; pass that one (--tokenizer, tokenizer=)")
 
 
 def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples: int = FROZEN_LM_SAMPLES) -> None:

@@ -91,10 +91,14 @@ def otter_config(directory: str, source: str) -> dict[str, Any]:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {directory!r}: not a transformers save_pretrained directory")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("model_type") not in FORMATS:
-        raise ValueError(f"{source}: model_type {config.get('model_type')!r} is not Otter's (`otter`) or its "
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path!r} is not valid JSON (truncated?): {e}") from e
+    if not isinstance(config, dict) or config.get("model_type") not in FORMATS:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{source}: model_type {found!r} is not Otter's (`otter`) or its "
                          "OpenFlamingo format's (`flamingo`)")
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part), dict):
@@ -267,7 +271,8 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     lm = otter_lm(config["text_config"], {k: tensors[v] for k, v in lm_names.items()}, dtype)
     of_state = {**{k: tensors[v] for k, v in of_names.items()}, **_embedding_rows(lm)}
     with default_dtype(dtype):  # the perceiver and blocks: in `dtype` (never float32), the checkpoint's own tensors
-        model, processor = convert_openflamingo(of_state, vision, lm, **parts, take_tensors=True)
+        model, processor = convert_openflamingo(of_state, vision, lm, **parts, take_tensors=True,
+                                                padded_table=True)  # the LM's own table
     del of_state
     every = config.get("cross_attn_every_n_layers")
     if every is not None and model.config.xattn_every != every:

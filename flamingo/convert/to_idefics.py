@@ -26,6 +26,8 @@ Known difference: IDEFICS's processor cuts a token's image at a `</s>` that foll
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 import torch
@@ -37,7 +39,7 @@ from ..model.generation import generation_config_for
 from ..model.lora import has_lora
 from ..model.quantize import quantized_mode
 from ..processing import FlamingoProcessor
-from ..runtime.checkpoint_io import atomic_directory
+from ..runtime.checkpoint_io import atomic_directory, check_replaceable
 from ..runtime.compat import idefics_rope_kwargs, idefics_rope_problem, pil_image_processor
 from ..runtime.meta import meta_parameters
 from .checkpoints import meta_tensors
@@ -274,11 +276,30 @@ def _write_processor(processor: FlamingoProcessor, image_size: int, directory: s
     image_processor.save_pretrained(directory)
 
 
+def is_idefics_dir(directory: str) -> bool:
+    """Whether `directory` holds an IDEFICS model (an earlier export): a readable `config.json` of `model_type`
+    idefics. Any transformers directory holds a `config.json`; only this one may be replaced by an export."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "idefics"
+
+
+def check_idefics_out(directory: str) -> None:
+    """Refuse an export directory that holds files and is not an earlier IDEFICS export (`save_idefics` replaces
+    it whole)."""
+    check_replaceable(directory, "config.json", "an IDEFICS model directory", is_idefics_dir)
+
+
 def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, *,
                  torch_dtype: Optional[torch.dtype] = None) -> IdeficsConfig:
     """Write our model as an `IdeficsForVisionText2Text` directory (`from_pretrained` loads it; module docstring)
-    with its tokenizer and image processor, atomically. Raises ValueError listing what IDEFICS cannot compute (the
-    directory is then left as it was). Returns the config written."""
+    with its tokenizer and image processor, atomically: `directory` is new, empty or an IDEFICS model directory
+    (an earlier export; `check_idefics_out`), replaced whole. Raises ValueError listing what IDEFICS cannot compute
+    (the directory is then left as it was). Returns the config written."""
+    check_idefics_out(directory)
     problems = incompatibilities(model, processor)
     if problems:
         raise ValueError("IDEFICS cannot represent this model: " + "; ".join(problems))
@@ -286,7 +307,7 @@ def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, 
     state = idefics_state(model, torch_dtype)
     idefics = _idefics_model(config, state)
     idefics.generation_config = generation_config_for(model)
-    with atomic_directory(directory, "config.json", "a model directory") as tmp:
+    with atomic_directory(directory, "config.json", "an IDEFICS model directory", is_idefics_dir) as tmp:
         idefics.save_pretrained(tmp)
         _write_processor(processor, config.vision_config.image_size, tmp)
     return config

@@ -20,13 +20,13 @@ rule, a trained or adapted LM or tower, other vision features.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
 
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
-from ..runtime.checkpoint_io import atomic_file
 from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
 
 # What `create_model_and_transforms` builds, whatever the checkpoint: PerceiverResampler(dim) and
@@ -120,13 +120,58 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
     return recipe
 
 
+def is_openflamingo_export(path: str) -> bool:
+    """Whether the file `path` is an earlier export: a weights-only torch file of OpenFlamingo's trained tensors
+    (`perceiver.latents` among them, every name under `perceiver.` or `lang_encoder.`), or its `.json` recipe."""
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                recipe = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return isinstance(recipe, dict) and "create_model_and_transforms" in recipe
+    try:  # mapped, not read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any file torch cannot read as a checkpoint of tensors is not ours
+        return False
+    return isinstance(state, dict) and "perceiver.latents" in state and \
+        all(isinstance(k, str) and k.startswith(("perceiver.", "lang_encoder.")) for k in state)
+
+
+def check_openflamingo_out(path: str) -> None:
+    """Refuse an export path that is a directory, or an existing file (the checkpoint or its `.json` recipe) that
+    is not an earlier export: only those are overwritten. A missing parent directory is created when written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory: the export is a file, e.g. "
+                         f"{os.path.join(path, 'checkpoint.pt')!r}")
+    for target in (path, path + ".json"):
+        if os.path.isdir(target) or (os.path.exists(target) and not is_openflamingo_export(target)):
+            raise ValueError(f"{target!r} exists and is not an earlier OpenFlamingo export: the export does not "
+                             "overwrite it; choose another path")
+
+
 def save_openflamingo_checkpoint(model: Flamingo, path: str) -> dict[str, Any]:
     """Write `openflamingo_state(model)` to `path` (a torch file of tensors only: `torch.load(weights_only=True)` reads
-    it) atomically, and `path` + `.json` with the recipe. Returns the recipe."""
+    it) and `path` + `.json` with the recipe; `path` is new or an earlier export (`check_openflamingo_out`). Both are
+    written whole beside their targets first; then the old recipe goes, the checkpoint is renamed into place and the
+    recipe last, so an interrupted export leaves a checkpoint without its recipe, never beside another's. Returns the
+    recipe."""
+    check_openflamingo_out(path)
     state = openflamingo_state(model)
     recipe = openflamingo_recipe(model, state)
-    with atomic_file(path) as tmp:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp, tmp_recipe = f"{path}.tmp-{os.getpid()}", f"{path}.json.tmp-{os.getpid()}"
+    try:
         torch.save(state, tmp)
-    with atomic_file(path + ".json") as tmp, open(tmp, "w") as f:
-        json.dump(recipe, f, indent=2)
+        with open(tmp_recipe, "w") as f:
+            json.dump(recipe, f, indent=2)
+        if os.path.exists(path + ".json"):
+            os.remove(path + ".json")
+        os.replace(tmp, path)
+        os.replace(tmp_recipe, path + ".json")
+    finally:
+        for left in (tmp, tmp_recipe):
+            if os.path.exists(left):
+                os.remove(left)
     return recipe

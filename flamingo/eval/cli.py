@@ -56,7 +56,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="PTB (needs java) or the documented Python tokenization")
     p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md, results.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                   help="the model's dtype (default: the one it was saved in; a converted model's)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")
     p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
@@ -84,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     joined = init_process_group_from_env()
     try:
         quiet_transformers(args.no_progress)
-        dtype = None if args.dtype == "fp32" else torch_dtype(args.dtype)
+        dtype = torch_dtype(args.dtype) if args.dtype else None
         if args.server:  # the server holds the model; the harness needs only its processor
             processor = load_processor(args.model, revision=args.revision)
             model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)

@@ -5,24 +5,48 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 
-def check_replaceable(target: str, marker: str, what: str) -> None:
+def check_replaceable(target: str, marker: str, what: str, is_ours: Optional[Callable[[str], bool]] = None) -> None:
     """`target` may be replaced whole: it is absent, an empty directory, or an earlier write (`what`: it holds
-    `marker`). A file, or a directory of other files (the working directory, say), is refused, never deleted."""
+    `marker`, and `is_ours(target)` holds when given: a marker other programs write too, such as `config.json`,
+    needs the content checked). A file, or a directory of other files (the working directory, say), is refused,
+    never deleted."""
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"{target!r} is a file: {what} is a directory")
-    if os.path.isdir(target) and os.listdir(target) and not os.path.isfile(os.path.join(target, marker)):
-        raise ValueError(f"{target!r} holds files and is not {what} (no {marker}): writing replaces the whole "
-                         "directory, so write into a new or empty one")
+    if not os.path.isdir(target) or not os.listdir(target):
+        return
+    if not os.path.isfile(os.path.join(target, marker)):
+        why = f"no {marker}"
+    elif is_ours is not None and not is_ours(target):
+        why = f"its {marker} is another program's"
+    else:
+        return
+    raise ValueError(f"{target!r} holds files and is not {what} ({why}): writing replaces the whole directory, so "
+                     "write into a new or empty one")
+
+
+def check_apart(target: str, source: str, what: str, *, inside: bool = True) -> None:
+    """Refuse writing `target` (`what`) around `source`, a path it is made from (replacing a directory would delete
+    it), and inside it unless `inside` is False (a model directory the write must leave as it was). A `source` that
+    is no local path (a Hub name) is not checked."""
+    if not os.path.exists(source):
+        return
+    out, src = os.path.realpath(target), os.path.realpath(source)
+    common = os.path.commonpath([out, src])
+    if common == out or (inside and common == src):
+        where = "over or around" if common == out else "inside"
+        raise ValueError(f"{what} {target!r} would be written {where} {source!r}, which it is made from: write it "
+                         "elsewhere")
 
 
 @contextmanager
-def atomic_directory(target: str, marker: str, what: str) -> Iterator[str]:
-    """Yield a temporary sibling directory to fill; on success it replaces `target`, on error it is removed. `marker`:
-    a file every such write holds, `what`: what it is (`check_replaceable`, checked first)."""
-    check_replaceable(target, marker, what)
+def atomic_directory(target: str, marker: str, what: str,
+                     is_ours: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
+    """Yield a temporary sibling directory to fill; on success it replaces `target`, on error it is removed. `marker`,
+    `is_ours`: what tells an earlier such write, `what`: what it is (`check_replaceable`, checked first)."""
+    check_replaceable(target, marker, what, is_ours)
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)

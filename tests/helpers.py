@@ -348,3 +348,16 @@ DATASET_MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classificatio
                   "visdial": make_visdial}
 TEST_SAMPLES = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
                 "video_captioning": 2, "videoqa_mc": 3, "visdial": 2}  # the evaluated samples of each fixture dataset
+
+
+def save_sideways_jpeg(path: Path) -> Path:
+    """A 40x20 JPEG (left half blue, right red) whose EXIF orientation (6) says: rotate 90 degrees clockwise to
+    display. A rotation moves the blue half."""
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif.tobytes())
+    return path

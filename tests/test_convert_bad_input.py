@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_idefics_equal import _peer
+from test_idefics_equal import save_peer
 
 from flamingo.cli import main
 from flamingo.convert import from_idefics
@@ -22,11 +22,7 @@ from flamingo.runtime.checkpoint_io import check_replaceable
 @pytest.fixture(scope="module")
 def idefics_dir(tmp_path_factory):
     """A tiny IDEFICS directory (tests/test_idefics_equal.py's), as `save_pretrained` writes it."""
-    directory = tmp_path_factory.mktemp("idefics") / "model"
-    peer, tok = _peer("float", False)
-    peer.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_peer(tmp_path_factory.mktemp("idefics") / "model", "float", False)
 
 
 def _copy(source, tmp_path, name="copy"):

@@ -62,6 +62,14 @@ def _peer(alpha_type: str, qk_norms: bool, seed: int = 0):
     return peer, tok
 
 
+def save_peer(directory, alpha_type: str, qk_norms: bool):
+    """`_peer` saved as `save_pretrained` writes an IDEFICS directory (model and tokenizer) -> `directory`."""
+    peer, tok = _peer(alpha_type, qk_norms)
+    peer.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def _inputs(processor):
     media = [[random_image(i) for i in range(n)] for n in NUM_IMAGES]
     return processor(PROMPTS, images=media)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_idefics_equal import IdeficsImageProcessorPil, _peer
+from test_idefics_equal import IdeficsImageProcessorPil, save_peer
 
 from flamingo.build import load_pretrained
 from flamingo.convert.auto import load_model, load_processor
@@ -48,11 +48,7 @@ def assert_same_processor(got, expected, prompt: str = PROMPT) -> None:
 
 @pytest.fixture(scope="module")
 def idefics_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("idefics") / "idefics"
-    peer, tok = _peer("vector", True)
-    peer.save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+    return save_peer(tmp_path_factory.mktemp("idefics") / "idefics", "vector", True)
 
 
 def test_a_model_saved_here(tmp_path):

@@ -13,6 +13,8 @@ from flamingo.processing import MAX_ASPECT_RATIO, add_flamingo_tokens, upright_r
 from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer
 from flamingo.video import uniform_frame_indices
 
+from helpers import save_sideways_jpeg
+
 
 @pytest.fixture
 def processor():
@@ -172,12 +174,7 @@ def test_an_opened_image_is_turned_upright_like_its_file_and_only_once(processor
     and the shards' decoders, `upright_rgb`) carries no orientation and is not turned again."""
     from flamingo.data.sources import decode_image
 
-    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
-    sideways.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue: a rotation moves it
-    exif = sideways.getexif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    path = tmp_path / "sideways.jpg"
-    sideways.save(path, exif=exif.tobytes())
+    path = save_sideways_jpeg(tmp_path / "sideways.jpg")
     expected = pixels(processor, str(path))
     with Image.open(path) as opened:
         assert torch.equal(pixels(processor, opened), expected)

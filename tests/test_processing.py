@@ -11,6 +11,8 @@ from flamingo.runtime.compat import TRANSFORMERS
 from flamingo.tiny import random_image, tiny_image_processor, tiny_tokenizer
 from flamingo.video import uniform_frame_indices
 
+from helpers import save_sideways_jpeg
+
 
 @pytest.fixture
 def processor():
@@ -127,12 +129,7 @@ def test_transparent_pixels_are_composited_onto_white_as_the_image_processor_doe
 
 def test_image_files_are_turned_upright_by_their_exif_orientation(processor, tmp_path):
     """A photo file stored sideways with an EXIF orientation reads as the image processor reads the file (upright)."""
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
-    image.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue: a rotation moves it
-    exif = image.getexif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    path = tmp_path / "sideways.jpg"
-    image.save(path, exif=exif.tobytes())
+    path = save_sideways_jpeg(tmp_path / "sideways.jpg")
     with Image.open(path) as stored:
         upright = ImageOps.exif_transpose(stored)
     assert upright.size == (20, 40)
@@ -149,11 +146,7 @@ def test_files_uploads_and_training_shards_read_an_image_alike(processor, tmp_pa
     pytest.importorskip("fastapi")  # the server's extra (the oldest pair's environment runs without it)
     from flamingo.serve.media import _decode_image
 
-    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
-    sideways.paste((0, 0, 255), (0, 0, 20, 20))
-    exif = sideways.getexif()
-    exif[0x0112] = 6
-    sideways.save(tmp_path / "sideways.jpg", exif=exif.tobytes())
+    save_sideways_jpeg(tmp_path / "sideways.jpg")
     clear = Image.new("RGBA", (32, 32), (0, 200, 0, 255))
     clear.paste((0, 0, 0, 0), (0, 0, 16, 32))  # left half transparent black: white once composited
     clear.save(tmp_path / "clear.png")

@@ -57,10 +57,13 @@ def test_only_an_earlier_write_of_the_same_kind_is_replaceable(tmp_path):
     llama = tmp_path / "llama"  # any transformers directory holds a config.json
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="is not an IDEFICS model directory \\(its config.json is another"):
+    with pytest.raises(ValueError, match="is not an earlier IDEFICS export of flamingo \\(no flamingo_export.json"):
         check_idefics_out(str(llama))
     check_replaceable(str(llama), "config.json", "a directory with a config")  # no predicate: the marker decides
-    (llama / "config.json").write_text(json.dumps({"model_type": "idefics"}))
+    (llama / "config.json").write_text(json.dumps({"model_type": "idefics"}))  # a downloaded IDEFICS: kept too
+    with pytest.raises(ValueError, match="no flamingo_export.json"):
+        check_idefics_out(str(llama))
+    (llama / "flamingo_export.json").write_text("{}")
     check_idefics_out(str(llama))  # an earlier export
     check_idefics_out(str(tmp_path / "new"))
 

@@ -204,7 +204,7 @@ def test_export_replaces_only_an_earlier_idefics_export(tmp_path, capsys):
     before = sorted(os.listdir(other))
     command = ["export", "idefics", "--model", str(tmp_path / "ours"), "--out"]
     assert main([*command, str(other)]) == 2
-    assert "is not an IDEFICS model directory" in capsys.readouterr().err
+    assert "is not an earlier IDEFICS export of flamingo" in capsys.readouterr().err
     assert sorted(os.listdir(other)) == before
     assert main([*command, str(tmp_path / "ours" / "lm")]) == 2  # the source's own LM
     assert main([*command, str(tmp_path / "ours" / "idefics")]) == 2  # inside the source

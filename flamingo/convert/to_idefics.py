@@ -276,28 +276,22 @@ def _write_processor(processor: FlamingoProcessor, image_size: int, directory: s
     image_processor.save_pretrained(directory)
 
 
-def is_idefics_dir(directory: str) -> bool:
-    """Whether `directory` holds an IDEFICS model (an earlier export): a readable `config.json` of `model_type`
-    idefics. Any transformers directory holds a `config.json`; only this one may be replaced by an export."""
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("model_type") == "idefics"
+# Written into every export beside IDEFICS's own files: it tells an earlier export (replaced whole by the next) from
+# any other directory, a downloaded IDEFICS included (transformers ignores the file).
+EXPORT_MARKER = "flamingo_export.json"
 
 
 def check_idefics_out(directory: str) -> None:
-    """Refuse an export directory that holds files and is not an earlier IDEFICS export (`save_idefics` replaces
-    it whole)."""
-    check_replaceable(directory, "config.json", "an IDEFICS model directory", is_idefics_dir)
+    """Refuse an export directory that holds files and is not an earlier export of this project (`EXPORT_MARKER`):
+    `save_idefics` replaces it whole."""
+    check_replaceable(directory, EXPORT_MARKER, "an earlier IDEFICS export of flamingo")
 
 
 def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, *,
                  torch_dtype: Optional[torch.dtype] = None) -> IdeficsConfig:
     """Write our model as an `IdeficsForVisionText2Text` directory (`from_pretrained` loads it; module docstring)
-    with its tokenizer and image processor, atomically: `directory` is new, empty or an IDEFICS model directory
-    (an earlier export; `check_idefics_out`), replaced whole. Raises ValueError listing what IDEFICS cannot compute
+    with its tokenizer and image processor, atomically: `directory` is new, empty or an earlier export
+    (`check_idefics_out`), replaced whole. Raises ValueError listing what IDEFICS cannot compute
     (the directory is then left as it was). Returns the config written."""
     check_idefics_out(directory)
     problems = incompatibilities(model, processor)
@@ -307,7 +301,9 @@ def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, 
     state = idefics_state(model, torch_dtype)
     idefics = _idefics_model(config, state)
     idefics.generation_config = generation_config_for(model)
-    with atomic_directory(directory, "config.json", "an IDEFICS model directory", is_idefics_dir) as tmp:
+    with atomic_directory(directory, EXPORT_MARKER, "an earlier IDEFICS export of flamingo") as tmp:
         idefics.save_pretrained(tmp)
         _write_processor(processor, config.vision_config.image_size, tmp)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+            json.dump({"format": "idefics", "written_by": "flamingo export idefics"}, f)
     return config

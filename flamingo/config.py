@@ -169,8 +169,14 @@ class FlamingoConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model")
-        with open(path) as f:
-            config = cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
+            raise ValueError(f"{path!r} is not readable JSON (truncated or damaged?): {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path!r} holds a JSON {type(raw).__name__}, not an object of FlamingoConfig fields")
+        config = cls.from_dict(raw)
         if config.media_token_id is None:  # set when a model is built: without it the first call fails far away
             raise ValueError(f"{path!r} names no media_token_id: not a complete saved Flamingo config")
         return config

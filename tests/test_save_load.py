@@ -131,6 +131,13 @@ def test_a_damaged_checkpoint_is_named_when_loaded(make_model, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="names no media_token_id"):
         Flamingo.from_pretrained(str(tmp_path / "m"))
+    text = json.dumps(config)
+    config_path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="flamingo_config.json' is not readable JSON"):
+        Flamingo.from_pretrained(str(tmp_path / "m"))
+    config_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        Flamingo.from_pretrained(str(tmp_path / "m"))
 
 
 def test_dual_encoder_gives_its_vision_half(tmp_path):

@@ -244,7 +244,8 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
                             allow_private_media_hosts=args.allow_private_media_hosts,
-                            max_image_pixels=args.max_image_pixels, model_name=args.model_name,
+                            max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
+                            model_name=args.model_name,
                             batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
                             max_batch_file_mb=args.max_batch_file_mb)
     return engine, settings
@@ -329,6 +330,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")
     p.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
     p.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
+    p.add_argument("--max-video-seconds", type=float, default=600.0,
+                   help="longer videos are refused (decoding time grows with the length)")
     p.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="fetch http(s) media URLs (from public addresses only)")

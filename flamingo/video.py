@@ -89,13 +89,18 @@ def frame_to_image(frame: "av.VideoFrame") -> Image.Image:
     return image.transpose(transpose) if transpose is not None else image
 
 
+class TooLong(ValueError):
+    """A video longer than the `max_seconds` its reader accepts."""
+
+
 def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int],
-            stop_when_kept: bool = False) -> tuple[dict[int, Image.Image], int, int, Optional[float]]:
+            stop_when_kept: bool = False, max_seconds: Optional[float] = None
+            ) -> tuple[dict[int, Image.Image], int, int, Optional[float]]:
     """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
 
     The frame shown at t is the last one whose time is at or before t, so a frame repeats over a gap in a
     variable-rate clip. Only instants in `keep` are converted to images; with `stop_when_kept`, decoding stops once
-    they all are.
+    they all are. A frame past `max_seconds` raises `TooLong` (decoding stops there).
     Returns:
         (images by instant, number of instants, frames decoded, time of the last decoded frame from the first).
     """
@@ -111,6 +116,8 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
         if start is None:
             start = t
         t -= start
+        if max_seconds is not None and t > max_seconds:
+            raise TooLong(f"longer than the {max_seconds:g} s allowed")
         while instants * step <= t + _TIME_TOLERANCE:
             if instants in keep:
                 gap = instants * step < t - _TIME_TOLERANCE and previous is not None
@@ -144,7 +151,8 @@ def _header_seconds(container: "av.container.InputContainer", stream: "av.VideoS
     return container.duration / 1e6 if container.duration else None
 
 
-def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
+def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
+                 max_seconds: Optional[float] = None) -> list[Image.Image]:
     """Decode the frames shown at t = 0, 1/fps, 2/fps, ... (by timestamp), at most `max_frames`, uniformly spread.
 
     At most `max_frames` frames are converted and held. When the header (frame count or duration, and rate)
@@ -157,6 +165,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
         path: a file path, the file's bytes, or a binary file object.
         fps: sampling rate in frames per second of video time.
         max_frames: cap; longer samplings are sub-sampled uniformly.
+        max_seconds: refuse a longer video (by its header's duration, else when decoding passes it): decoding time
+            grows with the length even though memory does not (a server's bound).
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
@@ -179,9 +189,12 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
             expected = int(stream.frames or 0)
             seconds = _header_seconds(container, stream)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+            if max_seconds is not None and seconds is not None and seconds > max_seconds:
+                raise TooLong(f"{seconds:.1f} s long by its header, more than the {max_seconds:g} s allowed")
             predicted = _predicted_instants(expected, seconds, rate, step)
             guess = set(uniform_frame_indices(predicted, max_frames))
-            images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess)
+            images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess,
+                                                        max_seconds=max_seconds)
         if not instants:
             raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
         if expected and decoded < _TRUNCATED_FRACTION * expected:
@@ -195,6 +208,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8) -> lis
             with av.open(source()) as container:
                 missing = set(chosen) - images.keys()
                 images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
+    except TooLong as e:
+        raise TooLong(f"video {name} is {e}") from None
     except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
         raise ValueError(f"cannot decode video {name}: {e}") from e
     except ValueError:

@@ -168,3 +168,20 @@ def test_frames_are_turned_upright_by_the_display_matrix(fmt, degrees, hflip):
     h, w = got.height // 2, got.width // 2
     quads = [(x, y, x + w, y + h) for y in (0, h) for x in (0, w)]
     assert _close(_levels(got.crop(q) for q in quads), _levels(want.crop(q) for q in quads))
+
+
+def test_a_video_longer_than_max_seconds_is_refused_by_header_or_while_decoding(conversions, monkeypatch):
+    """A server's bound on decoding time: a header listing more than `max_seconds` is refused before any frame is
+    decoded; one listing no duration is refused once decoding passes it."""
+    from flamingo import video
+    from flamingo.video import TooLong
+
+    frames = _greys([2 * (k % 120) for k in range(20)])
+    plain = _encode(frames, rate=1)  # 20 s
+    assert len(decode_video(plain, max_frames=4, max_seconds=20)) == 4
+    with pytest.raises(TooLong, match=r"video '<in-memory video>' is 20\.0 s long by its header, more than the 10 s"):
+        decode_video(plain, max_frames=4, max_seconds=10)
+    assert conversions[0] == 4  # the refused one converted nothing
+    monkeypatch.setattr(video, "_header_seconds", lambda container, stream: None)  # a header without a duration
+    with pytest.raises(TooLong, match="is longer than the 10 s allowed"):
+        decode_video(plain, max_frames=4, max_seconds=10)

@@ -33,8 +33,9 @@ def _png_claiming(width: int, height: int) -> str:
     return "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
 
 
-def _thin_video_url(width: int = 404, height: int = 2) -> str:
-    """A 2-frame mp4 of `width` x `height` frames (over the 200:1 aspect bound, under the pixel limit)."""
+def _video_url(width: int = 404, height: int = 2, seconds: int = 2) -> str:
+    """An mp4 of one frame a second, `width` x `height` (by default over the 200:1 aspect bound, under the pixel
+    limit)."""
     import av
     import numpy as np
 
@@ -42,7 +43,7 @@ def _thin_video_url(width: int = 404, height: int = 2) -> str:
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=1)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(2):
+        for _ in range(seconds):
             frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -67,7 +68,7 @@ def served(tmp_path_factory, one_thread):
     random_image(4).save(root / "secret.png")  # beside the media root, not in it
     engine = engine_for(model_dir, max_batch=4, prefill_chunk=32)
     settings = ServeSettings(model_name="tiny", api_key=KEY, max_body_bytes=64 * 1024, max_tokens_cap=32,
-                             max_images=3, media=MediaPolicy(root=media, max_pixels=64 * 64))
+                             max_images=3, media=MediaPolicy(root=media, max_pixels=64 * 64, max_video_seconds=10))
     with running_server(engine, settings) as url:
         yield url
 
@@ -94,8 +95,11 @@ CASES = {
     "over the pixel limit": (dict(json=_user(data_url(random_image(0, size=100)))), 400, "100x100"),
     "image too thin to resize": (dict(json=_user(data_url(random_image(0).resize((402, 2))))), 400, "aspect ratio"),
     "video too thin to resize": (dict(json={"messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": _thin_video_url()}}, {"type": "text", "text": "Output:"}]}],
+        {"type": "video_url", "video_url": {"url": _video_url()}}, {"type": "text", "text": "Output:"}]}],
         "max_tokens": 2}), 400, "aspect ratio"),
+    "video too long": (dict(json={"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": _video_url(16, 16, seconds=12)}},
+        {"type": "text", "text": "Output:"}]}], "max_tokens": 2}), 400, "more than the 10 s allowed"),
     "body too large": (dict(json=_user("x" * 70_000)), 413, "larger than the server's limit"),
     "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "positions"),
     "prompt + max_tokens past the positions": (dict(json={**_user("yes no " * 1020), "max_tokens": 32}), 400,

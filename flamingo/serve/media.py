@@ -46,6 +46,7 @@ class MediaPolicy:
     max_pixels: int = 20_000_000  # per image or video frame
     max_bytes: int = 50 * 2**20  # a remote file's size
     remote_timeout: float = 10.0
+    max_video_seconds: float = 600.0  # decoding time grows with a video's length (its memory does not)
 
 
 def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: float = 1.0,
@@ -55,7 +56,7 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
         data, is_video, name = _read(url, policy, video, where)
         if is_video:
             _check_video(data, policy.max_pixels, name)
-            return decode_video(data, fps=fps, max_frames=max_frames)
+            return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds)
         return _decode_image(data, policy.max_pixels, name)
     except APIError:
         raise

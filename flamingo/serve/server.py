@@ -45,12 +45,13 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
 def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: float = 20,
                  max_tokens_cap: int = 512, max_images: int = 32, media_root: Optional[str] = None,
                  allow_remote_media: bool = False, allow_private_media_hosts: bool = False,
-                 max_image_pixels: int = 20_000_000, model_name: Optional[str] = None,
+                 max_image_pixels: int = 20_000_000, max_video_seconds: float = 600.0,
+                 model_name: Optional[str] = None,
                  batch_dir: Optional[str] = None, batch_concurrency: Optional[int] = None,
                  max_batch_file_mb: float = 200) -> ServeSettings:
     media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
                         allow_private=allow_private_media_hosts, max_pixels=max_image_pixels,
-                        max_bytes=int(max_body_mb * 2**20))
+                        max_bytes=int(max_body_mb * 2**20), max_video_seconds=max_video_seconds)
     if model_name is None:  # a Hub repository's full name, as other OpenAI-compatible servers name it
         hub = not os.path.isdir(model_dir) and is_hub_name(model_dir)
         model_name = model_dir if hub else Path(os.path.abspath(model_dir)).name

@@ -388,8 +388,10 @@ class FlamingoProcessor:
         Returns `input_ids (B, T)`, `attention_mask (B, T)`, `images (B, N, F, C, H, W)` (None when no media),
         `num_media (B,)`, `num_frames (B, N)`.
         """
-        single = isinstance(text, str) or (
-            isinstance(text, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in text))
+        def is_prompt(part: Any) -> bool:  # a string, or an interleaved list (a video's frame list holds no text)
+            return isinstance(part, str) or (isinstance(part, (list, tuple)) and any(isinstance(x, str) for x in part))
+
+        single = isinstance(text, str) or (isinstance(text, (list, tuple)) and not all(is_prompt(p) for p in text))
         prompts = [text] if single else list(text)
         if not prompts:
             raise ValueError("no prompts given")

@@ -286,3 +286,60 @@ def test_score_batch_rejects_right_padding_and_count_mismatch(make_model):
         model.score_batch(batch["input_ids"], [[[5]], [[6]]], attention_mask=batch["attention_mask"])
     with pytest.raises(ValueError, match="candidate lists"):
         model.score_batch(batch["input_ids"], [[[5]]], attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("attend_next_image", [False, True])
+def test_an_lm_configured_without_a_cache_still_decodes_on_one(make_model, attend_next_image):
+    """MPT's config says use_cache=False: transformers then fed the whole sequence each step, and every prompt token
+    ran under the decode rule (the prompt's last image). generate decodes on the cache whatever the LM's config
+    says, and refuses use_cache=False and the modes that feed several tokens a step."""
+    model, processor = make_model("mpt", gates=0.8, attend_next_image=attend_next_image)
+    assert model.lm.config.use_cache is False
+    prompt, media = PROMPTS[3]
+    batch = processor(prompt, images=media)
+    out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 6)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        model.generate(**batch, max_new_tokens=2, use_cache=False)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens: assisted and prompt-lookup"):
+        model.generate(**batch, max_new_tokens=2, prompt_lookup_num_tokens=3)
+
+
+def test_keywords_update_a_given_generation_config(make_model):
+    """As in transformers: generate(generation_config=cfg, max_new_tokens=3) takes 3 (the keywords were dropped)."""
+    from flamingo.model.generation import generation_config_for
+
+    model, processor = make_model("llama")
+    batch = processor(*PROMPTS[1])
+    config = generation_config_for(model, max_new_tokens=10, min_new_tokens=10)
+    out = model.generate(**batch, generation_config=config, max_new_tokens=3, min_new_tokens=3)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3 and config.max_new_tokens == 10
+    beams = model.generate(**batch, generation_config=config, num_beams=3, num_return_sequences=3)
+    assert beams.shape[0] == 3
+
+
+def test_a_batch_whose_rows_hold_no_medium_generates_and_scores_as_text(make_model):
+    """images given but num_media all 0 (a padded media tensor of a text-only batch): as forward, no tower call
+    (it failed inside the vision tower)."""
+    model, processor = make_model("llama")
+    full = processor(PROMPTS[0][0])
+    batch = {"input_ids": full["input_ids"], "attention_mask": full["attention_mask"]}
+    images = torch.zeros(1, 1, 1, 3, 32, 32)
+    none = torch.zeros(1, dtype=torch.long)
+    plain = model.generate(**batch, max_new_tokens=4)
+    assert torch.equal(model.generate(**batch, images=images, num_media=none, max_new_tokens=4), plain)
+    scored = model.score_batch(batch["input_ids"], [[[5, 6]]], images=images, num_media=none)
+    torch.testing.assert_close(scored[0], model.score_batch(batch["input_ids"], [[[5, 6]]])[0])
+
+
+def test_score_batch_refuses_candidates_it_cannot_score(make_model):
+    model, processor = make_model("llama")
+    ids = processor(PROMPTS[0][0])["input_ids"]
+    image = model.config.media_token_id
+    for candidates, message in (([[image, 5]], "may not hold <image> before its last token"),
+                                ([[5.7]], "5.7: token ids are integers"), ([["5"]], "'5': token ids are integers")):
+        with pytest.raises(ValueError, match=message):
+            model.score_batch(ids, [candidates])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        model.score_batch(ids, [[[5]]], batch_size=0)
+    model.score_batch(ids, [[[5, image]]])  # an `<image>` last is only scored, never fed

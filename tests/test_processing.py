@@ -31,6 +31,19 @@ def test_interleaved_list_equals_string_with_placeholders(processor):
     assert ids.count(processor.media_token_id) == 1 and ids.count(processor.end_of_chunk_token_id) == 1
 
 
+def test_an_interleaved_prompt_holding_a_video_as_frames_is_one_prompt(processor):
+    """A list of PIL frames inside an interleaved list is a video medium, not a second prompt (it was read as a batch
+    of three prompts, the frames as four images)."""
+    frames = [random_image(i) for i in range(4)]
+    interleaved = processor(["Question:", frames, " what moves? Answer:"])
+    string = processor("Question:<image> what moves? Answer:", images=[frames])
+    assert torch.equal(interleaved["input_ids"], string["input_ids"])
+    assert interleaved["num_media"].tolist() == [1] and interleaved["images"].shape[:3] == (1, 1, 4)
+    assert torch.equal(interleaved["images"], string["images"])
+    batch = processor([["Question:", frames, " what?"], ["A:", random_image(5)]])  # two interleaved prompts
+    assert batch["input_ids"].shape[0] == 2 and batch["num_media"].tolist() == [1, 1]
+
+
 def test_padding_sides_and_media_padding(processor):
     imgs = [[random_image(0), random_image(1)], []]
     left = processor(["<image>a<image>b", "plain text that is longer"], images=imgs, padding_side="left")

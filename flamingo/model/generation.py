@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -61,7 +62,8 @@ def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.
     if visual_tokens is None and images is not None:
         if num_media is None:
             num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)
-        visual_tokens = model.encode_media(images, num_media, num_frames, vision_cache=vision_cache)
+        if bool(torch.as_tensor(num_media).any()):  # else no row holds a medium: a text-only batch, as in forward
+            visual_tokens = model.encode_media(images, num_media, num_frames, vision_cache=vision_cache)
     elif visual_tokens is not None and num_media is None:
         num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
     model.check_media_tokens(input_ids, num_media)
@@ -155,9 +157,20 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                              "compileable, MPT and MosaicGPT among them): generate without compile")
         kwargs.setdefault("cache_implementation", "static")
         kwargs.setdefault("compile_config", compile_config(input_ids.device.type))
+    if kwargs.get("use_cache") is False or (generation_config is not None and generation_config.use_cache is False):
+        raise ValueError("Flamingo decodes on the LM's KV cache (a step feeds only the new tokens): generate with "
+                         "use_cache=True")
+    if assisted := [k for k in ASSISTED if kwargs.get(k) is not None]:
+        raise ValueError(f"{', '.join(assisted)}: assisted and prompt-lookup decoding feed several tokens per decode "
+                         "step, which Flamingo's decode step does not take: generate without them")
     config_keys = set(GenerationConfig().to_dict())
-    config = generation_config or generation_config_for(
-        model, **{k: v for k, v in kwargs.items() if k in config_keys})
+    fields = {k: v for k, v in kwargs.items() if k in config_keys}
+    if generation_config is not None:  # kwargs update a copy of it, as in transformers
+        config = copy.deepcopy(generation_config)
+        config.update(**fields)
+    else:
+        config = generation_config_for(model, **fields)
+    config.use_cache = True  # an LM config without a cache (MPT's default) would feed the whole sequence each step
     config = fit_to_positions(model, config, attention_mask)
     if config.prefill_chunk_size is not None and model.whole_prompt_rules:
         raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
@@ -173,6 +186,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                                  streamer=streamer, **rest)
 
 
+# transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)
+ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "assistant_tokenizer")
+
+
 class EnterDecode(LogitsProcessor):
     """Switches a generation's context from PREFILL to DECODE when transformers hands over the prompt's logits:
     every later LM call of the generation decodes new tokens. Leaves the scores as they are."""
@@ -181,7 +198,8 @@ class EnterDecode(LogitsProcessor):
         self.ctx = ctx
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.ctx.phase = Phase.DECODE
+        if self.ctx.media_index is not None or self.ctx.decode_index is not None:  # the prompt has run
+            self.ctx.phase = Phase.DECODE
         return scores
 
 
@@ -222,9 +240,20 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
         raise ValueError(f"{b} contexts but {len(continuations)} candidate lists")
     if any(len(c) == 0 for cands in continuations for c in cands):
         raise ValueError("every continuation needs at least one token")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     vocab = model.lm.get_input_embeddings().weight.shape[0]
-    if bad := [t for cands in continuations for c in cands for t in c if not 0 <= int(t) < vocab]:
-        raise ValueError(f"continuations hold token id {bad[0]}, outside the LM's vocabulary [0, {vocab})")
+    for cands in continuations:
+        for c in cands:
+            for k, t in enumerate(c):
+                try:
+                    t = operator.index(t)  # ints (Python, numpy, 0-d integer tensors); not 5.7, not "5"
+                except TypeError:
+                    raise ValueError(f"continuations hold {t!r}: token ids are integers") from None
+                if not 0 <= t < vocab:
+                    raise ValueError(f"continuations hold token id {t}, outside the LM's vocabulary [0, {vocab})")
+                if t == model.config.media_token_id and k < len(c) - 1:  # it would need an image of its own
+                    raise ValueError("a continuation may not hold <image> before its last token")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):

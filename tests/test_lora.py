@@ -236,3 +236,29 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(make_model
         grads.append({n: p.grad for n, p in model.named_parameters() if lora.is_adapter_key(n)})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_a_merged_model_refuses_what_its_final_save_or_export_would_lose(backbone_dirs, tmp_path):
+    """A merged LoRA's weights are saved as extra_saved_weights: new adapters (renaming them) or quantization
+    (packing them) made the final save of a whole run fail after its last step, and the OpenFlamingo export dropped
+    them. The trainer refuses before step 1; the export names them."""
+    from flamingo.convert.to_openflamingo import incompatibilities
+    from flamingo.model.quantize import quantize_frozen
+    from flamingo.train.trainer import check_final_save
+
+    model, _, _ = _adapted_model(backbone_dirs)
+    model.merge_lora()
+    check_final_save(model, None)  # as merged: it saves
+    assert any("changed LM weights ['lm.model.layers.0.self_attn.q_proj.weight'" in p for p in incompatibilities(model))
+    out = str(tmp_path / "merged")
+    model.save_pretrained(out, trained_only=True)
+    again = Flamingo.from_pretrained(out)
+    lora.apply_lora(again.lm, SPEC)  # what model.flamingo.lm_lora does to init_from
+    with pytest.raises(ValueError, match="would be saved from layers that model.flamingo.lm_lora wraps"):
+        check_final_save(again, None)
+    packed = Flamingo.from_pretrained(out)
+    quantize_frozen(packed, "int8")
+    with pytest.raises(ValueError, match="would be saved from layers that .*quantize_frozen packs"):
+        check_final_save(packed, None)
+    with pytest.raises(ValueError, match="train.save_trained_only: true or null"):
+        check_final_save(packed, False)  # quantized backbones are never saved whole

@@ -254,3 +254,18 @@ def test_trainer_quantizes_after_building_and_saves_trained_only(tmp_path):
     out = trainer.run()
     loaded, _ = load_pretrained(out)
     assert quantized_mode(loaded) == "nf4"
+
+
+def test_frozen_adapters_and_gpt2_conv1d_layers(make_model):
+    """LoRA adapters keep their dtype even when every parameter is frozen (an inference idiom); GPT-2's Conv1D
+    projections are not packed, and a warning says so (they were skipped silently)."""
+    from flamingo.model import lora
+
+    model, _ = make_model(lm_lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    model.requires_grad_(False)
+    quantize_frozen(model, "int8")
+    adapters = [(n, p) for n, p in model.named_parameters() if lora.is_adapter_key(n)]
+    assert adapters and not any(is_quantized(p) for _, p in adapters)
+    gpt2, _ = make_model("gpt2")
+    with pytest.warns(UserWarning, match="the LM's Conv1D layers are not quantized"):
+        quantize_frozen(gpt2, "int8")

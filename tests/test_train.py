@@ -519,3 +519,21 @@ def test_leaving_the_process_group_exits_with_the_output_flushed(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout == "written" and result.stderr.endswith("also written")
+
+
+def test_a_checkpoint_of_another_optimizer_kind_or_lora_is_refused_by_option(make_model):
+    """Resuming with optim.kind or lm_lora changed failed inside torchao (lr is not a tensor, lerp_ on an 8-bit
+    state) or torch (a size mismatch, a KeyError); the checkpoint's state now names what differs."""
+    from flamingo.train.state import check_resumable
+
+    model, _ = make_model(lm_lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    check_resumable("ck", {"optim_kind": "adamw"}, model, trained, "adamw")
+    with pytest.raises(ValueError, match="written with optim.kind=adamw; the config says adamw8bit"):
+        check_resumable("ck", {"optim_kind": "adamw"}, model, trained, "adamw8bit")
+    wider = {n: torch.zeros(8, t.shape[1]) if "lora_A" in n else t for n, t in trained.items()}
+    with pytest.raises(ValueError, match=r"lora_A.default.weight is \(8, 32\) there, \(4, 32\) in the model.*lm_lora"):
+        check_resumable("ck", {}, model, wider, "adamw")
+    bare, _ = make_model()
+    with pytest.raises(ValueError, match="holds trained parameters this model does not train .*lora_A"):
+        check_resumable("ck", {}, bare, trained, "adamw")

@@ -66,6 +66,17 @@ def test_counts_below_their_least_value_are_refused(key, value):
         parse_config({"data": DATA, "train": {key: value}})
 
 
+def test_frozen_dtype_needs_bf16_autocast():
+    """bf16 frozen backbones meet the float32 blocks only under autocast: with precision fp32 step 1 failed inside
+    torch (fp16 too, and fp16 under bf16 autocast has no CPU kernel)."""
+    parse_config({"data": DATA, "train": {"frozen_dtype": "bf16", "precision": "bf16"}})
+    with pytest.raises(ValueError, match="set train.precision: bf16"):
+        parse_config({"data": DATA, "train": {"frozen_dtype": "bf16"}})
+    for bad in ("fp16", "float16"):
+        with pytest.raises(ValueError, match=f"train.frozen_dtype must be bf16, fp32 or null, got '{bad}'"):
+            parse_config({"data": DATA, "train": {"frozen_dtype": bad, "precision": "bf16"}})
+
+
 def test_numbers_and_flags_of_the_wrong_type_are_refused_by_name():
     for overrides, message in ((["train.steps=abc"], "train.steps must be an integer"),
                                (["data.0.batch_size=abc"], r"data\[0\].batch_size must be an integer"),

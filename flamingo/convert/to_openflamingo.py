@@ -61,8 +61,12 @@ def incompatibilities(model: Flamingo) -> list[str]:
         found.append(f"blocks before layers {model.xattn_layer_indices}, not every {c.xattn_every}th")
     if c.vision_feature_layer != -1 or not c.drop_cls_token:
         found.append("vision features other than the tower's last hidden state without its CLS token")
-    if has_lora(model.lm) or not c.freeze_lm:
-        found.append("a trained or adapted LM (OpenFlamingo's checkpoint holds no LM weights but its embedding)")
+    tables = {"lm." + param_name(model.lm, m.weight)
+              for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()) if m is not None}
+    changed = [n for n in c.extra_saved_weights if n.startswith("lm.") and n not in tables]  # a merged LoRA, say
+    if has_lora(model.lm) or not c.freeze_lm or changed:
+        found.append("a trained or adapted LM (OpenFlamingo's checkpoint holds no LM weights but its embedding)"
+                     + (f": changed LM weights {changed[:3]}" if changed else ""))
     if not c.freeze_vision:
         found.append("a trained vision tower")
     return found

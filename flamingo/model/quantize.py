@@ -24,6 +24,7 @@ backbones saves trained-only checkpoints (the backbones are re-loaded by name an
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
@@ -88,16 +89,27 @@ def _mode_of(weight: torch.Tensor) -> str:
 
 
 def _linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
-    """The frozen linear layers of the vision tower and the LM, as (parent module, attribute name, layer)."""
+    """The frozen linear layers of the vision tower and the LM, as (parent module, attribute name, layer). LoRA's
+    adapters are never among them, frozen or not (they keep their dtype)."""
     head = model.lm.get_output_embeddings()
     for backbone in (model.vision, model.lm):
-        for parent in backbone.modules():
+        for qualified, parent in backbone.named_modules():
+            if ".lora_" in f".{qualified}":  # an adapter's container (lora_A, lora_B, ...) or inside one
+                continue
             for name, module in parent.named_children():
-                if type(module) not in (nn.Linear, QuantizedLinear) or module.weight.requires_grad:  # not LoRA's
+                if type(module) not in (nn.Linear, QuantizedLinear) or module.weight.requires_grad:
                     continue
-                if module is head:  # Flamingo's hook on it fills the added tokens' logits; tied or not, it stays
-                    continue
+                if name.startswith("lora_") or module is head:  # the head: Flamingo's hook fills the added tokens'
+                    continue  # logits from it; tied or not, it stays
                 yield parent, name, module
+
+
+def unquantized_kinds(model: "Flamingo") -> list[str]:
+    """Class names of the LM's frozen linear layers that `quantize_frozen` does not pack (GPT-2's `Conv1D`, say):
+    they stay in float, and the memory mode saves less than asked."""
+    kinds = {type(m).__name__ for m in model.lm.modules()
+             if type(m).__name__ == "Conv1D" and not m.weight.requires_grad}
+    return sorted(kinds)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -174,6 +186,9 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
     if trained:
         raise ValueError(f"quantize_frozen={mode} quantizes frozen backbones, but {' and '.join(trained)} is false: "
                          "a trained backbone keeps its weights in floating point (or set quantize_frozen: none)")
+    if skipped := unquantized_kinds(model):
+        warnings.warn(f"quantize_frozen={mode}: the LM's {', '.join(skipped)} layers are not quantized (only "
+                      "nn.Linear layers are): they stay in floating point", stacklevel=2)
     linears = list(_linears(model))
     if not linears:
         return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}

@@ -208,6 +208,14 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError("train.precision must be fp32 or bf16")
+    frozen = config.train.frozen_dtype
+    if frozen is not None and frozen not in ("fp32", "bf16"):
+        raise ValueError(f"train.frozen_dtype must be bf16, fp32 or null, got {frozen!r} (fp16 frozen weights under "
+                         "bf16 autocast have no kernel on the CPU and lose range on a GPU)")
+    if frozen == "bf16" and config.train.precision != "bf16":
+        raise ValueError("train.frozen_dtype: bf16 stores the frozen backbones in bf16; their activations meet the "
+                         "float32 trained blocks only under autocast: set train.precision: bf16 (or frozen_dtype: "
+                         "null)")
     if config.train.grad_clip < 0:
         raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {config.train.grad_clip}")
     check_in_backward(config)

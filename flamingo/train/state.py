@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..model.flamingo import check_state_shapes
 from ..runtime.checkpoint_io import atomic_directory
 from . import state_codec
 
@@ -134,13 +135,33 @@ def _optimizer_and_scheduler_state(path: str, state: dict[str, Any]) -> tuple[An
             state_codec.decode(json.loads(metadata["scheduler"]), tensors))
 
 
+def check_resumable(path: str, state: dict[str, Any], model: nn.Module, trained: dict[str, torch.Tensor],
+                    optim_kind: Optional[str]) -> None:
+    """A checkpoint written by a run of another optimizer kind, or of other trained parameters (another
+    `model.flamingo.lm_lora`, say), is refused here with the option named, not inside torch or torchao."""
+    saved_kind = state.get("optim_kind")
+    if optim_kind is not None and saved_kind is not None and saved_kind != optim_kind:
+        raise ValueError(f"checkpoint {path} was written with optim.kind={saved_kind}; the config says {optim_kind}: "
+                         "their states differ (resume with the same kind, or start a new output_dir)")
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not is_sharded(model):
+        unknown = sorted(set(trained) - set(ours))
+        if unknown:
+            raise ValueError(f"checkpoint {path} holds trained parameters this model does not train {unknown[:5]}: "
+                             "was it written with another model.flamingo (lm_lora, ...)?")
+        check_state_shapes(ours, trained, f"checkpoint {path}",
+                           "was it written with another model.flamingo (lm_lora's r, ...)?")
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device, optim_kind: Optional[str] = None) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...).
-    Every rank reads the files (they must be on a shared or copied file system)."""
+    Every rank reads the files (they must be on a shared or copied file system). `optim_kind`: the config's
+    `optim.kind`, compared with the checkpoint's (`check_resumable`)."""
     trained = load_file(os.path.join(path, "trained.safetensors"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
+    check_resumable(path, state, model, trained, optim_kind)
     optimizer_state, scheduler_state = _optimizer_and_scheduler_state(path, state)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (

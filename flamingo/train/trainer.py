@@ -31,7 +31,7 @@ from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..model.lora import apply_lora
-from ..model.quantize import cast_frozen, quantize_frozen
+from ..model.quantize import cast_frozen, is_quantized, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from ..runtime.hub import local_dir
@@ -111,6 +111,28 @@ def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**m.flamingo))
 
 
+def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None:
+    """Refuse, before step 1, a run whose final `save_pretrained` would fail after its last step: quantized
+    backbones saved whole, a trained-only save without backbone names, and backbone weights the model changed
+    (`extra_saved_weights`: merged LoRA) that are now quantized or wrapped by new LoRA adapters."""
+    c = model.config
+    named = bool(c.vision_name_or_path and c.lm_name_or_path)
+    trained_only = named if save_trained_only is None else save_trained_only
+    if trained_only and not named:
+        raise ValueError("train.save_trained_only: true needs backbones by name (model.vision / model.lm, or "
+                         "init_from a model saved with them): set it to false or null")
+    if c.quantize_frozen != "none" and not trained_only:
+        raise ValueError(f"model.flamingo.quantize_frozen={c.quantize_frozen}: quantized backbones are never saved "
+                         "whole (quantizing is lossy), so the final model is trained-only: set "
+                         "train.save_trained_only: true or null" + ("" if named else " (and name the backbones)"))
+    state = model.state_dict()
+    changed = [n for n in c.extra_saved_weights if n not in state or is_quantized(state[n])]
+    if changed:
+        raise ValueError(f"the model's changed backbone weights {changed[:3]} (extra_saved_weights: a merged LoRA, a "
+                         "fine-tuned table) would be saved from layers that model.flamingo.lm_lora wraps or "
+                         "quantize_frozen packs: train without those options, or from the model before merging")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, sources: Optional[dict[str, BatchSource]] = None,
                  model: Optional[Flamingo] = None, processor: Optional[FlamingoProcessor] = None) -> None:
@@ -132,6 +154,7 @@ class Trainer:
         model.to(self.device)
         if model.config.quantize_frozen != "none":  # model.flamingo.quantize_frozen, packed on the training device
             quantize_frozen(model)
+        check_final_save(model, t.save_trained_only)  # now, not after the last step
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -210,7 +233,7 @@ class Trainer:
         path = latest_checkpoint(self.config.train.output_dir)
         if path is None:
             return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device, self.config.optim.kind)
         self.step = state["step"]
         self.nonfinite_streak.fill_(state["nonfinite_streak"])
         self.skipped_steps.fill_(state["skipped_steps"])
@@ -242,7 +265,7 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
                             {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
-                             "mixture": self.sampler.state_dict(), "data": data},
+                             "mixture": self.sampler.state_dict(), "data": data, "optim_kind": self.config.optim.kind},
                             self.config.train.keep_last)
         if self.world > 1:
             dist.barrier()

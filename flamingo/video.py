@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Optional, Union
 
 from PIL import Image
 
@@ -25,17 +24,10 @@ _TRUNCATED_FRACTION = 0.9
 # A frame time this close to a sampling instant counts as at it (float rounding of timestamps; far below a frame).
 _TIME_TOLERANCE = 1e-4
 
-# Display matrix (signs of its 2x2 part a, b, c, d, with x' = a x + c y, y' = b x + d y in image coordinates, y down)
-# -> the PIL transpose that shows the frame as players do; the same eight orientations as EXIF's.
-_DISPLAY_TRANSPOSE = {
-    (-1, 0, 0, 1): Image.Transpose.FLIP_LEFT_RIGHT,
-    (1, 0, 0, -1): Image.Transpose.FLIP_TOP_BOTTOM,
-    (-1, 0, 0, -1): Image.Transpose.ROTATE_180,
-    (0, -1, 1, 0): Image.Transpose.ROTATE_90,  # counter-clockwise
-    (0, 1, -1, 0): Image.Transpose.ROTATE_270,  # clockwise: a portrait phone video
-    (0, 1, 1, 0): Image.Transpose.TRANSPOSE,
-    (0, -1, -1, 0): Image.Transpose.TRANSVERSE,
-}
+# A frame's display rotation (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` gives it) -> the PIL
+# transpose that shows it as players do.
+_ROTATION_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+                       270: Image.Transpose.ROTATE_270}
 
 
 def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
@@ -70,16 +62,15 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
 
 
 def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:
-    """The transpose that turns a decoded frame upright, from its display matrix (a phone's rotation); None if none.
+    """The transpose that turns a decoded frame upright by its display rotation (a phone's), or None.
 
-    A matrix that is not a multiple of 90 degrees (with or without a mirror) is ignored.
+    Read from `frame.rotation` (PyAV 18.1 has it, 14.0 not: frames then stay as stored), not from
+    `frame.side_data`, which ties the frame into a reference cycle: a frame left for the garbage collector frees
+    FFmpeg's thread pool when collected, which in a process forked meanwhile (a DataLoader worker) waits forever.
+    A mirrored display matrix is shown unmirrored; a rotation that is not a multiple of 90 degrees is ignored.
     """
-    for data in getattr(frame, "side_data", ()):
-        if str(getattr(data, "type", "")).endswith("DISPLAYMATRIX") and len(bytes(data)) >= 36:
-            a, b, _, c, d = struct.unpack("=5i", bytes(data)[:20])  # 16.16 fixed point, row-major 3x3
-            key = tuple((v > 0) - (v < 0) if abs(v) > 0x8000 else 0 for v in (a, b, c, d))
-            return _DISPLAY_TRANSPOSE.get(key)
-    return None
+    degrees = getattr(frame, "rotation", None)
+    return _ROTATION_TRANSPOSE.get(int(degrees) % 360) if degrees is not None else None
 
 
 def frame_to_image(frame: "av.VideoFrame") -> Image.Image:
@@ -179,41 +170,51 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
     name = _describe(path)
     if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise ValueError(f"video file not found: {name}")
-    step = 1.0 / fps
+    # Decoded in `_decode`; an error leaves it without its traceback: the traceback's frames hold PyAV frames
+    # (whose converters own FFmpeg thread pools), kept in a reference cycle until a garbage collection, which in a
+    # process forked meanwhile (a DataLoader worker) would wait for threads that are not there.
+    error: Optional[ValueError] = None
     try:
-        source = _opener(path)
-        with av.open(source()) as container:
-            if not container.streams.video:
-                raise ValueError(f"no video stream in {name}")
-            stream = container.streams.video[0]
-            expected = int(stream.frames or 0)
-            seconds = _header_seconds(container, stream)
-            rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-            if max_seconds is not None and seconds is not None and seconds > max_seconds:
-                raise TooLong(f"{seconds:.1f} s long by its header, more than the {max_seconds:g} s allowed")
-            predicted = _predicted_instants(expected, seconds, rate, step)
-            guess = set(uniform_frame_indices(predicted, max_frames))
-            images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess,
-                                                        max_seconds=max_seconds)
-        if not instants:
-            raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
-        if expected and decoded < _TRUNCATED_FRACTION * expected:
-            raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
-        span = (last_t or 0.0) + (1 / rate if rate else 0.0)
-        if not expected and seconds and span < _TRUNCATED_FRACTION * seconds:
-            raise ValueError(f"video {name} is truncated: decoded {span:.2f} s of the {seconds:.2f} s its header lists")
-        chosen = uniform_frame_indices(instants, max_frames)
-        images = {i: images[i] for i in chosen if i in images}
-        if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
-            with av.open(source()) as container:
-                missing = set(chosen) - images.keys()
-                images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
+        return _decode(av, path, name, 1.0 / fps, max_frames, max_seconds)
     except TooLong as e:
-        raise TooLong(f"video {name} is {e}") from None
+        error = TooLong(f"video {name} is {e}")
     except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
-        raise ValueError(f"cannot decode video {name}: {e}") from e
-    except ValueError:
-        raise
+        error = ValueError(f"cannot decode video {name}: {e}")
+    except ValueError as e:
+        error = ValueError(str(e))
     except Exception as e:  # PyAV raises other types too (IndexError on a cut header, ...)
-        raise ValueError(f"cannot decode video {name}: {type(e).__name__}: {e}") from e
+        error = ValueError(f"cannot decode video {name}: {type(e).__name__}: {e}")
+    raise error
+
+
+def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
+            max_seconds: Optional[float]) -> list[Image.Image]:
+    """`decode_video`'s work (its docstring), raising PyAV's errors as they come."""
+    source = _opener(path)
+    with av.open(source()) as container:
+        if not container.streams.video:
+            raise ValueError(f"no video stream in {name}")
+        stream = container.streams.video[0]
+        expected = int(stream.frames or 0)
+        seconds = _header_seconds(container, stream)
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        if max_seconds is not None and seconds is not None and seconds > max_seconds:
+            raise TooLong(f"{seconds:.1f} s long by its header, more than the {max_seconds:g} s allowed")
+        predicted = _predicted_instants(expected, seconds, rate, step)
+        guess = set(uniform_frame_indices(predicted, max_frames))
+        images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess,
+                                                    max_seconds=max_seconds)
+    if not instants:
+        raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
+    if expected and decoded < _TRUNCATED_FRACTION * expected:
+        raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
+    span = (last_t or 0.0) + (1 / rate if rate else 0.0)
+    if not expected and seconds and span < _TRUNCATED_FRACTION * seconds:
+        raise ValueError(f"video {name} is truncated: decoded {span:.2f} s of the {seconds:.2f} s its header lists")
+    chosen = uniform_frame_indices(instants, max_frames)
+    images = {i: images[i] for i in chosen if i in images}
+    if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
+        with av.open(source()) as container:
+            missing = set(chosen) - images.keys()
+            images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
     return [images[i] for i in chosen]

@@ -24,6 +24,7 @@ uses a held-out (kind, colour) combination, which no training file ever shows.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -68,6 +69,7 @@ def _worker(root: str, size: MiniSize, seed: int, names: Sequence[str], queue: A
 
 def _run_parallel(root: Path, size: MiniSize, seed: int, bar: tqdm) -> dict[str, tuple[dict, float]]:
     ctx = mp.get_context("fork")  # the writers need no torch; fork starts at once
+    gc.collect()  # the parent's garbage is freed here, not in a child, where native pools it frees have no threads
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(str(root), size, seed, names, queue), daemon=True)
              for names in WRITER_GROUPS]

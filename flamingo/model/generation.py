@@ -182,8 +182,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
     with model.conditioned(ctx):
+        # use_cache also as an argument: transformers 4.x replaces a config value equal to its default with the
+        # model config's (MPT's False)
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 streamer=streamer, **rest)
+                                 streamer=streamer, use_cache=True, **rest)
 
 
 # transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)

@@ -25,7 +25,7 @@ from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROC
 from .references import reference_token, resolve_declarations
 from .runtime.compat import keep_special_tokens_kwargs
 from .runtime.hub import metadata_dir
-from .video import decode_video, uniform_frame_indices
+from .video import MAX_ASPECT_RATIO, check_image_size, decode_video, uniform_frame_indices  # noqa: F401 (re-export)
 
 TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
 # Files read as videos (by PyAV) wherever a path comes in; a GIF is one (animated: its frames at 1 FPS).
@@ -44,21 +44,6 @@ def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
     if bos_token and not text.startswith(bos_token):
         text = bos_token + text
     return text
-
-
-# The longest side may be at most this many times the shortest (Qwen2-VL's bound). Image processors that resize the
-# shortest side to S before cropping (CLIP) hold S x (S * ratio) pixels: a 5000x1 image at S = 224 takes GBs.
-MAX_ASPECT_RATIO = 200
-
-
-def check_image_size(width: int, height: int) -> None:
-    """Refuse an image with an empty side or an aspect ratio over `MAX_ASPECT_RATIO`:1, before an image processor
-    resizes it."""
-    if min(width, height) <= 0:
-        raise ValueError(f"{width}x{height} image: no pixels")
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ValueError(f"{width}x{height} image: aspect ratio over {MAX_ASPECT_RATIO}:1, too thin to resize (the "
-                         "image processor scales the short side up first)")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -237,12 +222,7 @@ class FlamingoProcessor:
             if not path.is_file():
                 raise ValueError(f"media file not found: {str(path)!r}")
             if path.suffix.lower() in VIDEO_EXTENSIONS:
-                frames = decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
-                try:
-                    check_image_size(*frames[0].size)
-                except ValueError as e:
-                    raise ValueError(f"video {str(path)!r}: {e}") from e
-                return frames
+                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
             try:
                 with Image.open(path) as im:
                     return [upright_rgb(im)]

@@ -30,6 +30,22 @@ _ROTATION_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTAT
                        270: Image.Transpose.ROTATE_270}
 
 
+# Images (processing.to_rgb) and videos (decode_video, from the header) alike: the longest side may be at most this
+# many times the shortest (Qwen2-VL's bound). Image processors that resize the shortest side to S before cropping
+# (CLIP) hold S x (S * ratio) pixels: a 5000x1 image at S = 224 takes GBs.
+MAX_ASPECT_RATIO = 200
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Refuse an image with an empty side or an aspect ratio over `MAX_ASPECT_RATIO`:1, before an image processor
+    resizes it."""
+    if min(width, height) <= 0:
+        raise ValueError(f"{width}x{height} image: no pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{width}x{height} image: aspect ratio over {MAX_ASPECT_RATIO}:1, too thin to resize (the "
+                         "image processor scales the short side up first)")
+
+
 def uniform_frame_indices(num_frames: int, max_frames: int) -> list[int]:
     """Indices of at most `max_frames` frames spread uniformly over a clip of `num_frames` (all if it is short)."""
     if num_frames <= max_frames:
@@ -195,6 +211,10 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
         if not container.streams.video:
             raise ValueError(f"no video stream in {name}")
         stream = container.streams.video[0]
+        try:  # from the header, before any frame: a thin video would blow up in the image processor as an image
+            check_image_size(stream.codec_context.width, stream.codec_context.height)
+        except ValueError as e:
+            raise ValueError(f"video {name}: {e}") from None
         expected = int(stream.frames or 0)
         seconds = _header_seconds(container, stream)
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None

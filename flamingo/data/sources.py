@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 
-from ..processing import check_image_size, upright_rgb
+from ..processing import upright_rgb
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
@@ -296,9 +296,7 @@ class MediaRef:
         data = self.read()
         if self.video:
             try:
-                frames = decode_video(data, fps=fps, max_frames=max_frames)
-                check_image_size(*frames[0].size)  # as images: a thin frame would blow up in the image processor
-                return frames
+                return decode_video(data, fps=fps, max_frames=max_frames)
             except ValueError as e:
                 raise SkipSample("bad_video", f"{self.name}: {e}") from e
         return [decode_image(data, self.name)]

@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 from PIL import Image
 
-from ..processing import VIDEO_EXTENSIONS, check_image_size, upright_rgb
+from ..processing import VIDEO_EXTENSIONS, upright_rgb
 from ..video import decode_video
 from .protocol import APIError
 
@@ -195,7 +195,3 @@ def _check_video(data: bytes, max_pixels: int, name: str) -> None:
         raise APIError(400, f"{name}: not a decodable video ({type(e).__name__}: {e})") from None
     if width * height > max_pixels:
         raise APIError(400, f"{name}: {width}x{height} frames are more than the server's {max_pixels} pixels")
-    try:
-        check_image_size(width, height)
-    except ValueError as e:
-        raise APIError(400, f"{name}: video frames: {e}") from None

@@ -29,18 +29,19 @@ class MediaLoader:
             self.cache.put(path, tensor)
         return tensor
 
+    def try_load(self, path: str) -> Optional[torch.Tensor]:
+        """`self(path)`, or None when the file cannot be read (why: `failed[path]`; each file is tried once)."""
+        if path in self.failed:
+            return None
+        try:
+            return self(path)
+        except ValueError as e:  # the processor's error for a missing, undecodable or truncated file
+            self.failed[path] = str(e)
+            return None
+
     def unreadable(self, paths: Sequence[str]) -> Optional[str]:
-        """Why the first of `paths` that cannot be read fails (the processor's error), or None when all can; the
-        readable ones are now cached."""
-        for path in paths:
-            if path not in self.failed:
-                try:
-                    self(path)
-                except ValueError as e:  # the processor's error for a missing, undecodable or truncated file
-                    self.failed[path] = str(e)
-            if path in self.failed:
-                return self.failed[path]
-        return None
+        """Why the first of `paths` that cannot be read fails (the processor's error), or None when all can."""
+        return next((self.failed[p] for p in paths if self.try_load(p) is None), None)
 
 
 def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media: bool = True) -> tuple[str, list[str]]:

@@ -64,15 +64,15 @@ class FeatureCache:
         missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
         if missing:
             mine = shard(len(missing)) if shared else range(len(missing))
-            readable = [j for j in mine if self.load.unreadable([missing[j][1]]) is None]
+            media = {j: self.load.try_load(missing[j][1]) for j in mine}  # each file decoded once
+            readable = [j for j, m in media.items() if m is not None]
             local: list[tuple[int, Optional[torch.Tensor]]] = list(zip(readable, pooled_features(
-                self.model, [self.load(missing[j][1]) for j in readable], self.batch_size))) if readable else []
-            local += [(j, None) for j in sorted(set(mine) - set(readable))]
+                self.model, [media[j] for j in readable], self.batch_size))) if readable else []
+            local += [(j, None) for j, m in media.items() if m is None]
             feats = all_gather(local, len(missing)) if shared else [f for _, f in sorted(local, key=lambda x: x[0])]
             self.features.update({i: f for (i, _), f in zip(missing, feats)})
-        rows = [self.features[i] for i in ids]
-        known = next((f for f in [*rows, *self.features.values()] if f is not None), None)
+        known = next((f for f in self.features.values() if f is not None), None)
         if known is None:
             raise ValueError(f"RICES: none of the {len(ids)} media can be read, e.g. "
                              f"{self.load.unreadable(first_media[:1])}")
-        return torch.stack([torch.zeros_like(known) if f is None else f for f in rows])
+        return torch.stack([torch.zeros_like(known) if self.features[i] is None else self.features[i] for i in ids])

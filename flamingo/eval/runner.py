@@ -32,7 +32,9 @@ from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
 
-SKIP_REASONS = ("too_long", "unreadable_media")  # why a query is not run (a record's `skip_reason`)
+# why a query is not run (a record's `skip_reason`), as results.md says it
+SKIP_REASONS = {"too_long": "longer than the model's max_length",
+                "unreadable_media": "with an image or video that cannot be read"}
 MAX_UNREADABLE_FRACTION = 0.5  # more of a run's queries with unreadable media: the data is wrong, stop
 
 
@@ -298,8 +300,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = cell.get((m, k))
             row.append("n/a" if r is None or r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    for reason, why in (("too_long", "longer than the model's max_length"),
-                        ("unreadable_media", "with an image or video that cannot be read")):
+    for reason, why in SKIP_REASONS.items():
         skipped: dict[int, int] = {}
         for run in results["runs"]:
             n = run.get("skipped_by", {"too_long": run.get("skipped", 0)}).get(reason, 0)

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
-from ..runtime.hub import local_dir, local_or_hub
+from ..runtime.hub import local_dir
 from ..runtime.meta import meta_parameters
 from . import generation, lora, quantize
 from .backbones import (
@@ -411,9 +411,9 @@ class Flamingo(nn.Module):
         """Every id in [0, V) of the LM's embedding table (V counts the added rows); a host sync on an accelerator,
         so `generate` and `score_batch` call it once per call and a training forward only on CPU ids."""
         vocab = self.lm.get_input_embeddings().weight.shape[0]
-        if ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab).any())):
-            bad = ids[(ids < 0) | (ids >= vocab)]
-            raise ValueError(f"{what} holds token id {int(bad[0])}, outside the LM's vocabulary [0, {vocab})")
+        outside = (ids < 0) | (ids >= vocab)
+        if bool(outside.any()):
+            raise ValueError(f"{what} holds token id {int(ids[outside][0])}, outside the LM's vocabulary [0, {vocab})")
 
     def check_media_tokens(self, input_ids: torch.Tensor, num_media: Optional[torch.Tensor]) -> None:
         """Each sample must have exactly as many `<image>` tokens as media."""
@@ -772,15 +772,15 @@ def _load_backbone(directory: str, config: FlamingoConfig, part: str, dtype: tor
         raise ValueError(f"{directory!r} holds no {part}/ directory and its config names no {part} backbone")
     else:
         source, where = ref, f"{ref!r} ({key} in {os.path.join(directory, CONFIG_NAME)})"
-        try:
-            local_or_hub(ref, part)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{directory!r} is a trained-only checkpoint whose {key} {ref!r} is neither a "
-                                    f"directory nor a Hub name: moved or deleted? Point {key} in {CONFIG_NAME} at "
-                                    "the backbone") from e
     load, what = (load_vision_tower, "vision tower") if part == "vision" else (load_lm, "LM")
     try:
         return load(source, **dtype_kwargs(dtype))
+    except FileNotFoundError as e:  # the loaders' `local_or_hub`: neither a directory nor a Hub name
+        if source is not ref:
+            raise
+        raise FileNotFoundError(f"{directory!r} is a trained-only checkpoint whose {key} {ref!r} is neither a "
+                                f"directory nor a Hub name: moved or deleted? Point {key} in {CONFIG_NAME} at the "
+                                "backbone") from e
     except (OSError, SafetensorError) as e:  # a missing or damaged weights file, a Hub name that cannot be read
         raise ValueError(f"cannot load the {what} of {directory!r} from {where}: "
                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e

@@ -170,7 +170,6 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
         config.update(**fields)
     else:
         config = generation_config_for(model, **fields)
-    config.use_cache = True  # an LM config without a cache (MPT's default) would feed the whole sequence each step
     config = fit_to_positions(model, config, attention_mask)
     if config.prefill_chunk_size is not None and model.whole_prompt_rules:
         raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
@@ -182,8 +181,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
     with model.conditioned(ctx):
-        # use_cache also as an argument: transformers 4.x replaces a config value equal to its default with the
-        # model config's (MPT's False)
+        # on the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step); an
+        # argument, not a config field: transformers 4.x replaces a field equal to its default with the model's
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, use_cache=True, **rest)
 

@@ -99,17 +99,15 @@ def _linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
             for name, module in parent.named_children():
                 if type(module) not in (nn.Linear, QuantizedLinear) or module.weight.requires_grad:
                     continue
-                if name.startswith("lora_") or module is head:  # the head: Flamingo's hook fills the added tokens'
-                    continue  # logits from it; tied or not, it stays
+                if module is head:  # Flamingo's hook on it fills the added tokens' logits; tied or not, it stays
+                    continue
                 yield parent, name, module
 
 
-def unquantized_kinds(model: "Flamingo") -> list[str]:
-    """Class names of the LM's frozen linear layers that `quantize_frozen` does not pack (GPT-2's `Conv1D`, say):
-    they stay in float, and the memory mode saves less than asked."""
-    kinds = {type(m).__name__ for m in model.lm.modules()
-             if type(m).__name__ == "Conv1D" and not m.weight.requires_grad}
-    return sorted(kinds)
+def has_frozen_conv1d(model: "Flamingo") -> bool:
+    """Whether the LM has frozen transformers `Conv1D` projections (GPT-2's): `quantize_frozen` packs `nn.Linear`
+    only, so they stay in float and the memory mode saves less than asked."""
+    return any(type(m).__name__ == "Conv1D" and not m.weight.requires_grad for m in model.lm.modules())
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -186,9 +184,9 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
     if trained:
         raise ValueError(f"quantize_frozen={mode} quantizes frozen backbones, but {' and '.join(trained)} is false: "
                          "a trained backbone keeps its weights in floating point (or set quantize_frozen: none)")
-    if skipped := unquantized_kinds(model):
-        warnings.warn(f"quantize_frozen={mode}: the LM's {', '.join(skipped)} layers are not quantized (only "
-                      "nn.Linear layers are): they stay in floating point", stacklevel=2)
+    if has_frozen_conv1d(model):
+        warnings.warn(f"quantize_frozen={mode}: the LM's Conv1D layers are not quantized (only nn.Linear layers "
+                      "are): they stay in floating point", stacklevel=2)
     linears = list(_linears(model))
     if not linears:
         return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}

@@ -2,8 +2,8 @@
 
 A prompt is either a string with one `<image>` per medium plus the list of media, or one list mixing strings and
 media (`["Question:", img, "Answer: a cat.<|endofchunk|>"]`). A medium is a PIL image, an array `(H, W, 3)` of uint8
-pixels, a video (a list of PIL frames, an array `(F, H, W, 3)`, or a path to a video file), a path to an image file,
-or pixel values already preprocessed (a float tensor `(C, H, W)` or `(F, C, H, W)`). Every medium becomes a tensor
+pixels, a video (a list of PIL frames, an array `(F, H, W, 3)`, a path to a video file, or an animated GIF, PNG or
+WebP, as a path or a PIL image), a path to an image file, or pixel values already preprocessed (a float tensor `(C, H, W)` or `(F, C, H, W)`). Every medium becomes a tensor
 `(F, C, H, W)` (F = 1 for a still); a batch becomes `images (B, N_media, F, C, H, W)` zero-padded, with `num_media
 (B,)` and `num_frames (B, N_media)` saying what is real.
 """
@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,11 +25,18 @@ from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROC
 from .references import reference_token, resolve_declarations
 from .runtime.compat import keep_special_tokens_kwargs
 from .runtime.hub import metadata_dir
-from .video import MAX_ASPECT_RATIO, check_image_size, decode_video, uniform_frame_indices  # noqa: F401 (re-export)
+from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
+    MAX_ASPECT_RATIO,
+    animation_timeline,
+    check_image_size,
+    decode_video,
+    uniform_frame_indices,
+)
 
 TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
-# Files read as videos (by PyAV) wherever a path comes in; a GIF is one (animated: its frames at 1 FPS).
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv", ".gif")
+# Files read as videos (by PyAV) wherever a path comes in. Image files are read by PIL, an animated one (GIF, APNG,
+# WebP) as a video (`image_frames`).
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
 
@@ -88,6 +95,39 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     result carries no orientation, so reading it again leaves it as it is; an image rotated by hand (`rotate`,
     `transpose`) keeps the file's tag and is turned again: give such an image as `ImageOps.exif_transpose` left it."""
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8,
+                 max_seconds: Optional[float] = None) -> list[Image.Image]:
+    """An opened image file -> its frames: a still's one (`upright_rgb`), or an animation's (GIF, APNG, animated
+    WebP) as a video's: the frame shown at each instant of `animation_timeline` (by the frames' own delays), each
+    read by `upright_rgb`. What a file holds decides, not its name or MIME type: a GIF given as a path, a PIL image,
+    a data URL or a training shard's member gives the same frames. `max_seconds`: `TooLong` past it."""
+    if not getattr(image, "is_animated", False):
+        return [upright_rgb(image)]
+    check_image_size(*image.size)  # before seeking through the frames
+    shown = image.tell()  # a caller's image is left on the frame it showed
+
+    def delays() -> Iterator[Optional[float]]:
+        k = 0
+        while True:
+            try:
+                image.seek(k)
+            except EOFError:
+                return
+            image.load()  # WebP sets a frame's delay when it decodes it
+            delay = image.info.get("duration")  # milliseconds
+            yield float(delay) / 1000 if delay is not None else None
+            k += 1
+
+    try:
+        frames = []
+        for k in animation_timeline(delays(), fps, max_frames, max_seconds):  # ascending: each seek goes forward
+            image.seek(k)
+            frames.append(upright_rgb(image))
+        return frames
+    finally:
+        image.seek(shown)
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0,
@@ -225,11 +265,11 @@ class FlamingoProcessor:
                 return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
             try:
                 with Image.open(path) as im:
-                    return [upright_rgb(im)]
+                    return image_frames(im, self.video_fps, self.max_frames)
             except Exception as e:  # PIL raises several types for corrupt files
                 raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
         if isinstance(media, Image.Image):
-            return [upright_rgb(media)]
+            return image_frames(media, self.video_fps, self.max_frames)
         if isinstance(media, np.ndarray):
             frames = media[None] if media.ndim == 3 else media  # (F, H, W, 3)
             if frames.ndim != 4 or frames.shape[-1] != 3 or media.dtype != np.uint8:

@@ -7,7 +7,9 @@ Only the kept frames are converted to images, so memory is bounded by `max_frame
 
 from __future__ import annotations
 
+import bisect
 import io
+import math
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Optional, Union
 
@@ -238,3 +240,33 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
             missing = set(chosen) - images.keys()
             images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
     return [images[i] for i in chosen]
+
+
+# An animation frame's delay under this is shown for `_DEFAULT_DELAY` instead, as FFmpeg's GIF demuxer and browsers
+# show it (old encoders wrote 0 or 10 ms for "as fast as you can").
+_MIN_DELAY, _DEFAULT_DELAY = 0.02, 0.1
+
+
+def animation_timeline(delays: Iterable[Optional[float]], fps: float = 1.0, max_frames: int = 8,
+                       max_seconds: Optional[float] = None) -> list[int]:
+    """An animation's frame delays (seconds each frame is shown, None when unknown; read lazily) -> the index of
+    the frame shown at t = 0, 1/fps, 2/fps, ... while it plays (once), at most `max_frames` instants, uniformly spread.
+
+    The rule of `decode_video` over an animation's own clock: instant t shows the last frame starting at or before
+    t; the animation lasts until its last frame's delay ends. Raises `TooLong` once the delays pass `max_seconds`
+    (no further delay is read).
+    """
+    if fps <= 0 or max_frames < 1:
+        raise ValueError(f"an animation needs fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
+    starts, end = [], 0.0
+    for delay in delays:
+        starts.append(end)
+        end += delay if delay is not None and delay >= _MIN_DELAY else _DEFAULT_DELAY
+        if max_seconds is not None and end > max_seconds:
+            raise TooLong(f"longer than the {max_seconds:g} s allowed")
+    if not starts:
+        raise ValueError("an animation with no frames")
+    step = 1.0 / fps
+    instants = max(1, math.ceil(end / step - _TIME_TOLERANCE))  # t = j * step < end
+    return [bisect.bisect_right(starts, j * step + _TIME_TOLERANCE) - 1
+            for j in uniform_frame_indices(instants, max_frames)]

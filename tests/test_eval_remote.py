@@ -171,8 +171,8 @@ def test_a_busy_server_is_waited_for_and_long_candidate_lists_are_split(tmp_path
 
 
 def test_a_gif_reaches_the_server_as_the_video_it_is_in_process(tmp_path):
-    """A `.gif` query image is a video to the processor (its frames at 1 FPS); sent to a server it goes as
-    `video/gif`, which the server decodes to the same frames (as `image/gif` it took only the first)."""
+    """An animated `.gif` query image is a video to the processor (its frames at 1 FPS); sent to a server as
+    `image/gif`, it is decoded to the same frames."""
     from PIL import Image
 
     from flamingo.serve.media import MediaPolicy, load_medium
@@ -183,7 +183,7 @@ def test_a_gif_reaches_the_server_as_the_video_it_is_in_process(tmp_path):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000, loop=0)
     _, processor = tiny_flamingo()
     url = RemoteModel("http://127.0.0.1:9")._data_url(str(path))
-    assert url.startswith("data:video/gif;base64,")
+    assert url.startswith("data:image/gif;base64,")
     served = load_medium(url, MediaPolicy(root=None), fps=processor.video_fps, max_frames=processor.max_frames)
     assert isinstance(served, list) and len(served) == 3 and all(isinstance(f, Image.Image) for f in served)
     assert torch.equal(processor.preprocess_media(served), processor.preprocess_media(str(path)))

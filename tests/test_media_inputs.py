@@ -35,9 +35,9 @@ def png_bytes(image):
 
 def server_decode(data, name):
     pytest.importorskip("fastapi")  # the server's extra
-    from flamingo.serve.media import _decode_image
+    from flamingo.serve.media import MediaPolicy, _decode_image
 
-    return _decode_image(data, 10**8, name)
+    return _decode_image(data, MediaPolicy(max_pixels=10**8), name, 1.0, 8)
 
 
 def test_16_bit_greyscale_keeps_its_contrast_at_every_entry_point(processor, tmp_path):
@@ -76,7 +76,7 @@ def test_thin_and_empty_images_are_refused_before_the_image_processor(processor,
     """A 5000x1 image is 5000 pixels, but the CLIP processor scales its short side up first (GBs at 224 px); an empty
     one divided by zero inside transformers. Refused with its size, from the processor, the server and the shards."""
     from flamingo.data.errors import SkipSample
-    from flamingo.data.sources import decode_image
+    from flamingo.data.sources import decode_frames
 
     image = Image.new("RGB", size, (200, 0, 0))
     why = "aspect ratio over 200:1" if min(size) else "no pixels"
@@ -87,7 +87,7 @@ def test_thin_and_empty_images_are_refused_before_the_image_processor(processor,
     if min(size):  # PNG cannot store an empty image
         data = png_bytes(image)
         with pytest.raises(SkipSample, match=why):
-            decode_image(data, "thin.png")
+            decode_frames(data, "thin.png")
         with pytest.raises(Exception, match=why):  # the server's 400
             server_decode(data, "thin.png")
 
@@ -172,7 +172,7 @@ def test_bad_arrays_are_refused_with_the_shape_given(processor):
 def test_an_opened_image_is_turned_upright_like_its_file_and_only_once(processor, tmp_path):
     """A sideways JPEG opened by the caller reads as its path does; an image already turned upright (the server's
     and the shards' decoders, `upright_rgb`) carries no orientation and is not turned again."""
-    from flamingo.data.sources import decode_image
+    from flamingo.data.sources import decode_frames
 
     path = save_sideways_jpeg(tmp_path / "sideways.jpg")
     expected = pixels(processor, str(path))
@@ -183,6 +183,6 @@ def test_an_opened_image_is_turned_upright_like_its_file_and_only_once(processor
         upright = upright_rgb(opened)
     assert upright.size == (20, 40)
     data = path.read_bytes()
-    for once in (upright, decode_image(data, "s.jpg"), server_decode(data, "s.jpg")):
+    for once in (upright, decode_frames(data, "s.jpg")[0], server_decode(data, "s.jpg")):
         assert processor.load_media(once)[0].size == (20, 40)
         assert torch.equal(pixels(processor, once), expected)

@@ -154,10 +154,10 @@ def test_files_uploads_and_training_shards_read_an_image_alike(processor, tmp_pa
     """The processor's file path, the server's upload decoder and the training shards' decoder give the same pixels
     for a sideways JPEG and a half-transparent PNG (upright, on white), so a model sees an image in use as it saw it
     in training."""
-    from flamingo.data.sources import decode_image
+    from flamingo.data.sources import decode_frames
 
     pytest.importorskip("fastapi")  # the server's extra (the oldest pair's environment runs without it)
-    from flamingo.serve.media import _decode_image
+    from flamingo.serve.media import MediaPolicy, _decode_image
 
     save_sideways_jpeg(tmp_path / "sideways.jpg")
     clear = Image.new("RGBA", (32, 32), (0, 200, 0, 255))
@@ -166,10 +166,11 @@ def test_files_uploads_and_training_shards_read_an_image_alike(processor, tmp_pa
     for name in ("sideways.jpg", "clear.png"):
         path = tmp_path / name
         expected = processor("<image>x", images=[str(path)])["images"][0, 0]
-        for decoded in (decode_image(path.read_bytes(), name), _decode_image(path.read_bytes(), 10**8, name)):
+        for decoded in (decode_frames(path.read_bytes(), name)[0],
+                        _decode_image(path.read_bytes(), MediaPolicy(max_pixels=10**8), name, 1.0, 8)):
             assert torch.equal(processor("<image>x", images=[decoded])["images"][0, 0], expected), name
-    assert decode_image((tmp_path / "sideways.jpg").read_bytes(), "s").size == (20, 40)
-    assert decode_image((tmp_path / "clear.png").read_bytes(), "c").getpixel((0, 0)) == (255, 255, 255)
+    assert decode_frames((tmp_path / "sideways.jpg").read_bytes(), "s")[0].size == (20, 40)
+    assert decode_frames((tmp_path / "clear.png").read_bytes(), "c")[0].getpixel((0, 0)) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("array", [np.full((32, 32, 3), 0.5), np.full((2, 32, 32, 3), 300),

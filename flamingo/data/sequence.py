@@ -99,10 +99,9 @@ def tokenize_spans(processor: FlamingoProcessor, text: str, spans: Sequence[tupl
 
 
 def media_key(ref: MediaRef, fps: float, max_frames: int) -> Optional[tuple]:
-    """The media cache's key: the file, plus the frame sampling for a video; None for media with no stable name."""
-    if not ref.cache_key:
-        return None
-    return (ref.cache_key, fps, max_frames) if ref.video else (ref.cache_key,)
+    """The media cache's key: the file and the frame sampling (an image file may hold an animation); None for media
+    with no stable name."""
+    return (ref.cache_key, fps, max_frames) if ref.cache_key else None
 
 
 def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 
-from ..processing import upright_rgb
+from ..processing import image_frames
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
@@ -299,14 +299,15 @@ class MediaRef:
                 return decode_video(data, fps=fps, max_frames=max_frames)
             except ValueError as e:
                 raise SkipSample("bad_video", f"{self.name}: {e}") from e
-        return [decode_image(data, self.name)]
+        return decode_frames(data, self.name, fps, max_frames)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
+    """An image file's bytes -> its frames: one for a still, an animation's as a video's (`image_frames`)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return upright_rgb(im)
+            return image_frames(im, fps, max_frames)
     except Exception as e:  # PIL raises several types for corrupt bytes
         raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from e
 

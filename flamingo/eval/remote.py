@@ -110,7 +110,7 @@ class RemoteModel:
         url = self._urls.get(path)
         if url is None:
             kind = mimetypes.guess_type(path)[0]
-            if path.lower().endswith(VIDEO_EXTENSIONS):  # a video to the server as in-process (a .gif too)
+            if path.lower().endswith(VIDEO_EXTENSIONS):  # a video to the server as in-process
                 kind = "video/" + (kind or "video/mp4").split("/", 1)[1]
             kind = kind or "image/png"
             with open(path, "rb") as f:

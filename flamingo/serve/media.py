@@ -2,7 +2,8 @@
 
 A medium is a URL:
 - `data:image/...;base64,...` or `data:video/mp4|webm|...;base64,...` (videos decoded at the processor's FPS,
-  1 by default, up to its `max_frames`, by `flamingo.video`);
+  1 by default, up to its `max_frames`, by `flamingo.video`; an animated GIF, PNG or WebP is a video, whichever
+  way it comes: `flamingo.processing.image_frames`);
 - a local path (`/abs/path.png`, `rel/path.mp4` or `file://...`), only under the `--media-root` directory: the path is
   resolved (symlinks and `..` included) and refused when it leaves the root;
 - `http(s)://...`, only with `--allow-remote-media` (fetched with a timeout and the body size limit), and only from
@@ -30,11 +31,18 @@ from typing import Optional, Union
 
 from PIL import Image
 
-from ..processing import VIDEO_EXTENSIONS, upright_rgb
-from ..video import decode_video
+from ..processing import VIDEO_EXTENSIONS, image_frames
+from ..video import TooLong, decode_video
 from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
+_IMAGE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
+
+
+def _image_file(data: bytes) -> bool:
+    """Whether `data` is a GIF, PNG or WebP file (RIFF with "WEBP" at byte 8): read by PIL even when sent as a
+    video (`video_url`, `video/gif`), its animation decoded by `image_frames` as everywhere else."""
+    return data.startswith(_IMAGE_MAGIC) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
 
 
@@ -54,10 +62,10 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
     """One medium's URL -> a PIL image, or a list of frames for a video."""
     try:
         data, is_video, name = _read(url, policy, video, where)
-        if is_video:
+        if is_video and not _image_file(data):
             _check_video(data, policy.max_pixels, name)
             return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds)
-        return _decode_image(data, policy.max_pixels, name)
+        return _decode_image(data, policy, name, fps, max_frames)
     except APIError:
         raise
     except ValueError as e:
@@ -162,18 +170,22 @@ def _fetch(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[byte
     return data, video or mime.startswith("video/") or suffix in VIDEO_EXTENSIONS, f"{where} ({url})"
 
 
-def _decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
+def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_frames: int) -> Frames:
+    """An image file's bytes -> its image, or an animation's frames (`image_frames`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size  # from the header: nothing decoded yet
-                if width * height > max_pixels:
-                    raise APIError(400, f"{name}: {width}x{height} is more than the server's {max_pixels} pixels "
-                                        "per image")
-                return upright_rgb(im)
+                if width * height > policy.max_pixels:
+                    raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "
+                                        "pixels per image")
+                frames = image_frames(im, fps, max_frames, policy.max_video_seconds)
+                return frames[0] if len(frames) == 1 else frames
     except APIError:
         raise
+    except TooLong as e:
+        raise APIError(400, f"{name}: an animation {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise APIError(400, f"{name}: refused as a decompression bomb: {e}") from None
     except Exception as e:  # PIL raises many types for files that are not images

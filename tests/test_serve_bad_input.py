@@ -123,6 +123,19 @@ CASES = {
                                                 "not a token id"),
     "logprobs past the completions API's 5": (dict(json={"prompt": "Output:", "logprobs": 6}, path="/v1/completions"),
                                               400, "logprobs"),
+    # JSON may escape half a character (a JavaScript string cut in an emoji): tokenizers fail on it
+    "lone surrogate in chat": (dict(content=b'{"messages":[{"role":"user","content":"a\\ud800b"}]}'), 400,
+                               "lone UTF-16 surrogate"),
+    "lone surrogate in a completion": (dict(content=b'{"prompt":"a\\uDC00b","max_tokens":2}', path="/v1/completions"),
+                                       400, "lone UTF-16 surrogate"),
+    "lone surrogate in a response": (dict(content=b'{"input":"a\\ud83d","max_output_tokens":2}', path="/v1/responses"),
+                                     400, "lone UTF-16 surrogate"),
+    "lone surrogate to tokenize": (dict(content=b'{"prompt":"a\\ud800"}', path="/tokenize"), 400,
+                                   "lone UTF-16 surrogate"),
+    "surrogate bytes in chat": (dict(content=b'{"messages":[{"role":"user","content":"a\xed\xa0\x80b"}]}'), 400,
+                                "lone UTF-16 surrogate"),
+    "JSON nested too deeply": (dict(content=b'{"messages":[{"role":"user","content":"x"}],"stop":' + b"[" * 3000
+                                    + b"]" * 3000 + b"}"), 400, "nested too deeply"),
 }
 
 
@@ -224,3 +237,121 @@ def test_odd_sampling_values_are_answered_and_leave_a_neighbour_alone(model_dir,
         assert isinstance(answers[name], httpx.Response) and answers[name].status_code == 200, answers[name]
     assert len(answers["odd"].json()["choices"]) == ODD[case].get("n", 1)
     assert answers["neighbour"].json()["choices"] == alone.json()["choices"]
+
+
+def test_a_surrogate_pair_is_one_character(served):
+    """Only a lone surrogate is refused: an emoji escaped as its pair (as `json.dumps` writes it) is answered."""
+    body = b'{"messages":[{"role":"user","content":"a\\ud83d\\ude00b"}],"max_tokens":1}'
+    response = httpx.post(served + "/v1/chat/completions", content=body, headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def _texts(body: dict) -> list:
+    """The answer texts of a chat, completion or Responses body."""
+    if "output" in body:
+        return [part["text"] for item in body["output"] for part in item["content"]]
+    return [c["message"]["content"] if "message" in c else c["text"] for c in body["choices"]]
+
+
+def test_null_takes_the_default(served):
+    """OpenAI types temperature, top_p, n, stream, echo, ... as nullable: null is the field's default, and a float
+    field's error says number (not integer)."""
+    chat = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 3, "seed": 7}
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "stream_options": None, "user": None}
+    for path, body, given in (("/v1/chat/completions", chat, nulls),
+                              ("/v1/completions", {"prompt": "Output:", "max_tokens": 3, "seed": 7},
+                               {**nulls, "echo": None}),
+                              ("/v1/responses", {"input": "Output:", "max_output_tokens": 3},
+                               {"temperature": 0, "top_p": None, "stream": None})):
+        defaults = {k: v for k, v in given.items() if v is not None}
+        with_nulls = httpx.post(served + path, json={**body, **given}, headers=AUTH, timeout=30)
+        without = httpx.post(served + path, json={**body, **defaults}, headers=AUTH, timeout=30)
+        assert with_nulls.status_code == 200, with_nulls.text
+        assert _texts(with_nulls.json()) == _texts(without.json())
+    refused = httpx.post(served + "/v1/chat/completions", json={**chat, "temperature": "hot"}, headers=AUTH, timeout=30)
+    assert refused.status_code == 400 and "valid number" in refused.json()["error"]["message"]
+    required = httpx.post(served + "/v1/chat/completions", json={"messages": None}, headers=AUTH, timeout=30)
+    assert required.status_code == 400 and required.json()["error"]["param"] == "messages"
+
+
+def test_a_developer_message_is_a_system_message(served):
+    """OpenAI's newer chat role `developer` is the system message (as the Responses API takes it)."""
+    def answer(role):
+        body = {"messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Output:"}],
+                "max_tokens": 4, "temperature": 0}
+        response = httpx.post(served + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert answer("developer") == answer("system")
+
+
+@pytest.mark.parametrize("url, message", [("data:image/png;base64,@@@", "base64"),
+                                          ("data:text/plain;base64,aGk=", "unsupported media type"),
+                                          ("../secret.png", "outside"),
+                                          ("data:image/png;base64," + base64.b64encode(b"hello").decode(),
+                                           "not a decodable image"),
+                                          (_video_url(16, 16, seconds=12), "more than the 10 s allowed")])
+def test_media_errors_name_the_requests_field(served, url, message):
+    """A medium's error names the field that holds it: chat `messages`, completions `media`, Responses `input`."""
+    for path, body, field in (
+            ("/v1/chat/completions", _user(url, "Output:"), "messages"),
+            ("/v1/completions", {"prompt": "<image>Output:", "media": [url], "max_tokens": 2}, "media"),
+            ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}],
+                               "max_output_tokens": 2}, "input")):
+        response = httpx.post(served + path, json=body, headers=AUTH, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert message in error["message"] and error["param"] == field, (path, error)
+
+
+def _asgi_call(app, method: str, path: str, headers: dict, chunks: list) -> list:
+    """Call the ASGI app as a server would for a client that sends `chunks` of its body, then goes away; the
+    messages the app sent back."""
+    import asyncio
+
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_client_gone_while_its_body_is_read_is_no_server_error(model_dir, tmp_path):
+    """A client that sends part of its body and disconnects (a request or a file upload) ends its request with 499:
+    no server error, no traceback in the log (before: ClientDisconnect went up to the server as an ASGI error)."""
+    from flamingo.serve.app import create_app
+
+    app = create_app(engine_for(model_dir), ServeSettings(batch_dir=str(tmp_path / "batches")))
+    sent = _asgi_call(app, "POST", "/v1/chat/completions", {"content-length": "1000"}, [b'{"messages": ['])
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    boundary = "b0undary"
+    upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\n"
+              f"Content-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{{\"custom_id\"").encode()
+    sent = _asgi_call(app, "POST", "/v1/files", {"content-type": f"multipart/form-data; boundary={boundary}",
+                                                 "content-length": "100000"}, [upload])
+    assert sent[0]["status"] == 499
+
+
+def test_options_under_which_the_server_never_answers_are_refused_at_once(model_dir, tmp_path):
+    """A queue, batch or prefill chunk under 1 is refused when the engine is built, before the model loads (the
+    directory here does not exist: loading it would fail otherwise)."""
+    from flamingo.serve.engine import Engine
+    from flamingo.serve.server import build_engine
+
+    for bad in ({"max_queue": 0}, {"max_batch": 0}, {"prefill_chunk": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 1"):
+            build_engine(str(tmp_path / "no-model"), **bad)
+    engine = engine_for(model_dir)
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        Engine(engine.model, engine.processor, max_queue=0)

@@ -8,6 +8,7 @@ import json
 import re
 
 import httpx
+import pytest
 
 from flamingo.cli import main
 from flamingo.serve.app import ServeSettings
@@ -94,3 +95,33 @@ def test_a_line_that_is_not_utf8_is_answered_and_the_rest_too(tmp_path, one_thre
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [o["custom_id"] for o in out] == ["a", "b"]
     assert [o["response"]["status_code"] for o in out] == [200, 200] and report.succeeded == 2
+
+
+def test_odd_lines_cost_only_themselves(tmp_path, one_thread):
+    """A BOM costs no line; a line nested too deeply for the JSON reader (a RecursionError that ended the run with no
+    output) and one without a custom_id are error entries naming their line; NaN and half a character (which the
+    client sending the lines raised on) get the endpoint's 400; a concurrency under 1 is refused before the run."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    chat = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "Output:"}]}
+
+    def line(cid, body):
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+    deep = '{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"x": ' + "[" * 5000 \
+        + "]" * 5000 + "}}"
+    no_id = json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": chat})
+    lines = ["\ufeff" + line("a", chat), deep, "", no_id, line("nan", {**chat, "temperature": float("nan")}),
+             line("half", {**chat, "user": "\ud800"}), line("z", chat)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    engine = engine_for(model_dir, max_batch=2)
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        run_batch(engine, ServeSettings(), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), concurrency=-1)
+    assert engine._thread is None  # refused before the engine started
+    report = run_batch(engine, ServeSettings(model_name="tiny"), str(tmp_path / "in.jsonl"),
+                       str(tmp_path / "out.jsonl"), progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", None, None, "nan", "half", "z"]
+    assert [o["error"]["message"].split(":")[0] for o in out[1:3]] == ["line 2", "line 4"]
+    assert "nested too deeply" in out[1]["error"]["message"]
+    assert [o["response"]["status_code"] for o in out[:1] + out[3:]] == [200, 400, 400, 200]
+    assert (report.requests, report.succeeded, report.failed, report.invalid) == (6, 2, {400: 2}, 2)

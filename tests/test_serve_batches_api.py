@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from flamingo.serve import batch_runner, batch_store
+from flamingo.serve import batch_lines, batch_runner, batch_store
 from flamingo.serve.app import ServeSettings, create_app
 from flamingo.serve.batch_runner import COMPLETION_WINDOWS
 from flamingo.tiny import random_image
@@ -479,5 +479,54 @@ def test_an_input_file_is_split_at_newlines_only(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(request, ensure_ascii=False) + "\n" + json.dumps({**request, "custom_id": "b"}) + "\n",
                     encoding="utf-8")
-    lines = [line for line in batch_runner.BatchRunner._read(str(path)) if line.strip()]
+    lines = [line for line in batch_lines.read_lines(str(path)) if line.strip()]
     assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b"]
+
+
+def _odd_lines(chat: dict) -> list[str]:
+    """A UTF-8 BOM before a good first line (Windows editors write one), then lines that are no request or that the
+    endpoint refuses, and one good line after them."""
+    deep = '{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"x": ' + "[" * 5000 \
+        + "]" * 5000 + "}}"
+    no_id = json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": chat})
+    return ["\ufeff" + _line("a", chat), deep, "not json", no_id,
+            _line("nan", {**chat, "temperature": float("nan")}), _line("half", {**chat, "user": "\ud800"}),
+            _line("z", chat)]
+
+
+def test_odd_lines_cost_only_themselves_and_errors_name_their_line(served):
+    """A BOM costs no line; a line nested too deeply for the JSON reader, one that is not JSON and one without a
+    custom_id are error entries whose messages name their line; NaN and half a character get the endpoint's 400;
+    the batch runs (before: the deep line failed the batch, the BOM cost the first line, NaN and the surrogate
+    raised in the client that sends the lines)."""
+    client = openai_client(served)
+    batch = _wait(client, client.batches.create(input_file_id=_upload(client, _odd_lines(_chat(1, max_tokens=1))).id,
+                                                endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert batch.status == "completed", batch.errors
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (7, 2, 5)
+    assert [o["custom_id"] for o in _entries(client, batch.output_file_id)] == ["a", "z"]
+    errors = _entries(client, batch.error_file_id)
+    assert [e["error"]["message"].split(":")[0] if e["error"] else e["custom_id"] for e in errors] == \
+        ["line 2", "line 3", "line 4", "nan", "half"]
+    assert "nested too deeply" in errors[0]["error"]["message"] and errors[0]["error"]["code"] == "invalid_json"
+    assert [e["response"]["status_code"] for e in errors[3:]] == [400, 400]
+    assert "lone UTF-16 surrogate" in errors[4]["response"]["body"]["error"]["message"]
+
+
+def test_bad_batch_options_are_refused_at_construction(model_dir, tmp_path):
+    """A batch concurrency under 1 (a negative one failed every batch; 0 meant the default) and a batch directory
+    that is a file (a traceback after the model loaded) are refused when the settings are made."""
+    from flamingo.serve.batch_lines import send_all
+
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="concurrency must be >= 1"):
+            ServeSettings(batch_concurrency=bad)
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            ServeSettings(batch_dir=str(where))
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            batch_store.BatchStore(str(where))
+    ServeSettings(batch_dir=str(tmp_path / "new" / "dir"), batch_concurrency=1)  # made when the store opens
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        asyncio.run(send_all(None, [], 0))

@@ -11,13 +11,15 @@ import json
 import httpx
 import pytest
 import torch
+from tokenizers import processors
 
+from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine, find_stop
 from flamingo.serve.logprobs import TokenStrings
 from flamingo.serve.sampling import SamplingParams
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
 
-from serve_helpers import SHOT, data_url, openai_client, serving_tiny, submit_job
+from serve_helpers import SHARP, SHOT, data_url, openai_client, running_server, serving_tiny, submit_job
 
 QUERY = "<image>Question: what is in the image? Short answer:"
 ATOL = 5e-3  # cached, batched decoding against one uncached forward (SHARP logits are large)
@@ -382,3 +384,27 @@ def test_token_ids_must_match_the_media(served):
     ids = engine.processor.encode_prompt(QUERY, [random_image(1)])[0]
     response = httpx.post(url + "/v1/completions", json=_raw(ids, [random_image(1)] * 2, max_tokens=2), timeout=60)
     assert response.status_code == 400 and "<image> token" in response.json()["error"]["message"]
+
+
+def test_text_offsets_index_the_echoed_text_with_a_tokenizer_that_adds_a_bos(one_thread):
+    """A tokenizer that puts a BOS before every prompt (Llama's, IDEFICS's): the BOS is listed first (its
+    log-probability None) at offset 0 and counts no characters, so that each token's `text_offset` is where its text
+    starts in the choice's text, the echoed prompt's and the answer's (before: all shifted by the BOS's name)."""
+    model, processor = tiny_flamingo("llama", "clip", gates=0.5, lm_overrides=SHARP["llama"])
+    tok = processor.tokenizer
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                                  special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    prompt = "Output: a red circle"
+    assert processor.prompt_ids(prompt)[0] == tok.bos_token_id
+    with running_server(Engine(model, processor, max_batch=2), ServeSettings(model_name="tiny")) as url:
+        for max_tokens in (0, 3):
+            body = {"prompt": prompt, "max_tokens": max_tokens, "echo": True, "logprobs": 1, "temperature": 0}
+            choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+            text, lp = choice["text"], choice["logprobs"]
+            assert lp["tokens"][0] == tok.bos_token and lp["text_offset"][0] == 0
+            prompt_tokens = len(processor.prompt_ids(prompt))
+            assert "".join(lp["tokens"][1:prompt_tokens]) == prompt
+            for token, offset in list(zip(lp["tokens"], lp["text_offset"]))[1:]:
+                if "\ufffd" not in token and token != "<|endofchunk|>":  # a part of a character; a stop token
+                    assert text[offset:offset + len(token)] == token, (token, offset, text)
+            assert lp["text_offset"][prompt_tokens:prompt_tokens + 1] == ([len(prompt)] if max_tokens else [])

@@ -135,3 +135,21 @@ def test_errors_name_the_responses_field(served):
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == field, error
         assert "max_tokens" not in error["message"] and "messages" not in error["message"], error
+
+
+@pytest.mark.parametrize("body, where, param", [
+    ({"instructions": "be brief", "input": [{"role": "user", "content": "<image>x"}]}, "input[0]", "input"),
+    ({"instructions": "be brief", "input": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+        {"role": "user", "content": "and?"}]}, "input[1]", "input"),
+    ({"instructions": "an <image> here", "input": "hi"}, "instructions", "instructions"),
+    ({"input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "<image>"}]}, "input[1]", "input"),
+])
+def test_errors_name_the_input_item_at_fault(served, body, where, param):
+    """`instructions` go first into the conversation: an error names the item of `input` (or the instructions)
+    the client sent, not its place in the chat request it became."""
+    _, url = served
+    r = httpx.post(url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"].startswith(where + ":") and error["param"] == param, error

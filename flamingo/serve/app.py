@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import chat_format_for
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
+from .batch_store import check_batch_dir
 from .batches import mount_batch_api
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
@@ -58,7 +61,8 @@ class ServeSettings:
     """The operator's limits (the `flamingo serve` options)."""
 
     model_name: str = "flamingo"
-    api_key: Optional[str] = None  # when set, /v1/* and /metrics need `Authorization: Bearer <key>`
+    # when set, every route but the page (`/`, `/static`) and `/health` needs `Authorization: Bearer <key>`
+    api_key: Optional[str] = None
     max_body_bytes: int = 20 * 2**20
     max_tokens_cap: int = 512  # the most `max_tokens` a request may ask for (and the default, within positions)
     max_images: int = 32  # media parts per prompt
@@ -66,6 +70,14 @@ class ServeSettings:
     batch_dir: Optional[str] = None  # the Files and Batch APIs' storage (serve/batches.py); None: those routes 404
     batch_concurrency: Optional[int] = None  # a batch's requests in flight (default: the engine's batch)
     max_batch_file_bytes: int = 200 * 2**20  # an uploaded file's limit (OpenAI's)
+
+    def __post_init__(self) -> None:
+        """Refuse options under which the server would start but never answer (checked before the app exists)."""
+        if self.batch_concurrency is not None and self.batch_concurrency < 1:
+            raise ValueError(f"batch concurrency must be >= 1 (or unset: the engine's batch), got "
+                             f"{self.batch_concurrency}")
+        if self.batch_dir is not None:
+            check_batch_dir(self.batch_dir)
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -92,6 +104,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect) -> Response:
+        """The client left while its body was being read: nobody reads the answer, and it is no server error."""
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -126,9 +143,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             if len(body) > limit:
                 raise too_big
         try:
-            return json.loads(body)
+            payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply to read") from None
+        check_surrogates(body, payload)
+        return payload
 
     def load_media(refs: list[MediaRef], param: str) -> list[torch.Tensor]:
         """A request's media (given in its field `param`), checked, decoded and preprocessed to pixel values
@@ -137,11 +158,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise APIError(400, f"{len(refs)} images/videos, more than the {settings.max_images} this server "
                                 "accepts per prompt", param=param)
         if model.references is not None and len(refs) > model.references[1]:
-            raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens")
+            raise APIError(400, f"{len(refs)} images, more than the model's {model.references[1]} reference tokens",
+                           param=param)
         pixels = []
         for i, r in enumerate(refs):
             frames = load_medium(r.url, settings.media, video=r.video, fps=processor.video_fps,
-                                 max_frames=processor.max_frames, where=f"medium {i}")
+                                 max_frames=processor.max_frames, where=f"medium {i}", param=param)
             try:
                 pixels.append(processor.preprocess_media(frames))  # (F, C, H, W)
             except ValueError as e:  # the processor's checks (image size and mode)
@@ -263,9 +285,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
                                                           response_grammar(chat), "input"))
         except APIError as e:
-            name = RESPONSES_FIELDS.get(e.param or "")
-            if name is not None:
-                e.message, e.param = e.message.replace(e.param, name), name
+            as_responses_error(e, req)
             raise
         events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
         if req.stream:
@@ -366,6 +386,38 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+def check_surrogates(body: bytes, payload: Any) -> None:
+    """Refuse a body whose strings hold a lone UTF-16 surrogate (JSON's `"\\ud800"`: a JavaScript string cut in
+    the middle of an emoji is sent so): it is no character, and tokenizers fail on it. Only a body that may hold one
+    is walked: one with a `\\ud8..`-`\\udf..` escape, or with a surrogate's 3 bytes (which `json.loads` decodes)."""
+    if not re.search(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]", body):
+        return
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body holds a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no character: "
+                            "was a string cut in the middle of a character?") from None
+
+
+def as_responses_error(e: APIError, req: ResponsesRequest) -> None:
+    """A chat request's error as the Responses request it came from: the chat fields as the Responses API names
+    them, and `messages[k]` as the input item it was (`instructions` come first as messages[0] when given)."""
+    offset = 1 if req.instructions else 0  # as ResponsesRequest.chat() puts them
+
+    def item(m: re.Match) -> str:
+        k = int(m.group(1)) - offset
+        if k < 0:
+            return "instructions"
+        return "input" if isinstance(req.input, str) else f"input[{k}]"
+
+    e.message = re.sub(r"messages\[(\d+)\]", item, e.message)
+    if e.param == "messages" and e.message.startswith("instructions"):
+        e.param = "instructions"
+    name = RESPONSES_FIELDS.get(e.param or "")
+    if name is not None:
+        e.message, e.param = e.message.replace(e.param, name), name
 
 
 class _CountRequests:

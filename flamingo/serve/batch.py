@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from ..runtime.checkpoint_io import atomic_file
 from .app import ServeSettings, create_app
-from .batch_lines import Answer, Line, app_client, entry, parse_lines, send_all, tokens_of
+from .batch_lines import Answer, Line, app_client, entry, parse_lines, read_lines, send_all, tokens_of
 from .engine import Engine
 
 
@@ -60,10 +60,10 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
     """Answer every request of `input_path` into `output_path` (written whole, then renamed into place). The engine
     is started here and stopped at the end. concurrency: requests in flight (default: twice the engine's batch,
     within its queue)."""
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1 (or unset: twice the engine's batch), got {concurrency}")
     report = BatchReport()
-    # a byte that is not UTF-8 costs its line that character, not the run (as the HTTP Batch API reads a file)
-    with open(input_path, encoding="utf-8", errors="replace") as f:
-        lines = parse_lines(f)
+    lines = parse_lines(read_lines(input_path))  # as the HTTP Batch API reads a file
     report.requests = len(lines)
     concurrency = concurrency or min(2 * engine.max_batch, engine.max_queue)
     start = time.monotonic()

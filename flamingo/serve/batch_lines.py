@@ -14,7 +14,8 @@ joins an entry to its request):
      "body": {...}}, "error": null}
 
 A line that is no request (not JSON, no `custom_id`, a `custom_id` seen before, another method or URL,
-`stream: true`) gets `response: null` and an `error` with a code and a message.
+`stream: true`) gets `response: null` and an `error` with a code and a message that starts with its line's number
+in the file. A request is sent as Python's `json` writes it, so NaN or a lone surrogate gets the endpoint's 400.
 """
 
 from __future__ import annotations
@@ -42,11 +43,28 @@ class Line:
     error: Optional[dict[str, str]] = None  # {"code", "message"} when request is None
 
 
-def parse_line(line: str, seen: set[str]) -> Line:
-    """One input line -> a Line; `seen` collects the custom_ids so far (a second use is refused)."""
+def parse_line(line: str, seen: set[str], number: Optional[int] = None) -> Line:
+    """One input line -> a Line; `seen` collects the custom_ids so far (a second use is refused). number: the line's
+    number in its file (from 1), which starts its error's message (an error entry of a line with no custom_id has
+    nothing else that ties it to its line)."""
+    parsed = _parse_line(line, seen)
+    if parsed.error is not None and number is not None:
+        return Line(parsed.custom_id, None, {**parsed.error, "message": f"line {number}: {parsed.error['message']}"})
+    return parsed
+
+
+def load_json(line: str) -> Any:
+    """A line's JSON value; ValueError (a JSONDecodeError, or "nested too deeply") when it has none."""
     try:
-        request = json.loads(line)
-    except json.JSONDecodeError as e:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _parse_line(line: str, seen: set[str]) -> Line:
+    try:
+        request = load_json(line)
+    except ValueError as e:
         return Line(None, None, {"code": "invalid_json", "message": f"not JSON: {e}"})
     if not isinstance(request, dict):
         return Line(None, None, {"code": "invalid_request", "message": "a request is a JSON object"})
@@ -72,9 +90,17 @@ def parse_line(line: str, seen: set[str]) -> Line:
 
 
 def parse_lines(lines: Iterable[str]) -> list[Line]:
-    """The non-blank lines of a file, parsed in order."""
+    """The non-blank lines of a file, parsed in order (an error names its line's number in the file)."""
     seen: set[str] = set()
-    return [parse_line(line, seen) for line in lines if line.strip()]
+    return [parse_line(line, seen, n) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_lines(path: str) -> list[str]:
+    """A batch input file's lines, split at newlines only (JSON strings may hold U+2028, \\x85 and their kin raw).
+    A UTF-8 BOM (Windows editors write one) is dropped; a byte that is not UTF-8 costs its line that character,
+    not the file."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return f.read().split("\n")
 
 
 def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
@@ -85,8 +111,11 @@ def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
 
 
 async def _answer(client: httpx.AsyncClient, request: dict[str, Any]) -> Answer:
+    # encoded as Python's json does by default (not httpx's `json=`, which raises on NaN and on a lone surrogate):
+    # the endpoint answers such a line with its 400, as it would an interactive client's
+    content = json.dumps(request["body"]).encode()
     for attempt in range(1000):
-        response = await client.post(request["url"], json=request["body"])
+        response = await client.post(request["url"], content=content, headers={"content-type": "application/json"})
         if response.status_code != 429:
             break
         await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)))  # the engine's queue is full: wait for room
@@ -102,6 +131,8 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
     """Each line's request through `client`, at most `concurrency` in flight; answers in line order. None: the line
     is no request, or `stop` was set before its turn (requests already sent finish). on_answer(index, answer) runs
     as each answer arrives."""
+    if concurrency < 1:
+        raise ValueError(f"a batch's concurrency must be >= 1, got {concurrency}")
     limit = asyncio.Semaphore(concurrency)
 
     async def one(k: int, line: Line) -> Optional[Answer]:

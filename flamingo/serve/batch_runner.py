@@ -38,7 +38,7 @@ from typing import IO, Any, Callable, Optional
 
 from starlette.concurrency import run_in_threadpool
 
-from .batch_lines import Answer, Line, app_client, entry, parse_lines, send_all, tokens_of
+from .batch_lines import Answer, Line, app_client, entry, load_json, parse_lines, read_lines, send_all, tokens_of
 from .batch_store import BatchStore, Record, new_id
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def validation_errors(raw_lines: list[str], endpoint: str) -> list[dict[str, Any
     first_model: Optional[tuple[int, Any]] = None  # (line, model) of the first line that names a model
     for n, text in requests:
         try:
-            request = json.loads(text)
-        except json.JSONDecodeError:
+            request = load_json(text)
+        except ValueError:
             continue  # a bad line, answered in the error file
         if not isinstance(request, dict):
             continue
@@ -172,7 +172,7 @@ class BatchRunner:
         raw = None
         if body["input_file_id"] in self.store.files:
             try:  # the file may expire (or be deleted) while it is read
-                raw = await run_in_threadpool(self._read, self.store.content_path(body["input_file_id"]))
+                raw = await run_in_threadpool(read_lines, self.store.content_path(body["input_file_id"]))
             except FileNotFoundError:
                 pass
         if raw is None:
@@ -210,11 +210,6 @@ class BatchRunner:
     def _expire(self) -> None:
         self._expired = True
         self._stop.set()
-
-    @staticmethod
-    def _read(path: str) -> list[str]:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().split("\n")  # not splitlines(): JSON strings may hold U+2028, \x85 and their kin raw
 
     async def _finalize(self, record: Record, lines: list[Line], answers: list[Optional[Answer]]) -> None:
         body, expired = record.body, self._expired

@@ -57,8 +57,19 @@ def page(records: dict[str, Record], limit: int, after: Optional[str], newest_fi
             "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(ordered)}
 
 
+def check_batch_dir(root: str) -> None:
+    """Refuse a batch directory that cannot be one (an existing file, or a path through a file), before the
+    server loads its model; a directory that does not exist yet is made when the store opens."""
+    path = os.path.abspath(root)
+    while not os.path.exists(path):  # the nearest part that exists must be a directory
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"the batch directory {root!r} cannot be made: {path!r} is a file, not a directory")
+
+
 class BatchStore:
     def __init__(self, root: str) -> None:
+        check_batch_dir(root)
         self.files_dir = os.path.join(root, "files")
         self.batches_dir = os.path.join(root, "batches")
         os.makedirs(self.files_dir, exist_ok=True)

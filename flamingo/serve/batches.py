@@ -152,7 +152,8 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
     """Add the Files and Batch routes to `app`; the runner whose start/close the app's lifespan calls (None when the
     server has no batch directory). concurrency: a batch's requests in flight (default: the engine's batch)."""
     store = BatchStore(batch_dir) if batch_dir else None
-    runner = None if store is None else BatchRunner(store, app, api_key, concurrency or engine.max_batch,
+    runner = None if store is None else BatchRunner(store, app, api_key,
+                                                    engine.max_batch if concurrency is None else concurrency,
                                                     lambda: engine.accepting)
 
     def stored(request: Request) -> BatchStore:

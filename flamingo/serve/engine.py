@@ -64,6 +64,15 @@ def find_stop(text: str, stops: Sequence[str], final: bool) -> int:
     stable = text[:-1] if not final and text.endswith("\ufffd") else text
     return min((i for i in (stable.find(s) for s in stops) if i >= 0), default=-1)
 
+
+def check_engine_options(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+    """Refuse sizes under which an engine could never run a request (a queue of 0 turns every request away);
+    `server.build_engine` calls it before it loads the model."""
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 class QueueFull(Exception):
     """The waiting queue is full: the client should retry after `retry_after` seconds."""
 
@@ -138,6 +147,7 @@ class Engine:
         in fixed shapes (model/batching.py); the first steps of each shape compile. prefill_batch_tokens: waiting
         prompts are prefilled together in one call of up to this many tokens (padding included) while no row runs,
         and of up to `prefill_chunk` while rows run; 0: one at a time; None: `PREFILL_BATCH_TOKENS` of the device."""
+        check_engine_options(max_batch, max_queue, prefill_chunk)
         self.model, self.processor = model, processor
         self.compile_backend = compile_backend
         self.prefix_cache = PrefixCache.of_mib(prefix_cache_mib)  # prompts that begin alike share their prefill

@@ -75,8 +75,9 @@ def chat_entries(strings: TokenStrings, tokens: list[int], logprobs: TokenLogpro
 
 
 class CompletionLogprobs:
-    """The completions API's `logprobs` object of one choice, built token by token; `text_offset` counts the
-    characters of the tokens' texts before each token (from `offset`, where the echoed prompt's tokens begin)."""
+    """The completions API's `logprobs` object of one choice, built token by token; `text_offset` is where each token
+    starts in the choice's `text` (the echoed prompt, then the answer): it counts the characters of the tokens' texts
+    before it (from `offset`), except those the prompt's text does not hold (`add_prompt`)."""
 
     def __init__(self, strings: TokenStrings, offset: int = 0) -> None:
         self.strings, self.offset = strings, offset
@@ -96,6 +97,22 @@ class CompletionLogprobs:
             self.offset += len(text)
         for key, values in part.items():
             self.body[key].extend(values)
+        return part
+
+    def add_prompt(self, tokens: list[int], logprobs: Optional[TokenLogprobs], text: str) -> dict[str, list[Any]]:
+        """The echoed prompt's tokens (T,) (the first has no log-probability; `logprobs` are the others') with
+        offsets into `text`, the prompt as echoed. Tokens the tokenizer puts before that text (a BOS, and the space a
+        SentencePiece tokenizer writes before the first word) are in the lists but at offset 0 and count no
+        characters, so that the answer's tokens start at `len(text)`. Returns the lists of these tokens."""
+        start = self.offset
+        first, rest = self.add(tokens[:1], None), self.add(tokens[1:], logprobs)
+        part = {k: first[k] + rest[k] for k in first}
+        spelled = "".join(part["tokens"])
+        extra = len(spelled) - len(text)
+        if extra > 0 and spelled.endswith(text):  # else the tokens spell another text (a template's): counted as is
+            part["text_offset"] = [start + max(0, o - start - extra) for o in part["text_offset"]]
+            self.body["text_offset"][-len(tokens):] = part["text_offset"]
+            self.offset -= extra
         return part
 
     def _alternatives(self, top: list[tuple[int, float]]) -> dict[str, float]:

@@ -58,18 +58,20 @@ class MediaPolicy:
 
 
 def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: float = 1.0,
-                max_frames: int = 8, where: str = "media") -> Frames:
-    """One medium's URL -> a PIL image, or a list of frames for a video."""
+                max_frames: int = 8, where: str = "media", param: Optional[str] = None) -> Frames:
+    """One medium's URL -> a PIL image, or a list of frames for a video. param: the request's field that holds it
+    (`messages`, `media`, `input`), named by its errors."""
     try:
         data, is_video, name = _read(url, policy, video, where)
         if is_video and not _image_file(data):
             _check_video(data, policy.max_pixels, name)
             return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds)
         return _decode_image(data, policy, name, fps, max_frames)
-    except APIError:
+    except APIError as e:
+        e.param = e.param or param
         raise
     except ValueError as e:
-        raise APIError(400, f"{where}: {e}", param="messages") from None
+        raise APIError(400, f"{where}: {e}", param=param) from None
 
 
 def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes, bool, str]:

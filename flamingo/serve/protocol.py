@@ -4,16 +4,28 @@ Fields are typed strictly (`"max_tokens": "10"` is an error, not 10) and unknown
 does ("Unrecognized request argument supplied"). Ranges are OpenAI's: penalties in [-2, 2], `logit_bias` at most 300
 token ids with biases in [-100, 100], chat `top_logprobs` up to 20 (with `logprobs: true`), completions `logprobs` up
 to 5; `max_tokens: 0` only with the completions API's `echo` (the prompt's log-probabilities alone, as
-evaluation harnesses ask for them).
+evaluation harnesses ask for them). A field given `null` takes its default, as OpenAI's nullable fields do
+(`"temperature": null` is 1); a required field given `null` is refused.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictFloat  # an int or a float (strict mode takes an int for a float; a bool or a string is refused)
 
 
 class APIError(Exception):
@@ -32,6 +44,16 @@ class APIError(Exception):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """Drop the keys given `null` whose field has a default (OpenAI's nullable fields: some clients send every
+        field, null when unset); a required field's `null` stays, and is refused by its type."""
+        if not isinstance(data, dict):
+            return data
+        fields = {f.alias or name: f for name, f in cls.model_fields.items()}
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
     def check(self) -> None:
         """Checks across fields (an APIError), after the fields' own."""
@@ -63,9 +85,16 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 
 
 class Message(StrictModel):
-    role: Literal["system", "user", "assistant"]
+    """A chat message; `developer` (OpenAI's newer name for it) is a system message, as in the Responses API."""
+
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[ContentPart]]
     name: Optional[StrictStr] = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
 
 
 class StreamOptions(StrictModel):

@@ -38,8 +38,7 @@ class Answer:
         """The echoed prompt's log-probabilities: its first token has none."""
         ids = self.job.prompt_ids.tolist()
         for c in self._completion:
-            first, rest = c.add(ids[:1], None), c.add(ids[1:], event.logprobs)
-        self.prompt_logprobs = {k: first[k] + rest[k] for k in first}
+            self.prompt_logprobs = c.add_prompt(ids, event.logprobs, self.echo_text)
 
     def token(self, event: Event) -> Optional[dict[str, Any]]:
         """Take a delta's token; returns its `logprobs` object for a stream chunk (None when not asked for)."""

@@ -20,7 +20,7 @@ import torch
 from ..convert.auto import load_model
 from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
-from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine
+from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine, check_engine_options
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device:
                  prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
                  vision_cache_mib: float = DEFAULT_VISION_CACHE_MIB, compile: bool = False,
                  revision: Optional[str] = None, prefill_batch_tokens: Optional[int] = None) -> Engine:
+    check_engine_options(max_batch, max_queue, prefill_chunk)  # before the model loads: a bad size fails at once
     model, processor = load_model(model_dir, torch_dtype=dtype, device=device, quantize_frozen=quantize_frozen,
                                   revision=revision)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

@@ -1,6 +1,7 @@
 // The page of `flamingo serve`: a chat with images and videos, and a few-shot builder. Both send the OpenAI chat
 // API (streamed server-sent events) and show each answer's time to first token and tokens per second; with "token
 // probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover.
+// The chat shows what the server was sent: a turn that fails goes back into the composer (text and attachments).
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -16,11 +17,31 @@ function headers() {
   return h;
 }
 
+// A line under the settings: what the page did not do and why (skipped files).
+function notify(text) { $("#notice").textContent = text; }
+
 let modelName = "flamingo";
-fetch("/v1/models", { headers: headers() }).then((r) => r.json()).then((body) => {
-  if (body.data && body.data.length) modelName = body.data[0].id;
-  $("#model-name").textContent = modelName;
-}).catch(() => { $("#model-name").textContent = "(model list unavailable)"; });
+async function loadModelName() {
+  const shown = $("#model-name");
+  shown.classList.remove("error");
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      shown.classList.add("error");
+      shown.textContent = apiKey.value ? "(wrong API key: enter the server's key above)"
+                                       : "(this server needs an API key: enter it above)";
+      return;
+    }
+    const body = await response.json();
+    if (!response.ok || !body.data || !body.data.length) throw new Error(String(response.status));
+    modelName = body.data[0].id;
+    shown.textContent = modelName;
+  } catch (e) {
+    shown.textContent = "(model list unavailable)";
+  }
+}
+loadModelName();
+apiKey.addEventListener("change", loadModelName);
 
 for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", () => {
@@ -39,12 +60,35 @@ function readAsDataURL(file) {
   });
 }
 
+// MIME types by extension, for files the browser gives none (some systems: .webp, .heic, .mkv)
+const TYPES = {
+  png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp", bmp: "image/bmp",
+  tif: "image/tiff", tiff: "image/tiff", avif: "image/avif", heic: "image/heic", heif: "image/heif",
+  mp4: "video/mp4", m4v: "video/mp4", mov: "video/quicktime", webm: "video/webm", mkv: "video/x-matroska",
+  avi: "video/x-msvideo",
+};
+
+// A file's media type: the browser's, else its name's extension's; "" for a file that is no image or video.
+function mediaType(file) {
+  if (file.type.startsWith("image/") || file.type.startsWith("video/")) return file.type;
+  const dot = file.name.lastIndexOf(".");
+  return (dot >= 0 && TYPES[file.name.slice(dot + 1).toLowerCase()]) || "";
+}
+
+// The images and videos of a file list; the others are named in the notice, not dropped silently.
 function mediaFiles(list) {
-  return Array.from(list || []).filter((f) => f.type.startsWith("image/") || f.type.startsWith("video/"));
+  const files = Array.from(list || []);
+  const skipped = files.filter((f) => !mediaType(f)).map((f) => f.name || "(a file without a name)");
+  notify(skipped.length ? `Not attached: ${skipped.join(", ")}: not an image or a video (by its type or its ` +
+                          "name's extension)" : "");
+  return files.filter((f) => mediaType(f));
 }
 
 async function toMedium(file) {
-  return { url: await readAsDataURL(file), video: file.type.startsWith("video/"), name: file.name };
+  const type = mediaType(file);
+  let url = await readAsDataURL(file);
+  if (type !== file.type) url = url.replace(/^data:[^;,]*/, "data:" + type);  // typeless: application/octet-stream
+  return { url, video: type.startsWith("video/"), name: file.name };
 }
 
 function preview(medium) {
@@ -76,13 +120,19 @@ function acceptMedia(el, take) {
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
+// The max tokens field as sent: the number typed (the server says what it refuses: 0, over its cap), or an error.
+function maxTokens() {
+  const typed = $("#max-tokens").value.trim();
+  if (typed === "") throw new Error("max tokens is empty: enter how many tokens the answer may have");
+  return Number(typed);
+}
+
 // POST a chat request with stream=true; onText(delta, entry) per token (entry: its logprobs entry, when asked for);
-// resolves to the answer's figures.
-async function streamChat(messages, onText) {
+// resolves to the answer's figures. tooLarge: what to do about a body over the server's limit (413).
+async function streamChat(messages, onText, tooLarge) {
   const body = {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
-    max_tokens: parseInt($("#max-tokens").value, 10) || 32,
-    temperature: parseFloat($("#temperature").value) || 0,
+    max_tokens: maxTokens(), temperature: parseFloat($("#temperature").value) || 0,
   };
   if ($("#show-probs").checked) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const start = performance.now();
@@ -90,6 +140,8 @@ async function streamChat(messages, onText) {
   if (!response.ok) {
     let message = response.statusText;
     try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+    if (response.status === 413) message += ". " + tooLarge;
+    if (response.status === 401) message += ". Enter the server's API key above.";
     throw new Error(`${response.status}: ${message}`);
   }
   const reader = response.body.getReader();
@@ -193,11 +245,30 @@ function addMessage(role, media, text) {
   return el;
 }
 
+const TOO_LARGE_CHAT = "Every turn sends the whole conversation again, its images and videos too: start a New " +
+                       "chat, or attach fewer or smaller ones";
+
+// A failed turn leaves the conversation: its bubble goes, its text and media go back into the composer (before
+// anything typed since), and the error shows in a note that is no turn.
+function restoreTurn(sent, media, text, reply, error) {
+  sent.remove();
+  attachments = [...media, ...attachments];
+  renderAttachments();
+  const input = $("#chat-input");
+  input.value = input.value ? text + "\n" + input.value : text;
+  reply.className = "msg note";
+  $(".text", reply).classList.add("error");
+  $(".text", reply).textContent = error.message;
+  $(".stats", reply).textContent = "not in the conversation: your message is back in the box below";
+}
+
 async function sendChat() {
   const text = $("#chat-input").value;
-  if (!text && !attachments.length) return;
-  const content = [...attachments.map(part), ...(text ? [{ type: "text", text }] : [])];
-  addMessage("user", attachments, text);
+  if ($("#chat-send").disabled || (!text && !attachments.length)) return;  // Enter while a turn is on its way
+  const media = attachments;
+  const content = [...media.map(part), ...(text ? [{ type: "text", text }] : [])];
+  for (const note of document.querySelectorAll("#messages .msg.note")) note.remove();  // an earlier failure's
+  const sent = addMessage("user", media, text);
   history.push({ role: "user", content });
   attachments = [];
   renderAttachments();
@@ -207,13 +278,12 @@ async function sendChat() {
   const out = $(".text", reply);
   $("#chat-send").disabled = true;
   try {
-    const stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry));
+    const stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry), TOO_LARGE_CHAT);
     history.push({ role: "assistant", content: out.textContent });
     $(".stats", reply).textContent = describe(stats);
   } catch (e) {
     history.pop();
-    out.classList.add("error");
-    out.textContent = e.message;
+    restoreTurn(sent, media, text, reply, e);
   } finally {
     reply.dataset.done = "true";
     $("#chat-send").disabled = false;
@@ -268,7 +338,8 @@ async function runFewShot() {
   $("#fewshot-stats").textContent = "";
   $("#run-fewshot").disabled = true;
   try {
-    const stats = await streamChat(fewShotMessages(), (t, entry) => appendPiece(out, t, entry));
+    const stats = await streamChat(fewShotMessages(), (t, entry) => appendPiece(out, t, entry),
+                                   "Use fewer demos, or fewer or smaller images and videos");
     $("#fewshot-stats").textContent = describe(stats);
   } catch (e) {
     out.classList.add("error");

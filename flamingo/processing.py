@@ -3,9 +3,10 @@
 A prompt is either a string with one `<image>` per medium plus the list of media, or one list mixing strings and
 media (`["Question:", img, "Answer: a cat.<|endofchunk|>"]`). A medium is a PIL image, an array `(H, W, 3)` of uint8
 pixels, a video (a list of PIL frames, an array `(F, H, W, 3)`, a path to a video file, or an animated GIF, PNG or
-WebP, as a path or a PIL image), a path to an image file, or pixel values already preprocessed (a float tensor `(C, H, W)` or `(F, C, H, W)`). Every medium becomes a tensor
-`(F, C, H, W)` (F = 1 for a still); a batch becomes `images (B, N_media, F, C, H, W)` zero-padded, with `num_media
-(B,)` and `num_frames (B, N_media)` saying what is real.
+WebP, as a path or a PIL image), a path to an image file, or pixel values already preprocessed (a float tensor
+`(C, H, W)` or `(F, C, H, W)`). Every medium becomes a tensor `(F, C, H, W)` (F = 1 for a still); a batch becomes
+`images (B, N_media, F, C, H, W)` zero-padded, with `num_media (B,)` and `num_frames (B, N_media)` saying what is
+real.
 """
 
 from __future__ import annotations

@@ -186,6 +186,42 @@ def test_kind_detection_inspection_and_tar_shards(tmp_path):
     assert len(packed[1].media) == 2
 
 
+def test_a_tar_sample_lends_its_own_image_only_to_a_record_naming_one(tmp_path):
+    """The sample's own image member stands in for a path that names no member only when the record names one
+    medium: two named images are two images, and two paths that are no members are `missing_file`, not one image
+    twice."""
+    two = {"image": ["coco/a.jpg", "coco/b.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nAre these the same?"}, {"from": "gpt", "value": "No."}]}
+    two_messages = {"messages": [{"role": "user", "content": [{"type": "image", "image": "coco/a.jpg"},
+                                                              {"type": "image", "image": "coco/b.jpg"}]},
+                                 {"role": "assistant", "content": "No."}]}
+    one = dict(LLAVA, image="coco/a.jpg")  # a path from the original dataset: the member stands in
+    _write(tmp_path, [])
+    shard = tmp_path / "chat-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, row in enumerate([two, two_messages, one]):
+            (tmp_path / "s.json").write_text(json.dumps(row))
+            tar.add(tmp_path / "s.json", f"s{key}.json")
+            tar.add(tmp_path / "img" / "0.png", f"s{key}.png")
+    spec = DatasetSpec.create("chat", "chat", str(shard), 1, {}, _processor("flamingo"))
+    records = list(read_records(str(shard), "json"))
+    for record in records[:2]:
+        with pytest.raises(SkipSample, match="names 2 media") as e:
+            spec.example(record)
+        assert e.value.reason == "missing_file"
+    assert [m.name.rsplit(":", 1)[1] for m in spec.example(records[2]).media] == ["s2.png"]
+
+
+def test_endofchunk_in_a_conversation_is_refused_in_every_format(tmp_path):
+    """`<|endofchunk|>` in message text is Flamingo's marker: refused in IDEFICS's format too, whose tokenizer would
+    train its characters."""
+    row = {"image": "img/0.png", "conversations": [{"from": "human", "value": "<image>a <|endofchunk|> b"},
+                                                   {"from": "gpt", "value": "x"}]}
+    with pytest.raises(SkipSample, match="chunk marker") as e:
+        _encode(_write(tmp_path, [row]), _processor("idefics"))
+    assert e.value.reason == "bad_record"
+
+
 def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):
     """The batches train: the loss is over the answers' tokens only, and a few steps on the blocks lower it."""
     model, processor = tiny_flamingo(gates=0.5)
@@ -218,14 +254,15 @@ def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):
 
 def test_pairs_for_an_idefics_model_are_written_as_it_is_served(tmp_path):
     """Every kind is tokenized in the processor's template: a converted IDEFICS model trains on BOS and wrapped
-    images, as it is prompted; the wrappers, like `<image>`, are never targets."""
+    images, as it is prompted; the wrappers, like `<image>`, are never targets. Its tokenizer has no
+    `<|endofchunk|>`: the caption ends with EOS alone, as IDEFICS trains pairs."""
     processor = _processor("idefics")
     path = tmp_path / "pairs.jsonl"
     _write(tmp_path, [])
     path.write_text(json.dumps({"image": "img/0.png", "caption": "a red square."}) + "\n")
     spec = DatasetSpec.create("p", "pairs", str(path), 1, None, processor)
     (sample,) = [spec.encode(record) for record in read_records(str(path))]
-    assert sample.input_ids == processor.prompt_ids("<image>a red square.<|endofchunk|>" + spec.eos)
+    assert sample.input_ids == processor.prompt_ids("<image>a red square." + spec.eos)
     wrapper = processor.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER)
     assert sample.input_ids[:4] == [processor.tokenizer.bos_token_id, wrapper, processor.media_token_id, wrapper]
     assert sample.labels[:4] == [IGNORE_INDEX] * 4 and sample.labels[4] == sample.input_ids[4]

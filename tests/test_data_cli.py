@@ -4,6 +4,7 @@ loader reads back."""
 import csv
 import json
 import os
+import tarfile
 import warnings
 
 import pytest
@@ -102,6 +103,38 @@ def test_pack_with_no_good_row_fails_saying_why(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "dataset path" not in captured.out and "no sample could be packed" in captured.err
     assert "missing_file" in captured.err
+
+
+def test_pack_writes_only_rows_the_loader_reads_back(tmp_path):
+    """Every row pack counts as packed loads from its shard: a caption given as `text` (the loader takes it), an
+    image file without an extension or in a format the tar reader lists under no extension (named by its format,
+    or re-encoded as PNG), a caption with half an emoji; MMICL rows declaring several images, which a pair sample
+    cannot hold, are left out under a reason of their own, as are videos whose extension the tar reader lacks."""
+    from flamingo.data.pack import pack
+
+    root = tmp_path / "t"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "img" / "a.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "img" / "3f2a9c", format="JPEG")  # no extension
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(root / "img" / "b.ppm")  # PIL reads it; no tar reader lists it
+    rows = [{"image": "img/a.png", "text": "a caption in 'text'"},
+            {"image": "img/3f2a9c", "caption": "a JPEG without an extension"},
+            {"image": "img/b.ppm", "caption": "a PPM"},
+            {"image": "img/a.png", "caption": "half an emoji \ud83d here"},
+            {"images": ["img/a.png", "img/b.ppm"], "caption": "Image 0 is <image0>. Image 1 is <image1>."}]
+    table = root / "pairs.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = pack(str(tmp_path / "out"), source=str(table))
+    assert result["samples"] == 4 and result["skipped"] == {"multi_image_row": 1}
+    src = build_source(DatasetSection("p", "pairs", result["path"], 1, options={"shuffle": False}),
+                       tiny_processor())
+    assert len(list(src)) == 4 and src.skipped == {}
+    with tarfile.open(result["shards"][0]) as tar:
+        assert [n for n in tar.getnames() if not n.endswith(".txt")] == [
+            "000000000.png", "000000001.jpg", "000000002.png", "000000003.png"]
+    videos = root / "videos.jsonl"
+    videos.write_text(json.dumps({"video": "img/a.png", "caption": "not a video container"}) + "\n")
+    assert pack(str(tmp_path / "vout"), kind="video", source=str(videos))["skipped"] == {"video_extension": 1}
 
 
 def test_pack_image_folder_with_txt_captions(tmp_path):

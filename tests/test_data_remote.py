@@ -6,6 +6,7 @@ fetched is skipped with a warning and the others still read. A local HTTP server
 from __future__ import annotations
 
 import functools
+import gzip
 import http.server
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 
 from flamingo.data import build_source
 from flamingo.data.fixtures import make_interleaved, make_pair_shards, tiny_processor
-from flamingo.data.remote import ShardFetcher, hub_url
+from flamingo.data.remote import ShardFetcher, compression_of, hub_url
 from flamingo.data.sources import expand_path
 from flamingo.train.config import DatasetSection
 
@@ -170,7 +171,7 @@ def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_
     source = build_source(section, processor)
     with pytest.warns(UserWarning, match=r"shard-000004\.tar: HTTPError.*404.*its samples are skipped"):
         batches = list(source)
-    assert len(batches) == 12
+    assert len(batches) == 12 and source.skipped == {"bad_shard": 1}
     assert 1 <= len(_shards(cache)) <= 2  # the least recently used shards left
     assert sum(os.path.getsize(cache / f) for f in _shards(cache)) <= 2.5 * size
     fetcher = ShardFetcher(str(cache), 10 * size, retries=2)
@@ -179,6 +180,25 @@ def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_
         fetcher.fetch(f"{url}/shard-000004.tar")
     with pytest.raises(ValueError, match="remote data must be tar shards"):
         expand_path(f"{url}/pairs.jsonl")
+
+
+def test_a_gzipped_shard_is_cached_decompressed_and_gives_the_plain_shards_batches(tmp_path, server, processor):
+    """A seek back in a gzip stream decompresses it again from its start: the cache holds the plain tar."""
+    root, url = server
+    data = make_pair_shards(str(tmp_path / "local"), 6, 3)
+    for i, path in enumerate(data["files"]):
+        with open(path, "rb") as f:
+            (root / f"shard-{i:06d}.tar.gz").write_bytes(gzip.compress(f.read()))
+    cache = tmp_path / "cache"
+    options = {"remote_cache_dir": str(cache), "shuffle_buffer": 4}
+    local, _ = _batches(DatasetSection("p", "pairs", data["path"], 2, options=options), processor)
+    fetched, source = _batches(DatasetSection("p", "pairs", f"{url}/shard-{{000000..000001}}.tar.gz", 2,
+                                              options=options), processor)
+    assert [b["keys"] for b in fetched] == [[k.replace(".tar:", ".tar.gz:") for k in b["keys"]] for b in local]
+    assert source.skipped == {}
+    cached = sorted(_shards(cache))
+    assert len(cached) == 2 and all(compression_of(str(cache / name)) is None for name in cached)
+    assert sorted(os.path.getsize(cache / name) for name in cached) == sorted(map(os.path.getsize, data["files"]))
 
 
 def test_records_outliving_their_shard_in_the_cache_fetch_it_again(tmp_path, server, processor):

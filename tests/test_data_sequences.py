@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN
 from flamingo.data import build_interleaved_text, make_labels, match_images
 from flamingo.data.fixtures import colour, image_bytes, mmc4_document, tiny_processor, write_jsonl
 from flamingo.data.sequence import IGNORE_INDEX, collate
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
+from flamingo.processing import FlamingoProcessor
+from flamingo.tiny import tiny_image_processor, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +137,55 @@ def test_literal_markers_in_text_are_removed_and_batches_count_media(tmp_path, p
         pad = batch["attention_mask"][b] == 0
         assert (batch["labels"][b][pad] == IGNORE_INDEX).all()
         assert (batch["labels"][b][ids == processor.media_token_id] == IGNORE_INDEX).all()
+
+
+def _idefics_processor(*, end_of_utterance: bool = False):
+    """A converted IDEFICS model's processor: its tokenizer has `<image>` and `<fake_token_around_image>` (and the
+    instruct models' `<end_of_utterance>`), no `<|endofchunk|>`."""
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN]
+                            + ([END_OF_UTTERANCE] if end_of_utterance else [])})
+    tok.pad_token = tok.eos_token
+    return FlamingoProcessor(tok, tiny_image_processor(), template="idefics")
+
+
+@pytest.mark.parametrize("end_of_utterance", [False, True])
+def test_an_idefics_tokenizer_without_endofchunk_gets_no_chunk_marker(tmp_path, end_of_utterance):
+    """IDEFICS trains nothing between an image's text and the next image and ends a pair or document with EOS: so
+    do pairs and documents for a tokenizer without `<|endofchunk|>` (never the marker's characters, never
+    `<end_of_utterance>`, a dialogue's turn end)."""
+    processor = _idefics_processor(end_of_utterance=end_of_utterance)
+    tok = processor.tokenizer
+    doc = mmc4_document(4, {0: 1, 1: 3})
+    spec, records = _spec(tmp_path, [doc], processor, max_tokens=1000)
+    assert spec.chunk_end == ""
+    example = spec.example(records[0])
+    assert example.text == ("Sentence 0 is here.<image>Sentence 1 is here. Sentence 2 is here.<image>"
+                            "Sentence 3 is here.<|endoftext|>")
+    pairs = write_jsonl(str(tmp_path / "pairs.jsonl"), [{"image": "img/img0.png", "caption": "a red square."}])
+    pair_spec = DatasetSpec.create("p", "pairs", pairs, 1, None, processor)
+    (pair,) = [pair_spec.encode(r) for r in read_records(pairs)]
+    assert pair.input_ids == processor.prompt_ids("<image>a red square." + tok.eos_token)
+    for ids in (spec.encode(records[0]).input_ids, pair.input_ids):
+        assert "endofchunk" not in tok.decode(ids)
+        assert tok.convert_tokens_to_ids(END_OF_UTTERANCE) not in ids or not end_of_utterance
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 2  # BOS (the same id) and EOS
+
+
+def test_idefics_truncation_drops_an_image_and_its_wrappers_left_with_no_text(tmp_path):
+    """The wrappers follow each `<image>`: a cut right after an image (or inside its wrappers) drops it with them."""
+    processor = _idefics_processor()
+    wrapper = processor.tokenizer.convert_tokens_to_ids(IDEFICS_IMAGE_WRAPPER)
+    doc = mmc4_document(4, {0: 1, 1: 2, 2: 3})
+    spec, records = _spec(tmp_path, [doc], processor, max_tokens=1000)
+    full = spec.encode(records[0]).input_ids
+    second = [t for t, x in enumerate(full) if x == processor.media_token_id][1]
+    assert full[second - 1] == full[second + 1] == wrapper
+    for cut in (second, second + 1, second + 2):  # cut before, at and after the second image's closing wrapper
+        spec.options["max_tokens"] = cut
+        enc = spec.encode(records[0])
+        assert len(enc.media) == enc.input_ids.count(processor.media_token_id) == 1
+        assert enc.input_ids[-1] not in (wrapper, processor.media_token_id)
+        assert enc.input_ids == full[:len(enc.input_ids)]
+    spec.options["max_tokens"] = second + 3  # one text token after the second image: it stays
+    assert len(spec.encode(records[0]).media) == 2

@@ -20,6 +20,7 @@ import warnings
 from collections import deque
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..processing import FlamingoProcessor
@@ -119,8 +120,12 @@ class DatasetSource:
         if self.num_workers == 0:
             return self._stream(0, epoch, starts[0]) if not starts[0]["done"] else iter(())
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize; avoid the HF warning
+        # A generator of its own: each `iter` of a DataLoader draws a base seed, from torch's global generator
+        # otherwise, which training draws from too (dropout): a resume or a validation pass would shift it. The
+        # streams seed themselves (by seed, epoch and stream), so the workers' base seed is not read.
         loader = DataLoader(_Streams(self, epoch, starts), batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, prefetch_factor=self.prefetch_factor)
+                            collate_fn=_identity, prefetch_factor=self.prefetch_factor,
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -9,7 +9,8 @@ A record (a JSONL / JSON row, or a tar sample's `.json` with its image or video 
   (LLaVA writes `<image>\\n` first); with no placeholder at all, the media go before the first human turn's text.
 Paths are relative to the table's directory; in a tar shard they name members (`flamingo data pack --kind chat`
 writes them so), and a medium whose path is no member (or that has none) is the sample's own image (or video) member
-(`{key}.jpg` beside `{key}.json`, the WebDataset layout of LLaVA-style data, whose JSON may keep the original path).
+(`{key}.jpg` beside `{key}.json`, the WebDataset layout of LLaVA-style data, whose JSON may keep the original path)
+when the record names exactly one medium; otherwise such a path is `missing_file`.
 The conversation is written in the format of the processor's template (flamingo/chat.py: what `flamingo serve`
 writes for the same messages), and trained on its answers only: the assistant turns' text and end
 marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
@@ -20,8 +21,9 @@ source's `text_only` option keeps it: language-only instruction data, which trai
 under Flamingo's rule, the blocks' dense layers; a model with `imageless_rows_skip_blocks` (Multimodal-GPT's) runs
 such rows through its LM alone, as it trained them.
 
-Skipped and counted: a conversation without an answer (`empty_text`); a format marker in message text, media in a
-system or assistant turn, placeholders that do not match the media, unknown roles or part types (`bad_record`).
+Skipped and counted: a conversation without an answer (`empty_text`); a format marker (or `<|endofchunk|>`, in every
+format) in message text, media in a system or assistant turn, placeholders that do not match the media, unknown
+roles or part types (`bad_record`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..chat import ROLES, ChatFormat, Turn, pieces_of
-from ..config import MEDIA_TOKEN
+from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from .errors import SkipSample
 from .sequence import Example
 from .sources import (
@@ -48,10 +50,12 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 
 
 class _Media:
-    """Resolves a record's media: a path relative to its table, or the tar sample's own member."""
+    """Resolves a record's media: a path relative to its table, or the tar sample's own member. `count`: how many
+    media the record names; the sample's own member stands in only for a record that names one (two images named
+    by paths that are no members are not one image twice)."""
 
-    def __init__(self, record: RawRecord) -> None:
-        self.record = record
+    def __init__(self, record: RawRecord, count: int) -> None:
+        self.record, self.count = record, count
 
     def ref(self, path: Any, video: bool) -> MediaRef:
         record = self.record
@@ -62,15 +66,28 @@ class _Media:
             if not path:
                 raise SkipSample("bad_record", f"{record.key}: a medium without a path")
             return file_ref(resolve_relative(record.base_dir, path), video)
-        member = record.shard.find(path) if path else None  # a packed conversation names its members
+        member = record.shard.find(path, record.group) if path else None  # a packed conversation names its members
         if member is None:  # else the sample's own member (WebDataset: `{key}.jpg` beside `{key}.json`, whatever
             exts = VIDEO_EXTS if video else IMAGE_EXTS  # path the JSON kept from the original dataset)
             ext = next((e for e in exts if e in record.payload), None)
-            if ext is None:
-                raise SkipSample("missing_file", f"{record.key}: no member {path!r} in {record.file}, and the "
-                                                 f"sample has no {'|'.join(exts)} member")
+            if ext is None or self.count != 1:
+                why = (f"the sample has no {'|'.join(exts)} member" if ext is None else
+                       f"the record names {self.count} media, so its own {ext} member cannot stand in for them")
+                raise SkipSample("missing_file", f"{record.key}: no member {path!r} in {record.file}, and {why}")
             member = record.payload[ext]
         return member_ref(record.shard, member, video)
+
+
+def _media_count(row: dict[str, Any]) -> int:
+    """How many media a record names: its messages' media parts, or LLaVA's `image` / `video` paths (one where it
+    names none: a tar sample's own member, if any)."""
+    if "messages" in row:
+        messages = row["messages"] if isinstance(row["messages"], list) else []
+        contents = [m.get("content") for m in messages if isinstance(m, dict)]
+        return sum(1 for c in contents if isinstance(c, list) for p in c
+                   if isinstance(p, dict) and p.get("type") not in (None, "text"))
+    paths = row.get("video") if row.get("video") is not None else row.get("image")
+    return len(paths) if isinstance(paths, list) and paths else 1
 
 
 def _part_media(part: dict[str, Any]) -> Optional[tuple[Any, bool]]:
@@ -155,7 +172,6 @@ def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn
 
 def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Example:
     """One conversation record -> an `Example` written in `fmt`, its answers' character spans to train on."""
-    media = _Media(record)
     if record.shard is not None:
         members = record.payload
         if "json" not in members:
@@ -163,6 +179,7 @@ def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Exampl
         row = parse_json_record(record.shard.read(members["json"]), record.key)
     else:
         row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
+    media = _Media(record, _media_count(row))
     if "messages" in row:
         turns, refs = _from_messages(row["messages"], media, record.key)
     elif "conversations" in row:
@@ -181,6 +198,9 @@ def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Exampl
             if marker is not None:
                 raise SkipSample("bad_record", f"{record.key}: turn {i} contains {marker}, a marker of the "
                                                f"{fmt.name} format")
+            if END_OF_CHUNK_TOKEN in piece:  # every format: a tokenizer without it would train its characters
+                raise SkipSample("bad_record", f"{record.key}: turn {i} contains {END_OF_CHUNK_TOKEN}, Flamingo's "
+                                               "chunk marker")
     text, spans = "", []
     for piece, trained in fmt.segments(turns):
         if trained:

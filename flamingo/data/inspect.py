@@ -12,7 +12,7 @@ import os
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from PIL import Image, ImageDraw
 
@@ -20,7 +20,15 @@ from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
 from .kinds import KINDS, resolve_options
 from .sequence import example_ids
-from .sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, expand_path, parse_json_record, read_records
+from .sources import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    RawRecord,
+    close_open_shards,
+    expand_path,
+    parse_json_record,
+    read_records,
+)
 from .spec import DatasetSpec, remote_fetcher
 
 DETECT_RECORDS = 50  # records read to tell a dataset's kind
@@ -57,6 +65,8 @@ def record_kinds(record: RawRecord) -> set[str]:
     `conversations`) is chat; a row naming a `video`, an `image` or declared `images`, or a tar group with a video or
     an image member and its caption (`.txt` / `.json`), is video or pairs. A tar group of images alone (a document's
     images) and an unreadable record fit none."""
+    if record.lost is not None:
+        return set()
     try:
         if record.shard is None:
             row = record.payload if isinstance(record.payload, dict) else parse_json_record(record.payload, record.key)
@@ -88,14 +98,17 @@ def detect_kind(path: str, records: int = DETECT_RECORDS, options: Optional[dict
     files = expand_path(path)
     remote = {k: v for k, v in (options or {}).items() if k in ("remote_cache_dir", "remote_cache_gb")}
     fetcher = remote_fetcher(files, resolve_options("pairs", remote))  # options every kind shares
-    for file in files:
-        for record in read_records(file, fetcher=fetcher):
-            seen |= record_kinds(record)
-            read += 1
+    try:
+        for file in files:
+            for record in read_records(file, fetcher=fetcher):
+                seen |= record_kinds(record)
+                read += 1
+                if read >= records:
+                    break
             if read >= records:
                 break
-        if read >= records:
-            break
+    finally:
+        close_open_shards()
     if len(seen) == 1:
         return seen.pop()
     found = (f"its records fit {' and '.join(sorted(seen))} alike" if seen else
@@ -107,41 +120,61 @@ def detect_kind(path: str, records: int = DETECT_RECORDS, options: Optional[dict
 def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[FlamingoProcessor] = None, *,
                     options: Optional[dict[str, Any]] = None, limit: Optional[int] = None,
                     show: int = 6) -> InspectReport:
-    """Read every record (or the first `limit`) in file order; media are decoded to count frames and spot bad ones.
-    `kind` None: `detect_kind(path)`."""
+    """Read every record (or the first `limit`, opening no file after the one that holds the last) in file order;
+    media are decoded to count frames and spot bad ones. `kind` None: `detect_kind(path)`."""
     kind = kind or detect_kind(path, options=options)
     spec = DatasetSpec.create("inspect", kind, path, 1, options, processor)
     report = InspectReport(kind, len(spec.files), tokens=0 if processor is not None else None)
     skipped: Counter[str] = Counter()
-    o = spec.options
-    for file in spec.files:
-        for record in read_records(file, spec.tar_needs, spec.fetcher):
-            if limit is not None and report.records >= limit:
-                break
+    try:
+        for record in _records(spec, limit):
             report.records += 1
             try:
-                example = spec.example(record)
-                n_media = len(example.media)
-                if processor is not None:
-                    ids, _ = example_ids(processor, example, int(o["max_tokens"]))
-                    n_media = ids.count(processor.media_token_id)
-                    if n_media == 0 and not (o.get("text_only") and not example.media):
-                        raise SkipSample("no_matched_image", "nothing left within max_tokens")
-                media = [ref.load(fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
-                         for ref in example.media[:n_media]]
+                _count_sample(spec, record, report, show)
             except SkipSample as e:
                 skipped[e.reason] += 1
-                continue
-            report.samples += 1
-            report.media += len(media)
-            report.frames += sum(len(m) for m in media)
-            if processor is not None:
-                report.tokens = (report.tokens or 0) + len(ids)
-            if len(report.shown) < show:
-                text = processor.tokenizer.decode(ids) if processor is not None else example.text
-                report.shown.append((f"{record.key}: {text}", media))
+    finally:
+        close_open_shards()
     report.skipped = merge_counts([skipped])
     return report
+
+
+def _records(spec: DatasetSpec, limit: Optional[int]) -> Iterator[RawRecord]:
+    """The first `limit` (None: all) raw records of `spec`'s files: a file after the last of them is never opened
+    (a remote shard never fetched)."""
+    read = 0
+    for file in spec.files:
+        if limit is not None and read >= limit:
+            return
+        for record in read_records(file, spec.tar_needs, spec.fetcher):
+            yield record
+            read += 1
+            if limit is not None and read >= limit:
+                return
+
+
+def _count_sample(spec: DatasetSpec, record: RawRecord, report: InspectReport, show: int) -> None:
+    """Count one record's sample into `report` (and keep it to show while fewer than `show` are); SkipSample when
+    it is skipped."""
+    o, processor = spec.options, spec.processor
+    record.check()
+    example = spec.example(record)
+    n_media = len(example.media)
+    if processor is not None:
+        ids, _ = example_ids(processor, example, int(o["max_tokens"]))
+        n_media = ids.count(processor.media_token_id)
+        if n_media == 0 and not (o.get("text_only") and not example.media):
+            raise SkipSample("no_matched_image", "nothing left within max_tokens")
+    media = [ref.load(fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
+             for ref in example.media[:n_media]]
+    report.samples += 1
+    report.media += len(media)
+    report.frames += sum(len(m) for m in media)
+    if processor is not None:
+        report.tokens = (report.tokens or 0) + len(ids)
+    if len(report.shown) < show:
+        text = processor.tokenizer.decode(ids) if processor is not None else example.text
+        report.shown.append((f"{record.key}: {text}", media))
 
 
 def contact_sheet(report: InspectReport, path: str, thumb: int = 96, per_row: int = 6) -> str:

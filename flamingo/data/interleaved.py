@@ -2,9 +2,10 @@
 
 Each image is assigned to at most one sentence and each sentence gets at most one image: pairs are taken greedily by
 decreasing CLIP similarity, and only pairs at or above `similarity_threshold` count. The `<image>` goes right before
-its sentence; `<|endofchunk|>` closes every chunk (an image's text, up to the next image) and the document. Only the
-first `max_images` matched images (in document order) are kept; the token truncation may drop more (see
-`sequence.encode_example`). Text before the first image stays in the sequence as context but is not trained.
+its sentence; `<|endofchunk|>` closes every chunk (an image's text, up to the next image) and the document (for a
+tokenizer without it, nothing: `DatasetSpec.chunk_end`). Only the first `max_images` matched images (in document
+order) are kept; the token truncation may drop more (see `sequence.encode_example`). Text before the first image
+stays in the sequence as context but is not trained.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def _similarity(doc: dict[str, Any], n_images: int, n_sentences: int, where: str
 def _image_ref(info: dict[str, Any], record: RawRecord, image_dir: Optional[str], where: str) -> Optional[MediaRef]:
     if info.get("image_base64"):
         encoded = info["image_base64"]
+        if not isinstance(encoded, str):
+            raise SkipSample("bad_record", f"{where}: image_base64 must be a string, got {type(encoded).__name__}")
 
         def read() -> bytes:
             try:
@@ -97,7 +100,7 @@ def _image_ref(info: dict[str, Any], record: RawRecord, image_dir: Optional[str]
     if not isinstance(name, str) or not name:
         return None
     if record.shard is not None:
-        member = record.shard.find(name)
+        member = record.shard.find(name, record.group)
         if member is None:
             def missing() -> bytes:
                 raise SkipSample("missing_file", f"{where}: no member {name!r} in {record.file!r}")

@@ -3,7 +3,13 @@
 Shards hold `{key}.{jpg,png,...}|{mp4,...}` + `{key}.txt` for pairs and videos, and `{key}.json` (the document) +
 `{key}.{i}.{ext}` (its images, `image_name` rewritten to those member names) for interleaved documents, and
 `{key}.json` (the conversation, its media paths rewritten) + `{key}.{i}.{ext}` for conversations: the layouts
-`flamingo/data` reads. Rows whose media are missing or whose JSON is malformed are left out and counted.
+`flamingo/data` reads. A row is packed only if the loader would read it back: rows whose media are missing or whose
+JSON or fields are malformed (by the loader's rules: a pair's caption is `caption`, else `text`) are left out and
+counted by the loader's reasons. A pair's image is named by its format where its extension is not one the tar
+reader lists (`images/3f2a9c` holding a JPEG becomes `{key}.jpg`), and re-encoded as PNG where its format has no
+such extension either. Left out under reasons of their own: MMICL rows declaring several images (`images`,
+`multi_image_row`: a pair sample holds one image; keep them in a JSONL table), and videos whose extension the tar
+reader does not list (`video_extension`).
 """
 
 from __future__ import annotations
@@ -15,8 +21,22 @@ import tarfile
 from collections import Counter
 from typing import Any, Iterator, Optional
 
+from PIL import Image
+
 from .errors import SkipSample, merge_counts
-from .sources import IMAGE_EXTS, parse_json_record, read_records, resolve_relative
+from .sequence import clean_text, valid_text
+from .sources import IMAGE_EXTS, VIDEO_EXTS, parse_json_record, read_records, resolve_relative
+
+# PIL's format names whose files the tar reader lists under another extension
+FORMAT_EXTS = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}
+
+
+class Unpackable(Exception):
+    """A row the loader reads from a table but no shard layout holds: left out, counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 class ShardWriter:
@@ -88,14 +108,45 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1].lstrip(".").lower() or "bin"
 
 
-def _pair_members(row: dict[str, Any], base_dir: str, key: str, field: str) -> list[tuple[str, bytes]]:
-    rel, caption = row.get(field), row.get("caption")
-    if not isinstance(rel, str) or not isinstance(caption, str):
-        raise SkipSample("bad_record", f"{key}: needs {field!r} and 'caption' strings")
-    if not caption.strip():
+def _image_member(path: str, key: str) -> tuple[str, bytes]:
+    """An image file as the member `{key}.{ext}` the tar reader finds: its own extension where listed, else its
+    format's, else re-encoded as PNG (an animation as an animated PNG). Bytes PIL cannot read are `bad_image`, as the
+    loader would count them from the table."""
+    data = _read(path)
+    if _ext(path) in IMAGE_EXTS:
+        return f"{key}.{_ext(path)}", data
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = (image.format or "").lower()
+            ext = FORMAT_EXTS.get(fmt, fmt)
+            if ext in IMAGE_EXTS:
+                return f"{key}.{ext}", data
+            out = io.BytesIO()
+            image.save(out, format="PNG", save_all=getattr(image, "is_animated", False))
+            return f"{key}.png", out.getvalue()
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise SkipSample("bad_image", f"{path}: {e}") from e
+
+
+def _pair_members(row: dict[str, Any], base_dir: str, key: str, video: bool) -> list[tuple[str, bytes]]:
+    """A pair (or video) row as `{key}.{ext}` + `{key}.txt`, by the loader's rules (data/pairs.py)."""
+    field = "video" if video else "image"
+    if not video and "images" in row:
+        raise Unpackable("multi_image_row", f"{key}: a pair sample holds one image; keep rows with 'images' in a "
+                                            "JSONL table")
+    rel, caption = row.get(field), row.get("caption", row.get("text"))
+    if not isinstance(rel, str) or not rel.strip() or not isinstance(caption, str):
+        raise SkipSample("bad_record", f"{key}: needs {field!r} and 'caption' (or 'text') strings")
+    if not clean_text(caption):
         raise SkipSample("empty_text", key)
-    path = resolve_relative(base_dir, rel)
-    return [(f"{key}.{_ext(path)}", _read(path)), (f"{key}.txt", caption.encode())]
+    path = resolve_relative(base_dir, rel.strip())
+    if not video:
+        medium = _image_member(path, key)
+    elif _ext(path) in VIDEO_EXTS:
+        medium = (f"{key}.{_ext(path)}", _read(path))
+    else:
+        raise Unpackable("video_extension", f"{path}: the tar reader takes videos named {'|'.join(VIDEO_EXTS)}")
+    return [medium, (f"{key}.txt", valid_text(caption).encode())]
 
 
 def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[str, bytes]]:
@@ -205,8 +256,8 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
                     elif kind == "chat":
                         members = _chat_members(row, record.base_dir, key)
                     else:
-                        members = _pair_members(row, record.base_dir, key, "video" if kind == "video" else "image")
-                except SkipSample as e:
+                        members = _pair_members(row, record.base_dir, key, kind == "video")
+                except (SkipSample, Unpackable) as e:
                     skipped[e.reason] += 1
                     continue
                 writer.write(members)

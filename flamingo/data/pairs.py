@@ -1,8 +1,9 @@
 """Image–text and video–text pairs -> `Example`s: `<image>{caption}<|endofchunk|>` (+ EOS), one medium each.
 
 Tables (CSV / JSONL / JSON list) name the medium by a path relative to the table's directory (`image` or `video`
-field) next to `caption`; tar shards hold `{key}.jpg|jpeg|png|webp` (or `mp4|webm|mkv`) with `{key}.txt` or
-`{key}.json` (`{"caption": ...}`).
+field) next to `caption`; tar shards hold `{key}.{ext}`, an image (`sources.IMAGE_EXTS`: jpg, png, webp, gif, bmp,
+tiff, ...) or a video (`sources.VIDEO_EXTS`: mp4, webm, mkv, mov, avi, ...), with `{key}.txt` or `{key}.json`
+(`{"caption": ...}`).
 
 A JSONL/JSON row may instead hold several images (`images`: a list of paths) and a caption that declares each of
 them MMICL-style (`Image 0 is <image0>. Image 1 is <image1>. ...`, flamingo/references.py) where it goes, and may

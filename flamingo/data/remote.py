@@ -2,7 +2,9 @@
 (`hf://datasets/org/name/path/shard-000.tar`, or `hf://datasets/org/name@revision/...`), or by a command whose output
 is the shard (WebDataset's `pipe:`, e.g. `pipe:aws s3 cp s3://bucket/shard-000.tar -`). A shard is fetched whole into
 a local cache bounded in bytes, then read like a local one (its member index, random access, exact resume). The
-shard a stream reads next is fetched in the background while it reads the current one.
+shard a stream reads next is fetched in the background while it reads the current one. A compressed shard (gzip,
+bzip2 or xz, told by its bytes) is cached decompressed: members are read in any order, and a seek back in a compressed
+stream would decompress it again from its start.
 
 The cache holds the least recently used shards up to `max_bytes` (shared by the processes that use one directory);
 it should hold at least two shards per DataLoader worker, or a prefetched shard may be evicted before it is read and
@@ -15,10 +17,13 @@ sharing the cache) wait for that download and read its copy.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import http.client
+import lzma
 import os
 import re
 import shutil
@@ -28,8 +33,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
 from ..runtime.hub import HF_DATASET
 
@@ -166,6 +172,56 @@ def list_hub_shards(path: str) -> list[str]:
     return found
 
 
+def compression_of(path: str) -> Optional[Callable[..., IO[bytes]]]:
+    """The opener (`gzip.open`, `bz2.open`, `lzma.open`) of a compressed file, told by its first bytes as tarfile's
+    `r:*` tells them (a name proves nothing: a cached `.tar.gz` holds a plain tar); None for an uncompressed one."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open
+    if head.startswith(b"BZh") and head[4:10] == b"1AY&SY":  # (with the block magic: a tar member may be "BZh...")
+        return bz2.open
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open
+    return None
+
+
+def decompress(opener: Callable[..., IO[bytes]], path: str, out: IO[bytes]) -> Optional[str]:
+    """Write the decompressed bytes of `path` to `out`, 64 KiB at a time: memory stays bounded whatever the size, and
+    a compressed stream that breaks off loses at most that much before the break. Returns None, or why the stream
+    broke off (what came before the break is written); a failed write (a full disk) raises."""
+    try:
+        source = opener(path, "rb")
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    with source:
+        while True:
+            try:
+                chunk = source.read1(1 << 16)  # (`read` would drop what it read before an error)
+            except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+                return f"cannot decompress past byte {out.tell()} ({type(e).__name__}: {e})"
+            if not chunk:
+                return None
+            out.write(chunk)
+
+
+def _decompress_in_place(path: str) -> None:
+    """A fetched shard that is compressed becomes its plain tar. One whose stream breaks off stays as fetched: the
+    reader decompresses what it can and reports the break (sources.open_shard)."""
+    opener = compression_of(path)
+    if opener is None:
+        return
+    plain = path + ".tar"  # a `.part-` name still: no eviction counts or takes it
+    try:
+        with open(plain, "wb") as out:
+            error = decompress(opener, path, out)
+        if error is None:
+            os.replace(plain, path)
+    finally:
+        if os.path.exists(plain):
+            os.remove(plain)
+
+
 def _touch(path: str) -> bool:
     """Whether the shard `path` is cached; if so it becomes the most recently used."""
     try:
@@ -254,6 +310,7 @@ class ShardFetcher:
             part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
             try:
                 self._download(source, part)
+                _decompress_in_place(part)
                 os.replace(part, path)  # atomic: readers see a whole shard or none
                 return
             except (OSError, http.client.HTTPException, subprocess.SubprocessError, ValueError) as e:

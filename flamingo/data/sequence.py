@@ -4,22 +4,32 @@ The labelling rule (OpenFlamingo's, the contract's): labels are the input ids (t
 `<image>` (and the template's markers around it), on padding, and on every token before the first `<image>` (text no
 image precedes is not trained). Text is tokenized in the processor's template, as the model is served.
 Conversations (data/chat.py) instead label only the tokens of their answers (`Example.trained_spans`).
+
+Only the markers a sequence is built from are special tokens in it: `<image>` (and the template's wrappers),
+`<|endofchunk|>`, the image references `<imagek>`, a chat format's end markers, the template's leading BOS and an EOS
+that ends the sequence (or, in a conversation, an answer). Any other special-token string the data spells out
+(`</s>`, `<|endoftext|>`, `<PAD>` in a caption) is tokenized as plain text (`data_token_ids`): an EOS or pad id in
+the middle of a caption would be trained as a target.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import torch
 
-from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..chat import OTTER_ANSWER
+from ..config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, MEDIA_TOKEN
 from ..processing import FlamingoProcessor
+from ..references import reference_token
 from ..runtime.lru import TensorCache
 from .errors import SkipSample
 from .sources import MediaRef
 
 IGNORE_INDEX = -100
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -49,6 +59,13 @@ def clean_text(text: str) -> str:
     return text.replace(MEDIA_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").strip()
 
 
+def valid_text(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate (half an emoji cut by a scraper: valid JSON, not valid Unicode) replaced
+    by U+FFFD, one character for one, so character spans (a conversation's answers) keep their place. Tokenizers take
+    valid UTF-8 only, and a tar caption's broken bytes are decoded to U+FFFD the same way."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
 def make_labels(input_ids: Sequence[int], media_token_id: int, marker_ids: Sequence[int] = ()) -> list[int]:
     """-100 on `<image>` (and on `marker_ids`, a template's markers around it) and on everything before the first
     `<image>`; the ids elsewhere."""
@@ -60,19 +77,80 @@ def make_labels(input_ids: Sequence[int], media_token_id: int, marker_ids: Seque
     return labels
 
 
-def truncate_ids(ids: list[int], max_tokens: int, media_token_id: int) -> list[int]:
-    """Cut to `max_tokens`; an `<image>` left as the very last token (an image with no text) goes too."""
+def truncate_ids(ids: list[int], max_tokens: int, media_token_id: int, marker_ids: Sequence[int] = ()) -> list[int]:
+    """Cut to `max_tokens`; an `<image>` left at the end (an image with no text) goes too, with the template's
+    markers around it (`marker_ids`: IDEFICS's `<fake_token_around_image>`, which follows each `<image>`)."""
     ids = ids[:max_tokens]
-    while ids and ids[-1] == media_token_id:
+    while ids and (ids[-1] == media_token_id or ids[-1] in marker_ids):
         ids.pop()
     return ids
 
 
+def has_token(tokenizer: Any, token: str) -> bool:
+    """Whether `tokenizer` holds `token` as one token."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    return found is not None and (found != tokenizer.unk_token_id or token == tokenizer.unk_token)
+
+
+def _marker_ids(processor: FlamingoProcessor, added: dict[str, int], chat: bool) -> set[int]:
+    """The special ids a sequence is built from: `<image>`, the template's wrappers, `<|endofchunk|>`, the image
+    references and, in a conversation, the chat formats' end markers (data/chat.py refuses them in message text)."""
+    names = [MEDIA_TOKEN, END_OF_CHUNK_TOKEN, *(reference_token(k) for k in range(processor.num_references))]
+    if chat:
+        names += [END_OF_UTTERANCE, OTTER_ANSWER]
+    return {added[n] for n in names if n in added} | set(processor.media_marker_ids)
+
+
+def _stray_specials(processor: FlamingoProcessor, final: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                    answer_ends: Optional[Collection[int]]) -> list[int]:
+    """The positions of the special tokens that the data spelled out (see the module docstring): not a marker, not
+    the template's leading tokens (BOS), not an EOS that ends the sequence or an answer (`answer_ends`: where the
+    answers end in `final`; None: not a conversation)."""
+    tokenizer = processor.tokenizer
+    decoder = tokenizer.added_tokens_decoder  # {id: AddedToken}
+    specials = {i for i, t in decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    if specials.isdisjoint(ids):
+        return []
+    keep = _marker_ids(processor, {t.content: i for i, t in decoder.items()}, answer_ends is not None)
+    eos = tokenizer.eos_token_id
+    stray = []
+    for k, (tok, (s, e)) in enumerate(zip(ids, offsets)):
+        if tok not in specials or tok in keep or (tok == eos and (k == len(ids) - 1 or e in (answer_ends or ()))):
+            continue
+        if final[s:e] == tokenizer.convert_ids_to_tokens(tok):  # spelled out (not e.g. an unknown character's <unk>)
+            stray.append(k)
+    if stray and stray[0] == 0:  # what the template writes before any text (IDEFICS's BOS) is its own
+        lead = len(processor.prompt_ids(""))
+        stray = [k for k in stray if k >= lead]
+    return stray
+
+
+def data_token_ids(processor: FlamingoProcessor, final: str, special: bool,
+                   answer_ends: Optional[Collection[int]] = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """`final` (a sample's text in its template, `prompt_text`) -> its token ids and their character offsets, as the
+    model is served, except that each special-token string the data spelled out (`_stray_specials`) is tokenized on
+    its own as plain text. A slow tokenizer (no offsets) tokenizes the text as the processor does, offsets empty."""
+    tokenizer = processor.tokenizer
+    if END_OF_CHUNK_TOKEN in final and not has_token(tokenizer, END_OF_CHUNK_TOKEN):
+        raise ValueError(f"{END_OF_CHUNK_TOKEN} in a sequence for a tokenizer without it (builder bug: "
+                         "DatasetSpec.chunk_end writes the chunk end)")
+    if not tokenizer.is_fast:
+        return processor.token_ids(final, special_tokens=special), []
+    encoded = tokenizer(final, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    for k in reversed(_stray_specials(processor, final, ids, offsets, answer_ends)):
+        s, e = offsets[k]
+        plain = tokenizer(final[s:e], add_special_tokens=False, split_special_tokens=True,
+                          return_offsets_mapping=True, verbose=False)
+        ids[k:k + 1] = plain["input_ids"]
+        offsets[k:k + 1] = [(s + a, s + b) for a, b in plain["offset_mapping"]]
+    return ids, offsets
+
+
 def tokenize(processor: FlamingoProcessor, text: str, max_tokens: Optional[int]) -> list[int]:
     """A sample's text in the processor's template (`prompt_text`: IDEFICS's BOS and image wrappers, as served)."""
-    final, special = processor.prompt_text(text)
-    ids = processor.token_ids(final, special_tokens=special)
-    return truncate_ids(ids, max_tokens, processor.media_token_id) if max_tokens else ids
+    ids, _ = data_token_ids(processor, *processor.prompt_text(text))
+    return truncate_ids(ids, max_tokens, processor.media_token_id, processor.media_marker_ids) if max_tokens else ids
 
 
 def tokenize_spans(processor: FlamingoProcessor, text: str, spans: Sequence[tuple[int, int]],
@@ -88,13 +166,12 @@ def tokenize_spans(processor: FlamingoProcessor, text: str, spans: Sequence[tupl
         located.append((start, start + b - a))
     if not processor.tokenizer.is_fast:
         raise ValueError("conversations need a fast tokenizer (its offsets place the answers' tokens)")
-    encoded = processor.tokenizer(final, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
-    ids = encoded["input_ids"]
+    ids, offsets = data_token_ids(processor, final, special, answer_ends={b for _, b in located})
     media_id = processor.media_token_id
     labels = [tok if tok != media_id and e > s and any(s < b and e > a for a, b in located) else IGNORE_INDEX
-              for tok, (s, e) in zip(ids, encoded["offset_mapping"])]
+              for tok, (s, e) in zip(ids, offsets)]
     if max_tokens:
-        ids = truncate_ids(ids, max_tokens, media_id)
+        ids = truncate_ids(ids, max_tokens, media_id, processor.media_marker_ids)
     return ids, labels[:len(ids)]
 
 

@@ -15,21 +15,36 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 from PIL import Image
 
-from ..processing import image_frames
+from ..processing import VIDEO_EXTENSIONS, image_frames
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
-from .remote import TAR_SUFFIXES, FetchError, ShardFetcher, default_fetcher, is_remote, list_hub_shards
+from .remote import (
+    TAR_SUFFIXES,
+    FetchError,
+    ShardFetcher,
+    compression_of,
+    decompress,
+    default_fetcher,
+    is_remote,
+    list_hub_shards,
+)
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".json")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "mkv")
+# Tar members read as media, as a table's paths are: the image formats PIL decodes (an animated one is read as a
+# video by content, `decode_frames`) and the video containers the processor reads.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+VIDEO_EXTS = tuple(ext.lstrip(".") for ext in VIDEO_EXTENSIONS)
+# The csv module's default field limit (128 KiB) would end a file at its first long caption; this is its C maximum.
+_CSV_FIELD_LIMIT = 2**31 - 1
 
 
 def is_tar(path: str) -> bool:
@@ -86,16 +101,74 @@ def expand_path(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- tar shards
+class _PreadView(io.RawIOBase):
+    """A read-only view of a `_PlainCopy` with its own position (`os.pread`): views of one copy, in this process or a
+    forked one, never move each other's offset. The copy lives as long as a view of it does."""
+
+    def __init__(self, copy: "_PlainCopy") -> None:
+        super().__init__()
+        self._file, self._pos = copy.file, 0
+        self._copy = copy
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._file.fileno(), len(buffer), self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos}.get(whence)
+        self._pos = (os.fstat(self._file.fileno()).st_size if base is None else base) + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _PlainCopy:
+    """The uncompressed bytes of a compressed tar shard, decompressed once (64 KiB at a time) into an unnamed temporary
+    file (under TMPDIR). Members are then read in any order at a plain tar's cost: a seek back in a gzip stream
+    decompresses it again from its start, so reading a `.tar.gz` in place costs each member its offset. The space is
+    freed when the last shard object holding the copy goes, or when the process ends (killed too: the file has no
+    name); a forked worker reads its parent's copy through views of its own (`_PreadView`)."""
+
+    def __init__(self, path: str, opener: Callable[..., IO[bytes]]) -> None:
+        self.file = tempfile.TemporaryFile(prefix="flamingo-shard-", suffix=".tar")
+        weakref.finalize(self, self.file.close)
+        try:
+            self.error = decompress(opener, path, self.file)  # why the stream broke off, or None
+            self.file.flush()
+        except OSError as e:
+            self.file.close()
+            raise RuntimeError(f"cannot decompress tar shard {path!r} into a temporary file under "
+                               f"{tempfile.gettempdir()!r} ({e}): free space there or set TMPDIR to a disk with room "
+                               "(or store the shard uncompressed)") from e
+
+    def open(self) -> tarfile.TarFile:
+        return tarfile.open(fileobj=io.BufferedReader(_PreadView(self)), mode="r:")
+
+
 @dataclass
 class TarShard:
-    """The member index of one tar shard: WebDataset groups (in order) and a name -> member map."""
+    """The member index of one tar shard: WebDataset groups (in order), the members by full name, and by a basename
+    that only one member has."""
 
     path: str
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]]  # (key, {ext: member})
     by_name: dict[str, tarfile.TarInfo]
-    error: Optional[str] = None  # set when the shard could not be read to its end
+    by_basename: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+    error: Optional[str] = None  # set when the shard does not end as a tar ends (truncated or corrupt)
+    cut: Optional[str] = None  # with `error`: the key of the group at the damage (left out of `groups`)
     _file: Any = field(default=None, repr=False)
     _pid: int = field(default_factory=os.getpid, repr=False)  # the process whose file `_file` is
+    # a compressed shard's uncompressed copy, read instead of `path`; it lives as long as this object
+    _plain: Optional[_PlainCopy] = field(default=None, repr=False)
     # a remote shard's fetch (data/remote.py): its file may leave the shard cache while records still wait for it
     refetch: Optional[Callable[[], Any]] = field(default=None, repr=False)
 
@@ -110,7 +183,9 @@ class TarShard:
         if current is not None:  # open (the store closes only what it evicts)
             self._file = current._file
         else:
-            if self.refetch is not None and not os.path.exists(self.path):
+            if self._plain is not None:
+                self._file = self._plain.open()
+            elif self.refetch is not None and not os.path.exists(self.path):
                 self._file = self.refetch()  # the same bytes at the same path: the member index still holds
             else:
                 self._file = _open_tar(self.path)
@@ -128,8 +203,17 @@ class TarShard:
             raise SkipSample("bad_shard", f"member {member.name!r} of {self.path!r} is cut short")
         return data
 
-    def find(self, name: str) -> Optional[tarfile.TarInfo]:
-        return self.by_name.get(name) or self.by_name.get(os.path.basename(name))
+    def find(self, name: str, group: Optional[str] = None) -> Optional[tarfile.TarInfo]:
+        """The member a record of `group` (its WebDataset key, `RawRecord.group`) means by `name`: one of its own
+        group (`{group}/{name}`, `{group}.{name}`) first, then the member of that full name, then the one member with
+        that basename. A basename several members share names none of them: another record's image is never
+        taken for this one's (the medium counts as `missing_file`)."""
+        own = (f"{group}/{name}", f"{group}.{name}") if group else ()
+        for candidate in (*own, name):
+            member = self.by_name.get(candidate)
+            if member is not None:
+                return member
+        return self.by_basename.get(os.path.basename(name))
 
 
 def _close(shard: TarShard) -> None:
@@ -142,6 +226,18 @@ _MAX_OPEN_SHARDS = 4
 _OPEN_SHARDS: LRU[tuple[int, str], TarShard] = LRU(max_size=_MAX_OPEN_SHARDS, on_evict=_close)
 
 
+def close_open_shards() -> None:
+    """Close this process's open tar shards: at the end of a stream's epoch, of `inspect` and of `detect_kind`, and
+    in a forked child (which would otherwise hold its parent's files, in slots of its own store, until it exits).
+    All of them, another stream's in this process too: records still waiting for a closed shard open it again
+    (`TarShard._open_file`; a compressed one's copy stays with its shard object, so that costs an open, no
+    decompression)."""
+    _OPEN_SHARDS.clear()
+
+
+os.register_at_fork(after_in_child=close_open_shards)
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset convention: `dir/key.ext.more` -> (`dir/key`, `ext.more`)."""
     dirname, base = os.path.split(name)
@@ -151,39 +247,74 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (os.path.join(dirname, stem) if dirname else stem), ext.lower()
 
 
+def _open_tar(path: str) -> tarfile.TarFile:
+    return tarfile.open(path, "r:")
+
+
+def _read_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], Optional[str]]:
+    """The file members of `tf`, and why it does not end as a tar ends (None when it does). tarfile takes a missing,
+    cut or corrupt header after the first member for the end of the archive, so a shard cut at or inside a header
+    (an interrupted `pack` or copy, a shard still being written) would read as whole: the end-of-archive block (a
+    zero block) must be where the headers stop."""
+    members: list[tarfile.TarInfo] = []
+    try:
+        for m in tf:
+            if m.isfile():
+                members.append(m)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return members, f"{type(e).__name__}: {e}"
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return members, None
+    found = ("the file ends" if not block else "a cut header" if len(block) < tarfile.BLOCKSIZE
+             else "an unreadable header")
+    return members, f"{found} at byte {tf.offset}, where a member or the end-of-archive block should be"
+
+
+def _index(path: str) -> tuple[Any, Optional[_PlainCopy], list[tarfile.TarInfo], Optional[str]]:
+    """(open file, uncompressed copy of a compressed shard, file members, why the shard is damaged or None)."""
+    tf, plain, error = None, None, None
+    try:
+        opener = compression_of(path)
+        if opener is not None:
+            plain = _PlainCopy(path, opener)
+            error = plain.error
+        tf = plain.open() if plain is not None else _open_tar(path)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return None, plain, [], error or f"{type(e).__name__}: {e}"
+    members, end_error = _read_members(tf)
+    return tf, plain, members, error or end_error
+
+
 def open_shard(path: str) -> TarShard:
-    """Index a tar shard (member headers only), cached per process (forked DataLoader workers reopen theirs)."""
+    """Index a tar shard (member headers only), cached per process (forked DataLoader workers reopen theirs). A
+    compressed one (gzip, bzip2, xz) is decompressed once first (`_PlainCopy`). A damaged one (truncated, corrupt:
+    `_read_members`) is warned about, and its last group, the sample at the damage, is left out: `read_records`
+    counts it as `bad_shard`."""
     cache_key = (os.getpid(), path)
     shard = _OPEN_SHARDS.get(cache_key)
     if shard is not None:
         return shard
-    members: list[tarfile.TarInfo] = []
-    error = None
-    try:
-        tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        tf, error = None, f"{type(e).__name__}: {e}"
-    else:
-        try:
-            for m in tf:
-                if m.isfile():
-                    members.append(m)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            error = f"{type(e).__name__}: {e}"
-    if error is not None:
-        warnings.warn(f"tar shard {path!r} is unreadable past {len(members)} members ({error}): its "
-                      "remaining samples are skipped", stacklevel=2)
+    tf, plain, members, error = _index(path)
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     for m in members:
         key, ext = split_member_name(m.name)
         if not groups or groups[-1][0] != key:
             groups.append((key, {}))
         groups[-1][1][ext] = m
+    cut = None
+    if error is not None:
+        cut = groups.pop()[0] if groups else "(start)"
+        warnings.warn(f"tar shard {path!r} is damaged after {len(members)} members ({error}): the sample there "
+                      f"and any after it are skipped (counted as bad_shard)", stacklevel=2)
     by_name: dict[str, tarfile.TarInfo] = {}
+    basenames: dict[str, list[tarfile.TarInfo]] = {}
     for m in members:
         by_name.setdefault(m.name, m)
-        by_name.setdefault(os.path.basename(m.name), m)
-    shard = TarShard(path, groups, by_name, error, tf)
+        basenames.setdefault(os.path.basename(m.name), []).append(m)
+    by_basename = {base: found[0] for base, found in basenames.items() if len(found) == 1}
+    shard = TarShard(path, groups, by_name, by_basename, error, cut, tf, _plain=plain)
     _OPEN_SHARDS.put(cache_key, shard)
     return shard
 
@@ -197,14 +328,24 @@ class RawRecord:
     file: str
     payload: Any
     shard: Optional[TarShard] = None  # for tar records
+    # (reason, detail) of a stand-in for what a damaged file lost (a tar shard's cut, a CSV row past a parse error):
+    # counted as skipped by `check`, never built (its payload is empty)
+    lost: Optional[tuple[str, str]] = None
 
     @property
     def base_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.file))
 
+    @property
+    def group(self) -> Optional[str]:
+        """A tar record's WebDataset key (the name its members share before their extensions); None otherwise."""
+        member = next(iter(self.payload.values()), None) if self.shard is not None else None
+        return split_member_name(member.name)[0] if member is not None else None
 
-def _open_tar(path: str) -> tarfile.TarFile:
-    return tarfile.open(path, "r:*")
+    def check(self) -> None:
+        """Raise SkipSample for a stand-in of lost data (`lost`); readers call it before building a sample."""
+        if self.lost is not None:
+            raise SkipSample(*self.lost)
 
 
 def _fetched(fetcher: ShardFetcher, source: str, open_file: Callable[[str], Any]) -> Any:
@@ -222,7 +363,8 @@ def read_records(path: str, tar_needs: Optional[str] = None,
     """The raw records of one data file, in file order. `tar_needs`: keep only tar groups with that member extension
     (interleaved shards: `json`, the documents; their images are separate members found by name). A remote shard is
     fetched first (by `fetcher`, else into the default cache); one that cannot be fetched is skipped with a
-    warning, like a shard unreadable from its start."""
+    warning, like a shard unreadable from its start. What a damaged file lost comes as stand-in records (`lost`) to
+    count."""
     name = os.path.basename(path.split("?", 1)[0].rstrip(" -") if is_remote(path) else path)
     low = path.lower()
     if is_remote(path) or is_tar(path):
@@ -231,7 +373,9 @@ def read_records(path: str, tar_needs: Optional[str] = None,
             try:
                 shard = _fetched(fetcher, path, open_shard)
             except FetchError as e:
-                warnings.warn(f"remote shard could not be fetched ({e}): its samples are skipped", stacklevel=2)
+                warnings.warn(f"remote shard could not be fetched ({e}): its samples are skipped (counted as "
+                              "bad_shard)", stacklevel=2)
+                yield RawRecord(f"{name}:(fetch)", path, {}, lost=("bad_shard", f"cannot fetch {e}"))
                 return
             shard.refetch = functools.partial(_fetched, fetcher, path, _open_tar)
         else:
@@ -239,20 +383,17 @@ def read_records(path: str, tar_needs: Optional[str] = None,
         for key, members in shard.groups:
             if tar_needs is None or tar_needs in members:
                 yield RawRecord(f"{name}:{key}", path, members, shard)
-    elif low.endswith(".jsonl"):
-        with open(path, encoding="utf-8", errors="replace") as f:
+        if shard.error is not None:
+            yield RawRecord(f"{name}:{shard.cut}", path, {}, shard, lost=("bad_shard", f"{path}: {shard.error}"))
+    elif low.endswith(".jsonl"):  # (utf-8-sig: a byte-order mark, as Excel and Notepad write, is not data)
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             for i, line in enumerate(f):
                 if line.strip():
                     yield RawRecord(f"{name}:{i}", path, line)
     elif low.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            try:
-                for i, row in enumerate(csv.DictReader(f)):
-                    yield RawRecord(f"{name}:{i}", path, row)
-            except csv.Error as e:
-                warnings.warn(f"CSV file {path!r} is malformed ({e}): its remaining rows are skipped", stacklevel=2)
+        yield from _csv_records(path, name)
     elif low.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
@@ -265,10 +406,46 @@ def read_records(path: str, tar_needs: Optional[str] = None,
         raise ValueError(f"unsupported data file {path!r}: expected .tar, .jsonl, .csv or .json")
 
 
+class _Lines:
+    """A text file's lines, counted as a csv reader takes them (its own `line_num` stops short at a parse error)."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file, self.taken = file, 0
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.file)
+        self.taken += 1
+        return line
+
+
+def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
+    """The rows of a CSV file. Read strictly: a quote left open would otherwise take the rest of the file into one
+    field. Where the parser cannot go on, each line from the failed row on stands for a lost row, counted as
+    `bad_record` (and the file is warned about, with the line)."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        lines = _Lines(f)
+        i, line = 0, 0  # rows read; the line the last one ended on
+        try:
+            for i, row in enumerate(csv.DictReader(lines, strict=True), 1):
+                line = lines.taken
+                yield RawRecord(f"{name}:{i - 1}", path, row)
+        except csv.Error as e:
+            lost = max(1, lines.taken - line) + sum(1 for rest in f if rest.strip())
+            warnings.warn(f"CSV file {path!r} is malformed after line {line} ({e}): its remaining {lost} line(s) "
+                          "are skipped (counted as bad_record)", stacklevel=2)
+            detail = f"{path}: malformed CSV after line {line} ({e})"
+            for k in range(lost):
+                yield RawRecord(f"{name}:{i + k}", path, {}, lost=("bad_record", detail))
+
+
 def parse_json_record(text: Any, where: str) -> dict[str, Any]:
     """A JSONL line / .json member -> dict, or SkipSample('bad_json')."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
+        text = text.decode("utf-8-sig", errors="replace")
     if isinstance(text, dict):
         return text
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..chat import FLAMINGO, ChatFormat, chat_format_for
+from ..config import END_OF_CHUNK_TOKEN
 from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
 from .chat import chat_example
@@ -13,7 +14,7 @@ from .interleaved import interleaved_example
 from .kinds import resolve_options
 from .pairs import pair_example
 from .remote import ShardFetcher, default_cache_dir, is_remote
-from .sequence import Encoded, Example, encode_example
+from .sequence import Encoded, Example, encode_example, has_token, valid_text
 from .sources import RawRecord, expand_path
 
 
@@ -56,8 +57,27 @@ class DatasetSpec:
             return ""
         return self.processor.tokenizer.eos_token or ""
 
+    @property
+    def chunk_end(self) -> str:
+        """What closes a chunk (a caption, an image's text in a document): `<|endofchunk|>`, as OpenFlamingo trains,
+        where the tokenizer holds it. A converted IDEFICS model's has none, and IDEFICS's own pretraining
+        (HuggingFaceM4's m4/training/packing.py) writes nothing between an image's text and the next image and ends
+        each pair and document with EOS (`append_eos`): so nothing, never the marker's characters."""
+        if self.processor is None or has_token(self.processor.tokenizer, END_OF_CHUNK_TOKEN):
+            return END_OF_CHUNK_TOKEN
+        return ""
+
     def example(self, record: RawRecord) -> Example:
-        """Parse a record (no media decoded); raises SkipSample."""
+        """Parse a record (no media decoded); raises SkipSample. Its text is valid Unicode (`valid_text`) and closes
+        its chunks with `chunk_end` (the builders write `<|endofchunk|>`; data text never holds it: `clean_text`,
+        and conversations refuse it)."""
+        example = self._build(record)
+        example.text = valid_text(example.text)
+        if self.kind != "chat" and self.chunk_end != END_OF_CHUNK_TOKEN:
+            example.text = example.text.replace(END_OF_CHUNK_TOKEN, self.chunk_end)
+        return example
+
+    def _build(self, record: RawRecord) -> Example:
         o = self.options
         if self.kind == "interleaved":
             return interleaved_example(record, similarity_threshold=float(o["similarity_threshold"]),

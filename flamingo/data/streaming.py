@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Optional
 from .errors import BadFractionGuard, SkipSample
 from .remote import ShardFetcher, is_remote
 from .sequence import collate
-from .sources import RawRecord, read_records
+from .sources import RawRecord, close_open_shards, read_records
 from .spec import DatasetSpec
 
 
@@ -88,7 +88,8 @@ class StreamItem:
 def iterate_stream(spec: DatasetSpec, *, epoch: int, seed: int, stream: int, local_stream: int, num_streams: int,
                    start: int = 0, samples: int = 0, skipped: Optional[dict[str, int]] = None
                    ) -> Iterator[StreamItem]:
-    """Batches of one global stream, resuming after `start` raw records; ends with an end marker (batch None)."""
+    """Batches of one global stream, resuming after `start` raw records; ends with an end marker (batch None).
+    When its records end (or it stops early) this process's open tar shards are closed (`close_open_shards`)."""
     o = spec.options
     records = stream_records(spec.files, epoch=epoch, seed=seed, stream=stream, num_streams=num_streams,
                              shuffle=bool(o["shuffle"]), tar_needs=spec.tar_needs,
@@ -99,23 +100,27 @@ def iterate_stream(spec: DatasetSpec, *, epoch: int, seed: int, stream: int, loc
     guard = BadFractionGuard(float(o["max_bad_fraction"]), int(o["min_samples_for_bad_check"]))
     pending = []
     pos = 0
-    for record in records:
-        pos += 1
-        if pos <= start:  # consumed before the checkpoint: skipped without parsing or decoding
-            continue
-        try:
-            sample = spec.encode(record)
-        except SkipSample as e:
-            counts[e.reason] += 1
-            guard.skip(record.file, e.reason)
-            continue
-        guard.good(record.file)
-        pending.append(sample)
-        if len(pending) == spec.batch_size:
-            samples += len(pending)
-            yield StreamItem(local_stream, pos, samples, dict(counts), collate(pending, spec.processor,
-                                                                              o["padding_side"], o["pack_tokens"]))
-            pending = []
+    try:
+        for record in records:
+            pos += 1
+            if pos <= start:  # consumed before the checkpoint: skipped without parsing or decoding
+                continue
+            try:
+                record.check()
+                sample = spec.encode(record)
+            except SkipSample as e:
+                counts[e.reason] += 1
+                guard.skip(record.file, e.reason)
+                continue
+            guard.good(record.file)
+            pending.append(sample)
+            if len(pending) == spec.batch_size:
+                samples += len(pending)
+                yield StreamItem(local_stream, pos, samples, dict(counts), collate(pending, spec.processor,
+                                                                                  o["padding_side"], o["pack_tokens"]))
+                pending = []
+    finally:
+        close_open_shards()
     if pending and not o["drop_last"]:
         samples += len(pending)
         yield StreamItem(local_stream, pos, samples, dict(counts), collate(pending, spec.processor,

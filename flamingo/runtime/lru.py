@@ -65,9 +65,18 @@ class LRU(Generic[K, V]):
         self.size += size
         while self.size > self.max_size:
             _, evicted = self._items.popitem(last=False)
-            self.size -= self._size(evicted)
-            if self.on_evict is not None:
-                self.on_evict(evicted)
+            self._leave(evicted)
+
+    def clear(self) -> None:
+        """Every item leaves, least recently used first (`on_evict` runs for each)."""
+        while self._items:
+            _, value = self._items.popitem(last=False)
+            self._leave(value)
+
+    def _leave(self, value: V) -> None:
+        self.size -= self._size(value)
+        if self.on_evict is not None:
+            self.on_evict(value)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"max_size": self.max_size, "size_of": self.size_of, "on_evict": self.on_evict}

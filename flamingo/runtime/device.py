@@ -1,0 +1,29 @@
+"""A device the user named (`--device`), checked before any model is built on it."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+def check_device(requested: Union[str, torch.device]) -> torch.device:
+    """`requested` as a torch device, or a ValueError that says why it cannot be used here: a name torch does not know
+    (`gpu`), CUDA on a torch built without it or a machine without a GPU, a GPU index past the machine's count, MPS
+    without Metal. Called first by every command that takes `--device`: torch would fail later, deep inside
+    `model.to`, after the model was loaded (or, for a large model built on the CPU instead, not at all)."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {requested!r}: not a device torch knows ({e}); e.g. cpu, cuda, cuda:1, mps") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch has no CUDA (a CPU build)" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"--device {requested!r}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {requested!r}: MPS (Apple Metal) is not available here; use --device cpu")
+    return device

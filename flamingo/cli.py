@@ -21,6 +21,40 @@ ANY_MODEL_HELP = (MODEL_HELP + "; or an IDEFICS (or its PEFT adapter), Otter or 
 REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a size or count of 0 would give a server or run that never works)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_device(name: str) -> None:
+    """`--device` usable here (`runtime.device.check_device`, imported late: torch loads only for commands)."""
+    from .runtime.device import check_device as check
+
+    check(name)
+
+
+def check_output_file(output: str, source: Optional[str] = None) -> None:
+    """Before any work: `output` is a file that can be written (its directory made if missing), not a directory and
+    not `source` (the input it is computed from: replacing it would lose the input)."""
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a directory: name the file to write")
+    if source is not None and os.path.exists(output) and os.path.samefile(output, source):
+        raise ValueError(f"--output {output!r} is the input file: write the results elsewhere")
+    directory = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {output!r}: cannot make its directory ({e})") from None
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"--output {output!r}: its directory {directory!r} is not writable")
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     """Build a small Flamingo from random backbones and run one interleaved prompt through it."""
     import torch
@@ -192,6 +226,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature <= 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or \
             (args.top_k is not None and args.top_k < 1):
         raise ValueError("sampling needs --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
+    check_device(args.device)
     model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
     prompt = args.prompt
@@ -202,7 +237,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         marker = fmt.first_reserved(prompt)
         if marker is not None:
             raise ValueError(f"with --chat the prompt is the question alone: it may not contain {marker} (the "
-                             f"{fmt.name} format places one <image> per --image itself)")
+                             f"{fmt.name} format writes its own markers, and one <image> per --image)")
         prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
     batch = processor(prompt, images=args.image or [], image_references=args.image_references or None)
     if batch["input_ids"].shape[1] == 0:
@@ -230,6 +265,15 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     """`serve`'s and `batch`'s engine (the model loaded) and request settings, from their shared options."""
     from .serve.server import build_engine, settings_for
 
+    check_device(args.device)
+    settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
+                            max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
+                            media_root=args.media_root, allow_remote_media=args.allow_remote_media,
+                            allow_private_media_hosts=args.allow_private_media_hosts,
+                            max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
+                            model_name=args.model_name,
+                            batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
+                            max_batch_file_mb=args.max_batch_file_mb)  # checked before the model loads
     if args.threads:
         import torch
 
@@ -240,14 +284,6 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
                           prefix_cache_mib=args.prefix_cache_mib, vision_cache_mib=args.vision_cache_mib,
                           compile=args.compile, revision=args.revision,
                           prefill_batch_tokens=args.prefill_batch_tokens)
-    settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
-                            max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
-                            media_root=args.media_root, allow_remote_media=args.allow_remote_media,
-                            allow_private_media_hosts=args.allow_private_media_hosts,
-                            max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
-                            model_name=args.model_name,
-                            batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
-                            max_batch_file_mb=args.max_batch_file_mb)
     return engine, settings
 
 
@@ -269,6 +305,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"no input file {args.input!r}")
+    check_output_file(args.output, args.input)  # before the model loads and the requests run
     engine, settings = _engine_and_settings(args)
     report = run_batch(engine, settings, args.input, args.output, concurrency=args.concurrency,
                        progress=not args.no_progress)
@@ -304,9 +341,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """The model, engine and request-limit options `serve` and `batch` share."""
     p.add_argument("--model", required=True, help=ANY_MODEL_HELP)
     p.add_argument("--revision", default=None, help=REVISION_HELP)
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond them, 429")
-    p.add_argument("--prefill-chunk", type=int, default=64,
+    p.add_argument("--max-batch", type=positive_int, default=16, help="rows decoded together")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a row; beyond them, 429")
+    p.add_argument("--prefill-chunk", type=positive_int, default=64,
                    help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
     p.add_argument("--prefill-batch-tokens", type=int, default=None,
                    help="waiting prompts prefilled together in one call of up to this many tokens, padding "
@@ -325,11 +362,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "powers of two; each new shape compiles once, seconds to a minute; docs/serve.md)")
     p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
-    p.add_argument("--max-tokens-cap", type=int, default=512, help="the most max_tokens a request may ask for")
-    p.add_argument("--max-images", type=int, default=32, help="images/videos per prompt")
-    p.add_argument("--max-image-pixels", type=int, default=20_000_000, help="per image or video frame")
+    p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="the most max_tokens a request may ask for")
+    p.add_argument("--max-images", type=positive_int, default=32, help="images/videos per prompt")
+    p.add_argument("--max-image-pixels", type=positive_int, default=20_000_000, help="per image or video frame")
     p.add_argument("--max-video-seconds", type=float, default=600.0,
                    help="longer videos are refused (decoding time grows with the length)")
     p.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
@@ -383,12 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /metrics")
+    srv.add_argument("--api-key", default=None,
+                     help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health")
     srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
     srv.add_argument("--batch-dir", default=None,
                      help="serve OpenAI's Files and Batch APIs (/v1/files, /v1/batches), keeping files and batches "
                           "in this directory; a batch left running runs again on restart (docs/serve.md)")
-    srv.add_argument("--batch-concurrency", type=int, default=None,
+    srv.add_argument("--batch-concurrency", type=positive_int, default=None,
                      help="a batch's requests in flight, the rest of the queue left to interactive requests "
                           "(default: --max-batch)")
     srv.add_argument("--max-batch-file-mb", type=float, default=200, help="an uploaded batch file's size limit")
@@ -399,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(bat)
     bat.add_argument("--input", required=True, help="requests, one per line: {custom_id, method, url, body}")
     bat.add_argument("--output", required=True, help="responses in input order, OpenAI's batch output format")
-    bat.add_argument("--concurrency", type=int, default=None,
+    bat.add_argument("--concurrency", type=positive_int, default=None,
                      help="requests in flight (default: twice --max-batch, within --max-queue)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
     bat.set_defaults(func=_cmd_batch, api_key=None, batch_dir=None, batch_concurrency=None, max_batch_file_mb=200)

@@ -39,7 +39,9 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
         if ref.group(1) != str(k):  # `<image01>` is no token of the model's: not silently image 1
             raise ValueError(f"{ref.group(0)}: image indices have no leading zeros (<image{k}>)")
         if k >= num_references:
-            raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}")
+            raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}"
+                             if num_references else f"<image{k}>: the model has no image reference tokens "
+                             "(FlamingoConfig.num_image_references is 0)")
         declaration = declarations.get(ref.start())
         if declaration is not None:
             if declaration.group(1) != str(k):

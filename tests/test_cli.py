@@ -165,3 +165,32 @@ def test_help_and_argument_parsing_import_neither_torch_nor_transformers():
         run = subprocess.run([sys.executable, "-m", "flamingo.cli", *command], capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 0 and "usage: flamingo" in run.stdout, run.stderr[-2000:]
+
+
+def test_batch_refuses_an_output_that_would_replace_its_input_before_any_model_work(tmp_path, capsys):
+    """`--output` equal to `--input` (or a link to it) replaced the requests with the answers; a directory failed
+    only after every request had run. Both are refused first (the model path does not even exist)."""
+    requests = tmp_path / "req.jsonl"
+    requests.write_text('{"custom_id": "a"}\n')
+    (tmp_path / "link.jsonl").symlink_to(requests)
+    base = ["batch", "--model", str(tmp_path / "no-model"), "--input", str(requests), "--output"]
+    for output, why in ((requests, "is the input file"), (tmp_path / "link.jsonl", "is the input file"),
+                        (tmp_path, "is a directory")):
+        assert main([*base, str(output)]) == 2
+        assert why in capsys.readouterr().err
+    assert requests.read_text() == '{"custom_id": "a"}\n'
+
+
+@pytest.mark.parametrize("option", ["--max-queue", "--prefill-chunk", "--max-tokens-cap", "--concurrency"])
+def test_engine_sizes_below_one_are_refused_by_the_parser(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as stop:
+        main(["batch", "--model", "m", "--input", "i", "--output", "o", option, "0"])
+    assert stop.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unusable_device_is_refused_before_the_model_loads(tmp_path, capsys):
+    for command in (["generate", "--prompt", "x"], ["serve"], ["eval", "--task", "vqa", "--data", str(tmp_path)]):
+        for device, why in (("cuda", "use --device cpu"), ("gpu", "not a device torch knows")):
+            assert main([*command, "--model", str(tmp_path / "no-model"), "--device", device]) == 2, command
+            assert why in capsys.readouterr().err, command

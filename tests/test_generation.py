@@ -305,6 +305,27 @@ def test_an_lm_configured_without_a_cache_still_decodes_on_one(make_model, atten
         model.generate(**batch, max_new_tokens=2, prompt_lookup_num_tokens=3)
 
 
+def test_generate_hands_transformers_5_one_config_and_no_generation_arguments(make_model, monkeypatch):
+    """transformers 5 warns (deprecated, to be removed) about generation arguments given beside a config: the
+    cache rule travels on the config there (as an argument only on 4.x, which would replace it)."""
+    from flamingo.runtime.compat import TRANSFORMERS
+
+    model, processor = make_model("mpt", gates=0.8)
+    seen = []
+    prepare = type(model.lm)._prepare_generation_config
+
+    def spy(self, generation_config, **kwargs):
+        seen.append((generation_config.use_cache, set(kwargs)))
+        return prepare(self, generation_config, **kwargs)
+
+    monkeypatch.setattr(type(model.lm), "_prepare_generation_config", spy)
+    prompt, media = PROMPTS[3]
+    model.generate(**processor(prompt, images=media), max_new_tokens=2)
+    (use_cache, arguments), = seen
+    assert use_cache is True
+    assert ("use_cache" in arguments) == (TRANSFORMERS < (5, 0))
+
+
 def test_keywords_update_a_given_generation_config(make_model):
     """As in transformers: generate(generation_config=cfg, max_new_tokens=3) takes 3 (the keywords were dropped)."""
     from flamingo.model.generation import generation_config_for

@@ -32,6 +32,8 @@ def test_declarations_become_placeholders_and_later_mentions_references():
             resolve_declarations(text, 1, 4)
     with pytest.raises(ValueError, match="declares 1 image"):  # fewer declarations than media
         resolve_declarations("Image 0 is <image0>.", 2, 4)
+    with pytest.raises(ValueError, match="the model has no image reference tokens"):  # not "images 0--1"
+        resolve_declarations("Image 0 is <image0>.", 1, 0)
 
 
 def test_masking_rule_follows_the_last_image_or_reference():

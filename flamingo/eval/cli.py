@@ -77,11 +77,14 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
 
     from ..convert.auto import load_model, load_processor
+    from ..runtime.device import check_device
     from ..runtime.distributed import default_device, init_process_group_from_env
     from .distributed import rank
     from .remote import RemoteModel
     from .runner import evaluate, markdown_table
 
+    if args.device is not None and not args.server:
+        check_device(args.device)  # before the process group and the model
     joined = init_process_group_from_env()
     try:
         quiet_transformers(args.no_progress)

@@ -27,6 +27,7 @@ from transformers import CompileConfig, GenerationConfig, LogitsProcessor, Logit
 
 from ..runtime.compat import (
     CHUNKED_PREFILL_WITH_MEDIA,
+    TRANSFORMERS,
     TRANSFORMERS_VERSION,
     lm_cache_argument,
     lm_last_logits_only,
@@ -180,11 +181,15 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
+    # On the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step). transformers
+    # 5 keeps a field set on the config (and warns about generation arguments beside a config); 4.x replaces a field
+    # equal to its default with the model's, so there it goes as an argument.
+    config.use_cache = True
+    if TRANSFORMERS < (5, 0):
+        rest["use_cache"] = True
     with model.conditioned(ctx):
-        # on the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step); an
-        # argument, not a config field: transformers 4.x replaces a field equal to its default with the model's
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 streamer=streamer, use_cache=True, **rest)
+                                 streamer=streamer, **rest)
 
 
 # transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)

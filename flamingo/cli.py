@@ -328,13 +328,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     quiet_transformers(not config.train.progress)
     trainer = Trainer(config)
     out = trainer.run()
+    # stopped by SIGTERM / SIGINT (a checkpoint written, no final model): 143 / 130, so a scheduler requeues it and
+    # `flamingo train ... && flamingo eval` does not go on
+    code = 128 + trainer.stopped_by if trainer.stopped_by else 0
     if out and trainer.rank == 0:
         print(f"trained model: {out}")
     if trainer.world > 1:  # gloo's threads can abort a finalizing interpreter (runtime/distributed.py)
         from .runtime.distributed import leave_process_group_and_exit
 
-        leave_process_group_and_exit(0)
-    return 0
+        leave_process_group_and_exit(code)
+    return code
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:

@@ -194,3 +194,26 @@ def test_an_unusable_device_is_refused_before_the_model_loads(tmp_path, capsys):
         for device, why in (("cuda", "use --device cpu"), ("gpu", "not a device torch knows")):
             assert main([*command, "--model", str(tmp_path / "no-model"), "--device", device]) == 2, command
             assert why in capsys.readouterr().err, command
+
+
+def test_a_training_stopped_by_a_signal_exits_128_plus_its_number(monkeypatch, capsys):
+    """A preempted run (SIGTERM: checkpoint written, no final model) must not look finished to a scheduler or to
+    `flamingo train ... && flamingo eval ...`."""
+    import flamingo.train.config as config_module
+    import flamingo.train.trainer as trainer_module
+
+    class Stopped:
+        rank, world, stopped_by = 0, 1, 15
+
+        def __init__(self, config):
+            pass
+
+        def run(self):
+            return ""
+
+    monkeypatch.setattr(config_module, "load_config", lambda path, overrides: type("C", (), {"train": type(
+        "T", (), {"progress": False})})())
+    monkeypatch.setattr(trainer_module, "Trainer", Stopped)
+    assert main(["train", "config.yaml"]) == 143
+    Stopped.stopped_by = 0
+    assert main(["train", "config.yaml"]) == 0

@@ -282,9 +282,58 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch, fused):
         state = trainer.optimizer.state[trainer.trained[0]]
         assert all(torch.equal(state[k], v) for k, v in moments.items())
     assert metrics["skipped_nonfinite"] == 2 and math.isnan(metrics["loss"])
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    # named by the step that made the streak; a ValueError, which `flamingo train` prints as a message
+    with pytest.raises(ValueError, match="3 non-finite losses in a row at step 4") as raised:
         trainer.train_step()
         trainer.check_nonfinite()
+    assert isinstance(raised.value, NonFiniteLossError)
+
+
+def test_a_run_whose_every_step_was_skipped_is_not_called_trained(world, monkeypatch):
+    """Fewer non-finite steps than `max_nonfinite` never abort a run, but one that skipped all of them (a NaN
+    loss_weight did) ends with an error and no final/. Its metrics.jsonl holds `null` for the NaN loss (strict JSON),
+    read back as NaN."""
+    from flamingo.train.plots import read_metrics
+
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-all-nan")
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=2, out=out, interleaved=False)))
+    nan_losses_after_the_first_step(trainer, monkeypatch, from_forward=1)
+    with pytest.raises(NonFiniteLossError, match="every one of the run's 2 steps had a non-finite loss"):
+        trainer.run()
+    assert not os.path.exists(os.path.join(out, "final"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        text = f.read()
+    assert '"loss": null' in text and "NaN" not in text
+    assert all(math.isnan(r["loss"]) for r in read_metrics(os.path.join(out, "metrics.jsonl"))[0])
+
+
+def test_the_logged_lr_is_the_one_the_step_used(world):
+    """Linear warmup over 2 steps, then linear decay to 0 at step 4: the steps use 0.5, 1, 1, 0.5 x lr (the
+    scheduler steps after the optimizer), and each logs its own, not the next step's."""
+    root, vision, lm, data = world
+    config = load_config(train_config(root, vision, lm, data, steps=4, out=os.path.join(root, "run-lr"),
+                                      interleaved=False), ["schedule.kind=linear"])
+    trainer = Trainer(config)
+    used = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    logged = [trainer.train_step()["lr"] for _ in range(4)]
+    assert used == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4]) and logged == used
+
+
+def test_a_bare_cuda_device_is_this_ranks_gpu(monkeypatch):
+    """`train.device: cuda` needs an index for `torch.cuda.set_device` (and each rank its own GPU)."""
+    from flamingo.runtime.distributed import default_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device("cuda") == torch.device("cuda", 1)
+    assert default_device("cuda:0") == torch.device("cuda", 0) and default_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.slow

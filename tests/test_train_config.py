@@ -1,5 +1,7 @@
 """Training config parsing, overrides, and the lr schedule."""
 
+import logging
+
 import pytest
 import torch
 
@@ -96,3 +98,45 @@ def test_micro_batches_that_cannot_split_every_batch_are_refused_before_training
     with pytest.raises(ValueError, match="train.micro_batches=3 cannot split"):
         parse_config({"data": DATA, "train": {"micro_batches": 3}})
     assert parse_config({"data": DATA, "train": {"micro_batches": 2}}).train.micro_batches == 2
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "distributed", "fdsp", "train.distributed must be ddp or fsdp, got 'fdsp'"),
+    ("train", "fsdp_frozen", "replicated", "train.fsdp_frozen must be shard or replicate"),
+    ("schedule", "kind", "cosin", "schedule.kind must be constant, linear or cosine, got 'cosin'"),
+    ("schedule", "warmup_steps", -1, "schedule.warmup_steps must be >= 0"),
+    ("optim", "betas", 0.9, r"optim.betas must be two numbers in \[0, 1\)"),
+    ("optim", "betas", [0.9], r"optim.betas must be two numbers"),
+    ("optim", "betas", [0.9, 1.5], r"optim.betas must be two numbers"),
+    ("train", "steps", 0, "train.steps must be >= 1"),
+    ("train", "keep_last", -1, r"train.keep_last must be >= 0 \(0: keep every checkpoint\)"),
+])
+def test_misspelled_choices_and_meaningless_values_are_refused_by_name(section, key, value, message):
+    """`distributed: fdsp` ran as DDP; betas 0.9 and a misspelled schedule failed as tracebacks (or after the model
+    was built); steps 0 'trained' an untrained model; a negative keep_last kept every checkpoint."""
+    with pytest.raises(ValueError, match=message):
+        parse_config({"data": DATA, section: {key: value}})
+
+
+def test_unknown_model_flamingo_keys_and_non_finite_loss_weights_are_refused():
+    with pytest.raises(ValueError, match=r"unknown keys in model.flamingo: \['xattn_evry'\]"):
+        parse_config({"data": DATA, "model": {"flamingo": {"xattn_evry": 2}}})
+    with pytest.raises(ValueError, match="model.flamingo must be a mapping"):
+        parse_config({"data": DATA, "model": {"flamingo": [1]}})
+    for weight in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"data\[0\].loss_weight must be a finite number >= 0"):
+            parse_config({"data": [{**DATA[0], "loss_weight": weight}]})
+    config = parse_config({"data": DATA, "model": {"flamingo": {"xattn_every": 2}}, "optim": {"betas": [0.8, 0.9]}})
+    assert config.optim.betas == (0.8, 0.9) and config.model.flamingo == {"xattn_every": 2}
+
+
+def test_settings_that_do_nothing_are_said(caplog):
+    """eval_every / eval_batches without validation sets compute nothing; a warmup longer than the run never reaches
+    the lr: both are allowed, and said."""
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
+        parse_config({"data": DATA, "train": {"eval_every": 10, "steps": 5}, "schedule": {"warmup_steps": 10}})
+    assert "no `validation` datasets" in caplog.text and "warmup_steps=10 is longer than train.steps=5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
+        parse_config({"data": DATA, "validation": DATA, "train": {"eval_every": 10, "steps": 50}})
+    assert caplog.text == ""

@@ -86,15 +86,16 @@ def train_config(root: str, vision: str, lm: str, data: dict[str, str], *, steps
     return path
 
 
-def nan_losses_after_the_first_step(trainer: Any, monkeypatch: Any) -> None:
-    """From the trainer's second forward on, every loss is NaN (the first step trains normally)."""
+def nan_losses_after_the_first_step(trainer: Any, monkeypatch: Any, from_forward: int = 2) -> None:
+    """From the trainer's second forward on (`from_forward`: from that one; 1: every loss), every loss is NaN (by
+    default the first step trains normally)."""
     real_forward = trainer.model.forward
     calls = {"n": 0}
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = real_forward(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] >= 2:
+        if calls["n"] >= from_forward:
             out.loss = out.loss * float("nan")
         return out
 

@@ -18,10 +18,14 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def default_device(requested: Union[str, torch.device, None] = None) -> torch.device:
-    """`requested`, else this rank's GPU (cuda:LOCAL_RANK) when CUDA exists, else the CPU."""
-    if requested is not None:
-        return torch.device(requested)
-    return torch.device(f"cuda:{dist_info()[2]}" if torch.cuda.is_available() else "cpu")
+    """`requested`, else this rank's GPU (cuda:LOCAL_RANK) when CUDA exists, else the CPU. A bare "cuda" is this
+    rank's GPU too: `torch.cuda.set_device` and the NCCL group need an index, and under torchrun each rank its own."""
+    if requested is None:
+        return torch.device(f"cuda:{dist_info()[2]}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", dist_info()[2])
+    return device
 
 
 def init_process_group_from_env(device: Optional[torch.device] = None) -> bool:
@@ -36,6 +40,28 @@ def init_process_group_from_env(device: Optional[torch.device] = None) -> bool:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """A group of every rank whose collectives run on CPU tensors, for small agreements between the ranks' host
+    code (a stop flag): the default group when it is gloo, else a new gloo group (under NCCL a collective on a CUDA
+    tensor is read back with a host sync that waits for every kernel queued before it). None for one process.
+    Every rank must call it, in the same order as its other group creations."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def max_over_ranks(value: int, group: Optional[dist.ProcessGroup]) -> int:
+    """The largest of every rank's `value` (one all-reduce on `group`, a `host_group()`); `value` itself for None.
+    Every rank of the group must call it the same number of times."""
+    if group is None:
+        return value
+    flag = torch.tensor(value, dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag)
 
 
 def leave_process_group_and_exit(code: int = 0) -> NoReturn:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
+
+from ..config import FlamingoConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,12 +54,12 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     kind: str = "constant"  # constant | linear | cosine, after the warmup
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear from lr / warmup_steps to lr over these steps
 
 
 @dataclass
 class TrainSection:
-    steps: int = 1000
+    steps: int = 1000  # the run's last step; a resumed run goes on to it (docs/training.md, "Stopping and resuming")
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping (the norm is still logged)
     precision: str = "fp32"  # fp32 | bf16 (autocast; trained parameters keep fp32 master weights)
     frozen_dtype: Optional[str] = None  # e.g. "bf16": store the frozen backbones in bf16
@@ -87,7 +93,7 @@ class TrainSection:
     save_every: int = 500  # steps between checkpoints; 0: at the end only (and when stopped by a signal)
     eval_every: int = 0  # steps between validation losses (the `validation` datasets); 0: at the end only
     eval_batches: int = 0  # batches of each validation dataset per evaluation, the same ones each time; 0: all
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept, the latest ones; 0: all of them
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_workers: int = 0
     # MiB of frozen vision-tower features kept by frame content (model/feature_cache.py): for small datasets read for
@@ -194,20 +200,24 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"validation dataset names must be unique, got {names}")
     config = TrainConfig(data=data, validation=validation, **sections)
     # each count's least value, and what its 0 means where 0 is allowed
-    for key, least, zero in (("log_every", 1, ""), ("micro_batches", 1, ""), ("max_nonfinite", 1, ""),
+    for key, least, zero in (("steps", 1, ""), ("log_every", 1, ""), ("micro_batches", 1, ""), ("max_nonfinite", 1, ""),
                              ("num_workers", 0, ""), ("save_every", 0, " (0: at the end only)"),
-                             ("eval_every", 0, " (0: at the end only)"), ("eval_batches", 0, " (0: every batch)")):
+                             ("eval_every", 0, " (0: at the end only)"), ("eval_batches", 0, " (0: every batch)"),
+                             ("keep_last", 0, " (0: keep every checkpoint)")):
         if getattr(config.train, key) < least:
             raise ValueError(f"train.{key} must be >= {least}{zero}, got {getattr(config.train, key)}")
-    config.optim.betas = tuple(config.optim.betas)  # type: ignore[assignment]
-    if config.train.mixture not in ("accumulate", "sample"):
-        raise ValueError("train.mixture must be 'accumulate' or 'sample'")
-    if config.optim.kind not in ("adamw", "adamw8bit"):
-        raise ValueError(f"optim.kind must be adamw or adamw8bit, got {config.optim.kind!r}")
+    _check_model(config.model)
+    _check_optim_and_schedule(config)
+    for where, datasets in (("data", data), ("validation", validation)):
+        for i, d in enumerate(datasets):
+            if not math.isfinite(d.loss_weight) or d.loss_weight < 0:  # a number already (`_typed`)
+                raise ValueError(f"{where}[{i}].loss_weight must be a finite number >= 0, got {d.loss_weight!r}")
+    if not validation and (config.train.eval_every or config.train.eval_batches):
+        log.warning("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
+                    "no validation loss is computed")
+    _check_choices(config.train)
     if config.optim.kind == "adamw8bit" and config.optim.fused:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
-    if config.train.precision not in ("fp32", "bf16"):
-        raise ValueError("train.precision must be fp32 or bf16")
     frozen = config.train.frozen_dtype
     if frozen is not None and frozen not in ("fp32", "bf16"):
         raise ValueError(f"train.frozen_dtype must be bf16, fp32 or null, got {frozen!r} (fp16 frozen weights under "
@@ -222,8 +232,6 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.compile and config.train.gradient_checkpointing:
         raise ValueError("train.compile and train.gradient_checkpointing cannot be combined (HF's checkpointing runs "
                          "inside the compiled layers with a context function torch.compile cannot trace): pick one")
-    if config.train.loss_average not in ("tokens", "passes"):
-        raise ValueError(f"train.loss_average must be tokens or passes, got {config.train.loss_average!r}")
     if config.train.loss_chunks < 0:
         raise ValueError(f"train.loss_chunks must be >= 0 (0: the whole logits), got {config.train.loss_chunks}")
     if config.train.pad_tokens_multiple < 0 or config.train.pad_media_multiple < 0:
@@ -247,6 +255,49 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"datasets {uneven} have batches that train.micro_batches={micro} cannot split evenly: each "
                          "batch_size must be a multiple of it, with drop_last true (no partial last batch)")
     return config
+
+
+def _check_choices(train: TrainSection) -> None:
+    """The train section's named choices, each refused by name when misspelled (`distributed: fdsp` would run DDP)."""
+    for key, choices in (("mixture", ("accumulate", "sample")), ("precision", ("fp32", "bf16")),
+                         ("loss_average", ("tokens", "passes")), ("distributed", ("ddp", "fsdp")),
+                         ("fsdp_frozen", ("shard", "replicate"))):
+        if getattr(train, key) not in choices:
+            raise ValueError(f"train.{key} must be {' or '.join(choices)}, got {getattr(train, key)!r}")
+
+
+def _check_model(model: ModelSection) -> None:
+    """model.flamingo holds FlamingoConfig fields only: a misspelled one is refused here, not after the backbones
+    have loaded."""
+    options = model.flamingo
+    if not isinstance(options, dict):
+        raise ValueError(f"model.flamingo must be a mapping of FlamingoConfig fields (flamingo/config.py), got "
+                         f"{options!r}")
+    known = {f.name for f in dataclasses.fields(FlamingoConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in model.flamingo: {unknown} (FlamingoConfig fields, flamingo/config.py: "
+                         f"{sorted(known)})")
+
+
+def _check_optim_and_schedule(config: TrainConfig) -> None:
+    """optim.kind, optim.betas (two numbers in [0, 1)), schedule.kind and schedule.warmup_steps; a warmup longer
+    than the run is allowed (a run cut short on purpose) but said: the lr never reaches optim.lr."""
+    o, schedule = config.optim, config.schedule
+    if o.kind not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optim.kind must be adamw or adamw8bit, got {o.kind!r}")
+    betas = o.betas
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+    o.betas = (float(betas[0]), float(betas[1]))
+    if schedule.kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"schedule.kind must be constant, linear or cosine, got {schedule.kind!r}")
+    if schedule.warmup_steps < 0:
+        raise ValueError(f"schedule.warmup_steps must be >= 0, got {schedule.warmup_steps}")
+    if schedule.warmup_steps > config.train.steps:
+        log.warning("schedule.warmup_steps=%d is longer than train.steps=%d: the lr never reaches optim.lr",
+                    schedule.warmup_steps, config.train.steps)
 
 
 def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:

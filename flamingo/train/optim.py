@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -108,3 +108,38 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup_steps, total_steps))
+
+
+GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")  # what the config sets per parameter group
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's config-given settings as plain numbers: its base lr (`initial_lr`, which the schedule
+    scales), weight decay, betas and eps."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):  # torchao keeps the lr as a tensor
+            return float(value)
+        return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+    return [{k: plain(g[k]) for k in GROUP_SETTINGS} for g in optimizer.param_groups]
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         settings: list[dict[str, Any]]) -> None:
+    """Give each parameter group `settings` (`group_settings` of a freshly made optimizer), the scheduler the same
+    base lrs, and each group the lr of the scheduler's current step under them (base x the schedule's multiplier)."""
+    if len(settings) != len(optimizer.param_groups):
+        raise ValueError(f"{len(settings)} parameter groups for an optimizer of {len(optimizer.param_groups)}")
+    for group, values, multiplier in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
+        for key, value in values.items():
+            _set(group, key, value)
+        _set(group, "lr", values["initial_lr"] * multiplier(scheduler.last_epoch))
+    scheduler.base_lrs = [values["initial_lr"] for values in settings]
+
+
+def _set(group: dict[str, Any], key: str, value: Any) -> None:
+    """A group's value replaced; a tensor one (torchao's lr) filled in place, as its optimizer requires."""
+    if isinstance(group[key], torch.Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -21,7 +22,8 @@ GATE_NAMES = {"scalar": ("tanh(attention gate)", "tanh(dense gate)"),
 
 def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`metrics.jsonl` -> (training rows, validation rows), each in step order (a resumed run's repeated steps: the
-    last record). Lines that are not a step's record (a line torn by a killed run) are skipped and counted."""
+    last record). Lines that are not a step's record (a line torn by a killed run) are skipped and counted. A `null`
+    (a non-finite number, run_log.py; older files hold a bare NaN, which is read too) is read as NaN."""
     training: dict[int, dict[str, Any]] = {}
     validation: dict[int, dict[str, Any]] = {}
     unreadable = 0
@@ -34,6 +36,7 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
             if not isinstance(record, dict) or "step" not in record:
                 unreadable += 1
                 continue
+            record = _nan_for_null(record)
             if any(k.startswith("val_loss/") for k in record):
                 validation[record["step"]] = record
             else:
@@ -41,6 +44,21 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     if unreadable:
         log.warning("%s: %d line(s) that are no step's record skipped", path, unreadable)
     return [training[s] for s in sorted(training)], [validation[s] for s in sorted(validation)]
+
+
+def _nan_for_null(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _nan_for_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_null(v) for v in value]
+    return value
+
+
+def _line(n_points: int, style: dict[str, Any]) -> dict[str, Any]:
+    """A series' line style: with a marker when it has one point (a line of one point draws nothing)."""
+    return style if n_points > 1 or "marker" in style else {**style, "marker": "."}
 
 
 def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]], path: str, title: str = "") -> None:
@@ -51,7 +69,8 @@ def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]]
                                            (validation, "val_loss/", {"ls": "--", "marker": "."}, " (validation)")):
         for key in dict.fromkeys(k for r in records for k in r if k.startswith(prefix)):  # one line per dataset
             rows = [r for r in records if key in r]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[len(prefix):] + suffix, **style)
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[len(prefix):] + suffix,
+                    **_line(len(rows), style))
     ax.set_title(f"{title}: loss" if title else "loss")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
@@ -68,8 +87,8 @@ def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [r["step"] for r in rows]
     for layer in (rows[0]["gates"] if rows else {}):
-        axes[0].plot(steps, [r["gates"][layer][0] for r in rows], label=f"layer {layer}")
-        axes[1].plot(steps, [r["gates"][layer][1] for r in rows], label=f"layer {layer}")
+        for i, ax in enumerate(axes):  # 0: attention gate, 1: dense gate
+            ax.plot(steps, [r["gates"][layer][i] for r in rows], label=f"layer {layer}", **_line(len(rows), {}))
     for ax, name in zip(axes, GATE_NAMES[gate_type]):
         ax.set_title(f"{title}: {name}" if title else name)
         ax.set_xlabel("step")

@@ -2,8 +2,10 @@
 device in one sync, the tanh gates the paper plots, and the memory high-water.
 
 Each logged training step is one JSON line (loss per dataset, lr, grad norm, samples/s, MFU on a known GPU, gates,
-memory); each validation pass one more (`val_loss/<name>`, ...). The same numbers go to TensorBoard under `tb/` when
-tensorboard is installed (gates as `gates/attn/<layer>` and `gates/ffw/<layer>`).
+memory); each validation pass one more (`val_loss/<name>`, ...). A non-finite number (the loss of a skipped step) is
+written as `null`: strict JSON, which jq and JavaScript read (plots.read_metrics reads it back as NaN). The same
+numbers go to TensorBoard under `tb/` when tensorboard is installed (gates as `gates/attn/<layer>` and
+`gates/ffw/<layer>`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,18 @@ class RunLog:
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinity, however deep in dicts and lists, replaced by None (JSON's null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _tensorboard(directory: str) -> Any:

@@ -13,6 +13,7 @@ state.json) still load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +33,9 @@ from . import state_codec
 CHECKPOINT_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+_WRITE_RE = re.compile(r"^(step_\d{8})\.(tmp|old)-\d+$")  # atomic_directory's siblings of a checkpoint being written
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,6 +66,26 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_RE.match(name))]
     return sorted(p for p in found if os.path.isfile(os.path.join(p[1], "state.json")))
+
+
+def remove_stale_writes(output_dir: str) -> int:
+    """Remove what killed checkpoint writes left in `checkpoints/` (call it before training, on rank 0 only: no write
+    is under way): every `step_*.tmp-<pid>` (a checkpoint being filled), and every `step_*.old-<pid>` whose checkpoint
+    exists (one being replaced); an `.old-` without its checkpoint is the only copy of that step and stays. Returns
+    how many were removed."""
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return 0
+    removed = 0
+    for name in sorted(os.listdir(root)):
+        m = _WRITE_RE.match(name)
+        if m is None or (m.group(2) == "old" and not os.path.isfile(os.path.join(root, m.group(1), "state.json"))):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("%s: removed %d unfinished checkpoint write(s) of an earlier run", root, removed)
+    return removed
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -107,7 +131,8 @@ def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor], optimizer_state: Any,
                     scheduler: Any, state: dict[str, Any], keep_last: int) -> str:
-    """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints (rank 0 only)."""
+    """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints (0: all of them;
+    rank 0 only)."""
     path = os.path.join(output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     rng_tensors, rng_other = rng_state()
     with atomic_directory(path, "state.json", "a training checkpoint") as tmp:
@@ -174,6 +199,12 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         set_model_state_dict(model, trained, options=options)
         set_optimizer_state_dict(model, optimizer, optimizer_state["fsdp_full"], options=options)
     else:
+        groups = len(optimizer_state["param_groups"])
+        if groups != len(optimizer.param_groups):  # torch's own error would not say why
+            raise ValueError(f"checkpoint {path} has {groups} optimizer parameter groups, this run "
+                             f"{len(optimizer.param_groups)}: was optim.attn_gate_lr_mult set or unset since? (it "
+                             "gives the attention gates a group of their own) Resume with it as it was, or start a "
+                             "new output_dir")
         params = dict(model.named_parameters())
         missing = {n for n, p in params.items() if p.requires_grad} - set(trained)
         if missing:

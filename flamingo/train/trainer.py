@@ -34,13 +34,14 @@ from ..model.lora import apply_lora
 from ..model.quantize import cast_frozen, is_quantized, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
+from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_in_backward
 from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
-from .optim import make_optimizer, make_scheduler
+from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
 from .plots import plot_run
 from .run_log import RunLog, gate_values, materialize, memory_high_water
@@ -48,8 +49,9 @@ from .state import (
     gather_trained_parameters,
     gather_training_state,
     is_sharded,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    remove_stale_writes,
     save_checkpoint,
 )
 from .tower_graphs import TowerGraphs, install_tower_graphs
@@ -68,8 +70,12 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(ValueError):
+    """The loss stayed non-finite (`train.max_nonfinite` steps in a row, or every step of the run): the lr or the
+    data need a look. A ValueError: `flamingo train` prints its message as it does a bad config's, no traceback."""
+
+
+OPTIM_SETTINGS = ("lr", "weight_decay", "betas", "eps", "gate_lr_mult", "attn_gate_lr_mult")  # per-group values
 
 
 INIT_FROM_OPTIONS = ("quantize_frozen", "lm_lora")  # model.flamingo options a run from model.init_from may set
@@ -142,6 +148,7 @@ class Trainer:
         check_in_backward(config, self.world, t.distributed)
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
         init_process_group_from_env(self.device)
+        self.host_group = host_group()  # the loop's stop flag is agreed on here (gloo: no host sync with the GPU)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)  # same initial weights on every rank
@@ -222,19 +229,34 @@ class Trainer:
         # optim.in_backward: the optimizer steps inside backward, one parameter at a time (train/in_backward.py)
         self.backward_steps = BackwardSteps(self.trained, self.optimizer) if o.in_backward else None
         self.skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))  # fused Adam(W)
-        self.stop_requested = False
+        self.stop_signal = 0  # the SIGTERM / SIGINT this process got (0: none)
+        self.stopped_by = 0  # the signal the ranks agreed to stop on (`run`): 0 when the run went to train.steps
+        self._previous_handlers: dict[int, Any] = {}
+        self._saved_step = -1  # the step of the last checkpoint this process wrote
         # `sample` mixture mode: one dataset per step, drawn by loss weight (the same draws on every rank)
         self.sampler = MixtureSampler({name: self.weights[name] for name in self.sources}, seed=t.seed + 1)
         os.makedirs(t.output_dir, exist_ok=True)
+        if self.rank == 0:
+            remove_stale_writes(t.output_dir)
         self._resume()
 
     # ---------------------------------------------------------------------------------------------- resume
     def _resume(self) -> None:
-        path = latest_checkpoint(self.config.train.output_dir)
-        if path is None:
+        """Load the output directory's latest checkpoint, if any. One past `train.steps` is refused (nothing would
+        train and `final/` would be the longer run's weights under this config); one at it only warns (its `final/`
+        is written again). The config's optimizer settings apply from here on (`_apply_optim_settings`)."""
+        t = self.config.train
+        found = list_checkpoints(t.output_dir)
+        if not found:
             return
+        step, path = found[-1]
+        if step > t.steps:
+            raise ValueError(f"{t.output_dir} holds a run at step {step} ({path}), past train.steps={t.steps}: raise "
+                             "train.steps to train it further, or use a new train.output_dir")
+        fresh = group_settings(self.optimizer)  # the config's, before the checkpoint's replace them
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device, self.config.optim.kind)
         self.step = state["step"]
+        self._apply_optim_settings(path, state, fresh)
         self.nonfinite_streak.fill_(state["nonfinite_streak"])
         self.skipped_steps.fill_(state["skipped_steps"])
         # a checkpoint without "mixture" holds the same generator state as "sample_generator": it resumes too
@@ -250,6 +272,24 @@ class Trainer:
                 source.load_state_dict(data_states[name])
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
+            if self.step == t.steps:
+                log.warning("%s already holds a run at train.steps=%d: nothing to train; final/ is written again "
+                            "from its checkpoint", t.output_dir, t.steps)
+
+    def _apply_optim_settings(self, path: str, state: dict[str, Any], fresh: list[dict[str, Any]]) -> None:
+        """The config's optimizer settings (`optim.lr`, `weight_decay`, `betas`, `eps`, the gate multipliers) over
+        the checkpoint's, from the resumed step on: a run resumed with a lower lr trains at that lr (the schedule's
+        multiplier at the step times the new base). The change is logged, naming each key."""
+        if group_settings(self.optimizer) == fresh:
+            return
+        apply_group_settings(self.optimizer, self.scheduler, fresh)
+        now, saved = asdict(self.config.optim), state.get("optim")  # None: written before state.json held them
+        changes = ", ".join(f"optim.{k} {saved.get(k)} -> {now[k]}" for k in OPTIM_SETTINGS
+                            if saved is not None and _plain(saved.get(k)) != _plain(now[k]))
+        changes = changes or "the parameter groups' lr / weight_decay / betas / eps"
+        if self.rank == 0:
+            log.warning("resuming from %s with other optimizer settings than it was saved with (%s): the config's "
+                        "apply from step %d on", path, changes, self.step + 1)
 
     def _data_state(self) -> Any:
         local = {name: source.state_dict() for name, source in self.sources.items()}
@@ -265,10 +305,12 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
                             {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
-                             "mixture": self.sampler.state_dict(), "data": data, "optim_kind": self.config.optim.kind},
+                             "mixture": self.sampler.state_dict(), "data": data, "optim_kind": self.config.optim.kind,
+                             "optim": asdict(self.config.optim)},
                             self.config.train.keep_last)
         if self.world > 1:
             dist.barrier()
+        self._saved_step = self.step
 
     # ---------------------------------------------------------------------------------------------- step
     def _next(self, name: str) -> dict[str, Any]:
@@ -339,12 +381,14 @@ class Trainer:
             grad_norm = self._clip_and_step(finite)
         self.nonfinite_streak = torch.where(finite, 0, self.nonfinite_streak + 1)
         self.skipped_steps = self.skipped_steps + (~finite).long()
-        if not self.skip_on_device:
-            self.check_nonfinite()  # `finite` is on the host already
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler sets the next step's
+        lr = lr.clone() if isinstance(lr, torch.Tensor) else lr  # torchao's is a tensor, filled in place
         self.scheduler.step()
         self.step += 1
+        if not self.skip_on_device:
+            self.check_nonfinite()  # `finite` is on the host already
         # tensors stay on the device: `materialize` reads them, once per logged step
-        return {"step": self.step, "loss": total.detach(), "lr": self.scheduler.get_last_lr()[0],
+        return {"step": self.step, "loss": total.detach(), "lr": lr,
                 "grad_norm": grad_norm.detach(), "samples": samples * self.world, "flops": flops * self.world,
                 "skipped_nonfinite": self.skipped_steps, **{f"loss/{n}": v for n, v in losses.items()}}
 
@@ -388,8 +432,8 @@ class Trainer:
             self.backward_steps.begin(skip=not bool(finite))
 
     def check_nonfinite(self) -> None:
-        """Abort after `train.max_nonfinite` non-finite losses in a row (a host sync: called per logged step when
-        steps are skipped on the device)."""
+        """Abort after `train.max_nonfinite` non-finite losses in a row, naming the step that made the streak (a host
+        sync: called per logged step when steps are skipped on the device)."""
         streak = int(self.nonfinite_streak)
         if streak >= self.config.train.max_nonfinite:
             raise NonFiniteLossError(f"{streak} non-finite losses in a row at step {self.step}: aborting (lower the "
@@ -429,19 +473,32 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- run
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+        """The first SIGTERM / SIGINT asks for a stop after the current step (with a checkpoint); the handlers from
+        before `run` come back at once, so a second signal acts as it would without the trainer (Ctrl-C: a
+        KeyboardInterrupt, SIGTERM: the process ends), for a step or a save that does not end."""
+        self.stop_signal = signum
+        _restore_handlers(self._previous_handlers)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal: one all-reduce over the ranks at each loop head (on CPU tensors,
+        `host_group`), so that all of them leave the loop after the same step and write the checkpoint together (a
+        rank left alone in its collectives would hang the job). Records the signal in `stopped_by`."""
+        self.stopped_by = max_over_ranks(self.stop_signal, self.host_group)
+        return self.stopped_by != 0
 
     def run(self) -> str:
-        """Train to `train.steps`; returns the final model directory."""
+        """Train to `train.steps`; returns the final model directory. Stopped by a signal (`stopped_by`: its number,
+        the largest any rank got) it writes a checkpoint and returns "" (`flamingo train` exits 128 + the number)."""
         t = self.config.train
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers = handlers  # what a second signal meets (`_on_signal`)
         run_log = RunLog(t.output_dir, self.rank)
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
         try:
-            while self.step < t.steps and not self.stop_requested:
+            while self.step < t.steps and not self._stop_agreed():  # the same calls on every rank
                 metrics = self.train_step()
                 window_samples += metrics["samples"]
                 window_flops += metrics["flops"]
@@ -472,18 +529,28 @@ class Trainer:
                     self.save()
                     self._plot()
                     window_start += time.perf_counter() - saving  # samples/s counts training time only
-            if self.stop_requested and self.step < t.steps:
-                self.save()  # SIGTERM / SIGINT: a checkpoint before exiting
-                self._plot()
+            if self.stopped_by:
+                if self._saved_step != self.step:  # a stop right after a save_every step has its checkpoint
+                    self.save()  # SIGTERM / SIGINT: a checkpoint before exiting
+                    self._plot()
                 if self.rank == 0:
-                    log.warning("stopped by signal at step %d; checkpoint written", self.step)
+                    log.warning("stopped by signal %d at step %d; checkpoint written", self.stopped_by, self.step)
                 return ""
         finally:
             bar.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
+            _restore_handlers(handlers)
             run_log.close()
+        self._check_trained()
         return self.save_final()
+
+    def _check_trained(self) -> None:
+        """Refuse to call a run trained when every one of its steps was skipped as non-finite (fewer than
+        `train.max_nonfinite`, so none aborted it): its final model would be the untrained one."""
+        skipped = int(self.skipped_steps)
+        if self.step and skipped >= self.step:
+            raise NonFiniteLossError(f"every one of the run's {self.step} steps had a non-finite loss and was skipped: "
+                                     "the model never trained, no final/ written (lower the lr, check the data and "
+                                     "the loss weights)")
 
     def _plot(self) -> None:
         """loss.png and gates.png in the output directory, from the metrics logged so far (rank 0)."""
@@ -530,3 +597,14 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A config value as state.json holds it (tuples are JSON lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _restore_handlers(handlers: dict[int, Any]) -> None:
+    """Signal handlers back as `signal.signal` returned them (None: one not set from Python, taken as the default)."""
+    for number, handler in handlers.items():
+        signal.signal(number, signal.SIG_DFL if handler is None else handler)

@@ -1,0 +1,181 @@
+"""Stopping and resuming a run: a signal stops every rank after the same step with one checkpoint and is recorded
+(`flamingo train` exits 128 + its number), a second Ctrl-C interrupts, a resumed run applies the config's optimizer
+settings and refuses a directory already past train.steps, unfinished checkpoint writes are cleaned up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Any, Callable
+
+import pytest
+
+from flamingo.train.config import load_config
+from flamingo.train.state import remove_stale_writes
+from flamingo.train.trainer import Trainer
+
+from train_fixtures import train_config
+
+
+def _after_step(trainer: Trainer, hook: Callable[[int], None]) -> None:
+    """Call `hook(step)` after each of the trainer's steps."""
+    step = trainer.train_step
+
+    def train_step() -> dict[str, Any]:
+        metrics = step()
+        hook(trainer.step)
+        return metrics
+
+    trainer.train_step = train_step  # type: ignore[method-assign]
+
+
+def test_a_signal_stops_after_the_step_with_one_checkpoint_and_is_recorded(world):
+    """SIGTERM after step 2, a save_every step: the run stops there, its checkpoint written once (not again by the
+    stop), returns no final model and records the signal for the CLI's exit code."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-sigterm")
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=6, out=out, interleaved=False,
+                                               save_every=2)))
+    _after_step(trainer, lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None)
+    saves = []
+    save = trainer.save
+    trainer.save = lambda: saves.append(trainer.step) or save()  # type: ignore[method-assign]
+    assert trainer.run() == ""
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2 and saves == [2]
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step_00000002"]
+    assert not os.path.exists(os.path.join(out, "final"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler from before the run is back
+
+
+def test_a_second_ctrl_c_interrupts(world):
+    """The first Ctrl-C asks for a stop after the step; a second one, for a step or a save that does not end, raises
+    KeyboardInterrupt as it would without the trainer."""
+    root, vision, lm, data = world
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=4, out=os.path.join(root, "run-sigint"),
+                                               interleaved=False)))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        def twice(step: int) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert trainer.stop_signal == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+
+        _after_step(trainer, twice)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run()
+        assert trainer.step == 1
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_resume_applies_changed_optim_settings_and_refuses_a_directory_past_its_steps(world, caplog):
+    """A checkpoint restores the optimizer's own lr and weight decay; the config's new ones now apply from the
+    resumed step on (named in a warning). An output_dir already past train.steps is refused (nothing would train and
+    final/ would be the longer run's weights); one at it says there is nothing to train."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-reuse")
+    path = train_config(root, vision, lm, data, steps=2, out=out, interleaved=False)  # constant lr 1e-3 after warmup
+    assert Trainer(load_config(path)).run()
+    with pytest.raises(ValueError, match=r"holds a run at step 2 .*past train.steps=1"):
+        Trainer(load_config(path, ["train.steps=1"]))
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path))
+    assert "already holds a run at train.steps=2: nothing to train" in caplog.text
+    assert "other optimizer settings" not in caplog.text  # the same settings: nothing said, nothing changed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        trainer = Trainer(load_config(path, ["train.steps=4", "optim.lr=1e-5", "optim.weight_decay=0.5",
+                                             "schedule.kind=constant"]))
+    assert "optim.lr 0.001 -> 1e-05, optim.weight_decay 0.1 -> 0.5" in caplog.text
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-5] * len(groups))
+    assert groups[0]["weight_decay"] == 0.5 and trainer.scheduler.base_lrs == pytest.approx([1e-5] * len(groups))
+    assert trainer.train_step()["lr"] == pytest.approx(1e-5)
+    assert trainer.scheduler.get_last_lr() == pytest.approx([1e-5] * len(groups))
+
+
+def test_unfinished_checkpoint_writes_are_removed_when_a_run_starts(world):
+    """A run killed while writing a checkpoint leaves `step_*.tmp-<pid>` (a whole checkpoint's size) that nothing
+    read or pruned; the next run removes it, and an `.old-` copy whose checkpoint exists. An `.old-` without its
+    checkpoint is the only copy of that step: kept."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-stale")
+    checkpoints = os.path.join(out, "checkpoints")
+    for name in ("step_00000003.tmp-4242", "step_00000001.old-4242", "step_00000002.old-4242", "step_00000001"):
+        os.makedirs(os.path.join(checkpoints, name))
+    with open(os.path.join(checkpoints, "step_00000001", "state.json"), "w") as f:
+        f.write("{}")  # a checkpoint, by its marker
+    assert remove_stale_writes(out) == 2
+    assert sorted(os.listdir(checkpoints)) == ["step_00000001", "step_00000002.old-4242"]
+
+    shutil.rmtree(os.path.join(checkpoints, "step_00000001"))  # (not a checkpoint the trainer could resume from)
+    os.makedirs(os.path.join(checkpoints, "step_00000005.tmp-77"))
+    Trainer(load_config(train_config(root, vision, lm, data, steps=1, out=out, interleaved=False)))
+    assert sorted(os.listdir(checkpoints)) == ["step_00000002.old-4242"]
+
+
+_WORKER = """
+import json, os, signal, sys
+from flamingo.runtime import leave_process_group_and_exit
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer
+
+trainer = Trainer(load_config(sys.argv[1]))
+step = trainer.train_step
+
+def train_step():
+    metrics = step()
+    if trainer.rank == 1 and trainer.step == 2:  # as on a preempted node: this rank only
+        os.kill(os.getpid(), signal.SIGTERM)
+    return metrics
+
+trainer.train_step = train_step
+out = trainer.run()
+with open(os.path.join(trainer.config.train.output_dir, f"rank{trainer.rank}.json"), "w") as f:
+    json.dump({"out": out, "step": trainer.step, "stopped_by": trainer.stopped_by}, f)
+leave_process_group_and_exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(world, tmp_path):
+    """Only rank 1 gets SIGTERM (a preempted node): both ranks stop after step 2 and write the checkpoint together.
+    Acting on the flag alone, rank 1 went into the checkpoint's collectives while rank 0 went on into the next step's:
+    the job hung and wrote nothing. (Two processes with torchrun's environment, started here so that a hang can be
+    ended process by process.)"""
+    root, vision, lm, data = world
+    out = str(tmp_path / "run")
+    config = train_config(str(tmp_path), vision, lm, data, steps=8, out=out, interleaved=False, save_every=0,
+                          progress=False)
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29533"}
+    logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in range(2)]
+    ranks = [subprocess.Popen([sys.executable, str(worker), config], stdout=logs[rank], stderr=subprocess.STDOUT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
+    try:
+        codes = [proc.wait(timeout=150) for proc in ranks]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    said = "\n".join((tmp_path / f"rank{rank}.log").read_text()[-1500:] for rank in range(2))
+    assert codes == [0, 0], f"the ranks hung or failed after one of them got SIGTERM:\n{said}"
+    for rank in range(2):
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            assert json.load(f) == {"out": "", "step": 2, "stopped_by": signal.SIGTERM}
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step_00000002"]
+    with open(os.path.join(out, "checkpoints", "step_00000002", "state.json")) as f:
+        assert len(json.load(f)["data"]) == 2  # both ranks' data positions

@@ -314,9 +314,9 @@ def test_generate_hands_transformers_5_one_config_and_no_generation_arguments(ma
     seen = []
     prepare = type(model.lm)._prepare_generation_config
 
-    def spy(self, generation_config, **kwargs):
+    def spy(self, generation_config, *args, **kwargs):  # (4.x passes use_model_defaults positionally)
         seen.append((generation_config.use_cache, set(kwargs)))
-        return prepare(self, generation_config, **kwargs)
+        return prepare(self, generation_config, *args, **kwargs)
 
     monkeypatch.setattr(type(model.lm), "_prepare_generation_config", spy)
     prompt, media = PROMPTS[3]

@@ -13,13 +13,15 @@ kept (`ours`) and merged (`ours_merged`).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -29,6 +31,7 @@ from flamingo.convert import convert_mmgpt, convert_openflamingo
 from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from flamingo.peers.mmgpt import LORA_CONFIG, apply_mmgpt_lora, load_mmgpt_modules
 from flamingo.peers.openflamingo import build_openflamingo
+from flamingo.runtime.device import check_device
 from flamingo.tiny import tiny_image_processor, tiny_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -272,8 +275,34 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, then its `--device` checked (`flamingo.runtime.device.check_device`): a device not
+    usable here (`gpu`, `cuda` on a CPU machine) is a one-line usage error before any model is built, not a
+    traceback from deep inside `model.to` (or, for the `gpu` shape, a model built in host memory first)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "device", None) is not None:
+        try:
+            check_device(args.device)
+        except ValueError as e:
+            parser.error(str(e))
+    return args
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has no NaN (json.dumps would write `NaN`, which strict
+    parsers such as jq refuse); a measurement that does not apply (peak CUDA memory on a CPU) reads as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_json(name: str, payload: dict[str, Any]) -> None:
-    print(json.dumps({"bench": name, **payload}))
+    """The bench's JSON line: valid JSON (`json_safe`), one line."""
+    print(json.dumps(json_safe({"bench": name, **payload}), allow_nan=False))
 
 
 def _fmt(value: Any) -> str:

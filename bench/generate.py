@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import LM_FAMILIES, PEERS, Pair, build_pair, machine, print_json, print_table, timed_steps
+from bench.common import LM_FAMILIES, PEERS, Pair, build_pair, machine, parse_args, print_json, print_table, timed_steps
 from flamingo.model.generation import compile_config
 from flamingo.runtime import DTYPE_NAMES, torch_dtype
 
@@ -182,7 +182,7 @@ def main() -> None:
                         choices=["auto", "reference", "segments", "flex", "gather"],
                         help="prefill cross-attention implementation(s): the first gives the main row, each other adds "
                              "an ours_ttft_ms_<impl> column")
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"# bench.generate on {machine()}, shape={args.shape}, lm={args.lm}, peer={args.peer}, dtype={args.dtype}, "
           f"xattn_every={args.xattn_every}")
     pair = build_pair(args.shape, xattn_every=args.xattn_every, device=args.device, dtype=torch_dtype(args.dtype),

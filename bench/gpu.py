@@ -6,6 +6,8 @@ weights, then every goal with the measured ratio and whether it is reached.
     python -m bench.gpu --device cuda --parts decode xattn       # some parts only
     python -m bench.gpu --shape tiny --device cpu --repeats 1    # smoke run of this script (no goal is meaningful)
 
+The `gpu` shape on a CPU device (the default `--device` without CUDA) is refused unless `--large-on-cpu` is given.
+
 The parts are the existing benches (bench/train.py, bench/generate.py, bench/xattn.py) called with the issue's
 shapes: train 8 x 256 tokens x 5 images, eager, with train.compile's regions and (CUDA) with the frozen tower's
 CUDA graphs on top (`--no-compile`: eager only;
@@ -24,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from bench import generate, train, xattn
-from bench.common import build_pair, machine, print_json, print_table
+from bench.common import build_pair, json_safe, machine, parse_args, print_json, print_table
 from flamingo.runtime.checkpoint_io import atomic_file
 from flamingo.train.config import TrainSection
 
@@ -132,7 +134,14 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="train part: eager only (no train.compile row)")
     parser.add_argument("--profile", action="store_true", help="train part: kernels per step and device-busy time")
     parser.add_argument("--out", default=None, help="JSON file for the results (merged with what it already holds)")
-    args = parser.parse_args()
+    parser.add_argument("--large-on-cpu", action="store_true",
+                        help="build the `gpu` shape on a CPU device anyway (refused without it: tens of GB in fp32)")
+    args = parse_args(parser)
+    if args.shape == "gpu" and torch.device(args.device).type == "cpu" and not args.large_on_cpu:
+        # the default on a machine without CUDA: the 1.3B LM + ViT-L pair in fp32 would exhaust host memory
+        parser.error("--shape gpu builds a ~1.3B LM and a ViT-L tower, tens of GB of host memory in fp32, on "
+                     f"--device {args.device}: pass --device cuda on a GPU machine, --shape tiny or cpu here, or "
+                     "--large-on-cpu to build it anyway")
     print(f"# bench.gpu on {machine()}, shape={args.shape}, parts={' '.join(args.parts)}")
     results: dict[str, Any] = {}
     if args.out and os.path.exists(args.out):
@@ -151,7 +160,7 @@ def main() -> None:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with atomic_file(args.out) as tmp, open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
+            json.dump(json_safe(payload), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ from transformers.models.idefics.processing_idefics import (
     incremental_to_binary_attention_mask,
 )
 
-from bench.common import add_generation_options, interleaved, machine, print_json, print_table, timing_columns
+from bench.common import (
+    add_generation_options,
+    interleaved,
+    machine,
+    parse_args,
+    print_json,
+    print_table,
+    timing_columns,
+)
 from flamingo.convert import from_idefics
 from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_tokenizer
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_options(parser, SHAPES, images=[4, 8, 32], repeats=5)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"# bench.idefics on {machine()}, shape={args.shape}, dtype={args.dtype}")
     rows = run(args)
     print_table(rows, ["images", "batch", "ctx_tokens", "same_tokens", "ours_ttft_ms", "idefics_ttft_ms",

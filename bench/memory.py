@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, timed_steps
+from bench.common import build_pair, machine, parse_args, print_json, print_table, timed_steps
 from bench.train import make_batch
 from flamingo.model.quantize import (
     QuantizationUnavailable,
@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--demo-samples", type=int, default=80)
     parser.add_argument("--only-train", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--only-infer", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or (8 if cuda else 2)
     args.tokens = args.tokens or (256 if cuda else 128)

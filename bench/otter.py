@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from bench.common import add_generation_options, interleaved, machine, print_json, print_table, timing_columns
+from bench.common import (
+    add_generation_options,
+    interleaved,
+    machine,
+    parse_args,
+    print_json,
+    print_table,
+    timing_columns,
+)
 from flamingo.convert import from_otter
 from flamingo.runtime import torch_dtype
 from flamingo.tiny import tiny_lm, tiny_tokenizer, tiny_vision
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_options(parser, SHAPES, images=[4, 16], repeats=3)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"# bench.otter on {machine()}, shape={args.shape}, dtype={args.dtype}")
     rows = run(args)
     print_table(rows, ["images", "batch", "ctx_tokens", "same_tokens_uncached", "same_tokens_cached", "ours_ttft_ms",

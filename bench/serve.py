@@ -44,13 +44,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import httpx
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from bench.common import SHAPES, machine, print_json, print_table
+from bench.common import SHAPES, machine, parse_args, print_json, print_table
 from bench.generate import QUERY, SHOT
 from flamingo.build import from_backbones
 from flamingo.config import FlamingoConfig
@@ -165,16 +166,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_healthy(url: str, tries: int = 600) -> None:
-    """Poll a starting `flamingo serve` until `/health` answers 200 (half a second between tries)."""
+def _stderr_tail(log: Optional[str], lines: int = 20) -> str:
+    if log is None:
+        return ""
+    with open(log, encoding="utf-8", errors="replace") as f:
+        tail = f.read().splitlines()[-lines:]
+    return ("; the end of its stderr:\n" + "\n".join(tail)) if tail else " (nothing on its stderr)"
+
+
+def wait_until_healthy(url: str, server: Optional[subprocess.Popen] = None, log: Optional[str] = None,
+                       tries: int = 600) -> None:
+    """Poll a starting `flamingo serve` until `/health` answers 200 (half a second between tries). When `server` (its
+    process) has exited, fail at once rather than poll on, with the tail of its stderr (the file `log`): a bad flag
+    or device, a model that does not load, a port in use."""
     for _ in range(tries):
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before it answered /health"
+                               + _stderr_tail(log))
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise RuntimeError("the server did not start")
+    raise RuntimeError(f"the server did not answer {url}/health within {tries * 0.5:.0f} s" + _stderr_tail(log))
+
+
+@contextmanager
+def serving(options: Sequence[str], stop_timeout: Optional[float] = 120) -> Iterator[str]:
+    """`python -m flamingo.cli serve OPTIONS` on a free port, in a subprocess, once healthy: yields its URL, and
+    stops it on exit. Its stderr goes to a temporary file, whose tail a failed start shows (`wait_until_healthy`)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "server.stderr")
+        with open(log, "wb") as stderr:
+            server = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", *options, "--port", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_healthy(url, server, log)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=stop_timeout)
 
 
 def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[dict], warmup: list[dict],
@@ -182,24 +216,16 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
     """A fresh `flamingo serve` (prefix cache of `mib` MiB, shared prefills of up to `batch_tokens`, None: its
     default), warmed up with `warmup`, runs `requests` with `clients` clients: one row. Fresh, so that no phase finds
     the prompts of an earlier one in the prefix cache."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flamingo.cli", "serve", "--model", model_dir, "--port", str(port),
-         "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8), "--prefill-chunk",
-         str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype, "--max-images", "64",
-         "--prefix-cache-mib", str(mib), *(["--threads", str(args.threads)] if args.threads else []),
-         *(["--prefill-batch-tokens", str(batch_tokens)] if batch_tokens is not None else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_healthy(url)
+    options = ["--model", model_dir, "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) + 8),
+               "--prefill-chunk", str(args.prefill_chunk), "--device", args.device, "--dtype", args.dtype,
+               "--max-images", "64", "--prefix-cache-mib", str(mib),
+               *(["--threads", str(args.threads)] if args.threads else []),
+               *(["--prefill-batch-tokens", str(batch_tokens)] if batch_tokens is not None else [])]
+    with serving(options) as url:
         asyncio.run(run_clients(url, warmup, 1))
         before = _batch_mean(url)
         wall, results = asyncio.run(run_clients(url, requests, clients))
         after = _batch_mean(url)
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
@@ -234,7 +260,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"# bench.serve on {machine()}, shape={args.shape}, dtype={args.dtype}, max_batch={args.max_batch}, "
           f"prefill_chunk={args.prefill_chunk}, server threads={args.threads or torch.get_num_threads()}, "
           f"shared demos={args.shared_demos}")

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from bench.common import machine, print_json, print_table
-from bench.serve import free_port, wait_until_healthy
+from bench.serve import serving
 
 
 def _eval(args: argparse.Namespace, task: str, out: str, server: str = "") -> float:
@@ -48,13 +48,8 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
     rows = []
     for repeat in range(args.repeats):
         for mib in args.vision_cache_mib:
-            port = free_port()
-            server = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", args.model,
-                                       "--port", str(port), "--threads", "1", "--vision-cache-mib", str(mib)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                wait_until_healthy(url)
+            with serving(["--model", args.model, "--threads", "1", "--vision-cache-mib", str(mib)],
+                         stop_timeout=None) as url:
                 row: dict[str, Any] = {"setting": f"server, vision cache {mib:g} MiB", "repeat": repeat}
                 for task in args.tasks:
                     row[f"{task}_s"] = _eval(args, task, os.path.join(root, f"{task}-{mib:g}-{repeat}"), url)
@@ -62,9 +57,6 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
                 frames = _metric(metrics, "vision_frames_total")
                 computed = _metric(metrics, "vision_frames_computed_total")
                 row["tower_frames"] = f"{computed:g} / {frames:g}" if frames else "all"
-            finally:
-                server.terminate()
-                server.wait()
             rows.append(row)
         row = {"setting": "in-process", "repeat": repeat}
         for task in args.tasks:

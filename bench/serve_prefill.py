@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import machine, print_json, print_table
+from bench.common import machine, parse_args, print_json, print_table
 from bench.serve import build_model
 from bench.serve_steps import _seconds, k_shot
 from flamingo.model.prefill import Prefill, prefill_together
@@ -50,7 +50,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.common import machine, print_json, print_table
+from bench.common import machine, parse_args, print_json, print_table
 from bench.generate import QUERY, SHOT
 from bench.serve import build_model
 from flamingo.model.batching import DecodeBatch
@@ -116,7 +116,7 @@ def main() -> None:
                         help="also time each decode step compiled (inductor), side by side with the eager one")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# bench.serve_steps on {machine()}, shape={args.shape}, {args.dtype}, device={args.device}, "

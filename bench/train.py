@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import build_pair, machine, print_json, print_table, profile_steps, sync, timed
+from bench.common import build_pair, machine, parse_args, print_json, print_table, profile_steps, sync, timed
 from flamingo.model.quantize import cast_frozen
 from flamingo.train.compile import compile_regions
 from flamingo.train.config import TrainSection
@@ -219,7 +219,7 @@ def main() -> None:
                         help="the loss's logits in this many chunks (train.loss_chunks; 0: whole)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each step (torch.profiler): top kernels, host ops, device-busy time")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.vision_graphs and not (args.compile and args.device.startswith("cuda")):
         parser.error("--vision-graphs needs --compile and a CUDA device")
     if args.compile and args.checkpointing:

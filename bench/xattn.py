@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import machine, print_json, print_table, timed
+from bench.common import machine, parse_args, print_json, print_table, timed
 from flamingo.model.xattn import MaskedCrossAttention, compute_media_index
 from flamingo.peers.openflamingo import load_openflamingo_modules
 from flamingo.runtime import DTYPE_NAMES, torch_dtype
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"# bench.xattn on {machine()}, dtype={args.dtype}")
     rows = run(args)
     cols = ["images", "tokens", "openflamingo_einsum_ms"] + [f"{i}_ms" for i in args.impls] + ["varlen_ms",

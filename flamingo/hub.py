@@ -10,7 +10,7 @@ import tempfile
 from typing import Any, Optional, Sequence, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
-from .model.card import CARD_NAME, model_card
+from .model.card import CARD_NAME, generated_for, model_card
 from .model.flamingo import Flamingo
 from .processing import PROCESSOR_CONFIG_NAME
 from .runtime.hub import is_hub_name
@@ -47,7 +47,8 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
                    replace_card: bool = False, results: Sequence[str] = ()) -> str:
     """Upload a directory written by `save_pretrained` to the model repository `repo_id` (created if missing; on
     branch `revision`, created if missing) in one commit; returns the commit's URL. The card save_pretrained wrote is
-    written again for `repo_id` (one edited by hand goes as it is); a card already in the repository is kept unless
+    written again for `repo_id`, whatever name it was written for (the directory may be renamed or copied since;
+    `card.generated_for`); one edited by hand goes as it is; a card already in the repository is kept unless
     `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
     gains under "Evaluation", and their means its `model-index` metadata (the Hub's evaluation results; the card is
     then written even over one on the Hub). Files of the format that the
@@ -133,8 +134,8 @@ def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: 
     local = _local_files(directory)
     card = local.pop(CARD_NAME, None)
     text = None if card is None else open(card, encoding="utf-8").read()
-    if text is None or text == model_card(directory, os.path.basename(os.path.abspath(directory))):
-        text = model_card(directory, repo_id)  # the card save_pretrained wrote, named for the repository
+    if text is None or generated_for(directory, text) is not None:
+        text = model_card(directory, repo_id)  # the card save_pretrained wrote (any name), named for the repository
     if tables:
         intro = "Few-shot results measured with `flamingo eval` (mean ± std over trials, in percent):"
         text = text.rstrip("\n") + f"\n\n## Evaluation\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flamingo demo", description="Grow a mini Flamingo offline: world, backbones, training, few-shot eval, "
                                           "report.md.")
-    parser.add_argument("--out", default="flamingo-demo", help="output directory (stages already there are reused)")
+    parser.add_argument("--out", default="flamingo-demo",
+                        help="output directory (stages an earlier run finished there are reused; a folder the demo "
+                             "did not write is never replaced: the run is refused)")
     parser.add_argument("--size", default=DEFAULT_SIZE, choices=list(SIZES),
                         help=f"binding (the default): an LM grown long enough for induction heads, so few-shot binding "
                              f"works ({duration('binding')} on 2 cores); fast: the same without it "
@@ -26,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablate", default=None, choices=sorted(ABLATIONS),
                         help="also train + evaluate the Flamingo stage with one of the paper's ablations")
-    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS),
+                        help=f"numbers of shots to evaluate at, each from 0 to {max(SHOTS)} (less on a size with "
+                             "smaller demo pools)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--train-procs", type=int, default=0,
                         help="processes of the Flamingo stage (DDP, torchrun); 0: 2 on a machine with 2 cores or more")
@@ -43,7 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
                               shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs,
                               eval_procs=args.eval_procs))
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:  # Ctrl-C, also while a stage's processes ran (demo.run_processes)
+        print("\nflamingo demo: interrupted; rerun the same command to continue (finished stages are reused)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # a refused setting, a failed stage, an unwritable --out
         print(f"flamingo demo: error: {e}", file=sys.stderr)
         return 2
     return 0

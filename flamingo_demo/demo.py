@@ -1,6 +1,7 @@
 """`flamingo demo`: grow a mini Flamingo end to end, offline, and show few-shot learning.
 
-Stages (each timed, each with a progress bar, each reusing its output when it is already there):
+Stages (each timed, each with a progress bar, each reusing its output when it is already there; stages.py says when a
+stage folder is reused, rebuilt, or refused as not the demo's):
 1. world      — the synthetic multimodal world (world.py, texts.py, writers.py) in the data/eval formats;
 2. backbones  — a BPE tokenizer, a contrastively pretrained vision tower, a small causal LM (backbones.py),
                 saved as HF directories and loaded back through `from_pretrained`;
@@ -21,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -39,8 +42,9 @@ from .backbones import grow_backbones
 from .build_world import write_world
 from .evaluate import read_results, run_eval_job
 from .report import write_report
-from .run import ABLATIONS, EVAL_SETS, TASK_SHOTS, TASKS, DemoRun, DemoSettings
-from .sizes import get_size
+from .run import ABLATIONS, EVAL_SETS, SHOTS, TASK_SHOTS, TASKS, DemoRun, DemoSettings
+from .sizes import MiniSize, get_size
+from .stages import check_out, claim, reuse_or_build
 from .tryit import run_hand_prompts
 
 
@@ -62,26 +66,6 @@ def stage(run: DemoRun, name: str) -> Iterator[None]:
     yield
     run.times[name] = round(time.perf_counter() - start, 1)
     print(f"[demo] {name} done in {run.times[name]:.1f} s", flush=True)
-
-
-def reuse_or_build(directory: str, key: dict[str, Any], build: Callable[[], Any],
-                   reused: Optional[list[str]] = None) -> Any:
-    """A stage's result, rebuilt unless `directory` holds one made with the same `key` (size, seed); a reused
-    directory's name is appended to `reused`.
-
-    The result (JSON) is written last, into the marker file, so an interrupted stage is redone, never half-reused."""
-    marker = os.path.join(directory, ".done-" + "-".join(f"{k}={v}" for k, v in sorted(key.items())) + ".json")
-    if os.path.exists(marker):
-        if reused is not None:
-            reused.append(os.path.basename(os.path.normpath(directory)))
-        with open(marker) as f:
-            return json.load(f)
-    shutil.rmtree(directory, ignore_errors=True)
-    result = build()
-    os.makedirs(directory, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(result, f)
-    return result
 
 
 def build_world(run: DemoRun) -> dict[str, Any]:
@@ -131,6 +115,43 @@ def per_rank_batches(procs: int) -> list[str]:
     return overrides
 
 
+@contextmanager
+def interrupts_recorded() -> Iterator[list[int]]:
+    """While a stage's processes run, a Ctrl-C (SIGINT) is recorded instead of raised: the demo waits for torchrun to
+    stop its workers (the trainer's checkpoint on the way out) and then reports an interrupt, whatever exit code
+    torchrun gave. A second Ctrl-C raises at once. Off the main thread (no signal handlers there), nothing is
+    recorded."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_processes(procs: int, module: str, args: Sequence[str], *, what: str, hint: str) -> None:
+    """`run_torchrun`, with an interrupt reported as KeyboardInterrupt (the CLI's "interrupted; rerun"), not as a
+    failed stage with `hint`: torchrun exits 1 when Ctrl-C stops it, like a failure would."""
+    with interrupts_recorded() as seen:
+        try:
+            run_torchrun(procs, module, args, what=what, hint=hint)
+        except RuntimeError:
+            if seen:
+                raise KeyboardInterrupt from None
+            raise
+    if seen:  # the workers finished as the signal came: the stage is redone by the rerun
+        raise KeyboardInterrupt
+
+
 def launcher(procs: int) -> list[str]:
     """The command line that runs `flamingo train` in `procs` processes (as the report prints it)."""
     return ["flamingo", "train"] if procs == 1 else torchrun_command(procs, "flamingo.cli", ["train"])
@@ -148,11 +169,13 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
 
     def build() -> str:
         if s.train_procs == 1:
-            Trainer(load_config(config_path(), overrides)).run()
+            trainer = Trainer(load_config(config_path(), overrides))
+            if not trainer.run() and trainer.stopped_by == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C: no final model and no marker, so the rerun redoes the stage
         else:  # one thread per rank: the demo's 2 threads split
-            run_torchrun(s.train_procs, "flamingo.cli", ["train", config_path(), *overrides],
-                         what=f"the Flamingo stage ({variant})",
-                         hint="`--train-procs 1` trains in this process, without torchrun")
+            run_processes(s.train_procs, "flamingo.cli", ["train", config_path(), *overrides],
+                          what=f"the Flamingo stage ({variant})",
+                          hint="`--train-procs 1` trains in this process, without torchrun")
         final = os.path.join(out, "final")
         if not os.path.isfile(os.path.join(final, CONFIG_NAME)):  # stopped by a signal: no final model,
             # and no stage marker either, so that a rerun redoes the stage instead of reusing a missing model
@@ -186,33 +209,67 @@ def eval_job(run: DemoRun, variant: str, model_dir: str, *, gates_zero: bool = F
             "tasks": tasks}
 
 
+# What the `eval/` folder holds: jobs.json and one folder per job (a variant, and the gate-0 baseline).
+EVAL_ENTRIES = frozenset(["jobs.json", *(name + suffix for name in ("flamingo", *ABLATIONS)
+                                          for suffix in ("", "-gates0"))])
+
+
 def evaluate_models(run: DemoRun, jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Stage 4: every job through the real harness; returns job name -> task -> results. With `eval_procs` > 1 the
     jobs run under torchrun, each process with one thread and a strided share of every task's queries (one launch
     for all jobs: each process loads torch once)."""
     s = run.settings
+    claim(os.path.join(s.out, "eval"), EVAL_ENTRIES, fresh=False)  # earlier runs' other jobs stay
     if s.eval_procs == 1:
         return {job["name"]: run_eval_job(job, progress=s.progress) for job in jobs}
     path = os.path.join(s.out, "eval", "jobs.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(jobs, f, indent=1)
     for job in jobs:  # a stale results.json from an earlier run must not pass for this one's
         for task in job["tasks"]:
             shutil.rmtree(task["out_dir"], ignore_errors=True)
-    run_torchrun(s.eval_procs, "flamingo_demo.evaluate", [path] + (["--progress"] if s.progress else []),
-                 what="the evaluation stage", hint="`--eval-procs 1` evaluates in this process, without torchrun")
+    run_processes(s.eval_procs, "flamingo_demo.evaluate", [path] + (["--progress"] if s.progress else []),
+                  what="the evaluation stage", hint="`--eval-procs 1` evaluates in this process, without torchrun")
     return {job["name"]: read_results(job) for job in jobs}
 
 
+def max_shots(size: MiniSize) -> int:
+    """The most shots every task of `size` can draw: the smallest demo pool (train split) of the tasks that draw
+    demos at random, a binding episode's demos per word, and the demo's largest setting (`SHOTS`). The multi-image
+    tasks run at their own shots (`TASK_SHOTS`)."""
+    return min(max(SHOTS), size.binding_shots, size.vqa[0], size.captioning[0], size.classification[0],
+               size.videoqa[0])
+
+
+def checked_shots(shots: Sequence[int], size: MiniSize) -> tuple[int, ...]:
+    """`shots` sorted without repeats (a repeat would be a second, identical column of the report), refused unless
+    each is in 0..max_shots(size): checked before any stage runs, not by the harness after three stages."""
+    unique = sorted({int(k) for k in shots})
+    if not unique:
+        raise ValueError("--shots needs at least one number of shots")
+    most = max_shots(size)
+    if unique[0] < 0 or unique[-1] > most:
+        raise ValueError(f"--shots must be between 0 and {most} for the {size.name!r} size (its smallest demo pool "
+                         f"and the demo's largest setting), got {list(shots)}")
+    return tuple(unique)
+
+
+def stage_folders(settings: DemoSettings) -> dict[str, frozenset[str]]:
+    """The folders of `settings.out` a run deletes or writes into -> the entries `written_by_demo` accepts in one
+    that older demo versions left without a `.demo-stage` file."""
+    variants = ["flamingo"] + ([settings.ablate] if settings.ablate else [])
+    return {**{name: frozenset() for name in ("world", "backbones", *variants)}, "eval": EVAL_ENTRIES}
+
+
 def run_demo(settings: DemoSettings) -> DemoRun:
-    """All stages; returns what the report is made of (report.md is written into settings.out)."""
+    """All stages; returns what the report is made of (report.md is written into settings.out). Every setting and
+    `--out` itself are checked before any stage runs (`check_out`: no folder the demo did not write is replaced)."""
     if settings.ablate is not None and settings.ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {settings.ablate!r}: choose from {sorted(ABLATIONS)}")
-    layers = get_size(settings.size).lm_layers
-    if settings.ablate == "xattn-every-4" and layers < 4:  # refused here, not by the trainer after two stages
+    size = get_size(settings.size)
+    if settings.ablate == "xattn-every-4" and size.lm_layers < 4:  # refused here, not by the trainer after two stages
         raise ValueError(f"--ablate xattn-every-4 needs an LM of 4 layers or more: the {settings.size!r} size's "
-                         f"LM has {layers}, so no cross-attention block would be left")
+                         f"LM has {size.lm_layers}, so no cross-attention block would be left")
     for name in ("train_procs", "eval_procs"):
         procs = getattr(settings, name)
         if procs < 0:
@@ -220,6 +277,10 @@ def run_demo(settings: DemoSettings) -> DemoRun:
         if procs == 0:
             settings = replace(settings, **{name: default_procs()})
     per_rank_batches(settings.train_procs)  # a batch that does not split fails here, not after two stages
+    # absolute once: the stage markers and the train command record file names that a rerun from another working
+    # directory must still find
+    settings = replace(settings, out=os.path.abspath(settings.out), shots=checked_shots(settings.shots, size))
+    check_out(settings.out, stage_folders(settings))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     os.makedirs(settings.out, exist_ok=True)
     run = DemoRun(settings)

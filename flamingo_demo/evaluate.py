@@ -74,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_eval_job(job, progress=args.progress)
             if rank() == 0:
                 print(f"[eval] {job['name']}: {time.perf_counter() - start:.1f} s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the demo itself says it was interrupted
+        return 130
     finally:
         if joined:
             torch.distributed.destroy_process_group()

@@ -22,10 +22,12 @@ Pairs = Union[PathLike, Sequence[tuple[np.ndarray, str]]]
 
 
 def token_stream(lines: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """Documents joined by EOS (GPT-2 style): `doc EOS doc EOS ...` as one long id tensor."""
+    """Documents joined by EOS (GPT-2 style): `doc EOS doc EOS ...` as one long id tensor. A document may be longer
+    than the LM's context (the tokenizer's model_max_length): the stream is cut into windows later, so the tokenizer's
+    warning about long sequences is off (verbose=False)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for enc in tokenizer(list(lines), add_special_tokens=False)["input_ids"]:
+    for enc in tokenizer(list(lines), add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)

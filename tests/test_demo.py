@@ -199,7 +199,9 @@ def test_evaluation_in_several_processes_equals_one_process(demo_run, tmp_path):
 
 
 def test_a_flamingo_stage_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):
-    class StoppedTrainer:  # what Trainer.run does after SIGINT / SIGTERM: a checkpoint, no final model, returns ""
+    class StoppedTrainer:  # what Trainer.run does after SIGTERM: a checkpoint, no final model, returns ""
+        stopped_by = 15
+
         def __init__(self, config):
             pass
 

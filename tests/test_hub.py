@@ -269,6 +269,26 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
         load_pretrained("../no/such/model")
 
 
+def test_a_renamed_or_copied_model_directory_is_pushed_with_a_card_named_for_the_repository(tmp_path, hub):
+    """save_pretrained names the card after the directory (`final`); renamed or copied since, the card is still
+    the generated one and is written again for the repository. One named for another repository (a downloaded
+    model pushed elsewhere) too; a card edited by hand goes as it is."""
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "run" / "final"), processor=processor)
+    shutil.copytree(tmp_path / "run" / "final", tmp_path / "my-model")
+    assert main(["push", "--model", str(tmp_path / "my-model"), "--repo", "someone/my-model"]) == 0
+    card = hub.repos["someone/my-model"]["main"]["README.md"].decode()
+    assert 'load_pretrained("someone/my-model")' in card and "flamingo serve --model someone/my-model" in card
+    assert "# my-model\n" in card and "final" not in card
+    (tmp_path / "my-model" / "README.md").write_text(card)  # as a download of someone/my-model leaves it
+    push_directory(str(tmp_path / "my-model"), "other/copy")
+    assert 'load_pretrained("other/copy")' in hub.repos["other/copy"]["main"]["README.md"].decode()
+    edited = card.replace("A Flamingo-style", "My Flamingo-style")
+    (tmp_path / "my-model" / "README.md").write_text(edited)
+    push_directory(str(tmp_path / "my-model"), "other/copy", replace_card=True)
+    assert hub.repos["other/copy"]["main"]["README.md"].decode() == edited
+
+
 def test_a_push_refuses_a_backbone_that_is_a_local_path_shaped_like_a_hub_name(tmp_path, hub, monkeypatch):
     """`of/lm`, a relative path, reads as the Hub name `of/lm`: pushed, nobody else could load the LM."""
     model, processor = _gated_model()

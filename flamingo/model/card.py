@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Optional
 
 import yaml
@@ -149,6 +150,18 @@ flamingo serve --model {name}
 """ + ("" if template == "flamingo" else f"""
 Chat messages (the server, `flamingo generate --chat`) are written in the model's {template} format.
 """)
+
+
+def generated_for(directory: str, text: str) -> Optional[str]:
+    """The name `text` is `model_card(directory, name)` for, or None when it is not such a card (edited by hand, or
+    written for other files). The candidate names are read off the card itself (its `flamingo serve --model NAME`
+    line, then its heading), not taken from the directory's name: save_pretrained names the card after the
+    directory, which may have been renamed or copied since (`final/` pushed as `my-model`)."""
+    names = re.findall(r"^flamingo serve --model (.+)$", text, re.M) + re.findall(r"^# (.+)$", text, re.M)[:1]
+    for name in dict.fromkeys(names):
+        if text == model_card(directory, name):
+            return name
+    return None
 
 
 def _template(directory: str) -> str:

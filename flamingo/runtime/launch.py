@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import Sequence
@@ -23,6 +24,10 @@ def run_torchrun(procs: int, module: str, args: Sequence[str] = (), *, what: str
     command = torchrun_command(procs, module, args, executable=sys.executable)
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
     code = subprocess.run(command, env=env).returncode
+    if code < 0:  # killed: the hint (about the stage's own failures) does not apply
+        why = "the out-of-memory killer's SIGKILL?" if -code == signal.SIGKILL else "stopped from outside"
+        raise RuntimeError(f"{what} was killed by {signal.Signals(-code).name} ({why}); its command: "
+                           + " ".join(command))
     if code != 0:
         raise RuntimeError(f"{what} failed with exit code {code}{' (' + hint + ')' if hint else ''}; its command: "
                            + " ".join(command))

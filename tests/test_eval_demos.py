@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,57 @@ def test_random_demos_depend_only_on_seed_and_sample_index():
     demos, with_media = prompt_demos(a, query[0], 0, 0, "text")
     assert len(demos) == 2 and not with_media
     assert prompt_demos(a, query[0], 0, 0, "none") == ([], True)
+
+
+def test_a_query_is_never_its_own_demo():
+    """A pool sample showing the query's first media file is passed over by random and RICES demos (RICES would rank
+    it first); one that only shares its id (splits number their samples each from 0) is another sample, and a query
+    without its own copy draws exactly as before."""
+    pool = _samples(6, "p")
+    same_image = Sample(id="q", media=["p4.png"], fields={"question": "q"}, answer="a")
+    same_id = Sample(id="p2", media=["elsewhere.png"], fields={"question": "q"}, answer="a")
+    selector = DemoSelector(pool, "random", query_set_size=None, seed=0)
+    for index in range(20):
+        assert "p4" not in [d.id for d in selector.select(same_image, index, 5)]
+    assert "p2" in [d.id for d in selector.select(same_id, 0, 6)]
+    with pytest.raises(ValueError, match="holds 5 samples other than 'q'"):
+        selector.select(same_image, 0, 6)
+    other = _samples(1, "q")[0]
+    drawn = np.random.default_rng([0, 3]).choice(6, size=4, replace=False)
+    assert [d.id for d in selector.select(other, 3, 4)] == [pool[i].id for i in drawn]
+    copy = Sample(id="c", media=["p1.png"], fields={"question": "q"}, answer="a")
+    demos, _ = prompt_demos(DemoSelector(pool[1:3], "random", seed=0), copy, 0, 0, "text")
+    assert [d.id for d in demos] == ["p2"]  # the zero-shot text demos too: one left of two
+
+    torch.manual_seed(0)
+    table = {s.media[0]: _unit(torch.randn(8)) for s in pool}
+    table["q0.png"] = _unit(torch.randn(8))
+    own = Sample(id="q", media=["p2.png"], fields={"question": "q"}, answer="a")  # the pool's p2 itself
+    rices = DemoSelector(pool, "rices", query_set_size=None, features=PresetFeatures(table))
+    sims = torch.stack([table[s.media[0]] for s in pool]) @ table["p2.png"]
+    expected = [pool[j].id for j in sims.argsort(descending=True)[1:4].tolist()][::-1]  # the 3 nearest but itself
+    assert [d.id for d in rices.select(own, 0, 3)] == expected
+    assert [[d.id for d in row] for row in rices.select_rices([own, other], 3)][0] == expected
+
+
+def test_evaluate_warns_once_when_the_splits_overlap_and_keeps_each_query_out_of_its_demos(model_and_processor,
+                                                                                           tmp_path):
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    for kind in ("questions", "annotations"):  # the train split a copy of the test split
+        (data / f"train_{kind}.json").write_text((data / f"test_{kind}.json").read_text())
+    quick = dict(trials=1, batch_size=5, progress=False, generation={"max_new_tokens": 2, "num_beams": 1})
+    with pytest.warns(UserWarning, match="5 of 5 evaluated samples are also in the train split") as caught:
+        evaluate(model, processor, "vqa", str(data), shots=[0, 1, 4], demos="rices", out_dir=str(tmp_path / "out"),
+                 **quick)
+    assert sum("also in the train split" in str(w.message) for w in caught) == 1
+    for k in (0, 1, 4):
+        lines = (tmp_path / "out" / "predictions" / f"vqa_{k}shot_trial0.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 5 and all(r["id"] not in r["demo_ids"] for r in records)
+        assert all(len(r["demo_ids"]) == (k or 2) for r in records)
+    with pytest.raises(ValueError, match="5 shots asked, but the query set holds 5 demos .*up to 1 of them a query"):
+        evaluate(model, processor, "vqa", str(data), shots=[5], **quick)
 
 
 def test_episode_takes_its_first_demo_ids_in_order_and_refuses_unknown_ones():

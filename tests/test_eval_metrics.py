@@ -107,6 +107,69 @@ def test_python_tokenize_splits_clitics_keeps_numbers_and_names_brackets_as_ptb(
         tokenize({"x": ["a"]}, "nltk")
 
 
+# PTBTokenizer's own output (pycocoevalcap's stanford-corenlp-3.4.1.jar, `-lowerCase`, punctuation removed as
+# pycocoevalcap removes it), written down so the Python tokenization is checked without Java
+PTB_TOKENS = [
+    ("The clock on the tower reads 10:30.", "the clock on the tower reads 10:30"),
+    ("It is 10:30pm", "it is 10:30 pm"),
+    ("a 16:9 screen", "a 16:9 screen"),
+    ("the car is at 5 o'clock", "the car is at 5 o'clock"),
+    ("O'Neill's pub", "o'neill 's pub"),
+    ("a cat/dog on a black-and-white/red mat", "a cat/dog on a black-and-white/red mat"),
+    ("1/2 a pizza, open 24/7", "1/2 a pizza open 24/7"),
+    ("a 3-1/2 inch disk", "a 3-1/2 inch disk"),
+    ("a 3 1/2 inch disk", "a 3\xa01/2 inch disk"),
+    ("I cannot see it", "i can not see it"),
+    ("He's gonna win", "he 's gon na win"),
+    ("wanna go? gotta go", "wan na go got ta go"),
+    ("lemme see, gimme that", "lem me see gim me that"),
+    ("'Tis the season", "'t is the season"),
+    ("Mr. Smith and Mrs. Jones", "mr. smith and mrs. jones"),
+    ("St. Mark's square", "st. mark 's square"),
+    ("Dr. Who, Jr. and Co.", "dr. who jr. and co."),
+    ("a sign for Main St. and 1st Ave.", "a sign for main st. and 1st ave."),
+    ("a No. 5 jersey", "a no. 5 jersey"),
+    ("a sign that says no.", "a sign that says no"),
+    ("the U.S. flag at 10 a.m.", "the u.s. flag at 10 a.m."),
+    ("a dog, e.g. a puppy", "a dog e.g. a puppy"),
+    ("vitamin C. The end", "vitamin c the end"),
+    ("vitamin C.", "vitamin c."),
+    ("rock 'n' roll", "rock 'n' roll"),
+    ("rock 'n roll", "rock 'n roll"),
+    ("fish 'n' chips", "fish 'n' chips"),
+    ("the '90s", "the '90s"),
+    ("y'all", "y' all"),
+    ("s'mores", "s'mores"),
+    ("a -5 degree day", "a -5 degree day"),
+    (".5 inch", ".5 inch"),
+    ("a 3.5-inch disk", "a 3.5-inch disk"),
+    ("AT&T store", "at&t store"),
+    ("wow!! what?!", "wow !! what ?!"),
+    ("#1 fan", "# 1 fan"),
+    ("##", "##"),
+    ("it\u2019s a dog\u2019s \u201ctoy\u201d", "it 's a dog 's toy"),
+    ("a dog\u2014a cat", "a dog a cat"),
+    ("two cats\u2026 sleeping", "two cats sleeping"),
+    ("Ill. state", "ill. state"),
+    ("ill man", "ill man"),
+    ("a dog.a cat", "a dog.a cat"),
+    ("don't, can't, won't", "do n't ca n't wo n't"),
+]
+
+
+@pytest.mark.parametrize("caption, ptb", PTB_TOKENS)
+def test_python_tokenize_writes_ptbs_tokens_for_clocks_slashes_contractions_and_abbreviations(caption, ptb):
+    assert python_tokenize(caption) == ptb
+
+
+@pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs java")
+def test_the_pinned_ptb_tokens_are_what_ptb_writes():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": c}] for i, (c, _) in enumerate(PTB_TOKENS)})
+    assert [out[i][0] for i in range(len(PTB_TOKENS))] == [ptb for _, ptb in PTB_TOKENS]
+
+
 def test_cider_refuses_mismatched_keys_and_samples_without_references():
     with pytest.raises(ValueError):
         cider({"a": "x"}, {"b": ["x"]}, tokenizer="python")

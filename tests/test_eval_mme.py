@@ -91,3 +91,17 @@ def test_evaluation_ranks_yes_or_no_and_scores_its_predictions_as_mme_does(make_
                                 r["prediction"] == samples[str(r["id"])].label) for r in records])
         assert run["metrics"] == pytest.approx(expected)
         assert 0 <= run["metrics"]["total"] <= 400 and run["metrics"]["cognition"] == 0.0
+
+
+def test_more_shots_than_a_subtask_allows_are_refused_before_the_first_query(make_model, tmp_path, monkeypatch):
+    """A subtask of n images lists n - 1 demos a query (MME's smallest: 20 images, 19 shots): asking more is refused
+    before any shot count runs, naming a sample and the most shots the data allows, not after the smaller ones ran."""
+    _write_mme(tmp_path / "mme")  # 3 images a subtask: 2 demos each
+    model, processor = make_model("llama")
+    ran = []
+    monkeypatch.setattr("flamingo.eval.runner.predict", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"4 shots asked, but sample '.+' lists 2 demo_ids \(12 of the 12 episodes "
+                                         r"list too few\): the data allows at most 2 shots"):
+        evaluate(model, processor, "mme", str(tmp_path / "mme"), shots=[0, 2, 4], trials=1,
+                 out_dir=str(tmp_path / "out"), progress=False)
+    assert ran == [] and not (tmp_path / "out").exists()

@@ -211,6 +211,8 @@ def test_evaluate_refuses_settings_below_one_by_name(model_and_processor, tmp_pa
         evaluate(model, processor, "vqa", str(data), query_set=-1, **QUICK)
     with pytest.raises(ValueError, match="num_beams must be >= 1"):
         evaluate(model, processor, "vqa", str(data), **{**QUICK, "generation": {"num_beams": 0}})
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        evaluate(model, processor, "vqa", str(data), seed=-1, **QUICK)
 
 
 def test_evaluate_refuses_an_out_path_that_is_a_file_before_any_query(model_and_processor, tmp_path):
@@ -314,3 +316,78 @@ def test_a_hub_dataset_evaluates_as_its_local_copy(saved_model, model_and_proces
         assert (tmp_path / "hub" / "predictions" / name).read_text() == \
             (tmp_path / "local" / "predictions" / name).read_text()
     assert json.loads((tmp_path / "hub" / "results.json").read_text())["data"] == "hf://datasets/someone/evalsets/vqa"
+
+
+def test_shots_are_run_once_each_in_increasing_order(model_and_processor, tmp_path):
+    """`--shots 2 0 2`: 0 and 2 shots, one run per trial each, so a summary row has one value per trial."""
+    model, processor = model_and_processor
+    data = make_classification(tmp_path / "data")
+    results = evaluate(model, processor, "classification", str(data), shots=[2, 0, 2], trials=2, batch_size=3,
+                       progress=False)
+    assert results["settings"]["shots"] == [0, 2]
+    assert [(r["shots"], r["trial"]) for r in results["runs"]] == [(0, 0), (2, 0), (0, 1), (2, 1)]
+    assert all(len(row["values"]) == 2 and row["seeds"] == [0, 1] for row in results["summary"])
+
+
+def test_no_demos_need_no_train_split(model_and_processor, tmp_path):
+    """`--shots 0 --zero-shot none` draws no demo: a test-only download evaluates; with text demos the missing train
+    file is named."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    for name in ("train_questions.json", "train_annotations.json"):
+        (data / name).unlink()
+    results = evaluate(model, processor, "vqa", str(data), zero_shot="none", **QUICK)
+    assert results["num_samples"] == 5 and results["runs"][0]["skipped"] == 0
+    with pytest.raises(FileNotFoundError, match="train_questions.json"):
+        evaluate(model, processor, "vqa", str(data), zero_shot="text", **QUICK)
+
+
+def test_an_episode_listing_a_demo_the_train_split_lacks_is_refused_before_any_query(model_and_processor, tmp_path,
+                                                                                        monkeypatch):
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data", episodes=True)
+    path = data / "test_questions.json"
+    questions = json.loads(path.read_text())["questions"]
+    questions[3]["demo_ids"][1] = 999
+    write_json(path, {"questions": questions})
+    ran = []
+    monkeypatch.setattr("flamingo.eval.runner.predict", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"sample '103' lists demo_ids \['999'\] that the train split lacks"):
+        evaluate(model, processor, "vqa", str(data), **{**QUICK, "shots": [1, 2]})
+    assert ran == []
+    monkeypatch.undo()
+    results = evaluate(model, processor, "vqa", str(data), **{**QUICK, "shots": [1]})  # 1 shot does not show it
+    assert results["runs"][0]["skipped"] == 0
+
+
+def _imagenet(root, val_classes=("n01440764", "n01443537")):
+    """ImageNet-style folders: 3 classes in train/, `val_classes` of them in val/ (a quick subset)."""
+    from flamingo.tiny import random_image
+
+    for split, classes in (("train", ("n01440764", "n01443537", "n01484850")), ("val", val_classes)):
+        for j, wnid in enumerate(classes):
+            (root / split / wnid).mkdir(parents=True)
+            random_image(j).save(root / split / wnid / f"{split}{j}.png")
+    return root
+
+
+def test_imagenet_folders_name_a_val_subset_as_the_whole_dataset(tmp_path):
+    """classes.json names the union of train/ and val/'s class folders: a val/ with 2 of the 3 classes gets names,
+    not WordNet ids, and its queries rank all 3 classes; a list or map that does not fit is refused."""
+    root = _imagenet(tmp_path / "imagenet")
+    names = ["tench", "goldfish", "great white shark"]
+    write_json(root / "classes.json", names)
+    task = get_task("classification")
+    assert [s.label for s in task.load(str(root), "train")] == names
+    test = task.load(str(root), "test")
+    assert [s.label for s in test] == ["tench", "goldfish"] and task.candidates_for(test[0]) == names
+    write_json(root / "classes.json", {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "shark"})
+    assert get_task("classification").load(str(root), "test")[1].label == "goldfish"
+    write_json(root / "classes.json", names[:2])
+    with pytest.raises(ValueError, match="lists 2 names, but train/ and val/ hold 3 class folders"):
+        get_task("classification").load(str(root), "test")
+    write_json(root / "classes.json", {"n01440764": "tench", "n01443537": "goldfish"})
+    with pytest.raises(ValueError, match=r"names no class for the folders \['n01484850'\]"):
+        get_task("classification").load(str(root), "test")
+    (root / "classes.json").unlink()
+    assert [s.label for s in get_task("classification").load(str(root), "test")] == ["n01440764", "n01443537"]

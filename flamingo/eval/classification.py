@@ -1,5 +1,8 @@
 """Image classification by ranking: every class name (or the sample's `candidates`) is scored as a continuation of
-the prompt with `Flamingo.score`; top-1 / top-5 accuracy. ImageNet-style folders or JSONL splits."""
+the prompt with `Flamingo.score`; top-1 / top-5 accuracy. ImageNet-style folders or JSONL splits.
+
+ImageNet-style folders: a class is a folder of `train/` or `val/`; the candidates of every query are the classes of
+both (their union), named by classes.json (`folder_labels`)."""
 
 from __future__ import annotations
 
@@ -45,15 +48,9 @@ class ClassificationTask(Task):
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
             raise FileNotFoundError(f"{str(root)!r} has neither {split}.jsonl nor an ImageNet-style {folder.name}/")
+        label_of = folder_labels(root, names)
+        self.classes = list(dict.fromkeys(label_of.values()))  # every class of the dataset, whichever split this is
         folders = sorted(p for p in folder.iterdir() if p.is_dir())
-        # classes.json: a {folder: name} map, or a list of names in sorted-folder order; else the folder names.
-        if isinstance(names, dict):
-            label_of = {p.name: str(names.get(p.name, p.name)) for p in folders}
-        elif isinstance(names, list) and len(names) == len(folders):
-            label_of = {p.name: str(n) for p, n in zip(folders, names)}
-        else:
-            label_of = {p.name: p.name for p in folders}
-        self.classes = list(dict.fromkeys(label_of.values()))
         samples = []
         for p in folders:
             for image in sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS):
@@ -67,3 +64,31 @@ class ClassificationTask(Task):
         ranked = [p["top5"] for p in predictions]
         return {"top1_accuracy": 100.0 * topk_accuracy(labels, ranked, 1),
                 "top5_accuracy": 100.0 * topk_accuracy(labels, ranked, 5)}
+
+
+def folder_labels(root: Path, names: Any) -> dict[str, str]:
+    """ImageNet-style folders: class folder -> label, over the union of the class folders of `train/` and `val/`
+    (sorted), so that a split holding only some classes (a val subset) labels them as the other split does.
+
+    `names` (classes.json): a {folder: name} map naming every folder, or a list of one name per folder of the union
+    in sorted order; None: the folder names. A list of another length or a map lacking a folder is refused: labels
+    mixing names and folder names (WordNet ids) would be scored without an error.
+    """
+    union = sorted({p.name for split in ("train", "val") if (root / split).is_dir()
+                    for p in (root / split).iterdir() if p.is_dir()})
+    where = str(root / "classes.json")
+    if names is None:
+        return {f: f for f in union}
+    if isinstance(names, dict):
+        missing = [f for f in union if f not in names]
+        if missing:
+            raise ValueError(f"{where!r} names no class for the folders {missing[:5]} ({len(missing)} of the "
+                             f"{len(union)} class folders of train/ and val/)")
+        return {f: str(names[f]) for f in union}
+    if isinstance(names, list):
+        if len(names) != len(union):
+            raise ValueError(f"{where!r} lists {len(names)} names, but train/ and val/ hold {len(union)} class folders "
+                             "(their union): a list names them in sorted order, one each; or write a {folder: name} "
+                             "map")
+        return {f: str(n) for f, n in zip(union, names)}
+    raise ValueError(f"{where!r} must be a list of class names or a {{folder: name}} map, got {type(names).__name__}")

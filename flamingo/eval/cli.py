@@ -31,7 +31,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the task's data directory (layouts: docs/eval.md), or a folder of a "
                    "Hub dataset, hf://datasets/ORG/NAME[@REVISION][/FOLDER] (downloaded once)")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32])
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 32],
+                   help="numbers of demos, each run once per trial (sorted, duplicates dropped)")
     p.add_argument("--trials", type=int, default=3, help="seeds seed..seed+trials-1: mean ± std")
     p.add_argument("--demos", choices=METHODS, default="random", help="random demos or RICES (visual similarity)")
     p.add_argument("--query-set", type=_optional_int, default=2048,
@@ -54,8 +55,10 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--cider-tokenizer", choices=TOKENIZERS, default="auto",
                    help="PTB (needs java) or the documented Python tokenization")
-    p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md, results.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval_results",
+                   help="output directory (results.json, results.md, results.png, predictions/) of one task: a re-run "
+                        "of the task replaces its results there, another task's results there are refused")
+    p.add_argument("--seed", type=int, default=0, help="first trial's seed (>= 0): demos and --num-samples subset")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="the model's dtype (default: the one it was saved in; a converted model's)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA exists, else cpu")

@@ -1,6 +1,8 @@
 """Choosing the in-context demos of each evaluated sample.
 
-- The demo pool is the task's train split, disjoint from the evaluated test split.
+- The demo pool is the task's train split, meant to be disjoint from the evaluated test split; a query is never its
+  own demo all the same: pool samples showing its first media file are not drawn for it (`own`), and `evaluate`
+  warns when the splits overlap. (Ids are not compared: splits often number their samples each from 0.)
 - Per trial seed, a *query set* of `query_set_size` pool samples is drawn once (OpenFlamingo's 2048 default);
   demos come from it.
 - "random": k demos drawn without replacement, with a generator seeded by (seed, sample index) so that a sample's
@@ -45,7 +47,20 @@ class DemoSelector:
         size = len(self.pool) if query_set_size is None else min(query_set_size, len(self.pool))
         chosen = np.random.default_rng(seed).choice(len(self.pool), size=size, replace=False)
         self.query_set = [self.pool[i] for i in sorted(chosen)]
+        # query-set positions by first media file: what a query must not get as its own demo
+        self._by_key: dict[tuple[str, str], list[int]] = {}
+        for i, s in enumerate(self.query_set):
+            for key in sample_keys(s):
+                self._by_key.setdefault(key, []).append(i)
         self._query_features = None
+
+    def own(self, sample: Sample) -> set[int]:
+        """Query-set positions of `sample` itself: the pool samples with its first media file."""
+        return {i for key in sample_keys(sample) for i in self._by_key.get(key, ())}
+
+    def drawable(self, sample: Sample) -> int:
+        """How many query-set samples `sample` may get as demos (all but itself)."""
+        return len(self.query_set) - len(self.own(sample))
 
     def select(self, sample: Sample, index: int, k: int) -> list[Sample]:
         """The k demos of the evaluated sample at position `index` of the evaluated list, in prompt order."""
@@ -53,11 +68,15 @@ class DemoSelector:
             return []
         if sample.demo_ids is not None:
             return self.episode_demos(sample, k * (sample.ways or 1), f"{k} shots")
-        if k > len(self.query_set):
-            raise ValueError(f"{k} shots asked but the query set holds {len(self.query_set)} samples")
-        if self.method == "random":
+        own = self.own(sample)
+        n = len(self.query_set)
+        allowed: Sequence[int] = [i for i in range(n) if i not in own] if own else range(n)  # positions it may draw
+        if k > len(allowed):
+            raise ValueError(f"{k} shots asked but the query set holds {len(allowed)} samples other than "
+                             f"{sample.id!r}")
+        if self.method == "random":  # without an overlap `allowed` is every position: the draw is the same
             rng = np.random.default_rng([self.seed, index])
-            return [self.query_set[i] for i in rng.choice(len(self.query_set), size=k, replace=False)]
+            return [self.query_set[allowed[i]] for i in rng.choice(len(allowed), size=k, replace=False)]
         return self.select_rices([sample], k)[0]
 
     def episode_demos(self, sample: Sample, n: int, asked: str) -> list[Sample]:
@@ -78,13 +97,23 @@ class DemoSelector:
                                                      [s.media[0] for s in self.query_set], shared=shared)
 
     def select_rices(self, samples: Sequence[Sample], k: int) -> list[list[Sample]]:
-        """RICES demos of several samples at once (one similarity matmul), most similar last."""
+        """RICES demos of several samples at once (one similarity matmul), most similar last; a sample's own
+        query-set entries (`own`) are passed over."""
         self.prepare(shared=False)  # a caller that skipped prepare(): this process computes them alone
         query = self.features.get([f"query:{s.id}" for s in samples], [s.media[0] for s in samples])
         from .rices import nearest  # torch: only for RICES
 
-        rows = nearest(query, self._query_features, k)
-        return [[self.query_set[int(i)] for i in row] for row in rows]
+        owns = [self.own(s) for s in samples]
+        extra = max(len(own) for own in owns)  # 0 without an overlap: exactly the k nearest
+        rows = nearest(query, self._query_features, min(k + extra, len(self.query_set)))
+        demos = []
+        for sample, row, own in zip(samples, rows, owns):
+            kept = [int(i) for i in row if int(i) not in own][-k:] if k else []  # the k most similar, most last
+            if len(kept) < k:
+                raise ValueError(f"{k} shots asked but the query set holds {len(kept)} samples other than "
+                                 f"{sample.id!r}")
+            demos.append([self.query_set[i] for i in kept])
+        return demos
 
 
 def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
@@ -99,4 +128,10 @@ def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
     if sample.demo_ids is not None:  # the first demos of the episode, however many a shot holds
         n = min(ZERO_SHOT_TEXT_DEMOS, len(sample.demo_ids))
         return selector.episode_demos(sample, n, f"{n} text-only demos"), False
-    return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, len(selector.query_set))), False
+    return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, selector.drawable(sample))), False
+
+
+def sample_keys(sample: Sample) -> list[tuple[str, str]]:
+    """What makes a pool sample the query itself: the same first media file (the same image, whatever its id: ids are
+    per split, and a demo of the query's own image would show its answer)."""
+    return [("media", sample.media[0])] if sample.media else []

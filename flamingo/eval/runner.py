@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
 from ..runtime.hub import dataset_dir
-from .demos import DemoSelector, prompt_demos
+from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, prompt_demos, sample_keys
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from .remote import RemoteModel
@@ -58,6 +59,18 @@ def load_split(task: Task, local: str, split: str, data_dir: str) -> list[Sample
     except TypeError as e:
         raise ValueError(f"{task.name}: the {split} split of {data_dir!r} is not in the task's layout ({e}; "
                          "layouts: docs/eval.md)") from e
+
+
+def load_pool(task: Task, local: str, data_dir: str, needed: bool) -> list[Sample]:
+    """The train split (the demo pool). When no demo is drawn (`needed` False: 0 shots, zero-shot "none") a
+    test-only download is fine: missing train files give an empty pool. Loaded when present all the same, as a
+    task may take its class list from both splits (classification)."""
+    try:
+        return load_split(task, local, "train", data_dir)
+    except FileNotFoundError:
+        if needed:
+            raise
+        return []
 
 
 def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, task: Task, samples: Sequence[Sample],
@@ -131,8 +144,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
-    shots: numbers of demos; trials: seeds `seed .. seed + trials - 1`; demos: "random" or "rices"; query_set: demo
-    candidates drawn per seed from the train split (None = all); num_samples: evaluated test samples (None = all);
+    shots: numbers of demos (run in increasing order, duplicates dropped); trials: seeds `seed .. seed + trials - 1`
+    (seed >= 0); demos: "random" or "rices"; query_set: demo candidates drawn per seed from the train split (None =
+    all); num_samples: evaluated test samples (None = all);
     batch_size: prompts per `generate` call, or per `score_batch` call for ranked tasks; zero_shot: "text" (2
     text-only demos) or "none"; template: overrides the task's prompt template (answer_prefix: the text between query
     and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...);
@@ -141,8 +155,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     hashing a frame's pixels on the host costs about as much as the tower (docs/eval.md). Cached features come from
     another batch, so they can differ from a fresh computation in the last bits. chat: demos and query as a
     conversation in the model's chat format (its processor's template; `Task.use_chat`), for instruction-tuned models.
-    Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0). Returns the results
-    dict (the content of results.json) on every rank.
+    Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0), which holds one
+    task's evaluation: a re-run of the task replaces it, another task's results there are refused before the first
+    query (`out_dir_problem`). Returns the results dict (the content of results.json) on every rank.
     """
     init_process_group_from_env()
     if isinstance(task, str):
@@ -151,9 +166,11 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         raise ValueError("pass `template` / `answer_prefix` only with a task name (a Task instance has its own)")
     if chat:
         task.use_chat(chat_format_for(processor))
-    shots = [int(k) for k in shots]
+    shots = sorted(dict.fromkeys(int(k) for k in shots))  # one run per number of shots, in the table's order
     if any(k < 0 for k in shots) or not shots:
         raise ValueError(f"shots must be non-negative numbers, got {shots}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy's seeds are non-negative), got {seed}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if batch_size < 1:
@@ -163,9 +180,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     for key in ("max_new_tokens", "num_beams"):
         if key in (generation or {}) and int(generation[key]) < 1:
             raise ValueError(f"generation's {key} must be >= 1, got {generation[key]}")
-    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        # checked now: the results are written after every query has run
-        raise ValueError(f"out_dir {out_dir!r} is a file, not a directory")
+    if (problem := broadcast(out_dir_problem(out_dir, task.name) if rank() == 0 else None)) is not None:
+        raise ValueError(problem)  # checked now (on rank 0, which writes): the results are written after every query
     remote = isinstance(model, RemoteModel)
     if remote and demos == "rices":
         raise ValueError("RICES ranks demos by the vision tower's features: evaluate in-process, or with "
@@ -175,7 +191,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     elif (positions := model.positions()) is not None:  # the served LM's window bounds the prompts, as in-process
         processor.max_length = min(processor.max_length or positions, positions)
     local = dataset_dir(data_dir, f"{task.name} data")  # a directory, or a Hub dataset's (hf://datasets/...)
-    pool = load_split(task, local, "train", data_dir)
+    needs_pool = any(k > 0 for k in shots) or zero_shot == "text"
+    pool = load_pool(task, local, data_dir, needs_pool)
     test = load_split(task, local, "test", data_dir)
     if dups := sorted(i for i, n in Counter(s.id for s in test).items() if n > 1):
         # records and CIDEr's inputs are keyed by id: one id twice would be written and scored once
@@ -191,13 +208,22 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             raise ValueError(f"{task.name} at {max(shots)} shots declares up to {needed} images a prompt, but the "
                              f"model has reference tokens for {processor.num_references} (FlamingoConfig."
                              "num_image_references)")
-    needs_pool = any(k > 0 for k in shots) or zero_shot == "text"
     if needs_pool and not pool and any(s.demo_ids is None for s in samples):
         raise ValueError(f"{task.name}: the train split of {data_dir!r} is empty: no demos to draw")
+    drawn = [s for s in samples if s.demo_ids is None]  # queries whose demos come from the query set
+    owns = own_counts(drawn, pool) if needs_pool else []
+    overlap = max(owns, default=0)
     drawable = len(pool) if query_set is None else min(query_set, len(pool))  # the demo selector's query set
-    if max(shots) > drawable and any(s.demo_ids is None for s in samples):  # checked before the smaller shots run
+    # checked before the smaller shots run; a query in the train split too may not draw itself
+    if drawn and max(shots) > drawable - overlap:
         raise ValueError(f"{task.name}: {max(shots)} shots asked, but the query set holds {drawable} demos (the "
-                         f"train split of {data_dir!r} has {len(pool)})")
+                         f"train split of {data_dir!r} has {len(pool)})"
+                         + (f", up to {overlap} of them a query itself" if overlap else ""))
+    check_episodes(task.name, samples, pool, shots, zero_shot)
+    if overlap and rank() == 0:
+        warnings.warn(f"{task.name}: {sum(n > 0 for n in owns)} of {len(samples)} evaluated samples are also in the "
+                      f"train split of {data_dir!r} (the same first media file); each is kept out of its own "
+                      "demos", stacklevel=2)
     loader = MediaLoader(processor)
     # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
     if vision_cache_mb is None:
@@ -260,6 +286,64 @@ def check_unreadable(records: Sequence[dict[str, Any]], data_dir: str) -> None:
     if records and len(bad) / len(records) > MAX_UNREADABLE_FRACTION:
         raise ValueError(f"{len(bad)} of {len(records)} queries of {data_dir!r} have media that cannot be read "
                          f"(more than {MAX_UNREADABLE_FRACTION:.0%}), e.g. {bad[0]['skipped']}")
+
+
+def own_counts(samples: Sequence[Sample], pool: Sequence[Sample]) -> list[int]:
+    """Per sample, how many pool samples share its id or first media file (all 0: the splits are disjoint): demos it
+    cannot draw, being itself."""
+    pool_by: dict[tuple[str, str], set[int]] = {}
+    for i, s in enumerate(pool):
+        for key in sample_keys(s):
+            pool_by.setdefault(key, set()).add(i)
+    return [len(set().union(*(pool_by.get(key, set()) for key in sample_keys(s)))) for s in samples]
+
+
+def check_episodes(name: str, samples: Sequence[Sample], pool: Sequence[Sample], shots: Sequence[int],
+                   zero_shot: str) -> None:
+    """Refuse, before the first query, episodes (samples with `demo_ids`) that list fewer demos than the most shots
+    asked take, or demo ids the train split lacks: found in the middle of the run, they would end it after every
+    smaller shot count ran (MME's smallest subtasks allow 19 shots)."""
+    episodes = [s for s in samples if s.demo_ids is not None]
+    if not episodes:
+        return
+    most = max(shots)
+    short = [s for s in episodes if len(s.demo_ids) < most * (s.ways or 1)]
+    if short:
+        s, allowed = short[0], min(len(e.demo_ids) // (e.ways or 1) for e in episodes)
+        per = f" ({s.ways} demos a shot)" if s.ways else ""
+        raise ValueError(f"{name}: {most} shots asked, but sample {s.id!r} lists {len(s.demo_ids)} demo_ids{per} "
+                         f"({len(short)} of the {len(episodes)} episodes list too few): the data allows at most "
+                         f"{allowed} shots")
+    ids = {s.id for s in pool}
+    text = ZERO_SHOT_TEXT_DEMOS if 0 in shots and zero_shot == "text" else 0
+    for s in episodes:
+        used = max(most * (s.ways or 1), min(text, len(s.demo_ids)))  # the demos any of its prompts shows
+        if missing := [i for i in s.demo_ids[:used] if i not in ids]:
+            raise ValueError(f"{name}: sample {s.id!r} lists demo_ids {missing[:5]} that the train split lacks")
+
+
+def out_dir_problem(out_dir: Optional[str], task: str) -> Optional[str]:
+    """Why `out_dir` cannot take `task`'s results (None: it can). A directory holds one task's evaluation: a re-run
+    of that task replaces it (`write_results`), another task's results there (its results.json or prediction files)
+    are refused rather than overwritten or mixed."""
+    if out_dir is None or not os.path.exists(out_dir):
+        return None
+    if not os.path.isdir(out_dir):
+        return f"out_dir {out_dir!r} is a file, not a directory"
+    path = os.path.join(out_dir, RESULTS_FILE)
+    others = set()
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                others.add(str(json.load(f)["task"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{path!r} is not a results file of `flamingo eval`: remove it, or choose another out_dir"
+    if os.path.isdir(predictions := os.path.join(out_dir, "predictions")):
+        others |= {m.group(1) for f in os.listdir(predictions) if (m := PREDICTION_FILE.fullmatch(f))}
+    if others - {task}:
+        return (f"out_dir {out_dir!r} holds the results of {', '.join(sorted(others - {task}))}: choose another "
+                f"out_dir for {task} (a directory holds one task's evaluation; a re-run of the same task replaces it)")
+    return None
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -335,12 +419,20 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 RESULTS_FILE = "results.json"  # in each out_dir: the dict `evaluate` returns
+PREDICTION_FILE = re.compile(r"(.+)_(\d+)shot_trial(\d+)\.jsonl")  # predictions/{task}_{k}shot_trial{t}.jsonl
 
 
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
                   out_dir: str) -> None:
+    """results.json, results.md, results.png and predictions/ in `out_dir`. An earlier run of the task there is
+    replaced: its prediction files (other shots or trials than this run's included) and its plot are removed first, so
+    every file in the directory belongs to this run."""
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
+    for old in (out / "predictions").iterdir():
+        if (m := PREDICTION_FILE.fullmatch(old.name)) and m.group(1) == results["task"]:
+            old.unlink()
+    (out / "results.png").unlink(missing_ok=True)  # `plot` writes none when every query was skipped
     with open(out / RESULTS_FILE, "w") as f:
         json.dump(results, f, indent=2)
     (out / "results.md").write_text(markdown_table(results))

@@ -1,0 +1,76 @@
+"""What `--out` holds: one task's evaluation. A re-run of the task replaces the earlier run's files (its prediction
+files of other shots and trials and its plot included), another task's results there are refused before any query,
+and a re-run removes only its own task's prediction files."""
+
+import json
+
+import pytest
+
+from flamingo.eval import evaluate
+from flamingo.eval.runner import write_results
+from flamingo.tiny import tiny_flamingo
+
+from helpers import make_classification, make_vqa
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = dict(batch_size=5, progress=False, generation={"max_new_tokens": 2, "num_beams": 1})
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    model, processor = tiny_flamingo()
+    return model.eval(), processor
+
+
+def _predictions(out):
+    return sorted(p.name for p in (out / "predictions").iterdir())
+
+
+def test_a_rerun_of_the_task_replaces_the_earlier_runs_files(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data, out = make_vqa(tmp_path / "data"), tmp_path / "out"
+    evaluate(model, processor, "vqa", str(data), shots=[0, 2], trials=2, out_dir=str(out), **QUICK)
+    assert len(_predictions(out)) == 4 and (out / "results.png").exists()
+    evaluate(model, processor, "vqa", str(data), shots=[0], trials=1, out_dir=str(out), **QUICK)
+    assert _predictions(out) == ["vqa_0shot_trial0.jsonl"]  # not the 2-shot / trial-1 files of the first run
+    assert json.loads((out / "results.json").read_text())["settings"]["shots"] == [0]
+    limit = processor.max_length
+    processor.max_length = 5  # every query too long: nothing to plot, and no earlier plot left behind
+    try:
+        results = evaluate(model, processor, "vqa", str(data), shots=[0], trials=1, out_dir=str(out), **QUICK)
+    finally:
+        processor.max_length = limit
+    assert results["runs"][0]["metrics"] == {} and not (out / "results.png").exists()
+
+
+def test_another_tasks_results_in_out_are_refused_before_any_query(model_and_processor, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    out, vqa = tmp_path / "out", str(make_vqa(tmp_path / "vqa"))
+    evaluate(model, processor, "vqa", vqa, shots=[0], trials=1, out_dir=str(out), **QUICK)
+    before = (out / "results.json").read_text()
+    ran = []
+    monkeypatch.setattr("flamingo.eval.runner.predict", lambda *a, **k: ran.append(1))
+    classification = str(make_classification(tmp_path / "cls"))
+    with pytest.raises(ValueError, match="holds the results of vqa: choose another out_dir for classification"):
+        evaluate(model, processor, "classification", classification, shots=[0], trials=1, out_dir=str(out), **QUICK)
+    assert (out / "results.json").read_text() == before
+    (out / "results.json").unlink()  # prediction files alone name their task too
+    with pytest.raises(ValueError, match="holds the results of vqa"):
+        evaluate(model, processor, "classification", classification, shots=[0], trials=1, out_dir=str(out), **QUICK)
+    (out / "results.json").write_text("not json")
+    with pytest.raises(ValueError, match="is not a results file"):
+        evaluate(model, processor, "vqa", vqa, shots=[0], trials=1, out_dir=str(out), **QUICK)
+    assert ran == []
+
+
+def test_a_rerun_removes_only_its_own_tasks_prediction_files(model_and_processor, tmp_path):
+    """`multi_image` and `multi_image_plain` (or `videoqa` and `videoqa_mc`) share a prefix: a re-run of one leaves
+    the other's files alone."""
+    model, processor = model_and_processor
+    results = evaluate(model, processor, "vqa", str(make_vqa(tmp_path / "data")), shots=[0], trials=1, **QUICK)
+    out = tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    for name in ("vqa_4shot_trial1.jsonl", "vqa_mc_0shot_trial0.jsonl", "notes.txt"):
+        (out / "predictions" / name).write_text("{}\n")
+    write_results(results, {(0, 0): [{"id": "1"}]}, str(out))
+    assert _predictions(out) == ["notes.txt", "vqa_0shot_trial0.jsonl", "vqa_mc_0shot_trial0.jsonl"]

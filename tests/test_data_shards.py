@@ -215,6 +215,14 @@ def test_a_tar_json_member_with_a_byte_order_mark_parses():
     assert sources.parse_json_record((BOM + '{"caption": "x"}').encode(), "k") == {"caption": "x"}
 
 
+def test_a_tar_txt_caption_with_a_byte_order_mark_has_no_bom(tmp_path, processor):
+    path = write_tar(str(tmp_path / "s.tar"), [("k0.png", image_bytes(0)), ("k0.txt", (BOM + "photo 0").encode())])
+    spec = DatasetSpec.create("p", "pairs", path, 1, {}, processor)
+    (record,) = read_records(path)
+    assert BOM not in spec.example(record).text and "photo 0" in spec.example(record).text
+    close_open_shards()
+
+
 def _csv(root, captions: list[str]) -> str:
     (root / "0.png").write_bytes(image_bytes(0))
     with open(root / "pairs.csv", "w", newline="") as f:

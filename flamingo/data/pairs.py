@@ -52,7 +52,7 @@ def _from_tar(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
     exts = VIDEO_EXTS if video else IMAGE_EXTS
     ext = next((e for e in exts if e in members), None)
     if "txt" in members:
-        caption = shard.read(members["txt"]).decode("utf-8", errors="replace")
+        caption = shard.read(members["txt"]).decode("utf-8-sig", errors="replace")  # a BOM is not caption text
         caption = _caption_of({"caption": caption}, record.key)
     elif "json" in members:
         caption = _caption_of(parse_json_record(shard.read(members["json"]), record.key), record.key)

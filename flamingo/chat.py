@@ -154,7 +154,7 @@ class OtterChat(ChatFormat):
         if role == "system":
             return "".join(pieces) + "\n"
         media = "".join(p for p in pieces if p == MEDIA_TOKEN)
-        return media + "User: " + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
+        return media + "User: " + text_around_media(pieces)
 
     def answer(self, content: str, before: str) -> tuple[str, str, str]:
         return " ", content.lstrip(), END_OF_CHUNK_TOKEN
@@ -181,13 +181,28 @@ class MMGPTChat(ChatFormat):
         if role == "system":
             return "".join(pieces)
         images = "".join(MMGPT_SEPARATOR + "Image:\n" + MEDIA_TOKEN for p in pieces if p == MEDIA_TOKEN)
-        return images + MMGPT_SEPARATOR + "Instruction:\n" + "".join(p for p in pieces if p != MEDIA_TOKEN).strip()
+        return images + MMGPT_SEPARATOR + "Instruction:\n" + text_around_media(pieces)
 
     def answer(self, content: str, before: str) -> tuple[str, str, str]:
         return "", content.strip(), self.end_of_answer
 
     def answer_prefix(self) -> str:
         return MMGPT_SEPARATOR + "Response:\n"
+
+
+def text_around_media(pieces: list[str]) -> str:
+    """A turn's text runs with its media taken out (formats that put a turn's images first), stripped: where an image
+    stood between two runs, one space unless either side has white space already (`What is`, image, `this?` ->
+    `What is this?`, not `What isthis?`; `What is `, image, ` this?` -> one space; a newline kept)."""
+    text = ""
+    for run in (p for p in pieces if p != MEDIA_TOKEN):
+        if text and run:
+            if text[-1].isspace() and run[0].isspace():
+                run = run.lstrip(" ")
+            elif not text[-1].isspace() and not run[0].isspace():
+                text += " "
+        text += run
+    return text.strip()
 
 
 def pieces_of(text: str) -> tuple[str, ...]:

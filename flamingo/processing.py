@@ -352,8 +352,8 @@ class FlamingoProcessor:
                 raise ValueError("give media either inside an interleaved list or as `images`, not both")
             text, found = [], []
             for part in prompt:
-                if isinstance(part, str):
-                    text.append(part)
+                if isinstance(part, str):  # IDEFICS's processor strips its text items' spaces: so does its template
+                    text.append(part.strip(" ") if self.template == "idefics" else part)
                 else:
                     text.append(MEDIA_TOKEN)
                     found.append(part)

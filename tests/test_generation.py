@@ -364,3 +364,29 @@ def test_score_batch_refuses_candidates_it_cannot_score(make_model):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         model.score_batch(ids, [[[5]]], batch_size=0)
     model.score_batch(ids, [[[5, image]]])  # an `<image>` last is only scored, never fed
+
+
+def test_a_padded_batch_without_its_mask_is_read_as_transformers_reads_it(make_model):
+    """A batch given without attention_mask had every pad attended (all-ones mask): its padding is read off the
+    model's pad id, as transformers' generate reads it. Right padding and a row of padding alone are refused."""
+    model, processor = make_model("llama", gates=0.8)
+    prompts = [PROMPTS[3][0], PROMPTS[1][0]]
+    batch = processor(prompts, images=[PROMPTS[3][1], PROMPTS[1][1]])
+    assert not bool(batch["attention_mask"].all())  # the second row is padded
+    unmasked = {k: v for k, v in batch.items() if k != "attention_mask"}
+    expected = model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
+    assert torch.equal(model.generate(**unmasked, max_new_tokens=4, min_new_tokens=4), expected)
+    continuations = [[[5, 6]], [[7]]]
+    assert [torch.allclose(a, b) for a, b in zip(model.score_batch(unmasked["input_ids"], continuations,
+                                                                   images=batch["images"],
+                                                                   num_media=batch["num_media"],
+                                                                   num_frames=batch["num_frames"]),
+                                                 model.score_batch(batch["input_ids"], continuations, **{
+                                                     k: batch[k] for k in ("attention_mask", "images", "num_media",
+                                                                           "num_frames")}), strict=True)] == [True] * 2
+    right = processor(prompts, images=[PROMPTS[3][1], PROMPTS[1][1]], padding_side="right")
+    with pytest.raises(ValueError, match="generate needs left padding"):
+        model.generate(**right, max_new_tokens=2)
+    empty = dict(batch, attention_mask=batch["attention_mask"] * torch.tensor([[1], [0]]))
+    with pytest.raises(ValueError, match="prompt 1 of the batch has no tokens"):
+        model.generate(**empty, max_new_tokens=2)

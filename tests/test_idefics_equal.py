@@ -172,6 +172,11 @@ def test_an_idefics_prompt_works_unchanged():
         mine = processor(prompt, images=images)
         assert mine["input_ids"].tolist() == theirs["input_ids"].tolist(), prompt
         assert torch.allclose(mine["images"][:, :, 0], theirs["pixel_values"], atol=1e-6)
+    # an interleaved list as IDEFICS's processor reads one: the spaces at its text items' edges stripped
+    spaced = ["User: what is", images[0], " and", images[1], " ?\nAssistant:"]
+    theirs = IdeficsProcessor(IdeficsImageProcessorPil(image_size=32), copy.deepcopy(tok))(
+        text=[spaced], return_tensors="pt")
+    assert processor(spaced)["input_ids"].tolist() == theirs["input_ids"].tolist()
 
 
 @pytest.mark.slow

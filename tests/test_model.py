@@ -267,6 +267,21 @@ def test_malformed_tensors_are_clear_errors_in_every_entry_point(make_model):
     for bad in (vocab, -2):
         with pytest.raises(ValueError, match=f"continuations hold token id {bad}, outside"):
             model.score_batch(ids, [[[5]], [[5, bad]]], **{k: v for k, v in batch.items() if k != "input_ids"})
+    with pytest.raises(ValueError, match="labels must hold integer token ids"):
+        model(**batch, labels=ids.float())
+    visual = model.encode_media(batch["images"], batch["num_media"], batch["num_frames"])  # (B, N, R, D)
+    text = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    for wrong in (visual[..., :-1], visual[:, 0]):  # too narrow; no media axis
+        with pytest.raises(ValueError, match=r"visual_tokens must be \(B, N_media, R, "):
+            model(**text, visual_tokens=wrong)
+
+
+def test_integer_labels_of_any_width_train_as_int64_labels(make_model):
+    """Labels made in numpy are often int32: cross_entropy refused them, deep inside torch."""
+    model, processor = make_model("llama", gates=0.5)
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    expected = model(**batch, labels=batch["input_ids"]).loss
+    assert torch.equal(model(**batch, labels=batch["input_ids"].int()).loss, expected)
 
 
 def test_deepcopy_keeps_hooks_bound_to_the_copy(make_model):

@@ -89,3 +89,14 @@ def test_generate_chat_writes_the_question_in_the_models_format(tmp_path, capsys
     assert capsys.readouterr().out.rstrip("\n") == processor.decode(expected)  # (its bytes include whitespace)
     assert main(args + ["<image>What?"]) == 2
     assert "may not contain <image>" in capsys.readouterr().err
+
+
+def test_formats_that_put_images_first_keep_a_space_where_an_image_was():
+    """An OpenAI message [text "What is", image, text "this?"] in Otter's and Multimodal-GPT's formats (which put a
+    turn's images first) read "What isthis?"."""
+    from flamingo.chat import MMGPTChat, Turn
+
+    for fmt in (OTTER, MMGPTChat()):
+        for pieces in (("What is", "<image>", "this?"), ("What is ", "<image>", " this?")):
+            rendered = fmt.render([Turn("user", pieces)])
+            assert "What is this?" in rendered, (fmt.name, rendered)

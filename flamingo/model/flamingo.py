@@ -384,6 +384,14 @@ class Flamingo(nn.Module):
             if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got "
                                  f"{tuple(tensor.shape)}")
+        labels = per_token.get("labels")
+        if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+            raise ValueError(f"labels must hold integer token ids (-100: not trained), got {labels.dtype}")
+        if visual_tokens is not None:
+            width = vision_hidden_size(self.vision)
+            if visual_tokens.ndim != 4 or visual_tokens.shape[-1] != width:
+                raise ValueError(f"visual_tokens must be (B, N_media, R, {width}) as encode_media makes them, got "
+                                 f"shape {tuple(visual_tokens.shape)}")
         if images is not None and visual_tokens is None:
             if images.ndim not in (5, 6):
                 raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
@@ -560,8 +568,9 @@ class Flamingo(nn.Module):
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
         # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
-        # position copied them (and their gradient) at every step (docs/training.md)
-        return F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+        # position copied them (and their gradient) at every step (docs/training.md); int64 as cross_entropy takes
+        # them (labels made in numpy may be int32)
+        return F.pad(labels[:, 1:].long(), (0, 1), value=-100)  # (B, T): position t predicts token t + 1
 
     def _plain_token_ids(self, n: int) -> torch.Tensor:
         """(1, n) ids of the LM's own vocabulary (none of the added tokens) on its device, for a probe."""

@@ -56,6 +56,27 @@ def _check_inputs(model: Flamingo, input_ids: torch.Tensor, attention_mask: Opti
         model.check_token_ids(input_ids)
 
 
+def prompt_mask(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                what: str) -> torch.Tensor:
+    """A prompt batch's attention mask, checked: left padding (each prompt's tokens last in its row, as decoding
+    appends to every row) and a token in every row. Without one, the batch's padding is read off the model's pad id
+    (as transformers' generate reads it, unless the pad id is an EOS), else every position is a token."""
+    if attention_mask is None:
+        config = generation_config_for(model)
+        pad = config.pad_token_id
+        if pad is not None and pad not in config.eos_token_id and bool((input_ids == pad).any()):
+            attention_mask = (input_ids != pad).long()
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError(f"{what} needs left padding (each prompt's tokens last in its row): the processor pads on "
+                         "the left unless given padding_side='right'")
+    empty = attention_mask.sum(dim=1) == 0
+    if bool(empty.any()):
+        raise ValueError(f"prompt {int(empty.nonzero()[0])} of the batch has no tokens (its row is all padding)")
+    return attention_mask
+
+
 def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.Tensor],
                num_media: Optional[torch.Tensor], num_frames: Optional[torch.Tensor],
                visual_tokens: Optional[torch.Tensor], vision_cache: Optional[VisionFeatureCache] = None
@@ -149,9 +170,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     images an evaluation shows with many queries.
     """
     _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
+    attention_mask = prompt_mask(model, input_ids, attention_mask, "generate")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     if compile:
         if not getattr(type(model.lm), "_can_compile_fullgraph", False):  # transformers' flag for a static cache
             raise ValueError(f"{type(model.lm).__name__} cannot decode with a static cache (transformers marks it not "
@@ -260,10 +280,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
                     raise ValueError(f"continuations hold token id {t}, outside the LM's vocabulary [0, {vocab})")
                 if t == model.config.media_token_id and k < len(c) - 1:  # it would need an image of its own
                     raise ValueError("a continuation may not hold <image> before its last token")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-        raise ValueError("score_batch needs left padding (each context's tokens last in its row)")
+    attention_mask = prompt_mask(model, input_ids, attention_mask, "score_batch")
     context_len = attention_mask.sum(dim=1)  # (B,)
     limit = lm_max_positions(model.lm)
     if limit is not None:

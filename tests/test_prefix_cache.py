@@ -138,6 +138,20 @@ def test_the_budget_evicts_chains_from_their_ends(make_model, one_thread):
     assert PrefixCache.of_mib(0) is None
 
 
+def test_a_prompt_longer_than_the_cache_keeps_hitting_its_beginning(make_model, one_thread):
+    """A prompt of more blocks than the budget holds: each prefill stores its blocks last to first, so the chain's
+    beginning stays. A reused block that was evicted meanwhile was skipped, not stored again: the blocks after it
+    could not be found, and the prompt hit its cache every other time only."""
+    model, processor = make_model("llama")
+    block = 8
+    probe = PrefixCache(2**30, block=block)
+    prompt = SHOT * 6
+    _prefill(model, processor, prompt, DEMOS[:1] * 6, probe)
+    cache = PrefixCache(probe.bytes // 3, block=block)  # a third of the prompt's blocks
+    cached = [_prefill(model, processor, prompt, DEMOS[:1] * 6, cache)[0].cached_tokens for _ in range(4)]
+    assert cached[0] == 0 and cached[1] > 0 and cached[1:] == [cached[1]] * 3, cached
+
+
 def test_blocks_keep_log_probabilities_when_a_prefill_computed_them(make_model, one_thread):
     """A prompt-logprobs prefill reuses only blocks that keep their tokens' log-probabilities, recomputes from the
     last reused token, and gives the values of a prefill without the cache; a block stored without them gains them

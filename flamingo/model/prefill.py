@@ -239,8 +239,7 @@ class Prefill:
         if cache is None or not self._keys:
             return
         kv = [(layer.keys, layer.values) for layer in self.cache.layers]  # (1, h, T, d)
-        first = self.cached_tokens // cache.block
-        cache.insert(self._keys, first, kv, self.ctx.visual, self._media_per_block, logprobs)
+        cache.insert(self._keys, kv, self.ctx.visual, self._media_per_block, logprobs)
 
     def _decode_media_kv(self) -> Optional[list[MediaKV]]:
         ctx, model = self.ctx, self.model

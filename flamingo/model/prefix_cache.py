@@ -135,10 +135,11 @@ class PrefixCache:
         found = TokenLogprobs.cat([b.logprobs for b in blocks]) if logprobs else None
         return PrefixHit(m * self.block, kv, torch.cat(visual)[None] if visual else None, found)
 
-    def insert(self, keys: list[bytes], first: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
+    def insert(self, keys: list[bytes], kv: list[tuple[torch.Tensor, torch.Tensor]],
                visual: Optional[torch.Tensor], media_per_block: list[int],
                logprobs: Optional[TokenLogprobs] = None) -> None:
-        """Store the blocks from `first` on that are not stored yet, from a prefilled prompt's kv per layer
+        """Store the blocks that are not stored (a block the prompt reused but the budget evicted since included: the
+        blocks after it could not be found without it), from a prefilled prompt's kv per layer
         (1, h, T, d) (T >= its whole blocks' end) and visual (1, N, R, Dv); touch all its blocks, last to first.
         logprobs: of the prompt's tokens 1..T-1 (at least `STORED_TOP` alternatives): every block keeps its own, a
         stored block that has none gains them."""
@@ -150,8 +151,6 @@ class PrefixCache:
             if stored is not None:
                 if own is not None and stored.logprobs is None:
                     self.store.put(keys[b], CachedBlock(stored.kv, stored.visual, _copy(own)))
-                continue
-            if b < first:
                 continue
             n, span = media_per_block[b], slice(b * self.block, (b + 1) * self.block)
             block_kv = [(k[:, :, span].clone(), v[:, :, span].clone()) for k, v in kv]  # (1, h, block, d)

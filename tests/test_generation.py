@@ -390,3 +390,20 @@ def test_a_padded_batch_without_its_mask_is_read_as_transformers_reads_it(make_m
     empty = dict(batch, attention_mask=batch["attention_mask"] * torch.tensor([[1], [0]]))
     with pytest.raises(ValueError, match="prompt 1 of the batch has no tokens"):
         model.generate(**empty, max_new_tokens=2)
+
+
+def test_the_backbones_own_penalties_do_not_reach_flamingo_generation(make_model):
+    """A backbone's generation config may ship penalties (Qwen2.5-Instruct: repetition_penalty 1.05): generate, the
+    evaluation and the server then decoded different greedy tokens. Neutral unless a call asks for them."""
+    from flamingo.model.generation import generation_config_for
+
+    model, processor = make_model("llama", gates=0.8)
+    prompt, media = PROMPTS[3]
+    batch = processor(prompt, images=media)
+    expected = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    model.lm.generation_config.repetition_penalty = 3.0
+    model.lm.generation_config.no_repeat_ngram_size = 1
+    config = generation_config_for(model)
+    assert (config.repetition_penalty, config.no_repeat_ngram_size) == (1.0, 0)
+    assert torch.equal(model.generate(**batch, max_new_tokens=6, min_new_tokens=6), expected)
+    assert generation_config_for(model, repetition_penalty=1.2).repetition_penalty == 1.2

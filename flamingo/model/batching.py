@@ -10,9 +10,9 @@ HF `generate` cannot take new rows mid-run, so a server runs its own loop over t
 The LM cache of the batch is preallocated per decoder layer, `(rows, heads, length, head_dim)`, and grows by doubling.
 Rows are left-padded to one shared length (a joining prompt longer than the batch's length shifts the others right;
 padding that every row has is trimmed when rows leave); the attention mask hides the padding and position ids count
-each row's real tokens, so padding and row order are exact no-ops: a row decodes the tokens it decodes alone
-(tests/test_serve_batching.py). Decoding never concatenates caches (HF's dynamic cache copies the whole cache at
-every step); a join copies one row's prompt.
+each row's real tokens, so padding and row order change nothing but float rounding (docs/serve.md): a row decodes the
+tokens it decodes alone (tests/test_serve_batching.py). Decoding never concatenates caches (HF's dynamic cache copies
+the whole cache at every step); a join copies one row's prompt.
 
 A static batch (`static=True`, or `compile_backend` for `torch.compile`d steps: `flamingo serve --compile`) runs each
 step in one of a few shapes: attention over a power-of-two window of positions (at least 64, the empty ones masked;
@@ -362,7 +362,8 @@ class DecodeBatch:
         if self._shape.static:  # the LM's own 4D mask over the whole buffer, made outside the compiled step
             mask = self._mask_for(ids, mask, positions)
         if self._compiles:  # one graph for every row count but 1 (torch specializes size-1 dimensions)
-            for t in (ids, mask, positions, ctx.decode_index, ctx.decode_count,
+            masks = mask.values() if isinstance(mask, dict) else (mask,)  # Qwen2's, Gemma's: one per layer type
+            for t in (ids, *masks, positions, ctx.decode_index, ctx.decode_count,
                       *(t for kv in ctx.decode_kv for t in (kv.k, kv.v))):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)

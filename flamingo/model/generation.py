@@ -105,6 +105,9 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     config.suppress_tokens = [model.config.media_token_id]
     config.do_sample = False
     config.temperature, config.top_k, config.top_p = 1.0, None, None  # neutral unless asked
+    # the backbone's chat-tuned penalties (Qwen2.5-Instruct ships repetition_penalty 1.05) are neutral too: a
+    # Flamingo's few-shot answers repeat its demos' words, and the server's decode applies only what a request asks
+    config.repetition_penalty, config.no_repeat_ngram_size, config.bad_words_ids = 1.0, 0, None
     if config.pad_token_id is None:  # the last added token before the reference tokens
         config.pad_token_id = model.config.first_new_token_id + model.config.num_new_tokens - 1 \
             - model.config.num_image_references if model.config.num_new_tokens else config.eos_token_id[0]

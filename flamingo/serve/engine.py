@@ -12,8 +12,9 @@ demonstrations and images) starts its prefill after their shared whole blocks; t
 as separate rows; with a response format, each choice's tokens obey its grammar (serve/structured.py). A request
 that asks for logprobs gets each generated token's log-probability (and its position's likeliest tokens) with its
 delta; one that echoes its prompt with logprobs gets the prompt's before its first token (its prefill keeps every
-position's logits, starting from prefix-cache blocks that keep their tokens' log-probabilities). Rows leave at EOS / `<|endofchunk|>`, a stop string,
-`max_tokens`, the end of their grammar, or when their client goes away (at the next step).
+position's logits, starting from prefix-cache blocks that keep their tokens' log-probabilities). Rows leave at EOS /
+`<|endofchunk|>`, a stop string, `max_tokens`, the end of their grammar, or when their client goes away (at the next
+step).
 
 Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
 empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8

@@ -25,7 +25,7 @@ SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endo
 # Tiny LMs initialised wide: their greedy answers differ from prompt to prompt and token to token (at the default
 # scale every prompt's answer repeats one token), so a row that read another row's state could not go unnoticed.
 SHARP = {"llama": {"initializer_range": 1.0}, "gpt2": {"initializer_range": 1.0}, "opt": {"init_std": 1.0},
-         "mosaic_gpt": {"initializer_range": 1.0}}
+         "mosaic_gpt": {"initializer_range": 1.0}, "qwen2": {"initializer_range": 1.0}}
 
 
 def save_tiny_model(directory: Path, lm: str = "llama", seed: int = 0) -> Path:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flamingo.model.batching import DecodeBatch
+from flamingo.model.generation import generation_config_for
 from flamingo.model.prefill import Prefill
 from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
@@ -29,8 +30,9 @@ PROMPTS = [
 
 def _run_batch(model, processor, cases, steps, *, chunk, max_rows, copies=1, **batch_options):
     """Requests join one at a time (prefill chunks interleaved with decode steps) and leave after `steps` tokens:
-    the engine's schedule, driven by hand. Returns each request's tokens (one list per copy)."""
-    suppress = model.config.media_token_id
+    the engine's schedule, driven by hand. Returns each request's tokens (one list per copy). `<image>` and, as
+    `_alone`'s `min_new_tokens` does, the stop tokens are never picked."""
+    suppress = [model.config.media_token_id, *generation_config_for(model).eos_token_id]
     batch = DecodeBatch(model, max_rows, **batch_options)
     rows: list[tuple[int, list[int]]] = []
     pending, prefill, done = list(range(len(cases))), None, {}
@@ -73,7 +75,7 @@ def _alone(model, processor, prompt, media, steps):
 # static: the fixed-shape steps a compiled batch runs; pad_rows: with idle rows up to a power of two (as on a GPU)
 @pytest.mark.parametrize("options", [{}, {"static": True}, {"static": True, "pad_rows": True}],
                          ids=["dynamic", "static", "static-padded"])
-@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt"])  # mosaic_gpt: ALiBi over the slots
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2", "opt", "mosaic_gpt", "qwen2"])  # mosaic_gpt: ALiBi over the slots
 def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_kind, options, one_thread):
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])
     cases = PROMPTS * 2  # more requests than rows: rows are freed and reused, the batch length shrinks and grows
@@ -82,11 +84,12 @@ def test_rows_joining_and_leaving_decode_like_each_request_alone(make_model, lm_
         assert got[i] == [_alone(model, processor, prompt, media, 10)], i
 
 
-@pytest.mark.parametrize("lm_kind", ["llama", pytest.param("mosaic_gpt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("lm_kind", ["llama", pytest.param("mosaic_gpt", marks=pytest.mark.slow),
+                                     pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_compiled_steps_decode_like_alone_in_a_few_graphs(make_model, lm_kind, one_thread):
     """`torch.compile`d steps (aot_eager: the graphs inductor would get) give each request's tokens alone, in one
     graph per (one row or more, window, media) shape: no graph breaks, no recompiles per step, length or row
-    count."""
+    count. Qwen2's mask is a dict (one per layer type): each of its masks is marked dynamic."""
     from torch._dynamo.utils import counters
 
     model, processor = make_model(lm_kind, lm_overrides=SHARP[lm_kind])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import time
@@ -32,6 +31,7 @@ from flamingo.model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from flamingo.peers.mmgpt import LORA_CONFIG, apply_mmgpt_lora, load_mmgpt_modules
 from flamingo.peers.openflamingo import build_openflamingo
 from flamingo.runtime.device import check_device
+from flamingo.runtime.json_values import json_safe
 from flamingo.tiny import tiny_image_processor, tiny_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -286,18 +286,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         except ValueError as e:
             parser.error(str(e))
     return args
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every NaN or infinite float as None: JSON has no NaN (json.dumps would write `NaN`, which strict
-    parsers such as jq refuse); a measurement that does not apply (peak CUDA memory on a CPU) reads as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def print_json(name: str, payload: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..runtime import status_kib
+from ..runtime.json_values import json_safe
 
 if TYPE_CHECKING:  # annotations only
     from ..model.flamingo import Flamingo
@@ -65,18 +66,7 @@ class RunLog:
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
-
-
-def _finite_or_null(value: Any) -> Any:
-    """`value` with every NaN or infinity, however deep in dicts and lists, replaced by None (JSON's null)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def _tensorboard(directory: str) -> Any:

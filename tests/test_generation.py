@@ -305,9 +305,10 @@ def test_an_lm_configured_without_a_cache_still_decodes_on_one(make_model, atten
         model.generate(**batch, max_new_tokens=2, prompt_lookup_num_tokens=3)
 
 
-def test_generate_hands_transformers_5_one_config_and_no_generation_arguments(make_model, monkeypatch):
-    """transformers 5 warns (deprecated, to be removed) about generation arguments given beside a config: the
-    cache rule travels on the config there (as an argument only on 4.x, which would replace it)."""
+def test_generate_hands_transformers_one_config_it_keeps_whole(make_model, monkeypatch):
+    """transformers 5 warns (deprecated) about generation arguments given beside a config, so the cache rule travels
+    on the config; 4.x would replace each of its fields that equals GenerationConfig's default with the model's
+    (use_cache, do_sample, the penalties): told not to (use_model_defaults=False)."""
     from flamingo.runtime.compat import TRANSFORMERS
 
     model, processor = make_model("mpt", gates=0.8)
@@ -315,15 +316,15 @@ def test_generate_hands_transformers_5_one_config_and_no_generation_arguments(ma
     prepare = type(model.lm)._prepare_generation_config
 
     def spy(self, generation_config, *args, **kwargs):  # (4.x passes use_model_defaults positionally)
-        seen.append((generation_config.use_cache, set(kwargs)))
+        seen.append((generation_config.use_cache, args, set(kwargs)))
         return prepare(self, generation_config, *args, **kwargs)
 
     monkeypatch.setattr(type(model.lm), "_prepare_generation_config", spy)
     prompt, media = PROMPTS[3]
     model.generate(**processor(prompt, images=media), max_new_tokens=2)
-    (use_cache, arguments), = seen
-    assert use_cache is True
-    assert ("use_cache" in arguments) == (TRANSFORMERS < (5, 0))
+    (use_cache, args, arguments), = seen
+    assert use_cache is True and "use_cache" not in arguments
+    assert args == ((False,) if TRANSFORMERS < (5, 0) else ())
 
 
 def test_keywords_update_a_given_generation_config(make_model):

@@ -205,11 +205,12 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
     # On the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step). transformers
-    # 5 keeps a field set on the config (and warns about generation arguments beside a config); 4.x replaces a field
-    # equal to its default with the model's, so there it goes as an argument.
+    # 5 keeps every field set on the config; 4.x (from 4.50) replaces each field equal to GenerationConfig's default
+    # with the model's (a chat LM's do_sample=True would undo greedy, its penalties the neutral ones) unless told
+    # not to.
     config.use_cache = True
     if TRANSFORMERS < (5, 0):
-        rest["use_cache"] = True
+        rest["use_model_defaults"] = False
     with model.conditioned(ctx):
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)

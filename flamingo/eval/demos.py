@@ -48,15 +48,16 @@ class DemoSelector:
         chosen = np.random.default_rng(seed).choice(len(self.pool), size=size, replace=False)
         self.query_set = [self.pool[i] for i in sorted(chosen)]
         # query-set positions by first media file: what a query must not get as its own demo
-        self._by_key: dict[tuple[str, str], list[int]] = {}
+        self._by_media: dict[str, list[int]] = {}
         for i, s in enumerate(self.query_set):
-            for key in sample_keys(s):
-                self._by_key.setdefault(key, []).append(i)
+            if s.media:
+                self._by_media.setdefault(s.media[0], []).append(i)
         self._query_features = None
 
     def own(self, sample: Sample) -> set[int]:
-        """Query-set positions of `sample` itself: the pool samples with its first media file."""
-        return {i for key in sample_keys(sample) for i in self._by_key.get(key, ())}
+        """Query-set positions of `sample` itself: the pool samples showing its first media file (the same image,
+        whatever its id: ids are per split, and a demo of the query's own image would show its answer)."""
+        return set(self._by_media.get(sample.media[0], ())) if sample.media else set()
 
     def drawable(self, sample: Sample) -> int:
         """How many query-set samples `sample` may get as demos (all but itself)."""
@@ -129,9 +130,3 @@ def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
         n = min(ZERO_SHOT_TEXT_DEMOS, len(sample.demo_ids))
         return selector.episode_demos(sample, n, f"{n} text-only demos"), False
     return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, selector.drawable(sample))), False
-
-
-def sample_keys(sample: Sample) -> list[tuple[str, str]]:
-    """What makes a pool sample the query itself: the same first media file (the same image, whatever its id: ids are
-    per split, and a demo of the query's own image would show its answer)."""
-    return [("media", sample.media[0])] if sample.media else []

@@ -25,7 +25,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
 from ..runtime.hub import dataset_dir
-from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, prompt_demos, sample_keys
+from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from .remote import RemoteModel
@@ -289,13 +289,10 @@ def check_unreadable(records: Sequence[dict[str, Any]], data_dir: str) -> None:
 
 
 def own_counts(samples: Sequence[Sample], pool: Sequence[Sample]) -> list[int]:
-    """Per sample, how many pool samples share its id or first media file (all 0: the splits are disjoint): demos it
-    cannot draw, being itself."""
-    pool_by: dict[tuple[str, str], set[int]] = {}
-    for i, s in enumerate(pool):
-        for key in sample_keys(s):
-            pool_by.setdefault(key, set()).add(i)
-    return [len(set().union(*(pool_by.get(key, set()) for key in sample_keys(s)))) for s in samples]
+    """Per sample, how many pool samples show its first media file (all 0: the splits are disjoint): demos it cannot
+    draw, being itself (`DemoSelector.own`)."""
+    by_media = Counter(s.media[0] for s in pool if s.media)
+    return [by_media[s.media[0]] if s.media else 0 for s in samples]
 
 
 def check_episodes(name: str, samples: Sequence[Sample], pool: Sequence[Sample], shots: Sequence[int],

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
+
+# the siblings a write leaves while it runs: `<target>.tmp-<pid>` (being filled), `<target>.old-<pid>` (being replaced)
+_UNFINISHED_RE = re.compile(r"^(.+)\.(tmp|old)-\d+$")
+
+
+def unfinished_write(name: str) -> Optional[tuple[str, str]]:
+    """`name` (a directory entry) -> (the target's name, "tmp" or "old") when it is what an atomic write killed before
+    it ended leaves beside its target (a "tmp" is never complete; an "old" is the previous copy), else None."""
+    m = _UNFINISHED_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _sibling(target: str, kind: str) -> str:
+    return f"{target}.{kind}-{os.getpid()}"
 
 
 def check_replaceable(target: str, marker: str, what: str, is_ours: Optional[Callable[[str], bool]] = None) -> None:
@@ -50,7 +65,7 @@ def atomic_directory(target: str, marker: str, what: str,
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{target}.tmp-{os.getpid()}"
+    tmp = _sibling(target, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -58,7 +73,7 @@ def atomic_directory(target: str, marker: str, what: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = f"{target}.old-{os.getpid()}"
+    old = _sibling(target, "old")
     if os.path.exists(target):
         os.replace(target, old)
     os.replace(tmp, target)
@@ -68,7 +83,7 @@ def atomic_directory(target: str, marker: str, what: str,
 @contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary path to write; on success it is renamed onto `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = _sibling(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)

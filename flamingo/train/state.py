@@ -27,13 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.flamingo import check_state_shapes
-from ..runtime.checkpoint_io import atomic_directory
+from ..runtime.checkpoint_io import atomic_directory, unfinished_write
 from . import state_codec
 
 CHECKPOINT_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_WRITE_RE = re.compile(r"^(step_\d{8})\.(tmp|old)-\d+$")  # atomic_directory's siblings of a checkpoint being written
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +77,10 @@ def remove_stale_writes(output_dir: str) -> int:
         return 0
     removed = 0
     for name in sorted(os.listdir(root)):
-        m = _WRITE_RE.match(name)
-        if m is None or (m.group(2) == "old" and not os.path.isfile(os.path.join(root, m.group(1), "state.json"))):
+        write = unfinished_write(name)
+        if write is None or not _STEP_RE.match(write[0]):
+            continue
+        if write[1] == "old" and not os.path.isfile(os.path.join(root, write[0], "state.json")):
             continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed += 1

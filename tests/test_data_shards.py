@@ -97,16 +97,18 @@ def test_a_compressed_shard_is_decompressed_once_and_read_in_any_order(tmp_path,
     close_open_shards()
 
 
-def test_a_gzipped_dataset_gives_the_plain_shards_batches(tmp_path, processor):
+@pytest.mark.parametrize("suffix,compress", [(".tar.gz", gzip.compress), (".tar.xz", lzma.compress),
+                                             (".tbz2", bz2.compress)])
+def test_a_compressed_dataset_directory_gives_the_plain_shards_batches(tmp_path, processor, suffix, compress):
     data = make_pair_shards(str(tmp_path / "plain"), 12, 4)
     os.makedirs(tmp_path / "gz")
     for path in data["files"]:
         with open(path, "rb") as f:
-            (tmp_path / "gz" / (os.path.basename(path) + ".gz")).write_bytes(gzip.compress(f.read()))
+            (tmp_path / "gz" / (os.path.basename(path)[:-len(".tar")] + suffix)).write_bytes(compress(f.read()))
     options = {"shuffle_buffer": 5}
     plain, _, _ = _epoch(DatasetSection("p", "pairs", data["path"], 2, options=options), processor)
     packed, source, _ = _epoch(DatasetSection("p", "pairs", str(tmp_path / "gz"), 2, options=options), processor)
-    assert [b["keys"] for b in packed] == [[k.replace(".tar:", ".tar.gz:") for k in b["keys"]] for b in plain]
+    assert [b["keys"] for b in packed] == [[k.replace(".tar:", f"{suffix}:") for k in b["keys"]] for b in plain]
     assert source.skipped == {}
 
 

@@ -40,7 +40,7 @@ from typing import IO, Callable, Iterator, Optional
 from ..runtime.hub import HF_DATASET
 
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _LOCKS: dict[str, threading.Lock] = {}  # per URL, in this process: one fetch at a time (the prefetch and the read)
 _PINNED: dict[str, int] = {}  # cached paths between `fetch` and `release` in this process: never evicted by it
 _PIN_FDS: dict[str, list[int]] = {}  # the descriptors holding their shared locks (seen by other processes)
@@ -168,7 +168,7 @@ def list_hub_shards(path: str) -> list[str]:
     prefix = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + "/"
     found = sorted(prefix + f for f in files if match.match(f) and f.lower().endswith(TAR_SUFFIXES))
     if not found:
-        raise ValueError(f"no tar shards (.tar, .tar.gz, .tgz) match {path!r} in the Hub dataset {repo}")
+        raise ValueError(f"no tar shards ({', '.join(TAR_SUFFIXES)}) match {path!r} in the Hub dataset {repo}")
     return found
 
 

@@ -80,7 +80,7 @@ def expand_path(path: str) -> list[str]:
             files.extend(list_hub_shards(name))
         elif remote:
             if not (name.startswith("pipe:") or is_tar(name.split("?", 1)[0])):
-                raise ValueError(f"remote data must be tar shards (.tar, .tar.gz, .tgz), whose media travel with "
+                raise ValueError(f"remote data must be tar shards ({', '.join(TAR_SUFFIXES)}), whose media travel with "
                                  f"them: {name!r}")
             files.append(name)
         elif os.path.isdir(name):

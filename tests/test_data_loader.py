@@ -211,6 +211,15 @@ def test_weighted_mixture_draws_every_source_and_resumes_exactly(tmp_path, proce
     assert [n for n, _ in drawn] == [sampler.draw() for _ in range(8)]  # the mixture draws with the one sampler
 
 
+def test_weighted_mixture_refuses_weights_that_do_not_name_its_sources(tmp_path, processor):
+    pairs = make_pairs(str(tmp_path / "p"), 2, bad=False)
+    sources = build_sources([DatasetSection("pairs", "pairs", pairs["path"], 1)], processor)
+    with pytest.raises(ValueError, match=r"no source \['pair'\]"):
+        WeightedMixture(sources, {"pairs": 1.0, "pair": 3.0})  # a misspelt second name
+    with pytest.raises(ValueError, match=r"no weight for \['pairs'\]"):
+        WeightedMixture(sources, {"pair": 1.0})
+
+
 def test_mixture_sampler_draws_as_torch_multinomial_with_a_seeded_generator():
     """The trainer's `sample` mode draws a dataset per step as `torch.multinomial(weights, 1)` with a generator seeded
     train.seed + 1: the sampler reproduces that sequence exactly and resumes it from its plain-data state."""

@@ -58,9 +58,11 @@ class WeightedMixture:
     """
 
     def __init__(self, sources: Mapping[str, Any], weights: Mapping[str, float], seed: int = 0) -> None:
-        missing = set(sources) - set(weights)
-        if missing:
-            raise ValueError(f"no weight for sources {sorted(missing)}")
+        missing, unknown = set(sources) - set(weights), set(weights) - set(sources)
+        if missing or unknown:  # a misspelt name would otherwise leave its weight unused, silently
+            raise ValueError(f"the weights must name the sources {sorted(sources)} exactly: "
+                             + "; ".join(([f"no weight for {sorted(missing)}"] if missing else [])
+                                         + ([f"no source {sorted(unknown)}"] if unknown else [])))
         self.sources = dict(sources)
         self.sampler = MixtureSampler({n: weights[n] for n in self.sources}, seed)
         self._iterators: dict[str, Iterator[dict[str, Any]]] = {}

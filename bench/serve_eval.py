@@ -35,7 +35,11 @@ def _eval(args: argparse.Namespace, task: str, out: str, server: str = "") -> fl
            str(args.num_samples), "--num-beams", "1", "--batch-size", "16", "--no-progress", "--cider-tokenizer",
            "python", "--out", out] + (["--server", server] if server else [])
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # its own error, not a bare CalledProcessError that hides it
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise SystemExit(f"flamingo eval --task {task}{' --server ' + server if server else ''} failed "
+                         f"(exit {done.returncode}):\n{tail}")
     return time.perf_counter() - start
 
 

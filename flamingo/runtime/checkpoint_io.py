@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-# the siblings a write leaves while it runs: `<target>.tmp-<pid>` (being filled), `<target>.old-<pid>` (being replaced)
-_UNFINISHED_RE = re.compile(r"^(.+)\.(tmp|old)-\d+$")
+# the siblings a write leaves while it runs: `<target>.tmp-<pid>[-<thread>]` (being filled), `<target>.old-<pid>[...]`
+# (being replaced); the thread id keeps two threads' writes to one target apart
+_UNFINISHED_RE = re.compile(r"^(.+)\.(tmp|old)-\d+(?:-\d+)?$")
 
 
 def unfinished_write(name: str) -> Optional[tuple[str, str]]:
@@ -20,7 +22,7 @@ def unfinished_write(name: str) -> Optional[tuple[str, str]]:
 
 
 def _sibling(target: str, kind: str) -> str:
-    return f"{target}.{kind}-{os.getpid()}"
+    return f"{target}.{kind}-{os.getpid()}-{threading.get_ident()}"
 
 
 def check_replaceable(target: str, marker: str, what: str, is_ours: Optional[Callable[[str], bool]] = None) -> None:
@@ -60,7 +62,11 @@ def check_apart(target: str, source: str, what: str, *, inside: bool = True) -> 
 def atomic_directory(target: str, marker: str, what: str,
                      is_ours: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
     """Yield a temporary sibling directory to fill; on success it replaces `target`, on error it is removed. `marker`,
-    `is_ours`: what tells an earlier such write, `what`: what it is (`check_replaceable`, checked first)."""
+    `is_ours`: what tells an earlier such write, `what`: what it is (`check_replaceable`, checked first).
+
+    The swap is two renames (target -> `.old-`, the new copy -> target). Where another write to the same target
+    lands between them, this one is refused with a ValueError and leaves nothing behind (the other's copy stays);
+    where the second rename fails otherwise, the previous copy is put back."""
     check_replaceable(target, marker, what, is_ours)
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
@@ -74,9 +80,19 @@ def atomic_directory(target: str, marker: str, what: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = _sibling(target, "old")
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(tmp, target)
+    moved = False
+    try:
+        if os.path.exists(target):
+            os.replace(target, old)
+            moved = True
+        os.replace(tmp, target)
+    except OSError as e:
+        if moved and not os.path.exists(target):
+            os.replace(old, target)  # the previous copy back in place
+        shutil.rmtree(old, ignore_errors=True)  # (still here only where another write has replaced it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{what} {target!r} was not written: it could not be swapped in ({e}; another write to it "
+                         "at the same time?); nothing of this write is left") from e
     shutil.rmtree(old, ignore_errors=True)
 
 

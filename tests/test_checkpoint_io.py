@@ -1,0 +1,80 @@
+"""Atomic directory writes (runtime/checkpoint_io.py): two writes to one target, and a swap that fails midway."""
+
+import os
+import threading
+
+import pytest
+
+import flamingo.runtime.checkpoint_io as checkpoint_io
+from flamingo.runtime.checkpoint_io import atomic_directory, unfinished_write
+
+
+def _write(target, name, entered=None, proceed=None):
+    with atomic_directory(target, "state.json", "a training checkpoint") as tmp:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            f.write(name)
+        if entered is not None:
+            entered.set()
+            proceed.wait(10)
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(name)
+
+
+def test_two_threads_writing_one_target_keep_their_copies_apart(tmp_path):
+    """Both threads fill their own temporary copy: the target ends as one whole write, never a mix or a loss."""
+    target = str(tmp_path / "ckpt")
+    entered, proceed = threading.Event(), threading.Event()
+    first = threading.Thread(target=_write, args=(target, "a", entered, proceed))
+    first.start()
+    assert entered.wait(10)
+    _write(target, "b")  # a second write starts and ends while the first is still filling its copy
+    proceed.set()
+    first.join(10)
+    assert sorted(os.listdir(target)) == ["a", "state.json"]  # the last to finish, whole
+    assert open(os.path.join(target, "state.json")).read() == "a"
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_write_that_loses_the_swap_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """Another write landing between the two renames (target -> .old, copy -> target): a clear error, the other
+    write's copy kept, no `.tmp-`/`.old-` sibling left."""
+    target = str(tmp_path / "ckpt")
+    _write(target, "first")
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        real_replace(src, dst)
+        if unfinished_write(os.path.basename(dst)) == ("ckpt", "old"):  # the other write lands now
+            os.makedirs(target)
+            with open(os.path.join(target, "state.json"), "w") as f:
+                f.write("other")
+
+    monkeypatch.setattr(checkpoint_io.os, "replace", racing_replace)
+    with pytest.raises(ValueError, match="could not be swapped in .*another write"):
+        _write(target, "second")
+    assert os.listdir(tmp_path) == ["ckpt"]
+    assert open(os.path.join(target, "state.json")).read() == "other"
+
+
+def test_a_failed_swap_puts_the_previous_copy_back(tmp_path, monkeypatch):
+    target = str(tmp_path / "ckpt")
+    _write(target, "first")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if unfinished_write(os.path.basename(src)) == ("ckpt", "tmp"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "replace", failing_replace)
+    with pytest.raises(ValueError, match="No space left"):
+        _write(target, "second")
+    assert sorted(os.listdir(target)) == ["first", "state.json"]
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize("name,expected", [("step_00000002.tmp-123", ("step_00000002", "tmp")),
+                                           ("model.old-12-140234", ("model", "old")),
+                                           ("model.tmp-x", None), ("model", None)])
+def test_unfinished_write_names(name, expected):
+    assert unfinished_write(name) == expected

@@ -28,7 +28,7 @@ from flamingo.tiny import (
     tiny_flamingo,
 )
 
-from helpers import continuation_logprobs_reference, make_classification, make_vqa
+from helpers import continuation_logprobs_reference, make_classification, make_videoqa, make_vqa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -390,6 +390,21 @@ def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_proces
 def _records(out: Path, k: int) -> list[dict]:
     lines = (out / "predictions" / f"classification_{k}shot_trial0.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("task,make,lost", [("classification", make_classification, "images/11.png"),
+                                          ("videoqa", make_videoqa, "videos/v11.mp4"),
+                                          ("vqa", make_vqa, "images/101.png")])
+def test_a_missing_media_file_is_skipped_and_counted_not_fatal(model_and_processor, tmp_path, task, make, lost):
+    """A file that is gone (real video sets nearly always lack a few) costs only the queries that need it, as an
+    unreadable one does; the split still loads."""
+    model, processor = model_and_processor
+    data = make(tmp_path / "data")
+    os.remove(data / lost)  # (VQA's 101 is found by its image_id)
+    with pytest.warns(UserWarning, match=r"could not be read \(1 file\(s\)\)"):
+        got = evaluate(model, processor, task, str(data), shots=[0], trials=1, zero_shot="none", progress=False,
+                       generation={"max_new_tokens": 2, "num_beams": 1})
+    assert got["runs"][0]["skipped_by"] == {"unreadable_media": 1}
 
 
 def test_queries_with_unreadable_media_are_skipped_and_counted(model_and_processor, tmp_path):

@@ -175,10 +175,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def media_path(data_dir: Path, relative: str) -> str:
-    path = data_dir / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"media file {str(path)!r} not found")
-    return str(path)
+    """A record's media file under `data_dir`. Whether it exists is not checked here: a missing file is skipped and
+    counted per query as an unreadable one is (`unreadable_media`; too many of them stop the run)."""
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"a media path must be a non-empty string, got {relative!r}")
+    return str(data_dir / relative)
 
 
 def percent(scores: Sequence[float]) -> float:

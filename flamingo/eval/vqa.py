@@ -10,7 +10,8 @@ from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
 
 def find_image(data_dir: Path, image_id: Any) -> str:
-    """`DIR/images/{image_id}.jpg|png`, or COCO's `*_{image_id:012d}.jpg`."""
+    """`DIR/images/{image_id}.jpg|png`, or COCO's `*_{image_id:012d}.jpg`; none of them: the `.jpg` path, skipped
+    and counted as missing when a query needs it (`media_path`)."""
     images = data_dir / "images"
     for ext in (".jpg", ".png", ".jpeg"):
         if (images / f"{image_id}{ext}").is_file():
@@ -19,7 +20,7 @@ def find_image(data_dir: Path, image_id: Any) -> str:
         found = sorted(images.glob(f"*_{int(image_id):012d}.jpg"))
         if found:
             return str(found[0])
-    raise FileNotFoundError(f"no image for image_id {image_id!r} under {str(images)!r}")
+    return str(images / f"{image_id}.jpg")
 
 
 class VQATask(Task):

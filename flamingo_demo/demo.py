@@ -264,6 +264,8 @@ def stage_folders(settings: DemoSettings) -> dict[str, frozenset[str]]:
 def run_demo(settings: DemoSettings) -> DemoRun:
     """All stages; returns what the report is made of (report.md is written into settings.out). Every setting and
     `--out` itself are checked before any stage runs (`check_out`: no folder the demo did not write is replaced)."""
+    if settings.seed < 0:  # numpy's error would come from inside the world stage, without naming the option
+        raise ValueError(f"--seed must be >= 0 (numpy's seeds are non-negative), got {settings.seed}")
     if settings.ablate is not None and settings.ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {settings.ablate!r}: choose from {sorted(ABLATIONS)}")
     size = get_size(settings.size)

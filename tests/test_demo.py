@@ -147,6 +147,12 @@ def test_processes_share_every_batch_or_are_refused():
         run_demo(DemoSettings(out="/nonexistent/never-written", size="smoke", train_procs=5))
 
 
+def test_a_negative_seed_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(ValueError, match="--seed must be >= 0"):
+        run_demo(DemoSettings(out=str(tmp_path / "d"), size="smoke", seed=-1))
+    assert not os.path.exists(tmp_path / "d")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_trained_flamingo_beats_its_gate_zero_self(demo_run):

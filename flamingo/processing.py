@@ -12,10 +12,12 @@ real.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -155,14 +157,28 @@ def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, new: list[str]) -> N
         tokenizer.add_special_tokens({"additional_special_tokens": new}, **keep_special_tokens_kwargs(tokenizer))
 
 
+# Where a directory keeps its image processor's settings: its own file, or a processor's file holding them.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def load_image_processor(name_or_path: str) -> Any:
     """The HF image processor saved with a vision tower, without torchvision if need be.
 
     Some transformers 5 releases map e.g. `CLIPImageProcessor` to a torchvision backend and refuse to load without
-    it; their PIL twin (`CLIPImageProcessorPil`) computes the same thing from PIL/numpy.
+    it; their PIL twin (`CLIPImageProcessorPil`) computes the same thing from PIL/numpy. A directory without its
+    settings (a tower saved by `save_pretrained` alone, or a directory that is no vision tower) and a name that
+    cannot be read are a ValueError naming them, not transformers' OSError.
     """
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f))
+                                               for f in IMAGE_PROCESSOR_FILES):
+        raise ValueError(f"no preprocessor_config.json in {name_or_path!r}: is it a vision tower's directory? A "
+                         "tower saved without its image processor needs it saved beside it "
+                         "(`AutoImageProcessor.from_pretrained(ORIGINAL).save_pretrained(DIR)`)")
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError as e:
+        raise ValueError(f"cannot load an image processor from {name_or_path!r}: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
     except ImportError:
         import transformers
         from transformers.image_processing_utils import ImageProcessingMixin
@@ -177,6 +193,51 @@ def load_image_processor(name_or_path: str) -> Any:
                 except ImportError:
                     continue
         raise
+
+
+# The processor's settings: `FlamingoProcessor`'s keyword arguments, saved in flamingo_processor.json.
+PROCESSOR_SETTINGS = ("max_length", "max_frames", "video_fps", "padding_side", "image_references", "template")
+
+
+def check_processor_settings(settings: Mapping[str, Any]) -> None:
+    """ValueError for a setting no model runs with, among those `settings` names: a `max_length` (None: no limit) or
+    `max_frames` that is not an integer >= 1, a `video_fps` that is not a finite number > 0, an `image_references`
+    that is not true or false. Checked where a processor is made and again before it is saved, so that a value set
+    on it later is not written (JSON would hold `NaN`) to fail in another process."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if "max_length" in settings and settings["max_length"] is not None and not (
+            integer(settings["max_length"]) and settings["max_length"] >= 1):
+        raise ValueError(f"max_length must be an integer >= 1 (or null: no limit), got {settings['max_length']!r}")
+    if "max_frames" in settings and not (integer(settings["max_frames"]) and settings["max_frames"] >= 1):
+        raise ValueError(f"max_frames must be an integer >= 1, got {settings['max_frames']!r}")
+    fps = settings.get("video_fps", 1.0)
+    if not (isinstance(fps, numbers.Real) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"video_fps must be a finite number > 0, got {fps!r}")
+    if not isinstance(settings.get("image_references", False), bool):
+        raise ValueError(f"image_references must be true or false, got {settings['image_references']!r}")
+
+
+def read_processor_settings(path: str) -> dict[str, Any]:
+    """A flamingo_processor.json -> its settings, checked (`check_processor_settings`, unknown names refused: a
+    newer version's file, or a hand edit's typo, is not half read); errors name the file."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
+        raise ValueError(f"{path!r} is not readable JSON (truncated or damaged?): {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(raw).__name__}, not an object of processor settings")
+    unknown = sorted(set(raw) - set(PROCESSOR_SETTINGS))
+    if unknown:
+        raise ValueError(f"{path!r} names unknown processor settings {unknown} (written by a newer version?); "
+                         f"known: {list(PROCESSOR_SETTINGS)}")
+    try:
+        check_processor_settings(raw)
+    except ValueError as e:
+        raise ValueError(f"{path!r}: {e}") from e
+    return raw
 
 
 class FlamingoProcessor:
@@ -194,6 +255,8 @@ class FlamingoProcessor:
         `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        check_processor_settings({"max_length": max_length, "max_frames": max_frames, "video_fps": video_fps,
+                                  "image_references": image_references})
         idefics = template == "idefics"
         needed = (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER) if idefics else (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
         missing = [t for t in needed if t not in tokenizer.get_vocab()]
@@ -367,6 +430,11 @@ class FlamingoProcessor:
         image_references (default: the processor's): the prompt declares its images (`Image 0 is <image0>`)."""
         text, media = self._split_prompt(prompt, media)
         if self.image_references if image_references is None else image_references:
+            if not isinstance(prompt, str) and media:  # the list placed its media as <image>: none is declared
+                raise ValueError("an interleaved-list prompt places its media where they stand, so it cannot declare "
+                                 "them, and this processor reads declared-image prompts (image_references): write a "
+                                 "string prompt declaring each medium, `Image 0 is <image0>. ...`, with the media as "
+                                 "`images`, or pass image_references=False to place the list's media as <image>")
             text = resolve_declarations(text, len(media), self.num_references)
         ids = self.prompt_ids(text)
         n_placeholders = sum(1 for i in ids if i == self.media_token_id)
@@ -438,25 +506,22 @@ class FlamingoProcessor:
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str) -> None:
+        settings = {name: getattr(self, name) for name in PROCESSOR_SETTINGS}
+        check_processor_settings(settings)  # a value set after __init__ is not written to fail elsewhere
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            json.dump({"max_length": self.max_length, "max_frames": self.max_frames, "video_fps": self.video_fps,
-                       "padding_side": self.padding_side, "image_references": self.image_references,
-                       "template": self.template}, f, indent=2)
+            json.dump(settings, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, revision: Optional[str] = None,
                         **overrides: Any) -> "FlamingoProcessor":
         """The processor saved with a model: a directory, or a Hub repository holding one (`org/name`; its processor
-        files alone are fetched)."""
+        files alone are fetched). Its settings file is checked (`read_processor_settings`)."""
         directory = metadata_dir(name_or_path, "Flamingo processor", revision=revision)
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
-        kwargs: dict[str, Any] = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                kwargs = json.load(f)
+        kwargs = read_processor_settings(path) if os.path.isfile(path) else {}
         kwargs.update(overrides)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         image_processor = load_image_processor(directory)

@@ -21,6 +21,22 @@ def reference_token(k: int) -> str:
     return f"<image{k}>"
 
 
+def check_reference_index(digits: str, num_references: int) -> int:
+    """The image index `digits` of a tag `<image{digits}>`, checked against a model with `num_references` reference
+    tokens (`<image0>` ... `<image{num_references - 1}>`): ValueError for an index it has no token for, or one with
+    leading zeros (`<image01>`, no token either). A prompt (`resolve_declarations`) and training text
+    (`flamingo.data.sequence.check_references`) refuse the same tags: unrefused, such a tag is read as the characters
+    `<`, `image`, `2`, `>`, and a model trained on it learns to write them."""
+    k = int(digits)
+    if digits != str(k):
+        raise ValueError(f"<image{digits}>: image indices have no leading zeros (<image{k}>)")
+    if k >= num_references:
+        raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}"
+                         if num_references else f"<image{k}>: the model has no image reference tokens "
+                         "(FlamingoConfig.num_image_references is 0)")
+    return k
+
+
 def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
     """A declared-image prompt -> the model's text: each declaration's `<imagek>` becomes `<image>` (where image k
     goes), each later `<imagek>` stays a reference token.
@@ -35,13 +51,7 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
     declared: set[int] = set()
     out, end = [], 0
     for ref in REFERENCE.finditer(text):
-        k = int(ref.group(1))
-        if ref.group(1) != str(k):  # `<image01>` is no token of the model's: not silently image 1
-            raise ValueError(f"{ref.group(0)}: image indices have no leading zeros (<image{k}>)")
-        if k >= num_references:
-            raise ValueError(f"<image{k}>: the model has reference tokens for images 0-{num_references - 1}"
-                             if num_references else f"<image{k}>: the model has no image reference tokens "
-                             "(FlamingoConfig.num_image_references is 0)")
+        k = check_reference_index(ref.group(1), num_references)
         declaration = declarations.get(ref.start())
         if declaration is not None:
             if declaration.group(1) != str(k):

@@ -6,9 +6,10 @@ drop out). Whatever order the DataLoader delivers in, the main process re-orders
 sequence of batches is a pure function of (files, seed, epoch, rank, world_size, num_workers).
 
 State (`state_dict()`): the epoch, the round-robin turn, and per stream the raw records consumed (`pos`), batches and
-samples emitted, whether it is exhausted, and its skip counts. `iter(source)` always continues from the current
-state: after `load_state_dict` it yields exactly the batches that would have come next; when the epoch ends it raises
-StopIteration once and the next `iter()` starts the following epoch (reshuffled by its epoch number).
+samples emitted, whether it is exhausted, its skip counts, and how many of its emitted samples `max_tokens` cut
+(`truncated`). `iter(source)` always continues from the current state: after `load_state_dict` it yields exactly the
+batches that would have come next; when the epoch ends it raises StopIteration once and the next `iter()` starts the
+following epoch (reshuffled by its epoch number).
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ class DatasetSource:
         self.prefetch_factor = prefetch_factor
         self.epoch = 0
         self.skipped_past: dict[str, int] = {}  # skips of finished epochs
+        self.truncated_past = 0  # samples of finished epochs cut by max_tokens
+        self._warned_truncated = False  # this process warned about the first cut caption or answer
         self._generation = 0  # bumped by every iter() / load_state_dict: older iterators stop
         self._new_epoch()
 
     # ------------------------------------------------------------------------------------------------ state
     def _new_epoch(self) -> None:
         self.turn = 0
-        self.streams = [{"pos": 0, "batches": 0, "samples": 0, "done": False, "skipped": {}}
+        self.streams = [{"pos": 0, "batches": 0, "samples": 0, "done": False, "skipped": {}, "truncated": 0}
                         for _ in range(self.num_streams)]
 
     @property
@@ -83,12 +86,19 @@ class DatasetSource:
         return merge_counts([self.skipped_past, *(s["skipped"] for s in self.streams)])
 
     @property
+    def truncated(self) -> int:
+        """Samples emitted so far (all epochs, all of this rank's workers) that `max_tokens` cut: the end of their
+        text (a caption's, an answer's, a document's) is not trained. Kept, not skipped: see `_note_truncated`."""
+        return self.truncated_past + sum(s.get("truncated", 0) for s in self.streams)
+
+    @property
     def batches_this_epoch(self) -> int:
         return sum(s["batches"] for s in self.streams)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "turn": self.turn,
                 "streams": copy.deepcopy(self.streams), "skipped_past": dict(self.skipped_past),
+                "truncated_past": self.truncated_past,
                 "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
                 "num_streams": self.num_streams}
 
@@ -96,6 +106,7 @@ class DatasetSource:
         self._generation += 1
         self.epoch = int(state["epoch"])
         self.skipped_past = dict(state.get("skipped_past", {}))
+        self.truncated_past = int(state.get("truncated_past", 0))  # a state saved before it was counted: 0
         same = (state.get("num_streams") == self.num_streams and state.get("world_size") == self.world_size
                 and state.get("seed") == self.seed)
         if same:
@@ -162,26 +173,55 @@ class DatasetSource:
                 self._advance_turn()
                 continue
             state["batches"] += 1
+            self._note_truncated(state, item.batch.pop("truncated", []))
             self._advance_turn()
             yield item.batch
             if generation != self._generation:  # a newer iter() or load_state_dict took over
                 return
         self._end_epoch(epoch)
 
+    def _note_truncated(self, state: dict[str, Any], keys: Sequence[str]) -> None:
+        """Count a batch's samples that `max_tokens` cut (`sequence.collate`'s `truncated`) into its stream's
+        state. A kind whose samples end in a caption or an answer (all but `interleaved`, whose long documents are
+        cut as the paper cuts them) warns once per process at the first: the default `max_tokens` (32 for pairs) can
+        cut a multi-image row's answer, or a long caption's end, and training would never see it."""
+        if not keys:
+            return
+        state["truncated"] = state.get("truncated", 0) + len(keys)
+        if self.spec.kind != "interleaved" and not self._warned_truncated:
+            self._warned_truncated = True
+            message = (f"dataset {self.name!r}: sample {keys[0]} is longer than max_tokens="
+                       f"{self.spec.options['max_tokens']} and was cut: the end of its {self._text_end} is not "
+                       "trained. `source.truncated` counts such samples and each epoch's report gives their "
+                       "number; raise the dataset's max_tokens option if they are many")
+            log.warning(message)
+            warnings.warn(message, stacklevel=4)
+
+    @property
+    def _text_end(self) -> str:
+        return {"chat": "last answer", "interleaved": "document"}.get(self.spec.kind, "caption")
+
     def _end_epoch(self, epoch: int) -> None:
         batches = self.batches_this_epoch
         skipped = merge_counts(s["skipped"] for s in self.streams)
-        if skipped:
-            message = (f"dataset {self.name!r} (rank {self.rank}) epoch {epoch}: skipped {sum(skipped.values())} "
-                       f"bad sample(s) {skipped}; kept {sum(s['samples'] for s in self.streams)}")
-            log.warning(message)
-            warnings.warn(message, stacklevel=3)
+        truncated = sum(s.get("truncated", 0) for s in self.streams)
+        if skipped or truncated:
+            kept = f"kept {sum(s['samples'] for s in self.streams)}" + (
+                f", {truncated} of them cut by max_tokens={self.spec.options['max_tokens']}" if truncated else "")
+            message = (f"dataset {self.name!r} (rank {self.rank}) epoch {epoch}: "
+                       + (f"skipped {sum(skipped.values())} bad sample(s) {skipped}; " if skipped else "") + kept)
+            if skipped or self.spec.kind != "interleaved":  # documents longer than max_tokens are the rule
+                log.warning(message)
+                warnings.warn(message, stacklevel=3)
+            else:
+                log.info(message)
         if batches == 0:
             raise ValueError(f"dataset {self.name!r} gave no batch of {self.spec.batch_size} in epoch {epoch} on "
                              f"rank {self.rank} of {self.world_size} with {self.num_streams} stream(s) (files: "
                              f"{self.spec.files[:3]}{'...' if len(self.spec.files) > 3 else ''}; skipped: "
                              f"{skipped}): too few good samples for the batch size and the number of ranks x workers")
         self.skipped_past = merge_counts([self.skipped_past, skipped])
+        self.truncated_past += truncated
         self.epoch = epoch + 1
         self._new_epoch()
 

@@ -23,7 +23,8 @@ such rows through its LM alone, as it trained them.
 
 Skipped and counted: a conversation without an answer (`empty_text`); a format marker (or `<|endofchunk|>`, in every
 format) in message text, media in a system or assistant turn, placeholders that do not match the media, unknown
-roles or part types (`bad_record`).
+roles or part types, an `<imagek>` the model has no reference token for (`sequence.check_references`) (all
+`bad_record`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ decreasing CLIP similarity, and only pairs at or above `similarity_threshold` co
 its sentence; `<|endofchunk|>` closes every chunk (an image's text, up to the next image) and the document (for a
 tokenizer without it, nothing: `DatasetSpec.chunk_end`). Only the first `max_images` matched images (in document
 order) are kept; the token truncation may drop more (see `sequence.encode_example`). Text before the first image
-stays in the sequence as context but is not trained.
+stays in the sequence as context but is not trained. A sentence may refer back to an image with `<imagek>`; a
+document that writes one the model has no reference token for is skipped (`bad_record`, `sequence.check_references`).
 """
 
 from __future__ import annotations

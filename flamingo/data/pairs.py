@@ -7,7 +7,9 @@ tiff, ...) or a video (`sources.VIDEO_EXTS`: mp4, webm, mkv, mov, avi, ...), wit
 
 A JSONL/JSON row may instead hold several images (`images`: a list of paths) and a caption that declares each of
 them MMICL-style (`Image 0 is <image0>. Image 1 is <image1>. ...`, flamingo/references.py) where it goes, and may
-refer back to them (`<image0>`): `{caption with the declarations as <image>}<|endofchunk|>` (+ EOS).
+refer back to them (`<image0>`): `{caption with the declarations as <image>}<|endofchunk|>` (+ EOS). As the
+processor refuses such a prompt, a row is skipped (`bad_record`) when the model has no reference token for one of
+its images (`FlamingoConfig.num_image_references`; checked when it is encoded, `sequence.check_references`).
 """
 
 from __future__ import annotations
@@ -79,12 +81,12 @@ def _declared_images(record: RawRecord, row: dict[str, Any], eos: str) -> Exampl
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
         raise SkipSample("bad_record", f"{record.key}: 'images' must be a non-empty list of paths")
     caption = _caption_of(row, record.key)
-    try:  # every reference names a declared image, so len(paths) reference tokens are enough to resolve them
+    try:  # checked against the row's own images here; against the model's reference tokens when it is encoded
         text = resolve_declarations(caption, len(paths), len(paths))
     except ValueError as e:
         raise SkipSample("bad_record", f"{record.key}: {e}") from e
     refs = [file_ref(resolve_relative(record.base_dir, p.strip())) for p in paths]
-    return Example(record.key, f"{text}{END_OF_CHUNK_TOKEN}{eos}", refs)
+    return Example(record.key, f"{text}{END_OF_CHUNK_TOKEN}{eos}", refs, declared_images=len(paths))
 
 
 def pair_example(record: RawRecord, *, video: bool = False, eos: str = "") -> Example:

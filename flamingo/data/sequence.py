@@ -23,7 +23,7 @@ import torch
 from ..chat import OTTER_ANSWER
 from ..config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, MEDIA_TOKEN
 from ..processing import FlamingoProcessor
-from ..references import reference_token
+from ..references import REFERENCE, check_reference_index, reference_token
 from ..runtime.lru import TensorCache
 from .errors import SkipSample
 from .sources import MediaRef
@@ -41,6 +41,9 @@ class Example:
     media: list[MediaRef]
     # character spans of `text` to train on (conversations: the answers); None: the labelling rule above
     trained_spans: Optional[list[tuple[int, int]]] = None
+    # images the record declared MMICL-style (`Image k is <imagek>`, already `<image>` in `text`): as for a declared
+    # prompt, the model needs a reference token for each (`check_references`)
+    declared_images: int = 0
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Encoded:
     labels: list[int]
     media: list[torch.Tensor]
     text: str
+    truncated: bool = False  # cut by max_tokens: the end of its text (a caption's, an answer's) is not trained
 
 
 def clean_text(text: str) -> str:
@@ -181,15 +185,44 @@ def media_key(ref: MediaRef, fps: float, max_frames: int) -> Optional[tuple]:
     return (ref.cache_key, fps, max_frames) if ref.cache_key else None
 
 
-def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]
-                ) -> tuple[list[int], list[int]]:
-    """An example's token ids and labels, cut to `max_tokens`; SkipSample when a conversation has no answer left."""
+def check_references(example: Example, num_references: int) -> None:
+    """SkipSample (`bad_record`) for an example whose text writes `<imagek>` for an image the model has no reference
+    token for (k >= `num_references`, or a leading zero), or that declared more images than it has reference tokens
+    for: the processor refuses both in a prompt (`references.check_reference_index`), and the tag, tokenized as
+    characters, would be trained as text."""
+    tags = [m.group(1) for m in REFERENCE.finditer(example.text)]
+    if example.declared_images > num_references:  # the first declared image without a token, as the prompt's error
+        tags.insert(0, str(num_references))
+    for digits in tags:
+        try:
+            check_reference_index(digits, num_references)
+        except ValueError as e:
+            raise SkipSample("bad_record", f"{example.key}: {e}") from e
+
+
+def example_ids_truncated(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]
+                          ) -> tuple[list[int], list[int], bool]:
+    """An example's token ids and labels, cut to `max_tokens`, and whether the cut took tokens (the end of the text:
+    a caption's or an answer's end, never trained). SkipSample for a reference the model has no token for
+    (`check_references`) and when a conversation has no answer left."""
+    check_references(example, processor.num_references)
+    media_id, markers = processor.media_token_id, processor.media_marker_ids
     if example.trained_spans is None:
-        ids = tokenize(processor, example.text, max_tokens)
-        return ids, make_labels(ids, processor.media_token_id, processor.media_marker_ids)
-    ids, labels = tokenize_spans(processor, example.text, example.trained_spans, max_tokens)
+        whole = tokenize(processor, example.text, None)
+        ids = truncate_ids(whole, max_tokens, media_id, markers) if max_tokens else whole
+        return ids, make_labels(ids, media_id, markers), max_tokens is not None and 0 < max_tokens < len(whole)
+    whole, labels = tokenize_spans(processor, example.text, example.trained_spans, None)
+    ids = truncate_ids(whole, max_tokens, media_id, markers) if max_tokens else whole
+    labels = labels[:len(ids)]
     if all(label == IGNORE_INDEX for label in labels):
         raise SkipSample("empty_text", f"{example.key}: no answer token within max_tokens={max_tokens}")
+    return ids, labels, max_tokens is not None and 0 < max_tokens < len(whole)
+
+
+def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]
+                ) -> tuple[list[int], list[int]]:
+    """An example's token ids and labels, cut to `max_tokens` (`example_ids_truncated`)."""
+    ids, labels, _ = example_ids_truncated(processor, example, max_tokens)
     return ids, labels
 
 
@@ -199,7 +232,7 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
     (or take them from `cache`, keyed by file and frame sampling). text_only: an example without any medium is kept
     (one whose media the truncation cut is still skipped)."""
     media_id = processor.media_token_id
-    ids, labels = example_ids(processor, example, max_tokens)
+    ids, labels, truncated = example_ids_truncated(processor, example, max_tokens)
     n = ids.count(media_id)
     if n == 0 and not (text_only and not example.media):
         raise SkipSample("no_matched_image", f"{example.key}: no <image> left within max_tokens={max_tokens}")
@@ -217,7 +250,7 @@ def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens
             media[i] = medium
             if keys[i] is not None:
                 cache.put(keys[i], medium)
-    return Encoded(example.key, ids, labels, media, example.text)
+    return Encoded(example.key, ids, labels, media, example.text, truncated)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -241,7 +274,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_side: str = "right",
             pack_tokens: int = 0) -> dict[str, Any]:
     """-> `input_ids (B, T)`, `attention_mask (B, T)`, `labels (B, T)`, `images (B, N, F, C, H, W)`, `num_media (B,)`,
-    `num_frames (B, N)`, `keys` (list of sample keys).
+    `num_frames (B, N)`, `keys` (list of sample keys), `truncated` (the keys of the samples cut by max_tokens:
+    `DatasetSource` counts them and takes the entry out of the batches it yields).
 
     pack_tokens > 0: the samples are packed into rows of up to that many tokens (`pack_rows`, right padding), and the
     batch also holds `document_ids (B, T)`: the sample's place in its row, -1 on padding (`Flamingo.forward`). B is
@@ -268,4 +302,5 @@ def collate(samples: Sequence[Encoded], processor: FlamingoProcessor, padding_si
             out["document_ids"][b, :int(lengths.sum())] = torch.repeat_interleave(torch.arange(len(row)), lengths)
     out.update(processor.batch_media([[m for s in row for m in s.media] for row in rows]))
     out["keys"] = [s.key for row in rows for s in row]
+    out["truncated"] = [s.key for row in rows for s in row if s.truncated]
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional, Union
 
@@ -80,7 +81,26 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
         tower.vision_model = half
         tower.name_or_path = getattr(model, "name_or_path", "")
         return tower.to(next(model.parameters()).dtype)
+    check_vision_tower(model, vision)
     return model
+
+
+def check_vision_tower(model: nn.Module, source: Any) -> None:
+    """ValueError unless `model` reads images: its forward takes `pixel_values` (or any keyword) and no `input_ids`.
+    An LM directory given as the tower loads as e.g. a `LlamaModel`, and would fail much later, far from the cause
+    (at the image processor it has none of, or in the first forward)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward Python cannot inspect: let its first call tell
+        return
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "input_ids" in params or not ("pixel_values" in params or any_keyword):
+        config = getattr(model, "config", None)
+        what = f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})"
+        where = "" if isinstance(source, nn.Module) else f" loaded from {os.fspath(source)!r}"
+        raise ValueError(f"the vision tower{where} is a {what}, not a vision tower: its forward reads "
+                         f"{'input_ids' if 'input_ids' in params else 'no pixel_values'}. Give a vision model "
+                         "(e.g. CLIPVisionModel, SiglipVisionModel) or a dual encoder (CLIPModel, SiglipModel)")
 
 
 def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrainedModel:

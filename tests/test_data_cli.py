@@ -40,6 +40,16 @@ def test_inspect_cli_counts_samples_skips_tokens_and_draws_a_contact_sheet(tmp_p
         assert sheet.size[0] > 100 and sheet.size[1] > 100
 
 
+def test_inspect_counts_the_samples_max_tokens_cuts(tmp_path):
+    data = make_pairs(str(tmp_path / "p"), 4, bad=False)
+    processor = tiny_processor()
+    whole = inspect_dataset(data["path"], "pairs", processor)
+    assert whole.truncated == 0 and "cut by max_tokens" in whole.table()
+    cut = inspect_dataset(data["path"], "pairs", processor, options={"max_tokens": 3})
+    assert cut.truncated == 4 and cut.to_dict()["truncated"] == 4
+    assert inspect_dataset(data["path"], "pairs").truncated is None  # no tokenizer: not counted
+
+
 def test_inspect_without_tokenizer_counts_documents_videos_and_frames(tmp_path):
     docs = make_interleaved(str(tmp_path / "i"), 3)
     report = inspect_dataset(docs["path"], "interleaved", options={"image_dir": docs["image_dir"]})

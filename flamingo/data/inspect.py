@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from ..processing import FlamingoProcessor
 from .errors import SkipSample, merge_counts
 from .kinds import KINDS, resolve_options
-from .sequence import example_ids
+from .sequence import example_ids_truncated
 from .sources import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -43,18 +43,22 @@ class InspectReport:
     media: int = 0
     frames: int = 0
     tokens: Optional[int] = None  # None without a tokenizer
+    truncated: Optional[int] = None  # samples cut by the kind's max_tokens (None without a tokenizer)
     skipped: dict[str, int] = field(default_factory=dict)
     shown: list[tuple[str, list[list[Image.Image]]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "files": self.files, "records": self.records, "samples": self.samples,
-                "media": self.media, "frames": self.frames, "tokens": self.tokens, "skipped": self.skipped}
+                "media": self.media, "frames": self.frames, "tokens": self.tokens, "truncated": self.truncated,
+                "skipped": self.skipped}
 
     def table(self) -> str:
         rows = [("files", self.files), ("records", self.records),
                 ({"interleaved": "documents", "chat": "conversations"}.get(self.kind, "pairs"), self.samples),
                 ("images" if self.kind != "video" else "videos", self.media), ("frames", self.frames),
                 ("tokens", "n/a (no --tokenizer-from)" if self.tokens is None else self.tokens)]
+        if self.truncated is not None:
+            rows.append(("cut by max_tokens", self.truncated))
         rows += [(f"skipped: {reason}", n) for reason, n in self.skipped.items()]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -161,7 +165,7 @@ def _count_sample(spec: DatasetSpec, record: RawRecord, report: InspectReport, s
     example = spec.example(record)
     n_media = len(example.media)
     if processor is not None:
-        ids, _ = example_ids(processor, example, int(o["max_tokens"]))
+        ids, _, cut = example_ids_truncated(processor, example, int(o["max_tokens"]))
         n_media = ids.count(processor.media_token_id)
         if n_media == 0 and not (o.get("text_only") and not example.media):
             raise SkipSample("no_matched_image", "nothing left within max_tokens")
@@ -172,6 +176,7 @@ def _count_sample(spec: DatasetSpec, record: RawRecord, report: InspectReport, s
     report.frames += sum(len(m) for m in media)
     if processor is not None:
         report.tokens = (report.tokens or 0) + len(ids)
+        report.truncated = (report.truncated or 0) + int(cut)
     if len(report.shown) < show:
         text = processor.tokenizer.decode(ids) if processor is not None else example.text
         report.shown.append((f"{record.key}: {text}", media))

@@ -219,13 +219,6 @@ def example_ids_truncated(processor: FlamingoProcessor, example: Example, max_to
     return ids, labels, max_tokens is not None and 0 < max_tokens < len(whole)
 
 
-def example_ids(processor: FlamingoProcessor, example: Example, max_tokens: Optional[int]
-                ) -> tuple[list[int], list[int]]:
-    """An example's token ids and labels, cut to `max_tokens` (`example_ids_truncated`)."""
-    ids, labels, _ = example_ids_truncated(processor, example, max_tokens)
-    return ids, labels
-
-
 def encode_example(example: Example, processor: FlamingoProcessor, *, max_tokens: Optional[int], fps: float = 1.0,
                    max_frames: int = 8, cache: Optional[TensorCache] = None, text_only: bool = False) -> Encoded:
     """Tokenize + truncate, then load and preprocess only the media whose `<image>` survived the truncation

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import FlamingoConfig
+from .config import PROCESSOR_CONFIG_NAME, FlamingoConfig
 from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
-from .model.flamingo import Flamingo
+from .model.flamingo import Flamingo, checked_torch_dtype
 from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
@@ -23,7 +23,7 @@ Backbone = Union[str, os.PathLike, nn.Module]
 
 def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str, PreTrainedTokenizerBase]] = None,
                    config: Optional[FlamingoConfig] = None, *, image_processor: Any = None,
-                   torch_dtype: Optional[torch.dtype] = None, max_length: Optional[int] = None,
+                   torch_dtype: Union[torch.dtype, str, None] = None, max_length: Optional[int] = None,
                    extra_tokens: Sequence[str] = (), template: str = "flamingo",
                    resampler_and_blocks_on_meta: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
     """Build a Flamingo on pretrained backbones.
@@ -33,9 +33,11 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     Adds `<image>`, `<|endofchunk|>` (a pad token if missing, and `config.num_image_references` reference tokens
     `<image0>`, ...) to the tokenizer, `extra_tokens` right after `<image>` (a family's own markers); their
     embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`).
-    resampler_and_blocks_on_meta: `Flamingo`'s (a converter that assigns them all). Returns (model, processor).
+    resampler_and_blocks_on_meta: `Flamingo`'s (a converter that assigns them all). torch_dtype: a torch dtype or
+    its name (`checked_torch_dtype`; None or "auto": the backbones' own). Returns (model, processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
+    torch_dtype = checked_torch_dtype(torch_dtype)
     kwargs = dtype_kwargs(torch_dtype)
     vision_ref, lm_ref = name_or_path_of(vision), name_or_path_of(lm)
     vision_model = load_vision_tower(vision, **kwargs)
@@ -65,12 +67,28 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     else:
         config.first_new_token_id, config.num_new_tokens = None, 0
     vocab = lm_model.get_input_embeddings().num_embeddings
-    if config.media_token_id >= max(vocab, len(tokenizer)):
-        raise ValueError("tokenizer and LM vocabulary disagree")
+    check_token_rows(tokenizer, config, added, vocab)
+    config.pad_token_id = tokenizer.pad_token_id
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
     if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
         model.to(torch_dtype)
     return model, processor
+
+
+def check_token_rows(tokenizer: PreTrainedTokenizerBase, config: FlamingoConfig, added: Sequence[int],
+                     vocab: int) -> None:
+    """Refuse a tokenizer whose Flamingo tokens the model could not embed: a token it already held (so not added
+    now, and given no trainable row) at an id past the LM's `vocab` rows, e.g. the tokenizer saved beside a Flamingo
+    model or after OpenFlamingo's training. Such a model would build, save and convert, and fail at its first
+    forward with an id outside the LM's table."""
+    for name, tid in (("<image>", config.media_token_id), ("<|endofchunk|>", config.end_of_chunk_token_id)):
+        if tid not in added and tid >= vocab:
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__} "
+                             f"{getattr(tokenizer, 'name_or_path', '') or 'in memory'!r}) already holds {name} at id "
+                             f"{tid}, past the LM's {vocab} embedding rows, so the model has no row for it: pass the "
+                             "LM's own tokenizer, without Flamingo's tokens (they are added and trained here)")
+    if config.media_token_id >= max(vocab, len(tokenizer)):
+        raise ValueError("tokenizer and LM vocabulary disagree")
 
 
 def flamingo_processor(tokenizer: Union[str, os.PathLike, PreTrainedTokenizerBase], image_processor: Any, *,
@@ -100,7 +118,12 @@ def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
                     **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
     """A saved model and its processor (`save_pretrained(dir, processor=...)`): a directory, or a Hub repository
     holding one (`org/name`, at `revision`: a branch, tag or commit), downloaded once into the hub cache. kwargs:
-    `Flamingo.from_pretrained`'s."""
+    `Flamingo.from_pretrained`'s. A model saved without its processor is refused before its weights are read."""
     directory = local_dir(name_or_path, "Flamingo model", revision=revision)
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json")):
+        raise ValueError(f"{name_or_path!r} was saved without its processor (it holds no {PROCESSOR_CONFIG_NAME} nor "
+                         "tokenizer files): save it with save_pretrained(..., processor=processor), or load the model "
+                         "with Flamingo.from_pretrained and build its processor from the tokenizer and image "
+                         "processor it was trained with")
     model = Flamingo.from_pretrained(directory, **kwargs)
     return model, FlamingoProcessor.from_pretrained(directory)

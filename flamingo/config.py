@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -30,8 +31,8 @@ def lora_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lm_lora.r must be an integer >= 1, got {r!r}")
     alpha = spec.get("alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"lm_lora.alpha must be a number > 0, got {alpha!r}")
+    if not _positive_number(alpha):
+        raise ValueError(f"lm_lora.alpha must be a finite number > 0, got {alpha!r}")
     targets = spec.get("target_modules", ["q_proj", "v_proj"])
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"lm_lora.target_modules must be a non-empty list of module names, got {targets!r}")
@@ -39,6 +40,23 @@ def lora_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"lm_lora.dropout must be in [0, 1), got {dropout!r}")
     return {"r": r, "alpha": alpha, "target_modules": list(targets), "dropout": float(dropout)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number > 0 (an int or float; not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+class NonFiniteValue(ValueError):
+    """JSON's non-standard NaN / Infinity in a saved config: no field takes one."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NonFiniteValue(f"it holds {name}, which no FlamingoConfig field takes (edited by hand?)")
 
 
 @dataclass
@@ -111,13 +129,15 @@ class FlamingoConfig:
     first_new_token_id: Optional[int] = None
     num_new_tokens: int = 0
     first_reference_token_id: Optional[int] = None  # `<image0>`; the others follow it
+    # The tokenizer's pad id when the model was built: generation pads finished rows with it and reads a prompt's
+    # padding off it. None (configs saved before it was recorded): generation falls back to the LM's EOS.
+    pad_token_id: Optional[int] = None
     # Frozen backbone tensors that were changed after loading (e.g. an OpenFlamingo checkpoint's fine-tuned input
     # embedding) and so must be saved even in a trained-only checkpoint. Names are `Flamingo.state_dict()` keys.
     extra_saved_weights: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.xattn_every < 1:
-            raise ValueError(f"xattn_every must be >= 1, got {self.xattn_every}")
+        self._check_types()
         if self.resampler not in ("perceiver", "mlp"):
             raise ValueError(f"resampler must be 'perceiver' or 'mlp', got {self.resampler!r}")
         if self.gate_type not in ("scalar", "vector"):
@@ -145,8 +165,40 @@ class FlamingoConfig:
                              "image references")
         if self.imageless_rows_skip_blocks and self.num_image_references:
             raise ValueError("imageless_rows_skip_blocks goes without image references")
-        if self.num_latents < 1 or self.max_frames < 1:
-            raise ValueError("num_latents and max_frames must be >= 1")
+
+    def _check_types(self) -> None:
+        """Each field's type and range, before any is used: a wrong one would otherwise build a model that runs
+        wrong (`freeze_lm: "false"` is truthy and keeps the LM frozen; `xattn_every: 2.5` places fewer blocks;
+        `xattn_heads: 0` attends to nothing; a NaN epsilon gives NaN logits) or fail deep inside torch."""
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in _TOKEN_IDS:
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be a token id (an integer >= 0) or null, got {value!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.xattn_ffw_dim is not None and (not _is_int(self.xattn_ffw_dim) or self.xattn_ffw_dim < 1):
+            raise ValueError(f"xattn_ffw_dim must be an integer >= 1 or null, got {self.xattn_ffw_dim!r}")
+        if not _is_int(self.vision_feature_layer):
+            raise ValueError(f"vision_feature_layer must be an integer, got {self.vision_feature_layer!r}")
+        if not _positive_number(self.xattn_norm_eps):
+            raise ValueError(f"xattn_norm_eps must be a finite number > 0, got {self.xattn_norm_eps!r}")
+        if self.xattn_layers is not None and (isinstance(self.xattn_layers, str)
+                                              or not all(_is_int(i) for i in self.xattn_layers)):
+            raise ValueError(f"xattn_layers must be a list of layer indices, got {self.xattn_layers!r}")
+        for name in ("vision_name_or_path", "lm_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        if isinstance(self.extra_saved_weights, str) or not all(isinstance(k, str) for k in self.extra_saved_weights):
+            raise ValueError(f"extra_saved_weights must be a list of tensor names, got {self.extra_saved_weights!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +214,7 @@ class FlamingoConfig:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def load(cls, directory: str) -> "FlamingoConfig":
@@ -171,7 +223,9 @@ class FlamingoConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model")
         try:
             with open(path) as f:
-                raw = json.load(f)
+                raw = json.load(f, parse_constant=_refuse_constant)
+        except NonFiniteValue as e:
+            raise ValueError(f"{path!r}: {e}") from None
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
             raise ValueError(f"{path!r} is not readable JSON (truncated or damaged?): {e}") from e
         if not isinstance(raw, dict):
@@ -189,3 +243,13 @@ class FlamingoConfig:
                 raise ValueError(f"xattn_layers {beyond} lie beyond the LM's {num_lm_layers} layers")
             return list(self.xattn_layers)
         return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]
+
+
+# FlamingoConfig's fields by the check `_check_types` applies
+_POSITIVE_INTS = ("xattn_every", "xattn_heads", "xattn_head_dim", "ffw_mult", "num_latents", "resampler_depth",
+                  "resampler_heads", "resampler_head_dim", "max_frames")
+_COUNTS = ("num_image_references", "num_new_tokens")
+_TOKEN_IDS = ("media_token_id", "end_of_chunk_token_id", "first_new_token_id", "first_reference_token_id",
+              "pad_token_id")
+_BOOLS = ("xattn_qk_norm", "resampler_qk_norm", "only_attend_last_image", "attend_next_image",
+          "imageless_rows_skip_blocks", "drop_cls_token", "gated", "freeze_lm", "freeze_vision")

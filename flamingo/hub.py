@@ -5,6 +5,7 @@ repository in one commit, its card (`README.md`) named after the repository; `lo
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import tempfile
 from typing import Any, Optional, Sequence, Union
@@ -16,9 +17,16 @@ from .processing import PROCESSOR_CONFIG_NAME
 from .runtime.hub import is_hub_name
 
 # remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
-# must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names)
+# must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names; a push saved without
+# a processor must not leave the previous model's tokenizer, which `load_pretrained` would pair with the new model:
+# the repository then has no processor, and loading it says so)
 _OWNED_DIRS = ("vision/", "lm/")
-_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, PROCESSOR_CONFIG_NAME)
+PROCESSOR_FILES = (PROCESSOR_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json", "video_preprocessor_config.json")
+_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, *PROCESSOR_FILES)
+log = logging.getLogger(__name__)
 RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)
 RESULTS_FILE = "results.json"
 # `flamingo eval` task -> the Hub's task type, for the card's `model-index` (the Hub's evaluation results)
@@ -52,7 +60,9 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
     gains under "Evaluation", and their means its `model-index` metadata (the Hub's evaluation results; the card is
     then written even over one on the Hub). Files of the format that the
-    repository holds and the directory lacks are removed in the same commit; other files are left alone."""
+    repository holds and the directory lacks are removed in the same commit (the backbones' `vision/` and `lm/`, and
+    the processor's files: a directory saved without a processor leaves the repository without one, never with the
+    previous model's tokenizer); other files are left alone."""
     if not is_hub_name(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -65,6 +75,9 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json")):
+        log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
+                    "load_pretrained(%r) will refuse it", directory, repo_id)
     tables = [_results_table(d) for d in results]
     evals = [e for d in results for e in eval_results(d)]
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -133,7 +146,10 @@ def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: 
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     local = _local_files(directory)
     card = local.pop(CARD_NAME, None)
-    text = None if card is None else open(card, encoding="utf-8").read()
+    text = None
+    if card is not None:
+        with open(card, encoding="utf-8") as f:
+            text = f.read()
     if text is None or generated_for(directory, text) is not None:
         text = model_card(directory, repo_id)  # the card save_pretrained wrote (any name), named for the repository
     if tables:

@@ -21,3 +21,10 @@ def test_cuda_without_cuda_is_refused_clearly():
         check_device("cuda")
     with pytest.raises(ValueError, match="use --device cpu"):
         check_device("cuda:1")
+
+
+@pytest.mark.parametrize("name", ["meta", "xla", "hpu"])
+def test_meta_and_device_types_this_torch_cannot_use_are_refused_clearly(name):
+    """They passed, and the command failed after the model loaded (`Tensor.item()` on meta, no xla/hpu backend)."""
+    with pytest.raises(ValueError, match=f"--device '{name}': "):
+        check_device(name)

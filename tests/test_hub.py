@@ -237,6 +237,7 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     err = capsys.readouterr().err
     assert "not a Hub repository name" in err and "not a directory written by save_pretrained" in err
     assert len(hub.commits) == 2  # nothing pushed by the refusals
+    (tmp_path / "my-llama").mkdir()  # a local backbone: saved trained-only here, nobody else could load it
     with pytest.raises(ValueError, match="lm backbone is the local path"):
         model.config.vision_name_or_path, model.config.lm_name_or_path = "someone/clip", str(tmp_path / "my-llama")
         push_to_hub(model, "someone/m", processor=processor, trained_only=True)
@@ -287,6 +288,21 @@ def test_a_renamed_or_copied_model_directory_is_pushed_with_a_card_named_for_the
     (tmp_path / "my-model" / "README.md").write_text(edited)
     push_directory(str(tmp_path / "my-model"), "other/copy", replace_card=True)
     assert hub.repos["other/copy"]["main"]["README.md"].decode() == edited
+
+
+def test_a_push_without_a_processor_removes_the_previous_models_processor_files(tmp_path, hub):
+    """A re-push saved without a processor kept the previous model's tokenizer files and dropped its settings:
+    `load_pretrained` then paired the new model with the old tokenizer. The repository now holds no processor, and
+    loading it says so."""
+    model, processor = _gated_model()
+    push_to_hub(model, "me/model", processor=processor)
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+            "flamingo_processor.json"} <= set(hub.repos["me/model"]["main"])
+    push_to_hub(_gated_model(seed=1)[0], "me/model")
+    files = set(hub.repos["me/model"]["main"])
+    assert not {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                "flamingo_processor.json"} & files
+    assert {"flamingo.safetensors", "flamingo_config.json", "README.md", ".gitattributes"} <= files
 
 
 def test_a_push_refuses_a_backbone_that_is_a_local_path_shaped_like_a_hub_name(tmp_path, hub, monkeypatch):

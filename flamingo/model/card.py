@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from typing import Any, Optional
 
 import yaml
@@ -61,6 +62,23 @@ def _placement(config: FlamingoConfig, layers: Optional[int]) -> str:
         return "before every layer of the LM"
     suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"before every {n}{suffix} layer of the LM"
+
+
+def _summary(config: FlamingoConfig) -> str:
+    """The card's opening paragraph, from the config (as the table is): which parts are frozen or trained, the
+    resampler's kind, gated or plain blocks."""
+    vision = "frozen" if config.freeze_vision else "trained"
+    lm = "a frozen" if config.freeze_lm else "a trained"
+    if config.freeze_lm and config.lm_lora:
+        lm += " (LoRA-adapted)"
+    resampler = "a Perceiver Resampler" if config.resampler == "perceiver" else "an MLP resampler"
+    blocks = "gated cross-attention blocks" if config.gated else "cross-attention blocks (ungated)"
+    return textwrap.fill(
+        f"A Flamingo-style visual language model (Alayrac et al., NeurIPS 2022): a {vision} vision tower encodes "
+        f"each image (or each video frame), {resampler} maps its features to a few visual tokens, and {blocks} "
+        f"inserted into {lm} causal LM let the text attend to them. `<image>` marks each image in a prompt and "
+        "`<|endofchunk|>` ends a chunk of interleaved text; it is used few-shot, with examples in the prompt.",
+        width=116, break_on_hyphens=False, break_long_words=False)
 
 
 def model_card(directory: str, name: str) -> str:
@@ -121,10 +139,7 @@ def model_card(directory: str, name: str) -> str:
 
 # {name.rstrip("/").split("/")[-1]}
 
-A Flamingo-style visual language model (Alayrac et al., NeurIPS 2022): a frozen vision tower encodes each image (or
-each video frame), a Perceiver Resampler maps its features to a few visual tokens, and gated cross-attention blocks
-inserted into a frozen causal LM let the text attend to them. `<image>` marks each image in a prompt and
-`<|endofchunk|>` ends a chunk of interleaved text; it is used few-shot, with examples in the prompt.
+{_summary(config)}
 
 | | |
 |---|---|

@@ -17,6 +17,7 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from transformers.utils import ModelOutput
 from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
-from ..runtime.hub import local_dir
+from ..runtime.hub import local_dir, local_or_hub
 from ..runtime.meta import meta_parameters
 from . import generation, lora, quantize
 from .backbones import (
@@ -63,6 +64,10 @@ from .xattn import (
 )
 
 BACKBONE_PREFIXES = ("vision.", "lm.")
+# the strings `torch_dtype=` takes besides a torch.dtype (as transformers' `from_pretrained` does)
+DTYPE_STRINGS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "auto": None}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +104,11 @@ class Flamingo(nn.Module):
                              f"{len(layers)}-layer LM (a block goes before layer i when (i + 1) % xattn_every == 0)"
                              if config.xattn_layers is None else "xattn_layers is empty: no cross-attention block")
         dim, dim_visual = hidden_size_of(lm_text_config(lm)), vision_hidden_size(vision)
+        tower_layers = getattr(getattr(vision, "config", None), "num_hidden_layers", None)
+        if isinstance(tower_layers, int) and not -tower_layers - 1 <= config.vision_feature_layer <= tower_layers:
+            raise ValueError(f"vision_feature_layer={config.vision_feature_layer} is outside the vision tower's "
+                             f"{tower_layers + 1} hidden states (embeddings + {tower_layers} layers): use -1 (its "
+                             f"output) or an index in [-{tower_layers + 1}, {tower_layers}]")
 
         with meta_parameters() if resampler_and_blocks_on_meta else nullcontext():
             if config.resampler == "perceiver":
@@ -695,10 +705,12 @@ class Flamingo(nn.Module):
         """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint).
         Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
         trained_only: only the trained tensors + references (name/path) to the backbones in the config, so a 9B
-        model's checkpoint holds its ~1-2B trained parameters."""
-        if trained_only and not (self.config.vision_name_or_path and self.config.lm_name_or_path):
-            raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
-                             "from_backbones(vision='name', lm='name') or save the full model")
+        model's checkpoint holds its ~1-2B trained parameters. Refused, before anything is written, when a reference
+        does not resolve here (`unresolved_backbones`: a full checkpoint copied from another machine keeps its
+        builder's paths), since the checkpoint could not load, and saving over the full one would delete the only
+        copy of its backbones."""
+        if trained_only:
+            self._check_trained_only_save()
         stored = quantize.quantized_mode(self)
         if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
@@ -716,17 +728,37 @@ class Flamingo(nn.Module):
             with open(os.path.join(tmp, CARD_NAME), "w") as f:  # named after the directory; a push renames it
                 f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
+    def _check_trained_only_save(self) -> None:
+        """Why a trained-only checkpoint of this model could not load back, as a ValueError: backbones with no
+        name/path, names/paths that do not resolve here, or changed backbone weights (`extra_saved_weights`, e.g. a
+        merged LoRA) that are quantized (safetensors cannot write torchao tensors; their float values are gone)."""
+        if not (self.config.vision_name_or_path and self.config.lm_name_or_path):
+            raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
+                             "from_backbones(vision='name', lm='name') or save the full model")
+        unresolved = unresolved_backbones(self.config)
+        if unresolved:
+            raise ValueError(f"the backbone(s) {', '.join(unresolved)} named in the config are neither a directory "
+                             "here nor a Hub name, so a trained-only checkpoint could not load: save the full model "
+                             "(save_pretrained without trained_only), or point the config's *_name_or_path at them")
+        state = self.state_dict()
+        quantized = [k for k in self.config.extra_saved_weights if k in state and quantize.is_quantized(state[k])]
+        if quantized:
+            raise ValueError(f"the model's changed backbone weights {quantized[:3]} (extra_saved_weights, e.g. a "
+                             "merged LoRA) are quantized: save before quantizing, or load with quantize_frozen='none'")
+
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, torch_dtype: Optional[torch.dtype] = None,
+    def from_pretrained(cls, name_or_path: str, *, torch_dtype: Union[torch.dtype, str, None] = None,
                         device: Union[str, torch.device, None] = None, quantize_frozen: Optional[str] = None,
                         revision: Optional[str] = None) -> "Flamingo":
         """Load what `save_pretrained` wrote (either mode): a directory, or a Hub repository holding one (`org/name`,
         at `revision`), downloaded once. No pickle: safetensors + HF directories. The frozen backbones are quantized
         on `device` to `quantize_frozen` (default: the saved config's mode).
 
-        torch_dtype: the whole model's, backbones included (whatever dtype their own configs name). None: the model
-        as it was saved, the floating dtype of `flamingo.safetensors` when it holds one (a model saved in bf16 loads
-        in bf16), else float32 (trained parts kept in float32 beside half-precision backbone tensors)."""
+        torch_dtype: the whole model's, backbones included (whatever dtype their own configs name); also a name
+        (`checked_torch_dtype`). None or "auto": the model as it was saved, the floating dtype of
+        `flamingo.safetensors` when it holds one (a model saved in bf16 loads in bf16), else float32 (trained parts
+        kept in float32 beside half-precision backbone tensors)."""
+        torch_dtype = checked_torch_dtype(torch_dtype)
         directory = local_dir(name_or_path, "Flamingo model", revision=revision)
         config = FlamingoConfig.load(directory)
         if quantize_frozen is not None:
@@ -758,8 +790,43 @@ class Flamingo(nn.Module):
         model.to(torch_dtype)
         if device is not None:
             model.to(device)
-        quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
+        counts = quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
+        if config.quantize_frozen != "none":
+            log.info("quantize_frozen=%s: %d linear layers quantized, %d kept in float, %.1f -> %.1f MiB",
+                     config.quantize_frozen, counts["quantized"], counts["kept"], counts["bytes_before"] / 2**20,
+                     counts["bytes_after"] / 2**20)
         return model.eval()
+
+
+def checked_torch_dtype(torch_dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
+    """`torch_dtype` as a floating torch dtype, or None for None and "auto" (the saved dtype). Names are transformers'
+    ("bfloat16", "float16", "float32") and the CLI's ("bf16", "fp16", "fp32"); anything else is a ValueError before
+    any weight is read (a name would otherwise reach `model.to`, which reads it as a device, after the whole load)."""
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in DTYPE_STRINGS:
+            raise ValueError(f"torch_dtype {torch_dtype!r} is not a dtype name: use a torch.dtype or one of "
+                             f"{', '.join(DTYPE_STRINGS)}")
+        return DTYPE_STRINGS[torch_dtype]
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(f"torch_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
+    return torch_dtype
+
+
+def unresolved_backbones(config: FlamingoConfig) -> list[str]:
+    """The backbone references of `config` that do not resolve here, as "vision_name_or_path '...'" strings: set,
+    but neither a directory nor a Hub name (`runtime.hub.local_or_hub`; a Hub name is not looked up, so this needs
+    no network). Empty when both resolve or are unset. A trained-only checkpoint of a model with any is unloadable:
+    `save_pretrained` refuses it, and a trainer saves the full model instead."""
+    unresolved = []
+    for key in ("vision_name_or_path", "lm_name_or_path"):
+        ref = getattr(config, key)
+        if ref is None:
+            continue
+        try:
+            local_or_hub(ref, key)
+        except FileNotFoundError:
+            unresolved.append(f"{key} {ref!r}")
+    return unresolved
 
 
 def saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

@@ -108,15 +108,46 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     # the backbone's chat-tuned penalties (Qwen2.5-Instruct ships repetition_penalty 1.05) are neutral too: a
     # Flamingo's few-shot answers repeat its demos' words, and the server's decode applies only what a request asks
     config.repetition_penalty, config.no_repeat_ngram_size, config.bad_words_ids = 1.0, 0, None
-    if config.pad_token_id is None:  # the last added token before the reference tokens
-        config.pad_token_id = model.config.first_new_token_id + model.config.num_new_tokens - 1 \
-            - model.config.num_image_references if model.config.num_new_tokens else config.eos_token_id[0]
+    config.pad_token_id = pad_token_id(model, config.pad_token_id, config.eos_token_id)
     config.update(**kwargs)
-    if model.references is not None and (config.num_beams or 1) > 1:
-        # a beam's rows are reordered each step, and a row's image (which a generated reference would change) is
-        # not: beams keep their prompt's images
+    return with_flamingo_suppression(model, config)
+
+
+def flamingo_token_ids(model: Flamingo) -> set[int]:
+    """The ids that mean something to the cross-attention: `<image>`, `<|endofchunk|>` and the reference tokens."""
+    ids = {model.config.media_token_id, model.config.end_of_chunk_token_id}
+    if model.references is not None:
         first, n = model.references
-        config.suppress_tokens = config.suppress_tokens + list(range(first, first + n))
+        ids |= set(range(first, first + n))
+    return {i for i in ids if i is not None}
+
+
+def pad_token_id(model: Flamingo, lm_pad: Optional[int], eos: Sequence[int]) -> int:
+    """The id generation pads with (finished rows of a batch) and reads a prompt's padding off when no attention mask
+    is given: the LM's own generation pad id, else the tokenizer's recorded when the model was built
+    (`FlamingoConfig.pad_token_id`; for configs saved before it was, the last added token before the references,
+    which is `<PAD>` when the build added one), else the LM's EOS; never one of `flamingo_token_ids`, which a
+    padded row would then read as an image (or a prompt's leading `<image>` as padding)."""
+    special = flamingo_token_ids(model)
+    recorded, c = model.config.pad_token_id, model.config
+    if recorded is None and c.num_new_tokens:  # saved before it was recorded: `<PAD>` if the build added one
+        recorded = c.first_new_token_id + c.num_new_tokens - 1 - c.num_image_references  # the last before references
+    for candidate in (lm_pad, recorded, *eos):
+        if candidate is not None and candidate not in special:
+            return candidate
+    return eos[0]  # an LM with no EOS of its own: `<|endofchunk|>`
+
+
+def with_flamingo_suppression(model: Flamingo, config: GenerationConfig) -> GenerationConfig:
+    """`config` with the suppressions every Flamingo generation needs, whoever built the config (ours, or a caller's
+    `generation_config`): `<image>` never generated (a new image cannot come from the text), and in beam search no
+    reference token either (a beam's rows are reordered each step, and a row's image, which a generated reference
+    would change, is not: beams keep their prompt's images)."""
+    extra = [model.config.media_token_id]
+    if model.references is not None and (config.num_beams or 1) > 1:
+        first, n = model.references
+        extra += list(range(first, first + n))
+    config.suppress_tokens = list(dict.fromkeys([*(config.suppress_tokens or []), *extra]))
     return config
 
 
@@ -192,6 +223,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     if generation_config is not None:  # kwargs update a copy of it, as in transformers
         config = copy.deepcopy(generation_config)
         config.update(**fields)
+        config = with_flamingo_suppression(model, config)  # after the keywords, which may set num_beams
     else:
         config = generation_config_for(model, **fields)
     config = fit_to_positions(model, config, attention_mask)

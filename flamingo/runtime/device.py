@@ -10,8 +10,10 @@ import torch
 def check_device(requested: Union[str, torch.device]) -> torch.device:
     """`requested` as a torch device, or a ValueError that says why it cannot be used here: a name torch does not know
     (`gpu`), CUDA on a torch built without it or a machine without a GPU, a GPU index past the machine's count, MPS
-    without Metal. Called first by every command that takes `--device`: torch would fail later, deep inside
-    `model.to`, after the model was loaded (or, for a large model built on the CPU instead, not at all)."""
+    without Metal, `meta` (no values), any other type whose torch backend is missing or reports itself unavailable
+    (xla, hpu, xpu without its device). Called first by every command that takes `--device`: torch would fail
+    later, deep inside `model.to`, after the model was loaded (or, for a large model built on the CPU instead, not
+    at all)."""
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError) as e:
@@ -24,6 +26,15 @@ def check_device(requested: Union[str, torch.device]) -> torch.device:
             raise ValueError(f"--device {requested!r}: {why}; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {requested!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {requested!r}: MPS (Apple Metal) is not available here; use --device cpu")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {requested!r}: MPS (Apple Metal) is not available here; use --device cpu")
+    elif device.type == "meta":
+        raise ValueError(f"--device {requested!r}: the meta device holds shapes, not values; nothing can run on it")
+    elif device.type != "cpu":  # xpu, xla, hpu, ...: torch names many types that this build or machine lacks
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise ValueError(f"--device {requested!r}: this torch has no usable {device.type} backend here; use "
+                             "--device cpu (or cuda, mps)")
     return device

@@ -19,8 +19,8 @@ V = TypeVar("V")
 
 class LRU(Generic[K, V]):
     """Items under a budget of `max_size` units (`size_of(value)`, 1 by default: a count). The least recently used
-    items leave first; `on_evict(value)` runs for each one that leaves. An item larger than the whole budget is not
-    stored."""
+    items leave first; `on_evict(value)` runs for each one that leaves, a value replaced under its key included. An
+    item larger than the whole budget is not stored."""
 
     def __init__(self, max_size: int, size_of: Optional[Callable[[Any], int]] = None,
                  on_evict: Optional[Callable[[Any], None]] = None) -> None:
@@ -55,12 +55,17 @@ class LRU(Generic[K, V]):
         return value
 
     def put(self, key: K, value: V) -> None:
+        """Store `value` under `key`. A value already there leaves (`on_evict` runs for it, unless it is `value`
+        itself), also when `value` is too large to store: the key never keeps a stale value."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            if old is value:
+                self.size -= self._size(old)
+            else:
+                self._leave(old)
         size = self._size(value)
         if size > self.max_size:
             return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= self._size(old)
         self._items[key] = value
         self.size += size
         while self.size > self.max_size:

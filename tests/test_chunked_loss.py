@@ -10,10 +10,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flamingo.build import from_backbones
-from flamingo.model.chunked_loss import chunked_cross_entropy
+from flamingo.model.chunked_loss import chunked_cross_entropy, whole_logits_cross_entropy
 from flamingo.tiny import (
     LM_KINDS,
     set_gates,
@@ -132,11 +133,23 @@ def test_chunked_loss_on_quantized_backbones(make_model):
     _assert_same(loss_and_grads(model, batch, loss_chunks=4), loss_and_grads(model, batch), atol=1e-5)
 
 
-def test_no_labelled_token_gives_nan_as_the_whole_loss_does():
+def test_no_labelled_token_gives_zero_loss_and_zero_gradient_in_both_paths():
+    """A batch without a labelled token (a micro-batch of prompts, a rank's rows cut to their image markers) has
+    loss 0 and a zero gradient, chunked or whole: the mean's 0 / 0 was NaN, and its NaN gradient reached the whole
+    training step even through a weight of 0."""
     hidden = torch.randn(2, 3, 4, requires_grad=True)
+    head = torch.randn(4, 5)
     targets = torch.full((2, 3), -100)
-    loss = chunked_cross_entropy(hidden, targets, lambda h: h @ torch.ones(4, 5), chunks=2)
-    assert torch.isnan(loss)
+    for loss in (chunked_cross_entropy(hidden, targets, lambda h: h @ head, chunks=2),
+                 whole_logits_cross_entropy(hidden @ head, targets)):
+        (0.0 * loss).backward()
+        assert loss.item() == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
+        hidden.grad = None
+    labelled = targets.clone()
+    labelled[0, 1] = 3
+    expected = F.cross_entropy((hidden @ head).flatten(0, 1), labelled.flatten(), ignore_index=-100)
+    assert torch.allclose(chunked_cross_entropy(hidden, labelled, lambda h: h @ head, chunks=2), expected)
+    assert torch.allclose(whole_logits_cross_entropy(hidden @ head, labelled), expected)
     with pytest.raises(ValueError, match="chunks must be >= 1"):
         chunked_cross_entropy(hidden, targets, lambda h: h, chunks=0)
 

@@ -162,6 +162,19 @@ def test_bad_lora_specs_are_refused_clearly(make_model):
         make_model("llama", lm_lora={"r": 4, "target_modules": ["nonexistent_proj"]})
 
 
+def test_adapters_on_an_already_quantized_lm_are_refused_with_the_order_to_use(make_model):
+    """apply_lora after quantize_frozen said the targets named no linear layer, though q_proj is one (a
+    QuantizedLinear): the message now says to add the adapters first."""
+    pytest.importorskip("torchao")
+    from flamingo.model.quantize import quantize_frozen
+
+    model, _ = make_model("llama")
+    quantize_frozen(model, "int8")
+    with pytest.raises(ValueError, match=r"the LM is already quantized \(model.layers.0.self_attn.q_proj is a "
+                                         r"QuantizedLinear\): add LoRA adapters before quantizing"):
+        lora.apply_lora(model.lm, {"r": 4})
+
+
 @pytest.mark.slow
 def test_flamingo_train_trains_the_adapters(tmp_path):
     """`flamingo train` with model.flamingo.lm_lora: the adapters are in the optimizer, they change, the LM's own

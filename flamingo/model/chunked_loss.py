@@ -5,6 +5,11 @@ bf16 plus 262 MB for their fp32 copy, and as much again for their gradients, all
 into the backward. Here each chunk's logits exist only while its loss is computed (and again, recomputed, while its
 gradient is): activation checkpointing of the head. The loss is the same mean over the labelled tokens, summed in
 another order; the head runs once more per step (its recompute), a few percent of a step's matmuls.
+
+Both losses here are the sum over the labelled tokens divided by their count, at least 1: a batch without a labelled
+token (a micro-batch or a rank whose rows are all prompt, image markers or padding) has loss 0 and a zero gradient,
+not F.cross_entropy's 0 / 0 = NaN, whose NaN gradient would reach the whole step through any weight, even 0. Its
+`loss_tokens` (0) tells it apart from a perfect prediction.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor,
                           logits_fn: Callable[[torch.Tensor], torch.Tensor], chunks: int) -> torch.Tensor:
-    """Mean cross-entropy of `logits_fn(hidden)` against `targets` (-100 = ignored), the B·T tokens in `chunks`
-    chunks: the logits of more than ceil(B·T / chunks) tokens never exist together.
+    """Mean cross-entropy of `logits_fn(hidden)` against `targets` (-100 = ignored; none labelled: 0), the B·T tokens
+    in `chunks` chunks: the logits of more than ceil(B·T / chunks) tokens never exist together.
 
     hidden (B, T, D): the input of the LM's output head; targets (B, T); logits_fn: (n, D) -> (n, V), a pure
     function of its input (it is called again in backward).
@@ -37,13 +42,20 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor,
                                        preserve_rng_state=False)
         else:
             total = total + _chunk_loss_sum(h, t, logits_fn)
-    return total / (targets != -100).sum()  # 0 / 0 = nan with no labelled token, as F.cross_entropy's mean
+    return total / _labelled(targets)
+
+
+def _labelled(targets: torch.Tensor) -> torch.Tensor:
+    """() the count a mean over the labelled tokens divides by: theirs, at least 1 (none labelled: the sum, 0, stays
+    0 and its gradient finite). A tensor, so no host sync."""
+    return (targets != -100).sum().clamp(min=1)
 
 
 def whole_logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The same mean from logits (B, T, V) made whole (LMs whose head output is changed, and callers that keep the
     logits): (B, T, V) flattens to a view, so no copy but the fp32 one."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return total / _labelled(targets)
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,

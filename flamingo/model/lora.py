@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import lora_spec
+from .quantize import QuantizedLinear
 
 ADAPTER_NAME = "default"
 ADAPTER_MARK = ".lora_"  # in the state-dict keys of the adapters' tensors (lora_A, lora_B, lora_embedding_A, ...)
@@ -49,6 +50,7 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
     tables = {id(m) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None} \
         if hasattr(lm, "get_input_embeddings") else set()
     names = [n for n, m in lm.named_modules() if any(_matches(n, t) for t in spec["target_modules"])]
+    _check_not_quantized(lm, names)
     hooked = [n for n, m in lm.named_modules() if id(m) in tables and n in names]
     if hooked:
         raise ValueError(f"lm_lora.target_modules reach the LM's token tables {hooked}: Flamingo's added-token rows "
@@ -66,6 +68,16 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
                              lora_dropout=spec["dropout"], bias="none", init_lora_weights=True, fan_in_fan_out=conv1d)
     peft.inject_adapter_in_model(config, lm, adapter_name=ADAPTER_NAME)
     return lm
+
+
+def _check_not_quantized(lm: nn.Module, names: list[str]) -> None:
+    """Refuse targets that `quantize_frozen` already packed: adapters are added to the float layers, and the base
+    weights quantized after (the trainer and `from_pretrained` do it in that order)."""
+    packed = [n for n in names if isinstance(lm.get_submodule(n), QuantizedLinear)]
+    if packed:
+        raise ValueError(f"the LM is already quantized ({packed[0]} is a QuantizedLinear): add LoRA adapters before "
+                         "quantizing (load with quantize_frozen='none' and quantize after apply_lora, or set lm_lora "
+                         "in the config)")
 
 
 def _tuner_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:

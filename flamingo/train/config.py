@@ -138,9 +138,9 @@ _SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or fals
 
 
 def _typed(value: Any, annotation: str, where: str) -> Any:
-    """A number or flag field's value, checked here so that a wrong one (`train.steps=abc`) is refused by name, not
-    met deep inside the run. Floats YAML 1.1 leaves as strings (`3e-4`) are read; a whole float is an int (`1e3`).
-    Strings and structured fields pass as they are."""
+    """A number or flag field's value, checked here so that a wrong one (`train.steps=abc`, `optim.lr=nan`) is
+    refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings (`3e-4`) are read; a whole float
+    is an int (`1e3`); a float field must be finite. Strings and structured fields pass as they are."""
     optional = annotation.startswith("Optional[")
     base = annotation[len("Optional["):-1] if optional else annotation
     if base not in _SCALAR_TYPES or (optional and value is None):
@@ -151,6 +151,8 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
         value = int(value)
     if isinstance(value, bool) != (base == "bool") or not isinstance(value, _SCALAR_TYPES[base]):
         raise ValueError(f"{where} must be {_SCALAR_NAMES[base]}{' or null' if optional else ''}, got {value!r}")
+    if base == "float" and not math.isfinite(value):  # `optim.lr=inf` would start a run (and write Infinity)
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
     return value
 
 
@@ -278,6 +280,16 @@ def _check_model(model: ModelSection) -> None:
     if unknown:
         raise ValueError(f"unknown keys in model.flamingo: {unknown} (FlamingoConfig fields, flamingo/config.py: "
                          f"{sorted(known)})")
+    check_trainable_quantization(options.get("quantize_frozen", "none"), "model.flamingo.quantize_frozen")
+
+
+def check_trainable_quantization(mode: Any, where: str) -> None:
+    """Refuse a `quantize_frozen` mode that cannot train (int4: torchao's tinygemm kernel has no backward, so the
+    first backward would fail, after the backbones and data have loaded); also called on the model a run starts
+    from (model.init_from keeps its saved mode unless model.flamingo sets one)."""
+    if mode == "int4":
+        raise ValueError(f"{where} is int4, which runs forward only (torchao's tinygemm kernel has no backward): "
+                         "train with nf4 (also 4-bit) or int8, and use int4 for generation, evaluation and serving")
 
 
 def _check_optim_and_schedule(config: TrainConfig) -> None:

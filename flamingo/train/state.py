@@ -5,7 +5,8 @@
 - `optimizer.safetensors`: the optimizer's and the scheduler's state dicts, their tensors as plain tensors (8-bit
   optimizer states as their codes and scales) and their structure as JSON in the file's metadata (state_codec.py);
 - `rng.safetensors`: torch CPU (and CUDA) generator states;
-- `state.json`: step, fault counters, numpy / Python RNG states, the data loaders' positions.
+- `state.json`: step, fault counters, numpy / Python RNG states, the data loaders' positions, and what a resume must
+  match or report (`optim.kind` and settings, `model.flamingo.lm_lora`: `check_resumable`).
 Checkpoints written before `optimizer.safetensors` (an `optimizer.pt` read with `weights_only=True`, the scheduler in
 state.json) still load.
 """
@@ -161,14 +162,40 @@ def _optimizer_and_scheduler_state(path: str, state: dict[str, Any]) -> tuple[An
             state_codec.decode(json.loads(metadata["scheduler"]), tensors))
 
 
+# the lm_lora keys that set what the adapters compute (their layers, their scale alpha / r); dropout acts in training
+# only, so a change of it applies from the resumed step on (the trainer logs it)
+LORA_FUNCTION_KEYS = ("r", "alpha", "target_modules")
+
+
+def _lora_function(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The part of an `lm_lora` spec a resume must keep (target_modules as a set: their order is no change)."""
+    if spec is None:
+        return None
+    return {k: sorted(spec[k]) if k == "target_modules" else spec[k] for k in LORA_FUNCTION_KEYS}
+
+
+def check_lora_resumable(path: str, saved: Optional[dict[str, Any]], now: Optional[dict[str, Any]]) -> None:
+    """Refuse a checkpoint written with another `model.flamingo.lm_lora` r, alpha or target_modules: its adapters
+    would load into other layers or under another scale (alpha / r), so the model's function would jump at the
+    resume point. saved: state.json's `lm_lora`; now: the model's."""
+    if _lora_function(saved) != _lora_function(now):
+        raise ValueError(f"checkpoint {path} was written with model.flamingo.lm_lora={saved}; the config says {now}: "
+                         f"its {'/'.join(LORA_FUNCTION_KEYS)} must stay (dropout may change); resume with the "
+                         "checkpoint's lm_lora, or start a new output_dir")
+
+
 def check_resumable(path: str, state: dict[str, Any], model: nn.Module, trained: dict[str, torch.Tensor],
                     optim_kind: Optional[str]) -> None:
-    """A checkpoint written by a run of another optimizer kind, or of other trained parameters (another
-    `model.flamingo.lm_lora`, say), is refused here with the option named, not inside torch or torchao."""
+    """A checkpoint written by a run of another optimizer kind, another `model.flamingo.lm_lora` (state.json's
+    `lm_lora`, compared with `model.config.lm_lora`; checkpoints without it are checked by their parameters alone)
+    or other trained parameters is refused here with the option named, not inside torch or torchao."""
     saved_kind = state.get("optim_kind")
     if optim_kind is not None and saved_kind is not None and saved_kind != optim_kind:
         raise ValueError(f"checkpoint {path} was written with optim.kind={saved_kind}; the config says {optim_kind}: "
                          "their states differ (resume with the same kind, or start a new output_dir)")
+    config = getattr(model, "config", None)
+    if "lm_lora" in state and hasattr(config, "lm_lora"):
+        check_lora_resumable(path, state["lm_lora"], config.lm_lora)
     ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not is_sharded(model):
         unknown = sorted(set(trained) - set(ours))

@@ -29,7 +29,7 @@ from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
-from ..model.flamingo import Flamingo
+from ..model.flamingo import Flamingo, unresolved_backbones
 from ..model.lora import apply_lora
 from ..model.quantize import cast_frozen, is_quantized, quantize_frozen
 from ..processing import FlamingoProcessor
@@ -38,7 +38,7 @@ from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_in_backward
+from .config import TrainConfig, check_in_backward, check_trainable_quantization
 from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
@@ -117,26 +117,56 @@ def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**m.flamingo))
 
 
+def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:
+    """Whether the final model is saved trained-only: `train.save_trained_only`, or by default when both backbone
+    references resolve here (`unresolved_backbones`): a model from `model.init_from` a full checkpoint copied from
+    another machine keeps its builder's paths, and a trained-only save of it could not load, so it is saved full."""
+    if save_trained_only is not None:
+        return save_trained_only
+    c = model.config
+    return bool(c.vision_name_or_path and c.lm_name_or_path) and not unresolved_backbones(c)
+
+
 def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None:
     """Refuse, before step 1, a run whose final `save_pretrained` would fail after its last step: quantized
-    backbones saved whole, a trained-only save without backbone names, and backbone weights the model changed
-    (`extra_saved_weights`: merged LoRA) that are now quantized or wrapped by new LoRA adapters."""
+    backbones saved whole, a trained-only save without backbone names or with names that do not resolve here, and
+    backbone weights the model changed (`extra_saved_weights`: merged LoRA) that are now quantized or wrapped by new
+    LoRA adapters."""
     c = model.config
     named = bool(c.vision_name_or_path and c.lm_name_or_path)
-    trained_only = named if save_trained_only is None else save_trained_only
+    unresolved = unresolved_backbones(c)
+    trained_only = final_save_trained_only(model, save_trained_only)
     if trained_only and not named:
         raise ValueError("train.save_trained_only: true needs backbones by name (model.vision / model.lm, or "
                          "init_from a model saved with them): set it to false or null")
+    if trained_only and unresolved:
+        raise ValueError(f"train.save_trained_only: true, but the model's backbone(s) {', '.join(unresolved)} are "
+                         "neither a directory here nor a Hub name, so its trained-only final model could not load: "
+                         "set it to false or null (a full save)")
     if c.quantize_frozen != "none" and not trained_only:
+        where = (f" (its backbone(s) {', '.join(unresolved)} do not resolve here: init_from a model whose backbones "
+                 "do, or without quantize_frozen)" if named and unresolved else "" if named
+                 else " (and name the backbones)")
         raise ValueError(f"model.flamingo.quantize_frozen={c.quantize_frozen}: quantized backbones are never saved "
                          "whole (quantizing is lossy), so the final model is trained-only: set "
-                         "train.save_trained_only: true or null" + ("" if named else " (and name the backbones)"))
+                         "train.save_trained_only: true or null" + where)
+    if unresolved and save_trained_only is None:
+        log.info("the final model will be saved full: the backbone(s) %s do not resolve here", ", ".join(unresolved))
     state = model.state_dict()
     changed = [n for n in c.extra_saved_weights if n not in state or is_quantized(state[n])]
     if changed:
         raise ValueError(f"the model's changed backbone weights {changed[:3]} (extra_saved_weights: a merged LoRA, a "
                          "fine-tuned table) would be saved from layers that model.flamingo.lm_lora wraps or "
                          "quantize_frozen packs: train without those options, or from the model before merging")
+
+
+def _quantize(model: Flamingo) -> None:
+    """model.flamingo.quantize_frozen, packed on the training device, with what it did logged (layers whose width the
+    format cannot split stay in float)."""
+    counts = quantize_frozen(model)
+    log.info("quantize_frozen=%s: %d linear layers quantized, %d kept in float, %.1f -> %.1f MiB",
+             model.config.quantize_frozen, counts["quantized"], counts["kept"], counts["bytes_before"] / 2**20,
+             counts["bytes_after"] / 2**20)
 
 
 class Trainer:
@@ -156,17 +186,21 @@ class Trainer:
             model, processor = build_model(config)
         assert processor is not None
         self.model, self.processor = model, processor
+        check_trainable_quantization(model.config.quantize_frozen, "model.flamingo.quantize_frozen (or the saved "
+                                     "mode of model.init_from, which it overrides)")
         if t.frozen_dtype:
             cast_frozen(model, torch_dtype(t.frozen_dtype))
         model.to(self.device)
-        if model.config.quantize_frozen != "none":  # model.flamingo.quantize_frozen, packed on the training device
-            quantize_frozen(model)
+        if model.config.quantize_frozen != "none":
+            _quantize(model)
         check_final_save(model, t.save_trained_only)  # now, not after the last step
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        if t.loss_chunks:
-            model.head_is_last_op()  # its probe runs eagerly, before any region is compiled or sharded
+        # the probe runs eagerly, before any region is compiled or sharded
+        if t.loss_chunks and not model.head_is_last_op() and self.rank == 0:
+            log.info("train.loss_chunks=%d: %s changes its head's output (soft-capping, scaling), so the loss uses "
+                     "the whole logits", t.loss_chunks, type(model.lm).__name__)
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
         self.tower_graphs: Optional[TowerGraphs] = None
@@ -257,6 +291,7 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device, self.config.optim.kind)
         self.step = state["step"]
         self._apply_optim_settings(path, state, fresh)
+        self._log_lora_dropout(path, state)
         self.nonfinite_streak.fill_(state["nonfinite_streak"])
         self.skipped_steps.fill_(state["skipped_steps"])
         # a checkpoint without "mixture" holds the same generator state as "sample_generator": it resumes too
@@ -291,6 +326,14 @@ class Trainer:
             log.warning("resuming from %s with other optimizer settings than it was saved with (%s): the config's "
                         "apply from step %d on", path, changes, self.step + 1)
 
+    def _log_lora_dropout(self, path: str, state: dict[str, Any]) -> None:
+        """A changed `lm_lora.dropout` resumes (it acts in training only; `check_resumable` refuses the other keys'
+        changes), and is logged: the config's applies from the resumed step on."""
+        saved, now = state.get("lm_lora"), self.model.config.lm_lora
+        if self.rank == 0 and saved is not None and now is not None and saved.get("dropout") != now["dropout"]:
+            log.warning("resuming from %s with model.flamingo.lm_lora.dropout %s -> %s: the config's applies from "
+                        "step %d on", path, saved.get("dropout"), now["dropout"], self.step + 1)
+
     def _data_state(self) -> Any:
         local = {name: source.state_dict() for name, source in self.sources.items()}
         if self.world == 1:
@@ -306,7 +349,7 @@ class Trainer:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
                             {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
                              "mixture": self.sampler.state_dict(), "data": data, "optim_kind": self.config.optim.kind,
-                             "optim": asdict(self.config.optim)},
+                             "optim": asdict(self.config.optim), "lm_lora": self.model.config.lm_lora},
                             self.config.train.keep_last)
         if self.world > 1:
             dist.barrier()
@@ -444,12 +487,14 @@ class Trainer:
         the step, summed over micro-batches and ranks, times the world size (DDP and FSDP average the ranks'
         gradients). So a dataset's loss is the mean over all its labelled tokens of the step, whatever the split into
         micro-batches and ranks. Counted on the CPU batches (`Flamingo.loss_targets`): no host sync.
-        `train.loss_average: passes`: 1 / micro_batches instead (the passes' means averaged)."""
-        if self.config.train.loss_average == "passes":
-            return [torch.tensor(1.0 / self.config.train.micro_batches, device=self.device) for _ in passes]
+        `train.loss_average: passes`: each pass that has a labelled token counts 1 instead (the passes' means
+        averaged). A pass without one weighs 0 (its loss is 0, its gradient zero: chunked_loss.py), so the step
+        trains on the other passes' tokens; a dataset without any in the step gets 0 / 0 = NaN: a skipped step."""
         counts = torch.tensor([float((self.model.loss_targets(b["labels"], b["input_ids"], b.get("attention_mask"),
                                                               b.get("document_ids")) != -100).sum())
                                for _, b in passes], dtype=torch.float64)  # (passes,)
+        if self.config.train.loss_average == "passes":
+            counts = (counts > 0).double()
         names = list(dict.fromkeys(name for name, _ in passes))
         index = torch.tensor([names.index(name) for name, _ in passes])
         totals = torch.zeros(len(names), dtype=torch.float64).index_add_(0, index, counts)
@@ -458,7 +503,7 @@ class Trainer:
                                  for x in (counts, totals, index))
         if self.world > 1:
             dist.all_reduce(totals)
-        shares = counts * self.world / totals[index]  # (passes,); 0 / 0: nan, a skipped step as before
+        shares = counts * self.world / totals[index]  # (passes,)
         return list(shares.float().unbind())
 
     def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -588,9 +633,7 @@ class Trainer:
                     for name, value in trained.items():
                         params[name].copy_(value)
         if self.rank == 0:
-            trained_only = self.config.train.save_trained_only
-            if trained_only is None:
-                trained_only = bool(model.config.vision_name_or_path and model.config.lm_name_or_path)
+            trained_only = final_save_trained_only(model, self.config.train.save_trained_only)
             model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
             with open(os.path.join(out, "train_config.json"), "w") as f:
                 json.dump(asdict(self.config), f, indent=2)

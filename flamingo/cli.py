@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,6 +30,28 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a size or time limit of 0 or less refuses every request)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (0: the feature off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -129,9 +152,8 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     elif vision is None or lm is None:
         raise ValueError("--checkpoint needs --vision and --lm (the backbones the checkpoint was trained on)")
     model, processor = convert_openflamingo(checkpoint, vision, lm, args.tokenizer,
-                                            attend_next_image=args.v1 or args.model in PUBLISHED_V1)
-    if args.dtype:  # OpenFlamingo keeps its trained parts in float32
-        model.to(torch_dtype(args.dtype))
+                                            attend_next_image=args.v1 or args.model in PUBLISHED_V1,
+                                            torch_dtype=torch_dtype(args.dtype) if args.dtype else None)  # read in it
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     print(f"wrote {args.out} (xattn before layers {model.xattn_layer_indices})")
     return 0
@@ -348,7 +370,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a row; beyond them, 429")
     p.add_argument("--prefill-chunk", type=positive_int, default=64,
                    help="prompt tokens prefilled per decode step: running rows wait at most one chunk")
-    p.add_argument("--prefill-batch-tokens", type=int, default=None,
+    p.add_argument("--prefill-batch-tokens", type=non_negative_int, default=None,
                    help="waiting prompts prefilled together in one call of up to this many tokens, padding "
                         "included (default: 4096 on a CPU, 8192 on a GPU; 0: one at a time)")
     p.add_argument("--prefix-cache-mib", type=float, default=1024,
@@ -366,11 +388,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--max-body-mb", type=float, default=20, help="request body size limit")
+    p.add_argument("--max-body-mb", type=positive_float, default=20, help="request body size limit")
     p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="the most max_tokens a request may ask for")
     p.add_argument("--max-images", type=positive_int, default=32, help="images/videos per prompt")
     p.add_argument("--max-image-pixels", type=positive_int, default=20_000_000, help="per image or video frame")
-    p.add_argument("--max-video-seconds", type=float, default=600.0,
+    p.add_argument("--max-video-seconds", type=positive_float, default=600.0,
                    help="longer videos are refused (decoding time grows with the length)")
     p.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
     p.add_argument("--allow-remote-media", action="store_true",
@@ -432,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-concurrency", type=positive_int, default=None,
                      help="a batch's requests in flight, the rest of the queue left to interactive requests "
                           "(default: --max-batch)")
-    srv.add_argument("--max-batch-file-mb", type=float, default=200, help="an uploaded batch file's size limit")
+    srv.add_argument("--max-batch-file-mb", type=positive_float, default=200,
+                     help="an uploaded batch file's size limit")
     srv.set_defaults(func=_cmd_serve)
 
     bat = sub.add_parser("batch", help="answer a JSONL file of OpenAI Batch API requests offline, through the "
@@ -500,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "loads (mosaicml/mpt-7b-instruct for MPT)")
     for converter in (of, mmgpt, idefics, otter):
         converter.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
-                               help="the dtype to save in (default: the checkpoint's; OpenFlamingo's trained parts "
-                                    "are float32)")
+                               help="the dtype to read and save in (default: the checkpoint's"
+                                    + ("; OpenFlamingo's trained parts are float32)" if converter in (of, mmgpt)
+                                       else ")"))
     for whole in (idefics, otter):
         whole.add_argument("--out", required=True)
         whole.add_argument("--backbones", default=None, help="write the vision tower and LM here (vision/, lm/)")

@@ -188,6 +188,17 @@ def test_engine_sizes_below_one_are_refused_by_the_parser(tmp_path, capsys, opti
     assert stop.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value,why", [("--max-body-mb", "-1", "must be a finite number > 0"),
+                                              ("--max-video-seconds", "0", "must be a finite number > 0"),
+                                              ("--max-video-seconds", "nan", "must be a finite number > 0"),
+                                              ("--prefill-batch-tokens", "-3", "must be >= 0")])
+def test_limits_that_would_refuse_every_request_are_refused_by_the_parser(capsys, option, value, why):
+    # --max-body-mb -1 started a server that answered every request with 413
+    with pytest.raises(SystemExit) as stop:
+        main(["batch", "--model", "m", "--input", "i", "--output", "o", option, value])
+    assert stop.value.code == 2 and why in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_unusable_device_is_refused_before_the_model_loads(tmp_path, capsys):
     for command in (["generate", "--prompt", "x"], ["serve"], ["eval", "--task", "vqa", "--data", str(tmp_path)]):

@@ -193,12 +193,14 @@ def test_the_revision_is_the_base_models_when_an_adapter_is_given(tmp_path, monk
 
     def checkpoint_dir(source, what, *, revision=None, allow_bin=True):
         calls.append((source, revision))
-        return str(adapter) if source == str(adapter) else str(tmp_path / "base-at-revision")
+        return str(adapter)
 
     monkeypatch.setattr(idefics, "checkpoint_dir", checkpoint_dir)
-    lora, base = idefics._adapter_and_base("org/base", str(adapter), "v2")
-    assert lora is not None and base == str(tmp_path / "base-at-revision")
-    assert ("org/base", "v2") in calls and (str(adapter), None) in calls
+    monkeypatch.setattr(idefics, "checked_idefics_config", lambda source, revision=None: calls.append(
+        ("config", source, revision)))
+    lora, base, revision = idefics._adapter_and_base("org/base", str(adapter), "v2")
+    assert lora is not None and (base, revision) == ("org/base", "v2")  # read_idefics fetches it at v2
+    assert calls == [("config", "org/base", "v2"), (str(adapter), None)]  # its config first, no weights
 
 
 # -- OpenFlamingo checkpoints ------------------------------------------------------------------------------------
@@ -239,9 +241,19 @@ def test_a_tensor_with_no_place_is_refused_not_dropped(openflamingo, key):
 
 
 def test_frozen_backbone_copies_of_a_whole_state_checkpoint_are_allowed(openflamingo):
+    """The LM's tensors (wrapped layers, OpenFlamingo's duplicate `old_decoder_blocks`), the tower's under its HF
+    names or open_clip's, and buffers older transformers saved."""
     _, vision, lm, _ = openflamingo
+    width = vision.config.hidden_size
     frozen = {"lang_encoder.model.norm.weight": lm.state_dict()["model.norm.weight"].clone(),
-              "vision_encoder.anything": torch.ones(2)}
+              "lang_encoder.model.layers.0.decoder_layer.mlp.up_proj.weight":
+                  lm.state_dict()["model.layers.0.mlp.up_proj.weight"].clone(),
+              "lang_encoder.old_decoder_blocks.1.self_attn.q_proj.weight":
+                  lm.state_dict()["model.layers.1.self_attn.q_proj.weight"].clone(),
+              "lang_encoder.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+              "vision_encoder.tower.post_layernorm.weight": torch.ones(width),
+              "vision_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.ones(3 * width, width),
+              "vision_encoder.conv1.weight": torch.ones(2)}
     model, _ = _convert(openflamingo, lambda s: s.update(frozen))
     assert torch.equal(model.lm.state_dict()["model.norm.weight"], frozen["lang_encoder.model.norm.weight"])
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from .checkpoints import CheckpointTensors
+from .checkpoints import CheckpointTensors, state_dict_of, unreadable
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -186,9 +186,10 @@ def _adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} holds no {' or '.join(ADAPTER_WEIGHTS)}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a weights-only torch file: {e}") from e
+        raise unreadable(path, e) from e
+    return dict(state_dict_of(loaded, path))
 
 
 _WRAPPED = re.compile(r"base_model\.model\.")  # PEFT's wrapper in a saved module's names (its first occurrence)

@@ -6,7 +6,8 @@ What a source is, from its files (a directory, or a Hub repository's configs, fe
 - a PEFT adapter (`adapter_config.json`, no `config.json`): an IDEFICS fine-tune on the base its config names;
 - `config.json` with `model_type` `idefics`: IDEFICS; `otter`, or `flamingo` (the Otter project's HF-format
   OpenFlamingo): Otter;
-- a name of `PUBLISHED` (the OpenFlamingo 2.x releases): OpenFlamingo, on its published backbones.
+- a name of `PUBLISHED` (the OpenFlamingo 2.x releases) that is no local path: OpenFlamingo, on its published
+  backbones (a local directory of that name is read as a directory, as everywhere: `runtime.hub.local_or_hub`).
 OpenFlamingo v1 names need a LLaMA-7B the user names, and Multimodal-GPT a LoRA file: those go through `flamingo
 convert`, which takes them. `load_processor` builds the processor `load_model` would return from the configs and
 tokenizer files alone (`flamingo eval --server`: the server holds the model).
@@ -24,7 +25,7 @@ import torch
 from ..build import load_pretrained
 from ..config import CONFIG_NAME
 from ..model import quantize
-from ..model.flamingo import Flamingo
+from ..model.flamingo import Flamingo, checked_torch_dtype
 from ..processing import FlamingoProcessor
 from ..runtime.hub import local_dir
 from .adapters import is_adapter_dir
@@ -39,9 +40,10 @@ OTTER_TYPES = ("otter", "flamingo")  # Otter's model types (convert/otter.py FOR
 
 def checkpoint_format(source: str, revision: Optional[str] = None) -> str:
     """`flamingo`, `idefics`, `otter` or `open-flamingo`: which loader `source` needs (the module docstring)."""
-    if source in PUBLISHED:
+    published = not os.path.exists(source)  # a local path wins over the Hub name it may also read as
+    if published and source in PUBLISHED:
         return "open-flamingo"
-    if source in PUBLISHED_V1:
+    if published and source in PUBLISHED_V1:
         raise ValueError(f"{source} sits on LLaMA-7B (v1), which has no canonical hub name: convert it once with "
                          f"`flamingo convert open-flamingo --model {source} --lm LLAMA7B_DIR --out DIR`")
     directory = local_dir(source, "model", revision=revision, allow_patterns=["*.json"])  # the configs alone
@@ -64,11 +66,14 @@ def checkpoint_format(source: str, revision: Optional[str] = None) -> str:
 
 
 def load_model(source: Union[str, os.PathLike], *, revision: Optional[str] = None,
-               torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+               torch_dtype: Union[torch.dtype, str, None] = None, device: Union[str, torch.device, None] = None,
                quantize_frozen: Optional[str] = None) -> tuple[Flamingo, FlamingoProcessor]:
     """A model and its processor from any source `checkpoint_format` knows; kwargs as `Flamingo.from_pretrained`'s
-    (quantize_frozen None: the saved model's mode, `none` for a conversion)."""
+    (torch_dtype: a dtype or its name, "auto" as None, checked before anything is read; quantize_frozen None: the
+    saved model's mode, `none` for a conversion). A conversion reads its weights in `torch_dtype` (no float32 copy
+    first); `revision` is the published OpenFlamingo checkpoint's too."""
     source = os.fspath(source)
+    torch_dtype = checked_torch_dtype(torch_dtype)
     kind = checkpoint_format(source, revision)
     if kind == "flamingo":
         return load_pretrained(source, revision=revision, torch_dtype=torch_dtype, device=device,
@@ -80,8 +85,8 @@ def load_model(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
     elif kind == "otter":
         model, processor = from_otter(source, revision=revision, torch_dtype=torch_dtype)
     else:
-        checkpoint, vision, lm = published_openflamingo(source)
-        model, processor = convert_openflamingo(checkpoint, vision, lm)
+        checkpoint, vision, lm = published_openflamingo(source, revision=revision)
+        model, processor = convert_openflamingo(checkpoint, vision, lm, torch_dtype=torch_dtype)
     if torch_dtype is not None:
         model.to(torch_dtype)
     if device is not None:

@@ -48,6 +48,20 @@ def refuse_quantized(config: dict, source: str) -> None:
                          "converted model with --quantize-frozen instead)")
 
 
+def unreadable(path: str, error: BaseException) -> ValueError:
+    """The error for a file torch cannot read weights-only: it names the file and the reason (the exception's type
+    when its message is empty, as for an empty file's EOFError)."""
+    return ValueError(f"cannot read {path} as a weights-only torch checkpoint: {str(error) or type(error).__name__}")
+
+
+def state_dict_of(loaded: object, path: str) -> Mapping:
+    """What `torch.load` read from `path`, refused unless it is a mapping (a state dict, or a dict holding one): a
+    tensor or a list saved alone is no checkpoint a conversion reads."""
+    if not isinstance(loaded, Mapping) or not all(isinstance(key, str) for key in loaded):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict of named tensors")
+    return loaded
+
+
 class MissingTensor(KeyError, ValueError):
     """A tensor a conversion needs is not in the checkpoint: a KeyError to `Mapping` code (`get`), a ValueError with a
     readable message to callers (the CLI reports those)."""
@@ -138,9 +152,10 @@ def _torch_files(files: list[str], where: str) -> CheckpointTensors:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"cannot read {f} as a weights-only torch file: {e}") from e
+            raise unreadable(f, e) from e
+        state.update(state_dict_of(loaded, f))
     return CheckpointTensors.of_dict(state, copy=False, where=where)
 
 

@@ -57,15 +57,24 @@ IDEFICS_STD = [0.26862954, 0.26130258, 0.27577711]
 def read_idefics(source: Union[str, os.PathLike, nn.Module], revision: Optional[str] = None
                  ) -> tuple[IdeficsConfig, CheckpointTensors, Optional[str]]:
     """(config, tensors, local directory or None) of an IDEFICS model object, directory or hub name (at `revision`).
-    An object's tensors are copied as they are read: the converted model shares nothing with it."""
+    An object's tensors are copied as they are read: the converted model shares nothing with it. A hub name's config
+    is fetched and checked first (`checked_idefics_config`): its weights are downloaded only for an IDEFICS."""
     if isinstance(source, nn.Module):
         if not isinstance(getattr(source, "config", None), IdeficsConfig):
             raise ValueError(f"not an IDEFICS model: {type(source).__name__}")
         return source.config, CheckpointTensors.of_dict(source.state_dict(), copy=True), None
+    checked_idefics_config(str(source), revision)
     path = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
     config = read_idefics_config(path)
-    refuse_quantized(config.to_dict(), str(source))
     return config, open_tensors(path, allow_bin=False), path
+
+
+def checked_idefics_config(source: str, revision: Optional[str] = None) -> IdeficsConfig:
+    """The config of the IDEFICS `source` (directory, or hub name at `revision`: its configs alone fetched), refused
+    when it is another model's or saved quantized: before any weights are downloaded."""
+    config = read_idefics_config(metadata_dir(source, "IDEFICS model", revision=revision))
+    refuse_quantized(config.to_dict(), source)
+    return config
 
 
 def read_idefics_config(directory: str) -> IdeficsConfig:
@@ -256,21 +265,45 @@ def _image_processor_of(directory: Optional[str], image_size: int) -> Any:
 
 
 def _adapter_and_base(source: Union[str, os.PathLike, nn.Module], adapter: Optional[Union[str, os.PathLike]],
-                      revision: Optional[str]) -> tuple[Optional[LoraAdapter], Union[str, os.PathLike, nn.Module]]:
-    """(the PEFT adapter to merge or None, the base model: an object or its local directory): `adapter` names one
-    (`revision`: the base's); else `source` (at `revision`) may be one, whose config names its base (at main)."""
+                      revision: Optional[str]) -> tuple[Optional[LoraAdapter], Union[str, nn.Module], Optional[str]]:
+    """(the PEFT adapter to merge or None, the base model: an object, directory or hub name, the base's revision):
+    `adapter` names one (`revision`: the base's); else `source` (at `revision`) may be one, whose config names its
+    base (at main). Only configs are fetched to tell which: the base's weights are `read_idefics`'s to fetch, after
+    its config is checked, and the adapter's once its base is an IDEFICS."""
     if isinstance(source, nn.Module):
         lora = None if adapter is None else read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter"))
-        return lora, source
+        return lora, source, None
     if adapter is not None:  # `revision` is the base's
-        base = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
-        return read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True)), base
-    directory = checkpoint_dir(str(source), "IDEFICS model", revision=revision, allow_bin=False)
+        checked_idefics_config(str(source), revision)
+        lora = read_lora_adapter(checkpoint_dir(str(adapter), "PEFT adapter", allow_bin=True))
+        warn_other_base(lora.base, str(source))
+        return lora, str(source), revision
+    directory = metadata_dir(str(source), "IDEFICS model", revision=revision)
     if not is_adapter_dir(directory):
-        return None, directory
+        return None, str(source), revision
     base = _adapter_base(directory, str(source))
+    checked_idefics_config(base)
     # an adapter's weights may be `.bin` (PEFT's format before safetensors), which the model's fetch leaves out
-    return read_lora_adapter(checkpoint_dir(str(source), "PEFT adapter", revision=revision, allow_bin=True)), base
+    return read_lora_adapter(checkpoint_dir(str(source), "PEFT adapter", revision=revision, allow_bin=True)), base, None
+
+
+def warn_other_base(base: Optional[str], model: str) -> None:
+    """Warn when the base an adapter's config names (`base_model_name_or_path`) is not `model`, the one it is merged
+    into: an adapter of another model of the same shape merges without error and computes nonsense. The same model
+    is the same name, the same real path, or a hub name and a local copy of it (a directory named as its last part,
+    or its snapshot in the hub cache)."""
+    if not base or base == model:
+        return
+    if os.path.isdir(base) and os.path.isdir(model):
+        if os.path.realpath(base) == os.path.realpath(model):
+            return
+    elif os.path.isdir(base) or os.path.isdir(model):
+        local, hub = (base, model) if os.path.isdir(base) else (model, base)
+        path = os.path.realpath(local)
+        if os.path.basename(path) == hub.rstrip("/").rpartition("/")[2] or f"models--{hub.replace('/', '--')}" in path:
+            return
+    log.warning("the adapter was trained on %r (its base_model_name_or_path) and is merged into %r: if that is not "
+                "the same model, the merged weights are not the fine-tune's", base, model)
 
 
 def _adapter_base(directory: str, source: str) -> str:
@@ -331,8 +364,8 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
     `source`. The backbones are in-memory models:
     `write_backbones` saves them for trained-only checkpoints.
     """
-    lora, source = _adapter_and_base(source, adapter, revision)
-    config, tensors, directory = read_idefics(source)
+    lora, source, revision = _adapter_and_base(source, adapter, revision)
+    config, tensors, directory = read_idefics(source, revision)
     flamingo = idefics_flamingo_config(config)
     processor = idefics_processor(config, directory, tokenizer, image_processor)
     vocab = processor.tokenizer.get_vocab()

@@ -30,6 +30,7 @@ from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from .adapters import merge_pair, split_lora_keys
+from .checkpoints import state_dict_of, unreadable
 from .openflamingo import (
     CLIP_VIT_L,
     PUBLISHED_V1,
@@ -104,8 +105,10 @@ def read_finetune(source: Union[str, os.PathLike, dict]) -> tuple[dict[str, torc
             with torch.serialization.safe_globals(_MMENGINE_GLOBALS):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from e
-    state = checkpoint.get("model_state_dict", checkpoint)
+            raise unreadable(str(path), e) from e
+    where = "the Multimodal-GPT checkpoint" if isinstance(source, dict) else str(path)
+    checkpoint = state_dict_of(checkpoint, where)
+    state = state_dict_of(checkpoint.get("model_state_dict", checkpoint), where)
     tuning = _lora_settings(checkpoint.get("tuning_config"))
     tensors = {}
     for key, value in state.items():

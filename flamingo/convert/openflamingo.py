@@ -24,16 +24,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..build import flamingo_processor, from_backbones
 from ..config import FlamingoConfig
-from ..model.backbones import config_max_positions
+from ..model.backbones import config_max_positions, find_decoder_layers
 from ..model.flamingo import Flamingo, check_state_shapes
 from ..processing import FlamingoProcessor
-from .checkpoints import meta_tensors
+from .checkpoints import meta_tensors, state_dict_of, unreadable
 from .lm_families import load_openflamingo_lm, openflamingo_lm_config
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,19 @@ PUBLISHED_V1: dict[str, str] = {
 }
 
 
-def published_openflamingo(name: str) -> tuple[str, str, Optional[str]]:
+def published_openflamingo(name: str, revision: Optional[str] = None) -> tuple[str, str, Optional[str]]:
     """A published checkpoint's (local checkpoint file, vision tower, LM or None where the user must name it): the
-    file is downloaded once (the hub cache), the backbones are named as `PUBLISHED` lists them."""
+    file is downloaded once (the hub cache), at `revision` (a branch, tag or commit of its repository; the
+    backbones are named as `PUBLISHED` lists them, at theirs)."""
     if name not in PUBLISHED and name not in PUBLISHED_V1:
         raise ValueError(f"{name!r} is not a published OpenFlamingo checkpoint; choose from "
                          f"{sorted(PUBLISHED) + sorted(PUBLISHED_V1)}, or pass --checkpoint FILE --vision V --lm L")
     from huggingface_hub import hf_hub_download
 
     if name in PUBLISHED_V1:
-        return hf_hub_download(name, PUBLISHED_V1[name]), CLIP_VIT_L, None
+        return hf_hub_download(name, PUBLISHED_V1[name], revision=revision), CLIP_VIT_L, None
     vision, lm = PUBLISHED[name]
-    return hf_hub_download(name, "checkpoint.pt"), vision, lm
+    return hf_hub_download(name, "checkpoint.pt", revision=revision), vision, lm
 
 
 def published_processor(name: str) -> FlamingoProcessor:
@@ -119,14 +120,16 @@ def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[s
             state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):  # a legacy (pre-zip) file cannot be mapped: read it whole
-                raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
+                raise unreadable(str(checkpoint), e) from e
             state = _load_whole(checkpoint)
         except Exception as e:
-            raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
+            raise unreadable(str(checkpoint), e) from e
     else:
         state = checkpoint
+    where = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the OpenFlamingo checkpoint"
+    state = state_dict_of(state, where)
     if "model_state_dict" in state:
-        state = state["model_state_dict"]
+        state = state_dict_of(state["model_state_dict"], f"{where}'s model_state_dict")
     clean = {canonical_key(key): value for key, value in state.items()}
     if "perceiver.latents" not in clean:
         raise ValueError("not an OpenFlamingo checkpoint: no `perceiver.latents`")
@@ -148,7 +151,7 @@ def _load_whole(checkpoint: Union[str, os.PathLike]) -> dict:
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {checkpoint} as a weights-only torch checkpoint: {e}") from e
+        raise unreadable(str(checkpoint), e) from e
 
 
 def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] = None) -> FlamingoConfig:
@@ -191,7 +194,8 @@ def param_name(module: torch.nn.Module, target: torch.Tensor) -> str:
 def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any, lm: Any, tokenizer: Any = None, *,
                          image_processor: Any = None, config: Optional[FlamingoConfig] = None,
                          extra_tokens: Sequence[str] = (), template: str = "flamingo", attend_next_image: bool = False,
-                         take_tensors: bool = False, padded_table: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
+                         take_tensors: bool = False, padded_table: bool = False,
+                         torch_dtype: Optional[torch.dtype] = None) -> tuple[Flamingo, FlamingoProcessor]:
     """Our model + processor with the weights of an OpenFlamingo checkpoint on the same backbones.
 
     lm: a model, or a name/directory loaded by `load_openflamingo_lm` (the published LMs, remote-code ones included,
@@ -203,19 +207,25 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     caller's to give (read for this conversion alone): those of the resampler and blocks become the parameters, not
     copies (a file's, memory-mapped, and a dict's otherwise, are copied: the model owns its memory). padded_table:
     the embedding table is an LM's own, saved whole (Otter's), whose rows may run past the tokenizer's (padding);
-    otherwise it has exactly the training tokenizer's rows (`check_table_rows`)."""
+    otherwise it has exactly the training tokenizer's rows (`check_table_rows`). torch_dtype: the backbones are read
+    in it (a named LM loads in it, no float32 copy first) and the checkpoint's tensors are cast to it; default
+    float32 for a named LM, a given model's own dtype otherwise.
+
+    The tokenizer must be the LM's own, without Flamingo's tokens: their rows are the checkpoint's added rows. One
+    that already holds them (saved beside an OpenFlamingo or a model of ours) adds nothing, and a checkpoint table
+    with rows past the LM's is refused (`check_tokens_added`): those rows would be dropped."""
     state = load_openflamingo_state(checkpoint)
     config = infer_config(state, config)
     config.attend_next_image = attend_next_image
     if isinstance(lm, (str, os.PathLike)):
         tokenizer = tokenizer if tokenizer is not None else str(lm)
-        lm = load_openflamingo_lm(lm)
+        lm = load_openflamingo_lm(lm, torch_dtype=torch_dtype)
     emb_key = "lang_encoder." + param_name(lm, lm.get_input_embeddings().weight)
     shrunk = emb_key in state and state[emb_key].shape[0] < lm.get_input_embeddings().num_embeddings
     if shrunk:
         lm.resize_token_embeddings(state[emb_key].shape[0], mean_resizing=False)
     model, processor = from_backbones(vision, lm, tokenizer, config, image_processor=image_processor,
-                                      extra_tokens=extra_tokens, template=template,
+                                      torch_dtype=torch_dtype, extra_tokens=extra_tokens, template=template,
                                       resampler_and_blocks_on_meta=True)  # the checkpoint's are assigned below
     config = model.config
     if shrunk:
@@ -255,7 +265,10 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
             elif table.shape[0] < first + n:
                 raise ValueError(f"the LM's embedding table has {table.shape[0]} rows; the tokenizer needs {first + n}")
             mapped["new_token_embeddings"] = table[first:first + n]
+        else:
+            check_tokens_added(table.shape[0], embedding.shape[0], config.media_token_id)
         base = table[: first if n else embedding.shape[0]]
+        used.update(tied_copies(model.lm, state, table.shape))
     head = model.lm.get_output_embeddings()
     if model.new_lm_head is not None:
         head_key = "lang_encoder." + param_name(model.lm, head.weight)
@@ -269,13 +282,16 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     check_state_shapes(ours, mapped, "the OpenFlamingo checkpoint",
                        "is it the LM and vision tower the checkpoint was trained on?")
     ignored = [k for k in state if k not in used]
-    # a whole-state checkpoint also holds its frozen backbones (the LM's checked below); anything else unread
-    # would be dropped, and the model compute another function
-    foreign = [k for k in ignored if k.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers."))
-               or not k.startswith(("lang_encoder.", "vision_encoder."))]
+    # a whole-state checkpoint also holds its frozen backbones: each must have its place in the given ones (its LM
+    # values are compared below); anything else unread would be dropped, and the model compute another function
+    foreign = set(unplaced_backbone_tensors({k: state[k] for k in ignored}, model.lm, model.vision))
+    foreign.update(k for k in ignored if k.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers."))
+                   or not k.startswith(("lang_encoder.", "vision_encoder.")))
     if foreign:
-        raise ValueError(f"the OpenFlamingo checkpoint holds tensors the conversion has no place for: {foreign[:5]}"
-                         f"{f' (and {len(foreign) - 5} more)' if len(foreign) > 5 else ''}")
+        listed = [k for k in state if k in foreign]
+        raise ValueError(f"the OpenFlamingo checkpoint holds tensors the conversion has no place for: {listed[:5]}"
+                         f"{f' (and {len(listed) - 5} more)' if len(listed) > 5 else ''} (a module or bias the "
+                         "given backbones lack, a LoRA, or another LM or vision tower than the given ones)")
     if base is not None and not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
         with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
             embedding[: base.shape[0]].copy_(base)
@@ -306,21 +322,104 @@ def check_table_rows(rows: int, first: int, n: int, pad_token_id: Optional[int])
                          "tokenizer; pass that one (--tokenizer, tokenizer=)")
 
 
+def check_tokens_added(rows: int, lm_rows: int, media_token_id: int) -> None:
+    """Nothing was added to the tokenizer (it already holds `<image>` and `<|endofchunk|>`): a checkpoint table with
+    rows past the LM's holds the trained rows of those tokens, which would be dropped and the token ids left outside
+    the LM's table. The tokenizer is the cause, not the LM."""
+    if rows > lm_rows:
+        raise ValueError(f"the tokenizer already holds Flamingo's tokens (<image> is id {media_token_id}), so none "
+                         f"were added, and the checkpoint's embedding table has {rows} rows, past the LM's {lm_rows}: "
+                         "its rows for those tokens would be dropped. Pass the LM's own tokenizer, without <image> "
+                         "and <|endofchunk|> (--tokenizer, tokenizer=): the conversion adds them")
+
+
+def tied_copies(lm: torch.nn.Module, state: Mapping[str, torch.Tensor], shape: torch.Size) -> set[str]:
+    """The checkpoint keys naming the LM's input table under another name (a head tied to it, as a whole
+    `state_dict()` saves it twice) that have the table's shape: the same tensor, read once as the table."""
+    embedding = lm.get_input_embeddings().weight
+    names = [n for n, p in lm.named_parameters(remove_duplicate=False) if p is embedding]
+    return {f"lang_encoder.{n}" for n in names if f"lang_encoder.{n}" in state and state[f"lang_encoder.{n}"].shape
+            == shape}
+
+
+# buffers older transformers saved and newer ones compute (rotary frequencies and caches, position ids, causal mask
+# scalars; causal masks are bool): never weights, so a whole-state checkpoint's copies have no place to take
+_DERIVED_BUFFER = re.compile(r"(^|\.)(inv_freq|cos_cached|sin_cached|masked_bias|position_ids)$")
+# open_clip's VisionTransformer, as OpenFlamingo's `vision_encoder` (the `.visual` of its CLIP) saves it
+_OPEN_CLIP_VIT = re.compile(r"(conv1\.weight|class_embedding|positional_embedding|proj|ln_(pre|post)\.(weight|bias)"
+                            r"|transformer\.resblocks\.(?P<layer>\d+)\.(ln_[12]\.(weight|bias)|attn\.in_proj_(weight|bias)"
+                            r"|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias)|ls_[12]\.gamma))$")
+
+
+def lm_name(key: str, layers_path: str) -> str:
+    """A whole-state checkpoint's `lang_encoder.` key -> the LM's own name: OpenFlamingo wraps each decoder layer
+    (`...{i}.decoder_layer.*`) and keeps the unwrapped list as `old_decoder_blocks.{i}.*` (the same tensors)."""
+    name = key[len("lang_encoder."):].replace(".decoder_layer.", ".")
+    m = re.match(r"old_decoder_blocks\.(\d+)\.(.*)$", name)
+    return f"{layers_path}.{m.group(1)}.{m.group(2)}" if m else name
+
+
+def lm_tensors(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LM's state under its own names: LoRA adapters a config injected (`lm_lora`) left out, and the wrapped
+    weights under their names before (`.base_layer.` removed), as a checkpoint of the frozen LM names them."""
+    return {name.replace(".base_layer.", "."): value for name, value in lm.state_dict().items() if ".lora_" not in name}
+
+
+def _derived(name: str, value: torch.Tensor) -> bool:
+    return bool(_DERIVED_BUFFER.search(name)) or value.dtype == torch.bool
+
+
+def unplaced_backbone_tensors(state: Mapping[str, torch.Tensor], lm: torch.nn.Module, vision: torch.nn.Module
+                              ) -> list[str]:
+    """The keys of a whole-state checkpoint's frozen backbone copies with no place in the given backbones: an
+    `lang_encoder.` tensor whose name (`lm_name`) the LM lacks or has in another shape; a `vision_encoder.` tensor
+    that is neither the given tower's (its HF names, behind a wrapper's `tower.` or not) in the same shape nor one of
+    open_clip's ViT tensors within the tower's depth (open_clip's layout is not the tower's: those are placed by
+    name, never compared by value). Derived buffers (`_DERIVED_BUFFER`) are skipped. Reads no tensor data."""
+    ours_lm, ours_vision = lm_tensors(lm), vision.state_dict()
+    layers_path = find_decoder_layers(lm)
+    depth = getattr(getattr(vision, "config", None), "num_hidden_layers", None)
+    unplaced = []
+    for key, value in state.items():
+        if key.startswith("lang_encoder."):
+            name = lm_name(key, layers_path)
+            placed = name in ours_lm and ours_lm[name].shape == value.shape
+        elif key.startswith("vision_encoder."):
+            name = key[len("vision_encoder."):].removeprefix("tower.")
+            names = (name, f"vision_model.{name}", name.removeprefix("vision_model."))
+            placed = any(n in ours_vision and ours_vision[n].shape == value.shape for n in names)
+            m = _OPEN_CLIP_VIT.fullmatch(name)
+            placed = placed or bool(m and (m.group("layer") is None or depth is None or int(m.group("layer")) < depth))
+        else:
+            continue
+        if not placed and not _derived(name, value):
+            unplaced.append(key)
+    return unplaced
+
+
 def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples: int = FROZEN_LM_SAMPLES) -> None:
     """A checkpoint saved whole (Med-Flamingo's `model.pt`, a `model.state_dict()`) also holds the frozen LM it was
-    trained on, under `lang_encoder.` (decoder layers wrapped: `...{i}.decoder_layer.*`). Those tensors are not
-    converted, but they must be the LM's: raise when they differ (another LM, or another conversion of it, than the
-    checkpoint's), at the checkpoint's precision. `samples` of them, spread over the LM, are compared (another LM
-    differs in every tensor): the rest of a memory-mapped checkpoint is never read."""
-    ours = lm.state_dict()
+    trained on, under `lang_encoder.` (names as `lm_name` maps them). Those tensors are not converted, but they must
+    be the LM's: raise when they differ (another LM, or another conversion of it, than the checkpoint's), at the
+    lower precision of the two. `samples` of them, spread over the LM, are compared (another LM differs in every
+    tensor): the rest of a memory-mapped checkpoint is never read. `unplaced_backbone_tensors` refuses, before,
+    those with no place in the LM; the vision tower's are placed, not compared."""
+    ours = lm_tensors(lm)
+    layers_path = find_decoder_layers(lm)
     pairs = []
     for key, value in state.items():
-        name = key[len("lang_encoder."):].replace(".decoder_layer.", ".") if key.startswith("lang_encoder.") else None
-        if name is not None and name in ours and ours[name].shape == value.shape:
+        name = lm_name(key, layers_path) if key.startswith("lang_encoder.") else None
+        if name is not None and name in ours and ours[name].shape == value.shape and value.is_floating_point():
             pairs.append((name, value))
     step = max(1, -(-len(pairs) // samples))  # ceil: at most `samples`, the first and the spread of the rest
-    differ = [name for name, value in pairs[::step]  # compared in the checkpoint's dtype: no float32 copies
-              if not torch.allclose(ours[name].to(value.dtype), value, rtol=1e-3, atol=1e-5)]
+    differ = [name for name, value in pairs[::step] if not _close(ours[name], value)]
     if differ:
         raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and its tensors differ from the "
                          f"given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained on (--lm)")
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal up to the rounding of the less precise dtype of the two (a bf16 LM against its float32 copy), compared
+    in that dtype: no float32 copies."""
+    dtype = ours.dtype if ours.dtype.itemsize < theirs.dtype.itemsize else theirs.dtype
+    return torch.allclose(ours.to(dtype), theirs.to(dtype), rtol=1e-3, atol=1e-5)

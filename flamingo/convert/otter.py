@@ -78,11 +78,13 @@ _LAYER = re.compile(r"lang_encoder\.(.+)\.(\d+)\.(decoder_layer|gated_cross_attn
 
 def read_otter(source: Union[str, os.PathLike], *, revision: Optional[str] = None
                ) -> tuple[dict[str, Any], CheckpointTensors, str]:
-    """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Weights
+    """An Otter repository (hub name at `revision`, or directory) -> (config dict, tensors, local directory). Its
+    config is fetched and checked first (Otter's, not quantized): the weights are downloaded only for an Otter. They
     are read from safetensors, or `.bin` files weights-only (no pickle code runs)."""
+    refuse_quantized(otter_config(metadata_dir(str(source), "Otter model", revision=revision), str(source)),
+                     str(source))
     directory = checkpoint_dir(str(source), "Otter model", revision=revision)
     config = otter_config(directory, str(source))
-    refuse_quantized(config, str(source))
     return config, open_tensors(directory), directory
 
 

@@ -99,9 +99,15 @@ def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+# The recipe's LM when the model names none: a conversion that cut its LM's table (OpenFlamingo's published MPT and
+# RedPajama LMs) or an in-memory LM. The user writes in the LM the model was converted from (docs/convert.md).
+LM_UNNAMED = "<the hub name or path of the LM this model was converted from or built on: its config names none>"
+
+
 def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments and the
-    additions its factory does not make."""
+    additions its factory does not make. A backbone the model names no source for is a placeholder string saying
+    what to fill in (`LM_UNNAMED`, `<the open_clip model of ...>`), never null."""
     c = model.config
     vision = c.vision_name_or_path
     clip_name, pretrained = OPEN_CLIP_NAMES.get(vision or "", (None, None))
@@ -109,7 +115,7 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
         "create_model_and_transforms": {
             "clip_vision_encoder_path": clip_name or f"<the open_clip model of {vision}>",
             "clip_vision_encoder_pretrained": pretrained or f"<the open_clip weights of {vision}>",
-            "lang_encoder_path": c.lm_name_or_path, "tokenizer_path": c.lm_name_or_path,
+            "lang_encoder_path": c.lm_name_or_path or LM_UNNAMED, "tokenizer_path": c.lm_name_or_path or LM_UNNAMED,
             "cross_attn_every_n_layers": c.xattn_every},
         "load": "model.load_state_dict(torch.load(path), strict=False)",
         # the code whose masking rule the model computes (module docstring of convert/openflamingo.py)

@@ -57,9 +57,14 @@ def local_dir(source: str, what: str, *, revision: Optional[str] = None,
     """`source` if it is a directory, else the local snapshot of the Hub repository it names (downloaded on first use,
     only the files the patterns let through; `revision`: a branch, tag or commit). Raises FileNotFoundError naming
     `what` when it is neither (a path that does not exist, a repository that cannot be found or reached, a name
-    absent from the cache when offline)."""
+    absent from the cache when offline), and ValueError for a `revision` of a local directory: a directory has no
+    revisions, and loading it would silently give another version than the one asked for."""
     source = os.fspath(source)
     if local_or_hub(source, what) == "local":
+        if revision is not None:
+            raise ValueError(f"revision {revision!r} (--revision) names a version of a Hub repository, and {what} "
+                             f"{source!r} is a local directory: drop the revision, or pass the Hub name from "
+                             "another working directory")
         return source
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError

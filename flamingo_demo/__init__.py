@@ -4,7 +4,16 @@ and the stages that train and evaluate a mini Flamingo on them through the libra
     manifest = write_world(root, "binding", seed=0)          # datasets + root/world.json
     report = grow_backbones(manifest, root / "backbones")    # tokenizer/, vision/, lm/ + backbones.json
     flamingo.from_backbones(vision=report["vision"]["dir"], lm=report["lm"]["dir"])
+
+Its modules run as commands (`flamingo demo`, and `python -m flamingo_demo.evaluate` under torchrun), so the
+package drops the start-up warnings that say nothing about a run (`flamingo.runtime.quiet`) before anything imports
+transformers, as the CLI does.
 """
+
+# ruff: noqa: E402 (the imports below load transformers: they come after the call)
+from flamingo.runtime.quiet import quiet_irrelevant_warnings
+
+quiet_irrelevant_warnings()
 
 from .backbones import grow_backbones
 from .build_world import write_world

@@ -16,7 +16,7 @@ from .model.flamingo import Flamingo, checked_torch_dtype
 from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
-from .runtime.hub import local_dir
+from .runtime.hub import local_dir, metadata_dir
 
 Backbone = Union[str, os.PathLike, nn.Module]
 
@@ -118,12 +118,20 @@ def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
                     **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
     """A saved model and its processor (`save_pretrained(dir, processor=...)`): a directory, or a Hub repository
     holding one (`org/name`, at `revision`: a branch, tag or commit), downloaded once into the hub cache. kwargs:
-    `Flamingo.from_pretrained`'s. A model saved without its processor is refused before its weights are read."""
+    `Flamingo.from_pretrained`'s. A model saved without its processor is refused before its weights are read (a
+    Hub repository's configs are fetched first, `check_processor_saved`)."""
+    check_processor_saved(metadata_dir(name_or_path, "Flamingo model", revision=revision), name_or_path)
     directory = local_dir(name_or_path, "Flamingo model", revision=revision)
+    model = Flamingo.from_pretrained(directory, **kwargs)
+    return model, FlamingoProcessor.from_pretrained(directory)
+
+
+def check_processor_saved(directory: str, name_or_path: str) -> None:
+    """Refuse a saved model whose `directory` (its configs suffice) holds no processor: neither
+    `flamingo_processor.json` nor tokenizer files. `load_pretrained` and every loader built on it return a processor,
+    and pairing the weights with another model's tokenizer would embed the wrong ids without an error."""
     if not any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json")):
         raise ValueError(f"{name_or_path!r} was saved without its processor (it holds no {PROCESSOR_CONFIG_NAME} nor "
                          "tokenizer files): save it with save_pretrained(..., processor=processor), or load the model "
                          "with Flamingo.from_pretrained and build its processor from the tokenizer and image "
                          "processor it was trained with")
-    model = Flamingo.from_pretrained(directory, **kwargs)
-    return model, FlamingoProcessor.from_pretrained(directory)

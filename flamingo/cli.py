@@ -142,12 +142,14 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
     _check_convert_out(args, args.checkpoint, args.vision, args.lm, args.tokenizer)
     if (args.model is None) == (args.checkpoint is None):
         raise ValueError("pass --model NAME (a published OpenFlamingo) or --checkpoint FILE with --vision and --lm")
+    if args.revision is not None and args.model is None:
+        raise ValueError("--revision is a version of --model's Hub repository; --checkpoint is a file: drop it")
     if args.model in PUBLISHED_V1 and args.lm is None:
         raise ValueError(f"{args.model} sits on LLaMA-7B (v1), which has no canonical hub name: pass --lm with a "
                          "LLaMA-7B directory or mirror in Hugging Face format")
     checkpoint, vision, lm = args.checkpoint, args.vision, args.lm
     if args.model is not None:
-        checkpoint, published_vision, published_lm = published_openflamingo(args.model)
+        checkpoint, published_vision, published_lm = published_openflamingo(args.model, revision=args.revision)
         vision, lm = vision or published_vision, lm or published_lm
     elif vision is None or lm is None:
         raise ValueError("--checkpoint needs --vision and --lm (the backbones the checkpoint was trained on)")
@@ -182,7 +184,8 @@ def _cmd_convert_whole(args: argparse.Namespace) -> int:
     _check_convert_out(args, args.model, args.tokenizer, getattr(args, "adapter", None))
     dtype = torch_dtype(args.dtype) if args.dtype else None  # read in it: no second copy in another dtype
     if args.source == "idefics":
-        model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter, torch_dtype=dtype)
+        model, processor = from_idefics(args.model, args.tokenizer, adapter=args.adapter, revision=args.revision,
+                                        torch_dtype=dtype)
     else:
         model, processor = from_otter(args.model, args.tokenizer, revision=args.revision, torch_dtype=dtype)
     if args.backbones:
@@ -518,9 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     otter = convert_sub.add_parser("otter", help="an Otter (or its HF-format OpenFlamingo) checkpoint "
                                    "(docs/convert.md)")
     otter.add_argument("--model", required=True, help="hub name or directory (e.g. luodian/OTTER-Image-MPT7B)")
-    otter.add_argument("--revision", default=None, help="a hub branch, tag or commit")
     otter.add_argument("--tokenizer", default=None, help="defaults to the repository's, else the base LM's Otter "
                        "loads (mosaicml/mpt-7b-instruct for MPT)")
+    for hub, what in ((of, "the published checkpoint's (its backbones are read at theirs)"),
+                      (idefics, "--model's (an adapter's base is read at main)"), (otter, "--model's")):
+        hub.add_argument("--revision", default=None, help=f"the Hub branch, tag or commit of {what}; default main")
     for converter in (of, mmgpt, idefics, otter):
         converter.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                                help="the dtype to read and save in (default: the checkpoint's"

@@ -315,3 +315,31 @@ def test_merging_an_adapter_into_another_model_warns(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger=idefics.__name__):
         idefics._adapter_and_base("org/other", str(adapter), None)
     assert "trained on 'org/base' (its base_model_name_or_path) and is merged into 'org/other'" in caplog.text
+
+
+@pytest.mark.parametrize("argv,target", [
+    (["open-flamingo", "--model", sorted(PUBLISHED)[0]], "published_openflamingo"),
+    (["idefics", "--model", "org/idefics"], "from_idefics"),
+    (["otter", "--model", "org/otter"], "from_otter"),
+])
+def test_convert_passes_revision_to_the_checkpoint_it_reads(tmp_path, monkeypatch, argv, target):
+    """`flamingo convert ... --revision` reaches the Python API's `revision=` (it had no such option)."""
+    import flamingo.convert
+
+    class Reading(Exception):
+        pass
+
+    def read(*args, **kwargs):
+        raise Reading(kwargs)
+
+    monkeypatch.setattr(flamingo.convert, target, read)
+    with pytest.raises(Reading) as caught:
+        main(["convert", *argv, "--revision", "v1.1", "--out", str(tmp_path / "out")])
+    assert caught.value.args[0]["revision"] == "v1.1"
+
+
+def test_convert_refuses_a_revision_of_a_checkpoint_file(of_files, tmp_path, capsys):
+    assert main(["convert", "open-flamingo", "--checkpoint", str(of_files / "checkpoint.pt"), "--vision",
+                 str(of_files / "vision"), "--lm", str(of_files / "lm"), "--revision", "v2",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--revision is a version of --model's Hub repository" in capsys.readouterr().err

@@ -175,3 +175,30 @@ def test_eval_through_a_server_refuses_what_needs_files_the_user_names(capsys):
     assert main(["eval", "--model", "med-flamingo/med-flamingo", "--server", "http://127.0.0.1:9", "--task", "vqa",
                  "--data", "unused"]) == 2
     assert "--lm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["directory", "hub"])
+def test_load_model_refuses_a_model_saved_without_its_processor_before_fetching_its_weights(tmp_path, monkeypatch,
+                                                                                            where):
+    """`--model` of a model saved without its processor is refused from its configs: a Hub repository's weights are
+    never downloaded (the hub is served here from a directory, recording what is fetched)."""
+    import huggingface_hub
+
+    model, _ = tiny_flamingo()
+    model.save_pretrained(str(tmp_path / "bare"))  # processor=None, the default
+    fetched: list[str] = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None, repo_type="model"):
+        local = tmp_path / "cache" / repo_id.replace("/", "--")
+        local.mkdir(parents=True, exist_ok=True)
+        for path in (tmp_path / "bare").iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, local / path.name)
+                fetched.append(path.name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = str(tmp_path / "bare") if where == "directory" else "org/bare"
+    with pytest.raises(ValueError, match="saved without its processor.*processor=processor"):
+        load_model(source)
+    assert not [n for n in fetched if any(fnmatch.fnmatch(n, w) for w in WEIGHTS)]

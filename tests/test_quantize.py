@@ -269,3 +269,26 @@ def test_frozen_adapters_and_gpt2_conv1d_layers(make_model):
     gpt2, _ = make_model("gpt2")
     with pytest.warns(UserWarning, match="the LM's Conv1D layers are not quantized"):
         quantize_frozen(gpt2, "int8")
+
+
+def test_frozen_linear_subclasses_are_counted_and_warned_about_not_quantized(make_model):
+    """A frozen layer whose class subclasses nn.Linear (its forward may be more than F.linear) stays as it is, and
+    the counts and a warning say how many (they were left out silently)."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model, _ = make_model()
+    linears = [(parent, name, m) for parent in model.lm.modules() for name, m in parent.named_children()
+               if type(m) is nn.Linear and m is not model.lm.get_output_embeddings()]
+    parent, name, old = linears[0]
+    special = ScaledLinear(old.in_features, old.out_features, bias=old.bias is not None)
+    special.load_state_dict(old.state_dict())
+    special.requires_grad_(False)
+    setattr(parent, name, special)
+    with pytest.warns(UserWarning, match=r"1 frozen layer\(s\) subclass nn.Linear.*\(ScaledLinear\)"):
+        counts = quantize_frozen(model, "int8")
+    assert counts["skipped"] == 1
+    assert counts["quantized"] == sum(isinstance(m, QuantizedLinear) for m in model.modules()) > 0
+    assert getattr(parent, name) is special and not is_quantized(special.weight)

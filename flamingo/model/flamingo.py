@@ -792,9 +792,7 @@ class Flamingo(nn.Module):
             model.to(device)
         counts = quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
         if config.quantize_frozen != "none":
-            log.info("quantize_frozen=%s: %d linear layers quantized, %d kept in float, %.1f -> %.1f MiB",
-                     config.quantize_frozen, counts["quantized"], counts["kept"], counts["bytes_before"] / 2**20,
-                     counts["bytes_after"] / 2**20)
+            log.info("%s", quantize.describe_counts(config.quantize_frozen, counts))
         return model.eval()
 
 

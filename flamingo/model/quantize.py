@@ -90,14 +90,33 @@ def _mode_of(weight: torch.Tensor) -> str:
 
 def _linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """The frozen linear layers of the vision tower and the LM, as (parent module, attribute name, layer). LoRA's
-    adapters are never among them, frozen or not (they keep their dtype)."""
+    adapters are never among them, frozen or not (they keep their dtype); nor are `nn.Linear` subclasses
+    (`skipped_linears`)."""
+    for parent, name, module in _frozen_linears(model):
+        if type(module) in (nn.Linear, QuantizedLinear):
+            yield parent, name, module
+
+
+def skipped_linears(model: "Flamingo") -> list[str]:
+    """The frozen layers `quantize_frozen` leaves in their dtype because their class subclasses `nn.Linear` (e.g.
+    `nn.MultiheadAttention`'s out_proj, another library's quantized linear): their forward may not be a plain
+    `F.linear`, so replacing them by a `QuantizedLinear` could change what they compute. As "vision.<path>" /
+    "lm.<path>" (class name)."""
+    names = {id(m): f"{side}.{q}" for side, backbone in (("vision", model.vision), ("lm", model.lm))
+             for q, m in backbone.named_modules()}
+    return [f"{names[id(module)]} ({type(module).__name__})" for _, _, module in _frozen_linears(model)
+            if type(module) not in (nn.Linear, QuantizedLinear)]
+
+
+def _frozen_linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """Every frozen `nn.Linear` (subclasses included) of the backbones but LoRA's and the LM's output head."""
     head = model.lm.get_output_embeddings()
     for backbone in (model.vision, model.lm):
         for qualified, parent in backbone.named_modules():
             if ".lora_" in f".{qualified}":  # an adapter's container (lora_A, lora_B, ...) or inside one
                 continue
             for name, module in parent.named_children():
-                if type(module) not in (nn.Linear, QuantizedLinear) or module.weight.requires_grad:
+                if not isinstance(module, nn.Linear) or module.weight.requires_grad:
                     continue
                 if module is head:  # Flamingo's hook on it fills the added tokens' logits; tied or not, it stays
                     continue
@@ -167,7 +186,8 @@ def cast_frozen(model: "Flamingo", dtype: torch.dtype) -> None:
 def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, int]:
     """Quantize the frozen backbones' linear weights in place to `mode` (default: `model.config.quantize_frozen`),
     on the device they are on, and record the mode in the config. Returns counts: layers quantized, layers left
-    in their dtype (a width the format cannot split), and the backbones' weight bytes before and after."""
+    in their dtype (`kept`: a width the format cannot split; `skipped`: an `nn.Linear` subclass, `skipped_linears`,
+    also warned about), and the backbones' weight bytes before and after (of the layers quantized or kept)."""
     mode = model.config.quantize_frozen if mode is None else mode
     current = quantized_mode(model)
     if mode not in QUANTIZE_MODES:
@@ -176,9 +196,9 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
         if current != mode:
             raise ValueError(f"the backbones are already quantized to {current}; quantizing is one-way: reload the "
                              f"model to use {mode}")
-        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+        return _counts()
     if mode == "none":
-        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+        return _counts()
     trained = [name for name, on in (("freeze_lm", model.config.freeze_lm),
                                      ("freeze_vision", model.config.freeze_vision)) if not on]
     if trained:
@@ -187,9 +207,15 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
     if has_frozen_conv1d(model):
         warnings.warn(f"quantize_frozen={mode}: the LM's Conv1D layers are not quantized (only nn.Linear layers "
                       "are): they stay in floating point", stacklevel=2)
+    skipped = skipped_linears(model)
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"quantize_frozen={mode}: {len(skipped)} frozen layer(s) subclass nn.Linear and are not "
+                      f"quantized (their forward may not be a plain linear): {shown}; they stay in floating point",
+                      stacklevel=2)
     linears = list(_linears(model))
     if not linears:
-        return {"quantized": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
+        return _counts(skipped=len(skipped))
     check_available(mode, linears[0][2].weight.device)
     before = sum(tensor_bytes(m.weight) for _, _, m in linears)
     quantized = kept = 0
@@ -204,7 +230,21 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
         quantized += 1
         after += tensor_bytes(weight)
     model.config.quantize_frozen = mode
-    return {"quantized": quantized, "kept": kept, "bytes_before": before, "bytes_after": after}
+    return _counts(quantized, kept, len(skipped), before, after)
+
+
+def _counts(quantized: int = 0, kept: int = 0, skipped: int = 0, bytes_before: int = 0,
+            bytes_after: int = 0) -> dict[str, int]:
+    """`quantize_frozen`'s result (its docstring)."""
+    return {"quantized": quantized, "kept": kept, "skipped": skipped, "bytes_before": bytes_before,
+            "bytes_after": bytes_after}
+
+
+def describe_counts(mode: str, counts: dict[str, int]) -> str:
+    """One log line for `quantize_frozen`'s counts (the trainer and `from_pretrained` log it)."""
+    return (f"quantize_frozen={mode}: {counts['quantized']} linear layers quantized, {counts['kept']} kept in float "
+            f"(a width the format cannot split), {counts['skipped']} nn.Linear subclasses left alone, "
+            f"{counts['bytes_before'] / 2**20:.1f} -> {counts['bytes_after'] / 2**20:.1f} MiB")
 
 
 def _quantize_weight(weight: torch.Tensor, mode: str) -> Optional[torch.Tensor]:

@@ -51,7 +51,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Iter
                    attn_gate_lr_mult: Optional[float] = None, kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over `param_groups`. kind="adamw": torch's, 8 bytes of fp32 state per trained parameter.
     kind="adamw8bit": torchao's AdamW8bit, 2 bytes (block-wise quantized moments, Dettmers et al. 2022); tensors
-    under 4096 values (norms, gates, biases) keep fp32 states. Its update is a torch.compile'd kernel per parameter
+    under 4096 values (norms, gates, biases), or whose value count (per rank shard under FSDP2) is not a multiple of
+    its 256-value block, keep fp32 states (docs/memory.md). Its update is a torch.compile'd kernel per parameter
     shape: the first step compiles them (seconds each on a CPU), later steps reuse them."""
     if kind not in OPTIMIZER_KINDS:
         raise ValueError(f"unknown optimizer kind {kind!r}: {' or '.join(OPTIMIZER_KINDS)}")

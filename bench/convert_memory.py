@@ -207,11 +207,13 @@ def convert(kind: str, path: str, directory: str, tokenizer_dir: Optional[str] =
         if kind == "idefics":
             model, _ = idefics.from_idefics(directory, torch_dtype=dtype)
         elif kind == "openflamingo":
-            model, _ = openflamingo.convert_openflamingo(os.path.join(directory, "model.pt"),
-                                                         os.path.join(directory, "vision"),
-                                                         os.path.join(directory, "lm"))
-            if dtype is not None:
-                model.to(dtype)
+            files = [os.path.join(directory, name) for name in ("model.pt", "vision", "lm")]
+            if path == "old":  # read in float32, then cast
+                model, _ = openflamingo.convert_openflamingo(*files)
+                if dtype is not None:
+                    model.to(dtype)
+            else:  # read in the dtype asked for (main passes the checkpoint's by default)
+                model, _ = openflamingo.convert_openflamingo(*files, torch_dtype=dtype)
         else:
             model, _ = otter.from_otter(directory, tokenizer=tokenizer_dir, torch_dtype=dtype)
     return model
@@ -299,7 +301,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             runs: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
             for _ in range(args.repeats):
                 for path in PATHS:  # in turns: a change in the machine's load falls on both
-                    runs[path].append(run_child(kind, path, directory, tok_dir, args.dtype))
+                    # the new OpenFlamingo path reads in the checkpoint's dtype by default, as IDEFICS and Otter do
+                    dtype = args.dtype or (args.checkpoint_dtype if kind == "openflamingo" and path == "new" else None)
+                    runs[path].append(run_child(kind, path, directory, tok_dir, dtype))
             for path in PATHS:
                 rs = runs[path]
                 row = {"kind": kind, "path": path, "checkpoint_mib": size / 2**20,

@@ -15,6 +15,7 @@ logits). Times are the fastest of `--repeats` calls after one warm-up.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Optional
 
 import torch
@@ -61,6 +62,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    print(f"# bench.serve_prefill on {machine()}: shape {args.shape}, {args.device}, {args.dtype}", flush=True)
     results = []
     with torch.no_grad():
         for kind in args.kinds:
@@ -87,6 +89,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 "padded": max(lengths) * n / sum(lengths),
                                 "alone_ms": 1000 * t_alone, "together_ms": 1000 * t_together,
                                 "together_vs_alone": t_together / t_alone})
+                # each row as it ends: a run cut at its time limit (bench/device_checks.sh) keeps the rows it made
+                print_json("serve_prefill.row", {"shape": args.shape, "device": args.device, "dtype": args.dtype,
+                                                 **results[-1]})
+                sys.stdout.flush()
     print_table(results, ["kind", "prompts", "tokens", "padded", "alone_ms", "together_ms", "together_vs_alone"])
     print_json("serve_prefill", {"machine": machine(), "shape": args.shape, "device": args.device,
                                  "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,

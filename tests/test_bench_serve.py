@@ -71,6 +71,10 @@ def test_prefill_bench_times_prompts_alone_and_together(capsys, one_thread):
     from bench.serve_prefill import main
 
     main(["--shape", "tiny", "--kinds", "chat", "1-shot", "--prompts", "2", "--repeats", "1"])
-    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"bench"')]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"bench"')]
+    rows, (line,) = lines[:-1], lines[-1:]
+    # each row printed as it ends (a run cut at its limit keeps them), then the summary
+    assert [r["bench"] for r in rows] == ["serve_prefill.row"] * 2 and line["bench"] == "serve_prefill"
+    assert [{k: v for k, v in r.items() if k in line["results"][0]} for r in rows] == line["results"]
     assert [(r["kind"], r["prompts"]) for r in line["results"]] == [("chat", 2), ("1-shot", 2)]
     assert all(r["alone_ms"] > 0 and r["together_ms"] > 0 and r["padded"] == 1.0 for r in line["results"])

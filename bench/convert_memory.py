@@ -212,7 +212,7 @@ def convert(kind: str, path: str, directory: str, tokenizer_dir: Optional[str] =
                 model, _ = openflamingo.convert_openflamingo(*files)
                 if dtype is not None:
                     model.to(dtype)
-            else:  # read in the dtype asked for (main passes the checkpoint's by default)
+            else:  # read in the dtype asked for (`run` passes the checkpoint's by default)
                 model, _ = openflamingo.convert_openflamingo(*files, torch_dtype=dtype)
         else:
             model, _ = otter.from_otter(directory, tokenizer=tokenizer_dir, torch_dtype=dtype)
@@ -301,8 +301,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             runs: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
             for _ in range(args.repeats):
                 for path in PATHS:  # in turns: a change in the machine's load falls on both
-                    # the new OpenFlamingo path reads in the checkpoint's dtype by default, as IDEFICS and Otter do
-                    dtype = args.dtype or (args.checkpoint_dtype if kind == "openflamingo" and path == "new" else None)
+                    # an OpenFlamingo model in the checkpoint's dtype by default, as IDEFICS and Otter read theirs:
+                    # the new path reads in it, the old one reads float32 and casts (the same model either way)
+                    dtype = args.dtype or (args.checkpoint_dtype if kind == "openflamingo" else None)
                     runs[path].append(run_child(kind, path, directory, tok_dir, dtype))
             for path in PATHS:
                 rs = runs[path]

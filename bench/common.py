@@ -173,7 +173,9 @@ class StepClock:
 
     def decode_seconds_per_step(self) -> float:
         steps = self.stamps[1:]
-        return (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+        if len(steps) < 2:  # one new token: no decode step to time (NaN: a null column, not a division by zero)
+            return float("nan")
+        return (steps[-1] - steps[0]) / (len(steps) - 1)
 
 
 def interleaved(fns: dict[str, Callable[[StepClock], Any]], device: str, repeats: int

@@ -120,7 +120,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict[str, Any
                 text += choice["text"]
             usage = chunk.get("usage") or usage
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"text": text, "tokens": usage["completion_tokens"], "ttft": stamps[0] - sent, "gaps": gaps,
+    ttft = stamps[0] - sent if stamps else float("nan")  # a stream that ended before any token has none
+    return {"text": text, "tokens": usage["completion_tokens"], "ttft": ttft, "gaps": gaps,
             "prompt_tokens": usage["prompt_tokens"],
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
@@ -233,7 +234,7 @@ def run_server_phase(args: argparse.Namespace, model_dir: str, requests: list[di
            "clients": clients, "requests": len(results), "tokens": tokens,
            "seconds": wall, "output_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
            "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "itl_p50_ms": 1e3 * _pct(gaps, 50),
-           "itl_p99_ms": 1e3 * _pct(gaps, 99), "itl_max_ms": 1e3 * max(gaps),
+           "itl_p99_ms": 1e3 * _pct(gaps, 99), "itl_max_ms": 1e3 * max(gaps, default=float("nan")),
            "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1]),
            "cached_share": sum(r["cached_tokens"] for r in results) / sum(r["prompt_tokens"] for r in results),
            "texts": [r["text"] for r in results], "prefill_ceiling": prefill_ceiling(results)}

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import machine, parse_args, print_json, print_table
+from bench.common import SHAPES, machine, parse_args, print_json, print_table
 from bench.serve import build_model
 from bench.serve_steps import _seconds, k_shot
 from flamingo.model.prefill import Prefill, prefill_together
@@ -44,7 +44,7 @@ def _prompts(processor: Any, kind: str, n: int, size: int, device: str, dtype: t
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="cpu")
+    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     parser.add_argument("--kinds", nargs="+", default=["chat", "0-shot", "2-shot", "8-shot"])
     parser.add_argument("--prompts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)

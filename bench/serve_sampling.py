@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from bench.common import machine, print_json, print_table
+from bench.common import SHAPES, machine, print_json, print_table
 from bench.serve import build_model
 from bench.serve_steps import _seconds, k_shot
 from flamingo.model.batching import DecodeBatch
@@ -39,7 +39,7 @@ ANSWER = '{"animal":"dog","count":2,"caption":"two dogs play with a ball on the 
 @torch.no_grad()
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="cpu")
+    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)

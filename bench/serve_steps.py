@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.common import machine, parse_args, print_json, print_table
+from bench.common import SHAPES, machine, parse_args, print_json, print_table
 from bench.generate import QUERY, SHOT
 from bench.serve import build_model
 from flamingo.model.batching import DecodeBatch
@@ -104,7 +104,7 @@ def _synced(step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="cpu")
+    parser.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=10)

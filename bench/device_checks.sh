@@ -18,7 +18,8 @@
 #   prefill bench.serve_prefill: waiting prompts prefilled together vs one at a time (`flamingo serve`'s shared
 #           prefill) at 4, 16, 64 prompts; with `serve` in the third call
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
-# Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc bash bench/device_checks.sh run train memory decode
+# Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc PYTHON=.venv/bin/python bash bench/device_checks.sh run \
+#   train decode serve (memory needs minutes per row on a CPU: run bench.memory with fewer rows instead)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -22,12 +22,16 @@ ANY_MODEL_HELP = (MODEL_HELP + "; or an IDEFICS (or its PEFT adapter), Otter or 
 REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
 
 
+def _parsed(text: str, kind: type, what: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (a size or count of 0 would give a server or run that never works)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _parsed(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -35,10 +39,7 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0 (a size or time limit of 0 or less refuses every request)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _parsed(text, float, "a number")
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -46,10 +47,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (0: the feature off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _parsed(text, int, "an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value

@@ -96,6 +96,10 @@ def main() -> None:
     parser.add_argument("--cache-media-mb", type=float, nargs="+", default=[0],
                         help="dataset option cache_media_mb (0: off); the timed epoch is the second one")
     args = parser.parse_args()
+    # each worker stream needs a batch of 8 pairs or documents (and of 4 of the max(8, samples // 4) videos)
+    if args.samples < 8 * max(1, *args.workers):
+        parser.error(f"--samples {args.samples} leaves a stream of {max(args.workers)} workers no batch of 8: "
+                     f"use at least {8 * max(1, *args.workers)}")
     tok = tiny_tokenizer()
     add_flamingo_tokens(tok)
     processor = FlamingoProcessor(tok, tiny_image_processor("clip", args.image_size), max_frames=8)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .config import PROCESSOR_CONFIG_NAME, FlamingoConfig
 from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo, checked_torch_dtype
-from .processing import FlamingoProcessor, add_flamingo_tokens, load_image_processor
+from .processing import FlamingoProcessor, add_flamingo_tokens, has_saved_processor, load_image_processor
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
 from .runtime.hub import local_dir, metadata_dir
@@ -130,7 +130,7 @@ def check_processor_saved(directory: str, name_or_path: str) -> None:
     """Refuse a saved model whose `directory` (its configs suffice) holds no processor: neither
     `flamingo_processor.json` nor tokenizer files. `load_pretrained` and every loader built on it return a processor,
     and pairing the weights with another model's tokenizer would embed the wrong ids without an error."""
-    if not any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json")):
+    if not has_saved_processor(directory):
         raise ValueError(f"{name_or_path!r} was saved without its processor (it holds no {PROCESSOR_CONFIG_NAME} nor "
                          "tokenizer files): save it with save_pretrained(..., processor=processor), or load the model "
                          "with Flamingo.from_pretrained and build its processor from the tokenizer and image "

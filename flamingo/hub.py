@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Union
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, generated_for, model_card
 from .model.flamingo import Flamingo
-from .processing import PROCESSOR_CONFIG_NAME
+from .processing import PROCESSOR_CONFIG_NAME, has_saved_processor
 from .runtime.hub import is_hub_name
 
 # remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
@@ -75,7 +75,7 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
                              "trained_only), or build the model from the backbones' Hub names")
-    if not any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json")):
+    if not has_saved_processor(directory):
         log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
                     "load_pretrained(%r) will refuse it", directory, repo_id)
     tables = [_results_table(d) for d in results]

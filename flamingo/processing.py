@@ -219,6 +219,12 @@ def check_processor_settings(settings: Mapping[str, Any]) -> None:
         raise ValueError(f"image_references must be true or false, got {settings['image_references']!r}")
 
 
+def has_saved_processor(directory: str) -> bool:
+    """Whether a saved model's `directory` holds its processor (`FlamingoProcessor.save_pretrained`'s settings file,
+    or at least a tokenizer's)."""
+    return any(os.path.isfile(os.path.join(directory, f)) for f in (PROCESSOR_CONFIG_NAME, "tokenizer_config.json"))
+
+
 def read_processor_settings(path: str) -> dict[str, Any]:
     """A flamingo_processor.json -> its settings, checked (`check_processor_settings`, unknown names refused: a
     newer version's file, or a hand edit's typo, is not half read); errors name the file."""

@@ -1,16 +1,19 @@
 """The web page at `/`, in a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium):
 build a few-shot prompt with images, see the streamed answer (the API's greedy answer for the same conversation)
 and its figures, chat with an attached image, attach images by drag and drop and by paste; a refused turn goes back
-into the composer and the page says why (413, 400, a missing key, a file that is no image); screenshots are kept as
-artifacts.
+into the composer and the page says why (413, 400, a missing key, a file that is no image); New chat during a turn
+aborts it and keeps it out of the new chat; the small things (input methods' Enter, accessible names, no console
+errors, no empty demo sent, text drops, file types the server cannot read); screenshots are kept as artifacts.
 
 Skipped without Chromium, except under CI (the environment variable CI set), where it fails instead."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -44,6 +47,7 @@ def _browser():
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--window-size=1100,1000"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for `browser.get_log`
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
@@ -245,5 +249,223 @@ def test_page_failed_turns_go_back_to_the_composer_and_errors_say_why(tmp_path, 
             assert "notes.txt" in browser.find_element(By.ID, "notice").text
             send()  # the typeless file went as image/png: the server decoded it
             assert count(".msg.user img") == 1 and count(".msg.assistant") == 1 and not count(".msg.note")
+    finally:
+        browser.quit()
+
+
+# Every request the page sends, with its body, in `window.sent`.
+RECORD = """
+window.sent = [];
+const fetchAsSent = window.fetch;
+window.fetch = function (url, options) {
+  window.sent.push({url: String(url), body: options && options.body});
+  return fetchAsSent.apply(this, arguments);
+};
+"""
+
+
+def _chat_bodies(browser) -> list[dict]:
+    return [json.loads(r["body"]) for r in browser.execute_script("return window.sent")
+            if r["url"].endswith("/v1/chat/completions")]
+
+
+def test_page_new_chat_aborts_the_turn_on_its_way_and_keeps_it_out_of_the_new_chat(tmp_path, one_thread):
+    """New chat while an answer streams: the request is aborted (the server cancels its job), Send works at once,
+    the abandoned turn neither lands in the new chat's history nor restores its text or shows its error there, and
+    the new chat's first request holds only its own message (its answer is the API's for that message alone)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    decode_step = engine._decode_step
+
+    def slow_decode_step() -> None:  # an answer (22 tokens) still streaming when New chat is clicked
+        time.sleep(0.2)
+        decode_step()
+
+    engine._decode_step = slow_decode_step
+    jobs, events = [], []  # each job the server queued, and the kinds of the events the engine sent it
+
+    def submit_all(batch) -> None:
+        for job in batch:
+            jobs.append(job)
+            events.append([])
+            emit = job.emit
+            job.emit = lambda event, emit=emit, kinds=events[-1]: (kinds.append(event.kind), emit(event))[1]
+        queue_all(batch)
+
+    queue_all, engine.submit_all = engine.submit_all, submit_all
+    browser = _browser()
+
+    def count(selector):
+        return len(browser.find_elements(By.CSS_SELECTOR, selector))
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_script(RECORD)
+            browser.execute_script("document.getElementById('max-tokens').value = '400'")
+            browser.find_element(By.ID, "chat-input").send_keys("hello")
+            browser.find_element(By.ID, "chat-send").click()
+            WebDriverWait(browser, 60, poll_frequency=0.05).until(lambda b: b.execute_script(
+                "return document.querySelector('.msg.assistant .text').textContent.length > 0"))
+            browser.find_element(By.ID, "chat-clear").click()
+            assert browser.find_element(By.ID, "chat-send").is_enabled()  # at once, not when the old turn ends
+            assert browser.execute_script("return history.length") == 0 and not count("#messages .msg")
+
+            WebDriverWait(browser, 10).until(lambda b: jobs[0].cancelled.is_set())  # the server stopped it ...
+            assert "done" not in events[0], events[0].count("delta")  # ... before its end
+            time.sleep(0.3)  # time for the abandoned turn's handler to run (it must do nothing)
+            assert browser.execute_script("return history.length") == 0 and not count("#messages .msg")
+            assert browser.find_element(By.ID, "chat-input").get_attribute("value") == ""  # "hello" not restored
+            assert browser.find_element(By.ID, "notice").text == ""
+
+            browser.execute_script("document.getElementById('max-tokens').value = '4'")
+            browser.find_element(By.ID, "chat-input").send_keys("second")
+            browser.find_element(By.ID, "chat-send").click()
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+            first, second = _chat_bodies(browser)
+            assert first["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+            assert second["messages"] == [{"role": "user", "content": [{"type": "text", "text": "second"}]}]
+            assert browser.execute_script("return history.map((m) => m.role)") == ["user", "assistant"]
+            assert count("#messages .msg.user") == 1 and count("#messages .msg.assistant") == 1
+            assert not count(".msg.note")
+            shown = browser.execute_script("return document.querySelector('.msg.assistant .text').textContent")
+            api = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "messages": second["messages"], "max_tokens": 4, "temperature": 0}).json()
+            assert shown == api["choices"][0]["message"]["content"]
+            assert len(jobs) == 3 and jobs[1].prompt_ids.tolist() == jobs[2].prompt_ids.tolist()
+    finally:
+        browser.quit()
+
+
+DROP_FILES = """
+const [target, files] = arguments;
+const t = new DataTransfer();
+for (const [name, type, text] of files) t.items.add(new File([text], name, {type}));
+return document.querySelector(target).dispatchEvent(
+  new DragEvent("drop", {dataTransfer: t, bubbles: true, cancelable: true}));
+"""
+DROP_TEXT = """
+const t = new DataTransfer();
+t.setData("text/plain", "dragged words");
+const input = document.getElementById("chat-input");
+return ["dragover", "drop"].map((type) => input.dispatchEvent(
+  new DragEvent(type, {dataTransfer: t, bubbles: true, cancelable: true})));
+"""
+ENTER = """
+const input = document.getElementById("chat-input");
+input.dispatchEvent(new KeyboardEvent("keydown", Object.assign(
+  {key: "Enter", bubbles: true, cancelable: true}, arguments[0])));
+"""
+
+
+def _nameless(browser) -> list[tuple[str, str]]:
+    """The text fields and buttons shown whose accessible name (Chromium's accessibility tree) says nothing."""
+    nodes = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    return [(n["role"]["value"], n.get("name", {}).get("value", "")) for n in nodes
+            if not n.get("ignored") and n.get("role", {}).get("value") in ("textbox", "button")
+            and n.get("name", {}).get("value", "").strip() in ("", "×")]
+
+
+def test_page_input_methods_names_console_empty_demo_text_drops_and_file_types(tmp_path, one_thread):
+    """An Enter that confirms an input method's composition does not send; every text field and button has a name
+    (the × buttons say what they remove) and the few-shot answer is a live region; a load logs no console error
+    (no favicon 404); the default demo, untouched, is not sent, and a demo with an image and no answer is refused
+    in the page; dragged text drops into the composer (only file drags are taken), a file dropped beside the drop
+    zones is not opened; SVG and HEIC files are not offered by the picker and are named, not attached."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "query.png"
+    random_image(2).save(image)
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+
+    def count(selector):
+        return len(browser.find_elements(By.CSS_SELECTOR, selector))
+
+    def value(element_id):
+        return browser.find_element(By.ID, element_id).get_attribute("value")
+
+    def run_fewshot():
+        browser.execute_script("document.getElementById('fewshot-output').dataset.done = 'false'")
+        browser.find_element(By.ID, "run-fewshot").click()
+        wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors  # the favicon is inline: no 404
+            browser.execute_script(RECORD)
+            browser.execute_script("document.getElementById('max-tokens').value = '2'")
+
+            # Enter confirming a composition (isComposing; keyCode 229 where only that says so) is not sent
+            browser.find_element(By.ID, "chat-input").send_keys("にほんご")
+            browser.execute_script(ENTER, {"isComposing": True})
+            browser.execute_script(ENTER, {"keyCode": 229})
+            time.sleep(0.3)
+            assert not count(".msg.user") and value("chat-input") == "にほんご"
+            browser.execute_script(ENTER, {})  # a plain Enter sends
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+            assert count(".msg.user") == 1 and value("chat-input") == ""
+
+            # dragged text is the browser's to drop (nothing cancels it); a file dropped off the zones is not opened
+            browser.execute_script(DROP_FILES, "#composer", [["notes.txt", "text/plain", "words"]])
+            assert "notes.txt" in browser.find_element(By.ID, "notice").text
+            assert browser.execute_script(DROP_TEXT) == [True, True]  # not cancelled
+            assert "notes.txt" in browser.find_element(By.ID, "notice").text  # a text drop leaves the notice
+            assert browser.execute_script(DROP_FILES, "h1", [["x.png", "image/png", "x"]]) is False
+            rect = browser.execute_script("return document.getElementById('chat-input').getBoundingClientRect()")
+            x, y = rect["left"] + rect["width"] / 2, rect["top"] + rect["height"] / 2
+            data = {"items": [{"mimeType": "text/plain", "data": "dragged words"}], "dragOperationsMask": 1}
+            for kind in ("dragEnter", "dragOver", "drop"):  # a real drag, as Chromium's input gives it
+                browser.execute_cdp_cmd("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+            wait.until(lambda b: value("chat-input") == "dragged words")
+
+            # the pickers offer what the server reads; SVG and HEIC are named, with what to do about HEIC
+            accept = browser.find_element(By.ID, "chat-file").get_attribute("accept")
+            assert "image/png" in accept and "video/*" in accept and ".webp" in accept
+            assert "image/*" not in accept and "svg" not in accept and "hei" not in accept
+            browser.execute_script(DROP_FILES, "#composer", [["pic.svg", "image/svg+xml", "<svg></svg>"],
+                                                             ["photo.heic", "", "ftypheic"]])
+            notice = browser.find_element(By.ID, "notice").text
+            assert "pic.svg" in notice and "photo.heic" in notice and "JPEG" in notice
+            assert not count("#chat-attachments .chip")
+
+            # names: the chat with an attachment, then the few-shot panel
+            browser.find_element(By.ID, "chat-file").send_keys(str(image))
+            wait.until(lambda b: count("#chat-attachments .chip img") == 1)
+            label = browser.find_element(By.CSS_SELECTOR, "#chat-attachments .chip button").get_attribute("aria-label")
+            assert label == "remove image 1 (query.png)"
+            assert not _nameless(browser)
+            browser.find_element(By.ID, "tab-fewshot").click()
+            assert not _nameless(browser)
+            assert browser.find_element(By.ID, "fewshot-output").get_attribute("aria-live") == "polite"
+
+            # the default demo (no image, no answer) is left out; an image without an answer is refused
+            browser.find_element(By.ID, "query-file").send_keys(str(image))
+            wait.until(lambda b: count("#query .media-slot img") == 1)
+            sent = len(_chat_bodies(browser))
+            run_fewshot()
+            assert len(_chat_bodies(browser)) == sent + 1
+            assert [m["role"] for m in _chat_bodies(browser)[-1]["messages"]] == ["user"]
+            browser.find_element(By.CSS_SELECTOR, "#demos .demo-file").send_keys(str(image))
+            wait.until(lambda b: count("#demos .media-slot img") == 1)
+            sent = len(_chat_bodies(browser))
+            run_fewshot()
+            assert "demo 1 has no answer" in browser.find_element(By.ID, "fewshot-output").text
+            assert len(_chat_bodies(browser)) == sent
+            browser.find_element(By.CSS_SELECTOR, "#demos .answer").send_keys("a dot.")
+            run_fewshot()
+            body = _chat_bodies(browser)[-1]["messages"]
+            assert [m["role"] for m in body] == ["user", "assistant", "user"] and body[1]["content"] == "a dot."
+            errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
     finally:
         browser.quit()

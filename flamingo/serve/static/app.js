@@ -1,7 +1,8 @@
 // The page of `flamingo serve`: a chat with images and videos, and a few-shot builder. Both send the OpenAI chat
 // API (streamed server-sent events) and show each answer's time to first token and tokens per second; with "token
 // probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover.
-// The chat shows what the server was sent: a turn that fails goes back into the composer (text and attachments).
+// The chat shows what the server was sent: a turn that fails goes back into the composer (text and attachments),
+// and New chat aborts the turn on its way, of which nothing reaches the new chat.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -60,17 +61,25 @@ function readAsDataURL(file) {
   });
 }
 
-// MIME types by extension, for files the browser gives none (some systems: .webp, .heic, .mkv)
-const TYPES = {
+// The files the server reads, by extension: images Pillow decodes, videos PyAV decodes. SVG (a drawing, not pixels)
+// and HEIC/HEIF (Pillow needs a plugin the server has not) are named in the notice, not attached.
+const IMAGE_TYPES = {
   png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp", bmp: "image/bmp",
-  tif: "image/tiff", tiff: "image/tiff", avif: "image/avif", heic: "image/heic", heif: "image/heif",
+  tif: "image/tiff", tiff: "image/tiff", avif: "image/avif",
+};
+const VIDEO_TYPES = {
   mp4: "video/mp4", m4v: "video/mp4", mov: "video/quicktime", webm: "video/webm", mkv: "video/x-matroska",
   avi: "video/x-msvideo",
 };
+const TYPES = { ...IMAGE_TYPES, ...VIDEO_TYPES };
+const READ_IMAGES = new Set(Object.values(IMAGE_TYPES));
+// The file pickers' filter: those types, and their extensions for systems that give some files no type.
+const ACCEPT = [...READ_IMAGES, "video/*", ...Object.keys(TYPES).map((ext) => "." + ext)].join(",");
 
-// A file's media type: the browser's, else its name's extension's; "" for a file that is no image or video.
+// A file's media type: the browser's when the server reads it (any video), else its name's extension's; "" for
+// a file that is no image or video the server reads.
 function mediaType(file) {
-  if (file.type.startsWith("image/") || file.type.startsWith("video/")) return file.type;
+  if (READ_IMAGES.has(file.type) || file.type.startsWith("video/")) return file.type;
   const dot = file.name.lastIndexOf(".");
   return (dot >= 0 && TYPES[file.name.slice(dot + 1).toLowerCase()]) || "";
 }
@@ -79,8 +88,9 @@ function mediaType(file) {
 function mediaFiles(list) {
   const files = Array.from(list || []);
   const skipped = files.filter((f) => !mediaType(f)).map((f) => f.name || "(a file without a name)");
-  notify(skipped.length ? `Not attached: ${skipped.join(", ")}: not an image or a video (by its type or its ` +
-                          "name's extension)" : "");
+  const heic = skipped.some((name) => /\.hei[cf]$/i.test(name)) ? " (a HEIC photo: export it as JPEG)" : "";
+  notify(skipped.length ? `Not attached: ${skipped.join(", ")}: not an image (PNG, JPEG, GIF, WebP, BMP, TIFF, ` +
+                          `AVIF) or a video the server reads${heic}` : "");
   return files.filter((f) => mediaType(f));
 }
 
@@ -95,6 +105,7 @@ function preview(medium) {
   const el = document.createElement(medium.video ? "video" : "img");
   el.src = medium.url;
   el.title = medium.name || "";
+  if (!medium.video) el.alt = medium.name || "image";
   if (medium.video) el.muted = true;
   return el;
 }
@@ -104,19 +115,30 @@ function part(medium) {
                       : { type: "image_url", image_url: { url: medium.url } };
 }
 
+// Whether a drag carries files (not text, which drops into a text field as the browser does it).
+const carriesFiles = (e) => Array.from(e.dataTransfer.types).includes("Files");
+
 // Drag and drop and paste onto an element: `take(files)` receives the media files.
 function acceptMedia(el, take) {
-  el.addEventListener("dragover", (e) => { e.preventDefault(); el.classList.add("over"); });
+  el.addEventListener("dragover", (e) => { if (carriesFiles(e)) { e.preventDefault(); el.classList.add("over"); } });
   el.addEventListener("dragleave", () => el.classList.remove("over"));
   el.addEventListener("drop", (e) => {
-    e.preventDefault();
     el.classList.remove("over");
+    if (!carriesFiles(e)) return;
+    e.preventDefault();
     take(mediaFiles(e.dataTransfer.files));
   });
   el.addEventListener("paste", (e) => {
-    const files = mediaFiles(Array.from(e.clipboardData.items).map((i) => i.getAsFile()).filter(Boolean));
+    const pasted = Array.from(e.clipboardData.items).map((i) => i.getAsFile()).filter(Boolean);
+    if (!pasted.length) return;  // text: pasted as the browser does it
+    const files = mediaFiles(pasted);
     if (files.length) { e.preventDefault(); take(files); }
   });
+}
+
+// A file dropped beside the drop zones is not opened by the browser: that would leave the page, and its chat.
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (e) => { if (carriesFiles(e)) e.preventDefault(); });
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
@@ -128,15 +150,17 @@ function maxTokens() {
 }
 
 // POST a chat request with stream=true; onText(delta, entry) per token (entry: its logprobs entry, when asked for);
-// resolves to the answer's figures. tooLarge: what to do about a body over the server's limit (413).
-async function streamChat(messages, onText, tooLarge) {
+// resolves to the answer's figures. tooLarge: what to do about a body over the server's limit (413); signal: an
+// AbortSignal that cancels the request (the server then stops generating it).
+async function streamChat(messages, onText, tooLarge, signal) {
   const body = {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
     max_tokens: maxTokens(), temperature: parseFloat($("#temperature").value) || 0,
   };
   if ($("#show-probs").checked) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const start = performance.now();
-  const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const response = await fetch("/v1/chat/completions",
+                               { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!response.ok) {
     let message = response.statusText;
     try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
@@ -208,6 +232,8 @@ function describe(stats) {
 // ------------------------------------------------------------------------------------------------ chat
 const history = [];  // OpenAI messages sent so far
 let attachments = [];
+let chat = 0;  // which conversation is on screen: New chat starts another, and a turn updates only its own
+let turn = null;  // the AbortController of the turn on its way, if any
 
 function renderAttachments() {
   const box = $("#chat-attachments");
@@ -219,6 +245,8 @@ function renderAttachments() {
     const remove = document.createElement("button");
     remove.textContent = "×";
     remove.className = "secondary";
+    remove.title = `remove ${medium.video ? "video" : "image"} ${i + 1}` + (medium.name ? ` (${medium.name})` : "");
+    remove.setAttribute("aria-label", remove.title);
     remove.addEventListener("click", () => { attachments.splice(i, 1); renderAttachments(); });
     chip.append(remove);
     box.append(chip);
@@ -264,7 +292,7 @@ function restoreTurn(sent, media, text, reply, error) {
 
 async function sendChat() {
   const text = $("#chat-input").value;
-  if ($("#chat-send").disabled || (!text && !attachments.length)) return;  // Enter while a turn is on its way
+  if (turn || (!text && !attachments.length)) return;  // Enter while a turn is on its way
   const media = attachments;
   const content = [...media.map(part), ...(text ? [{ type: "text", text }] : [])];
   for (const note of document.querySelectorAll("#messages .msg.note")) note.remove();  // an earlier failure's
@@ -276,27 +304,46 @@ async function sendChat() {
   const reply = addMessage("assistant", [], "");
   reply.dataset.done = "false";
   const out = $(".text", reply);
+  const mine = chat;
+  turn = new AbortController();
   $("#chat-send").disabled = true;
+  let stats = null, error = null;
   try {
-    const stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry), TOO_LARGE_CHAT);
+    stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry), TOO_LARGE_CHAT, turn.signal);
+  } catch (e) {
+    error = e;
+  }
+  if (mine !== chat) return;  // New chat since: this turn was aborted, and its conversation is gone
+  if (error) {
+    history.pop();
+    restoreTurn(sent, media, text, reply, error);
+  } else {
     history.push({ role: "assistant", content: out.textContent });
     $(".stats", reply).textContent = describe(stats);
-  } catch (e) {
-    history.pop();
-    restoreTurn(sent, media, text, reply, e);
-  } finally {
-    reply.dataset.done = "true";
-    $("#chat-send").disabled = false;
   }
+  reply.dataset.done = "true";
+  turn = null;
+  $("#chat-send").disabled = false;
 }
 
+$("#chat-file").accept = ACCEPT;
 $("#chat-file").addEventListener("change", (e) => { attach(mediaFiles(e.target.files)); e.target.value = ""; });
 acceptMedia($("#composer"), attach);
 $("#chat-send").addEventListener("click", sendChat);
 $("#chat-input").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendChat(); }
+  // Enter sends; Shift+Enter is a newline, and an Enter that confirms an input method's composition (Japanese,
+  // Chinese, Korean: isComposing, or keyCode 229 where the browser reports it so) belongs to the composition.
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) { e.preventDefault(); sendChat(); }
 });
-$("#chat-clear").addEventListener("click", () => { history.length = 0; $("#messages").replaceChildren(); });
+// New chat: the turn on its way is aborted (the server stops generating an answer nobody will see).
+$("#chat-clear").addEventListener("click", () => {
+  chat += 1;
+  if (turn) turn.abort();
+  turn = null;
+  history.length = 0;
+  $("#messages").replaceChildren();
+  $("#chat-send").disabled = false;
+});
 
 // ------------------------------------------------------------------------------------------------ few-shot
 // Each demo and the query hold one medium in `el.medium`, set by their file input or a drop / paste.
@@ -306,6 +353,7 @@ function mediaSlot(el, input) {
     el.medium = await toMedium(files[0]);
     $(".media-slot", el).replaceChildren(preview(el.medium));
   };
+  input.accept = ACCEPT;
   input.addEventListener("change", () => set(mediaFiles(input.files)));
   acceptMedia(el, set);
 }
@@ -318,11 +366,16 @@ function addDemo() {
   return el;
 }
 
+// The demos as (user, assistant) turns, then the query. A demo with neither a medium nor an answer (the one the page
+// starts with, untouched) is left out; one with a medium and no answer is refused: it would teach an empty answer.
 function fewShotMessages() {
   const messages = [];
-  for (const demo of document.querySelectorAll("#demos .demo")) {
+  for (const [i, demo] of Array.from(document.querySelectorAll("#demos .demo")).entries()) {
+    const answer = $(".answer", demo).value;
+    if (!demo.medium && !answer) continue;
+    if (!answer) throw new Error(`demo ${i + 1} has no answer: type its answer, or remove the demo`);
     const content = [...(demo.medium ? [part(demo.medium)] : []), { type: "text", text: $(".prompt", demo).value }];
-    messages.push({ role: "user", content }, { role: "assistant", content: $(".answer", demo).value });
+    messages.push({ role: "user", content }, { role: "assistant", content: answer });
   }
   const query = $("#query");
   messages.push({ role: "user", content: [...(query.medium ? [part(query.medium)] : []),

@@ -2,9 +2,10 @@
 
 import pytest
 
+from flamingo.eval.captioning import CaptioningTask
 from flamingo.eval.cider import cider, java_available, python_tokenize, tokenize
 from flamingo.eval.classification import topk_accuracy
-from flamingo.eval.hateful_memes import roc_auc
+from flamingo.eval.hateful_memes import HatefulMemesTask, roc_auc
 from flamingo.eval.runner import summarize
 from flamingo.eval.task import Sample
 from flamingo.eval.vqa import VQATask
@@ -37,6 +38,16 @@ def test_vqa_accuracy_averages_min_matches_over_3_over_leave_one_out_subsets():
         vqa_accuracy("a", [])
 
 
+def test_vqa_accuracy_with_fewer_than_10_answers_is_min_1_matches_over_min_3_n_without_leave_one_out():
+    """The leave-one-out average assumes 10 answers: against one human it would score every prediction 0."""
+    assert vqa_accuracy("red", ["red"]) == 1.0  # one answer: an exact match after normalisation
+    assert vqa_accuracy("Red.", ["red"]) == 1.0 and vqa_accuracy("blue", ["red"]) == 0.0
+    assert vqa_accuracy("red", ["red", "red"]) == 1.0 and vqa_accuracy("red", ["red", "blue"]) == 0.5
+    assert vqa_accuracy("red", ["red"] * 3) == 1.0 and vqa_accuracy("red", ["red", "x", "x"]) == pytest.approx(1 / 3)
+    assert vqa_accuracy("red", ["red"] * 2 + ["x"] * 7) == pytest.approx(2 / 3)  # 9 answers: min(1, m / 3)
+    assert vqa_accuracy("red", ["red"] * 2 + ["x"] * 8) == pytest.approx(0.6)  # 10: leave-one-out, as before
+
+
 def test_vqa_accuracy_is_broken_down_per_answer_type_and_averaged_over_trials_that_have_it():
     def sample(i, kind, answer):
         return Sample(id=str(i), media=[], fields={"question": "q"}, answer=answer, references=[answer] * 10, kind=kind)
@@ -57,6 +68,21 @@ def test_vqa_postprocess_cuts_at_a_newline_or_the_next_prompt_word_and_lowercase
     assert postprocess_vqa_generation(" Red\nQuestion: what") == "red"
     assert postprocess_vqa_generation("yes Question: is it") == "yes"
     assert postprocess_vqa_generation("Two dogs Short answer:") == "two dogs"
+    # OpenFlamingo's ", " cut: the answer before a comma the model goes on after
+    assert postprocess_vqa_generation(" yes, it is") == "yes"
+    assert postprocess_vqa_generation(" red, white and") == "red"
+    assert postprocess_vqa_generation("1,000") == "1,000"  # a comma without a space stays
+    # any line break (str.splitlines'), not only "\n"
+    assert postprocess_vqa_generation(" red\rblue") == "red" and postprocess_vqa_generation("red\u2028x") == "red"
+
+
+def test_generated_text_is_cut_at_any_line_break():
+    """A "\\r" (or U+2028, VT, FF) the model writes ends the prediction as "\\n" does."""
+    assert CaptioningTask().postprocess("a\rb") == "a"
+    assert CaptioningTask().postprocess(" a dog\u2028running\nOutput:") == "a dog"
+    assert CaptioningTask().postprocess(" a dog Output: a cat") == "a dog"
+    assert CaptioningTask().postprocess("") == "" and CaptioningTask().postprocess("\r\nx") == ""
+    assert HatefulMemesTask().postprocess("yes\x0bno") == "yes"  # the base Task's rule
 
 
 CAPTIONS = {
@@ -95,6 +121,33 @@ def test_cider_equals_pycocoevalcap_ptb_and_python_tokens_match_ptb():
     # The Python fallback tokenizes these captions exactly as PTB does, so CIDEr agrees too.
     assert {k: [python_tokenize(c) for c in v] for k, v in CAPTIONS.items()} == gts
     assert cider(PREDICTIONS, CAPTIONS, tokenizer="python")[0] == pytest.approx(score)
+
+
+@pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs java")
+def test_a_line_break_inside_a_caption_shifts_no_other_caption_under_ptb():
+    """PTB reads all captions as one text, line by line: a "\\r" (VT, FF, U+2028, a CRLF) inside one caption would
+    pair every later caption with another image's tokens; each caption is one line before PTB sees it."""
+    references = {"a": ["a dog running on grass\r\n", "a brown dog runs"], "b": ["a cat sleeping on a bed", "a cat"],
+                  "c": ["two birds on a wire", "birds sitting on a wire"]}
+    predictions = {"a": "a dog\rrunning on grass", "b": "a cat\u2028sleeping on a bed", "c": "two birds\x0con a wire"}
+    ptb, used = cider(predictions, references, "ptb")
+    assert used == "ptb" and ptb == pytest.approx(cider(predictions, references, "python")[0])
+    tokens, _ = tokenize({"p0": ["a dog\rrunning"], "p1": ["a cat\x0bsleeping"], "p2": ["two birds"]}, "ptb")
+    assert tokens == {"p0": ["a dog running"], "p1": ["a cat sleeping"], "p2": ["two birds"]}
+
+
+def test_a_ptb_answer_with_a_caption_missing_is_an_error_naming_the_key(monkeypatch):
+    """Were PTB's lines ever misaligned again, CIDEr must not pair captions with other images' tokens silently."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    def last_lost(self, captions):  # a caption broken in two lines lost the last one (pycocoevalcap zips the lines)
+        out = {k: [c["caption"] for c in v] for k, v in captions.items()}
+        out["p1"].pop()
+        return out
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", last_lost)
+    with pytest.raises(RuntimeError, match="returned 0 caption.*'p1', which has 1"):
+        tokenize({"p0": ["a dog"], "p1": ["a cat"]}, "ptb")
 
 
 def test_python_tokenize_splits_clitics_keeps_numbers_and_names_brackets_as_ptb():
@@ -154,6 +207,15 @@ PTB_TOKENS = [
     ("ill man", "ill man"),
     ("a dog.a cat", "a dog.a cat"),
     ("don't, can't, won't", "do n't ca n't wo n't"),
+    # what PTB drops as untokenizable, leaving a token break
+    ("a dog \ufffd", "a dog"),
+    ("a dog\ufffds", "a dog s"),
+    ("don\ufffdt", "don t"),
+    ("a cat \U0001F600 smiling", "a cat smiling"),
+    ("a \U0001F1FA\U0001F1F8 flag", "a flag"),
+    ("a \u2764\ufe0f heart", "a \u2764 heart"),
+    ("\ufeffa dog\u200bs", "a dog s"),
+    ("foot\xadball", "football"),
 ]
 
 
@@ -170,6 +232,26 @@ def test_the_pinned_ptb_tokens_are_what_ptb_writes():
     assert [out[i][0] for i in range(len(PTB_TOKENS))] == [ptb for _, ptb in PTB_TOKENS]
 
 
+# unusual captions on which the Python tokenization writes PTB's tokens (symbols, emoji, U+FFFD, accents, scripts)
+EDGE_CAPTIONS = [
+    "a caf\u00e9 with na\u00efve art", "a dog \ufffd", "a cat \U0001F600 smiling", "50% off at the store", "a $5 bill",
+    "e.g. a dog", "i.e. the cat", "a man w/ a hat", "rock 'n' roll band", "a t-shirt and x-ray", "the 2nd floor",
+    "a 3x3 grid", "salt & pepper", "AT&T store", "a dog's bone", "kids' toys", "a 10 ft. pole", "the u.s. flag",
+    "a man , standing", "it is 5 p.m.", "A man.A woman", "two dogs;one cat", "a stop sign...",
+    "a sign that says \"stop\"", "the \u201cbig\u201d dog", "a dog -- running", "a man's 'hat'", "a 4x4 truck",
+    "a cat sitting on a table\u2026", "stra\u00dfe sign", "the ki\u00f1o's toy", "ol' man river", "a #1 sign",
+    "a @ sign", "a ~ sign", "a dog=cat", "a<b", "100+ people", "a sign: no parking", "\u4e2d\u6587 text",
+    "a m\u00fcnchen street", "a clock at 10:30", "a 1,000 piece puzzle", "man in a red/white shirt", "'tis the season",
+    "a \u2764\ufe0f\U0001F436 dog", "two \U0001F468\u200d\U0001F469\u200d\U0001F467 people",
+]
+
+
+@pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs java")
+def test_python_tokenize_equals_ptb_on_unusual_captions():
+    ptb, _ = tokenize({str(i): [c] for i, c in enumerate(EDGE_CAPTIONS)}, "ptb")
+    assert [ptb[str(i)][0] for i in range(len(EDGE_CAPTIONS))] == [python_tokenize(c) for c in EDGE_CAPTIONS]
+
+
 def test_cider_refuses_mismatched_keys_and_samples_without_references():
     with pytest.raises(ValueError):
         cider({"a": "x"}, {"b": ["x"]}, tokenizer="python")
@@ -183,6 +265,16 @@ def test_roc_auc_is_the_fraction_of_ordered_pairs_and_none_for_one_class():
     assert roc_auc([1, 0, 1, 0, 1], [0.9, 0.1, 0.4, 0.6, 0.8]) == pytest.approx(5 / 6)
     assert roc_auc([1, 0], [0.2, 0.7]) == 0.0
     assert roc_auc([1, 1], [0.2, 0.7]) is None  # undefined with one class
+
+
+def test_hateful_memes_auc_ranks_by_log_odds_which_do_not_saturate():
+    """P(yes) is exactly 1.0 in float64 once log P(yes) - log P(no) > ~37: two such memes would tie at 1.0."""
+    task = HatefulMemesTask()
+    samples = [Sample(id=str(i), media=[], fields={}, answer="", label=label) for i, label in enumerate([0, 1, 0, 1])]
+    scores = [(-1.0, -45.0), (-1.0, -60.0), (-3.0, -1.0), (-2.0, -1.0)]  # (yes, no): log-odds 44, 59, -2, -1
+    records = [task.from_scores(s, ["yes", "no"], list(sc)) for s, sc in zip(samples, scores)]
+    assert [r["prob_yes"] for r in records[:2]] == [1.0, 1.0] and [r["log_odds"] for r in records] == [44, 59, -2, -1]
+    assert task.compute_metrics(samples, records) == {"roc_auc": 75.0, "accuracy": 50.0}
 
 
 def test_topk_accuracy_counts_labels_within_the_first_k_names():

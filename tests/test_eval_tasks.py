@@ -5,13 +5,14 @@ prediction; the `flamingo eval` subcommand; bad inputs are refused."""
 import argparse
 import json
 import os
+import warnings
 
 import pytest
 
 from flamingo import load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
-from flamingo.eval.tasks import get_task
+from flamingo.eval.tasks import TASKS, get_task
 from flamingo.tiny import (
     tiny_flamingo,
 )
@@ -391,3 +392,100 @@ def test_imagenet_folders_name_a_val_subset_as_the_whole_dataset(tmp_path):
         get_task("classification").load(str(root), "test")
     (root / "classes.json").unlink()
     assert [s.label for s in get_task("classification").load(str(root), "test")] == ["n01440764", "n01443537"]
+
+
+# ------------------------------------------------------------------------------------- VQA annotations, decoding
+def _rewrite_vqa_annotations(data, change):
+    """Apply `change` to every annotation of both splits of a `make_vqa` directory."""
+    for split in ("train", "test"):
+        path = data / f"{split}_annotations.json"
+        annotations = json.loads(path.read_text())["annotations"]
+        for annotation in annotations:
+            change(annotation)
+        write_json(path, {"annotations": annotations})
+
+
+def test_a_vqa_annotation_with_only_its_multiple_choice_answer_scores_a_perfect_prediction_100(tmp_path):
+    """Without `answers` the one reference is `multiple_choice_answer` (the loader's fallback): scored as an exact
+    match after normalisation, not by the 10-answer leave-one-out (which scores anything 0 against one answer)."""
+    data = make_vqa(tmp_path / "data")
+    _rewrite_vqa_annotations(data, lambda a: a.pop("answers"))
+    task = get_task("vqa")
+    samples = task.load(str(data), "test")
+    assert [len(s.references) for s in samples] == [1] * len(samples)
+    perfect = [{"prediction": s.answer.upper() + "."} for s in samples]
+    assert task.compute_metrics(samples, perfect)["vqa_accuracy"] == 100.0
+    assert task.compute_metrics(samples, [{"prediction": "zebra"}] * len(samples))["vqa_accuracy"] == 0.0
+
+
+def test_vqa_answers_given_as_json_numbers_are_read_as_strings(model_and_processor, tmp_path):
+    """"how many" answers written as JSON numbers: a prediction "2" scores 100 and the demos show "2" (not a
+    TypeError in the prompt, nor an AttributeError in the metric after the run's inference)."""
+    data = make_vqa(tmp_path / "data")
+    _rewrite_vqa_annotations(data, lambda a: a.update(answers=[{"answer": 2}] * 10, multiple_choice_answer=2))
+    task = get_task("vqa")
+    samples = task.load(str(data), "test")
+    assert samples[0].answer == "2" and samples[0].references == ["2"] * 10
+    assert task.compute_metrics(samples, [{"prediction": "2"}] * len(samples))["vqa_accuracy"] == 100.0
+    model, processor = model_and_processor
+    results = evaluate(model, processor, "vqa", str(data), **{**QUICK, "shots": [0, 1]}, out_dir=str(tmp_path / "out"))
+    assert [run["shots"] for run in results["runs"]] == [0, 1]
+    _rewrite_vqa_annotations(data, lambda a: a.update(answers=[{"answer": 0}] * 10, multiple_choice_answer=0))
+    assert task.load(str(data), "test")[0].answer == "0"  # 0 is an answer, not a missing one
+
+
+def test_ok_vqa_annotations_warn_once_that_predictions_are_not_stemmed(tmp_path):
+    """OK-VQA's answers are stemmed ("ride", `raw_answer` "riding"); its stemmer is not shipped, so the task says the
+    accuracy is below the official metric: once per task, and not for VQAv2-style answers."""
+    data = make_vqa(tmp_path / "data")
+    _rewrite_vqa_annotations(data, lambda a: a.update(answers=[{"answer": "ride", "raw_answer": "riding"}] * 10,
+                                                      multiple_choice_answer="ride"))
+    task = get_task("vqa")
+    with pytest.warns(UserWarning, match="raw_answer.*not stemmed.*below the official OK-VQA metric"):
+        task.load(str(data), "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.load(str(data), "train")  # the same task: warned already
+        get_task("vqa").load(str(make_vqa(tmp_path / "vqav2")), "test")  # no `raw_answer`: no warning
+
+
+def test_every_generate_task_beam_searches_with_length_penalty_0():
+    """OpenFlamingo's evaluate.py decodes VQA and captioning with length_penalty 0.0 (a beam ranked by its summed
+    log-probability), not transformers' 1.0; the tasks that share their decoding do too."""
+    generate = {name: cls for name, cls in TASKS.items() if cls.kind == "generate"}
+    assert set(generate) == {"vqa", "captioning", "videoqa", "video_captioning", "multi_image", "multi_image_plain"}
+    for cls in generate.values():
+        assert cls().generation_settings() == {"max_new_tokens": cls.max_new_tokens, "num_beams": 3,
+                                               "length_penalty": 0.0}
+    assert get_task("vqa").generation_settings({"length_penalty": 1.0})["length_penalty"] == 1.0
+
+
+@pytest.mark.parametrize("task", ["vqa", "captioning"])
+def test_generate_gets_length_penalty_0_and_results_record_it(task, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = DATASET_MAKERS[task](tmp_path / "data")
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **k: calls.append(k) or generate(*a, **k)
+    common = dict(shots=[0], trials=1, progress=False, cider_tokenizer="python")
+    try:
+        results = evaluate(model, processor, task, str(data), **common, generation={"max_new_tokens": 2})
+        assert calls and all(k["length_penalty"] == 0.0 and k["num_beams"] == 3 for k in calls)
+        assert results["settings"]["generation"] == {"max_new_tokens": 2, "num_beams": 3, "length_penalty": 0.0}
+        calls.clear()  # greedy: not passed (transformers would warn that a beam-only flag is set)
+        evaluate(model, processor, task, str(data), **common, generation={"max_new_tokens": 2, "num_beams": 1})
+        assert calls and all("length_penalty" not in k for k in calls)
+    finally:
+        del model.generate
+
+
+def test_eval_subcommand_overrides_the_length_penalty(saved_model, tmp_path):
+    data = make_vqa(tmp_path / "data")
+    parser = argparse.ArgumentParser()
+    add_eval_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--model", saved_model, "--task", "vqa", "--data", str(data), "--shots", "0",
+                              "--trials", "1", "--num-samples", "2", "--max-new-tokens", "2", "--length-penalty", "1",
+                              "--out", str(tmp_path / "out"), "--no-progress"])
+    assert args.func(args) == 0
+    generation = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["generation"]
+    assert generation == {"max_new_tokens": 2, "num_beams": 3, "length_penalty": 1.0}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cider import cider
-from .task import Sample, Task, episode_fields, media_path, read_json
+from .task import Sample, Task, episode_fields, first_line, media_path, read_json
 
 SPLITS = {"train": ("train", "restval"), "test": ("test",)}
 
@@ -39,7 +39,7 @@ class CaptioningTask(Task):
         return samples
 
     def postprocess(self, text: str) -> str:
-        return text.split("Output")[0].split("\n")[0].strip()
+        return first_line(text.split("Output")[0])
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         score, used = cider({s.id: p["prediction"] for s, p in zip(samples, predictions)},

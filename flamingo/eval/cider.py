@@ -18,12 +18,21 @@ which is caseless) for what captions hold:
 - runs of ! ? # @ * _ are one token ("!!", "?!", "##"); curly quotes count as straight ones, "…" as "...", a dash
   (en/em) as "--"; brackets are written as PTB names them ("(" -> "-lrb-": lower-cased by `-lowerCase`, so
   pycocoevalcap keeps them); double quotes are dropped (PTB turns them into `` and '', which pycocoevalcap removes);
-  then the punctuation tokens pycocoevalcap removes are removed.
+  then the punctuation tokens pycocoevalcap removes are removed;
+- what PTB drops as untokenizable is dropped, leaving a token break: emoji and every other character beyond the
+  BMP, U+FFFD (a generation cut inside a multi-byte character), variation selectors, zero-width and direction marks,
+  the byte-order mark ("a dog\ufffds" -> "a dog s"); a soft hyphen is dropped without a break.
 Tests pin PTB's own output for each of these forms (tests/test_eval_metrics.py; with Java they also compare live).
 What still differs: URLs and e-mail addresses, fraction characters ("½"), an abbreviation run into the next word
-("mr.smith"), other rare apostrophe words, and one thing no per-caption tokenizer can copy: pycocoevalcap hands PTB
-every caption as one text, so a single letter's period at the end of a caption ("plan b.") is dropped when the next
-caption starts with a capital. The results record which tokenizer ran: `"tokenizer": "ptb"|"python"`.
+("mr.smith"), other rare apostrophe words, characters PTB 3.4.1's lexer reads otherwise (the Unicode hyphen U+2010,
+which it keeps inside a word and drops alone; combining marks; other scripts' punctuation), and one thing no
+per-caption tokenizer can copy: pycocoevalcap hands PTB every caption as one text, so a single letter's period at the
+end of a caption ("plan b.") is dropped when the next caption starts with a capital. The results record which
+tokenizer ran: `"tokenizer": "ptb"|"python"`.
+
+With PTB, each caption's line breaks (any `str.splitlines` breaks: "\r", VT, FF, U+2028, ...) become spaces first:
+PTB reads the one text line by line, so a caption's own line break would shift every later caption onto the wrong
+key; the number of captions PTB returns per key is checked.
 """
 
 from __future__ import annotations
@@ -83,6 +92,11 @@ _TOKEN = re.compile(
     r"|[?!]+|#+|@+|\*+|_+|-+"  # runs of these are one token
     r"|\S",
     re.IGNORECASE)
+# what PTB's lexer drops as untokenizable (a token break where it stood): characters beyond the BMP (emoji: Java reads
+# them as surrogate pairs), U+FFFD (a multi-byte character cut by max_new_tokens), U+FFFC, variation selectors,
+# zero-width and direction marks, the byte-order mark; a soft hyphen goes without a break ("foot\xadball")
+_UNTOKENIZABLE = re.compile("[\U00010000-\U0010ffff\ufffc\ufffd\ufe00-\ufe0f\u200b-\u200f\u202a-\u202e"
+                            "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]")
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
 # what PTB reads as ASCII quotes, ellipsis and dashes (its latexQuotes / ptb3Ellipsis / ptb3Dashes)
 _NORMALIZE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2039": "'", "\u203a": "'", "\u201c": '"',
@@ -96,7 +110,8 @@ def java_available() -> bool:
 
 def python_tokenize(text: str) -> str:
     """One caption -> space-joined lower-case tokens without punctuation (see the module docstring)."""
-    tokens = [_token(t) for t in _TOKEN.findall(text.translate(_NORMALIZE))]
+    text = _UNTOKENIZABLE.sub(" ", text.replace("\xad", "")).translate(_NORMALIZE)
+    tokens = [_token(t) for t in _TOKEN.findall(text)]
     return " ".join(t for t in tokens if t not in PTB_PUNCTUATION)
 
 
@@ -120,13 +135,21 @@ def tokenize(captions: Mapping[str, Sequence[str]], tokenizer: str = "auto") -> 
     if tokenizer == "ptb" or (tokenizer == "auto" and java_available()):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+        # PTB reads one caption per line of one text: a caption's own line break ("\r", VT, FF, U+2028, a CRLF)
+        # would split it in two and pair every later caption with the one before it, so each is joined into one line
+        lines = {k: [" ".join(c.splitlines()) for c in v] for k, v in captions.items()}
         try:
-            out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-            return {k: out.get(k, [""] * len(v)) for k, v in captions.items()}, "ptb"
+            out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in lines.items()})
         except Exception as e:  # Java present but unusable (e.g. a read-only site-packages for its temp file)
             if tokenizer == "ptb":
                 raise
             warnings.warn(f"PTB tokenizer failed ({e}); using the Python tokenization", stacklevel=2)
+        else:
+            for k, v in lines.items():
+                if len(out.get(k, [])) != len(v):
+                    raise RuntimeError(f"the PTB tokenizer returned {len(out.get(k, []))} caption(s) for {k!r}, which "
+                                       f"has {len(v)}: the captions were misaligned (first of them: {v[:1]!r})")
+            return {k: out.get(k, []) for k in lines}, "ptb"
     return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}, "python"
 
 

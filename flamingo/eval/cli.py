@@ -53,6 +53,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam search's length penalty (default 0.0, OpenFlamingo's: beams ranked by summed "
+                        "log-probability; 1.0 divides it by the length, transformers' default)")
     p.add_argument("--cider-tokenizer", choices=TOKENIZERS, default="auto",
                    help="PTB (needs java) or the documented Python tokenization")
     p.add_argument("--out", default="eval_results",
@@ -98,8 +101,8 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             model, processor = load_model(args.model, torch_dtype=dtype, device=default_device(args.device),
                                           quantize_frozen=args.quantize_frozen, revision=args.revision)
-        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))
-                      if v is not None}
+        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams),
+                                        ("length_penalty", args.length_penalty)) if v is not None}
         results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
                            demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
                            batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,

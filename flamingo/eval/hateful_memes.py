@@ -1,5 +1,6 @@
 """HatefulMemes: rank "yes" / "no" after the meme's prompt; P(yes) = softmax over the two summed log-likelihoods;
-ROC-AUC (scikit-learn), as the Flamingo paper reports."""
+ROC-AUC (scikit-learn), as the Flamingo paper reports, ranking the memes by the log-odds log P(yes) - log P(no): the
+same order as P(yes), which rounds to 1.0 in float64 beyond ~37 nats and would tie such memes."""
 
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ class HatefulMemesTask(Task):
         return ["yes", "no"]
 
     def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
-        diff = scores[candidates.index("no")] - scores[candidates.index("yes")]
-        prob_yes = 1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0
-        return {"prediction": "yes" if prob_yes >= 0.5 else "no", "prob_yes": prob_yes}
+        log_odds = scores[candidates.index("yes")] - scores[candidates.index("no")]
+        prob_yes = 1.0 / (1.0 + math.exp(-log_odds)) if -log_odds < 700 else 0.0
+        return {"prediction": "yes" if prob_yes >= 0.5 else "no", "prob_yes": prob_yes, "log_odds": log_odds}
 
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         labels = [int(s.label) for s in samples]
-        auc = roc_auc(labels, [p["prob_yes"] for p in predictions])
+        auc = roc_auc(labels, [p["log_odds"] for p in predictions])
         hits = [(p["prediction"] == "yes") == bool(label) for label, p in zip(labels, predictions)]
         return {"roc_auc": None if auc is None else 100.0 * auc, "accuracy": percent(hits)}

@@ -92,7 +92,9 @@ def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoa
                    prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
     """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw = decoded new text)."""
     inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
-    settings = {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams, **generation}
+    settings = task.generation_settings(generation)
+    if int(settings["num_beams"]) == 1:  # greedy: a beam-only setting would only draw transformers' warning
+        settings.pop("length_penalty", None)
     out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts = processor.batch_decode(new, skip_special_tokens=True)

@@ -59,7 +59,7 @@ class RemoteModel:
     def generate_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                        prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
         """Greedy continuations -> [{"prediction", "raw"}], as `predict.generate_batch`."""
-        settings = {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams, **generation}
+        settings = task.generation_settings(generation)
         if settings["num_beams"] != 1:
             raise ValueError(f"{task.name} decodes with {settings['num_beams']} beams; a server decodes greedily: "
                              "evaluate with --num-beams 1")

@@ -92,8 +92,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
         rices = {}
     local: list[tuple[int, dict[str, Any]]] = []
     limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
-    new_tokens = int({"max_new_tokens": task.max_new_tokens, **(generation or {})}["max_new_tokens"]) \
-        if task.kind == "generate" else 0
+    new_tokens = int(task.generation_settings(generation)["max_new_tokens"]) if task.kind == "generate" else 0
     bar = tqdm(total=len(mine), desc=description, disable=not progress or rank() != 0)
     for start in range(0, len(mine), batch_size):
         indices, prompts, chosen = [], [], []
@@ -262,8 +261,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                      "chat": task.chat.name if task.chat is not None else None,
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
                      "world_size": world_size(), "kind": task.kind,
-                     "generation": {"max_new_tokens": task.max_new_tokens, "num_beams": task.num_beams,
-                                    **(generation or {})} if task.kind == "generate" else None},
+                     "generation": task.generation_settings(generation) if task.kind == "generate" else None},
         "runs": runs,
         "summary": summarize(runs),
     }

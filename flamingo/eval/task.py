@@ -55,6 +55,9 @@ class Task:
     metrics: tuple[str, ...] = ()
     max_new_tokens: int = 5
     num_beams: int = 1
+    # beam search ranks finished beams by their summed log-probability, not divided by their length (HF's default
+    # 1.0 would favour longer answers and captions): OpenFlamingo's evaluate.py passes 0.0 for VQA and captioning
+    length_penalty: float = 0.0
     image_references: bool = False  # prompts declare their images (`Image 0 is <image0>`, flamingo/references.py)
 
     def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
@@ -133,9 +136,14 @@ class Task:
         return candidates
 
     # ------------------------------------------------------------------------------------------- predictions
+    def generation_settings(self, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Generate tasks: the task's decoding settings with `overrides` (max_new_tokens, num_beams, ...) on top."""
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                "length_penalty": self.length_penalty, **(overrides or {})}
+
     def postprocess(self, text: str) -> str:
         """Generated text (special tokens removed) -> the prediction."""
-        return text.split("\n")[0].strip()
+        return first_line(text)
 
     def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
         """Ranked tasks: candidates' summed log-likelihoods -> a prediction record (top-5 names, best first)."""
@@ -180,6 +188,12 @@ def media_path(data_dir: Path, relative: str) -> str:
     if not isinstance(relative, str) or not relative:
         raise ValueError(f"a media path must be a non-empty string, got {relative!r}")
     return str(data_dir / relative)
+
+
+def first_line(text: str) -> str:
+    """The text before its first line break of any kind (`str.splitlines`: also "\\r", U+2028, ...), stripped."""
+    lines = text.splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def percent(scores: Sequence[float]) -> float:

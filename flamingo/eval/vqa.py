@@ -1,10 +1,18 @@
-"""VQA (VQAv2 / OK-VQA / VizWiz / TextVQA layout): generate a short answer, score with the official VQA accuracy."""
+"""VQA (VQAv2's layout; VizWiz and TextVQA in it): generate a short answer, score with the official VQA accuracy.
+
+OK-VQA's annotations read in this layout too, but are not scored as OK-VQA's evaluation scores them: its answers are
+stemmed ("riding" -> "ride", `raw_answer` holds the unstemmed one) and its evaluation stems the prediction with
+OpenFlamingo's OKVQAStemmer (NLTK's WordNet and tagger data, which are not shipped), so a natural "riding" scores 0
+here and accuracy is below the official metric. A set whose answers carry `raw_answer` gets a warning saying so.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .distributed import rank
 from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
@@ -29,24 +37,34 @@ class VQATask(Task):
     metrics = ("vqa_accuracy",)
     max_new_tokens = 5
     num_beams = 3  # OpenFlamingo's VQA setting
+    warned_stemmed = False  # the OK-VQA warning is given once per task
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         questions = read_json(root / f"{split}_questions.json")["questions"]
         annotations = {a["question_id"]: a for a in read_json(root / f"{split}_annotations.json")["annotations"]}
-        samples = []
+        samples, stemmed = [], False
         for q in questions:
             ann = annotations.get(q["question_id"])
             if ann is None:
                 raise ValueError(f"{split}: question {q['question_id']} has no annotation")
-            answers = [a["answer"] for a in ann.get("answers", [])]
-            answer = ann.get("multiple_choice_answer") or (answers[0] if answers else "")
+            # strings, as the metric and the prompts read them (a converted set may write "how many" answers as 2)
+            answers = [str(a["answer"]) for a in ann.get("answers", [])]
+            stemmed = stemmed or any("raw_answer" in a for a in ann.get("answers", []))
+            chosen = ann.get("multiple_choice_answer")
+            answer = str(chosen) if chosen is not None and str(chosen) else (answers[0] if answers else "")
             image = media_path(root, q["image"]) if q.get("image") else find_image(root, q["image_id"])
             # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)
             kind = ann.get("answer_type") or ann.get("question_type")
             samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},
                                   answer=answer, references=answers or [answer], **episode_fields(q),
                                   kind=str(kind) if kind is not None else None))
+        if stemmed and not self.warned_stemmed and rank() == 0:
+            self.warned_stemmed = True
+            warnings.warn(f"{split} annotations of {data_dir!r} carry `raw_answer` (OK-VQA's stemmed answers): "
+                          "predictions are not stemmed as OK-VQA's evaluation stems them (its stemmer needs NLTK "
+                          "data not shipped here), so a prediction like 'riding' for 'ride' scores 0 and accuracy "
+                          "is below the official OK-VQA metric", stacklevel=2)
         return samples
 
     def postprocess(self, text: str) -> str:

@@ -4,6 +4,11 @@ Answers are normalised as the official script does: punctuation (`process_punctu
 words -> digits, articles dropped, missing apostrophes restored in contractions (`process_digit_article`). A prediction
 scores `min(#humans who gave it / 3, 1)`, averaged over the 10 leave-one-out subsets of the 10 human answers.
 
+The official formula assumes VQAv2's 10 answers per question. With fewer n < 10 (a custom set, or an annotation
+giving only `multiple_choice_answer`) a prediction scores `min(1, matches / min(3, n))`, without leave-one-out: one
+answer is an exact match after normalisation, two score 1.0 when both agree (0.5 for one of them), three to nine
+score as min(1, matches / 3). (Leave-one-out would score a perfect answer 0 against one human, 0.67 against three.)
+
 One deliberate difference: the official script normalises only when the humans disagree (an efficiency shortcut
 that, with an unnormalised prediction, can score "Two" as 0 when all ten humans wrote "2"); we always normalise both
 sides. Its `periodStrip.sub(..., re.UNICODE)` passes the flag as a `count` (32): we strip every period, which agrees
@@ -50,6 +55,7 @@ PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
                "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period not followed by a digit ("(?!<=" is the original's typo)
 _COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")  # a thousands separator: "1,000"
+LINE_BREAK = "[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]"  # what `str.splitlines` breaks at
 
 
 def process_punctuation(text: str) -> str:
@@ -78,20 +84,23 @@ def normalize_answer(answer: str) -> str:
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """Accuracy of one prediction: mean over leave-one-out subsets of min(#matches / 3, 1).
 
-    With 10 humans of whom m gave the prediction: m = 0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >= 4 -> 1.
+    With 10 humans of whom m gave the prediction: m = 0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >= 4 -> 1. With n < 10
+    humans: min(1, m / min(3, n)), no leave-one-out (1 human: exact match; see the module docstring).
     """
     if not human_answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     pred = normalize_answer(prediction)
     matches = [normalize_answer(a) == pred for a in human_answers]
     total = sum(matches)
+    if len(matches) < 10:
+        return min(1.0, total / min(3, len(matches)))
     # Leaving out answer i removes one match iff answer i matched.
     scores = [min((total - int(m)) / 3.0, 1.0) for m in matches]
     return sum(scores) / len(scores)
 
 
 def postprocess_vqa_generation(text: str) -> str:
-    """A generated short answer -> the answer: cut at a newline or at the next "Question"/"Answer"/"Short" the model
-    starts to write (OpenFlamingo's rule), strip, lower case."""
-    text = re.split(r"\n|Question|Answer|Short", text, maxsplit=1)[0]
+    """A generated short answer -> the answer: cut at the next "Question"/"Answer"/"Short" the model starts to write
+    or at ", " ("yes, it is" -> "yes"), as OpenFlamingo's rule does, and at any line break; strip, lower case."""
+    text = re.split(f"{LINE_BREAK}|, |Question|Answer|Short", text, maxsplit=1)[0]
     return text.strip().lower()

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .distributed import rank
 from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
@@ -59,6 +58,8 @@ class VQATask(Task):
             samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},
                                   answer=answer, references=answers or [answer], **episode_fields(q),
                                   kind=str(kind) if kind is not None else None))
+        from .distributed import rank  # torch: not at import, so `flamingo --help` stays light
+
         if stemmed and not self.warned_stemmed and rank() == 0:
             self.warned_stemmed = True
             warnings.warn(f"{split} annotations of {data_dir!r} carry `raw_answer` (OK-VQA's stemmed answers): "

@@ -10,7 +10,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 from .config import QUANTIZE_MODES
 from .runtime.dtypes import DTYPE_NAMES, torch_dtype
@@ -58,6 +59,20 @@ def check_device(name: str) -> None:
     from .runtime.device import check_device as check
 
     check(name)
+
+
+@contextmanager
+def needs_extra(command: str, extra: str) -> Iterator[None]:
+    """Imports inside that miss a third-party package raise a ValueError (the CLI's one-line error) naming it and
+    the extra that installs it, as `--quantize-frozen` does without torchao. Our own modules missing (a broken
+    install) keep their traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        package = (e.name or "").partition(".")[0]
+        if not package or package in ("flamingo", "flamingo_demo"):
+            raise
+        raise ValueError(f"{command} needs {package}: pip install 'flamingo-vlm[{extra}]'") from e
 
 
 def check_output_file(output: str, source: Optional[str] = None) -> None:
@@ -314,7 +329,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible server with continuous batching and a web page (docs/serve.md)."""
     import logging
 
-    from .serve.server import serve
+    with needs_extra("flamingo serve", "serve"):
+        import uvicorn  # noqa: F401 (serve() imports it once the model is loaded: checked before)
+
+        from .serve.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine, settings = _engine_and_settings(args)
@@ -324,7 +342,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     """OpenAI Batch API requests (JSONL) -> their responses (JSONL), offline through the server's endpoints."""
-    from .serve.batch import run_batch
+    with needs_extra("flamingo batch", "serve"):
+        from .serve.batch import run_batch
 
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"no input file {args.input!r}")

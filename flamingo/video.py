@@ -38,6 +38,15 @@ _ROTATION_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTAT
 MAX_ASPECT_RATIO = 200
 
 
+def import_av() -> Any:
+    """PyAV, imported when a video comes (only videos need it); missing, an ImportError that says how to install it."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("videos need PyAV (av): pip install 'flamingo-vlm[video]'") from e
+    return av
+
+
 def check_image_size(width: int, height: int) -> None:
     """Refuse an image with an empty side or an aspect ratio over `MAX_ASPECT_RATIO`:1, before an image processor
     resizes it."""
@@ -179,10 +188,10 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
-        ValueError (naming the file) when the file is missing, truncated, has no video stream or cannot be decoded.
+        ValueError (naming the file) when the file is missing, truncated, has no video stream or cannot be decoded;
+        ImportError when PyAV is not installed (not a bad file: a data loader that skips bad files must not skip it).
     """
-    import av  # imported lazily: only videos need PyAV
-
+    av = import_av()
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"decode_video needs fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
     name = _describe(path)

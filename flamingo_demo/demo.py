@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import threading
@@ -37,6 +38,7 @@ from flamingo.config import CONFIG_NAME
 from flamingo.runtime import run_torchrun, torchrun_command
 from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer
+from flamingo.video import import_av
 
 from .backbones import grow_backbones
 from .build_world import write_world
@@ -162,18 +164,19 @@ def train_flamingo(run: DemoRun, variant: str) -> str:
     model directory."""
     s = run.settings
     overrides = train_overrides(run, variant)
-    run.commands[variant] = " ".join(launcher(s.train_procs) + ["configs/mini.yaml"] + overrides)
+    config = os.path.abspath(config_path())  # the reproduce command works from any directory
+    run.commands[variant] = shlex.join(launcher(s.train_procs) + [config] + overrides)
     if not s.progress:  # not part of the reproduce command: it only silences the bar
         overrides = overrides + ["train.progress=false"]
     out = os.path.join(s.out, variant)
 
     def build() -> str:
         if s.train_procs == 1:
-            trainer = Trainer(load_config(config_path(), overrides))
+            trainer = Trainer(load_config(config, overrides))
             if not trainer.run() and trainer.stopped_by == signal.SIGINT:
                 raise KeyboardInterrupt  # Ctrl-C: no final model and no marker, so the rerun redoes the stage
         else:  # one thread per rank: the demo's 2 threads split
-            run_processes(s.train_procs, "flamingo.cli", ["train", config_path(), *overrides],
+            run_processes(s.train_procs, "flamingo.cli", ["train", config, *overrides],
                           what=f"the Flamingo stage ({variant})",
                           hint="`--train-procs 1` trains in this process, without torchrun")
         final = os.path.join(out, "final")
@@ -279,6 +282,10 @@ def run_demo(settings: DemoSettings) -> DemoRun:
         if procs == 0:
             settings = replace(settings, **{name: default_procs()})
     per_rank_batches(settings.train_procs)  # a batch that does not split fails here, not after two stages
+    try:  # the world's videos and the video dataset: refused here, not from inside a world writer's process
+        import_av()
+    except ImportError as e:
+        raise ValueError(f"the demo's {e}") from e
     # absolute once: the stage markers and the train command record file names that a rerun from another working
     # directory must still find
     settings = replace(settings, out=os.path.abspath(settings.out), shots=checked_shots(settings.shots, size))

@@ -12,6 +12,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from flamingo.video import import_av
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -26,8 +28,7 @@ def save_image(array: np.ndarray, path: Path) -> None:
 
 def save_video(frames: np.ndarray, path: Path, fps: float = 1.0) -> None:
     """(F, H, W, 3) uint8 -> mp4 (libx264 when available, else mpeg4; yuv420p, so H and W must be even)."""
-    import av  # only the video writers need PyAV
-
+    av = import_av()  # only the video writers need PyAV
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"frames must be (F, H, W, 3) with even H, W, got {frames.shape}")
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"

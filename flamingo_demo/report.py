@@ -122,7 +122,7 @@ def write_report(run: DemoRun) -> str:
              "CPU. Other versions of these packages (transformers above all) change the last bits of the "
              "computations, so the weights and some predictions differ. The Flamingo stage is the ordinary trainer"
              + (f", in {s.train_procs} DDP processes of one thread each (a dataset's `batch_size` is per process, "
-                "so the demo divides configs/mini.yaml's batches by the number of processes)"
+                "so the demo divides mini.yaml's batches by the number of processes)"
                 if s.train_procs > 1 else "") + ":", "", "```bash"]
     lines += [run.commands[v] for v in run.commands] + ["```", ""]
 

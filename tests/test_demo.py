@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -87,8 +88,9 @@ def test_every_stage_leaves_its_artefact(demo_run):
     # a step sees configs/mini.yaml's batches, whether one process or several (each with its share) trained
     assert first["samples"] == sum(d["batch_size"] for d in datasets)
     if demo_run.settings.train_procs > 1:
-        launch = " ".join(torchrun_command(demo_run.settings.train_procs, "flamingo.cli", ["train"]))
-        assert demo_run.commands["flamingo"].startswith(launch + " configs/mini.yaml ")
+        config = os.path.abspath(config_path())
+        launch = torchrun_command(demo_run.settings.train_procs, "flamingo.cli", ["train", config])
+        assert demo_run.commands["flamingo"].startswith(shlex.join(launch) + " ")
 
 
 @pytest.mark.slow

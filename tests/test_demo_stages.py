@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
 
 import flamingo_demo.cli as demo_cli
 import flamingo_demo.demo as demo_module
-from flamingo_demo.demo import checked_shots, max_shots, run_demo, train_flamingo
+from flamingo_demo.demo import checked_shots, config_path, max_shots, run_demo, train_flamingo
 from flamingo_demo.probes import token_stream
 from flamingo_demo.run import DemoRun, DemoSettings
 from flamingo_demo.sizes import get_size
@@ -138,6 +140,13 @@ def test_a_relative_out_is_made_absolute_before_any_stage(tmp_path, monkeypatch,
     assert settings.out == str(tmp_path / "rel") and os.path.isabs(settings.out)
 
 
+def test_a_machine_without_pyav_is_refused_before_any_stage(tmp_path, monkeypatch, no_stages):
+    """The world's videos and the video dataset need PyAV: one line naming the install, not a writer's traceback."""
+    monkeypatch.setitem(sys.modules, "av", None)  # as if not installed: importing it raises ModuleNotFoundError
+    with pytest.raises(ValueError, match=r"the demo's videos need PyAV \(av\): pip install 'flamingo-vlm\[video\]'"):
+        run_demo(DemoSettings(out=str(tmp_path), size="smoke", train_procs=1, eval_procs=1))
+
+
 def test_bad_shots_are_refused_before_any_stage(tmp_path, no_stages):
     smoke = get_size("smoke")
     assert max_shots(smoke) == 8 and checked_shots([4, 0, 0, 4], smoke) == (0, 4)
@@ -159,6 +168,31 @@ def _run_with_world(tmp_path, procs: int) -> DemoRun:
     run.world = {"data": {kind: {"path": f"{kind}.jsonl"} for kind in kinds}}
     run.backbones = {"vision": {"dir": "vision"}, "lm": {"dir": "lm"}}
     return run
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_the_reproduce_command_runs_from_any_directory(tmp_path, monkeypatch, procs):
+    """The report's `flamingo train` line names the config the stage ran by its absolute path (the packaged
+    mini.yaml: an installed demo has no configs/ folder), not one relative to where the demo ran."""
+    ran = []
+
+    def torchrun(procs, module, args, *, what, hint):  # the stage's command: record its config, train nothing
+        ran.append(args[1])
+        raise StageRan
+
+    def load(path, overrides):  # the same in this process (one process)
+        ran.append(path)
+        raise StageRan
+
+    monkeypatch.setattr(demo_module, "run_torchrun", torchrun)
+    monkeypatch.setattr(demo_module, "load_config", load)
+    monkeypatch.chdir(tmp_path)  # not the checkout: configs/mini.yaml is not here
+    run = _run_with_world(tmp_path, procs)
+    with pytest.raises(StageRan):
+        train_flamingo(run, "flamingo")
+    words = shlex.split(run.commands["flamingo"])
+    config = words[words.index("train") + 1]
+    assert os.path.isabs(config) and config == ran[0] and os.path.samefile(config, config_path())
 
 
 def test_ctrl_c_during_a_torchrun_stage_is_an_interrupt_not_a_failure(tmp_path, monkeypatch):

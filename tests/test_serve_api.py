@@ -239,3 +239,94 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tmp_path):
     assert data[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # finished, not cut off
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+SLOW_SERVER = """
+import sys, time
+from flamingo.serve.engine import Engine
+from flamingo.serve.server import build_engine, serve, settings_for
+
+step = Engine._decode_step
+
+
+def slow_step(self):  # a decode step of a bigger model: an answer takes seconds
+    time.sleep(0.05)
+    return step(self)
+
+
+Engine._decode_step = slow_step
+model_dir, port, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+engine = build_engine(model_dir, max_batch=4)
+engine.eos = set()  # no stop token: every answer runs its max_tokens
+serve(engine, settings_for(model_dir), port=port, grace=grace, log_level="warning")
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_past_the_grace_ends_each_stream_with_an_error_event(tmp_path):
+    """Streams still running when `--grace` runs out get an error event, then `[DONE]` (a whole answer a 500), while
+    their connections are open, and the process exits 0 (before: uvicorn cancelled the requests first, cutting each
+    stream mid-body with no error event)."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    script = tmp_path / "slow_server.py"
+    script.write_text(SLOW_SERVER)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), str(model_dir), str(port), "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    streams = {"chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Output:"}]}),
+               "completion": ("/v1/completions", {"prompt": "Output:", "n": 2}),
+               "responses": ("/v1/responses", {"input": "Output:", "max_output_tokens": 400})}
+    lines: dict[str, list[str]] = {name: [] for name in streams}
+    started = {name: threading.Event() for name in streams}
+    whole: list[httpx.Response] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+
+        def stream(name: str) -> None:
+            path, body = streams[name]
+            fields = {} if name == "responses" else {"max_tokens": 400}
+            with httpx.stream("POST", url + path, json={**body, **fields, "stream": True}, timeout=60) as response:
+                for line in response.iter_lines():
+                    lines[name].append(line)
+                    if '"delta"' in line or '"text": "' in line:
+                        started[name].set()
+
+        def post_whole() -> None:
+            whole.append(httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "Output:"}], "max_tokens": 400}))
+
+        clients = [threading.Thread(target=stream, args=(name,)) for name in streams]
+        clients.append(threading.Thread(target=post_whole))
+        for client in clients:
+            client.start()
+        for name in streams:
+            assert started[name].wait(30), name
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for client in clients:
+            client.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 10  # the grace, not the answers' 20 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    log = proc.stdout.read().decode()
+    assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log, log
+    for name in ("chat", "completion"):
+        data = [x[6:] for x in lines[name] if x.startswith("data: ")]
+        assert data[-1] == "[DONE]", (name, lines[name][-3:])
+        assert json.loads(data[-2])["error"]["message"] == "the server is shutting down", data[-2]
+    events = [json.loads(x[6:]) for x in lines["responses"] if x.startswith("data: ")]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"], events[-2:]
+    assert whole[0].status_code == 500 and "shutting down" in whole[0].json()["error"]["message"]

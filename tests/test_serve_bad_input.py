@@ -87,7 +87,7 @@ CASES = {
     "too many images": (dict(json=_user(*[data_url(random_image(i)) for i in range(4)], "Output:")), 400,
                         "more than the 3"),
     "not an image": (dict(json=_user("data:image/png;base64," + base64.b64encode(b"hello, world").decode())), 400,
-                     "not a decodable image"),
+                     "not an image or video this server can decode"),
     "bad base64": (dict(json=_user("data:image/png;base64,@@@")), 400, "base64"),
     "not a media type": (dict(json=_user("data:text/plain;base64,aGk=")), 400, "unsupported media type"),
     "decompression bomb": (dict(json=_user(_png_claiming(50_000, 50_000))), 400, "decompression bomb"),
@@ -290,7 +290,7 @@ def test_a_developer_message_is_a_system_message(served):
                                           ("data:text/plain;base64,aGk=", "unsupported media type"),
                                           ("../secret.png", "outside"),
                                           ("data:image/png;base64," + base64.b64encode(b"hello").decode(),
-                                           "not a decodable image"),
+                                           "not an image or video this server can decode"),
                                           (_video_url(16, 16, seconds=12), "more than the 10 s allowed")])
 def test_media_errors_name_the_requests_field(served, url, message):
     """A medium's error names the field that holds it: chat `messages`, completions `media`, Responses `input`."""
@@ -355,3 +355,92 @@ def test_options_under_which_the_server_never_answers_are_refused_at_once(model_
     engine = engine_for(model_dir)
     with pytest.raises(ValueError, match="max_queue must be >= 1"):
         Engine(engine.model, engine.processor, max_queue=0)
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>'
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an ISO BMFF header, HEIC brand
+
+
+@pytest.mark.parametrize("data, mime, says", [
+    (b"", "image/png", "the file is empty (0 bytes)"),
+    (b"", "video/mp4", "the file is empty (0 bytes)"),
+    (SVG, "image/svg+xml", "SVG is a vector drawing"),
+    (b"  <svg xmlns='http://www.w3.org/2000/svg'/>", "image/png", "SVG is a vector drawing"),
+    (HEIC, "image/heic", "HEIC/HEIF needs a decoder"),
+    (bytes(range(256)) * 4, "image/png", "it reads PNG, JPEG, WebP"),
+])
+def test_an_unreadable_file_is_named_plainly(data, mime, says):
+    """Empty files, SVG, HEIC and random bytes: the error says what the file is and what the server reads, never a
+    Python object (before: "cannot identify image file <_io.BytesIO object at 0x7f...>")."""
+    from flamingo.serve.media import load_medium
+    from flamingo.serve.protocol import APIError
+
+    url = f"data:{mime};base64," + base64.b64encode(data).decode()
+    with pytest.raises(APIError) as e:
+        load_medium(url, MediaPolicy(), where="medium 0", param="messages")
+    assert e.value.status == 400 and e.value.message.startswith(f"medium 0 ({mime}): "), e.value.message
+    assert says in e.value.message and "0x" not in e.value.message and "object at" not in e.value.message
+    if data and b"svg" not in data and b"ftyp" not in data:
+        assert "not an image or video this server can decode" in e.value.message
+
+
+def test_url_schemes_are_case_insensitive(served):
+    """`DATA:` is a data URL and `HTTPS:` an https URL (RFC 3986: schemes are case-insensitive); before, `DATA:` was
+    refused as "unsupported URL scheme 'data' (data:, ...)"."""
+    def chat(url: str) -> httpx.Response:
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Output:"}]
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+        return httpx.post(served + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+
+    image = data_url(random_image(2))
+    answers = []
+    for url in (image, "DATA:" + image[5:], "Data:" + image[5:]):
+        response = chat(url)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+    assert answers[1:] == answers[:1] * 2
+    refused = chat("HTTPS://127.0.0.1:9/x.png")
+    assert refused.status_code == 400 and "remote media URLs are refused" in refused.json()["error"]["message"]
+
+
+IMAGE = {"url": "data:image/png;base64,AAAA"}
+BAD_PARTS = {  # a bad content part -> (the error's message, its param)
+    "extra field in image_url": ([{"type": "image_url", "image_url": {**IMAGE, "foo": 1}}],
+                                 "Unrecognized request argument supplied: messages.0.content.0.image_url.foo",
+                                 "messages.0.content.0.image_url.foo"),
+    "unknown part type": ([{"type": "text", "text": "a"}, {"type": "audio", "audio": "x"}],
+                          "unknown type 'audio' (expected one of 'text', 'image_url', 'video_url')",
+                          "messages.0.content.1"),
+    "part without a type": ([{"text": "a"}], "the 'type' field is missing", "messages.0.content.0"),
+    "image_url as a bare string": ([{"type": "image_url", "image_url": IMAGE["url"]}],
+                                   "messages.0.content.0.image_url: Input should be a JSON object",
+                                   "messages.0.content.0.image_url"),
+    "detail not a string": ([{"type": "image_url", "image_url": {**IMAGE, "detail": 3}}],
+                            "messages.0.content.0.image_url.detail: Input should be a valid string",
+                            "messages.0.content.0.image_url.detail"),
+    "text part without its text": ([{"type": "text"}], "messages.0.content.0.text: Field required",
+                                   "messages.0.content.0.text"),
+    "content neither text nor parts": (5, "messages.0.content: Input should be a valid string or a valid list",
+                                       "messages.0.content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARTS))
+def test_a_bad_content_part_is_told_what_is_wrong_with_it(served, case):
+    """Before, every bad part read "messages.0.content: Input should be a valid string" (the error of the content's
+    `str` branch, listed first)."""
+    content, says, param = BAD_PARTS[case]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    response = httpx.post(served + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert says in error["message"] and error["param"] == param, error
+
+
+def test_a_bad_responses_part_is_told_what_is_wrong_with_it(served):
+    for part, says in (({"type": "input_image", "image_url": IMAGE["url"], "foo": 1},
+                        "Unrecognized request argument supplied: input.0.content.0.foo"),
+                       ({"type": "input_audio"}, "unknown type 'input_audio'")):
+        body = {"input": [{"role": "user", "content": [part]}], "max_output_tokens": 1}
+        response = httpx.post(served + "/v1/responses", json=body, headers=AUTH, timeout=30)
+        assert response.status_code == 400 and says in response.json()["error"]["message"], response.text

@@ -11,11 +11,12 @@ import json
 import httpx
 import pytest
 import torch
-from tokenizers import processors
+from tokenizers import Tokenizer, decoders, models, normalizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine, find_stop
-from flamingo.serve.logprobs import TokenStrings
+from flamingo.serve.logprobs import CompletionLogprobs, TokenStrings
 from flamingo.serve.sampling import SamplingParams
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer
 
@@ -311,6 +312,77 @@ def test_token_texts_and_bytes_join_back_into_the_text(text):
     assert b"".join(strings(i)[1] for i in ids) == text.encode()
     if all("\ufffd" not in strings(i)[0] for i in ids):
         assert "".join(strings(i)[0] for i in ids) == text
+
+
+def _byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny SentencePiece-style BPE (Llama's): a few pieces, every other character as its UTF-8 bytes' `<0xNN>`
+    byte-fallback tokens, a `▁` for each space and one before the text."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "a", "b", "c", "e", "f", "é", "▁a", "▁c", "af"):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a"), ("▁", "c"), ("a", "f")], unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
+@pytest.mark.parametrize("text", ["Output: 中文 and more", "😀 a", "a 中文 caf", "naïve café 🦩 — ok"])
+def test_text_offsets_count_a_character_split_over_tokens_once(make, text):
+    """A character split over byte tokens (each reading "\ufffd") is one character of the text: each token's
+    `text_offset` is the start of the character its first byte belongs to (the tokens after a character's first
+    until it is whole share it), never past the text, and the next text starts at `len(text)` (before: each byte
+    token counted a character, so every later offset drifted past the text)."""
+    tokenizer = make()
+    strings = TokenStrings(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in strings(i)[0] for i in ids)  # the tokenizer does split a character
+    logprobs = CompletionLogprobs(strings)
+    offsets = logprobs.add_prompt(ids, None, text)["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] < len(text) and logprobs.offset == len(text)
+    joined = b"".join(strings(i)[1] for i in ids)
+    lead = len(joined) - len(text.encode())  # the space a SentencePiece tokenizer writes before the text
+    assert joined[lead:] == text.encode()
+    for i, offset in enumerate(offsets):
+        before = b"".join(strings(t)[1] for t in ids[:i])[lead:]
+        assert offset == len(before.decode("utf-8", "ignore")), (i, offsets)  # the character the token is in
+    answer = logprobs.add(tokenizer.encode(" b", add_special_tokens=False), None)
+    assert answer["text_offset"][0] == len(text)
+
+
+def test_text_offsets_after_a_character_left_unfinished():
+    """A first byte the next token does not continue is a U+FFFD of the text (as the answer's text writes it): the
+    next token starts after it."""
+    tokenizer = tiny_tokenizer()
+    strings = TokenStrings(tokenizer)
+    lead, tail = tokenizer.encode("\u00e9", add_special_tokens=False)  # 0xC3 0xA9
+    for ids, offsets in (([lead, *tokenizer.encode(" to", add_special_tokens=False)], [0, 1]),
+                         ([lead, lead, tail, lead], [0, 1, 1, 2])):
+        text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        got = CompletionLogprobs(strings).add(ids, None)["text_offset"]
+        assert got[:len(offsets)] == offsets and all(o <= len(text) for o in got), (text, got)
+
+
+@pytest.mark.parametrize("prompt", ["Output: 中文 and more", "😀 Output: a"])
+def test_echoed_offsets_index_a_multi_byte_text(served, prompt):
+    """Over HTTP: echo with logprobs of a prompt with characters split over tokens; every offset is within the
+    choice's text, the answer's first token is at `len(prompt)`, and a whole token's text is where its offset says."""
+    engine, url = served
+    for max_tokens in (0, 6):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "echo": True, "logprobs": 0, "temperature": 0}
+        choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+        offsets = lp["text_offset"]
+        assert offsets == sorted(offsets) and all(o <= len(text) for o in offsets), (offsets, len(text))
+        assert text.startswith(prompt)
+        listed = len(offsets) - (choice["finish_reason"] == "stop")  # a stop token is listed, not in the text
+        for token, offset in list(zip(lp["tokens"], offsets))[:listed]:
+            if "\ufffd" not in token:  # else a part of a character
+                assert text[offset:offset + len(token)] == token, (token, offset, text)
+        if max_tokens:
+            assert offsets[len(engine.processor.prompt_ids(prompt))] == len(prompt), offsets
 
 
 def test_a_list_of_prompts_answers_each_as_alone(served):

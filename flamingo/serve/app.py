@@ -49,7 +49,7 @@ from .protocol import (
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
-from .template import MediaRef, render_messages
+from .template import MediaRef, control_tokens, render_messages
 
 STATIC = Path(__file__).parent / "static"
 # a /v1/responses request runs as a chat completion: the chat fields its errors name, as the Responses API calls them
@@ -89,6 +89,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     strings = TokenStrings(processor.tokenizer)
     grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
     chat_template = chat_format_for(processor, vocab)  # the served model's conversation format
+    control = control_tokens(processor)  # strings chat text may not hold (they would tokenize as control tokens)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if batches is not None:
@@ -269,7 +270,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
-        text, refs = render_messages(chat_template, req.messages)
+        text, refs = render_messages(chat_template, req.messages, control)
         job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "messages"), req, True,
                                                       response_grammar(req), "messages"))
         return await run(request, [job], True, req.stream,
@@ -281,7 +282,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(ResponsesRequest, await read_json(request))
         try:  # checked as the chat request it becomes: its errors name the Responses fields
             chat = req.chat()
-            text, refs = render_messages(chat_template, chat.messages)
+            text, refs = render_messages(chat_template, chat.messages, control)
             job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
                                                           response_grammar(chat), "input"))
         except APIError as e:
@@ -340,7 +341,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def tokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = parse(TokenizeRequest, await read_json(request))
-        text = req.prompt if req.messages is None else render_messages(chat_template, req.messages)[0]
+        text = req.prompt if req.messages is None else render_messages(chat_template, req.messages, control)[0]
         if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)

@@ -9,6 +9,7 @@ token), so a client can join them back into the character.
 
 from __future__ import annotations
 
+import codecs
 import re
 from typing import Any, Optional
 
@@ -75,29 +76,51 @@ def chat_entries(strings: TokenStrings, tokens: list[int], logprobs: TokenLogpro
 
 
 class CompletionLogprobs:
-    """The completions API's `logprobs` object of one choice, built token by token; `text_offset` is where each token
-    starts in the choice's `text` (the echoed prompt, then the answer): it counts the characters of the tokens' texts
-    before it (from `offset`), except those the prompt's text does not hold (`add_prompt`)."""
+    """The completions API's `logprobs` object of one choice, built token by token. `text_offset` is where each token
+    starts in the choice's `text` (the echoed prompt, then the answer), in characters: the characters the tokens
+    before it complete (from `offset`), counted from their bytes, so that a character split over several tokens
+    (each reading "\ufffd") counts once and each of those tokens is at the character's start; tokens the prompt's
+    text does not hold count none (`add_prompt`)."""
 
     def __init__(self, strings: TokenStrings, offset: int = 0) -> None:
         self.strings, self.offset = strings, offset
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back a character's first bytes
         self.body: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
     def add(self, tokens: list[int], logprobs: Optional[TokenLogprobs]) -> dict[str, list[Any]]:
         """Append tokens (T,) with their log-probabilities (None: the first token of a prompt, which has none);
         returns the lists of just these tokens (a stream's chunk)."""
+        return self._add(tokens, logprobs)[0]
+
+    def _add(self, tokens: list[int], logprobs: Optional[TokenLogprobs]) -> tuple[dict[str, list[Any]], str]:
+        """`add`, and the text the tokens complete."""
         rows = logprobs.rows() if logprobs is not None else [(None, None)] * len(tokens)
         part: dict[str, list[Any]] = {k: [] for k in self.body}
+        spelled: list[str] = []
         for token, (lp, top) in zip(tokens, rows):
-            text, _ = self.strings(token)
+            text, raw = self.strings(token)
             part["tokens"].append(text)
             part["token_logprobs"].append(lp)
             part["top_logprobs"].append(None if top is None else self._alternatives(top))
-            part["text_offset"].append(self.offset)
-            self.offset += len(text)
+            offset, chars = self._feed(raw)
+            part["text_offset"].append(offset)
+            spelled.append(chars)
         for key, values in part.items():
             self.body[key].extend(values)
-        return part
+        return part, "".join(spelled)
+
+    def _feed(self, raw: bytes) -> tuple[int, str]:
+        """A token's bytes -> (its offset: where the character its first byte is in starts, the characters its bytes
+        complete). A first byte that breaks an unfinished character puts that character's U+FFFD before it (the text
+        holds one there too)."""
+        if not raw:
+            return self.offset, ""
+        first = self._utf8.decode(raw[:1])
+        held = bool(self._utf8.getstate()[0])  # the first byte waits for the rest of its character
+        offset = self.offset + len(first) - (0 if held else 1)
+        chars = first + self._utf8.decode(raw[1:])
+        self.offset += len(chars)
+        return offset, chars
 
     def add_prompt(self, tokens: list[int], logprobs: Optional[TokenLogprobs], text: str) -> dict[str, list[Any]]:
         """The echoed prompt's tokens (T,) (the first has no log-probability; `logprobs` are the others') with
@@ -105,9 +128,9 @@ class CompletionLogprobs:
         SentencePiece tokenizer writes before the first word) are in the lists but at offset 0 and count no
         characters, so that the answer's tokens start at `len(text)`. Returns the lists of these tokens."""
         start = self.offset
-        first, rest = self.add(tokens[:1], None), self.add(tokens[1:], logprobs)
+        (first, spelled), (rest, more) = self._add(tokens[:1], None), self._add(tokens[1:], logprobs)
         part = {k: first[k] + rest[k] for k in first}
-        spelled = "".join(part["tokens"])
+        spelled += more
         extra = len(spelled) - len(text)
         if extra > 0 and spelled.endswith(text):  # else the tokens spell another text (a template's): counted as is
             part["text_offset"] = [start + max(0, o - start - extra) for o in part["text_offset"]]

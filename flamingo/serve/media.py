@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, image_frames
 from ..video import TooLong, decode_video
@@ -37,6 +37,8 @@ from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
 _IMAGE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif")  # ISO BMFF brands
+_READ_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF", "AVIF")  # the common ones of PIL's readers
 
 
 def _image_file(data: bytes) -> bool:
@@ -63,6 +65,8 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
     (`messages`, `media`, `input`), named by its errors."""
     try:
         data, is_video, name = _read(url, policy, video, where)
+        if not data:
+            raise APIError(400, f"{name}: the file is empty (0 bytes)")
         if is_video and not _image_file(data):
             _check_video(data, policy.max_pixels, name)
             return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds)
@@ -75,7 +79,7 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
 
 
 def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes, bool, str]:
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986 3.1): `DATA:` is one too
         m = _DATA_URL.match(url)
         if m is None:
             raise APIError(400, f"{where}: malformed data URL (expected data:<mime>;base64,<data>)")
@@ -190,8 +194,25 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
         raise APIError(400, f"{name}: an animation {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise APIError(400, f"{name}: refused as a decompression bomb: {e}") from None
-    except Exception as e:  # PIL raises many types for files that are not images
-        raise APIError(400, f"{name}: not a decodable image ({type(e).__name__}: {e})") from None
+    except UnidentifiedImageError:  # no reader knows the file; PIL's message names only a BytesIO object
+        raise APIError(400, f"{name}: not an image or video this server can decode ({_unreadable(data)})") from None
+    except Exception as e:  # PIL raises many types for a file it knows but cannot read (truncated, corrupt)
+        raise APIError(400, f"{name}: not a decodable image ({type(e).__name__}: {_plain(e)})") from None
+
+
+def _unreadable(data: bytes) -> str:
+    """Why no image reader knows `data`, for its error: formats people send that have no reader here are named."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<?xml") and b"<svg" in head or head.startswith(b"<svg"):
+        return "SVG is a vector drawing, not read here: send it rendered as PNG or JPEG"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIC/HEIF needs a decoder this server does not have: send the photo as JPEG or PNG"
+    return f"it reads {', '.join(_READ_FORMATS)} images and MP4, WebM and other videos PyAV reads"
+
+
+def _plain(e: Exception) -> str:
+    """An exception's message without Python object reprs (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
 
 
 def _check_video(data: bytes, max_pixels: int, name: str) -> None:
@@ -206,6 +227,6 @@ def _check_video(data: bytes, max_pixels: int, name: str) -> None:
     except APIError:
         raise
     except Exception as e:
-        raise APIError(400, f"{name}: not a decodable video ({type(e).__name__}: {e})") from None
+        raise APIError(400, f"{name}: not a video this server can decode ({type(e).__name__}: {_plain(e)})") from None
     if width * height > max_pixels:
         raise APIError(400, f"{name}: {width}x{height} frames are more than the server's {max_pixels} pixels")

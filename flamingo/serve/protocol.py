@@ -349,17 +349,56 @@ def parse(model: type[StrictModel], payload: Any) -> Any:
     try:
         request = model.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, str) or p not in _UNION_TAGS)
-        if first["type"] == "extra_forbidden":
+        loc, message, kind = _reported(e.errors())
+        where = _field(loc)
+        if kind == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {where}", param=where) from None
-        raise APIError(400, f"invalid value for {where or 'the body'}: {first['msg']}", param=where or None) from None
+        raise APIError(400, f"invalid value for {where or 'the body'}: {message}", param=where or None) from None
     request.check()
     return request
 
 
-# pydantic names the branch of a union in an error's location; people need only the field
-_UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]",
-               "list[tagged-union[TextPart,ImagePart,VideoPart]]", "text", "image_url",
-               "video_url", "int", "float", "none", "bool", "list[InputMessage]",
-               "list[tagged-union[InputText,InputImage,OutputText]]", "input_text", "input_image", "output_text"}
+# pydantic names the branch of a union in an error's location (`content.str`, `content.list[...]`), and the tag of a
+# tagged union's member after its list index (`content.0.image_url`); people need only the fields
+_BRANCHES = {"str", "list[str]", "list[int]", "list[list[int]]", "list[tagged-union[TextPart,ImagePart,VideoPart]]",
+             "int", "float", "none", "bool", "list[InputMessage]",
+             "list[tagged-union[InputText,InputImage,OutputText]]"}
+_TAGS = {"text", "image_url", "video_url", "input_text", "input_image", "output_text"}
+
+
+def _reported(errors: list[Any]) -> tuple[tuple[Any, ...], str, str]:
+    """The error a request is told: (location, message, pydantic's type). pydantic lists a union's branches in
+    order, so the first error of `content: [<a bad part>]` is the `str` branch's "Input should be a valid string";
+    while the error at hand is such a branch's type mismatch, the first error inside another branch of that field is
+    told instead (the branch the value's shape chose), else the branches' mismatches together ("a valid string or a
+    valid list")."""
+    chosen = errors[0]
+    while True:
+        loc = tuple(chosen["loc"])
+        if not (loc and loc[-1] in _BRANCHES and chosen["type"].endswith("_type")):
+            return loc, _message(chosen), chosen["type"]
+        same = [x for x in errors if tuple(x["loc"][:len(loc) - 1]) == loc[:-1]]
+        inside = [x for x in same if len(x["loc"]) > len(loc)]
+        if not inside:
+            wants = dict.fromkeys(x["msg"].removeprefix("Input should be ") for x in same if len(x["loc"]) == len(loc))
+            return loc, "Input should be " + " or ".join(wants), chosen["type"]
+        chosen = inside[0]
+
+
+def _message(error: Any) -> str:
+    """pydantic's message, in the request's terms where it speaks of Python (classes, discriminators)."""
+    ctx = error.get("ctx") or {}
+    if error["type"] == "model_type":
+        return "Input should be a JSON object"
+    if error["type"] == "union_tag_invalid":
+        return f"unknown type {ctx.get('tag')!r} (expected one of {ctx.get('expected_tags')})"
+    if error["type"] == "union_tag_not_found":
+        return f"the {ctx.get('discriminator', 'type')} field is missing"
+    return error["msg"]
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    """An error's location as the request's field path: `messages.0.content.0.image_url.foo`."""
+    kept = [str(p) for i, p in enumerate(loc)
+            if not (p in _BRANCHES or (p in _TAGS and i > 0 and isinstance(loc[i - 1], int)))]
+    return ".".join(kept)

@@ -1,8 +1,10 @@
 """`flamingo serve`: load a saved model, start the engine, run the app under uvicorn until SIGTERM / Ctrl-C.
 
 On SIGTERM (or SIGINT) the server stops accepting requests (new ones get 503), uvicorn closes its sockets and waits
-up to `grace` seconds for in-flight requests to finish; then the engine cancels what is left (an error event ends
-each stream) and the process exits with status 0.
+for in-flight requests to finish; `grace` seconds after the signal the engine fails what is left, so that each of
+their streams ends with an error event and `[DONE]` (a whole answer: a 500) while its connection is still open; then
+the process exits with status 0. uvicorn's own limit, `CLOSE_SECONDS` later, cancels only responses that still did
+not end (an engine step that outlasts it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine, 
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
+CLOSE_SECONDS = 10.0  # after the grace: for the engine's step in progress to end and the error events to be written
 
 
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
@@ -69,7 +72,9 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            engine.drain()  # before uvicorn stops reading: requests still arriving get 503
+            if engine.accepting:  # the first signal: fail what is left when the grace runs out
+                engine.drain()  # before uvicorn stops reading: requests still arriving get 503
+                threading.Thread(target=engine.stop, args=(grace,), name="flamingo-grace", daemon=True).start()
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -87,6 +92,6 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
 
     engine.start()
     config = uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=grace)
+                            timeout_graceful_shutdown=grace + CLOSE_SECONDS)
     Server(config).run()
     engine.stop(0.0)

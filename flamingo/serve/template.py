@@ -4,17 +4,26 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
 - the last message must be the user's: the model answers after it;
 - system and assistant turns hold text only; user turns hold text, image and video parts (each medium is the
   prompt's next one, `<image>` in its place);
-- text may not contain the format's markers (media come as parts; a raw prompt goes to /v1/completions).
+- text may not contain the format's markers (media come as parts; a raw prompt goes to /v1/completions), nor the
+  strings the tokenizer reads as control tokens (`control_tokens`: its BOS, EOS, pad and other special tokens, and
+  the image reference tokens `<image0>`... of a model with them): in text they would become those tokens, not
+  characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400).
 Answers start with the space the format puts back, so chat answers are sent without leading whitespace.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 from ..chat import ChatFormat, Turn
 from ..config import MEDIA_TOKEN
+from ..references import reference_token
 from .protocol import APIError, ImagePart, Message, TextPart
+
+# a special token's role in the tokenizer's map -> how an error names it
+_ROLES = {"bos_token": "BOS", "eos_token": "EOS", "unk_token": "unknown-word token", "sep_token": "separator token",
+          "pad_token": "pad token", "cls_token": "CLS token", "mask_token": "mask token"}
 
 
 @dataclass(frozen=True)
@@ -23,11 +32,30 @@ class MediaRef:
     video: bool  # given as a video part (a data URL's MIME type decides too)
 
 
-def render_messages(fmt: ChatFormat, messages: list[Message]) -> tuple[str, list[MediaRef]]:
+def control_tokens(processor: Any) -> dict[str, str]:
+    """The strings `processor`'s tokenizer reads as control tokens, not text -> what each is (for errors): the
+    tokenizer's special tokens (BOS, EOS, pad, unknown, its added special tokens) and the model's image reference
+    tokens; longest first, so that a text holding one is told the longest it holds."""
+    tok = processor.tokenizer
+    names: dict[str, list[str]] = {}
+    for role, token in tok.special_tokens_map.items():
+        if isinstance(token, str) and role in _ROLES:
+            names.setdefault(token, []).append(_ROLES[role])
+    specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    out = {t: "the tokenizer's " + "/".join(names[t]) if t in names else "a special token of the tokenizer"
+           for t in specials if t}
+    for k in range(processor.num_references):
+        out[reference_token(k)] = f"the model's reference token for image {k}"
+    return dict(sorted(out.items(), key=lambda item: -len(item[0])))
+
+
+def render_messages(fmt: ChatFormat, messages: list[Message],
+                    control: Optional[Mapping[str, str]] = None) -> tuple[str, list[MediaRef]]:
     """The prompt text (with `<image>` placeholders) and its media, in order; APIError (400) for a conversation the
-    format cannot write."""
+    format cannot write, or whose text holds one of the `control` tokens (`control_tokens`)."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's: the model answers after it", param="messages")
+    control = control or {}
     turns: list[Turn] = []
     media: list[MediaRef] = []
     for i, message in enumerate(messages):
@@ -43,6 +71,11 @@ def render_messages(fmt: ChatFormat, messages: list[Message]) -> tuple[str, list
                 if marker is not None:
                     raise APIError(400, f"messages[{i}]: text may not contain {marker}; send images as image_url "
                                         "parts (or a raw prompt to /v1/completions)", param="messages")
+                token = next((t for t in control if t in part.text), None)
+                if token is not None:
+                    raise APIError(400, f"messages[{i}]: text may not contain {token} ({control[token]}): a chat's "
+                                        "control tokens come from its template (a raw prompt to /v1/completions "
+                                        "may write them)", param="messages")
                 pieces.append(part.text)
             else:
                 url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url

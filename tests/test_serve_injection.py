@@ -1,0 +1,118 @@
+"""Chat text cannot write control tokens (serve/template.py): the tokenizer's special tokens (EOS, BOS, pad, ...)
+and a reference model's `<image0>`... in chat, Responses and `/tokenize` messages are a 400 naming the token, as
+`<image>` is, and the server keeps serving; a raw completion's prompt reads them as the model reads text."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.template import control_tokens
+from flamingo.tiny import random_image, tiny_flamingo
+
+from serve_helpers import data_url, engine_for, running_server
+
+REFERENCES = 4  # the served model's reference tokens: <image0> ... <image3>
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    """A tiny model with image reference tokens (MMICL-style), served."""
+    root = tmp_path_factory.mktemp("serve_injection")
+    model, processor = tiny_flamingo("llama", "clip", gates=0.5, num_image_references=REFERENCES)
+    model.save_pretrained(str(root / "m"), processor=processor)
+    engine = engine_for(root / "m", max_batch=2)
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        yield engine, url
+
+
+def _requests(text: str, image: str) -> list[tuple[str, dict]]:
+    """`text` where a client can put it: chat (a string, a text part beside an image, a system turn), Responses
+    (input, an input_text part, instructions) and /tokenize messages."""
+    user = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": f"what is {text}?"}]
+    return [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": f"what is {text}?"}], "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": user}], "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "system", "content": text}, {"role": "user", "content": "Output:"}],
+                "max_tokens": 2,
+            },
+        ),
+        ("/v1/responses", {"input": f"what is {text}?", "max_output_tokens": 2}),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}], "max_output_tokens": 2},
+        ),
+        ("/v1/responses", {"input": "Output:", "instructions": text, "max_output_tokens": 2}),
+        ("/tokenize", {"messages": [{"role": "user", "content": f"what is {text}?"}]}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("<image0>", "reference token for image 0"),
+        ("<image3>", "reference token for image 3"),
+        ("<|endoftext|>", "EOS"),
+        ("<PAD>", "pad token"),
+    ],
+)
+def test_chat_text_holding_a_control_token_is_refused(served, text, says):
+    """Before: `<image0>` became the reference token (re-aiming the cross-attention at image 0, with or without an
+    image in the request) and `<|endoftext|>` / `<PAD>` the EOS / pad rows, all silently."""
+    _, url = served
+    for path, body in _requests(text, data_url(random_image(1))):
+        response = httpx.post(url + path, json=body, timeout=60)
+        assert response.status_code == 400, (path, body, response.text)
+        error = response.json()["error"]
+        assert (
+            f"may not contain {text} ({'the tokenizer' if '<image' not in text else 'the model'}" in error["message"]
+            and says in error["message"]
+        ), error
+        assert error["param"] in ("messages", "input", "instructions"), error
+    ok = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 1},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+
+
+def test_tags_the_model_has_no_token_for_are_plain_text(served):
+    """`<image7>` on a model with 4 reference tokens, and `<image0>`-like text that is no tag, tokenize as characters:
+    no control token, so they are answered."""
+    engine, url = served
+    specials = set(engine.processor.tokenizer.all_special_ids)
+    for text in ("<image7>", "<image 0>", "image0"):
+        messages = [{"role": "user", "content": f"what is {text}?"}]
+        ids = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+        assert not specials & set(ids), (text, ids)
+        reply = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+        assert reply.status_code == 200, reply.text
+
+
+def test_a_raw_completion_prompt_writes_special_tokens(served):
+    """/v1/completions takes a raw prompt, read as the model reads text (docs/serve.md): special tokens written in
+    it are those tokens."""
+    engine, url = served
+    tok = engine.processor.tokenizer
+    prompt = f"Output:{tok.eos_token} a"
+    assert tok.eos_token_id in httpx.post(url + "/tokenize", json={"prompt": prompt}, timeout=60).json()["tokens"]
+    reply = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=60)
+    assert reply.status_code == 200, reply.text
+
+
+def test_control_tokens_name_each_special_token_and_reference(served):
+    engine, _ = served
+    control = control_tokens(engine.processor)
+    tok = engine.processor.tokenizer
+    assert control[tok.eos_token] == "the tokenizer's BOS/EOS"  # the tiny tokenizer's BOS is its EOS
+    assert control[tok.pad_token] == "the tokenizer's pad token"
+    assert [control[f"<image{k}>"] for k in range(REFERENCES)] == [
+        f"the model's reference token for image {k}" for k in range(REFERENCES)
+    ]
+    assert set(tok.all_special_tokens) <= set(control)
+    assert "<image4>" not in control

@@ -99,9 +99,10 @@ def training_texts(world: dict[str, Any]) -> list[str]:
 
 
 def answer_word(text: str) -> str:
-    """A generated answer as the evaluation harness reads a VQA generation (cut at a newline or a new "Question",
-    lower case, the official normalisation), so a hand prompt is judged as the VQA task judges: `" Ring."` -> `ring`,
-    `"yellow star"` stays `yellow star`."""
+    """A generated answer as the evaluation harness reads a VQA generation (cut at a line break, at ", " or at a new
+    "Question" / "Answer" / "Short"; lower case; the official normalisation: `postprocess_vqa_generation`), so a hand
+    prompt is judged as the VQA task judges: `" Ring."` -> `ring`, `"yes, it is"` -> `yes`, `"yellow star"` stays
+    `yellow star`."""
     return normalize_answer(postprocess_vqa_generation(text))
 
 

@@ -15,6 +15,7 @@ class CaptioningTask(Task):
     name = "captioning"
     template = "<image>Output:{answer}<|endofchunk|>"
     metrics = ("cider",)
+    requires = ("pycocoevalcap",)
     max_new_tokens = 20
     num_beams = 3
 

@@ -11,6 +11,7 @@ from ..runtime.dtypes import DTYPE_NAMES, torch_dtype
 from ..runtime.quiet import quiet_transformers
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
+from .extras import check_requirements
 from .tasks import TASKS
 
 
@@ -80,6 +81,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Load `--model`, evaluate, print the table and a JSON summary line (rank 0)."""
+    check_requirements(TASKS[args.task])  # the task's packages, before the model loads (as `evaluate` checks them)
     import torch.distributed as dist  # the model's stack: imported when the command runs, not for its --help
 
     from ..convert.auto import load_model, load_processor

@@ -25,6 +25,7 @@ class HatefulMemesTask(Task):
     template = "<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}<|endofchunk|>"
     kind = "rank"
     metrics = ("roc_auc", "accuracy")
+    requires = ("sklearn",)
 
     def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
         super().__init__(template, answer_prefix)

@@ -27,6 +27,7 @@ from ..runtime import init_process_group_from_env, pyplot
 from ..runtime.hub import dataset_dir
 from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
+from .extras import check_requirements
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from .remote import RemoteModel
 from .rices import FeatureCache
@@ -154,15 +155,18 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     hashing a frame's pixels on the host costs about as much as the tower (docs/eval.md). Cached features come from
     another batch, so they can differ from a fresh computation in the last bits. chat: demos and query as a
     conversation in the model's chat format (its processor's template; `Task.use_chat`), for instruction-tuned models.
-    Writes results.json, results.md, results.png and predictions/*.jsonl to `out_dir` (rank 0), which holds one
-    task's evaluation: a re-run of the task replaces it, another task's results there are refused before the first
-    query (`out_dir_problem`). Returns the results dict (the content of results.json) on every rank.
+    Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0),
+    which holds one task's evaluation: a re-run of the task replaces it, another task's results there are refused
+    before the first query (`out_dir_problem`). A package the task's metric or media need (`Task.requires`: CIDEr's
+    pycocoevalcap, scikit-learn, PyAV) missing is refused first (`check_requirements`). Returns the results dict (the
+    content of results.json) on every rank.
     """
     init_process_group_from_env()
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer)
     elif template is not None or answer_prefix is not None:
         raise ValueError("pass `template` / `answer_prefix` only with a task name (a Task instance has its own)")
+    check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
     if chat:
         task.use_chat(chat_format_for(processor))
     shots = sorted(dict.fromkeys(int(k) for k in shots))  # one run per number of shots, in the table's order
@@ -419,7 +423,8 @@ PREDICTION_FILE = re.compile(r"(.+)_(\d+)shot_trial(\d+)\.jsonl")  # predictions
 
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
                   out_dir: str) -> None:
-    """results.json, results.md, results.png and predictions/ in `out_dir`. An earlier run of the task there is
+    """predictions/, results.json, results.md and results.png in `out_dir`, the plot last: without matplotlib it is
+    skipped with a warning, as training's plots are (`train.plots.plot_run`). An earlier run of the task there is
     replaced: its prediction files (other shots or trials than this run's included) and its plot are removed first, so
     every file in the directory belongs to this run."""
     out = Path(out_dir)
@@ -428,11 +433,17 @@ def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], li
         if (m := PREDICTION_FILE.fullmatch(old.name)) and m.group(1) == results["task"]:
             old.unlink()
     (out / "results.png").unlink(missing_ok=True)  # `plot` writes none when every query was skipped
-    with open(out / RESULTS_FILE, "w") as f:
-        json.dump(results, f, indent=2)
-    (out / "results.md").write_text(markdown_table(results))
-    plot(results, os.path.join(out, "results.png"))
     for (k, trial), records in predictions.items():
         with open(out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl", "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+    with open(out / RESULTS_FILE, "w") as f:
+        json.dump(results, f, indent=2)
+    (out / "results.md").write_text(markdown_table(results))
+    try:
+        pyplot()
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no results.png (the numbers are in results.json and results.md; "
+                      "pip install 'flamingo-vlm[eval]')", stacklevel=2)
+        return
+    plot(results, os.path.join(out, "results.png"))

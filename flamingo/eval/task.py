@@ -59,6 +59,8 @@ class Task:
     # 1.0 would favour longer answers and captions): OpenFlamingo's evaluate.py passes 0.0 for VQA and captioning
     length_penalty: float = 0.0
     image_references: bool = False  # prompts declare their images (`Image 0 is <image0>`, flamingo/references.py)
+    # third-party modules its metric or media need, checked before the model loads (eval/extras.py)
+    requires: tuple[str, ...] = ()
 
     def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
         self.template = template or type(self).template

@@ -12,6 +12,7 @@ from .task import Sample, episode_fields, media_path, read_json
 
 class VideoCaptioningTask(CaptioningTask):
     name = "video_captioning"
+    requires = ("pycocoevalcap", "av")
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)

@@ -14,6 +14,7 @@ class VideoQATask(Task):
     name = "videoqa"
     template = "<image>Question:{question} Answer:{answer}<|endofchunk|>"
     metrics = ("accuracy",)
+    requires = ("av",)
     max_new_tokens = 5
     num_beams = 3
 

@@ -19,6 +19,7 @@ class VideoQAChoiceTask(Task):
     answer_prefix = " "
     kind = "rank"
     metrics = ("accuracy",)
+    requires = ("av",)
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)

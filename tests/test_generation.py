@@ -44,19 +44,48 @@ def test_cached_equals_uncached_greedy(make_model, case):
     assert out[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 10)
 
 
+def _generate_logits(model, batch, steps, **kwargs):
+    """generate's tokens (rows, T + steps) and the logits of each step (rows, steps, V)."""
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def _forward_logits(model, batch, sequences):
+    """An uncached forward's logits at the positions that predict `sequences`' new tokens, (1, new, V)."""
+    t = batch["input_ids"].shape[1]
+    extra = {k: batch[k] for k in ("images", "num_media", "num_frames") if batch.get(k) is not None}
+    with torch.no_grad():
+        return model(sequences[:, :-1], **extra).logits[:, t - 1:]
+
+
 @pytest.mark.skipif(not CHUNKED_PREFILL_WITH_MEDIA, reason="transformers < 5.13 chunks a prompt with images "
                     "differently; generate refuses it there (test_chunked_prefill_with_images_refused_before_5_13)")
 def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(make_model):
     """The phase is set by the caller: every chunk of a chunked prefill is PREFILL (its tokens see their own images),
-    and decoding starts only after the prompt's logits."""
-    model, processor = make_model("llama")
+    and decoding starts only after the prompt's logits, seeing the prompt's last image (not the last image of the
+    chunk that first ran a block: decoding read an earlier image when the first chunk ended before the last one).
+    Logits, not tokens: the tiny model's greedy tokens barely depend on the images."""
+    model, processor = make_model("llama", gates=1.0)
     prompt, media = PROMPTS[3]
     batch = processor(prompt, images=media)
-    whole = model.generate(**batch, max_new_tokens=8, min_new_tokens=8)
-    chunked = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, prefill_chunk_size=5)
-    assert batch["input_ids"].shape[1] > 10  # several chunks, images in more than one of them
-    assert chunked.tolist() == whole.tolist()
-    assert whole[0, batch["input_ids"].shape[1]:].tolist() == uncached_greedy(model, processor, prompt, media, 8)
+    t = batch["input_ids"].shape[1]
+    images_at = (batch["input_ids"][0] == model.config.media_token_id).nonzero().flatten().tolist()
+    assert len(images_at) == 3 and images_at[-1] > 7  # the last image lies past the first chunk of most sizes
+    whole, whole_logits = _generate_logits(model, batch, 6)
+    torch.testing.assert_close(whole_logits, _forward_logits(model, batch, whole), atol=1e-4, rtol=1e-4)
+    for chunk in (5, 7, images_at[-1] + 1, t - 1):  # chunks that start at an image, split inside an image's text,
+        # end just after the last image, hold all of it but the last token
+        chunked, logits = _generate_logits(model, batch, 6, prefill_chunk_size=chunk)
+        torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-5, msg=f"chunks of {chunk}")
+        assert torch.equal(chunked, whole)
+
+    cases = [PROMPTS[3], ("<image>a b<|endofchunk|><image>c", [random_image(7), random_image(8)])]
+    padded = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")  # the second row's
+    # images are both in the last chunk
+    whole, whole_logits = _generate_logits(model, padded, 4)
+    _, logits = _generate_logits(model, padded, 4, prefill_chunk_size=5)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(CHUNKED_PREFILL_WITH_MEDIA, reason="transformers >= 5.13 prefills a prompt with images in chunks")
@@ -194,15 +223,19 @@ def test_score_equals_plain_forward_logprobs(make_model):
         torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lm_kind", ["gpt2", "opt", "llama"])
-def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
-    """An LM of 24 positions. GPT-2 and OPT learn one embedding per position, so past them they failed with an
-    IndexError deep inside torch. Generation now stops at the last position (max_new_tokens capped, logged), with
-    the tokens it would have made anyway; a candidate that ends exactly at the last position is scored as a plain
-    forward scores it, one token more is a clear error, and so are a prompt that leaves no position (the processor
-    refuses it first) and a forward longer than the positions."""
+POSITION_LIMITS = {"gpt2": "n_positions", "mpt": "max_seq_len"}  # the others: max_position_embeddings
 
-    positions = {"n_positions": 24} if lm_kind == "gpt2" else {"max_position_embeddings": 24}
+
+@pytest.mark.parametrize("lm_kind", ["gpt2", "opt", "llama", "mpt"])
+def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
+    """An LM of 24 positions. GPT-2 and OPT learn one embedding per position, MPT's ALiBi table has 24 (its config
+    names them `max_seq_len`, which was not read), so past them they failed deep inside torch. Generation now stops
+    at the last position (max_new_tokens capped, logged), with the tokens it would have made anyway; a candidate
+    that ends exactly at the last position is scored as a plain forward scores it, one token more is a clear error,
+    and so are a prompt that leaves no position (the processor refuses it first) and a forward longer than the
+    positions."""
+
+    positions = {POSITION_LIMITS.get(lm_kind, "max_position_embeddings"): 24}
     model, processor = tiny_flamingo(lm_kind, lm_overrides=positions)
     batch = processor("<image>a b c d e", images=[random_image(0)])
     t = batch["input_ids"].shape[1]
@@ -408,3 +441,43 @@ def test_the_backbones_own_penalties_do_not_reach_flamingo_generation(make_model
     assert (config.repetition_penalty, config.no_repeat_ngram_size) == (1.0, 0)
     assert torch.equal(model.generate(**batch, max_new_tokens=6, min_new_tokens=6), expected)
     assert generation_config_for(model, repetition_penalty=1.2).repetition_penalty == 1.2
+
+
+def test_a_callers_generation_config_overrides_only_what_it_sets(make_model, monkeypatch):
+    """A caller's GenerationConfig reached transformers as it was, its unset fields filled from the bare LM's config:
+    no stop at <|endofchunk|>, and a chat backbone's sampling and penalties applied. Its unset fields now keep
+    Flamingo's defaults (generate(generation_config=GenerationConfig(**f)) == generate(**f)); the fields it sets
+    (an EOS, a pad id, sampling, a penalty) are kept, and the caller's config is left as it was."""
+    from transformers import GenerationConfig, LogitsProcessorList, SequenceBiasLogitsProcessor
+
+    model, processor = make_model("llama", gates=1.0)
+    batch = processor(*PROMPTS[1])
+    t = batch["input_ids"].shape[1]
+    eoc = model.config.end_of_chunk_token_id
+    push = LogitsProcessorList([SequenceBiasLogitsProcessor({(eoc,): 1e4})])  # make <|endofchunk|> certain
+    out = model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=5), logits_processor=push)
+    assert out[0, t:].tolist() == [eoc]
+
+    backbone = model.lm.generation_config  # as a chat backbone ships it
+    backbone.do_sample, backbone.temperature, backbone.repetition_penalty = True, 5.0, 3.0
+    backbone.no_repeat_ngram_size = 1
+    for fields in ({"max_new_tokens": 6, "min_new_tokens": 6}, {"max_new_tokens": 4, "num_beams": 2},
+                   {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "temperature": 0.7}):
+        torch.manual_seed(0)
+        expected = model.generate(**batch, **fields)
+        for _ in range(2):  # greedy twice alike, sampling under the same seed
+            torch.manual_seed(0)
+            assert torch.equal(model.generate(**batch, generation_config=GenerationConfig(**fields)), expected), fields
+
+    seen = []
+    generate = model.lm.generate
+    monkeypatch.setattr(model.lm, "generate", lambda **kw: seen.append(kw["generation_config"]) or generate(**kw))
+    given = GenerationConfig(max_new_tokens=5, eos_token_id=[7], pad_token_id=9, do_sample=True,
+                             repetition_penalty=1.3)
+    out = model.generate(**batch, generation_config=given, logits_processor=push)
+    (config,) = seen
+    assert (config.eos_token_id, config.pad_token_id, config.do_sample, config.repetition_penalty) == ([7], 9, True,
+                                                                                                     1.3)
+    assert config.suppress_tokens == [model.config.media_token_id] and config.no_repeat_ngram_size == 0
+    assert out[0, t:].tolist() == [eoc] * 5  # <|endofchunk|> is no EOS of this call
+    assert given.suppress_tokens is None and given.eos_token_id == [7]

@@ -5,8 +5,8 @@ for packed rows is detected as it is. CI runs this file on both ends of the supp
 import pytest
 import torch
 
-from flamingo.model.backbones import find_decoder_layers, lm_text_config
-from flamingo.tiny import LM_KINDS, random_image, tiny_flamingo
+from flamingo.model.backbones import find_decoder_layers, lm_max_positions, lm_text_config
+from flamingo.tiny import LM_KINDS, random_image, tiny_flamingo, tiny_lm
 
 from helpers import continuation_logprobs_reference
 
@@ -17,6 +17,9 @@ LAYERS_PATH = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "opt": "m
 # samples would see each other, so `Flamingo` refuses packed rows for them.
 PACKS_EXACTLY = {kind: kind not in ("opt", "mpt", "mosaic_gpt") for kind in FAMILIES}
 PROMPT = "Intro <image>A photo of<|endofchunk|><image>two"
+# where each family's config keeps its position limit (the others: max_position_embeddings); our MosaicGPT's ALiBi
+# extrapolates past its max_seq_len, so it has none
+POSITION_LIMIT = {"gpt2": "n_positions", "mpt": "max_seq_len", "mosaic_gpt": None}
 
 
 def test_every_claimed_family_is_a_tiny_kind():
@@ -75,3 +78,12 @@ def test_packed_sequence_support_is_detected_as_it_is(kind):
         packed = model.lm(input_ids=ids, use_cache=False, **kwargs).logits[:, 6:]
     really = bool((packed - alone).abs().max() <= 1e-4)
     assert model._lm_packs_exactly() == really == PACKS_EXACTLY[kind]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_each_familys_position_limit_is_read_under_its_own_name(kind):
+    """MPT names its limit `max_seq_len` (transformers maps no `max_position_embeddings` to it): it was not read, so
+    MPT backbones had no position limit and a long prompt failed inside transformers' ALiBi bias."""
+    name = POSITION_LIMIT.get(kind, "max_position_embeddings")
+    lm = tiny_lm(kind, **{name or "max_seq_len": 40})
+    assert lm_max_positions(lm) == (40 if name else None)

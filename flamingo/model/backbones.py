@@ -159,10 +159,16 @@ def lm_text_config(lm: PreTrainedModel) -> Any:
     return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
 
 
+# The position limit of configs that name it otherwise and do not map `max_position_embeddings` to it (GPT-2's
+# `n_positions` and DBRX's `max_seq_len` are mapped): transformers' MPT builds its ALiBi bias for `max_seq_len`
+# positions and cannot add it to a longer call's scores. (Our MosaicGPT, also `max_seq_len`, extrapolates ALiBi.)
+POSITION_LIMIT_FIELDS = {"mpt": "max_seq_len"}
+
+
 def lm_max_positions(lm: PreTrainedModel) -> Optional[int]:
-    """The positions the LM was built for (`max_position_embeddings`; GPT-2's `n_positions` reads as it), None when
-    its config names none. Past them an LM with learned positions (GPT-2, OPT) fails with an index error deep inside
-    torch, and a rotary one runs outside what it was trained on."""
+    """The positions the LM was built for (`max_position_embeddings`, or its family's own name for it:
+    `POSITION_LIMIT_FIELDS`), None when its config names none. Past them an LM with learned positions (GPT-2, OPT) or
+    a fixed ALiBi table (MPT) fails deep inside torch, and a rotary one runs outside what it was trained on."""
     return config_max_positions(lm.config)
 
 
@@ -170,4 +176,6 @@ def config_max_positions(config: PretrainedConfig) -> Optional[int]:
     """`lm_max_positions` of the LM `config` builds, from the config alone."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "max_position_embeddings", None)
+    if value is None and getattr(text, "model_type", None) in POSITION_LIMIT_FIELDS:
+        value = getattr(text, POSITION_LIMIT_FIELDS[text.model_type], None)
     return value if isinstance(value, int) and value > 0 else None

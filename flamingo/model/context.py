@@ -70,7 +70,9 @@ class MediaContext:
     # Visual K/V by (block, rows), and ("last" | "all", block, rows) for DECODE: projected once from the B samples'
     # visual tokens and expanded by indexing when the LM runs more rows than samples (beams, return sequences).
     media_kv: dict[tuple, MediaKV] = field(default_factory=dict)
-    memo: dict = field(default_factory=dict)  # the flex block mask of the current LM call, shared by the blocks
+    # what the blocks share within an LM call: its flex block mask, and for each ("last", block, rows) entry of
+    # media_kv the last_media_index it was taken at
+    memo: dict = field(default_factory=dict)
     # FORWARD with a chunked loss: the LM's head gets no tokens (its logits are never made whole); its input, the
     # last hidden states (B, T, D), is kept here for the loss
     defer_head: bool = False
@@ -99,13 +101,16 @@ class MediaContext:
         return self.memo["flex_mask"]
 
     def last_image_kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> MediaKV:
-        """Each row's last image's K/V for one block, (rows, 1, R, h, d): what DECODE steps attend to."""
+        """Each row's last image's K/V for one block, (rows, 1, R, h, d): what DECODE steps attend to. Taken again
+        after every LM call that moved the rows' media index: in a prompt prefilled in chunks, the rows' last image
+        so far changes from chunk to chunk, and decoding must see the prompt's last one."""
         key = ("last", block_idx, rows)
-        if key not in self.media_kv:
+        if self.memo.get(key) is not self.last_media_index:  # made for an earlier LM call (or not yet)
             kv = self.kv_for(block_idx, block, rows)  # (rows, N, R, h, d)
             image = (self.last_media_index - 1).clamp(min=0)  # (rows,)
             batch = torch.arange(rows, device=image.device)
             self.media_kv[key] = MediaKV(kv.k[batch, image][:, None], kv.v[batch, image][:, None])
+            self.memo[key] = self.last_media_index
         return self.media_kv[key]
 
     def kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> Optional[MediaKV]:

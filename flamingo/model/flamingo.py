@@ -489,8 +489,8 @@ class Flamingo(nn.Module):
         limit = lm_max_positions(self.lm)
         if limit is not None and no_cache and document_ids is None and input_ids.shape[1] > limit:  # shapes only:
             # no host sync (packed rows restart their positions, so only their samples' lengths count)
-            raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions "
-                             "(max_position_embeddings): cut the texts (a dataset's max_tokens) to fit")
+            raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions: cut the texts "
+                             "(a dataset's max_tokens) to fit")
         if self.training:  # a training forward builds no KV cache (the LM's own default would make one)
             lm_kwargs.setdefault("use_cache", False)
         lm_attention_mask = attention_mask

@@ -113,6 +113,13 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     return with_flamingo_suppression(model, config)
 
 
+def fields_set_in(config: GenerationConfig) -> dict[str, Any]:
+    """The fields of `config` that differ from a bare `GenerationConfig()`'s: those its maker set (transformers' own
+    test, `to_diff_dict`, in 4.x and 5.x alike), as copies of the values set (not their serialized form)."""
+    return {key: copy.deepcopy(getattr(config, key)) for key in config.to_diff_dict()
+            if not key.startswith("_") and key != "transformers_version" and hasattr(config, key)}
+
+
 def flamingo_token_ids(model: Flamingo) -> set[int]:
     """The ids that mean something to the cross-attention: `<image>`, `<|endofchunk|>` and the reference tokens."""
     ids = {model.config.media_token_id, model.config.end_of_chunk_token_id}
@@ -154,14 +161,14 @@ def with_flamingo_suppression(model: Flamingo, config: GenerationConfig) -> Gene
 def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: torch.Tensor) -> GenerationConfig:
     """`config` with at most as many new tokens as the LM has positions left after the longest prompt (a copy, and
     a logged warning, when it asked for more); a prompt that leaves none is a clear error. Without this an LM with
-    learned positions (GPT-2, OPT) fails deep inside torch at the first position past its table."""
+    learned positions (GPT-2, OPT) or an ALiBi table (MPT) fails deep inside torch at the first position past it."""
     limit = lm_max_positions(model.lm)
     if limit is None:
         return config
     prompt = int(attention_mask.sum(dim=1).max())  # positions of the longest prompt (left padding takes none)
     if prompt >= limit:
-        raise ValueError(f"the prompt takes {prompt} positions and the LM has {limit} (max_position_embeddings): "
-                         "none is left to generate into; shorten the prompt")
+        raise ValueError(f"the prompt takes {prompt} positions and the LM has {limit}: none is left to generate "
+                         "into; shorten the prompt")
     room = limit - prompt
     new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - attention_mask.shape[1]
     if new <= room:
@@ -199,6 +206,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...).
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
+    generation_config: a caller's config; the fields it sets override Flamingo's defaults (`generation_config_for`:
+    stop at `<|endofchunk|>`, greedy, the backbone's penalties neutral), those it leaves unset keep them.
     xattn_impl: the prefill's cross-attention implementation (`masked_cross_attention`); all compute the same.
     vision_cache: the frozen tower's features of frames seen in earlier calls (`VisionFeatureCache`), e.g. the demo
     images an evaluation shows with many queries.
@@ -220,12 +229,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                          "step, which Flamingo's decode step does not take: generate without them")
     config_keys = set(GenerationConfig().to_dict())
     fields = {k: v for k, v in kwargs.items() if k in config_keys}
-    if generation_config is not None:  # kwargs update a copy of it, as in transformers
-        config = copy.deepcopy(generation_config)
-        config.update(**fields)
-        config = with_flamingo_suppression(model, config)  # after the keywords, which may set num_beams
-    else:
-        config = generation_config_for(model, **fields)
+    # a caller's config overrides Flamingo's defaults where it was set (as transformers fills the fields a given
+    # config leaves unset from the model's defaults, here the Flamingo's), and the keywords override both
+    caller = {} if generation_config is None else fields_set_in(generation_config)
+    config = generation_config_for(model, **{**caller, **fields})
     config = fit_to_positions(model, config, attention_mask)
     if config.prefill_chunk_size is not None and model.whole_prompt_rules:
         raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
@@ -326,7 +333,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
         if bool((needed > limit).any()):
             i = int(needed.argmax())
             raise ValueError(f"context {i} and its longest continuation need {int(needed[i])} positions; the LM has "
-                             f"{limit} (max_position_embeddings)")
+                             f"{limit}")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
     contexts = MediaContext(Phase.FORWARD, visual_tokens)

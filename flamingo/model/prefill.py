@@ -249,9 +249,8 @@ class Prefill:
         for j, block in enumerate(model.xattn):
             if model.decodes_all_images:
                 kvs.append(ctx.kv_for(j, block, 1))  # (1, N, R, h, d)
-            else:  # the memo made by an earlier chunk may hold an earlier image: take the prompt's last one
-                ctx.media_kv.pop(("last", j, 1), None)
-                kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d)
+            else:
+                kvs.append(ctx.last_image_kv_for(j, block, 1))  # (1, 1, R, h, d): the prompt's last image
         return kvs
 
 

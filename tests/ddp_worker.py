@@ -4,7 +4,8 @@
     python tests/ddp_worker.py CONFIG OUT --single                # one process: rank 0's + rank 1's batches (2b)
     torchrun --nproc_per_node 2 tests/ddp_worker.py CONFIG OUT train.distributed=fsdp   # FSDP2 instead of DDP
 
-Each rank writes its trained parameters to OUT/params_rank{r}.safetensors after training.
+Each rank writes the seed of its generators (`torch.initial_seed()`) to OUT/seed_rank{r}.json before training and its
+trained parameters to OUT/params_rank{r}.safetensors after it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
         trainer = Trainer(config, sources=sources, model=model, processor=processor)
     else:
         trainer = Trainer(config)
+    with open(os.path.join(out, f"seed_rank{trainer.rank}.json"), "w") as f:
+        f.write(str(torch.initial_seed()))  # the seed of the rank's training draws
     trainer.run()
     trained = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
                for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -92,7 +92,7 @@ class TrainSection:
     progress: bool = True  # a tqdm bar on rank 0
     save_every: int = 500  # steps between checkpoints; 0: at the end only (and when stopped by a signal)
     eval_every: int = 0  # steps between validation losses (the `validation` datasets); 0: at the end only
-    eval_batches: int = 0  # batches of each validation dataset per evaluation, the same ones each time; 0: all
+    eval_batches: int = 0  # batches of each validation dataset per evaluation and rank, the same each time; 0: all
     keep_last: int = 3  # checkpoints kept, the latest ones; 0: all of them
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_workers: int = 0

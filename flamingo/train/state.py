@@ -3,12 +3,16 @@
 `checkpoints/step_00000010/` holds:
 - `trained.safetensors`: the trained parameters (by `Flamingo.named_parameters()` name);
 - `optimizer.safetensors`: the optimizer's and the scheduler's state dicts, their tensors as plain tensors (8-bit
-  optimizer states as their codes and scales) and their structure as JSON in the file's metadata (state_codec.py);
-- `rng.safetensors`: torch CPU (and CUDA) generator states;
-- `state.json`: step, fault counters, numpy / Python RNG states, the data loaders' positions, and what a resume must
-  match or report (`optim.kind` and settings, `model.flamingo.lm_lora`: `check_resumable`).
+  optimizer states as their codes and scales) and their structure as JSON in the file's metadata (state_codec.py).
+  One process and DDP write `optimizer.state_dict()` (parameters by index), FSDP its full state by parameter name
+  (`{"fsdp_full": ...}`); either loads into the other layout;
+- `rng.safetensors`: every rank's torch CPU generator state and its own GPU's (`rank{r}/torch_cpu`,
+  `rank{r}/torch_cuda`);
+- `state.json`: step, world size, fault counters, every rank's numpy / Python RNG states and data loaders'
+  positions, and what a resume must match or report (`optim.kind` and settings, `model.flamingo.lm_lora`:
+  `check_resumable`).
 Checkpoints written before `optimizer.safetensors` (an `optimizer.pt` read with `weights_only=True`, the scheduler in
-state.json) still load.
+state.json) or before per-rank RNG states (rank 0's alone, unprefixed) still load.
 """
 
 from __future__ import annotations
@@ -38,26 +42,74 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 log = logging.getLogger(__name__)
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # (torch generator states, numpy / Python states)
+
+
+def rng_state(device: Optional[torch.device] = None) -> RngState:
+    """This process's generator states: torch's CPU one, `device`'s CUDA one (a rank's own GPU only: the others are
+    other ranks'), numpy's and Python's."""
     tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
+    if device is not None and device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     py = random.getstate()
     return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
                      "python": [py[0], list(py[1]), py[2]]}
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], other: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], other: dict[str, Any],
+                  device: Optional[torch.device] = None) -> None:
+    """Restore `rng_state`'s states; the CUDA one on `device` (checkpoints that saved every GPU's, `torch_cuda_{i}`:
+    the device's own)."""
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if device is not None and device.type == "cuda":
+        cuda = tensors.get("torch_cuda", tensors.get(f"torch_cuda_{device.index or 0}"))
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     kind, keys, pos, has_gauss, gauss = other["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = other["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch's generators (CPU and CUDA) for rank `rank`'s training draws (dropout): `seed + rank`, so that
+    ranks draw other masks. Called once the model is built, whose initial weights every rank draws from `seed`."""
+    torch.manual_seed(seed + rank)
+
+
+def saved_world_size(state: dict[str, Any]) -> int:
+    """How many processes wrote a checkpoint (state.json's `world_size`, else its per-rank data positions)."""
+    data = state.get("data")
+    return int(state.get("world_size", len(data) if isinstance(data, list) else 1))
+
+
+def rank_entry(saved: Any, rank: int) -> Any:
+    """Rank `rank`'s entry of a per-rank list a checkpoint holds (data positions, RNG states): entry `rank`; entry 0
+    for a rank the checkpoint's run did not have (resumed by more processes); `saved` itself when it is not a list
+    (one process wrote it)."""
+    if not isinstance(saved, list):
+        return saved
+    if not saved:
+        raise ValueError("the checkpoint holds no per-rank state")
+    return saved[rank] if rank < len(saved) else saved[0]
+
+
+def restore_rng(path: str, state: dict[str, Any], rank: int, seed: int, device: Optional[torch.device] = None
+                ) -> bool:
+    """Restore rank `rank`'s generator states from checkpoint `path` (state.json's content `state`). A rank the
+    checkpoint's run did not have is seeded as a fresh run's rank is (`seed_rank`): returns False then. A checkpoint
+    written before per-rank states holds rank 0's alone."""
+    tensors = load_file(os.path.join(path, "rng.safetensors"))
+    others = state["rng"]
+    if isinstance(others, dict):  # rank 0's, unprefixed keys
+        tensors, others = {f"rank0/{k}": v for k, v in tensors.items()}, [others]
+    if rank >= len(others):
+        seed_rank(seed, rank)
+        return False
+    prefix = f"rank{rank}/"
+    set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, others[rank], device)
+    return True
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -132,11 +184,13 @@ def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor], optimizer_state: Any,
-                    scheduler: Any, state: dict[str, Any], keep_last: int) -> str:
+                    scheduler: Any, state: dict[str, Any], keep_last: int, rng: Optional[list[RngState]] = None
+                    ) -> str:
     """Write `checkpoints/step_{step}` atomically and keep only the last `keep_last` checkpoints (0: all of them;
-    rank 0 only)."""
+    rank 0 only). rng: every rank's `rng_state`, by rank (default: this process's)."""
     path = os.path.join(output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
-    rng_tensors, rng_other = rng_state()
+    rng = rng if rng is not None else [rng_state()]
+    rng_tensors = {f"rank{r}/{k}": v for r, (tensors, _) in enumerate(rng) for k, v in tensors.items()}
     with atomic_directory(path, "state.json", "a training checkpoint") as tmp:
         save_file(trained, os.path.join(tmp, "trained.safetensors"))
         optimizer_tree, optimizer_tensors = state_codec.encode(optimizer_state, "optimizer")
@@ -145,7 +199,7 @@ def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor]
                   metadata={"optimizer": json.dumps(optimizer_tree), "scheduler": json.dumps(scheduler_tree)})
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "rng": rng_other, **state}, f)
+            json.dump({"step": step, "rng": [other for _, other in rng], **state}, f)
     for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -206,16 +260,76 @@ def check_resumable(path: str, state: dict[str, Any], model: nn.Module, trained:
                            "was it written with another model.flamingo (lm_lora's r, ...)?")
 
 
+def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The optimizer's parameters by name, group by group, in its order (the order of `optimizer.state_dict()`'s
+    indices)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _check_groups(path: str, saved: list[dict[str, Any]], names: list[list[str]]) -> None:
+    if len(saved) != len(names):  # torch's own error would not say why
+        raise ValueError(f"checkpoint {path} has {len(saved)} optimizer parameter groups, this run {len(names)}: was "
+                         "optim.attn_gate_lr_mult set or unset since? (it gives the attention gates a group of their "
+                         "own) Resume with it as it was, or start a new output_dir")
+    for i, (group, ours) in enumerate(zip(saved, names)):
+        if len(group["params"]) != len(ours):
+            raise ValueError(f"checkpoint {path} has {len(group['params'])} parameters in optimizer group {i}, this "
+                             f"run {len(ours)}: was it written with another model.flamingo?")
+
+
+def _by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """An `optimizer.state_dict()` (parameters by index, in group order) keyed by parameter name, the form FSDP's
+    full state has (`get_optimizer_state_dict`)."""
+    name_of = {i: name for group, ours in zip(state["param_groups"], names) for i, name in zip(group["params"], ours)}
+    return {"state": {name_of[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**group, "params": ours} for group, ours in zip(state["param_groups"], names)]}
+
+
+def _by_index(path: str, state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """FSDP's full optimizer state (parameters by name) as `optimizer.load_state_dict` takes it for this run's
+    optimizer (parameters by index in its group order)."""
+    index = {name: i for i, name in enumerate(n for ours in names for n in ours)}
+    for i, (group, ours) in enumerate(zip(state["param_groups"], names)):
+        if set(group["params"]) != set(ours):
+            other = sorted(set(group["params"]) ^ set(ours))
+            raise ValueError(f"checkpoint {path}: optimizer group {i} holds other parameters than this run's "
+                             f"({other[:5]}): was it written with another model.flamingo?")
+    return {"state": {index[name]: v for name, v in state["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in ours]}
+                             for group, ours in zip(state["param_groups"], names)]}
+
+
+def _check_layout(path: str, saved_sharded: bool, sharded: bool, optim_kind: Optional[str]) -> None:
+    """8-bit optimizer states do not move between FSDP and one process / DDP: under FSDP each rank quantizes its
+    shard (a shard too small for the 256-value blocks keeps fp32 states where the whole tensor would not)."""
+    if saved_sharded == sharded or optim_kind != "adamw8bit":
+        return
+    written = "under FSDP (train.distributed=fsdp)" if saved_sharded else "by one process or under DDP"
+    how = ("under torchrun with train.distributed=fsdp" if saved_sharded
+           else "with train.distributed=ddp (or one process)")
+    raise ValueError(f"checkpoint {path} was written {written} with optim.kind=adamw8bit, whose 8-bit states are "
+                     f"quantized per shard under FSDP and do not move between the layouts: resume it {how}, or "
+                     "start a new output_dir")
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device, optim_kind: Optional[str] = None) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns state.json's content (step, data positions, ...).
-    Every rank reads the files (they must be on a shared or copied file system). `optim_kind`: the config's
-    `optim.kind`, compared with the checkpoint's (`check_resumable`)."""
+    """Restore the trained weights, the optimizer and the scheduler `save_checkpoint` wrote; returns state.json's
+    content (step, data positions, RNG states for `restore_rng`, ...). Every rank reads the files (they must be on
+    a shared or copied file system). `optim_kind`: the config's `optim.kind`, compared with the checkpoint's
+    (`check_resumable`). The optimizer state moves between layouts: FSDP writes it keyed by parameter name, one
+    process and DDP by index, and either loads into the other."""
     trained = load_file(os.path.join(path, "trained.safetensors"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     check_resumable(path, state, model, trained, optim_kind)
     optimizer_state, scheduler_state = _optimizer_and_scheduler_state(path, state)
+    saved_sharded = "fsdp_full" in optimizer_state
+    optimizer_state = optimizer_state["fsdp_full"] if saved_sharded else optimizer_state
+    _check_layout(path, saved_sharded, is_sharded(model), state.get("optim_kind", optim_kind))
+    names = _group_names(model, optimizer)
+    _check_groups(path, optimizer_state["param_groups"], names)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -225,14 +339,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, trained, options=options)
-        set_optimizer_state_dict(model, optimizer, optimizer_state["fsdp_full"], options=options)
+        if not saved_sharded:
+            optimizer_state = _by_name(optimizer_state, names)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     else:
-        groups = len(optimizer_state["param_groups"])
-        if groups != len(optimizer.param_groups):  # torch's own error would not say why
-            raise ValueError(f"checkpoint {path} has {groups} optimizer parameter groups, this run "
-                             f"{len(optimizer.param_groups)}: was optim.attn_gate_lr_mult set or unset since? (it "
-                             "gives the attention gates a group of their own) Resume with it as it was, or start a "
-                             "new output_dir")
         params = dict(model.named_parameters())
         missing = {n for n, p in params.items() if p.requires_grad} - set(trained)
         if missing:
@@ -240,7 +350,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         with torch.no_grad():
             for name, value in trained.items():
                 params[name].copy_(value)
+        if saved_sharded:
+            optimizer_state = _by_index(path, optimizer_state, names)
         optimizer.load_state_dict(optimizer_state)  # moves the state onto each parameter's device
     scheduler.load_state_dict(scheduler_state)
-    set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
     return state

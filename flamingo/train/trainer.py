@@ -51,8 +51,13 @@ from .state import (
     is_sharded,
     list_checkpoints,
     load_checkpoint,
+    rank_entry,
     remove_stale_writes,
+    restore_rng,
+    rng_state,
     save_checkpoint,
+    saved_world_size,
+    seed_rank,
 )
 from .tower_graphs import TowerGraphs, install_tower_graphs
 from .validation import Validation
@@ -220,6 +225,8 @@ class Trainer:
                            param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
             else:
                 self.wrapped = wrap_ddp(model, self.device)
+        if self.rank:  # other dropout masks per rank; rank 0 (one process) draws on from `seed`, as before
+            seed_rank(t.seed, self.rank)
         o = config.optim
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, fused=o.fused,
                                         gate_lr_mult=o.gate_lr_mult, attn_gate_lr_mult=o.attn_gate_lr_mult,
@@ -294,7 +301,13 @@ class Trainer:
         # a checkpoint without "mixture" holds the same generator state as "sample_generator": it resumes too
         self.sampler.load_state_dict(state["mixture"] if "mixture" in state else
                                      {"generator": state["sample_generator"]})
-        data_states = state["data"][self.rank] if isinstance(state["data"], list) else state["data"]
+        saved_world = saved_world_size(state)
+        if saved_world != self.world and self.rank == 0:
+            log.warning("%s was written by %d process(es), resumed by %d: not an exact resume (each dataset restarts "
+                        "its epoch; rank r takes the saved rank r's random generators, a rank the run did not have "
+                        "is seeded with train.seed + r)", path, saved_world, self.world)
+        restore_rng(path, state, self.rank, t.seed, self.device)
+        data_states = rank_entry(state["data"], self.rank)  # a rank the run did not have: rank 0's, restarted
         added, dropped = sorted(set(self.sources) - set(data_states)), sorted(set(data_states) - set(self.sources))
         if added or dropped:  # the config's datasets changed since the checkpoint (a new name is a new dataset)
             warnings.warn(f"resuming from {path} with other datasets than it was saved with: {added or 'none'} "
@@ -331,23 +344,26 @@ class Trainer:
             log.warning("resuming from %s with model.flamingo.lm_lora.dropout %s -> %s: the config's applies from "
                         "step %d on", path, saved.get("dropout"), now["dropout"], self.step + 1)
 
-    def _data_state(self) -> Any:
-        local = {name: source.state_dict() for name, source in self.sources.items()}
+    def _rank_states(self) -> tuple[Any, list[Any]]:
+        """(data positions, RNG states) of every rank, gathered on every rank: a list by rank each (the positions of
+        one process: its dict)."""
+        local = ({name: source.state_dict() for name, source in self.sources.items()}, rng_state(self.device))
         if self.world == 1:
-            return local
+            return local[0], [local[1]]
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, local)
-        return gathered
+        dist.all_gather_object(gathered, local, group=self.host_group)  # CPU objects
+        return [data for data, _ in gathered], [rng for _, rng in gathered]
 
     def save(self) -> None:
-        data = self._data_state()
+        data, rng = self._rank_states()
         trained, optimizer_state = gather_training_state(self.model, self.optimizer)  # collective under FSDP
         if self.rank == 0:
             save_checkpoint(self.config.train.output_dir, self.step, trained, optimizer_state, self.scheduler,
-                            {"nonfinite_streak": int(self.nonfinite_streak), "skipped_steps": int(self.skipped_steps),
-                             "mixture": self.sampler.state_dict(), "data": data, "optim_kind": self.config.optim.kind,
-                             "optim": asdict(self.config.optim), "lm_lora": self.model.config.lm_lora},
-                            self.config.train.keep_last)
+                            {"world_size": self.world, "nonfinite_streak": int(self.nonfinite_streak),
+                             "skipped_steps": int(self.skipped_steps), "mixture": self.sampler.state_dict(),
+                             "data": data, "optim_kind": self.config.optim.kind, "optim": asdict(self.config.optim),
+                             "lm_lora": self.model.config.lm_lora},
+                            self.config.train.keep_last, rng=rng)
         if self.world > 1:
             dist.barrier()
         self._saved_step = self.step

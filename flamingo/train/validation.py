@@ -9,6 +9,7 @@ batch's mean weighted by its token count, summed over ranks), not a mean of batc
 Under torchrun every rank reads its own shard and the ranks step together: each batch starts with an all-reduce of
 whether every rank still has one (FSDP's forward is collective), and the evaluation of a dataset ends when one rank
 runs out. `val_batches/<name>` says how many batches were read over all ranks, so a shortened pass is visible.
+`max_batches` (`train.eval_batches`) counts the ranks' steps together: each rank reads that many of its batches.
 """
 
 from __future__ import annotations

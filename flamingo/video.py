@@ -120,20 +120,20 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
     variable-rate clip. Only instants in `keep` are converted to images; with `stop_when_kept`, decoding stops once
     they all are. A frame past `max_seconds` raises `TooLong` (decoding stops there).
     Returns:
-        (images by instant, number of instants, frames decoded, time of the last decoded frame from the first).
+        (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock).
     """
     images: dict[int, Image.Image] = {}
     instants = decoded = 0
     start: Optional[float] = None
-    t: Optional[float] = None
+    last: Optional[float] = None
     previous = None  # the frame on screen until the current one
     last_kept = max(keep, default=-1)
     for frame in frames:
-        t = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
+        last = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
         decoded += 1
         if start is None:
-            start = t
-        t -= start
+            start = last
+        t = last - start
         if max_seconds is not None and t > max_seconds:
             raise TooLong(f"longer than the {max_seconds:g} s allowed")
         while instants * step <= t + _TIME_TOLERANCE:
@@ -144,7 +144,7 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
         previous = frame
         if stop_when_kept and instants > last_kept:
             break
-    return images, instants, decoded, t
+    return images, instants, decoded, last
 
 
 def _predicted_instants(frames: int, seconds: Optional[float], rate: Optional[float], step: float) -> int:
@@ -155,36 +155,64 @@ def _predicted_instants(frames: int, seconds: Optional[float], rate: Optional[fl
     return int((last + _TIME_TOLERANCE) / step) + 1 if last is not None and last >= 0 else 0
 
 
+def _video_start(stream: "av.VideoStream") -> float:
+    """The video's first frame time on the file's clock: FFmpeg's stream start time (from the header or the first
+    packets), 0 when it has none."""
+    if stream.start_time is None or not stream.time_base:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+# Demuxers whose container duration is the file's end time (its last timestamp plus duration, measured from 0), not a
+# length measured from the container's start as FFmpeg computes it for the others.
+_DURATION_IS_END_TIME = {"matroska", "webm", "nut"}
+
+
 def _header_seconds(container: "av.container.InputContainer", stream: "av.VideoStream") -> Optional[float]:
-    """The video stream's duration as its header lists it: the stream's own, else the container's; None if none."""
+    """The video's length from its first frame (`_video_start`) as its header lists it; None if it lists none.
+
+    The stream's own duration first (FFmpeg measures it from the stream's start), else a Matroska track's DURATION
+    tag, else the container's duration. The tag, and a Matroska or NUT container's duration, are end times measured
+    from 0: a video starting late (a cut kept on the source's clock, a live recording, audio muxed first) starts
+    `_video_start` into them. Other containers' durations run from the container's start (its earliest stream).
+    """
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
+    start = _video_start(stream)
+    seconds: Optional[float] = None
     tag = stream.metadata.get("DURATION")  # Matroska/WebM: "HH:MM:SS.nnnnnnnnn" per track
     if tag:
         try:
             h, m, s = tag.split(":")
-            return int(h) * 3600 + int(m) * 60 + float(s)
+            seconds = int(h) * 3600 + int(m) * 60 + float(s) - start
         except ValueError:
             pass
-    return container.duration / 1e6 if container.duration else None
+    if seconds is None and container.duration:
+        names = set(container.format.name.split(","))
+        origin = 0.0 if names & _DURATION_IS_END_TIME else (container.start_time or 0) / 1e6
+        seconds = container.duration / 1e6 - (start - origin)
+    return seconds if seconds is not None and seconds > 0 else None
 
 
 def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
                  max_seconds: Optional[float] = None) -> list[Image.Image]:
     """Decode the frames shown at t = 0, 1/fps, 2/fps, ... (by timestamp), at most `max_frames`, uniformly spread.
 
+    Time runs from the video's first frame: a video starting late on its file's clock (a cut kept on the source's
+    timestamps, a live recording, audio muxed first) gives the frames the same clip starting at 0 gives.
+
     At most `max_frames` frames are converted and held. When the header (frame count or duration, and rate)
     predicts the number of instants, one decoding pass suffices; otherwise a first pass reads only timestamps and a
     second converts the chosen frames. Frames are turned upright by their display matrix.
     A file is truncated when it decodes under 90% of the frames its header lists, or, with no frame count
-    (Matroska/WebM), ends before 90% of the duration its header lists; a file whose header lists neither
-    (a fragmented MP4, a live-recorded WebM) cannot be checked and is accepted.
+    (Matroska/WebM), ends before 90% of the length its header lists (both from the video's start); a file whose
+    header lists neither (a fragmented MP4, a live-recorded WebM) cannot be checked and is accepted.
     Args:
         path: a file path, the file's bytes, or a binary file object.
         fps: sampling rate in frames per second of video time.
         max_frames: cap; longer samplings are sub-sampled uniformly.
-        max_seconds: refuse a longer video (by its header's duration, else when decoding passes it): decoding time
-            grows with the length even though memory does not (a server's bound).
+        max_seconds: refuse a longer video (by its header's length from its first frame, else when decoding passes
+            it): decoding time grows with the length even though memory does not (a server's bound).
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
@@ -233,13 +261,14 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
             raise TooLong(f"{seconds:.1f} s long by its header, more than the {max_seconds:g} s allowed")
         predicted = _predicted_instants(expected, seconds, rate, step)
         guess = set(uniform_frame_indices(predicted, max_frames))
+        start = _video_start(stream)
         images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess,
                                                     max_seconds=max_seconds)
     if not instants:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
     if expected and decoded < _TRUNCATED_FRACTION * expected:
         raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
-    span = (last_t or 0.0) + (1 / rate if rate else 0.0)
+    span = (last_t - start if last_t is not None else 0.0) + (1 / rate if rate else 0.0)  # from the video's start
     if not expected and seconds and span < _TRUNCATED_FRACTION * seconds:
         raise ValueError(f"video {name} is truncated: decoded {span:.2f} s of the {seconds:.2f} s its header lists")
     chosen = uniform_frame_indices(instants, max_frames)

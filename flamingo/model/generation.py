@@ -26,7 +26,6 @@ import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..runtime.compat import (
-    CHUNKED_PREFILL_WITH_MEDIA,
     TRANSFORMERS,
     TRANSFORMERS_VERSION,
     lm_cache_argument,
@@ -118,6 +117,19 @@ def fields_set_in(config: GenerationConfig) -> dict[str, Any]:
     test, `to_diff_dict`, in 4.x and 5.x alike), as copies of the values set (not their serialized form)."""
     return {key: copy.deepcopy(getattr(config, key)) for key in config.to_diff_dict()
             if not key.startswith("_") and key != "transformers_version" and hasattr(config, key)}
+
+
+def check_chunked_prefill(config: GenerationConfig, attention_mask: Optional[torch.Tensor]) -> None:
+    """What transformers' `prefill_chunk_size` needs from the installed version (docs/compat.md): 4.x gives a prompt's
+    tokens their cache positions as position ids, counting a row's left padding, so a padded batch chunked decodes
+    other tokens than one prefill (text-only prompts too): refused. 5.0 chunks only on a cache made before the
+    prefill: `config` gets the dynamic cache it would make itself from 5.1 on."""
+    if TRANSFORMERS < (5, 0) and attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f"prefill_chunk_size with a left-padded batch needs transformers >= 5 (installed: "
+                         f"{TRANSFORMERS_VERSION}: its chunks count a row's padding in the positions); prefill the "
+                         "batch whole, or its prompts one by one")
+    if TRANSFORMERS == (5, 0) and config.cache_implementation is None:
+        config.cache_implementation = "dynamic"
 
 
 def flamingo_token_ids(model: Flamingo) -> set[int]:
@@ -237,9 +249,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     if config.prefill_chunk_size is not None and model.whole_prompt_rules:
         raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
                          "rest of it, so the prompt is prefilled whole: generate without prefill_chunk_size")
-    if config.prefill_chunk_size is not None and visual_tokens is not None and not CHUNKED_PREFILL_WITH_MEDIA:
-        raise ValueError(f"prefill_chunk_size with images needs transformers >= 5.13 (installed: "
-                         f"{TRANSFORMERS_VERSION}); prefill the prompt whole")
+    if config.prefill_chunk_size is not None:
+        check_chunked_prefill(config, attention_mask)
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])

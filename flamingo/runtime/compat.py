@@ -47,10 +47,6 @@ TORCH: tuple[int, int] = version_tuple(torch.__version__)
 
 from transformers.cache_utils import DynamicLayer  # noqa: E402  (4.54 on: after the floor check)
 
-# transformers' `prefill_chunk_size` gives a prompt with images the tokens of one prefill from 5.13 on; before, the
-# chunked prompt decodes other tokens (text-only prompts match; docs/compat.md).
-CHUNKED_PREFILL_WITH_MEDIA: bool = TRANSFORMERS >= (5, 13)
-
 # The serving engine's batched decode cache (flamingo/model/batching.py) is a transformers cache layer; the layer
 # interface it implements is the one of 5.4 on (4.54 - 5.3 changed it from release to release).
 CONTINUOUS_BATCHING: bool = TRANSFORMERS >= (5, 4)

@@ -9,6 +9,8 @@ import torch
 from flamingo.runtime.compat import lm_cache_argument
 from flamingo.tiny import LM_KINDS, random_image, tiny_lm, tiny_tokenizer
 
+from helpers import loss_and_grads, training_batch
+
 PROMPT = "Question: what? <image>Short answer: a red circle.<|endofchunk|><image>Short answer: two<|endofchunk|>"
 
 
@@ -368,6 +370,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_model):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lm_kind, dropout", [("gpt2", dict(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1)),
+                                               ("opt", dict(dropout=0.1, attention_dropout=0.1))])
+def test_gradient_checkpointing_keeps_the_frozen_lms_dropout_off(make_model, lm_kind, dropout):
+    """HF checkpoints a layer only in training mode, yet the frozen LM's dropout stays off (GPT-2's dropout modules,
+    OPT's layer-level dropout): the same loss at any RNG seed, and the loss and gradients of a run without it."""
+    runs = []
+    for checkpointing in (False, True):
+        model, processor = make_model(lm_kind, lm_overrides=dropout)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        assert not any(m.training for m in model.lm.modules() if isinstance(m, torch.nn.Dropout))
+        layer = model.lm.get_submodule(model.decoder_layers_path)[1]
+        calls = []
+        next(layer.children()).register_forward_hook(lambda m, a, o: calls.append(1))
+        batch = training_batch(processor, ["<image>a red square.<|endofchunk|>", "<image>a blue one<|endofchunk|>"],
+                               [1, 1])
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            runs.append(loss_and_grads(model, batch))
+        assert len(calls) == (4 if checkpointing else 2)  # checkpointed: recomputed in backward
+    loss, grads = runs[0]
+    for other_loss, other_grads in runs[1:]:
+        assert torch.equal(other_loss, loss)
+        assert other_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

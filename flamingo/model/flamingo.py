@@ -284,6 +284,7 @@ class Flamingo(nn.Module):
         if ctx is None:  # outside a Flamingo call: the bare LM's layer
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+        lm_dtype = hidden.dtype
         block = self.xattn[block_idx]
         skip = self.config.imageless_rows_skip_blocks
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
@@ -313,6 +314,9 @@ class Flamingo(nn.Module):
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
             elif ctx.phase is Phase.PREFILL and not self.decodes_no_image:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
+        # The LM's layer gets the activations in its own dtype: fp32 gates make the block's output fp32, which a
+        # half-precision LM's norms refuse (CPU autocast leaves `layer_norm` to them). A no-op when they agree.
+        hidden = hidden.to(lm_dtype)
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -642,9 +646,11 @@ class Flamingo(nn.Module):
         if self.config.freeze_lm:
             self.lm.eval()
             if mode and self._activation_checkpointing:
-                # HF checkpoints a layer only in training mode: the decoder layers must be in it (their dropout,
-                # if the LM has any, then applies too).
-                self.lm.get_submodule(self.decoder_layers_path).train()
+                # HF checkpoints a layer only when the layer is in training mode: the layers' own flags say so (not
+                # their submodules': dropout modules stay in eval), and `_layers_run_in_eval` clears them again
+                # while a layer computes, for the layers that read it themselves (OPT's, Falcon's dropout).
+                for layer in self.lm.get_submodule(self.decoder_layers_path):
+                    layer.training = True
             if self.config.lm_lora is not None:
                 lora.train_adapters(self.lm, mode)
         return self
@@ -652,7 +658,8 @@ class Flamingo(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Activation checkpointing of the LM's decoder layers (HF's own, non-reentrant). The recompute during
         backward runs after the call's media context is gone, so each checkpointed layer re-installs, for its
-        recompute only, the context it saw in forward (`context_fn`)."""
+        recompute only, the context it saw in forward (`context_fn`). A frozen LM's layers still compute in eval
+        mode, as without checkpointing: the same loss and gradients, no dropout (`_layers_run_in_eval`)."""
         kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts}
         enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
         enable(kwargs)
@@ -667,13 +674,29 @@ class Flamingo(nn.Module):
 
         @contextmanager
         def recompute() -> Iterator[None]:
-            if snapshot is None or self._media_context is not None:
-                yield
-                return
-            with self.conditioned(snapshot):
-                yield
+            with self._layers_run_in_eval():
+                if snapshot is None or self._media_context is not None:
+                    yield
+                    return
+                with self.conditioned(snapshot):
+                    yield
 
-        return nullcontext(), recompute()
+        return self._layers_run_in_eval(), recompute()
+
+    @contextmanager
+    def _layers_run_in_eval(self) -> Iterator[None]:
+        """A frozen LM's decoder layers in eval mode while a checkpointed layer computes (forward and recompute), as
+        without checkpointing: their training flag (`train`) is only there to make HF checkpoint them, and a layer
+        that reads it itself would apply its dropout. A trained LM's layers are left as they are."""
+        layers = [layer for layer in self.lm.get_submodule(self.decoder_layers_path) if layer.training] \
+            if self.config.freeze_lm else []
+        for layer in layers:
+            layer.training = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = True
 
     def merge_lora(self) -> None:
         """Fold the LM's LoRA adapters into its weights (inference: no adapter matmuls; the same logits). The LM is a

@@ -8,12 +8,18 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .config import PROCESSOR_CONFIG_NAME, FlamingoConfig
 from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo, checked_torch_dtype
-from .processing import FlamingoProcessor, add_flamingo_tokens, has_saved_processor, load_image_processor
+from .processing import (
+    FlamingoProcessor,
+    add_flamingo_tokens,
+    has_saved_processor,
+    load_image_processor,
+    load_tokenizer,
+)
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
 from .runtime.hub import local_dir, metadata_dir
@@ -103,7 +109,7 @@ def flamingo_processor(tokenizer: Union[str, os.PathLike, PreTrainedTokenizerBas
     `max_length` is None (the tokenizer may not know its LM's context, or think it longer). Reads no weights.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
     if isinstance(image_processor, (str, os.PathLike)):
         image_processor = load_image_processor(str(image_processor))
     added = add_flamingo_tokens(tokenizer, num_image_references, extra_tokens)

@@ -32,8 +32,11 @@ answers stop at the next `\\nUser:`.
 `mmgpt` (Multimodal-GPT's Alpaca-style format, as its demo and instruction data write it):
 - a preamble: the `system` text, else `MMGPT_PREAMBLE`;
 - each `user` turn is `\n\n### Image:\n<image>` per medium, then `\n\n### Instruction:\n` and its text;
-- each `assistant` turn is `\n\n### Response:\n`, its text and the tokenizer's EOS (its training data end answers so);
-- the prompt ends with `\n\n### Response:\n`, which the model continues (answers end at EOS).
+- each `assistant` turn is `\n\n### Response:\n`, its text and the tokenizer's EOS (its released training code,
+  mmgpt 0.0.1, ends answers so);
+- the prompt ends with `\n\n### Response:\n`, which the model continues: answers end at EOS, at a new
+  `\n\n### Instruction:`, or at `### End.`, the end marker an early version of its training code wrote before EOS
+  (the released weights may have learned it; docs/serve.md).
 
 An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
 (`segments`); the lead is the format's answer prefix (what a prompt ends with) and a gap, so that what follows a
@@ -55,6 +58,7 @@ OTTER_ANSWER = "<answer>"  # Otter's marker before each answer
 MMGPT_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                   "request.")  # Multimodal-GPT's (Alpaca's) default system text
 MMGPT_SEPARATOR = "\n\n### "
+MMGPT_END = "### End."  # an answer end Multimodal-GPT's weights may write (module docstring)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class MMGPTChat(ChatFormat):
     name: str = "mmgpt"
     end_of_answer: str = ""  # the tokenizer's EOS
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
-    stops: tuple[str, ...] = (MMGPT_SEPARATOR + "Instruction:",)
+    stops: tuple[str, ...] = (MMGPT_SEPARATOR + "Instruction:", MMGPT_END)
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         if not turns or turns[0].role != "system":

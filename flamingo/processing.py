@@ -15,18 +15,19 @@ import json
 import math
 import numbers
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.utils import cached_file
 
 from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
 from .references import reference_token, resolve_declarations
-from .runtime.compat import keep_special_tokens_kwargs
+from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import metadata_dir
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
@@ -46,14 +47,34 @@ Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str,
 
 def idefics_prompt(text: str, bos_token: Optional[str]) -> str:
     """IDEFICS's prompt format, as its processor writes it: BOS first, every `<image>` between
-    `<fake_token_around_image>`s (consecutive images share one). A prompt already in that format is unchanged."""
-    wrapped = f"{IDEFICS_IMAGE_WRAPPER}{MEDIA_TOKEN}{IDEFICS_IMAGE_WRAPPER}"
-    text = re.sub(f"(?:{re.escape(IDEFICS_IMAGE_WRAPPER)})?{re.escape(MEDIA_TOKEN)}"
-                  f"(?:{re.escape(IDEFICS_IMAGE_WRAPPER)})?", wrapped, text)
-    text = text.replace(IDEFICS_IMAGE_WRAPPER * 2, IDEFICS_IMAGE_WRAPPER)
-    if bos_token and not text.startswith(bos_token):
-        text = bos_token + text
-    return text
+    `<fake_token_around_image>`s (consecutive images share one). Only a bare side of an `<image>` gets one, so a
+    prompt already in that format is unchanged, two images each in their own pair too (IDEFICS writes them so with
+    an empty text between them)."""
+    runs = text.split(MEDIA_TOKEN)
+    out = runs[0]
+    for run in runs[1:]:
+        if not out.endswith(IDEFICS_IMAGE_WRAPPER):
+            out += IDEFICS_IMAGE_WRAPPER
+        out += MEDIA_TOKEN + ("" if run.startswith(IDEFICS_IMAGE_WRAPPER) else IDEFICS_IMAGE_WRAPPER) + run
+    if bos_token and not out.startswith(bos_token):
+        out = bos_token + out
+    return out
+
+
+def idefics_list_text(prompt: Sequence[Any]) -> tuple[str, list]:
+    """An interleaved list -> (its text, its media) as IDEFICS's processor writes one: text items stripped of their
+    spaces, each image in `<fake_token_around_image>`s, where one right after an image shares its opening one (an
+    image after a text item, even one left empty, opens its own)."""
+    text, media, last_was_image = "", [], False
+    for part in prompt:
+        if isinstance(part, str):
+            text += part.strip(" ")
+            last_was_image = False
+        else:
+            text += ("" if last_was_image else IDEFICS_IMAGE_WRAPPER) + MEDIA_TOKEN + IDEFICS_IMAGE_WRAPPER
+            media.append(part)
+            last_was_image = True
+    return text, media
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -157,6 +178,57 @@ def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, new: list[str]) -> N
         tokenizer.add_special_tokens({"additional_special_tokens": new}, **keep_special_tokens_kwargs(tokenizer))
 
 
+def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained`, tokenizing as the directory's tokenizer.json says: every tokenizer flamingo
+    loads (a processor, `from_backbones`, the converters) comes through here.
+
+    A tokenizer.json whose normalizer prepends `▁` (LLaMA-1-era directories: OpenFlamingo v1, Med-Flamingo,
+    Multimodal-GPT, IDEFICS, Otter-LLaMA) starts every text run with a word start, the runs after special tokens
+    (`<image>`, `<|endofchunk|>`) too: what SentencePiece and transformers 4 gave those models in training.
+    transformers 5's `LlamaTokenizer` rebuilds that pipeline (non-legacy unless the config says `legacy: true`, and
+    then not quite the file's: `Metaspace` adds no `▁` before a run starting with a space), so the file's
+    normalizer, pre-tokenizer and decoder are put back, and `legacy: true` is set so that the tokenizer saved with a
+    processor keeps the choice. A config's `legacy: false` does not change this, as in transformers 4, whose fast
+    tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of LLaMA-1-era models")."""
+    name = os.fspath(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if TRANSFORMERS >= (5, 0):
+        restore_word_start_normalizer(tokenizer, name)
+    return tokenizer
+
+
+WORD_START = "▁"  # SentencePiece's word-start mark
+
+
+def prepends_word_start(normalizer: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a tokenizer.json's `normalizer` (its JSON) holds a `Prepend("▁")` step."""
+    if not normalizer:
+        return False
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    return any(step.get("type") == "Prepend" and step.get("prepend") == WORD_START for step in steps)
+
+
+def restore_word_start_normalizer(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> None:
+    """Put its tokenizer.json's own pipeline back into `tokenizer` when that normalizer prepends `▁`
+    (`load_tokenizer`)."""
+    try:
+        path = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        path = None
+    if path is None or not hasattr(tokenizer, "backend_tokenizer"):
+        return
+    with open(path, encoding="utf-8") as f:
+        if not prepends_word_start(json.load(f).get("normalizer")):
+            return
+    own = Tokenizer.from_file(path)
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = own.normalizer, own.pre_tokenizer, own.decoder
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = True
+        tokenizer.init_kwargs["legacy"] = True  # saved in tokenizer_config.json
+
+
 # Where a directory keeps its image processor's settings: its own file, or a processor's file holding them.
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -200,16 +272,18 @@ PROCESSOR_SETTINGS = ("max_length", "max_frames", "video_fps", "padding_side", "
 
 
 def check_processor_settings(settings: Mapping[str, Any]) -> None:
-    """ValueError for a setting no model runs with, among those `settings` names: a `max_length` (None: no limit) or
-    `max_frames` that is not an integer >= 1, a `video_fps` that is not a finite number > 0, an `image_references`
-    that is not true or false. Checked where a processor is made and again before it is saved, so that a value set
-    on it later is not written (JSON would hold `NaN`) to fail in another process."""
+    """ValueError for a setting no model runs with, among those `settings` names: a `max_length` (None: the
+    tokenizer's `model_max_length`, `FlamingoProcessor`) or `max_frames` that is not an integer >= 1, a `video_fps`
+    that is not a finite number > 0, an `image_references` that is not true or false. Checked where a processor is
+    made and again before it is saved, so that a value set on it later is not written (JSON would hold `NaN`) to
+    fail in another process."""
     def integer(value: Any) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if "max_length" in settings and settings["max_length"] is not None and not (
             integer(settings["max_length"]) and settings["max_length"] >= 1):
-        raise ValueError(f"max_length must be an integer >= 1 (or null: no limit), got {settings['max_length']!r}")
+        raise ValueError(f"max_length must be an integer >= 1 (or null: the tokenizer's model_max_length, no limit "
+                         f"if it sets none), got {settings['max_length']!r}")
     if "max_frames" in settings and not (integer(settings["max_frames"]) and settings["max_frames"] >= 1):
         raise ValueError(f"max_frames must be an integer >= 1, got {settings['max_frames']!r}")
     fps = settings.get("video_fps", 1.0)
@@ -258,7 +332,10 @@ class FlamingoProcessor:
         """template: "flamingo" (prompts as written, `<|endofchunk|>` between examples), "otter" (prompts as written;
         chat turns in Otter's `User: ... GPT:<answer>` format, flamingo/chat.py), "mmgpt" (the same; chat turns in
         Multimodal-GPT's `### Instruction:` / `### Response:` format) or "idefics" (IDEFICS's format:
-        `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models)."""
+        `idefics_prompt`; an IDEFICS prompt works unchanged, `<end_of_utterance>` for the instruct models).
+        max_length: the longest prompt encoded; None (null in flamingo_processor.json): the tokenizer's
+        `model_max_length`, no limit when it sets none (HF's huge default). `from_backbones` sets it from the LM's
+        positions; a larger integer lifts a tokenizer's limit."""
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         check_processor_settings({"max_length": max_length, "max_frames": max_frames, "video_fps": video_fps,
@@ -336,6 +413,8 @@ class FlamingoProcessor:
             try:
                 with Image.open(path) as im:
                     return image_frames(im, self.video_fps, self.max_frames)
+            except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
+                return self._video_named_otherwise(path, e)
             except Exception as e:  # PIL raises several types for corrupt files
                 raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
         if isinstance(media, Image.Image):
@@ -356,6 +435,18 @@ class FlamingoProcessor:
         raise ValueError(
             f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "
             "a uint8 array (H, W, 3) or (F, H, W, 3), pixel values (F, C, H, W) or a file path")
+
+    def _video_named_otherwise(self, path: Path, image_error: Exception) -> list[Image.Image]:
+        """A file PIL cannot identify, read as a video: what a file holds decides, not its name (MPEG-TS from
+        cameras and IPTV dumps, `.mts`, extensionless temporary files). Neither: a ValueError naming both tries."""
+        try:
+            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+        except ImportError as e:  # no PyAV: the file may be no video at all
+            video_error: Exception = e
+        except ValueError as e:
+            video_error = e
+        raise ValueError(f"cannot decode image {str(path)!r}: {image_error}; nor as a video: {video_error}"
+                         ) from video_error
 
     def check_pixel_values(self, media: torch.Tensor) -> torch.Tensor:
         """Pixel values given as a tensor `(C, H, W)` or `(F, C, H, W)`, as the image processor makes them ->
@@ -419,10 +510,12 @@ class FlamingoProcessor:
         if isinstance(prompt, (list, tuple)):
             if media_list(media):
                 raise ValueError("give media either inside an interleaved list or as `images`, not both")
+            if self.template == "idefics":
+                return idefics_list_text(prompt)
             text, found = [], []
             for part in prompt:
-                if isinstance(part, str):  # IDEFICS's processor strips its text items' spaces: so does its template
-                    text.append(part.strip(" ") if self.template == "idefics" else part)
+                if isinstance(part, str):
+                    text.append(part)
                 else:
                     text.append(MEDIA_TOKEN)
                     found.append(part)
@@ -529,6 +622,6 @@ class FlamingoProcessor:
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         kwargs = read_processor_settings(path) if os.path.isfile(path) else {}
         kwargs.update(overrides)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
         image_processor = load_image_processor(directory)
         return cls(tokenizer, image_processor, **kwargs)

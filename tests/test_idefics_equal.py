@@ -19,6 +19,7 @@ from transformers.models.idefics.processing_idefics import (
 
 from flamingo.convert import from_idefics
 from flamingo.convert.idefics import idefics_image_processor
+from flamingo.processing import FlamingoProcessor
 from flamingo.runtime.compat import TRANSFORMERS, pil_image_processor
 from flamingo.tiny import random_image, tiny_tokenizer
 
@@ -177,6 +178,25 @@ def test_an_idefics_prompt_works_unchanged():
     theirs = IdeficsProcessor(IdeficsImageProcessorPil(image_size=32), copy.deepcopy(tok))(
         text=[spaced], return_tensors="pt")
     assert processor(spaced)["input_ids"].tolist() == theirs["input_ids"].tolist()
+
+
+@pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="transformers 4's IdeficsProcessor (the peer) takes only a "
+                    "LlamaTokenizerFast, and the tiny tokenizer is a PreTrainedTokenizerFast")
+def test_an_empty_text_item_between_images_keeps_them_apart_as_idefics_does():
+    """An interleaved list with a text item that strips to nothing between two images: IDEFICS's processor writes
+    each image in its own `<fake_token_around_image>`s (the empty item counts as text), and so does the template,
+    from the list and from the string IDEFICS writes for it."""
+    tok = _tokenizer()
+    processor = FlamingoProcessor(copy.deepcopy(tok), idefics_image_processor(32), template="idefics")
+    peer = IdeficsProcessor(IdeficsImageProcessorPil(image_size=32), copy.deepcopy(tok))
+    images = [random_image(1), random_image(2)]
+    for prompt in (["User:", images[0], " ", images[1], "x"], ["User:", images[0], "", images[1], "x"],
+                   ["User:", images[0], images[1], " x"]):
+        theirs = peer(text=[prompt], return_tensors="pt")["input_ids"].tolist()
+        assert processor(prompt)["input_ids"].tolist() == theirs, tok.decode(theirs[0])
+    written = f"User:{FAKE}<image>{FAKE}{FAKE}<image>{FAKE}x"
+    assert processor(written, images=images)["input_ids"].tolist() == \
+        peer(text=[["User:", images[0], "", images[1], "x"]], return_tensors="pt")["input_ids"].tolist()
 
 
 @pytest.mark.slow

@@ -115,6 +115,41 @@ def test_thin_videos_are_refused_by_the_processor_and_skipped_by_the_shards(proc
     assert skipped.value.reason == "bad_video"
 
 
+def _write_video(path, fmt, levels):
+    """A 16x16 clip at 1 frame per second, one grey level a frame, in the container `fmt`."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for level in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), level, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("fmt, name", [("mpegts", "clip.ts"), ("mpegts", "clip.mts"), ("mp4", "clip")])
+def test_a_video_under_a_name_outside_the_video_extensions_is_read_as_a_video(processor, tmp_path, fmt, name):
+    """What a file holds decides, not its name: an MPEG-TS clip named .ts / .mts (cameras, IPTV dumps) and an MP4
+    without extension (a temporary file) read as videos, the frames `decode_video` gives."""
+    from flamingo.video import decode_video
+
+    _write_video(tmp_path / name, fmt, [40, 120, 200])
+    frames = processor.load_media(str(tmp_path / name))
+    assert [np.asarray(f).tolist() for f in frames] == [np.asarray(f).tolist()
+                                                        for f in decode_video(str(tmp_path / name), max_frames=4)]
+    assert len(frames) == 3 and pixels(processor, str(tmp_path / name)).shape[0] == 3
+
+
+def test_a_file_neither_image_nor_video_names_both_tries(processor, tmp_path):
+    pytest.importorskip("av")
+    junk = tmp_path / "junk.ts"
+    junk.write_bytes(b"neither an image nor a video" * 50)
+    with pytest.raises(ValueError, match=r"cannot decode image .*junk\.ts.*cannot identify image.*nor as a video: "):
+        pixels(processor, str(junk))
+
+
 def test_images_at_the_aspect_ratio_bound_are_accepted(processor):
     assert pixels(processor, Image.new("RGB", (MAX_ASPECT_RATIO, 1))).shape == (1, 3, 32, 32)
     assert pixels(processor, np.zeros((MAX_ASPECT_RATIO, 1, 3), np.uint8)).shape == (1, 3, 32, 32)

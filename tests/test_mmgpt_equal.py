@@ -260,7 +260,9 @@ def test_files_saved_with_mmengine_configs_load_without_their_code(mmgpt, tmp_pa
 
 def test_mmgpt_chat_format(mmgpt):
     """The server's and chat data's `mmgpt` format writes what Multimodal-GPT's demo writes (its PromptGenerator:
-    preamble, `### Image:` before the instruction, `### Response:` last) and ends answers with EOS."""
+    preamble, `### Image:` before the instruction, `### Response:` last) and ends answers with EOS, as mmgpt 0.0.1's
+    datasets tokenize them (`instruction + answer`, then EOS). Served answers also end at `### End.`, the end marker
+    its first commit trained answers with (docs/serve.md)."""
     _, _, processor, *_ = mmgpt
     fmt = chat_format_for(processor)
     image = "<image>"
@@ -272,6 +274,13 @@ def test_mmgpt_chat_format(mmgpt):
     assert fmt.render(two) == ("Be brief.\n\n### Image:\n<image>\n\n### Instruction:\nWhat?\n\n### Response:\nA cat."
                                + eos + "\n\n### Instruction:\nAnd its colour?\n\n### Response:\n")
     assert fmt.first_reserved("a " + eos) == eos
+    assert fmt.segments(two[:3])[-2:] == [("\n\n### Response:\n", False), ("A cat." + eos, True)]
+    assert "### End." in fmt.stops and "\n\n### Instruction:" in fmt.stops
+    # its training text (mmgpt/datasets/vqa_dataset.py: `TEMPLATE["prompt_qa"]`, the answer, then EOS)
+    trained = (MMGPT_PREAMBLE + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat?\n\n### Response:\n"
+               + "A cat." + eos)
+    assert "".join(text for text, _ in fmt.segments([Turn("user", (image, "What?")),
+                                                     Turn("assistant", ("A cat.",))])) == trained
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

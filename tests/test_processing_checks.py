@@ -57,6 +57,28 @@ def test_settings_no_model_runs_with_are_refused_when_made_and_when_saved(tmp_pa
     assert not (tmp_path / "p" / "flamingo_processor.json").exists()
 
 
+def test_a_null_max_length_is_the_tokenizers_limit_as_its_message_says(tmp_path):
+    """`max_length: null` (None) is the tokenizer's `model_max_length`, no limit when it sets none (HF's huge
+    default), in a processor made here and in a saved settings file; the message for a bad value says so."""
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    tok.model_max_length = 16
+    processor = FlamingoProcessor(tok, tiny_image_processor(), max_length=None)
+    assert processor.max_length == 16
+    processor.save_pretrained(str(tmp_path))
+    path = tmp_path / "flamingo_processor.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_length": None}))
+    assert FlamingoProcessor.from_pretrained(str(tmp_path)).max_length == 16
+    with pytest.raises(ValueError, match="longer than max_length=16"):
+        FlamingoProcessor.from_pretrained(str(tmp_path))("word " * 40)
+    tok.model_max_length = int(1e30)  # HF's "no limit"
+    unlimited = FlamingoProcessor(tok, tiny_image_processor(), max_length=None)
+    assert unlimited.max_length is None and len(unlimited("word " * 40)["input_ids"][0]) > 16
+    with pytest.raises(ValueError, match=r"max_length must be an integer >= 1 \(or null: the tokenizer's "
+                                         r"model_max_length, no limit if it sets none\), got 0"):
+        FlamingoProcessor(tok, tiny_image_processor(), max_length=0)
+
+
 def test_a_list_prompt_on_a_declared_image_processor_says_what_to_do():
     tok = tiny_tokenizer()
     add_flamingo_tokens(tok, num_references=2)

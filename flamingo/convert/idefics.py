@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
     IdeficsConfig,
@@ -38,7 +37,7 @@ from transformers import (
 
 from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, FlamingoConfig
 from ..model.flamingo import Flamingo
-from ..processing import FlamingoProcessor, load_image_processor
+from ..processing import FlamingoProcessor, load_image_processor, load_tokenizer
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
 from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
@@ -329,7 +328,7 @@ def idefics_processor(config: IdeficsConfig, directory: Optional[str],
         if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
             raise ValueError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {source!r}: pass the model's "
                              "tokenizer (--tokenizer)")
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
     vocab = tokenizer.get_vocab()
     total = config.vocab_size + config.additional_vocab_size
     for token in (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER):

@@ -39,7 +39,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
     PretrainedConfig,
@@ -52,7 +51,7 @@ from ..config import FlamingoConfig
 from ..model.backbones import config_max_positions
 from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
-from ..processing import FlamingoProcessor, load_image_processor
+from ..processing import FlamingoProcessor, load_image_processor, load_tokenizer
 from ..runtime.compat import dtype_kwargs, pil_image_processor
 from ..runtime.hub import metadata_dir
 from ..runtime.meta import meta_parameters
@@ -211,7 +210,7 @@ def otter_tokenizer(directory: str, text_config: dict[str, Any], tokenizer: Toke
         source = BASE_TOKENIZERS.get(text_config.get("model_type")) or text_config.get("_name_or_path")
     if not source:
         raise ValueError("the Otter checkpoint names no tokenizer: pass tokenizer= (--tokenizer), its base LM's")
-    return AutoTokenizer.from_pretrained(str(source))
+    return load_tokenizer(source)
 
 
 def otter_image_processor(config: dict[str, Any], directory: str) -> Any:

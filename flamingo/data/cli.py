@@ -29,13 +29,11 @@ def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
 
 def load_tokenizing_processor(directory: str) -> "FlamingoProcessor":
     """A saved processor / Flamingo model directory, or any HF tokenizer directory (Flamingo tokens added)."""
-    from transformers import AutoTokenizer
-
-    from ..processing import FlamingoProcessor, add_flamingo_tokens
+    from ..processing import FlamingoProcessor, add_flamingo_tokens, load_tokenizer
 
     if os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):
         return FlamingoProcessor.from_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
     add_flamingo_tokens(tokenizer)
     return FlamingoProcessor(tokenizer, image_processor=None)  # inspect only tokenizes
 

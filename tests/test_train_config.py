@@ -153,3 +153,66 @@ def test_settings_that_do_nothing_are_said(caplog):
     with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
         parse_config({"data": DATA, "validation": DATA, "train": {"eval_every": 10, "steps": 50}})
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.weight_decay=-0.1", r"optim.weight_decay must be >= 0 \(0: no decay\), got -0.1"),
+    ("optim.gate_lr_mult=-1", "optim.gate_lr_mult must be >= 0"),
+    ("optim.attn_gate_lr_mult=-2", "optim.attn_gate_lr_mult must be >= 0 or null"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+])
+def test_optimizer_values_out_of_range_are_refused_by_name(override, message):
+    """torch's AdamW never checks the per-group values we set: weight_decay -0.1 grew the weights and gate_lr_mult -1
+    ran the gates up the loss, silently."""
+    with pytest.raises(ValueError, match=message):
+        load_config("configs/example.yaml", [override])
+    zero = load_config("configs/example.yaml", ["optim.weight_decay=0", "optim.gate_lr_mult=0"])  # off / fixed gates
+    assert zero.optim.weight_decay == 0 and zero.optim.gate_lr_mult == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r["data"][0].pop("path"), r"data\[0\] needs path \(required: name, kind, path\)"),
+    (lambda r: r["data"][0].update(options=["max_tokens", 32]), r"data\[0\].options must be a mapping"),
+    (lambda r: r.update(data={"name": "a", "kind": "pairs", "path": "x"}), "data must be a list of datasets"),
+    (lambda r: r.update(data=["x.jsonl"]), r"data\[0\] must be a mapping"),
+    (lambda r: r.update(train=5), "train must be a mapping"),
+    (lambda r: r.update(optim=[1]), "optim must be a mapping"),
+    (lambda r: r.update(validation={"name": "v"}), "validation must be a list of datasets"),
+    (lambda r: r.update(validation=[{"name": "v", "kind": "pairs"}]), r"validation\[0\] needs path"),
+    (lambda r: r.update(validation=[{**DATA[0], "options": [1]}]), r"validation\[0\].options must be a mapping"),
+], ids=["no-path", "options-list", "data-mapping", "data-entry-string", "train-number", "optim-list",
+        "validation-mapping", "validation-no-path", "validation-options-list"])
+def test_config_structure_mistakes_are_refused_by_key(change, message):
+    """A dataset without its path, options as a list, a section that is no mapping: ValueErrors naming the key (the
+    CLI's one-line error), not TypeErrors from the dataclasses."""
+    raw = {"model": {"vision": "v", "lm": "l"}, "data": [dict(DATA[0])]}
+    change(raw)
+    with pytest.raises(ValueError, match=message):
+        parse_config(raw)
+
+
+def test_overrides_and_files_of_the_wrong_shape_are_refused_by_key(tmp_path):
+    for override, message in (("data.5.batch_size=4", r"'5' is not an index of a list of 3 entries \(0 to 2\)"),
+                              ("data.x.batch_size=4", "'x' is not an index"),
+                              ("optim.lr.x=1", "optim.lr is 0.0001, not a section")):
+        with pytest.raises(ValueError, match=rf"override {override.split('=')[0]}: {message}"):
+            load_config("configs/example.yaml", [override])
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump([DATA[0]]))
+    with pytest.raises(ValueError, match="the config must be a mapping of sections"):
+        load_config(str(path))
+    path.write_text(yaml.safe_dump({"data": [{**DATA[0], "options": None}], "train": None}))  # `train:` left empty
+    assert load_config(str(path)).data[0].options is None
+    config = load_config(str(path), ["train.steps=5", "data.0.options.max_tokens=32"])
+    assert config.train.steps == 5 and config.data[0].options == {"max_tokens": 32}
+
+
+def test_train_command_prints_a_structure_mistake_as_one_line(tmp_path, capsys):
+    from flamingo.cli import main
+
+    path = tmp_path / "nopath.yaml"
+    path.write_text(yaml.safe_dump({"model": {"vision": "v", "lm": "l"}, "data": [{"name": "a", "kind": "pairs"}]}))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err == "flamingo: error: data[0] needs path (required: name, kind, path)\n"

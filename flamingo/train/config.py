@@ -124,11 +124,20 @@ class TrainConfig:
 _SECTIONS = {"model": ModelSection, "optim": OptimSection, "schedule": ScheduleSection, "train": TrainSection}
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: Any, where: str) -> Any:
+    """A section (or dataset entry) from its mapping: unknown keys, missing required ones and values of the wrong
+    shape are refused naming `where`, never a TypeError from the dataclass."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping (`key: value` lines), got {values!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown keys in {where}: {sorted(unknown)} (known: {sorted(known)})")
+        raise ValueError(f"unknown keys in {where}: {sorted(unknown, key=str)} (known: {sorted(known)})")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ValueError(f"{where} needs {', '.join(missing)} (required: {', '.join(required)})")
     types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
     return cls(**{k: _typed(v, types[k], f"{where}.{k}") for k, v in values.items()})
 
@@ -140,9 +149,12 @@ _SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or fals
 def _typed(value: Any, annotation: str, where: str) -> Any:
     """A number or flag field's value, checked here so that a wrong one (`train.steps=abc`, `optim.lr=nan`) is
     refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings (`3e-4`) are read; a whole float
-    is an int (`1e3`); a float field must be finite. Strings and structured fields pass as they are."""
+    is an int (`1e3`); a float field must be finite; a mapping field (`options`) must be one. Strings and other
+    structured fields pass as they are."""
     optional = annotation.startswith("Optional[")
     base = annotation[len("Optional["):-1] if optional else annotation
+    if base.startswith("dict[") and not isinstance(value, (dict, type(None))):  # `options: [max_tokens, 32]`
+        raise ValueError(f"{where} must be a mapping (`key: value` lines), got {value!r}")
     if base not in _SCALAR_TYPES or (optional and value is None):
         return value
     if base == "float" and isinstance(value, str):
@@ -157,22 +169,36 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`train.steps=20`, `optim.lr=3e-4`, `data.0.batch_size=4`: values are parsed as YAML scalars."""
+    """`train.steps=20`, `optim.lr=3e-4`, `data.0.batch_size=4`: values are parsed as YAML scalars. A key through a
+    value that is no section, or a list index out of range, is refused naming the override."""
+    _check_top_level(raw)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         node: Any = raw
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, dict) and node.get(part) is None:  # absent, or an empty section (`train:`)
+                node[part] = {}
+            node = node[_index(node, part, key)] if isinstance(node, list) else node[part]
+            if not isinstance(node, (dict, list)):
+                raise ValueError(f"override {key}: {'.'.join(parts[:depth + 1])} is {node!r}, not a section or list")
         last = parts[-1]
         parsed = _scalar(value)
         if isinstance(node, list):
-            node[int(last)] = parsed
+            node[_index(node, last, key)] = parsed
         else:
             node[last] = parsed
     return raw
+
+
+def _index(node: list, part: str, key: str) -> int:
+    """`part` of override `key` as an index of the list `node` (`data.1.batch_size`), refused by name if it is none."""
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override {key}: {part!r} is not an index of a list of {len(node)} entries"
+                         + (f" (0 to {len(node) - 1})" if node else ""))
+    return int(part)
 
 
 def _scalar(text: str) -> Any:
@@ -186,17 +212,24 @@ def _scalar(text: str) -> Any:
     return value
 
 
+_TOP_LEVEL = ("model", "data", "optim", "schedule", "train", "validation")
+
+
+def _check_top_level(raw: Any) -> None:
+    if not isinstance(raw, dict):  # the YAML file is a list or a scalar
+        raise ValueError(f"the config must be a mapping of sections ({', '.join(_TOP_LEVEL)}), got {raw!r}")
+
+
 def parse_config(raw: dict[str, Any]) -> TrainConfig:
-    unknown = set(raw) - {"model", "data", "optim", "schedule", "train", "validation"}
+    _check_top_level(raw)
+    unknown = set(raw) - set(_TOP_LEVEL)
     if unknown:
-        raise ValueError(f"unknown top-level config keys: {sorted(unknown)}")
+        raise ValueError(f"unknown top-level config keys: {sorted(unknown, key=str)}")
     sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
-    data = [_build(DatasetSection, d, f"data[{i}]") for i, d in enumerate(raw.get("data") or [])]
+    data = _datasets(raw, "data")
     if not data:
         raise ValueError("the config lists no datasets under `data`")
-    validation = [_build(DatasetSection, {**d, "options": {"shuffle": False, "drop_last": False,
-                                                           **(d.get("options") or {})}},
-                         f"validation[{i}]") for i, d in enumerate(raw.get("validation") or [])]
+    validation = _datasets(raw, "validation")
     names = [d.name for d in validation]
     if len(set(names)) != len(names):
         raise ValueError(f"validation dataset names must be unique, got {names}")
@@ -259,6 +292,21 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
+def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
+    """The `data` or `validation` list, each entry a mapping with name, kind and path (refused by `key[i]` if not).
+    A validation entry's options default to shuffle off and the last partial batch kept."""
+    entries = raw.get(key) or []
+    if not isinstance(entries, list):
+        raise ValueError(f"{key} must be a list of datasets (`- name: ...` entries), got {entries!r}")
+    datasets = []
+    for i, entry in enumerate(entries):
+        options = (entry.get("options") or {}) if isinstance(entry, dict) else None
+        if key == "validation" and isinstance(options, dict):
+            entry = {**entry, "options": {"shuffle": False, "drop_last": False, **options}}
+        datasets.append(_build(DatasetSection, entry, f"{key}[{i}]"))
+    return datasets
+
+
 def _check_choices(train: TrainSection) -> None:
     """The train section's named choices, each refused by name when misspelled (`distributed: fdsp` would run DDP)."""
     for key, choices in (("mixture", ("accumulate", "sample")), ("precision", ("fp32", "bf16")),
@@ -293,8 +341,9 @@ def check_trainable_quantization(mode: Any, where: str) -> None:
 
 
 def _check_optim_and_schedule(config: TrainConfig) -> None:
-    """optim.kind, optim.betas (two numbers in [0, 1)), schedule.kind and schedule.warmup_steps; a warmup longer
-    than the run is allowed (a run cut short on purpose) but said: the lr never reaches optim.lr."""
+    """optim.kind, optim.betas (two numbers in [0, 1)), optim.lr and eps (> 0), weight_decay and the gate multipliers
+    (>= 0), schedule.kind and schedule.warmup_steps; a warmup longer than the run is allowed (a run cut short on
+    purpose) but said: the lr never reaches optim.lr."""
     o, schedule = config.optim, config.schedule
     if o.kind not in ("adamw", "adamw8bit"):
         raise ValueError(f"optim.kind must be adamw or adamw8bit, got {o.kind!r}")
@@ -303,6 +352,14 @@ def _check_optim_and_schedule(config: TrainConfig) -> None:
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
     o.betas = (float(betas[0]), float(betas[1]))
+    # torch's AdamW checks only its constructor's values, not the per-group lr / weight_decay `param_groups` sets: a
+    # negative one would run (weights growing, gates ascending the loss)
+    for key, positive, note in (("lr", True, ""), ("eps", True, ""), ("weight_decay", False, " (0: no decay)"),
+                                ("gate_lr_mult", False, " (0: the gates stay as they are)"),
+                                ("attn_gate_lr_mult", False, " or null (null: gate_lr_mult)")):
+        value = getattr(o, key)
+        if value is not None and (value <= 0 if positive else value < 0):
+            raise ValueError(f"optim.{key} must be {'> 0' if positive else '>= 0'}{note}, got {value}")
     if schedule.kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"schedule.kind must be constant, linear or cosine, got {schedule.kind!r}")
     if schedule.warmup_steps < 0:

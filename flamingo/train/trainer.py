@@ -106,7 +106,10 @@ def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     m = config.model
     if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
-        model, processor = load_model(m.init_from)
+        # float32 master weights, as below: in its stored dtype (bf16 for IDEFICS) the trained blocks and their AdamW
+        # states would be bf16 and most small updates would round away. Read in bf16 and cast after, the LM's rotary
+        # frequencies would stay rounded to bf16; train.frozen_dtype casts the frozen parts after (Trainer).
+        model, processor = load_model(m.init_from, torch_dtype=torch.float32)
         _starting_options(model, m.flamingo)
         return model, processor
     if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device

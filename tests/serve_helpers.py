@@ -41,6 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout: float = 60.0) -> bool:
+    """Whether a server started in another process answers `/health` within `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return False
+
+
 def engine_for(model_dir: Path, **kwargs) -> Engine:
     model, processor = load_pretrained(str(model_dir))
     return Engine(model, processor, **kwargs)

@@ -21,7 +21,7 @@ from flamingo.serve.media import MediaPolicy
 from flamingo.tiny import random_image
 
 from helpers import _video
-from serve_helpers import data_url, engine_for, free_port, greedy_alone, running_server, save_tiny_model
+from serve_helpers import data_url, engine_for, free_port, greedy_alone, running_server, save_tiny_model, wait_healthy
 
 QUESTION = "Question: what is in the image? Short answer:"
 
@@ -204,14 +204,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
+        if not wait_healthy(url):
             pytest.fail("the server did not come up")
         lines: list[str] = []
         started = threading.Event()
@@ -282,14 +275,7 @@ def test_sigterm_past_the_grace_ends_each_stream_with_an_error_event(tmp_path):
     started = {name: threading.Event() for name in streams}
     whole: list[httpx.Response] = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
+        if not wait_healthy(url):
             pytest.fail("the server did not come up")
 
         def stream(name: str) -> None:

@@ -31,7 +31,12 @@ def _requests(text: str, image: str) -> list[tuple[str, dict]]:
     """`text` where a client can put it: chat (a string, a text part beside an image, a system turn), Responses
     (input, an input_text part, instructions) and /tokenize messages."""
     user = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": f"what is {text}?"}]
+    # split over two text parts, which the format joins with nothing between them
+    split = [{"type": "text", "text": f"what is {text[:4]}"}, {"type": "text", "text": f"{text[4:]}?"}]
+    split_input = [{"type": "input_text", "text": text[:4]}, {"type": "input_text", "text": text[4:]}]
     return [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": split}], "max_tokens": 2}),
+        ("/v1/responses", {"input": [{"role": "user", "content": split_input}], "max_output_tokens": 2}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": f"what is {text}?"}], "max_tokens": 2}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": user}], "max_tokens": 2}),
         (
@@ -79,6 +84,21 @@ def test_chat_text_holding_a_control_token_is_refused(served, text, says):
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_a_marker_split_over_two_text_parts_is_refused(served):
+    """The format joins a turn's text parts with nothing between them: `<ima` + `ge>` would be `<image>` in the
+    prompt, an image token without an image."""
+    _, url = served
+    content = [{"type": "text", "text": "a <ima"}, {"type": "text", "text": "ge> b"}]
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                              "max_tokens": 2}, timeout=60)
+    assert response.status_code == 400 and "may not contain <image>" in response.json()["error"]["message"]
+    apart = [{"type": "text", "text": "a <ima"}, {"type": "image_url", "image_url": {"url": data_url(random_image(1))}},
+             {"type": "text", "text": "ge> b"}]  # an image between them: two texts, neither holds a marker
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": apart}],
+                                                              "max_tokens": 2}, timeout=60)
+    assert response.status_code == 200, response.text
 
 
 def test_tags_the_model_has_no_token_for_are_plain_text(served):

@@ -49,6 +49,20 @@ def control_tokens(processor: Any) -> dict[str, str]:
     return dict(sorted(out.items(), key=lambda item: -len(item[0])))
 
 
+def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -> None:
+    """APIError (400) when message `i`'s `text` (a run of text between its media) holds one of the format's markers
+    or a `control` token."""
+    marker = fmt.first_reserved(text)
+    if marker is not None:
+        raise APIError(400, f"messages[{i}]: text may not contain {marker}; send images as image_url parts (or a raw "
+                            "prompt to /v1/completions)", param="messages")
+    token = next((t for t in control if t in text), None)
+    if token is not None:
+        raise APIError(400, f"messages[{i}]: text may not contain {token} ({control[token]}): a chat's control "
+                            "tokens come from its template (a raw prompt to /v1/completions may write them)",
+                       param="messages")
+
+
 def render_messages(fmt: ChatFormat, messages: list[Message],
                     control: Optional[Mapping[str, str]] = None) -> tuple[str, list[MediaRef]]:
     """The prompt text (with `<image>` placeholders) and its media, in order; APIError (400) for a conversation the
@@ -65,21 +79,19 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
             article = "an" if message.role == "assistant" else "a"
             raise APIError(400, f"messages[{i}]: {article} {message.role} turn holds text only", param="messages")
         pieces: list[str] = []
+        # the format joins a turn's pieces with nothing between them: text parts that follow each other are one text
+        # (a marker split over two parts would be whole in the prompt), checked as one between the media
+        runs: list[list[str]] = [[]]
         for part in parts:
             if isinstance(part, TextPart):
-                marker = fmt.first_reserved(part.text)
-                if marker is not None:
-                    raise APIError(400, f"messages[{i}]: text may not contain {marker}; send images as image_url "
-                                        "parts (or a raw prompt to /v1/completions)", param="messages")
-                token = next((t for t in control if t in part.text), None)
-                if token is not None:
-                    raise APIError(400, f"messages[{i}]: text may not contain {token} ({control[token]}): a chat's "
-                                        "control tokens come from its template (a raw prompt to /v1/completions "
-                                        "may write them)", param="messages")
                 pieces.append(part.text)
+                runs[-1].append(part.text)
             else:
                 url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
                 media.append(MediaRef(url, video=not isinstance(part, ImagePart)))
                 pieces.append(MEDIA_TOKEN)
+                runs.append([])
+        for run in runs:
+            check_text(fmt, control, "".join(run), i)
         turns.append(Turn(message.role, tuple(pieces)))
     return fmt.render(turns), media

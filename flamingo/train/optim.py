@@ -15,8 +15,9 @@ from ..model.lora import is_adapter_key
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0,
                  attn_gate_lr_mult: Optional[float] = None) -> list[dict]:
-    """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo does) and on the LM's LoRA
-    matrices (decay pulls them towards the bare LM); none on norms, gates, the resampler, or the added token rows.
+    """Trained parameters only. Weight decay on the xattn blocks' matrices (as OpenFlamingo v1 does; 2.0 decays their
+    gates and norms too) and on the LM's LoRA matrices (decay pulls them towards the bare LM); none on norms, gates,
+    the resampler, or the added token rows.
     The tanh gates may get their own learning rate (`gate_lr_mult` x lr): a gate starts at 0 and its gradient is noisy
     while the block is still untrained, so in short runs it can stay near 0 for long; a larger step lets the images
     matter sooner. `attn_gate_lr_mult` (default:

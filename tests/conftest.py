@@ -8,6 +8,7 @@ from typing import Callable
 
 import pytest
 import torch
+from PIL import Image
 
 from flamingo.tiny import tiny_flamingo
 
@@ -37,3 +38,17 @@ def world(tmp_path_factory) -> tuple:
     root = str(tmp_path_factory.mktemp("world"))
     vision, lm = save_backbones(root)
     return root, vision, lm, write_datasets(os.path.join(root, "data"))
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """Counts frames converted to PIL images during decode_video (each converted frame is held until it returns)."""
+    count = [0]
+    convert = Image.Image.convert
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        return convert(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "convert", counting)
+    return count

@@ -87,20 +87,6 @@ def _greys(levels, size=16):
     return [np.full((size, size, 3), v, np.uint8) for v in levels]
 
 
-@pytest.fixture
-def conversions(monkeypatch):
-    """Counts frames converted to PIL images during decode_video (each converted frame is held until it returns)."""
-    count = [0]
-    convert = Image.Image.convert
-
-    def counting(self, *args, **kwargs):
-        count[0] += 1
-        return convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "convert", counting)
-    return count
-
-
 @pytest.mark.parametrize("fmt", ["mp4", "matroska"])
 def test_memory_is_bounded_by_max_frames_not_by_length(fmt, conversions):
     data = _encode(_greys([2 * (k % 120) for k in range(240)]), fmt=fmt, rate=1)  # 240 s at 1 fps

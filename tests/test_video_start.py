@@ -7,7 +7,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import flamingo.video as video
 from flamingo.video import TooLong, decode_video
@@ -118,15 +117,8 @@ def test_max_seconds_bounds_the_clip_s_own_length(fmt):
         decode_video(data, max_frames=4, max_seconds=9)
 
 
-def test_a_late_start_header_predicts_the_timeline_one_pass_converts_only_the_kept_frames(monkeypatch):
-    converted = [0]
-    convert = Image.Image.convert
-
-    def counting(self, *args, **kwargs):
-        converted[0] += 1
-        return convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "convert", counting)
+def test_a_late_start_header_predicts_the_timeline_one_pass_converts_only_the_kept_frames(conversions):
+    converted = conversions  # frames converted to PIL images (conftest.py)
     data = _encode("matroska", 3000)
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]

@@ -4,17 +4,27 @@ the logits in both checkpoint modes, merged == unmerged, and `flamingo train` tr
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from flamingo import Flamingo, load_pretrained
+from flamingo import Flamingo, from_backbones, load_pretrained
 from flamingo.config import FlamingoConfig
 from flamingo.model import lora
-from flamingo.tiny import random_image, set_gates, tiny_lm, tiny_tokenizer
+from flamingo.tiny import (
+    random_image,
+    set_gates,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
 from flamingo.train.optim import make_optimizer
 
 from train_fixtures import save_backbones, train_config, write_datasets
@@ -160,6 +170,32 @@ def test_bad_lora_specs_are_refused_clearly(make_model):
         make_model("llama", lm_lora={"r": 4, "target_modules": ["q_proj", "self_attn"]})
     with pytest.raises(ValueError, match="name no linear layer"):
         make_model("llama", lm_lora={"r": 4, "target_modules": ["nonexistent_proj"]})
+    with pytest.raises(ValueError, match=r"\['v_prj'\] match no module of LlamaForCausalLM"):  # a typo beside a match
+        make_model("llama", lm_lora={"r": 4, "target_modules": ["q_proj", "v_prj"]})
+
+
+def test_lora_adapts_subclasses_of_linear_and_is_the_bare_lm_at_init():
+    """Falcon's projections are `FalconLinear(nn.Linear)`: refused as "no linear layer" when the check read the
+    class name; PEFT adapts them like any nn.Linear."""
+    tokenizer = tiny_tokenizer()
+
+    def falcon():
+        config = AutoConfig.for_model("falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    spec = {"r": 4, "target_modules": ["query_key_value", "dense"]}
+    bare = falcon()
+    model, processor = from_backbones(tiny_vision(), copy.deepcopy(bare), tokenizer,
+                                      tiny_flamingo_config(lm_lora=spec), image_processor=tiny_image_processor())
+    adapted = {n.rpartition(".lora_")[0] for n, _ in model.lm.named_parameters() if lora.is_adapter_key(n)}
+    assert len(adapted) == 4 and all(n.rpartition(".")[2] in spec["target_modules"] for n in adapted)
+    set_gates(model, 0.0)
+    text = processor("Question: what is in the image? Short answer: a red circle.")
+    with torch.no_grad():
+        ref = bare(input_ids=text["input_ids"]).logits
+        assert (model(**text).logits[..., :ref.shape[-1]] - ref).abs().max() == 0
 
 
 def test_adapters_on_an_already_quantized_lm_are_refused_with_the_order_to_use(make_model):

@@ -50,16 +50,20 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
     tables = {id(m) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None} \
         if hasattr(lm, "get_input_embeddings") else set()
     names = [n for n, m in lm.named_modules() if any(_matches(n, t) for t in spec["target_modules"])]
+    unmatched = [t for t in spec["target_modules"] if not any(_matches(n, t) for n in names)]
+    if unmatched and len(unmatched) < len(spec["target_modules"]):  # none matching: refused below, with examples
+        raise ValueError(f"lm_lora.target_modules {unmatched} match no module of {type(lm).__name__}: check the "
+                         "spelling (a name left out would train without its adapters)")
     _check_not_quantized(lm, names)
     hooked = [n for n, m in lm.named_modules() if id(m) in tables and n in names]
     if hooked:
         raise ValueError(f"lm_lora.target_modules reach the LM's token tables {hooked}: Flamingo's added-token rows "
                          "hook them; target the decoder layers' projections (e.g. q_proj, v_proj)")
-    linear = [n for n in names if type(lm.get_submodule(n)).__name__ in ("Linear", "Conv1D")]  # Conv1D: GPT-2's
+    linear = [n for n in names if _is_linear(lm.get_submodule(n))]
     if not linear:
         raise ValueError(f"lm_lora.target_modules {spec['target_modules']} name no linear layer of "
                          f"{type(lm).__name__} (e.g. Llama: q_proj, k_proj, v_proj, o_proj; GPT-2: c_attn)")
-    other = sorted({type(lm.get_submodule(n)).__name__ for n in names} - {"Linear", "Conv1D"})
+    other = sorted({type(lm.get_submodule(n)).__name__ for n in names if not _is_linear(lm.get_submodule(n))})
     if other:
         raise ValueError(f"lm_lora.target_modules {spec['target_modules']} also name non-linear modules ({other}): "
                          "name the linear projections themselves")
@@ -68,6 +72,11 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
                              lora_dropout=spec["dropout"], bias="none", init_lora_weights=True, fan_in_fan_out=conv1d)
     peft.inject_adapter_in_model(config, lm, adapter_name=ADAPTER_NAME)
     return lm
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer PEFT's LoRA adapts: `nn.Linear` and its subclasses (Falcon's `FalconLinear`), GPT-2's `Conv1D`."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _check_not_quantized(lm: nn.Module, names: list[str]) -> None:

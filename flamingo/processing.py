@@ -33,6 +33,7 @@ from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
     animation_timeline,
     check_image_size,
+    composite_on_white,
     decode_video,
     uniform_frame_indices,
 )
@@ -41,6 +42,14 @@ TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
 # Files read as videos (by PyAV) wherever a path comes in. Image files are read by PIL, an animated one (GIF, APNG,
 # WebP) as a video (`image_frames`).
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
+_ANIMATABLE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
+
+
+def animatable_image(data: bytes) -> bool:
+    """Whether a file's bytes are a GIF, PNG or WebP file (RIFF with "WEBP" at byte 8): read by PIL even where a video
+    is expected (a `video` field, a `video_url` part, `video/gif`), an animation's frames by `image_frames`, as
+    everywhere else. FFmpeg reads GIF and APNG on another clock and has no animated WebP."""
+    return data.startswith(_ANIMATABLE_MAGIC) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
 
 Media = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor, str, Path]
 
@@ -96,8 +105,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError("floating-point (mode F) image: its value range is unknown; convert it to 8-bit RGB first")
     if "A" not in image.getbands() and image.info.get("transparency") is None:
         return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return composite_on_white(image)
 
 
 # One medium given where a list of media is expected: a path, a PIL image, an array or a tensor (an array or tensor

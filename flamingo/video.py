@@ -32,9 +32,9 @@ _ROTATION_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTAT
                        270: Image.Transpose.ROTATE_270}
 
 
-# Images (processing.to_rgb) and videos (decode_video, from the header) alike: the longest side may be at most this
-# many times the shortest (Qwen2-VL's bound). Image processors that resize the shortest side to S before cropping
-# (CLIP) hold S x (S * ratio) pixels: a 5000x1 image at S = 224 takes GBs.
+# Images (processing.to_rgb) and videos (decode_video: the header's and every decoded frame's size) alike: the
+# longest side may be at most this many times the shortest (Qwen2-VL's bound). Image processors that resize the
+# shortest side to S before cropping (CLIP) hold S x (S * ratio) pixels: a 5000x1 image at S = 224 takes GBs.
 MAX_ASPECT_RATIO = 200
 
 
@@ -100,9 +100,22 @@ def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:
     return _ROTATION_TRANSPOSE.get(int(degrees) % 360) if degrees is not None else None
 
 
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency -> RGB, composited onto white as HF's image processors convert it
+    (`convert_to_rgb`); a plain `convert("RGB")` keeps the colour under transparent pixels."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def frame_to_image(frame: "av.VideoFrame") -> Image.Image:
-    """A decoded frame -> an upright RGB image (as `upright_rgb` uprights still images by their EXIF orientation)."""
-    image = frame.to_image().convert("RGB")
+    """A decoded frame -> an upright RGB image, as `upright_rgb` reads a still: turned by its display rotation (as a
+    still by its EXIF orientation), and a frame with alpha (PNG or QuickTime RLE `.mov`, ProRes 4444, VP9 with
+    alpha) composited onto white (`composite_on_white`)."""
+    pixel_format = frame.format
+    if pixel_format.has_palette or any(component.is_alpha for component in pixel_format.components):
+        image = composite_on_white(Image.fromarray(frame.to_ndarray(format="rgba")))  # (H, W, 4)
+    else:
+        image = frame.to_image().convert("RGB")
     transpose = display_transpose(frame)
     return image.transpose(transpose) if transpose is not None else image
 
@@ -111,26 +124,65 @@ class TooLong(ValueError):
     """A video longer than the `max_seconds` its reader accepts."""
 
 
-def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int],
-            stop_when_kept: bool = False, max_seconds: Optional[float] = None
-            ) -> tuple[dict[int, Image.Image], int, int, Optional[float]]:
+def _shown_seconds(frame: "av.VideoFrame") -> Optional[float]:
+    """How long a decoded frame stays on screen by its own duration (its packet's), None when the file says none."""
+    duration, time_base = getattr(frame, "duration", None), frame.time_base  # older PyAVs have no frame.duration
+    return float(duration * time_base) if duration and time_base and frame.time is not None else None
+
+
+def _timeline_length(last: float, shown: Optional[float], step: float) -> int:
+    """The number of sampling instants j * step in a clip whose last frame starts `last` s after its first and stays
+    on screen `shown` s (None: unknown).
+
+    The instants up to the last frame's start and, when that frame stays longer than a step (a slideshow, a
+    recording ending on a still screen, a clip slower than the sampling rate), those while it does, as
+    `animation_timeline` counts them. A last frame shown no longer than a step adds none after its start: a
+    constant-rate clip sampled at most at its own rate keeps one instant per step up to its last frame (N for an
+    N-second clip at 1 FPS, 3 for an NTSC clip of 3.003 s), whatever rounding its timestamps carry.
+    """
+    count = int((last + _TIME_TOLERANCE) / step) + 1
+    if shown is not None and shown > step + _TIME_TOLERANCE:
+        count = max(count, math.ceil((last + shown) / step - _TIME_TOLERANCE))
+    return count
+
+
+def _check_frame_size(name: str, width: int, height: int, max_pixels: Optional[int]) -> None:
+    """A video's frame size (from its header, or a decoded frame's: a stream may change size midway) -> ValueError
+    naming the video when an image of that size would be refused (`check_image_size`) or it is over `max_pixels`."""
+    try:
+        check_image_size(width, height)
+    except ValueError as e:
+        raise ValueError(f"video {name}: {e}") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"video {name}: {width}x{height} frames are more than the {max_pixels} pixels allowed")
+
+
+def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int], name: str,
+            stop_when_kept: bool = False, max_seconds: Optional[float] = None, max_pixels: Optional[int] = None
+            ) -> tuple[dict[int, Image.Image], int, int, Optional[float], Optional[float]]:
     """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
 
     The frame shown at t is the last one whose time is at or before t, so a frame repeats over a gap in a
-    variable-rate clip. Only instants in `keep` are converted to images; with `stop_when_kept`, decoding stops once
-    they all are. A frame past `max_seconds` raises `TooLong` (decoding stops there).
+    variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). Only instants in `keep`
+    are converted to images; with `stop_when_kept`, decoding stops once they all are. Each frame's size is checked
+    (`_check_frame_size`) before it is converted. A frame past `max_seconds` raises `TooLong` (decoding stops there).
     Returns:
-        (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock).
+        (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock,
+        seconds that frame is shown by its own duration or None).
     """
     images: dict[int, Image.Image] = {}
     instants = decoded = 0
     start: Optional[float] = None
     last: Optional[float] = None
+    size = (0, 0)
     previous = None  # the frame on screen until the current one
     last_kept = max(keep, default=-1)
     for frame in frames:
         last = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
         decoded += 1
+        if (frame.width, frame.height) != size:
+            size = (frame.width, frame.height)
+            _check_frame_size(name, *size, max_pixels)
         if start is None:
             start = last
         t = last - start
@@ -143,16 +195,25 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
             instants += 1
         previous = frame
         if stop_when_kept and instants > last_kept:
-            break
-    return images, instants, decoded, last
+            return images, instants, decoded, last, None
+    if previous is None or last is None or start is None:
+        return images, instants, decoded, last, None
+    shown = _shown_seconds(previous)
+    total = _timeline_length(last - start, shown, step)
+    if max_seconds is not None and (total - 1) * step > max_seconds:
+        raise TooLong(f"longer than the {max_seconds:g} s allowed")
+    for j in range(instants, total):  # the last frame held past its start
+        if j in keep:
+            images[j] = frame_to_image(previous)
+    return images, max(instants, total), decoded, last, shown
 
 
 def _predicted_instants(frames: int, seconds: Optional[float], rate: Optional[float], step: float) -> int:
     """The number of sampling instants a constant-rate clip's header implies (0 when it cannot tell)."""
-    if not rate:
+    if not rate or not (frames or seconds):
         return 0
-    last = (frames - 1) / rate if frames else (seconds - 1 / rate if seconds else None)
-    return int((last + _TIME_TOLERANCE) / step) + 1 if last is not None and last >= 0 else 0
+    last = (frames - 1) / rate if frames else seconds - 1 / rate
+    return _timeline_length(last, 1 / rate, step) if last >= 0 else 0
 
 
 def _video_start(stream: "av.VideoStream") -> float:
@@ -194,29 +255,37 @@ def _header_seconds(container: "av.container.InputContainer", stream: "av.VideoS
     return seconds if seconds is not None and seconds > 0 else None
 
 
-def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
-                 max_seconds: Optional[float] = None) -> list[Image.Image]:
+def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_seconds: Optional[float] = None,
+                 max_pixels: Optional[int] = None) -> list[Image.Image]:
     """Decode the frames shown at t = 0, 1/fps, 2/fps, ... (by timestamp), at most `max_frames`, uniformly spread.
 
     Time runs from the video's first frame: a video starting late on its file's clock (a cut kept on the source's
-    timestamps, a live recording, audio muxed first) gives the frames the same clip starting at 0 gives.
+    timestamps, a live recording, audio muxed first) gives the frames the same clip starting at 0 gives. It runs
+    until the last frame's start, and on while that frame stays on screen longer than a step (`_timeline_length`: a
+    slideshow's last slide is sampled for as long as the others).
 
     At most `max_frames` frames are converted and held. When the header (frame count or duration, and rate)
     predicts the number of instants, one decoding pass suffices; otherwise a first pass reads only timestamps and a
-    second converts the chosen frames. Frames are turned upright by their display matrix.
+    second converts the chosen frames. Frames are turned upright by their display matrix, and transparency is
+    composited onto white (`frame_to_image`). Every decoded frame's size is checked, not only the header's: a
+    stream may change size midway.
     A file is truncated when it decodes under 90% of the frames its header lists, or, with no frame count
-    (Matroska/WebM), ends before 90% of the length its header lists (both from the video's start); a file whose
-    header lists neither (a fragmented MP4, a live-recorded WebM) cannot be checked and is accepted.
+    (Matroska/WebM), ends (its last frame's end) before 90% of the length its header lists (both from the video's
+    start); a file whose header lists neither (a fragmented MP4, a live-recorded WebM) cannot be checked and is
+    accepted.
     Args:
         path: a file path, the file's bytes, or a binary file object.
         fps: sampling rate in frames per second of video time.
         max_frames: cap; longer samplings are sub-sampled uniformly.
         max_seconds: refuse a longer video (by its header's length from its first frame, else when decoding passes
             it): decoding time grows with the length even though memory does not (a server's bound).
+        max_pixels: refuse a video with a frame of more pixels, by its header and by every decoded frame (a
+            server's bound: a stream whose header says 32x32 may switch to 16k x 16k frames).
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
-        ValueError (naming the file) when the file is missing, truncated, has no video stream or cannot be decoded;
+        ValueError (naming the file) when the file is missing, truncated, has no video stream, cannot be decoded or
+        has a frame an image of its size would be refused for (`check_image_size`) or over `max_pixels`;
         ImportError when PyAV is not installed (not a bad file: a data loader that skips bad files must not skip it).
     """
     av = import_av()
@@ -230,7 +299,7 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
     # process forked meanwhile (a DataLoader worker) would wait for threads that are not there.
     error: Optional[ValueError] = None
     try:
-        return _decode(av, path, name, 1.0 / fps, max_frames, max_seconds)
+        return _decode(av, path, name, 1.0 / fps, max_frames, max_seconds, max_pixels)
     except TooLong as e:
         error = TooLong(f"video {name} is {e}")
     except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
@@ -242,18 +311,16 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8,
     raise error
 
 
-def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
-            max_seconds: Optional[float]) -> list[Image.Image]:
+def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, max_seconds: Optional[float],
+            max_pixels: Optional[int]) -> list[Image.Image]:
     """`decode_video`'s work (its docstring), raising PyAV's errors as they come."""
     source = _opener(path)
     with av.open(source()) as container:
         if not container.streams.video:
             raise ValueError(f"no video stream in {name}")
         stream = container.streams.video[0]
-        try:  # from the header, before any frame: a thin video would blow up in the image processor as an image
-            check_image_size(stream.codec_context.width, stream.codec_context.height)
-        except ValueError as e:
-            raise ValueError(f"video {name}: {e}") from None
+        # from the header, before any frame: a thin video would blow up in the image processor as an image
+        _check_frame_size(name, stream.codec_context.width, stream.codec_context.height, max_pixels)
         expected = int(stream.frames or 0)
         seconds = _header_seconds(container, stream)
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
@@ -262,13 +329,14 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
         predicted = _predicted_instants(expected, seconds, rate, step)
         guess = set(uniform_frame_indices(predicted, max_frames))
         start = _video_start(stream)
-        images, instants, decoded, last_t = _sample(container.decode(stream), step, rate, guess,
-                                                    max_seconds=max_seconds)
+        images, instants, decoded, last_t, shown = _sample(container.decode(stream), step, rate, guess, name,
+                                                           max_seconds=max_seconds, max_pixels=max_pixels)
     if not instants:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
     if expected and decoded < _TRUNCATED_FRACTION * expected:
         raise ValueError(f"video {name} is truncated: decoded {decoded} of the {expected} frames its header lists")
-    span = (last_t - start if last_t is not None else 0.0) + (1 / rate if rate else 0.0)  # from the video's start
+    # from the video's start to its last frame's end (by the frame's own duration, else the average rate's)
+    span = (last_t - start if last_t is not None else 0.0) + (shown or (1 / rate if rate else 0.0))
     if not expected and seconds and span < _TRUNCATED_FRACTION * seconds:
         raise ValueError(f"video {name} is truncated: decoded {span:.2f} s of the {seconds:.2f} s its header lists")
     chosen = uniform_frame_indices(instants, max_frames)
@@ -276,7 +344,8 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int,
     if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
         with av.open(source()) as container:
             missing = set(chosen) - images.keys()
-            images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, True)[0]
+            images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
+                              max_pixels=max_pixels)[0]
     return [images[i] for i in chosen]
 
 
@@ -291,7 +360,8 @@ def animation_timeline(delays: Iterable[Optional[float]], fps: float = 1.0, max_
     the frame shown at t = 0, 1/fps, 2/fps, ... while it plays (once), at most `max_frames` instants, uniformly spread.
 
     The rule of `decode_video` over an animation's own clock: instant t shows the last frame starting at or before
-    t; the animation lasts until its last frame's delay ends. Raises `TooLong` once the delays pass `max_seconds`
+    t; the animation lasts until its last frame's delay ends (`decode_video` counts a last frame shown no longer
+    than a step at its start only: `_timeline_length`). Raises `TooLong` once the delays pass `max_seconds`
     (no further delay is read).
     """
     if fps <= 0 or max_frames < 1:

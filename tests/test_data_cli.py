@@ -159,6 +159,24 @@ def test_pack_image_folder_with_txt_captions(tmp_path):
     assert result["samples"] == 3 and len(result["shards"]) == 1
 
 
+def test_pack_image_folder_decodes_utf16_captions_and_counts_unreadable_ones(tmp_path):
+    """Notepad's "Unicode" captions (UTF-16 with a byte-order mark) were packed as two U+FFFD and NUL-interleaved
+    letters; UTF-16 without the mark cannot be read, and is counted, never packed."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, text, encoding in [("cat", "a photo of a cat", "utf-16"), ("dog", "a dog", "utf-8-sig"),
+                                 ("owl", "an owl", "utf-16-le")]:
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / f"{name}.jpg")
+        (folder / f"{name}.txt").write_bytes(text.encode(encoding))
+    from flamingo.data.pack import pack
+
+    result = pack(str(tmp_path / "out"), images=str(folder), shard_size=10)
+    assert result["samples"] == 2 and result["skipped"] == {"bad_record": 1}
+    with tarfile.open(result["shards"][0]) as tar:
+        captions = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert captions == [b"a photo of a cat", b"a dog"]
+
+
 def _pairs_csv(root):
     make_pairs(str(root), 3, bad=False)
     path = root / "pairs.csv"

@@ -236,10 +236,15 @@ def test_mixture_sampler_draws_as_torch_multinomial_with_a_seeded_generator():
     assert set(expected) == set(weights)
 
 
-@pytest.mark.parametrize("weights", [{"a": 1.0, "b": -0.5}, {"a": 0.0, "b": 0.0}, {}])
-def test_mixture_sampler_rejects_negative_or_all_zero_weights(weights):
-    with pytest.raises(ValueError, match="mixture weights must be >= 0 with at least one > 0"):
+@pytest.mark.parametrize("weights", [{"a": 1.0, "b": -0.5}, {"a": 0.0, "b": 0.0}, {}, {"a": float("nan"), "b": 1.0},
+                                     {"a": float("inf"), "b": 1.0}, {"a": 1.0, "b": float("-inf")}])
+def test_mixture_sampler_rejects_negative_all_zero_or_non_finite_weights(weights):
+    """NaN and infinity would pass a `w < 0` test and fail in `torch.multinomial` at the first draw."""
+    with pytest.raises(ValueError, match="mixture weights must be finite numbers >= 0 with at least one > 0"):
         MixtureSampler(weights, seed=0)
+    if weights:  # the stand-alone mixture refuses them when built, too
+        with pytest.raises(ValueError, match="mixture weights must be finite"):
+            WeightedMixture({name: [] for name in weights}, weights)
 
 
 def test_video_tar_shards_skip_bad_clips_and_sample_frames_at_1_fps(tmp_path, processor):

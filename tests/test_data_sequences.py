@@ -75,6 +75,17 @@ def test_document_keeps_images_in_text_order_with_labels_and_pixels(tmp_path, pr
     assert torch.allclose(enc.media[0], expected) and not torch.allclose(enc.media[1], expected)
 
 
+def test_a_documents_final_eos_is_trained_where_openflamingo_masks_it(tmp_path, processor):
+    """The one token where our labels differ from OpenFlamingo's MMC4 labelling (it masks what follows each
+    `<|endofchunk|>` up to the next `<image>`): the final EOS, trained so the model learns to end a document."""
+    spec, records = _spec(tmp_path, [mmc4_document(4, {0: 1, 1: 3})], processor)
+    enc = spec.encode(records[0])
+    ids, labels, eoc = enc.input_ids, enc.labels, processor.end_of_chunk_token_id
+    assert ids[-2:] == [eoc, processor.tokenizer.eos_token_id] and labels[-1] == ids[-1]
+    after_chunks = [t + 1 for t, tok in enumerate(ids) if tok == eoc and t + 1 < len(ids)]
+    assert [ids[t] for t in after_chunks] == [processor.media_token_id, processor.tokenizer.eos_token_id]
+
+
 def _solid(i):
     from PIL import Image
 

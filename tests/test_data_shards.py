@@ -225,6 +225,44 @@ def test_a_tar_txt_caption_with_a_byte_order_mark_has_no_bom(tmp_path, processor
     close_open_shards()
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-32"])
+def test_a_tar_txt_caption_in_utf16_or_utf32_with_a_byte_order_mark_is_decoded(tmp_path, processor, encoding):
+    """Windows Notepad's "Unicode" is UTF-16 LE with a byte-order mark: read as UTF-8 it was two U+FFFD and
+    NUL-interleaved letters."""
+    codec, bom = {"utf-16-le-bom": ("utf-16-le", b"\xff\xfe"), "utf-16-be-bom": ("utf-16-be", b"\xfe\xff")}.get(
+        encoding, (encoding, b""))
+    data = bom + "a photo of a cat".encode(codec)
+    path = write_tar(str(tmp_path / "s.tar"), [("k0.png", image_bytes(0)), ("k0.txt", data)])
+    spec = DatasetSpec.create("p", "pairs", path, 1, {}, processor)
+    (record,) = read_records(path)
+    assert spec.example(record).text.startswith("<image>a photo of a cat<|endofchunk|>")
+    close_open_shards()
+
+
+def test_a_tar_txt_caption_holding_nul_is_counted_as_bad_record(tmp_path, processor):
+    """UTF-16 without a byte-order mark cannot be told from UTF-8 but by its NULs: skipped, never trained."""
+    members = [("k0.png", image_bytes(0)), ("k0.txt", "a photo of a cat".encode("utf-16-le")),
+               ("k1.png", image_bytes(1)), ("k1.txt", b"a dog")]
+    path = write_tar(str(tmp_path / "s.tar"), members)
+    batches, source, _ = _epoch(DatasetSection("p", "pairs", path, 1, options={"shuffle": False}), processor)
+    assert _keys(batches) == ["s.tar:k1"] and source.skipped == {"bad_record": 1}
+    with pytest.raises(SkipSample, match="NUL"):
+        sources.caption_text("x".encode("utf-16-be"), "k")
+
+
+def test_a_json_table_with_a_byte_that_is_not_utf8_is_read_like_jsonl(tmp_path, processor):
+    """A Latin-1 `é` in a `.json` list: U+FFFD and the record kept, as in a JSONL or CSV table (it aborted the whole
+    dataset with a UnicodeDecodeError naming no file)."""
+    (tmp_path / "0.png").write_bytes(image_bytes(0))
+    rows = '[{"image": "0.png", "caption": "caf\xe9"}, {"image": "0.png", "caption": "tea"}]'.encode("latin-1")
+    for name in ("rows.json", "rows.jsonl"):
+        (tmp_path / name).write_bytes(rows if name.endswith(".json") else rows[1:-1].replace(b"}, {", b"}\n{"))
+        batches, source, _ = _epoch(DatasetSection("p", "pairs", str(tmp_path / name), 1,
+                                                   options={"shuffle": False}), processor)
+        captions = [processor.tokenizer.decode(b["input_ids"][0], skip_special_tokens=True) for b in batches]
+        assert len(batches) == 2 and source.skipped == {} and "caf\ufffd" in captions[0], (name, captions)
+
+
 def _csv(root, captions: list[str]) -> str:
     (root / "0.png").write_bytes(image_bytes(0))
     with open(root / "pairs.csv", "w", newline="") as f:
@@ -320,6 +358,81 @@ def test_a_member_is_looked_up_in_the_records_own_group_and_never_by_a_shared_ba
         except SkipSample as e:
             assert e.reason == "missing_file"
     close_open_shards()
+
+
+# --------------------------------------------------------------------------------------------------- repeated keys
+def test_a_key_repeating_a_member_is_counted_and_never_merges_two_samples(tmp_path, processor):
+    """`k.png k.txt k.png` (a second sample under `k` whose caption never made it) gave image 2 sample 1's caption;
+    `a.png a.txt a.png a.txt` (a sample appended again) lost one, uncounted. Which members go together is unknown:
+    each group under such a key counts as `duplicate_key`."""
+    members = [("k.png", image_bytes(1)), ("k.txt", b"caption of image one"), ("k.png", image_bytes(2)),
+               ("a.png", image_bytes(3)), ("a.txt", b"first"), ("a.png", image_bytes(4)), ("a.txt", b"second"),
+               ("b.png", image_bytes(5)), ("b.txt", b"bee")]
+    path = write_tar(str(tmp_path / "dup.tar"), members)
+    section = DatasetSection("p", "pairs", path, 1, options={"shuffle": False})
+    batches, source, messages = _epoch(section, processor)
+    assert _keys(batches) == ["dup.tar:b"] and source.skipped == {"duplicate_key": 4}
+    assert any("dup.tar' holds several samples under one key" in m and "'k.png'" in m for m in messages)
+    with pytest.warns(UserWarning, match="duplicate_key"):
+        report = inspect_dataset(path, "pairs")
+    assert report.samples == 1 and report.skipped == {"duplicate_key": 4}
+    close_open_shards()
+
+    docs = [("d.json", json.dumps(mmc4_document(2, {0: 1}, image_names=["d.0.png"])).encode()),
+            ("d.0.png", image_bytes(1))] * 2
+    with pytest.warns(UserWarning, match="duplicate_key"):
+        records = list(read_records(write_tar(str(tmp_path / "docs.tar"), docs), "json"))
+    assert [r.lost[0] for r in records] == ["duplicate_key", "duplicate_key"]
+    close_open_shards()
+
+
+def test_a_document_whose_key_repeats_further_apart_never_takes_the_others_image(tmp_path):
+    """`d` twice, apart: each `d.json` names `d.0.png`, a name two members share, so it names neither (the
+    second document took the first one's image)."""
+    doc = json.dumps(mmc4_document(2, {0: 1}, image_names=["d.0.png"])).encode()
+    members = [("d.json", doc), ("d.0.png", image_bytes(1)), ("e.json", doc.replace(b"d.0", b"e.0")),
+               ("e.0.png", image_bytes(2)), ("d.json", doc), ("d.0.png", image_bytes(3))]
+    path = write_tar(str(tmp_path / "docs.tar"), members)
+    spec = DatasetSpec.create("d", "interleaved", path, 1, {}, None)
+    outcomes = []
+    for record in read_records(path, "json"):
+        try:
+            outcomes.append([m.read() for m in spec.example(record).media])
+        except SkipSample as e:
+            outcomes.append(e.reason)
+    assert outcomes == ["missing_file", [image_bytes(2)], "missing_file"]
+    close_open_shards()
+
+
+# --------------------------------------------------------------------------------------------------- dataset paths
+def test_a_file_name_holding_glob_characters_is_taken_as_it_is(tmp_path):
+    for name in ("pairs [v2].jsonl", "what?.jsonl", "a*b.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+        assert sources.expand_path(str(tmp_path / name)) == [str(tmp_path / name)]
+    assert sources.expand_path(str(tmp_path / "*.jsonl")) == sorted(str(p) for p in tmp_path.glob("*.jsonl"))
+
+
+def test_an_img2dataset_folder_is_read_as_its_shards_and_its_sidecars_left_out(tmp_path, processor):
+    """img2dataset writes `00000.tar`, `00000.parquet` and `00000_stats.json` (a JSON object): the sidecar failed
+    the epoch when it was reached, after the first shard had trained."""
+    folder = tmp_path / "laion"
+    for s in range(2):
+        write_tar(str(folder / f"{s:05d}.tar"), _pairs_members(2, prefix=f"{s}k"))
+        (folder / f"{s:05d}.parquet").write_bytes(b"PAR1")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
+    source = build_source(DatasetSection("laion", "pairs", str(folder), 1), processor)
+    assert [os.path.basename(f) for f in source.spec.files] == ["00000.tar", "00001.tar"]
+    batches, source, _ = _epoch(DatasetSection("laion", "pairs", str(folder), 1), processor)
+    assert len(batches) == 4 and source.skipped == {}
+
+
+def test_a_json_file_that_holds_no_list_is_refused_when_the_dataset_is_built(tmp_path, processor):
+    (tmp_path / "0.png").write_bytes(image_bytes(0))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "0.png", "caption": "x"}) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"count": 1}))
+    for path in (tmp_path, tmp_path / "meta.json"):  # a directory of tables, or the file named
+        with pytest.raises(ValueError, match=r"meta\.json' must hold a JSON list of records"):
+            build_source(DatasetSection("p", "pairs", str(path), 1), processor)
 
 
 # --------------------------------------------------------------------------------------------------- open files

@@ -1,16 +1,22 @@
-"""decode_video: the frame shown at each instant at `fps`, uniform cap at max_frames, only the kept frames converted,
-upright by the display matrix, clear errors for bad (and truncated) files."""
+"""decode_video: the frame shown at each instant at `fps` while the clip lasts, uniform cap at max_frames, only the
+kept frames converted, upright by the display matrix, clear errors for bad (and truncated) files; and the data kinds
+read videos and animated images with the processor's sampling (its `video_fps` and `max_frames`), an animation named
+as a video as the image it is."""
 
 import io
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import flamingo.video as video
-from flamingo.data.fixtures import frame_level, tiny_processor, video_bytes
-from flamingo.video import decode_video
+from flamingo.data.fixtures import frame_level, mmc4_document, tiny_processor, video_bytes, write_jsonl
+from flamingo.data.inspect import inspect_dataset
+from flamingo.data.sources import read_records
+from flamingo.data.spec import DatasetSpec
+from flamingo.video import animation_timeline, decode_video
 
 av = pytest.importorskip("av")
 
@@ -63,23 +69,30 @@ def test_processor_loads_video_files_through_decode_video(clip):
     assert pixels.shape == (4, 3, 32, 32)  # 6 frames at 1 FPS, uniformly capped at the processor's 4
 
 
-def _encode(arrays, fmt="mp4", rate=4, pts_ms=None, rotation=None, options=None) -> bytes:
-    """A clip of the given (H, W, 3) uint8 frames; pts_ms: each frame's time in milliseconds (variable rate)."""
+def _encode(arrays, fmt="mp4", rate=4, pts_ms=None, rotation=None, options=None, codec="mpeg4",
+            last_ms=None) -> bytes:
+    """A clip of the given (H, W, 3) uint8 frames; pts_ms: each frame's time in milliseconds (variable rate);
+    last_ms: how long the last frame is shown (its packet's duration), when not the rate's."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt, options=options or {}) as container:
-        stream = container.add_stream("mpeg4", rate=rate)
+        stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = arrays[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         if pts_ms is not None:
             stream.time_base = Fraction(1, 1000)
         if rotation is not None:
             stream.set_display_rotation(*rotation)
+        packets = []
         for k, arr in enumerate(arrays):
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
             if pts_ms is not None:
                 frame.pts, frame.time_base = pts_ms[k], Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        if last_ms is not None:
+            last = max(packets, key=lambda p: p.pts)
+            last.duration = int(Fraction(last_ms, 1000) / last.time_base)
+        container.mux(packets)
     return buf.getvalue()
 
 
@@ -135,6 +148,114 @@ def test_truncated_matroska_is_refused_by_its_header_duration(tmp_path):
     # A fragmented MP4 lists only the fragments present: a cut one cannot be told from a short one, and is accepted.
     fragmented = _encode(_greys(range(0, 200, 5)), options={"movflags": "frag_keyframe+empty_moov"})
     assert 0 < len(decode_video(fragmented[: len(fragmented) // 2], max_frames=16)) < 10
+
+
+SLIDES = [0, 100, 200]  # grey levels of three frames
+
+
+@pytest.mark.parametrize(("fmt", "codec"), [("mp4", "mpeg4"), ("matroska", "mpeg4"), ("webm", "libvpx")])
+def test_a_last_frame_shown_longer_than_a_step_is_sampled_while_it_is(fmt, codec, conversions):
+    """A slideshow (a frame every 5 s, each shown 5 s) gives 15 instants at 1 FPS, its last slide as often as the
+    others, as the same slides as an animation do; a recording ending on a still screen (frames at 0, 1, 2 s, the last
+    shown 8 s) lasts its 10 s: not truncated, and its held frame converted only where an instant is kept."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV cannot encode {codec}")
+    slides = _encode(_greys(SLIDES), fmt=fmt, rate=Fraction(1, 5), codec=codec)
+    shown = animation_timeline([5.0, 5.0, 5.0], fps=1.0, max_frames=16)
+    assert shown == [0] * 5 + [1] * 5 + [2] * 5
+    assert _close(_levels(decode_video(slides, fps=1.0, max_frames=16)), [SLIDES[i] for i in shown])
+    held = _encode(_greys(SLIDES), fmt=fmt, rate=25, pts_ms=[0, 1000, 2000], last_ms=8000, codec=codec)
+    assert _close(_levels(decode_video(held, fps=1.0, max_frames=16)), [0, 100] + [200] * 8)
+    conversions[0] = 0
+    assert _close(_levels(decode_video(held, fps=1.0, max_frames=4)), [100, 200, 200, 200])  # instants 1, 3, 6, 8
+    assert conversions[0] == 4
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_clips_at_or_above_the_sampling_rate_keep_one_instant_per_step_up_to_their_last_frame(fmt):
+    """Frames evenly spaced no further apart than a step: the instants up to the last frame's start, whatever the
+    last frame's duration adds (a 30 fps clip of 2 s, a 1 fps clip of 4 frames, an NTSC clip of 3.003 s: 2, 4, 3)."""
+    thirty = _encode(_greys([4 * k for k in range(60)]), fmt=fmt, rate=30)
+    assert _close(_levels(decode_video(thirty, fps=1.0, max_frames=16)), [0, 120])  # frames 0 and 30
+    one = _encode(_greys([0, 60, 120, 180]), fmt=fmt, rate=1)
+    assert _close(_levels(decode_video(one, fps=1.0, max_frames=16)), [0, 60, 120, 180])
+    ntsc = _encode(_greys([3 * k for k in range(72)]), fmt=fmt, rate=Fraction(24000, 1001))
+    assert _close(_levels(decode_video(ntsc, fps=1.0, max_frames=16)), [0, 69, 141])  # frames 0, 23, 47
+
+
+def _animations(tmp_path, delays_ms):
+    """The same frames as a GIF, an APNG and an animated WebP under `tmp_path`: their names."""
+    from test_animation import animation
+
+    names = []
+    for fmt, suffix in (("GIF", "gif"), ("PNG", "png"), ("WEBP", "webp")):
+        (tmp_path / f"a.{suffix}").write_bytes(animation(fmt, delays_ms))
+        names.append(f"a.{suffix}")
+    return names
+
+
+def _encoded(path, kind, processor, **options):
+    spec = DatasetSpec.create("d", kind, path, 1, {"shuffle": False, **options}, processor)
+    return [spec.encode(record) for record in read_records(path)]
+
+
+def test_animated_images_in_pairs_and_documents_take_the_processors_max_frames(tmp_path):
+    """A 10 s GIF in a pairs row or a document, for a model of 4 frames: the processor's 4 frames, not 8 (the
+    resampler has time embeddings for 4); inspect counts the same. A `max_frames` option over the processor's is
+    refused when the dataset is made, not at the first batch."""
+    from test_animation import animation
+
+    processor = tiny_processor(max_frames=4)
+    (tmp_path / "a.gif").write_bytes(animation("GIF", [2000] * 5))  # 10 instants at 1 FPS
+    expected = processor.preprocess_media(str(tmp_path / "a.gif"))
+    assert expected.shape[0] == 4
+    pairs = write_jsonl(str(tmp_path / "pairs.jsonl"), [{"image": "a.gif", "caption": "a square"}])
+    docs = write_jsonl(str(tmp_path / "docs.jsonl"), [mmc4_document(2, {0: 1}, image_names=["a.gif"])])
+    for kind, path, options in (("pairs", pairs, {}), ("interleaved", docs, {"image_dir": str(tmp_path)})):
+        (encoded,) = _encoded(path, kind, processor, **options)
+        assert torch.equal(encoded.media[0], expected), kind
+        assert inspect_dataset(path, kind, processor, options=options).frames == 4, kind
+    videos = write_jsonl(str(tmp_path / "videos.jsonl"), [{"video": "a.gif", "caption": "a square"}])
+    for kind in ("video", "chat"):
+        with pytest.raises(ValueError, match=r"max_frames=16 is more than the processor's max_frames=4"):
+            DatasetSpec.create("d", kind, videos, 1, {"max_frames": 16}, processor)
+    assert DatasetSpec.create("d", "video", videos, 1, {"max_frames": 2}, processor).max_frames == 2
+
+
+def test_an_animation_named_as_a_video_reads_as_the_processor_reads_it(tmp_path):
+    """A GIF, APNG or animated WebP in a `video` row or a chat `video_url` part: the frames of the processor (by the
+    frames' own delays), not PyAV's (another clock for GIF and APNG, no animated WebP at all)."""
+    processor = tiny_processor(max_frames=8)
+    names = _animations(tmp_path, [2000, 2000, 2000])  # 6 instants at 1 FPS
+    videos = write_jsonl(str(tmp_path / "videos.jsonl"), [{"video": n, "caption": "squares"} for n in names])
+    chats = write_jsonl(str(tmp_path / "chats.jsonl"), [{"messages": [
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": n}}, {"type": "text", "text": "Hm?"}]},
+        {"role": "assistant", "content": "Squares."}]} for n in names])
+    for kind, path in (("video", videos), ("chat", chats)):
+        encoded = _encoded(path, kind, processor)
+        assert len(encoded) == len(names), kind  # none skipped as bad_video
+        for name, sample in zip(names, encoded, strict=True):
+            expected = processor.preprocess_media(str(tmp_path / name))
+            assert expected.shape[0] == 6
+            assert torch.equal(sample.media[0], expected), (kind, name)
+
+
+def test_the_data_kinds_sample_videos_at_the_processors_rate(tmp_path):
+    """A model saved with `video_fps: 2` is trained on videos at 2 FPS, as it is evaluated and served, unless a
+    dataset's `fps` says otherwise."""
+    processor = tiny_processor(max_frames=16)
+    processor.video_fps = 2.0
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_bytes(3, rate=4))
+    videos = write_jsonl(str(tmp_path / "videos.jsonl"), [{"video": "clip.mp4", "caption": "grey"}])
+    for kind in ("video", "chat"):
+        spec = DatasetSpec.create("d", kind, videos, 1, {}, processor)
+        assert (spec.options["fps"], spec.options["max_frames"]) == (2.0, 16)
+        assert (spec.fps, spec.max_frames) == (2.0, 16)
+    assert DatasetSpec.create("d", "video", videos, 1, {"fps": 1.0}, processor).fps == 1.0
+    (encoded,) = _encoded(videos, "video", processor)
+    assert encoded.media[0].shape[0] == 6  # 3 s at 2 FPS
+    assert torch.equal(encoded.media[0], processor.preprocess_media(str(clip)))
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "matroska"])

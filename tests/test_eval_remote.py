@@ -13,7 +13,7 @@ import torch
 from flamingo import load_pretrained
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
-from flamingo.eval.remote import RemoteModel
+from flamingo.eval.remote import RemoteModel, media_type
 from flamingo.processing import FlamingoProcessor
 from flamingo.serve.app import ServeSettings
 
@@ -49,6 +49,34 @@ def test_predictions_and_metrics_through_the_server_equal_in_process(served, tas
     assert by_local.keys() == by_remote.keys()
     assert any(r.get("prediction") for records in by_local.values() for r in records)  # something to compare
     assert by_remote == by_local  # every record: prediction, raw text or top-5 ranking, demos
+
+
+def test_videos_under_other_names_reach_the_server_as_videos(served, tmp_path):
+    """A video task's clips named `.ts` or without a suffix (the processor reads them as videos, by what they hold)
+    go to the server as `video/*`, which it decodes by content: the in-process predictions, not a 400 that stops the
+    run."""
+    model_dir, url = served
+    data = DATASET_MAKERS["videoqa"](tmp_path / "data")
+    renamed = 0
+    for split in ("train", "test"):
+        path = data / f"{split}_qa.json"
+        rows = json.loads(path.read_text())
+        for row in rows:
+            old = row.pop("video", None) or f"videos/{row.pop('video_id')}.mp4"
+            row["video"] = old.removesuffix(".mp4") + ("" if renamed % 2 else ".ts")
+            (data / old).rename(data / row["video"])
+            renamed += 1
+        path.write_text(json.dumps(rows))
+    assert media_type(str(data / "videos" / "10")) == media_type(str(data / "videos" / "0.ts")) == "video/octet-stream"
+    model, processor = load_pretrained(model_dir)
+    local = evaluate(model, processor, "videoqa", str(data), out_dir=str(tmp_path / "local"), model_name="tiny",
+                     **COMMON)
+    remote = evaluate(RemoteModel(url, concurrency=4), FlamingoProcessor.from_pretrained(model_dir), "videoqa",
+                      str(data), out_dir=str(tmp_path / "remote"), model_name="tiny", **COMMON)
+    assert [run["skipped"] for run in remote["runs"]] == [run["skipped"] for run in local["runs"]]
+    by_local = _records(tmp_path / "local", "videoqa")
+    assert any(r.get("prediction") for records in by_local.values() for r in records)  # something to compare
+    assert _records(tmp_path / "remote", "videoqa") == by_local
 
 
 def test_eval_subcommand_with_server(served, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""Media the processor, the server and the training shards accept or refuse: image modes, sizes, arrays, tensors,
-EXIF orientation, and a medium given without a list."""
+"""Media the processor, the server and the training shards accept or refuse: image modes, sizes (a video's on every
+frame), transparency (a video's too), arrays, tensors, EXIF orientation, videos under other names, and a medium given
+without a list."""
 
 import io
 
@@ -142,12 +143,116 @@ def test_a_video_under_a_name_outside_the_video_extensions_is_read_as_a_video(pr
     assert len(frames) == 3 and pixels(processor, str(tmp_path / name)).shape[0] == 3
 
 
+@pytest.mark.parametrize("fmt, name", [("mpegts", "clip.ts"), ("mpegts", "clip.mts"), ("mp4", "clip")])
+def test_the_server_reads_such_a_video_in_an_image_url_part_as_the_processor_does(processor, tmp_path, fmt, name):
+    """A local path (or URL) in an `image_url` part that no image reader knows is tried as a video, as the processor
+    tries it: the processor's frames, not "not an image or video this server can decode"."""
+    pytest.importorskip("fastapi")  # the server's extra
+    from flamingo.serve.media import MediaPolicy, load_medium
+
+    _write_video(tmp_path / name, fmt, [40, 120, 200])
+    served = load_medium(name, MediaPolicy(root=tmp_path), fps=processor.video_fps, max_frames=processor.max_frames)
+    assert torch.equal(processor.preprocess_media(served), pixels(processor, str(tmp_path / name)))
+
+
 def test_a_file_neither_image_nor_video_names_both_tries(processor, tmp_path):
     pytest.importorskip("av")
     junk = tmp_path / "junk.ts"
     junk.write_bytes(b"neither an image nor a video" * 50)
     with pytest.raises(ValueError, match=r"cannot decode image .*junk\.ts.*cannot identify image.*nor as a video: "):
         pixels(processor, str(junk))
+    pytest.importorskip("fastapi")
+    from flamingo.serve.protocol import APIError
+
+    with pytest.raises(APIError, match=r"junk\.ts: not an image or video this server can decode \(it reads PNG"):
+        server_decode(junk.read_bytes(), "junk.ts")
+
+
+def _size_switching_ts(sizes) -> bytes:
+    """An MPEG-2 stream in MPEG-TS whose header (its first sequence) gives `sizes[0]`: two grey frames of each (W, H)
+    in turn, each size from its own encoder."""
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    buffer, pts = io.BytesIO(), 0
+    with av.open(buffer, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=1)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        for i, (width, height) in enumerate(sizes):
+            encoder = stream.codec_context if i == 0 else av.CodecContext.create("mpeg2video", "w")
+            if i:
+                encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+                encoder.time_base, encoder.framerate = Fraction(1, 1), 1
+            packets = []
+            for _ in range(2):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
+                frame.pts, frame.time_base, pts = pts, Fraction(1, 1), pts + 1
+                packets += encoder.encode(frame)
+            for packet in packets + list(encoder.encode()):
+                packet.stream, packet.time_base = stream, Fraction(1, 1)
+                container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_a_stream_that_switches_to_larger_frames_after_its_header_is_refused(processor, tmp_path):
+    """An MPEG-TS whose header says 32x32 and whose later frames are 64x64 (a small file may hold 16k x 16k frames
+    that way): the server's pixel limit is checked on every decoded frame, not the header's alone; and a switch to
+    frames too thin to resize is refused by the processor and skipped by the shards (`bad_video`), as a thin header
+    is."""
+    pytest.importorskip("fastapi")  # the server's extra
+    import base64
+
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.sources import file_ref
+    from flamingo.serve.media import MediaPolicy, load_medium
+    from flamingo.serve.protocol import APIError
+    from flamingo.video import decode_video
+
+    data = _size_switching_ts([(32, 32), (64, 64)])
+    assert {f.size for f in decode_video(data, max_frames=8)} == {(32, 32), (64, 64)}  # no limit: read
+    with pytest.raises(ValueError, match="64x64 frames are more than the 2048 pixels allowed"):
+        decode_video(data, max_frames=8, max_pixels=2048)
+    url = "data:video/mp2t;base64," + base64.b64encode(data).decode()
+    with pytest.raises(APIError, match="64x64 frames are more than the 2048 pixels") as refused:
+        load_medium(url, MediaPolicy(max_pixels=2048), video=True)
+    assert refused.value.status == 400
+    assert len(load_medium(url, MediaPolicy(max_pixels=4096), video=True)) == 4
+
+    thin = tmp_path / "thin.ts"
+    thin.write_bytes(_size_switching_ts([(16, 16), (3216, 16)]))
+    with pytest.raises(ValueError, match=r"thin\.ts.*3216x16 image: aspect ratio over 200:1"):
+        pixels(processor, str(thin))
+    with pytest.raises(SkipSample, match="aspect ratio") as skipped:
+        file_ref(str(thin), video=True).load(fps=1.0, max_frames=4)
+    assert skipped.value.reason == "bad_video"
+
+
+def test_transparent_video_frames_are_composited_onto_white_as_images_are(processor, tmp_path):
+    """A PNG-coded `.mov` with alpha (as QuickTime RLE, ProRes 4444 and VP9-alpha clips decode): white where it is
+    transparent, as the same frames as an APNG or stills, not the colour under the transparent pixels."""
+    av = pytest.importorskip("av")
+    stills = []
+    for k in range(2):  # (H, W, 4): red, then green, opaque in the top half and transparent in the bottom
+        rgba = np.zeros((32, 32, 4), np.uint8)
+        rgba[..., k] = 200
+        rgba[:16, :, 3] = 255
+        stills.append(Image.fromarray(rgba))
+    clip = tmp_path / "alpha.mov"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "rgba"
+        for still in stills:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(still), format="rgba")))
+        container.mux(stream.encode())
+    frames = processor.load_media(str(clip))
+    assert [np.asarray(f)[0, 0].tolist() for f in frames] == [[200, 0, 0], [0, 200, 0]]
+    assert [np.asarray(f)[31, 0].tolist() for f in frames] == [[255, 255, 255]] * 2
+    apng = tmp_path / "alpha.png"
+    stills[0].save(apng, save_all=True, append_images=stills[1:], duration=[1000, 1000])
+    assert torch.equal(pixels(processor, str(clip)), pixels(processor, str(apng)))
+    assert torch.equal(pixels(processor, str(clip)), torch.cat([pixels(processor, still) for still in stills]))
 
 
 def test_images_at_the_aspect_ratio_bound_are_accepted(processor):

@@ -169,8 +169,7 @@ def _count_sample(spec: DatasetSpec, record: RawRecord, report: InspectReport, s
         n_media = ids.count(processor.media_token_id)
         if n_media == 0 and not (o.get("text_only") and not example.media):
             raise SkipSample("no_matched_image", "nothing left within max_tokens")
-    media = [ref.load(fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8))
-             for ref in example.media[:n_media]]
+    media = [ref.load(fps=spec.fps, max_frames=spec.max_frames) for ref in example.media[:n_media]]
     report.samples += 1
     report.media += len(media)
     report.frames += sum(len(m) for m in media)

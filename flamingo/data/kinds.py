@@ -26,15 +26,15 @@ COMMON_OPTIONS: dict[str, Any] = {
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "interleaved": {"max_images": 5, "max_tokens": 256, "similarity_threshold": 0.24, "image_dir": None},
     "pairs": {"max_tokens": 32},
-    "video": {"max_tokens": 32, "fps": 1.0, "max_frames": None},  # max_frames None: the processor's
+    "video": {"max_tokens": 32, "fps": None, "max_frames": None},  # None: the processor's video_fps, max_frames
     # conversations end with the format's end-of-answer marker, which generation stops at: no EOS after it.
     # text_only: keep conversations without any medium (language-only instruction data, as Multimodal-GPT mixes in)
-    "chat": {"max_tokens": 512, "fps": 1.0, "max_frames": None, "append_eos": False, "text_only": False},
+    "chat": {"max_tokens": 512, "fps": None, "max_frames": None, "append_eos": False, "text_only": False},
 }
 
 
 # the type of the options whose default is None
-NULLABLE_TYPES: dict[str, type] = {"max_frames": int, "remote_cache_dir": str, "image_dir": str}
+NULLABLE_TYPES: dict[str, type] = {"fps": float, "max_frames": int, "remote_cache_dir": str, "image_dir": str}
 
 
 def _check_type(name: str, value: Any, default: Any) -> None:
@@ -71,8 +71,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
     # zero or negative values would skip every sample (blaming the data) or cut a document's last image unseen
     if "max_images" in resolved and int(resolved["max_images"]) < 1:
         raise ValueError(f"max_images must be >= 1, got {resolved['max_images']}")
-    if "fps" in resolved and float(resolved["fps"]) <= 0:
-        raise ValueError(f"fps must be > 0, got {resolved['fps']}")
+    if resolved.get("fps") is not None and not 0 < float(resolved["fps"]) < float("inf"):
+        raise ValueError(f"fps must be a number > 0 (null: the processor's), got {resolved['fps']}")
     if resolved.get("max_frames") is not None and int(resolved["max_frames"]) < 1:
         raise ValueError(f"max_frames must be >= 1 (null: the processor's), got {resolved['max_frames']}")
     if int(resolved["pack_tokens"]) < 0:

@@ -8,6 +8,7 @@ stand-alone, for scripts and tools that want one stream of batches from several 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Mapping, MutableMapping
 
 import torch
@@ -22,8 +23,8 @@ class MixtureSampler:
 
     def __init__(self, weights: Mapping[str, float], seed: int) -> None:
         values = [float(w) for w in weights.values()]
-        if not values or any(w < 0 for w in values) or not any(w > 0 for w in values):
-            raise ValueError(f"mixture weights must be >= 0 with at least one > 0, got {dict(weights)}")
+        if not values or not all(math.isfinite(w) and w >= 0 for w in values) or not any(w > 0 for w in values):
+            raise ValueError(f"mixture weights must be finite numbers >= 0 with at least one > 0, got {dict(weights)}")
         self.names = list(weights)
         self.weights = torch.tensor(values)  # (D,) float32
         self.generator = torch.Generator().manual_seed(seed)

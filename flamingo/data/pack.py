@@ -25,7 +25,7 @@ from PIL import Image
 
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text, valid_text
-from .sources import IMAGE_EXTS, VIDEO_EXTS, parse_json_record, read_records, resolve_relative
+from .sources import IMAGE_EXTS, VIDEO_EXTS, caption_text, parse_json_record, read_records, resolve_relative
 
 # PIL's format names whose files the tar reader lists under another extension
 FORMAT_EXTS = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}
@@ -237,7 +237,7 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
         if images is not None:
             for _, path, caption_path in _folder_pairs(images):
                 try:
-                    caption = _read(caption_path).decode("utf-8", errors="replace").strip()
+                    caption = caption_text(_read(caption_path), caption_path).strip()
                     if not caption:
                         raise SkipSample("empty_text", caption_path)
                     writer.write([(f"{n:09d}.{_ext(path)}", _read(path)), (f"{n:09d}.txt", caption.encode())])

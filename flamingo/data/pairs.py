@@ -25,6 +25,7 @@ from .sources import (
     VIDEO_EXTS,
     MediaRef,
     RawRecord,
+    caption_text,
     file_ref,
     member_ref,
     parse_json_record,
@@ -54,8 +55,7 @@ def _from_tar(record: RawRecord, video: bool) -> tuple[MediaRef, str]:
     exts = VIDEO_EXTS if video else IMAGE_EXTS
     ext = next((e for e in exts if e in members), None)
     if "txt" in members:
-        caption = shard.read(members["txt"]).decode("utf-8-sig", errors="replace")  # a BOM is not caption text
-        caption = _caption_of({"caption": caption}, record.key)
+        caption = _caption_of({"caption": caption_text(shard.read(members["txt"]), record.key)}, record.key)
     elif "json" in members:
         caption = _caption_of(parse_json_record(shard.read(members["json"]), record.key), record.key)
     else:

@@ -1,9 +1,16 @@
 """Training sequences: text with `<image>` placeholders + lazy media -> token ids, labels, pixels -> batches.
 
-The labelling rule (OpenFlamingo's, the contract's): labels are the input ids (the model shifts them), with -100 on
-`<image>` (and the template's markers around it), on padding, and on every token before the first `<image>` (text no
-image precedes is not trained). Text is tokenized in the processor's template, as the model is served.
-Conversations (data/chat.py) instead label only the tokens of their answers (`Example.trained_spans`).
+The labelling rule (the contract's): labels are the input ids (the model shifts them), with -100 on `<image>` (and
+the template's markers around it), on padding, and on every token before the first `<image>` (text no image precedes
+is not trained). Text is tokenized in the processor's template, as the model is served. Conversations (data/chat.py)
+instead label only the tokens of their answers (`Example.trained_spans`).
+
+Against OpenFlamingo's training loop (open_flamingo/train/train_utils.py, `train_one_epoch`): pairs are labelled
+alike (its line that means to mask EOS compares ids with the token's string and masks nothing, so it trains EOS as
+we do). For MMC4 documents it also masks every token after each `<|endofchunk|>` up to the next `<image>`; as a
+document's text puts `<image>` right after each `<|endofchunk|>` but the last, that masks exactly the final EOS. We
+train that EOS (a document cut by `max_tokens` has none, and then the two agree): the model learns to end a document
+after its last chunk, as a pair's EOS teaches it to end a caption (docs/data.md, step 6).
 
 Only the markers a sequence is built from are special tokens in it: `<image>` (and the template's wrappers),
 `<|endofchunk|>`, the image references `<imagek>`, a chat format's end markers, the template's leading BOS and an EOS

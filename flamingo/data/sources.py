@@ -7,6 +7,7 @@ Nothing here decodes an image or parses a document: a raw record is a JSONL line
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import glob
@@ -23,7 +24,7 @@ from typing import IO, Any, Callable, Iterator, Optional
 
 from PIL import Image
 
-from ..processing import VIDEO_EXTENSIONS, image_frames
+from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.lru import LRU
 from ..video import decode_video
 from .errors import SkipSample
@@ -68,11 +69,35 @@ def _expand_braces(pattern: str) -> list[str]:
     return [name for item in items for name in _expand_braces(head + item + tail)]
 
 
+def _directory_files(name: str) -> list[str]:
+    """A directory's data files, sorted: its tar shards where it holds any (the sidecars a shard writer leaves next
+    to them, img2dataset's `{shard}_stats.json` and `.parquet`, are no data: a table names its media by path, a shard
+    carries its own), else its tables."""
+    inside = sorted(os.path.join(name, f) for f in os.listdir(name)
+                    if f.lower().endswith(TAR_SUFFIXES + TABLE_SUFFIXES))
+    if not inside:
+        raise ValueError(f"no data files (.tar, .jsonl, .csv, .json) in directory {name!r}")
+    return [f for f in inside if is_tar(f)] or inside
+
+
+def _check_json_table(path: str) -> None:
+    """A `.json` table must hold a JSON list: one that does not (a tool's `{...}` summary named `.json`) is refused
+    when the dataset is built, naming it, not when an epoch reaches it."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        head = ""
+        while not head and (chunk := f.read(4096)):
+            head = chunk.lstrip()
+    if not head.startswith("["):
+        raise ValueError(f"{path!r} must hold a JSON list of records (it starts with {head[:20]!r}): leave it out of "
+                         "the dataset path (a glob or brace pattern naming the data files) or convert it")
+
+
 def expand_path(path: str) -> list[str]:
-    """A file, a brace pattern, a glob, or a directory (its data files, sorted) -> the list of data files. Remote
-    tar shards (`https://`, `hf://datasets/...`, `pipe:`; data/remote.py) are listed by name or brace pattern, Hub
-    ones also by glob or directory (`hf://datasets/org/name/train-*.tar`, `.../train/`: one listing call), and
-    fetched when read."""
+    """A file, a brace pattern, a glob, or a directory (its tar shards, else its tables, sorted) -> the list of data
+    files. A name that exists is taken as it is before it is read as a glob (`pairs [v2].jsonl`). Local `.json`
+    tables are checked to hold a list (`_check_json_table`). Remote tar shards (`https://`, `hf://datasets/...`,
+    `pipe:`; data/remote.py) are listed by name or brace pattern, Hub ones also by glob or directory
+    (`hf://datasets/org/name/train-*.tar`, `.../train/`: one listing call), and fetched when read."""
     files: list[str] = []
     remote = is_remote(str(path))
     for name in _expand_braces(str(path) if remote else os.path.expanduser(str(path))):
@@ -84,19 +109,18 @@ def expand_path(path: str) -> list[str]:
                                  f"them: {name!r}")
             files.append(name)
         elif os.path.isdir(name):
-            inside = sorted(os.path.join(name, f) for f in os.listdir(name)
-                            if f.lower().endswith(TAR_SUFFIXES + TABLE_SUFFIXES))
-            if not inside:
-                raise ValueError(f"no data files (.tar, .jsonl, .csv, .json) in directory {name!r}")
-            files.extend(inside)
-        elif any(c in name for c in "*?["):
-            files.extend(sorted(glob.glob(name)))
+            files.extend(_directory_files(name))
         elif os.path.isfile(name):
             files.append(name)
+        elif any(c in name for c in "*?["):
+            files.extend(sorted(glob.glob(name)))
         else:
             raise ValueError(f"data file not found: {name!r} (from path {path!r})")
     if not files:
         raise ValueError(f"dataset path {path!r} matches no files")
+    for file in files:
+        if not is_remote(file) and file.lower().endswith(".json"):
+            _check_json_table(file)
     return files
 
 
@@ -156,7 +180,7 @@ class _PlainCopy:
 
 @dataclass
 class TarShard:
-    """The member index of one tar shard: WebDataset groups (in order), the members by full name, and by a basename
+    """The member index of one tar shard: WebDataset groups (in order), the members by a full name and by a basename
     that only one member has."""
 
     path: str
@@ -165,6 +189,9 @@ class TarShard:
     by_basename: dict[str, tarfile.TarInfo] = field(default_factory=dict)
     error: Optional[str] = None  # set when the shard does not end as a tar ends (truncated or corrupt)
     cut: Optional[str] = None  # with `error`: the key of the group at the damage (left out of `groups`)
+    # index in `groups` -> why: the groups of a key that repeats a member in a row (`k.jpg k.txt k.jpg`), split
+    # where the extension repeats; `read_records` counts them as `duplicate_key`, never reads them
+    repeated: dict[int, str] = field(default_factory=dict)
     _file: Any = field(default=None, repr=False)
     _pid: int = field(default_factory=os.getpid, repr=False)  # the process whose file `_file` is
     # a compressed shard's uncompressed copy, read instead of `path`; it lives as long as this object
@@ -206,8 +233,8 @@ class TarShard:
     def find(self, name: str, group: Optional[str] = None) -> Optional[tarfile.TarInfo]:
         """The member a record of `group` (its WebDataset key, `RawRecord.group`) means by `name`: one of its own
         group (`{group}/{name}`, `{group}.{name}`) first, then the member of that full name, then the one member with
-        that basename. A basename several members share names none of them: another record's image is never
-        taken for this one's (the medium counts as `missing_file`)."""
+        that basename. A name or basename several members share (a key repeated in the shard) names none of them:
+        another record's image is never taken for this one's (the medium counts as `missing_file`)."""
         own = (f"{group}/{name}", f"{group}.{name}") if group else ()
         for candidate in (*own, name):
             member = self.by_name.get(candidate)
@@ -291,30 +318,44 @@ def open_shard(path: str) -> TarShard:
     """Index a tar shard (member headers only), cached per process (forked DataLoader workers reopen theirs). A
     compressed one (gzip, bzip2, xz) is decompressed once first (`_PlainCopy`). A damaged one (truncated, corrupt:
     `_read_members`) is warned about, and its last group, the sample at the damage, is left out: `read_records`
-    counts it as `bad_shard`."""
+    counts it as `bad_shard`. A key that repeats a member in a row (`k.jpg k.txt k.jpg`: a sample appended again, a
+    re-run writer) holds several samples whose members cannot be told apart (which caption is whose): its groups are
+    warned about and counted as `duplicate_key` (WebDataset refuses such a shard). A member name that several
+    members share is looked up as none of them (`find`)."""
     cache_key = (os.getpid(), path)
     shard = _OPEN_SHARDS.get(cache_key)
     if shard is not None:
         return shard
     tf, plain, members, error = _index(path)
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    repeated: dict[int, str] = {}
     for m in members:
         key, ext = split_member_name(m.name)
-        if not groups or groups[-1][0] != key:
+        if not groups or groups[-1][0] != key or ext in groups[-1][1]:
+            if groups and groups[-1][0] == key:  # a second `key.ext` in a row: two samples under one key
+                why = f"key {key!r} repeats member {m.name!r}"
+                repeated.setdefault(len(groups) - 1, why)
+                repeated[len(groups)] = why
             groups.append((key, {}))
         groups[-1][1][ext] = m
     cut = None
     if error is not None:
         cut = groups.pop()[0] if groups else "(start)"
+        repeated.pop(len(groups), None)
         warnings.warn(f"tar shard {path!r} is damaged after {len(members)} members ({error}): the sample there "
                       f"and any after it are skipped (counted as bad_shard)", stacklevel=2)
-    by_name: dict[str, tarfile.TarInfo] = {}
+    if repeated:
+        warnings.warn(f"tar shard {path!r} holds several samples under one key ({next(iter(repeated.values()))}): "
+                      "which members go together is unknown, so the samples of such keys are skipped (counted as "
+                      "duplicate_key)", stacklevel=2)
+    names: dict[str, list[tarfile.TarInfo]] = {}
     basenames: dict[str, list[tarfile.TarInfo]] = {}
     for m in members:
-        by_name.setdefault(m.name, m)
+        names.setdefault(m.name, []).append(m)
         basenames.setdefault(os.path.basename(m.name), []).append(m)
+    by_name = {name: found[0] for name, found in names.items() if len(found) == 1}
     by_basename = {base: found[0] for base, found in basenames.items() if len(found) == 1}
-    shard = TarShard(path, groups, by_name, by_basename, error, cut, tf, _plain=plain)
+    shard = TarShard(path, groups, by_name, by_basename, error, cut, repeated, _file=tf, _plain=plain)
     _OPEN_SHARDS.put(cache_key, shard)
     return shard
 
@@ -380,9 +421,13 @@ def read_records(path: str, tar_needs: Optional[str] = None,
             shard.refetch = functools.partial(_fetched, fetcher, path, _open_tar)
         else:
             shard = open_shard(path)
-        for key, members in shard.groups:
+        for i, (key, members) in enumerate(shard.groups):
             if tar_needs is None or tar_needs in members:
-                yield RawRecord(f"{name}:{key}", path, members, shard)
+                if i in shard.repeated:
+                    why = ("duplicate_key", f"{path}: {shard.repeated[i]}")
+                    yield RawRecord(f"{name}:{key}", path, {}, shard, lost=why)
+                else:
+                    yield RawRecord(f"{name}:{key}", path, members, shard)
         if shard.error is not None:
             yield RawRecord(f"{name}:{shard.cut}", path, {}, shard, lost=("bad_shard", f"{path}: {shard.error}"))
     elif low.endswith(".jsonl"):  # (utf-8-sig: a byte-order mark, as Excel and Notepad write, is not data)
@@ -393,7 +438,7 @@ def read_records(path: str, tar_needs: Optional[str] = None,
     elif low.endswith(".csv"):
         yield from _csv_records(path, name)
     elif low.endswith(".json"):
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
@@ -442,10 +487,34 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
                 yield RawRecord(f"{name}:{i + k}", path, {}, lost=("bad_record", detail))
 
 
+# Byte-order marks -> the codec that reads them (and drops the mark); UTF-32's before UTF-16's, whose LE mark begins
+# UTF-32 LE's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_text(data: bytes) -> str:
+    """A text member's or file's bytes -> str: UTF-8, or the UTF-16 / UTF-32 a byte-order mark announces (Windows
+    Notepad's "Unicode" is UTF-16 LE with one); broken bytes become U+FFFD."""
+    codec = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    return data.decode(codec, errors="replace")
+
+
+def caption_text(data: bytes, where: str) -> str:
+    """A caption file's bytes (a tar `.txt` member, `pack --images`' `.txt` files) -> str (`decode_text`), or
+    SkipSample('bad_record') for text holding NUL: no caption does, UTF-16 without a byte-order mark and binary files
+    do, and they would be trained as `a\\0 \\0p\\0h...`."""
+    text = decode_text(data)
+    if "\0" in text:
+        raise SkipSample("bad_record", f"{where}: the caption holds NUL characters: not UTF-8 text (UTF-16 without a "
+                                       "byte-order mark?); save it as UTF-8")
+    return text
+
+
 def parse_json_record(text: Any, where: str) -> dict[str, Any]:
     """A JSONL line / .json member -> dict, or SkipSample('bad_json')."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8-sig", errors="replace")
+        text = decode_text(text)
     if isinstance(text, dict):
         return text
     try:
@@ -469,24 +538,28 @@ class MediaRef:
     cache_key: Optional[str] = None
 
     def load(self, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
-        """-> RGB frames (one for an image); SkipSample('missing_file' | 'bad_image' | 'bad_video') on failure."""
+        """-> RGB frames (one for an image); SkipSample('missing_file' | 'bad_image' | 'bad_video', by the slot it
+        fills) on failure. A GIF, PNG or WebP named as a video is read as the image (animation) it is, as the
+        processor and the server read it (`animatable_image`)."""
         data = self.read()
-        if self.video:
+        if self.video and not animatable_image(data):
             try:
                 return decode_video(data, fps=fps, max_frames=max_frames)
             except ValueError as e:
                 raise SkipSample("bad_video", f"{self.name}: {e}") from e
-        return decode_frames(data, self.name, fps, max_frames)
+        return decode_frames(data, self.name, fps, max_frames, bad="bad_video" if self.video else "bad_image")
 
 
-def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:
-    """An image file's bytes -> its frames: one for a still, an animation's as a video's (`image_frames`)."""
+def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8,
+                  bad: str = "bad_image") -> list[Image.Image]:
+    """An image file's bytes -> its frames: one for a still, an animation's as a video's (`image_frames`);
+    SkipSample(`bad`) when they do not decode."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return image_frames(im, fps, max_frames)
     except Exception as e:  # PIL raises several types for corrupt bytes
-        raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from e
+        raise SkipSample(bad, f"{name}: {type(e).__name__}: {e}") from e
 
 
 def file_ref(path: str, video: bool = False) -> MediaRef:

@@ -31,6 +31,10 @@ class DatasetSpec:
     media_cache: Optional[TensorCache] = None  # options.cache_media_mb > 0; pickles empty (one per worker process)
     fetcher: Optional[ShardFetcher] = None  # remote shards' cache (options.remote_cache_*); None: no remote files
     chat: ChatFormat = FLAMINGO  # conversations are written in the processor's chat format (resolved once)
+    # How videos and animated images are sampled: options fps / max_frames where the kind has them, else the
+    # processor's (`video_fps`, `max_frames`), as the model is evaluated and served.
+    fps: float = 1.0
+    max_frames: int = 8
 
     @classmethod
     def create(cls, name: str, kind: str, path: str, batch_size: int, options: Optional[dict[str, Any]],
@@ -38,13 +42,12 @@ class DatasetSpec:
         if batch_size < 1:
             raise ValueError(f"dataset {name!r}: batch_size must be >= 1, got {batch_size}")
         resolved = resolve_options(kind, options)
-        if kind in ("video", "chat") and resolved["max_frames"] is None:
-            resolved["max_frames"] = processor.max_frames if processor is not None else 8
+        fps, max_frames = media_sampling(name, resolved, processor)
         cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
         files = expand_path(path)
         fetcher = remote_fetcher(files, resolved)
         chat = chat_format_for(processor) if processor is not None else FLAMINGO
-        return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher, chat)
+        return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher, chat, fps, max_frames)
 
     @property
     def tar_needs(self) -> Optional[str]:
@@ -91,8 +94,25 @@ class DatasetSpec:
         assert self.processor is not None, "encoding needs a processor"
         o = self.options
         return encode_example(self.example(record), self.processor, max_tokens=int(o["max_tokens"]),
-                              fps=float(o.get("fps", 1.0)), max_frames=int(o.get("max_frames") or 8),
+                              fps=self.fps, max_frames=self.max_frames,
                               cache=self.media_cache, text_only=bool(o.get("text_only", False)))
+
+
+def media_sampling(name: str, options: dict[str, Any], processor: Optional[FlamingoProcessor]) -> tuple[float, int]:
+    """(fps, max_frames) a dataset's videos and animated images are read with: its options `fps` and `max_frames`
+    (the `video` and `chat` kinds'; None: the processor's, filled into `options`), else the processor's `video_fps`
+    and `max_frames` (1.0 and 8 without one). A `max_frames` over the processor's is refused here: the model has
+    time embeddings for that many frames only, and its first batch with a longer video would fail."""
+    default_fps = processor.video_fps if processor is not None else 1.0
+    default_frames = processor.max_frames if processor is not None else 8
+    asked = options.get("max_frames")
+    if asked is not None and processor is not None and asked > processor.max_frames:
+        raise ValueError(f"dataset {name!r}: option max_frames={asked} is more than the processor's max_frames="
+                         f"{processor.max_frames} (the model's time embeddings): leave it out or set at most that")
+    for option, default in (("fps", default_fps), ("max_frames", default_frames)):
+        if option in options and options[option] is None:
+            options[option] = default
+    return float(options.get("fps", default_fps)), int(options.get("max_frames", default_frames))
 
 
 def remote_fetcher(files: Sequence[str], options: dict[str, Any]) -> Optional[ShardFetcher]:

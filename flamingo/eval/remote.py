@@ -21,6 +21,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
+from PIL import Image, UnidentifiedImageError
+
 from ..processing import VIDEO_EXTENSIONS, FlamingoProcessor
 from ..runtime import LRU
 from .predict import MediaLoader, continuation_ids_of
@@ -28,6 +30,23 @@ from .task import Sample, Task
 
 CANDIDATES_PER_REQUEST = 16  # continuations scored per request (within a server's queue; its answer stays small)
 BUSY_RETRIES = 30  # a busy server (429) is asked again after its Retry-After, this many times
+
+
+def media_type(path: str) -> str:
+    """The MIME type a medium file goes to the server under, so that the server reads it as the processor does: a
+    video (the server decodes any `video/*` by its content) when its suffix is a video's or no image reader knows the
+    file (MPEG-TS `.ts`, `.mts`, no suffix: the processor reads those as videos too), else an image."""
+    guessed = mimetypes.guess_type(path)[0]
+    if path.lower().endswith(VIDEO_EXTENSIONS):
+        return "video/" + (guessed or "video/mp4").split("/", 1)[1]  # `.3gp` is audio/3gpp to mimetypes
+    try:
+        with Image.open(path):  # reads the header only
+            pass
+    except UnidentifiedImageError:
+        return "video/octet-stream"
+    except Exception:  # an image PIL knows but cannot read: the server says why
+        pass
+    return guessed if guessed and guessed.startswith("image/") else "image/png"
 
 
 class RemoteModel:
@@ -109,12 +128,8 @@ class RemoteModel:
     def _data_url(self, path: str) -> str:
         url = self._urls.get(path)
         if url is None:
-            kind = mimetypes.guess_type(path)[0]
-            if path.lower().endswith(VIDEO_EXTENSIONS):  # a video to the server as in-process
-                kind = "video/" + (kind or "video/mp4").split("/", 1)[1]
-            kind = kind or "image/png"
             with open(path, "rb") as f:
-                url = f"data:{kind};base64," + base64.b64encode(f.read()).decode()
+                url = f"data:{media_type(path)};base64," + base64.b64encode(f.read()).decode()
             self._urls.put(path, url)
         return url
 

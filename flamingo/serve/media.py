@@ -11,7 +11,9 @@ A medium is a URL:
   included, after DNS, so a name that resolves to an internal address is caught) must not be loopback, private,
   link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
-(decompression bombs stop there). Errors are `APIError`s (400) that say which medium and why.
+(decompression bombs stop there), and for a video from every decoded frame too (a stream may switch to larger frames
+after its header). A file no image reader knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`,
+`.mts`, no suffix), as the processor reads it. Errors are `APIError`s (400) that say which medium and why.
 """
 
 from __future__ import annotations
@@ -31,20 +33,14 @@ from typing import Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from ..processing import VIDEO_EXTENSIONS, image_frames
+from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..video import TooLong, decode_video
 from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
-_IMAGE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif")  # ISO BMFF brands
 _READ_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF", "AVIF")  # the common ones of PIL's readers
 
-
-def _image_file(data: bytes) -> bool:
-    """Whether `data` is a GIF, PNG or WebP file (RIFF with "WEBP" at byte 8): read by PIL even when sent as a
-    video (`video_url`, `video/gif`), its animation decoded by `image_frames` as everywhere else."""
-    return data.startswith(_IMAGE_MAGIC) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
 
 
@@ -67,9 +63,8 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
         data, is_video, name = _read(url, policy, video, where)
         if not data:
             raise APIError(400, f"{name}: the file is empty (0 bytes)")
-        if is_video and not _image_file(data):
-            _check_video(data, policy.max_pixels, name)
-            return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds)
+        if is_video and not animatable_image(data):
+            return _decode_video(data, policy, name, fps, max_frames)
         return _decode_image(data, policy, name, fps, max_frames)
     except APIError as e:
         e.param = e.param or param
@@ -176,8 +171,18 @@ def _fetch(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[byte
     return data, video or mime.startswith("video/") or suffix in VIDEO_EXTENSIONS, f"{where} ({url})"
 
 
+def _decode_video(data: bytes, policy: MediaPolicy, name: str, fps: float, max_frames: int,
+                  not_an_image: bool = False) -> list[Image.Image]:
+    """A video file's bytes -> its frames, its header checked first (`_check_video`), every decoded frame's size too.
+    not_an_image: no image reader knew the file either; a file that is no video is then answered as neither."""
+    _check_video(data, policy.max_pixels, name, not_an_image)
+    return decode_video(data, fps=fps, max_frames=max_frames, max_seconds=policy.max_video_seconds,
+                        max_pixels=policy.max_pixels)
+
+
 def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_frames: int) -> Frames:
-    """An image file's bytes -> its image, or an animation's frames (`image_frames`)."""
+    """An image file's bytes -> its image, or an animation's frames (`image_frames`); a file no image reader knows,
+    the frames of the video it may be (`_decode_video`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -194,10 +199,11 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
         raise APIError(400, f"{name}: an animation {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise APIError(400, f"{name}: refused as a decompression bomb: {e}") from None
-    except UnidentifiedImageError:  # no reader knows the file; PIL's message names only a BytesIO object
-        raise APIError(400, f"{name}: not an image or video this server can decode ({_unreadable(data)})") from None
+    except UnidentifiedImageError:  # no image reader knows the file: a video under another name (.ts, .mts, none)?
+        pass
     except Exception as e:  # PIL raises many types for a file it knows but cannot read (truncated, corrupt)
         raise APIError(400, f"{name}: not a decodable image ({type(e).__name__}: {_plain(e)})") from None
+    return _decode_video(data, policy, name, fps, max_frames, not_an_image=True)
 
 
 def _unreadable(data: bytes) -> str:
@@ -215,18 +221,28 @@ def _plain(e: Exception) -> str:
     return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
 
 
-def _check_video(data: bytes, max_pixels: int, name: str) -> None:
-    import av  # the video extra; imported when a video comes
-
+def _check_video(data: bytes, max_pixels: int, name: str, not_an_image: bool = False) -> None:
+    """A video's header: a video stream whose frames are at most `max_pixels`, before any frame is decoded.
+    not_an_image: no image reader knew the file either: one that is no video (or a server without PyAV) is
+    answered as neither, its message naming what this server reads (`_unreadable`)."""
+    neither = APIError(400, f"{name}: not an image or video this server can decode ({_unreadable(data)})")
+    try:
+        import av  # the video extra; imported when a video comes
+    except ImportError:
+        if not_an_image:
+            raise neither from None
+        raise
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise APIError(400, f"{name}: no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
-    except APIError:
-        raise
     except Exception as e:
+        if not_an_image:
+            raise neither from None
+        if isinstance(e, APIError):
+            raise
         raise APIError(400, f"{name}: not a video this server can decode ({type(e).__name__}: {_plain(e)})") from None
     if width * height > max_pixels:
         raise APIError(400, f"{name}: {width}x{height} frames are more than the server's {max_pixels} pixels")

@@ -267,7 +267,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
-    prompt = args.prompt
+    prompt, references = args.prompt, args.image_references  # None: as the processor was saved
+    if args.chat and references:
+        raise ValueError("--chat writes each --image as <image> in the model's chat format: it takes no declared-image"
+                         " prompt (--image-references)")
     if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
         from .chat import Turn, chat_format_for
 
@@ -277,7 +280,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"with --chat the prompt is the question alone: it may not contain {marker} (the "
                              f"{fmt.name} format writes its own markers, and one <image> per --image)")
         prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
-    batch = processor(prompt, images=args.image or [], image_references=args.image_references or None)
+        references = False  # the format's <image>s place the media, whatever the processor reads by default
+    elif references is None and processor.image_references and "<image>" in prompt:
+        raise ValueError("this model's processor reads declared-image prompts (`Image 0 is <image0>. ...`), not "
+                         "<image>: declare each --image so, or add --no-image-references to place them with <image>")
+    batch = processor(prompt, images=args.image or [], image_references=references)
     if batch["input_ids"].shape[1] == 0:
         raise ValueError("the prompt is empty: nothing to continue")
     inputs = {k: v.to(args.device) for k, v in batch.items() if v is not None}
@@ -441,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write --prompt and the --image files as a user turn in the model's chat format (its "
                           "template: flamingo, otter, idefics or mmgpt; docs/serve.md) and answer it")
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
-    gen.add_argument("--image-references", action="store_true",
+    gen.add_argument("--image-references", action=argparse.BooleanOptionalAction, default=None,
                      help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"
-                          " the model needs reference tokens (FlamingoConfig.num_image_references)")
+                          " the model needs reference tokens (FlamingoConfig.num_image_references). Default: as its "
+                          "processor was saved; --no-image-references places the media with <image>")
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")

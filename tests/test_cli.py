@@ -127,6 +127,38 @@ def test_generate_command_reads_declared_images_and_references(tmp_path, capsys)
     assert "placeholder" in capsys.readouterr().err
 
 
+def test_generate_command_on_a_processor_that_reads_declared_images(tmp_path, capsys):
+    """A model saved with `image_references` on: `--chat` writes its media as the format's <image>s and answers as
+    the API does for that prompt; a plain <image> prompt runs with `--no-image-references` and, without it, is refused
+    with a message that names the flag."""
+    from flamingo import load_pretrained
+    from flamingo.chat import Turn, chat_format_for
+
+    model, processor = tiny_flamingo(num_image_references=4)
+    processor.image_references = True
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    random_image(0).save(tmp_path / "0.png")
+    image = str(tmp_path / "0.png")
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "model"))
+    assert loaded_processor.image_references
+
+    def expected(prompt: str) -> str:
+        batch = loaded_processor(prompt, images=[image], image_references=False)
+        return loaded_processor.decode(loaded.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1]:])
+
+    base = ["generate", "--model", str(tmp_path / "model"), "--image", image, "--max-new-tokens", "4"]
+    assert main(base + ["--chat", "--prompt", "What is it?"]) == 0
+    fmt = chat_format_for(loaded_processor, loaded.lm.get_output_embeddings().weight.shape[0])
+    chat_prompt = fmt.render([Turn("user", ("<image>", "What is it?"))])
+    assert capsys.readouterr().out.strip() == expected(chat_prompt).strip()
+    assert main(base + ["--no-image-references", "--prompt", "<image>What is it?"]) == 0
+    assert capsys.readouterr().out.strip() == expected("<image>What is it?").strip()
+    assert main(base + ["--prompt", "<image>What is it?"]) == 2
+    assert "--no-image-references" in capsys.readouterr().err
+    assert main(base + ["--chat", "--image-references", "--prompt", "What is it?"]) == 2
+    assert "--chat writes each --image as <image>" in capsys.readouterr().err
+
+
 def test_the_command_starts_without_other_packages_start_up_warnings():
     """torchao's optional kernels that a CPU build cannot load and torch's pytree deprecation are dropped by the
     command (before anything imports transformers); other warnings of the same loggers still show."""

@@ -174,6 +174,40 @@ def test_beam_search_never_generates_a_reference_and_scores_match_a_plain_forwar
         assert float(s) == pytest.approx(expected, abs=1e-4)
 
 
+def _forward_logprobs(model, batch, continuation):
+    """Summed log-probs of `continuation` after the prompt from one uncached forward; a last `<image>` is only read."""
+    head, last = list(continuation[:-1]), continuation[-1]
+    ids = torch.cat([batch["input_ids"], torch.tensor([head], dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(ids, images=batch["images"], num_media=batch["num_media"]).logits[0].float()
+    logprobs = logits[batch["input_ids"].shape[1] - 1:].log_softmax(-1)  # (len(continuation), V)
+    return float(logprobs.gather(-1, torch.tensor([*head, last])[:, None]).sum())
+
+
+def test_a_short_candidate_ending_in_an_image_or_reference_scores_as_alone(ref_model):
+    """Candidates are right-padded to their chunk's longest: a shorter one's last token (`<image>` may end a
+    candidate, so may a reference) is not fed on, so each score equals its own forward and `batch_size=1`."""
+    model, processor = ref_model
+    image, first = model.config.media_token_id, model.references[0]
+    candidates = [[5, image], [5, 6, 7, 8], [6, first + 1], [first, 5, 6, 7], [image]]
+    two = _batch(processor)  # two images: a fed `<image>` would ask for a third
+    expected = torch.tensor([_forward_logprobs(model, two, c) for c in candidates])
+    for rows in (64, 1):
+        got = model.score(two["input_ids"], candidates, images=two["images"], batch_size=rows)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # in score_batch, with the two-image context left-padded behind a longer one-image context
+    one = "Image 0 is <image0>. " + "A red circle with a thin black border. " * 4 + "<|endofchunk|>Answer:"
+    both = processor([one, PROMPT], images=[[random_image(0)], [random_image(0), random_image(1)]],
+                     padding_side="left")
+    assert both["attention_mask"][1, 0] == 0
+    scores = model.score_batch(both["input_ids"], [candidates[1:3], candidates], attention_mask=both["attention_mask"],
+                               images=both["images"], num_media=both["num_media"])
+    torch.testing.assert_close(scores[1], expected, atol=1e-4, rtol=1e-4)
+    alone = _batch(processor, one, images=(0,))
+    torch.testing.assert_close(scores[0], model.score(alone["input_ids"], candidates[1:3], images=alone["images"],
+                                                      batch_size=1), atol=1e-4, rtol=1e-4)
+
+
 def test_attending_to_every_earlier_image_decodes_as_uncached(make_model):
     """only_attend_last_image=False: decode steps keep every image's K/V, so cached decoding equals the forward."""
     model, processor = make_model("llama", only_attend_last_image=False)

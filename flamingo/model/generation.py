@@ -355,6 +355,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
                        **lm_last_logits_only(model.lm))
     context_cache, first_logprobs = lm_output_cache(out), out.logits[:, -1].float().log_softmax(-1)  # (B, V)
     pairs = [(i, j) for i, cands in enumerate(continuations) for j in range(len(cands))]  # one row per candidate
+    pad = generation_config_for(model).pad_token_id  # never `<image>` nor a reference token
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -371,8 +372,11 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
             cache = select_cache_rows(context_cache, rows)
             full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
             positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
+            # a short row's last token (and its padding) is fed too, its logits unread: feed the pad id there, since
+            # a last `<image>` would ask for an image the context lacks, and a last reference would re-target
+            fed = ids[:, :-1].masked_fill(mask[:, 1:] == 0, pad)  # (C, L-1)
             with model.conditioned(contexts.for_candidates(rows)):
-                logits = model.lm(input_ids=ids[:, :-1], attention_mask=full_mask, position_ids=positions,
+                logits = model.lm(input_ids=fed, attention_mask=full_mask, position_ids=positions,
                                   use_cache=True, **{lm_cache_argument(model.lm): cache}).logits  # (C, L-1, V)
             logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (C, L-1)
             total = total + (logprobs * mask[:, 1:]).sum(dim=1)

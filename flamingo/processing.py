@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, normalizers
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
@@ -197,12 +197,46 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
     then not quite the file's: `Metaspace` adds no `▁` before a run starting with a space), so the file's
     normalizer, pre-tokenizer and decoder are put back, and `legacy: true` is set so that the tokenizer saved with a
     processor keeps the choice. A config's `legacy: false` does not change this, as in transformers 4, whose fast
-    tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of LLaMA-1-era models")."""
+    tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of LLaMA-1-era models").
+
+    A LLaMA directory with a SentencePiece `tokenizer.model` and no tokenizer.json (early-2023 LLaMA-7B conversions)
+    gets the legacy pipeline transformers 4 built from it unless its config says `legacy: false`, as transformers 4
+    did (`legacy_llama_pipeline`); reading it needs sentencepiece and protobuf, and without them the error names
+    them."""
     name = os.fspath(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        missing = missing_sentencepiece_packages(name)
+        if missing:
+            raise ImportError(f"{name}: its tokenizer is a SentencePiece tokenizer.model without a tokenizer.json, "
+                              f"which transformers reads with the {' and '.join(missing)} package"
+                              f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}") from e
+        raise
     if TRANSFORMERS >= (5, 0):
         restore_word_start_normalizer(tokenizer, name)
     return tokenizer
+
+
+def tokenizer_file(name_or_path: str, filename: str) -> Optional[str]:
+    """The local path of a tokenizer directory's (or Hub repository's) file `filename`, or None when it has none."""
+    try:
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+
+
+def missing_sentencepiece_packages(name_or_path: str) -> list[str]:
+    """The packages transformers needs to read a tokenizer directory holding a SentencePiece `tokenizer.model` and
+    no tokenizer.json (LLaMA-1-era conversions) that are not installed; empty for any other directory. Without them
+    transformers 5 reads the file as a tiktoken one and fails far from the cause."""
+    if tokenizer_file(name_or_path, "tokenizer.json") or not tokenizer_file(name_or_path, "tokenizer.model"):
+        return []
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    return [package for package, available in (("sentencepiece", is_sentencepiece_available()),
+                                               ("protobuf", is_protobuf_available())) if not available]
 
 
 WORD_START = "▁"  # SentencePiece's word-start mark
@@ -217,14 +251,16 @@ def prepends_word_start(normalizer: Optional[Mapping[str, Any]]) -> bool:
 
 
 def restore_word_start_normalizer(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> None:
-    """Put its tokenizer.json's own pipeline back into `tokenizer` when that normalizer prepends `▁`
-    (`load_tokenizer`)."""
-    try:
-        path = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-    except OSError:
-        path = None
-    if path is None or not hasattr(tokenizer, "backend_tokenizer"):
+    """Put its tokenizer.json's own pipeline back into `tokenizer` when that normalizer prepends `▁`; for a LLaMA
+    directory without tokenizer.json (its SentencePiece `tokenizer.model` alone), the legacy pipeline transformers 4
+    built from it (`legacy_llama_pipeline`), unless its config says `legacy: false` (`load_tokenizer`)."""
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        return
+    path = tokenizer_file(name_or_path, "tokenizer.json")
+    if path is None:
+        config = sentencepiece_llama_config(tokenizer, name_or_path)
+        if config is not None and config.get("legacy") is not False:
+            legacy_llama_pipeline(tokenizer, add_prefix_space=config.get("add_prefix_space") is not False)
         return
     with open(path, encoding="utf-8") as f:
         if not prepends_word_start(json.load(f).get("normalizer")):
@@ -232,6 +268,40 @@ def restore_word_start_normalizer(tokenizer: PreTrainedTokenizerBase, name_or_pa
     own = Tokenizer.from_file(path)
     backend = tokenizer.backend_tokenizer
     backend.normalizer, backend.pre_tokenizer, backend.decoder = own.normalizer, own.pre_tokenizer, own.decoder
+    _keep_legacy(tokenizer)
+
+
+def sentencepiece_llama_config(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> Optional[dict[str, Any]]:
+    """The tokenizer_config.json (empty when there is none) of a `LlamaTokenizer` read from a SentencePiece
+    `tokenizer.model`; None for any other tokenizer."""
+    from transformers import LlamaTokenizer
+
+    if type(tokenizer) is not LlamaTokenizer or tokenizer_file(name_or_path, "tokenizer.model") is None:
+        return None
+    path = tokenizer_file(name_or_path, "tokenizer_config.json")
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    return config if isinstance(config, dict) else {}
+
+
+def legacy_llama_pipeline(tokenizer: PreTrainedTokenizerBase, add_prefix_space: bool = True) -> None:
+    """Give a LLaMA tokenizer the pipeline transformers 4 built from its SentencePiece model when `legacy` is not
+    false (its `LlamaConverter`), which is SentencePiece's own: every text run, the runs after special tokens too,
+    starts with `▁` (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer); decoding drops that first
+    `▁`. transformers 5's `LlamaTokenizer` builds a non-legacy `Metaspace` whatever the config says."""
+    backend = tokenizer.backend_tokenizer
+    prepend = [normalizers.Prepend(WORD_START)] if add_prefix_space else []
+    backend.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", WORD_START)])
+    backend.pre_tokenizer = None
+    strip = [decoders.Strip(" ", 1, 0)] if add_prefix_space else []
+    backend.decoder = decoders.Sequence([decoders.Replace(WORD_START, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *strip])
+    _keep_legacy(tokenizer)
+
+
+def _keep_legacy(tokenizer: PreTrainedTokenizerBase) -> None:
     if hasattr(tokenizer, "legacy"):
         tokenizer.legacy = True
         tokenizer.init_kwargs["legacy"] = True  # saved in tokenizer_config.json

@@ -138,9 +138,44 @@ def test_a_file_that_is_no_state_dict_is_refused_by_name(tmp_path, content, word
 def test_the_recipe_names_what_to_fill_in_when_the_model_names_no_lm(ours):
     model = copy.deepcopy(ours[0])
     model.config.lm_name_or_path = None  # a converted OpenFlamingo whose LM's table was cut
+    model.config.vision_name_or_path = None  # a converted Otter's tower, built from its checkpoint
     recipe = openflamingo_recipe(model, ours[2])["create_model_and_transforms"]
     assert recipe["lang_encoder_path"] == recipe["tokenizer_path"] == LM_UNNAMED
     assert "LM" in LM_UNNAMED and json.loads(json.dumps(recipe)) == recipe
+    for key in ("clip_vision_encoder_path", "clip_vision_encoder_pretrained"):
+        assert recipe[key].startswith("<the open_clip ") and "None" not in recipe[key], recipe[key]
+
+
+# -- wrapper prefixes, the LM's kind -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("module.perceiver.latents", "perceiver.latents"),
+    ("_orig_mod.module.perceiver.latents", "perceiver.latents"),
+    ("_fsdp_wrapped_module.perceiver.latents", "perceiver.latents"),
+    ("lang_encoder._fsdp_wrapped_module.model.layers.1._checkpoint_wrapped_module.gated_cross_attn_layer.attn_gate",
+     "lang_encoder.gated_cross_attn_layers.1.attn_gate"),
+    ("_fsdp_wrapped_module.lang_encoder._fsdp_wrapped_module.model.embed_tokens.weight",
+     "lang_encoder.model.embed_tokens.weight"),
+    ("lang_encoder.transformer.blocks.0._orig_mod.attn.Wqkv.weight",
+     "lang_encoder.transformer.blocks.0.attn.Wqkv.weight"),
+    ("lang_encoder.model.submodule.weight", "lang_encoder.model.submodule.weight"),  # `module.` inside a name stays
+])
+def test_ddp_fsdp_checkpoint_and_compile_wrappers_are_stripped(key, expected):
+    assert openflamingo.canonical_key(key) == expected
+
+
+def test_an_lm_that_is_no_causal_lm_is_named(of_files, tmp_path, capsys):
+    """The vision tower given as the LM: one line naming the directory and its model type, not transformers' list of
+    every causal LM class."""
+    from flamingo.model.backbones import load_lm
+
+    with pytest.raises(ValueError, match="is a 'clip_vision_model' model \\(CLIPVisionConfig\\), not a causal LM"):
+        load_lm(str(of_files / "vision"))
+    assert main(["convert", "open-flamingo", "--checkpoint", str(of_files / "checkpoint.pt"), "--vision",
+                 str(of_files / "vision"), "--lm", str(of_files / "vision"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"the LM {str(of_files / 'vision')!r} is a 'clip_vision_model' model" in err and "GPT2Config" not in err
 
 
 # -- dtype ---------------------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ PROMPTS = ["Intro <image>Question: what? Short answer: red.<|endofchunk|><image>
 
 
 def _ours(lm: str):
-    """A model of ours as training leaves it: gates, time embeddings and added rows (and an untied head's) all
-    non-zero and unlike their initial values."""
+    """A model of ours as training leaves it: gates, time embeddings and added rows (and an untied head's, its bias
+    too) all non-zero and unlike their initial values; a head bias (Phi's) non-zero in the LM's rows too, as a real
+    Phi's is."""
     model, processor = tiny_flamingo(lm, gates=0.4, **FACTORY)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -37,6 +38,9 @@ def _ours(lm: str):
         model.new_token_embeddings.normal_(0, 0.5)
         if model.new_lm_head is not None:
             model.new_lm_head.normal_(0, 0.5)
+        if model.new_lm_head_bias is not None:
+            model.lm.get_output_embeddings().bias.normal_(0, 1.0)
+            model.new_lm_head_bias.normal_(0, 1.0)
     return model, processor
 
 
@@ -46,7 +50,8 @@ def _batch(processor):
     return processor(PROMPTS, images=[[random_image(0), random_image(1)], [random_image(2)]], padding_side="right")
 
 
-@pytest.mark.parametrize("lm", ["llama", "mosaic_gpt"])  # untied head (its added rows exported), tied head
+# untied head (its added rows exported), tied head, untied head with a bias (its added rows exported too)
+@pytest.mark.parametrize("lm", ["llama", "mosaic_gpt", "phi"])
 def test_openflamingo_loads_the_export_and_computes_our_logits(lm, tmp_path):
     model, processor = _ours(lm)
     model.save_pretrained(str(tmp_path / "ours"), processor=processor)
@@ -98,6 +103,37 @@ def test_what_openflamingo_cannot_compute_is_refused(tmp_path, capsys):
     assert incompatibilities(exportable) == []
 
 
+def test_blocks_skipped_on_imageless_rows_are_refused():
+    """OpenFlamingo runs the blocks on every row (its attention term zero without an image, the gated FFW still
+    added): a model that skips them on rows without images computes another function there."""
+    model, _ = tiny_flamingo("llama", imageless_rows_skip_blocks=True, **FACTORY)
+    assert incompatibilities(model) == ["blocks skipped on rows without images (imageless_rows_skip_blocks; "
+                                        "OpenFlamingo runs them on every row)"]
+
+
+def test_added_tokens_other_than_openflamingos_are_refused():
+    """OpenFlamingo's factory adds `<|endofchunk|>`, `<image>` and `<PAD>` (none when the tokenizer has a pad token),
+    and builds its table with exactly those rows: a model with a family's marker too (Otter's `<answer>`, between
+    `<image>` and `<PAD>`) has a table OpenFlamingo cannot load, and another `<PAD>` id."""
+    from flamingo.build import from_backbones
+    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_vision
+
+    tok = tiny_tokenizer()
+    model, processor = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(tok)), tok, tiny_flamingo_config(**FACTORY),
+                                      image_processor=tiny_image_processor(), extra_tokens=("<answer>",))
+    answer = processor.tokenizer.convert_tokens_to_ids("<answer>")
+    reasons = incompatibilities(model)
+    assert len(reasons) == 1 and f"id {answer}" in reasons[0] and "<answer>" in reasons[0], reasons
+    with pytest.raises(ValueError, match="OpenFlamingo cannot represent this model: added tokens"):
+        openflamingo_state(model)
+
+    padded = tiny_tokenizer()  # a tokenizer with a pad token of its own: OpenFlamingo adds two tokens
+    padded.add_special_tokens({"pad_token": "<pad>"})
+    model, _ = from_backbones(tiny_vision(), tiny_lm(vocab_size=len(padded)), padded, tiny_flamingo_config(**FACTORY),
+                              image_processor=tiny_image_processor())
+    assert model.config.num_new_tokens == 2 and incompatibilities(model) == []
+
+
 def test_export_overwrites_only_an_earlier_export(tmp_path, capsys, monkeypatch):
     """`--out` is a file: a directory, an existing file that is no earlier export (the source's own weights, a
     user's file) and a path inside the source are refused before the model loads; a missing parent is created; an
@@ -123,6 +159,17 @@ def test_export_overwrites_only_an_earlier_export(tmp_path, capsys, monkeypatch)
     assert main([*command, str(tmp_path / "ours" / "checkpoint.pt")]) == 2
     assert weights.read_bytes() == saved and not (tmp_path / "ours" / "checkpoint.pt").exists()
     load_pretrained(str(tmp_path / "ours"))
+
+    published = tmp_path / "published" / "checkpoint.pt"  # OpenFlamingo's own file (a download): no recipe beside it
+    published.parent.mkdir()
+    torch.save(openflamingo_state(model), published)
+    original = published.read_bytes()
+    assert main([*command, str(published)]) == 2
+    assert "is not an earlier OpenFlamingo export" in capsys.readouterr().err
+    assert published.read_bytes() == original and not (tmp_path / "published" / "checkpoint.pt.json").exists()
+    (tmp_path / "published" / "checkpoint.pt.json").write_text(json.dumps({"create_model_and_transforms": {}}))
+    assert main([*command, str(published)]) == 2  # a recipe not written by the export does not make it one
+    assert published.read_bytes() == original
 
     out = tmp_path / "new" / "checkpoint.pt"  # its parent is created
     assert main([*command, str(out)]) == 0

@@ -58,6 +58,37 @@ def test_logits_equal_openflamingo(every):
         assert not torch.allclose(ours(**other).logits[real], mine[real])
 
 
+def test_an_untied_head_bias_converts_with_its_added_rows():
+    """Phi's untied head has a bias. A whole `state_dict()` holds its added rows (trained, or OpenFlamingo's resize
+    init: the mean bias, non-zero for a real Phi), which convert too: every logit is OpenFlamingo's, the added tokens'
+    included. The head's base rows must be the given LM's."""
+    peer, vision, lm, tok = _peer(2, lm_kind="phi")
+    torch.manual_seed(7)
+    with torch.no_grad():  # non-zero biases, as a real Phi's; other values in the added rows
+        bias = torch.randn_like(lm.lm_head.bias)
+        lm.lm_head.bias.copy_(bias)
+        theirs = peer.lang_encoder.lm_head.bias
+        theirs[: bias.shape[0]] = bias
+        theirs[bias.shape[0]:] = torch.randn(theirs.shape[0] - bias.shape[0])
+    state = copy.deepcopy(peer.state_dict())
+    ours, processor = convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                           image_processor=tiny_image_processor("clip"))
+    first = ours.config.first_new_token_id
+    assert torch.equal(ours.new_lm_head_bias.detach(), theirs[first:])
+    batch = _inputs(processor)
+    with torch.no_grad():
+        mine = ours(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert (mine[real] - _peer_logits(peer, batch)[real]).abs().max() <= 1e-5
+
+    other = copy.deepcopy(lm)  # another LM's head bias
+    with torch.no_grad():
+        other.lm_head.bias.add_(1.0)
+    with pytest.raises(ValueError, match="differ from the given LM's \\('lang_encoder.lm_head.bias'"):
+        convert_openflamingo(state, copy.deepcopy(vision), other, copy.deepcopy(tok),
+                             image_processor=tiny_image_processor("clip"))
+
+
 def test_released_style_checkpoint_file_converts_to_equal_logits(tmp_path):
     """A checkpoint.pt as OpenFlamingo releases them: trained tensors only, blocks under the wrapped decoder layers,
     read with torch.load(weights_only=True). OpenFlamingo's untied head rows for the added tokens are not in such a

@@ -106,6 +106,26 @@ def test_logits_equal_otter(tmp_path, monkeypatch, lm, every):
     assert (bare[real] - expected[real]).abs().max() > 1e-2  # the images and blocks count
 
 
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_a_conversion_names_no_base_model(tmp_path, monkeypatch, lm):
+    """Otter's configs name the base models it started from (`_name_or_path` of text_config, vision_config: a
+    LLaMA or MPT, CLIP). The converted backbones are the checkpoint's own, trained, so the model names neither: a
+    trained-only save, which would reload those base models' weights, is refused, and training saves it whole."""
+    from flamingo.train.trainer import final_save_trained_only
+
+    _, directory, tok_dir = _reference(tmp_path, monkeypatch, lm, 2)
+    config = json.loads((directory / "config.json").read_text())
+    for part, base in (("text_config", "base-lm"), ("vision_config", "clip")):
+        (tmp_path / base).mkdir()  # they resolve here, as Hub names would
+        config[part]["_name_or_path"] = str(tmp_path / base)
+    (directory / "config.json").write_text(json.dumps(config))
+    ours, processor = from_otter(directory, tokenizer=tok_dir)
+    assert ours.config.lm_name_or_path is None and ours.config.vision_name_or_path is None
+    with pytest.raises(ValueError, match="trained-only checkpoint needs the backbones"):
+        ours.save_pretrained(str(tmp_path / "small"), trained_only=True, processor=processor)
+    assert not final_save_trained_only(ours, None)
+
+
 def test_video_equal_otter(tmp_path, monkeypatch):
     """Otter-Video: frames of one medium, a learned embedding per frame (its `frame_embs`, our time embeddings)."""
     reference, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2, frames=4)

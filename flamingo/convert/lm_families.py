@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ..model.backbones import name_or_path_of
+from ..model.backbones import check_causal_lm_source, name_or_path_of
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..runtime.compat import dtype_kwargs
 from ..runtime.hub import metadata_dir
@@ -82,6 +82,7 @@ def load_openflamingo_lm(source: Union[str, os.PathLike], *, torch_dtype: Option
     if model_type == "mosaic_gpt":
         return load_mosaic_gpt(directory, name, **kwargs)
     if model_type != "mpt":
+        check_causal_lm_source(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model.name_or_path = name
         return model.eval()

@@ -16,7 +16,8 @@ runs. The mapping, per OpenFlamingo module (`module_names` lists it; to_openflam
 - `lang_encoder.gated_cross_attn_layers.{L}.attn.*`, `.ff.{k}`, `.attn_gate`, `.ff_gate` -> the block before LM layer L.
 - the input embedding: the added tokens' rows -> `new_token_embeddings`; if the base rows were fine-tuned they are
   written into the LM and recorded in `config.extra_saved_weights` so that trained-only checkpoints keep them.
-- an untied output head's added rows (present when the whole model state was saved) -> `new_lm_head`.
+- an untied output head's added rows (present when the whole model state was saved) -> `new_lm_head`, and its
+  bias's added rows (Phi's head has one) -> `new_lm_head_bias`; the head's other rows must be the given LM's.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ from .lm_families import load_openflamingo_lm, openflamingo_lm_config
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# What wrappers add to a module's name: DDP's `module.` in front; FSDP's, activation checkpointing's and
+# torch.compile's around any submodule (a whole name segment, in front or after a dot)
+_DDP_PREFIX = "module."
+_WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
 FROZEN_LM_SAMPLES = 8  # a whole checkpoint's frozen LM tensors compared with the given LM's (check_frozen_lm)
+HEAD_ROWS_BLOCK = 4096  # rows of an untied head compared at a time (check_head_base_rows)
 
 CLIP_VIT_L = "openai/clip-vit-large-patch14"  # open_clip's ViT-L-14 "openai" weights, as transformers ships them
 # The published OpenFlamingo 2.x checkpoints (OpenFlamingo's README): hub repository -> (vision tower, LM and its
@@ -137,9 +142,11 @@ def load_openflamingo_state(checkpoint: Union[str, os.PathLike, dict]) -> dict[s
 
 
 def canonical_key(key: str) -> str:
-    """A checkpoint key without DDP/FSDP/compile wrapper prefixes, its block under `gated_cross_attn_layers`."""
-    for prefix in _WRAPPER_PREFIXES:
-        key = key.replace(prefix, "")
+    """A checkpoint key without DDP/FSDP/checkpoint/compile wrapper segments, its block under
+    `gated_cross_attn_layers`."""
+    key = _WRAPPER_SEGMENT.sub("", key)
+    while key.startswith(_DDP_PREFIX):
+        key = key[len(_DDP_PREFIX):]
     # Released checkpoints keep the blocks under the wrapped decoder layers
     # (`lang_encoder.<layers>.{L}.gated_cross_attn_layer.*`); the live model also lists them as
     # `lang_encoder.gated_cross_attn_layers.{L}.*`. Both name the same tensors: use the second form.
@@ -270,11 +277,15 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
         base = table[: first if n else embedding.shape[0]]
         used.update(tied_copies(model.lm, state, table.shape))
     head = model.lm.get_output_embeddings()
-    if model.new_lm_head is not None:
-        head_key = "lang_encoder." + param_name(model.lm, head.weight)
-        if head_key in state:
-            mapped["new_lm_head"] = state[head_key][first:first + n]
-            used.add(head_key)
+    if model.new_lm_head is not None:  # untied: its added rows (a bias's too, Phi's) are the checkpoint's
+        for ours_name, param in (("new_lm_head", head.weight), ("new_lm_head_bias", getattr(head, "bias", None))):
+            if param is None or getattr(model, ours_name) is None:
+                continue
+            head_key = "lang_encoder." + param_name(model.lm, param)
+            if head_key in state:
+                check_head_base_rows(state[head_key], param, first, head_key)
+                mapped[ours_name] = state[head_key][first:first + n]
+                used.add(head_key)
 
     unknown = sorted(set(mapped) - set(ours))
     if unknown:
@@ -331,6 +342,21 @@ def check_tokens_added(rows: int, lm_rows: int, media_token_id: int) -> None:
                          f"were added, and the checkpoint's embedding table has {rows} rows, past the LM's {lm_rows}: "
                          "its rows for those tokens would be dropped. Pass the LM's own tokenizer, without <image> "
                          "and <|endofchunk|> (--tokenizer, tokenizer=): the conversion adds them")
+
+
+def check_head_base_rows(theirs: torch.Tensor, ours: torch.Tensor, first: int, key: str) -> None:
+    """An untied head's tensor (weight or bias) in a whole-state checkpoint: its rows of the LM's own vocabulary are
+    the frozen LM's (OpenFlamingo trains none of them), so they must equal the given LM's. Only its added rows are
+    read; another LM's head would otherwise go unnoticed (`check_frozen_lm` samples the tensors left unread).
+    Compared in blocks of rows: no copy of the whole head."""
+    if theirs.data_ptr() == ours.data_ptr():  # the LM's own tensor (Otter's)
+        return
+    fits = theirs.shape[1:] == ours.shape[1:] and theirs.shape[0] >= first
+    blocks = [slice(i, min(i + HEAD_ROWS_BLOCK, first)) for i in range(0, first, HEAD_ROWS_BLOCK)]
+    if not fits or not all(_close(ours[rows], theirs[rows]) for rows in blocks):
+        raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and its tensors differ from the given "
+                         f"LM's ({key!r}, {tuple(theirs.shape)}, in its first {first} rows, the output head's): pass "
+                         "the LM the checkpoint was trained on (--lm)")
 
 
 def tied_copies(lm: torch.nn.Module, state: Mapping[str, torch.Tensor], shape: torch.Size) -> set[str]:

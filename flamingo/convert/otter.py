@@ -151,14 +151,14 @@ def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], 
         model = CLIPVisionModel(config).to(dtype)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in older transformers
     assign_all(model, state, "Otter's vision tower")
-    return model.eval()
+    return unnamed(model).eval()
 
 
 def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
     """The checkpoint's LM on a class transformers ships (or our MosaicGPT), its tensors becoming its parameters."""
     kwargs = dtype_kwargs(dtype)
     if text_config.get("model_type") == "mpt":
-        return mpt_from_state(text_config, state, **kwargs)
+        return unnamed(mpt_from_state(text_config, state, **kwargs))
     config = otter_lm_config(text_config)
     with meta_parameters():
         if isinstance(config, MosaicGPTConfig):
@@ -167,8 +167,17 @@ def otter_lm(text_config: dict[str, Any], state: dict[str, torch.Tensor], dtype:
         else:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     assign_all(model, state, "Otter's LM")
-    model.name_or_path = ""  # its table is Otter's, not the base model's: saved whole
-    return model.eval()
+    return unnamed(model).eval()  # its table is Otter's, not the base model's: saved whole
+
+
+def unnamed(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` referring to no name: a backbone built from an Otter checkpoint's tensors is saved whole. Its config's
+    `_name_or_path`, copied from the checkpoint's `text_config` / `vision_config`, names the base model Otter started
+    from (a LLaMA, CLIP); `name_or_path_of` would read it, and a trained-only save would reload that base model's
+    weights in place of Otter's."""
+    model.name_or_path = ""
+    model.config._name_or_path = ""
+    return model
 
 
 def otter_lm_config(text_config: dict[str, Any]) -> PretrainedConfig:

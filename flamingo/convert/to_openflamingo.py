@@ -11,20 +11,26 @@ Two of our tensors have no place in what `create_model_and_transforms` builds, s
 OpenFlamingo's modules give them when asked for them, and `openflamingo_recipe` says how:
 - the resampler's time embeddings (`perceiver.frame_embs`; OpenFlamingo adds them when its resampler is built with
   `max_num_frames`, which its factory never passes);
-- an untied output head's added rows (the head's whole table; OpenFlamingo leaves those rows at their resize init).
+- an untied output head's added rows (the head's whole table, and its bias when it has one, Phi's; OpenFlamingo
+  leaves those rows at their resize init).
 What OpenFlamingo cannot compute is refused with the reasons (`incompatibilities`): another resampler or block,
-vector gates, sizes its factory does not build, attention to every earlier image, image references, another layer
-rule, a trained or adapted LM or tower, other vision features.
+vector gates, sizes its factory does not build, attention to every earlier image, image references, blocks skipped
+on rows without images, added tokens other than its factory's, another layer rule, a trained or adapted LM or
+tower, other vision features.
+
+An earlier export is told by its recipe, which names its writer (`WRITTEN_BY`): a `checkpoint.pt` alone has the
+layout of every published OpenFlamingo checkpoint, which an export never replaces.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
 from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
@@ -56,6 +62,12 @@ def incompatibilities(model: Flamingo) -> list[str]:
         found.append("attention to every earlier image (OpenFlamingo's tokens see the last one)")
     if c.num_image_references:
         found.append("image reference tokens")
+    if c.imageless_rows_skip_blocks:
+        found.append("blocks skipped on rows without images (imageless_rows_skip_blocks; OpenFlamingo runs them on "
+                     "every row)")
+    tokens = added_tokens_problem(c)
+    if tokens:
+        found.append(tokens)
     layers = len(model.lm.get_submodule(model.decoder_layers_path))
     if model.xattn_layer_indices != [i for i in range(layers) if (i + 1) % c.xattn_every == 0]:
         found.append(f"blocks before layers {model.xattn_layer_indices}, not every {c.xattn_every}th")
@@ -70,6 +82,28 @@ def incompatibilities(model: Flamingo) -> list[str]:
     if not c.freeze_vision:
         found.append("a trained vision tower")
     return found
+
+
+def added_tokens_problem(c: FlamingoConfig) -> Optional[str]:
+    """Why the model's added vocabulary rows are not those OpenFlamingo's factory adds, or None. The factory adds
+    `<|endofchunk|>`, `<image>`, then `<PAD>` when the tokenizer has no pad token, in that order, and builds a table
+    of exactly those rows; a family's own markers (Otter's `<answer>`) have no row there, and the file would not load
+    (its table has other rows) or would give `<PAD>` another id. Image reference tokens are refused on their own.
+    A config saved before the pad id was recorded (`pad_token_id` None) is read as OpenFlamingo's layout."""
+    first, n = c.first_new_token_id, c.num_new_tokens - c.num_image_references
+    if not n or first is None:
+        return None
+    layout = {first: c.end_of_chunk_token_id, first + 1: c.media_token_id}  # row -> the id it must hold
+    if n == 3:
+        layout[first + 2] = first + 2 if c.pad_token_id is None else c.pad_token_id
+    if n in (2, 3) and all(row == token for row, token in layout.items()) and \
+            (n == 3 or c.pad_token_id is None or c.pad_token_id < first):
+        return None
+    known = {c.end_of_chunk_token_id: "<|endofchunk|>", c.media_token_id: "<image>", c.pad_token_id: "the pad token"}
+    rows = [known.get(i, f"id {i}") for i in range(first, first + n)]
+    return (f"added tokens {rows} (ids {first} to {first + n - 1}), where OpenFlamingo's factory adds "
+            "<|endofchunk|>, <image> and, when the tokenizer has no pad token, <PAD>: it builds no row for any other "
+            "(a family's own marker, e.g. Otter's <answer>)")
 
 
 def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
@@ -92,16 +126,19 @@ def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
         table[first:] = model.new_token_embeddings.detach().to(table.dtype)
     state["lang_encoder." + param_name(model.lm, embedding)] = table
     head = model.lm.get_output_embeddings()
-    if model.new_lm_head is not None:  # untied: the head's table with our trained added rows
-        head_table = head.weight.detach()[:rows].clone()
-        head_table[first:] = model.new_lm_head.detach().to(head_table.dtype)
-        state["lang_encoder." + param_name(model.lm, head.weight)] = head_table
+    if model.new_lm_head is not None:  # untied: the head's table (and bias, Phi's) with our trained added rows
+        for param, added in ((head.weight, model.new_lm_head), (getattr(head, "bias", None), model.new_lm_head_bias)):
+            if param is not None and added is not None:
+                whole = param.detach()[:rows].clone()  # (rows, D) or (rows,)
+                whole[first:] = added.detach().to(whole.dtype)
+                state["lang_encoder." + param_name(model.lm, param)] = whole
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 # The recipe's LM when the model names none: a conversion that cut its LM's table (OpenFlamingo's published MPT and
 # RedPajama LMs) or an in-memory LM. The user writes in the LM the model was converted from (docs/convert.md).
 LM_UNNAMED = "<the hub name or path of the LM this model was converted from or built on: its config names none>"
+WRITTEN_BY = "flamingo export open-flamingo"  # the recipe's `written_by`: what tells an earlier export
 
 
 def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -111,15 +148,17 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
     c = model.config
     vision = c.vision_name_or_path
     clip_name, pretrained = OPEN_CLIP_NAMES.get(vision or "", (None, None))
+    tower = vision or "the vision tower this model was converted from or built on: its config names none"
     recipe: dict[str, Any] = {
         "create_model_and_transforms": {
-            "clip_vision_encoder_path": clip_name or f"<the open_clip model of {vision}>",
-            "clip_vision_encoder_pretrained": pretrained or f"<the open_clip weights of {vision}>",
+            "clip_vision_encoder_path": clip_name or f"<the open_clip model of {tower}>",
+            "clip_vision_encoder_pretrained": pretrained or f"<the open_clip weights of {tower}>",
             "lang_encoder_path": c.lm_name_or_path or LM_UNNAMED, "tokenizer_path": c.lm_name_or_path or LM_UNNAMED,
             "cross_attn_every_n_layers": c.xattn_every},
         "load": "model.load_state_dict(torch.load(path), strict=False)",
         # the code whose masking rule the model computes (module docstring of convert/openflamingo.py)
         "open_flamingo": "0.0.2 (v1: text sees the next image)" if c.attend_next_image else "2.x",
+        "written_by": WRITTEN_BY,
     }
     before = []
     if "perceiver.frame_embs" in state:
@@ -130,16 +169,21 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
     return recipe
 
 
-def is_openflamingo_export(path: str) -> bool:
-    """Whether the file `path` is an earlier export: a weights-only torch file of OpenFlamingo's trained tensors
-    (`perceiver.latents` among them, every name under `perceiver.` or `lang_encoder.`), or its `.json` recipe."""
-    if path.endswith(".json"):
-        try:
-            with open(path) as f:
-                recipe = json.load(f)
-        except (OSError, ValueError):
-            return False
-        return isinstance(recipe, dict) and "create_model_and_transforms" in recipe
+def is_export_recipe(path: str) -> bool:
+    """Whether `path` is the `.json` recipe of an earlier export: a JSON object naming this exporter as its writer
+    (`WRITTEN_BY`)."""
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(recipe, dict) and recipe.get("written_by") == WRITTEN_BY
+
+
+def is_openflamingo_state_file(path: str) -> bool:
+    """Whether the file `path` is a weights-only torch file of OpenFlamingo's trained tensors (`perceiver.latents`
+    among them, every name under `perceiver.` or `lang_encoder.`): an export's layout, and every published
+    OpenFlamingo checkpoint's."""
     try:  # mapped, not read
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # any file torch cannot read as a checkpoint of tensors is not ours
@@ -149,15 +193,23 @@ def is_openflamingo_export(path: str) -> bool:
 
 
 def check_openflamingo_out(path: str) -> None:
-    """Refuse an export path that is a directory, or an existing file (the checkpoint or its `.json` recipe) that
-    is not an earlier export: only those are overwritten. A missing parent directory is created when written."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a directory: the export is a file, e.g. "
-                         f"{os.path.join(path, 'checkpoint.pt')!r}")
-    for target in (path, path + ".json"):
-        if os.path.isdir(target) or (os.path.exists(target) and not is_openflamingo_export(target)):
-            raise ValueError(f"{target!r} exists and is not an earlier OpenFlamingo export: the export does not "
-                             "overwrite it; choose another path")
+    """Refuse an export path that is a directory, or names existing files that are not an earlier export: the
+    checkpoint is one only beside its recipe (`is_export_recipe`; a published or user's `checkpoint.pt` has none),
+    and a recipe only when it names this exporter. A missing parent directory is created when written."""
+    recipe = path + ".json"
+    for target in (path, recipe):
+        if os.path.isdir(target):
+            raise ValueError(f"{target!r} is a directory: the export is a file, e.g. "
+                             f"{os.path.join(path, 'checkpoint.pt')!r}")
+    ours = is_export_recipe(recipe)
+    if os.path.exists(recipe) and not ours:
+        raise ValueError(f"{recipe!r} exists and is not an earlier OpenFlamingo export's recipe: the export does not "
+                         "overwrite it; choose another path")
+    if os.path.exists(path) and not (ours and is_openflamingo_state_file(path)):
+        raise ValueError(f"{path!r} exists and is not an earlier OpenFlamingo export (no recipe {recipe!r} written by "
+                         f"`{WRITTEN_BY}` beside it; a downloaded or saved OpenFlamingo checkpoint has none): the "
+                         "export does not overwrite it; choose another path (an export interrupted before its "
+                         "recipe was written leaves such a file: remove it)")
 
 
 def save_openflamingo_checkpoint(model: Flamingo, path: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..runtime.compat import dtype_kwargs
 from ..runtime.hub import local_or_hub
@@ -110,7 +111,34 @@ def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrained
         return lm
     local_or_hub(lm, "LM")
     register_mosaic_gpt()
+    check_causal_lm_source(lm, **kwargs)
     return AutoModelForCausalLM.from_pretrained(lm, **with_dtype(kwargs))
+
+
+# `from_pretrained` kwargs that say where a config is read from (the others are the model's)
+_CONFIG_SOURCE_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "subfolder", "local_files_only")
+
+
+def check_causal_lm_source(lm: Union[str, os.PathLike], **kwargs: Any) -> None:
+    """ValueError unless the config at `lm` (a name/path; kwargs: `from_pretrained`'s) is one AutoModelForCausalLM
+    has a class for (`check_causal_lm`). A config that cannot be read is left to `from_pretrained`, which says why."""
+    try:
+        config = AutoConfig.from_pretrained(lm, **{k: v for k, v in kwargs.items() if k in _CONFIG_SOURCE_KWARGS})
+    except Exception:  # unreadable, unknown model_type, remote code not trusted: from_pretrained's error tells
+        return
+    check_causal_lm(config, lm)
+
+
+def check_causal_lm(config: PretrainedConfig, source: Union[str, os.PathLike]) -> None:
+    """ValueError unless AutoModelForCausalLM has a class for `config` (transformers', a registered one such as our
+    MosaicGPT, or remote code its `auto_map` names). A vision tower or an encoder given as the LM would otherwise fail
+    in transformers with the list of every causal LM class it has."""
+    remote = getattr(config, "auto_map", None) or {}
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in remote:
+        return
+    raise ValueError(f"the LM {os.fspath(source)!r} is a {getattr(config, 'model_type', None)!r} model "
+                     f"({type(config).__name__}), not a causal LM: AutoModelForCausalLM has no class for it (is it the "
+                     "vision tower?). Give a causal LM, e.g. LlamaForCausalLM or MptForCausalLM")
 
 
 def name_or_path_of(model: Union[str, os.PathLike, nn.Module]) -> Optional[str]:

@@ -316,3 +316,22 @@ def test_sigterm_past_the_grace_ends_each_stream_with_an_error_event(tmp_path):
     events = [json.loads(x[6:]) for x in lines["responses"] if x.startswith("data: ")]
     assert [e["type"] for e in events[-2:]] == ["error", "response.failed"], events[-2:]
     assert whole[0].status_code == 500 and "shutting down" in whole[0].json()["error"]["message"]
+
+
+def test_metrics_are_exact_past_a_million():
+    """Prometheus counters are exact: 6 significant digits (`:g`) rendered 1234567 tokens as `1.23457e+06`, so
+    `rate()` saw steps of 10 tokens and histogram sums drifted."""
+    from flamingo.serve.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.inc("prompt_tokens_total", 1234567)
+    metrics.inc("generation_tokens_total", 98765432)
+    metrics.inc("requests_total", 1000001, labels={"endpoint": "/v1/completions", "status": "200"})
+    for _ in range(3):
+        metrics.observe("time_to_first_token_seconds", 123456.789)
+    lines = dict(line.rsplit(" ", 1) for line in metrics.render().splitlines() if not line.startswith("#"))
+    assert lines["flamingo_prompt_tokens_total"] == "1234567"
+    assert lines["flamingo_generation_tokens_total"] == "98765432"
+    assert lines['flamingo_requests_total{endpoint="/v1/completions",status="200"}'] == "1000001"
+    assert abs(float(lines["flamingo_time_to_first_token_seconds_sum"]) - 3 * 123456.789) < 1e-9
+    assert lines["flamingo_time_to_first_token_seconds_count"] == "3" and lines["flamingo_queue_depth"] == "0"

@@ -125,3 +125,29 @@ def test_odd_lines_cost_only_themselves(tmp_path, one_thread):
     assert "nested too deeply" in out[1]["error"]["message"]
     assert [o["response"]["status_code"] for o in out[:1] + out[3:]] == [200, 400, 400, 200]
     assert (report.requests, report.succeeded, report.failed, report.invalid) == (6, 2, {400: 2}, 2)
+
+
+def test_a_line_answered_500_costs_only_itself(tmp_path, one_thread, monkeypatch):
+    """An internal error in one line's request (the app answers 500, then re-raises for the server's log) is that
+    line's entry with status 500; every line is written (before: the run died with a traceback and no output)."""
+    from flamingo.serve import app as app_module
+
+    render = app_module.render_messages
+
+    def render_or_fail(template, messages, control):
+        if "BOOM-LINE" in repr(messages):
+            raise RuntimeError("a bug in one request")
+        return render(template, messages, control)
+
+    monkeypatch.setattr(app_module, "render_messages", render_or_fail)
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}})
+             for cid, text in (("a", "Output:"), ("boom", "BOOM-LINE"), ("b", "Output:"))]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_batch(engine_for(model_dir, max_batch=2), ServeSettings(model_name="tiny"), str(tmp_path / "in.jsonl"),
+                       str(tmp_path / "out.jsonl"), progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(o["custom_id"], o["response"]["status_code"]) for o in out] == [("a", 200), ("boom", 500), ("b", 200)]
+    assert out[1]["response"]["body"]["error"]["message"] == "internal error: RuntimeError"
+    assert (report.succeeded, report.failed) == (2, {500: 1})

@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -530,3 +531,114 @@ def test_bad_batch_options_are_refused_at_construction(model_dir, tmp_path):
     ServeSettings(batch_dir=str(tmp_path / "new" / "dir"), batch_concurrency=1)  # made when the store opens
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         asyncio.run(send_all(None, [], 0))
+
+
+def test_a_line_answered_500_is_in_the_error_file_and_the_batch_completes(served, monkeypatch):
+    """An internal error in one line's request (the app's catch-all answers 500, then re-raises for the server's
+    log) is that line's error entry: before, the in-process client raised it and the whole batch failed with no
+    files."""
+    from flamingo.serve import app as app_module
+
+    render = app_module.render_messages
+
+    def render_or_fail(template, messages, control):
+        if "BOOM-LINE" in repr(messages):  # no base64 image holds a "-"
+            raise RuntimeError("a bug in one request")
+        return render(template, messages, control)
+
+    monkeypatch.setattr(app_module, "render_messages", render_or_fail)
+    client = openai_client(served)
+    lines = [_line("a", _chat(1, max_tokens=2)), _line("boom", _chat(2, "BOOM-LINE", max_tokens=2)),
+             _line("b", _chat(3, max_tokens=2))]
+    batch = _wait(client, client.batches.create(input_file_id=_upload(client, lines).id,
+                                                endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert batch.status == "completed", batch.errors
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (3, 2, 1)
+    assert [o["custom_id"] for o in _entries(client, batch.output_file_id)] == ["a", "b"]
+    (error,) = _entries(client, batch.error_file_id)
+    assert error["custom_id"] == "boom" and error["response"]["status_code"] == 500
+    assert error["response"]["body"]["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                                  "param": None, "code": None}
+
+
+def test_a_line_whose_schema_crashed_llguidance_fails_alone(served):
+    """A json_schema line with integer bounds at -2**63 (which crashed the server inside llguidance, and, the batch
+    being persisted in progress, every server started on its directory after it) is a 400 in the error file."""
+    client = openai_client(served)
+    schema = {"type": "integer", "minimum": -(2**63), "maximum": -(2**63)}
+    lines = [_line("a", _chat(1, max_tokens=2)),
+             _line("crash", {**_chat(2, max_tokens=2), "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})]
+    batch = _wait(client, client.batches.create(input_file_id=_upload(client, lines).id,
+                                                endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 1)
+    (error,) = _entries(client, batch.error_file_id)
+    assert error["custom_id"] == "crash" and error["response"]["status_code"] == 400
+    assert "2**53" in error["response"]["body"]["error"]["message"]
+
+
+def test_a_batch_cancelled_while_validating_ends_cancelled(served, monkeypatch):
+    """OpenAI's lifecycle: `cancelling` ends `cancelled`, also for a batch whose file would fail validation (before:
+    answered `cancelling`, then ended `failed` with its url_mismatch)."""
+    import threading
+
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_read(path):
+        reading.set()
+        assert release.wait(30)
+        return batch_lines.read_lines(path)
+
+    monkeypatch.setattr(batch_runner, "read_lines", slow_read)
+    client = openai_client(served)
+    lines = [_line("a", _chat(1)), _line("b", {"prompt": "x"}, url="/v1/completions")]
+    created = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    assert reading.wait(30)
+    assert client.batches.cancel(created.id).status == "cancelling"
+    release.set()
+    batch = _wait(client, created.id)
+    assert (batch.status, batch.failed_at, batch.errors) == ("cancelled", None, None)
+    assert batch.cancelling_at <= batch.cancelled_at and batch.output_file_id is None and batch.error_file_id is None
+
+
+def test_a_batch_the_server_died_in_again_and_again_is_failed_not_rerun(model_dir, tmp_path):
+    """A run counts on disk until it ends (a clean stop ends it): a batch found active whose last
+    MAX_INTERRUPTED_RUNS runs all died with their process (a native crash in one of its lines crashed each server
+    started on the directory) is failed with a server_error; one with fewer runs again and completes."""
+    batch_dir = tmp_path / "batches"
+    with _serving(model_dir, batch_dir, start_engine=False) as url:  # the engine never runs the lines
+        client = openai_client(url)
+        ids = []
+        for k in range(2):
+            f = _upload(client, [_line("a", _chat(k, max_tokens=1))])
+            ids.append(client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                             completion_window="24h").id)
+        _wait(client, ids[0], until=("in_progress",))
+    records = [batch_dir / "batches" / f"{i}.json" for i in ids]
+    assert [json.loads(r.read_text())["interrupted_runs"] for r in records] == [0, 0]  # stopped cleanly
+    for record, runs in zip(records, (batch_runner.MAX_INTERRUPTED_RUNS, batch_runner.MAX_INTERRUPTED_RUNS - 1)):
+        saved = json.loads(record.read_text())  # as a server that died in each of those runs left it
+        record.write_text(json.dumps({**saved, "body": {**saved["body"], "status": "in_progress"},
+                                      "interrupted_runs": runs}))
+    with _serving(model_dir, batch_dir) as url:
+        client = openai_client(url)
+        failed, rerun = _wait(client, ids[0]), _wait(client, ids[1])
+        assert failed.status == "failed" and failed.errors.data[0].code == "server_error"
+        assert "abnormally" in failed.errors.data[0].message and failed.output_file_id is None
+        assert (rerun.status, rerun.request_counts.completed) == ("completed", 1)
+    assert json.loads(records[1].read_text())["interrupted_runs"] == 0
+
+
+def test_the_docs_batch_snippet_runs_on_a_batch_with_no_refused_line(served, tmp_path, monkeypatch):
+    """docs/serve.md's "Batch API over HTTP" block, as written (its URL and key aside): it asked for the error file
+    of a batch without one (`files.content(None)` raises) and cancelled the finished batch (409)."""
+    doc = (Path(__file__).parents[1] / "docs" / "serve.md").read_text()
+    block = doc.split("### Batch API over HTTP", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = block.replace("http://127.0.0.1:8000/v1", served + "/v1").replace("time.sleep(5)", "time.sleep(0.02)")
+    (tmp_path / "requests.jsonl").write_bytes(_jsonl([_line("a", _chat(1)), _line("b", _chat(2))]))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "docs/serve.md", "exec"), scope)
+    assert scope["b"].status == "completed" and scope["refused"] == ""
+    assert [json.loads(line)["custom_id"] for line in scope["answers"].splitlines()] == ["a", "b"]

@@ -136,3 +136,25 @@ def test_control_tokens_name_each_special_token_and_reference(served):
     ]
     assert set(tok.all_special_tokens) <= set(control)
     assert "<image4>" not in control
+
+
+def test_an_assistant_turn_sent_back_keeps_its_reference_tokens(served):
+    """Answers keep the reference tokens the model generated (`<image0>` in the text), so a conversation sent back
+    holds them in its assistant turn: read as those tokens there, as the model wrote them. A user turn holding one,
+    or an assistant turn holding another control token, is still refused."""
+    engine, url = served
+    reference = engine.processor.tokenizer.convert_tokens_to_ids("<image0>")
+    image = {"type": "image_url", "image_url": {"url": data_url(random_image(1))}}
+
+    def conversation(answer: str, question: str = "and this?") -> list[dict]:
+        return [{"role": "user", "content": [image, {"type": "text", "text": "which one is red?"}]},
+                {"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+
+    ids = httpx.post(url + "/tokenize", json={"messages": conversation("the red one is <image0>")}, timeout=60)
+    assert ids.status_code == 200 and reference in ids.json()["tokens"], ids.text
+    reply = httpx.post(url + "/v1/chat/completions", json={"messages": conversation("the red one is <image0>"),
+                                                           "max_tokens": 2}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    for messages in (conversation("the red one", "is it <image0>?"), conversation("it is <|endoftext|>")):
+        refused = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
+        assert refused.status_code == 400 and "may not contain" in refused.json()["error"]["message"], refused.text

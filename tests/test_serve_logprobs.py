@@ -480,3 +480,34 @@ def test_text_offsets_index_the_echoed_text_with_a_tokenizer_that_adds_a_bos(one
                 if "\ufffd" not in token and token != "<|endofchunk|>":  # a part of a character; a stop token
                     assert text[offset:offset + len(token)] == token, (token, offset, text)
             assert lp["text_offset"][prompt_tokens:prompt_tokens + 1] == ([len(prompt)] if max_tokens else [])
+
+
+def test_generated_reference_tokens_stay_in_the_text(one_thread):
+    """A model with image references may name an image in its answer (`<image1>`): the answer's text keeps the token,
+    as its logprobs' `tokens` do (so `text_offset` indexes the text), in a stream's deltas and in chat content; the
+    other control tokens (EOS, pad, `<|endofchunk|>`) stay out of the text."""
+    model, processor = tiny_flamingo("llama", "clip", gates=0.5, num_image_references=4, lm_overrides=SHARP["llama"])
+    processor.image_references = True
+    tok, (first, _) = processor.tokenizer, model.references
+    engine = Engine(model, processor, max_batch=2)
+    red = tok.encode(" red", add_special_tokens=False)
+    controls = [tok.pad_token_id, model.config.end_of_chunk_token_id, tok.eos_token_id]
+    assert engine._text([*red, first + 1, *controls, *red, first]) == " red<image1> red<image0>"
+    assert engine._text([*red, *controls, *red]) == processor.decode([*red, *controls, *red])  # as before
+    prompt, media = "Image 0 is <image0>. Image 1 is <image1>. Which? Answer:", [random_image(1), random_image(2)]
+    force = {str(first + 1): 100}
+    with running_server(engine, ServeSettings(model_name="tiny")) as url:
+        body = _raw(prompt, media, max_tokens=3, logprobs=0, logit_bias=force)
+        choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        assert choice["text"] == "<image1>" * 3
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"] == [0, 8, 16]
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(media[0])}},
+                                                 {"type": "text", "text": "Which?"}]}]
+        reply = openai_client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                                           temperature=0, logit_bias=force, logprobs=True)
+        assert reply.choices[0].message.content == "<image1><image1>"
+        assert [e.token for e in reply.choices[0].logprobs.content] == ["<image1>"] * 2

@@ -144,3 +144,123 @@ def test_bad_response_formats_get_a_clear_400(served, response_format, says):
     assert says in response.json()["error"]["message"]
     assert httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say:"}],
                                                           "max_tokens": 1}, timeout=60).status_code == 200
+
+
+# llguidance (1.9) builds these badly: the first three crashed the process (SIGSEGV, no traceback) while the matcher
+# was built, the next two answered 9223372036854775807 (outside the range) with `stop`, the last took minutes
+UNTAKEABLE = [
+    ({"type": "integer", "minimum": -(2**63), "maximum": -(2**63)}, "2**53"),
+    ({"type": "integer", "minimum": -1e19, "maximum": -1e19}, "2**53"),
+    ({"type": "object", "properties": {"default": {"type": "integer", "minimum": -2e19, "maximum": -1e19}},
+      "required": ["default"]}, "2**53"),
+    ({"type": "integer", "minimum": 1e19, "maximum": 2e19}, "2**53"),
+    ({"type": "number", "minimum": 1.5e308, "maximum": 1.7e308}, "2**53"),
+    ({"type": "integer", "multipleOf": 2147483648}, "significant digits"),
+]
+
+
+def test_numbers_llguidance_cannot_take_are_400_and_the_server_keeps_serving(served):
+    """Bounds beyond +-2**53 (anywhere in the schema) and a `multipleOf` of many digits are refused before llguidance
+    sees them: a 400 naming the field, and the server answers the next request."""
+    _, url = served
+    messages = []
+    for schema, says in UNTAKEABLE:
+        body = {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 8,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400, (schema, response.text)
+        error = response.json()["error"]
+        assert says in error["message"] and error["param"] == "response_format", error
+        messages.append(error["message"])
+    assert "schema.properties.default.minimum = -2e+19" in messages[2]  # the field, wherever it is
+    within = {"type": "integer", "minimum": -(2**53), "maximum": 2**53, "multipleOf": 7}
+    answer = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        **body, "max_tokens": 30, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": within}}}).json()
+    value = json.loads(answer["choices"][0]["message"]["content"])
+    assert answer["choices"][0]["finish_reason"] == "stop" and abs(value) <= 2**53 and value % 7 == 0
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},  # a `$ref` loop: no value at all
+    {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "required": ["next"]}},
+     "$ref": "#/$defs/n"},  # an object that must hold itself: its forced start exceeds the parser's limits
+])
+def test_a_schema_that_cannot_be_followed_is_400_not_an_empty_stop(served, schema):
+    """Both compiled and then answered "" or "{" with `finish_reason: stop`: now the format's first steps are walked
+    when it compiles."""
+    _, url = served
+    response = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Say:"}], "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert response.status_code == 400, response.text
+    assert "cannot be followed" in response.json()["error"]["message"]
+
+
+class _BreaksAfter:
+    """A matcher that follows the real one for `tokens` tokens, then is in error (a parser limit hit mid-answer)."""
+
+    def __init__(self, matcher, tokens: int) -> None:
+        self.matcher, self.left = matcher, tokens
+
+    def compute_logit_bias(self) -> bytes:
+        return self.matcher.compute_logit_bias()
+
+    def consume_token(self, token: int) -> bool:
+        self.left -= 1
+        return self.matcher.consume_token(token) and self.left > 0
+
+    def is_error(self) -> bool:
+        return self.left <= 0
+
+    def is_stopped(self) -> bool:
+        return self.left <= 0 or self.matcher.is_stopped()
+
+    def get_error(self) -> str:
+        return "parser error: Too many items (limit 50000)\n<state>...</state>"
+
+
+def test_a_grammar_that_breaks_mid_answer_fails_the_request_never_a_stop(served, monkeypatch):
+    """A matcher in error after 3 tokens (what a parser limit does to a large schema): the request is a 500 naming
+    llguidance's error, streamed or not (before: `finish_reason: stop` with 3 tokens of JSON); the server goes on."""
+    from flamingo.serve.structured import Constraint, Grammar
+
+    monkeypatch.setattr(Grammar, "constraint", lambda self: Constraint(_BreaksAfter(self._prototype.deep_copy(), 3)))
+    _, url = served
+    body = {"messages": _messages(1), "max_tokens": 40, "temperature": 1.0, "n": 2, "seed": 1,
+            "response_format": FORMAT}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 500, response.text
+    assert "grammar failed mid-answer: parser error: Too many items" in response.json()["error"]["message"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as streamed:
+        events = [json.loads(x[6:]) for x in streamed.iter_lines() if x.startswith("data: {")]
+    assert "grammar failed mid-answer" in events[-1]["error"]["message"]
+    assert not [c for e in events for c in e.get("choices", []) if c["finish_reason"] == "stop"]
+    monkeypatch.undo()
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_template_stops_never_cut_structured_json_but_the_requests_stop_does(served):
+    """The mmgpt format ends free answers at `### End.`; a format's grammar decides where a JSON answer ends, so a
+    string holding it is answered whole (before: cut to '{"note":"' with `stop`). The request's own `stop` applies
+    as OpenAI's does (its structured-outputs guide: with stop sequences, `stop` may be a cut)."""
+    import copy
+
+    from flamingo.serve.app import ServeSettings
+
+    from serve_helpers import running_server
+
+    engine, _ = served
+    processor = copy.copy(engine.processor)
+    processor.template = "mmgpt"
+    schema = {"type": "object", "properties": {"note": {"const": "### End. ok"}}, "required": ["note"],
+              "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 30, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    with running_server(Engine(engine.model, processor, max_batch=2), ServeSettings(model_name="tiny")) as url:
+        assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["chat_template"] == "mmgpt"
+        whole = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        assert (whole["finish_reason"], whole["message"]["content"]) == ("stop", '{"note":"### End. ok"}')
+        cut = httpx.post(url + "/v1/chat/completions", json={**body, "stop": ["End"]}, timeout=60).json()["choices"][0]
+        assert (cut["finish_reason"], cut["message"]["content"]) == ("stop", '{"note":"### ')

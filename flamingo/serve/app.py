@@ -182,7 +182,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 grammar: Any, param: str = "prompt") -> Job:
         """A prompt (the request's field `param`), its preprocessed media, the request's limits and compiled format
         -> a Job. A prompt is text, or token ids (the completions API's; their `<image>` ids must match the media).
-        chat: a conversation's answer (the chat template's stop strings; sent without leading whitespace)."""
+        chat: a conversation's answer (sent without leading whitespace; the chat template's stop strings, unless a
+        format's grammar decides where the answer ends: they could cut valid JSON, e.g. mmgpt's `### End.` inside a
+        string; the request's own `stop` applies either way, as OpenAI's does)."""
         try:
             if isinstance(prompt, str):
                 ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,
@@ -211,7 +213,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             max_tokens = min(max_tokens, positions - len(ids))
         logprobs = req.top_logprobs_asked()
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
-                                n=req.n, stop=req.stops() + (chat_template.stops if chat else ()), seed=req.seed,
+                                n=req.n, stop=req.stops() + (chat_template.stops if chat and grammar is None else ()),
+                                seed=req.seed,
                                 frequency_penalty=float(req.frequency_penalty or 0),
                                 presence_penalty=float(req.presence_penalty or 0), logit_bias=req.biases(vocab),
                                 logprobs=logprobs, echo_logprobs=bool(getattr(req, "echo", False))

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import httpx
 
 from .batch_store import new_id
+from .protocol import APIError
+
+log = logging.getLogger(__name__)
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -104,10 +108,20 @@ def read_lines(path: str) -> list[str]:
 
 
 def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
-    """A client that calls `app` in this process (no socket), with the server's key when it has one."""
+    """A client that calls `app` in this process (no socket), with the server's key when it has one. An exception
+    in the app is logged and is its line's 500 (the body the app's handler sent), as a socket client would see it:
+    the app's catch-all handler re-raises after answering, which the transport would raise into the whole batch."""
+
+    async def logged(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception:  # the server's log shows it (uvicorn logs an interactive request's)
+            log.exception("a batch line's request failed")
+            raise
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://flamingo-batch",
-                             headers=headers, timeout=None)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=logged, raise_app_exceptions=False),
+                             base_url="http://flamingo-batch", headers=headers, timeout=None)
 
 
 async def _answer(client: httpx.AsyncClient, request: dict[str, Any]) -> Answer:
@@ -121,8 +135,8 @@ async def _answer(client: httpx.AsyncClient, request: dict[str, Any]) -> Answer:
         await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)))  # the engine's queue is full: wait for room
     try:
         return response.status_code, response.json()
-    except ValueError:
-        return response.status_code, {"error": {"message": response.text}}
+    except ValueError:  # no JSON body (an app that failed before it answered sends none)
+        return response.status_code, {"error": {"message": response.text or f"HTTP {response.status_code}"}}
 
 
 async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: int, *,
@@ -141,7 +155,11 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
         async with limit:
             if stop is not None and stop.is_set():
                 return None
-            answer = await _answer(client, line.request)
+            try:
+                answer = await _answer(client, line.request)
+            except Exception as e:  # one line's failure is its own error entry, never the batch's end
+                log.exception("a batch line's request failed to send")
+                answer = 500, APIError(500, f"internal error: {type(e).__name__}", type="server_error").body()
         if on_answer is not None:
             on_answer(k, answer)
         return answer

@@ -24,7 +24,9 @@ validation refuses its input file; `cancelling` -> `cancelled` on a cancel.
   file; the routes do it on every call too.
 - Restart: the answers live in memory until finalizing, so a batch the server stopped in the middle of (validating,
   in progress or finalizing) runs again from its first line when a server starts on the same directory; one that
-  was cancelling is cancelled without files.
+  was cancelling is cancelled without files. A run counts on disk until it ends: a batch whose last
+  `MAX_INTERRUPTED_RUNS` runs all died with their process (a crash that one of its lines may cause) is failed
+  with a `server_error` instead of crashing every server that starts on the directory.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ EXPIRED = {"code": "batch_expired", "message": "This request could not be execut
 MAX_LISTED_ERRORS = 100  # url_mismatch and model_mismatch lines listed in errors.data
 FILE_SWEEP_SECONDS = 60.0  # how often expired files leave the disk unasked (an access deletes them at once)
 ACTIVE = ("validating", "in_progress", "finalizing")
+MAX_INTERRUPTED_RUNS = 3  # runs of one batch that died with their process before it is failed, not run again
 
 
 def validation_errors(raw_lines: list[str], endpoint: str) -> list[dict[str, Any]]:
@@ -113,6 +116,13 @@ class BatchRunner:
             if body["status"] == "cancelling":
                 body.update(status="cancelled", cancelled_at=_now())
                 self.store.save_batch(record)
+            elif body["status"] in ACTIVE and record.interrupted_runs >= MAX_INTERRUPTED_RUNS:
+                log.error("batch %s: the server died in each of its last %d runs; it is failed, not run again",
+                          body["id"], record.interrupted_runs)
+                body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [_error(
+                    "server_error", f"the server stopped abnormally during each of this batch's last "
+                                    f"{record.interrupted_runs} runs (see its log): the batch is not run again")]})
+                self.store.save_batch(record)
             elif body["status"] in ACTIVE:
                 log.info("batch %s was %s when the server stopped: it runs again", body["id"], body["status"])
                 self.submit(record)
@@ -153,6 +163,8 @@ class BatchRunner:
             if record is None or record.body["status"] not in ACTIVE:  # cancelled while queued
                 continue
             self.running, self._stop, self._expired = record.body["id"], asyncio.Event(), False
+            record.interrupted_runs += 1  # until the run ends: a process that dies in it leaves it counted
+            self.store.save_batch(record)
             try:
                 await self._run(record)
             except Exception as e:  # a batch that cannot run must not stop the ones after it
@@ -160,9 +172,10 @@ class BatchRunner:
                 record.body.update(status="failed", failed_at=_now(),
                                    errors={"object": "list", "data": [_error("server_error", f"{type(e).__name__}: "
                                                                                              f"{e}")]})
-                self.store.save_batch(record)
-            finally:
+            finally:  # ended, cancelled by the server's stop included
                 self.running = None
+                record.interrupted_runs = 0
+                self.store.save_batch(record)
 
     async def _run(self, record: Record) -> None:
         body = record.body
@@ -175,13 +188,12 @@ class BatchRunner:
                 raw = await run_in_threadpool(read_lines, self.store.content_path(body["input_file_id"]))
             except FileNotFoundError:
                 pass
-        if raw is None:
-            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [missing]})
-            self.store.save_batch(record)
-            return
-        errors = validation_errors(raw, body["endpoint"])
+        errors = [missing] if raw is None else validation_errors(raw, body["endpoint"])
         if errors:
-            body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
+            if self._stop.is_set():  # cancelled while validating: `cancelling` ends `cancelled` (OpenAI's), no files
+                body.update(status="cancelled", cancelled_at=_now())
+            else:
+                body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
             self.store.save_batch(record)
             return
         lines = parse_lines(raw)

@@ -36,6 +36,8 @@ class Record:
     body: dict[str, Any]  # the object as the API answers it
     created_ns: int  # orders lists and the queue (created_at counts whole seconds)
     output_expires_after: Optional[int] = None  # a batch's: seconds its output files live (None: until deleted)
+    # a batch's runs that a server started and never ended: the process died in them (a crash, SIGKILL, OOM)
+    interrupted_runs: int = 0
 
 
 def clock() -> float:
@@ -86,7 +88,8 @@ class BatchStore:
             try:
                 with open(os.path.join(directory, name), encoding="utf-8") as f:
                     saved = json.load(f)
-                record = Record(saved["body"], int(saved["created_ns"]), saved.get("output_expires_after"))
+                record = Record(saved["body"], int(saved["created_ns"]), saved.get("output_expires_after"),
+                                int(saved.get("interrupted_runs", 0)))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("skipping unreadable record %s: %s", os.path.join(directory, name), e)
                 continue
@@ -97,7 +100,8 @@ class BatchStore:
     def _write(path: str, record: Record) -> None:
         with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"created_ns": record.created_ns, "body": record.body,
-                       "output_expires_after": record.output_expires_after}, f)
+                       "output_expires_after": record.output_expires_after,
+                       "interrupted_runs": record.interrupted_runs}, f)
 
     def content_path(self, file_id: str) -> str:
         return os.path.join(self.files_dir, file_id + ".data")

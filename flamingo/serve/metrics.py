@@ -9,6 +9,7 @@ Histograms: rows per decode step, time to first token, time between a row's toke
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from typing import Optional
 
@@ -75,10 +76,20 @@ class Metrics:
                     for bound, count in zip((*_BUCKETS[name], "+Inf"), counts):
                         running += count
                         lines.append(f'flamingo_{name}_bucket{{le="{bound}"}} {running}')
-                    lines += [f"flamingo_{name}_sum {total[0]:.6g}", f"flamingo_{name}_count {running}"]
+                    lines += [f"flamingo_{name}_sum {_number(total[0])}", f"flamingo_{name}_count {running}"]
                     continue
                 series = [(k[1], v) for k, v in self._values.items() if k[0] == name] or [((), 0)]
                 for labels, v in sorted(series):
                     label_text = ",".join(f'{k}="{v}"' for k, v in labels)
-                    lines.append(f"flamingo_{name}{{{label_text}}} {v:g}" if label_text else f"flamingo_{name} {v:g}")
+                    series_name = f"flamingo_{name}{{{label_text}}}" if label_text else f"flamingo_{name}"
+                    lines.append(f"{series_name} {_number(v)}")
         return "\n".join(lines) + "\n"
+
+
+def _number(v: float) -> str:
+    """A sample's value, exact: an integral value as an integer (a counter of 1234567 tokens, not `1.23457e+06`), any
+    other as the shortest text that reads back as the same double (Prometheus' `rate()` sees every token)."""
+    v = float(v)
+    if not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
+    return str(int(v)) if v.is_integer() else repr(v)

@@ -7,7 +7,9 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
 - text may not contain the format's markers (media come as parts; a raw prompt goes to /v1/completions), nor the
   strings the tokenizer reads as control tokens (`control_tokens`: its BOS, EOS, pad and other special tokens, and
   the image reference tokens `<image0>`... of a model with them): in text they would become those tokens, not
-  characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400).
+  characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400),
+  except reference tokens in an assistant turn: answers hold the references the model generated (the server keeps
+  them in the text), and a conversation sent back must mean what the model wrote.
 Answers start with the space the format puts back, so chat answers are sent without leading whitespace.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Mapping, Optional
 
 from ..chat import ChatFormat, Turn
 from ..config import MEDIA_TOKEN
-from ..references import reference_token
+from ..references import REFERENCE, reference_token
 from .protocol import APIError, ImagePart, Message, TextPart
 
 # a special token's role in the tokenizer's map -> how an error names it
@@ -70,6 +72,8 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's: the model answers after it", param="messages")
     control = control or {}
+    # an assistant turn may hold the reference tokens its answer was generated with
+    answer_control = {t: what for t, what in control.items() if not REFERENCE.fullmatch(t)}
     turns: list[Turn] = []
     media: list[MediaRef] = []
     for i, message in enumerate(messages):
@@ -92,6 +96,6 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
                 pieces.append(MEDIA_TOKEN)
                 runs.append([])
         for run in runs:
-            check_text(fmt, control, "".join(run), i)
+            check_text(fmt, answer_control if message.role == "assistant" else control, "".join(run), i)
         turns.append(Turn(message.role, tuple(pieces)))
     return fmt.render(turns), media

@@ -292,8 +292,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         inputs["images"] = inputs["images"].to(next(model.vision.parameters()).dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # the sampled tokens repeat with the seed
-    # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) \
+    # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end; the
+    # processor decodes (its `decode` keeps generated reference tokens `<imageK>`)
+    streamer = TextStreamer(processor, skip_prompt=True, skip_special_tokens=True) \
         if args.num_beams == 1 and args.num_return_sequences == 1 else None
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else {}

@@ -11,6 +11,7 @@ real.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -676,10 +677,26 @@ class FlamingoProcessor:
         return BatchFeature(out)
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Token ids -> text. skip_special_tokens: leave out the control tokens (EOS, padding, `<image>`,
+        `<|endofchunk|>`, a chat format's end markers: `hidden_ids`) but keep the reference tokens `<imageK>`, which
+        name an image in a generated answer (docs/data.md) and are text there."""
+        if not skip_special_tokens:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        ids = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else ids
+        ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
+        return self.tokenizer.decode([i for i in ids if i not in self.hidden_ids], skip_special_tokens=False)
 
     def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+        return [self.decode(row, skip_special_tokens) for row in ids]
+
+    @functools.cached_property
+    def hidden_ids(self) -> frozenset[int]:
+        """The ids `decode(skip_special_tokens=True)` leaves out: those the tokenizer's own skipping drops, except
+        the reference tokens."""
+        tok = self.tokenizer
+        references = {tok.convert_tokens_to_ids(reference_token(k)) for k in range(self.num_references)}
+        candidates = set(getattr(tok, "added_tokens_decoder", {})) | set(tok.all_special_ids)
+        return frozenset(i for i in candidates - references if tok.decode([i], skip_special_tokens=True) == "")
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str) -> None:

@@ -272,3 +272,20 @@ def test_a_pair_row_declares_several_images_and_bad_declarations_are_skipped(tmp
         with pytest.raises(SkipSample) as info:
             pair_example(RawRecord("bad", str(tmp_path / "multi.jsonl"), json.dumps(bad)))
         assert info.value.reason == "bad_record"
+
+
+def test_decoded_answers_keep_reference_tokens_and_drop_control_tokens(ref_model):
+    """A generated `<image1>` names an image: `decode` / `batch_decode` (what `flamingo generate`, eval's predictions
+    and the server print) keep it as text, while EOS, padding, `<image>` and `<|endofchunk|>` stay out, as the
+    tokenizer's own skipping drops them."""
+    model, processor = ref_model
+    tok = processor.tokenizer
+    first = model.references[0]
+    red = tok.encode(" red", add_special_tokens=False)
+    controls = [tok.pad_token_id, tok.eos_token_id, processor.media_token_id, model.config.end_of_chunk_token_id]
+    ids = [*red, first + 1, *controls, *red, first]
+    assert processor.decode(ids) == processor.decode(torch.tensor(ids)) == " red<image1> red<image0>"
+    assert processor.decode(first + 1) == "<image1>" and processor.decode(tok.eos_token_id) == ""  # TextStreamer's call
+    assert processor.batch_decode(torch.tensor([ids, ids])) == [" red<image1> red<image0>"] * 2
+    assert processor.decode([*red, *controls, *red]) == tok.decode([*red, *controls, *red], skip_special_tokens=True)
+    assert processor.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False)

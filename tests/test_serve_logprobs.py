@@ -492,8 +492,8 @@ def test_generated_reference_tokens_stay_in_the_text(one_thread):
     engine = Engine(model, processor, max_batch=2)
     red = tok.encode(" red", add_special_tokens=False)
     controls = [tok.pad_token_id, model.config.end_of_chunk_token_id, tok.eos_token_id]
-    assert engine._text([*red, first + 1, *controls, *red, first]) == " red<image1> red<image0>"
-    assert engine._text([*red, *controls, *red]) == processor.decode([*red, *controls, *red])  # as before
+    assert processor.decode([*red, first + 1, *controls, *red, first]) == " red<image1> red<image0>"
+    assert processor.decode([*red, *controls, *red]) == tok.decode([*red, *controls, *red], skip_special_tokens=True)
     prompt, media = "Image 0 is <image0>. Image 1 is <image1>. Which? Answer:", [random_image(1), random_image(2)]
     force = {str(first + 1): 100}
     with running_server(engine, ServeSettings(model_name="tiny")) as url:

@@ -137,15 +137,6 @@ class _Choice:
         self.last_step_at = 0.0
 
 
-def hidden_token_ids(tokenizer: Any, shown: Sequence[int] = ()) -> frozenset[int]:
-    """The ids an answer's text leaves out: those `decode(skip_special_tokens=True)` drops (EOS, padding, `<image>`,
-    `<|endofchunk|>`, a chat template's end-of-turn marker), except `shown`, the reference tokens `<imageK>`: they
-    name an image in the answer (docs/data.md), so they keep their text, as in the logprobs' `tokens`."""
-    added = set(getattr(tokenizer, "added_tokens_decoder", {})) | set(tokenizer.all_special_ids)
-    keep = set(shown)
-    return frozenset(i for i in added if i not in keep and tokenizer.decode([i], skip_special_tokens=True) == "")
-
-
 class Engine:
     """Owns the model once started: every model call happens on its thread."""
 
@@ -175,8 +166,6 @@ class Engine:
         config = generation_config_for(model)
         self.eos = set(config.eos_token_id)
         self.suppress = list(config.suppress_tokens or [])
-        first, n = model.references or (0, 0)
-        self._hidden = hidden_token_ids(processor.tokenizer, shown=range(first, first + n))  # left out of answers
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._batch = DecodeBatch(model, max_batch, compile_backend=compile_backend)
@@ -474,7 +463,7 @@ class Engine:
         job.completion_tokens += 1
         self.metrics.inc("generation_tokens_total")
         reason = "stop" if token in self.eos else None
-        text = self._text(choice.tokens[:-1] if reason else choice.tokens)
+        text = self.processor.decode(choice.tokens[:-1] if reason else choice.tokens)  # <imageK> kept
         if choice.constraint is not None:
             try:
                 if choice.constraint.accept(token):
@@ -503,10 +492,6 @@ class Engine:
             return False
         self._finish_choice(choice, reason)
         return True
-
-    def _text(self, tokens: list[int]) -> str:
-        """An answer's text: its tokens decoded without the control tokens, its reference tokens kept."""
-        return self.processor.decode([t for t in tokens if t not in self._hidden], skip_special_tokens=False)
 
     def _finish_choice(self, choice: _Choice, reason: str) -> None:
         job = choice.job

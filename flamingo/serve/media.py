@@ -6,10 +6,10 @@ A medium is a URL:
   way it comes: `flamingo.processing.image_frames`);
 - a local path (`/abs/path.png`, `rel/path.mp4` or `file://...`), only under the `--media-root` directory: the path is
   resolved (symlinks and `..` included) and refused when it leaves the root;
-- `http(s)://...`, only with `--allow-remote-media` (fetched with a timeout and the body size limit), and only from
-  public addresses unless `--allow-private-media-hosts`: the address each connection reaches (every redirect hop
-  included, after DNS, so a name that resolves to an internal address is caught) must not be loopback, private,
-  link-local or otherwise not global; only http(s) redirects are followed.
+- `http(s)://...`, only with `--allow-remote-media` (the whole download within the timeout, at most the body size
+  limit), and only from public addresses unless `--allow-private-media-hosts`: the address each connection reaches
+  (every redirect hop included, after DNS, so a name that resolves to an internal address is caught) must not be
+  loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
 (decompression bombs stop there), and for a video from every decoded frame too (a stream may switch to larger frames
 after its header). A file no image reader knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`,
@@ -24,6 +24,9 @@ import http.client
 import io
 import ipaddress
 import re
+import socket
+import threading
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -95,22 +98,34 @@ def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes
     if scheme not in ("", "file"):
         raise APIError(400, f"{where}: unsupported URL scheme {scheme!r} (data:, a local path, or http(s))")
     path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme == "file" else url
-    resolved = _under_root(path, policy.root, where)
-    with open(resolved, "rb") as f:
-        data = f.read()
+    if policy.root is None:
+        raise APIError(400, f"{where}: local paths are refused by this server (it has no --media-root)")
+    try:  # the file system's own refusals (a name too long, a symlink loop, no permission) are the request's fault
+        resolved = _under_root(path, policy.root, where)
+        with open(resolved, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise APIError(400, f"{where}: cannot read {_shown(path)}: {e.strerror or type(e).__name__}") from None
+    except ValueError as e:  # a NUL character
+        raise APIError(400, f"{where}: cannot read {_shown(path)}: {e}") from None
+    except RuntimeError:  # Path.resolve's symlink loop (its message names the root: not for the client)
+        raise APIError(400, f"{where}: cannot read {_shown(path)}: a symlink loop") from None
     return data, video or resolved.suffix.lower() in VIDEO_EXTENSIONS, f"{where} ({resolved.name})"
 
 
-def _under_root(path: str, root: Optional[Path], where: str) -> Path:
-    if root is None:
-        raise APIError(400, f"{where}: local paths are refused by this server (it has no --media-root)")
+def _under_root(path: str, root: Path, where: str) -> Path:
     base = root.resolve()
     resolved = (base / path).resolve()  # an absolute `path` replaces the base; `..` and symlinks are resolved
     if resolved != base and base not in resolved.parents:
-        raise APIError(400, f"{where}: the path {path!r} is outside the server's media root")
+        raise APIError(400, f"{where}: the path {_shown(path)} is outside the server's media root")
     if not resolved.is_file():
-        raise APIError(400, f"{where}: no file {path!r} under the media root")
+        raise APIError(400, f"{where}: no file {_shown(path)} under the media root")
     return resolved
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """A path or URL quoted for an error message, cut to `limit` characters (a request may send thousands)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def public_address(address: str) -> bool:
@@ -121,12 +136,73 @@ def public_address(address: str) -> bool:
     return ip.is_global
 
 
-def _checked(connection: type, policy: MediaPolicy) -> type:
-    """`connection` (http.client's HTTP or HTTPS connection) refusing, once connected and before any request is
-    sent, a peer whose address is not public (unless the policy allows private hosts)."""
+class _Deadline:
+    """One fetch's time limit, over the whole download: connecting (each redirect hop), the TLS handshake, the
+    headers and the body. A socket timeout bounds each read only, so a host sending a byte every few seconds would
+    hold the fetch (and the worker thread running it) as long as it likes; at the deadline every connection of the
+    fetch is shut down instead, which ends a blocked read at once. DNS lookups are not bounded by it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.passed = False
+        self._end = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets: ours to shut and close
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def over(self) -> bool:
+        return self.passed or time.monotonic() >= self._end
+
+    def connect(self, address: tuple[str, int], timeout: Optional[float], *args: object) -> socket.socket:
+        """`socket.create_connection` within the time left; the connection is shut at the deadline (its reads keep
+        `timeout`, so the deadline cuts them first). A duplicate of the socket is kept (shutting it down shuts the
+        connection), since TLS moves the original's descriptor to a new socket object."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no time left of {self.seconds:g} s")
+        sock = socket.create_connection(address, left if timeout is None else min(timeout, left), *args)
+        sock.settimeout(timeout)
+        with self._lock:
+            self._sockets.append(sock.dup())
+            if self.passed:
+                _shut(self._sockets[-1])
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a connection down both ways: a read blocked on it returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the peer
+        pass
+
+
+def _checked(connection: type, policy: MediaPolicy, deadline: _Deadline) -> type:
+    """`connection` (http.client's HTTP or HTTPS connection) connecting within `deadline`, and refusing, once
+    connected and before any request is sent, a peer whose address is not public (unless the policy allows private
+    hosts)."""
 
     class Checked(connection):  # type: ignore[misc, valid-type]
         def connect(self) -> None:
+            self._create_connection = deadline.connect
             super().connect()
             peer = self.sock.getpeername()[0]
             if not policy.allow_private and not public_address(peer):
@@ -137,10 +213,10 @@ def _checked(connection: type, policy: MediaPolicy) -> type:
     return Checked
 
 
-def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
+def _opener(policy: MediaPolicy, deadline: _Deadline) -> urllib.request.OpenerDirector:
     """http(s) only (redirects to other schemes fail), every connection checked by `_checked`."""
-    http_connection, https_connection = _checked(http.client.HTTPConnection, policy), \
-        _checked(http.client.HTTPSConnection, policy)
+    http_connection, https_connection = _checked(http.client.HTTPConnection, policy, deadline), \
+        _checked(http.client.HTTPSConnection, policy, deadline)
 
     class HTTP(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
@@ -159,16 +235,31 @@ def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
 
 
 def _fetch(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes, bool, str]:
+    """A remote medium's bytes, downloaded within the policy's timeout and size limit. Whatever the host answers
+    (no HTTP, a broken body, an error status), and a URL that does not parse, is a 400 naming the medium."""
+    deadline = _Deadline(policy.remote_timeout)
     try:
-        with _opener(policy).open(url, timeout=policy.remote_timeout) as response:  # operator's opt-in
+        with deadline, _opener(policy, deadline).open(url, timeout=policy.remote_timeout) as response:  # opt-in
             data = response.read(policy.max_bytes + 1)
             mime = (response.headers.get_content_type() or "").lower()
-    except OSError as e:
-        raise APIError(400, f"{where}: cannot fetch {url!r}: {e}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        if not deadline.over():
+            raise APIError(400, f"{where}: cannot fetch {_shown(url)}: {_why(e)}") from None
+    if deadline.over():  # (a body without a length just ends where its connection was shut)
+        raise APIError(400, f"{where}: {_shown(url)} did not download within the server's "
+                            f"{policy.remote_timeout:g} s")
     if len(data) > policy.max_bytes:
-        raise APIError(400, f"{where}: {url!r} is larger than {policy.max_bytes} bytes")
+        raise APIError(400, f"{where}: {_shown(url)} is larger than {policy.max_bytes} bytes")
     suffix = Path(urllib.parse.urlsplit(url).path).suffix.lower()
     return data, video or mime.startswith("video/") or suffix in VIDEO_EXTENSIONS, f"{where} ({url})"
+
+
+def _why(e: Exception) -> str:
+    """A failed fetch's reason, short: http.client's errors by name too (`BadStatusLine: HELLO`)."""
+    why, name = str(e).strip(), type(e).__name__
+    if isinstance(e, http.client.HTTPException) and not why.startswith(name) or not why:
+        why = f"{name}: {why}" if why else name
+    return why if len(why) <= 300 else why[:300] + "..."
 
 
 def _decode_video(data: bytes, policy: MediaPolicy, name: str, fps: float, max_frames: int,

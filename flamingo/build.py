@@ -129,6 +129,7 @@ def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
     check_processor_saved(metadata_dir(name_or_path, "Flamingo model", revision=revision), name_or_path)
     directory = local_dir(name_or_path, "Flamingo model", revision=revision)
     model = Flamingo.from_pretrained(directory, **kwargs)
+    model.name_or_path = os.fspath(name_or_path)  # the name given (a Hub name, not its cache directory)
     return model, FlamingoProcessor.from_pretrained(directory)
 
 

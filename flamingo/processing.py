@@ -203,8 +203,17 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
     A LLaMA directory with a SentencePiece `tokenizer.model` and no tokenizer.json (early-2023 LLaMA-7B conversions)
     gets the legacy pipeline transformers 4 built from it unless its config says `legacy: false`, as transformers 4
     did (`legacy_llama_pipeline`); reading it needs sentencepiece and protobuf, and without them the error names
-    them."""
+    them.
+
+    A local directory holding no tokenizer files (`has_tokenizer_files`: a backbone saved by `save_pretrained`
+    alone, a saved Flamingo's `lm/`) is a ValueError naming it and what to pass, not transformers' advice to install
+    sentencepiece or tiktoken."""
     name = os.fspath(name_or_path)
+    if os.path.isdir(name) and not has_tokenizer_files(name):
+        raise ValueError(f"no tokenizer files in {name!r} (no tokenizer.json, tokenizer_config.json, vocabulary or "
+                         "SentencePiece model): give the tokenizer's directory (model.tokenizer / --tokenizer), e.g. "
+                         "the LM's original one; a Flamingo saved here goes whole as model.init_from / --model, not "
+                         "its lm/ or vision/")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -217,6 +226,15 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
     if TRANSFORMERS >= (5, 0):
         restore_word_start_normalizer(tokenizer, name)
     return tokenizer
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    """Whether `directory` holds a file a tokenizer is read from: `tokenizer*` (tokenizer.json, tokenizer_config.json,
+    tokenizer.model), a vocabulary (`vocab*`, merges.txt), a SentencePiece or tiktoken model (`*.model`,
+    `*.tiktoken`) or special_tokens_map.json."""
+    return any(os.path.isfile(os.path.join(directory, f)) and (
+        f.startswith(("tokenizer", "vocab", "special_tokens_map")) or f.endswith((".model", ".tiktoken"))
+        or f == "merges.txt") for f in os.listdir(directory))
 
 
 def tokenizer_file(name_or_path: str, filename: str) -> Optional[str]:

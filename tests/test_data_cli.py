@@ -223,3 +223,26 @@ def test_inspect_without_kind_on_mixed_or_unknown_records_asks_for_kind(tmp_path
     assert main(["data", "inspect", unknown]) == 2
     err = capsys.readouterr().err
     assert "fit none of interleaved, pairs, video" in err and "pass --kind interleaved|pairs|video" in err
+
+
+def test_pack_without_kind_detects_it_as_inspect_does_and_says_so(tmp_path, capsys):
+    """A video or document table packed without `--kind` is packed as what it holds (not read as pairs, every row
+    `bad_record`); rows that fit no one kind end with exit code 2 asking for `--kind`."""
+    clips = make_videos(str(tmp_path / "v"), 2, seconds=1, bad=False)
+    assert main(["data", "pack", "--from", clips["path"], "--out", str(tmp_path / "vs")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "kind: video (detected from the files; --kind chooses)"
+    assert out[1].startswith("packed 2 samples into 1 shard(s); skipped {}")
+
+    docs = make_interleaved(str(tmp_path / "i"), 3, bad=False)
+    assert main(["data", "pack", "--from", docs["path"], "--image-dir", docs["image_dir"],
+                 "--out", str(tmp_path / "is")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("kind: interleaved (detected") and "packed 3 samples" in out
+
+    mixed = write_jsonl(str(tmp_path / "mixed.jsonl"), [{"image": "a.png", "caption": "a"},
+                                                       {"video": "b.mp4", "caption": "b"}])
+    assert main(["data", "pack", "--from", mixed, "--out", str(tmp_path / "ms")]) == 2
+    err = capsys.readouterr().err
+    assert "fit pairs and video alike" in err and "pass --kind pairs|video" in err
+    assert not (tmp_path / "ms").exists()

@@ -74,3 +74,21 @@ def test_a_rerun_removes_only_its_own_tasks_prediction_files(model_and_processor
         (out / "predictions" / name).write_text("{}\n")
     write_results(results, {(0, 0): [{"id": "1"}]}, str(out))
     assert _predictions(out) == ["notes.txt", "vqa_0shot_trial0.jsonl", "vqa_mc_0shot_trial0.jsonl"]
+
+
+def test_results_name_the_directory_the_model_was_loaded_from(model_and_processor, tmp_path):
+    """`evaluate` of `load_pretrained(d)` from Python (docs/eval.md) labels results.json and results.md with `d`, not
+    the frozen LM's name (or "flamingo"): two trained models on one LM get two labels. `model_name=` still wins."""
+    from flamingo.build import load_pretrained
+
+    model, processor = model_and_processor
+    saved = str(tmp_path / "runs" / "ckpt")
+    model.save_pretrained(saved, processor=processor)
+    loaded, loaded_processor = load_pretrained(saved)
+    assert loaded.name_or_path == saved and model.name_or_path is None
+    data, out = str(make_vqa(tmp_path / "data")), tmp_path / "out"
+    results = evaluate(loaded, loaded_processor, "vqa", data, shots=[0], trials=1, out_dir=str(out), **QUICK)
+    assert results["model"] == saved == json.loads((out / "results.json").read_text())["model"]
+    assert (out / "results.md").read_text().startswith(f"# vqa — {saved}")
+    named = evaluate(loaded, loaded_processor, "vqa", data, shots=[0], trials=1, model_name="mine", **QUICK)
+    assert named["model"] == "mine"

@@ -202,3 +202,31 @@ def test_load_model_refuses_a_model_saved_without_its_processor_before_fetching_
     with pytest.raises(ValueError, match="saved without its processor.*processor=processor"):
         load_model(source)
     assert not [n for n in fetched if any(fnmatch.fnmatch(n, w) for w in WEIGHTS)]
+
+
+def test_a_directory_without_tokenizer_files_is_refused_naming_it(tmp_path, capsys):
+    """An LM saved by `save_pretrained` alone (a saved Flamingo's `lm/` too) holds no tokenizer: a ValueError naming
+    the directory and what to pass, not transformers' advice to install sentencepiece or tiktoken; `flamingo train`
+    with it as model.lm exits 2 with that message."""
+    import re
+
+    import yaml
+
+    from flamingo.cli import main
+    from flamingo.processing import load_tokenizer
+    from flamingo.tiny import tiny_image_processor, tiny_lm, tiny_vision
+
+    lm, vision = str(tmp_path / "lm"), str(tmp_path / "vision")
+    tiny_lm().save_pretrained(lm)
+    tiny_vision().save_pretrained(vision)
+    tiny_image_processor().save_pretrained(vision)
+    with pytest.raises(ValueError, match=rf"no tokenizer files in '{re.escape(lm)}'.*model.tokenizer / --tokenizer.*"
+                                         "model.init_from / --model"):
+        load_tokenizer(lm)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision": vision, "lm": lm, "flamingo": {"num_latents": 4, "resampler_depth": 1}},
+        "data": [{"name": "pairs", "kind": "pairs", "path": str(tmp_path / "unread.jsonl"), "batch_size": 1}],
+        "train": {"steps": 1, "output_dir": str(tmp_path / "run"), "progress": False}}))
+    assert main(["train", str(config)]) == 2
+    assert f"flamingo: error: no tokenizer files in '{lm}'" in capsys.readouterr().err

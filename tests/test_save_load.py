@@ -59,6 +59,17 @@ def test_save_load_identical_logits(backbone_dirs, tmp_path, trained_only, gate_
     assert torch.equal(before, after)
     assert loaded.config == model.config
     assert set(loaded.trainable_parameters()) == set(model.trainable_parameters())
+    assert loaded.name_or_path == str(out) and model.name_or_path is None  # what an evaluation names it by
+
+
+def test_from_pretrained_records_where_the_model_came_from(backbone_dirs, tmp_path):
+    """`name_or_path`, as HF models have it: the directory (or Hub name) given, as a string; not saved with it."""
+    model, processor = _trained_model(*backbone_dirs)
+    model.save_pretrained(str(tmp_path / "ckpt"), trained_only=True, processor=processor)
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    assert loaded.name_or_path == str(tmp_path / "ckpt")
+    loaded.save_pretrained(str(tmp_path / "again"), trained_only=True)
+    assert Flamingo.from_pretrained(str(tmp_path / "again")).name_or_path == str(tmp_path / "again")
 
 
 def test_trained_only_checkpoint_holds_just_the_trained_tensors(backbone_dirs, tmp_path):

@@ -174,8 +174,10 @@ def test_a_run_from_a_moved_full_checkpoint_saves_its_final_model_full(world, mo
     with caplog.at_level(logging.INFO, logger="flamingo.train.trainer"):
         trainer = Trainer(load_config(path))
     assert "the final model will be saved full: the backbone(s) vision_name_or_path" in caplog.text
+    assert trainer.model.name_or_path is None  # trained from here: no longer the model in init_from (eval's label)
     final = trainer.run()
     assert os.path.isdir(os.path.join(final, "vision")) and os.path.isdir(os.path.join(final, "lm"))
+    assert trainer.model.name_or_path == final
     model, _ = load_pretrained(final)
     trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     for name, p in model.named_parameters():

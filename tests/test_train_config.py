@@ -216,3 +216,52 @@ def test_train_command_prints_a_structure_mistake_as_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"model": {"vision": "v", "lm": "l"}, "data": [{"name": "a", "kind": "pairs"}]}))
     assert main(["train", str(path)]) == 2
     assert capsys.readouterr().err == "flamingo: error: data[0] needs path (required: name, kind, path)\n"
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cpux", "train.device 'cpux': not a device torch knows"),
+    ("cuda", r"train.device 'cuda': .*; use train.device=cpu"),
+    ("meta", "train.device 'meta': the meta device holds shapes"),
+])
+def test_train_device_is_checked_like_device_before_anything_loads(monkeypatch, device, message):
+    """`train.device` a name torch does not know, or CUDA on a machine without it: refused by name when the config
+    loads, as every command's `--device` is, not a torch traceback inside the Trainer."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        load_config("configs/example.yaml", [f"train.device={device}"])
+    assert load_config("configs/example.yaml", ["train.device=cpu"]).train.device == "cpu"
+
+
+def test_init_from_with_backbones_tokenizer_or_new_model_options_is_refused_with_how_to_clear_them():
+    """With model.init_from the model is the one it names: model.vision / lm / tokenizer and the model.flamingo
+    options that shape a new model would go unused, so they are refused, with the overrides that clear them
+    (configs/example.yaml sets vision, lm and model.flamingo); quantize_frozen and lm_lora apply and stay."""
+    with pytest.raises(ValueError, match=r"^model.vision, model.lm, model.flamingo \['freeze_lm', .*'xattn_every'\] "
+                                         r"are set, but with model.init_from .*model.vision=null model.lm=null "
+                                         r"'model.flamingo=\{\}'"):
+        load_config("configs/example.yaml", ["model.init_from=saved"])
+    for model, named in (({"lm": "/copy/of/lm"}, "model.lm is set"), ({"tokenizer": "tok"}, "model.tokenizer is set"),
+                         ({"flamingo": {"num_latents": 8}}, r"model.flamingo \['num_latents'\] is set")):
+        with pytest.raises(ValueError, match=named):
+            parse_config({"data": DATA, "model": {"init_from": "saved", **model}})
+    config = load_config("configs/example.yaml", ["model.init_from=saved", "model.vision=null", "model.lm=null",
+                                                  "model.flamingo={}", "model.flamingo.quantize_frozen=int8"])
+    assert config.model.init_from == "saved" and config.model.flamingo == {"quantize_frozen": "int8"}
+
+
+def test_a_dataset_without_a_path_is_refused_naming_it_and_the_key_to_set():
+    """configs/mini.yaml ships `path: null` (the demo fills the paths in): loaded as it is, it names the dataset and
+    the override, rather than reading a file named `None` after both backbones load."""
+    with pytest.raises(ValueError, match=r"^data\[0\] \('interleaved'\) needs a path .*got None: set it in the config "
+                                         r"or as data.0.path=\.\.\.$"):
+        load_config("configs/mini.yaml", ["model.vision=v", "model.lm=l"])
+    for path in ("", 3, ["a.jsonl"]):
+        with pytest.raises(ValueError, match=r"validation\[0\] \('v'\) needs a path"):
+            parse_config({"data": DATA, "validation": [{"name": "v", "kind": "pairs", "path": path}]})
+    paths = [f"data.{i}.path=d{i}.jsonl" for i in range(5)]
+    assert [d.path for d in load_config("configs/mini.yaml", paths).data] == [f"d{i}.jsonl" for i in range(5)]
+    from flamingo.data.sources import expand_path
+
+    for path in (None, 3, ""):  # a DatasetSection built in Python reaches the loader unchecked
+        with pytest.raises(ValueError, match=rf"a dataset path must be a file, .*got {path!r}"):
+            expand_path(path)

@@ -38,14 +38,23 @@ def load_tokenizing_processor(directory: str) -> "FlamingoProcessor":
     return FlamingoProcessor(tokenizer, image_processor=None)  # inspect only tokenizes
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import detect_kind, inspect_dataset, write_report
+def chosen_kind(kind: Optional[str], path: str, options: Optional[dict[str, Any]] = None) -> str:
+    """`--kind`, else the kind `detect_kind` tells from `path`'s first records, said on stdout; a ValueError naming
+    the kinds it could not tell apart (exit code 2) otherwise. `inspect` and `pack` both choose so."""
+    if kind is not None:
+        return kind
+    from .inspect import detect_kind
 
-    kind, options = args.kind, _parse_options(args.option)
-    if kind is None:
-        # a ValueError naming the kinds it could not tell apart: exit code 2
-        kind = detect_kind(args.path, options=options)
-        print(f"kind: {kind} (detected from the files; --kind chooses)")
+    kind = detect_kind(path, options=options)
+    print(f"kind: {kind} (detected from the files; --kind chooses)")
+    return kind
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_dataset, write_report
+
+    options = _parse_options(args.option)
+    kind = chosen_kind(args.kind, args.path, options)
     processor = load_tokenizing_processor(args.tokenizer_from) if args.tokenizer_from else None
     report = inspect_dataset(args.path, kind, processor, options=options, limit=args.limit, show=args.show)
     print(report.table())
@@ -59,7 +68,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_pack(args: argparse.Namespace) -> int:
     from .pack import pack
 
-    result = pack(args.out, kind=args.kind, source=args.source, images=args.images, image_dir=args.image_dir,
+    # an image folder holds pairs; a table's rows are read as `inspect` reads them
+    kind = args.kind or ("pairs" if args.images is not None else chosen_kind(None, args.source))
+    result = pack(args.out, kind=kind, source=args.source, images=args.images, image_dir=args.image_dir,
                   shard_size=args.shard_size)
     print(f"packed {result['samples']} samples into {len(result['shards'])} shard(s); skipped {result['skipped']}"
           + (f"; dropped {result['dropped_images']} missing image(s) of packed documents"
@@ -91,7 +102,9 @@ def add_data_subcommands(subparsers: Any) -> None:
     src = pk.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="source", help="a .jsonl/.csv/.json table (paths relative to its directory)")
     src.add_argument("--images", help="a folder of images, each with a same-name .txt caption (pairs)")
-    pk.add_argument("--kind", choices=KINDS, default="pairs")
+    pk.add_argument("--kind", choices=KINDS, default=None,
+                    help="the rows' kind (default: detected from the table's records, as `inspect` does; pairs for "
+                         "--images)")
     pk.add_argument("--image-dir", default=None, help="interleaved: where image_name files are (default: the table's)")
     pk.add_argument("--out", required=True, help="output directory or pattern like out/shard-%%06d.tar")
     pk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

@@ -97,10 +97,14 @@ def expand_path(path: str) -> list[str]:
     files. A name that exists is taken as it is before it is read as a glob (`pairs [v2].jsonl`). Local `.json`
     tables are checked to hold a list (`_check_json_table`). Remote tar shards (`https://`, `hf://datasets/...`,
     `pipe:`; data/remote.py) are listed by name or brace pattern, Hub ones also by glob or directory
-    (`hf://datasets/org/name/train-*.tar`, `.../train/`: one listing call), and fetched when read."""
+    (`hf://datasets/org/name/train-*.tar`, `.../train/`: one listing call), and fetched when read. A path that is no
+    string (or os.PathLike), e.g. a config's `path: null`, is a ValueError, not a file named `None`."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"a dataset path must be a file, directory, glob or brace pattern (a string), got {path!r}")
+    path = os.fspath(path)
     files: list[str] = []
-    remote = is_remote(str(path))
-    for name in _expand_braces(str(path) if remote else os.path.expanduser(str(path))):
+    remote = is_remote(path)
+    for name in _expand_braces(path if remote else os.path.expanduser(path)):
         if name.startswith("hf://") and (name.endswith("/") or any(c in name for c in "*?[")):
             files.extend(list_hub_shards(name))
         elif remote:

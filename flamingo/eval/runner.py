@@ -140,7 +140,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
-             vision_cache_mb: Optional[float] = None, chat: bool = False) -> dict[str, Any]:
+             vision_cache_mb: Optional[float] = None, chat: bool = False,
+             demo_separator: Optional[str] = None) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
@@ -155,6 +156,10 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     hashing a frame's pixels on the host costs about as much as the tower (docs/eval.md). Cached features come from
     another batch, so they can differ from a fresh computation in the last bits. chat: demos and query as a
     conversation in the model's chat format (its processor's template; `Task.use_chat`), for instruction-tuned models.
+    demo_separator: the text after each demo of a template prompt (None: the task's, "\\n" for VQA and captioning as
+    OpenFlamingo, else ""; `Task.demo_separator`); not with `chat`, whose format separates the turns.
+    model_name: what the results call the model (default: the directory it was loaded from, `model.name_or_path`,
+    else its LM's name; a server's URL).
     Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0),
     which holds one task's evaluation: a re-run of the task replaces it, another task's results there are refused
     before the first query (`out_dir_problem`). A package the task's metric or media need (`Task.requires`: CIDEr's
@@ -163,10 +168,14 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     """
     init_process_group_from_env()
     if isinstance(task, str):
-        task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer)
-    elif template is not None or answer_prefix is not None:
-        raise ValueError("pass `template` / `answer_prefix` only with a task name (a Task instance has its own)")
+        task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer,
+                        demo_separator=demo_separator)
+    elif template is not None or answer_prefix is not None or demo_separator is not None:
+        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` only with a task name (a Task instance "
+                         "has its own)")
     check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
+    if chat and demo_separator is not None:
+        raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
     if chat:
         task.use_chat(chat_format_for(processor))
     shots = sorted(dict.fromkeys(int(k) for k in shots))  # one run per number of shots, in the table's order
@@ -235,7 +244,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         if vision_cache_mb > 0 and not remote and model.config.freeze_vision else None
     features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    model_name = model_name or (model.base_url if remote else model.config.lm_name_or_path) or "flamingo"
+    # named by: model_name, else the server, or the directory the model was loaded from, else its LM's name
+    model_name = model_name or (model.base_url if remote else getattr(model, "name_or_path", None)
+                                or model.config.lm_name_or_path) or "flamingo"
     base = {"task": task.name, "model": model_name, "date": date, "num_samples": len(samples)}
     runs, predictions = [], {}
     for trial in range(trials):
@@ -263,6 +274,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": query_set,
                      "zero_shot": zero_shot, "template": task.template,
                      "chat": task.chat.name if task.chat is not None else None,
+                     "demo_separator": task.demo_separator if task.chat is None else None,
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
                      "world_size": world_size(), "kind": task.kind,
                      "generation": task.generation_settings(generation) if task.kind == "generate" else None},

@@ -93,6 +93,9 @@ class Flamingo(nn.Module):
         self.config = config
         self.vision = vision
         self.lm = lm
+        # the directory or Hub name `from_pretrained` loaded it from (None for a model built here), as HF's
+        # `name_or_path`: what an evaluation names the model by (eval/runner.py); not saved
+        self.name_or_path: Optional[str] = None
         self._media_context: Optional[MediaContext] = None
         self._activation_checkpointing = False
 
@@ -780,7 +783,7 @@ class Flamingo(nn.Module):
         torch_dtype: the whole model's, backbones included (whatever dtype their own configs name); also a name
         (`checked_torch_dtype`). None or "auto": the model as it was saved, the floating dtype of
         `flamingo.safetensors` when it holds one (a model saved in bf16 loads in bf16), else float32 (trained parts
-        kept in float32 beside half-precision backbone tensors)."""
+        kept in float32 beside half-precision backbone tensors). The model's `name_or_path` is the one given here."""
         torch_dtype = checked_torch_dtype(torch_dtype)
         directory = local_dir(name_or_path, "Flamingo model", revision=revision)
         config = FlamingoConfig.load(directory)
@@ -816,6 +819,7 @@ class Flamingo(nn.Module):
         counts = quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
         if config.quantize_frozen != "none":
             log.info("%s", quantize.describe_counts(config.quantize_frozen, counts))
+        model.name_or_path = os.fspath(name_or_path)
         return model.eval()
 
 

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import FlamingoConfig
+from ..runtime.device import check_device
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         log.warning("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
                     "no validation loss is computed")
     _check_choices(config.train)
+    if config.train.device:  # usable here, before any backbone or dataset loads (null: cuda:LOCAL_RANK, else cpu)
+        check_device(config.train.device, "train.device")
     if config.optim.kind == "adamw8bit" and config.optim.fused:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")
     frozen = config.train.frozen_dtype
@@ -303,7 +306,11 @@ def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
         options = (entry.get("options") or {}) if isinstance(entry, dict) else None
         if key == "validation" and isinstance(options, dict):
             entry = {**entry, "options": {"shuffle": False, "drop_last": False, **options}}
-        datasets.append(_build(DatasetSection, entry, f"{key}[{i}]"))
+        dataset = _build(DatasetSection, entry, f"{key}[{i}]")
+        if not isinstance(dataset.path, str) or not dataset.path.strip():  # `path: null` would be read as `None`
+            raise ValueError(f"{key}[{i}] ({dataset.name!r}) needs a path (a file, directory, glob or brace pattern; "
+                             f"docs/data.md), got {dataset.path!r}: set it in the config or as {key}.{i}.path=...")
+        datasets.append(dataset)
     return datasets
 
 
@@ -318,7 +325,7 @@ def _check_choices(train: TrainSection) -> None:
 
 def _check_model(model: ModelSection) -> None:
     """model.flamingo holds FlamingoConfig fields only: a misspelled one is refused here, not after the backbones
-    have loaded."""
+    have loaded; with model.init_from, the options that build a new model are refused (`check_init_from`)."""
     options = model.flamingo
     if not isinstance(options, dict):
         raise ValueError(f"model.flamingo must be a mapping of FlamingoConfig fields (flamingo/config.py), got "
@@ -328,7 +335,30 @@ def _check_model(model: ModelSection) -> None:
     if unknown:
         raise ValueError(f"unknown keys in model.flamingo: {unknown} (FlamingoConfig fields, flamingo/config.py: "
                          f"{sorted(known)})")
+    check_init_from(model)
     check_trainable_quantization(options.get("quantize_frozen", "none"), "model.flamingo.quantize_frozen")
+
+
+INIT_FROM_OPTIONS = ("quantize_frozen", "lm_lora")  # model.flamingo options a run from model.init_from may set
+
+
+def check_init_from(model: ModelSection) -> None:
+    """With model.init_from the model is the one it names, backbones, tokenizer and blocks: model.vision, model.lm,
+    model.tokenizer and the model.flamingo options that shape a new model would go unused, so they are refused,
+    never ignored, with the overrides that clear them. The options that apply to a trained model (`INIT_FROM_OPTIONS`:
+    its frozen weights' format, LoRA adapters on its LM) may stay."""
+    if not model.init_from:
+        return
+    named = [f"model.{key}" for key in ("vision", "lm", "tokenizer") if getattr(model, key)]
+    shaping = sorted(set(model.flamingo) - set(INIT_FROM_OPTIONS))
+    if not (named or shaping):
+        return
+    unused = named + ([f"model.flamingo {shaping}"] if shaping else [])
+    clear = [f"{key}=null" for key in named] + (["'model.flamingo={}'"] if shaping else [])
+    raise ValueError(f"{', '.join(unused)} {'are' if len(unused) > 1 else 'is'} set, but with model.init_from the "
+                     f"model is the one it names (its backbones, tokenizer and blocks; of model.flamingo only "
+                     f"{list(INIT_FROM_OPTIONS)} apply to it): clear {'them' if len(unused) > 1 else 'it'} in the "
+                     f"config or with {' '.join(clear)}, or set model.init_from=null to build a new model")
 
 
 def check_trainable_quantization(mode: Any, where: str) -> None:

@@ -38,7 +38,7 @@ from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_in_backward, check_trainable_quantization
+from .config import TrainConfig, check_in_backward, check_init_from, check_trainable_quantization
 from .flops import batch_samples, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
@@ -83,16 +83,9 @@ class NonFiniteLossError(ValueError):
 OPTIM_SETTINGS = ("lr", "weight_decay", "betas", "eps", "gate_lr_mult", "attn_gate_lr_mult")  # per-group values
 
 
-INIT_FROM_OPTIONS = ("quantize_frozen", "lm_lora")  # model.flamingo options a run from model.init_from may set
-
-
 def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
     """model.flamingo with model.init_from: the options that apply to a trained model (its frozen weights' format, LoRA
-    adapters on its LM); the others shape a new model and are refused, never ignored."""
-    other = sorted(set(options) - set(INIT_FROM_OPTIONS))
-    if other:
-        raise ValueError(f"model.flamingo {other} shape a new model: with model.init_from the model is the one it "
-                         f"names; only {list(INIT_FROM_OPTIONS)} apply to it")
+    adapters on its LM; the others are refused by `check_init_from`)."""
     if options.get("lm_lora") is not None:
         if model.config.lm_lora is not None:
             raise ValueError("model.init_from names a model whose LM already holds LoRA adapters")
@@ -105,6 +98,7 @@ def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
 
 def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     m = config.model
+    check_init_from(m)  # model options a run from init_from would not use: refused (a config not from parse_config)
     if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
         # float32 master weights, as below: in its stored dtype (bf16 for IDEFICS) the trained blocks and their AdamW
         # states would be bf16 and most small updates would round away. Read in bf16 and cast after, the LM's rotary
@@ -191,6 +185,7 @@ class Trainer:
             model, processor = build_model(config)
         assert processor is not None
         self.model, self.processor = model, processor
+        model.name_or_path = None  # trained from here on: no longer the model saved where it was loaded from
         check_trainable_quantization(model.config.quantize_frozen, "model.flamingo.quantize_frozen (or the saved "
                                      "mode of model.init_from, which it overrides)")
         if t.frozen_dtype:
@@ -653,6 +648,7 @@ class Trainer:
             model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
             with open(os.path.join(out, "train_config.json"), "w") as f:
                 json.dump(asdict(self.config), f, indent=2)
+        self.model.name_or_path = out  # what an evaluation of the trained model names it by (eval/runner.py)
         if self.world > 1:
             dist.barrier()
         return out

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import PROCESSOR_CONFIG_NAME, FlamingoConfig
+from .model import lora
 from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
 from .model.flamingo import Flamingo, checked_torch_dtype
 from .processing import (
@@ -75,6 +76,8 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     vocab = lm_model.get_input_embeddings().num_embeddings
     check_token_rows(tokenizer, config, added, vocab)
     config.pad_token_id = tokenizer.pad_token_id
+    if config.lm_lora is not None:  # new adapters: each target name must match (a typo trains without its own)
+        lora.check_targets(lm_model, config.lm_lora)
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
     if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
         model.to(torch_dtype)

@@ -158,7 +158,8 @@ def _check_frame_size(name: str, width: int, height: int, max_pixels: Optional[i
 
 
 def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int], name: str,
-            stop_when_kept: bool = False, max_seconds: Optional[float] = None, max_pixels: Optional[int] = None
+            stop_when_kept: bool = False, max_seconds: Optional[float] = None, max_pixels: Optional[int] = None,
+            seconds: Optional[float] = None
             ) -> tuple[dict[int, Image.Image], int, int, Optional[float], Optional[float]]:
     """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
 
@@ -166,6 +167,7 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
     variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). Only instants in `keep`
     are converted to images; with `stop_when_kept`, decoding stops once they all are. Each frame's size is checked
     (`_check_frame_size`) before it is converted. A frame past `max_seconds` raises `TooLong` (decoding stops there).
+    seconds: the clip's length by its header (from its first frame), which the last frame is not held past.
     Returns:
         (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock,
         seconds that frame is shown by its own duration or None).
@@ -199,12 +201,13 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
     if previous is None or last is None or start is None:
         return images, instants, decoded, last, None
     shown = _shown_seconds(previous)
+    if shown is not None and seconds is not None:  # a damaged or crafted frame duration: the header's end bounds it
+        shown = min(shown, max(seconds - (last - start), 0.0))
     total = _timeline_length(last - start, shown, step)
     if max_seconds is not None and (total - 1) * step > max_seconds:
         raise TooLong(f"longer than the {max_seconds:g} s allowed")
-    for j in range(instants, total):  # the last frame held past its start
-        if j in keep:
-            images[j] = frame_to_image(previous)
+    for j in sorted(k for k in keep if instants <= k < total):  # the kept instants where the last frame is held
+        images[j] = frame_to_image(previous)
     return images, max(instants, total), decoded, last, shown
 
 
@@ -330,7 +333,8 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         guess = set(uniform_frame_indices(predicted, max_frames))
         start = _video_start(stream)
         images, instants, decoded, last_t, shown = _sample(container.decode(stream), step, rate, guess, name,
-                                                           max_seconds=max_seconds, max_pixels=max_pixels)
+                                                           max_seconds=max_seconds, max_pixels=max_pixels,
+                                                           seconds=seconds)
     if not instants:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
     if expected and decoded < _TRUNCATED_FRACTION * expected:
@@ -345,7 +349,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         with av.open(source()) as container:
             missing = set(chosen) - images.keys()
             images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
-                              max_pixels=max_pixels)[0]
+                              max_pixels=max_pixels, seconds=seconds)[0]
     return [images[i] for i in chosen]
 
 

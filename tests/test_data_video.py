@@ -4,6 +4,7 @@ read videos and animated images with the processor's sampling (its `video_fps` a
 as a video as the image it is."""
 
 import io
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -169,6 +170,17 @@ def test_a_last_frame_shown_longer_than_a_step_is_sampled_while_it_is(fmt, codec
     conversions[0] = 0
     assert _close(_levels(decode_video(held, fps=1.0, max_frames=4)), [100, 200, 200, 200])  # instants 1, 3, 6, 8
     assert conversions[0] == 4
+
+
+def test_a_huge_last_frame_duration_costs_its_kept_instants_only(monkeypatch):
+    """A last frame shown 10^12 s (a damaged or crafted packet duration): the held tail converts only its kept
+    instants (it walked every instant, hours), and the header's length bounds how long the frame is held."""
+    held = _encode(_greys(SLIDES), fmt="matroska", rate=25, pts_ms=[0, 1000, 2000], last_ms=10**15, codec="mpeg4")
+    start = time.perf_counter()
+    assert _close(_levels(decode_video(held, fps=1.0, max_frames=4)), [200] * 4)  # all four in the held tail
+    assert time.perf_counter() - start < 5  # (was linear in the duration: 10^8 s took 8 s)
+    monkeypatch.setattr(video, "_header_seconds", lambda container, stream: 4.0)  # a header saying 4 s
+    assert _close(_levels(decode_video(held, fps=1.0, max_frames=16)), [0, 100, 200, 200])
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "matroska"])

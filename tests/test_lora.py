@@ -311,3 +311,18 @@ def test_a_merged_model_refuses_what_its_final_save_or_export_would_lose(backbon
         check_final_save(packed, None)
     with pytest.raises(ValueError, match="train.save_trained_only: true or null"):
         check_final_save(packed, False)  # quantized backbones are never saved whole
+
+
+def test_a_saved_model_whose_target_list_names_a_module_it_lacks_still_loads(make_model, tmp_path, caplog):
+    """A target list written for several architectures (`query_key_value` beside q/v on a Llama) matched what it
+    could before names matching nothing were refused: such a saved model loads with its adapters, and warns."""
+    model, processor = make_model("llama", lm_lora={**SPEC, "target_modules": ["q_proj"]})
+    _perturb_adapters(model)
+    model.config.lm_lora = {**model.config.lm_lora, "target_modules": ["q_proj", "query_key_value"]}  # as saved then
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    with caplog.at_level("WARNING", logger="flamingo.model.lora"):
+        loaded, _ = load_pretrained(str(tmp_path / "m"))
+    assert "['query_key_value'] match no module" in caplog.text
+    text = processor("<image>Question: what? Short answer:", images=[random_image(0)])
+    with torch.no_grad():
+        assert torch.equal(loaded(**text).logits, model(**text).logits)

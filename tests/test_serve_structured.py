@@ -264,3 +264,18 @@ def test_template_stops_never_cut_structured_json_but_the_requests_stop_does(ser
         assert (whole["finish_reason"], whole["message"]["content"]) == ("stop", '{"note":"### End. ok"}')
         cut = httpx.post(url + "/v1/chat/completions", json={**body, "stop": ["End"]}, timeout=60).json()["choices"][0]
         assert (cut["finish_reason"], cut["message"]["content"]) == ("stop", '{"note":"### ')
+
+
+def test_bounds_are_read_from_schemas_not_from_data_values():
+    """`examples`, `default`, `const` and `enum` hold JSON data: a key `maximum` there is no bound (such schemas
+    compile); a property that happens to be named `default` or `examples` is a schema and is checked."""
+    from flamingo.serve.structured import GrammarError, check_numbers
+
+    data = {"maximum": 1e20, "minimum": -1e20, "multipleOf": 123456789}
+    check_numbers({"type": "object", "examples": [data], "default": data, "const": data, "enum": [data],
+                   "properties": {"x": {"type": "object", "default": data}}})
+    for name in ("default", "examples", "enum"):
+        with pytest.raises(GrammarError, match=rf"schema.properties.{name}.maximum = 1e\+20"):
+            check_numbers({"type": "object", "properties": {name: {"type": "number", "maximum": 1e20}}})
+    with pytest.raises(GrammarError, match=r"schema.\$defs.a.minimum"):
+        check_numbers({"$defs": {"a": {"type": "integer", "minimum": -1e20}}, "$ref": "#/$defs/a"})

@@ -133,7 +133,7 @@ class Flamingo(nn.Module):
         self.vision.requires_grad_(not config.freeze_vision)
         self.lm.requires_grad_(not config.freeze_lm)
         if config.lm_lora is not None:  # adapters injected in place (model/lora.py): only they train in the LM
-            lora.apply_lora(self.lm, config.lm_lora)
+            lora.apply_lora(self.lm, config.lm_lora, new=False)  # a new model's names: from_backbones checks them
         for j, i in enumerate(self.xattn_layer_indices):
             layers[i].register_forward_pre_hook(partial(self._layer_pre_hook, j), with_kwargs=True)
         self.lm.get_input_embeddings().register_forward_hook(self._embedding_hook)

@@ -15,6 +15,7 @@ modules.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 
 from ..config import lora_spec
 from .quantize import QuantizedLinear
+
+log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 ADAPTER_MARK = ".lora_"  # in the state-dict keys of the adapters' tensors (lora_A, lora_B, lora_embedding_A, ...)
@@ -40,9 +43,26 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
+def unmatched_targets(lm: nn.Module, spec: dict[str, Any]) -> list[str]:
+    """The names in `spec["target_modules"]` that match no module of `lm` (a typo trains without those adapters)."""
+    names = [n for n, _ in lm.named_modules()]
+    return [t for t in lora_spec(spec)["target_modules"] if not any(_matches(n, t) for n in names)]
+
+
+def check_targets(lm: nn.Module, spec: dict[str, Any]) -> None:
+    """Refuse, for adapters about to be trained, a target name that matches nothing while others match (none
+    matching is `apply_lora`'s error). A saved model is loaded with the adapters its names matched: only warned."""
+    unmatched = unmatched_targets(lm, spec)
+    if unmatched and len(unmatched) < len(lora_spec(spec)["target_modules"]):
+        raise ValueError(f"lm_lora.target_modules {unmatched} match no module of {type(lm).__name__}: check the "
+                         "spelling (a name left out would train without its adapters)")
+
+
+def apply_lora(lm: nn.Module, spec: dict[str, Any], new: bool = True) -> nn.Module:
     """Inject LoRA adapters into `lm` in place (its other weights are frozen; only the adapters require grad);
-    returns `lm`. `Flamingo` calls this from `config.lm_lora`; it also serves a bare LM (a peer's, in a bench)."""
+    returns `lm`. `Flamingo` calls this from `config.lm_lora`; it also serves a bare LM (a peer's, in a bench).
+    new: adapters about to be trained, so a target name matching nothing is refused (`check_targets`); False for a
+    saved model's (warned: its adapters are those its names matched when it was made)."""
     spec = lora_spec(spec)
     peft = _peft()
     if has_lora(lm):
@@ -50,10 +70,11 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any]) -> nn.Module:
     tables = {id(m) for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None} \
         if hasattr(lm, "get_input_embeddings") else set()
     names = [n for n, m in lm.named_modules() if any(_matches(n, t) for t in spec["target_modules"])]
-    unmatched = [t for t in spec["target_modules"] if not any(_matches(n, t) for n in names)]
-    if unmatched and len(unmatched) < len(spec["target_modules"]):  # none matching: refused below, with examples
-        raise ValueError(f"lm_lora.target_modules {unmatched} match no module of {type(lm).__name__}: check the "
-                         "spelling (a name left out would train without its adapters)")
+    if names and new:
+        check_targets(lm, spec)
+    elif names and unmatched_targets(lm, spec):
+        log.warning("lm_lora.target_modules %s match no module of %s (adapters on the others)",
+                    unmatched_targets(lm, spec), type(lm).__name__)
     _check_not_quantized(lm, names)
     hooked = [n for n, m in lm.named_modules() if id(m) in tables and n in names]
     if hooked:

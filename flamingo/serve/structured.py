@@ -34,6 +34,8 @@ except ImportError:  # pragma: no cover - exercised only without the serve extra
 # compact JSON: a model that cannot pad with whitespace writes the answer sooner (OpenAI's answers are compact too)
 _JSON_OPTIONS = {"whitespace_flexible": False}
 BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+DATA_KEYWORDS = ("const", "enum", "default", "examples")  # their values are JSON data, not schemas: not walked
+NAME_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema maps
 BOUND_LIMIT = 2**53  # bounds within +-2**53 are exact as doubles, as llguidance reads them, and far from its 64 bits
 # llguidance builds the multiples of `multipleOf` as an automaton that grows with its significant digits: 4 take
 # under 0.1 s to build, 5 up to seconds, 6 tens of seconds, 10 more than minutes (a worker thread held all along)
@@ -52,10 +54,12 @@ def check_numbers(schema: Any) -> None:
     """Refuse a schema, before llguidance sees it, with a number llguidance cannot take (anywhere in it): a bound
     (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`) outside +-2**53, which crashes the process or
     clamps (module docstring), or a `multipleOf` of more than `MAX_MULTIPLE_DIGITS` significant digits."""
-    stack: list[tuple[Any, str]] = [(schema, "schema")]
+    stack: list[tuple[Any, str, bool]] = [(schema, "schema", False)]  # (node, where, a map of names to schemas)
     while stack:
-        node, where = stack.pop()
-        if isinstance(node, dict):
+        node, where, names = stack.pop()
+        if isinstance(node, dict) and names:  # `properties`, `$defs`, ...: any key is a name, each value a schema
+            stack.extend((value, f"{where}.{key}", False) for key, value in node.items())
+        elif isinstance(node, dict):
             for key, value in node.items():
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if number and key in BOUND_KEYWORDS and not -BOUND_LIMIT <= value <= BOUND_LIMIT:  # NaN too
@@ -64,9 +68,10 @@ def check_numbers(schema: Any) -> None:
                 if number and key == "multipleOf" and _significant_digits(value) > MAX_MULTIPLE_DIGITS:
                     raise GrammarError(f"{where}.multipleOf = {value!r}: at most {MAX_MULTIPLE_DIGITS} significant "
                                        "digits are supported (the grammar of its multiples grows with them)")
-                stack.append((value, f"{where}.{key}"))
+                if key not in DATA_KEYWORDS:
+                    stack.append((value, f"{where}.{key}", key in NAME_MAPS))
         elif isinstance(node, list):
-            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
+            stack.extend((value, f"{where}[{i}]", False) for i, value in enumerate(node))
 
 
 def _significant_digits(value: float) -> int:

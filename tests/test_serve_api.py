@@ -249,7 +249,7 @@ def slow_step(self):  # a decode step of a bigger model: an answer takes seconds
 
 Engine._decode_step = slow_step
 model_dir, port, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-engine = build_engine(model_dir, max_batch=4)
+engine = build_engine(model_dir, max_batch=5)
 engine.eos = set()  # no stop token: every answer runs its max_tokens
 serve(engine, settings_for(model_dir), port=port, grace=grace, log_level="warning")
 """
@@ -297,6 +297,12 @@ def test_sigterm_past_the_grace_ends_each_stream_with_an_error_event(tmp_path):
             client.start()
         for name in streams:
             assert started[name].wait(30), name
+        # the whole request running beside the streams' 4 rows (not yet arrived, it would be refused as a request
+        # arriving during the shutdown: a 503)
+        deadline = time.monotonic() + 30
+        while "flamingo_running_rows 5" not in httpx.get(url + "/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "the whole request is not running"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         for client in clients:

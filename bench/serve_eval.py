@@ -33,7 +33,8 @@ def _eval(args: argparse.Namespace, task: str, out: str, server: str = "") -> fl
     cmd = [sys.executable, "-m", "flamingo.cli", "eval", "--model", args.model, "--task", task, "--data",
            os.path.join(args.data, task), "--shots", *map(str, args.shots), "--trials", "1", "--num-samples",
            str(args.num_samples), "--num-beams", "1", "--batch-size", "16", "--no-progress", "--cider-tokenizer",
-           "python", "--out", out] + (["--server", server] if server else [])
+           "python", "--demo-separator", "", "--out", out] + (["--server", server] if server else [])
+    # (the demo's model reads its demos joined with nothing, as its documents join chunks: flamingo_demo/evaluate.py)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # its own error, not a bare CalledProcessError that hides it

@@ -40,7 +40,7 @@ def test_demos_and_query_are_turns_of_the_models_chat_format():
         vqa.use_chat(fmt)
         assert build_prompt(vqa, query, [demo1])[0] == fmt.render(turns)
     vqa.use_chat(None)
-    assert build_prompt(vqa, query, [demo1])[0] == vqa.demo_prompt(demo1) + vqa.query_prompt(query)
+    assert build_prompt(vqa, query, [demo1])[0] == vqa.demo_prompt(demo1) + "\n" + vqa.query_prompt(query)
 
 
 def test_ranked_candidates_are_the_assistants_answer_and_end_marker():

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import flamingo_demo.evaluate as demo_evaluate
 from flamingo import load_pretrained
-from flamingo.eval import evaluate, rices
+from flamingo.eval import evaluate, rices, runner
 from flamingo.eval.classification import ClassificationTask
-from flamingo.eval.demos import DemoSelector, prompt_demos
+from flamingo.eval.demos import RANDOM_QUERY_SET, DemoSelector, prompt_demos
 from flamingo.eval.distributed import gather_by_index, shard
 from flamingo.eval.predict import MediaLoader, build_prompt, needed_tokens, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
@@ -28,7 +29,13 @@ from flamingo.tiny import (
     tiny_flamingo,
 )
 
-from helpers import continuation_logprobs_reference, make_classification, make_videoqa, make_vqa
+from helpers import (
+    continuation_logprobs_reference,
+    make_captioning,
+    make_classification,
+    make_videoqa,
+    make_vqa,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +82,7 @@ class PresetFeatures(FeatureCache):
     def __init__(self, table):
         self.table, self.features = table, {}
 
-    def get(self, ids, first_media, shared=False):  # one process: nothing to share
+    def get(self, first_media, shared=False):  # one process: nothing to share
         return torch.stack([self.table[m] for m in first_media])
 
 
@@ -446,3 +453,108 @@ def test_queries_with_unreadable_media_are_skipped_and_counted(model_and_process
     with pytest.raises(ValueError, match=r"2 of 3 queries of .* have media that cannot be read .*10\.png"):
         evaluate(model, processor, "classification", str(broken), shots=[0], trials=1, zero_shot="none",
                  progress=False)
+
+
+def test_the_mini_demo_evaluates_with_nothing_between_demos_as_its_documents_join_chunks(model_and_processor,
+                                                                                          tmp_path, monkeypatch):
+    """`flamingo demo` evaluates a model trained on documents that join chunks with nothing
+    (`<|endofchunk|><image>`): its VQA and captioning prompts keep that, not OpenFlamingo's "\\n" after each demo."""
+    model, processor = model_and_processor
+    monkeypatch.setattr(demo_evaluate, "load_pretrained", lambda path: (model, processor))
+    prompts = []
+    spy = runner.build_prompt
+    monkeypatch.setattr(runner, "build_prompt", lambda *a, **k: prompts.append(spy(*a, **k)[0]) or spy(*a, **k))
+    tasks = [{"name": name, "harness_task": name, "data_dir": str(make(tmp_path / name)), "shots": [0, 2],
+              "num_samples": 2, "out_dir": str(tmp_path / "out" / name)}
+             for name, make in (("vqa", make_vqa), ("captioning", make_captioning))]
+    results = demo_evaluate.run_eval_job({"name": "flamingo", "model_dir": "unused", "gates_zero": False, "seed": 0,
+                                          "batch_size": 2, "tasks": tasks})
+    assert all(r["settings"]["demo_separator"] == "" for r in results.values())
+    assert len(prompts) == 8 and not any("\n" in p for p in prompts)
+    assert all("<|endofchunk|>Question:" in p or "<|endofchunk|>Output:" in p for p in prompts[:2] + prompts[4:6])
+    assert all("<|endofchunk|><image>" in p for p in prompts[2:4] + prompts[6:])  # 2 shots
+
+
+def test_nearest_gives_the_same_neighbours_a_block_of_queries_at_a_time(monkeypatch):
+    """A whole train split as the pool: `nearest` holds a block of query rows' similarities at a time, and the
+    neighbours are those of one matmul."""
+    torch.manual_seed(0)
+    pool, query = _unit(torch.randn(9, 4)), _unit(torch.randn(5, 4))
+    whole = nearest(query, pool, 3)
+    monkeypatch.setattr(rices, "SIMILARITY_BLOCK", 20)  # 2 query rows of 9 similarities a block
+    assert torch.equal(nearest(query, pool, 3), whole)
+    assert nearest(query[:0], pool, 3).shape == (0, 3)
+
+
+def test_rices_searches_the_whole_train_split_by_default_with_the_same_demos_every_trial():
+    """OpenFlamingo and Flamingo retrieve RICES demos from the whole train split: a pool larger than random demos'
+    query set (RANDOM_QUERY_SET) is searched whole by default, so a near-copy of the query that a 2048-sample query
+    set leaves out is its nearest demo whatever the trial seed, and the demos are the same in every trial. A query
+    set given explicitly still restricts the search; random demos keep their 2048 unless told."""
+    n = RANDOM_QUERY_SET + 952
+    g = torch.Generator().manual_seed(0)
+    feats = _unit(torch.randn(n + 1, 16, generator=g))
+    pool = _samples(n, "p")
+    table = {s.media[0]: feats[i] for i, s in enumerate(pool)}
+    drawn = {s.id for s in DemoSelector(pool, "random", RANDOM_QUERY_SET, seed=0).query_set}
+    twin = next(i for i in range(n) if f"p{i}" not in drawn)  # left out of seed 0's random query set
+    query = Sample(id="q", media=["q.png"], fields={"question": "q"}, answer="a")
+    table["q.png"] = _unit(feats[twin] + 0.05 * feats[n])
+    per_seed = [[d.id for d in DemoSelector(pool, "rices", seed=seed, features=PresetFeatures(table)).select(
+        query, 0, 4)] for seed in range(3)]
+    assert per_seed[0][-1] == f"p{twin}" and per_seed == [per_seed[0]] * 3  # most similar last, every trial
+    assert len(DemoSelector(pool, "rices", features=PresetFeatures(table)).query_set) == n
+    given = DemoSelector(pool, "rices", RANDOM_QUERY_SET, seed=0, features=PresetFeatures(table))
+    assert len(given.query_set) == RANDOM_QUERY_SET and f"p{twin}" not in [d.id for d in given.select(query, 0, 4)]
+    assert len(DemoSelector(pool, "random", seed=0).query_set) == RANDOM_QUERY_SET
+    assert len(DemoSelector(pool, "random", "all", seed=0).query_set) == n
+    for bad in (0, -3, "some", 2.5, True):
+        with pytest.raises(ValueError, match="query_set must be >= 1, 'all'"):
+            DemoSelector(pool, "random", bad)
+
+
+def test_evaluate_records_the_query_set_it_used_and_rices_demos_repeat_across_trials(model_and_processor, tmp_path,
+                                                                                      monkeypatch):
+    """`settings.query_set` is the number of train samples demos came from: by default RICES's whole split and
+    random demos' RANDOM_QUERY_SET (3 here, fewer than the fixture's 5 train questions), or what was asked."""
+    model, processor = model_and_processor
+    monkeypatch.setattr("flamingo.eval.demos.RANDOM_QUERY_SET", 3)
+    data = make_vqa(tmp_path / "data")
+    quick = dict(shots=[2], trials=2, num_samples=3, progress=False, generation={"max_new_tokens": 1, "num_beams": 1})
+    for demos, query_set, used in (("rices", None, 5), ("random", None, 3), ("random", "all", 5), ("rices", 2, 2)):
+        out = tmp_path / f"{demos}{query_set}"
+        results = evaluate(model, processor, "vqa", str(data), demos=demos, query_set=query_set, out_dir=str(out),
+                           **quick)
+        assert results["settings"]["query_set"] == used
+        if demos == "rices" and query_set is None:
+            trials = [[json.loads(line)["demo_ids"] for line in (out / "predictions" / f"vqa_2shot_trial{t}.jsonl")
+                       .open()] for t in range(2)]
+            assert trials[0] == trials[1]
+
+
+def test_feature_cache_encodes_a_batch_at_a_time_once_with_a_progress_bar(model_and_processor, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A whole train split's features: `batch_size` media decoded and encoded at a time (never every image's pixels
+    at once), each file once (samples showing one image share it), with a progress bar for more than one batch; an
+    unreadable file gets a zero row."""
+    model, processor = model_and_processor
+    paths = []
+    for i in range(5):
+        random_image(i).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    paths.insert(2, str(tmp_path / "missing.png"))
+    sizes, pooled = [], rices.pooled_features
+    monkeypatch.setattr(rices, "pooled_features",
+                        lambda model, media, batch_size=32: sizes.append(len(media)) or pooled(model, media,
+                                                                                               batch_size))
+    cache = FeatureCache(model, MediaLoader(processor), batch_size=2, progress=True)
+    got = cache.get(paths + paths[:1])[:-1]  # the first image twice (two questions on one image)
+    assert sizes == [2, 1, 2]  # batches of 2 files, the missing one not encoded, the repeated one once
+    assert "RICES features" in capsys.readouterr().err
+    readable = [p for p in paths if "missing" not in p]
+    expected = pooled(model, [processor.preprocess_media(p) for p in readable])
+    assert torch.allclose(got[[0, 1, 3, 4, 5]], expected, atol=1e-5) and not got[2].any()
+    # each feature its own storage: pickled (all-gathered under torchrun) without the rest of its batch
+    assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in cache.features.values()
+               if f is not None)
+    assert torch.equal(cache.get(paths[::-1] + paths[:1]), torch.cat([got.flip(0), got[:1]])) and len(sizes) == 3

@@ -163,8 +163,8 @@ def test_candidate_scores_equal_score_batch(served, tmp_path):
     loader = MediaLoader(processor)
     by_server = RemoteModel(url).score_batch(processor, loader, task, prompts, candidates)
     inputs = _left_padded_inputs(model, processor, loader, prompts)
-    in_process = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c)
-                                                             for c in candidates], **inputs)
+    in_process = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c, text)
+                                                             for c, (text, _) in zip(candidates, prompts)], **inputs)
     for remote, local in zip(by_server, in_process, strict=True):
         assert remote == pytest.approx(local.tolist(), abs=5e-3)
     assert len({round(v, 3) for v in by_server[0]}) == 4  # distinct scores: the comparison can tell them apart
@@ -215,3 +215,34 @@ def test_a_gif_reaches_the_server_as_the_video_it_is_in_process(tmp_path):
     served = load_medium(url, MediaPolicy(root=None), fps=processor.video_fps, max_frames=processor.max_frames)
     assert isinstance(served, list) and len(served) == 3 and all(isinstance(f, Image.Image) for f in served)
     assert torch.equal(processor.preprocess_media(served), processor.preprocess_media(str(path)))
+
+
+def test_ranked_requests_carry_each_candidate_as_the_prompt_with_its_answer_tokenizes(tmp_path, monkeypatch):
+    """The server scores the ids in-process scoring scores (`continuation_ids_of` on the prompt's text): with a
+    LLaMA-1-era tokenizer (word-start `▁` before every text run), each candidate's prompt is the token ids of the
+    prompt with that answer written out, not the prompt's ids followed by the answer tokenized alone."""
+    from test_tokenizer_legacy import _llama_dir
+
+    from flamingo.build import flamingo_processor
+    from flamingo.eval.predict import MediaLoader, build_prompt
+    from flamingo.eval.tasks import get_task
+    from flamingo.tiny import tiny_image_processor
+
+    processor, _ = flamingo_processor(str(_llama_dir(tmp_path / "lm", "absent")), tiny_image_processor(),
+                                      max_frames=1, max_positions=None)
+    task = get_task("hateful_memes")
+    samples = task.load(str(DATASET_MAKERS["hateful_memes"](tmp_path / "data")), "test")[:2]
+    prompts = [build_prompt(task, s, []) for s in samples]
+    sent = []
+
+    def answer(self, path, bodies):  # what a server answers: a log-probability of 0 per token
+        sent.extend(bodies)
+        return [{"choices": [{"index": j, "logprobs": {"token_logprobs": [0.0] * len(ids)}}
+                             for j, ids in enumerate(body["prompt"])]} for body in bodies]
+
+    monkeypatch.setattr(RemoteModel, "_post_all", answer)
+    monkeypatch.setattr(RemoteModel, "_card", lambda self: {})
+    RemoteModel("http://127.0.0.1:1").score_batch(processor, MediaLoader(processor), task, prompts,
+                                                  [["yes", "no"]] * 2)
+    assert [body["prompt"] for body in sent] == [[processor.prompt_ids(text + task.continuation(c))
+                                                  for c in ("yes", "no")] for text, _ in prompts]

@@ -5,16 +5,24 @@ prediction; the `flamingo eval` subcommand; bad inputs are refused."""
 import argparse
 import json
 import os
+import string
 import warnings
 
 import pytest
 
 from flamingo import load_pretrained
+from flamingo.build import flamingo_processor
+from flamingo.chat import OTTER_ANSWER, ChatFormat, IdeficsChat, OtterChat
+from flamingo.config import END_OF_UTTERANCE
 from flamingo.eval import evaluate
 from flamingo.eval.cli import add_eval_subcommand
+from flamingo.eval.predict import build_prompt, continuation_ids_of
+from flamingo.eval.task import Sample
 from flamingo.eval.tasks import TASKS, get_task
 from flamingo.tiny import (
+    random_image,
     tiny_flamingo,
+    tiny_image_processor,
 )
 
 from helpers import (
@@ -177,7 +185,7 @@ def test_eval_subcommand_writes_results_and_prints_the_summary_as_json(saved_mod
                               "--out", str(tmp_path / "out"), "--no-progress"])
     assert args.func(args) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["settings"]["demos"] == "rices" and results["settings"]["query_set"] is None
+    assert results["settings"]["demos"] == "rices" and results["settings"]["query_set"] == 5  # the 5 train images
     assert results["model"] == saved_model
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
     assert summary == {f"{r['metric']}@{r['shots']}": r["mean"] for r in results["summary"]}
@@ -489,3 +497,227 @@ def test_eval_subcommand_overrides_the_length_penalty(saved_model, tmp_path):
     assert args.func(args) == 0
     generation = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["generation"]
     assert generation == {"max_new_tokens": 2, "num_beams": 3, "length_penalty": 1.0}
+
+
+# ---------------------------------------------------------------------------------- OpenFlamingo's prompts, layouts
+def _prompt_samples(fields):
+    return [Sample(f"s{k}", [f"/img/{k}.png"], f, answer=a) for k, (f, a) in enumerate(fields)]
+
+
+def test_vqa_and_captioning_prompts_are_openflamingos_verbatim():
+    """OpenFlamingo's evaluate.py writes `get_vqa_prompt(...) + "\\n"` / `get_caption_prompt(...) + "\\n"` per demo
+    (image tags removed at 0 shots) and `get_hateful_memes_prompt(...)` with nothing after: the strings below are
+    what its prompt functions and that assembly give for these demos."""
+    demo1, demo2, query = _prompt_samples([({"question": "what colour?"}, "red"), ({"question": "how many?"}, "two"),
+                                           ({"question": "what shape?"}, "")])
+    vqa = get_task("vqa")
+    assert build_prompt(vqa, query, [demo1, demo2])[0] == (
+        "<image>Question:what colour? Short answer:red<|endofchunk|>\n"
+        "<image>Question:how many? Short answer:two<|endofchunk|>\n"
+        "<image>Question:what shape? Short answer:")
+    assert build_prompt(vqa, query, [demo1, demo2], with_media=False)[0] == (  # 0 shots: two text-only demos
+        "Question:what colour? Short answer:red<|endofchunk|>\n"
+        "Question:how many? Short answer:two<|endofchunk|>\n"
+        "<image>Question:what shape? Short answer:")
+    demo1, demo2, query = _prompt_samples([({}, "A dog on a bed."), ({}, "Two cats."), ({}, "")])
+    for name in ("captioning", "video_captioning"):  # video captioning: the same task, the same prompt
+        assert build_prompt(get_task(name), query, [demo1, demo2])[0] == (
+            "<image>Output:A dog on a bed.<|endofchunk|>\n<image>Output:Two cats.<|endofchunk|>\n<image>Output:")
+        assert build_prompt(get_task(name), query, [demo1, demo2], with_media=False)[0] == (
+            "Output:A dog on a bed.<|endofchunk|>\nOutput:Two cats.<|endofchunk|>\n<image>Output:")
+    demo1, demo2, query = _prompt_samples([({"text": "one"}, "yes"), ({"text": "two"}, "no"), ({"text": "three"}, "")])
+    hateful = get_task("hateful_memes")
+    assert build_prompt(hateful, query, [demo1, demo2])[0] == (
+        "<image>is an image with: 'one' written on it. Is it hateful? Answer:yes<|endofchunk|>"
+        "<image>is an image with: 'two' written on it. Is it hateful? Answer:no<|endofchunk|>"
+        "<image>is an image with: 'three' written on it. Is it hateful? Answer:")
+    assert build_prompt(hateful, query, [demo1, demo2], with_media=False)[0] == (
+        "is an image with: 'one' written on it. Is it hateful? Answer:yes<|endofchunk|>"
+        "is an image with: 'two' written on it. Is it hateful? Answer:no<|endofchunk|>"
+        "<image>is an image with: 'three' written on it. Is it hateful? Answer:")
+    assert {n for n, cls in TASKS.items() if cls.demo_separator} == {"vqa", "captioning", "video_captioning"}
+    # overridden by name; the query alone has no separator
+    assert build_prompt(get_task("captioning", demo_separator=""), query, [demo1])[0] == (
+        "<image>Output:yes<|endofchunk|><image>Output:")
+    assert build_prompt(get_task("hateful_memes", demo_separator=" "), query, [])[0] == hateful.query_prompt(query)
+    with pytest.raises(ValueError, match="demo_separator"):
+        get_task("vqa", demo_separator=1)
+
+
+def test_the_demo_separator_is_recorded_and_overridden_from_evaluate_and_the_cli(saved_model, model_and_processor,
+                                                                                  tmp_path, monkeypatch):
+    import flamingo.eval.runner as runner
+
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    prompts = []
+    spy = runner.build_prompt
+    monkeypatch.setattr(runner, "build_prompt", lambda *a, **k: prompts.append(spy(*a, **k)[0]) or spy(*a, **k))
+    one = dict(shots=[1], trials=1, num_samples=2, progress=False, generation={"max_new_tokens": 2, "num_beams": 1})
+    results = evaluate(model, processor, "vqa", str(data), **one, demo_separator="||")
+    assert results["settings"]["demo_separator"] == "||"
+    assert prompts and all("<|endofchunk|>||<image>Question:" in p for p in prompts)
+    with pytest.raises(ValueError, match="demo_separator"):  # a Task instance has its own
+        evaluate(model, processor, get_task("vqa"), str(data), **one, demo_separator="")
+    with pytest.raises(ValueError, match="chat"):
+        evaluate(model, processor, "vqa", str(data), **one, demo_separator="", chat=True)
+    parser = argparse.ArgumentParser()
+    add_eval_subcommand(parser.add_subparsers(dest="command"))
+    base = ["eval", "--model", saved_model, "--task", "vqa", "--data", str(data), "--shots", "1", "--trials", "1",
+            "--num-samples", "2", "--max-new-tokens", "2", "--num-beams", "1", "--no-progress"]
+    for n, (given, separator) in enumerate(((None, "\n"), ("", ""), (r"\n\n", "\n\n"), ("\n", "\n"),
+                                            ("é\\t", "é\t"))):
+        prompts.clear()
+        out = tmp_path / f"out{n}"
+        args = parser.parse_args(base + ["--out", str(out)] + ([] if given is None else [f"--demo-separator={given}"]))
+        assert args.demo_separator == (None if given is None else separator)
+        assert args.func(args) == 0
+        assert json.loads((out / "results.json").read_text())["settings"]["demo_separator"] == separator
+        assert all(f"<|endofchunk|>{separator}<image>Question:" in p for p in prompts), (given, prompts)
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--demo-separator", "\\x"])  # a broken escape: argparse's error
+
+
+def _official_vqa(root, image_ids, files):
+    """A VQA split per `image_ids` (its test split: the same) with empty image `files` under images/."""
+    (root / "images").mkdir(parents=True)
+    for name in files:
+        (root / "images" / name).touch()
+    for split in ("train", "test"):
+        write_json(root / f"{split}_questions.json", {"questions": [
+            {"question_id": k, "image_id": i, "question": "what is it?"} for k, i in enumerate(image_ids)]})
+        write_json(root / f"{split}_annotations.json", {"annotations": [
+            {"question_id": k, "answers": [{"answer": "cat"}] * 10} for k in range(len(image_ids))]})
+    return root
+
+
+def test_vizwiz_image_ids_that_are_file_names_are_found_and_evaluate(model_and_processor, tmp_path):
+    """OpenFlamingo's VizWiz files name each image by its file name (`"image_id": "VizWiz_val_00000000.jpg"`)."""
+    model, processor = model_and_processor
+    root = tmp_path / "vizwiz"
+    names = [f"VizWiz_val_{k:08d}.jpg" for k in range(3)]
+    _official_vqa(root, names, [])
+    for k, name in enumerate(names):
+        random_image(k).save(root / "images" / name)
+    samples = get_task("vqa").load(str(root), "test")
+    assert [s.media for s in samples] == [[str(root / "images" / n)] for n in names]
+    results = evaluate(model, processor, "vqa", str(root), shots=[0, 1], trials=1, progress=False,
+                       generation={"max_new_tokens": 2, "num_beams": 1})
+    assert [r["skipped"] for r in results["runs"]] == [0, 0]
+
+
+def test_vqa_lists_its_image_directory_once_per_split_not_once_per_question(tmp_path, monkeypatch):
+    """VQAv2's images keep COCO's names (`COCO_val2014_000000000042.jpg`): a directory listing per question took
+    ~33 ms each on val2014's 40,504 files, hours for VQAv2."""
+    from pathlib import Path
+
+    ids = [i % 50 for i in range(200)] + [999]  # 200 questions over 50 images; 999 has none
+    files = [f"COCO_val2014_{i:012d}.jpg" for i in range(50)] + ["tx7.png", "abc.jpg"]
+    root = _official_vqa(tmp_path / "vqav2", ids + ["tx7", "abc"], files)
+    calls = {"list": 0, "stat": 0}
+
+    def counting(kind, original):
+        def wrapped(*a, **k):
+            calls[kind] += 1
+            return original(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(Path, "glob", counting("list", Path.glob))
+    monkeypatch.setattr(Path, "iterdir", counting("list", Path.iterdir))
+    monkeypatch.setattr(os, "scandir", counting("list", os.scandir))
+    monkeypatch.setattr(os, "listdir", counting("list", os.listdir))
+    monkeypatch.setattr(Path, "is_file", counting("stat", Path.is_file))
+    samples = get_task("vqa").load(str(root), "test")
+    assert calls["list"] == 1 and calls["stat"] < 10, calls
+    images = root / "images"
+    assert [s.media[0] for s in samples[:51]] == [str(images / f"COCO_val2014_{i % 50:012d}.jpg") for i in range(51)]
+    assert [s.media[0] for s in samples[200:]] == [str(images / n) for n in ("999.jpg", "tx7.png", "abc.jpg")]
+
+
+def test_hateful_memes_reads_phase_1s_dev_jsonl_when_test_jsonl_is_unlabeled(tmp_path):
+    """The original (phase 1) download: train.jsonl, dev.jsonl and a test.jsonl without labels."""
+    root = tmp_path / "hm"
+    task = get_task("hateful_memes")
+    write_jsonl(root / "train.jsonl", [{"id": i, "img": f"img/{i}.png", "text": "t", "label": i % 2} for i in range(2)])
+    write_jsonl(root / "dev.jsonl", [{"id": i, "img": f"img/{i}.png", "text": "d", "label": i % 2}
+                                     for i in range(10, 14)])
+    assert [s.id for s in task.load(str(root), "test")] == ["10", "11", "12", "13"]  # no test.jsonl: dev.jsonl
+    write_jsonl(root / "test.jsonl", [{"id": i, "img": f"img/{i}.png", "text": "u"} for i in range(20, 23)])
+    with pytest.warns(UserWarning, match="test.jsonl' has no labels .*: evaluating dev.jsonl"):
+        assert [s.id for s in task.load(str(root), "test")] == ["10", "11", "12", "13"]
+    write_jsonl(root / "dev_seen.jsonl", [{"id": 30, "img": "img/30.png", "text": "s", "label": 1}])
+    with pytest.warns(UserWarning, match="evaluating dev_seen.jsonl"):  # the final release's, when both are there
+        assert [s.id for s in task.load(str(root), "test")] == ["30"]
+    (root / "dev_seen.jsonl").unlink()
+    (root / "dev.jsonl").unlink()
+    with pytest.raises(ValueError, match="has no labels .* no dev_seen.jsonl or dev.jsonl beside it"):
+        task.load(str(root), "test")
+    write_jsonl(root / "test.jsonl", [{"id": 40, "img": "img/40.png", "text": "l", "label": 0}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s.label for s in task.load(str(root), "test")] == [0]  # a labeled test.jsonl is the test split
+    (root / "test.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+        task.load(str(root), "test")
+
+
+# ------------------------------------------------------------------------------- ranked candidates' token ids
+RANKED = [name for name, cls in TASKS.items() if cls.kind == "rank"]
+CANDIDATES = ["yes", "no", "cat", "red bird", "a dog", "Yes."]
+
+
+def _ranked_samples(task, n):
+    """A query and demos of a ranked task: every field its template names filled, the candidates above."""
+    names = {f for _, f, _, _ in string.Formatter().parse(task.template) if f and f != "answer"}
+    return [Sample(f"s{k}", [f"/img/{k}.png"], {f: f"is the thing {k} red" for f in names}, answer="yes",
+                   candidates=CANDIDATES) for k in range(n)]
+
+
+def test_ranked_candidates_are_the_tokens_of_the_prompt_with_its_answer_written_out(tmp_path):
+    """A LLaMA-1-era tokenizer (its tokenizer.json prepends a word-start `▁` to every text run: IDEFICS, Otter-LLaMA,
+    OpenFlamingo v1, Med-Flamingo) gives a continuation tokenized alone a `▁` that "Answer:yes" in a demo never shows.
+    A candidate's ids are the tail of the ids of prompt + continuation (lm-eval-harness's split): prompt ids +
+    candidate ids == the ids of the prompt with the answer written out; where the joint ids do not start with the
+    prompt's (this tiny vocabulary merges across the boundary), the continuation alone. Chat prompts likewise; after
+    Otter's `<answer>` (a special token) a continuation starts its own run, so it keeps its ids alone."""
+    from test_tokenizer_legacy import _llama_dir
+
+    processor, _ = flamingo_processor(str(_llama_dir(tmp_path / "lm", "absent")), tiny_image_processor(),
+                                      max_frames=1, max_positions=None)
+    processor.tokenizer.add_tokens([OTTER_ANSWER, END_OF_UTTERANCE], special_tokens=True)  # as Otter's, IDEFICS's
+    joint = fallback = 0
+    for name in RANKED:
+        for chat in (None, OtterChat(), IdeficsChat()):
+            task = get_task(name)
+            task.use_chat(chat)
+            query, *demos = _ranked_samples(task, 3)
+            for shown in ([], demos):
+                prompt = build_prompt(task, query, shown)[0]
+                head = processor.prompt_ids(prompt)
+                for candidate, ids in zip(CANDIDATES, continuation_ids_of(processor, task, CANDIDATES, prompt)):
+                    whole = processor.prompt_ids(prompt + task.continuation(candidate))
+                    alone = processor.token_ids(task.continuation(candidate), special_tokens=False)
+                    if whole[:len(head)] != head:
+                        assert ids == alone
+                        fallback += 1
+                        continue
+                    assert head + ids == whole, (name, chat, candidate)
+                    assert (ids == alone) == isinstance(chat, OtterChat), (name, chat, candidate)
+                    joint += 1
+    assert joint > 10 * fallback > 0
+
+
+def test_byte_level_bpe_candidates_keep_the_ids_they_have_alone(model_and_processor):
+    """GPT-2 / NeoX / MPT-style byte-level BPE (the tiny models' tokenizer and the demo's) splits a word with its
+    leading space whatever precedes it: every ranked task's candidates are scored as the very ids of their
+    continuation tokenized alone, in template and chat prompts, with and without demos."""
+    _, processor = model_and_processor
+    for name in RANKED:
+        for chat in (None, ChatFormat(), OtterChat(), IdeficsChat()):
+            task = get_task(name)
+            task.use_chat(chat)
+            query, *demos = _ranked_samples(task, 3)
+            for shown in ([], demos):
+                ids = continuation_ids_of(processor, task, CANDIDATES, build_prompt(task, query, shown)[0])
+                assert ids == [processor.token_ids(task.continuation(c), special_tokens=False) for c in CANDIDATES]

@@ -18,6 +18,7 @@ class CaptioningTask(Task):
     requires = ("pycocoevalcap",)
     max_new_tokens = 20
     num_beams = 3
+    demo_separator = "\n"  # after each demo, as OpenFlamingo's evaluate.py writes its captioning prompts
 
     def __init__(self, template: str | None = None, answer_prefix: str | None = None,
                  tokenizer: str = "auto") -> None:

@@ -19,6 +19,23 @@ def _optional_int(value: str) -> Any:
     return None if value.lower() in ("all", "none") else int(value)
 
 
+def _escaped(value: str) -> str:
+    """A command-line string with Python's backslash escapes read (`"\\n"` -> a line break); other text as given."""
+    try:  # backslashreplace: characters beyond Latin-1 pass through unicode_escape unchanged
+        return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} holds a broken backslash escape ({e.reason})") from None
+
+
+def _query_set(value: str) -> Any:
+    """--query-set: a number >= 1, or "all" (the whole train split)."""
+    if value.lower() == "all":
+        return "all"
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'all', got {value!r}")
+    return int(value)
+
+
 def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add `eval` to a `parser.add_subparsers()` object; returns its parser."""
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
@@ -36,8 +53,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="numbers of demos, each run once per trial (sorted, duplicates dropped)")
     p.add_argument("--trials", type=int, default=3, help="seeds seed..seed+trials-1: mean ± std")
     p.add_argument("--demos", choices=METHODS, default="random", help="random demos or RICES (visual similarity)")
-    p.add_argument("--query-set", type=_optional_int, default=2048,
-                   help="demo candidates drawn per seed from the train split ('all' for all)")
+    p.add_argument("--query-set", type=_query_set, default=None,
+                   help="train samples demos come from, drawn per seed ('all': the whole split; default: 2048 for "
+                        "random demos, the whole split for RICES, as OpenFlamingo)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
     p.add_argument("--vision-cache-mb", type=float, default=None,
@@ -50,6 +68,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="write each demo and the query as chat turns in the model's format (Otter's, IDEFICS's: "
                         "its processor's template), for instruction-tuned models; the template's query text is "
                         "the user's turn")
+    p.add_argument("--demo-separator", type=_escaped, default=None,
+                   help='text after each demo, escapes read ("\\n", "" for none; default: the task\'s, "\\n" for vqa '
+                        'and captioning as OpenFlamingo, else "")')
     p.add_argument("--answer-prefix", default=None,
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -111,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
                            template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                            progress=not args.no_progress, generation=generation or None,
                            cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
-                           chat=args.chat)
+                           chat=args.chat, demo_separator=args.demo_separator)
         if rank() == 0:
             print(markdown_table(results))
             print(json.dumps({"task": results["task"], "out": args.out,

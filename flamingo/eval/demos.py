@@ -3,8 +3,9 @@
 - The demo pool is the task's train split, meant to be disjoint from the evaluated test split; a query is never its
   own demo all the same: pool samples showing its first media file are not drawn for it (`own`), and `evaluate`
   warns when the splits overlap. (Ids are not compared: splits often number their samples each from 0.)
-- Per trial seed, a *query set* of `query_set_size` pool samples is drawn once (OpenFlamingo's 2048 default);
-  demos come from it.
+- Demos come from a *query set* of pool samples (`query_set_size`): by default 2048 drawn once per trial seed for
+  random demos (OpenFlamingo's `get_query_set`) and the whole pool for RICES (OpenFlamingo and Flamingo retrieve
+  from the whole train split, so RICES demos are the same in every trial); a number or "all" sets it for either.
 - "random": k demos drawn without replacement, with a generator seeded by (seed, sample index) so that a sample's
   demos do not depend on batching or on which rank evaluates it.
 - "rices": the k query-set samples nearest to the sample in pooled vision features, most similar last (rices.py).
@@ -18,7 +19,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,10 +31,30 @@ if TYPE_CHECKING:
 METHODS = ("random", "rices")
 ZERO_SHOT = ("text", "none")
 ZERO_SHOT_TEXT_DEMOS = 2
+RANDOM_QUERY_SET = 2048  # random demos' default query set per seed (OpenFlamingo's `query_set_size`)
+QuerySet = Union[int, str, None]  # a number of pool samples, "all", or None: the method's default
+
+
+def check_query_set(query_set: QuerySet) -> None:
+    """Refuse a query set size that is not a number >= 1, "all" or None."""
+    if query_set is None or query_set == "all":
+        return
+    if isinstance(query_set, bool) or not isinstance(query_set, int) or query_set < 1:
+        raise ValueError(f"query_set must be >= 1, 'all' (the whole train split) or None ({RANDOM_QUERY_SET} for "
+                         f"random demos, the whole train split for RICES), got {query_set!r}")
+
+
+def effective_query_set(method: str, query_set: QuerySet, pool_size: int) -> int:
+    """How many of `pool_size` train samples a trial's demos come from: `query_set` ("all": every one; None: the
+    method's default, RANDOM_QUERY_SET for random demos and every one for RICES), at most the pool."""
+    check_query_set(query_set)
+    if query_set == "all" or (query_set is None and method == "rices"):
+        return pool_size
+    return min(RANDOM_QUERY_SET if query_set is None else int(query_set), pool_size)
 
 
 class DemoSelector:
-    def __init__(self, pool: Sequence[Sample], method: str = "random", query_set_size: Optional[int] = 2048,
+    def __init__(self, pool: Sequence[Sample], method: str = "random", query_set_size: QuerySet = None,
                  seed: int = 0, features: Optional["FeatureCache"] = None) -> None:
         if method not in METHODS:
             raise ValueError(f"demo method must be one of {METHODS}, got {method!r}")
@@ -44,9 +65,12 @@ class DemoSelector:
         if len(self.by_id) != len(self.pool):
             raise ValueError("the train split has duplicate sample ids")
         self.method, self.seed, self.features = method, seed, features
-        size = len(self.pool) if query_set_size is None else min(query_set_size, len(self.pool))
-        chosen = np.random.default_rng(seed).choice(len(self.pool), size=size, replace=False)
-        self.query_set = [self.pool[i] for i in sorted(chosen)]
+        size = effective_query_set(method, query_set_size, len(self.pool))
+        if size == len(self.pool):  # the whole pool: the same query set whatever the seed
+            self.query_set = list(self.pool)
+        else:
+            chosen = np.random.default_rng(seed).choice(len(self.pool), size=size, replace=False)
+            self.query_set = [self.pool[i] for i in sorted(chosen)]
         # query-set positions by first media file: what a query must not get as its own demo
         self._by_media: dict[str, list[int]] = {}
         for i, s in enumerate(self.query_set):
@@ -71,14 +95,14 @@ class DemoSelector:
             return self.episode_demos(sample, k * (sample.ways or 1), f"{k} shots")
         own = self.own(sample)
         n = len(self.query_set)
-        allowed: Sequence[int] = [i for i in range(n) if i not in own] if own else range(n)  # positions it may draw
-        if k > len(allowed):
-            raise ValueError(f"{k} shots asked but the query set holds {len(allowed)} samples other than "
+        if k > n - len(own):
+            raise ValueError(f"{k} shots asked but the query set holds {n - len(own)} samples other than "
                              f"{sample.id!r}")
-        if self.method == "random":  # without an overlap `allowed` is every position: the draw is the same
-            rng = np.random.default_rng([self.seed, index])
-            return [self.query_set[allowed[i]] for i in rng.choice(len(allowed), size=k, replace=False)]
-        return self.select_rices([sample], k)[0]
+        if self.method == "rices":
+            return self.select_rices([sample], k)[0]
+        allowed: Sequence[int] = [i for i in range(n) if i not in own] if own else range(n)  # positions it may draw
+        rng = np.random.default_rng([self.seed, index])  # without an overlap `allowed` is every position
+        return [self.query_set[allowed[i]] for i in rng.choice(len(allowed), size=k, replace=False)]
 
     def episode_demos(self, sample: Sample, n: int, asked: str) -> list[Sample]:
         """The first n of an episode's `demo_ids`, in order; `asked` names the request in the error."""
@@ -94,14 +118,13 @@ class DemoSelector:
         """RICES: the query set's features, computed now. `shared`: every rank calls this (a collective), the ranks
         split the query set's media and all-gather the features."""
         if self.method == "rices" and self._query_features is None:
-            self._query_features = self.features.get([s.id for s in self.query_set],
-                                                     [s.media[0] for s in self.query_set], shared=shared)
+            self._query_features = self.features.get([s.media[0] for s in self.query_set], shared=shared)
 
     def select_rices(self, samples: Sequence[Sample], k: int) -> list[list[Sample]]:
         """RICES demos of several samples at once (one similarity matmul), most similar last; a sample's own
         query-set entries (`own`) are passed over."""
         self.prepare(shared=False)  # a caller that skipped prepare(): this process computes them alone
-        query = self.features.get([f"query:{s.id}" for s in samples], [s.media[0] for s in samples])
+        query = self.features.get([s.media[0] for s in samples])
         from .rices import nearest  # torch: only for RICES
 
         owns = [self.own(s) for s in samples]

@@ -5,10 +5,13 @@ same order as P(yes), which rounds to 1.0 in float64 beyond ~37 nats and would t
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .task import Sample, Task, episode_fields, media_path, percent, read_jsonl
+
+DEV_FILES = ("dev_seen.jsonl", "dev.jsonl")  # the labeled dev split of the final release, of phase 1
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> Optional[float]:
@@ -33,16 +36,39 @@ class HatefulMemesTask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
-        path = root / f"{split}.jsonl"
-        if split == "test" and not path.is_file():
-            path = root / "dev_seen.jsonl"
+        records = read_jsonl(root / "train.jsonl") if split == "train" else self.labeled_test(root)
         samples = []
-        for r in read_jsonl(path):
+        for r in records:
             label = int(r["label"])
             samples.append(Sample(id=str(r["id"]), media=[media_path(root, r["img"])], fields={"text": r["text"]},
                                   answer="yes" if label else "no", references=["yes" if label else "no"],
                                   label=label, **episode_fields(r)))
         return samples
+
+    def labeled_test(self, root: Path) -> list[dict[str, Any]]:
+        """The evaluated records: `test.jsonl`, else the labeled dev file (`dev_seen.jsonl` of the final release,
+        `dev.jsonl` of phase 1, which OpenFlamingo evaluates). A `test.jsonl` without labels (phase 1's, as
+        downloaded) is passed over for the dev file, with a warning."""
+        test = root / "test.jsonl"
+        records = read_jsonl(test) if test.is_file() else None
+        if records is not None and (not records or any("label" in r for r in records)):
+            return records
+        dev = next((root / n for n in DEV_FILES if (root / n).is_file()), None)
+        if dev is None and records is None:
+            raise FileNotFoundError(f"missing evaluation file {str(test)!r} (nor is there a "
+                                    f"{' or '.join(DEV_FILES)} beside it)")
+        if dev is None:
+            raise ValueError(f"{self.name}: {str(test)!r} has no labels (the release's test set withholds them) and "
+                             f"there is no {' or '.join(DEV_FILES)} beside it: put the labeled dev split there "
+                             "(phase 1's dev.jsonl, the final release's dev_seen.jsonl), or a labeled file as "
+                             "test.jsonl")
+        if records is not None:
+            from .distributed import rank  # torch: not at import, so `flamingo --help` stays light
+
+            if rank() == 0:
+                warnings.warn(f"{self.name}: {str(test)!r} has no labels (the release's test set withholds them): "
+                              f"evaluating {dev.name} instead", stacklevel=3)
+        return read_jsonl(dev)
 
     def candidates_for(self, sample: Sample) -> list[str]:
         return ["yes", "no"]

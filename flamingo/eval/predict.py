@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..config import MEDIA_TOKEN
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
@@ -45,11 +46,14 @@ class MediaLoader:
 
 
 def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media: bool = True) -> tuple[str, list[str]]:
-    """(prompt text, media paths in order) for one query and its demos."""
+    """(prompt text, media paths in order) for one query and its demos. Template prompts put `task.demo_separator`
+    after every demo, the last one too (OpenFlamingo's `...<|endofchunk|>\\n<image>Question:...`); chat prompts are
+    the format's turns."""
     if task.chat is not None:
         text = task.chat_prompt(demos, sample, with_media)
     else:
-        text = task.join_prompt([task.demo_prompt(d, with_media) for d in demos] + [task.query_prompt(sample)])
+        text = task.join_prompt([task.demo_prompt(d, with_media) + task.demo_separator for d in demos]
+                                + [task.query_prompt(sample)])
     media = [m for d in demos for m in d.media] if with_media else []
     return text, media + list(sample.media)
 
@@ -61,16 +65,37 @@ def needed_tokens(processor: FlamingoProcessor, task: Task, sample: Sample, prom
     length = len(processor.prompt_ids(prompt_text))  # in its template, as encoded (IDEFICS's wrappers count)
     if task.kind == "generate":
         return length + max_new_tokens
-    ids = continuation_ids_of(processor, task, task.candidates_for(sample))
+    ids = continuation_ids_of(processor, task, task.candidates_for(sample), prompt_text)
     return length + max(len(i) for i in ids)
 
 
-def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Sequence[str]) -> list[list[int]]:
-    """Ranked tasks: each candidate's continuation token ids, tokenized once per task (`task.continuation_ids`)."""
-    for c in candidates:
-        if c not in task.continuation_ids:
-            task.continuation_ids[c] = processor.token_ids(task.continuation(c), special_tokens=False)
-    return [task.continuation_ids[c] for c in candidates]
+def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Sequence[str],
+                        prompt: str) -> list[list[int]]:
+    """Ranked tasks: each candidate's continuation token ids as they follow the prompt text `prompt`, split as
+    lm-eval-harness splits them: the ids of query + continuation after the query's own ids when those are a prefix
+    of them, else the continuation tokenized alone. So the scored tokens are those of the prompt with its answer
+    written out, as the demos show theirs: a tokenizer that starts every text run with a word-start `▁` (LLaMA-1's,
+    kept for IDEFICS, Otter, OpenFlamingo v1) gives a continuation tokenized alone one more; byte-level BPE (GPT-2,
+    NeoX, MPT) gives the same ids either way. The query is the prompt from its last `<image>`, a special token, so
+    what comes before cannot change the split; ids are cached per (query, candidate) in `task.continuation_ids`."""
+    query = prompt[max(prompt.rfind(MEDIA_TOKEN), 0):]
+    found = {c: task.continuation_ids.get((query, c)) for c in candidates}
+    if any(ids is None for ids in found.values()):
+        head = processor.prompt_ids(query)
+        for c, ids in found.items():
+            if ids is None:
+                found[c] = _tail_ids(processor, head, query, task.continuation(c))
+                task.continuation_ids.put((query, c), found[c])
+    return [found[c] for c in candidates]  # type: ignore[misc]
+
+
+def _tail_ids(processor: FlamingoProcessor, head: list[int], query: str, continuation: str) -> list[int]:
+    """The ids `continuation` adds after `query` (whose ids are `head`): the tail of the joint text's ids, or, when
+    the joint text's ids do not start with `head` (a token spanning the boundary), the continuation's alone."""
+    whole = processor.prompt_ids(query + continuation)
+    if len(whole) > len(head) and whole[:len(head)] == head:
+        return whole[len(head):]
+    return processor.token_ids(continuation, special_tokens=False)
 
 
 def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
@@ -109,6 +134,7 @@ def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
     -> the task's prediction records."""
     candidates = [task.candidates_for(sample) for sample in samples]
     inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
-    scores = model.score_batch(inputs.pop("input_ids"), [continuation_ids_of(processor, task, c) for c in candidates],
-                               batch_size=batch_size, vision_cache=vision_cache, **inputs)  # B x (C_b,)
+    continuations = [continuation_ids_of(processor, task, c, text) for c, (text, _) in zip(candidates, prompts)]
+    scores = model.score_batch(inputs.pop("input_ids"), continuations, batch_size=batch_size,
+                               vision_cache=vision_cache, **inputs)  # B x (C_b,)
     return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]

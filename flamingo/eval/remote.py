@@ -105,7 +105,7 @@ class RemoteModel:
         bodies, owners = [], []
         for k, ((text, media), cands) in enumerate(zip(prompts, candidates)):
             ids, urls = self._ids(processor, load, task, text, media), self._media(media)
-            continuations = continuation_ids_of(processor, task, cands)
+            continuations = continuation_ids_of(processor, task, cands, text)
             for start in range(0, len(continuations), per_request):
                 group = continuations[start:start + per_request]
                 bodies.append({"prompt": [ids + c for c in group], "media": urls, "max_tokens": 0, "echo": True,

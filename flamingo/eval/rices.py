@@ -3,6 +3,8 @@
 Features are the Flamingo's own frozen vision tower's patch features (`model.vision`, the layer and CLS handling of
 `config.vision_feature_layer` / `drop_cls_token`), mean-pooled over patches (and over a video's frames), L2-normalised;
 similarity is their cosine. The k nearest demos go into the prompt with the MOST similar LAST, next to the query.
+The search set is the whole train split by default (OpenFlamingo's RICES over `train_dataset`): its features are
+computed once per evaluation, `batch_size` media at a time, and the similarities a block of queries at a time.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..model.backbones import vision_features
 from ..model.flamingo import Flamingo
-from .distributed import all_gather, shard
+from .distributed import all_gather, rank, shard
 from .predict import MediaLoader
+
+SIMILARITY_BLOCK = 2**24  # (query, pool) similarities held at once by `nearest` (64 MiB of float32)
 
 
 @torch.no_grad()
@@ -37,42 +42,60 @@ def pooled_features(model: Flamingo, media: Sequence[torch.Tensor], batch_size: 
 
 def nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
     """query (Q, D), pool (N, D) unit-norm -> (Q, k) pool indices of the k most similar, MOST SIMILAR LAST. A zero
-    pool row (a demo whose image cannot be read) comes after every other."""
+    pool row (a demo whose image cannot be read) comes after every other. Queries go a block at a time, so that a
+    whole train split as the pool holds at most SIMILARITY_BLOCK similarities at once."""
     if k > pool.shape[0]:
         raise ValueError(f"RICES: {k} demos asked but the pool holds {pool.shape[0]}")
     if k == 0:
         return torch.zeros(query.shape[0], 0, dtype=torch.long)
-    similarity = (query @ pool.T).masked_fill(pool.norm(dim=-1) == 0, float("-inf"))  # (Q, N)
-    top = similarity.topk(k, dim=-1).indices  # (Q, k), most similar first
-    return top.flip(-1)
+    unreadable = pool.norm(dim=-1) == 0  # (N,)
+    rows = max(1, SIMILARITY_BLOCK // pool.shape[0])
+    top = [(block @ pool.T).masked_fill(unreadable, float("-inf")).topk(k, dim=-1).indices  # (rows, k), most first
+           for block in query.split(rows)]
+    return torch.cat(top).flip(-1) if top else torch.zeros(0, k, dtype=torch.long)
 
 
 class FeatureCache:
-    """Pooled features by sample id, computed on first use in batches (a query set's features once per seed). A
-    sample whose first medium cannot be read gets a zero feature: `nearest` never prefers it, and a prompt that still
-    holds it is skipped and counted by the runner."""
+    """Pooled features by medium path (a sample's first medium), computed on first use in batches of `batch_size`
+    media, each decoded, encoded and let go before the next (a whole train split's pixels are never held at once),
+    each file once per evaluation: every trial's search set reuses them, and samples showing one image (VQAv2's ~5
+    questions an image) share its feature. A medium that cannot be read gets a zero feature: `nearest` never prefers
+    it, and a prompt that still holds it is skipped and counted by the runner. `progress`: a progress bar (rank 0)
+    when more than one batch is to be encoded."""
 
-    def __init__(self, model: Flamingo, load: MediaLoader, batch_size: int = 32) -> None:
-        self.model, self.load, self.batch_size = model, load, batch_size
-        self.features: dict[str, Optional[torch.Tensor]] = {}  # None: unreadable (a zero row once the size is known)
+    def __init__(self, model: Flamingo, load: MediaLoader, batch_size: int = 32, progress: bool = False) -> None:
+        self.model, self.load, self.batch_size, self.progress = model, load, batch_size, progress
+        self.features: dict[str, Optional[torch.Tensor]] = {}  # path -> feature; None: unreadable (a zero row)
 
-    def get(self, ids: Sequence[str], first_media: Sequence[str], shared: bool = False) -> torch.Tensor:
-        """Features (len(ids), Dv) of samples given their ids and first medium's path.
+    def get(self, media: Sequence[str], shared: bool = False) -> torch.Tensor:
+        """Features (len(media), Dv) of media given by path (the samples' first media, repeats allowed).
 
-        shared: every rank calls this with the same ids (a collective): each encodes a strided share of the missing
-        media and the features are all-gathered, so W ranks split the work instead of each doing all of it."""
-        missing = [(i, m) for i, m in dict(zip(ids, first_media)).items() if i not in self.features]
+        shared: every rank calls this with the same media (a collective): each encodes a strided share of the missing
+        files and the features are all-gathered, so W ranks split the work instead of each doing all of it."""
+        missing = [m for m in dict.fromkeys(media) if m not in self.features]
         if missing:
-            mine = shard(len(missing)) if shared else range(len(missing))
-            media = {j: self.load.try_load(missing[j][1]) for j in mine}  # each file decoded once
-            readable = [j for j, m in media.items() if m is not None]
-            local: list[tuple[int, Optional[torch.Tensor]]] = list(zip(readable, pooled_features(
-                self.model, [media[j] for j in readable], self.batch_size))) if readable else []
-            local += [(j, None) for j, m in media.items() if m is None]
-            feats = all_gather(local, len(missing)) if shared else [f for _, f in sorted(local, key=lambda x: x[0])]
-            self.features.update({i: f for (i, _), f in zip(missing, feats)})
+            mine = shard(len(missing)) if shared else list(range(len(missing)))
+            local = self._encode([(j, missing[j]) for j in mine])
+            feats = all_gather(local, len(missing)) if shared else [f for _, f in local]  # `local` is in order
+            self.features.update(zip(missing, feats))
         known = next((f for f in self.features.values() if f is not None), None)
         if known is None:
-            raise ValueError(f"RICES: none of the {len(ids)} media can be read, e.g. "
-                             f"{self.load.unreadable(first_media[:1])}")
-        return torch.stack([torch.zeros_like(known) if self.features[i] is None else self.features[i] for i in ids])
+            raise ValueError(f"RICES: none of the {len(media)} media can be read, e.g. "
+                             f"{self.load.unreadable(media[:1])}")
+        return torch.stack([torch.zeros_like(known) if self.features[m] is None else self.features[m] for m in media])
+
+    def _encode(self, media: Sequence[tuple[int, str]]) -> list[tuple[int, Optional[torch.Tensor]]]:
+        """(position, path) pairs -> (position, feature or None when unreadable), in order, `batch_size` files
+        decoded and encoded at a time. Each feature owns its storage: a row view would carry its whole batch into
+        `all_gather`'s pickles and keep it alive in the cache."""
+        out: list[tuple[int, Optional[torch.Tensor]]] = []
+        bar = tqdm(total=len(media), desc="RICES features", unit="medium",
+                   disable=not self.progress or rank() != 0 or len(media) <= self.batch_size)
+        for start in range(0, len(media), self.batch_size):
+            chunk = [(j, self.load.try_load(path)) for j, path in media[start:start + self.batch_size]]
+            readable = [m for _, m in chunk if m is not None]
+            feats = iter(pooled_features(self.model, readable, self.batch_size) if readable else [])
+            out += [(j, None if m is None else next(feats).clone()) for j, m in chunk]  # (Dv,) each
+            bar.update(len(chunk))
+        bar.close()
+        return out

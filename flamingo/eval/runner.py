@@ -25,7 +25,7 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
 from ..runtime.hub import dataset_dir
-from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, prompt_demos
+from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, QuerySet, check_query_set, effective_query_set, prompt_demos
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .extras import check_requirements
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
@@ -136,7 +136,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
 def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, task: Union[str, Task],
              data_dir: str, *,
              shots: Sequence[int] = (0, 4, 8, 32), trials: int = 3, demos: str = "random",
-             query_set: Optional[int] = 2048, num_samples: Optional[int] = None, batch_size: int = 8,
+             query_set: QuerySet = None, num_samples: Optional[int] = None, batch_size: int = 8,
              out_dir: Optional[str] = None, seed: int = 0, zero_shot: str = "text", template: Optional[str] = None,
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
@@ -146,8 +146,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
     shots: numbers of demos (run in increasing order, duplicates dropped); trials: seeds `seed .. seed + trials - 1`
-    (seed >= 0); demos: "random" or "rices"; query_set: demo candidates drawn per seed from the train split (None =
-    all); num_samples: evaluated test samples (None = all);
+    (seed >= 0); demos: "random" or "rices"; query_set: the train samples demos come from, a number drawn per seed or
+    "all" (None: 2048 for random demos, the whole split for RICES, as OpenFlamingo; results.json's
+    `settings.query_set` is the number used); num_samples: evaluated test samples (None = all);
     batch_size: prompts per `generate` call, or per `score_batch` call for ranked tasks; zero_shot: "text" (2
     text-only demos) or "none"; template: overrides the task's prompt template (answer_prefix: the text between query
     and answer, "" or " "); generation: overrides of the task's generation settings (max_new_tokens, num_beams, ...);
@@ -187,8 +188,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         raise ValueError(f"trials must be >= 1, got {trials}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if query_set is not None and query_set < 1:
-        raise ValueError(f"query_set must be >= 1 (None: the whole train split), got {query_set}")
+    check_query_set(query_set)
     for key in ("max_new_tokens", "num_beams"):
         if key in (generation or {}) and int(generation[key]) < 1:
             raise ValueError(f"generation's {key} must be >= 1, got {generation[key]}")
@@ -225,7 +225,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     drawn = [s for s in samples if s.demo_ids is None]  # queries whose demos come from the query set
     owns = own_counts(drawn, pool) if needs_pool else []
     overlap = max(owns, default=0)
-    drawable = len(pool) if query_set is None else min(query_set, len(pool))  # the demo selector's query set
+    drawable = effective_query_set(demos, query_set, len(pool))  # the demo selector's query set
     # checked before the smaller shots run; a query in the train split too may not draw itself
     if drawn and max(shots) > drawable - overlap:
         raise ValueError(f"{task.name}: {max(shots)} shots asked, but the query set holds {drawable} demos (the "
@@ -242,7 +242,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         vision_cache_mb = 256 if not remote and next(model.vision.parameters()).device.type == "cpu" else 0
     vision_cache = VisionFeatureCache(int(vision_cache_mb * 2**20)) \
         if vision_cache_mb > 0 and not remote and model.config.freeze_vision else None
-    features = FeatureCache(model, loader, batch_size=max(batch_size, 32)) if demos == "rices" else None
+    features = FeatureCache(model, loader, batch_size=max(batch_size, 32), progress=progress) \
+        if demos == "rices" else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     # named by: model_name, else the server, or the directory the model was loaded from, else its LM's name
     model_name = model_name or (model.base_url if remote else getattr(model, "name_or_path", None)
@@ -271,7 +272,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             predictions[(k, trial)] = records
     results = {
         **base, "data": str(data_dir),
-        "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": query_set,
+        "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": drawable,
                      "zero_shot": zero_shot, "template": task.template,
                      "chat": task.chat.name if task.chat is not None else None,
                      "demo_separator": task.demo_separator if task.chat is None else None,

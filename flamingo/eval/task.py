@@ -5,9 +5,12 @@ Prompts follow Flamingo / OpenFlamingo: every task has one template with an `{an
 `<image>Question:{question} Short answer:{answer}<|endofchunk|>`. A demo fills `{answer}` with `answer_prefix +
 answer` ("red"; classification's prefix is " ": "This is a cat."); a query is the template cut just before
 `{answer}` ("...Short answer:"), so the model continues it. Ranked tasks score each candidate as the continuation
-`answer_prefix + name + <rest of the template>` of the query (" cat.<|endofchunk|>"), tokenized on its own.
+`answer_prefix + name + <rest of the template>` of the query (" cat.<|endofchunk|>"), tokenized as it follows the
+query (`predict.continuation_ids_of`: the joint text's ids after the query's, as lm-eval-harness splits them).
 Templates (and the prefix) can be overridden (`Task(template=..., answer_prefix=...)`) as long as they keep
-`{answer}` and the task's fields.
+`{answer}` and the task's fields. Each demo is followed by the task's `demo_separator`: "\\n" for VQA and captioning,
+as OpenFlamingo's evaluate.py writes them (`...<|endofchunk|>\\n<image>...`), "" for the others (HatefulMemes too, as
+OpenFlamingo); `get_task(..., demo_separator=...)` overrides it.
 
 Chat prompts (`task.chat`, a format of flamingo/chat.py: `flamingo eval --chat`): each demo is a user turn (its
 query, the template up to `{answer}`, media in place) and an assistant turn (its answer), the query a last user turn,
@@ -25,6 +28,9 @@ from typing import Any, Optional, Sequence
 
 from ..chat import ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
+from ..runtime.lru import LRU
+
+CONTINUATIONS_KEPT = 1 << 16  # (query, candidate) token ids a task keeps (`Task.continuation_ids`)
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Task:
     # beam search ranks finished beams by their summed log-probability, not divided by their length (HF's default
     # 1.0 would favour longer answers and captions): OpenFlamingo's evaluate.py passes 0.0 for VQA and captioning
     length_penalty: float = 0.0
+    demo_separator: str = ""  # written after each demo's prompt (before the next demo or the query)
     image_references: bool = False  # prompts declare their images (`Image 0 is <image0>`, flamingo/references.py)
     # third-party modules its metric or media need, checked before the model loads (eval/extras.py)
     requires: tuple[str, ...] = ()
@@ -74,7 +81,9 @@ class Task:
         if self.template.count(MEDIA_TOKEN) != 1:
             raise ValueError(f"a template needs exactly one {MEDIA_TOKEN}: {self.template!r}")
         self.classes: list[str] = []  # ranked tasks: the default candidates, set by `load`
-        self.continuation_ids: dict[str, list[int]] = {}  # ranked tasks: candidate -> token ids, tokenized once
+        # ranked tasks: (query, candidate) -> the candidate's token ids after that query (predict.continuation_ids_of);
+        # bounded: a query is one sample's (VisDial: 100 candidates a round), asked again within its batch only
+        self.continuation_ids: LRU[tuple[str, str], list[int]] = LRU(CONTINUATIONS_KEPT)
         self.chat: Optional[ChatFormat] = None  # chat prompts in this format (`use_chat`); None: the template's
 
     # ------------------------------------------------------------------------------------------------ data

@@ -1,6 +1,7 @@
 """Video captioning (MSVD / MSR-VTT / VATEX style): beam-search a caption of a video, score with CIDEr.
 
-The same task as image captioning (template, decoding, metric); only the files differ."""
+The same task as image captioning (template, "\\n" after each demo, decoding, metric); only the files differ, so
+a model's image and video captioning scores come from one prompt format."""
 
 from __future__ import annotations
 

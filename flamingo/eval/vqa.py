@@ -1,5 +1,9 @@
 """VQA (VQAv2's layout; VizWiz and TextVQA in it): generate a short answer, score with the official VQA accuracy.
 
+A demo shows its annotation's `multiple_choice_answer` (VQAv2's consensus answer; else its first human answer), where
+OpenFlamingo shows the first human answer: the same for VizWiz and TextVQA (no `multiple_choice_answer`), on VQAv2
+and OK-VQA the answer most annotators gave rather than an arbitrary one of the ten.
+
 OK-VQA's annotations read in this layout too, but are not scored as OK-VQA's evaluation scores them: its answers are
 stemmed ("riding" -> "ride", `raw_answer` holds the unstemmed one) and its evaluation stems the prediction with
 OpenFlamingo's OKVQAStemmer (NLTK's WordNet and tagger data, which are not shipped), so a natural "riding" scores 0
@@ -8,6 +12,8 @@ here and accuracy is below the official metric. A set whose answers carry `raw_a
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,19 +21,32 @@ from typing import Any, Sequence
 from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
+COCO_NAME = re.compile(r"_(\d+)\.jpg$")  # COCO_val2014_000000123456.jpg: the image id, zero-padded to 12 digits
 
-def find_image(data_dir: Path, image_id: Any) -> str:
-    """`DIR/images/{image_id}.jpg|png`, or COCO's `*_{image_id:012d}.jpg`; none of them: the `.jpg` path, skipped
-    and counted as missing when a query needs it (`media_path`)."""
-    images = data_dir / "images"
-    for ext in (".jpg", ".png", ".jpeg"):
-        if (images / f"{image_id}{ext}").is_file():
-            return str(images / f"{image_id}{ext}")
-    if str(image_id).isdigit():
-        found = sorted(images.glob(f"*_{int(image_id):012d}.jpg"))
-        if found:
-            return str(found[0])
-    return str(images / f"{image_id}.jpg")
+
+class ImageFinder:
+    """The image file of a question's `image_id` under `DIR/images`, listed once (a directory of 40k-120k COCO images
+    would otherwise be listed once per question): the id itself when it names a file (VizWiz's
+    `VizWiz_val_00000000.jpg`), else `{image_id}.jpg|png|jpeg` (TextVQA's), else COCO's `*_{image_id:012d}.jpg`
+    (VQAv2's). None of them: the `.jpg` path, skipped and counted as missing when a query needs it (`media_path`)."""
+
+    def __init__(self, images: Path) -> None:
+        self.images = images
+        # sorted: the first of several COCO names of one id is the same on every file system
+        names = sorted(e.name for e in os.scandir(images) if e.is_file()) if images.is_dir() else []
+        self.files = set(names)
+        self.coco: dict[str, str] = {}  # the id's digits (12 for COCO) -> the first file name ending in them
+        for name in names:
+            if m := COCO_NAME.search(name):
+                self.coco.setdefault(m.group(1), name)
+
+    def __call__(self, image_id: Any) -> str:
+        for name in (str(image_id), *(f"{image_id}{ext}" for ext in (".jpg", ".png", ".jpeg"))):
+            if name in self.files or ("/" in name and (self.images / name).is_file()):  # an id naming a subfolder
+                return str(self.images / name)
+        if str(image_id).isdigit() and (name := self.coco.get(f"{int(image_id):012d}")) is not None:
+            return str(self.images / name)
+        return str(self.images / f"{image_id}.jpg")
 
 
 class VQATask(Task):
@@ -36,6 +55,7 @@ class VQATask(Task):
     metrics = ("vqa_accuracy",)
     max_new_tokens = 5
     num_beams = 3  # OpenFlamingo's VQA setting
+    demo_separator = "\n"  # after each demo, as OpenFlamingo's evaluate.py writes its VQA prompts
     warned_stemmed = False  # the OK-VQA warning is given once per task
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
@@ -43,6 +63,7 @@ class VQATask(Task):
         questions = read_json(root / f"{split}_questions.json")["questions"]
         annotations = {a["question_id"]: a for a in read_json(root / f"{split}_annotations.json")["annotations"]}
         samples, stemmed = [], False
+        find_image = ImageFinder(root / "images")
         for q in questions:
             ann = annotations.get(q["question_id"])
             if ann is None:
@@ -52,7 +73,7 @@ class VQATask(Task):
             stemmed = stemmed or any("raw_answer" in a for a in ann.get("answers", []))
             chosen = ann.get("multiple_choice_answer")
             answer = str(chosen) if chosen is not None and str(chosen) else (answers[0] if answers else "")
-            image = media_path(root, q["image"]) if q.get("image") else find_image(root, q["image_id"])
+            image = media_path(root, q["image"]) if q.get("image") else find_image(q["image_id"])
             # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)
             kind = ann.get("answer_type") or ann.get("question_type")
             samples.append(Sample(id=str(q["question_id"]), media=[image], fields={"question": q["question"]},

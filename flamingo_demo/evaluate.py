@@ -39,7 +39,7 @@ def run_eval_job(job: dict[str, Any], progress: bool = False) -> dict[str, dict[
     for task in job["tasks"]:
         results[task["name"]] = evaluate(
             model, processor, task["harness_task"], task["data_dir"], shots=task["shots"], trials=1, demos="random",
-            query_set=None, num_samples=task["num_samples"], batch_size=job["batch_size"], seed=job["seed"],
+            query_set="all", num_samples=task["num_samples"], batch_size=job["batch_size"], seed=job["seed"],
             out_dir=task["out_dir"], model_name=job["name"], progress=progress, zero_shot="text",
             demo_separator="")  # the mini world's documents join chunks with nothing (`<|endofchunk|><image>`)
     return results

@@ -24,11 +24,13 @@ import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..chat import ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
-from ..runtime.lru import LRU
+
+if TYPE_CHECKING:
+    from ..runtime.lru import LRU
 
 CONTINUATIONS_KEPT = 1 << 16  # (query, candidate) token ids a task keeps (`Task.continuation_ids`)
 
@@ -83,6 +85,8 @@ class Task:
         self.classes: list[str] = []  # ranked tasks: the default candidates, set by `load`
         # ranked tasks: (query, candidate) -> the candidate's token ids after that query (predict.continuation_ids_of);
         # bounded: a query is one sample's (VisDial: 100 candidates a round), asked again within its batch only
+        from ..runtime.lru import LRU  # (it imports torch: not when the CLI only builds its parsers)
+
         self.continuation_ids: LRU[tuple[str, str], list[int]] = LRU(CONTINUATIONS_KEPT)
         self.chat: Optional[ChatFormat] = None  # chat prompts in this format (`use_chat`); None: the template's
 

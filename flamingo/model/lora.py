@@ -72,9 +72,9 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any], new: bool = True) -> nn.Modu
     names = [n for n, m in lm.named_modules() if any(_matches(n, t) for t in spec["target_modules"])]
     if names and new:
         check_targets(lm, spec)
-    elif names and unmatched_targets(lm, spec):
-        log.warning("lm_lora.target_modules %s match no module of %s (adapters on the others)",
-                    unmatched_targets(lm, spec), type(lm).__name__)
+    elif names and (unmatched := unmatched_targets(lm, spec)):
+        log.warning("lm_lora.target_modules %s match no module of %s (adapters on the others)", unmatched,
+                    type(lm).__name__)
     _check_not_quantized(lm, names)
     hooked = [n for n, m in lm.named_modules() if id(m) in tables and n in names]
     if hooked:

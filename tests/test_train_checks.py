@@ -112,6 +112,24 @@ def test_resuming_with_another_lora_alpha_is_refused_and_a_new_dropout_is_logged
     assert "model.flamingo.lm_lora.dropout 0.0 -> 0.5: the config's applies from step 2 on" in caplog.text
 
 
+def test_resuming_with_other_frozen_storage_is_logged_as_not_exact(world, caplog):
+    pytest.importorskip("torchao")
+    root, vision, lm, data = world
+    out = os.path.join(root, "frozen-resume")
+    path = train_config(root, vision, lm, data, steps=2, out=out, interleaved=False)
+    trainer = Trainer(load_config(path))
+    trainer.train_step()
+    trainer.save()  # state.json records quantize_frozen none, frozen_dtype null, precision fp32
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        same = Trainer(load_config(path))
+    assert same.step == 1 and "frozen-backbone settings" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        resumed = Trainer(load_config(path, ["model.flamingo.quantize_frozen=int8"]))
+    assert resumed.step == 1
+    assert ("frozen-backbone settings than it was saved with (model.flamingo.quantize_frozen none -> int8): not an "
+            "exact resume, the frozen weights compute differently from step 2 on") in caplog.text
+
+
 def test_int4_is_refused_for_training_when_the_config_is_read_or_the_model_carries_it(world, make_model):
     root, vision, lm, data = world
     path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "int4"), interleaved=False)

@@ -10,7 +10,7 @@
   `rank{r}/torch_cuda`);
 - `state.json`: step, world size, fault counters, every rank's numpy / Python RNG states and data loaders'
   positions, and what a resume must match or report (`optim.kind` and settings, `model.flamingo.lm_lora`:
-  `check_resumable`).
+  `check_resumable`; the frozen backbones' storage: the trainer's `_log_frozen_storage`).
 Checkpoints written before `optimizer.safetensors` (an `optimizer.pt` read with `weights_only=True`, the scheduler in
 state.json) or before per-rank RNG states (rank 0's alone, unprefixed) still load.
 """

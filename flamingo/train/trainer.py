@@ -294,6 +294,7 @@ class Trainer:
         self.step = state["step"]
         self._apply_optim_settings(path, state, fresh)
         self._log_lora_dropout(path, state)
+        self._log_frozen_storage(path, state)
         self.nonfinite_streak.fill_(state["nonfinite_streak"])
         self.skipped_steps.fill_(state["skipped_steps"])
         # a checkpoint without "mixture" holds the same generator state as "sample_generator": it resumes too
@@ -342,6 +343,26 @@ class Trainer:
             log.warning("resuming from %s with model.flamingo.lm_lora.dropout %s -> %s: the config's applies from "
                         "step %d on", path, saved.get("dropout"), now["dropout"], self.step + 1)
 
+    def _frozen_storage(self) -> dict[str, Any]:
+        """How the frozen backbones are stored and run: a resume under other settings computes another function
+        (quantization or rounding of the frozen weights), so `_log_frozen_storage` names the change."""
+        return {"model.flamingo.quantize_frozen": self.model.config.quantize_frozen,
+                "train.frozen_dtype": self.config.train.frozen_dtype, "train.precision": self.config.train.precision}
+
+    def _log_frozen_storage(self, path: str, state: dict[str, Any]) -> None:
+        """A resume with another `quantize_frozen`, `frozen_dtype` or `precision` than the checkpoint's run is no
+        exact resume: the frozen weights' numbers change at the resume point. It proceeds (the trained tensors and
+        optimizer states are the same), logged naming each key; checkpoints written before state.json held them are
+        not compared."""
+        saved, now = state.get("frozen_storage"), self._frozen_storage()
+        if self.rank != 0 or saved is None:
+            return
+        changes = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+        if changes:
+            log.warning("resuming from %s with other frozen-backbone settings than it was saved with (%s): not an "
+                        "exact resume, the frozen weights compute differently from step %d on", path, changes,
+                        self.step + 1)
+
     def _rank_states(self) -> tuple[Any, list[Any]]:
         """(data positions, RNG states) of every rank, gathered on every rank: a list by rank each (the positions of
         one process: its dict)."""
@@ -360,7 +381,7 @@ class Trainer:
                             {"world_size": self.world, "nonfinite_streak": int(self.nonfinite_streak),
                              "skipped_steps": int(self.skipped_steps), "mixture": self.sampler.state_dict(),
                              "data": data, "optim_kind": self.config.optim.kind, "optim": asdict(self.config.optim),
-                             "lm_lora": self.model.config.lm_lora},
+                             "lm_lora": self.model.config.lm_lora, "frozen_storage": self._frozen_storage()},
                             self.config.train.keep_last, rng=rng)
         if self.world > 1:
             dist.barrier()

@@ -16,9 +16,9 @@ position's logits, starting from prefix-cache blocks that keep their tokens' log
 `<|endofchunk|>`, a stop string, `max_tokens`, the end of their grammar, or when their client goes away (at the next
 step).
 
-Text goes out as it is decoded: each choice decodes its whole continuation each step and emits what is new (an
-empty delta when nothing is), holding back a tail that could still become a stop string or is an incomplete UTF-8
-character.
+Text goes out as it is decoded: each choice decodes its new token in a short window (serve/detokenize.py, a cost per
+token that does not grow with the answer) and emits what is new (an empty delta when nothing is), holding back a tail
+that could still become a stop string or is an incomplete UTF-8 character.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..model.generation import generation_config_for
 from ..model.logprobs import TokenLogprobs, token_logprobs
 from ..model.prefill import Prefill, PrefilledRow, can_prefill_together, prefill_together
 from ..model.prefix_cache import PrefixCache
+from .detokenize import IncrementalText
 from .metrics import Metrics
 from .sampling import SamplingParams, pick_tokens, row_generator
 from .structured import GrammarFailed
@@ -129,10 +130,11 @@ class Job:
 class _Choice:
     """One running row: a choice of a job, its tokens so far and the text already sent."""
 
-    def __init__(self, job: Job, index: int, generator: Optional[torch.Generator]) -> None:
+    def __init__(self, job: Job, index: int, generator: Optional[torch.Generator], processor: Any) -> None:
         self.job, self.index, self.generator = job, index, generator
         self.constraint = job.grammar.constraint() if job.grammar is not None else None
         self.tokens: list[int] = []
+        self.text = IncrementalText(processor)  # the tokens' text, decoded as they come
         self.sent = 0  # characters of the text already emitted
         self.last_step_at = 0.0
 
@@ -400,7 +402,8 @@ class Engine:
             self._vision_counted = (cache.frames, cache.computed)
         if row.prompt_logprobs is not None:
             job.emit(Event("prompt", logprobs=row.prompt_logprobs))
-        choices = [_Choice(job, i, row_generator(job.params, i, self.device)) for i in range(job.params.n)]
+        choices = [_Choice(job, i, row_generator(job.params, i, self.device), self.processor)
+                   for i in range(job.params.n)]
         job.open_choices = len(choices)
         if job.params.max_tokens == 0:  # an echo of the prompt only
             for choice in choices:
@@ -463,7 +466,8 @@ class Engine:
         job.completion_tokens += 1
         self.metrics.inc("generation_tokens_total")
         reason = "stop" if token in self.eos else None
-        text = self.processor.decode(choice.tokens[:-1] if reason else choice.tokens)  # <imageK> kept
+        if reason is None:
+            choice.text.add(token)  # <imageK> kept
         if choice.constraint is not None:
             try:
                 if choice.constraint.accept(token):
@@ -472,10 +476,11 @@ class Engine:
                 job.cancelled.set()
                 job.emit(Event("error", message=str(e)))
                 return True
-        if job.strip_leading_whitespace:
-            text = text.lstrip()
         if reason is None and len(choice.tokens) >= params.max_tokens:
             reason = "length"
+        if reason is not None:
+            choice.text.flush()
+        text = choice.text.text.lstrip() if job.strip_leading_whitespace else choice.text.text
         cut = find_stop(text, params.stop, final=reason is not None)
         if cut >= 0:
             text, reason = text[:cut], "stop"

@@ -1,0 +1,57 @@
+"""An answer's text as its tokens come, at a cost per token that does not grow with the answer.
+
+Decoding the whole continuation at every step costs O(n) per token, O(n^2) per answer, per row and on the engine's
+thread, between decode steps. `IncrementalText` decodes a short window instead, as vLLM's and TGI's detokenizers do:
+the text a new token adds is `decode(window + [token])` minus `decode(window)`, where the window starts at the token
+before the last emitted ones, so a tokenizer's context-dependent decoding (a SentencePiece word's leading space,
+which it strips at the start of a text, and bytes joined into one character) sees the same neighbours the whole
+decode does. Tokens that leave an incomplete UTF-8 character (their decode ends in U+FFFD) stay in the window until the
+character completes, or until `flush` (the answer ends: the U+FFFD stays, as the whole decode writes it); meanwhile
+`text` ends in that U+FFFD, as the whole decode's does (the engine holds it back). The text is
+the whole decode's (tested), except where a SentencePiece byte-fallback tokenizer's whole decode turns a run of byte
+tokens into one U+FFFD per byte because the run ends in a broken character: the run's complete characters were sent
+and stay. The tokens the processor's `decode` leaves out (control tokens: `hidden_ids`) never enter the window;
+reference tokens `<imageK>` do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT = "\ufffd"  # what decoding writes for a truncated UTF-8 sequence
+
+
+class IncrementalText:
+    """The text of an answer's tokens so far (`text`): what the whole `processor.decode(tokens)` writes (tested),
+    its last characters possibly U+FFFD for a character still incomplete; after `flush`, final."""
+
+    def __init__(self, processor: Any) -> None:
+        self._decode = processor.decode
+        self._hidden = processor.hidden_ids
+        self._ids: list[int] = []  # the answer's shown tokens
+        self._start = 0  # the window's first token: context for the tokens after `_read`
+        self._read = 0  # the tokens before it have their text in `_settled`
+        self._settled = ""
+        self.text = ""  # `_settled` and the text of the tokens after `_read`
+
+    def add(self, token: int) -> None:
+        """Take one token (a hidden one changes nothing)."""
+        if token not in self._hidden:
+            self._ids.append(token)
+            self._advance(final=False)
+
+    def flush(self) -> None:
+        """The answer ends: a character left incomplete stays U+FFFD, as the whole decode writes it."""
+        self._advance(final=True)
+
+    def _advance(self, final: bool) -> None:
+        before = self._decode(self._ids[self._start:self._read])
+        after = self._decode(self._ids[self._start:])
+        # a window that no longer begins as it did: SentencePiece's byte fallback writes one U+FFFD per byte for a
+        # run of byte tokens that is not valid UTF-8 as a whole, so a sent character and a broken one after it decode
+        # to U+FFFDs together; the new tokens alone then say what they add
+        new = after[len(before):] if after.startswith(before) else self._decode(self._ids[self._read:])
+        self.text = self._settled + new
+        if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
+            self._settled = self.text
+            self._start, self._read = self._read, len(self._ids)

@@ -312,6 +312,31 @@ def test_a_job_the_engine_cannot_run_fails_alone(model_dir, one_thread):
     assert events["good"][-1] == "done"
 
 
+def test_a_request_cancelled_behind_another_in_the_queue_leaves_the_others_served(model_dir, one_thread):
+    """A client that goes away while its request waits behind another: the request leaves the queue, the one ahead
+    and the ones after are answered (jobs are compared by identity: comparing their prompt tensors raised, every
+    turn, failing every running row and admitting nothing again)."""
+    from flamingo.serve.engine import Job
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=1)
+    events, finished, sink = _recording_sinks("first", "gone", "after")
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    jobs = {name: Job(torch.tensor(engine.processor.token_ids(text)), {}, params, sink(name))
+            for name, text in (("first", "Output:"), ("gone", "A longer prompt:"), ("after", "Third:"))}
+    engine.submit(jobs["first"])
+    engine.submit(jobs["gone"])
+    jobs["gone"].cancelled.set()
+    engine.start()
+    try:
+        engine.submit(jobs["after"])
+        assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+    finally:
+        engine.stop(0.0)
+    assert events["first"][-1] == "done" and events["after"][-1] == "done"
+    assert "error" not in events["gone"]
+
+
 def test_a_failure_while_a_prompt_joins_fails_its_request(model_dir, monkeypatch, one_thread):
     """An engine error between a prompt's prefill and its rows (here: its choices' generators) ends that request with
     an error, as for a running one, instead of leaving it waiting for ever; the next request is served."""

@@ -107,10 +107,11 @@ class Event:
     token: Optional[int] = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request: prompt ids (T,), its media as the processor batches them, how to sample, and where to send
-    events (called from the engine thread; must be thread-safe and quick)."""
+    events (called from the engine thread; must be thread-safe and quick). Jobs compare by identity (the queue
+    removes a job by `==`; comparing prompt tensors would raise)."""
 
     prompt_ids: torch.Tensor
     media: dict[str, Any]

@@ -46,6 +46,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a cache size; 0: the cache off)."""
+    value = _parsed(text, float, "a number")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (0: the feature off)."""
     value = _parsed(text, int, "an integer")
@@ -401,10 +409,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-batch-tokens", type=non_negative_int, default=None,
                    help="waiting prompts prefilled together in one call of up to this many tokens, padding "
                         "included (default: 4096 on a CPU, 8192 on a GPU; 0: one at a time)")
-    p.add_argument("--prefix-cache-mib", type=float, default=1024,
+    p.add_argument("--prefix-cache-mib", type=non_negative_float, default=1024,
                    help="memory for the prefills of earlier prompts, reused by prompts that begin alike (the same "
                         "few-shot demonstrations and images); 0: off")
-    p.add_argument("--vision-cache-mib", type=float, default=256,
+    p.add_argument("--vision-cache-mib", type=non_negative_float, default=256,
                    help="memory for the vision tower's features of frames seen before (an image shared by a "
                         "prompt list, demonstrations reused across queries, a chat resending its image); 0: off")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,

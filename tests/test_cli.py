@@ -223,7 +223,9 @@ def test_engine_sizes_below_one_are_refused_by_the_parser(tmp_path, capsys, opti
 @pytest.mark.parametrize("option,value,why", [("--max-body-mb", "-1", "must be a finite number > 0"),
                                               ("--max-video-seconds", "0", "must be a finite number > 0"),
                                               ("--max-video-seconds", "nan", "must be a finite number > 0"),
-                                              ("--prefill-batch-tokens", "-3", "must be >= 0")])
+                                              ("--prefill-batch-tokens", "-3", "must be >= 0"),
+                                              ("--prefix-cache-mib", "inf", "must be a finite number >= 0"),
+                                              ("--vision-cache-mib", "nan", "must be a finite number >= 0")])
 def test_limits_that_would_refuse_every_request_are_refused_by_the_parser(capsys, option, value, why):
     # --max-body-mb -1 started a server that answered every request with 413
     with pytest.raises(SystemExit) as stop:

@@ -110,8 +110,12 @@ def test_tensor_cache_evicts_least_recently_used_within_its_budget():
     cache.put("huge", torch.zeros(1000))  # larger than the budget: not stored
     assert cache.get("huge") is None
     assert TensorCache.of_mib(0) is None
-    with pytest.raises(ValueError):
-        TensorCache.of_mib(-1)
+    assert TensorCache.of_mib(1e-9).max_bytes == 1  # any size > 0 keeps a cache, never a refused 0-byte budget
+    for bad in (-1, float("inf"), float("nan")):  # inf never evicts, NaN read as off
+        with pytest.raises(ValueError, match="finite number >= 0 MiB"):
+            TensorCache.of_mib(bad)
+        with pytest.raises(ValueError, match="a vision feature cache needs a size"):
+            VisionFeatureCache.of_mib(bad)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ importing the loaders."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from .remote import DEFAULT_CACHE_GB
@@ -79,8 +80,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError(f"pack_tokens must be >= 0 (0: one sample per row), got {resolved['pack_tokens']}")
     if int(resolved["pack_tokens"]) > 0 and resolved["padding_side"] != "right":
         raise ValueError("pack_tokens needs padding_side 'right' (packed rows are right-padded)")
-    if float(resolved["cache_media_mb"]) < 0:
-        raise ValueError(f"cache_media_mb must be >= 0 (0: off), got {resolved['cache_media_mb']}")
+    if not 0 <= float(resolved["cache_media_mb"]) < math.inf:  # NaN fails too
+        raise ValueError(f"cache_media_mb must be a finite number >= 0 (0: off), got {resolved['cache_media_mb']}")
     if float(resolved["remote_cache_gb"]) <= 0:
         raise ValueError(f"remote_cache_gb must be > 0, got {resolved['remote_cache_gb']}")
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:

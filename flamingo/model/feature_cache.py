@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..runtime.lru import TensorCache
+from ..runtime.lru import TensorCache, budget_bytes
 
 
 class VisionFeatureCache:
@@ -32,9 +32,8 @@ class VisionFeatureCache:
     @classmethod
     def of_mib(cls, mib: float) -> Optional["VisionFeatureCache"]:
         """A cache of `mib` MiB, or None for 0 (off)."""
-        if mib < 0:
-            raise ValueError(f"a vision feature cache needs a size >= 0 MiB, got {mib}")
-        return cls(int(mib * 2**20)) if mib > 0 else None
+        size = budget_bytes(mib, "a vision feature cache")
+        return cls(size) if size else None
 
     @property
     def bytes(self) -> int:

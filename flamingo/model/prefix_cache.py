@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime.lru import LRU, nbytes
+from ..runtime.lru import LRU, budget_bytes, nbytes
 from .feature_cache import VisionFeatureCache
 from .logprobs import TokenLogprobs
 
@@ -80,9 +80,8 @@ class PrefixCache:
     @classmethod
     def of_mib(cls, mib: float, block: int = DEFAULT_BLOCK) -> Optional["PrefixCache"]:
         """A cache of `mib` MiB, or None for 0 (off)."""
-        if mib < 0:
-            raise ValueError(f"a prefix cache needs a size >= 0 MiB, got {mib}")
-        return cls(int(mib * 2**20), block) if mib > 0 else None
+        size = budget_bytes(mib, "a prefix cache")
+        return cls(size, block) if size else None
 
     @property
     def bytes(self) -> int:

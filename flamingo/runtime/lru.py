@@ -8,6 +8,7 @@ cold instead of shipping its contents.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Optional, TypeVar
 
@@ -15,6 +16,14 @@ import torch
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+def budget_bytes(mib: float, what: str) -> int:
+    """A cache size in MiB as bytes: 0 for 0 (the cache off), at least 1 byte for any size > 0; a size that is not a
+    finite number >= 0 is refused, naming `what` (an infinite size would never evict, NaN would turn it off)."""
+    if not isinstance(mib, (int, float)) or not math.isfinite(mib) or mib < 0:
+        raise ValueError(f"{what} needs a size that is a finite number >= 0 MiB, got {mib}")
+    return max(1, math.ceil(mib * 2**20)) if mib > 0 else 0
 
 
 class LRU(Generic[K, V]):
@@ -119,9 +128,8 @@ class TensorCache(LRU[Hashable, torch.Tensor]):
     @classmethod
     def of_mib(cls, mib: float) -> Optional["TensorCache"]:
         """A cache of `mib` MiB, or None for 0 (off)."""
-        if mib < 0:
-            raise ValueError(f"a cache size must be >= 0 MiB, got {mib}")
-        return cls(int(mib * 2**20)) if mib > 0 else None
+        size = budget_bytes(mib, "a tensor cache")
+        return cls(size) if size else None
 
     def put(self, key: Hashable, value: torch.Tensor) -> None:
         value = value.detach()

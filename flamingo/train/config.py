@@ -277,8 +277,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.vision_graph_frames_multiple < 1:
         raise ValueError(f"train.vision_graph_frames_multiple must be >= 1, got "
                          f"{config.train.vision_graph_frames_multiple}")
-    if config.train.cache_vision_features_mb < 0:
-        raise ValueError(f"train.cache_vision_features_mb must be >= 0 (0: off), got "
+    if not 0 <= config.train.cache_vision_features_mb < math.inf:  # NaN fails too
+        raise ValueError(f"train.cache_vision_features_mb must be a finite number >= 0 (0: off), got "
                          f"{config.train.cache_vision_features_mb}")
     packed = [d.name for d in data if int((d.options or {}).get("pack_tokens") or 0) > 0]
     if packed and config.train.micro_batches > 1:

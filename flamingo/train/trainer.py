@@ -249,7 +249,7 @@ class Trainer:
                 # sharded tower (its frames cached) would hang the others in its all-gathers
                 raise ValueError("train.cache_vision_features_mb needs the tower whole on every rank under FSDP: set "
                                  "train.fsdp_frozen: replicate (or use ddp)")
-            self.vision_cache = VisionFeatureCache(int(t.cache_vision_features_mb * 2**20))
+            self.vision_cache = VisionFeatureCache.of_mib(t.cache_vision_features_mb)
         # FSDP: a micro-batch without any medium (text-only chat rows) still runs the tower and the resampler, on one
         # blank frame that no token sees (the attention term stays exactly zero), so that every rank joins each
         # sharded module's all-gathers and reduce-scatters in the same order

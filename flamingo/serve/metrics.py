@@ -23,7 +23,7 @@ _HELP = {
     "queue_depth": ("gauge", "requests waiting for a batch row"),
     "running_rows": ("gauge", "rows in the decode batch"),
     "prefix_cache_bytes": ("gauge", "bytes held by the prefix cache"),
-    "vision_frames_total": ("counter", "media frames prompts brought to the vision tower"),
+    "vision_frames_total": ("counter", "frames that reached the vision stage (not those of prefix-cached blocks)"),
     "vision_frames_computed_total": ("counter", "of those, the frames the tower ran on (the others: the vision cache)"),
     "vision_cache_bytes": ("gauge", "bytes held by the vision feature cache"),
     "batch_size": ("histogram", "rows per decode step"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 
 import torch
@@ -15,7 +16,7 @@ from flamingo.eval.tasks import get_task
 
 from .goals import breakdown, cell, fmt, goals, headline, reached, skipped_queries
 from .plots import gate_names, plot_fewshot, plot_training, training_metrics
-from .run import TASKS, DemoRun
+from .run import SHOTS, TASKS, DemoRun
 
 REPORT = "report.md"
 
@@ -105,6 +106,18 @@ def package_versions() -> str:
     return f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
+def reproduce_command(run: DemoRun) -> str:
+    """The `flamingo demo` command line of this run, shell-quoted: its settings, `--shots` when not the default."""
+    s = run.settings
+    args = ["flamingo", "demo", "--out", s.out, "--size", s.size, "--seed", str(s.seed),
+            "--train-procs", str(s.train_procs), "--eval-procs", str(s.eval_procs)]
+    if tuple(s.shots) != tuple(SHOTS):
+        args += ["--shots", *(str(k) for k in s.shots)]
+    if s.ablate:
+        args += ["--ablate", s.ablate]
+    return shlex.join(args)
+
+
 def write_report(run: DemoRun) -> str:
     s = run.settings
     out = s.out
@@ -114,9 +127,7 @@ def write_report(run: DemoRun) -> str:
     lines = ["# flamingo demo: a mini Flamingo grown offline", "",
              f"Size `{s.size}`, seed {s.seed}, shots {list(s.shots)}. Every number below was produced by this run.", "",
              "## Reproduce", "", "```bash",
-             f"flamingo demo --out {out} --size {s.size} --seed {s.seed} --train-procs {s.train_procs} "
-             f"--eval-procs {s.eval_procs}"
-             + (f" --ablate {s.ablate}" if s.ablate else ""),
+             reproduce_command(run),
              "```", "", f"A rerun on the same machine with the same package versions ({package_versions()}) reproduces "
              "every number: the world, the backbones, the Flamingo stage and the evaluation are bit-reproducible on "
              "CPU. Other versions of these packages (transformers above all) change the last bits of the "

@@ -110,12 +110,13 @@ def answer_word(text: str) -> str:
 def generate_text(model: Flamingo, processor: FlamingoProcessor, prompt: str, images: Sequence[str],
                   max_new_tokens: int, image_references: bool = False) -> str:
     """What `flamingo generate --prompt PROMPT --image ... --max-new-tokens N [--image-references]` prints: the greedy
-    continuation after the prompt, without special tokens."""
+    continuation after the prompt, decoded by the processor as the command does (control tokens left out, generated
+    references `<imageK>` kept)."""
     batch = processor(prompt, images=list(images), image_references=image_references or None)
     inputs = {k: v for k, v in batch.items() if v is not None}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=1,
                          repetition_penalty=1.0)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.decode(out[0, inputs["input_ids"].shape[1]:]).strip()
 
 
 def run_hand_prompts(world: dict[str, Any], model_dir: str, out_dir: str, *, seed: int = 0,

@@ -274,3 +274,31 @@ def test_multi_image_goals_weigh_each_question_type_and_compare_with_words(tmp_p
     assert words[1] is False and words[2] == "0-shot 70.0% vs 40.0%; 4-shot 75.0% vs 80.0%"
     run.results = {"flamingo": {}}
     assert multi_image_goals(run, [0, 2, 4]) == []
+
+
+def test_the_reports_reproduce_command_parses_back_to_the_runs_settings():
+    """`--shots` other than the default is part of the command, and the output path is shell-quoted."""
+    from flamingo_demo.report import reproduce_command
+
+    settings = DemoSettings(out="/tmp/my demo's run", size="smoke", seed=3, shots=(0, 4), train_procs=1, eval_procs=2)
+    words = shlex.split(reproduce_command(DemoRun(settings)))
+    assert words[:2] == ["flamingo", "demo"]
+    args = build_parser().parse_args(words[2:])
+    assert (args.out, args.size, args.seed, args.shots, args.train_procs, args.eval_procs) == \
+        (settings.out, "smoke", 3, [0, 4], 1, 2)
+    assert "--shots" not in reproduce_command(DemoRun(DemoSettings(out="o")))
+
+
+def test_the_generate_stage_prints_what_flamingo_generate_prints(monkeypatch):
+    """Decoded by the processor as the CLI does: a generated reference token `<imageK>` stays in the answer."""
+    from flamingo.tiny import tiny_flamingo
+    from flamingo_demo.tryit import generate_text
+
+    model, processor = tiny_flamingo(num_image_references=3)
+    tok = processor.tokenizer
+    prompt_ids = processor("Look:")["input_ids"]
+    answer = tok.encode(" green", add_special_tokens=False) + [tok.convert_tokens_to_ids("<image2>")] + \
+        tok.encode(" is", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|endofchunk|>")]
+    monkeypatch.setattr(model, "generate", lambda **kw: torch.cat([prompt_ids, torch.tensor([answer])], 1))
+    printed = generate_text(model, processor, "Look:", [], max_new_tokens=4)
+    assert printed == processor.decode(answer).strip() and "<image2>" in printed and "endofchunk" not in printed

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # The GPU checks still open (issues #35 memory, #36 training speed and the decode batch-1 goal), prepared so that a
-# lent device spends its minutes measuring. Two steps:
+# lent device spends its minutes measuring. The budget: 15 minutes of device time in all (the machine's start
+# included), at most 10 a call; the calls below hold 500 + 180 s of part limits, most valuable first:
 #
 #   bash bench/device_checks.sh wheels                # here (package index reachable): what the GPU image lacks
-#   bash bench/device_checks.sh run train memory      # on the device, carrying .gpu_wheels; call 1 (~8-9 min)
-#   bash bench/device_checks.sh run tests decode      # call 2 (~4-5 min)
+#   bash bench/device_checks.sh run decode train      # on the device, carrying .gpu_wheels; call 1 (limits 200 + 300 s)
+#   bash bench/device_checks.sh run memory            # call 2, at once (the machine stays warm briefly; limit 180 s)
+#   bash bench/device_checks.sh run tests serve prefill   # call 3 only if minutes are left (limits 150 + 300 + 200 s)
 #
 # Parts (each under its own time limit, so one slow part cannot eat the call):
+#   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
 #   train   bench.gpu --parts train --profile: eager and compiled training step beside OpenFlamingo, kernels per step
-#   memory  bench.memory: peak memory per recipe beside OpenFlamingo's (the <= 0.4x goal), int4/nf4 inference bytes;
-#           the goal's rows first (each row prints as it ends, so a part cut at its limit keeps them)
+#   memory  bench.memory: the goal's rows (peak memory beside OpenFlamingo's: <= 0.4x with int8 weights and 8-bit
+#           states; int4 inference weights <= 0.35x fp16), each printed as it ends
 #   tests   the CUDA-only tests (compiled training step, tower CUDA graphs, FlexAttention, CUDA-graphed decoding,
 #           the server's CUDA-graphed decode steps)
-#   decode  bench.generate --compile at 8 shots, batch 1 (the >= 10x goal)
-#   serve   bench.serve_steps --compile: the server's decode step eager and CUDA-graphed (`flamingo serve --compile`);
-#           not in the two calls above: a third call if minutes are left (~5 min)
+#   serve   bench.serve_steps --compile: the server's decode step eager and CUDA-graphed (`flamingo serve --compile`)
 #   prefill bench.serve_prefill: waiting prompts prefilled together vs one at a time (`flamingo serve`'s shared
-#           prefill) at 4, 16, 64 prompts; with `serve` in the third call
+#           prefill) at 4, 16, 64 prompts
 # Results land in $OUT (the device tool's folder; default ./device-out): one log and one JSON per part.
 # Smoke run on a CPU: SHAPE=tiny DEVICE=cpu DTYPE=fp32 OUT=/tmp/dc PYTHON=.venv/bin/python bash bench/device_checks.sh run \
-#   train decode serve (memory needs minutes per row on a CPU: run bench.memory with fewer rows instead)
+#   decode train serve (memory needs minutes per row on a CPU: run bench.memory with fewer rows instead)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -61,14 +62,14 @@ run() {
     } | tee "$OUT/versions.txt"
     for name in "$@"; do
         case $name in
-            train) part train 330 "$PY" -m bench.gpu --shape "$SHAPE" --device "$DEVICE" --parts train --profile \
+            train) part train 300 "$PY" -m bench.gpu --shape "$SHAPE" --device "$DEVICE" --parts train --profile \
                 --out "$OUT/gpu-train.json" ;;
-            memory) part memory 240 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --in-process --demo-model '' \
-                --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+inbwd,int8+adamw8bit+ckpt+inbwd,bf16_frozen,whole_logits,int8_frozen,nf4_frozen,adamw8bit,checkpointing,lora \
-                --infer-rows fp32,fp16,int8,int4,nf4 ;;
-            tests) part tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
+            memory) part memory 180 "$PY" -m bench.memory --shape "$SHAPE" --device "$DEVICE" --in-process --demo-model '' \
+                --train-rows openflamingo,int8+adamw8bit,int8+adamw8bit+ckpt,int8+adamw8bit+ckpt+inbwd \
+                --infer-rows fp16,int8,int4 ;;
+            tests) part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_compile_cuda.py tests/test_tower_graphs.py \
                 tests/test_xattn_cuda.py tests/test_generation_cuda.py tests/test_serve_compile_cuda.py ;;
-            decode) part decode 330 "$PY" -m bench.generate --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+            decode) part decode 200 "$PY" -m bench.generate --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
                 --shots 8 --batch 1 --compile --repeats 3 ;;
             serve) part serve 300 "$PY" -m bench.serve_steps --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
                 --compile --shots 0 8 --rows 1 16 64 --repeats 5 ;;
@@ -82,5 +83,5 @@ run() {
 case ${1:-} in
     wheels) wheels ;;
     run) shift; run "$@" ;;
-    *) sed -n 2,19p "$0"; exit 2 ;;
+    *) sed -n 2,24p "$0"; exit 2 ;;
 esac

@@ -72,3 +72,25 @@ def test_evaluation_scores_exact_matches_and_needs_enough_reference_tokens(make_
     with pytest.raises(ValueError, match="declares up to 12 images a prompt, but the model has reference tokens for 0"):
         plain_model, plain_processor = make_model("llama")
         evaluate(plain_model, plain_processor, "multi_image", str(tmp_path), shots=[3], trials=1, progress=False)
+
+
+def test_n_way_episodes_count_every_demo_against_the_reference_tokens(make_model, tmp_path, one_thread):
+    """3 shots of a 2-way episode show 6 two-image demos and the query: 14 images, past 12 reference tokens, are refused
+    before the first query (not at the first 3-shot batch, after the smaller shot counts ran)."""
+    for i in range(7):
+        for k in range(2):
+            random_image(10 * i + k).save(tmp_path / f"{i}_{k}.png")
+    rows = [{"id": str(i), "images": [f"{i}_0.png", f"{i}_1.png"], "question": "is <image0> like <image1>?",
+             "answer": "yes" if i % 2 else "no"} for i in range(7)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    test = {**rows[6], "demo_ids": [str(i) for i in range(6)], "ways": 2}
+    (tmp_path / "test.jsonl").write_text(json.dumps(test) + "\n")
+    model, processor = make_model("llama", num_image_references=12)
+    with pytest.raises(ValueError, match="at 3 shots declares up to 14 images a prompt, but the model has reference "
+                                         "tokens for 12"):
+        evaluate(model, processor, "multi_image", str(tmp_path), shots=[1, 3], trials=1, out_dir=str(tmp_path / "out"),
+                 progress=False)
+    assert not (tmp_path / "out" / "predictions").exists()
+    ran = evaluate(model, processor, "multi_image", str(tmp_path), shots=[2], trials=1, progress=False,
+                   generation={"max_new_tokens": 2, "num_beams": 1})  # 10 images: within the 12
+    assert ran["runs"][0]["skipped"] == 0

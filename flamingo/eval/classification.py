@@ -33,8 +33,16 @@ class ClassificationTask(Task):
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         names = read_json(root / "classes.json") if (root / "classes.json").is_file() else None
+        if names is not None and not isinstance(names, (list, dict)):  # a string would name a class per character
+            raise ValueError(f"{str(root / 'classes.json')!r} must be a list of class names or a {{folder: name}} "
+                             f"map, got {type(names).__name__}")
         if (root / f"{split}.jsonl").is_file():
             records = read_jsonl(root / f"{split}.jsonl")
+            bad = next((r for r in records if r.get("candidates") is not None
+                        and not isinstance(r["candidates"], list)), None)
+            if bad is not None:
+                raise ValueError(f"{str(root / f'{split}.jsonl')!r} record {bad.get('id')!r}: 'candidates' must be a "
+                                 f"list of class names, got {bad['candidates']!r:.80}")
             self.classes = list(names) if names else sorted({str(r["label"]) for r in records} | set(self.classes))
             for r in records if split == "test" else []:  # a label no candidate names would be scored wrong, unseen
                 choices = [str(c) for c in r.get("candidates") or self.classes]

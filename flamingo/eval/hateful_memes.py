@@ -36,23 +36,28 @@ class HatefulMemesTask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
-        records = read_jsonl(root / "train.jsonl") if split == "train" else self.labeled_test(root)
+        if split == "train":
+            path, records = root / "train.jsonl", read_jsonl(root / "train.jsonl")
+        else:
+            path, records = self.labeled_test(root)
         samples = []
         for r in records:
+            if r["label"] not in (0, 1, "0", "1"):  # int() would take "2", 2 (read as hateful) or fail unnamed
+                raise ValueError(f"{str(path)!r} meme {r.get('id')!r}: 'label' must be 0 or 1, got {r['label']!r}")
             label = int(r["label"])
             samples.append(Sample(id=str(r["id"]), media=[media_path(root, r["img"])], fields={"text": r["text"]},
                                   answer="yes" if label else "no", references=["yes" if label else "no"],
                                   label=label, **episode_fields(r)))
         return samples
 
-    def labeled_test(self, root: Path) -> list[dict[str, Any]]:
-        """The evaluated records: `test.jsonl`, else the labeled dev file (`dev_seen.jsonl` of the final release,
-        `dev.jsonl` of phase 1, which OpenFlamingo evaluates). A `test.jsonl` without labels (phase 1's, as
+    def labeled_test(self, root: Path) -> tuple[Path, list[dict[str, Any]]]:
+        """The evaluated file and its records: `test.jsonl`, else the labeled dev file (`dev_seen.jsonl` of the final
+        release, `dev.jsonl` of phase 1, which OpenFlamingo evaluates). A `test.jsonl` without labels (phase 1's, as
         downloaded) is passed over for the dev file, with a warning."""
         test = root / "test.jsonl"
         records = read_jsonl(test) if test.is_file() else None
         if records is not None and (not records or any("label" in r for r in records)):
-            return records
+            return test, records
         dev = next((root / n for n in DEV_FILES if (root / n).is_file()), None)
         if dev is None and records is None:
             raise FileNotFoundError(f"missing evaluation file {str(test)!r} (nor is there a "
@@ -68,7 +73,7 @@ class HatefulMemesTask(Task):
             if rank() == 0:
                 warnings.warn(f"{self.name}: {str(test)!r} has no labels (the release's test set withholds them): "
                               f"evaluating {dev.name} instead", stacklevel=3)
-        return read_jsonl(dev)
+        return dev, read_jsonl(dev)
 
     def candidates_for(self, sample: Sample) -> list[str]:
         return ["yes", "no"]

@@ -68,9 +68,13 @@ def _find_image(folder: Path, stem: str) -> Path:
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    """A subtask `.txt`: (question, "yes" | "no") per non-empty line."""
+    """A subtask `.txt`: (question, "yes" | "no") per non-empty line (UTF-8, a leading byte-order mark dropped)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({e})") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rstrip("\n").split("\t")

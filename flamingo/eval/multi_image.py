@@ -55,7 +55,11 @@ class MultiImageTask(Task):
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         samples = []
-        for rec in read_jsonl(root / f"{split}.jsonl"):
+        path = root / f"{split}.jsonl"
+        for rec in read_jsonl(path):
+            if not isinstance(rec["images"], list):  # a string would give one "image" per character
+                raise ValueError(f"{str(path)!r} record {rec.get('id')!r}: 'images' must be a list of paths, got "
+                                 f"{rec['images']!r:.80}")
             images = [media_path(root, p) for p in rec["images"]]
             question = str(rec["question"])
             bad = [int(k) for k in REFERENCE.findall(question) if int(k) >= len(images)]

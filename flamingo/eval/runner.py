@@ -51,13 +51,16 @@ def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: 
 
 
 def load_split(task: Task, local: str, split: str, data_dir: str) -> list[Sample]:
-    """`task.load(local, split)`, a record lacking a field its task reads (or of another shape) named as such."""
+    """`task.load(local, split)`, a record lacking a field its task reads (or of another shape, or a file that is not
+    UTF-8) named as such: a ValueError naming the split and the data, which the CLI prints as one line."""
     try:
         return task.load(local, split)
     except KeyError as e:
         raise ValueError(f"{task.name}: a record of the {split} split of {data_dir!r} lacks the field {e} "
                          "(layouts: docs/eval.md)") from e
-    except TypeError as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{task.name}: a file of the {split} split of {data_dir!r} is not UTF-8 text ({e})") from e
+    except (TypeError, IndexError, AttributeError) as e:  # a string or object where a list is read; an index past it
         raise ValueError(f"{task.name}: the {split} split of {data_dir!r} is not in the task's layout ({e}; "
                          "layouts: docs/eval.md)") from e
 
@@ -214,8 +217,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         raise ValueError(f"{task.name}: the test split of {data_dir!r} is empty")
     task.check_fields([*samples, *pool])
     if task.image_references:  # every image of a prompt is declared and may be referred to
-        per_sample = max(len(s.media) for s in [*samples, *pool])
-        needed = per_sample * (max(shots) + 1)
+        per_demo = max((len(s.media) for s in pool), default=0)
+        # a query's own images and its demos' (an n-way episode shows `ways` demos a shot)
+        needed = max(len(s.media) + max(shots) * (s.ways or 1) * per_demo for s in samples)
         if processor.num_references < needed:
             raise ValueError(f"{task.name} at {max(shots)} shots declares up to {needed} images a prompt, but the "
                              f"model has reference tokens for {processor.num_references} (FlamingoConfig."

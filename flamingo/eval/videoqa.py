@@ -1,5 +1,11 @@
-"""Video QA (MSRVTT-QA / MSVD-QA / iVQA layout): generate a short answer, scored after VQA normalisation: exact match
-with `answer`, or, for a record with several human `answers` (iVQA's five), iVQA's accuracy min(1, matches / 2)."""
+"""Video QA (MSRVTT-QA / iVQA layout): generate a short answer, scored after VQA normalisation: exact match with
+`answer`, or, for a record with several human `answers` (iVQA's five), iVQA's accuracy min(1, matches / 2).
+
+Files: `{train,test}_qa.json`, a list of `{"id", "question", "answer" or "answers": [...], "video" or "video_id"}`.
+A record's clip is its `video` path (relative to the directory), else found in `videos/` by its `video_id` as
+`{video_id}.mp4` or as MSR-VTT names its clips, `video{video_id}.mp4` (any video extension). MSVD-QA's integer
+`video_id`s name YouTube clips only through its `youtube_mapping.txt`, which is not read: give its records `video`.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +26,16 @@ class VideoQATask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
+        path = root / f"{split}_qa.json"
+        records = read_json(path)
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            got = f"a {type(records).__name__}" if not isinstance(records, list) else "items that are not objects"
+            raise ValueError(f"{str(path)!r} must be a JSON list of question records, got {got}")
+        clips = _clips(root / "videos")
         samples = []
-        for rec in read_json(root / f"{split}_qa.json"):
-            video = rec.get("video") or f"videos/{rec['video_id']}.mp4"
-            answers = [str(a) for a in rec.get("answers") or [rec["answer"]]]
+        for rec in records:
+            video = rec.get("video") or _clip_of(clips, rec["video_id"])
+            answers = [str(a) for a in _answers(rec, path)]
             answer = str(rec["answer"]) if "answer" in rec else max(answers, key=answers.count)  # the most given
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, video)],
                                   fields={"question": rec["question"]}, answer=answer, references=answers,
@@ -36,6 +48,36 @@ class VideoQATask(Task):
     def compute_metrics(self, samples: Sequence[Sample], predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"accuracy": percent([answer_score(p["prediction"], s.references)
                                      for s, p in zip(samples, predictions)])}
+
+
+def _answers(rec: dict[str, Any], path: Path) -> list[Any]:
+    """A record's human `answers` (a list of strings or numbers), else its one `answer`."""
+    answers = rec.get("answers")
+    if not answers:
+        return [rec["answer"]]
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
+        raise ValueError(f"{str(path)!r} record {rec.get('id')!r}: 'answers' must be a list of answer strings, got "
+                         f"{answers!r:.80}")
+    return answers
+
+
+def _clips(folder: Path) -> dict[str, str]:
+    """The video files of `folder` by stem (listed once per split); of two with one stem, the earlier extension of
+    `VIDEO_EXTENSIONS` (mp4 first)."""
+    from ..processing import VIDEO_EXTENSIONS  # torch: not at import, so `flamingo --help` stays light
+
+    if not folder.is_dir():
+        return {}
+    files = [p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS]
+    files.sort(key=lambda p: (VIDEO_EXTENSIONS.index(p.suffix.lower()), p.name), reverse=True)
+    return {p.stem: p.name for p in files}  # the preferred file written last
+
+
+def _clip_of(clips: dict[str, str], video_id: Any) -> str:
+    """`videos/{video_id}.mp4` (any video extension), else MSR-VTT's `videos/video{video_id}.mp4`; found by neither:
+    `videos/{video_id}.mp4`, which the evaluation counts as missing."""
+    name = clips.get(f"{video_id}") or clips.get(f"video{video_id}") or f"{video_id}.mp4"
+    return f"videos/{name}"
 
 
 def answer_score(prediction: str, answers: Sequence[str]) -> float:

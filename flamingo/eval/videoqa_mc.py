@@ -24,7 +24,11 @@ class VideoQAChoiceTask(Task):
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         samples = []
-        for rec in read_jsonl(root / f"{split}.jsonl"):
+        path = root / f"{split}.jsonl"
+        for rec in read_jsonl(path):
+            if not isinstance(rec["options"], list):  # a string would give one option per character
+                raise ValueError(f"{str(path)!r} question {rec.get('id')!r}: 'options' must be a list, got "
+                                 f"{rec['options']!r:.80}")
             options = [str(o) for o in rec["options"]]
             answer = rec["answer"]
             if isinstance(answer, int) and not isinstance(answer, bool):

@@ -7,6 +7,8 @@ Files: `visdial_1.0_train.json` (or `train.json`: the demo pool), `visdial_1.0_v
 v1.0's own test split withholds its answers), optional `visdial_1.0_val_dense_annotations.json` (or
 `test_dense_annotations.json`); images anywhere under the directory, named with their COCO / VisDial image id at
 the end of the file name (`COCO_train2014_000000123456.jpg`, `VisualDialog_val2018_000000123456.jpg`, `123456.png`).
+The two numberings are independent (val2018's images are not COCO's), so an id found more than once is taken from
+the file whose name (else folder) names the split: `COCO_` (or train2014/val2014) for train, `val2018` for val.
 With dense annotations, the evaluated rounds are the annotated ones (one per dialog); without, every round (NDCG is
 then not reported). A demo is one round of a training dialog with its history and its answer; one round per dialog
 (the round `dialog index % rounds`), so the pool is a sample per dialog.
@@ -24,6 +26,8 @@ from .task import Sample, Task, percent, read_json
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _TRAILING_ID = re.compile(r"(\d+)$")
+# what names an image of the split: train dialogs show COCO train2014 / val2014 images, val dialogs VisDial's own
+_SPLIT_MARKS = {"train": ("COCO_", "train2014", "val2014"), "test": ("val2018",)}
 
 
 def ndcg(relevance: Sequence[float], order: Sequence[int]) -> float:
@@ -39,14 +43,31 @@ def ndcg(relevance: Sequence[float], order: Sequence[int]) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _images_by_id(root: Path) -> dict[int, str]:
-    """Every image under `root` by the id its file name ends with (walked once for both splits)."""
-    found: dict[int, str] = {}
+def _images_by_id(root: Path) -> dict[int, tuple[str, ...]]:
+    """Every image under `root` by the id its file name ends with, all of an id's files in sorted order (walked once
+    for both splits; `_image_of` picks a split's)."""
+    found: dict[int, list[str]] = {}
     for path in sorted(root.rglob("*")):
         m = _TRAILING_ID.search(path.stem)
         if m is not None and path.suffix.lower() in _IMAGE_EXTS and path.is_file():
-            found.setdefault(int(m.group(1)), str(path))
-    return found
+            found.setdefault(int(m.group(1)), []).append(str(path))
+    return {i: tuple(paths) for i, paths in found.items()}
+
+
+def _image_of(root: Path, paths: Sequence[str], split: str, image_id: int) -> str:
+    """The image of `image_id` for `split` among the files ending with that id: the only one, else the first whose
+    file name (else whose path under `root`) names the split (`_SPLIT_MARKS`)."""
+    if len(paths) == 1:
+        return paths[0]
+    marks = _SPLIT_MARKS["train" if split == "train" else "test"]
+    for part in (lambda p: Path(p).name, lambda p: str(Path(p).relative_to(root))):
+        named = [p for p in paths if any(m in part(p) for m in marks)]
+        if named:
+            return named[0]
+    shown = [str(Path(p).relative_to(root)) for p in paths[:3]]
+    raise ValueError(f"VisDial image_id {image_id}: {len(paths)} images under {str(root)!r} end with it ({shown}) and "
+                     f"none names the {split} split's ({' or '.join(marks)}): VisDial's val2018 ids are not COCO ids, "
+                     "keep the downloads' file names")
 
 
 def _first(root: Path, *names: str) -> Optional[Path]:
@@ -81,6 +102,7 @@ class VisDialTask(Task):
             image_id = int(dialog["image_id"])
             if image_id not in images:
                 raise FileNotFoundError(f"no image for VisDial image_id {image_id} under {str(root)!r}")
+            image = _image_of(root, images[image_id], split, image_id)
             rounds = dialog["dialog"]
             if split == "train":
                 chosen = [d % len(rounds)]
@@ -89,6 +111,9 @@ class VisDialTask(Task):
             else:
                 chosen = list(range(len(rounds)))
             for r in chosen:
+                if not 0 <= r < len(rounds):  # only a dense round_id can be outside (-1: a round_id of 0)
+                    raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has round_id {r + 1}, but its dialog "
+                                     f"has rounds 1-{len(rounds)} (round_id counts from 1)")
                 turn = rounds[r]
                 history = "".join(f"Question: {questions[t['question']]}? Answer: {answers[t['answer']]}. "
                                   for t in rounds[:r])
@@ -96,8 +121,11 @@ class VisDialTask(Task):
                 options = [answers[i] for i in turn.get("answer_options", [])]
                 gt_index = turn.get("gt_index", options.index(answer) if answer in options else None)
                 relevance = dense[image_id][1] if image_id in dense and dense[image_id][0] == r else None
+                if relevance is not None and len(relevance) != len(options):
+                    raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has {len(relevance)} gt_relevance "
+                                     f"scores, but its round {r + 1} has {len(options)} answer options")
                 samples.append(Sample(
-                    id=f"{image_id}_{r + 1}", media=[images[image_id]],
+                    id=f"{image_id}_{r + 1}", media=[image],
                     fields={"caption": dialog["caption"], "history": history, "question": questions[turn["question"]]},
                     answer=answer, references=[answer], candidates=options if split != "train" else None,
                     label={"gt_index": gt_index, "relevance": relevance}))

@@ -77,3 +77,17 @@ def test_evaluate_with_chat_prompts_records_the_format(task, maker, tmp_path, mo
     assert len(chat["runs"]) == 2 and all(run["metrics"] for run in chat["runs"])
     assert chat_prompts and all(p.endswith(" GPT:<answer>") and p.count("User: ") in (1, 3) for p in chat_prompts)
     assert prompts and not any("GPT:<answer>" in p for p in prompts)
+
+
+def test_a_task_instance_evaluated_again_starts_from_its_template_and_fresh_token_ids(tmp_path, monkeypatch):
+    """`evaluate(task_instance, chat=True)` then `chat=False`: the second run writes template prompts and says so;
+    the continuation ids cached for the first processor are dropped (another model's tokenizer splits otherwise)."""
+    model, processor = tiny_otter_shaped()
+    data = make_classification(tmp_path / "data")
+    task = get_task("classification")
+    common = dict(shots=[0], trials=1, batch_size=2, progress=False)
+    evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "chat"), chat=True, **common)
+    task.continuation_ids.put(("stale query", "stale"), [10**9])  # as another tokenizer's ids would be
+    plain = evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "plain"), **common)
+    assert plain["settings"]["chat"] is None and task.chat is None
+    assert task.continuation_ids.get(("stale query", "stale")) is None

@@ -180,8 +180,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
     if chat and demo_separator is not None:
         raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
-    if chat:
-        task.use_chat(chat_format_for(processor))
+    # every call sets the task's chat format (None: its template) and clears its continuation ids, which depend on
+    # the processor's tokenizer: a Task instance evaluated again, with another model or without chat, starts clean
+    task.use_chat(chat_format_for(processor) if chat else None)
     shots = sorted(dict.fromkeys(int(k) for k in shots))  # one run per number of shots, in the table's order
     if any(k < 0 for k in shots) or not shots:
         raise ValueError(f"shots must be non-negative numbers, got {shots}")
@@ -244,8 +245,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     # demo images recur across queries and shots: the frozen tower encodes each frame once per evaluation
     if vision_cache_mb is None:
         vision_cache_mb = 256 if not remote and next(model.vision.parameters()).device.type == "cpu" else 0
-    vision_cache = VisionFeatureCache(int(vision_cache_mb * 2**20)) \
-        if vision_cache_mb > 0 and not remote and model.config.freeze_vision else None
+    vision_cache = VisionFeatureCache.of_mib(vision_cache_mb) if not remote and model.config.freeze_vision else None
     features = FeatureCache(model, loader, batch_size=max(batch_size, 32), progress=progress) \
         if demos == "rices" else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
+from flamingo.train import trainer as trainer_module
+from flamingo.train.config import load_config
 from flamingo.train.plots import plot_run, read_metrics
+
+from train_fixtures import train_config
 
 
 def _write(path, records, torn=False):
@@ -44,13 +49,13 @@ def test_plot_run_draws_loss_and_gates(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_series_of_one_point_is_drawn_with_a_marker(tmp_path, monkeypatch):
-    """A line through one point draws nothing: a 1-step run's loss.png was empty axes and a legend."""
+def _kept_figures(monkeypatch):
+    """pyplot, with the figures kept open for the test to look at (and the list they are kept in)."""
     import flamingo.train.plots as plots
 
     real, figures = plots.pyplot(), []
 
-    class KeepFigures:  # pyplot, with the figures kept open for the test to look at
+    class KeepFigures:
         def __getattr__(self, name):
             return getattr(real, name)
 
@@ -58,6 +63,12 @@ def test_a_series_of_one_point_is_drawn_with_a_marker(tmp_path, monkeypatch):
             figures.append(fig)
 
     monkeypatch.setattr(plots, "pyplot", lambda: KeepFigures())
+    return real, figures
+
+
+def test_a_series_of_one_point_is_drawn_with_a_marker(tmp_path, monkeypatch):
+    """A line through one point draws nothing: a 1-step run's loss.png was empty axes and a legend."""
+    real, figures = _kept_figures(monkeypatch)
     _write(tmp_path / "metrics.jsonl", [_step(1, 3.0, 0.1), {"step": 1, "val_loss/held_out": 2.6}])
     plot_run(str(tmp_path))
     lines = [line for fig in figures for ax in fig.axes for line in ax.get_lines()]
@@ -76,3 +87,46 @@ def test_null_values_read_back_as_nan(tmp_path):
     assert math.isnan(training[0]["loss"]) and math.isnan(training[0]["gates"]["0"][0])
     assert math.isnan(training[1]["loss"]) and training[1]["loss/pairs"] == 2.0
     assert plot_run(str(tmp_path)) == [str(tmp_path / "loss.png"), str(tmp_path / "gates.png")]
+
+
+def test_a_point_between_skipped_steps_is_drawn_with_a_marker(tmp_path, monkeypatch):
+    """A line draws no segment to or from a NaN: a finite loss between skipped (null) steps was invisible."""
+    real, figures = _kept_figures(monkeypatch)
+    nan = math.nan
+    losses = {"alone": [nan, nan, 2.0, nan], "torn": [3.0, 2.9, nan, 2.7, nan], "whole": [3.0, 2.9, 2.8, 2.7]}
+    rows = [{"step": s + 1, **{f"loss/{k}": v[s] for k, v in losses.items() if s < len(v)},
+             "gates": {"0": [0.1 * s, nan if s in (1, 3) else 0.2]}} for s in range(5)]
+    _write(tmp_path / "metrics.jsonl", rows)
+    plot_run(str(tmp_path))
+    loss, gates = figures
+    marked = {line.get_label(): line.get_markevery() for line in loss.axes[0].get_lines()
+              if line.get_marker() not in (None, "", " ", "None")}
+    assert marked == {"alone": [2], "torn": [3]}  # only the lone points; a whole line has no markers
+    attn, dense = (ax.get_lines()[0] for ax in gates.axes)
+    assert attn.get_marker() in (None, "", " ", "None") and dense.get_markevery() == [0, 2, 4]
+    for fig in figures:
+        real.close(fig)
+
+
+def test_rows_with_other_gate_layers_are_drawn(tmp_path):
+    """Records whose blocks sit before other layers (an output_dir reused with another xattn_every) draw one line
+    per layer, with gaps where a row lacks it."""
+    _write(tmp_path / "metrics.jsonl", [_step(1, 3.0, 0.1), {"step": 2, "loss": 2.9, "gates": {"1": [0.2, 0.1]}},
+                                        _step(3, 2.8, 0.3)])
+    assert plot_run(str(tmp_path)) == [str(tmp_path / "loss.png"), str(tmp_path / "gates.png")]
+
+
+def test_a_plotting_error_does_not_end_the_run(world, one_thread, monkeypatch, caplog):
+    """A picture never costs the run: plot_run raising at every checkpoint still leaves a trained final/."""
+
+    def broken(*args, **kwargs):
+        raise KeyError("0")
+
+    root, vision, lm, data = world
+    monkeypatch.setattr(trainer_module, "plot_run", broken)
+    config = load_config(train_config(root, vision, lm, data, steps=2, out=os.path.join(root, "run-plot-error"),
+                                      interleaved=False, save_every=1))
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        out = trainer_module.Trainer(config).run()
+    assert os.path.isfile(os.path.join(out, "train_config.json"))
+    assert "could not draw loss.png / gates.png: KeyError" in caplog.text

@@ -89,7 +89,7 @@ class TrainSection:
     loss_average: str = "tokens"
     mixture: str = "accumulate"  # accumulate: one batch of every dataset per step (paper) | sample: one, by lambda
     seed: int = 0
-    log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (and the loop's host syncs)
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard entries (optim.fused: the loop's only host syncs)
     progress: bool = True  # a tqdm bar on rank 0
     save_every: int = 500  # steps between checkpoints; 0: at the end only (and when stopped by a signal)
     eval_every: int = 0  # steps between validation losses (the `validation` datasets); 0: at the end only

@@ -1,15 +1,23 @@
 """FLOPs per training sample and MFU.
 
-A matmul with a weight of P parameters costs 2·P FLOPs per token forward. Per sample of T text tokens, M media of
-F frames of S patches, and R latents:
-- frozen vision tower: forward only, no gradient: 2·P_vision·(M·F·S);
-- frozen LM: forward 2·P_lm·T, plus the backward pass for the *input* gradient only (no weight gradient) 2·P_lm·T,
-  so 4·P_lm·T — gradients must flow through the frozen LM down to the xattn blocks;
-- trained xattn blocks (per text token) and resampler (per latent / per feature): forward 2·P and backward 4·P
-  (input and weight gradients), so 6·P per token they see.
+A matmul with a weight of P parameters costs 2·P FLOPs per token forward; its backward 2·P for the input gradient
+(when gradients flow on below it) and 2·P for the weight gradient (when the weight trains). Per sample of T text
+tokens, M media of F frames of S patches, and R latents:
+- vision tower: frozen (`freeze_vision`), forward only, without gradients, 2·P_vision·(M·F·S); trained,
+  6·P_vision·(M·F·S);
+- LM: forward 2·P_lm·T plus the input gradient 2·P_lm·T (gradients flow through a frozen LM down to the xattn blocks),
+  so 4·P_lm·T, plus the weight gradient 2·P·T of the LM weights that train: all of them with `freeze_lm: false`, the
+  LoRA adapters with `lm_lora`;
+- xattn blocks, trained: 6·P_xattn·T (their K/V projections run over the M·R visual tokens, not over T: a small
+  overcount);
+- Perceiver resampler, trained: its K/V projections see the features and the latents, 6·P_kv·M·(F·S + R) (the
+  features' input gradient too: the LayerNorm before them trains); its other weights (queries, output, feed-forward)
+  see the latents only, 6·P_rest·M·R. The MLP resampler pools the features first: 6·P·M·R.
 Attention score FLOPs (quadratic terms) are left out, as in the usual 6·N·T estimates; at T = 256 they are small.
-P_lm leaves out the LM's input embedding, a table lookup (65M of a 1.3B Llama's parameters), unless it is tied to
-the output head, whose matmul it then is.
+P counts the weights that multiply activations: P_lm leaves out the LM's input embedding, a table lookup (65M of a
+1.3B Llama's parameters), unless it is tied to the output head, whose matmul it then is; the resampler's count leaves
+out its latents, time embeddings and LayerNorms. On the tiny test model the estimate is within ~12% of
+torch.utils.flop_counter.FlopCounterMode's count of one forward and backward (tests/test_flops.py).
 """
 
 from __future__ import annotations
@@ -19,25 +27,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.resampler import PerceiverAttention
+
 
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def lm_matmul_parameters(lm: nn.Module) -> int:
-    """The LM's parameters that multiply activations: all but an untied input embedding."""
+def lm_matmul_parameters(lm: nn.Module, trained: bool = False) -> int:
+    """The LM's parameters that multiply activations: all but an untied input embedding (trained: only those that
+    train, such as LoRA adapters' or a trained LM's)."""
     embedding = lm.get_input_embeddings().weight
     head = lm.get_output_embeddings()
     tied = head is not None and head.weight is embedding
-    return count(lm) - (0 if tied else embedding.numel())
+    return sum(p.numel() for p in lm.parameters()
+               if (tied or p is not embedding) and (p.requires_grad or not trained))
+
+
+def resampler_matmul_parameters(resampler: nn.Module) -> tuple[int, int]:
+    """(P_kv, P_rest): the resampler's K/V projection weights, which see the visual features, and its other matmul
+    weights, which see the latents only."""
+    linear = [m for m in resampler.modules() if isinstance(m, nn.Linear)]
+    kv = [m.to_kv for m in resampler.modules() if isinstance(m, PerceiverAttention)]
+    p_kv = sum(m.weight.numel() for m in kv)
+    return p_kv, sum(m.weight.numel() for m in linear) - p_kv
 
 
 def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int) -> float:
-    p_vision, p_lm = count(model.vision), lm_matmul_parameters(model.lm)
-    p_xattn, p_resampler = count(model.xattn), count(model.resampler)
-    features = media * frames * patches
-    return (2 * p_vision * features + 4 * p_lm * text_tokens + 6 * p_xattn * text_tokens
-            + 6 * p_resampler * (features + media * model.config.num_latents))
+    """FLOPs of one training pass over T text tokens and M media of F frames of S patches (the formula above)."""
+    p_vision, p_xattn = count(model.vision), count(model.xattn)
+    p_lm, p_lm_trained = lm_matmul_parameters(model.lm), lm_matmul_parameters(model.lm, trained=True)
+    p_kv, p_rest = resampler_matmul_parameters(model.resampler)
+    features, latents = media * frames * patches, media * model.config.num_latents
+    vision = (2 if model.config.freeze_vision else 6) * p_vision * features
+    lm = (4 * p_lm + 2 * p_lm_trained) * text_tokens
+    resampler = 6 * p_kv * (features + latents) + 6 * p_rest * latents
+    return vision + lm + 6 * p_xattn * text_tokens + resampler
 
 
 # Dense bf16 peak throughput, FLOP/s, by device name fragment.

@@ -21,8 +21,8 @@ GATE_NAMES = {"scalar": ("tanh(attention gate)", "tanh(dense gate)"),
 
 
 def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`metrics.jsonl` -> (training rows, validation rows), each in step order (a resumed run's repeated steps: the
-    last record). Lines that are not a step's record (a line torn by a killed run) are skipped and counted. A `null`
+    """`metrics.jsonl` -> (training rows, validation rows), each in step order (a step recorded twice: the last
+    record). Lines that are not a step's record (a line torn by a killed run) are skipped and counted. A `null`
     (a non-finite number, run_log.py; older files hold a bare NaN, which is read too) is read as NaN."""
     training: dict[int, dict[str, Any]] = {}
     validation: dict[int, dict[str, Any]] = {}
@@ -56,9 +56,13 @@ def _nan_for_null(value: Any) -> Any:
     return value
 
 
-def _line(n_points: int, style: dict[str, Any]) -> dict[str, Any]:
-    """A series' line style: with a marker when it has one point (a line of one point draws nothing)."""
-    return style if n_points > 1 or "marker" in style else {**style, "marker": "."}
+def _line(values: list[float], style: dict[str, Any]) -> dict[str, Any]:
+    """A series' line style: with a marker on each point that has no finite neighbour. A line draws no segment to or
+    from a NaN, so such a point (a 1-step run's, one between skipped steps) would be invisible."""
+    finite = [math.isfinite(v) for v in values]
+    lone = [i for i, f in enumerate(finite)
+            if f and not (i > 0 and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])]
+    return style if not lone or "marker" in style else {**style, "marker": ".", "markevery": lone}
 
 
 def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]], path: str, title: str = "") -> None:
@@ -69,8 +73,8 @@ def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]]
                                            (validation, "val_loss/", {"ls": "--", "marker": "."}, " (validation)")):
         for key in dict.fromkeys(k for r in records for k in r if k.startswith(prefix)):  # one line per dataset
             rows = [r for r in records if key in r]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[len(prefix):] + suffix,
-                    **_line(len(rows), style))
+            values = [r[key] for r in rows]
+            ax.plot([r["step"] for r in rows], values, label=key[len(prefix):] + suffix, **_line(values, style))
     ax.set_title(f"{title}: loss" if title else "loss")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
@@ -81,14 +85,17 @@ def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]]
 
 
 def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_type: str = "scalar") -> None:
-    """Each block's attention and dense gates against the step, one line per LM layer it sits before."""
+    """Each block's attention and dense gates against the step, one line per LM layer it sits before (rows need not
+    all have the same layers: a layer's line has a gap where a row lacks it)."""
     plt = pyplot()
     rows = [r for r in training if r.get("gates")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [r["step"] for r in rows]
-    for layer in (rows[0]["gates"] if rows else {}):
+    missing = (math.nan, math.nan)
+    for layer in dict.fromkeys(layer for r in rows for layer in r["gates"]):
         for i, ax in enumerate(axes):  # 0: attention gate, 1: dense gate
-            ax.plot(steps, [r["gates"][layer][i] for r in rows], label=f"layer {layer}", **_line(len(rows), {}))
+            values = [r["gates"].get(layer, missing)[i] for r in rows]
+            ax.plot(steps, values, label=f"layer {layer}", **_line(values, {}))
     for ax, name in zip(axes, GATE_NAMES[gate_type]):
         ax.set_title(f"{title}: {name}" if title else name)
         ax.set_xlabel("step")

@@ -6,6 +6,11 @@ memory); each validation pass one more (`val_loss/<name>`, ...). A non-finite nu
 written as `null`: strict JSON, which jq and JavaScript read (plots.read_metrics reads it back as NaN). The same
 numbers go to TensorBoard under `tb/` when tensorboard is installed (gates as `gates/attn/<layer>` and
 `gates/ffw/<layer>`).
+
+The logs are the run's own: a fresh run moves a previous run's logs aside (`metrics.prev-<N>.jsonl`, `tb.prev-<N>`,
+and the pictures drawn from them), so that its curves never carry another run's points; a resumed run drops what the
+attempt it resumes from logged after its checkpoint (metrics.jsonl's records past the step; TensorBoard's events, by
+`purge_step`), since those steps are trained again.
 """
 
 from __future__ import annotations
@@ -30,10 +35,32 @@ log = logging.getLogger(__name__)
 class RunLog:
     """The run's metrics file and TensorBoard writer. Every rank may call it; only rank 0 writes."""
 
-    def __init__(self, output_dir: str, rank: int) -> None:
+    def __init__(self, output_dir: str, rank: int, *, start_step: int) -> None:
+        """start_step: the step the run starts from (0 fresh, else the checkpoint's it resumed from)."""
         self.rank = rank
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        self.writer = _tensorboard(os.path.join(output_dir, "tb")) if rank == 0 else None
+        self.writer = None
+        if rank != 0:
+            return
+        if start_step == 0:
+            moved = set_aside_previous_logs(output_dir)
+            if moved:
+                log.warning(
+                    "%s held the logs of another run (no checkpoint to resume from): moved to %s",
+                    output_dir,
+                    ", ".join(moved),
+                )
+        else:
+            dropped = drop_records_after(self.metrics_path, start_step)
+            if dropped:
+                log.info(
+                    "%s: %d record(s) past the resumed step %d removed (that attempt's, trained again)",
+                    self.metrics_path,
+                    dropped,
+                    start_step,
+                )
+        # a resumed run's TensorBoard drops the events the earlier attempt wrote from step start_step + 1 on
+        self.writer = _tensorboard(os.path.join(output_dir, "tb"), start_step + 1 if start_step else None)
 
     def training(self, metrics: dict[str, Any]) -> None:
         """One logged step's materialized metrics (with "step" and "gates")."""
@@ -69,12 +96,61 @@ class RunLog:
             f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-def _tensorboard(directory: str) -> Any:
+def _tensorboard(directory: str, purge_step: Optional[int]) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(directory)
+    return SummaryWriter(directory, purge_step=purge_step)
+
+
+# what a run writes about its curves: metrics.jsonl, the TensorBoard directory and plots.py's pictures
+LOG_NAMES = ("metrics.jsonl", "tb", "loss.png", "gates.png")
+
+
+def set_aside_previous_logs(output_dir: str) -> list[str]:
+    """Rename the logs a previous run left in `output_dir` to `<name>.prev-<N>[.<ext>]`, N the first number free for
+    all of them (one N per previous run); returns the new names."""
+    present = [name for name in LOG_NAMES if os.path.exists(os.path.join(output_dir, name))]
+    if not present:
+        return []
+
+    def aside(name: str, n: int) -> str:
+        stem, ext = os.path.splitext(name)
+        return f"{stem}.prev-{n}{ext}"
+
+    n = 1
+    while any(os.path.exists(os.path.join(output_dir, aside(name, n))) for name in LOG_NAMES):
+        n += 1
+    for name in present:
+        os.replace(os.path.join(output_dir, name), os.path.join(output_dir, aside(name, n)))
+    return [aside(name, n) for name in present]
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrite `metrics.jsonl` at `path` (atomically) without the records past `step` and the lines that are no
+    step's record (one torn by a killed run would swallow the next record appended to it); returns how many lines
+    went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+    keep = [line for line in lines if kept(line)]
+    if len(keep) == len(lines) and (not lines or lines[-1].endswith("\n")):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def materialize(metrics: dict[str, Any]) -> dict[str, Any]:

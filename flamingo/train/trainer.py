@@ -458,7 +458,14 @@ class Trainer:
         self.skipped_steps = self.skipped_steps + (~finite).long()
         lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler sets the next step's
         lr = lr.clone() if isinstance(lr, torch.Tensor) else lr  # torchao's is a tensor, filled in place
-        self.scheduler.step()
+        if self.step == 0:  # a skipped first step never called optimizer.step(), and torch warns that the schedule's
+            # first value is skipped: wrong here, the schedule counts steps, skipped or not. (Only at the first step:
+            # catch_warnings resets which warnings were shown once.)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.step += 1
         if not self.skip_on_device:
             self.check_nonfinite()  # `finite` is on the host already
@@ -569,7 +576,7 @@ class Trainer:
         t = self.config.train
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self._previous_handlers = handlers  # what a second signal meets (`_on_signal`)
-        run_log = RunLog(t.output_dir, self.rank)
+        run_log = RunLog(t.output_dir, self.rank, start_step=self.step)  # after _resume: the step it resumed at
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -630,9 +637,13 @@ class Trainer:
                                      "the loss weights)")
 
     def _plot(self) -> None:
-        """loss.png and gates.png in the output directory, from the metrics logged so far (rank 0)."""
+        """loss.png and gates.png in the output directory, from the metrics logged so far (rank 0). A picture never
+        costs the run: an error drawing it is a warning."""
         if self.rank == 0:
-            plot_run(self.config.train.output_dir, self.model.config.gate_type)
+            try:
+                plot_run(self.config.train.output_dir, self.model.config.gate_type)
+            except Exception as e:  # whatever matplotlib or an odd metrics.jsonl raises
+                log.warning("could not draw loss.png / gates.png: %s: %s", type(e).__name__, e)
 
     def validate(self) -> dict[str, float]:
         """The loss of every validation dataset at the current weights (train/validation.py), in eval mode and

@@ -23,7 +23,7 @@ from .processing import (
 )
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
-from .runtime.hub import local_dir, metadata_dir
+from .runtime.hub import hub_commit, is_commit, is_hub_reference, local_dir, metadata_dir
 
 Backbone = Union[str, os.PathLike, nn.Module]
 
@@ -32,11 +32,16 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
                    config: Optional[FlamingoConfig] = None, *, image_processor: Any = None,
                    torch_dtype: Union[torch.dtype, str, None] = None, max_length: Optional[int] = None,
                    extra_tokens: Sequence[str] = (), template: str = "flamingo",
-                   resampler_and_blocks_on_meta: bool = False) -> tuple[Flamingo, FlamingoProcessor]:
+                   resampler_and_blocks_on_meta: bool = False, vision_revision: Optional[str] = None,
+                   lm_revision: Optional[str] = None) -> tuple[Flamingo, FlamingoProcessor]:
     """Build a Flamingo on pretrained backbones.
 
     vision / lm: HF models or names/paths for `from_pretrained` (names are kept in the config so that trained-only
-    checkpoints can refer to them). tokenizer / image_processor default to the ones saved with the LM / tower.
+    checkpoints can refer to them; a Hub name with the commit it is read at, `backbone_commit`). vision_revision /
+    lm_revision: the Hub branch, tag or commit of a backbone given by its Hub name (default: the config's
+    `*_revision`, else the default branch), or the one an in-memory backbone was loaded at (transformers 5 records
+    none); refused for a local path. tokenizer / image_processor default to the ones saved with the LM / tower (at
+    that commit).
     Adds `<image>`, `<|endofchunk|>` (a pad token if missing, and `config.num_image_references` reference tokens
     `<image0>`, ...) to the tokenizer, `extra_tokens` right after `<image>` (a family's own markers); their
     embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`).
@@ -47,20 +52,28 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     torch_dtype = checked_torch_dtype(torch_dtype)
     kwargs = dtype_kwargs(torch_dtype)
     vision_ref, lm_ref = name_or_path_of(vision), name_or_path_of(lm)
-    vision_model = load_vision_tower(vision, **kwargs)
-    lm_model = load_lm(lm, **kwargs)
+    if vision_revision is None:
+        vision_revision = _configured(config.vision_name_or_path, config.vision_revision, vision_ref)
+    if lm_revision is None:
+        lm_revision = _configured(config.lm_name_or_path, config.lm_revision, lm_ref)
+    vision_commit = backbone_commit(vision, vision_ref, vision_revision, "vision tower", "vision_revision")
+    lm_commit = backbone_commit(lm, lm_ref, lm_revision, "LM", "lm_revision")
+    vision_model = load_vision_tower(vision, **kwargs, **_at(vision, vision_commit))
+    lm_model = load_lm(lm, **kwargs, **_at(lm, lm_commit))
 
     if tokenizer is None and lm_ref is None:
         raise ValueError("pass `tokenizer`: the LM is an in-memory model with no name/path to load one from")
     if image_processor is None and vision_ref is None:
         raise ValueError("pass `image_processor`: the vision tower is an in-memory model with no name/path")
-    processor, added = flamingo_processor(tokenizer if tokenizer is not None else lm_ref,
-                                          image_processor if image_processor is not None else vision_ref,
+    processor, added = flamingo_processor(tokenizer if tokenizer is not None else _files(lm_ref, lm_commit, "LM"),
+                                          image_processor if image_processor is not None
+                                          else _files(vision_ref, vision_commit, "vision tower"),
                                           max_frames=config.max_frames, max_positions=lm_max_positions(lm_model),
                                           max_length=max_length, num_image_references=config.num_image_references,
                                           extra_tokens=extra_tokens, template=template)
     tokenizer = processor.tokenizer
     config.vision_name_or_path, config.lm_name_or_path = vision_ref, lm_ref
+    config.vision_revision, config.lm_revision = vision_commit, lm_commit
     config.media_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     references = [tokenizer.convert_tokens_to_ids(reference_token(k)) for k in range(config.num_image_references)]
@@ -82,6 +95,48 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
         model.to(torch_dtype)
     return model, processor
+
+
+def backbone_commit(backbone: Backbone, ref: Optional[str], revision: Optional[str], what: str,
+                    argument: str) -> Optional[str]:
+    """The Hub commit a backbone is recorded at (`FlamingoConfig.vision_revision` / `lm_revision`), so that a
+    trained-only checkpoint loads the same weights after its repository moves on. For a Hub name (`ref`): `revision`
+    resolved to its commit, else the commit of the default branch now (the one that loads). For an in-memory model
+    with a Hub name: `revision` (the one it was loaded at) resolved, else the commit its config records
+    (transformers 4's `_commit_hash`), else None: transformers 5 records none, and a trained-only save then warns.
+    None for a local path or a model without a name (no revisions: `revision` is refused)."""
+    if ref is None or not is_hub_reference(ref):
+        if revision is not None:
+            where = f"the local path {ref!r}" if ref is not None else "an in-memory model with no name"
+            raise ValueError(f"{argument}={revision!r} names a version of a Hub repository, and the {what} is {where}, "
+                             "which has no revisions: drop it")
+        return None
+    if revision is None and isinstance(backbone, nn.Module):
+        known = getattr(getattr(backbone, "config", None), "_commit_hash", None)
+        if not is_commit(known):
+            return None
+        revision = known
+    return hub_commit(ref, what, revision=revision)
+
+
+def _configured(name: Optional[str], revision: Optional[str], ref: Optional[str]) -> Optional[str]:
+    """The revision a given config asks for a backbone: its `*_revision` when it names no backbone (a new config,
+    e.g. `model.flamingo` of a training run) or this one by the same Hub name; None for a config copied from a model
+    on other backbones or on a local copy (`convert.write_backbones`), whose recorded commit is not this one's."""
+    if revision is None or name is None:
+        return revision
+    return revision if name == ref and is_hub_reference(ref) else None
+
+
+def _at(backbone: Backbone, commit: Optional[str]) -> dict[str, Any]:
+    """`from_pretrained`'s revision for a backbone given by its Hub name: the commit recorded for it."""
+    return {"revision": commit} if commit is not None and not isinstance(backbone, nn.Module) else {}
+
+
+def _files(ref: Optional[str], commit: Optional[str], what: str) -> Optional[str]:
+    """Where a backbone's tokenizer or image processor is read from: for a Hub name at a commit, its configs and
+    tokenizer files at that commit (`metadata_dir`); else the name/path itself."""
+    return metadata_dir(ref, what, revision=commit) if ref is not None and commit is not None else ref
 
 
 def check_token_rows(tokenizer: PreTrainedTokenizerBase, config: FlamingoConfig, added: Sequence[int],
@@ -127,9 +182,11 @@ def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
                     **kwargs: Any) -> tuple[Flamingo, FlamingoProcessor]:
     """A saved model and its processor (`save_pretrained(dir, processor=...)`): a directory, or a Hub repository
     holding one (`org/name`, at `revision`: a branch, tag or commit), downloaded once into the hub cache. kwargs:
-    `Flamingo.from_pretrained`'s. A model saved without its processor is refused before its weights are read (a
-    Hub repository's configs are fetched first, `check_processor_saved`)."""
-    check_processor_saved(metadata_dir(name_or_path, "Flamingo model", revision=revision), name_or_path)
+    `Flamingo.from_pretrained`'s. A repository that is no saved Flamingo, and a model saved without its processor,
+    are refused before its weights are read (a Hub repository's configs are fetched first, `check_processor_saved`)."""
+    meta = metadata_dir(name_or_path, "Flamingo model", revision=revision)
+    FlamingoConfig.load(meta)  # a repository that is no saved Flamingo (an LM, a CLIP) is refused before its weights
+    check_processor_saved(meta, name_or_path)
     directory = local_dir(name_or_path, "Flamingo model", revision=revision)
     model = Flamingo.from_pretrained(directory, **kwargs)
     model.name_or_path = os.fspath(name_or_path)  # the name given (a Hub name, not its cache directory)

@@ -229,11 +229,13 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
     from .build import load_pretrained
     from .convert.to_openflamingo import check_openflamingo_out, save_openflamingo_checkpoint
-    from .runtime.checkpoint_io import check_apart
+    from .runtime.checkpoint_io import check_apart, check_named
 
+    check_named(args.out, "--out")
     check_openflamingo_out(args.out)  # before the model loads
     check_apart(args.out, args.model, "--out")
-    model, _ = load_pretrained(args.model, quantize_frozen="none")  # the trained parts, never the frozen weights
+    # the trained parts, never the frozen weights
+    model, _ = load_pretrained(args.model, revision=args.revision, quantize_frozen="none")
     recipe = save_openflamingo_checkpoint(model, args.out)
     print(f"wrote {args.out} and {args.out}.json (how OpenFlamingo loads it):")
     print(json.dumps(recipe, indent=2))
@@ -247,7 +249,7 @@ def _cmd_export_idefics(args: argparse.Namespace) -> int:
 
     check_idefics_out(args.out)  # before the model loads
     check_apart(args.out, args.model, "--out")
-    model, processor = load_pretrained(args.model, quantize_frozen="none")  # written whole: float weights
+    model, processor = load_pretrained(args.model, revision=args.revision, quantize_frozen="none")  # float weights
     if model.config.lm_lora is not None:  # the LM is written whole: its adapters merged into it
         model.merge_lora()
     config = save_idefics(model, processor, args.out)
@@ -594,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(docs/convert.md)")
     to_idefics.add_argument("--model", required=True, help=MODEL_HELP)
     to_idefics.add_argument("--out", required=True, help="the directory to write (model, tokenizer, image processor)")
+    for exporter in (to_of, to_idefics):
+        exporter.add_argument("--revision", default=None, help=REVISION_HELP)
     to_idefics.set_defaults(func=_cmd_export_idefics)
 
     from .eval.cli import add_eval_subcommand

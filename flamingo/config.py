@@ -122,6 +122,12 @@ class FlamingoConfig:
     # Filled in by `from_backbones`: which backbones to load back, and where the added tokens sit in the vocabulary.
     vision_name_or_path: Optional[str] = None
     lm_name_or_path: Optional[str] = None
+    # The Hub commit a backbone named by its Hub name is loaded at, so that a trained-only checkpoint reads the same
+    # weights after the repository moves on; None for a local path (which has no revisions), an in-memory model, or
+    # a name whose commit is unknown (configs saved before commits were recorded: loading pins the default branch's).
+    # `from_backbones` reads a branch or tag given here as the revision to load, and records its commit.
+    vision_revision: Optional[str] = None
+    lm_revision: Optional[str] = None
     media_token_id: Optional[int] = None
     end_of_chunk_token_id: Optional[int] = None
     # Added tokens are rows [first_new_token_id, first_new_token_id + num_new_tokens) of the LM's vocabulary; they
@@ -197,6 +203,10 @@ class FlamingoConfig:
         for name in ("vision_name_or_path", "lm_name_or_path"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("vision_revision", "lm_revision"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ValueError(f"{name} must be a Hub commit (or branch, tag) or null, got {value!r}")
         if isinstance(self.extra_saved_weights, str) or not all(isinstance(k, str) for k in self.extra_saved_weights):
             raise ValueError(f"extra_saved_weights must be a list of tensor names, got {self.extra_saved_weights!r}")
 
@@ -213,16 +223,17 @@ class FlamingoConfig:
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def load(cls, directory: str) -> "FlamingoConfig":
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model")
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved Flamingo model"
+                                    + _what_else(directory))
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f, parse_constant=_refuse_constant)
         except NonFiniteValue as e:
             raise ValueError(f"{path!r}: {e}") from None
@@ -243,6 +254,20 @@ class FlamingoConfig:
                 raise ValueError(f"xattn_layers {beyond} lie beyond the LM's {num_lm_layers} layers")
             return list(self.xattn_layers)
         return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]
+
+
+def _what_else(directory: str) -> str:
+    """What a directory that is no saved Flamingo holds instead, as the end of that error: the model type its
+    `config.json` names (an LM or a vision tower given where a Flamingo is expected), or nothing."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(model_type, str):
+        return ""
+    return (f" (its config.json is an HF {model_type!r} model: build a Flamingo on an LM or vision tower with "
+            "from_backbones; IDEFICS, Otter and OpenFlamingo checkpoints convert: docs/convert.md)")
 
 
 # FlamingoConfig's fields by the check `_check_types` applies

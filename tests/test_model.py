@@ -358,13 +358,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_model):
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        calls = []
+        calls, block_calls = [], []
         layer = model.lm.get_submodule(model.decoder_layers_path)[1]
         layer.self_attn.register_forward_hook(lambda m, a, o: calls.append(1))
+        # (a pre-hook: the recompute stops once it has remade what backward needs, before the block's output)
+        model.xattn[1].register_forward_pre_hook(lambda m, a: block_calls.append(1))
         batch = processor(PROMPT, images=[random_image(0), random_image(1)])
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # the layer is recomputed in backward
+        assert len(block_calls) == len(calls)  # and so is the block its pre-hook runs (not kept whole)
         assert model._media_context is None
         grads.append({n: p.grad.clone() for n, p in model.trainable_parameters().items()})
     assert grads[0].keys() == grads[1].keys()

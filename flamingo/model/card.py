@@ -38,7 +38,7 @@ def _lm_layers(directory: str) -> Optional[int]:
     path = os.path.join(directory, "lm", "config.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         lm_config: dict[str, Any] = json.load(f)
     lm_config = lm_config.get("text_config") or lm_config
     for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
@@ -81,6 +81,13 @@ def _summary(config: FlamingoConfig) -> str:
         width=116, break_on_hyphens=False, break_long_words=False)
 
 
+def _backbone(ref: Optional[str], revision: Optional[str], part: str) -> str:
+    """A backbone as the card names it: its name/path (a Hub name with the commit it loads at), or its folder."""
+    if not ref:
+        return f"saved in `{part}/`"
+    return f"`{ref}`" + (f" at commit `{revision[:12]}`" if revision and is_hub_name(str(ref)) else "")
+
+
 def model_card(directory: str, name: str) -> str:
     """The card of the model saved in `directory`, loaded as `name` (a Hub repository or a path) in its examples."""
     config = FlamingoConfig.load(directory)
@@ -91,8 +98,8 @@ def model_card(directory: str, name: str) -> str:
                             "tags": ["flamingo", "vision-language", "few-shot", "multimodal"]}
     if bases:
         meta["base_model"] = bases
-    vision = f"`{config.vision_name_or_path}`" if config.vision_name_or_path else "saved in `vision/`"
-    lm = f"`{config.lm_name_or_path}`" if config.lm_name_or_path else "saved in `lm/`"
+    vision = _backbone(config.vision_name_or_path, config.vision_revision, "vision")
+    lm = _backbone(config.lm_name_or_path, config.lm_revision, "lm")
     frozen = "frozen" if config.freeze_lm else "trained"
     if config.lm_lora:
         frozen += f", with LoRA adapters (r={config.lm_lora.get('r')}) trained"
@@ -184,5 +191,5 @@ def _template(directory: str) -> str:
     path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
     if not os.path.isfile(path):
         return "flamingo"
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return str(json.load(f).get("template", "flamingo"))

@@ -26,15 +26,23 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
-from ..runtime.checkpoint_io import atomic_directory
-from ..runtime.compat import CACHE_NAMES, TRANSFORMERS_VERSION, dtype_kwargs, lm_output_cache, lm_takes_position_ids
-from ..runtime.hub import local_dir, local_or_hub
+from ..runtime.checkpoint_io import atomic_directory, check_apart
+from ..runtime.compat import (
+    CACHE_NAMES,
+    TRANSFORMERS_VERSION,
+    checkpoint_leaves_pre_hooks_out,
+    dtype_kwargs,
+    lm_output_cache,
+    lm_takes_position_ids,
+)
+from ..runtime.hub import hub_commit, is_hub_reference, local_dir, local_or_hub, metadata_dir, snapshot_commit
 from ..runtime.meta import meta_parameters
 from . import generation, lora, quantize
 from .backbones import (
@@ -283,11 +291,30 @@ class Flamingo(nn.Module):
             self._media_context = None
 
     def _layer_pre_hook(self, block_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        ctx = self._media_context
-        if ctx is None:  # outside a Flamingo call: the bare LM's layer
+        if self._media_context is None:  # outside a Flamingo call: the bare LM's layer
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         lm_dtype = hidden.dtype
+        if (self._activation_checkpointing and module.training and torch.is_grad_enabled()
+                and checkpoint_leaves_pre_hooks_out(module)):
+            # The layer's checkpoint leaves this hook out, so the block gets its own: recomputed in backward as the
+            # layer is, under the call's conditioning re-installed (`_checkpoint_contexts`: fresh memos, so the
+            # recompute projects the block's visual K/V again instead of keeping them)
+            hidden = torch.utils.checkpoint.checkpoint(partial(self._run_block, block_idx), hidden,
+                                                       use_reentrant=False, context_fn=self._checkpoint_contexts)
+        else:
+            hidden = self._run_block(block_idx, hidden)
+        # The LM's layer gets the activations in its own dtype: fp32 gates make the block's output fp32, which a
+        # half-precision LM's norms refuse (CPU autocast leaves `layer_norm` to them). A no-op when they agree.
+        hidden = hidden.to(lm_dtype)
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _run_block(self, block_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `block_idx` on the hidden states (B, T, D) entering its decoder layer, under the current call's
+        media context (read here, not captured: a checkpoint's recompute runs under its own)."""
+        ctx = self._media_context
         block = self.xattn[block_idx]
         skip = self.config.imageless_rows_skip_blocks
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
@@ -317,12 +344,7 @@ class Flamingo(nn.Module):
                 ctx.media_kv[("all", block_idx, hidden.shape[0])] = kv
             elif ctx.phase is Phase.PREFILL and not self.decodes_no_image:
                 ctx.last_image_kv_for(block_idx, block, hidden.shape[0])
-        # The LM's layer gets the activations in its own dtype: fp32 gates make the block's output fp32, which a
-        # half-precision LM's norms refuse (CPU autocast leaves `layer_norm` to them). A no-op when they agree.
-        hidden = hidden.to(lm_dtype)
-        if args:
-            return (hidden,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return hidden
 
     # ------------------------------------------------------------------------------------------ vision
     def encode_media(self, images: torch.Tensor, num_media: Optional[torch.Tensor] = None,
@@ -546,28 +568,36 @@ class Flamingo(nn.Module):
             self._packs_exactly = self._lm_packs_exactly()
         if not self._packs_exactly:
             raise ValueError(f"this LM ({type(self.lm).__name__}, transformers {TRANSFORMERS_VERSION}) does not keep "
-                             "packed samples apart (its attention mask ignores position ids that restart): set the "
-                             "dataset option pack_tokens: 0")
+                             "packed samples apart (its attention mask ignores position ids that restart, or its "
+                             "recurrent states cross them): set the dataset option pack_tokens: 0")
 
     def _lm_packs_exactly(self) -> bool:
         """Probe: two short token runs packed in one row (positions restarting at the second) must give the second
-        run the logits it has alone. Measured against the same row without restarts, so it holds in any dtype. It
-        also fails where transformers predates packed-sequence masks (the restarts are then ignored)."""
+        run the logits it has alone, and the same logits after another first run. The first check is measured
+        against the same row without restarts, so it holds in any dtype; the second compares two calls of one shape,
+        which an LM that keeps the runs apart computes bit for bit alike, so only float noise is allowed: LMs whose
+        mask ignores the restarts (XGLM) or whose recurrent / convolutional states cross them (RecurrentGemma,
+        Falcon-H1) leak a little of the first run, which the position shift alone could hide. It also fails where
+        transformers predates packed-sequence masks (the restarts are then ignored)."""
         if not self._lm_takes_position_ids:
             return False
-        ids = self._plain_token_ids(9)  # (1, 9)
+        ids = self._plain_token_ids(14)  # (1, 14)
+        row, other = ids[:, :9], torch.cat([ids[:, 9:], ids[:, 5:9]], dim=1)  # (1, 9) each: same second run
         device = ids.device
 
         def logits(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.lm(input_ids=x, position_ids=positions, use_cache=False).logits.float()
 
         with self._lm_in_eval_mode(), torch.no_grad():
-            alone = logits(ids[:, 5:], torch.arange(4, device=device)[None])
+            alone = logits(row[:, 5:], torch.arange(4, device=device)[None])
             restart = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
-            packed = logits(ids, restart)[:, 5:]
-            mixed = logits(ids, torch.arange(9, device=device)[None])[:, 5:]  # what contamination looks like
+            packed = logits(row, restart)[:, 5:]
+            after_other = logits(other, restart)[:, 5:]
+            mixed = logits(row, torch.arange(9, device=device)[None])[:, 5:]  # what the position shift looks like
         error, contamination = (packed - alone).abs().max(), (mixed - alone).abs().max()
-        return bool(error <= 0.1 * contamination) if contamination > 0 else bool(error == 0)
+        leak = (packed - after_other).abs().max()
+        alone_ok = error <= 0.1 * contamination if contamination > 0 else error == 0
+        return bool(alone_ok and leak <= 1e-5 * alone.abs().max())
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -730,13 +760,16 @@ class Flamingo(nn.Module):
     def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None) -> None:
         """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint).
         Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
-        trained_only: only the trained tensors + references (name/path) to the backbones in the config, so a 9B
-        model's checkpoint holds its ~1-2B trained parameters. Refused, before anything is written, when a reference
-        does not resolve here (`unresolved_backbones`: a full checkpoint copied from another machine keeps its
-        builder's paths), since the checkpoint could not load, and saving over the full one would delete the only
-        copy of its backbones."""
+        trained_only: only the trained tensors + references (name/path, and a Hub name's commit) to the backbones in
+        the config, so a 9B model's checkpoint holds its ~1-2B trained parameters. Refused, before anything is
+        written, when a reference does not resolve here (`unresolved_backbones`: a full checkpoint copied from another
+        machine keeps its builder's paths), since the checkpoint could not load, and saving over the full one would
+        delete the only copy of its backbones; and when `directory` holds a backbone it refers to (replacing it would
+        delete that backbone). A Hub name without a recorded commit is saved with a warning: it loads whatever the
+        repository holds then. The backbones must be the weights their references load: an in-memory backbone
+        changed after loading (edited, a merged PEFT adapter) is only kept by a full save."""
         if trained_only:
-            self._check_trained_only_save()
+            self._check_trained_only_save(directory)
         stored = quantize.quantized_mode(self)
         if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
@@ -751,13 +784,16 @@ class Flamingo(nn.Module):
             if processor is not None:
                 processor.save_pretrained(tmp)
             self.config.save(tmp)
-            with open(os.path.join(tmp, CARD_NAME), "w") as f:  # named after the directory; a push renames it
+            # named after the directory (a push renames it); UTF-8 whatever the platform's encoding: the name may be
+            # in any script, and a push reads the card as UTF-8
+            with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
-    def _check_trained_only_save(self) -> None:
-        """Why a trained-only checkpoint of this model could not load back, as a ValueError: backbones with no
-        name/path, names/paths that do not resolve here, or changed backbone weights (`extra_saved_weights`, e.g. a
-        merged LoRA) that are quantized (safetensors cannot write torchao tensors; their float values are gone)."""
+    def _check_trained_only_save(self, directory: str) -> None:
+        """Why a trained-only checkpoint of this model in `directory` could not load back, as a ValueError: backbones
+        with no name/path, names/paths that do not resolve here or that `directory` would replace, or changed backbone
+        weights (`extra_saved_weights`, e.g. a merged LoRA) that are quantized (safetensors cannot write torchao
+        tensors; their float values are gone). Warns about Hub names without a recorded commit."""
         if not (self.config.vision_name_or_path and self.config.lm_name_or_path):
             raise ValueError("a trained-only checkpoint needs the backbones' names/paths: build the model with "
                              "from_backbones(vision='name', lm='name') or save the full model")
@@ -766,6 +802,16 @@ class Flamingo(nn.Module):
             raise ValueError(f"the backbone(s) {', '.join(unresolved)} named in the config are neither a directory "
                              "here nor a Hub name, so a trained-only checkpoint could not load: save the full model "
                              "(save_pretrained without trained_only), or point the config's *_name_or_path at them")
+        for ref in (self.config.vision_name_or_path, self.config.lm_name_or_path):
+            check_apart(directory, ref, "a trained-only checkpoint", inside=False)  # (a Hub name is not checked)
+        unpinned = [f"{part}_name_or_path {ref!r}" for part, ref, rev in (
+            ("vision", self.config.vision_name_or_path, self.config.vision_revision),
+            ("lm", self.config.lm_name_or_path, self.config.lm_revision)) if is_hub_reference(ref) and rev is None]
+        if unpinned:
+            log.warning("the trained-only checkpoint names the Hub backbone(s) %s without a commit: loading it reads "
+                        "what the repository holds then, which may have changed. Record the revision they were loaded "
+                        "at (from_backbones(..., vision_revision=, lm_revision=), or model.config.vision_revision / "
+                        "lm_revision), or save the full model", ", ".join(unpinned))
         state = self.state_dict()
         quantized = [k for k in self.config.extra_saved_weights if k in state and quantize.is_quantized(state[k])]
         if quantized:
@@ -783,13 +829,24 @@ class Flamingo(nn.Module):
         torch_dtype: the whole model's, backbones included (whatever dtype their own configs name); also a name
         (`checked_torch_dtype`). None or "auto": the model as it was saved, the floating dtype of
         `flamingo.safetensors` when it holds one (a model saved in bf16 loads in bf16), else float32 (trained parts
-        kept in float32 beside half-precision backbone tensors). The model's `name_or_path` is the one given here."""
+        kept in float32 beside half-precision backbone tensors). The model's `name_or_path` is the one given here.
+        A trained-only checkpoint's backbones named by Hub name load at the commits its config records
+        (`_load_backbone`). A Hub repository that is no saved Flamingo is refused from its configs, before weights."""
         torch_dtype = checked_torch_dtype(torch_dtype)
+        if local_or_hub(name_or_path, "Flamingo model") == "hub":  # its configs first: a repository that is no
+            # saved Flamingo (an LM, a CLIP) is refused before its weights are fetched
+            FlamingoConfig.load(metadata_dir(name_or_path, "Flamingo model", revision=revision))
         directory = local_dir(name_or_path, "Flamingo model", revision=revision)
         config = FlamingoConfig.load(directory)
         if quantize_frozen is not None:
             config = dataclasses.replace(config, quantize_frozen=quantize_frozen)  # validated like a saved one
         path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            why = ("a Hub snapshot whose weights were not downloaded (HF_HUB_OFFLINE=1 with only its configs in the "
+                   "hub cache?)" if snapshot_commit(directory) else "an incomplete copy?")
+            name = os.fspath(name_or_path)
+            where = repr(name) if name == directory else f"{name!r} ({directory})"
+            raise FileNotFoundError(f"{where} holds {CONFIG_NAME} but no {WEIGHTS_NAME}: {why}")
         try:
             state = load_file(path)
         except SafetensorError as e:
@@ -862,8 +919,9 @@ def saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 def _load_backbone(directory: str, config: FlamingoConfig, part: str, dtype: torch.dtype) -> nn.Module:
     """The `part` ("vision" or "lm") of the saved model in `directory`, in `dtype`: its own `part/` directory, else
-    the backbone its config names (a local directory, or a Hub name). A reference that is neither, or a backbone
-    that cannot be read, is a clear error naming the config key or the directory."""
+    the backbone its config names (a local directory, or a Hub name at the commit `part_revision` records; a config
+    without one reads the default branch and records its commit in `config`). A reference that is neither, or a
+    backbone that cannot be read, is a clear error naming the config key or the directory."""
     key = f"{part}_name_or_path"
     ref = getattr(config, key)
     local = os.path.join(directory, part)
@@ -874,8 +932,18 @@ def _load_backbone(directory: str, config: FlamingoConfig, part: str, dtype: tor
     else:
         source, where = ref, f"{ref!r} ({key} in {os.path.join(directory, CONFIG_NAME)})"
     load, what = (load_vision_tower, "vision tower") if part == "vision" else (load_lm, "LM")
+    kwargs = dtype_kwargs(dtype)
+    if source is ref and is_hub_reference(ref):  # a Hub name: at its recorded commit (a local path has no revisions)
+        revision = getattr(config, f"{part}_revision")
+        if revision is None:  # saved before commits were recorded: the default branch's, kept for a later save
+            try:
+                revision = hub_commit(ref, what)
+            except FileNotFoundError as e:
+                raise ValueError(f"cannot load the {what} of {directory!r} from {where}: {e}") from e
+            setattr(config, f"{part}_revision", revision)
+        kwargs["revision"] = revision
     try:
-        return load(source, **dtype_kwargs(dtype))
+        return load(source, **kwargs)
     except FileNotFoundError as e:  # the loaders' `local_or_hub`: neither a directory nor a Hub name
         if source is not ref:
             raise

@@ -25,11 +25,20 @@ def _sibling(target: str, kind: str) -> str:
     return f"{target}.{kind}-{os.getpid()}-{threading.get_ident()}"
 
 
+def check_named(target: str, what: str) -> None:
+    """Refuse an empty (or blank) path for `what`: it names nothing, and made absolute it is the working directory,
+    which a write would replace whole (`--out ""`, an unset variable)."""
+    if not os.fspath(target).strip():
+        raise ValueError(f"{what}: an empty path ({os.fspath(target)!r}) names nothing (made absolute, it would be "
+                         "the working directory, which is never replaced): give a path")
+
+
 def check_replaceable(target: str, marker: str, what: str, is_ours: Optional[Callable[[str], bool]] = None) -> None:
     """`target` may be replaced whole: it is absent, an empty directory, or an earlier write (`what`: it holds
     `marker`, and `is_ours(target)` holds when given: a marker other programs write too, such as `config.json`,
     needs the content checked). A file, or a directory of other files (the working directory, say), is refused,
-    never deleted."""
+    never deleted; so is an empty path (`check_named`)."""
+    check_named(target, what)
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"{target!r} is a file: {what} is a directory")
     if not os.path.isdir(target) or not os.listdir(target):
@@ -98,7 +107,9 @@ def atomic_directory(target: str, marker: str, what: str,
 
 @contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-    """Yield a temporary path to write; on success it is renamed onto `path`."""
+    """Yield a temporary path to write; on success it is renamed onto `path` (an empty one is refused:
+    `check_named`)."""
+    check_named(path, "the file to write")
     tmp = _sibling(path, "tmp")
     try:
         yield tmp

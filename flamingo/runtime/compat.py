@@ -118,22 +118,45 @@ def pil_image_processor(name: str) -> type:
     return cls if cls is not None else getattr(transformers, name)
 
 
+def checkpoint_leaves_pre_hooks_out(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints this decoder layer's `forward` only, so that the layer's forward pre-hooks
+    run once, outside its checkpoint (`GradientCheckpointingLayer` of 5.x, which leaves module hooks such as FSDP2's
+    out); releases whose layers override `__call__` checkpoint the hooks with the layer, and layers without the flag
+    are checkpointed, if at all, by a call of the whole module."""
+    return bool(getattr(layer, "gradient_checkpointing", False)) and type(layer).__call__ is nn.Module.__call__
+
+
+# The cache layer classes that hold attention K/V and nothing else per row (whole, or a sliding window's): what
+# `select_cache_rows` can select rows of. Hybrid layers subclass them but also hold conv / recurrent states.
+KV_CACHE_LAYERS: tuple[type, ...] = tuple(
+    cls for cls in (DynamicLayer, getattr(transformers.cache_utils, "DynamicSlidingWindowLayer", None)) if cls)
+
+
 def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     """A cache holding row `rows[k]` of `cache` as its row k; `cache` itself stays untouched. Transformers' dynamic
     layers (4.54 on) rebind their tensors on update rather than write in place, so for them only the selected rows
-    are copied; other cache objects are copied whole first; legacy tuples (families that still return them) are
-    indexed."""
+    are copied; their subclasses (sliding windows) are copied whole first; legacy tuples (families that still return
+    them) are indexed. Any other cache (linear-attention, state-space or recurrent states, or none) is refused with a
+    ValueError naming it: transformers selects no rows of it, or not of all its states."""
     layers = getattr(cache, "layers", None)
-    if layers is not None and all(type(layer) is DynamicLayer for layer in layers):
-        clone = copy.copy(cache)
-        clone.layers = [copy.copy(layer) for layer in layers]
+    if layers is not None:
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) not in KV_CACHE_LAYERS})
+        if odd:
+            raise ValueError(f"score / score_batch run each candidate on a copy of its context's cache, which needs "
+                             f"attention K/V: this LM's cache has {odd} layers (linear attention, state-space or "
+                             "recurrent states)")
+        if all(type(layer) is DynamicLayer for layer in layers):
+            clone = copy.copy(cache)
+            clone.layers = [copy.copy(layer) for layer in layers]
+        else:
+            clone = copy.deepcopy(cache)
         clone.batch_select_indices(rows)
         return clone
-    if hasattr(cache, "batch_select_indices"):
-        clone = copy.deepcopy(cache)
-        clone.batch_select_indices(rows)
-        return clone
-    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+    if isinstance(cache, (tuple, list)) and all(
+            isinstance(layer, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in layer) for layer in cache):
+        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+    raise ValueError(f"score / score_batch run each candidate on a copy of its context's cache, which needs "
+                     f"attention K/V: this LM returned {type(cache).__name__} as its cache")
 
 
 def idefics_rope_problem(lm_config: Any) -> Optional[str]:

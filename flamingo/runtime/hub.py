@@ -7,6 +7,8 @@ import os
 import re
 from typing import Literal, Optional, Sequence
 
+# a full commit id, the name of a snapshot in the hub cache (`models--org--name/snapshots/<commit>`)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # what a repository name may look like on the Hub: `org/name`, letters, digits, `-`, `_`, `.`
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # files a saved model never needs: other frameworks' weights and pickled tensors (we read safetensors only)
@@ -25,13 +27,25 @@ def is_hub_name(source: str) -> bool:
 def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
     """"local" when `source` is a directory, "hub" when it is a Hub repository name and no local path; anything else
     (a path that does not exist, a file) is a FileNotFoundError naming `what`. A local path wins over the Hub name
-    it may also read as (`org/name` relative to the working directory)."""
+    it may also read as (`org/name` relative to the working directory); a file is named as one (a torch checkpoint
+    with how to convert it)."""
     source = os.fspath(source)
     if os.path.isdir(source):
         return "local"
-    if is_hub_name(source) and not os.path.exists(source):
+    if is_hub_reference(source):
         return "hub"
+    if os.path.isfile(source):
+        hint = (": an OpenFlamingo checkpoint.pt converts once with `flamingo convert open-flamingo --checkpoint FILE "
+                "--vision V --lm L --out DIR`, whose DIR loads" if source.endswith((".pt", ".pth", ".ckpt", ".bin"))
+                else "")
+        raise FileNotFoundError(f"{what} {source!r} is a file, not a directory (nor a Hub repository name){hint}")
     raise FileNotFoundError(f"{what} directory not found: {source}")
+
+
+def is_hub_reference(source: str) -> bool:
+    """Whether `source` names a Hub repository here: a Hub name (`is_hub_name`) that is no local path."""
+    source = os.fspath(source)
+    return is_hub_name(source) and not os.path.exists(source)
 
 
 # a Hub dataset, or a folder of it: hf://datasets/ORG/NAME[@REVISION][/PATH]
@@ -82,3 +96,32 @@ def local_dir(source: str, what: str, *, revision: Optional[str] = None,
 def metadata_dir(source: str, what: str, *, revision: Optional[str] = None) -> str:
     """`local_dir` of `source` with its `METADATA` files alone: what a processor is built from, never the weights."""
     return local_dir(source, what, revision=revision, allow_patterns=METADATA, ignore_patterns=None)
+
+
+def snapshot_commit(directory: str) -> Optional[str]:
+    """The commit a Hub snapshot directory holds (`.../snapshots/<commit>`, as `snapshot_download` returns it); None
+    for any other directory."""
+    path = os.path.normpath(os.fspath(directory))
+    name = os.path.basename(path)
+    return name if os.path.basename(os.path.dirname(path)) == "snapshots" and _COMMIT.match(name) else None
+
+
+def is_commit(revision: Optional[str]) -> bool:
+    """Whether `revision` is a full commit id (40 hex digits), which no later commit can move."""
+    return isinstance(revision, str) and bool(_COMMIT.match(revision))
+
+
+def hub_commit(source: str, what: str, *, revision: Optional[str] = None) -> str:
+    """The commit the Hub repository `source` is at `revision` (a branch, tag or commit; None: its default branch):
+    what a backbone named by its Hub name is pinned to, so that a trained-only checkpoint reads the same weights after
+    the repository moves on. Fetches its `config.json` alone (offline: reads the hub cache); a full commit id is
+    returned as it is. FileNotFoundError naming `what` when the repository cannot be read (`local_dir`)."""
+    if is_commit(revision):
+        return str(revision)
+    if not is_hub_reference(source):
+        raise ValueError(f"{what} {os.fspath(source)!r} is not a Hub repository name here: it has no commits")
+    commit = snapshot_commit(local_dir(source, what, revision=revision, allow_patterns=["config.json"],
+                                       ignore_patterns=None))
+    if commit is None:  # not a snapshot of the hub cache: nothing to pin it to
+        raise ValueError(f"the hub cache gave {what} {os.fspath(source)!r} no commit (at revision {revision!r})")
+    return commit

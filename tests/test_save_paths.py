@@ -1,0 +1,93 @@
+"""Where a save may write: an empty path (`save_pretrained("")`, `--out ""`) names no directory and is refused, the
+working directory left as it was; a trained-only save never replaces the directory holding the backbones it refers
+to; the model card is written in UTF-8 whatever the platform's encoding, so a directory named in any script saves
+and pushes."""
+
+from __future__ import annotations
+
+import builtins
+import os
+
+import pytest
+
+import flamingo.config
+import flamingo.model.card
+import flamingo.model.flamingo
+import flamingo.processing
+from flamingo import load_pretrained
+from flamingo.cli import main
+from flamingo.model.card import generated_for
+from flamingo.runtime.checkpoint_io import atomic_directory, atomic_file, check_replaceable
+from flamingo.tiny import tiny_flamingo
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working directory holding someone's files."""
+    work = tmp_path / "project"
+    (work / "src").mkdir(parents=True)
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_refused_and_the_working_directory_kept(project, path):
+    model, processor = tiny_flamingo()
+    with pytest.raises(ValueError, match="a saved Flamingo model: an empty path .* names nothing"):
+        model.save_pretrained(path, processor=processor)
+    with pytest.raises(ValueError, match="an empty path"):
+        check_replaceable(path, "marker", "a directory")
+    with pytest.raises(ValueError, match="an empty path"), atomic_directory(path, "marker", "a directory"):
+        pass
+    with pytest.raises(ValueError, match="an empty path"), atomic_file(path):
+        pass
+    assert sorted(os.listdir(project)) == ["notes.txt", "src"]
+    assert sorted(os.listdir(project.parent)) == ["project"]  # no `.tmp-`/`.old-` sibling either
+
+
+def test_the_command_line_refuses_an_empty_out(project, capsys):
+    for argv in (
+        ["convert", "open-flamingo", "--checkpoint", "checkpoint.pt", "--vision", "v", "--lm", "l"],
+        ["convert", "idefics", "--model", "org/idefics"],
+        ["export", "open-flamingo", "--model", "org/m"],
+        ["export", "idefics", "--model", "org/m"],
+    ):
+        assert main([*argv, "--out", ""]) == 2, argv
+        assert "an empty path ('') names nothing" in capsys.readouterr().err
+    assert sorted(os.listdir(project)) == ["notes.txt", "src"]
+
+
+def test_a_trained_only_save_over_the_directory_of_its_backbones_is_refused(tmp_path):
+    model, processor = tiny_flamingo()
+    full = tmp_path / "full"
+    model.save_pretrained(str(full), processor=processor)
+    loaded, processor = load_pretrained(str(full))
+    loaded.config.vision_name_or_path, loaded.config.lm_name_or_path = str(full / "vision"), str(full / "lm")
+    for target in (full, tmp_path):
+        with pytest.raises(
+            ValueError, match=f"a trained-only checkpoint .* would be written over or around '{full / 'vision'}'"
+        ):
+            loaded.save_pretrained(str(target), trained_only=True, processor=processor)
+    assert {"vision", "lm"} <= set(os.listdir(full))
+    load_pretrained(str(full))  # still whole
+    loaded.save_pretrained(str(tmp_path / "elsewhere"), trained_only=True, processor=processor)
+    load_pretrained(str(tmp_path / "elsewhere"))
+
+
+def test_the_card_is_utf8_whatever_the_platforms_encoding(tmp_path, monkeypatch):
+    """Windows' default text encoding (cp1252) for every `open` without one; paths stay Unicode, as there."""
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "cp1252"
+        return builtins.open(file, mode, buffering, encoding, *args, **kwargs)
+
+    for module in (flamingo.model.flamingo, flamingo.model.card, flamingo.config, flamingo.processing):
+        monkeypatch.setattr(module, "open", cp1252_open, raising=False)
+    model, processor = tiny_flamingo()
+    for name in ("模型-v1", "modèle-v1"):
+        model.save_pretrained(str(tmp_path / name), processor=processor)
+        text = (tmp_path / name / "README.md").read_text(encoding="utf-8")  # as a push reads it
+        assert f"# {name}" in text
+        assert generated_for(str(tmp_path / name), text) == name

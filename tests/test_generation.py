@@ -284,6 +284,50 @@ def test_compiled_static_cache_decoding_equals_eager_without_recompiles(make_mod
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
+def test_compiled_decoding_serves_every_batch_size_with_one_graph(make_model):
+    """Batches of 1 to 5 rows (and 2 prompts x 2 returned sequences) decode in the graph the first compiled: each
+    block's decode K/V are read by block index, not by a key holding the row count (which compiled a graph per row
+    count, and under fullgraph raised at the ninth). Each gives the eager tokens."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from flamingo.model.generation import compile_config
+
+    model, processor = make_model("llama")
+    torch._dynamo.reset()
+    counters.clear()
+    config = compile_config(backend="aot_eager")
+    cases = [PROMPTS[1], PROMPTS[3], PROMPTS["video"], PROMPTS[1], PROMPTS[3]]
+    for rows, returns in ((1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (2, 2)):
+        batch = processor([p for p, _ in cases[:rows]], images=[m for _, m in cases[:rows]], padding_side="left")
+        kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_return_sequences=returns, do_sample=returns > 1)
+        torch.manual_seed(0)
+        eager = model.generate(**batch, **kwargs)
+        torch.manual_seed(0)
+        compiled = model.generate(**batch, **kwargs, compile=True, compile_config=config)
+        assert compiled.tolist() == eager.tolist(), rows
+    assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one with the row count dynamic
+
+
+def test_compiled_beam_search_says_it_decodes_eagerly(make_model):
+    model, processor = make_model("llama")
+    batch = processor(*PROMPTS[1])
+    with pytest.warns(UserWarning, match="beam search does not run the compiled decode step"):
+        model.generate(**batch, max_new_tokens=2, num_beams=2, compile=True)
+
+
+def test_a_loss_forward_builds_no_kv_cache(make_model):
+    """Validation runs the model in eval mode with labels: no cache (a compiled layer compiled a graph per cache
+    slot), the loss and logits unchanged."""
+    model, processor = make_model("llama")
+    batch = processor(*PROMPTS[3])
+    out = model(**batch, labels=batch["input_ids"])
+    plain = model(**batch)
+    assert getattr(out, "past_key_values", None) is None and getattr(plain, "past_key_values", None) is not None
+    assert torch.equal(out.logits, plain.logits)
+
+
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
 def test_score_batch_of_left_padded_contexts_equals_each_alone(make_model, lm_kind):
     """Contexts of different lengths and image counts (0, 3, video), each with its own number of candidates, in one

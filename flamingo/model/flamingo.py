@@ -520,7 +520,8 @@ class Flamingo(nn.Module):
             # no host sync (packed rows restart their positions, so only their samples' lengths count)
             raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions: cut the texts "
                              "(a dataset's max_tokens) to fit")
-        if self.training:  # a training forward builds no KV cache (the LM's own default would make one)
+        if self.training or labels is not None:  # a loss forward (training, validation) builds no KV cache (the
+            # LM's own default would make one; a compiled layer would also compile one graph per layer's cache slot)
             lm_kwargs.setdefault("use_cache", False)
         lm_attention_mask = attention_mask
         if document_ids is not None:

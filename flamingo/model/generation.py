@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -197,8 +198,9 @@ def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: 
 def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgraph: bool = True) -> CompileConfig:
     """How `generate(compile=True)` compiles the decode step: one graph (`fullgraph`: the xattn hooks read only
     tensors prepared in prefill, so nothing breaks the graph), CUDA graphs on GPU ("reduce-overhead"), on every
-    device. The graph does not depend on the prompt's length or number of images (no recompiles between prompts
-    with media; a text-only prompt, which skips the cross-attention, compiles a second graph)."""
+    device. The graph does not depend on the prompt's length or number of images, nor on the batch's rows past the
+    first size (a batch of one row and one of more compile one graph each; a text-only prompt, which skips the
+    cross-attention, compiles its own)."""
     mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
     config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
     config._compile_all_devices = True  # HF's switch (no constructor argument) to compile on CPU as well
@@ -251,9 +253,12 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                          "rest of it, so the prompt is prefilled whole: generate without prefill_chunk_size")
     if config.prefill_chunk_size is not None:
         check_chunked_prefill(config, attention_mask)
+    if compile and (config.num_beams or 1) > 1:
+        warnings.warn("generate(compile=True) with num_beams > 1: transformers' beam search does not run the compiled "
+                      "decode step, so these beams decode eagerly (the same tokens)", stacklevel=2)
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
-    rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx)])
+    rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx, model)])
     # On the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step). transformers
     # 5 keeps every field set on the config; 4.x (from 4.50) replaces each field equal to GenerationConfig's default
     # with the model's (a chat LM's do_sample=True would undo greedy, its penalties the neutral ones) unless told
@@ -261,7 +266,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     config.use_cache = True
     if TRANSFORMERS < (5, 0):
         rest["use_model_defaults"] = False
-    with model.conditioned(ctx):
+    # the decode step reads the media context's tensors through the hooks' module, whose tensor attributes dynamo
+    # would specialize (one graph per row count): their row dimension stays dynamic (EnterDecode marks it)
+    with model.conditioned(ctx), torch._dynamo.config.patch(force_nn_module_property_static_shapes=False):
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)
 
@@ -272,14 +279,28 @@ ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit
 
 class EnterDecode(LogitsProcessor):
     """Switches a generation's context from PREFILL to DECODE when transformers hands over the prompt's logits:
-    every later LM call of the generation decodes new tokens. Leaves the scores as they are."""
+    every later LM call of the generation decodes new tokens. At the switch it lists each block's decode K/V that
+    PREFILL made (`MediaContext.decode_kv`, by block), so that a compiled decode step reads them by index and not
+    by a key holding the row count, with the row dimension marked dynamic: one graph serves every batch size past
+    the first (keyed, each new row count compiled its own, and fullgraph turned the ninth into an error). Leaves
+    the scores as they are."""
 
-    def __init__(self, ctx: MediaContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: MediaContext, model: Flamingo) -> None:
+        self.ctx, self.blocks = ctx, len(model.xattn)
+        self.kind = "all" if model.decodes_all_images else "last"
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.ctx.media_index is not None or self.ctx.decode_index is not None:  # the prompt has run
-            self.ctx.phase = Phase.DECODE
+        ctx = self.ctx
+        if ctx.phase is not Phase.DECODE and (ctx.media_index is not None or ctx.decode_index is not None):
+            rows = input_ids.shape[0]  # the prompt has run
+            ctx.decode_kv = [ctx.media_kv.get((self.kind, i, rows)) for i in range(self.blocks)]
+            # the row count is dynamic in a compiled step (automatic dynamic shapes do not reach these: the step
+            # reads them through the hooks' module, whose tensors dynamo specializes)
+            for t in (ctx.decode_index, ctx.decode_count, *(x for kv in ctx.decode_kv if kv is not None
+                                                             for x in (kv.k, kv.v))):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            ctx.phase = Phase.DECODE
         return scores
 
 

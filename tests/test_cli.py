@@ -233,6 +233,13 @@ def test_limits_that_would_refuse_every_request_are_refused_by_the_parser(capsys
     assert stop.value.code == 2 and why in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_an_eval_cache_size_that_is_no_finite_number_is_refused_by_the_parser(capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", "m", "--task", "vqa", "--data", "d", "--vision-cache-mb", value])
+    assert stop.value.code == 2 and "must be a finite number >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_unusable_device_is_refused_before_the_model_loads(tmp_path, capsys):
     for command in (["generate", "--prompt", "x"], ["serve"], ["eval", "--task", "vqa", "--data", str(tmp_path)]):

@@ -281,3 +281,23 @@ def test_remote_code_backbones_are_refused_without_a_prompt(tmp_path, monkeypatc
     monkeypatch.setattr(backbones.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     assert type(load_lm(str(native))).__name__ == "LlamaForCausalLM"
     assert seen["trust_remote_code"] is False
+
+
+def test_a_resumed_training_run_reads_its_backbones_at_the_commits_it_started_on(cache, world, tmp_path):
+    """A run on Hub-name backbones records their commits in its checkpoints; resumed after the LM's repository moved
+    on, it rebuilds on the commits it trained on (not the new main), and its final model records them."""
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    from train_fixtures import train_config
+
+    _, _, _, data = world
+    path = train_config(str(tmp_path), CLIP, LLAMA, data, steps=2, out=str(tmp_path / "run"), interleaved=False)
+    trainer = Trainer(load_config(path))
+    assert (trainer.model.config.vision_revision, trainer.model.config.lm_revision) == (A, A)
+    trainer.train_step()
+    trainer.save()
+    _move_main(cache, LLAMA, B)
+    resumed = Trainer(load_config(path))
+    assert resumed.step == 1 and resumed.model.config.lm_revision == A
+    assert (resumed.model.config.vision_revision, resumed.model.config.lm_revision) == (A, A)

@@ -140,3 +140,11 @@ def test_a_skipped_first_step_does_not_warn_about_the_scheduler_order(world, one
         trainer.train_step()
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     assert trainer.scheduler.last_epoch == 2
+
+
+def test_a_run_resumed_from_a_step_0_checkpoint_keeps_its_logs(tmp_path, caplog):
+    """A run stopped before its first step leaves a checkpoint of step 0: resumed from it, its logs are its own."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss/held": 2.0}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.run_log"):
+        RunLog(str(tmp_path), 0, start_step=0, resumed=True).close()
+    assert _steps(str(tmp_path)) == [0] and not (tmp_path / "metrics.prev-1.jsonl").exists() and not caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from ..config import QUANTIZE_MODES
@@ -25,6 +26,17 @@ def _escaped(value: str) -> str:
         return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise argparse.ArgumentTypeError(f"{value!r} holds a broken backslash escape ({e.reason})") from None
+
+
+def _cache_mb(value: str) -> float:
+    """--vision-cache-mb: a finite number >= 0 (0: off), checked before the model loads."""
+    try:
+        size = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= size < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return size
 
 
 def _query_set(value: str) -> Any:
@@ -58,7 +70,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "random demos, the whole split for RICES, as OpenFlamingo)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
-    p.add_argument("--vision-cache-mb", type=float, default=None,
+    p.add_argument("--vision-cache-mb", type=_cache_mb, default=None,
                    help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off; "
                         "default 256 on CPU, off on GPU (hashing the pixels costs about as much as the tower there)")
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",

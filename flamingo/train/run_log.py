@@ -35,14 +35,16 @@ log = logging.getLogger(__name__)
 class RunLog:
     """The run's metrics file and TensorBoard writer. Every rank may call it; only rank 0 writes."""
 
-    def __init__(self, output_dir: str, rank: int, *, start_step: int) -> None:
-        """start_step: the step the run starts from (0 fresh, else the checkpoint's it resumed from)."""
+    def __init__(self, output_dir: str, rank: int, *, start_step: int, resumed: Optional[bool] = None) -> None:
+        """start_step: the step the run starts from (the checkpoint's it resumed from, else 0); resumed: whether it
+        resumed from a checkpoint (default: start_step > 0; a run stopped before its first step leaves one of step
+        0)."""
         self.rank = rank
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
         self.writer = None
         if rank != 0:
             return
-        if start_step == 0:
+        if not (start_step > 0 if resumed is None else resumed):
             moved = set_aside_previous_logs(output_dir)
             if moved:
                 log.warning(
@@ -60,7 +62,7 @@ class RunLog:
                     start_step,
                 )
         # a resumed run's TensorBoard drops the events the earlier attempt wrote from step start_step + 1 on
-        self.writer = _tensorboard(os.path.join(output_dir, "tb"), start_step + 1 if start_step else None)
+        self.writer = _tensorboard(os.path.join(output_dir, "tb"), start_step + 1 if start_step or resumed else None)
 
     def training(self, metrics: dict[str, Any]) -> None:
         """One logged step's materialized metrics (with "step" and "gates")."""

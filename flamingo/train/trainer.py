@@ -35,7 +35,7 @@ from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantiz
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from ..runtime.distributed import host_group, max_over_ranks
-from ..runtime.hub import local_dir
+from ..runtime.hub import is_hub_reference, local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_in_backward, check_init_from, check_trainable_quantization
@@ -49,6 +49,7 @@ from .state import (
     gather_trained_parameters,
     gather_training_state,
     is_sharded,
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     rank_entry,
@@ -96,7 +97,25 @@ def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
                                                            quantize_frozen=options["quantize_frozen"]).quantize_frozen
 
 
-def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
+REVISION_KEYS = ("vision_revision", "lm_revision")  # the Hub commits a run's backbones were read at
+
+
+def run_revisions(output_dir: str) -> dict[str, str]:
+    """The Hub commits the run in `output_dir` read its backbones at (its latest checkpoint's state.json), so that a
+    resumed run trains on the weights it started on after their repositories move on; {} for a new run, local
+    backbones, or checkpoints written before state.json held them."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return {}
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f).get("backbone_revisions") or {}
+    return {k: v for k, v in saved.items() if k in REVISION_KEYS and isinstance(v, str)}
+
+
+def build_model(config: TrainConfig, revisions: Optional[dict[str, str]] = None
+                ) -> tuple[Flamingo, FlamingoProcessor]:
+    """The run's model; revisions: Hub commits to read backbones given by Hub name at (`run_revisions`), where
+    model.flamingo names none."""
     m = config.model
     check_init_from(m)  # model options a run from init_from would not use: refused (a config not from parse_config)
     if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
@@ -116,7 +135,9 @@ def build_model(config: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
         return model, processor
     if not (m.vision and m.lm):
         raise ValueError("model.vision and model.lm (or model.init_from) are required")
-    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**m.flamingo))
+    pinned = {k: v for k, v in (revisions or {}).items()  # a backbone now given by a local path has no revisions
+              if is_hub_reference(str(m.vision if k == "vision_revision" else m.lm))}
+    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**{**pinned, **m.flamingo}))
 
 
 def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:
@@ -182,7 +203,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if model is None:
-            model, processor = build_model(config)
+            model, processor = build_model(config, run_revisions(t.output_dir))
         assert processor is not None
         self.model, self.processor = model, processor
         model.name_or_path = None  # trained from here on: no longer the model saved where it was loaded from
@@ -257,7 +278,7 @@ class Trainer:
         if self.world > 1 and t.distributed == "fsdp":
             self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8))).to(self.device)  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
-        self.step = 0
+        self.step, self.resumed = 0, False  # `_resume` sets both from a checkpoint
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
         self.nonfinite_streak = torch.zeros((), dtype=torch.long, device=self.device)
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
@@ -291,7 +312,7 @@ class Trainer:
                              "train.steps to train it further, or use a new train.output_dir")
         fresh = group_settings(self.optimizer)  # the config's, before the checkpoint's replace them
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device, self.config.optim.kind)
-        self.step = state["step"]
+        self.step, self.resumed = state["step"], True
         self._apply_optim_settings(path, state, fresh)
         self._log_lora_dropout(path, state)
         self._log_frozen_storage(path, state)
@@ -381,7 +402,8 @@ class Trainer:
                             {"world_size": self.world, "nonfinite_streak": int(self.nonfinite_streak),
                              "skipped_steps": int(self.skipped_steps), "mixture": self.sampler.state_dict(),
                              "data": data, "optim_kind": self.config.optim.kind, "optim": asdict(self.config.optim),
-                             "lm_lora": self.model.config.lm_lora, "frozen_storage": self._frozen_storage()},
+                             "lm_lora": self.model.config.lm_lora, "frozen_storage": self._frozen_storage(),
+                             "backbone_revisions": {k: getattr(self.model.config, k) for k in REVISION_KEYS}},
                             self.config.train.keep_last, rng=rng)
         if self.world > 1:
             dist.barrier()
@@ -576,7 +598,8 @@ class Trainer:
         t = self.config.train
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self._previous_handlers = handlers  # what a second signal meets (`_on_signal`)
-        run_log = RunLog(t.output_dir, self.rank, start_step=self.step)  # after _resume: the step it resumed at
+        # after _resume: the step it resumed at
+        run_log = RunLog(t.output_dir, self.rank, start_step=self.step, resumed=self.resumed)
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -670,7 +693,8 @@ class Trainer:
         if is_sharded(model):  # FSDP: gather the trained weights (collective), rank 0 saves them on an unsharded copy
             trained = gather_trained_parameters(model)
             if self.rank == 0:
-                model, _ = build_model(self.config)
+                model, _ = build_model(self.config, {k: getattr(model.config, k) for k in REVISION_KEYS
+                                                     if getattr(model.config, k) is not None})
                 params = dict(model.named_parameters())
                 with torch.no_grad():
                     for name, value in trained.items():

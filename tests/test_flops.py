@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flamingo.tiny import random_image, tiny_flamingo
-from flamingo.train.flops import count, flops_estimate, flops_per_sample, lm_matmul_parameters
+from flamingo.train.flops import count, flops_estimate, flops_per_sample, lm_matmul_parameters, xattn_kv_parameters
 
 
 def _batch(processor) -> dict:
@@ -38,14 +38,14 @@ def _measured(model, batch) -> int:
         {"resampler": "mlp"},
     ],
 )
-def test_the_estimate_is_within_12_percent_of_the_flop_counter(overrides, one_thread):
-    """Trained or frozen backbones, LoRA, either resampler. (Most of the rest: the xattn blocks' K/V projections,
-    billed per text token, run over the media's latents.)"""
+def test_the_estimate_is_within_3_percent_of_the_flop_counter(overrides, one_thread):
+    """Trained or frozen backbones, LoRA, either resampler (measured 1.008-1.012x here: the rest is the attention
+    scores the estimate leaves out)."""
     if "lm_lora" in overrides:
         pytest.importorskip("peft", reason="lm_lora needs peft")
     model, processor = tiny_flamingo("llama", **overrides)
     batch = _batch(processor)
-    assert flops_estimate(model, batch) == pytest.approx(_measured(model, batch), rel=0.12)
+    assert flops_estimate(model, batch) == pytest.approx(_measured(model, batch), rel=0.03)
 
 
 def test_trained_backbones_and_adapters_add_their_weight_gradients(one_thread):
@@ -74,4 +74,13 @@ def test_the_resampler_term_counts_its_kv_over_the_features_and_the_rest_over_th
     with FlopCounterMode(display=False) as counter:
         model.resampler(features).sum().backward()
     vision = 2 * count(model.vision) * media * patches
-    assert flops_per_sample(model, 0, media, 1, patches) - vision == counter.get_total_flops()
+    xattn_kv = 6 * xattn_kv_parameters(model.xattn) * media * model.config.num_latents  # the blocks' visual K/V
+    assert flops_per_sample(model, 0, media, 1, patches) - vision - xattn_kv == counter.get_total_flops()
+
+
+def test_the_h100_cards_have_their_own_peaks():
+    from flamingo.train.flops import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("Some CPU") is None

@@ -434,13 +434,15 @@ def test_fsdp_ranks_with_only_text_only_rows_train_as_one_process(world, tmp_pat
 
 @pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
 def test_flops_count_the_lm_head_but_not_an_untied_embedding_lookup(make_model, lm_kind):
-    from flamingo.train.flops import count, flops_per_sample
+    from flamingo.train.flops import count, flops_per_sample, xattn_kv_parameters
 
     model, _ = make_model(lm_kind)
     embedding = model.lm.get_input_embeddings().weight
     tied = model.lm.get_output_embeddings().weight is embedding
     p_lm = count(model.lm) - (0 if tied else embedding.numel())
-    text_only = 4 * p_lm * 10 + 6 * count(model.xattn) * 10  # no media: no tower, no resampler work
+    # no media: no tower, no resampler and no visual K/V work
+    text_only = 4 * p_lm * 10 + 6 * (count(model.xattn) - xattn_kv_parameters(model.xattn)) * 10
+    assert xattn_kv_parameters(model.xattn) > 0
     assert flops_per_sample(model, 10, 0, 0, 0) == text_only
 
 

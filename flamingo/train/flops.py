@@ -8,15 +8,15 @@ tokens, M media of F frames of S patches, and R latents:
 - LM: forward 2·P_lm·T plus the input gradient 2·P_lm·T (gradients flow through a frozen LM down to the xattn blocks),
   so 4·P_lm·T, plus the weight gradient 2·P·T of the LM weights that train: all of them with `freeze_lm: false`, the
   LoRA adapters with `lm_lora`;
-- xattn blocks, trained: 6·P_xattn·T (their K/V projections run over the M·R visual tokens, not over T: a small
-  overcount);
+- xattn blocks, trained: their K/V projections run over the M·R visual tokens, 6·P_kv·M·R, their other weights
+  over the text, 6·P_rest·T;
 - Perceiver resampler, trained: its K/V projections see the features and the latents, 6·P_kv·M·(F·S + R) (the
   features' input gradient too: the LayerNorm before them trains); its other weights (queries, output, feed-forward)
   see the latents only, 6·P_rest·M·R. The MLP resampler pools the features first: 6·P·M·R.
 Attention score FLOPs (quadratic terms) are left out, as in the usual 6·N·T estimates; at T = 256 they are small.
 P counts the weights that multiply activations: P_lm leaves out the LM's input embedding, a table lookup (65M of a
 1.3B Llama's parameters), unless it is tied to the output head, whose matmul it then is; the resampler's count leaves
-out its latents, time embeddings and LayerNorms. On the tiny test model the estimate is within ~12% of
+out its latents, time embeddings and LayerNorms. On the tiny test model the estimate is within 3% of
 torch.utils.flop_counter.FlopCounterMode's count of one forward and backward (tests/test_flops.py).
 """
 
@@ -53,20 +53,29 @@ def resampler_matmul_parameters(resampler: nn.Module) -> tuple[int, int]:
     return p_kv, sum(m.weight.numel() for m in linear) - p_kv
 
 
+def xattn_kv_parameters(xattn: nn.Module) -> int:
+    """The xattn blocks' K/V projection weights (`to_kv`), which see the visual tokens, not the text."""
+    return sum(m.to_kv.weight.numel() for m in xattn.modules()
+               if hasattr(m, "project_media") and isinstance(getattr(m, "to_kv", None), nn.Linear))
+
+
 def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int) -> float:
     """FLOPs of one training pass over T text tokens and M media of F frames of S patches (the formula above)."""
-    p_vision, p_xattn = count(model.vision), count(model.xattn)
+    p_vision, p_xattn, p_xattn_kv = count(model.vision), count(model.xattn), xattn_kv_parameters(model.xattn)
     p_lm, p_lm_trained = lm_matmul_parameters(model.lm), lm_matmul_parameters(model.lm, trained=True)
     p_kv, p_rest = resampler_matmul_parameters(model.resampler)
     features, latents = media * frames * patches, media * model.config.num_latents
     vision = (2 if model.config.freeze_vision else 6) * p_vision * features
     lm = (4 * p_lm + 2 * p_lm_trained) * text_tokens
     resampler = 6 * p_kv * (features + latents) + 6 * p_rest * latents
-    return vision + lm + 6 * p_xattn * text_tokens + resampler
+    xattn = 6 * (p_xattn - p_xattn_kv) * text_tokens + 6 * p_xattn_kv * latents
+    return vision + lm + xattn + resampler
 
 
-# Dense bf16 peak throughput, FLOP/s, by device name fragment.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# Dense bf16 peak throughput, FLOP/s, by device name fragment, the first that matches (the H100's PCIe and NVL cards
+# before the SXM part, whose names say only "H100").
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
 def peak_flops(device_name: str) -> float | None:

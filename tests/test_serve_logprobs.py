@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine, find_stop
 from flamingo.serve.logprobs import CompletionLogprobs, TokenStrings
@@ -363,6 +364,21 @@ def test_text_offsets_after_a_character_left_unfinished():
         text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
         got = CompletionLogprobs(strings).add(ids, None)["text_offset"]
         assert got[:len(offsets)] == offsets and all(o <= len(text) for o in got), (text, got)
+
+
+def test_an_answers_control_token_takes_no_characters_of_its_text():
+    """A generated control token (a pad, `<|endofchunk|>`) is listed, but the answer's text leaves it out: the next
+    token's offset is where its own text starts."""
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    processor = FlamingoProcessor(tok, None)
+    pad = tok.convert_tokens_to_ids(tok.pad_token)
+    ids = tok.encode("a b", add_special_tokens=False) + [pad] + tok.encode(" c", add_special_tokens=False)
+    text = processor.decode(ids)
+    got = CompletionLogprobs(TokenStrings(tok, processor.hidden_ids)).add(ids, None)
+    assert got["tokens"][len(ids) - 2] == tok.pad_token
+    assert [text[o:o + len(t)] for o, t in zip(got["text_offset"], got["tokens"]) if t != tok.pad_token] == \
+        [t for t in got["tokens"] if t != tok.pad_token] and got["text_offset"][-1] == len(text) - len(" c")
 
 
 @pytest.mark.parametrize("prompt", ["Output: 中文 and more", "😀 Output: a"])

@@ -86,7 +86,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     positions = lm_max_positions(model.lm)
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
     metrics = engine.metrics
-    strings = TokenStrings(processor.tokenizer)
+    strings = TokenStrings(processor.tokenizer, processor.hidden_ids)
     grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
     chat_template = chat_format_for(processor, vocab)  # the served model's conversation format
     control = control_tokens(processor)  # strings chat text may not hold (they would tokenize as control tokens)

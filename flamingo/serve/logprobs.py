@@ -33,10 +33,11 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 class TokenStrings:
-    """Token id -> (text, UTF-8 bytes), cached."""
+    """Token id -> (text, UTF-8 bytes), cached. hidden: the ids an answer's text leaves out (the processor's
+    `hidden_ids`: control tokens), which take no characters of it (`CompletionLogprobs.add`)."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, hidden: frozenset[int] = frozenset()) -> None:
+        self.tokenizer, self.hidden = tokenizer, hidden
         self._anchor = tokenizer.encode("\n", add_special_tokens=False)[-1:]
         self._anchor_text = self._decode(self._anchor)
         self._byte_level = _byte_level_decoder()
@@ -90,10 +91,12 @@ class CompletionLogprobs:
     def add(self, tokens: list[int], logprobs: Optional[TokenLogprobs]) -> dict[str, list[Any]]:
         """Append tokens (T,) with their log-probabilities (None: the first token of a prompt, which has none);
         returns the lists of just these tokens (a stream's chunk)."""
-        return self._add(tokens, logprobs)[0]
+        return self._add(tokens, logprobs, self.strings.hidden)[0]
 
-    def _add(self, tokens: list[int], logprobs: Optional[TokenLogprobs]) -> tuple[dict[str, list[Any]], str]:
-        """`add`, and the text the tokens complete."""
+    def _add(self, tokens: list[int], logprobs: Optional[TokenLogprobs], hidden: frozenset[int] = frozenset()
+             ) -> tuple[dict[str, list[Any]], str]:
+        """`add`, and the text the tokens complete; `hidden` tokens (an answer's control tokens, which its text
+        leaves out) are listed at the current offset and take no characters."""
         rows = logprobs.rows() if logprobs is not None else [(None, None)] * len(tokens)
         part: dict[str, list[Any]] = {k: [] for k in self.body}
         spelled: list[str] = []
@@ -102,7 +105,7 @@ class CompletionLogprobs:
             part["tokens"].append(text)
             part["token_logprobs"].append(lp)
             part["top_logprobs"].append(None if top is None else self._alternatives(top))
-            offset, chars = self._feed(raw)
+            offset, chars = (self.offset, "") if token in hidden else self._feed(raw)
             part["text_offset"].append(offset)
             spelled.append(chars)
         for key, values in part.items():

@@ -292,3 +292,28 @@ def test_frozen_linear_subclasses_are_counted_and_warned_about_not_quantized(mak
     assert counts["skipped"] == 1
     assert counts["quantized"] == sum(isinstance(m, QuantizedLinear) for m in model.modules()) > 0
     assert getattr(parent, name) is special and not is_quantized(special.weight)
+
+
+def test_falcons_linear_subclass_is_packed_and_computes_as_before():
+    """`FalconLinear` subclasses nn.Linear with F.linear's forward: quantize_frozen packs it (it was skipped, leaving
+    every Falcon projection in floating point), and the int8 model stays close to the float one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flamingo.tiny import tiny_image_processor, tiny_tokenizer, tiny_vision
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model("falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model, processor = from_backbones(tiny_vision(), AutoModelForCausalLM.from_config(config).eval(), tokenizer,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor())
+    set_gates(model, 0.5)
+    batch = processor("<image>Question: what is in the image? Short answer:", images=[random_image(0)])
+    with torch.no_grad():
+        before = model.eval()(**batch).logits
+    counts = quantize_frozen(model, "int8")
+    falcon = [m for m in model.lm.modules() if type(m).__name__ == "FalconLinear"]
+    assert counts["skipped"] == 0 and not falcon  # every projection replaced by a QuantizedLinear
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert (after - before).abs().max() < 0.05 * before.abs().max()

@@ -88,12 +88,21 @@ def _mode_of(weight: torch.Tensor) -> str:
     return "nf4" if name.startswith("NF4") else "int4" if name.startswith("Int4") else "int8"
 
 
+# nn.Linear subclasses of transformers whose forward is F.linear's (x @ W.T + b), so that a QuantizedLinear computes
+# what they do: Falcon's projections
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, QuantizedLinear) or type(module).__name__ in PLAIN_LINEAR_SUBCLASSES
+
+
 def _linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """The frozen linear layers of the vision tower and the LM, as (parent module, attribute name, layer). LoRA's
-    adapters are never among them, frozen or not (they keep their dtype); nor are `nn.Linear` subclasses
-    (`skipped_linears`)."""
+    adapters are never among them, frozen or not (they keep their dtype); nor are `nn.Linear` subclasses other than
+    `PLAIN_LINEAR_SUBCLASSES` (`skipped_linears`)."""
     for parent, name, module in _frozen_linears(model):
-        if type(module) in (nn.Linear, QuantizedLinear):
+        if _packable(module):
             yield parent, name, module
 
 
@@ -105,7 +114,7 @@ def skipped_linears(model: "Flamingo") -> list[str]:
     names = {id(m): f"{side}.{q}" for side, backbone in (("vision", model.vision), ("lm", model.lm))
              for q, m in backbone.named_modules()}
     return [f"{names[id(module)]} ({type(module).__name__})" for _, _, module in _frozen_linears(model)
-            if type(module) not in (nn.Linear, QuantizedLinear)]
+            if not _packable(module)]
 
 
 def _frozen_linears(model: "Flamingo") -> Iterator[tuple[nn.Module, str, nn.Linear]]:

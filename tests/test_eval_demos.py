@@ -18,7 +18,7 @@ from flamingo.eval import evaluate, rices, runner
 from flamingo.eval.classification import ClassificationTask
 from flamingo.eval.demos import RANDOM_QUERY_SET, DemoSelector, prompt_demos
 from flamingo.eval.distributed import gather_by_index, shard
-from flamingo.eval.predict import MediaLoader, build_prompt, needed_tokens, rank_batch
+from flamingo.eval.predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
 from flamingo.eval.rices import FeatureCache, nearest, pooled_features
 from flamingo.eval.task import Sample, ways_of
 from flamingo.eval.tasks import get_task
@@ -558,3 +558,39 @@ def test_feature_cache_encodes_a_batch_at_a_time_once_with_a_progress_bar(model_
     assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in cache.features.values()
                if f is not None)
     assert torch.equal(cache.get(paths[::-1] + paths[:1]), torch.cat([got.flip(0), got[:1]])) and len(sizes) == 3
+
+
+def test_rices_zero_shot_text_demos_are_found_for_the_shard_at_once(model_and_processor, tmp_path, monkeypatch):
+    """0-shot RICES still retrieves (the zero-shot text demos are the query's nearest, as OpenFlamingo's), but for the
+    whole shard at once as at k shots: the queries' features in one tower batch, not one query at a time. Demos and
+    predictions at 0 and 2 shots are those of each query's demos chosen alone (`prompt_demos`)."""
+    model, processor = model_and_processor
+    task = get_task("vqa")
+    data = make_vqa(tmp_path / "data")
+    pool, samples = task.load(str(data), "train"), task.load(str(data), "test")
+    loader = MediaLoader(processor)
+    generation = {"max_new_tokens": 3, "num_beams": 1}
+
+    def alone(k):  # each query's demos chosen by itself, the prompts in one batch as `predict` runs them
+        selector = DemoSelector(pool, "rices", features=FeatureCache(model, loader))
+        chosen = [prompt_demos(selector, s, i, k, "text") for i, s in enumerate(samples)]
+        prompts = [build_prompt(task, s, demos, media) for s, (demos, media) in zip(samples, chosen)]
+        records = generate_batch(model, processor, loader, task, prompts, **generation)
+        return [{"id": s.id, **r, "demo_ids": [d.id for d in demos]} for s, r, (demos, _) in
+                zip(samples, records, chosen)]
+
+    expected = {k: alone(k) for k in (0, 2)}
+    assert all(len(r["demo_ids"]) == 2 for k in (0, 2) for r in expected[k])
+    selector = DemoSelector(pool, "rices", features=FeatureCache(model, loader))
+    selector.prepare(shared=False)  # the query set's features, as `evaluate` computes them first
+    sizes, pooled = [], rices.pooled_features
+    monkeypatch.setattr(rices, "pooled_features",
+                        lambda model, media, batch_size=32: sizes.append(len(media)) or pooled(model, media,
+                                                                                               batch_size))
+    for k in (0, 2):
+        assert runner.predict(model, processor, task, samples, selector, k, batch_size=5, loader=loader,
+                              progress=False, generation=generation) == expected[k]
+        assert sizes == [5]  # the 5 queries' features in one batch at 0 shots; 2 shots reuses them
+    runner.predict(model, processor, task, samples, selector, 0, zero_shot="none", batch_size=5, loader=loader,
+                   progress=False, generation=generation)
+    assert sizes == [5]  # zero-shot "none": no demo, nothing retrieved

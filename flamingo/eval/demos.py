@@ -35,6 +35,12 @@ RANDOM_QUERY_SET = 2048  # random demos' default query set per seed (OpenFlaming
 QuerySet = Union[int, str, None]  # a number of pool samples, "all", or None: the method's default
 
 
+def check_zero_shot(zero_shot: str) -> None:
+    """Refuse a zero-shot convention other than ZERO_SHOT's."""
+    if zero_shot not in ZERO_SHOT:
+        raise ValueError(f"zero_shot must be one of {ZERO_SHOT}, got {zero_shot!r}")
+
+
 def check_query_set(query_set: QuerySet) -> None:
     """Refuse a query set size that is not a number >= 1, "all" or None."""
     if query_set is None or query_set == "all":
@@ -143,8 +149,7 @@ class DemoSelector:
 def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
                  zero_shot: str = "text") -> tuple[list[Sample], bool]:
     """(demos, with_media) for a query: `shots` demos with their media, or the zero-shot convention's demos."""
-    if zero_shot not in ZERO_SHOT:
-        raise ValueError(f"zero_shot must be one of {ZERO_SHOT}, got {zero_shot!r}")
+    check_zero_shot(zero_shot)
     if shots > 0:
         return selector.select(sample, index, shots), True
     if zero_shot == "none":
@@ -153,3 +158,24 @@ def prompt_demos(selector: DemoSelector, sample: Sample, index: int, shots: int,
         n = min(ZERO_SHOT_TEXT_DEMOS, len(sample.demo_ids))
         return selector.episode_demos(sample, n, f"{n} text-only demos"), False
     return selector.select(sample, index, min(ZERO_SHOT_TEXT_DEMOS, selector.drawable(sample))), False
+
+
+def rices_demos(selector: DemoSelector, samples: Sequence[Sample], indices: Sequence[int], shots: int,
+                zero_shot: str = "text") -> dict[int, tuple[list[Sample], bool]]:
+    """RICES: (demos, with_media) of the queries `samples[i]` for i in `indices` that draw from the query set, found
+    together, one `select_rices` (one feature batch, one similarity matmul) per number of demos: `shots`, or at 0
+    shots the zero-shot text demos (`prompt_demos`'s, the same per query). Empty where nothing is retrieved: random
+    demos, zero-shot "none"; episodes (`demo_ids`) are left to `prompt_demos`."""
+    check_zero_shot(zero_shot)
+    if selector.method != "rices" or (shots == 0 and zero_shot == "none"):
+        return {}
+    by_k: dict[int, list[int]] = {}  # demos asked -> queries asking them
+    for i in indices:
+        if samples[i].demo_ids is None:
+            k = shots or min(ZERO_SHOT_TEXT_DEMOS, selector.drawable(samples[i]))
+            by_k.setdefault(k, []).append(i)
+    found: dict[int, tuple[list[Sample], bool]] = {}
+    for k, group in by_k.items():
+        rows = selector.select_rices([samples[i] for i in group], k) if k else [[] for _ in group]
+        found.update((i, (demos, shots > 0)) for i, demos in zip(group, rows))
+    return found

@@ -10,17 +10,20 @@ from ..config import MEDIA_TOKEN
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
-from ..runtime import LRU
+from ..runtime import TensorCache
 from .task import Sample, Task
+
+MEDIA_CACHE_BYTES = 2**30  # 1 GiB: ~1,780 224-px images (588 KiB of float32 each), ~220 8-frame 224-px videos
 
 
 class MediaLoader:
-    """Preprocessed media `(F, C, H, W)` by path, the `capacity` most recently used kept (demo images recur across
-    queries); a file that cannot be read is tried once and remembered (`unreadable`)."""
+    """Preprocessed media `(F, C, H, W)` by path, the most recently used kept within `max_bytes` of pixels (demo
+    images recur across queries; a budget in bytes, as a video holds its frames' worth of an image's); a file that
+    cannot be read is tried once and remembered (`unreadable`)."""
 
-    def __init__(self, processor: FlamingoProcessor, capacity: int = 512) -> None:
+    def __init__(self, processor: FlamingoProcessor, max_bytes: int = MEDIA_CACHE_BYTES) -> None:
         self.processor = processor
-        self.cache: LRU[str, torch.Tensor] = LRU(capacity)
+        self.cache = TensorCache(max_bytes)
         self.failed: dict[str, str] = {}  # path -> why it cannot be read (missing, undecodable, truncated)
 
     def __call__(self, path: str) -> torch.Tensor:

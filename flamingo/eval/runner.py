@@ -25,7 +25,15 @@ from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
 from ..runtime.hub import dataset_dir
-from .demos import ZERO_SHOT_TEXT_DEMOS, DemoSelector, QuerySet, check_query_set, effective_query_set, prompt_demos
+from .demos import (
+    ZERO_SHOT_TEXT_DEMOS,
+    DemoSelector,
+    QuerySet,
+    check_query_set,
+    effective_query_set,
+    prompt_demos,
+    rices_demos,
+)
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .extras import check_requirements
 from .predict import MediaLoader, build_prompt, generate_batch, needed_tokens, rank_batch
@@ -89,11 +97,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
     loader = loader or MediaLoader(processor)
     n = len(samples)
     mine = shard(n)
-    if selector.method == "rices" and shots > 0:  # one similarity matmul for the whole shard
-        needs = [i for i in mine if samples[i].demo_ids is None]
-        rices = dict(zip(needs, selector.select_rices([samples[i] for i in needs], shots))) if needs else {}
-    else:
-        rices = {}
+    rices = rices_demos(selector, samples, mine, shots, zero_shot)  # the whole shard's at once (RICES only)
     local: list[tuple[int, dict[str, Any]]] = []
     limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
     new_tokens = int(task.generation_settings(generation)["max_new_tokens"]) if task.kind == "generate" else 0
@@ -101,8 +105,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
     for start in range(0, len(mine), batch_size):
         indices, prompts, chosen = [], [], []
         for i in mine[start:start + batch_size]:
-            demos, with_media = (rices[i], True) if i in rices else prompt_demos(selector, samples[i], i, shots,
-                                                                                  zero_shot)
+            demos, with_media = rices[i] if i in rices else prompt_demos(selector, samples[i], i, shots, zero_shot)
             prompt = build_prompt(task, samples[i], demos, with_media)
             demo_ids = [d.id for d in demos]
             if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],

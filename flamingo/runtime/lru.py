@@ -1,7 +1,7 @@
 """`LRU`: the one bounded least-recently-used store of the package, and `TensorCache`, its byte-budgeted form for
 tensors.
 
-Users: open tar shards (by count, closed on eviction), evaluation media (by count), preprocessed training media and
+Users: open tar shards (by count, closed on eviction), evaluation media (by bytes), preprocessed training media and
 frozen-tower features (`TensorCache`, by bytes). Every store pickles empty: a copy sent to a worker process starts
 cold instead of shipping its contents.
 """

@@ -15,7 +15,7 @@ REASONS = (
     "empty_text",  # no caption / all sentences empty / a conversation with no answer (left within max_tokens)
     "no_matched_image",  # interleaved: no image matched a sentence above the similarity threshold
     "bad_shard",  # a tar shard that cannot be read (to the end)
-    "duplicate_key",  # a tar key repeating a member in a row: several samples whose members cannot be told apart
+    "duplicate_key",  # a tar key that comes again after its first sample (the first is read, each later skipped)
 )
 
 

@@ -1,12 +1,22 @@
-"""MMC4 interleaved documents -> `Example`s, following the paper (Sec. 2.3 / App. A.3.3) and OpenFlamingo.
+"""MMC4 interleaved documents -> `Example`s: each image placed before one sentence.
 
-Each image is assigned to at most one sentence and each sentence gets at most one image: pairs are taken greedily by
-decreasing CLIP similarity, and only pairs at or above `similarity_threshold` count. The `<image>` goes right before
-its sentence; `<|endofchunk|>` closes every chunk (an image's text, up to the next image) and the document (for a
-tokenizer without it, nothing: `DatasetSpec.chunk_end`). Only the first `max_images` matched images (in document
-order) are kept; the token truncation may drop more (see `sequence.encode_example`). Text before the first image
-stays in the sequence as context but is not trained. A sentence may refer back to an image with `<imagek>`; a
-document that writes one the model has no reference token for is skipped (`bad_record`, `sequence.check_references`).
+Placement. An image that carries MMC4's `matched_text_index` goes before that sentence, as the dataset gives it (MMC4
+computes it by a one-to-one linear assignment over its CLIP `similarity_matrix`), if its score (`matched_sim`, else its
+`similarity_matrix` entry, else 1.0) is at least `similarity_threshold`. An image without one is placed by its
+`similarity_matrix` row. `match_images` then pairs images and sentences one-to-one, greedily by decreasing score: an
+image with an index gets its sentence unless an image scoring higher there takes it (MMC4's indices never share one),
+and images placed by the matrix get a greedy matching, which can differ from an optimal assignment. OpenFlamingo's
+loader differs by version: v1 (pip 0.0.2) takes `matched_text_index` (an image naming a sentence already taken is
+dropped), v2 takes each image's argmax sentence (several images may share one), and its main branch solves its own
+linear assignment (`scipy.optimize.linear_sum_assignment`) over the matrix rows of the images that load, ignoring
+`matched_text_index`.
+
+Text. The `<image>` goes right before its sentence; `<|endofchunk|>` closes every chunk (an image's text, up to the next
+image) and the document (for a tokenizer without it, nothing: `DatasetSpec.chunk_end`). Only the first `max_images`
+placed images (in document order) are kept; the token truncation may drop more (see `sequence.encode_example`). Text
+before the first image stays in the sequence as context but is not trained. A sentence may refer back to an image
+with `<imagek>`; a document that writes one the model has no reference token for is skipped (`bad_record`,
+`sequence.check_references`).
 """
 
 from __future__ import annotations
@@ -61,26 +71,42 @@ def build_interleaved_text(sentences: list[str], image_sentences: list[int], eos
     return f"{text}{END_OF_CHUNK_TOKEN}{eos}"
 
 
+def _score(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise SkipSample("bad_record", f"{where} is not a number: {e}") from e
+
+
 def _similarity(doc: dict[str, Any], n_images: int, n_sentences: int, where: str) -> np.ndarray:
-    raw = doc.get("similarity_matrix")
+    """The (n_images, n_sentences) scores `match_images` places images by (module docstring): an image with a
+    `matched_text_index` scores at that sentence only, one without by its `similarity_matrix` row (-inf without
+    one: never placed)."""
+    raw, matrix = doc.get("similarity_matrix"), None
     if raw is not None:
         try:
-            sim = np.asarray(raw, dtype=np.float64)
+            matrix = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise SkipSample("bad_record", f"{where}: similarity_matrix is not numeric: {e}") from e
-        if sim.shape != (n_images, n_sentences):
-            raise SkipSample("bad_record", f"{where}: similarity_matrix has shape {sim.shape}, expected "
+        if matrix.shape != (n_images, n_sentences):
+            raise SkipSample("bad_record", f"{where}: similarity_matrix has shape {matrix.shape}, expected "
                                            f"({n_images}, {n_sentences}) (images x sentences)")
-        return sim
-    # MMC4 "core" style: each image carries its best sentence and score.
     sim = np.full((n_images, n_sentences), -np.inf)
     for i, info in enumerate(doc["image_info"]):
         j = info.get("matched_text_index")
-        if isinstance(j, int) and 0 <= j < n_sentences:
-            try:
-                sim[i, j] = float(info.get("matched_sim", 1.0))
-            except (TypeError, ValueError) as e:
-                raise SkipSample("bad_record", f"{where}: image_info[{i}].matched_sim is not a number: {e}") from e
+        if j is None:
+            if matrix is not None:
+                sim[i] = matrix[i]
+            continue
+        if isinstance(j, float) and j.is_integer():  # `3.0`, as a table tool may write it
+            j = int(j)
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < n_sentences:
+            raise SkipSample("bad_record", f"{where}: image_info[{i}].matched_text_index {j!r} names no sentence "
+                                           f"(0..{n_sentences - 1})")
+        if "matched_sim" in info:
+            sim[i, j] = _score(info["matched_sim"], f"{where}: image_info[{i}].matched_sim")
+        else:
+            sim[i, j] = matrix[i, j] if matrix is not None else 1.0
     return sim
 
 
@@ -135,7 +161,7 @@ def interleaved_example(record: RawRecord, *, similarity_threshold: float = 0.24
         raise SkipSample("empty_text", f"{where}: all sentences are empty")
     if not image_info:
         raise SkipSample("no_matched_image", f"{where}: the document has no images")
-    sim = _similarity(doc, len(image_info), len(sentences), where).copy()
+    sim = _similarity(doc, len(image_info), len(sentences), where)
     refs = [_image_ref(info, record, image_dir, f"{where}#img{i}") for i, info in enumerate(image_info)]
     for i, ref in enumerate(refs):
         if ref is None:  # names no image at all: never matched

@@ -193,8 +193,8 @@ class TarShard:
     by_basename: dict[str, tarfile.TarInfo] = field(default_factory=dict)
     error: Optional[str] = None  # set when the shard does not end as a tar ends (truncated or corrupt)
     cut: Optional[str] = None  # with `error`: the key of the group at the damage (left out of `groups`)
-    # index in `groups` -> why: the groups of a key that repeats a member in a row (`k.jpg k.txt k.jpg`), split
-    # where the extension repeats; `read_records` counts them as `duplicate_key`, never reads them
+    # index in `groups` -> why: a group under a key an earlier group has (`a.jpg a.txt a.jpg a.txt`, split where an
+    # extension repeats, or the key again further on); `read_records` counts it as `duplicate_key`, never reads it
     repeated: dict[int, str] = field(default_factory=dict)
     _file: Any = field(default=None, repr=False)
     _pid: int = field(default_factory=os.getpid, repr=False)  # the process whose file `_file` is
@@ -237,7 +237,8 @@ class TarShard:
     def find(self, name: str, group: Optional[str] = None) -> Optional[tarfile.TarInfo]:
         """The member a record of `group` (its WebDataset key, `RawRecord.group`) means by `name`: one of its own
         group (`{group}/{name}`, `{group}.{name}`) first, then the member of that full name, then the one member with
-        that basename. A name or basename several members share (a key repeated in the shard) names none of them:
+        that basename. A name shared with the later, skipped samples of a repeated key (`repeated`) means the read
+        sample's member; a name or basename several read samples share (`x/a.png`, `y/a.png`) names none of them:
         another record's image is never taken for this one's (the medium counts as `missing_file`)."""
         own = (f"{group}/{name}", f"{group}.{name}") if group else ()
         for candidate in (*own, name):
@@ -318,14 +319,30 @@ def _index(path: str) -> tuple[Any, Optional[_PlainCopy], list[tarfile.TarInfo],
     return tf, plain, members, error or end_error
 
 
+def _unique_names(members: list[tarfile.TarInfo], name_of: Callable[[tarfile.TarInfo], str],
+                  kept: set[int]) -> dict[str, tarfile.TarInfo]:
+    """name -> the one member it means: the member of a sample that is read (`kept`: their ids) where one has the
+    name, else the only member that has it; a name several such members share means none."""
+    found: dict[str, list[tarfile.TarInfo]] = {}
+    for m in members:
+        found.setdefault(name_of(m), []).append(m)
+    index: dict[str, tarfile.TarInfo] = {}
+    for name, holders in found.items():
+        read = [m for m in holders if id(m) in kept] or holders
+        if len(read) == 1:
+            index[name] = read[0]
+    return index
+
+
 def open_shard(path: str) -> TarShard:
     """Index a tar shard (member headers only), cached per process (forked DataLoader workers reopen theirs). A
     compressed one (gzip, bzip2, xz) is decompressed once first (`_PlainCopy`). A damaged one (truncated, corrupt:
     `_read_members`) is warned about, and its last group, the sample at the damage, is left out: `read_records`
-    counts it as `bad_shard`. A key that repeats a member in a row (`k.jpg k.txt k.jpg`: a sample appended again, a
-    re-run writer) holds several samples whose members cannot be told apart (which caption is whose): its groups are
-    warned about and counted as `duplicate_key` (WebDataset refuses such a shard). A member name that several
-    members share is looked up as none of them (`find`)."""
+    counts it as `bad_shard`. Members are grouped as WebDataset groups them: consecutive members sharing a key, a
+    new group where the key changes or an extension repeats. A key that comes again (`a.jpg a.txt a.jpg a.txt`: a
+    sample appended again, a re-run writer; or further on in the shard) keeps its first group as the sample; each
+    later group is marked (`repeated`) for `read_records` to count as `duplicate_key`, never read, and a member name
+    it shares with a read sample's member means that one (`find`): two samples' members are never merged."""
     cache_key = (os.getpid(), path)
     shard = _OPEN_SHARDS.get(cache_key)
     if shard is not None:
@@ -333,32 +350,24 @@ def open_shard(path: str) -> TarShard:
     tf, plain, members, error = _index(path)
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     repeated: dict[int, str] = {}
+    seen: set[str] = set()  # keys that have a group (their first: the one read)
     for m in members:
         key, ext = split_member_name(m.name)
         if not groups or groups[-1][0] != key or ext in groups[-1][1]:
-            if groups and groups[-1][0] == key:  # a second `key.ext` in a row: two samples under one key
-                why = f"key {key!r} repeats member {m.name!r}"
-                repeated.setdefault(len(groups) - 1, why)
-                repeated[len(groups)] = why
+            if key in seen:
+                repeated[len(groups)] = f"key {key!r} comes again at member {m.name!r}"
+            seen.add(key)
             groups.append((key, {}))
         groups[-1][1][ext] = m
+    kept = {id(m) for i, (_, group) in enumerate(groups) if i not in repeated for m in group.values()}
     cut = None
     if error is not None:
         cut = groups.pop()[0] if groups else "(start)"
         repeated.pop(len(groups), None)
         warnings.warn(f"tar shard {path!r} is damaged after {len(members)} members ({error}): the sample there "
                       f"and any after it are skipped (counted as bad_shard)", stacklevel=2)
-    if repeated:
-        warnings.warn(f"tar shard {path!r} holds several samples under one key ({next(iter(repeated.values()))}): "
-                      "which members go together is unknown, so the samples of such keys are skipped (counted as "
-                      "duplicate_key)", stacklevel=2)
-    names: dict[str, list[tarfile.TarInfo]] = {}
-    basenames: dict[str, list[tarfile.TarInfo]] = {}
-    for m in members:
-        names.setdefault(m.name, []).append(m)
-        basenames.setdefault(os.path.basename(m.name), []).append(m)
-    by_name = {name: found[0] for name, found in names.items() if len(found) == 1}
-    by_basename = {base: found[0] for base, found in basenames.items() if len(found) == 1}
+    by_name = _unique_names(members, lambda m: m.name, kept)
+    by_basename = _unique_names(members, lambda m: os.path.basename(m.name), kept)
     shard = TarShard(path, groups, by_name, by_basename, error, cut, repeated, _file=tf, _plain=plain)
     _OPEN_SHARDS.put(cache_key, shard)
     return shard
@@ -425,6 +434,11 @@ def read_records(path: str, tar_needs: Optional[str] = None,
             shard.refetch = functools.partial(_fetched, fetcher, path, _open_tar)
         else:
             shard = open_shard(path)
+        repeated = [why for i, why in shard.repeated.items() if tar_needs is None or tar_needs in shard.groups[i][1]]
+        if repeated:
+            warnings.warn(f"tar shard {path!r} holds {len(repeated)} sample(s) under a key an earlier sample has "
+                          f"({repeated[0]}): each key's first sample is read, the later ones skipped (counted as "
+                          "duplicate_key)", stacklevel=2)
         for i, (key, members) in enumerate(shard.groups):
             if tar_needs is None or tar_needs in members:
                 if i in shard.repeated:

@@ -132,6 +132,7 @@ def test_new_tokens_see_the_last_image_and_only_it(make_model):
     handle.remove()
 
     seen = []
+    model.pads_exactly()  # the padding probe's own LM calls (once per model) before the hook counts generate's
     hook = model.lm.get_input_embeddings().register_forward_hook(
         lambda m, a, o: seen.append(model._media_context.last_media_index.clone()))
     batch = processor([prompt, "<image>one"], images=[[random_image(0), random_image(1)], [random_image(2)]])
@@ -337,6 +338,7 @@ def test_score_batch_of_left_padded_contexts_equals_each_alone(make_model, lm_ki
     candidates = [[[50, 60, 70], [80]], [[90, 100, 110, 120, 130]], [[7], [8, 9], [10, 11, 12]], [[13, 14]]]
     batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
     head_rows = []
+    model.pads_exactly()  # the padding probe's own LM calls (once per model) before the hook records the batch's
     hook = model.lm.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:2]))
     for rows in (64, 3):
         head_rows.clear()

@@ -157,6 +157,11 @@ class DecodeBatch:
         self.model, self.max_rows = model, max_rows
         self.device = next(model.lm.parameters()).device
         _check_full_attention(DynamicCache(config=model.lm.config))
+        if not model.pads_exactly():  # rows of several lengths share the batch under per-row attention masks
+            raise ValueError(f"continuous batching runs rows of several lengths under per-row attention masks, but "
+                             f"this LM ({type(model.lm).__name__}) computes a left-padded prompt otherwise than the "
+                             "prompt alone (it ignores the attention mask, or its recurrent state runs over the "
+                             "padding): it cannot be served; run generate, or flamingo eval with --batch-size 1")
         self._shape = _Shape(static, self.device)
         if static and self.device.type == "cuda":
             torch._dynamo.mark_static_address(self._shape.position)

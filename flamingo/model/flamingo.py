@@ -169,6 +169,7 @@ class Flamingo(nn.Module):
                                    if getattr(config, name)]
         self._packs_exactly: Optional[bool] = None  # whether the LM keeps packed samples apart (probed on first use)
         self._head_is_last: Optional[bool] = None  # whether the LM returns its head's output as is (probed likewise)
+        self._pads_exactly: Optional[bool] = None  # whether a left-padded prompt == the prompt alone (likewise)
 
     def _make_block(self, dim: int, dim_visual: int) -> nn.Module:
         """One cross-attention block of the configured variant: the paper's (default) or IDEFICS's."""
@@ -597,6 +598,50 @@ class Flamingo(nn.Module):
             mixed = logits(row, torch.arange(9, device=device)[None])[:, 5:]  # what the position shift looks like
         error, contamination = (packed - alone).abs().max(), (mixed - alone).abs().max()
         leak = (packed - after_other).abs().max()
+        alone_ok = error <= 0.1 * contamination if contamination > 0 else error == 0
+        return bool(alone_ok and leak <= 1e-5 * alone.abs().max())
+
+    def check_left_padding(self, attention_mask: Optional[torch.Tensor], what: str) -> None:
+        """Refuses left-padded prompts (`attention_mask` (B, T) holding padding) on an LM that computes a padded
+        prompt otherwise than the prompt alone (`pads_exactly`). Costs one host sync (is there padding?) until the
+        probe has passed, none after."""
+        if attention_mask is None or self._pads_exactly or bool(attention_mask.all()) or self.pads_exactly():
+            return
+        raise ValueError(f"{what}: this LM ({type(self.lm).__name__}, transformers {TRANSFORMERS_VERSION}) computes a "
+                         "left-padded prompt otherwise than the prompt alone (it ignores the attention mask, or its "
+                         "recurrent state runs over the padding): pass one prompt per call, unpadded (batch size 1; "
+                         "flamingo eval: --batch-size 1)")
+
+    def pads_exactly(self) -> bool:
+        """Whether a left-padded prompt (mask 0 on the padding, positions counting its tokens only) gets the logits
+        it has alone, as a batch of prompts of several lengths needs. Probed once (`_lm_pads_exactly`)."""
+        if self._pads_exactly is None:
+            self._pads_exactly = self._lm_pads_exactly()
+        return self._pads_exactly
+
+    def _lm_pads_exactly(self) -> bool:
+        """Probe: a short prompt behind 3 padding tokens must get the logits it has alone, and the same logits
+        behind other padding ids. The first check is measured against the same row with its padding seen (mask 1),
+        so it holds in any dtype; the second compares two rows of one call, which an LM that hides the padding
+        computes alike up to float noise: LMs that ignore the mask (RWKV) or whose recurrent states run over the
+        padding (RecurrentGemma) let it in."""
+        ids = self._plain_token_ids(12)  # (1, 12)
+        prompt, pad = ids[:, 6:], 3
+        rows = torch.cat([torch.cat([ids[:, :pad], prompt], 1), torch.cat([ids[:, pad:6], prompt], 1)])  # (2, 9)
+        mask = torch.ones_like(rows)
+        mask[:, :pad] = 0
+
+        def logits(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            positions = self.position_ids_for(m)  # None for LMs that take no position ids
+            kwargs = {} if positions is None else {"position_ids": positions}
+            return self.lm(input_ids=x, attention_mask=m, use_cache=False, **kwargs).logits.float()
+
+        with self._lm_in_eval_mode(), torch.no_grad():
+            alone = logits(prompt, torch.ones_like(prompt))  # (1, 6, V)
+            padded = logits(rows, mask)[:, pad:]  # (2, 6, V)
+            seen = logits(rows[:1], torch.ones_like(rows[:1]))[:, pad:]  # what the padding would change
+        error, contamination = (padded[:1] - alone).abs().max(), (seen - alone).abs().max()
+        leak = (padded[0] - padded[1]).abs().max()
         alone_ok = error <= 0.1 * contamination if contamination > 0 else error == 0
         return bool(alone_ok and leak <= 1e-5 * alone.abs().max())
 

@@ -228,6 +228,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     """
     _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
     attention_mask = prompt_mask(model, input_ids, attention_mask, "generate")
+    model.check_left_padding(attention_mask, "generate with a left-padded batch")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     if compile:
         if not getattr(type(model.lm), "_can_compile_fullgraph", False):  # transformers' flag for a static cache
@@ -356,6 +357,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
                 if t == model.config.media_token_id and k < len(c) - 1:  # it would need an image of its own
                     raise ValueError("a continuation may not hold <image> before its last token")
     attention_mask = prompt_mask(model, input_ids, attention_mask, "score_batch")
+    model.check_left_padding(attention_mask, "score_batch with left-padded contexts")
     context_len = attention_mask.sum(dim=1)  # (B,)
     limit = lm_max_positions(model.lm)
     if limit is not None:

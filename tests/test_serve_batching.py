@@ -17,7 +17,16 @@ from flamingo.model.prefill import Prefill
 from flamingo.serve.app import ServeSettings
 from flamingo.tiny import random_image
 
-from serve_helpers import SHARP, SHOT, data_url, engine_for, greedy_alone, running_server, save_tiny_model
+from serve_helpers import (
+    SHARP,
+    SHOT,
+    data_url,
+    engine_for,
+    greedy_alone,
+    running_server,
+    save_tiny_model,
+    submit_job,
+)
 
 PROMPTS = [
     ("Question: what is this? Short answer:", []),
@@ -335,6 +344,32 @@ def test_a_request_cancelled_behind_another_in_the_queue_leaves_the_others_serve
         engine.stop(0.0)
     assert events["first"][-1] == "done" and events["after"][-1] == "done"
     assert "error" not in events["gone"]
+
+
+@pytest.mark.parametrize("answer, stop", [("café au lait", "café"), ("I ate 中文 ok", " 中文")])
+def test_a_stop_string_ending_in_a_split_character_sends_none_of_it(model_dir, monkeypatch, one_thread, answer, stop):
+    """The hold-back before a possible stop string counted the U+FFFD of a character still being decoded as one of
+    its characters, so one character of the stop went out ("c" of "café")."""
+    import flamingo.serve.engine as engine_module
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=2)
+    tok = engine.processor.tokenizer
+    script = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+
+    def scripted(logits, params, generators, suppress, generated=None, constraints=None):
+        return torch.tensor([script[len(g)] for g in generated] if generated else [script[0]] * logits.shape[0])
+
+    monkeypatch.setattr(engine_module, "pick_tokens", scripted)
+    engine.start()
+    try:
+        wait = submit_job(engine, "Q:", [], SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,)))
+        _, events = wait()
+    finally:
+        engine.stop(0.0)
+    sent = "".join(e.text for e in events if e.kind == "delta")
+    assert sent == answer[:answer.index(stop)]
+    assert next(e.finish_reason for e in events if e.kind == "finish") == "stop"
 
 
 def test_a_failure_while_a_prompt_joins_fails_its_request(model_dir, monkeypatch, one_thread):

@@ -39,7 +39,11 @@ def _streamed(processor, ids: list[int], whole=None) -> str:
 
 
 def _whole(tokenizer):
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+    """The whole decode of an answer's ids in the middle of a text (after a newline token): a SentencePiece
+    decoder's leading-space strip applies to the newline, not to the answer's first word."""
+    anchor = tokenizer.encode("\n", add_special_tokens=False)[-1:]
+    lead = len(tokenizer.decode(anchor, skip_special_tokens=False))
+    return lambda ids: tokenizer.decode(anchor + list(ids), skip_special_tokens=False)[lead:]
 
 
 @pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
@@ -51,7 +55,7 @@ def test_every_steps_text_is_the_whole_decode(make, text):
     tokenizer = make()
     ids = tokenizer.encode(text, add_special_tokens=False)
     every_step = _whole(tokenizer) if make is tiny_tokenizer else None
-    assert _streamed(_Plain(tokenizer), ids, every_step) == tokenizer.decode(ids, skip_special_tokens=False)
+    assert _streamed(_Plain(tokenizer), ids, every_step) == _whole(tokenizer)(ids)
 
 
 def test_random_ids_of_a_byte_level_tokenizer_decode_as_the_whole():
@@ -81,6 +85,15 @@ def test_a_byte_fallback_answer_ending_mid_character_keeps_its_whole_characters(
     ids = tokenizer.encode("a中", add_special_tokens=False) + tokenizer.encode("文", add_special_tokens=False)[1:3]
     assert tokenizer.decode(ids[1:], skip_special_tokens=False) == "\ufffd" * 5
     assert _streamed(_Plain(tokenizer), ids[1:]) == "中\ufffd\ufffd"
+
+
+def test_an_answers_first_word_keeps_the_space_a_sentencepiece_decoder_strips_at_a_texts_start():
+    """`▁a b` decodes alone as "a b": a completion continues its prompt ("Q: x" + " a b"), and the logprobs spell
+    its first token " a"; the answer's text keeps the space."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer.encode("a b", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "a b"
+    assert _streamed(_Plain(tokenizer), ids) == " a b"
 
 
 def test_control_tokens_are_left_out_and_references_kept():

@@ -22,15 +22,19 @@ REPLACEMENT = "\ufffd"  # what decoding writes for a truncated UTF-8 sequence
 
 
 class IncrementalText:
-    """The text of an answer's tokens so far (`text`): what the whole `processor.decode(tokens)` writes (tested),
-    its last characters possibly U+FFFD for a character still incomplete; after `flush`, final."""
+    """The text of an answer's tokens so far (`text`): what the whole `processor.decode(tokens)` writes (tested), with
+    the space a SentencePiece decoder strips from a text's first word kept; its last characters possibly U+FFFD for
+    a character still incomplete; after `flush`, final."""
 
     def __init__(self, processor: Any) -> None:
         self._decode = processor.decode
         self._hidden = processor.hidden_ids
-        self._ids: list[int] = []  # the answer's shown tokens
+        # the answer's shown tokens after one context token (a newline's), so that its first token reads as in the
+        # middle of a text: a SentencePiece decoder strips the leading space of a text's first word ("▁a" -> "a"),
+        # and a completion continues its prompt (" a" after "Q: x"); serve/logprobs.py spells tokens the same way
+        self._ids: list[int] = processor.tokenizer.encode("\n", add_special_tokens=False)[-1:]
         self._start = 0  # the window's first token: context for the tokens after `_read`
-        self._read = 0  # the tokens before it have their text in `_settled`
+        self._read = len(self._ids)  # the tokens before it have their text in `_settled`
         self._settled = ""
         self.text = ""  # `_settled` and the text of the tokens after `_read`
 

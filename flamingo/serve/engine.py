@@ -486,8 +486,9 @@ class Engine:
         if cut >= 0:
             text, reason = text[:cut], "stop"
         end = len(text)
-        if reason is None:  # hold back what may still become a stop string or a whole character
-            end -= max((len(s) - 1 for s in params.stop), default=0)
+        if reason is None:  # hold back what may still become a stop string or a whole character (the U+FFFDs of
+            # a character still being decoded are not characters of a stop string: counted, one too many went out)
+            end = len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in params.stop), default=0)
             while end > choice.sent and text[end - 1] == "\ufffd":
                 end -= 1
         # one delta per token, empty while text is held back: streams show when each token came

@@ -165,6 +165,12 @@ MALFORMED = {
         lambda d: _dense(d, gt_relevance=[1.0, 0.0]),
         "2 gt_relevance scores, but its round 2 has 5 answer options",
     ),
+    "visdial relevance not a list": (
+        "visdial",
+        make_visdial,
+        lambda d: _dense(d, gt_relevance="10000"),
+        "gt_relevance must be a list of numbers, got '10000'",
+    ),
     "videoqa file an object": (
         "videoqa",
         make_videoqa,

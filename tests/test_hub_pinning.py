@@ -301,3 +301,22 @@ def test_a_resumed_training_run_reads_its_backbones_at_the_commits_it_started_on
     resumed = Trainer(load_config(path))
     assert resumed.step == 1 and resumed.model.config.lm_revision == A
     assert (resumed.model.config.vision_revision, resumed.model.config.lm_revision) == (A, A)
+
+
+def test_a_resumed_run_keeps_its_commits_over_a_branch_its_config_names(cache, world, tmp_path):
+    """model.flamingo.lm_revision: main is read at its commit when the run starts; resumed after main moved, the run
+    keeps training on that commit (the branch is not looked up again)."""
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    from train_fixtures import train_config
+
+    _, _, _, data = world
+    path = train_config(str(tmp_path), CLIP, LLAMA, data, steps=2, out=str(tmp_path / "run"), interleaved=False)
+    trainer = Trainer(load_config(path, ["model.flamingo.lm_revision=main"]))
+    assert trainer.model.config.lm_revision == A
+    trainer.train_step()
+    trainer.save()
+    _move_main(cache, LLAMA, B)
+    resumed = Trainer(load_config(path, ["model.flamingo.lm_revision=main"]))
+    assert resumed.step == 1 and resumed.model.config.lm_revision == A

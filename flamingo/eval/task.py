@@ -178,7 +178,7 @@ def _existing(path: Path) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    with open(_existing(path)) as f:
+    with open(_existing(path), encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -187,7 +187,7 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with open(_existing(path)) as f:
+    with open(_existing(path), encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:

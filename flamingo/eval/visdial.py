@@ -95,7 +95,11 @@ class VisDialTask(Task):
                                                            "test_dense_annotations.json")
         if dense_path is not None:
             for entry in read_json(dense_path):  # round_id counts from 1, as VisDial's evaluation reads it
-                dense[int(entry["image_id"])] = (int(entry["round_id"]) - 1, [float(r) for r in entry["gt_relevance"]])
+                relevance = entry["gt_relevance"]
+                if not isinstance(relevance, list) or not all(isinstance(r, (int, float)) for r in relevance):
+                    raise ValueError(f"{str(dense_path)!r}: image_id {entry.get('image_id')!r}: gt_relevance must be "
+                                     f"a list of numbers, got {relevance!r:.80}")
+                dense[int(entry["image_id"])] = (int(entry["round_id"]) - 1, [float(r) for r in relevance])
         images = _images_by_id(root)
         samples = []
         for d, dialog in enumerate(data["dialogs"]):

@@ -104,7 +104,7 @@ def run_revisions(output_dir: str) -> dict[str, str]:
     """The Hub commits the run in `output_dir` read its backbones at (its latest checkpoint's state.json), so that a
     resumed run trains on the weights it started on after their repositories move on; {} for a new run, local
     backbones, or checkpoints written before state.json held them."""
-    path = latest_checkpoint(output_dir)
+    path = latest_checkpoint(output_dir) if output_dir else None
     if path is None:
         return {}
     with open(os.path.join(path, "state.json")) as f:
@@ -137,7 +137,8 @@ def build_model(config: TrainConfig, revisions: Optional[dict[str, str]] = None
         raise ValueError("model.vision and model.lm (or model.init_from) are required")
     pinned = {k: v for k, v in (revisions or {}).items()  # a backbone now given by a local path has no revisions
               if is_hub_reference(str(m.vision if k == "vision_revision" else m.lm))}
-    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**{**pinned, **m.flamingo}))
+    # the commits the run trained on win over a branch or tag model.flamingo names, which may have moved since
+    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**{**m.flamingo, **pinned}))
 
 
 def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:

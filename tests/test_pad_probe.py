@@ -4,25 +4,12 @@ recurrence over the padding (RecurrentGemma) are refused by generate and score_b
 LMs pass, batch as one by one, and pay for the probe once. Tiny random configs; an architecture the installed
 transformers lacks is skipped."""
 
-from typing import Any
-
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from test_arch_checks import SMALL, flamingo_on
 
-from flamingo.build import from_backbones
-from flamingo.tiny import (
-    random_image,
-    set_gates,
-    tiny_flamingo_config,
-    tiny_image_processor,
-    tiny_tokenizer,
-    tiny_vision,
-)
+from flamingo.tiny import random_image
 
-SMALL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8
-)
 LEAKY_PADDERS = {  # RWKV ignores the mask; RecurrentGemma's recurrent blocks run over the padding
     "rwkv": dict(
         hidden_size=32, num_hidden_layers=4, attention_hidden_size=32, intermediate_size=64, context_length=64
@@ -30,26 +17,6 @@ LEAKY_PADDERS = {  # RWKV ignores the mask; RecurrentGemma's recurrent blocks ru
     "recurrent_gemma": dict(SMALL, lru_width=32, block_types=["recurrent", "attention"], attention_window_size=8),
 }
 PROMPTS = ["<image>A photo of two", "<image>Hi"]
-
-
-def flamingo_on(model_type: str, **config: Any) -> tuple:
-    """A tiny Flamingo (CLIP tower, gates 0.5) on a random LM of `model_type`, or a skip where this transformers
-    cannot build it."""
-    tok = tiny_tokenizer()
-    try:
-        cfg = AutoConfig.for_model(
-            model_type, vocab_size=len(tok), bos_token_id=0, eos_token_id=0, pad_token_id=None, **config
-        )
-        torch.manual_seed(0)
-        lm = AutoModelForCausalLM.from_config(cfg).eval()
-    except (KeyError, ValueError, ImportError) as e:  # unknown model type, or its kernels missing
-        pytest.skip(f"transformers cannot build a tiny {model_type}: {e}")
-    torch.manual_seed(1)
-    model, processor = from_backbones(
-        tiny_vision("clip"), lm, tok, tiny_flamingo_config(), image_processor=tiny_image_processor("clip")
-    )
-    set_gates(model, 0.5)
-    return model.eval(), processor
 
 
 def padded_batch(processor) -> dict:

@@ -22,7 +22,8 @@ torch.utils.flop_counter.FlopCounterMode's count of one forward and backward (te
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -59,16 +60,40 @@ def xattn_kv_parameters(xattn: nn.Module) -> int:
                if hasattr(m, "project_media") and isinstance(getattr(m, "to_kv", None), nn.Linear))
 
 
-def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int) -> float:
-    """FLOPs of one training pass over T text tokens and M media of F frames of S patches (the formula above)."""
-    p_vision, p_xattn, p_xattn_kv = count(model.vision), count(model.xattn), xattn_kv_parameters(model.xattn)
-    p_lm, p_lm_trained = lm_matmul_parameters(model.lm), lm_matmul_parameters(model.lm, trained=True)
+@dataclass(frozen=True)
+class FlopCounts:
+    """The parameter counts the formula multiplies, taken once per model (`flop_counts`): they do not change while it
+    trains, and walking every parameter at every micro-batch would cost the step milliseconds."""
+
+    vision: int
+    vision_trained: bool
+    lm: int  # matmul weights (`lm_matmul_parameters`)
+    lm_trained: int  # of those, the ones that train (a trained LM's, LoRA adapters')
+    xattn: int
+    xattn_kv: int
+    resampler_kv: int
+    resampler_rest: int
+    latents: int  # R
+
+
+def flop_counts(model: nn.Module) -> FlopCounts:
     p_kv, p_rest = resampler_matmul_parameters(model.resampler)
-    features, latents = media * frames * patches, media * model.config.num_latents
-    vision = (2 if model.config.freeze_vision else 6) * p_vision * features
-    lm = (4 * p_lm + 2 * p_lm_trained) * text_tokens
-    resampler = 6 * p_kv * (features + latents) + 6 * p_rest * latents
-    xattn = 6 * (p_xattn - p_xattn_kv) * text_tokens + 6 * p_xattn_kv * latents
+    return FlopCounts(vision=count(model.vision), vision_trained=not model.config.freeze_vision,
+                      lm=lm_matmul_parameters(model.lm), lm_trained=lm_matmul_parameters(model.lm, trained=True),
+                      xattn=count(model.xattn), xattn_kv=xattn_kv_parameters(model.xattn), resampler_kv=p_kv,
+                      resampler_rest=p_rest, latents=model.config.num_latents)
+
+
+def flops_per_sample(model: nn.Module, text_tokens: int, media: int, frames: int, patches: int,
+                     counts: Optional[FlopCounts] = None) -> float:
+    """FLOPs of one training pass over T text tokens and M media of F frames of S patches (the formula above);
+    counts: `flop_counts(model)`, taken once by a caller that asks every step."""
+    c = counts or flop_counts(model)
+    features, latents = media * frames * patches, media * c.latents
+    vision = (6 if c.vision_trained else 2) * c.vision * features
+    lm = (4 * c.lm + 2 * c.lm_trained) * text_tokens
+    resampler = 6 * c.resampler_kv * (features + latents) + 6 * c.resampler_rest * latents
+    xattn = 6 * (c.xattn - c.xattn_kv) * text_tokens + 6 * c.xattn_kv * latents
     return vision + lm + xattn + resampler
 
 
@@ -91,13 +116,13 @@ def batch_samples(batch: dict[str, Any]) -> int:
     return batch["input_ids"].shape[0] if docs is None else int((docs.amax(dim=1) + 1).sum())
 
 
-def flops_estimate(model: nn.Module, batch: dict[str, Any]) -> float:
+def flops_estimate(model: nn.Module, batch: dict[str, Any], counts: Optional[FlopCounts] = None) -> float:
     """FLOPs of one training pass of a Flamingo over `batch` (the formula above): every row's tokens (padding too: it
     is computed), but only the real media and frames (the model selects them; packed rows pad many media slots)."""
     b, t = batch["input_ids"].shape
     images = batch.get("images")
     if images is None:
-        return b * flops_per_sample(model, t, 0, 0, 0)
+        return b * flops_per_sample(model, t, 0, 0, 0, counts)
     _, n, f, _, h, w = images.shape
     media, frames = b * n, b * n * f
     if batch.get("num_media") is not None:
@@ -106,4 +131,4 @@ def flops_estimate(model: nn.Module, batch: dict[str, Any]) -> float:
         frames = int(torch.as_tensor(batch["num_frames"]).cpu()[real].sum()) if batch.get("num_frames") is not None \
             else media * f
     patch = getattr(model.vision.config, "patch_size", 14)
-    return flops_per_sample(model, b * t, media, frames / max(media, 1), (h // patch) * (w // patch))
+    return flops_per_sample(model, b * t, media, frames / max(media, 1), (h // patch) * (w // patch), counts)

@@ -39,7 +39,7 @@ from ..runtime.hub import is_hub_reference, local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_in_backward, check_init_from, check_trainable_quantization
-from .flops import batch_samples, flops_estimate, peak_flops
+from .flops import FlopCounts, batch_samples, flop_counts, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
@@ -280,6 +280,7 @@ class Trainer:
             self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8))).to(self.device)  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step, self.resumed = 0, False  # `_resume` sets both from a checkpoint
+        self.flop_counts: Optional[FlopCounts] = None  # taken at the first step (flops.flop_counts)
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
         self.nonfinite_streak = torch.zeros((), dtype=torch.long, device=self.device)
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
@@ -460,7 +461,9 @@ class Trainer:
         for i, ((name, batch), share) in enumerate(zip(passes, shares)):
             samples += batch_samples(batch)
             batch = self._to_device(batch)
-            flops += flops_estimate(self.model, batch)
+            if self.flop_counts is None:  # the model as it trains (after LoRA, quantization, casts)
+                self.flop_counts = flop_counts(self.model)
+            flops += flops_estimate(self.model, batch, self.flop_counts)
             weight = self.weights[name] if t.mixture == "accumulate" else 1.0
             sync = i == len(passes) - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.wrapped.no_sync()), autocast:

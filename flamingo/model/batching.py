@@ -368,8 +368,7 @@ class DecodeBatch:
             mask = self._mask_for(ids, mask, positions)
         if self._compiles:  # one graph for every row count but 1 (torch specializes size-1 dimensions)
             masks = mask.values() if isinstance(mask, dict) else (mask,)  # Qwen2's, Gemma's: one per layer type
-            for t in (ids, *masks, positions, ctx.decode_index, ctx.decode_count,
-                      *(t for kv in ctx.decode_kv for t in (kv.k, kv.v))):
+            for t in (ids, *masks, positions, *ctx.decode_tensors()):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         shape = (min(run, 2), self._shape.window, bool(ctx.decode_kv))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -61,9 +61,10 @@ class MediaContext:
     # without recompiling.
     decode_index: Optional[torch.Tensor] = None
     decode_count: Optional[torch.Tensor] = None  # (rows, 1) images of each row's prompt, for DECODE with references
-    # DECODE in a continuous batch (model/batching.py): each block's K/V of the batch's rows, (rows, N, R, h, d);
-    # [] when no row has an image. Not keyed by the row count as `media_kv` is, so that a compiled step whose row
-    # count is dynamic does not specialize on it.
+    # DECODE: each block's K/V of the rows, (rows, N, R, h, d) (or the last image's, (rows, 1, R, h, d)), listed by
+    # generate's switch to DECODE or by the server's batch (model/batching.py); [] or None entries where no row has
+    # an image. Not keyed by the row count as `media_kv` is, so that a compiled step whose row count is dynamic does
+    # not specialize on it.
     decode_kv: Optional[list[MediaKV]] = None
     # (rows,) SCORE: the context each candidate row belongs to (any number of candidates per context)
     row_samples: Optional[torch.Tensor] = None
@@ -77,6 +78,11 @@ class MediaContext:
     # last hidden states (B, T, D), is kept here for the loss
     defer_head: bool = False
     head_input: Optional[torch.Tensor] = None
+
+    def decode_tensors(self) -> Iterator[torch.Tensor]:
+        """The DECODE tensors whose first dimension is the rows: what a compiled decode step marks dynamic."""
+        kv = (t for entry in self.decode_kv or () if entry is not None for t in (entry.k, entry.v))
+        yield from (t for t in (self.decode_index, self.decode_count, *kv) if t is not None)
 
     def for_candidates(self, rows: torch.Tensor) -> MediaContext:
         """The SCORE context of candidate rows `rows (C,)` (each the index of its context in this FORWARD context's

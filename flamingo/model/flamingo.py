@@ -320,8 +320,8 @@ class Flamingo(nn.Module):
         skip = self.config.imageless_rows_skip_blocks
         if ctx.phase is Phase.DECODE:  # reads only tensors made in PREFILL: a compiled decode step does not depend
             # on (or, keeping only the last image, recompile for) the prompt's number of images
-            kv = ctx.media_kv.get(("all" if self.decodes_all_images else "last", block_idx, hidden.shape[0])) \
-                if ctx.decode_kv is None else (ctx.decode_kv[block_idx] if ctx.decode_kv else None)
+            # each block's K/V by index (`decode_kv`: listed by generate's switch to DECODE, or by the server's batch)
+            kv = ctx.decode_kv[block_idx] if ctx.decode_kv else None
             rows_index = None if ctx.decode_index is None else \
                 ctx.decode_index.expand(hidden.shape[0], hidden.shape[1])  # (rows, T); -1: skips the block
             index = None if kv is None else rows_index.clamp(min=0) if skip else rows_index

@@ -297,10 +297,8 @@ class EnterDecode(LogitsProcessor):
             ctx.decode_kv = [ctx.media_kv.get((self.kind, i, rows)) for i in range(self.blocks)]
             # the row count is dynamic in a compiled step (automatic dynamic shapes do not reach these: the step
             # reads them through the hooks' module, whose tensors dynamo specializes)
-            for t in (ctx.decode_index, ctx.decode_count, *(x for kv in ctx.decode_kv if kv is not None
-                                                             for x in (kv.k, kv.v))):
-                if t is not None:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            for t in ctx.decode_tensors():
+                torch._dynamo.maybe_mark_dynamic(t, 0)
             ctx.phase = Phase.DECODE
         return scores
 

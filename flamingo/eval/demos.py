@@ -166,7 +166,6 @@ def rices_demos(selector: DemoSelector, samples: Sequence[Sample], indices: Sequ
     together, one `select_rices` (one feature batch, one similarity matmul) per number of demos: `shots`, or at 0
     shots the zero-shot text demos (`prompt_demos`'s, the same per query). Empty where nothing is retrieved: random
     demos, zero-shot "none"; episodes (`demo_ids`) are left to `prompt_demos`."""
-    check_zero_shot(zero_shot)
     if selector.method != "rices" or (shots == 0 and zero_shot == "none"):
         return {}
     by_k: dict[int, list[int]] = {}  # demos asked -> queries asking them

@@ -26,19 +26,22 @@ class MediaLoader:
         self.cache = TensorCache(max_bytes)
         self.failed: dict[str, str] = {}  # path -> why it cannot be read (missing, undecodable, truncated)
 
-    def __call__(self, path: str) -> torch.Tensor:
+    def __call__(self, path: str, keep: bool = True) -> torch.Tensor:
+        """keep: store it for later prompts (False for a pass over every train image, RICES's features, which would
+        evict the demo media the prompts reuse)."""
         tensor = self.cache.get(path)
         if tensor is None:
             tensor = self.processor.preprocess_media(path)
-            self.cache.put(path, tensor)
+            if keep:
+                self.cache.put(path, tensor)
         return tensor
 
-    def try_load(self, path: str) -> Optional[torch.Tensor]:
-        """`self(path)`, or None when the file cannot be read (why: `failed[path]`; each file is tried once)."""
+    def try_load(self, path: str, keep: bool = True) -> Optional[torch.Tensor]:
+        """`self(path, keep)`, or None when the file cannot be read (why: `failed[path]`; each file is tried once)."""
         if path in self.failed:
             return None
         try:
-            return self(path)
+            return self(path, keep)
         except ValueError as e:  # the processor's error for a missing, undecodable or truncated file
             self.failed[path] = str(e)
             return None

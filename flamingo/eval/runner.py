@@ -30,6 +30,7 @@ from .demos import (
     DemoSelector,
     QuerySet,
     check_query_set,
+    check_zero_shot,
     effective_query_set,
     prompt_demos,
     rices_demos,
@@ -94,6 +95,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
     that needs more positions than `processor.max_length` (its prompt plus the longest candidate, or plus the new
     tokens), or whose prompt holds an image or video that cannot be read, is not run: its record holds `skipped`
     (why) and `skip_reason` (one of SKIP_REASONS) instead of a prediction, and `evaluate` counts it."""
+    check_zero_shot(zero_shot)
     loader = loader or MediaLoader(processor)
     n = len(samples)
     mine = shard(n)
@@ -196,6 +198,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_query_set(query_set)
+    check_zero_shot(zero_shot)  # before the model's first query
     for key in ("max_new_tokens", "num_beams"):
         if key in (generation or {}) and int(generation[key]) < 1:
             raise ValueError(f"generation's {key} must be >= 1, got {generation[key]}")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..runtime import status_kib
+from ..runtime.checkpoint_io import atomic_file
 from ..runtime.json_values import json_safe
 
 if TYPE_CHECKING:  # annotations only
@@ -148,10 +149,8 @@ def drop_records_after(path: str, step: int) -> int:
     keep = [line for line in lines if kept(line)]
     if len(keep) == len(lines) and (not lines or lines[-1].endswith("\n")):
         return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
-    os.replace(tmp, path)
     return len(lines) - len(keep)
 
 

@@ -1,4 +1,4 @@
-"""An answer's text as its tokens come, at a cost per token that does not grow with the answer.
+"""An answer's text as its tokens come, decoded at a cost per token that does not grow with the answer.
 
 Decoding the whole continuation at every step costs O(n) per token, O(n^2) per answer, per row and on the engine's
 thread, between decode steps. `IncrementalText` decodes a short window instead, as vLLM's and TGI's detokenizers do:

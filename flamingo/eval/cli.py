@@ -13,6 +13,7 @@ from ..runtime.quiet import quiet_transformers
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
 from .extras import check_requirements
+from .task import RANK_BY
 from .tasks import TASKS
 
 
@@ -85,6 +86,10 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         'and captioning as OpenFlamingo, else "")')
     p.add_argument("--answer-prefix", default=None,
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
+    p.add_argument("--rank-by", choices=RANK_BY, default=None,
+                   help="ranked tasks: a candidate's score is its continuation's summed log-likelihood (sum, the "
+                        "default) or the mean over the candidate's own tokens (mean: OpenFlamingo's ImageNet and "
+                        "HatefulMemes ranking, docs/eval.md)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None,
@@ -144,7 +149,7 @@ def run_eval(args: argparse.Namespace) -> int:
                            template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                            progress=not args.no_progress, generation=generation or None,
                            cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
-                           chat=args.chat, demo_separator=args.demo_separator)
+                           chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by)
         if rank() == 0:
             print(markdown_table(results))
             print(json.dumps({"task": results["task"], "out": args.out,

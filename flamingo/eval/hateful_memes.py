@@ -30,8 +30,9 @@ class HatefulMemesTask(Task):
     metrics = ("roc_auc", "accuracy")
     requires = ("sklearn",)
 
-    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
-        super().__init__(template, answer_prefix)
+    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None,
+                 rank_by: Optional[str] = None) -> None:
+        super().__init__(template, answer_prefix, rank_by)
         self.classes = ["yes", "no"]
 
     def load(self, data_dir: str, split: str) -> list[Sample]:

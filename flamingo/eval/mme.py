@@ -92,8 +92,9 @@ class MMETask(Task):
     kind = "rank"
     metrics = ("total", "perception", "cognition", "accuracy", "accuracy_plus")
 
-    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
-        super().__init__(template, answer_prefix)
+    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None,
+                 rank_by: Optional[str] = None) -> None:
+        super().__init__(template, answer_prefix, rank_by)
         self.classes = ["yes", "no"]
 
     def load(self, data_dir: str, split: str) -> list[Sample]:

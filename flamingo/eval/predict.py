@@ -143,4 +143,5 @@ def rank_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader,
     continuations = [continuation_ids_of(processor, task, c, text) for c, (text, _) in zip(candidates, prompts)]
     scores = model.score_batch(inputs.pop("input_ids"), continuations, batch_size=batch_size,
                                vision_cache=vision_cache, **inputs)  # B x (C_b,)
-    return [task.from_scores(sample, cands, s.tolist()) for sample, cands, s in zip(samples, candidates, scores)]
+    return [task.from_scores(sample, cands, task.candidate_scores(s.tolist(), conts))
+            for sample, cands, s, conts in zip(samples, candidates, scores, continuations)]

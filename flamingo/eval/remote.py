@@ -92,7 +92,11 @@ class RemoteModel:
         """Each candidate's summed log-probability after its prompt -> the task's records, as `predict.rank_batch`."""
         candidates = [task.candidates_for(sample) for sample in samples]
         scores = self.score_batch(processor, load, task, prompts, candidates)
-        return [task.from_scores(sample, cands, s) for sample, cands, s in zip(samples, candidates, scores)]
+        records = []
+        for sample, cands, summed, (text, _) in zip(samples, candidates, scores, prompts):
+            continuations = continuation_ids_of(processor, task, cands, text)  # cached by `score_batch`'s call
+            records.append(task.from_scores(sample, cands, task.candidate_scores(summed, continuations)))
+        return records
 
     def score_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                     prompts: Sequence[tuple[str, list[str]]], candidates: Sequence[Sequence[str]]

@@ -149,7 +149,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
              vision_cache_mb: Optional[float] = None, chat: bool = False,
-             demo_separator: Optional[str] = None) -> dict[str, Any]:
+             demo_separator: Optional[str] = None, rank_by: Optional[str] = None) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
@@ -167,6 +167,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     conversation in the model's chat format (its processor's template; `Task.use_chat`), for instruction-tuned models.
     demo_separator: the text after each demo of a template prompt (None: the task's, "\\n" for VQA and captioning as
     OpenFlamingo, else ""; `Task.demo_separator`); not with `chat`, whose format separates the turns.
+    rank_by: how a ranked task scores a candidate: "sum" (its continuation's summed log-likelihood) or "mean" (the
+    mean over the candidate's own tokens, OpenFlamingo's ImageNet and HatefulMemes ranking); None: the task's.
     model_name: what the results call the model (default: the directory it was loaded from, `model.name_or_path`,
     else its LM's name; a server's URL).
     Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0),
@@ -178,10 +180,10 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     init_process_group_from_env()
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer,
-                        demo_separator=demo_separator)
-    elif template is not None or answer_prefix is not None or demo_separator is not None:
-        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` only with a task name (a Task instance "
-                         "has its own)")
+                        demo_separator=demo_separator, rank_by=rank_by)
+    elif template is not None or answer_prefix is not None or demo_separator is not None or rank_by is not None:
+        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` only with a task name (a "
+                         "Task instance has its own)")
     check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
     if chat and demo_separator is not None:
         raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
@@ -288,6 +290,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                      "demo_separator": task.demo_separator if task.chat is None else None,
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
                      "world_size": world_size(), "kind": task.kind,
+                     "rank_by": task.rank_by if task.kind == "rank" else None,
                      "generation": task.generation_settings(generation) if task.kind == "generate" else None},
         "runs": runs,
         "summary": summarize(runs),

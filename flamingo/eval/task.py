@@ -12,6 +12,10 @@ Templates (and the prefix) can be overridden (`Task(template=..., answer_prefix=
 as OpenFlamingo's evaluate.py writes them (`...<|endofchunk|>\\n<image>...`), "" for the others (HatefulMemes too, as
 OpenFlamingo); `get_task(..., demo_separator=...)` overrides it.
 
+Ranked candidates are ordered by their continuation's summed log-likelihood (`rank_by="sum"`, the default), or by
+the mean log-likelihood of the candidate's own tokens, `answer_prefix + name` without the template's rest
+(`rank_by="mean"`: OpenFlamingo's evaluate.py ranks ImageNet and HatefulMemes so, `normalize_length=True`).
+
 Chat prompts (`task.chat`, a format of flamingo/chat.py: `flamingo eval --chat`): each demo is a user turn (its
 query, the template up to `{answer}`, media in place) and an assistant turn (its answer), the query a last user turn,
 all written in the model's chat format (Otter's `User: ... GPT:<answer>`, IDEFICS's `User:` / `Assistant:`), as the
@@ -32,6 +36,7 @@ from ..config import MEDIA_TOKEN
 if TYPE_CHECKING:
     from ..runtime.lru import LRU
 
+RANK_BY = ("sum", "mean")  # how a ranked candidate's token log-likelihoods become its score (`Task.rank_by`)
 CONTINUATIONS_KEPT = 1 << 16  # (query, candidate) token ids a task keeps (`Task.continuation_ids`)
 
 
@@ -67,16 +72,21 @@ class Task:
     # 1.0 would favour longer answers and captions): OpenFlamingo's evaluate.py passes 0.0 for VQA and captioning
     length_penalty: float = 0.0
     demo_separator: str = ""  # written after each demo's prompt (before the next demo or the query)
+    rank_by: str = "sum"  # ranked tasks: "sum" or "mean" (RANK_BY; the module's docstring)
     image_references: bool = False  # prompts declare their images (`Image 0 is <image0>`, flamingo/references.py)
     # third-party modules its metric or media need, checked before the model loads (eval/extras.py)
     requires: tuple[str, ...] = ()
 
-    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None) -> None:
+    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None,
+                 rank_by: Optional[str] = None) -> None:
         self.template = template or type(self).template
         self.answer_prefix = type(self).answer_prefix if answer_prefix is None else answer_prefix
         names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
         if names.count("answer") != 1:
             raise ValueError(f"a {self.name} template needs exactly one {{answer}} field: {self.template!r}")
+        self.rank_by = type(self).rank_by if rank_by is None else rank_by
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         self.suffix = self.template[self.template.index("{answer}") + len("{answer}"):]
         if "{" in self.suffix or "}" in self.suffix:
             raise ValueError(f"nothing after {{answer}} may be a field: {self.template!r}")
@@ -139,10 +149,19 @@ class Task:
 
     def continuation(self, candidate: str) -> str:
         """Ranked tasks: the text scored after the query for one candidate answer (in chat prompts: the assistant's
-        answer and end marker, after the lead the prompt already ends with)."""
+        answer and end marker, after the lead the prompt already ends with). With `rank_by="mean"` only the
+        candidate's own text is scored: without the template's rest (or the chat format's end marker)."""
         if self.chat is None:
-            return self.answer_prefix + candidate + self.suffix
-        return "".join(self.chat.answer(candidate, before="?" + self.chat.answer_prefix()))  # after a query's word
+            return self.answer_prefix + candidate + (self.suffix if self.rank_by == "sum" else "")
+        gap, answer, end = self.chat.answer(candidate, before="?" + self.chat.answer_prefix())  # after a query's word
+        return gap + answer + (end if self.rank_by == "sum" else "")
+
+    def candidate_scores(self, summed: Sequence[float], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Ranked tasks: each candidate's summed log-likelihood over its continuation's token ids -> its score
+        (`rank_by`: the sum, or the mean per token)."""
+        if self.rank_by == "sum":
+            return [float(s) for s in summed]
+        return [float(s) / max(len(ids), 1) for s, ids in zip(summed, continuations)]
 
     def candidates_for(self, sample: Sample) -> list[str]:
         candidates = sample.candidates or self.classes
@@ -161,7 +180,7 @@ class Task:
         return first_line(text)
 
     def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
-        """Ranked tasks: candidates' summed log-likelihoods -> a prediction record (top-5 names, best first)."""
+        """Ranked tasks: candidates' scores (`candidate_scores`) -> a prediction record (top-5 names, best first)."""
         order = sorted(range(len(candidates)), key=lambda i: -scores[i])
         return {"prediction": candidates[order[0]], "top5": [candidates[i] for i in order[:5]]}
 

@@ -594,3 +594,39 @@ def test_rices_zero_shot_text_demos_are_found_for_the_shard_at_once(model_and_pr
     runner.predict(model, processor, task, samples, selector, 0, zero_shot="none", batch_size=5, loader=loader,
                    progress=False, generation=generation)
     assert sizes == [5]  # zero-shot "none": no demo, nothing retrieved
+
+
+def test_trials_whose_prompts_do_not_depend_on_the_seed_are_predicted_once(model_and_processor, tmp_path,
+                                                                           monkeypatch):
+    """RICES over the whole train split (the same demos every trial) and 0 shots without demos give every trial the
+    prompts of trial 0: its predictions are reused (`repeats_trial` in the run), not recomputed. Random demos, and
+    RICES over a query set drawn per trial, are predicted per trial."""
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "data")
+    calls, predict = [], runner.predict
+    monkeypatch.setattr(runner, "predict", lambda *a, **k: calls.append((a[5], k["description"])) or predict(*a, **k))
+    quick = dict(trials=3, num_samples=3, progress=False, generation={"max_new_tokens": 2, "num_beams": 1})
+    cases = (("rices", None, "text", [0, 2], 2), ("rices", 2, "text", [2], 3), ("random", "all", "text", [2], 3),
+             ("random", "all", "none", [0], 1))
+    for demos, query_set, zero_shot, shots, predicted in cases:
+        calls.clear()
+        out = tmp_path / f"{demos}{query_set}{zero_shot}"
+        results = evaluate(model, processor, "vqa", str(data), demos=demos, query_set=query_set, shots=shots,
+                           zero_shot=zero_shot, out_dir=str(out), **quick)
+        assert len(calls) == predicted, (demos, query_set, calls)
+        repeated = [r for r in results["runs"] if "repeats_trial" in r]
+        assert len(repeated) == 3 * len(shots) - predicted
+        for run in repeated:
+            first = next(r for r in results["runs"] if r["shots"] == run["shots"] and r["trial"] == 0)
+            assert run["metrics"] == first["metrics"] and run["repeats_trial"] == 0 and run["seed"] == run["trial"]
+            files = [(out / "predictions" / f"vqa_{run['shots']}shot_trial{t}.jsonl").read_text()
+                     for t in (0, run["trial"])]
+            assert files[0] == files[1]
+    # recomputing agrees: RICES trial 1 predicted anew equals the reused one
+    calls.clear()
+    monkeypatch.setattr(runner, "seeded_prompts", lambda *a: True)
+    again = evaluate(model, processor, "vqa", str(data), demos="rices", shots=[2], out_dir=str(tmp_path / "again"),
+                     **quick)
+    assert len(calls) == 3 and len({json.dumps(r["metrics"]) for r in again["runs"]}) == 1
+    assert (tmp_path / "again" / "predictions" / "vqa_2shot_trial2.jsonl").read_text() == \
+        (tmp_path / "ricesNonetext" / "predictions" / "vqa_2shot_trial2.jsonl").read_text()

@@ -59,6 +59,18 @@ def effective_query_set(method: str, query_set: QuerySet, pool_size: int) -> int
     return min(RANDOM_QUERY_SET if query_set is None else int(query_set), pool_size)
 
 
+def seeded_prompts(method: str, query_set: QuerySet, pool_size: int, samples: Sequence[Sample], shots: int,
+                   zero_shot: str) -> bool:
+    """Whether a trial's `shots`-shot prompts depend on its seed: not when no query draws demos from a query set
+    (no demos at 0 shots with `zero_shot="none"`, or every query an episode), nor for RICES over the whole pool
+    (the nearest demos, the same every trial)."""
+    if shots == 0 and zero_shot == "none":
+        return False
+    if all(s.demo_ids is not None for s in samples):
+        return False
+    return not (method == "rices" and effective_query_set(method, query_set, pool_size) == pool_size)
+
+
 class DemoSelector:
     def __init__(self, pool: Sequence[Sample], method: str = "random", query_set_size: QuerySet = None,
                  seed: int = 0, features: Optional["FeatureCache"] = None) -> None:

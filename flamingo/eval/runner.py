@@ -34,6 +34,7 @@ from .demos import (
     effective_query_set,
     prompt_demos,
     rices_demos,
+    seeded_prompts,
 )
 from .distributed import all_gather, broadcast, rank, shard, world_size
 from .extras import check_requirements
@@ -268,10 +269,17 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         if needs_pool and pool and any(s.demo_ids is None for s in samples):
             selector.prepare()  # RICES: the ranks split the query set's features (all ranks, before any shard work)
         for k in shots:
-            records = predict(model, processor, task, samples, selector, k, zero_shot=zero_shot,
-                              batch_size=batch_size, loader=loader, progress=progress,
-                              description=f"{task.name} {k}-shot trial {trial}", generation=generation,
-                              vision_cache=vision_cache)
+            if trial > 0 and not seeded_prompts(demos, query_set, len(pool), samples, k, zero_shot) \
+                    and not (generation or {}).get("do_sample"):
+                # the same prompts as trial 0's, decoded deterministically: its predictions, not a recomputation
+                records = predictions[(k, 0)]
+                repeats = {"repeats_trial": 0}
+            else:
+                records = predict(model, processor, task, samples, selector, k, zero_shot=zero_shot,
+                                  batch_size=batch_size, loader=loader, progress=progress,
+                                  description=f"{task.name} {k}-shot trial {trial}", generation=generation,
+                                  vision_cache=vision_cache)
+                repeats = {}
             kept = [(sample, r) for sample, r in zip(samples, records) if "skipped" not in r]
             skipped_by = dict(sorted(Counter(r["skip_reason"] for r in records if "skipped" in r).items()))
             check_unreadable(records, data_dir)
@@ -280,7 +288,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             metrics = broadcast(metrics)
             extra = {"tokenizer": metrics.pop("tokenizer")} if "tokenizer" in metrics else {}
             runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
-                         "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra})
+                         "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra, **repeats})
             predictions[(k, trial)] = records
     results = {
         **base, "data": str(data_dir),

@@ -298,6 +298,20 @@ def test_mme_drops_a_byte_order_mark(tmp_path):
     assert questions == ["q0?", "q0 no?", "q1?", "q1 no?"]
 
 
+def test_json_and_jsonl_task_files_drop_a_byte_order_mark(tmp_path):
+    """A BOM (Notepad's, Excel's) before a JSONL or JSON task file is not data, as the training loaders read it."""
+    root = make_hateful_memes(tmp_path / "hm")
+    expected = [s.label for s in get_task("hateful_memes").load(str(root), "test")]
+    path = root / "dev_seen.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [s.label for s in get_task("hateful_memes").load(str(root), "test")] == expected
+    root = make_videoqa(tmp_path / "vq")
+    expected = [s.fields for s in get_task("videoqa").load(str(root), "test")]
+    path = root / "test_qa.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [s.fields for s in get_task("videoqa").load(str(root), "test")] == expected
+
+
 def test_well_formed_files_load_as_before(tmp_path):
     """Labels 0/1 as numbers or strings, `answers` lists, and a single `answer` still load."""
     root = make_hateful_memes(tmp_path / "hm")

@@ -367,7 +367,7 @@ def out_dir_problem(out_dir: Optional[str], task: str) -> Optional[str]:
     others = set()
     if os.path.exists(path):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 others.add(str(json.load(f)["task"]))
         except (OSError, ValueError, KeyError, TypeError):
             return f"{path!r} is not a results file of `flamingo eval`: remove it, or choose another out_dir"
@@ -468,12 +468,12 @@ def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], li
             old.unlink()
     (out / "results.png").unlink(missing_ok=True)  # `plot` writes none when every query was skipped
     for (k, trial), records in predictions.items():
-        with open(out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl", "w") as f:
+        with open(out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl", "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
-    with open(out / RESULTS_FILE, "w") as f:
+    with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
     try:
         pyplot()
     except ImportError:

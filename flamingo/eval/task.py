@@ -197,7 +197,8 @@ def _existing(path: Path) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    with open(_existing(path), encoding="utf-8") as f:
+    """A task file's JSON (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data)."""
+    with open(_existing(path), encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -206,7 +207,7 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with open(_existing(path), encoding="utf-8") as f:
+    with open(_existing(path), encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -28,6 +28,7 @@ from transformers.utils import cached_file
 
 from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
 from .references import reference_token, resolve_declarations
+from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import metadata_dir
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
@@ -718,6 +719,7 @@ class FlamingoProcessor:
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str) -> None:
+        check_named(directory, "the processor's directory")
         settings = {name: getattr(self, name) for name in PROCESSOR_SETTINGS}
         check_processor_settings(settings)  # a value set after __init__ is not written to fail elsewhere
         os.makedirs(directory, exist_ok=True)

@@ -236,6 +236,8 @@ def test_evaluate_refuses_an_out_path_that_is_a_file_before_any_query(model_and_
     try:
         with pytest.raises(ValueError, match="is a file, not a directory"):
             evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "taken"), **QUICK)
+        with pytest.raises(ValueError, match="names no directory"):  # `--out ""`: not the working directory
+            evaluate(model, processor, "vqa", str(data), out_dir="", **QUICK)
         with pytest.raises(ValueError, match="shots asked, but the query set holds 2 demos"):
             evaluate(model, processor, "vqa", str(data), **{**QUICK, "shots": [0, 8]}, query_set=2)
     finally:

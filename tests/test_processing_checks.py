@@ -55,6 +55,9 @@ def test_settings_no_model_runs_with_are_refused_when_made_and_when_saved(tmp_pa
     with pytest.raises(ValueError, match="video_fps must be a finite number > 0"):
         processor.save_pretrained(str(tmp_path / "p"))
     assert not (tmp_path / "p" / "flamingo_processor.json").exists()
+    for blank in ("", " "):  # names no directory (not the working directory)
+        with pytest.raises(ValueError, match="an empty path"):
+            tiny_processor().save_pretrained(blank)
 
 
 def test_a_null_max_length_is_the_tokenizers_limit_as_its_message_says(tmp_path):

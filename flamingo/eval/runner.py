@@ -359,6 +359,8 @@ def out_dir_problem(out_dir: Optional[str], task: str) -> Optional[str]:
     """Why `out_dir` cannot take `task`'s results (None: it can). A directory holds one task's evaluation: a re-run
     of that task replaces it (`write_results`), another task's results there (its results.json or prediction files)
     are refused rather than overwritten or mixed."""
+    if out_dir is not None and not os.fspath(out_dir).strip():
+        return f"out_dir {out_dir!r} names no directory (it would be the working directory): give a path"
     if out_dir is None or not os.path.exists(out_dir):
         return None
     if not os.path.isdir(out_dir):

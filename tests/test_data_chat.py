@@ -212,6 +212,40 @@ def test_a_tar_sample_lends_its_own_image_only_to_a_record_naming_one(tmp_path):
     assert [m.name.rsplit(":", 1)[1] for m in spec.example(records[2]).media] == ["s2.png"]
 
 
+def _inline(path, mime="image/png"):
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_inline_data_url_media_train_as_their_files_and_remote_urls_are_not_fetched(tmp_path):
+    """OpenAI's fine-tuning rows carry images as `data:` URLs: such a medium is the file it encodes, in a table and
+    in a packed shard (kept inline in the JSON); a malformed one is `bad_record`; an https URL is `missing_file`,
+    saying it is never fetched."""
+    processor = _processor("flamingo")
+    _write(tmp_path, [])
+    inline = json.loads(json.dumps(MESSAGES))
+    inline["messages"][0]["content"][0] = {"type": "image_url",
+                                           "image_url": {"url": _inline(tmp_path / "img" / "0.png")}}
+    (from_file,), (from_url,) = _encode(_write(tmp_path, [MESSAGES], "a.jsonl"), processor), \
+        _encode(_write(tmp_path, [inline], "b.jsonl"), processor)
+    assert from_url.input_ids == from_file.input_ids and from_url.labels == from_file.labels
+    assert torch.equal(from_url.media[0], from_file.media[0])
+    assert main(["data", "pack", "--from", _write(tmp_path, [inline], "c.jsonl"), "--kind", "chat",
+                 "--out", str(tmp_path / "packed")]) == 0
+    (record,) = read_records(str(tmp_path / "packed" / "shard-000000.tar"))
+    (packed,) = [DatasetSpec.create("chat", "chat", str(tmp_path / "packed"), 1, {}, processor).encode(record)]
+    assert packed.input_ids == from_file.input_ids and torch.equal(packed.media[0], from_file.media[0])
+    for url, reason, detail in (("data:image/png;base64,%%%", "bad_record", "base64 does not decode"),
+                                ("data:text/plain;base64,aGk=", "bad_record", "unsupported media type"),
+                                ("https://example.com/cat.png", "missing_file", "never the network")):
+        bad = json.loads(json.dumps(inline))
+        bad["messages"][0]["content"][0]["image_url"]["url"] = url
+        with pytest.raises(SkipSample, match=detail) as e:
+            _encode(_write(tmp_path, [bad], "bad.jsonl"), processor)
+        assert e.value.reason == reason
+
+
 def test_endofchunk_in_a_conversation_is_refused_in_every_format(tmp_path):
     """`<|endofchunk|>` in message text is Flamingo's marker: refused in IDEFICS's format too, whose tokenizer would
     train its characters."""

@@ -10,7 +10,9 @@ A record (a JSONL / JSON row, or a tar sample's `.json` with its image or video 
 Paths are relative to the table's directory; in a tar shard they name members (`flamingo data pack --kind chat`
 writes them so), and a medium whose path is no member (or that has none) is the sample's own image (or video) member
 (`{key}.jpg` beside `{key}.json`, the WebDataset layout of LLaVA-style data, whose JSON may keep the original path)
-when the record names exactly one medium; otherwise such a path is `missing_file`.
+when the record names exactly one medium; otherwise such a path is `missing_file`. A medium may also be inline, a
+`data:image/...;base64,...` URL (as OpenAI's fine-tuning rows carry images); an `http(s)` URL is never fetched: it is
+`missing_file`, with a message saying to download the media.
 The conversation is written in the format of the processor's template (flamingo/chat.py: what `flamingo serve`
 writes for the same messages), and trained on its answers only: the assistant turns' text and end
 marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
@@ -29,10 +31,12 @@ roles or part types, an `<imagek>` the model has no reference token for (`sequen
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any, Optional
 
 from ..chat import ROLES, ChatFormat, Turn, pieces_of
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..runtime.data_url import decode_data_url, is_data_url, media_kind
 from .errors import SkipSample
 from .sequence import Example
 from .sources import (
@@ -40,6 +44,7 @@ from .sources import (
     VIDEO_EXTS,
     MediaRef,
     RawRecord,
+    bytes_ref,
     file_ref,
     member_ref,
     parse_json_record,
@@ -63,6 +68,16 @@ class _Media:
         if path is not None and not isinstance(path, str):
             raise SkipSample("bad_record", f"{record.key}: a media path must be a string")
         path = (path or "").strip()
+        if is_data_url(path):  # inline, as OpenAI's fine-tuning rows carry images
+            try:
+                mime, data = decode_data_url(path)
+                kind = media_kind(mime)
+            except ValueError as e:
+                raise SkipSample("bad_record", f"{record.key}: {e}") from None
+            return bytes_ref(data, f"{record.key}: a data URL ({mime})", video or kind == "video")
+        if urllib.parse.urlsplit(path).scheme.lower() in ("http", "https"):
+            raise SkipSample("missing_file", f"{record.key}: {path[:80]!r} is a remote URL; training reads local "
+                                             "files and data: URLs, never the network (download the media first)")
         if record.shard is None:
             if not path:
                 raise SkipSample("bad_record", f"{record.key}: a medium without a path")

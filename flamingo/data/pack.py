@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image
 
+from ..runtime.data_url import is_data_url
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text, valid_text
 from .sources import IMAGE_EXTS, VIDEO_EXTS, caption_text, parse_json_record, read_records, resolve_relative
@@ -157,6 +158,8 @@ def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[st
     def member(path: Any) -> str:
         if not isinstance(path, str) or not path.strip():
             raise SkipSample("bad_record", f"{key}: a media path must be a non-empty string")
+        if is_data_url(path.strip()):
+            return path  # inline media stay in the conversation's JSON
         source = resolve_relative(base_dir, path.strip())
         name = f"{key}.{len(members)}.{_ext(source)}"
         members.append((name, _read(source)))

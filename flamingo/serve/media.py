@@ -18,8 +18,6 @@ after its header). A file no image reader knows is tried as a video whatever its
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http.client
 import io
 import ipaddress
@@ -37,14 +35,13 @@ from typing import Optional, Union
 from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
+from ..runtime.data_url import decode_data_url, is_data_url, media_kind
 from ..video import TooLong, decode_video
 from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif")  # ISO BMFF brands
 _READ_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF", "AVIF")  # the common ones of PIL's readers
-
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
 
 
 @dataclass(frozen=True)
@@ -77,19 +74,13 @@ def load_medium(url: str, policy: MediaPolicy, *, video: bool = False, fps: floa
 
 
 def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes, bool, str]:
-    if url[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986 3.1): `DATA:` is one too
-        m = _DATA_URL.match(url)
-        if m is None:
-            raise APIError(400, f"{where}: malformed data URL (expected data:<mime>;base64,<data>)")
-        mime = (m["mime"] or "").lower()
-        payload = url[m.end():]
+    if is_data_url(url):
         try:
-            data = base64.b64decode(payload, validate=True) if m["b64"] else urllib.parse.unquote_to_bytes(payload)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: the data URL's base64 does not decode") from None
-        if not (mime.startswith("image/") or mime.startswith("video/")):
-            raise APIError(400, f"{where}: unsupported media type {mime or 'none'!r} (image/* or video/*)")
-        return data, video or mime.startswith("video/"), f"{where} ({mime})"
+            mime, data = decode_data_url(url)
+            kind = media_kind(mime)
+        except ValueError as e:
+            raise APIError(400, f"{where}: {e}") from None
+        return data, video or kind == "video", f"{where} ({mime})"
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         if not policy.allow_remote:

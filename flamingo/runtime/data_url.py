@@ -1,0 +1,38 @@
+"""`data:` URLs (RFC 2397): media carried inline, as OpenAI chat messages carry images (`data:image/png;base64,...`).
+The server reads them from requests (serve/media.py) and training reads them from chat rows (data/chat.py)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.parse
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
+MALFORMED = "malformed data URL (expected data:<mime>;base64,<data>)"
+
+
+def is_data_url(url: str) -> bool:
+    """Whether `url` is a data URL (schemes are case-insensitive, RFC 3986 3.1: `DATA:` is one too)."""
+    return url[:5].lower() == "data:"
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    """A data URL -> (its media type, lower-cased, "" when it names none; its bytes). ValueError: malformed, or its
+    base64 does not decode."""
+    m = _DATA_URL.match(url)
+    if m is None:
+        raise ValueError(MALFORMED)
+    payload = url[m.end():]
+    try:
+        data = base64.b64decode(payload, validate=True) if m["b64"] else urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError):
+        raise ValueError("the data URL's base64 does not decode") from None
+    return (m["mime"] or "").lower(), data
+
+
+def media_kind(mime: str) -> str:
+    """"image" or "video" for a medium's type; ValueError for any other (a data URL must carry one of them)."""
+    if mime.startswith("image/") or mime.startswith("video/"):
+        return mime.split("/")[0]
+    raise ValueError(f"unsupported media type {mime or 'none'!r} (image/* or video/*)")

@@ -209,5 +209,11 @@ def test_towers_that_cannot_encode_pixel_values_alone_the_same_each_call_are_ref
     tower = getattr(transformers, kind)(config_class(**TOWER, **fields)).eval()
     with pytest.raises(ValueError, match=message):
         load_vision_tower(tower)
+    if kind.startswith("Siglip2"):  # its dual encoder's vision half too (on transformers 4: a wrapper built here)
+        dual = transformers.Siglip2Model(transformers.Siglip2Config(
+            vision_config={**TOWER, **fields}, text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                                                 num_attention_heads=2, intermediate_size=37)))
+        with pytest.raises(ValueError, match=r"besides pixel_values: .*NaFlex towers"):  # (mask's name varies)
+            load_vision_tower(dual.eval())
     for accepted in ("clip", "siglip", "dinov2_registers", "deit"):
         assert load_vision_tower(_tower(accepted)) is not None

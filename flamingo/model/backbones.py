@@ -99,9 +99,9 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
     config = getattr(model, "config", None)
     if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
         half = model.vision_model
+        check_vision_tower(half, vision)  # a NaFlex dual encoder's (SigLIP2's) half needs more than pixels
         if isinstance(half, PreTrainedModel):  # transformers 5: the half is already a standalone vision model
             half.name_or_path = getattr(model, "name_or_path", "")
-            check_vision_tower(half, vision)  # a NaFlex dual encoder's (SigLIP2's) half needs more than pixels
             return half
         tower = AutoModel.from_config(config.vision_config)  # transformers 4: wrap the inner transformer
         if not hasattr(tower, "vision_model"):

@@ -33,6 +33,7 @@ from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import metadata_dir
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
+    TooManyPixels,
     animation_timeline,
     check_image_size,
     composite_on_white,
@@ -131,25 +132,37 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8,
-                 max_seconds: Optional[float] = None) -> list[Image.Image]:
+def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_seconds: Optional[float] = None,
+                 max_pixels: Optional[int] = None) -> list[Image.Image]:
     """An opened image file -> its frames: a still's one (`upright_rgb`), or an animation's (GIF, APNG, animated
     WebP) as a video's: the frame shown at each instant of `animation_timeline` (by the frames' own delays), each
     read by `upright_rgb`. What a file holds decides, not its name or MIME type: a GIF given as a path, a PIL image,
-    a data URL or a training shard's member gives the same frames. `max_seconds`: `TooLong` past it."""
+    a data URL or a training shard's member gives the same frames.
+
+    Whatever PIL reads as animated is played so: a multi-page TIFF's pages and an MPO's images too, each shown
+    0.1 s (they carry no delay; at 1 FPS a 30-page TIFF gives pages 0, 10 and 20, where HF's `load_image` reads
+    page 0: give `Image.open(path).convert("RGB")` for that). An APNG's default image that is not part of its
+    animation (a still for viewers without APNG) is not played: browsers and FFmpeg do not play it.
+    Every frame's size is read on seeking to it, before it is decoded, and refused as `check_image_size` refuses
+    an image, or over `max_pixels` (`TooManyPixels`): a TIFF's pages and an MPO's images each have their own size.
+    Reading the delays decodes no TIFF page or MPO image: only WebP's delay needs its frame decoded (GIF and APNG
+    frames, each the canvas' size, are decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
     if not getattr(image, "is_animated", False):
+        _check_frame(image, 0, max_pixels)
         return [upright_rgb(image)]
-    check_image_size(*image.size)  # before seeking through the frames
     shown = image.tell()  # a caller's image is left on the frame it showed
+    first = 1 if image.format == "PNG" and image.info.get("default_image") else 0  # PIL's frame 0: the still
 
     def delays() -> Iterator[Optional[float]]:
-        k = 0
+        k = first
         while True:
             try:
                 image.seek(k)
             except EOFError:
                 return
-            image.load()  # WebP sets a frame's delay when it decodes it
+            _check_frame(image, k, max_pixels)  # every frame, before any is decoded: the timeline reads them all
+            if image.format == "WEBP":
+                image.load()  # WebP sets a frame's delay when it decodes it
             delay = image.info.get("duration")  # milliseconds
             yield float(delay) / 1000 if delay is not None else None
             k += 1
@@ -157,11 +170,20 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8,
     try:
         frames = []
         for k in animation_timeline(delays(), fps, max_frames, max_seconds):  # ascending: each seek goes forward
-            image.seek(k)
+            image.seek(first + k)
             frames.append(upright_rgb(image))
         return frames
     finally:
         image.seek(shown)
+
+
+def _check_frame(image: Image.Image, index: int, max_pixels: Optional[int]) -> None:
+    """The frame `image` is on, by its header size (nothing decoded): refused as `check_image_size` refuses an
+    image, and over `max_pixels` (`TooManyPixels`, naming the frame's `index`)."""
+    width, height = image.size
+    check_image_size(width, height)
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(width, height, index, max_pixels)
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0,

@@ -25,6 +25,10 @@ VideoInput = Union[str, "os.PathLike[str]", bytes, BinaryIO]
 _TRUNCATED_FRACTION = 0.9
 # A frame time this close to a sampling instant counts as at it (float rounding of timestamps; far below a frame).
 _TIME_TOLERANCE = 1e-4
+# A frame this many seconds before the previous one starts a new clock (clips joined with `cat`, an MPEG-TS
+# discontinuity): the timeline continues after the previous frame, as FFmpeg's command line does (ffmpeg_demux.c:
+# a timestamp 0.1 s behind the last one read, in a format whose timestamps may jump).
+_JUMP_BACK_SECONDS = 0.1
 
 # A frame's display rotation (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` gives it) -> the PIL
 # transpose that shows it as players do.
@@ -124,6 +128,15 @@ class TooLong(ValueError):
     """A video longer than the `max_seconds` its reader accepts."""
 
 
+class TooManyPixels(ValueError):
+    """An image's frame (a multi-page TIFF's page, an MPO's image: each has its own size) of more than the
+    `max_pixels` its reader accepts (a server's bound), found by its header before it is decoded."""
+
+    def __init__(self, width: int, height: int, frame: int, max_pixels: int) -> None:
+        super().__init__(f"frame {frame}: {width}x{height} is more than the {max_pixels} pixels allowed")
+        self.width, self.height, self.frame = width, height, frame
+
+
 def _shown_seconds(frame: "av.VideoFrame") -> Optional[float]:
     """How long a decoded frame stays on screen by its own duration (its packet's), None when the file says none."""
     duration, time_base = getattr(frame, "duration", None), frame.time_base  # older PyAVs have no frame.duration
@@ -164,23 +177,31 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
     """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
 
     The frame shown at t is the last one whose time is at or before t, so a frame repeats over a gap in a
-    variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). Only instants in `keep`
+    variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). A frame more than
+    `_JUMP_BACK_SECONDS` before the previous one (clips joined end to end, each on its own clock) continues the
+    timeline: it and the frames after it are moved to start when the previous frame ends. Only instants in `keep`
     are converted to images; with `stop_when_kept`, decoding stops once they all are. Each frame's size is checked
     (`_check_frame_size`) before it is converted. A frame past `max_seconds` raises `TooLong` (decoding stops there).
     seconds: the clip's length by its header (from its first frame), which the last frame is not held past.
     Returns:
-        (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock,
-        seconds that frame is shown by its own duration or None).
+        (images by instant, number of instants, frames decoded, time of the last decoded frame on the file's clock
+        (continued past its jumps back), seconds that frame is shown by its own duration or None).
     """
     images: dict[int, Image.Image] = {}
     instants = decoded = 0
     start: Optional[float] = None
     last: Optional[float] = None
+    stamp: Optional[float] = None  # the previous frame's time as the file gives it
+    offset = 0.0  # added to the file's times since its last jump back
     size = (0, 0)
     previous = None  # the frame on screen until the current one
     last_kept = max(keep, default=-1)
     for frame in frames:
-        last = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
+        read = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
+        if stamp is not None and read < stamp - _JUMP_BACK_SECONDS:  # a new clock: continue after the previous frame
+            offset += stamp + (_shown_seconds(previous) or (1 / rate if rate else 0.0)) - read
+        stamp = read
+        last = read + offset
         decoded += 1
         if (frame.width, frame.height) != size:
             size = (frame.width, frame.height)
@@ -265,17 +286,19 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
     Time runs from the video's first frame: a video starting late on its file's clock (a cut kept on the source's
     timestamps, a live recording, audio muxed first) gives the frames the same clip starting at 0 gives. It runs
     until the last frame's start, and on while that frame stays on screen longer than a step (`_timeline_length`: a
-    slideshow's last slide is sampled for as long as the others).
+    slideshow's last slide is sampled for as long as the others). Timestamps that jump back (MPEG-TS clips joined end
+    to end, each on its own clock) continue the timeline after the frame before the jump, as FFmpeg plays them.
 
     At most `max_frames` frames are converted and held. When the header (frame count or duration, and rate)
     predicts the number of instants, one decoding pass suffices; otherwise a first pass reads only timestamps and a
     second converts the chosen frames. Frames are turned upright by their display matrix, and transparency is
     composited onto white (`frame_to_image`). Every decoded frame's size is checked, not only the header's: a
     stream may change size midway.
-    A file is truncated when it decodes under 90% of the frames its header lists, or, with no frame count
-    (Matroska/WebM), ends (its last frame's end) before 90% of the length its header lists (both from the video's
-    start); a file whose header lists neither (a fragmented MP4, a live-recorded WebM) cannot be checked and is
-    accepted.
+    A file is truncated when it decodes under 90% of the frames its header lists (at most its length times its
+    rate: an MP4 cut by stream copy counts the pre-roll samples before the cut, which its edit list hides), or, with
+    no frame count (Matroska/WebM), ends (its last frame's end) before 90% of the length its header lists (both from
+    the video's start); a file whose header lists neither (a fragmented MP4, a live-recorded WebM) cannot be checked
+    and is accepted.
     Args:
         path: a file path, the file's bytes, or a binary file object.
         fps: sampling rate in frames per second of video time.
@@ -327,6 +350,8 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         expected = int(stream.frames or 0)
         seconds = _header_seconds(container, stream)
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        if expected and seconds and rate:  # an MP4 counts the samples its edit list hides (a stream-copied cut's
+            expected = min(expected, round(seconds * rate))  # pre-roll): its length bounds the frames it shows
         if max_seconds is not None and seconds is not None and seconds > max_seconds:
             raise TooLong(f"{seconds:.1f} s long by its header, more than the {max_seconds:g} s allowed")
         predicted = _predicted_instants(expected, seconds, rate, step)

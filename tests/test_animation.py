@@ -118,3 +118,62 @@ def test_a_one_frame_gif_is_a_still(processor):
     Image.new("RGB", (40, 32), COLOURS[1]).save(buffer, format="GIF")
     with Image.open(buffer) as opened:
         assert colours(image_frames(opened)) == [1]
+
+
+def test_an_apng_s_default_image_outside_its_animation_is_not_played():
+    """A PNG whose IDAT image is a still for viewers without APNG (`default_image`): browsers and FFmpeg play only
+    the animation's frames, PIL reads the still as frame 0."""
+    frames = [Image.new("RGB", (40, 32), c) for c in COLOURS[:4]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:], duration=1000, default_image=True)
+    with Image.open(buffer) as opened:
+        assert opened.info["default_image"] and opened.n_frames == 4
+        assert colours(image_frames(opened, fps=1.0)) == [1, 2, 3]
+        assert colours(image_frames(opened, fps=2.0, max_frames=2)) == [1, 3]  # t = 0.5 s and 2 s
+        assert opened.tell() == 0
+
+
+def _pages(sizes, fmt="TIFF") -> bytes:
+    """A multi-page TIFF (or an MPO) with a page of each (W, H) in `sizes`, page k red level k."""
+    pages = [Image.new("RGB", size, (k, 0, 0)) for k, size in enumerate(sizes)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format=fmt, save_all=True, append_images=pages[1:])
+    return buffer.getvalue()
+
+
+def test_a_multi_page_tiff_plays_its_pages_and_decodes_only_those_it_shows(monkeypatch):
+    """PIL reads a multi-page TIFF as animated: its pages are frames of 0.1 s (they carry no delay). Their delays
+    come with their headers: reading them decodes no page."""
+    from PIL import TiffImagePlugin
+
+    decoded = set()
+    load = TiffImagePlugin.TiffImageFile.load
+
+    def counting(self):
+        decoded.add(self.tell())
+        return load(self)
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", counting)
+    with Image.open(io.BytesIO(_pages([(16, 16)] * 30))) as opened:
+        frames = image_frames(opened, fps=1.0)
+    assert [int(np.asarray(f)[0, 0, 0]) for f in frames] == [0, 10, 20]
+    assert decoded == {0, 10, 20}
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "MPO"])
+def test_the_server_checks_every_page_s_size_against_its_pixel_limit_before_decoding_it(fmt):
+    """A TIFF's pages and an MPO's images each have their own size: a small first page must not let a later one of
+    any size through (a 174 KB TIFF holds a 6000x6000 page), sampled or not."""
+    pytest.importorskip("fastapi")  # the server's extra
+    from flamingo.serve.media import MediaPolicy, load_medium
+    from flamingo.serve.protocol import APIError
+
+    policy = MediaPolicy(max_pixels=10_000)
+    mime = "image/tiff" if fmt == "TIFF" else "image/jpeg"
+    small = f"data:{mime};base64," + base64.b64encode(_pages([(32, 24)] * 3, fmt)).decode()
+    assert [f.size for f in load_medium(small, policy, fps=10.0)] == [(32, 24)] * 3
+    big = _pages([(32, 24)] * 2 + [(200, 100)], fmt)
+    url = f"data:{mime};base64," + base64.b64encode(big).decode()
+    with pytest.raises(APIError, match=r"frame 2 is 200x100, more than the server's 10000 pixels per image") as e:
+        load_medium(url, policy)  # at 1 FPS only page 0 is shown
+    assert e.value.status == 400

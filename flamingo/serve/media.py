@@ -11,9 +11,10 @@ A medium is a URL:
   (every redirect hop included, after DNS, so a name that resolves to an internal address is caught) must not be
   loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
-(decompression bombs stop there), and for a video from every decoded frame too (a stream may switch to larger frames
-after its header). A file no image reader knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`,
-`.mts`, no suffix), as the processor reads it. Errors are `APIError`s (400) that say which medium and why.
+(decompression bombs stop there; every page of a multi-page TIFF or MPO by its own header, as it is reached), and for
+a video from every decoded frame too (a stream may switch to larger frames after its header). A file no image reader
+knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`, `.mts`, no suffix), as the processor reads
+it. Errors are `APIError`s (400) that say which medium and why.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.data_url import decode_data_url, is_data_url, media_kind
-from ..video import TooLong, decode_video
+from ..video import TooLong, TooManyPixels, decode_video
 from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
@@ -273,10 +274,13 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
                 if width * height > policy.max_pixels:
                     raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "
                                         "pixels per image")
-                frames = image_frames(im, fps, max_frames, policy.max_video_seconds)
+                frames = image_frames(im, fps, max_frames, policy.max_video_seconds, policy.max_pixels)
                 return frames[0] if len(frames) == 1 else frames
     except APIError:
         raise
+    except TooManyPixels as e:  # a later page of a multi-page image (TIFF, MPO), by its header
+        raise APIError(400, f"{name}: frame {e.frame} is {e.width}x{e.height}, more than the server's "
+                            f"{policy.max_pixels} pixels per image") from None
     except TooLong as e:
         raise APIError(400, f"{name}: an animation {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

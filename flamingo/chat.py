@@ -11,7 +11,10 @@ per medium, in order). Formats (chosen by the processor's template, `chat_format
   with it), its text, then `<|endofchunk|>`;
 - the model continues right after the last user turn.
 So `<image>Output: a cat.<|endofchunk|><image>Output:` is user [image, "Output:"], assistant "a cat.", user [image,
-"Output:"].
+"Output:"]. Spaces and tabs that end the text an answer follows (or the prompt) are left to the answer's gap:
+user "Output: " then assistant "a cat." is `Output: a cat.`, and a prompt ending "Output: " ends `Output:`. Tokenizers
+write a word's leading space into the word's token (GPT-2's ` a`, LLaMA's `▁a`): so the answer's first token is the
+same where it is trained, served and scored, never a lone space token before it that no demo shows.
 
 `idefics` (IDEFICS, its instruct models' dialogue format, as their model card and demo write it):
 - `system` text first, then a line break;
@@ -24,14 +27,18 @@ answers stop at the next `\\nUser:`.
 
 `otter` (Otter's instruction format, as its demos and MIMIC-IT training write it,
 `<image>User: {question} GPT:<answer> {answer}<|endofchunk|>`):
-- `system` text first, then a line break (Otter has no system turn);
-- each `user` turn is its media's `<image>`s, then `User: ` and its text;
+- `system` text first, then a line break (Otter has no system turn); a later one on a line of its own;
+- each `user` turn is its media's `<image>`s, then `User: ` and its text; consecutive user turns are one (their media
+  first, their texts joined by a space): Otter trains one question per answer, and an OpenAI client that sends an
+  image message and then its question gets `<image>User: {question}`, not `User: User: {question}`;
 - each `assistant` turn is ` GPT:<answer> `, its text and `<|endofchunk|>`;
 - the prompt ends with ` GPT:<answer>`, which the model continues (answers end at `<|endofchunk|>`).
 
 `mmgpt` (Multimodal-GPT's Alpaca-style format, as its demo and instruction data write it):
-- a preamble: the `system` text, else `MMGPT_PREAMBLE`;
+- a preamble: the `system` text, else `MMGPT_PREAMBLE`; a later `system` text is a paragraph of its own (`\n\n`
+  before it);
 - each `user` turn is `\n\n### Image:\n<image>` per medium, then `\n\n### Instruction:\n` and its text;
+  consecutive user turns are one, as in Otter's format (one instruction per response, as its data writes them);
 - each `assistant` turn is `\n\n### Response:\n`, its text and the tokenizer's EOS (its released training code,
   mmgpt 0.0.1, ends answers so);
 - the prompt ends with `\n\n### Response:\n`, which the model continues: answers end at EOS, at a new
@@ -40,7 +47,9 @@ answers stop at the next `\\nUser:`.
 
 An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
 (`segments`); the lead is the format's answer prefix (what a prompt ends with) and a gap, so that what follows a
-prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`).
+prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`). An answer ends
+at the model's stop tokens or at the first of the format's `stops` (`cut`): the server, `generate --chat` and
+`eval --chat` cut there alike.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ MMGPT_PREAMBLE = ("Below is an instruction that describes a task. Write a respon
                   "request.")  # Multimodal-GPT's (Alpaca's) default system text
 MMGPT_SEPARATOR = "\n\n### "
 MMGPT_END = "### End."  # an answer end Multimodal-GPT's weights may write (module docstring)
+BLANKS = " \t"  # what ends a text an answer follows, left to the answer's gap (flamingo format)
 
 
 @dataclass(frozen=True)
@@ -71,40 +81,75 @@ class Turn:
 class ChatFormat:
     """Flamingo's conversation format; subclasses write other families'. `reserved`: the format's own markers, which
     message text may not contain (media come as pieces of their own); `stops`: strings every answer ends at,
-    besides the model's stop tokens."""
+    besides the model's stop tokens; `one_question`: consecutive user turns are written as one (formats that train
+    one question per answer)."""
 
     name: str = "flamingo"
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
     stops: tuple[str, ...] = ()
+    one_question: bool = False
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt: the turns, then what the model continues after (a conversation ending with a user turn)."""
-        return "".join(text for text, _ in self.segments(turns)) + self.answer_prefix()
+        text = "".join(text for text, _ in self.segments(turns)) + self.answer_prefix()
+        return text if self.answer_prefix() else text.rstrip(BLANKS)  # the blanks are the answer's (module doc)
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         """The turns' text as (piece, is an answer) in order: answers (an assistant turn's text and end marker) are
         True. Their concatenation is the conversation as written."""
         out: list[tuple[str, bool]] = []
         before = ""
-        for turn in turns:
+        for turn in self.merged(turns):
             content = "".join(turn.pieces)
             if turn.role == "assistant":
+                if not self.answer_prefix():  # the answer follows the text itself: its blanks go to the gap
+                    before = before[:len(before) - _drop_blanks(out)]
                 lead, answer, end = self.assistant(content, before)
                 parts = [(lead, False), (answer + end, True)]
             else:
-                parts = [(self.turn(turn.role, list(turn.pieces)), False)]
+                parts = [(self.turn(turn.role, list(turn.pieces), before), False)]
             for text, trained in parts:
                 if text:
                     out.append((text, trained))
                     before += text
         return out
 
+    def merged(self, turns: Sequence[Turn]) -> list[Turn]:
+        """`turns` with each run of consecutive user turns one turn (their pieces in order) where the format asks
+        one question per answer (`one_question`); as they are otherwise."""
+        out: list[Turn] = []
+        for turn in turns:
+            if self.one_question and out and turn.role == out[-1].role == "user":
+                out[-1] = Turn("user", out[-1].pieces + turn.pieces)
+            else:
+                out.append(turn)
+        return out
+
     def first_reserved(self, text: str) -> Optional[str]:
         """The first of the format's markers `text` contains, or None."""
         return next((token for token in self.reserved if token in text), None)
 
-    def turn(self, role: str, pieces: list[str]) -> str:
-        """A system or user turn's pieces -> its text in the prompt."""
+    def spelled(self, turns: Sequence[Turn], strings: Sequence[str]) -> Optional[tuple[int, str]]:
+        """The first of `strings` (markers, control tokens) that the text of `turns` holds more often than the format
+        writes it and the turns' pieces hold it: one that pieces written with nothing between them spell together
+        (text parts `a <|endof`, `chunk|> b` of one turn; in the flamingo format, consecutive user or system turns),
+        which a check piece by piece misses -> (the index of the turn that completes it, the string); None if none."""
+        def excess(prefix: Sequence[Turn]) -> Optional[str]:
+            text = self.render(prefix)
+            own = self.render([Turn(t.role, tuple(p for p in t.pieces if p == MEDIA_TOKEN)) for t in prefix])
+            pieces = "\0".join(p for t in prefix for p in t.pieces if p != MEDIA_TOKEN)  # each counted alone
+            return next((s for s in strings if text.count(s) > own.count(s) + pieces.count(s)), None)
+
+        if excess(turns) is None:
+            return None
+        return next((k, found) for k in range(len(turns)) if (found := excess(turns[:k + 1])) is not None)
+
+    def cut(self, text: str) -> str:
+        """An answer's text up to the first of the format's `stops` (where a served answer ends), without it."""
+        return text[:min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))]
+
+    def turn(self, role: str, pieces: list[str], before: str) -> str:
+        """A system or user turn's pieces -> its text in the prompt, after the text `before`."""
         return "".join(pieces)
 
     def assistant(self, content: str, before: str) -> tuple[str, str, str]:
@@ -114,8 +159,9 @@ class ChatFormat:
         return self.answer_prefix() + gap, answer, end
 
     def answer(self, content: str, before: str) -> tuple[str, str, str]:
-        """What follows `answer_prefix()` (ending the text `before`) for an answer `content`: (gap, answer, end
-        marker). A prompt's continuation is their concatenation (what ranked candidates are scored as)."""
+        """What follows `answer_prefix()` (ending the text `before`, a prompt) for an answer `content`: (gap, answer,
+        end marker). A prompt's continuation is their concatenation (what ranked candidates are scored as)."""
+        before = before.rstrip(BLANKS) if not self.answer_prefix() else before  # as `render` ends a prompt
         space = "" if not before or before[-1].isspace() or content[:1].isspace() else " "
         return space, content, END_OF_CHUNK_TOKEN
 
@@ -133,7 +179,7 @@ class IdeficsChat(ChatFormat):
     reserved: tuple[str, ...] = (MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER, END_OF_UTTERANCE)
     stops: tuple[str, ...] = ("\nUser:",)
 
-    def turn(self, role: str, pieces: list[str]) -> str:
+    def turn(self, role: str, pieces: list[str], before: str) -> str:
         content = "".join(pieces)
         if role == "system":
             return content + "\n"
@@ -153,10 +199,11 @@ class OtterChat(ChatFormat):
 
     name: str = "otter"
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN, OTTER_ANSWER)
+    one_question: bool = True
 
-    def turn(self, role: str, pieces: list[str]) -> str:
-        if role == "system":
-            return "".join(pieces) + "\n"
+    def turn(self, role: str, pieces: list[str], before: str) -> str:
+        if role == "system":  # a later one on a line of its own, not glued to the question before it
+            return ("\n" if before and not before.endswith("\n") else "") + "".join(pieces) + "\n"
         media = "".join(p for p in pieces if p == MEDIA_TOKEN)
         return media + "User: " + text_around_media(pieces)
 
@@ -175,15 +222,16 @@ class MMGPTChat(ChatFormat):
     end_of_answer: str = ""  # the tokenizer's EOS
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
     stops: tuple[str, ...] = (MMGPT_SEPARATOR + "Instruction:", MMGPT_END)
+    one_question: bool = True
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         if not turns or turns[0].role != "system":
             turns = [Turn("system", (MMGPT_PREAMBLE,)), *turns]
         return super().segments(turns)
 
-    def turn(self, role: str, pieces: list[str]) -> str:
-        if role == "system":
-            return "".join(pieces)
+    def turn(self, role: str, pieces: list[str], before: str) -> str:
+        if role == "system":  # the preamble, or a later paragraph of its own
+            return ("\n\n" if before else "") + "".join(pieces)
         images = "".join(MMGPT_SEPARATOR + "Image:\n" + MEDIA_TOKEN for p in pieces if p == MEDIA_TOKEN)
         return images + MMGPT_SEPARATOR + "Instruction:\n" + text_around_media(pieces)
 
@@ -192,6 +240,19 @@ class MMGPTChat(ChatFormat):
 
     def answer_prefix(self) -> str:
         return MMGPT_SEPARATOR + "Response:\n"
+
+
+def _drop_blanks(out: list[tuple[str, bool]]) -> int:
+    """Remove the spaces and tabs that end the text of `out` (its last pieces that are no answer) -> how many."""
+    dropped = 0
+    while out and not out[-1][1]:
+        text = out[-1][0].rstrip(BLANKS)
+        dropped += len(out[-1][0]) - len(text)
+        if text:
+            out[-1] = (text, False)
+            break
+        out.pop()
+    return dropped
 
 
 def text_around_media(pieces: list[str]) -> str:

@@ -11,11 +11,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from .config import QUANTIZE_MODES
 from .runtime.dtypes import DTYPE_NAMES, torch_dtype
 from .runtime.quiet import quiet_irrelevant_warnings, quiet_transformers
+
+if TYPE_CHECKING:
+    from .chat import ChatFormat
 
 MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holding one (org/name)"
 ANY_MODEL_HELP = (MODEL_HELP + "; or an IDEFICS (or its PEFT adapter), Otter or published OpenFlamingo checkpoint, "
@@ -278,6 +281,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
     prompt, references = args.prompt, args.image_references  # None: as the processor was saved
+    fmt: Optional[ChatFormat] = None  # --chat: the model's conversation format
     if args.chat and references:
         raise ValueError("--chat writes each --image as <image> in the model's chat format: it takes no declared-image"
                          " prompt (--image-references)")
@@ -303,18 +307,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)  # the sampled tokens repeat with the seed
     # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end; the
-    # processor decodes (its `decode` keeps generated reference tokens `<imageK>`)
-    streamer = TextStreamer(processor, skip_prompt=True, skip_special_tokens=True) \
+    # processor decodes (its `decode` keeps generated reference tokens `<imageK>`). A chat answer ends at the format's
+    # stop strings too (mmgpt's `### End.`, a base IDEFICS's next `\nUser:`), cut as the server cuts it.
+    stops = fmt.stops if fmt is not None else ()
+    streamer = (_chat_streamer(processor, fmt) if stops else TextStreamer(processor, skip_prompt=True,
+                                                                         skip_special_tokens=True)) \
         if args.num_beams == 1 and args.num_return_sequences == 1 else None
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else {}
+    stopping = dict(stop_strings=list(stops), tokenizer=processor.tokenizer) if stops else {}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                          num_return_sequences=args.num_return_sequences,
-                         repetition_penalty=args.repetition_penalty, streamer=streamer, **sampling)
+                         repetition_penalty=args.repetition_penalty, streamer=streamer, **sampling, **stopping)
     if streamer is None:
         for row in out[:, inputs["input_ids"].shape[1]:]:  # one line per sequence
-            print(processor.decode(row))
+            text = processor.decode(row)
+            print(fmt.cut(text) if fmt is not None else text)
     return 0
+
+
+def _chat_streamer(processor: Any, fmt: ChatFormat) -> Any:
+    """A `TextStreamer` that prints an answer up to the first of the chat format `fmt`'s stop strings, as the server
+    cuts it, holding back the end of the text that may still become one (transformers is imported when a chat is
+    generated, not with the CLI)."""
+    from transformers import TextStreamer
+
+    class ChatStreamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(processor, skip_prompt=True, skip_special_tokens=True)
+            self.pending, self.stopped = "", False
+            self.hold = max(len(s) for s in fmt.stops) - 1  # a stop string's start, less its last character
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.stopped:
+                self.pending += text
+                answer = fmt.cut(self.pending)
+                self.stopped, self.pending = len(answer) < len(self.pending), answer
+            end = len(self.pending) if self.stopped or stream_end else max(len(self.pending) - self.hold, 0)
+            printed, self.pending = self.pending[:end], self.pending[end:]
+            super().on_finalized_text(printed, stream_end)
+
+    return ChatStreamer()
 
 
 def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -457,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help='text with one "<image>" per --image; with --chat, the question')
     gen.add_argument("--chat", action="store_true",
                      help="write --prompt and the --image files as a user turn in the model's chat format (its "
-                          "template: flamingo, otter, idefics or mmgpt; docs/serve.md) and answer it")
+                          "template: flamingo, otter, idefics or mmgpt; docs/serve.md) and answer it, ending the "
+                          "answer where the server does (the format's stop strings)")
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action=argparse.BooleanOptionalAction, default=None,
                      help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"

@@ -138,6 +138,17 @@ def test_placement_trailing_turns_eos_and_truncation(tmp_path):
     ({"image": "img/0.png", "caption": "a pair"}, "bad_record", "no 'messages' or 'conversations'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "img/9.png"}}]},
                    {"role": "assistant", "content": "x"}]}, "missing_file", "9.png"),
+    # a marker split over text the format writes with nothing between: two text parts, a system and a human turn
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                                {"type": "text", "text": "a <ima"}, {"type": "text", "text": "ge> b"}]},
+                   {"role": "assistant", "content": "x"}]}, "bad_record", "spells <image>"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                                {"type": "text", "text": "a <|endof"},
+                                                {"type": "text", "text": "chunk|> b"}]},
+                   {"role": "assistant", "content": "x"}]}, "bad_record", "spells <|endofchunk|>"),
+    ({"image": "img/0.png", "conversations": [{"from": "system", "value": "sys <|endof"},
+                                              {"from": "human", "value": "chunk|><image> q"},
+                                              {"from": "gpt", "value": "x"}]}, "bad_record", "turn 1 spells"),
 ])
 def test_bad_conversations_are_skipped_with_their_reason(tmp_path, row, reason, detail):
     processor = _processor("flamingo")
@@ -367,3 +378,63 @@ def test_text_only_micro_batches(tmp_path):
     loaded = load_config(str(tmp_path / "c.yaml"))
     trainer = Trainer(loaded, model=model, processor=processor)
     assert trainer.train_step()["loss"] > 0
+
+
+def test_a_question_ending_in_a_space_is_trained_as_it_is_served(tmp_path):
+    """Flamingo's format leaves a question's trailing spaces to the answer's gap: the sample's tokens before the
+    answer are the served prompt's, and the answer's first token is the one that follows it (` a`, not a lone space
+    and then `a`)."""
+    processor = _processor("flamingo")
+    fmt = chat_format_for(processor)
+    for question in ("Output: ", "Output:"):
+        row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                                         {"type": "text", "text": question}]},
+                            {"role": "assistant", "content": "a cat."}]}
+        (sample,) = _encode(_write(tmp_path, [row]), processor)
+        served = fmt.render([Turn("user", ("<image>", question))])
+        assert served == "<image>Output:" and sample.text == served + " a cat.<|endofchunk|>"
+        served_ids = processor.prompt_ids(served)
+        assert sample.input_ids[:len(served_ids)] == served_ids
+        assert sample.labels[len(served_ids)] == sample.input_ids[len(served_ids)] != IGNORE_INDEX
+
+
+def test_mmgpt_append_eos_trains_its_answers_end_once(tmp_path):
+    """Multimodal-GPT's answers end with EOS: `append_eos` adds none after the last (a second teaches nothing), and
+    the last answer's EOS stays the token, never its characters trained as text."""
+    tiny = _processor("flamingo")
+    processor = FlamingoProcessor(tiny.tokenizer, tiny.image_processor, template="mmgpt")
+    eos = processor.tokenizer.eos_token_id
+    path = _write(tmp_path, [LLAVA])
+    plain, (with_eos,) = _encode(path, processor)[0], _encode(path, processor, append_eos=True)
+    assert with_eos.input_ids == plain.input_ids and with_eos.labels == plain.labels
+    assert with_eos.input_ids.count(eos) == len(ANSWERS) and with_eos.input_ids[-1] == eos
+    runs = [processor.tokenizer.decode(run) for run in _runs(with_eos.labels)]
+    assert runs == [a + processor.tokenizer.eos_token for a in ANSWERS]
+
+
+def test_video_placeholders_and_the_developer_role_read_as_served(tmp_path):
+    """A LLaVA-format video row (Video-LLaVA, Video-ChatGPT) marks its video with `<video>`: the medium's
+    placeholder, never trained as text; a `developer` message is a system message, as the server reads it."""
+    spec = DatasetSpec.create("chat", "chat", _write(tmp_path, []), 1, {}, _processor("flamingo"))
+
+    def example(row):
+        path = _write(tmp_path, [row], "one.jsonl")
+        (record,) = read_records(path)
+        return spec.example(record)
+
+    video = example({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                                         {"from": "gpt", "value": "A ball rolls."}]})
+    assert video.text == "<image>\nWhat happens? A ball rolls.<|endofchunk|>" and len(video.media) == 1
+    with pytest.raises(SkipSample, match="<image> or <video> placeholders") as e:
+        example({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video><video>Q"},
+                                                     {"from": "gpt", "value": "A."}]})
+    assert e.value.reason == "bad_record"
+    still = example({"image": "img/0.png", "conversations": [{"from": "human", "value": "<image>A <video> tag?"},
+                                                              {"from": "gpt", "value": "Yes."}]})
+    assert still.text == "<image>A <video> tag? Yes.<|endofchunk|>"  # an image row's text is its text
+    rows = [{"messages": [{"role": role, "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "image", "image": "img/0.png"},
+                                                       {"type": "text", "text": "Q"}]},
+                          {"role": "assistant", "content": "A"}]} for role in ("developer", "system")]
+    developer, system = example(rows[0]), example(rows[1])
+    assert developer.text == system.text == "Be brief.<image>Q A<|endofchunk|>"

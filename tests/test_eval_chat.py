@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from flamingo.chat import FLAMINGO, OTTER, IdeficsChat, Turn
+from flamingo.chat import FLAMINGO, OTTER, IdeficsChat, Turn, pieces_of
 from flamingo.eval import evaluate
 from flamingo.eval.predict import build_prompt
 from flamingo.eval.task import Sample
@@ -91,3 +91,62 @@ def test_a_task_instance_evaluated_again_starts_from_its_template_and_fresh_toke
     plain = evaluate(model, processor, task, str(data), out_dir=str(tmp_path / "plain"), **common)
     assert plain["settings"]["chat"] is None and task.chat is None
     assert task.continuation_ids.get(("stale query", "stale")) is None
+
+
+@pytest.mark.parametrize("template", ["<image>A photo of a {answer}", "<image>A photo of a\n{answer}",
+                                      "<image>A photo of a{answer}"])
+def test_a_ranked_candidate_is_scored_as_a_demo_with_that_answer_is_written(template):
+    """The scored continuation follows the query as a demo's answer follows its question: no second space after a
+    query that ends in one (the format leaves it to the answer's gap), none after a line break."""
+    from flamingo.eval.predict import continuation_ids_of
+    from flamingo.tiny import tiny_flamingo
+
+    processor = tiny_flamingo()[1]
+    task = get_task("classification", template=template)
+    task.use_chat(FLAMINGO)
+    demo, query = Sample("d", ["/a.png"], {}, answer="dog"), Sample("q", ["/b.png"], {}, answer="cat")
+    prompt = build_prompt(task, query, [demo])[0]
+    (ids,) = continuation_ids_of(processor, task, ["cat"], prompt)
+    solved = [Turn("user", pieces_of(task.query_prompt(demo))), Turn("assistant", ("dog",)),
+              Turn("user", pieces_of(task.query_prompt(query))), Turn("assistant", ("cat",))]
+    written = "".join(text for text, _ in FLAMINGO.segments(solved))
+    assert written.endswith("A photo of a" + ("\n" if "\n" in template else " ") + "cat<|endofchunk|>")
+    assert prompt + processor.tokenizer.decode(ids) == written
+    assert processor.prompt_ids(prompt) + ids == processor.prompt_ids(written)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_generated_chat_answers_end_at_the_formats_stop_strings(remote, tmp_path, monkeypatch):
+    """A chat answer is cut where the server cuts it (mmgpt's `### End.`) before the task's postprocessing, in-process
+    and through a server's completions (which carry no chat stop strings)."""
+    import json
+
+    import torch
+
+    from flamingo.eval.remote import RemoteModel
+    from flamingo.processing import FlamingoProcessor
+    from flamingo.tiny import tiny_flamingo
+
+    model, tiny = tiny_flamingo()
+    processor = FlamingoProcessor(tiny.tokenizer, tiny.image_processor, template="mmgpt")
+    answer = "red### End. blue"
+
+    class Served(RemoteModel):  # a server's answers, as `RemoteModel.generate_batch` returns them
+        def positions(self):
+            return None
+
+        def generate_batch(self, processor, load, task, prompts, **generation):
+            return [{"prediction": task.postprocess(answer), "raw": answer} for _ in prompts]
+
+    if remote:
+        predictor = Served("http://unused")
+    else:
+        ids = torch.tensor(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        monkeypatch.setattr(model, "generate", lambda input_ids, **kwargs: torch.cat(
+            [input_ids, ids.expand(len(input_ids), -1)], dim=1))
+        predictor = model
+    out = tmp_path / "out"
+    evaluate(predictor, processor, "vqa", str(make_vqa(tmp_path / "data")), out_dir=str(out), chat=True, shots=[0],
+             trials=1, batch_size=2, progress=False)
+    records = [json.loads(line) for line in (out / "predictions" / "vqa_0shot_trial0.jsonl").read_text().splitlines()]
+    assert records and all(r["prediction"] == "red" and r["raw"] == answer for r in records)

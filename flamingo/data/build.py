@@ -227,18 +227,20 @@ class DatasetSource:
 
 
 def build_source(section: Any, processor: Optional[FlamingoProcessor], *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0) -> DatasetSource:
-    """One `DatasetSection` (name, kind, path, batch_size, options) -> its `DatasetSource`."""
+                 seed: int = 0, num_workers: int = 0, vocab: Optional[int] = None) -> DatasetSource:
+    """One `DatasetSection` (name, kind, path, batch_size, options) -> its `DatasetSource`; vocab: the trained model's
+    embedding rows (`DatasetSpec.create`: they decide its chat format)."""
     spec = DatasetSpec.create(section.name, section.kind, section.path, section.batch_size, section.options,
-                              processor)
+                              processor, vocab)
     return DatasetSource(spec, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers)
 
 
 def build_sources(datasets: Sequence[Any], processor: FlamingoProcessor, *, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, num_workers: int = 0) -> dict[str, DatasetSource]:
-    """The trainer's entry point: {dataset name: source}. Sources of different datasets get different seeds."""
+                  seed: int = 0, num_workers: int = 0, vocab: Optional[int] = None) -> dict[str, DatasetSource]:
+    """The trainer's entry point: {dataset name: source}. Sources of different datasets get different seeds; vocab:
+    the trained model's embedding rows (`build_source`)."""
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset names must be unique, got {names}")
     return {d.name: build_source(d, processor, rank=rank, world_size=world_size, seed=seed + 1000 * i,
-                                 num_workers=num_workers) for i, d in enumerate(datasets)}
+                                 num_workers=num_workers, vocab=vocab) for i, d in enumerate(datasets)}

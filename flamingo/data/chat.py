@@ -6,7 +6,9 @@ A record (a JSONL / JSON row, or a tar sample's `.json` with its image or video 
   {"url": PATH}}`, `{"type": "video", "video": PATH}` or `{"type": "video_url", "video_url": {"url": PATH}}`; or
 - `conversations` (LLaVA's format): `{"from": "human" | "gpt" | "system", "value": ...}` turns and the row's `image`
   (a path or a list of paths) or `video`, each medium at the next `<image>` placeholder of the human turns
-  (LLaVA writes `<image>\\n` first); with no placeholder at all, the media go before the first human turn's text.
+  (LLaVA writes `<image>\\n` first; a `video` row's `<video>`, as Video-LLaVA's and Video-ChatGPT's write it, is one
+  too); with no placeholder at all, the media go before the first human turn's text. The `developer` role is
+  `system`, as the server reads it.
 Paths are relative to the table's directory; in a tar shard they name members (`flamingo data pack --kind chat`
 writes them so), and a medium whose path is no member (or that has none) is the sample's own image (or video) member
 (`{key}.jpg` beside `{key}.json`, the WebDataset layout of LLaVA-style data, whose JSON may keep the original path)
@@ -24,7 +26,8 @@ under Flamingo's rule, the blocks' dense layers; a model with `imageless_rows_sk
 such rows through its LM alone, as it trained them.
 
 Skipped and counted: a conversation without an answer (`empty_text`); a format marker (or `<|endofchunk|>`, in every
-format) in message text, media in a system or assistant turn, placeholders that do not match the media, unknown
+format) in message text, or spelled by texts the format writes with nothing between them (`a <ima`, `ge> b`), media in
+a system or assistant turn, placeholders that do not match the media, unknown
 roles or part types, an `<imagek>` the model has no reference token for (`sequence.check_references`) (all
 `bad_record`).
 """
@@ -52,7 +55,8 @@ from .sources import (
 )
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-               "system": "system"}
+               "system": "system", "developer": "system"}
+VIDEO_PLACEHOLDER = "<video>"  # where a video row's video goes (Video-LLaVA, Video-ChatGPT, LLaVA-NeXT-Video)
 
 
 class _Media:
@@ -125,6 +129,7 @@ def _from_messages(messages: Any, media: _Media, key: str) -> tuple[list[Turn], 
     turns, refs = [], []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
+        role = "system" if role == "developer" else role  # OpenAI's newer name for it, as the server reads it
         if role not in ROLES:
             raise SkipSample("bad_record", f"{key}: messages[{i}] has role {role!r} (expected one of {ROLES})")
         content = message.get("content")
@@ -169,10 +174,12 @@ def _from_llava(row: dict[str, Any], media: _Media, key: str) -> tuple[list[Turn
         if role is None or not isinstance(turn.get("value"), str):
             raise SkipSample("bad_record", f"{key}: conversations[{i}] needs 'from' (human, gpt or system) and a "
                                            "string 'value'")
-        values.append((role, turn["value"]))
+        value = turn["value"]
+        values.append((role, value.replace(VIDEO_PLACEHOLDER, MEDIA_TOKEN) if video else value))
     placeholders = sum(v.count(MEDIA_TOKEN) for role, v in values if role == "user")
     if placeholders not in (0, len(pending)) or any(MEDIA_TOKEN in v for role, v in values if role != "user"):
-        raise SkipSample("bad_record", f"{key}: {placeholders} <image> placeholders in the human turns for "
+        what = "<image> or <video>" if video else "<image>"
+        raise SkipSample("bad_record", f"{key}: {placeholders} {what} placeholders in the human turns for "
                                        f"{len(pending)} media")
     turns, refs = [], []
     first_user = next((i for i, (role, _) in enumerate(values) if role == "user"), None)
@@ -217,12 +224,17 @@ def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Exampl
             if END_OF_CHUNK_TOKEN in piece:  # every format: a tokenizer without it would train its characters
                 raise SkipSample("bad_record", f"{record.key}: turn {i} contains {END_OF_CHUNK_TOKEN}, Flamingo's "
                                                "chunk marker")
+    joined = fmt.spelled(turns, (*fmt.reserved, END_OF_CHUNK_TOKEN))  # text the format writes with nothing between
+    if joined is not None:
+        raise SkipSample("bad_record", f"{record.key}: turn {joined[0]} spells {joined[1]}, a marker of the "
+                                       f"{fmt.name} format, with the text the format writes right before it (a "
+                                       "marker split over text parts or turns)")
     text, spans = "", []
     for piece, trained in fmt.segments(turns):
         if trained:
             spans.append((len(text), len(text) + len(piece)))
         text += piece
-    if eos:  # the sequence's end is learned with the last answer
-        spans[-1] = (spans[-1][0], len(text) + len(eos))
+    if eos and not text.endswith(eos):  # the sequence's end, learned after the last answer (mmgpt's ends with it)
+        spans.append((len(text), len(text) + len(eos)))  # a span of its own: each answer's end stays an answer end
         text += eos
     return Example(record.key, text, [r for turn_refs in refs for r in turn_refs], trained_spans=spans)

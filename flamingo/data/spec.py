@@ -38,7 +38,10 @@ class DatasetSpec:
 
     @classmethod
     def create(cls, name: str, kind: str, path: str, batch_size: int, options: Optional[dict[str, Any]],
-               processor: Optional[FlamingoProcessor]) -> "DatasetSpec":
+               processor: Optional[FlamingoProcessor], vocab: Optional[int] = None) -> "DatasetSpec":
+        """vocab: the rows of the trained model's embedding, which decide its chat format (`chat_format_for`: an
+        IDEFICS model without a row for `<end_of_utterance>` ends turns with the line break alone, as it is served);
+        None: the tokenizer's size (`flamingo data inspect`, which has no model)."""
         if batch_size < 1:
             raise ValueError(f"dataset {name!r}: batch_size must be >= 1, got {batch_size}")
         resolved = resolve_options(kind, options)
@@ -46,7 +49,7 @@ class DatasetSpec:
         cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
         files = expand_path(path)
         fetcher = remote_fetcher(files, resolved)
-        chat = chat_format_for(processor) if processor is not None else FLAMINGO
+        chat = chat_format_for(processor, vocab) if processor is not None else FLAMINGO
         return cls(name, kind, files, batch_size, resolved, processor, cache, fetcher, chat, fps, max_frames)
 
     @property

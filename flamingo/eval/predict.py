@@ -90,7 +90,7 @@ def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Se
         head = processor.prompt_ids(query)
         for c, ids in found.items():
             if ids is None:
-                found[c] = _tail_ids(processor, head, query, task.continuation(c))
+                found[c] = _tail_ids(processor, head, query, task.continuation(c, query))
                 task.continuation_ids.put((query, c), found[c])
     return [found[c] for c in candidates]  # type: ignore[misc]
 
@@ -129,7 +129,7 @@ def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoa
     out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts = processor.batch_decode(new, skip_special_tokens=True)
-    return [{"prediction": task.postprocess(t), "raw": t} for t in texts]
+    return [{"prediction": task.prediction(t), "raw": t} for t in texts]
 
 
 @torch.no_grad()

@@ -129,6 +129,8 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
             records = model.generate_batch(processor, loader, task, prompts, **(generation or {})) \
                 if task.kind == "generate" else model.rank_batch(processor, loader, task,
                                                                  [samples[i] for i in indices], prompts)
+            if task.kind == "generate" and task.chat is not None:  # cut at the chat format's stops, as in-process
+                records = [{**r, "prediction": task.prediction(r["raw"])} for r in records]
         elif task.kind == "generate":
             records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
                                      **(generation or {}))
@@ -190,7 +192,10 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
     # every call sets the task's chat format (None: its template) and clears its continuation ids, which depend on
     # the processor's tokenizer: a Task instance evaluated again, with another model or without chat, starts clean
-    task.use_chat(chat_format_for(processor) if chat else None)
+    # the model's output rows decide the format (an IDEFICS model without a row for `<end_of_utterance>`: turns end
+    # with the line break alone), as served; a server's model: the tokenizer's size
+    vocab = None if isinstance(model, RemoteModel) else model.lm.get_output_embeddings().weight.shape[0]
+    task.use_chat(chat_format_for(processor, vocab) if chat else None)
     shots = sorted(dict.fromkeys(int(k) for k in shots))  # one run per number of shots, in the table's order
     if any(k < 0 for k in shots) or not shots:
         raise ValueError(f"shots must be non-negative numbers, got {shots}")

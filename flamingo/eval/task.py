@@ -19,7 +19,8 @@ the mean log-likelihood of the candidate's own tokens, `answer_prefix + name` wi
 Chat prompts (`task.chat`, a format of flamingo/chat.py: `flamingo eval --chat`): each demo is a user turn (its
 query, the template up to `{answer}`, media in place) and an assistant turn (its answer), the query a last user turn,
 all written in the model's chat format (Otter's `User: ... GPT:<answer>`, IDEFICS's `User:` / `Assistant:`), as the
-model is served; a ranked candidate is scored as the assistant's answer and end marker.
+model is served; a ranked candidate is scored as the assistant's answer and end marker, after the gap a demo's answer
+has after that query; a generated answer is cut at the format's stop strings, as the server cuts it (`prediction`).
 """
 
 from __future__ import annotations
@@ -147,13 +148,15 @@ class Task:
                       Turn("assistant", (demo.answer,))]
         return self.chat.render(turns + [Turn("user", pieces_of(self.query_prompt(sample)))])
 
-    def continuation(self, candidate: str) -> str:
+    def continuation(self, candidate: str, prompt: Optional[str] = None) -> str:
         """Ranked tasks: the text scored after the query for one candidate answer (in chat prompts: the assistant's
-        answer and end marker, after the lead the prompt already ends with). With `rank_by="mean"` only the
-        candidate's own text is scored: without the template's rest (or the chat format's end marker)."""
+        answer and end marker, after the lead the prompt already ends with, with the gap a demo's answer gets after
+        that `prompt`'s end: None, a query's word). With `rank_by="mean"` only the candidate's own text is scored:
+        without the template's rest (or the chat format's end marker)."""
         if self.chat is None:
             return self.answer_prefix + candidate + (self.suffix if self.rank_by == "sum" else "")
-        gap, answer, end = self.chat.answer(candidate, before="?" + self.chat.answer_prefix())  # after a query's word
+        before = ("?" + self.chat.answer_prefix()) if prompt is None else prompt
+        gap, answer, end = self.chat.answer(candidate, before)
         return gap + answer + (end if self.rank_by == "sum" else "")
 
     def candidate_scores(self, summed: Sequence[float], continuations: Sequence[Sequence[int]]) -> list[float]:
@@ -178,6 +181,11 @@ class Task:
     def postprocess(self, text: str) -> str:
         """Generated text (special tokens removed) -> the prediction."""
         return first_line(text)
+
+    def prediction(self, text: str) -> str:
+        """Generated text (special tokens removed) -> the prediction: in chat prompts cut first at the chat format's
+        stop strings, where a served answer ends (mmgpt's `### End.`), then `postprocess`."""
+        return self.postprocess(self.chat.cut(text) if self.chat is not None else text)
 
     def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
         """Ranked tasks: candidates' scores (`candidate_scores`) -> a prediction record (top-5 names, best first)."""

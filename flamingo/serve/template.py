@@ -9,7 +9,9 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
   the image reference tokens `<image0>`... of a model with them): in text they would become those tokens, not
   characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400),
   except reference tokens in an assistant turn: answers hold the references the model generated (the server keeps
-  them in the text), and a conversation sent back must mean what the model wrote.
+  them in the text), and a conversation sent back must mean what the model wrote. Text the format joins with nothing
+  between it (adjacent text parts; in the flamingo format, consecutive user and system turns) is checked joined too:
+  `a <|endof` then `chunk|> b` is the marker.
 Answers start with the space the format puts back, so chat answers are sent without leading whitespace.
 """
 
@@ -98,4 +100,13 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
         for run in runs:
             check_text(fmt, answer_control if message.role == "assistant" else control, "".join(run), i)
         turns.append(Turn(message.role, tuple(pieces)))
+    # the format writes some turns with nothing between them (the flamingo format: consecutive user or system turns),
+    # so a marker split over two messages would be whole in the prompt: checked on the joined text too
+    joined = fmt.spelled(turns, (*fmt.reserved, *control))
+    if joined is not None:
+        i, token = joined
+        what = f" ({control[token]})" if token in control and token not in fmt.reserved else ""
+        raise APIError(400, f"messages[{i}]: text may not contain {token}{what}: this message's text and the text "
+                            f"before it spell it, which the {fmt.name} format writes with nothing between them",
+                       param="messages")
     return fmt.render(turns), media

@@ -207,6 +207,9 @@ class Trainer:
             model, processor = build_model(config, run_revisions(t.output_dir))
         assert processor is not None
         self.model, self.processor = model, processor
+        # the LM's output rows (before quantizing or sharding changes the weight's shape): they decide the chat format
+        # chat data is written in, as the model is served (`chat_format_for`)
+        vocab = model.lm.get_output_embeddings().weight.shape[0]
         model.name_or_path = None  # trained from here on: no longer the model saved where it was loaded from
         check_trainable_quantization(model.config.quantize_frozen, "model.flamingo.quantize_frozen (or the saved "
                                      "mode of model.init_from, which it overrides)")
@@ -255,13 +258,13 @@ class Trainer:
         self.weights = {d.name: d.loss_weight for d in config.data}
         if sources is None:
             sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
-                                    num_workers=t.num_workers)
+                                    num_workers=t.num_workers, vocab=vocab)
         self.sources = sources
         self.validation: Optional[Validation] = None
         if config.validation:  # held-out datasets, seeded apart from the training ones
             self.validation = Validation(
                 build_sources(config.validation, processor, rank=self.rank, world_size=self.world,
-                              seed=t.seed + 10**6, num_workers=t.num_workers),
+                              seed=t.seed + 10**6, num_workers=t.num_workers, vocab=vocab),
                 max_batches=t.eval_batches, world=self.world, progress=self.rank == 0 and t.progress)
         self.vision_cache: Optional[VisionFeatureCache] = None
         if t.cache_vision_features_mb > 0:

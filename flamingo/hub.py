@@ -5,27 +5,32 @@ repository in one commit, its card (`README.md`) named after the repository; `lo
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import tempfile
 from typing import Any, Optional, Sequence, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
-from .model.card import CARD_NAME, generated_for, model_card
+from .model.card import CARD_NAME, generated_for, model_card, published_config
 from .model.flamingo import Flamingo
 from .processing import PROCESSOR_CONFIG_NAME, has_saved_processor
-from .runtime.hub import is_hub_name
+from .runtime.hub import HF_DATASET, is_hub_name
 
 # remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
 # must not leave stale `vision/` and `lm/` that loading would prefer over the backbones' names; a push saved without
 # a processor must not leave the previous model's tokenizer, which `load_pretrained` would pair with the new model:
-# the repository then has no processor, and loading it says so)
+# the repository then has no processor, and loading it says so; another model's push must not leave the previous
+# run's `train_config.json` beside weights it did not make)
 _OWNED_DIRS = ("vision/", "lm/")
 PROCESSOR_FILES = (PROCESSOR_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                    "processor_config.json", "video_preprocessor_config.json")
-_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, *PROCESSOR_FILES)
+# the config of the run that wrote a trained model (`flamingo train` writes it into `final/`): its data, image and
+# output paths are the trainer's machine's, so a push leaves it out unless asked (`train_config=True`)
+TRAIN_CONFIG_NAME = "train_config.json"
+_OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, TRAIN_CONFIG_NAME, *PROCESSOR_FILES)
 log = logging.getLogger(__name__)
 RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)
 RESULTS_FILE = "results.json"
@@ -38,33 +43,64 @@ HUB_TASK_TYPES = {"vqa": "visual-question-answering", "videoqa": "visual-questio
                   "hateful_memes": "image-classification"}
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repository name the Hub would refuse, before anything is saved or sent: not `org/name`
+    (`is_hub_name`: `org/..`, `a/b/c`, spaces), or against huggingface_hub's own rules (`--`, a trailing `-` or `.`,
+    `.git`)."""
+    if not isinstance(repo_id, str) or not is_hub_name(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as e:  # HFValidationError
+        raise ValueError(f"{repo_id!r} is not a Hub repository name: {e}") from e
+
+
 def _local_files(directory: str) -> dict[str, str]:
-    """Every file under `directory` by its repository path (`/` separated), dot-files left out."""
-    files = {}
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith("."):
-                path = os.path.join(root, name)
-                files[os.path.relpath(path, directory).replace(os.sep, "/")] = path
+    """Every file under `directory` by its repository path (`/` separated), dot-files and dot-folders left out. A
+    symlinked file or folder is uploaded as what it points to, as loading reads it (a `lm/` shared between
+    checkpoints by a link); a link to a folder that holds it (a cycle) or to nothing is refused, naming it."""
+    files: dict[str, str] = {}
+
+    def visit(folder: str, prefix: str, ancestors: frozenset[str]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows a link
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    raise ValueError(f"{entry.path!r} links to a folder that holds it: a push cannot upload a cycle")
+                visit(entry.path, f"{prefix}{entry.name}/", ancestors | {real})
+            elif entry.is_file():  # follows a link
+                files[prefix + entry.name] = entry.path
+            else:
+                raise ValueError(f"{entry.path!r} is neither a file nor a folder (a broken link?): a push uploads "
+                                 "every file of the directory; fix or remove it")
+
+    visit(directory, "", frozenset({os.path.realpath(directory)}))
     return files
 
 
 def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = None, revision: Optional[str] = None,
                    commit_message: str = "Upload Flamingo", token: Optional[str] = None,
-                   replace_card: bool = False, results: Sequence[str] = ()) -> str:
+                   replace_card: bool = False, results: Sequence[str] = (), train_config: bool = False) -> str:
     """Upload a directory written by `save_pretrained` to the model repository `repo_id` (created if missing; on
     branch `revision`, created if missing) in one commit; returns the commit's URL. The card save_pretrained wrote is
     written again for `repo_id`, whatever name it was written for (the directory may be renamed or copied since;
     `card.generated_for`); one edited by hand goes as it is; a card already in the repository is kept unless
     `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
-    gains under "Evaluation", and their means its `model-index` metadata (the Hub's evaluation results; the card is
-    then written even over one on the Hub). Files of the format that the
-    repository holds and the directory lacks are removed in the same commit (the backbones' `vision/` and `lm/`, and
-    the processor's files: a directory saved without a processor leaves the repository without one, never with the
-    previous model's tokenizer); other files are left alone."""
-    if not is_hub_name(repo_id):
-        raise ValueError(f"{repo_id!r} is not a Hub repository name (org/name)")
+    gains under "Evaluation", each headed by its task and dataset, and their means its `model-index` metadata (the
+    Hub's evaluation results, one entry per task and dataset; the card is then written even over one on the Hub).
+    Nothing names a path of this machine: a full checkpoint's backbones built from local directories are published
+    as stored in `vision/` and `lm/` (`card.published_config`: their paths are cleared from the uploaded
+    `flamingo_config.json` and the card), and `train_config.json` (a trained model's run config, with its data and
+    output paths) is uploaded only with `train_config=True`. Files of the format that the
+    repository holds and the directory lacks are removed in the same commit (the backbones' `vision/` and `lm/`, the
+    processor's files: a directory saved without a processor leaves the repository without one, never with the
+    previous model's tokenizer; an earlier `train_config.json`); other files are left alone. Everything is checked
+    before the first request to the Hub."""
+    check_repo_id(repo_id)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
             raise ValueError(f"{directory!r} holds no {name}: not a directory written by save_pretrained")
@@ -78,12 +114,24 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     if not has_saved_processor(directory):
         log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
                     "load_pretrained(%r) will refuse it", directory, repo_id)
-    tables = [_results_table(d) for d in results]
-    evals = [e for d in results for e in eval_results(d)]
+    local = _local_files(directory)
+    for part in ("vision", "lm"):  # what loading reads must be what is uploaded
+        if os.path.isdir(os.path.join(directory, part)) and f"{part}/config.json" not in local:
+            raise ValueError(f"{os.path.join(directory, part)!r} holds no config.json: not a backbone "
+                             "save_pretrained wrote, and the repository could not load it")
+    if TRAIN_CONFIG_NAME in local and not train_config:
+        del local[TRAIN_CONFIG_NAME]
+        log.info("%s (the training run's config, with its local paths) is not uploaded: pass train_config=True to "
+                 "publish it", TRAIN_CONFIG_NAME)
+    published = published_config(directory, config)
+    files: dict[str, Union[str, bytes]] = dict(local)
+    if published is not config:  # its local backbone paths cleared
+        files[CONFIG_NAME] = json.dumps(published.to_dict(), indent=2, sort_keys=True, allow_nan=False).encode()
+    tables, evals = _results(results)
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     try:
-        return _commit(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
+        return _commit(directory, files, repo_id, private=private, revision=revision, commit_message=commit_message,
                        token=token, replace_card=replace_card or bool(tables), tables=tables, evals=evals)
     except (HfHubHTTPError, LocalTokenNotFoundError) as e:
         raise ValueError(f"the Hub refused the push to {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
@@ -107,51 +155,89 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _read_results(out_dir: str) -> dict[str, Any]:
+    """The results.json of a directory `flamingo eval --out` wrote, which must hold its results.md too."""
+    for name in (RESULTS_FILE, RESULTS_TABLE):
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            raise ValueError(f"{out_dir!r} holds no {name}: not a directory `flamingo eval --out` wrote")
+    with open(os.path.join(out_dir, RESULTS_FILE), encoding="utf-8") as f:
+        results: dict[str, Any] = json.load(f)
+    return results
+
+
+def _dataset(results: dict[str, Any]) -> dict[str, Optional[str]]:
+    """The dataset `flamingo eval` results were measured on, as `huggingface_hub.EvalResult` fields: a Hub dataset
+    (`hf://datasets/ORG/NAME[@REVISION][/PATH]`) by its id, revision and folder; a local directory by its name alone
+    (`/data/okvqa` -> `okvqa`: the path is the evaluator's); none recorded: the task's name."""
+    data = str(results.get("data") or "")
+    m = HF_DATASET.match(data)
+    if m:
+        repo, folder = m.group(1), (m.group(3) or "").strip("/") or None
+        return {"dataset_type": repo, "dataset_name": f"{repo}/{folder}" if folder else repo,
+                "dataset_config": folder, "dataset_revision": m.group(2)}
+    name = os.path.basename(os.path.normpath(data)) if data else ""
+    name = name if name not in ("", ".", "..") else str(results["task"])
+    return {"dataset_type": name, "dataset_name": name, "dataset_config": None, "dataset_revision": None}
+
+
 def eval_results(out_dir: str) -> list[Any]:
     """The card metadata (`huggingface_hub.EvalResult`s) of a directory `flamingo eval --out` wrote: each metric's
-    mean over trials, per number of shots (breakdowns such as `vqa_accuracy/yes/no` stay in the table)."""
-    import json
-
+    mean over trials, per number of shots (breakdowns such as `vqa_accuracy/yes/no` stay in the table). Filed under
+    the task and the dataset it was measured on (`_dataset`; the Hub's model-index holds one entry per task type and
+    dataset), the shots in each metric's name (`vqa_accuracy (4-shot)`)."""
     from huggingface_hub import EvalResult
 
-    path = os.path.join(out_dir, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{out_dir!r} holds no {RESULTS_FILE}: not a directory `flamingo eval --out` wrote")
-    with open(path, encoding="utf-8") as f:
-        results = json.load(f)
-    task, data = results["task"], os.path.basename(str(results.get("data", "")).rstrip("/")) or results["task"]
-    return [EvalResult(task_type=HUB_TASK_TYPES.get(task, "image-text-to-text"), task_name=f"{task}, {row['shots']}"
-                       f"-shot", dataset_type=task, dataset_name=data, metric_type=row["metric"],
+    results = _read_results(out_dir)
+    task = str(results["task"])
+    return [EvalResult(task_type=HUB_TASK_TYPES.get(task, "image-text-to-text"), task_name=task,
+                       **_dataset(results), dataset_split="test", metric_type=row["metric"],
                        metric_name=f"{row['metric']} ({row['shots']}-shot)", metric_value=round(row["mean"], 2))
             for row in results["summary"] if row["mean"] is not None and "/" not in row["metric"]]
 
 
 def _results_table(out_dir: str) -> str:
-    """The table `flamingo eval --out out_dir` wrote, its title a third-level heading."""
-    path = os.path.join(out_dir, RESULTS_TABLE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{out_dir!r} holds no {RESULTS_TABLE}: not a directory `flamingo eval --out` wrote")
-    with open(path, encoding="utf-8") as f:
+    """The table `flamingo eval --out out_dir` wrote, headed (third level) by its task and dataset: results.md's own
+    title names the evaluated model by its local path."""
+    results = _read_results(out_dir)
+    with open(os.path.join(out_dir, RESULTS_TABLE), encoding="utf-8") as f:
         text = f.read().strip()
-    return "###" + text[1:] if text.startswith("# ") else text
+    if text.startswith("# "):
+        text = text.partition("\n")[2].lstrip("\n")
+    return f"### {results['task']} on {_dataset(results)['dataset_name']}\n\n{text}"
 
 
-def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: Optional[str], commit_message: str,
-            token: Optional[str], replace_card: bool, tables: Sequence[str], evals: Sequence[Any] = ()) -> str:
+def _results(out_dirs: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """The card's tables and model-index entries of `flamingo eval --out` directories; two of one task type on one
+    dataset are refused (the model-index would file both under one entry, with the same metric names)."""
+    tables, evals, seen = [], [], {}
+    for out_dir in out_dirs:
+        found = eval_results(out_dir)
+        for key in dict.fromkeys(e.unique_identifier for e in found):
+            if key in seen:
+                raise ValueError(f"{seen[key]!r} and {out_dir!r} both hold {key[0]} results on the dataset "
+                                 f"{key[1]!r}: the card's model-index holds one entry per task type and dataset, "
+                                 "so push one of them")
+            seen[key] = out_dir
+        tables.append(_results_table(out_dir))
+        evals += found
+    return tables, evals
+
+
+def _commit(directory: str, files: dict[str, Union[str, bytes]], repo_id: str, *, private: Optional[bool],
+            revision: Optional[str], commit_message: str, token: Optional[str], replace_card: bool,
+            tables: Sequence[str], evals: Sequence[Any] = ()) -> str:
+    """Commit `files` (repository path -> local path or content) of the saved model in `directory` and its card."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    local = _local_files(directory)
+    local = dict(files)
     card = local.pop(CARD_NAME, None)
     text = None
-    if card is not None:
+    if isinstance(card, str):
         with open(card, encoding="utf-8") as f:
             text = f.read()
     if text is None or generated_for(directory, text) is not None:
-        text = model_card(directory, repo_id)  # the card save_pretrained wrote (any name), named for the repository
+        # the card save_pretrained wrote (any name), named for the repository, without local backbone paths
+        text = model_card(directory, repo_id, published=True)
     if tables:
         intro = "Few-shot results measured with `flamingo eval` (mean ± std over trials, in percent):"
         text = text.rstrip("\n") + f"\n\n## Evaluation\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"
@@ -160,6 +246,10 @@ def _commit(directory: str, repo_id: str, *, private: Optional[bool], revision: 
         card.data.model_name = card.data.model_name or repo_id.split("/")[-1]
         card.data.eval_results = list(evals)
         text = str(card)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     remote = set(api.list_repo_files(repo_id, revision=revision))
     operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=file)
                              for path, file in local.items()]
@@ -175,7 +265,9 @@ def push_to_hub(model: Union[Flamingo, str], repo_id: str, *, processor: Any = N
                 **kwargs: Any) -> str:
     """Share a model on the Hub: a `Flamingo` (saved first, as `save_pretrained(..., trained_only=, processor=)`
     writes it; pass the processor so that `load_pretrained(repo_id)` finds it) or a saved directory. kwargs:
-    `push_directory`'s (private, revision, commit_message, token, replace_card, results). Returns the commit's URL."""
+    `push_directory`'s (private, revision, commit_message, token, replace_card, results, train_config). Returns the
+    commit's URL."""
+    check_repo_id(repo_id)  # before a save that takes minutes for a large model
     if isinstance(model, Flamingo):
         with tempfile.TemporaryDirectory() as tmp:
             directory = os.path.join(tmp, repo_id.rsplit("/", 1)[-1])

@@ -86,6 +86,22 @@ def test_openflamingo_loads_the_export_and_computes_our_logits(lm, tmp_path):
     assert (again[real] - mine[real]).abs().max() <= 1e-5
 
 
+def test_the_recipe_names_the_commits_the_backbones_are_pinned_to(tmp_path):
+    """OpenFlamingo's factory takes the backbones' names and reads their newest versions: the recipe gives the commits
+    the model's config records (`vision_revision`, `lm_revision`), so that following it after the LM's repository
+    has moved on builds OpenFlamingo on the weights the model was trained with."""
+    model, processor = _ours("llama")
+    model.config.vision_name_or_path, model.config.vision_revision = "someone/tiny-clip", "a" * 40
+    model.config.lm_name_or_path, model.config.lm_revision = "someone/tiny-llama", "b" * 40
+    model.save_pretrained(str(tmp_path / "ours"), processor=processor)  # full: the backbones load from it
+    out = tmp_path / "checkpoint.pt"
+    assert main(["export", "open-flamingo", "--model", str(tmp_path / "ours"), "--out", str(out)]) == 0
+    recipe = json.loads((tmp_path / "checkpoint.pt.json").read_text())
+    assert recipe["create_model_and_transforms"]["lang_encoder_path"] == "someone/tiny-llama"
+    assert recipe["revisions"] == {"someone/tiny-llama": "b" * 40, "someone/tiny-clip": "a" * 40}
+    assert "snapshot_download" in recipe["revisions_note"]
+
+
 def test_what_openflamingo_cannot_compute_is_refused(tmp_path, capsys):
     model, processor = tiny_flamingo("llama", block="idefics", xattn_ffw_dim=64, only_attend_last_image=False,
                                      num_image_references=2)

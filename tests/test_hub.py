@@ -251,7 +251,7 @@ def test_push_command_and_clear_errors(tmp_path, hub, capsys):
     (results / "results.json").write_text(json.dumps({"task": "vqa", "data": "/data/vqav2/", "summary": rows}))
     assert main(["push", "--model", str(tmp_path / "m"), "--repo", "someone/m", "--results", str(results)]) == 0
     card = ModelCard(hub.repos["someone/m"]["main"]["README.md"].decode())
-    assert "## Evaluation" in card.text and "### vqa — m\n\n" + table in card.text
+    assert "## Evaluation" in card.text and "### vqa on vqav2\n\n" + table in card.text
     assert card.data.library_name == "flamingo"  # the card's own metadata kept beside the results
     (index,) = card.data.to_dict()["model-index"]  # the Hub's evaluation results
     assert index["name"] == "m"
@@ -376,3 +376,143 @@ def test_a_converted_repository_downloads_safetensors_or_bin_never_both(tmp_path
     assert calls == ["a/both", "a/bin", "a/bin"]
     checkpoint_dir("a/bin", "model", allow_bin=False)  # safetensors-only readers (IDEFICS) never fetch .bin
     assert calls[3:] == ["a/bin"]
+
+
+def _eval_out(path: Path, task: str, data: str, metric: str, means: dict[int, float]) -> str:
+    """A directory as `flamingo eval --out` leaves it (results.json, results.md titled with the model's local path)."""
+    path.mkdir(parents=True)
+    rows = [{"shots": k, "metric": metric, "mean": mean, "std": 0.5} for k, mean in means.items()]
+    (path / "results.json").write_text(json.dumps({"task": task, "model": "/home/alice/runs/final", "data": data,
+                                                   "summary": rows}))
+    cells = " | ".join(f"{mean:.2f} ± 0.50" for mean in means.values())
+    (path / "results.md").write_text(f"# {task} — /home/alice/runs/final\n\n| metric | {' | '.join(map(str, means))}"
+                                     f" |\n|---|\n| {metric} | {cells} |\n")
+    return str(path)
+
+
+def test_results_of_one_task_on_several_datasets_are_filed_under_each_dataset(tmp_path, hub):
+    """Flamingo's suite has several datasets per task (VQAv2, OK-VQA, TextVQA are all `vqa`): each dataset is its
+    own model-index entry holding its own values, named by the task (the shots are in the metrics' names), and its
+    own table headed by task and dataset, never by the evaluator's local path. huggingface_hub's parser reads the
+    entries back as they were written."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    outs = [_eval_out(tmp_path / "e1", "vqa", "/data/vqav2", "vqa_accuracy", {0: 52.1, 4: 54.1}),
+            _eval_out(tmp_path / "e2", "vqa", "/data/okvqa/", "vqa_accuracy", {0: 37.4, 4: 39.4}),
+            _eval_out(tmp_path / "e3", "vqa", "hf://datasets/org/suite@v1/textvqa", "vqa_accuracy", {0: 30.0}),
+            _eval_out(tmp_path / "e4", "captioning", "/data/coco", "cider", {0: 80.0, 4: 90.0})]
+    push_directory(str(tmp_path / "m"), "someone/m", results=outs)
+    text = hub.repos["someone/m"]["main"]["README.md"].decode()
+    model_index = ModelCard(text).data.to_dict()["model-index"]
+    assert [(r["task"]["name"], r["dataset"]["type"], r["dataset"]["name"], r["dataset"].get("config"),
+             r["dataset"].get("revision"), [(m["name"], m["value"]) for m in r["metrics"]])
+            for r in model_index[0]["results"]] == [
+        ("vqa", "vqav2", "vqav2", None, None, [("vqa_accuracy (0-shot)", 52.1), ("vqa_accuracy (4-shot)", 54.1)]),
+        ("vqa", "okvqa", "okvqa", None, None, [("vqa_accuracy (0-shot)", 37.4), ("vqa_accuracy (4-shot)", 39.4)]),
+        ("vqa", "org/suite", "org/suite/textvqa", "textvqa", "v1", [("vqa_accuracy (0-shot)", 30.0)]),
+        ("captioning", "coco", "coco", None, None, [("cider (0-shot)", 80.0), ("cider (4-shot)", 90.0)])]
+    name, parsed = model_index_to_eval_results(model_index)
+    assert len(parsed) == 7 and eval_results_to_model_index(name, parsed) == model_index
+    assert [line for line in text.splitlines() if line.startswith("### ")] == [
+        "### vqa on vqav2", "### vqa on okvqa", "### vqa on org/suite/textvqa", "### captioning on coco"]
+    assert "/home/alice" not in text and "/data/" not in text
+
+    commits = len(hub.commits)  # the same task on the same dataset twice: one entry, two values of each name
+    with pytest.raises(ValueError, match="both hold visual-question-answering results on the dataset 'vqav2'"):
+        push_directory(str(tmp_path / "m"), "someone/m", results=[outs[0], outs[1], outs[0]])
+    assert len(hub.commits) == commits
+
+
+def test_a_full_push_of_a_model_built_from_local_directories_publishes_no_local_path(tmp_path, hub):
+    """The backbones' local paths name folders nobody else has (a full repository loads them from `vision/` and
+    `lm/`): the card says so and the pushed config names none; the run's `train_config.json` (data and output paths)
+    is left out unless asked for. The repository loads with the same logits."""
+    from flamingo import FlamingoConfig, from_backbones
+    from flamingo.tiny import set_gates
+
+    vision, tokenizer = tiny_vision("clip"), tiny_tokenizer()
+    lm = tiny_lm("llama", vocab_size=len(tokenizer))
+    vision.save_pretrained(tmp_path / "clip")
+    lm.save_pretrained(tmp_path / "llama")
+    model, processor = from_backbones(str(tmp_path / "clip"), str(tmp_path / "llama"), tokenizer,
+                                      FlamingoConfig(num_latents=4, resampler_depth=1, xattn_every=2),
+                                      image_processor=tiny_image_processor("clip"))
+    set_gates(model, 0.5)
+    model.save_pretrained(str(tmp_path / "final"), processor=processor)
+    assert str(tmp_path / "clip") in (tmp_path / "final" / "README.md").read_text()  # the local card names it
+    (tmp_path / "final" / "train_config.json").write_text(json.dumps({"data": [{"path": str(tmp_path / "d.jsonl")}]}))
+    push_directory(str(tmp_path / "final"), "someone/built-here")
+
+    files = hub.repos["someone/built-here"]["main"]
+    assert [path for path, data in files.items() if str(tmp_path).encode() in data] == []
+    assert "train_config.json" not in files
+    card = files["README.md"].decode()
+    assert "| vision tower | saved in `vision/` (frozen) |" in card and "| language model | saved in `lm/` (frozen) |" \
+        in card and 'load_pretrained("someone/built-here")' in card
+    config = json.loads(files["flamingo_config.json"])
+    assert (config["vision_name_or_path"], config["lm_name_or_path"]) == (None, None)
+    cache = tmp_path / "hf" / "hub"
+    hub.to_cache("someone/built-here", cache, tmp_path / "scratch")
+    (logits,) = _load_offline(tmp_path, cache, [{"name": "someone/built-here"}])
+    assert torch.allclose(logits, _logits(model, processor), atol=1e-5, rtol=0)
+
+
+def test_a_push_replaces_or_removes_the_previous_runs_train_config(tmp_path, hub):
+    """`train_config.json` describes the run that made the weights beside it: pushed on request, a later push of
+    another model (without one) removes it."""
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "run"), processor=processor)
+    (tmp_path / "run" / "train_config.json").write_text('{"train": {"steps": 4}}')
+    push_directory(str(tmp_path / "run"), "me/m", train_config=True)
+    assert hub.repos["me/m"]["main"]["train_config.json"] == b'{"train": {"steps": 4}}'
+    push_to_hub(_gated_model(seed=1)[0], "me/m", processor=processor)
+    assert "train_config.json" not in hub.repos["me/m"]["main"]
+
+
+def test_a_symlinked_backbone_folder_is_uploaded_as_its_content(tmp_path, hub):
+    """A `lm/` shared between checkpoints by a link loads locally; pushed, it is uploaded as what it points to (it was
+    skipped, and the repository's earlier `lm/` deleted in the same commit). A link that loops or leads nowhere, and
+    a backbone folder without its config, are refused before any Hub call."""
+    model, processor = _gated_model()
+    push_to_hub(model, "me/m", processor=processor)  # full: the repository holds lm/
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    shutil.move(tmp_path / "m" / "lm", tmp_path / "shared-lm")
+    os.symlink(tmp_path / "shared-lm", tmp_path / "m" / "lm")
+    push_directory(str(tmp_path / "m"), "me/m")
+    files = hub.repos["me/m"]["main"]
+    assert {f"lm/{name}" for name in os.listdir(tmp_path / "shared-lm")} == {p for p in files if p.startswith("lm/")}
+    for name in os.listdir(tmp_path / "shared-lm"):
+        assert files[f"lm/{name}"] == (tmp_path / "shared-lm" / name).read_bytes()
+
+    commits = len(hub.commits)
+    os.symlink(tmp_path / "m", tmp_path / "shared-lm" / "loop")
+    with pytest.raises(ValueError, match="links to a folder that holds it"):
+        push_directory(str(tmp_path / "m"), "me/other")
+    os.remove(tmp_path / "shared-lm" / "loop")
+    os.symlink(tmp_path / "nowhere", tmp_path / "m" / "notes.txt")
+    with pytest.raises(ValueError, match="a broken link"):
+        push_directory(str(tmp_path / "m"), "me/other")
+    os.remove(tmp_path / "m" / "notes.txt")
+    os.remove(tmp_path / "m" / "lm")
+    (tmp_path / "m" / "lm").mkdir()
+    with pytest.raises(ValueError, match="lm' holds no config.json"):
+        push_directory(str(tmp_path / "m"), "me/other")
+    assert len(hub.commits) == commits and "me/other" not in hub.repos
+
+
+def test_push_to_hub_checks_the_repository_name_before_saving(hub, monkeypatch):
+    """A model is saved whole before its upload (minutes for a large one): a name the Hub refuses is refused first."""
+    from flamingo import Flamingo
+
+    model, processor = _gated_model()
+
+    def save_pretrained(*args, **kwargs):
+        raise AssertionError("saved before the repository name was checked")
+
+    monkeypatch.setattr(Flamingo, "save_pretrained", save_pretrained)
+    for repo_id in ("me/..", "me/.", "a/b/c", "me/a b", "me/na--me", "me/name-", "me/name.git"):
+        with pytest.raises(ValueError, match="is not a Hub repository name"):
+            push_to_hub(model, repo_id, processor=processor)
+    assert hub.repos == {}

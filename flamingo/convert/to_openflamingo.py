@@ -33,6 +33,7 @@ import torch
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
+from ..runtime.hub import is_hub_name
 from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
 
 # What `create_model_and_transforms` builds, whatever the checkpoint: PerceiverResampler(dim) and
@@ -142,9 +143,10 @@ WRITTEN_BY = "flamingo export open-flamingo"  # the recipe's `written_by`: what 
 
 
 def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments and the
-    additions its factory does not make. A backbone the model names no source for is a placeholder string saying
-    what to fill in (`LM_UNNAMED`, `<the open_clip model of ...>`), never null."""
+    """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments, the Hub
+    commits its backbones are pinned to (`revisions`: the factory takes no revision) and the additions its factory
+    does not make. A backbone the model names no source for is a placeholder string saying what to fill in
+    (`LM_UNNAMED`, `<the open_clip model of ...>`), never null."""
     c = model.config
     vision = c.vision_name_or_path
     clip_name, pretrained = OPEN_CLIP_NAMES.get(vision or "", (None, None))
@@ -160,6 +162,17 @@ def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict
         "open_flamingo": "0.0.2 (v1: text sees the next image)" if c.attend_next_image else "2.x",
         "written_by": WRITTEN_BY,
     }
+    # the Hub commits the backbones were read at (docs/architecture.md, "A Hub backbone is pinned to a commit"):
+    # OpenFlamingo's factory takes names or paths, no revision, and reads a name's newest version
+    pinned = {ref: rev for ref, rev in ((c.lm_name_or_path, c.lm_revision), (vision, c.vision_revision))
+              if ref and rev and is_hub_name(ref)}
+    if pinned:
+        recipe["revisions"] = pinned
+        recipe["revisions_note"] = (
+            "the Hub commits of the backbones the model was built on: create_model_and_transforms reads a name's "
+            "newest version, so download each at its commit first (huggingface_hub.snapshot_download(name, "
+            "revision=commit)) and pass that directory as lang_encoder_path and tokenizer_path (the LM); open_clip "
+            "reads the vision weights clip_vision_encoder_pretrained names")
     before = []
     if "perceiver.frame_embs" in state:
         frames, dim = state["perceiver.frame_embs"].shape

@@ -4,6 +4,7 @@ files alone, so that pushing a directory can name the card after its repository.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -88,9 +89,30 @@ def _backbone(ref: Optional[str], revision: Optional[str], part: str) -> str:
     return f"`{ref}`" + (f" at commit `{revision[:12]}`" if revision and is_hub_name(str(ref)) else "")
 
 
-def model_card(directory: str, name: str) -> str:
-    """The card of the model saved in `directory`, loaded as `name` (a Hub repository or a path) in its examples."""
+def _local_backbones(directory: str, config: FlamingoConfig) -> list[str]:
+    """The parts ("vision", "lm") of the model saved in `directory` that are stored in their own folder and whose
+    config reference is a local path (not a Hub name, or a Hub-shaped path that exists here): published, such a path
+    names a folder of the builder's machine that nobody else has, and the backbone is loaded from its folder anyway,
+    so a push drops it (`published_config`)."""
+    refs = {"vision": config.vision_name_or_path, "lm": config.lm_name_or_path}
+    return [part for part, ref in refs.items() if ref and os.path.isdir(os.path.join(directory, part))
+            and (not is_hub_name(str(ref)) or os.path.exists(str(ref)))]
+
+
+def published_config(directory: str, config: FlamingoConfig) -> FlamingoConfig:
+    """`config` as a push publishes it: the references of `_local_backbones` cleared (with their revisions), so the
+    repository names no local path; the backbones load from `vision/` and `lm/` as before."""
+    dropped = {f"{part}_{key}": None for part in _local_backbones(directory, config)
+               for key in ("name_or_path", "revision")}
+    return dataclasses.replace(config, **dropped) if dropped else config
+
+
+def model_card(directory: str, name: str, *, published: bool = False) -> str:
+    """The card of the model saved in `directory`, loaded as `name` (a Hub repository or a path) in its examples.
+    published: the card a push writes, of `published_config` (no local backbone paths)."""
     config = FlamingoConfig.load(directory)
+    if published:
+        config = published_config(directory, config)
     full = all(os.path.isdir(os.path.join(directory, part)) for part in ("vision", "lm"))
     parts = _parameters(os.path.join(directory, WEIGHTS_NAME))
     bases = [b for b in (config.vision_name_or_path, config.lm_name_or_path) if b and is_hub_name(str(b))]
@@ -178,10 +200,11 @@ def generated_for(directory: str, text: str) -> Optional[str]:
     """The name `text` is `model_card(directory, name)` for, or None when it is not such a card (edited by hand, or
     written for other files). The candidate names are read off the card itself (its `flamingo serve --model NAME`
     line, then its heading), not taken from the directory's name: save_pretrained names the card after the
-    directory, which may have been renamed or copied since (`final/` pushed as `my-model`)."""
+    directory, which may have been renamed or copied since (`final/` pushed as `my-model`). Either card: as saved, or
+    as a push publishes it (`published`)."""
     names = re.findall(r"^flamingo serve --model (.+)$", text, re.M) + re.findall(r"^# (.+)$", text, re.M)[:1]
     for name in dict.fromkeys(names):
-        if text == model_card(directory, name):
+        if text == model_card(directory, name) or text == model_card(directory, name, published=True):
             return name
     return None
 

@@ -5,6 +5,7 @@ LoRA), non-finite losses are skipped, the `sample` mixture draws its datasets fr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -15,10 +16,11 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from flamingo import load_pretrained
-from flamingo.train.config import load_config
+from flamingo.train.config import load_config, parse_config
 from flamingo.train.run_log import materialize
 from flamingo.train.trainer import NonFiniteLossError, Trainer, build_model
 
@@ -192,6 +194,57 @@ def test_resuming_with_a_renamed_dataset_warns_and_starts_it_fresh(world):
     assert resumed.step == 1 and resumed.sources["pairs"].state_dict() == saved
     assert resumed.sources["pages"].state_dict() == unread  # (the same file, options and seed, as yet unread)
     assert resumed.train_step()["step"] == 2
+
+
+def test_resuming_with_datasets_removed_added_or_moved_keeps_the_others_positions(world, recwarn):
+    """Datasets are seeded by their index in `data`: removing one, or adding or moving one before others, on resume
+    gives the others other seeds. Their saved positions go on under the seeds they were made with, so each reads the
+    batches it would have read next (no epoch restarts); an unchanged list resumes as it always did."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-moved"))
+    trainer = Trainer(load_config(path))
+    trainer.train_step()
+    trainer.save()
+    saved = {name: source.state_dict() for name, source in trainer.sources.items()}
+    following = {name: trainer._next(name)["keys"] for name in saved}  # what the run reads next
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    pairs, docs = raw["data"]
+    raw["train"]["steps"] = 2
+    for datasets in ([pairs, docs], [docs], [{**pairs, "name": "extra"}, pairs, docs], [docs, pairs]):
+        resumed = Trainer(parse_config({**raw, "data": datasets}))
+        assert resumed.step == 1
+        for name in set(saved) & set(resumed.sources):
+            assert resumed.sources[name].state_dict() == saved[name], ([d["name"] for d in datasets], name)
+            assert resumed._next(name)["keys"] == following[name], ([d["name"] for d in datasets], name)
+        if len(datasets) == 1:
+            removed = resumed
+    messages = [str(w.message) for w in recwarn]
+    assert any("['extra'] start from their beginning" in m for m in messages)
+    assert not [m for m in messages if "saved data position" in m]
+    recwarn.clear()
+    removed.rank = 1  # the same resume on another torchrun rank: the run-wide warning is rank 0's
+    removed._resume()
+    assert not [w for w in recwarn if "other datasets" in str(w.message)]
+
+
+def test_run_wide_log_lines_of_the_model_setup_come_from_rank_0(caplog, monkeypatch):
+    """The final save's kind and the quantization counts are said once per run, by rank 0 (every torchrun rank
+    builds the model)."""
+    from flamingo.tiny import tiny_flamingo
+    from flamingo.train.trainer import _quantize, check_final_save
+
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        model, _ = tiny_flamingo("llama")
+        model.config.vision_name_or_path, model.config.lm_name_or_path = "/nowhere/vision", "/nowhere/lm"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flamingo.train.trainer"):
+            check_final_save(model, None)
+            model.config.quantize_frozen = "int8"
+            _quantize(model)
+        said = caplog.text
+        assert ("will be saved full" in said and "int8" in said) if rank == "0" else said == "", (rank, said)
 
 
 def _train_command(config: str) -> list[str]:

@@ -143,13 +143,21 @@ def test_non_finite_numbers_are_refused_by_name(tmp_path, override):
         load_config(str(path), [override])
 
 
-def test_settings_that_do_nothing_are_said(caplog):
+def test_settings_that_do_nothing_are_said(caplog, monkeypatch):
     """eval_every / eval_batches without validation sets compute nothing; a warmup longer than the run never reaches
-    the lr: both are allowed, and said."""
+    the lr: both are allowed, and said, once per run: by rank 0 (every torchrun rank parses the config)."""
+    raw = {"data": DATA, "train": {"eval_every": 10, "steps": 5}, "schedule": {"warmup_steps": 10}}
     with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
-        parse_config({"data": DATA, "train": {"eval_every": 10, "steps": 5}, "schedule": {"warmup_steps": 10}})
+        parse_config(raw)
     assert "no `validation` datasets" in caplog.text and "warmup_steps=10 is longer than train.steps=5" in caplog.text
     caplog.clear()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
+        parse_config(raw)
+    assert caplog.text == ""
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     with caplog.at_level(logging.WARNING, logger="flamingo.train.config"):
         parse_config({"data": DATA, "validation": DATA, "train": {"eval_every": 10, "steps": 50}})
     assert caplog.text == ""

@@ -17,9 +17,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import traceback
 import warnings
 from collections import deque
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,18 +39,41 @@ def _identity(x: Any) -> Any:
     return x
 
 
+@dataclass
+class _StreamError:
+    """A ValueError a worker's stream raised (bad data: a mostly-bad file, a file that does not parse), handed to the
+    main process as an item, which re-raises it with its own message as num_workers=0 does (torch's re-raise would
+    make the worker's whole traceback the message)."""
+
+    stream: int  # local stream index (= DataLoader worker id)
+    message: str
+    traceback: str
+
+
+class WorkerTraceback(Exception):
+    """A data worker's traceback, as text: the cause of the ValueError re-raised in the main process."""
+
+
+def _reporting_errors(items: Iterator[StreamItem], stream: int) -> Iterator[Union[StreamItem, _StreamError]]:
+    """A worker's stream `items`, ending in a `_StreamError` where it raises a ValueError."""
+    try:
+        yield from items
+    except ValueError as e:
+        yield _StreamError(stream, str(e), traceback.format_exc())
+
+
 class _Streams(IterableDataset):
     """Runs in each DataLoader worker: worker w is local stream w."""
 
     def __init__(self, source: "DatasetSource", epoch: int, starts: list[dict[str, Any]]) -> None:
         self.source, self.epoch, self.starts = source, epoch, starts
 
-    def __iter__(self) -> Iterator[StreamItem]:
+    def __iter__(self) -> Iterator[Union[StreamItem, _StreamError]]:
         info = get_worker_info()
         s = info.id if info is not None else 0
         if self.starts[s]["done"]:
             return iter(())
-        return self.source._stream(s, self.epoch, self.starts[s])
+        return _reporting_errors(self.source._stream(s, self.epoch, self.starts[s]), s)
 
 
 class DatasetSource:
@@ -107,16 +132,18 @@ class DatasetSource:
         self.epoch = int(state["epoch"])
         self.skipped_past = dict(state.get("skipped_past", {}))
         self.truncated_past = int(state.get("truncated_past", 0))  # a state saved before it was counted: 0
-        same = (state.get("num_streams") == self.num_streams and state.get("world_size") == self.world_size
-                and state.get("seed") == self.seed)
-        if same:
+        # The seed orders this dataset's files and records only: the position goes on under the seed it was made
+        # with, whatever seed this source was built with (`build_sources` seeds by list index, so removing, adding
+        # or reordering other datasets changes it)
+        self.seed = int(state.get("seed", self.seed))
+        if state.get("num_streams") == self.num_streams and state.get("world_size") == self.world_size:
             self.turn = int(state["turn"])
             self.streams = copy.deepcopy(state["streams"])
             return
-        warnings.warn(f"dataset {self.name!r}: the saved data position was made with world_size="
-                      f"{state.get('world_size')}, streams={state.get('num_streams')}, seed={state.get('seed')}; "
-                      f"now {self.world_size}, {self.num_streams}, {self.seed}: restarting epoch {self.epoch} from its "
-                      "beginning (not an exact resume)", stacklevel=2)
+        warnings.warn(f"dataset {self.name!r} (rank {self.rank}): the saved data position was made with world_size="
+                      f"{state.get('world_size')} and {state.get('num_streams')} stream(s) (train.num_workers), now "
+                      f"{self.world_size} and {self.num_streams}: restarting epoch {self.epoch} from its beginning "
+                      "(not an exact resume)", stacklevel=2)
         self._new_epoch()
 
     # ------------------------------------------------------------------------------------------------ iteration
@@ -153,7 +180,7 @@ class DatasetSource:
     def _iterate(self, generation: int) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         items = self._items(epoch)
-        pending: dict[int, deque[StreamItem]] = {s: deque() for s in range(self.num_streams)}
+        pending: dict[int, deque[Union[StreamItem, _StreamError]]] = {s: deque() for s in range(self.num_streams)}
         while not all(s["done"] for s in self.streams):
             s = self.turn
             if self.streams[s]["done"]:
@@ -166,6 +193,9 @@ class DatasetSource:
                     raise RuntimeError(f"dataset {self.name!r}: stream {s} ended without its end marker") from None
                 pending[item.stream].append(item)
             item = pending[s].popleft()
+            if isinstance(item, _StreamError):  # at its stream's turn, as the stream of num_workers=0 would raise it
+                del items  # the workers stop now, not whenever the traceback (holding this frame) is collected
+                raise ValueError(item.message) from WorkerTraceback(item.traceback)
             state = self.streams[s]
             state.update(pos=item.pos, samples=item.samples, skipped=item.skipped)
             if item.batch is None:
@@ -190,12 +220,11 @@ class DatasetSource:
         state["truncated"] = state.get("truncated", 0) + len(keys)
         if self.spec.kind != "interleaved" and not self._warned_truncated:
             self._warned_truncated = True
-            message = (f"dataset {self.name!r}: sample {keys[0]} is longer than max_tokens="
+            message = (f"dataset {self.name!r} (rank {self.rank}): sample {keys[0]} is longer than max_tokens="
                        f"{self.spec.options['max_tokens']} and was cut: the end of its {self._text_end} is not "
                        "trained. `source.truncated` counts such samples and each epoch's report gives their "
                        "number; raise the dataset's max_tokens option if they are many")
-            log.warning(message)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=4)  # the one report (a log record too would print it twice)
 
     @property
     def _text_end(self) -> str:
@@ -211,7 +240,6 @@ class DatasetSource:
             message = (f"dataset {self.name!r} (rank {self.rank}) epoch {epoch}: "
                        + (f"skipped {sum(skipped.values())} bad sample(s) {skipped}; " if skipped else "") + kept)
             if skipped or self.spec.kind != "interleaved":  # documents longer than max_tokens are the rule
-                log.warning(message)
                 warnings.warn(message, stacklevel=3)
             else:
                 log.info(message)

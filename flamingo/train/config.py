@@ -12,8 +12,15 @@ import yaml
 
 from ..config import FlamingoConfig
 from ..runtime.device import check_device
+from ..runtime.distributed import dist_info
 
 log = logging.getLogger(__name__)
+
+
+def _warn_run(message: str, *args: Any) -> None:
+    """A warning about the run as a whole, logged by rank 0 only: every torchrun rank parses the config."""
+    if dist_info()[0] == 0:
+        log.warning(message, *args)
 
 
 @dataclass
@@ -249,8 +256,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
             if not math.isfinite(d.loss_weight) or d.loss_weight < 0:  # a number already (`_typed`)
                 raise ValueError(f"{where}[{i}].loss_weight must be a finite number >= 0, got {d.loss_weight!r}")
     if not validation and (config.train.eval_every or config.train.eval_batches):
-        log.warning("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
-                    "no validation loss is computed")
+        _warn_run("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
+                  "no validation loss is computed")
     _check_choices(config.train)
     if config.train.device:  # usable here, before any backbone or dataset loads (null: cuda:LOCAL_RANK, else cpu)
         check_device(config.train.device, "train.device")
@@ -395,8 +402,8 @@ def _check_optim_and_schedule(config: TrainConfig) -> None:
     if schedule.warmup_steps < 0:
         raise ValueError(f"schedule.warmup_steps must be >= 0, got {schedule.warmup_steps}")
     if schedule.warmup_steps > config.train.steps:
-        log.warning("schedule.warmup_steps=%d is longer than train.steps=%d: the lr never reaches optim.lr",
-                    schedule.warmup_steps, config.train.steps)
+        _warn_run("schedule.warmup_steps=%d is longer than train.steps=%d: the lr never reaches optim.lr",
+                  schedule.warmup_steps, config.train.steps)
 
 
 def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:

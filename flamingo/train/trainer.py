@@ -174,7 +174,7 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None
         raise ValueError(f"model.flamingo.quantize_frozen={c.quantize_frozen}: quantized backbones are never saved "
                          "whole (quantizing is lossy), so the final model is trained-only: set "
                          "train.save_trained_only: true or null" + where)
-    if unresolved and save_trained_only is None:
+    if unresolved and save_trained_only is None and dist_info()[0] == 0:  # said once, by rank 0
         log.info("the final model will be saved full: the backbone(s) %s do not resolve here", ", ".join(unresolved))
     state = model.state_dict()
     changed = [n for n in c.extra_saved_weights if n not in state or is_quantized(state[n])]
@@ -186,8 +186,10 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None
 
 def _quantize(model: Flamingo) -> None:
     """model.flamingo.quantize_frozen, packed on the training device, with what it did logged (layers whose width the
-    format cannot split stay in float)."""
-    log.info("%s", describe_counts(model.config.quantize_frozen, quantize_frozen(model)))
+    format cannot split stay in float); every rank quantizes, rank 0 logs."""
+    counts = quantize_frozen(model)
+    if dist_info()[0] == 0:
+        log.info("%s", describe_counts(model.config.quantize_frozen, counts))
 
 
 class Trainer:
@@ -334,9 +336,11 @@ class Trainer:
         restore_rng(path, state, self.rank, t.seed, self.device)
         data_states = rank_entry(state["data"], self.rank)  # a rank the run did not have: rank 0's, restarted
         added, dropped = sorted(set(self.sources) - set(data_states)), sorted(set(data_states) - set(self.sources))
-        if added or dropped:  # the config's datasets changed since the checkpoint (a new name is a new dataset)
-            warnings.warn(f"resuming from {path} with other datasets than it was saved with: {added or 'none'} "
-                          f"start from their beginning, {dropped or 'none'} are no longer read", stacklevel=2)
+        if (added or dropped) and self.rank == 0:  # the config's datasets changed (a new name is a new dataset)
+            changes = (([f"{added} start from their beginning"] if added else [])
+                       + ([f"{dropped} are no longer read"] if dropped else []))
+            warnings.warn(f"resuming from {path} with other datasets than it was saved with: {', '.join(changes)} (the "
+                          "others go on from their saved positions)", stacklevel=2)
         for name, source in self.sources.items():
             if name in data_states:
                 source.load_state_dict(data_states[name])

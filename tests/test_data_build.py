@@ -1,0 +1,44 @@
+"""`DatasetSource` reports: a data error from a DataLoader worker reaches the caller as the same one-line ValueError
+as without workers, and each data warning (an epoch's skips) is said once, as a warning, not also as a log record."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from flamingo.data import build_source
+from flamingo.data.build import WorkerTraceback
+from flamingo.data.fixtures import make_pairs, tiny_processor
+from flamingo.train.config import DatasetSection
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_data_error_in_a_worker_is_raised_with_its_own_message(tmp_path, processor, num_workers):
+    path = os.path.join(tmp_path, "missing.jsonl")
+    with open(path, "w") as f:  # every image missing: each stream stops at its 10th sample (max_bad_fraction)
+        f.writelines(json.dumps({"image": f"nope{i}.png", "caption": "a photo"}) + "\n" for i in range(24))
+    source = build_source(DatasetSection("p", "pairs", path, 2), processor, num_workers=num_workers)
+    with pytest.raises(ValueError) as raised:
+        next(iter(source))
+    message = str(raised.value)
+    assert message.startswith(f"10 of 10 samples read from {path!r} were bad {{'missing_file': 10}}"), message
+    assert "Traceback" not in message and "\n" not in message
+    if num_workers:  # the worker's traceback is kept as the cause, for a reader of the full traceback
+        assert isinstance(raised.value.__cause__, WorkerTraceback)
+        assert "Traceback" in str(raised.value.__cause__)
+
+
+def test_an_epochs_skips_are_reported_once(tmp_path, processor, caplog, recwarn):
+    data = make_pairs(str(tmp_path), 6)  # 6 good + 4 bad lines
+    source = build_source(DatasetSection("p", "pairs", data["path"], 2), processor)
+    with caplog.at_level(logging.INFO, logger="flamingo.data"):
+        assert len(list(source)) == 3
+    reports = [str(w.message) for w in recwarn if "epoch 0: skipped 4 bad sample(s)" in str(w.message)]
+    assert len(reports) == 1 and "dataset 'p' (rank 0)" in reports[0]
+    assert not [r for r in caplog.records if "skipped" in r.getMessage()]

@@ -2,8 +2,10 @@
 build a few-shot prompt with images, see the streamed answer (the API's greedy answer for the same conversation)
 and its figures, chat with an attached image, attach images by drag and drop and by paste; a refused turn goes back
 into the composer and the page says why (413, 400, a missing key, a file that is no image); New chat during a turn
-aborts it and keeps it out of the new chat; the small things (input methods' Enter, accessible names, no console
-errors, no empty demo sent, text drops, file types the server cannot read); screenshots are kept as artifacts.
+aborts it and keeps it out of the new chat; Stop (and Escape) ends an answer where it is and keeps it, marked; the
+small things (input methods' Enter, accessible names, no console errors, no empty demo sent, text drops, file types
+the server cannot read and APNG, which it reads, a phone's screen, long words, number settings that are no number,
+error answers that are no JSON, characters split over tokens); screenshots are kept as artifacts.
 
 Skipped without Chromium, except under CI (the environment variable CI set), where it fails instead."""
 
@@ -122,14 +124,20 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
             browser.find_element(By.ID, "run-fewshot").click()
             wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
             spans = browser.execute_script("return Array.from(document.querySelectorAll('#fewshot-output .tok'))"
-                                           ".map((s) => [s.textContent, s.dataset.logprob, s.title])")
+                                           ".map((s) => [s.textContent, s.dataset.logprob, s.dataset.tokens, s.title])")
             with_probs = httpx.post(url + "/v1/chat/completions", timeout=60, json={
                 "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 5}).json()
             entries = with_probs["choices"][0]["logprobs"]["content"]
-            assert spans and "".join(text for text, _, _ in spans) == answer
-            shown = iter(e["logprob"] for e in entries)  # tokens with no visible text of their own have no span
-            assert all(any(abs(float(lp) - v) < 1e-4 for v in shown) for _, lp, _ in spans)
-            assert all("%" in title and title.count("\n") == 5 for _, _, title in spans)
+            assert spans and "".join(text for text, *_ in spans) == answer
+            # a span is the tokens its text came with (a token without text of its own, a byte of a character or
+            # the leading space the chat drops, goes with the next piece): shaded by their joint probability
+            used = 0
+            for _, logprob, tokens, title in spans:
+                joint = sum(e["logprob"] for e in entries[used:used + int(tokens)])
+                assert abs(float(logprob) - joint) < 1e-4
+                assert "%" in title and title.count("\n") == (5 if tokens == "1" else int(tokens))
+                used += int(tokens)
+            assert len(entries) - used <= 1  # the stop token, whose text the answer leaves out, has no span
             browser.save_screenshot(str(ARTIFACTS / "serve-page-token-probabilities.png"))
 
             browser.find_element(By.ID, "tab-chat").click()
@@ -467,5 +475,246 @@ def test_page_input_methods_names_console_empty_demo_text_drops_and_file_types(t
             assert [m["role"] for m in body] == ["user", "assistant", "user"] and body[1]["content"] == "a dot."
             errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
+    finally:
+        browser.quit()
+
+
+def _slow_engine(tmp_path, step_seconds: float):
+    """A tiny engine whose decode steps sleep (an answer streams for seconds), and the jobs it was given with the kinds
+    of the events each was sent."""
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    decode_step = engine._decode_step
+
+    def slow_decode_step() -> None:
+        time.sleep(step_seconds)
+        decode_step()
+
+    engine._decode_step = slow_decode_step
+    jobs, events = [], []
+
+    def submit_all(batch) -> None:
+        for job in batch:
+            jobs.append(job)
+            events.append([])
+            emit = job.emit
+            job.emit = lambda event, emit=emit, kinds=events[-1]: (kinds.append(event.kind), emit(event))[1]
+        queue_all(batch)
+
+    queue_all, engine.submit_all = engine.submit_all, submit_all
+    return engine, jobs, events
+
+
+def test_page_stop_keeps_the_partial_answer_and_the_server_stops_generating(tmp_path, one_thread):
+    """Stop, shown in place of Send (Run) while an answer streams: the request is aborted (the server cancels its job
+    before its end), the answer so far stays, marked as stopped, and in the chat it is the assistant's turn sent with
+    the next one; stopped before any text, the turn goes back into the composer. Escape stops the few-shot run."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine, jobs, events = _slow_engine(tmp_path, 0.2)
+    browser = _browser()
+
+    def shown(element_id):
+        return browser.find_element(By.ID, element_id).is_displayed()
+
+    def text_of(selector):
+        return browser.execute_script("return document.querySelector(arguments[0]).textContent", selector)
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            fast = WebDriverWait(browser, 60, poll_frequency=0.05)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_script(RECORD)
+            browser.execute_script("document.getElementById('max-tokens').value = '400'")
+            assert shown("chat-send") and not shown("chat-stop")
+            browser.find_element(By.ID, "chat-input").send_keys("hello")
+            browser.find_element(By.ID, "chat-send").click()
+            fast.until(lambda b: text_of(".msg.assistant .text"))
+            assert shown("chat-stop") and not shown("chat-send")
+            browser.find_element(By.ID, "chat-stop").click()
+            wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-done") == "true")
+            WebDriverWait(browser, 10).until(lambda b: jobs[0].cancelled.is_set())  # the server stopped it ...
+            assert "done" not in events[0]  # ... before its end
+            partial = text_of(".msg.assistant .text")
+            reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant")
+            assert partial and "stopped" in reply.get_attribute("class")
+            assert text_of(".msg.assistant .stats").startswith("stopped by you")
+            assert browser.execute_script("return history") == [
+                {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+                {"role": "assistant", "content": partial}]
+            assert shown("chat-send") and not shown("chat-stop") and not browser.find_elements(By.CSS_SELECTOR, ".note")
+
+            browser.execute_script("document.getElementById('max-tokens').value = '2'")
+            browser.find_element(By.ID, "chat-input").send_keys("next")
+            browser.find_element(By.ID, "chat-send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']")) == 2)
+            assert _chat_bodies(browser)[-1]["messages"][1] == {"role": "assistant", "content": partial}
+
+            # stopped before the answer began: the turn goes back into the composer
+            browser.find_element(By.ID, "chat-input").send_keys("third")
+            browser.execute_script("document.getElementById('chat-send').click();"
+                                   "document.getElementById('chat-stop').click()")
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.note"))
+            assert "Stopped before the answer began" in text_of(".msg.note")
+            assert browser.find_element(By.ID, "chat-input").get_attribute("value") == "third"
+            assert browser.execute_script("return history.length") == 4
+
+            # few-shot: Escape stops the run
+            browser.find_element(By.ID, "tab-fewshot").click()
+            browser.execute_script("document.getElementById('max-tokens').value = '400'")
+            browser.find_element(By.ID, "run-fewshot").click()
+            fast.until(lambda b: text_of("#fewshot-output"))
+            assert shown("stop-fewshot") and not shown("run-fewshot")
+            ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+            wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+            WebDriverWait(browser, 10).until(lambda b: jobs[-1].cancelled.is_set())
+            assert "done" not in events[-1]
+            assert "stopped" in browser.find_element(By.ID, "fewshot-output").get_attribute("class")
+            assert text_of("#fewshot-output") and text_of("#fewshot-stats").startswith("stopped by you")
+            assert shown("run-fewshot") and not shown("stop-fewshot")
+            browser.save_screenshot(str(ARTIFACTS / "serve-page-stopped.png"))
+    finally:
+        browser.quit()
+
+
+# Answers of /v1/chat/completions crafted in the page (what the tiny model or a proxy would rarely give): the body,
+# status and content type set with `window.fake = [body, status, type]`; no reason phrase, as over HTTP/2.
+FAKE = """
+const fetchAsSent = window.fetch;
+window.fetch = function (url, options) {
+  if (!String(url).endsWith("/v1/chat/completions") || !window.fake) return fetchAsSent.apply(this, arguments);
+  window.sent.push({url: String(url), body: options && options.body});
+  const [body, status, type] = window.fake;
+  return Promise.resolve(new Response(body, {status, headers: {"content-type": type}}));
+};
+"""
+
+
+def _sse(*chunks: dict) -> str:
+    return "".join("data: " + json.dumps(c) + "\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def _token_chunk(text: str, token: str, logprob: float, raw: list[int]) -> dict:
+    entry = {"token": token, "logprob": logprob, "bytes": raw,
+             "top_logprobs": [{"token": token, "logprob": logprob, "bytes": raw}]}
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None,
+                         "logprobs": {"content": [entry]}}]}
+
+
+def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characters(tmp_path, one_thread):
+    """On a phone (360 px, mobile emulation) the composer fits the screen; an APNG is attached and read by the server;
+    an error answer without JSON (a proxy's HTML page, an empty 504) shows its status and what it says; a long word
+    wraps in the few-shot output; a number setting that is no number is refused in the page with a note naming it;
+    a character split over tokens is one span shaded by its tokens' joint probability, its title listing them."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    apng = tmp_path / "clip.apng"
+    frames = [random_image(1), random_image(2)]
+    frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:], duration=500)
+    assert Image.open(apng).n_frames == 2
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+
+    def count(selector):
+        return len(browser.find_elements(By.CSS_SELECTOR, selector))
+
+    def send(text="hi"):
+        browser.find_element(By.ID, "chat-clear").click()
+        browser.find_element(By.ID, "chat-input").send_keys(text)
+        browser.find_element(By.ID, "chat-send").click()
+        wait.until(lambda b: count(".msg.note") or count(".msg.assistant[data-done='true']"))
+
+    def note():
+        return browser.find_element(By.CSS_SELECTOR, ".msg.note .text").text
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_script(RECORD)
+            browser.execute_script("document.getElementById('max-tokens').value = '2'")
+
+            # a phone: nothing of the composer out of the screen, where no scrolling reaches
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+            outside = browser.execute_script("""
+                return Array.from(document.querySelectorAll('#composer *'))
+                  .map((el) => [el, el.getBoundingClientRect()])
+                  .filter(([el, r]) => r.width && (r.left < 0 || r.right > innerWidth)).map(([el]) => el.outerHTML)""")
+            assert not outside, outside
+            assert browser.execute_script("return document.documentElement.scrollWidth === innerWidth")
+            browser.save_screenshot(str(ARTIFACTS / "serve-page-phone.png"))
+            browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+            # an APNG (Chromium: image/apng) is attached, and the server reads it
+            browser.find_element(By.ID, "chat-file").send_keys(str(apng))
+            wait.until(lambda b: count("#chat-attachments .chip img") == 1)
+            assert browser.find_element(By.ID, "notice").text == ""
+            send()
+            assert not count(".msg.note") and count(".msg.user img") == 1
+            assert _chat_bodies(browser)[-1]["messages"][0]["content"][0]["image_url"]["url"].startswith(
+                "data:image/apng;base64,")
+
+            # number settings that are no number: refused in the page, the note names the field
+            sent = len(_chat_bodies(browser))
+            for field, name in (("temperature", "temperature is not a number"), ("max-tokens", "max tokens is not")):
+                element = browser.find_element(By.ID, field)
+                element.clear()
+                element.send_keys("e")
+                send()
+                assert name in note() and element.get_attribute("aria-invalid") == "true"
+                element.clear()
+                element.send_keys("2" if field == "max-tokens" else "0")
+                assert element.get_attribute("aria-invalid") is None  # edited: no longer marked
+            temperature = browser.find_element(By.ID, "temperature")
+            temperature.clear()
+            send()
+            assert "temperature is empty" in note()
+            temperature.send_keys("0")
+            assert len(_chat_bodies(browser)) == sent  # none of those was sent
+
+            # error answers without JSON: the status and what the body says, or where such an answer comes from
+            browser.execute_script(FAKE)
+            page = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1><hr>nginx</body>"
+            browser.execute_script("window.fake = arguments[0]", [page, 502, "text/html"])
+            send()
+            assert note().startswith("502: ") and "502 Bad Gateway nginx" in note()
+            browser.execute_script("window.fake = arguments[0]", ["", 504, "text/plain"])
+            send()
+            assert note().startswith("504: ") and "proxy" in note()
+
+            # a character split over tokens: its bytes come with no text of their own, then the whole character
+            split = _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                         _token_chunk("", "\ufffd", -0.5, [0xE2]), _token_chunk("", "\ufffd", -1.0, [0x82]),
+                         _token_chunk("€", "\ufffd", -0.25, [0xAC]), _token_chunk("5", "5", -0.1, [0x35]),
+                         {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            browser.find_element(By.ID, "show-probs").click()
+            browser.execute_script("window.fake = arguments[0]", [split, 200, "text/event-stream"])
+            send()
+            spans = browser.execute_script("return Array.from(document.querySelectorAll('.msg.assistant .tok'))"
+                                           ".map((s) => [s.textContent, +s.dataset.logprob, s.title])")
+            assert [(text, round(logprob, 6)) for text, logprob, _ in spans] == [("€", -1.75), ("5", -0.1)]
+            title = spans[0][2]
+            assert title.startswith('"€" 17.4%: 3 tokens together') and all(b in title for b in ("e2", "82", "ac"))
+            browser.find_element(By.ID, "show-probs").click()
+
+            # a long word wraps in the few-shot output: the page does not scroll sideways
+            word = "https://example.com/" + "a" * 300
+            answer = _sse({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": "stop"}]})
+            browser.execute_script("window.fake = arguments[0]", [answer, 200, "text/event-stream"])
+            browser.find_element(By.ID, "tab-fewshot").click()
+            browser.find_element(By.ID, "run-fewshot").click()
+            wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+            assert browser.find_element(By.ID, "fewshot-output").text == word
+            assert browser.execute_script("const o = document.getElementById('fewshot-output');"
+                                          "return [document.documentElement.scrollWidth - innerWidth,"
+                                          "        o.scrollWidth - o.clientWidth]") == [0, 0]
     finally:
         browser.quit()

@@ -2,7 +2,8 @@
 // API (streamed server-sent events) and show each answer's time to first token and tokens per second; with "token
 // probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover.
 // The chat shows what the server was sent: a turn that fails goes back into the composer (text and attachments),
-// and New chat aborts the turn on its way, of which nothing reaches the new chat.
+// and New chat aborts the turn on its way, of which nothing reaches the new chat. Stop (or Escape) ends an answer
+// where it is: the server stops generating it, and the page keeps what came, marked as stopped.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -61,25 +62,30 @@ function readAsDataURL(file) {
   });
 }
 
-// The files the server reads, by extension: images Pillow decodes, videos PyAV decodes. SVG (a drawing, not pixels)
-// and HEIC/HEIF (Pillow needs a plugin the server has not) are named in the notice, not attached.
+// The files the server reads: images Pillow decodes (the server reads the bytes, whatever type they are sent as),
+// videos PyAV decodes. By extension, for the file pickers' filter and for files the browser gives no type; a file the
+// browser types as an image is taken unless it is one of NOT_READ: SVG (a drawing, not pixels), HEIC/HEIF and JPEG XL
+// (Pillow needs plugins the server has not); those are named in the notice, not attached.
 const IMAGE_TYPES = {
-  png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp", bmp: "image/bmp",
-  tif: "image/tiff", tiff: "image/tiff", avif: "image/avif",
+  png: "image/png", apng: "image/apng", jpg: "image/jpeg", jpeg: "image/jpeg", jpe: "image/jpeg", jfif: "image/jpeg",
+  gif: "image/gif", webp: "image/webp", bmp: "image/bmp", tif: "image/tiff", tiff: "image/tiff", avif: "image/avif",
+  ico: "image/x-icon", jp2: "image/jp2", tga: "image/x-tga", ppm: "image/x-portable-pixmap",
+  pgm: "image/x-portable-graymap", pbm: "image/x-portable-bitmap", psd: "image/vnd.adobe.photoshop",
 };
+const NOT_READ = /^image\/(svg|hei[cf]|jxl)/;
 const VIDEO_TYPES = {
   mp4: "video/mp4", m4v: "video/mp4", mov: "video/quicktime", webm: "video/webm", mkv: "video/x-matroska",
   avi: "video/x-msvideo",
 };
 const TYPES = { ...IMAGE_TYPES, ...VIDEO_TYPES };
-const READ_IMAGES = new Set(Object.values(IMAGE_TYPES));
 // The file pickers' filter: those types, and their extensions for systems that give some files no type.
-const ACCEPT = [...READ_IMAGES, "video/*", ...Object.keys(TYPES).map((ext) => "." + ext)].join(",");
+const ACCEPT = [...new Set(Object.values(IMAGE_TYPES)), "video/*", ...Object.keys(TYPES).map((ext) => "." + ext)]
+  .join(",");
 
-// A file's media type: the browser's when the server reads it (any video), else its name's extension's; "" for
-// a file that is no image or video the server reads.
+// A file's media type: the browser's when the server reads it (an image not NOT_READ, any video), else its name's
+// extension's; "" for a file that is no image or video the server reads.
 function mediaType(file) {
-  if (READ_IMAGES.has(file.type) || file.type.startsWith("video/")) return file.type;
+  if ((file.type.startsWith("image/") && !NOT_READ.test(file.type)) || file.type.startsWith("video/")) return file.type;
   const dot = file.name.lastIndexOf(".");
   return (dot >= 0 && TYPES[file.name.slice(dot + 1).toLowerCase()]) || "";
 }
@@ -90,7 +96,7 @@ function mediaFiles(list) {
   const skipped = files.filter((f) => !mediaType(f)).map((f) => f.name || "(a file without a name)");
   const heic = skipped.some((name) => /\.hei[cf]$/i.test(name)) ? " (a HEIC photo: export it as JPEG)" : "";
   notify(skipped.length ? `Not attached: ${skipped.join(", ")}: not an image (PNG, JPEG, GIF, WebP, BMP, TIFF, ` +
-                          `AVIF) or a video the server reads${heic}` : "");
+                          `AVIF, ...) or a video the server reads${heic}` : "");
   return files.filter((f) => mediaType(f));
 }
 
@@ -142,91 +148,157 @@ for (const type of ["dragover", "drop"]) {
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
-// The max tokens field as sent: the number typed (the server says what it refuses: 0, over its cap), or an error.
-function maxTokens() {
-  const typed = $("#max-tokens").value.trim();
-  if (typed === "") throw new Error("max tokens is empty: enter how many tokens the answer may have");
-  return Number(typed);
+// A number setting as sent: the number typed (the server says what it refuses: 0, over its cap), or an error naming
+// the field, which is marked until it is edited. A number field reads "" both when it is empty and when what is typed
+// is no number ("e", "12e", "1e400"): validity.badInput tells them apart.
+function numberSetting(selector, name, hint) {
+  const field = $(selector);
+  const problem = field.validity.badInput ? "is not a number" : field.value === "" ? "is empty" : "";
+  if (!problem) return Number(field.value);
+  field.setAttribute("aria-invalid", "true");
+  throw new Error(`${name} ${problem}: enter ${hint}`);
+}
+for (const field of [$("#max-tokens"), $("#temperature")]) {
+  field.addEventListener("input", () => field.removeAttribute("aria-invalid"));
 }
 
-// POST a chat request with stream=true; onText(delta, entry) per token (entry: its logprobs entry, when asked for);
-// resolves to the answer's figures. tooLarge: what to do about a body over the server's limit (413); signal: an
-// AbortSignal that cancels the request (the server then stops generating it).
+// What an error response says: its JSON error's message, else (a proxy's page, a body cut short) the status's reason
+// phrase (none over HTTP/2) or a sentence saying where such an answer may come from, then the body's words, trimmed.
+async function errorMessage(response) {
+  const text = await response.text().catch(() => "");
+  try {
+    const message = JSON.parse(text).error.message;
+    if (message) return message;
+  } catch (e) { /* not the server's JSON error */ }
+  let words = text;
+  if (/html/i.test(response.headers.get("content-type") || "") || /^\s*</.test(text)) {  // its text, not its tags
+    const page = new DOMParser().parseFromString(text, "text/html");  // inert: nothing of it runs or loads
+    for (const el of page.querySelectorAll("script, style")) el.remove();
+    const walker = page.createTreeWalker(page.body, NodeFilter.SHOW_TEXT);
+    for (words = ""; walker.nextNode();) words += " " + walker.currentNode.data;
+  }
+  words = words.replace(/\s+/g, " ").trim();
+  if (words.length > 200) words = words.slice(0, 200) + "…";
+  const what = response.statusText || (words ? "an error page, not the server's JSON error (from a proxy before it?)"
+                                             : "an empty error answer (from a proxy before the server?)");
+  return words ? `${what}: ${words}` : what;
+}
+
+// POST a chat request with stream=true; onText(text, entries) per piece of the answer's text (entries, when logprobs
+// are asked for: those of the tokens that make it up, as a token whose text the server holds back, a byte of a
+// character not yet complete or the leading space a chat answer drops, comes with the next piece's). Resolves to the
+// answer's figures. tooLarge: what to do about a body over the server's limit (413); signal: an AbortSignal that
+// stops the request (the server then stops generating it): the figures so far, `stopped` set.
 async function streamChat(messages, onText, tooLarge, signal) {
   const body = {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
-    max_tokens: maxTokens(), temperature: parseFloat($("#temperature").value) || 0,
+    max_tokens: numberSetting("#max-tokens", "max tokens", "how many tokens the answer may have"),
+    temperature: numberSetting("#temperature", "temperature", "0 (the likeliest token each time) to 2"),
   };
-  if ($("#show-probs").checked) Object.assign(body, { logprobs: true, top_logprobs: 5 });
+  const probs = $("#show-probs").checked;
+  if (probs) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const start = performance.now();
-  const response = await fetch("/v1/chat/completions",
-                               { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
-  if (!response.ok) {
-    let message = response.statusText;
-    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
-    if (response.status === 413) message += ". " + tooLarge;
-    if (response.status === 401) message += ". Enter the server's API key above.";
-    throw new Error(`${response.status}: ${message}`);
-  }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "", first = null, last = null, tokens = 0, reason = null, promptTokens = 0, cached = 0;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-      const chunk = JSON.parse(event.slice(6));
-      if (chunk.error) throw new Error(chunk.error.message);
-      if (chunk.usage) {
-        tokens = chunk.usage.completion_tokens;
-        promptTokens = chunk.usage.prompt_tokens;
-        cached = (chunk.usage.prompt_tokens_details || {}).cached_tokens || 0;  // the server's prefix cache
-      }
-      for (const choice of chunk.choices || []) {
-        const delta = choice.delta || {};
-        if (typeof delta.content === "string" && !delta.role) {  // one chunk per token (maybe empty text)
-          const now = performance.now();
-          if (first === null) first = now;
-          last = now;
-          if (delta.content) onText(delta.content, choice.logprobs ? choice.logprobs.content[0] : null);
+  let first = null, last = null, received = 0, tokens = null, reason = null, promptTokens = 0, cached = 0;
+  let stopped = false;
+  try {
+    const response = await fetch("/v1/chat/completions",
+                                 { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+    if (!response.ok) {
+      let message = await errorMessage(response);
+      if (response.status === 413) message += ". " + tooLarge;
+      if (response.status === 401) message += ". Enter the server's API key above.";
+      throw new Error(`${response.status}: ${message}`);
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", pending = [];  // pending: the logprobs entries of tokens whose text has not come yet
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+        const chunk = JSON.parse(event.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) {
+          tokens = chunk.usage.completion_tokens;
+          promptTokens = chunk.usage.prompt_tokens;
+          cached = (chunk.usage.prompt_tokens_details || {}).cached_tokens || 0;  // the server's prefix cache
         }
-        if (choice.finish_reason) reason = choice.finish_reason;
+        for (const choice of chunk.choices || []) {
+          const delta = choice.delta || {};
+          if (typeof delta.content === "string" && !delta.role) {  // one chunk per token (maybe empty text)
+            const now = performance.now();
+            if (first === null) first = now;
+            last = now;
+            received += 1;
+            if (choice.logprobs && choice.logprobs.content) pending.push(...choice.logprobs.content);
+            if (delta.content) {
+              onText(delta.content, probs ? pending : null);
+              pending = [];
+            }
+          }
+          if (choice.finish_reason) reason = choice.finish_reason;
+        }
       }
     }
+  } catch (e) {
+    if (!(signal && signal.aborted)) throw e;
+    stopped = true;
   }
   const end = performance.now();
   first = first === null ? end : first;
+  tokens = tokens === null ? received : tokens;
   const decodeSeconds = ((last || end) - first) / 1000;
-  return { ttftMs: first - start, tokens, reason, promptTokens, cached,
+  return { ttftMs: first - start, tokens, reason, promptTokens, cached, stopped,
            tokensPerSecond: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null };
 }
 
-// Append a piece of an answer to `out`: plain text, or (with a logprobs entry) a span shaded by the token's
-// probability whose title lists the likeliest alternatives.
-function appendPiece(out, text, entry) {
-  if (!entry) { out.append(text); return; }
-  const p = Math.exp(entry.logprob);
+// A token's text for a title; a byte of a character split over tokens reads "\ufffd": its bytes say which.
+function tokenLabel(t) {
+  if (!t.token.includes("\ufffd") || !t.bytes) return JSON.stringify(t.token);
+  return `${JSON.stringify(t.token)} <${t.bytes.map((b) => b.toString(16).padStart(2, "0")).join(" ")}>`;
+}
+
+// Append a piece of an answer to `out`: plain text, or (with the logprobs entries of its tokens) a span shaded by
+// their joint probability, whose title lists the likeliest alternatives of its token, or each of its tokens.
+function appendPiece(out, text, entries) {
+  if (!entries || !entries.length) { out.append(text); return; }
+  const logprob = entries.reduce((sum, entry) => sum + entry.logprob, 0);
+  const p = Math.exp(logprob);
   const span = document.createElement("span");
   span.className = "tok";
   span.textContent = text;
-  span.dataset.logprob = entry.logprob;
+  span.dataset.logprob = logprob;
+  span.dataset.tokens = entries.length;
   span.style.background = `rgba(217, 72, 15, ${(0.6 * (1 - p)).toFixed(3)})`;
-  const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
-  const alternatives = entry.top_logprobs.map((t) => `${JSON.stringify(t.token)} ${percent(t.logprob)}`);
-  span.title = `${JSON.stringify(entry.token)} ${percent(entry.logprob)}\n` + alternatives.join("\n");
+  const percent = (lp) => `${(100 * Math.exp(lp)).toFixed(1)}%`;
+  const alternatives = (entry) => entry.top_logprobs.map((t) => `${tokenLabel(t)} ${percent(t.logprob)}`);
+  if (entries.length === 1) {
+    span.title = `${tokenLabel(entries[0])} ${percent(logprob)}\n` + alternatives(entries[0]).join("\n");
+  } else {
+    span.title = `${JSON.stringify(text)} ${percent(logprob)}: ${entries.length} tokens together\n` + entries.map(
+      (entry) => `${tokenLabel(entry)} ${percent(entry.logprob)}; likeliest: ${alternatives(entry).join(", ")}`)
+      .join("\n");
+  }
   out.append(span);
 }
 
 function describe(stats) {
   const speed = stats.tokensPerSecond === null ? "–" : stats.tokensPerSecond.toFixed(1);
   const cached = stats.cached ? ` · ${stats.cached} of ${stats.promptTokens} prompt tokens cached` : "";
-  return `time to first token ${stats.ttftMs.toFixed(0)} ms · ${speed} tokens/s · ${stats.tokens} tokens` +
-         `${cached} · ${stats.reason || ""}`;
+  const figures = `time to first token ${stats.ttftMs.toFixed(0)} ms · ${speed} tokens/s · ${stats.tokens} tokens`;
+  return stats.stopped ? `stopped by you · ${figures}` : `${figures}${cached} · ${stats.reason || ""}`;
+}
+
+// The Stop button in place of `start` (Send, Run) while `running`.
+function showStop(start, stop, running) {
+  start.hidden = running;
+  start.disabled = running;
+  stop.hidden = !running;
 }
 
 // ------------------------------------------------------------------------------------------------ chat
@@ -306,24 +378,27 @@ async function sendChat() {
   const out = $(".text", reply);
   const mine = chat;
   turn = new AbortController();
-  $("#chat-send").disabled = true;
+  showStop($("#chat-send"), $("#chat-stop"), true);
   let stats = null, error = null;
   try {
-    stats = await streamChat(history, (t, entry) => appendPiece(out, t, entry), TOO_LARGE_CHAT, turn.signal);
+    stats = await streamChat(history, (t, entries) => appendPiece(out, t, entries), TOO_LARGE_CHAT, turn.signal);
   } catch (e) {
     error = e;
   }
   if (mine !== chat) return;  // New chat since: this turn was aborted, and its conversation is gone
+  // Stopped: the answer so far stays in the conversation, marked; stopped before any text, the turn goes back.
+  if (!error && stats.stopped && !out.textContent) error = new Error("Stopped before the answer began");
   if (error) {
     history.pop();
     restoreTurn(sent, media, text, reply, error);
   } else {
     history.push({ role: "assistant", content: out.textContent });
+    reply.classList.toggle("stopped", stats.stopped);
     $(".stats", reply).textContent = describe(stats);
   }
   reply.dataset.done = "true";
   turn = null;
-  $("#chat-send").disabled = false;
+  showStop($("#chat-send"), $("#chat-stop"), false);
 }
 
 $("#chat-file").accept = ACCEPT;
@@ -342,8 +417,10 @@ $("#chat-clear").addEventListener("click", () => {
   turn = null;
   history.length = 0;
   $("#messages").replaceChildren();
-  $("#chat-send").disabled = false;
+  showStop($("#chat-send"), $("#chat-stop"), false);
 });
+// Stop: the answer stops where it is (the server stops generating it) and stays, marked as stopped.
+$("#chat-stop").addEventListener("click", () => { if (turn) turn.abort(); });
 
 // ------------------------------------------------------------------------------------------------ few-shot
 // Each demo and the query hold one medium in `el.medium`, set by their file input or a drop / paste.
@@ -383,27 +460,41 @@ function fewShotMessages() {
   return messages;
 }
 
+let fewShotRun = null;  // the AbortController of the run on its way, if any
+
 async function runFewShot() {
   const out = $("#fewshot-output");
   out.dataset.done = "false";
-  out.classList.remove("error");
+  out.classList.remove("error", "stopped");
   out.textContent = "";
   $("#fewshot-stats").textContent = "";
-  $("#run-fewshot").disabled = true;
+  fewShotRun = new AbortController();
+  showStop($("#run-fewshot"), $("#stop-fewshot"), true);
   try {
-    const stats = await streamChat(fewShotMessages(), (t, entry) => appendPiece(out, t, entry),
-                                   "Use fewer demos, or fewer or smaller images and videos");
-    $("#fewshot-stats").textContent = describe(stats);
+    const stats = await streamChat(fewShotMessages(), (t, entries) => appendPiece(out, t, entries),
+                                   "Use fewer demos, or fewer or smaller images and videos", fewShotRun.signal);
+    out.classList.toggle("stopped", stats.stopped);
+    $("#fewshot-stats").textContent = stats.stopped && !out.textContent ? "stopped before the answer began"
+                                                                        : describe(stats);
   } catch (e) {
     out.classList.add("error");
     out.textContent = e.message;
   } finally {
     out.dataset.done = "true";
-    $("#run-fewshot").disabled = false;
+    fewShotRun = null;
+    showStop($("#run-fewshot"), $("#stop-fewshot"), false);
   }
 }
 
 mediaSlot($("#query"), $("#query-file"));
 $("#add-demo").addEventListener("click", addDemo);
 $("#run-fewshot").addEventListener("click", runFewShot);
+$("#stop-fewshot").addEventListener("click", () => { if (fewShotRun) fewShotRun.abort(); });
+
+// Escape stops the answer streaming in the tab on screen (not an input method's composition being cancelled).
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape" || e.isComposing) return;
+  const running = $("#chat").classList.contains("active") ? turn : fewShotRun;
+  if (running) { e.preventDefault(); running.abort(); }
+});
 addDemo();

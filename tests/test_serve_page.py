@@ -284,25 +284,9 @@ def test_page_new_chat_aborts_the_turn_on_its_way_and_keeps_it_out_of_the_new_ch
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
-    decode_step = engine._decode_step
-
-    def slow_decode_step() -> None:  # an answer (22 tokens) still streaming when New chat is clicked
-        time.sleep(0.2)
-        decode_step()
-
-    engine._decode_step = slow_decode_step
-    jobs, events = [], []  # each job the server queued, and the kinds of the events the engine sent it
-
-    def submit_all(batch) -> None:
-        for job in batch:
-            jobs.append(job)
-            events.append([])
-            emit = job.emit
-            job.emit = lambda event, emit=emit, kinds=events[-1]: (kinds.append(event.kind), emit(event))[1]
-        queue_all(batch)
-
-    queue_all, engine.submit_all = engine.submit_all, submit_all
+    # an answer (22 tokens) still streaming when New chat is clicked; each job the server queued, and the kinds of
+    # the events the engine sent it
+    engine, jobs, events = _slow_engine(tmp_path, 0.2)
     browser = _browser()
 
     def count(selector):

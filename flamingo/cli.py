@@ -65,6 +65,32 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
+    value = _parsed(text, int, "an integer")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0: any free one), got {value}")
+    return value
+
+
+def host_name(text: str) -> str:
+    """An argparse type: `--host`, never empty (what `--host "$HOST"` passes with the variable unset), which the
+    server would read as every interface."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no interface (empty, it would bind every one): name it, "
+                                         "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    return text
+
+
+def non_empty_key(text: str) -> str:
+    """An argparse type: `--api-key`, never empty or blank (what `--api-key "$KEY"` passes with the variable unset):
+    an empty key must not mean a server without authentication."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty key: give the key, or leave out --api-key to serve "
+                                         "without one")
+    return text
+
+
 def check_device(name: str) -> None:
     """`--device` usable here (`runtime.device.check_device`, imported late: torch loads only for commands)."""
     from .runtime.device import check_device as check
@@ -87,8 +113,11 @@ def needs_extra(command: str, extra: str) -> Iterator[None]:
 
 
 def check_output_file(output: str, source: Optional[str] = None) -> None:
-    """Before any work: `output` is a file that can be written (its directory made if missing), not a directory and
-    not `source` (the input it is computed from: replacing it would lose the input)."""
+    """Before any work: `output` is a file that can be written (its directory made if missing), named, not a
+    directory and not `source` (the input it is computed from: replacing it would lose the input)."""
+    from .runtime.checkpoint_io import check_named
+
+    check_named(output, "--output")
     if os.path.isdir(output):
         raise ValueError(f"--output {output!r} is a directory: name the file to write")
     if source is not None and os.path.exists(output) and os.path.samefile(output, source):
@@ -100,6 +129,18 @@ def check_output_file(output: str, source: Optional[str] = None) -> None:
         raise ValueError(f"--output {output!r}: cannot make its directory ({e})") from None
     if not os.access(directory, os.W_OK):
         raise ValueError(f"--output {output!r}: its directory {directory!r} is not writable")
+
+
+def check_outside_model(target: str, model: str, what: str) -> None:
+    """Refuse `target` (`what`, a path the command writes) inside a local `model` directory: a file written there
+    may replace one of the model's, and `flamingo push` uploads whatever the directory holds. A Hub name is not
+    checked."""
+    if not os.path.isdir(model):
+        return
+    out, src = os.path.realpath(target), os.path.realpath(model)
+    if os.path.commonpath([out, src]) == src:
+        raise ValueError(f"{what} {target!r} is inside the model directory {model!r}: put it elsewhere (a file "
+                         "there may replace one of the model's, and `flamingo push` uploads the whole directory)")
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -274,9 +315,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
         raise ValueError("--temperature, --top-k and --top-p shape sampling: add --sample (without it the "
                          "continuation is greedy or beam search)")
-    if args.temperature <= 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or \
-            (args.top_k is not None and args.top_k < 1):
-        raise ValueError("sampling needs --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
+    if not 0 < args.temperature < math.inf or (args.top_p is not None and not 0 < args.top_p <= 1) or \
+            (args.top_k is not None and args.top_k < 1):  # (NaN fails too)
+        raise ValueError("sampling needs a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
+    if not 0 < args.repetition_penalty < math.inf:
+        raise ValueError(f"--repetition-penalty must be a finite number > 0 (1: none), got {args.repetition_penalty}")
     check_device(args.device)
     model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)
@@ -355,7 +398,12 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     from .serve.server import build_engine, settings_for
 
     check_device(args.device)
-    settings = settings_for(args.model, api_key=args.api_key or None, max_body_mb=args.max_body_mb,
+    if args.batch_dir is not None:
+        from .runtime.checkpoint_io import check_named
+
+        check_named(args.batch_dir, "--batch-dir")
+        check_outside_model(args.batch_dir, args.model, "--batch-dir")
+    settings = settings_for(args.model, api_key=args.api_key, max_body_mb=args.max_body_mb,
                             max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                             media_root=args.media_root, allow_remote_media=args.allow_remote_media,
                             allow_private_media_hosts=args.allow_private_media_hosts,
@@ -399,6 +447,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"no input file {args.input!r}")
     check_output_file(args.output, args.input)  # before the model loads and the requests run
+    check_outside_model(args.output, args.model, "--output")
     engine, settings = _engine_and_settings(args)
     report = run_batch(engine, settings, args.input, args.output, concurrency=args.concurrency,
                        progress=not args.no_progress)
@@ -465,7 +514,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=positive_int, default=20_000_000, help="per image or video frame")
     p.add_argument("--max-video-seconds", type=positive_float, default=600.0,
                    help="longer videos are refused (decoding time grows with the length)")
-    p.add_argument("--media-root", default=None, help="local media paths are read only under this directory")
+    p.add_argument("--media-root", default=None,
+                   help="local media paths are read only under this directory (which must exist)")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="fetch http(s) media URLs (from public addresses only)")
     p.add_argument("--allow-private-media-hosts", action="store_true",
@@ -500,10 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
-    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample: a finite number > 0")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="a finite number > 0 (1: none)")
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
@@ -516,11 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a web page at /")
     _add_engine_options(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None,
-                     help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health")
-    srv.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get to finish on SIGTERM")
+    srv.add_argument("--host", type=host_name, default="127.0.0.1",
+                     help="interface to bind (default: loopback only; 0.0.0.0: every interface; never empty)")
+    srv.add_argument("--port", type=port_number, default=8000, help="0 to 65535 (0: any free port)")
+    srv.add_argument("--api-key", type=non_empty_key, default=None,
+                     help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health "
+                          "(an empty key is refused: leave the option out to serve without one)")
+    srv.add_argument("--grace", type=non_negative_float, default=30,
+                     help="seconds in-flight requests get to finish on SIGTERM (a finite number >= 0)")
     srv.add_argument("--batch-dir", default=None,
                      help="serve OpenAI's Files and Batch APIs (/v1/files, /v1/batches), keeping files and batches "
                           "in this directory; a batch left running runs again on restart (docs/serve.md)")
@@ -656,7 +709,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input (a path, a file's content, a server to reach): said in one line
         print(f"flamingo: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROC
 from .references import reference_token, resolve_declarations
 from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
-from .runtime.hub import metadata_dir
+from .runtime.hub import local_or_hub, metadata_dir
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
     TooManyPixels,
@@ -230,8 +230,10 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
 
     A local directory holding no tokenizer files (`has_tokenizer_files`: a backbone saved by `save_pretrained`
     alone, a saved Flamingo's `lm/`) is a ValueError naming it and what to pass, not transformers' advice to install
-    sentencepiece or tiktoken."""
+    sentencepiece or tiktoken; a path that does not exist, or a file, is a FileNotFoundError naming it
+    (`local_or_hub`), as a vision tower's or LM's is."""
     name = os.fspath(name_or_path)
+    local_or_hub(name, "tokenizer")
     if os.path.isdir(name) and not has_tokenizer_files(name):
         raise ValueError(f"no tokenizer files in {name!r} (no tokenizer.json, tokenizer_config.json, vocabulary or "
                          "SentencePiece model): give the tokenizer's directory (model.tokenizer / --tokenizer), e.g. "

@@ -273,3 +273,27 @@ def test_a_dataset_without_a_path_is_refused_naming_it_and_the_key_to_set():
     for path in (None, 3, ""):  # a DatasetSection built in Python reaches the loader unchecked
         with pytest.raises(ValueError, match=rf"a dataset path must be a file, .*got {path!r}"):
             expand_path(path)
+
+
+def test_string_fields_yaml_reads_as_numbers_or_dates_and_output_dirs_that_are_files_are_refused(tmp_path):
+    """`output_dir: 2024` (an int to YAML) or `2024-06-01` (a date) crashed with a TypeError once the model was
+    built, as did an output_dir naming a file (FileExistsError); each is refused naming the key, with how to quote."""
+    import datetime
+    import re
+
+    data = [{"name": "a", "kind": "pairs", "path": "x"}]
+    for section, key, value, why in (
+            ("train", "output_dir", 2024, "got 2024 (YAML reads it as an integer: quote it, \"2024\","),
+            ("train", "output_dir", datetime.date(2024, 6, 1), "(YAML reads it as a date: quote it, \"2024-06-01\","),
+            ("model", "lm", 5, "or null, got 5"),
+            ("train", "precision", True, "got True (YAML reads it as a flag")):
+        with pytest.raises(ValueError, match=rf"^{section}.{key} must be a string.*{re.escape(why)}"):
+            parse_config({"data": data, section: {key: value}})
+    with pytest.raises(ValueError, match=r"^data\[0\].name must be a string, got 7"):
+        parse_config({"data": [{"name": 7, "kind": "pairs", "path": "x"}]})
+    (tmp_path / "f").write_text("x")
+    for output_dir, why in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "run", "goes through the file"),
+                            ("", "an empty path")):
+        with pytest.raises(ValueError, match=f"train.output_dir.*{why}"):
+            parse_config({"data": data, "train": {"output_dir": str(output_dir)}})
+    assert parse_config({"data": data, "train": {"output_dir": str(tmp_path / "new")}}).train.output_dir

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the loaders (transformers, torch) are imported when a comma
 
 
 def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
+    """`--option key=value` items -> {key: value}, each value read as YAML (`max_tokens=64` an integer)."""
     import yaml
 
     options: dict[str, Any] = {}
@@ -23,8 +24,41 @@ def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--option {item!r} is not key=value")
         key, value = item.split("=", 1)
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"--option {item!r}: the value is not valid YAML ({problem}); quote text: "
+                             f"'{key}=\"...\"'") from None
     return options
+
+
+def _count(least: int) -> Any:
+    """An argparse type: an integer >= `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_out_dir(out: str) -> None:
+    """`inspect --out`: made before the records are read, so that a path that cannot be a directory (an existing
+    file, a path through one) is said at once, not after the whole pass."""
+    from ..runtime.checkpoint_io import check_named
+
+    check_named(out, "--out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file: name a directory for summary.json and contact_sheet.png")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be a directory: {e.strerror or e}") from None
 
 
 def load_tokenizing_processor(directory: str) -> "FlamingoProcessor":
@@ -54,6 +88,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_dataset, write_report
 
     options = _parse_options(args.option)
+    if args.tokenizer_from:  # a missing path or a file, said before the records are read
+        from ..runtime.hub import local_or_hub
+
+        local_or_hub(args.tokenizer_from, "--tokenizer-from")
+    if args.out is not None:
+        _check_out_dir(args.out)
     kind = chosen_kind(args.kind, args.path, options)
     processor = load_tokenizing_processor(args.tokenizer_from) if args.tokenizer_from else None
     report = inspect_dataset(args.path, kind, processor, options=options, limit=args.limit, show=args.show)
@@ -94,8 +134,10 @@ def add_data_subcommands(subparsers: Any) -> None:
                       help="a saved Flamingo model/processor or HF tokenizer directory (counts tokens, truncates)")
     insp.add_argument("--out", default=None, help="directory for summary.json and contact_sheet.png")
     insp.add_argument("--option", action="append", help="dataset option key=value (e.g. image_dir=imgs), repeatable")
-    insp.add_argument("--limit", type=int, default=None, help="read at most this many records")
-    insp.add_argument("--show", type=int, default=6, help="samples on the contact sheet")
+    insp.add_argument("--limit", type=_count(1), default=None,
+                      help="read at most this many records (>= 1; default: all)")
+    insp.add_argument("--show", type=_count(0), default=6,
+                      help="samples on the contact sheet (>= 0; 0: none drawn)")
     insp.set_defaults(func=_cmd_inspect)
 
     pk = sub.add_parser("pack", help="JSONL/CSV (+ media files) or an image folder -> WebDataset tar shards")

@@ -44,13 +44,32 @@ class ShardWriter:
     """Writes members into `pattern % index` tars, starting a new shard every `shard_size` samples."""
 
     def __init__(self, pattern: str, shard_size: int) -> None:
+        """pattern: `--out`, a directory (its shards `shard-%06d.tar`) or a pattern with one integer field; checked
+        here, before any row is read: one that formats no shard name, or whose shards' directory cannot be made
+        (an existing file, a path through one), is a ValueError naming it."""
         if shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        out = pattern
+        if not os.fspath(out).strip():
+            raise ValueError(f"--out {out!r} names nothing: give a directory or a pattern like out/shard-%06d.tar")
         if "%" not in pattern and not pattern.lower().endswith(".tar"):  # a directory (made if need be)
             pattern = os.path.join(pattern, "shard-%06d.tar")
         if "%" not in pattern:
             raise ValueError(f"--out must be a directory or a pattern with a %d field (shard-%06d.tar), "
                              f"got {pattern!r}")
+        try:
+            first = pattern % 0
+        except (TypeError, ValueError) as e:  # `%d-%d`, a lone `%`
+            raise ValueError(f"--out {out!r}: a pattern needs exactly one %d field (shard-%06d.tar; %% for a "
+                             f"literal %): {e}") from None
+        if first == pattern % 1:
+            raise ValueError(f"--out {out!r}: a pattern needs exactly one %d field (shard-%06d.tar), which numbers "
+                             "the shards: each would replace the last")
+        path = os.path.dirname(os.path.abspath(first))
+        while not os.path.exists(path):  # the nearest part that exists must be a directory
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"--out {out!r}: the shards' directory cannot be made, {path!r} is a file")
         self.pattern, self.shard_size = pattern, shard_size
         self.paths: list[str] = []
         self._tar: Optional[tarfile.TarFile] = None
@@ -233,6 +252,13 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
         raise ValueError("give exactly one of --from FILE (.jsonl/.csv/.json) or --images DIR")
     if images is not None and kind != "pairs":
         raise ValueError("--images DIR (images with .txt captions) packs image-text pairs only (--kind pairs)")
+    if images is not None and not os.path.isdir(images):
+        raise ValueError(f"--images {images!r} is not a directory (of images with same-name .txt captions)")
+    if image_dir is not None and kind != "interleaved":
+        raise ValueError(f"--image-dir is where an interleaved table's image_name files are: a {kind} table's rows "
+                         "name their media relative to the table; leave it out")
+    if image_dir is not None and not os.path.isdir(image_dir):
+        raise ValueError(f"--image-dir {image_dir!r} is not a directory")
     writer = ShardWriter(out, shard_size)
     skipped: Counter[str] = Counter()
     n = dropped = 0  # dropped: missing images of packed documents

@@ -40,6 +40,17 @@ def _cache_mb(value: str) -> float:
     return size
 
 
+def _finite(value: str) -> float:
+    """--length-penalty: a finite number (NaN would rank every beam alike)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
 def _query_set(value: str) -> Any:
     """--query-set: a number >= 1, or "all" (the whole train split)."""
     if value.lower() == "all":
@@ -92,7 +103,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "HatefulMemes ranking, docs/eval.md)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--length-penalty", type=float, default=None,
+    p.add_argument("--length-penalty", type=_finite, default=None,
                    help="beam search's length penalty (default 0.0, OpenFlamingo's: beams ranked by summed "
                         "log-probability; 1.0 divides it by the length, transformers' default)")
     p.add_argument("--cider-tokenizer", choices=TOKENIZERS, default="auto",
@@ -126,7 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..runtime.device import check_device
     from ..runtime.distributed import default_device, init_process_group_from_env
     from .distributed import rank
-    from .remote import RemoteModel
+    from .remote import RemoteModel, ServerError
     from .runner import evaluate, markdown_table
 
     if args.device is not None and not args.server:
@@ -135,21 +146,25 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         quiet_transformers(args.no_progress)
         dtype = torch_dtype(args.dtype) if args.dtype else None
-        if args.server:  # the server holds the model; the harness needs only its processor
-            processor = load_processor(args.model, revision=args.revision)
-            model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
-        else:
-            model, processor = load_model(args.model, torch_dtype=dtype, device=default_device(args.device),
-                                          quantize_frozen=args.quantize_frozen, revision=args.revision)
-        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams),
-                                        ("length_penalty", args.length_penalty)) if v is not None}
-        results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
-                           demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
-                           batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
-                           template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
-                           progress=not args.no_progress, generation=generation or None,
-                           cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
-                           chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by)
+        try:  # a server that cannot be reached, or answers an error (a wrong key): said in one line
+            if args.server:  # the server holds the model; the harness needs only its processor
+                processor = load_processor(args.model, revision=args.revision)
+                model: Any = RemoteModel(args.server, api_key=args.api_key, concurrency=args.concurrency)
+                model.positions()  # asked now: an unreachable server or a wrong key is said before the data load
+            else:
+                model, processor = load_model(args.model, torch_dtype=dtype, device=default_device(args.device),
+                                              quantize_frozen=args.quantize_frozen, revision=args.revision)
+            generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams),
+                                            ("length_penalty", args.length_penalty)) if v is not None}
+            results = evaluate(model, processor, args.task, args.data, shots=args.shots, trials=args.trials,
+                               demos=args.demos, query_set=args.query_set, num_samples=args.num_samples,
+                               batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
+                               template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
+                               progress=not args.no_progress, generation=generation or None,
+                               cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
+                               chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by)
+        except ServerError as e:
+            raise ValueError(str(e)) from None
         if rank() == 0:
             print(markdown_table(results))
             print(json.dumps({"task": results["task"], "out": args.out,

@@ -49,6 +49,11 @@ def media_type(path: str) -> str:
     return guessed if guessed and guessed.startswith("image/") else "image/png"
 
 
+class ServerError(RuntimeError):
+    """The server could not be reached or answered with an error (its message said): the run cannot go on, and the
+    fault is the server's or its address's, not the harness's."""
+
+
 class RemoteModel:
     """Predictions from a server: `base_url` (e.g. http://127.0.0.1:8000), its API key, requests in flight at once."""
 
@@ -70,8 +75,12 @@ class RemoteModel:
 
     def _card(self) -> dict[str, Any]:
         if self._model_card is None:
-            models = self._request("/v1/models", None)["data"]
-            self._model_card = models[0] if models else {}
+            answer = self._request("/v1/models", None)
+            models = answer.get("data") if isinstance(answer, dict) else None
+            if not isinstance(models, list):
+                raise ServerError(f"the server at {self.base_url} answered /v1/models with no model list: is it a "
+                                  "`flamingo serve` or another OpenAI-compatible server?")
+            self._model_card = models[0] if models and isinstance(models[0], dict) else {}
         return self._model_card
 
     # ------------------------------------------------------------------------------------------------ harness
@@ -145,7 +154,8 @@ class RemoteModel:
         return self._request(path, body)
 
     def _request(self, path: str, body: Optional[dict[str, Any]]) -> dict[str, Any]:
-        """POST `body` (GET when None) -> the decoded JSON answer; a clear RuntimeError for an error answer."""
+        """POST `body` (GET when None) -> the decoded JSON answer; a ServerError saying why for an error answer or an
+        unreachable server."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -155,19 +165,27 @@ class RemoteModel:
         while True:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's)
-                    return json.loads(response.read())
+                    text = response.read()
+                break
             except urllib.error.HTTPError as e:
                 attempt += 1
                 if e.code != 429 or attempt > BUSY_RETRIES:
                     raise self._error(e) from None
                 time.sleep(float(e.headers.get("Retry-After") or 1))  # the server's queue is full: wait, ask again
             except urllib.error.URLError as e:
-                raise RuntimeError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
+                raise ServerError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
+            except OSError as e:  # a timeout, a connection reset while the answer was read
+                raise ServerError(f"no answer from the server at {self.base_url}{path}: {e}") from None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ServerError(f"the server at {self.base_url} answered {path} with no JSON (is it a `flamingo serve` "
+                              f"or another OpenAI-compatible server?): {text[:80]!r}") from None
 
-    def _error(self, e: urllib.error.HTTPError) -> RuntimeError:
+    def _error(self, e: urllib.error.HTTPError) -> ServerError:
         detail = e.read().decode(errors="replace")
         try:
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
-        return RuntimeError(f"the server at {self.base_url} answered {e.code}: {detail}")
+        return ServerError(f"the server at {self.base_url} answered {e.code}: {detail}")

@@ -72,7 +72,11 @@ class ServeSettings:
     max_batch_file_bytes: int = 200 * 2**20  # an uploaded file's limit (OpenAI's)
 
     def __post_init__(self) -> None:
-        """Refuse options under which the server would start but never answer (checked before the app exists)."""
+        """Refuse options under which the server would start but never answer, or without the authentication asked
+        for (an empty key would let in every request without one; checked before the app exists)."""
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise ValueError("the API key (--api-key) is empty or starts or ends with spaces (which no HTTP header "
+                             "keeps): give the key, or none (None) to serve without authentication")
         if self.batch_concurrency is not None and self.batch_concurrency < 1:
             raise ValueError(f"batch concurrency must be >= 1 (or unset: the engine's batch), got "
                              f"{self.batch_concurrency}")

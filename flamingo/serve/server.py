@@ -53,6 +53,12 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
                  model_name: Optional[str] = None,
                  batch_dir: Optional[str] = None, batch_concurrency: Optional[int] = None,
                  max_batch_file_mb: float = 200) -> ServeSettings:
+    if media_root is not None and not os.path.isdir(media_root):  # else every local path would be refused, unsaid
+        raise ValueError(f"the media root {media_root!r} (--media-root) is not a directory: name the directory local "
+                         "media paths are read under, or leave the option out to refuse them all")
+    if allow_private_media_hosts and not allow_remote_media:
+        raise ValueError("--allow-private-media-hosts widens --allow-remote-media (remote media from private "
+                         "addresses too), which is not set: add it, or leave both out")
     media = MediaPolicy(root=Path(media_root) if media_root else None, allow_remote=allow_remote_media,
                         allow_private=allow_private_media_hosts, max_pixels=max_image_pixels,
                         max_bytes=int(max_body_mb * 2**20), max_video_seconds=max_video_seconds)

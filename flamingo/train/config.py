@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
 from ..config import FlamingoConfig
+from ..runtime.checkpoint_io import check_named
 from ..runtime.device import check_device
 from ..runtime.distributed import dist_info
 
@@ -154,19 +157,37 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, floa
 _SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 
+# the values YAML reads from unquoted text that looks like them
+_YAML_READS: dict[type, str] = {bool: "a flag", int: "an integer", float: "a number", datetime.date: "a date",
+                                datetime.datetime: "a date and time"}
+
+
 def _typed(value: Any, annotation: str, where: str) -> Any:
-    """A number or flag field's value, checked here so that a wrong one (`train.steps=abc`, `optim.lr=nan`) is
-    refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings (`3e-4`) are read; a whole float
-    is an int (`1e3`); a float field must be finite; a mapping field (`options`) must be one. Strings and other
-    structured fields pass as they are."""
+    """A number, flag or string field's value, checked here so that a wrong one (`train.steps=abc`, `optim.lr=nan`,
+    `train.output_dir=2024`) is refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings
+    (`3e-4`) are read; a whole float is an int (`1e3`); a float field must be finite; a string field must be one (YAML
+    reads `2024` as a number and `2024-06-01` as a date: never turned back into text, which could differ from what
+    was written, e.g. `010` is 8); a mapping field (`options`) must be one. Other structured fields pass as they are."""
     optional = annotation.startswith("Optional[")
     base = annotation[len("Optional["):-1] if optional else annotation
     if base.startswith("dict[") and not isinstance(value, (dict, type(None))):  # `options: [max_tokens, 32]`
         raise ValueError(f"{where} must be a mapping (`key: value` lines), got {value!r}")
-    if base not in _SCALAR_TYPES or (optional and value is None):
+    if optional and value is None:
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            read_as = _YAML_READS.get(type(value))
+            example = "" if isinstance(value, bool) else f", \"{value}\","  # (`yes`, `off`: a flag)
+            raise ValueError(f"{where} must be a string{' or null' if optional else ''}, got {value!r}"
+                             + (f" (YAML reads it as {read_as}: quote it{example} to keep it text)" if read_as else ""))
+        return value
+    if base not in _SCALAR_TYPES:
         return value
     if base == "float" and isinstance(value, str):
-        value = _scalar(value)
+        try:
+            value = _scalar(value)
+        except ValueError:  # not even YAML: refused below as no number
+            pass
     if base == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) != (base == "bool") or not isinstance(value, _SCALAR_TYPES[base]):
@@ -193,7 +214,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, (dict, list)):
                 raise ValueError(f"override {key}: {'.'.join(parts[:depth + 1])} is {node!r}, not a section or list")
         last = parts[-1]
-        parsed = _scalar(value)
+        try:
+            parsed = _scalar(value)
+        except ValueError as e:
+            raise ValueError(f"override {item!r}: {e}; quote text: '{key}=\"...\"'") from None
         if isinstance(node, list):
             node[_index(node, last, key)] = parsed
         else:
@@ -210,8 +234,12 @@ def _index(node: list, part: str, key: str) -> int:
 
 
 def _scalar(text: str) -> Any:
-    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`)."""
-    value = yaml.safe_load(text)
+    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`); text YAML cannot read (`[`, `@x`) is a
+    ValueError saying why."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"the value {text!r} is not valid YAML ({_yaml_problem(e)})") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -259,6 +287,7 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         _warn_run("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
                   "no validation loss is computed")
     _check_choices(config.train)
+    check_output_dir(config.train.output_dir)
     if config.train.device:  # usable here, before any backbone or dataset loads (null: cuda:LOCAL_RANK, else cpu)
         check_device(config.train.device, "train.device")
     if config.optim.kind == "adamw8bit" and config.optim.fused:
@@ -313,12 +342,28 @@ def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
         options = (entry.get("options") or {}) if isinstance(entry, dict) else None
         if key == "validation" and isinstance(options, dict):
             entry = {**entry, "options": {"shuffle": False, "drop_last": False, **options}}
-        dataset = _build(DatasetSection, entry, f"{key}[{i}]")
-        if not isinstance(dataset.path, str) or not dataset.path.strip():  # `path: null` would be read as `None`
-            raise ValueError(f"{key}[{i}] ({dataset.name!r}) needs a path (a file, directory, glob or brace pattern; "
-                             f"docs/data.md), got {dataset.path!r}: set it in the config or as {key}.{i}.path=...")
-        datasets.append(dataset)
+        # a path that is no text (`path: null` would be read as `None`), said before `_build`'s type checks; a missing
+        # one is named with the other required keys by `_build`
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and "path" in entry and not (isinstance(path, str) and path.strip()):
+            raise ValueError(f"{key}[{i}] ({entry.get('name')!r}) needs a path (a file, directory, glob or brace "
+                             f"pattern; docs/data.md), got {path!r}: set it in the config or as {key}.{i}.path=...")
+        datasets.append(_build(DatasetSection, entry, f"{key}[{i}]"))
     return datasets
+
+
+def check_output_dir(output_dir: str) -> None:
+    """train.output_dir names a directory that is or can be made: not empty (the working directory), not a file nor
+    a path through one (refused here, not by `os.makedirs` once the backbones have loaded). One that exists is
+    written into (checkpoints/, final/, metrics.jsonl), nothing else in it touched."""
+    check_named(output_dir, "train.output_dir")
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):  # the nearest part that exists must be a directory
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(output_dir) else f"goes through the file {path!r}"
+        raise ValueError(f"train.output_dir {output_dir!r} {what}: name a directory (new or existing) for the "
+                         "run's checkpoints and final model")
 
 
 def _check_choices(train: TrainSection) -> None:
@@ -423,7 +468,28 @@ def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "d
                          "stepped on its local one): use train.distributed: fsdp")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, from 1), without the quoted context."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    """The YAML file at `path` with `overrides` applied, checked (`parse_config`). A file that cannot be read or is
+    not YAML text is a ValueError naming it (and where YAML stopped), not a parser's traceback."""
+    if os.path.isdir(path):
+        raise ValueError(f"the config {path!r} is a directory: name the YAML config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config file {path!r}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the config {path!r} is not UTF-8 text ({e.reason} at byte {e.start}): name the YAML "
+                         "config file") from None
+    except OSError as e:
+        raise ValueError(f"the config {path!r} cannot be read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"the config {path!r} is not valid YAML: {_yaml_problem(e)}") from None
     return parse_config(apply_overrides(raw, overrides or []))

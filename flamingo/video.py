@@ -27,8 +27,10 @@ _TRUNCATED_FRACTION = 0.9
 _TIME_TOLERANCE = 1e-4
 # A frame this many seconds before the previous one starts a new clock (clips joined with `cat`, an MPEG-TS
 # discontinuity): the timeline continues after the previous frame, as FFmpeg's command line does (ffmpeg_demux.c:
-# a timestamp 0.1 s behind the last one read, in a format whose timestamps may jump).
+# a timestamp 0.1 s behind the last one read) in a format whose timestamps may jump (AVFMT_TS_DISCONT: MPEG-TS and
+# -PS). Elsewhere times that go back are reordering, not a new clock: AVI gives B-frames decoding times.
 _JUMP_BACK_SECONDS = 0.1
+_TS_DISCONT = 0x0200  # libavformat's AVFMT_TS_DISCONT, in `InputContainer.format.flags`
 
 # A frame's display rotation (degrees counter-clockwise, as PyAV's `VideoFrame.rotation` gives it) -> the PIL
 # transpose that shows it as players do.
@@ -172,14 +174,15 @@ def _check_frame_size(name: str, width: int, height: int, max_pixels: Optional[i
 
 def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int], name: str,
             stop_when_kept: bool = False, max_seconds: Optional[float] = None, max_pixels: Optional[int] = None,
-            seconds: Optional[float] = None
+            seconds: Optional[float] = None, clock_jumps: bool = False
             ) -> tuple[dict[int, Image.Image], int, int, Optional[float], Optional[float]]:
     """Walk the decoded frames; instant j (time j * step from the first frame) takes the frame shown at it.
 
     The frame shown at t is the last one whose time is at or before t, so a frame repeats over a gap in a
-    variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). A frame more than
-    `_JUMP_BACK_SECONDS` before the previous one (clips joined end to end, each on its own clock) continues the
-    timeline: it and the frames after it are moved to start when the previous frame ends. Only instants in `keep`
+    variable-rate clip; the last frame is shown while the clip lasts (`_timeline_length`). With `clock_jumps` (a
+    format whose timestamps may jump, `_clock_may_jump`), a frame more than `_JUMP_BACK_SECONDS` before the previous
+    one (clips joined end to end, each on its own clock) continues the timeline: it and the frames after it are
+    moved to start when the previous frame ends. Only instants in `keep`
     are converted to images; with `stop_when_kept`, decoding stops once they all are. Each frame's size is checked
     (`_check_frame_size`) before it is converted. A frame past `max_seconds` raises `TooLong` (decoding stops there).
     seconds: the clip's length by its header (from its first frame), which the last frame is not held past.
@@ -198,7 +201,7 @@ def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float
     last_kept = max(keep, default=-1)
     for frame in frames:
         read = frame.time if frame.time is not None else (decoded / rate if rate else float(decoded))
-        if stamp is not None and read < stamp - _JUMP_BACK_SECONDS:  # a new clock: continue after the previous frame
+        if clock_jumps and stamp is not None and read < stamp - _JUMP_BACK_SECONDS:  # a new clock: go on after it
             offset += stamp + (_shown_seconds(previous) or (1 / rate if rate else 0.0)) - read
         stamp = read
         last = read + offset
@@ -279,6 +282,12 @@ def _header_seconds(container: "av.container.InputContainer", stream: "av.VideoS
     return seconds if seconds is not None and seconds > 0 else None
 
 
+def _clock_may_jump(container: Any) -> bool:
+    """Whether `container`'s format lets timestamps jump (AVFMT_TS_DISCONT: MPEG-TS, MPEG-PS), where a frame far
+    before the previous one starts a new clock rather than being reordered."""
+    return bool(int(getattr(container.format, "flags", 0) or 0) & _TS_DISCONT)
+
+
 def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_seconds: Optional[float] = None,
                  max_pixels: Optional[int] = None) -> list[Image.Image]:
     """Decode the frames shown at t = 0, 1/fps, 2/fps, ... (by timestamp), at most `max_frames`, uniformly spread.
@@ -357,9 +366,10 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         predicted = _predicted_instants(expected, seconds, rate, step)
         guess = set(uniform_frame_indices(predicted, max_frames))
         start = _video_start(stream)
+        jumps = _clock_may_jump(container)
         images, instants, decoded, last_t, shown = _sample(container.decode(stream), step, rate, guess, name,
                                                            max_seconds=max_seconds, max_pixels=max_pixels,
-                                                           seconds=seconds)
+                                                           seconds=seconds, clock_jumps=jumps)
     if not instants:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
     if expected and decoded < _TRUNCATED_FRACTION * expected:
@@ -374,7 +384,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         with av.open(source()) as container:
             missing = set(chosen) - images.keys()
             images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
-                              max_pixels=max_pixels, seconds=seconds)[0]
+                              max_pixels=max_pixels, seconds=seconds, clock_jumps=jumps)[0]
     return [images[i] for i in chosen]
 
 

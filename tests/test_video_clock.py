@@ -98,3 +98,33 @@ def test_mpeg_ts_clips_joined_end_to_end_play_one_after_the_other():
     assert _close(_levels(decode_video(joined, max_frames=2)), [first[2], second[2]])  # t = 2 s and 7 s
     with pytest.raises(TooLong, match="longer than the 7 s allowed"):  # its header says 5 s
         decode_video(joined, max_frames=16, max_seconds=7)
+
+
+def test_avi_b_frames_decoding_times_are_reordering_not_a_new_clock(tmp_path):
+    """AVI gives H.264 B-frames their decoding times, which go back by several frames at 25 fps: that is reordering,
+    not clips joined end to end (only MPEG-TS and -PS timestamps may jump, FFmpeg's AVFMT_TS_DISCONT). A 4 s clip
+    stays 4 s: 40 instants at 10 FPS, the frame at 3.9 s the 98th (47 instants when such times started new clocks)."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("this PyAV has no libx264")
+    path = tmp_path / "b_frames.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("libx264", rate=25, options={"x264-params": "bframes=3:b-pyramid=normal:"
+                                                                                   "keyint=50"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(100):  # a bar that grows: motion the encoder codes as B-frames of a pyramid
+            pixels = np.full((48, 64, 3), _level(k), np.uint8)
+            pixels[:4, :k % 64 + 1] = 255 - _level(k)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, "rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    assert min(b - a for a, b in zip(times, times[1:])) < -0.1  # a B-frame's time more than 0.1 s back
+    frames = decode_video(str(path), fps=10, max_frames=1000)
+    assert len(frames) == 40
+    assert _close(_levels([f.crop((0, 8, 64, 48)) for f in frames[-1:]]), [_level(97)])
+
+
+def _level(k: int) -> int:
+    return (20 + 9 * k) % 240

@@ -98,20 +98,16 @@ class ChatFormat:
         """The turns' text as (piece, is an answer) in order: answers (an assistant turn's text and end marker) are
         True. Their concatenation is the conversation as written."""
         out: list[tuple[str, bool]] = []
-        before = ""
         for turn in self.merged(turns):
             content = "".join(turn.pieces)
             if turn.role == "assistant":
                 if not self.answer_prefix():  # the answer follows the text itself: its blanks go to the gap
-                    before = before[:len(before) - _drop_blanks(out)]
-                lead, answer, end = self.assistant(content, before)
+                    _drop_blanks(out)
+                lead, answer, end = self.assistant(content, _tail(out))
                 parts = [(lead, False), (answer + end, True)]
             else:
-                parts = [(self.turn(turn.role, list(turn.pieces), before), False)]
-            for text, trained in parts:
-                if text:
-                    out.append((text, trained))
-                    before += text
+                parts = [(self.turn(turn.role, list(turn.pieces), _tail(out)), False)]
+            out += [(text, trained) for text, trained in parts if text]
         return out
 
     def merged(self, turns: Sequence[Turn]) -> list[Turn]:
@@ -142,7 +138,11 @@ class ChatFormat:
 
         if excess(turns) is None:
             return None
-        return next((k, found) for k in range(len(turns)) if (found := excess(turns[:k + 1])) is not None)
+        low, high = 0, len(turns) - 1  # the shortest prefix that spells one: more turns never spell fewer
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if excess(turns[:middle + 1]) is not None else (middle + 1, high)
+        return low, excess(turns[:low + 1]) or ""
 
     def cut(self, text: str) -> str:
         """An answer's text up to the first of the format's `stops` (where a served answer ends), without it."""
@@ -240,6 +240,21 @@ class MMGPTChat(ChatFormat):
 
     def answer_prefix(self) -> str:
         return MMGPT_SEPARATOR + "Response:\n"
+
+
+TAIL = 256  # what `turn` and `answer` are shown of the text before them (they read its last characters)
+
+
+def _tail(out: list[tuple[str, bool]]) -> str:
+    """The last `TAIL` characters of the text of `out`, without joining it all (a conversation of many turns would
+    copy its whole text at each one)."""
+    parts, size = [], 0
+    for text, _ in reversed(out):
+        parts.append(text[-(TAIL - size):])
+        size += len(parts[-1])
+        if size >= TAIL:
+            break
+    return "".join(reversed(parts))
 
 
 def _drop_blanks(out: list[tuple[str, bool]]) -> int:

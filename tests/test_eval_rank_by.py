@@ -104,6 +104,17 @@ def test_mean_scores_the_candidates_own_tokens_in_template_and_chat_prompts():
     assert summed.candidate_scores([-6.0, -3.0], [[1, 2, 3], [4]]) == [-6.0, -3.0]
 
 
+def test_a_candidate_that_adds_no_token_is_refused_by_name(tmp_path):
+    """With `rank_by="mean"` and no answer prefix, an empty class name is no continuation at all: refused (in-process
+    and through a server alike, both use `continuation_ids_of`), not scored as 0 or a mean of nothing."""
+    from flamingo.tiny import tiny_flamingo
+
+    _, processor = tiny_flamingo()
+    task = ClassificationTask(template=OF_TEMPLATE, answer_prefix="", rank_by="mean")
+    with pytest.raises(ValueError, match=r"the candidate '' adds no token after the prompt"):
+        continuation_ids_of(processor, task, ["cat", ""], "<image>Output:")
+
+
 def test_rank_by_is_checked_and_only_ranked_tasks_take_it():
     with pytest.raises(ValueError, match="rank_by must be one of"):
         get_task("classification", rank_by="max")

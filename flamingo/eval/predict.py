@@ -91,6 +91,9 @@ def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Se
         for c, ids in found.items():
             if ids is None:
                 found[c] = _tail_ids(processor, head, query, task.continuation(c, query))
+                if not found[c]:  # nothing to score (its log-likelihood would be 0, or a mean of nothing)
+                    raise ValueError(f"{task.name}: the candidate {c!r} adds no token after the prompt "
+                                     f"(continuation {task.continuation(c, query)!r}): give candidates with text")
                 task.continuation_ids.put((query, c), found[c])
     return [found[c] for c in candidates]  # type: ignore[misc]
 

@@ -273,13 +273,17 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         choices, usage = result
         return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage})
 
+    def prepare_chat(req: ChatCompletionRequest, param: str) -> Job:
+        """A chat request's job: its messages written in the model's chat format and checked, its media loaded."""
+        text, refs = render_messages(chat_template, req.messages, control)
+        return prepare(text, load_media(refs, param), req, True, response_grammar(req), param)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req = parse(ChatCompletionRequest, await read_json(request))
-        text, refs = render_messages(chat_template, req.messages, control)
-        job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "messages"), req, True,
-                                                      response_grammar(req), "messages"))
+        job = await run_in_threadpool(lambda: prepare_chat(req, "messages"))  # off the event loop: a long
+        # conversation takes a while to write and check
         return await run(request, [job], True, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -289,9 +293,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(ResponsesRequest, await read_json(request))
         try:  # checked as the chat request it becomes: its errors name the Responses fields
             chat = req.chat()
-            text, refs = render_messages(chat_template, chat.messages, control)
-            job = await run_in_threadpool(lambda: prepare(text, load_media(refs, "input"), chat, True,
-                                                          response_grammar(chat), "input"))
+            job = await run_in_threadpool(lambda: prepare_chat(chat, "input"))
         except APIError as e:
             as_responses_error(e, req)
             raise
@@ -348,7 +350,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def tokenize(request: Request) -> JSONResponse:
         authorize(request)
         req = parse(TokenizeRequest, await read_json(request))
-        text = req.prompt if req.messages is None else render_messages(chat_template, req.messages, control)[0]
+        text = req.prompt if req.messages is None else \
+            (await run_in_threadpool(render_messages, chat_template, req.messages, control))[0]
         if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)

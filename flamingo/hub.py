@@ -207,16 +207,18 @@ def _results_table(out_dir: str) -> str:
 
 
 def _results(out_dirs: Sequence[str]) -> tuple[list[str], list[Any]]:
-    """The card's tables and model-index entries of `flamingo eval --out` directories; two of one task type on one
-    dataset are refused (the model-index would file both under one entry, with the same metric names)."""
+    """The card's tables and model-index entries of `flamingo eval --out` directories. Results of one task type on
+    one dataset share an entry (a 0/4-shot run and a later 32-shot one are three metrics of it); one metric there
+    twice (the same shots measured in two directories) is refused: the model-index would hold two values of one
+    name."""
     tables, evals, seen = [], [], {}
     for out_dir in out_dirs:
         found = eval_results(out_dir)
-        for key in dict.fromkeys(e.unique_identifier for e in found):
+        for key in dict.fromkeys((*e.unique_identifier, e.metric_name) for e in found):
             if key in seen:
-                raise ValueError(f"{seen[key]!r} and {out_dir!r} both hold {key[0]} results on the dataset "
-                                 f"{key[1]!r}: the card's model-index holds one entry per task type and dataset, "
-                                 "so push one of them")
+                raise ValueError(f"{seen[key]!r} and {out_dir!r} both hold {key[-1]} of {key[0]} on the dataset "
+                                 f"{key[1]!r}: the card's model-index holds one value of each metric, so push one "
+                                 "of them")
             seen[key] = out_dir
         tables.append(_results_table(out_dir))
         evals += found

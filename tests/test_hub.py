@@ -419,10 +419,18 @@ def test_results_of_one_task_on_several_datasets_are_filed_under_each_dataset(tm
         "### vqa on vqav2", "### vqa on okvqa", "### vqa on org/suite/textvqa", "### captioning on coco"]
     assert "/home/alice" not in text and "/data/" not in text
 
-    commits = len(hub.commits)  # the same task on the same dataset twice: one entry, two values of each name
-    with pytest.raises(ValueError, match="both hold visual-question-answering results on the dataset 'vqav2'"):
+    commits = len(hub.commits)  # the same shots on the same dataset twice: one entry, two values of one name
+    with pytest.raises(ValueError, match=r"both hold vqa_accuracy \(0-shot\) of visual-question-answering on the "
+                                         "dataset 'vqav2'"):
         push_directory(str(tmp_path / "m"), "someone/m", results=[outs[0], outs[1], outs[0]])
     assert len(hub.commits) == commits
+    # other shots of that task on that dataset, measured in another run: more metrics of its entry
+    more = _eval_out(tmp_path / "e5", "vqa", "/data/vqav2", "vqa_accuracy", {32: 58.0})
+    push_directory(str(tmp_path / "m"), "someone/m", results=[outs[0], more])
+    model_index = ModelCard(hub.repos["someone/m"]["main"]["README.md"].decode()).data.to_dict()["model-index"]
+    assert [(r["dataset"]["name"], [(m["name"], m["value"]) for m in r["metrics"]])
+            for r in model_index[0]["results"]] == [
+        ("vqav2", [("vqa_accuracy (0-shot)", 52.1), ("vqa_accuracy (4-shot)", 54.1), ("vqa_accuracy (32-shot)", 58.0)])]
 
 
 def test_a_full_push_of_a_model_built_from_local_directories_publishes_no_local_path(tmp_path, hub):
@@ -457,6 +465,26 @@ def test_a_full_push_of_a_model_built_from_local_directories_publishes_no_local_
     hub.to_cache("someone/built-here", cache, tmp_path / "scratch")
     (logits,) = _load_offline(tmp_path, cache, [{"name": "someone/built-here"}])
     assert torch.allclose(logits, _logits(model, processor), atol=1e-5, rtol=0)
+
+
+def test_a_hub_backbone_read_at_a_commit_stays_named_whatever_folders_the_push_runs_beside(tmp_path, monkeypatch):
+    """A Hub name with its recorded commit was read from the Hub: a push run where a folder of that name happens to
+    exist keeps it (and its commit); a Hub-shaped name without a commit that exists here is a local path."""
+    import dataclasses
+
+    from flamingo import FlamingoConfig
+    from flamingo.model.card import published_config
+
+    (tmp_path / "saved" / "lm").mkdir(parents=True)
+    (tmp_path / "saved" / "vision").mkdir()
+    (tmp_path / "org" / "lm").mkdir(parents=True)  # `org/lm` as a folder of the working directory
+    monkeypatch.chdir(tmp_path)
+    pinned = FlamingoConfig(lm_name_or_path="org/lm", lm_revision="a" * 40, vision_name_or_path="/abs/clip")
+    published = published_config(str(tmp_path / "saved"), pinned)
+    assert (published.lm_name_or_path, published.lm_revision, published.vision_name_or_path) == \
+        ("org/lm", "a" * 40, None)
+    unpinned = published_config(str(tmp_path / "saved"), dataclasses.replace(pinned, lm_revision=None))
+    assert unpinned.lm_name_or_path is None
 
 
 def test_a_push_replaces_or_removes_the_previous_runs_train_config(tmp_path, hub):

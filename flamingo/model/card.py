@@ -94,9 +94,12 @@ def _local_backbones(directory: str, config: FlamingoConfig) -> list[str]:
     config reference is a local path (not a Hub name, or a Hub-shaped path that exists here): published, such a path
     names a folder of the builder's machine that nobody else has, and the backbone is loaded from its folder anyway,
     so a push drops it (`published_config`)."""
-    refs = {"vision": config.vision_name_or_path, "lm": config.lm_name_or_path}
-    return [part for part, ref in refs.items() if ref and os.path.isdir(os.path.join(directory, part))
-            and (not is_hub_name(str(ref)) or os.path.exists(str(ref)))]
+    refs = {"vision": (config.vision_name_or_path, config.vision_revision),
+            "lm": (config.lm_name_or_path, config.lm_revision)}
+    # a Hub-shaped reference with a recorded commit was read from the Hub (`vision_revision` / `lm_revision`),
+    # whatever folder of that name the pushing directory happens to hold
+    return [part for part, (ref, revision) in refs.items() if ref and os.path.isdir(os.path.join(directory, part))
+            and (not is_hub_name(str(ref)) or (revision is None and os.path.exists(str(ref))))]
 
 
 def published_config(directory: str, config: FlamingoConfig) -> FlamingoConfig:

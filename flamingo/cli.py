@@ -264,7 +264,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_directory
 
     url = push_directory(args.model, args.repo, private=args.private or None, revision=args.revision,
-                         commit_message=args.message, replace_card=args.replace_card, results=args.results)
+                         commit_message=args.message, replace_card=args.replace_card, results=args.results,
+                         train_config=args.train_config)
     print(f"pushed {args.model} to {args.repo}: {url}")
     print(f"load it with load_pretrained({args.repo!r}) or `flamingo serve --model {args.repo}`")
     return 0
@@ -671,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace the repository's README.md (kept by default when it has one)")
     push.add_argument("--results", nargs="+", default=[], metavar="DIR",
                       help="`flamingo eval --out` directories: their results tables go into the card")
+    push.add_argument("--train-config", action="store_true",
+                      help="also upload train_config.json, the training run's config (left out by default: it names "
+                           "the run's data and output paths)")
     push.set_defaults(func=_cmd_push)
 
     export = sub.add_parser("export", help="write a model in a foreign format")

@@ -493,7 +493,7 @@ def test_a_push_replaces_or_removes_the_previous_runs_train_config(tmp_path, hub
     model, processor = _gated_model()
     model.save_pretrained(str(tmp_path / "run"), processor=processor)
     (tmp_path / "run" / "train_config.json").write_text('{"train": {"steps": 4}}')
-    push_directory(str(tmp_path / "run"), "me/m", train_config=True)
+    assert main(["push", "--model", str(tmp_path / "run"), "--repo", "me/m", "--train-config"]) == 0
     assert hub.repos["me/m"]["main"]["train_config.json"] == b'{"train": {"steps": 4}}'
     push_to_hub(_gated_model(seed=1)[0], "me/m", processor=processor)
     assert "train_config.json" not in hub.repos["me/m"]["main"]

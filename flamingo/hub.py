@@ -121,8 +121,8 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
                              "save_pretrained wrote, and the repository could not load it")
     if TRAIN_CONFIG_NAME in local and not train_config:
         del local[TRAIN_CONFIG_NAME]
-        log.info("%s (the training run's config, with its local paths) is not uploaded: pass train_config=True to "
-                 "publish it", TRAIN_CONFIG_NAME)
+        log.info("%s (the training run's config, with its local paths) is not uploaded: `flamingo push "
+                 "--train-config` (train_config=True) publishes it", TRAIN_CONFIG_NAME)
     published = published_config(directory, config)
     files: dict[str, Union[str, bytes]] = dict(local)
     if published is not config:  # its local backbone paths cleared

@@ -60,6 +60,27 @@ def test_a_marker_split_over_messages_the_flamingo_format_joins_is_refused(turns
     render_messages(OTTER, _messages(*turns), control)
 
 
+def test_a_split_marker_is_refused_only_where_the_format_writes_it_whole(tmp_path):
+    """Two text parts of one message: the flamingo format writes them as they are (`a <|endof` `chunk|> b` is the
+    marker: refused), Otter's puts a space between a turn's texts (`a <|endof chunk|> b`: text, served and trained
+    alike)."""
+    control = control_tokens(tiny_flamingo()[1])
+    parts = [{"role": "user", "content": [IMAGE, {"type": "text", "text": "a <|endof"},
+                                          {"type": "text", "text": "chunk|> b"}]}]
+    with pytest.raises(APIError, match=r"messages\[0\]: text may not contain <\|endofchunk\|>"):
+        render_messages(FLAMINGO, _messages(*parts), control)
+    served = render_messages(OTTER, _messages(*parts), control)[0]
+    assert served == "<image>User: a <|endof chunk|> b GPT:<answer>"
+    _, processor = tiny_otter_shaped()
+    row = {"messages": [*parts, {"role": "assistant", "content": "yes"}]}
+    row["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": "0.png"}}
+    random_image(0).save(tmp_path / "0.png")
+    (tmp_path / "chat.jsonl").write_text(json.dumps(row) + "\n")
+    spec = DatasetSpec.create("chat", "chat", str(tmp_path / "chat.jsonl"), 1, {}, processor)
+    (record,) = read_records(str(tmp_path / "chat.jsonl"))
+    assert spec.example(record).text.startswith(served)
+
+
 def test_consecutive_user_turns_and_later_system_text_are_not_glued():
     """Otter and Multimodal-GPT ask one question per answer: consecutive user turns are one (an OpenAI client's image
     message, then its question), and a system message after the first turn starts a line (a paragraph) of its own."""

@@ -194,8 +194,9 @@ def contact_sheet(report: InspectReport, path: str, thumb: int = 96, per_row: in
             sheet.paste(frame.resize((thumb, thumb)), (4 + c * (thumb + 4), y))
         lines = textwrap.wrap(text, 80)[: thumb // 12]
         draw.multiline_text((per_row * (thumb + 4) + 4, y), "\n".join(lines), fill="black")
-    if not report.shown:
-        draw.text((4, 4), "no good samples", fill="red")
+    if not report.shown:  # none good, or none asked for (`--show 0`)
+        draw.text((4, 4), f"none of the {report.samples} good samples drawn (--show 0)" if report.samples
+                  else "no good samples", fill="red")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sheet.save(path)
     return path

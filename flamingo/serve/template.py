@@ -9,9 +9,10 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
   the image reference tokens `<image0>`... of a model with them): in text they would become those tokens, not
   characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400),
   except reference tokens in an assistant turn: answers hold the references the model generated (the server keeps
-  them in the text), and a conversation sent back must mean what the model wrote. Text the format joins with nothing
-  between it (adjacent text parts; in the flamingo format, consecutive user and system turns) is checked joined too:
-  `a <|endof` then `chunk|> b` is the marker.
+  them in the text), and a conversation sent back must mean what the model wrote. Text the format writes with nothing
+  between it (a turn's text parts in the flamingo and idefics formats; consecutive user and system turns in the
+  flamingo format) is checked as written too: `a <|endof` then `chunk|> b` is the marker there (Otter's and
+  Multimodal-GPT's formats put a space between a turn's texts: there it is text), as chat training data checks it.
 Answers start with the space the format puts back, so chat answers are sent without leading whitespace.
 """
 
@@ -85,28 +86,23 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
             article = "an" if message.role == "assistant" else "a"
             raise APIError(400, f"messages[{i}]: {article} {message.role} turn holds text only", param="messages")
         pieces: list[str] = []
-        # the format joins a turn's pieces with nothing between them: text parts that follow each other are one text
-        # (a marker split over two parts would be whole in the prompt), checked as one between the media
-        runs: list[list[str]] = [[]]
         for part in parts:
             if isinstance(part, TextPart):
+                check_text(fmt, answer_control if message.role == "assistant" else control, part.text, i)
                 pieces.append(part.text)
-                runs[-1].append(part.text)
             else:
                 url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
                 media.append(MediaRef(url, video=not isinstance(part, ImagePart)))
                 pieces.append(MEDIA_TOKEN)
-                runs.append([])
-        for run in runs:
-            check_text(fmt, answer_control if message.role == "assistant" else control, "".join(run), i)
         turns.append(Turn(message.role, tuple(pieces)))
-    # the format writes some turns with nothing between them (the flamingo format: consecutive user or system turns),
-    # so a marker split over two messages would be whole in the prompt: checked on the joined text too
+    # the format writes some texts with nothing between them (a turn's text parts in the flamingo and idefics formats;
+    # consecutive user or system turns in the flamingo format), so a marker split over two of them would be whole in
+    # the prompt: checked on the text as the format writes it (`spelled`), as chat training data is
     joined = fmt.spelled(turns, (*fmt.reserved, *control))
     if joined is not None:
         i, token = joined
         what = f" ({control[token]})" if token in control and token not in fmt.reserved else ""
         raise APIError(400, f"messages[{i}]: text may not contain {token}{what}: this message's text and the text "
-                            f"before it spell it, which the {fmt.name} format writes with nothing between them",
+                            f"before it spell it, as the {fmt.name} format writes them (with nothing between them)",
                        param="messages")
     return fmt.render(turns), media

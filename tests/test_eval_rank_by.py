@@ -155,3 +155,7 @@ def test_evaluate_and_the_cli_record_and_apply_rank_by(tmp_path):
         evaluate(model, processor, HatefulMemesTask(), str(data), rank_by="mean")
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--task", "vqa", "--data", "d", "--rank-by", "max"])
+    args = parser.parse_args(["eval", "--model", str(tmp_path / "absent"), "--task", "vqa", "--data", "d",
+                              "--rank-by", "mean"])
+    with pytest.raises(ValueError, match="--rank-by applies to ranked tasks; vqa generates"):  # before any load
+        args.func(args)

@@ -140,6 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .remote import RemoteModel, ServerError
     from .runner import evaluate, markdown_table
 
+    if args.rank_by is not None and TASKS[args.task].kind != "rank":  # before the model loads
+        raise ValueError(f"--rank-by applies to ranked tasks; {args.task} generates its answers")
     if args.device is not None and not args.server:
         check_device(args.device)  # before the process group and the model
     joined = init_process_group_from_env()

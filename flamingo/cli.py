@@ -330,7 +330,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--chat writes each --image as <image> in the model's chat format: it takes no declared-image"
                          " prompt (--image-references)")
     if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
-        from .chat import Turn, chat_format_for
+        from .chat import BLANKS, Turn, chat_format_for
 
         fmt = chat_format_for(processor, model.lm.get_output_embeddings().weight.shape[0])
         marker = fmt.first_reserved(prompt)
@@ -351,11 +351,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)  # the sampled tokens repeat with the seed
     # one greedy or sampled sequence streams as it comes; beams and several sequences are printed at the end; the
-    # processor decodes (its `decode` keeps generated reference tokens `<imageK>`). A chat answer ends at the format's
-    # stop strings too (mmgpt's `### End.`, a base IDEFICS's next `\nUser:`), cut as the server cuts it.
+    # processor decodes (its `decode` keeps generated reference tokens `<imageK>`). A chat answer is printed as the
+    # server sends it: without the blanks it starts with (the format's gap) and ended at the format's stop strings
+    # too (mmgpt's `### End.`, a base IDEFICS's next `\nUser:`).
     stops = fmt.stops if fmt is not None else ()
-    streamer = (_chat_streamer(processor, fmt) if stops else TextStreamer(processor, skip_prompt=True,
-                                                                         skip_special_tokens=True)) \
+    streamer = (_chat_streamer(processor, fmt) if fmt is not None else TextStreamer(processor, skip_prompt=True,
+                                                                                   skip_special_tokens=True)) \
         if args.num_beams == 1 and args.num_return_sequences == 1 else None
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else {}
@@ -366,23 +367,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if streamer is None:
         for row in out[:, inputs["input_ids"].shape[1]:]:  # one line per sequence
             text = processor.decode(row)
-            print(fmt.cut(text) if fmt is not None else text)
+            print(fmt.cut(text.lstrip(BLANKS)) if fmt is not None else text)
     return 0
 
 
 def _chat_streamer(processor: Any, fmt: ChatFormat) -> Any:
-    """A `TextStreamer` that prints an answer up to the first of the chat format `fmt`'s stop strings, as the server
-    cuts it, holding back the end of the text that may still become one (transformers is imported when a chat is
-    generated, not with the CLI)."""
+    """A `TextStreamer` that prints an answer as the server sends it: without the blanks (spaces, tabs) it starts
+    with, the gap the format writes before an answer, and up to the first of the chat format `fmt`'s stop strings,
+    holding back the end of the text that may still become one (transformers is imported when a chat is generated,
+    not with the CLI)."""
     from transformers import TextStreamer
+
+    from .chat import BLANKS
 
     class ChatStreamer(TextStreamer):
         def __init__(self) -> None:
             super().__init__(processor, skip_prompt=True, skip_special_tokens=True)
-            self.pending, self.stopped = "", False
-            self.hold = max(len(s) for s in fmt.stops) - 1  # a stop string's start, less its last character
+            self.pending, self.stopped, self.begun = "", False, False
+            # a stop string's start, less its last character
+            self.hold = max((len(s) for s in fmt.stops), default=1) - 1
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.begun:  # the answer's leading blanks: the format's gap
+                text = text.lstrip(BLANKS)
+                self.begun = bool(text)
             if not self.stopped:
                 self.pending += text
                 answer = fmt.cut(self.pending)

@@ -108,9 +108,15 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
         # a local path nobody else has, even one that reads as `org/name` (a relative path, resolved here)
         if not os.path.isdir(os.path.join(directory, part)) and (not is_hub_name(str(ref)) or os.path.exists(str(ref))):
+            # a `flamingo train` result (its final/ holds the run's config): the CLI rewrites it whole
+            trained = os.path.isfile(os.path.join(directory, TRAIN_CONFIG_NAME))
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
-                             f"{ref!r}, which nobody else can load: push a full checkpoint (save_pretrained without "
-                             "trained_only), or build the model from the backbones' Hub names")
+                             f"{ref!r}, which nobody else can load: push a full checkpoint ("
+                             + ("`flamingo train` wrote this one: run `flamingo train CONFIG "
+                                "train.save_trained_only=false` with its config again, which resumes at its last step "
+                                "and rewrites final/ whole without training; from Python: " if trained else "")
+                             + "save_pretrained without trained_only), or build the model from the backbones' Hub "
+                             "names")
     if not has_saved_processor(directory):
         log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
                     "load_pretrained(%r) will refuse it", directory, repo_id)

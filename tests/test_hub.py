@@ -321,6 +321,29 @@ def test_a_push_refuses_a_backbone_that_is_a_local_path_shaped_like_a_hub_name(t
     assert hub.commits == []
 
 
+def test_the_refusal_of_a_trained_only_run_result_names_the_cli_way_to_save_it_whole(tmp_path, hub):
+    """A `flamingo train` result (its final/ holds train_config.json) on local backbones is trained-only by default:
+    the refusal names the CLI's remedy (the run again with train.save_trained_only=false rewrites final/ whole
+    without training) besides the Python one; a directory saved from Python gets the Python one alone."""
+    model, processor = _gated_model()
+    model.vision.save_pretrained(tmp_path / "bb" / "vision")
+    model.lm.save_pretrained(tmp_path / "bb" / "lm")
+    model.config.vision_name_or_path = str(tmp_path / "bb" / "vision")
+    model.config.lm_name_or_path = str(tmp_path / "bb" / "lm")
+    final = str(tmp_path / "run" / "final")
+    model.save_pretrained(final, trained_only=True, processor=processor)
+    with pytest.raises(ValueError, match=r"nobody else can load: push a full checkpoint \(save_pretrained") as e:
+        push_directory(final, "someone/m")
+    assert "save_trained_only" not in str(e.value)
+    (tmp_path / "run" / "final" / "train_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"`flamingo train` wrote this one: run `flamingo train CONFIG "
+                                         r"train.save_trained_only=false` with its config again, which resumes at its "
+                                         r"last step and rewrites final/ whole without training; from Python: "
+                                         r"save_pretrained without trained_only\)"):
+        push_directory(final, "someone/m")
+    assert hub.commits == []
+
+
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
 def test_a_push_that_cannot_reach_the_hub_is_a_clear_error(tmp_path, env):
     model, processor = _gated_model()

@@ -326,3 +326,34 @@ def test_a_saved_model_whose_target_list_names_a_module_it_lacks_still_loads(mak
     text = processor("<image>Question: what? Short answer:", images=[random_image(0)])
     with torch.no_grad():
         assert torch.equal(loaded(**text).logits, model(**text).logits)
+
+
+def test_a_run_from_an_adapted_model_keeps_training_its_adapters_under_the_same_spec(make_model, tmp_path):
+    """A second stage from a LoRA-tuned model with the first stage's config (the same `lm_lora`) trains the saved
+    adapters, its dropout the config's; a spec with another r, alpha or targets is refused naming both specs and
+    the remedy."""
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    from helpers import chat_run_config
+
+    model, processor = make_model("llama", lm_lora=SPEC)
+    _perturb_adapters(model)
+    saved = str(tmp_path / "tuned")
+    model.save_pretrained(saved, processor=processor)
+    config = str(chat_run_config(tmp_path, saved, steps=1))
+    trainer = Trainer(load_config(config, ["train.progress=false", "model.flamingo={lm_lora: {r: 4, alpha: 8, "
+                                           "target_modules: [v_proj, q_proj], dropout: 0.1}}"]))
+    adapters = {n: p for n, p in trainer.model.named_parameters() if lora.is_adapter_key(n)}
+    tuned = dict(model.named_parameters())
+    assert adapters and all(p.requires_grad and torch.equal(p, tuned[n]) for n, p in adapters.items())
+    assert trainer.model.config.lm_lora == {**SPEC, "dropout": 0.1}
+    dropouts = [m for n, m in trainer.model.lm.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in dropouts)
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    trainer.train_step()
+    assert any(not torch.equal(p, before[n]) for n, p in adapters.items())  # the saved adapters train on
+    with pytest.raises(ValueError, match=r"already holds LoRA adapters \(r=4, alpha=8 on q_proj, v_proj\), and "
+                                         r"model.flamingo.lm_lora asks for other ones \(r=8, alpha=8 on q_proj, "
+                                         r"v_proj\): leave model.flamingo.lm_lora out, or give theirs"):
+        Trainer(load_config(config, ["model.flamingo={lm_lora: {r: 8, alpha: 8}}"]))

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from flamingo.chat import BLANKS
 from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
 from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine, find_stop
@@ -130,7 +131,7 @@ def test_chat_logprobs_stream_and_whole_answer_agree(served):
             assert bytes(e.bytes).decode() == e.token
     in_text = entries[:-1] if whole.choices[0].finish_reason == "stop" else entries  # the stop token is listed
     text = b"".join(bytes(e.bytes) for e in in_text).decode(errors="replace")
-    assert text.lstrip() == whole.choices[0].message.content
+    assert text.lstrip(BLANKS) == whole.choices[0].message.content
     streamed = []
     for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
                                                 logprobs=True, top_logprobs=2, stream=True):
@@ -257,7 +258,7 @@ def test_logit_bias_over_http(served):
     reply = openai_client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say:"}],
                                                  max_tokens=4, temperature=0, logit_bias={str(forced): 100})
     text = TokenStrings(engine.processor.tokenizer)(forced)[0]
-    assert reply.choices[0].message.content == (text * 4).lstrip()
+    assert reply.choices[0].message.content == (text * 4).lstrip(BLANKS)
 
 
 def test_a_stop_string_never_matches_a_character_still_being_decoded(served):

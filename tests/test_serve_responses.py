@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from flamingo.chat import BLANKS
 from flamingo.tiny import random_image
 
 from serve_helpers import data_url, greedy_alone, openai_client, serving_tiny
@@ -39,10 +40,10 @@ def _conversation():
 
 
 def _expected(engine, prompt, images, max_tokens):
-    """The greedy answer (its stop token dropped, leading whitespace stripped as chat answers are) and its status."""
+    """The greedy answer (its stop token dropped, leading blanks stripped as chat answers are) and its status."""
     tokens = greedy_alone(engine, prompt, images, max_tokens)
     stopped = bool(tokens) and tokens[-1] in engine.eos
-    text = engine.processor.decode(tokens[:-1] if stopped else tokens).lstrip()
+    text = engine.processor.decode(tokens[:-1] if stopped else tokens).lstrip(BLANKS)
     return text, len(tokens), "completed" if stopped else "incomplete"
 
 

@@ -208,7 +208,6 @@ def test_a_trained_only_final_save_of_unresolved_backbones_is_refused_before_ste
     path = _init_from_config(world, moved_full_checkpoint, os.path.join(root, "from-moved-refused"))
     with pytest.raises(ValueError, match=r"save_trained_only: true, but the model's backbone\(s\) vision_name_or_path"):
         Trainer(load_config(path, ["train.save_trained_only=true"]))
-    pytest.importorskip("torchao")
-    with pytest.raises(ValueError, match=r"quantize_frozen=int8: quantized backbones are never saved whole.*do not "
-                                         "resolve here"):
-        Trainer(load_config(path, ["model.flamingo.quantize_frozen=int8"]))
+    pytest.importorskip("torchao")  # quantized, its final save is whole with the float backbones of vision/, lm/
+    trainer = Trainer(load_config(path, ["model.flamingo.quantize_frozen=int8"]))
+    assert trainer.backbones_from is not None and trainer.backbones_from[0] == os.path.abspath(moved_full_checkpoint)

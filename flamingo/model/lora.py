@@ -123,6 +123,31 @@ def train_adapters(lm: nn.Module, mode: bool) -> None:
             module.train(mode)
 
 
+# the spec's keys that set what the adapters compute (their layers, their scale alpha / r); dropout acts in training
+FUNCTION_KEYS = ("r", "alpha", "target_modules")
+
+
+def same_adapters(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two `lm_lora` specs make the same adapters: r, alpha and target_modules (their order is no change);
+    the dropout may differ."""
+    a, b = lora_spec(a), lora_spec(b)
+    return all((sorted(a[k]) == sorted(b[k])) if k == "target_modules" else a[k] == b[k] for k in FUNCTION_KEYS)
+
+
+def describe(spec: dict[str, Any]) -> str:
+    """An `lm_lora` spec in words, for messages: `r=4, alpha=8 on q_proj, v_proj` (and its dropout when set)."""
+    spec = lora_spec(spec)
+    dropout = f", dropout {spec['dropout']:g}" if spec["dropout"] else ""
+    return f"r={spec['r']}, alpha={spec['alpha']:g} on {', '.join(spec['target_modules'])}{dropout}"
+
+
+def set_dropout(lm: nn.Module, p: float) -> None:
+    """Give every adapter of `lm` the dropout probability `p`, as PEFT builds it (an `nn.Dropout`, or an identity at
+    0): it acts in training only, so the adapters compute what they did."""
+    for _, layer in _tuner_layers(lm):
+        layer.lora_dropout[ADAPTER_NAME] = nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+
 def has_lora(lm: nn.Module) -> bool:
     return any(ADAPTER_MARK in n for n, _ in lm.named_parameters())
 

@@ -186,9 +186,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 grammar: Any, param: str = "prompt") -> Job:
         """A prompt (the request's field `param`), its preprocessed media, the request's limits and compiled format
         -> a Job. A prompt is text, or token ids (the completions API's; their `<image>` ids must match the media).
-        chat: a conversation's answer (sent without leading whitespace; the chat template's stop strings, unless a
-        format's grammar decides where the answer ends: they could cut valid JSON, e.g. mmgpt's `### End.` inside a
-        string; the request's own `stop` applies either way, as OpenAI's does)."""
+        chat: a conversation's answer (sent without its leading spaces and tabs, the gap the format puts back; the chat
+        template's stop strings, unless a format's grammar decides where the answer ends: they could cut valid JSON,
+        e.g. mmgpt's `### End.` inside a string; the request's own `stop` applies either way, as OpenAI's does)."""
         try:
             if isinstance(prompt, str):
                 ids, media = processor.encode_prompt(prompt, frames, max_length=2**62,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..chat import BLANKS
 from ..config import MEDIA_TOKEN
 from ..model.batching import DecodeBatch
 from ..model.feature_cache import VisionFeatureCache
@@ -117,7 +118,8 @@ class Job:
     media: dict[str, Any]
     params: SamplingParams
     emit: Callable[[Event], None]
-    strip_leading_whitespace: bool = False  # chat answers: the template puts a space before an assistant turn
+    # chat answers: the blanks (spaces, tabs) they start with are the format's gap before an answer, left out
+    strip_leading_whitespace: bool = False
     grammar: Optional[Any] = None  # a response format's compiled grammar (serve/structured.py): each choice obeys it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -481,7 +483,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             choice.text.flush()
-        text = choice.text.text.lstrip() if job.strip_leading_whitespace else choice.text.text
+        text = choice.text.text.lstrip(BLANKS) if job.strip_leading_whitespace else choice.text.text
         cut = find_stop(text, params.stop, final=reason is not None)
         if cut >= 0:
             text, reason = text[:cut], "stop"

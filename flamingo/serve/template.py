@@ -13,7 +13,8 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
   between it (a turn's text parts in the flamingo and idefics formats; consecutive user and system turns in the
   flamingo format) is checked as written too: `a <|endof` then `chunk|> b` is the marker there (Otter's and
   Multimodal-GPT's formats put a space between a turn's texts: there it is text), as chat training data checks it.
-Answers start with the space the format puts back, so chat answers are sent without leading whitespace.
+Answers start with the space the format puts back, so chat answers are sent without their leading spaces and tabs
+(a line break or another character an answer starts with is the model's, and kept).
 """
 
 from __future__ import annotations

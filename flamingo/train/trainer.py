@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -24,16 +25,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..build import from_backbones, load_pretrained
-from ..config import FlamingoConfig, lora_spec
+from ..config import CONFIG_NAME, FlamingoConfig, lora_spec
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
+from ..model import lora
+from ..model.card import CARD_NAME, model_card
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo, unresolved_backbones
-from ..model.lora import apply_lora
-from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen
+from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen, quantized_mode
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
+from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import is_hub_reference, local_dir
 from .buckets import pad_to_buckets
@@ -88,15 +91,24 @@ def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
     """model.flamingo with model.init_from: the options that apply to a trained model (its frozen weights' format, LoRA
     adapters on its LM; the others are refused by `check_init_from`)."""
     if options.get("lm_lora") is not None:
-        if model.config.lm_lora is not None:
-            raise ValueError("model.init_from names a model whose LM already holds LoRA adapters")
-        model.config.lm_lora = lora_spec(options["lm_lora"])
-        apply_lora(model.lm, model.config.lm_lora)
+        wanted, saved = lora_spec(options["lm_lora"]), model.config.lm_lora
+        if saved is None:
+            model.config.lm_lora = wanted
+            lora.apply_lora(model.lm, wanted)
+        elif lora.same_adapters(saved, wanted):  # the saved adapters train on, under the spec's dropout
+            lora.set_dropout(model.lm, wanted["dropout"])
+            model.config.lm_lora = {**saved, "dropout": wanted["dropout"]}
+        else:
+            raise ValueError(f"model.init_from names a model whose LM already holds LoRA adapters "
+                             f"({lora.describe(saved)}), and model.flamingo.lm_lora asks for other ones "
+                             f"({lora.describe(wanted)}): leave model.flamingo.lm_lora out, or give theirs, to keep "
+                             "training them (only the dropout may differ)")
     if "quantize_frozen" in options:
         model.config.quantize_frozen = dataclasses.replace(model.config,
                                                            quantize_frozen=options["quantize_frozen"]).quantize_frozen
 
 
+BACKBONE_PARTS = ("vision", "lm")  # a whole saved model's backbone directories
 REVISION_KEYS = ("vision_revision", "lm_revision")  # the Hub commits a run's backbones were read at
 
 
@@ -151,11 +163,38 @@ def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) 
     return bool(c.vision_name_or_path and c.lm_name_or_path) and not unresolved_backbones(c)
 
 
-def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None:
+def whole_model_dir(name_or_path: Optional[str]) -> Optional[str]:
+    """The local directory of a model saved here whole (its config beside `vision/` and `lm/`) that a model was loaded
+    from (`name_or_path`; the trainer loads model.init_from from its local copy, a Hub snapshot's included): those
+    directories hold the float backbones the model was built on, which training never changes. None for any other
+    model (a conversion in memory, a trained-only checkpoint, a model built from backbones)."""
+    if not name_or_path or not os.path.isfile(os.path.join(name_or_path, CONFIG_NAME)):
+        return None
+    whole = all(os.path.isdir(os.path.join(name_or_path, part)) for part in BACKBONE_PARTS)
+    return os.path.abspath(name_or_path) if whole else None
+
+
+def backbone_stamps(directory: str) -> dict[str, tuple[int, int]]:
+    """Each file under the `vision/` and `lm/` of the saved model in `directory` -> (size, modification time in ns),
+    symbolic links followed (a Hub snapshot's files point into its blobs): what tells whether the files changed
+    since, without reading them."""
+    stamps = {}
+    for part in BACKBONE_PARTS:
+        for root, _, files in os.walk(os.path.join(directory, part), followlinks=True):
+            for name in files:
+                path = os.path.join(root, name)
+                info = os.stat(path)
+                stamps[os.path.relpath(path, directory)] = (info.st_size, info.st_mtime_ns)
+    return stamps
+
+
+def check_final_save(model: Flamingo, save_trained_only: Optional[bool], backbones_from: Optional[str] = None
+                     ) -> None:
     """Refuse, before step 1, a run whose final `save_pretrained` would fail after its last step: quantized
-    backbones saved whole, a trained-only save without backbone names or with names that do not resolve here, and
-    backbone weights the model changed (`extra_saved_weights`: merged LoRA) that are now quantized or wrapped by new
-    LoRA adapters."""
+    backbones saved whole without a float copy to take them from (`backbones_from`: the whole saved model the run
+    started from, `whole_model_dir`), a trained-only save without backbone names or with names that do not resolve
+    here, and backbone weights the model changed (`extra_saved_weights`: merged LoRA) that are now quantized or
+    wrapped by new LoRA adapters."""
     c = model.config
     named = bool(c.vision_name_or_path and c.lm_name_or_path)
     unresolved = unresolved_backbones(c)
@@ -167,14 +206,22 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None
         raise ValueError(f"train.save_trained_only: true, but the model's backbone(s) {', '.join(unresolved)} are "
                          "neither a directory here nor a Hub name, so its trained-only final model could not load: "
                          "set it to false or null (a full save)")
-    if c.quantize_frozen != "none" and not trained_only:
-        where = (f" (its backbone(s) {', '.join(unresolved)} do not resolve here: init_from a model whose backbones "
-                 "do, or without quantize_frozen)" if named and unresolved else "" if named
-                 else " (and name the backbones)")
+    if c.quantize_frozen != "none" and not trained_only and backbones_from is None:
+        why = ("train.save_trained_only is false" if save_trained_only is False
+               else f"its backbone(s) {', '.join(unresolved)} do not resolve here" if unresolved
+               else "it names no backbone to load by name")
+        remedies = (["set train.save_trained_only: true or null"] if named and not unresolved else []) + [
+            "init_from a model saved whole (a directory holding vision/ and lm/, whose float backbones the final "
+            "save copies; `flamingo convert` writes one from an IDEFICS, Otter or OpenFlamingo checkpoint)",
+            "train without quantize_frozen"]
         raise ValueError(f"model.flamingo.quantize_frozen={c.quantize_frozen}: quantized backbones are never saved "
-                         "whole (quantizing is lossy), so the final model is trained-only: set "
-                         "train.save_trained_only: true or null" + where)
-    if unresolved and save_trained_only is None and dist_info()[0] == 0:  # said once, by rank 0
+                         f"whole (quantizing is lossy), and the final model is saved whole ({why}) with no float copy "
+                         f"of its backbones to take: {'; or '.join(remedies)}")
+    rank0 = dist_info()[0] == 0  # said once, by rank 0
+    if c.quantize_frozen != "none" and not trained_only and rank0:
+        log.info("the final model will be saved whole, its backbones copied unquantized from %s/{vision,lm}",
+                 backbones_from)
+    elif unresolved and save_trained_only is None and rank0:
         log.info("the final model will be saved full: the backbone(s) %s do not resolve here", ", ".join(unresolved))
     state = model.state_dict()
     changed = [n for n in c.extra_saved_weights if n not in state or is_quantized(state[n])]
@@ -182,6 +229,34 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool]) -> None
         raise ValueError(f"the model's changed backbone weights {changed[:3]} (extra_saved_weights: a merged LoRA, a "
                          "fine-tuned table) would be saved from layers that model.flamingo.lm_lora wraps or "
                          "quantize_frozen packs: train without those options, or from the model before merging")
+
+
+def save_with_backbones_from(model: Flamingo, directory: str, source: str, processor: Optional[FlamingoProcessor]
+                             ) -> None:
+    """Save `model`, whose frozen backbones are quantized, whole into `directory` (atomically): the float backbones
+    copied from `source`'s `vision/` and `lm/` (the whole saved model it was built on, `whole_model_dir`: training
+    changes no frozen weight) and every trained tensor as a trained-only save writes them, so the directory loads as
+    the trained model with its backbones unquantized, and `quantize_frozen` quantizes them again as the run did."""
+    c = model.config
+    references = {k: getattr(c, k) for k in ("vision_name_or_path", "lm_name_or_path", "vision_revision",
+                                             "lm_revision")}
+    with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
+        trained = os.path.join(tmp, "trained")
+        try:  # a trained-only save names the backbones it is saved without: source's, for the moment
+            c.vision_name_or_path, c.lm_name_or_path = (os.path.join(source, part) for part in BACKBONE_PARTS)
+            c.vision_revision = c.lm_revision = None
+            model.save_pretrained(trained, trained_only=True, processor=processor)
+        finally:
+            for key, value in references.items():
+                setattr(c, key, value)
+        for name in os.listdir(trained):
+            os.replace(os.path.join(trained, name), os.path.join(tmp, name))
+        os.rmdir(trained)
+        for part in BACKBONE_PARTS:  # copies, not links: a file rewritten in place later changes no saved model
+            shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
+        c.save(tmp)  # the model's own backbone references
+        with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
 
 def _quantize(model: Flamingo) -> None:
@@ -212,6 +287,7 @@ class Trainer:
         # the LM's output rows (before quantizing or sharding changes the weight's shape): they decide the chat format
         # chat data is written in, as the model is served (`chat_format_for`)
         vocab = model.lm.get_output_embeddings().weight.shape[0]
+        backbones_from = whole_model_dir(model.name_or_path)  # where a whole final save finds the float backbones
         model.name_or_path = None  # trained from here on: no longer the model saved where it was loaded from
         check_trainable_quantization(model.config.quantize_frozen, "model.flamingo.quantize_frozen (or the saved "
                                      "mode of model.init_from, which it overrides)")
@@ -220,7 +296,12 @@ class Trainer:
         model.to(self.device)
         if model.config.quantize_frozen != "none":
             _quantize(model)
-        check_final_save(model, t.save_trained_only)  # now, not after the last step
+        check_final_save(model, t.save_trained_only, backbones_from)  # now, not after the last step
+        # quantized backbones saved whole: copied from backbones_from at the end, checked unchanged since they loaded
+        self.backbones_from: Optional[tuple[str, dict[str, tuple[int, int]]]] = None
+        if model.config.quantize_frozen != "none" and not final_save_trained_only(model, t.save_trained_only):
+            assert backbones_from is not None  # (check_final_save)
+            self.backbones_from = (backbones_from, backbone_stamps(backbones_from))
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -712,13 +793,29 @@ class Trainer:
                         params[name].copy_(value)
         if self.rank == 0:
             trained_only = final_save_trained_only(model, self.config.train.save_trained_only)
-            model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
+            if quantized_mode(model) != "none" and not trained_only:  # never written quantized: the float copies
+                self._save_with_float_backbones(model, out)
+            else:
+                model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
             with open(os.path.join(out, "train_config.json"), "w") as f:
                 json.dump(asdict(self.config), f, indent=2)
         self.model.name_or_path = out  # what an evaluation of the trained model names it by (eval/runner.py)
         if self.world > 1:
             dist.barrier()
         return out
+
+    def _save_with_float_backbones(self, model: Flamingo, out: str) -> None:
+        """The final model saved whole with the float backbones of the whole saved model the run started from
+        (`save_with_backbones_from`), refused when their files changed since they were loaded: the saved model
+        would not be the one trained (the run's last checkpoint keeps the trained weights)."""
+        assert self.backbones_from is not None  # (set in __init__ for every run that saves so)
+        source, stamps = self.backbones_from
+        if backbone_stamps(source) != stamps:
+            raise ValueError(f"the backbones in {source} (vision/, lm/) changed while the run trained, so {out} "
+                             "cannot take them as the run's frozen weights: the trained weights are in the run's last "
+                             f"checkpoint (under {self.config.train.output_dir}); put back the files the run started "
+                             "from and run `flamingo train` again, which writes final/ from it without training")
+        save_with_backbones_from(model, out, source, self.processor)
 
 
 def _plain(value: Any) -> Any:

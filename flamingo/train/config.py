@@ -164,10 +164,10 @@ _YAML_READS: dict[type, str] = {bool: "a flag", int: "an integer", float: "a num
 
 def _typed(value: Any, annotation: str, where: str) -> Any:
     """A number, flag or string field's value, checked here so that a wrong one (`train.steps=abc`, `optim.lr=nan`,
-    `train.output_dir=2024`) is refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings
+    `train.output_dir=42`) is refused by name, not met deep inside the run. Floats YAML 1.1 leaves as strings
     (`3e-4`) are read; a whole float is an int (`1e3`); a float field must be finite; a string field must be one (YAML
-    reads `2024` as a number and `2024-06-01` as a date: never turned back into text, which could differ from what
-    was written, e.g. `010` is 8); a mapping field (`options`) must be one. Other structured fields pass as they are."""
+    reads `42` as a number and YYYY-MM-DD as a date: never turned back into text, which could differ from what was
+    written, e.g. `010` is 8); a mapping field (`options`) must be one. Other structured fields pass as they are."""
     optional = annotation.startswith("Optional[")
     base = annotation[len("Optional["):-1] if optional else annotation
     if base.startswith("dict[") and not isinstance(value, (dict, type(None))):  # `options: [max_tokens, 32]`

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.flamingo import check_state_shapes
+from ..model.lora import FUNCTION_KEYS, same_adapters
 from ..runtime.checkpoint_io import atomic_directory, unfinished_write
 from . import state_codec
 
@@ -216,25 +217,13 @@ def _optimizer_and_scheduler_state(path: str, state: dict[str, Any]) -> tuple[An
             state_codec.decode(json.loads(metadata["scheduler"]), tensors))
 
 
-# the lm_lora keys that set what the adapters compute (their layers, their scale alpha / r); dropout acts in training
-# only, so a change of it applies from the resumed step on (the trainer logs it)
-LORA_FUNCTION_KEYS = ("r", "alpha", "target_modules")
-
-
-def _lora_function(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The part of an `lm_lora` spec a resume must keep (target_modules as a set: their order is no change)."""
-    if spec is None:
-        return None
-    return {k: sorted(spec[k]) if k == "target_modules" else spec[k] for k in LORA_FUNCTION_KEYS}
-
-
 def check_lora_resumable(path: str, saved: Optional[dict[str, Any]], now: Optional[dict[str, Any]]) -> None:
     """Refuse a checkpoint written with another `model.flamingo.lm_lora` r, alpha or target_modules: its adapters
     would load into other layers or under another scale (alpha / r), so the model's function would jump at the
     resume point. saved: state.json's `lm_lora`; now: the model's."""
-    if _lora_function(saved) != _lora_function(now):
+    if (saved is None) != (now is None) or (saved is not None and now is not None and not same_adapters(saved, now)):
         raise ValueError(f"checkpoint {path} was written with model.flamingo.lm_lora={saved}; the config says {now}: "
-                         f"its {'/'.join(LORA_FUNCTION_KEYS)} must stay (dropout may change); resume with the "
+                         f"its {'/'.join(FUNCTION_KEYS)} must stay (dropout may change); resume with the "
                          "checkpoint's lm_lora, or start a new output_dir")
 
 

@@ -2,8 +2,9 @@
 build a few-shot prompt with images, see the streamed answer (the API's greedy answer for the same conversation)
 and its figures, chat with an attached image, attach images by drag and drop and by paste; a refused turn goes back
 into the composer and the page says why (413, 400, a missing key, a file that is no image); New chat during a turn
-aborts it and keeps it out of the new chat; Stop (and Escape) ends an answer where it is and keeps it, marked; the
-small things (input methods' Enter, accessible names, no console errors, no empty demo sent, text drops, file types
+aborts it and keeps it out of the new chat; Stop (and Escape) ends an answer where it is and keeps it, marked (a Stop
+after the answer's finish_reason leaves it complete); top p, sent when changed and checked by the server; the small
+things (input methods' Enter, accessible names, no console errors, no empty demo sent, text drops, file types
 the server cannot read and APNG, which it reads, a phone's screen, long words, number settings that are no number,
 error answers that are no JSON, characters split over tokens); screenshots are kept as artifacts.
 
@@ -474,6 +475,12 @@ def _slow_engine(tmp_path, step_seconds: float):
         decode_step()
 
     engine._decode_step = slow_decode_step
+    return (engine, *_recording(engine))
+
+
+def _recording(engine) -> tuple[list, list[list[str]]]:
+    """The jobs the server gives `engine` from now on (their sampling parameters are what it received), and the kinds
+    of the events each was sent."""
     jobs, events = [], []
 
     def submit_all(batch) -> None:
@@ -485,13 +492,32 @@ def _slow_engine(tmp_path, step_seconds: float):
         queue_all(batch)
 
     queue_all, engine.submit_all = engine.submit_all, submit_all
-    return engine, jobs, events
+    return jobs, events
+
+
+# An answer of /v1/chat/completions whose stream holds after `window.held` (server-sent events) until the request is
+# aborted, which fails its read as it fails the read of fetch's own streams: a Stop comes at a moment the test picks.
+HELD = """
+const fetchAsSent = window.fetch;
+window.fetch = function (url, options) {
+  if (!String(url).endsWith("/v1/chat/completions") || !window.held) return fetchAsSent.apply(this, arguments);
+  window.sent.push({url: String(url), body: options && options.body});
+  const [held, signal] = [window.held, options.signal];
+  const body = new ReadableStream({start(controller) {
+    controller.enqueue(new TextEncoder().encode(held));
+    signal.addEventListener("abort", () => controller.error(new DOMException("aborted", "AbortError")));
+  }});
+  return Promise.resolve(new Response(body, {status: 200, headers: {"content-type": "text/event-stream"}}));
+};
+"""
 
 
 def test_page_stop_keeps_the_partial_answer_and_the_server_stops_generating(tmp_path, one_thread):
     """Stop, shown in place of Send (Run) while an answer streams: the request is aborted (the server cancels its job
     before its end), the answer so far stays, marked as stopped, and in the chat it is the assistant's turn sent with
-    the next one; stopped before any text, the turn goes back into the composer. Escape stops the few-shot run."""
+    the next one; stopped before any text, the turn goes back into the composer. Escape stops the few-shot run. A
+    Stop after the answer's finish_reason came (its usage and the stream's close still on their way) is too late to
+    stop it: the answer is complete, not marked stopped."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -561,6 +587,28 @@ def test_page_stop_keeps_the_partial_answer_and_the_server_stops_generating(tmp_
             assert text_of("#fewshot-output") and text_of("#fewshot-stats").startswith("stopped by you")
             assert shown("run-fewshot") and not shown("stop-fewshot")
             browser.save_screenshot(str(ARTIFACTS / "serve-page-stopped.png"))
+
+            # Stop while the stream holds: before the answer's finish_reason it stops the answer, after it the answer
+            # is complete (the usage and [DONE] that would follow do not come, as when Stop lands just before them)
+            browser.find_element(By.ID, "tab-chat").click()
+            browser.find_element(By.ID, "chat-clear").click()
+            browser.execute_script(HELD)
+            text = {"choices": [{"index": 0, "delta": {"content": "a cat"}, "finish_reason": None}]}
+            end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+            for chunks, stopped in (([text], True), ([text, end], False)):
+                held = "".join("data: " + json.dumps(c) + "\n\n" for c in chunks)
+                browser.execute_script("window.held = arguments[0]", held)
+                browser.find_element(By.ID, "chat-input").send_keys("again")
+                browser.find_element(By.ID, "chat-send").click()
+                fast.until(lambda b: text_of(".msg.assistant:last-child .text"))
+                browser.find_element(By.ID, "chat-stop").click()
+                wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant:last-child")
+                           .get_attribute("data-done") == "true")
+                reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant:last-child")
+                stats = text_of(".msg.assistant:last-child .stats")
+                assert ("stopped" in reply.get_attribute("class")) == stopped, (stopped, stats)
+                assert stats.startswith("stopped by you") == stopped and stats.endswith("length") != stopped
+                assert browser.execute_script("return history.at(-1)") == {"role": "assistant", "content": "a cat"}
     finally:
         browser.quit()
 
@@ -593,7 +641,9 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
     """On a phone (360 px, mobile emulation) the composer fits the screen; an APNG is attached and read by the server;
     an error answer without JSON (a proxy's HTML page, an empty 504) shows its status and what it says; a long word
     wraps in the few-shot output; a number setting that is no number is refused in the page with a note naming it;
-    a character split over tokens is one span shaded by its tokens' joint probability, its title listing them."""
+    top p, beside temperature (on a phone too), is sent only when changed from 1 and reaches the server's sampling
+    parameters, and one the server refuses (0) says so; a character split over tokens is one span shaded by its
+    tokens' joint probability, its title listing them."""
     from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -603,6 +653,7 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
     frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:], duration=500)
     assert Image.open(apng).n_frames == 2
     engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    jobs, _ = _recording(engine)
     browser = _browser()
 
     def count(selector):
@@ -625,11 +676,16 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
             browser.execute_script(RECORD)
             browser.execute_script("document.getElementById('max-tokens').value = '2'")
 
-            # a phone: nothing of the composer out of the screen, where no scrolling reaches
+            # a phone: nothing of the composer or the settings out of the screen, where no scrolling reaches; top p
+            # shows beside temperature
             browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                     {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+            assert browser.find_element(By.ID, "top-p").is_displayed()
+            assert browser.execute_script("const [t, p] = ['temperature', 'top-p'].map((id) => document"
+                                          ".getElementById(id).closest('label'));"
+                                          "return t.parentElement.matches('.settings') && t.nextElementSibling === p")
             outside = browser.execute_script("""
-                return Array.from(document.querySelectorAll('#composer *'))
+                return Array.from(document.querySelectorAll('#composer *, .settings *'))
                   .map((el) => [el, el.getBoundingClientRect()])
                   .filter(([el, r]) => r.width && (r.left < 0 || r.right > innerWidth)).map(([el]) => el.outerHTML)""")
             assert not outside, outside
@@ -645,24 +701,42 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
             assert not count(".msg.note") and count(".msg.user img") == 1
             assert _chat_bodies(browser)[-1]["messages"][0]["content"][0]["image_url"]["url"].startswith(
                 "data:image/apng;base64,")
+            assert "top_p" not in _chat_bodies(browser)[-1] and jobs[-1].params.top_p == 1.0  # the default: not sent
 
             # number settings that are no number: refused in the page, the note names the field
             sent = len(_chat_bodies(browser))
-            for field, name in (("temperature", "temperature is not a number"), ("max-tokens", "max tokens is not")):
+            for field, name, good in (("temperature", "temperature is not a number", "0"),
+                                      ("max-tokens", "max tokens is not", "2"),
+                                      ("top-p", "top p is not a number", "1")):
                 element = browser.find_element(By.ID, field)
                 element.clear()
                 element.send_keys("e")
                 send()
                 assert name in note() and element.get_attribute("aria-invalid") == "true"
                 element.clear()
-                element.send_keys("2" if field == "max-tokens" else "0")
+                element.send_keys(good)
                 assert element.get_attribute("aria-invalid") is None  # edited: no longer marked
-            temperature = browser.find_element(By.ID, "temperature")
-            temperature.clear()
-            send()
-            assert "temperature is empty" in note()
-            temperature.send_keys("0")
+            for field, name, good in (("temperature", "temperature is empty", "0"), ("top-p", "top p is empty", "1")):
+                element = browser.find_element(By.ID, field)
+                element.clear()
+                send()
+                assert name in note() and element.get_attribute("aria-invalid") == "true"
+                element.send_keys(good)
             assert len(_chat_bodies(browser)) == sent  # none of those was sent
+
+            # top p: sent as typed when not the default, and what the server sampled with; 0 is the server's to refuse
+            top_p = browser.find_element(By.ID, "top-p")
+            top_p.clear()
+            top_p.send_keys("0.5")
+            send()
+            assert not count(".msg.note") and _chat_bodies(browser)[-1]["top_p"] == 0.5
+            assert jobs[-1].params.top_p == 0.5
+            top_p.clear()
+            top_p.send_keys("0")
+            send()
+            assert note().startswith("400: ") and "top_p" in note() and _chat_bodies(browser)[-1]["top_p"] == 0
+            top_p.clear()
+            top_p.send_keys("1")
 
             # error answers without JSON: the status and what the body says, or where such an answer comes from
             browser.execute_script(FAKE)

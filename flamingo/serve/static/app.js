@@ -148,9 +148,9 @@ for (const type of ["dragover", "drop"]) {
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
-// A number setting as sent: the number typed (the server says what it refuses: 0, over its cap), or an error naming
-// the field, which is marked until it is edited. A number field reads "" both when it is empty and when what is typed
-// is no number ("e", "12e", "1e400"): validity.badInput tells them apart.
+// A number setting as sent: the number typed (the server says what it refuses: 0 max tokens, a top p of 0 or over 1,
+// over its cap), or an error naming the field, which is marked until it is edited. A number field reads "" both when
+// it is empty and when what is typed is no number ("e", "12e", "1e400"): validity.badInput tells them apart.
 function numberSetting(selector, name, hint) {
   const field = $(selector);
   const problem = field.validity.badInput ? "is not a number" : field.value === "" ? "is empty" : "";
@@ -158,7 +158,7 @@ function numberSetting(selector, name, hint) {
   field.setAttribute("aria-invalid", "true");
   throw new Error(`${name} ${problem}: enter ${hint}`);
 }
-for (const field of [$("#max-tokens"), $("#temperature")]) {
+for (const field of [$("#max-tokens"), $("#temperature"), $("#top-p")]) {
   field.addEventListener("input", () => field.removeAttribute("aria-invalid"));
 }
 
@@ -188,18 +188,21 @@ async function errorMessage(response) {
 // are asked for: those of the tokens that make it up, as a token whose text the server holds back, a byte of a
 // character not yet complete or the leading space a chat answer drops, comes with the next piece's). Resolves to the
 // answer's figures. tooLarge: what to do about a body over the server's limit (413); signal: an AbortSignal that
-// stops the request (the server then stops generating it): the figures so far, `stopped` set.
+// stops the request (the server then stops generating it): the figures so far, `stopped` set unless the answer was
+// complete (its finish_reason or [DONE] had come, and only the usage and the stream's close were on their way).
 async function streamChat(messages, onText, tooLarge, signal) {
   const body = {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
     max_tokens: numberSetting("#max-tokens", "max tokens", "how many tokens the answer may have"),
     temperature: numberSetting("#temperature", "temperature", "0 (the likeliest token each time) to 2"),
   };
+  const topP = numberSetting("#top-p", "top p", "over 0 and at most 1 (1: sample from every token)");
+  if (topP !== Number($("#top-p").defaultValue)) body.top_p = topP;  // the default is the server's: not sent
   const probs = $("#show-probs").checked;
   if (probs) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const start = performance.now();
   let first = null, last = null, received = 0, tokens = null, reason = null, promptTokens = 0, cached = 0;
-  let stopped = false;
+  let stopped = false, complete = false;
   try {
     const response = await fetch("/v1/chat/completions",
                                  { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
@@ -220,6 +223,7 @@ async function streamChat(messages, onText, tooLarge, signal) {
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const event = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
+        if (event === "data: [DONE]") complete = true;
         if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
         const chunk = JSON.parse(event.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
@@ -241,13 +245,13 @@ async function streamChat(messages, onText, tooLarge, signal) {
               pending = [];
             }
           }
-          if (choice.finish_reason) reason = choice.finish_reason;
+          if (choice.finish_reason) { reason = choice.finish_reason; complete = true; }
         }
       }
     }
   } catch (e) {
     if (!(signal && signal.aborted)) throw e;
-    stopped = true;
+    stopped = !complete;  // a stop after the answer's end is too late to stop it: the answer is whole
   }
   const end = performance.now();
   first = first === null ? end : first;

@@ -567,3 +567,19 @@ def test_push_to_hub_checks_the_repository_name_before_saving(hub, monkeypatch):
         with pytest.raises(ValueError, match="is not a Hub repository name"):
             push_to_hub(model, repo_id, processor=processor)
     assert hub.repos == {}
+
+
+def test_a_one_word_name_is_a_path_and_its_error_gives_the_org_form(tmp_path, monkeypatch):
+    """A name without `/` (`gpt2`, which transformers' `from_pretrained` still resolves on the Hub) is read as a path
+    here; when no such directory exists the error says that Hub names are org/name. A path with `/` gets no hint."""
+    from flamingo.runtime.hub import local_or_hub
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"LM directory not found: gpt2 \(a Hub repository is named org/name.*"
+                                                r"`openai-community/gpt2`\)"):
+        local_or_hub("gpt2", "LM")
+    with pytest.raises(FileNotFoundError) as missing:
+        local_or_hub("./no/such/lm", "LM")
+    assert str(missing.value) == "LM directory not found: ./no/such/lm"
+    (tmp_path / "gpt2").mkdir()
+    assert local_or_hub("gpt2", "LM") == "local"

@@ -11,6 +11,8 @@ from typing import Literal, Optional, Sequence
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # what a repository name may look like on the Hub: `org/name`, letters, digits, `-`, `_`, `.`
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# a name with no `/`, which is a path here, never a Hub repository (what a user of `from_pretrained("gpt2")` may try)
+_ONE_WORD = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}$")
 # files a saved model never needs: other frameworks' weights and pickled tensors (we read safetensors only)
 NEVER_READ = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf")
 # what a model's processor is built from, never its weights: configs (the model's, the tokenizer's, the image
@@ -39,7 +41,9 @@ def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
                 "--vision V --lm L --out DIR`, whose DIR loads" if source.endswith((".pt", ".pth", ".ckpt", ".bin"))
                 else "")
         raise FileNotFoundError(f"{what} {source!r} is a file, not a directory (nor a Hub repository name){hint}")
-    raise FileNotFoundError(f"{what} directory not found: {source}")
+    hint = (" (a Hub repository is named org/name: the Hub's old one-word names now have an org, `gpt2` is "
+            "`openai-community/gpt2`)" if _ONE_WORD.match(source) else "")
+    raise FileNotFoundError(f"{what} directory not found: {source}{hint}")
 
 
 def is_hub_reference(source: str) -> bool:

@@ -139,14 +139,18 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
     read by `upright_rgb`. What a file holds decides, not its name or MIME type: a GIF given as a path, a PIL image,
     a data URL or a training shard's member gives the same frames.
 
-    Whatever PIL reads as animated is played so: a multi-page TIFF's pages and an MPO's images too, each shown
-    0.1 s (they carry no delay; at 1 FPS a 30-page TIFF gives pages 0, 10 and 20, where HF's `load_image` reads
-    page 0: give `Image.open(path).convert("RGB")` for that). An APNG's default image that is not part of its
-    animation (a still for viewers without APNG) is not played: browsers and FFmpeg do not play it.
+    Whatever else PIL reads as animated is played so: a multi-page TIFF's pages too, each shown 0.1 s (they carry no
+    delay; at 1 FPS a 30-page TIFF gives pages 0, 10 and 20, where HF's `load_image` reads page 0: give
+    `Image.open(path).convert("RGB")` for that). An MPO (a JPEG holding a second image: a stereo pair's other half,
+    a phone camera's gain map) is a still photo: its first image only (`_first_image`), as viewers show it. An
+    APNG's default image that is not part of its animation (a still for viewers without APNG) is not played:
+    browsers and FFmpeg do not play it.
     Every frame's size is read on seeking to it, before it is decoded, and refused as `check_image_size` refuses
-    an image, or over `max_pixels` (`TooManyPixels`): a TIFF's pages and an MPO's images each have their own size.
-    Reading the delays decodes no TIFF page or MPO image: only WebP's delay needs its frame decoded (GIF and APNG
-    frames, each the canvas' size, are decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
+    an image, or over `max_pixels` (`TooManyPixels`): a TIFF's pages each have their own size. Reading the delays
+    decodes no TIFF page: only WebP's delay needs its frame decoded (GIF and APNG frames, each the canvas' size, are
+    decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
+    if image.format == "MPO":
+        return [_first_image(image, max_pixels)]
     if not getattr(image, "is_animated", False):
         _check_frame(image, 0, max_pixels)
         return [upright_rgb(image)]
@@ -173,6 +177,18 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
             image.seek(first + k)
             frames.append(upright_rgb(image))
         return frames
+    finally:
+        image.seek(shown)
+
+
+def _first_image(image: Image.Image, max_pixels: Optional[int]) -> Image.Image:
+    """A multi-image file's first image (`upright_rgb`), whatever frame a caller's image is on (it is left there):
+    the others are not read, nor their sizes checked."""
+    shown = image.tell()
+    image.seek(0)
+    try:
+        _check_frame(image, 0, max_pixels)
+        return upright_rgb(image)
     finally:
         image.seek(shown)
 

@@ -11,7 +11,7 @@ A medium is a URL:
   (every redirect hop included, after DNS, so a name that resolves to an internal address is caught) must not be
   loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
-(decompression bombs stop there; every page of a multi-page TIFF or MPO by its own header, as it is reached), and for
+(decompression bombs stop there; every page of a multi-page TIFF by its own header, as it is reached), and for
 a video from every decoded frame too (a stream may switch to larger frames after its header). A file no image reader
 knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`, `.mts`, no suffix), as the processor reads
 it. Errors are `APIError`s (400) that say which medium and why.
@@ -278,7 +278,7 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
                 return frames[0] if len(frames) == 1 else frames
     except APIError:
         raise
-    except TooManyPixels as e:  # a later page of a multi-page image (TIFF, MPO), by its header
+    except TooManyPixels as e:  # a later page of a multi-page TIFF, by its header
         raise APIError(400, f"{name}: frame {e.frame} is {e.width}x{e.height}, more than the server's "
                             f"{policy.max_pixels} pixels per image") from None
     except TooLong as e:

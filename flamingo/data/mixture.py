@@ -9,6 +9,7 @@ stand-alone, for scripts and tools that want one stream of batches from several 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator, Mapping, MutableMapping
 
 import torch
@@ -55,7 +56,8 @@ class WeightedMixture:
     """Endless (name, batch) pairs from `sources`, drawing a source by `weights` with a `MixtureSampler`.
 
     A source that reaches the end of an epoch is re-iterated (its next epoch). `state_dict()` holds the sampler's
-    state and every source's own state, so a mixture resumes exactly.
+    state and every source's own state, so a mixture of the same sources (same names, order and weights) resumes
+    exactly. See `load_state_dict` for a mixture whose sources changed since.
     """
 
     def __init__(self, sources: Mapping[str, Any], weights: Mapping[str, float], seed: int = 0) -> None:
@@ -79,7 +81,25 @@ class WeightedMixture:
         return {"sampler": self.sampler.state_dict(), "sources": {n: s.state_dict() for n, s in self.sources.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state`, as the trainer resumes a run whose datasets changed (a new name is a new source): a
+        source the state names goes on from its saved position, one it lacks (added since) is left as it is (a source
+        just built: its first epoch), and a saved source this mixture no longer has is dropped; either change is
+        warned about, naming the sources.
+
+        The sampler goes on from its saved generator state in every case. Its draws are then not those of either
+        mixture: a draw maps the generator's numbers to this mixture's names and weights, and consumes numbers per
+        source (`torch.multinomial`), so with other sources (or another order or other weights) the sequence of
+        draws is a new one, still drawn by this mixture's weights. Reseeding would replay the draws of a fresh
+        mixture instead, which is no nearer an exact resume."""
+        saved = state["sources"]
+        added, dropped = sorted(set(self.sources) - set(saved)), sorted(set(saved) - set(self.sources))
+        if added or dropped:
+            changes = (([f"{added} start from their beginning"] if added else [])
+                       + ([f"{dropped} are no longer read"] if dropped else []))
+            warnings.warn(f"resuming a WeightedMixture with other sources than its state was saved with: "
+                          f"{', '.join(changes)} (the others go on from their saved positions)", stacklevel=2)
         self.sampler.load_state_dict(state["sampler"])
         for name, source in self.sources.items():
-            source.load_state_dict(state["sources"][name])
+            if name in saved:
+                source.load_state_dict(saved[name])
         self._iterators.clear()

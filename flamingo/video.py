@@ -131,12 +131,16 @@ class TooLong(ValueError):
 
 
 class TooManyPixels(ValueError):
-    """An image's frame (a multi-page TIFF's page, an MPO's image: each has its own size) of more than the
-    `max_pixels` its reader accepts (a server's bound), found by its header before it is decoded."""
+    """An image's frame (a multi-page TIFF's page: each has its own size) of more than the `max_pixels` its reader
+    accepts (a server's bound), found by its header before it is decoded."""
 
     def __init__(self, width: int, height: int, frame: int, max_pixels: int) -> None:
         super().__init__(f"frame {frame}: {width}x{height} is more than the {max_pixels} pixels allowed")
-        self.width, self.height, self.frame = width, height, frame
+        self.width, self.height, self.frame, self.max_pixels = width, height, frame, max_pixels
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, int, int]]:
+        # pickled by its fields (a DataLoader worker's error crosses to the main process so), not by its message
+        return type(self), (self.width, self.height, self.frame, self.max_pixels)
 
 
 def _shown_seconds(frame: "av.VideoFrame") -> Optional[float]:

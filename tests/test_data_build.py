@@ -1,5 +1,6 @@
 """`DatasetSource` reports: a data error from a DataLoader worker reaches the caller as the same one-line ValueError
-as without workers, and each data warning (an epoch's skips) is said once, as a warning, not also as a log record."""
+(of the same class) as without workers, and each data warning (an epoch's skips) is said once, as a warning, not also
+as a log record."""
 
 import json
 import logging
@@ -11,6 +12,7 @@ from flamingo.data import build_source
 from flamingo.data.build import WorkerTraceback
 from flamingo.data.fixtures import make_pairs, tiny_processor
 from flamingo.train.config import DatasetSection
+from flamingo.video import TooLong, TooManyPixels
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +44,45 @@ def test_an_epochs_skips_are_reported_once(tmp_path, processor, caplog, recwarn)
     reports = [str(w.message) for w in recwarn if "epoch 0: skipped 4 bad sample(s)" in str(w.message)]
     assert len(reports) == 1 and "dataset 'p' (rank 0)" in reports[0]
     assert not [r for r in caplog.records if "skipped" in r.getMessage()]
+
+
+def _raising(error: ValueError):
+    """A stream (`DatasetSource._stream`) that raises `error` at its first item."""
+
+    def stream(s, epoch, start):
+        raise error
+        yield  # a generator: it raises when first read, as a stream reading bad data does
+
+    return stream
+
+
+def _raised(source, error: ValueError) -> ValueError:
+    source._stream = _raising(error)  # the forked worker inherits it
+    with pytest.raises(ValueError) as raised:
+        next(iter(source))
+    return raised.value
+
+
+@pytest.mark.parametrize("error", [TooLong("a 12.0 s clip, past max_seconds=5.0"), TooManyPixels(300, 200, 2, 10_000)],
+                         ids=["TooLong", "TooManyPixels"])
+def test_a_workers_error_keeps_its_class_and_message(tmp_path, processor, error):
+    """A caller's `except TooLong` catches a worker's as it catches the in-process one."""
+    data = make_pairs(str(tmp_path), 4)
+    section = DatasetSection("p", "pairs", data["path"], 2)
+    alone = _raised(build_source(section, processor, num_workers=0), error)
+    worker = _raised(build_source(section, processor, num_workers=1), error)
+    assert type(worker) is type(alone) is type(error)
+    assert str(worker) == str(alone) == str(error)
+    assert isinstance(worker.__cause__, WorkerTraceback)
+    if isinstance(error, TooManyPixels):  # its fields come along (the server names the frame from them)
+        assert (worker.width, worker.height, worker.frame, worker.max_pixels) == (300, 200, 2, 10_000)
+
+
+def test_a_workers_error_of_a_class_that_cannot_cross_is_a_value_error(tmp_path, processor):
+    class Local(ValueError):  # defined in a function: no pickle finds it by name
+        pass
+
+    data = make_pairs(str(tmp_path), 4)
+    worker = _raised(build_source(DatasetSection("p", "pairs", data["path"], 2), processor, num_workers=1),
+                     Local("a local error"))
+    assert type(worker) is ValueError and str(worker) == "a local error"

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import pickle
 import traceback
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, NoReturn, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -41,13 +42,35 @@ def _identity(x: Any) -> Any:
 
 @dataclass
 class _StreamError:
-    """A ValueError a worker's stream raised (bad data: a mostly-bad file, a file that does not parse), handed to the
-    main process as an item, which re-raises it with its own message as num_workers=0 does (torch's re-raise would
-    make the worker's whole traceback the message)."""
+    """A ValueError a worker's stream raised (bad data: a mostly-bad file, a file that does not parse, a video
+    `TooLong`), handed to the main process as an item, which re-raises it with its own message as num_workers=0 does
+    (torch's re-raise would make the worker's whole traceback the message)."""
 
     stream: int  # local stream index (= DataLoader worker id)
     message: str
     traceback: str
+    error: Optional[ValueError] = None  # the error itself where it crosses processes intact (`_portable`)
+
+    def reraise(self) -> NoReturn:
+        """Raise the worker's error in this process: its own class where `_portable` kept it (a caller's
+        `except TooLong` catches it as with num_workers=0), else a ValueError with its message."""
+        raise (self.error if self.error is not None else ValueError(self.message)) from WorkerTraceback(
+            self.traceback)
+
+
+def _portable(error: ValueError) -> Optional[ValueError]:
+    """`error`, or one of its class rebuilt from its message, as it comes out of a pickle (the worker queue): same
+    class and message. None where neither crosses (a class defined in a function, one whose constructor takes
+    other arguments and no `__reduce__`), for a plain ValueError instead."""
+    message = str(error)
+    for make in (lambda: error, lambda: type(error)(message)):
+        try:
+            crossed = pickle.loads(pickle.dumps(make()))
+        except Exception:  # any class: its constructor or its pickling may raise anything
+            continue
+        if type(crossed) is type(error) and str(crossed) == message:
+            return crossed
+    return None
 
 
 class WorkerTraceback(Exception):
@@ -59,7 +82,7 @@ def _reporting_errors(items: Iterator[StreamItem], stream: int) -> Iterator[Unio
     try:
         yield from items
     except ValueError as e:
-        yield _StreamError(stream, str(e), traceback.format_exc())
+        yield _StreamError(stream, str(e), traceback.format_exc(), _portable(e))
 
 
 class _Streams(IterableDataset):
@@ -195,7 +218,7 @@ class DatasetSource:
             item = pending[s].popleft()
             if isinstance(item, _StreamError):  # at its stream's turn, as the stream of num_workers=0 would raise it
                 del items  # the workers stop now, not whenever the traceback (holding this frame) is collected
-                raise ValueError(item.message) from WorkerTraceback(item.traceback)
+                item.reraise()
             state = self.streams[s]
             state.update(pos=item.pos, samples=item.samples, skipped=item.skipped)
             if item.batch is None:

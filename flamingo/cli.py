@@ -101,8 +101,8 @@ def check_device(name: str) -> None:
 @contextmanager
 def needs_extra(command: str, extra: str) -> Iterator[None]:
     """Imports inside that miss a third-party package raise a ValueError (the CLI's one-line error) naming it and
-    the extra that installs it, as `--quantize-frozen` does without torchao. Our own modules missing (a broken
-    install) keep their traceback."""
+    `extra`, the extra of pyproject.toml that installs it (docs/install.md's table), as `--quantize-frozen` does
+    without torchao. Our own modules missing (a broken install) keep their traceback."""
     try:
         yield
     except ModuleNotFoundError as e:

@@ -262,7 +262,8 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
         if missing:
             raise ImportError(f"{name}: its tokenizer is a SentencePiece tokenizer.model without a tokenizer.json, "
                               f"which transformers reads with the {' and '.join(missing)} package"
-                              f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}") from e
+                              f"{'s' if len(missing) > 1 else ''}: pip install 'flamingo-vlm[convert]' (or pip install "
+                              f"{' '.join(missing)})") from e
         raise
     if TRANSFORMERS >= (5, 0):
         restore_word_start_normalizer(tokenizer, name)

@@ -1,22 +1,198 @@
-"""What an install holds and what a partial install says: a command or a video that needs an optional package names
-the extra that installs it in one line; the sdist holds every tracked file (tests, their helpers and the files they
-read) and the license text the metadata declares."""
+"""What an install holds and what a partial install says: every third-party package the code imports is declared in
+pyproject.toml, whose extras docs/install.md's table lists as they are; a command or a video that needs an optional
+package names the extra that installs it in one line; reading a training config loads no torch; the sdist holds every
+tracked file (tests, their helpers and the files they read) and the license text the metadata declares."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from flamingo.cli import needs_extra
+from flamingo.eval.extras import PACKAGES
 from flamingo.video import decode_video
 
 ROOT = Path(__file__).resolve().parents[1]
+OURS = ("flamingo", "flamingo_demo")  # the packages the distribution installs: their modules are scanned
+# import name -> distribution, for those that install under another name and may be missing here (the installed ones'
+# metadata says it: importlib.metadata.packages_distributions)
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+TEST_EXTRA = "test"  # its packages cover no import of the library: a user's install lacks them
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): `PyYAML`, `pyyaml` and `python_multipart` alike."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(requirement: str) -> str:
+    """The distribution a requirement names: `lm_eval[api]>=0.4.13` -> `lm-eval`."""
+    return _normalized(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1))
+
+
+def _declared() -> tuple[set[str], dict[str, set[str]]]:
+    """pyproject.toml's `dependencies` and its extras (name -> distributions), names normalized."""
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    return (
+        {_requirement_name(r) for r in project["dependencies"]},
+        {extra: {_requirement_name(r) for r in requirements} for extra, requirements in extras.items()},
+    )
+
+
+@lru_cache(maxsize=1)
+def _installed() -> Mapping[str, list[str]]:
+    """Top-level import name -> the installed distributions that provide it (read once: it scans every one)."""
+    return importlib.metadata.packages_distributions()
+
+
+def _distributions(name: str) -> set[str]:
+    """The distributions that install the top-level import `name`: the installed ones', else the table's, else the
+    import name itself."""
+    installed = _installed().get(name, [])
+    return {_normalized(d) for d in installed} or {_normalized(DISTRIBUTIONS.get(name, name))}
+
+
+@dataclass(frozen=True)
+class Import:
+    """A third-party import statement: where it is and the top-level package it imports."""
+
+    module: str  # the file, relative to the repository
+    line: int
+    package: str  # the top-level import name (`PIL` of `from PIL import Image`)
+    where: str  # "at module level" or "in NAME()": the innermost function holding it
+
+
+def _third_party(name: Optional[str]) -> Optional[str]:
+    """The top-level package of an imported module's name, None for the standard library and our own packages."""
+    top = (name or "").partition(".")[0]
+    return None if not top or top in sys.stdlib_module_names or top in OURS else top
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The third-party top-level packages an import statement imports (relative imports are ours)."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        names = [node.module]
+    else:
+        return []
+    return [top for top in map(_third_party, names) if top is not None]
+
+
+def _imports(node: ast.AST, module: str, where: str = "at module level") -> list[Import]:
+    """The third-party imports under `node`: at module level, in functions, classes, branches and `try` blocks."""
+    found = []
+    for child in ast.iter_child_nodes(node):
+        found += [Import(module, child.lineno, package, where) for package in _imported(child)]
+        inner = f"in {child.name}()" if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else where
+        found += _imports(child, module, inner)
+    return found
+
+
+def _sources() -> list[Path]:
+    """Every module the distribution installs."""
+    return sorted(path for package in OURS for path in (ROOT / package).rglob("*.py"))
+
+
+def _parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def test_every_third_party_import_is_declared():
+    """Each package a module imports, at module level or inside a function (an optional one, imported when used), is
+    in pyproject.toml's `dependencies` or one of its extras other than `test`: a user's install has it, or the extra
+    its error message names does. A transitive dependency imported directly is declared too (starlette and pydantic,
+    which fastapi brings today but need not tomorrow)."""
+    core, extras = _declared()
+    covered = core.union(*(packages for extra, packages in extras.items() if extra != TEST_EXTRA))
+    imports = [i for path in _sources() for i in _imports(_parsed(path), str(path.relative_to(ROOT)))]
+    assert {"torch", "transformers", "fastapi", "av"} <= {i.package for i in imports}  # the scan sees them all
+    undeclared = [
+        f"{i.module}:{i.line} imports {i.package} {i.where}: {' or '.join(sorted(_distributions(i.package)))}"
+        " is in neither pyproject.toml's dependencies nor an extra (see docs/install.md)"
+        for i in imports
+        if not _distributions(i.package) & covered
+    ]
+    assert undeclared == []
+
+
+def test_the_extras_that_messages_name_exist_and_install_what_they_say():
+    """`needs_extra(command, EXTRA)` names an extra of pyproject.toml that holds the packages imported in its block;
+    so does every `flamingo-vlm[EXTRA]` and `pip install -e ".[EXTRA]"` of the code and the docs, and the eval tasks'
+    table of packages (`flamingo.eval.extras.PACKAGES`)."""
+    core, extras = _declared()
+    problems, blocks = [], 0
+    for path in _sources():
+        module = str(path.relative_to(ROOT))
+        for node in ast.walk(_parsed(path)):
+            calls = [item.context_expr for item in node.items] if isinstance(node, (ast.With, ast.AsyncWith)) else []
+            for call in calls:
+                if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "needs_extra"):
+                    continue
+                blocks += 1
+                extra = call.args[1] if len(call.args) > 1 else None
+                if not (isinstance(extra, ast.Constant) and extra.value in extras):
+                    named = ast.unparse(extra) if extra is not None else "nothing"
+                    problems.append(f"{module}:{call.lineno}: needs_extra names {named}, no extra of pyproject.toml")
+                    continue
+                for i in (i for statement in node.body for i in _imports(ast.Module([statement], []), module)):
+                    if not _distributions(i.package) & extras[extra.value]:
+                        problems.append(
+                            f"{module}:{i.line}: {i.package} is imported under needs_extra(..., "
+                            f"{extra.value!r}) but not in that extra"
+                        )
+    assert blocks >= 2  # `flamingo serve` and `flamingo batch`
+    texts = [*_sources(), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = r"""flamingo-vlm\[([\w,-]+)\]|pip install -e "\.\[([\w,-]+)\]"""
+    for path in texts:
+        for match in re.finditer(named, path.read_text(encoding="utf-8")):
+            for extra in (match.group(1) or match.group(2)).split(","):
+                if extra not in extras:
+                    problems.append(f"{path.relative_to(ROOT)}: {match.group(0)} names no extra of pyproject.toml")
+    for module, (package, _, extra) in PACKAGES.items():
+        if _normalized(package) not in extras.get(extra, set()):
+            problems.append(f"flamingo/eval/extras.py: {module} -> {package} is not in the extra {extra!r}")
+    assert problems == []
+
+
+def test_the_install_docs_table_lists_each_extra_as_pyproject_declares_it():
+    """docs/install.md's table of extras is the one reference: a row per extra (and `(none)`: the dependencies), with
+    the same packages as pyproject.toml."""
+    core, extras = _declared()
+    rows = {}
+    for line in (ROOT / "docs" / "install.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        packages = re.findall(r"`([^`]+)`", cells[1]) if line.startswith("|") and len(cells) == 3 else []
+        if packages:
+            rows[cells[0].strip("`")] = {_requirement_name(p) for p in packages}
+    assert rows == {"(none)": core, **extras}
+
+
+def test_reading_a_training_config_imports_no_torch():
+    """The CLI reads the config before any model work: a mistake in it is reported without waiting for torch to load.
+    `train.device`, when set, is checked with torch (runtime.device)."""
+    code = (
+        "import sys; from flamingo.train.config import load_config; imported = 'torch' in sys.modules; "
+        "load_config('configs/example.yaml'); print(imported, 'torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "False"]
 
 
 def test_serve_and_batch_without_the_serve_extra_say_how_to_install_it(tmp_path):

@@ -117,9 +117,8 @@ def test_a_sentencepiece_only_directory_without_sentencepiece_names_the_packages
     monkeypatch.setattr(transformers.utils, "is_sentencepiece_available", lambda: False)
     monkeypatch.setattr(transformers.utils, "is_protobuf_available", lambda: False)
     directory = _sentencepiece_dir(tmp_path / "llama", "absent")
-    with pytest.raises(
-        ImportError, match="with the sentencepiece and protobuf packages: pip install sentencepiece protobuf"
-    ):
+    named = r"with the sentencepiece and protobuf packages: pip install 'flamingo-vlm\[convert\]' \(or pip install "
+    with pytest.raises(ImportError, match=named + r"sentencepiece protobuf\)"):
         load_tokenizer(directory)
 
 

@@ -14,14 +14,14 @@ import yaml
 
 from ..config import FlamingoConfig
 from ..runtime.checkpoint_io import check_named
-from ..runtime.device import check_device
-from ..runtime.distributed import dist_info
 
 log = logging.getLogger(__name__)
 
 
 def _warn_run(message: str, *args: Any) -> None:
     """A warning about the run as a whole, logged by rank 0 only: every torchrun rank parses the config."""
+    from ..runtime.distributed import dist_info  # imports torch: not at module level, which the CLI reads first
+
     if dist_info()[0] == 0:
         log.warning(message, *args)
 
@@ -289,6 +289,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     _check_choices(config.train)
     check_output_dir(config.train.output_dir)
     if config.train.device:  # usable here, before any backbone or dataset loads (null: cuda:LOCAL_RANK, else cpu)
+        from ..runtime.device import check_device  # imports torch: only when a device is named
+
         check_device(config.train.device, "train.device")
     if config.optim.kind == "adamw8bit" and config.optim.fused:
         raise ValueError("optim.fused is torch's fused AdamW kernel: it does not apply to optim.kind=adamw8bit")

@@ -147,8 +147,8 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
     browsers and FFmpeg do not play it.
     Every frame's size is read on seeking to it, before it is decoded, and refused as `check_image_size` refuses
     an image, or over `max_pixels` (`TooManyPixels`): a TIFF's pages each have their own size. Reading the delays
-    decodes no TIFF page: only WebP's delay needs its frame decoded (GIF and APNG frames, each the canvas' size, are
-    decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
+    decodes no TIFF page: only WebP's and AVIF's delays need their frames decoded (GIF and APNG frames, each the
+    canvas' size, are decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
     if image.format == "MPO":
         return [_first_image(image, max_pixels)]
     if not getattr(image, "is_animated", False):
@@ -165,8 +165,8 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
             except EOFError:
                 return
             _check_frame(image, k, max_pixels)  # every frame, before any is decoded: the timeline reads them all
-            if image.format == "WEBP":
-                image.load()  # WebP sets a frame's delay when it decodes it
+            if image.format in ("WEBP", "AVIF"):
+                image.load()  # WebP's and AVIF's readers set a frame's delay when they decode it
             delay = image.info.get("duration")  # milliseconds
             yield float(delay) / 1000 if delay is not None else None
             k += 1

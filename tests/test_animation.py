@@ -39,6 +39,20 @@ def colours(frames) -> list[int]:
     return [COLOURS.index(tuple(int(v) for v in np.asarray(f)[0, 0])) for f in frames]
 
 
+def test_an_animated_avif_plays_by_its_frames_delays():
+    """Pillow's AVIF reader, as its WebP reader, sets a frame's duration only when it decodes the frame: read on
+    seeking alone, every frame would last the default 0.1 s (at 1 FPS, one frame of four)."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    data = animation("AVIF", [1000] * 4)
+    with Image.open(io.BytesIO(data)) as opened:
+        frames = image_frames(opened, fps=1.0)
+    nearest = [int(np.argmin([np.abs(np.asarray(f)[0, 0].astype(int) - c).sum() for c in COLOURS])) for f in frames]
+    assert nearest == [0, 1, 2, 3]
+
+
 def test_the_timeline_shows_the_frame_on_screen_at_each_instant_until_the_last_delay_ends():
     # frames start at 0, 0.5, 1.2, 1.5, 2.5 and the last ends at 4.5: instants 0..4
     assert animation_timeline([0.5, 0.7, 0.3, 1.0, 2.0], fps=1.0) == [0, 1, 3, 4, 4]

@@ -18,6 +18,17 @@ def test_example_config_parses_with_overrides():
     assert [d.name for d in config.data] == ["interleaved", "pairs", "video"]
 
 
+def test_a_quoted_override_stays_text_as_the_quote_it_advice_says():
+    """A string field YAML reads as a number is refused with "quote it"; on the command line a quoted value must then
+    stay text, while an unquoted `3e-4` (a string to YAML 1.1) is still a number."""
+    config = load_config("configs/example.yaml", ['train.output_dir="2024"', "data.0.name='7'", "optim.lr=3e-4",
+                                                  'optim.weight_decay="0.05"'])
+    assert config.train.output_dir == "2024" and config.data[0].name == "7"
+    assert config.optim.lr == 3e-4 and config.optim.weight_decay == 0.05  # a float field reads a quoted number
+    with pytest.raises(ValueError, match=r"train.output_dir must be a string, got 2024 .*quote it, \"2024\","):
+        load_config("configs/example.yaml", ["train.output_dir=2024"])
+
+
 def test_unknown_keys_missing_datasets_and_unknown_mixture_are_errors():
     with pytest.raises(ValueError, match="unknown keys in train"):
         parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"stepz": 1}})

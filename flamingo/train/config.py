@@ -234,13 +234,13 @@ def _index(node: list, part: str, key: str) -> int:
 
 
 def _scalar(text: str) -> Any:
-    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`); text YAML cannot read (`[`, `@x`) is a
-    ValueError saying why."""
+    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when unquoted: a quoted one (`"2024"`, `'7'`)
+    stays text, as quoting asks. Text YAML cannot read (`[`, `@x`) is a ValueError saying why."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"the value {text!r} is not valid YAML ({_yaml_problem(e)})") from None
-    if isinstance(value, str):
+    if isinstance(value, str) and text.strip()[:1] not in ("'", '"'):
         try:
             return float(value)
         except ValueError:

@@ -472,10 +472,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
     from .train.config import load_config
-    from .train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # before the trainer's imports: a bad config fails at once
+    from .train.trainer import Trainer
+
     quiet_transformers(not config.train.progress)
     trainer = Trainer(config)
     out = trainer.run()

@@ -317,3 +317,17 @@ def test_the_documented_bounds_are_in_the_help(capsys):
             main([*command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(w in text for w in words), (command, text)
+
+
+def test_a_bad_train_config_is_refused_before_torch_or_the_trainer_is_imported(tmp_path):
+    """As a user's fresh process: the config is read first, so its error comes in a fraction of a second, not after
+    the trainer's imports (torch, transformers: seconds)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("data: [{name: a, kind: pairs, path: x}]\ntrain: {stepz: 1}\n")
+    code = ("import sys; from flamingo.cli import main; code = main(['train', 'bad.yaml']); "
+            "print(code, 'torch' in sys.modules, 'flamingo.train.trainer' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.stdout.split() == ["2", "False", "False"], run.stderr[-2000:]
+    assert "unknown keys in train: ['stepz']" in run.stderr

@@ -15,6 +15,7 @@ from .demos import METHODS, ZERO_SHOT
 from .extras import check_requirements
 from .task import RANK_BY
 from .tasks import TASKS
+from .vqa import DEMO_ANSWERS, VQATask
 
 
 def _optional_int(value: str) -> Any:
@@ -101,6 +102,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="ranked tasks: a candidate's score is its continuation's summed log-likelihood (sum, the "
                         "default) or the mean over the candidate's own tokens (mean: OpenFlamingo's ImageNet and "
                         "HatefulMemes ranking, docs/eval.md)")
+    p.add_argument("--demo-answer", choices=DEMO_ANSWERS, default=None,
+                   help="vqa: the answer a demo shows, its annotation's consensus multiple_choice_answer "
+                        "(consensus, the default) or its first human answer (first: OpenFlamingo's prompts)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--length-penalty", type=_finite, default=None,
@@ -142,6 +146,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.rank_by is not None and TASKS[args.task].kind != "rank":  # before the model loads
         raise ValueError(f"--rank-by applies to ranked tasks; {args.task} generates its answers")
+    if args.demo_answer is not None and not issubclass(TASKS[args.task], VQATask):
+        raise ValueError(f"--demo-answer applies to the vqa task (VQAv2's layout: a consensus and the human answers "
+                         f"of a question); {args.task} shows its demos' own answers")
     if args.device is not None and not args.server:
         check_device(args.device)  # before the process group and the model
     joined = init_process_group_from_env()
@@ -164,7 +171,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                                progress=not args.no_progress, generation=generation or None,
                                cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
-                               chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by)
+                               chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by,
+                               demo_answer=args.demo_answer)
         except ServerError as e:
             raise ValueError(str(e)) from None
         if rank() == 0:

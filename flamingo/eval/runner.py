@@ -43,6 +43,7 @@ from .remote import RemoteModel
 from .rices import FeatureCache
 from .task import Sample, Task
 from .tasks import get_task
+from .vqa import VQATask
 
 # why a query is not run (a record's `skip_reason`), as results.md says it
 SKIP_REASONS = {"too_long": "longer than the model's max_length",
@@ -152,7 +153,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
              answer_prefix: Optional[str] = None, model_name: Optional[str] = None, progress: bool = True,
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
              vision_cache_mb: Optional[float] = None, chat: bool = False,
-             demo_separator: Optional[str] = None, rank_by: Optional[str] = None) -> dict[str, Any]:
+             demo_separator: Optional[str] = None, rank_by: Optional[str] = None,
+             demo_answer: Optional[str] = None) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
@@ -172,6 +174,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     OpenFlamingo, else ""; `Task.demo_separator`); not with `chat`, whose format separates the turns.
     rank_by: how a ranked task scores a candidate: "sum" (its continuation's summed log-likelihood) or "mean" (the
     mean over the candidate's own tokens, OpenFlamingo's ImageNet and HatefulMemes ranking); None: the task's.
+    demo_answer: which answer a VQA demo shows: "consensus" (its `multiple_choice_answer`, the default) or "first"
+    (its first human answer, as OpenFlamingo's evaluate.py; `VQATask.demo_answer`); refused for other tasks.
     model_name: what the results call the model (default: the directory it was loaded from, `model.name_or_path`,
     else its LM's name; a server's URL).
     Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0),
@@ -183,10 +187,10 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     init_process_group_from_env()
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer,
-                        demo_separator=demo_separator, rank_by=rank_by)
-    elif template is not None or answer_prefix is not None or demo_separator is not None or rank_by is not None:
-        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` only with a task name (a "
-                         "Task instance has its own)")
+                        demo_separator=demo_separator, rank_by=rank_by, demo_answer=demo_answer)
+    elif any(v is not None for v in (template, answer_prefix, demo_separator, rank_by, demo_answer)):
+        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` / `demo_answer` only with "
+                         "a task name (a Task instance has its own)")
     check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
     if chat and demo_separator is not None:
         raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
@@ -304,6 +308,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                      "answer_prefix": task.answer_prefix, "batch_size": batch_size,
                      "world_size": world_size(), "kind": task.kind,
                      "rank_by": task.rank_by if task.kind == "rank" else None,
+                     "demo_answer": task.demo_answer if isinstance(task, VQATask) else None,
                      "generation": task.generation_settings(generation) if task.kind == "generate" else None},
         "runs": runs,
         "summary": summarize(runs),

@@ -23,10 +23,11 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (VQATask, CaptioningTask, Cla
 
 def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[str] = None,
              cider_tokenizer: str = "auto", demo_separator: Optional[str] = None,
-             rank_by: Optional[str] = None) -> Task:
+             rank_by: Optional[str] = None, demo_answer: Optional[str] = None) -> Task:
     """A task by name; `template` / `answer_prefix` / `demo_separator` (the text after each demo; None: the task's)
     override its prompt, `cider_tokenizer` its CIDEr tokenizer, `rank_by` how a ranked task scores its candidates
-    ("sum" or "mean", `Task.rank_by`)."""
+    ("sum" or "mean", `Task.rank_by`), `demo_answer` which human answer a VQA demo shows ("consensus" or "first",
+    `VQATask.demo_answer`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     if demo_separator is not None and not isinstance(demo_separator, str):
@@ -34,8 +35,15 @@ def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[
     cls = TASKS[name]
     if rank_by is not None and cls.kind != "rank":
         raise ValueError(f"rank_by applies to ranked tasks; {name} generates its answers")
-    task = cls(template, answer_prefix, tokenizer=cider_tokenizer) if cls in (CaptioningTask, VideoCaptioningTask) \
-        else cls(template, answer_prefix, rank_by=rank_by)
+    if demo_answer is not None and not issubclass(cls, VQATask):
+        raise ValueError(f"demo_answer applies to the vqa task (VQAv2's layout: a consensus and the human answers of a "
+                         f"question); {name} shows its demos' own answers")
+    if cls in (CaptioningTask, VideoCaptioningTask):
+        task = cls(template, answer_prefix, tokenizer=cider_tokenizer)
+    elif issubclass(cls, VQATask):
+        task = cls(template, answer_prefix, rank_by=rank_by, demo_answer=demo_answer)
+    else:
+        task = cls(template, answer_prefix, rank_by=rank_by)
     if demo_separator is not None:
         task.demo_separator = demo_separator
     return task

@@ -1,8 +1,10 @@
 """VQA (VQAv2's layout; VizWiz and TextVQA in it): generate a short answer, score with the official VQA accuracy.
 
-A demo shows its annotation's `multiple_choice_answer` (VQAv2's consensus answer; else its first human answer), where
-OpenFlamingo shows the first human answer: the same for VizWiz and TextVQA (no `multiple_choice_answer`), on VQAv2
-and OK-VQA the answer most annotators gave rather than an arbitrary one of the ten.
+A demo shows the answer `demo_answer` picks (`flamingo eval --demo-answer`): "consensus" (the default), its
+annotation's `multiple_choice_answer` (VQAv2's and OK-VQA's consensus answer; else its first human answer), or
+"first", its first human answer (`answers[0]`), as OpenFlamingo's evaluate.py writes its VQA demos. The two are the
+same on VizWiz and TextVQA (no `multiple_choice_answer`); on VQAv2 and OK-VQA "consensus" shows the answer most
+annotators gave rather than an arbitrary one of the ten, and "first" reproduces OpenFlamingo's prompts.
 
 OK-VQA's annotations read in this layout too, but are not scored as OK-VQA's evaluation scores them: its answers are
 stemmed ("riding" -> "ride", `raw_answer` holds the unstemmed one) and its evaluation stems the prediction with
@@ -16,11 +18,12 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
+DEMO_ANSWERS = ("consensus", "first")  # what a demo shows: `multiple_choice_answer`, or `answers[0]` (OpenFlamingo)
 COCO_NAME = re.compile(r"_(\d+)\.jpg$")  # COCO_val2014_000000123456.jpg: the image id, zero-padded to 12 digits
 
 
@@ -56,7 +59,15 @@ class VQATask(Task):
     max_new_tokens = 5
     num_beams = 3  # OpenFlamingo's VQA setting
     demo_separator = "\n"  # after each demo, as OpenFlamingo's evaluate.py writes its VQA prompts
+    demo_answer = "consensus"  # one of DEMO_ANSWERS (the module's docstring)
     warned_stemmed = False  # the OK-VQA warning is given once per task
+
+    def __init__(self, template: Optional[str] = None, answer_prefix: Optional[str] = None,
+                 rank_by: Optional[str] = None, demo_answer: Optional[str] = None) -> None:
+        super().__init__(template, answer_prefix, rank_by)
+        self.demo_answer = type(self).demo_answer if demo_answer is None else demo_answer
+        if self.demo_answer not in DEMO_ANSWERS:
+            raise ValueError(f"demo_answer must be one of {DEMO_ANSWERS}, got {self.demo_answer!r}")
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
@@ -72,7 +83,9 @@ class VQATask(Task):
             answers = [str(a["answer"]) for a in ann.get("answers", [])]
             stemmed = stemmed or any("raw_answer" in a for a in ann.get("answers", []))
             chosen = ann.get("multiple_choice_answer")
-            answer = str(chosen) if chosen is not None and str(chosen) else (answers[0] if answers else "")
+            first = answers[0] if answers else ""
+            consensus = str(chosen) if chosen is not None and str(chosen) else first
+            answer = first if self.demo_answer == "first" and answers else consensus
             image = media_path(root, q["image"]) if q.get("image") else find_image(q["image_id"])
             # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)
             kind = ann.get("answer_type") or ann.get("question_type")

@@ -118,7 +118,8 @@ def test_a_ranked_candidate_is_scored_as_a_demo_with_that_answer_is_written(temp
 @pytest.mark.parametrize("remote", [False, True])
 def test_generated_chat_answers_end_at_the_formats_stop_strings(remote, tmp_path, monkeypatch):
     """A chat answer is cut where the server cuts it (mmgpt's `### End.`) before the task's postprocessing, in-process
-    and through a server's completions (which carry no chat stop strings)."""
+    and through a server's completions: their requests carry the format's stop strings, and an answer is cut here
+    all the same (a server that ignores `stop` runs on past them); the record's `raw` is the cut answer either way."""
     import json
 
     import torch
@@ -130,13 +131,15 @@ def test_generated_chat_answers_end_at_the_formats_stop_strings(remote, tmp_path
     model, tiny = tiny_flamingo()
     processor = FlamingoProcessor(tiny.tokenizer, tiny.image_processor, template="mmgpt")
     answer = "red### End. blue"
+    sent = []
 
-    class Served(RemoteModel):  # a server's answers, as `RemoteModel.generate_batch` returns them
+    class Served(RemoteModel):  # a server that ignores `stop`: its completions run on past the stop strings
         def positions(self):
             return None
 
-        def generate_batch(self, processor, load, task, prompts, **generation):
-            return [{"prediction": task.postprocess(answer), "raw": answer} for _ in prompts]
+        def _post_all(self, path, bodies):
+            sent.extend(bodies)
+            return [{"choices": [{"index": 0, "text": answer}]} for _ in bodies]
 
     if remote:
         predictor = Served("http://unused")
@@ -147,6 +150,8 @@ def test_generated_chat_answers_end_at_the_formats_stop_strings(remote, tmp_path
         predictor = model
     out = tmp_path / "out"
     evaluate(predictor, processor, "vqa", str(make_vqa(tmp_path / "data")), out_dir=str(out), chat=True, shots=[0],
-             trials=1, batch_size=2, progress=False)
+             trials=1, batch_size=2, progress=False, generation={"num_beams": 1})  # a server decodes greedily
     records = [json.loads(line) for line in (out / "predictions" / "vqa_0shot_trial0.jsonl").read_text().splitlines()]
-    assert records and all(r["prediction"] == "red" and r["raw"] == answer for r in records)
+    assert records and all(r["prediction"] == "red" and r["raw"] == "red" for r in records)
+    assert len(sent) == (len(records) if remote else 0)
+    assert all(body["stop"] == ["\n\n### Instruction:", "### End."] for body in sent)

@@ -51,6 +51,53 @@ def test_predictions_and_metrics_through_the_server_equal_in_process(served, tas
     assert by_remote == by_local  # every record: prediction, raw text or top-5 ranking, demos
 
 
+def test_chat_requests_carry_the_formats_stop_strings_and_predictions_equal_in_process(served, tmp_path,
+                                                                                       monkeypatch):
+    """With chat prompts each completion request carries the chat format's stop strings (the first MAX_STOPS, the
+    most a request may carry), the server stops at them, and the prediction files equal the in-process ones: cut at
+    every stop string, one past the limit included (the harness cuts there itself)."""
+    import dataclasses
+
+    import flamingo.eval.runner as runner
+    from flamingo.chat import FLAMINGO
+    from flamingo.eval.remote import MAX_STOPS
+
+    model_dir, url = served
+    data = DATASET_MAKERS["vqa"](tmp_path / "data")
+    model, processor = load_pretrained(model_dir)
+    common = {**COMMON, "trials": 1, "chat": True, "model_name": "tiny"}
+    evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "uncut"), **common)  # no stop strings
+    uncut = [r["raw"] for records in _records(tmp_path / "uncut", "vqa").values() for r in records]
+    # stop strings inside the tiny model's answers: a letter after an answer's first character, and another from an
+    # answer without the first, which only the harness cuts at (the fifth stop string: the server is not sent it)
+    inner = [[c for c in raw[1:] if c.isascii() and c.isalpha()] for raw in uncut]
+    first = next(letters[0] for letters in inner if letters)
+    fifth = next(c for raw, letters in zip(uncut, inner) if first not in raw for c in letters)
+    fmt = dataclasses.replace(FLAMINGO, stops=(first, "@@never1", "@@never2", "@@never3", fifth))
+    monkeypatch.setattr(runner, "chat_format_for", lambda processor, vocab=None: fmt)
+    exchanges = []
+
+    class Recording(RemoteModel):  # the requests and the server's answers
+        def _post(self, path, body):
+            reply = super()._post(path, body)
+            exchanges.append((body, reply["choices"][0]))
+            return reply
+
+    local = evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "local"), **common)
+    remote = evaluate(Recording(url, concurrency=4), FlamingoProcessor.from_pretrained(model_dir), "vqa", str(data),
+                      out_dir=str(tmp_path / "remote"), **common)
+    for a, b in zip(local["runs"], remote["runs"], strict=True):
+        assert b["metrics"] == pytest.approx(a["metrics"])
+    assert _records(tmp_path / "remote", "vqa") == _records(tmp_path / "local", "vqa")
+    assert MAX_STOPS == 4 and len(exchanges) == len(uncut)
+    assert all(body["stop"] == [first, "@@never1", "@@never2", "@@never3"] for body, _ in exchanges)
+    # the server stopped at the first stop string, which some answers hold, and ran past the fifth: cut here
+    assert all(first not in choice["text"] for _, choice in exchanges)
+    assert any(fifth in choice["text"] for _, choice in exchanges)
+    records = [r for records in _records(tmp_path / "local", "vqa").values() for r in records]
+    assert [r["raw"] for r in records] == [raw.split(first)[0].split(fifth)[0] for raw in uncut]
+
+
 def test_videos_under_other_names_reach_the_server_as_videos(served, tmp_path):
     """A video task's clips named `.ts` or without a suffix (the processor reads them as videos, by what they hold)
     go to the server as `video/*`, which it decodes by content: the in-process predictions, not a 400 that stops the

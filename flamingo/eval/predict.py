@@ -124,7 +124,8 @@ def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: Med
 @torch.no_grad()
 def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                    prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
-    """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw = decoded new text)."""
+    """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw: the decoded new text, up to a chat
+    format's stop strings, `Task.answer_text`)."""
     inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
     settings = task.generation_settings(generation)
     if int(settings["num_beams"]) == 1:  # greedy: a beam-only setting would only draw transformers' warning
@@ -132,7 +133,7 @@ def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoa
     out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts = processor.batch_decode(new, skip_special_tokens=True)
-    return [{"prediction": task.prediction(t), "raw": t} for t in texts]
+    return [{"prediction": task.prediction(t), "raw": task.answer_text(t)} for t in texts]
 
 
 @torch.no_grad()

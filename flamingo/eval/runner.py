@@ -130,8 +130,6 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
             records = model.generate_batch(processor, loader, task, prompts, **(generation or {})) \
                 if task.kind == "generate" else model.rank_batch(processor, loader, task,
                                                                  [samples[i] for i in indices], prompts)
-            if task.kind == "generate" and task.chat is not None:  # cut at the chat format's stops, as in-process
-                records = [{**r, "prediction": task.prediction(r["raw"])} for r in records]
         elif task.kind == "generate":
             records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
                                      **(generation or {}))

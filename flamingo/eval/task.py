@@ -20,7 +20,8 @@ Chat prompts (`task.chat`, a format of flamingo/chat.py: `flamingo eval --chat`)
 query, the template up to `{answer}`, media in place) and an assistant turn (its answer), the query a last user turn,
 all written in the model's chat format (Otter's `User: ... GPT:<answer>`, IDEFICS's `User:` / `Assistant:`), as the
 model is served; a ranked candidate is scored as the assistant's answer and end marker, after the gap a demo's answer
-has after that query; a generated answer is cut at the format's stop strings, as the server cuts it (`prediction`).
+has after that query; a generated answer is cut at the format's stop strings, as the server cuts it (`answer_text`,
+a record's `raw`; `prediction` postprocesses it).
 """
 
 from __future__ import annotations
@@ -182,10 +183,15 @@ class Task:
         """Generated text (special tokens removed) -> the prediction."""
         return first_line(text)
 
+    def answer_text(self, text: str) -> str:
+        """Generated text (special tokens removed) -> the answer's text, a record's `raw`: in chat prompts cut at the
+        chat format's stop strings, where a served answer ends (mmgpt's `### End.`), so a model in-process and a server
+        that stops there give the same records; else the text itself."""
+        return self.chat.cut(text) if self.chat is not None else text
+
     def prediction(self, text: str) -> str:
-        """Generated text (special tokens removed) -> the prediction: in chat prompts cut first at the chat format's
-        stop strings, where a served answer ends (mmgpt's `### End.`), then `postprocess`."""
-        return self.postprocess(self.chat.cut(text) if self.chat is not None else text)
+        """Generated text (special tokens removed) -> the prediction: `answer_text`, then `postprocess`."""
+        return self.postprocess(self.answer_text(text))
 
     def from_scores(self, sample: Sample, candidates: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
         """Ranked tasks: candidates' scores (`candidate_scores`) -> a prediction record (top-5 names, best first)."""

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, generated_for, model_card, published_config
@@ -91,7 +91,7 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     `card.generated_for`); one edited by hand goes as it is; a card already in the repository is kept unless
     `replace_card`. `results`: directories `flamingo eval` wrote (`--out`), whose tables (`results.md`) the card
     gains under "Evaluation", each headed by its task and dataset, and their means its `model-index` metadata (the
-    Hub's evaluation results, one entry per task and dataset; the card is then written even over one on the Hub).
+    Hub's evaluation results, `_results`; the card is then written even over one on the Hub).
     Nothing names a path of this machine: a full checkpoint's backbones built from local directories are published
     as stored in `vision/` and `lm/` (`card.published_config`: their paths are cleared from the uploaded
     `flamingo_config.json` and the card), and `train_config.json` (a trained model's run config, with its data and
@@ -108,15 +108,9 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
     for part, ref in (("vision", config.vision_name_or_path), ("lm", config.lm_name_or_path)):
         # a local path nobody else has, even one that reads as `org/name` (a relative path, resolved here)
         if not os.path.isdir(os.path.join(directory, part)) and (not is_hub_name(str(ref)) or os.path.exists(str(ref))):
-            # a `flamingo train` result (its final/ holds the run's config): the CLI rewrites it whole
-            trained = os.path.isfile(os.path.join(directory, TRAIN_CONFIG_NAME))
             raise ValueError(f"{directory!r} is a trained-only checkpoint whose {part} backbone is the local path "
                              f"{ref!r}, which nobody else can load: push a full checkpoint ("
-                             + ("`flamingo train` wrote this one: run `flamingo train CONFIG "
-                                "train.save_trained_only=false` with its config again, which resumes at its last step "
-                                "and rewrites final/ whole without training; from Python: " if trained else "")
-                             + "save_pretrained without trained_only), or build the model from the backbones' Hub "
-                             "names")
+                             f"{_whole_save(directory, config)}), or build the model from the backbones' Hub names")
     if not has_saved_processor(directory):
         log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
                     "load_pretrained(%r) will refuse it", directory, repo_id)
@@ -149,6 +143,28 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
                          "HF_HUB_OFFLINE is not set") from e
 
 
+def _whole_save(directory: str, config: FlamingoConfig) -> str:
+    """How to save the trained-only checkpoint in `directory` whole. Quantized backbones (`quantize_frozen`) are never
+    saved whole, and the rerun of a run with `train.save_trained_only=false` is refused without a whole model to copy
+    float backbones from; but loaded unquantized, the checkpoint reads the float backbones it names, and its mode set
+    back in the config quantizes them again when the whole save loads. Otherwise a `flamingo train` result (its
+    final/ holds the run's config) is rewritten whole by the CLI."""
+    if config.quantize_frozen != "none":
+        mode = config.quantize_frozen
+        load = (f"from flamingo import load_pretrained; model, processor = load_pretrained({directory!r}, "
+                f"quantize_frozen=\"none\"); model.config.quantize_frozen = \"{mode}\"; "
+                "model.save_pretrained(DIR, processor=processor)" if has_saved_processor(directory) else
+                f"from flamingo import Flamingo; model = Flamingo.from_pretrained({directory!r}, "
+                f"quantize_frozen=\"none\"); model.config.quantize_frozen = \"{mode}\"; model.save_pretrained(DIR)")
+        return (f"its backbones are quantized ({mode}), and quantized backbones are never saved whole: save it whole "
+                f"from the float backbones it names, `{load}`, and push DIR, which loads quantized again as this "
+                "checkpoint does")
+    trained = os.path.isfile(os.path.join(directory, TRAIN_CONFIG_NAME))
+    return (("`flamingo train` wrote this one: run `flamingo train CONFIG train.save_trained_only=false` with its "
+             "config again, which resumes at its last step and rewrites final/ whole without training; from Python: "
+             if trained else "") + "save_pretrained without trained_only")
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What a Hub call raises when the Hub cannot be reached: OSError (huggingface_hub's offline mode, requests'
     errors) and the transport errors of the HTTP client huggingface_hub uses (httpx or httpx2, by its version)."""
@@ -171,62 +187,90 @@ def _read_results(out_dir: str) -> dict[str, Any]:
     return results
 
 
-def _dataset(results: dict[str, Any]) -> dict[str, Optional[str]]:
+def _dataset_names(datas: Iterable[str]) -> dict[str, str]:
+    """The name each local dataset directory of one push (`flamingo eval --data`, by its normalized path) is filed
+    under: its folder's name (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where paths end in the same
+    folders (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), its fewest last parts that no other
+    path ends in (`okvqa/val2014`), the root counting as a part, so that two paths never share a name."""
+    paths = sorted({os.path.normpath(d) for d in datas if d and not HF_DATASET.match(d)})
+    parts = {path: path.split(os.sep) for path in paths}  # an absolute path's first part is "" (the root)
+    names = {}
+    for path in paths:
+        k = 1
+        while k < len(parts[path]) and any(parts[other][-k:] == parts[path][-k:] for other in paths if other != path):
+            k += 1
+        names[path] = "/".join(parts[path][-k:])
+    return names
+
+
+def _dataset(results: dict[str, Any], names: Mapping[str, str]) -> dict[str, Optional[str]]:
     """The dataset `flamingo eval` results were measured on, as `huggingface_hub.EvalResult` fields: a Hub dataset
-    (`hf://datasets/ORG/NAME[@REVISION][/PATH]`) by its id, revision and folder; a local directory by its name alone
-    (`/data/okvqa` -> `okvqa`: the path is the evaluator's); none recorded: the task's name."""
+    (`hf://datasets/ORG/NAME[@REVISION][/PATH]`) by its id, revision and folder; a local directory by its name among
+    the push's (`names`, `_dataset_names`); none recorded: the task's name."""
     data = str(results.get("data") or "")
     m = HF_DATASET.match(data)
     if m:
         repo, folder = m.group(1), (m.group(3) or "").strip("/") or None
         return {"dataset_type": repo, "dataset_name": f"{repo}/{folder}" if folder else repo,
                 "dataset_config": folder, "dataset_revision": m.group(2)}
-    name = os.path.basename(os.path.normpath(data)) if data else ""
+    name = names[os.path.normpath(data)] if data else ""
     name = name if name not in ("", ".", "..") else str(results["task"])
     return {"dataset_type": name, "dataset_name": name, "dataset_config": None, "dataset_revision": None}
 
 
 def eval_results(out_dir: str) -> list[Any]:
-    """The card metadata (`huggingface_hub.EvalResult`s) of a directory `flamingo eval --out` wrote: each metric's
-    mean over trials, per number of shots (breakdowns such as `vqa_accuracy/yes/no` stay in the table). Filed under
-    the task and the dataset it was measured on (`_dataset`; the Hub's model-index holds one entry per task type and
-    dataset), the shots in each metric's name (`vqa_accuracy (4-shot)`)."""
-    from huggingface_hub import EvalResult
-
-    results = _read_results(out_dir)
-    task = str(results["task"])
-    return [EvalResult(task_type=HUB_TASK_TYPES.get(task, "image-text-to-text"), task_name=task,
-                       **_dataset(results), dataset_split="test", metric_type=row["metric"],
-                       metric_name=f"{row['metric']} ({row['shots']}-shot)", metric_value=round(row["mean"], 2))
-            for row in results["summary"] if row["mean"] is not None and "/" not in row["metric"]]
+    """The card metadata (`huggingface_hub.EvalResult`s) of one directory `flamingo eval --out` wrote, as a push of
+    it alone files them (`_results`)."""
+    return _results([out_dir])[1]
 
 
-def _results_table(out_dir: str) -> str:
+def _results_table(out_dir: str, task: str, dataset: str) -> str:
     """The table `flamingo eval --out out_dir` wrote, headed (third level) by its task and dataset: results.md's own
     title names the evaluated model by its local path."""
-    results = _read_results(out_dir)
     with open(os.path.join(out_dir, RESULTS_TABLE), encoding="utf-8") as f:
         text = f.read().strip()
     if text.startswith("# "):
         text = text.partition("\n")[2].lstrip("\n")
-    return f"### {results['task']} on {_dataset(results)['dataset_name']}\n\n{text}"
+    return f"### {task} on {dataset}\n\n{text}"
 
 
 def _results(out_dirs: Sequence[str]) -> tuple[list[str], list[Any]]:
-    """The card's tables and model-index entries of `flamingo eval --out` directories. Results of one task type on
-    one dataset share an entry (a 0/4-shot run and a later 32-shot one are three metrics of it); one metric there
-    twice (the same shots measured in two directories) is refused: the model-index would hold two values of one
-    name."""
+    """The card's tables and model-index metadata (`huggingface_hub.EvalResult`s) of `flamingo eval --out`
+    directories: each metric's mean over trials, per number of shots (breakdowns such as `vqa_accuracy/yes/no` stay
+    in the table), named with its shots (`vqa_accuracy (4-shot)`). The Hub's model-index holds one entry per task
+    type and dataset (`_dataset`): a 0/4-shot run and a later 32-shot one of a task are three metrics of it. Where two
+    tasks of one type share a dataset (`multi_image` and its `multi_image_plain` baseline), the entry is named by
+    both and each metric by its task too (`accuracy (multi_image_plain, 4-shot)`), so that neither's values read as
+    the other's. One metric of a task there twice (the same shots measured in two directories) is refused: the
+    model-index would hold two values of one name."""
+    from huggingface_hub import EvalResult
+
+    runs = []  # (out_dir, task, dataset, its model-index entry, the rows the model-index holds)
+    entries: dict[tuple[Optional[str], ...], list[str]] = {}  # model-index entry -> the tasks filed under it
+    read = [(out_dir, _read_results(out_dir)) for out_dir in out_dirs]
+    names = _dataset_names(str(results.get("data") or "") for _, results in read)
+    for out_dir, results in read:
+        task, dataset = str(results["task"]), _dataset(results, names)
+        entry = (HUB_TASK_TYPES.get(task, "image-text-to-text"), dataset["dataset_type"], dataset["dataset_config"],
+                 dataset["dataset_revision"])
+        rows = [row for row in results["summary"] if row["mean"] is not None and "/" not in row["metric"]]
+        if rows and task not in entries.setdefault(entry, []):
+            entries[entry].append(task)
+        runs.append((out_dir, task, dataset, entry, rows))
     tables, evals, seen = [], [], {}
-    for out_dir in out_dirs:
-        found = eval_results(out_dir)
-        for key in dict.fromkeys((*e.unique_identifier, e.metric_name) for e in found):
+    for out_dir, task, dataset, entry, rows in runs:
+        shared = len(entries[entry]) > 1
+        found = [EvalResult(task_type=entry[0], task_name=", ".join(entries[entry]), **dataset, dataset_split="test",
+                            metric_type=row["metric"], metric_value=round(row["mean"], 2),
+                            metric_name=f"{row['metric']} ({f'{task}, ' if shared else ''}{row['shots']}-shot)")
+                 for row in rows]
+        for key, e in {(*e.unique_identifier, task, e.metric_name): e for e in found}.items():
             if key in seen:
-                raise ValueError(f"{seen[key]!r} and {out_dir!r} both hold {key[-1]} of {key[0]} on the dataset "
-                                 f"{key[1]!r}: the card's model-index holds one value of each metric, so push one "
-                                 "of them")
+                raise ValueError(f"{seen[key]!r} and {out_dir!r} both hold {e.metric_name} of {e.task_type} on the "
+                                 f"dataset {e.dataset_name!r}: the card's model-index holds one value of each metric, "
+                                 "so push one of them")
             seen[key] = out_dir
-        tables.append(_results_table(out_dir))
+        tables.append(_results_table(out_dir, task, str(dataset["dataset_name"])))
         evals += found
     return tables, evals
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -344,6 +345,61 @@ def test_the_refusal_of_a_trained_only_run_result_names_the_cli_way_to_save_it_w
     assert hub.commits == []
 
 
+@pytest.mark.slow
+def test_a_quantized_run_from_local_backbones_is_refused_with_a_remedy_that_pushes_and_loads(tmp_path, hub,
+                                                                                               one_thread):
+    """A QLoRA run (`quantize_frozen`) from local backbone directories writes a trained-only final/ that cannot be
+    pushed; its rerun with train.save_trained_only=false is refused (quantized backbones are never saved whole, and
+    it has no whole model to copy float ones from), and save_pretrained of the trained model too. The refusal names
+    what works instead: loaded unquantized, final/ reads the float backbones it names; its mode set back and saved
+    whole, that directory pushes, and the repository loads quantized again with the trained model's logits."""
+    pytest.importorskip("torchao")
+    from flamingo.train.config import load_config
+    from flamingo.train.trainer import Trainer
+
+    from train_fixtures import save_backbones, train_config, write_datasets
+
+    vision, lm = save_backbones(str(tmp_path))
+    data = write_datasets(str(tmp_path / "data"), n_pairs=8, n_docs=4)
+    config = train_config(str(tmp_path), vision, lm, data, steps=1, out=str(tmp_path / "run"), interleaved=False,
+                          progress=False)
+    trainer = Trainer(load_config(config, ["model.flamingo.quantize_frozen=int8",
+                                           "model.flamingo.lm_lora={r: 4, alpha: 8}"]))
+    final = trainer.run()
+    assert os.path.isfile(os.path.join(final, "train_config.json")) and not os.path.isdir(os.path.join(final, "lm"))
+    with pytest.raises(ValueError, match=r"its backbones are quantized \(int8\), and quantized backbones are never "
+                                         r"saved whole: save it whole from the float backbones it names") as e:
+        push_directory(final, "someone/qlora")
+    assert "save_trained_only" not in str(e.value) and hub.commits == []
+    remedy = re.search(r"names, `(.+?)`, and push DIR, which loads quantized again", str(e.value))
+    assert remedy is not None, str(e.value)
+    whole = str(tmp_path / "whole")
+    exec(remedy.group(1), {"DIR": whole})  # the message's own code, as a user pastes it
+    assert os.path.isdir(os.path.join(whole, "vision")) and os.path.isdir(os.path.join(whole, "lm"))
+    push_directory(whole, "someone/qlora")
+    assert json.loads(hub.repos["someone/qlora"]["main"]["flamingo_config.json"])["quantize_frozen"] == "int8"
+
+    cache = tmp_path / "hf" / "hub"
+    hub.to_cache("someone/qlora", cache, tmp_path / "scratch")
+    (logits,) = _load_offline(tmp_path, cache, [{"name": "someone/qlora"}])
+    expected = _logits(trainer.model.eval(), trainer.processor)
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=0)
+
+    # saved from Python without its processor: the remedy reads the model alone
+    from flamingo import Flamingo
+    from flamingo.model.quantize import quantized_mode
+
+    trainer.model.save_pretrained(str(tmp_path / "bare"), trained_only=True)
+    with pytest.raises(ValueError, match="its backbones are quantized") as e:
+        push_directory(str(tmp_path / "bare"), "someone/qlora")
+    remedy = re.search(r"names, `(.+?)`, and push DIR", str(e.value))
+    assert remedy is not None and "Flamingo.from_pretrained" in remedy.group(1), str(e.value)
+    exec(remedy.group(1), {"DIR": str(tmp_path / "bare-whole")})
+    reloaded = Flamingo.from_pretrained(str(tmp_path / "bare-whole"))
+    assert quantized_mode(reloaded) == "int8" and os.path.isdir(tmp_path / "bare-whole" / "lm")
+    assert torch.allclose(_logits(reloaded.eval(), trainer.processor), expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
 def test_a_push_that_cannot_reach_the_hub_is_a_clear_error(tmp_path, env):
     model, processor = _gated_model()
@@ -454,6 +510,83 @@ def test_results_of_one_task_on_several_datasets_are_filed_under_each_dataset(tm
     assert [(r["dataset"]["name"], [(m["name"], m["value"]) for m in r["metrics"]])
             for r in model_index[0]["results"]] == [
         ("vqav2", [("vqa_accuracy (0-shot)", 52.1), ("vqa_accuracy (4-shot)", 54.1), ("vqa_accuracy (32-shot)", 58.0)])]
+
+
+def _index(hub, repo: str = "someone/m") -> list[tuple]:
+    """The pushed card's model-index entries: (task name, dataset name, [(metric name, value)])."""
+    model_index = ModelCard(hub.repos[repo]["main"]["README.md"].decode()).data.to_dict()["model-index"]
+    return [(r["task"]["name"], r["dataset"]["name"], [(m["name"], m["value"]) for m in r["metrics"]])
+            for r in model_index[0]["results"]]
+
+
+def _headings(hub, repo: str = "someone/m") -> list[str]:
+    return [line for line in hub.repos[repo]["main"]["README.md"].decode().splitlines() if line.startswith("### ")]
+
+
+def test_datasets_whose_folders_share_a_name_are_told_apart_by_their_paths(tmp_path, hub):
+    """OK-VQA and VQAv2 both evaluate on COCO's val2014 images (`--data .../okvqa/val2014`, `.../vqav2/val2014`):
+    named by the folder alone they were one dataset, refused as a duplicate at equal shots and merged into one entry
+    otherwise. Each is named by the fewest last folders that tell it apart from the push's other paths; the same
+    path twice at the same shots is still refused."""
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    okvqa = _eval_out(tmp_path / "e1", "vqa", "/datasets/okvqa/val2014", "vqa_accuracy", {0: 37.4})
+    vqav2 = _eval_out(tmp_path / "e2", "vqa", "/datasets/vqav2/val2014/", "vqa_accuracy", {0: 51.2, 4: 55.0})
+    coco = _eval_out(tmp_path / "e3", "captioning", "/datasets/coco", "cider", {0: 80.0})
+    push_directory(str(tmp_path / "m"), "someone/m", results=[okvqa, vqav2, coco])
+    assert _index(hub) == [("vqa", "okvqa/val2014", [("vqa_accuracy (0-shot)", 37.4)]),
+                           ("vqa", "vqav2/val2014", [("vqa_accuracy (0-shot)", 51.2), ("vqa_accuracy (4-shot)", 55.0)]),
+                           ("captioning", "coco", [("cider (0-shot)", 80.0)])]
+    assert _headings(hub) == ["### vqa on okvqa/val2014", "### vqa on vqav2/val2014", "### captioning on coco"]
+    again = _eval_out(tmp_path / "e4", "vqa", "/datasets/okvqa/val2014/", "vqa_accuracy", {0: 38.0})
+    with pytest.raises(ValueError, match=r"both hold vqa_accuracy \(0-shot\) of visual-question-answering on the "
+                                         "dataset 'okvqa/val2014'"):
+        push_directory(str(tmp_path / "m"), "someone/m", results=[okvqa, vqav2, again])
+    push_directory(str(tmp_path / "m"), "someone/m", results=[vqav2])  # alone: its folder's name, as before
+    assert _index(hub) == [("vqa", "val2014", [("vqa_accuracy (0-shot)", 51.2), ("vqa_accuracy (4-shot)", 55.0)])]
+
+    from flamingo.hub import _dataset_names  # a path that ends another, and paths alike but for their root
+
+    assert _dataset_names(["/a/okvqa/val2014", "/b/okvqa/val2014", "/a/vqav2/val2014", "val2014", "/x/val2014",
+                           "/data/x", "data/x", "hf://datasets/org/val2014"]) == {
+        "/a/okvqa/val2014": "a/okvqa/val2014", "/b/okvqa/val2014": "b/okvqa/val2014",
+        "/a/vqav2/val2014": "vqav2/val2014", "val2014": "val2014", "/x/val2014": "x/val2014", "/data/x": "/data/x",
+        "data/x": "data/x"}
+
+
+def test_two_tasks_of_one_task_type_on_one_dataset_are_metrics_named_by_their_task(tmp_path, hub):
+    """`multi_image` and its baseline `multi_image_plain` are both visual question answering on the same data: the
+    model-index (one entry per task type and dataset) filed the baseline's accuracy as multi_image's, or refused the
+    two at equal shots. Their metrics are named by task, the entry by both; a lone task keeps its plain names, and
+    the same task twice at the same shots is still refused."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    model, processor = _gated_model()
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    refs = _eval_out(tmp_path / "e1", "multi_image", "/datasets/mmicl_eval", "accuracy", {0: 61.0, 4: 63.0})
+    plain = _eval_out(tmp_path / "e2", "multi_image_plain", "/datasets/mmicl_eval", "accuracy", {0: 48.0, 4: 50.0})
+    vqa = _eval_out(tmp_path / "e3", "vqa", "/datasets/vqav2", "vqa_accuracy", {0: 52.0})
+    push_directory(str(tmp_path / "m"), "someone/m", results=[refs, plain, vqa])
+    assert _index(hub) == [
+        ("multi_image, multi_image_plain", "mmicl_eval", [
+            ("accuracy (multi_image, 0-shot)", 61.0), ("accuracy (multi_image, 4-shot)", 63.0),
+            ("accuracy (multi_image_plain, 0-shot)", 48.0), ("accuracy (multi_image_plain, 4-shot)", 50.0)]),
+        ("vqa", "vqav2", [("vqa_accuracy (0-shot)", 52.0)])]
+    assert _headings(hub) == ["### multi_image on mmicl_eval", "### multi_image_plain on mmicl_eval",
+                              "### vqa on vqav2"]
+    model_index = ModelCard(hub.repos["someone/m"]["main"]["README.md"].decode()).data.to_dict()["model-index"]
+    name, parsed = model_index_to_eval_results(model_index)
+    assert len(parsed) == 5 and eval_results_to_model_index(name, parsed) == model_index
+
+    push_directory(str(tmp_path / "m"), "someone/m", results=[plain])  # alone: today's names
+    assert _index(hub) == [("multi_image_plain", "mmicl_eval", [("accuracy (0-shot)", 48.0),
+                                                                ("accuracy (4-shot)", 50.0)])]
+    commits = len(hub.commits)
+    again = _eval_out(tmp_path / "e4", "multi_image_plain", "/datasets/mmicl_eval", "accuracy", {4: 51.0})
+    with pytest.raises(ValueError, match=r"'.*e2' and '.*e4' both hold accuracy \(multi_image_plain, 4-shot\) of "
+                                         "visual-question-answering on the dataset 'mmicl_eval'"):
+        push_directory(str(tmp_path / "m"), "someone/m", results=[refs, plain, again])
+    assert len(hub.commits) == commits
 
 
 def test_a_full_push_of_a_model_built_from_local_directories_publishes_no_local_path(tmp_path, hub):

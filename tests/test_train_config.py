@@ -29,6 +29,22 @@ def test_a_quoted_override_stays_text_as_the_quote_it_advice_says():
         load_config("configs/example.yaml", ["train.output_dir=2024"])
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"shuffle_buffer": -1}, "option shuffle_buffer must be >= 0"),
+    ({"remote_cache_gb": float("nan")}, "option remote_cache_gb must be a finite number > 0"),
+    ({"max_tokenz": 8}, r"unknown options \['max_tokenz'\] for a 'pairs' dataset"),
+    ({"padding_side": "middle"}, "padding_side must be 'left' or 'right'"),
+])
+def test_dataset_options_are_checked_with_the_config_before_anything_loads(options, message):
+    """A dataset's options were checked when its stream was built, after the backbones had loaded."""
+    raw = {"data": [{"name": "ok", "kind": "pairs", "path": "x"}, {"name": "b", "kind": "pairs", "path": "y",
+                                                                   "options": options}]}
+    with pytest.raises(ValueError, match=r"data\[1\] \('b'\): .*" + message):
+        parse_config(raw)
+    with pytest.raises(ValueError, match=r"validation\[0\] \('b'\): .*" + message):
+        parse_config({**raw, "data": raw["data"][:1], "validation": raw["data"][1:]})
+
+
 def test_unknown_keys_missing_datasets_and_unknown_mixture_are_errors():
     with pytest.raises(ValueError, match="unknown keys in train"):
         parse_config({"data": [{"name": "a", "kind": "pairs", "path": "x"}], "train": {"stepz": 1}})

@@ -87,3 +87,15 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {resolved['max_bad_fraction']}")
     return resolved
+
+
+def check_stream_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse stream options that would be read as another setting, unsaid: a negative `shuffle_buffer` (no buffer,
+    as 0 and 1), a negative `min_samples_for_bad_check` (0: from the first sample), a `remote_cache_gb` that is no
+    finite number (NaN passes a `<= 0` check, then sizes the cache)."""
+    for key in ("shuffle_buffer", "min_samples_for_bad_check"):
+        if int(options[key]) < 0:
+            raise ValueError(f"dataset {name!r}: option {key} must be >= 0, got {options[key]}")
+    if not 0 < float(options["remote_cache_gb"]) < math.inf:  # (NaN fails too)
+        raise ValueError(f"dataset {name!r}: option remote_cache_gb must be a finite number > 0, got "
+                         f"{options['remote_cache_gb']}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -12,7 +11,7 @@ from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
 from .chat import chat_example
 from .interleaved import interleaved_example
-from .kinds import resolve_options
+from .kinds import check_stream_options, resolve_options
 from .pairs import pair_example
 from .remote import ShardFetcher, default_cache_dir, is_remote
 from .sequence import Encoded, Example, encode_example, has_token, valid_text
@@ -101,18 +100,6 @@ class DatasetSpec:
         return encode_example(self.example(record), self.processor, max_tokens=int(o["max_tokens"]),
                               fps=self.fps, max_frames=self.max_frames,
                               cache=self.media_cache, text_only=bool(o.get("text_only", False)))
-
-
-def check_stream_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse stream options that would be read as another setting, unsaid: a negative `shuffle_buffer` (no buffer,
-    as 0 and 1), a negative `min_samples_for_bad_check` (0: from the first sample), a `remote_cache_gb` that is no
-    finite number (NaN passes a `<= 0` check, then sizes the cache)."""
-    for key in ("shuffle_buffer", "min_samples_for_bad_check"):
-        if int(options[key]) < 0:
-            raise ValueError(f"dataset {name!r}: option {key} must be >= 0, got {options[key]}")
-    if not 0 < float(options["remote_cache_gb"]) < math.inf:  # (NaN fails too)
-        raise ValueError(f"dataset {name!r}: option remote_cache_gb must be a finite number > 0, got "
-                         f"{options['remote_cache_gb']}")
 
 
 def media_sampling(name: str, options: dict[str, Any], processor: Optional[FlamingoProcessor]) -> tuple[float, int]:

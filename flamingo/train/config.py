@@ -13,6 +13,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import FlamingoConfig
+from ..data.kinds import check_stream_options, resolve_options
 from ..runtime.checkpoint_io import check_named
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,12 @@ def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
         if isinstance(entry, dict) and "path" in entry and not (isinstance(path, str) and path.strip()):
             raise ValueError(f"{key}[{i}] ({entry.get('name')!r}) needs a path (a file, directory, glob or brace "
                              f"pattern; docs/data.md), got {path!r}: set it in the config or as {key}.{i}.path=...")
-        datasets.append(_build(DatasetSection, entry, f"{key}[{i}]"))
+        section = _build(DatasetSection, entry, f"{key}[{i}]")
+        try:  # the kind and its options, here rather than once the backbones have loaded (data/kinds.py: no torch)
+            check_stream_options(section.name, resolve_options(section.kind, section.options))
+        except ValueError as e:
+            raise ValueError(f"{key}[{i}] ({section.name!r}): {e}") from None
+        datasets.append(section)
     return datasets
 
 

@@ -91,7 +91,11 @@ class ChatFormat:
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt: the turns, then what the model continues after (a conversation ending with a user turn)."""
-        text = "".join(text for text, _ in self.segments(turns)) + self.answer_prefix()
+        return self.prompt_of(self.segments(turns))
+
+    def prompt_of(self, segments: Sequence[tuple[str, bool]]) -> str:
+        """`render` of the turns whose `segments` these are (for a caller that has them: chat training data)."""
+        text = "".join(text for text, _ in segments) + self.answer_prefix()
         return text if self.answer_prefix() else text.rstrip(BLANKS)  # the blanks are the answer's (module doc)
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
@@ -125,18 +129,20 @@ class ChatFormat:
         """The first of the format's markers `text` contains, or None."""
         return next((token for token in self.reserved if token in text), None)
 
-    def spelled(self, turns: Sequence[Turn], strings: Sequence[str]) -> Optional[tuple[int, str]]:
+    def spelled(self, turns: Sequence[Turn], strings: Sequence[str], *, rendered: str) -> Optional[tuple[int, str]]:
         """The first of `strings` (markers, control tokens) that the text of `turns` holds more often than the format
         writes it and the turns' pieces hold it: one that pieces written with nothing between them spell together
         (text parts `a <|endof`, `chunk|> b` of one turn; in the flamingo format, consecutive user or system turns),
-        which a check piece by piece misses -> (the index of the turn that completes it, the string); None if none."""
-        def excess(prefix: Sequence[Turn]) -> Optional[str]:
-            text = self.render(prefix)
+        which a check piece by piece misses -> (the index of the turn that completes it, the string); None if none.
+        `rendered`: `render(turns)`, which the caller writes anyway (the prompt it sends; chat data's `prompt_of` its
+        segments), checked as it is rather than written again."""
+        def excess(prefix: Sequence[Turn], text: Optional[str] = None) -> Optional[str]:
+            text = self.render(prefix) if text is None else text
             own = self.render([Turn(t.role, tuple(p for p in t.pieces if p == MEDIA_TOKEN)) for t in prefix])
             pieces = "\0".join(p for t in prefix for p in t.pieces if p != MEDIA_TOKEN)  # each counted alone
-            return next((s for s in strings if text.count(s) > own.count(s) + pieces.count(s)), None)
+            return next((s for s in strings if (n := text.count(s)) and n > own.count(s) + pieces.count(s)), None)
 
-        if excess(turns) is None:
+        if excess(turns, rendered) is None:
             return None
         low, high = 0, len(turns) - 1  # the shortest prefix that spells one: more turns never spell fewer
         while low < high:

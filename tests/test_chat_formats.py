@@ -5,13 +5,16 @@ them, and a chat answer ends at the format's stop strings."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
-from flamingo.chat import FLAMINGO, MMGPT_PREAMBLE, OTTER, Turn, chat_format_for
+from flamingo.chat import FLAMINGO, MMGPT_PREAMBLE, OTTER, ChatFormat, IdeficsChat, MMGPTChat, Turn, chat_format_for
 from flamingo.cli import main
-from flamingo.data.sources import read_records
+from flamingo.config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.data.chat import chat_example
+from flamingo.data.sources import RawRecord, read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.processing import FlamingoProcessor
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
@@ -65,8 +68,12 @@ def test_a_split_marker_is_refused_only_where_the_format_writes_it_whole(tmp_pat
     marker: refused), Otter's puts a space between a turn's texts (`a <|endof chunk|> b`: text, served and trained
     alike)."""
     control = control_tokens(tiny_flamingo()[1])
-    parts = [{"role": "user", "content": [IMAGE, {"type": "text", "text": "a <|endof"},
-                                          {"type": "text", "text": "chunk|> b"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [IMAGE, {"type": "text", "text": "a <|endof"}, {"type": "text", "text": "chunk|> b"}],
+        }
+    ]
     with pytest.raises(APIError, match=r"messages\[0\]: text may not contain <\|endofchunk\|>"):
         render_messages(FLAMINGO, _messages(*parts), control)
     served = render_messages(OTTER, _messages(*parts), control)[0]
@@ -169,3 +176,110 @@ def test_generate_chat_with_stop_strings_runs_the_model(monkeypatch, capsys):
     batch = processor(fmt.render([Turn("user", ("What colour?",))]))
     new = model.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1] :]
     assert capsys.readouterr().out.strip() == fmt.cut(processor.decode(new, skip_special_tokens=True)).strip()
+
+
+def _masked(turns):
+    """`turns` with each text piece's non-blank characters one private-use character of its own (blanks kept, as the
+    formats' decisions read them): the rendering of these shows which piece wrote each character."""
+    out, n = [], 0
+    for turn in turns:
+        pieces = []
+        for piece in turn.pieces:
+            pieces.append(
+                piece if piece == MEDIA_TOKEN else "".join(c if c.isspace() else chr(0xE000 + n) for c in piece)
+            )
+            n += piece != MEDIA_TOKEN
+        out.append(Turn(turn.role, tuple(pieces)))
+    return out
+
+
+def _spelled_by_pieces(fmt, turns, strings):
+    """The oracle: the first of `strings` some occurrence of which in the rendering is written by two pieces, or by a
+    piece and the format (not by one piece, nor by the format alone); None if none ("" where masking changed the
+    length, which no format here does for these pieces)."""
+    text, masked = fmt.render(turns), fmt.render(_masked(turns))
+    if len(text) != len(masked):
+        return ""
+    for s in strings:
+        start = 0
+        while (i := text.find(s, start)) >= 0:
+            span = masked[i : i + len(s)]
+            owners = {c for c in span if 0xE000 <= ord(c) < 0xF000}
+            written = [c for c in span if not 0xE000 <= ord(c) < 0xF000 and not c.isspace()]
+            if owners and (len(owners) > 1 or written):
+                return s
+            start = i + 1
+    return None
+
+
+def test_spelled_finds_exactly_the_strings_pieces_spell_together_in_the_rendering_it_is_given():
+    """`spelled` on random conversations of marker fragments, blanks and media, given the rendering the caller sends
+    (`render`, or chat data's `prompt_of` its segments: the same text), against where each character came from."""
+    eos = "</s>"
+    formats = [
+        FLAMINGO,
+        OTTER,
+        MMGPTChat(end_of_answer=eos, reserved=(MEDIA_TOKEN, END_OF_CHUNK_TOKEN, eos)),
+        MMGPTChat(),
+        IdeficsChat(),
+        IdeficsChat(end_of_turn=""),
+    ]
+    rng = random.Random(0)
+    spelled = 0
+    for fmt in formats:
+        strings = (*fmt.reserved, END_OF_CHUNK_TOKEN, "<|endoftext|>", "<image0>")
+        fragments = ["a", "b ", " ", "\t", "\n", "x\n", "<", ">", "Q: "]
+        fragments += [part for s in strings for i in range(1, len(s)) for part in (s[:i], s[i:])]
+        for _ in range(500):
+            turns = []
+            for _ in range(rng.randint(1, 6)):
+                role = rng.choice(["system", "user", "user", "assistant"])
+                pieces = [rng.choice(fragments) for _ in range(rng.randint(1, 3))]
+                if role == "user" and rng.random() < 0.3:
+                    pieces.insert(rng.randint(0, len(pieces)), MEDIA_TOKEN)
+                turns.append(Turn(role, tuple(pieces)))
+            if rng.random() < 0.5 and turns[-1].role != "user":  # a request (else a training row)
+                turns.append(Turn("user", ("q",)))
+            if any(s in p for t in turns for p in t.pieces if p != MEDIA_TOKEN for s in strings):
+                continue  # refused piece by piece before `spelled`
+            rendered = fmt.render(turns)
+            assert fmt.prompt_of(fmt.segments(turns)) == rendered
+            got = fmt.spelled(turns, strings, rendered=rendered)
+            want = _spelled_by_pieces(fmt, turns, strings)
+            assert (got is None) == (want is None), (fmt.name, turns, rendered, got, want)
+            if got is not None:
+                spelled += 1
+                first = got[0]  # the turn that completes it: the turns before it spell none, the turns to it do
+                assert _spelled_by_pieces(fmt, turns[:first], strings) is None
+                assert _spelled_by_pieces(fmt, turns[: first + 1], strings) is not None
+    assert spelled > 50  # the conversations do spell markers
+
+
+def test_a_request_and_a_training_row_render_their_conversation_once(monkeypatch, tmp_path):
+    """The split-marker check reads the prompt the server sends (the text chat data trains on) rather than writing
+    the conversation again: an 8 MB request pays for one rendering of its text."""
+    written = []
+    segments = ChatFormat.segments
+
+    def counted(self, turns):
+        written.append(any(p != MEDIA_TOKEN for t in turns for p in t.pieces))  # the text, not the format's own
+        return segments(self, turns)
+
+    monkeypatch.setattr(ChatFormat, "segments", counted)
+    messages = [
+        {"role": "user", "content": [IMAGE, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And now?"},
+    ]
+    prompt, _ = render_messages(FLAMINGO, _messages(*messages), control_tokens(tiny_flamingo()[1]))
+    assert prompt == "<image>What is it? A cat.<|endofchunk|>And now?" and written.count(True) == 1
+    written.clear()
+    random_image(0).save(tmp_path / "0.png")
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "0.png"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
+    example = chat_example(RawRecord("k", str(tmp_path / "c.jsonl"), row), FLAMINGO)
+    assert example.text == "<image>What is it? A cat.<|endofchunk|>" and written.count(True) == 1

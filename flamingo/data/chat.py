@@ -224,13 +224,15 @@ def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Exampl
             if END_OF_CHUNK_TOKEN in piece:  # every format: a tokenizer without it would train its characters
                 raise SkipSample("bad_record", f"{record.key}: turn {i} contains {END_OF_CHUNK_TOKEN}, Flamingo's "
                                                "chunk marker")
-    joined = fmt.spelled(turns, (*fmt.reserved, END_OF_CHUNK_TOKEN))  # text the format writes with nothing between
+    segments = fmt.segments(turns)
+    # text the format writes with nothing between it: checked as written (the prompt the turns render to)
+    joined = fmt.spelled(turns, (*fmt.reserved, END_OF_CHUNK_TOKEN), rendered=fmt.prompt_of(segments))
     if joined is not None:
         raise SkipSample("bad_record", f"{record.key}: turn {joined[0]} spells {joined[1]}, a marker of the "
                                        f"{fmt.name} format, with the text the format writes right before it (a "
                                        "marker split over text parts or turns)")
     text, spans = "", []
-    for piece, trained in fmt.segments(turns):
+    for piece, trained in segments:
         if trained:
             spans.append((len(text), len(text) + len(piece)))
         text += piece

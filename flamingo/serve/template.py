@@ -99,11 +99,12 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
     # the format writes some texts with nothing between them (a turn's text parts in the flamingo and idefics formats;
     # consecutive user or system turns in the flamingo format), so a marker split over two of them would be whole in
     # the prompt: checked on the text as the format writes it (`spelled`), as chat training data is
-    joined = fmt.spelled(turns, (*fmt.reserved, *control))
+    prompt = fmt.render(turns)
+    joined = fmt.spelled(turns, (*fmt.reserved, *control), rendered=prompt)
     if joined is not None:
         i, token = joined
         what = f" ({control[token]})" if token in control and token not in fmt.reserved else ""
         raise APIError(400, f"messages[{i}]: text may not contain {token}{what}: this message's text and the text "
                             f"before it spell it, as the {fmt.name} format writes them (with nothing between them)",
                        param="messages")
-    return fmt.render(turns), media
+    return prompt, media

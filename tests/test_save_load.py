@@ -82,6 +82,30 @@ def test_trained_only_checkpoint_holds_just_the_trained_tensors(backbone_dirs, t
     assert keys == set(model.trainable_parameters())
 
 
+def test_a_whole_save_can_take_its_backbones_from_another_whole_save(backbone_dirs, tmp_path):
+    """`backbones_from`: the backbones' files copied from a model saved whole, beside the trained tensors: it loads
+    as the model; refused with a trained-only save, or from a directory without `vision/` and `lm/`, before any
+    write."""
+    model, processor = _trained_model(*backbone_dirs)
+    model.save_pretrained(str(tmp_path / "whole"), processor=processor)
+    model.save_pretrained(str(tmp_path / "copied"), processor=processor, backbones_from=tmp_path / "whole")
+    for part in ("vision", "lm"):
+        for name in os.listdir(tmp_path / "whole" / part):
+            assert (tmp_path / "copied" / part / name).read_bytes() == (tmp_path / "whole" / part / name).read_bytes()
+    batch = processor(PROMPT, images=[random_image(0), random_image(1)])
+    loaded, _ = load_pretrained(str(tmp_path / "copied"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    assert loaded.config == model.config
+
+    with pytest.raises(ValueError, match="backbones_from copies backbones into a full save"):
+        model.save_pretrained(str(tmp_path / "x"), trained_only=True, backbones_from=tmp_path / "whole")
+    model.save_pretrained(str(tmp_path / "small"), trained_only=True)
+    with pytest.raises(ValueError, match=r"backbones_from '.*small' holds no vision/ or lm/: give a model saved whole"):
+        model.save_pretrained(str(tmp_path / "x"), backbones_from=str(tmp_path / "small"))
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_trained_only_needs_backbone_names(make_model, tmp_path):
     model, _ = make_model("llama")  # in-memory backbones: nothing to refer to
     with pytest.raises(ValueError, match="names/paths"):
@@ -152,16 +176,27 @@ def test_a_damaged_checkpoint_is_named_when_loaded(make_model, tmp_path):
 
 
 def test_dual_encoder_gives_its_vision_half(tmp_path):
-    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, vocab_size=100),
-                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     tower = load_vision_tower(str(tmp_path / "clip"))
     pixels = torch.randn(1, 3, 32, 32)
     full = CLIPModel.from_pretrained(tmp_path / "clip")
-    assert torch.equal(tower(pixel_values=pixels).last_hidden_state,
-                       full.vision_model(pixel_values=pixels).last_hidden_state)
+    assert torch.equal(
+        tower(pixel_values=pixels).last_hidden_state, full.vision_model(pixel_values=pixels).last_hidden_state
+    )
 
 
 def test_every_atomic_write_refuses_a_directory_of_other_files(tmp_path):

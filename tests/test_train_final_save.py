@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from flamingo import load_pretrained
+from flamingo.config import CONFIG_NAME
 from flamingo.model import lora
+from flamingo.model.card import CARD_NAME, model_card
 from flamingo.model.quantize import quantize_frozen, quantized_mode
+from flamingo.runtime.checkpoint_io import atomic_directory
 from flamingo.tiny import random_image, tiny_flamingo
 from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer, check_final_save
@@ -100,3 +103,79 @@ def test_a_quantized_model_with_no_float_backbones_to_copy_is_refused_with_the_w
     ):
         check_final_save(model, None)
     check_final_save(model, None, backbones_from="/the/whole/model")  # with a source to copy them from
+
+
+def _save_with_backbones_from_as_before(model, directory, source, processor):
+    """The trainer's former way to write such a save: the config's backbone references pointed at `source` for a
+    trained-only save (then restored), `source`'s backbones copied beside it, the model's own config and card written
+    over."""
+    c = model.config
+    references = {
+        k: getattr(c, k) for k in ("vision_name_or_path", "lm_name_or_path", "vision_revision", "lm_revision")
+    }
+    with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
+        trained = os.path.join(tmp, "trained")
+        try:
+            c.vision_name_or_path, c.lm_name_or_path = (os.path.join(source, part) for part in ("vision", "lm"))
+            c.vision_revision = c.lm_revision = None
+            model.save_pretrained(trained, trained_only=True, processor=processor)
+        finally:
+            for key, value in references.items():
+                setattr(c, key, value)
+        for name in os.listdir(trained):
+            os.replace(os.path.join(trained, name), os.path.join(tmp, name))
+        os.rmdir(trained)
+        for part in ("vision", "lm"):
+            shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
+        c.save(tmp)
+        with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
+
+
+def _files(directory):
+    """Every file under `directory` -> its bytes, by relative path."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+class _Watched:
+    """A processor whose save records the model's backbone references at that moment (a save that points them
+    elsewhere meanwhile shows here)."""
+
+    def __init__(self, processor, config):
+        self.processor, self.config, self.seen = processor, config, []
+
+    def save_pretrained(self, directory):
+        keys = ("vision_name_or_path", "lm_name_or_path", "vision_revision", "lm_revision")
+        self.seen.append({k: getattr(self.config, k) for k in keys})
+        self.processor.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_backbones_from_writes_the_former_bytes_and_leaves_the_config_alone(unnamed_whole, tmp_path, named):
+    """`save_pretrained(..., backbones_from=)` writes, file for file and byte for byte, what the trainer's former
+    save did (config pointed at the source, then restored), and the model's config never changes meanwhile."""
+    model, processor = load_pretrained(unnamed_whole, quantize_frozen="none")
+    spec = {"r": 4, "alpha": 8}
+    lora.apply_lora(model.lm, spec)
+    model.config.lm_lora, model.config.quantize_frozen = spec, "int8"
+    if named:  # a model whose own references the save keeps (the source's are only where its backbones come from)
+        model.config.vision_name_or_path, model.config.vision_revision = "org/vision", "0" * 40
+        model.config.lm_name_or_path, model.config.lm_revision = "org/lm", "1" * 40
+    quantize_frozen(model)
+    with torch.no_grad():  # as if trained
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = model.config.to_dict()
+    _save_with_backbones_from_as_before(model, str(tmp_path / "before" / "final"), unnamed_whole, processor)
+    watched = _Watched(processor, model.config)
+    model.save_pretrained(str(tmp_path / "now" / "final"), processor=watched, backbones_from=unnamed_whole)
+    old, new = _files(tmp_path / "before" / "final"), _files(tmp_path / "now" / "final")
+    assert sorted(new) == sorted(old) and all(new[name] == old[name] for name in old)
+    assert {"vision/model.safetensors", "lm/model.safetensors", "flamingo.safetensors", CONFIG_NAME} <= set(new)
+    assert watched.seen == [{k: before[k] for k in watched.seen[0]}] and model.config.to_dict() == before

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -803,7 +804,8 @@ class Flamingo(nn.Module):
         return {k: state[k].detach().to("cpu").contiguous().clone() for k in sorted(keep)}
 
     # ------------------------------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None) -> None:
+    def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None,
+                        backbones_from: Union[str, os.PathLike, None] = None) -> None:
         """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint).
         Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
         trained_only: only the trained tensors + references (name/path, and a Hub name's commit) to the backbones in
@@ -813,17 +815,41 @@ class Flamingo(nn.Module):
         delete the only copy of its backbones; and when `directory` holds a backbone it refers to (replacing it would
         delete that backbone). A Hub name without a recorded commit is saved with a warning: it loads whatever the
         repository holds then. The backbones must be the weights their references load: an in-memory backbone
-        changed after loading (edited, a merged PEFT adapter) is only kept by a full save."""
+        changed after loading (edited, a merged PEFT adapter) is only kept by a full save.
+        backbones_from: a model saved whole whose `vision/` and `lm/` are these backbones in float (the directory a
+        model with quantized frozen backbones was built on: training changes no frozen weight): a full save whose
+        backbones are copies of those files, beside the tensors a trained-only save writes (the trained ones among
+        them), so that it loads as this model with its backbones unquantized (`quantize_frozen` quantizes them again
+        as they were). The config is saved as it is: its backbone references stay the model's own."""
+        source = None if backbones_from is None else os.fspath(backbones_from)
+        if source is not None:
+            if trained_only:
+                raise ValueError("save_pretrained: backbones_from copies backbones into a full save; a trained-only "
+                                 "checkpoint holds none (pass one of trained_only=True and backbones_from)")
+            missing = [part for part in ("vision", "lm") if not os.path.isdir(os.path.join(source, part))]
+            if missing:
+                raise ValueError(f"backbones_from {source!r} holds no {' or '.join(p + '/' for p in missing)}: give "
+                                 "a model saved whole (save_pretrained without trained_only)")
+            state = self.state_dict()
+            quantized = [k for k in self.config.extra_saved_weights if k in state and quantize.is_quantized(state[k])]
+            if quantized:  # saved beside the copies, but safetensors cannot write torchao tensors
+                raise ValueError(f"the model's changed backbone weights {quantized[:3]} (extra_saved_weights, e.g. a "
+                                 "merged LoRA) are quantized: save before quantizing, or load with "
+                                 "quantize_frozen='none'")
         if trained_only:
             self._check_trained_only_save(directory)
         stored = quantize.quantized_mode(self)
-        if not trained_only and stored != "none":  # lossy: never written as the backbones' weights
+        if not trained_only and source is None and stored != "none":  # lossy: never written as the backbones' weights
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
-            save_file(self._saved_tensors(trained_only), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            if not trained_only:
+            tensors = self._saved_tensors(trained_only or source is not None)  # copied backbones lack trained ones
+            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            if source is not None:
+                for part in ("vision", "lm"):  # copies, not links: a file rewritten in place later changes no save
+                    shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
+            elif not trained_only:
                 self.vision.save_pretrained(os.path.join(tmp, "vision"))
                 bare = {"state_dict": lora.base_state_dict(self.lm)} if lora.has_lora(self.lm) else {}
                 self.lm.save_pretrained(os.path.join(tmp, "lm"), **bare)  # the bare LM: its adapters live in ours

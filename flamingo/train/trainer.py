@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -30,13 +29,11 @@ from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model import lora
-from ..model.card import CARD_NAME, model_card
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo, unresolved_backbones
 from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen, quantized_mode
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
-from ..runtime.checkpoint_io import atomic_directory
 from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import is_hub_reference, local_dir
 from .buckets import pad_to_buckets
@@ -229,34 +226,6 @@ def check_final_save(model: Flamingo, save_trained_only: Optional[bool], backbon
         raise ValueError(f"the model's changed backbone weights {changed[:3]} (extra_saved_weights: a merged LoRA, a "
                          "fine-tuned table) would be saved from layers that model.flamingo.lm_lora wraps or "
                          "quantize_frozen packs: train without those options, or from the model before merging")
-
-
-def save_with_backbones_from(model: Flamingo, directory: str, source: str, processor: Optional[FlamingoProcessor]
-                             ) -> None:
-    """Save `model`, whose frozen backbones are quantized, whole into `directory` (atomically): the float backbones
-    copied from `source`'s `vision/` and `lm/` (the whole saved model it was built on, `whole_model_dir`: training
-    changes no frozen weight) and every trained tensor as a trained-only save writes them, so the directory loads as
-    the trained model with its backbones unquantized, and `quantize_frozen` quantizes them again as the run did."""
-    c = model.config
-    references = {k: getattr(c, k) for k in ("vision_name_or_path", "lm_name_or_path", "vision_revision",
-                                             "lm_revision")}
-    with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
-        trained = os.path.join(tmp, "trained")
-        try:  # a trained-only save names the backbones it is saved without: source's, for the moment
-            c.vision_name_or_path, c.lm_name_or_path = (os.path.join(source, part) for part in BACKBONE_PARTS)
-            c.vision_revision = c.lm_revision = None
-            model.save_pretrained(trained, trained_only=True, processor=processor)
-        finally:
-            for key, value in references.items():
-                setattr(c, key, value)
-        for name in os.listdir(trained):
-            os.replace(os.path.join(trained, name), os.path.join(tmp, name))
-        os.rmdir(trained)
-        for part in BACKBONE_PARTS:  # copies, not links: a file rewritten in place later changes no saved model
-            shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
-        c.save(tmp)  # the model's own backbone references
-        with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
 
 def _quantize(model: Flamingo) -> None:
@@ -806,8 +775,9 @@ class Trainer:
 
     def _save_with_float_backbones(self, model: Flamingo, out: str) -> None:
         """The final model saved whole with the float backbones of the whole saved model the run started from
-        (`save_with_backbones_from`), refused when their files changed since they were loaded: the saved model
-        would not be the one trained (the run's last checkpoint keeps the trained weights)."""
+        (`save_pretrained(backbones_from=)`: training changes no frozen weight, and `quantize_frozen` quantizes them
+        again as the run did), refused when their files changed since they were loaded: the saved model would not be
+        the one trained (the run's last checkpoint keeps the trained weights)."""
         assert self.backbones_from is not None  # (set in __init__ for every run that saves so)
         source, stamps = self.backbones_from
         if backbone_stamps(source) != stamps:
@@ -815,7 +785,7 @@ class Trainer:
                              "cannot take them as the run's frozen weights: the trained weights are in the run's last "
                              f"checkpoint (under {self.config.train.output_dir}); put back the files the run started "
                              "from and run `flamingo train` again, which writes final/ from it without training")
-        save_with_backbones_from(model, out, source, self.processor)
+        model.save_pretrained(out, processor=self.processor, backbones_from=source)
 
 
 def _plain(value: Any) -> Any:

@@ -118,12 +118,14 @@ class ChatFormat:
         """`turns` with each run of consecutive user turns one turn (their pieces in order) where the format asks
         one question per answer (`one_question`); as they are otherwise."""
         out: list[Turn] = []
+        runs: list[list[str]] = []  # each output turn's pieces, gathered once (a tuple grown per turn is quadratic)
         for turn in turns:
             if self.one_question and out and turn.role == out[-1].role == "user":
-                out[-1] = Turn("user", out[-1].pieces + turn.pieces)
+                runs[-1].extend(turn.pieces)
             else:
                 out.append(turn)
-        return out
+                runs.append(list(turn.pieces))
+        return [turn if len(run) == len(turn.pieces) else Turn(turn.role, tuple(run)) for turn, run in zip(out, runs)]
 
     def first_reserved(self, text: str) -> Optional[str]:
         """The first of the format's markers `text` contains, or None."""

@@ -249,7 +249,10 @@ def test_inline_data_url_media_train_as_their_files_and_remote_urls_are_not_fetc
     assert packed.input_ids == from_file.input_ids and torch.equal(packed.media[0], from_file.media[0])
     for url, reason, detail in (("data:image/png;base64,%%%", "bad_record", "base64 does not decode"),
                                 ("data:text/plain;base64,aGk=", "bad_record", "unsupported media type"),
-                                ("https://example.com/cat.png", "missing_file", "never the network")):
+                                ("https://example.com/cat.png", "missing_file", "never the network"),
+                                # a host urlsplit refuses (ValueError) is still a counted skip, not a failed run
+                                ("http://[broken/x.jpg", "missing_file", "never the network"),
+                                ("//[abc]/x.jpg", "missing_file", "")):
         bad = json.loads(json.dumps(inline))
         bad["messages"][0]["content"][0]["image_url"]["url"] = url
         with pytest.raises(SkipSample, match=detail) as e:

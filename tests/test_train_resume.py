@@ -87,6 +87,11 @@ def test_resume_applies_changed_optim_settings_and_refuses_a_directory_past_its_
         Trainer(load_config(path))
     assert "already holds a run at train.steps=2: nothing to train" in caplog.text
     assert "other optimizer settings" not in caplog.text  # the same settings: nothing said, nothing changed
+    assert "train.seed" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path, ["train.seed=5"]))  # the datasets keep their saved order: said, not dropped unsaid
+    assert "with train.seed 0 -> 5: the datasets go on in the order they were saved with" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
         trainer = Trainer(load_config(path, ["train.steps=4", "optim.lr=1e-5", "optim.weight_decay=0.5",

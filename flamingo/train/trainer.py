@@ -384,6 +384,10 @@ class Trainer:
                         "its epoch; rank r takes the saved rank r's random generators, a rank the run did not have "
                         "is seeded with train.seed + r)", path, saved_world, self.world)
         restore_rng(path, state, self.rank, t.seed, self.device)
+        if state.get("seed", t.seed) != t.seed and self.rank == 0:  # (None: written before state.json held it)
+            log.warning("resuming from %s with train.seed %s -> %s: the datasets go on in the order they were saved "
+                        "with and the random generators are the checkpoint's; the new seed applies to the validation "
+                        "sources (and to ranks the run did not have) only", path, state["seed"], t.seed)
         data_states = rank_entry(state["data"], self.rank)  # a rank the run did not have: rank 0's, restarted
         added, dropped = sorted(set(self.sources) - set(data_states)), sorted(set(data_states) - set(self.sources))
         if (added or dropped) and self.rank == 0:  # the config's datasets changed (a new name is a new dataset)
@@ -462,7 +466,8 @@ class Trainer:
                              "skipped_steps": int(self.skipped_steps), "mixture": self.sampler.state_dict(),
                              "data": data, "optim_kind": self.config.optim.kind, "optim": asdict(self.config.optim),
                              "lm_lora": self.model.config.lm_lora, "frozen_storage": self._frozen_storage(),
-                             "backbone_revisions": {k: getattr(self.model.config, k) for k in REVISION_KEYS}},
+                             "backbone_revisions": {k: getattr(self.model.config, k) for k in REVISION_KEYS},
+                             "seed": self.config.train.seed},
                             self.config.train.keep_last, rng=rng)
         if self.world > 1:
             dist.barrier()

@@ -27,7 +27,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PreTra
 from transformers.utils import cached_file
 
 from .config import END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, PROCESSOR_CONFIG_NAME
-from .references import reference_token, resolve_declarations
+from .references import DECLARATION, reference_token, resolve_declarations
 from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import local_or_hub, metadata_dir
@@ -665,9 +665,16 @@ class FlamingoProcessor:
                       max_length: Optional[int] = None, image_references: Optional[bool] = None
                       ) -> tuple[list[int], list[torch.Tensor]]:
         """One prompt -> (token ids, list of `(F, C, H, W)` media), checking placeholder count and length.
-        image_references (default: the processor's): the prompt declares its images (`Image 0 is <image0>`)."""
+        image_references (default: the processor's): the prompt declares its images (`Image 0 is <image0>`). By
+        default a string prompt that places no `<image>` and declares its media, with a tokenizer that has reference
+        tokens, is read as declared whatever the processor's setting: that is the only reading its media fit (a model
+        trained on declared images is served so, without a setting a CLI user could not give)."""
         text, media = self._split_prompt(prompt, media)
-        if self.image_references if image_references is None else image_references:
+        if image_references is None:
+            image_references = self.image_references or bool(
+                isinstance(prompt, str) and media and self.num_references and MEDIA_TOKEN not in text
+                and DECLARATION.search(text))
+        if image_references:
             if not isinstance(prompt, str) and media:  # the list placed its media as <image>: none is declared
                 raise ValueError("an interleaved-list prompt places its media where they stand, so it cannot declare "
                                  "them, and this processor reads declared-image prompts (image_references): write a "

@@ -289,3 +289,19 @@ def test_decoded_answers_keep_reference_tokens_and_drop_control_tokens(ref_model
     assert processor.batch_decode(torch.tensor([ids, ids])) == [" red<image1> red<image0>"] * 2
     assert processor.decode([*red, *controls, *red]) == tok.decode([*red, *controls, *red], skip_special_tokens=True)
     assert processor.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_a_declared_prompt_is_read_as_declared_without_the_processor_setting(ref_model):
+    """A model trained on declared images (`flamingo train` saves no `image_references`) is sent the same prompts by
+    `generate` and the server: a string prompt that places no <image> and declares its media can be read one way
+    only. An explicit image_references=False, or a prompt that places an <image>, is read as written."""
+    _, processor = ref_model
+    images = [random_image(0), random_image(1)]
+    declared = processor.encode_prompt(PROMPT, images)
+    processor.image_references = False
+    assert processor.encode_prompt(PROMPT, images)[0] == declared[0]
+    with pytest.raises(ValueError, match=r"prompt has 0 <image> placeholder\(s\) but 2"):
+        processor.encode_prompt(PROMPT, images, image_references=False)
+    mixed = "<image>Image 1 is <image1>. " + PROMPT.split("<|endofchunk|>", 1)[1]
+    with pytest.raises(ValueError, match=r"prompt has 1 <image> placeholder\(s\) but 2"):
+        processor.encode_prompt(mixed, images)

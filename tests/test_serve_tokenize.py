@@ -66,17 +66,20 @@ def test_bad_tokenizer_requests_get_a_clear_400(served, path, body, says):
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
 
 
-def test_a_declared_image_prompt_is_tokenized_as_its_completion_reads_it(tmp_path, one_thread):
+@pytest.mark.parametrize("saved_setting", [True, False])
+def test_a_declared_image_prompt_is_tokenized_as_its_completion_reads_it(tmp_path, one_thread, saved_setting):
     """A model with image references (MMICL-style declarations, `Image 0 is <image0>`): `/tokenize` resolves a raw
     prompt's declarations as the completions endpoint does (one medium per declaration), so its count is what the
-    completion is billed for; a prompt whose declarations are wrong is a 400, as its completion would be."""
+    completion is billed for; a prompt whose declarations are wrong is a 400, as its completion would be. Whether or
+    not the processor was saved with `image_references` (`flamingo train` saves it false): a prompt that places no
+    <image> and declares its media is read as declared."""
     from flamingo.serve.app import ServeSettings
     from flamingo.tiny import tiny_flamingo
 
     from serve_helpers import engine_for, running_server
 
     model, processor = tiny_flamingo("llama", num_image_references=4)
-    processor.image_references = True
+    processor.image_references = saved_setting
     model.save_pretrained(str(tmp_path / "m"), processor=processor)
     engine = engine_for(tmp_path / "m", max_batch=2)
     prompt = "Image 0 is <image0>. Image 1 is <image1>. Question: what is in <image0>? Short answer:"

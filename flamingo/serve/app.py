@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..chat import chat_format_for
+from ..config import MEDIA_TOKEN
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
 from .batch_store import check_batch_dir
@@ -352,7 +353,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(TokenizeRequest, await read_json(request))
         text = req.prompt if req.messages is None else \
             (await run_in_threadpool(render_messages, chat_template, req.messages, control))[0]
-        if req.messages is None and processor.image_references:  # a raw prompt declares its images, as completions
+        # a raw prompt that declares its images, read as completions read it (`encode_prompt`)
+        if req.messages is None and (processor.image_references or (processor.num_references and MEDIA_TOKEN not in text
+                                                                    and DECLARATION.search(text))):
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)
             except ValueError as e:

@@ -217,6 +217,7 @@ def test_the_card_has_the_hubs_metadata_and_counts_what_trained(tmp_path):
     assert card.data.base_model is None  # local paths are not hub names
     assert "trained tensors only" in card.text and "`<image0>` ... `<image2>`" in card.text
     assert "every 2nd layer" in card.text and "Flamingo.from_pretrained(" in card.text
+    assert "| each text token sees | the last image or image reference before it |" in card.text  # the rule, extended
 
 
 def test_push_command_and_clear_errors(tmp_path, hub, capsys):

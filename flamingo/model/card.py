@@ -135,8 +135,9 @@ def model_card(directory: str, name: str, *, published: bool = False) -> str:
         ("cross-attention blocks", f"{config.block} blocks {_placement(config, _lm_layers(directory))}"
                                    + (", tanh gates" if config.gated else ", ungated")),
         ("each text token sees", "the next image after it, none after the last (OpenFlamingo v1's rule)"
-         if config.attend_next_image else "the last image before it" if config.only_attend_last_image
-         else "every image before it"),
+         if config.attend_next_image else ("the last image or image reference before it"
+                                           if config.num_image_references else "the last image before it")
+         if config.only_attend_last_image else "every image before it"),
         *([("prompts without an image", "the LM alone: the blocks are skipped (Multimodal-GPT's rule)")]
           if config.imageless_rows_skip_blocks else []),
         ("parameters stored beside the backbones",

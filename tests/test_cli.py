@@ -123,7 +123,11 @@ def test_generate_command_reads_declared_images_and_references(tmp_path, capsys)
     batch = loaded_processor(prompt, images=images, image_references=True)
     expected = loaded.generate(**batch, max_new_tokens=4)[0, batch["input_ids"].shape[1]:]
     assert capsys.readouterr().out.strip() == loaded_processor.decode(expected).strip()
-    assert main(args[:-1]) == 2  # read as plain <image> prompt: its <image0> has no placeholder to match
+    # without the flag (`flamingo train` saves the processor's image_references false) a prompt that places no <image>
+    # and declares its media is read as declared: the only reading they fit
+    assert main(args[:-1]) == 0
+    assert capsys.readouterr().out.strip() == loaded_processor.decode(expected).strip()
+    assert main(args[:-1] + ["--no-image-references"]) == 2  # read as written: <image0> is no placeholder
     assert "placeholder" in capsys.readouterr().err
 
 

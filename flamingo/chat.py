@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN
+from .references import reference_token
 
 if TYPE_CHECKING:
     from .processing import FlamingoProcessor
@@ -321,3 +322,25 @@ def chat_format_for(processor: "FlamingoProcessor", vocab: Optional[int] = None)
     eou = processor.tokenizer.get_vocab().get(END_OF_UTTERANCE)
     return IdeficsChat(end_of_turn=END_OF_UTTERANCE if eou is not None and eou < vocab else "",
                        reserved=(MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER) + ((END_OF_UTTERANCE,) if eou is not None else ()))
+
+
+# a special token's role in the tokenizer's map -> how an error names it
+_ROLES = {"bos_token": "BOS", "eos_token": "EOS", "unk_token": "unknown-word token", "sep_token": "separator token",
+          "pad_token": "pad token", "cls_token": "CLS token", "mask_token": "mask token"}
+
+
+def control_tokens(processor: "FlamingoProcessor") -> dict[str, str]:
+    """The strings `processor`'s tokenizer reads as control tokens, not text -> what each is (for errors): the
+    tokenizer's special tokens (BOS, EOS, pad, unknown, its added special tokens) and the model's image reference
+    tokens; longest first, so that a text holding one is told the longest it holds."""
+    tok = processor.tokenizer
+    names: dict[str, list[str]] = {}
+    for role, token in tok.special_tokens_map.items():
+        if isinstance(token, str) and role in _ROLES:
+            names.setdefault(token, []).append(_ROLES[role])
+    specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    out = {t: "the tokenizer's " + "/".join(names[t]) if t in names else "a special token of the tokenizer"
+           for t in specials if t}
+    for k in range(processor.num_references):
+        out[reference_token(k)] = f"the model's reference token for image {k}"
+    return dict(sorted(out.items(), key=lambda item: -len(item[0])))

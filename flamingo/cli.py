@@ -330,13 +330,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--chat writes each --image as <image> in the model's chat format: it takes no declared-image"
                          " prompt (--image-references)")
     if args.chat:  # one user turn, its media first, in the model's chat format (flamingo/chat.py)
-        from .chat import BLANKS, Turn, chat_format_for
+        from .chat import BLANKS, Turn, chat_format_for, control_tokens
 
         fmt = chat_format_for(processor, model.lm.get_output_embeddings().weight.shape[0])
         marker = fmt.first_reserved(prompt)
         if marker is not None:
             raise ValueError(f"with --chat the prompt is the question alone: it may not contain {marker} (the "
                              f"{fmt.name} format writes its own markers, and one <image> per --image)")
+        control = control_tokens(processor)  # what the server refuses in a user's text, refused here alike
+        token = next((t for t in control if t in prompt), None)
+        if token is not None:
+            raise ValueError(f"with --chat the prompt is the question alone: it may not contain {token} "
+                             f"({control[token]}): the tokenizer would read it as that token, not as text (the server "
+                             "refuses it in a user's message too)")
         prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
         references = False  # the format's <image>s place the media, whatever the processor reads by default
     elif references is None and processor.image_references and "<image>" in prompt:

@@ -10,7 +10,17 @@ import random
 import pytest
 import torch
 
-from flamingo.chat import FLAMINGO, MMGPT_PREAMBLE, OTTER, ChatFormat, IdeficsChat, MMGPTChat, Turn, chat_format_for
+from flamingo.chat import (
+    FLAMINGO,
+    MMGPT_PREAMBLE,
+    OTTER,
+    ChatFormat,
+    IdeficsChat,
+    MMGPTChat,
+    Turn,
+    chat_format_for,
+    control_tokens,
+)
 from flamingo.cli import main
 from flamingo.config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo.data.chat import chat_example
@@ -18,7 +28,7 @@ from flamingo.data.sources import RawRecord, read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.processing import FlamingoProcessor
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, parse
-from flamingo.serve.template import control_tokens, render_messages
+from flamingo.serve.template import render_messages
 from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import tiny_otter_shaped

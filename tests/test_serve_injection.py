@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from flamingo.chat import control_tokens
 from flamingo.serve.app import ServeSettings
-from flamingo.serve.template import control_tokens
 from flamingo.tiny import random_image, tiny_flamingo
 
 from serve_helpers import data_url, engine_for, running_server

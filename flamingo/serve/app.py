@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..chat import chat_format_for
+from ..chat import chat_format_for, control_tokens
 from ..config import MEDIA_TOKEN
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
@@ -50,7 +50,7 @@ from .protocol import (
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
 from .structured import GrammarError, Grammars
-from .template import MediaRef, control_tokens, render_messages
+from .template import MediaRef, render_messages
 
 STATIC = Path(__file__).parent / "static"
 # a /v1/responses request runs as a chat completion: the chat fields its errors name, as the Responses API calls them

@@ -20,39 +20,18 @@ Answers start with the space the format puts back, so chat answers are sent with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from ..chat import ChatFormat, Turn
 from ..config import MEDIA_TOKEN
-from ..references import REFERENCE, reference_token
+from ..references import REFERENCE
 from .protocol import APIError, ImagePart, Message, TextPart
-
-# a special token's role in the tokenizer's map -> how an error names it
-_ROLES = {"bos_token": "BOS", "eos_token": "EOS", "unk_token": "unknown-word token", "sep_token": "separator token",
-          "pad_token": "pad token", "cls_token": "CLS token", "mask_token": "mask token"}
 
 
 @dataclass(frozen=True)
 class MediaRef:
     url: str
     video: bool  # given as a video part (a data URL's MIME type decides too)
-
-
-def control_tokens(processor: Any) -> dict[str, str]:
-    """The strings `processor`'s tokenizer reads as control tokens, not text -> what each is (for errors): the
-    tokenizer's special tokens (BOS, EOS, pad, unknown, its added special tokens) and the model's image reference
-    tokens; longest first, so that a text holding one is told the longest it holds."""
-    tok = processor.tokenizer
-    names: dict[str, list[str]] = {}
-    for role, token in tok.special_tokens_map.items():
-        if isinstance(token, str) and role in _ROLES:
-            names.setdefault(token, []).append(_ROLES[role])
-    specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
-    out = {t: "the tokenizer's " + "/".join(names[t]) if t in names else "a special token of the tokenizer"
-           for t in specials if t}
-    for k in range(processor.num_references):
-        out[reference_token(k)] = f"the model's reference token for image {k}"
-    return dict(sorted(out.items(), key=lambda item: -len(item[0])))
 
 
 def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -> None:

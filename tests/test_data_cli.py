@@ -32,9 +32,15 @@ def test_inspect_cli_counts_samples_skips_tokens_and_draws_a_contact_sheet(tmp_p
     out = tmp_path / "report"
     assert main(["data", "inspect", data["path"], "--kind", "pairs", "--tokenizer-from", str(processor_dir),
                  "--out", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(printed[-1])
     assert summary["samples"] == 5 and summary["media"] == 5 and summary["frames"] == 5
     assert summary["records"] == 9 and summary["skipped"] == data["bad"]
+    # each reason says why its first sample was skipped, in the table and the summary
+    assert set(summary["first_skip"]) == set(data["bad"])
+    assert summary["first_skip"]["empty_text"].endswith("empty caption")
+    assert any(line.startswith("skipped: empty_text") and line.endswith("1 (the first: pairs.jsonl:7: empty caption)")
+               for line in printed)
     assert summary["tokens"] > 5 * 3
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.size[0] > 100 and sheet.size[1] > 100

@@ -45,12 +45,13 @@ class InspectReport:
     tokens: Optional[int] = None  # None without a tokenizer
     truncated: Optional[int] = None  # samples cut by the kind's max_tokens (None without a tokenizer)
     skipped: dict[str, int] = field(default_factory=dict)
+    first_skip: dict[str, str] = field(default_factory=dict)  # reason -> why its first sample was skipped
     shown: list[tuple[str, list[list[Image.Image]]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "files": self.files, "records": self.records, "samples": self.samples,
                 "media": self.media, "frames": self.frames, "tokens": self.tokens, "truncated": self.truncated,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "first_skip": self.first_skip}
 
     def table(self) -> str:
         rows = [("files", self.files), ("records", self.records),
@@ -59,7 +60,9 @@ class InspectReport:
                 ("tokens", "n/a (no --tokenizer-from)" if self.tokens is None else self.tokens)]
         if self.truncated is not None:
             rows.append(("cut by max_tokens", self.truncated))
-        rows += [(f"skipped: {reason}", n) for reason, n in self.skipped.items()]
+        rows += [(f"skipped: {reason}", f"{n}" + (f" (the first: {self.first_skip[reason][:200]})"
+                                                  if self.first_skip.get(reason) else ""))
+                 for reason, n in self.skipped.items()]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -137,6 +140,7 @@ def inspect_dataset(path: str, kind: Optional[str] = None, processor: Optional[F
                 _count_sample(spec, record, report, show)
             except SkipSample as e:
                 skipped[e.reason] += 1
+                report.first_skip.setdefault(e.reason, e.detail)
     finally:
         close_open_shards()
     report.skipped = merge_counts([skipped])

@@ -32,8 +32,10 @@ def test_versions_below_the_floors_are_refused_by_name():
     with pytest.raises(ImportError, match=r"transformers 4\.40\.0 .* and torch 2\.5\.1 \(needs >= 2\.6\)"):
         compat.check_supported("4.40.0", "2.5.1")
     text = open("pyproject.toml").read()  # the floors are pyproject's
-    assert '"transformers>=4.54,<6"' in text and '"torch>=2.6"' in text
+    assert '"transformers>=4.54.1,<6"' in text and '"torch>=2.6"' in text  # 4.54.1: its patch (docs/compat.md)
     assert compat.TRANSFORMERS_FLOOR == (4, 54) and compat.TORCH_FLOOR == (2, 6)
+    # CI's oldest pair is the declared floor
+    assert "OLD_PAIR='torch==2.6.0 transformers==4.54.1'" in open(".ci/run").read()
 
 
 def test_dtype_keyword_is_the_one_from_pretrained_takes(tmp_path):

@@ -24,7 +24,7 @@ def version_tuple(text: str) -> tuple[int, int]:
 
 
 # The floors of pyproject.toml's ranges (docs/compat.md says what fails below them).
-TRANSFORMERS_FLOOR, TORCH_FLOOR = (4, 54), (2, 6)
+TRANSFORMERS_FLOOR, TORCH_FLOOR = (4, 54), (2, 6)  # by minor (4.54.0 imports; pip installs 4.54.1 on)
 
 
 def check_supported(transformers_version: str, torch_version: str) -> None:
@@ -36,7 +36,7 @@ def check_supported(transformers_version: str, torch_version: str) -> None:
     if version_tuple(torch_version) < TORCH_FLOOR:
         found.append(f"torch {torch_version} (needs >= {'.'.join(map(str, TORCH_FLOOR))})")
     if found:
-        raise ImportError(f"flamingo does not support {' and '.join(found)}: pip install -U 'transformers>=4.54,<6' "
+        raise ImportError(f"flamingo does not support {' and '.join(found)}: pip install -U 'transformers>=4.54.1,<6' "
                           f"'torch>=2.6' (docs/compat.md)")
 
 

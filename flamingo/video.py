@@ -358,6 +358,9 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         if not container.streams.video:
             raise ValueError(f"no video stream in {name}")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a stream FFmpeg found but cannot open (an MP4 cut before its frames)
+            raise ValueError(f"cannot decode video {name}: its video stream has no decoder (a file cut short, or a "
+                             "codec this FFmpeg lacks)")
         # from the header, before any frame: a thin video would blow up in the image processor as an image
         _check_frame_size(name, stream.codec_context.width, stream.codec_context.height, max_pixels)
         expected = int(stream.frames or 0)

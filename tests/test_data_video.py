@@ -146,6 +146,11 @@ def test_truncated_matroska_is_refused_by_its_header_duration(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"video .*cut.mkv.* is truncated: decoded [\d.]+ s of the 10.00 s"):
         decode_video(str(cut))
+    # an MP4 cut in half (its header, written last, lost with the frames): a plain error, no Python attribute error
+    mp4 = _encode(_greys([2 * k for k in range(12)]), rate=2)
+    with pytest.raises(ValueError, match=r"^cannot decode video '<in-memory video>': (its video stream has no decoder|"
+                                         r"(?!.*AttributeError))"):
+        decode_video(mp4[: len(mp4) // 2], max_frames=4)
     # A fragmented MP4 lists only the fragments present: a cut one cannot be told from a short one, and is accepted.
     fragmented = _encode(_greys(range(0, 200, 5)), options={"movflags": "frag_keyframe+empty_moov"})
     assert 0 < len(decode_video(fragmented[: len(fragmented) // 2], max_frames=16)) < 10

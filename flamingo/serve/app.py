@@ -353,13 +353,18 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         req = parse(TokenizeRequest, await read_json(request))
         text = req.prompt if req.messages is None else \
             (await run_in_threadpool(render_messages, chat_template, req.messages, control))[0]
-        # a raw prompt that declares its images, read as completions read it (`encode_prompt`)
-        if req.messages is None and (processor.image_references or (processor.num_references and MEDIA_TOKEN not in text
-                                                                    and DECLARATION.search(text))):
+        # a raw prompt that declares its images, read as completions read it with its media (`encode_prompt`): by a
+        # processor saved to read declarations, or one that places no <image> and declares some; the media are not
+        # sent here, so without the setting a prompt whose declarations do not resolve is read as written, as its
+        # completion without media is
+        declared = processor.image_references or bool(processor.num_references and MEDIA_TOKEN not in text
+                                                      and DECLARATION.search(text))
+        if req.messages is None and declared:
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)
             except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
+                if processor.image_references:
+                    raise APIError(400, str(e), param="prompt") from None
         ids = processor.prompt_ids(text) if req.add_special_tokens else processor.token_ids(text, special_tokens=False)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": positions})
 

@@ -117,13 +117,15 @@ def test_an_empty_api_key_never_means_no_authentication():
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
-    """A server's fixed answer to every GET (`status`, `body`: set per test)."""
+    """A server's fixed answer to every GET (`status`, `body`, and the `length` it claims, if any: set per test)."""
 
-    status, body = 200, b""
+    status, body, length = 200, b"", None
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
+        if self.length is not None:
+            self.send_header("Content-Length", str(self.length))
         self.end_headers()
         self.wfile.write(self.body)
 
@@ -141,6 +143,7 @@ class _Answer(http.server.BaseHTTPRequestHandler):
         ),
         ((200, b"<html>not an API</html>"), "answered /v1/models with no JSON"),
         ((200, b'{"models": []}'), "answered /v1/models with no model list"),
+        ((200, b'{"data": [', 1000), "no answer from the server at http://127.0.0.1:"),  # cut: IncompleteRead
     ],
 )
 def test_eval_with_a_server_that_cannot_answer_is_one_line_before_the_data_loads(
@@ -155,7 +158,7 @@ def test_eval_with_a_server_that_cannot_answer_is_one_line_before_the_data_loads
     monkeypatch.setattr(runner, "evaluate", None)  # never reached
     url, httpd = "http://127.0.0.1:9", None
     if answer is not None:
-        handler = type("Handler", (_Answer,), {"status": answer[0], "body": answer[1]})
+        handler = type("Handler", (_Answer,), {"status": answer[0], "body": answer[1], "length": (*answer, None)[2]})
         httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{httpd.server_address[1]}"

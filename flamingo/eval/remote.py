@@ -16,6 +16,7 @@ tests/test_eval_remote.py checks that predictions and metrics equal the in-proce
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import mimetypes
 import time
@@ -180,8 +181,9 @@ class RemoteModel:
                 time.sleep(float(e.headers.get("Retry-After") or 1))  # the server's queue is full: wait, ask again
             except urllib.error.URLError as e:
                 raise ServerError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
-            except OSError as e:  # a timeout, a connection reset while the answer was read
-                raise ServerError(f"no answer from the server at {self.base_url}{path}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:  # a timeout, a reset or a cut answer while it was read
+                raise ServerError(f"no answer from the server at {self.base_url}{path}: {type(e).__name__}: {e}"
+                                  ) from None
         try:
             return json.loads(text)
         except ValueError:

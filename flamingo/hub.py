@@ -189,17 +189,22 @@ def _read_results(out_dir: str) -> dict[str, Any]:
 
 def _dataset_names(datas: Iterable[str]) -> dict[str, str]:
     """The name each local dataset directory of one push (`flamingo eval --data`, by its normalized path) is filed
-    under: its folder's name (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where paths end in the same
-    folders (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), its fewest last parts that no other
-    path ends in (`okvqa/val2014`), the root counting as a part, so that two paths never share a name."""
+    under: its folder's name (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where two paths end in the same
+    folder (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), its parent's and its own
+    (`okvqa/val2014`). Paths that even so share a name are refused: the card would file two datasets as one, or
+    publish more of this machine's paths (a user's home folder) to tell them apart."""
     paths = sorted({os.path.normpath(d) for d in datas if d and not HF_DATASET.match(d)})
     parts = {path: path.split(os.sep) for path in paths}  # an absolute path's first part is "" (the root)
-    names = {}
+    names: dict[str, str] = {}
     for path in paths:
-        k = 1
-        while k < len(parts[path]) and any(parts[other][-k:] == parts[path][-k:] for other in paths if other != path):
-            k += 1
-        names[path] = "/".join(parts[path][-k:])
+        shared = any(parts[other][-1] == parts[path][-1] for other in paths if other != path)
+        names[path] = "/".join(p for p in parts[path][-2 if shared else -1:] if p)
+    for path in paths:
+        same = [other for other in paths if other != path and names[other] == names[path]]
+        if same:
+            raise ValueError(f"the results' datasets {path!r} and {same[0]!r} would both be named {names[path]!r} on "
+                             "the card (a dataset is named by its folder, and its parent's where two folders share a "
+                             "name): rename a folder, or push their results separately")
     return names
 
 
@@ -254,8 +259,9 @@ def _results(out_dirs: Sequence[str]) -> tuple[list[str], list[Any]]:
         entry = (HUB_TASK_TYPES.get(task, "image-text-to-text"), dataset["dataset_type"], dataset["dataset_config"],
                  dataset["dataset_revision"])
         rows = [row for row in results["summary"] if row["mean"] is not None and "/" not in row["metric"]]
-        if rows and task not in entries.setdefault(entry, []):
-            entries[entry].append(task)
+        tasks = entries.setdefault(entry, [])  # (an entry without scores too: all its queries skipped, say)
+        if rows and task not in tasks:
+            tasks.append(task)
         runs.append((out_dir, task, dataset, entry, rows))
     tables, evals, seen = [], [], {}
     for out_dir, task, dataset, entry, rows in runs:

@@ -527,8 +527,8 @@ def _headings(hub, repo: str = "someone/m") -> list[str]:
 def test_datasets_whose_folders_share_a_name_are_told_apart_by_their_paths(tmp_path, hub):
     """OK-VQA and VQAv2 both evaluate on COCO's val2014 images (`--data .../okvqa/val2014`, `.../vqav2/val2014`):
     named by the folder alone they were one dataset, refused as a duplicate at equal shots and merged into one entry
-    otherwise. Each is named by the fewest last folders that tell it apart from the push's other paths; the same
-    path twice at the same shots is still refused."""
+    otherwise. Each is named by its parent folder and its own; the same path twice at the same shots is still refused,
+    and so are paths that even so share a name (telling them apart would publish more of the machine's paths)."""
     model, processor = _gated_model()
     model.save_pretrained(str(tmp_path / "m"), processor=processor)
     okvqa = _eval_out(tmp_path / "e1", "vqa", "/datasets/okvqa/val2014", "vqa_accuracy", {0: 37.4})
@@ -548,11 +548,20 @@ def test_datasets_whose_folders_share_a_name_are_told_apart_by_their_paths(tmp_p
 
     from flamingo.hub import _dataset_names  # a path that ends another, and paths alike but for their root
 
-    assert _dataset_names(["/a/okvqa/val2014", "/b/okvqa/val2014", "/a/vqav2/val2014", "val2014", "/x/val2014",
-                           "/data/x", "data/x", "hf://datasets/org/val2014"]) == {
-        "/a/okvqa/val2014": "a/okvqa/val2014", "/b/okvqa/val2014": "b/okvqa/val2014",
-        "/a/vqav2/val2014": "vqav2/val2014", "val2014": "val2014", "/x/val2014": "x/val2014", "/data/x": "/data/x",
-        "data/x": "data/x"}
+    assert _dataset_names(["/a/okvqa/val2014", "/a/vqav2/val2014", "val2014", "/x/val2014", "/data/y",
+                           "hf://datasets/org/val2014"]) == {
+        "/a/okvqa/val2014": "okvqa/val2014", "/a/vqav2/val2014": "vqav2/val2014", "val2014": "val2014",
+        "/x/val2014": "x/val2014", "/data/y": "y"}
+    for alike in (["/home/alice/okvqa/val2014", "/home/bob/okvqa/val2014"], ["/data/x", "data/x"]):
+        with pytest.raises(ValueError, match=r"would both be named '(okvqa/val2014|data/x)' on the card"):
+            _dataset_names(alike)
+    # results whose every query was skipped (no mean) still push, with their table, as before
+    skipped = _eval_out(tmp_path / "e5", "vqa", "/datasets/textvqa", "vqa_accuracy", {0: 1.0})
+    written = json.loads((Path(skipped) / "results.json").read_text())
+    written["summary"][0]["mean"] = None
+    (Path(skipped) / "results.json").write_text(json.dumps(written))
+    push_directory(str(tmp_path / "m"), "someone/m", results=[vqav2, skipped])
+    assert _headings(hub) == ["### vqa on val2014", "### vqa on textvqa"]
 
 
 def test_two_tasks_of_one_task_type_on_one_dataset_are_metrics_named_by_their_task(tmp_path, hub):

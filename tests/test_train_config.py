@@ -25,6 +25,7 @@ def test_a_quoted_override_stays_text_as_the_quote_it_advice_says():
                                                   'optim.weight_decay="0.05"'])
     assert config.train.output_dir == "2024" and config.data[0].name == "7"
     assert config.optim.lr == 3e-4 and config.optim.weight_decay == 0.05  # a float field reads a quoted number
+    assert load_config("configs/example.yaml", ['train.steps="20"']).train.steps == 20  # and an integer field
     with pytest.raises(ValueError, match=r"train.output_dir must be a string, got 2024 .*quote it, \"2024\","):
         load_config("configs/example.yaml", ["train.output_dir=2024"])
 

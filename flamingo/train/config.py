@@ -184,7 +184,7 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
         return value
     if base not in _SCALAR_TYPES:
         return value
-    if base == "float" and isinstance(value, str):
+    if base in ("float", "int") and isinstance(value, str):  # a quoted number (`train.steps="20"`) is still one
         try:
             value = _scalar(value)
         except ValueError:  # not even YAML: refused below as no number

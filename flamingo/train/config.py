@@ -235,7 +235,7 @@ def _index(node: list, part: str, key: str) -> int:
 
 
 def _scalar(text: str) -> Any:
-    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when unquoted: a quoted one (`"2024"`, `'7'`)
+    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when unquoted: a quoted one (`"42"`, `'7'`)
     stays text, as quoting asks. Text YAML cannot read (`[`, `@x`) is a ValueError saying why."""
     try:
         value = yaml.safe_load(text)

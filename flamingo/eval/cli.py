@@ -14,8 +14,8 @@ from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
 from .extras import check_requirements
 from .task import RANK_BY
-from .tasks import TASKS
-from .vqa import DEMO_ANSWERS, VQATask
+from .tasks import TASKS, check_task_options
+from .vqa import DEMO_ANSWERS
 
 
 def _optional_int(value: str) -> Any:
@@ -144,11 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .remote import RemoteModel, ServerError
     from .runner import evaluate, markdown_table
 
-    if args.rank_by is not None and TASKS[args.task].kind != "rank":  # before the model loads
-        raise ValueError(f"--rank-by applies to ranked tasks; {args.task} generates its answers")
-    if args.demo_answer is not None and not issubclass(TASKS[args.task], VQATask):
-        raise ValueError(f"--demo-answer applies to the vqa task (VQAv2's layout: a consensus and the human answers "
-                         f"of a question); {args.task} shows its demos' own answers")
+    check_task_options(args.task, args.rank_by, args.demo_answer, flags=True)  # before the model loads
     if args.device is not None and not args.server:
         check_device(args.device)  # before the process group and the model
     joined = init_process_group_from_env()

@@ -21,6 +21,18 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (VQATask, CaptioningTask, Cla
                                                     MultiImageTask, MultiImagePlainTask, VisDialTask)}
 
 
+def check_task_options(name: str, rank_by: Optional[str] = None, demo_answer: Optional[str] = None, *,
+                       flags: bool = False) -> None:
+    """Refuse, by name, an option task `name` has no use for: `rank_by` (ranked tasks) or `demo_answer` (VQA); the
+    CLI asks before the model loads (`flags`: named as its options)."""
+    cls = TASKS[name]
+    if rank_by is not None and cls.kind != "rank":
+        raise ValueError(f"{'--rank-by' if flags else 'rank_by'} applies to ranked tasks; {name} generates its answers")
+    if demo_answer is not None and not issubclass(cls, VQATask):
+        raise ValueError(f"{'--demo-answer' if flags else 'demo_answer'} applies to the vqa task (VQAv2's layout: a "
+                         f"consensus and the human answers of a question); {name} shows its demos' own answers")
+
+
 def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[str] = None,
              cider_tokenizer: str = "auto", demo_separator: Optional[str] = None,
              rank_by: Optional[str] = None, demo_answer: Optional[str] = None) -> Task:
@@ -32,12 +44,8 @@ def get_task(name: str, template: Optional[str] = None, answer_prefix: Optional[
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     if demo_separator is not None and not isinstance(demo_separator, str):
         raise ValueError(f"demo_separator must be a string, got {demo_separator!r}")
+    check_task_options(name, rank_by, demo_answer)
     cls = TASKS[name]
-    if rank_by is not None and cls.kind != "rank":
-        raise ValueError(f"rank_by applies to ranked tasks; {name} generates its answers")
-    if demo_answer is not None and not issubclass(cls, VQATask):
-        raise ValueError(f"demo_answer applies to the vqa task (VQAv2's layout: a consensus and the human answers of a "
-                         f"question); {name} shows its demos' own answers")
     if cls in (CaptioningTask, VideoCaptioningTask):
         task = cls(template, answer_prefix, tokenizer=cider_tokenizer)
     elif issubclass(cls, VQATask):

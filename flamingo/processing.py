@@ -661,6 +661,11 @@ class FlamingoProcessor:
             return "".join(text), found
         raise ValueError(f"a prompt must be a string or a list mixing strings and media, got {type(prompt).__name__}")
 
+    def declares_media(self, text: str) -> bool:
+        """Whether `text` reads only as a declared-image prompt: it places no `<image>`, declares some
+        (`Image 0 is <image0>`), and the tokenizer has reference tokens (`encode_prompt`'s default reading)."""
+        return bool(self.num_references and MEDIA_TOKEN not in text and DECLARATION.search(text))
+
     def encode_prompt(self, prompt: Any, media: Union[Media, Sequence[Media], None] = None,
                       max_length: Optional[int] = None, image_references: Optional[bool] = None
                       ) -> tuple[list[int], list[torch.Tensor]]:
@@ -671,9 +676,8 @@ class FlamingoProcessor:
         trained on declared images is served so, without a setting a CLI user could not give)."""
         text, media = self._split_prompt(prompt, media)
         if image_references is None:
-            image_references = self.image_references or bool(
-                isinstance(prompt, str) and media and self.num_references and MEDIA_TOKEN not in text
-                and DECLARATION.search(text))
+            image_references = self.image_references or bool(isinstance(prompt, str) and media
+                                                             and self.declares_media(text))
         if image_references:
             if not isinstance(prompt, str) and media:  # the list placed its media as <image>: none is declared
                 raise ValueError("an interleaved-list prompt places its media where they stand, so it cannot declare "

@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..chat import chat_format_for, control_tokens
-from ..config import MEDIA_TOKEN
 from ..model.backbones import lm_max_positions
 from ..references import DECLARATION, resolve_declarations
 from .batch_store import check_batch_dir
@@ -357,9 +356,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         # processor saved to read declarations, or one that places no <image> and declares some; the media are not
         # sent here, so without the setting a prompt whose declarations do not resolve is read as written, as its
         # completion without media is
-        declared = processor.image_references or bool(processor.num_references and MEDIA_TOKEN not in text
-                                                      and DECLARATION.search(text))
-        if req.messages is None and declared:
+        if req.messages is None and (processor.image_references or processor.declares_media(text)):
             try:  # resolve it: one medium per declaration
                 text = resolve_declarations(text, len(DECLARATION.findall(text)), processor.num_references)
             except ValueError as e:

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 
 CONFIG_NAME = "flamingo_config.json"
 WEIGHTS_NAME = "flamingo.safetensors"  # the tensors stored beside the backbones (model/flamingo.py)
+BACKBONE_DIRS = ("vision", "lm")  # a model saved whole: its backbones, each an HF directory
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"  # the processor's settings and prompt template (processing.py)
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"

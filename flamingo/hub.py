@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
+from .config import BACKBONE_DIRS, CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, generated_for, model_card, published_config
 from .model.flamingo import Flamingo
 from .processing import PROCESSOR_CONFIG_NAME, has_saved_processor
@@ -115,7 +115,7 @@ def push_directory(directory: str, repo_id: str, *, private: Optional[bool] = No
         log.warning("%r holds no processor (saved without processor=): the repository will hold none, and "
                     "load_pretrained(%r) will refuse it", directory, repo_id)
     local = _local_files(directory)
-    for part in ("vision", "lm"):  # what loading reads must be what is uploaded
+    for part in BACKBONE_DIRS:  # what loading reads must be what is uploaded
         if os.path.isdir(os.path.join(directory, part)) and f"{part}/config.json" not in local:
             raise ValueError(f"{os.path.join(directory, part)!r} holds no config.json: not a backbone "
                              "save_pretrained wrote, and the repository could not load it")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 from safetensors import safe_open
 
-from ..config import PROCESSOR_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
+from ..config import BACKBONE_DIRS, PROCESSOR_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.hub import is_hub_name
 from . import lora
 
@@ -116,7 +116,7 @@ def model_card(directory: str, name: str, *, published: bool = False) -> str:
     config = FlamingoConfig.load(directory)
     if published:
         config = published_config(directory, config)
-    full = all(os.path.isdir(os.path.join(directory, part)) for part in ("vision", "lm"))
+    full = all(os.path.isdir(os.path.join(directory, part)) for part in BACKBONE_DIRS)
     parts = _parameters(os.path.join(directory, WEIGHTS_NAME))
     bases = [b for b in (config.vision_name_or_path, config.lm_name_or_path) if b and is_hub_name(str(b))]
     meta: dict[str, Any] = {"library_name": "flamingo", "pipeline_tag": "image-text-to-text",

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..config import CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
+from ..config import BACKBONE_DIRS, CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.checkpoint_io import atomic_directory, check_apart
 from ..runtime.compat import (
     CACHE_NAMES,
@@ -826,7 +826,7 @@ class Flamingo(nn.Module):
             if trained_only:
                 raise ValueError("save_pretrained: backbones_from copies backbones into a full save; a trained-only "
                                  "checkpoint holds none (pass one of trained_only=True and backbones_from)")
-            missing = [part for part in ("vision", "lm") if not os.path.isdir(os.path.join(source, part))]
+            missing = [part for part in BACKBONE_DIRS if not os.path.isdir(os.path.join(source, part))]
             if missing:
                 raise ValueError(f"backbones_from {source!r} holds no {' or '.join(p + '/' for p in missing)}: give "
                                  "a model saved whole (save_pretrained without trained_only)")
@@ -847,7 +847,7 @@ class Flamingo(nn.Module):
             tensors = self._saved_tensors(trained_only or source is not None)  # copied backbones lack trained ones
             save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             if source is not None:
-                for part in ("vision", "lm"):  # copies, not links: a file rewritten in place later changes no save
+                for part in BACKBONE_DIRS:  # copies, not links: a file rewritten in place later changes no save
                     shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
             elif not trained_only:
                 self.vision.save_pretrained(os.path.join(tmp, "vision"))

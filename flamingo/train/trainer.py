@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..build import from_backbones, load_pretrained
-from ..config import CONFIG_NAME, FlamingoConfig, lora_spec
+from ..config import BACKBONE_DIRS, CONFIG_NAME, FlamingoConfig, lora_spec
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
@@ -105,7 +105,6 @@ def _starting_options(model: Flamingo, options: dict[str, Any]) -> None:
                                                            quantize_frozen=options["quantize_frozen"]).quantize_frozen
 
 
-BACKBONE_PARTS = ("vision", "lm")  # a whole saved model's backbone directories
 REVISION_KEYS = ("vision_revision", "lm_revision")  # the Hub commits a run's backbones were read at
 
 
@@ -167,7 +166,7 @@ def whole_model_dir(name_or_path: Optional[str]) -> Optional[str]:
     model (a conversion in memory, a trained-only checkpoint, a model built from backbones)."""
     if not name_or_path or not os.path.isfile(os.path.join(name_or_path, CONFIG_NAME)):
         return None
-    whole = all(os.path.isdir(os.path.join(name_or_path, part)) for part in BACKBONE_PARTS)
+    whole = all(os.path.isdir(os.path.join(name_or_path, part)) for part in BACKBONE_DIRS)
     return os.path.abspath(name_or_path) if whole else None
 
 
@@ -176,7 +175,7 @@ def backbone_stamps(directory: str) -> dict[str, tuple[int, int]]:
     symbolic links followed (a Hub snapshot's files point into its blobs): what tells whether the files changed
     since, without reading them."""
     stamps = {}
-    for part in BACKBONE_PARTS:
+    for part in BACKBONE_DIRS:
         for root, _, files in os.walk(os.path.join(directory, part), followlinks=True):
             for name in files:
                 path = os.path.join(root, name)

@@ -14,6 +14,15 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from .config import QUANTIZE_MODES
+from .runtime.arguments import (
+    host_name,
+    non_empty_key,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from .runtime.dtypes import DTYPE_NAMES, torch_dtype
 from .runtime.quiet import quiet_irrelevant_warnings, quiet_transformers
 
@@ -24,71 +33,6 @@ MODEL_HELP = "a directory written by save_pretrained, or a Hub repository holdin
 ANY_MODEL_HELP = (MODEL_HELP + "; or an IDEFICS (or its PEFT adapter), Otter or published OpenFlamingo checkpoint, "
                   "converted in memory on each load (docs/convert.md)")
 REVISION_HELP = "with a Hub repository as --model: the branch, tag or commit to load (default: main)"
-
-
-def _parsed(text: str, kind: type, what: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a size or count of 0 would give a server or run that never works)."""
-    value = _parsed(text, int, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (a size or time limit of 0 or less refuses every request)."""
-    value = _parsed(text, float, "a number")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (a cache size; 0: the cache off)."""
-    value = _parsed(text, float, "a number")
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (0: the feature off)."""
-    value = _parsed(text, int, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
-    value = _parsed(text, int, "an integer")
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0: any free one), got {value}")
-    return value
-
-
-def host_name(text: str) -> str:
-    """An argparse type: `--host`, never empty (what `--host "$HOST"` passes with the variable unset), which the
-    server would read as every interface."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} names no interface (empty, it would bind every one): name it, "
-                                         "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
-    return text
-
-
-def non_empty_key(text: str) -> str:
-    """An argparse type: `--api-key`, never empty or blank (what `--api-key "$KEY"` passes with the variable unset):
-    an empty key must not mean a server without authentication."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty key: give the key, or leave out --api-key to serve "
-                                         "without one")
-    return text
 
 
 def check_device(name: str) -> None:

@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import PROCESSOR_CONFIG_NAME
+from ..runtime.arguments import non_negative_int, positive_int
 from .kinds import KINDS
 
 if TYPE_CHECKING:  # the loaders (transformers, torch) are imported when a command runs, not for its --help
@@ -31,20 +32,6 @@ def _parse_options(items: Optional[list[str]]) -> dict[str, Any]:
             raise ValueError(f"--option {item!r}: the value is not valid YAML ({problem}); quote text: "
                              f"'{key}=\"...\"'") from None
     return options
-
-
-def _count(least: int) -> Any:
-    """An argparse type: an integer >= `least`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-        return value
-
-    return parse
 
 
 def _check_out_dir(out: str) -> None:
@@ -134,9 +121,9 @@ def add_data_subcommands(subparsers: Any) -> None:
                       help="a saved Flamingo model/processor or HF tokenizer directory (counts tokens, truncates)")
     insp.add_argument("--out", default=None, help="directory for summary.json and contact_sheet.png")
     insp.add_argument("--option", action="append", help="dataset option key=value (e.g. image_dir=imgs), repeatable")
-    insp.add_argument("--limit", type=_count(1), default=None,
+    insp.add_argument("--limit", type=positive_int, default=None,
                       help="read at most this many records (>= 1; default: all)")
-    insp.add_argument("--show", type=_count(0), default=6,
+    insp.add_argument("--show", type=non_negative_int, default=6,
                       help="samples on the contact sheet (>= 0; 0: none drawn)")
     insp.set_defaults(func=_cmd_inspect)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from ..config import QUANTIZE_MODES
+from ..runtime.arguments import finite_float, non_negative_float
 from ..runtime.dtypes import DTYPE_NAMES, torch_dtype
 from ..runtime.quiet import quiet_transformers
 from .cider import TOKENIZERS
@@ -28,28 +28,6 @@ def _escaped(value: str) -> str:
         return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise argparse.ArgumentTypeError(f"{value!r} holds a broken backslash escape ({e.reason})") from None
-
-
-def _cache_mb(value: str) -> float:
-    """--vision-cache-mb: a finite number >= 0 (0: off), checked before the model loads."""
-    try:
-        size = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0 <= size < math.inf:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return size
-
-
-def _finite(value: str) -> float:
-    """--length-penalty: a finite number (NaN would rank every beam alike)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-    return number
 
 
 def _query_set(value: str) -> Any:
@@ -83,7 +61,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "random demos, the whole split for RICES, as OpenFlamingo)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
-    p.add_argument("--vision-cache-mb", type=_cache_mb, default=None,
+    p.add_argument("--vision-cache-mb", type=non_negative_float, default=None,
                    help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off; "
                         "default 256 on CPU, off on GPU (hashing the pixels costs about as much as the tower there)")
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
@@ -107,7 +85,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "(consensus, the default) or its first human answer (first: OpenFlamingo's prompts)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--length-penalty", type=_finite, default=None,
+    p.add_argument("--length-penalty", type=finite_float, default=None,
                    help="beam search's length penalty (default 0.0, OpenFlamingo's: beams ranked by summed "
                         "log-probability; 1.0 divides it by the length, transformers' default)")
     p.add_argument("--cider-tokenizer", choices=TOKENIZERS, default="auto",

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image
 
+from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text, valid_text
@@ -65,10 +66,8 @@ class ShardWriter:
         if first == pattern % 1:
             raise ValueError(f"--out {out!r}: a pattern needs exactly one %d field (shard-%06d.tar), which numbers "
                              "the shards: each would replace the last")
-        path = os.path.dirname(os.path.abspath(first))
-        while not os.path.exists(path):  # the nearest part that exists must be a directory
-            path = os.path.dirname(path)
-        if not os.path.isdir(path):
+        path = blocking_file(os.path.dirname(os.path.abspath(first)))
+        if path is not None:
             raise ValueError(f"--out {out!r}: the shards' directory cannot be made, {path!r} is a file")
         self.pattern, self.shard_size = pattern, shard_size
         self.paths: list[str] = []

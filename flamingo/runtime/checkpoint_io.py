@@ -25,6 +25,15 @@ def _sibling(target: str, kind: str) -> str:
     return f"{target}.{kind}-{os.getpid()}-{threading.get_ident()}"
 
 
+def blocking_file(directory: str) -> Optional[str]:
+    """The file that keeps `directory` from being a directory, itself or the nearest existing part of its path (an
+    absolute path), or None when it is one or can be made (the nearest part that exists is a directory)."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
 def check_named(target: str, what: str) -> None:
     """Refuse an empty (or blank) path for `what`: it names nothing, and made absolute it is the working directory,
     which a write would replace whole (`--out ""`, an unset variable)."""

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Optional
 
-from ..runtime.checkpoint_io import atomic_file
+from ..runtime.checkpoint_io import atomic_file, blocking_file
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,8 @@ def page(records: dict[str, Record], limit: int, after: Optional[str], newest_fi
 def check_batch_dir(root: str) -> None:
     """Refuse a batch directory that cannot be one (an existing file, or a path through a file), before the
     server loads its model; a directory that does not exist yet is made when the store opens."""
-    path = os.path.abspath(root)
-    while not os.path.exists(path):  # the nearest part that exists must be a directory
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
+    path = blocking_file(root)
+    if path is not None:
         raise ValueError(f"the batch directory {root!r} cannot be made: {path!r} is a file, not a directory")
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from ..config import FlamingoConfig
 from ..data.kinds import check_stream_options, resolve_options
-from ..runtime.checkpoint_io import check_named
+from ..runtime.checkpoint_io import blocking_file, check_named
 
 log = logging.getLogger(__name__)
 
@@ -365,10 +365,8 @@ def check_output_dir(output_dir: str) -> None:
     a path through one (refused here, not by `os.makedirs` once the backbones have loaded). One that exists is
     written into (checkpoints/, final/, metrics.jsonl), nothing else in it touched."""
     check_named(output_dir, "train.output_dir")
-    path = os.path.abspath(output_dir)
-    while not os.path.exists(path):  # the nearest part that exists must be a directory
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
+    path = blocking_file(output_dir)
+    if path is not None:
         what = "is a file" if path == os.path.abspath(output_dir) else f"goes through the file {path!r}"
         raise ValueError(f"train.output_dir {output_dir!r} {what}: name a directory (new or existing) for the "
                          "run's checkpoints and final model")

@@ -169,7 +169,7 @@ MALFORMED = {
         "visdial",
         make_visdial,
         lambda d: _dense(d, gt_relevance="10000"),
-        "gt_relevance must be a list of numbers, got '10000'",
+        "'gt_relevance' must be a list of numbers, got '10000'",
     ),
     "videoqa file an object": (
         "videoqa",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, read_json, read_jsonl
+from .task import Sample, Task, episode_fields, list_field, media_path, read_json, read_jsonl
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -38,11 +38,10 @@ class ClassificationTask(Task):
                              f"map, got {type(names).__name__}")
         if (root / f"{split}.jsonl").is_file():
             records = read_jsonl(root / f"{split}.jsonl")
-            bad = next((r for r in records if r.get("candidates") is not None
-                        and not isinstance(r["candidates"], list)), None)
-            if bad is not None:
-                raise ValueError(f"{str(root / f'{split}.jsonl')!r} record {bad.get('id')!r}: 'candidates' must be a "
-                                 f"list of class names, got {bad['candidates']!r:.80}")
+            for r in records:
+                if r.get("candidates") is not None:
+                    list_field(root / f"{split}.jsonl", f"record {r.get('id')!r}", r["candidates"], "candidates",
+                               "a list of class names")
             self.classes = list(names) if names else sorted({str(r["label"]) for r in records} | set(self.classes))
             for r in records if split == "test" else []:  # a label no candidate names would be scored wrong, unseen
                 choices = [str(c) for c in r.get("candidates") or self.classes]

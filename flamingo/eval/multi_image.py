@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..config import MEDIA_TOKEN
 from ..references import DECLARATION, REFERENCE, reference_token
-from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_jsonl
+from .task import Sample, Task, episode_fields, list_field, media_path, per_kind, percent, read_jsonl
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 NUMBERED = re.compile(f"{DECLARATION.pattern}|{REFERENCE.pattern}")  # a declaration, or a reference
@@ -57,10 +57,8 @@ class MultiImageTask(Task):
         samples = []
         path = root / f"{split}.jsonl"
         for rec in read_jsonl(path):
-            if not isinstance(rec["images"], list):  # a string would give one "image" per character
-                raise ValueError(f"{str(path)!r} record {rec.get('id')!r}: 'images' must be a list of paths, got "
-                                 f"{rec['images']!r:.80}")
-            images = [media_path(root, p) for p in rec["images"]]
+            images = [media_path(root, p) for p in list_field(path, f"record {rec.get('id')!r}", rec["images"],
+                                                              "images", "a list of paths")]
             question = str(rec["question"])
             bad = [int(k) for k in REFERENCE.findall(question) if int(k) >= len(images)]
             if bad:

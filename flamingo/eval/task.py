@@ -231,6 +231,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_json_records(path: Path, what: str) -> list[dict[str, Any]]:
+    """A task file holding a JSON list of objects; `what` names them in the error (`"question records"`)."""
+    records = read_json(path)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        got = f"a {type(records).__name__}" if not isinstance(records, list) else "items that are not objects"
+        raise ValueError(f"{str(path)!r} must be a JSON list of {what}, got {got}")
+    return records
+
+
+def list_field(path: Path, where: str, value: Any, name: str, what: str,
+               items: Optional[tuple[type, ...]] = None) -> list[Any]:
+    """`value`, a record's field `name`, checked to be a list (of `items`, when given): a string would otherwise give
+    one item per character. `where` names the record (`"record 'q1'"`), `what` the list (`"a list of strings"`)."""
+    if not isinstance(value, list) or (items is not None and not all(isinstance(v, items) for v in value)):
+        raise ValueError(f"{str(path)!r} {where}: '{name}' must be {what}, got {value!r:.80}")
+    return value
+
+
 def media_path(data_dir: Path, relative: str) -> str:
     """A record's media file under `data_dir`. Whether it exists is not checked here: a missing file is skipped and
     counted per query as an unreadable one is (`unreadable_media`; too many of them stop the run)."""

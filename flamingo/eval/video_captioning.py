@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .captioning import CaptioningTask
-from .task import Sample, episode_fields, media_path, read_json
+from .task import Sample, episode_fields, list_field, media_path, read_json_records
 
 
 class VideoCaptioningTask(CaptioningTask):
@@ -19,15 +19,9 @@ class VideoCaptioningTask(CaptioningTask):
         root = Path(data_dir)
         samples = []
         path = root / f"{split}.json"
-        records = read_json(path)
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            got = f"a {type(records).__name__}" if not isinstance(records, list) else "items that are not objects"
-            raise ValueError(f"{str(path)!r} must be a JSON list of video records, got {got}")
-        for rec in records:
-            captions = rec.get("captions") or []
-            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                raise ValueError(f"{str(path)!r} video {rec.get('id')!r}: 'captions' must be a list of strings, got "
-                                 f"{captions!r:.80}")
+        for rec in read_json_records(path, "video records"):
+            captions = list_field(path, f"video {rec.get('id')!r}", rec.get("captions") or [], "captions",
+                                  "a list of strings", (str,))
             if not captions:
                 raise ValueError(f"{str(path)!r}: video {rec.get('id')!r} has no captions")
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, rec["video"])], fields={},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, percent, read_json
+from .task import Sample, Task, episode_fields, list_field, media_path, percent, read_json_records
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 
@@ -27,10 +27,7 @@ class VideoQATask(Task):
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         path = root / f"{split}_qa.json"
-        records = read_json(path)
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            got = f"a {type(records).__name__}" if not isinstance(records, list) else "items that are not objects"
-            raise ValueError(f"{str(path)!r} must be a JSON list of question records, got {got}")
+        records = read_json_records(path, "question records")
         clips = _clips(root / "videos")
         samples = []
         for rec in records:
@@ -55,10 +52,8 @@ def _answers(rec: dict[str, Any], path: Path) -> list[Any]:
     answers = rec.get("answers")
     if not answers:
         return [rec["answer"]]
-    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
-        raise ValueError(f"{str(path)!r} record {rec.get('id')!r}: 'answers' must be a list of answer strings, got "
-                         f"{answers!r:.80}")
-    return answers
+    return list_field(path, f"record {rec.get('id')!r}", answers, "answers", "a list of answer strings",
+                      (str, int, float))
 
 
 def _clips(folder: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_jsonl
+from .task import Sample, Task, episode_fields, list_field, media_path, per_kind, percent, read_jsonl
 
 
 class VideoQAChoiceTask(Task):
@@ -26,10 +26,8 @@ class VideoQAChoiceTask(Task):
         samples = []
         path = root / f"{split}.jsonl"
         for rec in read_jsonl(path):
-            if not isinstance(rec["options"], list):  # a string would give one option per character
-                raise ValueError(f"{str(path)!r} question {rec.get('id')!r}: 'options' must be a list, got "
-                                 f"{rec['options']!r:.80}")
-            options = [str(o) for o in rec["options"]]
+            options = [str(o) for o in list_field(path, f"question {rec.get('id')!r}", rec["options"], "options",
+                                                  "a list")]
             answer = rec["answer"]
             if isinstance(answer, int) and not isinstance(answer, bool):
                 if not 0 <= answer < len(options):

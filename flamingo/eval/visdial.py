@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .task import Sample, Task, percent, read_json
+from .task import Sample, Task, list_field, percent, read_json
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _TRAILING_ID = re.compile(r"(\d+)$")
@@ -95,10 +95,8 @@ class VisDialTask(Task):
                                                            "test_dense_annotations.json")
         if dense_path is not None:
             for entry in read_json(dense_path):  # round_id counts from 1, as VisDial's evaluation reads it
-                relevance = entry["gt_relevance"]
-                if not isinstance(relevance, list) or not all(isinstance(r, (int, float)) for r in relevance):
-                    raise ValueError(f"{str(dense_path)!r}: image_id {entry.get('image_id')!r}: gt_relevance must be "
-                                     f"a list of numbers, got {relevance!r:.80}")
+                relevance = list_field(dense_path, f"image_id {entry.get('image_id')!r}", entry["gt_relevance"],
+                                       "gt_relevance", "a list of numbers", (int, float))
                 dense[int(entry["image_id"])] = (int(entry["round_id"]) - 1, [float(r) for r in relevance])
         images = _images_by_id(root)
         samples = []

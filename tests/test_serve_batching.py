@@ -500,3 +500,41 @@ def test_prompts_that_begin_alike_reuse_blocks_instead_of_sharing_a_call(model_d
     _, finished = _submit_greedy(engine, cases, 5)
     _drain_greedy(engine, cases, finished, 5)  # every request still answered, one at a time
     assert "prefill_prompts_shared_total 0" in engine.metrics.render()
+
+
+def test_padding_left_by_a_long_row_never_passes_the_lms_position_limit(make_model, one_thread):
+    """A long request joins (the running row is padded to its length), leaves, and its padding stays (under a
+    quarter of the length): the shared length then grows past MPT's `max_seq_len`, whose ALiBi bias is sized for
+    it, while the running row's own tokens fit. The step trims that padding first: the row decodes its tokens
+    alone, not an error for every row."""
+    model, processor = make_model("mpt", lm_overrides={"max_seq_len": 64, "initializer_range": 1.0})
+    suppress = [model.config.media_token_id, *generation_config_for(model).eos_token_id]
+
+    def prefilled(ids):
+        return Prefill(model, torch.tensor(ids), None, torch.tensor([0]), None, chunk=64).step()
+
+    def pick(logits):
+        logits = logits.clone()
+        logits[..., suppress] = -float("inf")
+        return logits.argmax(-1)
+
+    long_ids, short_ids = list(range(5, 45)), list(range(50, 106))  # 40 and 56 prompt tokens
+    batch = DecodeBatch(model, 2)
+    first = prefilled(long_ids)
+    batch.add(first)
+    tokens = [int(pick(first.logits))]
+    for _ in range(5):
+        tokens.append(int(pick(batch.step(torch.tensor([tokens[-1]])))[0]))
+    second = prefilled(short_ids)
+    batch.add(second)  # the running row is padded to 56
+    other = int(pick(second.logits))
+    for _ in range(2):
+        out = pick(batch.step(torch.tensor([tokens[-1], other])))
+        tokens.append(int(out[0]))
+        other = int(out[1])
+    batch.remove(1)
+    while len(tokens) < 24:  # 40 + 24 = the 64 positions; the shared length would pass them 11 tokens earlier
+        tokens.append(int(pick(batch.step(torch.tensor([tokens[-1]])))[0]))
+    alone = model.generate(input_ids=torch.tensor([long_ids]), max_new_tokens=24, min_new_tokens=24,
+                           suppress_tokens=[model.config.media_token_id])
+    assert tokens == alone[0, 40:].tolist()

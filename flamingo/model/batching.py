@@ -40,6 +40,7 @@ from ..runtime.compat import (
     lm_cache_argument,
     lm_takes_position_ids,
 )
+from .backbones import lm_max_positions
 from .context import MediaContext, Phase
 from .prefill import PrefilledRow
 from .xattn import MediaKV
@@ -189,6 +190,9 @@ class DecodeBatch:
         # the LM forward's signature, read once (not per decode step)
         self._takes_positions = lm_takes_position_ids(model.lm)
         self._cache_argument = lm_cache_argument(model.lm)
+        # the positions the LM was built for: an LM whose position bias is sized by them (MPT's ALiBi) refuses a step
+        # over more keys, padding included, though every row's own tokens fit
+        self._position_limit = lm_max_positions(model.lm)
 
     @property
     def rows(self) -> int:
@@ -333,8 +337,12 @@ class DecodeBatch:
         if last == 0:
             self._shape.length = 0
             return
-        pad = self.length - int(self.positions[:last].max())  # padding every row has
-        if pad > 0 and 4 * pad >= self.length:
+        self._trim((self.length + 3) // 4)  # a quarter of the length or more
+
+    def _trim(self, at_least: int) -> None:
+        """Drop the left padding every live row has, when it is at least `at_least` positions."""
+        pad = self.length - int(self.positions[:self.rows].max())
+        if pad > 0 and pad >= at_least:
             self._shift(-pad)
 
     @torch.no_grad()
@@ -345,6 +353,9 @@ class DecodeBatch:
             raise RuntimeError("no rows to decode")
         if tokens.shape != (rows,):
             raise ValueError(f"one token per row: expected ({rows},), got {tuple(tokens.shape)}")
+        if self._position_limit is not None and length + 1 > self._position_limit:
+            self._trim(1)  # every row's tokens fit the limit (the engine's check); the shared padding need not
+            length = self.length
         self._grow(rows, length + 1)
         self.mask[:rows, length] = 1
         ids = tokens.to(self.device)[:, None]  # (rows, 1)

@@ -224,8 +224,8 @@ def _cmd_export_open_flamingo(args: argparse.Namespace) -> int:
     check_openflamingo_out(args.out)  # before the model loads
     check_apart(args.out, args.model, "--out")
     # the trained parts, never the frozen weights
-    model, _ = load_pretrained(args.model, revision=args.revision, quantize_frozen="none")
-    recipe = save_openflamingo_checkpoint(model, args.out)
+    model, processor = load_pretrained(args.model, revision=args.revision, quantize_frozen="none")
+    recipe = save_openflamingo_checkpoint(model, args.out, processor)  # processor: refusals name tokens by text
     print(f"wrote {args.out} and {args.out}.json (how OpenFlamingo loads it):")
     print(json.dumps(recipe, indent=2))
     return 0

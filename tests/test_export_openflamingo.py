@@ -13,7 +13,11 @@ pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
 from flamingo.cli import main  # noqa: E402
 from flamingo.convert import convert_openflamingo  # noqa: E402
-from flamingo.convert.to_openflamingo import incompatibilities, openflamingo_state  # noqa: E402
+from flamingo.convert.to_openflamingo import (  # noqa: E402
+    incompatibilities,
+    openflamingo_state,
+    save_openflamingo_checkpoint,
+)
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer  # noqa: E402
 
@@ -127,7 +131,7 @@ def test_blocks_skipped_on_imageless_rows_are_refused():
                                         "OpenFlamingo runs them on every row)"]
 
 
-def test_added_tokens_other_than_openflamingos_are_refused():
+def test_added_tokens_other_than_openflamingos_are_refused(tmp_path):
     """OpenFlamingo's factory adds `<|endofchunk|>`, `<image>` and `<PAD>` (none when the tokenizer has a pad token),
     and builds its table with exactly those rows: a model with a family's marker too (Otter's `<answer>`, between
     `<image>` and `<PAD>`) has a table OpenFlamingo cannot load, and another `<PAD>` id."""
@@ -142,6 +146,11 @@ def test_added_tokens_other_than_openflamingos_are_refused():
     assert len(reasons) == 1 and f"id {answer}" in reasons[0] and "<answer>" in reasons[0], reasons
     with pytest.raises(ValueError, match="OpenFlamingo cannot represent this model: added tokens"):
         openflamingo_state(model)
+    # with the processor, the row OpenFlamingo lacks is named by its text as well as its id
+    assert f"added tokens [<|endofchunk|>, <image>, <answer> (id {answer}), the pad token]" in \
+        incompatibilities(model, processor)[0]
+    with pytest.raises(ValueError, match=f"<answer> \\(id {answer}\\), the pad token"):
+        save_openflamingo_checkpoint(model, str(tmp_path / "x.pt"), processor)
 
     padded = tiny_tokenizer()  # a tokenizer with a pad token of its own: OpenFlamingo adds two tokens
     padded.add_special_tokens({"pad_token": "<pad>"})

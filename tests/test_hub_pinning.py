@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import flamingo.build
 from flamingo import Flamingo, from_backbones, load_pretrained
 from flamingo.cli import main
+from flamingo.convert import write_backbones
 from flamingo.model import backbones
 from flamingo.model.backbones import load_lm, load_vision_tower
 from flamingo.runtime.hub import METADATA
@@ -124,6 +125,24 @@ def test_a_revision_given_for_a_backbone_is_resolved_to_its_commit_and_kept(cach
         CLIP, str(cache / "models--someone--tiny-llama" / "snapshots" / A), config=configured.config
     )
     assert copied.config.lm_revision is None
+
+
+def test_backbones_written_to_local_folders_keep_no_hub_commit(cache, tmp_path):
+    """`convert.write_backbones` points the config at local copies: the Hub commits recorded for the backbones no
+    longer apply (a folder has no revisions) and are cleared, so a trained-only save names the folders alone and
+    loads from them."""
+    model, processor = from_backbones(CLIP, LLAMA, config=tiny_flamingo_config(), lm_revision="v1.1")
+    set_gates(model, 0.5)
+    assert (model.config.vision_revision, model.config.lm_revision) == (A, B)
+    write_backbones(model, processor, str(tmp_path / "backbones"))
+    assert model.config.lm_name_or_path == str(tmp_path / "backbones" / "lm")
+    assert (model.config.vision_revision, model.config.lm_revision) == (None, None)
+    model.save_pretrained(str(tmp_path / "m"), trained_only=True, processor=processor)
+    saved = json.loads((tmp_path / "m" / "flamingo_config.json").read_text())
+    assert (saved["vision_revision"], saved["lm_revision"]) == (None, None)
+    loaded, _ = load_pretrained(str(tmp_path / "m"))
+    assert (loaded.config.vision_revision, loaded.config.lm_revision) == (None, None)
+    assert torch.allclose(_logits(loaded, processor), _logits(model, processor), atol=1e-6, rtol=0)
 
 
 def test_an_object_backbone_is_recorded_at_the_revision_it_was_loaded_at(cache, tmp_path, caplog):

@@ -199,6 +199,33 @@ def test_the_timeout_bounds_the_whole_download_of_a_trickling_host(broken_host, 
     assert "did not download within the server's 1 s" in message
 
 
+def test_the_timeout_bounds_the_host_name_lookup_too(host, monkeypatch):
+    """A resolver that does not answer (`slow.invalid`) held the fetch past its deadline, for the system resolver's
+    own timeouts: the lookup is waited for within the deadline, and a name that resolves (`fast.invalid`, to the
+    loopback) still fetches."""
+    real, release = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(name, port, *args, **kwargs):
+        if name == "slow.invalid":
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "resolver gave up")
+        return real("127.0.0.1" if name == "fast.invalid" else name, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    port = host.rsplit(":", 1)[1]
+    try:
+        start = time.monotonic()
+        message = _refusal(f"http://slow.invalid:{port}/a.png", BROKEN)
+        assert time.monotonic() - start < 2.0
+        assert "did not download within the server's 1 s" in message
+    finally:
+        release.set()
+    image = load_medium(f"http://fast.invalid:{port}/a.png", BROKEN)
+    assert list(image.getdata()) == list(random_image(1).getdata())
+
+
 def test_a_local_path_the_file_system_refuses_is_a_400(tmp_path):
     """A name or path too long for the file system, a symlink loop: 400s naming the medium, the path cut short."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")

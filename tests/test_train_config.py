@@ -30,6 +30,25 @@ def test_a_quoted_override_stays_text_as_the_quote_it_advice_says():
         load_config("configs/example.yaml", ["train.output_dir=2024"])
 
 
+def test_a_yaml_tag_in_an_override_reads_as_the_tag_says(tmp_path):
+    """`!!str 2024` is YAML's own way to keep text: it was read back as the number 2024.0 and refused for a string
+    field. `!!int`/`!!float` read as YAML says; a tag whose text it refuses is an error naming the value, in an
+    override and in a file alike."""
+    config = load_config("configs/example.yaml", ["train.output_dir=!!str 2024", "data.0.name=!!str 7",
+                                                  "train.steps=!!int 20", "optim.lr=!!float 3e-4"])
+    assert config.train.output_dir == "2024" and config.data[0].name == "7"
+    assert config.train.steps == 20 and config.optim.lr == 3e-4
+    with pytest.raises(ValueError, match=r"override 'train.steps=!!int abc': the value '!!int abc' is not what its "
+                                         "YAML tag says"):
+        load_config("configs/example.yaml", ["train.steps=!!int abc"])
+    with pytest.raises(ValueError, match="train.output_dir must be a string, got 2024"):
+        load_config("configs/example.yaml", ["train.output_dir=!!int 2024"])
+    path = tmp_path / "tagged.yaml"
+    path.write_text("data: [{name: a, kind: pairs, path: x}]\ntrain: {steps: !!int abc}\n")
+    with pytest.raises(ValueError, match="tagged.yaml' has a value that is not what its YAML tag says"):
+        load_config(str(path))
+
+
 @pytest.mark.parametrize("options,message", [
     ({"shuffle_buffer": -1}, "option shuffle_buffer must be >= 0"),
     ({"remote_cache_gb": float("nan")}, "option remote_cache_gb must be a finite number > 0"),

@@ -5,10 +5,11 @@ import pytest
 import torch
 from test_idefics_equal import _peer  # noqa: E402
 
-from flamingo.train.config import load_config
-from flamingo.train.trainer import Trainer
+from flamingo.tiny import tiny_flamingo
+from flamingo.train.config import load_config, parse_config
+from flamingo.train.trainer import Trainer, build_model
 
-from helpers import chat_run_config  # noqa: E402
+from helpers import chat_run_config, hub_cache_entry  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,47 @@ def test_frozen_dtype_bf16_halves_only_the_frozen_parts(idefics_bf16_dir, tmp_pa
     assert {b.dtype for n, b in model.lm.named_buffers() if "inv_freq" in n} == {torch.float32}
     trainer.train_step()
     assert _optimizer_dtypes(trainer) == {torch.float32}
+
+
+def _config(init_from: str, revision: str | None) -> dict:
+    return {
+        "model": {"init_from": init_from, "init_from_revision": revision},
+        "data": [{"name": "a", "kind": "pairs", "path": "x"}],
+    }
+
+
+def test_init_from_is_read_at_model_init_from_revision(tmp_path, monkeypatch):
+    """model.init_from_revision is the Hub branch, tag or commit init_from is read at, as `--revision` is for
+    --model: the offline cache holds the repository at `v2` alone, so a read of its default branch fails. A local
+    directory has no revisions: the field is refused by name, as it is without init_from."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    saved, processor = tiny_flamingo(gates=0.25)
+    saved.save_pretrained(str(tmp_path / "saved"), processor=processor)
+    cache = tmp_path / "hub"
+    hub_cache_entry(cache, "someone/tiny-flamingo", tmp_path / "saved", revision="v2", commit="c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recorded(repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("revision")))
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recorded)
+    model, _ = build_model(parse_config(_config("someone/tiny-flamingo", "v2")))
+    assert asked and set(asked) == {("someone/tiny-flamingo", "v2")}
+    gates = [n for n, _ in saved.named_parameters() if "gate" in n]
+    state = dict(model.named_parameters())
+    assert gates and all(torch.equal(state[n], p) for n, p in saved.named_parameters() if n in gates)
+
+    with pytest.raises(
+        ValueError,
+        match=r"model.init_from_revision='v2' names a version of a Hub repository, and "
+        r"model.init_from .* is a local directory, which has no revisions",
+    ):
+        parse_config(_config(str(tmp_path / "saved"), "v2"))
+    with pytest.raises(ValueError, match="model.init_from_revision='v2' is set, but model.init_from is not"):
+        parse_config({**_config("x", "v2"), "model": {"init_from_revision": "v2"}})

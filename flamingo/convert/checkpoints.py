@@ -247,8 +247,10 @@ def check_backbones_dir(directory: str) -> None:
 
 def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: str) -> None:
     """Save a converted model's vision tower and LM as HF directories (`directory/vision`, `directory/lm`) and point
-    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them. `directory` is
-    new, empty or an earlier such write (`check_backbones_dir`), replaced whole, atomically."""
+    its config at them, so that `save_pretrained(..., trained_only=True)` checkpoints can share them; the Hub commits
+    it recorded (`vision_revision` / `lm_revision`) are cleared: a local copy has no revisions, and a commit kept
+    beside its path would pin whatever Hub name the reference is later pointed back at. `directory` is new, empty or
+    an earlier such write (`check_backbones_dir`), replaced whole, atomically."""
     with atomic_directory(directory, "lm/config.json", "a converted model's backbones (vision/, lm/)",
                           is_backbones_dir) as tmp:
         model.vision.save_pretrained(os.path.join(tmp, "vision"))
@@ -257,3 +259,4 @@ def write_backbones(model: Flamingo, processor: FlamingoProcessor, directory: st
         processor.tokenizer.save_pretrained(os.path.join(tmp, "lm"))
     vision, lm = os.path.join(directory, "vision"), os.path.join(directory, "lm")
     model.config.vision_name_or_path, model.config.lm_name_or_path = os.path.abspath(vision), os.path.abspath(lm)
+    model.config.vision_revision = model.config.lm_revision = None

@@ -33,6 +33,7 @@ import torch
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
+from ..processing import FlamingoProcessor
 from ..runtime.hub import is_hub_name
 from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
 
@@ -44,8 +45,9 @@ OF_FACTORY_SHAPES = (64, 6, 8, OF_HEAD_DIM, 8, OF_HEAD_DIM, 4)
 OPEN_CLIP_NAMES = {CLIP_VIT_L: ("ViT-L-14", "openai")}
 
 
-def incompatibilities(model: Flamingo) -> list[str]:
-    """What OpenFlamingo 2.x cannot compute of this model (empty: it exports exactly)."""
+def incompatibilities(model: Flamingo, processor: Optional[FlamingoProcessor] = None) -> list[str]:
+    """What OpenFlamingo 2.x cannot compute of this model (empty: it exports exactly); `processor`, when given, names
+    an added token OpenFlamingo has no row for by its text."""
     c = model.config
     found = []
     if c.resampler != "perceiver" or c.resampler_qk_norm or c.resampler_ffw_act != "gelu":
@@ -66,7 +68,7 @@ def incompatibilities(model: Flamingo) -> list[str]:
     if c.imageless_rows_skip_blocks:
         found.append("blocks skipped on rows without images (imageless_rows_skip_blocks; OpenFlamingo runs them on "
                      "every row)")
-    tokens = added_tokens_problem(c)
+    tokens = added_tokens_problem(c, processor.tokenizer if processor is not None else None)
     if tokens:
         found.append(tokens)
     layers = len(model.lm.get_submodule(model.decoder_layers_path))
@@ -85,12 +87,13 @@ def incompatibilities(model: Flamingo) -> list[str]:
     return found
 
 
-def added_tokens_problem(c: FlamingoConfig) -> Optional[str]:
+def added_tokens_problem(c: FlamingoConfig, tokenizer: Any = None) -> Optional[str]:
     """Why the model's added vocabulary rows are not those OpenFlamingo's factory adds, or None. The factory adds
     `<|endofchunk|>`, `<image>`, then `<PAD>` when the tokenizer has no pad token, in that order, and builds a table
     of exactly those rows; a family's own markers (Otter's `<answer>`) have no row there, and the file would not load
     (its table has other rows) or would give `<PAD>` another id. Image reference tokens are refused on their own.
-    A config saved before the pad id was recorded (`pad_token_id` None) is read as OpenFlamingo's layout."""
+    A config saved before the pad id was recorded (`pad_token_id` None) is read as OpenFlamingo's layout. A row the
+    config names no token for is named by its text in `tokenizer` (with its id), else by its id alone."""
     first, n = c.first_new_token_id, c.num_new_tokens - c.num_image_references
     if not n or first is None:
         return None
@@ -101,16 +104,22 @@ def added_tokens_problem(c: FlamingoConfig) -> Optional[str]:
             (n == 3 or c.pad_token_id is None or c.pad_token_id < first):
         return None
     known = {c.end_of_chunk_token_id: "<|endofchunk|>", c.media_token_id: "<image>", c.pad_token_id: "the pad token"}
-    rows = [known.get(i, f"id {i}") for i in range(first, first + n)]
-    return (f"added tokens {rows} (ids {first} to {first + n - 1}), where OpenFlamingo's factory adds "
+    rows = [known.get(i) or _token_text(tokenizer, i) for i in range(first, first + n)]
+    return (f"added tokens [{', '.join(rows)}] (ids {first} to {first + n - 1}), where OpenFlamingo's factory adds "
             "<|endofchunk|>, <image> and, when the tokenizer has no pad token, <PAD>: it builds no row for any other "
             "(a family's own marker, e.g. Otter's <answer>)")
 
 
-def openflamingo_state(model: Flamingo) -> dict[str, torch.Tensor]:
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    """Token `token_id` as a message names it: its text and id (`<answer> (id 50280)`), or its id alone."""
+    text = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None and token_id < len(tokenizer) else None
+    return f"{text} (id {token_id})" if isinstance(text, str) else f"id {token_id}"
+
+
+def openflamingo_state(model: Flamingo, processor: Optional[FlamingoProcessor] = None) -> dict[str, torch.Tensor]:
     """Our trained tensors under OpenFlamingo's names (see the module docstring). Raises ValueError listing what
-    OpenFlamingo cannot compute."""
-    problems = incompatibilities(model)
+    OpenFlamingo cannot compute (`processor`: to name tokens by their text)."""
+    problems = incompatibilities(model, processor)
     if problems:
         raise ValueError("OpenFlamingo cannot represent this model: " + "; ".join(problems))
     c, ours = model.config, model.state_dict()
@@ -225,14 +234,15 @@ def check_openflamingo_out(path: str) -> None:
                          "recipe was written leaves such a file: remove it)")
 
 
-def save_openflamingo_checkpoint(model: Flamingo, path: str) -> dict[str, Any]:
+def save_openflamingo_checkpoint(model: Flamingo, path: str, processor: Optional[FlamingoProcessor] = None
+                                 ) -> dict[str, Any]:
     """Write `openflamingo_state(model)` to `path` (a torch file of tensors only: `torch.load(weights_only=True)` reads
     it) and `path` + `.json` with the recipe; `path` is new or an earlier export (`check_openflamingo_out`). Both are
     written whole beside their targets first; then the old recipe goes, the checkpoint is renamed into place and the
     recipe last, so an interrupted export leaves a checkpoint without its recipe, never beside another's. Returns the
-    recipe."""
+    recipe. `processor`: the model's, to name a token OpenFlamingo has no row for by its text."""
     check_openflamingo_out(path)
-    state = openflamingo_state(model)
+    state = openflamingo_state(model, processor)
     recipe = openflamingo_recipe(model, state)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -185,22 +185,32 @@ def _count_sample(spec: DatasetSpec, record: RawRecord, report: InspectReport, s
         report.shown.append((f"{record.key}: {text}", media))
 
 
+def sheet_labels(report: InspectReport, thumb: int = 96) -> list[str]:
+    """The text the contact sheet draws: per shown sample, its key and training text wrapped to 80 columns and cut to
+    the lines beside a `thumb`-pixel row; with none shown, one notice, which tells a dataset without good samples
+    from a run that drew none of its good ones (`--show 0`)."""
+    if not report.shown:
+        return [f"none of the {report.samples} good samples drawn (--show 0)" if report.samples
+                else "no good samples"]
+    return ["\n".join(textwrap.wrap(text, 80)[: thumb // 12]) for text, _ in report.shown]
+
+
 def contact_sheet(report: InspectReport, path: str, thumb: int = 96, per_row: int = 6) -> str:
-    """One row per shown sample: up to `per_row` thumbnails (each medium's first frames), then its text."""
+    """One row per shown sample: up to `per_row` thumbnails (each medium's first frames), then its text
+    (`sheet_labels`)."""
     text_width = 520
     rows = max(1, len(report.shown))
     sheet = Image.new("RGB", (per_row * (thumb + 4) + text_width, rows * (thumb + 8) + 4), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (text, media) in enumerate(report.shown):
+    labels = sheet_labels(report, thumb)
+    for r, ((_, media), label) in enumerate(zip(report.shown, labels)):
         y = 4 + r * (thumb + 8)
         frames = [f for medium in media for f in medium[: max(1, per_row // max(1, len(media)))]][:per_row]
         for c, frame in enumerate(frames):
             sheet.paste(frame.resize((thumb, thumb)), (4 + c * (thumb + 4), y))
-        lines = textwrap.wrap(text, 80)[: thumb // 12]
-        draw.multiline_text((per_row * (thumb + 4) + 4, y), "\n".join(lines), fill="black")
+        draw.multiline_text((per_row * (thumb + 4) + 4, y), label, fill="black")
     if not report.shown:  # none good, or none asked for (`--show 0`)
-        draw.text((4, 4), f"none of the {report.samples} good samples drawn (--show 0)" if report.samples
-                  else "no good samples", fill="red")
+        draw.text((4, 4), labels[0], fill="red")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sheet.save(path)
     return path

@@ -6,10 +6,10 @@ A medium is a URL:
   way it comes: `flamingo.processing.image_frames`);
 - a local path (`/abs/path.png`, `rel/path.mp4` or `file://...`), only under the `--media-root` directory: the path is
   resolved (symlinks and `..` included) and refused when it leaves the root;
-- `http(s)://...`, only with `--allow-remote-media` (the whole download within the timeout, at most the body size
-  limit), and only from public addresses unless `--allow-private-media-hosts`: the address each connection reaches
-  (every redirect hop included, after DNS, so a name that resolves to an internal address is caught) must not be
-  loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
+- `http(s)://...`, only with `--allow-remote-media` (the whole download, name lookups included, within the timeout,
+  at most the body size limit), and only from public addresses unless `--allow-private-media-hosts`: the address
+  each connection reaches (every redirect hop included, after DNS, so a name that resolves to an internal address is
+  caught) must not be loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
 (decompression bombs stop there; every page of a multi-page TIFF by its own header, as it is reached), and for
 a video from every decoded frame too (a stream may switch to larger frames after its header). A file no image reader
@@ -132,7 +132,8 @@ class _Deadline:
     """One fetch's time limit, over the whole download: connecting (each redirect hop), the TLS handshake, the
     headers and the body. A socket timeout bounds each read only, so a host sending a byte every few seconds would
     hold the fetch (and the worker thread running it) as long as it likes; at the deadline every connection of the
-    fetch is shut down instead, which ends a blocked read at once. DNS lookups are not bounded by it."""
+    fetch is shut down instead, which ends a blocked read at once. Each host name is resolved within it too
+    (`_resolve`): a resolver that never answers would otherwise hold the fetch for the system's own timeouts."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -161,22 +162,57 @@ class _Deadline:
         """`socket.create_connection` within the time left; the connection is shut at the deadline (its reads keep
         `timeout`, so the deadline cuts them first). A duplicate of the socket is kept (shutting it down shuts the
         connection), since TLS moves the original's descriptor to a new socket object."""
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no time left of {self.seconds:g} s")
-        sock = socket.create_connection(address, left if timeout is None else min(timeout, left), *args)
-        sock.settimeout(timeout)
-        with self._lock:
-            self._sockets.append(sock.dup())
-            if self.passed:
-                _shut(self._sockets[-1])
-        return sock
+        host, port = address
+        failed: Optional[OSError] = None
+        for *_, peer in _resolve(host, port, self._end - time.monotonic()):  # each address, as create_connection
+            left = self._end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no time left of {self.seconds:g} s")
+            try:
+                sock = socket.create_connection(peer[:2], left if timeout is None else min(timeout, left), *args)
+            except OSError as e:
+                failed = e
+                continue
+            sock.settimeout(timeout)
+            with self._lock:
+                self._sockets.append(sock.dup())
+                if self.passed:
+                    _shut(self._sockets[-1])
+            return sock
+        raise failed or OSError(f"no address to connect to for {host}")
 
     def _expire(self) -> None:
         with self._lock:
             self.passed = True
             for sock in self._sockets:
                 _shut(sock)
+
+
+def _resolve(host: str, port: int, seconds: float) -> list[tuple]:
+    """`socket.getaddrinfo` of a TCP connection to (host, port), waited for at most `seconds` (TimeoutError past
+    them). It runs in a daemon thread, since a lookup cannot be interrupted: one that hangs ends on its own, with the
+    system resolver's timeouts, and no request waits for it."""
+    if seconds <= 0:
+        raise TimeoutError("no time left to resolve the host")
+    found: list[tuple] = []
+    failed: list[Exception] = []
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except Exception as e:  # (gaierror, UnicodeError of a bad name) raised in the caller
+            failed.append(e)
+
+    worker = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"{host} was not resolved within {seconds:.3g} s")
+    if failed:
+        raise failed[0]
+    if not found:
+        raise OSError(f"getaddrinfo returned no address for {host}")
+    return found
 
 
 def _shut(sock: socket.socket) -> None:

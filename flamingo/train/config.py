@@ -15,6 +15,7 @@ import yaml
 from ..config import FlamingoConfig
 from ..data.kinds import check_stream_options, resolve_options
 from ..runtime.checkpoint_io import blocking_file, check_named
+from ..runtime.hub import is_hub_reference
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class ModelSection:
     # a saved Flamingo (directory or Hub repository) to start from instead of fresh blocks; or an IDEFICS, Otter or
     # published OpenFlamingo checkpoint, converted as it loads (flamingo/convert/auto.py)
     init_from: Optional[str] = None
+    # the Hub branch, tag or commit init_from is read at (None: its default branch), as `--revision` for --model and
+    # `vision_revision` / `lm_revision` for backbones; a commit keeps a resumed run on the same weights
+    init_from_revision: Optional[str] = None
     flamingo: dict[str, Any] = field(default_factory=dict)  # FlamingoConfig fields (xattn_every, ...)
 
 
@@ -235,13 +239,16 @@ def _index(node: list, part: str, key: str) -> int:
 
 
 def _scalar(text: str) -> Any:
-    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when unquoted: a quoted one (`"42"`, `'7'`)
-    stays text, as quoting asks. Text YAML cannot read (`[`, `@x`) is a ValueError saying why."""
+    """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when plain: a quoted (`"42"`, `'7'`) or tagged
+    (`!!str 2024`) one stays text, as quoting and the tag ask; `!!int`/`!!float` read as YAML says. Text YAML cannot
+    read (`[`, `@x`, `!!int abc`) is a ValueError saying why."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"the value {text!r} is not valid YAML ({_yaml_problem(e)})") from None
-    if isinstance(value, str) and text.strip()[:1] not in ("'", '"'):
+    except ValueError:  # a tag's constructor refusing its text (`!!int abc`): Python's message names neither
+        raise ValueError(f"the value {text!r} is not what its YAML tag says") from None
+    if isinstance(value, str) and text.strip()[:1] not in ("'", '"', "!"):
         try:
             return float(value)
         except ValueError:
@@ -404,7 +411,18 @@ def check_init_from(model: ModelSection) -> None:
     """With model.init_from the model is the one it names, backbones, tokenizer and blocks: model.vision, model.lm,
     model.tokenizer and the model.flamingo options that shape a new model would go unused, so they are refused,
     never ignored, with the overrides that clear them. The options that apply to a trained model (`INIT_FROM_OPTIONS`:
-    its frozen weights' format, LoRA adapters on its LM) may stay."""
+    its frozen weights' format, LoRA adapters on its LM) may stay. model.init_from_revision needs init_from to be a
+    Hub name: a local directory has no revisions, and reading it would give another version than the one asked for."""
+    revision = model.init_from_revision
+    if revision is not None and not (isinstance(revision, str) and revision.strip()):
+        raise ValueError(f"model.init_from_revision must be a Hub branch, tag or commit, got {revision!r}")
+    if revision is not None and not model.init_from:
+        raise ValueError(f"model.init_from_revision={revision!r} is set, but model.init_from is not: name the Hub "
+                         "repository to start from, or clear it with model.init_from_revision=null")
+    if revision is not None and not is_hub_reference(model.init_from):
+        raise ValueError(f"model.init_from_revision={revision!r} names a version of a Hub repository, and "
+                         f"model.init_from {model.init_from!r} is {_no_hub_name(model.init_from)}, which has no "
+                         "revisions: clear it with model.init_from_revision=null, or give init_from as a Hub name")
     if not model.init_from:
         return
     named = [f"model.{key}" for key in ("vision", "lm", "tokenizer") if getattr(model, key)]
@@ -417,6 +435,11 @@ def check_init_from(model: ModelSection) -> None:
                      f"model is the one it names (its backbones, tokenizer and blocks; of model.flamingo only "
                      f"{list(INIT_FROM_OPTIONS)} apply to it): clear {'them' if len(unused) > 1 else 'it'} in the "
                      f"config or with {' '.join(clear)}, or set model.init_from=null to build a new model")
+
+
+def _no_hub_name(source: str) -> str:
+    """What a `source` that is no Hub repository here is, for a message."""
+    return "a local directory" if os.path.isdir(source) else "a local path" if os.path.exists(source) else "no Hub name"
 
 
 def check_trainable_quantization(mode: Any, where: str) -> None:
@@ -498,4 +521,6 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig
         raise ValueError(f"the config {path!r} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"the config {path!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except ValueError as e:  # a tag's constructor refusing its text (`steps: !!int abc`)
+        raise ValueError(f"the config {path!r} has a value that is not what its YAML tag says ({e})") from None
     return parse_config(apply_overrides(raw, overrides or []))

@@ -126,15 +126,16 @@ def build_model(config: TrainConfig, revisions: Optional[dict[str, str]] = None
     model.flamingo names none."""
     m = config.model
     check_init_from(m)  # model options a run from init_from would not use: refused (a config not from parse_config)
-    if m.init_from and checkpoint_format(m.init_from) != "flamingo":  # IDEFICS, Otter, OpenFlamingo: converted
+    revision = m.init_from_revision  # the Hub revision init_from is read at (None: its default branch)
+    if m.init_from and checkpoint_format(m.init_from, revision) != "flamingo":  # IDEFICS, Otter, OpenFlamingo
         # float32 master weights, as below: in its stored dtype (bf16 for IDEFICS) the trained blocks and their AdamW
         # states would be bf16 and most small updates would round away. Read in bf16 and cast after, the LM's rotary
         # frequencies would stay rounded to bf16; train.frozen_dtype casts the frozen parts after (Trainer).
-        model, processor = load_model(m.init_from, torch_dtype=torch.float32)
+        model, processor = load_model(m.init_from, revision=revision, torch_dtype=torch.float32)
         _starting_options(model, m.flamingo)
         return model, processor
     if m.init_from:  # its backbones are quantized (to its saved mode) by the Trainer, once on its device
-        directory = local_dir(m.init_from, "Flamingo model")
+        directory = local_dir(m.init_from, "Flamingo model", revision=revision)
         mode = FlamingoConfig.load(directory).quantize_frozen
         # float32 master weights whatever the file's dtype (train.precision casts the frozen parts after)
         model, processor = load_pretrained(directory, quantize_frozen="none", torch_dtype=torch.float32)

@@ -24,6 +24,7 @@ from .runtime.arguments import (
     positive_int,
 )
 from .runtime.dtypes import DTYPE_NAMES, torch_dtype
+from .runtime.launch import quiet_cpp_notices_off_rank_0
 from .runtime.quiet import quiet_irrelevant_warnings, quiet_transformers
 
 if TYPE_CHECKING:
@@ -664,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_cpp_notices_off_rank_0()  # before anything imports torch, which reads its C++ log level once
     quiet_irrelevant_warnings()  # before anything imports transformers (and with it torchao)
     if argv[:1] == ["demo"]:
         from flamingo_demo.cli import main as demo_main  # the one import of the demo: lazily, for this command

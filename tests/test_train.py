@@ -607,6 +607,41 @@ def test_ddp_leaves_quantized_frozen_weights_out_of_its_broadcast_and_fsdp_will_
         dist.destroy_process_group()
 
 
+def test_torchs_cpp_notices_are_left_to_rank_0():
+    """Ranks other than 0 load torch with TORCH_CPP_LOG_LEVEL=ERROR, unless the user set a level; with torch loaded
+    already (here) the level cannot change, and nothing is set."""
+    from flamingo.runtime.launch import cpp_log_level, quiet_cpp_notices_off_rank_0
+
+    envs = ({}, {"RANK": "0"}, {"RANK": "1"}, {"RANK": "3", "TORCH_CPP_LOG_LEVEL": "INFO"})
+    assert [cpp_log_level(env) for env in envs] == [None, None, "ERROR", None]
+    assert "torch" in sys.modules and not quiet_cpp_notices_off_rank_0()
+
+
+@pytest.mark.slow
+def test_ddps_notice_that_no_parameter_went_unused_comes_from_rank_0_only(tmp_path):
+    """DDP (find_unused_parameters=True) prints a C++ notice when a step uses every parameter, from every torchrun
+    rank. `quiet_cpp_notices_off_rank_0`, called before torch loads, keeps it on rank 0: shown by a one-process gloo
+    group whose environment says rank 0, then 1."""
+    script = tmp_path / "notice.py"
+    script.write_text(
+        "from flamingo.runtime.launch import quiet_cpp_notices_off_rank_0\n"
+        "quiet_cpp_notices_off_rank_0()\n"
+        "import torch, torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
+        "model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), find_unused_parameters=True)\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "dist.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    said = {}
+    for rank in ("0", "1"):
+        (tmp_path / "rendezvous").unlink(missing_ok=True)
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                                env={**env, "RANK": rank, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        said[rank] = "did not find any unused parameters" in result.stderr
+    assert said == {"0": True, "1": False}
+
+
 def test_leaving_the_process_group_exits_with_the_output_flushed(tmp_path):
     """`flamingo train` under torchrun ends this way: the group destroyed, buffered output written, no interpreter
     finalization (where gloo's worker threads could abort the process), the exit code kept."""

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from flamingo.data.build import build_source
+from flamingo.data.mixture import next_batch
 from flamingo.tiny import tiny_flamingo
 from flamingo.train.optim import make_optimizer, make_scheduler
 from flamingo.train.parallel import apply_fsdp
@@ -127,6 +130,49 @@ def test_a_rank_the_checkpoint_did_not_have_takes_rank_0s_data_and_a_fresh_seed(
         drawn = torch.rand(4)
         torch.manual_seed(expected_seed)
         assert torch.equal(drawn, torch.rand(4)), rank
+
+
+def test_drifting_ranks_read_each_epoch_once_and_resume_exactly(world, tmp_path):
+    """Shares of whole files of unequal sizes give the ranks unequal epochs (here 3 and 2 of 5 files), so their
+    epochs drift apart as they step together (docs/training.md, "Epochs under torchrun"). Each epoch is still read
+    once: the ranks' epoch e together hold every sample once. Positions saved mid-drift resume exactly."""
+    root, _, _, data = world
+    with open(data["pairs"]) as f:
+        rows = [json.loads(line) for line in f][:40]
+    start = 0
+    for k, size in enumerate((12, 8, 8, 8, 4)):
+        with open(tmp_path / f"part{k}.jsonl", "w") as f:
+            for row in rows[start:start + size]:
+                f.write(json.dumps({**row, "image": os.path.join(os.path.dirname(data["pairs"]), row["image"])}) + "\n")
+        start += size
+    _, processor = tiny_flamingo("llama")
+    section = SimpleNamespace(name="pairs", kind="pairs", path=str(tmp_path), batch_size=4,
+                              options={"max_tokens": 32, "shuffle_buffer": 8})
+
+    def sources() -> list:
+        return [build_source(section, processor, rank=r, world_size=2, seed=0) for r in range(2)]
+
+    ranks, iterators = sources(), [{}, {}]
+    reads: list[list[tuple[int, str]]] = [[], []]  # per rank: (epoch, sample key)
+    for step in range(30):
+        if step == 15:
+            saved = [source.state_dict() for source in ranks]
+        for r, source in enumerate(ranks):
+            batch = next_batch({"pairs": source}, iterators[r], "pairs")
+            reads[r] += [(source.epoch, key) for key in batch["keys"]]
+    assert saved[0]["epoch"] != saved[1]["epoch"] and ranks[0].epoch < ranks[1].epoch  # drifted
+    for epoch in range(ranks[0].epoch):  # the epochs both ranks finished
+        keys = [key for r in range(2) for e, key in reads[r] if e == epoch]
+        assert len(keys) == len(set(keys)) == 40, epoch
+    resumed, iterators = sources(), [{}, {}]
+    for source, state in zip(resumed, saved):
+        source.load_state_dict(state)
+    again: list[list[tuple[int, str]]] = [[], []]
+    for _ in range(15):
+        for r, source in enumerate(resumed):
+            batch = next_batch({"pairs": source}, iterators[r], "pairs")
+            again[r] += [(source.epoch, key) for key in batch["keys"]]
+    assert again == [reads[r][-len(again[r]):] for r in range(2)]
 
 
 def _losses(output_dir: str) -> dict[int, float]:

@@ -2,8 +2,9 @@
 batches built on it).
 
 The trainer's `sample` mixture mode draws each step's dataset with a `MixtureSampler`; its default (`accumulate`,
-the paper's) takes one batch of every dataset per step and weights the losses. `WeightedMixture` is the `sample` mode
-stand-alone, for scripts and tools that want one stream of batches from several sources.
+the paper's) takes one batch of every dataset of weight > 0 per step and weights the losses (neither mode reads a
+dataset of weight 0). `WeightedMixture` is the `sample` mode stand-alone, for scripts and tools that want one
+stream of batches from several sources.
 """
 
 from __future__ import annotations

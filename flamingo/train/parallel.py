@@ -52,7 +52,11 @@ def _layers(module: nn.Module) -> nn.Module:
 
 
 def wrap_ddp(model: Flamingo, device: torch.device) -> nn.parallel.DistributedDataParallel:
-    """DDP over the default process group; quantized frozen weights are not broadcast (each rank made its own)."""
+    """DDP over the default process group; quantized frozen weights are not broadcast (each rank made its own).
+
+    find_unused_parameters: a micro-batch without media (text-only chat rows) leaves the resampler and the blocks'
+    attention out of its graph. When a step uses every parameter, DDP's C++ code says so in a notice that each rank
+    prints; `runtime.launch.quiet_cpp_notices_off_rank_0` (called by the CLI before torch loads) keeps it to rank 0."""
     quantized = [name for name, p in model.named_parameters() if is_quantized(p)]
     if quantized:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized)

@@ -1,8 +1,9 @@
 """What a training run writes down: `metrics.jsonl` and TensorBoard scalars (rank 0), a step's metrics read from the
 device in one sync, the tanh gates the paper plots, and the memory high-water.
 
-Each logged training step is one JSON line (loss per dataset, lr, grad norm, samples/s, MFU on a known GPU, gates,
-memory); each validation pass one more (`val_loss/<name>`, ...). A non-finite number (the loss of a skipped step) is
+Each logged training step is one JSON line (the losses as means over the steps since the previous logged one, with
+the samples behind each dataset's: `LossWindow`; lr, grad norm, samples/s, MFU on a known GPU, gates, memory); each
+validation pass one more (`val_loss/<name>`, ...). A non-finite number (the loss of a skipped step) is
 written as `null`: strict JSON, which jq and JavaScript read (plots.read_metrics reads it back as NaN). The same
 numbers go to TensorBoard under `tb/` when tensorboard is installed (gates as `gates/attn/<layer>` and
 `gates/ffw/<layer>`).
@@ -19,7 +20,7 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 
@@ -152,6 +153,46 @@ def drop_records_after(path: str, step: int) -> int:
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
     return len(lines) - len(keep)
+
+
+class LossWindow:
+    """The training losses a logged step writes: `loss` and each `loss/<name>` as the mean over the steps since the
+    previous logged step that computed it (every step for `loss`; in `sample` mode a dataset's loss only on the steps
+    that drew it), and `samples/<name>`, the samples behind that mean (all ranks'; 0 for a dataset the window did
+    not read). Without it a dataset drawn on few steps would show only when drawn on the logged step itself.
+
+    A non-finite step loss (a skipped step's) is left out of its mean; a mean over no finite loss is NaN (written as
+    null). Sums and counts stay on the device, so a step adds no host sync (`materialize` reads them at the log).
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = list(names)  # every dataset: each logs its samples/<name>, 0 where the window read none
+        self._start()
+
+    def _start(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """One step's metrics (`Trainer.train_step`): `loss`, `loss/<name>` (device tensors) and `samples/<name>`."""
+        for key, value in metrics.items():
+            if key != "loss" and not key.startswith("loss/"):
+                continue
+            finite = torch.isfinite(value)  # () bool on the device
+            self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value.detach(), 0.0)
+            self.counts[key] = self.counts.get(key, 0) + finite.long()
+            if key.startswith("loss/"):
+                name = key[len("loss/") :]
+                self.samples[name] = self.samples.get(name, 0) + finite.long() * metrics[f"samples/{name}"]
+
+    def take(self) -> dict[str, Any]:
+        """The window's means and sample counts (device tensors, ints for datasets it did not read); starts the
+        next window."""
+        out: dict[str, Any] = {key: self.sums[key] / self.counts[key] for key in self.sums}  # 0 / 0: NaN
+        out.update({f"samples/{name}": self.samples.get(name, 0) for name in self.names})
+        self._start()
+        return out
 
 
 def materialize(metrics: dict[str, Any]) -> dict[str, Any]:

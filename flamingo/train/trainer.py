@@ -44,7 +44,7 @@ from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
 from .parallel import apply_fsdp, wrap_ddp
 from .plots import plot_run
-from .run_log import RunLog, gate_values, materialize, memory_high_water
+from .run_log import LossWindow, RunLog, gate_values, materialize, memory_high_water
 from .state import (
     gather_trained_parameters,
     gather_training_state,
@@ -241,6 +241,9 @@ class Trainer:
                  model: Optional[Flamingo] = None, processor: Optional[FlamingoProcessor] = None) -> None:
         self.config = config
         t = config.train
+        if not any(d.loss_weight > 0 for d in config.data):  # before the model loads: nothing would train
+            raise ValueError("every dataset in `data` has loss_weight 0, so no step would train on any: give one a "
+                             f"loss_weight > 0 (got {({d.name: d.loss_weight for d in config.data})})")
         self.rank, self.world, self.local_rank = dist_info()
         check_in_backward(config, self.world, t.distributed)
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
@@ -507,8 +510,12 @@ class Trainer:
         return nullcontext()
 
     def _step_datasets(self) -> list[str]:
+        """The datasets this step reads: in `accumulate` mode every one with a loss weight > 0 (the paper: one batch
+        of each, gradients accumulated; a weight-0 one would cost a read and a forward for a loss times 0, and its
+        NaN would skip the step), in `sample` mode one drawn by weight (never a weight-0 one). A dataset left out is
+        not read: its position stays where it is."""
         if self.config.train.mixture == "accumulate":
-            return list(self.sources)  # the paper: one batch of every dataset per step, gradients accumulated
+            return [name for name in self.sources if self.weights[name] > 0]
         return [self.sampler.draw()]
 
     def train_step(self) -> dict[str, Any]:
@@ -518,10 +525,13 @@ class Trainer:
         names = self._step_datasets()
         losses: dict[str, torch.Tensor] = {}
         samples, flops = 0, 0.0
+        dataset_samples: dict[str, int] = {}  # this rank's samples of each dataset read
         passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
         shares = self._token_shares(passes)
         for i, ((name, batch), share) in enumerate(zip(passes, shares)):
-            samples += batch_samples(batch)
+            rows = batch_samples(batch)
+            samples += rows
+            dataset_samples[name] = dataset_samples.get(name, 0) + rows
             batch = self._to_device(batch)
             if self.flop_counts is None:  # the model as it trains (after LoRA, quantization, casts)
                 self.flop_counts = flop_counts(self.model)
@@ -560,7 +570,8 @@ class Trainer:
         # tensors stay on the device: `materialize` reads them, once per logged step
         return {"step": self.step, "loss": total.detach(), "lr": lr,
                 "grad_norm": grad_norm.detach(), "samples": samples * self.world, "flops": flops * self.world,
-                "skipped_nonfinite": self.skipped_steps, **{f"loss/{n}": v for n, v in losses.items()}}
+                "skipped_nonfinite": self.skipped_steps, **{f"loss/{n}": v for n, v in losses.items()},
+                **{f"samples/{n}": v * self.world for n, v in dataset_samples.items()}}
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor], names: list[str]
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -670,14 +681,16 @@ class Trainer:
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
+        losses = LossWindow(self.sources)  # the losses logged: means over the steps since the last logged one
         try:
             while self.step < t.steps and not self._stop_agreed():  # the same calls on every rank
                 metrics = self.train_step()
                 window_samples += metrics["samples"]
                 window_flops += metrics["flops"]
+                losses.add(metrics)
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.steps:
-                    metrics = materialize(metrics)  # the window's one host sync
+                    metrics = materialize({**metrics, **losses.take()})  # the window's one host sync
                     self.check_nonfinite()
                     elapsed = time.perf_counter() - window_start
                     metrics["samples_per_s"] = window_samples / elapsed

@@ -642,3 +642,32 @@ def test_the_docs_batch_snippet_runs_on_a_batch_with_no_refused_line(served, tmp
     exec(compile(block, "docs/serve.md", "exec"), scope)
     assert scope["b"].status == "completed" and scope["refused"] == ""
     assert [json.loads(line)["custom_id"] for line in scope["answers"].splitlines()] == ["a", "b"]
+
+
+def test_a_line_waits_out_a_full_queue_as_long_as_it_takes_until_the_batch_stops(monkeypatch):
+    """A 429 (the engine's queue full of interactive requests) is retried until there is room, not given up after
+    some number of tries with the 429 as the line's answer: a batch has its whole window. A line still waiting when
+    the batch is cancelled or expires was never run (None: the runner files it so)."""
+    refusals = {"left": 3000}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            return httpx.Response(429, json={"error": {"message": "queue full"}})
+        return httpx.Response(200, json={"ok": True})
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(batch_lines.asyncio, "sleep", no_wait)
+    line = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": []}}
+
+    async def run(stop: asyncio.Event | None) -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
+            return await batch_lines._answer(client, line, stop)
+
+    assert asyncio.run(run(None)) == (200, {"ok": True})
+    refusals["left"] = 5
+    stopped = asyncio.Event()
+    stopped.set()
+    assert asyncio.run(run(stopped)) is None

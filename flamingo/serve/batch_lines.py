@@ -124,15 +124,23 @@ def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
                              base_url="http://flamingo-batch", headers=headers, timeout=None)
 
 
-async def _answer(client: httpx.AsyncClient, request: dict[str, Any]) -> Answer:
+async def _answer(client: httpx.AsyncClient, request: dict[str, Any],
+                  stop: Optional[asyncio.Event] = None) -> Optional[Answer]:
+    """A line's answer. A 429 (the engine's queue is full: interactive clients come first) is retried until there is
+    room, however long that takes within the batch's window; None: `stop` was set (the batch was cancelled or
+    expired) before the line found room, so it was never run."""
     # encoded as Python's json does by default (not httpx's `json=`, which raises on NaN and on a lone surrogate):
     # the endpoint answers such a line with its 400, as it would an interactive client's
     content = json.dumps(request["body"]).encode()
-    for attempt in range(1000):
+    attempt = 0
+    while True:
         response = await client.post(request["url"], content=content, headers={"content-type": "application/json"})
         if response.status_code != 429:
             break
-        await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)))  # the engine's queue is full: wait for room
+        attempt += 1
+        await asyncio.sleep(min(1.0, 0.05 * attempt))
+        if stop is not None and stop.is_set():
+            return None
     try:
         return response.status_code, response.json()
     except ValueError:  # no JSON body (an app that failed before it answered sends none)
@@ -156,11 +164,11 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
             if stop is not None and stop.is_set():
                 return None
             try:
-                answer = await _answer(client, line.request)
+                answer = await _answer(client, line.request, stop)
             except Exception as e:  # one line's failure is its own error entry, never the batch's end
                 log.exception("a batch line's request failed to send")
                 answer = 500, APIError(500, f"internal error: {type(e).__name__}", type="server_error").body()
-        if on_answer is not None:
+        if on_answer is not None and answer is not None:
             on_answer(k, answer)
         return answer
 

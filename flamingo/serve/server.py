@@ -1,6 +1,7 @@
 """`flamingo serve`: load a saved model, start the engine, run the app under uvicorn until SIGTERM / Ctrl-C.
 
-On SIGTERM (or SIGINT) the server stops accepting requests (new ones get 503), uvicorn closes its sockets and waits
+On SIGTERM (or SIGINT) the server stops accepting requests (uvicorn closes its listening socket and idle connections
+at once, so new ones are refused at connect; one already past its headers gets 503), and uvicorn waits
 for in-flight requests to finish; `grace` seconds after the signal the engine fails what is left, so that each of
 their streams ends with an error event and `[DONE]` (a whole answer: a 500) while its connection is still open; then
 the process exits with status 0. uvicorn's own limit, `CLOSE_SECONDS` later, cancels only responses that still did

@@ -134,6 +134,7 @@ def test_what_steps_in_backward_cannot_do_is_refused(world):
     with pytest.raises(ValueError, match="cannot accumulate"):
         load_config(two_datasets, ["optim.in_backward=true"])
     load_config(two_datasets, ["optim.in_backward=true", "train.mixture=sample"])  # one dataset per step: fine
+    load_config(two_datasets, ["optim.in_backward=true", "data.1.loss_weight=0"])  # a weight-0 one is never read
     config = _config(world, "r3", **{"optim.in_backward": "true"})
     with pytest.raises(ValueError, match="use train.distributed: fsdp"):
         check_in_backward(config, world=2, distributed="ddp")

@@ -291,6 +291,7 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         for i, d in enumerate(datasets):
             if not math.isfinite(d.loss_weight) or d.loss_weight < 0:  # a number already (`_typed`)
                 raise ValueError(f"{where}[{i}].loss_weight must be a finite number >= 0, got {d.loss_weight!r}")
+    check_data_weights(config)
     if not validation and (config.train.eval_every or config.train.eval_batches):
         _warn_run("train.eval_every / train.eval_batches are set but the config lists no `validation` datasets: "
                   "no validation loss is computed")
@@ -480,6 +481,18 @@ def _check_optim_and_schedule(config: TrainConfig) -> None:
                   schedule.warmup_steps, config.train.steps)
 
 
+def trained_datasets(config: TrainConfig) -> list[DatasetSection]:
+    """The `data` a step reads: those of loss_weight > 0 (a weight-0 dataset is never read, in either mixture mode)."""
+    return [d for d in config.data if d.loss_weight > 0]
+
+
+def check_data_weights(config: TrainConfig) -> None:
+    """Refuse a config whose every dataset has loss_weight 0: no step would train on any."""
+    if not trained_datasets(config):
+        raise ValueError("every dataset in `data` has loss_weight 0, so no step would train on any: give one a "
+                         f"loss_weight > 0 (got {({d.name: d.loss_weight for d in config.data})})")
+
+
 def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "ddp") -> None:
     """optim.in_backward's refusals (train/in_backward.py says why); world, distributed: the run's under torchrun."""
     if not config.optim.in_backward:
@@ -488,7 +501,7 @@ def check_in_backward(config: TrainConfig, world: int = 1, distributed: str = "d
         raise ValueError("optim.in_backward steps each parameter inside backward, before the norm over all gradients "
                          f"exists, so it cannot clip it (train.grad_clip={config.train.grad_clip}): set "
                          "train.grad_clip: 0")
-    if config.train.micro_batches > 1 or (config.train.mixture == "accumulate" and len(config.data) > 1):
+    if config.train.micro_batches > 1 or (config.train.mixture == "accumulate" and len(trained_datasets(config)) > 1):
         raise ValueError("optim.in_backward steps on the gradients of one backward, so it cannot accumulate them over "
                          "train.micro_batches > 1 or over several datasets (train.mixture: accumulate): use one "
                          "micro-batch and train.mixture: sample")

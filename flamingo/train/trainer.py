@@ -38,7 +38,7 @@ from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import is_hub_reference, local_dir
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_in_backward, check_init_from, check_trainable_quantization
+from .config import TrainConfig, check_data_weights, check_in_backward, check_init_from, check_trainable_quantization
 from .flops import FlopCounts, batch_samples, flop_counts, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
@@ -241,9 +241,7 @@ class Trainer:
                  model: Optional[Flamingo] = None, processor: Optional[FlamingoProcessor] = None) -> None:
         self.config = config
         t = config.train
-        if not any(d.loss_weight > 0 for d in config.data):  # before the model loads: nothing would train
-            raise ValueError("every dataset in `data` has loss_weight 0, so no step would train on any: give one a "
-                             f"loss_weight > 0 (got {({d.name: d.loss_weight for d in config.data})})")
+        check_data_weights(config)  # before the model loads (a config made in Python, not by parse_config)
         self.rank, self.world, self.local_rank = dist_info()
         check_in_backward(config, self.world, t.distributed)
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU

@@ -50,15 +50,20 @@ An assistant turn is (lead, answer, end): the answer text and the end marker are
 prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`). An answer ends
 at the model's stop tokens or at the first of the format's `stops` (`cut`): the server, `generate --chat` and
 `eval --chat` cut there alike.
+
+On a model with image reference tokens (MMICL-style, `FlamingoConfig.num_image_references` = K), a system or user
+turn may name an image the conversation has shown with `<imagek>` (`What colour is <image0>?`): the prompt holds the
+reference token, as the model's conversations were trained (`ChatFormat.unshown_reference` refuses one naming an
+image not shown at that point, for the server, `generate --chat` and chat training data alike).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .config import END_OF_CHUNK_TOKEN, END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN
-from .references import reference_token
+from .references import REFERENCE, reference_token, unshown_reference
 
 if TYPE_CHECKING:
     from .processing import FlamingoProcessor
@@ -83,12 +88,16 @@ class ChatFormat:
     """Flamingo's conversation format; subclasses write other families'. `reserved`: the format's own markers, which
     message text may not contain (media come as pieces of their own); `stops`: strings every answer ends at,
     besides the model's stop tokens; `one_question`: consecutive user turns are written as one (formats that train
-    one question per answer)."""
+    one question per answer); `media_first`: a user turn's media are written before its text (`text_around_media`);
+    `references`: the model's image reference tokens `<image0>`... (`chat_format_for`), with which a system or user
+    turn may name an image the conversation has shown (`unshown_reference`)."""
 
     name: str = "flamingo"
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
     stops: tuple[str, ...] = ()
     one_question: bool = False
+    media_first: bool = False
+    references: int = 0
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt: the turns, then what the model continues after (a conversation ending with a user turn)."""
@@ -131,6 +140,43 @@ class ChatFormat:
     def first_reserved(self, text: str) -> Optional[str]:
         """The first of the format's markers `text` contains, or None."""
         return next((token for token in self.reserved if token in text), None)
+
+    def refused(self, control: Mapping[str, str], role: str) -> dict[str, str]:
+        """The `control` tokens (`control_tokens`) a `role` turn's text may not hold: all of them but the reference
+        tokens, which an assistant turn holds as the model generated them (answers keep them) and a system or user
+        turn may use to name an image shown before it (checked by `unshown_reference`)."""
+        if role == "assistant":
+            return {t: what for t, what in control.items() if not REFERENCE.fullmatch(t)}
+        allowed = {reference_token(k) for k in range(self.references)}
+        return {t: what for t, what in control.items() if t not in allowed}
+
+    def unshown_reference(self, turns: Sequence[Turn]) -> Optional[tuple[int, str]]:
+        """The first reference (`<imagek>`, k < `references`) in a system or user turn's text to an image the
+        conversation has not shown at that point -> (the index of its turn, an error naming the tag and the images
+        shown there); None if none. Images count in the order the prompt places them: in order across turns, and
+        within a turn where they stand, or before its text in a format that writes a user turn's media first (before
+        the text of the whole run of user turns it writes as one question). The same tag is then what the model
+        reads: its reference token, which the masking rule aims at image k. An assistant turn's references are the
+        model's own (its answer kept them) and are not checked."""
+        if not self.references:
+            return None
+        shown, start = 0, 0
+        while start < len(turns):
+            end = start + 1  # turns[start:end]: what the format writes as one turn
+            if self.media_first and turns[start].role == "user":
+                while self.one_question and end < len(turns) and turns[end].role == "user":
+                    end += 1
+                shown += sum(p == MEDIA_TOKEN for turn in turns[start:end] for p in turn.pieces)  # written first
+            for i in range(start, end):
+                for piece in turns[i].pieces:
+                    if piece == MEDIA_TOKEN:
+                        shown += 0 if self.media_first and turns[i].role == "user" else 1
+                    elif turns[i].role != "assistant":
+                        error = unshown_reference(piece, shown, self.references)
+                        if error is not None:
+                            return i, error
+            start = end
+        return None
 
     def spelled(self, turns: Sequence[Turn], strings: Sequence[str], *, rendered: str) -> Optional[tuple[int, str]]:
         """The first of `strings` (markers, control tokens) that the text of `turns` holds more often than the format
@@ -209,6 +255,7 @@ class OtterChat(ChatFormat):
     name: str = "otter"
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN, OTTER_ANSWER)
     one_question: bool = True
+    media_first: bool = True
 
     def turn(self, role: str, pieces: list[str], before: str) -> str:
         if role == "system":  # a later one on a line of its own, not glued to the question before it
@@ -232,6 +279,7 @@ class MMGPTChat(ChatFormat):
     reserved: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK_TOKEN)
     stops: tuple[str, ...] = (MMGPT_SEPARATOR + "Instruction:", MMGPT_END)
     one_question: bool = True
+    media_first: bool = True
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         if not turns or turns[0].role != "system":
@@ -310,7 +358,13 @@ OTTER = OtterChat()
 def chat_format_for(processor: "FlamingoProcessor", vocab: Optional[int] = None) -> ChatFormat:
     """The conversation format of the model `processor` prepares prompts for (its prompt template decides), whose
     embedding has `vocab` rows (default: the tokenizer's size): IDEFICS turns end with `<end_of_utterance>` where the
-    model has a row for it."""
+    model has a row for it; a model with image reference tokens may be asked about an image it was shown by them
+    (`ChatFormat.references`)."""
+    fmt = _template_format(processor, vocab)
+    return replace(fmt, references=processor.num_references) if processor.num_references else fmt
+
+
+def _template_format(processor: "FlamingoProcessor", vocab: Optional[int]) -> ChatFormat:
     if processor.template == "flamingo":
         return FLAMINGO
     if processor.template == "otter":

@@ -282,13 +282,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if marker is not None:
             raise ValueError(f"with --chat the prompt is the question alone: it may not contain {marker} (the "
                              f"{fmt.name} format writes its own markers, and one <image> per --image)")
-        control = control_tokens(processor)  # what the server refuses in a user's text, refused here alike
+        control = fmt.refused(control_tokens(processor), "user")  # what the server refuses in a user's text
         token = next((t for t in control if t in prompt), None)
         if token is not None:
             raise ValueError(f"with --chat the prompt is the question alone: it may not contain {token} "
                              f"({control[token]}): the tokenizer would read it as that token, not as text (the server "
                              "refuses it in a user's message too)")
-        prompt = fmt.render([Turn("user", ("<image>",) * len(args.image or []) + (prompt,))])
+        turns = [Turn("user", ("<image>",) * len(args.image or []) + (prompt,))]
+        unshown = fmt.unshown_reference(turns)  # `<imagek>` names the k-th --image, as the server reads it
+        if unshown is not None:
+            raise ValueError(f"with --chat the prompt is the question about the --image files: {unshown[1]}")
+        prompt = fmt.render(turns)
         references = False  # the format's <image>s place the media, whatever the processor reads by default
     elif references is None and processor.image_references and "<image>" in prompt:
         raise ValueError("this model's processor reads declared-image prompts (`Image 0 is <image0>. ...`), not "
@@ -502,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="write --prompt and the --image files as a user turn in the model's chat format (its "
                           "template: flamingo, otter, idefics or mmgpt; docs/serve.md) and answer it, ending the "
-                          "answer where the server does (the format's stop strings)")
+                          "answer where the server does (the format's stop strings); on a model with image reference "
+                          "tokens the question may name the k-th --image <imagek>, as a user's message may")
     gen.add_argument("--image", action="append", help="image or video file, once per <image>, in order")
     gen.add_argument("--image-references", action=argparse.BooleanOptionalAction, default=None,
                      help="the prompt declares its images (`Image 0 is <image0>`) and refers back to them (`<image0>`);"

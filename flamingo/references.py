@@ -9,6 +9,7 @@ reference see image K until the next image or reference (`model/xattn.compute_me
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from .config import MEDIA_TOKEN
 
@@ -73,3 +74,18 @@ def resolve_declarations(text: str, num_media: int, num_references: int) -> str:
         raise ValueError(f"the prompt declares {len(declared)} image(s) but {num_media} image(s)/video(s) were "
                          "given")
     return "".join(out) + text[end:]
+
+
+def unshown_reference(text: str, shown: int, num_references: int) -> Optional[str]:
+    """An error naming the first reference in `text` to an image not shown before it (`shown`: how many images the
+    text follows), or None. A conversation's question may name an image it has shown (`What colour is <image0>?`, as
+    MMICL's conversations write it), never a later one. Only a tag the model has a token for is a reference
+    (k < `num_references`, no leading zero): any other `<imagek>` is the characters it is spelled with."""
+    for ref in REFERENCE.finditer(text):
+        digits = ref.group(1)
+        k = int(digits)
+        if digits == str(k) and shown <= k < num_references:
+            images = ("no image" if shown == 0 else "only image 0" if shown == 1 else f"only images 0-{shown - 1}")
+            return (f"<image{k}> refers to image {k}, but the conversation shows {images} before it: a reference "
+                    "names an image shown at or before it")
+    return None

@@ -161,12 +161,16 @@ def test_generate_command_on_a_processor_that_reads_declared_images(tmp_path, ca
     assert "--no-image-references" in capsys.readouterr().err
     assert main(base + ["--chat", "--image-references", "--prompt", "What is it?"]) == 2
     assert "--chat writes each --image as <image>" in capsys.readouterr().err
-    # what the server refuses in a user's text (a reference, EOS) is refused here too, not read as a control token
+    # what the server refuses in a user's text (a reference to an image not given, EOS) is refused here too, not read
+    # as a control token; a reference to the --image is read as the server reads it
     eos = loaded_processor.tokenizer.eos_token
-    for text, what in (("Is <image0> red?", "<image0> (the model's reference token for image 0)"),
-                       (f"Stop{eos} here", f"{eos} (the tokenizer's ")):
+    for text, what in (("Is <image1> red?", "<image1> refers to image 1, but the conversation shows only image 0"),
+                       (f"Stop{eos} here", f"it may not contain {eos} (the tokenizer's ")):
         assert main(base + ["--chat", "--prompt", text]) == 2
-        assert f"it may not contain {what}" in capsys.readouterr().err
+        assert what in capsys.readouterr().err
+    assert main(base + ["--chat", "--prompt", "Is <image0> red?"]) == 0
+    named = fmt.render([Turn("user", ("<image>", "Is <image0> red?"))])
+    assert capsys.readouterr().out.strip() == expected(named).strip()
 
 
 def test_the_command_starts_without_other_packages_start_up_warnings():

@@ -6,6 +6,7 @@ them."""
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 import warnings
 
@@ -268,6 +269,42 @@ def test_endofchunk_in_a_conversation_is_refused_in_every_format(tmp_path):
     with pytest.raises(SkipSample, match="chunk marker") as e:
         _encode(_write(tmp_path, [row]), _processor("idefics"))
     assert e.value.reason == "bad_record"
+
+
+def test_a_question_names_an_image_the_conversation_has_shown(tmp_path):
+    """On a model with reference tokens a user's `<imagek>` is the reference token where image k was shown before it
+    (MMICL-style conversations); a row naming an image not shown at that point is skipped (`bad_record`, naming the
+    tag and the images shown), as the server refuses that message. An assistant turn's references are trained as
+    written (the model may generate them)."""
+    processor = tiny_flamingo(num_image_references=4)[1]
+    tok = processor.tokenizer
+    image = [{"type": "image", "image": f"img/{k}.png"} for k in range(2)]
+    good = {"messages": [{"role": "user", "content": [*image, {"type": "text", "text": "Which is <image1>?"}]},
+                         {"role": "assistant", "content": "The one like <image0>."}]}
+    (sample,) = _encode(_write(tmp_path, [good]), processor)
+    first, second = tok.convert_tokens_to_ids("<image0>"), tok.convert_tokens_to_ids("<image1>")
+    assert sample.labels[sample.input_ids.index(second)] == IGNORE_INDEX  # the question's reference: context
+    assert sample.labels[sample.input_ids.index(first)] == first  # the answer's: trained
+    unshown = {"messages": [{"role": "user", "content": [image[0], {"type": "text", "text": "See <image2>."}]},
+                            {"role": "assistant", "content": "Yes <image2>."}]}
+    before = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Is <image0> red?"}, image[0]]},
+                           {"role": "assistant", "content": "x"}]}
+    llava = {"image": "img/0.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt",
+             "value": "x"}, {"from": "human", "value": "and <image1>?"}, {"from": "gpt", "value": "y"}]}
+    split = {"messages": [{"role": "user", "content": [image[0], {"type": "text", "text": "Is <ima"},
+                                                       {"type": "text", "text": "ge0> red?"}]},
+                          {"role": "assistant", "content": "x"}]}  # refused as the server refuses it
+    for row, says in ((unshown, "turn 0: <image2> refers to image 2, but the conversation shows only image 0 before"),
+                      (before, "turn 0: <image0> refers to image 0, but the conversation shows no image before it"),
+                      (llava, "turn 2: <image1> refers to image 1"),
+                      (split, "turn 0 spells <image0>, a reference token")):
+        with pytest.raises(SkipSample, match=re.escape(says)) as e:
+            _encode(_write(tmp_path, [row]), processor)
+        assert e.value.reason == "bad_record"
+    assistant = {"messages": [{"role": "user", "content": [image[0], {"type": "text", "text": "q"}]},
+                              {"role": "assistant", "content": "like <image3>"}]}
+    (kept,) = _encode(_write(tmp_path, [assistant]), processor)
+    assert tok.convert_tokens_to_ids("<image3>") in kept.input_ids
 
 
 def test_a_model_learns_the_answers_of_a_chat_dataset(tmp_path):

@@ -83,8 +83,8 @@ def test_a_reference_past_the_models_tokens_skips_a_document_or_a_conversation(t
                      ("<image01>", "<image01>: image indices have no leading zeros")):
         doc = mmc4_document(3, {0: 0, 1: 1}, image_names=["0.png", "1.png"])
         doc["text_list"][2] = f"The shape in {tag} is red."
-        chat = {"image": "0.png", "conversations": [{"from": "human", "value": f"<image>\nIs {tag} red?"},
-                                                    {"from": "gpt", "value": "Yes."}]}
+        question = {"from": "human", "value": f"<image><image>\nIs {tag} red?"}  # images 0 and 1 shown before it
+        chat = {"image": ["0.png", "1.png"], "conversations": [question, {"from": "gpt", "value": "Yes."}]}
         for kind, row in (("interleaved", doc), ("chat", chat)):
             out, = _encode_all(_write(tmp_path, [row], f"{kind}.jsonl"), kind, processor)
             if bad is None:

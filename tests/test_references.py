@@ -3,6 +3,8 @@ reference's effect through forward, cached decoding (eager and compiled), beams 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -305,3 +307,51 @@ def test_a_declared_prompt_is_read_as_declared_without_the_processor_setting(ref
     mixed = "<image>Image 1 is <image1>. " + PROMPT.split("<|endofchunk|>", 1)[1]
     with pytest.raises(ValueError, match=r"prompt has 1 <image> placeholder\(s\) but 2"):
         processor.encode_prompt(mixed, images)
+
+
+def _unshown_in_rendering(fmt, turns) -> Optional[str]:
+    """The first reference in the rendered prompt's non-answer text to an image the prompt has not placed before it,
+    as `unshown_reference` words it; None if none (what `ChatFormat.unshown_reference` must agree with)."""
+    from flamingo.config import MEDIA_TOKEN
+    from flamingo.references import REFERENCE, unshown_reference
+
+    text = ""
+    for piece, answer in fmt.segments(turns):
+        for ref in [] if answer else REFERENCE.finditer(piece):
+            error = unshown_reference(ref.group(0), (text + piece[:ref.start()]).count(MEDIA_TOKEN), fmt.references)
+            if error is not None:
+                return error
+        text += piece
+    return None
+
+
+def test_a_conversation_refers_to_the_images_its_prompt_places_before_each_reference():
+    """`ChatFormat.unshown_reference` on random conversations in every format against the rendered prompt: a system
+    or user turn's `<imagek>` (k < the model's references) names an image placed before it there (Otter and
+    Multimodal-GPT write a question's images first); assistant text and tags without a token are not checked."""
+    import random
+    from dataclasses import replace
+
+    from flamingo.chat import FLAMINGO, OTTER, IdeficsChat, MMGPTChat, Turn
+    from flamingo.config import MEDIA_TOKEN
+
+    rng = random.Random(0)
+    fragments = ["a", "Q: ", " ", "\n", "<image0>", "<image1>", "<image2>", "<image5>", "<image01>", "x <image1> y"]
+    refused = 0
+    for fmt in (replace(f, references=3) for f in (FLAMINGO, OTTER, MMGPTChat(end_of_answer="</s>"), IdeficsChat())):
+        for _ in range(400):
+            turns = []
+            for _ in range(rng.randint(1, 6)):
+                role = rng.choice(["system", "user", "user", "user", "assistant"])
+                pieces = [rng.choice(fragments) for _ in range(rng.randint(1, 3))]
+                if role == "user":
+                    for _ in range(rng.choice([0, 0, 1, 2])):
+                        pieces.insert(rng.randint(0, len(pieces)), MEDIA_TOKEN)
+                turns.append(Turn(role, tuple(pieces)))
+            got, want = fmt.unshown_reference(turns), _unshown_in_rendering(fmt, turns)
+            assert (got[1] if got else None) == want, (fmt.name, turns, fmt.render(turns), got)
+            if got is not None:
+                refused += 1
+                assert turns[got[0]].role != "assistant" and got[1].split()[0] in "".join(turns[got[0]].pieces)
+    assert 300 < refused < 1300  # both answers are common
+    assert replace(FLAMINGO, references=0).unshown_reference([Turn("user", ("<image0>",))]) is None

@@ -1,6 +1,8 @@
 """Chat text cannot write control tokens (serve/template.py): the tokenizer's special tokens (EOS, BOS, pad, ...)
-and a reference model's `<image0>`... in chat, Responses and `/tokenize` messages are a 400 naming the token, as
-`<image>` is, and the server keeps serving; a raw completion's prompt reads them as the model reads text."""
+in chat, Responses and `/tokenize` messages are a 400 naming the token, as `<image>` is, and the server keeps serving;
+a reference model's `<image0>`... is one too where text parts spell it together (a user's whole `<imagek>` names an
+image the conversation has shown: tests/test_serve_chat_references.py); a raw completion's prompt reads them as the
+model reads text."""
 
 from __future__ import annotations
 
@@ -66,10 +68,11 @@ def _requests(text: str, image: str) -> list[tuple[str, dict]]:
     ],
 )
 def test_chat_text_holding_a_control_token_is_refused(served, text, says):
-    """Before: `<image0>` became the reference token (re-aiming the cross-attention at image 0, with or without an
-    image in the request) and `<|endoftext|>` / `<PAD>` the EOS / pad rows, all silently."""
+    """Before: `<|endoftext|>` / `<PAD>` became the EOS / pad rows silently. A reference tag is refused where two text
+    parts spell it (a whole one is checked against the images shown: tests/test_serve_chat_references.py)."""
     _, url = served
-    for path, body in _requests(text, data_url(random_image(1))):
+    requests = _requests(text, data_url(random_image(1)))
+    for path, body in requests[:2] if text.startswith("<image") else requests:
         response = httpx.post(url + path, json=body, timeout=60)
         assert response.status_code == 400, (path, body, response.text)
         error = response.json()["error"]
@@ -140,8 +143,8 @@ def test_control_tokens_name_each_special_token_and_reference(served):
 
 def test_an_assistant_turn_sent_back_keeps_its_reference_tokens(served):
     """Answers keep the reference tokens the model generated (`<image0>` in the text), so a conversation sent back
-    holds them in its assistant turn: read as those tokens there, as the model wrote them. A user turn holding one,
-    or an assistant turn holding another control token, is still refused."""
+    holds them in its assistant turn: read as those tokens there, as the model wrote them. A user turn naming an
+    image the conversation has not shown, or an assistant turn holding another control token, is still refused."""
     engine, url = served
     reference = engine.processor.tokenizer.convert_tokens_to_ids("<image0>")
     image = {"type": "image_url", "image_url": {"url": data_url(random_image(1))}}
@@ -155,6 +158,7 @@ def test_an_assistant_turn_sent_back_keeps_its_reference_tokens(served):
     reply = httpx.post(url + "/v1/chat/completions", json={"messages": conversation("the red one is <image0>"),
                                                            "max_tokens": 2}, timeout=60)
     assert reply.status_code == 200, reply.text
-    for messages in (conversation("the red one", "is it <image0>?"), conversation("it is <|endoftext|>")):
+    for messages, says in ((conversation("the red one", "is it <image1>?"), "<image1> refers to image 1"),
+                           (conversation("it is <|endoftext|>"), "may not contain")):
         refused = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
-        assert refused.status_code == 400 and "may not contain" in refused.json()["error"]["message"], refused.text
+        assert refused.status_code == 400 and says in refused.json()["error"]["message"], refused.text

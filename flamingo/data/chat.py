@@ -28,8 +28,10 @@ such rows through its LM alone, as it trained them.
 Skipped and counted: a conversation without an answer (`empty_text`); a format marker (or `<|endofchunk|>`, in every
 format) in message text, or spelled by texts the format writes with nothing between them (`a <ima`, `ge> b`), media in
 a system or assistant turn, placeholders that do not match the media, unknown
-roles or part types, an `<imagek>` the model has no reference token for (`sequence.check_references`) (all
-`bad_record`).
+roles or part types, an `<imagek>` the model has no reference token for (`sequence.check_references`), and, on a
+model with reference tokens, a system or user turn's `<imagek>` naming an image the conversation has not shown at that
+point (`ChatFormat.unshown_reference`: the server refuses that message alike; an assistant turn's references are
+trained as written) (all `bad_record`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Optional
 
 from ..chat import ROLES, ChatFormat, Turn, pieces_of
 from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from ..references import reference_token
 from ..runtime.data_url import decode_data_url, is_data_url, media_kind
 from .errors import SkipSample
 from .sequence import Example
@@ -223,13 +226,18 @@ def chat_example(record: RawRecord, fmt: ChatFormat, *, eos: str = "") -> Exampl
             if END_OF_CHUNK_TOKEN in piece:  # every format: a tokenizer without it would train its characters
                 raise SkipSample("bad_record", f"{record.key}: turn {i} contains {END_OF_CHUNK_TOKEN}, Flamingo's "
                                                "chunk marker")
+    unshown = fmt.unshown_reference(turns)
+    if unshown is not None:
+        raise SkipSample("bad_record", f"{record.key}: turn {unshown[0]}: {unshown[1]}")
     segments = fmt.segments(turns)
     # text the format writes with nothing between it: checked as written (the prompt the turns render to)
-    joined = fmt.spelled(turns, (*fmt.reserved, END_OF_CHUNK_TOKEN), rendered=fmt.prompt_of(segments))
+    # (a reference too: one split so would be read unchecked, where the server refuses it)
+    references = tuple(reference_token(k) for k in range(fmt.references))
+    joined = fmt.spelled(turns, (*fmt.reserved, END_OF_CHUNK_TOKEN, *references), rendered=fmt.prompt_of(segments))
     if joined is not None:
-        raise SkipSample("bad_record", f"{record.key}: turn {joined[0]} spells {joined[1]}, a marker of the "
-                                       f"{fmt.name} format, with the text the format writes right before it (a "
-                                       "marker split over text parts or turns)")
+        what = "a reference token" if joined[1] in references else f"a marker of the {fmt.name} format"
+        raise SkipSample("bad_record", f"{record.key}: turn {joined[0]} spells {joined[1]}, {what}, with the text "
+                                       "the format writes right before it (a marker split over text parts or turns)")
     text, spans = "", []
     for piece, trained in segments:
         if trained:

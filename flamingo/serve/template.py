@@ -5,14 +5,16 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
 - system and assistant turns hold text only; user turns hold text, image and video parts (each medium is the
   prompt's next one, `<image>` in its place);
 - text may not contain the format's markers (media come as parts; a raw prompt goes to /v1/completions), nor the
-  strings the tokenizer reads as control tokens (`control_tokens`: its BOS, EOS, pad and other special tokens, and
-  the image reference tokens `<image0>`... of a model with them): in text they would become those tokens, not
-  characters, so a user could end a turn or re-aim the cross-attention from plain text. Both are refused (400),
-  except reference tokens in an assistant turn: answers hold the references the model generated (the server keeps
-  them in the text), and a conversation sent back must mean what the model wrote. Text the format writes with nothing
-  between it (a turn's text parts in the flamingo and idefics formats; consecutive user and system turns in the
-  flamingo format) is checked as written too: `a <|endof` then `chunk|> b` is the marker there (Otter's and
-  Multimodal-GPT's formats put a space between a turn's texts: there it is text), as chat training data checks it.
+  strings the tokenizer reads as control tokens (`control_tokens`: its BOS, EOS, pad and other special tokens): in
+  text they would become those tokens, not characters, so a user could end a turn from plain text. Both are refused
+  (400). The image reference tokens `<image0>`... of a model with them are the exception: a system or user turn may
+  name an image the conversation has shown (`What colour is <image0>?`, as MMICL-style conversations are trained),
+  and one naming an image not shown at that point is refused (`ChatFormat.unshown_reference`); an assistant turn
+  holds the references the model generated (the server keeps them in the text), and a conversation sent back must
+  mean what the model wrote. Text the format writes with nothing between it (a turn's text parts in the flamingo and
+  idefics formats; consecutive user and system turns in the flamingo format) is checked as written too: `a <|endof`
+  then `chunk|> b` is the marker there (Otter's and Multimodal-GPT's formats put a space between a turn's texts:
+  there it is text), as chat training data checks it; a reference tag split so is refused too.
 Answers start with the space the format puts back, so chat answers are sent without their leading spaces and tabs
 (a line break or another character an answer starts with is the model's, and kept).
 """
@@ -24,7 +26,6 @@ from typing import Mapping, Optional
 
 from ..chat import ChatFormat, Turn
 from ..config import MEDIA_TOKEN
-from ..references import REFERENCE
 from .protocol import APIError, ImagePart, Message, TextPart
 
 
@@ -51,12 +52,12 @@ def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -
 def render_messages(fmt: ChatFormat, messages: list[Message],
                     control: Optional[Mapping[str, str]] = None) -> tuple[str, list[MediaRef]]:
     """The prompt text (with `<image>` placeholders) and its media, in order; APIError (400) for a conversation the
-    format cannot write, or whose text holds one of the `control` tokens (`control_tokens`)."""
+    format cannot write, or whose text holds one of the `control` tokens (`control_tokens`; a system or user turn may
+    hold the model's reference tokens, naming images shown before them: `ChatFormat.unshown_reference`)."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's: the model answers after it", param="messages")
     control = control or {}
-    # an assistant turn may hold the reference tokens its answer was generated with
-    answer_control = {t: what for t, what in control.items() if not REFERENCE.fullmatch(t)}
+    refused = {role: fmt.refused(control, role) for role in ("system", "user", "assistant")}
     turns: list[Turn] = []
     media: list[MediaRef] = []
     for i, message in enumerate(messages):
@@ -68,13 +69,16 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
         pieces: list[str] = []
         for part in parts:
             if isinstance(part, TextPart):
-                check_text(fmt, answer_control if message.role == "assistant" else control, part.text, i)
+                check_text(fmt, refused[message.role], part.text, i)
                 pieces.append(part.text)
             else:
                 url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
                 media.append(MediaRef(url, video=not isinstance(part, ImagePart)))
                 pieces.append(MEDIA_TOKEN)
         turns.append(Turn(message.role, tuple(pieces)))
+    unshown = fmt.unshown_reference(turns)
+    if unshown is not None:
+        raise APIError(400, f"messages[{unshown[0]}]: {unshown[1]}", param="messages")
     # the format writes some texts with nothing between them (a turn's text parts in the flamingo and idefics formats;
     # consecutive user or system turns in the flamingo format), so a marker split over two of them would be whole in
     # the prompt: checked on the text as the format writes it (`spelled`), as chat training data is

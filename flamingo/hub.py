@@ -187,57 +187,24 @@ def _read_results(out_dir: str) -> dict[str, Any]:
     return results
 
 
-def _path_parts(path: str) -> tuple[str, ...]:
-    """A normalized dataset path's folders, an absolute path's first part "" (the root); a relative path's leading
-    `..` dropped: it names a folder of that name, wherever the evaluation ran."""
-    parts = tuple(path.split(os.sep))
-    if parts[0] == "":
-        return parts
-    while parts and parts[0] in ("..", "."):
-        parts = parts[1:]
-    return parts
-
-
-def _ends(short: tuple[str, ...], long: tuple[str, ...]) -> bool:
-    """Whether the relative path `short` may name the folder `long` does: it is `long`'s last parts."""
-    return short[:1] != ("",) and len(short) < len(long) and long[-len(short):] == short
-
-
 def _dataset_names(datas: Iterable[str]) -> dict[str, str]:
     """The name each local dataset directory of one push (`flamingo eval --data`, by its normalized path) is filed
-    under. `--data` is kept as typed, so one folder may come as `okvqa` (evaluated from /data) and `/data/okvqa`: a
-    relative path that ends exactly one other path of the push is that dataset. A dataset is named by its folder
-    (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where two datasets' folders share a name
-    (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), by its parent's and its own
-    (`okvqa/val2014`). Refused: a relative path that ends several datasets (which it is cannot be told), and
-    datasets that even so share a name (the card would file them as one, or publish more of this machine's paths,
-    a user's home folder, to tell them apart)."""
+    under: its folder's name (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where two paths end in the same
+    folder (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), its parent's and its own
+    (`okvqa/val2014`). Paths that even so share a name are refused: the card would file two datasets as one, or
+    publish more of this machine's paths (a user's home folder) to tell them apart."""
     paths = sorted({os.path.normpath(d) for d in datas if d and not HF_DATASET.match(d)})
-    parts = {path: _path_parts(path) for path in paths}
-    keys = set(parts.values()) - {()}
-    roots = sorted(k for k in keys if not any(_ends(k, other) for other in keys))  # ends no other path: a dataset
+    parts = {path: path.split(os.sep) for path in paths}  # an absolute path's first part is "" (the root)
     names: dict[str, str] = {}
-    root_names: dict[tuple[str, ...], str] = {}
-    for root in roots:
-        shared = any(other[-1] == root[-1] for other in roots if other != root)
-        root_names[root] = "/".join(p for p in root[-2 if shared else -1:] if p)
     for path in paths:
-        if not parts[path]:  # `.` or `..`: no folder to name it by (`_dataset` names it by its task)
-            names[path] = ""
-            continue
-        mine = [root for root in roots if root == parts[path] or _ends(parts[path], root)]
-        if len(mine) > 1:
-            raise ValueError(f"the results' dataset {path!r} (a relative --data path) ends the paths of "
-                             f"{len(mine)} datasets of the push ({', '.join(repr(os.sep.join(r)) for r in mine[:3])}):"
-                             " which it is cannot be told, so push their results separately")
-        names[path] = root_names[mine[0]]
-    for root in roots:
-        same = [other for other in roots if other != root and root_names[other] == root_names[root]]
+        shared = any(parts[other][-1] == parts[path][-1] for other in paths if other != path)
+        names[path] = "/".join(p for p in parts[path][-2 if shared else -1:] if p)
+    for path in paths:
+        same = [other for other in paths if other != path and names[other] == names[path]]
         if same:
-            raise ValueError(f"the results' datasets {os.sep.join(root)!r} and {os.sep.join(same[0])!r} would both "
-                             f"be named {root_names[root]!r} on the card (a dataset is named by its folder, and its "
-                             "parent's where two folders share a name): rename a folder, or push their results "
-                             "separately")
+            raise ValueError(f"the results' datasets {path!r} and {same[0]!r} would both be named {names[path]!r} on "
+                             "the card (a dataset is named by its folder, and its parent's where two folders share a "
+                             "name): rename a folder, or push their results separately")
     return names
 
 

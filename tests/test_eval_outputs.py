@@ -92,3 +92,20 @@ def test_results_name_the_directory_the_model_was_loaded_from(model_and_processo
     assert (out / "results.md").read_text().startswith(f"# vqa — {saved}")
     named = evaluate(loaded, loaded_processor, "vqa", data, shots=[0], trials=1, model_name="mine", **QUICK)
     assert named["model"] == "mine"
+
+
+def test_results_record_a_local_dataset_by_its_absolute_path(model_and_processor, tmp_path, monkeypatch):
+    """`--data okvqa` from /data and `--data /data/okvqa` are one folder: results.json records it absolute both ways,
+    so `flamingo push --results` files the two runs under one dataset (named by its folder alone)."""
+    from flamingo.hub import _results
+
+    model, processor = model_and_processor
+    data = make_vqa(tmp_path / "okvqa")
+    monkeypatch.chdir(tmp_path)
+    evaluate(model, processor, "vqa", "okvqa", shots=[0], trials=1, out_dir=str(tmp_path / "e0"), **QUICK)
+    evaluate(model, processor, "vqa", str(data) + "/", shots=[2], trials=1, out_dir=str(tmp_path / "e2"), **QUICK)
+    recorded = [json.loads((tmp_path / e / "results.json").read_text())["data"] for e in ("e0", "e2")]
+    assert recorded == [str(data), str(data)]
+    _, entries = _results([str(tmp_path / "e0"), str(tmp_path / "e2")])
+    assert {(e.dataset_name, e.metric_name) for e in entries} == {
+        ("okvqa", "vqa_accuracy (0-shot)"), ("okvqa", "vqa_accuracy (2-shot)")}

@@ -24,7 +24,7 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import init_process_group_from_env, pyplot
-from ..runtime.hub import dataset_dir
+from ..runtime.hub import HF_DATASET, dataset_dir
 from .demos import (
     ZERO_SHOT_TEXT_DEMOS,
     DemoSelector,
@@ -298,7 +298,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                          "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra, **repeats})
             predictions[(k, trial)] = records
     results = {
-        **base, "data": str(data_dir),
+        **base, "data": recorded_data(data_dir),
         "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": drawable,
                      "zero_shot": zero_shot, "template": task.template,
                      "chat": task.chat.name if task.chat is not None else None,
@@ -321,6 +321,13 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                       f"prompted with them were skipped and counted (runs' skipped_by), e.g. {min(unreadable)}",
                       stacklevel=2)
     return results
+
+
+def recorded_data(data_dir: str) -> str:
+    """`data_dir` as results.json records it: a Hub dataset as named, a local folder by its absolute path, so that
+    one folder given as `okvqa` (from /data) and as `/data/okvqa` is one dataset to `flamingo push --results`."""
+    data_dir = os.fspath(data_dir)
+    return data_dir if HF_DATASET.match(data_dir) else os.path.abspath(data_dir)
 
 
 def check_unreadable(records: Sequence[dict[str, Any]], data_dir: str) -> None:

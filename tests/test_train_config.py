@@ -38,15 +38,17 @@ def test_a_yaml_tag_in_an_override_reads_as_the_tag_says(tmp_path):
                                                   "train.steps=!!int 20", "optim.lr=!!float 3e-4"])
     assert config.train.output_dir == "2024" and config.data[0].name == "7"
     assert config.train.steps == 20 and config.optim.lr == 3e-4
-    with pytest.raises(ValueError, match=r"override 'train.steps=!!int abc': the value '!!int abc' is not what its "
-                                         "YAML tag says"):
-        load_config("configs/example.yaml", ["train.steps=!!int abc"])
+    for tagged in ("!!int abc", "!!int", "!!float", "!!bool maybe", "!!timestamp abc"):  # each constructor's error
+        with pytest.raises(ValueError, match=rf"override 'train.steps={tagged}': the value '{tagged}' is not what "
+                                             "its YAML tag says"):
+            load_config("configs/example.yaml", [f"train.steps={tagged}"])
     with pytest.raises(ValueError, match="train.output_dir must be a string, got 2024"):
         load_config("configs/example.yaml", ["train.output_dir=!!int 2024"])
     path = tmp_path / "tagged.yaml"
-    path.write_text("data: [{name: a, kind: pairs, path: x}]\ntrain: {steps: !!int abc}\n")
-    with pytest.raises(ValueError, match="tagged.yaml' has a value that is not what its YAML tag says"):
-        load_config(str(path))
+    for tagged in ("!!int abc", "!!bool maybe"):
+        path.write_text(f"data: [{{name: a, kind: pairs, path: x}}]\ntrain: {{steps: {tagged}}}\n")
+        with pytest.raises(ValueError, match="tagged.yaml' has a value that is not what its YAML tag says"):
+            load_config(str(path))
 
 
 @pytest.mark.parametrize("options,message", [

@@ -238,6 +238,11 @@ def _index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
+# what PyYAML's tag constructors raise on text the tag does not fit, besides YAMLError: `!!int abc` ValueError,
+# `!!bool maybe` KeyError, an empty `!!int` IndexError, `!!timestamp abc` AttributeError
+TAG_ERRORS = (ValueError, KeyError, IndexError, AttributeError, TypeError)
+
+
 def _scalar(text: str) -> Any:
     """YAML scalar, plus floats YAML 1.1 leaves as strings (`3e-4`) when plain: a quoted (`"42"`, `'7'`) or tagged
     (`!!str 2024`) one stays text, as quoting and the tag ask; `!!int`/`!!float` read as YAML says. Text YAML cannot
@@ -246,7 +251,7 @@ def _scalar(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"the value {text!r} is not valid YAML ({_yaml_problem(e)})") from None
-    except ValueError:  # a tag's constructor refusing its text (`!!int abc`): Python's message names neither
+    except TAG_ERRORS:  # a tag's constructor refusing its text (`!!int abc`): Python's message names neither
         raise ValueError(f"the value {text!r} is not what its YAML tag says") from None
     if isinstance(value, str) and text.strip()[:1] not in ("'", '"', "!"):
         try:
@@ -534,6 +539,7 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig
         raise ValueError(f"the config {path!r} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"the config {path!r} is not valid YAML: {_yaml_problem(e)}") from None
-    except ValueError as e:  # a tag's constructor refusing its text (`steps: !!int abc`)
-        raise ValueError(f"the config {path!r} has a value that is not what its YAML tag says ({e})") from None
+    except TAG_ERRORS as e:  # a tag's constructor refusing its text (`steps: !!int abc`)
+        raise ValueError(f"the config {path!r} has a value that is not what its YAML tag says "
+                         f"({type(e).__name__}: {e})") from None
     return parse_config(apply_overrides(raw, overrides or []))

@@ -333,6 +333,7 @@ def test_string_fields_yaml_reads_as_numbers_or_dates_and_output_dirs_that_are_f
     data = [{"name": "a", "kind": "pairs", "path": "x"}]
     for section, key, value, why in (
             ("train", "output_dir", 2024, "got 2024 (YAML reads it as an integer: quote it, \"2024\","),
+            ("train", "output_dir", 1.1, "got 1.1 (YAML reads it as a number: quote it to keep it text)"),
             ("train", "output_dir", datetime.date(2024, 6, 1), "(YAML reads it as a date: quote it, \"2024-06-01\","),
             ("model", "lm", 5, "or null, got 5"),
             ("train", "precision", True, "got True (YAML reads it as a flag")):

@@ -182,7 +182,8 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
     if base == "str":
         if not isinstance(value, str):
             read_as = _YAML_READS.get(type(value))
-            example = "" if isinstance(value, bool) else f", \"{value}\","  # (`yes`, `off`: a flag)
+            # (`yes`, `off`: a flag; a float's text need not be what was written: `1.10` reads as 1.1)
+            example = "" if isinstance(value, (bool, float)) else f", \"{value}\","
             raise ValueError(f"{where} must be a string{' or null' if optional else ''}, got {value!r}"
                              + (f" (YAML reads it as {read_as}: quote it{example} to keep it text)" if read_as else ""))
         return value

@@ -109,3 +109,15 @@ def test_results_record_a_local_dataset_by_its_absolute_path(model_and_processor
     _, entries = _results([str(tmp_path / "e0"), str(tmp_path / "e2")])
     assert {(e.dataset_name, e.metric_name) for e in entries} == {
         ("okvqa", "vqa_accuracy (0-shot)"), ("okvqa", "vqa_accuracy (2-shot)")}
+
+
+def test_results_record_the_weights_the_model_was_evaluated_with(tmp_path):
+    """A float and a bf16 (or quantized) evaluation of one model are told apart by their results.json."""
+    import torch
+
+    model, processor = tiny_flamingo()
+    data = make_vqa(tmp_path / "data")
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        results = evaluate(model.to(dtype).eval(), processor, "vqa", str(data), shots=[0], trials=1,
+                           out_dir=str(tmp_path / name), **QUICK)
+        assert (results["settings"]["dtype"], results["settings"]["quantize_frozen"]) == (name, "none")

@@ -307,7 +307,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                      "world_size": world_size(), "kind": task.kind,
                      "rank_by": task.rank_by if task.kind == "rank" else None,
                      "demo_answer": task.demo_answer if isinstance(task, VQATask) else None,
-                     "generation": task.generation_settings(generation) if task.kind == "generate" else None},
+                     "generation": task.generation_settings(generation) if task.kind == "generate" else None,
+                     **weights_format(model)},
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -321,6 +322,16 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                       f"prompted with them were skipped and counted (runs' skipped_by), e.g. {min(unreadable)}",
                       stacklevel=2)
     return results
+
+
+def weights_format(model: Union[Flamingo, RemoteModel]) -> dict[str, Optional[str]]:
+    """The weights an in-process model evaluated with: its dtype (the embedding's: quantization leaves it) and its
+    frozen backbones' `quantize_frozen` mode, so that a float and a quantized evaluation of one model are told apart
+    by their results; None for a server's model, which the server loaded."""
+    if isinstance(model, RemoteModel):
+        return {"dtype": None, "quantize_frozen": None}
+    dtype = model.lm.get_input_embeddings().weight.dtype
+    return {"dtype": str(dtype).removeprefix("torch."), "quantize_frozen": model.config.quantize_frozen}
 
 
 def recorded_data(data_dir: str) -> str:

@@ -180,7 +180,10 @@ def test_a_last_frame_shown_longer_than_a_step_is_sampled_while_it_is(fmt, codec
 def test_a_huge_last_frame_duration_costs_its_kept_instants_only(monkeypatch):
     """A last frame shown 10^12 s (a damaged or crafted packet duration): the held tail converts only its kept
     instants (it walked every instant, hours), and the header's length bounds how long the frame is held."""
-    held = _encode(_greys(SLIDES), fmt="matroska", rate=25, pts_ms=[0, 1000, 2000], last_ms=10**15, codec="mpeg4")
+    try:
+        held = _encode(_greys(SLIDES), fmt="matroska", rate=25, pts_ms=[0, 1000, 2000], last_ms=10**15, codec="mpeg4")
+    except OverflowError:  # PyAV 15 - 16 hold a packet's duration in 32 bits
+        pytest.skip(f"PyAV {av.__version__} cannot write a packet duration of 10^15 ms (17 on can)")
     start = time.perf_counter()
     assert _close(_levels(decode_video(held, fps=1.0, max_frames=4)), [200] * 4)  # all four in the held tail
     assert time.perf_counter() - start < 5  # (was linear in the duration: 10^8 s took 8 s)

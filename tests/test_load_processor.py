@@ -14,6 +14,7 @@ from test_idefics_equal import IdeficsImageProcessorPil, save_peer
 
 from flamingo.build import load_pretrained
 from flamingo.convert.auto import load_model, load_processor
+from flamingo.runtime.compat import TRANSFORMERS
 from flamingo.tiny import random_image, tiny_flamingo
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -101,10 +102,14 @@ OTTER_CASES = {  # name: (LM, Otter's class, frames, the repository ships its to
 @pytest.mark.parametrize("case", list(OTTER_CASES))
 def test_an_otter_repository(tmp_path, monkeypatch, case):
     pytest.importorskip("otter_ai", reason="otter-ai is not installed")
-    from test_otter_equal import _reference
+    from test_otter_equal import OtterConfig, OtterFlamingoConfig, _reference
 
     from flamingo.tiny import tiny_image_processor
 
+    if TRANSFORMERS < (5, 0):  # the peer's save: transformers 4 diffs a config against `type(config)()`, which
+        for config in (OtterConfig, OtterFlamingoConfig):  # Otter's refuse (KeyError 'model_type'); their
+            monkeypatch.setattr(config, "has_no_defaults_at_init", True)  # `is_composition` is this flag's old name
+            monkeypatch.setattr(config, "_get_non_default_generation_parameters", lambda self: {})
     lm, kind, frames, own = OTTER_CASES[case]
     _, source, tok_dir = _reference(tmp_path, monkeypatch, lm, frames=frames, kind=kind)
     if own:

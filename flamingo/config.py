@@ -60,6 +60,11 @@ def _refuse_constant(name: str) -> Any:
     raise NonFiniteValue(f"it holds {name}, which no FlamingoConfig field takes (edited by hand?)")
 
 
+# the options only one variant of the block or the resampler has, with their defaults (FlamingoConfig's)
+_IDEFICS_BLOCK_OPTIONS = {"xattn_qk_norm": False, "xattn_ffw_dim": None, "xattn_norm_eps": 1e-6}
+_PERCEIVER_OPTIONS = {"resampler_qk_norm": False, "resampler_ffw_act": "gelu"}
+
+
 @dataclass
 class FlamingoConfig:
     # Cross-attention placement: a GATED XATTN-DENSE block runs before LM layer i when (i + 1) % xattn_every == 0
@@ -155,6 +160,17 @@ class FlamingoConfig:
             raise ValueError("block='idefics' needs xattn_ffw_dim (the gated MLP's hidden width)")
         if self.resampler_ffw_act not in ("gelu", "relu"):
             raise ValueError(f"resampler_ffw_act must be 'gelu' or 'relu', got {self.resampler_ffw_act!r}")
+        # an option of the other variant would be ignored, never silently: refused where it differs from its default
+        unused = ([f"{name}={getattr(self, name)!r}" for name, default in _IDEFICS_BLOCK_OPTIONS.items()
+                   if getattr(self, name) != default] if self.block == "flamingo" else [])
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set an option of block='idefics', which the flamingo block does not "
+                             "have: set block='idefics' or leave them out")
+        unused = ([f"{name}={getattr(self, name)!r}" for name, default in _PERCEIVER_OPTIONS.items()
+                   if getattr(self, name) != default] if self.resampler == "mlp" else [])
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set an option of resampler='perceiver', which the mlp resampler "
+                             "does not have: set resampler='perceiver' or leave them out")
         if self.xattn_layers is not None and (sorted(set(self.xattn_layers)) != list(self.xattn_layers)
                                               or min(self.xattn_layers, default=0) < 0):
             raise ValueError(f"xattn_layers must be distinct increasing layer indices, got {self.xattn_layers}")

@@ -140,6 +140,11 @@ def test_from_backbones_takes_a_dtype_name(tmp_path):
     ({"media_token_id": "301"}, "media_token_id must be a token id"),
     ({"xattn_layers": [0, 2.0]}, "xattn_layers must be a list of layer indices"),
     ({"gated": 1}, "gated must be true or false"),
+    # an option of the other variant, which would be ignored
+    ({"xattn_qk_norm": True}, r"xattn_qk_norm=True set an option of block='idefics'"),
+    ({"xattn_ffw_dim": 64, "xattn_norm_eps": 1e-5}, r"xattn_ffw_dim=64, xattn_norm_eps=1e-05 set an option of block"),
+    ({"resampler": "mlp", "resampler_ffw_act": "relu"}, r"resampler_ffw_act='relu' set an option of "
+                                                        "resampler='perceiver'"),
 ])
 def test_a_config_field_of_the_wrong_type_or_range_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -53,14 +53,16 @@ def test_predictions_and_metrics_through_the_server_equal_in_process(served, tas
 
 def test_chat_requests_carry_the_formats_stop_strings_and_predictions_equal_in_process(served, tmp_path,
                                                                                        monkeypatch):
-    """With chat prompts each completion request carries the chat format's stop strings (the first MAX_STOPS, the
-    most a request may carry), the server stops at them, and the prediction files equal the in-process ones: cut at
-    every stop string, one past the limit included (the harness cuts there itself)."""
+    """With chat prompts each completion request carries all of the chat format's stop strings (five here: more than
+    OpenAI's 4, within the server's MAX_STOPS), the server stops at each of them, and the prediction files equal the
+    in-process ones: cut at every stop string. Every chat format's stop strings fit in a request."""
     import dataclasses
 
     import flamingo.eval.runner as runner
-    from flamingo.chat import FLAMINGO
-    from flamingo.eval.remote import MAX_STOPS
+    from flamingo.chat import FLAMINGO, ChatFormat, IdeficsChat, MMGPTChat, OtterChat
+    from flamingo.serve.protocol import MAX_STOPS
+
+    assert all(len(fmt.stops) <= 4 for fmt in (ChatFormat, IdeficsChat, MMGPTChat, OtterChat))  # OpenAI's limit too
 
     model_dir, url = served
     data = DATASET_MAKERS["vqa"](tmp_path / "data")
@@ -69,7 +71,7 @@ def test_chat_requests_carry_the_formats_stop_strings_and_predictions_equal_in_p
     evaluate(model, processor, "vqa", str(data), out_dir=str(tmp_path / "uncut"), **common)  # no stop strings
     uncut = [r["raw"] for records in _records(tmp_path / "uncut", "vqa").values() for r in records]
     # stop strings inside the tiny model's answers: a letter after an answer's first character, and another from an
-    # answer without the first, which only the harness cuts at (the fifth stop string: the server is not sent it)
+    # answer without the first (the fifth stop string: past OpenAI's limit of 4, the server stops there too)
     inner = [[c for c in raw[1:] if c.isascii() and c.isalpha()] for raw in uncut]
     first = next(letters[0] for letters in inner if letters)
     fifth = next(c for raw, letters in zip(uncut, inner) if first not in raw for c in letters)
@@ -89,11 +91,10 @@ def test_chat_requests_carry_the_formats_stop_strings_and_predictions_equal_in_p
     for a, b in zip(local["runs"], remote["runs"], strict=True):
         assert b["metrics"] == pytest.approx(a["metrics"])
     assert _records(tmp_path / "remote", "vqa") == _records(tmp_path / "local", "vqa")
-    assert MAX_STOPS == 4 and len(exchanges) == len(uncut)
-    assert all(body["stop"] == [first, "@@never1", "@@never2", "@@never3"] for body, _ in exchanges)
-    # the server stopped at the first stop string, which some answers hold, and ran past the fifth: cut here
-    assert all(first not in choice["text"] for _, choice in exchanges)
-    assert any(fifth in choice["text"] for _, choice in exchanges)
+    assert len(fmt.stops) <= MAX_STOPS and len(exchanges) == len(uncut)
+    assert all(body["stop"] == [first, "@@never1", "@@never2", "@@never3", fifth] for body, _ in exchanges)
+    # the server stopped at the first stop string and at the fifth (an uncut answer without the first holds it)
+    assert all(first not in choice["text"] and fifth not in choice["text"] for _, choice in exchanges)
     records = [r for records in _records(tmp_path / "local", "vqa").values() for r in records]
     assert [r["raw"] for r in records] == [raw.split(first)[0].split(fifth)[0] for raw in uncut]
 

@@ -32,7 +32,11 @@ def _ours(lm: str):
     """A model of ours as training leaves it: gates, time embeddings and added rows (and an untied head's, its bias
     too) all non-zero and unlike their initial values; a head bias (Phi's) non-zero in the LM's rows too, as a real
     Phi's is."""
-    model, processor = tiny_flamingo(lm, gates=0.4, **FACTORY)
+    return _trained(*tiny_flamingo(lm, gates=0.4, **FACTORY))
+
+
+def _trained(model, processor):
+    """`model` with its trained tensors set as `_ours` says."""
     torch.manual_seed(3)
     with torch.no_grad():
         for block in model.xattn:  # every gate its own value
@@ -212,3 +216,92 @@ def test_export_overwrites_only_an_earlier_export(tmp_path, capsys, monkeypatch)
         to_openflamingo.save_openflamingo_checkpoint(model, str(out))
     assert (out.read_bytes(), (tmp_path / "new" / "checkpoint.pt.json").read_bytes()) == first
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["checkpoint.pt", "checkpoint.pt.json"]
+
+
+def _openflamingo_factory(vision, monkeypatch):
+    """OpenFlamingo 2.0.1's own `create_model_and_transforms` (its factory.py, loaded beside the peer's modules),
+    with open_clip (not installed: it pulls torchvision) a stub that serves the HF tower `vision` under any name."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    from flamingo.peers.openflamingo import _PACKAGE, HFVisualForOpenFlamingo, load_openflamingo_modules
+
+    load_openflamingo_modules()
+    stub = types.ModuleType("open_clip")
+    stub.create_model_and_transforms = lambda name, pretrained=None: (
+        types.SimpleNamespace(visual=HFVisualForOpenFlamingo(vision)), None, None)
+    stub.get_model_config = lambda name: {"vision_cfg": {"width": vision.config.hidden_size}}
+    monkeypatch.setitem(sys.modules, "open_clip", stub)
+    spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.factory",
+                                                  Path(sys.modules[_PACKAGE].__path__[0]) / "factory.py")
+    factory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory)
+    return factory.create_model_and_transforms
+
+
+@pytest.mark.parametrize("lm", ["phi", "qwen2"])
+def test_the_recipe_followed_as_written_builds_openflamingo(lm, tmp_path, monkeypatch):
+    """The recipe's `create_model_and_transforms` arguments, passed as written to OpenFlamingo 2.0.1's own factory
+    (the LM and tokenizer from the directory the model was built on; the vision tower served for its open_clip
+    names), build the model that loads the export and computes our logits, for LMs whose decoder layers the factory
+    cannot infer from the class name (it knows OPT, GPT-J, Pythia, LLaMA, GPT-NeoX and MPT): the recipe names them."""
+    from flamingo.build import from_backbones
+    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_vision
+
+    lm_dir = tmp_path / "lm"
+    tiny_lm(lm).save_pretrained(str(lm_dir))
+    tiny_tokenizer().save_pretrained(str(lm_dir))  # read back as the LM's class reads it (Qwen2's adds a pad token)
+    model, processor = _trained(*from_backbones(tiny_vision(), str(lm_dir), config=tiny_flamingo_config(**FACTORY),
+                                                image_processor=tiny_image_processor()))
+    out = tmp_path / "checkpoint.pt"
+    recipe = save_openflamingo_checkpoint(model, str(out), processor)
+    arguments = recipe["create_model_and_transforms"]
+    assert arguments["tokenizer_path"] == str(lm_dir) and arguments["decoder_layers_attr_name"] == "model.layers"
+
+    peer, _, tokenizer = _openflamingo_factory(copy.deepcopy(model.vision), monkeypatch)(**arguments)
+    for line in recipe.get("before_load", []):
+        exec(line, {"torch": torch, "model": peer})
+    result = peer.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert not result.unexpected_keys
+    batch = _batch(processor)
+    assert tokenizer(PROMPTS[0]).input_ids == processor.tokenizer(PROMPTS[0]).input_ids
+    with torch.no_grad():
+        mine = model(**batch).logits
+        theirs = peer.eval()(vision_x=batch["images"], lang_x=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-5
+
+
+def test_the_recipe_names_no_tokenizer_other_than_the_one_converted_with(tmp_path, monkeypatch):
+    """A model converted with a tokenizer other than its LM directory's (`--tokenizer`; here the LM's has a pad
+    token, the given one none, so the model's table has `<PAD>` too): the recipe does not name the LM's tokenizer,
+    on which OpenFlamingo's factory builds a table of another size, but says which one to use and why; that one
+    gives the factory the export's table."""
+    from flamingo.build import from_backbones
+    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_vision
+
+    lm_dir, converted = tmp_path / "lm_pad", tmp_path / "tokenizer"
+    padded = tiny_tokenizer()
+    padded.pad_token = padded.eos_token
+    tiny_lm("llama", vocab_size=len(padded)).save_pretrained(str(lm_dir))
+    padded.save_pretrained(str(lm_dir))
+    tiny_tokenizer().save_pretrained(str(converted))
+    model, processor = from_backbones(tiny_vision(), str(lm_dir), tiny_tokenizer(), tiny_flamingo_config(**FACTORY),
+                                      image_processor=tiny_image_processor())
+    assert model.config.num_new_tokens == 3  # <|endofchunk|>, <image>, <PAD>
+    recipe = save_openflamingo_checkpoint(model, str(tmp_path / "checkpoint.pt"), processor)
+    arguments = recipe["create_model_and_transforms"]
+    assert arguments["lang_encoder_path"] == str(lm_dir)
+    assert arguments["tokenizer_path"].startswith("<the tokenizer this model was converted with")
+    assert "--tokenizer" in arguments["tokenizer_path"] and "300 tokens and pad token id" in arguments["tokenizer_path"]
+    table = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["lang_encoder.model.embed_tokens.weight"]
+
+    build = _openflamingo_factory(copy.deepcopy(model.vision), monkeypatch)
+    rows = {}
+    for name, tokenizer_path in (("lm", str(lm_dir)), ("converted", str(converted))):
+        peer, _, _ = build(**{**arguments, "tokenizer_path": tokenizer_path})
+        rows[name] = peer.lang_encoder.get_input_embeddings().num_embeddings
+    assert rows == {"lm": table.shape[0] - 1, "converted": table.shape[0]}

@@ -33,8 +33,8 @@ import torch
 from ..config import FlamingoConfig
 from ..model.flamingo import Flamingo
 from ..model.lora import has_lora
-from ..processing import FlamingoProcessor
-from ..runtime.hub import is_hub_name
+from ..processing import FlamingoProcessor, load_tokenizer
+from ..runtime.hub import METADATA, is_hub_name
 from .openflamingo import CLIP_VIT_L, OF_HEAD_DIM, module_names, param_name
 
 # What `create_model_and_transforms` builds, whatever the checkpoint: PerceiverResampler(dim) and
@@ -151,21 +151,55 @@ LM_UNNAMED = "<the hub name or path of the LM this model was converted from or b
 WRITTEN_BY = "flamingo export open-flamingo"  # the recipe's `written_by`: what tells an earlier export
 
 
+def lm_tokenizer_problem(c: FlamingoConfig) -> Optional[str]:
+    """Why OpenFlamingo's factory, given the LM's own tokenizer (`lm_name_or_path`), would not build this model's
+    embedding table, or None. The factory adds `<|endofchunk|>`, `<image>` and, without a pad token, `<PAD>` to the
+    tokenizer it is given: the model's rows come out only from a tokenizer of `first_new_token_id` tokens with the pad
+    token the model was converted with (a model converted with another one, `flamingo convert ... --tokenizer`,
+    e.g. Med-Flamingo's, may differ from its LM's in size or pad token). None too when that tokenizer cannot be read
+    here: a Hub LM's is read from the local Hub cache alone, at its recorded commit (an export downloads nothing)."""
+    first, n = c.first_new_token_id, c.num_new_tokens - c.num_image_references
+    if not c.lm_name_or_path or first is None or not n:
+        return None
+    try:
+        source = c.lm_name_or_path
+        if is_hub_name(source) and not os.path.isdir(source):
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(source, revision=c.lm_revision, allow_patterns=list(METADATA),
+                                       local_files_only=True)
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError, ImportError):  # not here (not in the cache), or no tokenizer files
+        return None
+    pad = tokenizer.pad_token_id
+    if len(tokenizer) == first and (pad is None) == (n == 3) and (pad is None or c.pad_token_id in (None, pad)):
+        return None
+    theirs = f"pad token id {pad}" if pad is not None else "no pad token (the factory adds <PAD>)"
+    ours = f"pad token id {c.pad_token_id}" if n == 2 else f"<PAD> added at id {first + 2}"
+    return (f"the LM's tokenizer ({c.lm_name_or_path}) has {len(tokenizer)} tokens and {theirs}; this model's was "
+            f"converted with {first} tokens and {ours}")
+
+
 def openflamingo_recipe(model: Flamingo, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments, the Hub
-    commits its backbones are pinned to (`revisions`: the factory takes no revision) and the additions its factory
-    does not make. A backbone the model names no source for is a placeholder string saying what to fill in
-    (`LM_UNNAMED`, `<the open_clip model of ...>`), never null."""
+    """How to build the OpenFlamingo model that loads `state`: `create_model_and_transforms` arguments (the LM's
+    decoder layers named: the factory infers them for a few LM classes only), the Hub commits its backbones are
+    pinned to (`revisions`: the factory takes no revision) and the additions its factory does not make. A backbone
+    the model names no source for is a placeholder string saying what to fill in (`LM_UNNAMED`, `<the open_clip
+    model of ...>`), never null; so is the tokenizer when the LM's own would not give the model's table
+    (`lm_tokenizer_problem`)."""
     c = model.config
     vision = c.vision_name_or_path
     clip_name, pretrained = OPEN_CLIP_NAMES.get(vision or "", (None, None))
     tower = vision or "the vision tower this model was converted from or built on: its config names none"
+    problem = lm_tokenizer_problem(c)
+    tokenizer = (f"<the tokenizer this model was converted with (flamingo convert ... --tokenizer): {problem}>"
+                 if problem else c.lm_name_or_path or LM_UNNAMED)
     recipe: dict[str, Any] = {
         "create_model_and_transforms": {
             "clip_vision_encoder_path": clip_name or f"<the open_clip model of {tower}>",
             "clip_vision_encoder_pretrained": pretrained or f"<the open_clip weights of {tower}>",
-            "lang_encoder_path": c.lm_name_or_path or LM_UNNAMED, "tokenizer_path": c.lm_name_or_path or LM_UNNAMED,
-            "cross_attn_every_n_layers": c.xattn_every},
+            "lang_encoder_path": c.lm_name_or_path or LM_UNNAMED, "tokenizer_path": tokenizer,
+            "cross_attn_every_n_layers": c.xattn_every, "decoder_layers_attr_name": model.decoder_layers_path},
         "load": "model.load_state_dict(torch.load(path), strict=False)",
         # the code whose masking rule the model computes (module docstring of convert/openflamingo.py)
         "open_flamingo": "0.0.2 (v1: text sees the next image)" if c.attend_next_image else "2.x",

@@ -3,10 +3,11 @@ any server of its API), the prompts, demos, metrics and records staying the harn
 
 The harness builds each prompt locally, as for a model in-process: its token ids come from the model's processor
 (`--model DIR`: only the processor is loaded), the media go as data URLs. Generation tasks send `/v1/completions`
-with those ids and greedy decoding (the server does not run beams: `--num-beams 1`); in chat prompts with the chat
-format's stop strings as the request's `stop` (at most MAX_STOPS), so the server stops there rather than generating
-the rest of `max_tokens`, and the answer is cut at all of them here as well (a server may ignore `stop`), as
-in-process (`Task.answer_text`). Ranked tasks send, per prompt, the list of its candidates' prompts (the prompt's ids
+with those ids and greedy decoding (the server does not run beams: `--num-beams 1`); in chat prompts with all of the
+chat format's stop strings as the request's `stop` (a format has one or two: within OpenAI's 4 and `flamingo serve`'s
+`protocol.MAX_STOPS`, which tests/test_eval_remote.py checks), so the server stops there rather than generating the
+rest of `max_tokens`, and the answer is cut at them here as well (a server may ignore `stop`), as in-process
+(`Task.answer_text`). Ranked tasks send, per prompt, the list of its candidates' prompts (the prompt's ids
 followed by the candidate's) with `echo`, `logprobs` and `max_tokens: 0`, and sum the candidate tokens'
 log-probabilities: what `model.score_batch` sums in-process. Requests of a batch go out concurrently, so the server
 batches them; a full queue (429) is waited out.
@@ -34,7 +35,6 @@ from .task import Sample, Task
 
 CANDIDATES_PER_REQUEST = 16  # continuations scored per request (within a server's queue; its answer stays small)
 BUSY_RETRIES = 30  # a busy server (429) is asked again after its Retry-After, this many times
-MAX_STOPS = 4  # stop strings a request may carry: OpenAI's limit, which `flamingo serve` enforces (400 beyond it)
 
 
 def media_type(path: str) -> str:
@@ -92,12 +92,12 @@ class RemoteModel:
     def generate_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                        prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
         """Greedy continuations -> [{"prediction", "raw"}], as `predict.generate_batch`: in chat prompts the server
-        stops at the chat format's first MAX_STOPS stop strings, and every answer is cut at all of them here."""
+        stops at the chat format's stop strings, and every answer is cut at them here too."""
         settings = task.generation_settings(generation)
         if settings["num_beams"] != 1:
             raise ValueError(f"{task.name} decodes with {settings['num_beams']} beams; a server decodes greedily: "
                              "evaluate with --num-beams 1")
-        stops = {"stop": list(task.chat.stops[:MAX_STOPS])} if task.chat is not None and task.chat.stops else {}
+        stops = {"stop": list(task.chat.stops)} if task.chat is not None and task.chat.stops else {}
         bodies = [{"prompt": self._ids(processor, load, task, text, media), "media": self._media(media),
                    "max_tokens": int(settings["max_new_tokens"]), "temperature": 0, **stops} for text, media in prompts]
         texts = [reply["choices"][0]["text"] for reply in self._post_all("/v1/completions", bodies)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from .structured import GrammarError, Grammars
 from .template import MediaRef, render_messages
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 # a /v1/responses request runs as a chat completion: the chat fields its errors name, as the Responses API calls them
 RESPONSES_FIELDS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 
@@ -94,6 +96,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     grammars = Grammars(processor.tokenizer, vocab, sorted(engine.eos))
     chat_template = chat_format_for(processor, vocab)  # the served model's conversation format
     control = control_tokens(processor)  # strings chat text may not hold (they would tokenize as control tokens)
+    bos_told = [False]  # whether the log has said once that a text prompt scored with echo got a BOS added
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if batches is not None:
@@ -323,10 +326,28 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             return [prepare(p, frames, req, False, grammar) for p in prompts]
 
         jobs = await run_in_threadpool(prepare_all)
+        if req.echo and req.logprobs is not None:
+            tell_added_bos(prompts, jobs)
         echoes = [p if isinstance(p, str) else processor.decode(p, skip_special_tokens=False) for p in prompts]
         return await run(request, jobs, False, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage),
                          echoes=echoes if req.echo else None)
+
+    def tell_added_bos(prompts: list[Union[str, list[int]]], jobs: list[Job]) -> None:
+        """Log once that an `echo` request with `logprobs` sent a text prompt the tokenizer put its BOS before: the
+        log-probabilities list BOS first, so a client that counts the text's tokens without it (lm-evaluation-harness
+        with `tokenized_requests=False`) reads every one a token late (docs/serve.md, lm-evaluation-harness)."""
+        bos, bos_id = processor.tokenizer.bos_token, processor.tokenizer.bos_token_id
+        if bos_told[0] or bos is None:
+            return
+        for prompt, job in zip(prompts, jobs):
+            if isinstance(prompt, str) and not prompt.startswith(bos) and job.prompt_ids[:1].tolist() == [bos_id]:
+                bos_told[0] = True
+                log.warning("an echo request with logprobs sent its prompt as text, and the tokenizer put its BOS "
+                            "%s before it: the log-probabilities list BOS first, so a client that counts the text's "
+                            "tokens without it (lm-evaluation-harness with tokenized_requests=False) reads each one "
+                            "token late; send token ids (lm-eval's default). Said once.", bos)
+                return
 
     card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
             "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images,

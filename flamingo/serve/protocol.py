@@ -4,8 +4,9 @@ Fields are typed strictly (`"max_tokens": "10"` is an error, not 10) and unknown
 does ("Unrecognized request argument supplied"). Ranges are OpenAI's: penalties in [-2, 2], `logit_bias` at most 300
 token ids with biases in [-100, 100], chat `top_logprobs` up to 20 (with `logprobs: true`), completions `logprobs` up
 to 5; `max_tokens: 0` only with the completions API's `echo` (the prompt's log-probabilities alone, as
-evaluation harnesses ask for them). A field given `null` takes its default, as OpenAI's nullable fields do
-(`"temperature": null` is 1); a required field given `null` is refused.
+evaluation harnesses ask for them). `stop` takes up to MAX_STOPS non-empty strings, a superset of OpenAI's 4 (as
+vLLM takes more: evaluation harnesses send a task's stop strings and EOS). A field given `null` takes its default, as
+OpenAI's nullable fields do (`"temperature": null` is 1); a required field given `null` is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pydantic import (
 )
 
 Number = StrictFloat  # an int or a float (strict mode takes an int for a float; a bool or a string is refused)
+# stop strings a request may carry: a superset of OpenAI's 4, so that lm-evaluation-harness's `until` strings plus the
+# EOS it appends fit (its 4-string tasks send 5); the engine scans each once per token (`find_stop`)
+MAX_STOPS = 16
 
 
 class APIError(Exception):
@@ -142,8 +146,8 @@ class _Sampling(StrictModel):
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
         return tuple(stops)
 
     def biases(self, vocab: int) -> tuple[tuple[int, float], ...]:

@@ -3,7 +3,9 @@ docs/serve.md shows them): OpenAI messages become `Turn`s, checked as a request.
 
 - the last message must be the user's: the model answers after it;
 - system and assistant turns hold text only; user turns hold text, image and video parts (each medium is the
-  prompt's next one, `<image>` in its place);
+  prompt's next one, `<image>` in its place); a user turn written as lm-evaluation-harness writes image prompts (its
+  media parts first, then text holding one `<image>` per medium: `media_placed_in_text`) has each medium where its
+  `<image>` stands;
 - text may not contain the format's markers (media come as parts; a raw prompt goes to /v1/completions), nor the
   strings the tokenizer reads as control tokens (`control_tokens`: its BOS, EOS, pad and other special tokens): in
   text they would become those tokens, not characters, so a user could end a turn from plain text. Both are refused
@@ -26,7 +28,7 @@ from typing import Mapping, Optional
 
 from ..chat import ChatFormat, Turn
 from ..config import MEDIA_TOKEN
-from .protocol import APIError, ImagePart, Message, TextPart
+from .protocol import APIError, ContentPart, ImagePart, Message, TextPart
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,33 @@ def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -
                        param="messages")
 
 
+def media_placed_in_text(parts: list[ContentPart]) -> list[ContentPart]:
+    """A user turn's parts with its media where its text places them, when the turn is written as lm-evaluation-harness
+    writes image prompts (`create_image_prompt`: the media parts first, then text parts that hold exactly one
+    `<image>` per medium): each `<image>` becomes the next medium, in part order. Any other turn's parts as they are
+    (an `<image>` in their text is refused by `check_text`)."""
+    n = sum(not isinstance(p, TextPart) for p in parts)
+    texts = parts[n:]
+    if not n or any(not isinstance(p, TextPart) for p in texts) or \
+            sum(p.text.count(MEDIA_TOKEN) for p in texts) != n:
+        return parts
+    media, placed = iter(parts[:n]), []
+    for part in texts:
+        for k, piece in enumerate(part.text.split(MEDIA_TOKEN)):
+            if k:
+                placed.append(next(media))
+            if piece:
+                placed.append(TextPart(type="text", text=piece))
+    return placed
+
+
 def render_messages(fmt: ChatFormat, messages: list[Message],
                     control: Optional[Mapping[str, str]] = None) -> tuple[str, list[MediaRef]]:
-    """The prompt text (with `<image>` placeholders) and its media, in order; APIError (400) for a conversation the
-    format cannot write, or whose text holds one of the `control` tokens (`control_tokens`; a system or user turn may
-    hold the model's reference tokens, naming images shown before them: `ChatFormat.unshown_reference`)."""
+    """The prompt text (with `<image>` placeholders) and its media, in order (a user turn's media where its text's
+    `<image>`s place them, when it is written as lm-evaluation-harness writes image prompts: `media_placed_in_text`);
+    APIError (400) for a conversation the format cannot write, or whose text holds one of the `control` tokens
+    (`control_tokens`; a system or user turn may hold the model's reference tokens, naming images shown before them:
+    `ChatFormat.unshown_reference`)."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's: the model answers after it", param="messages")
     control = control or {}
@@ -62,7 +86,7 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
     media: list[MediaRef] = []
     for i, message in enumerate(messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) \
-            else message.content
+            else media_placed_in_text(message.content) if message.role == "user" else message.content
         if message.role != "user" and any(not isinstance(p, TextPart) for p in parts):
             article = "an" if message.role == "assistant" else "a"
             raise APIError(400, f"messages[{i}]: {article} {message.role} turn holds text only", param="messages")

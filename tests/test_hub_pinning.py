@@ -218,6 +218,7 @@ def test_a_file_or_a_snapshot_without_weights_is_named_as_such(cache, tmp_path, 
     for load in (load_pretrained, Flamingo.from_pretrained):
         with pytest.raises(
             FileNotFoundError, match="is a file, not a directory .*flamingo convert open-flamingo --checkpoint FILE"
+            ".*flamingo convert mmgpt --finetune FILE"
         ):
             load(str(tmp_path / "checkpoint.pt"))
 

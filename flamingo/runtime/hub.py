@@ -37,9 +37,10 @@ def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
     if is_hub_reference(source):
         return "hub"
     if os.path.isfile(source):
-        hint = (": an OpenFlamingo checkpoint.pt converts once with `flamingo convert open-flamingo --checkpoint FILE "
-                "--vision V --lm L --out DIR`, whose DIR loads" if source.endswith((".pt", ".pth", ".ckpt", ".bin"))
-                else "")
+        hint = (": a torch checkpoint converts once, and its --out DIR loads: an OpenFlamingo checkpoint.pt with "
+                "`flamingo convert open-flamingo --checkpoint FILE --vision V --lm L --out DIR`, a Multimodal-GPT "
+                "LoRA file with `flamingo convert mmgpt --finetune FILE --lm L --out DIR`"
+                if source.endswith((".pt", ".pth", ".ckpt", ".bin")) else "")
         raise FileNotFoundError(f"{what} {source!r} is a file, not a directory (nor a Hub repository name){hint}")
     hint = (" (a Hub repository is named org/name: the Hub's old one-word names now have an org, `gpt2` is "
             "`openai-community/gpt2`)" if _ONE_WORD.match(source) else "")

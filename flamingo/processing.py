@@ -264,6 +264,12 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
                               f"which transformers reads with the {' and '.join(missing)} package"
                               f"{'s' if len(missing) > 1 else ''}: pip install 'flamingo-vlm[convert]' (or pip install "
                               f"{' '.join(missing)})") from e
+        if os.path.isdir(name) and (type(e) is Exception or isinstance(e, (ValueError, KeyError, TypeError,
+                                                                                  AttributeError))):
+            # a damaged tokenizer.json / tokenizer_config.json: JSON's, UTF-8's, the tokenizers library's (a bare
+            # Exception) or transformers' error names no file
+            raise ValueError(f"cannot read the tokenizer in {name!r} (its tokenizer.json or tokenizer_config.json "
+                             f"damaged?): {type(e).__name__}: {' '.join(str(e).split())}") from e
         raise
     if TRANSFORMERS >= (5, 0):
         restore_word_start_normalizer(tokenizer, name)

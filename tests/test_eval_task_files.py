@@ -23,6 +23,7 @@ from helpers import (
     make_videoqa,
     make_videoqa_mc,
     make_visdial,
+    make_vqa,
     write_jsonl,
 )
 
@@ -215,6 +216,24 @@ MALFORMED = {
         _write("classes.json", b'"cat dog"'),
         "must be a list of class names or a {folder: name} map, got str",
     ),
+    "classification classes.json a number": (
+        "classification",
+        make_classification,
+        lambda d: _rw_json(d, "classes.json", lambda c: [c[0], 2.5, *c[2:]]),
+        "'classes' must be a list of strings, got ['cat', 2.5",
+    ),
+    "classification classes.json a list in a list": (
+        "classification",
+        make_classification,
+        lambda d: _rw_json(d, "classes.json", lambda c: [c[0], ["dog"], *c[2:]]),
+        "'classes' must be a list of strings, got ['cat', ['dog']",
+    ),
+    "classification classes.json map to a number": (
+        "classification",
+        make_classification,
+        lambda d: _rw_json(d, "classes.json", lambda c: {"n01": "cat", "n02": 7}),
+        "a {folder: name} map's names must be strings, got 'n02': 7",
+    ),
     "classification candidates a string": (
         "classification",
         make_classification,
@@ -321,3 +340,41 @@ def test_well_formed_files_load_as_before(tmp_path):
     _rw_json(root, "test_qa.json", lambda rows: [{**rows[0], "answers": ["a", "b", 3, "b"]}, rows[1]])
     first, second = get_task("videoqa").load(str(root), "test")
     assert first.references == ["a", "b", "3", "b"] and second.references == [second.answer]
+
+
+HALF_EMOJI = "what \ud83d?"  # valid JSON ("\ud83d": a scraper cut an emoji), not valid Unicode
+
+
+def test_half_an_emoji_in_a_task_file_is_read_as_u_fffd(tmp_path):
+    """As the training data reads it: tokenizers take valid Unicode only (they failed with a TypeError)."""
+    root = make_vqa(tmp_path / "vqa")
+    _rw_json(
+        root,
+        "test_questions.json",
+        lambda q: {"questions": [{**q["questions"][0], "question": HALF_EMOJI}, *q["questions"][1:]]},
+    )
+    assert get_task("vqa").load(str(root), "test")[0].fields["question"] == "what \ufffd?"
+    root = make_videoqa_mc(tmp_path / "mc")
+    _rw_jsonl(root, "test.jsonl", lambda r: {**r, "options": [*r["options"], "a \ud83d"]})
+    assert {s.candidates[-1] for s in get_task("videoqa_mc").load(str(root), "test")} == {"a \ufffd"}
+
+
+def test_a_vqa_run_with_half_an_emoji_in_a_question_goes_on(make_model, tmp_path, one_thread):
+    root = make_vqa(tmp_path / "vqa")
+    _rw_json(
+        root,
+        "test_questions.json",
+        lambda q: {"questions": [{**q["questions"][0], "question": HALF_EMOJI}, *q["questions"][1:]]},
+    )
+    model, processor = make_model("llama")
+    results = evaluate(
+        model,
+        processor,
+        "vqa",
+        str(root),
+        shots=[0],
+        trials=1,
+        progress=False,
+        generation={"max_new_tokens": 2, "num_beams": 1},
+    )
+    assert [run["skipped"] for run in results["runs"]] == [0]

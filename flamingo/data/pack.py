@@ -27,7 +27,15 @@ from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text, valid_text
-from .sources import IMAGE_EXTS, VIDEO_EXTS, caption_text, parse_json_record, read_records, resolve_relative
+from .sources import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    caption_text,
+    parse_json_record,
+    read_media_file,
+    read_records,
+    resolve_relative,
+)
 
 # PIL's format names whose files the tar reader lists under another extension
 FORMAT_EXTS = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}
@@ -115,14 +123,6 @@ class ShardWriter:
         return os.path.join(os.path.dirname(self.paths[0]), f"{first[:i]}{{{lo}..{hi}}}{first[len(first) - j:]}")
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise SkipSample("missing_file", f"{path}: {e}") from e
-
-
 def _ext(path: str) -> str:
     return os.path.splitext(path)[1].lstrip(".").lower() or "bin"
 
@@ -131,7 +131,7 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
     """An image file as the member `{key}.{ext}` the tar reader finds: its own extension where listed, else its
     format's, else re-encoded as PNG (an animation as an animated PNG). Bytes PIL cannot read are `bad_image`, as the
     loader would count them from the table."""
-    data = _read(path)
+    data = read_media_file(path)
     if _ext(path) in IMAGE_EXTS:
         return f"{key}.{_ext(path)}", data
     try:
@@ -162,7 +162,7 @@ def _pair_members(row: dict[str, Any], base_dir: str, key: str, video: bool) -> 
     if not video:
         medium = _image_member(path, key)
     elif _ext(path) in VIDEO_EXTS:
-        medium = (f"{key}.{_ext(path)}", _read(path))
+        medium = (f"{key}.{_ext(path)}", read_media_file(path))
     else:
         raise Unpackable("video_extension", f"{path}: the tar reader takes videos named {'|'.join(VIDEO_EXTS)}")
     return [medium, (f"{key}.txt", valid_text(caption).encode())]
@@ -180,7 +180,7 @@ def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[st
             return path  # inline media stay in the conversation's JSON
         source = resolve_relative(base_dir, path.strip())
         name = f"{key}.{len(members)}.{_ext(source)}"
-        members.append((name, _read(source)))
+        members.append((name, read_media_file(source)))
         return name
 
     if isinstance(row.get("messages"), list):
@@ -227,7 +227,7 @@ def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> tuple[li
             info["image_name"] = None
             continue
         member = f"{key}.{i}.{_ext(path)}"
-        members.append((member, _read(path)))
+        members.append((member, read_media_file(path)))
         info["image_name"] = member
     if missing and not members and not any(isinstance(i, dict) and i.get("image_base64") for i in doc["image_info"]):
         raise SkipSample("missing_file", f"{key}: none of its images exists under {image_dir!r}: {missing[:3]}")
@@ -265,10 +265,10 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
         if images is not None:
             for _, path, caption_path in _folder_pairs(images):
                 try:
-                    caption = caption_text(_read(caption_path), caption_path).strip()
+                    caption = caption_text(read_media_file(caption_path), caption_path).strip()
                     if not caption:
                         raise SkipSample("empty_text", caption_path)
-                    writer.write([(f"{n:09d}.{_ext(path)}", _read(path)), (f"{n:09d}.txt", caption.encode())])
+                    writer.write([(f"{n:09d}.{_ext(path)}", read_media_file(path)), (f"{n:09d}.txt", caption.encode())])
                     n += 1
                 except SkipSample as e:
                     skipped[e.reason] += 1

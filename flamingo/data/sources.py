@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 import tempfile
 import warnings
@@ -580,15 +581,23 @@ def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8,
         raise SkipSample(bad, f"{name}: {type(e).__name__}: {e}") from e
 
 
-def file_ref(path: str, video: bool = False) -> MediaRef:
-    def read() -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise SkipSample("missing_file", f"{path}: {e}") from e
+def read_media_file(path: str) -> bytes:
+    """A medium's file -> its bytes, or SkipSample('missing_file') where no regular file has that name: none exists,
+    it is a directory, FIFO, device or socket (a stat says so before opening: a FIFO's read would wait forever, a
+    device's never end), or the name can be no file's (a NUL byte, half a UTF-16 surrogate pair: named by repr)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SkipSample("missing_file", f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SkipSample("missing_file", f"{path}: {e}") from e
+    except ValueError as e:  # open's `embedded null byte`, a UnicodeEncodeError for a lone surrogate
+        raise SkipSample("missing_file", f"{path!r}: no file can have this name ({e})") from e
 
-    return MediaRef(path, read, video, cache_key=os.path.abspath(path))
+
+def file_ref(path: str, video: bool = False) -> MediaRef:
+    return MediaRef(path, functools.partial(read_media_file, path), video, cache_key=os.path.abspath(path))
 
 
 def member_ref(shard: TarShard, member: tarfile.TarInfo, video: bool = False) -> MediaRef:

@@ -7,7 +7,7 @@ both (their union), named by classes.json (`folder_labels`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .task import Sample, Task, episode_fields, list_field, media_path, read_json, read_jsonl
 
@@ -32,10 +32,7 @@ class ClassificationTask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
-        names = read_json(root / "classes.json") if (root / "classes.json").is_file() else None
-        if names is not None and not isinstance(names, (list, dict)):  # a string would name a class per character
-            raise ValueError(f"{str(root / 'classes.json')!r} must be a list of class names or a {{folder: name}} "
-                             f"map, got {type(names).__name__}")
+        names = read_classes(root / "classes.json")
         if (root / f"{split}.jsonl").is_file():
             records = read_jsonl(root / f"{split}.jsonl")
             for r in records:
@@ -71,6 +68,25 @@ class ClassificationTask(Task):
         ranked = [p["top5"] for p in predictions]
         return {"top1_accuracy": 100.0 * topk_accuracy(labels, ranked, 1),
                 "top5_accuracy": 100.0 * topk_accuracy(labels, ranked, 5)}
+
+
+def read_classes(path: Path) -> Optional[list[str] | dict[str, str]]:
+    """classes.json (None where there is none): a list of class names or a {folder: name} map, its names strings (a
+    number or a list would reach the prompts as no class name), else a ValueError naming the file; a string would
+    name a class per character."""
+    if not path.is_file():
+        return None
+    names = read_json(path)
+    if isinstance(names, dict):
+        bad = next(((folder, name) for folder, name in names.items() if not isinstance(name, str)), None)
+        if bad is not None:
+            raise ValueError(f"{str(path)!r}: a {{folder: name}} map's names must be strings, got {bad[0]!r}: "
+                             f"{bad[1]!r:.80}")
+        return names
+    if not isinstance(names, list):
+        raise ValueError(f"{str(path)!r} must be a list of class names or a {{folder: name}} map, got "
+                         f"{type(names).__name__}")
+    return list_field(path, "(one name per class)", names, "classes", "a list of strings", items=(str,))
 
 
 def folder_labels(root: Path, names: Any) -> dict[str, str]:

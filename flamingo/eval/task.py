@@ -27,6 +27,7 @@ a record's `raw`; `prediction` postprocesses it).
 from __future__ import annotations
 
 import json
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,24 +211,52 @@ def _existing(path: Path) -> Path:
     return path
 
 
+# a JSON escape of a UTF-16 surrogate (`\ud83d`): the only way a lone one gets into text read as strict UTF-8
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_strings(value: Any) -> Any:
+    """Parsed JSON with each lone UTF-16 surrogate in its strings (half an emoji cut by a scraper: valid JSON, not
+    valid Unicode) replaced by U+FFFD, as the training data reads text (`flamingo.data.sequence.valid_text`):
+    tokenizers take valid Unicode only."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [valid_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_strings(k): valid_strings(v) for k, v in value.items()}
+    return value
+
+
+def _parsed(text: str) -> Any:
+    """`json.loads(text)`, its strings made valid Unicode (`valid_strings`) where an escape may have left them not."""
+    value = json.loads(text)
+    return valid_strings(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+def _text(path: Path) -> str:
+    """A task file's text (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data)."""
+    return _existing(path).read_text(encoding="utf-8-sig")
+
+
 def read_json(path: Path) -> Any:
-    """A task file's JSON (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data)."""
-    with open(_existing(path), encoding="utf-8-sig") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"evaluation file {str(path)!r} is not JSON: {e}") from None
+    """A task file's JSON (`_text`), its strings valid Unicode (`valid_strings`)."""
+    try:
+        return _parsed(_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"evaluation file {str(path)!r} is not JSON: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A task file of one JSON value a line (`_text`), its strings valid Unicode (`valid_strings`)."""
     records = []
-    with open(_existing(path), encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"evaluation file {str(path)!r}: line {n} is not JSON: {e}") from None
+    for n, line in enumerate(_text(path).split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028 raw)
+        if line.strip():
+            try:
+                records.append(_parsed(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"evaluation file {str(path)!r}: line {n} is not JSON: {e}") from None
     return records
 
 

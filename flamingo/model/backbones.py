@@ -16,6 +16,13 @@ from ..runtime.compat import dtype_kwargs
 from ..runtime.hub import local_or_hub
 from .mosaic_gpt import register as register_mosaic_gpt
 
+try:  # huggingface_hub >= 0.32: transformers 5's configs check their fields' types as they load
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older one (transformers 4): no typed configs
+
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        """Stands in for huggingface_hub's: nothing raises it."""
+
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
 # Architectures with no decoder layer modules a block could go before (model_type -> why).
@@ -95,7 +102,7 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
     else:
         local_or_hub(vision, "vision tower")
         check_no_remote_code(vision, "vision tower", **kwargs)
-        model = AutoModel.from_pretrained(vision, **without_remote_code(with_dtype(kwargs)))
+        model = backbone_from_pretrained(AutoModel, vision, "vision tower", **without_remote_code(with_dtype(kwargs)))
     config = getattr(model, "config", None)
     if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
         half = model.vision_model
@@ -154,7 +161,18 @@ def load_lm(lm: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> PreTrained
     local_or_hub(lm, "LM")
     register_mosaic_gpt()
     check_causal_lm_source(lm, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(lm, **without_remote_code(with_dtype(kwargs)))
+    return backbone_from_pretrained(AutoModelForCausalLM, lm, "LM", **without_remote_code(with_dtype(kwargs)))
+
+
+def backbone_from_pretrained(auto: Any, source: Union[str, os.PathLike], what: str, **kwargs: Any) -> Any:
+    """`auto.from_pretrained(source, **kwargs)`; a config field of the wrong type (a hand-edited `"hidden_size":
+    "64"`, which transformers 5's typed configs refuse) is a one-line ValueError naming the backbone and its file."""
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except StrictDataclassError as e:
+        local = os.path.join(os.fspath(source), "config.json")
+        where = repr(local) if os.path.isfile(local) else f"{os.fspath(source)!r}'s config.json"
+        raise ValueError(f"the {what}'s config {where} is invalid: {' '.join(str(e).split())}") from e
 
 
 # `from_pretrained` kwargs that say where a config is read from (the others are the model's)

@@ -13,10 +13,11 @@ from flamingo.data import build_source
 from flamingo.data.errors import SkipSample
 from flamingo.data.fixtures import image_bytes, make_pairs, mmc4_document, tiny_processor, write_jsonl
 from flamingo.data.inspect import inspect_dataset
-from flamingo.data.sequence import IGNORE_INDEX, valid_text
+from flamingo.data.sequence import IGNORE_INDEX
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.processing import FlamingoProcessor
+from flamingo.runtime.text import valid_text
 from flamingo.tiny import tiny_image_processor
 from flamingo.train.config import DatasetSection
 

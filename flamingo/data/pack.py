@@ -25,8 +25,9 @@ from PIL import Image
 
 from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
+from ..runtime.text import valid_text
 from .errors import SkipSample, merge_counts
-from .sequence import clean_text, valid_text
+from .sequence import clean_text
 from .sources import (
     IMAGE_EXTS,
     VIDEO_EXTS,

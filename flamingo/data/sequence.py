@@ -21,7 +21,6 @@ the middle of a caption would be trained as a target.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Collection, Optional, Sequence
 
@@ -36,7 +35,6 @@ from .errors import SkipSample
 from .sources import MediaRef
 
 IGNORE_INDEX = -100
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -68,13 +66,6 @@ class Encoded:
 def clean_text(text: str) -> str:
     """Raw text with the special markers removed, so the `<image>` count always equals the media count."""
     return text.replace(MEDIA_TOKEN, " ").replace(END_OF_CHUNK_TOKEN, " ").strip()
-
-
-def valid_text(text: str) -> str:
-    """`text` with each lone UTF-16 surrogate (half an emoji cut by a scraper: valid JSON, not valid Unicode) replaced
-    by U+FFFD, one character for one, so character spans (a conversation's answers) keep their place. Tokenizers take
-    valid UTF-8 only, and a tar caption's broken bytes are decoded to U+FFFD the same way."""
-    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 def make_labels(input_ids: Sequence[int], media_token_id: int, marker_ids: Sequence[int] = ()) -> list[int]:

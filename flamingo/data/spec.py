@@ -9,12 +9,13 @@ from ..chat import FLAMINGO, ChatFormat, chat_format_for
 from ..config import END_OF_CHUNK_TOKEN
 from ..processing import FlamingoProcessor
 from ..runtime.lru import TensorCache
+from ..runtime.text import valid_text
 from .chat import chat_example
 from .interleaved import interleaved_example
 from .kinds import check_stream_options, resolve_options
 from .pairs import pair_example
 from .remote import ShardFetcher, default_cache_dir, is_remote
-from .sequence import Encoded, Example, encode_example, has_token, valid_text
+from .sequence import Encoded, Example, encode_example, has_token
 from .sources import RawRecord, expand_path
 
 

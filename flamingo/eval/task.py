@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..chat import ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
+from ..runtime.text import valid_strings
 
 if TYPE_CHECKING:
     from ..runtime.lru import LRU
@@ -213,20 +214,6 @@ def _existing(path: Path) -> Path:
 
 # a JSON escape of a UTF-16 surrogate (`\ud83d`): the only way a lone one gets into text read as strict UTF-8
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def valid_strings(value: Any) -> Any:
-    """Parsed JSON with each lone UTF-16 surrogate in its strings (half an emoji cut by a scraper: valid JSON, not
-    valid Unicode) replaced by U+FFFD, as the training data reads text (`flamingo.data.sequence.valid_text`):
-    tokenizers take valid Unicode only."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [valid_strings(v) for v in value]
-    if isinstance(value, dict):
-        return {valid_strings(k): valid_strings(v) for k, v in value.items()}
-    return value
 
 
 def _parsed(text: str) -> Any:

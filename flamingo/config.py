@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"  # IDEFICS writes each <image> between two
 END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS's end of a dialogue turn (its instruct models' tokenizers hold it)
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")
+log = logging.getLogger(__name__)
 
 
 def lora_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +260,10 @@ class FlamingoConfig:
             raise ValueError(f"{path!r} is not readable JSON (truncated or damaged?): {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path!r} holds a JSON {type(raw).__name__}, not an object of FlamingoConfig fields")
-        config = cls.from_dict(raw)
+        try:
+            config = cls.from_dict(_without_unread_options(raw, path))
+        except ValueError as e:  # a field's check: the message names the field, this the file
+            raise ValueError(f"{path!r}: {e}") from None
         if config.media_token_id is None:  # set when a model is built: without it the first call fails far away
             raise ValueError(f"{path!r} names no media_token_id: not a complete saved Flamingo config")
         return config
@@ -271,6 +276,19 @@ class FlamingoConfig:
                 raise ValueError(f"xattn_layers {beyond} lie beyond the LM's {num_lm_layers} layers")
             return list(self.xattn_layers)
         return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]
+
+
+def _without_unread_options(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """A saved config's fields without the options of the other block or resampler variant, which its model never
+    read (a config now refuses them, `__post_init__`; a model saved with one loads as it always computed), each
+    dropped with a warning."""
+    unread = dict(_IDEFICS_BLOCK_OPTIONS) if raw.get("block", "flamingo") == "flamingo" else {}
+    unread.update(_PERCEIVER_OPTIONS if raw.get("resampler", "perceiver") == "mlp" else {})
+    dropped = {name: raw[name] for name, default in unread.items() if name in raw and raw[name] != default}
+    for name, value in dropped.items():
+        log.warning("%s: %s=%r is an option of another block or resampler variant than this model's, which never "
+                    "read it: ignored (delete it from the file)", path, name, value)
+    return {k: v for k, v in raw.items() if k not in dropped}
 
 
 def _what_else(directory: str) -> str:

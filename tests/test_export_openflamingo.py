@@ -305,3 +305,24 @@ def test_the_recipe_names_no_tokenizer_other_than_the_one_converted_with(tmp_pat
         peer, _, _ = build(**{**arguments, "tokenizer_path": tokenizer_path})
         rows[name] = peer.lang_encoder.get_input_embeddings().num_embeddings
     assert rows == {"lm": table.shape[0] - 1, "converted": table.shape[0]}
+
+
+def test_an_lm_tokenizer_that_cannot_be_read_leaves_the_recipe_naming_the_lm(tmp_path, monkeypatch):
+    """`lm_tokenizer_problem` reads the LM's tokenizer only to check it: one no tokenizer class reads (any error the
+    loader raises) is no reason to refuse or fail the export; the recipe names the LM, as before the check."""
+    import flamingo.convert.to_openflamingo as export
+    from flamingo.build import from_backbones
+    from flamingo.tiny import tiny_flamingo_config, tiny_image_processor, tiny_lm, tiny_vision
+
+    lm_dir = tmp_path / "lm"
+    tiny_lm("llama").save_pretrained(str(lm_dir))
+    tiny_tokenizer().save_pretrained(str(lm_dir))
+    model, processor = from_backbones(tiny_vision(), str(lm_dir), config=tiny_flamingo_config(**FACTORY),
+                                      image_processor=tiny_image_processor())
+
+    def unreadable(source):
+        raise Exception("data did not match any variant of untagged enum ModelWrapper")  # tokenizers' own
+
+    monkeypatch.setattr(export, "load_tokenizer", unreadable)
+    recipe = save_openflamingo_checkpoint(model, str(tmp_path / "checkpoint.pt"), processor)
+    assert recipe["create_model_and_transforms"]["tokenizer_path"] == str(lm_dir)

@@ -262,3 +262,20 @@ def test_an_lru_replacing_a_key_evicts_the_old_value_even_when_the_new_one_is_to
     assert left == ["xx"] and store.size == 2
     store.put("a", "zzzz")  # over the budget: not stored, and the stale value leaves
     assert left == ["xx", "yy"] and "a" not in store and store.size == 0
+
+
+def test_a_saved_config_with_an_unread_option_of_the_other_variant_still_loads(tmp_path, caplog):
+    """A config now refuses `xattn_norm_eps` on a flamingo block; a model saved with one (which its block never read)
+    loads as it computed, the option dropped with a warning naming the file. A field's error names the file too."""
+    model, processor = tiny_flamingo(gates=0.5)
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    path = tmp_path / "m" / CONFIG_NAME
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "xattn_norm_eps": 1e-5, "resampler_ffw_act": "relu"}))
+    with caplog.at_level(logging.WARNING, logger="flamingo.config"):
+        config = FlamingoConfig.load(str(tmp_path / "m"))
+    assert config.xattn_norm_eps == 1e-6 and config.resampler_ffw_act == "relu"  # (perceiver: relu is read)
+    assert "xattn_norm_eps=1e-05 is an option of another block" in caplog.text and CONFIG_NAME in caplog.text
+    path.write_text(json.dumps({**saved, "freeze_lm": 3.5}))
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}': freeze_lm must be true or false, got 3.5"):
+        FlamingoConfig.load(str(tmp_path / "m"))

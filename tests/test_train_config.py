@@ -26,7 +26,7 @@ def test_a_quoted_override_stays_text_as_the_quote_it_advice_says():
     assert config.train.output_dir == "2024" and config.data[0].name == "7"
     assert config.optim.lr == 3e-4 and config.optim.weight_decay == 0.05  # a float field reads a quoted number
     assert load_config("configs/example.yaml", ['train.steps="20"']).train.steps == 20  # and an integer field
-    with pytest.raises(ValueError, match=r"train.output_dir must be a string, got 2024 .*quote it, \"2024\","):
+    with pytest.raises(ValueError, match=r"train.output_dir must be a string, got 2024 .*quote it as written"):
         load_config("configs/example.yaml", ["train.output_dir=2024"])
 
 
@@ -332,8 +332,9 @@ def test_string_fields_yaml_reads_as_numbers_or_dates_and_output_dirs_that_are_f
 
     data = [{"name": "a", "kind": "pairs", "path": "x"}]
     for section, key, value, why in (
-            ("train", "output_dir", 2024, "got 2024 (YAML reads it as an integer: quote it, \"2024\","),
-            ("train", "output_dir", 1.1, "got 1.1 (YAML reads it as a number: quote it to keep it text)"),
+            ("train", "output_dir", 2024, "got 2024 (YAML reads it as an integer: quote it as written to keep it "
+                                          "text)"),
+            ("train", "output_dir", 1.1, "got 1.1 (YAML reads it as a number: quote it as written to keep it text)"),
             ("train", "output_dir", datetime.date(2024, 6, 1), "(YAML reads it as a date: quote it, \"2024-06-01\","),
             ("model", "lm", 5, "or null, got 5"),
             ("train", "precision", True, "got True (YAML reads it as a flag")):

@@ -169,7 +169,7 @@ def lm_tokenizer_problem(c: FlamingoConfig) -> Optional[str]:
             source = snapshot_download(source, revision=c.lm_revision, allow_patterns=list(METADATA),
                                        local_files_only=True)
         tokenizer = load_tokenizer(source)
-    except (OSError, ValueError, ImportError):  # not here (not in the cache), or no tokenizer files
+    except Exception:  # not here (not in the cache), no tokenizer files, or files no tokenizer class reads
         return None
     pad = tokenizer.pad_token_id
     if len(tokenizer) == first and (pad is None) == (n == 3) and (pad is None or c.pad_token_id in (None, pad)):

@@ -182,8 +182,10 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
     if base == "str":
         if not isinstance(value, str):
             read_as = _YAML_READS.get(type(value))
-            # (`yes`, `off`: a flag; a float's text need not be what was written: `1.10` reads as 1.1)
-            example = "" if isinstance(value, (bool, float)) else f", \"{value}\","
+            # a number's text need not be what was written (`1.10` reads as 1.1, `010` as 8, `12:30` as 750), nor a
+            # date and time's: only a date (YYYY-MM-DD) reads back as written
+            exact = isinstance(value, datetime.date) and not isinstance(value, datetime.datetime)
+            example = f", \"{value}\"," if exact else " as written"
             raise ValueError(f"{where} must be a string{' or null' if optional else ''}, got {value!r}"
                              + (f" (YAML reads it as {read_as}: quote it{example} to keep it text)" if read_as else ""))
         return value

@@ -397,8 +397,11 @@ class Flamingo(nn.Module):
         # batches), so that a compiled resampler never reads it
         tokens = self.resampler(grid.index_select(0, media_rows),
                                 None if bool(real_frames.all()) else real_frames)  # (M, R, Dv)
-        visual = tokens.new_zeros(b * n, *tokens.shape[1:])
-        visual = visual.index_copy(0, media_rows, tokens).unflatten(0, (b, n))  # (B, N, R, Dv)
+        visual = tokens.new_zeros(b, n, *tokens.shape[1:])  # (B, N, R, Dv)
+        # written in place through a (B·N, R, Dv) view, so `visual` (an output of `forward`) is a tensor of its own,
+        # not a view: FSDP2 hooks its forward's outputs for backward and warns at a view (an in-place op on one
+        # drops the hook). An out-of-place index_copy and an unflatten would also copy the zeros once more.
+        visual.flatten(0, 1).index_copy_(0, media_rows, tokens)
         return visual
 
     # ------------------------------------------------------------------------------------------ forward

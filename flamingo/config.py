@@ -278,6 +278,9 @@ class FlamingoConfig:
         return [i for i in range(num_lm_layers) if (i + 1) % self.xattn_every == 0]
 
 
+_TOLD: set[tuple[str, str]] = set()  # (file, option) pairs `_without_unread_options` has warned about
+
+
 def _without_unread_options(raw: dict[str, Any], path: str) -> dict[str, Any]:
     """A saved config's fields without the options of the other block or resampler variant, which its model never
     read (a config now refuses them, `__post_init__`; a model saved with one loads as it always computed), each
@@ -286,6 +289,9 @@ def _without_unread_options(raw: dict[str, Any], path: str) -> dict[str, Any]:
     unread.update(_PERCEIVER_OPTIONS if raw.get("resampler", "perceiver") == "mlp" else {})
     dropped = {name: raw[name] for name, default in unread.items() if name in raw and raw[name] != default}
     for name, value in dropped.items():
+        if (path, name) in _TOLD:  # a load reads the file more than once
+            continue
+        _TOLD.add((path, name))
         log.warning("%s: %s=%r is an option of another block or resampler variant than this model's, which never "
                     "read it: ignored (delete it from the file)", path, name, value)
     return {k: v for k, v in raw.items() if k not in dropped}

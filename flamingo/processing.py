@@ -31,6 +31,7 @@ from .references import DECLARATION, reference_token, resolve_declarations
 from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import local_or_hub, metadata_dir
+from .runtime.text import valid_text
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
     TooManyPixels,
@@ -514,8 +515,10 @@ class FlamingoProcessor:
     def token_ids(self, text: str, *, special_tokens: bool = True) -> list[int]:
         """`text` -> token ids, however long. Every caller checks the length itself and says what it does about it
         (raises, truncates, or skips and counts), so HF's warning for sequences over `model_max_length` ("will result
-        in indexing errors"), untrue for all of them, is not printed."""
-        return self.tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
+        in indexing errors"), untrue for all of them, is not printed. Half a UTF-16 surrogate pair (an emoji a scraper
+        cut, read from JSON) is tokenized as U+FFFD (`valid_text`, as training data reads it): tokenizers take valid
+        Unicode only."""
+        return self.tokenizer(valid_text(text), add_special_tokens=special_tokens, verbose=False)["input_ids"]
 
     def prompt_text(self, text: str) -> tuple[str, bool]:
         """A prompt's text -> (the string its template tokenizes, whether the tokenizer adds its special tokens)."""

@@ -345,18 +345,25 @@ def test_well_formed_files_load_as_before(tmp_path):
 HALF_EMOJI = "what \ud83d?"  # valid JSON ("\ud83d": a scraper cut an emoji), not valid Unicode
 
 
-def test_half_an_emoji_in_a_task_file_is_read_as_u_fffd(tmp_path):
-    """As the training data reads it: tokenizers take valid Unicode only (they failed with a TypeError)."""
+def test_half_an_emoji_in_a_task_file_is_tokenized_as_u_fffd(tmp_path):
+    """As the training data reads it: tokenizers take valid Unicode only (they failed with a TypeError). The file's
+    strings are kept as written: a media path may be a file name Python reads with surrogate escapes."""
+    from flamingo.tiny import tiny_flamingo
+
     root = make_vqa(tmp_path / "vqa")
     _rw_json(
         root,
         "test_questions.json",
         lambda q: {"questions": [{**q["questions"][0], "question": HALF_EMOJI}, *q["questions"][1:]]},
     )
-    assert get_task("vqa").load(str(root), "test")[0].fields["question"] == "what \ufffd?"
+    assert get_task("vqa").load(str(root), "test")[0].fields["question"] == HALF_EMOJI
+    _, processor = tiny_flamingo()
+    assert processor.prompt_ids(HALF_EMOJI) == processor.prompt_ids("what \ufffd?")
+    half, whole = (processor.token_ids(t, special_tokens=False) for t in ("a \ud83d", "a \ufffd"))
+    assert half == whole
     root = make_videoqa_mc(tmp_path / "mc")
     _rw_jsonl(root, "test.jsonl", lambda r: {**r, "options": [*r["options"], "a \ud83d"]})
-    assert {s.candidates[-1] for s in get_task("videoqa_mc").load(str(root), "test")} == {"a \ufffd"}
+    assert {s.candidates[-1] for s in get_task("videoqa_mc").load(str(root), "test")} == {"a \ud83d"}
 
 
 def test_a_vqa_run_with_half_an_emoji_in_a_question_goes_on(make_model, tmp_path, one_thread):

@@ -27,7 +27,6 @@ a record's `raw`; `prediction` postprocesses it).
 from __future__ import annotations
 
 import json
-import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..chat import ChatFormat, Turn, pieces_of
 from ..config import MEDIA_TOKEN
-from ..runtime.text import valid_strings
 
 if TYPE_CHECKING:
     from ..runtime.lru import LRU
@@ -212,36 +210,27 @@ def _existing(path: Path) -> Path:
     return path
 
 
-# a JSON escape of a UTF-16 surrogate (`\ud83d`): the only way a lone one gets into text read as strict UTF-8
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _parsed(text: str) -> Any:
-    """`json.loads(text)`, its strings made valid Unicode (`valid_strings`) where an escape may have left them not."""
-    value = json.loads(text)
-    return valid_strings(value) if _SURROGATE_ESCAPE.search(text) else value
-
-
 def _text(path: Path) -> str:
     """A task file's text (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data)."""
     return _existing(path).read_text(encoding="utf-8-sig")
 
 
 def read_json(path: Path) -> Any:
-    """A task file's JSON (`_text`), its strings valid Unicode (`valid_strings`)."""
+    """A task file's JSON (`_text`). Its strings are kept as written (half a surrogate pair too: the processor
+    tokenizes it as U+FFFD, and a media path may be a file name Python reads with surrogate escapes)."""
     try:
-        return _parsed(_text(path))
+        return json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"evaluation file {str(path)!r} is not JSON: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """A task file of one JSON value a line (`_text`), its strings valid Unicode (`valid_strings`)."""
+    """A task file of one JSON value a line (`_text`), its strings kept as written (`read_json`)."""
     records = []
     for n, line in enumerate(_text(path).split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028 raw)
         if line.strip():
             try:
-                records.append(_parsed(line))
+                records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"evaluation file {str(path)!r}: line {n} is not JSON: {e}") from None
     return records

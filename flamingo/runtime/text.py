@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -14,13 +13,3 @@ def valid_text(text: str) -> str:
     valid UTF-8 only, and a tar caption's broken bytes are decoded to U+FFFD the same way."""
     return LONE_SURROGATE.sub("\ufffd", text)
 
-
-def valid_strings(value: Any) -> Any:
-    """Parsed JSON with `valid_text` applied to every string in it, keys included, however deep."""
-    if isinstance(value, str):
-        return valid_text(value)
-    if isinstance(value, list):
-        return [valid_strings(v) for v in value]
-    if isinstance(value, dict):
-        return {valid_strings(k): valid_strings(v) for k, v in value.items()}
-    return value

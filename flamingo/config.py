@@ -216,7 +216,7 @@ class FlamingoConfig:
             raise ValueError(f"vision_feature_layer must be an integer, got {self.vision_feature_layer!r}")
         if not _positive_number(self.xattn_norm_eps):
             raise ValueError(f"xattn_norm_eps must be a finite number > 0, got {self.xattn_norm_eps!r}")
-        if self.xattn_layers is not None and (isinstance(self.xattn_layers, str)
+        if self.xattn_layers is not None and (not isinstance(self.xattn_layers, (list, tuple))
                                               or not all(_is_int(i) for i in self.xattn_layers)):
             raise ValueError(f"xattn_layers must be a list of layer indices, got {self.xattn_layers!r}")
         for name in ("vision_name_or_path", "lm_name_or_path"):
@@ -226,7 +226,8 @@ class FlamingoConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise ValueError(f"{name} must be a Hub commit (or branch, tag) or null, got {value!r}")
-        if isinstance(self.extra_saved_weights, str) or not all(isinstance(k, str) for k in self.extra_saved_weights):
+        if not isinstance(self.extra_saved_weights, (list, tuple)) or \
+                not all(isinstance(k, str) for k in self.extra_saved_weights):
             raise ValueError(f"extra_saved_weights must be a list of tensor names, got {self.extra_saved_weights!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -139,6 +139,8 @@ def test_from_backbones_takes_a_dtype_name(tmp_path):
     ({"num_image_references": -1}, "num_image_references must be an integer >= 0"),
     ({"media_token_id": "301"}, "media_token_id must be a token id"),
     ({"xattn_layers": [0, 2.0]}, "xattn_layers must be a list of layer indices"),
+    ({"xattn_layers": 5}, "xattn_layers must be a list of layer indices"),
+    ({"extra_saved_weights": 5}, "extra_saved_weights must be a list of tensor names"),
     ({"gated": 1}, "gated must be true or false"),
     # an option of the other variant, which would be ignored
     ({"xattn_qk_norm": True}, r"xattn_qk_norm=True set an option of block='idefics'"),

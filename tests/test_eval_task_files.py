@@ -385,3 +385,12 @@ def test_a_vqa_run_with_half_an_emoji_in_a_question_goes_on(make_model, tmp_path
         generation={"max_new_tokens": 2, "num_beams": 1},
     )
     assert [run["skipped"] for run in results["runs"]] == [0]
+
+
+def test_a_class_map_beside_jsonl_splits_gives_its_names_as_the_classes(tmp_path):
+    """In the JSONL layout labels are class names: a {folder: name} classes.json gave its folders as the candidates."""
+    root = make_classification(tmp_path / "cls")
+    (root / "classes.json").write_text(json.dumps({"n01": "cat", "n02": "dog", "n03": "red bird", "n04": "blue fish"}))
+    task = get_task("classification")
+    task.load(str(root), "test")
+    assert task.classes == ["cat", "dog", "red bird", "blue fish"]

@@ -39,7 +39,9 @@ class ClassificationTask(Task):
                 if r.get("candidates") is not None:
                     list_field(root / f"{split}.jsonl", f"record {r.get('id')!r}", r["candidates"], "candidates",
                                "a list of class names")
-            self.classes = list(names) if names else sorted({str(r["label"]) for r in records} | set(self.classes))
+            # the class names (a {folder: name} map's names: the JSONL layout's labels are names, not folders)
+            named = list(dict.fromkeys(names.values())) if isinstance(names, dict) else list(names or [])
+            self.classes = named or sorted({str(r["label"]) for r in records} | set(self.classes))
             for r in records if split == "test" else []:  # a label no candidate names would be scored wrong, unseen
                 choices = [str(c) for c in r.get("candidates") or self.classes]
                 if str(r["label"]) not in choices:

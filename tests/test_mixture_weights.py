@@ -98,3 +98,15 @@ def test_a_loss_window_leaves_out_non_finite_steps_and_starts_again_after_each_l
     logged = materialize(window.take())
     assert math.isnan(logged["loss/a"]) and logged["samples/a"] == 0 and logged["samples/b"] == 0
     assert "loss/b" not in logged
+
+
+def test_fsdp_sharding_of_quantized_weights_is_refused_before_the_model_loads(world, monkeypatch):
+    """Under torchrun with FSDP, a config asking quantized frozen weights and fsdp_frozen: shard was refused only
+    after every rank had loaded and quantized the backbones."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-fsdp-q"))
+    monkeypatch.setattr("flamingo.train.trainer.dist_info", lambda: (1, 2, 1))
+    monkeypatch.setattr("flamingo.train.trainer.build_model", lambda *a: pytest.fail("the model was built"))
+    config = load_config(path, ["train.distributed=fsdp", "model.flamingo.quantize_frozen=int8"])
+    with pytest.raises(ValueError, match="FSDP cannot shard quantized frozen weights"):
+        Trainer(config)

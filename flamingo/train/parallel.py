@@ -83,6 +83,15 @@ def wrap_ddp(model: Flamingo, device: torch.device) -> nn.parallel.DistributedDa
                                                find_unused_parameters=True)
 
 
+def check_shardable(frozen: str, quantized: bool) -> None:
+    """Refuse FSDP sharding of quantized frozen weights (torchao's tensors have no shard ops); the Trainer calls it
+    before the model loads too, when the config names the mode."""
+    if frozen == "shard" and quantized:
+        raise ValueError("FSDP cannot shard quantized frozen weights (torchao's tensors have no shard ops): set "
+                         "train.fsdp_frozen: replicate (each rank keeps the whole quantized backbones, the point "
+                         "of quantizing them) or train.distributed: ddp")
+
+
 def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shard",
                param_dtype: Optional[torch.dtype] = None, mesh: Optional[object] = None) -> Flamingo:
     """Shard `model` in place with FSDP2 over the default process group (or `mesh`).
@@ -92,10 +101,7 @@ def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shar
     """
     if frozen not in ("shard", "replicate"):
         raise ValueError(f"frozen must be 'shard' or 'replicate', got {frozen!r}")
-    if frozen == "shard" and any(is_quantized(p) for p in model.parameters()):
-        raise ValueError("FSDP cannot shard quantized frozen weights (torchao's tensors have no shard ops): set "
-                         "train.fsdp_frozen: replicate (each rank keeps the whole quantized backbones, the point "
-                         "of quantizing them) or train.distributed: ddp")
+    check_shardable(frozen, any(is_quantized(p) for p in model.parameters()))
     fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     ignored = {p for p in model.parameters() if not p.requires_grad} if frozen == "replicate" else None

@@ -42,7 +42,7 @@ from .config import TrainConfig, check_data_weights, check_in_backward, check_in
 from .flops import FlopCounts, batch_samples, flop_counts, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
-from .parallel import apply_fsdp, wrap_ddp
+from .parallel import apply_fsdp, check_shardable, wrap_ddp
 from .plots import plot_run
 from .run_log import LossWindow, RunLog, gate_values, materialize, memory_high_water
 from .state import (
@@ -244,6 +244,8 @@ class Trainer:
         check_data_weights(config)  # before the model loads (a config made in Python, not by parse_config)
         self.rank, self.world, self.local_rank = dist_info()
         check_in_backward(config, self.world, t.distributed)
+        if self.world > 1 and t.distributed == "fsdp":  # before the model loads (a saved mode is checked after)
+            check_shardable(t.fsdp_frozen, (config.model.flamingo or {}).get("quantize_frozen", "none") != "none")
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
         init_process_group_from_env(self.device)
         self.host_group = host_group()  # the loop's stop flag is agreed on here (gloo: no host sync with the GPU)

@@ -311,7 +311,9 @@ def goals(train: list[dict[str, Any]], infer: list[dict[str, Any]], demo: list[d
 
 # ------------------------------------------------------------------------------------------------------ driver
 def run_rows(args: argparse.Namespace, kind: str, names: list[str]) -> list[dict[str, Any]]:
-    """`kind` rows in this process (one shared pair)."""
+    """`kind` rows in this process (one shared pair, built only when a row asks for it)."""
+    if not names:
+        return []
     pair = build_pair(args.shape, xattn_every=args.xattn_every)  # on the CPU, fp32; copies go to the device per row
     rows: list[dict[str, Any]] = []
     if kind == "train":

@@ -299,6 +299,13 @@ def test_missing_size_tensors_and_a_directory_are_named(openflamingo, tmp_path):
 
     with pytest.raises(ValueError, match="lacks 'perceiver.layers.0.1.1.weight'"):
         _convert(openflamingo, lambda s: s.pop("perceiver.layers.0.1.1.weight"))
+    from flamingo.convert.openflamingo import infer_config
+
+    otter = {"lang_encoder.gated_cross_attn_layers.0.attn.to_q.weight": torch.zeros(4, 4),
+             "lang_encoder.model.layers.0.decoder_layer.self_attn.q_proj.weight": torch.zeros(4, 4),
+             "perceiver.latents": torch.zeros(2, 4), "perceiver.layers.0.to_q.weight": torch.zeros(4, 4)}
+    with pytest.raises(ValueError, match="lacks 'perceiver.layers.0.0.to_q.weight' .*`flamingo convert otter`"):
+        infer_config(otter)  # an Otter checkpoint in Hugging Face format, given to convert open-flamingo
     with pytest.raises(ValueError, match="is a directory: pass the checkpoint file inside it"):
         convert_openflamingo(str(tmp_path), "vision", "lm")
 

@@ -172,7 +172,10 @@ def infer_config(state: dict[str, torch.Tensor], base: Optional[FlamingoConfig] 
              f"lang_encoder.gated_cross_attn_layers.{layers[0]}.attn.to_q.weight")  # what the sizes are read from
     for key in sized:
         if key not in state:
-            raise ValueError(f"OpenFlamingo checkpoint lacks {key!r}")
+            otter = any(".decoder_layer." in k for k in state)  # Otter's HF format wraps each LM layer so
+            raise ValueError(f"OpenFlamingo checkpoint lacks {key!r}" + (
+                " (its LM layers are wrapped as Otter's Hugging Face format writes them: convert it with "
+                "`flamingo convert otter`)" if otter else ""))
         if not isinstance(state[key], torch.Tensor) or state[key].ndim != 2:
             raise ValueError(f"OpenFlamingo checkpoint's {key!r} is not a matrix: {getattr(state[key], 'shape', None)}")
     num_latents, dim = state["perceiver.latents"].shape

@@ -10,6 +10,7 @@ import pytest
 from test_serve_logprobs import _byte_fallback_tokenizer
 
 from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
+from flamingo.serve import detokenize
 from flamingo.serve.detokenize import IncrementalText
 from flamingo.tiny import tiny_tokenizer
 
@@ -76,6 +77,64 @@ def test_random_texts_of_a_byte_fallback_tokenizer_decode_as_the_whole():
         text = "".join(rng.choice(pool) for _ in range(rng.randrange(1, 20)))
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert _streamed(_Plain(tokenizer), ids) == _whole(tokenizer)(ids), text
+
+
+def _broken(tokenizer) -> list[int]:
+    """The ids that decode alone to one U+FFFD (a UTF-8 lead or continuation byte)."""
+    return [i for i in range(len(tokenizer)) if tokenizer.decode([i], skip_special_tokens=False) == "\ufffd"]
+
+
+@pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
+def test_a_long_run_of_broken_bytes_keeps_the_window_short(make):
+    """A byte token repeated (a degenerate model, a client's logit_bias) never completes a character: the window
+    still stays a few tokens long, so a token's cost does not grow with the answer."""
+    tokenizer = make()
+    byte = _broken(tokenizer)[-1]
+    text = IncrementalText(_Plain(tokenizer))
+    for _ in range(4000):
+        text.add(byte)
+        assert len(text._ids) - text._start < 32
+    text.flush()
+    assert text.text == "\ufffd" * 4000
+
+
+def _steps(processor, ids: list[int]) -> list[str]:
+    """The text after each token added, then after the flush."""
+    text = IncrementalText(processor)
+    steps = []
+    for token in ids:
+        text.add(token)
+        steps.append(text.text)
+    text.flush()
+    return steps + [text.text]
+
+
+@pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
+def test_runs_of_broken_bytes_between_characters_give_every_steps_text_as_an_unbounded_window(make, monkeypatch):
+    """Good text (characters split over byte tokens) between runs of broken bytes (one repeated, or mixed lead and
+    continuation bytes): settling a long run's head changes no step's text. Byte-level BPE: every step's text is the
+    whole decode's; byte fallback: the text an unbounded window gives (its documented difference, unchanged)."""
+    tokenizer = make()
+    good = tokenizer.encode("naïve café 🦩 中文 ok ", add_special_tokens=False)
+    broken = _broken(tokenizer)
+    whole = _whole(tokenizer)
+    for seed in range(12):
+        rng = random.Random(seed)
+        ids: list[int] = []
+        for _ in range(30):
+            kind = rng.randrange(3)
+            if kind == 0:
+                ids += good[rng.randrange(len(good)):][:rng.randrange(1, len(good))]
+            elif kind == 1:
+                ids += [rng.choice(broken)] * rng.randrange(1, 30)
+            else:
+                ids += [rng.choice(broken) for _ in range(rng.randrange(1, 30))]
+        steps = _steps(_Plain(tokenizer), ids)
+        if make is tiny_tokenizer:
+            assert steps == [whole(ids[:i + 1]) for i in range(len(ids))] + [whole(ids)], seed
+        with monkeypatch.context() as m:
+            m.setattr(detokenize, "MAX_PENDING", len(ids) + 1)
+            assert steps == _steps(_Plain(tokenizer), ids), seed
 
 
 def test_a_byte_fallback_answer_ending_mid_character_keeps_its_whole_characters():

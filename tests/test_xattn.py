@@ -48,6 +48,29 @@ def test_fast_paths_equal_reference(impl):
                                                              impl="reference"), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_one_image_per_row_reference_equals_the_other_paths_and_builds_no_mask(monkeypatch):
+    """N=1 (pairs, decode steps): "reference" runs SDPA unmasked (an all-true mask is no rule and rules out flash
+    on CUDA); rows before the image and a row without one stay exactly zero, and every path agrees."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 20, (3, 12), generator=g)
+    ids[0, 4], ids[2, 0] = MEDIA, MEDIA  # row 0: index 0 before token 4; row 1: no image; row 2: image at 0
+    index = compute_media_index(ids, MEDIA)
+    q = torch.randn(3, 12, 2, 8, generator=g)
+    kv = MediaKV(torch.randn(3, 1, 5, 2, 8, generator=g), torch.randn(3, 1, 5, 2, 8, generator=g))
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **kw: masks.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **kw))
+    ref = masked_cross_attention(q, kv, index, impl="reference")
+    assert masks == [None]
+    assert torch.equal(ref[0, :4], torch.zeros_like(ref[0, :4])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
+    assert ref[0, 4:].abs().sum(-1).min() > 0 and ref[2].abs().sum(-1).min() > 0
+    assert torch.equal(masked_cross_attention(q, kv, index, only_attend_last_image=False, impl="reference"), ref)
+    for impl in ("segments", "gather", "flex"):
+        torch.testing.assert_close(masked_cross_attention(q, kv, index, impl=impl), ref, atol=1e-6, rtol=1e-5)
+
+
 def test_segments_handle_long_and_uneven_runs():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(10, 20, (2, 300), generator=g)

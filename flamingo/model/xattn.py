@@ -128,13 +128,17 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 def _attend_reference(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor, only_last: bool) -> torch.Tensor:
     b, t, h, d = q.shape
     n, r = kv.k.shape[1], kv.k.shape[2]
-    image_of_key = torch.arange(1, n + 1, device=q.device).repeat_interleave(r)  # (N·R,)
-    idx = media_index[:, :, None]  # (B, T, 1)
-    allowed = (image_of_key == idx) if only_last else (image_of_key <= idx)  # (B, T, N·R)
-    allowed = allowed | (idx == 0)  # rows with no image: any finite softmax, zeroed below
     k = kv.k.flatten(1, 2).transpose(1, 2)  # (B, h, N·R, d)
     v = kv.v.flatten(1, 2).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[:, None])  # (B, h, T, d)
+    # One image per row (pairs, decode steps): a row with it sees all R keys and one without is zeroed by the
+    # caller, so no mask (none to build, and SDPA keeps its unmasked kernels: flash on CUDA).
+    mask: torch.Tensor | None = None
+    if n > 1:
+        image_of_key = torch.arange(1, n + 1, device=q.device).repeat_interleave(r)  # (N·R,)
+        idx = media_index[:, :, None]  # (B, T, 1)
+        allowed = (image_of_key == idx) if only_last else (image_of_key <= idx)  # (B, T, N·R)
+        mask = (allowed | (idx == 0))[:, None]  # (B, 1, T, N·R); rows with no image: any finite softmax, zeroed
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)  # (B, h, T, d)
     return out.transpose(1, 2)  # (B, T, h, d)
 
 

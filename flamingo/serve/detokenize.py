@@ -7,7 +7,8 @@ before the last emitted ones, so a tokenizer's context-dependent decoding (a Sen
 which it strips at the start of a text, and bytes joined into one character) sees the same neighbours the whole
 decode does. Tokens that leave an incomplete UTF-8 character (their decode ends in U+FFFD) stay in the window until the
 character completes, or until `flush` (the answer ends: the U+FFFD stays, as the whole decode writes it); meanwhile
-`text` ends in that U+FFFD, as the whole decode's does (the engine holds it back). The text is
+`text` ends in that U+FFFD, as the whole decode's does (the engine holds it back). A run of such tokens (a byte
+token repeated) settles all but its last few where that splits no character, so the window stays short. The text is
 the whole decode's (tested), except where a SentencePiece byte-fallback tokenizer's whole decode turns a run of byte
 tokens into one U+FFFD per byte because the run ends in a broken character: the run's complete characters were sent
 and stay. The tokens the processor's `decode` leaves out (control tokens: `hidden_ids`) never enter the window;
@@ -19,6 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 REPLACEMENT = "\ufffd"  # what decoding writes for a truncated UTF-8 sequence
+# A run of tokens that keeps ending in a broken character (a byte token repeated) settles all but its last KEEP
+# tokens once more than MAX_PENDING wait: a character is at most 4 bytes, so the bytes before the last 4 tokens are
+# final, and the window (the cost of a token) stays bounded
+MAX_PENDING, KEEP = 8, 4
 
 
 class IncrementalText:
@@ -51,11 +56,21 @@ class IncrementalText:
     def _advance(self, final: bool) -> None:
         before = self._decode(self._ids[self._start:self._read])
         after = self._decode(self._ids[self._start:])
-        # a window that no longer begins as it did: SentencePiece's byte fallback writes one U+FFFD per byte for a
-        # run of byte tokens that is not valid UTF-8 as a whole, so a sent character and a broken one after it decode
-        # to U+FFFDs together; the new tokens alone then say what they add
-        new = after[len(before):] if after.startswith(before) else self._decode(self._ids[self._read:])
-        self.text = self._settled + new
+        # the pending tokens' text: the window's past what it wrote before, or, where the window no longer begins as
+        # it did, the new tokens' alone (SentencePiece's byte fallback writes one U+FFFD per byte for a run of byte
+        # tokens that is not valid UTF-8 as a whole, so a sent character and a broken one after it decode to U+FFFDs
+        # together); `shown[:sent]` is the part already in `_settled`, decoded from the window's token `first`
+        if after.startswith(before):
+            shown, sent, first = after, len(before), self._start
+        else:
+            shown, sent, first = self._decode(self._ids[self._read:]), 0, self._read
+        self.text = self._settled + shown[sent:]
         if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
             self._settled = self.text
             self._start, self._read = self._read, len(self._ids)
+        elif len(self._ids) - self._read > MAX_PENDING:  # a run of broken characters: settle all but its last tokens
+            cut = len(self._ids) - KEEP
+            head = self._decode(self._ids[first:cut])
+            if head.startswith(shown[:sent]) and shown.startswith(head):  # the cut splits no character
+                self._settled += head[sent:]
+                self._start, self._read = self._read, cut

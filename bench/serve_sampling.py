@@ -1,6 +1,8 @@
-"""What the server's token choice costs per decode step, beside the step itself: greedy; with logprobs (the chosen
-token's and 5 alternatives); with frequency / presence penalties and a logit bias; with a JSON schema
-(`response_format`, each row its own grammar matcher, measured at every position of a valid answer). In-process,
+"""What the server's token choice costs per decode step, beside the step itself: greedy; sampled (temperature 1, the
+API's default; temperature 0.8 with top_p 0.9: the random model's flat distribution makes top-p sort each row); with
+logprobs (the chosen token's and 5 alternatives); with frequency / presence penalties (over 24 generated tokens, as the
+counts per id the engine keeps) and a logit bias; with a JSON schema (`response_format`, each row its own grammar
+matcher, measured at every position of a valid answer). In-process,
 bench/serve.py's model (the `cpu` shape: a 32000-token vocabulary), a `DecodeBatch` of 1 and 16 rows of a 0-shot prompt.
 
     python -m bench.serve_sampling --shape cpu --threads 1
@@ -26,7 +28,7 @@ from flamingo.model.batching import DecodeBatch
 from flamingo.model.generation import generation_config_for
 from flamingo.model.logprobs import token_logprobs
 from flamingo.model.prefill import Prefill
-from flamingo.serve.sampling import SamplingParams, pick_tokens
+from flamingo.serve.sampling import SamplingParams, pick_tokens, row_generator
 from flamingo.serve.structured import Grammars
 
 SCHEMA = {"type": "object", "properties": {
@@ -71,12 +73,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         logits = batch.step(tokens)  # (rows, V)
         greedy = [SamplingParams(16, temperature=0.0)] * rows
         none = [None] * rows
-        history = [answer[:24]] * rows
+        history = [torch.bincount(torch.tensor(answer[:24]), minlength=logits.shape[-1]).float()] * rows
+        sampled = [SamplingParams(16, seed=i) for i in range(rows)]
+        top_p = [SamplingParams(16, temperature=0.8, top_p=0.9, seed=i) for i in range(rows)]
+        generators = [row_generator(p, 0, logits.device) for p in sampled]
         penalised = [SamplingParams(16, temperature=0.0, frequency_penalty=0.5, presence_penalty=0.5,
                                     logit_bias=tuple((i, 5.0) for i in range(100, 150)))] * rows
         picked = pick_tokens(logits, greedy, none, suppress)
         costs = {
             "greedy_ms": _seconds(lambda: pick_tokens(logits, greedy, none, suppress), args.repeats),
+            "sample_ms": _seconds(lambda: pick_tokens(logits, sampled, generators, suppress), args.repeats),
+            "top_p_ms": _seconds(lambda: pick_tokens(logits, top_p, generators, suppress), args.repeats),
             "logprobs_ms": _seconds(lambda: (pick_tokens(logits, greedy, none, suppress),
                                              token_logprobs(logits, picked, 5)), args.repeats),
             "penalties_ms": _seconds(lambda: pick_tokens(logits, penalised, none, suppress, generated=history),
@@ -92,12 +99,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                 raise RuntimeError(f"ANSWER does not follow SCHEMA at its token {i}")
         costs["json_schema_ms"] = sum(per_position) / len(per_position)
         result = {"rows": rows, "decode_step_ms": step_ms, **{k: 1e3 * v for k, v in costs.items()}}
-        for key in ("logprobs_ms", "penalties_ms", "json_schema_ms"):
+        for key in ("sample_ms", "top_p_ms", "logprobs_ms", "penalties_ms", "json_schema_ms"):
             result[key.replace("_ms", "_vs_step")] = (result[key] - result["greedy_ms"]) / step_ms
         table.append(result)
         print_json("serve_sampling", {"shape": args.shape, "vocab": vocab, **result})
-    print_table(table, ["rows", "decode_step_ms", "greedy_ms", "logprobs_ms", "penalties_ms", "json_schema_ms",
-                        "logprobs_vs_step", "penalties_vs_step", "json_schema_vs_step"])
+    print_table(table, ["rows", "decode_step_ms", "greedy_ms", "sample_ms", "top_p_ms", "logprobs_ms", "penalties_ms",
+                        "json_schema_ms", "sample_vs_step", "top_p_vs_step", "logprobs_vs_step", "penalties_vs_step",
+                        "json_schema_vs_step"])
     once = {"tokenizer_tables_and_first_schema_ms": tables_ms, "schema_compile_ms": compile_ms,
             "answer_tokens": len(answer)}
     print(json.dumps(once))

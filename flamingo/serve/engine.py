@@ -133,10 +133,14 @@ class Job:
 class _Choice:
     """One running row: a choice of a job, its tokens so far and the text already sent."""
 
-    def __init__(self, job: Job, index: int, generator: Optional[torch.Generator], processor: Any) -> None:
+    def __init__(self, job: Job, index: int, generator: Optional[torch.Generator], processor: Any,
+                 counts: Optional[torch.Tensor] = None) -> None:
+        """counts: zeros (V,) when the request has frequency / presence penalties: each generated token's count,
+        updated per token, so the penalties cost O(V) per step whatever the answer's length."""
         self.job, self.index, self.generator = job, index, generator
         self.constraint = job.grammar.constraint() if job.grammar is not None else None
         self.tokens: list[int] = []
+        self.counts = counts
         self.text = IncrementalText(processor)  # the tokens' text, decoded as they come
         self.sent = 0  # characters of the text already emitted
         self.last_step_at = 0.0
@@ -405,7 +409,9 @@ class Engine:
             self._vision_counted = (cache.frames, cache.computed)
         if row.prompt_logprobs is not None:
             job.emit(Event("prompt", logprobs=row.prompt_logprobs))
-        choices = [_Choice(job, i, row_generator(job.params, i, self.device), self.processor)
+        penalised = bool(job.params.frequency_penalty or job.params.presence_penalty)
+        choices = [_Choice(job, i, row_generator(job.params, i, self.device), self.processor,
+                           torch.zeros(row.logits.shape[-1], device=self.device) if penalised else None)
                    for i in range(job.params.n)]
         job.open_choices = len(choices)
         if job.params.max_tokens == 0:  # an echo of the prompt only
@@ -426,7 +432,8 @@ class Engine:
         rows = self._rows
         logits = self._batch.step(torch.tensor([c.tokens[-1] for c in rows], dtype=torch.long))
         tokens = pick_tokens(logits, [c.job.params for c in rows], [c.generator for c in rows], self.suppress,
-                             generated=[c.tokens for c in rows], constraints=[c.constraint for c in rows])
+                             generated=[c.tokens if c.counts is None else c.counts for c in rows],
+                             constraints=[c.constraint for c in rows])
         logprobs = self._logprobs(logits, tokens, rows)
         now = time.perf_counter()
         self.metrics.observe("batch_size", len(rows))
@@ -466,6 +473,8 @@ class Engine:
             self.metrics.observe("inter_token_latency_seconds", now - choice.last_step_at)
         choice.last_step_at = now
         choice.tokens.append(token)
+        if choice.counts is not None:
+            choice.counts[token] += 1
         job.completion_tokens += 1
         self.metrics.inc("generation_tokens_total")
         reason = "stop" if token in self.eos else None

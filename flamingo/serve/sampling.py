@@ -7,10 +7,11 @@ prompt does not count, as in OpenAI's definition), then its grammar's mask when 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
-from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+TOP_P_FIRST = 256  # the likeliest tokens searched for a row's top-p nucleus before sorting them all
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ def row_generator(params: SamplingParams, choice: int, device: torch.device) -> 
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[Optional[torch.Generator]], suppress: Sequence[int],
-                generated: Optional[Sequence[Sequence[int]]] = None,
+                generated: Optional[Sequence[Union[Sequence[int], torch.Tensor]]] = None,
                 constraints: Optional[Sequence[Any]] = None) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,): row b by `params[b]` with `generators[b]`, penalised by the tokens it has
-    generated, `generated[b]` (none when omitted); `suppress` ids are never chosen (`<image>`: what `generate`
+    generated, `generated[b]` (none when omitted): their list, or their counts per id (V,), which the engine keeps so
+    that a step costs O(V) whatever the answer's length; `suppress` ids are never chosen (`<image>`: what `generate`
     suppresses); a row's constraint (serve/structured.py; None: free) leaves only the tokens its grammar allows."""
     logits = logits.to(torch.float32, copy=True)  # (B, V), the caller's stays as it was
     for b, p in enumerate(params):
@@ -67,25 +69,90 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         if constraint is not None:
             constraint.restrict(logits[b])
     tokens = logits.argmax(dim=-1)  # (B,)
-    for b, (p, generator) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        rows = logits if len(sampled) == len(params) else logits.index_select(0, index)  # (S, V)
         # a tiny temperature must not make NaN: the logits shifted to a max of 0 (the same distribution) over a
         # temperature float32 keeps above 0 send all but the likeliest to -inf, never the likeliest to 0/0
-        temperature = max(p.temperature, torch.finfo(logits.dtype).tiny)
-        row = TemperatureLogitsWarper(temperature)(None, logits[b:b + 1] - logits[b].max())  # (1, V); HF's warpers
-        if p.top_p < 1.0:
-            row = TopPLogitsWarper(p.top_p)(None, row)
-        tokens[b] = torch.multinomial(row[0].softmax(dim=-1), 1, generator=generator)[0]
+        temperature = torch.tensor([max(params[b].temperature, torch.finfo(logits.dtype).tiny) for b in sampled],
+                                   dtype=logits.dtype, device=logits.device)[:, None]  # (S, 1)
+        probs = ((rows - rows.max(dim=-1, keepdim=True).values) / temperature).softmax(dim=-1)  # (S, V)
+        tokens[index] = draw_tokens(probs, [params[b].top_p for b in sampled], [generators[b] for b in sampled])
     return tokens
 
 
+def draw_tokens(probs: torch.Tensor, top_p: Sequence[float],
+                generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """probs (S, V) -> one token per row (S,), drawn from row j's top-p nucleus (the smallest set of likeliest
+    tokens whose mass reaches `top_p[j]`: HF's TopP warper's set) by inverse CDF with one uniform from
+    `generators[j]`, so a seeded row repeats whatever its neighbours. A zero-probability token is never drawn."""
+    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=probs.dtype)
+                         for g in generators])[:, None]  # (S, 1), one draw per row and step
+    nucleus = [j for j, p in enumerate(top_p) if p < 1.0]
+    if nucleus and probs.device.type != "cpu":  # on a device: one sort of all rows, no host sync before the caller's
+        return _draw_sorted(probs, top_p, uniform)
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (S,)
+    plain = [j for j, p in enumerate(top_p) if p >= 1.0]
+    if len(plain) == len(top_p):
+        return _draw_cdf(probs, uniform)[:, 0]
+    if plain:
+        index = torch.tensor(plain, device=probs.device)
+        tokens[index] = _draw_cdf(probs.index_select(0, index), uniform.index_select(0, index))[:, 0]
+    for j in nucleus:
+        tokens[j] = _draw_nucleus(probs[j], top_p[j], uniform[j])
+    return tokens
 
-def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int]) -> None:
-    """Apply `params`' logit bias and frequency / presence penalties to one row's logits (V,), in place."""
+
+def _draw_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (S, K) >= 0, uniform (S, 1) in [0, 1) -> (S, 1): the index whose CDF step holds uniform x mass. The
+    point stays below the total mass, so the step found has positive width: a zero-probability index is never hit."""
+    cdf = probs.cumsum(dim=-1)  # (S, K)
+    total = cdf[:, -1:]  # (S, 1)
+    point = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).clamp(max=probs.shape[-1] - 1)
+
+
+def _draw_nucleus(row: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """One row's probs (V,) -> a token () from its top-p nucleus. The nucleus of a language model's distribution is
+    nearly always among its `TOP_P_FIRST` likeliest tokens: a top-k finds it without sorting all V; a flatter
+    distribution (their mass below top_p) sorts the whole row."""
+    values, ids = row.topk(min(TOP_P_FIRST, row.numel()))  # (K,), descending
+    if values.sum() < top_p:
+        values, ids = row.sort(descending=True)
+    before = values.cumsum(0) - values  # mass of the likelier tokens
+    keep = int((before < top_p).sum().clamp(min=1))
+    return ids[_draw_cdf(values[None, :keep], uniform[None])[0, 0]]
+
+
+def _draw_sorted(probs: torch.Tensor, top_p: Sequence[float], uniform: torch.Tensor) -> torch.Tensor:
+    """`draw_tokens` for all rows at once, without a host sync: each row sorted, its tokens past the nucleus (and
+    those of probability 0) masked to 0, then inverse CDF over the sorted row; a row with top_p 1 keeps them all."""
+    values, ids = probs.sort(dim=-1, descending=True)  # (S, V)
+    limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], dtype=probs.dtype,
+                         device=probs.device)[:, None]  # (S, 1)
+    keep = ((values.cumsum(dim=-1) - values) < limit) & (values > 0)  # (S, V), a prefix of each row
+    keep[:, 0] = True
+    pick = _draw_cdf(values.masked_fill(~keep, 0.0), uniform)  # (S, 1)
+    pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)
+    return ids.gather(-1, pick)[:, 0]
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams,
+                  generated: Union[Sequence[int], torch.Tensor]) -> None:
+    """Apply `params`' logit bias and frequency / presence penalties to one row's logits (V,), in place; `generated`:
+    the row's generated tokens, or their counts per id (V,)."""
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
         logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
-    if generated and (params.frequency_penalty or params.presence_penalty):
+    if not (params.frequency_penalty or params.presence_penalty):
+        return
+    if isinstance(generated, torch.Tensor):  # counts (V,): O(V) whatever the answer's length
+        counts = generated.to(device=logits.device, dtype=logits.dtype)
+        if params.frequency_penalty:
+            logits.sub_(counts, alpha=params.frequency_penalty)
+        if params.presence_penalty:  # counts are whole numbers: clamped to 1, the tokens present
+            logits.sub_(counts.clamp(max=1.0), alpha=params.presence_penalty)
+    elif generated:
         ids, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
         logits[ids] -= counts.to(logits.dtype) * params.frequency_penalty + params.presence_penalty

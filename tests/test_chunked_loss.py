@@ -71,14 +71,53 @@ def test_the_logits_are_never_made_whole(make_model):
     handle = model.lm.get_output_embeddings().register_forward_hook(
         lambda module, args, out: rows.append(out.shape[:-1].numel()))
     out = model(**batch, loss_chunks=4)
-    assert out.logits is None and rows[0] == 0  # the LM's own head call gets no token
-    assert len(rows) == 5 and max(rows) == math.ceil(tokens / 4)
+    labelled = int(out.loss_tokens)  # on the CPU only those reach the head
+    assert out.logits is None and rows[0] == 0 and labelled < tokens  # the LM's own head call gets no token
+    assert len(rows) == 5 and max(rows) == math.ceil(labelled / 4)
     out.loss.backward()
-    assert len(rows) == 9 and max(rows) == math.ceil(tokens / 4)  # each chunk once more, in backward
+    assert len(rows) == 9 and max(rows) == math.ceil(labelled / 4)  # each chunk once more, in backward
     handle.remove()
     with torch.no_grad():  # no gradient: no recompute, the same chunks
         model(**batch, loss_chunks=4)
     assert model(**batch).logits.shape[:2] == batch["input_ids"].shape  # without chunks: the logits, as ever
+
+
+def test_only_labelled_tokens_reach_the_head_and_the_log_softmax(make_model, monkeypatch):
+    """Half the labels -100: the chunked loss runs the head, and both losses the log-softmax, on the labelled
+    tokens only, with the same loss and gradients as the whole logits of every token."""
+    from flamingo.model import chunked_loss
+
+    model, processor = make_model("llama")
+    model.train()
+    batch = _batch(processor)
+    batch["labels"][:, ::2] = -100
+    targets = model.loss_targets(batch["labels"], batch["input_ids"], batch["attention_mask"])
+    labelled = int((targets != -100).sum())
+    assert 0 < labelled < targets.numel() // 2
+    assert model.head_is_last_op()  # its probe (one call of the head) made before counting
+    head_rows: list[int] = []
+    handle = model.lm.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    softmax_rows: list[int] = []
+    cross_entropy = chunked_loss.F.cross_entropy
+
+    def counted(logits, *args, **kwargs):
+        softmax_rows.append(logits.shape[0])
+        return cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(chunked_loss.F, "cross_entropy", counted)
+    whole = loss_and_grads(model, batch)
+    assert softmax_rows == [labelled]  # the whole logits' log-softmax: the labelled rows only
+    head_rows.clear()
+    softmax_rows.clear()
+    chunked = loss_and_grads(model, batch, loss_chunks=1)
+    handle.remove()
+    assert head_rows == [0, labelled, labelled]  # the LM's own call, the chunk, its recompute in backward
+    assert softmax_rows == [labelled, labelled]
+    _assert_same(chunked, whole)
+    with torch.no_grad():  # the mean over the labelled tokens of every token's logits
+        logits = model(**{**batch, "labels": None}).logits.flatten(0, 1)
+    torch.testing.assert_close(whole[0], cross_entropy(logits, targets.flatten(), ignore_index=-100))
 
 
 def test_chunked_loss_with_checkpointing_and_bf16(make_model):

@@ -14,7 +14,9 @@ What each phase means for the hooks (set by the caller, never inferred from the 
   recompiles for the prompt's length or number of images). With reference tokens (or attention to every earlier
   image) a row keeps all its images' K/V instead, and a generated `<imageK>` re-targets it to image K.
 - SCORE: candidate continuations run on a copy of their contexts' KV cache. Row k belongs to context
-  `row_samples[k]`: it reads that context's visual K/V, and its media index continues from the context's.
+  `row_samples[k]`: it reads that context's visual K/V, and its media index continues from the context's. A
+  candidate feeds no `<image>`, so under the last-image rule (no references) a row reads its context's last image's
+  K/V only (`candidates_last_image_kv`).
 """
 
 from __future__ import annotations
@@ -119,14 +121,31 @@ class MediaContext:
             self.memo[key] = self.last_media_index
         return self.media_kv[key]
 
+    def candidates_last_image_kv(self, block_idx: int, block: GatedResidualBlock) -> MediaKV:
+        """SCORE under the last-image rule: each candidate row's context's last image's K/V for one block,
+        (C, 1, R, h, d). Candidates feed no `<image>`, so this one image is all a candidate token sees; gathering it
+        alone skips `kv_for`'s (C, N, R, h, d) copy of every image. Made once per block for this context."""
+        key = ("candidates_last", block_idx)
+        if key not in self.memo:
+            base = self._projected(block_idx, block)  # (B, N, R, h, d)
+            image = (self.last_media_index - 1).clamp(min=0)  # (C,) each row's context's last image (0: none)
+            self.memo[key] = MediaKV(base.k[self.row_samples, image][:, None], base.v[self.row_samples, image][:, None])
+        return self.memo[key]
+
+    def _projected(self, block_idx: int, block: GatedResidualBlock) -> MediaKV:
+        """The B samples' visual K/V of one block, (B, N, R, h, d): projected once per call."""
+        samples = self.visual.shape[0]
+        base = self.media_kv.get((block_idx, samples))
+        if base is None:
+            base = self.media_kv[(block_idx, samples)] = block.project_media(self.visual)
+        return base
+
     def kv_for(self, block_idx: int, block: GatedResidualBlock, rows: int) -> Optional[MediaKV]:
         """The visual K/V of one block for an LM call of `rows` rows, (rows, N, R, h, d)."""
         if self.visual is None:
             return None
         samples = self.visual.shape[0]
-        base = self.media_kv.get((block_idx, samples))
-        if base is None:
-            base = self.media_kv[(block_idx, samples)] = block.project_media(self.visual)
+        base = self._projected(block_idx, block)
         if self.row_samples is not None:  # SCORE: rows map to contexts by index, so nothing is memoised
             return MediaKV(base.k[self.row_samples], base.v[self.row_samples])
         if rows == samples:  # one row per sample (a forward, a prefill): no copy

@@ -336,6 +336,12 @@ class Flamingo(nn.Module):
             if ctx.media_index is None or ctx.media_index.shape != hidden.shape[:2]:
                 raise RuntimeError("media index unknown for this LM call: Flamingo needs `input_ids` (not "
                                    "`inputs_embeds`) so that it can see the <image> tokens")
+            if ctx.phase is Phase.SCORE and not self.decodes_all_images and not self.decodes_no_image:
+                # candidates feed no <image> (score_batch refuses one before the last token, and never feeds the
+                # last): each token sees its context's last image, so that one image's K/V is all a row needs
+                kv = ctx.candidates_last_image_kv(block_idx, block)  # (C, 1, R, h, d)
+                out = block(hidden, kv, (ctx.media_index > 0).long(), "reference")
+                return torch.where(ctx.skip_rows[:, None, None], hidden, out) if skip else out
             kv = ctx.kv_for(block_idx, block, hidden.shape[0])  # (B, N, R, h, d)
             only_last = self.config.only_attend_last_image
             impl = choose_impl(ctx.impl, hidden.shape[1], kv.k.shape[1], only_last, hidden.device)

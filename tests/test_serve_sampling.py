@@ -61,8 +61,7 @@ def test_sampled_tokens_stay_in_hf_nucleus_and_follow_its_distribution(device_pa
     import flamingo.serve.sampling as sampling
 
     if device_path:  # what draw_tokens runs when probs are not on the CPU
-        monkeypatch.setattr(sampling, "draw_tokens", lambda probs, top_p, generators: sampling._draw_sorted(
-            probs, top_p, torch.cat([torch.rand(1, generator=g) for g in generators])[:, None]))
+        monkeypatch.setattr(sampling, "_sorts_all", lambda probs: True)
     monkeypatch.setattr(sampling, "TOP_P_FIRST", 8)  # small V: the top-k shortcut and its fallback both run
     torch.manual_seed(0)
     V, N = 40, 10000
@@ -163,3 +162,21 @@ def test_the_uniforms_extremes_never_draw_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
     assert _draw_cdf(probs, torch.tensor([[0.0], [0.0]])).tolist() == [[1], [2]]
     assert _draw_cdf(probs, torch.tensor([[1.0], [1.0]])).tolist() == [[2], [2]]
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu-topk", "one-sort"])
+def test_a_seeded_row_draws_alike_alone_and_beside_a_top_p_row(device_path, monkeypatch):
+    """On a device the nucleus rows are drawn after one sort: a top_p 1 row beside them drew from its sorted
+    probabilities, another token for the same uniform, so a seeded request's tokens hung on its neighbours."""
+    import flamingo.serve.sampling as sampling
+
+    if device_path:
+        monkeypatch.setattr(sampling, "_sorts_all", lambda probs: True)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50) * 2  # (2, V)
+    plain, nucleus = SamplingParams(8, temperature=1.0, seed=7), SamplingParams(8, temperature=1.0, top_p=0.9, seed=3)
+    for step in range(30):
+        alone = pick_tokens(logits[:1], [plain], [row_generator(plain, step, torch.device("cpu"))], [])
+        beside = pick_tokens(logits, [plain, nucleus], [row_generator(plain, step, torch.device("cpu")),
+                                                        row_generator(nucleus, step, torch.device("cpu"))], [])
+        assert int(beside[0]) == int(alone[0]), step

@@ -86,22 +86,32 @@ def draw_tokens(probs: torch.Tensor, top_p: Sequence[float],
                 generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
     """probs (S, V) -> one token per row (S,), drawn from row j's top-p nucleus (the smallest set of likeliest
     tokens whose mass reaches `top_p[j]`: HF's TopP warper's set) by inverse CDF with one uniform from
-    `generators[j]`, so a seeded row repeats whatever its neighbours. A zero-probability token is never drawn."""
+    `generators[j]`. A row's draw reads its own probabilities and uniform only, so a seeded row repeats whatever its
+    neighbours (their top-p included). A zero-probability token is never drawn."""
     uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=probs.dtype)
                          for g in generators])[:, None]  # (S, 1), one draw per row and step
     nucleus = [j for j, p in enumerate(top_p) if p < 1.0]
-    if nucleus and probs.device.type != "cpu":  # on a device: one sort of all rows, no host sync before the caller's
-        return _draw_sorted(probs, top_p, uniform)
+    if not nucleus:
+        return _draw_cdf(probs, uniform)[:, 0]
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (S,)
     plain = [j for j, p in enumerate(top_p) if p >= 1.0]
-    if len(plain) == len(top_p):
-        return _draw_cdf(probs, uniform)[:, 0]
     if plain:
         index = torch.tensor(plain, device=probs.device)
         tokens[index] = _draw_cdf(probs.index_select(0, index), uniform.index_select(0, index))[:, 0]
-    for j in nucleus:
-        tokens[j] = _draw_nucleus(probs[j], top_p[j], uniform[j])
+    if _sorts_all(probs):  # on a device: one sort of the nucleus rows, no host sync before the caller's
+        index = torch.tensor(nucleus, device=probs.device)
+        tokens[index] = _draw_sorted(probs.index_select(0, index), [top_p[j] for j in nucleus],
+                                     uniform.index_select(0, index))
+    else:
+        for j in nucleus:
+            tokens[j] = _draw_nucleus(probs[j], top_p[j], uniform[j])
     return tokens
+
+
+def _sorts_all(probs: torch.Tensor) -> bool:
+    """Whether the nucleus rows are drawn by one sort of them all (`_draw_sorted`): on a device, where the CPU's
+    per-row top-k shortcut would read a mass back to the host for each row."""
+    return probs.device.type != "cpu"
 
 
 def _draw_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from flamingo.convert.to_openflamingo import (  # noqa: E402
     save_openflamingo_checkpoint,
 )
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
+from flamingo.runtime.compat import TRANSFORMERS  # noqa: E402
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer  # noqa: E402
 
 # the sizes OpenFlamingo's factory builds (64 latents, 6 resampler layers, 8 heads of 64; xattn 8 heads of 64)
@@ -241,7 +242,13 @@ def _openflamingo_factory(vision, monkeypatch):
     return factory.create_model_and_transforms
 
 
-@pytest.mark.parametrize("lm", ["phi", "qwen2"])
+# OpenFlamingo's FlamingoLayer wraps each decoder layer; transformers 4's Qwen2Model reads `attention_type` off its
+# layers, which the wrapper does not pass on: OpenFlamingo 2.0.1 cannot run a Qwen2 LM there, whatever the recipe
+QWEN2_IN_OPENFLAMINGO = pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="OpenFlamingo 2.0.1's FlamingoLayer hides "
+                                           "Qwen2's attention_type from transformers 4's Qwen2Model")
+
+
+@pytest.mark.parametrize("lm", ["phi", pytest.param("qwen2", marks=QWEN2_IN_OPENFLAMINGO)])
 def test_the_recipe_followed_as_written_builds_openflamingo(lm, tmp_path, monkeypatch):
     """The recipe's `create_model_and_transforms` arguments, passed as written to OpenFlamingo 2.0.1's own factory
     (the LM and tokenizer from the directory the model was built on; the vision tower served for its open_clip

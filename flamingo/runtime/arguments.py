@@ -15,12 +15,16 @@ def _parsed(text: str, kind: type, what: str) -> Any:
         raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
+def _int_at_least(text: str, least: int) -> int:
+    value = _parsed(text, int, "an integer")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (a size or count of 0 would give a server or run that never works)."""
-    value = _parsed(text, int, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:
@@ -41,10 +45,7 @@ def non_negative_float(text: str) -> float:
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (0: the feature off)."""
-    value = _parsed(text, int, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def port_number(text: str) -> int:

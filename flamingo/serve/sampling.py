@@ -136,11 +136,10 @@ def _draw_nucleus(row: torch.Tensor, top_p: float, uniform: torch.Tensor) -> tor
 
 
 def _draw_sorted(probs: torch.Tensor, top_p: Sequence[float], uniform: torch.Tensor) -> torch.Tensor:
-    """`draw_tokens` for all rows at once, without a host sync: each row sorted, its tokens past the nucleus (and
-    those of probability 0) masked to 0, then inverse CDF over the sorted row; a row with top_p 1 keeps them all."""
+    """`draw_tokens` for its nucleus rows (top_p < 1) at once, without a host sync: each row sorted, its tokens past
+    the nucleus (and those of probability 0) masked to 0, then inverse CDF over the sorted row."""
     values, ids = probs.sort(dim=-1, descending=True)  # (S, V)
-    limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], dtype=probs.dtype,
-                         device=probs.device)[:, None]  # (S, 1)
+    limit = torch.tensor(list(top_p), dtype=probs.dtype, device=probs.device)[:, None]  # (S, 1)
     keep = ((values.cumsum(dim=-1) - values) < limit) & (values > 0)  # (S, V), a prefix of each row
     keep[:, 0] = True
     pick = _draw_cdf(values.masked_fill(~keep, 0.0), uniform)  # (S, 1)

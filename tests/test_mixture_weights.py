@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from flamingo.config import FlamingoConfig
 from flamingo.train.config import load_config
 from flamingo.train.run_log import LossWindow, materialize
 from flamingo.train.trainer import Trainer
@@ -109,4 +110,27 @@ def test_fsdp_sharding_of_quantized_weights_is_refused_before_the_model_loads(wo
     monkeypatch.setattr("flamingo.train.trainer.build_model", lambda *a: pytest.fail("the model was built"))
     config = load_config(path, ["train.distributed=fsdp", "model.flamingo.quantize_frozen=int8"])
     with pytest.raises(ValueError, match="FSDP cannot shard quantized frozen weights"):
+        Trainer(config)
+
+
+def test_fsdp_sharding_of_an_init_from_models_saved_quantized_mode_is_refused_before_it_loads(world, tmp_path,
+                                                                                               monkeypatch):
+    """A model.init_from folder saved with quantize_frozen int8 trains quantized (its saved mode): under FSDP with
+    fsdp_frozen: shard that was refused only after every rank had loaded it."""
+    root, vision, lm, data = world
+    saved = tmp_path / "saved"
+    FlamingoConfig(vision_name_or_path=vision, lm_name_or_path=lm, quantize_frozen="int8",
+                   media_token_id=5).save(str(saved))
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-fsdp-q-init"))
+    monkeypatch.setattr("flamingo.train.trainer.dist_info", lambda: (1, 2, 1))
+    monkeypatch.setattr("flamingo.train.trainer.build_model", lambda *a: pytest.fail("the model was built"))
+    config = load_config(path, ["train.distributed=fsdp", f"model.init_from={saved}", "model.vision=null",
+                                "model.lm=null", "model.tokenizer=null", "model.flamingo={}"])
+    with pytest.raises(ValueError, match="FSDP cannot shard quantized frozen weights"):
+        Trainer(config)
+    # the config's own mode wins over the saved one
+    config = load_config(path, ["train.distributed=fsdp", f"model.init_from={saved}", "model.vision=null",
+                                        "model.lm=null", "model.tokenizer=null",
+                                        "model.flamingo={quantize_frozen: none}"])
+    with pytest.raises(pytest.fail.Exception, match="the model was built"):
         Trainer(config)

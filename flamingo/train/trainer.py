@@ -150,6 +150,18 @@ def build_model(config: TrainConfig, revisions: Optional[dict[str, str]] = None
     return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**{**m.flamingo, **pinned}))
 
 
+def _planned_quantize_mode(config: TrainConfig) -> str:
+    """The frozen weights' format the run will quantize to, as far as it is known before the model loads:
+    model.flamingo.quantize_frozen, else the saved mode of a model.init_from folder of ours (a Hub init_from or
+    another format is checked once loaded)."""
+    m = config.model
+    if "quantize_frozen" in (m.flamingo or {}):
+        return m.flamingo["quantize_frozen"]
+    if m.init_from and os.path.isfile(os.path.join(m.init_from, CONFIG_NAME)):
+        return FlamingoConfig.load(m.init_from).quantize_frozen
+    return "none"
+
+
 def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:
     """Whether the final model is saved trained-only: `train.save_trained_only`, or by default when both backbone
     references resolve here (`unresolved_backbones`): a model from `model.init_from` a full checkpoint copied from
@@ -244,8 +256,8 @@ class Trainer:
         check_data_weights(config)  # before the model loads (a config made in Python, not by parse_config)
         self.rank, self.world, self.local_rank = dist_info()
         check_in_backward(config, self.world, t.distributed)
-        if self.world > 1 and t.distributed == "fsdp":  # before the model loads (a saved mode is checked after)
-            check_shardable(t.fsdp_frozen, (config.model.flamingo or {}).get("quantize_frozen", "none") != "none")
+        if self.world > 1 and t.distributed == "fsdp":  # before the model loads (a Hub init_from's mode: after)
+            check_shardable(t.fsdp_frozen, _planned_quantize_mode(config) != "none")
         self.device = default_device(t.device or None)  # train.device, else cuda:LOCAL_RANK, else the CPU
         init_process_group_from_env(self.device)
         self.host_group = host_group()  # the loop's stop flag is agreed on here (gloo: no host sync with the GPU)

@@ -31,11 +31,24 @@ DTYPE=${DTYPE:-bf16}
 OUT=${OUT:-device-out}
 PY=${PYTHON:-python3}
 
-wheels() {
+TRANSFORMERS=transformers==5.25.0  # the version the CPU figures and tests use; the server's compiled steps need >= 5.25
+PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+          --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
+
+wheels() {  # the peers (their own deps are the image's) and $TRANSFORMERS with every dependency (numpy: the image's)
     mkdir -p "$WHEELS"
-    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -d "$WHEELS" open-flamingo==2.0.1 einops-exts==0.0.4 torchao==0.18.0
+    "$PY" -m pip download --no-deps "${PLATFORM[@]}" -d "$WHEELS" open-flamingo==2.0.1 einops-exts==0.0.4 torchao==0.18.0 \
+        && "$PY" -m pip download "${PLATFORM[@]}" -d "$WHEELS" "$TRANSFORMERS" && rm -f "$WHEELS"/numpy-*.whl
+    du -sh "$WHEELS"
+}
+
+install_wheels() {  # into /tmp/site: the peers, and of $TRANSFORMERS's wheels those the image's packages do not satisfy
+    local need
+    need=$("$PY" -m pip install -q --dry-run --no-index --find-links "$WHEELS" --report - "$TRANSFORMERS" \
+        | "$PY" -c "import json, sys; print(' '.join(i['download_info']['url'].removeprefix('file://') for i in json.load(sys.stdin)['install']))") \
+        || { echo "pip could not resolve $TRANSFORMERS from $WHEELS: the image's transformers stays"; need=""; }
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/open_flamingo-*.whl "$WHEELS"/einops_exts-*.whl \
+        "$WHEELS"/torchao-*.whl $need
 }
 
 part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
@@ -51,7 +64,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $OUT/NAME.log
 run() {
     mkdir -p "$OUT"
     if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl || exit 1
+        install_wheels || exit 1
         export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     else
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -59,6 +72,7 @@ run() {
     export PYTHONUNBUFFERED=1
     { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; git rev-parse HEAD 2>/dev/null
       "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+      "$PY" -c "from flamingo.runtime.compat import STATIC_CACHE_MASK_HOOK as ok; print('compiled server steps:', 'yes' if ok else 'no (transformers < 5.25: the serve part fails)')"
     } | tee "$OUT/versions.txt"
     for name in "$@"; do
         case $name in

@@ -229,3 +229,16 @@ def test_generate_chat_reads_a_reference_as_the_server_does(served, tmp_path, mo
     ).json()["error"]["message"]
     assert main(args + ["--prompt", "Is <image2> red?"]) == 2
     assert served_error.removeprefix("messages[0]: ") in capsys.readouterr().err
+
+
+def test_models_card_gives_the_media_a_prompt_of_this_model_may_hold(served):
+    """On a model with K reference tokens a prompt holds at most K images (more are a 400); /v1/models, where a
+    client (lm-eval, the page) reads its limits, said the server's 32."""
+    _, _, url = served
+    card = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]
+    assert card["max_images"] == REFERENCES
+    at_limit = {"messages": [_user(*range(REFERENCES))], "max_tokens": 1}
+    assert httpx.post(url + "/v1/chat/completions", json=at_limit, timeout=60).status_code == 200
+    over = {"messages": [_user(*range(REFERENCES + 1))], "max_tokens": 1}
+    reply = httpx.post(url + "/v1/chat/completions", json=over, timeout=60)
+    assert reply.status_code == 400 and "reference tokens" in reply.text

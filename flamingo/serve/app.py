@@ -349,8 +349,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                             "token late; send token ids (lm-eval's default). Said once.", bos)
                 return
 
+    # the media a prompt may hold: the server's limit, and on a model with image references its reference tokens
+    max_images = min(settings.max_images, model.references[1]) if model.references is not None else settings.max_images
     card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "flamingo",
-            "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": settings.max_images,
+            "max_model_len": positions, "max_tokens_cap": settings.max_tokens_cap, "max_images": max_images,
             "max_queue": engine.max_queue, "chat_template": chat_template.name}
 
     @app.get("/v1/models")

@@ -39,7 +39,7 @@ def test_inspect_cli_counts_samples_skips_tokens_and_draws_a_contact_sheet(tmp_p
     # each reason says why its first sample was skipped, in the table and the summary
     assert set(summary["first_skip"]) == set(data["bad"])
     assert summary["first_skip"]["empty_text"].endswith("empty caption")
-    assert any(line.startswith("skipped: empty_text") and line.endswith("1 (the first: pairs.jsonl:7: empty caption)")
+    assert any(line.startswith("skipped: empty_text") and line.endswith("1 (the first: pairs.jsonl:8: empty caption)")
                for line in printed)
     assert summary["tokens"] > 5 * 3
     with Image.open(out / "contact_sheet.png") as sheet:

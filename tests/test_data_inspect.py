@@ -10,8 +10,8 @@ def test_the_sheet_labels_each_shown_sample_or_says_why_none_is_drawn(tmp_path):
     data = make_pairs(str(tmp_path / "p"), 3)
     shown = inspect_dataset(data["path"], "pairs", show=2)
     assert sheet_labels(shown) == [
-        "pairs.jsonl:0: <image>photo 0<|endofchunk|>",
-        "pairs.jsonl:1: <image>photo 1<|endofchunk|>",
+        "pairs.jsonl:1: <image>photo 0<|endofchunk|>",  # file:line, as an editor counts lines
+        "pairs.jsonl:2: <image>photo 1<|endofchunk|>",
     ]
     assert sheet_labels(inspect_dataset(data["path"], "pairs", show=0)) == [
         "none of the 3 good samples drawn (--show 0)"

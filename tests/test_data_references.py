@@ -121,7 +121,7 @@ def test_samples_cut_by_max_tokens_are_counted_and_warned_about_once(tmp_path):
     assert len(batches) == 2 and all("truncated" not in b for b in batches)
     messages = [str(w.message) for w in caught]
     first = [m for m in messages if "was cut" in m]
-    assert len(first) == 1 and "rows.jsonl:0" in first[0] and "max_tokens=16" in first[0]
+    assert len(first) == 1 and "rows.jsonl:1" in first[0] and "max_tokens=16" in first[0]
     assert any("2 of them cut by max_tokens=16" in m for m in messages)  # the epoch's report
     assert source.truncated == 2
     state = json.loads(json.dumps(source.state_dict()))

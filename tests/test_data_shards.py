@@ -304,6 +304,21 @@ def test_a_csv_quote_left_open_does_not_take_the_rest_of_the_file_into_a_caption
     assert [r.lost[0] for r in records[1:]] == ["bad_record"] * 3
 
 
+
+def test_record_keys_are_the_line_numbers_an_editor_shows(tmp_path):
+    """docs/data.md: a key is `file:line`. JSONL and CSV keys counted lines from 0 (and CSV rows, not lines), so a
+    skip report named the line above the bad one."""
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert [r.key for r in read_records(str(tmp_path / "rows.jsonl"))] == ["rows.jsonl:1", "rows.jsonl:3"]
+    (tmp_path / "pairs.csv").write_text('image,caption\n0.png,one\n0.png,"two\nlines"\n0.png,three\n0.png,"four\n')
+    with pytest.warns(UserWarning, match="malformed after line 5"):
+        records = list(read_records(str(tmp_path / "pairs.csv")))
+    assert [(r.key, r.lost is None) for r in records] == [("pairs.csv:2", True), ("pairs.csv:4", True),
+                                                          ("pairs.csv:5", True), ("pairs.csv:6", False)]
+    (tmp_path / "first.csv").write_text('image,caption\n0.png,"one\n0.png,two\n')
+    with pytest.warns(UserWarning, match="malformed after line 1 .*remaining 2 line"):
+        assert [r.key for r in read_records(str(tmp_path / "first.csv"))] == ["first.csv:2", "first.csv:3"]
+
 # --------------------------------------------------------------------------------------------------- media members
 def _image(fmt: str, i: int) -> bytes:
     buf = io.BytesIO()

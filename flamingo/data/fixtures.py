@@ -87,7 +87,7 @@ def make_pairs(root: str, n: int, *, bad: bool = True, size: int = 16) -> dict[s
     for i in range(n):
         _write(os.path.join(root, "images", f"{i}.png"), image_bytes(i, size))
         rows.append({"image": f"images/{i}.png", "caption": f"photo {i}"})
-    good = [f"pairs.jsonl:{i}" for i in range(n)]
+    good = [f"pairs.jsonl:{i + 1}" for i in range(n)]  # file:line
     counts: dict[str, int] = {}
     if bad:
         _write(os.path.join(root, "images", "corrupt.png"), CORRUPT_IMAGE)

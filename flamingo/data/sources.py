@@ -451,7 +451,7 @@ def read_records(path: str, tar_needs: Optional[str] = None,
             yield RawRecord(f"{name}:{shard.cut}", path, {}, shard, lost=("bad_shard", f"{path}: {shard.error}"))
     elif low.endswith(".jsonl"):  # (utf-8-sig: a byte-order mark, as Excel and Notepad write, is not data)
         with open(path, encoding="utf-8-sig", errors="replace") as f:
-            for i, line in enumerate(f):
+            for i, line in enumerate(f, 1):  # keyed by line number, as an editor counts them
                 if line.strip():
                     yield RawRecord(f"{name}:{i}", path, line)
     elif low.endswith(".csv"):
@@ -492,18 +492,21 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         lines = _Lines(f)
-        i, line = 0, 0  # rows read; the line the last one ended on
+        line = 0  # the line the header or the last row read ended on
         try:
-            for i, row in enumerate(csv.DictReader(lines, strict=True), 1):
+            reader = csv.DictReader(lines, strict=True)
+            if reader.fieldnames is not None:  # (reads the header)
                 line = lines.taken
-                yield RawRecord(f"{name}:{i - 1}", path, row)
+            for row in reader:
+                line = lines.taken
+                yield RawRecord(f"{name}:{line}", path, row)  # keyed by the line the row ends on (header: line 1)
         except csv.Error as e:
             lost = max(1, lines.taken - line) + sum(1 for rest in f if rest.strip())
             warnings.warn(f"CSV file {path!r} is malformed after line {line} ({e}): its remaining {lost} line(s) "
                           "are skipped (counted as bad_record)", stacklevel=2)
             detail = f"{path}: malformed CSV after line {line} ({e})"
             for k in range(lost):
-                yield RawRecord(f"{name}:{i + k}", path, {}, lost=("bad_record", detail))
+                yield RawRecord(f"{name}:{line + 1 + k}", path, {}, lost=("bad_record", detail))
 
 
 # Byte-order marks -> the codec that reads them (and drops the mark); UTF-32's before UTF-16's, whose LE mark begins

@@ -17,6 +17,7 @@ from flamingo.model.generation import generation_config_for
 from flamingo.model.prefill import Prefill
 from flamingo.runtime.compat import STATIC_CACHE_MASK_HOOK
 from flamingo.serve.app import ServeSettings
+from flamingo.serve.engine import NotAccepting
 from flamingo.tiny import random_image
 
 from serve_helpers import (
@@ -294,6 +295,37 @@ def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, compil
     for i, (prompt, media) in enumerate(cases):
         assert results[i] == greedy_alone(engine, prompt, media, 10), i
 
+
+def test_warm_up_runs_on_the_thread_that_decodes_afterwards(model_dir, monkeypatch, one_thread):
+    """torch keeps CUDA graphs per thread (before torch 2.13 a thread other than the first to use them failed):
+    `flamingo serve --compile` warmed its graphs up on the main thread and stepped on the engine's. Warm-up and
+    decoding now share the engine's one thread; an error in warm-up reaches its caller."""
+    from flamingo.serve.sampling import SamplingParams
+
+    engine = engine_for(model_dir, max_batch=2)
+    threads, step = [], engine._batch.step
+
+    def recording_step(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine._batch, "step", recording_step)
+    engine.warm_up()
+    warmed = set(threads)
+    engine.start()  # already started by warm_up: the same thread
+    try:
+        wait = submit_job(engine, "Output:", [], SamplingParams(max_tokens=3, temperature=0.0))
+        wait()
+        assert len(warmed) == 1 and set(threads) == warmed and threading.current_thread() not in warmed
+        monkeypatch.setattr(engine, "_warm_up", lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            engine.warm_up()
+        wait = submit_job(engine, "Output:", [], SamplingParams(max_tokens=3, temperature=0.0))
+        wait()  # still serving
+    finally:
+        engine.stop(0.0)
+    with pytest.raises(NotAccepting):
+        engine.warm_up()
 
 def _recording_sinks(*names: str):
     """Per name, the kinds of the events a job emits; a semaphore released at each job's end; `sink(name)`."""

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -183,17 +184,36 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._calls: list[tuple[Callable[[], None], Future]] = []  # work for the thread before its next turn
 
     # ------------------------------------------------------------------------------------------------ control
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
-        self._thread.start()
+        """Start the engine's thread (once; `warm_up` may have started it): every model call runs on it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
+            self._thread.start()
 
-    @torch.no_grad()
     def warm_up(self) -> None:
         """Compile the batch's decode step (with `compile_backend`) for the shapes every server meets first: one row
-        and several, in the first window of positions, without and with an image; before `start`, so that no request
-        waits for them. Longer windows compile when a batch first reaches them."""
+        and several, in the first window of positions, without and with an image; before requests come, so that no
+        request waits for them. Longer windows compile when a batch first reaches them. It runs on the engine's
+        thread (started here), where the steps will run: torch keeps CUDA graphs per thread (a graph recorded on
+        another is recorded again), and before torch 2.13 a thread other than the first to use them failed."""
+        self._on_thread(self._warm_up)
+
+    def _on_thread(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine's thread before its next turn and wait for it (its exception is raised here)."""
+        self.start()
+        done: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise NotAccepting("the server is shutting down")
+            self._calls.append((fn, done))
+            self._cond.notify()
+        done.result()
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
         from PIL import Image  # the processor's own dependency
 
         dtype = next(self.model.vision.parameters()).dtype
@@ -264,15 +284,25 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not (self._waiting or self._prefills or self._rows):
+                while not self._stopping and not (self._calls or self._waiting or self._prefills or self._rows):
                     self._cond.wait(timeout=0.5)
+                calls, self._calls = self._calls, []
                 if self._stopping:
                     break
+            for fn, done in calls:
+                try:
+                    fn()
+                except BaseException as e:  # the caller's to raise
+                    done.set_exception(e)
+                else:
+                    done.set_result(None)
             try:
                 self._turn()
             except Exception as e:  # a bug or an accelerator error: fail what is running, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error while generating: {type(e).__name__}: {e}")
+        for _, done in calls:
+            done.set_exception(NotAccepting("the server is shutting down"))
         self._fail_all("the server is shutting down", include_waiting=True)
 
     def _turn(self) -> None:

@@ -227,9 +227,26 @@ def test_lm_evaluation_harness_image_task_requests(served):
                [{"role": "user", "content": [plain[0]["content"][0], {"type": "text", "text": "<image>Q"},
                                              plain[0]["content"][0]]}],  # an image after the text
                [{"role": "system", "content": "<image>"}, *plain]]
-    for messages in refused:
+    for k, messages in enumerate(refused):
         answer = httpx.post(url + "/v1/chat/completions", timeout=60, json={"messages": messages, "max_tokens": 1})
-        assert answer.status_code == 400 and "may not contain <image>" in answer.json()["error"]["message"], messages
+        message = answer.json()["error"]["message"]
+        assert answer.status_code == 400 and "may not contain <image>" in message, messages
+        assert ("max_images" in message) == (k < 2), message  # a count that differs: lm-eval's cut is named
+
+
+def test_lm_evaluation_harness_sends_a_multi_image_question_whole_with_max_images(served, caplog):
+    """MMMU-style questions keep one `<image>` per image; lm-eval cuts a request's images to its `max_images` (1 by
+    default), so such a question is a 400 that names the option (docs/serve.md), and runs with it set."""
+    _, url = served
+    images = [random_image(4), random_image(5)]
+    prompt = JsonChatStr(json.dumps([{"role": "user", "content": "A <image> and B <image>: which is red?"}]))
+    request = Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 4}, {"visual": images}), 0)
+    whole = LocalChatCompletion(base_url=url + "/v1/chat/completions", model="tiny", max_retries=1, max_images=2)
+    assert len(whole.generate_until([request])) == 1
+    cut = LocalChatCompletion(base_url=url + "/v1/chat/completions", model="tiny", max_retries=1)
+    with pytest.raises(Exception, match="400"):
+        cut.generate_until([request])
+    assert "2 <image> for 1 medium (lm-evaluation-harness sends at most `max_images`" in caplog.text  # its log
 
 
 def _bos_model():

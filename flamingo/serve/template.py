@@ -51,15 +51,23 @@ def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -
                        param="messages")
 
 
-def media_placed_in_text(parts: list[ContentPart]) -> list[ContentPart]:
-    """A user turn's parts with its media where its text places them, when the turn is written as lm-evaluation-harness
-    writes image prompts (`create_image_prompt`: the media parts first, then text parts that hold exactly one
-    `<image>` per medium): each `<image>` becomes the next medium, in part order. Any other turn's parts as they are
-    (an `<image>` in their text is refused by `check_text`)."""
+def media_placed_in_text(parts: list[ContentPart], i: int) -> list[ContentPart]:
+    """A user turn's parts (message `i`) with its media where its text places them, when the turn is written as
+    lm-evaluation-harness writes image prompts (`create_image_prompt`: the media parts first, then text parts that
+    hold exactly one `<image>` per medium): each `<image>` becomes the next medium, in part order. APIError (400) when
+    such a turn's `<image>`s are not as many as its media (lm-eval cuts a request's images to its `max_images`, 1 by
+    default); any other turn's parts as they are (an `<image>` in their text is refused by `check_text`)."""
     n = sum(not isinstance(p, TextPart) for p in parts)
     texts = parts[n:]
-    if not n or any(not isinstance(p, TextPart) for p in texts) or \
-            sum(p.text.count(MEDIA_TOKEN) for p in texts) != n:
+    if not n or any(not isinstance(p, TextPart) for p in texts):
+        return parts
+    placed_by_text = sum(p.text.count(MEDIA_TOKEN) for p in texts)
+    if placed_by_text and placed_by_text != n:
+        raise APIError(400, f"messages[{i}]: text may not contain {MEDIA_TOKEN} unless each one places one of the "
+                            f"turn's media, which come before it: {placed_by_text} {MEDIA_TOKEN} for {n} "
+                            f"medi{'um' if n == 1 else 'a'} (lm-evaluation-harness sends at most `max_images` images a "
+                            "request, 1 unless its --model_args set it)", param="messages")
+    if not placed_by_text:
         return parts
     media, placed = iter(parts[:n]), []
     for part in texts:
@@ -86,7 +94,7 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
     media: list[MediaRef] = []
     for i, message in enumerate(messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) \
-            else media_placed_in_text(message.content) if message.role == "user" else message.content
+            else media_placed_in_text(message.content, i) if message.role == "user" else message.content
         if message.role != "user" and any(not isinstance(p, TextPart) for p in parts):
             article = "an" if message.role == "assistant" else "a"
             raise APIError(400, f"messages[{i}]: {article} {message.role} turn holds text only", param="messages")

@@ -357,3 +357,28 @@ def test_a_run_from_an_adapted_model_keeps_training_its_adapters_under_the_same_
                                          r"model.flamingo.lm_lora asks for other ones \(r=8, alpha=8 on q_proj, "
                                          r"v_proj\): leave model.flamingo.lm_lora out, or give theirs"):
         Trainer(load_config(config, ["model.flamingo={lm_lora: {r: 8, alpha: 8}}"]))
+
+
+def test_generating_with_active_dropout_is_warned_about_once(monkeypatch):
+    """`from_backbones` returns a model in training mode (PyTorch's convention): with LoRA dropout its `generate`
+    and `score` were random, unsaid. They warn (once per call kind); in eval mode, or with no dropout, they do not."""
+    import warnings
+
+    from flamingo.model import generation
+    from flamingo.tiny import tiny_flamingo
+
+    monkeypatch.setattr(generation, "_DROPOUT_TOLD", set())
+    model, processor = tiny_flamingo(lm_lora={"r": 2, "target_modules": ["q_proj"], "dropout": 0.5})
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(**batch, max_new_tokens=2)  # eval mode
+        tiny_flamingo()[0].train().generate(**batch, max_new_tokens=2)  # training mode, no dropout anywhere
+    model.train()
+    with pytest.warns(UserWarning, match=r"generate on a model in training mode: its dropout \(.*lora_dropout"):
+        model.generate(**batch, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="score_batch on a model in training mode"):
+        model.score(batch["input_ids"], [[5]], images=batch["images"], num_media=batch["num_media"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(**batch, max_new_tokens=2)  # said once

@@ -207,6 +207,38 @@ def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgrap
     return config
 
 
+_DROPOUT_TOLD: set[str] = set()  # the calls ("generate", "score_batch") warned about active dropout, once each
+
+
+def _active_dropout(model: Flamingo) -> list[str]:
+    """The modules of a model in training mode that apply dropout (an `nn.Dropout` or a float rate such as HF
+    attention's `attention_dropout`, above 0)."""
+    if not model.training:
+        return []
+    active = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        rates = [module.p] if isinstance(module, torch.nn.modules.dropout._DropoutNd) else \
+            [getattr(module, key) for key in ("attention_dropout", "dropout") if isinstance(getattr(module, key, None),
+                                                                                          float)]
+        if any(rate > 0 for rate in rates):
+            active.append(name)
+    return active
+
+
+def _warn_if_random(model: Flamingo, call: str) -> None:
+    """A model in training mode (as `from_backbones` builds one) draws its dropout in `call`: say so, once."""
+    if call in _DROPOUT_TOLD:
+        return
+    active = _active_dropout(model)
+    if active:
+        _DROPOUT_TOLD.add(call)
+        warnings.warn(f"{call} on a model in training mode: its dropout ({', '.join(active[:3])}"
+                      f"{', ...' if len(active) > 3 else ''}) makes the results random; call model.eval() first",
+                      stacklevel=3)
+
+
 @torch.no_grad()
 def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              images: Optional[torch.Tensor] = None, num_media: Optional[torch.Tensor] = None,
@@ -227,6 +259,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     images an evaluation shows with many queries.
     """
     _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
+    _warn_if_random(model, "generate")
     attention_mask = prompt_mask(model, input_ids, attention_mask, "generate")
     model.check_left_padding(attention_mask, "generate with a left-padded batch")
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
@@ -335,6 +368,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     vision_cache: as in `generate`.
     """
     _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
+    _warn_if_random(model, "score_batch")
     b = input_ids.shape[0]
     if len(continuations) != b:
         raise ValueError(f"{b} contexts but {len(continuations)} candidate lists")

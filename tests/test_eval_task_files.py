@@ -295,7 +295,7 @@ UNCHECKED = {
         "videoqa_mc",
         make_videoqa_mc,
         lambda d: (d / "test.jsonl").write_bytes('{"id": "\xe9"}\n'.encode("latin-1")),
-        "videoqa_mc: a file of the test split of .* is not UTF-8 text",
+        r"evaluation file '.*test\.jsonl' is not UTF-8 text",  # the file named (it named the split)
     ),
 }
 

@@ -211,8 +211,12 @@ def _existing(path: Path) -> Path:
 
 
 def _text(path: Path) -> str:
-    """A task file's text (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data)."""
-    return _existing(path).read_text(encoding="utf-8-sig")
+    """A task file's text (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data); ValueError
+    naming a file that is not UTF-8."""
+    try:
+        return _existing(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"evaluation file {str(path)!r} is not UTF-8 text ({e})") from None
 
 
 def read_json(path: Path) -> Any:

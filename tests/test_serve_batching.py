@@ -296,6 +296,27 @@ def test_engine_jobs_submitted_at_once_get_their_greedy_tokens(model_dir, compil
         assert results[i] == greedy_alone(engine, prompt, media, 10), i
 
 
+@pytest.mark.parametrize("compile_backend", [None, pytest.param("eager", marks=pytest.mark.slow)])
+def test_decode_steps_and_generate_calls_leave_the_threads_context_as_it_was(make_model, compile_backend,
+                                                                             one_thread):
+    """Each step patched dynamo's config with a new `config.patch` object, whose own ContextVar stayed in the
+    thread's context: the server's memory grew with every decode step, without end (hunt11_soak). The number of
+    variables set in the thread's context no longer grows with the steps or `generate` calls."""
+    import contextvars
+
+    model, processor = make_model("llama")
+    cases = PROMPTS[:2]
+    _run_batch(model, processor, cases, steps=12, chunk=7, max_rows=2, compile_backend=compile_backend)
+    before = len(contextvars.copy_context())
+    _run_batch(model, processor, cases, steps=12, chunk=7, max_rows=2, compile_backend=compile_backend)  # ~20 steps
+    assert len(contextvars.copy_context()) <= before + 1  # the new batch's one patch, not one per step
+    batch = processor(*cases[0])
+    model.generate(**batch, max_new_tokens=2)
+    before = len(contextvars.copy_context())
+    for _ in range(5):
+        model.generate(**batch, max_new_tokens=2)
+    assert len(contextvars.copy_context()) == before
+
 def test_warm_up_runs_on_the_thread_that_decodes_afterwards(model_dir, monkeypatch, one_thread):
     """torch keeps CUDA graphs per thread (before torch 2.13 a thread other than the first to use them failed):
     `flamingo serve --compile` warmed its graphs up on the main thread and stepped on the engine's. Warm-up and

@@ -25,6 +25,7 @@ of the dynamic steps (tests/test_serve_batching.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -167,7 +168,9 @@ class DecodeBatch:
         if static and self.device.type == "cuda":
             torch._dynamo.mark_static_address(self._shape.position)
         self._lm_step: Callable[..., torch.Tensor] = self._call_lm
-        self._dynamo_config: dict[str, Any] = {}
+        # dynamo's settings for the compiled step, one patch object for every step: each `config.patch` holds its own
+        # ContextVar, which stays in the thread's context once set (one patch per step grew a server's memory)
+        self._dynamo_patch: Any = contextlib.nullcontext()
         self._compiles = compile_backend is not None
         self._pad_rows = static and (self.device.type == "cuda" if pad_rows is None else pad_rows)
         self._compiled_shapes: set[tuple[int, int, bool]] = set()  # (1 or 2+ rows, window, media) compiled so far
@@ -177,7 +180,7 @@ class DecodeBatch:
             # one graph per (1 row or more, window, media) shape: more than torch's default of 8 per function; the
             # row count is the only dynamic dimension (marked), the window's never becomes one
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            self._dynamo_config = {limit: 64, "automatic_dynamic_shapes": False}
+            self._dynamo_patch = torch._dynamo.config.patch(**{limit: 64, "automatic_dynamic_shapes": False})
         self._layers: list[_RowsLayer] = []
         self.cache = Cache(layers=[])
         self._cap_rows = self._cap_len = 0
@@ -388,7 +391,7 @@ class DecodeBatch:
             log.info("compiling the decode step for %s x %d positions (%s media)",
                      "1 row" if run == 1 else "2 or more rows", shape[1], "with" if shape[2] else "without")
             started = time.perf_counter()
-        with self.model.conditioned(ctx), torch._dynamo.config.patch(**self._dynamo_config):
+        with self.model.conditioned(ctx), self._dynamo_patch:
             logits = self._lm_step(ids, mask, positions)  # (run, V)
         if first:
             self._compiled_shapes.add(shape)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -302,9 +303,22 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
         rest["use_model_defaults"] = False
     # the decode step reads the media context's tensors through the hooks' module, whose tensor attributes dynamo
     # would specialize (one graph per row count): their row dimension stays dynamic (EnterDecode marks it)
-    with model.conditioned(ctx), torch._dynamo.config.patch(force_nn_module_property_static_shapes=False):
+    with model.conditioned(ctx), _property_shapes_dynamic():
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)
+
+
+_PATCHES = threading.local()
+
+
+def _property_shapes_dynamic() -> Any:
+    """dynamo's `force_nn_module_property_static_shapes=False`, one patch object per thread for all its calls: each
+    `config.patch` holds its own ContextVar, which stays in the thread's context once set (a patch per call grew
+    memory without end), and older torch keeps a patch's saved values on the object (not entered twice at once)."""
+    patch = getattr(_PATCHES, "property_shapes", None)
+    if patch is None:
+        patch = _PATCHES.property_shapes = torch._dynamo.config.patch(force_nn_module_property_static_shapes=False)
+    return patch
 
 
 # transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)

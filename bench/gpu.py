@@ -13,7 +13,9 @@ shapes: train 8 x 256 tokens x 5 images, eager, with train.compile's regions and
 CUDA graphs on top (`--no-compile`: eager only;
 `--profile`: kernels per step and device-busy time of each step); decode 8-shot prompts, 20 new tokens, greedy;
 xattn T = 2048 text tokens, hidden 2048, visual width 1024. Prints each part's table, then the goals table, and
-one JSON line with everything; `--out FILE` also writes that JSON (a later call with other `--parts` merges in).
+one JSON line with everything; `--out FILE` also writes that JSON, as each part ends (a later call with other
+`--parts` merges in). The train part also prints a `gpu.train.partial` line after each variant but the last and
+writes the row so far to `--out` (`unfinished` names the part): a run cut by a time limit keeps what it finished.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -36,11 +38,19 @@ XATTN_SHAPES = {"gpu": (2048, 2048, 1024), "cpu": (2048, 512, 256), "tiny": (128
 
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """After each variant but the last (peer, eager, compiled; then graphed) the row so far goes out as a
+    `gpu.train.partial` line and into `--out`: a run cut by its time limit keeps the variants it finished."""
     ns = argparse.Namespace(shape=args.shape, batch=8, tokens=256, images=5, xattn_every=args.xattn_every,
                             profile=args.profile, checkpointing=False, compile=not args.no_compile,
                             vision_graphs=not args.no_compile and args.device.startswith("cuda"),
                             device=args.device, repeats=args.repeats, loss_chunks=TrainSection.loss_chunks)
-    row = train.run(ns)
+
+    def progress(row: dict[str, Any]) -> None:
+        print_json("gpu.train.partial", {"shape": args.shape, "device": machine(), **row})
+        if args.out:
+            _write_partial(args, "train", [row])
+
+    row = train.run(ns, progress)
     print_json("gpu.train", {"shape": args.shape, "device": machine(), **row})
     print_table([row], list(row))
     return [row]
@@ -143,24 +153,47 @@ def main() -> None:
                      f"--device {args.device}: pass --device cuda on a GPU machine, --shape tiny or cpu here, or "
                      "--large-on-cpu to build it anyway")
     print(f"# bench.gpu on {machine()}, shape={args.shape}, parts={' '.join(args.parts)}")
-    results: dict[str, Any] = {}
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f).get("results", {})
+    results = _results_in(args.out)
     runners = {"train": run_train, "decode": run_decode, "xattn": run_xattn}
     for part in args.parts:
         print(f"\n## {part}")
         results[part] = runners[part](args)
-    table = goals(results)
+        if args.out:  # as each part ends: a later part cut by a time limit leaves this one's rows
+            _write(args.out, _payload(args, results))
+    payload = _payload(args, results)
     print("\n## goals of issues #8 and #36")
-    print_table(table, ["goal", "measured", "target", "reached"])
-    payload = {"device": machine(), "shape": args.shape, "torch": torch.__version__, "results": results,
-               "goals": table}
+    print_table(payload["goals"], ["goal", "measured", "target", "reached"])
     print_json("gpu", payload)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
-            json.dump(json_safe(payload), f, indent=1, allow_nan=False)
+
+
+def _results_in(path: Optional[str]) -> dict[str, Any]:
+    """The results an earlier call wrote to `path` (--out), to merge with this call's."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("results", {})
+    return {}
+
+
+def _write_partial(args: argparse.Namespace, part: str, rows: list[dict[str, Any]]) -> None:
+    """`part`'s rows so far into --out beside what it holds, the part named `unfinished`."""
+    results = _results_in(args.out)
+    results[part] = rows
+    _write(args.out, _payload(args, results, unfinished=[part]))
+
+
+def _payload(args: argparse.Namespace, results: dict[str, Any], unfinished: Sequence[str] = ()) -> dict[str, Any]:
+    """The results file's content; `unfinished`: the parts whose rows are partial (the run was still in them)."""
+    payload = {"device": machine(), "shape": args.shape, "torch": torch.__version__, "results": results,
+               "goals": goals(results)}
+    if unfinished:
+        payload["unfinished"] = list(unfinished)
+    return payload
+
+
+def _write(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(json_safe(payload), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.common import SHAPES, machine, parse_args, print_json, print_table
+from bench.common import SHAPES, machine, parse_args, print_json, print_table, sync
 from bench.generate import QUERY, SHOT
 from bench.serve import build_model
 from flamingo.model.batching import DecodeBatch
@@ -35,13 +35,16 @@ from flamingo.runtime import DTYPE_NAMES, torch_dtype
 from flamingo.tiny import random_image
 
 
-def _seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of `repeats` calls after a warm-up: on cores shared with other jobs, the least disturbed one."""
+def _seconds(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> float:
+    """The fastest of `repeats` calls after a warm-up: on cores shared with other jobs, the least disturbed one.
+    Each call is finished on `device` before the clock reads it (CUDA runs kernels after their launch returns)."""
     fn()
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -134,8 +137,9 @@ def main() -> None:
         def prefill() -> PrefilledRow:
             return Prefill(model, ids, images, num_media, num_frames).step(2**62)
 
-        whole = _seconds(prefill, max(1, args.repeats // 3))
-        vision = _seconds(lambda: model.encode_media(images, num_media, num_frames), max(1, args.repeats // 3))
+        whole = _seconds(prefill, max(1, args.repeats // 3), args.device)
+        vision = _seconds(lambda: model.encode_media(images, num_media, num_frames), max(1, args.repeats // 3),
+                          args.device)
         prefilled[k] = prefill()
         row = {"shots": k, "prompt_tokens": int(ids.numel()), "images": k + 1, "prefill_ms": 1e3 * whole,
                "vision_ms": 1e3 * vision, "lm_ms": 1e3 * (whole - vision)}
@@ -148,7 +152,7 @@ def main() -> None:
             return Prefill(model, *_prompt(processor, k, size, next(queries), args.device, dtype),
                            prefix_cache=cache).step(2**62)
 
-        warm = _seconds(shared, max(1, args.repeats // 3))
+        warm = _seconds(shared, max(1, args.repeats // 3), args.device)
         row.update(shared_demos_ms=1e3 * warm, cached_tokens=shared().cached_tokens, vs_alone=whole / warm)
         prefill_rows.append(row)
         print_json("serve_steps.prefill", {"shape": args.shape, **row})

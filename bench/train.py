@@ -21,8 +21,9 @@ as the trainer does there; on a GPU "auto" (FlexAttention for training) in both.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -92,7 +93,27 @@ def _time_peer(peer: torch.nn.Module, batch: dict[str, Any], autocast: Callable[
     return row
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _ratios(row: dict[str, Any], bf16: bool, flops: Callable[[], float]) -> dict[str, Any]:
+    """The row's ratios to OpenFlamingo and MFUs (CUDA, a GPU of `peak_flops`) of the variants measured so far;
+    flops: one training pass's FLOPs (called only when an MFU is computed)."""
+    out: dict[str, Any] = {}
+    if "ours_samples_s" in row:
+        out["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
+        if bf16:
+            out["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
+    peak_flops_s = peak_flops(torch.cuda.get_device_name(0)) if bf16 else None
+    if peak_flops_s and "ours_step_s" in row:
+        for mfu, step in (("ours_mfu", "ours_step_s"), ("compiled_mfu", "compiled_step_s"),
+                          ("graphed_mfu", "graphed_step_s"), ("openflamingo_mfu", "openflamingo_step_s")):
+            if step in row:
+                out[mfu] = flops() / row[step] / peak_flops_s
+    return out
+
+
+def run(args: argparse.Namespace, progress: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """The row of every variant (the peer, ours eager, then checkpointed, or compiled and tower-graphed); progress:
+    called with the row so far (its ratios included) after each variant but the last, so that a run cut by a time
+    limit still reports what it measured."""
     pair = build_pair(args.shape, xattn_every=args.xattn_every)  # on the CPU, fp32
     dev, bf16 = args.device, args.device.startswith("cuda")
     batch = make_batch(pair.processor, args.batch, args.tokens, args.images, pair.image_size, dev)
@@ -101,8 +122,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": args.batch, "tokens": args.tokens, "images": batch["images"].shape[1],
                            "loss_chunks": args.loss_chunks}
 
+    flops = functools.cache(lambda: flops_estimate(pair.ours, batch))
+
+    def report() -> None:
+        if progress is not None:
+            progress({**row, **_ratios(row, bf16, flops)})
+
     row.update(_time_peer(pair.peer.to(dev).train(), batch, autocast, args))  # its optimizer is freed on return
     pair.peer.to("cpu")
+    report()
 
     # --- ours
     ours = pair.ours
@@ -131,6 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         row.update(_profiled(our_step, dev, "ours", "ours_train_step"))
     row.update(ours_step_s=seconds, ours_samples_s=args.batch / seconds, ours_peak_gib=peak)
+    if args.checkpointing or args.compile:
+        report()
     if args.checkpointing:  # the same model and optimizer, LM layers now checkpointed
         ours.gradient_checkpointing_enable()
         seconds, peak = measure(our_step, dev, args.repeats)
@@ -145,22 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if bf16:
             row["compiled_peak_memory_vs_openflamingo"] = row["compiled_peak_gib"] / row["openflamingo_peak_gib"]
         if getattr(args, "vision_graphs", False):
+            report()
             row.update(_time_graphed(ours, our_step, loss_now, args))
             row["graphed_samples_s_vs_openflamingo"] = row["graphed_samples_s"] / row["openflamingo_samples_s"]
             if bf16:
                 row["graphed_peak_memory_vs_openflamingo"] = row["graphed_peak_gib"] / row["openflamingo_peak_gib"]
-    row["samples_s_vs_openflamingo"] = row["ours_samples_s"] / row["openflamingo_samples_s"]
-    if bf16:
-        row["peak_memory_vs_openflamingo"] = row["ours_peak_gib"] / row["openflamingo_peak_gib"]
-        peak_flops_s = peak_flops(torch.cuda.get_device_name(0))
-        if peak_flops_s:
-            flops = flops_estimate(ours, batch)
-            row["ours_mfu"] = flops / row["ours_step_s"] / peak_flops_s
-            if args.compile:
-                row["compiled_mfu"] = flops / row["compiled_step_s"] / peak_flops_s
-            if "graphed_step_s" in row:
-                row["graphed_mfu"] = flops / row["graphed_step_s"] / peak_flops_s
-            row["openflamingo_mfu"] = flops / row["openflamingo_step_s"] / peak_flops_s
+    row.update(_ratios(row, bf16, flops))
     return row
 
 
@@ -225,8 +245,9 @@ def main() -> None:
     if args.compile and args.checkpointing:
         parser.error("--compile and --checkpointing: one at a time (the compiled step would run checkpointed too)")
     print(f"# bench.train on {machine()}, shape={args.shape}")
-    row = run(args)
-    print_json("train", {"shape": args.shape, "device": machine(), "xattn_every": args.xattn_every, **row})
+    header = {"shape": args.shape, "device": machine(), "xattn_every": args.xattn_every}
+    row = run(args, progress=lambda partial: print_json("train.partial", {**header, **partial}))
+    print_json("train", {**header, **row})
     print_table([row], list(row))
 
 

@@ -23,6 +23,19 @@ def make_model() -> Callable:
     return make
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in full precision on CUDA, for tests that compare fp32 results at tight
+    tolerances: cuDNN may pick another algorithm per batch size (a CUDA-graph replay at a padded size, a batch against
+    one row alone), and TF32's rounding would differ between them."""
+    # set and restored by hand: pytest's monkeypatch (9.x) restores an attribute the object resolves in __getattr__,
+    # as cuBLAS's switch is, by deleting it, which torch's module refuses at teardown
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Hidden-32 models gain nothing from intra-op threads, and lose a lot to them on shared cores."""

@@ -18,7 +18,7 @@ def _on_cuda(batch):
     return {k: v.cuda() for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def test_cuda_graph_decoding_equals_eager_with_one_graph(make_model):
+def test_cuda_graph_decoding_equals_eager_with_one_graph(make_model, no_tf32):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -34,7 +34,7 @@ def test_cuda_graph_decoding_equals_eager_with_one_graph(make_model):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_cuda_chunked_prefill_and_batched_scoring(make_model):
+def test_cuda_chunked_prefill_and_batched_scoring(make_model, no_tf32):
     model, processor = make_model("llama")
     model.cuda()
     prompt, media = PROMPTS[0]

@@ -4,18 +4,23 @@ run it on a GPU machine with `pytest tests/test_serve_compile_cuda.py` (bench/de
 
 import pytest
 import torch
-from test_serve_batching import PROMPTS, _run_batch
 
-from flamingo.runtime.compat import STATIC_CACHE_MASK_HOOK
+# the server's test helpers import the `serve` extra: without it this file is skipped, not a collection error
+pytest.importorskip("fastapi", reason="the server's test helpers need fastapi (the `serve` extra)")
+pytest.importorskip("httpx", reason="the server's test helpers need httpx (the `serve` extra)")
 
-from serve_helpers import SHARP
+from test_serve_batching import PROMPTS, _run_batch  # noqa: E402
+
+from flamingo.runtime.compat import STATIC_CACHE_MASK_HOOK  # noqa: E402
+
+from serve_helpers import SHARP  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(not STATIC_CACHE_MASK_HOOK, reason="compiled decode steps need transformers >= 5.25")]
 
 
 @pytest.mark.parametrize("lm_kind", ["llama", "mosaic_gpt"])
-def test_cuda_graph_steps_equal_eager_steps(make_model, lm_kind):
+def test_cuda_graph_steps_equal_eager_steps(make_model, no_tf32, lm_kind):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -29,3 +34,29 @@ def test_cuda_graph_steps_equal_eager_steps(make_model, lm_kind):
     assert compiled == eager
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] <= 16, dict(counters["stats"])  # rows 1-4 x windows x media
+
+
+def test_engine_thread_decodes_with_the_graphs_warm_up_compiled(make_model, no_tf32):
+    """`flamingo serve --compile` as it runs: warm-up, then jobs submitted from other threads and decoded on the
+    engine's thread (torch keeps CUDA graphs per thread; before torch 2.13 a thread other than the first to use them
+    failed). Each job gets the eager engine's tokens."""
+    from flamingo.serve.engine import Engine
+    from flamingo.serve.sampling import SamplingParams
+
+    from serve_helpers import submit_job
+
+    model, processor = make_model("llama", lm_overrides=SHARP["llama"])
+    model.cuda()
+    tokens = {}
+    for backend in (None, "inductor"):
+        engine = Engine(model, processor, max_batch=4, compile_backend=backend)
+        if backend is not None:
+            engine.warm_up()
+        engine.start()
+        try:
+            waits = [submit_job(engine, prompt, media, SamplingParams(max_tokens=8, temperature=0.0))
+                     for prompt, media in PROMPTS]
+            tokens[backend] = [wait()[0] for wait in waits]
+        finally:
+            engine.stop(0.0)
+    assert tokens["inductor"] == tokens[None]

@@ -20,14 +20,6 @@ from helpers import loss_and_grads, training_batch
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture
-def no_tf32(monkeypatch):
-    """fp32 convolutions in full precision: a replay runs the patch convolution at the padded batch size, where
-    cuDNN may pick another algorithm than at the real one, and TF32's rounding would differ between them."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 def test_slice_output_copies_the_first_rows_of_every_tensor():
     hidden = torch.arange(24.0).reshape(4, 3, 2)
     out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=hidden[:, 0],
@@ -161,3 +153,9 @@ def processor_batches():
             yield {k: v.cuda() if isinstance(v, torch.Tensor) and k not in ("num_media", "num_frames") else v
                    for k, v in training_batch(processor, prompts, counts, seed).items()}
     return make
+
+
+def test_the_no_tf32_fixture_turns_tf32_off_and_its_teardown_runs(no_tf32):
+    """The CUDA tests' fixture, on any machine: with pytest's monkeypatch its teardown failed (torch's cuBLAS switch
+    cannot be deleted), an error in every CUDA test that used it."""
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32

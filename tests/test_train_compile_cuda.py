@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and flex_availabl
                                 reason="needs CUDA and FlexAttention")
 
 
-def test_compiled_regions_with_flex_equal_eager_on_cuda(make_model):
+def test_compiled_regions_with_flex_equal_eager_on_cuda(make_model, no_tf32):
     eager, processor = make_model(gates=0.5)
     eager.cuda().train()
     compiled = copy.deepcopy(eager)

@@ -78,3 +78,20 @@ def test_a_failed_swap_puts_the_previous_copy_back(tmp_path, monkeypatch):
                                            ("model.tmp-x", None), ("model", None)])
 def test_unfinished_write_names(name, expected):
     assert unfinished_write(name) == expected
+
+
+def test_saved_weights_get_the_mode_of_every_other_file_of_the_save(tmp_path):
+    """safetensors 0.8 writes its files 0600 whatever the umask: a model saved by one account could not be read by
+    another (a server's), unlike its config. Under umask 022 every file of a save is 0644."""
+    from flamingo.tiny import tiny_flamingo
+
+    model, processor = tiny_flamingo()
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(str(tmp_path / "saved"), processor=processor)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    assert "saved/flamingo.safetensors" in modes and "saved/lm/model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes

@@ -94,6 +94,7 @@ def atomic_directory(target: str, marker: str, what: str,
     os.makedirs(tmp)
     try:
         yield tmp
+        readable_as_created(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,6 +113,36 @@ def atomic_directory(target: str, marker: str, what: str,
         raise ValueError(f"{what} {target!r} was not written: it could not be swapped in ({e}; another write to it "
                          "at the same time?); nothing of this write is left") from e
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (`os.umask` sets it to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_created(directory: str) -> None:
+    """Give the files under `directory` that were written 0600 the mode a new file gets (0666 less the umask):
+    safetensors 0.8 writes through a temporary file of mode 0600 whatever the umask (safetensors#782), so weights
+    saved by one account could not be read by another (a server's), unlike every other file of the save."""
+    if os.name != "posix":
+        return
+    mode = 0o666 & ~_umask()
+    if mode == 0o600:
+        return
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 == 0o600:
+                os.chmod(path, mode)
 
 
 @contextmanager

@@ -62,7 +62,7 @@ def test_sampled_tokens_stay_in_hf_nucleus_and_follow_its_distribution(device_pa
 
     if device_path:  # what draw_tokens runs when probs are not on the CPU
         monkeypatch.setattr(sampling, "_sorts_all", lambda probs: True)
-    monkeypatch.setattr(sampling, "TOP_P_FIRST", 8)  # small V: the top-k shortcut and its fallback both run
+    monkeypatch.setattr(sampling, "TOP_P_WIDTHS", (4, 8))  # small V: the top-k shortcuts and the sort all run
     torch.manual_seed(0)
     V, N = 40, 10000
     logits = torch.stack([torch.randn(V) * 3, torch.randn(V) * 0.3, torch.randn(V) * 2, torch.randn(V)])  # (4, V)
@@ -89,7 +89,10 @@ def test_nucleus_is_hf_toppwarpers_set(V, monkeypatch):
     shortcut with its sort fallback, and the device's one sort)."""
     import flamingo.serve.sampling as sampling
 
-    monkeypatch.setattr(sampling, "TOP_P_FIRST", 16)
+    monkeypatch.setattr(sampling, "TOP_P_WIDTHS", (16, 64))
+    widths = []
+    topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, k, *a, **kw: widths.append(k) or topk(t, k, *a, **kw))
     torch.manual_seed(1)
     for i in range(60):
         logits = torch.randn(V) * (0.5 + i % 5)
@@ -102,6 +105,8 @@ def test_nucleus_is_hf_toppwarpers_set(V, monkeypatch):
         top_sorted = sampling._draw_sorted(probs[None], [top_p], last[None])[0]
         order = probs.sort(descending=True).indices
         assert int(hf.sum()) == int((order == top).nonzero()) + 1 == int((order == top_sorted).nonzero()) + 1
+    if V > 64:  # every way to the nucleus was taken: the first top-k, the wider one, the whole sort
+        assert {16, 64} <= set(widths) and widths.count(64) < widths.count(16)
 
 
 def test_penalty_counts_equal_the_token_list():

@@ -154,13 +154,15 @@ def main() -> None:
                      "--large-on-cpu to build it anyway")
     print(f"# bench.gpu on {machine()}, shape={args.shape}, parts={' '.join(args.parts)}")
     results = _results_in(args.out)
+    unfinished = _unfinished_in(args.out)  # an earlier call's parts cut by a limit stay marked until rerun
     runners = {"train": run_train, "decode": run_decode, "xattn": run_xattn}
     for part in args.parts:
         print(f"\n## {part}")
         results[part] = runners[part](args)
+        unfinished = [p for p in unfinished if p != part]
         if args.out:  # as each part ends: a later part cut by a time limit leaves this one's rows
-            _write(args.out, _payload(args, results))
-    payload = _payload(args, results)
+            _write(args.out, _payload(args, results, unfinished))
+    payload = _payload(args, results, unfinished)
     print("\n## goals of issues #8 and #36")
     print_table(payload["goals"], ["goal", "measured", "target", "reached"])
     print_json("gpu", payload)
@@ -174,11 +176,20 @@ def _results_in(path: Optional[str]) -> dict[str, Any]:
     return {}
 
 
+def _unfinished_in(path: Optional[str]) -> list[str]:
+    """The parts an earlier call to `path` (--out) left unfinished (cut by a time limit)."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return list(json.load(f).get("unfinished", []))
+    return []
+
+
 def _write_partial(args: argparse.Namespace, part: str, rows: list[dict[str, Any]]) -> None:
-    """`part`'s rows so far into --out beside what it holds, the part named `unfinished`."""
+    """`part`'s rows so far into --out beside what it holds, the part named `unfinished` (with those an earlier
+    call left)."""
     results = _results_in(args.out)
     results[part] = rows
-    _write(args.out, _payload(args, results, unfinished=[part]))
+    _write(args.out, _payload(args, results, unfinished=sorted({*_unfinished_in(args.out), part})))
 
 
 def _payload(args: argparse.Namespace, results: dict[str, Any], unfinished: Sequence[str] = ()) -> dict[str, Any]:

@@ -102,6 +102,8 @@ def test_versions_name_the_commit_that_commit_wrote_in_a_copy_without_git(tmp_pa
 
 def test_device_commit_travels_with_the_working_tree():
     """Neither tracked nor ignored: the device tool copies untracked, not ignored files."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an archive, the device's copy): nothing decides what travels")
     ignored = subprocess.run(["git", "check-ignore", "-q", ".device_commit"], cwd=ROOT)
     tracked = subprocess.run(["git", "ls-files", "--error-unmatch", ".device_commit"], cwd=ROOT, capture_output=True)
     assert ignored.returncode == 1 and tracked.returncode != 0
@@ -154,6 +156,18 @@ def test_bench_gpu_writes_the_train_rows_so_far_when_cut(monkeypatch, tmp_path, 
                                           "samples_s_vs_openflamingo": 1.5}]
     goal = {g["goal"]: g for g in saved["goals"]}["train samples/s vs OpenFlamingo"]
     assert goal["measured"] == 1.5
+    # a later call with another part merges in: the cut train part stays marked until a call reruns it
+    monkeypatch.setattr(gpu, "run_xattn", lambda ns: [{"images": 4}])
+    monkeypatch.setattr(sys, "argv", ["bench.gpu", "--shape", "tiny", "--device", "cpu", "--parts", "xattn",
+                                      "--out", str(out)])
+    gpu.main()
+    saved = json.loads(out.read_text())
+    assert saved["unfinished"] == ["train"] and saved["results"]["xattn"] == [{"images": 4}]
+    monkeypatch.setattr(gpu, "run_train", lambda ns: [{"ours_samples_s": 4.0}])
+    monkeypatch.setattr(sys, "argv", ["bench.gpu", "--shape", "tiny", "--device", "cpu", "--parts", "train",
+                                      "--out", str(out)])
+    gpu.main()
+    assert "unfinished" not in json.loads(out.read_text())
 
 
 def test_bench_generate_prints_ours_before_timing_the_others(one_thread, capsys):

@@ -338,15 +338,22 @@ def test_warm_up_runs_on_the_thread_that_decodes_afterwards(model_dir, monkeypat
         wait = submit_job(engine, "Output:", [], SamplingParams(max_tokens=3, temperature=0.0))
         wait()
         assert len(warmed) == 1 and set(threads) == warmed and threading.current_thread() not in warmed
-        monkeypatch.setattr(engine, "_warm_up", lambda: 1 / 0)
+        calls = []
+        monkeypatch.setattr(engine._batch, "step", lambda *a: calls.append(1) or (1 / 0 if len(calls) > 1 else
+                                                                                   recording_step(*a)))
         with pytest.raises(ZeroDivisionError):
-            engine.warm_up()
+            engine.warm_up()  # fails midway, with a row of its own in the batch
+        assert engine._batch.rows == 0  # left for no request to trip on
+        monkeypatch.setattr(engine._batch, "step", recording_step)
         wait = submit_job(engine, "Output:", [], SamplingParams(max_tokens=3, temperature=0.0))
         wait()  # still serving
     finally:
         engine.stop(0.0)
     with pytest.raises(NotAccepting):
         engine.warm_up()
+    engine._rows = [object()]  # a running request's row: warm-up would take the batch from under it
+    with pytest.raises(RuntimeError, match="before requests come"):
+        engine._warm_up()
 
 def _recording_sinks(*names: str):
     """Per name, the kinds of the events a job emits; a semaphore released at each job's end; `sink(name)`."""

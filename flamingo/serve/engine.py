@@ -189,9 +189,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ control
     def start(self) -> None:
         """Start the engine's thread (once; `warm_up` may have started it): every model call runs on it."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flamingo-engine", daemon=True)
+                self._thread.start()
 
     def warm_up(self) -> None:
         """Compile the batch's decode step (with `compile_backend`) for the shapes every server meets first: one row
@@ -214,20 +215,27 @@ class Engine:
 
     @torch.no_grad()
     def _warm_up(self) -> None:
+        """`warm_up`'s work, on the engine's thread: in the batch rows of its own, which it leaves empty."""
         from PIL import Image  # the processor's own dependency
 
+        if self._rows or self._prefills:
+            raise RuntimeError("warm_up runs before requests come: the batch holds running requests' rows")
         dtype = next(self.model.vision.parameters()).dtype
-        for text, media in (("warm up", []), (f"{MEDIA_TOKEN} warm up", [Image.new("RGB", (64, 64))])):
-            ids, medium = self.processor.encode_prompt(text, media, image_references=False)
-            batch = self.processor.batch_media([medium])
-            images = None if batch["images"] is None else batch["images"].to(dtype)
-            row = Prefill(self.model, torch.tensor(ids), images, batch.get("num_media"), batch.get("num_frames"))
-            prefilled = None
-            while prefilled is None:
-                prefilled = row.step()
-            for rows in (1, 2):
-                self._batch.add(prefilled)
-                self._batch.step(torch.zeros(rows, dtype=torch.long))
+        try:
+            for text, media in (("warm up", []), (f"{MEDIA_TOKEN} warm up", [Image.new("RGB", (64, 64))])):
+                ids, medium = self.processor.encode_prompt(text, media, image_references=False)
+                batch = self.processor.batch_media([medium])
+                images = None if batch["images"] is None else batch["images"].to(dtype)
+                row = Prefill(self.model, torch.tensor(ids), images, batch.get("num_media"), batch.get("num_frames"))
+                prefilled = None
+                while prefilled is None:
+                    prefilled = row.step()
+                for rows in (1, 2):
+                    self._batch.add(prefilled)
+                    self._batch.step(torch.zeros(rows, dtype=torch.long))
+                for i in reversed(range(self._batch.rows)):
+                    self._batch.remove(i)
+        finally:  # a failure midway leaves no row of its own for the first requests to trip on
             for i in reversed(range(self._batch.rows)):
                 self._batch.remove(i)
 

@@ -375,10 +375,11 @@ def test_generating_with_active_dropout_is_warned_about_once(monkeypatch):
         model.generate(**batch, max_new_tokens=2)  # eval mode
         tiny_flamingo()[0].train().generate(**batch, max_new_tokens=2)  # training mode, no dropout anywhere
     model.train()
-    with pytest.warns(UserWarning, match=r"generate on a model in training mode: its dropout \(.*lora_dropout"):
+    with pytest.warns(UserWarning, match=r"generate on a model in training mode: its dropout \(.*lora_dropout") as told:
         model.generate(**batch, max_new_tokens=2)
-    with pytest.warns(UserWarning, match="score_batch on a model in training mode"):
+    with pytest.warns(UserWarning, match="score on a model in training mode") as told_score:
         model.score(batch["input_ids"], [[5]], images=batch["images"], num_media=batch["num_media"])
+    assert told[0].filename == told_score[0].filename == __file__  # the caller's line, not flamingo's or torch's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate(**batch, max_new_tokens=2)  # said once

@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import os
+import sys
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -208,7 +210,7 @@ def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgrap
     return config
 
 
-_DROPOUT_TOLD: set[str] = set()  # the calls ("generate", "score_batch") warned about active dropout, once each
+_DROPOUT_TOLD: set[str] = set()  # the calls ("generate", "score") warned about active dropout, once each
 
 
 def _active_dropout(model: Flamingo) -> list[str]:
@@ -237,7 +239,18 @@ def _warn_if_random(model: Flamingo, call: str) -> None:
         _DROPOUT_TOLD.add(call)
         warnings.warn(f"{call} on a model in training mode: its dropout ({', '.join(active[:3])}"
                       f"{', ...' if len(active) > 3 else ''}) makes the results random; call model.eval() first",
-                      stacklevel=3)
+                      stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The `stacklevel` of the first frame outside flamingo and torch (no_grad's wrapper among them), for a warning
+    to name the caller's line whichever of `Flamingo.generate`, `score` or `score_batch` it called."""
+    internal = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(2), 2  # the warning's caller's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @torch.no_grad()
@@ -382,7 +395,7 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
     vision_cache: as in `generate`.
     """
     _check_inputs(model, input_ids, attention_mask, images, num_media, num_frames, visual_tokens)
-    _warn_if_random(model, "score_batch")
+    _warn_if_random(model, "score")
     b = input_ids.shape[0]
     if len(continuations) != b:
         raise ValueError(f"{b} contexts but {len(continuations)} candidate lists")

@@ -545,8 +545,11 @@ def test_page_stop_keeps_the_partial_answer_and_the_server_stops_generating(tmp_
             browser.find_element(By.ID, "chat-send").click()
             fast.until(lambda b: text_of(".msg.assistant .text"))
             assert shown("chat-stop") and not shown("chat-send")
+            focus = "return document.activeElement.id"  # the keyboard's focus follows the button shown in its place
+            assert browser.execute_script(focus) == "chat-stop"
             browser.find_element(By.ID, "chat-stop").click()
             wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-done") == "true")
+            assert browser.execute_script(focus) == "chat-send"
             WebDriverWait(browser, 10).until(lambda b: jobs[0].cancelled.is_set())  # the server stopped it ...
             assert "done" not in events[0]  # ... before its end
             partial = text_of(".msg.assistant .text")

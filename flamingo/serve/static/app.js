@@ -300,9 +300,12 @@ function describe(stats) {
 
 // The Stop button in place of `start` (Send, Run) while `running`.
 function showStop(start, stop, running) {
+  // the button that hides may hold the keyboard's focus: it moves to the one shown, not to the page's top
+  const focused = document.activeElement === (running ? start : stop);
   start.hidden = running;
   start.disabled = running;
   stop.hidden = !running;
+  if (focused) (running ? stop : start).focus();
 }
 
 // ------------------------------------------------------------------------------------------------ chat

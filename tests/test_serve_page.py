@@ -258,8 +258,27 @@ def test_page_failed_turns_go_back_to_the_composer_and_errors_say_why(tmp_path, 
             assert "notes.txt" in browser.find_element(By.ID, "notice").text
             send()  # the typeless file went as image/png: the server decoded it
             assert count(".msg.user img") == 1 and count(".msg.assistant") == 1 and not count(".msg.note")
+
+            # a limit the conversation outgrows as a whole (its images, the model's positions) refuses a later turn
+            # that alone would fit: the note says so (the server's 400 as a server over --max-images words it)
+            browser.execute_script(OUTGROWN)
+            send("fourth")
+            note = browser.find_element(By.CSS_SELECTOR, ".msg.note").text
+            assert "more than the 1 this server accepts per prompt" in note and "New chat" in note
     finally:
         browser.quit()
+
+
+OUTGROWN = """
+const realFetch = window.fetch;
+window.fetch = function (url, options) {
+  if (!String(url).endsWith("/v1/chat/completions")) return realFetch.apply(this, arguments);
+  const error = {message: "2 images/videos, more than the 1 this server accepts per prompt",
+                 type: "invalid_request_error", param: "messages"};
+  return Promise.resolve(new Response(JSON.stringify({error}), {status: 400,
+                                                                 headers: {"Content-Type": "application/json"}}));
+};
+"""
 
 
 # Every request the page sends, with its body, in `window.sent`.

@@ -208,7 +208,11 @@ async function streamChat(messages, onText, tooLarge, signal) {
                                  { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
     if (!response.ok) {
       let message = await errorMessage(response);
-      if (response.status === 413) message += ". " + tooLarge;
+      // the limits a conversation outgrows as a whole (its media, the model's positions) refuse a later turn that
+      // alone would fit: say so, as for a body too large
+      const outgrown = response.status === 400 && messages.length > 1 &&
+                       /(more than the .*(per prompt|reference tokens)|positions)$/.test(message);
+      if (response.status === 413 || outgrown) message += ". " + tooLarge;
       if (response.status === 401) message += ". Enter the server's API key above.";
       throw new Error(`${response.status}: ${message}`);
     }

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .task import Sample, Task
+from .task import Sample, Task, read_text
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -69,10 +69,7 @@ def _find_image(folder: Path, stem: str) -> Path:
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     """A subtask `.txt`: (question, "yes" | "no") per non-empty line (UTF-8, a leading byte-order mark dropped)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text ({e})") from None
+    text = read_text(path)
     pairs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -62,15 +62,14 @@ def select_samples(samples: Sequence[Sample], num_samples: Optional[int], seed: 
 
 
 def load_split(task: Task, local: str, split: str, data_dir: str) -> list[Sample]:
-    """`task.load(local, split)`, a record lacking a field its task reads (or of another shape, or a file that is not
-    UTF-8) named as such: a ValueError naming the split and the data, which the CLI prints as one line."""
+    """`task.load(local, split)`, a record lacking a field its task reads (or of another shape) named as such: a
+    ValueError naming the split and the data, which the CLI prints as one line (a file that is not UTF-8: named by
+    `task.read_text`)."""
     try:
         return task.load(local, split)
     except KeyError as e:
         raise ValueError(f"{task.name}: a record of the {split} split of {data_dir!r} lacks the field {e} "
                          "(layouts: docs/eval.md)") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{task.name}: a file of the {split} split of {data_dir!r} is not UTF-8 text ({e})") from e
     except (TypeError, IndexError, AttributeError) as e:  # a string or object where a list is read; an index past it
         raise ValueError(f"{task.name}: the {split} split of {data_dir!r} is not in the task's layout ({e}; "
                          "layouts: docs/eval.md)") from e

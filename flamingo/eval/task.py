@@ -210,7 +210,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A task file's text (UTF-8; a leading byte-order mark, as Notepad and Excel write, is not data); ValueError
     naming a file that is not UTF-8."""
     try:
@@ -220,18 +220,18 @@ def _text(path: Path) -> str:
 
 
 def read_json(path: Path) -> Any:
-    """A task file's JSON (`_text`). Its strings are kept as written (half a surrogate pair too: the processor
+    """A task file's JSON (`read_text`). Its strings are kept as written (half a surrogate pair too: the processor
     tokenizes it as U+FFFD, and a media path may be a file name Python reads with surrogate escapes)."""
     try:
-        return json.loads(_text(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"evaluation file {str(path)!r} is not JSON: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """A task file of one JSON value a line (`_text`), its strings kept as written (`read_json`)."""
+    """A task file of one JSON value a line (`read_text`), its strings kept as written (`read_json`)."""
     records = []
-    for n, line in enumerate(_text(path).split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028 raw)
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028 raw)
         if line.strip():
             try:
                 records.append(json.loads(line))

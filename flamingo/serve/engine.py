@@ -221,23 +221,21 @@ class Engine:
         if self._rows or self._prefills:
             raise RuntimeError("warm_up runs before requests come: the batch holds running requests' rows")
         dtype = next(self.model.vision.parameters()).dtype
-        try:
-            for text, media in (("warm up", []), (f"{MEDIA_TOKEN} warm up", [Image.new("RGB", (64, 64))])):
-                ids, medium = self.processor.encode_prompt(text, media, image_references=False)
-                batch = self.processor.batch_media([medium])
-                images = None if batch["images"] is None else batch["images"].to(dtype)
-                row = Prefill(self.model, torch.tensor(ids), images, batch.get("num_media"), batch.get("num_frames"))
-                prefilled = None
-                while prefilled is None:
-                    prefilled = row.step()
+        for text, media in (("warm up", []), (f"{MEDIA_TOKEN} warm up", [Image.new("RGB", (64, 64))])):
+            ids, medium = self.processor.encode_prompt(text, media, image_references=False)
+            batch = self.processor.batch_media([medium])
+            images = None if batch["images"] is None else batch["images"].to(dtype)
+            row = Prefill(self.model, torch.tensor(ids), images, batch.get("num_media"), batch.get("num_frames"))
+            prefilled = None
+            while prefilled is None:
+                prefilled = row.step()
+            try:
                 for rows in (1, 2):
                     self._batch.add(prefilled)
                     self._batch.step(torch.zeros(rows, dtype=torch.long))
+            finally:  # its rows leave, a failure's too: none for the first requests to trip on
                 for i in reversed(range(self._batch.rows)):
                     self._batch.remove(i)
-        finally:  # a failure midway leaves no row of its own for the first requests to trip on
-            for i in reversed(range(self._batch.rows)):
-                self._batch.remove(i)
 
     def submit(self, job: Job) -> None:
         self.submit_all([job])

@@ -153,8 +153,7 @@ def main() -> None:
                      f"--device {args.device}: pass --device cuda on a GPU machine, --shape tiny or cpu here, or "
                      "--large-on-cpu to build it anyway")
     print(f"# bench.gpu on {machine()}, shape={args.shape}, parts={' '.join(args.parts)}")
-    results = _results_in(args.out)
-    unfinished = _unfinished_in(args.out)  # an earlier call's parts cut by a limit stay marked until rerun
+    results, unfinished = _earlier(args.out)  # an earlier call's parts cut by a limit stay marked until rerun
     runners = {"train": run_train, "decode": run_decode, "xattn": run_xattn}
     for part in args.parts:
         print(f"\n## {part}")
@@ -168,28 +167,22 @@ def main() -> None:
     print_json("gpu", payload)
 
 
-def _results_in(path: Optional[str]) -> dict[str, Any]:
-    """The results an earlier call wrote to `path` (--out), to merge with this call's."""
+def _earlier(path: Optional[str]) -> tuple[dict[str, Any], list[str]]:
+    """The results an earlier call wrote to `path` (--out), to merge with this call's, and the parts it left
+    unfinished (cut by a time limit)."""
     if path and os.path.exists(path):
         with open(path) as f:
-            return json.load(f).get("results", {})
-    return {}
-
-
-def _unfinished_in(path: Optional[str]) -> list[str]:
-    """The parts an earlier call to `path` (--out) left unfinished (cut by a time limit)."""
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return list(json.load(f).get("unfinished", []))
-    return []
+            earlier = json.load(f)
+        return earlier.get("results", {}), list(earlier.get("unfinished", []))
+    return {}, []
 
 
 def _write_partial(args: argparse.Namespace, part: str, rows: list[dict[str, Any]]) -> None:
     """`part`'s rows so far into --out beside what it holds, the part named `unfinished` (with those an earlier
     call left)."""
-    results = _results_in(args.out)
+    results, unfinished = _earlier(args.out)
     results[part] = rows
-    _write(args.out, _payload(args, results, unfinished=sorted({*_unfinished_in(args.out), part})))
+    _write(args.out, _payload(args, results, unfinished=sorted({*unfinished, part})))
 
 
 def _payload(args: argparse.Namespace, results: dict[str, Any], unfinished: Sequence[str] = ()) -> dict[str, Any]:

@@ -355,6 +355,27 @@ def test_warm_up_runs_on_the_thread_that_decodes_afterwards(model_dir, monkeypat
     with pytest.raises(RuntimeError, match="before requests come"):
         engine._warm_up()
 
+def test_warm_up_raises_when_the_engine_thread_has_ended(model_dir, monkeypatch, one_thread):
+    """A warm-up waiting on an engine thread that ended without running it (an error that ended the loop) waited
+    forever: it raises instead."""
+    engine = engine_for(model_dir, max_batch=2)
+    monkeypatch.setattr(engine, "_run", lambda: None)  # the thread ends at once, its queued calls never run
+    monkeypatch.setattr("flamingo.serve.engine.THREAD_POLL_S", 0.05)
+    failed: list[BaseException] = []
+    waiter = threading.Thread(target=lambda: _record_error(engine.warm_up, failed), daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "warm_up still waits on an engine thread that has ended"
+    assert len(failed) == 1 and isinstance(failed[0], RuntimeError) and "thread has ended" in str(failed[0])
+
+
+def _record_error(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as e:  # the test's to check
+        errors.append(e)
+
+
 def _recording_sinks(*names: str):
     """Per name, the kinds of the events a job emits; a semaphore released at each job's end; `sink(name)`."""
     events: dict[str, list] = {name: [] for name in names}

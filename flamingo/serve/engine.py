@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -58,6 +59,7 @@ DEFAULT_VISION_CACHE_MIB = 256  # the tower's features by frame content: ViT-L/1
 # tokens: 0.68x); prompts of 27, 101 and 323 tokens padded to 2.15x their tokens took 1.11x (bench/README.md,
 # "Prompts prefilled together"). On a GPU, unmeasured: a larger call, as long as it fits beside the running batch.
 PREFILL_BATCH_TOKENS = (4096, 8192)
+THREAD_POLL_S = 1.0  # how often a call waiting on the engine's thread checks that the thread still runs
 PADDING_LIMIT = 1.5  # a shared call computes at most this many times its prompts' own tokens
 
 
@@ -203,7 +205,8 @@ class Engine:
         self._on_thread(self._warm_up)
 
     def _on_thread(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the engine's thread before its next turn and wait for it (its exception is raised here)."""
+        """Run `fn` on the engine's thread before its next turn and wait for it (its exception is raised here); a
+        RuntimeError if the thread has ended without running it (no timeout otherwise: a compile takes minutes)."""
         self.start()
         done: Future = Future()
         with self._cond:
@@ -211,7 +214,13 @@ class Engine:
                 raise NotAccepting("the server is shutting down")
             self._calls.append((fn, done))
             self._cond.notify()
-        done.result()
+        thread = self._thread
+        while True:
+            try:
+                return done.result(timeout=THREAD_POLL_S)
+            except FutureTimeout:
+                if thread is not None and not thread.is_alive() and not done.done():
+                    raise RuntimeError("the engine's thread has ended: it cannot run the call") from None
 
     @torch.no_grad()
     def _warm_up(self) -> None:

@@ -283,7 +283,7 @@ def test_the_data_kinds_sample_videos_at_the_processors_rate(tmp_path):
 @pytest.mark.parametrize("hflip", [False])  # a mirrored matrix is shown unmirrored (video.display_transpose)
 def test_frames_are_turned_upright_by_the_display_matrix(fmt, degrees, hflip):
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation") or not hasattr(av.VideoFrame, "rotation"):
-        pytest.skip("this PyAV cannot write a display matrix or read a frame's rotation")
+        pytest.skip(f"PyAV {av.__version__} cannot write a display matrix or read a frame's rotation (18 on can)")
     stored = np.zeros((16, 32, 3), np.uint8)  # (H, W, 3): four 8x16 quadrants of distinct greys
     for (r, c), v in zip([(0, 0), (0, 1), (1, 0), (1, 1)], [0, 80, 160, 240]):
         stored[8 * r:8 * r + 8, 16 * c:16 * c + 16] = v

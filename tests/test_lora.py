@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from flamingo import Flamingo, from_backbones, load_pretrained
 from flamingo.config import FlamingoConfig
 from flamingo.model import lora
+from flamingo.model.card import model_card
 from flamingo.tiny import (
     random_image,
     set_gates,
@@ -149,6 +150,9 @@ def test_merged_equals_unmerged_and_saves(backbone_dirs, tmp_path):
     loaded = Flamingo.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, merged)
+    card = " ".join(model_card(out, "merged").split())  # the LM is not the base's any more: the card says so
+    changed = sum(k.startswith("lm.") for k in model.config.extra_saved_weights)
+    assert f"{changed} of its weight tensors differ from the base's (a merged LoRA's" in card
     with pytest.raises(ValueError, match="no LoRA adapters"):
         model.merge_lora()
 

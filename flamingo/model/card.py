@@ -128,6 +128,10 @@ def model_card(directory: str, name: str, *, published: bool = False) -> str:
     frozen = "frozen" if config.freeze_lm else "trained"
     if config.lm_lora:
         frozen += f", with LoRA adapters (r={config.lm_lora.get('r')}) trained"
+    changed = [k for k in config.extra_saved_weights if k.startswith("lm.")]  # a merged LoRA's, a fine-tuned table
+    if changed:
+        frozen += (f"; {len(changed)} of its weight tensors differ from the base's (a merged LoRA's or a fine-tuned "
+                   "embedding table) and are stored with this model")
     rows = [
         ("vision tower", f"{vision} ({'frozen' if config.freeze_vision else 'trained'})"),
         ("language model", f"{lm} ({frozen})"),

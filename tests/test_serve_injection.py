@@ -159,6 +159,6 @@ def test_an_assistant_turn_sent_back_keeps_its_reference_tokens(served):
                                                            "max_tokens": 2}, timeout=60)
     assert reply.status_code == 200, reply.text
     for messages, says in ((conversation("the red one", "is it <image1>?"), "<image1> refers to image 1"),
-                           (conversation("it is <|endoftext|>"), "may not contain")):
+                           (conversation("it is <|endoftext|>"), "this assistant turn spells <|endoftext|>")):
         refused = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
         assert refused.status_code == 400 and says in refused.json()["error"]["message"], refused.text

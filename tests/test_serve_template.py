@@ -43,6 +43,9 @@ def test_no_space_is_added_where_there_is_one():
     ([{"role": "user", "content": "<|endofchunk|>"}], "may not contain <|endofchunk|>"),
     ([{"role": "assistant", "content": [_image("a")]}, {"role": "user", "content": "q"}], "text only"),
     ([{"role": "system", "content": [_image("a")]}, {"role": "user", "content": "q"}], "text only"),
+    # an answer that spelled a marker as text, sent back: the error says what to do about that answer
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "write <image> here"},
+      {"role": "user", "content": "q"}], r"messages\[1\]: this assistant turn spells <image>.*drop that answer"),
 ])
 def test_conversations_the_template_refuses(turns, message):
     with pytest.raises(APIError, match=message.replace("|", r"\|")):

@@ -37,18 +37,26 @@ class MediaRef:
     video: bool  # given as a video part (a data URL's MIME type decides too)
 
 
-def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int) -> None:
+def check_text(fmt: ChatFormat, control: Mapping[str, str], text: str, i: int, role: str = "user") -> None:
     """APIError (400) when message `i`'s `text` (a run of text between its media) holds one of the format's markers
-    or a `control` token."""
+    or a `control` token. An assistant turn's text is an answer sent back: one that spells a marker or control token
+    (the model wrote it as ordinary text, piece by piece) would be read as that token, so the conversation cannot go
+    on with it as written; the error says so."""
     marker = fmt.first_reserved(text)
+    token = marker if marker is not None else next((t for t in control if t in text), None)
+    if token is None:
+        return
+    if role == "assistant":
+        raise APIError(400, f"messages[{i}]: this assistant turn spells {token}, which the prompt would read as the "
+                            f"{'format' if marker is not None else 'tokenizer'}'s token rather than as the text the "
+                            "answer held: edit or drop that answer to go on (or start a new conversation)",
+                       param="messages")
     if marker is not None:
         raise APIError(400, f"messages[{i}]: text may not contain {marker}; send images as image_url parts (or a raw "
                             "prompt to /v1/completions)", param="messages")
-    token = next((t for t in control if t in text), None)
-    if token is not None:
-        raise APIError(400, f"messages[{i}]: text may not contain {token} ({control[token]}): a chat's control "
-                            "tokens come from its template (a raw prompt to /v1/completions may write them)",
-                       param="messages")
+    raise APIError(400, f"messages[{i}]: text may not contain {token} ({control[token]}): a chat's control "
+                        "tokens come from its template (a raw prompt to /v1/completions may write them)",
+                   param="messages")
 
 
 def media_placed_in_text(parts: list[ContentPart], i: int) -> list[ContentPart]:
@@ -101,7 +109,7 @@ def render_messages(fmt: ChatFormat, messages: list[Message],
         pieces: list[str] = []
         for part in parts:
             if isinstance(part, TextPart):
-                check_text(fmt, refused[message.role], part.text, i)
+                check_text(fmt, refused[message.role], part.text, i, message.role)
                 pieces.append(part.text)
             else:
                 url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url

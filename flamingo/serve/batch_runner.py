@@ -207,6 +207,9 @@ class BatchRunner:
         self.store.save_batch(record)
 
         def counted(k: int, answer: Answer) -> None:
+            if not self.accepting():  # stopping: no more lines are sent, and its refusals (503) are no answers
+                self._stop.set()  # the batch is not finalized and runs again on the next start
+                return
             counts["completed" if answer[0] == 200 else "failed"] += 1
 
         watchdog = asyncio.get_running_loop().call_later(max(left, 0.0), self._expire)

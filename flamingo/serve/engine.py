@@ -467,7 +467,7 @@ class Engine:
         tokens = pick_tokens(logits, [job.params] * len(choices), [c.generator for c in choices], self.suppress,
                              constraints=[c.constraint for c in choices])
         logprobs = self._logprobs(logits, tokens, choices)
-        running = [c for c, t, lp in zip(choices, tokens.tolist(), logprobs) if not self._advance(c, t, now, lp)]
+        running = [c for c, t, lp in zip(choices, tokens.tolist(), logprobs) if not self._advance_row(c, t, now, lp)]
         if running and not job.cancelled.is_set():
             self._batch.add(row, copies=len(running))
             self._rows.extend(running)
@@ -483,7 +483,7 @@ class Engine:
         now = time.perf_counter()
         self.metrics.observe("batch_size", len(rows))
         finished = [i for i, (c, t, lp) in enumerate(zip(rows, tokens.tolist(), logprobs))
-                    if self._advance(c, t, now, lp)]
+                    if self._advance_row(c, t, now, lp)]
         for i in reversed(finished):
             self._remove_row(i)
         self.metrics.set_gauge("running_rows", len(self._rows))
@@ -509,6 +509,20 @@ class Engine:
             k = choices[i].job.params.logprobs
             out[i] = TokenLogprobs(found.logprobs[j:j + 1], found.top_ids[j:j + 1, :k], found.top_logprobs[j:j + 1, :k])
         return out
+
+    def _advance_row(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs]) -> bool:
+        """`_advance`, where an error in one choice's own work (its text, grammar, stop strings, events) fails its
+        request alone, as a bad grammar does: the other rows of the batch go on (True: the row leaves)."""
+        try:
+            return self._advance(choice, token, now, logprobs)
+        except Exception as e:
+            log.exception("a request's token could not be taken; it fails, the batch goes on")
+            choice.job.cancelled.set()  # its other choices leave at the next turn
+            try:
+                choice.job.emit(Event("error", message=f"internal error while generating: {type(e).__name__}: {e}"))
+            except Exception:  # its events cannot be sent: nobody is left to tell
+                log.exception("a failed request's error could not be sent")
+            return True
 
     def _advance(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs] = None) -> bool:
         """Take one new token of a choice; emit its text (with its log-probabilities, when asked for); True when the

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -77,6 +78,11 @@ BACKBONE_PREFIXES = ("vision.", "lm.")
 DTYPE_STRINGS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "auto": None}
 log = logging.getLogger(__name__)
+# The contexts of the Flamingo calls running on each thread, by model (`Flamingo.conditioned`): per thread, so calls
+# from several threads neither refuse nor read each other's, and an LM call made outside a call of its own thread (the
+# bare `model.lm`, the one-time LM probes) stays the bare LM while another thread is inside one. Not on the module:
+# a model is copied and pickled with no thread state.
+_CALLS = threading.local()
 
 
 @dataclass
@@ -105,7 +111,6 @@ class Flamingo(nn.Module):
         # the directory or Hub name `from_pretrained` loaded it from (None for a model built here), as HF's
         # `name_or_path`: what an evaluation names the model by (eval/runner.py); not saved
         self.name_or_path: Optional[str] = None
-        self._media_context: Optional[MediaContext] = None
         self._activation_checkpointing = False
 
         self.decoder_layers_path = find_decoder_layers(lm)
@@ -281,16 +286,26 @@ class Flamingo(nn.Module):
         return logits
 
     # ------------------------------------------------------------------------------------------ conditioning
+    @property
+    def _media_context(self) -> Optional[MediaContext]:
+        """The context of this model's call running on the current thread (`conditioned`); None outside one."""
+        return getattr(_CALLS, "contexts", {}).get(id(self))
+
     @contextmanager
     def conditioned(self, ctx: MediaContext) -> Iterator[MediaContext]:
-        """Make `ctx` the conditioning of every LM call inside the block; always cleared afterwards."""
-        if self._media_context is not None:
-            raise RuntimeError("Flamingo calls cannot be nested: a media context is already active")
-        self._media_context = ctx
+        """Make `ctx` the conditioning of every LM call inside the block on this thread; always cleared afterwards.
+        Calls on other threads (an app's worker pool) have their own and never see this one: each thread's LM calls
+        outside a call of its own are the bare LM's."""
+        contexts = getattr(_CALLS, "contexts", None)
+        if contexts is None:
+            contexts = _CALLS.contexts = {}
+        if id(self) in contexts:
+            raise RuntimeError("Flamingo calls cannot be nested: this thread is already inside a call of this model")
+        contexts[id(self)] = ctx
         try:
             yield ctx
         finally:
-            self._media_context = None
+            del contexts[id(self)]
 
     def _layer_pre_hook(self, block_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._media_context is None:  # outside a Flamingo call: the bare LM's layer

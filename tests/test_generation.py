@@ -4,6 +4,7 @@ once per prompt, new tokens see their sample's last image, beam search = a refer
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from flamingo.runtime.compat import TRANSFORMERS
 from flamingo.tiny import random_image, tiny_flamingo
@@ -377,6 +378,24 @@ def test_an_lm_configured_without_a_cache_still_decodes_on_one(make_model, atten
         model.generate(**batch, max_new_tokens=2, use_cache=False)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens: assisted and prompt-lookup"):
         model.generate(**batch, max_new_tokens=2, prompt_lookup_num_tokens=3)
+
+
+def test_generate_refuses_a_cached_prompt_prefix_and_classifier_free_guidance(make_model):
+    """A prompt prefix's cache (`past_key_values`) made the uncached tail count its images from 0: no image, or the
+    first where the second stood (logits off by 0.61, silently); classifier-free guidance's extra LM call ran inside
+    the call and counted a trailing `<image>` again (an IndexError alone, another row's empty image slot in a batch).
+    Both are refused by name."""
+    model, processor = make_model("llama", gates=0.8)
+    batch = processor("<image>A photo of<|endofchunk|><image>a cat<image>", images=[random_image(i) for i in range(3)])
+    with torch.no_grad():
+        cache = model.lm(input_ids=batch["input_ids"][:, :4], use_cache=True).past_key_values  # its first 4 tokens
+    with pytest.raises(ValueError, match="past_key_values: generate prefills the whole prompt"):
+        model.generate(**batch, max_new_tokens=2, past_key_values=cache)
+    with pytest.raises(ValueError, match="guidance_scale / negative_prompt_ids: classifier-free guidance"):
+        model.generate(**batch, max_new_tokens=2, guidance_scale=1.5)
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        model.generate(**batch, generation_config=transformers.GenerationConfig(guidance_scale=2.0, max_new_tokens=2))
+    model.generate(**batch, max_new_tokens=2, guidance_scale=1.0)  # 1: no guidance
 
 
 def test_generate_hands_transformers_one_config_it_keeps_whole(make_model, monkeypatch):

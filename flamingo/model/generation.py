@@ -289,6 +289,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     if assisted := [k for k in ASSISTED if kwargs.get(k) is not None]:
         raise ValueError(f"{', '.join(assisted)}: assisted and prompt-lookup decoding feed several tokens per decode "
                          "step, which Flamingo's decode step does not take: generate without them")
+    if kwargs.get("past_key_values") is not None:  # its tail's images would count from 0: another image, or none
+        raise ValueError("past_key_values: generate prefills the whole prompt itself, and the media index of a prompt "
+                         "whose first tokens are cached would count its images from the cached part's end; generate "
+                         "without it (the server's prefix cache reuses prompts that begin alike)")
     config_keys = set(GenerationConfig().to_dict())
     fields = {k: v for k, v in kwargs.items() if k in config_keys}
     # a caller's config overrides Flamingo's defaults where it was set (as transformers fills the fields a given
@@ -296,6 +300,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     caller = {} if generation_config is None else fields_set_in(generation_config)
     config = generation_config_for(model, **{**caller, **fields})
     config = fit_to_positions(model, config, attention_mask)
+    if (config.guidance_scale or 1) != 1 or kwargs.get("negative_prompt_ids") is not None:
+        raise ValueError("guidance_scale / negative_prompt_ids: classifier-free guidance runs a second LM call per "
+                         "step inside generate, which would read this call's images and media index (a prompt ending "
+                         "in <image> would see another image): generate without them")
     if config.prefill_chunk_size is not None and model.whole_prompt_rules:
         raise ValueError(f"{' and '.join(model.whole_prompt_rules)}: what a prompt's tokens compute depends on the "
                          "rest of it, so the prompt is prefilled whole: generate without prefill_chunk_size")

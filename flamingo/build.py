@@ -46,7 +46,8 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     `<image0>`, ...) to the tokenizer, `extra_tokens` right after `<image>` (a family's own markers); their
     embedding rows are the only new trainable rows. template: the processor's (`FlamingoProcessor`).
     resampler_and_blocks_on_meta: `Flamingo`'s (a converter that assigns them all). torch_dtype: a torch dtype or
-    its name (`checked_torch_dtype`; None or "auto": the backbones' own). Returns (model, processor).
+    its name (`checked_torch_dtype`; None or "auto": the backbones' own, and the resampler and blocks in the default
+    dtype: float32 blocks beside in-memory half-precision backbones compute in float32). Returns (model, processor).
     """
     config = dataclasses.replace(config) if config is not None else FlamingoConfig()
     torch_dtype = checked_torch_dtype(torch_dtype)

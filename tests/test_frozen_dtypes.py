@@ -89,3 +89,35 @@ def test_trainer_steps_with_bf16_frozen_gpt2(world, tmp_path):
     for _ in range(2):
         trainer.train_step()
     assert all(not torch.equal(b.attn_gate, g) for b, g in zip(trainer.model.xattn, gates))
+
+
+@pytest.mark.parametrize("block", ["flamingo", "idefics"])
+def test_float32_blocks_beside_a_bf16_lm_run_outside_autocast(make_model, one_thread, block):
+    """In-memory bf16 backbones given to `from_backbones` (transformers 5 loads a Hub LM in its config's dtype), or a
+    model trained with `train.frozen_dtype: bf16`, keep float32 blocks beside the bf16 LM: every call outside autocast
+    died in torch's Linear (the paper's block). The block now computes in its own dtype: with gates 0 it is exactly
+    the bare bf16 LM, and generate, score and precomputed visual tokens of another dtype run."""
+    from flamingo import from_backbones
+    from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_image_processor, tiny_vision
+
+    tok = tiny_tokenizer()
+    config = tiny_flamingo_config(block=block, **({"xattn_ffw_dim": 64} if block == "idefics" else {}))
+    model, processor = from_backbones(tiny_vision().to(torch.bfloat16),
+                                      tiny_lm("llama", vocab_size=len(tok)).to(torch.bfloat16), tok, config,
+                                      image_processor=tiny_image_processor())
+    model.eval()
+    assert next(model.xattn.parameters()).dtype == torch.float32 and next(model.lm.parameters()).dtype == torch.bfloat16
+    text = processor("Only text here", images=[])
+    with torch.no_grad():  # gates 0: the bare LM, bit for bit
+        assert torch.equal(model(**text).logits, model.lm(input_ids=text["input_ids"]).logits)
+    set_gates(model, 0.5)
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        visual = model.encode_media(batch["images"], torch.tensor([1]))
+        again = model(input_ids=batch["input_ids"], visual_tokens=visual.to(torch.float64)).logits
+    assert torch.isfinite(logits).all() and torch.equal(again, logits)
+    out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    scores = model.score(batch["input_ids"], [[5, 6]], images=batch["images"])
+    assert torch.isfinite(torch.as_tensor(scores)).all()

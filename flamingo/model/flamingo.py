@@ -312,6 +312,9 @@ class Flamingo(nn.Module):
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         lm_dtype = hidden.dtype
+        # the block computes in its own dtype: float32 blocks beside a half-precision LM (in-memory backbones given
+        # to `from_backbones`, `train.frozen_dtype`) run outside autocast too; a no-op when they agree
+        hidden = hidden.to(next(self.xattn[block_idx].parameters()).dtype)
         if (self._activation_checkpointing and module.training and torch.is_grad_enabled()
                 and checkpoint_leaves_pre_hooks_out(module)):
             # The layer's checkpoint leaves this hook out, so the block gets its own: recomputed in backward as the
@@ -321,7 +324,7 @@ class Flamingo(nn.Module):
                                                        use_reentrant=False, context_fn=self._checkpoint_contexts)
         else:
             hidden = self._run_block(block_idx, hidden)
-        # The LM's layer gets the activations in its own dtype: fp32 gates make the block's output fp32, which a
+        # The LM's layer gets the activations in its own dtype: an fp32 block's output is fp32, which a
         # half-precision LM's norms refuse (CPU autocast leaves `layer_norm` to them). A no-op when they agree.
         hidden = hidden.to(lm_dtype)
         if args:
@@ -424,6 +427,11 @@ class Flamingo(nn.Module):
         # drops the hook). An out-of-place index_copy and an unflatten would also copy the zeros once more.
         visual.flatten(0, 1).index_copy_(0, media_rows, tokens)
         return visual
+
+    def as_visual_tokens(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """A caller's precomputed visual tokens (B, N, R, Dv) in the dtype `encode_media` gives (the resampler's), as
+        pixels of any dtype are cast to the tower's."""
+        return visual_tokens.to(next(self.resampler.parameters()).dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def check_input_shapes(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
@@ -537,8 +545,10 @@ class Flamingo(nn.Module):
                 images = None
             if images is not None:
                 visual_tokens = self.encode_media(images, num_media, num_frames, vision_cache)
-        elif visual_tokens is not None and num_media is None:
-            num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
+        elif visual_tokens is not None:
+            visual_tokens = self.as_visual_tokens(visual_tokens)
+            if num_media is None:
+                num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
         limit = lm_max_positions(self.lm)

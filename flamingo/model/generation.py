@@ -89,8 +89,10 @@ def _media_for(model: Flamingo, input_ids: torch.Tensor, images: Optional[torch.
             num_media = torch.full((input_ids.shape[0],), images.shape[1], dtype=torch.long)
         if bool(torch.as_tensor(num_media).any()):  # else no row holds a medium: a text-only batch, as in forward
             visual_tokens = model.encode_media(images, num_media, num_frames, vision_cache=vision_cache)
-    elif visual_tokens is not None and num_media is None:
-        num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
+    elif visual_tokens is not None:
+        visual_tokens = model.as_visual_tokens(visual_tokens)
+        if num_media is None:
+            num_media = torch.full((input_ids.shape[0],), visual_tokens.shape[1], dtype=torch.long)
     model.check_media_tokens(input_ids, num_media)
     return visual_tokens, num_media
 

@@ -354,6 +354,33 @@ def test_score_batch_of_left_padded_contexts_equals_each_alone(make_model, lm_ki
     hook.remove()
 
 
+@pytest.mark.parametrize("lm_kind", ["gpt2", "opt", "mpt"])
+def test_score_batch_near_the_position_limit_with_contexts_of_different_lengths(lm_kind):
+    """Contexts of 21 and 2 tokens in one batch, each with a candidate that fits it: a chunk pads every candidate to
+    its longest, and the long context's padding columns took positions past a learned table's end (GPT-2, OPT: an
+    IndexError inside torch). They stay inside it: each context's scores are its own. MPT reads positions from the
+    padded columns themselves (ALiBi over the keys): a clear error naming the padded width."""
+    positions = {POSITION_LIMITS.get(lm_kind, "max_position_embeddings"): 40}
+    model, processor = tiny_flamingo(lm_kind, gates=0.8, lm_overrides=positions)
+    cases = [("<image>a cat sat on the mat and then the dog ran in", [random_image(0)]),
+             ("<image>x", [random_image(1)])]
+    batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
+    short = int(batch["attention_mask"][1].sum())
+    candidates = [[[5, 6]], [list(range(40, 40 + 40 - short))]]  # the second fills its context's 40 positions
+    for rows in (64, 1):
+        call = dict(attention_mask=batch["attention_mask"], images=batch["images"], num_media=batch["num_media"],
+                    batch_size=rows)
+        if lm_kind == "mpt":
+            with pytest.raises(ValueError, match="left-padded to .* reads positions from the padded columns"):
+                model.score_batch(batch["input_ids"], candidates, **call)
+            continue
+        scores = model.score_batch(batch["input_ids"], candidates, **call)
+        for (prompt, media), cands, got in zip(cases, candidates, scores):
+            alone = processor(prompt, images=media)
+            want = model.score(alone["input_ids"], cands, images=alone["images"], num_media=alone["num_media"])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_score_batch_rejects_right_padding_and_count_mismatch(make_model):
     model, processor = make_model("llama")
     batch = processor([PROMPTS[0][0], "Question:"], padding_side="right")

@@ -77,6 +77,26 @@ def _shard_fds(root) -> list[str]:
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
 
 
+def test_a_shard_written_again_at_its_path_is_indexed_again(tmp_path):
+    """The per-process store of open shards was keyed by path alone: data packed again into the same directory in a
+    long-lived process (a notebook; an earlier Trainer still holding its stream) was read from the old index and the
+    deleted file's descriptor, silently. A file written again is indexed again; the old index, whose members are
+    elsewhere now, reads nothing (a bad_shard skip)."""
+    path = str(tmp_path / "shard-000000.tar")
+    write_tar(path, [("k0.png", image_bytes(0)), ("k0.txt", b"a wrong caption.")])
+    old = open_shard(path)
+    member = old.groups[0][1]["txt"]
+    assert old.read(member) == b"a wrong caption."
+    os.remove(path)
+    write_tar(path, [("k0.png", image_bytes(1)), ("k0.txt", b"the fixed caption.")])
+    new = open_shard(path)
+    assert new is not old and new.read(new.groups[0][1]["txt"]) == b"the fixed caption."
+    assert open_shard(path) is new  # unchanged since: the cached index
+    with pytest.raises(SkipSample, match="written again since it was indexed"):
+        old.read(member)
+    close_open_shards()
+
+
 # --------------------------------------------------------------------------------------------------- compressed
 @pytest.mark.parametrize("suffix,compress", [(".tar.gz", gzip.compress), (".tgz", gzip.compress),
                                              (".tar.bz2", bz2.compress), (".tar.xz", lzma.compress)])

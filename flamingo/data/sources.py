@@ -203,6 +203,8 @@ class TarShard:
     _plain: Optional[_PlainCopy] = field(default=None, repr=False)
     # a remote shard's fetch (data/remote.py): its file may leave the shard cache while records still wait for it
     refetch: Optional[Callable[[], Any]] = field(default=None, repr=False)
+    # the indexed file (`file_identity`): a file written again at the path (data packed again) is another shard
+    identity: Optional[tuple[int, ...]] = field(default=None, repr=False)
 
     def _open_file(self) -> Any:
         """The shard's open file in this process. Records wait in a shuffle buffer longer than their shard stays
@@ -212,7 +214,7 @@ class TarShard:
         if self._file is not None and not self._file.closed and self._pid == key[0]:
             return self._file
         current = _OPEN_SHARDS.get(key)
-        if current is not None:  # open (the store closes only what it evicts)
+        if current is not None and current.identity == self.identity:  # open (the store closes only what it evicts)
             self._file = current._file
         else:
             if self._plain is not None:
@@ -220,6 +222,9 @@ class TarShard:
             elif self.refetch is not None and not os.path.exists(self.path):
                 self._file = self.refetch()  # the same bytes at the same path: the member index still holds
             else:
+                now = file_identity(self.path)
+                if None not in (now, self.identity) and now != self.identity:  # its members are elsewhere now
+                    raise OSError(f"{self.path!r} was written again since it was indexed")
                 self._file = _open_tar(self.path)
             _OPEN_SHARDS.put(key, self)
         self._pid = key[0]
@@ -247,6 +252,15 @@ class TarShard:
             if member is not None:
                 return member
         return self.by_basename.get(os.path.basename(name))
+
+
+def file_identity(path: str) -> Optional[tuple[int, ...]]:
+    """(device, inode, size, modification time in ns) of the file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _close(shard: TarShard) -> None:
@@ -343,10 +357,12 @@ def open_shard(path: str) -> TarShard:
     new group where the key changes or an extension repeats. A key that comes again (`a.jpg a.txt a.jpg a.txt`: a
     sample appended again, a re-run writer; or further on in the shard) keeps its first group as the sample; each
     later group is marked (`repeated`) for `read_records` to count as `duplicate_key`, never read, and a member name
-    it shares with a read sample's member means that one (`find`): two samples' members are never merged."""
+    it shares with a read sample's member means that one (`find`): two samples' members are never merged. A file
+    written again at the path since it was cached (data packed again in a long-lived process) is indexed again."""
     cache_key = (os.getpid(), path)
     shard = _OPEN_SHARDS.get(cache_key)
-    if shard is not None:
+    identity = file_identity(path)
+    if shard is not None and (identity is None or identity == shard.identity):  # gone: a remote shard refetches it
         return shard
     tf, plain, members, error = _index(path)
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
@@ -369,7 +385,8 @@ def open_shard(path: str) -> TarShard:
                       f"and any after it are skipped (counted as bad_shard)", stacklevel=2)
     by_name = _unique_names(members, lambda m: m.name, kept)
     by_basename = _unique_names(members, lambda m: os.path.basename(m.name), kept)
-    shard = TarShard(path, groups, by_name, by_basename, error, cut, repeated, _file=tf, _plain=plain)
+    shard = TarShard(path, groups, by_name, by_basename, error, cut, repeated, _file=tf, _plain=plain,
+                     identity=identity)
     _OPEN_SHARDS.put(cache_key, shard)
     return shard
 

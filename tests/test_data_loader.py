@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import warnings
 
 import pytest
@@ -286,3 +287,16 @@ def test_worker_loaders_leave_torch_global_generator_alone(tmp_path, processor):
     torch.manual_seed(0)
     assert _keys(_epoch(src))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_worker_loaders_leave_the_process_environment_as_it_was(tmp_path, processor, monkeypatch):
+    """Workers are forked with TOKENIZERS_PARALLELISM=false (they tokenize: HF warns otherwise), which stayed set in
+    the process: a notebook's own tokenizer calls ran on one thread after any run with workers. It is unset again."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    data = make_pairs(str(tmp_path), 6, bad=False)
+    src = build_source(DatasetSection("p", "pairs", data["path"], 3), processor, num_workers=1)
+    assert _keys(_epoch(src))
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's own choice stays
+    assert _keys(_epoch(src))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

@@ -21,6 +21,7 @@ import pickle
 import traceback
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Optional, Sequence, Union
 
@@ -34,6 +35,19 @@ from .streaming import StreamItem, iterate_stream
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+
+
+@contextmanager
+def _unset_env(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` inside the block, where the process has none; then unset."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _identity(x: Any) -> Any:
@@ -180,14 +194,14 @@ class DatasetSource:
         starts = copy.deepcopy(self.streams)
         if self.num_workers == 0:
             return self._stream(0, epoch, starts[0]) if not starts[0]["done"] else iter(())
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize; avoid the HF warning
         # A generator of its own: each `iter` of a DataLoader draws a base seed, from torch's global generator
         # otherwise, which training draws from too (dropout): a resume or a validation pass would shift it. The
         # streams seed themselves (by seed, epoch and stream), so the workers' base seed is not read.
         loader = DataLoader(_Streams(self, epoch, starts), batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, prefetch_factor=self.prefetch_factor,
                             generator=torch.Generator().manual_seed(self.seed))
-        return iter(loader)
+        with _unset_env("TOKENIZERS_PARALLELISM", "false"):  # the workers fork here and tokenize: no HF warning,
+            return iter(loader)  # and the process's own tokenizer calls keep their threads
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._generation += 1

@@ -52,6 +52,48 @@ def test_a_signal_stops_after_the_step_with_one_checkpoint_and_is_recorded(world
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler from before the run is back
 
 
+def test_run_called_again_after_a_stop_goes_on_to_the_end_with_its_own_logs(world):
+    """A notebook's interrupt button stops `run()` after step 2; `run()` again on the same trainer trained nothing
+    (the stop was never forgotten: "stopped by signal 2" again) and moved the run's own metrics.jsonl aside as
+    another run's. It now goes on to train.steps, and metrics.jsonl holds steps 1..4 as one uninterrupted run's."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-continued")
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=4, out=out, interleaved=False,
+                                               progress=False)))
+    _after_step(trainer, lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
+    assert trainer.run() == "" and trainer.step == 2 and trainer.stopped_by == signal.SIGINT
+    assert trainer.run() == os.path.join(out, "final") and trainer.step == 4 and trainer.stopped_by == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [record["step"] for record in map(json.loads, f) if "loss" in record]
+    assert steps == [1, 2, 3, 4]
+    assert not [name for name in os.listdir(out) if ".prev-" in name]
+
+
+def test_a_run_on_another_thread_trains_and_leaves_the_signal_handlers_alone(world):
+    """Signal handlers can be set on the main thread only: `run()` on another thread (a notebook keeping its kernel
+    free) failed at once with "signal only works in main thread"."""
+    import threading
+
+    root, vision, lm, data = world
+    trainer = Trainer(load_config(train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-thread"),
+                                               interleaved=False, progress=False)))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["final"] = trainer.run()
+        except Exception as e:  # the test's to report
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    assert result["final"] == os.path.join(root, "run-thread", "final") and trainer.step == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_a_second_ctrl_c_interrupts(world):
     """The first Ctrl-C asks for a stop after the step; a second one, for a step or a save that does not end, raises
     KeyboardInterrupt as it would without the trainer."""

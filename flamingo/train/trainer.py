@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -350,6 +351,7 @@ class Trainer:
             self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8))).to(self.device)  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
         self.step, self.resumed = 0, False  # `_resume` sets both from a checkpoint
+        self._runs = 0  # `run` calls so far: a later one continues the run (from `step`), its logs included
         self.flop_counts: Optional[FlopCounts] = None  # taken at the first step (flops.flop_counts)
         # counters on the device, so that a step needs no host sync (read at logged steps and checkpoints)
         self.nonfinite_streak = torch.zeros((), dtype=torch.long, device=self.device)
@@ -685,10 +687,15 @@ class Trainer:
         """Train to `train.steps`; returns the final model directory. Stopped by a signal (`stopped_by`: its number,
         the largest any rank got) it writes a checkpoint and returns "" (`flamingo train` exits 128 + the number)."""
         t = self.config.train
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # signals are Python's to handle on the main thread only: a run on another thread (a notebook keeping its
+        # kernel free) stops by its caller's means, as it would without the trainer
+        on_main = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
         self._previous_handlers = handlers  # what a second signal meets (`_on_signal`)
-        # after _resume: the step it resumed at
-        run_log = RunLog(t.output_dir, self.rank, start_step=self.step, resumed=self.resumed)
+        self.stop_signal = self.stopped_by = 0  # a run called again after a stop goes on from where it stopped
+        # after _resume: the step it resumed at; a run called again on this trainer continues its own logs
+        run_log = RunLog(t.output_dir, self.rank, start_step=self.step, resumed=self.resumed or self._runs > 0)
+        self._runs += 1
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not t.progress, desc="train",
                    dynamic_ncols=True)
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None

@@ -105,6 +105,12 @@ class Flamingo(nn.Module):
         """resampler_and_blocks_on_meta: build those with their parameters on the meta device (no memory, no random
         init), for a caller that assigns every one of them (a conversion: `load_state_dict(..., assign=True)`)."""
         super().__init__()
+        if any(isinstance(getattr(hook, "__self__", None), Flamingo)
+               for hook in lm.get_input_embeddings()._forward_hooks.values()):
+            # hooks cannot be shared: two models would run each other's blocks, and the first could never be freed
+            raise ValueError("this LM already belongs to a Flamingo model (its hooks are on it; from_backbones also "
+                             "resized its embedding table and added tokens to the tokenizer it was given): load the LM "
+                             "and its tokenizer again for another model")
         self.config = config
         self.vision = vision
         self.lm = lm

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flamingo.runtime import pyplot
+from flamingo.runtime import figure
 from flamingo.train.plots import GATE_NAMES, plot_gates, plot_losses, read_metrics
 
 from .goals import headline
@@ -15,8 +15,8 @@ from .sizes import get_size
 
 
 def plot_fewshot(run: DemoRun, path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(3.6 * len(TASKS), 3.2), squeeze=False)
+    fig = figure(figsize=(3.6 * len(TASKS), 3.2))
+    axes = fig.subplots(1, len(TASKS), squeeze=False)
     for ax, task in zip(axes[0], TASKS):
         for variant in run.results:
             xs = [k for k in run.settings.shots if headline(run, variant, task, k) is not None]
@@ -29,7 +29,6 @@ def plot_fewshot(run: DemoRun, path: str) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def training_metrics(run: DemoRun, variant: str) -> list[dict[str, Any]]:

@@ -50,32 +50,33 @@ def test_plot_run_draws_loss_and_gates(tmp_path):
 
 
 def _kept_figures(monkeypatch):
-    """pyplot, with the figures kept open for the test to look at (and the list they are kept in)."""
+    """The figures the plots draw (those with axes: plot_run's check for matplotlib makes an empty one), kept in a
+    list for the test to look at."""
     import flamingo.train.plots as plots
 
-    real, figures = plots.pyplot(), []
+    real, made = plots.figure, []
 
-    class KeepFigures:
-        def __getattr__(self, name):
-            return getattr(real, name)
+    def keep(**kwargs):
+        made.append(real(**kwargs))
+        return made[-1]
 
-        def close(self, fig):
-            figures.append(fig)
+    monkeypatch.setattr(plots, "figure", keep)
+    return made
 
-    monkeypatch.setattr(plots, "pyplot", lambda: KeepFigures())
-    return real, figures
+
+def _drawn(made):
+    return [fig for fig in made if fig.axes]
 
 
 def test_a_series_of_one_point_is_drawn_with_a_marker(tmp_path, monkeypatch):
     """A line through one point draws nothing: a 1-step run's loss.png was empty axes and a legend."""
-    real, figures = _kept_figures(monkeypatch)
+    made = _kept_figures(monkeypatch)
     _write(tmp_path / "metrics.jsonl", [_step(1, 3.0, 0.1), {"step": 1, "val_loss/held_out": 2.6}])
     plot_run(str(tmp_path))
+    figures = _drawn(made)
     lines = [line for fig in figures for ax in fig.axes for line in ax.get_lines()]
     assert len(lines) == 2 + 4  # loss/pairs and the validation loss; 2 layers x 2 gates
     assert all(len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", " ", "None") for line in lines)
-    for fig in figures:
-        real.close(fig)
 
 
 def test_null_values_read_back_as_nan(tmp_path):
@@ -91,21 +92,19 @@ def test_null_values_read_back_as_nan(tmp_path):
 
 def test_a_point_between_skipped_steps_is_drawn_with_a_marker(tmp_path, monkeypatch):
     """A line draws no segment to or from a NaN: a finite loss between skipped (null) steps was invisible."""
-    real, figures = _kept_figures(monkeypatch)
+    made = _kept_figures(monkeypatch)
     nan = math.nan
     losses = {"alone": [nan, nan, 2.0, nan], "torn": [3.0, 2.9, nan, 2.7, nan], "whole": [3.0, 2.9, 2.8, 2.7]}
     rows = [{"step": s + 1, **{f"loss/{k}": v[s] for k, v in losses.items() if s < len(v)},
              "gates": {"0": [0.1 * s, nan if s in (1, 3) else 0.2]}} for s in range(5)]
     _write(tmp_path / "metrics.jsonl", rows)
     plot_run(str(tmp_path))
-    loss, gates = figures
+    loss, gates = _drawn(made)
     marked = {line.get_label(): line.get_markevery() for line in loss.axes[0].get_lines()
               if line.get_marker() not in (None, "", " ", "None")}
     assert marked == {"alone": [2], "torn": [3]}  # only the lone points; a whole line has no markers
     attn, dense = (ax.get_lines()[0] for ax in gates.axes)
     assert attn.get_marker() in (None, "", " ", "None") and dense.get_markevery() == [0, 2, 4]
-    for fig in figures:
-        real.close(fig)
 
 
 def test_rows_with_other_gate_layers_are_drawn(tmp_path):

@@ -89,14 +89,13 @@ class FeatureCache:
         decoded and encoded at a time. Each feature owns its storage: a row view would carry its whole batch into
         `all_gather`'s pickles and keep it alive in the cache."""
         out: list[tuple[int, Optional[torch.Tensor]]] = []
-        bar = tqdm(total=len(media), desc="RICES features", unit="medium",
-                   disable=not self.progress or rank() != 0 or len(media) <= self.batch_size)
-        for start in range(0, len(media), self.batch_size):
-            # not kept for the prompts: a pass over the whole train split would evict their demo media
-            chunk = [(j, self.load.try_load(path, keep=False)) for j, path in media[start:start + self.batch_size]]
-            readable = [m for _, m in chunk if m is not None]
-            feats = iter(pooled_features(self.model, readable, self.batch_size) if readable else [])
-            out += [(j, None if m is None else next(feats).clone()) for j, m in chunk]  # (Dv,) each
-            bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(media), desc="RICES features", unit="medium",  # closed if an encoding raises
+                  disable=not self.progress or rank() != 0 or len(media) <= self.batch_size) as bar:
+            for start in range(0, len(media), self.batch_size):
+                # not kept for the prompts: a pass over the whole train split would evict their demo media
+                chunk = [(j, self.load.try_load(path, keep=False)) for j, path in media[start:start + self.batch_size]]
+                readable = [m for _, m in chunk if m is not None]
+                feats = iter(pooled_features(self.model, readable, self.batch_size) if readable else [])
+                out += [(j, None if m is None else next(feats).clone()) for j, m in chunk]  # (Dv,) each
+                bar.update(len(chunk))
         return out

@@ -23,7 +23,7 @@ from ..chat import chat_format_for
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
-from ..runtime import init_process_group_from_env, pyplot
+from ..runtime import figure, init_process_group_from_env
 from ..runtime.hub import HF_DATASET, dataset_dir
 from .demos import (
     ZERO_SHOT_TEXT_DEMOS,
@@ -104,41 +104,41 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
     local: list[tuple[int, dict[str, Any]]] = []
     limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
     new_tokens = int(task.generation_settings(generation)["max_new_tokens"]) if task.kind == "generate" else 0
-    bar = tqdm(total=len(mine), desc=description, disable=not progress or rank() != 0)
-    for start in range(0, len(mine), batch_size):
-        indices, prompts, chosen = [], [], []
-        for i in mine[start:start + batch_size]:
-            demos, with_media = rices[i] if i in rices else prompt_demos(selector, samples[i], i, shots, zero_shot)
-            prompt = build_prompt(task, samples[i], demos, with_media)
-            demo_ids = [d.id for d in demos]
-            if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],
-                                                              new_tokens)) > limit:
-                local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
-                                  "skip_reason": "too_long", "demo_ids": demo_ids}))
-                continue
-            if (why := loader.unreadable(prompt[1])) is not None:  # its own or a demo's image / video
-                local.append((i, {"id": samples[i].id, "skipped": why, "skip_reason": "unreadable_media",
-                                  "demo_ids": demo_ids}))
-                continue
-            indices.append(i)
-            prompts.append(prompt)
-            chosen.append(demo_ids)
-        if not indices:
-            records = []
-        elif isinstance(model, RemoteModel):  # the same prompts, predicted by a server
-            records = model.generate_batch(processor, loader, task, prompts, **(generation or {})) \
-                if task.kind == "generate" else model.rank_batch(processor, loader, task,
-                                                                 [samples[i] for i in indices], prompts)
-        elif task.kind == "generate":
-            records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
-                                     **(generation or {}))
-        else:
-            records = rank_batch(model, processor, loader, task, [samples[i] for i in indices], prompts,
-                                 vision_cache=vision_cache)
-        for i, record, demo_ids in zip(indices, records, chosen):
-            local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
-        bar.update(len(mine[start:start + batch_size]))
-    bar.close()
+    # a context: the bar is closed when a batch raises (an interrupted notebook cell), so later bars keep their line
+    with tqdm(total=len(mine), desc=description, disable=not progress or rank() != 0) as bar:
+        for start in range(0, len(mine), batch_size):
+            indices, prompts, chosen = [], [], []
+            for i in mine[start:start + batch_size]:
+                demos, with_media = rices[i] if i in rices else prompt_demos(selector, samples[i], i, shots, zero_shot)
+                prompt = build_prompt(task, samples[i], demos, with_media)
+                demo_ids = [d.id for d in demos]
+                if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],
+                                                                  new_tokens)) > limit:
+                    local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
+                                      "skip_reason": "too_long", "demo_ids": demo_ids}))
+                    continue
+                if (why := loader.unreadable(prompt[1])) is not None:  # its own or a demo's image / video
+                    local.append((i, {"id": samples[i].id, "skipped": why, "skip_reason": "unreadable_media",
+                                      "demo_ids": demo_ids}))
+                    continue
+                indices.append(i)
+                prompts.append(prompt)
+                chosen.append(demo_ids)
+            if not indices:
+                records = []
+            elif isinstance(model, RemoteModel):  # the same prompts, predicted by a server
+                records = model.generate_batch(processor, loader, task, prompts, **(generation or {})) \
+                    if task.kind == "generate" else model.rank_batch(processor, loader, task,
+                                                                     [samples[i] for i in indices], prompts)
+            elif task.kind == "generate":
+                records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
+                                         **(generation or {}))
+            else:
+                records = rank_batch(model, processor, loader, task, [samples[i] for i in indices], prompts,
+                                     vision_cache=vision_cache)
+            for i, record, demo_ids in zip(indices, records, chosen):
+                local.append((i, {"id": samples[i].id, **record, "demo_ids": demo_ids}))
+            bar.update(len(mine[start:start + batch_size]))
     return all_gather(local, n)
 
 
@@ -459,11 +459,11 @@ def markdown_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Each headline metric vs number of shots (mean with std error bars), one panel per metric. Breakdowns
     (`metric/part`, e.g. VQA accuracy per answer type) are in the table and results.json only."""
-    plt = pyplot()
     metrics = list(dict.fromkeys(r["metric"] for r in results["summary"] if "/" not in r["metric"]))
     if not metrics:  # every query of every run was skipped (longer than max_length): nothing to plot
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    fig = figure(figsize=(4.5 * len(metrics), 3.5))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         rows = [r for r in results["summary"] if r["metric"] == m and r["mean"] is not None]
         ax.errorbar([r["shots"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
@@ -475,7 +475,6 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 RESULTS_FILE = "results.json"  # in each out_dir: the dict `evaluate` returns
@@ -502,7 +501,7 @@ def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], li
         json.dump(results, f, indent=2)
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
     try:
-        pyplot()
+        figure()  # whether matplotlib imports (the empty figure is dropped)
     except ImportError:
         warnings.warn("matplotlib is not installed: no results.png (the numbers are in results.json and results.md; "
                       "pip install 'flamingo-vlm[eval]')", stacklevel=2)

@@ -9,7 +9,7 @@
 - `hub`: where a model is read from, a directory or a Hub repository (`org/name`) downloaded once;
 - `host_memory`: the process's resident memory (Linux);
 - `meta`: modules built with their parameters on the meta device, for a caller that assigns them all;
-- `plotting`: matplotlib's pyplot drawing to files only;
+- `plotting`: matplotlib figures drawn to files only, outside pyplot (the process's backend untouched);
 - `lazy`: packages whose public names load on first use (this one too).
 """
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .host_memory import status_kib
     from .launch import run_torchrun, torchrun_command
     from .lru import LRU, TensorCache
-    from .plotting import pyplot
+    from .plotting import figure
     from .quiet import quiet_irrelevant_warnings, quiet_transformers
 
 # Names load on first use (PEP 562): the CLI parses its arguments (and prints --help) without importing torch.
@@ -34,8 +34,8 @@ _HOMES = {"atomic_directory": ".checkpoint_io", "default_device": ".distributed"
           "init_process_group_from_env": ".distributed", "leave_process_group_and_exit": ".distributed",
           "DTYPE_NAMES": ".dtypes", "torch_dtype": ".dtypes", "status_kib": ".host_memory",
           "run_torchrun": ".launch", "torchrun_command": ".launch", "LRU": ".lru", "TensorCache": ".lru",
-          "pyplot": ".plotting", "quiet_irrelevant_warnings": ".quiet", "quiet_transformers": ".quiet"}
-__all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info",
-           "init_process_group_from_env", "leave_process_group_and_exit", "pyplot", "quiet_irrelevant_warnings",
+          "figure": ".plotting", "quiet_irrelevant_warnings": ".quiet", "quiet_transformers": ".quiet"}
+__all__ = ["DTYPE_NAMES", "LRU", "TensorCache", "atomic_directory", "default_device", "dist_info", "figure",
+           "init_process_group_from_env", "leave_process_group_and_exit", "quiet_irrelevant_warnings",
            "quiet_transformers", "run_torchrun", "status_kib", "torch_dtype", "torchrun_command"]
 __getattr__ = lazy_getattr(__name__, _HOMES)

@@ -47,12 +47,10 @@ async def _run(engine: Engine, settings: ServeSettings, lines: list[Line], concu
                progress: bool) -> list[Optional[Answer]]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(line.request is not None for line in lines), desc="batch", unit="req",
-               disable=not progress)
-    async with app_client(create_app(engine, settings), settings.api_key) as client:
-        answers = await send_all(client, lines, concurrency, on_answer=lambda k, answer: bar.update(1))
-    bar.close()
-    return answers
+    with tqdm(total=sum(line.request is not None for line in lines), desc="batch", unit="req",  # closed on errors
+              disable=not progress) as bar:
+        async with app_client(create_app(engine, settings), settings.api_key) as client:
+            return await send_all(client, lines, concurrency, on_answer=lambda k, answer: bar.update(1))
 
 
 def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_path: str, *,

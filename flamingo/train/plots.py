@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from ..runtime import pyplot
+from ..runtime import figure
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def _line(values: list[float], style: dict[str, Any]) -> dict[str, Any]:
 
 def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Training loss per dataset (solid) and validation loss per dataset (dashed) against the step."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig = figure(figsize=(5.5, 3.4))
+    ax = fig.subplots()
     for records, prefix, style, suffix in ((training, "loss/", {}, ""),
                                            (validation, "val_loss/", {"ls": "--", "marker": "."}, " (validation)")):
         for key in dict.fromkeys(k for r in records for k in r if k.startswith(prefix)):  # one line per dataset
@@ -81,15 +81,14 @@ def plot_losses(training: list[dict[str, Any]], validation: list[dict[str, Any]]
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_type: str = "scalar") -> None:
     """Each block's attention and dense gates against the step, one line per LM layer it sits before (rows need not
     all have the same layers: a layer's line has a gap where a row lacks it)."""
-    plt = pyplot()
     rows = [r for r in training if r.get("gates")]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     steps = [r["step"] for r in rows]
     missing = (math.nan, math.nan)
     for layer in dict.fromkeys(layer for r in rows for layer in r["gates"]):
@@ -104,7 +103,6 @@ def plot_gates(training: list[dict[str, Any]], path: str, title: str = "", gate_
         axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_run(output_dir: str, gate_type: str = "scalar", title: str = "") -> list[str]:
@@ -114,7 +112,7 @@ def plot_run(output_dir: str, gate_type: str = "scalar", title: str = "") -> lis
     if not os.path.exists(metrics):
         return []
     try:
-        pyplot()
+        figure()  # whether matplotlib imports (the empty figure is dropped)
     except ImportError:
         log.info("matplotlib is not installed: no loss.png / gates.png (the curves are in metrics.jsonl)")
         return []

@@ -52,23 +52,23 @@ class Validation:
         for name in self.sources:
             total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss x tokens, tokens, batches
             batches = self._batches(name)
-            bar = tqdm(total=self.max_batches or None, desc=f"validate {name}", disable=not self.progress,
-                       dynamic_ncols=True, leave=False)
-            while True:
-                batch = next(batches, None)
-                if self.world > 1:  # every rank must have a batch, or none runs its (collective) forward
-                    have = torch.tensor(float(batch is not None), device=device)
-                    dist.all_reduce(have, op=dist.ReduceOp.MIN)
-                    if have.item() == 0:
+            # a context: closed when a batch raises (an interrupted run), so later bars keep their line
+            with tqdm(total=self.max_batches or None, desc=f"validate {name}", disable=not self.progress,
+                      dynamic_ncols=True, leave=False) as bar:
+                while True:
+                    batch = next(batches, None)
+                    if self.world > 1:  # every rank must have a batch, or none runs its (collective) forward
+                        have = torch.tensor(float(batch is not None), device=device)
+                        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                        if have.item() == 0:
+                            break
+                    elif batch is None:
                         break
-                elif batch is None:
-                    break
-                loss, tokens = batch_loss(batch)
-                tokens = tokens.double()
-                weighted = torch.where(tokens > 0, loss.detach().double() * tokens, 0.0)  # no token: nan mean
-                total += torch.stack([weighted, tokens, torch.ones((), dtype=torch.float64, device=device)])
-                bar.update(1)
-            bar.close()
+                    loss, tokens = batch_loss(batch)
+                    tokens = tokens.double()
+                    weighted = torch.where(tokens > 0, loss.detach().double() * tokens, 0.0)  # no token: nan mean
+                    total += torch.stack([weighted, tokens, torch.ones((), dtype=torch.float64, device=device)])
+                    bar.update(1)
             if self.world > 1:
                 dist.all_reduce(total)
             loss_sum, tokens, read = total.tolist()

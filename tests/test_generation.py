@@ -425,6 +425,74 @@ def test_generate_refuses_a_cached_prompt_prefix_and_classifier_free_guidance(ma
     model.generate(**batch, max_new_tokens=2, guidance_scale=1.0)  # 1: no guidance
 
 
+def test_decoding_modes_set_in_a_config_are_refused_or_left_off(make_model):
+    """Prompt-lookup decoding set in a GenerationConfig slipped past the keyword-only refusal (wrong with reference
+    tokens: logits off by 0.08); token healing re-tokenized the prompt from its text and dropped every `<image>` (the
+    bare LM's answer, silently). A caller's request is refused; an LM's own generation_config setting them is
+    neutralized, as its penalties are."""
+    model, processor = make_model("llama", gates=0.8)
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    for config in (transformers.GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=2),
+                   transformers.GenerationConfig(token_healing=True, max_new_tokens=2)):
+        with pytest.raises(ValueError, match="prompt_lookup_num_tokens: assisted|token_healing: transformers"):
+            model.generate(**batch, generation_config=config)
+    with pytest.raises(ValueError, match="token_healing"):
+        model.generate(**batch, max_new_tokens=2, token_healing=True, tokenizer=processor.tokenizer)
+    plain = model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
+    model.lm.generation_config.prompt_lookup_num_tokens = 3  # as a Hub LM's generation_config.json may
+    model.lm.generation_config.token_healing = True
+    try:
+        assert torch.equal(model.generate(**batch, max_new_tokens=4, min_new_tokens=4), plain)
+    finally:
+        model.lm.generation_config.prompt_lookup_num_tokens = None
+        model.lm.generation_config.token_healing = False
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
+def test_generate_with_no_length_makes_transformers_default_number_of_tokens(lm_kind, caplog):
+    """`model.generate(**inputs)`, the first call a transformers user types: transformers 5 sets neither max_length
+    nor max_new_tokens, and the position check subtracted from None (a TypeError). It generates what transformers
+    would (20 new tokens), capped by the LM's positions as any length is."""
+    model, processor = tiny_flamingo(lm_kind, gates=0.8, lm_overrides={POSITION_LIMITS.get(
+        lm_kind, "max_position_embeddings"): 64})
+    model.lm.generation_config.max_length = model.lm.generation_config.max_new_tokens = None
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    out = model.generate(**batch, min_new_tokens=20)
+    assert torch.equal(out, model.generate(**batch, max_new_tokens=20, min_new_tokens=20))
+    t = batch["input_ids"].shape[1]
+    short, _ = tiny_flamingo(lm_kind, gates=0.8, lm_overrides={POSITION_LIMITS.get(
+        lm_kind, "max_position_embeddings"): t + 5})
+    short.lm.generation_config.max_length = short.lm.generation_config.max_new_tokens = None
+    with caplog.at_level("WARNING", logger="flamingo.model.generation"):
+        assert short.generate(**batch, min_new_tokens=20).shape[1] == t + 5
+    assert "max_new_tokens=20 capped to 5" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_copy_of_a_model_that_generated_compiled_decodes_with_its_own_weights(make_model):
+    """transformers keeps the compiled `__call__` on the LM; a deep copy shared the original's, so the copy's
+    compiled decode steps ran the original LM on the copy's cache (other tokens, silently). The copy compiles its
+    own: compiled == eager on the copy."""
+    import copy
+
+    from flamingo.model.generation import compile_config
+    from flamingo.tiny import set_gates
+
+    model, processor = make_model("llama", gates=0.8)
+    batch = processor("<image>a cat<|endofchunk|><image>two", images=[random_image(1), random_image(2)])
+
+    def run(m, compile):
+        extra = {"compile": True, "compile_config": compile_config("cpu", backend="eager")} if compile else {}
+        out = m.generate(**batch, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
+                         output_logits=True, **extra)
+        return torch.stack(out.logits, 1)
+
+    run(model, compile=True)
+    twin = copy.deepcopy(model)
+    set_gates(twin, 2.0)  # the copy is another model now
+    torch.testing.assert_close(run(twin, compile=True), run(twin, compile=False), atol=1e-5, rtol=1e-5)
+
+
 def test_generate_hands_transformers_one_config_it_keeps_whole(make_model, monkeypatch):
     """transformers 5 warns (deprecated) about generation arguments given beside a config, so the cache rule travels
     on the config; 4.x would replace each of its fields that equals GenerationConfig's default with the model's

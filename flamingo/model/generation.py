@@ -113,6 +113,11 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     # the backbone's chat-tuned penalties (Qwen2.5-Instruct ships repetition_penalty 1.05) are neutral too: a
     # Flamingo's few-shot answers repeat its demos' words, and the server's decode applies only what a request asks
     config.repetition_penalty, config.no_repeat_ngram_size, config.bad_words_ids = 1.0, 0, None
+    # decoding modes `generate` refuses (several tokens a step; a prompt re-tokenized from its text) are off unless
+    # asked: an LM's own generation_config.json may switch them on
+    for name, off in (("prompt_lookup_num_tokens", None), ("assistant_early_exit", None), ("token_healing", False)):
+        if hasattr(config, name):
+            setattr(config, name, off)
     config.pad_token_id = pad_token_id(model, config.pad_token_id, config.eos_token_id)
     config.update(**kwargs)
     return with_flamingo_suppression(model, config)
@@ -188,7 +193,8 @@ def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: 
         raise ValueError(f"the prompt takes {prompt} positions and the LM has {limit}: none is left to generate "
                          "into; shorten the prompt")
     room = limit - prompt
-    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - attention_mask.shape[1]
+    new = config.max_new_tokens if config.max_new_tokens is not None else HF_DEFAULT_NEW_TOKENS \
+        if config.max_length is None else config.max_length - attention_mask.shape[1]
     if new <= room:
         return config
     log.warning("max_new_tokens=%d capped to %d: the prompt takes %d of the LM's %d positions",
@@ -198,6 +204,9 @@ def fit_to_positions(model: Flamingo, config: GenerationConfig, attention_mask: 
     if config.min_new_tokens is not None:
         config.min_new_tokens = min(config.min_new_tokens, room)
     return config
+
+
+HF_DEFAULT_NEW_TOKENS = 20  # what transformers 5 generates when a config sets neither max_new_tokens nor max_length
 
 
 def compile_config(device_type: str = "cpu", backend: Any = "inductor", fullgraph: bool = True) -> CompileConfig:
@@ -285,12 +294,18 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                              "compileable, MPT and MosaicGPT among them): generate without compile")
         kwargs.setdefault("cache_implementation", "static")
         kwargs.setdefault("compile_config", compile_config(input_ids.device.type))
+        _drop_anothers_compiled_call(model.lm)
     if kwargs.get("use_cache") is False or (generation_config is not None and generation_config.use_cache is False):
         raise ValueError("Flamingo decodes on the LM's KV cache (a step feeds only the new tokens): generate with "
                          "use_cache=True")
-    if assisted := [k for k in ASSISTED if kwargs.get(k) is not None]:
+    if assisted := [k for k in ASSISTED if kwargs.get(k) is not None
+                    or getattr(generation_config, k, None) is not None]:
         raise ValueError(f"{', '.join(assisted)}: assisted and prompt-lookup decoding feed several tokens per decode "
                          "step, which Flamingo's decode step does not take: generate without them")
+    if kwargs.get("token_healing") or getattr(generation_config, "token_healing", False):
+        raise ValueError("token_healing: transformers re-tokenizes the prompt from its text without special tokens, "
+                         "which drops every <image> and <|endofchunk|> (the answer would be the bare LM's): generate "
+                         "without it")
     if kwargs.get("past_key_values") is not None:  # its tail's images would count from 0: another image, or none
         raise ValueError("past_key_values: generate prefills the whole prompt itself, and the media index of a prompt "
                          "whose first tokens are cached would count its images from the cached part's end; generate "
@@ -329,6 +344,17 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     with model.conditioned(ctx), _property_shapes_dynamic():
         return model.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  streamer=streamer, **rest)
+
+
+def _drop_anothers_compiled_call(lm: Any) -> None:
+    """transformers keeps an LM's compiled `__call__` on the LM (`_compiled_call`, reused while the compile config
+    is equal). A deep copy of a model that has generated compiled holds the original LM's, whose decode steps would
+    run the original's weights on the copy's cache: it is dropped, and the copy compiles its own."""
+    compiled = lm.__dict__.get("_compiled_call")
+    owner = getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None)
+    if owner is not None and owner is not lm:
+        lm.__dict__.pop("_compiled_call", None)
+        lm.__dict__.pop("_last_compile_config", None)
 
 
 _PATCHES = threading.local()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -185,6 +186,7 @@ def load_pretrained(name_or_path: str, *, revision: Optional[str] = None,
     holding one (`org/name`, at `revision`: a branch, tag or commit), downloaded once into the hub cache. kwargs:
     `Flamingo.from_pretrained`'s. A repository that is no saved Flamingo, and a model saved without its processor,
     are refused before its weights are read (a Hub repository's configs are fetched first, `check_processor_saved`)."""
+    inspect.signature(Flamingo.from_pretrained).bind(name_or_path, **kwargs)  # a TypeError before any download
     meta = metadata_dir(name_or_path, "Flamingo model", revision=revision)
     FlamingoConfig.load(meta)  # a repository that is no saved Flamingo (an LM, a CLIP) is refused before its weights
     check_processor_saved(meta, name_or_path)

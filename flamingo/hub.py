@@ -5,6 +5,7 @@ repository in one commit, its card (`README.md`) named after the repository; `lo
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -326,6 +327,7 @@ def push_to_hub(model: Union[Flamingo, str], repo_id: str, *, processor: Any = N
     `push_directory`'s (private, revision, commit_message, token, replace_card, results, train_config). Returns the
     commit's URL."""
     check_repo_id(repo_id)  # before a save that takes minutes for a large model
+    inspect.signature(push_directory).bind(repo_id, repo_id, **kwargs)  # an unknown keyword too (a TypeError)
     if isinstance(model, Flamingo):
         with tempfile.TemporaryDirectory() as tmp:
             directory = os.path.join(tmp, repo_id.rsplit("/", 1)[-1])

@@ -726,3 +726,22 @@ def test_a_one_word_name_is_a_path_and_its_error_gives_the_org_form(tmp_path, mo
     assert str(missing.value) == "LM directory not found: ./no/such/lm"
     (tmp_path / "gpt2").mkdir()
     assert local_or_hub("gpt2", "LM") == "local"
+
+
+def test_unknown_keywords_are_refused_before_the_save_or_the_download(monkeypatch):
+    """transformers' keywords (`create_pr`, `max_shard_size`; `device_map` when loading) reached the upload after
+    the whole model was saved, or `Flamingo.from_pretrained` after the whole snapshot was downloaded: each is a
+    TypeError before that work."""
+    import flamingo.build as build
+
+    model, processor = _gated_model(seed=0)
+
+    def no_save(*args, **kwargs):
+        raise AssertionError("saved before the keywords were checked")
+
+    monkeypatch.setattr(model, "save_pretrained", no_save)
+    with pytest.raises(TypeError, match="create_pr"):
+        push_to_hub(model, "someone/tiny", processor=processor, create_pr=True)
+    monkeypatch.setattr(build, "metadata_dir", no_save)
+    with pytest.raises(TypeError, match="device_map"):
+        build.load_pretrained("someone/tiny", device_map="auto")

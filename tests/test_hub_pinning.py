@@ -166,7 +166,8 @@ def test_an_object_backbone_is_recorded_at_the_revision_it_was_loaded_at(cache, 
     four, _ = from_backbones(vision, LLAMA, config=tiny_flamingo_config())
     assert four.config.vision_revision == A
 
-    # without one, the commit is unknown: the trained-only save says so
+    # without one, the commit is unknown: the trained-only save says so (a fresh object: `obj` hooks the first)
+    at_v11 = AutoModelForCausalLM.from_pretrained(LLAMA, revision="v1.1")
     if getattr(at_v11.config, "_commit_hash", None):  # transformers 4 recorded it at load: an object that lost it
         at_v11.config._commit_hash = None
     unknown, unknown_processor = from_backbones(CLIP, at_v11, config=tiny_flamingo_config())

@@ -3,6 +3,7 @@ against, and the tiny fixture datasets of every evaluation task (the layouts of 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -40,6 +41,16 @@ def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: 
         table = peer.lang_encoder.get_input_embeddings().weight
         table.add_(0.01 * torch.randn_like(table))
     return peer.eval(), vision, lm, tok
+
+
+def unhooked_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a Flamingo's LM (or tower) without the hooks the model put on it: the LM as another model may
+    take it (a Flamingo refuses an LM another one hooks)."""
+    copied = copy.deepcopy(module)
+    for m in copied.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return copied
 
 
 def chat_run_config(tmp_path: Path, init_from: str, steps: int) -> Path:

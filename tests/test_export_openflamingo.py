@@ -22,6 +22,8 @@ from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
 from flamingo.runtime.compat import TRANSFORMERS  # noqa: E402
 from flamingo.tiny import random_image, tiny_flamingo, tiny_tokenizer  # noqa: E402
 
+from helpers import unhooked_copy  # noqa: E402
+
 # the sizes OpenFlamingo's factory builds (64 latents, 6 resampler layers, 8 heads of 64; xattn 8 heads of 64)
 FACTORY = dict(num_latents=64, resampler_depth=6, resampler_heads=8, resampler_head_dim=64, xattn_heads=8,
                xattn_head_dim=64, ffw_mult=4, xattn_every=2)
@@ -88,7 +90,7 @@ def test_openflamingo_loads_the_export_and_computes_our_logits(lm, tmp_path):
     assert mine.shape == theirs.shape
     assert (mine[real] - theirs[real]).abs().max() <= 1e-5
 
-    back, back_processor = convert_openflamingo(state, copy.deepcopy(model.vision), copy.deepcopy(model.lm),
+    back, back_processor = convert_openflamingo(state, copy.deepcopy(model.vision), unhooked_copy(model.lm),
                                                 tiny_tokenizer(), image_processor=processor.image_processor)
     with torch.no_grad():
         again = back(**_batch(back_processor)).logits

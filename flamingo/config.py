@@ -14,6 +14,13 @@ CONFIG_NAME = "flamingo_config.json"
 WEIGHTS_NAME = "flamingo.safetensors"  # the tensors stored beside the backbones (model/flamingo.py)
 BACKBONE_DIRS = ("vision", "lm")  # a model saved whole: its backbones, each an HF directory
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"  # the processor's settings and prompt template (processing.py)
+# what a processor's `save_pretrained` writes: its settings, the tokenizer's and the image processor's files
+PROCESSOR_FILES = (PROCESSOR_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json", "video_preprocessor_config.json")
+# the config of the run that wrote a trained model (`flamingo train` writes it into `final/`)
+TRAIN_CONFIG_NAME = "train_config.json"
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 IDEFICS_IMAGE_WRAPPER = "<fake_token_around_image>"  # IDEFICS writes each <image> between two

@@ -12,10 +12,10 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .config import BACKBONE_DIRS, CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
+from .config import BACKBONE_DIRS, CONFIG_NAME, PROCESSOR_FILES, TRAIN_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from .model.card import CARD_NAME, generated_for, model_card, published_config
 from .model.flamingo import Flamingo
-from .processing import PROCESSOR_CONFIG_NAME, has_saved_processor
+from .processing import has_saved_processor
 from .runtime.hub import HF_DATASET, is_hub_name
 
 # remote paths the saved format owns: a push removes those its upload lacks (a trained-only push over a full one
@@ -24,13 +24,8 @@ from .runtime.hub import HF_DATASET, is_hub_name
 # the repository then has no processor, and loading it says so; another model's push must not leave the previous
 # run's `train_config.json` beside weights it did not make)
 _OWNED_DIRS = ("vision/", "lm/")
-PROCESSOR_FILES = (PROCESSOR_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                   "processor_config.json", "video_preprocessor_config.json")
-# the config of the run that wrote a trained model (`flamingo train` writes it into `final/`): its data, image and
-# output paths are the trainer's machine's, so a push leaves it out unless asked (`train_config=True`)
-TRAIN_CONFIG_NAME = "train_config.json"
+# the run's TRAIN_CONFIG_NAME holds its data, image and output paths, the trainer's machine's: a push leaves it out
+# unless asked (`train_config=True`)
 _OWNED_FILES = (WEIGHTS_NAME, CONFIG_NAME, TRAIN_CONFIG_NAME, *PROCESSOR_FILES)
 log = logging.getLogger(__name__)
 RESULTS_TABLE = "results.md"  # what `flamingo eval --out DIR` writes beside results.json (eval/runner.py)

@@ -91,3 +91,33 @@ def test_the_card_is_utf8_whatever_the_platforms_encoding(tmp_path, monkeypatch)
         text = (tmp_path / name / "README.md").read_text(encoding="utf-8")  # as a push reads it
         assert f"# {name}" in text
         assert generated_for(str(tmp_path / name), text) == name
+
+
+def test_saving_again_over_a_checkpoint_refuses_files_no_save_writes(tmp_path):
+    model, processor = tiny_flamingo()
+    target = tmp_path / "model"
+    model.save_pretrained(str(target), processor=processor)
+    (target / "my_notes.txt").write_text("eval results")
+    (target / "results").mkdir()
+    before = sorted(os.listdir(target))
+    for kwargs in ({}, {"processor": processor}):
+        with pytest.raises(ValueError, match="holds my_notes.txt, results, which no save writes"):
+            model.save_pretrained(str(target), **kwargs)
+    assert sorted(os.listdir(target)) == before
+    assert (target / "my_notes.txt").read_text() == "eval results"
+
+
+def test_a_processor_saved_beside_the_model_is_kept_by_the_next_save(tmp_path):
+    """The transformers habit: `model.save_pretrained(d); processor.save_pretrained(d)`, then the model saved again
+    (after more training) without `processor=`: the processor's files stay, and the directory loads."""
+    model, processor = tiny_flamingo()
+    target = str(tmp_path / "model")
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    files = sorted(os.listdir(target))
+    model.save_pretrained(target)
+    assert sorted(os.listdir(target)) == files
+    loaded, loaded_processor = load_pretrained(target)
+    assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    model.save_pretrained(target, processor=processor)  # written anew with the model
+    assert sorted(os.listdir(target)) == files

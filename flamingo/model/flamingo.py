@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..config import BACKBONE_DIRS, CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
-from ..runtime.checkpoint_io import atomic_directory, check_apart
+from ..config import BACKBONE_DIRS, CONFIG_NAME, PROCESSOR_FILES, TRAIN_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
+from ..runtime.checkpoint_io import atomic_directory, check_apart, check_named, foreign_entries
 from ..runtime.compat import (
     CACHE_NAMES,
     TRANSFORMERS_VERSION,
@@ -74,6 +74,9 @@ from .xattn import (
 )
 
 BACKBONE_PREFIXES = ("vision.", "lm.")
+# what `save_pretrained` writes (the trainer adds its run's config to its final model) and the processor's files: the
+# entries a save may replace in a directory it writes again
+SAVED_ENTRIES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *BACKBONE_DIRS, TRAIN_CONFIG_NAME)
 # the strings `torch_dtype=` takes besides a torch.dtype (as transformers' `from_pretrained` does)
 DTYPE_STRINGS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "auto": None}
@@ -92,6 +95,8 @@ class FlamingoOutput(ModelOutput):
     cache: Any = None  # the LM's KV cache; named as transformers >= 5.24 names it (`past_key_values` still reads it)
     visual_tokens: Optional[torch.Tensor] = None
     loss_tokens: Optional[torch.Tensor] = None  # () how many tokens the loss is the mean over (to weigh batches)
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None  # the LM's, with output_hidden_states=True
+    attentions: Optional[tuple[torch.Tensor, ...]] = None  # the LM's, with output_attentions=True
 
     @property
     def past_key_values(self) -> Any:
@@ -408,7 +413,9 @@ class Flamingo(nn.Module):
         tower_dtype = next(self.vision.parameters()).dtype
 
         def tower(frames: torch.Tensor) -> torch.Tensor:  # (K, C, H, W) -> (K, S, Dv)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            # a frozen tower builds no graph, unless the pixels want a gradient (saliency): its weights stay frozen
+            with torch.set_grad_enabled(torch.is_grad_enabled() and
+                                        (not self.config.freeze_vision or frames.requires_grad)):
                 return vision_features(self.vision, frames.to(tower_dtype), self.config.vision_feature_layer,
                                        self.config.drop_cls_token)
 
@@ -452,8 +459,8 @@ class Flamingo(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with at least one token, got shape {tuple(input_ids.shape)}"
                              + (": the prompt has no tokens" if input_ids.numel() == 0 else ""))
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int32, torch.int64):  # what an embedding takes: int16 / uint8 fail in it
+            raise ValueError(f"input_ids must hold integer token ids of dtype int64 (or int32), got {input_ids.dtype}")
         rows = input_ids.shape[0]
         for name, media in (("images", images), ("visual_tokens", visual_tokens), ("num_media", num_media)):
             if media is not None and torch.as_tensor(media).shape[:1] != (rows,):
@@ -498,6 +505,7 @@ class Flamingo(nn.Module):
         """Every id in [0, V) of the LM's embedding table (V counts the added rows); a host sync on an accelerator,
         so `generate` and `score_batch` call it once per call and a training forward only on CPU ids."""
         vocab = self.lm.get_input_embeddings().weight.shape[0]
+        ids = ids.long()  # compared in a dtype that holds the vocabulary's size (uint8 would wrap it)
         outside = (ids < 0) | (ids >= vocab)
         if bool(outside.any()):
             raise ValueError(f"{what} holds token id {int(ids[outside][0])}, outside the LM's vocabulary [0, {vocab})")
@@ -524,7 +532,7 @@ class Flamingo(nn.Module):
                 visual_tokens: Optional[torch.Tensor] = None, xattn_impl: XAttnImpl = "auto",
                 check_media: bool = True, vision_cache: Optional[VisionFeatureCache] = None,
                 document_ids: Optional[torch.Tensor] = None, loss_chunks: int = 0,
-                **lm_kwargs: Any) -> FlamingoOutput:
+                **lm_kwargs: Any) -> Union[FlamingoOutput, tuple]:
         """input_ids (B, T); images (B, N, F, C, H, W) with `num_media (B,)` real media (default N) and
         `num_frames (B, N)` real frames (default F); or precomputed `visual_tokens (B, N, R, Dv)`.
         labels (B, T) (-100 = ignored; `<image>` and padded positions are ignored anyway) -> loss, logits (B, T, V).
@@ -537,8 +545,17 @@ class Flamingo(nn.Module):
         `loss_chunks` > 0 (with labels): the loss from the LM's last hidden states, the tokens' logits made in that
         many chunks, one at a time (chunked_loss.py); the output then has no logits. LMs that change their head's
         output (Gemma 2's logit soft-capping, say) get the whole logits instead (`head_is_last_op`).
+        `lm_kwargs` go to the LM, as to an HF model: with a cache (`past_key_values`) the mask spans the cached tokens
+        too and, with no `position_ids`, positions continue the uncached call's (padding not counted);
+        `output_hidden_states` / `output_attentions` give the LM's; `return_dict=False` gives the output's
+        `to_tuple()`; `logits_to_keep` is refused with labels (the loss needs every token's logits).
         """
         no_cache = all(lm_kwargs.get(name) is None for name in CACHE_NAMES)
+        return_dict = lm_kwargs.pop("return_dict", None)  # False: the output as a tuple, as transformers gives it
+        kept = [name for name in ("logits_to_keep", "num_logits_to_keep") if lm_kwargs.get(name) not in (None, 0)]
+        if labels is not None and kept:
+            raise ValueError(f"{kept[0]} keeps the logits of the last tokens only, but labels need every token's: "
+                             f"pass labels or {kept[0]}, not both")
         self.check_input_shapes(input_ids, images, num_media, visual_tokens, num_frames=num_frames, labels=labels,
                                 document_ids=document_ids,  # with a cache, the mask spans the cached tokens too
                                 attention_mask=attention_mask if no_cache else None)
@@ -571,27 +588,33 @@ class Flamingo(nn.Module):
             lm_kwargs["position_ids"] = document_positions(document_ids)
             lm_kwargs["use_cache"] = False  # transformers looks for packed samples only when no cache is made
             lm_attention_mask = None  # transformers reads the packed samples off the position ids
-        elif "position_ids" not in lm_kwargs and no_cache:
+        elif "position_ids" not in lm_kwargs and (no_cache or (attention_mask is not None and attention_mask.ndim == 2
+                                                               and attention_mask.shape[1] > input_ids.shape[1])):
+            # with a cache, the mask spans the cached tokens too: the new tokens' positions are its last T columns'
+            # (as transformers' generate gives them), counted as in the uncached call that made the cache
             position_ids = self.position_ids_for(attention_mask)
             if position_ids is not None:
-                lm_kwargs["position_ids"] = position_ids
+                lm_kwargs["position_ids"] = position_ids[:, -input_ids.shape[1]:]
         chunked = labels is not None and loss_chunks > 0 and self.head_is_last_op()
         ctx = MediaContext(Phase.FORWARD, visual_tokens, impl=xattn_impl, document_ids=document_ids,
                            defer_head=chunked)
         with self.conditioned(ctx):
             out = self.lm(input_ids=input_ids, attention_mask=lm_attention_mask, **lm_kwargs)
-        if labels is None:
-            return FlamingoOutput(logits=out.logits, cache=lm_output_cache(out), visual_tokens=visual_tokens)
-        targets = self.loss_targets(labels, input_ids, attention_mask, document_ids)  # (B, T)
-        if not chunked:
-            loss = whole_logits_cross_entropy(out.logits, targets)
-            return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), logits=out.logits,
-                                  cache=lm_output_cache(out), visual_tokens=visual_tokens)
-        if ctx.head_input is None:
-            raise RuntimeError(f"{type(self.lm).__name__} never called its output head")
-        loss = chunked_cross_entropy(ctx.head_input, targets, self._head_logits, loss_chunks)
-        return FlamingoOutput(loss=loss, loss_tokens=(targets != -100).sum(), cache=lm_output_cache(out),
-                              visual_tokens=visual_tokens)
+        loss = loss_tokens = None
+        logits = out.logits
+        if labels is not None:
+            targets = self.loss_targets(labels, input_ids, attention_mask, document_ids)  # (B, T)
+            loss_tokens = (targets != -100).sum()
+            if not chunked:
+                loss = whole_logits_cross_entropy(logits, targets)
+            elif ctx.head_input is None:
+                raise RuntimeError(f"{type(self.lm).__name__} never called its output head")
+            else:
+                loss, logits = chunked_cross_entropy(ctx.head_input, targets, self._head_logits, loss_chunks), None
+        result = FlamingoOutput(loss=loss, logits=logits, cache=lm_output_cache(out), visual_tokens=visual_tokens,
+                                loss_tokens=loss_tokens, hidden_states=getattr(out, "hidden_states", None),
+                                attentions=getattr(out, "attentions", None))
+        return result.to_tuple() if return_dict is False else result
 
     def _check_packing(self, lm_kwargs: dict[str, Any], no_cache: bool) -> None:
         """Packed rows need: the last-image rule, no cache, and an LM that keeps packed samples apart when given
@@ -704,7 +727,11 @@ class Flamingo(nn.Module):
         # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
         # position copied them (and their gradient) at every step (docs/training.md); int64 as cross_entropy takes
         # them (labels made in numpy may be int32)
-        return F.pad(labels[:, 1:].long(), (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+        targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+        if attention_mask is not None:  # nor is a token predicted from padding: with left padding, a row's first
+            # token follows the last padding column, which sees nothing real (the row would not be what it is alone)
+            targets = targets.masked_fill(attention_mask == 0, -100)
+        return targets
 
     def _plain_token_ids(self, n: int) -> torch.Tensor:
         """(1, n) ids of the LM's own vocabulary (none of the added tokens) on its device, for a probe."""
@@ -846,7 +873,8 @@ class Flamingo(nn.Module):
     # ------------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None,
                         backbones_from: Union[str, os.PathLike, None] = None) -> None:
-        """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint).
+        """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint,
+        whose processor files are carried over when `processor` is None; any other file there is refused by name).
         Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
         trained_only: only the trained tensors + references (name/path, and a Hub name's commit) to the backbones in
         the config, so a 9B model's checkpoint holds its ~1-2B trained parameters. Refused, before anything is
@@ -883,7 +911,10 @@ class Flamingo(nn.Module):
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
+        kept = self._kept_processor_files(directory, processor)
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
+            for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
+                shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))
             tensors = self._saved_tensors(trained_only or source is not None)  # copied backbones lack trained ones
             save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             if source is not None:
@@ -900,6 +931,24 @@ class Flamingo(nn.Module):
             # in any script, and a push reads the card as UTF-8
             with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
+
+    @staticmethod
+    def _kept_processor_files(directory: str, processor: Any) -> list[str]:
+        """The processor's files in `directory`, an earlier save, that a save without `processor` carries over
+        (saved there by `processor.save_pretrained(directory)`, as with transformers). Any other file that no save
+        writes (the user's own) is refused by name: saving replaces the directory whole, so it would be deleted."""
+        check_named(directory, "a saved Flamingo model")  # "" would name the working directory's files
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            return []  # a new or empty directory, or one `atomic_directory` refuses for holding no checkpoint
+        foreign = foreign_entries(directory, SAVED_ENTRIES + PROCESSOR_FILES)
+        if foreign:
+            raise ValueError(f"{directory!r} holds {', '.join(foreign)}, which no save writes: saving the model "
+                             "there replaces the directory whole and would delete them; move them out, or save into "
+                             "a new directory")
+        if processor is not None:
+            return []  # written anew
+        return [name for name in os.listdir(directory)
+                if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
 
     def _check_trained_only_save(self, directory: str) -> None:
         """Why a trained-only checkpoint of this model in `directory` could not load back, as a ValueError: backbones

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 # the siblings a write leaves while it runs: `<target>.tmp-<pid>[-<thread>]` (being filled), `<target>.old-<pid>[...]`
 # (being replaced); the thread id keeps two threads' writes to one target apart
@@ -60,6 +61,14 @@ def check_replaceable(target: str, marker: str, what: str, is_ours: Optional[Cal
         return
     raise ValueError(f"{target!r} holds files and is not {what} ({why}): writing replaces the whole directory, so "
                      "write into a new or empty one")
+
+
+def foreign_entries(target: str, names: Sequence[str]) -> list[str]:
+    """The entries of the directory `target` (none when it is absent) that match none of `names` (shell patterns):
+    what replacing it whole with a write of those names would delete."""
+    if not os.path.isdir(target):
+        return []
+    return sorted(e for e in os.listdir(target) if not any(fnmatch.fnmatchcase(e, n) for n in names))
 
 
 def check_apart(target: str, source: str, what: str, *, inside: bool = True) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..build import from_backbones, load_pretrained
-from ..config import BACKBONE_DIRS, CONFIG_NAME, FlamingoConfig, lora_spec
+from ..config import BACKBONE_DIRS, CONFIG_NAME, TRAIN_CONFIG_NAME, FlamingoConfig, lora_spec
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
@@ -803,7 +803,7 @@ class Trainer:
                 self._save_with_float_backbones(model, out)
             else:
                 model.save_pretrained(out, trained_only=trained_only, processor=self.processor)
-            with open(os.path.join(out, "train_config.json"), "w") as f:
+            with open(os.path.join(out, TRAIN_CONFIG_NAME), "w") as f:
                 json.dump(asdict(self.config), f, indent=2)
         self.model.name_or_path = out  # what an evaluation of the trained model names it by (eval/runner.py)
         if self.world > 1:

@@ -129,9 +129,11 @@ def _check_convert_out(args: argparse.Namespace, *sources: Optional[str]) -> Non
     local source."""
     from .config import CONFIG_NAME
     from .convert.checkpoints import check_backbones_dir
+    from .model.flamingo import kept_on_save
     from .runtime.checkpoint_io import check_apart, check_replaceable
 
     check_replaceable(args.out, CONFIG_NAME, "a saved Flamingo model")
+    kept_on_save(args.out, with_processor=True)  # files of the user's an earlier save's directory holds: refused now
     backbones = getattr(args, "backbones", None)
     if backbones:
         check_backbones_dir(backbones)

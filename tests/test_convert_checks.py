@@ -378,3 +378,18 @@ def test_convert_refuses_a_revision_of_a_checkpoint_file(of_files, tmp_path, cap
                  str(of_files / "vision"), "--lm", str(of_files / "lm"), "--revision", "v2",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--revision is a version of --model's Hub repository" in capsys.readouterr().err
+
+
+def test_a_conversion_into_a_saved_model_holding_other_files_is_refused_before_it_runs(of_files, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Saving over a checkpoint refuses files no save writes (it would delete them): the CLI says so before the
+    conversion, not after minutes of it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "flamingo_config.json").write_text("{}")
+    (out / "my_notes.txt").write_text("results of last week")
+    monkeypatch.setattr(openflamingo, "load_openflamingo_lm", lambda *a, **k: pytest.fail("converted first"))
+    assert main(["convert", "open-flamingo", "--checkpoint", str(of_files / "checkpoint.pt"), "--vision",
+                 str(of_files / "vision"), "--lm", str(of_files / "lm"), "--out", str(out)]) == 2
+    assert "my_notes.txt, which no save writes" in capsys.readouterr().err
+    assert (out / "my_notes.txt").exists()

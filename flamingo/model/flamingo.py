@@ -911,7 +911,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
-        kept = self._kept_processor_files(directory, processor)
+        kept = kept_on_save(directory, with_processor=processor is not None)
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
             for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
                 shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))
@@ -931,24 +931,6 @@ class Flamingo(nn.Module):
             # in any script, and a push reads the card as UTF-8
             with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
-
-    @staticmethod
-    def _kept_processor_files(directory: str, processor: Any) -> list[str]:
-        """The processor's files in `directory`, an earlier save, that a save without `processor` carries over
-        (saved there by `processor.save_pretrained(directory)`, as with transformers). Any other file that no save
-        writes (the user's own) is refused by name: saving replaces the directory whole, so it would be deleted."""
-        check_named(directory, "a saved Flamingo model")  # "" would name the working directory's files
-        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            return []  # a new or empty directory, or one `atomic_directory` refuses for holding no checkpoint
-        foreign = foreign_entries(directory, SAVED_ENTRIES + PROCESSOR_FILES)
-        if foreign:
-            raise ValueError(f"{directory!r} holds {', '.join(foreign)}, which no save writes: saving the model "
-                             "there replaces the directory whole and would delete them; move them out, or save into "
-                             "a new directory")
-        if processor is not None:
-            return []  # written anew
-        return [name for name in os.listdir(directory)
-                if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
 
     def _check_trained_only_save(self, directory: str) -> None:
         """Why a trained-only checkpoint of this model in `directory` could not load back, as a ValueError: backbones
@@ -1053,6 +1035,25 @@ def checked_torch_dtype(torch_dtype: Union[torch.dtype, str, None]) -> Optional[
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(f"torch_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {torch_dtype!r}")
     return torch_dtype
+
+
+def kept_on_save(directory: str, *, with_processor: bool) -> list[str]:
+    """The processor's files in `directory`, an earlier save, that a save carries over when it writes no processor
+    of its own (`with_processor` False: saved there by `processor.save_pretrained(directory)`, as with
+    transformers). Any other file that no save writes (the user's own) is refused by name: saving replaces the
+    directory whole, so it would be deleted. The CLI calls it before a conversion, which saves at its end."""
+    check_named(directory, "a saved Flamingo model")  # "" would name the working directory's files
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return []  # a new or empty directory, or one `atomic_directory` refuses for holding no checkpoint
+    foreign = foreign_entries(directory, SAVED_ENTRIES + PROCESSOR_FILES)
+    if foreign:
+        raise ValueError(f"{directory!r} holds {', '.join(foreign)}, which no save writes: saving the model there "
+                         "replaces the directory whole and would delete them; move them out, or save into a new "
+                         "directory")
+    if with_processor:
+        return []  # written anew
+    return [name for name in os.listdir(directory)
+            if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
 
 
 def unresolved_backbones(config: FlamingoConfig) -> list[str]:

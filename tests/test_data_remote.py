@@ -317,3 +317,43 @@ def test_data_inspect_fetches_remote_shards_into_the_options_cache(tmp_path, ser
         assert '"samples": 6' in capsys.readouterr().out
         assert sorted(name.split("-", 1)[1] for name in _shards(cache)) == ["shard-000000.tar", "shard-000001.tar"]
     assert not (tmp_path / "default").exists() and not (tmp_path / "home").exists()
+
+
+def test_a_remote_shard_fetched_again_keeps_its_waiting_records(tmp_path):
+    """A remote shard's cached copy, evicted and fetched again, is a new file of the same bytes: the records still
+    waiting for it (a shuffle buffer) read it, where the check for a local shard written again skipped them all as
+    bad_shard once its open file had left the store."""
+    import io
+    import tarfile
+
+    from flamingo.data import sources
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tf:
+        for k in range(4):
+            data = f"caption {k}".encode()
+            info = tarfile.TarInfo(f"{k:04d}.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    others = [str(tmp_path / f"other{j}.tar") for j in range(sources._MAX_OPEN_SHARDS)]
+    for path in others:
+        with tarfile.open(path, "w") as tf:
+            info = tarfile.TarInfo("x.txt")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+
+    def evict() -> None:  # the shard's open file leaves the store of open shards
+        for path in others:
+            sources.open_shard(path)
+
+    fetcher = ShardFetcher(str(tmp_path / "cache"), 2**30)
+    source = f"pipe:cat {shard}"
+    records = list(sources.read_records(source, fetcher=fetcher))
+    read = [records[0].shard.read(records[0].payload["txt"])]
+    os.remove(fetcher.local_path(source))  # evicted from the disk cache
+    evict()
+    read.append(records[1].shard.read(records[1].payload["txt"]))  # fetched again
+    evict()
+    read += [r.shard.read(r.payload["txt"]) for r in records[2:]]
+    sources.close_open_shards()
+    assert read == [f"caption {k}".encode() for k in range(4)]

@@ -221,9 +221,10 @@ class TarShard:
                 self._file = self._plain.open()
             elif self.refetch is not None and not os.path.exists(self.path):
                 self._file = self.refetch()  # the same bytes at the same path: the member index still holds
-            else:
+            else:  # a local shard written again has its members elsewhere; a remote one fetched again (a new file
+                # of the same bytes: `refetch`) has them where they were
                 now = file_identity(self.path)
-                if None not in (now, self.identity) and now != self.identity:  # its members are elsewhere now
+                if self.refetch is None and None not in (now, self.identity) and now != self.identity:
                     raise OSError(f"{self.path!r} was written again since it was indexed")
                 self._file = _open_tar(self.path)
             _OPEN_SHARDS.put(key, self)

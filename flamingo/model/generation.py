@@ -30,6 +30,7 @@ import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..runtime.compat import (
+    CACHE_NAMES,
     TRANSFORMERS,
     TRANSFORMERS_VERSION,
     lm_cache_argument,
@@ -294,7 +295,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                              "compileable, MPT and MosaicGPT among them): generate without compile")
         kwargs.setdefault("cache_implementation", "static")
         kwargs.setdefault("compile_config", compile_config(input_ids.device.type))
-        _drop_anothers_compiled_call(model.lm)
+    _drop_anothers_compiled_call(model.lm)  # transformers also compiles by itself (a static cache on a GPU)
     if kwargs.get("use_cache") is False or (generation_config is not None and generation_config.use_cache is False):
         raise ValueError("Flamingo decodes on the LM's KV cache (a step feeds only the new tokens): generate with "
                          "use_cache=True")
@@ -306,8 +307,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
         raise ValueError("token_healing: transformers re-tokenizes the prompt from its text without special tokens, "
                          "which drops every <image> and <|endofchunk|> (the answer would be the bare LM's): generate "
                          "without it")
-    if kwargs.get("past_key_values") is not None:  # its tail's images would count from 0: another image, or none
-        raise ValueError("past_key_values: generate prefills the whole prompt itself, and the media index of a prompt "
+    if given := [name for name in CACHE_NAMES if kwargs.get(name) is not None]:  # its tail's images would count
+        # from 0: another image, or none
+        raise ValueError(f"{given[0]}: generate prefills the whole prompt itself, and the media index of a prompt "
                          "whose first tokens are cached would count its images from the cached part's end; generate "
                          "without it (the server's prefix cache reuses prompts that begin alike)")
     config_keys = set(GenerationConfig().to_dict())
@@ -317,7 +319,7 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     caller = {} if generation_config is None else fields_set_in(generation_config)
     config = generation_config_for(model, **{**caller, **fields})
     config = fit_to_positions(model, config, attention_mask)
-    if (config.guidance_scale or 1) != 1 or kwargs.get("negative_prompt_ids") is not None:
+    if config.guidance_scale not in (None, 1) or kwargs.get("negative_prompt_ids") is not None:
         raise ValueError("guidance_scale / negative_prompt_ids: classifier-free guidance runs a second LM call per "
                          "step inside generate, which would read this call's images and media index (a prompt ending "
                          "in <image> would see another image): generate without them")

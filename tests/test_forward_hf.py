@@ -46,6 +46,38 @@ def test_a_cache_continues_a_left_padded_batch_at_its_rows_positions(kind):
     torch.testing.assert_close(step.logits[:, -1], whole, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_padded_batch_in_chunks_on_a_fresh_cache_is_the_whole_batch(kind):
+    """A custom loop's habit: the first chunk on a fresh `DynamicCache()`, the next on what it returns, labels with
+    it. The first chunk counted the left padding as positions (a gpt2 row off by 0.39), and labels with a cache
+    (the mask spanning the cached tokens) failed inside `loss_targets`."""
+    from transformers import DynamicCache
+
+    model, processor = tiny_flamingo(kind, gates=0.8)
+    batch = processor(["a photo of a cat and a dog", "hi there"])  # row 1 left-padded
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    k = ids.shape[1] - 2
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask)
+        first = model(input_ids=ids[:, :k], attention_mask=mask[:, :k], cache=DynamicCache(), use_cache=True)
+        second = model(input_ids=ids[:, k:], attention_mask=mask, cache=first.cache, labels=ids[:, k:])
+    real = mask.bool()  # a padding column's logits are nobody's
+    torch.testing.assert_close(first.logits[real[:, :k]], whole.logits[:, :k][real[:, :k]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second.logits, whole.logits[:, k:], atol=1e-5, rtol=0)
+    assert torch.isfinite(second.loss) and int(second.loss_tokens) == 2  # one target per row in the last chunk
+
+
+def test_logits_to_keep_as_positions_goes_to_the_lm():
+    """transformers takes `logits_to_keep` as an int or a tensor of positions: a tensor failed in forward's own check
+    ("Boolean value of Tensor ... ambiguous")."""
+    model, processor = tiny_flamingo("llama", gates=0.8)
+    ids = processor("a photo of a cat and a dog")["input_ids"]
+    with torch.no_grad():
+        kept = model(input_ids=ids, logits_to_keep=torch.tensor([2, 5])).logits
+        whole = model(input_ids=ids).logits
+    torch.testing.assert_close(kept, whole[:, [2, 5]], atol=1e-6, rtol=0)
+
+
 def test_hidden_states_and_attentions_come_back():
     model, processor = tiny_flamingo("gpt2", gates=0.8, lm_overrides={"attn_implementation": "eager"})
     batch = processor(["<image>a cat", "hello there<image>x"], images=[[random_image(1)], [random_image(3)]])

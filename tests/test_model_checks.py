@@ -297,3 +297,18 @@ def test_backbones_already_in_a_flamingo_are_refused_by_the_next_one():
     with pytest.raises(ValueError, match="this LM already belongs to a Flamingo model"):
         from_backbones(vision, lm, tok, tiny_flamingo_config(), image_processor=tiny_image_processor())
     assert len(lm.get_input_embeddings()._forward_hooks) == hooks and first.config.num_new_tokens == 3
+
+
+def test_a_model_whose_constructor_failed_leaves_its_lm_free():
+    """The constructor hooked the LM before a config check raised: the half-built model then 'owned' the LM, and the
+    corrected retry on it was refused as another model's. Every check runs before the hooks."""
+    import dataclasses
+
+    from flamingo.tiny import tiny_flamingo_config, tiny_lm, tiny_tokenizer, tiny_vision
+
+    tok = tiny_tokenizer()
+    lm, vision = tiny_lm("llama", vocab_size=len(tok) + 4), tiny_vision("clip")
+    bad = tiny_flamingo_config(num_image_references=2, media_token_id=len(tok), end_of_chunk_token_id=len(tok) + 1)
+    with pytest.raises(ValueError, match="needs config.first_reference_token_id"):
+        Flamingo(vision, lm, bad)
+    assert Flamingo(vision, lm, dataclasses.replace(bad, num_image_references=0)).lm is lm

@@ -121,3 +121,10 @@ def test_a_processor_saved_beside_the_model_is_kept_by_the_next_save(tmp_path):
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     model.save_pretrained(target, processor=processor)  # written anew with the model
     assert sorted(os.listdir(target)) == files
+    other, other_processor = tiny_flamingo(num_image_references=2)  # other added tokens: not its processor
+    with pytest.raises(ValueError, match="holds the processor of another model .*pass processor="):
+        other.save_pretrained(target)
+    assert sorted(os.listdir(target)) == files
+    other.save_pretrained(target, processor=other_processor)
+    assert load_pretrained(target)[1].tokenizer.convert_tokens_to_ids("<image0>") == \
+        other.config.first_reference_token_id

@@ -226,3 +226,17 @@ def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(world, tmp_pa
     assert os.listdir(os.path.join(out, "checkpoints")) == ["step_00000002"]
     with open(os.path.join(out, "checkpoints", "step_00000002", "state.json")) as f:
         assert len(json.load(f)["data"]) == 2  # both ranks' data positions
+
+
+def test_a_final_directory_holding_other_files_is_refused_before_step_one(world):
+    """The final save refuses files of the user's in an earlier run's final/ (replacing it would delete them): the
+    trainer says so when it starts, not after its last step."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-final-notes")
+    os.makedirs(os.path.join(out, "final"))
+    with open(os.path.join(out, "final", "flamingo_config.json"), "w") as f:
+        f.write("{}")
+    with open(os.path.join(out, "final", "my_notes.txt"), "w") as f:
+        f.write("what this run was")
+    with pytest.raises(ValueError, match="my_notes.txt, which no save writes"):
+        Trainer(load_config(train_config(root, vision, lm, data, steps=1, out=out, interleaved=False, progress=False)))

@@ -17,6 +17,7 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -155,6 +156,13 @@ class Flamingo(nn.Module):
             self.resampler.to(device=param.device)
             self.xattn.to(device=param.device)
 
+        # (first id, count) of the `<imageK>` reference tokens, or None (references.py)
+        self.references: Optional[tuple[int, int]] = None
+        if config.num_image_references:
+            if config.first_reference_token_id is None:
+                raise ValueError("config.num_image_references > 0 needs config.first_reference_token_id")
+            self.references = (config.first_reference_token_id, config.num_image_references)
+        # the LM changes below (its hooks last: a model whose constructor failed leaves the LM unowned)
         self.vision.requires_grad_(not config.freeze_vision)
         self.lm.requires_grad_(not config.freeze_lm)
         if config.lm_lora is not None:  # adapters injected in place (model/lora.py): only they train in the LM
@@ -168,12 +176,6 @@ class Flamingo(nn.Module):
             if config.num_new_tokens:
                 head.register_forward_hook(self._output_hook)
         self._lm_takes_position_ids = lm_takes_position_ids(lm)
-        # (first id, count) of the `<imageK>` reference tokens, or None (references.py)
-        self.references: Optional[tuple[int, int]] = None
-        if config.num_image_references:
-            if config.first_reference_token_id is None:
-                raise ValueError("config.num_image_references > 0 needs config.first_reference_token_id")
-            self.references = (config.first_reference_token_id, config.num_image_references)
         # Decoding keeps every image's K/V per row (not only the last) when a row's image can change after its
         # prompt (references) or every earlier image is seen (read by generation and the server's prefill too).
         self.decodes_all_images = self.references is not None or not config.only_attend_last_image
@@ -552,7 +554,8 @@ class Flamingo(nn.Module):
         """
         no_cache = all(lm_kwargs.get(name) is None for name in CACHE_NAMES)
         return_dict = lm_kwargs.pop("return_dict", None)  # False: the output as a tuple, as transformers gives it
-        kept = [name for name in ("logits_to_keep", "num_logits_to_keep") if lm_kwargs.get(name) not in (None, 0)]
+        kept = [name for name in ("logits_to_keep", "num_logits_to_keep")  # an int (0: all) or a tensor of positions
+                if (value := lm_kwargs.get(name)) is not None and not (isinstance(value, int) and value == 0)]
         if labels is not None and kept:
             raise ValueError(f"{kept[0]} keeps the logits of the last tokens only, but labels need every token's: "
                              f"pass labels or {kept[0]}, not both")
@@ -588,8 +591,9 @@ class Flamingo(nn.Module):
             lm_kwargs["position_ids"] = document_positions(document_ids)
             lm_kwargs["use_cache"] = False  # transformers looks for packed samples only when no cache is made
             lm_attention_mask = None  # transformers reads the packed samples off the position ids
-        elif "position_ids" not in lm_kwargs and (no_cache or (attention_mask is not None and attention_mask.ndim == 2
-                                                               and attention_mask.shape[1] > input_ids.shape[1])):
+        elif "position_ids" not in lm_kwargs and (no_cache or _cache_is_empty(lm_kwargs) or (
+                attention_mask is not None and attention_mask.ndim == 2
+                and attention_mask.shape[1] > input_ids.shape[1])):
             # with a cache, the mask spans the cached tokens too: the new tokens' positions are its last T columns'
             # (as transformers' generate gives them), counted as in the uncached call that made the cache
             position_ids = self.position_ids_for(attention_mask)
@@ -722,7 +726,8 @@ class Flamingo(nn.Module):
         if document_ids is not None:  # packed rows: a sample's first token is not predicted from another sample
             labels = labels.masked_fill(document_starts(document_ids), -100)
         labels = labels.masked_fill(input_ids == self.config.media_token_id, -100)
-        if attention_mask is not None:
+        if attention_mask is not None:  # with a cache it spans the cached tokens too: these tokens' are its last
+            attention_mask = attention_mask[:, -labels.shape[1]:]
             labels = labels.masked_fill(attention_mask == 0, -100)
         # the labels are shifted, not the logits: (B, T, V) logits flatten to a view, where slicing off the last
         # position copied them (and their gradient) at every step (docs/training.md); int64 as cross_entropy takes
@@ -911,7 +916,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"the backbones are quantized ({stored}): save a trained-only checkpoint "
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
-        kept = kept_on_save(directory, with_processor=processor is not None)
+        kept = kept_on_save(directory, with_processor=processor is not None, config=self.config)
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
             for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
                 shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))
@@ -1037,11 +1042,27 @@ def checked_torch_dtype(torch_dtype: Union[torch.dtype, str, None]) -> Optional[
     return torch_dtype
 
 
-def kept_on_save(directory: str, *, with_processor: bool) -> list[str]:
+def _cache_is_empty(lm_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the cache `lm_kwargs` hand the LM holds no token yet (a fresh `DynamicCache()`, a custom loop's
+    first call): its positions are then the uncached call's."""
+    cache = next((lm_kwargs[name] for name in CACHE_NAMES if lm_kwargs.get(name) is not None), None)
+    length = getattr(cache, "get_seq_length", None)
+    return cache is not None and callable(length) and length() == 0
+
+
+# what must agree between the model saved in a directory and the one saved over it for the processor there to be the
+# new one's too: the same LM and the same added tokens at the same ids
+_PROCESSOR_IDENTITY = ("lm_name_or_path", "media_token_id", "end_of_chunk_token_id", "first_new_token_id",
+                       "num_new_tokens", "first_reference_token_id", "num_image_references", "pad_token_id")
+
+
+def kept_on_save(directory: str, *, with_processor: bool, config: Optional[FlamingoConfig] = None) -> list[str]:
     """The processor's files in `directory`, an earlier save, that a save carries over when it writes no processor
     of its own (`with_processor` False: saved there by `processor.save_pretrained(directory)`, as with
-    transformers). Any other file that no save writes (the user's own) is refused by name: saving replaces the
-    directory whole, so it would be deleted. The CLI calls it before a conversion, which saves at its end."""
+    transformers), if the model saved there had `config`'s LM and added tokens (else a ValueError: another model's
+    tokenizer would embed the wrong ids without an error). Any other file that no save writes (the user's own) is
+    refused by name: saving replaces the directory whole, so it would be deleted. The CLI calls it before a
+    conversion, which saves at its end."""
     check_named(directory, "a saved Flamingo model")  # "" would name the working directory's files
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return []  # a new or empty directory, or one `atomic_directory` refuses for holding no checkpoint
@@ -1050,10 +1071,19 @@ def kept_on_save(directory: str, *, with_processor: bool) -> list[str]:
         raise ValueError(f"{directory!r} holds {', '.join(foreign)}, which no save writes: saving the model there "
                          "replaces the directory whole and would delete them; move them out, or save into a new "
                          "directory")
-    if with_processor:
-        return []  # written anew
-    return [name for name in os.listdir(directory)
-            if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
+    kept = [] if with_processor else [name for name in os.listdir(directory)  # else: written anew
+                                      if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
+    if kept and config is not None:
+        try:
+            with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = None
+        differ = [k for k in _PROCESSOR_IDENTITY if not isinstance(before, dict) or before.get(k) != getattr(config, k)]
+        if differ:
+            raise ValueError(f"{directory!r} holds the processor of another model (its {differ[0]} differs from this "
+                             "one's): pass processor= to save this model's, or save into a new directory")
+    return kept
 
 
 def unresolved_backbones(config: FlamingoConfig) -> list[str]:

@@ -31,7 +31,7 @@ from ..data.build import build_sources
 from ..data.mixture import MixtureSampler, next_batch
 from ..model import lora
 from ..model.feature_cache import VisionFeatureCache
-from ..model.flamingo import Flamingo, unresolved_backbones
+from ..model.flamingo import Flamingo, kept_on_save, unresolved_backbones
 from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen, quantized_mode
 from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
@@ -282,6 +282,9 @@ class Trainer:
         if model.config.quantize_frozen != "none":
             _quantize(model)
         check_final_save(model, t.save_trained_only, backbones_from)  # now, not after the last step
+        # a final/ of an earlier run that holds files no save writes would refuse the final save (it would delete
+        # them): said now too
+        kept_on_save(os.path.join(t.output_dir, "final"), with_processor=True)
         # quantized backbones saved whole: copied from backbones_from at the end, checked unchanged since they loaded
         self.backbones_from: Optional[tuple[str, dict[str, tuple[int, int]]]] = None
         if model.config.quantize_frozen != "none" and not final_save_trained_only(model, t.save_trained_only):

@@ -465,6 +465,16 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
             i = int(needed.argmax())
             raise ValueError(f"context {i} and its longest continuation need {int(needed[i])} positions; the LM has "
                              f"{limit}")
+        if input_ids.shape[1] + max((len(c) for cands in continuations for c in cands), default=1) - 1 > limit:
+            # the padded batch would run past the LM's positions where each context alone fits (a learned table, an
+            # ALiBi or causal-mask buffer of that many keys): each context scored alone, without its padding
+            def row(x: Any, i: int) -> Any:
+                return None if x is None else torch.as_tensor(x)[i:i + 1]
+
+            return [score_batch(model, input_ids[i:i + 1, input_ids.shape[1] - int(context_len[i]):],
+                                [continuations[i]], images=row(images, i), num_media=row(num_media, i),
+                                num_frames=row(num_frames, i), visual_tokens=row(visual_tokens, i),
+                                batch_size=batch_size, vision_cache=vision_cache)[0] for i in range(b)]
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
     contexts = MediaContext(Phase.FORWARD, visual_tokens)
@@ -488,18 +498,10 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
             ids[k, : len(x)] = torch.tensor(x, device=device)
             mask[k, : len(x)] = 1
         total = first_logprobs[rows, ids[:, 0]]  # (C,)
-        if longest > 1 and limit is not None and not model._lm_takes_position_ids \
-                and input_ids.shape[1] + longest - 1 > limit:  # its positions are the columns, padding included
-            raise ValueError(f"score_batch: the contexts, left-padded to {input_ids.shape[1]} tokens, and a "
-                             f"continuation of {longest} need {input_ids.shape[1] + longest - 1} positions of "
-                             f"{type(model.lm).__name__}, which has {limit} and reads positions from the padded "
-                             "columns: score contexts of similar length together (or one at a time)")
         if longest > 1:
             cache = select_cache_rows(context_cache, rows)
             full_mask = torch.cat([attention_mask[rows], mask[:, :-1]], dim=1)
             positions = context_len[rows, None] + torch.arange(longest - 1, device=device)  # (C, L-1)
-            if limit is not None:  # a short row's padding columns (masked, unread) stay inside a learned table
-                positions = positions.clamp(max=limit - 1)
             # a short row's last token (and its padding) is fed too, its logits unread: feed the pad id there, since
             # a last `<image>` would ask for an image the context lacks, and a last reference would re-target
             fed = ids[:, :-1].masked_fill(mask[:, 1:] == 0, pad)  # (C, L-1)

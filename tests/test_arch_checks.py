@@ -217,3 +217,71 @@ def test_towers_that_cannot_encode_pixel_values_alone_the_same_each_call_are_ref
             load_vision_tower(dual.eval())
     for accepted in ("clip", "siglip", "dinov2_registers", "deit"):
         assert load_vision_tower(_tower(accepted)) is not None
+
+
+def test_a_vision_tower_automodel_cannot_map_saves_and_loads_back(tmp_path):
+    """A full save stores the tower's own config; BLIP's standalone vision model (OWL-ViT's, AltCLIP's: what their
+    dual encoders give) has no AutoModel entry, so the saved model could not be loaded back (found after training).
+    It loads by the class its config names: the same logits."""
+    from transformers import BlipVisionConfig, BlipVisionModel, ViTImageProcessor
+
+    from flamingo import from_backbones, load_pretrained
+    from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    model, processor = from_backbones(vision, tiny_lm("llama", vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                      image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    set_gates(model, 0.5)
+    model.save_pretrained(str(tmp_path / "m"), processor=processor)
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "m"))
+    batch = processor("<image>A photo of", images=[random_image(0)])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).logits, model(**batch).logits)
+    assert type(loaded.vision) is BlipVisionModel
+
+
+def test_towers_and_lms_a_block_cannot_read_are_refused_clearly(monkeypatch):
+    """A tower that packs every image into one sequence (Pixtral's) failed inside torch's index_copy at the second
+    image; Gemma 3n's decoder layers take stacked residual streams (AltUp) and failed later with a message about
+    `inputs_embeds`; an override naming no layer list gave a bare TypeError. Each is a ValueError naming the cause."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, ViTImageProcessor
+
+    from flamingo import from_backbones
+    from flamingo.model import backbones
+    from flamingo.tiny import (
+        random_image,
+        tiny_flamingo,
+        tiny_flamingo_config,
+        tiny_image_processor,
+        tiny_lm,
+        tiny_tokenizer,
+        tiny_vision,
+    )
+
+    tok = tiny_tokenizer()
+    pixtral = AutoModel.from_config(AutoConfig.for_model(
+        "pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, head_dim=8)).eval()
+    model, processor = from_backbones(pixtral, tiny_lm("llama", vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                                      image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    batch = processor("<image>A photo of<|endofchunk|><image>two", images=[random_image(0), random_image(1)])
+    with pytest.raises(ValueError, match="PixtralVisionModel returned 1 rows for 2 frames"):
+        model(**batch)
+
+    tok = tiny_tokenizer()
+    gemma3n = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gemma3n_text", vocab_size=len(tok), bos_token_id=0, eos_token_id=0, pad_token_id=None, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tok), num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, laurel_rank=4, altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 4))
+    with pytest.raises(ValueError, match="Gemma3nForCausalLM cannot take cross-attention blocks: .*AltUp"):
+        from_backbones(tiny_vision(), gemma3n, tok, tiny_flamingo_config(xattn_every=2),
+                       image_processor=tiny_image_processor())
+
+    for path, named in (("model.norm", "LlamaRMSNorm"), ("model.layerz", "nothing")):
+        monkeypatch.setitem(backbones.DECODER_LAYERS_OVERRIDES, "llama", path)
+        with pytest.raises(ValueError, match=f"DECODER_LAYERS_OVERRIDES\\['llama'\\] = '{path}' names {named}"):
+            tiny_flamingo("llama")

@@ -7,6 +7,7 @@ import os
 from typing import Any, Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -26,9 +27,13 @@ except ImportError:  # an older one (transformers 4): no typed configs
 # Architectures whose decoder layer list the generic search could miss or mistake (model_type -> dotted path).
 DECODER_LAYERS_OVERRIDES: dict[str, str] = {}
 # Architectures with no decoder layer modules a block could go before (model_type -> why).
+_ALTUP = ("its decoder layers take several stacked residual streams (AltUp: (streams, B, T, D)), not the one (B, T, D) "
+          "stream a block reads")
 DECODER_LAYERS_REFUSED: dict[str, str] = {
     "xlm": "it keeps parallel per-layer lists (attentions, ffns, layer norms), no decoder layer module, so a block "
            "before one would feed only an attention's input, not the residual stream",
+    "gemma3n_text": _ALTUP,
+    "gemma3n": _ALTUP,
 }
 # Config fields giving the length of an LM's decoder layer list, tried in this order: BART-style decoders count
 # theirs in `decoder_layers`, and LongCat-Flash's `num_hidden_layers` counts sublayers (its list has `num_layers`).
@@ -43,7 +48,16 @@ def find_decoder_layers(lm: nn.Module) -> str:
     smaller list. An LM without a config gets its largest list of one block class."""
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     if model_type in DECODER_LAYERS_OVERRIDES:
-        return DECODER_LAYERS_OVERRIDES[model_type]
+        path = DECODER_LAYERS_OVERRIDES[model_type]
+        try:
+            found = lm.get_submodule(path)
+        except AttributeError:
+            found = None
+        if not isinstance(found, nn.ModuleList) or not len(found):
+            raise ValueError(f"DECODER_LAYERS_OVERRIDES[{model_type!r}] = {path!r} names "
+                             f"{'nothing' if found is None else type(found).__name__} in {type(lm).__name__}, not a "
+                             "non-empty nn.ModuleList of its decoder layers")
+        return path
     if model_type in DECODER_LAYERS_REFUSED:
         raise ValueError(f"{type(lm).__name__} cannot take cross-attention blocks: "
                          f"{DECODER_LAYERS_REFUSED[model_type]}")
@@ -102,7 +116,7 @@ def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any)
     else:
         local_or_hub(vision, "vision tower")
         check_no_remote_code(vision, "vision tower", **kwargs)
-        model = backbone_from_pretrained(AutoModel, vision, "vision tower", **without_remote_code(with_dtype(kwargs)))
+        model = _vision_from_pretrained(vision, **without_remote_code(with_dtype(kwargs)))
     config = getattr(model, "config", None)
     if hasattr(model, "vision_model") and hasattr(config, "vision_config") and hasattr(model, "text_model"):
         half = model.vision_model
@@ -173,6 +187,22 @@ def backbone_from_pretrained(auto: Any, source: Union[str, os.PathLike], what: s
         local = os.path.join(os.fspath(source), "config.json")
         where = repr(local) if os.path.isfile(local) else f"{os.fspath(source)!r}'s config.json"
         raise ValueError(f"the {what}'s config {where} is invalid: {' '.join(str(e).split())}") from e
+
+
+def _vision_from_pretrained(source: Union[str, os.PathLike], **kwargs: Any) -> Any:
+    """`AutoModel`'s model for the tower at `source`; a standalone vision model AutoModel has no entry for (BLIP's,
+    OWL-ViT's, AltCLIP's: the half a model saved whole on their dual encoder stores) by the transformers class its
+    config names (`architectures`)."""
+    try:
+        return backbone_from_pretrained(AutoModel, source, "vision tower", **kwargs)
+    except ValueError:  # "Unrecognized configuration class" (transformers 5), "does not recognize" (4.x)
+        raw, _ = PretrainedConfig.get_config_dict(
+            source, **{k: v for k, v in kwargs.items() if k in _CONFIG_SOURCE_KWARGS})
+        named = [getattr(transformers, arch, None) for arch in raw.get("architectures") or []]
+        classes = [cls for cls in named if isinstance(cls, type) and issubclass(cls, PreTrainedModel)]
+        if not classes:
+            raise
+        return backbone_from_pretrained(classes[0], source, "vision tower", **kwargs)
 
 
 # `from_pretrained` kwargs that say where a config is read from (the others are the model's)
@@ -287,6 +317,10 @@ def vision_features(vision: nn.Module, pixel_values: torch.Tensor, feature_layer
         hidden = vision(pixel_values=pixel_values).last_hidden_state
     else:
         hidden = vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states[feature_layer]
+    if hidden.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"the vision tower {type(vision).__name__} returned {hidden.shape[0]} rows for "
+                         f"{pixel_values.shape[0]} frames: it packs the images into one sequence (Pixtral's does); "
+                         "give a tower that returns one patch grid per image")
     if drop_cls:
         hidden = hidden[:, num_cls_tokens(vision, hidden.shape[1], tuple(pixel_values.shape[-2:])):]
     return hidden  # (M, S, Dv)

@@ -362,7 +362,7 @@ def test_score_batch_near_the_position_limit_with_contexts_of_different_lengths(
     without its padding: each context's scores are its own."""
     positions = {POSITION_LIMITS.get(lm_kind, "max_position_embeddings"): 40}
     model, processor = tiny_flamingo(lm_kind, gates=0.8, lm_overrides=positions)
-    cases = [("<image>a cat sat on the mat and then the dog ran in", [random_image(0)]),
+    cases = [("Q<image>a cat sat on the mat and then the dog ran in", [random_image(0)]),
              ("<image>x", [random_image(1)])]
     batch = processor([p for p, _ in cases], images=[m for _, m in cases], padding_side="left")
     short = int(batch["attention_mask"][1].sum())
@@ -371,6 +371,12 @@ def test_score_batch_near_the_position_limit_with_contexts_of_different_lengths(
         call = dict(attention_mask=batch["attention_mask"], images=batch["images"], num_media=batch["num_media"],
                     batch_size=rows)
         scores = model.score_batch(batch["input_ids"], candidates, **call)
+        model.lm.generation_config.pad_token_id = int(batch["input_ids"][0, 0])  # "Q", a real token: the mask says
+        try:
+            assert all(torch.equal(a, b) for a, b in zip(model.score_batch(batch["input_ids"], candidates, **call),
+                                                         scores))
+        finally:
+            model.lm.generation_config.pad_token_id = None
         for (prompt, media), cands, got in zip(cases, candidates, scores):
             alone = processor(prompt, images=media)
             want = model.score(alone["input_ids"], cands, images=alone["images"], num_media=alone["num_media"])

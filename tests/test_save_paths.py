@@ -6,6 +6,7 @@ and pushes."""
 from __future__ import annotations
 
 import builtins
+import json
 import os
 
 import pytest
@@ -120,6 +121,12 @@ def test_a_processor_saved_beside_the_model_is_kept_by_the_next_save(tmp_path):
     loaded, loaded_processor = load_pretrained(target)
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     model.save_pretrained(target, processor=processor)  # written anew with the model
+    assert sorted(os.listdir(target)) == files
+    with open(os.path.join(target, "flamingo_config.json")) as f:  # saved before these fields existed
+        older = {k: v for k, v in json.load(f).items() if k not in ("num_image_references", "first_reference_token_id")}
+    with open(os.path.join(target, "flamingo_config.json"), "w") as f:
+        json.dump(older, f)
+    model.save_pretrained(target)  # their defaults: still this model's processor
     assert sorted(os.listdir(target)) == files
     other, other_processor = tiny_flamingo(num_image_references=2)  # other added tokens: not its processor
     with pytest.raises(ValueError, match="holds the processor of another model .*pass processor="):

@@ -1079,7 +1079,9 @@ def kept_on_save(directory: str, *, with_processor: bool, config: Optional[Flami
                 before = json.load(f)
         except (OSError, ValueError):
             before = None
-        differ = [k for k in _PROCESSOR_IDENTITY if not isinstance(before, dict) or before.get(k) != getattr(config, k)]
+        defaults = {f.name: f.default for f in dataclasses.fields(FlamingoConfig)}  # a key older saves lack
+        differ = [k for k in _PROCESSOR_IDENTITY
+                  if not isinstance(before, dict) or before.get(k, defaults.get(k)) != getattr(config, k)]
         if differ:
             raise ValueError(f"{directory!r} holds the processor of another model (its {differ[0]} differs from this "
                              "one's): pass processor= to save this model's, or save into a new directory")

@@ -471,10 +471,12 @@ def score_batch(model: Flamingo, input_ids: torch.Tensor, continuations: Sequenc
             def row(x: Any, i: int) -> Any:
                 return None if x is None else torch.as_tensor(x)[i:i + 1]
 
-            return [score_batch(model, input_ids[i:i + 1, input_ids.shape[1] - int(context_len[i]):],
-                                [continuations[i]], images=row(images, i), num_media=row(num_media, i),
+            return [score_batch(model, context, [continuations[i]], attention_mask=torch.ones_like(context),
+                                images=row(images, i), num_media=row(num_media, i),
                                 num_frames=row(num_frames, i), visual_tokens=row(visual_tokens, i),
-                                batch_size=batch_size, vision_cache=vision_cache)[0] for i in range(b)]
+                                batch_size=batch_size, vision_cache=vision_cache)[0]
+                    for i, context in ((i, input_ids[i:i + 1, input_ids.shape[1] - int(context_len[i]):])
+                                       for i in range(b))]
     visual_tokens, num_media = _media_for(model, input_ids, images, num_media, num_frames, visual_tokens, vision_cache)
     device = input_ids.device
     contexts = MediaContext(Phase.FORWARD, visual_tokens)

@@ -11,13 +11,16 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from flamingo.build import from_backbones
+from flamingo.build import from_backbones, load_pretrained
+from flamingo.model import backbones
 from flamingo.model.backbones import find_decoder_layers, load_vision_tower, vision_features
 from flamingo.tiny import (
     random_image,
     set_gates,
+    tiny_flamingo,
     tiny_flamingo_config,
     tiny_image_processor,
+    tiny_lm,
     tiny_tokenizer,
     tiny_vision,
 )
@@ -225,9 +228,6 @@ def test_a_vision_tower_automodel_cannot_map_saves_and_loads_back(tmp_path):
     It loads by the class its config names: the same logits."""
     from transformers import BlipVisionConfig, BlipVisionModel, ViTImageProcessor
 
-    from flamingo import from_backbones, load_pretrained
-    from flamingo.tiny import random_image, set_gates, tiny_flamingo_config, tiny_lm, tiny_tokenizer
-
     tok = tiny_tokenizer()
     vision = BlipVisionModel(BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=32, patch_size=8)).eval()
@@ -247,18 +247,6 @@ def test_towers_and_lms_a_block_cannot_read_are_refused_clearly(monkeypatch):
     image; Gemma 3n's decoder layers take stacked residual streams (AltUp) and failed later with a message about
     `inputs_embeds`; an override naming no layer list gave a bare TypeError. Each is a ValueError naming the cause."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, ViTImageProcessor
-
-    from flamingo import from_backbones
-    from flamingo.model import backbones
-    from flamingo.tiny import (
-        random_image,
-        tiny_flamingo,
-        tiny_flamingo_config,
-        tiny_image_processor,
-        tiny_lm,
-        tiny_tokenizer,
-        tiny_vision,
-    )
 
     tok = tiny_tokenizer()
     pixtral = AutoModel.from_config(AutoConfig.for_model(

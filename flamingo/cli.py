@@ -133,7 +133,6 @@ def _check_convert_out(args: argparse.Namespace, *sources: Optional[str]) -> Non
     from .runtime.checkpoint_io import check_apart, check_replaceable
 
     check_replaceable(args.out, CONFIG_NAME, "a saved Flamingo model")
-    kept_on_save(args.out, with_processor=True)  # files of the user's an earlier save's directory holds: refused now
     backbones = getattr(args, "backbones", None)
     if backbones:
         check_backbones_dir(backbones)
@@ -146,6 +145,7 @@ def _check_convert_out(args: argparse.Namespace, *sources: Optional[str]) -> Non
             check_apart(args.out, str(source), "--out", inside=False)
             if backbones:
                 check_apart(backbones, str(source), "--backbones", inside=False)
+    kept_on_save(args.out, with_processor=True)  # files of the user's an earlier save's directory holds: refused now
 
 
 def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -1075,13 +1074,10 @@ def kept_on_save(directory: str, *, with_processor: bool, config: Optional[Flami
                                       if name in PROCESSOR_FILES and os.path.isfile(os.path.join(directory, name))]
     if kept and config is not None:
         try:
-            with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-                before = json.load(f)
+            before: Optional[FlamingoConfig] = FlamingoConfig.load(directory)  # older saves' missing fields: defaults
         except (OSError, ValueError):
             before = None
-        defaults = {f.name: f.default for f in dataclasses.fields(FlamingoConfig)}  # a key older saves lack
-        differ = [k for k in _PROCESSOR_IDENTITY
-                  if not isinstance(before, dict) or before.get(k, defaults.get(k)) != getattr(config, k)]
+        differ = [k for k in _PROCESSOR_IDENTITY if before is None or getattr(before, k) != getattr(config, k)]
         if differ:
             raise ValueError(f"{directory!r} holds the processor of another model (its {differ[0]} differs from this "
                              "one's): pass processor= to save this model's, or save into a new directory")

@@ -299,14 +299,6 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     if kwargs.get("use_cache") is False or (generation_config is not None and generation_config.use_cache is False):
         raise ValueError("Flamingo decodes on the LM's KV cache (a step feeds only the new tokens): generate with "
                          "use_cache=True")
-    if assisted := [k for k in ASSISTED if kwargs.get(k) is not None
-                    or getattr(generation_config, k, None) is not None]:
-        raise ValueError(f"{', '.join(assisted)}: assisted and prompt-lookup decoding feed several tokens per decode "
-                         "step, which Flamingo's decode step does not take: generate without them")
-    if kwargs.get("token_healing") or getattr(generation_config, "token_healing", False):
-        raise ValueError("token_healing: transformers re-tokenizes the prompt from its text without special tokens, "
-                         "which drops every <image> and <|endofchunk|> (the answer would be the bare LM's): generate "
-                         "without it")
     if given := [name for name in CACHE_NAMES if kwargs.get(name) is not None]:  # its tail's images would count
         # from 0: another image, or none
         raise ValueError(f"{given[0]}: generate prefills the whole prompt itself, and the media index of a prompt "
@@ -319,6 +311,14 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     caller = {} if generation_config is None else fields_set_in(generation_config)
     config = generation_config_for(model, **{**caller, **fields})
     config = fit_to_positions(model, config, attention_mask)
+    # the decoding modes a caller asked for, by keyword or in its config (the LM's own are off: generation_config_for)
+    if assisted := [k for k in ASSISTED if kwargs.get(k) is not None or getattr(config, k, None) is not None]:
+        raise ValueError(f"{', '.join(assisted)}: assisted and prompt-lookup decoding feed several tokens per decode "
+                         "step, which Flamingo's decode step does not take: generate without them")
+    if getattr(config, "token_healing", False):
+        raise ValueError("token_healing: transformers re-tokenizes the prompt from its text without special tokens, "
+                         "which drops every <image> and <|endofchunk|> (the answer would be the bare LM's): generate "
+                         "without it")
     if config.guidance_scale not in (None, 1) or kwargs.get("negative_prompt_ids") is not None:
         raise ValueError("guidance_scale / negative_prompt_ids: classifier-free guidance runs a second LM call per "
                          "step inside generate, which would read this call's images and media index (a prompt ending "

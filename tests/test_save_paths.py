@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import flamingo.config
 import flamingo.model.card
@@ -135,3 +136,26 @@ def test_a_processor_saved_beside_the_model_is_kept_by_the_next_save(tmp_path):
     other.save_pretrained(target, processor=other_processor)
     assert load_pretrained(target)[1].tokenizer.convert_tokens_to_ids("<image0>") == \
         other.config.first_reference_token_id
+
+
+def test_a_card_edited_by_hand_is_kept_by_the_next_save(tmp_path):
+    """A model saved, its README.md edited, the model saved again after more training: the edit stays (as a push
+    keeps it). A card as generated is written anew, also when the directory was renamed since."""
+    model, processor = tiny_flamingo()
+    target = tmp_path / "model"
+    model.save_pretrained(str(target), processor=processor)
+    generated = (target / "README.md").read_text(encoding="utf-8")
+    renamed = tmp_path / "renamed"
+    os.rename(target, renamed)
+    assert generated_for(str(renamed), generated) == "model"  # generated, for the old name
+    with torch.no_grad():
+        model.xattn[0].attn_gate.fill_(0.25)  # trained more: another card would not differ, but the save does
+    model.save_pretrained(str(renamed), processor=processor)
+    assert generated_for(str(renamed), (renamed / "README.md").read_text(encoding="utf-8")) == "renamed"
+    edited = "# My model\n\nTrained on our photos; café ☕.\n"
+    (renamed / "README.md").write_text(edited, encoding="utf-8")
+    model.save_pretrained(str(renamed), processor=processor)
+    assert (renamed / "README.md").read_text(encoding="utf-8") == edited
+    (renamed / "README.md").unlink()  # deleted: written anew
+    model.save_pretrained(str(renamed))
+    assert generated_for(str(renamed), (renamed / "README.md").read_text(encoding="utf-8")) == "renamed"

@@ -13,7 +13,7 @@ import textwrap
 from typing import Any, Optional
 
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import BACKBONE_DIRS, PROCESSOR_CONFIG_NAME, WEIGHTS_NAME, FlamingoConfig
 from ..runtime.hub import is_hub_name
@@ -224,3 +224,18 @@ def _template(directory: str) -> str:
         return "flamingo"
     with open(path, encoding="utf-8") as f:
         return str(json.load(f).get("template", "flamingo"))
+
+
+def edited_card(directory: str) -> Optional[str]:
+    """The card of the earlier save in `directory` when it is not one that save's files give (`generated_for`:
+    edited by hand, or written by another version), which a save over it keeps, as a push keeps an edited card. None
+    when there is none, or it is generated (a save writes its own anew)."""
+    path = os.path.join(directory, CARD_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    try:
+        return None if generated_for(directory, text) is not None else text
+    except (OSError, ValueError, SafetensorError):  # an earlier save whose files cannot be read: keep what is there
+        return text

@@ -57,7 +57,7 @@ from .backbones import (
     vision_features,
     vision_hidden_size,
 )
-from .card import CARD_NAME, model_card
+from .card import CARD_NAME, edited_card, model_card
 from .chunked_loss import chunked_cross_entropy, whole_logits_cross_entropy
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
@@ -878,7 +878,8 @@ class Flamingo(nn.Module):
     def save_pretrained(self, directory: str, *, trained_only: bool = False, processor: Any = None,
                         backbones_from: Union[str, os.PathLike, None] = None) -> None:
         """Write the model atomically into `directory` (replaced whole: a new or empty one, or an earlier checkpoint,
-        whose processor files are carried over when `processor` is None; any other file there is refused by name).
+        whose processor files are carried over when `processor` is None, and its card (README.md) when edited by hand;
+        any other file there is refused by name).
         Full: the backbones as HF directories (`vision/`, `lm/`) + our weights.
         trained_only: only the trained tensors + references (name/path, and a Hub name's commit) to the backbones in
         the config, so a 9B model's checkpoint holds its ~1-2B trained parameters. Refused, before anything is
@@ -916,6 +917,9 @@ class Flamingo(nn.Module):
                              "(save_pretrained(..., trained_only=True); loading quantizes them again), or save the "
                              "model before quantizing it")
         kept = kept_on_save(directory, with_processor=processor is not None, config=self.config)
+        card = edited_card(directory)
+        if card is not None:
+            log.info("keeping the edited %s in %r (delete it to have the card written anew)", CARD_NAME, directory)
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
             for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
                 shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))
@@ -933,8 +937,8 @@ class Flamingo(nn.Module):
             self.config.save(tmp)
             # named after the directory (a push renames it); UTF-8 whatever the platform's encoding: the name may be
             # in any script, and a push reads the card as UTF-8
-            with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
-                f.write(model_card(tmp, os.path.basename(os.path.abspath(directory))))
+            with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(card if card is not None else model_card(tmp, os.path.basename(os.path.abspath(directory))))
 
     def _check_trained_only_save(self, directory: str) -> None:
         """Why a trained-only checkpoint of this model in `directory` could not load back, as a ValueError: backbones

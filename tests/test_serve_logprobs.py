@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from flamingo.chat import BLANKS
 from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
 from flamingo.serve.app import ServeSettings
+from flamingo.serve.detokenize import IncrementalText
 from flamingo.serve.engine import Engine, find_stop
 from flamingo.serve.logprobs import CompletionLogprobs, TokenStrings
 from flamingo.serve.sampling import SamplingParams
@@ -263,10 +264,13 @@ def test_logit_bias_over_http(served):
 
 def test_a_stop_string_never_matches_a_character_still_being_decoded(served):
     """`"\ufffd"` as a stop string: a first byte of a two-byte character decodes to U+FFFD until its second byte
-    comes, so it must not stop there; a second lead byte makes the first a real U+FFFD, which does."""
+    comes, so it must not stop there; nor at the two U+FFFDs a SentencePiece byte-fallback decode writes for the
+    first two bytes of a three-byte character ("中": E4 B8 AD). A U+FFFD that text follows is a real one, and stops;
+    at the end, any does."""
     assert find_stop("caf\ufffd", ["\ufffd"], final=False) == -1
     assert find_stop("caf\ufffd", ["\ufffd"], final=True) == 3
-    assert find_stop("a\ufffd\ufffd", ["\ufffd"], final=False) == 1
+    assert find_stop("a\ufffd\ufffd", ["\ufffd"], final=False) == -1
+    assert find_stop("a\ufffd\ufffd", ["\ufffd"], final=True) == 1
     assert find_stop("a\ufffdb", ["\ufffd", "b"], final=False) == 1
     engine, url = served
     lead = engine.processor.tokenizer.encode("\u00e9", add_special_tokens=False)[0]  # 0xC3 of "é" (0xC3 0xA9)
@@ -274,7 +278,7 @@ def test_a_stop_string_never_matches_a_character_still_being_decoded(served):
     reply = openai_client(url).completions.create(model="tiny", prompt="Say:", max_tokens=5, temperature=0,
                                                   logit_bias={str(lead): 100}, stop=["\ufffd"])
     assert reply.choices[0].finish_reason == "stop" and reply.choices[0].text == ""
-    assert reply.usage.completion_tokens == 2  # the first 0xC3 is a character's start until the second comes
+    assert reply.usage.completion_tokens == 5  # each 0xC3 may be a character's start until text follows it
 
 
 BAD = {
@@ -328,6 +332,20 @@ def _byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
+def test_a_stop_string_of_u_fffd_never_cuts_a_character_of_the_answer(make):
+    """An answer's text as the engine holds it token by token (`IncrementalText`): while a three-byte character is
+    two bytes in, a byte-fallback decode ends in two U+FFFDs, neither of which a `"\ufffd"` stop string matches."""
+    tokenizer = make()
+    add_flamingo_tokens(tokenizer)
+    text = IncrementalText(FlamingoProcessor(tokenizer, None))
+    for token in tokenizer.encode("a中b 🦩 c", add_special_tokens=False):
+        text.add(token)
+        assert find_stop(text.text, ["\ufffd"], final=False) == -1, text.text
+    text.flush()
+    assert text.text.strip() == "a中b 🦩 c" and find_stop(text.text, ["\ufffd"], final=True) == -1
 
 
 @pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])

@@ -65,10 +65,11 @@ PADDING_LIMIT = 1.5  # a shared call computes at most this many times its prompt
 
 
 def find_stop(text: str, stops: Sequence[str], final: bool) -> int:
-    """Where the first stop string starts in `text`, or -1. Unless the text is `final`, a trailing U+FFFD may be the
-    start of a character that the next tokens complete (decoding replaces a truncated UTF-8 sequence by one U+FFFD):
-    a stop string never matches into it."""
-    stable = text[:-1] if not final and text.endswith("\ufffd") else text
+    """Where the first stop string starts in `text`, or -1. Unless the text is `final`, its trailing U+FFFDs may be
+    the start of a character that the next tokens complete (a byte-level BPE decode writes one U+FFFD for a truncated
+    UTF-8 sequence, a SentencePiece byte-fallback decode one per byte): a stop string never matches into them, as the
+    stream holds them back."""
+    stable = text if final else text.rstrip("\ufffd")
     return min((i for i in (stable.find(s) for s in stops) if i >= 0), default=-1)
 
 

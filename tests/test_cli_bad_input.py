@@ -107,10 +107,12 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, model_dir, no_
 
 
 def test_an_empty_api_key_never_means_no_authentication():
-    """The library's settings refuse it too (the app checks a key only when one is set: "" would let anyone in)."""
+    """The library's settings refuse it too (the app checks a key only when one is set: "" would let anyone in), and
+    a key no HTTP client can send (not printable ASCII: a header is read as Latin-1, the openai client refuses to
+    send one), which would refuse every request."""
     from flamingo.serve.app import ServeSettings
 
-    for key in ("", "  ", " key"):
+    for key in ("", "  ", " key", "clé-secrète", "密钥", "key\tkey"):
         with pytest.raises(ValueError, match="API key"):
             ServeSettings(api_key=key)
     assert ServeSettings(api_key="k").api_key == "k"

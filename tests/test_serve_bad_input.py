@@ -134,6 +134,12 @@ CASES = {
                                    "lone UTF-16 surrogate"),
     "surrogate bytes in chat": (dict(content=b'{"messages":[{"role":"user","content":"a\xed\xa0\x80b"}]}'), 400,
                                 "lone UTF-16 surrogate"),
+    # json.loads reads UTF-16 and UTF-32 bodies too, whose escapes are not the UTF-8 bytes searched for (a 500 after
+    # the model ran, echoing the surrogate)
+    "lone surrogate in a UTF-16 body": (dict(content='{"prompt":"a\\ud800b","max_tokens":2,"echo":true}'.encode(
+        "utf-16"), path="/v1/completions"), 400, "lone UTF-16 surrogate"),
+    "lone surrogate in a UTF-32 body": (dict(content='{"input":"a","metadata":{"k":"\\ud800"},"max_output_tokens":2}'
+                                             .encode("utf-32-le"), path="/v1/responses"), 400, "lone UTF-16 surrogate"),
     "JSON nested too deeply": (dict(content=b'{"messages":[{"role":"user","content":"x"}],"stop":' + b"[" * 3000
                                     + b"]" * 3000 + b"}"), 400, "nested too deeply"),
 }

@@ -79,6 +79,10 @@ class ServeSettings:
         if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
             raise ValueError("the API key (--api-key) is empty or starts or ends with spaces (which no HTTP header "
                              "keeps): give the key, or none (None) to serve without authentication")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise ValueError("the API key (--api-key) holds characters that are not printable ASCII: HTTP clients "
+                             "send a key as ASCII (the openai client refuses any other), so no request could give "
+                             "it; choose a key of printable ASCII characters")
         if self.batch_concurrency is not None and self.batch_concurrency < 1:
             raise ValueError(f"batch concurrency must be >= 1 (or unset: the engine's batch), got "
                              f"{self.batch_concurrency}")
@@ -430,8 +434,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 def check_surrogates(body: bytes, payload: Any) -> None:
     """Refuse a body whose strings hold a lone UTF-16 surrogate (JSON's `"\\ud800"`: a JavaScript string cut in
     the middle of an emoji is sent so): it is no character, and tokenizers fail on it. Only a body that may hold one
-    is walked: one with a `\\ud8..`-`\\udf..` escape, or with a surrogate's 3 bytes (which `json.loads` decodes)."""
-    if not re.search(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]", body):
+    is walked: a UTF-8 one with a `\\ud8..`-`\\udf..` escape, or with a surrogate's 3 bytes (which `json.loads`
+    decodes), and any UTF-16 or UTF-32 one (`json.loads` reads those too; the search is for UTF-8 bytes)."""
+    utf8 = json.detect_encoding(body) in ("utf-8", "utf-8-sig")
+    if utf8 and not re.search(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]", body):
         return
     try:
         json.dumps(payload, ensure_ascii=False).encode("utf-8")

@@ -124,7 +124,8 @@ def test_pack_with_no_good_row_fails_saying_why(tmp_path, capsys):
 def test_pack_writes_only_rows_the_loader_reads_back(tmp_path):
     """Every row pack counts as packed loads from its shard: a caption given as `text` (the loader takes it), an
     image file without an extension or in a format the tar reader lists under no extension (named by its format,
-    or re-encoded as PNG), a caption with half an emoji; MMICL rows declaring several images, which a pair sample
+    or re-encoded as PNG), a caption with half an emoji, one holding NUL (a `.txt` member holding NUL reads as
+    UTF-16 without a byte-order mark, so it is written as `.json`); MMICL rows declaring several images, which a pair sample
     cannot hold, are left out under a reason of their own, as are videos whose extension the tar reader lacks."""
     from flamingo.data.pack import pack
 
@@ -137,17 +138,19 @@ def test_pack_writes_only_rows_the_loader_reads_back(tmp_path):
             {"image": "img/3f2a9c", "caption": "a JPEG without an extension"},
             {"image": "img/b.ppm", "caption": "a PPM"},
             {"image": "img/a.png", "caption": "half an emoji \ud83d here"},
+            {"image": "img/a.png", "caption": "a scraped\u0000 caption"},
             {"images": ["img/a.png", "img/b.ppm"], "caption": "Image 0 is <image0>. Image 1 is <image1>."}]
     table = root / "pairs.jsonl"
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = pack(str(tmp_path / "out"), source=str(table))
-    assert result["samples"] == 4 and result["skipped"] == {"multi_image_row": 1}
+    assert result["samples"] == 5 and result["skipped"] == {"multi_image_row": 1}
     src = build_source(DatasetSection("p", "pairs", result["path"], 1, options={"shuffle": False}),
                        tiny_processor())
-    assert len(list(src)) == 4 and src.skipped == {}
+    assert len(list(src)) == 5 and src.skipped == {}
     with tarfile.open(result["shards"][0]) as tar:
         assert [n for n in tar.getnames() if not n.endswith(".txt")] == [
-            "000000000.png", "000000001.jpg", "000000002.png", "000000003.png"]
+            "000000000.png", "000000001.jpg", "000000002.png", "000000003.png", "000000004.png", "000000004.json"]
+        assert json.load(tar.extractfile("000000004.json")) == {"caption": "a scraped\u0000 caption"}
     videos = root / "videos.jsonl"
     videos.write_text(json.dumps({"video": "img/a.png", "caption": "not a video container"}) + "\n")
     assert pack(str(tmp_path / "vout"), kind="video", source=str(videos))["skipped"] == {"video_extension": 1}

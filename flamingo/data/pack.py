@@ -166,7 +166,10 @@ def _pair_members(row: dict[str, Any], base_dir: str, key: str, video: bool) -> 
         medium = (f"{key}.{_ext(path)}", read_media_file(path))
     else:
         raise Unpackable("video_extension", f"{path}: the tar reader takes videos named {'|'.join(VIDEO_EXTS)}")
-    return [medium, (f"{key}.txt", valid_text(caption).encode())]
+    caption = valid_text(caption)
+    if "\0" in caption:  # a `.txt` member holding NUL reads as UTF-16 without a byte-order mark: a JSON one keeps it
+        return [medium, (f"{key}.json", json.dumps({"caption": caption}).encode())]
+    return [medium, (f"{key}.txt", caption.encode())]
 
 
 def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[str, bytes]]:

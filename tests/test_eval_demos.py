@@ -103,6 +103,24 @@ def test_rices_selector_returns_true_neighbours():
     assert len(allowed) == 5 and all(d.id in allowed for d in small.select(query[0], 0, 3))
 
 
+def test_tied_neighbours_are_taken_lowest_index_first_whatever_k():
+    """Samples showing one image tie exactly (VQAv2's questions of an image): the k nearest are the first k of one
+    order (similarity, then index), so asking for more (a batch whose other queries are in the pool) changes none
+    of a query's demos. `topk` alone took another subset of the tied ones for another k."""
+    torch.manual_seed(0)
+    base = [_unit(torch.randn(16)) for _ in range(4)]
+    pool = torch.stack([base[i] for i in (1, 0, 2, 0, 0, 3, 0, 0, 1, 0, 0, 0, 0, 2, 0, 3, 1, 2, 3, 1)])  # 10 of image 0
+    query = (base[0] + 1e-3 * torch.randn(16)).unsqueeze(0)  # nearest to image 0
+    tied = [i for i in range(20) if torch.equal(pool[i], base[0])]
+    full = nearest(query, pool, 20)[0].flip(0).tolist()  # most similar first
+    assert full[:len(tied)] == tied
+    for k in range(1, 21):
+        assert nearest(query, pool, k)[0].flip(0).tolist() == full[:k], k
+    with_nan = pool.clone()
+    with_nan[1] = float("nan")  # an unreadable feature: last, whatever the others
+    assert nearest(query, with_nan, 20)[0][0].item() == 1
+
+
 def test_pooled_features_are_the_models_mean_pooled_patch_features(model_and_processor):
     model, processor = model_and_processor
     media = [processor.preprocess_media(random_image(i)) for i in range(3)]

@@ -50,9 +50,23 @@ def nearest(query: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(query.shape[0], 0, dtype=torch.long)
     unreadable = pool.norm(dim=-1) == 0  # (N,)
     rows = max(1, SIMILARITY_BLOCK // pool.shape[0])
-    top = [(block @ pool.T).masked_fill(unreadable, float("-inf")).topk(k, dim=-1).indices  # (rows, k), most first
-           for block in query.split(rows)]
+    top = [_top_k((block @ pool.T).masked_fill(unreadable, float("-inf")), k) for block in query.split(rows)]
     return torch.cat(top).flip(-1) if top else torch.zeros(0, k, dtype=torch.long)
+
+
+def _top_k(sims: torch.Tensor, k: int) -> torch.Tensor:
+    """sims (R, N) -> (R, k) indices of the k largest, largest first, ties to the lower index: the k nearest are
+    then the first k of one order whatever k is (`topk`'s choice among equal values depends on k, and samples
+    sharing an image tie exactly: VQAv2's ~5 questions an image), so a query's demos do not depend on how many more
+    its caller asked for (`select_rices` asks for more when other queries of its batch are in the pool)."""
+    sims = sims.nan_to_num(nan=float("-inf"))  # (a NaN feature: never preferred, and it equals nothing)
+    kth = sims.topk(k, dim=-1).values[:, -1:]  # (R, 1)
+    above, tied = sims > kth, sims == kth  # (R, N)
+    need = k - above.sum(dim=-1, keepdim=True)  # (R, 1): >= 1, taken from the tied values, lowest index first
+    chosen = above | (tied & (tied.to(torch.int32).cumsum(dim=-1) <= need))  # exactly k per row
+    picked = chosen.nonzero()[:, 1].view(sims.shape[0], k)  # (R, k) in index order
+    order = sims.gather(1, picked).sort(dim=-1, descending=True, stable=True).indices
+    return picked.gather(1, order)
 
 
 class FeatureCache:

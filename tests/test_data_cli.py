@@ -125,8 +125,9 @@ def test_pack_writes_only_rows_the_loader_reads_back(tmp_path):
     """Every row pack counts as packed loads from its shard: a caption given as `text` (the loader takes it), an
     image file without an extension or in a format the tar reader lists under no extension (named by its format,
     or re-encoded as PNG), a caption with half an emoji, one holding NUL (a `.txt` member holding NUL reads as
-    UTF-16 without a byte-order mark, so it is written as `.json`); MMICL rows declaring several images, which a pair sample
-    cannot hold, are left out under a reason of their own, as are videos whose extension the tar reader lacks."""
+    UTF-16 without a byte-order mark, so it is written as `.json`); MMICL rows declaring several images, which a
+    pair sample cannot hold, are left out under a reason of their own, as are videos whose extension the tar reader
+    lacks."""
     from flamingo.data.pack import pack
 
     root = tmp_path / "t"

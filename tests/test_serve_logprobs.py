@@ -372,6 +372,26 @@ def test_text_offsets_count_a_character_split_over_tokens_once(make, text):
     assert answer["text_offset"][0] == len(text)
 
 
+@pytest.mark.parametrize("make", [tiny_tokenizer, _byte_fallback_tokenizer], ids=["byte-level", "byte-fallback"])
+def test_echoed_offsets_skip_the_space_a_legacy_tokenizer_writes_after_a_special_token(make):
+    """A LLaMA-1-era tokenizer (`Prepend("▁")`, as `_byte_fallback_tokenizer`'s) writes a `▁` at the start of each
+    text run, after `<image>` and `<|endofchunk|>` too, which the prompt's text does not hold: those count no
+    character, so that every offset indexes the prompt and the answer starts at `len(prompt)`."""
+    tokenizer = make()
+    add_flamingo_tokens(tokenizer)
+    processor = FlamingoProcessor(tokenizer, None)
+    strings = TokenStrings(tokenizer, processor.hidden_ids)
+    prompt = "<image>Output: a café.<|endofchunk|><image>Output:中 b"
+    ids = processor.prompt_ids(prompt)
+    logprobs = CompletionLogprobs(strings)
+    got = logprobs.add_prompt(ids, None, prompt)
+    offsets = got["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] < len(prompt) and logprobs.offset == len(prompt)
+    found = [(t.strip(), o) for t, o in zip(got["tokens"], offsets) if t.strip() and "\ufffd" not in t]
+    assert all(prompt[o:].lstrip().startswith(t) for t, o in found), found
+    assert logprobs.add(tokenizer.encode(" b", add_special_tokens=False), None)["text_offset"][0] == len(prompt)
+
+
 def test_text_offsets_after_a_character_left_unfinished():
     """A first byte the next token does not continue is a U+FFFD of the text (as the answer's text writes it): the
     next token starts after it."""

@@ -76,6 +76,19 @@ def chat_entries(strings: TokenStrings, tokens: list[int], logprobs: TokenLogpro
             for t, (lp, top) in zip(tokens, logprobs.rows())]
 
 
+def _inserted_into(spelled: str, text: str) -> Optional[list[int]]:
+    """Where each position of `spelled` (and its end) is in `text`, when `spelled` is `text` with characters put in
+    (a legacy SentencePiece tokenizer writes a `▁` after each special token, which the prompt's text does not hold):
+    a put-in character takes none of the text. Aligned greedily; None when `text` is not so contained."""
+    at, j = [], 0
+    for char in spelled:
+        at.append(j)
+        if j < len(text) and char == text[j]:
+            j += 1
+    at.append(j)
+    return at if j == len(text) else None
+
+
 class CompletionLogprobs:
     """The completions API's `logprobs` object of one choice, built token by token. `text_offset` is where each token
     starts in the choice's `text` (the echoed prompt, then the answer), in characters: the characters the tokens
@@ -135,10 +148,14 @@ class CompletionLogprobs:
         part = {k: first[k] + rest[k] for k in first}
         spelled += more
         extra = len(spelled) - len(text)
-        if extra > 0 and spelled.endswith(text):  # else the tokens spell another text (a template's): counted as is
+        if extra > 0 and spelled.endswith(text):
             part["text_offset"] = [start + max(0, o - start - extra) for o in part["text_offset"]]
-            self.body["text_offset"][-len(tokens):] = part["text_offset"]
-            self.offset -= extra
+        elif extra > 0 and (at := _inserted_into(spelled, text)) is not None:  # a `▁` after each special token
+            part["text_offset"] = [start + at[o - start] for o in part["text_offset"]]
+        else:  # the tokens spell the text, or another one (a template's): counted as is
+            return part
+        self.body["text_offset"][-len(tokens):] = part["text_offset"]
+        self.offset -= extra
         return part
 
     def _alternatives(self, top: list[tuple[int, float]]) -> dict[str, float]:

@@ -150,6 +150,8 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
             assert "time to first token" in reply.find_element(By.CSS_SELECTOR, ".stats").text
             assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user img")) == 1
             browser.save_screenshot(str(ARTIFACTS / "serve-page-chat.png"))
+            # a message, the composer and the few-shot fields each laid out in their own text's direction
+            assert browser.execute_script(RIGHT_TO_LEFT) == ["rtl", "ltr", "rtl", "rtl", "rtl"]
 
             # drag and drop, and paste, of an image onto the composer attach it
             browser.execute_script(DROP_AND_PASTE, base64.b64encode(query.read_bytes()).decode())
@@ -159,6 +161,20 @@ def test_page_few_shot_and_chat_in_headless_chromium(tmp_path, one_thread):
     assert (ARTIFACTS / "serve-page-few-shot.png").stat().st_size > 1000
 
 
+RIGHT_TO_LEFT = """
+const message = addMessage("user", [], "\u05e9\u05d0\u05dc\u05d4?");  // Hebrew: its "?" at the left
+const english = addMessage("assistant", [], "an answer");
+const input = document.getElementById("chat-input"), query = document.getElementById("query-text");
+const answer = document.querySelector("#demos .answer");
+const before = [input.value, query.value, answer.value];
+input.value = query.value = answer.value = "\u0645\u0631\u062d\u0628\u0627!";  // Arabic
+const got = [message.querySelector(".text"), english.querySelector(".text"), input, query, answer].map(
+  (el) => getComputedStyle(el).direction);
+[input.value, query.value, answer.value] = before;
+message.remove();
+english.remove();
+return got;
+"""
 KEY = "page-key"
 DROP = """
 const [name, type, b64] = arguments;

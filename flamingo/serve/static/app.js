@@ -347,6 +347,7 @@ function addMessage(role, media, text) {
   for (const medium of media) el.append(preview(medium));
   const body = document.createElement("div");
   body.className = "text";
+  body.dir = "auto";  // each message in its own text's direction (Hebrew, Arabic)
   body.textContent = text;
   el.append(body);
   const stats = document.createElement("div");

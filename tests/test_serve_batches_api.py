@@ -21,6 +21,7 @@ import pytest
 from flamingo.serve import batch_lines, batch_runner, batch_store
 from flamingo.serve.app import ServeSettings, create_app
 from flamingo.serve.batch_runner import COMPLETION_WINDOWS
+from flamingo.serve.batches import attachment
 from flamingo.tiny import random_image
 
 from serve_helpers import data_url, engine_for, openai_client, running_server, save_tiny_model
@@ -672,3 +673,18 @@ def test_a_line_waits_out_a_full_queue_as_long_as_it_takes_until_the_batch_stops
     stopped = asyncio.Event()
     stopped.set()
     assert asyncio.run(run(stopped)) is None
+
+
+def test_a_download_is_named_as_uploaded_in_any_script(served):
+    """`filename*` (RFC 6266) carries the UTF-8 name, which `filename="..."` cannot (user agents do not decode a
+    percent-encoded one), with a printable-ASCII stand-in beside it; a plain name goes as it is."""
+    client = openai_client(served)
+    for name, disposition in (("数据 🦩.jsonl", "attachment; filename=\"__ _.jsonl\"; "
+                                               "filename*=UTF-8''%E6%95%B0%E6%8D%AE%20%F0%9F%A6%A9.jsonl"),
+                              ("plain name.jsonl", 'attachment; filename="plain name.jsonl"')):
+        uploaded = client.files.create(file=(name, _jsonl([_line("a", _chat(1))])), purpose="batch")
+        assert uploaded.filename == name
+        response = httpx.get(f"{served}/v1/files/{uploaded.id}/content", timeout=60)
+        assert response.headers["content-disposition"] == disposition
+    assert attachment('say "hi".jsonl') == \
+        "attachment; filename=\"say _hi_.jsonl\"; filename*=UTF-8''say%20%22hi%22.jsonl"

@@ -39,6 +39,15 @@ EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range of a file's lifetime: 
 UPLOAD_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")  # the openai client's names
 
 
+def attachment(filename: str) -> str:
+    """The `Content-Disposition` of a download named `filename` (any script): its UTF-8 name in `filename*` (RFC
+    6266, 5987), which user agents read, and a printable-ASCII one in `filename` for those that do not."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    if plain == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
     """OpenAI's expiry policy `{anchor: "created_at", seconds: N}` -> N, or a 400 naming the part at fault."""
     if anchor != "created_at":
@@ -220,8 +229,8 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
         size = os.fstat(handle.fileno()).st_size
         return StreamingResponse(chunks(), media_type="application/octet-stream",
-                                 headers={"content-length": str(size), "content-disposition":
-                                          f'attachment; filename="{quote(record.body["filename"])}"'})
+                                 headers={"content-length": str(size),
+                                          "content-disposition": attachment(record.body["filename"])})
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> JSONResponse:

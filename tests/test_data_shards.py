@@ -212,7 +212,7 @@ def test_a_gzipped_shard_corrupt_in_the_middle_is_warned_about_and_counted(tmp_p
 BOM = "\ufeff"
 
 
-def _pair_tables(root, n: int = 3) -> dict[str, str]:
+def _pair_tables(root, n: int = 3, encoding: str = "utf-8") -> dict[str, str]:
     rows = []
     for i in range(n):
         (root / f"{i}.png").write_bytes(image_bytes(i))
@@ -221,14 +221,16 @@ def _pair_tables(root, n: int = 3) -> dict[str, str]:
     table = "image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows)
     files = {"pairs.jsonl": lines, "pairs.csv": table, "pairs.json": json.dumps(rows)}
     for name, text in files.items():
-        (root / name).write_text(BOM + text, encoding="utf-8")
+        (root / name).write_text(BOM + text, encoding=encoding)  # (UTF-16/32: the BOM in that encoding)
     return {name: str(root / name) for name in files}
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16-le", "utf-16-be", "utf-32-le"])
 @pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.csv", "pairs.json"])
-def test_tables_written_with_a_byte_order_mark_lose_no_record(tmp_path, processor, name):
-    """Excel's "CSV UTF-8" and Notepad start the file with a BOM: not part of the first field name or line."""
-    path = _pair_tables(tmp_path)[name]
+def test_tables_written_with_a_byte_order_mark_lose_no_record(tmp_path, processor, name, encoding):
+    """Excel's "CSV UTF-8" and Notepad start the file with a BOM: not part of the first field name or line. Notepad's
+    "Unicode" (and Excel's "Unicode Text") is UTF-16 with a BOM, read as such (every row was lost as bad JSON)."""
+    path = _pair_tables(tmp_path, encoding=encoding)[name]
     batches, source, _ = _epoch(DatasetSection("p", "pairs", path, 1), processor)
     assert len(batches) == 3 and source.skipped == {}
 

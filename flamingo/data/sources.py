@@ -84,7 +84,7 @@ def _directory_files(name: str) -> list[str]:
 def _check_json_table(path: str) -> None:
     """A `.json` table must hold a JSON list: one that does not (a tool's `{...}` summary named `.json`) is refused
     when the dataset is built, naming it, not when an epoch reaches it."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with open(path, encoding=table_encoding(path), errors="replace") as f:
         head = ""
         while not head and (chunk := f.read(4096)):
             head = chunk.lstrip()
@@ -467,15 +467,15 @@ def read_records(path: str, tar_needs: Optional[str] = None,
                     yield RawRecord(f"{name}:{key}", path, members, shard)
         if shard.error is not None:
             yield RawRecord(f"{name}:{shard.cut}", path, {}, shard, lost=("bad_shard", f"{path}: {shard.error}"))
-    elif low.endswith(".jsonl"):  # (utf-8-sig: a byte-order mark, as Excel and Notepad write, is not data)
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
+    elif low.endswith(".jsonl"):  # (a byte-order mark, as Excel and Notepad write, is not data)
+        with open(path, encoding=table_encoding(path), errors="replace") as f:
             for i, line in enumerate(f, 1):  # keyed by line number, as an editor counts them
                 if line.strip():
                     yield RawRecord(f"{name}:{i}", path, line)
     elif low.endswith(".csv"):
         yield from _csv_records(path, name)
     elif low.endswith(".json"):
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
+        with open(path, encoding=table_encoding(path), errors="replace") as f:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
@@ -508,7 +508,7 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
     field. Where the parser cannot go on, each line from the failed row on stands for a lost row, counted as
     `bad_record` (and the file is warned about, with the line)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    with open(path, newline="", encoding=table_encoding(path), errors="replace") as f:
         lines = _Lines(f)
         line = 0  # the line the header or the last row read ended on
         try:
@@ -531,6 +531,14 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
 # UTF-32 LE's.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def table_encoding(path: str) -> str:
+    """The codec that reads the table (JSONL, CSV, JSON) at `path`: the UTF-16 or UTF-32 its byte-order mark
+    announces (Notepad's "Unicode", Excel's "Unicode Text"), else UTF-8, a byte-order mark dropped."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8-sig")
 
 
 def decode_text(data: bytes) -> str:

@@ -240,3 +240,18 @@ def test_a_final_directory_holding_other_files_is_refused_before_step_one(world)
         f.write("what this run was")
     with pytest.raises(ValueError, match="my_notes.txt, which no save writes"):
         Trainer(load_config(train_config(root, vision, lm, data, steps=1, out=out, interleaved=False, progress=False)))
+
+
+@pytest.mark.parametrize("name", ["trained.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"])
+def test_a_damaged_checkpoint_file_is_named_when_the_run_resumes(world, name):
+    """A checkpoint file cut short (a copy cut off, a crash before the disk held it): resuming says which file of
+    which checkpoint, and how to go on, not safetensors' or json's bare error."""
+    root, vision, lm, data = world
+    out = os.path.join(root, f"run-damaged-{name}")
+    path = train_config(root, vision, lm, data, steps=1, out=out, interleaved=False)
+    assert Trainer(load_config(path)).run()
+    checkpoint = os.path.join(out, "checkpoints", "step_00000001")
+    with open(os.path.join(checkpoint, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(checkpoint, name)) // 2 if name != "state.json" else 0)
+    with pytest.raises(ValueError, match=f"{name}' cannot be read .*damaged.*move the directory aside"):
+        Trainer(load_config(path, ["train.steps=2"]))

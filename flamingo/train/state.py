@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -101,7 +101,7 @@ def restore_rng(path: str, state: dict[str, Any], rank: int, seed: int, device: 
     """Restore rank `rank`'s generator states from checkpoint `path` (state.json's content `state`). A rank the
     checkpoint's run did not have is seeded as a fresh run's rank is (`seed_rank`): returns False then. A checkpoint
     written before per-rank states holds rank 0's alone."""
-    tensors = load_file(os.path.join(path, "rng.safetensors"))
+    tensors = _tensors(path, "rng.safetensors")
     others = state["rng"]
     if isinstance(others, dict):  # rank 0's, unprefixed keys
         tensors, others = {f"rank0/{k}": v for k, v in tensors.items()}, [others]
@@ -199,20 +199,46 @@ def save_checkpoint(output_dir: str, step: int, trained: dict[str, torch.Tensor]
         save_file({**optimizer_tensors, **scheduler_tensors}, os.path.join(tmp, OPTIMIZER_FILE),
                   metadata={"optimizer": json.dumps(optimizer_tree), "scheduler": json.dumps(scheduler_tree)})
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump({"step": step, "rng": [other for _, other in rng], **state}, f)
     for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def _damaged(path: str, name: str, e: Exception) -> ValueError:
+    return ValueError(f"{os.path.join(path, name)!r} cannot be read ({e}): the checkpoint is damaged (a copy cut off, "
+                      "or a crash before the disk held its files?); move the directory aside to resume from the "
+                      "checkpoint before it")
+
+
+def _tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a damaged one is a ValueError naming it (safetensors' own error names none)."""
+    try:
+        return load_file(os.path.join(path, name))
+    except SafetensorError as e:
+        raise _damaged(path, name, e) from e
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """A checkpoint's state.json; a damaged one is a ValueError naming it."""
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, "state.json", e) from e
+    if not isinstance(state, dict):
+        raise _damaged(path, "state.json", ValueError("not a JSON object"))
+    return state
+
+
 def _optimizer_and_scheduler_state(path: str, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     file = os.path.join(path, OPTIMIZER_FILE)
     if not os.path.isfile(file):  # written before optimizer.safetensors
         return torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True), state["scheduler"]
+    tensors = _tensors(path, OPTIMIZER_FILE)
     with safe_open(file, "pt") as f:
         metadata = f.metadata()
-    tensors = load_file(file)
     return (state_codec.decode(json.loads(metadata["optimizer"]), tensors),
             state_codec.decode(json.loads(metadata["scheduler"]), tensors))
 
@@ -309,9 +335,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     a shared or copied file system). `optim_kind`: the config's `optim.kind`, compared with the checkpoint's
     (`check_resumable`). The optimizer state moves between layouts: FSDP writes it keyed by parameter name, one
     process and DDP by index, and either loads into the other."""
-    trained = load_file(os.path.join(path, "trained.safetensors"))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    trained = _tensors(path, "trained.safetensors")
+    state = read_state(path)
     check_resumable(path, state, model, trained, optim_kind)
     optimizer_state, scheduler_state = _optimizer_and_scheduler_state(path, state)
     saved_sharded = "fsdp_full" in optimizer_state

@@ -54,6 +54,7 @@ from .state import (
     list_checkpoints,
     load_checkpoint,
     rank_entry,
+    read_state,
     remove_stale_writes,
     restore_rng,
     rng_state,
@@ -116,8 +117,7 @@ def run_revisions(output_dir: str) -> dict[str, str]:
     path = latest_checkpoint(output_dir) if output_dir else None
     if path is None:
         return {}
-    with open(os.path.join(path, "state.json")) as f:
-        saved = json.load(f).get("backbone_revisions") or {}
+    saved = read_state(path).get("backbone_revisions") or {}
     return {k: v for k, v in saved.items() if k in REVISION_KEYS and isinstance(v, str)}
 
 

@@ -95,3 +95,35 @@ def test_saved_weights_get_the_mode_of_every_other_file_of_the_save(tmp_path):
              for p in (tmp_path / "saved").rglob("*") if p.is_file()}
     assert "saved/flamingo.safetensors" in modes and "saved/lm/model.safetensors" in modes
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_every_file_of_a_write_is_on_the_disk_before_it_is_renamed_in(tmp_path, monkeypatch):
+    """A rename can reach the disk before the files' data (a power loss, a node's crash): every file, and the
+    directories, are flushed first, then the parent holding the renames."""
+    synced: list[str] = []
+    renamed: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        renamed.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint_io.os, "replace", replace)
+    target = tmp_path / "ckpt"
+    with atomic_directory(str(target), "state.json", "a checkpoint") as tmp:
+        os.makedirs(os.path.join(tmp, "lm"))
+        for name in ("state.json", "lm/weights.bin"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("x")
+    files = [os.path.join(tmp, "state.json"), os.path.join(tmp, "lm", "weights.bin")]
+    assert set(files + [tmp, os.path.join(tmp, "lm")]) <= set(synced[:-1]) and renamed == [tmp]
+    assert synced[-1] == str(tmp_path)  # the rename, after it
+    with checkpoint_io.atomic_file(str(tmp_path / "out.jsonl")) as path:
+        with open(path, "w") as f:
+            f.write("{}\n")
+    assert synced[-2:] == [path, str(tmp_path)]

@@ -104,6 +104,7 @@ def atomic_directory(target: str, marker: str, what: str,
     try:
         yield tmp
         readable_as_created(tmp)
+        sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,7 +122,40 @@ def atomic_directory(target: str, marker: str, what: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"{what} {target!r} was not written: it could not be swapped in ({e}; another write to it "
                          "at the same time?); nothing of this write is left") from e
+    _sync_directory(parent)  # the renames
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(root: str) -> None:
+    """Flush every file under `root`, and the directories, to the disk: renamed into place, a write is then whole
+    after a power loss or a node's crash too (a rename alone can land before the files' data, leaving them empty)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                _sync_file(os.path.join(directory, name))
+        _sync_directory(directory)
+
+
+def _sync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(path: str) -> None:
+    """Flush a directory's entries (where the platform can: Windows opens no directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -162,7 +196,10 @@ def atomic_file(path: str) -> Iterator[str]:
     tmp = _sibling(path, "tmp")
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            _sync_file(tmp)
         os.replace(tmp, path)
+        _sync_directory(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

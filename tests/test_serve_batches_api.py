@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -688,3 +689,39 @@ def test_a_download_is_named_as_uploaded_in_any_script(served):
         assert response.headers["content-disposition"] == disposition
     assert attachment('say "hi".jsonl') == \
         "attachment; filename=\"say _hi_.jsonl\"; filename*=UTF-8''say%20%22hi%22.jsonl"
+
+
+def test_a_failed_write_of_a_batch_record_leaves_the_worker_running(model_dir, tmp_path, monkeypatch):
+    """A moment of full disk as the worker writes a batch's record: logged, the batch runs, and so do the batches
+    after it (before: the error ended the worker's task, and every later batch stayed `validating`)."""
+    save = batch_store.BatchStore.save_batch
+    failed = []
+
+    def save_once_full(self, record):
+        if record.interrupted_runs > 0 and not failed:  # the worker's write as the batch starts
+            failed.append(record.body["id"])
+            raise OSError(28, "No space left on device")
+        save(self, record)
+
+    monkeypatch.setattr(batch_store.BatchStore, "save_batch", save_once_full)
+    with _serving(model_dir, tmp_path / "batches") as url:
+        client = openai_client(url)
+        for i in range(2):
+            batch = client.batches.create(input_file_id=_upload(client, [_line("a", _chat(i, max_tokens=2))]).id,
+                                          endpoint="/v1/chat/completions", completion_window="24h")
+            assert _wait(client, batch.id, timeout=30).status == "completed"
+    assert len(failed) == 1
+
+
+def test_an_upload_onto_a_full_disk_is_507_and_leaves_no_content(served, served_dir, monkeypatch):
+    """The client is told the server's disk is full (a 5xx it may retry), not 'internal error: OSError'."""
+    before = sorted(os.listdir(served_dir / "files"))
+
+    def full(self, path, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batch_store.BatchStore, "_write", full)
+    response = httpx.post(f"{served}/v1/files", data={"purpose": "batch"}, timeout=60,
+                          files={"file": ("r.jsonl", _jsonl([_line("a", _chat(1))]), "application/jsonl")})
+    assert response.status_code == 507 and "disk is full" in response.json()["error"]["message"]
+    assert sorted(os.listdir(served_dir / "files")) == before

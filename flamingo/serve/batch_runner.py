@@ -164,7 +164,7 @@ class BatchRunner:
                 continue
             self.running, self._stop, self._expired = record.body["id"], asyncio.Event(), False
             record.interrupted_runs += 1  # until the run ends: a process that dies in it leaves it counted
-            self.store.save_batch(record)
+            self._save(record)
             try:
                 await self._run(record)
             except Exception as e:  # a batch that cannot run must not stop the ones after it
@@ -175,7 +175,15 @@ class BatchRunner:
             finally:  # ended, cancelled by the server's stop included
                 self.running = None
                 record.interrupted_runs = 0
-                self.store.save_batch(record)
+                self._save(record)
+
+    def _save(self, record: Record) -> None:
+        """The worker's writes of a batch's record: one that fails (a full disk) is logged and the worker goes on
+        with the next batch; the record on disk stays as it was (an active one runs again on the next start)."""
+        try:
+            self.store.save_batch(record)
+        except OSError:
+            log.exception("writing batch %s's record failed", record.body["id"])
 
     async def _run(self, record: Record) -> None:
         body = record.body

@@ -14,6 +14,8 @@ Storage: serve/batch_store.py; running: serve/batch_runner.py.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -190,9 +192,17 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         file_id = new_id("file-")
         try:
             size = await run_in_threadpool(s.write_content, file_id, lambda f: shutil.copyfileobj(upload.file, f))
+            record = s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose, expires_after)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no content left behind without its object
+                os.remove(s.content_path(file_id))
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise APIError(507, "the server's disk is full: the file was not stored; try again later",
+                           code="insufficient_storage") from None
         finally:
             await upload.close()
-        return JSONResponse(s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose, expires_after).body)
+        return JSONResponse(record.body)
 
     @app.get("/v1/files")
     async def list_files(request: Request) -> JSONResponse:

@@ -112,6 +112,23 @@ def test_printed_dataset_path_names_every_packed_shard(tmp_path, pattern):
     assert expand_path(result["path"]) == result["shards"]
 
 
+def test_pack_into_an_earlier_packs_shards_is_refused(tmp_path, capsys):
+    """A pack run again into the same --out (with another --shard-size, after rows were fixed): its shards are
+    written in place, so the earlier ones past its last would be read as part of the dataset (18 samples of 12)."""
+    pairs = make_pairs(str(tmp_path / "p"), 12, bad=False)
+    out = tmp_path / "out"
+    assert main(["data", "pack", "--from", pairs["path"], "--out", str(out), "--shard-size", "2"]) == 0
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    for target in (str(out), str(out / "shard-%06d.tar")):
+        assert main(["data", "pack", "--from", pairs["path"], "--out", target, "--shard-size", "5"]) == 2
+        assert "already holds 6 shard(s) of an earlier pack (shard-000000.tar, shard-000001.tar, " \
+               "shard-000002.tar, ...)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    (out / "notes.txt").write_text("kept")  # files the pattern does not name are no shards
+    assert main(["data", "pack", "--from", pairs["path"], "--out", str(out / "s5-%d.tar"), "--shard-size", "5"]) == 0
+
+
 def test_pack_with_no_good_row_fails_saying_why(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"image": "missing.png", "caption": "a red square."}) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from typing import Any, Iterator, Optional
@@ -50,6 +51,21 @@ class Unpackable(Exception):
         self.reason = reason
 
 
+def earlier_shards(pattern: str) -> list[str]:
+    """The files that `pattern` (one %d field) names, already there, sorted."""
+    mark = "987654321"
+    named = pattern % int(mark)
+    if named.count(mark) != 1:  # (a %x or %o field: names not checked)
+        return []
+    head, tail = named.split(mark)
+    directory = os.path.dirname(os.path.abspath(named))
+    shard = re.compile(re.escape(os.path.basename(head)) + r"\d+" + re.escape(tail))
+    if not os.path.isdir(directory) or os.path.dirname(head) != os.path.dirname(named):
+        return []
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                  if shard.fullmatch(n) and os.path.isfile(os.path.join(directory, n)))
+
+
 class ShardWriter:
     """Writes members into `pattern % index` tars, starting a new shard every `shard_size` samples."""
 
@@ -78,6 +94,12 @@ class ShardWriter:
         path = blocking_file(os.path.dirname(os.path.abspath(first)))
         if path is not None:
             raise ValueError(f"--out {out!r}: the shards' directory cannot be made, {path!r} is a file")
+        earlier = earlier_shards(pattern)
+        if earlier:
+            names = ", ".join(os.path.basename(p) for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ValueError(f"--out {out!r} already holds {len(earlier)} shard(s) of an earlier pack ({names}): "
+                             "a pack writes its shards in place, so those past the new last one would stay and be "
+                             "read as part of the dataset; remove them, or pack into a new directory")
         self.pattern, self.shard_size = pattern, shard_size
         self.paths: list[str] = []
         self._tar: Optional[tarfile.TarFile] = None

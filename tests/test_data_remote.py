@@ -27,9 +27,28 @@ from flamingo.train.config import DatasetSection
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []
+    damaged: dict[str, str] = {}  # path -> how its next answer is damaged ("html" or "cut"), once
 
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         _Handler.requests.append(self.path)
+        damage = _Handler.damaged.pop(self.path, None)
+        if damage == "html":  # a proxy's or a rate limiter's page, answered 200
+            body = b"<html><body>Too many requests, try again later</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if damage == "cut":  # no length, and the connection ends half way
+            with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
+                data = f.read()
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return
         if self.path.startswith("/api/datasets/someone/shards/tree/main"):  # the Hub's listing of the repository
             root = self.directory
             files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
@@ -57,7 +76,7 @@ def server(tmp_path):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    _Handler.requests = []
+    _Handler.requests, _Handler.damaged = [], {}
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
@@ -180,6 +199,31 @@ def test_an_unreachable_shard_is_skipped_with_a_warning_and_the_cache_keeps_its_
         fetcher.fetch(f"{url}/shard-000004.tar")
     with pytest.raises(ValueError, match="remote data must be tar shards"):
         expand_path(f"{url}/pairs.jsonl")
+
+
+@pytest.mark.parametrize("damage", ["html", "cut"])
+def test_a_damaged_download_is_fetched_again_not_cached(tmp_path, server, damage):
+    """A 200 whose body is no whole tar (a proxy's HTML page; a body cut short without a Content-Length) is an
+    attempt that failed: cached, it would be read damaged in every epoch and never fetched again. Partial downloads
+    another process left (killed mid-download) are removed; this process's own threads' stay."""
+    root, url = server
+    make_pair_shards(str(root), 6, 3)
+    fetcher = ShardFetcher(str(tmp_path / "cache"), 2**30, retries=2)
+    source = f"{url}/shard-000001.tar"
+    os.makedirs(tmp_path / "cache")
+    stale, ours = (fetcher.local_path(source) + f".part-{pid}-1" for pid in (2**22 + 7, os.getpid()))
+    for path in (stale, ours):
+        with open(path, "wb") as f:
+            f.write(b"half a shard")
+    _Handler.damaged["/shard-000001.tar"] = damage
+    local = fetcher.fetch(source)
+    try:
+        with open(local, "rb") as f, open(root / "shard-000001.tar", "rb") as g:
+            assert f.read() == g.read()
+    finally:
+        fetcher.release(local)
+    assert _Handler.requests.count("/shard-000001.tar") == 2
+    assert not os.path.exists(stale) and os.path.exists(ours)
 
 
 def test_a_gzipped_shard_is_cached_decompressed_and_gives_the_plain_shards_batches(tmp_path, server, processor):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Optional
 
 from ..runtime.hub import HF_DATASET
+from .tars import tar_damage
 
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -100,6 +101,19 @@ def _download_lock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_stale_parts(path: str) -> None:
+    """Remove the partial downloads of `path` that other processes left (killed mid-download: a preempted job, an
+    OOM-killed worker), which nothing else would delete and the cache's size does not count. Called under the
+    download lock, which no other process holds then; this process's other threads may be downloading: theirs stay."""
+    prefix = os.path.basename(path) + ".part-"
+    mine = f"{prefix}{os.getpid()}-"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(os.path.dirname(path)):
+            if entry.name.startswith(prefix) and not entry.name.startswith(mine):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
 
 
 def is_remote(path: str) -> bool:
@@ -303,6 +317,7 @@ class ShardFetcher:
                 self._download_with_retries(source, path)
 
     def _download_with_retries(self, source: str, path: str) -> None:
+        _remove_stale_parts(path)
         error: Optional[Exception] = None
         for attempt in range(max(1, self.retries)):
             if attempt:
@@ -311,6 +326,9 @@ class ShardFetcher:
             try:
                 self._download(source, part)
                 _decompress_in_place(part)
+                damage = tar_damage(part)  # (a page a proxy sent, a body cut short without a length)
+                if damage is not None:  # cached, it would be read damaged every epoch and never fetched again
+                    raise ValueError(f"the download is not a whole tar shard: {damage}")
                 os.replace(part, path)  # atomic: readers see a whole shard or none
                 return
             except (OSError, http.client.HTTPException, subprocess.SubprocessError, ValueError) as e:

@@ -39,6 +39,7 @@ from .remote import (
     is_remote,
     list_hub_shards,
 )
+from .tars import read_members
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".json")
 # Tar members read as media, as a table's paths are: the image formats PIL decodes (an animated one is read as a
@@ -299,27 +300,6 @@ def _open_tar(path: str) -> tarfile.TarFile:
     return tarfile.open(path, "r:")
 
 
-def _read_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], Optional[str]]:
-    """The file members of `tf`, and why it does not end as a tar ends (None when it does). tarfile takes a missing,
-    cut or corrupt header after the first member for the end of the archive, so a shard cut at or inside a header
-    (an interrupted `pack` or copy, a shard still being written) would read as whole: the end-of-archive block (a
-    zero block) must be where the headers stop."""
-    members: list[tarfile.TarInfo] = []
-    try:
-        for m in tf:
-            if m.isfile():
-                members.append(m)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        return members, f"{type(e).__name__}: {e}"
-    tf.fileobj.seek(tf.offset)
-    block = tf.fileobj.read(tarfile.BLOCKSIZE)
-    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
-        return members, None
-    found = ("the file ends" if not block else "a cut header" if len(block) < tarfile.BLOCKSIZE
-             else "an unreadable header")
-    return members, f"{found} at byte {tf.offset}, where a member or the end-of-archive block should be"
-
-
 def _index(path: str) -> tuple[Any, Optional[_PlainCopy], list[tarfile.TarInfo], Optional[str]]:
     """(open file, uncompressed copy of a compressed shard, file members, why the shard is damaged or None)."""
     tf, plain, error = None, None, None
@@ -331,7 +311,7 @@ def _index(path: str) -> tuple[Any, Optional[_PlainCopy], list[tarfile.TarInfo],
         tf = plain.open() if plain is not None else _open_tar(path)
     except (tarfile.TarError, OSError, EOFError) as e:
         return None, plain, [], error or f"{type(e).__name__}: {e}"
-    members, end_error = _read_members(tf)
+    members, end_error = read_members(tf)
     return tf, plain, members, error or end_error
 
 
@@ -353,7 +333,7 @@ def _unique_names(members: list[tarfile.TarInfo], name_of: Callable[[tarfile.Tar
 def open_shard(path: str) -> TarShard:
     """Index a tar shard (member headers only), cached per process (forked DataLoader workers reopen theirs). A
     compressed one (gzip, bzip2, xz) is decompressed once first (`_PlainCopy`). A damaged one (truncated, corrupt:
-    `_read_members`) is warned about, and its last group, the sample at the damage, is left out: `read_records`
+    `tars.read_members`) is warned about, and its last group, the sample at the damage, is left out: `read_records`
     counts it as `bad_shard`. Members are grouped as WebDataset groups them: consecutive members sharing a key, a
     new group where the key changes or an extension repeats. A key that comes again (`a.jpg a.txt a.jpg a.txt`: a
     sample appended again, a re-run writer; or further on in the shard) keeps its first group as the sample; each

@@ -127,3 +127,30 @@ def test_every_file_of_a_write_is_on_the_disk_before_it_is_renamed_in(tmp_path, 
         with open(path, "w") as f:
             f.write("{}\n")
     assert synced[-2:] == [path, str(tmp_path)]
+
+
+_FULL_DISK = """
+import errno, resource, signal, sys, torch
+from safetensors.torch import save_file
+from flamingo.runtime.checkpoint_io import atomic_directory
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as ENOSPC on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    with atomic_directory(sys.argv[1], "state.json", "a training checkpoint") as tmp:
+        save_file({"w": torch.zeros(1 << 16)}, tmp + "/trained.safetensors")
+except OSError as e:
+    print(e.errno == errno.EFBIG, e)
+"""
+
+
+def test_a_full_disk_under_safetensors_is_an_oserror_naming_the_write(tmp_path):
+    """safetensors raises its own error for a failed write (neither OSError nor naming the file): the CLI printed a
+    traceback where it prints one line for any OSError."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "ckpt"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(target)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("True ") and f"a training checkpoint {str(target)!r} was not written" in out.stdout, \
+        out.stderr[-2000:]
+    assert "File too large" in out.stdout and os.listdir(tmp_path) == []

@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
+from safetensors import SafetensorError
+
 # the siblings a write leaves while it runs: `<target>.tmp-<pid>[-<thread>]` (being filled), `<target>.old-<pid>[...]`
 # (being replaced); the thread id keeps two threads' writes to one target apart
 _UNFINISHED_RE = re.compile(r"^(.+)\.(tmp|old)-\d+(?:-\d+)?$")
@@ -105,6 +107,13 @@ def atomic_directory(target: str, marker: str, what: str,
         yield tmp
         readable_as_created(tmp)
         sync_tree(tmp)
+    except SafetensorError as e:  # safetensors' I/O errors (a full disk) are no OSError, and name no file
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), f"{what} {target!r} was not written ({e}); nothing of this write is "
+                                          "left") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

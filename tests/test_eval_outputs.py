@@ -121,3 +121,24 @@ def test_results_record_the_weights_the_model_was_evaluated_with(tmp_path):
         results = evaluate(model.to(dtype).eval(), processor, "vqa", str(data), shots=[0], trials=1,
                            out_dir=str(tmp_path / name), **QUICK)
         assert (results["settings"]["dtype"], results["settings"]["quantize_frozen"]) == (name, "none")
+
+
+def test_a_run_killed_while_writing_results_leaves_the_earlier_ones_whole(model_and_processor, tmp_path,
+                                                                          monkeypatch):
+    """Every file of the results is written whole or not at all: a run killed half way through results.json left a
+    cut file, and the same command run again refused the directory as 'not a results file of flamingo eval'."""
+    model, processor = model_and_processor
+    data, out = make_vqa(tmp_path / "data"), tmp_path / "out"
+    evaluate(model, processor, "vqa", str(data), shots=[0], trials=1, out_dir=str(out), **QUICK)
+    before = (out / "results.json").read_text()
+
+    def killed(obj, f, **kwargs):
+        f.write(json.dumps(obj)[:100])
+        raise KeyboardInterrupt  # as a kill half way
+
+    monkeypatch.setattr(json, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, processor, "vqa", str(data), shots=[0], trials=1, out_dir=str(out), **QUICK)
+    monkeypatch.undo()
+    assert (out / "results.json").read_text() == before
+    evaluate(model, processor, "vqa", str(data), shots=[0], trials=1, out_dir=str(out), **QUICK)  # the retry

@@ -24,6 +24,7 @@ from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor
 from ..runtime import figure, init_process_group_from_env
+from ..runtime.checkpoint_io import atomic_file
 from ..runtime.hub import HF_DATASET, dataset_dir
 from .demos import (
     ZERO_SHOT_TEXT_DEMOS,
@@ -493,13 +494,17 @@ def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], li
         if (m := PREDICTION_FILE.fullmatch(old.name)) and m.group(1) == results["task"]:
             old.unlink()
     (out / "results.png").unlink(missing_ok=True)  # `plot` writes none when every query was skipped
+    # each file whole or not at all (a run killed while writing leaves the previous one: a cut results.json would
+    # make the same command refuse the directory)
     for (k, trial), records in predictions.items():
-        with open(out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl", "w", encoding="utf-8") as f:
+        name = out / "predictions" / f"{results['task']}_{k}shot_trial{trial}.jsonl"
+        with atomic_file(str(name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
-    with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
+    with atomic_file(str(out / "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(markdown_table(results))
+    with atomic_file(str(out / RESULTS_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
     try:
         figure()  # whether matplotlib imports (the empty figure is dropped)
     except ImportError:

@@ -294,3 +294,65 @@ def test_ranked_requests_carry_each_candidate_as_the_prompt_with_its_answer_toke
                                                   [["yes", "no"]] * 2)
     assert [body["prompt"] for body in sent] == [[processor.prompt_ids(text + task.continuation(c))
                                                   for c in ("yes", "no")] for text, _ in prompts]
+
+
+class _Flaky:
+    """An HTTP server whose answers to POSTs follow `script` ("reset": the connection dropped; a status: an empty
+    error answer; "ok": a JSON answer), then "ok"."""
+
+    def __init__(self, script: list):
+        import http.server
+        import socket
+        import struct
+        import threading
+
+        self.script, self.posts = list(script), 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the base class's name)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.posts += 1
+                step = outer.script.pop(0) if outer.script else "ok"
+                if step == "reset":  # as a restarting load balancer: RST, no answer
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                body = b'{"ok": true}' if step == "ok" else b""
+                self.send_response(200 if step == "ok" else step)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.mark.parametrize("script", [["reset"], [503, 502], ["reset", 500, 504]])
+def test_a_dropped_connection_or_a_5xx_is_asked_again(script, monkeypatch):
+    """Every request is greedy decoding or scoring (the same answer whenever asked): a reset, a cut answer or the
+    5xx of a restarting or draining server is asked again a few times, 1 s, 2 s, ... apart, before the evaluation
+    ends (one dropped connection ended a whole run, keeping nothing)."""
+    import flamingo.eval.remote as remote
+
+    waits: list[float] = []
+    monkeypatch.setattr(remote.time, "sleep", waits.append)
+    server = _Flaky(script)
+    try:
+        assert RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"}) == {"ok": True}
+        assert server.posts == len(script) + 1 and waits == [1, 2, 4][:len(script)]
+        server.script, server.posts = ["reset", 503, "reset", 502], 0
+        with pytest.raises(RuntimeError, match="answered 502"):
+            RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"})
+        assert server.posts == 4
+        server.script, server.posts = [400], 0  # the request itself is wrong: asked once
+        with pytest.raises(RuntimeError, match="answered 400"):
+            RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"})
+        assert server.posts == 1
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

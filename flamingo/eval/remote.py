@@ -35,6 +35,11 @@ from .task import Sample, Task
 
 CANDIDATES_PER_REQUEST = 16  # continuations scored per request (within a server's queue; its answer stays small)
 BUSY_RETRIES = 30  # a busy server (429) is asked again after its Retry-After, this many times
+# A transient failure (a reset or timed-out connection, a cut answer, a 5xx a restarting or draining server or a proxy
+# gives) is asked again this many times, 1 s, 2 s, 4 s ... apart: every request is greedy decoding or scoring, the
+# same answer whenever it is asked, and one dropped connection must not end an evaluation
+TRANSIENT_RETRIES = 3
+TRANSIENT_STATUS = (408, 500, 502, 503, 504)
 
 
 def media_type(path: str) -> str:
@@ -168,22 +173,31 @@ class RemoteModel:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers)
-        attempt = 0
+        busy = failed = 0
         while True:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (the user's)
                     text = response.read()
                 break
             except urllib.error.HTTPError as e:
-                attempt += 1
-                if e.code != 429 or attempt > BUSY_RETRIES:
+                if e.code == 429 and busy < BUSY_RETRIES:
+                    busy += 1
+                    time.sleep(float(e.headers.get("Retry-After") or 1))  # the server's queue is full: wait, ask again
+                elif e.code in TRANSIENT_STATUS and failed < TRANSIENT_RETRIES:
+                    e.close()
+                    time.sleep(2 ** failed)
+                    failed += 1
+                else:
                     raise self._error(e) from None
-                time.sleep(float(e.headers.get("Retry-After") or 1))  # the server's queue is full: wait, ask again
             except urllib.error.URLError as e:
                 raise ServerError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
             except (OSError, http.client.HTTPException) as e:  # a timeout, a reset or a cut answer while it was read
-                raise ServerError(f"no answer from the server at {self.base_url}{path}: {type(e).__name__}: {e}"
-                                  ) from None
+                if failed < TRANSIENT_RETRIES:
+                    time.sleep(2 ** failed)
+                    failed += 1
+                    continue
+                raise ServerError(f"no answer from the server at {self.base_url}{path} after {failed + 1} attempts: "
+                                  f"{type(e).__name__}: {e}") from None
         try:
             return json.loads(text)
         except ValueError:

@@ -255,3 +255,33 @@ def test_a_damaged_checkpoint_file_is_named_when_the_run_resumes(world, name):
         f.truncate(os.path.getsize(os.path.join(checkpoint, name)) // 2 if name != "state.json" else 0)
     with pytest.raises(ValueError, match=f"{name}' cannot be read .*damaged.*move the directory aside"):
         Trainer(load_config(path, ["train.steps=2"]))
+
+
+def test_a_resume_under_another_loss_average_says_so(world, caplog):
+    """`train.loss_average` changes what a step's loss is when a step has several passes: a resume under another
+    one is named in a warning, and so is one of a run written before state.json held it (which averaged its
+    passes' means: `passes`)."""
+    root, vision, lm, data = world
+    out = os.path.join(root, "run-average")
+    path = train_config(root, vision, lm, data, steps=1, out=out, interleaved=False, micro_batches=2)
+    assert Trainer(load_config(path)).run()
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path))
+    assert "loss_average" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path, ["train.steps=2", "train.loss_average=passes"]))
+    assert "with train.loss_average tokens -> passes" in caplog.text
+    caplog.clear()
+    state_path = os.path.join(out, "checkpoints", "step_00000001", "state.json")
+    with open(state_path) as f:
+        state = json.load(f)
+    del state["loss_average"]  # as an older version wrote it
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path, ["train.steps=2"]))
+    assert "with train.loss_average passes -> tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
+        Trainer(load_config(path, ["train.steps=2", "train.loss_average=passes"]))
+    assert "loss_average" not in caplog.text

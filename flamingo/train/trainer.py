@@ -408,6 +408,12 @@ class Trainer:
             log.warning("resuming from %s with train.seed %s -> %s: the datasets go on in the order they were saved "
                         "with and the random generators are the checkpoint's; the new seed applies to the validation "
                         "sources (and to ranks the run did not have) only", path, state["seed"], t.seed)
+        # a run written before state.json held it averaged its passes' means (where there were several passes)
+        saved_average = state.get("loss_average") or ("passes" if t.micro_batches > 1 or saved_world > 1 else None)
+        if saved_average not in (None, t.loss_average) and self.rank == 0:
+            log.warning("resuming from %s with train.loss_average %s -> %s: the resumed steps weigh their passes' "
+                        "losses otherwise than the run did (set train.loss_average: %s to go on as it ran)", path,
+                        saved_average, t.loss_average, saved_average)
         data_states = rank_entry(state["data"], self.rank)  # a rank the run did not have: rank 0's, restarted
         added, dropped = sorted(set(self.sources) - set(data_states)), sorted(set(data_states) - set(self.sources))
         if (added or dropped) and self.rank == 0:  # the config's datasets changed (a new name is a new dataset)
@@ -487,7 +493,7 @@ class Trainer:
                              "data": data, "optim_kind": self.config.optim.kind, "optim": asdict(self.config.optim),
                              "lm_lora": self.model.config.lm_lora, "frozen_storage": self._frozen_storage(),
                              "backbone_revisions": {k: getattr(self.model.config, k) for k in REVISION_KEYS},
-                             "seed": self.config.train.seed},
+                             "seed": self.config.train.seed, "loss_average": self.config.train.loss_average},
                             self.config.train.keep_last, rng=rng)
         if self.world > 1:
             dist.barrier()

@@ -272,6 +272,22 @@ def _check_top_level(raw: Any) -> None:
         raise ValueError(f"the config must be a mapping of sections ({', '.join(_TOP_LEVEL)}), got {raw!r}")
 
 
+def _expanded(value: Any) -> Any:
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _expand_home(config: TrainConfig) -> None:
+    """`~` in the path-valued fields, as the datasets' paths and a shell expand it (a YAML value is no shell word:
+    `train.output_dir: ~/runs/x` wrote the run under a directory named `~` in the working directory)."""
+    for key in ("vision", "lm", "init_from"):  # (a Hub name never starts with `~`)
+        setattr(config.model, key, _expanded(getattr(config.model, key)))
+    config.train.output_dir = _expanded(config.train.output_dir)
+    for dataset in config.data + config.validation:
+        for key in ("image_dir", "remote_cache_dir"):
+            if isinstance(dataset.options, dict) and key in dataset.options:
+                dataset.options[key] = _expanded(dataset.options[key])
+
+
 def parse_config(raw: dict[str, Any]) -> TrainConfig:
     _check_top_level(raw)
     unknown = set(raw) - set(_TOP_LEVEL)
@@ -286,6 +302,7 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if len(set(names)) != len(names):
         raise ValueError(f"validation dataset names must be unique, got {names}")
     config = TrainConfig(data=data, validation=validation, **sections)
+    _expand_home(config)
     # each count's least value, and what its 0 means where 0 is allowed
     for key, least, zero in (("steps", 1, ""), ("log_every", 1, ""), ("micro_batches", 1, ""), ("max_nonfinite", 1, ""),
                              ("num_workers", 0, ""), ("save_every", 0, " (0: at the end only)"),

@@ -154,3 +154,39 @@ def test_a_full_disk_under_safetensors_is_an_oserror_naming_the_write(tmp_path):
     assert out.stdout.startswith("True ") and f"a training checkpoint {str(target)!r} was not written" in out.stdout, \
         out.stderr[-2000:]
     assert "File too large" in out.stdout and os.listdir(tmp_path) == []
+
+
+def test_a_write_to_a_link_goes_where_it_points_and_keeps_it(tmp_path):
+    """A cluster's `ckpt -> /scratch/ckpt`: the write lands in the linked directory, on its disk, the link kept
+    (the link itself was moved aside and a directory made beside it, on the link's disk; the second write then
+    failed on the moved link)."""
+    (tmp_path / "scratch" / "ckpt").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    link = tmp_path / "home" / "ckpt"
+    link.symlink_to(tmp_path / "scratch" / "ckpt")
+    for step in range(2):
+        with atomic_directory(str(link), "state.json", "a checkpoint") as tmp:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                f.write(str(step))
+        assert link.is_symlink() and (tmp_path / "scratch" / "ckpt" / "state.json").read_text() == str(step)
+    assert os.listdir(tmp_path / "home") == ["ckpt"] and os.listdir(tmp_path / "scratch") == ["ckpt"]
+
+
+def test_copies_a_killed_write_left_are_named_and_removed_by_the_next_write(tmp_path):
+    """A write killed between its two renames leaves no target, the previous copy under `.old-` and the new one
+    under `.tmp-` (a whole model each): loading says so, and the next write to the target removes the copies of
+    writers that no longer run (a live one's stay)."""
+    from flamingo.runtime.hub import local_or_hub
+
+    target = tmp_path / "final"
+    dead = 2**22 + 7  # past any pid_max: no such process
+    for name in (f"final.old-{dead}-1", f"final.tmp-{dead}-1", f"final.tmp-{os.getppid()}-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"a save killed while it replaced it left final.old-{dead}-1, .*"
+                                                r"rename one to 'final'"):
+        local_or_hub(str(target), "Flamingo model")
+    with atomic_directory(str(target), "state.json", "a checkpoint") as tmp:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            f.write("{}")
+    assert sorted(os.listdir(tmp_path)) == ["final", f"final.tmp-{os.getppid()}-2"]

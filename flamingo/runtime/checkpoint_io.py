@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -22,6 +23,39 @@ def unfinished_write(name: str) -> Optional[tuple[str, str]]:
     it ended leaves beside its target (a "tmp" is never complete; an "old" is the previous copy), else None."""
     m = _UNFINISHED_RE.match(name)
     return (m.group(1), m.group(2)) if m else None
+
+
+def interrupted_copies(target: str) -> list[str]:
+    """The copies an atomic write to `target` killed between its renames or before its end left beside it
+    (`target.old-PID-TID`: the previous copy; `target.tmp-PID-TID`: the new one, whole only when the write was
+    killed after filling it), sorted."""
+    parent, name = os.path.split(os.path.abspath(target))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, e) for e in entries if (u := unfinished_write(e)) is not None and u[0] == name)
+
+
+def _remove_dead_writers_copies(target: str) -> None:
+    """Remove `interrupted_copies` of `target` whose writing process no longer runs here (a whole model's copy
+    each); a live process's write stays (it is refused at its swap, or is this one's)."""
+    for path in interrupted_copies(target):
+        pid = int(re.search(r"\.(?:tmp|old)-(\d+)(?:-\d+)?$", path).group(1))  # (its name matched this)
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # it runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):  # another user's process, or no pid
+            continue
+        if os.path.islink(path) or not os.path.isdir(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _sibling(target: str, kind: str) -> str:
@@ -97,7 +131,8 @@ def atomic_directory(target: str, marker: str, what: str,
     lands between them, this one is refused with a ValueError and leaves nothing behind (the other's copy stays);
     where the second rename fails otherwise, the previous copy is put back."""
     check_replaceable(target, marker, what, is_ours)
-    target = os.path.abspath(target)
+    # the directory a link names (a cluster's `ckpt -> /scratch/...`): written there, on its disk, the link kept
+    target = os.path.realpath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = _sibling(target, "tmp")
@@ -133,6 +168,7 @@ def atomic_directory(target: str, marker: str, what: str,
                          "at the same time?); nothing of this write is left") from e
     _sync_directory(parent)  # the renames
     shutil.rmtree(old, ignore_errors=True)
+    _remove_dead_writers_copies(target)  # what earlier writes killed between their renames left
 
 
 def sync_tree(root: str) -> None:

@@ -7,6 +7,8 @@ import os
 import re
 from typing import Literal, Optional, Sequence
 
+from .checkpoint_io import interrupted_copies
+
 # a full commit id, the name of a snapshot in the hub cache (`models--org--name/snapshots/<commit>`)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # what a repository name may look like on the Hub: `org/name`, letters, digits, `-`, `_`, `.`
@@ -44,6 +46,10 @@ def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
         raise FileNotFoundError(f"{what} {source!r} is a file, not a directory (nor a Hub repository name){hint}")
     hint = (" (a Hub repository is named org/name: the Hub's old one-word names now have an org, `gpt2` is "
             "`openai-community/gpt2`)" if _ONE_WORD.match(source) else "")
+    if copies := interrupted_copies(source):  # a save killed between its two renames
+        hint = (f": a save killed while it replaced it left {', '.join(os.path.basename(c) for c in copies)} beside "
+                "it (`.old-`: the copy saved before; `.tmp-`: the new one, whole only if the save was killed after "
+                f"writing it); rename one to {os.path.basename(os.path.abspath(source))!r}")
     raise FileNotFoundError(f"{what} directory not found: {source}{hint}")
 
 

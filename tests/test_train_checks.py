@@ -140,6 +140,8 @@ def test_int4_is_refused_for_training_when_the_config_is_read_or_the_model_carri
     with pytest.raises(ValueError, match=r"quantize_frozen \(or the saved mode of model.init_from.*is int4, which "
                                          "runs forward only"):
         Trainer(load_config(path), model=model, processor=processor)
+    with pytest.raises(ValueError, match="needs processor="):  # (was an assert: gone under `python -O`)
+        Trainer(load_config(path), model=model)
 
 
 def test_the_run_logs_what_it_quantized_and_a_loss_without_chunks(world, make_model, caplog):

@@ -267,7 +267,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if model is None:
             model, processor = build_model(config, run_revisions(t.output_dir))
-        assert processor is not None
+        if processor is None:  # (not an assert: `python -O` would fail deep in the data's encoding)
+            raise ValueError("Trainer(config, model=...) needs processor=: the processor saved with the model "
+                             "(load_pretrained returns both)")
         self.model, self.processor = model, processor
         # the LM's output rows (before quantizing or sharding changes the weight's shape): they decide the chat format
         # chat data is written in, as the model is served (`chat_format_for`)

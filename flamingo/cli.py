@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from .config import QUANTIZE_MODES
@@ -663,11 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_subcommand(sub)
     try:
         from .data.cli import add_data_subcommands
-    except ImportError:  # the data package is optional at import time (it needs extra packages)
-        add_data_subcommands = None
-    if add_data_subcommands is not None:
+    except ImportError as e:  # the data package is optional at import time (it needs extra packages): said when used
+        unavailable = sub.add_parser("data", help=f"(unavailable here: {e})")
+        unavailable.add_argument("rest", nargs=argparse.REMAINDER)
+        unavailable.set_defaults(func=partial(_data_unavailable, e))
+    else:
         add_data_subcommands(sub)
     return parser
+
+
+def _data_unavailable(error: ImportError, args: argparse.Namespace) -> int:
+    raise ValueError(f"`flamingo data` cannot run here: its package did not import ({type(error).__name__}: {error})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import http.client
@@ -38,6 +37,11 @@ from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Optional
 
 from ..runtime.hub import HF_DATASET
+
+try:
+    import fcntl  # the cache's locks: POSIX only
+except ImportError:  # Windows: local data reads; remote shards are refused when a dataset names them
+    fcntl = None  # type: ignore[assignment]
 from .tars import tar_damage
 
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
@@ -85,8 +89,9 @@ def _pin_file(path: str) -> Optional[int]:
     return fd
 
 
-os.register_at_fork(before=lambda: _SPAWN_LOCK.acquire(), after_in_parent=lambda: _SPAWN_LOCK.release(),
-                    after_in_child=_reset_after_fork)
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(before=lambda: _SPAWN_LOCK.acquire(), after_in_parent=lambda: _SPAWN_LOCK.release(),
+                        after_in_child=_reset_after_fork)
 
 
 @contextlib.contextmanager
@@ -257,6 +262,11 @@ class ShardFetcher:
     max_bytes: int
     retries: int = 3  # attempts per shard, with 1 s, 2 s, ... between them
     timeout: float = 60.0  # seconds without data before an HTTP attempt fails
+
+    def __post_init__(self) -> None:
+        if fcntl is None:
+            raise ValueError("remote shards are cached under POSIX file locks (fcntl), which this platform lacks "
+                             "(Windows): download the shards and name the local files")
 
     def local_path(self, source: str) -> str:
         """Where `source` is cached: a name from its digest (distinct sources never collide) and its basename."""

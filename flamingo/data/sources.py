@@ -284,7 +284,8 @@ def close_open_shards() -> None:
     _OPEN_SHARDS.clear()
 
 
-os.register_at_fork(after_in_child=close_open_shards)
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(after_in_child=close_open_shards)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

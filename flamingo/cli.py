@@ -5,6 +5,8 @@ and one subcommand do not load them all; the CLI is the top layer, so these impo
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import json
 import math
 import os
@@ -677,6 +679,15 @@ def _data_unavailable(error: ImportError, args: argparse.Namespace) -> int:
     raise ValueError(f"`flamingo data` cannot run here: its package did not import ({type(error).__name__}: {error})")
 
 
+def _printable_stdout() -> None:
+    """A stdout that cannot encode every character (a Windows redirect's cp1252, ASCII under LANG=C) writes the ones
+    it lacks as "?": a generation or a results table is not lost, with an error blaming the input, to one character
+    the terminal cannot show."""
+    stream = sys.stdout
+    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding or "utf-8").name != "utf-8":
+        stream.reconfigure(errors="replace")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_cpp_notices_off_rank_0()  # before anything imports torch, which reads its C++ log level once
@@ -686,6 +697,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
+    _printable_stdout()
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:  # bad input (a path, a file's content, a server to reach): said in one line

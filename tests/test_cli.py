@@ -71,6 +71,30 @@ def test_generate_command_prints_what_the_api_generates(saved_model, capsys):
     assert main(sampled) == 0 and capsys.readouterr().out == printed
 
 
+def test_generate_command_prints_to_a_stdout_that_cannot_encode_its_text(saved_model, monkeypatch):
+    """A Windows redirect's cp1252 or an ASCII stdout (LANG=C): characters it lacks are written as "?", not every
+    generation lost to an error that blamed the input."""
+    import io
+
+    from flamingo import load_pretrained
+
+    d = saved_model
+    model, processor = load_pretrained(str(d / "model"))
+    prompt = "<image>Question: what? Answer:"
+    batch = processor(prompt, images=[str(d / "a.png")])
+    torch.manual_seed(3)
+    expected = model.generate(**batch, max_new_tokens=8, do_sample=True, top_k=50, num_return_sequences=3)
+    text = "".join(processor.decode(row) + "\n" for row in expected[:, batch["input_ids"].shape[1]:])
+    assert not text.isascii()
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii", newline=""))
+    assert main(["generate", "--model", str(d / "model"), "--prompt", prompt, "--image", str(d / "a.png"),
+                 "--max-new-tokens", "8", "--sample", "--top-k", "50", "--seed", "3",
+                 "--num-return-sequences", "3"]) == 0
+    sys.stdout.flush()
+    assert raw.getvalue() == text.encode("ascii", "replace")
+
+
 def test_generate_command_reports_bad_prompts_and_media_with_exit_code_2(saved_model, capsys):
     d = saved_model
     base = ["generate", "--model", str(d / "model"), "--max-new-tokens", "2"]

@@ -129,6 +129,29 @@ def test_pack_into_an_earlier_packs_shards_is_refused(tmp_path, capsys):
     assert main(["data", "pack", "--from", pairs["path"], "--out", str(out / "s5-%d.tar"), "--shard-size", "5"]) == 0
 
 
+def test_a_pack_that_does_not_end_leaves_no_shards(tmp_path, monkeypatch):
+    """A Ctrl-C (or an error) half way: the shard being written was closed as a whole one, so the cut pack read as a
+    dataset of fewer samples, without a warning. Its shards are removed, and the same pack runs again."""
+    from flamingo.data import pack as pack_module
+
+    pairs = make_pairs(str(tmp_path / "p"), 12, bad=False)
+    members = pack_module._pair_members
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+        return members(*args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "_pair_members", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)
+    assert os.listdir(tmp_path / "out") == []
+    monkeypatch.undo()
+    assert pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)["samples"] == 12
+
+
 def test_pack_with_no_good_row_fails_saying_why(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"image": "missing.png", "caption": "a red square."}) + "\n")

@@ -14,6 +14,7 @@ reader does not list (`video_extension`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -123,6 +124,13 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+
+    def remove(self) -> None:
+        """Close and delete the shards written so far (a pack that did not end)."""
+        self.close()
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     def brace_pattern(self) -> str:
         """The dataset `path` to put in a config: `dir/shard-{000000..000009}.tar`."""
@@ -316,7 +324,9 @@ def pack(out: str, *, kind: str = "pairs", source: Optional[str] = None, images:
                     continue
                 writer.write(members)
                 n += 1
-    finally:
-        writer.close()
+    except BaseException:  # (a Ctrl-C included) a cut pack would read as a whole one with fewer samples
+        writer.remove()
+        raise
+    writer.close()
     return {"shards": writer.paths, "path": writer.brace_pattern(), "samples": n, "skipped": merge_counts([skipped]),
             "dropped_images": dropped}

@@ -13,8 +13,9 @@ from typing import Optional
 
 from .config import MEDIA_TOKEN
 
-DECLARATION = re.compile(r"Image\s+(\d+)\s+is\s+(<image(\d+)>)")  # group 2: the tag that stands for the image
-REFERENCE = re.compile(r"<image(\d+)>")
+# (ASCII digits: `\d` and int() take any script's, so `<image٣>` read as a badly written `<image3>`)
+DECLARATION = re.compile(r"Image\s+([0-9]+)\s+is\s+(<image([0-9]+)>)")  # group 2: the tag that stands for the image
+REFERENCE = re.compile(r"<image([0-9]+)>")
 
 
 def reference_token(k: int) -> str:

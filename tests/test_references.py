@@ -36,6 +36,9 @@ def test_declarations_become_placeholders_and_later_mentions_references():
         resolve_declarations("Image 0 is <image0>.", 2, 4)
     with pytest.raises(ValueError, match="the model has no image reference tokens"):  # not "images 0--1"
         resolve_declarations("Image 0 is <image0>.", 1, 0)
+    # digits of other scripts are no image index (`\d` and int() read them): characters, as any unknown tag
+    assert resolve_declarations("Image 0 is <image0>. Not <image\u0663> nor <image\uff11>.", 1, 4) == \
+        "Image 0 is <image>. Not <image\u0663> nor <image\uff11>."
 
 
 def test_masking_rule_follows_the_last_image_or_reference():

@@ -390,6 +390,10 @@ def test_echoed_offsets_skip_the_space_a_legacy_tokenizer_writes_after_a_special
     found = [(t.strip(), o) for t, o in zip(got["tokens"], offsets) if t.strip() and "\ufffd" not in t]
     assert all(prompt[o:].lstrip().startswith(t) for t, o in found), found
     assert logprobs.add(tokenizer.encode(" b", add_special_tokens=False), None)["text_offset"][0] == len(prompt)
+    odd = "<image>a \u2581 b<|endofchunk|>\u2581c"  # a SentencePiece tokenizer spells a `▁` the text holds as a space
+    logprobs = CompletionLogprobs(strings)
+    offsets = logprobs.add_prompt(processor.prompt_ids(odd), None, odd)["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(odd) and logprobs.offset == len(odd)
 
 
 def test_text_offsets_after_a_character_left_unfinished():

@@ -152,8 +152,10 @@ class CompletionLogprobs:
             part["text_offset"] = [start + max(0, o - start - extra) for o in part["text_offset"]]
         elif extra > 0 and (at := _inserted_into(spelled, text)) is not None:  # a `▁` after each special token
             part["text_offset"] = [start + at[o - start] for o in part["text_offset"]]
-        else:  # the tokens spell the text, or another one (a template's): counted as is
+        elif extra == 0:  # the tokens spell the text (or another as long): counted as is
             return part
+        else:  # another text (a `▁` the prompt holds reads as a space): within it, the answer after it
+            part["text_offset"] = [min(o, start + len(text)) for o in part["text_offset"]]
         self.body["text_offset"][-len(tokens):] = part["text_offset"]
         self.offset -= extra
         return part

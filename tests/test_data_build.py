@@ -86,3 +86,20 @@ def test_a_workers_error_of_a_class_that_cannot_cross_is_a_value_error(tmp_path,
     worker = _raised(build_source(DatasetSection("p", "pairs", data["path"], 2), processor, num_workers=1),
                      Local("a local error"))
     assert type(worker) is ValueError and str(worker) == "a local error"
+
+
+def _dying(s, epoch, start):
+    """A stream whose worker dies at its first item (a decoder's segfault, the OOM killer)."""
+    os._exit(137)
+    yield
+
+
+def test_a_dead_worker_is_named_with_its_dataset(tmp_path, processor):
+    """torch's own error names no dataset (`DataLoader worker (pid N) exited unexpectedly`), or comes as a socket's
+    ConnectionResetError, which reads as a network error: the dataset and the way on are named."""
+    data = make_pairs(str(tmp_path), 4)
+    source = build_source(DatasetSection("photos", "pairs", data["path"], 2), processor, num_workers=1)
+    source._stream = _dying
+    with pytest.raises(RuntimeError, match=r"dataset 'photos' \(rank 0\): a DataLoader worker died .*resumes from "
+                                           "its last checkpoint"):
+        next(iter(source))

@@ -228,6 +228,15 @@ class DatasetSource:
                     item = next(items)
                 except StopIteration:
                     raise RuntimeError(f"dataset {self.name!r}: stream {s} ended without its end marker") from None
+                except (RuntimeError, ConnectionError) as e:  # torch's own: a worker killed (a decoder's crash,
+                    # the OOM killer), seen as its exit or as the reset of the socket its batch came through
+                    if self.num_workers == 0 or not ("DataLoader worker" in str(e) or isinstance(e, ConnectionError)):
+                        raise
+                    del items
+                    raise RuntimeError(f"dataset {self.name!r} (rank {self.rank}): a DataLoader worker died ({e}): "
+                                       "a decoder's crash or the OOM killer? A run resumes from its last checkpoint; "
+                                       "train.num_workers=0 reads in this process, where the failing record shows"
+                                       ) from e
                 pending[item.stream].append(item)
             item = pending[s].popleft()
             if isinstance(item, _StreamError):  # at its stream's turn, as the stream of num_workers=0 would raise it

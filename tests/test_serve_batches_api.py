@@ -485,6 +485,10 @@ def test_an_input_file_is_split_at_newlines_only(tmp_path):
                     encoding="utf-8")
     lines = [line for line in batch_lines.read_lines(str(path)) if line.strip()]
     assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b"]
+    for encoding in ("utf-16", "utf-32"):  # with their byte-order mark: Notepad's "Unicode" (each line was not JSON)
+        path.write_text("\n".join(json.dumps({**request, "custom_id": k}) for k in "abc") + "\n", encoding=encoding)
+        lines = [line for line in batch_lines.read_lines(str(path)) if line.strip()]
+        assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b", "c"]
 
 
 def _odd_lines(chat: dict) -> list[str]:

@@ -7,7 +7,6 @@ Nothing here decodes an image or parses a document: a raw record is a JSONL line
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import glob
@@ -27,6 +26,7 @@ from PIL import Image
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.lru import LRU
+from ..runtime.text import bom_codec, file_encoding
 from ..video import decode_video
 from .errors import SkipSample
 from .remote import (
@@ -85,7 +85,7 @@ def _directory_files(name: str) -> list[str]:
 def _check_json_table(path: str) -> None:
     """A `.json` table must hold a JSON list: one that does not (a tool's `{...}` summary named `.json`) is refused
     when the dataset is built, naming it, not when an epoch reaches it."""
-    with open(path, encoding=table_encoding(path), errors="replace") as f:
+    with open(path, encoding=file_encoding(path), errors="replace") as f:
         head = ""
         while not head and (chunk := f.read(4096)):
             head = chunk.lstrip()
@@ -449,14 +449,14 @@ def read_records(path: str, tar_needs: Optional[str] = None,
         if shard.error is not None:
             yield RawRecord(f"{name}:{shard.cut}", path, {}, shard, lost=("bad_shard", f"{path}: {shard.error}"))
     elif low.endswith(".jsonl"):  # (a byte-order mark, as Excel and Notepad write, is not data)
-        with open(path, encoding=table_encoding(path), errors="replace") as f:
+        with open(path, encoding=file_encoding(path), errors="replace") as f:
             for i, line in enumerate(f, 1):  # keyed by line number, as an editor counts them
                 if line.strip():
                     yield RawRecord(f"{name}:{i}", path, line)
     elif low.endswith(".csv"):
         yield from _csv_records(path, name)
     elif low.endswith(".json"):
-        with open(path, encoding=table_encoding(path), errors="replace") as f:
+        with open(path, encoding=file_encoding(path), errors="replace") as f:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
@@ -489,7 +489,7 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
     field. Where the parser cannot go on, each line from the failed row on stands for a lost row, counted as
     `bad_record` (and the file is warned about, with the line)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    with open(path, newline="", encoding=table_encoding(path), errors="replace") as f:
+    with open(path, newline="", encoding=file_encoding(path), errors="replace") as f:
         lines = _Lines(f)
         line = 0  # the line the header or the last row read ended on
         try:
@@ -508,25 +508,10 @@ def _csv_records(path: str, name: str) -> Iterator[RawRecord]:
                 yield RawRecord(f"{name}:{line + 1 + k}", path, {}, lost=("bad_record", detail))
 
 
-# Byte-order marks -> the codec that reads them (and drops the mark); UTF-32's before UTF-16's, whose LE mark begins
-# UTF-32 LE's.
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-
-
-def table_encoding(path: str) -> str:
-    """The codec that reads the table (JSONL, CSV, JSON) at `path`: the UTF-16 or UTF-32 its byte-order mark
-    announces (Notepad's "Unicode", Excel's "Unicode Text"), else UTF-8, a byte-order mark dropped."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8-sig")
-
-
 def decode_text(data: bytes) -> str:
     """A text member's or file's bytes -> str: UTF-8, or the UTF-16 / UTF-32 a byte-order mark announces (Windows
     Notepad's "Unicode" is UTF-16 LE with one); broken bytes become U+FFFD."""
-    codec = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
-    return data.decode(codec, errors="replace")
+    return data.decode(bom_codec(data, "utf-8"), errors="replace")
 
 
 def caption_text(data: bytes, where: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import httpx
 
+from ..runtime.text import file_encoding
 from .batch_store import new_id
 from .protocol import APIError
 
@@ -101,9 +102,9 @@ def parse_lines(lines: Iterable[str]) -> list[Line]:
 
 def read_lines(path: str) -> list[str]:
     """A batch input file's lines, split at newlines only (JSON strings may hold U+2028, \\x85 and their kin raw).
-    A UTF-8 BOM (Windows editors write one) is dropped; a byte that is not UTF-8 costs its line that character,
-    not the file."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    A UTF-8 BOM (Windows editors write one) is dropped, and a UTF-16 or UTF-32 file with one (Notepad's "Unicode")
+    is read as such; a byte that is not UTF-8 costs its line that character, not the file."""
+    with open(path, encoding=file_encoding(path), errors="replace") as f:
         return f.read().split("\n")
 
 

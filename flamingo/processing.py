@@ -437,6 +437,10 @@ def check_processor_settings(settings: Mapping[str, Any]) -> None:
         raise ValueError(f"video_fps must be a finite number > 0, got {fps!r}")
     if not isinstance(settings.get("image_references", False), bool):
         raise ValueError(f"image_references must be true or false, got {settings['image_references']!r}")
+    if settings.get("padding_side", "left") not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {settings['padding_side']!r}")
+    if settings.get("template", "flamingo") not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {settings['template']!r}")
 
 
 def has_saved_processor(directory: str) -> bool:
@@ -449,7 +453,7 @@ def read_processor_settings(path: str) -> dict[str, Any]:
     """A flamingo_processor.json -> its settings, checked (`check_processor_settings`, unknown names refused: a
     newer version's file, or a hand edit's typo, is not half read); errors name the file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
         raise ValueError(f"{path!r} is not readable JSON (truncated or damaged?): {e}") from e
@@ -786,7 +790,7 @@ class FlamingoProcessor:
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-        with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
+        with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2)
 
     @classmethod

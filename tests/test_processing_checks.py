@@ -33,7 +33,9 @@ def test_a_damaged_or_foreign_settings_file_is_refused_naming_it(tmp_path):
              json.dumps({**saved, "video_fps": float("nan")}): "video_fps must be a finite number > 0, got nan",
              json.dumps({**saved, "max_frames": 0}): "max_frames must be an integer >= 1, got 0",
              json.dumps({**saved, "max_length": 0}): "max_length must be an integer >= 1",
-             json.dumps({**saved, "image_references": "yes"}): "image_references must be true or false"}
+             json.dumps({**saved, "image_references": "yes"}): "image_references must be true or false",
+             json.dumps({**saved, "padding_side": "x"}): "padding_side must be 'left' or 'right', got 'x'",
+             json.dumps({**saved, "template": "llava"}): r"template must be one of \('flamingo'"}
     for content, message in cases.items():
         path.write_text(content)
         with pytest.raises(ValueError, match=message) as info:

@@ -255,6 +255,11 @@ def test_a_damaged_checkpoint_file_is_named_when_the_run_resumes(world, name):
         f.truncate(os.path.getsize(os.path.join(checkpoint, name)) // 2 if name != "state.json" else 0)
     with pytest.raises(ValueError, match=f"{name}' cannot be read .*damaged.*move the directory aside"):
         Trainer(load_config(path, ["train.steps=2"]))
+    if name == "state.json":  # read whole, with a field of another type (hand-edited): named too, not a TypeError
+        with open(os.path.join(checkpoint, name), "w") as f:
+            json.dump({"step": "1"}, f)
+        with pytest.raises(ValueError, match="state.json' cannot be read .its step is '1', not a count"):
+            Trainer(load_config(path, ["train.steps=2"]))
 
 
 def test_a_resume_under_another_loss_average_says_so(world, caplog):

@@ -138,7 +138,7 @@ def test_a_processor_saved_beside_the_model_is_kept_by_the_next_save(tmp_path):
         other.config.first_reference_token_id
 
 
-def test_a_card_edited_by_hand_is_kept_by_the_next_save(tmp_path):
+def test_a_card_edited_by_hand_is_kept_by_the_next_save(tmp_path, caplog):
     """A model saved, its README.md edited, the model saved again after more training: the edit stays (as a push
     keeps it). A card as generated is written anew, also when the directory was renamed since."""
     model, processor = tiny_flamingo()
@@ -154,8 +154,10 @@ def test_a_card_edited_by_hand_is_kept_by_the_next_save(tmp_path):
     assert generated_for(str(renamed), (renamed / "README.md").read_text(encoding="utf-8")) == "renamed"
     edited = "# My model\n\nTrained on our photos; café ☕.\n"
     (renamed / "README.md").write_text(edited, encoding="utf-8")
+    assert "keeping the README.md" not in caplog.text
     model.save_pretrained(str(renamed), processor=processor)
     assert (renamed / "README.md").read_text(encoding="utf-8") == edited
+    assert "keeping the README.md" in caplog.text and "delete it to have the card written anew" in caplog.text
     (renamed / "README.md").unlink()  # deleted: written anew
     model.save_pretrained(str(renamed))
     assert generated_for(str(renamed), (renamed / "README.md").read_text(encoding="utf-8")) == "renamed"

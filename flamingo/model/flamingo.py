@@ -919,7 +919,8 @@ class Flamingo(nn.Module):
         kept = kept_on_save(directory, with_processor=processor is not None, config=self.config)
         card = edited_card(directory)
         if card is not None:
-            log.info("keeping the edited %s in %r (delete it to have the card written anew)", CARD_NAME, directory)
+            log.warning("keeping the %s in %r, which is not the card its files give (edited by hand, or written by "
+                        "another version): delete it to have the card written anew", CARD_NAME, directory)
         with atomic_directory(directory, CONFIG_NAME, "a saved Flamingo model") as tmp:
             for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
                 shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))

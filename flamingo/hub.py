@@ -184,14 +184,12 @@ def _read_results(out_dir: str) -> dict[str, Any]:
 
 
 def _dataset_names(datas: Iterable[str]) -> dict[str, str]:
-    """The name each local dataset directory of one push (`flamingo eval --data`, by its absolute path) is filed
+    """The name each local dataset directory of one push (`flamingo eval --data`, by its normalized path) is filed
     under: its folder's name (`/data/okvqa` -> `okvqa`: the path is the evaluator's); where two paths end in the same
     folder (`/a/okvqa/val2014`, `/a/vqav2/val2014`: both COCO's val2014 images), its parent's and its own
     (`okvqa/val2014`). Paths that even so share a name are refused: the card would file two datasets as one, or
     publish more of this machine's paths (a user's home folder) to tell them apart."""
-    # absolute: results written before eval recorded the absolute path hold it as typed (relative to the working
-    # directory), which must name the same dataset as another run's absolute path
-    paths = sorted({os.path.abspath(d) for d in datas if d and not HF_DATASET.match(d)})
+    paths = sorted({os.path.normpath(d) for d in datas if d and not HF_DATASET.match(d)})
     parts = {path: path.split(os.sep) for path in paths}  # an absolute path's first part is "" (the root)
     names: dict[str, str] = {}
     for path in paths:
@@ -216,7 +214,7 @@ def _dataset(results: dict[str, Any], names: Mapping[str, str]) -> dict[str, Opt
         repo, folder = m.group(1), (m.group(3) or "").strip("/") or None
         return {"dataset_type": repo, "dataset_name": f"{repo}/{folder}" if folder else repo,
                 "dataset_config": folder, "dataset_revision": m.group(2)}
-    name = names[os.path.abspath(data)] if data else ""
+    name = names[os.path.normpath(data)] if data else ""
     name = name if name not in ("", ".", "..") else str(results["task"])
     return {"dataset_type": name, "dataset_name": name, "dataset_config": None, "dataset_revision": None}
 

@@ -103,3 +103,10 @@ def test_a_dead_worker_is_named_with_its_dataset(tmp_path, processor):
     with pytest.raises(RuntimeError, match=r"dataset 'photos' \(rank 0\): a DataLoader worker died .*resumes from "
                                            "its last checkpoint"):
         next(iter(source))
+    # a live worker's own error (not a ValueError: torch re-raises it as its type, "Caught ... in DataLoader worker")
+    # is no death
+    source = build_source(DatasetSection("photos", "pairs", data["path"], 2), processor, num_workers=1)
+    source._stream = _raising(RuntimeError("cannot decompress tar shard 'x.tar.gz': free space there"))
+    with pytest.raises(RuntimeError, match="cannot decompress") as raised:
+        next(iter(source))
+    assert "a DataLoader worker died" not in str(raised.value)

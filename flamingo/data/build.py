@@ -230,7 +230,10 @@ class DatasetSource:
                     raise RuntimeError(f"dataset {self.name!r}: stream {s} ended without its end marker") from None
                 except (RuntimeError, ConnectionError) as e:  # torch's own: a worker killed (a decoder's crash,
                     # the OOM killer), seen as its exit or as the reset of the socket its batch came through
-                    if self.num_workers == 0 or not ("DataLoader worker" in str(e) or isinstance(e, ConnectionError)):
+                    # (a live worker's own error comes as its type with "Caught ... in DataLoader worker": as is)
+                    died = "exited unexpectedly" in str(e) or (isinstance(e, ConnectionError)
+                                                               and not str(e).startswith("Caught "))
+                    if self.num_workers == 0 or not died:
                         raise
                     del items
                     raise RuntimeError(f"dataset {self.name!r} (rank {self.rank}): a DataLoader worker died ({e}): "

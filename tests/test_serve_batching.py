@@ -369,20 +369,26 @@ def test_warm_up_raises_when_the_engine_thread_has_ended(model_dir, monkeypatch,
     assert len(failed) == 1 and isinstance(failed[0], RuntimeError) and "thread has ended" in str(failed[0])
 
 
-def test_an_error_in_one_rows_own_work_fails_that_request_alone(model_dir, one_thread):
+@pytest.mark.parametrize("where", ["third token", "echoed prompt", "echo's end"])
+def test_an_error_in_one_rows_own_work_fails_that_request_alone(model_dir, one_thread, where):
     """An exception while taking one request's token (its text, grammar, stop strings, events: here its event sink,
-    on its third token) failed every running request (`_fail_all`); it now fails that request only, and the batch's
-    other rows get their greedy tokens."""
+    on its third token, on its echoed prompt's log-probabilities as it joins, or at the end of an echo of
+    max_tokens 0) failed every running request (`_fail_all`); it now fails that request only, and the batch's other
+    rows get their greedy tokens."""
     from flamingo.serve.engine import Job
     from flamingo.serve.sampling import SamplingParams
 
     engine = engine_for(model_dir, max_batch=4)
     params = SamplingParams(max_tokens=8, temperature=0.0)
+    own = {"third token": params, "echoed prompt": SamplingParams(max_tokens=8, temperature=0.0, logprobs=1,
+                                                                  echo_logprobs=True),
+           "echo's end": SamplingParams(max_tokens=0, temperature=0.0, logprobs=1, echo_logprobs=True)}[where]
     events, done = [], threading.Event()
 
     def broken(event):
         events.append(event)
-        if event.kind == "delta" and sum(e.kind == "delta" for e in events) == 3:
+        if event.kind == {"third token": "delta", "echoed prompt": "prompt", "echo's end": "finish"}[where] and (
+                where != "third token" or sum(e.kind == "delta" for e in events) == 3):
             raise RuntimeError("this request's sink broke")
         if event.kind in ("done", "error"):
             done.set()
@@ -392,7 +398,7 @@ def test_an_error_in_one_rows_own_work_fails_that_request_alone(model_dir, one_t
     engine.start()
     try:
         waits = [submit_job(engine, *PROMPTS[k], params) for k in (0, 2)]
-        engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), params, broken))
+        engine.submit(Job(torch.tensor(ids), engine.processor.batch_media([medium]), own, broken))
         waits.append(submit_job(engine, *PROMPTS[4], params))
         assert done.wait(60)
         answers = [wait()[0] for wait in waits]  # each ends with "done", not an error

@@ -454,15 +454,24 @@ class Engine:
             self.metrics.set_gauge("vision_cache_bytes", cache.bytes)
             self._vision_counted = (cache.frames, cache.computed)
         if row.prompt_logprobs is not None:
-            job.emit(Event("prompt", logprobs=row.prompt_logprobs))
+            try:
+                job.emit(Event("prompt", logprobs=row.prompt_logprobs))
+            except Exception as e:  # its own sink: it fails alone
+                log.exception("a request's prompt could not be sent; it fails, the batch goes on")
+                self._fail_job(job, e)
+                return
         penalised = bool(job.params.frequency_penalty or job.params.presence_penalty)
         choices = [_Choice(job, i, row_generator(job.params, i, self.device), self.processor,
                            torch.zeros(row.logits.shape[-1], device=self.device) if penalised else None)
                    for i in range(job.params.n)]
         job.open_choices = len(choices)
         if job.params.max_tokens == 0:  # an echo of the prompt only
-            for choice in choices:
-                self._finish_choice(choice, "length")
+            try:
+                for choice in choices:
+                    self._finish_choice(choice, "length")
+            except Exception as e:  # its own sink: it fails alone
+                log.exception("a request's end could not be sent; it fails, the batch goes on")
+                self._fail_job(job, e)
             return
         logits = row.logits[None].expand(len(choices), -1)  # (n, V)
         tokens = pick_tokens(logits, [job.params] * len(choices), [c.generator for c in choices], self.suppress,
@@ -518,12 +527,17 @@ class Engine:
             return self._advance(choice, token, now, logprobs)
         except Exception as e:
             log.exception("a request's token could not be taken; it fails, the batch goes on")
-            choice.job.cancelled.set()  # its other choices leave at the next turn
-            try:
-                choice.job.emit(Event("error", message=f"internal error while generating: {type(e).__name__}: {e}"))
-            except Exception:  # its events cannot be sent: nobody is left to tell
-                log.exception("a failed request's error could not be sent")
+            self._fail_job(choice.job, e)
             return True
+
+    @staticmethod
+    def _fail_job(job: Job, e: Exception) -> None:
+        """Fail one request for an error in its own work (its events included); the others go on."""
+        job.cancelled.set()  # its other choices leave at the next turn
+        try:
+            job.emit(Event("error", message=f"internal error while generating: {type(e).__name__}: {e}"))
+        except Exception:  # its events cannot be sent: nobody is left to tell
+            log.exception("a failed request's error could not be sent")
 
     def _advance(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs] = None) -> bool:
         """Take one new token of a choice; emit its text (with its log-probabilities, when asked for); True when the

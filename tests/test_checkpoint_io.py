@@ -179,14 +179,16 @@ def test_copies_a_killed_write_left_are_named_and_removed_by_the_next_write(tmp_
     from flamingo.runtime.hub import local_or_hub
 
     target = tmp_path / "final"
-    dead = 2**22 + 7  # past any pid_max: no such process
-    for name in (f"final.old-{dead}-1", f"final.tmp-{dead}-1", f"final.tmp-{os.getppid()}-2"):
+    dead, thread = 2**22 + 7, 140000000000001  # past any pid_max: no such process; a thread id as Linux gives them
+    backups = ["final.old-2024-06", "final.old-20240607"]  # a user's names: no write of this module's
+    for name in (f"final.old-{dead}-{thread}", f"final.tmp-{dead}-{thread}", f"final.tmp-{os.getppid()}-{thread}",
+                 *backups):
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=rf"a save killed while it replaced it left final.old-{dead}-1, .*"
-                                                r"rename one to 'final'"):
+    with pytest.raises(FileNotFoundError, match=rf"a save killed while it replaced it left .*final.old-{dead}-"
+                                                r".*rename one to 'final'"):
         local_or_hub(str(target), "Flamingo model")
     with atomic_directory(str(target), "state.json", "a checkpoint") as tmp:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             f.write("{}")
-    assert sorted(os.listdir(tmp_path)) == ["final", f"final.tmp-{os.getppid()}-2"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["final", f"final.tmp-{os.getppid()}-{thread}", *backups])

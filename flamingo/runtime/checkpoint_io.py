@@ -37,11 +37,20 @@ def interrupted_copies(target: str) -> list[str]:
     return sorted(os.path.join(parent, e) for e in entries if (u := unfinished_write(e)) is not None and u[0] == name)
 
 
+# the copies this module's writes leave (`_sibling`: a pid, then a thread id, 9 digits or more): a name a user gives a
+# backup (`final.old-2024-06`, `final.old-20240607`) is none
+_OWN_COPY_RE = re.compile(r"\.(?:tmp|old)-(\d+)-\d{9,}$")
+
+
 def _remove_dead_writers_copies(target: str) -> None:
-    """Remove `interrupted_copies` of `target` whose writing process no longer runs here (a whole model's copy
-    each); a live process's write stays (it is refused at its swap, or is this one's)."""
+    """Remove `interrupted_copies` of `target` that this module's writes leave (`_OWN_COPY_RE`) whose writing process
+    no longer runs here (a whole model's copy each); a live process's write stays (it is refused at its swap, or is
+    this one's)."""
     for path in interrupted_copies(target):
-        pid = int(re.search(r"\.(?:tmp|old)-(\d+)(?:-\d+)?$", path).group(1))  # (its name matched this)
+        own = _OWN_COPY_RE.search(os.path.basename(path))
+        if own is None:
+            continue
+        pid = int(own.group(1))
         if pid == os.getpid():
             continue
         try:

@@ -149,6 +149,20 @@ def test_a_pack_that_does_not_end_leaves_no_shards(tmp_path, monkeypatch):
         pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)
     assert os.listdir(tmp_path / "out") == []
     monkeypatch.undo()
+    # a full disk: the write fails, and closing the shard (its end blocks) would fail too
+    import tarfile
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    seen.clear()
+    monkeypatch.setattr(pack_module, "_pair_members", lambda *a, **k: members(*a, **k) if len(seen.append(1) or seen)
+                        < 7 else full())
+    monkeypatch.setattr(tarfile.TarFile, "close", full)
+    with pytest.raises(OSError, match="No space left"):
+        pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)
+    assert os.listdir(tmp_path / "out") == []
+    monkeypatch.undo()
     assert pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)["samples"] == 12
 
 

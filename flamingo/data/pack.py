@@ -126,8 +126,12 @@ class ShardWriter:
             self._tar = None
 
     def remove(self) -> None:
-        """Close and delete the shards written so far (a pack that did not end)."""
-        self.close()
+        """Close and delete the shards written so far (a pack that did not end, a full disk's included: closing a
+        tar writes its end blocks, which may fail too)."""
+        if self._tar is not None:
+            tar, self._tar = self._tar, None
+            with contextlib.suppress(OSError):
+                tar.fileobj.close()  # (not tar.close(): nothing more is written)
         for path in self.paths:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

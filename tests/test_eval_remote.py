@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import urllib.error
 
 import pytest
 import torch
@@ -349,6 +350,14 @@ def test_a_dropped_connection_or_a_5xx_is_asked_again(script, monkeypatch):
         with pytest.raises(RuntimeError, match="answered 502"):
             RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"})
         assert server.posts == 4
+        sent = remote.urllib.request.urlopen  # a reset while the request is sent comes as a URLError
+        resets = [urllib.error.URLError(ConnectionResetError(104, "Connection reset by peer"))]
+        monkeypatch.setattr(remote.urllib.request, "urlopen",
+                            lambda *a, **k: (_ for _ in ()).throw(resets.pop()) if resets else sent(*a, **k))
+        server.script, server.posts = [], 0
+        assert RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"}) == {"ok": True}
+        assert server.posts == 1 and not resets
+        monkeypatch.setattr(remote.urllib.request, "urlopen", sent)
         server.script, server.posts = [400], 0  # the request itself is wrong: asked once
         with pytest.raises(RuntimeError, match="answered 400"):
             RemoteModel(server.url)._request("/v1/completions", {"prompt": "x"})

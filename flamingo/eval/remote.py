@@ -189,7 +189,12 @@ class RemoteModel:
                     failed += 1
                 else:
                     raise self._error(e) from None
-            except urllib.error.URLError as e:
+            except urllib.error.URLError as e:  # no answer: refused, unresolved, or reset while it was sent
+                if isinstance(e.reason, (ConnectionResetError, ConnectionAbortedError, TimeoutError)) and \
+                        failed < TRANSIENT_RETRIES:
+                    time.sleep(2 ** failed)
+                    failed += 1
+                    continue
                 raise ServerError(f"cannot reach the server at {self.base_url}: {e.reason}") from None
             except (OSError, http.client.HTTPException) as e:  # a timeout, a reset or a cut answer while it was read
                 if failed < TRANSIENT_RETRIES:

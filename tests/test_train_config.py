@@ -355,11 +355,11 @@ def test_a_home_directory_in_a_path_field_is_expanded_as_in_data_paths(monkeypat
     run written there), and a tower `~/towers/clip` was not found, while the datasets' paths expand `~`."""
     monkeypatch.setenv("HOME", str(tmp_path))
     config = load_config("configs/example.yaml", [
-        "train.output_dir=~/runs/x", "model.vision=~/towers/clip", "model.lm=~/lms/llama",
+        "train.output_dir=~/runs/x", "model.vision=~/towers/clip", "model.lm=~/lms/llama", "model.tokenizer=~/tok",
         "data.0.options.image_dir=~/images", "data.1.options.remote_cache_dir=~/shards"])
     assert config.train.output_dir == str(tmp_path / "runs" / "x")
     assert config.model.vision == str(tmp_path / "towers" / "clip")
-    assert config.model.lm == str(tmp_path / "lms" / "llama")
+    assert config.model.lm == str(tmp_path / "lms" / "llama") and config.model.tokenizer == str(tmp_path / "tok")
     assert config.data[0].options["image_dir"] == str(tmp_path / "images")
     assert config.data[1].options["remote_cache_dir"] == str(tmp_path / "shards")
     assert load_config("configs/example.yaml", ["model.lm=org/name~1"]).model.lm == "org/name~1"  # not a path

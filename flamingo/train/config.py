@@ -279,7 +279,7 @@ def _expanded(value: Any) -> Any:
 def _expand_home(config: TrainConfig) -> None:
     """`~` in the path-valued fields, as the datasets' paths and a shell expand it (a YAML value is no shell word:
     `train.output_dir: ~/runs/x` wrote the run under a directory named `~` in the working directory)."""
-    for key in ("vision", "lm", "init_from"):  # (a Hub name never starts with `~`)
+    for key in ("vision", "lm", "tokenizer", "init_from"):  # (a Hub name never starts with `~`)
         setattr(config.model, key, _expanded(getattr(config.model, key)))
     config.train.output_dir = _expanded(config.train.output_dir)
     for dataset in config.data + config.validation:

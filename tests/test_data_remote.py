@@ -40,6 +40,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
+        if damage == "origin":  # the store's own file is cut (a length that says so): every answer alike
+            with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
+                data = f.read()
+            data = data[:len(data) // 2]
+            _Handler.damaged[self.path] = "origin"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if damage == "cut":  # no length, and the connection ends half way
             with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
                 data = f.read()
@@ -224,6 +234,20 @@ def test_a_damaged_download_is_fetched_again_not_cached(tmp_path, server, damage
         fetcher.release(local)
     assert _Handler.requests.count("/shard-000001.tar") == 2
     assert not os.path.exists(stale) and os.path.exists(ours)
+
+
+def test_a_shard_cut_at_its_origin_is_kept_and_read_to_its_damage(tmp_path, server, processor):
+    """A store whose file is itself cut (its Content-Length vouching for the cut length) gives the same bytes every
+    time: kept at the first download and read as the local file is, its whole samples kept, its cut one counted
+    (fetching it again would lose every sample, at the shard's size per attempt)."""
+    root, url = server
+    make_pair_shards(str(root), 6, 3)
+    _Handler.damaged["/shard-000001.tar"] = "origin"
+    section = DatasetSection("p", "pairs", f"{url}/shard-{{000000..000001}}.tar", 1,
+                             options={"remote_cache_dir": str(tmp_path / "cache"), "shuffle": False})
+    batches, source = _batches(section, processor)
+    assert 3 < len(batches) < 6 and source.skipped == {"bad_shard": 1}
+    assert _Handler.requests.count("/shard-000001.tar") == 1
 
 
 def test_a_gzipped_shard_is_cached_decompressed_and_gives_the_plain_shards_batches(tmp_path, server, processor):

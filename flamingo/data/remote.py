@@ -42,7 +42,7 @@ try:
     import fcntl  # the cache's locks: POSIX only
 except ImportError:  # Windows: local data reads; remote shards are refused when a dataset names them
     fcntl = None  # type: ignore[assignment]
-from .tars import tar_damage
+from .tars import tar_check
 
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "pipe:")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -334,10 +334,14 @@ class ShardFetcher:
                 time.sleep(attempt)
             part = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
             try:
-                self._download(source, part)
+                whole = self._download(source, part)
                 _decompress_in_place(part)
-                damage = tar_damage(part)  # (a page a proxy sent, a body cut short without a length)
-                if damage is not None:  # cached, it would be read damaged every epoch and never fetched again
+                members, damage = tar_check(part)
+                # no tar at all (a page a proxy sent) is a failed attempt; so is a cut one whose length nothing
+                # vouched for (a body cut short without a Content-Length), but for the last attempt: cut the same way
+                # each time, it is the origin's file, kept and read as a local one is, to its damage
+                cut_here = not whole and attempt < max(1, self.retries) - 1
+                if damage is not None and (members == 0 or cut_here):
                     raise ValueError(f"the download is not a whole tar shard: {damage}")
                 os.replace(part, path)  # atomic: readers see a whole shard or none
                 return
@@ -360,7 +364,8 @@ class ShardFetcher:
 
         threading.Thread(target=run, name="flamingo-shard-prefetch", daemon=True).start()
 
-    def _download(self, source: str, part: str) -> None:
+    def _download(self, source: str, part: str) -> bool:
+        """Write `source` to `part`; True when its length was vouched for (a Content-Length it has)."""
         if source.startswith("pipe:"):
             with open(part, "wb") as out, tempfile.TemporaryFile() as errors:  # (no pipe a fork could inherit)
                 with _SPAWN_LOCK:
@@ -370,7 +375,7 @@ class ShardFetcher:
                 message = errors.read().decode(errors="replace").strip()[-300:]
             if code != 0:
                 raise subprocess.SubprocessError(f"exit status {code}: {message}")
-            return
+            return False
         url, headers = hub_url(source) if source.startswith("hf://") else (source, {})
         request = urllib.request.Request(url, headers={"user-agent": "flamingo", **headers})
         with urllib.request.urlopen(request, timeout=self.timeout) as response, open(part, "wb") as out:
@@ -378,6 +383,7 @@ class ShardFetcher:
             expected = response.headers.get("content-length")
         if expected is not None and os.path.getsize(part) != int(expected):
             raise OSError(f"got {os.path.getsize(part)} of {expected} bytes")
+        return expected is not None
 
     def _evict(self, keep: str) -> None:
         """Remove the least recently used shards until the cache fits `max_bytes` (never `keep`; files other

@@ -28,11 +28,13 @@ def read_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], Optional[s
     return members, f"{found} at byte {tf.offset}, where a member or the end-of-archive block should be"
 
 
-def tar_damage(path: str) -> Optional[str]:
-    """Why the (uncompressed) file at `path` is not a whole tar, or None when it is: not a tar at all (an HTML
-    page a proxy sent instead), or cut short (`read_members`)."""
+def tar_check(path: str) -> tuple[int, Optional[str]]:
+    """(file members read, why the (uncompressed) file at `path` is not a whole tar or None): 0 members and a reason
+    for a file that is no tar at all (an HTML page a proxy sent instead), some and a reason for a cut one
+    (`read_members`)."""
     try:
         with tarfile.open(path, "r:") as tf:
-            return read_members(tf)[1]
+            members, damage = read_members(tf)
+            return len(members), damage
     except (tarfile.TarError, OSError, EOFError) as e:
-        return f"{type(e).__name__}: {e}"
+        return 0, f"{type(e).__name__}: {e}"

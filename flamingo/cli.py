@@ -404,7 +404,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine, settings = _engine_and_settings(args)
-    serve(engine, settings, host=args.host, port=args.port, grace=args.grace)
+    serve(engine, settings, host=args.host, port=args.port, grace=args.grace, root_path=args.root_path.rstrip("/"))
     return 0
 
 
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", type=non_empty_key, default=None,
                      help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health "
                           "(an empty key is refused: leave the option out to serve without one)")
+    srv.add_argument("--root-path", default="",
+                     help="the path prefix a reverse proxy mounts the server under and strips (e.g. /flamingo): "
+                          "redirects and the API's docs then stay under it (the page's own URLs are relative)")
     srv.add_argument("--grace", type=non_negative_float, default=30,
                      help="seconds in-flight requests get to finish on SIGTERM (a finite number >= 0)")
     srv.add_argument("--batch-dir", default=None,

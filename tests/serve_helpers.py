@@ -62,7 +62,7 @@ def engine_for(model_dir: Path, **kwargs) -> Engine:
 
 @contextlib.contextmanager
 def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0,
-                   start_engine: bool = True) -> Iterator[str]:
+                   start_engine: bool = True, root_path: str = "") -> Iterator[str]:
     """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>; yields the base URL. start_engine=False:
     requests queue up and nothing runs them (until the server stops and fails them)."""
     import uvicorn
@@ -71,7 +71,7 @@ def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.
         engine.start()
     port = free_port()
     config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, root_path=root_path)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

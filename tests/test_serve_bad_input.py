@@ -4,7 +4,9 @@ serving; a full queue answers 429 with Retry-After."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import json
 import struct
 import threading
 import zlib
@@ -140,6 +142,8 @@ CASES = {
         "utf-16"), path="/v1/completions"), 400, "lone UTF-16 surrogate"),
     "lone surrogate in a UTF-32 body": (dict(content='{"input":"a","metadata":{"k":"\\ud800"},"max_output_tokens":2}'
                                              .encode("utf-32-le"), path="/v1/responses"), 400, "lone UTF-16 surrogate"),
+    "gzip-encoded body": (dict(content=gzip.compress(json.dumps(GOOD).encode()),
+                               headers={"Content-Encoding": "gzip"}), 415, "Content-Encoding 'gzip' is not supported"),
     "JSON nested too deeply": (dict(content=b'{"messages":[{"role":"user","content":"x"}],"stop":' + b"[" * 3000
                                     + b"]" * 3000 + b"}"), 400, "nested too deeply"),
 }
@@ -166,6 +170,16 @@ def test_a_missing_or_wrong_api_key_is_refused(served, headers):
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(served + "/health", timeout=30).status_code == 200  # open: for load balancers
+
+
+def test_head_checks_and_a_wrong_method_say_what_is_allowed(served):
+    """A health check by HEAD (`wget --spider`, `curl -I`) got 405, so a healthy server read as down; and a 405 lost
+    its `Allow` header (RFC 9110)."""
+    for path in ("/health", "/"):
+        response = httpx.head(served + path, timeout=30)
+        assert response.status_code == 200 and response.content == b""
+    wrong = httpx.get(served + "/v1/chat/completions", headers=AUTH, timeout=30)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
 def test_unknown_route_is_an_openai_style_404(served):

@@ -814,3 +814,66 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
                                           "        o.scrollWidth - o.clientWidth]") == [0, 0]
     finally:
         browser.quit()
+
+
+class _PrefixProxy:
+    """A reverse proxy mounting `upstream` under `/flamingo/` (the prefix stripped, as nginx's `proxy_pass` with a
+    path does), GET and POST, answers passed on whole."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                if not self.path.startswith("/flamingo/"):
+                    self.send_error(404)
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.request(self.command, upstream + self.path[len("/flamingo"):], headers=headers,
+                                       content=body, timeout=60)
+                self.send_response(answer.status_code)
+                for k, v in answer.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _forward  # noqa: N815 (the base class's names)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/flamingo/"
+
+
+def test_page_works_behind_a_proxy_that_mounts_the_server_under_a_prefix(tmp_path, one_thread):
+    """Behind `/flamingo/`, the page's root-absolute URLs (`/static/app.js`, `fetch("/v1/models")`) reached the
+    proxy's root: an unstyled page with no script. Its URLs are relative; `--root-path` keeps the server's own
+    redirects under the prefix."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo"), root_path="/flamingo") as url:
+            proxy = _PrefixProxy(url)
+            try:
+                browser.get(proxy.url)
+                WebDriverWait(browser, 60).until(
+                    lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+                loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+                assert {proxy.url + "static/app.js", proxy.url + "static/style.css", proxy.url + "v1/models"} <= \
+                    set(loaded)
+                moved = httpx.get(url + "/health/", follow_redirects=False)  # a trailing slash: redirected
+                assert moved.status_code == 307 and moved.headers["location"].endswith("/flamingo/health")
+            finally:
+                proxy.httpd.shutdown()
+                proxy.httpd.server_close()
+    finally:
+        browser.quit()

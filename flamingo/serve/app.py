@@ -124,7 +124,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        # its headers kept: a 405's `Allow` (RFC 9110)
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -143,6 +145,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
+        coding = request.headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):  # else the compressed bytes would be read as broken JSON
+            raise APIError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",
+                           code="unsupported_content_encoding")
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
         too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes "
@@ -413,7 +419,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                               concurrency=settings.batch_concurrency, max_file_bytes=settings.max_batch_file_bytes,
                               model_name=settings.model_name, authorize=authorize, read_json=read_json)
 
-    @app.get("/health")
+    # GET and HEAD (a load balancer's or a container's health check: `wget --spider`, `curl -I`)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         ok = engine.accepting
         return JSONResponse({"status": "ok" if ok else "shutting down", "running_rows": engine.running_rows},
@@ -424,7 +431,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         authorize(request)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

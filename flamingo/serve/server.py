@@ -73,8 +73,9 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
 
 
 def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          grace: float = 30.0, log_level: str = "info") -> None:
-    """Run until SIGTERM / SIGINT; returns after a clean shutdown."""
+          grace: float = 30.0, log_level: str = "info", root_path: str = "") -> None:
+    """Run until SIGTERM / SIGINT; returns after a clean shutdown. root_path: the prefix a reverse proxy mounts the
+    server under and strips (uvicorn's)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -99,6 +100,6 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
 
     engine.start()
     config = uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=grace + CLOSE_SECONDS)
+                            timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path)
     Server(config).run()
     engine.stop(0.0)

@@ -27,7 +27,7 @@ async function loadModelName() {
   const shown = $("#model-name");
   shown.classList.remove("error");
   try {
-    const response = await fetch("/v1/models", { headers: headers() });
+    const response = await fetch("v1/models", { headers: headers() });
     if (response.status === 401) {
       shown.classList.add("error");
       shown.textContent = apiKey.value ? "(wrong API key: enter the server's key above)"
@@ -204,7 +204,7 @@ async function streamChat(messages, onText, tooLarge, signal) {
   let first = null, last = null, received = 0, tokens = null, reason = null, promptTokens = 0, cached = 0;
   let stopped = false, complete = false;
   try {
-    const response = await fetch("/v1/chat/completions",
+    const response = await fetch("v1/chat/completions",
                                  { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
     if (!response.ok) {
       let message = await errorMessage(response);

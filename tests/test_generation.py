@@ -259,6 +259,18 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
         model.generate(ids, images=batch["images"], max_new_tokens=1)
     with pytest.raises(ValueError, match="25 tokens per row, but the LM has 24 positions"):
         model(torch.cat([ids, ids[:, -1:]], dim=1), images=batch["images"])
+    # packed rows (training's pack_tokens; LMs that keep packed samples apart): each sample's own length counts,
+    # never the row's (a sample past the positions crashed in GPT-2's table, or ran past them on a rotary LM)
+    row = torch.cat([ids, ids[:, -1:]], dim=1)  # (1, 25)
+    for lengths, longest in (([16, 9], None), ([24, 1], None), ([25], 25), ([1, 24], None)):
+        if lm_kind in ("opt", "mpt"):
+            break
+        docs = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])[None]  # (1, 25)
+        if longest is None:
+            model(row, images=batch["images"], document_ids=docs)  # each sample within the positions: runs
+        else:
+            with pytest.raises(ValueError, match=f"{longest} tokens per packed sample, but the LM has 24"):
+                model(row, images=batch["images"], document_ids=docs)
 
 
 @pytest.mark.slow

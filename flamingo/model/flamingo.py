@@ -577,10 +577,13 @@ class Flamingo(nn.Module):
         if check_media:  # a host sync on an accelerator: the trainer checks its CPU batch instead
             self.check_media_tokens(input_ids, num_media)
         limit = lm_max_positions(self.lm)
-        if limit is not None and no_cache and document_ids is None and input_ids.shape[1] > limit:  # shapes only:
-            # no host sync (packed rows restart their positions, so only their samples' lengths count)
-            raise ValueError(f"{input_ids.shape[1]} tokens per row, but the LM has {limit} positions: cut the texts "
-                             "(a dataset's max_tokens) to fit")
+        if limit is not None and no_cache and input_ids.shape[1] > limit:  # shapes first: no host sync below it
+            # packed rows restart their positions, so only their samples' lengths count (read, a host sync, only
+            # where a row is longer than the LM's positions)
+            longest = input_ids.shape[1] if document_ids is None else int(document_positions(document_ids).max()) + 1
+            if longest > limit:
+                raise ValueError(f"{longest} tokens per {'row' if document_ids is None else 'packed sample'}, but "
+                                 f"the LM has {limit} positions: cut the texts (a dataset's max_tokens) to fit")
         if self.training or labels is not None:  # a loss forward (training, validation) builds no KV cache (the
             # LM's own default would make one; a compiled layer would also compile one graph per layer's cache slot)
             lm_kwargs.setdefault("use_cache", False)

@@ -382,6 +382,12 @@ def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_proces
     needed = [needed_tokens(processor, task, s, task.query_prompt(s), 0) for s in samples]
     # s10 ranks two short candidates, s11/s12 the class list (longest: two words)
     assert needed[0] < min(needed[1:]), needed
+    # a candidate's last token is scored, never fed: it takes no position (a server's echo feeds it)
+    from flamingo.eval.predict import continuation_ids_of
+
+    longest = max(map(len, continuation_ids_of(processor, task, samples[0].candidates, task.query_prompt(samples[0]))))
+    assert needed[0] == len(processor.prompt_ids(task.query_prompt(samples[0]))) + longest - 1
+    assert needed_tokens(processor, task, samples[0], task.query_prompt(samples[0]), 0, fed_last=True) == needed[0] + 1
     full = evaluate(model, processor, "classification", data, shots=[0], trials=1, zero_shot="none",
                     progress=False, out_dir=str(tmp_path / "full"))
     short = copy.copy(processor)

@@ -65,14 +65,16 @@ def build_prompt(task: Task, sample: Sample, demos: Sequence[Sample], with_media
 
 
 def needed_tokens(processor: FlamingoProcessor, task: Task, sample: Sample, prompt_text: str,
-                  max_new_tokens: int) -> int:
+                  max_new_tokens: int, fed_last: bool = False) -> int:
     """Positions the LM must hold for one query: its prompt plus the longest candidate continuation (ranked
-    tasks) or `max_new_tokens` (generation). A query needing more than `processor.max_length` is skipped."""
+    tasks) or `max_new_tokens` (generation). A query needing more than `processor.max_length` is skipped. A
+    candidate's last token is scored, never fed (`score_batch`), so it takes no position, but where `fed_last` (a
+    server scores prompt and candidate as one echoed prompt)."""
     length = len(processor.prompt_ids(prompt_text))  # in its template, as encoded (IDEFICS's wrappers count)
     if task.kind == "generate":
         return length + max_new_tokens
     ids = continuation_ids_of(processor, task, task.candidates_for(sample), prompt_text)
-    return length + max(len(i) for i in ids)
+    return length + max(len(i) for i in ids) - (0 if fed_last else 1)
 
 
 def continuation_ids_of(processor: FlamingoProcessor, task: Task, candidates: Sequence[str],

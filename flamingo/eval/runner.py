@@ -113,8 +113,8 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
                 demos, with_media = rices[i] if i in rices else prompt_demos(selector, samples[i], i, shots, zero_shot)
                 prompt = build_prompt(task, samples[i], demos, with_media)
                 demo_ids = [d.id for d in demos]
-                if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0],
-                                                                  new_tokens)) > limit:
+                if limit is not None and (needed := needed_tokens(processor, task, samples[i], prompt[0], new_tokens,
+                                                                  fed_last=isinstance(model, RemoteModel))) > limit:
                     local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
                                       "skip_reason": "too_long", "demo_ids": demo_ids}))
                     continue

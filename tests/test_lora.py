@@ -157,6 +157,37 @@ def test_merged_equals_unmerged_and_saves(backbone_dirs, tmp_path):
         model.merge_lora()
 
 
+def test_a_merge_interrupted_then_run_again_records_every_merged_weight(backbone_dirs, tmp_path, monkeypatch):
+    """A Ctrl-C half way through merge_lora, then merge_lora again (which merges the rest): the weights the first
+    call merged were never recorded in extra_saved_weights (only at the end of a whole merge), so a trained-only save
+    reloaded a model with the base's weights there."""
+    model, processor, batch = _adapted_model(backbone_dirs)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+    layer_class = type(lora._tuner_layers(model.lm)[0][1])
+    merge, calls = layer_class.merge, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "merge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.merge_lora()
+    monkeypatch.undo()
+    model.merge_lora()
+    with torch.no_grad():
+        merged = model(**batch).logits
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert sum(k.startswith("lm.") for k in model.config.extra_saved_weights) == \
+        2 * model.lm.config.num_hidden_layers  # q_proj and v_proj of every layer
+    model.save_pretrained(str(tmp_path / "merged"), trained_only=True)
+    with torch.no_grad():
+        assert torch.equal(Flamingo.from_pretrained(str(tmp_path / "merged"))(**batch).logits, merged)
+
+
 def test_bad_lora_specs_are_refused_clearly(make_model):
     with pytest.raises(ValueError, match="lm_lora.r must be an integer"):
         FlamingoConfig(lm_lora={"r": 0})

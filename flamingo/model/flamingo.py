@@ -860,9 +860,11 @@ class Flamingo(nn.Module):
             raise ValueError("this model has no LoRA adapters on its LM (config.lm_lora is None)")
         if quantize.quantized_mode(self) != "none":
             raise ValueError("merge_lora needs the LM's float weights: merge before quantizing the backbones")
-        changed = lora.merge_lora(self.lm)
+        def merged(name: str) -> None:  # as each weight changes: an interrupted merge leaves none unrecorded
+            self.config.extra_saved_weights = sorted(set(self.config.extra_saved_weights) | {f"lm.{name}"})
+
+        lora.merge_lora(self.lm, merged)
         self.config.lm_lora = None
-        self.config.extra_saved_weights = sorted(set(self.config.extra_saved_weights) | {f"lm.{n}" for n in changed})
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

@@ -16,7 +16,7 @@ modules.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -163,14 +163,18 @@ def base_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer.", "."): v for k, v in lm.state_dict().items() if not is_adapter_key(k)}
 
 
-def merge_lora(lm: nn.Module) -> list[str]:
+def merge_lora(lm: nn.Module, merged: Optional[Callable[[str], None]] = None) -> list[str]:
     """Fold each adapter into its layer's weight (W + alpha/r * B A) and put the plain layer back in place of PEFT's;
-    returns the names (in `lm`) of the weights that changed. After this the LM is a plain HF model again."""
+    returns the names (in `lm`) of the weights that changed. After this the LM is a plain HF model again. `merged` is
+    told each weight as it changes, so that a merge interrupted half way (then run again, which merges the rest)
+    leaves no changed weight unrecorded."""
     if not has_lora(lm):
         raise ValueError("the LM holds no LoRA adapters to merge")
     changed = []
     for name, layer in _tuner_layers(lm):
-        layer.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
+        layer.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])  # (a layer merged already is not merged again)
+        if merged is not None:
+            merged(f"{name}.weight")
         parent, _, child = name.rpartition(".")
         base = layer.get_base_layer()
         setattr(lm.get_submodule(parent) if parent else lm, child, base)

@@ -71,6 +71,37 @@ def test_quantized_logits_close_to_fp32(make_model, mode):
     assert 0 < relative < RELATIVE_ERROR[mode], relative
 
 
+def test_a_quantization_interrupted_then_run_again_quantizes_the_rest(make_model, monkeypatch):
+    """A Ctrl-C during a long quantization, then quantize_frozen again: the retry saw the first quantized layer,
+    took the whole model for quantized and did nothing (4 of 40 layers, the config still 'none'). It now quantizes
+    the rest and records the mode: the model of a quantization that was never interrupted."""
+    import flamingo.model.quantize as quantize
+
+    model, processor = make_model(gates=0.5)
+    fresh = copy.deepcopy(model)
+    batch = _batch(processor)
+    whole = quantize_frozen(fresh, "int8")
+    convert, calls = quantize._quantize_weight, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "_quantize_weight", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_frozen(model, "int8")
+    monkeypatch.undo()
+    assert model.config.quantize_frozen == "none" and quantized_mode(model) == "int8"
+    assert quantize_frozen(model, "int8")["quantized"] == whole["quantized"] - 4
+    assert model.config.quantize_frozen == "int8"
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == whole["quantized"]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, fresh(**batch).logits)
+    assert quantize_frozen(model, "int8")["quantized"] == 0  # recorded: nothing more to do
+
+
 @pytest.mark.parametrize("mode", CPU_MODES)
 def test_only_frozen_backbone_linears_are_quantized(make_model, mode):
     model, _ = make_model()

@@ -205,7 +205,9 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
         if current != mode:
             raise ValueError(f"the backbones are already quantized to {current}; quantizing is one-way: reload the "
                              f"model to use {mode}")
-        return _counts()
+        if model.config.quantize_frozen == mode:  # (the mode is recorded once every layer is)
+            return _counts()
+        # else a quantization interrupted half way: the layers it left are quantized now
     if mode == "none":
         return _counts()
     trained = [name for name, on in (("freeze_lm", model.config.freeze_lm),
@@ -222,8 +224,10 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
         warnings.warn(f"quantize_frozen={mode}: {len(skipped)} frozen layer(s) subclass nn.Linear and are not "
                       f"quantized (their forward may not be a plain linear): {shown}; they stay in floating point",
                       stacklevel=2)
-    linears = list(_linears(model))
+    linears = [entry for entry in _linears(model) if not isinstance(entry[2], QuantizedLinear)]
     if not linears:
+        if current != "none":  # interrupted after its last layer, before recording the mode
+            model.config.quantize_frozen = mode
         return _counts(skipped=len(skipped))
     check_available(mode, linears[0][2].weight.device)
     before = sum(tensor_bytes(m.weight) for _, _, m in linears)

@@ -872,6 +872,14 @@ def test_page_works_behind_a_proxy_that_mounts_the_server_under_a_prefix(tmp_pat
                     set(loaded)
                 moved = httpx.get(url + "/health/", follow_redirects=False)  # a trailing slash: redirected
                 assert moved.status_code == 307 and moved.headers["location"].endswith("/flamingo/health")
+                body = {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 1}
+                assert httpx.post(proxy.url + "v1/chat/completions", json=body, timeout=60).status_code == 200
+                with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},
+                                  timeout=60) as streamed:  # no proxy buffering (nginx holds a stream back else)
+                    assert streamed.headers["x-accel-buffering"] == "no"
+                    streamed.read()
+                counted = httpx.get(url + "/metrics", timeout=60).text  # the prefix in uvicorn's path: still counted
+                assert 'flamingo_requests_total{endpoint="/v1/chat/completions",status="200"} 2' in counted
             finally:
                 proxy.httpd.shutdown()
                 proxy.httpd.server_close()

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 RESPONSES_FIELDS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 
 
+# a stream's headers: no cache, and no proxy buffering (nginx holds a proxied answer back until it ends otherwise)
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 @dataclass
 class ServeSettings:
     """The operator's limits (the `flamingo serve` options)."""
@@ -279,7 +283,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                    for k, job in enumerate(jobs)]
         if stream_it:
             return StreamingResponse(stream(events, answers, head, kind, chat, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
         result = await whole(events, answers, chat, request.is_disconnected)
         if result is None:
             return Response(status_code=499)
@@ -313,7 +317,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
         if req.stream:
             return StreamingResponse(stream_response(events, job, writer), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers=STREAM_HEADERS)
         result = await whole(events, [Answer(strings, job, True, None, 0)], True, request.is_disconnected)
         if result is None:
             return Response(status_code=499)
@@ -482,14 +486,16 @@ class _CountRequests:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+        # the route's path: under a `--root-path` (a proxy's prefix), uvicorn's path holds the prefix too
+        root = scope.get("root_path", "")
+        path = scope["path"][len(root):] if root and scope.get("path", "").startswith(root) else scope.get("path")
+        if scope["type"] != "http" or path not in self.PATHS:
             await self.app(scope, receive, send)
             return
 
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.inc("requests_total", labels={"endpoint": scope["path"],
-                                                           "status": str(message["status"])})
+                self.metrics.inc("requests_total", labels={"endpoint": path, "status": str(message["status"])})
             await send(message)
 
         await self.app(scope, receive, counted)

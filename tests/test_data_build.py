@@ -110,3 +110,18 @@ def test_a_dead_worker_is_named_with_its_dataset(tmp_path, processor):
     with pytest.raises(RuntimeError, match="cannot decompress") as raised:
         next(iter(source))
     assert "a DataLoader worker died" not in str(raised.value)
+
+
+def test_a_mostly_bad_file_aborts_whatever_the_order_of_its_bad_rows(tmp_path, processor):
+    """max_bad_fraction was checked only when a sample was skipped: a file whose bad rows all came before its
+    min_samples-th read (9 of 12 bad, bad first) loaded without a word; the same rows good first aborted."""
+    data = make_pairs(str(tmp_path), 3, bad=False)
+    good = [line for line in open(data["path"]) if line.strip()]
+    bad = [json.dumps({"image": f"nope{i}.png", "caption": "a photo"}) + "\n" for i in range(9)]
+    for order, name in ((bad + good, "bad_first.jsonl"), (good + bad, "good_first.jsonl")):
+        path = os.path.join(tmp_path, name)
+        with open(path, "w") as f:
+            f.writelines(order)
+        source = build_source(DatasetSection("p", "pairs", path, 1, options={"shuffle": False}), processor)
+        with pytest.raises(ValueError, match=r"[79] of 1[0-2] samples read from .* were bad"):
+            list(source)

@@ -53,6 +53,8 @@ class BadFractionGuard:
 
     def good(self, file: str) -> None:
         self.seen[file] += 1
+        if self.seen[file] == self.min_samples:  # the check starts here too: bad samples may all come before
+            self.check(file)
 
     def skip(self, file: str, reason: str) -> None:
         self.seen[file] += 1

@@ -729,3 +729,26 @@ def test_an_upload_onto_a_full_disk_is_507_and_leaves_no_content(served, served_
                           files={"file": ("r.jsonl", _jsonl([_line("a", _chat(1))]), "application/jsonl")})
     assert response.status_code == 507 and "disk is full" in response.json()["error"]["message"]
     assert sorted(os.listdir(served_dir / "files")) == before
+
+
+def test_a_batch_created_onto_a_full_disk_is_507_and_not_listed(served, monkeypatch):
+    """The batch's record was listed before it was written: on a full disk the client got a 500, and a batch stayed
+    listed as `validating` that never ran."""
+    client = openai_client(served)
+    file_id = _upload(client, [_line("a", _chat(1, max_tokens=2))]).id
+    write = batch_store.BatchStore._write
+    before = {b.id for b in client.batches.list()}
+
+    def full(path, record):
+        if "batches" in os.path.basename(os.path.dirname(path)):
+            raise OSError(28, "No space left on device")
+        write(path, record)
+
+    monkeypatch.setattr(batch_store.BatchStore, "_write", staticmethod(full))
+    response = httpx.post(f"{served}/v1/batches", timeout=60, json={
+        "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert response.status_code == 507 and "the batch was not created" in response.json()["error"]["message"]
+    assert {b.id for b in client.batches.list()} == before
+    monkeypatch.undo()
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert _wait(client, batch.id).status == "completed"

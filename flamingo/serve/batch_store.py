@@ -146,9 +146,15 @@ class BatchStore:
         """A new batch object (its `created_at` set here); output_expires_after: seconds its output files live."""
         now = time.time_ns()
         record = Record({**body, "created_at": now // 10**9}, now, output_expires_after)
+        self.save_batch(record)  # written first: a failed write (a full disk) lists no batch that never runs
         self.batches[body["id"]] = record
-        self.save_batch(record)
         return record
+
+    def drop_batch(self, batch_id: str) -> None:
+        """Forget a batch whose creation failed half way, on disk too."""
+        self.batches.pop(batch_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.batches_dir, batch_id + ".json"))
 
     def save_batch(self, record: Record) -> None:
         self._write(os.path.join(self.batches_dir, record.body["id"] + ".json"), record)

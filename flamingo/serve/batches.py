@@ -41,6 +41,14 @@ EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range of a file's lifetime: 
 UPLOAD_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")  # the openai client's names
 
 
+def storage_error(e: OSError, what: str) -> Exception:
+    """A failed write of the store as the answer's error: a full disk is a 507 the client may retry later; any other
+    OSError stays itself (a 500)."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return e
+    return APIError(507, f"the server's disk is full: {what}; try again later", code="insufficient_storage")
+
+
 def attachment(filename: str) -> str:
     """The `Content-Disposition` of a download named `filename` (any script): its UTF-8 name in `filename*` (RFC
     6266, 5987), which user agents read, and a printable-ASCII one in `filename` for those that do not."""
@@ -196,10 +204,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         except OSError as e:
             with contextlib.suppress(OSError):  # no content left behind without its object
                 os.remove(s.content_path(file_id))
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise APIError(507, "the server's disk is full: the file was not stored; try again later",
-                           code="insufficient_storage") from None
+            raise storage_error(e, "the file was not stored") from None
         finally:
             await upload.close()
         return JSONResponse(record.body)
@@ -252,14 +257,20 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
                                 "not 'batch'", param="input_file_id")
         timestamps = dict.fromkeys(("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
                                     "expired_at", "cancelling_at", "cancelled_at"))
-        record = s.add_batch({
-            "id": new_id("batch_"), "object": "batch", "endpoint": req.endpoint, "model": model_name, "errors": None,
-            "input_file_id": req.input_file_id, "completion_window": req.completion_window, "status": "validating",
-            "output_file_id": None, "error_file_id": None, **timestamps,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata, "usage": None},
-            output_expires_after=None if req.output_expires_after is None else req.output_expires_after.seconds)
-        record.body["expires_at"] = record.body["created_at"] + COMPLETION_WINDOWS[req.completion_window]
-        s.save_batch(record)
+        batch_id = new_id("batch_")
+        try:
+            record = s.add_batch({
+                "id": batch_id, "object": "batch", "endpoint": req.endpoint, "model": model_name, "errors": None,
+                "input_file_id": req.input_file_id, "completion_window": req.completion_window,
+                "status": "validating", "output_file_id": None, "error_file_id": None, **timestamps,
+                "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata,
+                "usage": None},
+                output_expires_after=None if req.output_expires_after is None else req.output_expires_after.seconds)
+            record.body["expires_at"] = record.body["created_at"] + COMPLETION_WINDOWS[req.completion_window]
+            s.save_batch(record)
+        except OSError as e:
+            s.drop_batch(batch_id)  # no batch listed that never runs
+            raise storage_error(e, "the batch was not created") from None
         assert runner is not None  # a store comes with its runner
         runner.submit(record)
         return JSONResponse(record.body)

@@ -192,3 +192,9 @@ def test_copies_a_killed_write_left_are_named_and_removed_by_the_next_write(tmp_
         with open(os.path.join(tmp, "state.json"), "w") as f:
             f.write("{}")
     assert sorted(os.listdir(tmp_path)) == sorted(["final", f"final.tmp-{os.getppid()}-{thread}", *backups])
+    # through a link: a save writes beside the directory it names, where loading looks too
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / f"ckpt.old-{dead}-{thread}").mkdir()
+    (tmp_path / "ckpt").symlink_to(tmp_path / "scratch" / "ckpt")  # its target renamed away by the killed save
+    with pytest.raises(FileNotFoundError, match=rf"left ckpt.old-{dead}-{thread} beside it"):
+        local_or_hub(str(tmp_path / "ckpt"), "Flamingo model")

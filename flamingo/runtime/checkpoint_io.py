@@ -191,7 +191,7 @@ def sync_tree(root: str) -> None:
 
 
 def _sync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # (Windows flushes writable handles only)
     try:
         os.fsync(fd)
     finally:

@@ -46,7 +46,8 @@ def local_or_hub(source: str, what: str) -> Literal["local", "hub"]:
         raise FileNotFoundError(f"{what} {source!r} is a file, not a directory (nor a Hub repository name){hint}")
     hint = (" (a Hub repository is named org/name: the Hub's old one-word names now have an org, `gpt2` is "
             "`openai-community/gpt2`)" if _ONE_WORD.match(source) else "")
-    if copies := interrupted_copies(source):  # a save killed between its two renames
+    # a save killed between its two renames (beside the directory a link names: where a save through it writes)
+    if copies := interrupted_copies(source) or interrupted_copies(os.path.realpath(source)):
         hint = (f": a save killed while it replaced it left {', '.join(os.path.basename(c) for c in copies)} beside "
                 "it (`.old-`: the copy saved before; `.tmp-`: the new one, whole only if the save was killed after "
                 f"writing it); rename one to {os.path.basename(os.path.abspath(source))!r}")

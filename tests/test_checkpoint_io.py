@@ -56,18 +56,22 @@ def test_a_write_that_loses_the_swap_is_refused_and_leaves_nothing(tmp_path, mon
     assert open(os.path.join(target, "state.json")).read() == "other"
 
 
-def test_a_failed_swap_puts_the_previous_copy_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_swap_puts_the_previous_copy_back(tmp_path, monkeypatch, error):
+    """A rename that fails, or a Ctrl-C between the two renames (which left no target, the new copy under `.tmp-`),
+    puts the previous copy back and leaves nothing of the write."""
     target = str(tmp_path / "ckpt")
     _write(target, "first")
     real_replace = os.replace
 
     def failing_replace(src, dst):
         if unfinished_write(os.path.basename(src)) == ("ckpt", "tmp"):
-            raise OSError(28, "No space left on device")
+            raise error
         real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint_io.os, "replace", failing_replace)
-    with pytest.raises(ValueError, match="No space left"):
+    with pytest.raises(ValueError if isinstance(error, OSError) else KeyboardInterrupt, match="No space left"
+                       if isinstance(error, OSError) else None):
         _write(target, "second")
     assert sorted(os.listdir(target)) == ["first", "state.json"]
     assert os.listdir(tmp_path) == ["ckpt"]

@@ -168,11 +168,13 @@ def atomic_directory(target: str, marker: str, what: str,
             os.replace(target, old)
             moved = True
         os.replace(tmp, target)
-    except OSError as e:
+    except BaseException as e:  # (a Ctrl-C between the renames too: the previous copy goes back)
         if moved and not os.path.exists(target):
             os.replace(old, target)  # the previous copy back in place
         shutil.rmtree(old, ignore_errors=True)  # (still here only where another write has replaced it)
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         raise ValueError(f"{what} {target!r} was not written: it could not be swapped in ({e}; another write to it "
                          "at the same time?); nothing of this write is left") from e
     _sync_directory(parent)  # the renames

@@ -106,7 +106,11 @@ CASES = {
     "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "positions"),
     "prompt + max_tokens past the positions": (dict(json={**_user("yes no " * 1020), "max_tokens": 32}), 400,
                                                "positions"),
-    "max_tokens over the cap": (dict(json={**GOOD, "max_tokens": 33}), 400, "cap of 32"),
+    "max_tokens over the cap": (dict(json={**GOOD, "max_tokens": 33}), 400, "max_tokens=33 is more than this "
+                                                                              "server's cap of 32"),
+    # the field the request set is named (OpenAI's current name, which the openai client sends)
+    "max_completion_tokens over the cap": (dict(json={**GOOD, "max_completion_tokens": 33}), 400,
+                                           "max_completion_tokens=33 is more than this server's cap of 32"),
     "n over the limit": (dict(json={**GOOD, "n": 17}), 400, "n"),
     "path outside the media root": (dict(json=_user("../secret.png")), 400, "outside the server's media root"),
     "absolute path outside the root": (dict(json=_user("/etc/hostname.png")), 400, "outside"),

@@ -220,17 +220,18 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if not ids:
             raise APIError(400, "the prompt is empty: nothing to continue", param=param)
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"  # as sent
         if asked is not None and asked > settings.max_tokens_cap:
-            raise APIError(400, f"max_tokens={asked} is more than this server's cap of {settings.max_tokens_cap}",
-                           param="max_tokens")
+            raise APIError(400, f"{field}={asked} is more than this server's cap of {settings.max_tokens_cap}",
+                           param=field)
         max_tokens = asked if asked is not None else settings.max_tokens_cap
         if positions is not None:
             if len(ids) > positions or (len(ids) == positions and max_tokens != 0):  # echo alone: no new token
                 raise APIError(400, f"the prompt takes {len(ids)} tokens and the model has {positions} positions",
                                param=param, code="context_length_exceeded")
             if asked is not None and len(ids) + asked > positions:
-                raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens={asked} exceed the model's "
-                                    f"{positions} positions", param="max_tokens", code="context_length_exceeded")
+                raise APIError(400, f"the prompt's {len(ids)} tokens + {field}={asked} exceed the model's "
+                                    f"{positions} positions", param=field, code="context_length_exceeded")
             max_tokens = min(max_tokens, positions - len(ids))
         logprobs = req.top_logprobs_asked()
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),

@@ -276,6 +276,11 @@ def test_bad_calls_are_4xx_and_the_server_keeps_serving(served):
     with pytest.raises(openai.APIStatusError, match="max-batch-file-mb") as e:
         client.files.create(file=("big.jsonl", b"x" * 300 * 1024, "application/jsonl"), purpose="batch")
     assert e.value.status_code == 413
+    # the limit is the file's, not the multipart body's (a file a few hundred bytes under it was refused)
+    assert client.files.create(file=("at.jsonl", b"x" * 256 * 1024, "application/jsonl"), purpose="batch").bytes \
+        == 256 * 1024
+    with pytest.raises(openai.APIStatusError, match="the file is larger than the server's limit of 262144 bytes"):
+        client.files.create(file=("over.jsonl", b"x" * (256 * 1024 + 1), "application/jsonl"), purpose="batch")
     for call in (lambda: client.files.retrieve("file-nope"), lambda: client.files.content("file-nope"),
                  lambda: client.files.delete("file-nope"), lambda: client.batches.retrieve("batch_nope"),
                  lambda: client.batches.cancel("batch_nope"),

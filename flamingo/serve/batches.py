@@ -115,13 +115,18 @@ def _listing(request: Request, records: dict[str, Record], default: int, most: i
     return JSONResponse(page(records, _limit(request, default, most), after, newest_first))
 
 
+# what a multipart body holds beside its file (boundaries, part headers, the other fields): a file of exactly the
+# limit is taken
+MULTIPART_ALLOWANCE = 64 * 1024
+
+
 async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str, Optional[int]]:
-    """A multipart upload's `file`, `purpose` and `expires_after` seconds (None: none asked), the body at most
-    `limit` bytes."""
-    too_big = APIError(413, f"the upload is larger than the server's limit of {limit} bytes (--max-batch-file-mb)",
+    """A multipart upload's `file`, `purpose` and `expires_after` seconds (None: none asked), the file at most
+    `limit` bytes (the body at most that and `MULTIPART_ALLOWANCE`)."""
+    too_big = APIError(413, f"the file is larger than the server's limit of {limit} bytes (--max-batch-file-mb)",
                        code="file_too_large")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_ALLOWANCE:
         raise too_big
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "a file is uploaded as multipart/form-data (fields `file` and `purpose`)")
@@ -130,7 +135,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str, O
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
-            if received > limit:
+            if received > limit + MULTIPART_ALLOWANCE:
                 raise too_big
             yield chunk
 
@@ -139,7 +144,10 @@ async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str, O
     except MultiPartException as e:
         raise APIError(400, f"the upload is not valid multipart/form-data: {e.message}") from None
     try:
-        return _upload_fields(form)
+        fields = _upload_fields(form)
+        if fields[0].size is not None and fields[0].size > limit:
+            raise too_big
+        return fields
     except APIError:
         await form.close()
         raise

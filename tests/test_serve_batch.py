@@ -121,6 +121,10 @@ def test_odd_lines_cost_only_themselves(tmp_path, one_thread):
                        str(tmp_path / "out.jsonl"), progress=False)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["custom_id"] for o in out] == ["a", None, None, "nan", "half", "z"]
+    with pytest.raises(ValueError, match="the engine was stopped"):  # (every line was answered 503, written as if
+        # answered)
+        run_batch(engine, ServeSettings(), str(tmp_path / "in.jsonl"), str(tmp_path / "again.jsonl"))
+    assert not (tmp_path / "again.jsonl").exists()
     assert [o["error"]["message"].split(":")[0] for o in out[1:3]] == ["line 2", "line 4"]
     assert "nested too deeply" in out[1]["error"]["message"]
     assert [o["response"]["status_code"] for o in out[:1] + out[3:]] == [200, 400, 400, 200]

@@ -56,10 +56,13 @@ async def _run(engine: Engine, settings: ServeSettings, lines: list[Line], concu
 def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_path: str, *,
               concurrency: Optional[int] = None, progress: bool = True) -> BatchReport:
     """Answer every request of `input_path` into `output_path` (written whole, then renamed into place). The engine
-    is started here and stopped at the end. concurrency: requests in flight (default: twice the engine's batch,
-    within its queue)."""
+    is started here and stopped at the end (one that was stopped is refused). concurrency: requests in flight
+    (default: twice the engine's batch, within its queue)."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 (or unset: twice the engine's batch), got {concurrency}")
+    if not engine.accepting:  # else every line would be answered 503, and the output written as if answered
+        raise ValueError("the engine was stopped (an earlier run_batch stops it at its end, and an engine runs once): "
+                         "build another one for this batch")
     report = BatchReport()
     lines = parse_lines(read_lines(input_path))  # as the HTTP Batch API reads a file
     report.requests = len(lines)

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from flamingo.train.config import load_config
 from flamingo.train.state import remove_stale_writes
@@ -67,6 +68,35 @@ def test_run_called_again_after_a_stop_goes_on_to_the_end_with_its_own_logs(worl
         steps = [record["step"] for record in map(json.loads, f) if "loss" in record]
     assert steps == [1, 2, 3, 4]
     assert not [name for name in os.listdir(out) if ".prev-" in name]
+
+
+def test_run_called_again_after_a_step_raised_trains_that_step_on_its_own_batches(world):
+    """An exception inside a step (a Ctrl-C a second time, an error in a block's forward), then `run()` again: the
+    step's batches, drawn from the sources before the forward, were lost (the sources had moved past them), so the
+    run trained other data than an uninterrupted one. They are kept until the step ends: the same weights."""
+    root, vision, lm, data = world
+    paths = {name: train_config(root, vision, lm, data, steps=3, out=os.path.join(root, f"run-raised-{name}"),
+                                interleaved=False, progress=False) for name in ("whole", "raised")}
+    whole = Trainer(load_config(paths["whole"]))
+    whole.run()
+    trainer = Trainer(load_config(paths["raised"]))
+    block, raised = trainer.model.xattn[0], []
+    forward = block.forward
+
+    def raises_once(*args, **kwargs):  # in step 2's forward
+        if trainer.step == 1 and not raised:
+            raised.append(1)
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    block.forward = raises_once
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.step == 1
+    trainer.run()
+    assert trainer.step == 3
+    for (name, p), q in zip(trainer.model.named_parameters(), whole.model.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_a_run_on_another_thread_trains_and_leaves_the_signal_handlers_alone(world):

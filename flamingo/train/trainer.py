@@ -369,6 +369,7 @@ class Trainer:
         self.stopped_by = 0  # the signal the ranks agreed to stop on (`run`): 0 when the run went to train.steps
         self._previous_handlers: dict[int, Any] = {}
         self._saved_step = -1  # the step of the last checkpoint this process wrote
+        self._unfinished_step: Optional[tuple[list[str], list[tuple[str, dict[str, Any]]]]] = None  # train_step's
         # `sample` mixture mode: one dataset per step, drawn by loss weight (the same draws on every rank)
         self.sampler = MixtureSampler({name: self.weights[name] for name in self.sources}, seed=t.seed + 1)
         os.makedirs(t.output_dir, exist_ok=True)
@@ -547,11 +548,16 @@ class Trainer:
         t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
         autocast = self._autocast()
-        names = self._step_datasets()
         losses: dict[str, torch.Tensor] = {}
         samples, flops = 0, 0.0
         dataset_samples: dict[str, int] = {}  # this rank's samples of each dataset read
-        passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
+        if self._unfinished_step is None:
+            names = self._step_datasets()
+            passes = [(name, mb) for name in names for mb in self._micro_batches(self._next(name))]
+            # kept until the step ends: a step that raised (a Ctrl-C, an error; then run() again) trains on the
+            # batches it drew, which the sources have moved past
+            self._unfinished_step = (names, passes)
+        names, passes = self._unfinished_step
         shares = self._token_shares(passes)
         for i, ((name, batch), share) in enumerate(zip(passes, shares)):
             rows = batch_samples(batch)
@@ -590,6 +596,7 @@ class Trainer:
         else:
             self.scheduler.step()
         self.step += 1
+        self._unfinished_step = None
         if not self.skip_on_device:
             self.check_nonfinite()  # `finite` is on the host already
         # tensors stay on the device: `materialize` reads them, once per logged step

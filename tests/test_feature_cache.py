@@ -47,6 +47,13 @@ def test_cached_features_give_the_same_loss_and_skip_seen_frames(make_model):
     assert torch.allclose(cold, plain, atol=1e-6) and torch.allclose(warm, plain, atol=1e-6)
     assert torch.allclose(partly, plain_other, atol=1e-6)
     assert len(cache.store) == 4 and cache.store.hits == 3  # warm: 2 distinct; other: image 1
+    assert (cache.frames, cache.computed) == (9, 4)
+    # a tower call that raises (an interrupt) computed nothing: counted nothing (the server reports these counts)
+    handle = model.vision.register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(**processor(PROMPT, images=[random_image(4)] * 3), vision_cache=cache)
+    handle.remove()
+    assert (cache.frames, cache.computed) == (9, 4) and len(cache.store) == 4
 
 
 def test_feature_cache_needs_a_frozen_tower(make_model):

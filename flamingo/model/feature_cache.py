@@ -55,11 +55,11 @@ class VisionFeatureCache:
             first.setdefault(k, i)
         found = {k: self.store.get(k) for k in first}
         missing = [k for k, v in found.items() if v is None]
-        self.frames += len(keys)
-        self.computed += len(missing)
         if missing:
             rows = torch.tensor([first[k] for k in missing], device=pixels.device)
             for k, row in zip(missing, tower(pixels.index_select(0, rows))):  # (M, S, Dv)
                 found[k] = row
                 self.store.put(k, row)
+        self.frames += len(keys)  # counted once the tower ran (a call that raised computed nothing)
+        self.computed += len(missing)
         return torch.stack([found[k] for k in keys])  # (K, S, Dv)

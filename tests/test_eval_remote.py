@@ -365,3 +365,20 @@ def test_a_dropped_connection_or_a_5xx_is_asked_again(script, monkeypatch):
     finally:
         server.httpd.shutdown()
         server.httpd.server_close()
+
+
+def test_prompts_past_the_servers_max_images_are_skipped_and_counted(tmp_path, one_thread):
+    """`--shots 0 4 8 32` against a server taking 32 images per prompt: the 32-shot prompts hold 33, and the first
+    one's 400 ended the run after the other shot counts had run, writing nothing. They are skipped and counted."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = DATASET_MAKERS["vqa"](tmp_path / "data")
+    processor = FlamingoProcessor.from_pretrained(str(model_dir))
+    with running_server(engine_for(model_dir, max_batch=4, prefill_chunk=32), ServeSettings(max_images=2)) as url:
+        results = evaluate(RemoteModel(url), processor, "vqa", str(data), shots=[0, 1, 2], trials=1, progress=False,
+                           generation={"max_new_tokens": 2, "num_beams": 1}, out_dir=str(tmp_path / "out"))
+    runs = {run["shots"]: run for run in results["runs"]}
+    assert runs[0]["skipped"] == runs[1]["skipped"] == 0  # 1 and 2 images: within the server's 2
+    assert runs[2]["skipped"] == runs[2]["num_samples"] > 0 and runs[2]["metrics"] == {}
+    assert runs[2]["skipped_by"] == {"too_many_media": runs[2]["num_samples"]}
+    records = (tmp_path / "out" / "predictions" / "vqa_2shot_trial0.jsonl").read_text().splitlines()
+    assert json.loads(records[0])["skipped"] == "3 images/videos, the server takes 2"

@@ -83,6 +83,12 @@ class RemoteModel:
         """The served LM's positions (`/v1/models`' `max_model_len`), None when the server does not say."""
         return self._card().get("max_model_len")
 
+    def max_images(self) -> Optional[int]:
+        """The most images or videos the server takes per prompt (`/v1/models`' `max_images`), None when it does not
+        say."""
+        value = self._card().get("max_images")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     def _card(self) -> dict[str, Any]:
         if self._model_card is None:
             answer = self._request("/v1/models", None)

@@ -48,7 +48,8 @@ from .vqa import VQATask
 
 # why a query is not run (a record's `skip_reason`), as results.md says it
 SKIP_REASONS = {"too_long": "longer than the model's max_length",
-                "unreadable_media": "with an image or video that cannot be read"}
+                "unreadable_media": "with an image or video that cannot be read",
+                "too_many_media": "with more images or videos than the server takes per prompt"}
 MAX_UNREADABLE_FRACTION = 0.5  # more of a run's queries with unreadable media: the data is wrong, stop
 
 
@@ -104,6 +105,9 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
     rices = rices_demos(selector, samples, mine, shots, zero_shot)  # the whole shard's at once (RICES only)
     local: list[tuple[int, dict[str, Any]]] = []
     limit = processor.max_length  # the LM's positions (None: unknown, nothing is skipped)
+    # a server's limit on a prompt's media (its `--max-images`): a query past it is skipped here, counted, rather
+    # than the run ending at the first such request, after the other shot counts ran
+    most_media = model.max_images() if isinstance(model, RemoteModel) else None
     new_tokens = int(task.generation_settings(generation)["max_new_tokens"]) if task.kind == "generate" else 0
     # a context: the bar is closed when a batch raises (an interrupted notebook cell), so later bars keep their line
     with tqdm(total=len(mine), desc=description, disable=not progress or rank() != 0) as bar:
@@ -117,6 +121,10 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
                                                                   fed_last=isinstance(model, RemoteModel))) > limit:
                     local.append((i, {"id": samples[i].id, "skipped": f"needs {needed} tokens, max_length is {limit}",
                                       "skip_reason": "too_long", "demo_ids": demo_ids}))
+                    continue
+                if most_media is not None and len(prompt[1]) > most_media:
+                    local.append((i, {"id": samples[i].id, "skip_reason": "too_many_media", "demo_ids": demo_ids,
+                                      "skipped": f"{len(prompt[1])} images/videos, the server takes {most_media}"}))
                     continue
                 if (why := loader.unreadable(prompt[1])) is not None:  # its own or a demo's image / video
                     local.append((i, {"id": samples[i].id, "skipped": why, "skip_reason": "unreadable_media",

@@ -43,6 +43,19 @@ def openflamingo_peer(every: int, seed: int = 0, lm_kind: str = "llama", *, v1: 
     return peer.eval(), vision, lm, tok
 
 
+def interrupted_at(fn: Any, call: int) -> Any:
+    """`fn` that raises KeyboardInterrupt at its `call`-th call (a Ctrl-C half way through a loop of them)."""
+    calls = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def unhooked_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of a Flamingo's LM (or tower) without the hooks the model put on it: the LM as another model may
     take it (a Flamingo refuses an LM another one hooks)."""

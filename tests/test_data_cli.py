@@ -24,6 +24,8 @@ from flamingo.data.fixtures import (
 from flamingo.data.inspect import detect_kind, inspect_dataset
 from flamingo.train.config import DatasetSection
 
+from helpers import interrupted_at
+
 
 def test_inspect_cli_counts_samples_skips_tokens_and_draws_a_contact_sheet(tmp_path, capsys):
     data = make_pairs(str(tmp_path / "p"), 5)
@@ -136,15 +138,7 @@ def test_a_pack_that_does_not_end_leaves_no_shards(tmp_path, monkeypatch):
 
     pairs = make_pairs(str(tmp_path / "p"), 12, bad=False)
     members = pack_module._pair_members
-    seen = []
-
-    def interrupted(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == 7:
-            raise KeyboardInterrupt
-        return members(*args, **kwargs)
-
-    monkeypatch.setattr(pack_module, "_pair_members", interrupted)
+    monkeypatch.setattr(pack_module, "_pair_members", interrupted_at(members, 7))
     with pytest.raises(KeyboardInterrupt):
         pack_module.pack(str(tmp_path / "out"), source=pairs["path"], shard_size=2)
     assert os.listdir(tmp_path / "out") == []
@@ -155,7 +149,7 @@ def test_a_pack_that_does_not_end_leaves_no_shards(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    seen.clear()
+    seen = []
     monkeypatch.setattr(pack_module, "_pair_members", lambda *a, **k: members(*a, **k) if len(seen.append(1) or seen)
                         < 7 else full())
     monkeypatch.setattr(tarfile.TarFile, "close", full)

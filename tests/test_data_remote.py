@@ -14,6 +14,7 @@ import shutil
 import sys
 import threading
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -29,47 +30,35 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []
     damaged: dict[str, str] = {}  # path -> how its next answer is damaged ("html" or "cut"), once
 
+    def _answer(self, body: bytes, content_type: Optional[str] = None, length: bool = True) -> None:
+        """A 200 with `body` (a `Content-Length`, unless `length` is False: the connection then ends it)."""
+        self.send_response(200)
+        for name, value in (("Content-Type", content_type), ("Content-Length", str(len(body)) if length else None),
+                            ("Connection", None if length else "close")):
+            if value is not None:
+                self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = not length
+
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         _Handler.requests.append(self.path)
         damage = _Handler.damaged.pop(self.path, None)
+        if damage is not None and damage != "html":
+            with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
+                data = f.read()
         if damage == "html":  # a proxy's or a rate limiter's page, answered 200
-            body = b"<html><body>Too many requests, try again later</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
+            return self._answer(b"<html><body>Too many requests, try again later</body></html>", "text/html")
         if damage == "origin":  # the store's own file is cut (a length that says so): every answer alike
-            with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
-                data = f.read()
-            data = data[:len(data) // 2]
             _Handler.damaged[self.path] = "origin"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
+            return self._answer(data[:len(data) // 2])
         if damage == "cut":  # no length, and the connection ends half way
-            with open(os.path.join(self.directory, self.path.lstrip("/")), "rb") as f:
-                data = f.read()
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data[:len(data) // 2])
-            self.close_connection = True
-            return
+            return self._answer(data[:len(data) // 2], length=False)
         if self.path.startswith("/api/datasets/someone/shards/tree/main"):  # the Hub's listing of the repository
             root = self.directory
             files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
-            body = json.dumps([{"type": "file", "path": f, "size": os.path.getsize(os.path.join(root, f)),
-                                "oid": "0" * 40} for f in files]).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
+            return self._answer(json.dumps([{"type": "file", "path": f, "size": os.path.getsize(os.path.join(root, f)),
+                                             "oid": "0" * 40} for f in files]).encode(), "application/json")
         if self.path.startswith("/datasets/someone/shards/resolve/main/"):  # the Hub's download path
             self.path = "/" + self.path.rsplit("/", 1)[-1]
         super().do_GET()

@@ -28,6 +28,7 @@ from flamingo.tiny import (
 )
 from flamingo.train.optim import make_optimizer
 
+from helpers import interrupted_at
 from train_fixtures import save_backbones, train_config, write_datasets
 
 pytest.importorskip("peft")
@@ -165,15 +166,7 @@ def test_a_merge_interrupted_then_run_again_records_every_merged_weight(backbone
     with torch.no_grad():
         unmerged = model(**batch).logits
     layer_class = type(lora._tuner_layers(model.lm)[0][1])
-    merge, calls = layer_class.merge, []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return merge(self, *args, **kwargs)
-
-    monkeypatch.setattr(layer_class, "merge", interrupted)
+    monkeypatch.setattr(layer_class, "merge", interrupted_at(layer_class.merge, 3))
     with pytest.raises(KeyboardInterrupt):
         model.merge_lora()
     monkeypatch.undo()

@@ -28,6 +28,7 @@ from flamingo.tiny import random_image, set_gates, tiny_flamingo, tiny_flamingo_
 from flamingo.train.config import load_config  # noqa: E402
 from flamingo.train.trainer import Trainer  # noqa: E402
 
+from helpers import interrupted_at  # noqa: E402
 from train_fixtures import save_backbones, train_config, write_datasets  # noqa: E402
 
 CPU_MODES = ["int8", "nf4"]  # int4 packs for CUDA's kernel only: bench/memory.py runs it on a GPU
@@ -81,15 +82,7 @@ def test_a_quantization_interrupted_then_run_again_quantizes_the_rest(make_model
     fresh = copy.deepcopy(model)
     batch = _batch(processor)
     whole = quantize_frozen(fresh, "int8")
-    convert, calls = quantize._quantize_weight, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return convert(*args, **kwargs)
-
-    monkeypatch.setattr(quantize, "_quantize_weight", interrupted)
+    monkeypatch.setattr(quantize, "_quantize_weight", interrupted_at(quantize._quantize_weight, 5))
     with pytest.raises(KeyboardInterrupt):
         quantize_frozen(model, "int8")
     monkeypatch.undo()

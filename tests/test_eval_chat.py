@@ -137,6 +137,9 @@ def test_generated_chat_answers_end_at_the_formats_stop_strings(remote, tmp_path
         def positions(self):
             return None
 
+        def max_images(self):
+            return None
+
         def _post_all(self, path, bodies):
             sent.extend(bodies)
             return [{"choices": [{"index": 0, "text": answer}]} for _ in bodies]

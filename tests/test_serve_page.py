@@ -288,7 +288,7 @@ def test_page_failed_turns_go_back_to_the_composer_and_errors_say_why(tmp_path, 
 OUTGROWN = """
 const realFetch = window.fetch;
 window.fetch = function (url, options) {
-  if (!String(url).endsWith("/v1/chat/completions")) return realFetch.apply(this, arguments);
+  if (!String(url).endsWith("v1/chat/completions")) return realFetch.apply(this, arguments);
   const error = {message: "2 images/videos, more than the 1 this server accepts per prompt",
                  type: "invalid_request_error", param: "messages"};
   return Promise.resolve(new Response(JSON.stringify({error}), {status: 400,
@@ -310,7 +310,7 @@ window.fetch = function (url, options) {
 
 def _chat_bodies(browser) -> list[dict]:
     return [json.loads(r["body"]) for r in browser.execute_script("return window.sent")
-            if r["url"].endswith("/v1/chat/completions")]
+            if r["url"].endswith("v1/chat/completions")]  # (a relative URL)
 
 
 def test_page_new_chat_aborts_the_turn_on_its_way_and_keeps_it_out_of_the_new_chat(tmp_path, one_thread):
@@ -535,7 +535,7 @@ def _recording(engine) -> tuple[list, list[list[str]]]:
 HELD = """
 const fetchAsSent = window.fetch;
 window.fetch = function (url, options) {
-  if (!String(url).endsWith("/v1/chat/completions") || !window.held) return fetchAsSent.apply(this, arguments);
+  if (!String(url).endsWith("v1/chat/completions") || !window.held) return fetchAsSent.apply(this, arguments);
   window.sent.push({url: String(url), body: options && options.body});
   const [held, signal] = [window.held, options.signal];
   const body = new ReadableStream({start(controller) {
@@ -656,7 +656,7 @@ def test_page_stop_keeps_the_partial_answer_and_the_server_stops_generating(tmp_
 FAKE = """
 const fetchAsSent = window.fetch;
 window.fetch = function (url, options) {
-  if (!String(url).endsWith("/v1/chat/completions") || !window.fake) return fetchAsSent.apply(this, arguments);
+  if (!String(url).endsWith("v1/chat/completions") || !window.fake) return fetchAsSent.apply(this, arguments);
   window.sent.push({url: String(url), body: options && options.body});
   const [body, status, type] = window.fake;
   return Promise.resolve(new Response(body, {status, headers: {"content-type": type}}));

@@ -229,8 +229,9 @@ def read_state(path: str) -> dict[str, Any]:
         raise _damaged(path, "state.json", e) from e
     if not isinstance(state, dict):
         raise _damaged(path, "state.json", ValueError("not a JSON object"))
-    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
-        raise _damaged(path, "state.json", ValueError(f"its step is {state.get('step')!r}, not a count"))
+    step = state.get("step", 0)  # (a missing one is left to the reads that need it)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _damaged(path, "state.json", ValueError(f"its step is {step!r}, not a count"))
     return state
 
 

@@ -267,6 +267,8 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
             break
         docs = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])[None]  # (1, 25)
         if longest is None:
+            if lm_kind == "gpt2" and int(transformers.__version__.split(".")[0]) < 5:
+                continue  # (transformers 4's GPT-2 masks with a buffer of its positions: no row longer than them)
             model(row, images=batch["images"], document_ids=docs)  # each sample within the positions: runs
         else:
             with pytest.raises(ValueError, match=f"{longest} tokens per packed sample, but the LM has 24"):

@@ -404,7 +404,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine, settings = _engine_and_settings(args)
-    serve(engine, settings, host=args.host, port=args.port, grace=args.grace, root_path=args.root_path.rstrip("/"))
+    serve(engine, settings, host=args.host, port=args.port, grace=args.grace, root_path=args.root_path.rstrip("/"),
+          keep_alive=args.keep_alive, max_connections=args.max_connections)
     return 0
 
 
@@ -546,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--root-path", default="",
                      help="the path prefix a reverse proxy mounts the server under and strips (e.g. /flamingo): "
                           "redirects and the API's docs then stay under it (the page's own URLs are relative)")
+    srv.add_argument("--keep-alive", type=positive_float, default=5,
+                     help="seconds an idle connection stays open; behind a reverse proxy that reuses connections, "
+                          "more than the proxy's idle timeout (nginx's keepalive_timeout: 60), so the proxy closes "
+                          "first and never sends on a connection the server is closing (a 502)")
+    srv.add_argument("--max-connections", type=positive_int, default=None,
+                     help="connections open at once (idle keep-alive ones count); more are answered 503 at once. "
+                          "Bounds the memory of streams whose clients do not read (default: no limit)")
     srv.add_argument("--grace", type=non_negative_float, default=30,
                      help="seconds in-flight requests get to finish on SIGTERM (a finite number >= 0)")
     srv.add_argument("--batch-dir", default=None,

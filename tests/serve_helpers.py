@@ -10,13 +10,14 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from flamingo.build import load_pretrained
-from flamingo.serve.app import ServeSettings, create_app
+from flamingo.serve.app import ServeSettings
 from flamingo.serve.engine import Engine
+from flamingo.serve.server import uvicorn_config
 from flamingo.tiny import tiny_flamingo
 
 SHOT = "<image>Question: what is in the image? Short answer: a red circle.<|endofchunk|>"
@@ -62,16 +63,18 @@ def engine_for(model_dir: Path, **kwargs) -> Engine:
 
 @contextlib.contextmanager
 def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0,
-                   start_engine: bool = True, root_path: str = "") -> Iterator[str]:
-    """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>; yields the base URL. start_engine=False:
-    requests queue up and nothing runs them (until the server stops and fails them)."""
+                   start_engine: bool = True, root_path: str = "", **options: Any) -> Iterator[str]:
+    """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>, with `flamingo serve`'s uvicorn settings
+    (options: `uvicorn_config`'s keep_alive, max_connections); yields the base URL. start_engine=False: requests
+    queue up and nothing runs them (until the server stops and fails them)."""
     import uvicorn
 
     if start_engine:
         engine.start()
     port = free_port()
-    config = uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=5, root_path=root_path)
+    config = uvicorn_config(engine, settings, host="127.0.0.1", port=port, grace=0.0, log_level="warning",
+                            root_path=root_path, **options)
+    config.timeout_graceful_shutdown = 5  # a test's queued requests (start_engine=False) hold the stop this long
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

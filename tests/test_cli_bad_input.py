@@ -50,6 +50,8 @@ def _error_line(capsys) -> str:
         (["serve", "--api-key", ""], "--api-key: '' is an empty key"),
         (["serve", "--grace", "nan"], "--grace: must be a finite number >= 0"),
         (["serve", "--grace", "-5"], "--grace: must be a finite number >= 0"),
+        (["serve", "--keep-alive", "0"], "--keep-alive: must be a finite number > 0"),
+        (["serve", "--max-connections", "0"], "--max-connections: must be >= 1"),
         (
             ["eval", "--task", "vqa", "--data", "d", "--length-penalty", "nan"],
             "--length-penalty: must be a finite number",

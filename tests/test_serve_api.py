@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -157,6 +158,63 @@ def test_models_health_metrics_and_page(served):
         assert f"flamingo_{name}" in metrics
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def _held_open(port: int, seconds: float) -> bool:
+    """Whether a connection whose request was answered is still open `seconds` later (keep-alive)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"}]}" not in answer:
+            answer += conn.recv(65536)
+        conn.settimeout(seconds)
+        try:
+            return conn.recv(1) != b""  # b"": the server closed it
+        except socket.timeout:
+            return True
+
+
+def test_keep_alive_and_max_connections(tmp_path):
+    """--keep-alive: an idle connection closes after it (behind a proxy, longer than the proxy's); --max-connections:
+    connections past it get 503 at once, however many streams are held."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    settings = ServeSettings(model_name="tiny")
+    with running_server(engine_for(model_dir), settings, start_engine=False, keep_alive=0.5) as url:
+        assert not _held_open(int(url.rsplit(":", 1)[1]), 3.0)
+    with running_server(engine_for(model_dir), settings, start_engine=False, keep_alive=10,
+                        max_connections=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert _held_open(port, 1.5)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        time.sleep(0.2)
+        try:
+            assert httpx.get(url + "/v1/models", timeout=30).status_code == 503
+        finally:
+            for conn in held:
+                conn.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/v1/models", timeout=30).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
+
+
+def test_redirects_name_a_path_not_the_host_a_proxy_passed(tmp_path):
+    """nginx passes its upstream address as the Host by default: an absolute Location sent clients there."""
+    from flamingo.serve.middleware import _path_only
+
+    settings = ServeSettings(model_name="tiny")
+    with running_server(engine_for(save_tiny_model(tmp_path / "model")), settings, start_engine=False,
+                        root_path="/flamingo") as url:
+        moved = httpx.get(url + "/health/", headers={"Host": "10.0.0.7:8000"}, follow_redirects=False)
+        assert moved.status_code == 307 and moved.headers["location"] == "/flamingo/health"
+        moved = httpx.get(url + "/health/?a=1", follow_redirects=False)
+        assert moved.headers["location"] == "/flamingo/health?a=1"
+    host = "10.0.0.7:8000"
+    assert _path_only(b"http://10.0.0.7:8000//evil.example/x", "http", host) == b"http://10.0.0.7:8000//evil.example/x"
+    assert _path_only(b"http://10.0.0.7:80001/x", "http", host) == b"http://10.0.0.7:80001/x"  # another host
+    assert _path_only(b"https://10.0.0.7:8000/x", "http", host) == b"https://10.0.0.7:8000/x"  # another scheme
+    assert _path_only(b"http://10.0.0.7:8000", "http", host) == b"/"
+    assert _path_only(b"http://10.0.0.7:8000?q", "http", host) == b"/?q"
 
 
 def test_a_client_that_disconnects_frees_its_row(served):

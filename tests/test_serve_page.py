@@ -871,7 +871,7 @@ def test_page_works_behind_a_proxy_that_mounts_the_server_under_a_prefix(tmp_pat
                 assert {proxy.url + "static/app.js", proxy.url + "static/style.css", proxy.url + "v1/models"} <= \
                     set(loaded)
                 moved = httpx.get(url + "/health/", follow_redirects=False)  # a trailing slash: redirected
-                assert moved.status_code == 307 and moved.headers["location"].endswith("/flamingo/health")
+                assert moved.status_code == 307 and moved.headers["location"] == "/flamingo/health"
                 body = {"messages": [{"role": "user", "content": "Say:"}], "max_tokens": 1}
                 assert httpx.post(proxy.url + "v1/chat/completions", json=body, timeout=60).status_code == 200
                 with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},

@@ -37,6 +37,7 @@ from .batches import mount_batch_api
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
+from .middleware import CountRequests, RelativeRedirects
 from .openai_responses import ResponseWriter, status_of, stream_response
 from .protocol import (
     APIError,
@@ -137,7 +138,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
                             status_code=500)
 
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(RelativeRedirects)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -475,28 +477,3 @@ def as_responses_error(e: APIError, req: ResponsesRequest) -> None:
     name = RESPONSES_FIELDS.get(e.param or "")
     if name is not None:
         e.message, e.param = e.message.replace(e.param, name), name
-
-
-class _CountRequests:
-    """ASGI middleware: counts the generation endpoints' responses by status (a plain ASGI wrapper, so streamed
-    bodies pass through untouched)."""
-
-    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-
-    def __init__(self, app: Any, metrics: Any) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        # the route's path: under a `--root-path` (a proxy's prefix), uvicorn's path holds the prefix too
-        root = scope.get("root_path", "")
-        path = scope["path"][len(root):] if root and scope.get("path", "").startswith(root) else scope.get("path")
-        if scope["type"] != "http" or path not in self.PATHS:
-            await self.app(scope, receive, send)
-            return
-
-        async def counted(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.inc("requests_total", labels={"endpoint": path, "status": str(message["status"])})
-            await send(message)
-
-        await self.app(scope, receive, counted)

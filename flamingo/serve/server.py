@@ -28,6 +28,7 @@ from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
 CLOSE_SECONDS = 10.0  # after the grace: for the engine's step in progress to end and the error events to be written
+DEFAULT_KEEP_ALIVE = 5.0  # uvicorn's: behind a proxy that reuses connections, set it above the proxy's idle timeout
 
 
 def build_engine(model_dir: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", max_batch: int = 16,
@@ -72,10 +73,23 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
                          batch_concurrency=batch_concurrency, max_batch_file_bytes=int(max_batch_file_mb * 2**20))
 
 
+def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+                   grace: float = 30.0, log_level: str = "info", root_path: str = "",
+                   keep_alive: float = DEFAULT_KEEP_ALIVE, max_connections: Optional[int] = None) -> Any:
+    """uvicorn's settings for the app. root_path: the prefix a reverse proxy mounts the server under and strips;
+    keep_alive: seconds an idle connection stays open (longer than a proxy's, so that the proxy closes first);
+    max_connections: connections open at once (idle keep-alive ones count), more get 503 (None: no limit)."""
+    import uvicorn
+
+    return uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
+                          timeout_keep_alive=keep_alive, limit_concurrency=max_connections)
+
+
 def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          grace: float = 30.0, log_level: str = "info", root_path: str = "") -> None:
-    """Run until SIGTERM / SIGINT; returns after a clean shutdown. root_path: the prefix a reverse proxy mounts the
-    server under and strips (uvicorn's)."""
+          grace: float = 30.0, log_level: str = "info", root_path: str = "",
+          keep_alive: float = DEFAULT_KEEP_ALIVE, max_connections: Optional[int] = None) -> None:
+    """Run until SIGTERM / SIGINT; returns after a clean shutdown. The other arguments: `uvicorn_config`'s."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -99,7 +113,7 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
                     signal.signal(s, handler)
 
     engine.start()
-    config = uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path)
+    config = uvicorn_config(engine, settings, host=host, port=port, grace=grace, log_level=log_level,
+                            root_path=root_path, keep_alive=keep_alive, max_connections=max_connections)
     Server(config).run()
     engine.stop(0.0)

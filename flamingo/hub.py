@@ -180,6 +180,10 @@ def _read_results(out_dir: str) -> dict[str, Any]:
             raise ValueError(f"{out_dir!r} holds no {name}: not a directory `flamingo eval --out` wrote")
     with open(os.path.join(out_dir, RESULTS_FILE), encoding="utf-8") as f:
         results: dict[str, Any] = json.load(f)
+    if results.get("unfinished"):  # the runs of an evaluation that stopped: not what its settings promise
+        todo = ", ".join(f"{r['shots']}-shot trial {r['trial']}" for r in results["unfinished"])
+        raise ValueError(f"{out_dir!r} holds an evaluation that did not finish ({todo} not run): run it to the end "
+                         "(the same `flamingo eval` command) before pushing its results")
     return results
 
 

@@ -43,6 +43,36 @@ def test_a_rerun_of_the_task_replaces_the_earlier_runs_files(model_and_processor
     assert results["runs"][0]["metrics"] == {} and not (out / "results.png").exists()
 
 
+def test_an_evaluation_that_stops_keeps_the_runs_it_finished(model_and_processor, tmp_path, monkeypatch):
+    """The files were written at the end only: a failure at the last shot count lost every run before it."""
+    from flamingo.eval import runner
+    from flamingo.hub import eval_results
+
+    model, processor = model_and_processor
+    data, out = make_vqa(tmp_path / "data"), tmp_path / "out"
+    predict = runner.predict
+
+    def fails_at_two_shots(*args, **kwargs):
+        if args[5] == 2:
+            raise RuntimeError("out of memory at 2 shots")
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "predict", fails_at_two_shots)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(model, processor, "vqa", str(data), shots=[0, 2], trials=2, out_dir=str(out), **QUICK)
+    kept = json.loads((out / "results.json").read_text())
+    assert [(r["shots"], r["trial"]) for r in kept["runs"]] == [(0, 0)]
+    assert kept["unfinished"] == [{"shots": 2, "trial": 0}, {"shots": 0, "trial": 1}, {"shots": 2, "trial": 1}]
+    assert _predictions(out) == ["vqa_0shot_trial0.jsonl"]
+    assert "not yet run, 2-shot trial 0, 0-shot trial 1, 2-shot trial 1." in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="did not finish .2-shot trial 0, 0-shot trial 1, 2-shot trial 1 not run"):
+        eval_results(str(out))
+    monkeypatch.setattr(runner, "predict", predict)
+    done = evaluate(model, processor, "vqa", str(data), shots=[0, 2], trials=2, out_dir=str(out), **QUICK)
+    assert "unfinished" not in done and json.loads((out / "results.json").read_text()) == done
+    assert len(_predictions(out)) == 4 and "Unfinished" not in (out / "results.md").read_text()
+
+
 def test_another_tasks_results_in_out_are_refused_before_any_query(model_and_processor, tmp_path, monkeypatch):
     model, processor = model_and_processor
     out, vqa = tmp_path / "out", str(make_vqa(tmp_path / "vqa"))

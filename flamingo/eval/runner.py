@@ -184,8 +184,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     (its first human answer, as OpenFlamingo's evaluate.py; `VQATask.demo_answer`); refused for other tasks.
     model_name: what the results call the model (default: the directory it was loaded from, `model.name_or_path`,
     else its LM's name; a server's URL).
-    Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0),
-    which holds one task's evaluation: a re-run of the task replaces it, another task's results there are refused
+    Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0)
+    after each run (a number of shots in a trial), results.json listing the runs still to do as `unfinished` until
+    the last, so that an evaluation that stops keeps the runs it finished; `out_dir` holds one task's evaluation: a re-run of the task replaces it, another task's results there are refused
     before the first query (`out_dir_problem`). A package the task's metric or media need (`Task.requires`: CIDEr's
     pycocoevalcap, scikit-learn, PyAV) missing is refused first (`check_requirements`). Returns the results dict (the
     content of results.json) on every rank.
@@ -277,6 +278,26 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     model_name = model_name or (model.base_url if remote else getattr(model, "name_or_path", None)
                                 or model.config.lm_name_or_path) or "flamingo"
     base = {"task": task.name, "model": model_name, "date": date, "num_samples": len(samples)}
+    header = {
+        **base, "data": recorded_data(data_dir),
+        "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": drawable,
+                     "zero_shot": zero_shot, "template": task.template,
+                     "chat": task.chat.name if task.chat is not None else None,
+                     "demo_separator": task.demo_separator if task.chat is None else None,
+                     "answer_prefix": task.answer_prefix, "batch_size": batch_size,
+                     "world_size": world_size(), "kind": task.kind,
+                     "rank_by": task.rank_by if task.kind == "rank" else None,
+                     "demo_answer": task.demo_answer if isinstance(task, VQATask) else None,
+                     "generation": task.generation_settings(generation) if task.kind == "generate" else None,
+                     **weights_format(model)},
+    }
+
+    def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        results = {**header, "runs": runs, "summary": summarize(runs)}
+        if "tokenizer" in runs[0]:
+            results["tokenizer"] = runs[0]["tokenizer"]
+        return results
+
     runs, predictions = [], {}
     for trial in range(trials):
         trial_seed = seed + trial
@@ -305,23 +326,11 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
                          "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra, **repeats})
             predictions[(k, trial)] = records
-    results = {
-        **base, "data": recorded_data(data_dir),
-        "settings": {"shots": shots, "trials": trials, "seed": seed, "demos": demos, "query_set": drawable,
-                     "zero_shot": zero_shot, "template": task.template,
-                     "chat": task.chat.name if task.chat is not None else None,
-                     "demo_separator": task.demo_separator if task.chat is None else None,
-                     "answer_prefix": task.answer_prefix, "batch_size": batch_size,
-                     "world_size": world_size(), "kind": task.kind,
-                     "rank_by": task.rank_by if task.kind == "rank" else None,
-                     "demo_answer": task.demo_answer if isinstance(task, VQATask) else None,
-                     "generation": task.generation_settings(generation) if task.kind == "generate" else None,
-                     **weights_format(model)},
-        "runs": runs,
-        "summary": summarize(runs),
-    }
-    if "tokenizer" in runs[0]:
-        results["tokenizer"] = runs[0]["tokenizer"]
+            unfinished = [{"shots": j, "trial": t} for t in range(trials) for j in shots
+                          if (j, t) not in predictions]
+            if out_dir is not None and rank() == 0 and unfinished:  # a run that fails later keeps these
+                write_results({**assemble(runs), "unfinished": unfinished}, predictions, out_dir)
+    results = assemble(runs)
     if out_dir is not None and rank() == 0:
         write_results(results, predictions, out_dir)
     unreadable = {r["skipped"] for rs in predictions.values() for r in rs if r.get("skip_reason") == "unreadable_media"}
@@ -462,6 +471,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         if skipped:
             lines += ["", f"Not run, {why} (of {results['num_samples']} queries, most over trials): "
                           + ", ".join(f"{k}-shot {n}" for k, n in skipped.items()) + "."]
+    if results.get("unfinished"):
+        lines += ["", "Unfinished (the evaluation stopped, or is still running): not yet run, "
+                      + ", ".join(f"{r['shots']}-shot trial {r['trial']}" for r in results["unfinished"]) + "."]
     return "\n".join(lines) + "\n"
 
 

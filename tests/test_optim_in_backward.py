@@ -88,6 +88,54 @@ def test_no_two_trained_gradients_are_alive_together(world):
     assert alive["true"] == 0 and alive["false"] == len(trainer.trained) - 1
 
 
+def test_a_backward_that_raises_half_way_is_not_replayed_or_saved(world):
+    """A backward that raised after some in-backward steps (an error, a second Ctrl-C) left them applied; `run()` again
+    replayed the step and stepped those parameters twice. Training and saving from there are refused; the checkpoint
+    resumes the run exactly."""
+    straight = Trainer(_config(world, "half-straight", **{"optim.in_backward": "true"}))
+    expected = _steps(straight, 3)
+    trainer = Trainer(_config(world, "half", **{"optim.in_backward": "true"}))
+    _steps(trainer, 1)
+    trainer.save()
+    steps, hook, raised = trainer.backward_steps, trainer.backward_steps._step, []
+
+    def raises_at_the_third(p):
+        if steps.stepped == 2 and not raised:
+            raised.append(1)
+            raise KeyboardInterrupt
+        hook(p)
+
+    steps._step = raises_at_the_third
+    for handle in steps.handles:
+        handle.remove()
+    steps.handles = [p.register_post_accumulate_grad_hook(lambda q: steps._step(q)) for p in trainer.trained]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_step()
+    for call in (trainer.train_step, trainer.save, trainer.run):
+        with pytest.raises(RuntimeError, match=f"step 2 stopped inside its backward after 2 of {len(trainer.trained)} "
+                                               "trained parameters were stepped"):
+            call()
+    resumed = Trainer(_config(world, "half", **{"optim.in_backward": "true"}))
+    assert resumed.step == 1
+    later = _steps(resumed, 2)
+    assert [m["loss"] for m in later] == pytest.approx([m["loss"] for m in expected[1:]], rel=1e-6, abs=1e-7)
+    for name, value in _trained(straight).items():
+        torch.testing.assert_close(_trained(resumed)[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    raised = Trainer(_config(world, "half-forward", **{"optim.in_backward": "true"}))  # before any step: replayed
+    forward, calls = raised.model.xattn[0].forward, []
+
+    def raises_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    raised.model.xattn[0].forward = raises_once
+    with pytest.raises(KeyboardInterrupt):
+        raised.train_step()
+    assert materialize(raised.train_step())["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6, abs=1e-7)
+
+
 def test_a_checkpoint_resumes_exactly_with_the_option_switched(world):
     """Two steps after backward, a checkpoint, two steps inside backward: the four steps of either mode alone."""
     straight = Trainer(_config(world, "straight"))

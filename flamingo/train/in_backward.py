@@ -15,6 +15,11 @@ before the norm over all of them exists; the norm is still summed as the hooks r
 (micro-batches, the `accumulate` mixture over several datasets), and DDP (its reducer all-reduces a gradient after the
 parameter's hook has already stepped on the local one). FSDP2 runs these hooks itself, after its reduce-scatter, on
 each rank's shard of the reduced gradient: that works.
+
+A step is not atomic: a backward that raises (an error in a hook, a second Ctrl-C) leaves some parameters stepped
+and the others not. Replaying the step would step those twice, and no copy of the weights from before the step is
+kept (it would cost the memory the option saves), so the trainer refuses to go on or save from there: the last
+checkpoint resumes exactly.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class BackwardSteps:
         self.optimizer = optimizer
         self.skip: bool = False
         self.squares: Optional[torch.Tensor] = None  # () fp32 sum of this step's squared gradients (this rank's)
+        self.stepped = 0  # parameters this step has stepped so far: a backward that raises leaves a half step
         self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
 
     def begin(self, skip: bool = False) -> None:
-        self.skip, self.squares = skip, None
+        self.skip, self.squares, self.stepped = skip, None, 0
 
     def _step(self, p: torch.Tensor) -> None:
         grad = p.grad
@@ -47,6 +53,7 @@ class BackwardSteps:
         self.squares = square if self.squares is None else self.squares + square
         if not self.skip:
             self.optimizer.step()  # steps p alone: no other parameter holds a gradient now
+            self.stepped += 1
         p.grad = None
 
     def grad_norm(self, sharded: bool = False) -> torch.Tensor:

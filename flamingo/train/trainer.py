@@ -370,6 +370,7 @@ class Trainer:
         self._previous_handlers: dict[int, Any] = {}
         self._saved_step = -1  # the step of the last checkpoint this process wrote
         self._unfinished_step: Optional[tuple[list[str], list[tuple[str, dict[str, Any]]]]] = None  # train_step's
+        self._half_step: Optional[tuple[int, int]] = None  # (step, parameters stepped): `_check_whole_step`
         # `sample` mixture mode: one dataset per step, drawn by loss weight (the same draws on every rank)
         self.sampler = MixtureSampler({name: self.weights[name] for name in self.sources}, seed=t.seed + 1)
         os.makedirs(t.output_dir, exist_ok=True)
@@ -487,6 +488,7 @@ class Trainer:
         return [data for data, _ in gathered], [rng for _, rng in gathered]
 
     def save(self) -> None:
+        self._check_whole_step()
         data, rng = self._rank_states()
         trained, optimizer_state = gather_training_state(self.model, self.optimizer)  # collective under FSDP
         if self.rank == 0:
@@ -545,6 +547,7 @@ class Trainer:
         return [self.sampler.draw()]
 
     def train_step(self) -> dict[str, Any]:
+        self._check_whole_step()
         t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
         autocast = self._autocast()
@@ -577,7 +580,12 @@ class Trainer:
                 # checked first
                 finite, total, losses = self._reduce_losses(losses, names)
                 self._begin_backward_steps(finite)
-            (loss * weight).backward()
+            try:
+                (loss * weight).backward()
+            except BaseException:
+                if self.backward_steps is not None and self.backward_steps.stepped:
+                    self._half_step = (self.step + 1, self.backward_steps.stepped)
+                raise
         if self.backward_steps is not None:
             grad_norm = self.backward_steps.grad_norm(sharded=is_sharded(self.model))
         else:
@@ -634,6 +642,17 @@ class Trainer:
             self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
         return grad_norm
+
+    def _check_whole_step(self) -> None:
+        """Refuse to step or save after a backward that raised half way through its in-backward steps
+        (train/in_backward.py): its weights and optimizer states are neither the step's nor the one before."""
+        if self._half_step is not None:
+            step, stepped = self._half_step
+            raise RuntimeError(f"step {step} stopped inside its backward after {stepped} of {len(self.trained)} "
+                               "trained parameters were stepped (optim.in_backward): the weights are between two "
+                               "steps, and replaying the step would step those parameters twice. Resume from the "
+                               f"last checkpoint in {self.config.train.output_dir!r} (run `flamingo train` again, "
+                               "or build a new Trainer)")
 
     def _begin_backward_steps(self, finite: torch.Tensor) -> None:
         """Arm the in-backward steps for this step: skipped where the loss is not finite on every rank."""
@@ -804,6 +823,7 @@ class Trainer:
             self.model.train()
 
     def save_final(self) -> str:
+        self._check_whole_step()
         out = os.path.join(self.config.train.output_dir, "final")
         model = self.model
         if is_sharded(model):  # FSDP: gather the trained weights (collective), rank 0 saves them on an unsharded copy

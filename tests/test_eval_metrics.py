@@ -81,8 +81,18 @@ def test_generated_text_is_cut_at_any_line_break():
     assert CaptioningTask().postprocess("a\rb") == "a"
     assert CaptioningTask().postprocess(" a dog\u2028running\nOutput:") == "a dog"
     assert CaptioningTask().postprocess(" a dog Output: a cat") == "a dog"
-    assert CaptioningTask().postprocess("") == "" and CaptioningTask().postprocess("\r\nx") == ""
+    assert CaptioningTask().postprocess("") == "" and CaptioningTask().postprocess(" \r\n") == ""
     assert HatefulMemesTask().postprocess("yes\x0bno") == "yes"  # the base Task's rule
+
+
+@pytest.mark.parametrize("lead", ["\n", " \n", "\r\n", "\n\n", "\u2028 ", "\x0c\n  "])
+def test_an_answer_after_leading_line_breaks_is_the_answer(lead):
+    """Leading whitespace and line breaks are stripped before the cut, as OpenFlamingo scores "\\nyes" ("yes"): a
+    model that opens with a line break is not scored as answering nothing."""
+    assert postprocess_vqa_generation(lead + "Yes, it is\nno") == "yes"
+    assert vqa_accuracy(VQATask().prediction(lead + "yes"), ["yes"] * 10) == 1.0
+    assert CaptioningTask().postprocess(lead + "a dog on the beach\nOutput: a cat") == "a dog on the beach"
+    assert HatefulMemesTask().postprocess(lead + "yes\nno") == "yes"  # the base Task's `first_line`
 
 
 CAPTIONS = {

@@ -267,8 +267,9 @@ def media_path(data_dir: Path, relative: str) -> str:
 
 
 def first_line(text: str) -> str:
-    """The text before its first line break of any kind (`str.splitlines`: also "\\r", U+2028, ...), stripped."""
-    lines = text.splitlines()
+    """The first line with text: after leading whitespace and line breaks, the text before the next line break of any
+    kind (`str.splitlines`: also "\\r", U+2028, ...), stripped. "\\na dog\\nOutput" is "a dog"."""
+    lines = text.lstrip().splitlines()
     return lines[0].strip() if lines else ""
 
 

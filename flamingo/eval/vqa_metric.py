@@ -101,6 +101,8 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
 
 def postprocess_vqa_generation(text: str) -> str:
     """A generated short answer -> the answer: cut at the next "Question"/"Answer"/"Short" the model starts to write
-    or at ", " ("yes, it is" -> "yes"), as OpenFlamingo's rule does, and at any line break; strip, lower case."""
-    text = re.split(f"{LINE_BREAK}|, |Question|Answer|Short", text, maxsplit=1)[0]
+    or at ", " ("yes, it is" -> "yes"), as OpenFlamingo's rule does, and at any line break after the answer's start
+    (leading whitespace and line breaks are stripped first: "\\nyes" is "yes", as OpenFlamingo scores it); strip,
+    lower case."""
+    text = re.split(f"{LINE_BREAK}|, |Question|Answer|Short", text.lstrip(), maxsplit=1)[0]
     return text.strip().lower()

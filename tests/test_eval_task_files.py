@@ -172,6 +172,21 @@ MALFORMED = {
         lambda d: _dense(d, gt_relevance="10000"),
         "'gt_relevance' must be a list of numbers, got '10000'",
     ),
+    "vqa answers empty": (
+        "vqa",
+        make_vqa,
+        lambda d: _rw_json(d, "test_annotations.json", lambda a: {"annotations": [
+            {**r, "answers": [], "multiple_choice_answer": ""} if r["question_id"] == 102 else r
+            for r in a["annotations"]]}),
+        "question 102 has no answer",
+    ),
+    "vqa answers missing": (
+        "vqa",
+        make_vqa,
+        lambda d: _rw_json(d, "train_annotations.json", lambda a: {"annotations": [
+            {"question_id": r["question_id"], "image_id": r["image_id"]} for r in a["annotations"]]}),
+        "question 0 has no answer",
+    ),
     "videoqa file an object": (
         "videoqa",
         make_videoqa,

@@ -72,7 +72,8 @@ class VQATask(Task):
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
         questions = read_json(root / f"{split}_questions.json")["questions"]
-        annotations = {a["question_id"]: a for a in read_json(root / f"{split}_annotations.json")["annotations"]}
+        annotations_path = root / f"{split}_annotations.json"
+        annotations = {a["question_id"]: a for a in read_json(annotations_path)["annotations"]}
         samples, stemmed = [], False
         find_image = ImageFinder(root / "images")
         for q in questions:
@@ -83,7 +84,10 @@ class VQATask(Task):
             answers = [str(a["answer"]) for a in ann.get("answers", [])]
             stemmed = stemmed or any("raw_answer" in a for a in ann.get("answers", []))
             chosen = ann.get("multiple_choice_answer")
-            first = answers[0] if answers else ""
+            if not answers and (chosen is None or not str(chosen)):  # scored against "", "" or "the" would score 100%
+                raise ValueError(f"{str(annotations_path)!r}: question {q['question_id']!r} has no answer (neither "
+                                 "'answers' nor 'multiple_choice_answer'): an unlabeled split cannot be scored")
+            first = answers[0] if answers else str(chosen)
             consensus = str(chosen) if chosen is not None and str(chosen) else first
             answer = first if self.demo_answer == "first" and answers else consensus
             image = media_path(root, q["image"]) if q.get("image") else find_image(q["image_id"])

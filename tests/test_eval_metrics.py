@@ -262,6 +262,20 @@ def test_python_tokenize_equals_ptb_on_unusual_captions():
     assert [ptb[str(i)][0] for i in range(len(EDGE_CAPTIONS))] == [python_tokenize(c) for c in EDGE_CAPTIONS]
 
 
+@pytest.mark.parametrize("tokenizer", ["python", pytest.param("ptb", marks=pytest.mark.skipif(
+    not java_available(), reason="the PTB tokenizer needs java"))])
+def test_half_a_surrogate_pair_is_read_as_ufffd_by_both_tokenizers(tokenizer):
+    """A reference with an emoji a scraper cut ("\\ud83d", valid JSON): UTF-8 cannot encode it for PTB, and as a
+    token it would be a word no prediction matches; both tokenizers read it as U+FFFD, which PTB drops."""
+    references = {"a": ["a dog on a beach \ud83d", "a dog\udc00s ball"], "b": ["a cat"]}
+    predictions = {"a": "a dog on a beach", "b": "a cat"}
+    replaced = {"a": ["a dog on a beach \ufffd", "a dog\ufffds ball"], "b": ["a cat"]}
+    tokens, used = tokenize(references, tokenizer)
+    assert used == tokenizer and tokens == tokenize(replaced, tokenizer)[0]
+    assert tokens["a"] == ["a dog on a beach", "a dog s ball"] and python_tokenize("x\ud83d") == "x"
+    assert cider(predictions, references, tokenizer) == cider(predictions, replaced, tokenizer)
+
+
 def test_cider_refuses_mismatched_keys_and_samples_without_references():
     with pytest.raises(ValueError):
         cider({"a": "x"}, {"b": ["x"]}, tokenizer="python")

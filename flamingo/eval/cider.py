@@ -21,7 +21,9 @@ which is caseless) for what captions hold:
   then the punctuation tokens pycocoevalcap removes are removed;
 - what PTB drops as untokenizable is dropped, leaving a token break: emoji and every other character beyond the
   BMP, U+FFFD (a generation cut inside a multi-byte character), variation selectors, zero-width and direction marks,
-  the byte-order mark ("a dog\ufffds" -> "a dog s"); a soft hyphen is dropped without a break.
+  the byte-order mark ("a dog\ufffds" -> "a dog s"); a soft hyphen is dropped without a break. Half a surrogate pair
+  (`"\\ud83d"` in a JSON file: an emoji a scraper cut) is U+FFFD for both tokenizers (UTF-8, which PTB is handed,
+  cannot encode it).
 Tests pin PTB's own output for each of these forms (tests/test_eval_metrics.py; with Java they also compare live).
 What still differs: URLs and e-mail addresses, fraction characters ("½"), an abbreviation run into the next word
 ("mr.smith"), other rare apostrophe words, characters PTB 3.4.1's lexer reads otherwise (the Unicode hyphen U+2010,
@@ -94,9 +96,11 @@ _TOKEN = re.compile(
     re.IGNORECASE)
 # what PTB's lexer drops as untokenizable (a token break where it stood): characters beyond the BMP (emoji: Java reads
 # them as surrogate pairs), U+FFFD (a multi-byte character cut by max_new_tokens), U+FFFC, variation selectors,
-# zero-width and direction marks, the byte-order mark; a soft hyphen goes without a break ("foot\xadball")
+# zero-width and direction marks, the byte-order mark; a soft hyphen goes without a break ("foot\xadball"); a lone
+# surrogate is read as U+FFFD
 _UNTOKENIZABLE = re.compile("[\U00010000-\U0010ffff\ufffc\ufffd\ufe00-\ufe0f\u200b-\u200f\u202a-\u202e"
-                            "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]")
+                            "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half a pair: no character, and UTF-8 (PTB's input) cannot encode it
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
 # what PTB reads as ASCII quotes, ellipsis and dashes (its latexQuotes / ptb3Ellipsis / ptb3Dashes)
 _NORMALIZE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2039": "'", "\u203a": "'", "\u201c": '"',
@@ -137,7 +141,7 @@ def tokenize(captions: Mapping[str, Sequence[str]], tokenizer: str = "auto") -> 
 
         # PTB reads one caption per line of one text: a caption's own line break ("\r", VT, FF, U+2028, a CRLF)
         # would split it in two and pair every later caption with the one before it, so each is joined into one line
-        lines = {k: [" ".join(c.splitlines()) for c in v] for k, v in captions.items()}
+        lines = {k: [" ".join(_SURROGATE.sub("\ufffd", c).splitlines()) for c in v] for k, v in captions.items()}
         try:
             out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in lines.items()})
         except Exception as e:  # Java present but unusable (e.g. a read-only site-packages for its temp file)

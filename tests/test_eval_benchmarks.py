@@ -45,8 +45,10 @@ def test_visdial_rounds_ranks_and_metrics(tmp_path):
     task = get_task("visdial")
     data = make_visdial(tmp_path / "data")
     test, train = task.load(str(data), "test"), task.load(str(data), "train")
-    assert [s.id for s in test] == ["10_2", "12_3"] and len(train) == 4  # the annotated rounds; a round per dialog
-    second = test[0]
+    # every round of every val dialog (VisDial's R@k, MRR, mean rank), relevance on the dense ones; a round per dialog
+    assert [s.id for s in test] == [f"{i}_{r}" for i in (10, 11, 12) for r in (1, 2, 3)] and len(train) == 4
+    assert [s.id for s in test if s.label["relevance"] is not None] == ["10_2", "12_3"]
+    second = test[1]
     assert second.fields["history"].startswith("Question: is it ") and second.fields["history"].count("Question") == 1
     assert len(second.candidates) == 5 and second.candidates[second.label["gt_index"]] == second.answer
     prompt = task.query_prompt(second)
@@ -64,6 +66,16 @@ def test_visdial_rounds_ranks_and_metrics(tmp_path):
     metrics = task.compute_metrics([second, second], [record, {**record, "rank": 1, "ndcg": 0.5}])
     assert metrics["r@1"] == 50.0 and metrics["mrr"] == pytest.approx(100 * (1 / record["rank"] + 1) / 2)
     assert metrics["ndcg"] == pytest.approx(100 * (record["ndcg"] + 0.5) / 2) and metrics["r@10"] == 100.0
+    # the ground truth first in the 2 annotated rounds, last in the 7 others: R@k, MRR and mean rank over all 9
+    # rounds, NDCG over the annotated 2
+    sign = {s.id: 1.0 if s.label["relevance"] is not None else -1.0 for s in test}
+    records = [task.from_scores(s, s.candidates, [sign[s.id] * (i == s.label["gt_index"]) for i in range(5)])
+               for s in test]
+    metrics = task.compute_metrics(test, records)
+    assert sorted(r["rank"] for r in records) == [1, 1] + [5] * 7 and sum("ndcg" in r for r in records) == 2
+    assert metrics["r@1"] == pytest.approx(200 / 9) and metrics["mean_rank"] == pytest.approx(37 / 9)
+    assert metrics["mrr"] == pytest.approx(100 * (2 + 7 / 5) / 9) and metrics["r@5"] == 100.0
+    assert metrics["ndcg"] == pytest.approx(100 * sum(r.get("ndcg", 0) for r in records) / 2)
 
     undense = make_visdial(tmp_path / "plain", dense=False)
     every = task.load(str(undense), "test")

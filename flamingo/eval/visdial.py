@@ -1,7 +1,8 @@
 """VisDial v1.0 (Das et al., 2017), as the Flamingo paper evaluates it: each dialog round ranks its 100 answer options
 by log-likelihood after the image, the caption, the earlier rounds and the question. Metrics as VisDial's
-evaluation (visdial-challenge-starter): NDCG over the dense relevance annotations (the paper's metric), and the ground
-truth's rank among the options: R@1, R@5, R@10, MRR, mean rank.
+evaluation (visdial-challenge-starter) computes them: the ground truth's rank among the options, R@1, R@5, R@10, MRR,
+mean rank, over every round of every dialog, and NDCG (the paper's metric) over the rounds with dense relevance
+annotations (one per dialog).
 
 Files: `visdial_1.0_train.json` (or `train.json`: the demo pool), `visdial_1.0_val.json` (or `test.json`: evaluated;
 v1.0's own test split withholds its answers), optional `visdial_1.0_val_dense_annotations.json` (or
@@ -9,9 +10,9 @@ v1.0's own test split withholds its answers), optional `visdial_1.0_val_dense_an
 the end of the file name (`COCO_train2014_000000123456.jpg`, `VisualDialog_val2018_000000123456.jpg`, `123456.png`).
 The two numberings are independent (val2018's images are not COCO's), so an id found more than once is taken from
 the file whose name (else folder) names the split: `COCO_` (or train2014/val2014) for train, `val2018` for val.
-With dense annotations, the evaluated rounds are the annotated ones (one per dialog); without, every round (NDCG is
-then not reported). A demo is one round of a training dialog with its history and its answer; one round per dialog
-(the round `dialog index % rounds`), so the pool is a sample per dialog.
+Every round is evaluated (20,640 on v1.0 val); without dense annotations NDCG is not reported. A demo is one round
+of a training dialog with its history and its answer; one round per dialog (the round `dialog index % rounds`), so
+the pool is a sample per dialog.
 """
 
 from __future__ import annotations
@@ -106,16 +107,12 @@ class VisDialTask(Task):
                 raise FileNotFoundError(f"no image for VisDial image_id {image_id} under {str(root)!r}")
             image = _image_of(root, images[image_id], split, image_id)
             rounds = dialog["dialog"]
-            if split == "train":
-                chosen = [d % len(rounds)]
-            elif dense_path is not None:
-                chosen = [dense[image_id][0]] if image_id in dense else []
-            else:
-                chosen = list(range(len(rounds)))
+            if image_id in dense and not 0 <= (r := dense[image_id][0]) < len(rounds):  # -1: a round_id of 0
+                raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has round_id {r + 1}, but its dialog "
+                                 f"has rounds 1-{len(rounds)} (round_id counts from 1)")
+            # VisDial's evaluation ranks every round (R@k, MRR, mean rank) and scores NDCG on the dense one
+            chosen = [d % len(rounds)] if split == "train" else range(len(rounds))
             for r in chosen:
-                if not 0 <= r < len(rounds):  # only a dense round_id can be outside (-1: a round_id of 0)
-                    raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has round_id {r + 1}, but its dialog "
-                                     f"has rounds 1-{len(rounds)} (round_id counts from 1)")
                 turn = rounds[r]
                 history = "".join(f"Question: {questions[t['question']]}? Answer: {answers[t['answer']]}. "
                                   for t in rounds[:r])

@@ -74,10 +74,12 @@ def test_completion_logprobs_equal_an_uncached_forward(served):
             assert text == strings(chosen)[0]
             assert value == pytest.approx(float(last[chosen]), abs=ATOL)
             best = last.topk(3)
-            # a dict by token text: alternatives with one text (ids past the tokenizer's, "") keep the likeliest
-            assert all(min(abs(v - b) for b in best.values.tolist()) < ATOL for v in top.values())
+            # a dict by token text: the token itself with its own value (as OpenAI's), then the alternatives, those
+            # with one text (ids past the tokenizer's, "") keeping the likeliest
+            assert top[text] == value
+            assert all(min(abs(v - b) for b in best.values.tolist() + [value]) < ATOL for v in top.values())
             assert max(top.values()) == pytest.approx(float(best.values[0]), abs=ATOL)
-            assert len(top) == len({strings(int(i))[0] for i in best.indices})
+            assert len(top) == len({text} | {strings(int(i))[0] for i in best.indices})
             answer.append(chosen)
         in_text = lp.tokens[:-1] if reply.choices[0].finish_reason == "stop" else lp.tokens
         if not any("\ufffd" in t for t in in_text):
@@ -171,7 +173,7 @@ def test_echo_with_max_tokens_0_gives_the_prompts_logprobs(served, warm):
     expected = reference[torch.arange(len(prompt_ids) - 1), torch.tensor(prompt_ids[1:])]
     assert lp["token_logprobs"][1:] == pytest.approx(expected.tolist(), abs=ATOL)
     for position, top in enumerate(lp["top_logprobs"][1:]):
-        assert len(top) <= 2
+        assert len(top) <= 3 and top[lp["tokens"][position + 1]] == lp["token_logprobs"][position + 1]  # k + 1
         assert max(top.values()) == pytest.approx(float(reference[position].max()), abs=ATOL)
     # echo with an answer: the prompt's entries, then the answer's
     reply = httpx.post(url + "/v1/completions", json=_raw(prompt, media, max_tokens=3, echo=True, logprobs=0),

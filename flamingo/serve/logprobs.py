@@ -117,7 +117,7 @@ class CompletionLogprobs:
             text, raw = self.strings(token)
             part["tokens"].append(text)
             part["token_logprobs"].append(lp)
-            part["top_logprobs"].append(None if top is None else self._alternatives(top))
+            part["top_logprobs"].append(None if top is None else self._alternatives(text, lp, top))
             offset, chars = (self.offset, "") if token in hidden else self._feed(raw)
             part["text_offset"].append(offset)
             spelled.append(chars)
@@ -160,10 +160,11 @@ class CompletionLogprobs:
         self.offset -= extra
         return part
 
-    def _alternatives(self, top: list[tuple[int, float]]) -> dict[str, float]:
-        """A position's alternatives by text; of tokens with one text (ids the tokenizer has no token for read
-        ""), the likeliest."""
-        out: dict[str, float] = {}
-        for token, lp in top:
-            out.setdefault(self.strings(token)[0], lp)
+    def _alternatives(self, text: str, lp: float, top: list[tuple[int, float]]) -> dict[str, float]:
+        """A position's `top_logprobs` by text: the token there (`text`, log-probability `lp`) first, as OpenAI's
+        always holds it (up to `logprobs` + 1 entries), so its own value holds its text's key; then its alternatives,
+        the likeliest of those with one text (byte tokens all read "\ufffd"; ids the tokenizer has no token for, "")."""
+        out = {text: lp}
+        for token, value in top:
+            out.setdefault(self.strings(token)[0], value)
         return out

@@ -75,3 +75,110 @@ def test_chat_top_logprobs_are_the_k_likeliest(served):
                                                                      reverse=True)
             if k:
                 assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+
+
+def test_a_reply_sent_back_as_the_client_dumps_it_is_a_turn(served):
+    """`message.model_dump()` (null `refusal`, `audio`, `function_call`, `tool_calls`, `annotations`), the same as
+    stored JSON, and the pydantic object itself all continue the conversation with the same answer."""
+    _, url = served
+    message = _chat(url, [USER]).choices[0].message
+    answers = set()
+    for sent in (message, message.model_dump(), json.loads(message.model_dump_json()),
+                 {"role": "assistant", "content": message.content, "refusal": None, "annotations": []}):
+        answers.add(_chat(url, [USER, sent, USER]).choices[0].message.content)
+    assert len(answers) == 1
+
+
+def test_a_responses_output_item_sent_back_is_a_turn(served):
+    """An output item as the client dumps it (`id`, `status`, `phase: null`, its part's `annotations`,
+    `logprobs`) is the same assistant turn as the plain message."""
+    _, url = served
+    client = openai_client(url)
+    user = {"role": "user", "content": USER["content"]}
+    out = client.responses.create(model="tiny", input=[user], max_output_tokens=4, temperature=0)
+    dumped = [item.model_dump() for item in out.output]
+    assert "phase" in dumped[0]
+    plain = {"role": "assistant", "content": out.output_text}
+    again = [client.responses.create(model="tiny", input=[user, *turn, user], max_output_tokens=4,
+                                     temperature=0).output_text for turn in (dumped, [plain])]
+    assert again[0] == again[1]
+
+
+@pytest.mark.parametrize("sent, says", [
+    ({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "tools are not supported"),
+    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "tools are not supported"),
+    ({"role": "assistant", "content": "hi", "function_call": {"name": "f", "arguments": "{}"}},
+     "tools are not supported"),
+    ({"role": "assistant", "content": "hi", "audio": {"id": "audio_1"}}, "audio is not supported"),
+    ({"role": "assistant", "content": None, "refusal": "I can't."}, "refusal is not supported"),
+    ({"role": "assistant", "content": "hi", "annotations": "none"}, "annotations"),
+    ({"role": "assistant", "content": "hi", "reasoning": None}, "Unrecognized request argument supplied"),
+])
+def test_what_a_reply_of_this_server_never_holds_is_refused_clearly(served, sent, says):
+    _, url = served
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": [USER, sent, USER], "max_tokens": 2},
+                          timeout=60)
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+    assert response.json()["error"]["param"].startswith("messages.1")
+
+
+NO_OPS = {"store": True, "metadata": {"run": "a"}, "service_tier": "auto", "prompt_cache_key": "k",
+          "safety_identifier": "s", "user": "u", "parallel_tool_calls": False, "tool_choice": "none"}
+# OpenAI fields of features this server has not, as a client that sends every field sends them
+NULLS = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "modalities": ["text"],
+         "audio": None, "prediction": None, "reasoning_effort": None, "web_search_options": None, "verbosity": None,
+         "parallel_tool_calls": None, "store": None, "metadata": None, "service_tier": None}
+
+
+def test_openai_no_op_fields_are_taken_and_change_nothing(served):
+    _, url = served
+    plain = _chat(url, [USER]).choices[0].message.content
+    assert _chat(url, [USER], **NO_OPS).choices[0].message.content == plain
+    assert _chat(url, [USER], extra_body=NULLS).choices[0].message.content == plain
+    client = openai_client(url)
+    text = client.completions.create(model="tiny", prompt="Output:", max_tokens=4, temperature=0).choices[0].text
+    for fields in ({"best_of": 1, "suffix": None, **NO_OPS}, {"best_of": None, "suffix": ""}):
+        again = client.completions.create(model="tiny", prompt="Output:", max_tokens=4, temperature=0,
+                                          extra_body=fields)
+        assert again.choices[0].text == text
+    out = client.responses.create(model="tiny", input="Output:", max_output_tokens=4, temperature=0,
+                                  **{k: v for k, v in NO_OPS.items() if k != "store"}, store=False)
+    assert out.metadata == {"run": "a"} and out.store is False
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [USER], "tools": [TOOL]}),
+    ("/v1/chat/completions", {"messages": [USER], "tool_choice": "required"}),
+    ("/v1/chat/completions", {"messages": [USER], "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    ("/v1/chat/completions", {"messages": [USER], "functions": [{"name": "f"}]}),
+    ("/v1/completions", {"prompt": "Output:", "tools": [TOOL]}),
+    ("/v1/responses", {"input": "Output:", "tools": [{"type": "function", "name": "f"}]}),
+    ("/v1/responses", {"input": "Output:", "tool_choice": "required"}),
+])
+def test_tools_are_refused_with_one_message_on_every_endpoint(served, path, body):
+    _, url = served
+    response = httpx.post(url + path, json=body, timeout=60)
+    assert response.status_code == 400 and "tools are not supported by this server" in \
+        response.json()["error"]["message"], response.text
+
+
+@pytest.mark.parametrize("path, body, param, says", [
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": "1"}, "best_of", "valid integer"),
+    ("/v1/chat/completions", {"messages": [USER], "store": "yes"}, "store", "valid boolean"),
+    ("/v1/chat/completions", {"messages": [USER], "metadata": {"a": 1}}, "metadata.a", "valid string"),
+    ("/v1/chat/completions", {"messages": [USER], "service_tier": "fast"}, "service_tier", "'auto'"),
+    ("/v1/chat/completions", {"messages": [USER], "modalities": ["text", "audio"]}, "modalities", "not supported"),
+    ("/v1/chat/completions", {"messages": [USER], "reasoning_effort": "low"}, "reasoning_effort", "not supported"),
+    ("/v1/chat/completions", {"messages": [USER], "frobnicate": None}, "frobnicate", "Unrecognized"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, "frobnicate", "Unrecognized"),
+])
+def test_openai_fields_are_typed_and_unknown_ones_stay_refused(served, path, body, param, says):
+    _, url = served
+    error = httpx.post(url + path, json=body, timeout=60).json()["error"]
+    assert error["param"] == param and says in error["message"], error

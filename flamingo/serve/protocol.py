@@ -7,6 +7,11 @@ to 5; `max_tokens: 0` only with the completions API's `echo` (the prompt's log-p
 evaluation harnesses ask for them). `stop` takes up to MAX_STOPS non-empty strings, a superset of OpenAI's 4 (as
 vLLM takes more: evaluation harnesses send a task's stop strings and EOS). A field given `null` takes its default, as
 OpenAI's nullable fields do (`"temperature": null` is 1); a required field given `null` is refused.
+
+OpenAI's fields of features this server has not (tools, audio, an assistant's refusal, ...) are declared, so that what
+asks for none of them (null, `[]`, `tool_choice: "none"`: a client that sends every field, or a reply sent back as the
+client dumps it) is taken, and what asks for one is refused as not supported here, rather than as unknown; fields that
+change nothing here (`store`, `metadata`, `service_tier`, `prompt_cache_key`, ...) are taken and ignored.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 Number = StrictFloat  # an int or a float (strict mode takes an int for a float; a bool or a string is refused)
 # stop strings a request may carry: a superset of OpenAI's 4, so that lm-evaluation-harness's `until` strings plus the
 # EOS it appends fit (its 4-string tasks send 5); the engine scans each once per token (`find_stop`)
 MAX_STOPS = 16
+TOOLS = "tools are not supported by this server"
 
 
 class APIError(Exception):
@@ -89,11 +96,35 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 
 
 class Message(StrictModel):
-    """A chat message; `developer` (OpenAI's newer name for it) is a system message, as in the Responses API."""
+    """A chat message; `developer` (OpenAI's newer name for it) is a system message, as in the Responses API. The
+    fields of OpenAI's replies are taken as a client sends a reply back (`message.model_dump()` writes each, null when
+    unset): `refusal`, `tool_calls`, `function_call` and `audio` only empty (this server answers none of them; tool
+    messages are refused too), `annotations` (citations of spans of the text) ignored: the text is the turn."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[ContentPart]]
     name: Optional[StrictStr] = None
+    refusal: Optional[StrictStr] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    function_call: Optional[dict[str, Any]] = None
+    audio: Optional[dict[str, Any]] = None
+    annotations: Optional[list[dict[str, Any]]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools_or_audio(cls, data: Any) -> Any:
+        """Refuses (as `unsupported`, before the content is read: a tool call's content is null) a tool message, an
+        assistant's tool calls, audio or refusal."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") in ("tool", "function") or data.get("tool_calls") or data.get("function_call"):
+            raise PydanticCustomError("unsupported", f"{TOOLS} (a tool call or a tool's answer)")
+        if data.get("audio"):
+            raise PydanticCustomError("unsupported", "audio is not supported by this server")
+        if data.get("refusal"):
+            raise PydanticCustomError("unsupported", "refusal is not supported by this server: send the assistant's "
+                                                     "text as its content")
+        return data
 
     @field_validator("role")
     @classmethod
@@ -128,7 +159,30 @@ class ResponseFormat(StrictModel):
         return out
 
 
-class _Sampling(StrictModel):
+class _OpenAIFields(StrictModel):
+    """OpenAI's fields that change nothing on this server, taken and ignored (validated): nothing is stored (`store`),
+    the prefix cache needs no key (`prompt_cache_key`), there is one tier; and the tool fields, taken when they ask for
+    no tool (null, `[]`, `tool_choice` "none" or "auto"), refused otherwise (`refuse_tools`)."""
+
+    store: Optional[StrictBool] = None
+    metadata: Optional[dict[StrictStr, StrictStr]] = Field(default=None, max_length=16)
+    service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
+    prompt_cache_key: Optional[StrictStr] = None
+    safety_identifier: Optional[StrictStr] = None
+    user: Optional[StrictStr] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+    def refuse_tools(self) -> None:
+        if self.tools:
+            raise APIError(400, TOOLS, param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, f"{TOOLS} (tool_choice takes \"none\" or \"auto\", which call none)",
+                           param="tool_choice")
+
+
+class _Sampling(_OpenAIFields):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
@@ -138,7 +192,6 @@ class _Sampling(StrictModel):
     seed: Optional[StrictInt] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[StrictStr] = None
     frequency_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[Number] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[dict[StrictStr, Number]] = None  # token id (as a string) -> bias
@@ -172,8 +225,28 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored, as Responses' text.verbosity
+    # OpenAI's names for what this server has not: taken null (or text-only `modalities`), refused when set
+    functions: Optional[list[Any]] = None  # tools, by their older name
+    function_call: Optional[Any] = None
+    modalities: Optional[list[Literal["text", "audio"]]] = None
+    audio: Optional[dict[str, Any]] = None
+    prediction: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[StrictStr] = None
+    web_search_options: Optional[dict[str, Any]] = None
 
     def check(self) -> None:
+        self.refuse_tools()
+        if self.functions:
+            raise APIError(400, TOOLS, param="functions")
+        if self.function_call not in (None, "none", "auto"):
+            raise APIError(400, TOOLS, param="function_call")
+        if "audio" in (self.modalities or []):
+            raise APIError(400, "audio is not supported by this server: modalities takes [\"text\"]",
+                           param="modalities")
+        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
         self.top_logprobs_asked()
 
     def top_logprobs_asked(self) -> Optional[int]:
@@ -193,6 +266,8 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=5)
     max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
+    best_of: Optional[StrictInt] = None  # 1 (OpenAI's default): each choice is its own answer
+    suffix: Optional[StrictStr] = None  # insertion: refused unless empty
 
     def prompts(self, vocab: int) -> list[Union[str, list[int]]]:
         """The request's prompts: texts or token id lists, each id checked against the model's `vocab`."""
@@ -206,6 +281,12 @@ class CompletionRequest(_Sampling):
         return prompts
 
     def check(self) -> None:
+        self.refuse_tools()
+        if self.best_of not in (None, 1):
+            raise APIError(400, "best_of other than 1 is not supported by this server: ask for n choices, with "
+                                "logprobs to rank them", param="best_of")
+        if self.suffix:
+            raise APIError(400, "suffix (text to insert before) is not supported by this server", param="suffix")
         self.top_logprobs_asked()
 
     def top_logprobs_asked(self) -> Optional[int]:
@@ -246,8 +327,10 @@ class InputMessage(StrictModel):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[InputPart]]
+    # what an output item sent back holds (`item.model_dump()`): accepted and ignored
     id: Optional[StrictStr] = None
     status: Optional[StrictStr] = None
+    phase: Optional[Literal["commentary", "final_answer"]] = None
 
 
 class TextFormat(StrictModel):
@@ -263,7 +346,7 @@ class TextConfig(StrictModel):
     verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored
 
 
-class ResponsesRequest(StrictModel):
+class ResponsesRequest(_OpenAIFields):
     """OpenAI's Responses API (`/v1/responses`), stateless: the whole conversation comes in `input` (a text, or
     messages with `input_text` / `input_image` parts); no tools, no stored responses to continue from."""
 
@@ -275,12 +358,6 @@ class ResponsesRequest(StrictModel):
     top_p: Number = Field(default=1.0, gt=0, le=1)
     stream: StrictBool = False
     text: Optional[TextConfig] = None
-    store: Optional[StrictBool] = None  # nothing is stored: the response says `store: false`
-    metadata: Optional[dict[StrictStr, StrictStr]] = Field(default=None, max_length=16)
-    user: Optional[StrictStr] = None
-    tools: list[Any] = Field(default_factory=list)
-    tool_choice: Optional[Literal["none", "auto"]] = None
-    parallel_tool_calls: Optional[StrictBool] = None
     truncation: Optional[Literal["disabled"]] = None
     previous_response_id: Optional[StrictStr] = None
 
@@ -288,8 +365,7 @@ class ResponsesRequest(StrictModel):
         if self.previous_response_id is not None:
             raise APIError(400, "this server keeps no responses: send the whole conversation in `input`",
                            param="previous_response_id")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
+        self.refuse_tools()
         if isinstance(self.input, list) and not self.input:
             raise APIError(400, "input is empty", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):
@@ -357,6 +433,8 @@ def parse(model: type[StrictModel], payload: Any) -> Any:
         where = _field(loc)
         if kind == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {where}", param=where) from None
+        if kind == "unsupported":
+            raise APIError(400, f"{where}: {message}", param=where) from None
         raise APIError(400, f"invalid value for {where or 'the body'}: {message}", param=where or None) from None
     request.check()
     return request

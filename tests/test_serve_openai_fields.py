@@ -182,3 +182,38 @@ def test_openai_fields_are_typed_and_unknown_ones_stay_refused(served, path, bod
     _, url = served
     error = httpx.post(url + path, json=body, timeout=60).json()["error"]
     assert error["param"] == param and says in error["message"], error
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    random_image(4).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("encode", [
+    lambda b: base64.encodebytes(b).decode(),  # 76-column lines, as GNU `base64` writes them
+    lambda b: base64.encodebytes(b).decode().replace("\n", "\r\n"),
+    lambda b: " " + base64.b64encode(b).decode().rstrip("=") + "\n",  # unpadded
+])
+def test_a_data_urls_base64_is_read_as_browsers_read_it(encode):
+    """WHATWG's forgiving-base64: ASCII whitespace dropped, `=` padding optional."""
+    data = _png()[:-1]  # a length that needs padding
+    assert decode_data_url("data:image/png;base64," + encode(data)) == ("image/png", data)
+
+
+@pytest.mark.parametrize("payload, says", [("%%%", "'%'"), ("aG-k", "'-'"), ("a=Gk", "'='"), ("aGkxa", "length"),
+                                           ("aGk===", "length")])
+def test_other_junk_in_a_data_urls_base64_is_named(payload, says):
+    with pytest.raises(ValueError, match="base64 does not decode") as error:
+        decode_data_url("data:image/png;base64," + payload)
+    assert says in str(error.value)
+
+
+def test_a_line_wrapped_data_url_is_the_same_image_over_http(served):
+    _, url = served
+    raw = _png()
+    wrapped = "data:image/png;base64," + base64.encodebytes(raw).decode()
+    answers = [_chat(url, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}},
+                                                        {"type": "text", "text": USER["content"]}]}],
+                     ).choices[0].message.content for u in (wrapped, data_url(random_image(4)))]
+    assert answers[0] == answers[1]

@@ -4,11 +4,12 @@ The server reads them from requests (serve/media.py) and training reads them fro
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 import urllib.parse
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
+_B64_SPACE = re.compile(r"[\t\n\f\r ]+")  # ASCII whitespace (WHATWG's)
+_B64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
 MALFORMED = "malformed data URL (expected data:<mime>;base64,<data>)"
 
 
@@ -24,11 +25,22 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
     if m is None:
         raise ValueError(MALFORMED)
     payload = url[m.end():]
-    try:
-        data = base64.b64decode(payload, validate=True) if m["b64"] else urllib.parse.unquote_to_bytes(payload)
-    except (binascii.Error, ValueError):
-        raise ValueError("the data URL's base64 does not decode") from None
+    data = _forgiving_b64decode(payload) if m["b64"] else urllib.parse.unquote_to_bytes(payload)
     return (m["mime"] or "").lower(), data
+
+
+def _forgiving_b64decode(payload: str) -> bytes:
+    """Base64 as browsers read a data URL's (WHATWG's forgiving-base64): ASCII whitespace is dropped (line-wrapped
+    output of GNU `base64` or `base64.encodebytes`) and `=` padding is optional; any other character outside the
+    alphabet is a ValueError that names it."""
+    text = _B64_SPACE.sub("", payload)
+    body = text.rstrip("=")
+    bad = _B64_JUNK.search(body)
+    if bad is not None:
+        raise ValueError(f"the data URL's base64 does not decode: it holds {bad[0]!r}, which is not base64")
+    if len(body) % 4 == 1 or len(text) - len(body) > 2:
+        raise ValueError("the data URL's base64 does not decode: its length is not a base64 length (cut short?)")
+    return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
 
 
 def media_kind(mime: str) -> str:

@@ -48,6 +48,22 @@ def test_fast_paths_equal_reference(impl):
                                                              impl="reference"), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_paths_agree_with_sharp_scores(dtype):
+    """|q·k| above fp16's range before the 1/sqrt(d) scale (scaled scores well inside it): "gather" multiplied in
+    half precision first, so fp16 gave inf - inf = NaN and bf16 rounded the unscaled scores, where SDPA scales first."""
+    ids, q, kv = _inputs(seed=4, d=64)
+    q, kv = q * 60, MediaKV(kv.k * 60, kv.v)  # |q·k| up to ~1e5: scaled, ~1e4
+    index = compute_media_index(ids, MEDIA)
+    half = q.to(dtype), MediaKV(kv.k.to(dtype), kv.v.to(dtype))
+    exact = masked_cross_attention(half[0].double(), MediaKV(half[1].k.double(), half[1].v.double()), index,
+                                   impl="reference")  # of the same rounded inputs
+    for impl in ("reference", "segments", "gather"):
+        out = masked_cross_attention(*half, index, impl=impl).double()
+        assert torch.isfinite(out).all(), impl
+        torch.testing.assert_close(out, exact, atol=0.1, rtol=0.05, msg=impl)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_one_image_per_row_reference_equals_the_other_paths_and_builds_no_mask(monkeypatch):
     """N=1 (pairs, decode steps): "reference" runs SDPA unmasked (an all-true mask is no rule and rules out flash

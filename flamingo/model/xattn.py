@@ -148,7 +148,9 @@ def _attend_gather(q: torch.Tensor, kv: MediaKV, media_index: torch.Tensor) -> t
     batch = torch.arange(b, device=q.device)[:, None].expand(b, t)
     k = kv.k[batch, image]  # (B, T, R, h, d)
     v = kv.v[batch, image]
-    scores = torch.einsum("bthd,btrhd->bthr", q, k).float() * d**-0.5  # softmax in fp32 for bf16/fp16 models
+    # scores and softmax in fp32 for bf16/fp16 models: a half-precision q·k rounds, and overflows fp16 before the
+    # scale, where SDPA (the other impls) scales first
+    scores = torch.einsum("bthd,btrhd->bthr", q.float(), k.float()) * d**-0.5  # (B, T, h, R)
     return torch.einsum("bthr,btrhd->bthd", scores.softmax(dim=-1).to(v.dtype), v)  # (B, T, h, d)
 
 

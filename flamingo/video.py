@@ -3,6 +3,8 @@
 The paper samples training and evaluation videos at 1 FPS; a clip longer than the model's learned time embeddings
 (`max_frames`) is sub-sampled uniformly (`uniform_frame_indices`, which the processor uses for frame lists too).
 Only the kept frames are converted to images, so memory is bounded by `max_frames` frames, not by the clip's length.
+Videos are read in the containers `flamingo.runtime.media_formats.VIDEO_CONTAINERS` lists, from their own bytes only
+(`open_container`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Optional, Union
 
 from PIL import Image
+
+from .runtime.media_formats import VIDEO_CONTAINER_NAMES, VIDEO_CONTAINERS
 
 if TYPE_CHECKING:
     import av
@@ -94,6 +98,23 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
     return rewound
 
 
+def open_container(av: Any, source: Union[str, BinaryIO], name: str) -> "av.container.InputContainer":
+    """`av.open(source)` for reading, limited to the demuxers of `VIDEO_CONTAINERS` and to reading `source` alone.
+
+    FFmpeg picks a demuxer by what the bytes hold, and some open what the file names: concat reads other files
+    (relative to the working directory), SDP binds UDP ports and waits for them, HLS fetches URLs. A path opens by the
+    `file` protocol only, a file object with no protocol at all ("none" names none). Another container raises an
+    `UnlistedContainer` naming the ones read, before its demuxer reads its header.
+    """
+    options = {"format_whitelist": ",".join(VIDEO_CONTAINERS),
+               "protocol_whitelist": "file" if isinstance(source, str) else "none"}
+    try:
+        return av.open(source, container_options=options)
+    except av.error.ArgumentError:  # EINVAL: the probed demuxer, or a protocol it asked for, is not listed
+        raise UnlistedContainer(f"cannot decode video {name}: not in a container read here "
+                                f"({VIDEO_CONTAINER_NAMES})") from None
+
+
 def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:
     """The transpose that turns a decoded frame upright by its display rotation (a phone's), or None.
 
@@ -124,6 +145,10 @@ def frame_to_image(frame: "av.VideoFrame") -> Image.Image:
         image = frame.to_image().convert("RGB")
     transpose = display_transpose(frame)
     return image.transpose(transpose) if transpose is not None else image
+
+
+class UnlistedContainer(ValueError):
+    """A video in a container `open_container` does not read."""
 
 
 class TooLong(ValueError):
@@ -323,7 +348,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
-        ValueError (naming the file) when the file is missing, truncated, has no video stream, cannot be decoded or
+        ValueError (naming the file) when the file is missing, truncated, in a container not read here
+        (`open_container`), has no video stream, cannot be decoded or
         has a frame an image of its size would be refused for (`check_image_size`) or over `max_pixels`;
         ImportError when PyAV is not installed (not a bad file: a data loader that skips bad files must not skip it).
     """
@@ -354,7 +380,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
             max_pixels: Optional[int]) -> list[Image.Image]:
     """`decode_video`'s work (its docstring), raising PyAV's errors as they come."""
     source = _opener(path)
-    with av.open(source()) as container:
+    with open_container(av, source(), name) as container:
         if not container.streams.video:
             raise ValueError(f"no video stream in {name}")
         stream = container.streams.video[0]
@@ -388,7 +414,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
     chosen = uniform_frame_indices(instants, max_frames)
     images = {i: images[i] for i in chosen if i in images}
     if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
-        with av.open(source()) as container:
+        with open_container(av, source(), name) as container:
             missing = set(chosen) - images.keys()
             images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
                               max_pixels=max_pixels, seconds=seconds, clock_jumps=jumps)[0]

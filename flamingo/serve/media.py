@@ -14,7 +14,9 @@ Every image and video frame must have at most `max_pixels` pixels, read from the
 (decompression bombs stop there; every page of a multi-page TIFF by its own header, as it is reached), and for
 a video from every decoded frame too (a stream may switch to larger frames after its header). A file no image reader
 knows is tried as a video whatever its name or MIME type (MPEG-TS `.ts`, `.mts`, no suffix), as the processor reads
-it. Errors are `APIError`s (400) that say which medium and why.
+it. Only the image readers and video containers `flamingo.runtime.media_formats` lists are used: Pillow's EPS reader
+runs Ghostscript, and FFmpeg's concat, SDP and HLS demuxers open the files, sockets and URLs a file names. Errors are
+`APIError`s (400) that say which medium and why.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.data_url import decode_data_url, is_data_url, media_kind
-from ..video import TooLong, TooManyPixels, decode_video
+from ..runtime.media_formats import IMAGE_FORMAT_NAMES, IMAGE_FORMATS, VIDEO_CONTAINER_NAMES
+from ..video import TooLong, TooManyPixels, UnlistedContainer, decode_video, open_container
 from .protocol import APIError
 
 Frames = Union[Image.Image, list[Image.Image]]
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"heif")  # ISO BMFF brands
-_READ_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF", "AVIF")  # the common ones of PIL's readers
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,7 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # raster readers only: EPS runs gs
                 width, height = im.size  # from the header: nothing decoded yet
                 if width * height > policy.max_pixels:
                     raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "
@@ -335,7 +337,7 @@ def _unreadable(data: bytes) -> str:
         return "SVG is a vector drawing, not read here: send it rendered as PNG or JPEG"
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         return "HEIC/HEIF needs a decoder this server does not have: send the photo as JPEG or PNG"
-    return f"it reads {', '.join(_READ_FORMATS)} images and MP4, WebM and other videos PyAV reads"
+    return f"it reads {IMAGE_FORMAT_NAMES} images and {VIDEO_CONTAINER_NAMES} videos"
 
 
 def _plain(e: Exception) -> str:
@@ -355,7 +357,7 @@ def _check_video(data: bytes, max_pixels: int, name: str, not_an_image: bool = F
             raise neither from None
         raise
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with open_container(av, io.BytesIO(data), "<in-memory video>") as container:
             if not container.streams.video:
                 raise APIError(400, f"{name}: no video stream")
             stream = container.streams.video[0]
@@ -365,6 +367,9 @@ def _check_video(data: bytes, max_pixels: int, name: str, not_an_image: bool = F
             raise neither from None
         if isinstance(e, APIError):
             raise
+        if isinstance(e, UnlistedContainer):  # (concat, SDP, HLS: they would open what the file names)
+            raise APIError(400, f"{name}: not a video this server can decode (it reads {VIDEO_CONTAINER_NAMES} "
+                                "videos)") from None
         raise APIError(400, f"{name}: not a video this server can decode ({type(e).__name__}: {_plain(e)})") from None
     if width * height > max_pixels:
         raise APIError(400, f"{name}: {width}x{height} frames are more than the server's {max_pixels} pixels")

@@ -1,11 +1,14 @@
 """Media from clients and datasets are decoded from their own bytes, by raster image readers and the video
 containers `flamingo.runtime.media_formats` lists: an FFmpeg concat script names no file it reads (nor, by its error,
-which exist), an SDP "video" binds no port and is refused at once, an EPS "image" runs no Ghostscript."""
+which exist), an SDP "video" binds no port and is refused at once, an EPS "image" runs no Ghostscript; a file under
+`--media-root` larger than the size limit is refused by its size; IPv6 addresses that embed an IPv4 address are judged
+by it."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import time
 
@@ -20,7 +23,7 @@ from flamingo.video import decode_video
 
 av = pytest.importorskip("av")
 pytest.importorskip("fastapi")  # the server's extra
-from flamingo.serve.media import MediaPolicy, load_medium  # noqa: E402
+from flamingo.serve.media import MediaPolicy, load_medium, public_address  # noqa: E402
 from flamingo.serve.protocol import APIError  # noqa: E402
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
@@ -144,3 +147,32 @@ def test_an_eps_image_is_refused_without_the_eps_reader(eps_reader_watched, tmp_
         _image_member(str(tmp_path / "drawing.eps"), "000000")
     assert caught.value.reason == "bad_image"
     assert eps_reader_watched == []
+
+
+def test_a_local_file_over_the_size_limit_is_refused_by_its_size(tmp_path):
+    """A file under --media-root is read only when it is at most the policy's max_bytes (--max-body-mb), as a remote
+    one: a sparse file of 64 MiB is refused by its size before it is read."""
+    limit = 2**20
+    big = tmp_path / "big.mp4"
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)
+    assert os.stat(big).st_size == 64 * 2**20
+    policy = MediaPolicy(root=tmp_path, max_bytes=limit)
+    assert _refusal("big.mp4", policy) == f"media: 'big.mp4' is larger than the server's {limit} bytes"
+    png = _png()
+    (tmp_path / "small.png").write_bytes(png)
+    assert load_medium("small.png", MediaPolicy(root=tmp_path, max_bytes=len(png))).size == (16, 16)
+
+
+@pytest.mark.parametrize("address,public", [
+    ("64:ff9b::7f00:1", False), ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::a00:1", False),  # NAT64 (RFC 6052)
+    ("64:ff9b::808:808", True),
+    ("64:ff9b:1::7f00:1", False), ("64:ff9b:1::808:808", False),  # local-use NAT64 (RFC 8215): its layout unknown
+    ("2002:7f00:1::", False), ("2002:a9fe:a9fe::1", False), ("2002:808:808::1", True),  # 6to4
+    ("::7f00:1", False), ("::a00:1", False), ("::808:808", True),  # IPv4-compatible
+    ("::ffff:0:7f00:1", False), ("::ffff:0:808:808", True),  # IPv4-translated (RFC 2765)
+    ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),  # IPv4-mapped
+    ("::", False), ("::1", False), ("2001:4860:4860::8888", True), ("fd00::1", False),
+])
+def test_an_ipv6_address_embedding_an_ipv4_address_is_judged_by_it(address, public):
+    assert public_address(address) is public

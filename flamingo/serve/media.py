@@ -5,11 +5,13 @@ A medium is a URL:
   1 by default, up to its `max_frames`, by `flamingo.video`; an animated GIF, PNG or WebP is a video, whichever
   way it comes: `flamingo.processing.image_frames`);
 - a local path (`/abs/path.png`, `rel/path.mp4` or `file://...`), only under the `--media-root` directory: the path is
-  resolved (symlinks and `..` included) and refused when it leaves the root;
+  resolved (symlinks and `..` included) and refused when it leaves the root, the file when its size is over the body
+  size limit (before it is read);
 - `http(s)://...`, only with `--allow-remote-media` (the whole download, name lookups included, within the timeout,
   at most the body size limit), and only from public addresses unless `--allow-private-media-hosts`: the address
   each connection reaches (every redirect hop included, after DNS, so a name that resolves to an internal address is
-  caught) must not be loopback, private, link-local or otherwise not global; only http(s) redirects are followed.
+  caught) must not be loopback, private, link-local or otherwise not global (an IPv6 address embedding an IPv4 one by
+  that one); only http(s) redirects are followed.
 Every image and video frame must have at most `max_pixels` pixels, read from the file's header before decoding
 (decompression bombs stop there; every page of a multi-page TIFF by its own header, as it is reached), and for
 a video from every decoded frame too (a stream may switch to larger frames after its header). A file no image reader
@@ -53,7 +55,7 @@ class MediaPolicy:
     allow_remote: bool = False
     allow_private: bool = False  # remote media from loopback, private and link-local addresses too
     max_pixels: int = 20_000_000  # per image or video frame
-    max_bytes: int = 50 * 2**20  # a remote file's size
+    max_bytes: int = 50 * 2**20  # a remote or local file's size
     remote_timeout: float = 10.0
     max_video_seconds: float = 600.0  # decoding time grows with a video's length (its memory does not)
 
@@ -96,8 +98,12 @@ def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes
         raise APIError(400, f"{where}: local paths are refused by this server (it has no --media-root)")
     try:  # the file system's own refusals (a name too long, a symlink loop, no permission) are the request's fault
         resolved = _under_root(path, policy.root, where)
+        if resolved.stat().st_size > policy.max_bytes:  # before reading: a video dataset's root holds GB files
+            raise APIError(400, f"{where}: {_shown(path)} is larger than the server's {policy.max_bytes} bytes")
         with open(resolved, "rb") as f:
-            data = f.read()
+            data = f.read(policy.max_bytes + 1)
+        if len(data) > policy.max_bytes:  # grown since its stat
+            raise APIError(400, f"{where}: {_shown(path)} is larger than the server's {policy.max_bytes} bytes")
     except OSError as e:
         raise APIError(400, f"{where}: cannot read {_shown(path)}: {e.strerror or type(e).__name__}") from None
     except ValueError as e:  # a NUL character
@@ -122,12 +128,33 @@ def _shown(text: str, limit: int = 200) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the IPv4 address in the low 32 bits
+# RFC 8215's local-use NAT64 prefix: where the IPv4 address sits in it is the network's choice (RFC 6052's /48 to
+# /96 layouts), so no address in it is taken for public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def public_address(address: str) -> bool:
-    """Whether a connection's peer address is a global one (an IPv4-mapped IPv6 address by its IPv4 address)."""
+    """Whether a connection's peer address is a global one; an IPv6 address that embeds an IPv4 address is judged by
+    the IPv4 address, which it reaches (`embedded_ipv4`)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        ip = embedded_ipv4(ip) or ip
     return ip.is_global
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 address stands for, or None: IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated
+    `::ffff:0:a.b.c.d` (RFC 2765), IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` (a NAT64 gateway connects to
+    that IPv4 address) and 6to4 `2002:aabb:ccdd::/48`."""
+    value = int(ip)
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if value >> 32 in (0, 0xFFFF_0000) or ip in _NAT64:  # IPv4-compatible (:: and ::1 too), -translated, NAT64
+        return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
+    return ip.sixtofour
 
 
 class _Deadline:

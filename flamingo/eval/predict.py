@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..config import MEDIA_TOKEN
@@ -123,16 +125,35 @@ def _left_padded_inputs(model: Flamingo, processor: FlamingoProcessor, load: Med
     return out
 
 
+@contextlib.contextmanager
+def seeded_sampling(seed: Optional[Sequence[int]], device: torch.device) -> Iterator[None]:
+    """torch's random state seeded from `seed` for one sampled generation on `device`, the caller's restored after:
+    transformers draws its samples from torch's default generators, which take no seed per call. seed: entropy (the
+    trial's seed, the batch's first sample index); None leaves the state alone."""
+    if seed is None:
+        yield
+        return
+    value = int(np.random.SeedSequence([int(s) for s in seed]).generate_state(1)[0])
+    # torch.manual_seed seeds the CPU and every device of the accelerator's kind: all of them are forked
+    devices = list(range(torch.get_device_module(device.type).device_count())) if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(value)
+        yield
+
+
 @torch.no_grad()
 def generate_batch(model: Flamingo, processor: FlamingoProcessor, load: MediaLoader, task: Task,
-                   prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
+                   prompts: Sequence[tuple[str, list[str]]], *, seed: Optional[Sequence[int]] = None,
+                   **generation: Any) -> list[dict[str, Any]]:
     """Left-padded prompts through `model.generate` -> [{"prediction", "raw"}] (raw: the decoded new text, up to a chat
-    format's stop strings, `Task.answer_text`)."""
+    format's stop strings, `Task.answer_text`). seed: with `do_sample`, the draws' entropy (`seeded_sampling`), so
+    the same seed and batch give the same samples."""
     inputs = _left_padded_inputs(model, processor, load, prompts, task.image_references)
     settings = task.generation_settings(generation)
     if int(settings["num_beams"]) == 1:  # greedy: a beam-only setting would only draw transformers' warning
         settings.pop("length_penalty", None)
-    out = model.generate(**inputs, **settings)  # (B, T + new)
+    with seeded_sampling(seed if settings.get("do_sample") else None, inputs["input_ids"].device):
+        out = model.generate(**inputs, **settings)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts = processor.batch_decode(new, skip_special_tokens=True)
     return [{"prediction": task.prediction(t), "raw": task.answer_text(t)} for t in texts]

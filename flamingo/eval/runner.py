@@ -141,7 +141,7 @@ def predict(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, t
                                                                      [samples[i] for i in indices], prompts)
             elif task.kind == "generate":
                 records = generate_batch(model, processor, loader, task, prompts, vision_cache=vision_cache,
-                                         **(generation or {}))
+                                         seed=(selector.seed, indices[0]), **(generation or {}))
             else:
                 records = rank_batch(model, processor, loader, task, [samples[i] for i in indices], prompts,
                                      vision_cache=vision_cache)

@@ -342,6 +342,33 @@ def test_non_finite_losses_skip_steps_then_abort(world, monkeypatch, fused):
     assert isinstance(raised.value, NonFiniteLossError)
 
 
+@pytest.mark.parametrize("fused,clip", [(False, 0.0), (False, 1.0), (True, 0.0)])
+def test_a_gradient_that_overflows_skips_the_step_as_a_non_finite_loss_does(world, fused, clip):
+    """A finite loss whose gradient overflowed (inf in one tensor) was stepped: with no clip the norm's inf / inf
+    scaled every gradient to NaN, with a clip the overflowing one became 0 * inf = NaN, and the run went on to a NaN
+    final model. The step is skipped and counted, every parameter and moment untouched."""
+    root, vision, lm, data = world
+    out = os.path.join(root, f"run-inf-{fused}-{clip}")
+    config = load_config(train_config(root, vision, lm, data, steps=4, out=out, interleaved=False, grad_clip=clip))
+    config.optim.fused = fused
+    trainer = Trainer(config)
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state[trainer.trained[0]].items()}
+    gate = trainer.model.xattn[0].ffw_gate
+    handle = gate.register_hook(lambda g: torch.full_like(g, float("inf")))
+    metrics = materialize(trainer.train_step())
+    handle.remove()
+    assert math.isfinite(metrics["loss"]) and metrics["skipped_nonfinite"] == 1
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), before[n]), n
+    assert all(torch.equal(trainer.optimizer.state[trainer.trained[0]][k], v) for k, v in moments.items())
+    metrics = materialize(trainer.train_step())  # the next step trains again
+    assert metrics["skipped_nonfinite"] == 1 and math.isfinite(metrics["grad_norm"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_a_run_whose_every_step_was_skipped_is_not_called_trained(world, monkeypatch):
     """Fewer non-finite steps than `max_nonfinite` never abort a run, but one that skipped all of them (a NaN
     loss_weight did) ends with an error and no final/. Its metrics.jsonl holds `null` for the NaN loss (strict JSON),

@@ -590,7 +590,7 @@ class Trainer:
             grad_norm = self.backward_steps.grad_norm(sharded=is_sharded(self.model))
         else:
             finite, total, losses = self._reduce_losses(losses, names)
-            grad_norm = self._clip_and_step(finite)
+            grad_norm, finite = self._clip_and_step(finite)
         self.nonfinite_streak = torch.where(finite, 0, self.nonfinite_streak + 1)
         self.skipped_steps = self.skipped_steps + (~finite).long()
         lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler sets the next step's
@@ -630,18 +630,26 @@ class Trainer:
             total, losses = logged[0], dict(zip(losses, logged[1:]))
         return finite, total, losses
 
-    def _clip_and_step(self, finite: torch.Tensor) -> torch.Tensor:
-        """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm.
-        A non-finite step is skipped: by the fused Adam(W) on the device (`found_inf`, no host sync), by the others
-        after one host sync."""
+    def _clip_and_step(self, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm
+        and whether the step was taken. A step whose loss or gradient norm is not finite (a gradient that overflowed
+        while the loss did not) is skipped, as GradScaler skips one: by the fused Adam(W) on the device (`found_inf`,
+        no host sync), by the others after one host sync. Stepped, an infinite norm would scale every gradient by
+        inf / inf = NaN (no clip) or an overflowing one by 0 * inf (a clip): NaN weights from then on."""
         if not self.skip_on_device and not bool(finite):
-            return torch.tensor(float("nan"))
-        clip = self.config.train.grad_clip or float("inf")  # inf: the norm alone (every gradient scaled by 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, clip)
+            return torch.tensor(float("nan")), finite
+        grads = [p.grad for p in self.trained if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)  # FSDP2: a DTensor of the global norm
+        plain = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        finite = finite & torch.isfinite(plain)
         if self.skip_on_device:
             self.optimizer.found_inf = (~finite).float()
+        elif not bool(finite):
+            return grad_norm, finite
+        if self.config.train.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.trained, self.config.train.grad_clip, grad_norm)
         self.optimizer.step()
-        return grad_norm
+        return grad_norm, finite
 
     def _check_whole_step(self) -> None:
         """Refuse to step or save after a backward that raised half way through its in-backward steps

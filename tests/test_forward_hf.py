@@ -127,6 +127,18 @@ def test_token_ids_of_other_integer_dtypes_are_refused(dtype):
         torch.testing.assert_close(model(ids.to(torch.int32)).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+def test_raw_pixels_are_refused(dtype):
+    """uint8 0..255 (or bool) images reached the tower unnormalised (the processor refuses them): another answer."""
+    model, processor = tiny_flamingo("llama", gates=0.8)
+    batch = processor(["<image>a cat"], images=[[random_image(1)]])
+    raw = (batch["images"] * 60 + 128).clamp(0, 255).to(dtype)
+    for call in (lambda: model(**{**batch, "images": raw}),
+                 lambda: model.generate(**{**batch, "images": raw}, max_new_tokens=1)):
+        with pytest.raises(ValueError, match=f"images must be pixel values .*got {dtype}"):
+            call()
+
+
 def test_check_token_ids_compares_ids_as_long():
     model, _ = tiny_flamingo("llama", gates=0.8)
     vocab = model.lm.get_input_embeddings().weight.shape[0]

@@ -146,6 +146,10 @@ def test_an_eps_image_is_refused_without_the_eps_reader(eps_reader_watched, tmp_
     with pytest.raises(SkipSample) as caught:
         _image_member(str(tmp_path / "drawing.eps"), "000000")
     assert caught.value.reason == "bad_image"
+    from flamingo.tiny import tiny_flamingo  # the processor's local files (generate, eval)
+
+    with pytest.raises(ValueError, match="cannot decode image .*drawing.eps"):
+        tiny_flamingo()[1].load_media(tmp_path / "drawing.eps")
     assert eps_reader_watched == []
 
 

@@ -342,7 +342,7 @@ def make_videoqa_mc(root: Path) -> Path:
 
 def make_visdial(root: Path, dense: bool = True) -> Path:
     """VisDial v1.0 files: 4 train and 3 val dialogs of 3 rounds with 5 answer options each, images named by id the
-    way VisDial's are; dense relevance for 2 of the val dialogs (the evaluated rounds), when `dense`."""
+    way VisDial's are; dense relevance for 2 of the val dialogs (the rounds NDCG is scored on), when `dense`."""
     questions = [f"is it {w}" for w in WORDS]
     answers = [f"{a} {w}" for a in ("yes", "no") for w in WORDS]
     for split, ids, prefix in (("train", range(4), "COCO_train2014"), ("val", range(10, 13), "VisualDialog_val2018")):
@@ -371,7 +371,7 @@ DATASET_MAKERS = {"vqa": make_vqa, "captioning": make_captioning, "classificatio
                   "video_captioning": make_video_captioning, "videoqa_mc": make_videoqa_mc,
                   "visdial": make_visdial}
 TEST_SAMPLES = {"vqa": 5, "captioning": 3, "classification": 3, "hateful_memes": 4, "videoqa": 2,
-                "video_captioning": 2, "videoqa_mc": 3, "visdial": 2}  # the evaluated samples of each fixture dataset
+                "video_captioning": 2, "videoqa_mc": 3, "visdial": 9}  # the evaluated samples of each fixture dataset
 
 
 def save_sideways_jpeg(path: Path) -> Path:

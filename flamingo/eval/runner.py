@@ -186,8 +186,9 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     else its LM's name; a server's URL).
     Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0)
     after each run (a number of shots in a trial), results.json listing the runs still to do as `unfinished` until
-    the last, so that an evaluation that stops keeps the runs it finished; `out_dir` holds one task's evaluation: a re-run of the task replaces it, another task's results there are refused
-    before the first query (`out_dir_problem`). A package the task's metric or media need (`Task.requires`: CIDEr's
+    the last, so that an evaluation that stops keeps the runs it finished. `out_dir` holds one task's evaluation: a
+    re-run of the task replaces it, another task's results there are refused before the first query
+    (`out_dir_problem`). A package the task's metric or media need (`Task.requires`: CIDEr's
     pycocoevalcap, scikit-learn, PyAV) missing is refused first (`check_requirements`). Returns the results dict (the
     content of results.json) on every rank.
     """

@@ -379,7 +379,8 @@ def _engine_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
                             max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
                             model_name=args.model_name,
                             batch_dir=args.batch_dir, batch_concurrency=args.batch_concurrency,
-                            max_batch_file_mb=args.max_batch_file_mb)  # checked before the model loads
+                            max_batch_file_mb=args.max_batch_file_mb, host=getattr(args, "host", None),
+                            allowed_hosts=args.allowed_hosts)  # checked before the model loads
     if args.threads:
         import torch
 
@@ -544,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", type=non_empty_key, default=None,
                      help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health "
                           "(an empty key is refused: leave the option out to serve without one)")
+    srv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                     help="a Host name the server answers (repeatable): a server bound to loopback answers only "
+                          "localhost, 127.0.0.1 and ::1 (a DNS-rebinding page sends its own name), so name the host "
+                          "a reverse proxy passes (nginx's `proxy_set_header Host $host`); on another interface, "
+                          "giving names limits the server to them and loopback")
     srv.add_argument("--root-path", default="",
                      help="the path prefix a reverse proxy mounts the server under and strips (e.g. /flamingo): "
                           "redirects and the API's docs then stay under it (the page's own URLs are relative)")
@@ -574,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--concurrency", type=positive_int, default=None,
                      help="requests in flight (default: twice --max-batch, within --max-queue)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bat.set_defaults(func=_cmd_batch, api_key=None, batch_dir=None, batch_concurrency=None, max_batch_file_mb=200)
+    bat.set_defaults(func=_cmd_batch, api_key=None, batch_dir=None, batch_concurrency=None, max_batch_file_mb=200,
+                     allowed_hosts=[])
 
     # The demo sits beside the library (flamingo_demo/): `main` hands it the rest of the command line unparsed, so
     # its options and help are its own, and it is imported only when asked for.

@@ -37,7 +37,7 @@ from .batches import mount_batch_api
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
-from .middleware import CountRequests, RelativeRedirects
+from .middleware import BrowserGuard, CountRequests, RelativeRedirects
 from .openai_responses import ResponseWriter, status_of, stream_response
 from .protocol import (
     APIError,
@@ -77,6 +77,8 @@ class ServeSettings:
     batch_dir: Optional[str] = None  # the Files and Batch APIs' storage (serve/batches.py); None: those routes 404
     batch_concurrency: Optional[int] = None  # a batch's requests in flight (default: the engine's batch)
     max_batch_file_bytes: int = 200 * 2**20  # an uploaded file's limit (OpenAI's)
+    # the Host names answered (middleware.BrowserGuard); None: any. `flamingo serve` on loopback: loopback names only
+    allowed_hosts: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         """Refuse options under which the server would start but never answer, or without the authentication asked
@@ -140,6 +142,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(RelativeRedirects)
+    app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # the outermost: refuses before any work
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -151,6 +154,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind and kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+            # as FastAPI's own JSON bodies: a form's or text/plain body is what a cross-site page can send unasked
+            raise APIError(415, f"the body is sent as {kind!r}: send JSON with `Content-Type: application/json`",
+                           code="unsupported_media_type")
         coding = request.headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):  # else the compressed bytes would be read as broken JSON
             raise APIError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",

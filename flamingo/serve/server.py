@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
 from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine, check_engine_options
 from .media import MediaPolicy
+from .middleware import LOOPBACK_NAMES, loopback_interface
 
 log = logging.getLogger(__name__)
 CLOSE_SECONDS = 10.0  # after the grace: for the engine's step in progress to end and the error events to be written
@@ -54,7 +55,11 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
                  max_image_pixels: int = 20_000_000, max_video_seconds: float = 600.0,
                  model_name: Optional[str] = None,
                  batch_dir: Optional[str] = None, batch_concurrency: Optional[int] = None,
-                 max_batch_file_mb: float = 200) -> ServeSettings:
+                 max_batch_file_mb: float = 200, host: Optional[str] = None,
+                 allowed_hosts: Sequence[str] = ()) -> ServeSettings:
+    """The app's settings from `flamingo serve`'s options. host: the interface bound (None: not served over a
+    socket); bound to loopback, the server answers Host names of loopback and `allowed_hosts` only, as it does on
+    any interface when `allowed_hosts` is given (middleware.BrowserGuard)."""
     if media_root is not None and not os.path.isdir(media_root):  # else every local path would be refused, unsaid
         raise ValueError(f"the media root {media_root!r} (--media-root) is not a directory: name the directory local "
                          "media paths are read under, or leave the option out to refuse them all")
@@ -67,10 +72,22 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
     if model_name is None:  # a Hub repository's full name, as other OpenAI-compatible servers name it
         hub = not os.path.isdir(model_dir) and is_hub_name(model_dir)
         model_name = model_dir if hub else Path(os.path.abspath(model_dir)).name
-    return ServeSettings(model_name=model_name, api_key=api_key,
+    names: Optional[tuple[str, ...]] = None
+    if allowed_hosts or (host is not None and loopback_interface(host)):
+        names = tuple(dict.fromkeys((*LOOPBACK_NAMES, *((host,) if host is not None and loopback_interface(host)
+                                                        else ()), *allowed_hosts)))
+    return ServeSettings(model_name=model_name, api_key=api_key, allowed_hosts=names,
                          max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
                          max_images=max_images, media=media, batch_dir=batch_dir,
                          batch_concurrency=batch_concurrency, max_batch_file_bytes=int(max_batch_file_mb * 2**20))
+
+
+def exposure(host: str, settings: ServeSettings) -> Optional[str]:
+    """A warning for a server that anyone on the network may use: bound beyond loopback with no API key."""
+    if loopback_interface(host) or settings.api_key is not None:
+        return None
+    return (f"serving on {host} without --api-key: anyone who can reach this address can run the model, and its "
+            "Files and Batch APIs when --batch-dir is set (give --api-key KEY, or --host 127.0.0.1)")
 
 
 def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
@@ -112,6 +129,8 @@ def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+    if (exposed := exposure(host, settings)) is not None:
+        log.warning(exposed)
     engine.start()
     config = uvicorn_config(engine, settings, host=host, port=port, grace=grace, log_level=log_level,
                             root_path=root_path, keep_alive=keep_alive, max_connections=max_connections)

@@ -31,7 +31,7 @@ from .references import DECLARATION, reference_token, resolve_declarations
 from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import local_or_hub, metadata_dir
-from .runtime.media_formats import IMAGE_FORMATS
+from .runtime.media_formats import image_formats
 from .runtime.text import valid_text
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
@@ -564,7 +564,7 @@ class FlamingoProcessor:
             if path.suffix.lower() in VIDEO_EXTENSIONS:
                 return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
             try:
-                with Image.open(path, formats=IMAGE_FORMATS) as im:  # raster readers only (runtime/media_formats.py)
+                with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats.py)
                     return image_frames(im, self.video_fps, self.max_frames)
             except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
                 return self._video_named_otherwise(path, e)

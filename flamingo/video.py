@@ -108,9 +108,10 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str) -> "av.cont
     """
     options = {"format_whitelist": ",".join(VIDEO_CONTAINERS),
                "protocol_whitelist": "file" if isinstance(source, str) else "none"}
+    einval = getattr(av.error, "ArgumentError", None) or av.error.ValueError  # PyAV 18's name, 15's
     try:
         return av.open(source, container_options=options)
-    except av.error.ArgumentError:  # EINVAL: the probed demuxer, or a protocol it asked for, is not listed
+    except einval:  # EINVAL: the probed demuxer, or a protocol it asked for, is not listed
         raise UnlistedContainer(f"cannot decode video {name}: not in a container read here "
                                 f"({VIDEO_CONTAINER_NAMES})") from None
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
-from ..runtime.media_formats import IMAGE_FORMATS
+from ..runtime.media_formats import image_formats
 from ..runtime.text import valid_text
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text
@@ -171,7 +171,7 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
     if _ext(path) in IMAGE_EXTS:
         return f"{key}.{_ext(path)}", data
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        with Image.open(io.BytesIO(data), formats=image_formats()) as image:
             fmt = (image.format or "").lower()
             ext = FORMAT_EXTS.get(fmt, fmt)
             if ext in IMAGE_EXTS:

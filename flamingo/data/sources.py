@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.lru import LRU
-from ..runtime.media_formats import IMAGE_FORMATS
+from ..runtime.media_formats import image_formats
 from ..runtime.text import bom_codec, file_encoding
 from ..video import decode_video
 from .errors import SkipSample
@@ -570,7 +570,7 @@ def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8,
     """An image file's bytes -> its frames: one for a still, an animation's as a video's (`image_frames`);
     SkipSample(`bad`) when they do not decode."""
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        with Image.open(io.BytesIO(data), formats=image_formats()) as im:
             im.load()
             return image_frames(im, fps, max_frames)
     except Exception as e:  # PIL raises several types for corrupt bytes

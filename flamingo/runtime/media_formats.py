@@ -25,3 +25,12 @@ VIDEO_CONTAINERS: tuple[str, ...] = (
     "gif",  # (the server and the loaders read GIFs with Pillow; `decode_video` reads one as any video)
 )
 VIDEO_CONTAINER_NAMES = "MP4, MOV, 3GP, Matroska, WebM, AVI, MPEG-PS, MPEG-TS, FLV, WMV, NUT, Ogg and GIF"
+
+
+def image_formats() -> tuple[str, ...]:
+    """`IMAGE_FORMATS` this Pillow reads, for `Image.open(..., formats=...)`, which raises KeyError at a format it has
+    no reader for (AVIF's is Pillow 11.2's on)."""
+    from PIL import Image
+
+    Image.init()  # every reader registered
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)

@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.data_url import decode_data_url, is_data_url, media_kind
-from ..runtime.media_formats import IMAGE_FORMAT_NAMES, IMAGE_FORMATS, VIDEO_CONTAINER_NAMES
+from ..runtime.media_formats import IMAGE_FORMAT_NAMES, VIDEO_CONTAINER_NAMES, image_formats
 from ..video import TooLong, TooManyPixels, UnlistedContainer, decode_video, open_container
 from .protocol import APIError
 
@@ -334,7 +334,7 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # raster readers only: EPS runs gs
+            with Image.open(io.BytesIO(data), formats=image_formats()) as im:  # raster readers only: EPS runs gs
                 width, height = im.size  # from the header: nothing decoded yet
                 if width * height > policy.max_pixels:
                     raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "

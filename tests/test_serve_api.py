@@ -185,10 +185,13 @@ def test_keep_alive_and_max_connections(tmp_path):
                         max_connections=2) as url:
         port = int(url.rsplit(":", 1)[1])
         assert _held_open(port, 1.5)
-        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30)]
         time.sleep(0.2)
         try:
-            assert httpx.get(url + "/v1/models", timeout=30).status_code == 503
+            assert httpx.get(url + "/v1/models", timeout=30).status_code == 200  # the second connection
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            time.sleep(0.2)
+            assert httpx.get(url + "/v1/models", timeout=30).status_code == 503  # a third
         finally:
             for conn in held:
                 conn.close()

@@ -95,7 +95,9 @@ def served_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir, served_dir):
-    with _serving(model_dir, served_dir, batch_concurrency=2, max_batch_file_bytes=256 * 1024) as url:
+    # the Host names `flamingo serve` on loopback answers (its batch lines go through the app too)
+    with _serving(model_dir, served_dir, batch_concurrency=2, max_batch_file_bytes=256 * 1024,
+                  allowed_hosts=("localhost", "127.0.0.1", "::1")) as url:
         yield url
 
 

@@ -122,7 +122,7 @@ def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=logged, raise_app_exceptions=False),
-                             base_url="http://flamingo-batch", headers=headers, timeout=None)
+                             base_url="http://localhost", headers=headers, timeout=None)  # a Host any server answers
 
 
 async def _answer(client: httpx.AsyncClient, request: dict[str, Any],

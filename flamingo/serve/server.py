@@ -100,7 +100,8 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
 
     return uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
                           timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
-                          timeout_keep_alive=keep_alive, limit_concurrency=max_connections)
+                          timeout_keep_alive=keep_alive,  # uvicorn counts the connection asking too
+                          limit_concurrency=None if max_connections is None else max_connections + 1)
 
 
 def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

@@ -99,6 +99,36 @@ def test_run_called_again_after_a_step_raised_trains_that_step_on_its_own_batche
         assert torch.equal(p, q), name
 
 
+def test_a_step_that_raised_after_its_update_is_not_replayed(world):
+    """A raise after the optimizer stepped but before the step was counted (a second Ctrl-C, an error in the
+    scheduler): `run()` again replayed the step, a second Adam step for every parameter. It is refused; the
+    checkpoint resumes the run exactly."""
+    root, vision, lm, data = world
+    paths = {name: train_config(root, vision, lm, data, steps=3, out=os.path.join(root, f"run-counted-{name}"),
+                                interleaved=False, progress=False, save_every=1) for name in ("whole", "raised")}
+    whole = Trainer(load_config(paths["whole"]))
+    whole.run()
+    trainer = Trainer(load_config(paths["raised"]))
+    trainer.train_step()
+    trainer.save()
+    schedule = trainer.scheduler.step
+
+    def raises():
+        trainer.scheduler.step = schedule
+        raise KeyboardInterrupt
+
+    trainer.scheduler.step = raises
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_step()
+    with pytest.raises(RuntimeError, match="step 2 stopped after .* trained parameters were stepped, before the step"):
+        trainer.run()
+    resumed = Trainer(load_config(paths["raised"]))
+    assert resumed.step == 1
+    resumed.run()
+    for (name, p), q in zip(resumed.model.named_parameters(), whole.model.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_a_run_on_another_thread_trains_and_leaves_the_signal_handlers_alone(world):
     """Signal handlers can be set on the main thread only: `run()` on another thread (a notebook keeping its kernel
     free) failed at once with "signal only works in main thread"."""

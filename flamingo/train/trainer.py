@@ -587,6 +587,8 @@ class Trainer:
                     self._half_step = (self.step + 1, self.backward_steps.stepped)
                 raise
         if self.backward_steps is not None:
+            if self.backward_steps.stepped:  # until the step is counted: a raise from here on leaves a half step
+                self._half_step = (self.step + 1, self.backward_steps.stepped)
             grad_norm = self.backward_steps.grad_norm(sharded=is_sharded(self.model))
         else:
             finite, total, losses = self._reduce_losses(losses, names)
@@ -604,7 +606,7 @@ class Trainer:
         else:
             self.scheduler.step()
         self.step += 1
-        self._unfinished_step = None
+        self._unfinished_step = self._half_step = None
         if not self.skip_on_device:
             self.check_nonfinite()  # `finite` is on the host already
         # tensors stay on the device: `materialize` reads them, once per logged step
@@ -634,7 +636,7 @@ class Trainer:
         """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm
         and whether the step was taken. A step whose loss or gradient norm is not finite (a gradient that overflowed
         while the loss did not) is skipped, as GradScaler skips one: by the fused Adam(W) on the device (`found_inf`,
-        no host sync), by the others after one host sync. Stepped, an infinite norm would scale every gradient by
+        no host sync), by the others after a host sync. Stepped, an infinite norm would scale every gradient by
         inf / inf = NaN (no clip) or an overflowing one by 0 * inf (a clip): NaN weights from then on."""
         if not self.skip_on_device and not bool(finite):
             return torch.tensor(float("nan")), finite
@@ -648,19 +650,21 @@ class Trainer:
             return grad_norm, finite
         if self.config.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.trained, self.config.train.grad_clip, grad_norm)
-        self.optimizer.step()
+        self._half_step = (self.step + 1, len(self.trained))  # until train_step counts the step (a replay would
+        self.optimizer.step()  # step every parameter twice)
         return grad_norm, finite
 
     def _check_whole_step(self) -> None:
-        """Refuse to step or save after a backward that raised half way through its in-backward steps
-        (train/in_backward.py): its weights and optimizer states are neither the step's nor the one before."""
+        """Refuse to step or save after a step that raised once the optimizer had stepped parameters (half way
+        through the in-backward steps, train/in_backward.py, or after the step, before it was counted): its weights
+        and optimizer states are neither the step's nor the ones before, and a replay would step them twice."""
         if self._half_step is not None:
             step, stepped = self._half_step
-            raise RuntimeError(f"step {step} stopped inside its backward after {stepped} of {len(self.trained)} "
-                               "trained parameters were stepped (optim.in_backward): the weights are between two "
-                               "steps, and replaying the step would step those parameters twice. Resume from the "
-                               f"last checkpoint in {self.config.train.output_dir!r} (run `flamingo train` again, "
-                               "or build a new Trainer)")
+            raise RuntimeError(f"step {step} stopped after {stepped} of {len(self.trained)} trained parameters were "
+                               "stepped, before the step ended (an error, or a second Ctrl-C): the weights are "
+                               "between two steps, and replaying the step would step those parameters twice. Resume "
+                               f"from the last checkpoint in {self.config.train.output_dir!r} (run `flamingo train` "
+                               "again, or build a new Trainer)")
 
     def _begin_backward_steps(self, finite: torch.Tensor) -> None:
         """Arm the in-backward steps for this step: skipped where the loss is not finite on every rank."""

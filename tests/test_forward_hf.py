@@ -134,7 +134,8 @@ def test_raw_pixels_are_refused(dtype):
     batch = processor(["<image>a cat"], images=[[random_image(1)]])
     raw = (batch["images"] * 60 + 128).clamp(0, 255).to(dtype)
     for call in (lambda: model(**{**batch, "images": raw}),
-                 lambda: model.generate(**{**batch, "images": raw}, max_new_tokens=1)):
+                 lambda: model.generate(**{**batch, "images": raw}, max_new_tokens=1),
+                 lambda: model.encode_media(raw)):
         with pytest.raises(ValueError, match=f"images must be pixel values .*got {dtype}"):
             call()
 

@@ -394,6 +394,9 @@ class Flamingo(nn.Module):
             images = images[:, :, None]
         if images.ndim != 6:
             raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
+        if not images.dtype.is_floating_point:  # raw 0..255 bytes would reach the tower unnormalised
+            raise ValueError(f"images must be pixel values (floats, normalised as the processor makes them), got "
+                             f"{images.dtype}: pass the images through the processor")
         b, n, f = images.shape[:3]
         device = images.device
         # The masks live where `num_media` / `num_frames` do: built from the CPU copies a data loader makes, they
@@ -482,9 +485,6 @@ class Flamingo(nn.Module):
         if images is not None and visual_tokens is None:
             if images.ndim not in (5, 6):
                 raise ValueError(f"images must be (B, N_media, F, C, H, W), got shape {tuple(images.shape)}")
-            if not images.dtype.is_floating_point:  # raw 0..255 bytes would reach the tower unnormalised
-                raise ValueError(f"images must be pixel values (floats, normalised as the processor makes them), got "
-                                 f"{images.dtype}: pass the images through the processor")
             channels = getattr(getattr(self.vision, "config", None), "num_channels", None)
             if channels is not None and images.shape[-3] != channels:
                 raise ValueError(f"images have {images.shape[-3]} channel(s) at dimension -3 but the vision tower "

@@ -79,3 +79,30 @@ def test_a_server_beyond_loopback_without_a_key_is_warned_about():
     assert exposure("127.0.0.1", ServeSettings()) is None and exposure("::1", ServeSettings()) is None
     assert exposure("0.0.0.0", ServeSettings(api_key="k")) is None
     assert "serving on 0.0.0.0 without --api-key" in exposure("0.0.0.0", ServeSettings())
+
+
+def test_refusals_and_errors_are_counted_batch_lines_are_not(tmp_path, monkeypatch):
+    """A 500 (an exception the app's catch-all answers, outside the counting middleware) and the browser checks'
+    403s were never counted: an alert on errors stayed at 0 while every request failed."""
+    import asyncio
+
+    from flamingo.serve.app import create_app
+    from flamingo.serve.batch_lines import app_client
+
+    engine = engine_for(save_tiny_model(tmp_path / "model"))
+    with running_server(engine, ServeSettings(model_name="tiny"), start_engine=False) as url:
+        assert httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                          headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        monkeypatch.setattr(engine, "submit_all", lambda *a, **k: 1 / 0)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 500
+        counted = httpx.get(url + "/metrics").text
+    assert 'flamingo_requests_total{endpoint="/v1/completions",status="403"} 1' in counted
+    assert 'flamingo_requests_total{endpoint="/v1/completions",status="500"} 1' in counted
+    app = create_app(engine, ServeSettings(model_name="tiny"))
+
+    async def a_batch_line() -> int:
+        async with app_client(app, None) as client:
+            return (await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})).status_code
+
+    assert asyncio.run(a_batch_line()) == 500
+    assert 'flamingo_requests_total{endpoint="/v1/completions",status="500"} 1' in engine.metrics.render()

@@ -140,9 +140,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
                             status_code=500)
 
-    app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(RelativeRedirects)
-    app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # the outermost: refuses before any work
+    app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # refuses before any work
+    app.add_middleware(CountRequests, metrics=metrics)  # the outermost (the last added): counts the refusals too
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:

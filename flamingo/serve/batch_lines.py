@@ -30,6 +30,7 @@ import httpx
 
 from ..runtime.text import file_encoding
 from .batch_store import new_id
+from .middleware import BATCH_LINE
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
 
     async def logged(scope: Any, receive: Any, send: Any) -> None:
         try:
-            await app(scope, receive, send)
+            await app({**scope, BATCH_LINE: True}, receive, send)  # not counted as a client's request
         except Exception:  # the server's log shows it (uvicorn logs an interactive request's)
             log.exception("a batch line's request failed")
             raise

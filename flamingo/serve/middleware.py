@@ -7,10 +7,14 @@ from typing import Any
 
 from .protocol import APIError
 
+BATCH_LINE = "flamingo.batch_line"  # an ASGI scope key: the request is a Batch API line the server sends itself
+
 
 class CountRequests:
-    """ASGI middleware: counts the generation endpoints' responses by status (a plain ASGI wrapper, so streamed
-    bodies pass through untouched)."""
+    """ASGI middleware: counts the generation endpoints' responses to clients by status, refusals and errors
+    included: an exception that leaves the app is answered 500 by Starlette's error handler, outside every
+    middleware, so it is counted here as it passes. A Batch API line (`BATCH_LINE` in its scope: the batch runner
+    sends it through the app) is no client's request and is not counted."""
 
     PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -21,16 +25,24 @@ class CountRequests:
         # the route's path: under a `--root-path` (a proxy's prefix), uvicorn's path holds the prefix too
         root = scope.get("root_path", "")
         path = scope["path"][len(root):] if root and scope.get("path", "").startswith(root) else scope.get("path")
-        if scope["type"] != "http" or path not in self.PATHS:
+        if scope["type"] != "http" or path not in self.PATHS or scope.get(BATCH_LINE):
             await self.app(scope, receive, send)
             return
+        started = False
 
         async def counted(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.inc("requests_total", labels={"endpoint": path, "status": str(message["status"])})
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:
+                self.metrics.inc("requests_total", labels={"endpoint": path, "status": "500"})
+            raise
 
 
 class RelativeRedirects:

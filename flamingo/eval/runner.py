@@ -330,7 +330,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             unfinished = [{"shots": j, "trial": t} for t in range(trials) for j in shots
                           if (j, t) not in predictions]
             if out_dir is not None and rank() == 0 and unfinished:  # a run that fails later keeps these
-                write_results({**assemble(runs), "unfinished": unfinished}, predictions, out_dir)
+                write_results({**assemble(runs), "unfinished": unfinished}, predictions, out_dir, warn=False)
     results = assemble(runs)
     if out_dir is not None and rank() == 0:
         write_results(results, predictions, out_dir)
@@ -504,9 +504,9 @@ PREDICTION_FILE = re.compile(r"(.+)_(\d+)shot_trial(\d+)\.jsonl")  # predictions
 
 
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
-                  out_dir: str) -> None:
+                  out_dir: str, warn: bool = True) -> None:
     """predictions/, results.json, results.md and results.png in `out_dir`, the plot last: without matplotlib it is
-    skipped with a warning, as training's plots are (`train.plots.plot_run`). An earlier run of the task there is
+    skipped with a warning (`warn`), as training's plots are (`train.plots.plot_run`). An earlier run of the task there is
     replaced: its prediction files (other shots or trials than this run's included) and its plot are removed first, so
     every file in the directory belongs to this run."""
     out = Path(out_dir)
@@ -529,7 +529,8 @@ def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], li
     try:
         figure()  # whether matplotlib imports (the empty figure is dropped)
     except ImportError:
-        warnings.warn("matplotlib is not installed: no results.png (the numbers are in results.json and results.md; "
-                      "pip install 'flamingo-vlm[eval]')", stacklevel=2)
+        if warn:  # once an evaluation: at its last write
+            warnings.warn("matplotlib is not installed: no results.png (the numbers are in results.json and "
+                          "results.md; pip install 'flamingo-vlm[eval]')", stacklevel=2)
         return
     plot(results, os.path.join(out, "results.png"))

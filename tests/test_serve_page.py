@@ -6,7 +6,9 @@ aborts it and keeps it out of the new chat; Stop (and Escape) ends an answer whe
 after the answer's finish_reason leaves it complete); top p, sent when changed and checked by the server; the small
 things (input methods' Enter, accessible names, no console errors, no empty demo sent, text drops, file types
 the server cannot read and APNG, which it reads, a phone's screen, long words, number settings that are no number,
-error answers that are no JSON, characters split over tokens); screenshots are kept as artifacts.
+error answers that are no JSON, characters split over tokens); the chat following its answer unless the reader
+scrolled up, the keyboard's focus when a remove button goes, and accessibility (contrast, ARIA tabs, focus rings on
+invalid fields, headings, help and names); screenshots are kept as artifacts.
 
 Skipped without Chromium, except under CI (the environment variable CI set), where it fails instead."""
 
@@ -883,5 +885,242 @@ def test_page_works_behind_a_proxy_that_mounts_the_server_under_a_prefix(tmp_pat
             finally:
                 proxy.httpd.shutdown()
                 proxy.httpd.server_close()
+    finally:
+        browser.quit()
+
+
+# An answer of /v1/chat/completions that streams the pieces the test gives it: `window.piece(text)` sends one,
+# `window.piece(null)` ends the answer.
+PIECES = """
+const fetchAsSent = window.fetch;
+window.fetch = function (url, options) {
+  if (!String(url).endsWith("v1/chat/completions")) return fetchAsSent.apply(this, arguments);
+  const encoder = new TextEncoder();
+  const body = new ReadableStream({start(controller) {
+    window.piece = (text) => {
+      const delta = text === null ? {} : {content: text};
+      const chunk = {choices: [{index: 0, delta, finish_reason: text === null ? "stop" : null}]};
+      controller.enqueue(encoder.encode("data: " + JSON.stringify(chunk) + "\\n\\n"));
+      if (text === null) controller.close();
+    };
+  }});
+  return Promise.resolve(new Response(body, {status: 200, headers: {"content-type": "text/event-stream"}}));
+};
+"""
+# Whether the reply streaming, its Stop and the composer are in view, and the page's scroll, once the page has drawn
+# what came (it scrolls as it lays out, at its next frame).
+IN_VIEW = """
+const done = arguments[arguments.length - 1];
+const bottom = (el) => el.getBoundingClientRect().bottom;
+requestAnimationFrame(() => requestAnimationFrame(() => {
+  const reply = [...document.querySelectorAll(".msg.assistant")].at(-1), stop = document.getElementById("chat-stop");
+  done({reply: bottom(reply) <= innerHeight && bottom(reply) > 0,
+        composer: bottom(document.getElementById("composer")) <= innerHeight,
+        stop: stop.hidden || bottom(stop) <= innerHeight, y: scrollY});
+}));
+"""
+
+
+def test_page_follows_the_answer_unless_scrolled_up_and_keeps_the_focus_on_removal(tmp_path, one_thread):
+    """The chat follows its end while an answer streams (the reply, Stop and the composer in view, turn after turn),
+    but a reader who scrolled up stays where they are until they scroll back to the end. Removing an attachment or a
+    demo with the keyboard moves the focus to the next remove button, then to the message box (+ Add demo), not to
+    the page's top."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "query.png"
+    random_image(2).save(image)
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+
+    def text_of(selector):
+        return browser.execute_script("return document.querySelector(arguments[0]).textContent", selector)
+
+    def lines(first, last):  # pieces of the answer, each a line, until the page shows the last
+        for i in range(first, last):
+            browser.execute_script("window.piece(arguments[0])", f"line {i}\n")
+        wait.until(lambda b: f"line {last - 1}\n" in text_of(".msg.assistant:last-child .text"))
+
+    def focused():
+        return browser.execute_script("const a = document.activeElement; return a.id || a.getAttribute('aria-label')")
+
+    def press_enter_on(element):
+        browser.execute_script("arguments[0].focus()", element)
+        ActionChains(browser).send_keys(Keys.ENTER).perform()
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.set_window_size(1100, 600)
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_script(PIECES)
+            for turn in range(2):  # the second turn starts below the fold of the first
+                browser.find_element(By.ID, "chat-input").send_keys(f"turn {turn}" + Keys.ENTER)
+                lines(0, 20)
+                view = browser.execute_async_script(IN_VIEW)
+                assert view["reply"] and view["composer"] and view["stop"] and view["y"] > 0, (turn, view)
+                assert focused() == "chat-input"
+                browser.execute_script("window.piece(null)")
+                wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant:last-child")
+                           .get_attribute("data-done") == "true")
+                assert browser.execute_async_script(IN_VIEW)["composer"]  # the figures line under the answer too
+
+            # scrolled up to read: the view stays while the answer streams on, until the reader is back at the end
+            browser.find_element(By.ID, "chat-input").send_keys("turn 2" + Keys.ENTER)
+            lines(0, 5)
+            browser.execute_script("scrollBy(0, -300)")
+            time.sleep(0.2)  # the scroll event
+            up = browser.execute_script("return scrollY")
+            lines(5, 25)
+            assert browser.execute_async_script(IN_VIEW)["y"] == up
+            browser.execute_script("scrollTo(0, document.documentElement.scrollHeight)")
+            time.sleep(0.2)
+            lines(25, 45)
+            view = browser.execute_async_script(IN_VIEW)
+            assert view["reply"] and view["composer"] and view["y"] > up
+            browser.execute_script("window.piece(null)")
+            browser.find_element(By.ID, "chat-clear").click()
+
+            # removing with the keyboard: the focus goes to the next remove button, then to the message box
+            for _ in range(2):
+                browser.find_element(By.ID, "chat-file").send_keys(str(image))
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#chat-attachments .chip button")) == 2)
+            press_enter_on(browser.find_element(By.CSS_SELECTOR, "#chat-attachments .chip button"))
+            assert focused() == "remove image 1 (query.png)"  # the second, now first
+            ActionChains(browser).send_keys(Keys.ENTER).perform()
+            assert not browser.find_elements(By.CSS_SELECTOR, "#chat-attachments .chip") and focused() == "chat-input"
+
+            browser.find_element(By.ID, "tab-fewshot").click()
+            browser.find_element(By.ID, "add-demo").click()
+            press_enter_on(browser.find_element(By.CSS_SELECTOR, "#demos .remove"))
+            assert focused() == "remove demo 1"  # the second demo's, renumbered
+            ActionChains(browser).send_keys(Keys.ENTER).perform()
+            assert not browser.find_elements(By.CSS_SELECTOR, "#demos .demo") and focused() == "add-demo"
+    finally:
+        browser.quit()
+
+
+# Every shown text whose contrast with its background (the backgrounds under it blended, as a translucent token's
+# shading is) is under WCAG AA's 4.5:1 (3:1 for large text); disabled buttons are exempt.
+LOW_CONTRAST = """
+const rgba = (c) => { const [r, g, b, a = 1] = c.match(/[\\d.]+/g).map(Number); return [r, g, b, a]; };
+const over = ([r, g, b, a], [R, G, B]) => [r * a + R * (1 - a), g * a + G * (1 - a), b * a + B * (1 - a)];
+const luminance = (rgb) => {
+  const [r, g, b] = rgb.map((v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const low = [];
+for (const el of document.querySelectorAll("body *")) {
+  const own = Array.from(el.childNodes).some((n) => n.nodeType === Node.TEXT_NODE && n.data.trim());
+  if (!own || !el.checkVisibility() || el.closest(":disabled")) continue;
+  const chain = [];
+  for (let e = el; e; e = e.parentElement) chain.unshift(e);
+  const bg = chain.reduce((under, e) => over(rgba(getComputedStyle(e).backgroundColor), under), [255, 255, 255]);
+  const style = getComputedStyle(el);
+  const [a, b] = [luminance(over(rgba(style.color), bg)), luminance(bg)].sort((x, y) => y - x);
+  const ratio = (a + 0.05) / (b + 0.05);
+  const size = parseFloat(style.fontSize), large = size >= 24 || (size >= 18.66 && +style.fontWeight >= 700);
+  if (ratio < (large ? 3 : 4.5)) low.push(`${el.id || el.className || el.tagName}: ${ratio.toFixed(2)}`);
+}
+return low;
+"""
+# The heading levels of the page, in order.
+HEADINGS = "return Array.from(document.querySelectorAll('h1, h2, h3, h4, h5, h6')).map((h) => +h.tagName[1])"
+
+
+def _ax(browser, element_id: str) -> dict:
+    """An element's node in Chromium's accessibility tree: role, name, description and properties."""
+    nodes = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    backend = browser.execute_cdp_cmd("DOM.describeNode", {"objectId": browser.execute_cdp_cmd(
+        "Runtime.evaluate", {"expression": f"document.getElementById('{element_id}')"})["result"]["objectId"]})
+    node = next(n for n in nodes if n.get("backendDOMNodeId") == backend["node"]["backendNodeId"])
+    return {"role": node["role"]["value"], "name": node.get("name", {}).get("value"),
+            "description": node.get("description", {}).get("value"),
+            **{p["name"]: p["value"].get("value") for p in node.get("properties", [])}}
+
+
+def test_page_contrast_tabs_focus_ring_headings_help_and_names(tmp_path, one_thread):
+    """Text is AA contrast (4.5:1) in the chat, under an error note and in the few-shot tab; the tabs are ARIA tabs
+    (selected one said, arrow keys) and the selected one shows under forced colours too; a field marked invalid still
+    shows the keyboard's focus ring; headings do not skip a level; the help of top p and token probabilities is the
+    fields' description and shows on focus; the chat box is named; every button and text field of the few-shot tab has
+    a name of its own; Enter in the query runs it, and its figures are a live region."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+
+    def tabs_look():
+        return browser.execute_script(
+            "return ['tab-chat', 'tab-fewshot'].map((id) => { const s = getComputedStyle(document.getElementById(id));"
+            "  return [s.color, s.borderBottomColor, s.borderBottomWidth, s.backgroundColor, s.fontWeight]; })")
+
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_cdp_cmd("Accessibility.enable", {})
+            assert browser.execute_script(LOW_CONTRAST) == []
+
+            # help and names read by a screen reader
+            assert _ax(browser, "chat-input")["name"] == "message"
+            assert "add up to this" in _ax(browser, "top-p")["description"]
+            assert "alternatives" in _ax(browser, "show-probs")["description"]
+            assert _ax(browser, "show-probs")["name"].strip() == "token probabilities"  # the help is not its name
+
+            # a field marked invalid: the error note's contrast, and the focus ring when the keyboard reaches it
+            browser.execute_script("document.getElementById('temperature').value = ''")
+            browser.find_element(By.ID, "chat-input").send_keys("hi" + Keys.ENTER)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.note"))
+            assert browser.execute_script(LOW_CONTRAST) == []
+            ring = ("const s = getComputedStyle(document.getElementById('temperature'));"
+                    "return [s.outlineStyle, s.outlineWidth, s.outlineColor]")
+            unfocused = browser.execute_script(ring)
+            browser.execute_script("document.getElementById('max-tokens').focus()")
+            ActionChains(browser).send_keys(Keys.TAB).perform()
+            assert browser.execute_script("return document.activeElement.matches('#temperature:focus-visible')")
+            assert browser.execute_script(ring) != unfocused and browser.execute_script(ring)[0] != "none"
+            ActionChains(browser).send_keys(Keys.TAB).perform()  # on to top p: its help shows
+            assert browser.find_element(By.ID, "top-p-help").is_displayed()
+            browser.find_element(By.ID, "temperature").send_keys("0")
+
+            # the tabs: which is selected, said and shown (forced colours too); the arrow keys select
+            assert [(_ax(browser, t)["role"], _ax(browser, t)["selected"]) for t in ("tab-chat", "tab-fewshot")] == \
+                [("tab", True), ("tab", False)]
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                    {"features": [{"name": "forced-colors", "value": "active"}]})
+            chat_look, fewshot_look = tabs_look()
+            assert chat_look != fewshot_look
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+            browser.execute_script("document.getElementById('tab-chat').focus()")
+            ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+            assert browser.find_element(By.ID, "fewshot").is_displayed()
+            assert _ax(browser, "tab-fewshot")["selected"] and not _ax(browser, "tab-chat")["selected"]
+            assert browser.execute_script("return document.activeElement.id") == "tab-fewshot"
+
+            # the few-shot tab: contrast, headings, a name of its own for each control with two demos
+            browser.find_element(By.ID, "add-demo").click()
+            assert browser.execute_script(LOW_CONTRAST) == []
+            levels = browser.execute_script(HEADINGS)
+            assert levels[0] == 1 and all(b <= a + 1 for a, b in zip(levels, levels[1:])), levels
+            nodes = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+            names = [n.get("name", {}).get("value") for n in nodes
+                     if not n.get("ignored") and n.get("role", {}).get("value") in ("button", "textbox", "tab")]
+            assert len(names) == len(set(names)) and "remove demo 2" in names, names
+
+            # Enter in the query runs it; its figures are announced
+            assert browser.find_element(By.ID, "fewshot-stats").get_attribute("aria-live") == "polite"
+            browser.execute_script("document.getElementById('max-tokens').value = '2'")
+            browser.find_element(By.ID, "query-text").send_keys(Keys.ENTER)
+            wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+            assert "tokens/s" in browser.find_element(By.ID, "fewshot-stats").text
     finally:
         browser.quit()

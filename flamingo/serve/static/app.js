@@ -45,10 +45,26 @@ async function loadModelName() {
 loadModelName();
 apiKey.addEventListener("change", loadModelName);
 
-for (const tab of document.querySelectorAll(".tab")) {
-  tab.addEventListener("click", () => {
-    for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
-    for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === tab.dataset.panel);
+// The tabs, as ARIA's tab pattern has them: the selected one is aria-selected and the only one Tab reaches; the arrow
+// keys, Home and End select another.
+const tabs = Array.from(document.querySelectorAll(".tab"));
+function selectTab(tab) {
+  for (const t of tabs) {
+    t.setAttribute("aria-selected", String(t === tab));
+    t.tabIndex = t === tab ? 0 : -1;
+  }
+  for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === tab.dataset.panel);
+}
+for (const tab of tabs) {
+  tab.addEventListener("click", () => selectTab(tab));
+  tab.addEventListener("keydown", (e) => {
+    const i = tabs.indexOf(tab);
+    const next = { ArrowRight: i + 1, ArrowLeft: i - 1 + tabs.length, Home: 0, End: tabs.length - 1 }[e.key];
+    if (next === undefined) return;
+    e.preventDefault();
+    const to = tabs[next % tabs.length];
+    selectTab(to);
+    to.focus();
   });
 }
 
@@ -330,7 +346,13 @@ function renderAttachments() {
     remove.className = "secondary";
     remove.title = `remove ${medium.video ? "video" : "image"} ${i + 1}` + (medium.name ? ` (${medium.name})` : "");
     remove.setAttribute("aria-label", remove.title);
-    remove.addEventListener("click", () => { attachments.splice(i, 1); renderAttachments(); });
+    remove.addEventListener("click", () => {
+      attachments.splice(i, 1);
+      renderAttachments();
+      // the focus, on the button now gone, moves to the next one left (else the last), else to the message box
+      const left = box.querySelectorAll("button");
+      (left.length ? left[Math.min(i, left.length - 1)] : $("#chat-input")).focus();
+    });
     chip.append(remove);
     box.append(chip);
   });
@@ -356,6 +378,22 @@ function addMessage(role, media, text) {
   $("#messages").append(el);
   return el;
 }
+
+// The chat follows its end, as chat pages do: while the reader is at the end, whatever lengthens the conversation (a
+// message, a piece of an answer, an image loading) keeps its newest line, the composer and Stop in view. A reader who
+// scrolls up to read stays where they are until they scroll back to the end or send the next turn. From the first
+// turn on: a page opened on a short screen stays at its top.
+let following = false;
+let lastScrollY = scrollY;
+function follow() {
+  if (following && $("#chat").classList.contains("active")) scrollTo(0, document.documentElement.scrollHeight);
+}
+addEventListener("scroll", () => {
+  if (scrollY < lastScrollY) following = false;  // up: the reader's (a scroll to the end only goes down)
+  else if (innerHeight + scrollY >= document.documentElement.scrollHeight - 4) following = true;
+  lastScrollY = scrollY;
+}, { passive: true });
+new ResizeObserver(follow).observe($("#messages"));
 
 const TOO_LARGE_CHAT = "Every turn sends the whole conversation again, its images and videos too: start a New " +
                        "chat, or attach fewer or smaller ones";
@@ -387,6 +425,8 @@ async function sendChat() {
   $("#chat-input").value = "";
   const reply = addMessage("assistant", [], "");
   reply.dataset.done = "false";
+  following = true;
+  follow();
   const out = $(".text", reply);
   const mine = chat;
   turn = new AbortController();
@@ -447,11 +487,31 @@ function mediaSlot(el, input) {
   acceptMedia(el, set);
 }
 
+// Each demo's fields and remove button named by its number (as errors count them): a screen reader's list of them
+// tells the demos apart.
+function numberDemos() {
+  document.querySelectorAll("#demos .demo").forEach((demo, i) => {
+    const n = i + 1;
+    $(".remove", demo).title = `remove demo ${n}`;
+    $(".remove", demo).setAttribute("aria-label", `remove demo ${n}`);
+    $(".demo-file", demo).setAttribute("aria-label", `demo ${n} image / video`);
+    $(".prompt", demo).setAttribute("aria-label", `demo ${n} prompt`);
+    $(".answer", demo).setAttribute("aria-label", `demo ${n} answer`);
+  });
+}
+
 function addDemo() {
   const el = $("#demo-template").content.firstElementChild.cloneNode(true);
   mediaSlot(el, $(".demo-file", el));
-  $(".remove", el).addEventListener("click", () => el.remove());
+  $(".remove", el).addEventListener("click", () => {
+    // the focus, on the button going, moves to the next demo's (else to + Add demo), not to the page's top
+    const next = el.nextElementSibling;
+    el.remove();
+    numberDemos();
+    (next ? $(".remove", next) : $("#add-demo")).focus();
+  });
   $("#demos").append(el);
+  numberDemos();
   return el;
 }
 
@@ -475,6 +535,7 @@ function fewShotMessages() {
 let fewShotRun = null;  // the AbortController of the run on its way, if any
 
 async function runFewShot() {
+  if (fewShotRun) return;  // Enter while a run is on its way
   const out = $("#fewshot-output");
   out.dataset.done = "false";
   out.classList.remove("error", "stopped");
@@ -501,6 +562,9 @@ async function runFewShot() {
 mediaSlot($("#query"), $("#query-file"));
 $("#add-demo").addEventListener("click", addDemo);
 $("#run-fewshot").addEventListener("click", runFewShot);
+$("#query-text").addEventListener("keydown", (e) => {  // Enter runs, as it sends in the chat
+  if (e.key === "Enter" && !e.isComposing && e.keyCode !== 229) { e.preventDefault(); runFewShot(); }
+});
 $("#stop-fewshot").addEventListener("click", () => { if (fewShotRun) fewShotRun.abort(); });
 
 // Escape stops the answer streaming in the tab on screen (not an input method's composition being cancelled).

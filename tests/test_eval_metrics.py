@@ -6,7 +6,7 @@ from flamingo.eval.captioning import CaptioningTask
 from flamingo.eval.cider import cider, java_available, python_tokenize, tokenize
 from flamingo.eval.classification import topk_accuracy
 from flamingo.eval.hateful_memes import HatefulMemesTask, roc_auc
-from flamingo.eval.runner import summarize
+from flamingo.eval.runner import markdown_table, summarize
 from flamingo.eval.task import Sample
 from flamingo.eval.vqa import VQATask
 from flamingo.eval.vqa_metric import normalize_answer, postprocess_vqa_generation, vqa_accuracy
@@ -62,6 +62,12 @@ def test_vqa_accuracy_is_broken_down_per_answer_type_and_averaged_over_trials_th
     rows = {r["metric"]: r for r in summarize(runs)}
     assert rows["vqa_accuracy/number"]["values"] == [100.0, None] and rows["vqa_accuracy/number"]["mean"] == 100.0
     assert rows["vqa_accuracy/yes/no"]["mean"] == 25.0 and rows["vqa_accuracy"]["mean"] == 37.5
+    # the table marks a cell of fewer trials than its header's
+    table = markdown_table({"task": "vqa", "model": "m", "num_samples": 4, "date": "d", "runs": runs,
+                            "summary": summarize(runs), "settings": {"trials": 2, "seed": 0, "demos": "random",
+                                                                     "zero_shot": "text"}})
+    assert "| vqa_accuracy/number | 100.00 ± 0.00 (1 of 2 trials) |" in table
+    assert "| vqa_accuracy | 37.50 ± 12.50 |" in table
 
 
 def test_vqa_postprocess_cuts_at_a_newline_or_the_next_prompt_word_and_lowercases():

@@ -461,7 +461,12 @@ def markdown_table(results: dict[str, Any]) -> str:
         row = []
         for k in shots:
             r = cell.get((m, k))
-            row.append("n/a" if r is None or r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
+            if r is None or r["mean"] is None:
+                row.append("n/a")
+                continue
+            defined = sum(v is not None for v in r["values"])  # a trial may leave a metric undefined
+            row.append(f"{r['mean']:.2f} ± {r['std']:.2f}"
+                       + (f" ({defined} of {len(r['values'])} trials)" if defined < len(r["values"]) else ""))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     for reason, why in SKIP_REASONS.items():
         skipped: dict[int, int] = {}

@@ -216,3 +216,21 @@ def test_a_line_wrapped_data_url_is_the_same_image_over_http(served):
                                                         {"type": "text", "text": USER["content"]}]}],
                      ).choices[0].message.content for u in (wrapped, data_url(random_image(4)))]
     assert answers[0] == answers[1]
+
+
+def test_the_responses_apis_null_and_no_op_fields_are_taken_and_features_refused():
+    """Every field the Responses API defines, sent as "none of it" (a client that sends all of them), was
+    "Unrecognized"; asking for a feature this server lacks is refused by name."""
+    from flamingo.serve.protocol import APIError, ChatCompletionRequest, ResponsesRequest, parse
+
+    none = {"include": [], "reasoning": None, "background": False, "max_tool_calls": None, "conversation": None,
+            "top_logprobs": 0, "stream_options": {"include_obfuscation": False}, "prompt": None}
+    parse(ResponsesRequest, {"input": "hi", **none}).check()
+    parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}],
+                                  "stream_options": {"include_usage": True, "include_obfuscation": True}})
+    for field, value in [("include", ["message.output_text.logprobs"]), ("reasoning", {"effort": "low"}),
+                         ("background", True), ("top_logprobs", 2), ("conversation", "conv_1"),
+                         ("prompt", {"id": "pmpt_1"})]:
+        with pytest.raises(APIError) as refused:
+            parse(ResponsesRequest, {"input": "hi", field: value}).check()
+        assert refused.value.param == field and refused.value.status == 400, field

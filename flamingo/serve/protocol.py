@@ -134,6 +134,7 @@ class Message(StrictModel):
 
 class StreamOptions(StrictModel):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool = False  # taken and ignored: this server pads no stream events
 
 
 class JSONSchemaFormat(StrictModel):
@@ -360,11 +361,26 @@ class ResponsesRequest(_OpenAIFields):
     text: Optional[TextConfig] = None
     truncation: Optional[Literal["disabled"]] = None
     previous_response_id: Optional[StrictStr] = None
+    # OpenAI's fields of features this server lacks: taken when they ask for none (null, [], false, 0)
+    conversation: Optional[Any] = None
+    prompt: Optional[Any] = None
+    reasoning: Optional[Any] = None
+    background: Optional[StrictBool] = None
+    include: Optional[list[StrictStr]] = None
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    max_tool_calls: Optional[StrictInt] = Field(default=None, ge=0)
+    stream_options: Optional[StreamOptions] = None
 
     def check(self) -> None:
-        if self.previous_response_id is not None:
-            raise APIError(400, "this server keeps no responses: send the whole conversation in `input`",
-                           param="previous_response_id")
+        if self.previous_response_id is not None or self.conversation is not None:
+            raise APIError(400, "this server keeps no responses or conversations: send the whole conversation in "
+                                "`input`", param="previous_response_id" if self.conversation is None else "conversation")
+        unsupported = {"prompt": self.prompt is not None, "reasoning": self.reasoning is not None,
+                       "background": bool(self.background), "include": bool(self.include),
+                       "top_logprobs": bool(self.top_logprobs)}
+        for name, asked in unsupported.items():
+            if asked:
+                raise APIError(400, f"{name} is not supported by this server's Responses API", param=name)
         self.refuse_tools()
         if isinstance(self.input, list) and not self.input:
             raise APIError(400, "input is empty", param="input")

@@ -511,9 +511,9 @@ PREDICTION_FILE = re.compile(r"(.+)_(\d+)shot_trial(\d+)\.jsonl")  # predictions
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
                   out_dir: str, warn: bool = True) -> None:
     """predictions/, results.json, results.md and results.png in `out_dir`, the plot last: without matplotlib it is
-    skipped with a warning (`warn`), as training's plots are (`train.plots.plot_run`). An earlier run of the task there is
-    replaced: its prediction files (other shots or trials than this run's included) and its plot are removed first, so
-    every file in the directory belongs to this run."""
+    skipped with a warning (`warn`), as training's plots are (`train.plots.plot_run`). An earlier run of the task
+    there is replaced: its prediction files (other shots or trials than this run's included) and its plot are removed
+    first, so every file in the directory belongs to this run."""
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     for old in (out / "predictions").iterdir():

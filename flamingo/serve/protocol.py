@@ -374,7 +374,8 @@ class ResponsesRequest(_OpenAIFields):
     def check(self) -> None:
         if self.previous_response_id is not None or self.conversation is not None:
             raise APIError(400, "this server keeps no responses or conversations: send the whole conversation in "
-                                "`input`", param="previous_response_id" if self.conversation is None else "conversation")
+                                "`input`",
+                           param="previous_response_id" if self.conversation is None else "conversation")
         unsupported = {"prompt": self.prompt is not None, "reasoning": self.reasoning is not None,
                        "background": bool(self.background), "include": bool(self.include),
                        "top_logprobs": bool(self.top_logprobs)}

@@ -202,6 +202,12 @@ def _check_frame(image: Image.Image, index: int, max_pixels: Optional[int]) -> N
     check_image_size(width, height)
     if max_pixels is not None and width * height > max_pixels:
         raise TooManyPixels(width, height, index, max_pixels)
+    # a tiled TIFF's decoder allocates a whole tile, whose size its header declares apart from the image's: a 16x16
+    # image of one 32768x32768 compressed tile costs a GiB
+    tags = getattr(image, "tag_v2", {})
+    tile, limit = (tags.get(322), tags.get(323)), max_pixels or Image.MAX_IMAGE_PIXELS
+    if all(isinstance(side, int) for side in tile) and limit and tile[0] * tile[1] > limit:
+        raise TooManyPixels(tile[0], tile[1], index, limit)
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase, num_references: int = 0,

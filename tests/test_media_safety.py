@@ -180,3 +180,33 @@ def test_a_local_file_over_the_size_limit_is_refused_by_its_size(tmp_path):
 ])
 def test_an_ipv6_address_embedding_an_ipv4_address_is_judged_by_it(address, public):
     assert public_address(address) is public
+
+
+def _tiled_tiff(tile: int) -> bytes:
+    """A 16x16 grey TIFF of one Deflate tile its header declares `tile` x `tile` (the tile all zeros, compressed)."""
+    import struct
+    import zlib
+
+    comp = zlib.compress(b"\0" * (tile * tile), 9)
+    tags = [(256, 4, 16), (257, 4, 16), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+            (322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, len(comp))]
+    tags[8] = (324, 4, 8 + 2 + 12 * len(tags) + 4)
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", t, kind, 1, v) if kind == 4 else struct.pack("<HHIHH", t, kind, 1, v, 0)
+        for t, kind, v in tags) + b"\0\0\0\0"
+    return b"II*\0" + struct.pack("<I", 8) + ifd + comp
+
+
+def test_a_tile_or_an_icon_larger_than_the_image_is_refused_before_it_is_decoded():
+    """A 16x16 TIFF declaring one 16384x16384 tile made the decoder allocate the tile (256 MiB; 32768: a GiB), and an
+    ICO decoded its largest icon (a PNG of any size) inside Image.open, both past the pixel limit."""
+    from flamingo.serve.media import MediaPolicy, _decode_image
+    from flamingo.serve.protocol import APIError
+
+    with pytest.raises(APIError, match="frame 0 is 16384x16384, more than the server's 20000000 pixels"):
+        _decode_image(_tiled_tiff(16384), MediaPolicy(), "m", 1.0, 8)
+    assert _decode_image(_tiled_tiff(256), MediaPolicy(), "m", 1.0, 8).size == (16, 16)  # an ordinary tile
+    icon = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(icon, format="ICO")
+    with pytest.raises(APIError, match="not an image or video this server can decode"):
+        _decode_image(icon.getvalue(), MediaPolicy(), "m", 1.0, 8)

@@ -56,6 +56,8 @@ def test_json_bodies_must_be_json(served):
         refused = httpx.post(served + "/v1/chat/completions", content=text, headers={"Content-Type": kind})
         assert refused.status_code == 415, kind
         assert "send JSON with `Content-Type: application/json`" in refused.json()["error"]["message"]
+    refused = httpx.post(served + "/v1/chat/completions", content=text, headers={"Origin": "http://evil.example"})
+    assert refused.status_code == 415  # no type, from a web page: a `no-cors` fetch of a Blob
     for kind in ("application/json; charset=utf-8", "application/vnd.api+json", None):  # none: as FastAPI
         headers = {"Content-Type": kind} if kind else {}
         assert httpx.post(served + "/v1/chat/completions", content=text, headers=headers,

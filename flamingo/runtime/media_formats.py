@@ -1,14 +1,15 @@
 """The file formats media are read in, for every reader of media from clients and datasets (the server, training
 rows, `flamingo data pack`). Each reader is limited to these because the others do more than decode the bytes they
-are given: Pillow's EPS reader runs Ghostscript on the file's PostScript, and FFmpeg's concat, SDP and HLS demuxers
-open the files, sockets and URLs the file names."""
+are given: Pillow's EPS reader runs Ghostscript on the file's PostScript, its ICO reader decodes the largest icon
+(a PNG of any size) before the image's size can be checked, and FFmpeg's concat, SDP and HLS demuxers open the
+files, sockets and URLs the file names."""
 
 from __future__ import annotations
 
 # Pillow's raster readers (its format names, as `Image.open(..., formats=...)` takes them; each must be one of
 # `PIL.Image.OPEN`). JPEG's reader opens MPO too (a JPEG holding a second image); PNG's opens APNG.
-IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "ICO", "PPM")
-IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, APNG, BMP, TIFF, AVIF, ICO and PPM"
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "PPM")
+IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, APNG, BMP, TIFF, AVIF and PPM"
 
 # FFmpeg's demuxers of the containers `flamingo.processing.VIDEO_EXTENSIONS` names, MPEG-TS, NUT, Ogg and GIF (each
 # demuxer by all the names it goes by, as `InputContainer.format.name` lists them).

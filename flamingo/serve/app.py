@@ -155,7 +155,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     async def read_json(request: Request) -> Any:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind and kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        # none is read as JSON, as FastAPI does, but not from a web page (its Origin): a `no-cors` fetch of a Blob
+        # sends none, to a LAN address without Sec-Fetch-Site
+        if (kind or request.headers.get("origin")) and kind != "application/json" and \
+                not (kind.startswith("application/") and kind.endswith("+json")):
             # as FastAPI's own JSON bodies: a form's or text/plain body is what a cross-site page can send unasked
             raise APIError(415, f"the body is sent as {kind!r}: send JSON with `Content-Type: application/json`",
                            code="unsupported_media_type")

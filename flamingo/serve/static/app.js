@@ -81,15 +81,16 @@ function readAsDataURL(file) {
 // The files the server reads: images Pillow decodes (the server reads the bytes, whatever type they are sent as),
 // videos PyAV decodes. By extension, for the file pickers' filter and for files the browser gives no type; a file the
 // browser types as an image is taken unless it is one of NOT_READ: SVG (a drawing, not pixels), HEIC/HEIF and JPEG XL
-// (Pillow needs plugins the server has not), JPEG 2000, TGA and PSD (readers the server leaves out); those are named
-// in the notice, not attached.
+// (Pillow needs plugins the server has not), JPEG 2000, TGA, PSD and ICO (readers the server leaves out); those are
+// named in the notice, not attached.
 const IMAGE_TYPES = {
   png: "image/png", apng: "image/apng", jpg: "image/jpeg", jpeg: "image/jpeg", jpe: "image/jpeg", jfif: "image/jpeg",
   gif: "image/gif", webp: "image/webp", bmp: "image/bmp", tif: "image/tiff", tiff: "image/tiff", avif: "image/avif",
-  ico: "image/x-icon", ppm: "image/x-portable-pixmap", pgm: "image/x-portable-graymap",
+  ppm: "image/x-portable-pixmap", pgm: "image/x-portable-graymap",
   pbm: "image/x-portable-bitmap",
 };
-const NOT_READ = /^image\/(svg|hei[cf]|jxl|jp2|jpx|jpm|x-tga|x-targa|vnd\.adobe\.photoshop|x-photoshop)/;
+const NOT_READ =
+  /^image\/(svg|hei[cf]|jxl|jp2|jpx|jpm|x-tga|x-targa|vnd\.adobe\.photoshop|x-photoshop|x-icon|vnd\.microsoft\.icon)/;
 const VIDEO_TYPES = {
   mp4: "video/mp4", m4v: "video/mp4", mov: "video/quicktime", webm: "video/webm", mkv: "video/x-matroska",
   avi: "video/x-msvideo",

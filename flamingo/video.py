@@ -82,8 +82,8 @@ def _describe(path: VideoInput) -> str:
 
 def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
     """-> a function giving `av.open` a fresh view of the video each call (decoding may take two passes)."""
-    if isinstance(path, (str, os.PathLike)):
-        return lambda: os.fspath(path)
+    if isinstance(path, (str, os.PathLike)):  # absolute: FFmpeg reads `name:rest` as a protocol's URL
+        return lambda: os.path.abspath(os.fspath(path))
     if isinstance(path, bytes):
         return lambda: io.BytesIO(path)
     if not path.seekable():  # a pipe or socket: keep the compressed bytes to read them again

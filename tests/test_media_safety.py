@@ -104,10 +104,13 @@ def test_an_sdp_video_is_refused_at_once_and_binds_no_port():
     assert "not a video this server can decode (it reads MP4" in message, message
 
 
-def test_videos_and_animations_in_the_listed_containers_still_decode():
+def test_videos_and_animations_in_the_listed_containers_still_decode(tmp_path, monkeypatch):
     frames = load_medium(_data_url(_mp4(), "video/mp4"), MediaPolicy(), video=True, max_frames=8)
     assert np.allclose([np.asarray(f)[8, 8, 0] for f in frames], [40, 120, 200], atol=8)  # (lossy codec)
     assert len(decode_video(_mp4())) == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "2024-01-01T10:30:00.mp4").write_bytes(_mp4())
+    assert len(decode_video("2024-01-01T10:30:00.mp4")) == 3  # a relative name, not a protocol's URL
     buffer = io.BytesIO()
     gif = [Image.new("RGB", (16, 16), (level,) * 3) for level in (0, 255)]
     gif[0].save(buffer, format="GIF", save_all=True, append_images=gif[1:], duration=[1000, 1000], loop=0)

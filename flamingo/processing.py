@@ -35,6 +35,7 @@ from .runtime.media_formats import image_formats
 from .runtime.text import valid_text
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
+    TooLong,
     TooManyPixels,
     animation_timeline,
     check_image_size,
@@ -48,6 +49,9 @@ TEMPLATES = ("flamingo", "idefics", "otter", "mmgpt")
 # WebP) as a video (`image_frames`).
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
 _ANIMATABLE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
+# under a reader's max_pixels, the frames an animation may decode, in images of that size (reading its timeline
+# decodes every frame): 64 x 20 M pixels, some seconds of a CPU
+ANIMATION_PIXELS = 64
 
 
 def animatable_image(data: bytes) -> bool:
@@ -173,6 +177,13 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
             yield float(delay) / 1000 if delay is not None else None
             k += 1
 
+    if max_pixels is not None and image.format in ("GIF", "PNG", "WEBP", "AVIF"):
+        # each frame is decoded whole (the canvas) to read its delay: a small file of many frames on a large canvas
+        # costs minutes. Bounded by the pixels read (its frame count is a header's, or a scan of a GIF's blocks)
+        count, (width, height) = getattr(image, "n_frames", 1), image.size
+        if count * width * height > ANIMATION_PIXELS * max_pixels:
+            raise TooLong(f"of {count} frames of {width}x{height} is more than {ANIMATION_PIXELS} images of the "
+                          f"{max_pixels} pixels allowed to decode")
     try:
         frames = []
         for k in animation_timeline(delays(), fps, max_frames, max_seconds):  # ascending: each seek goes forward

@@ -213,3 +213,23 @@ def test_a_tile_or_an_icon_larger_than_the_image_is_refused_before_it_is_decoded
     Image.new("RGB", (32, 32), "red").save(icon, format="ICO")
     with pytest.raises(APIError, match="not an image or video this server can decode"):
         _decode_image(icon.getvalue(), MediaPolicy(), "m", 1.0, 8)
+
+
+def test_an_animation_of_more_frames_than_the_pixel_budget_is_refused_before_its_frames_are_read():
+    """Every frame of a GIF is decoded whole to read its delay: a 60 KB GIF of 2000 one-pixel frames on a 4000x4000
+    canvas took 100 s. Frames x canvas is bounded (`ANIMATION_PIXELS` images of the server's limit) from the frame
+    count, read without decoding."""
+    from flamingo.processing import ANIMATION_PIXELS
+    from flamingo.serve.media import MediaPolicy, _decode_image
+    from flamingo.serve.protocol import APIError
+
+    def gif(count: int) -> bytes:
+        frames = [Image.new("RGB", (100, 100), (k % 2 * 255,) * 3) for k in range(count)]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=20, loop=0)
+        return buffer.getvalue()
+
+    policy = MediaPolicy(max_pixels=100 * 100)
+    assert len(_decode_image(gif(ANIMATION_PIXELS), policy, "m", 1.0, 8)) == 2  # 64 frames of 20 ms: 1.28 s
+    with pytest.raises(APIError, match=f"an animation of {ANIMATION_PIXELS + 1} frames of 100x100 is more than"):
+        _decode_image(gif(ANIMATION_PIXELS + 1), policy, "m", 1.0, 8)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from .config import QUANTIZE_MODES
 from .runtime.arguments import (
+    allowed_host,
     host_name,
     non_empty_key,
     non_negative_float,
@@ -480,7 +481,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-frozen", choices=QUANTIZE_MODES, default=None,
                    help="frozen backbones' linear weights quantized (docs/memory.md); default: the saved config's")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--max-body-mb", type=positive_float, default=20, help="request body size limit")
+    p.add_argument("--max-body-mb", type=positive_float, default=20,
+                   help="request body size limit; also of a local media file (--media-root) or a download")
     p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="the most max_tokens a request may ask for")
     p.add_argument("--max-images", type=positive_int, default=32, help="images/videos per prompt")
     p.add_argument("--max-image-pixels", type=positive_int, default=20_000_000, help="per image or video frame")
@@ -546,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require `Authorization: Bearer KEY` on every route but the page (/, /static) and /health "
                           "(an empty key is refused: leave the option out to serve without one)")
     srv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                     type=allowed_host,
                      help="a Host name the server answers (repeatable): a server bound to loopback answers only "
                           "localhost, 127.0.0.1 and ::1 (a DNS-rebinding page sends its own name), so name the host "
                           "a reverse proxy passes (nginx's `proxy_set_header Host $host`); on another interface, "
@@ -558,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "more than the proxy's idle timeout (nginx's keepalive_timeout: 60), so the proxy closes "
                           "first and never sends on a connection the server is closing (a 502)")
     srv.add_argument("--max-connections", type=positive_int, default=None,
-                     help="connections open at once (idle keep-alive ones count); more are answered 503 at once. "
+                     help="connections open at once (idle keep-alive ones count); past it, a request on any of "
+                          "them is answered 503 at once and its connection closed. "
                           "Bounds the memory of streams whose clients do not read (default: no limit)")
     srv.add_argument("--grace", type=non_negative_float, default=30,
                      help="seconds in-flight requests get to finish on SIGTERM (a finite number >= 0)")

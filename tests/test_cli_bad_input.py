@@ -52,6 +52,7 @@ def _error_line(capsys) -> str:
         (["serve", "--grace", "-5"], "--grace: must be a finite number >= 0"),
         (["serve", "--keep-alive", "0"], "--keep-alive: must be a finite number > 0"),
         (["serve", "--max-connections", "0"], "--max-connections: must be >= 1"),
+        (["serve", "--allowed-host", ""], "--allowed-host: '' is not a host name"),
         (
             ["eval", "--task", "vqa", "--data", "d", "--length-penalty", "nan"],
             "--length-penalty: must be a finite number",

@@ -10,8 +10,8 @@ REASONS = (
     "bad_json",  # a JSONL line / tar .json member that does not parse, or is not an object
     "bad_record",  # parses, but lacks required fields or has the wrong types / shapes
     "missing_file",  # a referenced image / video file (or tar member) does not exist
-    "bad_image",  # image bytes PIL cannot decode
-    "bad_video",  # a truncated or undecodable video
+    "bad_image",  # image bytes PIL cannot decode, or in a format not read (runtime/media_formats.py)
+    "bad_video",  # a truncated or undecodable video, or in a container not read (runtime/media_formats.py)
     "empty_text",  # no caption / all sentences empty / a conversation with no answer (left within max_tokens)
     "no_matched_image",  # interleaved: no image matched a sentence above the similarity threshold
     "bad_shard",  # a tar shard that cannot be read (to the end)

@@ -65,6 +65,15 @@ def host_name(text: str) -> str:
     return text
 
 
+def allowed_host(text: str) -> str:
+    """An argparse type: `--allowed-host`, a host name (what `--allowed-host "$NAME"` passes with the variable unset,
+    empty, would make the server answer every request 403)."""
+    if not text.strip() or any(c.isspace() or c in "/@" for c in text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name: give the name clients (or a proxy) send as "
+                                         "the Host, e.g. flamingo.example.org")
+    return text.strip()
+
+
 def non_empty_key(text: str) -> str:
     """An argparse type: `--api-key`, never empty or blank (what `--api-key "$KEY"` passes with the variable unset):
     an empty key must not mean a server without authentication."""

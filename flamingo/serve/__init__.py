@@ -8,7 +8,8 @@
 - `responses`: engine events -> chat / completion bodies and stream chunks; `openai_responses`: -> the Responses
   API's object and typed events;
 - `metrics`: Prometheus text;
-- `app`: the FastAPI routes; `middleware`: counting requests, relative redirects; `server`: loading a model and
+- `app`: the FastAPI routes; `middleware`: counting requests, relative redirects, the browser checks (Host,
+  cross-site posts); `server`: loading a model and
   running uvicorn;
 - `batch_lines`: a Batch API file's lines -> requests through the app -> output entries, shared by `batch` (the
   offline `flamingo batch`) and the Files and Batch APIs: `batches` (routes), `batch_store` (on disk),

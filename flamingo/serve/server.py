@@ -95,7 +95,8 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
                    keep_alive: float = DEFAULT_KEEP_ALIVE, max_connections: Optional[int] = None) -> Any:
     """uvicorn's settings for the app. root_path: the prefix a reverse proxy mounts the server under and strips;
     keep_alive: seconds an idle connection stays open (longer than a proxy's, so that the proxy closes first);
-    max_connections: connections open at once (idle keep-alive ones count), more get 503 (None: no limit)."""
+    max_connections: connections open at once (idle keep-alive ones count); past it, a request on any of them gets
+    503 (None: no limit)."""
     import uvicorn
 
     return uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,

@@ -464,9 +464,10 @@ def markdown_table(results: dict[str, Any]) -> str:
             if r is None or r["mean"] is None:
                 row.append("n/a")
                 continue
-            defined = sum(v is not None for v in r["values"])  # a trial may leave a metric undefined
+            values = r.get("values", ())  # a trial may leave a metric undefined (None)
+            defined = sum(v is not None for v in values)
             row.append(f"{r['mean']:.2f} ± {r['std']:.2f}"
-                       + (f" ({defined} of {len(r['values'])} trials)" if defined < len(r["values"]) else ""))
+                       + (f" ({defined} of {len(values)} trials)" if defined < len(values) else ""))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     for reason, why in SKIP_REASONS.items():
         skipped: dict[int, int] = {}

@@ -193,15 +193,17 @@ def _png() -> bytes:
     lambda b: base64.encodebytes(b).decode(),  # 76-column lines, as GNU `base64` writes them
     lambda b: base64.encodebytes(b).decode().replace("\n", "\r\n"),
     lambda b: " " + base64.b64encode(b).decode().rstrip("=") + "\n",  # unpadded
+    lambda b: base64.b64encode(b).decode().replace("+", "%2B").replace("/", "%2F").replace("=", "%3D"),
 ])
 def test_a_data_urls_base64_is_read_as_browsers_read_it(encode):
-    """WHATWG's forgiving-base64: ASCII whitespace dropped, `=` padding optional."""
+    """WHATWG's data: URL processor: percent-escapes decoded, then forgiving-base64 (ASCII whitespace dropped,
+    `=` padding optional)."""
     data = _png()[:-1]  # a length that needs padding
     assert decode_data_url("data:image/png;base64," + encode(data)) == ("image/png", data)
 
 
-@pytest.mark.parametrize("payload, says", [("%%%", "'%'"), ("aG-k", "'-'"), ("a=Gk", "'='"), ("aGkxa", "length"),
-                                           ("aGk===", "length")])
+@pytest.mark.parametrize("payload, says", [("%%%", "'%'"), ("aG-k", "'-'"), ("a=Gk", "'=', which is not base64 there"),
+                                           ("aGkxa", "length"), ("aGk===", "'='"), ("QQ=", "'='")])
 def test_other_junk_in_a_data_urls_base64_is_named(payload, says):
     with pytest.raises(ValueError, match="base64 does not decode") as error:
         decode_data_url("data:image/png;base64," + payload)

@@ -30,17 +30,20 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def _forgiving_b64decode(payload: str) -> bytes:
-    """Base64 as browsers read a data URL's (WHATWG's forgiving-base64): ASCII whitespace is dropped (line-wrapped
-    output of GNU `base64` or `base64.encodebytes`) and `=` padding is optional; any other character outside the
-    alphabet is a ValueError that names it."""
-    text = _B64_SPACE.sub("", payload)
-    body = text.rstrip("=")
-    bad = _B64_JUNK.search(body)
+    """Base64 as browsers read a data URL's (WHATWG's data: URL processor, then forgiving-base64): percent-escapes
+    decoded (`%2B` is `+`), ASCII whitespace dropped (line-wrapped output of GNU `base64` or `base64.encodebytes`),
+    one or two `=` at the end of a length that is a multiple of 4 dropped, padding optional; any other character
+    outside the alphabet (an `=` elsewhere too) is a ValueError that names it."""
+    text = _B64_SPACE.sub("", urllib.parse.unquote(payload, encoding="latin-1"))
+    if len(text) % 4 == 0 and text.endswith("="):
+        text = text[:-2] if text.endswith("==") else text[:-1]
+    bad = _B64_JUNK.search(text)
     if bad is not None:
-        raise ValueError(f"the data URL's base64 does not decode: it holds {bad[0]!r}, which is not base64")
-    if len(body) % 4 == 1 or len(text) - len(body) > 2:
+        raise ValueError(f"the data URL's base64 does not decode: it holds {bad[0]!r}, which is not base64"
+                         + (" there" if bad[0] == "=" else ""))
+    if len(text) % 4 == 1:
         raise ValueError("the data URL's base64 does not decode: its length is not a base64 length (cut short?)")
-    return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
 def media_kind(mime: str) -> str:

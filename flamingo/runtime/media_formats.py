@@ -8,8 +8,11 @@ from __future__ import annotations
 
 # Pillow's raster readers (its format names, as `Image.open(..., formats=...)` takes them; each must be one of
 # `PIL.Image.OPEN`). JPEG's reader opens MPO too (a JPEG holding a second image); PNG's opens APNG.
-IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "PPM")
-IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, APNG, BMP, TIFF, AVIF and PPM"
+_IMAGE_READERS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
+                  "AVIF": "AVIF", "PPM": "PPM"}  # Pillow's name -> the name a message gives
+IMAGE_FORMATS: tuple[str, ...] = tuple(_IMAGE_READERS)
+*_FIRST, _LAST = _IMAGE_READERS.values()
+IMAGE_FORMAT_NAMES = f"{', '.join(_FIRST)} and {_LAST}"  # (APNG: PNG's reader)
 
 # FFmpeg's demuxers of the containers `flamingo.processing.VIDEO_EXTENSIONS` names, MPEG-TS, NUT, Ogg and GIF (each
 # demuxer by all the names it goes by, as `InputContainer.format.name` lists them).

@@ -98,11 +98,9 @@ def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes
         raise APIError(400, f"{where}: local paths are refused by this server (it has no --media-root)")
     try:  # the file system's own refusals (a name too long, a symlink loop, no permission) are the request's fault
         resolved = _under_root(path, policy.root, where)
-        if resolved.stat().st_size > policy.max_bytes:  # before reading: a video dataset's root holds GB files
-            raise APIError(400, f"{where}: {_shown(path)} is larger than the server's {policy.max_bytes} bytes")
         with open(resolved, "rb") as f:
-            data = f.read(policy.max_bytes + 1)
-        if len(data) > policy.max_bytes:  # grown since its stat
+            data = f.read(policy.max_bytes + 1)  # no more: a video dataset's root holds GB files
+        if len(data) > policy.max_bytes:
             raise APIError(400, f"{where}: {_shown(path)} is larger than the server's {policy.max_bytes} bytes")
     except OSError as e:
         raise APIError(400, f"{where}: cannot read {_shown(path)}: {e.strerror or type(e).__name__}") from None

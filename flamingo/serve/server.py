@@ -73,9 +73,9 @@ def settings_for(model_dir: str, *, api_key: Optional[str] = None, max_body_mb: 
         hub = not os.path.isdir(model_dir) and is_hub_name(model_dir)
         model_name = model_dir if hub else Path(os.path.abspath(model_dir)).name
     names: Optional[tuple[str, ...]] = None
-    if allowed_hosts or (host is not None and loopback_interface(host)):
-        names = tuple(dict.fromkeys((*LOOPBACK_NAMES, *((host,) if host is not None and loopback_interface(host)
-                                                        else ()), *allowed_hosts)))
+    loopback = host is not None and loopback_interface(host)
+    if allowed_hosts or loopback:
+        names = tuple(dict.fromkeys((*LOOPBACK_NAMES, *((host,) if loopback else ()), *allowed_hosts)))
     return ServeSettings(model_name=model_name, api_key=api_key, allowed_hosts=names,
                          max_body_bytes=int(max_body_mb * 2**20), max_tokens_cap=max_tokens_cap,
                          max_images=max_images, media=media, batch_dir=batch_dir,

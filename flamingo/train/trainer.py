@@ -636,10 +636,9 @@ class Trainer:
         """The optimizer step after backward, clipped to train.grad_clip (0: not clipped); returns the gradient norm
         and whether the step was taken. A step whose loss or gradient norm is not finite (a gradient that overflowed
         while the loss did not) is skipped, as GradScaler skips one: by the fused Adam(W) on the device (`found_inf`,
-        no host sync), by the others after a host sync. Stepped, an infinite norm would scale every gradient by
-        inf / inf = NaN (no clip) or an overflowing one by 0 * inf (a clip): NaN weights from then on."""
-        if not self.skip_on_device and not bool(finite):
-            return torch.tensor(float("nan")), finite
+        no host sync), by the others after one host sync (its norm logged as NaN). Stepped, an infinite norm would
+        scale every gradient by inf / inf = NaN (no clip) or an overflowing one by 0 * inf (a clip): NaN weights from
+        then on."""
         grads = [p.grad for p in self.trained if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)  # FSDP2: a DTensor of the global norm
         plain = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -647,7 +646,7 @@ class Trainer:
         if self.skip_on_device:
             self.optimizer.found_inf = (~finite).float()
         elif not bool(finite):
-            return grad_norm, finite
+            return torch.tensor(float("nan")), finite
         if self.config.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.trained, self.config.train.grad_clip, grad_norm)
         self._half_step = (self.step + 1, len(self.trained))  # until train_step counts the step (a replay would

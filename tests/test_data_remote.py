@@ -376,6 +376,21 @@ def test_data_inspect_fetches_remote_shards_into_the_options_cache(tmp_path, ser
     assert not (tmp_path / "default").exists() and not (tmp_path / "home").exists()
 
 
+def test_a_shard_cache_under_a_file_is_refused_naming_the_file(tmp_path, server, monkeypatch, capsys):
+    """XDG_CACHE_HOME under a file: `data inspect` of remote shards ends with an error naming that file, not a bare
+    `[Errno 20] Not a directory`."""
+    from flamingo.cli import main
+
+    root, url = server
+    make_pair_shards(str(root), 2, 2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    assert main(["data", "inspect", url + "/shard-000000.tar", "--kind", "pairs"]) != 0
+    err = capsys.readouterr().err
+    assert "remote_cache_dir" in err and repr(str(blocker)) in err
+
+
 def test_a_remote_shard_fetched_again_keeps_its_waiting_records(tmp_path):
     """A remote shard's cached copy, evicted and fetched again, is a new file of the same bytes: the records still
     waiting for it (a shuffle buffer) read it, where the check for a local shard written again skipped them all as

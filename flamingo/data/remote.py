@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Optional
 
+from ..runtime.checkpoint_io import blocking_file
 from ..runtime.hub import HF_DATASET
 
 try:
@@ -246,7 +247,7 @@ def _touch(path: str) -> bool:
     try:
         os.utime(path)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (the latter: a part of the cache's path is a file)
         return False
 
 
@@ -321,6 +322,10 @@ class ShardFetcher:
     def _ensure(self, source: str, path: str) -> None:
         if _touch(path):
             return
+        blocking = blocking_file(self.cache_dir)
+        if blocking is not None:
+            raise ValueError(f"the shard cache {self.cache_dir!r} cannot be a directory: {blocking!r} is a file (set "
+                             "the dataset's remote_cache_dir, or XDG_CACHE_HOME, to a directory)")
         os.makedirs(self.cache_dir, exist_ok=True)
         with _download_lock(path):
             if not _touch(path):  # (another process may have fetched it while this one waited)

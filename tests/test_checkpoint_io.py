@@ -202,3 +202,24 @@ def test_copies_a_killed_write_left_are_named_and_removed_by_the_next_write(tmp_
     (tmp_path / "ckpt").symlink_to(tmp_path / "scratch" / "ckpt")  # its target renamed away by the killed save
     with pytest.raises(FileNotFoundError, match=rf"left ckpt.old-{dead}-{thread} beside it"):
         local_or_hub(str(tmp_path / "ckpt"), "Flamingo model")
+
+
+def test_a_name_too_long_for_the_write_s_siblings_is_refused_with_the_limit(tmp_path):
+    """A legal name near the file system's 255 bytes, too long once the write's `.tmp-PID-THREAD` suffix is added:
+    a ValueError giving the room left, before anything is written (it was `[Errno 36] File name too long` naming the
+    temporary copy); a name that fits is written."""
+    from flamingo.runtime.checkpoint_io import atomic_file
+
+    long = tmp_path / ("m" * 240)
+    with pytest.raises(ValueError, match=r"too long to be written atomically here \(at most \d+ bytes"):
+        with atomic_directory(str(long), "state.json", "a checkpoint"):
+            pass
+    with pytest.raises(ValueError, match="too long"):
+        with atomic_file(str(long)):
+            pass
+    assert os.listdir(tmp_path) == []
+    fits = tmp_path / ("m" * 200)
+    with atomic_directory(str(fits), "state.json", "a checkpoint") as tmp:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            f.write("{}")
+    assert os.listdir(fits) == ["state.json"]

@@ -71,6 +71,22 @@ def _sibling(target: str, kind: str) -> str:
     return f"{target}.{kind}-{os.getpid()}-{threading.get_ident()}"
 
 
+def _check_sibling_fits(target: str, what: str) -> None:
+    """Refuse a `target` whose name leaves no room for the write's sibling names (`_sibling`'s suffix, ~30 bytes) in
+    the file system's limit on one name (255 bytes on most), with the figures, before anything is written."""
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (no such directory yet, or a platform without pathconf)
+        limit = 255
+    name = os.fsencode(os.path.basename(_sibling(os.path.abspath(target), "tmp")))
+    if len(name) > limit:
+        spare = limit - (len(name) - len(os.fsencode(os.path.basename(os.path.abspath(target)))))
+        raise ValueError(f"{what} {target!r}: its name is too long to be written atomically here (at most {spare} "
+                         f"bytes: the file system allows {limit} per name, and the write goes through a sibling "
+                         "named after it with a suffix); give a shorter name")
+
+
 def blocking_file(directory: str) -> Optional[str]:
     """The file that keeps `directory` from being a directory, itself or the nearest existing part of its path (an
     absolute path), or None when it is one or can be made (the nearest part that exists is a directory)."""
@@ -142,6 +158,7 @@ def atomic_directory(target: str, marker: str, what: str,
     check_replaceable(target, marker, what, is_ours)
     # the directory a link names (a cluster's `ckpt -> /scratch/...`): written there, on its disk, the link kept
     target = os.path.realpath(target)
+    _check_sibling_fits(target, what)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = _sibling(target, "tmp")
@@ -249,6 +266,7 @@ def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary path to write; on success it is renamed onto `path` (an empty one is refused:
     `check_named`)."""
     check_named(path, "the file to write")
+    _check_sibling_fits(path, "the file to write")
     tmp = _sibling(path, "tmp")
     try:
         yield tmp

@@ -3,6 +3,7 @@ files of other shots and trials and its plot included), another task's results t
 and a re-run removes only its own task's prediction files."""
 
 import json
+import os
 
 import pytest
 
@@ -71,6 +72,39 @@ def test_an_evaluation_that_stops_keeps_the_runs_it_finished(model_and_processor
     done = evaluate(model, processor, "vqa", str(data), shots=[0, 2], trials=2, out_dir=str(out), **QUICK)
     assert "unfinished" not in done and json.loads((out / "results.json").read_text()) == done
     assert len(_predictions(out)) == 4 and "Unfinished" not in (out / "results.md").read_text()
+
+
+def test_each_runs_prediction_file_is_written_once(model_and_processor, tmp_path, monkeypatch):
+    """The whole directory was written after every run (each finished run's prediction file again: runs^2 writes);
+    a run writes its own prediction file, and the directory at the end is the one of a write at the end only."""
+    from flamingo.eval import runner
+
+    model, processor = model_and_processor
+    data, out = make_vqa(tmp_path / "data"), tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "vqa_8shot_trial5.jsonl").write_text("{}\n")  # an earlier evaluation's: removed
+    written = []
+    atomic_file = runner.atomic_file
+
+    def spy(path, *args, **kwargs):
+        written.append(os.path.relpath(path, out))
+        return atomic_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "atomic_file", spy)
+    results = evaluate(model, processor, "vqa", str(data), shots=[0, 2], trials=2, out_dir=str(out), **QUICK)
+    monkeypatch.undo()
+    files = [f for f in written if f.startswith("predictions")]
+    assert sorted(files) == [f"predictions/vqa_{k}shot_trial{t}.jsonl" for k in (0, 2) for t in (0, 1)]
+    assert written.count("results.json") == 4  # the summary after each run
+    assert _predictions(out) == [os.path.basename(f) for f in sorted(files)]
+    by_run = {(r["shots"], r["trial"]) for r in results["runs"]}
+    for k, t in by_run:
+        lines = (out / "predictions" / f"vqa_{k}shot_trial{t}.jsonl").read_text().splitlines()
+        assert len(lines) == results["num_samples"]
+    again = tmp_path / "again"  # the same files as one write of the finished evaluation
+    runner.write_results(results, {}, str(again))
+    assert (again / "results.json").read_text() == (out / "results.json").read_text()
+    assert (again / "results.md").read_text() == (out / "results.md").read_text()
 
 
 def test_another_tasks_results_in_out_are_refused_before_any_query(model_and_processor, tmp_path, monkeypatch):

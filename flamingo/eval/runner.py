@@ -300,6 +300,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
         return results
 
     runs, predictions = [], {}
+    unwritten: dict[tuple[int, int], list[dict[str, Any]]] = {}  # each run's prediction file is written once
     for trial in range(trials):
         trial_seed = seed + trial
         selector = DemoSelector(pool, demos, query_set, trial_seed, features)
@@ -327,13 +328,16 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
             runs.append({**base, "shots": k, "trial": trial, "seed": trial_seed, "metrics": metrics,
                          "skipped": len(samples) - len(kept), "skipped_by": skipped_by, **extra, **repeats})
             predictions[(k, trial)] = records
+            unwritten[(k, trial)] = records
             unfinished = [{"shots": j, "trial": t} for t in range(trials) for j in shots
                           if (j, t) not in predictions]
             if out_dir is not None and rank() == 0 and unfinished:  # a run that fails later keeps these
-                write_results({**assemble(runs), "unfinished": unfinished}, predictions, out_dir, warn=False)
+                write_results({**assemble(runs), "unfinished": unfinished}, unwritten, out_dir, warn=False,
+                              replace=len(runs) == 1)
+                unwritten = {}
     results = assemble(runs)
     if out_dir is not None and rank() == 0:
-        write_results(results, predictions, out_dir)
+        write_results(results, unwritten, out_dir, replace=len(runs) == 1)
     unreadable = {r["skipped"] for rs in predictions.values() for r in rs if r.get("skip_reason") == "unreadable_media"}
     if unreadable and rank() == 0:
         warnings.warn(f"{task.name}: media of {data_dir!r} could not be read ({len(unreadable)} file(s)); the queries "
@@ -510,16 +514,19 @@ PREDICTION_FILE = re.compile(r"(.+)_(\d+)shot_trial(\d+)\.jsonl")  # predictions
 
 
 def write_results(results: dict[str, Any], predictions: dict[tuple[int, int], list[dict[str, Any]]],
-                  out_dir: str, warn: bool = True) -> None:
-    """predictions/, results.json, results.md and results.png in `out_dir`, the plot last: without matplotlib it is
-    skipped with a warning (`warn`), as training's plots are (`train.plots.plot_run`). An earlier run of the task
-    there is replaced: its prediction files (other shots or trials than this run's included) and its plot are removed
-    first, so every file in the directory belongs to this run."""
+                  out_dir: str, warn: bool = True, replace: bool = True) -> None:
+    """`predictions` ({(shots, trial): records}) as predictions/{task}_{k}shot_trial{t}.jsonl, then results.json,
+    results.md and results.png in `out_dir`, the plot last: without matplotlib it is skipped with a warning (`warn`),
+    as training's plots are (`train.plots.plot_run`). `replace` (an evaluation's first write): an earlier evaluation
+    of the task there is replaced, its prediction files (other shots or trials than this one's included) removed
+    first, so every file in the directory belongs to this evaluation; its later writes pass only their new runs'
+    predictions and leave the files written before (a prediction file is written once, not after every run)."""
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
-    for old in (out / "predictions").iterdir():
-        if (m := PREDICTION_FILE.fullmatch(old.name)) and m.group(1) == results["task"]:
-            old.unlink()
+    if replace:
+        for old in (out / "predictions").iterdir():
+            if (m := PREDICTION_FILE.fullmatch(old.name)) and m.group(1) == results["task"]:
+                old.unlink()
     (out / "results.png").unlink(missing_ok=True)  # `plot` writes none when every query was skipped
     # each file whole or not at all (a run killed while writing leaves the previous one: a cut results.json would
     # make the same command refuse the directory)

@@ -155,6 +155,56 @@ def test_generate_command_reads_declared_images_and_references(tmp_path, capsys)
     assert "placeholder" in capsys.readouterr().err
 
 
+def test_a_streamed_answer_keeps_the_reference_tokens_it_generates(tmp_path, capsys, monkeypatch):
+    """`<imageK>` is an added special token a generated answer names an image with: the greedy stream (printed
+    token by token, a line break resetting its decoding) prints it as the beams' and sequences' final decode does,
+    `processor.decode`, which keeps references and drops control tokens; so does the `--chat` stream."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from flamingo import load_pretrained
+    from flamingo.model.flamingo import Flamingo
+
+    model, processor = tiny_flamingo(num_image_references=4)
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    random_image(0).save(tmp_path / "0.png")
+    first, _ = model.references
+    enc = lambda text: processor.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    answer = [first, *enc(" is red\n"), first + 2, *enc(" and"), first + 1, *enc("\n"), first + 3]
+
+    class Forced(LogitsProcessor):  # the model writes `answer` (random weights would rarely pick a reference)
+        def __init__(self, prompt_len: int) -> None:
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - self.prompt_len
+            if step < len(answer):
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, answer[step]] = 0.0
+            return scores
+
+    generate = Flamingo.generate
+    generated = []
+
+    def forced(self, input_ids, *args, **kwargs):
+        out = generate(self, input_ids, *args, logits_processor=LogitsProcessorList([Forced(input_ids.shape[1])]),
+                       **kwargs)
+        generated.append(out[0, input_ids.shape[1]:])
+        return out
+
+    monkeypatch.setattr(Flamingo, "generate", forced)
+    _, loaded_processor = load_pretrained(str(tmp_path / "model"))
+    base = ["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "0.png"),
+            "--max-new-tokens", str(len(answer))]
+    assert main(base + ["--prompt", "<image>Question: what? Answer:"]) == 0
+    assert generated[-1].tolist() == answer
+    text = loaded_processor.decode(generated[-1])
+    assert text == "<image0> is red\n<image2> and<image1>\n<image3>"
+    assert capsys.readouterr().out == text + "\n"
+    assert main(base + ["--chat", "--prompt", "What is it?"]) == 0
+    assert generated[-1].tolist() == answer
+    assert capsys.readouterr().out == text + "\n"
+
+
 def test_generate_command_on_a_processor_that_reads_declared_images(tmp_path, capsys):
     """A model saved with `image_references` on: `--chat` writes its media as the format's <image>s and answers as
     the API does for that prompt; a plain <image> prompt runs with `--no-image-references` and, without it, is refused

@@ -98,19 +98,26 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
     return rewound
 
 
-def open_container(av: Any, source: Union[str, BinaryIO], name: str) -> "av.container.InputContainer":
+def open_container(av: Any, source: Union[str, BinaryIO], name: str,
+                   max_pixels: Optional[int] = None) -> "av.container.InputContainer":
     """`av.open(source)` for reading, limited to the demuxers of `VIDEO_CONTAINERS` and to reading `source` alone.
 
     FFmpeg picks a demuxer by what the bytes hold, and some open what the file names: concat reads other files
     (relative to the working directory), SDP binds UDP ports and waits for them, HLS fetches URLs. A path opens by the
     `file` protocol only, a file object with no protocol at all ("none" names none). Another container raises an
     `UnlistedContainer` naming the ones read, before its demuxer reads its header.
+    Opening decodes a stream's first frames (FFmpeg's `avformat_find_stream_info`): `max_pixels` is the decoders' own
+    cap on their size, so a larger frame is not decoded there (a 16000x16000 H.264 frame: 500 MiB). Such a stream
+    opens with its size unread (0x0; H.264's and VP8's keep their header's).
     """
     options = {"format_whitelist": ",".join(VIDEO_CONTAINERS),
                "protocol_whitelist": "file" if isinstance(source, str) else "none"}
+    # PyAV gives `options` to the decoders of the streams a container's header declares; FLV and MPEG-PS declare
+    # theirs while being probed, and their decoders get none
+    decoders = {"max_pixels": str(max_pixels)} if max_pixels is not None else {}
     einval = getattr(av.error, "ArgumentError", None) or av.error.ValueError  # PyAV 18's name, 15's
     try:
-        return av.open(source, container_options=options)
+        return av.open(source, options=decoders, container_options=options)
     except einval:  # EINVAL: the probed demuxer, or a protocol it asked for, is not listed
         raise UnlistedContainer(f"cannot decode video {name}: not in a container read here "
                                 f"({VIDEO_CONTAINER_NAMES})") from None
@@ -345,7 +352,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
         max_seconds: refuse a longer video (by its header's length from its first frame, else when decoding passes
             it): decoding time grows with the length even though memory does not (a server's bound).
         max_pixels: refuse a video with a frame of more pixels, by its header and by every decoded frame (a
-            server's bound: a stream whose header says 32x32 may switch to 16k x 16k frames).
+            server's bound: a stream whose header says 32x32 may switch to 16k x 16k frames); the frames opening
+            it decodes are capped by it too (`open_container`).
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
@@ -381,7 +389,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
             max_pixels: Optional[int]) -> list[Image.Image]:
     """`decode_video`'s work (its docstring), raising PyAV's errors as they come."""
     source = _opener(path)
-    with open_container(av, source(), name) as container:
+    with open_container(av, source(), name, max_pixels) as container:
         if not container.streams.video:
             raise ValueError(f"no video stream in {name}")
         stream = container.streams.video[0]
@@ -389,7 +397,11 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
             raise ValueError(f"cannot decode video {name}: its video stream has no decoder (a file cut short, or a "
                              "codec this FFmpeg lacks)")
         # from the header, before any frame: a thin video would blow up in the image processor as an image
-        _check_frame_size(name, stream.codec_context.width, stream.codec_context.height, max_pixels)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if max_pixels is not None and not (width and height):  # the size `open_container`'s cap left unread
+            raise ValueError(f"video {name}: its frames are more than the {max_pixels} pixels allowed, or of a size "
+                             "it does not give")
+        _check_frame_size(name, width, height, max_pixels)
         expected = int(stream.frames or 0)
         seconds = _header_seconds(container, stream)
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
@@ -415,7 +427,7 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
     chosen = uniform_frame_indices(instants, max_frames)
     images = {i: images[i] for i in chosen if i in images}
     if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
-        with open_container(av, source(), name) as container:
+        with open_container(av, source(), name, max_pixels) as container:
             missing = set(chosen) - images.keys()
             images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
                               max_pixels=max_pixels, seconds=seconds, clock_jumps=jumps)[0]

@@ -382,7 +382,7 @@ def _check_video(data: bytes, max_pixels: int, name: str, not_an_image: bool = F
             raise neither from None
         raise
     try:
-        with open_container(av, io.BytesIO(data), "<in-memory video>") as container:
+        with open_container(av, io.BytesIO(data), "<in-memory video>", max_pixels) as container:
             if not container.streams.video:
                 raise APIError(400, f"{name}: no video stream")
             stream = container.streams.video[0]
@@ -398,3 +398,6 @@ def _check_video(data: bytes, max_pixels: int, name: str, not_an_image: bool = F
         raise APIError(400, f"{name}: not a video this server can decode ({type(e).__name__}: {_plain(e)})") from None
     if width * height > max_pixels:
         raise APIError(400, f"{name}: {width}x{height} frames are more than the server's {max_pixels} pixels")
+    if not (width and height):  # the size `open_container`'s cap left unread
+        raise APIError(400, f"{name}: its frames are more than the server's {max_pixels} pixels, or of a size it "
+                            "does not give")

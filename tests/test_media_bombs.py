@@ -1,0 +1,82 @@
+"""Small files of huge frames are refused by their size before the frames are decoded: a video's first frames, which
+FFmpeg decodes on opening it, under the reader's pixel cap."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flamingo.video import decode_video
+
+av = pytest.importorskip("av")
+
+
+def _video(width: int, height: int, codec: str = "mpeg4", fmt: str = "mp4", frames: int = 1) -> bytes:
+    """`frames` black frames of width x height at 1 frame per second."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "51"}
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+_PEAK = textwrap.dedent("""
+    import re, sys
+    import av
+    from flamingo.video import decode_video
+
+    def kib(field):
+        return int(re.search(field + r":\\s*(\\d+)", open("/proc/self/status").read()).group(1))
+
+    data = sys.stdin.buffer.read()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size (VmHWM) starts again from the current one
+    before = kib("VmRSS")
+    try:
+        decode_video(data, max_pixels=20_000_000)
+    except ValueError as e:
+        print(e)
+    print((kib("VmHWM") - before) // 1024)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak resident size is reset by /proc")
+def test_a_video_of_frames_over_the_cap_is_refused_without_decoding_one():
+    """A 200 KB MP4 of one 8192x8192 H.264 frame: opening it decoded the frame (+170 MiB; 16000x16000: +600 MiB)
+    before its size was checked. The decoders opening it are capped: it is refused by its size, at little cost."""
+    data = _video(8192, 8192, "libx264")
+    run = subprocess.run([sys.executable, "-c", _PEAK], input=data, capture_output=True, timeout=120, check=True)
+    message, grown = run.stdout.decode().splitlines()
+    assert "8192x8192 frames are more than the 20000000 pixels allowed" in message
+    assert int(grown) < 64, f"{grown} MiB to refuse it"
+
+
+def test_a_frame_size_the_capped_decoder_leaves_unread_is_refused_and_one_at_the_cap_decodes():
+    """Most decoders (MPEG-4 part 2 here) leave a size over the cap unread (0x0): the video is refused so, by the
+    server too; one whose frames are exactly the cap decodes."""
+    pytest.importorskip("fastapi")  # the server's extra
+    from flamingo.serve.media import MediaPolicy, load_medium
+    from flamingo.serve.protocol import APIError
+
+    data = _video(64, 64, frames=2)
+    with pytest.raises(ValueError, match="frames are more than the 4095 pixels allowed"):
+        decode_video(data, max_pixels=4095)
+    url = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    with pytest.raises(APIError, match="frames are more than the server's 4095 pixels") as refused:
+        load_medium(url, MediaPolicy(max_pixels=4095), video=True)
+    assert refused.value.status == 400
+    assert [f.size for f in decode_video(data, max_pixels=4096)] == [(64, 64)] * 2
+    assert len(load_medium(url, MediaPolicy(max_pixels=4096), video=True)) == 2

@@ -1124,3 +1124,111 @@ def test_page_contrast_tabs_focus_ring_headings_help_and_names(tmp_path, one_thr
             assert "tokens/s" in browser.find_element(By.ID, "fewshot-stats").text
     finally:
         browser.quit()
+
+
+BUSY_WHILE_ADDED = """
+// each change under the chat's live region, with whether it was aria-busy then: the answer's pieces come in busy
+window.busyLog = [];
+new MutationObserver((changes) => {
+  for (const c of changes) {
+    if (c.type === "childList" && c.target.closest(".msg.assistant .text")) {
+      window.busyLog.push(document.getElementById("messages").getAttribute("aria-busy"));
+    }
+  }
+}).observe(document.getElementById("messages"), {childList: true, subtree: true});
+"""
+
+
+def test_page_token_alternatives_by_keyboard_and_the_answer_busy_while_it_streams(tmp_path, one_thread):
+    """With token probabilities on, an answer's tokens are one Tab stop: the focused token shows its alternatives (its
+    title, shown on hover only) in a tooltip that is its description, the arrow keys, Home and End move between the
+    answer's tokens, Tab leaves the answer and Shift+Tab comes back to the token last visited, Escape hides the
+    tooltip; the chat's live region is aria-busy while an answer streams (a screen reader says it whole), and the
+    few-shot answer's too."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = engine_for(save_tiny_model(tmp_path / "model"), max_batch=2, prefill_chunk=32)
+    browser = _browser()
+
+    def focused() -> list:
+        return browser.execute_script(
+            "const a = document.activeElement, tokens = Array.from(document.querySelectorAll('.msg .tok'));"
+            "return [a.id, tokens.indexOf(a)]")
+
+    def press(*keys) -> None:
+        ActionChains(browser).send_keys(*keys).perform()
+
+    tip = "return document.getElementById('token-tip')"
+    try:
+        with running_server(engine, ServeSettings(model_name="tiny-flamingo")) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "model-name").text == "tiny-flamingo")
+            browser.execute_cdp_cmd("Accessibility.enable", {})
+            browser.execute_script("document.getElementById('max-tokens').value = '6'")
+            browser.find_element(By.ID, "show-probs").click()
+            browser.execute_script(BUSY_WHILE_ADDED)
+            browser.find_element(By.ID, "chat-input").send_keys("hi" + Keys.ENTER)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+            log = browser.execute_script("return window.busyLog")
+            assert log and set(log) == {"true"}, log  # every piece added while busy
+            assert browser.find_element(By.ID, "messages").get_attribute("aria-busy") is None
+            titles = browser.execute_script("return Array.from(document.querySelectorAll('.msg .tok'), (t) => t.title)")
+            assert len(titles) >= 3, titles
+            assert not browser.find_element(By.ID, "token-tip").is_displayed()
+
+            # Tab from the selected tab reaches the answer's first token, whose alternatives show and describe it
+            browser.execute_script("document.getElementById('tab-chat').focus()")
+            press(Keys.TAB)
+            assert focused() == ["", 0]
+            assert browser.find_element(By.ID, "token-tip").is_displayed()
+            assert browser.execute_script(tip + ".textContent") == titles[0] and "%" in titles[0]
+            assert browser.execute_script("return document.activeElement.matches(':focus-visible')")
+            browser.execute_script("document.activeElement.id = 'token-now'")
+            assert _ax(browser, "token-now")["description"].replace("\n", " ") == " ".join(titles[0].split("\n"))
+            browser.execute_script("document.activeElement.removeAttribute('id')")
+            assert browser.execute_script(LOW_CONTRAST) == []
+            # the arrow keys, End and Home move within the answer, the tooltip following
+            press(Keys.ARROW_RIGHT)
+            assert focused() == ["", 1] and browser.execute_script(tip + ".textContent") == titles[1]
+            press(Keys.END)
+            assert focused() == ["", len(titles) - 1]
+            press(Keys.ARROW_RIGHT)  # no further than the last
+            assert focused() == ["", len(titles) - 1]
+            press(Keys.HOME)
+            press(Keys.ARROW_DOWN)
+            press(Keys.ARROW_DOWN)
+            press(Keys.ARROW_LEFT)
+            assert focused() == ["", 1]
+            assert browser.execute_script("return document.querySelectorAll('.msg .tok[tabindex=\"0\"]').length") \
+                == 1  # one Tab stop an answer
+            # Escape hides the tooltip (nothing streams to stop); Tab leaves the answer, Shift+Tab comes back
+            press(Keys.ESCAPE)
+            assert not browser.find_element(By.ID, "token-tip").is_displayed()
+            press(Keys.TAB)
+            assert focused() == ["chat-input", -1] and not browser.find_element(By.ID, "token-tip").is_displayed()
+            ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+            assert focused() == ["", 1] and browser.find_element(By.ID, "token-tip").is_displayed()
+
+            # the few-shot answer: busy while it streams, its tokens reached the same way
+            browser.find_element(By.ID, "tab-fewshot").click()
+            browser.execute_script(
+                "window.outputBusy = []; const out = document.getElementById('fewshot-output');"
+                "new MutationObserver(() => window.outputBusy.push(out.getAttribute('aria-busy')))"
+                ".observe(out, {childList: true});")
+            browser.find_element(By.ID, "run-fewshot").click()
+            wait.until(lambda b: b.find_element(By.ID, "fewshot-output").get_attribute("data-done") == "true")
+            assert set(browser.execute_script("return window.outputBusy")) == {"true"}
+            assert browser.find_element(By.ID, "fewshot-output").get_attribute("aria-busy") is None
+            browser.execute_script("document.querySelector('#fewshot-output .tok').focus()")
+            press(Keys.ARROW_RIGHT)
+            assert browser.execute_script(
+                "return Array.from(document.querySelectorAll('#fewshot-output .tok')).indexOf(document.activeElement)"
+            ) == 1
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "serve-page-token-keyboard.png"))
+    finally:
+        browser.quit()

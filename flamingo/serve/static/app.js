@@ -1,6 +1,7 @@
 // The page of `flamingo serve`: a chat with images and videos, and a few-shot builder. Both send the OpenAI chat
 // API (streamed server-sent events) and show each answer's time to first token and tokens per second; with "token
-// probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover.
+// probabilities" on, each token of the answer is shaded by its probability and shows its alternatives on hover, and
+// on the keyboard's focus: an answer's tokens are one Tab stop, the arrow keys move between them.
 // The chat shows what the server was sent: a turn that fails goes back into the composer (text and attachments),
 // and New chat aborts the turn on its way, of which nothing reaches the new chat. Stop (or Escape) ends an answer
 // where it is: the server stops generating it, and the page keeps what came, marked as stopped.
@@ -290,7 +291,8 @@ function tokenLabel(t) {
 }
 
 // Append a piece of an answer to `out`: plain text, or (with the logprobs entries of its tokens) a span shaded by
-// their joint probability, whose title lists the likeliest alternatives of its token, or each of its tokens.
+// their joint probability, whose title lists the likeliest alternatives of its token, or each of its tokens. The
+// answer's first span is its Tab stop (`tokenKeys` moves it).
 function appendPiece(out, text, entries) {
   if (!entries || !entries.length) { out.append(text); return; }
   const logprob = entries.reduce((sum, entry) => sum + entry.logprob, 0);
@@ -301,6 +303,7 @@ function appendPiece(out, text, entries) {
   span.dataset.logprob = logprob;
   span.dataset.tokens = entries.length;
   span.style.background = `rgba(217, 72, 15, ${(0.6 * (1 - p)).toFixed(3)})`;
+  span.tabIndex = $(".tok", out) ? -1 : 0;
   const percent = (lp) => `${(100 * Math.exp(lp)).toFixed(1)}%`;
   const alternatives = (entry) => entry.top_logprobs.map((t) => `${tokenLabel(t)} ${percent(t.logprob)}`);
   if (entries.length === 1) {
@@ -312,6 +315,44 @@ function appendPiece(out, text, entries) {
   }
   out.append(span);
 }
+
+// A token's alternatives for the keyboard (its title shows on hover only): the focused token's title shows in a
+// tooltip under it, which is its description while it has the focus; Escape hides it.
+const tokenTip = $("#token-tip");
+function showTip(span) {
+  tokenTip.textContent = span.title;
+  tokenTip.hidden = false;
+  const box = span.getBoundingClientRect();
+  const left = Math.max(0, Math.min(box.left, document.documentElement.clientWidth - tokenTip.offsetWidth));
+  tokenTip.style.left = `${scrollX + left}px`;
+  tokenTip.style.top = `${scrollY + box.bottom + 4}px`;
+  span.setAttribute("aria-describedby", tokenTip.id);
+}
+function hideTip(span) {
+  tokenTip.hidden = true;
+  span.removeAttribute("aria-describedby");
+}
+const isToken = (el) => el instanceof Element && el.classList.contains("tok");
+document.addEventListener("focusin", (e) => { if (isToken(e.target)) showTip(e.target); });
+document.addEventListener("focusout", (e) => { if (isToken(e.target)) hideTip(e.target); });
+// In an answer, the arrow keys move the focus to the next or previous token (in the answer's direction: right is
+// back in Hebrew), Home and End to its first and last; the token reached is the answer's Tab stop from then on.
+function tokenKeys(e) {
+  const span = e.target;
+  if (e.key === "Escape" && !tokenTip.hidden) { e.preventDefault(); hideTip(span); return; }
+  const tokens = Array.from(span.parentElement.querySelectorAll(".tok"));
+  const i = tokens.indexOf(span);
+  const right = getComputedStyle(span.parentElement).direction === "rtl" ? -1 : 1;  // the next token's side
+  const to = { ArrowRight: i + right, ArrowLeft: i - right, ArrowDown: i + 1, ArrowUp: i - 1, Home: 0,
+               End: tokens.length - 1 }[e.key];
+  if (to === undefined || e.altKey || e.ctrlKey || e.metaKey) return;
+  e.preventDefault();
+  const next = tokens[Math.max(0, Math.min(to, tokens.length - 1))];
+  span.tabIndex = -1;
+  next.tabIndex = 0;
+  next.focus();
+}
+document.addEventListener("keydown", (e) => { if (isToken(e.target)) tokenKeys(e); });
 
 function describe(stats) {
   const speed = stats.tokensPerSecond === null ? "–" : stats.tokensPerSecond.toFixed(1);
@@ -427,6 +468,7 @@ async function sendChat() {
   $("#chat-input").value = "";
   const reply = addMessage("assistant", [], "");
   reply.dataset.done = "false";
+  $("#messages").setAttribute("aria-busy", "true");  // a screen reader says the answer once it is whole
   following = true;
   follow();
   const out = $(".text", reply);
@@ -451,6 +493,7 @@ async function sendChat() {
     $(".stats", reply).textContent = describe(stats);
   }
   reply.dataset.done = "true";
+  $("#messages").removeAttribute("aria-busy");
   turn = null;
   showStop($("#chat-send"), $("#chat-stop"), false);
 }
@@ -471,6 +514,7 @@ $("#chat-clear").addEventListener("click", () => {
   turn = null;
   history.length = 0;
   $("#messages").replaceChildren();
+  $("#messages").removeAttribute("aria-busy");
   showStop($("#chat-send"), $("#chat-stop"), false);
 });
 // Stop: the answer stops where it is (the server stops generating it) and stays, marked as stopped.
@@ -540,6 +584,7 @@ async function runFewShot() {
   if (fewShotRun) return;  // Enter while a run is on its way
   const out = $("#fewshot-output");
   out.dataset.done = "false";
+  out.setAttribute("aria-busy", "true");
   out.classList.remove("error", "stopped");
   out.textContent = "";
   $("#fewshot-stats").textContent = "";
@@ -556,6 +601,7 @@ async function runFewShot() {
     out.textContent = e.message;
   } finally {
     out.dataset.done = "true";
+    out.removeAttribute("aria-busy");
     fewShotRun = null;
     showStop($("#run-fewshot"), $("#stop-fewshot"), false);
   }
@@ -571,7 +617,7 @@ $("#stop-fewshot").addEventListener("click", () => { if (fewShotRun) fewShotRun.
 
 // Escape stops the answer streaming in the tab on screen (not an input method's composition being cancelled).
 document.addEventListener("keydown", (e) => {
-  if (e.key !== "Escape" || e.isComposing) return;
+  if (e.key !== "Escape" || e.isComposing || e.defaultPrevented) return;  // (a token's tooltip hidden)
   const running = $("#chat").classList.contains("active") ? turn : fewShotRun;
   if (running) { e.preventDefault(); running.abort(); }
 });

@@ -1,5 +1,6 @@
 """Small files of huge frames are refused by their size before the frames are decoded: a video's first frames, which
-FFmpeg decodes on opening it, under the reader's pixel cap."""
+FFmpeg decodes on opening it, under the reader's pixel cap; an animation's many frames on a large canvas (GIF, APNG,
+animated WebP) by its frame count."""
 
 from __future__ import annotations
 
@@ -80,3 +81,33 @@ def test_a_frame_size_the_capped_decoder_leaves_unread_is_refused_and_one_at_the
     assert refused.value.status == 400
     assert [f.size for f in decode_video(data, max_pixels=4096)] == [(64, 64)] * 2
     assert len(load_medium(url, MediaPolicy(max_pixels=4096), video=True)) == 2
+
+
+def _animation(fmt: str, count: int, size: int = 100) -> bytes:
+    """`count` frames of size x size shown 20 ms each, alternately black and white."""
+    frames = [Image.new("RGB", (size, size), (k % 2 * 255,) * 3) for k in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=20, loop=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_an_apng_or_webp_of_more_frames_than_the_pixel_budget_is_refused_before_a_frame_is_decoded(fmt, monkeypatch):
+    """As a GIF's, an APNG's and an animated WebP's frames are decoded whole (the canvas) to read their delays: frames
+    x canvas is bounded (`ANIMATION_PIXELS` images of the reader's cap) by the frame count their header gives."""
+    from PIL import ImageFile, WebPImagePlugin
+
+    from flamingo.processing import ANIMATION_PIXELS, image_frames
+    from flamingo.video import TooLong
+
+    cap = 100 * 100
+    with Image.open(io.BytesIO(_animation(fmt, ANIMATION_PIXELS))) as im:
+        assert len(image_frames(im, max_pixels=cap)) == 2  # 64 frames of 20 ms: 1.28 s
+    decoded = []
+    for reader in (ImageFile.ImageFile, WebPImagePlugin.WebPImageFile):
+        monkeypatch.setattr(reader, "load", lambda self, load=reader.load: decoded.append(self.tell()) or load(self))
+    with Image.open(io.BytesIO(_animation(fmt, ANIMATION_PIXELS + 1))) as im:
+        assert im.format == fmt and im.n_frames == ANIMATION_PIXELS + 1
+        with pytest.raises(TooLong, match=f"of {ANIMATION_PIXELS + 1} frames of 100x100 is more than"):
+            image_frames(im, max_pixels=cap)
+    assert decoded == []

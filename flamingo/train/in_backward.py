@@ -16,6 +16,12 @@ before the norm over all of them exists; the norm is still summed as the hooks r
 parameter's hook has already stepped on the local one). FSDP2 runs these hooks itself, after its reduce-scatter, on
 each rank's shard of the reduced gradient: that works.
 
+A parameter whose gradient is not finite (an inf or NaN, or an element whose square overflows float32, which would
+make Adam's second moment inf) is not stepped: its gradient is dropped, as GradScaler skips a step, and the step's
+summed squares, hence its logged norm, are not finite either, which is how the trainer can tell. The others step:
+they may have stepped already when the bad gradient arrives. The fused AdamW skips it on the device (its `found_inf`
+for that one call, no host sync); any other optimizer after one host sync per parameter.
+
 A step is not atomic: a backward that raises (an error in a hook, a second Ctrl-C) leaves some parameters stepped
 and the others not. Replaying the step would step those twice, and no copy of the weights from before the step is
 kept (it would cost the memory the option saves), so the trainer refuses to go on or save from there: the last
@@ -33,17 +39,23 @@ from torch import nn
 
 class BackwardSteps:
     """Hooks that step `optimizer` on each of `params` inside backward. Per training step: `begin(skip)` before the
-    backward (skip=True drops the gradients without stepping: a non-finite loss), `grad_norm()` after it."""
+    backward (skip=True drops the gradients without stepping: a non-finite loss; the fused AdamW's skip is its
+    `found_inf`, set before `begin`), `grad_norm()` after it. A parameter whose gradient is not finite is not
+    stepped (module docstring)."""
 
     def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        # the fused Adam(W) skips a step on the device when its `found_inf` is 1 (GradScaler's protocol)
+        self.on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.skip: bool = False
+        self.found_inf: Optional[torch.Tensor] = None  # () float, the step's own (a non-finite loss), fused only
         self.squares: Optional[torch.Tensor] = None  # () fp32 sum of this step's squared gradients (this rank's)
         self.stepped = 0  # parameters this step has stepped so far: a backward that raises leaves a half step
         self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
 
     def begin(self, skip: bool = False) -> None:
         self.skip, self.squares, self.stepped = skip, None, 0
+        self.found_inf = getattr(self.optimizer, "found_inf", None) if self.on_device else None
 
     def _step(self, p: torch.Tensor) -> None:
         grad = p.grad
@@ -52,8 +64,16 @@ class BackwardSteps:
         square = local.detach().float().square().sum()
         self.squares = square if self.squares is None else self.squares + square
         if not self.skip:
-            self.optimizer.step()  # steps p alone: no other parameter holds a gradient now
-            self.stepped += 1
+            bad = ~torch.isfinite(square)  # () an inf / NaN, or a square past float32's range
+            if self.on_device:  # skipped inside the kernel for this call: no host sync
+                self.optimizer.found_inf = bad.float() if self.found_inf is None else \
+                    torch.maximum(self.found_inf, bad.float())
+                self.optimizer.step()  # steps p alone: no other parameter holds a gradient now
+                self.optimizer.found_inf = self.found_inf
+                self.stepped += 1
+            elif not bool(bad):  # one host sync per parameter
+                self.optimizer.step()
+                self.stepped += 1
         p.grad = None
 
     def grad_norm(self, sharded: bool = False) -> torch.Tensor:

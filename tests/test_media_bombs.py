@@ -1,6 +1,7 @@
 """Small files of huge frames are refused by their size before the frames are decoded: a video's first frames, which
 FFmpeg decodes on opening it, under the reader's pixel cap; an animation's many frames on a large canvas (GIF, APNG,
-animated WebP) by its frame count."""
+animated WebP) by its frame count; in training data, under the loaders' cap (`sources.max_pixels`), a record
+whose medium is over it skipped and counted."""
 
 from __future__ import annotations
 
@@ -111,3 +112,47 @@ def test_an_apng_or_webp_of_more_frames_than_the_pixel_budget_is_refused_before_
         with pytest.raises(TooLong, match=f"of {ANIMATION_PIXELS + 1} frames of 100x100 is more than"):
             image_frames(im, max_pixels=cap)
     assert decoded == []
+
+
+def test_training_media_over_the_loaders_cap_are_skipped_and_counted_before_they_are_decoded(tmp_path, monkeypatch):
+    """The loaders read images and videos under `sources.max_pixels` (Pillow's `MAX_IMAGE_PIXELS`), as the server
+    under its `--max-image-pixels`: an image over it (Pillow only warns below twice it), a video's frames over it
+    and an animation of more frames x canvas than `ANIMATION_PIXELS` such images are `bad_image` / `bad_video`,
+    and no image is decoded for it; media at the cap are read."""
+    from PIL import ImageFile
+
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.fixtures import write_jsonl
+    from flamingo.data.inspect import inspect_dataset
+    from flamingo.data.sources import decode_frames, file_ref
+    from flamingo.processing import ANIMATION_PIXELS
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    for name, size in (("at_cap.png", 64), ("over_cap.png", 80)):
+        Image.new("RGB", (size, size), "red").save(tmp_path / name)
+    (tmp_path / "frames.gif").write_bytes(_animation("GIF", 3, 64))
+    (tmp_path / "many_frames.gif").write_bytes(_animation("GIF", ANIMATION_PIXELS + 1, 64))
+    (tmp_path / "at_cap.mp4").write_bytes(_video(64, 64))
+    (tmp_path / "over_cap.mp4").write_bytes(_video(80, 80))
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, load=ImageFile.ImageFile.load:
+                        decoded.append(self.tell()) or load(self))
+    for name, detail in (("over_cap.png", "80x80 is more than the 4096 pixels allowed"),
+                         ("many_frames.gif", f"an animation of {ANIMATION_PIXELS + 1} frames of 64x64 is more than")):
+        with pytest.raises(SkipSample, match=detail) as skipped:
+            decode_frames((tmp_path / name).read_bytes(), name)
+        assert skipped.value.reason == "bad_image"
+    assert decoded == []
+    with pytest.raises(SkipSample, match="frames are more than the 4096 pixels allowed") as skipped:
+        file_ref(str(tmp_path / "over_cap.mp4"), video=True).load()
+    assert skipped.value.reason == "bad_video"
+
+    pairs = write_jsonl(str(tmp_path / "pairs.jsonl"), [{"image": name, "caption": "a square"} for name in (
+        "at_cap.png", "over_cap.png", "frames.gif", "many_frames.gif")])
+    report = inspect_dataset(pairs, "pairs")
+    assert (report.samples, report.skipped) == (2, {"bad_image": 2})
+    videos = write_jsonl(str(tmp_path / "videos.jsonl"), [{"video": name, "caption": "a square"} for name in (
+        "at_cap.mp4", "over_cap.mp4")])
+    report = inspect_dataset(videos, "video")
+    assert (report.samples, report.frames, report.skipped) == (1, 1, {"bad_video": 1})

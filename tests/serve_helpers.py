@@ -63,16 +63,18 @@ def engine_for(model_dir: Path, **kwargs) -> Engine:
 
 @contextlib.contextmanager
 def running_server(engine: Engine, settings: ServeSettings, timeout: float = 30.0,
-                   start_engine: bool = True, root_path: str = "", **options: Any) -> Iterator[str]:
+                   start_engine: bool = True, root_path: str = "", log_level: str = "warning",
+                   **options: Any) -> Iterator[str]:
     """Serve `create_app(engine, settings)` on 127.0.0.1:<free port>, with `flamingo serve`'s uvicorn settings
-    (options: `uvicorn_config`'s keep_alive, max_connections); yields the base URL. start_engine=False: requests
-    queue up and nothing runs them (until the server stops and fails them)."""
+    (options: `uvicorn_config`'s keep_alive, max_connections; log_level "info" writes uvicorn's access lines);
+    yields the base URL. start_engine=False: requests queue up and nothing runs them (until the server stops and
+    fails them)."""
     import uvicorn
 
     if start_engine:
         engine.start()
     port = free_port()
-    config = uvicorn_config(engine, settings, host="127.0.0.1", port=port, grace=0.0, log_level="warning",
+    config = uvicorn_config(engine, settings, host="127.0.0.1", port=port, grace=0.0, log_level=log_level,
                             root_path=root_path, **options)
     config.timeout_graceful_shutdown = 5  # a test's queued requests (start_engine=False) hold the stop this long
     server = uvicorn.Server(config)

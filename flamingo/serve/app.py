@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -37,7 +37,14 @@ from .batches import mount_batch_api
 from .engine import Engine, Event, Job, NotAccepting, QueueFull
 from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
-from .middleware import BrowserGuard, CountRequests, RelativeRedirects
+from .middleware import (
+    REQUEST_ID,
+    BrowserGuard,
+    CountRequests,
+    RelativeRedirects,
+    RequestIds,
+    current_request_id,
+)
 from .openai_responses import ResponseWriter, status_of, stream_response
 from .protocol import (
     APIError,
@@ -135,14 +142,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
-                            status_code=500)
-
     app.add_middleware(RelativeRedirects)
     app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # refuses before any work
-    app.add_middleware(CountRequests, metrics=metrics)  # the outermost (the last added): counts the refusals too
+    app.add_middleware(CountRequests, metrics=metrics)  # outside the guard: counts its refusals too
+    # the outermost (the last added): its id on every response; answers (and logs) an exception from within
+    app.add_middleware(RequestIds)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -263,8 +267,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
                    strip_leading_whitespace=chat, grammar=grammar)
 
-    def submit(jobs: list[Job]) -> asyncio.Queue:
-        """Queue the jobs on the engine; their events arrive on the returned queue, tagged with the job's index."""
+    def submit(request: Request, jobs: list[Job]) -> asyncio.Queue:
+        """Queue the request's jobs on the engine; their events arrive on the returned queue, tagged with the job's
+        index."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -277,7 +282,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             return emit
 
         for k, job in enumerate(jobs):
-            job.emit = emitter(k, job)
+            job.emit, job.request_id = emitter(k, job), request.scope[REQUEST_ID]
         try:
             engine.submit_all(jobs)
         except QueueFull as e:
@@ -287,16 +292,21 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         return events
 
+    def stream_failed(endpoint: str) -> Callable[[], None]:
+        """Counts a stream that ends with an error event: its 200 went out with its first chunk."""
+        return lambda: metrics.inc("stream_errors_total", labels={"endpoint": endpoint})
+
     async def run(request: Request, jobs: list[Job], chat: bool, stream_it: bool, include_usage: bool,
                   echoes: Optional[list[str]] = None) -> Response:
-        events = submit(jobs)
+        events = submit(request, jobs)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + jobs[0].id, "created": int(time.time()),
                 "model": settings.model_name}
         answers = [Answer(strings, job, chat, echoes[k] if echoes else None, k * job.params.n)
                    for k, job in enumerate(jobs)]
         if stream_it:
-            return StreamingResponse(stream(events, answers, head, kind, chat, include_usage),
+            failed = stream_failed("/v1/chat/completions" if chat else "/v1/completions")
+            return StreamingResponse(stream(events, answers, head, kind, chat, include_usage, failed),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
         result = await whole(events, answers, chat, request.is_disconnected)
         if result is None:
@@ -328,10 +338,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except APIError as e:
             as_responses_error(e, req)
             raise
-        events, writer = submit([job]), ResponseWriter(req, settings.model_name, job)
+        events, writer = submit(request, [job]), ResponseWriter(req, settings.model_name, job)
         if req.stream:
-            return StreamingResponse(stream_response(events, job, writer), media_type="text/event-stream",
-                                     headers=STREAM_HEADERS)
+            return StreamingResponse(stream_response(events, job, writer, stream_failed("/v1/responses")),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
         result = await whole(events, [Answer(strings, job, True, None, 0)], True, request.is_disconnected)
         if result is None:
             return Response(status_code=499)
@@ -371,10 +381,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         for prompt, job in zip(prompts, jobs):
             if isinstance(prompt, str) and not prompt.startswith(bos) and job.prompt_ids[:1].tolist() == [bos_id]:
                 bos_told[0] = True
-                log.warning("an echo request with logprobs sent its prompt as text, and the tokenizer put its BOS "
-                            "%s before it: the log-probabilities list BOS first, so a client that counts the text's "
-                            "tokens without it (lm-evaluation-harness with tokenized_requests=False) reads each one "
-                            "token late; send token ids (lm-eval's default). Said once.", bos)
+                log.warning("request %s: an echo request with logprobs sent its prompt as text, and the tokenizer put "
+                            "its BOS %s before it: the log-probabilities list BOS first, so a client that counts the "
+                            "text's tokens without it (lm-evaluation-harness with tokenized_requests=False) reads "
+                            "each one token late; send token ids (lm-eval's default). Said once.",
+                            current_request_id.get(), bos)
                 return
 
     # the media a prompt may hold: the server's limit, and on a model with image references its reference tokens

@@ -111,19 +111,15 @@ def read_lines(path: str) -> list[str]:
 
 def app_client(app: Any, api_key: Optional[str]) -> httpx.AsyncClient:
     """A client that calls `app` in this process (no socket), with the server's key when it has one. An exception
-    in the app is logged and is its line's 500 (the body the app's handler sent), as a socket client would see it:
-    the app's catch-all handler re-raises after answering, which the transport would raise into the whole batch."""
+    in the app is its line's 500, logged with the line's request id (middleware.RequestIds), as a socket client's
+    would be."""
 
-    async def logged(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await app({**scope, BATCH_LINE: True}, receive, send)  # not counted as a client's request
-        except Exception:  # the server's log shows it (uvicorn logs an interactive request's)
-            log.exception("a batch line's request failed")
-            raise
+    async def line(scope: Any, receive: Any, send: Any) -> None:
+        await app({**scope, BATCH_LINE: True}, receive, send)  # not counted as a client's request
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=logged, raise_app_exceptions=False),
-                             base_url="http://localhost", headers=headers, timeout=None)  # a Host any server answers
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=line), base_url="http://localhost", headers=headers,
+                             timeout=None)  # a Host any server answers
 
 
 async def _answer(client: httpx.AsyncClient, request: dict[str, Any],

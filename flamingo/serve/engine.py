@@ -126,6 +126,7 @@ class Job:
     strip_leading_whitespace: bool = False
     grammar: Optional[Any] = None  # a response format's compiled grammar (serve/structured.py): each choice obeys it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    request_id: Optional[str] = None  # its HTTP request's X-Request-Id: the log lines about the job name it
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
@@ -315,7 +316,7 @@ class Engine:
             try:
                 self._turn()
             except Exception as e:  # a bug or an accelerator error: fail what is running, keep serving
-                log.exception("engine step failed")
+                log.exception("engine step failed (requests %s fail)", self._request_ids())
                 self._fail_all(f"internal error while generating: {type(e).__name__}: {e}")
         for _, done in calls:
             done.set_exception(NotAccepting("the server is shutting down"))
@@ -412,7 +413,8 @@ class Engine:
         try:
             rows = prefill_together(self.model, [prefill for _, prefill in group])
         except Exception:  # bad media the checks missed: one at a time, where only its own request fails
-            log.exception("shared prefill failed; prefilling its prompts one at a time")
+            log.exception("requests %s: shared prefill failed; prefilling its prompts one at a time",
+                          ", ".join(str(job.request_id) for job, _ in group))
             for pair in group:
                 if pair[1].ctx is not None:  # past the shared call: it cannot go on alone
                     self._prefills.remove(pair)
@@ -429,7 +431,7 @@ class Engine:
         try:
             row = prefill.step(tokens, media)
         except Exception as e:  # the request's own fault (bad media the checks missed): only it fails
-            log.exception("prefill failed")
+            log.exception("request %s: prefill failed", job.request_id)
             self._prefills.remove((job, prefill))
             job.emit(Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
             return
@@ -457,7 +459,7 @@ class Engine:
             try:
                 job.emit(Event("prompt", logprobs=row.prompt_logprobs))
             except Exception as e:  # its own sink: it fails alone
-                log.exception("a request's prompt could not be sent; it fails, the batch goes on")
+                log.exception("request %s: its prompt could not be sent; it fails, the batch goes on", job.request_id)
                 self._fail_job(job, e)
                 return
         penalised = bool(job.params.frequency_penalty or job.params.presence_penalty)
@@ -470,7 +472,7 @@ class Engine:
                 for choice in choices:
                     self._finish_choice(choice, "length")
             except Exception as e:  # its own sink: it fails alone
-                log.exception("a request's end could not be sent; it fails, the batch goes on")
+                log.exception("request %s: its end could not be sent; it fails, the batch goes on", job.request_id)
                 self._fail_job(job, e)
             return
         logits = row.logits[None].expand(len(choices), -1)  # (n, V)
@@ -522,11 +524,15 @@ class Engine:
 
     def _advance_row(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs]) -> bool:
         """`_advance`, where an error in one choice's own work (its text, grammar, stop strings, events) fails its
-        request alone, as a bad grammar does: the other rows of the batch go on (True: the row leaves)."""
+        request alone, as a bad grammar does: the other rows of the batch go on (True: the row leaves). A choice
+        of a request that failed in this step leaves at once (its error is logged and sent once, not per choice)."""
+        if choice.job.cancelled.is_set():
+            return True
         try:
             return self._advance(choice, token, now, logprobs)
         except Exception as e:
-            log.exception("a request's token could not be taken; it fails, the batch goes on")
+            log.exception("request %s: its token could not be taken; it fails, the batch goes on",
+                          choice.job.request_id)
             self._fail_job(choice.job, e)
             return True
 
@@ -537,7 +543,7 @@ class Engine:
         try:
             job.emit(Event("error", message=f"internal error while generating: {type(e).__name__}: {e}"))
         except Exception:  # its events cannot be sent: nobody is left to tell
-            log.exception("a failed request's error could not be sent")
+            log.exception("request %s: its error could not be sent", job.request_id)
 
     def _advance(self, choice: _Choice, token: int, now: float, logprobs: Optional[TokenLogprobs] = None) -> bool:
         """Take one new token of a choice; emit its text (with its log-probabilities, when asked for); True when the
@@ -609,6 +615,11 @@ class Engine:
             if self._rows[i].job.cancelled.is_set():
                 self._remove_row(i)
         self.metrics.set_gauge("running_rows", len(self._rows))
+
+    def _request_ids(self) -> str:
+        """The ids of the requests running or being prefilled, for a log line about them all."""
+        jobs = {id(c.job): c.job for c in self._rows} | {id(job): job for job, _ in self._prefills}
+        return ", ".join(str(job.request_id) for job in jobs.values()) or "none"
 
     def _fail_all(self, message: str, include_waiting: bool = False) -> None:
         jobs = {id(c.job): c.job for c in self._rows}

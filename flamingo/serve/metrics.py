@@ -1,8 +1,8 @@
 """The server's metrics in Prometheus' text format (`GET /metrics`), without a client library.
 
-Counters: requests by endpoint and status, prompt (and prefix-cached) and generated tokens. Gauges: requests waiting,
-rows decoding, prefix cache bytes, vision cache bytes. Counters of frames brought to the vision tower and of those it
-ran on.
+Counters: requests by endpoint and status, streams that failed after their status went out, prompt (and
+prefix-cached) and generated tokens. Gauges: requests waiting, rows decoding, prefix cache bytes, vision cache bytes.
+Counters of frames brought to the vision tower and of those it ran on.
 Histograms: rows per decode step, time to first token, time between a row's tokens. All names start `flamingo_`.
 """
 
@@ -15,6 +15,8 @@ from typing import Optional
 
 _HELP = {
     "requests_total": ("counter", "HTTP requests to the generation endpoints, by endpoint and status code"),
+    "stream_errors_total": ("counter", "streams that failed after their 200 went out (an error event, or cut), "
+                                       "by endpoint"),
     "prompt_tokens_total": ("counter", "prompt tokens prefilled"),
     "prompt_tokens_cached_total": ("counter", "prompt tokens whose prefill came from the prefix cache"),
     "generation_tokens_total": ("counter", "tokens generated"),

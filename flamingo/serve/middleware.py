@@ -3,18 +3,88 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+import uuid
+from contextvars import ContextVar
+from typing import Any, Optional
 
 from .protocol import APIError
 
+log = logging.getLogger(__name__)
 BATCH_LINE = "flamingo.batch_line"  # an ASGI scope key: the request is a Batch API line the server sends itself
+REQUEST_ID = "flamingo.request_id"  # an ASGI scope key: the request's id (`RequestIds`)
+MAX_REQUEST_ID = 128  # characters of a client's own X-Request-Id (OpenAI's ids: `req_` and 32 hex digits)
+# the id of the request being answered, for log lines written in its task (uvicorn's access line)
+current_request_id: ContextVar[Optional[str]] = ContextVar("flamingo_request_id", default=None)
+
+
+def request_id(header: Optional[str]) -> str:
+    """A request's id: the client's `X-Request-Id` when it is 1 to `MAX_REQUEST_ID` printable ASCII characters (it
+    goes into log lines, where a line break or a control character could forge one), else a new one in OpenAI's
+    form."""
+    if header and len(header) <= MAX_REQUEST_ID and header.isascii() and header.isprintable() \
+            and header == header.strip():
+        return header
+    return "req_" + uuid.uuid4().hex
+
+
+class RequestIds:
+    """ASGI middleware, the outermost: every response carries its request's `X-Request-Id` (`request_id`), and the
+    server's log lines about the request name it (the route's in `REQUEST_ID` of the scope, uvicorn's access line
+    through `current_request_id`). An exception that leaves the app is logged here, once, with the id, and answered
+    500 with an OpenAI-style body; after a response started (a stream), its connection is closed instead, the
+    stream cut (uvicorn logs that the response did not complete)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value.decode("latin-1") for name, value in scope.get("headers", ())
+                      if name.lower() == b"x-request-id"), None)
+        rid = scope[REQUEST_ID] = request_id(given)
+        started = False
+
+        async def tagged(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        token = current_request_id.set(rid)
+        try:
+            await self.app(scope, receive, tagged)
+        except Exception as e:
+            log.exception("request %s: internal error", rid)
+            if not started:
+                body = json.dumps(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
+                await tagged({"type": "http.response.start", "status": 500,
+                              "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(body)).encode())]})
+                await tagged({"type": "http.response.body", "body": body.encode()})
+        finally:
+            current_request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives a log record the id of the request being answered in its task (`request_id`, "-" outside one): uvicorn's
+    access lines name it (`server.uvicorn_config`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get() or "-"
+        return True
 
 
 class CountRequests:
     """ASGI middleware: counts the generation endpoints' responses to clients by status, refusals and errors
-    included: an exception that leaves the app is answered 500 by Starlette's error handler, outside every
-    middleware, so it is counted here as it passes. A Batch API line (`BATCH_LINE` in its scope: the batch runner
-    sends it through the app) is no client's request and is not counted."""
+    included: an exception that leaves the app is answered 500 by `RequestIds`, outside this middleware, so it is
+    counted here as it passes (one after the response started is a stream cut: `stream_errors_total`, as a stream
+    that ends with an error event is). A Batch API line (`BATCH_LINE` in its scope: the batch runner sends it
+    through the app) is no client's request and is not counted."""
 
     PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -40,7 +110,9 @@ class CountRequests:
         try:
             await self.app(scope, receive, counted)
         except Exception:
-            if not started:
+            if started:
+                self.metrics.inc("stream_errors_total", labels={"endpoint": path})
+            else:
                 self.metrics.inc("requests_total", labels={"endpoint": path, "status": "500"})
             raise
 

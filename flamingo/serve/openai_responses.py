@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from .engine import Job
 from .protocol import ResponsesRequest
@@ -60,8 +60,10 @@ class ResponseWriter:
                 "metadata": req.metadata or {}}
 
 
-async def stream_response(events: asyncio.Queue, job: Job, writer: ResponseWriter) -> AsyncIterator[str]:
-    """The job's events as the Responses API's stream; the job is cancelled when the client goes away."""
+async def stream_response(events: asyncio.Queue, job: Job, writer: ResponseWriter,
+                          failed: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
+    """The job's events as the Responses API's stream; the job is cancelled when the client goes away. failed:
+    called when the stream ends with an error event (its 200 went out with its first chunk)."""
     sequence = itertools.count()
     where = {"item_id": writer.message_id, "output_index": 0, "content_index": 0}
 
@@ -83,6 +85,7 @@ async def stream_response(events: asyncio.Queue, job: Job, writer: ResponseWrite
             elif e.kind == "finish":
                 reason = e.finish_reason
             elif e.kind == "error":
+                failed()
                 yield event("error", code="server_error", message=e.message, param=None)
                 yield event("response.failed", response=writer.body("failed", text, error=e.message))
                 return

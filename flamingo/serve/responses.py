@@ -113,8 +113,9 @@ async def whole(events: asyncio.Queue, answers: list[Answer], chat: bool,
 
 
 async def stream(events: asyncio.Queue, answers: list[Answer], head: dict[str, Any], kind: str, chat: bool,
-                 include_usage: bool) -> AsyncIterator[str]:
-    """The jobs' events as OpenAI stream chunks; the jobs are cancelled when the client goes away."""
+                 include_usage: bool, failed: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
+    """The jobs' events as OpenAI stream chunks; the jobs are cancelled when the client goes away. failed: called
+    when the stream ends with an error event (its 200 went out with its first chunk)."""
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -145,6 +146,7 @@ async def stream(events: asyncio.Queue, answers: list[Answer], head: dict[str, A
                 body = {"delta": {}} if chat else {"text": ""}
                 yield chunk([{"index": index, **body, "finish_reason": event.finish_reason, "logprobs": None}])
             elif event.kind == "error":
+                failed()
                 yield "data: " + json.dumps(APIError(500, event.message, type="server_error").body()) + "\n\n"
                 break
             elif event.kind == "done":

@@ -11,6 +11,7 @@ not end (an engine step that outlasts it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
 from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine, check_engine_options
 from .media import MediaPolicy
-from .middleware import LOOPBACK_NAMES, loopback_interface
+from .middleware import LOOPBACK_NAMES, RequestIdFilter, loopback_interface
 
 log = logging.getLogger(__name__)
 CLOSE_SECONDS = 10.0  # after the grace: for the engine's step in progress to end and the error events to be written
@@ -100,9 +101,21 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
     import uvicorn
 
     return uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
+                          log_config=log_config(),
                           timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
                           timeout_keep_alive=keep_alive,  # uvicorn counts the connection asking too
                           limit_concurrency=None if max_connections is None else max_connections + 1)
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, its access lines ending with the request's id (`X-Request-Id`, middleware.RequestIds)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["handlers"]["access"]["filters"] = ["request_id"]
+    config["formatters"]["access"]["fmt"] += " %(request_id)s"
+    return config
 
 
 def serve(engine: Engine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

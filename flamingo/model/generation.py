@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -275,7 +275,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     """Prompt ids (B, T) (left-padded for batches) + media -> (B·num_return_sequences, T + new) token ids.
 
     kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
-    repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...).
+    repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...). Sampling
+    with one beam divides the logits by the temperature as the server does (`tempered_logits`): a tiny temperature
+    tends to greedy, never to NaN probabilities.
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
     generation_config: a caller's config; the fields it sets override Flamingo's defaults (`generation_config_for`:
@@ -333,7 +335,14 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
                       "decode step, so these beams decode eagerly (the same tokens)", stacklevel=2)
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
-    rest["logits_processor"] = LogitsProcessorList([*(rest.get("logits_processor") or []), EnterDecode(ctx, model)])
+    processors = [*(rest.get("logits_processor") or []), EnterDecode(ctx, model)]
+    if config.do_sample and (config.num_beams or 1) == 1 and isinstance(config.temperature, (int, float)) and \
+            0 < config.temperature < float("inf") and config.temperature != 1:
+        # in place of transformers' warper, where it would run (the first of the sampling warpers, after the
+        # custom processors): the same distribution, but no NaN at a tiny temperature (`tempered_logits`)
+        processors.append(Temperature(float(config.temperature)))
+        config.temperature = 1.0
+    rest["logits_processor"] = LogitsProcessorList(processors)
     # On the KV cache whatever the LM's config says (MPT's: no cache, the whole sequence fed each step). transformers
     # 5 keeps every field set on the config; 4.x (from 4.50) replaces each field equal to GenerationConfig's default
     # with the model's (a chat LM's do_sample=True would undo greedy, its penalties the neutral ones) unless told
@@ -374,6 +383,28 @@ def _property_shapes_dynamic() -> Any:
 
 # transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)
 ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "assistant_tokenizer")
+
+
+def tempered_logits(logits: torch.Tensor, temperature: Union[float, torch.Tensor]) -> torch.Tensor:
+    """logits (..., V) / temperature (a float, or a tensor broadcast to (..., 1)), shifted first to a max of 0 per
+    row: the same softmax, and a tiny temperature sends every token but the likeliest (ties: each of them) to -inf,
+    never the likeliest to inf / inf = NaN, so sampling tends to greedy as the temperature tends to 0. The temperature
+    is kept at or above the smallest normal number of the logits' dtype (1e-300 is 0 in float32). The one rule of
+    `generate(do_sample=True)` and the server's sampler."""
+    tiny = torch.finfo(logits.dtype).tiny
+    temperature = temperature.clamp(min=tiny) if isinstance(temperature, torch.Tensor) else max(temperature, tiny)
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+
+
+class Temperature(LogitsProcessor):
+    """transformers' temperature warper by `tempered_logits`, for multinomial sampling (one beam): its scores (the
+    `output_scores` of such a call) are shifted by each row's max, which leaves the distribution as it was."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return tempered_logits(scores, self.temperature)
 
 
 class EnterDecode(LogitsProcessor):

@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..model.generation import tempered_logits
+
 # the likeliest tokens searched, in turn, for a row's top-p nucleus before sorting them all: a language model's is
 # nearly always among its first 256; a flatter row's (a high temperature) among a few thousand, which a top-k finds
 # in a quarter of a full sort's time at V = 32000
@@ -76,11 +78,10 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         rows = logits if len(sampled) == len(params) else logits.index_select(0, index)  # (S, V)
-        # a tiny temperature must not make NaN: the logits shifted to a max of 0 (the same distribution) over a
-        # temperature float32 keeps above 0 send all but the likeliest to -inf, never the likeliest to 0/0
-        temperature = torch.tensor([max(params[b].temperature, torch.finfo(logits.dtype).tiny) for b in sampled],
-                                   dtype=logits.dtype, device=logits.device)[:, None]  # (S, 1)
-        probs = ((rows - rows.max(dim=-1, keepdim=True).values) / temperature).softmax(dim=-1)  # (S, V)
+        temperature = torch.tensor([params[b].temperature for b in sampled], dtype=logits.dtype,
+                                   device=logits.device)[:, None]  # (S, 1)
+        # `generate`'s rule: a tiny temperature tends to greedy, never to NaN
+        probs = tempered_logits(rows, temperature).softmax(dim=-1)  # (S, V)
         tokens[index] = draw_tokens(probs, [params[b].top_p for b in sampled], [generators[b] for b in sampled])
     return tokens
 

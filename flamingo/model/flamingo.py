@@ -388,7 +388,7 @@ class Flamingo(nn.Module):
     def encode_media(self, images: torch.Tensor, num_media: Optional[torch.Tensor] = None,
                      num_frames: Optional[torch.Tensor] = None,
                      vision_cache: Optional[VisionFeatureCache] = None) -> torch.Tensor:
-        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv). Only real media and frames reach the tower
+        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv) in `visual_dtype`. Only real media and frames reach the tower
         (only those not in `vision_cache`, when given: the tower must be frozen)."""
         if images.ndim == 5:  # (B, N, C, H, W): stills
             images = images[:, :, None]
@@ -438,6 +438,7 @@ class Flamingo(nn.Module):
         # batches), so that a compiled resampler never reads it
         tokens = self.resampler(grid.index_select(0, media_rows),
                                 None if bool(real_frames.all()) else real_frames)  # (M, R, Dv)
+        tokens = tokens.to(self.visual_dtype)  # a no-op unless the blocks were cast apart from the resampler
         visual = tokens.new_zeros(b, n, *tokens.shape[1:])  # (B, N, R, Dv)
         # written in place through a (B·N, R, Dv) view, so `visual` (an output of `forward`) is a tensor of its own,
         # not a view: FSDP2 hooks its forward's outputs for backward and warns at a view (an in-place op on one
@@ -445,10 +446,18 @@ class Flamingo(nn.Module):
         visual.flatten(0, 1).index_copy_(0, media_rows, tokens)
         return visual
 
+    @property
+    def visual_dtype(self) -> torch.dtype:
+        """The dtype of the visual tokens `encode_media` gives: the blocks', which project them. Each boundary casts to
+        the module it enters, as the tower's features to the resampler's dtype and the LM's hidden states to each
+        block's."""
+        block = next(self.xattn.parameters(), None)
+        return (block if block is not None else next(self.resampler.parameters())).dtype
+
     def as_visual_tokens(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """A caller's precomputed visual tokens (B, N, R, Dv) in the dtype `encode_media` gives (the resampler's), as
+        """A caller's precomputed visual tokens (B, N, R, Dv) in the dtype `encode_media` gives (`visual_dtype`), as
         pixels of any dtype are cast to the tower's."""
-        return visual_tokens.to(next(self.resampler.parameters()).dtype)
+        return visual_tokens.to(self.visual_dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def check_input_shapes(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,

@@ -217,3 +217,35 @@ def test_training_from_a_bf16_model_keeps_float32_master_weights(bf16_backbones,
                            "train": {"steps": 1, "output_dir": str(tmp_path / "run")}})
     trained, _ = build_model(config)
     assert {p.dtype for p in trained.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
+    """The layout of `train.frozen_dtype: bf16` (and of from_backbones with bf16 backbones in memory), saved whole:
+    by default each part loads in the dtype it was saved in, with the logits it had (the backbones were upcast to
+    float32: twice their memory, other logits); `torch_dtype=` still casts it all. A trained-only save names its
+    backbones, whose own files say nothing of the run's dtype: they load in the trained parts' float32."""
+    from flamingo.model.quantize import cast_frozen
+    from flamingo.tiny import set_gates
+
+    vision_dir, lm_dir = _save_backbones(tmp_path / "float", torch.float32)
+    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config())
+    set_gates(model, 0.9)  # the blocks count in the logits
+    cast_frozen(model, torch.bfloat16)
+    model.eval()
+
+    def parts(m):
+        return {name: {p.dtype for p in module.parameters()} for name, module in
+                (("vision", m.vision), ("lm", m.lm), ("resampler", m.resampler), ("xattn", m.xattn))}
+
+    assert parts(model) == {"vision": {torch.bfloat16}, "lm": {torch.bfloat16}, "resampler": {torch.float32},
+                            "xattn": {torch.float32}}
+    before = _runs(model, processor)
+    model.save_pretrained(str(tmp_path / "whole"), processor=processor)
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "whole"))
+    assert parts(loaded) == parts(model)
+    assert loaded.new_token_embeddings.dtype == torch.float32
+    assert torch.equal(_runs(loaded, loaded_processor), before)
+    as_float, _ = load_pretrained(str(tmp_path / "whole"), torch_dtype="float32")
+    assert _dtypes(as_float) == {torch.float32}
+    model.save_pretrained(str(tmp_path / "trained"), trained_only=True, processor=processor)
+    assert _dtypes(load_pretrained(str(tmp_path / "trained"))[0]) == {torch.float32}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from typing import Any, Optional, Union
 
@@ -104,6 +105,20 @@ def with_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
     if "dtype" in given or "torch_dtype" in given:
         return given
     return {**given, **dtype_kwargs(torch.float32)}
+
+
+def recorded_dtype(directory: Union[str, os.PathLike]) -> Optional[torch.dtype]:
+    """The floating dtype a saved backbone directory's config.json records (`dtype`; `torch_dtype` from transformers
+    4), which `save_pretrained` writes from the weights it saves; None when there is no such file or dtype."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def load_vision_tower(vision: Union[str, os.PathLike, nn.Module], **kwargs: Any) -> nn.Module:

@@ -54,6 +54,7 @@ from .backbones import (
     lm_text_config,
     load_lm,
     load_vision_tower,
+    recorded_dtype,
     vision_features,
     vision_hidden_size,
 )
@@ -996,9 +997,11 @@ class Flamingo(nn.Module):
         on `device` to `quantize_frozen` (default: the saved config's mode).
 
         torch_dtype: the whole model's, backbones included (whatever dtype their own configs name); also a name
-        (`checked_torch_dtype`). None or "auto": the model as it was saved, the floating dtype of
-        `flamingo.safetensors` when it holds one (a model saved in bf16 loads in bf16), else float32 (trained parts
-        kept in float32 beside half-precision backbone tensors). The model's `name_or_path` is the one given here.
+        (`checked_torch_dtype`). None or "auto": the model as it was saved: the resampler, blocks, added rows and
+        LoRA adapters in the floating dtype of `flamingo.safetensors` when it holds one (a model saved in bf16 loads
+        in bf16), else float32; a backbone saved whole (`vision/`, `lm/`) in the dtype its config.json records (bf16
+        backbones saved beside float32 trained parts stay bf16); a backbone named by reference in the dtype of the
+        former. The model's `name_or_path` is the one given here.
         A trained-only checkpoint's backbones named by Hub name load at the commits its config records
         (`_load_backbone`). A Hub repository that is no saved Flamingo is refused from its configs, before weights."""
         torch_dtype = checked_torch_dtype(torch_dtype)
@@ -1020,12 +1023,13 @@ class Flamingo(nn.Module):
             state = load_file(path)
         except SafetensorError as e:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged): {e}") from e
-        torch_dtype = torch_dtype or saved_dtype(state)
-        vision = _load_backbone(directory, config, "vision", torch_dtype)
-        lm = _load_backbone(directory, config, "lm", torch_dtype)
+        own = torch_dtype or saved_dtype(state)
+        parts = {part: torch_dtype or recorded_dtype(os.path.join(directory, part)) or own for part in BACKBONE_DIRS}
+        vision = _load_backbone(directory, config, "vision", parts["vision"])
+        lm = _load_backbone(directory, config, "lm", parts["lm"])
         model = cls(vision, lm, config)
-        own = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES) or lora.is_adapter_key(k)}
-        missing = own - set(state)
+        ours = {k for k in model.state_dict() if not k.startswith(BACKBONE_PREFIXES) or lora.is_adapter_key(k)}
+        missing = ours - set(state)
         if missing:
             raise ValueError(f"checkpoint {directory!r} lacks weights: {sorted(missing)[:5]}")
         listed = set(config.extra_saved_weights) - set(state)
@@ -1039,7 +1043,7 @@ class Flamingo(nn.Module):
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"checkpoint {directory!r} has unknown weights: {result.unexpected_keys[:5]}")
-        model.to(torch_dtype)
+        _cast_parts(model, own, parts, ours)
         if device is not None:
             model.to(device)
         counts = quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen
@@ -1047,6 +1051,18 @@ class Flamingo(nn.Module):
             log.info("%s", quantize.describe_counts(config.quantize_frozen, counts))
         model.name_or_path = os.fspath(name_or_path)
         return model.eval()
+
+
+def _cast_parts(model: Flamingo, own: torch.dtype, backbones: Mapping[str, torch.dtype],
+                ours: set[str]) -> None:
+    """The model's own tensors (`ours`: the resampler, blocks, added rows, LoRA adapters) in `own`; the backbones'
+    other tensors stay as their loader made them, in `backbones`' dtypes. One dtype for all: `model.to(own)`."""
+    if set(backbones.values()) == {own}:
+        model.to(own)
+        return
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in ours and t.is_floating_point() and t.dtype != own:
+            t.data = t.data.to(own)
 
 
 def checked_torch_dtype(torch_dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:

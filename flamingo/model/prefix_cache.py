@@ -19,6 +19,10 @@ position's `STORED_TOP` likeliest tokens), stored by a prefill that computed the
 log-probabilities reuses such blocks (and only such), recomputing from the last reused token on, whose position's
 logits give the next token its log-probability.
 
+A server's clients share the cache. A request with a `cache_salt` uses the view `salted` gives: the same store, its
+chain keyed under the salt (a keyed BLAKE2b), so its blocks are found only by prompts sent with the same salt, and a
+client cannot learn from `cached_tokens` (or timing) whether another sent a prompt.
+
 The blocks live in one least-recently-used store under a byte budget. A prompt's blocks are touched from its last to
 its first, so a block is always more recent than the blocks that extend it: eviction takes chains from their ends and
 never leaves a block unreachable behind an evicted one. The model owns nothing of it: the server's engine owns the
@@ -27,6 +31,7 @@ cache and hands it to each `Prefill`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +39,7 @@ from typing import Optional
 import torch
 
 from ..runtime.lru import LRU, budget_bytes, nbytes
-from .feature_cache import VisionFeatureCache
+from .feature_cache import VisionFeatureCache, salt_key
 from .logprobs import TokenLogprobs
 
 DEFAULT_BLOCK = 16  # tokens per block: a hit reuses whole blocks, a prompt differing at token t reuses t // 16 blocks
@@ -76,6 +81,16 @@ class PrefixCache:
             raise ValueError(f"a prefix block holds at least 1 token, got {block}")
         self.block = block
         self.store: LRU[bytes, CachedBlock] = LRU(max_bytes, size_of=lambda b: b.nbytes)
+        self.salt = b""  # the BLAKE2b key of every block's key (`salted`); b"": the shared default
+
+    def salted(self, salt: Optional[str]) -> "PrefixCache":
+        """The cache as prompts sent with `salt` see it: its store, its block keys made under the salt (None: the
+        cache itself)."""
+        if not salt:
+            return self
+        view = copy.copy(self)
+        view.salt = salt_key(salt)
+        return view
 
     @classmethod
     def of_mib(cls, mib: float, block: int = DEFAULT_BLOCK) -> Optional["PrefixCache"]:
@@ -96,15 +111,15 @@ class PrefixCache:
         ids = input_ids.detach().to("cpu", torch.long)
         at = (ids == media_token_id).nonzero().squeeze(1).tolist()  # each medium's token position
         digests = [self._media_digest(images, num_frames, j) for j in range(len(at))]
-        keys, key, j = [], b"", 0
+        keys, chain, j = [], b"", 0
         for b in range(ids.numel() // self.block):
-            h = hashlib.blake2b(key, digest_size=16)
+            h = hashlib.blake2b(chain, digest_size=16, key=self.salt)
             h.update(ids[b * self.block:(b + 1) * self.block].numpy().tobytes())
             while j < len(at) and at[j] < (b + 1) * self.block:
                 h.update(digests[j])
                 j += 1
-            key = h.digest()
-            keys.append(key)
+            chain = h.digest()
+            keys.append(chain)
         return keys
 
     @staticmethod

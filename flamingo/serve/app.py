@@ -265,7 +265,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if images is not None:
             images = images.to(next(model.vision.parameters()).dtype)
         return Job(torch.tensor(ids, dtype=torch.long), {**batch, "images": images}, params, emit=lambda e: None,
-                   strip_leading_whitespace=chat, grammar=grammar)
+                   strip_leading_whitespace=chat, grammar=grammar, cache_salt=req.cache_salt)
 
     def submit(request: Request, jobs: list[Job]) -> asyncio.Queue:
         """Queue the request's jobs on the engine; their events arrive on the returned queue, tagged with the job's

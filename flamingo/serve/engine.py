@@ -127,6 +127,7 @@ class Job:
     grammar: Optional[Any] = None  # a response format's compiled grammar (serve/structured.py): each choice obeys it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     request_id: Optional[str] = None  # its HTTP request's X-Request-Id: the log lines about the job name it
+    cache_salt: Optional[str] = None  # its prefix and vision cache entries are found only under the same salt
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
@@ -340,11 +341,13 @@ class Engine:
                     return
                 job = self._waiting.popleft()
                 self.metrics.set_gauge("queue_depth", len(self._waiting))
-            media = job.media
+            media, salt = job.media, job.cache_salt
+            prefix = None if self.prefix_cache is None else self.prefix_cache.salted(salt)  # its salt's entries
+            vision = None if self.vision_cache is None else self.vision_cache.salted(salt)
             try:
                 self._prefills.append((job, Prefill(
                     self.model, job.prompt_ids, media.get("images"), media.get("num_media"), media.get("num_frames"),
-                    chunk=self.prefill_chunk, prefix_cache=self.prefix_cache, vision_cache=self.vision_cache,
+                    chunk=self.prefill_chunk, prefix_cache=prefix, vision_cache=vision,
                     prompt_logprobs=(job.params.logprobs or 0) if job.params.echo_logprobs else None)))
             except ValueError as e:  # only this request fails
                 job.emit(Event("error", message=str(e)))
@@ -389,6 +392,7 @@ class Engine:
         budget = min(self.prefill_chunk, self.prefill_batch_tokens) if running else self.prefill_batch_tokens
         group: list[tuple[Job, Prefill]] = []
         firsts: set[bytes] = set()  # the group's first prefix-cache blocks
+        salts: set[Optional[str]] = set()  # of its prompts with media: one vision tower call, through one cache view
         longest = tokens = media = 0
         for job, prefill in self._prefills:
             try:
@@ -398,7 +402,7 @@ class Engine:
                 prefill.prepare()
             except ValueError:
                 break  # the one-at-a-time path reports it
-            if not prefill.fresh:
+            if not prefill.fresh or (prefill.total_media and salts and job.cache_salt not in salts):
                 break
             length, tokens = max(longest, prefill.length), tokens + prefill.length
             media += prefill.total_media
@@ -408,6 +412,8 @@ class Engine:
             longest = length
             group.append((job, prefill))
             firsts.update(keys[:1])
+            if prefill.total_media:
+                salts.add(job.cache_salt)
         if len(group) < 2 or not can_prefill_together(self.model, longest):
             return False
         try:

@@ -183,7 +183,13 @@ class _OpenAIFields(StrictModel):
                            param="tool_choice")
 
 
-class _Sampling(_OpenAIFields):
+class _Cached(_OpenAIFields):
+    # vLLM's: the prefix and vision cache entries a request makes under a salt are reused only by requests with the
+    # same salt (none: the entries every request without one shares)
+    cache_salt: Optional[StrictStr] = Field(default=None, min_length=1)
+
+
+class _Sampling(_Cached):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
@@ -347,7 +353,7 @@ class TextConfig(StrictModel):
     verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored
 
 
-class ResponsesRequest(_OpenAIFields):
+class ResponsesRequest(_Cached):
     """OpenAI's Responses API (`/v1/responses`), stateless: the whole conversation comes in `input` (a text, or
     messages with `input_text` / `input_image` parts); no tools, no stored responses to continue from."""
 
@@ -418,7 +424,7 @@ class ResponsesRequest(_OpenAIFields):
                 response_format["json_schema"] = {"name": fmt.name, "schema": fmt.schema_}
         return parse(ChatCompletionRequest, {"messages": messages, "max_tokens": self.max_output_tokens,
                                              "temperature": self.temperature, "top_p": self.top_p,
-                                             "response_format": response_format})
+                                             "response_format": response_format, "cache_salt": self.cache_salt})
 
 
 class TokenizeRequest(StrictModel):

@@ -389,8 +389,8 @@ class Flamingo(nn.Module):
     def encode_media(self, images: torch.Tensor, num_media: Optional[torch.Tensor] = None,
                      num_frames: Optional[torch.Tensor] = None,
                      vision_cache: Optional[VisionFeatureCache] = None) -> torch.Tensor:
-        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv) in `visual_dtype`. Only real media and frames reach the tower
-        (only those not in `vision_cache`, when given: the tower must be frozen)."""
+        """images (B, N, F, C, H, W) -> visual tokens (B, N, R, Dv) in `visual_dtype`. Only real media and frames
+        reach the tower (only those not in `vision_cache`, when given: the tower must be frozen)."""
         if images.ndim == 5:  # (B, N, C, H, W): stills
             images = images[:, :, None]
         if images.ndim != 6:

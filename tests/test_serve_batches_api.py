@@ -674,7 +674,7 @@ def test_a_line_waits_out_a_full_queue_as_long_as_it_takes_until_the_batch_stops
         return None
 
     monkeypatch.setattr(batch_lines.asyncio, "sleep", no_wait)
-    line = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": []}}
+    line = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": []}, "request_id": "req_1"}
 
     async def run(stop: asyncio.Event | None) -> object:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:

@@ -107,3 +107,26 @@ def test_a_stream_that_fails_after_its_200_is_counted_and_logged_once(model_dir,
     assert lines == ["request fails-late: its token could not be taken; it fails, the batch goes on"]
     assert f'flamingo_requests_total{{endpoint="{path}",status="200"}} 1' in counted
     assert f'flamingo_stream_errors_total{{endpoint="{path}"}} 1' in counted
+
+
+def test_a_batch_lines_output_names_the_request_id_its_log_lines_use(model_dir, monkeypatch, caplog):
+    import asyncio
+
+    from flamingo.serve.app import create_app
+    from flamingo.serve.batch_lines import app_client, entry, parse_lines, send_all
+
+    engine = engine_for(model_dir)
+    monkeypatch.setattr(engine, "submit_all", lambda *a, **k: 1 / 0)
+    lines = parse_lines([json.dumps({"custom_id": f"q-{k}", "url": "/v1/completions",
+                                     "body": {"prompt": "a", "max_tokens": 1}}) for k in range(2)])
+
+    async def run() -> list:
+        async with app_client(create_app(engine, ServeSettings(model_name="tiny")), None) as client:
+            return await send_all(client, lines, 2)
+
+    with caplog.at_level(logging.ERROR):
+        answers = asyncio.run(run())
+    ids = [entry(line, answer)["response"]["request_id"] for line, answer in zip(lines, answers)]
+    assert all(GENERATED.fullmatch(i) for i in ids) and len(set(ids)) == 2
+    assert sorted(r.getMessage() for r in caplog.records if r.exc_info) == \
+        sorted(f"request {i}: internal error" for i in ids)

@@ -75,7 +75,7 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
         engine.stop(0.0)
     report.seconds = time.monotonic() - start
     out = []
-    for n, (line, answer) in enumerate(zip(lines, answers), 1):
+    for line, answer in zip(lines, answers):
         if answer is None:
             report.invalid += 1
         elif answer[0] == 200:
@@ -85,7 +85,7 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
             report.completion_tokens += completion
         else:
             report.failed[answer[0]] = report.failed.get(answer[0], 0) + 1
-        out.append(json.dumps(entry(n, line, answer)) + "\n")
+        out.append(json.dumps(entry(line, answer)) + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with atomic_file(output_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(out)

@@ -10,8 +10,11 @@ Input, one request per line:
 Output entry, as OpenAI's batch output and error files hold them (`id` random and unique, as OpenAI's; `custom_id`
 joins an entry to its request):
 
-    {"id": "batch_req_<hex>", "custom_id": "q-1", "response": {"status_code": 200, "request_id": "req_1",
+    {"id": "batch_req_<hex>", "custom_id": "q-1", "response": {"status_code": 200, "request_id": "req_<hex>",
      "body": {...}}, "error": null}
+
+`request_id` is the `X-Request-Id` the line's request was sent with: the server's log lines about it (the traceback
+of its 500) name it.
 
 A line that is no request (not JSON, no `custom_id`, a `custom_id` seen before, another method or URL,
 `stream: true`) gets `response: null` and an `error` with a code and a message that starts with its line's number
@@ -30,7 +33,7 @@ import httpx
 
 from ..runtime.text import file_encoding
 from .batch_store import new_id
-from .middleware import BATCH_LINE
+from .middleware import BATCH_LINE, request_id
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ class Line:
     """One non-blank input line: a request to send, or the error that replaces its response."""
 
     custom_id: Optional[str]
-    request: Optional[dict[str, Any]]  # {"url", "body"}; None: the line is no request
+    request: Optional[dict[str, Any]]  # {"url", "body", "request_id"}; None: the line is no request
     error: Optional[dict[str, str]] = None  # {"code", "message"} when request is None
 
 
@@ -92,7 +95,7 @@ def _parse_line(line: str, seen: set[str]) -> Line:
     if body.get("stream"):
         return Line(custom_id, None, {"code": "invalid_request",
                                       "message": "a batch request is not streamed (stream: true)"})
-    return Line(custom_id, {"url": request["url"], "body": body})
+    return Line(custom_id, {"url": request["url"], "body": body, "request_id": request_id(None)})
 
 
 def parse_lines(lines: Iterable[str]) -> list[Line]:
@@ -132,7 +135,8 @@ async def _answer(client: httpx.AsyncClient, request: dict[str, Any],
     content = json.dumps(request["body"]).encode()
     attempt = 0
     while True:
-        response = await client.post(request["url"], content=content, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json", "x-request-id": request["request_id"]}
+        response = await client.post(request["url"], content=content, headers=headers)
         if response.status_code != 429:
             break
         attempt += 1
@@ -173,13 +177,13 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
     return list(await asyncio.gather(*(one(k, line) for k, line in enumerate(lines))))
 
 
-def entry(n: int, line: Line, answer: Optional[Answer]) -> dict[str, Any]:
-    """The output entry of the n-th request (from 1)."""
+def entry(line: Line, answer: Optional[Answer]) -> dict[str, Any]:
+    """A line's output entry."""
     out: dict[str, Any] = {"id": new_id("batch_req_"), "custom_id": line.custom_id, "response": None,
                            "error": line.error}
     if answer is not None:
         status, body = answer
-        out["response"] = {"status_code": status, "request_id": f"req_{n}", "body": body}
+        out["response"] = {"status_code": status, "request_id": line.request["request_id"], "body": body}
     return out
 
 

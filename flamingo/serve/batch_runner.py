@@ -243,14 +243,14 @@ class BatchRunner:
         succeeded: list[str] = []
         refused: list[str] = []
         prompt = completion = cached = 0
-        for n, (line, answer) in enumerate(zip(lines, answers), 1):
+        for line, answer in zip(lines, answers):
             if line.request is not None and answer is None:  # never sent: the batch was cancelled or expired first
                 if expired:
-                    refused.append(json.dumps({**entry(n, line, None), "error": EXPIRED}) + "\n")
+                    refused.append(json.dumps({**entry(line, None), "error": EXPIRED}) + "\n")
                     body["request_counts"]["failed"] += 1
                 continue
             (succeeded if answer is not None and answer[0] == 200 else refused).append(
-                json.dumps(entry(n, line, answer)) + "\n")
+                json.dumps(entry(line, answer)) + "\n")
             if answer is not None and answer[0] == 200:
                 p, c, h = tokens_of(answer[1])
                 prompt, completion, cached = prompt + p, completion + c, cached + h

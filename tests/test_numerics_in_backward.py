@@ -91,7 +91,9 @@ def test_a_run_whose_gradient_overflows_keeps_finite_weights(world, fused):
              for n, p in trained.items()}
     assert steps.pop("xattn.0.ffw_gate") == 0 and set(steps.values()) == {1.0}  # every other one stepped
     assert not math.isfinite(first["grad_norm"]) and math.isfinite(first["loss"])
+    assert first["skipped_nonfinite"] == 1  # counted, as the other paths count a skipped step
     for _ in range(2):
-        assert math.isfinite(materialize(trainer.train_step())["loss"])
+        later = materialize(trainer.train_step())
+        assert math.isfinite(later["loss"]) and later["skipped_nonfinite"] == 1
     assert all(bool(torch.isfinite(p).all()) for p in trained.values())
     assert not torch.equal(gate, before["xattn.0.ffw_gate"])  # the later steps step it

@@ -590,6 +590,9 @@ class Trainer:
             if self.backward_steps.stepped:  # until the step is counted: a raise from here on leaves a half step
                 self._half_step = (self.step + 1, self.backward_steps.stepped)
             grad_norm = self.backward_steps.grad_norm(sharded=is_sharded(self.model))
+            # a parameter whose gradient was not finite was left unstepped (in_backward.py): counted as a skipped
+            # step, whose streak aborts the run as a non-finite loss's does (the norm is global: no host sync)
+            finite = finite & torch.isfinite(grad_norm)
         else:
             finite, total, losses = self._reduce_losses(losses, names)
             grad_norm, finite = self._clip_and_step(finite)

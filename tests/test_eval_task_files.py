@@ -17,6 +17,7 @@ from flamingo.eval.visdial import _images_by_id
 from helpers import (
     _image,
     _video,
+    make_captioning,
     make_classification,
     make_hateful_memes,
     make_video_captioning,
@@ -119,6 +120,16 @@ def _dense(root: Path, **entry: Any) -> str:
     return _rw_json(root, "visdial_1.0_val_dense_annotations.json", lambda a: [{**a[0], **entry}, *a[1:]])
 
 
+def _round(root: Path, **turn: Any) -> str:
+    """Val dialog 10's first round with `turn`."""
+
+    def change(data: dict[str, Any]) -> dict[str, Any]:
+        data["data"]["dialogs"][0]["dialog"][0].update(turn)
+        return data
+
+    return _rw_json(root, "visdial_1.0_val.json", change)
+
+
 def _multi_image(root: Path) -> Path:
     for split, ids in (("train", range(2)), ("test", range(10, 12))):
         write_jsonl(
@@ -172,6 +183,44 @@ MALFORMED = {
         lambda d: _dense(d, gt_relevance="10000"),
         "'gt_relevance' must be a list of numbers, got '10000'",
     ),
+    "visdial gt_index past its options": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, gt_index=5),
+        "image_id 10 round 1: gt_index 5 outside its 5 answer options (it counts from 0)",
+    ),
+    "visdial gt_index negative": ("visdial", make_visdial, lambda d: _round(d, gt_index=-1), "gt_index -1 outside"),
+    "visdial gt_index a bool": ("visdial", make_visdial, lambda d: _round(d, gt_index=True), "gt_index True outside"),
+    "visdial question id past the questions": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, question=6),
+        "image_id 10 round 1: question id 6 is not an index into the file's 6 questions",
+    ),
+    "visdial answer id negative": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, answer=-1),
+        "image_id 10 round 1: answer id -1 is not an index into the file's 12 answers",
+    ),
+    "visdial answer option past the answers": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, answer_options=[0, 1, 2, 3, 999]),
+        "image_id 10 round 1: answer option id 999 is not an index into the file's 12 answers",
+    ),
+    "visdial answer options a string": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, answer_options="01234"),
+        "image_id 10 round 1: 'answer_options' must be a list of answer ids, got '01234'",
+    ),
+    "visdial question id a float": (
+        "visdial",
+        make_visdial,
+        lambda d: _round(d, question=1.0),
+        "image_id 10 round 1: question id 1.0 is not an index",
+    ),
     "vqa answers empty": (
         "vqa",
         make_vqa,
@@ -207,6 +256,37 @@ MALFORMED = {
         lambda d: _rw_json(d, "test_qa.json", lambda a: [{**r, "answers": "cat"} for r in a]),
         "'answers' must be a list",
     ),
+    "videoqa answer null (an unlabeled split)": (
+        "videoqa",
+        make_videoqa,
+        lambda d: _rw_json(d, "test_qa.json", lambda a: [{**r, "answer": None} for r in a]),
+        "record 10 has no answer (neither 'answers' nor 'answer'): an unlabeled split cannot be scored",
+    ),
+    "videoqa answer blank": (
+        "videoqa",
+        make_videoqa,
+        lambda d: _rw_json(d, "test_qa.json", lambda a: [{**r, "answer": " "} for r in a]),
+        "record 10 has no answer",
+    ),
+    "videoqa answers empty and answer missing": (
+        "videoqa",
+        make_videoqa,
+        lambda d: _rw_json(d, "test_qa.json", lambda a: [{"id": r["id"], "question": "q?", "video": "v.mp4",
+                                                          "answers": []} for r in a]),
+        "record 10 has no answer",
+    ),
+    "videoqa answers all blank": (
+        "videoqa",
+        make_videoqa,
+        lambda d: _rw_json(d, "test_qa.json", lambda a: [{**r, "answers": ["", " "], "answer": None} for r in a]),
+        "record 10 has no answer",
+    ),
+    "videoqa demo answer null": (
+        "videoqa",
+        make_videoqa,
+        lambda d: _rw_json(d, "train_qa.json", lambda a: [{**r, "answer": None} for r in a]),
+        "record 0 has no answer",
+    ),
     "videoqa_mc options a string": (
         "videoqa_mc",
         make_videoqa_mc,
@@ -218,6 +298,33 @@ MALFORMED = {
         _multi_image,
         lambda d: _rw_jsonl(d, "test.jsonl", lambda r: {**r, "images": r["images"][0]}),
         "'images' must be a list",
+    ),
+    "multi_image answer null": (
+        "multi_image",
+        _multi_image,
+        lambda d: _rw_jsonl(d, "test.jsonl", lambda r: {**r, "answer": None}),
+        "record 10 has no answer: an unlabeled split cannot be scored",
+    ),
+    "multi_image answer empty": (
+        "multi_image",
+        _multi_image,
+        lambda d: _rw_jsonl(d, "test.jsonl", lambda r: {**r, "answer": ""}),
+        "record 10 has no answer",
+    ),
+    "captioning caption null": (
+        "captioning",
+        make_captioning,
+        lambda d: _rw_json(d, "captions.json", lambda c: {"images": [
+            {**im, "sentences": [{"raw": None}, {"raw": "a cat"}]} if im["cocoid"] == 4 else im
+            for im in c["images"]]}),
+        "image 4: 'raw' must be a string in every sentence, got [None, 'a cat']",
+    ),
+    "captioning sentences a string": (
+        "captioning",
+        make_captioning,
+        lambda d: _rw_json(d, "captions.json", lambda c: {"images": [
+            {**im, "sentences": "a cat"} if im["cocoid"] == 0 else im for im in c["images"]]}),
+        "image 0: 'sentences' must be a list of {\"raw\": caption}, got 'a cat'",
     ),
     "video_captioning captions a string": (
         "video_captioning",
@@ -282,22 +389,13 @@ def test_a_malformed_task_file_is_refused_naming_the_file(tmp_path, case):
     assert str(root / name) in str(caught.value)
 
 
-def _option_past_the_answers(root: Path) -> None:
-    """Val dialog 10's annotated round (2) lists an answer option past the answers list."""
-
-    def change(data: dict[str, Any]) -> dict[str, Any]:
-        data["data"]["dialogs"][0]["dialog"][1]["answer_options"][0] = 999
-        return data
-
-    _rw_json(root, "visdial_1.0_val.json", change)
-
-
 # shapes no loader checks: (task, dataset maker, change, what the error says)
 UNCHECKED = {
-    "an index past a list (IndexError)": (
+    "a number where a list is read (TypeError)": (
         "visdial",
         make_visdial,
-        _option_past_the_answers,
+        lambda d: _rw_json(d, "visdial_1.0_val.json", lambda v: {**v, "data": {**v["data"], "dialogs": [
+            {**v["data"]["dialogs"][0], "dialog": 3}]}}),
         "visdial: the test split of .* is not in the task's layout",
     ),
     "a record that is a string (AttributeError)": (
@@ -355,6 +453,33 @@ def test_well_formed_files_load_as_before(tmp_path):
     _rw_json(root, "test_qa.json", lambda rows: [{**rows[0], "answers": ["a", "b", 3, "b"]}, rows[1]])
     first, second = get_task("videoqa").load(str(root), "test")
     assert first.references == ["a", "b", "3", "b"] and second.references == [second.answer]
+
+
+def test_a_videoqa_record_with_answers_and_a_null_answer_shows_the_most_given_with_text(tmp_path):
+    """As VQA falls back from a null `multiple_choice_answer`: the demo answer is never "None" or blank."""
+    root = make_videoqa(tmp_path / "vq")
+    _rw_json(root, "train_qa.json", lambda rows: [{**rows[0], "answers": ["", "", "b", "a", "b"], "answer": None},
+                                                  {**rows[1], "answers": ["a", "b"], "answer": " "}, rows[2]])
+    first, second, _ = get_task("videoqa").load(str(root), "train")
+    assert (first.answer, first.references) == ("b", ["", "", "b", "a", "b"])
+    assert second.answer == "a"
+
+
+def test_a_visdial_train_file_without_answer_options_still_gives_demos(tmp_path):
+    """The demos are not ranked: a trimmed train file (no options, its gt_index kept) loads."""
+    root = make_visdial(tmp_path / "vd")
+
+    def trim(data: dict[str, Any]) -> dict[str, Any]:
+        for dialog in data["data"]["dialogs"]:
+            for turn in dialog["dialog"]:
+                del turn["answer_options"]
+        return data
+
+    _rw_json(root, "visdial_1.0_train.json", trim)
+    demos = get_task("visdial").load(str(root), "train")
+    assert len(demos) == 4 and all(d.candidates is None for d in demos)
+    ranked = get_task("visdial").load(str(root), "test")
+    assert [s.label["gt_index"] for s in ranked[:3]] == [0, 1, 2]
 
 
 HALF_EMOJI = "what \ud83d?"  # valid JSON ("\ud83d": a scraper cut an emoji), not valid Unicode

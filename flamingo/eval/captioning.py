@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cider import cider
-from .task import Sample, Task, episode_fields, first_line, media_path, read_json
+from .task import Sample, Task, episode_fields, first_line, list_field, media_path, read_json
 
 SPLITS = {"train": ("train", "restval"), "test": ("test",)}
 
@@ -27,16 +27,21 @@ class CaptioningTask(Task):
 
     def load(self, data_dir: str, split: str) -> list[Sample]:
         root = Path(data_dir)
-        images = read_json(root / "captions.json")["images"]
+        path = root / "captions.json"
+        images = read_json(path)["images"]
         samples = []
         for im in images:
             if im.get("split") not in SPLITS[split]:
                 continue
-            captions = [s["raw"] for s in im.get("sentences", [])]
+            where = f"image {im.get('cocoid', im.get('filename'))!r}"
+            sentences = list_field(path, where, im.get("sentences", []), "sentences", 'a list of {"raw": caption}',
+                                   (dict,))
+            captions = list_field(path, where, [s["raw"] for s in sentences], "raw",
+                                  "a string in every sentence", (str,))
             if not captions:
-                raise ValueError(f"captions.json: image {im.get('cocoid')!r} has no sentences")
-            path = media_path(root, str(Path(im.get("filepath", "")) / im["filename"]))
-            samples.append(Sample(id=str(im.get("cocoid", im["filename"])), media=[path], fields={},
+                raise ValueError(f"{str(path)!r}: {where} has no sentences")
+            image = media_path(root, str(Path(im.get("filepath", "")) / im["filename"]))
+            samples.append(Sample(id=str(im.get("cocoid", im["filename"])), media=[image], fields={},
                                   answer=captions[0].strip(), references=captions, **episode_fields(im)))
         return samples
 

@@ -64,8 +64,12 @@ class MultiImageTask(Task):
             if bad:
                 raise ValueError(f"{self.name} record {rec['id']!r}: the question refers to image {bad[0]} but the "
                                  f"record has {len(images)} image(s)")
+            answer = rec.get("answer")
+            if answer is None or not str(answer).strip():  # scored against "None" or "", as VQA refuses it
+                raise ValueError(f"{str(path)!r}: record {rec.get('id')!r} has no answer: an unlabeled split cannot "
+                                 "be scored")
             samples.append(Sample(id=str(rec["id"]), media=images, fields={"question": question},
-                                  answer=str(rec["answer"]), references=[str(rec["answer"])], kind=rec.get("type"),
+                                  answer=str(answer), references=[str(answer)], kind=rec.get("type"),
                                   **episode_fields(rec)))
         return samples
 

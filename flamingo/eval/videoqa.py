@@ -33,7 +33,9 @@ class VideoQATask(Task):
         for rec in records:
             video = rec.get("video") or _clip_of(clips, rec["video_id"])
             answers = [str(a) for a in _answers(rec, path)]
-            answer = str(rec["answer"]) if "answer" in rec else max(answers, key=answers.count)  # the most given
+            # a record's `answer`, else (none, null or blank: VQA's fallback too) its most given one with text
+            answer = str(rec["answer"]) if _has_text(rec.get("answer")) else \
+                max(filter(_has_text, answers), key=answers.count)
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, video)],
                                   fields={"question": rec["question"]}, answer=answer, references=answers,
                                   **episode_fields(rec)))
@@ -48,12 +50,24 @@ class VideoQATask(Task):
 
 
 def _answers(rec: dict[str, Any], path: Path) -> list[Any]:
-    """A record's human `answers` (a list of strings or numbers), else its one `answer`."""
+    """A record's human `answers` (a list of strings or numbers), else its one `answer`. A record with none that has
+    text is refused, as VQA refuses it: scored against "None" or "", a model answering "none" or nothing would score
+    100% on an unlabeled split."""
     answers = rec.get("answers")
-    if not answers:
-        return [rec["answer"]]
-    return list_field(path, f"record {rec.get('id')!r}", answers, "answers", "a list of answer strings",
-                      (str, int, float))
+    if answers:
+        answers = list_field(path, f"record {rec.get('id')!r}", answers, "answers", "a list of answer strings",
+                             (str, int, float))
+    else:
+        answers = [rec.get("answer")]
+    if not any(_has_text(a) for a in answers):
+        raise ValueError(f"{str(path)!r}: record {rec.get('id')!r} has no answer (neither 'answers' nor 'answer'): "
+                         "an unlabeled split cannot be scored")
+    return answers
+
+
+def _has_text(answer: Any) -> bool:
+    """Whether an answer gives a reference: not null, not blank (normalised, a blank answer is the empty one)."""
+    return answer is not None and bool(str(answer).strip())
 
 
 def _clips(folder: Path) -> dict[str, str]:

@@ -71,6 +71,20 @@ def _image_of(root: Path, paths: Sequence[str], split: str, image_id: int) -> st
                      "keep the downloads' file names")
 
 
+def _index_into(index: Any, entries: Sequence[Any]) -> bool:
+    """Whether `index` picks an entry of `entries`: an int (not a bool, JSON's true) from 0 to its length - 1 (a
+    negative one would pick from the end)."""
+    return isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(entries)
+
+
+def _entry(path: Path, where: str, entries: Sequence[str], index: Any, name: str) -> str:
+    """The file's question or answer a round names by its id, `index` (into the file's `questions` or `answers`)."""
+    if not _index_into(index, entries):
+        raise ValueError(f"{str(path)!r} {where}: {name} id {index!r} is not an index into the file's "
+                         f"{len(entries)} {'questions' if name == 'question' else 'answers'}")
+    return entries[index]
+
+
 def _first(root: Path, *names: str) -> Optional[Path]:
     return next((root / n for n in names if (root / n).is_file()), None)
 
@@ -112,13 +126,22 @@ class VisDialTask(Task):
                                  f"has rounds 1-{len(rounds)} (round_id counts from 1)")
             # VisDial's evaluation ranks every round (R@k, MRR, mean rank) and scores NDCG on the dense one
             chosen = [d % len(rounds)] if split == "train" else range(len(rounds))
+            where = [f"image_id {image_id} round {r + 1}" for r in range(len(rounds))]
+            asked = [(_entry(path, where[r], questions, t["question"], "question"),
+                      _entry(path, where[r], answers, t["answer"], "answer")) for r, t in enumerate(rounds)]
             for r in chosen:
                 turn = rounds[r]
-                history = "".join(f"Question: {questions[t['question']]}? Answer: {answers[t['answer']]}. "
-                                  for t in rounds[:r])
-                answer = answers[turn["answer"]]
-                options = [answers[i] for i in turn.get("answer_options", [])]
+                history = "".join(f"Question: {q}? Answer: {a}. " for q, a in asked[:r])
+                answer = asked[r][1]
+                options = [_entry(path, where[r], answers, i, "answer option")
+                           for i in list_field(path, where[r], turn.get("answer_options", []), "answer_options",
+                                               "a list of answer ids")]
                 gt_index = turn.get("gt_index", options.index(answer) if answer in options else None)
+                # ranked, one outside its options would fail as "not in list"; a round without options ranks
+                # nothing (an evaluated one is refused as such, a trimmed train file's demos need none)
+                if options and gt_index is not None and not _index_into(gt_index, options):
+                    raise ValueError(f"{str(path)!r} {where[r]}: gt_index {gt_index!r} outside its {len(options)} "
+                                     "answer options (it counts from 0)")
                 relevance = dense[image_id][1] if image_id in dense and dense[image_id][0] == r else None
                 if relevance is not None and len(relevance) != len(options):
                     raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has {len(relevance)} gt_relevance "

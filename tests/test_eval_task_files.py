@@ -466,7 +466,8 @@ def test_a_videoqa_record_with_answers_and_a_null_answer_shows_the_most_given_wi
 
 
 def test_a_visdial_train_file_without_answer_options_still_gives_demos(tmp_path):
-    """The demos are not ranked: a trimmed train file (no options, its gt_index kept) loads."""
+    """The demos are not ranked: a trimmed train file (no options, its gt_index kept) loads; the ranked split's
+    gt_index is read as before."""
     root = make_visdial(tmp_path / "vd")
 
     def trim(data: dict[str, Any]) -> dict[str, Any]:
@@ -480,6 +481,16 @@ def test_a_visdial_train_file_without_answer_options_still_gives_demos(tmp_path)
     assert len(demos) == 4 and all(d.candidates is None for d in demos)
     ranked = get_task("visdial").load(str(root), "test")
     assert [s.label["gt_index"] for s in ranked[:3]] == [0, 1, 2]
+
+
+def test_a_visdial_dialog_without_rounds_gives_no_sample(tmp_path):
+    """Neither a demo (no round `dialog index % rounds` to draw) nor a ranked round."""
+    root = make_visdial(tmp_path / "vd", dense=False)
+    for name in ("visdial_1.0_train.json", "visdial_1.0_val.json"):
+        _rw_json(root, name, lambda v: {**v, "data": {**v["data"], "dialogs": [
+            {**v["data"]["dialogs"][0], "dialog": []}, *v["data"]["dialogs"][1:]]}})
+    assert len(get_task("visdial").load(str(root), "train")) == 3
+    assert [s.id for s in get_task("visdial").load(str(root), "test")][:1] == ["11_1"]
 
 
 HALF_EMOJI = "what \ud83d?"  # valid JSON ("\ud83d": a scraper cut an emoji), not valid Unicode

@@ -125,7 +125,8 @@ class VisDialTask(Task):
                 raise ValueError(f"{str(dense_path)!r}: image_id {image_id} has round_id {r + 1}, but its dialog "
                                  f"has rounds 1-{len(rounds)} (round_id counts from 1)")
             # VisDial's evaluation ranks every round (R@k, MRR, mean rank) and scores NDCG on the dense one
-            chosen = [d % len(rounds)] if split == "train" else range(len(rounds))
+            # a dialog without rounds has none to show or rank
+            chosen = ([d % len(rounds)] if rounds else []) if split == "train" else range(len(rounds))
             where = [f"image_id {image_id} round {r + 1}" for r in range(len(rounds))]
             asked = [(_entry(path, where[r], questions, t["question"], "question"),
                       _entry(path, where[r], answers, t["answer"], "answer")) for r, t in enumerate(rounds)]

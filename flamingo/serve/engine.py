@@ -133,7 +133,6 @@ class Job:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose prefill came from the prefix cache
     open_choices: int = 0
-    first_token_at: Optional[float] = None
 
 
 class _Choice:
@@ -448,7 +447,6 @@ class Engine:
     def _join(self, job: Job, row: PrefilledRow) -> None:
         """A prefilled request: its first token, then its choices' rows in the batch."""
         now = time.perf_counter()
-        job.first_token_at = now
         self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
         self.metrics.inc("prompt_tokens_total", row.length)
         job.cached_tokens = row.cached_tokens

@@ -228,8 +228,13 @@ def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
     from flamingo.tiny import set_gates
 
     vision_dir, lm_dir = _save_backbones(tmp_path / "float", torch.float32)
-    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config())
+    model, processor = from_backbones(vision_dir, lm_dir, config=tiny_flamingo_config(lm_lora={"r": 2}))
     set_gates(model, 0.9)  # the blocks count in the logits
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained adapters and rows: float32 values that bf16 would round
+        for name, p in model.named_parameters():
+            if ".lora_" in name or name == "new_token_embeddings":
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     cast_frozen(model, torch.bfloat16)
     model.eval()
 
@@ -237,13 +242,15 @@ def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
         return {name: {p.dtype for p in module.parameters()} for name, module in
                 (("vision", m.vision), ("lm", m.lm), ("resampler", m.resampler), ("xattn", m.xattn))}
 
-    assert parts(model) == {"vision": {torch.bfloat16}, "lm": {torch.bfloat16}, "resampler": {torch.float32},
-                            "xattn": {torch.float32}}
+    assert parts(model) == {"vision": {torch.bfloat16}, "lm": {torch.bfloat16, torch.float32},  # (the adapters)
+                            "resampler": {torch.float32}, "xattn": {torch.float32}}
     before = _runs(model, processor)
     model.save_pretrained(str(tmp_path / "whole"), processor=processor)
     loaded, loaded_processor = load_pretrained(str(tmp_path / "whole"))
     assert parts(loaded) == parts(model)
-    assert loaded.new_token_embeddings.dtype == torch.float32
+    saved = {n: p for n, p in model.named_parameters() if ".lora_" in n or n == "new_token_embeddings"}
+    assert len(saved) > 1 and {p.dtype for p in saved.values()} == {torch.float32}
+    assert all(torch.equal(p, saved[n]) for n, p in loaded.named_parameters() if n in saved)  # not rounded on load
     assert torch.equal(_runs(loaded, loaded_processor), before)
     as_float, _ = load_pretrained(str(tmp_path / "whole"), torch_dtype="float32")
     assert _dtypes(as_float) == {torch.float32}

@@ -1040,10 +1040,12 @@ class Flamingo(nn.Module):
                            f"it was saved with other backbones or another config; check {CONFIG_NAME} and the "
                            f"backbones (vision {config.vision_name_or_path!r}, lm {config.lm_name_or_path!r}, or "
                            "the vision/ and lm/ directories beside it)")
+        # the dtypes first: loaded into tensors made in a backbone's dtype (PEFT's adapters, the added rows taken from
+        # the LM's table), float32 weights would be rounded to it
+        _cast_parts(model, own, parts, ours)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"checkpoint {directory!r} has unknown weights: {result.unexpected_keys[:5]}")
-        _cast_parts(model, own, parts, ours)
         if device is not None:
             model.to(device)
         counts = quantize.quantize_frozen(model)  # config.quantize_frozen, on the device just chosen

@@ -97,3 +97,52 @@ def test_a_run_whose_gradient_overflows_keeps_finite_weights(world, fused):
         assert math.isfinite(later["loss"]) and later["skipped_nonfinite"] == 1
     assert all(bool(torch.isfinite(p).all()) for p in trained.values())
     assert not torch.equal(gate, before["xattn.0.ffw_gate"])  # the later steps step it
+
+
+def _shard_worker(rank: int, world: int, rendezvous: str, fused: bool, out: str) -> None:
+    """One rank of `nn.Linear(4, 2)` under FSDP2 (a row of the weight and an element of the bias per rank), stepped in
+    backward with output 1's gradient inf: only rank 1's shard is non-finite."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{rendezvous}")
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 2)
+        fully_shard(layer)
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused)
+        steps = BackwardSteps(list(layer.parameters()), optimizer)
+        before = {n: p.full_tensor().clone() for n, p in layer.named_parameters()}
+        if fused:
+            optimizer.found_inf = torch.zeros(())
+        steps.begin()
+        output = layer(torch.ones(3, 4))
+        output.register_hook(lambda g: torch.cat([g[:, :1], torch.full_like(g[:, 1:], float("inf"))], 1))
+        output.sum().backward()
+        norm = float(steps.grad_norm(sharded=True))
+        changed = {n: bool((p.full_tensor() != before[n]).any()) for n, p in layer.named_parameters()}
+        counts = {n: float(optimizer.state[p]["step"]) if optimizer.state.get(p) else 0.0
+                  for n, p in layer.named_parameters()}
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump({"norm": norm, "changed": changed, "steps": counts}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_fsdp2_a_parameter_bad_on_one_shard_is_stepped_on_none(tmp_path, fused):
+    """The skip is or-ed over the shards: a parameter is stepped whole or not at all, its Adam step count one count
+    (rank 0 stepped its half and counted 1, rank 1 not, and a checkpoint gathered rank 0's count for the whole)."""
+    import json
+
+    torch.multiprocessing.start_processes(_shard_worker, args=(2, str(tmp_path / "rendezvous"), fused,
+                                                               str(tmp_path / "rank")), nprocs=2, start_method="fork")
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert not math.isfinite(seen["norm"])
+        assert seen["changed"] == {"weight": False, "bias": False}
+        assert set(seen["steps"].values()) == {0.0}

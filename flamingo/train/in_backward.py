@@ -14,7 +14,7 @@ What it rules out, refused by the config and the trainer: a clip of the global g
 before the norm over all of them exists; the norm is still summed as the hooks run and logged), gradient accumulation
 (micro-batches, the `accumulate` mixture over several datasets), and DDP (its reducer all-reduces a gradient after the
 parameter's hook has already stepped on the local one). FSDP2 runs these hooks itself, after its reduce-scatter, on
-each rank's shard of the reduced gradient: that works.
+each rank's shard of the reduced gradient: that works (the non-finite check below is or-ed over the shards).
 
 A parameter whose gradient is not finite (an inf or NaN, or an element whose square overflows float32, which would
 make Adam's second moment inf) is not stepped: its gradient is dropped, as GradScaler skips a step, and the step's
@@ -65,6 +65,8 @@ class BackwardSteps:
         self.squares = square if self.squares is None else self.squares + square
         if not self.skip:
             bad = ~torch.isfinite(square)  # () an inf / NaN, or a square past float32's range
+            if local is not grad:  # FSDP2: one rank's shard is bad, so is the parameter on every rank
+                bad = _on_any_shard(bad, grad)
             if self.on_device:  # skipped inside the kernel for this call: no host sync
                 self.optimizer.found_inf = bad.float() if self.found_inf is None else \
                     torch.maximum(self.found_inf, bad.float())
@@ -86,3 +88,17 @@ class BackwardSteps:
             squares = squares.clone()
             dist.all_reduce(squares)
         return squares.sqrt()
+
+
+def _on_any_shard(flag: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`flag` (a () bool of this rank's shard of the DTensor `grad`) or-ed over the ranks of its mesh: a parameter is
+    stepped whole or not at all, and its optimizer state (step count included) stays one state. A collective: every
+    rank's hook for the parameter calls it, in the same order (FSDP2 runs them after the same reduce-scatters)."""
+    if not dist.is_initialized():
+        return flag
+    mesh = grad.device_mesh  # type: ignore[attr-defined]
+    group = mesh.get_group() if mesh.ndim == 1 else None  # (HSDP: the replicas hold the same shard; all ranks)
+    flag = flag.float()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.bool()
+

@@ -130,6 +130,16 @@ def _round(root: Path, **turn: Any) -> str:
     return _rw_json(root, "visdial_1.0_val.json", change)
 
 
+def _round_without(root: Path, key: str) -> str:
+    """Val dialog 10's last round without `key` (VisDial's test file gives its last rounds no answer)."""
+
+    def change(data: dict[str, Any]) -> dict[str, Any]:
+        del data["data"]["dialogs"][0]["dialog"][-1][key]
+        return data
+
+    return _rw_json(root, "visdial_1.0_val.json", change)
+
+
 def _multi_image(root: Path) -> Path:
     for split, ids in (("train", range(2)), ("test", range(10, 12))):
         write_jsonl(
@@ -310,6 +320,25 @@ MALFORMED = {
         _multi_image,
         lambda d: _rw_jsonl(d, "test.jsonl", lambda r: {**r, "answer": ""}),
         "record 10 has no answer",
+    ),
+    "visdial round without an answer": (
+        "visdial",
+        make_visdial,
+        lambda d: _round_without(d, "answer"),
+        "image_id 10 round 3 has no 'answer': an unlabeled split cannot be scored",
+    ),
+    "visdial round without a question": (
+        "visdial",
+        make_visdial,
+        lambda d: _round_without(d, "question"),
+        "image_id 10 round 3: question id None is not an index",
+    ),
+    "captioning sentence without raw": (
+        "captioning",
+        make_captioning,
+        lambda d: _rw_json(d, "captions.json", lambda c: {"images": [
+            {**im, "sentences": [{"tokens": ["a"]}]} if im["cocoid"] == 4 else im for im in c["images"]]}),
+        "image 4: 'raw' must be a string in every sentence, got [None]",
     ),
     "captioning caption null": (
         "captioning",

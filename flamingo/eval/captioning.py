@@ -36,7 +36,7 @@ class CaptioningTask(Task):
             where = f"image {im.get('cocoid', im.get('filename'))!r}"
             sentences = list_field(path, where, im.get("sentences", []), "sentences", 'a list of {"raw": caption}',
                                    (dict,))
-            captions = list_field(path, where, [s["raw"] for s in sentences], "raw",
+            captions = list_field(path, where, [s.get("raw") for s in sentences], "raw",
                                   "a string in every sentence", (str,))
             if not captions:
                 raise ValueError(f"{str(path)!r}: {where} has no sentences")

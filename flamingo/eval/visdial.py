@@ -128,7 +128,10 @@ class VisDialTask(Task):
             # a dialog without rounds has none to show or rank
             chosen = ([d % len(rounds)] if rounds else []) if split == "train" else range(len(rounds))
             where = [f"image_id {image_id} round {r + 1}" for r in range(len(rounds))]
-            asked = [(_entry(path, where[r], questions, t["question"], "question"),
+            for r, t in enumerate(rounds):
+                if "answer" not in t:  # VisDial's test file: its last round has none
+                    raise ValueError(f"{str(path)!r} {where[r]} has no 'answer': an unlabeled split cannot be scored")
+            asked = [(_entry(path, where[r], questions, t.get("question"), "question"),
                       _entry(path, where[r], answers, t["answer"], "answer")) for r, t in enumerate(rounds)]
             for r in chosen:
                 turn = rounds[r]

@@ -277,7 +277,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     kwargs are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
     repetition_penalty, num_return_sequences, ...) or HF `generate` arguments (logits_processor, ...). Sampling
     with one beam divides the logits by the temperature as the server does (`tempered_logits`): a tiny temperature
-    tends to greedy, never to NaN probabilities.
+    tends to greedy, never to NaN probabilities. Its `output_scores` are then shifted by each row's max (the same
+    distribution: `compute_transition_scores(..., normalize_logits=True)` reads the same log-probabilities; raw
+    scores differ from transformers' by that shift).
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
     generation_config: a caller's config; the fields it sets override Flamingo's defaults (`generation_config_for`:

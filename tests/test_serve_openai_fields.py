@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+from typing import Literal
 
 import httpx
+import pydantic
 import pytest
 import torch
 
@@ -101,6 +103,33 @@ def test_a_responses_output_item_sent_back_is_a_turn(served):
     again = [client.responses.create(model="tiny", input=[user, *turn, user], max_output_tokens=4,
                                      temperature=0).output_text for turn in (dumped, [plain])]
     assert again[0] == again[1]
+
+
+class Shape(pydantic.BaseModel):
+    color: Literal["red", "green", "blue"]
+
+
+def test_a_reply_from_the_clients_parse_helpers_is_a_turn(served):
+    """The `parse` helpers add `parsed` (the answer read by the schema) to the chat message and to each Responses
+    output_text part: sent back (object, dump, or `parsed` null as without a schema), it is ignored, the text is the
+    turn."""
+    _, url = served
+    client = openai_client(url)
+    message = client.chat.completions.parse(model="tiny", messages=[USER], max_tokens=32, temperature=0,
+                                            response_format=Shape).choices[0].message
+    assert isinstance(message.parsed, Shape)
+    answers = {_chat(url, [USER, sent, USER]).choices[0].message.content
+               for sent in (message, message.model_dump(), {**message.model_dump(), "parsed": None},
+                            {"role": "assistant", "content": message.content})}
+    assert len(answers) == 1
+    user = {"role": "user", "content": USER["content"]}
+    out = client.responses.parse(model="tiny", input=[user], max_output_tokens=32, temperature=0, text_format=Shape)
+    assert isinstance(out.output_parsed, Shape)
+    dumped = [{"phase": None, **item.model_dump()} for item in out.output]  # openai 2.0's items have no phase
+    plain = {"role": "assistant", "content": out.output_text}
+    again = {client.responses.create(model="tiny", input=[user, *turn, user], max_output_tokens=4,
+                                     temperature=0).output_text for turn in (dumped, [plain])}
+    assert len(again) == 1
 
 
 @pytest.mark.parametrize("sent, says", [

@@ -99,7 +99,8 @@ class Message(StrictModel):
     """A chat message; `developer` (OpenAI's newer name for it) is a system message, as in the Responses API. The
     fields of OpenAI's replies are taken as a client sends a reply back (`message.model_dump()` writes each, null when
     unset): `refusal`, `tool_calls`, `function_call` and `audio` only empty (this server answers none of them; tool
-    messages are refused too), `annotations` (citations of spans of the text) ignored: the text is the turn."""
+    messages are refused too), `annotations` (citations of spans of the text) and `parsed` (what the client's
+    `parse`/stream helpers add: the content read by its schema) ignored: the text is the turn."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[ContentPart]]
@@ -109,6 +110,7 @@ class Message(StrictModel):
     function_call: Optional[dict[str, Any]] = None
     audio: Optional[dict[str, Any]] = None
     annotations: Optional[list[dict[str, Any]]] = None
+    parsed: Optional[Any] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -317,12 +319,14 @@ class InputImage(StrictModel):
 
 
 class OutputText(StrictModel):
-    """An earlier answer's text, as a client replays a conversation's assistant turns."""
+    """An earlier answer's text, as a client replays a conversation's assistant turns (`parsed`, which the client's
+    `parse`/stream helpers add, ignored)."""
 
     type: Literal["output_text"]
     text: StrictStr
     annotations: list[Any] = Field(default_factory=list)
     logprobs: Optional[list[Any]] = None
+    parsed: Optional[Any] = None
 
 
 InputPart = Annotated[Union[InputText, InputImage, OutputText], Field(discriminator="type")]

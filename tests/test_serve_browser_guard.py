@@ -5,6 +5,8 @@ same-origin to the browser) is told apart by its Host header on a server bound t
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 
@@ -35,6 +37,27 @@ def test_a_loopback_server_answers_loopback_and_named_hosts_only(served):
     assert "names 'rebound.attacker.example:" in refused.json()["error"]["message"]
     assert "--allowed-host" in refused.json()["error"]["message"]
     assert httpx.get(served + "/", headers={"Host": "rebound.attacker.example"}).status_code == 403  # the page too
+
+
+def _raw_get(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_request_without_a_host_header_is_answered(served):
+    """HTTP/1.0 makes Host optional (health probes send none); a browser always sends one, so no Host is no page.
+    A Host that is present but empty or unlisted stays refused."""
+    for path in (b"/health", b"/v1/models"):
+        answer = _raw_get(served, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        assert answer.split(b"\r\n", 1)[0].endswith(b"200 OK"), answer[:200]
+    for host in (b"", b"rebound.attacker.example"):
+        answer = _raw_get(served, b"GET /health HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")
+        assert answer.split(b"\r\n", 1)[0].endswith(b"403 Forbidden"), answer[:200]
 
 
 def test_a_page_of_another_site_cannot_post(served):

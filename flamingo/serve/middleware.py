@@ -188,6 +188,7 @@ class BrowserGuard:
       cross-site requests (a form, a `no-cors` fetch), which need no CORS preflight.
     - With `allowed_hosts` (a server bound to loopback): a Host header naming another host. A DNS-rebinding page
       (its own name re-pointed at 127.0.0.1) is same-origin to the browser, so only the Host it sends gives it away.
+      A request with no Host header (HTTP/1.0) is answered.
     Both refusals are a 403 with an OpenAI-style error body."""
 
     def __init__(self, app: Any, allowed_hosts: Any = None) -> None:
@@ -200,8 +201,9 @@ class BrowserGuard:
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         problem = None
-        host = headers.get("host", "")
-        if self.allowed is not None and host_of(host) not in self.allowed:
+        host = headers.get("host")
+        # no Host at all is an HTTP/1.0 client (a health probe), never a browser: browsers always send one
+        if self.allowed is not None and host is not None and host_of(host) not in self.allowed:
             problem = (f"the Host header names {host!r}, which this server does not answer to (it serves "
                        f"{', '.join(sorted(self.allowed))}): add the name with --allowed-host")
         elif scope["method"] in UNSAFE_METHODS and headers.get("sec-fetch-site") in ("cross-site", "same-site"):

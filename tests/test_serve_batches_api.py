@@ -387,6 +387,30 @@ def test_lists_page_newest_first(model_dir, tmp_path):
         assert len(client.files.list(purpose="batch_output").data) == 3
 
 
+def test_a_list_pages_on_past_a_file_deleted_or_expired(model_dir, tmp_path, monkeypatch):
+    """The SDK's pager asks for the page after the last id it saw: a loop that deletes each file it lists, or a file
+    that expires between two pages, leaves that id gone, and the list goes on from its place; an id never seen is
+    still a 400."""
+    with _serving(model_dir, tmp_path / "batches") as url:
+        client = openai_client(url)
+        files = [_upload(client, [_line("a", _chat(1, max_tokens=1))], name=f"f{k}.jsonl") for k in range(5)]
+        deleted = []
+        for f in client.files.list(purpose="batch", limit=2):
+            client.files.delete(f.id)
+            deleted.append(f.id)
+        assert deleted == [f.id for f in reversed(files)]
+        files = [_upload(client, [_line("a", _chat(1, max_tokens=1))], name=f"g{k}.jsonl") for k in range(2)]
+        expiring = client.files.create(file=("e.jsonl", _jsonl([_line("a", _chat(1))]), "application/jsonl"),
+                                       purpose="batch", expires_after=HOUR)
+        files.append(_upload(client, [_line("a", _chat(1, max_tokens=1))], name="g2.jsonl"))
+        _clock_ahead(monkeypatch, 3601)
+        assert [f.id for f in client.files.list(order="asc", after=expiring.id).data] == [files[2].id]
+        assert [f.id for f in client.files.list(after=expiring.id).data] == [files[1].id, files[0].id]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.files.list(after="file-" + "0" * 24)
+        assert e.value.body["param"] == "after"
+
+
 def test_the_key_guards_the_routes_and_the_batch_passes_it_on(model_dir, tmp_path):
     with _serving(model_dir, tmp_path / "batches", api_key=KEY) as url:
         with pytest.raises(openai.AuthenticationError):

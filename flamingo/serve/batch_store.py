@@ -40,6 +40,9 @@ class Record:
     interrupted_runs: int = 0
 
 
+GONE_FILES_KEPT = 100_000  # deleted or expired files whose place a list's `after` may still name
+
+
 def clock() -> float:
     """The time file expiry reads, in seconds (one function, so that tests can move it forward)."""
     return time.time()
@@ -49,14 +52,19 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
-def page(records: dict[str, Record], limit: int, after: Optional[str], newest_first: bool = True) -> dict[str, Any]:
-    """OpenAI's list object over `records`: `limit` of them after the object `after`, and whether more follow."""
-    ordered = sorted(records.values(), key=lambda r: r.created_ns, reverse=newest_first)
-    ids = [r.body["id"] for r in ordered]
-    start = ids.index(after) + 1 if after is not None else 0
-    data = [r.body for r in ordered[start:start + limit]]
+def page(records: dict[str, Record], limit: int, after: Optional[tuple[int, str]],
+         newest_first: bool = True) -> dict[str, Any]:
+    """OpenAI's list object over `records`: `limit` of them after the place `after` (an object's `created_ns` and id;
+    the object may be gone), and whether more follow."""
+    def place(r: Record) -> tuple[int, str]:
+        return r.created_ns, r.body["id"]
+
+    ordered = sorted(records.values(), key=place, reverse=newest_first)
+    if after is not None:
+        ordered = [r for r in ordered if (place(r) < after if newest_first else place(r) > after)]
+    data = [r.body for r in ordered[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(ordered)}
+            "last_id": data[-1]["id"] if data else None, "has_more": len(ordered) > limit}
 
 
 def check_batch_dir(root: str) -> None:
@@ -76,6 +84,9 @@ class BatchStore:
         os.makedirs(self.batches_dir, exist_ok=True)
         self.files = {k: r for k, r in self._load(self.files_dir).items() if os.path.isfile(self.content_path(k))}
         self.batches = self._load(self.batches_dir)
+        # the created_ns of deleted and expired files (the latest GONE_FILES_KEPT): a client paging the list with
+        # `after` set to one of them (it deleted each file it listed, or the file expired) goes on from its place
+        self.gone_files: dict[str, int] = {}
 
     @staticmethod
     def _load(directory: str) -> dict[str, Record]:
@@ -127,7 +138,9 @@ class BatchStore:
         return record
 
     def delete_file(self, file_id: str) -> None:
-        del self.files[file_id]
+        self.gone_files[file_id] = self.files.pop(file_id).created_ns
+        if len(self.gone_files) > GONE_FILES_KEPT:
+            del self.gone_files[next(iter(self.gone_files))]
         # the object first (no object, no file); a part already gone is no error
         for path in (os.path.join(self.files_dir, file_id + ".json"), self.content_path(file_id)):
             with contextlib.suppress(FileNotFoundError):

@@ -8,7 +8,8 @@
 
 Every route checks the API key first, then deletes the files whose `expires_at` has come (batch_store.py), so an
 expired file is 404 from that second on. A server without `--batch-dir` answers each with a 404 that says so. Lists
-are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after`, `has_more`.
+are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after` (a file deleted or
+expired since: after its place), `has_more`.
 Storage: serve/batch_store.py; running: serve/batch_runner.py.
 """
 
@@ -107,12 +108,17 @@ def _limit(request: Request, default: int, most: int) -> int:
     return int(given)
 
 
-def _listing(request: Request, records: dict[str, Record], default: int, most: int,
-             newest_first: bool = True) -> JSONResponse:
+def _listing(request: Request, records: dict[str, Record], default: int, most: int, newest_first: bool = True,
+             places: Optional[Callable[[str], Optional[int]]] = None) -> JSONResponse:
+    """A page of `records`; places: the created_ns of an id `after` may name beyond them (a deleted file's)."""
     after = request.query_params.get("after")
-    if after is not None and after not in records:
-        raise APIError(400, f"after: no object {after!r} to list after", param="after")
-    return JSONResponse(page(records, _limit(request, default, most), after, newest_first))
+    cursor = None
+    if after is not None:
+        created_ns = records[after].created_ns if after in records else places(after) if places else None
+        if created_ns is None:
+            raise APIError(400, f"after: no object {after!r} to list after", param="after")
+        cursor = (created_ns, after)
+    return JSONResponse(page(records, _limit(request, default, most), cursor, newest_first))
 
 
 # what a multipart body holds beside its file (boundaries, part headers, the other fields): a file of exactly the
@@ -224,7 +230,11 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
         files = {k: r for k, r in s.files.items() if purpose is None or r.body["purpose"] == purpose}
-        return _listing(request, files, 10_000, 10_000, newest_first=order == "desc")
+        def place(file_id: str) -> Optional[int]:  # a file of another purpose, or one deleted or expired
+            record = s.files.get(file_id)
+            return record.created_ns if record is not None else s.gone_files.get(file_id)
+
+        return _listing(request, files, 10_000, 10_000, newest_first=order == "desc", places=place)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, request: Request) -> JSONResponse:

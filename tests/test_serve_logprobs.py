@@ -283,6 +283,47 @@ def test_a_stop_string_never_matches_a_character_still_being_decoded(served):
     assert reply.usage.completion_tokens == 5  # each 0xC3 may be a character's start until text follows it
 
 
+def _streamed(url, body):
+    """A completions stream's text and its chunks' logprobs lists joined; each chunk's offsets checked to lie within
+    the text sent up to it."""
+    text, lists = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["text"]
+                for key, values in (choice["logprobs"] or {}).items():
+                    lists[key] += values
+                assert all(o <= len(text) for o in lists["text_offset"]), (text, lists["text_offset"])
+    return text, lists
+
+
+def test_no_offset_passes_the_end_of_a_text_a_stop_string_cut(served):
+    """A stop string leaves its characters out of the text, not its tokens out of the lists (usage counts them):
+    the tokens from the cut on are at the text's end, whole and streamed alike."""
+    _, url = served
+    body = {"prompt": "hello there", "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    free = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    text, offsets = free["text"], free["logprobs"]["text_offset"]
+    # a stop string of three tokens' text, the last two starting past where it starts (no U+FFFD: one at the end
+    # may be a character still being decoded, so it stops a token later)
+    starts = [i for i in range(1, len(offsets) - 3) if offsets[i] < offsets[i + 1] < offsets[i + 2] < offsets[i + 3]
+              and text.find(text[offsets[i]:offsets[i + 3]]) == offsets[i]
+              and "\ufffd" not in text[offsets[i]:offsets[i + 3]]]
+    assert starts, free
+    i = starts[0]
+    cut, stop = offsets[i], text[offsets[i]:offsets[i + 3]]
+    whole = httpx.post(url + "/v1/completions", json={**body, "stop": [stop]}, timeout=60).json()
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == text[:cut]
+    assert choice["logprobs"]["tokens"] == free["logprobs"]["tokens"][:i + 3] and whole["usage"][
+        "completion_tokens"] == i + 3
+    assert choice["logprobs"]["text_offset"] == [min(o, cut) for o in offsets[:i + 3]]
+    streamed_text, streamed = _streamed(url, {**body, "stop": [stop]})
+    assert streamed_text == choice["text"] and streamed == choice["logprobs"]
+    assert _streamed(url, body) == (text, free["logprobs"])
+
+
 BAD = {
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     "top_logprobs over 20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

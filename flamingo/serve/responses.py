@@ -9,6 +9,7 @@ their `logprobs` objects (serve/logprobs.py); the usage adds up the jobs'.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
@@ -33,6 +34,10 @@ class Answer:
         self._logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
         self._completion = [CompletionLogprobs(strings) for _ in range(n)]
         self.prompt_logprobs: Optional[dict[str, list[Any]]] = None  # the echoed prompt's lists
+        # completions: the characters of each choice's text sent so far, and its tokens whose offset that text has
+        # not reached (held back, where a stop string may cut), sent once it does or, clamped, at the choice's end
+        self._sent = [len(self.echo_text)] * n
+        self._held: list[dict[str, list[Any]]] = [{} for _ in range(n)]
 
     def prompt(self, event: Event) -> None:
         """The echoed prompt's log-probabilities: its first token has none."""
@@ -41,14 +46,35 @@ class Answer:
             self.prompt_logprobs = c.add_prompt(ids, event.logprobs, self.echo_text)
 
     def token(self, event: Event) -> Optional[dict[str, Any]]:
-        """Take a delta's token; returns its `logprobs` object for a stream chunk (None when not asked for)."""
+        """Take a delta's token; returns the `logprobs` object of a stream chunk (None when not asked for): chat's
+        holds the token; completions' the tokens that start within the text sent so far."""
         if not self.asked or event.token is None or event.logprobs is None:
             return None
+        c = event.choice
         if self.chat:
-            self._tokens[event.choice].append(event.token)
-            self._logprobs[event.choice].append(event.logprobs)
+            self._tokens[c].append(event.token)
+            self._logprobs[c].append(event.logprobs)
             return {"content": chat_entries(self.strings, [event.token], event.logprobs), "refusal": None}
-        return self._completion[event.choice].add([event.token], event.logprobs)
+        self._sent[c] += len(event.text)
+        held = self._held[c]
+        for key, values in self._completion[c].add([event.token], event.logprobs).items():
+            held[key] = held.get(key, []) + values
+        ready = bisect.bisect_right(held["text_offset"], self._sent[c])  # offsets never decrease
+        self._held[c] = {k: v[ready:] for k, v in held.items()}
+        return {k: v[:ready] for k, v in held.items()}
+
+    def finish(self, choice: int) -> Optional[dict[str, Any]]:
+        """A choice's end: its text is whole, so no offset passes its end (a stop string's tokens, which the text
+        leaves out, are at its end); returns the completions `logprobs` object of the tokens still held back."""
+        if not self.asked or self.chat:
+            return None
+        end = self._sent[choice]
+        body = self._completion[choice].body
+        body["text_offset"] = [min(o, end) for o in body["text_offset"]]
+        held, self._held[choice] = self._held[choice], {}
+        if not held.get("tokens"):
+            return None
+        return {**held, "text_offset": [min(o, end) for o in held["text_offset"]]}
 
     def logprobs(self, choice: int) -> Optional[dict[str, Any]]:
         """A whole choice's `logprobs` object (None when not asked for)."""
@@ -97,6 +123,7 @@ async def whole(events: asyncio.Queue, answers: list[Answer], chat: bool,
             answer.token(event)
         elif event.kind == "finish":
             reasons[k, event.choice] = event.finish_reason
+            answer.finish(event.choice)
         elif event.kind == "error":
             for a in answers:
                 a.job.cancelled.set()
@@ -144,7 +171,8 @@ async def stream(events: asyncio.Queue, answers: list[Answer], head: dict[str, A
                 yield chunk([{"index": index, **body, "finish_reason": None, "logprobs": a.token(event)}])
             elif event.kind == "finish":
                 body = {"delta": {}} if chat else {"text": ""}
-                yield chunk([{"index": index, **body, "finish_reason": event.finish_reason, "logprobs": None}])
+                yield chunk([{"index": index, **body, "finish_reason": event.finish_reason,
+                              "logprobs": a.finish(event.choice)}])
             elif event.kind == "error":
                 failed()
                 yield "data: " + json.dumps(APIError(500, event.message, type="server_error").body()) + "\n\n"

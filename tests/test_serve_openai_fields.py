@@ -231,6 +231,13 @@ def test_a_data_urls_base64_is_read_as_browsers_read_it(encode):
     assert decode_data_url("data:image/png;base64," + encode(data)) == ("image/png", data)
 
 
+@pytest.mark.parametrize("head", ["data:image/png; base64,", "data:image/png;  BASE64 ,", "data:image/png;x=1; Base64,"])
+def test_spaces_around_a_data_urls_base64_token_are_read_as_browsers_read_them(head):
+    """WHATWG's data: URL processor takes `;`, spaces, `base64` (any case), and whitespace before the comma."""
+    data = _png()
+    assert decode_data_url(head + base64.b64encode(data).decode()) == ("image/png", data)
+
+
 @pytest.mark.parametrize("payload, says", [("%%%", "'%'"), ("aG-k", "'-'"), ("a=Gk", "'=', which is not base64 there"),
                                            ("aGkxa", "length"), ("aGk===", "'='"), ("QQ=", "'='")])
 def test_other_junk_in_a_data_urls_base64_is_named(payload, says):

@@ -7,7 +7,9 @@ import base64
 import re
 import urllib.parse
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,", re.I)
+# WHATWG: `;`, any spaces, `base64` (any case), trailing whitespace, then the comma: the data is base64
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>; *base64[\t\n\f\r ]*)?,",
+                       re.I)
 _B64_SPACE = re.compile(r"[\t\n\f\r ]+")  # ASCII whitespace (WHATWG's)
 _B64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
 MALFORMED = "malformed data URL (expected data:<mime>;base64,<data>)"

@@ -51,7 +51,8 @@ def row_generator(params: SamplingParams, choice: int, device: torch.device) -> 
     generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()
-    else:  # torch takes seeds of 64 bits (a negative one as its two's complement): any int wraps into them
+    else:  # torch takes seeds of 64 bits (a negative one as its two's complement): any int wraps into them. A CPU
+        # generator (mt19937) keeps the low 32 of them (docs/serve.md); a fold of the high ones would collide too
         generator.manual_seed((params.seed + choice) % 2**64)
     return generator
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -311,6 +312,21 @@ def test_bad_calls_are_4xx_and_the_server_keeps_serving(served):
     assert client.files.delete(good.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(good.id)
+
+
+def test_an_upload_with_a_content_encoding_is_415_and_stores_nothing(served):
+    """As every other body: a gzip upload, or a plain one labelled gzip, is the documented 415, not a multipart
+    error or a file stored as sent."""
+    client = openai_client(served)
+    before = {f.id for f in client.files.list()}
+    request = httpx.Request("POST", served + "/v1/files", data={"purpose": "batch"},
+                            files={"file": ("r.jsonl", _jsonl([_line("a", _chat(1))]))})
+    body = request.read()
+    for sent in (gzip.compress(body), body):
+        raw = httpx.post(served + "/v1/files", content=sent,
+                         headers={"content-type": request.headers["content-type"], "content-encoding": "gzip"})
+        assert raw.status_code == 415 and raw.json()["error"]["code"] == "unsupported_content_encoding", raw.text
+    assert {f.id for f in client.files.list()} == before
 
 
 def test_cancel_stops_a_running_batch_and_keeps_its_partial_output(served):

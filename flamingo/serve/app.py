@@ -54,6 +54,7 @@ from .protocol import (
     ResponsesRequest,
     TokenizeRequest,
     parse,
+    refuse_encoded_body,
 )
 from .responses import Answer, stream, whole
 from .sampling import SamplingParams
@@ -166,10 +167,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             # as FastAPI's own JSON bodies: a form's or text/plain body is what a cross-site page can send unasked
             raise APIError(415, f"the body is sent as {kind!r}: send JSON with `Content-Type: application/json`",
                            code="unsupported_media_type")
-        coding = request.headers.get("content-encoding", "identity").strip().lower()
-        if coding not in ("", "identity"):  # else the compressed bytes would be read as broken JSON
-            raise APIError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",
-                           code="unsupported_content_encoding")
+        refuse_encoded_body(request.headers)
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
         too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes "

@@ -34,7 +34,7 @@ from .batch_lines import URLS
 from .batch_runner import COMPLETION_WINDOWS, BatchRunner
 from .batch_store import BatchStore, Record, new_id, page
 from .engine import Engine
-from .protocol import APIError, StrictModel, parse
+from .protocol import APIError, StrictModel, parse, refuse_encoded_body
 
 CONTENT_CHUNK = 1 << 20  # bytes per read when a file's content is sent
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
@@ -136,6 +136,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[UploadFile, str, O
         raise too_big
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "a file is uploaded as multipart/form-data (fields `file` and `purpose`)")
+    refuse_encoded_body(request.headers)
 
     async def counted() -> AsyncIterator[bytes]:
         received = 0

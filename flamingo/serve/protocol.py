@@ -16,7 +16,7 @@ change nothing here (`store`, `metadata`, `service_tier`, `prompt_cache_key`, ..
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -51,6 +51,15 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def refuse_encoded_body(headers: Mapping[str, str]) -> None:
+    """A 415 for a request body with a `Content-Encoding`: bodies are read as sent, so compressed bytes would read as
+    broken JSON or multipart (or, mislabelled, be taken as they are)."""
+    coding = headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise APIError(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",
+                       code="unsupported_content_encoding")
 
 
 class StrictModel(BaseModel):

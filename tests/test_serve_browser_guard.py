@@ -33,7 +33,7 @@ def test_a_loopback_server_answers_loopback_and_named_hosts_only(served):
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST", "flamingo.example:443"):
         assert httpx.get(served + "/v1/models", headers={"Host": host}).status_code == 200, host
     refused = httpx.get(served + "/v1/models", headers={"Host": f"rebound.attacker.example:{port}"})
-    assert refused.status_code == 403
+    assert refused.status_code == 403 and refused.headers["x-should-retry"] == "false"
     assert "names 'rebound.attacker.example:" in refused.json()["error"]["message"]
     assert "--allowed-host" in refused.json()["error"]["message"]
     assert httpx.get(served + "/", headers={"Host": "rebound.attacker.example"}).status_code == 403  # the page too

@@ -53,6 +53,7 @@ from .protocol import (
     DetokenizeRequest,
     ResponsesRequest,
     TokenizeRequest,
+    final_answer_headers,
     parse,
     refuse_encoded_body,
 )
@@ -130,7 +131,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.response_headers())
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, e: ClientDisconnect) -> Response:
@@ -141,7 +142,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # its headers kept: a 405's `Allow` (RFC 9110)
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
-                            headers=e.headers)
+                            headers=final_answer_headers(e.status_code) | (e.headers or {}))
 
     app.add_middleware(RelativeRedirects)
     app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # refuses before any work

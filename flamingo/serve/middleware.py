@@ -213,7 +213,9 @@ class BrowserGuard:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        body = json.dumps(APIError(403, problem, code="forbidden").body()).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        error = APIError(403, problem, code="forbidden")
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
+        await send({"type": "http.response.start", "status": 403, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -52,6 +52,19 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def response_headers(self) -> dict[str, str]:
+        return final_answer_headers(self.status) | self.headers
+
+
+# answers a retry would only repeat (the request itself is at fault); 429, 503 and other 5xx may pass
+FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 422})
+
+
+def final_answer_headers(status: int) -> dict[str, str]:
+    """`x-should-retry: false` on a final answer: the openai clients retry a 409 (and 408, 429, 5xx) unless told not
+    to."""
+    return {"x-should-retry": "false"} if status in FINAL_STATUSES else {}
+
 
 def refuse_encoded_body(headers: Mapping[str, str]) -> None:
     """A 415 for a request body with a `Content-Encoding`: bodies are read as sent, so compressed bytes would read as

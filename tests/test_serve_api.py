@@ -238,22 +238,22 @@ def test_a_client_that_disconnects_frees_its_row(served):
     assert engine.metrics.value("generation_tokens_total") - before < 500
 
 
-def test_a_client_that_disconnects_before_its_whole_answer_frees_its_row(served, monkeypatch):
-    """Not streamed: the client goes away while its tokens keep coming (faster than the server's check interval)."""
-    from flamingo.serve import responses
-
-    monkeypatch.setattr(responses, "DISCONNECT_CHECK_SECONDS", 0.05)  # checked long before 500 tokens, on any CPU
+def test_a_client_that_disconnects_before_its_whole_answer_frees_its_row(served):
+    """Not streamed: the client goes away while its tokens keep coming; its rows are freed when the server sees the
+    connection close, not at a later check (tokens made after the abort: a few steps', not a share of the run's)."""
     engine, url, _ = served
     before = engine.metrics.value("generation_tokens_total")
     body = {"messages": [{"role": "user", "content": "Output:"}], "max_tokens": 500, "temperature": 0,
             "logit_bias": {str(t): -100 for t in engine.eos}}  # no early stop: it would run 500 tokens
     with pytest.raises(httpx.TimeoutException):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=0.2)
+    at_abort = engine.metrics.value("generation_tokens_total")
     deadline = time.monotonic() + 20
     while engine.running_rows and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.running_rows == 0
-    assert engine.metrics.value("generation_tokens_total") - before < 500
+    after = engine.metrics.value("generation_tokens_total") - at_abort
+    assert after <= max(8, (at_abort - before) / 4), (at_abort - before, after)
 
 
 @pytest.mark.slow

@@ -307,7 +307,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             failed = stream_failed("/v1/chat/completions" if chat else "/v1/completions")
             return StreamingResponse(stream(events, answers, head, kind, chat, include_usage, failed),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
-        result = await whole(events, answers, chat, request.is_disconnected)
+        result = await whole(events, answers, chat, request.receive)
         if result is None:
             return Response(status_code=499)
         choices, usage = result
@@ -341,7 +341,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_response(events, job, writer, stream_failed("/v1/responses")),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
-        result = await whole(events, [Answer(strings, job, True, None, 0)], True, request.is_disconnected)
+        result = await whole(events, [Answer(strings, job, True, None, 0)], True, request.receive)
         if result is None:
             return Response(status_code=499)
         (choice,), usage = result

@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ..model.logprobs import TokenLogprobs
 from .engine import Event, Job
 from .logprobs import CompletionLogprobs, TokenStrings, chat_entries
 from .protocol import APIError
-
-DISCONNECT_CHECK_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked for having gone away
 
 
 class Answer:
@@ -96,41 +93,44 @@ def add_usage(total: Optional[dict[str, Any]], usage: dict[str, Any]) -> dict[st
 
 
 async def whole(events: asyncio.Queue, answers: list[Answer], chat: bool,
-                disconnected: Callable[[], Awaitable[bool]]) -> Optional[tuple[list[dict[str, Any]], dict]]:
-    """Wait for every job's end -> (choices, usage); None when the client went away first (its jobs cancelled)."""
+                receive: Callable[[], Awaitable[dict[str, Any]]]) -> Optional[tuple[list[dict[str, Any]], dict]]:
+    """Wait for every job's end -> (choices, usage); None when the client went away first (its jobs cancelled).
+    receive: the request's ASGI `receive`, its body read: it answers `http.disconnect` when the client goes."""
     texts = {(k, i): a.echo_text for k, a in enumerate(answers) for i in range(a.job.params.n)}
     reasons: dict[tuple[int, int], Optional[str]] = {}
     usage, open_jobs = None, len(answers)
-    checked = time.monotonic()
-    while open_jobs:
-        try:
-            k, event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
-        except asyncio.TimeoutError:
-            k, event = -1, None
-        if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:  # also while tokens keep coming
-            checked = time.monotonic()
-            if await disconnected():
+
+    async def watch() -> None:  # as Starlette's StreamingResponse watches a stream's client
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        for a in answers:
+            a.job.cancelled.set()  # the engine frees the rows at its next step
+        events.put_nowait((-1, None))
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while open_jobs:
+            k, event = await events.get()
+            if event is None:
+                return None
+            answer = answers[k]
+            if event.kind == "prompt":
+                answer.prompt(event)
+            elif event.kind == "delta":
+                texts[k, event.choice] += event.text
+                answer.token(event)
+            elif event.kind == "finish":
+                reasons[k, event.choice] = event.finish_reason
+                answer.finish(event.choice)
+            elif event.kind == "error":
                 for a in answers:
                     a.job.cancelled.set()
-                return None
-        if event is None:
-            continue
-        answer = answers[k]
-        if event.kind == "prompt":
-            answer.prompt(event)
-        elif event.kind == "delta":
-            texts[k, event.choice] += event.text
-            answer.token(event)
-        elif event.kind == "finish":
-            reasons[k, event.choice] = event.finish_reason
-            answer.finish(event.choice)
-        elif event.kind == "error":
-            for a in answers:
-                a.job.cancelled.set()
-            raise APIError(500, event.message, type="server_error")
-        elif event.kind == "done":
-            usage = add_usage(usage, event.usage)
-            open_jobs -= 1
+                raise APIError(500, event.message, type="server_error")
+            elif event.kind == "done":
+                usage = add_usage(usage, event.usage)
+                open_jobs -= 1
+    finally:
+        watcher.cancel()
     choices = []
     for (k, i), text in texts.items():
         body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}

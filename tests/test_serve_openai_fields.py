@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flamingo.model.logprobs import TokenLogprobs
-from flamingo.runtime.data_url import decode_data_url
+from flamingo.runtime.data_url import decode_data_url, media_kind
 from flamingo.serve.logprobs import CompletionLogprobs, TokenStrings
 from flamingo.tiny import random_image, tiny_tokenizer
 
@@ -236,6 +236,13 @@ def test_spaces_around_a_data_urls_base64_token_are_read_as_browsers_read_them(h
     """WHATWG's data: URL processor takes `;`, spaces, `base64` (any case), and whitespace before the comma."""
     data = _png()
     assert decode_data_url(head + base64.b64encode(data).decode()) == ("image/png", data)
+
+
+def test_a_data_url_without_a_media_type_is_told_to_name_one():
+    mime, _ = decode_data_url("data:;base64," + base64.b64encode(_png()).decode())
+    with pytest.raises(ValueError, match="unsupported media type: the data URL names none") as error:
+        media_kind(mime)
+    assert "'none'" not in str(error.value)
 
 
 @pytest.mark.parametrize("payload, says", [("%%%", "'%'"), ("aG-k", "'-'"), ("a=Gk", "'=', which is not base64 there"),

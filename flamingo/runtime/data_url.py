@@ -52,4 +52,7 @@ def media_kind(mime: str) -> str:
     """"image" or "video" for a medium's type; ValueError for any other (a data URL must carry one of them)."""
     if mime.startswith("image/") or mime.startswith("video/"):
         return mime.split("/")[0]
-    raise ValueError(f"unsupported media type {mime or 'none'!r} (image/* or video/*)")
+    if not mime:  # `data:;base64,...` (RFC 2397 reads it as text/plain)
+        raise ValueError("unsupported media type: the data URL names none (give image/* or video/*, e.g. "
+                         "data:image/png;base64,...)")
+    raise ValueError(f"unsupported media type {mime!r} (image/* or video/*)")

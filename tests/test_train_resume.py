@@ -206,6 +206,22 @@ def test_resume_applies_changed_optim_settings_and_refuses_a_directory_past_its_
     assert trainer.scheduler.get_last_lr() == pytest.approx([1e-5] * len(groups))
 
 
+def test_a_resume_that_raises_train_steps_runs_its_first_step_on_the_new_schedule(world):
+    """docs/training.md: to train further, raise train.steps. The first resumed step took the lr the finished cosine
+    left (0) instead of the new schedule's at that step; every resumed step now logs the new schedule's lr."""
+    from flamingo.train.optim import lr_lambda
+    from flamingo.train.run_log import materialize
+
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=3, out=os.path.join(root, "run-longer"), interleaved=False,
+                        progress=False)  # cosine, 2 warmup steps, lr 1e-3
+    assert Trainer(load_config(path)).run()
+    trainer = Trainer(load_config(path, ["train.steps=6"]))
+    schedule = lr_lambda("cosine", 2, 6)
+    for step in range(4, 7):
+        assert materialize(trainer.train_step())["lr"] == pytest.approx(1e-3 * schedule(step - 1), rel=1e-6)
+
+
 def test_unfinished_checkpoint_writes_are_removed_when_a_run_starts(world):
     """A run killed while writing a checkpoint leaves `step_*.tmp-<pid>` (a whole checkpoint's size) that nothing
     read or pruned; the next run removes it, and an `.old-` copy whose checkpoint exists. An `.old-` without its

@@ -437,10 +437,13 @@ class Trainer:
     def _apply_optim_settings(self, path: str, state: dict[str, Any], fresh: list[dict[str, Any]]) -> None:
         """The config's optimizer settings (`optim.lr`, `weight_decay`, `betas`, `eps`, the gate multipliers) over
         the checkpoint's, from the resumed step on: a run resumed with a lower lr trains at that lr (the schedule's
-        multiplier at the step times the new base). The change is logged, naming each key."""
-        if group_settings(self.optimizer) == fresh:
-            return
+        multiplier at the step times the new base). The change is logged, naming each key. Each group's lr is set
+        from the schedule whatever changed: the checkpoint's is the old schedule's, and a resume that raised
+        `train.steps` has a new one (its first step would run at the old lr, 0 at the end of a cosine)."""
+        changed = group_settings(self.optimizer) != fresh
         apply_group_settings(self.optimizer, self.scheduler, fresh)
+        if not changed:
+            return
         now, saved = asdict(self.config.optim), state.get("optim")  # None: written before state.json held them
         changes = ", ".join(f"optim.{k} {saved.get(k)} -> {now[k]}" for k in OPTIM_SETTINGS
                             if saved is not None and _plain(saved.get(k)) != _plain(now[k]))

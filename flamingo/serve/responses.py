@@ -56,7 +56,8 @@ class Answer:
         held = self._held[c]
         for key, values in self._completion[c].add([event.token], event.logprobs).items():
             held[key] = held.get(key, []) + values
-        ready = bisect.bisect_right(held["text_offset"], self._sent[c])  # offsets never decrease
+        ready = bisect.bisect_left(held["text_offset"], self._sent[c])  # offsets never decrease; one at the sent
+        # end starts in text not sent yet: it comes with the chunk that sends it (or the finish)
         self._held[c] = {k: v[ready:] for k, v in held.items()}
         return {k: v[:ready] for k, v in held.items()}
 

@@ -231,9 +231,11 @@ def test_a_data_urls_base64_is_read_as_browsers_read_it(encode):
     assert decode_data_url("data:image/png;base64," + encode(data)) == ("image/png", data)
 
 
-@pytest.mark.parametrize("head", ["data:image/png; base64,", "data:image/png;  BASE64 ,", "data:image/png;x=1; Base64,"])
+@pytest.mark.parametrize("head", ["data:image/png; base64,", "data:image/png;  BASE64 ,", "data:image/png;x=1; Base64,",
+                                  "data:image/png ;base64,", "data: image/png;base64,", "data:\timage/png \t;base64,"])
 def test_spaces_around_a_data_urls_base64_token_are_read_as_browsers_read_them(head):
-    """WHATWG's data: URL processor takes `;`, spaces, `base64` (any case), and whitespace before the comma."""
+    """WHATWG's data: URL processor takes `;`, spaces, `base64` (any case), and whitespace before the comma; the
+    media type is stripped of whitespace around it."""
     data = _png()
     assert decode_data_url(head + base64.b64encode(data).decode()) == ("image/png", data)
 

@@ -7,9 +7,10 @@ import base64
 import re
 import urllib.parse
 
-# WHATWG: `;`, any spaces, `base64` (any case), trailing whitespace, then the comma: the data is base64
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>; *base64[\t\n\f\r ]*)?,",
-                       re.I)
+# WHATWG: the part before the comma stripped of ASCII whitespace (so is the media type's end); `;`, any spaces,
+# `base64` (any case) at its end: the data is base64
+_DATA_URL = re.compile(r"^data:[\t\n\f\r ]*(?P<mime>[\w.+-]+/[\w.+-]+)?[\t\n\f\r ]*(?P<params>(;[^;,]*)*?)"
+                       r"(?P<b64>; *base64[\t\n\f\r ]*)?,", re.I)
 _B64_SPACE = re.compile(r"[\t\n\f\r ]+")  # ASCII whitespace (WHATWG's)
 _B64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
 MALFORMED = "malformed data URL (expected data:<mime>;base64,<data>)"

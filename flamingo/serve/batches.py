@@ -8,8 +8,8 @@
 
 Every route checks the API key first, then deletes the files whose `expires_at` has come (batch_store.py), so an
 expired file is 404 from that second on. A server without `--batch-dir` answers each with a 404 that says so. Lists
-are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after` (a file deleted or
-expired since: after its place), `has_more`.
+are OpenAI's: newest first (files: `order=asc` for oldest first), `limit` objects after the id `after` (a file
+deleted or expired since: after its place), `has_more`.
 Storage: serve/batch_store.py; running: serve/batch_runner.py.
 """
 

@@ -28,6 +28,11 @@ def request_id(header: Optional[str]) -> str:
     return "req_" + uuid.uuid4().hex
 
 
+def header(scope: dict, name: bytes) -> Optional[str]:
+    """The first value of the request header `name` (lower case, as ASGI servers give names), None when absent."""
+    return next((value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name), None)
+
+
 class RequestIds:
     """ASGI middleware, the outermost: every response carries its request's `X-Request-Id` (`request_id`), and the
     server's log lines about the request name it (the route's in `REQUEST_ID` of the scope, uvicorn's access line
@@ -42,9 +47,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((value.decode("latin-1") for name, value in scope.get("headers", ())
-                      if name.lower() == b"x-request-id"), None)
-        rid = scope[REQUEST_ID] = request_id(given)
+        rid = scope[REQUEST_ID] = request_id(header(scope, b"x-request-id"))
         started = False
 
         async def tagged(message: dict) -> None:
@@ -130,7 +133,7 @@ class RelativeRedirects:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = next((value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"host"), None)
+        host = header(scope, b"host")
 
         async def relative(message: dict) -> None:
             if message["type"] == "http.response.start" and 300 <= message["status"] < 400:

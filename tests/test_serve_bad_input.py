@@ -103,9 +103,10 @@ CASES = {
         {"type": "video_url", "video_url": {"url": _video_url(16, 16, seconds=12)}},
         {"type": "text", "text": "Output:"}]}], "max_tokens": 2}), 400, "more than the 10 s allowed"),
     "body too large": (dict(json=_user("x" * 70_000)), 413, "larger than the server's limit"),
-    "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "positions"),
+    # OpenAI's wording, which clients that map errors by their text (litellm) know
+    "prompt past the positions": (dict(json=_user("yes no " * 1500)), 400, "This model's maximum context length is"),
     "prompt + max_tokens past the positions": (dict(json={**_user("yes no " * 1020), "max_tokens": 32}), 400,
-                                               "positions"),
+                                               "This model's maximum context length is"),
     "max_tokens over the cap": (dict(json={**GOOD, "max_tokens": 33}), 400, "max_tokens=33 is more than this "
                                                                               "server's cap of 32"),
     # the field the request set is named (OpenAI's current name, which the openai client sends)

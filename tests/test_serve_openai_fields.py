@@ -164,6 +164,7 @@ def test_openai_no_op_fields_are_taken_and_change_nothing(served):
     plain = _chat(url, [USER]).choices[0].message.content
     assert _chat(url, [USER], **NO_OPS).choices[0].message.content == plain
     assert _chat(url, [USER], extra_body=NULLS).choices[0].message.content == plain
+    assert _chat(url, [USER], reasoning_effort="none").choices[0].message.content == plain  # asks for no reasoning
     client = openai_client(url)
     text = client.completions.create(model="tiny", prompt="Output:", max_tokens=4, temperature=0).choices[0].text
     for fields in ({"best_of": 1, "suffix": None, **NO_OPS}, {"best_of": None, "suffix": ""}):
@@ -273,6 +274,7 @@ def test_the_responses_apis_null_and_no_op_fields_are_taken_and_features_refused
     none = {"include": [], "reasoning": None, "background": False, "max_tool_calls": None, "conversation": None,
             "top_logprobs": 0, "stream_options": {"include_obfuscation": False}, "prompt": None}
     parse(ResponsesRequest, {"input": "hi", **none}).check()
+    parse(ResponsesRequest, {"input": "hi", "reasoning": {"effort": "none", "summary": None}}).check()  # no reasoning
     parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}],
                                   "stream_options": {"include_usage": True, "include_obfuscation": True}})
     for field, value in [("include", ["message.output_text.logprobs"]), ("reasoning", {"effort": "low"}),

@@ -243,11 +243,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         max_tokens = asked if asked is not None else settings.max_tokens_cap
         if positions is not None:
             if len(ids) > positions or (len(ids) == positions and max_tokens != 0):  # echo alone: no new token
-                raise APIError(400, f"the prompt takes {len(ids)} tokens and the model has {positions} positions",
-                               param=param, code="context_length_exceeded")
+                # OpenAI's wording first: clients that map errors by their text (litellm) know it; the page knows
+                # the end ("positions")
+                raise APIError(400, f"This model's maximum context length is {positions} tokens, and the prompt "
+                                    f"takes {len(ids)} of its {positions} positions", param=param,
+                               code="context_length_exceeded")
             if asked is not None and len(ids) + asked > positions:
-                raise APIError(400, f"the prompt's {len(ids)} tokens + {field}={asked} exceed the model's "
-                                    f"{positions} positions", param=field, code="context_length_exceeded")
+                raise APIError(400, f"This model's maximum context length is {positions} tokens, and the prompt's "
+                                    f"{len(ids)} tokens + {field}={asked} exceed its {positions} positions",
+                               param=field, code="context_length_exceeded")
             max_tokens = min(max_tokens, positions - len(ids))
         logprobs = req.top_logprobs_asked()
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),

@@ -276,7 +276,8 @@ class ChatCompletionRequest(_Sampling):
             raise APIError(400, "audio is not supported by this server: modalities takes [\"text\"]",
                            param="modalities")
         for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
-            if getattr(self, name) is not None:
+            value = getattr(self, name)
+            if value is not None and not (name == "reasoning_effort" and value == "none"):  # "none": no reasoning
                 raise APIError(400, f"{name} is not supported by this server", param=name)
         self.top_logprobs_asked()
 
@@ -408,7 +409,10 @@ class ResponsesRequest(_Cached):
             raise APIError(400, "this server keeps no responses or conversations: send the whole conversation in "
                                 "`input`",
                            param="previous_response_id" if self.conversation is None else "conversation")
-        unsupported = {"prompt": self.prompt is not None, "reasoning": self.reasoning is not None,
+        # `{"effort": "none"}` asks for no reasoning, as this server does none
+        no_reasoning = isinstance(self.reasoning, dict) and self.reasoning.get("effort") == "none" and \
+            all(v is None for k, v in self.reasoning.items() if k != "effort")
+        unsupported = {"prompt": self.prompt is not None, "reasoning": self.reasoning is not None and not no_reasoning,
                        "background": bool(self.background), "include": bool(self.include),
                        "top_logprobs": bool(self.top_logprobs)}
         for name, asked in unsupported.items():

@@ -239,6 +239,14 @@ MALFORMED = {
             for r in a["annotations"]]}),
         "question 102 has no answer",
     ),
+    "vqa answer blank": (
+        "vqa",
+        make_vqa,
+        lambda d: _rw_json(d, "test_annotations.json", lambda a: {"annotations": [
+            {**r, "answers": [], "multiple_choice_answer": "  "} if r["question_id"] == 102 else r
+            for r in a["annotations"]]}),
+        "question 102 has no answer",
+    ),
     "vqa answers missing": (
         "vqa",
         make_vqa,

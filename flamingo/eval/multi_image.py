@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..config import MEDIA_TOKEN
 from ..references import DECLARATION, REFERENCE, reference_token
-from .task import Sample, Task, episode_fields, list_field, media_path, per_kind, percent, read_jsonl
+from .task import Sample, Task, episode_fields, has_text, list_field, media_path, per_kind, percent, read_jsonl
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 NUMBERED = re.compile(f"{DECLARATION.pattern}|{REFERENCE.pattern}")  # a declaration, or a reference
@@ -65,7 +65,7 @@ class MultiImageTask(Task):
                 raise ValueError(f"{self.name} record {rec['id']!r}: the question refers to image {bad[0]} but the "
                                  f"record has {len(images)} image(s)")
             answer = rec.get("answer")
-            if answer is None or not str(answer).strip():  # scored against "None" or "", as VQA refuses it
+            if not has_text(answer):  # scored against "None" or "", as VQA refuses it
                 raise ValueError(f"{str(path)!r}: record {rec.get('id')!r} has no answer: an unlabeled split cannot "
                                  "be scored")
             samples.append(Sample(id=str(rec["id"]), media=images, fields={"question": question},

@@ -258,6 +258,12 @@ def list_field(path: Path, where: str, value: Any, name: str, what: str,
     return value
 
 
+def has_text(answer: Any) -> bool:
+    """Whether a record's answer gives a reference: not null, not blank (normalised, a blank answer is the empty one,
+    which a blank prediction would match)."""
+    return answer is not None and bool(str(answer).strip())
+
+
 def media_path(data_dir: Path, relative: str) -> str:
     """A record's media file under `data_dir`. Whether it exists is not checked here: a missing file is skipped and
     counted per query as an unreadable one is (`unreadable_media`; too many of them stop the run)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .task import Sample, Task, episode_fields, list_field, media_path, percent, read_json_records
+from .task import Sample, Task, episode_fields, has_text, list_field, media_path, percent, read_json_records
 from .vqa_metric import normalize_answer, postprocess_vqa_generation
 
 
@@ -34,8 +34,8 @@ class VideoQATask(Task):
             video = rec.get("video") or _clip_of(clips, rec["video_id"])
             answers = [str(a) for a in _answers(rec, path)]
             # a record's `answer`, else (none, null or blank: VQA's fallback too) its most given one with text
-            answer = str(rec["answer"]) if _has_text(rec.get("answer")) else \
-                max(filter(_has_text, answers), key=answers.count)
+            answer = str(rec["answer"]) if has_text(rec.get("answer")) else \
+                max(filter(has_text, answers), key=answers.count)
             samples.append(Sample(id=str(rec["id"]), media=[media_path(root, video)],
                                   fields={"question": rec["question"]}, answer=answer, references=answers,
                                   **episode_fields(rec)))
@@ -59,15 +59,10 @@ def _answers(rec: dict[str, Any], path: Path) -> list[Any]:
                              (str, int, float))
     else:
         answers = [rec.get("answer")]
-    if not any(_has_text(a) for a in answers):
+    if not any(has_text(a) for a in answers):
         raise ValueError(f"{str(path)!r}: record {rec.get('id')!r} has no answer (neither 'answers' nor 'answer'): "
                          "an unlabeled split cannot be scored")
     return answers
-
-
-def _has_text(answer: Any) -> bool:
-    """Whether an answer gives a reference: not null, not blank (normalised, a blank answer is the empty one)."""
-    return answer is not None and bool(str(answer).strip())
 
 
 def _clips(folder: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .task import Sample, Task, episode_fields, media_path, per_kind, percent, read_json
+from .task import Sample, Task, episode_fields, has_text, media_path, per_kind, percent, read_json
 from .vqa_metric import postprocess_vqa_generation, vqa_accuracy
 
 DEMO_ANSWERS = ("consensus", "first")  # what a demo shows: `multiple_choice_answer`, or `answers[0]` (OpenFlamingo)
@@ -84,11 +84,11 @@ class VQATask(Task):
             answers = [str(a["answer"]) for a in ann.get("answers", [])]
             stemmed = stemmed or any("raw_answer" in a for a in ann.get("answers", []))
             chosen = ann.get("multiple_choice_answer")
-            if not answers and (chosen is None or not str(chosen)):  # scored against "", "" or "the" would score 100%
+            if not answers and not has_text(chosen):  # scored against "", "" or "the" would score 100%
                 raise ValueError(f"{str(annotations_path)!r}: question {q['question_id']!r} has no answer (neither "
                                  "'answers' nor 'multiple_choice_answer'): an unlabeled split cannot be scored")
             first = answers[0] if answers else str(chosen)
-            consensus = str(chosen) if chosen is not None and str(chosen) else first
+            consensus = str(chosen) if has_text(chosen) else first
             answer = first if self.demo_answer == "first" and answers else consensus
             image = media_path(root, q["image"]) if q.get("image") else find_image(q["image_id"])
             # VQAv2's answer_type (yes/no, number, other); else a dataset's own question_type (OK-VQA's categories)

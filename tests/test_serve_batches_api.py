@@ -623,6 +623,32 @@ def test_a_line_answered_500_is_in_the_error_file_and_the_batch_completes(served
                                                   "param": None, "code": None}
 
 
+def test_a_line_that_fails_to_send_is_logged_with_its_batch_custom_id_and_request_id(served, monkeypatch,
+                                                                                     caplog):
+    """A line whose request raises in the client that sends it is its own 500 entry; its log line names the batch,
+    the line's custom_id (by repr: a line break in it forges no log line) and the request id its entry holds (before,
+    it named none of them, and a reader of the log could not tie it to its batch)."""
+    answer = batch_lines._answer
+
+    async def fail_some(client, request, stop=None):
+        if "SEND-FAILS" in repr(request["body"]):
+            raise httpx.RemoteProtocolError("the connection broke")
+        return await answer(client, request, stop)
+
+    monkeypatch.setattr(batch_lines, "_answer", fail_some)
+    client = openai_client(served)
+    lines = [_line("a", _chat(1, max_tokens=1)), _line("odd\nid", _chat(2, "SEND-FAILS", max_tokens=1))]
+    batch = _wait(client, client.batches.create(input_file_id=_upload(client, lines).id,
+                                                endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 1)
+    (error,) = _entries(client, batch.error_file_id)
+    assert error["response"]["status_code"] == 500
+    (record,) = [r for r in caplog.records if "failed to send" in r.getMessage()]
+    assert record.getMessage() == (f"request {error['response']['request_id']}: batch {batch.id}, line custom_id "
+                                   "'odd\\nid': its request failed to send")
+    assert record.exc_info is not None and "\n" not in record.getMessage()
+
+
 def test_a_line_whose_schema_crashed_llguidance_fails_alone(served):
     """A json_schema line with integer bounds at -2**63 (which crashed the server inside llguidance, and, the batch
     being persisted in progress, every server started on its directory after it) is a 400 in the error file."""

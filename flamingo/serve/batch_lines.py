@@ -151,10 +151,12 @@ async def _answer(client: httpx.AsyncClient, request: dict[str, Any],
 
 async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: int, *,
                    stop: Optional[asyncio.Event] = None,
-                   on_answer: Optional[Callable[[int, Answer], None]] = None) -> list[Optional[Answer]]:
+                   on_answer: Optional[Callable[[int, Answer], None]] = None,
+                   batch: Optional[str] = None) -> list[Optional[Answer]]:
     """Each line's request through `client`, at most `concurrency` in flight; answers in line order. None: the line
     is no request, or `stop` was set before its turn (requests already sent finish). on_answer(index, answer) runs
-    as each answer arrives."""
+    as each answer arrives. batch: what the lines are of (a batch's id), named with each line's request id and
+    custom_id in the log line of a request that failed to send."""
     if concurrency < 1:
         raise ValueError(f"a batch's concurrency must be >= 1, got {concurrency}")
     limit = asyncio.Semaphore(concurrency)
@@ -168,7 +170,9 @@ async def send_all(client: httpx.AsyncClient, lines: list[Line], concurrency: in
             try:
                 answer = await _answer(client, line.request, stop)
             except Exception as e:  # one line's failure is its own error entry, never the batch's end
-                log.exception("a batch line's request failed to send")
+                # custom_id by repr: a client's string, whose line breaks must not forge log lines
+                log.exception("request %s: batch %s, line custom_id %r: its request failed to send",
+                              line.request["request_id"], batch or "-", line.custom_id)
                 answer = 500, APIError(500, f"internal error: {type(e).__name__}", type="server_error").body()
         if on_answer is not None and answer is not None:
             on_answer(k, answer)

@@ -223,7 +223,8 @@ class BatchRunner:
         watchdog = asyncio.get_running_loop().call_later(max(left, 0.0), self._expire)
         try:
             async with app_client(self.app, self.api_key) as client:
-                answers = await send_all(client, lines, self.concurrency, stop=self._stop, on_answer=counted)
+                answers = await send_all(client, lines, self.concurrency, stop=self._stop, on_answer=counted,
+                                         batch=body["id"])
         finally:
             watchdog.cancel()
         if not self.accepting():  # the server is stopping: its refusals are no answers; run again next start

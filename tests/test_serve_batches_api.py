@@ -413,8 +413,8 @@ def test_lists_page_newest_first(model_dir, tmp_path):
 
 def test_a_list_pages_on_past_a_file_deleted_or_expired(model_dir, tmp_path, monkeypatch):
     """The SDK's pager asks for the page after the last id it saw: a loop that deletes each file it lists, or a file
-    that expires between two pages, leaves that id gone, and the list goes on from its place; an id never seen is
-    still a 400."""
+    that expires between two pages, leaves that id gone, and the list goes on from its place, after a restart too;
+    an id never seen is still a 400."""
     with _serving(model_dir, tmp_path / "batches") as url:
         client = openai_client(url)
         files = [_upload(client, [_line("a", _chat(1, max_tokens=1))], name=f"f{k}.jsonl") for k in range(5)]
@@ -433,6 +433,10 @@ def test_a_list_pages_on_past_a_file_deleted_or_expired(model_dir, tmp_path, mon
         with pytest.raises(openai.BadRequestError) as e:
             client.files.list(after="file-" + "0" * 24)
         assert e.value.body["param"] == "after"
+    with _serving(model_dir, tmp_path / "batches") as url:  # a restart: the places are kept on disk
+        client = openai_client(url)
+        assert [f.id for f in client.files.list(order="asc", after=deleted[0]).data] == [f.id for f in files]
+        assert [f.id for f in client.files.list(after=expiring.id).data] == [files[1].id, files[0].id]
 
 
 def test_the_key_guards_the_routes_and_the_batch_passes_it_on(model_dir, tmp_path):

@@ -3,9 +3,13 @@
     DIR/files/file-<hex>.json        the file object (OpenAI's: id, bytes, created_at, filename, purpose, ...)
     DIR/files/file-<hex>.data        its content
     DIR/batches/batch_<hex>.json     the batch object
+    DIR/gone_files.jsonl             the places of deleted and expired files, `{"id", "created_ns"}` a line
 
-Each is written whole and renamed into place (runtime/checkpoint_io.py), content before its object, so a record on
-disk is always complete; a content without its object (a crash between the two) is ignored. Ids are random. The
+Each record is written whole and renamed into place (runtime/checkpoint_io.py), content before its object, so a
+record on disk is always complete; a content without its object (a crash between the two) is ignored. A deleted
+file's place is appended to `gone_files.jsonl` before its object goes (a line torn by a crash is skipped), and the
+log is rewritten whole, as a record is, to its latest `GONE_FILES_KEPT` places once it holds twice as many: a list's
+`after` names a deleted file's place across restarts too. Ids are random. The
 records live in memory too: the server reads them there and writes each change through to disk. Every method but
 `write_content` runs on the server's event loop; `write_content` touches only its own file and may run in a worker
 thread.
@@ -86,7 +90,47 @@ class BatchStore:
         self.batches = self._load(self.batches_dir)
         # the created_ns of deleted and expired files (the latest GONE_FILES_KEPT): a client paging the list with
         # `after` set to one of them (it deleted each file it listed, or the file expired) goes on from its place
-        self.gone_files: dict[str, int] = {}
+        self.gone_path = os.path.join(root, "gone_files.jsonl")
+        # the log's lines; -1: it may end in a torn line (a crash, a full disk) or hold more than it keeps, and is
+        # rewritten whole at the next deletion
+        self.gone_files, self._gone_lines = self._load_gone(self.gone_path)
+
+    @staticmethod
+    def _load_gone(path: str) -> tuple[dict[str, int], int]:
+        """The places in a gone-files log (the latest GONE_FILES_KEPT), and its line count (-1: not as a rewrite
+        leaves it)."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return {}, 0
+        gone: dict[str, int] = {}
+        lines = text.split("\n")[:-1]  # what follows the last newline: a line a crash tore
+        for line in lines:
+            try:
+                saved = json.loads(line)
+                gone[str(saved["id"])] = int(saved["created_ns"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        kept = dict(list(gone.items())[-GONE_FILES_KEPT:])
+        return kept, len(lines) if len(lines) == len(kept) and text.endswith("\n") or not text else -1
+
+    def _write_gone(self) -> None:
+        with atomic_file(self.gone_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": k, "created_ns": v}) + "\n" for k, v in self.gone_files.items())
+        self._gone_lines = len(self.gone_files)
+
+    def _save_gone(self, file_id: str) -> None:
+        """Persist a deleted file's place: appended, and synced (a delete outlives a power cut); the log rewritten
+        whole once it holds twice GONE_FILES_KEPT lines, or may end in a torn line."""
+        if not 0 <= self._gone_lines < 2 * GONE_FILES_KEPT:
+            self._write_gone()
+            return
+        with open(self.gone_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": file_id, "created_ns": self.gone_files[file_id]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._gone_lines += 1
 
     @staticmethod
     def _load(directory: str) -> dict[str, Record]:
@@ -141,6 +185,12 @@ class BatchStore:
         self.gone_files[file_id] = self.files.pop(file_id).created_ns
         if len(self.gone_files) > GONE_FILES_KEPT:
             del self.gone_files[next(iter(self.gone_files))]
+        try:
+            self._save_gone(file_id)
+        except OSError as e:  # a full disk must not keep a file (deleting frees space): its place lives in memory
+            self._gone_lines = -1  # a write cut short may have torn the log's last line
+            log.warning("file %s's place was not saved (a list's `after` names it until the server stops): %s",
+                        file_id, e)
         # the object first (no object, no file); a part already gone is no error
         for path in (os.path.join(self.files_dir, file_id + ".json"), self.content_path(file_id)):
             with contextlib.suppress(FileNotFoundError):

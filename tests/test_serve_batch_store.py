@@ -1,0 +1,65 @@
+"""The Batch API's store (serve/batch_store.py): the places of deleted and expired files, which a files list's `after`
+may name, outlive the server (persisted in `gone_files.jsonl`), bounded to the latest `GONE_FILES_KEPT`, and a line
+torn by a crash costs only itself."""
+
+from __future__ import annotations
+
+import json
+
+from flamingo.serve import batch_store
+from flamingo.serve.batch_store import BatchStore
+
+
+def _add(store: BatchStore, name: str) -> str:
+    file_id = batch_store.new_id("file-")
+    size = store.write_content(file_id, lambda f: f.write(b"{}\n"))
+    store.add_file(file_id, size, name, "batch")
+    return file_id
+
+
+def _log_lines(root) -> list[str]:
+    return (root / "gone_files.jsonl").read_text().splitlines()
+
+
+def test_deleted_files_places_outlive_the_store(tmp_path):
+    store = BatchStore(str(tmp_path))
+    ids = [_add(store, f"f{k}.jsonl") for k in range(3)]
+    places = {k: store.files[k].created_ns for k in ids[:2]}
+    for file_id in ids[:2]:
+        store.delete_file(file_id)
+    again = BatchStore(str(tmp_path))
+    assert again.gone_files == places and list(again.files) == [ids[2]]
+
+
+def test_the_places_kept_are_bounded_and_a_torn_line_costs_only_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_store, "GONE_FILES_KEPT", 3)
+    store = BatchStore(str(tmp_path))
+    ids = [_add(store, f"f{k}.jsonl") for k in range(8)]
+    for file_id in ids[:7]:
+        store.delete_file(file_id)
+    # appended up to twice the bound, then rewritten to the latest 3 (the 7th deletion's rewrite)
+    assert [json.loads(line)["id"] for line in _log_lines(tmp_path)] == ids[4:7]
+    assert list(BatchStore(str(tmp_path)).gone_files) == ids[4:7]
+
+    with open(tmp_path / "gone_files.jsonl", "a") as f:
+        f.write('{"id": "file-torn", "created')  # a crash while a place was appended
+    store = BatchStore(str(tmp_path))
+    assert list(store.gone_files) == ids[4:7]
+    store.delete_file(ids[7])  # on a line of its own
+    assert list(BatchStore(str(tmp_path)).gone_files) == [*ids[5:7], ids[7]]
+    assert all(json.loads(line) for line in _log_lines(tmp_path))
+
+
+def test_a_place_that_cannot_be_saved_does_not_keep_its_file(tmp_path, monkeypatch, caplog):
+    """A full disk: the file is deleted all the same (deleting frees space); its place lives in memory."""
+    store = BatchStore(str(tmp_path))
+    file_id = _add(store, "f.jsonl")
+
+    def full(_file_id):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_save_gone", full)
+    store.delete_file(file_id)
+    assert file_id not in store.files and file_id in store.gone_files
+    assert not (tmp_path / "files" / f"{file_id}.data").exists()
+    assert "was not saved" in caplog.text

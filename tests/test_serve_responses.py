@@ -154,3 +154,28 @@ def test_errors_name_the_input_item_at_fault(served, body, where, param):
     r = httpx.post(url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
     error = r.json()["error"]
     assert r.status_code == 400 and error["message"].startswith(where + ":") and error["param"] == param, error
+
+
+def test_responses_and_events_validate_strictly_as_the_sdks_types(served):
+    """What the openai SDK's own pydantic types require (`usage.input_tokens_details.cache_write_tokens` among them:
+    0, nothing is billed for the prefix cache's stores), strictly, for a whole response and every streamed event,
+    completed or incomplete."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    _, url = served
+    events = TypeAdapter(ResponseStreamEvent)
+    schema = {"type": "object", "properties": {"round": {"type": "boolean"}}, "required": ["round"],
+              "additionalProperties": False}
+    statuses = set()
+    for max_tokens, text in ((2, None), (32, {"format": {"type": "json_schema", "name": "a", "schema": schema}})):
+        body = {"model": "tiny", "input": "Is it round?", "max_output_tokens": max_tokens, "temperature": 0,
+                "text": text}
+        whole = Response.model_validate(httpx.post(url + "/v1/responses", json=body, timeout=30).json(), strict=True)
+        assert whole.usage.input_tokens_details.cache_write_tokens == 0
+        with httpx.stream("POST", url + "/v1/responses", json={**body, "stream": True}, timeout=30) as r:
+            sent = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+        last = [events.validate_python(event, strict=True) for event in sent][-1]
+        assert last.type == f"response.{whole.status}" and last.response.usage == whole.usage
+        statuses.add(whole.status)
+    assert statuses == {"completed", "incomplete"}

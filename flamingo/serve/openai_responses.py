@@ -16,9 +16,11 @@ from .protocol import ResponsesRequest
 
 
 def response_usage(usage: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion's usage object in the Responses API's names."""
+    """A chat completion's usage object in the Responses API's names. `cache_write_tokens` (the prompt tokens OpenAI
+    bills for writing to its cache) is 0: the prefix cache stores prompts at no cost to a client."""
     return {"input_tokens": usage["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage["total_tokens"]}
 

@@ -97,17 +97,29 @@ class ImageURL(StrictModel):
     detail: Optional[StrictStr] = None  # accepted and ignored: one resolution per model
 
 
-class TextPart(StrictModel):
+class PromptCacheBreakpoint(StrictModel):
+    """OpenAI's mark of a reusable prompt prefix's end: taken and ignored, as the prefix cache reuses any stored prefix
+    of whole blocks without being told where (docs/serve.md, "Prefix cache")."""
+
+    mode: Literal["explicit"]
+    ttl: Optional[Literal["30m", "12h"]] = None
+
+
+class _Part(StrictModel):
+    prompt_cache_breakpoint: Optional[PromptCacheBreakpoint] = None
+
+
+class TextPart(_Part):
     type: Literal["text"]
     text: StrictStr
 
 
-class ImagePart(StrictModel):
+class ImagePart(_Part):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class VideoPart(StrictModel):
+class VideoPart(_Part):
     """A video by URL (`data:video/mp4;base64,...`); a video data URL in an `image_url` part works too."""
 
     type: Literal["video_url"]
@@ -184,22 +196,45 @@ class ResponseFormat(StrictModel):
         return out
 
 
+class PromptCacheOptions(StrictModel):
+    """OpenAI's prompt-caching options, taken and ignored but `prewarm`: the prefix cache stores every prompt's
+    blocks and keeps them until space runs out (least recently used first), whatever breakpoints or lifetime a
+    request asks for; a cache-reuse diagnosis (`comparison_response_id`) has no response kept to compare with."""
+
+    mode: Optional[Literal["implicit", "explicit"]] = None
+    ttl: Optional[Literal["30m", "12h"]] = None
+    prewarm: Optional[StrictBool] = None  # true asks for no answer: refused (`refuse_unsupported`)
+    comparison_response_id: Optional[StrictStr] = None
+
+
 class _OpenAIFields(StrictModel):
     """OpenAI's fields that change nothing on this server, taken and ignored (validated): nothing is stored (`store`),
-    the prefix cache needs no key (`prompt_cache_key`), there is one tier; and the tool fields, taken when they ask for
-    no tool (null, `[]`, `tool_choice` "none" or "auto"), refused otherwise (`refuse_tools`)."""
+    the prefix cache needs no key, breakpoint or lifetime (`prompt_cache_key`, `prompt_cache_retention`,
+    `prompt_cache_options`), there is one tier; and the fields of features this server has not (tools, moderation),
+    taken when they ask for none (null, `[]`, `tool_choice` "none" or "auto"), refused otherwise
+    (`refuse_unsupported`)."""
 
     store: Optional[StrictBool] = None
     metadata: Optional[dict[StrictStr, StrictStr]] = Field(default=None, max_length=16)
     service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
     prompt_cache_key: Optional[StrictStr] = None
+    prompt_cache_retention: Optional[Literal["in_memory", "24h"]] = None
+    prompt_cache_options: Optional[PromptCacheOptions] = None
+    moderation: Optional[dict[str, Any]] = None  # asks for screening with a moderation model, which this server lacks
     safety_identifier: Optional[StrictStr] = None
     user: Optional[StrictStr] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[StrictBool] = None
 
-    def refuse_tools(self) -> None:
+    def refuse_unsupported(self) -> None:
+        if self.moderation is not None:
+            raise APIError(400, "moderation is not supported by this server (it runs no moderation model)",
+                           param="moderation")
+        if self.prompt_cache_options is not None and self.prompt_cache_options.prewarm:
+            raise APIError(400, "prompt_cache_options.prewarm is not supported by this server: it answers every "
+                                "request (its prefix cache stores a prompt as it is answered)",
+                           param="prompt_cache_options.prewarm")
         if self.tools:
             raise APIError(400, TOOLS, param="tools")
         if self.tool_choice not in (None, "none", "auto"):
@@ -267,7 +302,7 @@ class ChatCompletionRequest(_Sampling):
     web_search_options: Optional[dict[str, Any]] = None
 
     def check(self) -> None:
-        self.refuse_tools()
+        self.refuse_unsupported()
         if self.functions:
             raise APIError(400, TOOLS, param="functions")
         if self.function_call not in (None, "none", "auto"):
@@ -313,7 +348,7 @@ class CompletionRequest(_Sampling):
         return prompts
 
     def check(self) -> None:
-        self.refuse_tools()
+        self.refuse_unsupported()
         if self.best_of not in (None, 1):
             raise APIError(400, "best_of other than 1 is not supported by this server: ask for n choices, with "
                                 "logprobs to rank them", param="best_of")
@@ -327,12 +362,12 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
-class InputText(StrictModel):
+class InputText(_Part):
     type: Literal["input_text"]
     text: StrictStr
 
 
-class InputImage(StrictModel):
+class InputImage(_Part):
     """An image (or a video data URL) by URL; uploaded files (`file_id`) are not kept by this server."""
 
     type: Literal["input_image"]
@@ -380,6 +415,27 @@ class TextConfig(StrictModel):
     verbosity: Optional[Literal["low", "medium", "high"]] = None  # accepted and ignored
 
 
+class BackgroundOptions(StrictModel):
+    """Options of background execution (`background: true`, refused): they tune nothing a foreground answer does."""
+
+    completion_window: Optional[Literal["soonest", "2h", "8h"]] = None
+    continuation_id: Optional[StrictStr] = None
+
+
+class AccessPrograms(StrictModel):
+    """Which of OpenAI's access programs (policies per domain) serves the request: this server has none, so every
+    request gets its one model as it is."""
+
+    cyber: Optional[Literal["standard", "daybreak_blue", "daybreak_red"]] = None
+
+
+class ImageOptions(StrictModel):
+    """Image context compression: this server has none, so "auto" and "disabled" are what it does and "enabled" (which
+    requires it) is refused."""
+
+    context_compression: Optional[Literal["auto", "enabled", "disabled"]] = None
+
+
 class ResponsesRequest(_Cached):
     """OpenAI's Responses API (`/v1/responses`), stateless: the whole conversation comes in `input` (a text, or
     messages with `input_text` / `input_image` parts); no tools, no stored responses to continue from."""
@@ -403,6 +459,11 @@ class ResponsesRequest(_Cached):
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     max_tool_calls: Optional[StrictInt] = Field(default=None, ge=0)
     stream_options: Optional[StreamOptions] = None
+    context_management: Optional[list[dict[str, Any]]] = None  # compaction of a long context: none here
+    image: Optional[ImageOptions] = None
+    # taken and ignored
+    background_options: Optional[BackgroundOptions] = None
+    access_programs: Optional[AccessPrograms] = None
 
     def check(self) -> None:
         if self.previous_response_id is not None or self.conversation is not None:
@@ -418,7 +479,14 @@ class ResponsesRequest(_Cached):
         for name, asked in unsupported.items():
             if asked:
                 raise APIError(400, f"{name} is not supported by this server's Responses API", param=name)
-        self.refuse_tools()
+        if self.context_management:
+            raise APIError(400, "context_management is not supported by this server: it compacts no context (a "
+                                "conversation longer than the model's positions is a 400)", param="context_management")
+        if self.image is not None and self.image.context_compression == "enabled":
+            raise APIError(400, "image.context_compression \"enabled\" is not supported by this server: it "
+                                "compresses no image context (\"auto\" and \"disabled\" are taken)",
+                           param="image.context_compression")
+        self.refuse_unsupported()
         if isinstance(self.input, list) and not self.input:
             raise APIError(400, "input is empty", param="input")
         for i, item in enumerate(self.input if isinstance(self.input, list) else []):

@@ -1,0 +1,105 @@
+"""OpenAI's newer request fields (serve/protocol.py): prompt-caching hints (`prompt_cache_retention`,
+`prompt_cache_options`, a content part's `prompt_cache_breakpoint`) and the Responses API's `background_options` and
+`access_programs` are taken and change nothing; `moderation`, `context_management`, `image.context_compression:
+"enabled"` and `prompt_cache_options.prewarm` ask for what this server does not do and are refused by name; every one
+of them is taken null."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from flamingo.serve.protocol import APIError, ChatCompletionRequest, ResponsesRequest, parse
+from flamingo.tiny import random_image
+
+from serve_helpers import data_url, openai_client, serving_tiny
+
+QUESTION = "Question: what is in the image? Short answer:"
+BREAK = {"mode": "explicit", "ttl": "30m"}
+CACHE = {"prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit", "ttl": "30m",
+                                                                   "prewarm": False}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    with serving_tiny(tmp_path_factory.mktemp("serve_protocol_fields"), max_batch=8, prefill_chunk=16) as served:
+        yield served
+
+
+def _chat(url: str, **fields) -> str:
+    image = data_url(random_image(1))
+    text = {"type": "text", "text": QUESTION}
+    parts = [{"type": "image_url", "image_url": {"url": image}}, text]
+    if fields.pop("breakpoints", False):
+        parts = [{**parts[0], "prompt_cache_breakpoint": BREAK},
+                 {**text, "prompt_cache_breakpoint": {"mode": "explicit"}}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}],
+                                                       "max_tokens": 6, "temperature": 0, **fields}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_prompt_cache_hints_are_taken_and_change_nothing(served):
+    _, url = served
+    plain = _chat(url)
+    assert _chat(url, breakpoints=True, **CACHE) == plain
+    assert _chat(url, prompt_cache_retention="in_memory", prompt_cache_options={"mode": "explicit"}) == plain
+    client = openai_client(url)
+    image = data_url(random_image(1))
+    parts = [{"type": "input_image", "image_url": image}, {"type": "input_text", "text": QUESTION}]
+    items = [{"role": "user", "content": parts}]
+    marked = [{"role": "user", "content": [{**part, "prompt_cache_breakpoint": BREAK} for part in parts]}]
+    kwargs = dict(model="tiny", max_output_tokens=6, temperature=0)
+    first = client.responses.create(input=items, **kwargs).output_text
+    extra = {**CACHE, "prompt_cache_options": {"mode": "explicit", "ttl": "12h", "comparison_response_id": "resp_1"},
+             "background_options": {"completion_window": "soonest", "continuation_id": "c"},
+             "access_programs": {"cyber": "standard"}, "image": {"context_compression": "disabled"}}
+    assert client.responses.create(input=marked, extra_body=extra, **kwargs).output_text == first
+
+
+NULL_CHAT = ("prompt_cache_retention", "prompt_cache_options", "moderation")
+NULL_RESPONSES = NULL_CHAT + ("context_management", "background_options", "access_programs", "image")
+
+
+def test_every_newer_field_is_taken_null():
+    """A client that sends every field, null when unset (OpenAI's SDK types list these)."""
+    chat = parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "prompt_cache_breakpoint": None}]}], **dict.fromkeys(NULL_CHAT)})
+    assert chat.moderation is None
+    parse(ResponsesRequest, {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "hi", "prompt_cache_breakpoint": None}]}], **dict.fromkeys(NULL_RESPONSES)})
+    parse(ResponsesRequest, {"input": "hi", "context_management": [], "image": {"context_compression": "auto"}})
+
+
+MODERATION = {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}
+
+
+@pytest.mark.parametrize("model, body, param, says", [
+    (ChatCompletionRequest, {"moderation": MODERATION}, "moderation", "moderation is not supported"),
+    (ResponsesRequest, {"moderation": MODERATION}, "moderation", "moderation is not supported"),
+    (ChatCompletionRequest, {"prompt_cache_options": {"prewarm": True}}, "prompt_cache_options.prewarm",
+     "not supported"),
+    (ResponsesRequest, {"context_management": [{"type": "compaction", "compact_threshold": 1000}]},
+     "context_management", "compacts no context"),
+    (ResponsesRequest, {"image": {"context_compression": "enabled"}}, "image.context_compression",
+     "compresses no image context"),
+    (ChatCompletionRequest, {"prompt_cache_retention": "1h"}, "prompt_cache_retention", "'in_memory' or '24h'"),
+    (ChatCompletionRequest, {"prompt_cache_options": {"ttl": "5m"}}, "prompt_cache_options.ttl", "'30m'"),
+    (ChatCompletionRequest, {"prompt_cache_options": {"size": 1}}, "prompt_cache_options.size", "Unrecognized"),
+    (ResponsesRequest, {"access_programs": {"cyber": "red"}}, "access_programs.cyber", "'standard'"),
+    (ResponsesRequest, {"background_options": {"completion_window": "1d"}}, "background_options.completion_window",
+     "'soonest'"),
+])
+def test_asking_for_what_is_not_done_is_refused_by_name(model, body, param, says):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if model is ChatCompletionRequest else {"input": "hi"}
+    with pytest.raises(APIError) as refused:
+        parse(model, {**base, **body})
+    assert refused.value.status == 400 and refused.value.param == param, refused.value.message
+    assert says in refused.value.message, refused.value.message
+
+
+def test_a_breakpoint_is_typed_where_it_stands():
+    with pytest.raises(APIError) as refused:
+        parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "implicit"}}]}]})
+    assert refused.value.param == "messages.0.content.0.prompt_cache_breakpoint.mode", refused.value.message

@@ -2,14 +2,16 @@
 `prompt_cache_options`, a content part's `prompt_cache_breakpoint`) and the Responses API's `background_options` and
 `access_programs` are taken and change nothing; `moderation`, `context_management`, `image.context_compression:
 "enabled"` and `prompt_cache_options.prewarm` ask for what this server does not do and are refused by name; every one
-of them is taken null."""
+of them is taken null. `top_p: 0` is the likeliest token alone, the greedy answer."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, ResponsesRequest, parse
+from flamingo.serve.sampling import SamplingParams, _draw_sorted, pick_tokens
 from flamingo.tiny import random_image
 
 from serve_helpers import data_url, openai_client, serving_tiny
@@ -103,3 +105,35 @@ def test_a_breakpoint_is_typed_where_it_stands():
         parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "implicit"}}]}]})
     assert refused.value.param == "messages.0.content.0.prompt_cache_breakpoint.mode", refused.value.message
+
+
+def test_top_p_0_is_the_greedy_answer(served):
+    """OpenAI's range is [0, 1]: 0 keeps the likeliest token alone (the nucleus always keeps one), so a sampled
+    request (temperature 1, any seed) answers as temperature 0 does, on every endpoint."""
+    _, url = served
+    client = openai_client(url)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(2))}},
+                                             {"type": "text", "text": QUESTION}]}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=1, top_p=0,
+                                             n=3, seed=5)
+    assert {c.message.content for c in sampled.choices} == {greedy.choices[0].message.content}
+    free = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=1, n=3, seed=5)
+    assert {c.message.content for c in free.choices} != {greedy.choices[0].message.content}  # top_p 1 samples
+    text = client.completions.create(model="tiny", prompt="Output:", max_tokens=8, temperature=0).choices[0].text
+    again = client.completions.create(model="tiny", prompt="Output:", max_tokens=8, temperature=2, top_p=0, seed=1)
+    assert again.choices[0].text == text
+    out = [client.responses.create(model="tiny", input="Output:", max_output_tokens=8, **kw)
+           for kw in ({"temperature": 0}, {"temperature": 1, "top_p": 0})]
+    assert out[0].output_text == out[1].output_text and out[1].top_p == 0
+
+
+def test_the_samplers_top_p_0_is_the_argmax():
+    """Both nucleus draws (a CPU row's top-k search, a device's sort of all rows) keep the likeliest token alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 500) * 3
+    params = [SamplingParams(max_tokens=1, temperature=t, top_p=0.0) for t in (0.3, 1.0, 2.0, 1.0, 1.0, 0.7)]
+    generators = [torch.Generator().manual_seed(i) for i in range(6)]
+    assert torch.equal(pick_tokens(logits, params, generators, suppress=()), logits.argmax(-1))
+    probs = logits.softmax(-1)
+    assert torch.equal(_draw_sorted(probs, [0.0] * 6, torch.rand(6, 1)), probs.argmax(-1))

@@ -252,7 +252,7 @@ class _Sampling(_Cached):
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
-    top_p: Number = Field(default=1.0, gt=0, le=1)
+    top_p: Number = Field(default=1.0, ge=0, le=1)  # 0: the likeliest token alone (the nucleus keeps one)
     n: StrictInt = Field(default=1, ge=1, le=16)
     stop: Union[StrictStr, list[StrictStr], None] = None
     seed: Optional[StrictInt] = None
@@ -445,7 +445,7 @@ class ResponsesRequest(_Cached):
     instructions: Optional[StrictStr] = None
     max_output_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
-    top_p: Number = Field(default=1.0, gt=0, le=1)
+    top_p: Number = Field(default=1.0, ge=0, le=1)  # 0: the likeliest token alone (the nucleus keeps one)
     stream: StrictBool = False
     text: Optional[TextConfig] = None
     truncation: Optional[Literal["disabled"]] = None

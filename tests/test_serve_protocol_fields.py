@@ -1,15 +1,20 @@
-"""OpenAI's newer request fields (serve/protocol.py): prompt-caching hints (`prompt_cache_retention`,
-`prompt_cache_options`, a content part's `prompt_cache_breakpoint`) and the Responses API's `background_options` and
-`access_programs` are taken and change nothing; `moderation`, `context_management`, `image.context_compression:
-"enabled"` and `prompt_cache_options.prewarm` ask for what this server does not do and are refused by name; every one
-of them is taken null. `top_p: 0` is the likeliest token alone, the greedy answer."""
+"""OpenAI's newer request fields (serve/protocol.py) and the edges of its ranges: prompt-caching hints
+(`prompt_cache_retention`, `prompt_cache_options`, a content part's `prompt_cache_breakpoint`) and the Responses API's
+`background_options` and `access_programs` are taken and change nothing; `moderation`, `context_management`,
+`image.context_compression: "enabled"` and `prompt_cache_options.prewarm` ask for what this server does not do and are
+refused by name; every one of them is taken null. `top_p: 0` is the likeliest token alone, the greedy answer. Media
+sent as bare base64 (no `data:` head) is told how a data URL starts (serve/media.py)."""
 
 from __future__ import annotations
+
+import base64
+import io
 
 import httpx
 import pytest
 import torch
 
+from flamingo.serve.media import MediaPolicy, load_medium
 from flamingo.serve.protocol import APIError, ChatCompletionRequest, ResponsesRequest, parse
 from flamingo.serve.sampling import SamplingParams, _draw_sorted, pick_tokens
 from flamingo.tiny import random_image
@@ -137,3 +142,31 @@ def test_the_samplers_top_p_0_is_the_argmax():
     assert torch.equal(pick_tokens(logits, params, generators, suppress=()), logits.argmax(-1))
     probs = logits.softmax(-1)
     assert torch.equal(_draw_sorted(probs, [0.0] * 6, torch.rand(6, 1)), probs.argmax(-1))
+
+
+def _b64_png() -> str:
+    buffer = io.BytesIO()
+    random_image(3).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("wrap", [lambda b: b, lambda b: "\n".join(b[i:i + 76] for i in range(0, len(b), 76))])
+def test_bare_base64_is_told_how_a_data_url_starts(tmp_path, wrap):
+    """Media data without its `data:<type>;base64,` head is refused with the head to add, with or without a media
+    root; a JPEG's base64 (`/9j/...`) reads as an absolute path, and is told the same."""
+    bare = wrap(_b64_png())
+    jpeg = "/9j/" + bare[4:]
+    for policy in (MediaPolicy(), MediaPolicy(root=tmp_path)):
+        for sent in (bare, jpeg):
+            with pytest.raises(APIError) as refused:
+                load_medium(sent, policy, where="medium 0")
+            assert "a data URL needs `data:<media type>;base64,`" in refused.value.message, refused.value.message
+            assert "local paths" not in refused.value.message and sent[:100] not in refused.value.message
+
+
+def test_a_file_whose_name_reads_as_base64_is_still_a_path(tmp_path):
+    name = "A" * 70
+    random_image(3).save(tmp_path / name, format="PNG")
+    assert load_medium(name, MediaPolicy(root=tmp_path)).size == random_image(3).size
+    with pytest.raises(APIError, match="local paths are refused"):
+        load_medium("cats/cat.png", MediaPolicy())

@@ -14,11 +14,21 @@ _DATA_URL = re.compile(r"^data:[\t\n\f\r ]*(?P<mime>[\w.+-]+/[\w.+-]+)?[\t\n\f\r
 _B64_SPACE = re.compile(r"[\t\n\f\r ]+")  # ASCII whitespace (WHATWG's)
 _B64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
 MALFORMED = "malformed data URL (expected data:<mime>;base64,<data>)"
+# 64 or more base64 characters (48 bytes; a 1x1 GIF takes 60), maybe line-wrapped, and nothing else
+_BARE_B64 = re.compile(r"[\t\n\f\r ]*(?:[A-Za-z0-9+/][\t\n\f\r ]*){64,}={0,2}[\t\n\f\r ]*")
+BARE_BASE64 = "bare base64 is not a URL: a data URL needs `data:<media type>;base64,` before it " \
+              "(data:image/png;base64,iVBOR...)"
 
 
 def is_data_url(url: str) -> bool:
     """Whether `url` is a data URL (schemes are case-insensitive, RFC 3986 3.1: `DATA:` is one too)."""
     return url[:5].lower() == "data:"
+
+
+def is_bare_base64(text: str) -> bool:
+    """Whether `text` reads as media data sent in base64 without its data URL's head. A path may read so too (a long
+    name of letters and digits alone): ask once it names no file."""
+    return _BARE_B64.fullmatch(text) is not None
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:

@@ -40,7 +40,7 @@ from typing import Optional, Union
 from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
-from ..runtime.data_url import decode_data_url, is_data_url, media_kind
+from ..runtime.data_url import BARE_BASE64, decode_data_url, is_bare_base64, is_data_url, media_kind
 from ..runtime.media_formats import IMAGE_FORMAT_NAMES, VIDEO_CONTAINER_NAMES, image_formats
 from ..video import TooLong, TooManyPixels, UnlistedContainer, decode_video, open_container
 from .protocol import APIError
@@ -94,6 +94,8 @@ def _read(url: str, policy: MediaPolicy, video: bool, where: str) -> tuple[bytes
     if scheme not in ("", "file"):
         raise APIError(400, f"{where}: unsupported URL scheme {scheme!r} (data:, a local path, or http(s))")
     path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme == "file" else url
+    if scheme == "" and is_bare_base64(url) and not _names_a_file(url, policy.root):
+        raise APIError(400, f"{where}: {BARE_BASE64}")
     if policy.root is None:
         raise APIError(400, f"{where}: local paths are refused by this server (it has no --media-root)")
     try:  # the file system's own refusals (a name too long, a symlink loop, no permission) are the request's fault
@@ -119,6 +121,17 @@ def _under_root(path: str, root: Path, where: str) -> Path:
     if not resolved.is_file():
         raise APIError(400, f"{where}: no file {_shown(path)} under the media root")
     return resolved
+
+
+def _names_a_file(path: str, root: Optional[Path]) -> bool:
+    """Whether `path` names a file under the media root (none without a root); any refusal of it is a no."""
+    if root is None:
+        return False
+    try:
+        _under_root(path, root, "")
+        return True
+    except (APIError, OSError, ValueError, RuntimeError):
+        return False
 
 
 def _shown(text: str, limit: int = 200) -> str:

@@ -98,6 +98,11 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
     return rewound
 
 
+# FFmpeg's demuxers whose header declares no stream (FLV, MPEG-PS): their streams appear while
+# `avformat_find_stream_info` probes them, and PyAV gives decoder options only to the streams a header declares
+_STREAMS_FOUND_PROBING = {"flv", "mpeg"}
+
+
 def open_container(av: Any, source: Union[str, BinaryIO], name: str,
                    max_pixels: Optional[int] = None) -> "av.container.InputContainer":
     """`av.open(source)` for reading, limited to the demuxers of `VIDEO_CONTAINERS` and to reading `source` alone.
@@ -108,19 +113,60 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str,
     `UnlistedContainer` naming the ones read, before its demuxer reads its header.
     Opening decodes a stream's first frames (FFmpeg's `avformat_find_stream_info`): `max_pixels` is the decoders' own
     cap on their size, so a larger frame is not decoded there (a 16000x16000 H.264 frame: 500 MiB). Such a stream
-    opens with its size unread (0x0; H.264's and VP8's keep their header's).
+    opens with its size unread (0x0; H.264's and VP8's keep their header's). PyAV gives the cap only to the streams a
+    header declares, not to FLV's and MPEG-PS's (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder
+    and, when the size their parser reads (else their first frame's, decoded under a cap: FLV's Sorenson H.263 has no
+    parser) is over the cap or unread, returned so, decoding nothing more (`_first_frame_fits`). The frames after
+    the first that probing decodes are not checked before: a stream that grows there is refused once decoded.
     """
+    if max_pixels is None:
+        return _open(av, source, name, decode=True)
+    start = source.tell() if not isinstance(source, str) else 0
+    container = _open(av, source, name, decode=False)
+    probed = set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING
+    if probed and not _first_frame_fits(container, max_pixels):
+        return container  # its size over the cap, or unread (0x0): refused by its caller
+    container.close()
+    if not isinstance(source, str):
+        source.seek(start)
+    return _open(av, source, name, decode=True, max_pixels=max_pixels)
+
+
+def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
+          max_pixels: Optional[int] = None) -> "av.container.InputContainer":
+    """`open_container`'s `av.open`; without `decode`, probing decodes no frame (no decoder is on FFmpeg's
+    `codec_whitelist`: a stream's size is then what its header or parser gives)."""
     options = {"format_whitelist": ",".join(VIDEO_CONTAINERS),
                "protocol_whitelist": "file" if isinstance(source, str) else "none"}
-    # PyAV gives `options` to the decoders of the streams a container's header declares; FLV and MPEG-PS declare
-    # theirs while being probed, and their decoders get none
-    decoders = {"max_pixels": str(max_pixels)} if max_pixels is not None else {}
+    if not decode:
+        options["codec_whitelist"] = "none"
+    decoders = {"max_pixels": str(max_pixels)} if max_pixels is not None else {}  # (the header's streams only)
     einval = getattr(av.error, "ArgumentError", None) or av.error.ValueError  # PyAV 18's name, 15's
     try:
         return av.open(source, options=decoders, container_options=options)
     except einval:  # EINVAL: the probed demuxer, or a protocol it asked for, is not listed
         raise UnlistedContainer(f"cannot decode video {name}: not in a container read here "
                                 f"({VIDEO_CONTAINER_NAMES})") from None
+
+
+def _first_frame_fits(container: "av.container.InputContainer", max_pixels: int) -> bool:
+    """Whether the first video stream's frames are at most `max_pixels` by the size its parser read, else by its
+    first frame, decoded under a cap with room (False where the cap or bad data stops it); True with no video
+    stream."""
+    video = container.streams.video
+    if not video or video[0].codec_context is None:
+        return True
+    width, height = video[0].codec_context.width, video[0].codec_context.height
+    if width and height:
+        return width * height <= max_pixels
+    # the decoder's buffers are padded past the frame (a 64x64 H.263 frame's take over 8192 pixels): its cap has room
+    video[0].codec_context.options = {"max_pixels": str(2 * max_pixels + (1 << 20))}
+    try:
+        for frame in container.decode(video[0]):
+            return frame.width * frame.height <= max_pixels
+    except Exception:  # FFmpeg's errors (the cap's EINVAL or ENOMEM, bad data), PyAV's others
+        return False
+    return False
 
 
 def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:

@@ -21,16 +21,17 @@ from flamingo.video import decode_video
 av = pytest.importorskip("av")
 
 
-def _video(width: int, height: int, codec: str = "mpeg4", fmt: str = "mp4", frames: int = 1) -> bytes:
-    """`frames` black frames of width x height at 1 frame per second."""
+def _video(width: int, height: int, codec: str = "mpeg4", fmt: str = "mp4", frames: int = 1, rate: int = 1,
+           shade: int = 0) -> bytes:
+    """`frames` frames of width x height at `rate` frames per second, frame k grey at k * shade (all black)."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=1)
+        stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "51"}
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), k * shade, np.uint8), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return buffer.getvalue()
@@ -65,6 +66,34 @@ def test_a_video_of_frames_over_the_cap_is_refused_without_decoding_one():
     message, grown = run.stdout.decode().splitlines()
     assert "8192x8192 frames are more than the 20000000 pixels allowed" in message
     assert int(grown) < 64, f"{grown} MiB to refuse it"
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak resident size is reset by /proc")
+@pytest.mark.parametrize("fmt", ["flv", "mpeg"])
+def test_an_flv_or_mpeg_ps_video_of_frames_over_the_cap_is_refused_without_decoding_one(fmt):
+    """FLV and MPEG-PS streams appear while FFmpeg probes the file, and PyAV gives the decoders' cap only to the
+    streams a header declares: opening a 8192x8192 H.264 FLV or MPEG-PS decoded its frame uncapped (+160 MiB). They
+    are probed with no decoder first, and refused by the size their parser reads (FLV) or their first frame's,
+    decoded under a cap (a one-frame MPEG-PS: its parser reads none)."""
+    data = _video(8192, 8192, "libx264", fmt)
+    run = subprocess.run([sys.executable, "-c", _PEAK], input=data, capture_output=True, timeout=120, check=True)
+    message, grown = run.stdout.decode().splitlines()
+    assert "frames are more than the 20000000 pixels allowed" in message
+    assert int(grown) < 64, f"{grown} MiB to refuse it"
+
+
+@pytest.mark.parametrize(("fmt", "codec"), [("flv", "flv"), ("flv", "libx264"), ("mpeg", "mpeg2video"),
+                                            ("mpeg", "libx264")])
+def test_flv_and_mpeg_ps_videos_under_the_cap_decode_as_uncapped(fmt, codec):
+    """A capped reader gives an FLV's or MPEG-PS's frames as an uncapped one does (the size probed first is that of
+    the parser, else of the first frame: FLV's Sorenson H.263 has no parser); one pixel under them, refused."""
+    data = _video(64, 64, codec, fmt, frames=12, rate=25, shade=20)
+    frames = decode_video(data, fps=25, max_frames=4)
+    assert [np.asarray(f).tolist() for f in decode_video(data, fps=25, max_frames=4, max_pixels=4096)] == [
+        np.asarray(f).tolist() for f in frames]
+    assert len(frames) == 4
+    with pytest.raises(ValueError, match="frames are more than the 4095 pixels allowed"):
+        decode_video(data, max_pixels=4095)
 
 
 def test_a_frame_size_the_capped_decoder_leaves_unread_is_refused_and_one_at_the_cap_decodes():

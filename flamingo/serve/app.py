@@ -40,7 +40,9 @@ from .media import MediaPolicy, load_medium
 from .middleware import (
     REQUEST_ID,
     BrowserGuard,
+    ConnectionLimit,
     CountRequests,
+    OpenConnections,
     RelativeRedirects,
     RequestIds,
     current_request_id,
@@ -106,8 +108,9 @@ class ServeSettings:
             check_batch_dir(self.batch_dir)
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
-    """The app around a started (or to-be-started) engine; the lifespan stops the engine when the server ends."""
+def create_app(engine: Engine, settings: ServeSettings, connections: Optional[OpenConnections] = None) -> FastAPI:
+    """The app around a started (or to-be-started) engine; the lifespan stops the engine when the server ends.
+    connections: the server's connection count, when `--max-connections` bounds it (server.uvicorn_config)."""
     processor, model = engine.processor, engine.model
     positions = lm_max_positions(model.lm)
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
@@ -146,7 +149,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     app.add_middleware(RelativeRedirects)
     app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # refuses before any work
-    app.add_middleware(CountRequests, metrics=metrics)  # outside the guard: counts its refusals too
+    app.add_middleware(ConnectionLimit, connections=connections)  # refuses before any work
+    app.add_middleware(CountRequests, metrics=metrics)  # outside the guard and the limit: counts their refusals too
     # the outermost (the last added): its id on every response; answers (and logs) an exception from within
     app.add_middleware(RequestIds)
 

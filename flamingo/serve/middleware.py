@@ -120,6 +120,74 @@ class CountRequests:
             raise
 
 
+class OpenConnections:
+    """The server's open connections, counted at the socket (`protocol`: uvicorn's HTTP protocol, counting), and the
+    requests in flight through the app (`ConnectionLimit`): what `--max-connections` bounds."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the connection limit must be >= 1, got {limit}")
+        self.limit, self.open, self.in_flight = limit, 0, 0
+
+    def full(self) -> bool:
+        """Whether a request arriving now is past the limit (its own connection counts, as in uvicorn's
+        `limit_concurrency`, which this replaces: an idle keep-alive connection counts too)."""
+        return self.open > self.limit or self.in_flight >= self.limit + 1
+
+    def protocol(self, base: type) -> type:
+        """`base` (an asyncio protocol: uvicorn's HTTP protocol) counting its connections here. A connection is
+        counted from `connection_made` to `connection_lost`, asyncio's calls that frame every connection; it never
+        changes protocol, since the server takes no WebSocket upgrade (`server.uvicorn_config`)."""
+        counter = self
+
+        class Counted(base):  # type: ignore[misc, valid-type]
+            def connection_made(self, transport: Any) -> None:
+                counter.open += 1
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Optional[Exception]) -> None:
+                counter.open -= 1
+                super().connection_lost(exc)
+
+        return Counted
+
+
+class ConnectionLimit:
+    """ASGI middleware, inside `RequestIds` and `CountRequests`: `--max-connections`. A client's request that arrives
+    while more than `limit` connections are open, or `limit` other requests are in flight, is answered 503 at once,
+    before any work, and its connection closed (`Connection: close`): uvicorn's `limit_concurrency` semantics, with
+    an OpenAI-style body, `Retry-After`, the request's `X-Request-Id` and a count in the metrics. A Batch API line
+    (`BATCH_LINE`) comes through no connection and is neither refused nor counted."""
+
+    RETRY_AFTER = 1  # seconds: a stream ends, or an idle connection closes (`--keep-alive`), in about that time
+
+    def __init__(self, app: Any, connections: Optional[OpenConnections]) -> None:
+        self.app, self.connections = app, connections
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        counter = self.connections
+        if counter is None or scope["type"] != "http" or scope.get(BATCH_LINE):
+            await self.app(scope, receive, send)
+            return
+        if counter.full():
+            log.warning("request %s: %d connections open, %d requests in flight, more than --max-connections %d: "
+                        "answered 503", scope.get(REQUEST_ID), counter.open, counter.in_flight, counter.limit)
+            error = APIError(503, f"more than {counter.limit} connections are open to the server (--max-connections); "
+                                  "try again shortly", type="server_error", code="too_many_connections",
+                             headers={"Retry-After": str(self.RETRY_AFTER), "Connection": "close"})
+            body = json.dumps(error.body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.response_headers().items()]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        counter.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            counter.in_flight -= 1
+
+
 class RelativeRedirects:
     """Redirects (Starlette's added or removed trailing slash) name a path, not the host the request named: behind a
     reverse proxy that passes its own upstream address as the Host (nginx's default), an absolute `Location` would

@@ -26,7 +26,7 @@ from ..runtime.hub import is_hub_name
 from .app import ServeSettings, create_app
 from .engine import DEFAULT_PREFIX_CACHE_MIB, DEFAULT_VISION_CACHE_MIB, Engine, check_engine_options
 from .media import MediaPolicy
-from .middleware import LOOPBACK_NAMES, RequestIdFilter, loopback_interface
+from .middleware import LOOPBACK_NAMES, OpenConnections, RequestIdFilter, loopback_interface
 
 log = logging.getLogger(__name__)
 CLOSE_SECONDS = 10.0  # after the grace: for the engine's step in progress to end and the error events to be written
@@ -97,14 +97,20 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
     """uvicorn's settings for the app. root_path: the prefix a reverse proxy mounts the server under and strips;
     keep_alive: seconds an idle connection stays open (longer than a proxy's, so that the proxy closes first);
     max_connections: connections open at once (idle keep-alive ones count); past it, a request on any of them gets
-    503 (None: no limit)."""
+    503 (None: no limit). The limit is kept in the app (middleware.ConnectionLimit: its 503 carries the request's
+    id, an OpenAI-style body and Retry-After, and is counted), on connections counted by uvicorn's own HTTP
+    protocol. No WebSocket upgrade is taken (the app has no WebSocket route), so every connection stays in that
+    protocol, which counts its end."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    return uvicorn.Config(create_app(engine, settings), host=host, port=port, log_level=log_level,
+    connections = None if max_connections is None else OpenConnections(max_connections)
+    return uvicorn.Config(create_app(engine, settings, connections), host=host, port=port, log_level=log_level,
                           log_config=log_config(),
                           timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
-                          timeout_keep_alive=keep_alive,  # uvicorn counts the connection asking too
-                          limit_concurrency=None if max_connections is None else max_connections + 1)
+                          timeout_keep_alive=keep_alive,
+                          http="auto" if connections is None else connections.protocol(AutoHTTPProtocol),
+                          ws="none")
 
 
 def log_config() -> dict[str, Any]:

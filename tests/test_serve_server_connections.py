@@ -1,0 +1,108 @@
+"""`flamingo serve --max-connections N` (docs/serve.md, "Limits and errors"): while more than N connections are open
+(idle keep-alive ones count), a request on any of them is answered 503 at once and its connection closed, as an
+answer of the app: an OpenAI-style body, `Retry-After`, the request's `X-Request-Id` (the official client's
+`request_id`), and a count in `requests_total`. A connection that asked for a WebSocket upgrade is counted out when
+it closes; a Batch API line, which comes through no connection, is never refused."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from flamingo.serve.app import ServeSettings
+from flamingo.serve.middleware import BATCH_LINE, ConnectionLimit, OpenConnections
+
+from serve_helpers import engine_for, openai_client, running_server, save_tiny_model
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """What the server sends on a new connection for `request`, up to its closing the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+        return received
+
+
+def _until_served(url: str, seconds: float = 10.0) -> int:
+    deadline = time.monotonic() + seconds
+    while (status := httpx.get(url + "/health", timeout=30).status_code) == 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return status
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, one_thread):
+    return save_tiny_model(tmp_path_factory.mktemp("connections") / "model")
+
+
+def test_a_request_past_the_limit_gets_an_answer_of_the_app(model_dir):
+    engine = engine_for(model_dir)
+    with running_server(engine, ServeSettings(model_name="tiny"), keep_alive=10, max_connections=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30):  # the one connection the limit allows
+            time.sleep(0.2)
+            raw = _exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: mine-1\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            head, _, body = raw.partition(b"\r\n\r\n")  # whole: the server closed the connection after it
+            lines = head.decode().split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+            assert headers["x-request-id"] == "mine-1" and headers["retry-after"] == "1"
+            assert headers["connection"] == "close" and headers["content-type"] == "application/json"
+            assert "x-should-retry" not in headers  # a retry may be answered
+            error = httpx.Response(503, content=body).json()["error"]
+            assert error["code"] == "too_many_connections" and error["type"] == "server_error"
+            assert "--max-connections" in error["message"]
+
+            with pytest.raises(openai.InternalServerError) as e:
+                openai_client(url).chat.completions.create(model="tiny", max_tokens=1,
+                                                           messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 503 and e.value.request_id.startswith("req_")
+            assert e.value.code == "too_many_connections"
+        assert _until_served(url) == 200
+        assert engine.metrics.value("requests_total", {"endpoint": "/v1/chat/completions", "status": "503"}) == 2
+
+
+def test_a_connection_that_asked_for_an_upgrade_is_counted_out(model_dir):
+    """The server takes no WebSocket upgrade (no route needs one): the connection stays in the HTTP protocol, which
+    counts its end, so such requests never leave the limit reached."""
+    with running_server(engine_for(model_dir), ServeSettings(model_name="tiny"), start_engine=False, keep_alive=10,
+                        max_connections=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        upgrade = (b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        for _ in range(3):
+            assert _exchange(port, upgrade).startswith(b"HTTP/1.1 200")  # answered as a plain request
+        assert _until_served(url, 2.0) == 200
+
+
+def test_the_limit_counts_connections_and_requests_in_flight_and_spares_batch_lines():
+    counter = OpenConnections(2)
+    counter.open = 2
+    assert not counter.full()
+    counter.open = 3  # the request's own and two more
+    assert counter.full()
+    counter.open, counter.in_flight = 1, 3  # requests whose connections closed still run
+    assert counter.full()
+    with pytest.raises(ValueError):
+        OpenConnections(0)
+
+    answered = []
+
+    async def app(scope, receive, send):
+        answered.append(scope["path"])
+
+    async def send(message):
+        answered.append(message.get("status"))
+
+    limit = ConnectionLimit(app, counter)
+    asyncio.run(limit({"type": "http", "path": "/v1/chat/completions", BATCH_LINE: True}, None, send))
+    asyncio.run(limit({"type": "http", "path": "/v1/chat/completions"}, None, send))
+    assert answered == ["/v1/chat/completions", 503, None] and counter.in_flight == 3

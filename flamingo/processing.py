@@ -54,6 +54,14 @@ _ANIMATABLE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")
 ANIMATION_PIXELS = 64
 
 
+def default_max_pixels() -> Optional[int]:
+    """The most pixels an image or video frame read from a file may have (the processor's local files, training
+    records' media), by its header before it is decoded, as the server's `--max-image-pixels` is: Pillow's
+    decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS`, 89 M by default: a 48 MP photo is read), read when
+    a medium is. Set it higher, or to None, to read larger media."""
+    return Image.MAX_IMAGE_PIXELS
+
+
 def animatable_image(data: bytes) -> bool:
     """Whether a file's bytes are a GIF, PNG or WebP file (RIFF with "WEBP" at byte 8): read by PIL even where a video
     is expected (a `video` field, a `video_url` part, `video/gif`), an animation's frames by `image_frames`, as
@@ -573,16 +581,17 @@ class FlamingoProcessor:
         """Any accepted medium but a tensor -> its frames as RGB PIL images (one frame for a still), at most
         `max_frames`, spread uniformly over longer videos. PIL images and frames are read as files are
         (`upright_rgb`); arrays must be uint8 pixels (other dtypes are refused, not cast: a float image in [0, 1]
-        would turn black, 16-bit values wrap)."""
+        would turn black, 16-bit values wrap). A file's frames are read under `default_max_pixels`, as training's."""
         if isinstance(media, (str, os.PathLike)):
             path = Path(media)
             if not path.is_file():
                 raise ValueError(f"media file not found: {str(path)!r}")
             if path.suffix.lower() in VIDEO_EXTENSIONS:
-                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames,
+                                    max_pixels=default_max_pixels())
             try:
                 with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats.py)
-                    return image_frames(im, self.video_fps, self.max_frames)
+                    return image_frames(im, self.video_fps, self.max_frames, max_pixels=default_max_pixels())
             except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
                 return self._video_named_otherwise(path, e)
             except Exception as e:  # PIL raises several types for corrupt files
@@ -610,7 +619,8 @@ class FlamingoProcessor:
         """A file PIL cannot identify, read as a video: what a file holds decides, not its name (MPEG-TS from
         cameras and IPTV dumps, `.mts`, extensionless temporary files). Neither: a ValueError naming both tries."""
         try:
-            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames)
+            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames,
+                                max_pixels=default_max_pixels())
         except ImportError as e:  # no PyAV: the file may be no video at all
             video_error: Exception = e
         except ValueError as e:

@@ -1,7 +1,7 @@
 """Small files of huge frames are refused by their size before the frames are decoded: a video's first frames, which
 FFmpeg decodes on opening it, under the reader's pixel cap; an animation's many frames on a large canvas (GIF, APNG,
-animated WebP) by its frame count; in training data, under the loaders' cap (`sources.max_pixels`), a record
-whose medium is over it skipped and counted."""
+animated WebP) by its frame count; in training data and the processor's local files, under
+`processing.default_max_pixels` (a training record whose medium is over it skipped and counted)."""
 
 from __future__ import annotations
 
@@ -144,8 +144,39 @@ def test_an_apng_or_webp_of_more_frames_than_the_pixel_budget_is_refused_before_
     assert decoded == []
 
 
+def test_the_processors_local_files_over_the_cap_are_refused_and_at_it_read(tmp_path, monkeypatch):
+    """Chat's and evaluation's local files (`FlamingoProcessor.load_media`) are read under `default_max_pixels`, as
+    training's: a video (by its extension or by what it holds) of frames over it, an image over it (Pillow only warns
+    below twice it) and an animation of more frames x canvas than `ANIMATION_PIXELS` such images are refused, each
+    with a ValueError naming its file; media at the cap are read."""
+    from flamingo import FlamingoProcessor
+    from flamingo.processing import ANIMATION_PIXELS, add_flamingo_tokens
+    from flamingo.tiny import tiny_image_processor, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    processor = FlamingoProcessor(tok, tiny_image_processor("clip"), max_length=64, max_frames=4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    for name, size in (("at_cap.png", 64), ("over_cap.png", 80)):
+        Image.new("RGB", (size, size), "red").save(tmp_path / name)
+    (tmp_path / "many_frames.gif").write_bytes(_animation("GIF", ANIMATION_PIXELS + 1, 64))
+    for name, size in (("at_cap.mp4", 64), ("over_cap.mp4", 80), ("at_cap.ts", 64), ("over_cap.ts", 80)):
+        (tmp_path / name).write_bytes(_video(size, size, fmt="mpegts" if name.endswith(".ts") else "mp4"))
+
+    assert [f.size for f in processor.load_media(tmp_path / "at_cap.png")] == [(64, 64)]
+    assert [f.size for f in processor.load_media(tmp_path / "at_cap.mp4")] == [(64, 64)]
+    assert [f.size for f in processor.load_media(tmp_path / "at_cap.ts")] == [(64, 64)]
+    for name, detail in (("over_cap.png", "80x80 is more than the 4096 pixels allowed"),
+                         ("over_cap.mp4", "frames are more than the 4096 pixels allowed"),
+                         ("over_cap.ts", "frames are more than the 4096 pixels allowed"),
+                         ("many_frames.gif", f"of {ANIMATION_PIXELS + 1} frames of 64x64 is more than")):
+        with pytest.raises(ValueError, match=detail) as refused:
+            processor.load_media(tmp_path / name)
+        assert name in str(refused.value)
+
+
 def test_training_media_over_the_loaders_cap_are_skipped_and_counted_before_they_are_decoded(tmp_path, monkeypatch):
-    """The loaders read images and videos under `sources.max_pixels` (Pillow's `MAX_IMAGE_PIXELS`), as the server
+    """The loaders read images and videos under `default_max_pixels` (Pillow's `MAX_IMAGE_PIXELS`), as the server
     under its `--max-image-pixels`: an image over it (Pillow only warns below twice it), a video's frames over it
     and an animation of more frames x canvas than `ANIMATION_PIXELS` such images are `bad_image` / `bad_video`,
     and no image is decoded for it; media at the cap are read."""

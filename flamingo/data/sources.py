@@ -24,7 +24,7 @@ from typing import IO, Any, Callable, Iterator, Optional
 
 from PIL import Image
 
-from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
+from ..processing import VIDEO_EXTENSIONS, animatable_image, default_max_pixels, image_frames
 from ..runtime.lru import LRU
 from ..runtime.media_formats import image_formats
 from ..runtime.text import bom_codec, file_encoding
@@ -559,27 +559,20 @@ class MediaRef:
         data = self.read()
         if self.video and not animatable_image(data):
             try:
-                return decode_video(data, fps=fps, max_frames=max_frames, max_pixels=max_pixels())
+                return decode_video(data, fps=fps, max_frames=max_frames, max_pixels=default_max_pixels())
             except ValueError as e:
                 raise SkipSample("bad_video", f"{self.name}: {e}") from e
         return decode_frames(data, self.name, fps, max_frames, bad="bad_video" if self.video else "bad_image")
 
 
-def max_pixels() -> Optional[int]:
-    """The most pixels a training image or video frame may have, read from its header before it is decoded, as the
-    server's `--max-image-pixels` is: Pillow's decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS`, 89 M by
-    default: a 48 MP photo is read), read when a medium is. Set it higher, or to None, to read larger media."""
-    return Image.MAX_IMAGE_PIXELS
-
-
 def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8,
                   bad: str = "bad_image") -> list[Image.Image]:
     """An image file's bytes -> its frames: one for a still, an animation's as a video's (`image_frames`, under
-    `max_pixels`: each frame by its header, an animation's frames x canvas by its frame count, before any is
+    `default_max_pixels`: each frame by its header, an animation's frames x canvas by its frame count, before any is
     decoded); SkipSample(`bad`) when they do not decode or are refused."""
     try:
         with Image.open(io.BytesIO(data), formats=image_formats()) as im:
-            return image_frames(im, fps, max_frames, max_pixels=max_pixels())
+            return image_frames(im, fps, max_frames, max_pixels=default_max_pixels())
     except TooLong as e:
         raise SkipSample(bad, f"{name}: an animation {e}") from e
     except Exception as e:  # PIL raises several types for corrupt bytes

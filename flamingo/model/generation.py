@@ -279,7 +279,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     with one beam divides the logits by the temperature as the server does (`tempered_logits`): a tiny temperature
     tends to greedy, never to NaN probabilities. Its `output_scores` are then shifted by each row's max (the same
     distribution: `compute_transition_scores(..., normalize_logits=True)` reads the same log-probabilities; raw
-    scores differ from transformers' by that shift).
+    scores differ from transformers' by that shift). Beam sampling below `BEAM_SAMPLING_MIN_TEMPERATURE` (1e-4) is
+    beam search, its limit. repetition_penalty: finite and at least `MIN_REPETITION_PENALTY` (1e-4), else a
+    ValueError.
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
     generation_config: a caller's config; the fields it sets override Flamingo's defaults (`generation_config_for`:
@@ -338,6 +340,10 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     rest = {k: v for k, v in kwargs.items() if k not in config_keys}
     ctx = MediaContext(Phase.PREFILL, visual_tokens, impl=xattn_impl)  # `<image>` is suppressed after the prompt
     processors = [*(rest.get("logits_processor") or []), EnterDecode(ctx, model)]
+    check_repetition_penalty(config.repetition_penalty)
+    if config.do_sample and (config.num_beams or 1) > 1 and isinstance(config.temperature, (int, float)) and \
+            0 < config.temperature < BEAM_SAMPLING_MIN_TEMPERATURE:
+        config.do_sample, config.temperature = False, 1.0  # the limit of beam sampling as the temperature tends to 0
     if config.do_sample and (config.num_beams or 1) == 1 and isinstance(config.temperature, (int, float)) and \
             0 < config.temperature < float("inf") and config.temperature != 1:
         # in place of transformers' warper, where it would run (the first of the sampling warpers, after the
@@ -385,6 +391,30 @@ def _property_shapes_dynamic() -> Any:
 
 # transformers' `generate` arguments for assisted / prompt-lookup decoding (several tokens verified per step)
 ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "assistant_tokenizer")
+
+
+# Beam sampling below this temperature is beam search, its limit as the temperature tends to 0. transformers' beam
+# sampling keeps a beam's score as its summed log-probs / temperature and marks dropped beams with -1e9 on that scale:
+# scores a smaller temperature pushes past -1e9 lose every beam (an empty answer at 1e-30; NaN probabilities at
+# 1e-40). At 1e-4 a draw already differs from beam search's choice only between candidates whose summed log-probs
+# are within about 1e-3 of each other.
+BEAM_SAMPLING_MIN_TEMPERATURE = 1e-4
+
+# The smallest repetition penalty taken. transformers divides a seen token's positive logit by the penalty: below
+# about 1e-37 that overflows float32 to inf (NaN probabilities when sampling, an arbitrary inf token when greedy), and
+# 1e-4 already multiplies such a logit by 10^4, which makes the likeliest seen token certain.
+MIN_REPETITION_PENALTY = 1e-4
+
+
+def check_repetition_penalty(penalty: Optional[float]) -> None:
+    """A ValueError for a `repetition_penalty` that is not a number in [MIN_REPETITION_PENALTY, inf) (1.0: none)."""
+    if penalty is None:
+        return
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not \
+            MIN_REPETITION_PENALTY <= penalty < float("inf"):
+        raise ValueError(f"repetition_penalty={penalty!r}: it must be a number of at least {MIN_REPETITION_PENALTY:g} "
+                         "and finite (1.0 penalises nothing, above 1 discourages repeating a token, below 1 "
+                         "encourages it)")
 
 
 def tempered_logits(logits: torch.Tensor, temperature: Union[float, torch.Tensor]) -> torch.Tensor:

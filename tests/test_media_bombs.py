@@ -217,3 +217,33 @@ def test_training_media_over_the_loaders_cap_are_skipped_and_counted_before_they
         "at_cap.mp4", "over_cap.mp4")])
     report = inspect_dataset(videos, "video")
     assert (report.samples, report.frames, report.skipped) == (1, 1, {"bad_video": 1})
+
+
+def test_pack_reencodes_an_image_only_within_the_loaders_cap(tmp_path, monkeypatch):
+    """`flamingo data pack` re-encodes as PNG an image whose format's extension the tar reader does not list (AVIF,
+    PPM), decoding every frame and holding them all: by their headers first, one over `default_max_pixels` is
+    `bad_image` (the loader refuses it; Pillow's own check only warns below twice it), an animation of more pixels
+    than that in all is `reencode_size` (a 15 KB AVIF of 20 4000x4000 frames took 1.5 GiB); within it, packed."""
+    from PIL import features
+
+    from flamingo.data.errors import SkipSample
+    from flamingo.data.pack import Unpackable, _image_member
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "at_cap", format="PPM")
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "over_cap", format="PPM")
+    assert _image_member(str(tmp_path / "at_cap"), "k")[0] == "k.png"
+    with pytest.raises(SkipSample, match="80x80 is more than the 4096 pixels allowed") as skipped:
+        _image_member(str(tmp_path / "over_cap"), "k")
+    assert skipped.value.reason == "bad_image"
+    if not features.check("avif"):
+        return
+    for name, size, count in (("small", 32, 4), ("large", 32, 5)):
+        frames = [Image.new("RGB", (size, size), (k * 60, 0, 0)) for k in range(count)]
+        frames[0].save(tmp_path / name, format="AVIF", save_all=True, append_images=frames[1:], duration=100)
+    member, data = _image_member(str(tmp_path / "small"), "k")
+    with Image.open(io.BytesIO(data)) as im:
+        assert member == "k.png" and im.n_frames == 4
+    with pytest.raises(Unpackable, match="5 frames of 32x32 is more than the 4096 pixels") as left_out:
+        _image_member(str(tmp_path / "large"), "k")
+    assert left_out.value.reason == "reencode_size"

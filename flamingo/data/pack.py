@@ -8,8 +8,9 @@ JSON or fields are malformed (by the loader's rules: a pair's caption is `captio
 counted by the loader's reasons. A pair's image is named by its format where its extension is not one the tar
 reader lists (`images/3f2a9c` holding a JPEG becomes `{key}.jpg`), and re-encoded as PNG where its format has no
 such extension either. Left out under reasons of their own: MMICL rows declaring several images (`images`,
-`multi_image_row`: a pair sample holds one image; keep them in a JSONL table), and videos whose extension the tar
-reader does not list (`video_extension`).
+`multi_image_row`: a pair sample holds one image; keep them in a JSONL table), videos whose extension the tar
+reader does not list (`video_extension`), and animations to re-encode of more pixels than the loaders' cap in all
+(`reencode_size`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image
 
+from ..processing import default_max_pixels
 from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
 from ..runtime.media_formats import image_formats
@@ -166,7 +168,10 @@ def _ext(path: str) -> str:
 def _image_member(path: str, key: str) -> tuple[str, bytes]:
     """An image file as the member `{key}.{ext}` the tar reader finds: its own extension where listed, else its
     format's, else re-encoded as PNG (an animation as an animated PNG). Bytes PIL cannot read are `bad_image`, as the
-    loader would count them from the table."""
+    loader would count them from the table; so is an image to re-encode over the loader's cap (`default_max_pixels`,
+    by its header: Pillow's own check only warns below twice it), and an animation whose frames hold more pixels
+    than that cap in all is `reencode_size` (PNG's writer holds every frame: a 15 KB AVIF of 20 4000x4000 frames
+    took 1.5 GiB)."""
     data = read_media_file(path)
     if _ext(path) in IMAGE_EXTS:
         return f"{key}.{_ext(path)}", data
@@ -176,11 +181,28 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
             ext = FORMAT_EXTS.get(fmt, fmt)
             if ext in IMAGE_EXTS:
                 return f"{key}.{ext}", data
+            _check_reencoded(image, path)
             out = io.BytesIO()
             image.save(out, format="PNG", save_all=getattr(image, "is_animated", False))
             return f"{key}.png", out.getvalue()
+    except Unpackable:
+        raise
     except Exception as e:  # PIL raises several types for unreadable files
         raise SkipSample("bad_image", f"{path}: {e}") from e
+
+
+def _check_reencoded(image: Image.Image, path: str) -> None:
+    """An image to re-encode, by its header before any frame is decoded: a frame over `default_max_pixels` is a
+    ValueError (the loader refuses it), an animation of more pixels than that in all `Unpackable`."""
+    cap = default_max_pixels()
+    if cap is None:
+        return
+    (width, height), frames = image.size, getattr(image, "n_frames", 1)
+    if width * height > cap:
+        raise ValueError(f"{width}x{height} is more than the {cap} pixels allowed")
+    if frames * width * height > cap:
+        raise Unpackable("reencode_size", f"{path}: an animation of {frames} frames of {width}x{height} is more than "
+                                          f"the {cap} pixels re-encoding holds; give it as PNG, GIF or WebP")
 
 
 def _pair_members(row: dict[str, Any], base_dir: str, key: str, video: bool) -> list[tuple[str, bytes]]:

@@ -155,3 +155,29 @@ def test_a_line_answered_500_costs_only_itself(tmp_path, one_thread, monkeypatch
     assert [(o["custom_id"], o["response"]["status_code"]) for o in out] == [("a", 200), ("boom", 500), ("b", 200)]
     assert out[1]["response"]["body"]["error"]["message"] == "internal error: RuntimeError"
     assert (report.succeeded, report.failed) == (2, {500: 1})
+
+
+def test_a_line_that_fails_to_send_is_logged_with_the_input_file_and_custom_id(tmp_path, one_thread, monkeypatch,
+                                                                              caplog):
+    """`flamingo batch`'s log line of a line whose request raises in the client names the input file and the line's
+    custom_id (as the Batch API's names the batch id), so a reader can find the line."""
+    from flamingo.serve import batch_lines
+
+    answer = batch_lines._answer
+
+    async def fail_some(client, request, stop=None):
+        if "SEND-FAILS" in repr(request["body"]):
+            raise httpx.RemoteProtocolError("the connection broke")
+        return await answer(client, request, stop)
+
+    monkeypatch.setattr(batch_lines, "_answer", fail_some)
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}})
+             for cid, text in (("a", "Output:"), ("gone", "SEND-FAILS"))]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_batch(engine_for(model_dir, max_batch=2), ServeSettings(model_name="tiny"), str(tmp_path / "in.jsonl"),
+                       str(tmp_path / "out.jsonl"), progress=False)
+    assert (report.succeeded, report.failed) == (1, {500: 1})
+    (record,) = [r for r in caplog.records if "failed to send" in r.getMessage()]
+    assert f"batch {str(tmp_path / 'in.jsonl')!r}, line custom_id 'gone'" in record.getMessage()

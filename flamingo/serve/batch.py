@@ -44,13 +44,14 @@ class BatchReport:
 
 
 async def _run(engine: Engine, settings: ServeSettings, lines: list[Line], concurrency: int,
-               progress: bool) -> list[Optional[Answer]]:
+               progress: bool, input_path: str) -> list[Optional[Answer]]:
     from tqdm.auto import tqdm
 
     with tqdm(total=sum(line.request is not None for line in lines), desc="batch", unit="req",  # closed on errors
               disable=not progress) as bar:
         async with app_client(create_app(engine, settings), settings.api_key) as client:
-            return await send_all(client, lines, concurrency, on_answer=lambda k, answer: bar.update(1))
+            return await send_all(client, lines, concurrency, on_answer=lambda k, answer: bar.update(1),
+                                  batch=repr(input_path))  # the log line of a line that fails to send names it
 
 
 def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_path: str, *,
@@ -70,7 +71,7 @@ def run_batch(engine: Engine, settings: ServeSettings, input_path: str, output_p
     start = time.monotonic()
     engine.start()
     try:
-        answers = asyncio.run(_run(engine, settings, lines, concurrency, progress))
+        answers = asyncio.run(_run(engine, settings, lines, concurrency, progress, input_path))
     finally:
         engine.stop(0.0)
     report.seconds = time.monotonic() - start

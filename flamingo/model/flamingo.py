@@ -17,6 +17,7 @@ decode, score) live in a `MediaContext` (context.py) that exists for the duratio
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
@@ -943,7 +944,12 @@ class Flamingo(nn.Module):
             for name in kept:  # the processor saved there by its own save_pretrained (the HF habit)
                 shutil.copy2(os.path.join(directory, name), os.path.join(tmp, name))
             tensors = self._saved_tensors(trained_only or source is not None)  # copied backbones lack trained ones
-            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            metadata = {"format": "pt"}
+            if trained_only:  # the backbones' files, named by reference, say nothing of the dtype they ran in here
+                metadata[BACKBONE_DTYPES_KEY] = json.dumps({part: str(dtype).removeprefix("torch.") for part, dtype in
+                                                            (("vision", bulk_dtype(self.vision)),
+                                                             ("lm", bulk_dtype(self.lm))) if dtype is not None})
+            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
             if source is not None:
                 for part in BACKBONE_DIRS:  # copies, not links: a file rewritten in place later changes no save
                     shutil.copytree(os.path.join(source, part), os.path.join(tmp, part))
@@ -1000,8 +1006,9 @@ class Flamingo(nn.Module):
         (`checked_torch_dtype`). None or "auto": the model as it was saved: the resampler, blocks, added rows and
         LoRA adapters in the floating dtype of `flamingo.safetensors` when it holds one (a model saved in bf16 loads
         in bf16), else float32; a backbone saved whole (`vision/`, `lm/`) in the dtype its config.json records (bf16
-        backbones saved beside float32 trained parts stay bf16); a backbone named by reference in the dtype of the
-        former. The model's `name_or_path` is the one given here.
+        backbones saved beside float32 trained parts stay bf16); a backbone named by reference in the dtype the
+        trained-only save recorded it in (`BACKBONE_DTYPES_KEY`: a `train.frozen_dtype: bf16` run's stay bf16), else
+        (a save without the record) in the trained tensors' dtype. The model's `name_or_path` is the one given here.
         A trained-only checkpoint's backbones named by Hub name load at the commits its config records
         (`_load_backbone`). A Hub repository that is no saved Flamingo is refused from its configs, before weights."""
         torch_dtype = checked_torch_dtype(torch_dtype)
@@ -1024,7 +1031,9 @@ class Flamingo(nn.Module):
         except SafetensorError as e:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or damaged): {e}") from e
         own = torch_dtype or saved_dtype(state)
-        parts = {part: torch_dtype or recorded_dtype(os.path.join(directory, part)) or own for part in BACKBONE_DIRS}
+        referenced = referenced_backbone_dtypes(path)
+        parts = {part: torch_dtype or recorded_dtype(os.path.join(directory, part)) or referenced.get(part) or own
+                 for part in BACKBONE_DIRS}
         vision = _load_backbone(directory, config, "vision", parts["vision"])
         lm = _load_backbone(directory, config, "lm", parts["lm"])
         model = cls(vision, lm, config)
@@ -1139,6 +1148,38 @@ def unresolved_backbones(config: FlamingoConfig) -> list[str]:
         except FileNotFoundError:
             unresolved.append(f"{key} {ref!r}")
     return unresolved
+
+
+# The key, in the metadata of a trained-only save's `flamingo.safetensors`, of the dtype each backbone it names by
+# reference ran in (JSON: {"vision": "bfloat16", "lm": "bfloat16"}). In the file's metadata, not in FlamingoConfig:
+# `FlamingoConfig.from_dict` refuses fields it does not know, so a config field would make an older version refuse
+# the save; an older version never reads the metadata and loads the backbones in the trained tensors' dtype.
+BACKBONE_DTYPES_KEY = "flamingo.backbone_dtypes"
+
+
+def bulk_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype most of a backbone's parameter elements are held in: its frozen weights' (bf16 under
+    `train.frozen_dtype: bf16`) beside a few trained float32 ones (LoRA adapters). None without floating ones."""
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.dtype.is_floating_point:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def referenced_backbone_dtypes(path: str) -> dict[str, torch.dtype]:
+    """The backbone dtypes a trained-only save recorded in the metadata of `path` (its `flamingo.safetensors`), by
+    part; empty for a save without the record (a whole save, or one written before it was recorded). A value that is
+    not a floating dtype's name is skipped (the backbone then loads as it would without the record)."""
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get(BACKBONE_DTYPES_KEY)
+    try:
+        named = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        named = {}
+    dtypes = {part: getattr(torch, name, None) for part, name in named.items()
+              if part in BACKBONE_DIRS and isinstance(name, str)} if isinstance(named, dict) else {}
+    return {part: d for part, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point}
 
 
 def saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

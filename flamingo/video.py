@@ -101,6 +101,7 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
 # FFmpeg's demuxers whose header declares no stream (FLV, MPEG-PS): their streams appear while
 # `avformat_find_stream_info` probes them, and PyAV gives decoder options only to the streams a header declares
 _STREAMS_FOUND_PROBING = {"flv", "mpeg"}
+_PROBE_BYTES = 5_000_000  # FFmpeg's `probesize`: the packets probing reads at most
 
 
 def open_container(av: Any, source: Union[str, BinaryIO], name: str,
@@ -114,17 +115,16 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str,
     Opening decodes a stream's first frames (FFmpeg's `avformat_find_stream_info`): `max_pixels` is the decoders' own
     cap on their size, so a larger frame is not decoded there (a 16000x16000 H.264 frame: 500 MiB). Such a stream
     opens with its size unread (0x0; H.264's and VP8's keep their header's). PyAV gives the cap only to the streams a
-    header declares, not to FLV's and MPEG-PS's (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder
-    and, when the size their parser reads (else their first frame's, decoded under a cap: FLV's Sorenson H.263 has no
-    parser) is over the cap or unread, returned so, decoding nothing more (`_first_frame_fits`). The frames after
-    the first that probing decodes are not checked before: a stream that grows there is refused once decoded.
+    header declares, not to FLV's and MPEG-PS's (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder,
+    and the frames probing would decode are decoded under a cap (`_probed_frames_fit`); a stream whose size is over
+    the cap there (its parser's, or a frame's: it may grow after its first) is returned so, decoding nothing more.
     """
     if max_pixels is None:
         return _open(av, source, name, decode=True)
     start = source.tell() if not isinstance(source, str) else 0
     container = _open(av, source, name, decode=False)
     probed = set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING
-    if probed and not _first_frame_fits(container, max_pixels):
+    if probed and not _probed_frames_fit(container, max_pixels):
         return container  # its size over the cap, or unread (0x0): refused by its caller
     container.close()
     if not isinstance(source, str):
@@ -149,24 +149,30 @@ def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
                                 f"({VIDEO_CONTAINER_NAMES})") from None
 
 
-def _first_frame_fits(container: "av.container.InputContainer", max_pixels: int) -> bool:
-    """Whether the first video stream's frames are at most `max_pixels` by the size its parser read, else by its
-    first frame, decoded under a cap with room (False where the cap or bad data stops it); True with no video
-    stream."""
+def _probed_frames_fit(container: "av.container.InputContainer", max_pixels: int) -> bool:
+    """Whether the first video stream's frames are at most `max_pixels` by the size its parser read and by the frames
+    of the packets probing would read (`_PROBE_BYTES`), decoded under a cap with room; False where the cap or bad data
+    stops the decoder. True with no video stream."""
     video = container.streams.video
     if not video or video[0].codec_context is None:
         return True
     width, height = video[0].codec_context.width, video[0].codec_context.height
-    if width and height:
-        return width * height <= max_pixels
+    if width and height and width * height > max_pixels:
+        return False
     # the decoder's buffers are padded past the frame (a 64x64 H.263 frame's take over 8192 pixels): its cap has room
-    video[0].codec_context.options = {"max_pixels": str(2 * max_pixels + (1 << 20))}
+    video[0].codec_context.options = {"max_pixels": str(max_pixels + max_pixels // 4 + (1 << 20))}
+    read = 0
     try:
-        for frame in container.decode(video[0]):
-            return frame.width * frame.height <= max_pixels
+        for packet in container.demux(video[0]):
+            read += packet.size
+            for frame in packet.decode():
+                if frame.width * frame.height > max_pixels:
+                    return False
+            if read > _PROBE_BYTES:
+                break
     except Exception:  # FFmpeg's errors (the cap's EINVAL or ENOMEM, bad data), PyAV's others
         return False
-    return False
+    return True
 
 
 def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:

@@ -73,9 +73,47 @@ def test_a_video_of_frames_over_the_cap_is_refused_without_decoding_one():
 def test_an_flv_or_mpeg_ps_video_of_frames_over_the_cap_is_refused_without_decoding_one(fmt):
     """FLV and MPEG-PS streams appear while FFmpeg probes the file, and PyAV gives the decoders' cap only to the
     streams a header declares: opening a 8192x8192 H.264 FLV or MPEG-PS decoded its frame uncapped (+160 MiB). They
-    are probed with no decoder first, and refused by the size their parser reads (FLV) or their first frame's,
-    decoded under a cap (a one-frame MPEG-PS: its parser reads none)."""
+    are probed with no decoder first, and refused by the size their parser reads (FLV) or their frames', decoded
+    under a cap (a one-frame MPEG-PS: its parser reads none)."""
     data = _video(8192, 8192, "libx264", fmt)
+    run = subprocess.run([sys.executable, "-c", _PEAK], input=data, capture_output=True, timeout=120, check=True)
+    message, grown = run.stdout.decode().splitlines()
+    assert "frames are more than the 20000000 pixels allowed" in message
+    assert int(grown) < 64, f"{grown} MiB to refuse it"
+
+
+def _growing_video(fmt: str, sizes: list[int]) -> bytes:
+    """An H.264 stream whose frames (two of each side in `sizes`, each size from its own encoder, its own SPS in the
+    stream) grow after its first."""
+    from fractions import Fraction
+
+    buffer, pts = io.BytesIO(), 0
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width = stream.height = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        for i, side in enumerate(sizes):
+            encoder = stream.codec_context if i == 0 else av.CodecContext.create("libx264", "w")
+            encoder.options = {"preset": "ultrafast", "crf": "51"}
+            if i:
+                encoder.width = encoder.height = side
+                encoder.pix_fmt, encoder.time_base, encoder.framerate = "yuv420p", Fraction(1, 1), 1
+            packets = []
+            for _ in range(2):
+                frame = av.VideoFrame.from_ndarray(np.zeros((side, side, 3), np.uint8), format="rgb24")
+                frame.pts, frame.time_base, pts = pts, Fraction(1, 1), pts + 1
+                packets += encoder.encode(frame)
+            for packet in packets + list(encoder.encode()):
+                packet.stream, packet.time_base = stream, Fraction(1, 1)
+                container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak resident size is reset by /proc")
+def test_an_mpeg_ps_video_growing_past_the_cap_while_probed_is_refused_without_decoding_it():
+    """Probing decodes the frames of an MPEG-PS's first packets, not only its first: 64x64 frames then 8192x8192
+    ones (a new SPS) took +160 MiB there, uncapped. They are decoded under a cap first, and refused so."""
+    data = _growing_video("mpeg", [64, 8192])
     run = subprocess.run([sys.executable, "-c", _PEAK], input=data, capture_output=True, timeout=120, check=True)
     message, grown = run.stdout.decode().splitlines()
     assert "frames are more than the 20000000 pixels allowed" in message
@@ -85,8 +123,8 @@ def test_an_flv_or_mpeg_ps_video_of_frames_over_the_cap_is_refused_without_decod
 @pytest.mark.parametrize(("fmt", "codec"), [("flv", "flv"), ("flv", "libx264"), ("mpeg", "mpeg2video"),
                                             ("mpeg", "libx264")])
 def test_flv_and_mpeg_ps_videos_under_the_cap_decode_as_uncapped(fmt, codec):
-    """A capped reader gives an FLV's or MPEG-PS's frames as an uncapped one does (the size probed first is that of
-    the parser, else of the first frame: FLV's Sorenson H.263 has no parser); one pixel under them, refused."""
+    """A capped reader gives an FLV's or MPEG-PS's frames as an uncapped one does (their first frames decoded under
+    the cap before: FLV's Sorenson H.263 has no parser to give their size); one pixel under them, refused."""
     data = _video(64, 64, codec, fmt, frames=12, rate=25, shade=20)
     frames = decode_video(data, fps=25, max_frames=4)
     assert [np.asarray(f).tolist() for f in decode_video(data, fps=25, max_frames=4, max_pixels=4096)] == [

@@ -23,6 +23,10 @@ from flamingo.tiny import (
     tiny_tokenizer,
     tiny_vision,
 )
+from flamingo.train.config import load_config
+from flamingo.train.trainer import Trainer
+
+from train_fixtures import train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,3 +98,13 @@ def test_a_whole_save_writes_no_record(bf16_run, tmp_path):
     with safe_open(str(tmp_path / "whole" / WEIGHTS_NAME), "pt") as f:
         assert BACKBONE_DTYPES_KEY not in (f.metadata() or {})
     assert _parts(load_pretrained(str(tmp_path / "whole"))[0]) == _parts(model)
+
+
+def test_the_trained_only_final_of_a_frozen_bf16_run_loads_as_the_run_held_it(world, tmp_path):
+    root, vision, lm, data = world
+    config = load_config(train_config(root, vision, lm, data, steps=1, out=str(tmp_path / "run"), precision="bf16",
+                                      frozen_dtype="bf16", progress=False, save_trained_only=True))
+    trainer = Trainer(config)
+    loaded, _ = load_pretrained(trainer.run())
+    assert _parts(loaded) == _parts(trainer.model)
+    assert {d for part in ("vision", "lm") for d in _parts(loaded)[part]} == {torch.bfloat16}

@@ -116,20 +116,23 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str,
     cap on their size, so a larger frame is not decoded there (a 16000x16000 H.264 frame: 500 MiB). Such a stream
     opens with its size unread (0x0; H.264's and VP8's keep their header's). PyAV gives the cap only to the streams a
     header declares, not to FLV's and MPEG-PS's (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder,
-    and the frames probing would decode are decoded under a cap (`_probed_frames_fit`); a stream whose size is over
-    the cap there (its parser's, or a frame's: it may grow after its first) is returned so, decoding nothing more.
+    and the frames probing would decode are decoded under a cap (`_probed_size_over`); a stream over the cap there
+    (its parser's size, or a frame's: it may grow after its first) is returned with that size (0x0 where the cap
+    stopped the decoder), decoding nothing more.
     """
     if max_pixels is None:
         return _open(av, source, name, decode=True)
     start = source.tell() if not isinstance(source, str) else 0
     container = _open(av, source, name, decode=False)
-    probed = set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING
-    if probed and not _probed_frames_fit(container, max_pixels):
-        return container  # its size over the cap, or unread (0x0): refused by its caller
+    over = _probed_size_over(container, max_pixels)
     container.close()
     if not isinstance(source, str):
         source.seek(start)
-    return _open(av, source, name, decode=True, max_pixels=max_pixels)
+    if over is None:
+        return _open(av, source, name, decode=True, max_pixels=max_pixels)
+    container = _open(av, source, name, decode=False)  # its decoders unopened: the size its caller reads, refuses
+    container.streams.video[0].codec_context.width, container.streams.video[0].codec_context.height = over
+    return container
 
 
 def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
@@ -149,16 +152,17 @@ def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
                                 f"({VIDEO_CONTAINER_NAMES})") from None
 
 
-def _probed_frames_fit(container: "av.container.InputContainer", max_pixels: int) -> bool:
-    """Whether the first video stream's frames are at most `max_pixels` by the size its parser read and by the frames
-    of the packets probing would read (`_PROBE_BYTES`), decoded under a cap with room; False where the cap or bad data
-    stops the decoder. True with no video stream."""
+def _probed_size_over(container: "av.container.InputContainer", max_pixels: int) -> Optional[tuple[int, int]]:
+    """An FLV's or MPEG-PS's first video stream, opened with no decoder: the size over `max_pixels` its parser read,
+    or of a frame of the packets probing would read (`_PROBE_BYTES`), decoded under a cap with room; (0, 0) where
+    that cap or bad data stops the decoder; None when they fit, or in another container, or with no video stream."""
     video = container.streams.video
-    if not video or video[0].codec_context is None:
-        return True
+    if not set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING or not video \
+            or video[0].codec_context is None:
+        return None
     width, height = video[0].codec_context.width, video[0].codec_context.height
-    if width and height and width * height > max_pixels:
-        return False
+    if width * height > max_pixels:
+        return width, height
     # the decoder's buffers are padded past the frame (a 64x64 H.263 frame's take over 8192 pixels): its cap has room
     video[0].codec_context.options = {"max_pixels": str(max_pixels + max_pixels // 4 + (1 << 20))}
     read = 0
@@ -167,12 +171,12 @@ def _probed_frames_fit(container: "av.container.InputContainer", max_pixels: int
             read += packet.size
             for frame in packet.decode():
                 if frame.width * frame.height > max_pixels:
-                    return False
+                    return frame.width, frame.height
             if read > _PROBE_BYTES:
                 break
     except Exception:  # FFmpeg's errors (the cap's EINVAL or ENOMEM, bad data), PyAV's others
-        return False
-    return True
+        return 0, 0
+    return None
 
 
 def display_transpose(frame: "av.VideoFrame") -> Optional[Image.Transpose]:

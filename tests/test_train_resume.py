@@ -366,3 +366,16 @@ def test_a_resume_under_another_loss_average_says_so(world, caplog):
     with caplog.at_level(logging.WARNING, logger="flamingo.train.trainer"):
         Trainer(load_config(path, ["train.steps=2", "train.loss_average=passes"]))
     assert "loss_average" not in caplog.text
+
+
+def test_a_resumes_warnings_name_the_line_that_built_the_trainer(world):
+    """A resume under another `train.num_workers` (each dataset restarts its epoch) or with other datasets is said in
+    warnings that point at the caller's line, not at the trainer's or the data loader's own."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "run-workers"))
+    assert Trainer(load_config(path)).run()
+    with pytest.warns(UserWarning) as said:
+        Trainer(load_config(path, ["train.num_workers=2", "data.1.name=pages"]))  # the line they name
+    ours = [w for w in said if "train.num_workers" in str(w.message) or "other datasets" in str(w.message)]
+    assert {"train.num_workers" in str(w.message) for w in ours} == {True, False}
+    assert [(w.filename, w.lineno) for w in ours] == [(__file__, sys._getframe().f_lineno - 3)] * len(ours)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -161,6 +162,16 @@ def _planned_quantize_mode(config: TrainConfig) -> str:
     if m.init_from and os.path.isfile(os.path.join(m.init_from, CONFIG_NAME)):
         return FlamingoConfig.load(m.init_from).quantize_frozen
     return "none"
+
+
+def _callers_level() -> int:
+    """The `stacklevel` that makes a warning issued by the function calling this name the first frame outside the
+    flamingo package (the line that built the Trainer, or ran the CLI), not a line of flamingo's own."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # the warning's issuer
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:
@@ -424,10 +435,14 @@ class Trainer:
             changes = (([f"{added} start from their beginning"] if added else [])
                        + ([f"{dropped} are no longer read"] if dropped else []))
             warnings.warn(f"resuming from {path} with other datasets than it was saved with: {', '.join(changes)} (the "
-                          "others go on from their saved positions)", stacklevel=2)
-        for name, source in self.sources.items():
-            if name in data_states:
-                source.load_state_dict(data_states[name])
+                          "others go on from their saved positions)", stacklevel=_callers_level())
+        with warnings.catch_warnings(record=True) as said:  # a position another train.num_workers made (data/build.py)
+            warnings.simplefilter("always")  # every one recorded here; the caller's filters apply when re-issued
+            for name, source in self.sources.items():
+                if name in data_states:
+                    source.load_state_dict(data_states[name])
+        for w in said:  # at the caller's line: the data loader's own stacklevel names this file
+            warnings.warn(w.message, w.category, stacklevel=_callers_level())
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
             if self.step == t.steps:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..processing import FlamingoProcessor
+from ..runtime.warn import warn_outside
 from .errors import merge_counts
 from .spec import DatasetSpec
 from .streaming import StreamItem, iterate_stream
@@ -177,10 +178,10 @@ class DatasetSource:
             self.turn = int(state["turn"])
             self.streams = copy.deepcopy(state["streams"])
             return
-        warnings.warn(f"dataset {self.name!r} (rank {self.rank}): the saved data position was made with world_size="
-                      f"{state.get('world_size')} and {state.get('num_streams')} stream(s) (train.num_workers), now "
-                      f"{self.world_size} and {self.num_streams}: restarting epoch {self.epoch} from its beginning "
-                      "(not an exact resume)", stacklevel=2)
+        warn_outside(f"dataset {self.name!r} (rank {self.rank}): the saved data position was made with world_size="
+                     f"{state.get('world_size')} and {state.get('num_streams')} stream(s) (train.num_workers), now "
+                     f"{self.world_size} and {self.num_streams}: restarting epoch {self.epoch} from its beginning "
+                     "(not an exact resume)")
         self._new_epoch()
 
     # ------------------------------------------------------------------------------------------------ iteration

@@ -21,7 +21,6 @@ import copy
 import logging
 import operator
 import os
-import sys
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -38,6 +37,7 @@ from ..runtime.compat import (
     lm_output_cache,
     select_cache_rows,
 )
+from ..runtime.warn import warn_outside
 from .backbones import lm_max_positions
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
@@ -249,20 +249,9 @@ def _warn_if_random(model: Flamingo, call: str) -> None:
     active = _active_dropout(model)
     if active:
         _DROPOUT_TOLD.add(call)
-        warnings.warn(f"{call} on a model in training mode: its dropout ({', '.join(active[:3])}"
-                      f"{', ...' if len(active) > 3 else ''}) makes the results random; call model.eval() first",
-                      stacklevel=_callers_level())
-
-
-def _callers_level() -> int:
-    """The `stacklevel` of the first frame outside flamingo and torch (no_grad's wrapper among them), for a warning
-    to name the caller's line whichever of `Flamingo.generate`, `score` or `score_batch` it called."""
-    internal = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-                os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-    frame, level = sys._getframe(2), 2  # the warning's caller's caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
+        warn_outside(f"{call} on a model in training mode: its dropout ({', '.join(active[:3])}"
+                     f"{', ...' if len(active) > 3 else ''}) makes the results random; call model.eval() first",
+                     also=(os.path.dirname(torch.__file__),))  # past no_grad's wrapper too
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -38,6 +37,7 @@ from ..processing import FlamingoProcessor
 from ..runtime import default_device, dist_info, init_process_group_from_env, torch_dtype
 from ..runtime.distributed import host_group, max_over_ranks
 from ..runtime.hub import is_hub_reference, local_dir
+from ..runtime.warn import warn_outside
 from .buckets import pad_to_buckets
 from .compile import compile_regions
 from .config import TrainConfig, check_data_weights, check_in_backward, check_init_from, check_trainable_quantization
@@ -162,16 +162,6 @@ def _planned_quantize_mode(config: TrainConfig) -> str:
     if m.init_from and os.path.isfile(os.path.join(m.init_from, CONFIG_NAME)):
         return FlamingoConfig.load(m.init_from).quantize_frozen
     return "none"
-
-
-def _callers_level() -> int:
-    """The `stacklevel` that makes a warning issued by the function calling this name the first frame outside the
-    flamingo package (the line that built the Trainer, or ran the CLI), not a line of flamingo's own."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1  # the warning's issuer
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def final_save_trained_only(model: Flamingo, save_trained_only: Optional[bool]) -> bool:
@@ -434,15 +424,11 @@ class Trainer:
         if (added or dropped) and self.rank == 0:  # the config's datasets changed (a new name is a new dataset)
             changes = (([f"{added} start from their beginning"] if added else [])
                        + ([f"{dropped} are no longer read"] if dropped else []))
-            warnings.warn(f"resuming from {path} with other datasets than it was saved with: {', '.join(changes)} (the "
-                          "others go on from their saved positions)", stacklevel=_callers_level())
-        with warnings.catch_warnings(record=True) as said:  # a position another train.num_workers made (data/build.py)
-            warnings.simplefilter("always")  # every one recorded here; the caller's filters apply when re-issued
-            for name, source in self.sources.items():
-                if name in data_states:
-                    source.load_state_dict(data_states[name])
-        for w in said:  # at the caller's line: the data loader's own stacklevel names this file
-            warnings.warn(w.message, w.category, stacklevel=_callers_level())
+            warn_outside(f"resuming from {path} with other datasets than it was saved with: {', '.join(changes)} (the "
+                         "others go on from their saved positions)")
+        for name, source in self.sources.items():
+            if name in data_states:
+                source.load_state_dict(data_states[name])
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
             if self.step == t.steps:

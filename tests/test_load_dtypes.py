@@ -223,7 +223,7 @@ def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
     """The layout of `train.frozen_dtype: bf16` (and of from_backbones with bf16 backbones in memory), saved whole:
     by default each part loads in the dtype it was saved in, with the logits it had (the backbones were upcast to
     float32: twice their memory, other logits); `torch_dtype=` still casts it all. A trained-only save names its
-    backbones, whose own files say nothing of the run's dtype: they load in the trained parts' float32."""
+    backbones (their own files here float32) and records the dtype they ran in: they load as the run held them."""
     from flamingo.model.quantize import cast_frozen
     from flamingo.tiny import set_gates
 
@@ -255,4 +255,6 @@ def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
     as_float, _ = load_pretrained(str(tmp_path / "whole"), torch_dtype="float32")
     assert _dtypes(as_float) == {torch.float32}
     model.save_pretrained(str(tmp_path / "trained"), trained_only=True, processor=processor)
-    assert _dtypes(load_pretrained(str(tmp_path / "trained"))[0]) == {torch.float32}
+    trained, trained_processor = load_pretrained(str(tmp_path / "trained"))
+    assert parts(trained) == parts(model)
+    assert torch.equal(_runs(trained, trained_processor), before)

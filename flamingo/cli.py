@@ -270,8 +270,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not 0 < args.temperature < math.inf or (args.top_p is not None and not 0 < args.top_p <= 1) or \
             (args.top_k is not None and args.top_k < 1):  # (NaN fails too)
         raise ValueError("sampling needs a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
-    if not 0 < args.repetition_penalty < math.inf:
-        raise ValueError(f"--repetition-penalty must be a finite number > 0 (1: none), got {args.repetition_penalty}")
+    from .model.generation import MIN_REPETITION_PENALTY
+
+    if not MIN_REPETITION_PENALTY <= args.repetition_penalty < math.inf:  # generate's own bound, before the load
+        raise ValueError(f"--repetition-penalty must be a finite number >= {MIN_REPETITION_PENALTY:g} (1: none), got "
+                         f"{args.repetition_penalty}")
     check_device(args.device)
     model, processor = load_model(args.model, torch_dtype=torch_dtype(args.dtype) if args.dtype else None,
                                   device=args.device, quantize_frozen=args.quantize_frozen, revision=args.revision)

@@ -94,6 +94,7 @@ def test_nonsense_values_are_refused_by_the_parser(capsys, argv, why):
         (["generate", "--prompt", "x", "--sample", "--temperature", "inf"], "a finite --temperature > 0"),
         (["generate", "--prompt", "x", "--repetition-penalty", "nan"], "--repetition-penalty must be a finite number"),
         (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be a finite number"),
+        (["generate", "--prompt", "x", "--repetition-penalty", "1e-40"], "--repetition-penalty must be a finite"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, model_dir, no_loading, capsys, argv, why):

@@ -102,12 +102,24 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--server", default=None,
                    help="predict through a running `flamingo serve` at this URL (e.g. http://127.0.0.1:8000): "
                         "--model then gives only the processor (of any model --model takes: its configs and "
-                        "tokenizer files are read, never its weights); random demos, greedy decoding (--num-beams 1)")
+                        "tokenizer files are read, never its weights); random demos, greedy decoding (--num-beams 1); "
+                        "--dtype, --device, --quantize-frozen and the vision cache are the server's (refused here)")
     p.add_argument("--api-key", default=None, help="the server's API key, if it asks for one")
     p.add_argument("--concurrency", type=int, default=8, help="requests to the server in flight at once")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
     return p
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    """With --server the server holds the model: the flags that shape an in-process one would be ignored, so they are
+    refused (as --demos rices is), naming each one given. A vision cache of 0 is what --server runs (no tower here)."""
+    given = [flag for flag, value in (("--dtype", args.dtype), ("--quantize-frozen", args.quantize_frozen),
+                                      ("--device", args.device), ("--vision-cache-mb", args.vision_cache_mb or None))
+             if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} an in-process model: with "
+                         "--server the server holds the model (give them to `flamingo serve`), so drop them here")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -123,7 +135,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from .runner import evaluate, markdown_table
 
     check_task_options(args.task, args.rank_by, args.demo_answer, flags=True)  # before the model loads
-    if args.device is not None and not args.server:
+    if args.server:
+        _check_server_flags(args)
+    if args.device is not None:
         check_device(args.device)  # before the process group and the model
     joined = init_process_group_from_env()
     try:

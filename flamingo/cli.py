@@ -264,12 +264,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.sample and args.num_return_sequences > args.num_beams:  # transformers says so only after the load
+        raise ValueError(f"--num-return-sequences {args.num_return_sequences} is more than --num-beams "
+                         f"{args.num_beams}: without --sample the sequences are the best beams (raise --num-beams, "
+                         "or add --sample)")
     if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
         raise ValueError("--temperature, --top-k and --top-p shape sampling: add --sample (without it the "
                          "continuation is greedy or beam search)")
-    if not 0 < args.temperature < math.inf or (args.top_p is not None and not 0 < args.top_p <= 1) or \
+    # top-p 0: transformers' nucleus keeps its minimum, the likeliest token alone, as the server reads top_p 0
+    if not 0 < args.temperature < math.inf or (args.top_p is not None and not 0 <= args.top_p <= 1) or \
             (args.top_k is not None and args.top_k < 1):  # (NaN fails too)
-        raise ValueError("sampling needs a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 1")
+        raise ValueError("sampling needs a finite --temperature > 0, --top-p in [0, 1] and --top-k >= 1")
     from .model.generation import MIN_REPETITION_PENALTY
 
     if not MIN_REPETITION_PENALTY <= args.repetition_penalty < math.inf:  # generate's own bound, before the load
@@ -529,8 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
     gen.add_argument("--temperature", type=float, default=1.0, help="with --sample: a finite number > 0")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="with --sample: only the k likeliest tokens are drawn from (>= 1; default: all)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="with --sample: only the likeliest tokens whose probabilities reach this sum are drawn from "
+                          "(0 to 1; default 1: all; 0: the likeliest token alone, as the server's top_p 0, beam "
+                          "sampling keeping a few per beam)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="a finite number > 0 (1: none)")
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")

@@ -71,6 +71,21 @@ def test_generate_command_prints_what_the_api_generates(saved_model, capsys):
     assert main(sampled) == 0 and capsys.readouterr().out == printed
 
 
+def test_generate_top_p_0_samples_the_likeliest_token_as_the_server_does(saved_model, capsys):
+    """`--sample --top-p 0` was refused while the server takes `top_p: 0` (docs/serve.md): transformers' nucleus
+    then keeps its minimum, one token, so the answer is the greedy one under any seed."""
+    d = saved_model
+    args = ["generate", "--model", str(d / "model"), "--prompt", "<image>Question: what? Answer:", "--image",
+            str(d / "a.png"), "--max-new-tokens", "6"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    for seed in ("1", "2"):
+        assert main([*args, "--sample", "--temperature", "5", "--top-p", "0", "--seed", seed]) == 0
+        assert capsys.readouterr().out == greedy
+    assert main([*args, "--sample", "--temperature", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out != greedy  # the temperature alone samples other tokens
+
+
 def test_generate_command_prints_to_a_stdout_that_cannot_encode_its_text(saved_model, monkeypatch):
     """A Windows redirect's cp1252 or an ASCII stdout (LANG=C): characters it lacks are written as "?", not every
     generation lost to an error that blamed the input."""
@@ -109,7 +124,8 @@ def test_generate_command_reports_bad_prompts_and_media_with_exit_code_2(saved_m
                            (["--prompt", "x", "--num-beams", "0"], "--num-beams must be >= 1"),  # ZeroDivisionError
                            (["--prompt", "x", "--num-return-sequences", "0"], "--num-return-sequences must be"),
                            (["--prompt", "x", "--temperature", "0.5"], "add --sample"),  # silently greedy
-                           (["--prompt", "x", "--sample", "--top-p", "2"], "--top-p in (0, 1]")):
+                           (["--prompt", "x", "--sample", "--top-p", "2"], "--top-p in [0, 1]"),
+                           (["--prompt", "x", "--sample", "--top-p", "-0.1"], "--top-p in [0, 1]")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
 

@@ -95,12 +95,17 @@ def test_nonsense_values_are_refused_by_the_parser(capsys, argv, why):
         (["generate", "--prompt", "x", "--repetition-penalty", "nan"], "--repetition-penalty must be a finite number"),
         (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be a finite number"),
         (["generate", "--prompt", "x", "--repetition-penalty", "1e-40"], "--repetition-penalty must be a finite"),
+        (["generate", "--prompt", "x", "--num-return-sequences", "2"], "--num-return-sequences 2 is more than "
+                                                                       "--num-beams 1: without --sample"),
+        (["generate", "--prompt", "x", "--num-beams", "2", "--num-return-sequences", "3"],
+         "--num-return-sequences 3 is more than --num-beams 2"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, model_dir, no_loading, capsys, argv, why):
     """`batch --output MODEL/flamingo_config.json` replaced the model's config with answers; `serve --batch-dir
     MODEL` kept uploads among the model's files (which `flamingo push` uploads); a missing `--media-root` refused
-    every local path unsaid; `--temperature inf` reached torch.multinomial after the load."""
+    every local path unsaid; `--temperature inf` reached torch.multinomial after the load, and more sequences than
+    beams transformers' own refusal after it."""
     (tmp_path / "in.jsonl").write_text('{"custom_id": "a"}\n')
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     fill = {"model": str(model_dir), "tmp": str(tmp_path)}

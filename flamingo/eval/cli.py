@@ -61,9 +61,11 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "random demos, the whole split for RICES, as OpenFlamingo)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
-    p.add_argument("--vision-cache-mb", type=non_negative_float, default=None,
+    p.add_argument("--vision-cache-mib", type=non_negative_float, default=None,
                    help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off; "
                         "default 256 on CPU, off on GPU (hashing the pixels costs about as much as the tower there)")
+    p.add_argument("--vision-cache-mb", dest="vision_cache_mib", type=non_negative_float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # another spelling, which scripts may use: MiB too
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
                    help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
     p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")
@@ -103,7 +105,7 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="predict through a running `flamingo serve` at this URL (e.g. http://127.0.0.1:8000): "
                         "--model then gives only the processor (of any model --model takes: its configs and "
                         "tokenizer files are read, never its weights); random demos, greedy decoding (--num-beams 1); "
-                        "--dtype, --device, --quantize-frozen and the vision cache are the server's (refused here)")
+                        "--dtype, --device, --quantize-frozen and --vision-cache-mib are the server's (refused here)")
     p.add_argument("--api-key", default=None, help="the server's API key, if it asks for one")
     p.add_argument("--concurrency", type=int, default=8, help="requests to the server in flight at once")
     p.add_argument("--no-progress", action="store_true")
@@ -115,7 +117,7 @@ def _check_server_flags(args: argparse.Namespace) -> None:
     """With --server the server holds the model: the flags that shape an in-process one would be ignored, so they are
     refused (as --demos rices is), naming each one given. A vision cache of 0 is what --server runs (no tower here)."""
     given = [flag for flag, value in (("--dtype", args.dtype), ("--quantize-frozen", args.quantize_frozen),
-                                      ("--device", args.device), ("--vision-cache-mb", args.vision_cache_mb or None))
+                                      ("--device", args.device), ("--vision-cache-mib", args.vision_cache_mib or None))
              if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} an in-process model: with "
@@ -158,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, out_dir=args.out, seed=args.seed, zero_shot=args.zero_shot,
                                template=args.template, answer_prefix=args.answer_prefix, model_name=args.model,
                                progress=not args.no_progress, generation=generation or None,
-                               cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mb,
+                               cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mib,
                                chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by,
                                demo_answer=args.demo_answer)
         except ServerError as e:

@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "giving names limits the server to them and loopback")
     srv.add_argument("--root-path", default="",
                      help="the path prefix a reverse proxy mounts the server under and strips (e.g. /flamingo): "
-                          "redirects and the API's docs then stay under it (the page's own URLs are relative)")
+                          "its redirects then stay under it (the page's own URLs are relative)")
     srv.add_argument("--keep-alive", type=positive_float, default=5,
                      help="seconds an idle connection stays open; behind a reverse proxy that reuses connections, "
                           "more than the proxy's idle timeout (nginx's keepalive_timeout: 60), so the proxy closes "

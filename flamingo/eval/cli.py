@@ -74,8 +74,8 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "its processor's template), for instruction-tuned models; the template's query text is "
                         "the user's turn")
     p.add_argument("--demo-separator", type=_escaped, default=None,
-                   help='text after each demo, escapes read ("\\n", "" for none; default: the task\'s, "\\n" for vqa '
-                        'and captioning as OpenFlamingo, else "")')
+                   help='text after each demo, escapes read ("\\n", "" for none; default: the task\'s, "\\n" for vqa, '
+                        'captioning and video_captioning as OpenFlamingo, else "")')
     p.add_argument("--answer-prefix", default=None,
                    help='text between the query and the answer (default: the task\'s, "" or " ")')
     p.add_argument("--rank-by", choices=RANK_BY, default=None,

@@ -14,10 +14,10 @@ from .run import ABLATIONS, SHOTS, DemoSettings
 from .sizes import DEFAULT_SIZE, SIZES, duration
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = "flamingo demo") -> argparse.ArgumentParser:
+    """The demo's options; `prog` names the command in usage lines (None: the program as invoked, argparse's)."""
     parser = argparse.ArgumentParser(
-        prog="flamingo demo", description="Grow a mini Flamingo offline: world, backbones, training, few-shot eval, "
-                                          "report.md.")
+        prog=prog, description="Grow a mini Flamingo offline: world, backbones, training, few-shot eval, report.md.")
     parser.add_argument("--out", default="flamingo-demo",
                         help="output directory (stages an earlier run finished there are reused; a folder the demo "
                              "did not write is never replaced: the run is refused)")
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    # `flamingo demo` hands over its arguments; the `flamingo-demo` script reads sys.argv and is named as invoked
+    args = build_parser("flamingo demo" if argv is not None else None).parse_args(argv)
     quiet_transformers(args.no_progress)
     try:
         run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,

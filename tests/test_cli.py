@@ -140,6 +140,17 @@ def test_demo_subcommand_hands_its_arguments_to_the_demo_package(monkeypatch):
     assert seen == [["--out", "x", "--seed", "3", "--help"]]
 
 
+def test_the_demo_names_itself_as_invoked(monkeypatch, capsys):
+    """`flamingo-demo --help` (the console script) said `usage: flamingo demo`, a command of another script."""
+    import flamingo_demo.cli
+
+    monkeypatch.setattr(sys, "argv", ["/env/bin/flamingo-demo", "--help"])
+    for argv, usage in ((None, "usage: flamingo-demo [-h]"), (["--help"], "usage: flamingo demo [-h]")):
+        with pytest.raises(SystemExit):
+            flamingo_demo.cli.main(argv)
+        assert capsys.readouterr().out.startswith(usage)
+
+
 def test_library_import_does_not_load_the_demo():
     code = "import flamingo, flamingo.cli, flamingo.train.trainer, flamingo.eval.runner, sys; " \
            "print(sorted(m for m in sys.modules if m.startswith('flamingo_demo')))"

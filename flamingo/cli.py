@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --sample: only the likeliest tokens whose probabilities reach this sum are drawn from "
                           "(0 to 1; default 1: all; 0: the likeliest token alone, as the server's top_p 0, beam "
                           "sampling keeping a few per beam)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="a finite number > 0 (1: none)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="a finite number >= 0.0001 (1: none; model.generation.MIN_REPETITION_PENALTY)")
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")

@@ -323,7 +323,10 @@ def test_main_says_an_os_error_in_one_line_and_keeps_a_bugs_traceback(monkeypatc
 
 
 def test_the_documented_bounds_are_in_the_help(capsys):
+    from flamingo.model.generation import MIN_REPETITION_PENALTY
+
     for command, words in (
+        (["generate"], [f"a finite number >= {MIN_REPETITION_PENALTY:g} (1: none"]),
         (["serve"], ["0 to 65535", "never empty", "an empty key is refused"]),
         (["data", "inspect"], [">= 1; default: all", ">= 0; 0: none drawn"]),
     ):

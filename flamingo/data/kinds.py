@@ -21,7 +21,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
     "cache_media_mb": 0.0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
     "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
-    "remote_cache_dir": None,  # where remote shards are fetched to (data/remote.py); None: ~/.cache/flamingo/shards
+    "remote_cache_dir": None,  # where remote shards are fetched to; None: data/remote.py default_cache_dir()
     "remote_cache_gb": DEFAULT_CACHE_GB,  # the most GiB of fetched shards kept there (least recently used leave)
 }
 KIND_OPTIONS: dict[str, dict[str, Any]] = {

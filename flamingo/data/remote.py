@@ -136,7 +136,8 @@ def default_cache_dir() -> str:
 
 
 def default_fetcher() -> "ShardFetcher":
-    """The fetcher of a dataset whose options name no cache: `~/.cache/flamingo/shards`, `DEFAULT_CACHE_GB`."""
+    """The fetcher of a dataset whose options name no cache: `default_cache_dir()` (`$XDG_CACHE_HOME/flamingo/shards`,
+    `~/.cache/flamingo/shards` without it), `DEFAULT_CACHE_GB`."""
     return ShardFetcher(default_cache_dir(), int(DEFAULT_CACHE_GB * 2**30))
 
 

@@ -8,9 +8,9 @@ answer` ("red"; classification's prefix is " ": "This is a cat."); a query is th
 `answer_prefix + name + <rest of the template>` of the query (" cat.<|endofchunk|>"), tokenized as it follows the
 query (`predict.continuation_ids_of`: the joint text's ids after the query's, as lm-eval-harness splits them).
 Templates (and the prefix) can be overridden (`Task(template=..., answer_prefix=...)`) as long as they keep
-`{answer}` and the task's fields. Each demo is followed by the task's `demo_separator`: "\\n" for VQA and captioning,
-as OpenFlamingo's evaluate.py writes them (`...<|endofchunk|>\\n<image>...`), "" for the others (HatefulMemes too, as
-OpenFlamingo); `get_task(..., demo_separator=...)` overrides it.
+`{answer}` and the task's fields. Each demo is followed by the task's `demo_separator`: "\\n" for VQA, captioning
+and video captioning, as OpenFlamingo's evaluate.py writes them (`...<|endofchunk|>\\n<image>...`), "" for the
+others (HatefulMemes too, as OpenFlamingo); `get_task(..., demo_separator=...)` overrides it.
 
 Ranked candidates are ordered by their continuation's summed log-likelihood (`rank_by="sum"`, the default), or by
 the mean log-likelihood of the candidate's own tokens, `answer_prefix + name` without the template's rest

@@ -14,6 +14,7 @@ import torch
 
 from flamingo.data.kinds import resolve_options
 from flamingo.data.sequence import Encoded, collate, make_labels, pack_rows
+from flamingo.model.xattn import compute_media_index
 from flamingo.tiny import random_image
 from flamingo.train.config import load_config
 from flamingo.train.flops import batch_samples, flops_estimate, flops_per_sample
@@ -139,6 +140,16 @@ def test_a_packed_sample_sees_only_its_own_images(make_model, one_thread):
     assert not torch.allclose(before[first[1]], after[first[1]])  # the first sample reads its image (gates 0.5)
     for _, where in rest:  # the samples packed after it never see it
         torch.testing.assert_close(after[where], before[where], atol=1e-6, rtol=0)
+
+
+def test_text_opening_a_packed_sample_sees_no_image_until_its_own():
+    """A sample that starts with text, packed after one that holds an image: its text sees none (0) until its own
+    first `<image>`, not the earlier sample's image; the index counts on in the row (its first image is the row's
+    second). The fixture packs every text-first sample at the start of a row, so only this pins it."""
+    media = 7
+    ids = torch.tensor([[media, 1, 2, 3, media, 4, 5, media, 6]])
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])
+    assert compute_media_index(ids, media, document_ids=document_ids).tolist() == [[1, 1, 1, 0, 2, 2, 0, 3, 3]]
 
 
 def test_packing_refuses_what_it_cannot_do_exactly(make_model):

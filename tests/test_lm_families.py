@@ -68,6 +68,21 @@ def test_cache_gives_what_the_uncached_model_gives(kind):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
+def test_added_tokens_enter_the_lm_as_its_own_table_gives_them(kind):
+    """At gate 0 a prompt holding an added token (`<|endofchunk|>`) gives the bare LM's logits: the added rows the
+    model keeps enter the LM as its own embedding gives them, scaled as it scales its table (Gemma: x sqrt(hidden)).
+    The other gate-0 checks use prompts without an added token."""
+    model, processor = tiny_flamingo(kind, gates=0.0)
+    batch = processor("A cat.<|endofchunk|>A dog")
+    assert (batch["input_ids"] == model.config.end_of_chunk_token_id).any()
+    with torch.no_grad():
+        ours = model(**batch).logits
+        # outside a Flamingo call the hooks leave the LM bare
+        bare = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ours, bare, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_packed_sequence_support_is_detected_as_it_is(kind):
     model, _ = tiny_flamingo(kind)
     ids = torch.arange(20, 31)[None]  # (1, 11): two runs, 6 + 5 tokens, positions restarting at the second

@@ -148,9 +148,12 @@ def test_save_refuses_a_file_or_a_directory_holding_other_files(make_model, tmp_
 
 
 def test_a_damaged_checkpoint_is_named_when_loaded(make_model, tmp_path):
-    """A truncated weights file (safetensors' own error named no file) or a config without its media token id (the
-    load worked, the first call failed with an AttributeError) is a clear error at load time."""
+    """A truncated weights file (safetensors' own error named no file), a weight the model does not have (a renamed
+    key would load as its untrained default) or a config without its media token id (the load worked, the first call
+    failed with an AttributeError) is a clear error at load time."""
     import json
+
+    from safetensors.torch import load_file, save_file
 
     model, processor = make_model("llama")
     model.save_pretrained(str(tmp_path / "m"), processor=processor)
@@ -158,6 +161,10 @@ def test_a_damaged_checkpoint_is_named_when_loaded(make_model, tmp_path):
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match="flamingo.safetensors' is not a readable safetensors file"):
+        Flamingo.from_pretrained(str(tmp_path / "m"))
+    weights.write_bytes(whole)
+    save_file({**load_file(weights), "xattn.0.attn.extra_gate": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match=r"has unknown weights: \['xattn.0.attn.extra_gate'\]"):
         Flamingo.from_pretrained(str(tmp_path / "m"))
     weights.write_bytes(whole)
     config_path = tmp_path / "m" / "flamingo_config.json"

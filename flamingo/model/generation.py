@@ -269,7 +269,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: Optional[
     tends to greedy, never to NaN probabilities. Its `output_scores` are then shifted by each row's max (the same
     distribution: `compute_transition_scores(..., normalize_logits=True)` reads the same log-probabilities; raw
     scores differ from transformers' by that shift). Beam sampling below `BEAM_SAMPLING_MIN_TEMPERATURE` (1e-4) is
-    beam search, its limit. repetition_penalty: finite and at least `MIN_REPETITION_PENALTY` (1e-4), else a
+    beam search, its limit (just above it transformers' beam sampling may return arbitrary further sequences: see
+    the constant). repetition_penalty: finite and at least `MIN_REPETITION_PENALTY` (1e-4), else a
     ValueError.
     compile: decode with a static LM cache and the decode step under `torch.compile` (`compile_config()`), on any
     device (HF compiles by itself only on accelerators, and only with a static cache). The first call compiles.
@@ -385,8 +386,10 @@ ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit
 # Beam sampling below this temperature is beam search, its limit as the temperature tends to 0. transformers' beam
 # sampling keeps a beam's score as its summed log-probs / temperature and marks dropped beams with -1e9 on that scale:
 # scores a smaller temperature pushes past -1e9 lose every beam (an empty answer at 1e-30; NaN probabilities at
-# 1e-40). At 1e-4 a draw already differs from beam search's choice only between candidates whose summed log-probs
-# are within about 1e-3 of each other.
+# 1e-40). Above it transformers' own behaviour stays: each step draws 2 x num_beams candidates without replacement
+# from one float32 softmax of those scores, so once fewer keep a non-zero probability (score gaps past about 100 x the
+# temperature: on a tiny random LM from 3e-4 down), the rest are arbitrary, and with num_return_sequences > 1 such a
+# candidate can come back as a further sequence (a sequences_score of -1e9). Beam search is the choice there.
 BEAM_SAMPLING_MIN_TEMPERATURE = 1e-4
 
 # The smallest repetition penalty taken. transformers divides a seen token's positive logit by the penalty: below

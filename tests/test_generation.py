@@ -167,6 +167,27 @@ def test_beam_search_equals_reference_beam_search(make_model):
     assert out[0, batch["input_ids"].shape[1]:].tolist() == _reference_beam_search(model, batch, 3, steps, banned)
 
 
+def test_batched_beam_search_scores_each_sample_as_alone(make_model):
+    """Two prompts with other images, two beams and two returned sequences each: generate's rows are sample-major
+    (sample i's beams are rows 2i, 2i + 1), and each row must read its own sample's image K/V, so every sample's beam
+    scores are those it has alone. Scores, not tokens: the tiny model's tokens barely depend on the images. (Three
+    beams would hide a wrong order: only beam 0 is live at the first step.)"""
+    model, processor = make_model("llama", gates=1.0)
+    prompts = ["<image>Question: what is this? Short answer:", "<image>Question: what is that? Short answer:"]
+    media = [[random_image(1)], [random_image(5)]]
+    kwargs = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4, output_scores=True,
+                  return_dict_in_generate=True)
+    batch = processor(prompts, images=media, padding_side="left")
+    out = model.generate(**batch, **kwargs)
+    for i in range(2):
+        alone = processor(prompts[i], images=media[i])
+        single = model.generate(**alone, **kwargs)
+        rows = slice(2 * i, 2 * i + 2)
+        assert out.sequences[rows, batch["input_ids"].shape[1]:].tolist() == \
+            single.sequences[:, alone["input_ids"].shape[1]:].tolist()
+        torch.testing.assert_close(out.sequences_scores[rows], single.sequences_scores, atol=1e-5, rtol=0)
+
+
 def test_gate_zero_beam_search_equals_lm_only_hf_beam_search(make_model):
     model, processor = make_model("llama", gates=0.0)
     prompt = "Question: what is this? Short answer:"

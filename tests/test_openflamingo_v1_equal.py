@@ -75,20 +75,6 @@ def test_logits_equal_openflamingo_v1(v1):
         assert (v2_rule(**batch).logits[real] - theirs[real]).abs().max() > 1e-3
 
 
-def test_next_image_index():
-    """v1's rule on `x <image> a b <image> c` (2 images): x and a, b see the next image, each `<image>` its own,
-    c (after the last image) none; with the whole row's image count given, a chunk's last text sees a later image."""
-    from flamingo.model.xattn import compute_media_index, next_image_index
-
-    media = 9
-    ids = torch.tensor([[5, media, 6, 7, media, 8]])
-    count = compute_media_index(ids, media)
-    assert next_image_index(count, ids == media).tolist() == [[1, 1, 2, 2, 2, 0]]
-    first_chunk = ids[:, :4]
-    assert next_image_index(compute_media_index(first_chunk, media), first_chunk == media,
-                            torch.tensor([2])).tolist() == [[1, 1, 2, 2]]
-
-
 def test_generate_equals_openflamingo_v1(v1):
     peer, ours, processor, _ = v1
     batch = processor(PROMPTS, images=MEDIA, padding_side="left")

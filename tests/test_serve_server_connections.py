@@ -106,3 +106,21 @@ def test_the_limit_counts_connections_and_requests_in_flight_and_spares_batch_li
     asyncio.run(limit({"type": "http", "path": "/v1/chat/completions", BATCH_LINE: True}, None, send))
     asyncio.run(limit({"type": "http", "path": "/v1/chat/completions"}, None, send))
     assert answered == ["/v1/chat/completions", 503, None] and counter.in_flight == 3
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive(model_dir):
+    """uvicorn's keep-alive timer starts after a response: a socket opened and left silent held its place under the
+    limit for as long as its client kept it, and every other client got 503 (one idle `telnet` was enough). It is
+    closed after `--keep-alive` seconds of silence, as an idle connection after a response is."""
+    with running_server(engine_for(model_dir), ServeSettings(model_name="tiny"), start_engine=False, keep_alive=1,
+                        max_connections=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the server
+            assert 0.5 < time.monotonic() - started < 10
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as talking:  # a request in time is answered
+            time.sleep(0.3)
+            talking.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert talking.recv(65536).startswith(b"HTTP/1.1 200")

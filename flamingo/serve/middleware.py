@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -124,10 +125,14 @@ class OpenConnections:
     """The server's open connections, counted at the socket (`protocol`: uvicorn's HTTP protocol, counting), and the
     requests in flight through the app (`ConnectionLimit`): what `--max-connections` bounds."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, silent_seconds: Optional[float] = None) -> None:
         if limit < 1:
             raise ValueError(f"the connection limit must be >= 1, got {limit}")
         self.limit, self.open, self.in_flight = limit, 0, 0
+        # a connection that sends nothing for this long after opening is closed: uvicorn's keep-alive timer starts
+        # only after a response, so a silent socket would otherwise hold a place under the limit for as long as its
+        # client keeps it (None: kept)
+        self.silent_seconds = silent_seconds
 
     def full(self) -> bool:
         """Whether a request arriving now is past the limit (its own connection counts, as in uvicorn's
@@ -141,13 +146,27 @@ class OpenConnections:
         counter = self
 
         class Counted(base):  # type: ignore[misc, valid-type]
+            _silence: Optional[asyncio.TimerHandle] = None  # closes a connection that has sent nothing yet
+
             def connection_made(self, transport: Any) -> None:
                 counter.open += 1
                 super().connection_made(transport)
+                if counter.silent_seconds is not None:
+                    self._silence = asyncio.get_running_loop().call_later(counter.silent_seconds, transport.close)
+
+            def data_received(self, data: bytes) -> None:
+                self._end_silence()
+                super().data_received(data)
 
             def connection_lost(self, exc: Optional[Exception]) -> None:
+                self._end_silence()
                 counter.open -= 1
                 super().connection_lost(exc)
+
+            def _end_silence(self) -> None:
+                if self._silence is not None:
+                    self._silence.cancel()
+                    self._silence = None
 
         return Counted
 

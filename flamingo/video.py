@@ -13,7 +13,7 @@ import bisect
 import io
 import math
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Optional, Union
 
 from PIL import Image
 
@@ -104,6 +104,18 @@ _STREAMS_FOUND_PROBING = {"flv", "mpeg"}
 _PROBE_BYTES = 5_000_000  # FFmpeg's `probesize`: the packets probing reads at most
 
 
+def decoder_cap(max_pixels: int) -> int:
+    """The `max_pixels` option to give FFmpeg's decoders so that they refuse no frame `_check_frame_size` passes (of
+    at most `max_pixels`, its sides at most `MAX_ASPECT_RATIO`:1).
+
+    A decoder checks its padded buffers, not the frame: its width rounded up to 64 times its height, and MPEG-4
+    part 2's, H.263's and Sorenson's (FLV1) (width + 128, rounded up to 64) x 280 however low the frame (an 8000x40
+    FLV1 frame needs 2.28 M). A passing frame's longest side is at most sqrt(MAX_ASPECT_RATIO * max_pixels).
+    """
+    side = math.isqrt(MAX_ASPECT_RATIO * max_pixels) + 1
+    return max(max_pixels + 64 * side, 288 * (side + 192))
+
+
 def open_container(av: Any, source: Union[str, BinaryIO], name: str,
                    max_pixels: Optional[int] = None) -> "av.container.InputContainer":
     """`av.open(source)` for reading, limited to the demuxers of `VIDEO_CONTAINERS` and to reading `source` alone.
@@ -112,13 +124,15 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str,
     (relative to the working directory), SDP binds UDP ports and waits for them, HLS fetches URLs. A path opens by the
     `file` protocol only, a file object with no protocol at all ("none" names none). Another container raises an
     `UnlistedContainer` naming the ones read, before its demuxer reads its header.
-    Opening decodes a stream's first frames (FFmpeg's `avformat_find_stream_info`): `max_pixels` is the decoders' own
-    cap on their size, so a larger frame is not decoded there (a 16000x16000 H.264 frame: 500 MiB). Such a stream
-    opens with its size unread (0x0; H.264's and VP8's keep their header's). PyAV gives the cap only to the streams a
-    header declares, not to FLV's and MPEG-PS's (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder,
-    and the frames probing would decode are decoded under a cap (`_probed_size_over`); a stream over the cap there
-    (its parser's size, or a frame's: it may grow after its first) is returned with that size (0x0 where the cap
-    stopped the decoder), decoding nothing more.
+    Opening decodes a stream's first frames (FFmpeg's `avformat_find_stream_info`): `max_pixels`, with room for
+    their padding (`decoder_cap`), is the decoders' own cap on their size, so a far larger frame is not decoded there
+    (a 16000x16000 H.264 frame: 500 MiB). Such a stream opens with its size unread (0x0; H.264's and VP8's keep their
+    header's). PyAV gives the cap only to the streams a header declares, not to FLV's and MPEG-PS's
+    (`_STREAMS_FOUND_PROBING`): those are first opened with no decoder, and the frames probing would decode are
+    decoded under the cap (`_probed_size_over`); a stream over `max_pixels` there (its parser's size, or a frame's:
+    it may grow after its first) is returned with that size (0x0 where the cap stopped the decoder), decoding nothing
+    more. The decoders that then read the returned container's frames have the same cap: a frame far over it, past
+    the frames opening decoded, is refused by the decoder (an FFmpeg error) rather than decoded and then refused.
     """
     if max_pixels is None:
         return _open(av, source, name, decode=True)
@@ -129,7 +143,11 @@ def open_container(av: Any, source: Union[str, BinaryIO], name: str,
     if not isinstance(source, str):
         source.seek(start)
     if over is None:
-        return _open(av, source, name, decode=True, max_pixels=max_pixels)
+        container = _open(av, source, name, decode=True, max_pixels=max_pixels)
+        for stream in container.streams.video:  # the decoders that read its frames (`av.open` caps probing's only)
+            if stream.codec_context is not None:
+                stream.codec_context.options = {"max_pixels": str(decoder_cap(max_pixels))}
+        return container
     container = _open(av, source, name, decode=False)  # its decoders unopened: the size its caller reads, refuses
     container.streams.video[0].codec_context.width, container.streams.video[0].codec_context.height = over
     return container
@@ -143,7 +161,7 @@ def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
                "protocol_whitelist": "file" if isinstance(source, str) else "none"}
     if not decode:
         options["codec_whitelist"] = "none"
-    decoders = {"max_pixels": str(max_pixels)} if max_pixels is not None else {}  # (the header's streams only)
+    decoders = {"max_pixels": str(decoder_cap(max_pixels))} if max_pixels is not None else {}  # (the header's only)
     einval = getattr(av.error, "ArgumentError", None) or av.error.ValueError  # PyAV 18's name, 15's
     try:
         return av.open(source, options=decoders, container_options=options)
@@ -154,7 +172,7 @@ def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
 
 def _probed_size_over(container: "av.container.InputContainer", max_pixels: int) -> Optional[tuple[int, int]]:
     """An FLV's or MPEG-PS's first video stream, opened with no decoder: the size over `max_pixels` its parser read,
-    or of a frame of the packets probing would read (`_PROBE_BYTES`), decoded under a cap with room; (0, 0) where
+    or of a frame of the packets probing would read (`_PROBE_BYTES`), decoded under `decoder_cap`; (0, 0) where
     that cap or bad data stops the decoder; None when they fit, or in another container, or with no video stream."""
     video = container.streams.video
     if not set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING or not video \
@@ -163,8 +181,7 @@ def _probed_size_over(container: "av.container.InputContainer", max_pixels: int)
     width, height = video[0].codec_context.width, video[0].codec_context.height
     if width * height > max_pixels:
         return width, height
-    # the decoder's buffers are padded past the frame (a 64x64 H.263 frame's take over 8192 pixels): its cap has room
-    video[0].codec_context.options = {"max_pixels": str(max_pixels + max_pixels // 4 + (1 << 20))}
+    video[0].codec_context.options = {"max_pixels": str(decoder_cap(max_pixels))}
     read = 0
     try:
         for packet in container.demux(video[0]):
@@ -409,7 +426,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
             it): decoding time grows with the length even though memory does not (a server's bound).
         max_pixels: refuse a video with a frame of more pixels, by its header and by every decoded frame (a
             server's bound: a stream whose header says 32x32 may switch to 16k x 16k frames); the frames opening
-            it decodes are capped by it too (`open_container`).
+            it and reading its frames decode are capped by it too (`open_container`: a frame far over it is
+            refused by its decoder, "a frame of bad data or more than the N pixels allowed").
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
@@ -469,9 +487,9 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         guess = set(uniform_frame_indices(predicted, max_frames))
         start = _video_start(stream)
         jumps = _clock_may_jump(container)
-        images, instants, decoded, last_t, shown = _sample(container.decode(stream), step, rate, guess, name,
-                                                           max_seconds=max_seconds, max_pixels=max_pixels,
-                                                           seconds=seconds, clock_jumps=jumps)
+        frames = _frames(av, container, name, max_pixels)
+        images, instants, decoded, last_t, shown = _sample(frames, step, rate, guess, name, max_seconds=max_seconds,
+                                                           max_pixels=max_pixels, seconds=seconds, clock_jumps=jumps)
     if not instants:
         raise ValueError(f"no frames decoded from video {name} (empty or truncated file)")
     if expected and decoded < _TRUNCATED_FRACTION * expected:
@@ -485,9 +503,23 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
     if len(images) < len(chosen):  # the header did not predict the timeline: decode again for the rest
         with open_container(av, source(), name, max_pixels) as container:
             missing = set(chosen) - images.keys()
-            images |= _sample(container.decode(container.streams.video[0]), step, rate, missing, name, True,
+            images |= _sample(_frames(av, container, name, max_pixels), step, rate, missing, name, True,
                               max_pixels=max_pixels, seconds=seconds, clock_jumps=jumps)[0]
     return [images[i] for i in chosen]
+
+
+def _frames(av: Any, container: "av.container.InputContainer", name: str,
+            max_pixels: Optional[int]) -> Iterator["av.VideoFrame"]:
+    """The first video stream's decoded frames. Under `max_pixels` its decoder refuses a frame far over it
+    (`open_container`) as FFmpeg's decoders refuse bad data: their error then names the cap too."""
+    try:
+        yield from container.decode(container.streams.video[0])
+        return
+    except av.error.FFmpegError as e:
+        if max_pixels is None:
+            raise
+        message = f"cannot decode video {name}: a frame of bad data or more than the {max_pixels} pixels allowed ({e})"
+    raise ValueError(message)  # (outside the handler: no traceback kept, as `decode_video` keeps none)
 
 
 # An animation frame's delay under this is shown for `_DEFAULT_DELAY` instead, as FFmpeg's GIF demuxer and browsers

@@ -120,6 +120,35 @@ def test_an_mpeg_ps_video_growing_past_the_cap_while_probed_is_refused_without_d
     assert int(grown) < 64, f"{grown} MiB to refuse it"
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak resident size is reset by /proc")
+@pytest.mark.parametrize(("fmt", "first"), [("mpegts", 4), ("matroska", 4), ("mp4", 4), ("flv", 2), ("mpeg", 12)])
+def test_a_video_growing_past_the_frames_opening_decodes_is_refused_by_its_decoder(fmt, first):
+    """Opening a video decodes only its first frames (FFmpeg's probing: 7 of an H.264 stream), and `av.open`'s cap
+    reaches only the decoders probing opens: MPEG-TS, Matroska and MP4 frames growing from 64x64 to 8192x8192 after
+    the eighth were decoded uncapped (+159 MiB) before their size was checked. The decoders that read the frames are
+    capped too: refused there (FLV's and MPEG-PS's frames past those they are probed for, or growing where FFmpeg's
+    probing decodes them, as well)."""
+    data = _growing_video(fmt, [64] * first + [8192])
+    run = subprocess.run([sys.executable, "-c", _PEAK], input=data, capture_output=True, timeout=120, check=True)
+    message, grown = run.stdout.decode().splitlines()
+    assert "more than the 20000000 pixels allowed" in message
+    assert int(grown) < 64, f"{grown} MiB to refuse it"
+
+
+@pytest.mark.parametrize(("fmt", "codec", "width", "height"), [
+    ("flv", "flv", 8000, 40), ("flv", "flv", 64, 64), ("mp4", "mpeg4", 8000, 40), ("mp4", "libx264", 40, 8000),
+    ("mpeg", "mpeg2video", 962, 540), ("webm", "libvpx", 8000, 40), ("matroska", "libvpx-vp9", 40, 8000)])
+def test_thin_and_unaligned_frames_at_the_cap_decode_as_uncapped(fmt, codec, width, height):
+    """Decoders hold their cap to their padded buffers, not to the frame: a Sorenson H.263 (FLV1) or MPEG-4 part 2
+    frame of 8000x40 needs 2.28 M pixels there (64x64: 53,760), an H.264 one of 40x8000 512 k. The cap given them
+    has room for that (`decoder_cap`): frames of the cap, or within 1 M, decode as uncapped."""
+    data = _video(width, height, codec, fmt, frames=3, rate=25, shade=40)
+    frames = [np.asarray(f).tolist() for f in decode_video(data, fps=25)]
+    assert len(frames) == 3
+    for cap in (width * height, 1_000_000):
+        assert [np.asarray(f).tolist() for f in decode_video(data, fps=25, max_pixels=cap)] == frames
+
+
 @pytest.mark.parametrize(("fmt", "codec"), [("flv", "flv"), ("flv", "libx264"), ("mpeg", "mpeg2video"),
                                             ("mpeg", "libx264")])
 def test_flv_and_mpeg_ps_videos_under_the_cap_decode_as_uncapped(fmt, codec):
@@ -135,19 +164,25 @@ def test_flv_and_mpeg_ps_videos_under_the_cap_decode_as_uncapped(fmt, codec):
 
 
 def test_a_frame_size_the_capped_decoder_leaves_unread_is_refused_and_one_at_the_cap_decodes():
-    """Most decoders (MPEG-4 part 2 here) leave a size over the cap unread (0x0): the video is refused so, by the
-    server too; one whose frames are exactly the cap decodes."""
+    """Most decoders (MPEG-4 part 2 here) leave a size over their cap (`decoder_cap`: the cap with room for their
+    padding) unread (0x0): the video is refused so, by the server too; one over the cap within the room by its size;
+    one whose frames are exactly the cap decodes."""
     pytest.importorskip("fastapi")  # the server's extra
     from flamingo.serve.media import MediaPolicy, load_medium
     from flamingo.serve.protocol import APIError
 
-    data = _video(64, 64, frames=2)
-    with pytest.raises(ValueError, match="frames are more than the 4095 pixels allowed"):
+    data, over = _video(64, 64, frames=2), _video(640, 640, frames=2)
+    with pytest.raises(ValueError, match="frames are more than the 4095 pixels allowed, or of a size it does not"):
+        decode_video(over, max_pixels=4095)
+    with pytest.raises(ValueError, match="64x64 frames are more than the 4095 pixels allowed"):
         decode_video(data, max_pixels=4095)
     url = "data:video/mp4;base64," + base64.b64encode(data).decode()
-    with pytest.raises(APIError, match="frames are more than the server's 4095 pixels") as refused:
-        load_medium(url, MediaPolicy(max_pixels=4095), video=True)
-    assert refused.value.status == 400
+    for video, detail in ((over, "its frames are more than the server's 4095 pixels"),
+                          (data, "64x64 frames are more than the server's 4095 pixels")):
+        with pytest.raises(APIError, match=detail) as refused:
+            load_medium("data:video/mp4;base64," + base64.b64encode(video).decode(), MediaPolicy(max_pixels=4095),
+                        video=True)
+        assert refused.value.status == 400
     assert [f.size for f in decode_video(data, max_pixels=4096)] == [(64, 64)] * 2
     assert len(load_medium(url, MediaPolicy(max_pixels=4096), video=True)) == 2
 

@@ -102,6 +102,9 @@ def _opener(path: VideoInput) -> Callable[[], Union[str, BinaryIO]]:
 # `avformat_find_stream_info` probes them, and PyAV gives decoder options only to the streams a header declares
 _STREAMS_FOUND_PROBING = {"flv", "mpeg"}
 _PROBE_BYTES = 5_000_000  # FFmpeg's `probesize`: the packets probing reads at most
+# the frames probing decodes once one has come (avformat_find_stream_info decodes until it knows a stream's size and
+# pixel format, and an H.264 stream's reordering delay: has_decode_delay_been_guessed, at most 20 frames)
+_PROBE_FRAMES = 20
 
 
 def decoder_cap(max_pixels: int) -> int:
@@ -172,8 +175,9 @@ def _open(av: Any, source: Union[str, BinaryIO], name: str, decode: bool,
 
 def _probed_size_over(container: "av.container.InputContainer", max_pixels: int) -> Optional[tuple[int, int]]:
     """An FLV's or MPEG-PS's first video stream, opened with no decoder: the size over `max_pixels` its parser read,
-    or of a frame of the packets probing would read (`_PROBE_BYTES`), decoded under `decoder_cap`; (0, 0) where
-    that cap or bad data stops the decoder; None when they fit, or in another container, or with no video stream."""
+    or of a frame probing would decode (its first `_PROBE_FRAMES`, in at most `_PROBE_BYTES` of packets), decoded
+    under `decoder_cap`; (0, 0) where that cap or bad data stops the decoder; None when they fit, or in another
+    container, or with no video stream."""
     video = container.streams.video
     if not set(container.format.name.split(",")) & _STREAMS_FOUND_PROBING or not video \
             or video[0].codec_context is None:
@@ -182,14 +186,15 @@ def _probed_size_over(container: "av.container.InputContainer", max_pixels: int)
     if width * height > max_pixels:
         return width, height
     video[0].codec_context.options = {"max_pixels": str(decoder_cap(max_pixels))}
-    read = 0
+    read = decoded = 0
     try:
         for packet in container.demux(video[0]):
             read += packet.size
             for frame in packet.decode():
                 if frame.width * frame.height > max_pixels:
                     return frame.width, frame.height
-            if read > _PROBE_BYTES:
+                decoded += 1
+            if decoded >= _PROBE_FRAMES or read > _PROBE_BYTES:
                 break
     except Exception:  # FFmpeg's errors (the cap's EINVAL or ENOMEM, bad data), PyAV's others
         return 0, 0

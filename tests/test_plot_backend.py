@@ -173,7 +173,7 @@ class _Client:
 
 
 def test_a_failed_batch_file_closes_its_bar(monkeypatch):
-    async def fail(client, lines, concurrency, *, on_answer):
+    async def fail(client, lines, concurrency, *, on_answer, batch):
         on_answer(0, None)
         raise RuntimeError("interrupted")
 
@@ -182,5 +182,5 @@ def test_a_failed_batch_file_closes_its_bar(monkeypatch):
     monkeypatch.setattr(batch_module, "send_all", fail)
     lines = [SimpleNamespace(request={}), SimpleNamespace(request={})]
     with pytest.raises(RuntimeError) as caught:
-        asyncio.run(batch_module._run(None, SimpleNamespace(api_key=None), lines, 1, True))
+        asyncio.run(batch_module._run(None, SimpleNamespace(api_key=None), lines, 1, True, "in.jsonl"))
     assert _open_bars("batch", caught) == []

@@ -764,7 +764,8 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
                 element.send_keys(good)
             assert len(_chat_bodies(browser)) == sent  # none of those was sent
 
-            # top p: sent as typed when not the default, and what the server sampled with; 0 is the server's to refuse
+            # top p: sent as typed when not the default, and what the server sampled with; over 1 is the server's to
+            # refuse
             top_p = browser.find_element(By.ID, "top-p")
             top_p.clear()
             top_p.send_keys("0.5")
@@ -772,9 +773,13 @@ def test_page_phones_apng_proxy_errors_long_words_bad_numbers_and_split_characte
             assert not count(".msg.note") and _chat_bodies(browser)[-1]["top_p"] == 0.5
             assert jobs[-1].params.top_p == 0.5
             top_p.clear()
-            top_p.send_keys("0")
+            top_p.send_keys("0")  # OpenAI's range is [0, 1]: 0, the likeliest token alone
             send()
-            assert note().startswith("400: ") and "top_p" in note() and _chat_bodies(browser)[-1]["top_p"] == 0
+            assert not count(".msg.note") and _chat_bodies(browser)[-1]["top_p"] == 0 and jobs[-1].params.top_p == 0
+            top_p.clear()
+            top_p.send_keys("1.5")
+            send()
+            assert note().startswith("400: ") and "top_p" in note() and _chat_bodies(browser)[-1]["top_p"] == 1.5
             top_p.clear()
             top_p.send_keys("1")
 

@@ -167,7 +167,7 @@ for (const type of ["dragover", "drop"]) {
 }
 
 // ------------------------------------------------------------------------------------------------ streaming
-// A number setting as sent: the number typed (the server says what it refuses: 0 max tokens, a top p of 0 or over 1,
+// A number setting as sent: the number typed (the server says what it refuses: 0 max tokens, a top p over 1,
 // over its cap), or an error naming the field, which is marked until it is edited. A number field reads "" both when
 // it is empty and when what is typed is no number ("e", "12e", "1e400"): validity.badInput tells them apart.
 function numberSetting(selector, name, hint) {
@@ -215,7 +215,7 @@ async function streamChat(messages, onText, tooLarge, signal) {
     max_tokens: numberSetting("#max-tokens", "max tokens", "how many tokens the answer may have"),
     temperature: numberSetting("#temperature", "temperature", "0 (the likeliest token each time) to 2"),
   };
-  const topP = numberSetting("#top-p", "top p", "over 0 and at most 1 (1: sample from every token)");
+  const topP = numberSetting("#top-p", "top p", "0 (the likeliest token alone) to 1 (sample from every token)");
   if (topP !== Number($("#top-p").defaultValue)) body.top_p = topP;  // the default is the server's: not sent
   const probs = $("#show-probs").checked;
   if (probs) Object.assign(body, { logprobs: true, top_logprobs: 5 });

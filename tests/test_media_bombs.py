@@ -135,6 +135,20 @@ def test_a_video_growing_past_the_frames_opening_decodes_is_refused_by_its_decod
     assert int(grown) < 64, f"{grown} MiB to refuse it"
 
 
+@pytest.mark.parametrize("fmt", ["flv", "mpeg"])
+def test_an_flv_or_mpeg_ps_stream_its_probe_stops_is_returned_with_its_decoder_unopened(fmt):
+    """An FLV or MPEG-PS whose probed frames grow past the cap (64x64, then 8192x8192: the decoder's cap stops it) is
+    returned reopened: its size unread (0x0, which its callers refuse) and its decoder unopened; not as probed, its
+    decoder open mid-stream at whatever size it was left (under the cap where bad data stopped it)."""
+    from flamingo.video import open_container
+
+    with open_container(av, io.BytesIO(_growing_video(fmt, [64, 8192])), "grown", 20_000_000) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.width, context.height, context.is_open) == (0, 0, False)
+    with pytest.raises(ValueError, match="its frames are more than the 20000000 pixels allowed, or of a size"):
+        decode_video(_growing_video(fmt, [64, 8192]), max_pixels=20_000_000)
+
+
 @pytest.mark.parametrize(("fmt", "codec", "width", "height"), [
     ("flv", "flv", 8000, 40), ("flv", "flv", 64, 64), ("mp4", "mpeg4", 8000, 40), ("mp4", "libx264", 40, 8000),
     ("mpeg", "mpeg2video", 962, 540), ("webm", "libvpx", 8000, 40), ("matroska", "libvpx-vp9", 40, 8000)])

@@ -581,21 +581,17 @@ class FlamingoProcessor:
         """Any accepted medium but a tensor -> its frames as RGB PIL images (one frame for a still), at most
         `max_frames`, spread uniformly over longer videos. PIL images and frames are read as files are
         (`upright_rgb`); arrays must be uint8 pixels (other dtypes are refused, not cast: a float image in [0, 1]
-        would turn black, 16-bit values wrap). A file's frames are read under `default_max_pixels`, as training's."""
+        would turn black, 16-bit values wrap). A file's frames are read under `default_max_pixels`, as training's:
+        its refusal over it names the knob that sets it."""
         if isinstance(media, (str, os.PathLike)):
-            path = Path(media)
-            if not path.is_file():
-                raise ValueError(f"media file not found: {str(path)!r}")
-            if path.suffix.lower() in VIDEO_EXTENSIONS:
-                return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames,
-                                    max_pixels=default_max_pixels())
+            max_pixels = default_max_pixels()
             try:
-                with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats.py)
-                    return image_frames(im, self.video_fps, self.max_frames, max_pixels=default_max_pixels())
-            except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
-                return self._video_named_otherwise(path, e)
-            except Exception as e:  # PIL raises several types for corrupt files
-                raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
+                return self._load_file(Path(media), max_pixels)
+            except ValueError as e:
+                if max_pixels is None or f"{max_pixels} pixels allowed" not in str(e):
+                    raise
+                raise ValueError(f"{e} (the cap is PIL.Image.MAX_IMAGE_PIXELS, read when a medium is: set it "
+                                 "higher, or to None, to read larger media)") from e
         if isinstance(media, Image.Image):
             return image_frames(media, self.video_fps, self.max_frames)
         if isinstance(media, np.ndarray):
@@ -615,12 +611,26 @@ class FlamingoProcessor:
             f"unsupported media type {type(media).__name__}: expected a PIL image, a list of PIL frames, "
             "a uint8 array (H, W, 3) or (F, H, W, 3), pixel values (F, C, H, W) or a file path")
 
-    def _video_named_otherwise(self, path: Path, image_error: Exception) -> list[Image.Image]:
+    def _load_file(self, path: Path, max_pixels: Optional[int]) -> list[Image.Image]:
+        """`load_media`'s file: a video by its extension, else an image PIL reads, else a video by its content."""
+        if not path.is_file():
+            raise ValueError(f"media file not found: {str(path)!r}")
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames, max_pixels=max_pixels)
+        try:
+            with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats.py)
+                return image_frames(im, self.video_fps, self.max_frames, max_pixels=max_pixels)
+        except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
+            return self._video_named_otherwise(path, e, max_pixels)
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
+
+    def _video_named_otherwise(self, path: Path, image_error: Exception,
+                               max_pixels: Optional[int]) -> list[Image.Image]:
         """A file PIL cannot identify, read as a video: what a file holds decides, not its name (MPEG-TS from
         cameras and IPTV dumps, `.mts`, extensionless temporary files). Neither: a ValueError naming both tries."""
         try:
-            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames,
-                                max_pixels=default_max_pixels())
+            return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames, max_pixels=max_pixels)
         except ImportError as e:  # no PyAV: the file may be no video at all
             video_error: Exception = e
         except ValueError as e:

@@ -235,7 +235,7 @@ def test_the_processors_local_files_over_the_cap_are_refused_and_at_it_read(tmp_
     """Chat's and evaluation's local files (`FlamingoProcessor.load_media`) are read under `default_max_pixels`, as
     training's: a video (by its extension or by what it holds) of frames over it, an image over it (Pillow only warns
     below twice it) and an animation of more frames x canvas than `ANIMATION_PIXELS` such images are refused, each
-    with a ValueError naming its file; media at the cap are read."""
+    with a ValueError naming its file and the knob (`PIL.Image.MAX_IMAGE_PIXELS`); media at the cap are read."""
     from flamingo import FlamingoProcessor
     from flamingo.processing import ANIMATION_PIXELS, add_flamingo_tokens
     from flamingo.tiny import tiny_image_processor, tiny_tokenizer
@@ -259,7 +259,7 @@ def test_the_processors_local_files_over_the_cap_are_refused_and_at_it_read(tmp_
                          ("many_frames.gif", f"of {ANIMATION_PIXELS + 1} frames of 64x64 is more than")):
         with pytest.raises(ValueError, match=detail) as refused:
             processor.load_media(tmp_path / name)
-        assert name in str(refused.value)
+        assert name in str(refused.value) and "PIL.Image.MAX_IMAGE_PIXELS" in str(refused.value)
 
 
 def test_training_media_over_the_loaders_cap_are_skipped_and_counted_before_they_are_decoded(tmp_path, monkeypatch):

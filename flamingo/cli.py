@@ -264,10 +264,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.sample and args.num_return_sequences > args.num_beams:  # transformers says so only after the load
+    # transformers says so only after the load: beam search, sampled or not, returns at most its beams
+    if (args.num_beams > 1 or not args.sample) and args.num_return_sequences > args.num_beams:
         raise ValueError(f"--num-return-sequences {args.num_return_sequences} is more than --num-beams "
-                         f"{args.num_beams}: without --sample the sequences are the best beams (raise --num-beams, "
-                         "or add --sample)")
+                         f"{args.num_beams}: " + ("the sequences are the best beams (raise --num-beams)"
+                                                  if args.num_beams > 1 else
+                                                  "without --sample the sequences are the best beams (raise "
+                                                  "--num-beams, or add --sample)"))
     if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
         raise ValueError("--temperature, --top-k and --top-p shape sampling: add --sample (without it the "
                          "continuation is greedy or beam search)")

@@ -98,7 +98,9 @@ def test_nonsense_values_are_refused_by_the_parser(capsys, argv, why):
         (["generate", "--prompt", "x", "--num-return-sequences", "2"], "--num-return-sequences 2 is more than "
                                                                        "--num-beams 1: without --sample"),
         (["generate", "--prompt", "x", "--num-beams", "2", "--num-return-sequences", "3"],
-         "--num-return-sequences 3 is more than --num-beams 2"),
+         "--num-return-sequences 3 is more than --num-beams 2: the sequences are the best beams (raise --num-beams)"),
+        (["generate", "--prompt", "x", "--sample", "--num-beams", "2", "--num-return-sequences", "3"],
+         "--num-return-sequences 3 is more than --num-beams 2: the sequences are the best beams (raise --num-beams)"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, model_dir, no_loading, capsys, argv, why):

@@ -109,9 +109,10 @@ def test_the_limit_counts_connections_and_requests_in_flight_and_spares_batch_li
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive(model_dir):
-    """uvicorn's keep-alive timer starts after a response: a socket opened and left silent held its place under the
-    limit for as long as its client kept it, and every other client got 503 (one idle `telnet` was enough). It is
-    closed after `--keep-alive` seconds of silence, as an idle connection after a response is."""
+    """uvicorn's keep-alive timer starts after a response: a socket opened and left silent, or one that sent a byte,
+    held its place under the limit for as long as its client kept it, and every other client got 503 (one idle
+    `telnet` was enough). It is closed when no request has begun `--keep-alive` seconds after opening; a request
+    sent in pieces within them is answered, and its connection then kept alive as any."""
     with running_server(engine_for(model_dir), ServeSettings(model_name="tiny"), start_engine=False, keep_alive=1,
                         max_connections=1) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -120,7 +121,17 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive(model_di
             assert silent.recv(1) == b""  # closed by the server
             assert 0.5 < time.monotonic() - started < 10
             assert httpx.get(url + "/health", timeout=30).status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as dripping:  # a byte does not keep it
+            dripping.sendall(b"G")
+            started = time.monotonic()
+            assert dripping.recv(1) == b"" and time.monotonic() - started < 10
         with socket.create_connection(("127.0.0.1", port), timeout=30) as talking:  # a request in time is answered
             time.sleep(0.3)
+            talking.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+            time.sleep(0.3)
+            talking.sendall(b"\r\n")
+            assert talking.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)  # past the first-request timer (1 s after opening), within the keep-alive after a
+            # response: a connection a request began on is kept alive as any
             talking.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert talking.recv(65536).startswith(b"HTTP/1.1 200")

@@ -129,9 +129,10 @@ class OpenConnections:
         if limit < 1:
             raise ValueError(f"the connection limit must be >= 1, got {limit}")
         self.limit, self.open, self.in_flight = limit, 0, 0
-        # a connection that sends nothing for this long after opening is closed: uvicorn's keep-alive timer starts
-        # only after a response, so a silent socket would otherwise hold a place under the limit for as long as its
-        # client keeps it (None: kept)
+        # a connection whose first request has not begun (its head complete) this long after opening is closed:
+        # uvicorn's keep-alive timer starts only after a response, and no timer covers a request head sent in part,
+        # so a silent socket, or one that sent a byte, would hold a place under the limit for as long as its client
+        # keeps it (None: kept)
         self.silent_seconds = silent_seconds
 
     def full(self) -> bool:
@@ -146,27 +147,25 @@ class OpenConnections:
         counter = self
 
         class Counted(base):  # type: ignore[misc, valid-type]
-            _silence: Optional[asyncio.TimerHandle] = None  # closes a connection that has sent nothing yet
+            _first_request: Optional[asyncio.TimerHandle] = None  # closes a connection no request has begun on
 
             def connection_made(self, transport: Any) -> None:
                 counter.open += 1
                 super().connection_made(transport)
                 if counter.silent_seconds is not None:
-                    self._silence = asyncio.get_running_loop().call_later(counter.silent_seconds, transport.close)
+                    self._first_request = asyncio.get_running_loop().call_later(counter.silent_seconds,
+                                                                                self._close_if_no_request, transport)
 
-            def data_received(self, data: bytes) -> None:
-                self._end_silence()
-                super().data_received(data)
+            def _close_if_no_request(self, transport: Any) -> None:
+                # uvicorn's protocols (h11's, httptools') set `cycle` when a request's head is complete
+                if getattr(self, "cycle", None) is None:
+                    transport.close()
 
             def connection_lost(self, exc: Optional[Exception]) -> None:
-                self._end_silence()
+                if self._first_request is not None:
+                    self._first_request.cancel()
                 counter.open -= 1
                 super().connection_lost(exc)
-
-            def _end_silence(self) -> None:
-                if self._silence is not None:
-                    self._silence.cancel()
-                    self._silence = None
 
         return Counted
 

@@ -99,7 +99,7 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
     max_connections: connections open at once (idle keep-alive ones count); past it, a request on any of them gets
     503 (None: no limit). The limit is kept in the app (middleware.ConnectionLimit: its 503 carries the request's
     id, an OpenAI-style body and Retry-After, and is counted), on connections counted by uvicorn's own HTTP
-    protocol, which also closes a connection silent for `keep_alive` seconds after opening. No WebSocket upgrade is
+    protocol, which also closes a connection no request began on within `keep_alive` seconds. No WebSocket upgrade is
     taken (the app has no WebSocket route), so every connection stays in that protocol, which counts its end."""
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol

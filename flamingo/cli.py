@@ -546,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0,
                      help="a finite number >= 0.0001 (1: none; model.generation.MIN_REPETITION_PENALTY)")
     gen.add_argument("--num-return-sequences", type=int, default=1,
-                     help="sequences to return (sampled, or the best beams; at most --num-beams without --sample)")
+                     help="sequences to return (sampled, or the best beams: at most --num-beams, unless --sample "
+                          "with one beam)")
     gen.add_argument("--seed", type=int, default=None, help="random seed: --sample gives the same tokens again")
     gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                      help="the model's dtype (default: the one it was saved in; a converted model's)")

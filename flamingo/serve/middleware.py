@@ -34,6 +34,16 @@ def header(scope: dict, name: bytes) -> Optional[str]:
     return next((value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name), None)
 
 
+async def send_error(send: Any, error: APIError) -> None:
+    """Answer with `error` straight from an ASGI middleware (before the app): its OpenAI-style JSON body, its status
+    and its headers (`APIError.response_headers`), as the app's own error handler answers."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.response_headers().items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestIds:
     """ASGI middleware, the outermost: every response carries its request's `X-Request-Id` (`request_id`), and the
     server's log lines about the request name it (the route's in `REQUEST_ID` of the scope, uvicorn's access line
@@ -65,11 +75,7 @@ class RequestIds:
         except Exception as e:
             log.exception("request %s: internal error", rid)
             if not started:
-                body = json.dumps(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
-                await tagged({"type": "http.response.start", "status": 500,
-                              "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode())]})
-                await tagged({"type": "http.response.body", "body": body.encode()})
+                await send_error(tagged, APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
         finally:
             current_request_id.reset(token)
 
@@ -190,14 +196,10 @@ class ConnectionLimit:
         if counter.full():
             log.warning("request %s: %d connections open, %d requests in flight, more than --max-connections %d: "
                         "answered 503", scope.get(REQUEST_ID), counter.open, counter.in_flight, counter.limit)
-            error = APIError(503, f"more than {counter.limit} connections are open to the server (--max-connections); "
-                                  "try again shortly", type="server_error", code="too_many_connections",
-                             headers={"Retry-After": str(self.RETRY_AFTER), "Connection": "close"})
-            body = json.dumps(error.body()).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            headers += [(k.lower().encode(), v.encode()) for k, v in error.response_headers().items()]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, APIError(503, f"more than {counter.limit} connections are open to the server "
+                                                 "(--max-connections); try again shortly", type="server_error",
+                                            code="too_many_connections",
+                                            headers={"Retry-After": str(self.RETRY_AFTER), "Connection": "close"}))
             return
         counter.in_flight += 1
         try:
@@ -302,9 +304,4 @@ class BrowserGuard:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        error = APIError(403, problem, code="forbidden")
-        body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
-        await send({"type": "http.response.start", "status": 403, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, APIError(403, problem, code="forbidden"))

@@ -143,3 +143,20 @@ def serving_tiny(root: Path, settings: Optional[ServeSettings] = None, **engine_
     engine = engine_for(save_tiny_model(root / "model"), **engine_kwargs)
     with running_server(engine, settings or ServeSettings(model_name="tiny")) as url:
         yield engine, url
+
+
+def fail_sends_of(monkeypatch: Any, marker: str) -> None:
+    """Batch lines whose body holds `marker` fail to send (the client sending them raises, as on a broken
+    connection); the others are answered as usual."""
+    import httpx
+
+    from flamingo.serve import batch_lines
+
+    answer = batch_lines._answer
+
+    async def fail_some(client: Any, request: dict, stop: Any = None) -> Any:
+        if marker in repr(request["body"]):
+            raise httpx.RemoteProtocolError("the connection broke")
+        return await answer(client, request, stop)
+
+    monkeypatch.setattr(batch_lines, "_answer", fail_some)

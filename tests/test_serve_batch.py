@@ -15,7 +15,7 @@ from flamingo.serve.app import ServeSettings
 from flamingo.serve.batch import run_batch
 from flamingo.tiny import random_image
 
-from serve_helpers import SHOT, data_url, engine_for, running_server, save_tiny_model
+from serve_helpers import SHOT, data_url, engine_for, fail_sends_of, running_server, save_tiny_model
 
 
 def _chat(image, question, max_tokens=6):
@@ -161,16 +161,7 @@ def test_a_line_that_fails_to_send_is_logged_with_the_input_file_and_custom_id(t
                                                                               caplog):
     """`flamingo batch`'s log line of a line whose request raises in the client names the input file and the line's
     custom_id (as the Batch API's names the batch id), so a reader can find the line."""
-    from flamingo.serve import batch_lines
-
-    answer = batch_lines._answer
-
-    async def fail_some(client, request, stop=None):
-        if "SEND-FAILS" in repr(request["body"]):
-            raise httpx.RemoteProtocolError("the connection broke")
-        return await answer(client, request, stop)
-
-    monkeypatch.setattr(batch_lines, "_answer", fail_some)
+    fail_sends_of(monkeypatch, "SEND-FAILS")
     model_dir = save_tiny_model(tmp_path / "tiny")
     lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}})

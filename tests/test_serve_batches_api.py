@@ -26,7 +26,7 @@ from flamingo.serve.batch_runner import COMPLETION_WINDOWS
 from flamingo.serve.batches import attachment
 from flamingo.tiny import random_image
 
-from serve_helpers import data_url, engine_for, openai_client, running_server, save_tiny_model
+from serve_helpers import data_url, engine_for, fail_sends_of, openai_client, running_server, save_tiny_model
 
 KEY = "batch-key"
 DONE = ("completed", "failed", "cancelled", "expired")
@@ -632,14 +632,7 @@ def test_a_line_that_fails_to_send_is_logged_with_its_batch_custom_id_and_reques
     """A line whose request raises in the client that sends it is its own 500 entry; its log line names the batch,
     the line's custom_id (by repr: a line break in it forges no log line) and the request id its entry holds (before,
     it named none of them, and a reader of the log could not tie it to its batch)."""
-    answer = batch_lines._answer
-
-    async def fail_some(client, request, stop=None):
-        if "SEND-FAILS" in repr(request["body"]):
-            raise httpx.RemoteProtocolError("the connection broke")
-        return await answer(client, request, stop)
-
-    monkeypatch.setattr(batch_lines, "_answer", fail_some)
+    fail_sends_of(monkeypatch, "SEND-FAILS")
     client = openai_client(served)
     lines = [_line("a", _chat(1, max_tokens=1)), _line("odd\nid", _chat(2, "SEND-FAILS", max_tokens=1))]
     batch = _wait(client, client.batches.create(input_file_id=_upload(client, lines).id,

@@ -113,7 +113,9 @@ class BatchStore:
             except (ValueError, KeyError, TypeError):
                 continue
         kept = dict(list(gone.items())[-GONE_FILES_KEPT:])
-        return kept, len(lines) if len(lines) == len(kept) and text.endswith("\n") or not text else -1
+        # as a rewrite leaves it: no torn last line, and a line per place kept (none skipped, repeated or dropped)
+        whole = not text or (text.endswith("\n") and len(lines) == len(kept))
+        return kept, len(lines) if whole else -1
 
     def _write_gone(self) -> None:
         with atomic_file(self.gone_path) as tmp, open(tmp, "w", encoding="utf-8") as f:

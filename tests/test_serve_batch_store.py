@@ -1,10 +1,13 @@
 """The Batch API's store (serve/batch_store.py): the places of deleted and expired files, which a files list's `after`
 may name, outlive the server (persisted in `gone_files.jsonl`), bounded to the latest `GONE_FILES_KEPT`, and a line
-torn by a crash costs only itself."""
+torn by a crash costs only itself; the log's synced writes run off the event loop, before the object goes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import threading
 
 from flamingo.serve import batch_store
 from flamingo.serve.batch_store import BatchStore
@@ -17,6 +20,14 @@ def _add(store: BatchStore, name: str) -> str:
     return file_id
 
 
+def _delete(store: BatchStore, *file_ids: str) -> None:
+    async def run() -> None:
+        for file_id in file_ids:
+            await store.delete_file(file_id)
+
+    asyncio.run(run())
+
+
 def _log_lines(root) -> list[str]:
     return (root / "gone_files.jsonl").read_text().splitlines()
 
@@ -25,8 +36,7 @@ def test_deleted_files_places_outlive_the_store(tmp_path):
     store = BatchStore(str(tmp_path))
     ids = [_add(store, f"f{k}.jsonl") for k in range(3)]
     places = {k: store.files[k].created_ns for k in ids[:2]}
-    for file_id in ids[:2]:
-        store.delete_file(file_id)
+    _delete(store, *ids[:2])
     again = BatchStore(str(tmp_path))
     assert again.gone_files == places and list(again.files) == [ids[2]]
 
@@ -35,8 +45,7 @@ def test_the_places_kept_are_bounded_and_a_torn_line_costs_only_itself(tmp_path,
     monkeypatch.setattr(batch_store, "GONE_FILES_KEPT", 3)
     store = BatchStore(str(tmp_path))
     ids = [_add(store, f"f{k}.jsonl") for k in range(8)]
-    for file_id in ids[:7]:
-        store.delete_file(file_id)
+    _delete(store, *ids[:7])
     # appended up to twice the bound, then rewritten to the latest 3 (the 7th deletion's rewrite)
     assert [json.loads(line)["id"] for line in _log_lines(tmp_path)] == ids[4:7]
     assert list(BatchStore(str(tmp_path)).gone_files) == ids[4:7]
@@ -45,7 +54,7 @@ def test_the_places_kept_are_bounded_and_a_torn_line_costs_only_itself(tmp_path,
         f.write('{"id": "file-torn", "created')  # a crash while a place was appended
     store = BatchStore(str(tmp_path))
     assert list(store.gone_files) == ids[4:7]
-    store.delete_file(ids[7])  # on a line of its own
+    _delete(store, ids[7])  # on a line of its own
     assert list(BatchStore(str(tmp_path)).gone_files) == [*ids[5:7], ids[7]]
     assert all(json.loads(line) for line in _log_lines(tmp_path))
 
@@ -55,11 +64,38 @@ def test_a_place_that_cannot_be_saved_does_not_keep_its_file(tmp_path, monkeypat
     store = BatchStore(str(tmp_path))
     file_id = _add(store, "f.jsonl")
 
-    def full(_file_id):
+    def full(_file_id, _created_ns):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store, "_save_gone", full)
-    store.delete_file(file_id)
+    _delete(store, file_id)
     assert file_id not in store.files and file_id in store.gone_files
     assert not (tmp_path / "files" / f"{file_id}.data").exists()
     assert "was not saved" in caplog.text
+
+
+def test_the_logs_synced_append_runs_off_the_loop_before_the_object_goes(tmp_path, monkeypatch):
+    """fsync blocks for milliseconds (seconds on a busy disk): it runs on the store's disk thread while the loop
+    serves, and the place is on disk before the file's object leaves it, for two deletions made at once too."""
+    store = BatchStore(str(tmp_path))
+    ids = [_add(store, f"f{k}.jsonl") for k in range(2)]
+    synced = []
+    fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        fsync(fd)
+        logged = [json.loads(line)["id"] for line in _log_lines(tmp_path)]
+        objects = {k for k in ids if (tmp_path / "files" / f"{k}.json").exists()}
+        synced.append((threading.get_ident(), logged, objects))
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+
+    async def run() -> int:
+        await asyncio.gather(store.delete_file(ids[0]), store.delete_file(ids[1]))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert [logged for _, logged, _ in synced] == [ids[:1], ids]
+    assert [objects for _, _, objects in synced] == [set(ids), {ids[1]}]  # each place logged while its object stays
+    assert all(thread != loop_thread for thread, _, _ in synced)
+    assert not list((tmp_path / "files").iterdir())

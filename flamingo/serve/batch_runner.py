@@ -139,7 +139,7 @@ class BatchRunner:
     async def _sweep(self) -> None:
         while True:
             try:
-                self.store.expire_files()
+                await self.store.expire_files()
             except OSError:  # a disk error must not end the sweep: the next pass tries again
                 log.exception("deleting expired files failed")
             await asyncio.sleep(FILE_SWEEP_SECONDS)
@@ -187,7 +187,7 @@ class BatchRunner:
 
     async def _run(self, record: Record) -> None:
         body = record.body
-        self.store.expire_files()
+        await self.store.expire_files()
         missing = _error("file_not_found", f"the input file {body['input_file_id']!r} was deleted or expired",
                          param="input_file_id")
         raw = None

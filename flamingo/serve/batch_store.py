@@ -12,7 +12,8 @@ log is rewritten whole, as a record is, to its latest `GONE_FILES_KEPT` places o
 `after` names a deleted file's place across restarts too. Ids are random. The
 records live in memory too: the server reads them there and writes each change through to disk. Every method but
 `write_content` runs on the server's event loop; `write_content` touches only its own file and may run in a worker
-thread.
+thread. A deletion's disk work (the log's synced append or rewrite, then the removals) runs on the store's one disk
+thread, so the loop never waits on fsync and deletions reach the disk one at a time, in the order they were made.
 
 A file may expire (OpenAI's `expires_after`): its object has `expires_at`, and `expire_files` deletes it, object and
 content, once `clock()` reaches that second. The routes call it on every access and the runner on a sweep, so an
@@ -21,12 +22,15 @@ expired file is never served and its content leaves the disk even when nobody as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Optional
 
@@ -91,9 +95,11 @@ class BatchStore:
         # the created_ns of deleted and expired files (the latest GONE_FILES_KEPT): a client paging the list with
         # `after` set to one of them (it deleted each file it listed, or the file expired) goes on from its place
         self.gone_path = os.path.join(root, "gone_files.jsonl")
-        # the log's lines; -1: it may end in a torn line (a crash, a full disk) or hold more than it keeps, and is
-        # rewritten whole at the next deletion
+        # the log's lines (the disk thread's alone); -1: it may end in a torn line (a crash, a full disk) or hold more
+        # than it keeps, and is rewritten whole at the next deletion
         self.gone_files, self._gone_lines = self._load_gone(self.gone_path)
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="batch-store")  # one thread: deletions stay in order
+        self._gone_lock = threading.Lock()  # a rewrite copies gone_files on the disk thread while the loop adds
 
     @staticmethod
     def _load_gone(path: str) -> tuple[dict[str, int], int]:
@@ -117,19 +123,18 @@ class BatchStore:
         whole = not text or (text.endswith("\n") and len(lines) == len(kept))
         return kept, len(lines) if whole else -1
 
-    def _write_gone(self) -> None:
-        with atomic_file(self.gone_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": k, "created_ns": v}) + "\n" for k, v in self.gone_files.items())
-        self._gone_lines = len(self.gone_files)
-
-    def _save_gone(self, file_id: str) -> None:
-        """Persist a deleted file's place: appended, and synced (a delete outlives a power cut); the log rewritten
-        whole once it holds twice GONE_FILES_KEPT lines, or may end in a torn line."""
+    def _save_gone(self, file_id: str, created_ns: int) -> None:
+        """Persist a deleted file's place (on the disk thread): appended, and synced (a delete outlives a power cut);
+        the log rewritten whole once it holds twice GONE_FILES_KEPT lines, or may end in a torn line."""
         if not 0 <= self._gone_lines < 2 * GONE_FILES_KEPT:
-            self._write_gone()
+            with self._gone_lock:
+                places = dict(self.gone_files)
+            with atomic_file(self.gone_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"id": k, "created_ns": v}) + "\n" for k, v in places.items())
+            self._gone_lines = len(places)
             return
         with open(self.gone_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": file_id, "created_ns": self.gone_files[file_id]}) + "\n")
+            f.write(json.dumps({"id": file_id, "created_ns": created_ns}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._gone_lines += 1
@@ -183,12 +188,18 @@ class BatchStore:
         self.files[file_id] = record
         return record
 
-    def delete_file(self, file_id: str) -> None:
-        self.gone_files[file_id] = self.files.pop(file_id).created_ns
-        if len(self.gone_files) > GONE_FILES_KEPT:
-            del self.gone_files[next(iter(self.gone_files))]
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a file in `files`: gone from memory at the call (no await before), from the disk when it returns."""
+        created_ns = self.files.pop(file_id).created_ns
+        with self._gone_lock:
+            self.gone_files[file_id] = created_ns
+            if len(self.gone_files) > GONE_FILES_KEPT:
+                del self.gone_files[next(iter(self.gone_files))]
+        await asyncio.get_running_loop().run_in_executor(self._disk, self._delete_on_disk, file_id, created_ns)
+
+    def _delete_on_disk(self, file_id: str, created_ns: int) -> None:
         try:
-            self._save_gone(file_id)
+            self._save_gone(file_id, created_ns)
         except OSError as e:  # a full disk must not keep a file (deleting frees space): its place lives in memory
             self._gone_lines = -1  # a write cut short may have torn the log's last line
             log.warning("file %s's place was not saved (a list's `after` names it until the server stops): %s",
@@ -198,13 +209,14 @@ class BatchStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
-    def expire_files(self) -> list[str]:
+    async def expire_files(self) -> list[str]:
         """Delete the files whose `expires_at` has come; their ids."""
         now = clock()
         gone = [k for k, r in self.files.items() if r.body["expires_at"] is not None and r.body["expires_at"] <= now]
         for file_id in gone:
-            log.info("file %s expired", file_id)
-            self.delete_file(file_id)
+            if file_id in self.files:  # not deleted by a call that ran while this one awaited
+                log.info("file %s expired", file_id)
+                await self.delete_file(file_id)
         return gone
 
     def add_batch(self, body: dict[str, Any], output_expires_after: Optional[int] = None) -> Record:

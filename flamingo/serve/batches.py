@@ -190,12 +190,12 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
                                                     engine.max_batch if concurrency is None else concurrency,
                                                     lambda: engine.accepting)
 
-    def stored(request: Request) -> BatchStore:
+    async def stored(request: Request) -> BatchStore:
         authorize(request)
         if store is None:
             raise APIError(404, "this server keeps no files or batches: start `flamingo serve` with --batch-dir DIR",
                            code="batch_api_disabled")
-        store.expire_files()
+        await store.expire_files()
         return store
 
     def file_record(s: BatchStore, file_id: str) -> Record:
@@ -210,7 +210,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
     @app.post("/v1/files")
     async def upload_file(request: Request) -> JSONResponse:
-        s = stored(request)
+        s = await stored(request)
         upload, purpose, expires_after = await _read_upload(request, max_file_bytes)
         file_id = new_id("file-")
         try:
@@ -226,7 +226,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
     @app.get("/v1/files")
     async def list_files(request: Request) -> JSONResponse:
-        s = stored(request)
+        s = await stored(request)
         order, purpose = request.query_params.get("order", "desc"), request.query_params.get("purpose")
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
@@ -239,18 +239,18 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(file_record(stored(request), file_id).body)
+        return JSONResponse(file_record(await stored(request), file_id).body)
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str, request: Request) -> JSONResponse:
-        s = stored(request)
+        s = await stored(request)
         file_record(s, file_id)
-        s.delete_file(file_id)
+        await s.delete_file(file_id)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request) -> StreamingResponse:
-        s = stored(request)
+        s = await stored(request)
         record = file_record(s, file_id)
         try:  # opened here: the open file outlives an expiry or a delete while it is sent
             handle = open(s.content_path(file_id), "rb")
@@ -268,7 +268,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> JSONResponse:
-        s = stored(request)
+        s = await stored(request)
         req = parse(BatchCreateRequest, await read_json(request))
         source = file_record(s, req.input_file_id)
         if source.body["purpose"] != "batch":
@@ -296,15 +296,15 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
 
     @app.get("/v1/batches")
     async def list_batches(request: Request) -> JSONResponse:
-        return _listing(request, stored(request).batches, 20, 100)
+        return _listing(request, (await stored(request)).batches, 20, 100)
 
     @app.get("/v1/batches/{batch_id}")
     async def retrieve_batch(batch_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(batch_record(stored(request), batch_id).body)
+        return JSONResponse(batch_record(await stored(request), batch_id).body)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
-        record = batch_record(stored(request), batch_id)
+        record = batch_record(await stored(request), batch_id)
         status = record.body["status"]
         if status in ("validating", "in_progress"):
             assert runner is not None

@@ -509,8 +509,21 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send (default: the directory's name, or the Hub repository org/name)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, where a flag's hidden other spelling is no rival in abbreviation matching: `--vision-cache` matches
+    eval's `--vision-cache-mib` and its hidden `--vision-cache-mb`, both one setting, and is taken as the shown flag
+    rather than refused as ambiguous (naming a spelling --help does not show). Subcommands' parsers are this class."""
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        matches = super()._get_option_tuples(option_string)  # (action, option string, ...) per matching flag
+        shown = [m for m in matches if m[0].help != argparse.SUPPRESS]
+        if len(shown) == 1 and all(m[0].dest == shown[0][0].dest for m in matches):
+            return shown
+        return matches
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models")
+    parser = _Parser(prog="flamingo", description="Flamingo visual language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("tiny", help="build a small model from random backbones and run an interleaved prompt")

@@ -1,5 +1,5 @@
 """`flamingo eval`'s command line: the flags of an in-process model refused with `--server`, said before anything
-loads; the vision cache's two spellings."""
+loads; the vision cache's two spellings, and its abbreviations."""
 
 import pytest
 
@@ -31,8 +31,7 @@ def test_a_flag_of_the_in_process_model_is_refused_with_server(tmp_path, capsys,
     ran on a machine without CUDA): the server holds the model, so the flag belongs on `flamingo serve`."""
     assert main(_eval(tmp_path, *flags)) == 2
     err = capsys.readouterr().err
-    named = flags[0].replace("-mb", "-mib")  # the cache's other spelling is named as serve spells it
-    assert f"flamingo: error: {named} shapes an in-process model: with --server the server holds" in err
+    assert f"flamingo: error: {flags[0]} shapes an in-process model: with --server the server holds" in err
     assert "flamingo serve" in err and "Traceback" not in err
 
 
@@ -77,3 +76,40 @@ def test_the_vision_cache_is_spelled_as_serve_spells_it_and_the_other_spelling_s
         main(["eval", "--help"])
     text = capsys.readouterr().out
     assert "--vision-cache-mib" in text and "--vision-cache-mb " not in text
+
+
+@pytest.mark.parametrize("typed", ["--vision-cache-mb", "--vision-cache-mb=64", "--vision-cache-mib"])
+def test_the_refused_cache_flag_is_named_as_typed(tmp_path, capsys, no_loading, typed):
+    """`--vision-cache-mb 64` was refused naming `--vision-cache-mib`, a flag the user's command did not hold."""
+    flags = [typed] if "=" in typed else [typed, "64"]
+    assert main(_eval(tmp_path, "--dtype", "bf16", *flags)) == 2
+    assert f"flamingo: error: --dtype, {typed.split('=')[0]} shape an in-process model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("abbreviation", ["--vision-cache", "--vision-cache-m", "--vision"])
+def test_an_abbreviation_of_the_cache_flag_is_the_shown_flag_not_ambiguous(tmp_path, monkeypatch, capsys,
+                                                                         abbreviation):
+    """`--vision-cache 64` matches `--vision-cache-mib` and the hidden `--vision-cache-mb`, one setting: it was
+    refused as "ambiguous", naming a spelling --help does not show. It is the shown flag."""
+    import flamingo.convert.auto as auto
+    import flamingo.eval.runner as runner
+
+    def evaluate(*args, **kwargs):
+        raise ValueError(f"the cache is {kwargs['vision_cache_mb']} MiB")
+
+    monkeypatch.setattr(auto, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    command = ["eval", "--model", str(tmp_path / "m"), "--task", "vqa", "--data", str(tmp_path)]
+    assert main([*command, abbreviation, "64"]) == 2
+    assert "flamingo: error: the cache is 64.0 MiB" in capsys.readouterr().err
+    assert main([*command, "--server", "http://127.0.0.1:9", abbreviation, "64"]) == 2
+    assert "flamingo: error: --vision-cache-mib shapes an in-process model" in capsys.readouterr().err
+
+
+def test_an_abbreviation_of_two_settings_is_still_ambiguous(tmp_path, capsys):
+    """Only a hidden spelling of the same setting stands aside: `--de` (--demos, --device, ...) is refused."""
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", "m", "--task", "vqa", "--data", str(tmp_path), "--de", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "ambiguous option: --de could match" in err
+    assert "--demos" in err and "--device" in err

@@ -39,6 +39,15 @@ def _query_set(value: str) -> Any:
     return int(value)
 
 
+class _StoreSpelling(argparse.Action):
+    """Stores the value and, as `<dest>_flag`, the flag it came with: a refusal names the spelling the user wrote."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
 def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add `eval` to a `parser.add_subparsers()` object; returns its parser."""
     p = subparsers.add_parser("eval", help="few-shot evaluation on VQA, captioning, classification, HatefulMemes, "
@@ -61,11 +70,12 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                         "random demos, the whole split for RICES, as OpenFlamingo)")
     p.add_argument("--num-samples", type=_optional_int, default=None, help="evaluated test samples (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / score_batch call")
-    p.add_argument("--vision-cache-mib", type=non_negative_float, default=None,
+    p.add_argument("--vision-cache-mib", type=non_negative_float, default=None, action=_StoreSpelling,
                    help="keep the frozen tower's features of demo frames (encoded once per evaluation); 0 = off; "
                         "default 256 on CPU, off on GPU (hashing the pixels costs about as much as the tower there)")
+    # another spelling, which scripts may use (MiB too); hidden, and out of abbreviation matching (flamingo/cli.py)
     p.add_argument("--vision-cache-mb", dest="vision_cache_mib", type=non_negative_float, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # another spelling, which scripts may use: MiB too
+                   action=_StoreSpelling, help=argparse.SUPPRESS)
     p.add_argument("--zero-shot", choices=ZERO_SHOT, default="text",
                    help="0-shot prompts: 2 text-only demos (Flamingo/OpenFlamingo) or none")
     p.add_argument("--template", default=None, help="override the task's prompt template (keep {answer})")
@@ -115,9 +125,11 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def _check_server_flags(args: argparse.Namespace) -> None:
     """With --server the server holds the model: the flags that shape an in-process one would be ignored, so they are
-    refused (as --demos rices is), naming each one given. A vision cache of 0 is what --server runs (no tower here)."""
+    refused (as --demos rices is), naming each one as given. A vision cache of 0 is what --server runs (no tower
+    here)."""
+    cache_flag = getattr(args, "vision_cache_mib_flag", None) or "--vision-cache-mib"  # the spelling typed
     given = [flag for flag, value in (("--dtype", args.dtype), ("--quantize-frozen", args.quantize_frozen),
-                                      ("--device", args.device), ("--vision-cache-mib", args.vision_cache_mib or None))
+                                      ("--device", args.device), (cache_flag, args.vision_cache_mib or None))
              if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} an in-process model: with "

@@ -42,18 +42,19 @@ def build_parser(prog: Optional[str] = "flamingo demo") -> argparse.ArgumentPars
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # `flamingo demo` hands over its arguments; the `flamingo-demo` script reads sys.argv and is named as invoked
-    args = build_parser("flamingo demo" if argv is not None else None).parse_args(argv)
+    parser = build_parser("flamingo demo" if argv is not None else None)
+    args = parser.parse_args(argv)
     quiet_transformers(args.no_progress)
     try:
         run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
                               shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs,
                               eval_procs=args.eval_procs))
     except KeyboardInterrupt:  # Ctrl-C, also while a stage's processes ran (demo.run_processes)
-        print("\nflamingo demo: interrupted; rerun the same command to continue (finished stages are reused)",
+        print(f"\n{parser.prog}: interrupted; rerun the same command to continue (finished stages are reused)",
               file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # a refused setting, a failed stage, an unwritable --out
-        print(f"flamingo demo: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)  # as argparse's own errors name it
         return 2
     return 0
 

@@ -256,6 +256,20 @@ def test_the_command_reports_failures_and_interrupts_in_one_line(monkeypatch, ca
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("raised", [ValueError("a refused setting"), KeyboardInterrupt()])
+def test_the_console_script_names_itself_in_its_failures(monkeypatch, capsys, raised):
+    """`flamingo-demo` (argv from sys.argv) said "flamingo demo: error:", a command of another script; its usage
+    and argparse's errors already said flamingo-demo."""
+    def failing(settings):
+        raise raised
+
+    monkeypatch.setattr(demo_cli, "run_demo", failing)
+    monkeypatch.setattr(sys, "argv", ["/env/bin/flamingo-demo", "--out", "x", "--size", "smoke", "--no-progress"])
+    assert demo_cli.main() in (2, 130)
+    err = capsys.readouterr().err
+    assert err.lstrip().startswith("flamingo-demo: ") and "flamingo demo" not in err
+
+
 def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"not a folder")
     assert demo_cli.main(["--out", str(tmp_path / "a.png"), "--size", "smoke", "--no-progress"]) == 2

@@ -2,7 +2,8 @@
 (idle keep-alive ones count), a request on any of them is answered 503 at once and its connection closed, as an
 answer of the app: an OpenAI-style body, `Retry-After`, the request's `X-Request-Id` (the official client's
 `request_id`), and a count in `requests_total`. A connection that asked for a WebSocket upgrade is counted out when
-it closes; a Batch API line, which comes through no connection, is never refused."""
+it closes; a Batch API line, which comes through no connection, is never refused. With or without a limit, a
+connection no request begins on within `--keep-alive` seconds is closed."""
 
 from __future__ import annotations
 
@@ -152,3 +153,16 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive(model_di
             # response: a connection a request began on is kept alive as any
             talking.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert _one_response(talking).startswith(b"HTTP/1.1 200")
+
+
+def test_a_silent_connection_is_closed_without_a_connection_limit(model_dir):
+    """Without `--max-connections` too: uvicorn would keep a silent socket for as long as its client keeps it (a file
+    descriptor each, never given back)."""
+    with running_server(engine_for(model_dir), ServeSettings(model_name="tiny"), start_engine=False,
+                        keep_alive=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the server
+            assert 0.5 < time.monotonic() - started < 10
+        assert httpx.get(url + "/health", timeout=30).status_code == 200

@@ -110,7 +110,7 @@ class ServeSettings:
 
 def create_app(engine: Engine, settings: ServeSettings, connections: Optional[OpenConnections] = None) -> FastAPI:
     """The app around a started (or to-be-started) engine; the lifespan stops the engine when the server ends.
-    connections: the server's connection count, when `--max-connections` bounds it (server.uvicorn_config)."""
+    connections: the server's connection count, which `--max-connections` may bound (server.uvicorn_config)."""
     processor, model = engine.processor, engine.model
     positions = lm_max_positions(model.lm)
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position

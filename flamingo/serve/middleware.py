@@ -129,22 +129,23 @@ class CountRequests:
 
 class OpenConnections:
     """The server's open connections, counted at the socket (`protocol`: uvicorn's HTTP protocol, counting), and the
-    requests in flight through the app (`ConnectionLimit`): what `--max-connections` bounds."""
+    requests in flight through the app (`ConnectionLimit`): what `--max-connections` bounds (limit None: counted,
+    not bounded)."""
 
-    def __init__(self, limit: int, silent_seconds: Optional[float] = None) -> None:
-        if limit < 1:
+    def __init__(self, limit: Optional[int] = None, silent_seconds: Optional[float] = None) -> None:
+        if limit is not None and limit < 1:
             raise ValueError(f"the connection limit must be >= 1, got {limit}")
         self.limit, self.open, self.in_flight = limit, 0, 0
         # a connection whose first request has not begun (its head complete) this long after opening is closed:
         # uvicorn's keep-alive timer starts only after a response, and no timer covers a request head sent in part,
-        # so a silent socket, or one that sent a byte, would hold a place under the limit for as long as its client
-        # keeps it (None: kept)
+        # so a silent socket, or one that sent a byte, would stay open for as long as its client keeps it (a file
+        # descriptor each, and under a limit a place) (None: kept)
         self.silent_seconds = silent_seconds
 
     def full(self) -> bool:
         """Whether a request arriving now is past the limit (its own connection counts, as in uvicorn's
         `limit_concurrency`, which this replaces: an idle keep-alive connection counts too)."""
-        return self.open > self.limit or self.in_flight >= self.limit + 1
+        return self.limit is not None and (self.open > self.limit or self.in_flight >= self.limit + 1)
 
     def protocol(self, base: type) -> type:
         """`base` (an asyncio protocol: uvicorn's HTTP protocol) counting its connections here. A connection is
@@ -190,7 +191,7 @@ class ConnectionLimit:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         counter = self.connections
-        if counter is None or scope["type"] != "http" or scope.get(BATCH_LINE):
+        if counter is None or counter.limit is None or scope["type"] != "http" or scope.get(BATCH_LINE):
             await self.app(scope, receive, send)
             return
         if counter.full():

@@ -99,17 +99,18 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
     max_connections: connections open at once (idle keep-alive ones count); past it, a request on any of them gets
     503 (None: no limit). The limit is kept in the app (middleware.ConnectionLimit: its 503 carries the request's
     id, an OpenAI-style body and Retry-After, and is counted), on connections counted by uvicorn's own HTTP
-    protocol, which also closes a connection no request began on within `keep_alive` seconds. No WebSocket upgrade is
-    taken (the app has no WebSocket route), so every connection stays in that protocol, which counts its end."""
+    protocol, which also closes a connection no request began on within `keep_alive` seconds, limit or not. No
+    WebSocket upgrade is taken (the app has no WebSocket route), so every connection stays in that protocol, which
+    counts its end."""
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    connections = None if max_connections is None else OpenConnections(max_connections, silent_seconds=keep_alive)
+    connections = OpenConnections(max_connections, silent_seconds=keep_alive)
     return uvicorn.Config(create_app(engine, settings, connections), host=host, port=port, log_level=log_level,
                           log_config=log_config(),
                           timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
                           timeout_keep_alive=keep_alive,
-                          http="auto" if connections is None else connections.protocol(AutoHTTPProtocol),
+                          http=connections.protocol(AutoHTTPProtocol),
                           ws="none")
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.data                      # default fixture sizes, CLIP preprocessing at 224 px
     python -m bench.data --samples 64 --image-size 64   # a quick smoke run
-    python -m bench.data --cache-media-mb 0 512         # also with the media cache (options.cache_media_mb)
+    python -m bench.data --cache-media-mb 0 512         # also with the media cache (options.cache_media_mib)
 
 Fixture data is written on the fly to a temp dir: `pairs` = JPEG images (256 x 256) + captions in a JSONL;
 `interleaved` = MMC4 documents (8 sentences, 3 matched 256 x 256 JPEG images each) in a JSONL; `video` = 4 s mp4 clips
@@ -73,7 +73,7 @@ def make_fixtures(root: str, samples: int) -> dict[str, DatasetSection]:
 
 def measure(section: DatasetSection, processor: FlamingoProcessor, workers: int, cache_mib: float = 0
             ) -> dict[str, Any]:
-    section = dataclasses.replace(section, options={**(section.options or {}), "cache_media_mb": cache_mib})
+    section = dataclasses.replace(section, options={**(section.options or {}), "cache_media_mib": cache_mib})
     source = build_source(section, processor, num_workers=workers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224, help="the image processor's output size")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--cache-media-mb", type=float, nargs="+", default=[0],
-                        help="dataset option cache_media_mb (0: off); the timed epoch is the second one")
+                        help="dataset option cache_media_mib (0: off); the timed epoch is the second one")
     args = parser.parse_args()
     # each worker stream needs a batch of 8 pairs or documents (and of 4 of the max(8, samples // 4) videos)
     if args.samples < 8 * max(1, *args.workers):

@@ -1,6 +1,9 @@
 """Training config parsing, overrides, and the lr schedule."""
 
+import dataclasses
+import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -181,7 +184,7 @@ def test_unknown_model_flamingo_keys_and_non_finite_loss_weights_are_refused():
 
 
 @pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=nan", "optim.eps=-inf", "train.grad_clip=nan",
-                                      "optim.gate_lr_mult=.inf", "train.cache_vision_features_mb=nan"])
+                                      "optim.gate_lr_mult=.inf", "train.cache_vision_features_mib=nan"])
 def test_non_finite_numbers_are_refused_by_name(tmp_path, override):
     """`optim.lr=inf` started a run and wrote Infinity into train_config.json; nan failed once the optimizer was
     built, after the model had loaded."""
@@ -363,3 +366,83 @@ def test_a_home_directory_in_a_path_field_is_expanded_as_in_data_paths(monkeypat
     assert config.data[0].options["image_dir"] == str(tmp_path / "images")
     assert config.data[1].options["remote_cache_dir"] == str(tmp_path / "shards")
     assert load_config("configs/example.yaml", ["model.lm=org/name~1"]).model.lm == "org/name~1"  # not a path
+
+
+def _parsed_warning_free(path: str, overrides: tuple[str, ...] = ()):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        return load_config(path, list(overrides))
+
+
+def test_the_mib_caches_are_spelled_mib_in_the_shipped_configs():
+    """The shipped configs use the current names: parsing them warns of no earlier spelling."""
+    assert _parsed_warning_free("configs/example.yaml").train.cache_vision_features_mib == 0
+    mini = _parsed_warning_free("configs/mini.yaml", tuple(f"data.{i}.path=x" for i in range(5)))  # the demo's
+    assert mini.train.cache_vision_features_mib == 768 and mini.data[0].options["cache_media_mib"] == 96
+
+
+def test_a_run_config_with_the_mb_spellings_still_loads_under_the_mib_names(tmp_path):
+    """`train.cache_vision_features_mb` and the datasets' `cache_media_mb` were MiB spelled _mb: renamed _mib, a
+    config (or a run's train_config.json, which a resume may be pointed at) written with the old names loads with
+    the same values, each old name said by a FutureWarning naming the new one."""
+    old = parse_config({"data": [{**DATA[0], "options": {"cache_media_mib": 8}}],
+                        "train": {"cache_vision_features_mib": 64}})
+    saved = json.loads(json.dumps(dataclasses.asdict(old)))  # train_config.json, as the trainer writes it
+    saved["train"]["cache_vision_features_mb"] = saved["train"].pop("cache_vision_features_mib")
+    saved["data"][0]["options"] = {"cache_media_mb": 8}
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(saved))
+    with pytest.warns(FutureWarning) as said:
+        config = load_config(str(path))
+    assert config == old  # the same settings, under the current names (a train_config.json written again: _mib)
+    messages = sorted(str(w.message) for w in said)
+    assert messages == ["data[0] option cache_media_mb is now spelled cache_media_mib (the same MiB): rename it; the "
+                        "old name is still read",
+                        "train.cache_vision_features_mb is now spelled cache_vision_features_mib (the same MiB): "
+                        "rename it; the old name is still read"]
+    assert all(w.filename == __file__ for w in said)  # the user's line (warn_outside), not flamingo's
+
+
+def test_an_mb_override_reads_as_the_mib_key_and_is_checked_as_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": DATA}))
+    with pytest.warns(FutureWarning, match="train.cache_vision_features_mb is now spelled cache_vision_features_mib"):
+        assert load_config(str(path), ["train.cache_vision_features_mb=32"]).train.cache_vision_features_mib == 32
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="train.cache_vision_features_mib must be a "
+                                                                      "finite number, got nan"):
+        load_config(str(path), ["train.cache_vision_features_mb=nan"])
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"data": DATA, "train": {"cache_vision_features_mb": 8, "cache_vision_features_mib": 8}},
+     "train.cache_vision_features_mb and cache_vision_features_mib are one setting .*give cache_vision_features_mib "
+     "only"),
+    ({"data": [{**DATA[0], "options": {"cache_media_mb": 8, "cache_media_mib": 16}}]},
+     r"data\[0\] option cache_media_mb and cache_media_mib are one setting .*give cache_media_mib only"),
+    ({"data": DATA, "validation": [{**DATA[0], "options": {"cache_media_mb": 8, "cache_media_mib": 8}}]},
+     r"validation\[0\] option cache_media_mb and cache_media_mib are one setting"),
+])
+def test_both_spellings_of_a_cache_are_refused(raw, message):
+    """Which one holds would be a guess (a config with the new name and an override with the old one, say)."""
+    with pytest.raises(ValueError, match=message):
+        parse_config(raw)
+
+
+def test_only_rank_0_warns_of_an_old_spelling(monkeypatch):
+    """Every torchrun rank parses the config: one warning, from rank 0, as the config's other warnings."""
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = parse_config({"data": DATA, "train": {"cache_vision_features_mb": 8}})
+    assert config.train.cache_vision_features_mib == 8
+
+
+def test_a_dataset_built_outside_a_config_reads_the_mb_option_too():
+    """`DatasetSection(options={"cache_media_mb": ...})` handed to the data API is resolved by the same rule."""
+    from flamingo.data.kinds import resolve_options
+
+    with pytest.warns(FutureWarning, match="option cache_media_mb is now spelled cache_media_mib"):
+        resolved = resolve_options("pairs", {"cache_media_mb": 8})
+    assert resolved["cache_media_mib"] == 8 and "cache_media_mb" not in resolved
+    with pytest.raises(ValueError, match="option cache_media_mb and cache_media_mib are one setting"):
+        resolve_options("pairs", {"cache_media_mb": 8, "cache_media_mib": 8})

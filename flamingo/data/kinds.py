@@ -4,8 +4,10 @@ importing the loaders."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
+from ..runtime.warn import warn_outside
 from .remote import DEFAULT_CACHE_GB
 
 KINDS = ("interleaved", "pairs", "video", "chat")
@@ -19,7 +21,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "min_samples_for_bad_check": 10,  # ... once this many of its samples were read (per stream)
     "padding_side": "right",
     "append_eos": True,  # end every sequence with the tokenizer's EOS (OpenFlamingo does)
-    "cache_media_mb": 0.0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
+    "cache_media_mib": 0.0,  # MiB of preprocessed media kept for later epochs (a TensorCache, runtime/lru.py)
     "pack_tokens": 0,  # > 0: pack each batch's samples into rows of up to this many tokens (sequence.collate)
     "remote_cache_dir": None,  # where remote shards are fetched to; None: data/remote.py default_cache_dir()
     "remote_cache_gb": DEFAULT_CACHE_GB,  # the most GiB of fetched shards kept there (least recently used leave)
@@ -32,6 +34,27 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
     # text_only: keep conversations without any medium (language-only instruction data, as Multimodal-GPT mixes in)
     "chat": {"max_tokens": 512, "fps": None, "max_frames": None, "append_eos": False, "text_only": False},
 }
+
+
+# options read under an earlier name (MiB spelled _mb): the new name -> the old one (`renamed_keys`)
+RENAMED_OPTIONS = {"cache_media_mib": "cache_media_mb"}
+
+
+def renamed_keys(values: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
+    """`values` with each earlier name in `renames` (new -> old) read as the new one, said by a FutureWarning (by
+    rank 0 alone under torchrun: every rank reads the config); both names given are refused, one setting twice. `where`
+    prefixes the names in messages (`train.`, `option `)."""
+    out = dict(values)
+    for new, old in renames.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"{where}{old} and {new} are one setting ({new} is its name now): give {new} only")
+        out[new] = out.pop(old)
+        if int(os.environ.get("RANK", 0)) == 0:
+            warn_outside(f"{where}{old} is now spelled {new} (the same MiB): rename it; the old name is still read",
+                         FutureWarning)
+    return out
 
 
 # the type of the options whose default is None
@@ -59,6 +82,7 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; choose from {KINDS}")
     defaults = {**COMMON_OPTIONS, **KIND_OPTIONS[kind]}
+    options = renamed_keys(options or {}, RENAMED_OPTIONS, "option ")
     unknown = set(options or {}) - set(defaults)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for a {kind!r} dataset; known: {sorted(defaults)}")
@@ -80,8 +104,8 @@ def resolve_options(kind: str, options: Optional[dict[str, Any]]) -> dict[str, A
         raise ValueError(f"pack_tokens must be >= 0 (0: one sample per row), got {resolved['pack_tokens']}")
     if int(resolved["pack_tokens"]) > 0 and resolved["padding_side"] != "right":
         raise ValueError("pack_tokens needs padding_side 'right' (packed rows are right-padded)")
-    if not 0 <= float(resolved["cache_media_mb"]) < math.inf:  # NaN fails too
-        raise ValueError(f"cache_media_mb must be a finite number >= 0 (0: off), got {resolved['cache_media_mb']}")
+    if not 0 <= float(resolved["cache_media_mib"]) < math.inf:  # NaN fails too
+        raise ValueError(f"cache_media_mib must be a finite number >= 0 (0: off), got {resolved['cache_media_mib']}")
     if float(resolved["remote_cache_gb"]) <= 0:
         raise ValueError(f"remote_cache_gb must be > 0, got {resolved['remote_cache_gb']}")
     if not 0.0 <= float(resolved["max_bad_fraction"]) <= 1.0:

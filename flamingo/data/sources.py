@@ -549,7 +549,7 @@ class MediaRef:
     name: str
     read: Callable[[], bytes]
     video: bool = False
-    # A stable identity (path, or shard:member) under which options.cache_media_mb keeps it; None: never cached.
+    # A stable identity (path, or shard:member) under which options.cache_media_mib keeps it; None: never cached.
     cache_key: Optional[str] = None
 
     def load(self, fps: float = 1.0, max_frames: int = 8) -> list[Image.Image]:

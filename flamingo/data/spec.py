@@ -29,7 +29,7 @@ class DatasetSpec:
     batch_size: int
     options: dict[str, Any]
     processor: Optional[FlamingoProcessor]  # None: inspect without a tokenizer (no tokens, no pixels)
-    media_cache: Optional[TensorCache] = None  # options.cache_media_mb > 0; pickles empty (one per worker process)
+    media_cache: Optional[TensorCache] = None  # options.cache_media_mib > 0; pickles empty (one per worker process)
     fetcher: Optional[ShardFetcher] = None  # remote shards' cache (options.remote_cache_*); None: no remote files
     chat: ChatFormat = FLAMINGO  # conversations are written in the processor's chat format (resolved once)
     # How videos and animated images are sampled: options fps / max_frames where the kind has them, else the
@@ -48,7 +48,7 @@ class DatasetSpec:
         resolved = resolve_options(kind, options)
         check_stream_options(name, resolved)
         fps, max_frames = media_sampling(name, resolved, processor)
-        cache = TensorCache.of_mib(float(resolved["cache_media_mb"])) if processor is not None else None
+        cache = TensorCache.of_mib(float(resolved["cache_media_mib"])) if processor is not None else None
         files = expand_path(path)
         fetcher = remote_fetcher(files, resolved)
         chat = chat_format_for(processor, vocab) if processor is not None else FLAMINGO

@@ -107,7 +107,7 @@ class TensorCache(LRU[Hashable, torch.Tensor]):
     """Tensors under a byte budget. A stored view is copied first, so a row of a batch does not keep the batch alive.
 
     Used for work a many-epoch run would otherwise repeat: preprocessed `(F, C, H, W)` media by file and frame
-    sampling (`options.cache_media_mb`; preprocessing is deterministic, so a hit returns exactly what a miss
+    sampling (`options.cache_media_mib`; preprocessing is deterministic, so a hit returns exactly what a miss
     computes) and a frozen tower's features by frame content (`VisionFeatureCache`). See docs/data.md for what they
     save on the demo's world.
     """

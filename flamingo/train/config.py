@@ -13,7 +13,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import FlamingoConfig
-from ..data.kinds import check_stream_options, resolve_options
+from ..data.kinds import RENAMED_OPTIONS, check_stream_options, renamed_keys, resolve_options
 from ..runtime.checkpoint_io import blocking_file, check_named
 from ..runtime.hub import is_hub_reference
 
@@ -113,8 +113,8 @@ class TrainSection:
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     num_workers: int = 0
     # MiB of frozen vision-tower features kept by frame content (model/feature_cache.py): for small datasets read for
-    # many epochs; 0 = off. Needs model.flamingo.freeze_vision.
-    cache_vision_features_mb: float = 0.0
+    # many epochs; 0 = off. Needs model.flamingo.freeze_vision. Also read as cache_vision_features_mb (RENAMED_KEYS).
+    cache_vision_features_mib: float = 0.0
     output_dir: str = "runs/flamingo"
     device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
     distributed: str = "ddp"  # ddp | fsdp (used under torchrun)
@@ -138,6 +138,9 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelSection, "optim": OptimSection, "schedule": ScheduleSection, "train": TrainSection}
+# keys read under an earlier name (MiB spelled _mb), per section: the new name -> the old one (a config or a run's
+# train_config.json written with the old name still loads, warned; both names given are refused)
+RENAMED_KEYS = {"train": {"cache_vision_features_mib": "cache_vision_features_mb"}}
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -293,7 +296,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     unknown = set(raw) - set(_TOP_LEVEL)
     if unknown:
         raise ValueError(f"unknown top-level config keys: {sorted(unknown, key=str)}")
-    sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sections = {name: _build(cls, _renamed(raw.get(name) or {}, RENAMED_KEYS.get(name, {}), f"{name}."), name)
+                for name, cls in _SECTIONS.items()}
     data = _datasets(raw, "data")
     if not data:
         raise ValueError("the config lists no datasets under `data`")
@@ -349,9 +353,9 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if config.train.vision_graph_frames_multiple < 1:
         raise ValueError(f"train.vision_graph_frames_multiple must be >= 1, got "
                          f"{config.train.vision_graph_frames_multiple}")
-    if not 0 <= config.train.cache_vision_features_mb < math.inf:  # NaN fails too
-        raise ValueError(f"train.cache_vision_features_mb must be a finite number >= 0 (0: off), got "
-                         f"{config.train.cache_vision_features_mb}")
+    if not 0 <= config.train.cache_vision_features_mib < math.inf:  # NaN fails too
+        raise ValueError(f"train.cache_vision_features_mib must be a finite number >= 0 (0: off), got "
+                         f"{config.train.cache_vision_features_mib}")
     packed = [d.name for d in data if int((d.options or {}).get("pack_tokens") or 0) > 0]
     if packed and config.train.micro_batches > 1:
         raise ValueError(f"datasets {packed} pack their samples (pack_tokens), so their batches have a varying number "
@@ -367,6 +371,12 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
+def _renamed(values: Any, renames: dict[str, str], where: str) -> Any:
+    """A mapping with its earlier key names read as the current ones (`renamed_keys`); anything else as it is, for
+    `_build` to refuse by name."""
+    return renamed_keys(values, renames, where) if isinstance(values, dict) and renames else values
+
+
 def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
     """The `data` or `validation` list, each entry a mapping with name, kind and path (refused by `key[i]` if not).
     A validation entry's options default to shuffle off and the last partial batch kept."""
@@ -376,6 +386,9 @@ def _datasets(raw: dict[str, Any], key: str) -> list[DatasetSection]:
     datasets = []
     for i, entry in enumerate(entries):
         options = (entry.get("options") or {}) if isinstance(entry, dict) else None
+        if isinstance(options, dict) and set(options) & set(RENAMED_OPTIONS.values()):
+            options = _renamed(options, RENAMED_OPTIONS, f"{key}[{i}] option ")  # kept under the current names
+            entry = {**entry, "options": options}
         if key == "validation" and isinstance(options, dict):
             entry = {**entry, "options": {"shuffle": False, "drop_last": False, **options}}
         # a path that is no text (`path: null` would be read as `None`), said before `_build`'s type checks; a missing

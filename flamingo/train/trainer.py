@@ -341,14 +341,14 @@ class Trainer:
                               seed=t.seed + 10**6, num_workers=t.num_workers, vocab=vocab),
                 max_batches=t.eval_batches, world=self.world, progress=self.rank == 0 and t.progress)
         self.vision_cache: Optional[VisionFeatureCache] = None
-        if t.cache_vision_features_mb > 0:
+        if t.cache_vision_features_mib > 0:
             if not model.config.freeze_vision:
-                raise ValueError("train.cache_vision_features_mb needs a frozen vision tower (freeze_vision: true)")
+                raise ValueError("train.cache_vision_features_mib needs a frozen vision tower (freeze_vision: true)")
             if self.world > 1 and t.distributed == "fsdp" and t.fsdp_frozen == "shard":  # a rank that skips the
                 # sharded tower (its frames cached) would hang the others in its all-gathers
-                raise ValueError("train.cache_vision_features_mb needs the tower whole on every rank under FSDP: set "
+                raise ValueError("train.cache_vision_features_mib needs the tower whole on every rank under FSDP: set "
                                  "train.fsdp_frozen: replicate (or use ddp)")
-            self.vision_cache = VisionFeatureCache.of_mib(t.cache_vision_features_mb)
+            self.vision_cache = VisionFeatureCache.of_mib(t.cache_vision_features_mib)
         # FSDP: a micro-batch without any medium (text-only chat rows) still runs the tower and the resampler, on one
         # blank frame that no token sees (the attention term stays exactly zero), so that every rank joins each
         # sharded module's all-gathers and reduce-scatters in the same order

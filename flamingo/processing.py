@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -36,6 +37,7 @@ from .runtime.text import valid_text
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
     TooLong,
+    TooManyAnimationPixels,
     TooManyPixels,
     animation_timeline,
     check_image_size,
@@ -162,7 +164,9 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
     Every frame's size is read on seeking to it, before it is decoded, and refused as `check_image_size` refuses
     an image, or over `max_pixels` (`TooManyPixels`): a TIFF's pages each have their own size. Reading the delays
     decodes no TIFF page: only WebP's and AVIF's delays need their frames decoded (GIF and APNG frames, each the
-    canvas' size, are decoded by PIL's seek). `max_seconds`: `TooLong` past it."""
+    canvas' size, are decoded by PIL's seek), and an animation of more frames x canvas than `ANIMATION_PIXELS`
+    images of `max_pixels` is refused by its frame count (`TooManyAnimationPixels`, a `TooLong`). `max_seconds`:
+    `TooLong` past it."""
     if image.format == "MPO":
         return [_first_image(image, max_pixels)]
     if not getattr(image, "is_animated", False):
@@ -190,8 +194,9 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
         # costs minutes. Bounded by the pixels read (its frame count is a header's, or a scan of a GIF's blocks)
         count, (width, height) = getattr(image, "n_frames", 1), image.size
         if count * width * height > ANIMATION_PIXELS * max_pixels:
-            raise TooLong(f"of {count} frames of {width}x{height} is more than {ANIMATION_PIXELS} images of the "
-                          f"{max_pixels} pixels allowed to decode")
+            raise TooManyAnimationPixels(width, height, None, max_pixels, f"of {count} frames of {width}x{height} "
+                                         f"is more than {ANIMATION_PIXELS} images of the {max_pixels} pixels "
+                                         "allowed to decode")
     try:
         frames = []
         for k in animation_timeline(delays(), fps, max_frames, max_seconds):  # ascending: each seek goes forward
@@ -582,15 +587,12 @@ class FlamingoProcessor:
         `max_frames`, spread uniformly over longer videos. PIL images and frames are read as files are
         (`upright_rgb`); arrays must be uint8 pixels (other dtypes are refused, not cast: a float image in [0, 1]
         would turn black, 16-bit values wrap). A file's frames are read under `default_max_pixels`, as training's:
-        its refusal over it names the knob that sets it."""
+        its refusal over it (`TooManyPixels`) names the knob that sets it."""
         if isinstance(media, (str, os.PathLike)):
-            max_pixels = default_max_pixels()
             try:
-                return self._load_file(Path(media), max_pixels)
-            except ValueError as e:
-                if max_pixels is None or f"{max_pixels} pixels allowed" not in str(e):
-                    raise
-                raise ValueError(f"{e} (the cap is PIL.Image.MAX_IMAGE_PIXELS, read when a medium is: set it "
+                return self._load_file(Path(media), default_max_pixels())
+            except TooManyPixels as e:
+                raise e.reworded(f"{e} (the cap is PIL.Image.MAX_IMAGE_PIXELS, read when a medium is: set it "
                                  "higher, or to None, to read larger media)") from e
         if isinstance(media, Image.Image):
             return image_frames(media, self.video_fps, self.max_frames)
@@ -618,10 +620,21 @@ class FlamingoProcessor:
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames, max_pixels=max_pixels)
         try:
-            with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats.py)
-                return image_frames(im, self.video_fps, self.max_frames, max_pixels=max_pixels)
+            with warnings.catch_warnings():
+                # Pillow warns of an image over its MAX_IMAGE_PIXELS (the cap) and below twice it, which
+                # `image_frames` then refuses by the same header size: the refusal alone is shown
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats)
+                    return image_frames(im, self.video_fps, self.max_frames, max_pixels=max_pixels)
         except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
             return self._video_named_otherwise(path, e, max_pixels)
+        except TooManyPixels as e:
+            animation = "an animation " if isinstance(e, TooLong) else ""  # its message follows the word
+            raise e.reworded(f"cannot decode image {str(path)!r}: {animation}{e}") from e
+        except Image.DecompressionBombError as e:  # over twice the cap, refused by Pillow on opening (no size)
+            cap = Image.MAX_IMAGE_PIXELS
+            raise TooManyPixels(0, 0, None, cap, f"cannot decode image {str(path)!r}: more than twice the {cap} "
+                                                 f"pixels allowed ({e})") from e
         except Exception as e:  # PIL raises several types for corrupt files
             raise ValueError(f"cannot decode image {str(path)!r}: {e}") from e
 
@@ -635,8 +648,10 @@ class FlamingoProcessor:
             video_error: Exception = e
         except ValueError as e:
             video_error = e
-        raise ValueError(f"cannot decode image {str(path)!r}: {image_error}; nor as a video: {video_error}"
-                         ) from video_error
+        message = f"cannot decode image {str(path)!r}: {image_error}; nor as a video: {video_error}"
+        if isinstance(video_error, TooManyPixels):
+            raise video_error.reworded(message) from video_error
+        raise ValueError(message) from video_error
 
     def check_pixel_values(self, media: torch.Tensor) -> torch.Tensor:
         """Pixel values given as a tensor `(C, H, W)` or `(F, C, H, W)`, as the image processor makes them ->

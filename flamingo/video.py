@@ -242,16 +242,28 @@ class TooLong(ValueError):
 
 
 class TooManyPixels(ValueError):
-    """An image's frame (a multi-page TIFF's page: each has its own size) of more than the `max_pixels` its reader
-    accepts (a server's bound), found by its header before it is decoded."""
+    """A medium refused by the `max_pixels` its reader accepts (a server's bound, the loaders' `default_max_pixels`),
+    raised where that cap is checked: a frame of `width` x `height` over it (0x0 where the size is not known: a
+    capped decoder left it unread); `frame`: the frame's index in an image file (a multi-page TIFF's pages each have
+    their own size), None in a video. Callers naming the cap's knob catch this type."""
 
-    def __init__(self, width: int, height: int, frame: int, max_pixels: int) -> None:
-        super().__init__(f"frame {frame}: {width}x{height} is more than the {max_pixels} pixels allowed")
+    def __init__(self, width: int, height: int, frame: Optional[int], max_pixels: int,
+                 message: Optional[str] = None) -> None:
+        super().__init__(message or f"frame {frame}: {width}x{height} is more than the {max_pixels} pixels allowed")
         self.width, self.height, self.frame, self.max_pixels = width, height, frame, max_pixels
 
-    def __reduce__(self) -> tuple[type, tuple[int, int, int, int]]:
-        # pickled by its fields (a DataLoader worker's error crosses to the main process so), not by its message
-        return type(self), (self.width, self.height, self.frame, self.max_pixels)
+    def reworded(self, message: str) -> "TooManyPixels":
+        """The same refusal (class and fields), fresh (no traceback), under `message` (a caller's wording)."""
+        return type(self)(self.width, self.height, self.frame, self.max_pixels, message)
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, Optional[int], int, str]]:
+        # pickled by its fields (a DataLoader worker's error crosses to the main process so)
+        return type(self), (self.width, self.height, self.frame, self.max_pixels, str(self))
+
+
+class TooManyAnimationPixels(TooLong, TooManyPixels):
+    """An animation of more frames x canvas (`width` x `height`) than its reader decodes under its `max_pixels`
+    (`processing.ANIMATION_PIXELS` such images): too long, by the pixel cap."""
 
 
 def _shown_seconds(frame: "av.VideoFrame") -> Optional[float]:
@@ -284,7 +296,8 @@ def _check_frame_size(name: str, width: int, height: int, max_pixels: Optional[i
     except ValueError as e:
         raise ValueError(f"video {name}: {e}") from None
     if max_pixels is not None and width * height > max_pixels:
-        raise ValueError(f"video {name}: {width}x{height} frames are more than the {max_pixels} pixels allowed")
+        raise TooManyPixels(width, height, None, max_pixels,
+                            f"video {name}: {width}x{height} frames are more than the {max_pixels} pixels allowed")
 
 
 def _sample(frames: Iterable["av.VideoFrame"], step: float, rate: Optional[float], keep: set[int], name: str,
@@ -438,7 +451,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
     Raises:
         ValueError (naming the file) when the file is missing, truncated, in a container not read here
         (`open_container`), has no video stream, cannot be decoded or
-        has a frame an image of its size would be refused for (`check_image_size`) or over `max_pixels`;
+        has a frame an image of its size would be refused for (`check_image_size`) or over `max_pixels`
+        (`TooManyPixels`);
         ImportError when PyAV is not installed (not a bad file: a data loader that skips bad files must not skip it).
     """
     av = import_av()
@@ -455,6 +469,8 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
         return _decode(av, path, name, 1.0 / fps, max_frames, max_seconds, max_pixels)
     except TooLong as e:
         error = TooLong(f"video {name} is {e}")
+    except TooManyPixels as e:  # its class and fields kept: a caller names the cap's knob by them
+        error = e.reworded(str(e))
     except av.error.FFmpegError as e:  # before ValueError: some are ValueErrors too (InvalidDataError)
         error = ValueError(f"cannot decode video {name}: {e}")
     except ValueError as e:
@@ -478,8 +494,8 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
         # from the header, before any frame: a thin video would blow up in the image processor as an image
         width, height = stream.codec_context.width, stream.codec_context.height
         if max_pixels is not None and not (width and height):  # the size `open_container`'s cap left unread
-            raise ValueError(f"video {name}: its frames are more than the {max_pixels} pixels allowed, or of a size "
-                             "it does not give")
+            raise TooManyPixels(0, 0, None, max_pixels, f"video {name}: its frames are more than the {max_pixels} "
+                                                        "pixels allowed, or of a size it does not give")
         _check_frame_size(name, width, height, max_pixels)
         expected = int(stream.frames or 0)
         seconds = _header_seconds(container, stream)
@@ -516,7 +532,8 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
 def _frames(av: Any, container: "av.container.InputContainer", name: str,
             max_pixels: Optional[int]) -> Iterator["av.VideoFrame"]:
     """The first video stream's decoded frames. Under `max_pixels` its decoder refuses a frame far over it
-    (`open_container`) as FFmpeg's decoders refuse bad data: their error then names the cap too."""
+    (`open_container`) as FFmpeg's decoders refuse bad data: their error then names the cap too (a `TooManyPixels`
+    of an unknown size, 0x0)."""
     try:
         yield from container.decode(container.streams.video[0])
         return
@@ -524,7 +541,8 @@ def _frames(av: Any, container: "av.container.InputContainer", name: str,
         if max_pixels is None:
             raise
         message = f"cannot decode video {name}: a frame of bad data or more than the {max_pixels} pixels allowed ({e})"
-    raise ValueError(message)  # (outside the handler: no traceback kept, as `decode_video` keeps none)
+    # (outside the handler: no traceback kept, as `decode_video` keeps none)
+    raise TooManyPixels(0, 0, None, max_pixels, message)
 
 
 # An animation frame's delay under this is shown for `_DEFAULT_DELAY` instead, as FFmpeg's GIF demuxer and browsers

@@ -334,3 +334,58 @@ def test_pack_reencodes_an_image_only_within_the_loaders_cap(tmp_path, monkeypat
     with pytest.raises(Unpackable, match="5 frames of 32x32 is more than the 4096 pixels") as left_out:
         _image_member(str(tmp_path / "large"), "k")
     assert left_out.value.reason == "reencode_size"
+
+
+def _processor():
+    from flamingo import FlamingoProcessor
+    from flamingo.processing import add_flamingo_tokens
+    from flamingo.tiny import tiny_image_processor, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    return FlamingoProcessor(tok, tiny_image_processor("clip"), max_length=64, max_frames=4)
+
+
+def test_an_image_over_the_processors_cap_shows_its_refusal_alone(tmp_path, monkeypatch, recwarn):
+    """Pillow warns of an image over its `MAX_IMAGE_PIXELS` (below twice it) on opening, and refuses one over twice
+    it with its own error: the processor's refusal is all a user sees, a `TooManyPixels` naming the file and the
+    knob in both cases, and no DecompressionBombWarning escapes."""
+    from flamingo.video import TooManyPixels
+
+    processor = _processor()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    for name, size in (("over_cap.png", 80), ("over_twice_cap.png", 100)):
+        Image.new("RGB", (size, size), "red").save(tmp_path / name)
+    for name, detail in (("over_cap.png", "80x80 is more than the 4096 pixels allowed"),
+                         ("over_twice_cap.png", "more than twice the 4096 pixels allowed")):
+        with pytest.raises(TooManyPixels, match=detail) as refused:
+            processor.load_media(tmp_path / name)
+        assert name in str(refused.value) and "PIL.Image.MAX_IMAGE_PIXELS" in str(refused.value)
+        assert refused.value.max_pixels == 4096
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_the_processors_refusals_by_the_cap_are_typed_with_their_size(tmp_path, monkeypatch):
+    """The knob hint follows the refusal's type (`TooManyPixels`, a ValueError), not its wording: an image's, a
+    video's (by its extension or by what it holds) and an animation's (a `TooLong` too) carry the size and the cap;
+    other refusals get no hint."""
+    from flamingo.processing import ANIMATION_PIXELS
+    from flamingo.video import TooLong, TooManyPixels
+
+    processor = _processor()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "over_cap.png")
+    (tmp_path / "many_frames.gif").write_bytes(_animation("GIF", ANIMATION_PIXELS + 1, 64))
+    (tmp_path / "over_cap.mp4").write_bytes(_video(80, 80))
+    (tmp_path / "over_cap.ts").write_bytes(_video(80, 80, fmt="mpegts"))
+    for name, size in (("over_cap.png", (80, 80)), ("over_cap.mp4", (80, 80)), ("over_cap.ts", (80, 80)),
+                       ("many_frames.gif", (64, 64))):
+        with pytest.raises(TooManyPixels) as refused:
+            processor.load_media(tmp_path / name)
+        assert (refused.value.width, refused.value.height, refused.value.max_pixels) == (*size, 4096)
+        assert isinstance(refused.value, TooLong) == name.endswith(".gif")
+    assert f"an animation of {ANIMATION_PIXELS + 1} frames" in str(refused.value)
+    Image.new("RGB", (2, 1000), "red").save(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match="aspect ratio") as refused:
+        processor.load_media(tmp_path / "thin.png")
+    assert not isinstance(refused.value, TooManyPixels) and "MAX_IMAGE_PIXELS" not in str(refused.value)

@@ -31,6 +31,7 @@ from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
 from ..runtime.media_formats import image_formats
 from ..runtime.text import valid_text
+from ..video import TooManyPixels
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text
 from .sources import (
@@ -192,14 +193,14 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
 
 
 def _check_reencoded(image: Image.Image, path: str) -> None:
-    """An image to re-encode, by its header before any frame is decoded: a frame over `default_max_pixels` is a
-    ValueError (the loader refuses it), an animation of more pixels than that in all `Unpackable`."""
+    """An image to re-encode, by its header before any frame is decoded: a frame over `default_max_pixels` is
+    `TooManyPixels` (the loader refuses it), an animation of more pixels than that in all `Unpackable`."""
     cap = default_max_pixels()
     if cap is None:
         return
     (width, height), frames = image.size, getattr(image, "n_frames", 1)
     if width * height > cap:
-        raise ValueError(f"{width}x{height} is more than the {cap} pixels allowed")
+        raise TooManyPixels(width, height, 0, cap)
     if frames * width * height > cap:
         raise Unpackable("reencode_size", f"{path}: an animation of {frames} frames of {width}x{height} is more than "
                                           f"the {cap} pixels re-encoding holds; give it as PNG, GIF or WebP")

@@ -354,11 +354,11 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
                 return frames[0] if len(frames) == 1 else frames
     except APIError:
         raise
+    except TooLong as e:  # (before TooManyPixels: an animation of too many frames x canvas is both)
+        raise APIError(400, f"{name}: an animation {e}") from None
     except TooManyPixels as e:  # a later page of a multi-page TIFF, by its header
         raise APIError(400, f"{name}: frame {e.frame} is {e.width}x{e.height}, more than the server's "
                             f"{policy.max_pixels} pixels per image") from None
-    except TooLong as e:
-        raise APIError(400, f"{name}: an animation {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise APIError(400, f"{name}: refused as a decompression bomb: {e}") from None
     except UnidentifiedImageError:  # no image reader knows the file: a video under another name (.ts, .mts, none)?

@@ -3,7 +3,8 @@
 answer of the app: an OpenAI-style body, `Retry-After`, the request's `X-Request-Id` (the official client's
 `request_id`), and a count in `requests_total`. A connection that asked for a WebSocket upgrade is counted out when
 it closes; a Batch API line, which comes through no connection, is never refused. With or without a limit, a
-connection no request begins on within `--keep-alive` seconds is closed."""
+connection no request begins on within `--keep-alive` seconds is closed, and a request body that stops arriving for
+that long is answered 408."""
 
 from __future__ import annotations
 
@@ -165,4 +166,34 @@ def test_a_silent_connection_is_closed_without_a_connection_limit(model_dir):
             started = time.monotonic()
             assert silent.recv(1) == b""  # closed by the server
             assert 0.5 < time.monotonic() - started < 10
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(model_dir):
+    """uvicorn times no request body: a head, then half a body and nothing more, held the connection and its task
+    for as long as the client kept the socket. Each wait for the body is timed (`--keep-alive`), not the body as a
+    whole: a body sent in pieces, each within it, is read."""
+    with running_server(engine_for(model_dir), ServeSettings(model_name="tiny"), start_engine=False,
+                        keep_alive=1, max_connections=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\nX-Request-Id: stalled\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(head + b"{")
+            started = time.monotonic()
+            raw = _one_response(stalled)
+            assert 0.5 < time.monotonic() - started < 10
+            lines = raw.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            assert lines[0].startswith("HTTP/1.1 408") and headers["connection"] == "close"
+            assert headers["x-request-id"] == "stalled"
+            error = httpx.Response(408, content=raw.partition(b"\r\n\r\n")[2]).json()["error"]
+            assert error["code"] == "request_timeout" and "--keep-alive" in error["message"]
+            assert stalled.recv(1) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:  # slower than 1 s in all
+            slow.sendall(head.replace(b"Content-Length: 2", b"Content-Length: 4"))
+            for piece in (b"{", b" ", b" ", b"}"):
+                time.sleep(0.4)
+                slow.sendall(piece)
+            assert _one_response(slow).startswith(b"HTTP/1.1 400")  # read whole: `{  }` lacks the fields
         assert httpx.get(url + "/health", timeout=30).status_code == 200

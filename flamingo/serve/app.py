@@ -39,6 +39,7 @@ from .logprobs import TokenStrings
 from .media import MediaPolicy, load_medium
 from .middleware import (
     REQUEST_ID,
+    BodyTimeout,
     BrowserGuard,
     ConnectionLimit,
     CountRequests,
@@ -108,9 +109,11 @@ class ServeSettings:
             check_batch_dir(self.batch_dir)
 
 
-def create_app(engine: Engine, settings: ServeSettings, connections: Optional[OpenConnections] = None) -> FastAPI:
+def create_app(engine: Engine, settings: ServeSettings, connections: Optional[OpenConnections] = None,
+               body_timeout: Optional[float] = None) -> FastAPI:
     """The app around a started (or to-be-started) engine; the lifespan stops the engine when the server ends.
-    connections: the server's connection count, which `--max-connections` may bound (server.uvicorn_config)."""
+    connections: the server's connection count, which `--max-connections` may bound (server.uvicorn_config);
+    body_timeout: seconds a request's body may stop arriving before a 408 (`--keep-alive`; None: untimed)."""
     processor, model = engine.processor, engine.model
     positions = lm_max_positions(model.lm)
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
@@ -147,6 +150,7 @@ def create_app(engine: Engine, settings: ServeSettings, connections: Optional[Op
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=final_answer_headers(e.status_code) | (e.headers or {}))
 
+    app.add_middleware(BodyTimeout, seconds=body_timeout)  # the innermost: its 408 is an APIError of the route's
     app.add_middleware(RelativeRedirects)
     app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts)  # refuses before any work
     app.add_middleware(ConnectionLimit, connections=connections)  # refuses before any work

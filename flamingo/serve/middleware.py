@@ -209,6 +209,41 @@ class ConnectionLimit:
             counter.in_flight -= 1
 
 
+class BodyTimeout:
+    """ASGI middleware, the innermost: a request whose body stops arriving for `seconds` (`--keep-alive`) while the
+    route waits for it is answered 408 and its connection closed. uvicorn times no request body, so a client that
+    sent a head and then part of a body, or a byte now and then, held its connection, its task and the body read so
+    far (up to `--max-body-mb`) for as long as it kept the socket, and under `--max-connections` a place. Only the
+    waits for the body are timed: once it is whole, `receive` waits for a disconnect as long as the route asks."""
+
+    def __init__(self, app: Any, seconds: Optional[float]) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        seconds = self.seconds
+        if seconds is None or scope["type"] != "http" or scope.get(BATCH_LINE):
+            await self.app(scope, receive, send)
+            return
+        whole = False
+
+        async def timed() -> dict:
+            nonlocal whole
+            if whole:
+                return await receive()
+            try:
+                async with asyncio.timeout(seconds):
+                    message = await receive()
+            except TimeoutError:
+                whole = True  # no more of it is read: the answer closes the connection
+                raise APIError(408, f"the request body stopped arriving: nothing came for {seconds:g} seconds "
+                                    "(--keep-alive)", code="request_timeout", headers={"Connection": "close"}) \
+                    from None
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
+
+
 class RelativeRedirects:
     """Redirects (Starlette's added or removed trailing slash) name a path, not the host the request named: behind a
     reverse proxy that passes its own upstream address as the Host (nginx's default), an absolute `Location` would

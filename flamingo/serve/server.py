@@ -95,7 +95,8 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
                    grace: float = 30.0, log_level: str = "info", root_path: str = "",
                    keep_alive: float = DEFAULT_KEEP_ALIVE, max_connections: Optional[int] = None) -> Any:
     """uvicorn's settings for the app. root_path: the prefix a reverse proxy mounts the server under and strips;
-    keep_alive: seconds an idle connection stays open (longer than a proxy's, so that the proxy closes first);
+    keep_alive: seconds an idle connection stays open (longer than a proxy's, so that the proxy closes first), and
+    a request's body may stop arriving (middleware.BodyTimeout: 408);
     max_connections: connections open at once (idle keep-alive ones count); past it, a request on any of them gets
     503 (None: no limit). The limit is kept in the app (middleware.ConnectionLimit: its 503 carries the request's
     id, an OpenAI-style body and Retry-After, and is counted), on connections counted by uvicorn's own HTTP
@@ -106,8 +107,8 @@ def uvicorn_config(engine: Engine, settings: ServeSettings, host: str = "127.0.0
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     connections = OpenConnections(max_connections, silent_seconds=keep_alive)
-    return uvicorn.Config(create_app(engine, settings, connections), host=host, port=port, log_level=log_level,
-                          log_config=log_config(),
+    app = create_app(engine, settings, connections, body_timeout=keep_alive)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(),
                           timeout_graceful_shutdown=grace + CLOSE_SECONDS, root_path=root_path,
                           timeout_keep_alive=keep_alive,
                           http=connections.protocol(AutoHTTPProtocol),

@@ -445,7 +445,7 @@ def decode_video(path: VideoInput, fps: float = 1.0, max_frames: int = 8, max_se
         max_pixels: refuse a video with a frame of more pixels, by its header and by every decoded frame (a
             server's bound: a stream whose header says 32x32 may switch to 16k x 16k frames); the frames opening
             it and reading its frames decode are capped by it too (`open_container`: a frame far over it is
-            refused by its decoder, "a frame of bad data or more than the N pixels allowed").
+            refused by its decoder, named by the size the decoder read where it read one, `_frames`).
     Returns:
         the sampled frames, in time order, as upright RGB PIL images; a frame repeats across a gap in the video.
     Raises:
@@ -532,17 +532,25 @@ def _decode(av: Any, path: VideoInput, name: str, step: float, max_frames: int, 
 def _frames(av: Any, container: "av.container.InputContainer", name: str,
             max_pixels: Optional[int]) -> Iterator["av.VideoFrame"]:
     """The first video stream's decoded frames. Under `max_pixels` its decoder refuses a frame far over it
-    (`open_container`) as FFmpeg's decoders refuse bad data: their error then names the cap too (a `TooManyPixels`
-    of an unknown size, 0x0)."""
+    (`open_container`) as FFmpeg's decoders refuse bad data, with the same error: a `TooManyPixels` naming the size
+    the decoder then holds where that is over the cap (H.264's new sequence header sets it before the frame is
+    refused), else one of an unknown size (0x0) naming both causes."""
+    context = container.streams.video[0].codec_context
     try:
         yield from container.decode(container.streams.video[0])
         return
     except av.error.FFmpegError as e:
         if max_pixels is None:
             raise
-        message = f"cannot decode video {name}: a frame of bad data or more than the {max_pixels} pixels allowed ({e})"
-    # (outside the handler: no traceback kept, as `decode_video` keeps none)
-    raise TooManyPixels(0, 0, None, max_pixels, message)
+        width, height = context.width, context.height
+        if width * height > max_pixels:
+            error: ValueError = TooManyPixels(width, height, None, max_pixels, f"cannot decode video {name}: a "
+                                              f"{width}x{height} frame is more than the {max_pixels} pixels allowed "
+                                              f"(its decoder refused it: {e})")
+        else:  # a size under the cap is the previous frames': FFmpeg tells no more
+            error = TooManyPixels(0, 0, None, max_pixels, f"cannot decode video {name}: a frame of bad data or more "
+                                                          f"than the {max_pixels} pixels allowed ({e})")
+    raise error  # (outside the handler: no traceback kept, as `decode_video` keeps none)
 
 
 # An animation frame's delay under this is shown for `_DEFAULT_DELAY` instead, as FFmpeg's GIF demuxer and browsers

@@ -389,3 +389,14 @@ def test_the_processors_refusals_by_the_cap_are_typed_with_their_size(tmp_path, 
     with pytest.raises(ValueError, match="aspect ratio") as refused:
         processor.load_media(tmp_path / "thin.png")
     assert not isinstance(refused.value, TooManyPixels) and "MAX_IMAGE_PIXELS" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("fmt", "first"), [("mpegts", 4), ("matroska", 4), ("mp4", 4), ("mpeg", 12)])
+def test_a_frame_its_capped_decoder_refuses_is_named_by_the_size_it_read(fmt, first):
+    """A stream growing past the cap after the frames opening decodes is refused by its decoder, which gives FFmpeg's
+    bare 'invalid data': H.264's decoder then holds the new sequence header's size, which the refusal names."""
+    from flamingo.video import TooManyPixels
+
+    with pytest.raises(TooManyPixels, match="a 2048x2048 frame is more than the 200000 pixels allowed") as refused:
+        decode_video(_growing_video(fmt, [64] * first + [2048]), max_pixels=200_000)
+    assert (refused.value.width, refused.value.height) == (2048, 2048)

@@ -2,7 +2,8 @@
 model/logprobs.py): what the server reports equals the log-softmax of one uncached forward over the prompt and the
 answer, alone or batched; `echo` with `max_tokens: 0` gives the prompt's (an evaluation harness's loglikelihood
 request), with the prefix cache holding the prompt or not; penalties and biases change greedy tokens exactly as
-OpenAI defines them; token texts and bytes join back into the text. Through the official `openai` client."""
+OpenAI defines them; token texts and bytes join back into the text; a token never chosen (`<image>`) is still
+ranked in `top_logprobs`. Through the official `openai` client."""
 
 from __future__ import annotations
 
@@ -616,3 +617,33 @@ def test_generated_reference_tokens_stay_in_the_text(one_thread):
                                                            temperature=0, logit_bias=force, logprobs=True)
         assert reply.choices[0].message.content == "<image1><image1>"
         assert [e.token for e in reply.choices[0].logprobs.content] == ["<image1>"] * 2
+
+
+def test_a_token_never_chosen_still_shows_in_top_logprobs(one_thread):
+    """`top_logprobs` are the model's own, as the chosen token's are (a log-softmax of its raw logits: vLLM's default
+    `raw_logprobs`, and what a harness's HF backend reads): `<image>`, which the sampler never chooses, is listed
+    where the model ranks it, and the chosen token's log-probability is not renormalised without it."""
+    model, processor = tiny_flamingo("llama", "clip", gates=0.5, seed=0, lm_overrides=SHARP["llama"])
+    engine = Engine(model, processor, max_batch=2, prefill_chunk=16)
+    (image,) = engine.suppress
+    assert image == processor.tokenizer.convert_tokens_to_ids("<image>")
+    prompt, media = SHOT + QUERY, [random_image(1), random_image(21)]
+    first, second = _forward_logprobs(engine, prompt, media)[0][-1].topk(2).indices.tolist()
+    rows = model.lm.get_output_embeddings().weight
+    with torch.no_grad():  # `<image>` (an added token: its head row is Flamingo's) the likeliest next token, its
+        # logit the first's plus the first's margin over the second
+        model.new_lm_head[image - model.config.first_new_token_id] = 2 * rows[first] - rows[second]
+    reference = _forward_logprobs(engine, prompt, media)[0][-1]
+    assert int(reference.argmax()) == image
+    engine.start()
+    try:
+        tokens, events = _run_job(engine, prompt, media, SamplingParams(1, temperature=0.0, logprobs=3))
+    finally:
+        engine.stop(0.0)
+    (found,) = [e.logprobs for e in events if e.kind == "delta" and e.logprobs is not None]
+    chosen = tokens[0]
+    assert chosen != image and chosen == int(reference.masked_fill(torch.arange(len(reference)) == image,
+                                                                   -float("inf")).argmax())
+    assert found.top_ids[0].tolist() == reference.topk(3).indices.tolist() and found.top_ids[0, 0] == image
+    assert torch.allclose(found.logprobs[0], reference[chosen], atol=ATOL)
+    assert torch.allclose(found.top_logprobs[0], reference.topk(3).values, atol=ATOL)

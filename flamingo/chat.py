@@ -12,9 +12,11 @@ per medium, in order). Formats (chosen by the processor's template, `chat_format
 - the model continues right after the last user turn.
 So `<image>Output: a cat.<|endofchunk|><image>Output:` is user [image, "Output:"], assistant "a cat.", user [image,
 "Output:"]. Spaces and tabs that end the text an answer follows (or the prompt) are left to the answer's gap:
-user "Output: " then assistant "a cat." is `Output: a cat.`, and a prompt ending "Output: " ends `Output:`. Tokenizers
-write a word's leading space into the word's token (GPT-2's ` a`, LLaMA's `▁a`): so the answer's first token is the
-same where it is trained, served and scored, never a lone space token before it that no demo shows.
+user "Output: " then assistant "a cat." is `Output: a cat.`, and a prompt ending "Output: " ends `Output:`. So the
+served prompt ends before the gap, and the answer's first token is the one the tokenizer writes the gap with: most
+write a word's leading space into the word's token (GPT-2's ` a`, LLaMA's `▁a`), but where the vocabulary has no such
+token (a digit on LLaMA's or Llama-3's, ` 2` -> `▁`, `2`) it is a lone space token, which the served model must write
+first. Either way it is the same where it is trained, served and scored: the gap belongs to the answer.
 
 `idefics` (IDEFICS, its instruct models' dialogue format, as their model card and demo write it):
 - `system` text first, then a line break;
@@ -45,11 +47,10 @@ answers stop at the next `\\nUser:`.
   `\n\n### Instruction:`, or at `### End.`, the end marker an early version of its training code wrote before EOS
   (the released weights may have learned it; docs/serve.md).
 
-An assistant turn is (lead, answer, end): the answer text and the end marker are what chat training trains on
-(`segments`); the lead is the format's answer prefix (what a prompt ends with) and a gap, so that what follows a
-prompt (`answer`: gap, answer, end) is what ranked candidates are scored as (`flamingo eval --chat`). An answer ends
-at the model's stop tokens or at the first of the format's `stops` (`cut`): the server, `generate --chat` and
-`eval --chat` cut there alike.
+An assistant turn is the format's answer prefix (what a prompt ends with), then what follows the prompt (`answer`:
+gap, answer text, end marker): that is what chat training trains on (`segments`) and what ranked candidates are
+scored as (`flamingo eval --chat`). An answer ends at the model's stop tokens or at the first of the format's
+`stops` (`cut`): the server, `generate --chat` and `eval --chat` cut there alike.
 
 On a model with image reference tokens (MMICL-style, `FlamingoConfig.num_image_references` = K), a system or user
 turn may name an image the conversation has shown with `<imagek>` (`What colour is <image0>?`): the prompt holds the
@@ -109,16 +110,17 @@ class ChatFormat:
         return text if self.answer_prefix() else text.rstrip(BLANKS)  # the blanks are the answer's (module doc)
 
     def segments(self, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
-        """The turns' text as (piece, is an answer) in order: answers (an assistant turn's text and end marker) are
-        True. Their concatenation is the conversation as written."""
+        """The turns' text as (piece, is an answer) in order: answers (an assistant turn's gap, text and end marker:
+        all that follows the prompt `render` writes before it) are True. Their concatenation is the conversation as
+        written."""
         out: list[tuple[str, bool]] = []
         for turn in self.merged(turns):
             content = "".join(turn.pieces)
             if turn.role == "assistant":
                 if not self.answer_prefix():  # the answer follows the text itself: its blanks go to the gap
                     _drop_blanks(out)
-                lead, answer, end = self.assistant(content, _tail(out))
-                parts = [(lead, False), (answer + end, True)]
+                gap, answer, end = self.answer(content, _tail(out) + self.answer_prefix())
+                parts = [(self.answer_prefix(), False), (gap + answer + end, True)]
             else:
                 parts = [(self.turn(turn.role, list(turn.pieces), _tail(out)), False)]
             out += [(text, trained) for text, trained in parts if text]
@@ -206,12 +208,6 @@ class ChatFormat:
     def turn(self, role: str, pieces: list[str], before: str) -> str:
         """A system or user turn's pieces -> its text in the prompt, after the text `before`."""
         return "".join(pieces)
-
-    def assistant(self, content: str, before: str) -> tuple[str, str, str]:
-        """An assistant turn after the text `before` -> (the format's lead, the answer, its end marker): the lead is
-        `answer_prefix()` (what a prompt ends with) and the gap `answer` puts after it."""
-        gap, answer, end = self.answer(content, before + self.answer_prefix())
-        return self.answer_prefix() + gap, answer, end
 
     def answer(self, content: str, before: str) -> tuple[str, str, str]:
         """What follows `answer_prefix()` (ending the text `before`, a prompt) for an answer `content`: (gap, answer,

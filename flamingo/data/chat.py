@@ -16,8 +16,9 @@ when the record names exactly one medium; otherwise such a path is `missing_file
 `data:image/...;base64,...` URL (as OpenAI's fine-tuning rows carry images); an `http(s)` URL is never fetched: it is
 `missing_file`, with a message saying to download the media.
 The conversation is written in the format of the processor's template (flamingo/chat.py: what `flamingo serve`
-writes for the same messages), and trained on its answers only: the assistant turns' text and end
-marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's leads are not
+writes for the same messages), and trained on its answers only: what follows each served prompt, the assistant
+turn's gap (the space before it: a token of its own where the tokenizer writes `▁`, `2` for ` 2`), text and end
+marker (`<|endofchunk|>`, `<end_of_utterance>`) are labelled, the questions and the format's answer prefixes are not
 (`Example.trained_spans`). Turns after the last answer are dropped with their media (nothing there is learned).
 
 A conversation without any medium is skipped (`no_matched_image`: Flamingo's samples hold an image) unless the

@@ -1,0 +1,113 @@
+"""Tokenizer families and the contracts the processor keeps with each: tiny tokenizers of the families real LMs use
+(byte-level BPE with Llama-3's digit split, LLaMA's byte-fallback BPE with a Metaspace pre-tokenizer), built and
+saved offline, then read as a model directory's are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from flamingo.build import flamingo_processor
+from flamingo.chat import Turn, chat_format_for
+from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
+from flamingo.data.sequence import IGNORE_INDEX
+from flamingo.data.sources import read_records
+from flamingo.data.spec import DatasetSpec
+from flamingo.tiny import random_image, tiny_image_processor
+
+CORPUS = ["How many? 2 cats and 3 dogs, 12 birds. Answer: 2", "hello world, a cat and a dog.",
+          "Question: what is this? Short answer: a red circle.", "And now? yes no left right"] * 20
+# Llama-3's (and Qwen2's) pre-tokenizer: digits split off in runs of up to 3, without the space before them
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# the formats' own markers, added after <image> as the converters add them
+EXTRA = {"flamingo": (), "otter": ("<answer>",), "idefics": (IDEFICS_IMAGE_WRAPPER, END_OF_UTTERANCE), "mmgpt": ()}
+
+
+def _write(directory: Path, tok: Tokenizer, config: dict) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+def llama3_style(directory: Path) -> str:
+    """Byte-level BPE split as Llama-3's: ` 2` is `Ġ`, `2` (no token holds a digit with its space)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return _write(directory, tok, {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                                   "eos_token": "<|end_of_text|>", "model_max_length": 1024})
+
+
+def llama_style(directory: Path, *, legacy: bool = False, add_eos: bool = False) -> str:
+    """LLaMA-1/2's layout: byte-fallback BPE (ids 3-258 the bytes), Metaspace, `<s>` first; ` 2` is `▁`, `<0x32>`.
+    add_eos: the tokenizer also appends `</s>` (`add_eos_token`)."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.train_from_iterator([line.replace("2", "") for line in CORPUS], trainer=trainers.BpeTrainer(
+        vocab_size=200, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    spec["model"]["vocab"] = vocab
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A" + (" </s>" if add_eos else ""),
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    return _write(directory, tok, {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True,
+                                   "add_eos_token": add_eos, "bos_token": "<s>", "eos_token": "</s>",
+                                   "unk_token": "<unk>", "model_max_length": 10**30})
+
+
+FAMILIES = {"llama3": llama3_style, "llama": llama_style}
+
+
+def _processor(path: str, template: str = "flamingo"):
+    processor, _ = flamingo_processor(path, tiny_image_processor(), max_frames=1, max_positions=None,
+                                      extra_tokens=EXTRA[template], template=template)
+    return processor
+
+
+@pytest.mark.parametrize("template", ["flamingo", "otter", "idefics", "mmgpt"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_answer_whose_gap_is_a_token_of_its_own_trains_it(tmp_path, family, template):
+    """A digit answer on LLaMA's or Llama-3's vocabulary starts with a lone space token (` 2` is `▁`, `2`), which the
+    served prompt ends before: chat training labels it, so that each served prompt followed by the training targets
+    is the training sequence."""
+    processor = _processor(FAMILIES[family](tmp_path / family), template)
+    tok, fmt = processor.tokenizer, chat_format_for(processor)
+    random_image(0).save(tmp_path / "0.png")
+    turns = [Turn("user", ("<image>", "How many?")), Turn("assistant", ("2",)), Turn("user", ("And now?",)),
+             Turn("assistant", ("12 cats.",))]
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "0.png"},
+                                                     {"type": "text", "text": "How many?"}]},
+                        {"role": "assistant", "content": "2"}, {"role": "user", "content": "And now?"},
+                        {"role": "assistant", "content": "12 cats."}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(row) + "\n")
+    spec = DatasetSpec.create("chat", "chat", str(tmp_path / "chat.jsonl"), 1, {}, processor)
+    (sample,) = [spec.encode(record) for record in read_records(str(tmp_path / "chat.jsonl"))]
+    ids, labels = sample.input_ids, sample.labels
+    starts = []
+    for k in (1, 3):  # each answer: what the server sends before it is the sample's beginning, then its targets
+        served = processor.prompt_ids(fmt.render(turns[:k]))
+        assert ids[:len(served)] == served
+        end = next((t for t in range(len(served), len(ids)) if labels[t] == IGNORE_INDEX), len(ids))
+        assert labels[len(served):end] == ids[len(served):end] and end > len(served)
+        assert tok.decode(ids[len(served):end]).strip().startswith(turns[k].pieces[0])
+        assert all(label == IGNORE_INDEX for label in labels[starts[-1][1] if starts else 0:len(served)])
+        starts.append((len(served), end))
+    if template != "mmgpt":  # the case in point: the first answer's first token is the gap alone
+        assert tok.convert_ids_to_tokens(ids[starts[0][0]]) in ("Ġ", "▁")

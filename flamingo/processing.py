@@ -190,13 +190,8 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
             k += 1
 
     if max_pixels is not None and image.format in ("GIF", "PNG", "WEBP", "AVIF"):
-        # each frame is decoded whole (the canvas) to read its delay: a small file of many frames on a large canvas
-        # costs minutes. Bounded by the pixels read (its frame count is a header's, or a scan of a GIF's blocks)
-        count, (width, height) = getattr(image, "n_frames", 1), image.size
-        if count * width * height > ANIMATION_PIXELS * max_pixels:
-            raise TooManyAnimationPixels(width, height, None, max_pixels, f"of {count} frames of {width}x{height} "
-                                         f"is more than {ANIMATION_PIXELS} images of the {max_pixels} pixels "
-                                         "allowed to decode")
+        # each frame is decoded whole (the canvas) to read its delay
+        check_animation_pixels(image, max_pixels)
     try:
         frames = []
         for k in animation_timeline(delays(), fps, max_frames, max_seconds):  # ascending: each seek goes forward
@@ -205,6 +200,17 @@ def image_frames(image: Image.Image, fps: float = 1.0, max_frames: int = 8, max_
         return frames
     finally:
         image.seek(shown)
+
+
+def check_animation_pixels(image: Image.Image, max_pixels: int) -> None:
+    """An animation of more frames x canvas than `ANIMATION_PIXELS` images of `max_pixels` is refused by its frame
+    count (a header's, or a scan of a GIF's blocks), before a frame is decoded (`TooManyAnimationPixels`): reading
+    its timeline decodes every frame whole, and a small file of many frames on a large canvas costs minutes."""
+    count, (width, height) = getattr(image, "n_frames", 1), image.size
+    if count * width * height > ANIMATION_PIXELS * max_pixels:
+        raise TooManyAnimationPixels(width, height, None, max_pixels, f"of {count} frames of {width}x{height} is "
+                                     f"more than {ANIMATION_PIXELS} images of the {max_pixels} pixels allowed to "
+                                     "decode")
 
 
 def _first_image(image: Image.Image, max_pixels: Optional[int]) -> Image.Image:

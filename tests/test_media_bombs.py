@@ -306,15 +306,25 @@ def test_training_media_over_the_loaders_cap_are_skipped_and_counted_before_they
     assert (report.samples, report.frames, report.skipped) == (1, 1, {"bad_video": 1})
 
 
+def _avif(path, count: int, width: int, height: int, mode: str = "RGB") -> None:
+    """An AVIF of `count` frames, frame k red at 60 k (and alpha 100 + k), shown 100, 250, 33, 700, 100, ... ms."""
+    frames = [Image.new(mode, (width, height), (k * 60 % 256, 0, 0, 100 + k)) for k in range(count)]
+    frames[0].save(path, format="AVIF", save_all=True, append_images=frames[1:], speed=10,
+                   duration=[(100, 250, 33, 700)[k % 4] for k in range(count)])
+
+
 def test_pack_reencodes_an_image_only_within_the_loaders_cap(tmp_path, monkeypatch):
     """`flamingo data pack` re-encodes as PNG an image whose format's extension the tar reader does not list (AVIF,
-    PPM), decoding every frame and holding them all: by their headers first, one over `default_max_pixels` is
-    `bad_image` (the loader refuses it; Pillow's own check only warns below twice it), an animation of more pixels
-    than that in all is `reencode_size` (a 15 KB AVIF of 20 4000x4000 frames took 1.5 GiB); within it, packed."""
+    PPM), by their headers first: one over `default_max_pixels` is `bad_image` (the loader refuses it; Pillow's own
+    check only warns below twice it), as is an animation the loader refuses for its frames x canvas. Pillow's writer,
+    which holds every frame (a 15 KB AVIF of 20 4000x4000 frames took 1.5 GiB), writes an animation of at most the
+    cap's pixels in all; a larger one is encoded frame by frame (its frames at most a quarter of the cap; larger,
+    or without PyAV, `reencode_size`). Either reads back as the loader reads the AVIF: frames, delays, alpha."""
     from PIL import features
 
     from flamingo.data.errors import SkipSample
     from flamingo.data.pack import Unpackable, _image_member
+    from flamingo.processing import ANIMATION_PIXELS, image_frames
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "at_cap", format="PPM")
@@ -325,15 +335,65 @@ def test_pack_reencodes_an_image_only_within_the_loaders_cap(tmp_path, monkeypat
     assert skipped.value.reason == "bad_image"
     if not features.check("avif"):
         return
-    for name, size, count in (("small", 32, 4), ("large", 32, 5)):
-        frames = [Image.new("RGB", (size, size), (k * 60, 0, 0)) for k in range(count)]
-        frames[0].save(tmp_path / name, format="AVIF", save_all=True, append_images=frames[1:], duration=100)
-    member, data = _image_member(str(tmp_path / "small"), "k")
-    with Image.open(io.BytesIO(data)) as im:
-        assert member == "k.png" and im.n_frames == 4
-    with pytest.raises(Unpackable, match="5 frames of 32x32 is more than the 4096 pixels") as left_out:
+    for name, count, mode in (("small", 4, "RGB"), ("large", 5, "RGB"), ("large_alpha", 9, "RGBA")):
+        _avif(tmp_path / name, count, 32, 32, mode)  # 4 x 32 x 32 is the cap: Pillow's writer; more, frame by frame
+        member, data = _image_member(str(tmp_path / name), "k")
+        with Image.open(io.BytesIO(data)) as packed, Image.open(tmp_path / name) as source:
+            assert member == "k.png" and packed.n_frames == count
+            frames = [np.asarray(f).tolist() for f in image_frames(packed, fps=100, max_frames=1000)]
+            assert frames == [np.asarray(f).tolist() for f in image_frames(source, fps=100, max_frames=1000)]
+            shown = sum((100, 250, 33, 700)[k % 4] for k in range(count))  # ms: the last frame's delay too
+            assert len(frames) == -(-shown // 10)
+    _avif(tmp_path / "wide_frames", 3, 40, 40)  # 1600 pixels a frame: over a quarter of the cap
+    with pytest.raises(Unpackable, match="3 frames of 40x40 is more than the 4096 pixels") as left_out:
+        _image_member(str(tmp_path / "wide_frames"), "k")
+    assert left_out.value.reason == "reencode_size"
+    _avif(tmp_path / "many_frames", ANIMATION_PIXELS * 4 + 1, 32, 32)
+    with pytest.raises(SkipSample, match=f"an animation of {ANIMATION_PIXELS * 4 + 1} frames of 32x32") as skipped:
+        _image_member(str(tmp_path / "many_frames"), "k")
+    assert skipped.value.reason == "bad_image"
+
+    def no_pyav():
+        raise ImportError("videos need PyAV (av): pip install 'flamingo-vlm[video]'")
+
+    monkeypatch.setattr("flamingo.data.pack.import_av", no_pyav)
+    with pytest.raises(Unpackable, match="frame by frame needs PyAV") as left_out:
         _image_member(str(tmp_path / "large"), "k")
     assert left_out.value.reason == "reencode_size"
+    assert _image_member(str(tmp_path / "small"), "k")[0] == "k.png"
+
+
+_PACK_PEAK = textwrap.dedent("""
+    import re, sys
+    from PIL import Image
+    from flamingo.data.pack import _image_member
+
+    def kib(field):
+        return int(re.search(field + r":\\s*(\\d+)", open("/proc/self/status").read()).group(1))
+
+    Image.MAX_IMAGE_PIXELS = 4_000_000
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = kib("VmRSS")
+    member, data = _image_member(sys.argv[1], "k")
+    print(member, (kib("VmHWM") - before) // 1024)
+""")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak resident size is reset by /proc")
+def test_pack_reencodes_a_large_animation_holding_a_few_frames(tmp_path):
+    """An AVIF of 40 1000x1000 frames (10 times a 4 M cap in all, each a quarter of it) is packed holding a few
+    frames: +66 MiB (Pillow's writer, holding all 40: +193 MiB)."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("Pillow without AVIF")
+    _avif(tmp_path / "anim", 40, 1000, 1000)
+    run = subprocess.run([sys.executable, "-c", _PACK_PEAK, str(tmp_path / "anim")], capture_output=True, timeout=300,
+                         check=True)
+    member, grown = run.stdout.decode().split()
+    assert member == "k.png"
+    assert int(grown) < 128, f"{grown} MiB to re-encode it"
 
 
 def _processor():

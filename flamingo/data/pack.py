@@ -10,7 +10,7 @@ reader lists (`images/3f2a9c` holding a JPEG becomes `{key}.jpg`), and re-encode
 such extension either. Left out under reasons of their own: MMICL rows declaring several images (`images`,
 `multi_image_row`: a pair sample holds one image; keep them in a JSONL table), videos whose extension the tar
 reader does not list (`video_extension`), and animations to re-encode of more pixels than the loaders' cap in all
-(`reencode_size`).
+whose frames are too large to encode one by one within its cost, or without PyAV (`reencode_size`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import os
 import re
 import tarfile
 from collections import Counter
+from fractions import Fraction
 from typing import Any, Iterator, Optional
 
+import numpy as np
 from PIL import Image
 
-from ..processing import default_max_pixels
+from ..processing import check_animation_pixels, default_max_pixels
 from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
 from ..runtime.media_formats import image_formats
 from ..runtime.text import valid_text
-from ..video import TooManyPixels
+from ..video import TooLong, TooManyPixels, import_av
 from .errors import SkipSample, merge_counts
 from .sequence import clean_text
 from .sources import (
@@ -46,6 +48,13 @@ from .sources import (
 
 # PIL's format names whose files the tar reader lists under another extension
 FORMAT_EXTS = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}
+# An animation re-encoded frame by frame (`_streamed_apng`) costs about 44 bytes per pixel of one frame (FFmpeg's
+# APNG encoder keeps the previous frame and its candidate encodings; the decoder and the conversions each hold a
+# copy), where Pillow's writer, holding every frame, costs about 11 per pixel in all (an AVIF of 10 frames of a
+# quarter of a 20 M cap: +213 MiB; one of the cap's pixels in all through Pillow: +216 MiB). Frames of at most the
+# cap over this keep it within what the cap's pixels cost through Pillow's writer.
+_STREAMED_FRAME_SHARE = 4
+_MS = Fraction(1, 1000)
 
 
 class Unpackable(Exception):
@@ -168,11 +177,9 @@ def _ext(path: str) -> str:
 
 def _image_member(path: str, key: str) -> tuple[str, bytes]:
     """An image file as the member `{key}.{ext}` the tar reader finds: its own extension where listed, else its
-    format's, else re-encoded as PNG (an animation as an animated PNG). Bytes PIL cannot read are `bad_image`, as the
-    loader would count them from the table; so is an image to re-encode over the loader's cap (`default_max_pixels`,
-    by its header: Pillow's own check only warns below twice it), and an animation whose frames hold more pixels
-    than that cap in all is `reencode_size` (PNG's writer holds every frame: a 15 KB AVIF of 20 4000x4000 frames
-    took 1.5 GiB)."""
+    format's, else re-encoded as PNG (an animation as an animated PNG: `_check_reencoded` says how). Bytes PIL cannot
+    read are `bad_image`, as the loader would count them from the table; so is an image to re-encode that the loader
+    refuses by its size."""
     data = read_media_file(path)
     if _ext(path) in IMAGE_EXTS:
         return f"{key}.{_ext(path)}", data
@@ -182,28 +189,75 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
             ext = FORMAT_EXTS.get(fmt, fmt)
             if ext in IMAGE_EXTS:
                 return f"{key}.{ext}", data
-            _check_reencoded(image, path)
+            if _check_reencoded(image, path):
+                return f"{key}.png", _streamed_apng(image)
             out = io.BytesIO()
             image.save(out, format="PNG", save_all=getattr(image, "is_animated", False))
             return f"{key}.png", out.getvalue()
     except Unpackable:
         raise
+    except TooLong as e:  # an animation of more frames x canvas than the loader reads
+        raise SkipSample("bad_image", f"{path}: an animation {e}") from e
     except Exception as e:  # PIL raises several types for unreadable files
         raise SkipSample("bad_image", f"{path}: {e}") from e
 
 
-def _check_reencoded(image: Image.Image, path: str) -> None:
-    """An image to re-encode, by its header before any frame is decoded: a frame over `default_max_pixels` is
-    `TooManyPixels` (the loader refuses it), an animation of more pixels than that in all `Unpackable`."""
+def _check_reencoded(image: Image.Image, path: str) -> bool:
+    """An image to re-encode, by its header before any frame is decoded -> whether to re-encode it frame by frame.
+
+    Refused as the loader refuses them (`TooManyPixels`): a frame over `default_max_pixels` and an animation of more
+    frames x canvas than `check_animation_pixels` allows. Pillow's PNG writer holds every frame (a 15 KB AVIF of 20
+    4000x4000 frames took 1.5 GiB): it writes a still and an animation of at most the cap's pixels in all; a larger
+    one is re-encoded frame by frame (`_streamed_apng`, PyAV's), its frames at most the cap over
+    `_STREAMED_FRAME_SHARE`, else `Unpackable` (`reencode_size`), as it is without PyAV."""
     cap = default_max_pixels()
     if cap is None:
-        return
+        return False
     (width, height), frames = image.size, getattr(image, "n_frames", 1)
     if width * height > cap:
         raise TooManyPixels(width, height, 0, cap)
-    if frames * width * height > cap:
-        raise Unpackable("reencode_size", f"{path}: an animation of {frames} frames of {width}x{height} is more than "
-                                          f"the {cap} pixels re-encoding holds; give it as PNG, GIF or WebP")
+    if frames * width * height <= cap:
+        return False
+    check_animation_pixels(image, cap)
+    why = f"{path}: an animation of {frames} frames of {width}x{height} is more than the {cap} pixels re-encoding holds"
+    if _STREAMED_FRAME_SHARE * width * height > cap:
+        raise Unpackable("reencode_size", f"{why}, its frames more than 1/{_STREAMED_FRAME_SHARE} of them; give it as "
+                                          "PNG, GIF or WebP")
+    try:
+        import_av()
+    except ImportError:
+        raise Unpackable("reencode_size", f"{why}; re-encoding it frame by frame needs PyAV: pip install "
+                                          "'flamingo-vlm[video]'") from None
+    return True
+
+
+def _streamed_apng(image: Image.Image) -> bytes:
+    """An animation -> an animated PNG, each frame encoded as it is decoded (FFmpeg's APNG encoder, by PyAV), each
+    shown for its own delay (ms; a frame's is read when it is decoded, as AVIF's are: the last one's first, which the
+    muxer needs before any frame). Pixels as RGB, or RGBA where the image has transparency."""
+    av = import_av()
+    count = image.n_frames
+    image.seek(count - 1)
+    image.load()
+    final = max(round(image.info.get("duration") or 0), 1)  # 0 tells the muxer to repeat the previous delay
+    alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    mode, pixel_format = ("RGBA", "rgba") if alpha else ("RGB", "rgb24")
+    out = io.BytesIO()
+    with av.open(out, "w", format="apng", options={"final_delay": f"{final}/1000"}) as container:
+        stream = container.add_stream("apng", rate=1000)
+        stream.width, stream.height = image.size
+        stream.pix_fmt, stream.time_base = pixel_format, _MS
+        start, pts = 0.0, -1  # the frame's start in ms; its timestamp, after the previous one's
+        for k in range(count):
+            image.seek(k)
+            image.load()
+            frame = av.VideoFrame.from_ndarray(np.asarray(image.convert(mode)), format=pixel_format)
+            pts = max(round(start), pts + 1)  # (a delay under 1 ms becomes 1: the loader shows either for 100 ms)
+            frame.pts, frame.time_base = pts, _MS
+            start += image.info.get("duration") or 0
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return out.getvalue()
 
 
 def _pair_members(row: dict[str, Any], base_dir: str, key: str, video: bool) -> list[tuple[str, bytes]]:

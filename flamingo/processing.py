@@ -264,6 +264,17 @@ def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, new: list[str]) -> N
         tokenizer.add_special_tokens({"additional_special_tokens": new}, **keep_special_tokens_kwargs(tokenizer))
 
 
+def appended_special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The special tokens `tokenizer` appends after every text it encodes with its special tokens: LLaMA's
+    `add_eos_token` `</s>`, T5's `</s>`, BERT's `[SEP]`; () for most causal LMs' (BOS first, or nothing). A prompt is
+    continued right after its text and a training sequence ends with the EOS its data writes, so the processor drops
+    them (`FlamingoProcessor.token_ids`): a prompt ending with EOS would ask the model to write after its end."""
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), len(full))
+    return tuple(full[at + len(plain):])
+
+
 def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained`, tokenizing as the directory's tokenizer.json says: every tokenizer flamingo
     loads (a processor, `from_backbones`, the converters) comes through here.
@@ -552,14 +563,23 @@ class FlamingoProcessor:
         if image_references and self.num_references == 0:
             raise ValueError("image_references needs a tokenizer with `<image0>` ... (FlamingoConfig."
                              "num_image_references > 0 in from_backbones)")
+        self.appended_ids = appended_special_ids(tokenizer)
 
     def token_ids(self, text: str, *, special_tokens: bool = True) -> list[int]:
         """`text` -> token ids, however long. Every caller checks the length itself and says what it does about it
         (raises, truncates, or skips and counts), so HF's warning for sequences over `model_max_length` ("will result
         in indexing errors"), untrue for all of them, is not printed. Half a UTF-16 surrogate pair (an emoji a scraper
         cut, read from JSON) is tokenized as U+FFFD (`valid_text`, as training data reads it): tokenizers take valid
-        Unicode only."""
-        return self.tokenizer(valid_text(text), add_special_tokens=special_tokens, verbose=False)["input_ids"]
+        Unicode only. special_tokens: those the tokenizer writes before the text (BOS), never those it appends after
+        it (`appended_ids`)."""
+        ids = self.tokenizer(valid_text(text), add_special_tokens=special_tokens, verbose=False)["input_ids"]
+        return ids[:len(ids) - self.appended(ids)] if special_tokens else ids
+
+    def appended(self, ids: Sequence[int]) -> int:
+        """How many of the last tokens of `ids` (a text encoded with its special tokens) the tokenizer appended after
+        the text (`appended_ids`): what the processor drops."""
+        n = len(self.appended_ids)
+        return n if n and tuple(ids[len(ids) - n:]) == self.appended_ids else 0
 
     def prompt_text(self, text: str) -> tuple[str, bool]:
         """A prompt's text -> (the string its template tokenizes, whether the tokenizer adds its special tokens)."""

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from flamingo.build import flamingo_processor
 from flamingo.chat import Turn, chat_format_for
 from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
-from flamingo.data.sequence import IGNORE_INDEX
+from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.tiny import random_image, tiny_image_processor
@@ -72,7 +72,35 @@ def llama_style(directory: Path, *, legacy: bool = False, add_eos: bool = False)
                                    "unk_token": "<unk>", "model_max_length": 10**30})
 
 
+def t5_style(directory: Path) -> str:
+    """Unigram + Metaspace as T5's: no BOS, `</s>` appended after every text."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(CORPUS, trainer=trainers.UnigramTrainer(
+        vocab_size=120, show_progress=False, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return _write(directory, tok, {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>",
+                                   "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 512})
+
+
+def bert_style(directory: Path) -> str:
+    """WordPiece as BERT's: `[CLS]` first, `[SEP]` appended after every text, no EOS."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS, trainer=trainers.WordPieceTrainer(
+        vocab_size=150, show_progress=False, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return _write(directory, tok, {"tokenizer_class": "BertTokenizer", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                                   "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+                                   "model_max_length": 512})
+
+
 FAMILIES = {"llama3": llama3_style, "llama": llama_style}
+APPENDING = {"llama_add_eos": lambda d: llama_style(d, add_eos=True), "t5": t5_style, "bert": bert_style}
 
 
 def _processor(path: str, template: str = "flamingo"):
@@ -111,3 +139,37 @@ def test_an_answer_whose_gap_is_a_token_of_its_own_trains_it(tmp_path, family, t
         starts.append((len(served), end))
     if template != "mmgpt":  # the case in point: the first answer's first token is the gap alone
         assert tok.convert_ids_to_tokens(ids[starts[0][0]]) in ("Ġ", "▁")
+
+
+@pytest.mark.parametrize("family", sorted(APPENDING))
+def test_a_prompt_never_ends_with_what_the_tokenizer_appends(tmp_path, family):
+    """LLaMA's `add_eos_token`, T5's `</s>`, BERT's `[SEP]`: the model is asked to continue right after the prompt's
+    text (generation, eval, ranked scoring and the server all read `prompt_ids`), never after an EOS."""
+    processor = _processor(APPENDING[family](tmp_path / family))
+    tok = processor.tokenizer
+    appended = tok("a cat")["input_ids"][-1]
+    assert appended in (tok.eos_token_id, tok.sep_token_id)
+    text = "<image>Output: a cat.<|endofchunk|><image>Output:"
+    lead = [tok.bos_token_id or tok.cls_token_id] if family != "t5" else []
+    plain = processor.token_ids(text, special_tokens=False)
+    assert processor.prompt_ids(text) == lead + plain
+    batch = processor(text, images=[random_image(0), random_image(1)])
+    assert batch["input_ids"][0].tolist() == lead + plain
+    assert processor.prompt_ids("") == lead and processor.appended_ids == (appended,)
+
+
+@pytest.mark.parametrize("family", ["llama_add_eos", "t5"])
+def test_a_training_sequence_ends_with_one_eos_and_trains_no_eos_text(tmp_path, family):
+    """Pairs end with the EOS the data writes (`append_eos`): one EOS token, the sequence's last and a target, and
+    never the characters of `</s>` trained as text before a second one."""
+    processor = _processor(APPENDING[family](tmp_path / family))
+    tok = processor.tokenizer
+    random_image(0).save(tmp_path / "0.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "0.png", "caption": "A cat."}) + "\n")
+    spec = DatasetSpec.create("pairs", "pairs", str(tmp_path / "pairs.jsonl"), 1, {}, processor)
+    (sample,) = [spec.encode(record) for record in read_records(str(tmp_path / "pairs.jsonl"))]
+    ids = sample.input_ids
+    assert sample.text.endswith("<|endofchunk|></s>")
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+    assert ids[-2] == processor.end_of_chunk_token_id
+    assert sample.labels == make_labels(ids, processor.media_token_id) and sample.labels[-1] == tok.eos_token_id

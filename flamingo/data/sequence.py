@@ -130,7 +130,7 @@ def _stray_specials(processor: FlamingoProcessor, final: str, ids: Sequence[int]
 def data_token_ids(processor: FlamingoProcessor, final: str, special: bool,
                    answer_ends: Optional[Collection[int]] = None) -> tuple[list[int], list[tuple[int, int]]]:
     """`final` (a sample's text in its template, `prompt_text`) -> its token ids and their character offsets, as the
-    model is served, except that each special-token string the data spelled out (`_stray_specials`) is tokenized on
+    model is served (`FlamingoProcessor.token_ids`: no special token the tokenizer appends), except that each special-token string the data spelled out (`_stray_specials`) is tokenized on
     its own as plain text. A slow tokenizer (no offsets) tokenizes the text as the processor does, offsets empty."""
     tokenizer = processor.tokenizer
     if END_OF_CHUNK_TOKEN in final and not has_token(tokenizer, END_OF_CHUNK_TOKEN):
@@ -140,6 +140,9 @@ def data_token_ids(processor: FlamingoProcessor, final: str, special: bool,
         return processor.token_ids(final, special_tokens=special), []
     encoded = tokenizer(final, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    if special:  # as `token_ids`: not what the tokenizer appends after the text (the data writes its own EOS)
+        keep = len(ids) - processor.appended(ids)
+        ids, offsets = ids[:keep], offsets[:keep]
     for k in reversed(_stray_specials(processor, final, ids, offsets, answer_ends)):
         s, e = offsets[k]
         plain = tokenizer(final[s:e], add_special_tokens=False, split_special_tokens=True,

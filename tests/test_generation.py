@@ -11,6 +11,9 @@ from flamingo.tiny import random_image, tiny_flamingo
 
 from helpers import continuation_logprobs_reference
 
+# hidden-32 models gain nothing from intra-op threads; on shared cores the threads' spinning is most of each test's cost
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHOTS = "<image>Question: what? Short answer: red<|endofchunk|>"
 PROMPTS = {
     0: ("Question: what is this? Short answer:", []),

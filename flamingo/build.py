@@ -143,16 +143,21 @@ def _files(ref: Optional[str], commit: Optional[str], what: str) -> Optional[str
 
 def check_token_rows(tokenizer: PreTrainedTokenizerBase, config: FlamingoConfig, added: Sequence[int],
                      vocab: int) -> None:
-    """Refuse a tokenizer whose Flamingo tokens the model could not embed: a token it already held (so not added
-    now, and given no trainable row) at an id past the LM's `vocab` rows, e.g. the tokenizer saved beside a Flamingo
-    model or after OpenFlamingo's training. Such a model would build, save and convert, and fail at its first
-    forward with an id outside the LM's table."""
+    """Refuse a tokenizer that already held a Flamingo token (so it was not added now, and got no trainable row):
+    at an id past the LM's `vocab` rows (the tokenizer saved beside a Flamingo model or after OpenFlamingo's
+    training), the model would build, save and convert, and fail at its first forward with an id outside the LM's
+    table; within them (a special token of the LM's, a token added before), the model would read the LM's row,
+    frozen, and never train it, and a plain added token would be decoded into answers' text."""
     for name, tid in (("<image>", config.media_token_id), ("<|endofchunk|>", config.end_of_chunk_token_id)):
-        if tid not in added and tid >= vocab:
-            raise ValueError(f"the tokenizer ({type(tokenizer).__name__} "
-                             f"{getattr(tokenizer, 'name_or_path', '') or 'in memory'!r}) already holds {name} at id "
-                             f"{tid}, past the LM's {vocab} embedding rows, so the model has no row for it: pass the "
-                             "LM's own tokenizer, without Flamingo's tokens (they are added and trained here)")
+        if tid in added:
+            continue
+        held = (f"the tokenizer ({type(tokenizer).__name__} "
+                f"{getattr(tokenizer, 'name_or_path', '') or 'in memory'!r}) already holds {name} at id {tid}")
+        fix = "pass the LM's own tokenizer, without Flamingo's tokens (they are added and trained here)"
+        if tid >= vocab:
+            raise ValueError(f"{held}, past the LM's {vocab} embedding rows, so the model has no row for it: {fix}")
+        raise ValueError(f"{held}, among the LM's {vocab} embedding rows: the model would read it with the LM's own "
+                         f"row, which is frozen and never trained as Flamingo's added tokens are: {fix}")
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
 

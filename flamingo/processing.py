@@ -275,6 +275,19 @@ def appended_special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     return tuple(full[at + len(plain):])
 
 
+def check_markers_whole(tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]) -> None:
+    """Refuse a tokenizer whose text does not read each of `markers` (`<image>`, ...) as its one token: one holding
+    it as a plain entry of its vocabulary (not an added token), which its pre-tokenizer splits. No prompt could place
+    an image, and every one would be refused with a count of `<image>`s that does not say why."""
+    for marker in markers:
+        ids = tokenizer(marker, add_special_tokens=False, split_special_tokens=False, verbose=False)["input_ids"]
+        if ids != [tokenizer.convert_tokens_to_ids(marker)]:
+            raise ValueError(f"the tokenizer holds {marker} (id {tokenizer.convert_tokens_to_ids(marker)}) as a plain "
+                             f"entry of its vocabulary, not an added token: its text reads as "
+                             f"{tokenizer.convert_ids_to_tokens(ids)}, so no prompt could hold it; pass the LM's own "
+                             f"tokenizer, without {marker} (add_flamingo_tokens adds it as one token)")
+
+
 def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained`, tokenizing as the directory's tokenizer.json says: every tokenizer flamingo
     loads (a processor, `from_backbones`, the converters) comes through here.
@@ -548,6 +561,7 @@ class FlamingoProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = tokenizer
+        check_markers_whole(tokenizer, needed)
         self.image_processor = image_processor
         model_max = getattr(tokenizer, "model_max_length", None)
         if max_length is None and model_max and model_max < 10**7:  # HF's "no limit" is a huge number
@@ -571,8 +585,10 @@ class FlamingoProcessor:
         in indexing errors"), untrue for all of them, is not printed. Half a UTF-16 surrogate pair (an emoji a scraper
         cut, read from JSON) is tokenized as U+FFFD (`valid_text`, as training data reads it): tokenizers take valid
         Unicode only. special_tokens: those the tokenizer writes before the text (BOS), never those it appends after
-        it (`appended_ids`)."""
-        ids = self.tokenizer(valid_text(text), add_special_tokens=special_tokens, verbose=False)["input_ids"]
+        it (`appended_ids`). The text's special tokens (`<image>`, `<|endofchunk|>`) are read as tokens whatever the
+        tokenizer's `split_special_tokens` says: the processor writes its markers into the text."""
+        ids = self.tokenizer(valid_text(text), add_special_tokens=special_tokens, split_special_tokens=False,
+                             verbose=False)["input_ids"]
         return ids[:len(ids) - self.appended(ids)] if special_tokens else ids
 
     def appended(self, ids: Sequence[int]) -> int:

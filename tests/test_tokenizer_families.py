@@ -10,13 +10,22 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from flamingo.build import flamingo_processor
+from transformers import PreTrainedTokenizerFast
+
+from flamingo.build import flamingo_processor, from_backbones
 from flamingo.chat import Turn, chat_format_for
 from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
-from flamingo.tiny import random_image, tiny_image_processor
+from flamingo.tiny import (
+    random_image,
+    tiny_flamingo_config,
+    tiny_image_processor,
+    tiny_lm,
+    tiny_tokenizer,
+    tiny_vision,
+)
 
 CORPUS = ["How many? 2 cats and 3 dogs, 12 birds. Answer: 2", "hello world, a cat and a dog.",
           "Question: what is this? Short answer: a red circle.", "And now? yes no left right"] * 20
@@ -173,3 +182,56 @@ def test_a_training_sequence_ends_with_one_eos_and_trains_no_eos_text(tmp_path, 
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
     assert ids[-2] == processor.end_of_chunk_token_id
     assert sample.labels == make_labels(ids, processor.media_token_id) and sample.labels[-1] == tok.eos_token_id
+
+
+def _build(tok):
+    return from_backbones(tiny_vision(), tiny_lm("llama", vocab_size=len(tok)), tok, tiny_flamingo_config(),
+                          image_processor=tiny_image_processor())
+
+
+@pytest.mark.parametrize("held", ["special", "plain added"])
+def test_a_tokenizer_already_holding_a_flamingo_token_in_the_lms_rows_is_refused(held):
+    """Not added at the build, `<image>` / `<|endofchunk|>` would keep the LM's frozen row (never trained), and as a
+    plain added token `<|endofchunk|>` would be decoded into every answer's text."""
+    tok = tiny_tokenizer()
+    if held == "special":
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    else:
+        tok.add_tokens(["<image>", "<|endofchunk|>"])
+    with pytest.raises(ValueError, match=f"already holds <image> at id 300, among the LM's {len(tok)} "
+                                         "embedding rows: .* frozen and never trained .* pass the LM's own tokenizer"):
+        _build(tok)
+
+
+def test_a_tokenizer_holding_image_as_a_plain_vocabulary_entry_is_refused():
+    """`<image>` in the BPE vocabulary itself: the text reads it as `<`, `image`, `>`, so no prompt could place an
+    image; refused where the processor is made, naming the token and the cause."""
+    spec = json.loads(tiny_tokenizer().backend_tokenizer.to_str())
+    spec["model"]["vocab"]["<image>"] = len(spec["model"]["vocab"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match=r"holds <image> \(id 300\) as a plain entry of its vocabulary, not an added "
+                                         r"token: its text reads as \['<', .*pass the LM's own tokenizer"):
+        flamingo_processor(tok, tiny_image_processor(), max_frames=1, max_positions=None)
+    with pytest.raises(ValueError, match="as a plain entry of its vocabulary"):
+        _build(tok)
+
+
+def test_a_tokenizer_that_splits_special_tokens_still_reads_the_processors_markers(tmp_path):
+    """A tokenizer saved with `split_special_tokens: true` (text never read as special tokens): the processor's own
+    markers are tokens in its prompts and training sequences, as with any other tokenizer."""
+    directory = llama3_style(tmp_path / "split")
+    config = json.loads((tmp_path / "split" / "tokenizer_config.json").read_text())
+    (tmp_path / "split" / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    processor = _processor(directory)
+    assert processor.tokenizer.split_special_tokens
+    text = "<image>Output: a cat.<|endofchunk|><image>Output:"
+    ids = processor(text, images=[random_image(0), random_image(1)])["input_ids"][0].tolist()
+    assert ids.count(processor.media_token_id) == 2 and ids.count(processor.end_of_chunk_token_id) == 1
+    random_image(0).save(tmp_path / "0.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "0.png", "caption": "A cat."}) + "\n")
+    spec = DatasetSpec.create("pairs", "pairs", str(tmp_path / "pairs.jsonl"), 1, {}, processor)
+    (sample,) = [spec.encode(record) for record in read_records(str(tmp_path / "pairs.jsonl"))]
+    eos = processor.tokenizer.eos_token_id
+    assert sample.input_ids[-3:] == [processor.tokenizer.convert_tokens_to_ids("."), processor.end_of_chunk_token_id,
+                                     eos]
+    assert sample.input_ids[1] == processor.media_token_id

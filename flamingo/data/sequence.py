@@ -138,7 +138,8 @@ def data_token_ids(processor: FlamingoProcessor, final: str, special: bool,
                          "DatasetSpec.chunk_end writes the chunk end)")
     if not tokenizer.is_fast:
         return processor.token_ids(final, special_tokens=special), []
-    encoded = tokenizer(final, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+    encoded = tokenizer(final, add_special_tokens=special, split_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if special:  # as `token_ids`: not what the tokenizer appends after the text (the data writes its own EOS)
         keep = len(ids) - processor.appended(ids)

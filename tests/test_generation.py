@@ -685,3 +685,23 @@ def test_a_callers_generation_config_overrides_only_what_it_sets(make_model, mon
     assert config.suppress_tokens == [model.config.media_token_id] and config.no_repeat_ngram_size == 0
     assert out[0, t:].tolist() == [eoc] * 5  # <|endofchunk|> is no EOS of this call
     assert given.suppress_tokens is None and given.eos_token_id == [7]
+
+
+def test_the_backbones_own_decoding_mode_and_filters_do_not_reach_flamingo_generation(make_model):
+    """An LM's generation_config.json with num_beams or a sampling filter (min_p, typical_p, epsilon/eta cutoffs)
+    made a plain `generate` beam-search, or kept the filter while temperature/top-k/top-p were reset: greedy and
+    unfiltered unless a call asks."""
+    from flamingo.model.generation import generation_config_for
+
+    model, processor = make_model("llama", gates=0.8)
+    batch = processor(*PROMPTS[3])
+    expected = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    shipped = {"num_beams": 4, "num_return_sequences": 2, "min_p": 0.5, "typical_p": 0.2, "epsilon_cutoff": 0.01,
+               "eta_cutoff": 0.01}
+    for name, value in shipped.items():
+        setattr(model.lm.generation_config, name, value)
+    config = generation_config_for(model)
+    assert config.get_generation_mode().name == "GREEDY_SEARCH"
+    assert all(getattr(config, name) in (1, 1.0, 0.0) for name in shipped), config
+    assert torch.equal(model.generate(**batch, max_new_tokens=6, min_new_tokens=6), expected)
+    assert generation_config_for(model, num_beams=2).num_beams == 2

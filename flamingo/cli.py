@@ -587,9 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the path prefix a reverse proxy mounts the server under and strips (e.g. /flamingo): "
                           "its redirects then stay under it (the page's own URLs are relative)")
     srv.add_argument("--keep-alive", type=positive_float, default=5,
-                     help="seconds an idle connection stays open; behind a reverse proxy that reuses connections, "
-                          "more than the proxy's idle timeout (nginx's keepalive_timeout: 60), so the proxy closes "
-                          "first and never sends on a connection the server is closing (a 502)")
+                     help="seconds an idle connection stays open, a new one has to send its first request head, "
+                          "and a request body may stop arriving (408); behind a reverse proxy that reuses "
+                          "connections, more than the proxy's idle timeout (nginx's keepalive_timeout: 60), so the "
+                          "proxy closes first and never sends on a connection the server is closing (a 502)")
     srv.add_argument("--max-connections", type=positive_int, default=None,
                      help="connections open at once (idle keep-alive ones count); past it, a request on any of "
                           "them is answered 503 at once and its connection closed. "

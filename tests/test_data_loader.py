@@ -190,7 +190,7 @@ def test_options_of_another_type_than_their_default_are_refused_by_name(tmp_path
         build_source(DatasetSection("d", kind, data["path"], 1, options={option: value}), processor)
     # integers where a number is asked for, null where the default is null: taken
     build_source(DatasetSection("d", "pairs", data["path"], 1, options={
-        "max_bad_fraction": 1, "cache_media_mb": 16, "remote_cache_dir": None}), processor)
+        "max_bad_fraction": 1, "cache_media_mib": 16, "remote_cache_dir": None}), processor)
 
 
 def test_weighted_mixture_draws_every_source_and_resumes_exactly(tmp_path, processor):

@@ -167,7 +167,7 @@ def test_media_cache_gives_identical_batches_without_decoding_again(tmp_path, pr
     plain, _, plain_src = _two_epochs(DatasetSection("d", kind, data["path"], 2, options=options), processor,
                                       monkeypatch)
     cached, loads, src = _two_epochs(
-        DatasetSection("d", kind, data["path"], 2, options={**options, "cache_media_mb": 8}), processor, monkeypatch)
+        DatasetSection("d", kind, data["path"], 2, options={**options, "cache_media_mib": 8}), processor, monkeypatch)
     for a_epoch, b_epoch in zip(plain, cached):
         assert len(a_epoch) == len(b_epoch)
         for a, b in zip(a_epoch, b_epoch):

@@ -298,7 +298,8 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
     transformers 5's `LlamaTokenizer` rebuilds that pipeline (non-legacy unless the config says `legacy: true`, and
     then not quite the file's: `Metaspace` adds no `▁` before a run starting with a space), so the file's
     normalizer, pre-tokenizer and decoder are put back, and `legacy: true` is set so that the tokenizer saved with a
-    processor keeps the choice. A config's `legacy: false` does not change this, as in transformers 4, whose fast
+    processor keeps the choice. So for any `legacy: true` tokenizer read from a tokenizer.json (a `Metaspace` one:
+    transformers 5 builds another, and saves it without `legacy`). A config's `legacy: false` does not change this, as in transformers 4, whose fast
     tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of LLaMA-1-era models").
 
     A LLaMA directory with a SentencePiece `tokenizer.model` and no tokenizer.json (early-2023 LLaMA-7B conversions)
@@ -380,9 +381,12 @@ def prepends_word_start(normalizer: Optional[Mapping[str, Any]]) -> bool:
 
 
 def restore_word_start_normalizer(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> None:
-    """Put its tokenizer.json's own pipeline back into `tokenizer` when that normalizer prepends `▁`; for a LLaMA
-    directory without tokenizer.json (its SentencePiece `tokenizer.model` alone), the legacy pipeline transformers 4
-    built from it (`legacy_llama_pipeline`), unless its config says `legacy: false` (`load_tokenizer`)."""
+    """Put its tokenizer.json's own pipeline back into `tokenizer` when that normalizer prepends `▁`, or when the
+    tokenizer is `legacy` (transformers 5's `LlamaTokenizer` then builds a `Metaspace` that prepends `▁` after every
+    special token, whatever the file's says: the saved file would say so, and lose `legacy`, and the processor
+    loaded back tokenize otherwise); for a LLaMA directory without tokenizer.json (its SentencePiece
+    `tokenizer.model` alone), the legacy pipeline transformers 4 built from it (`legacy_llama_pipeline`), unless its
+    config says `legacy: false` (`load_tokenizer`)."""
     if not hasattr(tokenizer, "backend_tokenizer"):
         return
     path = tokenizer_file(name_or_path, "tokenizer.json")
@@ -392,7 +396,7 @@ def restore_word_start_normalizer(tokenizer: PreTrainedTokenizerBase, name_or_pa
             legacy_llama_pipeline(tokenizer, add_prefix_space=config.get("add_prefix_space") is not False)
         return
     with open(path, encoding="utf-8") as f:
-        if not prepends_word_start(json.load(f).get("normalizer")):
+        if not prepends_word_start(json.load(f).get("normalizer")) and getattr(tokenizer, "legacy", None) is not True:
             return
     own = Tokenizer.from_file(path)
     backend = tokenizer.backend_tokenizer

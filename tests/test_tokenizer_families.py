@@ -18,6 +18,7 @@ from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
+from flamingo.processing import FlamingoProcessor
 from flamingo.tiny import (
     random_image,
     tiny_flamingo_config,
@@ -235,3 +236,20 @@ def test_a_tokenizer_that_splits_special_tokens_still_reads_the_processors_marke
     assert sample.input_ids[-3:] == [processor.tokenizer.convert_tokens_to_ids("."), processor.end_of_chunk_token_id,
                                      eos]
     assert sample.input_ids[1] == processor.media_token_id
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_legacy_llama_tokenizer_with_a_metaspace_file_tokenizes_as_its_file_before_and_after_saving(tmp_path,
+                                                                                                      legacy):
+    """`legacy: true` and a tokenizer.json whose `Metaspace` adds no `▁` after a special token: transformers 5's
+    `LlamaTokenizer` builds one that does, and saves it without `legacy`, so the text after every `<image>` changed
+    between the model as trained and as loaded back. The file's pipeline is kept, and survives the save."""
+    directory = llama_style(tmp_path / "llama", legacy=legacy)
+    processor = _processor(directory)
+    own = Tokenizer.from_file(f"{directory}/tokenizer.json")
+    own.add_special_tokens(["<|endofchunk|>", "<image>"])
+    processor.save_pretrained(str(tmp_path / "saved"))
+    loaded = FlamingoProcessor.from_pretrained(str(tmp_path / "saved"))
+    for text in ["<image>b cat", "x<|endofchunk|><image>yes", "<image> b  cat", " hello world"]:
+        assert processor.prompt_ids(text) == own.encode(text).ids == loaded.prompt_ids(text), text
+    assert processor.tokenizer.convert_ids_to_tokens(processor.prompt_ids("<image>yes"))[2] == "yes"

@@ -569,7 +569,7 @@ class FlamingoProcessor:
         self.image_processor = image_processor
         model_max = getattr(tokenizer, "model_max_length", None)
         if max_length is None and model_max and model_max < 10**7:  # HF's "no limit" is a huge number
-            max_length = model_max
+            max_length = int(model_max)  # a JSON writer may store it as a float (256.0), which no setting takes
         self.max_length = max_length
         self.max_frames = max_frames
         self.video_fps = video_fps

@@ -253,3 +253,16 @@ def test_a_legacy_llama_tokenizer_with_a_metaspace_file_tokenizes_as_its_file_be
     for text in ["<image>b cat", "x<|endofchunk|><image>yes", "<image> b  cat", " hello world"]:
         assert processor.prompt_ids(text) == own.encode(text).ids == loaded.prompt_ids(text), text
     assert processor.tokenizer.convert_ids_to_tokens(processor.prompt_ids("<image>yes"))[2] == "yes"
+
+
+def test_a_float_model_max_length_is_the_processors_integer_limit(tmp_path):
+    """`"model_max_length": 256.0` (a JSON writer's float): the processor's limit is 256, which it saves and loads
+    back, not a value that builds, trains and fails at the first save."""
+    directory = llama3_style(tmp_path / "float")
+    config = json.loads((tmp_path / "float" / "tokenizer_config.json").read_text())
+    (tmp_path / "float" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 256.0}))
+    model, processor = from_backbones(tiny_vision(), tiny_lm("llama", vocab_size=320), directory,
+                                      tiny_flamingo_config(), image_processor=tiny_image_processor())
+    assert processor.max_length == 256 and isinstance(processor.max_length, int)
+    model.save_pretrained(str(tmp_path / "saved"), processor=processor)
+    assert FlamingoProcessor.from_pretrained(str(tmp_path / "saved")).max_length == 256

@@ -203,7 +203,9 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------------------------------ added tokens
     def _init_new_token_rows(self) -> None:
-        """Own trainable rows for the added tokens; the LM's tables (resized to hold them) stay frozen."""
+        """Own trainable rows for the added tokens; the LM's tables (resized to hold them) stay frozen. The rows are
+        made in the default dtype, as the resampler and blocks are (a half-precision LM's rows would train in half
+        precision); the hooks cast them to the LM's activations' dtype where they are used."""
         cfg, n = self.config, self.config.num_new_tokens
         self.new_token_embeddings: Optional[nn.Parameter] = None
         self.new_lm_head: Optional[nn.Parameter] = None
@@ -215,13 +217,15 @@ class Flamingo(nn.Module):
         end = cfg.first_new_token_id + n
         if self.lm.get_input_embeddings().num_embeddings < end:
             self.lm.resize_token_embeddings(end, mean_resizing=False)
+        dtype = torch.get_default_dtype()
         in_rows = self.lm.get_input_embeddings().weight[cfg.first_new_token_id:end]
-        self.new_token_embeddings = nn.Parameter(in_rows.detach().clone())
+        self.new_token_embeddings = nn.Parameter(in_rows.detach().to(dtype, copy=True))
         head = self.lm.get_output_embeddings()
         if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
-            self.new_lm_head = nn.Parameter(head.weight[cfg.first_new_token_id:end].detach().clone())
+            self.new_lm_head = nn.Parameter(head.weight[cfg.first_new_token_id:end].detach().to(dtype, copy=True))
             if getattr(head, "bias", None) is not None:
-                self.new_lm_head_bias = nn.Parameter(head.bias[cfg.first_new_token_id:end].detach().clone())
+                self.new_lm_head_bias = nn.Parameter(head.bias[cfg.first_new_token_id:end].detach().to(dtype,
+                                                                                                     copy=True))
 
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         ctx = self._media_context

@@ -250,6 +250,66 @@ def _quantize(model: Flamingo) -> None:
         log.info("%s", describe_counts(model.config.quantize_frozen, counts))
 
 
+# FlamingoConfig fields `from_backbones` fills in from the backbones and tokenizer it is given (model.flamingo's are
+# overwritten, or resolved: a branch to its commit): they describe how a model is built, as model.vision / model.lm do
+BUILT_FIELDS = ("vision_name_or_path", "lm_name_or_path", "vision_revision", "lm_revision", "media_token_id",
+                "end_of_chunk_token_id", "pad_token_id", "first_new_token_id", "num_new_tokens",
+                "first_reference_token_id")
+
+
+def check_given_model(model: Flamingo, options: dict[str, Any]) -> None:
+    """Trainer(config, model=...) trains the model as it is given: model.flamingo options whose value differs from
+    the model's config (lm_lora, xattn_every, quantize_frozen, ...) would go unused while final/train_config.json
+    records them, so they are refused, never ignored, as model.init_from refuses the options it would not use.
+    model.vision / model.lm / model.tokenizer and the `BUILT_FIELDS` are not compared."""
+    differ = []
+    for key, wanted in sorted(options.items()):
+        if key in BUILT_FIELDS:
+            continue
+        have = getattr(model.config, key)
+        try:  # normalized as the model's config holds it (lm_lora's defaults, quantize_frozen's aliases)
+            wanted = getattr(dataclasses.replace(model.config, **{key: wanted}), key)
+        except (ValueError, TypeError):  # (a value the model's config cannot take differs from it)
+            pass
+        if key == "lm_lora" and isinstance(wanted, dict) and isinstance(have, dict):  # target order is no change
+            same = lora.same_adapters(wanted, have) and wanted["dropout"] == have["dropout"]
+        else:
+            same = _plain(wanted) == _plain(have)
+        if not same:
+            differ.append(f"{key}: {have!r} on the model, {wanted!r} in the config")
+    if differ:
+        raise ValueError(f"Trainer(config, model=...) trains the model as given, and model.flamingo differs from its "
+                         f"config ({'; '.join(differ)}): those options would go unused while final/train_config.json "
+                         "records them. Give the model's values in model.flamingo or leave them out, or build the "
+                         "model with them (build_model(config), or load_pretrained(..., quantize_frozen=...))")
+
+
+def float32_masters(model: Flamingo) -> list[str]:
+    """Cast every trained parameter that is not float32 (a model loaded or built in bf16) to float32 master weights,
+    as `build_model` loads model.init_from: in bf16 the weights and their AdamW states would round away most
+    fine-tuning-sized updates. Returns the names cast."""
+    cast = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast.append(name)
+    return cast
+
+
+def check_frozen_dtypes(model: Flamingo, precision: str) -> None:
+    """The frozen floating weights (quantized ones aside) must be float32, or bf16 under `train.precision: bf16`: the
+    combinations `train.frozen_dtype` allows (checked in train/config.py), here for a model given in another dtype."""
+    allowed = {torch.float32} | ({torch.bfloat16} if precision == "bf16" else set())
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.is_floating_point() and not is_quantized(p) and p.dtype not in allowed:
+            remedies = (["train.precision: bf16 (autocast, as train.frozen_dtype: bf16 runs)"]
+                        if p.dtype == torch.bfloat16 else [])
+            remedies.append(f"train.frozen_dtype: {'fp32' if precision == 'fp32' else 'bf16 or fp32'} to cast them")
+            raise ValueError(f"the model's frozen weights are {str(p.dtype).removeprefix('torch.')} ({name}, ...), "
+                             f"and under train.precision: {precision} they must be float32"
+                             f"{'' if precision == 'fp32' else ' or bf16'}: set {', or '.join(remedies)}")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, sources: Optional[dict[str, BatchSource]] = None,
                  model: Optional[Flamingo] = None, processor: Optional[FlamingoProcessor] = None) -> None:
@@ -268,6 +328,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if model is None:
             model, processor = build_model(config, run_revisions(t.output_dir))
+        else:
+            check_given_model(model, config.model.flamingo)
         if processor is None:  # (not an assert: `python -O` would fail deep in the data's encoding)
             raise ValueError("Trainer(config, model=...) needs processor=: the processor saved with the model "
                              "(load_pretrained returns both)")
@@ -281,6 +343,11 @@ class Trainer:
                                      "mode of model.init_from, which it overrides)")
         if t.frozen_dtype:
             cast_frozen(model, torch_dtype(t.frozen_dtype))
+        cast = float32_masters(model)  # a model given in bf16 (`build_model`'s are float32)
+        if cast and self.rank == 0:
+            log.info("the model's %d trained parameter(s) not in float32 (%s, ...) train as float32 master weights",
+                     len(cast), cast[0])
+        check_frozen_dtypes(model, t.precision)
         model.to(self.device)
         if model.config.quantize_frozen != "none":
             _quantize(model)
@@ -882,8 +949,10 @@ class Trainer:
 
 
 def _plain(value: Any) -> Any:
-    """A config value as state.json holds it (tuples are JSON lists)."""
-    return list(value) if isinstance(value, tuple) else value
+    """A config value as state.json holds it (tuples are JSON lists, also inside lists and mappings)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _restore_handlers(handlers: dict[int, Any]) -> None:

@@ -18,7 +18,9 @@ from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
+from flamingo.eval.remote import decoded_alone
 from flamingo.processing import FlamingoProcessor
+from flamingo.serve.detokenize import IncrementalText
 from flamingo.tiny import (
     random_image,
     tiny_flamingo_config,
@@ -59,9 +61,10 @@ def llama3_style(directory: Path) -> str:
                                    "eos_token": "<|end_of_text|>", "model_max_length": 1024})
 
 
-def llama_style(directory: Path, *, legacy: bool = False, add_eos: bool = False) -> str:
+def llama_style(directory: Path, *, legacy: bool = False, add_eos: bool = False, prepend: bool = False) -> str:
     """LLaMA-1/2's layout: byte-fallback BPE (ids 3-258 the bytes), Metaspace, `<s>` first; ` 2` is `▁`, `<0x32>`.
-    add_eos: the tokenizer also appends `</s>` (`add_eos_token`)."""
+    add_eos: the tokenizer also appends `</s>` (`add_eos_token`); prepend: LLaMA-1-era pipeline instead (normalizer
+    Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer)."""
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.train_from_iterator([line.replace("2", "") for line in CORPUS], trainer=trainers.BpeTrainer(
@@ -73,6 +76,9 @@ def llama_style(directory: Path, *, legacy: bool = False, add_eos: bool = False)
     spec["model"]["vocab"] = vocab
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    if prepend:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A" + (" </s>" if add_eos else ""),
@@ -266,3 +272,24 @@ def test_a_float_model_max_length_is_the_processors_integer_limit(tmp_path):
     assert processor.max_length == 256 and isinstance(processor.max_length, int)
     model.save_pretrained(str(tmp_path / "saved"), processor=processor)
     assert FlamingoProcessor.from_pretrained(str(tmp_path / "saved")).max_length == 256
+
+
+REMOTE_FAMILIES = {"llama3": llama3_style, "llama": llama_style, "llama_legacy": lambda d: llama_style(d, legacy=True),
+                   "llama1_prepend": lambda d: llama_style(d, prepend=True), "t5": t5_style, "bert": bert_style}
+
+
+@pytest.mark.parametrize("family", sorted(REMOTE_FAMILIES))
+def test_a_served_answer_is_recorded_as_the_in_process_one(tmp_path, family):
+    """`eval --server` records the server's completion text (its tokens decoded after the prompt, which keeps the
+    space a SentencePiece answer starts with) as `predict.generate_batch` decodes the same tokens alone."""
+    processor = _processor(REMOTE_FAMILIES[family](tmp_path / family))
+    for prompt, answer in (("Q:", " yes it is"), ("Q:", " 12 cats"), ("Q:", "yes"), ("Q:", "\nno")):
+        head = processor.token_ids(prompt, special_tokens=False)
+        whole = processor.token_ids(prompt + answer, special_tokens=False)
+        assert whole[:len(head)] == head
+        generated = whole[len(head):]  # what the model writes after the prompt
+        served = IncrementalText(processor)
+        for token in generated:
+            served.add(token)
+        served.flush()
+        assert decoded_alone(processor, served.text) == processor.batch_decode([generated])[0], (answer, served.text)

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, FlamingoProcessor
 from ..runtime import LRU
+from ..serve.detokenize import IncrementalText
 from .predict import MediaLoader, continuation_ids_of
 from .task import Sample, Task
 
@@ -62,6 +63,23 @@ def media_type(path: str) -> str:
 class ServerError(RuntimeError):
     """The server could not be reached or answered with an error (its message said): the run cannot go on, and the
     fault is the server's or its address's, not the harness's."""
+
+
+def decoded_alone(processor: FlamingoProcessor, text: str) -> str:
+    """A completion's text as a server sends it (its tokens decoded after a context token, `IncrementalText`: it
+    continues the prompt) -> as `processor.batch_decode` writes the same tokens alone, as `predict.generate_batch`
+    records them: a SentencePiece decoder drops the space a text's first word starts with (`▁yes` -> `yes`). Whether
+    it does is read off the text's first token, tokenized again."""
+    if not text[:1].isspace():
+        return text
+    first = processor.token_ids(text, special_tokens=False)[:1]
+    served = IncrementalText(processor)
+    for token in first:
+        served.add(token)
+    served.flush()
+    alone = processor.decode(first)
+    lost = len(served.text) - len(alone)
+    return text[lost:] if lost > 0 and served.text.endswith(alone) and text.startswith(served.text[:lost]) else text
 
 
 class RemoteModel:
@@ -102,8 +120,9 @@ class RemoteModel:
     # ------------------------------------------------------------------------------------------------ harness
     def generate_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task,
                        prompts: Sequence[tuple[str, list[str]]], **generation: Any) -> list[dict[str, Any]]:
-        """Greedy continuations -> [{"prediction", "raw"}], as `predict.generate_batch`: in chat prompts the server
-        stops at the chat format's stop strings, and every answer is cut at them here too."""
+        """Greedy continuations -> [{"prediction", "raw"}], as `predict.generate_batch` (the text as its tokens decode
+        alone, `decoded_alone`): in chat prompts the server stops at the chat format's stop strings, and every answer
+        is cut at them here too."""
         settings = task.generation_settings(generation)
         if settings["num_beams"] != 1:
             raise ValueError(f"{task.name} decodes with {settings['num_beams']} beams; a server decodes greedily: "
@@ -111,7 +130,8 @@ class RemoteModel:
         stops = {"stop": list(task.chat.stops)} if task.chat is not None and task.chat.stops else {}
         bodies = [{"prompt": self._ids(processor, load, task, text, media), "media": self._media(media),
                    "max_tokens": int(settings["max_new_tokens"]), "temperature": 0, **stops} for text, media in prompts]
-        texts = [reply["choices"][0]["text"] for reply in self._post_all("/v1/completions", bodies)]
+        texts = [decoded_alone(processor, reply["choices"][0]["text"])
+                 for reply in self._post_all("/v1/completions", bodies)]
         return [{"prediction": task.prediction(t), "raw": task.answer_text(t)} for t in texts]
 
     def rank_batch(self, processor: FlamingoProcessor, load: MediaLoader, task: Task, samples: Sequence[Sample],

@@ -271,8 +271,8 @@ def appended_special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     them (`FlamingoProcessor.token_ids`): a prompt ending with EOS would ask the model to write after its end."""
     plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
-    at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), len(full))
-    return tuple(full[at + len(plain):])
+    at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+    return tuple(full[at + len(plain):]) if plain and at is not None else ()
 
 
 def check_markers_whole(tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]) -> None:

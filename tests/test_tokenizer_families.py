@@ -19,7 +19,7 @@ from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
 from flamingo.eval.remote import decoded_alone
-from flamingo.processing import FlamingoProcessor
+from flamingo.processing import FlamingoProcessor, appended_special_ids
 from flamingo.serve.detokenize import IncrementalText
 from flamingo.tiny import (
     random_image,
@@ -293,3 +293,14 @@ def test_a_served_answer_is_recorded_as_the_in_process_one(tmp_path, family):
             served.add(token)
         served.flush()
         assert decoded_alone(processor, served.text) == processor.batch_decode([generated])[0], (answer, served.text)
+
+
+def test_what_a_tokenizer_appends_is_read_off_a_text_it_encodes():
+    """A tokenizer that writes nothing for the probe text appends nothing the processor could tell apart: none is
+    dropped (its BOS would be)."""
+    class Silent:
+        def __call__(self, text, add_special_tokens, verbose):
+            return {"input_ids": [7, 8] if add_special_tokens else []}
+
+    assert appended_special_ids(Silent()) == ()
+    assert appended_special_ids(tiny_tokenizer()) == ()

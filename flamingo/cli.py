@@ -741,6 +741,12 @@ def _printable_stdout() -> None:
         stream.reconfigure(errors="replace")
 
 
+# In every ImportError the library raises for a package of an extra (a video without PyAV, lm_lora without peft,
+# optim.kind=adamw8bit without torchao, a SentencePiece tokenizer without sentencepiece): `main` says those in one
+# line, as the ValueErrors of `needs_extra`; they stay ImportErrors so that data loaders do not skip them as bad files
+EXTRA_HINT = "pip install 'flamingo-vlm["
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_cpp_notices_off_rank_0()  # before anything imports torch, which reads its C++ log level once
@@ -754,6 +760,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:  # bad input (a path, a file's content, a server to reach): said in one line
+        print(f"flamingo: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if EXTRA_HINT not in str(e):  # not ours: a broken install, whose traceback says where
+            raise
         print(f"flamingo: error: {e}", file=sys.stderr)
         return 2
 

@@ -183,6 +183,21 @@ def test_the_install_docs_table_lists_each_extra_as_pyproject_declares_it():
     assert rows == {"(none)": core, **extras}
 
 
+def test_the_convert_extra_installs_no_pair_known_to_fail():
+    """Every sentencepiece/protobuf pair the `convert` extra allows reads a SentencePiece-only tokenizer: sentencepiece
+    0.1.x fails under every protobuf >= 4.21.1 ("Descriptors cannot be created directly") and 0.2.3's generated code
+    under any protobuf older than 7.36.1. Checked in fresh venvs against PyPI at the floors (0.2.0, 7.36.1) and at
+    pip's choice (0.2.3, 7.36.2); tests/test_tokenizer_legacy.py loads one when both are installed."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    ranges = {r.name: r.specifier for r in map(Requirement, extra["convert"])}
+    assert set(ranges) == {"sentencepiece", "protobuf"}
+    assert not ranges["sentencepiece"].contains("0.1.99") and ranges["sentencepiece"].contains("0.2.0")
+    assert not ranges["protobuf"].contains("7.36.0") and ranges["protobuf"].contains("7.36.1")
+
+
 def test_reading_a_training_config_imports_no_torch():
     """The CLI reads the config before any model work: a mistake in it is reported without waiting for torch to load.
     `train.device`, when set, is checked with torch (runtime.device)."""

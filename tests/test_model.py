@@ -404,6 +404,30 @@ def test_gradient_checkpointing_keeps_the_frozen_lms_dropout_off(make_model, lm_
             torch.testing.assert_close(other_grads[name], grads[name], atol=1e-6, rtol=1e-5)
 
 
+def test_checkpointing_in_training_mode_keeps_dropout_off_outside_a_training_forward(make_model, recwarn):
+    """The frozen layers' training flag (for HF to checkpoint them) reached generate, score and a no-grad forward of
+    a model left in training mode: transformers checkpoints nothing without gradients, so OPT's layers drew their own
+    dropout (random greedy tokens) and generate warned of dropout. They run in eval there: as in eval mode."""
+    model, processor = make_model("opt", gates=0.8, lm_overrides=dict(dropout=0.3))
+    batch = processor("<image>Question: what is this? Short answer:", images=[random_image(1)])
+    cont = [processor.tokenizer(" a cat", add_special_tokens=False)["input_ids"]]
+    expected = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    scored = model.score(batch["input_ids"], cont, images=batch["images"])
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert model.lm.get_submodule(model.decoder_layers_path)[0].training  # the flag HF reads
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(model.generate(**batch, max_new_tokens=6, min_new_tokens=6), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, logits)
+        torch.testing.assert_close(model.score(batch["input_ids"], cont, images=batch["images"]), scored)
+    assert not [w for w in recwarn if "dropout" in str(w.message)]
+    assert model.lm.get_submodule(model.decoder_layers_path)[0].training  # left as the training forward needs it
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_every_xattn_implementation_gives_the_same_logits(make_model):
     model, processor = make_model("llama")

@@ -320,8 +320,14 @@ class Flamingo(nn.Module):
         if id(self) in contexts:
             raise RuntimeError("Flamingo calls cannot be nested: this thread is already inside a call of this model")
         contexts[id(self)] = ctx
+        # a frozen LM's decoder layers carry a training flag only so that HF checkpoints them in a training forward
+        # (`train`); transformers checkpoints nothing without gradients, so any other call (generate, score, a
+        # forward without gradients) runs them in eval, else a layer that reads its own flag (OPT's, Falcon's
+        # dropout) would apply its dropout
+        training_forward = getattr(ctx, "phase", None) is Phase.FORWARD and torch.is_grad_enabled()
         try:
-            yield ctx
+            with nullcontext() if training_forward else self._layers_run_in_eval():
+                yield ctx
         finally:
             del contexts[id(self)]
 
@@ -820,7 +826,8 @@ class Flamingo(nn.Module):
             if mode and self._activation_checkpointing:
                 # HF checkpoints a layer only when the layer is in training mode: the layers' own flags say so (not
                 # their submodules': dropout modules stay in eval), and `_layers_run_in_eval` clears them again
-                # while a layer computes, for the layers that read it themselves (OPT's, Falcon's dropout).
+                # while a layer computes, for the layers that read it themselves (OPT's, Falcon's dropout), and
+                # for every call that is not a forward with gradients (`conditioned`).
                 for layer in self.lm.get_submodule(self.decoder_layers_path):
                     layer.training = True
             if self.config.lm_lora is not None:

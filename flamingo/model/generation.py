@@ -237,9 +237,14 @@ def _active_dropout(model: Flamingo) -> list[str]:
     attention's `attention_dropout`, above 0)."""
     if not model.training:
         return []
+    # a frozen LM's decoder layers in training mode under activation checkpointing run in eval in every call but
+    # a forward with gradients (`Flamingo.conditioned`)
+    layers = model.decoder_layers_path
+    flagged = {f"lm.{layers}.{i}" for i in range(len(model.lm.get_submodule(layers)))} if model.config.freeze_lm \
+        else set()
     active = []
     for name, module in model.named_modules():
-        if not module.training:
+        if not module.training or name in flagged:
             continue
         rates = [module.p] if isinstance(module, torch.nn.modules.dropout._DropoutNd) else \
             [getattr(module, key) for key in ("attention_dropout", "dropout") if isinstance(getattr(module, key, None),

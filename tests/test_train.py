@@ -483,7 +483,7 @@ def test_fsdp_ranks_with_only_text_only_rows_train_as_one_process(world, tmp_pat
                   resampler_depth=2)},
               "data": [chat], "validation": [{**chat, "name": "held"}], "optim": {"lr": 1e-2},
               "train": {"steps": 3, "seed": 0, "save_every": 0, "log_every": 1, "eval_every": 3,
-                        "distributed": "fsdp", "fsdp_frozen": fsdp_frozen, "cache_vision_features_mb": cache_mb}}
+                        "distributed": "fsdp", "fsdp_frozen": fsdp_frozen, "cache_vision_features_mib": cache_mb}}
     config_path = tmp_path / "chat.yaml"
     config_path.write_text(yaml.safe_dump(config))
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")

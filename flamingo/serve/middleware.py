@@ -231,13 +231,12 @@ class BodyTimeout:
             if whole:
                 return await receive()
             try:
-                async with asyncio.timeout(seconds):
-                    message = await receive()
-            except TimeoutError:
+                message = await asyncio.wait_for(receive(), seconds)  # (asyncio.timeout is Python 3.11's)
+            except asyncio.TimeoutError:
                 whole = True  # no more of it is read: the answer closes the connection
-                raise APIError(408, f"the request body stopped arriving: nothing came for {seconds:g} seconds "
-                                    "(--keep-alive)", code="request_timeout", headers={"Connection": "close"}) \
-                    from None
+                raise APIError(408, f"the request body stopped arriving: nothing came for {seconds:g} "
+                                    f"second{'' if seconds == 1 else 's'} (--keep-alive)", code="request_timeout",
+                               headers={"Connection": "close"}) from None
             whole = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 

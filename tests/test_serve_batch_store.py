@@ -99,3 +99,33 @@ def test_the_logs_synced_append_runs_off_the_loop_before_the_object_goes(tmp_pat
     assert [objects for _, _, objects in synced] == [set(ids), {ids[1]}]  # each place logged while its object stays
     assert all(thread != loop_thread for thread, _, _ in synced)
     assert not list((tmp_path / "files").iterdir())
+
+
+def test_a_deletion_whose_caller_is_cancelled_still_reaches_the_disk(tmp_path, monkeypatch):
+    """A deletion queued behind another's synced write, its task cancelled (uvicorn's graceful-shutdown timeout, the
+    runner's sweep on close): gone from memory, its disk work was dropped, and the file came back after a restart."""
+    store = BatchStore(str(tmp_path))
+    first, second = _add(store, "a.jsonl"), _add(store, "b.jsonl")
+    started, release = threading.Event(), threading.Event()
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # a busy disk: the first deletion's write holds the store's thread
+        started.set()
+        release.wait(10)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def run() -> None:
+        a = asyncio.create_task(store.delete_file(first))
+        b = asyncio.create_task(store.delete_file(second))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        b.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(a, b, return_exceptions=True)
+
+    asyncio.run(run())
+    store._disk.shutdown(wait=True)  # the queued work runs to its end
+    again = BatchStore(str(tmp_path))
+    assert not again.files and set(again.gone_files) == {first, second}

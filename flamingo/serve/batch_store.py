@@ -195,7 +195,10 @@ class BatchStore:
             self.gone_files[file_id] = created_ns
             if len(self.gone_files) > GONE_FILES_KEPT:
                 del self.gone_files[next(iter(self.gone_files))]
-        await asyncio.get_running_loop().run_in_executor(self._disk, self._delete_on_disk, file_id, created_ns)
+        # shielded: a cancelled caller (uvicorn's graceful-shutdown timeout, the runner's sweep on close) must not
+        # drop the queued disk work, or the file, gone from memory, would be back after a restart
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._disk, self._delete_on_disk, file_id,
+                                                                        created_ns))
 
     def _delete_on_disk(self, file_id: str, created_ns: int) -> None:
         try:

@@ -91,6 +91,17 @@ def test_idefics_processor_and_model_from_the_export_compute_what_we_do(tmp_path
     assert diff <= 1e-5
 
 
+def test_an_lm_shipping_a_sampling_filter_exports(tmp_path):
+    """An LM whose generation config ships sampling with min_p: Flamingo's greedy config keeps a neutral min_p 0,
+    which transformers' strict save refused ("min_p is set ... do_sample is not set"). The export is greedy, no
+    filter, and loads."""
+    _, _, ours, processor = _fine_tuned("float", False)
+    ours.lm.generation_config.update(do_sample=True, min_p=0.05)
+    save_idefics(ours, processor, str(tmp_path / "idefics"))
+    config = _load(tmp_path / "idefics").generation_config
+    assert not config.do_sample and config.min_p is None
+
+
 def test_every_idefics_tensor_gets_a_value():
     _, _, ours, processor = _fine_tuned("float", False)
     config, state = idefics_config(ours, processor), idefics_state(ours)

@@ -301,6 +301,9 @@ def save_idefics(model: Flamingo, processor: FlamingoProcessor, directory: str, 
     state = idefics_state(model, torch_dtype)
     idefics = _idefics_model(config, state)
     idefics.generation_config = generation_config_for(model)
+    # min_p 0 (a neutral filter where the LM ships one) is refused by a greedy config's strict save; the exported
+    # model's own config is the one transformers would fill a None from, so None is neutral there
+    idefics.generation_config.min_p = None
     with atomic_directory(directory, EXPORT_MARKER, "an earlier IDEFICS export of flamingo") as tmp:
         idefics.save_pretrained(tmp)
         _write_processor(processor, config.vision_config.image_size, tmp)

@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 from flamingo.runtime import quiet_transformers
 
-from .demo import run_demo
 from .run import ABLATIONS, SHOTS, DemoSettings
 from .sizes import DEFAULT_SIZE, SIZES, duration
 
@@ -46,6 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     quiet_transformers(args.no_progress)
     try:
+        from .demo import run_demo  # after parsing: the stages load torch and transformers, which --help needs not
+
         run_demo(DemoSettings(out=args.out, size=args.size, seed=args.seed, ablate=args.ablate,
                               shots=tuple(args.shots), progress=not args.no_progress, train_procs=args.train_procs,
                               eval_procs=args.eval_procs))

@@ -35,6 +35,8 @@ import torch
 import yaml
 
 from flamingo.config import CONFIG_NAME
+from flamingo.eval.extras import check_requirements
+from flamingo.eval.tasks import TASKS as EVAL_TASKS
 from flamingo.runtime import run_torchrun, torchrun_command
 from flamingo.train.config import load_config
 from flamingo.train.trainer import Trainer
@@ -286,6 +288,9 @@ def run_demo(settings: DemoSettings) -> DemoRun:
         import_av()
     except ImportError as e:
         raise ValueError(f"the demo's {e}") from e
+    # the evaluation's packages (CIDEr's pycocoevalcap) too: refused here, not by the eval stage's ranks after training
+    for harness_task in dict.fromkeys(harness for harness, _ in TASKS.values()):
+        check_requirements(EVAL_TASKS[harness_task])
     # absolute once: the stage markers and the train command record file names that a rerun from another working
     # directory must still find
     settings = replace(settings, out=os.path.abspath(settings.out), shots=checked_shots(settings.shots, size))

@@ -314,6 +314,18 @@ def test_help_and_argument_parsing_import_neither_torch_nor_transformers():
         assert run.returncode == 0 and "usage: flamingo" in run.stdout, run.stderr[-2000:]
 
 
+def test_the_demos_help_imports_neither_torch_nor_transformers():
+    """`flamingo demo --help` and `flamingo-demo --help` (the console script: `flamingo_demo.cli.main()`) answer at
+    once, as every other subcommand's: the demo's stages, which load both, are imported when a run starts."""
+    code = ("import sys; import flamingo.cli, flamingo_demo.cli\n"
+            "for command in (lambda: flamingo.cli.main(['demo', '--help']), lambda: flamingo_demo.cli.main()):\n"
+            "    try:\n        command()\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'flamingo_demo.demo') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("usage: ") == 2 and run.stdout.splitlines()[-1] == "[]"
+
+
 def test_batch_refuses_an_output_that_would_replace_its_input_before_any_model_work(tmp_path, capsys):
     """`--output` equal to `--input` (or a link to it) replaced the requests with the answers; a directory failed
     only after every request had run. Both are refused first (the model path does not even exist)."""

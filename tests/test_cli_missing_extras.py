@@ -14,6 +14,7 @@ import pytest
 import flamingo.video
 from flamingo.cli import main
 from flamingo.tiny import random_image, tiny_flamingo
+
 from train_fixtures import save_backbones, train_config, write_datasets
 
 

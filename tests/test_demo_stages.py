@@ -147,6 +147,15 @@ def test_a_machine_without_pyav_is_refused_before_any_stage(tmp_path, monkeypatc
         run_demo(DemoSettings(out=str(tmp_path), size="smoke", train_procs=1, eval_procs=1))
 
 
+def test_a_machine_without_the_eval_extra_is_refused_before_any_stage(tmp_path, monkeypatch, no_stages):
+    """The captioning task's CIDEr needs pycocoevalcap: one line naming the install, not the eval stage's torchrun
+    tracebacks after the world, the backbones and training."""
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    with pytest.raises(ValueError, match=r"the captioning task needs pycocoevalcap \(CIDEr\): pip install "
+                                         r"'flamingo-vlm\[eval\]'"):
+        run_demo(DemoSettings(out=str(tmp_path), size="smoke", train_procs=1, eval_procs=1))
+
+
 def test_bad_shots_are_refused_before_any_stage(tmp_path, no_stages):
     smoke = get_size("smoke")
     assert max_shots(smoke) == 8 and checked_shots([4, 0, 0, 4], smoke) == (0, 4)
@@ -246,7 +255,7 @@ def test_the_command_reports_failures_and_interrupts_in_one_line(monkeypatch, ca
     def failing(settings):
         raise raised
 
-    monkeypatch.setattr(demo_cli, "run_demo", failing)
+    monkeypatch.setattr(demo_module, "run_demo", failing)
     try:
         returned = demo_cli.main(["--out", "x", "--size", "smoke", "--no-progress"])
     except (KeyboardInterrupt, RuntimeError, OSError) as e:  # a KeyboardInterrupt would end pytest's run
@@ -263,7 +272,7 @@ def test_the_console_script_names_itself_in_its_failures(monkeypatch, capsys, ra
     def failing(settings):
         raise raised
 
-    monkeypatch.setattr(demo_cli, "run_demo", failing)
+    monkeypatch.setattr(demo_module, "run_demo", failing)
     monkeypatch.setattr(sys, "argv", ["/env/bin/flamingo-demo", "--out", "x", "--size", "smoke", "--no-progress"])
     assert demo_cli.main() in (2, 130)
     err = capsys.readouterr().err

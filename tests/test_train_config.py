@@ -413,6 +413,22 @@ def test_an_mb_override_reads_as_the_mib_key_and_is_checked_as_it(tmp_path):
         load_config(str(path), ["train.cache_vision_features_mb=nan"])
 
 
+def test_an_override_replaces_the_files_value_under_the_other_spelling(tmp_path):
+    """An override under one spelling of a renamed key, on a file holding the other (an old script's _mb on the
+    shipped configs; a run saved with _mb resumed with a _mib override), replaces the file's value: it was refused as
+    the one setting given twice."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": [{**DATA[0], "options": {"cache_media_mib": 8}}],
+                                    "train": {"cache_vision_features_mib": 64}}))
+    with pytest.warns(FutureWarning):
+        config = load_config(str(path), ["train.cache_vision_features_mb=32", "data.0.options.cache_media_mb=4"])
+    assert config.train.cache_vision_features_mib == 32 and config.data[0].options["cache_media_mib"] == 4
+    path.write_text(yaml.safe_dump({"data": [{**DATA[0], "options": {"cache_media_mb": 8}}],
+                                    "train": {"cache_vision_features_mb": 64}}))
+    config = load_config(str(path), ["train.cache_vision_features_mib=16", "data.0.options.cache_media_mib=2"])
+    assert config.train.cache_vision_features_mib == 16 and config.data[0].options["cache_media_mib"] == 2
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"data": DATA, "train": {"cache_vision_features_mb": 8, "cache_vision_features_mib": 8}},
      "train.cache_vision_features_mb and cache_vision_features_mib are one setting .*give cache_vision_features_mib "

@@ -141,6 +141,9 @@ _SECTIONS = {"model": ModelSection, "optim": OptimSection, "schedule": ScheduleS
 # keys read under an earlier name (MiB spelled _mb), per section: the new name -> the old one (a config or a run's
 # train_config.json written with the old name still loads, warned; both names given are refused)
 RENAMED_KEYS = {"train": {"cache_vision_features_mib": "cache_vision_features_mb"}}
+# each renamed key's (section key or dataset option) other spelling
+OTHER_SPELLING = {a: b for new, old in {**RENAMED_KEYS["train"], **RENAMED_OPTIONS}.items()
+                  for a, b in ((new, old), (old, new))}
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -232,6 +235,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if isinstance(node, list):
             node[_index(node, last, key)] = parsed
         else:
+            node.pop(OTHER_SPELLING.get(last), None)  # replaces the file's value under a renamed key's other name
             node[last] = parsed
     return raw
 

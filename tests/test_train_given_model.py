@@ -1,12 +1,17 @@
 """`Trainer(config, model=...)`: the given model trains as it is, with float32 master weights whatever dtype it comes
 in (as `model.init_from` does), frozen weights in the dtypes `train.frozen_dtype` allows, and `model.flamingo`
 options it does not have refused rather than ignored. `from_backbones` on a half-precision LM in memory makes the
-added-token rows float32, as the resampler and blocks."""
+added-token rows float32, as the resampler and blocks. Under FSDP the final save is of the given model itself, not of
+one rebuilt from the config."""
 
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flamingo import load_pretrained
 from flamingo.build import from_backbones
@@ -20,11 +25,13 @@ from flamingo.tiny import (
     tiny_vision,
 )
 from flamingo.train.config import load_config
+from flamingo.train.parallel import fill_unsharded, unsharded_copy
 from flamingo.train.trainer import Trainer, build_model
 
 from train_fixtures import train_config
 
 ROWS = ("new_token_embeddings", "new_lm_head", "new_lm_head_bias")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _trained_moved(trainer: Trainer, steps: int) -> float:
@@ -155,3 +162,55 @@ def test_the_same_adapters_in_another_target_order_pass(saved, tmp_path):
     config.model.flamingo["lm_lora"] = {"r": 2, "dropout": 0.1}
     with pytest.raises(ValueError, match="lm_lora: .* on the model"):
         Trainer(config, model=model, processor=processor)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_saves_the_given_model_not_one_built_from_the_config(world, tmp_path):
+    """Two FSDP ranks (frozen weights sharded) train a given model whose config names placeholder backbones and whose
+    LM has a frozen weight unlike its files: final/ (saved whole) holds that model's frozen weights and the trained
+    ones, where rebuilding the config's model failed after the last step."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=2, out=str(tmp_path / "unused"), batch_size=2,
+                        interleaved=False, save_every=0)
+    out = str(tmp_path / "run")
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533",
+                             os.path.join(TESTS, "fsdp_given_model_worker.py"), path, out,
+                             "train.save_trained_only=false"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _ = load_pretrained(os.path.join(out, "final"))
+    params = dict(model.named_parameters())
+    expected = {**load_file(os.path.join(out, "frozen.safetensors")),
+                **load_file(os.path.join(out, "params_rank0.safetensors"))}
+    assert set(expected) == set(params)
+    assert all(torch.equal(params[n], v) for n, v in expected.items())
+
+
+def test_the_unsharded_copy_shares_replicated_frozen_weights_and_keeps_ties():
+    """`unsharded_copy` with share_frozen (`fsdp_frozen: replicate`): the frozen weights and buffers are the model's,
+    the trained ones meta until `fill_unsharded`, which leaves the copy meta for a later save. Without: every
+    parameter is meta, and a tied table filled from its one gathered name stays tied."""
+    tok = tiny_tokenizer()
+    lm = tiny_lm("llama", vocab_size=len(tok), tie_word_embeddings=True)
+    model, _ = from_backbones(tiny_vision("clip"), lm, tok, tiny_flamingo_config(),
+                              image_processor=tiny_image_processor("clip"))
+    copy = unsharded_copy(model, share_frozen=True)
+    original = dict(model.named_parameters())
+    for name, p in copy.named_parameters():
+        assert p.is_meta if p.requires_grad else p is original[name], name
+    assert all(b is a for b, a in zip(copy.buffers(), model.buffers()))
+    values = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    filled = fill_unsharded(copy, values)
+    for name, p in filled.named_parameters():
+        assert torch.equal(p, values[name]) if p.requires_grad else p is original[name], name
+    assert all(p.is_meta for p in copy.parameters() if p.requires_grad)
+    copy = unsharded_copy(model, share_frozen=False)  # `fsdp_frozen: shard`: every parameter gathered
+    assert all(p.is_meta for p in copy.parameters())
+    head = next(n for n, p in model.state_dict(keep_vars=True).items() if p is lm.get_output_embeddings().weight
+                and n.endswith("lm_head.weight"))
+    values = {n: v.clone() for n, v in model.state_dict().items() if n != head}  # a tied alias left out, as gathered
+    filled = fill_unsharded(copy, values)
+    assert filled.lm.get_output_embeddings().weight is filled.lm.get_input_embeddings().weight
+    assert all(torch.equal(p, original[n]) for n, p in filled.named_parameters())

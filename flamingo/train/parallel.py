@@ -21,6 +21,7 @@ broadcast nor the splits of a shard).
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Literal, Optional
 
 import torch
@@ -127,3 +128,31 @@ def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shar
         shard(layer)
     fully_shard(model, ignored_params=ignored, **kwargs)
     return model
+
+
+def unsharded_copy(model: Flamingo, *, share_frozen: bool) -> Flamingo:
+    """A copy of `model` taken before FSDP shards it, for a save of the whole model after training when it cannot be
+    rebuilt from the config (a model given to the Trainer): its parameters are meta tensors (no memory), filled by
+    `fill_unsharded`; buffers, and with `share_frozen` (`frozen="replicate"`: FSDP leaves them whole) the frozen
+    parameters, are the model's own tensors, shared. Tied parameters stay tied."""
+    memo: dict[int, object] = {id(b): b for b in model.buffers()}
+    for p in model.parameters():
+        memo[id(p)] = p if share_frozen and not p.requires_grad else nn.Parameter(
+            torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def fill_unsharded(model: Flamingo, values: dict[str, torch.Tensor]) -> Flamingo:
+    """A copy of `unsharded_copy`'s `model` whose meta parameters hold `values` (by state-dict name, full tensors; a
+    tied alias missing from `values` takes its parameter's), its other tensors shared; `model` stays as it is, for a
+    later save."""
+    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    slots = [(f"{prefix}.{name}" if prefix else name, p) for prefix, module in model.named_modules(
+        remove_duplicate=False) for name, p in module._parameters.items() if p is not None and p.is_meta]
+    for key, p in slots:
+        if key in values and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(values[key].to(p.dtype), requires_grad=p.requires_grad)
+    missing = [key for key, p in slots if id(p) not in memo]
+    if missing:
+        raise ValueError(f"no gathered values for the model's parameters {missing[:3]}")
+    return copy.deepcopy(model, memo)

@@ -174,6 +174,16 @@ def gather_trained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             if k in trained}
 
 
+def gather_all_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer by state-dict name, frozen ones included, as full CPU tensors: what an
+    unsharded copy of a model whose frozen weights FSDP shards needs. Collective: call on every rank (ranks other
+    than 0 get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+
+
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
     """(trained parameters by name, optimizer state) as full CPU tensors; collective under FSDP."""
     trained = gather_trained_parameters(model)

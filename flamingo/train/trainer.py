@@ -44,10 +44,11 @@ from .config import TrainConfig, check_data_weights, check_in_backward, check_in
 from .flops import FlopCounts, batch_samples, flop_counts, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
-from .parallel import apply_fsdp, check_shardable, wrap_ddp
+from .parallel import apply_fsdp, check_shardable, fill_unsharded, unsharded_copy, wrap_ddp
 from .plots import plot_run
 from .run_log import LossWindow, RunLog, gate_values, materialize, memory_high_water
 from .state import (
+    gather_all_parameters,
     gather_trained_parameters,
     gather_training_state,
     is_sharded,
@@ -326,6 +327,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)  # same initial weights on every rank
+        self.given = model is not None  # Trainer(config, model=...): not rebuilt from the config for the final save
         if model is None:
             model, processor = build_model(config, run_revisions(t.output_dir))
         else:
@@ -367,6 +369,12 @@ class Trainer:
         if t.loss_chunks and not model.head_is_last_op() and self.rank == 0:
             log.info("train.loss_chunks=%d: %s changes its head's output (soft-capping, scaling), so the loss uses "
                      "the whole logits", t.loss_chunks, type(model.lm).__name__)
+        # FSDP: the final save needs the model unsharded on rank 0. The config's is rebuilt then (`build_model`); a
+        # given model may not be the config's (model.vision / model.lm may name other backbones, or placeholders),
+        # so rank 0 keeps a copy of it, its sharded parameters as meta tensors, before compiling or sharding
+        self.unsharded: Optional[Flamingo] = None
+        if self.given and self.world > 1 and t.distributed == "fsdp" and self.rank == 0:
+            self.unsharded = unsharded_copy(model, share_frozen=t.fsdp_frozen == "replicate")
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
         self.tower_graphs: Optional[TowerGraphs] = None
@@ -911,14 +919,17 @@ class Trainer:
         self._check_whole_step()
         out = os.path.join(self.config.train.output_dir, "final")
         model = self.model
-        if is_sharded(model):  # FSDP: gather the trained weights (collective), rank 0 saves them on an unsharded copy
-            trained = gather_trained_parameters(model)
-            if self.rank == 0:
+        if is_sharded(model):  # FSDP: gather the weights (collective), rank 0 saves them on an unsharded copy
+            whole = self.given and self.config.train.fsdp_frozen == "shard"  # the copy's frozen weights too
+            gathered = gather_all_parameters(model) if whole else gather_trained_parameters(model)
+            if self.unsharded is not None:  # a given model: its copy (`unsharded_copy`)
+                model = fill_unsharded(self.unsharded, gathered)
+            elif self.rank == 0:
                 model, _ = build_model(self.config, {k: getattr(model.config, k) for k in REVISION_KEYS
                                                      if getattr(model.config, k) is not None})
                 params = dict(model.named_parameters())
                 with torch.no_grad():
-                    for name, value in trained.items():
+                    for name, value in gathered.items():
                         params[name].copy_(value)
         if self.rank == 0:
             trained_only = final_save_trained_only(model, self.config.train.save_trained_only)

@@ -623,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", add_help=False, help="grow a mini Flamingo offline (world, backbones, training, few-shot "
                                                 "eval, report.md); `flamingo demo --help` for its options")
 
-    train = sub.add_parser("train", help="train a Flamingo from a YAML config (see configs/example.yaml)")
+    train = sub.add_parser("train", help="train a Flamingo from a YAML config (an annotated one: "
+                                         "configs/example.yaml of the source repository and its sdist)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_cmd_train)

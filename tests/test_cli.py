@@ -326,6 +326,13 @@ def test_the_demos_help_imports_neither_torch_nor_transformers():
     assert run.stdout.count("usage: ") == 2 and run.stdout.splitlines()[-1] == "[]"
 
 
+def test_the_help_says_where_the_example_config_is(capsys):
+    """A wheel holds no configs/: `flamingo --help` says where configs/example.yaml is."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "configs/example.yaml of the source repository and its sdist" in " ".join(capsys.readouterr().out.split())
+
+
 def test_batch_refuses_an_output_that_would_replace_its_input_before_any_model_work(tmp_path, capsys):
     """`--output` equal to `--input` (or a link to it) replaced the requests with the answers; a directory failed
     only after every request had run. Both are refused first (the model path does not even exist)."""

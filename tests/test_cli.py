@@ -333,6 +333,17 @@ def test_the_help_says_where_the_example_config_is(capsys):
     assert "configs/example.yaml of the source repository and its sdist" in " ".join(capsys.readouterr().out.split())
 
 
+def test_python_m_flamingo_is_the_command():
+    """`python -m flamingo` where the console script is not on PATH; its help says where the example config is (a
+    wheel does not hold configs/)."""
+    run = subprocess.run([sys.executable, "-m", "flamingo", "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: flamingo "), run.stderr[-2000:]
+    assert "configs/example.yaml of the source repository and its sdist" in " ".join(run.stdout.split())
+    run = subprocess.run([sys.executable, "-m", "flamingo", "tiny", "--xattn-every", "x"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "usage: flamingo tiny" in run.stderr
+
+
 def test_batch_refuses_an_output_that_would_replace_its_input_before_any_model_work(tmp_path, capsys):
     """`--output` equal to `--input` (or a link to it) replaced the requests with the answers; a directory failed
     only after every request had run. Both are refused first (the model path does not even exist)."""

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("flamingo.build", "flamingo.tiny", "flamingo.convert", "flamingo.peers", "flamingo.hub"),
     ("flamingo.data",),
     ("flamingo.train", "flamingo.eval", "flamingo.serve"),
-    ("flamingo.cli",),
+    ("flamingo.cli", "flamingo.__main__"),
 ]
 SIBLINGS_APART = [("flamingo.model", "flamingo.processing"), ("flamingo.train", "flamingo.eval")]
 DEMO_MAY_NOT_IMPORT = ("flamingo.cli",)

@@ -122,6 +122,30 @@ def test_a_sentencepiece_only_directory_without_sentencepiece_names_the_packages
         load_tokenizer(directory)
 
 
+def test_a_sentencepiece_model_the_installed_pair_cannot_read_names_the_pair(tmp_path, monkeypatch):
+    """With both packages installed but a pair that cannot read the model (sentencepiece 0.2.3 with protobuf below
+    7.36.1), or a damaged model, transformers falls back to tiktoken: the error blamed a damaged tokenizer.json in a
+    directory holding none. It names the model file, the two versions and the install that fixes the pair."""
+    import sys
+    import types
+
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_sentencepiece_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_protobuf_available", lambda: True)
+    google = types.ModuleType("google")
+    google.protobuf = types.SimpleNamespace(__version__="5.29.5")
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.protobuf", google.protobuf)
+    monkeypatch.setitem(sys.modules, "sentencepiece", types.SimpleNamespace(__version__="0.2.3"))
+    directory = _sentencepiece_dir(tmp_path / "llama", "absent")
+    (directory / "tokenizer.model").write_bytes(b"\x0a\x05not a model")
+    with pytest.raises(ValueError, match=r"cannot read the SentencePiece tokenizer.model in .* with sentencepiece "
+                                         r"0.2.3 and protobuf 5.29.5: a damaged file, or a pair that cannot read it "
+                                         r"\(pip install -U 'flamingo-vlm\[convert\]'"):
+        load_tokenizer(directory)
+
+
 @pytest.mark.skipif(TRANSFORMERS < (5, 0), reason="transformers 4 builds the legacy pipeline itself")
 @pytest.mark.parametrize("legacy", ["absent", None, True, False])
 def test_a_sentencepiece_only_llama_tokenizer_gets_the_legacy_pipeline(tmp_path, legacy):

@@ -299,8 +299,9 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
     then not quite the file's: `Metaspace` adds no `▁` before a run starting with a space), so the file's
     normalizer, pre-tokenizer and decoder are put back, and `legacy: true` is set so that the tokenizer saved with a
     processor keeps the choice. So for any `legacy: true` tokenizer read from a tokenizer.json (a `Metaspace` one:
-    transformers 5 builds another, and saves it without `legacy`). A config's `legacy: false` does not change this, as in transformers 4, whose fast
-    tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of LLaMA-1-era models").
+    transformers 5 builds another, and saves it without `legacy`). A config's `legacy: false` does not change this,
+    as in transformers 4, whose fast tokenizer read tokenizer.json as it is (docs/convert.md, "Tokenizers of
+    LLaMA-1-era models").
 
     A LLaMA directory with a SentencePiece `tokenizer.model` and no tokenizer.json (early-2023 LLaMA-7B conversions)
     gets the legacy pipeline transformers 4 built from it unless its config says `legacy: false`, as transformers 4

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
 from transformers import PreTrainedTokenizerFast
 
 from flamingo.build import flamingo_processor, from_backbones

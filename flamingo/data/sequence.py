@@ -130,8 +130,9 @@ def _stray_specials(processor: FlamingoProcessor, final: str, ids: Sequence[int]
 def data_token_ids(processor: FlamingoProcessor, final: str, special: bool,
                    answer_ends: Optional[Collection[int]] = None) -> tuple[list[int], list[tuple[int, int]]]:
     """`final` (a sample's text in its template, `prompt_text`) -> its token ids and their character offsets, as the
-    model is served (`FlamingoProcessor.token_ids`: no special token the tokenizer appends), except that each special-token string the data spelled out (`_stray_specials`) is tokenized on
-    its own as plain text. A slow tokenizer (no offsets) tokenizes the text as the processor does, offsets empty."""
+    model is served (`FlamingoProcessor.token_ids`: no special token the tokenizer appends), except that each
+    special-token string the data spelled out (`_stray_specials`) is tokenized on its own as plain text. A slow
+    tokenizer (no offsets) tokenizes the text as the processor does, offsets empty."""
     tokenizer = processor.tokenizer
     if END_OF_CHUNK_TOKEN in final and not has_token(tokenizer, END_OF_CHUNK_TOKEN):
         raise ValueError(f"{END_OF_CHUNK_TOKEN} in a sequence for a tokenizer without it (builder bug: "

@@ -166,26 +166,34 @@ def test_the_same_adapters_in_another_target_order_pass(saved, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp_saves_the_given_model_not_one_built_from_the_config(world, tmp_path):
-    """Two FSDP ranks (frozen weights sharded) train a given model whose config names placeholder backbones and whose
-    LM has a frozen weight unlike its files: final/ (saved whole) holds that model's frozen weights and the trained
-    ones, where rebuilding the config's model failed after the last step."""
+@pytest.mark.parametrize("given", [True, False])
+def test_fsdp_saves_the_model_as_it_trained(world, tmp_path, given):
+    """Two FSDP ranks (frozen weights sharded, stored in bf16) write final/ (whole) from the model they trained: a
+    given model whose config names placeholder backbones and whose LM has a frozen weight unlike its files keeps
+    that weight (rebuilding the config's model failed after the last step), and the config's model keeps its
+    backbones in bf16, as one process and DDP save them (the rebuilt one was float32)."""
     root, vision, lm, data = world
     path = train_config(root, vision, lm, data, steps=2, out=str(tmp_path / "unused"), batch_size=2,
                         interleaved=False, save_every=0)
     out = str(tmp_path / "run")
+    worker = "fsdp_given_model_worker.py" if given else "ddp_worker.py"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533",
-                             os.path.join(TESTS, "fsdp_given_model_worker.py"), path, out,
-                             "train.save_trained_only=false"],
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", os.path.join(TESTS, worker),
+                             path, out, "train.distributed=fsdp", "train.save_trained_only=false",
+                             "train.precision=bf16", "train.frozen_dtype=bf16"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model, _ = load_pretrained(os.path.join(out, "final"))
     params = dict(model.named_parameters())
-    expected = {**load_file(os.path.join(out, "frozen.safetensors")),
-                **load_file(os.path.join(out, "params_rank0.safetensors"))}
-    assert set(expected) == set(params)
-    assert all(torch.equal(params[n], v) for n, v in expected.items())
+    trained = load_file(os.path.join(out, "params_rank0.safetensors"))
+    assert set(trained) == {n for n, p in params.items() if p.dtype == torch.float32}
+    assert all(torch.equal(params[n], v) for n, v in trained.items())
+    frozen = {n: p for n, p in params.items() if n not in trained}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}
+    if given:
+        expected = load_file(os.path.join(out, "frozen.safetensors"))
+        assert set(expected) == set(frozen)
+        assert all(torch.equal(frozen[n], v.to(torch.bfloat16)) for n, v in expected.items())
 
 
 def test_the_unsharded_copy_shares_replicated_frozen_weights_and_keeps_ties():

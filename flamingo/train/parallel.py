@@ -131,10 +131,10 @@ def apply_fsdp(model: Flamingo, *, frozen: Literal["shard", "replicate"] = "shar
 
 
 def unsharded_copy(model: Flamingo, *, share_frozen: bool) -> Flamingo:
-    """A copy of `model` taken before FSDP shards it, for a save of the whole model after training when it cannot be
-    rebuilt from the config (a model given to the Trainer): its parameters are meta tensors (no memory), filled by
-    `fill_unsharded`; buffers, and with `share_frozen` (`frozen="replicate"`: FSDP leaves them whole) the frozen
-    parameters, are the model's own tensors, shared. Tied parameters stay tied."""
+    """A copy of `model` taken before FSDP shards it, for saving the model as it trained (its frozen weights' dtype,
+    adapters, quantization; a given model's own backbones) on one rank: its parameters are meta tensors (no memory),
+    filled by `fill_unsharded`; buffers, and with `share_frozen` (`frozen="replicate"`: FSDP leaves them whole) the
+    frozen parameters, are the model's own tensors, shared. Tied parameters stay tied."""
     memo: dict[int, object] = {id(b): b for b in model.buffers()}
     for p in model.parameters():
         memo[id(p)] = p if share_frozen and not p.requires_grad else nn.Parameter(

@@ -327,7 +327,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)  # same initial weights on every rank
-        self.given = model is not None  # Trainer(config, model=...): not rebuilt from the config for the final save
         if model is None:
             model, processor = build_model(config, run_revisions(t.output_dir))
         else:
@@ -369,11 +368,11 @@ class Trainer:
         if t.loss_chunks and not model.head_is_last_op() and self.rank == 0:
             log.info("train.loss_chunks=%d: %s changes its head's output (soft-capping, scaling), so the loss uses "
                      "the whole logits", t.loss_chunks, type(model.lm).__name__)
-        # FSDP: the final save needs the model unsharded on rank 0. The config's is rebuilt then (`build_model`); a
-        # given model may not be the config's (model.vision / model.lm may name other backbones, or placeholders),
-        # so rank 0 keeps a copy of it, its sharded parameters as meta tensors, before compiling or sharding
+        # FSDP: the final save needs the model unsharded on rank 0, as it trained (frozen_dtype, LoRA, quantization; a
+        # model given to the Trainer, whose config may name other backbones or placeholders): rank 0 keeps a copy of
+        # it, its parameters meta tensors until then (`unsharded_copy`), taken before compiling or sharding
         self.unsharded: Optional[Flamingo] = None
-        if self.given and self.world > 1 and t.distributed == "fsdp" and self.rank == 0:
+        if self.world > 1 and t.distributed == "fsdp" and self.rank == 0:
             self.unsharded = unsharded_copy(model, share_frozen=t.fsdp_frozen == "replicate")
         if t.compile:  # regions compiled in place, before any DDP/FSDP wrapping (their hooks stay outside)
             compile_regions(model, dynamic=t.compile_dynamic)
@@ -919,18 +918,11 @@ class Trainer:
         self._check_whole_step()
         out = os.path.join(self.config.train.output_dir, "final")
         model = self.model
-        if is_sharded(model):  # FSDP: gather the weights (collective), rank 0 saves them on an unsharded copy
-            whole = self.given and self.config.train.fsdp_frozen == "shard"  # the copy's frozen weights too
-            gathered = gather_all_parameters(model) if whole else gather_trained_parameters(model)
-            if self.unsharded is not None:  # a given model: its copy (`unsharded_copy`)
+        if is_sharded(model):  # FSDP: gather the weights (collective), rank 0 saves them on its unsharded copy
+            frozen_sharded = self.config.train.fsdp_frozen == "shard"  # (else rank 0 holds them: `unsharded_copy`)
+            gathered = gather_all_parameters(model) if frozen_sharded else gather_trained_parameters(model)
+            if self.unsharded is not None:
                 model = fill_unsharded(self.unsharded, gathered)
-            elif self.rank == 0:
-                model, _ = build_model(self.config, {k: getattr(model.config, k) for k in REVISION_KEYS
-                                                     if getattr(model.config, k) is not None})
-                params = dict(model.named_parameters())
-                with torch.no_grad():
-                    for name, value in gathered.items():
-                        params[name].copy_(value)
         if self.rank == 0:
             trained_only = final_save_trained_only(model, self.config.train.save_trained_only)
             if quantized_mode(model) != "none" and not trained_only:  # never written quantized: the float copies

@@ -324,9 +324,10 @@ class Flamingo(nn.Module):
         # (`train`); transformers checkpoints nothing without gradients, so any other call (generate, score, a
         # forward without gradients) runs them in eval, else a layer that reads its own flag (OPT's, Falcon's
         # dropout) would apply its dropout
+        flagged = self.training and self._activation_checkpointing and self.config.freeze_lm  # (else none is)
         training_forward = getattr(ctx, "phase", None) is Phase.FORWARD and torch.is_grad_enabled()
         try:
-            with nullcontext() if training_forward else self._layers_run_in_eval():
+            with self._layers_run_in_eval() if flagged and not training_forward else nullcontext():
                 yield ctx
         finally:
             del contexts[id(self)]

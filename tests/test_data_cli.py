@@ -304,3 +304,15 @@ def test_pack_without_kind_detects_it_as_inspect_does_and_says_so(tmp_path, caps
     err = capsys.readouterr().err
     assert "fit pairs and video alike" in err and "pass --kind pairs|video" in err
     assert not (tmp_path / "ms").exists()
+
+
+def test_interleaved_pack_skips_documents_that_name_no_image(tmp_path, capsys):
+    """`image_info: []` and URL-only entries (MMC4 rows not yet downloaded): the loader never reads such a document
+    back, so pack counts it as `no_matched_image` and a pack of only such documents fails as an empty pack does."""
+    url_only = {"text_list": ["x"], "image_info": [{"url": "http://x/y.jpg", "matched_text_index": 0,
+                                                    "matched_sim": 0.5}]}
+    table = write_jsonl(str(tmp_path / "d.jsonl"), [{"text_list": ["x"], "image_info": []}, url_only])
+    assert main(["data", "pack", "--kind", "interleaved", "--from", table, "--out", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "packed 0 samples" in captured.out and "{'no_matched_image': 2}" in captured.out
+    assert "no sample could be packed" in captured.err

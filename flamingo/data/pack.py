@@ -325,7 +325,8 @@ def _chat_members(row: dict[str, Any], base_dir: str, key: str) -> list[tuple[st
 def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> tuple[list[tuple[str, bytes]], int]:
     """A document's shard members and how many of its images were missing. A missing image is dropped (its entry
     keeps its place, and its similarity row, but names no image, so the loader never matches it; the loader would
-    skip the whole document for a missing file); a document left with no image is skipped as `missing_file`."""
+    skip the whole document for a missing file); a document left with no image is skipped as `missing_file`, one that
+    names none (the loader never reads it) as `no_matched_image`."""
     if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
         raise SkipSample("bad_record", f"{key}: needs text_list and image_info lists")
     members: list[tuple[str, bytes]] = []
@@ -345,8 +346,11 @@ def _document_members(doc: dict[str, Any], image_dir: str, key: str) -> tuple[li
         member = f"{key}.{i}.{_ext(path)}"
         members.append((member, read_media_file(path)))
         info["image_name"] = member
-    if missing and not members and not any(isinstance(i, dict) and i.get("image_base64") for i in doc["image_info"]):
-        raise SkipSample("missing_file", f"{key}: none of its images exists under {image_dir!r}: {missing[:3]}")
+    if not members and not any(isinstance(i, dict) and i.get("image_base64") for i in doc["image_info"]):
+        if missing:
+            raise SkipSample("missing_file", f"{key}: none of its images exists under {image_dir!r}: {missing[:3]}")
+        # no entry names an image (`image_info: []`, or MMC4 rows with only URLs, not yet downloaded)
+        raise SkipSample("no_matched_image", f"{key}: no image_info entry names an image (image_name or image_base64)")
     return [(f"{key}.json", json.dumps(doc).encode()), *members], len(missing)
 
 

@@ -415,7 +415,10 @@ def test_queries_longer_than_max_length_are_skipped_and_counted(model_and_proces
                     out_dir=str(tmp_path / "none"), generation={"max_new_tokens": 3, "num_beams": 1})
     assert [r["skipped"] for r in none["runs"]] == [5, 5] and all(r["metrics"] == {} for r in none["runs"])
     table = (tmp_path / "none" / "results.md").read_text()
+    assert "| vqa_accuracy | n/a | n/a |" in table  # the task's metric row, though no run computed it
     assert "0-shot 5, 1-shot 5." in table and not (tmp_path / "none" / "results.png").exists()
+    assert [(r["metric"], r["shots"], r["mean"], r["skipped"]) for r in none["summary"]] == \
+        [("vqa_accuracy", 0, None, [5]), ("vqa_accuracy", 1, None, [5])]
 
 
 def _records(out: Path, k: int) -> list[dict]:

@@ -294,7 +294,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     }
 
     def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
-        results = {**header, "runs": runs, "summary": summarize(runs)}
+        results = {**header, "runs": runs, "summary": summarize(runs, task.metrics)}
         if "tokenizer" in runs[0]:
             results["tokenizer"] = runs[0]["tokenizer"]
         return results
@@ -429,10 +429,11 @@ def out_dir_problem(out_dir: Optional[str], task: str) -> Optional[str]:
     return None
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs -> one row per (shots, metric): mean, std (population) and the per-trial values."""
+def summarize(runs: Sequence[dict[str, Any]], task_metrics: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Runs -> one row per (shots, metric): mean, std (population) and the per-trial values. `task_metrics` (the
+    task's headline metrics) name the rows when no run computed any: every query skipped, each row `mean: None`."""
     rows = []
-    metrics = list(dict.fromkeys(m for r in runs for m in r["metrics"]))
+    metrics = list(dict.fromkeys(m for r in runs for m in r["metrics"])) or list(task_metrics)
     for k in dict.fromkeys(r["shots"] for r in runs):
         of_k = [r for r in runs if r["shots"] == k]
         for metric in metrics:
@@ -491,7 +492,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Each headline metric vs number of shots (mean with std error bars), one panel per metric. Breakdowns
     (`metric/part`, e.g. VQA accuracy per answer type) are in the table and results.json only."""
-    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"] if "/" not in r["metric"]))
+    metrics = list(dict.fromkeys(r["metric"] for r in results["summary"]
+                                 if "/" not in r["metric"] and r["mean"] is not None))
     if not metrics:  # every query of every run was skipped (longer than max_length): nothing to plot
         return
     fig = figure(figsize=(4.5 * len(metrics), 3.5))

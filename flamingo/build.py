@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import PROCESSOR_CONFIG_NAME, FlamingoConfig
 from .model import lora
 from .model.backbones import lm_max_positions, load_lm, load_vision_tower, name_or_path_of
+from .model.cast import to_dtype
 from .model.flamingo import Flamingo, checked_torch_dtype
 from .processing import (
     FlamingoProcessor,
@@ -95,7 +96,7 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
         lora.check_targets(lm_model, config.lm_lora)
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
     if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
-        model.to(torch_dtype)
+        to_dtype(model, torch_dtype)
     return model, processor
 
 

@@ -62,6 +62,7 @@ def test_an_idefics_directory_loads_as_its_conversion(idefics_dir):
         assert torch.equal(engine.model(**batch).logits, converted(**batch).logits)
     half, _ = load_model(str(idefics_dir), torch_dtype=torch.bfloat16)
     assert half.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert torch.equal(half.lm.model.rotary_emb.inv_freq, converted.lm.model.rotary_emb.inv_freq)  # float32, as HF's
     pytest.importorskip("torchao", reason="int8 frozen weights need torchao")
     int8, _ = load_model(str(idefics_dir), quantize_frozen="int8")
     assert quantized_mode(int8) == "int8"

@@ -20,7 +20,7 @@ from transformers.models.idefics.processing_idefics import (
 from flamingo.convert import from_idefics
 from flamingo.convert.idefics import idefics_image_processor
 from flamingo.processing import FlamingoProcessor
-from flamingo.runtime.compat import TRANSFORMERS, pil_image_processor
+from flamingo.runtime.compat import TRANSFORMERS, dtype_kwargs, pil_image_processor
 from flamingo.tiny import random_image, tiny_tokenizer
 
 FAKE = "<fake_token_around_image>"
@@ -142,6 +142,20 @@ def test_greedy_generation_equal_idefics():
         theirs = peer.generate(**_peer_inputs(batch, tok), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                suppress_tokens=[image_id], pad_token_id=0)
     assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+
+
+def test_a_bf16_conversion_keeps_the_rotary_frequencies_float32_as_idefics_does(tmp_path):
+    """IDEFICS's `from_pretrained(dtype=bf16)` keeps its rotary `inv_freq` float32; the conversion in bf16 too
+    (rounded, 1/10 became 0.10009765625)."""
+    save_peer(tmp_path, "vector", True)
+    peer = IdeficsForVisionText2Text.from_pretrained(tmp_path, **dtype_kwargs(torch.bfloat16))
+    theirs = peer.model.layers[0].self_attn.rotary_emb.inv_freq
+    ours, _ = from_idefics(str(tmp_path), torch_dtype=torch.bfloat16)
+    assert ours.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    rotary = {name: b for name, b in ours.lm.named_buffers() if name.endswith("inv_freq")}
+    assert rotary.keys() == {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
+    for b in rotary.values():
+        assert b.dtype == theirs.dtype == torch.float32 and torch.equal(b, theirs)
 
 
 def test_vision_tower_and_image_processing_equal():

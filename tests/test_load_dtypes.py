@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from flamingo import Flamingo, from_backbones, load_pretrained
 from flamingo.cli import main
@@ -258,3 +259,54 @@ def test_bf16_backbones_beside_float32_trained_parts_load_as_saved(tmp_path):
     trained, trained_processor = load_pretrained(str(tmp_path / "trained"))
     assert parts(trained) == parts(model)
     assert torch.equal(_runs(trained, trained_processor), before)
+
+
+def _rotary_buffers(model):
+    """The LM's rotary frequency buffers by name."""
+    return {name: b for name, b in model.named_buffers() if name.endswith(("inv_freq", "original_inv_freq"))}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma"])
+def test_a_bf16_load_keeps_the_lms_rotary_frequencies_float32_as_transformers_does(kind, tmp_path):
+    """transformers' `from_pretrained(dtype=bf16)` computes the rotary `inv_freq` in float32 and keeps it;
+    from_backbones and load_pretrained in bf16 keep the same (a whole-model `.to(bf16)` rounded it: 0.1 ->
+    0.10009765625, angles off by ~0.02 rad per 200 tokens), and so the logits of a long prompt are HF's bf16 LM's. The
+    LM's other buffers (Gemma's embed_scale) follow the dtype there, and here."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    vision_dir, lm_dir = tmp_path / "vision", tmp_path / "lm"
+    tiny_lm(kind, vocab_size=len(tok)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    tiny_vision("clip").save_pretrained(vision_dir)
+    tiny_image_processor("clip").save_pretrained(vision_dir)
+    hf = AutoModelForCausalLM.from_pretrained(lm_dir, **dtype_kwargs(torch.bfloat16)).eval()
+    expected = {f"lm.{k}": b for k, b in _rotary_buffers(hf).items()}
+    assert expected and {b.dtype for b in expected.values()} == {torch.float32}
+    ids = torch.randint(0, len(tok), (1, 400), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+
+    built, processor = from_backbones(str(vision_dir), str(lm_dir), config=tiny_flamingo_config(),
+                                      torch_dtype=torch.bfloat16)
+    built.save_pretrained(tmp_path / "saved", processor=processor)
+    in_memory, _ = from_backbones(str(vision_dir), hf, config=tiny_flamingo_config(), torch_dtype=torch.bfloat16)
+    loaded, _ = load_pretrained(str(tmp_path / "saved"), torch_dtype="bf16")
+    for model in (built.eval(), in_memory.eval(), loaded):
+        assert _dtypes(model) == {torch.bfloat16}
+        got = _rotary_buffers(model)
+        assert got.keys() == expected.keys()
+        for name, b in got.items():
+            assert b.dtype == torch.float32 and torch.equal(b, expected[name]), name
+        for name, b in hf.named_buffers():
+            ours = model.get_buffer(f"lm.{name}")
+            assert ours.dtype == b.dtype and torch.equal(ours, b), name
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert torch.equal(got[..., :want.shape[-1]], want)  # after them: the added tokens' columns
+    saved = list((tmp_path / "saved").rglob("*.safetensors"))
+    assert saved and not [k for f in saved for k in safe_open(f, "pt").keys() if "inv_freq" in k]  # recomputed
+    pytest.importorskip("torchao", reason="int8 frozen weights need torchao")
+    int8, _ = load_pretrained(str(tmp_path / "saved"), torch_dtype="bf16", quantize_frozen="int8")
+    assert {k: (b.dtype, b.tolist()) for k, b in _rotary_buffers(int8).items()} == {
+        k: (b.dtype, b.tolist()) for k, b in expected.items()}

@@ -164,6 +164,17 @@ def test_openflamingo_hf_format_equal(tmp_path, monkeypatch):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_a_bf16_conversion_keeps_the_lms_rotary_frequencies_float32(tmp_path, monkeypatch):
+    """As transformers' `from_pretrained(dtype=bf16)` leaves a LLaMA: its rotary `inv_freq` float32, not rounded."""
+    _, directory, tok_dir = _reference(tmp_path, monkeypatch, "llama", 2)
+    full, _ = from_otter(directory, tokenizer=tok_dir)
+    half, _ = from_otter(directory, tokenizer=tok_dir, torch_dtype=torch.bfloat16)
+    assert half.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    for name in ("inv_freq", "original_inv_freq"):
+        b = getattr(half.lm.model.rotary_emb, name)
+        assert b.dtype == torch.float32 and torch.equal(b, getattr(full.lm.model.rotary_emb, name))
+
+
 def test_cli_convert_then_load(tmp_path, monkeypatch, capsys):
     """`flamingo convert otter` writes a directory `load_pretrained` reads back: same logits, Otter's template; with
     --backbones a trained-only checkpoint refers to backbones written once."""

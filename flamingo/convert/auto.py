@@ -25,6 +25,7 @@ import torch
 from ..build import load_pretrained
 from ..config import CONFIG_NAME
 from ..model import quantize
+from ..model.cast import to_dtype
 from ..model.flamingo import Flamingo, checked_torch_dtype
 from ..processing import FlamingoProcessor
 from ..runtime.hub import local_dir
@@ -88,7 +89,7 @@ def load_model(source: Union[str, os.PathLike], *, revision: Optional[str] = Non
         checkpoint, vision, lm = published_openflamingo(source, revision=revision)
         model, processor = convert_openflamingo(checkpoint, vision, lm, torch_dtype=torch_dtype)
     if torch_dtype is not None:
-        model.to(torch_dtype)
+        to_dtype(model, torch_dtype)
     if device is not None:
         model.to(device)
     if quantize_frozen not in (None, "none"):

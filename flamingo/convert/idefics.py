@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from ..config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER, MEDIA_TOKEN, FlamingoConfig
+from ..model.cast import to_dtype
 from ..model.flamingo import Flamingo
 from ..processing import FlamingoProcessor, load_image_processor, load_tokenizer
 from ..runtime.compat import dtype_kwargs, idefics_rope_kwargs, pil_image_processor
@@ -378,7 +379,7 @@ def from_idefics(source: Union[str, os.PathLike, nn.Module], tokenizer: Union[No
 
     with meta_parameters():  # the whole model: its tensors are all in the checkpoint
         model = Flamingo(_vision_tower(config, dtype), _language_model(config, dtype), flamingo)
-    model.to(dtype)  # the trained parts' (meta) parameters and the buffers, as the copy into a built model did
+    to_dtype(model, dtype)  # the trained parts' (meta) parameters and the buffers, as the copy into a built model did
     reads = _Reads(tensors)
     state = {**_vision_state(model.vision, reads), **_lm_state(config, reads),
              **_trained_state(config, flamingo, reads)}

@@ -49,6 +49,7 @@ from transformers import (
 from ..build import flamingo_processor
 from ..config import FlamingoConfig
 from ..model.backbones import config_max_positions
+from ..model.cast import to_dtype
 from ..model.flamingo import Flamingo
 from ..model.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM, register
 from ..processing import FlamingoProcessor, load_image_processor, load_tokenizer
@@ -291,4 +292,4 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     if model.config.max_frames != otter_max_frames(config):  # `otter_processor_of` reads them from the config
         raise ValueError(f"the checkpoint's frame embeddings make max_frames {model.config.max_frames}, its config "
                          f"{otter_max_frames(config)} (max_num_frames)")
-    return model.to(dtype).eval(), processor
+    return to_dtype(model, dtype).eval(), processor

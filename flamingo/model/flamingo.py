@@ -60,6 +60,7 @@ from .backbones import (
     vision_hidden_size,
 )
 from .card import CARD_NAME, edited_card, model_card
+from .cast import to_dtype
 from .chunked_loss import chunked_cross_entropy, whole_logits_cross_entropy
 from .context import MediaContext, Phase
 from .feature_cache import VisionFeatureCache
@@ -1079,9 +1080,9 @@ class Flamingo(nn.Module):
 def _cast_parts(model: Flamingo, own: torch.dtype, backbones: Mapping[str, torch.dtype],
                 ours: set[str]) -> None:
     """The model's own tensors (`ours`: the resampler, blocks, added rows, LoRA adapters) in `own`; the backbones'
-    other tensors stay as their loader made them, in `backbones`' dtypes. One dtype for all: `model.to(own)`."""
+    other tensors stay as their loader made them, in `backbones`' dtypes. One dtype for all: `to_dtype(model, own)`."""
     if set(backbones.values()) == {own}:
-        model.to(own)
+        to_dtype(model, own)
         return
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name in ours and t.is_floating_point() and t.dtype != own:

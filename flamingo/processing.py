@@ -332,11 +332,10 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]) -> PreTrainedTokenizer
                                                                                                "tokenizer.model"):
             # both packages there but this pair cannot read the model (sentencepiece 0.2.3 with protobuf < 7.36.1):
             # transformers falls back to tiktoken, whose error names neither
-            import google.protobuf
-            import sentencepiece
+            from importlib.metadata import version
 
             raise ValueError(f"cannot read the SentencePiece tokenizer.model in {name!r} with sentencepiece "
-                             f"{sentencepiece.__version__} and protobuf {google.protobuf.__version__}: a damaged "
+                             f"{version('sentencepiece')} and protobuf {version('protobuf')}: a damaged "
                              "file, or a pair that cannot read it (pip install -U 'flamingo-vlm[convert]' installs "
                              f"one that can): {type(e).__name__}: {' '.join(str(e).split())}") from e
         if os.path.isdir(name) and (type(e) is Exception or isinstance(e, (ValueError, KeyError, TypeError,

@@ -126,18 +126,15 @@ def test_a_sentencepiece_model_the_installed_pair_cannot_read_names_the_pair(tmp
     """With both packages installed but a pair that cannot read the model (sentencepiece 0.2.3 with protobuf below
     7.36.1), or a damaged model, transformers falls back to tiktoken: the error blamed a damaged tokenizer.json in a
     directory holding none. It names the model file, the two versions and the install that fixes the pair."""
-    import sys
-    import types
+    import importlib.metadata
 
     import transformers.utils
 
     monkeypatch.setattr(transformers.utils, "is_sentencepiece_available", lambda: True)
     monkeypatch.setattr(transformers.utils, "is_protobuf_available", lambda: True)
-    google = types.ModuleType("google")
-    google.protobuf = types.SimpleNamespace(__version__="5.29.5")
-    monkeypatch.setitem(sys.modules, "google", google)
-    monkeypatch.setitem(sys.modules, "google.protobuf", google.protobuf)
-    monkeypatch.setitem(sys.modules, "sentencepiece", types.SimpleNamespace(__version__="0.2.3"))
+    installed = {"sentencepiece": "0.2.3", "protobuf": "5.29.5"}
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed.get(name) or version(name))
     directory = _sentencepiece_dir(tmp_path / "llama", "absent")
     (directory / "tokenizer.model").write_bytes(b"\x0a\x05not a model")
     with pytest.raises(ValueError, match=r"cannot read the SentencePiece tokenizer.model in .* with sentencepiece "

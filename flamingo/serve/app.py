@@ -115,7 +115,10 @@ def create_app(engine: Engine, settings: ServeSettings, connections: Optional[Op
     connections: the server's connection count, which `--max-connections` may bound (server.uvicorn_config);
     body_timeout: seconds a request's body may stop arriving before a 408 (`--keep-alive`; None: untimed)."""
     processor, model = engine.processor, engine.model
-    positions = lm_max_positions(model.lm)
+    # the context a prompt and its answer share: the LM's positions, or the processor's `max_length` where shorter
+    # (a tokenizer's model_max_length), the limit `generate` and eval hold prompts to; None: neither sets one
+    limits = [n for n in (lm_max_positions(model.lm), processor.max_length) if n is not None]
+    positions = min(limits) if limits else None
     vocab = model.lm.get_output_embeddings().weight.shape[0]  # logits per position
     metrics = engine.metrics
     strings = TokenStrings(processor.tokenizer, processor.hidden_ids)

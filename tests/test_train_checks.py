@@ -213,3 +213,24 @@ def test_a_trained_only_final_save_of_unresolved_backbones_is_refused_before_ste
     pytest.importorskip("torchao")  # quantized, its final save is whole with the float backbones of vision/, lm/
     trainer = Trainer(load_config(path, ["model.flamingo.quantize_frozen=int8"]))
     assert trainer.backbones_from is not None and trainer.backbones_from[0] == os.path.abspath(moved_full_checkpoint)
+
+
+def test_a_max_tokens_past_the_lms_positions_is_refused_or_a_default_lowered_before_step_1(world, make_model,
+                                                                                            caplog):
+    """The forward refuses a sample longer than the LM's positions: a max_tokens the config sets above them is refused
+    at start, not when the first long sample is drawn (hours in, and again on resume); a kind's default above them is
+    lowered to them, with a warning. Packed rows may be wider (positions restart at each sample)."""
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "positions"))
+    model, processor = make_model("gpt2", lm_overrides={"n_positions": 48})
+    config = load_config(path)  # pairs: max_tokens 32; interleaved: 64
+    with pytest.raises(ValueError, match=r"dataset 'interleaved': max_tokens 64 is more than the LM's 48 positions"):
+        Trainer(config, model=model, processor=processor)
+    del config.data[1].options["max_tokens"]  # the interleaved default, 256
+    config.data[1].options["pack_tokens"] = 96
+    with caplog.at_level(logging.WARNING, logger="flamingo"):
+        trainer = Trainer(config, model=model, processor=processor)
+    assert trainer.sources["interleaved"].spec.options["max_tokens"] == 48
+    assert trainer.sources["pairs"].spec.options["max_tokens"] == 32
+    assert "the interleaved default max_tokens 256 is more than the LM's 48 positions" in caplog.text
+    assert "max_tokens" not in config.data[1].options  # the config (saved with the run) keeps what the user wrote

@@ -16,7 +16,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,10 @@ from ..build import from_backbones, load_pretrained
 from ..config import BACKBONE_DIRS, CONFIG_NAME, TRAIN_CONFIG_NAME, FlamingoConfig, lora_spec
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
+from ..data.kinds import resolve_options
 from ..data.mixture import MixtureSampler, next_batch
 from ..model import lora
+from ..model.backbones import lm_max_positions
 from ..model.feature_cache import VisionFeatureCache
 from ..model.flamingo import Flamingo, kept_on_save, unresolved_backbones
 from ..model.quantize import cast_frozen, describe_counts, is_quantized, quantize_frozen, quantized_mode
@@ -40,7 +42,14 @@ from ..runtime.hub import is_hub_reference, local_dir
 from ..runtime.warn import warn_outside
 from .buckets import pad_to_buckets
 from .compile import compile_regions
-from .config import TrainConfig, check_data_weights, check_in_backward, check_init_from, check_trainable_quantization
+from .config import (
+    DatasetSection,
+    TrainConfig,
+    check_data_weights,
+    check_in_backward,
+    check_init_from,
+    check_trainable_quantization,
+)
 from .flops import FlopCounts, batch_samples, flop_counts, flops_estimate, peak_flops
 from .in_backward import BackwardSteps
 from .optim import apply_group_settings, group_settings, make_optimizer, make_scheduler
@@ -285,6 +294,30 @@ def check_given_model(model: Flamingo, options: dict[str, Any]) -> None:
                          "model with them (build_model(config), or load_pretrained(..., quantize_frozen=...))")
 
 
+def fit_max_tokens(datasets: Sequence[DatasetSection], positions: Optional[int], warn: bool = True
+                   ) -> list[DatasetSection]:
+    """`datasets` with samples that fit the LM's positions: the forward refuses a longer one, which would stop the
+    run when the first such sample is drawn (hours in, and again on resume). A `max_tokens` the config sets above the
+    positions is refused; a kind's default above them (chat's 512 on a 256-position LM) is lowered to the positions,
+    said once (`warn`). Packed rows (`pack_tokens`) may be wider: positions restart at each sample."""
+    if positions is None:
+        return list(datasets)
+    fitted = []
+    for d in datasets:
+        max_tokens = int(resolve_options(d.kind, d.options)["max_tokens"])
+        if max_tokens > positions and "max_tokens" in (d.options or {}):
+            raise ValueError(f"dataset {d.name!r}: max_tokens {max_tokens} is more than the LM's {positions} "
+                             f"positions: set its max_tokens to at most {positions}")
+        if max_tokens > positions:
+            if warn:
+                log.warning("dataset %r: the %s default max_tokens %d is more than the LM's %d positions: its samples "
+                            "are cut to %d tokens (set max_tokens to choose)", d.name, d.kind, max_tokens, positions,
+                            positions)
+            d = dataclasses.replace(d, options={**(d.options or {}), "max_tokens": positions})
+        fitted.append(d)
+    return fitted
+
+
 def float32_masters(model: Flamingo) -> list[str]:
     """Cast every trained parameter that is not float32 (a model loaded or built in bf16) to float32 master weights,
     as `build_model` loads model.init_from: in bf16 the weights and their AdamW states would round away most
@@ -335,6 +368,9 @@ class Trainer:
             raise ValueError("Trainer(config, model=...) needs processor=: the processor saved with the model "
                              "(load_pretrained returns both)")
         self.model, self.processor = model, processor
+        positions = lm_max_positions(model.lm)
+        data = fit_max_tokens(config.data, positions, warn=self.rank == 0)  # before any step
+        validation = fit_max_tokens(config.validation, positions, warn=self.rank == 0)
         # the LM's output rows (before quantizing or sharding changes the weight's shape): they decide the chat format
         # chat data is written in, as the model is served (`chat_format_for`)
         vocab = model.lm.get_output_embeddings().weight.shape[0]
@@ -405,13 +441,13 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config.schedule.kind, config.schedule.warmup_steps, t.steps)
         self.weights = {d.name: d.loss_weight for d in config.data}
         if sources is None:
-            sources = build_sources(config.data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
+            sources = build_sources(data, processor, rank=self.rank, world_size=self.world, seed=t.seed,
                                     num_workers=t.num_workers, vocab=vocab)
         self.sources = sources
         self.validation: Optional[Validation] = None
         if config.validation:  # held-out datasets, seeded apart from the training ones
             self.validation = Validation(
-                build_sources(config.validation, processor, rank=self.rank, world_size=self.world,
+                build_sources(validation, processor, rank=self.rank, world_size=self.world,
                               seed=t.seed + 10**6, num_workers=t.num_workers, vocab=vocab),
                 max_batches=t.eval_batches, world=self.world, progress=self.rank == 0 and t.progress)
         self.vision_cache: Optional[VisionFeatureCache] = None

@@ -283,6 +283,12 @@ def test_generation_and_scoring_stay_within_the_lm_positions(lm_kind, caplog):
         model.generate(ids, images=batch["images"], max_new_tokens=1)
     with pytest.raises(ValueError, match="25 tokens per row, but the LM has 24 positions"):
         model(torch.cat([ids, ids[:, -1:]], dim=1), images=batch["images"])
+    # a batch padded wider than the positions, its rows short: the padding is named, not the rows' length
+    padded = torch.cat([torch.zeros(1, 20, dtype=torch.long), ids[:, :10]], dim=1)  # (1, 30): 10 tokens, left-padded
+    mask = (torch.arange(30) >= 20).long()[None]
+    with pytest.raises(ValueError, match="the batch is padded to 30 columns \\(its longest row holds 10 tokens\\), "
+                                         "but the LM has 24 positions"):
+        model(padded, attention_mask=mask, images=batch["images"])
     # packed rows (training's pack_tokens; LMs that keep packed samples apart): each sample's own length counts,
     # never the row's (a sample past the positions crashed in GPT-2's table, or ran past them on a rotary LM)
     row = torch.cat([ids, ids[:, -1:]], dim=1)  # (1, 25)

@@ -607,8 +607,14 @@ class Flamingo(nn.Module):
             # packed rows restart their positions, so only their samples' lengths count (read, a host sync, only
             # where a row is longer than the LM's positions)
             longest = input_ids.shape[1] if document_ids is None else int(document_positions(document_ids).max()) + 1
-            if longest > limit:
-                raise ValueError(f"{longest} tokens per {'row' if document_ids is None else 'packed sample'}, but "
+            held = int(attention_mask.sum(-1).max()) if document_ids is None and attention_mask is not None and \
+                attention_mask.ndim == 2 and attention_mask.shape[1] == longest else longest
+            if held <= limit < longest:  # the padding is what does not fit (its columns take positions too)
+                raise ValueError(f"the batch is padded to {longest} columns (its longest row holds {held} tokens), "
+                                 f"but the LM has {limit} positions, which padded columns take too: pad to the "
+                                 f"longest row (or at most {limit} columns)")
+            if held > limit:
+                raise ValueError(f"{held} tokens per {'row' if document_ids is None else 'packed sample'}, but "
                                  f"the LM has {limit} positions: cut the texts (a dataset's max_tokens) to fit")
         if self.training or labels is not None:  # a loss forward (training, validation) builds no KV cache (the
             # LM's own default would make one; a compiled layer would also compile one graph per layer's cache slot)

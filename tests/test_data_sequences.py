@@ -106,6 +106,19 @@ def test_threshold_drops_weak_matches_and_max_images_keeps_the_first(tmp_path, p
     assert e.value.reason == "no_matched_image"
 
 
+def test_a_document_whose_entries_name_no_image_is_skipped_saying_so(tmp_path, processor):
+    """URL-only image entries (MMC4 rows not yet downloaded) were skipped as "no image matches a sentence at
+    similarity >= 0.24" though each matched at 0.9: the reason is that none names an image."""
+    from flamingo.data.errors import SkipSample
+
+    doc = {"text_list": ["a cat.", "a dog."], "image_info": [{"url": "http://x/y.jpg", "matched_text_index": 0,
+                                                            "matched_sim": 0.9}]}
+    spec, records = _spec(tmp_path, [doc], processor)
+    with pytest.raises(SkipSample, match="no image entry names an image") as e:
+        spec.example(records[0])
+    assert e.value.reason == "no_matched_image"
+
+
 @pytest.mark.parametrize("score", [None, "high", [0.9]])
 def test_a_matched_sim_that_is_no_number_skips_the_document(tmp_path, processor, score):
     from flamingo.data.errors import SkipSample

@@ -163,6 +163,8 @@ def interleaved_example(record: RawRecord, *, similarity_threshold: float = 0.24
         raise SkipSample("no_matched_image", f"{where}: the document has no images")
     sim = _similarity(doc, len(image_info), len(sentences), where)
     refs = [_image_ref(info, record, image_dir, f"{where}#img{i}") for i, info in enumerate(image_info)]
+    if all(ref is None for ref in refs):  # no entry names an image file (a URL alone is not fetched)
+        raise SkipSample("no_matched_image", f"{where}: no image entry names an image (image_name or image_base64)")
     for i, ref in enumerate(refs):
         if ref is None:  # names no image at all: never matched
             sim[i, :] = -np.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -26,6 +27,8 @@ from .processing import (
 from .references import reference_token
 from .runtime.compat import dtype_kwargs
 from .runtime.hub import hub_commit, is_commit, is_hub_reference, local_dir, metadata_dir
+
+log = logging.getLogger(__name__)
 
 Backbone = Union[str, os.PathLike, nn.Module]
 
@@ -144,21 +147,24 @@ def _files(ref: Optional[str], commit: Optional[str], what: str) -> Optional[str
 
 def check_token_rows(tokenizer: PreTrainedTokenizerBase, config: FlamingoConfig, added: Sequence[int],
                      vocab: int) -> None:
-    """Refuse a tokenizer that already held a Flamingo token (so it was not added now, and got no trainable row):
-    at an id past the LM's `vocab` rows (the tokenizer saved beside a Flamingo model or after OpenFlamingo's
-    training), the model would build, save and convert, and fail at its first forward with an id outside the LM's
-    table; within them (a special token of the LM's, a token added before), the model would read the LM's row,
-    frozen, and never train it, and a plain added token would be decoded into answers' text."""
+    """Refuse a tokenizer that already held a Flamingo token (so it was not added now, and got no trainable row) at
+    an id past the LM's `vocab` rows (the tokenizer saved beside a Flamingo model or after OpenFlamingo's training):
+    the model would build, save and convert, and fail at its first forward with an id outside the LM's table. Within
+    them (a converted Otter's tokenizer, whose LM table holds its trained rows; a special token the LM reserves, as
+    PaliGemma's Gemma does for `<image>`) the model reads the LM's own row: said once, since a frozen LM's row is not
+    trained as Flamingo's added rows are."""
     for name, tid in (("<image>", config.media_token_id), ("<|endofchunk|>", config.end_of_chunk_token_id)):
         if tid in added:
             continue
         held = (f"the tokenizer ({type(tokenizer).__name__} "
                 f"{getattr(tokenizer, 'name_or_path', '') or 'in memory'!r}) already holds {name} at id {tid}")
-        fix = "pass the LM's own tokenizer, without Flamingo's tokens (they are added and trained here)"
         if tid >= vocab:
-            raise ValueError(f"{held}, past the LM's {vocab} embedding rows, so the model has no row for it: {fix}")
-        raise ValueError(f"{held}, among the LM's {vocab} embedding rows: the model would read it with the LM's own "
-                         f"row, which is frozen and never trained as Flamingo's added tokens are: {fix}")
+            raise ValueError(f"{held}, past the LM's {vocab} embedding rows, so the model has no row for it: pass the "
+                             "LM's own tokenizer, without Flamingo's tokens (they are added and trained here)")
+        if config.freeze_lm:
+            log.warning("%s, among the LM's %d embedding rows: the model reads the LM's own row for it, which "
+                        "training leaves as it is (a frozen LM); Flamingo's added tokens get rows that train",
+                        held, vocab)
     if config.media_token_id >= max(vocab, len(tokenizer)):
         raise ValueError("tokenizer and LM vocabulary disagree")
 

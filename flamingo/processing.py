@@ -885,12 +885,16 @@ class FlamingoProcessor:
 
     @functools.cached_property
     def hidden_ids(self) -> frozenset[int]:
-        """The ids `decode(skip_special_tokens=True)` leaves out: those the tokenizer's own skipping drops, except
-        the reference tokens."""
+        """The ids `decode(skip_special_tokens=True)` leaves out: those the tokenizer's own skipping drops, and the
+        prompt markers, except the reference tokens."""
         tok = self.tokenizer
         references = {tok.convert_tokens_to_ids(reference_token(k)) for k in range(self.num_references)}
         candidates = set(getattr(tok, "added_tokens_decoder", {})) | set(tok.all_special_ids)
-        return frozenset(i for i in candidates - references if tok.decode([i], skip_special_tokens=True) == "")
+        # the prompt markers too where the tokenizer held them as plain added tokens (not skipped by its decode)
+        markers = {tok.convert_tokens_to_ids(t) for t in (MEDIA_TOKEN, END_OF_CHUNK_TOKEN, IDEFICS_IMAGE_WRAPPER)
+                   if t in tok.get_vocab()}
+        return frozenset(markers - references) | frozenset(
+            i for i in candidates - references if tok.decode([i], skip_special_tokens=True) == "")
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str) -> None:

@@ -106,6 +106,20 @@ def test_logits_equal_otter(tmp_path, monkeypatch, lm, every):
     assert (bare[real] - expected[real]).abs().max() > 1e-2  # the images and blocks count
 
 
+def test_a_repository_shipping_its_own_tokenizer_converts(tmp_path, monkeypatch):
+    """An Otter repository with its own tokenizer (holding <|endofchunk|>, <image>, <answer> in the LM's trained
+    table): the converter reads it (the repository's tokenizer first), the tokens keep Otter's ids and rows, and the
+    logits are Otter's. It was refused as a tokenizer already holding <image>."""
+    reference, directory, _ = _reference(tmp_path, monkeypatch, "llama", 2)
+    reference.text_tokenizer.save_pretrained(directory)
+    ours, processor = from_otter(directory)
+    assert ours.config.num_new_tokens == 0
+    assert ours.config.media_token_id == reference.text_tokenizer.convert_tokens_to_ids("<image>")
+    batch = processor(PROMPTS[:1], images=[[random_image(0), random_image(1)]], padding_side="right")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, _reference_logits(reference, batch), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("lm", ["llama", "mpt"])
 def test_a_conversion_names_no_base_model(tmp_path, monkeypatch, lm):
     """Otter's configs name the base models it started from (`_name_or_path` of text_config, vision_config: a

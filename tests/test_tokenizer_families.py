@@ -310,3 +310,22 @@ def test_what_a_tokenizer_appends_is_read_off_a_text_it_encodes():
 
     assert appended_special_ids(Silent()) == ()
     assert appended_special_ids(tiny_tokenizer()) == ()
+
+
+def test_idefics_processor_takes_a_float_model_max_length_as_an_integer(tmp_path):
+    """IDEFICS's processor bounds max_length by the tokenizer's model_max_length itself: a float there (256.0, as
+    some JSON writers store it) was refused as 'max_length must be an integer'."""
+    from transformers import IdeficsConfig
+
+    from flamingo.convert.idefics import idefics_processor
+    from flamingo.processing import load_tokenizer
+
+    directory = llama3_style(tmp_path / "idefics")
+    config = json.loads((tmp_path / "idefics" / "tokenizer_config.json").read_text())
+    (tmp_path / "idefics" / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "model_max_length": 256.0, "pad_token": "<|end_of_text|>"}))
+    tok = load_tokenizer(str(directory))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>"]})
+    idefics = IdeficsConfig(vocab_size=len(tok), additional_vocab_size=0, max_position_embeddings=2048)
+    processor = idefics_processor(idefics, None, tokenizer=tok, image_processor=tiny_image_processor())
+    assert processor.max_length == 256 and isinstance(processor.max_length, int)

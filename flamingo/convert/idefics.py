@@ -339,7 +339,7 @@ def idefics_processor(config: IdeficsConfig, directory: Optional[str],
         tokenizer.pad_token_id = config.pad_token_id
     if image_processor is None:
         image_processor = _image_processor_of(directory, config.vision_config.image_size)
-    limit = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9)
+    limit = int(min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", None) or 10**9))  # (256.0)
     return FlamingoProcessor(tokenizer, image_processor, max_length=limit, max_frames=1, template="idefics")
 
 

@@ -50,6 +50,26 @@ def test_padding_marks_packed_rows_padding_and_counts_media_when_none_was_given(
     assert out["num_media"].tolist() == [3, 3] and out["images"].shape[1] == 4 and out["images"][:, 3].eq(0).all()
 
 
+def test_a_bucket_never_pads_past_the_lms_positions(world, make_model):
+    """Padded columns take positions too: buckets of 64 tokens on an LM of 44 positions padded a 15-token batch to 64
+    and the first step was refused ("the batch is padded to 64 columns"), though every row fitted. A bucket stops at
+    the positions; a batch already wider is left as it is."""
+    batch = {"input_ids": torch.ones(2, 40, dtype=torch.long)}
+    assert pad_to_buckets(batch, tokens_multiple=64, media_multiple=1, pad_token_id=0,
+                          max_tokens=44)["input_ids"].shape[1] == 44
+    assert pad_to_buckets(batch, tokens_multiple=8, media_multiple=1, pad_token_id=0,
+                          max_tokens=44)["input_ids"].shape[1] == 40
+    assert pad_to_buckets({"input_ids": torch.ones(2, 50, dtype=torch.long)}, tokens_multiple=64, media_multiple=1,
+                          pad_token_id=0, max_tokens=44)["input_ids"].shape[1] == 50
+    root, vision, lm, data = world
+    path = train_config(root, vision, lm, data, steps=1, out=os.path.join(root, "bucket"), interleaved=False,
+                        pad_tokens_multiple=64)
+    model, processor = make_model("gpt2", lm_overrides={"n_positions": 44})
+    trainer = Trainer(load_config(path), model=model, processor=processor)
+    assert trainer.positions == 44
+    assert torch.isfinite(torch.as_tensor(trainer.train_step()["loss"]))
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("lm_kind", ["llama", "mosaic_gpt"])  # mosaic_gpt: our own LM class's layers compile too

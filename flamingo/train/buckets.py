@@ -7,7 +7,7 @@ out (the tower never sees them, and no `<image>` token points at them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +20,17 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def pad_to_buckets(batch: dict[str, Any], *, tokens_multiple: int, media_multiple: int,
-                   pad_token_id: int) -> dict[str, Any]:
-    """A CPU batch (`flamingo.data`'s collate) with T rounded up to `tokens_multiple` and N to `media_multiple`."""
+                   pad_token_id: int, max_tokens: Optional[int] = None) -> dict[str, Any]:
+    """A CPU batch (`flamingo.data`'s collate) with T rounded up to `tokens_multiple` and N to `media_multiple`.
+    max_tokens: the LM's positions, which padded columns take too: a bucket never pads past them (a row of 44
+    tokens on 44 positions stays 44 wide, not 48)."""
     out = dict(batch)
     ids = batch["input_ids"]  # (B, T)
     b, t = ids.shape
-    extra = round_up(t, tokens_multiple) - t
+    width = round_up(t, tokens_multiple)
+    if max_tokens is not None:
+        width = max(t, min(width, max_tokens))
+    extra = width - t
     if extra:
         out["input_ids"] = F.pad(ids, (0, extra), value=pad_token_id)
         mask = batch.get("attention_mask")

@@ -368,7 +368,7 @@ class Trainer:
             raise ValueError("Trainer(config, model=...) needs processor=: the processor saved with the model "
                              "(load_pretrained returns both)")
         self.model, self.processor = model, processor
-        positions = lm_max_positions(model.lm)
+        positions = self.positions = lm_max_positions(model.lm)  # (None: no limit)
         data = fit_max_tokens(config.data, positions, warn=self.rank == 0)  # before any step
         validation = fit_max_tokens(config.validation, positions, warn=self.rank == 0)
         # the LM's output rows (before quantizing or sharding changes the weight's shape): they decide the chat format
@@ -629,7 +629,7 @@ class Trainer:
         if self.pad_tokens_multiple > 1 or self.pad_media_multiple > 1:
             batch = pad_to_buckets(batch, tokens_multiple=self.pad_tokens_multiple,
                                    media_multiple=self.pad_media_multiple,
-                                   pad_token_id=self.processor.tokenizer.pad_token_id)
+                                   pad_token_id=self.processor.tokenizer.pad_token_id, max_tokens=self.positions)
         pin = self.device.type == "cuda"  # page-locked, so that the copies below overlap the step's kernels
         moved = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
                  else v for k, v in batch.items()

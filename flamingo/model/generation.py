@@ -111,9 +111,9 @@ def generation_config_for(model: Flamingo, **kwargs: Any) -> GenerationConfig:
     config.suppress_tokens = [model.config.media_token_id]
     config.do_sample = False
     config.temperature, config.top_k, config.top_p = 1.0, None, None  # neutral unless asked
-    # so are the backbone's other decoding choices (a generation_config.json with num_beams 4 or min_p 0.05 made a
-    # plain call beam-search or filter): set to values that select nothing, not None, which transformers 5 fills
-    # from the LM's generation config (min_p 0 keeps every token)
+    # so are the backbone's other decoding choices (a generation_config.json with num_beams 4 or min_p 0.05 would
+    # make a plain call beam-search or filter): set to values that select nothing, not None, which transformers 5
+    # fills from the LM's generation config (min_p 0 keeps every token)
     config.num_beams, config.num_return_sequences = 1, 1
     config.typical_p, config.epsilon_cutoff, config.eta_cutoff = 1.0, 0.0, 0.0
     if config.min_p is not None:

@@ -211,9 +211,9 @@ class ConnectionLimit:
 
 class BodyTimeout:
     """ASGI middleware, the innermost: a request whose body stops arriving for `seconds` (`--keep-alive`) while the
-    route waits for it is answered 408 and its connection closed. uvicorn times no request body, so a client that
-    sent a head and then part of a body, or a byte now and then, held its connection, its task and the body read so
-    far (up to `--max-body-mb`) for as long as it kept the socket, and under `--max-connections` a place. Only the
+    route waits for it is answered 408 and its connection closed. uvicorn times no request body: a client that sends
+    a head and then part of a body, or a byte now and then, would hold its connection, its task and the body read so
+    far (up to `--max-body-mb`) for as long as it keeps the socket, and under `--max-connections` a place. Only the
     waits for the body are timed: once it is whole, `receive` waits for a disconnect as long as the route asks."""
 
     def __init__(self, app: Any, seconds: Optional[float]) -> None:

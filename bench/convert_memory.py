@@ -49,6 +49,7 @@ from transformers import PreTrainedModel
 from bench.common import machine, print_json, print_table
 from flamingo.convert import checkpoints, idefics, lm_families, openflamingo, otter
 from flamingo.convert.checkpoints import CheckpointTensors, open_tensors
+from flamingo.model.cast import to_dtype
 from flamingo.runtime import torch_dtype
 from flamingo.runtime.dtypes import DTYPE_NAMES
 from flamingo.runtime.host_memory import status_kib
@@ -208,10 +209,10 @@ def convert(kind: str, path: str, directory: str, tokenizer_dir: Optional[str] =
             model, _ = idefics.from_idefics(directory, torch_dtype=dtype)
         elif kind == "openflamingo":
             files = [os.path.join(directory, name) for name in ("model.pt", "vision", "lm")]
-            if path == "old":  # read in float32, then cast
+            if path == "old":  # read in float32, then cast (as the library casts: rotary buffers kept float32)
                 model, _ = openflamingo.convert_openflamingo(*files)
                 if dtype is not None:
-                    model.to(dtype)
+                    to_dtype(model, dtype)
             else:  # read in the dtype asked for (`run` passes the checkpoint's by default)
                 model, _ = openflamingo.convert_openflamingo(*files, torch_dtype=dtype)
         else:

@@ -2,8 +2,8 @@
 
 Every `import` counts, at module top or inside a function (an import hidden in a function is still a dependency);
 only `if TYPE_CHECKING:` blocks are left out. Layers, bottom to top (a module may import its own layer and below):
-config/runtime < model, processing, video, references, chat < build, tiny, convert, peers, hub < data < train, eval,
-serve < cli.
+config/runtime < model, processing, detokenize, video, references, chat < build, tiny, convert, peers, hub < data <
+train, eval, serve (apart from each other) < cli.
 The demo (`flamingo_demo`) sits beside the library: it may import the library's public modules but not its CLI, and
 nothing in the library imports the demo except the CLI's `demo` subcommand.
 """
@@ -23,13 +23,15 @@ PACKAGES = ("flamingo", "flamingo_demo")
 
 LAYERS: list[tuple[str, ...]] = [
     ("flamingo.config", "flamingo.runtime"),
-    ("flamingo.model", "flamingo.processing", "flamingo.video", "flamingo.references", "flamingo.chat"),
+    ("flamingo.model", "flamingo.processing", "flamingo.detokenize", "flamingo.video", "flamingo.references",
+     "flamingo.chat"),
     ("flamingo.build", "flamingo.tiny", "flamingo.convert", "flamingo.peers", "flamingo.hub"),
     ("flamingo.data",),
     ("flamingo.train", "flamingo.eval", "flamingo.serve"),
     ("flamingo.cli", "flamingo.__main__"),
 ]
-SIBLINGS_APART = [("flamingo.model", "flamingo.processing"), ("flamingo.train", "flamingo.eval")]
+SIBLINGS_APART = [("flamingo.model", "flamingo.processing"), ("flamingo.train", "flamingo.eval"),
+                  ("flamingo.eval", "flamingo.serve"), ("flamingo.train", "flamingo.serve")]
 DEMO_MAY_NOT_IMPORT = ("flamingo.cli",)
 LIBRARY_TO_DEMO_ALLOWED = {"flamingo.cli"}  # `flamingo demo` loads the demo lazily
 

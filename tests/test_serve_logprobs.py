@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from flamingo.chat import BLANKS
+from flamingo.detokenize import IncrementalText
 from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
 from flamingo.serve.app import ServeSettings
-from flamingo.serve.detokenize import IncrementalText
 from flamingo.serve.engine import Engine, find_stop
 from flamingo.serve.logprobs import CompletionLogprobs, TokenStrings
 from flamingo.serve.sampling import SamplingParams

@@ -13,8 +13,8 @@ import re
 import httpx
 import pytest
 
+from flamingo.detokenize import IncrementalText
 from flamingo.serve.app import ServeSettings
-from flamingo.serve.detokenize import IncrementalText
 from flamingo.serve.middleware import MAX_REQUEST_ID, request_id
 
 from serve_helpers import engine_for, openai_client, running_server, save_tiny_model

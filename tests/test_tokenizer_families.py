@@ -17,9 +17,9 @@ from flamingo.config import END_OF_UTTERANCE, IDEFICS_IMAGE_WRAPPER
 from flamingo.data.sequence import IGNORE_INDEX, make_labels
 from flamingo.data.sources import read_records
 from flamingo.data.spec import DatasetSpec
+from flamingo.detokenize import IncrementalText
 from flamingo.eval.remote import decoded_alone
 from flamingo.processing import FlamingoProcessor, appended_special_ids
-from flamingo.serve.detokenize import IncrementalText
 from flamingo.tiny import (
     random_image,
     tiny_flamingo_config,

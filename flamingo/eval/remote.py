@@ -28,9 +28,9 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from ..detokenize import IncrementalText
 from ..processing import VIDEO_EXTENSIONS, FlamingoProcessor
 from ..runtime import LRU
-from ..serve.detokenize import IncrementalText
 from .predict import MediaLoader, continuation_ids_of
 from .task import Sample, Task
 

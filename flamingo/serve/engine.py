@@ -16,7 +16,7 @@ position's logits, starting from prefix-cache blocks that keep their tokens' log
 `<|endofchunk|>`, a stop string, `max_tokens`, the end of their grammar, or when their client goes away (at the next
 step).
 
-Text goes out as it is decoded: each choice decodes its new token in a short window (serve/detokenize.py, a cost per
+Text goes out as it is decoded: each choice decodes its new token in a short window (flamingo/detokenize.py, a cost per
 token that does not grow with the answer) and emits what is new (an empty delta when nothing is), holding back a tail
 that could still become a stop string or is an incomplete UTF-8 character.
 """
@@ -37,13 +37,13 @@ import torch
 
 from ..chat import BLANKS
 from ..config import MEDIA_TOKEN
+from ..detokenize import IncrementalText
 from ..model.batching import DecodeBatch
 from ..model.feature_cache import VisionFeatureCache
 from ..model.generation import generation_config_for
 from ..model.logprobs import TokenLogprobs, token_logprobs
 from ..model.prefill import Prefill, PrefilledRow, can_prefill_together, prefill_together
 from ..model.prefix_cache import PrefixCache
-from .detokenize import IncrementalText
 from .metrics import Metrics
 from .sampling import SamplingParams, pick_tokens, row_generator
 from .structured import GrammarFailed

@@ -1,4 +1,4 @@
-"""Incremental detokenization (serve/detokenize.py): the text built token by token is the whole decode's, for
+"""Incremental detokenization (flamingo/detokenize.py): the text built token by token is the whole decode's, for
 byte-level BPE and SentencePiece-style byte-fallback tokenizers, with characters split over tokens, control tokens
 left out and reference tokens kept."""
 
@@ -9,9 +9,9 @@ import random
 import pytest
 from test_serve_logprobs import _byte_fallback_tokenizer
 
+from flamingo import detokenize
+from flamingo.detokenize import IncrementalText
 from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
-from flamingo.serve import detokenize
-from flamingo.serve.detokenize import IncrementalText
 from flamingo.tiny import tiny_tokenizer
 
 TEXTS = ["naïve café 🦩 — ok", "Output: 中文 and more", "😀 a", "a 中文 caf", "plain words, only.\n  two  spaces"]

@@ -89,3 +89,49 @@ def test_bare_lm_calls_while_another_thread_is_inside_a_call_are_the_bare_lms(ma
     assert torch.equal(during, bare)
     assert probe is True
     assert answer.get("tokens") == alone
+
+
+def test_checkpointing_in_training_mode_keeps_dropout_off_for_calls_on_two_threads(make_model):
+    """The frozen layers' flags are shared by threads: a call that entered while another had switched them off found
+    none to switch, and ran its later layers with them on (dropout) once the first call switched them back. A call
+    now holds them off until it is done; here thread B starts while A is inside its first layer."""
+    model, processor = make_model("opt", gates=0.8, lm_overrides=dict(dropout=0.3))
+    batch = processor("<image>Question: what is this? Short answer:", images=[random_image(1)])
+    cont = [processor.tokenizer(" a cat", add_special_tokens=False)["input_ids"]]
+    model.gradient_checkpointing_enable()
+    model.train()
+    layers = model.lm.get_submodule(model.decoder_layers_path)
+    seen: list[tuple[str, bool]] = []
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        name = threading.current_thread().name
+        seen.append((name, module.training))
+        if module is layers[0] and name == "A" and not a_inside.is_set():
+            a_inside.set()
+            b_inside.wait(1.0)  # B, if it is let in, starts now
+        elif module is layers[0] and name == "B" and not b_inside.is_set():
+            b_inside.set()
+            a_done.wait(5.0)  # ... and goes on after A has left
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    scores: dict[str, torch.Tensor] = {}
+
+    def score(name: str) -> None:
+        scores[name] = model.score(batch["input_ids"], cont, images=batch["images"])
+
+    a, b = threading.Thread(target=score, args=("A",), name="A"), threading.Thread(target=score, args=("B",), name="B")
+    try:
+        a.start()
+        assert a_inside.wait(30)
+        b.start()
+        a.join()
+        a_done.set()
+        b.join()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {name for name, _ in seen} == {"A", "B"}
+    assert [name for name, training in seen if training] == []
+    torch.testing.assert_close(scores["A"], scores["B"], atol=0, rtol=0)
+    assert layers[0].training  # left as the training forward needs it

@@ -89,6 +89,11 @@ log = logging.getLogger(__name__)
 # bare `model.lm`, the one-time LM probes) stays the bare LM while another thread is inside one. Not on the module:
 # a model is copied and pickled with no thread state.
 _CALLS = threading.local()
+# Held while a frozen LM's decoder layers have their training flags switched off (`Flamingo._layers_run_in_eval`):
+# the flags are shared by every thread, so a thread that switches them off holds them off until it is done, and
+# calls that switch them (only on a model in training mode under activation checkpointing) run one at a time.
+# Module-level for the same reason as `_CALLS`; reentrant: a checkpointed layer's recompute nests inside a call.
+_LAYER_FLAGS = threading.RLock()
 
 
 @dataclass
@@ -875,15 +880,18 @@ class Flamingo(nn.Module):
         """A frozen LM's decoder layers in eval mode while a checkpointed layer computes (forward and recompute), as
         without checkpointing: their training flag (`train`) is only there to make HF checkpoint them, and a layer
         that reads it itself would apply its dropout. A trained LM's layers are left as they are."""
-        layers = [layer for layer in self.lm.get_submodule(self.decoder_layers_path) if layer.training] \
-            if self.config.freeze_lm else []
-        for layer in layers:
-            layer.training = False
-        try:
+        if not (self.config.freeze_lm and self._activation_checkpointing):
             yield
-        finally:
+            return
+        with _LAYER_FLAGS:  # another thread's flip is undone only after it is done (`_LAYER_FLAGS`)
+            layers = [layer for layer in self.lm.get_submodule(self.decoder_layers_path) if layer.training]
             for layer in layers:
-                layer.training = True
+                layer.training = False
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer.training = True
 
     def merge_lora(self) -> None:
         """Fold the LM's LoRA adapters into its weights (inference: no adapter matmuls; the same logits). The LM is a

@@ -600,8 +600,9 @@ class FlamingoProcessor:
         in indexing errors"), untrue for all of them, is not printed. Half a UTF-16 surrogate pair (an emoji a scraper
         cut, read from JSON) is tokenized as U+FFFD (`valid_text`, as training data reads it): tokenizers take valid
         Unicode only. special_tokens: those the tokenizer writes before the text (BOS), never those it appends after
-        it (`appended_ids`). The text's special tokens (`<image>`, `<|endofchunk|>`) are read as tokens whatever the
-        tokenizer's `split_special_tokens` says: the processor writes its markers into the text."""
+        it (`appended_ids`). The text's special tokens (`<image>`, `<|endofchunk|>`, a chat format's) are read as tokens
+        whatever the tokenizer's `split_special_tokens` says: the processor and the chat formats write them into the
+        text, and any other special token spelled there is read as one too."""
         ids = self.tokenizer(valid_text(text), add_special_tokens=special_tokens, split_special_tokens=False,
                              verbose=False)["input_ids"]
         return ids[:len(ids) - self.appended(ids)] if special_tokens else ids

@@ -222,3 +222,28 @@ def test_the_unsharded_copy_shares_replicated_frozen_weights_and_keeps_ties():
     filled = fill_unsharded(copy, values)
     assert filled.lm.get_output_embeddings().weight is filled.lm.get_input_embeddings().weight
     assert all(torch.equal(p, original[n]) for n, p in filled.named_parameters())
+
+
+def test_a_script_running_a_trainer_exits_without_an_ignored_exception(saved, tmp_path):
+    """The streams' generators were finalized after interpreter teardown had cleared their module, and a script that
+    ran `Trainer.run()` ended with "Exception ignored in: <generator object iterate_stream ...> TypeError: 'NoneType'
+    object is not callable" (here, as in the review's script, the order of teardown that `import flamingo` and
+    `build_model` at the script's top make). The trainer closes them at exit, while the modules still exist."""
+    path, directory = saved
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "import flamingo\n"
+        "from flamingo.train.config import load_config\n"
+        "from flamingo.train.trainer import Trainer, build_model\n"
+        "path, directory, out = sys.argv[1:]\n"
+        "model, processor = flamingo.load_pretrained(directory)\n"
+        "config = load_config(path, ['train.progress=false', 'train.steps=2', f'train.output_dir={out}'])\n"
+        "trainer = Trainer(config, model=model, processor=processor)\n"
+        "trainer.run()\n"
+        "print('trained', trainer.step)\n")
+    result = subprocess.run([sys.executable, str(script), path, directory, str(tmp_path / "run")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained 2" in result.stdout
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]

@@ -53,6 +53,15 @@ def next_batch(sources: Mapping[str, Any], iterators: MutableMapping[str, Iterat
         return next(iterators[name])
 
 
+def close_iterators(iterators: MutableMapping[str, Iterator[Any]]) -> None:
+    """Close the sources' iterators (a stream's generator closes its shards) and forget them."""
+    for iterator in iterators.values():
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    iterators.clear()
+
+
 class WeightedMixture:
     """Endless (name, batch) pairs from `sources`, drawing a source by `weights` with a `MixtureSampler`.
 

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Iterator, Optional, Protocol, Sequence
@@ -29,7 +30,7 @@ from ..config import BACKBONE_DIRS, CONFIG_NAME, TRAIN_CONFIG_NAME, FlamingoConf
 from ..convert.auto import checkpoint_format, load_model
 from ..data.build import build_sources
 from ..data.kinds import resolve_options
-from ..data.mixture import MixtureSampler, next_batch
+from ..data.mixture import MixtureSampler, close_iterators, next_batch
 from ..model import lora
 from ..model.backbones import lm_max_positions
 from ..model.feature_cache import VisionFeatureCache
@@ -466,6 +467,9 @@ class Trainer:
         if self.world > 1 and t.distributed == "fsdp":
             self.blank_frame = processor.preprocess_media(Image.new("RGB", (8, 8))).to(self.device)  # (F, C, H, W)
         self.iterators: dict[str, Iterator[dict[str, Any]]] = {}
+        # closed when the trainer goes or at interpreter exit, while the modules a stream's `finally` calls still
+        # exist (the garbage collector would finalize them after the modules are torn down: "Exception ignored")
+        weakref.finalize(self, close_iterators, self.iterators)
         self.step, self.resumed = 0, False  # `_resume` sets both from a checkpoint
         self._runs = 0  # `run` calls so far: a later one continues the run (from `step`), its logs included
         self.flop_counts: Optional[FlopCounts] = None  # taken at the first step (flops.flop_counts)

@@ -10,6 +10,7 @@ from ..config import QUANTIZE_MODES
 from ..runtime.arguments import finite_float, non_negative_float
 from ..runtime.dtypes import DTYPE_NAMES, torch_dtype
 from ..runtime.quiet import quiet_transformers
+from .captioning import CAPTION_DEMOS, check_caption_demos
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
 from .extras import check_requirements
@@ -95,6 +96,9 @@ def add_eval_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--demo-answer", choices=DEMO_ANSWERS, default=None,
                    help="vqa: the answer a demo shows, its annotation's consensus multiple_choice_answer "
                         "(consensus, the default) or its first human answer (first: OpenFlamingo's prompts)")
+    p.add_argument("--caption-demos", choices=list(CAPTION_DEMOS), default=None,
+                   help="captioning: the Karpathy splits demos come from, every training image (train+restval, the "
+                        "default; COCO's 113k) or train alone (train: OpenFlamingo's demo pool, COCO's 83k)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--length-penalty", type=finite_float, default=None,
@@ -149,6 +153,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .runner import evaluate, markdown_table
 
     check_task_options(args.task, args.rank_by, args.demo_answer, flags=True)  # before the model loads
+    check_caption_demos(args.task, args.caption_demos, flags=True)
     if args.server:
         _check_server_flags(args)
     if args.device is not None:
@@ -174,7 +179,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                progress=not args.no_progress, generation=generation or None,
                                cider_tokenizer=args.cider_tokenizer, vision_cache_mb=args.vision_cache_mib,
                                chat=args.chat, demo_separator=args.demo_separator, rank_by=args.rank_by,
-                               demo_answer=args.demo_answer)
+                               demo_answer=args.demo_answer, caption_demos=args.caption_demos)
         except ServerError as e:
             raise ValueError(str(e)) from None
         if rank() == 0:

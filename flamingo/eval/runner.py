@@ -26,6 +26,7 @@ from ..processing import FlamingoProcessor
 from ..runtime import figure, init_process_group_from_env
 from ..runtime.checkpoint_io import atomic_file
 from ..runtime.hub import HF_DATASET, dataset_dir
+from .captioning import CaptioningTask, check_caption_demos
 from .demos import (
     ZERO_SHOT_TEXT_DEMOS,
     DemoSelector,
@@ -160,7 +161,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
              generation: Optional[dict[str, Any]] = None, cider_tokenizer: str = "auto",
              vision_cache_mb: Optional[float] = None, chat: bool = False,
              demo_separator: Optional[str] = None, rank_by: Optional[str] = None,
-             demo_answer: Optional[str] = None) -> dict[str, Any]:
+             demo_answer: Optional[str] = None, caption_demos: Optional[str] = None) -> dict[str, Any]:
     """Few-shot evaluation of `model` on `task` (a name from `flamingo.eval.TASKS` or a `Task`) read from `data_dir`;
     `model` in-process, or a `RemoteModel` (a server predicts; random demos, greedy decoding: eval/remote.py).
 
@@ -182,6 +183,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     mean over the candidate's own tokens, OpenFlamingo's ImageNet and HatefulMemes ranking); None: the task's.
     demo_answer: which answer a VQA demo shows: "consensus" (its `multiple_choice_answer`, the default) or "first"
     (its first human answer, as OpenFlamingo's evaluate.py; `VQATask.demo_answer`); refused for other tasks.
+    caption_demos: the Karpathy splits captioning's demos come from: "train+restval" (the default) or "train" (as
+    OpenFlamingo's evaluate.py; `CaptioningTask.caption_demos`); refused for other tasks.
     model_name: what the results call the model (default: the directory it was loaded from, `model.name_or_path`,
     else its LM's name; a server's URL).
     Writes predictions/*.jsonl, results.json, results.md and results.png (with matplotlib) to `out_dir` (rank 0)
@@ -196,9 +199,13 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer,
                         demo_separator=demo_separator, rank_by=rank_by, demo_answer=demo_answer)
-    elif any(v is not None for v in (template, answer_prefix, demo_separator, rank_by, demo_answer)):
-        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` / `demo_answer` only with "
-                         "a task name (a Task instance has its own)")
+        check_caption_demos(task.name, caption_demos)
+        if caption_demos is not None:
+            assert isinstance(task, CaptioningTask)  # check_caption_demos lets only the captioning task through
+            task.caption_demos = caption_demos
+    elif any(v is not None for v in (template, answer_prefix, demo_separator, rank_by, demo_answer, caption_demos)):
+        raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` / `demo_answer` / "
+                         "`caption_demos` only with a task name (a Task instance has its own)")
     check_requirements(task)  # its metric's and media's packages, before the first query rather than after a pass
     if chat and demo_separator is not None:
         raise ValueError("demo_separator applies to template prompts: with chat, the chat format separates the turns")
@@ -289,6 +296,7 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
                      "world_size": world_size(), "kind": task.kind,
                      "rank_by": task.rank_by if task.kind == "rank" else None,
                      "demo_answer": task.demo_answer if isinstance(task, VQATask) else None,
+                     "caption_demos": getattr(task, "caption_demos", None) if task.name == "captioning" else None,
                      "generation": task.generation_settings(generation) if task.kind == "generate" else None,
                      **weights_format(model)},
     }

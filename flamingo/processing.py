@@ -16,7 +16,6 @@ import json
 import math
 import numbers
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -32,7 +31,7 @@ from .references import DECLARATION, reference_token, resolve_declarations
 from .runtime.checkpoint_io import check_named
 from .runtime.compat import TRANSFORMERS, keep_special_tokens_kwargs
 from .runtime.hub import local_or_hub, metadata_dir
-from .runtime.media_formats import image_formats
+from .runtime.media_formats import open_image
 from .runtime.text import valid_text
 from .video import (  # noqa: F401 (MAX_ASPECT_RATIO re-exported)
     MAX_ASPECT_RATIO,
@@ -678,12 +677,10 @@ class FlamingoProcessor:
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             return decode_video(str(path), fps=self.video_fps, max_frames=self.max_frames, max_pixels=max_pixels)
         try:
-            with warnings.catch_warnings():
-                # Pillow warns of an image over its MAX_IMAGE_PIXELS (the cap) and below twice it, which
-                # `image_frames` then refuses by the same header size: the refusal alone is shown
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path, formats=image_formats()) as im:  # raster readers only (runtime/media_formats)
-                    return image_frames(im, self.video_fps, self.max_frames, max_pixels=max_pixels)
+            # raster readers only, without Pillow's warning of an image over its MAX_IMAGE_PIXELS (the cap), which
+            # `image_frames` refuses by the same header size: the refusal alone is shown (runtime/media_formats)
+            with open_image(path) as im:
+                return image_frames(im, self.video_fps, self.max_frames, max_pixels=max_pixels)
         except UnidentifiedImageError as e:  # no image PIL knows: a video under another name (.ts, .mts, none)?
             return self._video_named_otherwise(path, e, max_pixels)
         except TooManyPixels as e:

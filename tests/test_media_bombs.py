@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -423,6 +425,34 @@ def test_an_image_over_the_processors_cap_shows_its_refusal_alone(tmp_path, monk
         assert name in str(refused.value) and "PIL.Image.MAX_IMAGE_PIXELS" in str(refused.value)
         assert refused.value.max_pixels == 4096
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_images_opened_on_two_threads_at_once_leave_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """Pillow's warning was silenced in a `catch_warnings` block around each opening: warnings' filters are one list
+    for the process, and two threads' blocks that overlapped restored each other's, leaving the "ignore" in place for
+    good. Openings now take turns while it is silenced; here thread B opens while A is inside its opening."""
+    processor = _processor()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "small.png")
+    opened, a_inside, b_inside = Image.open, threading.Event(), threading.Event()
+
+    def open_slowly(*args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_inside.set()
+            b_inside.wait(1.0)  # B, if it is let in, opens now
+        else:
+            b_inside.set()
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_slowly)
+    before = list(warnings.filters)
+    a = threading.Thread(target=processor.load_media, args=(tmp_path / "small.png",), name="A")
+    b = threading.Thread(target=processor.load_media, args=(tmp_path / "small.png",), name="B")
+    a.start()
+    assert a_inside.wait(30)
+    b.start()
+    a.join()
+    b.join()
+    assert warnings.filters == before
 
 
 def test_the_processors_refusals_by_the_cap_are_typed_with_their_size(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from PIL import Image
 from ..processing import check_animation_pixels, default_max_pixels
 from ..runtime.checkpoint_io import blocking_file
 from ..runtime.data_url import is_data_url
-from ..runtime.media_formats import image_formats
+from ..runtime.media_formats import open_image
 from ..runtime.text import valid_text
 from ..video import TooLong, TooManyPixels, import_av
 from .errors import SkipSample, merge_counts
@@ -184,7 +184,7 @@ def _image_member(path: str, key: str) -> tuple[str, bytes]:
     if _ext(path) in IMAGE_EXTS:
         return f"{key}.{_ext(path)}", data
     try:
-        with Image.open(io.BytesIO(data), formats=image_formats()) as image:
+        with open_image(io.BytesIO(data)) as image:
             fmt = (image.format or "").lower()
             ext = FORMAT_EXTS.get(fmt, fmt)
             if ext in IMAGE_EXTS:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, default_max_pixels, image_frames
 from ..runtime.lru import LRU
-from ..runtime.media_formats import image_formats
+from ..runtime.media_formats import open_image
 from ..runtime.text import bom_codec, file_encoding
 from ..video import TooLong, decode_video
 from .errors import SkipSample
@@ -571,7 +571,7 @@ def decode_frames(data: bytes, name: str, fps: float = 1.0, max_frames: int = 8,
     `default_max_pixels`: each frame by its header, an animation's frames x canvas by its frame count, before any is
     decoded); SkipSample(`bad`) when they do not decode or are refused."""
     try:
-        with Image.open(io.BytesIO(data), formats=image_formats()) as im:
+        with open_image(io.BytesIO(data)) as im:  # (no Pillow warning before the refusal by the size)
             return image_frames(im, fps, max_frames, max_pixels=default_max_pixels())
     except TooLong as e:
         raise SkipSample(bad, f"{name}: an animation {e}") from e

@@ -6,6 +6,13 @@ files, sockets and URLs the file names."""
 
 from __future__ import annotations
 
+import threading
+import warnings
+from typing import IO, TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
 # Pillow's raster readers (its format names, as `Image.open(..., formats=...)` takes them; each must be one of
 # `PIL.Image.OPEN`). JPEG's reader opens MPO too (a JPEG holding a second image); PNG's opens APNG.
 _IMAGE_READERS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
@@ -38,3 +45,21 @@ def image_formats() -> tuple[str, ...]:
 
     Image.init()  # every reader registered
     return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+# Held while Pillow's DecompressionBombWarning is silenced (`open_image`): warnings' filters are one list for the
+# whole process, and two threads' `catch_warnings` blocks that overlap restore each other's filters, leaving one in
+# place for good. Only a file's header is read under it.
+_SILENCED = threading.Lock()
+
+
+def open_image(source: Union[str, IO[bytes]]) -> "PILImage.Image":
+    """`Image.open(source)` with `image_formats()`' readers only, without Pillow's DecompressionBombWarning for an
+    image over its `MAX_IMAGE_PIXELS` and below twice it: every reader checks the size itself and refuses with the
+    size and its own cap (`image_frames`, the server's), so the warning would only come first. Over twice it Pillow
+    still raises DecompressionBombError."""
+    from PIL import Image
+
+    with _SILENCED, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source, formats=image_formats())

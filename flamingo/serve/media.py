@@ -32,7 +32,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -41,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..processing import VIDEO_EXTENSIONS, animatable_image, image_frames
 from ..runtime.data_url import BARE_BASE64, decode_data_url, is_bare_base64, is_data_url, media_kind
-from ..runtime.media_formats import IMAGE_FORMAT_NAMES, VIDEO_CONTAINER_NAMES, image_formats
+from ..runtime.media_formats import IMAGE_FORMAT_NAMES, VIDEO_CONTAINER_NAMES, open_image
 from ..video import TooLong, TooManyPixels, UnlistedContainer, decode_video, open_container
 from .protocol import APIError
 
@@ -343,15 +342,13 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
     """An image file's bytes -> its image, or an animation's frames (`image_frames`); a file no image reader knows,
     the frames of the video it may be (`_decode_video`)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=image_formats()) as im:  # raster readers only: EPS runs gs
-                width, height = im.size  # from the header: nothing decoded yet
-                if width * height > policy.max_pixels:
-                    raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "
-                                        "pixels per image")
-                frames = image_frames(im, fps, max_frames, policy.max_video_seconds, policy.max_pixels)
-                return frames[0] if len(frames) == 1 else frames
+        with open_image(io.BytesIO(data)) as im:  # raster readers only (EPS runs gs); Pillow's warning silenced
+            width, height = im.size  # from the header: nothing decoded yet
+            if width * height > policy.max_pixels:
+                raise APIError(400, f"{name}: {width}x{height} is more than the server's {policy.max_pixels} "
+                                    "pixels per image")
+            frames = image_frames(im, fps, max_frames, policy.max_video_seconds, policy.max_pixels)
+            return frames[0] if len(frames) == 1 else frames
     except APIError:
         raise
     except TooLong as e:  # (before TooManyPixels: an animation of too many frames x canvas is both)
@@ -359,7 +356,7 @@ def _decode_image(data: bytes, policy: MediaPolicy, name: str, fps: float, max_f
     except TooManyPixels as e:  # a later page of a multi-page TIFF, by its header
         raise APIError(400, f"{name}: frame {e.frame} is {e.width}x{e.height}, more than the server's "
                             f"{policy.max_pixels} pixels per image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:  # over twice Pillow's MAX_IMAGE_PIXELS, refused on opening
         raise APIError(400, f"{name}: refused as a decompression bomb: {e}") from None
     except UnidentifiedImageError:  # no image reader knows the file: a video under another name (.ts, .mts, none)?
         pass

@@ -179,12 +179,13 @@ def _cmd_convert_open_flamingo(args: argparse.Namespace) -> int:
 
 def _cmd_convert_mmgpt(args: argparse.Namespace) -> int:
     from .convert.mmgpt import CLIP_VIT_L, MMGPT_LORA_URL, convert_mmgpt, published_base
+    from .model.cast import to_dtype
 
     _check_convert_out(args, args.finetune, args.base, args.lm, args.vision, args.tokenizer)
     model, processor = convert_mmgpt(args.finetune or MMGPT_LORA_URL, published_base(args.base), args.lm,
                                      args.tokenizer, vision=args.vision or CLIP_VIT_L, merge_lm_lora=args.merge_lora)
     if args.dtype:
-        model.to(torch_dtype(args.dtype))
+        to_dtype(model, torch_dtype(args.dtype))  # as every converter casts: the LM's rotary frequencies stay float32
     model.save_pretrained(args.out, trained_only=args.trained_only, processor=processor)
     adapters = "merged into the LM" if args.merge_lora else f"kept as lm_lora {model.config.lm_lora}"
     print(f"wrote {args.out} (Multimodal-GPT: the LM's LoRA adapters {adapters})")

@@ -10,7 +10,7 @@ from ..config import QUANTIZE_MODES
 from ..runtime.arguments import finite_float, non_negative_float
 from ..runtime.dtypes import DTYPE_NAMES, torch_dtype
 from ..runtime.quiet import quiet_transformers
-from .captioning import CAPTION_DEMOS, check_caption_demos
+from .captioning import CAPTION_DEMOS
 from .cider import TOKENIZERS
 from .demos import METHODS, ZERO_SHOT
 from .extras import check_requirements
@@ -152,8 +152,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .remote import RemoteModel, ServerError
     from .runner import evaluate, markdown_table
 
-    check_task_options(args.task, args.rank_by, args.demo_answer, flags=True)  # before the model loads
-    check_caption_demos(args.task, args.caption_demos, flags=True)
+    # before the model loads
+    check_task_options(args.task, args.rank_by, args.demo_answer, args.caption_demos, flags=True)
     if args.server:
         _check_server_flags(args)
     if args.device is not None:

@@ -26,7 +26,6 @@ from ..processing import FlamingoProcessor
 from ..runtime import figure, init_process_group_from_env
 from ..runtime.checkpoint_io import atomic_file
 from ..runtime.hub import HF_DATASET, dataset_dir
-from .captioning import CaptioningTask, check_caption_demos
 from .demos import (
     ZERO_SHOT_TEXT_DEMOS,
     DemoSelector,
@@ -198,11 +197,8 @@ def evaluate(model: Union[Flamingo, RemoteModel], processor: FlamingoProcessor, 
     init_process_group_from_env()
     if isinstance(task, str):
         task = get_task(task, template=template, answer_prefix=answer_prefix, cider_tokenizer=cider_tokenizer,
-                        demo_separator=demo_separator, rank_by=rank_by, demo_answer=demo_answer)
-        check_caption_demos(task.name, caption_demos)
-        if caption_demos is not None:
-            assert isinstance(task, CaptioningTask)  # check_caption_demos lets only the captioning task through
-            task.caption_demos = caption_demos
+                        demo_separator=demo_separator, rank_by=rank_by, demo_answer=demo_answer,
+                        caption_demos=caption_demos)
     elif any(v is not None for v in (template, answer_prefix, demo_separator, rank_by, demo_answer, caption_demos)):
         raise ValueError("pass `template` / `answer_prefix` / `demo_separator` / `rank_by` / `demo_answer` / "
                          "`caption_demos` only with a task name (a Task instance has its own)")

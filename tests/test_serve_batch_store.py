@@ -1,6 +1,7 @@
 """The Batch API's store (serve/batch_store.py): the places of deleted and expired files, which a files list's `after`
 may name, outlive the server (persisted in `gone_files.jsonl`), bounded to the latest `GONE_FILES_KEPT`, and a line
-torn by a crash costs only itself; the log's synced writes run off the event loop, before the object goes."""
+torn by a crash costs only itself; the log's synced writes run off the event loop, before the object goes; so do the
+records' writes, in the order they were made, each of the record as it was at the call."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import asyncio
 import json
 import os
 import threading
+import time
+
+import pytest
 
 from flamingo.serve import batch_store
 from flamingo.serve.batch_store import BatchStore
@@ -16,7 +20,7 @@ from flamingo.serve.batch_store import BatchStore
 def _add(store: BatchStore, name: str) -> str:
     file_id = batch_store.new_id("file-")
     size = store.write_content(file_id, lambda f: f.write(b"{}\n"))
-    store.add_file(file_id, size, name, "batch")
+    asyncio.run(store.add_file(file_id, size, name, "batch"))
     return file_id
 
 
@@ -129,3 +133,112 @@ def test_a_deletion_whose_caller_is_cancelled_still_reaches_the_disk(tmp_path, m
     store._disk.shutdown(wait=True)  # the queued work runs to its end
     again = BatchStore(str(tmp_path))
     assert not again.files and set(again.gone_files) == {first, second}
+
+
+def _on_disk(root, batch_id: str) -> dict:
+    return json.loads((root / "batches" / f"{batch_id}.json").read_text())["body"]
+
+
+def test_records_are_written_off_the_loop(tmp_path, monkeypatch):
+    """An upload, a batch's creation and its status change each sync twice (the record, its directory): fsync blocks
+    for milliseconds, seconds on a network disk, and on the loop it stalled every streaming answer that long. The
+    loop serves while they sync, and each record is on disk when its call returns."""
+    store = BatchStore(str(tmp_path))
+    file_id = batch_store.new_id("file-")
+    size = store.write_content(file_id, lambda f: f.write(b"{}\n"))
+    synced_on = []
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # a slow disk
+        synced_on.append(threading.get_ident())
+        time.sleep(0.2)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def ticking(write) -> int:
+        """The loop's 10 ms ticks while `write` is awaited."""
+        ticks, done = [0], asyncio.Event()
+
+        async def tick() -> None:
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                ticks[0] += 1
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)  # the ticker starts
+        await write()
+        done.set()
+        await ticker
+        return ticks[0]
+
+    async def run() -> tuple[list[int], int]:
+        body = {"id": "batch_1", "object": "batch", "status": "validating"}
+        uploaded = await ticking(lambda: store.add_file(file_id, size, "f.jsonl", "batch"))
+        created = await ticking(lambda: store.add_batch(body, 3600))
+        assert _on_disk(tmp_path, "batch_1")["status"] == "validating"
+        store.batches["batch_1"].body["status"] = "in_progress"
+        changed = await ticking(lambda: store.save_batch(store.batches["batch_1"]))
+        return [uploaded, created, changed], threading.get_ident()
+
+    ticks, loop_thread = asyncio.run(run())
+    assert all(n >= 10 for n in ticks), ticks  # two 0.2 s fsyncs each: ~40 ticks; 0 when they block the loop
+    assert synced_on and loop_thread not in synced_on
+    again = BatchStore(str(tmp_path))
+    assert list(again.files) == [file_id] and again.batches["batch_1"].body["status"] == "in_progress"
+    assert again.batches["batch_1"].body["expires_at"] == again.batches["batch_1"].body["created_at"] + 3600
+
+
+def test_a_records_writes_reach_the_disk_in_order_each_as_it_was_at_its_call(tmp_path, monkeypatch):
+    """The worker changes a batch while an earlier write of it waits on the disk thread; a write whose caller is
+    cancelled (uvicorn's graceful-shutdown timeout, the runner's close) still runs, after the ones made before it: the
+    disk holds the record as the last write's call saw it, not a later change made in memory only."""
+    store = BatchStore(str(tmp_path))
+    started, release = threading.Event(), threading.Event()
+    fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:  # a busy disk: the first write holds the store's thread
+        started.set()
+        release.wait(10)
+        fsync(fd)
+
+    async def run() -> None:
+        record = await store.add_batch({"id": "batch_1", "object": "batch", "status": "validating"}, 3600)
+        monkeypatch.setattr(os, "fsync", held_fsync)
+        record.body["status"] = "in_progress"
+        first = asyncio.create_task(store.save_batch(record))
+        await asyncio.sleep(0)  # queued
+        record.body.update(status="cancelling", request_counts={"total": 2})
+        second = asyncio.create_task(store.save_batch(record))
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        second.cancel()
+        await asyncio.sleep(0)
+        record.body["status"] = "cancelled"  # in memory, not written
+        release.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+
+    asyncio.run(run())
+    store._disk.shutdown(wait=True)  # the queued work runs to its end
+    written = _on_disk(tmp_path, "batch_1")
+    assert written["status"] == "cancelling" and written["request_counts"] == {"total": 2}
+
+
+def test_a_batch_that_cannot_be_written_is_not_listed(tmp_path, monkeypatch):
+    """A full disk as a batch is created: the error reaches the caller, and the batch is neither in memory (listed,
+    never run) nor on disk once dropped."""
+    store = BatchStore(str(tmp_path))
+
+    def full(path: str, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_write", full)
+
+    async def run() -> None:
+        with pytest.raises(OSError):
+            await store.add_batch({"id": "batch_1", "object": "batch", "status": "validating"}, 3600)
+        assert "batch_1" not in store.batches
+        await store.drop_batch("batch_1")
+
+    asyncio.run(run())
+    assert not store.batches and not list((tmp_path / "batches").iterdir())

@@ -779,11 +779,11 @@ def test_a_failed_write_of_a_batch_record_leaves_the_worker_running(model_dir, t
     save = batch_store.BatchStore.save_batch
     failed = []
 
-    def save_once_full(self, record):
+    async def save_once_full(self, record):
         if record.interrupted_runs > 0 and not failed:  # the worker's write as the batch starts
             failed.append(record.body["id"])
             raise OSError(28, "No space left on device")
-        save(self, record)
+        await save(self, record)
 
     monkeypatch.setattr(batch_store.BatchStore, "save_batch", save_once_full)
     with _serving(model_dir, tmp_path / "batches") as url:
@@ -799,7 +799,7 @@ def test_an_upload_onto_a_full_disk_is_507_and_leaves_no_content(served, served_
     """The client is told the server's disk is full (a 5xx it may retry), not 'internal error: OSError'."""
     before = sorted(os.listdir(served_dir / "files"))
 
-    def full(self, path, record):
+    def full(self, path, text):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(batch_store.BatchStore, "_write", full)
@@ -817,10 +817,10 @@ def test_a_batch_created_onto_a_full_disk_is_507_and_not_listed(served, monkeypa
     write = batch_store.BatchStore._write
     before = {b.id for b in client.batches.list()}
 
-    def full(path, record):
+    def full(path, text):
         if "batches" in os.path.basename(os.path.dirname(path)):
             raise OSError(28, "No space left on device")
-        write(path, record)
+        write(path, text)
 
     monkeypatch.setattr(batch_store.BatchStore, "_write", staticmethod(full))
     response = httpx.post(f"{served}/v1/batches", timeout=60, json={

@@ -115,14 +115,14 @@ class BatchRunner:
             body = record.body
             if body["status"] == "cancelling":
                 body.update(status="cancelled", cancelled_at=_now())
-                self.store.save_batch(record)
+                await self.store.save_batch(record)
             elif body["status"] in ACTIVE and record.interrupted_runs >= MAX_INTERRUPTED_RUNS:
                 log.error("batch %s: the server died in each of its last %d runs; it is failed, not run again",
                           body["id"], record.interrupted_runs)
                 body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": [_error(
                     "server_error", f"the server stopped abnormally during each of this batch's last "
                                     f"{record.interrupted_runs} runs (see its log): the batch is not run again")]})
-                self.store.save_batch(record)
+                await self.store.save_batch(record)
             elif body["status"] in ACTIVE:
                 log.info("batch %s was %s when the server stopped: it runs again", body["id"], body["status"])
                 self.submit(record)
@@ -147,7 +147,7 @@ class BatchRunner:
     def submit(self, record: Record) -> None:
         self._queue.put_nowait(record.body["id"])
 
-    def cancel(self, record: Record) -> None:
+    async def cancel(self, record: Record) -> None:
         """Cancel an active batch: the running one stops sending lines, a queued one is cancelled now."""
         body, now = record.body, _now()
         if body["id"] == self.running:
@@ -155,7 +155,7 @@ class BatchRunner:
             self._stop.set()
         else:
             body.update(status="cancelled", cancelling_at=now, cancelled_at=now)
-        self.store.save_batch(record)
+        await self.store.save_batch(record)
 
     async def _work(self) -> None:
         while True:
@@ -164,7 +164,7 @@ class BatchRunner:
                 continue
             self.running, self._stop, self._expired = record.body["id"], asyncio.Event(), False
             record.interrupted_runs += 1  # until the run ends: a process that dies in it leaves it counted
-            self._save(record)
+            await self._save(record)
             try:
                 await self._run(record)
             except Exception as e:  # a batch that cannot run must not stop the ones after it
@@ -175,13 +175,13 @@ class BatchRunner:
             finally:  # ended, cancelled by the server's stop included
                 self.running = None
                 record.interrupted_runs = 0
-                self._save(record)
+                await self._save(record)
 
-    def _save(self, record: Record) -> None:
+    async def _save(self, record: Record) -> None:
         """The worker's writes of a batch's record: one that fails (a full disk) is logged and the worker goes on
         with the next batch; the record on disk stays as it was (an active one runs again on the next start)."""
         try:
-            self.store.save_batch(record)
+            await self.store.save_batch(record)
         except OSError:
             log.exception("writing batch %s's record failed", record.body["id"])
 
@@ -202,7 +202,7 @@ class BatchRunner:
                 body.update(status="cancelled", cancelled_at=_now())
             else:
                 body.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
-            self.store.save_batch(record)
+            await self.store.save_batch(record)
             return
         lines = parse_lines(raw)
         counts = {"total": len(lines), "completed": 0, "failed": sum(line.request is None for line in lines)}
@@ -212,7 +212,7 @@ class BatchRunner:
         if not self._stop.is_set():
             body.update(status="in_progress", in_progress_at=body.get("in_progress_at") or _now())
         body["request_counts"] = counts
-        self.store.save_batch(record)
+        await self.store.save_batch(record)
 
         def counted(k: int, answer: Answer) -> None:
             if not self.accepting():  # stopping: no more lines are sent, and its refusals (503) are no answers
@@ -240,7 +240,7 @@ class BatchRunner:
         cancelled = self._stop.is_set() and not expired
         if not cancelled:
             body.update(status="finalizing", finalizing_at=_now())
-            self.store.save_batch(record)
+            await self.store.save_batch(record)
         succeeded: list[str] = []
         refused: list[str] = []
         prompt = completion = cached = 0
@@ -267,7 +267,7 @@ class BatchRunner:
             body.update(status="cancelled", cancelled_at=_now())
         else:
             body.update(status="completed", completed_at=_now())
-        self.store.save_batch(record)
+        await self.store.save_batch(record)
 
     async def _write_file(self, filename: str, entries: list[str], expires_after: Optional[int]) -> Optional[str]:
         """A batch_output file of `entries` living `expires_after` seconds (None: until deleted); its id (None when
@@ -280,4 +280,4 @@ class BatchRunner:
             f.writelines(e.encode("utf-8") for e in entries)
 
         size = await run_in_threadpool(self.store.write_content, file_id, fill)
-        return self.store.add_file(file_id, size, filename, "batch_output", expires_after).body["id"]
+        return (await self.store.add_file(file_id, size, filename, "batch_output", expires_after)).body["id"]

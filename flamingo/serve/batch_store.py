@@ -12,8 +12,10 @@ log is rewritten whole, as a record is, to its latest `GONE_FILES_KEPT` places o
 `after` names a deleted file's place across restarts too. Ids are random. The
 records live in memory too: the server reads them there and writes each change through to disk. Every method but
 `write_content` runs on the server's event loop; `write_content` touches only its own file and may run in a worker
-thread. A deletion's disk work (the log's synced append or rewrite, then the removals) runs on the store's one disk
-thread, so the loop never waits on fsync and deletions reach the disk one at a time, in the order they were made.
+thread. The synced disk work of the others (a record's write, a deletion's log append or rewrite and removals) runs
+on the store's one disk thread, awaited by its caller: the loop never waits on fsync (every streaming answer would
+stall), and writes reach the disk one at a time, in the order they were made. A record is serialized at the call,
+so the loop may change it while its write waits; a new record enters memory once it is on disk.
 
 A file may expire (OpenAI's `expires_after`): its object has `expires_at`, and `expire_files` deletes it, object and
 content, once `clock()` reaches that second. The routes call it on every access and the runner on a sweep, so an
@@ -156,12 +158,23 @@ class BatchStore:
             records[record.body["id"]] = record
         return records
 
+    async def _on_disk(self, work: Callable[..., None], *args: Any) -> None:
+        """Run `work(*args)` on the store's disk thread, after the work queued before it. Shielded: a cancelled caller
+        (uvicorn's graceful-shutdown timeout, the runner's close) must not drop the queued work, or memory and disk
+        would part (a file gone from memory back after a restart, a batch's last state never written)."""
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._disk, work, *args))
+
+    async def _save_record(self, path: str, record: Record) -> None:
+        """Write `record` as it is now (serialized here, on the loop, which may change it while the write waits)."""
+        text = json.dumps({"created_ns": record.created_ns, "body": record.body,
+                           "output_expires_after": record.output_expires_after,
+                           "interrupted_runs": record.interrupted_runs})
+        await self._on_disk(self._write, path, text)
+
     @staticmethod
-    def _write(path: str, record: Record) -> None:
+    def _write(path: str, text: str) -> None:
         with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"created_ns": record.created_ns, "body": record.body,
-                       "output_expires_after": record.output_expires_after,
-                       "interrupted_runs": record.interrupted_runs}, f)
+            f.write(text)
 
     def content_path(self, file_id: str) -> str:
         return os.path.join(self.files_dir, file_id + ".data")
@@ -175,16 +188,17 @@ class BatchStore:
             size = os.path.getsize(tmp)
         return size
 
-    def add_file(self, file_id: str, size: int, filename: str, purpose: str,
-                 expires_after: Optional[int] = None) -> Record:
-        """The object of a file whose content is written; expires_after: seconds it lives (None: until deleted)."""
+    async def add_file(self, file_id: str, size: int, filename: str, purpose: str,
+                       expires_after: Optional[int] = None) -> Record:
+        """The object of a file whose content is written; expires_after: seconds it lives (None: until deleted). In
+        `files` once its object is on disk."""
         now = time.time_ns()
         created_at = now // 10**9
         expires_at = None if expires_after is None else created_at + expires_after
         record = Record({"id": file_id, "object": "file", "bytes": size, "created_at": created_at,
                          "filename": filename, "purpose": purpose, "status": "processed", "expires_at": expires_at,
                          "status_details": None}, now)
-        self._write(os.path.join(self.files_dir, file_id + ".json"), record)
+        await self._save_record(os.path.join(self.files_dir, file_id + ".json"), record)
         self.files[file_id] = record
         return record
 
@@ -195,10 +209,7 @@ class BatchStore:
             self.gone_files[file_id] = created_ns
             if len(self.gone_files) > GONE_FILES_KEPT:
                 del self.gone_files[next(iter(self.gone_files))]
-        # shielded: a cancelled caller (uvicorn's graceful-shutdown timeout, the runner's sweep on close) must not
-        # drop the queued disk work, or the file, gone from memory, would be back after a restart
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._disk, self._delete_on_disk, file_id,
-                                                                        created_ns))
+        await self._on_disk(self._delete_on_disk, file_id, created_ns)
 
     def _delete_on_disk(self, file_id: str, created_ns: int) -> None:
         try:
@@ -209,8 +220,7 @@ class BatchStore:
                         file_id, e)
         # the object first (no object, no file); a part already gone is no error
         for path in (os.path.join(self.files_dir, file_id + ".json"), self.content_path(file_id)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            self._remove(path)
 
     async def expire_files(self) -> list[str]:
         """Delete the files whose `expires_at` has come; their ids."""
@@ -222,19 +232,30 @@ class BatchStore:
                 await self.delete_file(file_id)
         return gone
 
-    def add_batch(self, body: dict[str, Any], output_expires_after: Optional[int] = None) -> Record:
-        """A new batch object (its `created_at` set here); output_expires_after: seconds its output files live."""
+    async def add_batch(self, body: dict[str, Any], window: int, output_expires_after: Optional[int] = None
+                        ) -> Record:
+        """A new batch object, its `created_at` set here and `expires_at` `window` seconds later (its completion
+        window); output_expires_after: seconds its output files live. In `batches` once it is on disk: a failed
+        write (a full disk) lists no batch that never runs."""
         now = time.time_ns()
-        record = Record({**body, "created_at": now // 10**9}, now, output_expires_after)
-        self.save_batch(record)  # written first: a failed write (a full disk) lists no batch that never runs
+        created_at = now // 10**9
+        record = Record({**body, "created_at": created_at, "expires_at": created_at + window}, now,
+                        output_expires_after)
+        await self.save_batch(record)
         self.batches[body["id"]] = record
         return record
 
-    def drop_batch(self, batch_id: str) -> None:
-        """Forget a batch whose creation failed half way, on disk too."""
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget a batch whose creation failed half way (its record renamed into place, its directory not synced),
+        on disk too."""
         self.batches.pop(batch_id, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.batches_dir, batch_id + ".json"))
+        await self._on_disk(self._remove, os.path.join(self.batches_dir, batch_id + ".json"))
 
-    def save_batch(self, record: Record) -> None:
-        self._write(os.path.join(self.batches_dir, record.body["id"] + ".json"), record)
+    @staticmethod
+    def _remove(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    async def save_batch(self, record: Record) -> None:
+        """Write a batch's record as it is now; writes reach the disk in the order of the calls."""
+        await self._save_record(os.path.join(self.batches_dir, record.body["id"] + ".json"), record)

@@ -215,7 +215,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         file_id = new_id("file-")
         try:
             size = await run_in_threadpool(s.write_content, file_id, lambda f: shutil.copyfileobj(upload.file, f))
-            record = s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose, expires_after)
+            record = await s.add_file(file_id, size, upload.filename or "upload.jsonl", purpose, expires_after)
         except OSError as e:
             with contextlib.suppress(OSError):  # no content left behind without its object
                 os.remove(s.content_path(file_id))
@@ -274,21 +274,19 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         if source.body["purpose"] != "batch":
             raise APIError(400, f"the input file {req.input_file_id!r} has purpose {source.body['purpose']!r}, "
                                 "not 'batch'", param="input_file_id")
-        timestamps = dict.fromkeys(("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
-                                    "expired_at", "cancelling_at", "cancelled_at"))
+        timestamps = dict.fromkeys(("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                                    "cancelling_at", "cancelled_at"))
         batch_id = new_id("batch_")
         try:
-            record = s.add_batch({
+            record = await s.add_batch({
                 "id": batch_id, "object": "batch", "endpoint": req.endpoint, "model": model_name, "errors": None,
                 "input_file_id": req.input_file_id, "completion_window": req.completion_window,
                 "status": "validating", "output_file_id": None, "error_file_id": None, **timestamps,
                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata,
-                "usage": None},
+                "usage": None}, COMPLETION_WINDOWS[req.completion_window],
                 output_expires_after=None if req.output_expires_after is None else req.output_expires_after.seconds)
-            record.body["expires_at"] = record.body["created_at"] + COMPLETION_WINDOWS[req.completion_window]
-            s.save_batch(record)
         except OSError as e:
-            s.drop_batch(batch_id)  # no batch listed that never runs
+            await s.drop_batch(batch_id)  # no batch listed that never runs
             raise storage_error(e, "the batch was not created") from None
         assert runner is not None  # a store comes with its runner
         runner.submit(record)
@@ -308,7 +306,7 @@ def mount_batch_api(app: FastAPI, engine: Engine, batch_dir: Optional[str], *, a
         status = record.body["status"]
         if status in ("validating", "in_progress"):
             assert runner is not None
-            runner.cancel(record)
+            await runner.cancel(record)
         elif status not in ("cancelling", "cancelled"):
             raise APIError(409, f"a batch that is {status} cannot be cancelled", code="invalid_state")
         return JSONResponse(record.body)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
 from flamingo import load_pretrained  # noqa: E402
 from flamingo.convert import convert_openflamingo, load_openflamingo_lm  # noqa: E402
+from flamingo.convert.lm_families import check_mpt  # noqa: E402
 from flamingo.peers.openflamingo import build_openflamingo  # noqa: E402
 from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_tokenizer, tiny_vision  # noqa: E402
 
@@ -112,12 +113,32 @@ def test_family_loads_onto_a_shipped_class_and_equals_openflamingo(family, tmp_p
     assert ids.shape == (1, single["input_ids"].shape[1] + 3)
 
 
-@pytest.mark.parametrize("option,reason", [({"qk_ln": True}, "QK LayerNorm"), ({"prefix_lm": True}, "prefix-LM")])
+@pytest.mark.parametrize("option,reason", [
+    ({"qk_ln": True}, "QK LayerNorm"), ({"prefix_lm": True}, "prefix-LM"),
+    ({"alibi_bias_max": 4}, "alibi_bias_max 4"),  # transformers' slopes are for 8 whatever the config says
+    ({"norm_type": "rmsnorm"}, "norm_type 'rmsnorm'"),  # RMSNorm weights fit its bias-less LayerNorm exactly
+    ({"norm_type": "low_precision_rmsnorm"}, "norm_type 'low_precision_rmsnorm'"),
+    ({"ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "silu"}}}, "ffn_act_fn .*'silu'"),
+    ({"ffn_config": {"ffn_act_fn": {"name": "gelu", "approximate": "tanh"}}}, "ffn_act_fn .*'tanh'"),
+])
 def test_what_transformers_mpt_cannot_compute_is_refused(option, reason, tmp_path):
     """transformers' MPT ignores these options silently; the loader says why it refuses instead."""
-    write_mpt_7b_layout(_mpt(), tmp_path / "lm", **option)
+    attn = {k: v for k, v in option.items() if k not in ("norm_type", "ffn_config")}
+    write_mpt_7b_layout(_mpt(), tmp_path / "lm", **attn)
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({**config, **{k: v for k, v in option.items()
+                                                                          if k not in attn}}))
     with pytest.raises(ValueError, match=reason):
         load_openflamingo_lm(str(tmp_path / "lm"))
+
+
+def test_what_transformers_mpt_computes_is_accepted():
+    """MPT-7B's own settings, written out or left to their defaults: LayerNorm (in low precision or not), exact
+    GELU, ALiBi for 8."""
+    for config in ({}, {"norm_type": "layernorm", "attn_config": {"alibi": True, "alibi_bias_max": 8},
+                        "ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "gelu", "approximate": "none"}}},
+                   {"norm_type": "low_precision_layernorm", "ffn_config": {"ffn_act_fn": None}}):
+        check_mpt(config, {})
 
 
 def test_convert_command_takes_openflamingo_3b_layout_and_loads_back(tmp_path):

@@ -8,7 +8,8 @@
 - `mpt` (MPT-7B): the remote code's key names are transformers' own, and transformers 5 builds its own class from the
   config even with the remote code's `auto_map`, but silently ignores the options its class lacks. The options are
   checked here: QK LayerNorm, biases, prefix-LM, sequence-id masking, learned positions, a logit scale, a non-GELU or
-  non-4x MLP, no ALiBi: any of them makes transformers' class compute another function, so the load refuses.
+  non-4x MLP, no ALiBi or ALiBi slopes for another `alibi_bias_max` than 8, a norm other than LayerNorm (RMSNorm):
+  any of them makes transformers' class compute another function, so the load refuses.
 Weights are read from safetensors, or `.bin` files with `torch.load(weights_only=True)` (no pickle code runs).
 """
 
@@ -44,14 +45,23 @@ def check_mpt(remote: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None
         problems.append("QK LayerNorm (attn qk_ln)")
     if not attn.get("alibi", True):
         problems.append("learned positions instead of ALiBi")
+    if attn.get("alibi_bias_max", 8) != 8:  # transformers builds the slopes for 8 whatever its config says
+        problems.append(f"ALiBi slopes for alibi_bias_max {attn['alibi_bias_max']!r} (transformers' are for 8)")
     if attn.get("prefix_lm") or attn.get("attn_uses_sequence_id"):
         problems.append("prefix-LM / sequence-id attention")
     if attn.get("rope"):
         problems.append("rotary positions")
     if remote.get("expansion_ratio", 4) != 4:
         problems.append(f"an MLP of {remote['expansion_ratio']}x (transformers' is 4x)")
-    if (remote.get("ffn_config") or {}).get("ffn_type", "mptmlp") != "mptmlp":
-        problems.append(f"ffn_type {remote['ffn_config']['ffn_type']!r}")
+    ffn = remote.get("ffn_config") or {}
+    if ffn.get("ffn_type", "mptmlp") != "mptmlp":
+        problems.append(f"ffn_type {ffn['ffn_type']!r}")
+    act = ffn.get("ffn_act_fn") or {}  # MPT's default: exact GELU, transformers' only activation
+    if act and (not isinstance(act, dict) or act.get("name") != "gelu" or act.get("approximate", "none") != "none"):
+        problems.append(f"ffn_act_fn {act!r} (transformers' MLP is exact GELU)")
+    norm = remote.get("norm_type", "low_precision_layernorm")
+    if norm not in ("layernorm", "low_precision_layernorm"):  # "low_precision": LayerNorm under autocast
+        problems.append(f"norm_type {norm!r} (transformers' MPT computes LayerNorm)")
     if remote.get("logit_scale") not in (None, 1, 1.0):
         problems.append(f"logit_scale {remote['logit_scale']!r}")
     if remote.get("embedding_fraction", 1.0) != 1.0:

@@ -117,12 +117,15 @@ def continuous_batch_greedy(model: Flamingo, processor: Any, prompts: Sequence[t
 
 def write_openflamingo_files(peer: Any, vision: Any, lm: Any, tok: Any, directory: Path,
                              name: str = "checkpoint.pt") -> list[str]:
-    """A released-style checkpoint file of the peer (its perceiver and blocks) and its backbones as directories, as
-    `flamingo convert open-flamingo` takes them: the command's `--checkpoint F --vision V --lm L` arguments."""
+    """A released-style checkpoint file of the peer (its perceiver, blocks and LM input table) and its backbones as
+    directories, as `flamingo convert open-flamingo` takes them: the command's `--checkpoint F --vision V --lm L`
+    arguments."""
     from flamingo.tiny import tiny_image_processor
 
-    torch.save({k: v for k, v in peer.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gated"))},
-               directory / name)
+    table = peer.lang_encoder.get_input_embeddings().weight
+    table_key = next(f"lang_encoder.{n}" for n, p in peer.lang_encoder.named_parameters() if p is table)
+    torch.save({k: v for k, v in peer.state_dict().items()
+                if k.startswith(("perceiver.", "lang_encoder.gated")) or k == table_key}, directory / name)
     vision.save_pretrained(directory / "vision")
     tiny_image_processor("clip").save_pretrained(directory / "vision")
     lm.save_pretrained(directory / "lm")

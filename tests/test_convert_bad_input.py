@@ -294,6 +294,13 @@ def test_a_checkpoint_of_other_shapes_is_refused_with_both_shapes(openflamingo, 
         _convert(openflamingo, lambda s: s.__setitem__(key, torch.zeros(shape)))
 
 
+def test_a_checkpoint_without_the_lm_input_table_is_refused_by_name(openflamingo):
+    """Every OpenFlamingo release saves the table it trained: without it the <image> and <|endofchunk|> rows would
+    be untrained, another model on every conversion."""
+    with pytest.raises(ValueError, match="lacks 'lang_encoder.model.embed_tokens.weight', the LM's input table"):
+        _convert(openflamingo, lambda s: s.pop("lang_encoder.model.embed_tokens.weight"))
+
+
 def test_missing_size_tensors_and_a_directory_are_named(openflamingo, tmp_path):
     from flamingo.convert import convert_openflamingo
 

@@ -14,8 +14,9 @@ runs. The mapping, per OpenFlamingo module (`module_names` lists it; to_openflam
   frame embeddings, so our time embeddings are set to zero (exactly its function for stills), or to
   `perceiver.frame_embs` when the checkpoint has them.
 - `lang_encoder.gated_cross_attn_layers.{L}.attn.*`, `.ff.{k}`, `.attn_gate`, `.ff_gate` -> the block before LM layer L.
-- the input embedding: the added tokens' rows -> `new_token_embeddings`; if the base rows were fine-tuned they are
-  written into the LM and recorded in `config.extra_saved_weights` so that trained-only checkpoints keep them.
+- the input embedding (required: every release saves it): the added tokens' rows -> `new_token_embeddings`; if the
+  base rows were fine-tuned they are written into the LM and recorded in `config.extra_saved_weights` so that
+  trained-only checkpoints keep them.
 - an untied output head's added rows (present when the whole model state was saved) -> `new_lm_head`, and its
   bias's added rows (Phi's head has one) -> `new_lm_head_bias`; the head's other rows must be the given LM's.
 """
@@ -262,23 +263,25 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     first, n = config.first_new_token_id, config.num_new_tokens
     embedding = model.lm.get_input_embeddings().weight
     emb_key = "lang_encoder." + param_name(model.lm, embedding)
-    base = None  # the checkpoint's rows of the LM's own vocabulary
-    if emb_key in state:
-        table = state[emb_key]
-        used.add(emb_key)
-        if table.ndim != 2 or table.shape[1] != embedding.shape[1]:
-            raise ValueError(f"the checkpoint's embedding table {emb_key!r} is {tuple(table.shape)}, the LM's rows "
-                             f"are {embedding.shape[1]} wide: is it the LM the checkpoint was trained on?")
-        if n:
-            if not padded_table:
-                check_table_rows(table.shape[0], first, n, processor.tokenizer.pad_token_id)
-            elif table.shape[0] < first + n:
-                raise ValueError(f"the LM's embedding table has {table.shape[0]} rows; the tokenizer needs {first + n}")
-            mapped["new_token_embeddings"] = table[first:first + n]
-        else:
-            check_tokens_added(table.shape[0], embedding.shape[0], config.media_token_id)
-        base = table[: first if n else embedding.shape[0]]
-        used.update(tied_copies(model.lm, state, table.shape))
+    if emb_key not in state:  # every OpenFlamingo release trains the whole table and saves it
+        raise ValueError(f"the OpenFlamingo checkpoint lacks {emb_key!r}, the LM's input table it trained: without "
+                         "it the rows of <image> and <|endofchunk|> would be untrained (an incomplete file, or an LM "
+                         "other than the one it was trained on)")
+    table = state[emb_key]
+    used.add(emb_key)
+    if table.ndim != 2 or table.shape[1] != embedding.shape[1]:
+        raise ValueError(f"the checkpoint's embedding table {emb_key!r} is {tuple(table.shape)}, the LM's rows "
+                         f"are {embedding.shape[1]} wide: is it the LM the checkpoint was trained on?")
+    if n:
+        if not padded_table:
+            check_table_rows(table.shape[0], first, n, processor.tokenizer.pad_token_id)
+        elif table.shape[0] < first + n:
+            raise ValueError(f"the LM's embedding table has {table.shape[0]} rows; the tokenizer needs {first + n}")
+        mapped["new_token_embeddings"] = table[first:first + n]
+    else:
+        check_tokens_added(table.shape[0], embedding.shape[0], config.media_token_id)
+    base = table[: first if n else embedding.shape[0]]
+    used.update(tied_copies(model.lm, state, table.shape))
     head = model.lm.get_output_embeddings()
     if model.new_lm_head is not None:  # untied: its added rows (a bias's too, Phi's) are the checkpoint's
         for ours_name, param in (("new_lm_head", head.weight), ("new_lm_head_bias", getattr(head, "bias", None))):
@@ -306,7 +309,7 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
         raise ValueError(f"the OpenFlamingo checkpoint holds tensors the conversion has no place for: {listed[:5]}"
                          f"{f' (and {len(listed) - 5} more)' if len(listed) > 5 else ''} (a module or bias the "
                          "given backbones lack, a LoRA, or another LM or vision tower than the given ones)")
-    if base is not None and not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
+    if not torch.equal(base.to(embedding.dtype), embedding[: base.shape[0]]):
         with torch.no_grad():  # OpenFlamingo fine-tuned the whole table: keep its rows
             embedding[: base.shape[0]].copy_(base)
         saved = "lm." + emb_key[len("lang_encoder."):]

@@ -244,18 +244,58 @@ def test_frozen_backbone_copies_of_a_whole_state_checkpoint_are_allowed(openflam
     """The LM's tensors (wrapped layers, OpenFlamingo's duplicate `old_decoder_blocks`), the tower's under its HF
     names or open_clip's, and buffers older transformers saved."""
     _, vision, lm, _ = openflamingo
-    width = vision.config.hidden_size
+    width, tower = vision.config.hidden_size, vision.state_dict()
     frozen = {"lang_encoder.model.norm.weight": lm.state_dict()["model.norm.weight"].clone(),
               "lang_encoder.model.layers.0.decoder_layer.mlp.up_proj.weight":
                   lm.state_dict()["model.layers.0.mlp.up_proj.weight"].clone(),
               "lang_encoder.old_decoder_blocks.1.self_attn.q_proj.weight":
                   lm.state_dict()["model.layers.1.self_attn.q_proj.weight"].clone(),
               "lang_encoder.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
-              "vision_encoder.tower.post_layernorm.weight": torch.ones(width),
+              "vision_encoder.tower.post_layernorm.weight": tower["post_layernorm.weight"].clone(),
               "vision_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.ones(3 * width, width),
-              "vision_encoder.conv1.weight": torch.ones(2)}
+              "vision_encoder.conv1.weight": tower["embeddings.patch_embedding.weight"].clone()}
     model, _ = _convert(openflamingo, lambda s: s.update(frozen))
     assert torch.equal(model.lm.state_dict()["model.norm.weight"], frozen["lang_encoder.model.norm.weight"])
+
+
+def _open_clip_tower(tower: dict) -> dict:
+    """An HF CLIP tower's state in open_clip's ViT layout (OpenFlamingo's `vision_encoder`, Med-Flamingo's file),
+    as far as the two map one to one."""
+    names = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+             "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+             "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight"}
+    for i in range(2):
+        for theirs, ours in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                             ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
+            names.update({f"transformer.resblocks.{i}.{theirs}.{p}": f"encoder.layers.{i}.{ours}.{p}"
+                          for p in ("weight", "bias")})
+    return {f"vision_encoder.{k}": tower[v].clone() for k, v in names.items()}
+
+
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_a_whole_state_checkpoint_with_another_vision_tower_is_refused(openflamingo, layout):
+    """Its frozen tower is compared with the given one as its LM is: another tower of the same shape differs in
+    every tensor; in open_clip's layout, a tower of other shapes (another patch size, more positions) too."""
+    from flamingo.tiny import tiny_vision
+
+    _, vision, _, _ = openflamingo
+    own, other = vision.state_dict(), tiny_vision("clip", seed=7).state_dict()
+
+    def frozen(tower):
+        if layout == "open_clip":
+            return _open_clip_tower(tower)
+        return {f"vision_encoder.tower.{k}": v.clone() for k, v in tower.items() if not k.endswith("position_ids")}
+
+    _convert(openflamingo, lambda s: s.update(frozen(own)))  # its own tower: accepted
+    with pytest.raises(ValueError, match="the checkpoint holds the frozen vision tower it was trained on, and its "
+                                         "tensors differ from the given tower's .*--vision"):
+        _convert(openflamingo, lambda s: s.update(frozen(other)))
+    if layout == "open_clip":  # 14px patches, 577 positions: open_clip's names say nothing of the shapes
+        width = own["embeddings.class_embedding"].shape[0]
+        wider = {**frozen(own), "vision_encoder.positional_embedding": torch.zeros(577, width)}
+        with pytest.raises(ValueError, match="'vision_encoder.positional_embedding': \\(577, 32\\) there, "
+                                             "\\(17, 32\\) in the given tower"):
+            _convert(openflamingo, lambda s: s.update(wider))
 
 
 def test_an_embedding_table_of_another_tokenizer_is_refused(openflamingo):

@@ -46,6 +46,7 @@ _DDP_PREFIX = "module."
 _WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 OF_HEAD_DIM = 64  # OpenFlamingo's dim_head, fixed in its code
 FROZEN_LM_SAMPLES = 8  # a whole checkpoint's frozen LM tensors compared with the given LM's (check_frozen_lm)
+FROZEN_VISION_SAMPLES = 8  # and its frozen tower's with the given tower's (check_frozen_vision)
 HEAD_ROWS_BLOCK = 4096  # rows of an untied head compared at a time (check_head_base_rows)
 
 CLIP_VIT_L = "openai/clip-vit-large-patch14"  # open_clip's ViT-L-14 "openai" weights, as transformers ships them
@@ -322,6 +323,7 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     if unset:
         raise ValueError(f"the OpenFlamingo checkpoint leaves {unset[:3]} unset")
     check_frozen_lm({k: state[k] for k in ignored}, model.lm)
+    check_frozen_vision({k: state[k] for k in ignored}, model.vision)
     if ignored:
         log.info("OpenFlamingo conversion ignored %d frozen backbone tensors (e.g. %s)", len(ignored), ignored[0])
     return model.eval(), processor
@@ -383,6 +385,18 @@ _OPEN_CLIP_VIT = re.compile(r"(conv1\.weight|class_embedding|positional_embeddin
                             r"|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias)|ls_[12]\.gamma))$")
 
 
+# open_clip's ViT tensor -> the HF CLIP tower's holding the same values (transformers' CLIP conversion copies them);
+# `in_proj_weight` (q, k and v fused) and `proj` (outside CLIPVisionModel) have none
+_OPEN_CLIP_TO_HF = (
+    (r"conv1\.weight", "embeddings.patch_embedding.weight"), (r"class_embedding", "embeddings.class_embedding"),
+    (r"positional_embedding", "embeddings.position_embedding.weight"),
+    (r"ln_pre\.(weight|bias)", r"pre_layrnorm.\1"), (r"ln_post\.(weight|bias)", r"post_layernorm.\1"),
+    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"encoder.layers.\1.layer_norm\2.\3"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"))
+
+
 def lm_name(key: str, layers_path: str) -> str:
     """A whole-state checkpoint's `lang_encoder.` key -> the LM's own name: OpenFlamingo wraps each decoder layer
     (`...{i}.decoder_layer.*`) and keeps the unwrapped list as `old_decoder_blocks.{i}.*` (the same tensors)."""
@@ -397,6 +411,16 @@ def lm_tensors(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name.replace(".base_layer.", "."): value for name, value in lm.state_dict().items() if ".lora_" not in name}
 
 
+def tower_name(key: str, ours: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A whole-state checkpoint's `vision_encoder.` key -> the name in `ours` (the given tower's state) of the tensor
+    it copies: its HF name (behind a wrapper's `tower.` or not, with or without `vision_model.`), or the HF name of an
+    open_clip tensor (`_OPEN_CLIP_TO_HF`); None where there is none."""
+    name = key[len("vision_encoder."):].removeprefix("tower.")
+    name = next((re.sub(f"^{pattern}$", hf, name) for pattern, hf in _OPEN_CLIP_TO_HF if re.fullmatch(pattern, name)),
+                name)
+    return next((n for n in (name, f"vision_model.{name}", name.removeprefix("vision_model.")) if n in ours), None)
+
+
 def _derived(name: str, value: torch.Tensor) -> bool:
     return bool(_DERIVED_BUFFER.search(name)) or value.dtype == torch.bool
 
@@ -406,8 +430,8 @@ def unplaced_backbone_tensors(state: Mapping[str, torch.Tensor], lm: torch.nn.Mo
     """The keys of a whole-state checkpoint's frozen backbone copies with no place in the given backbones: an
     `lang_encoder.` tensor whose name (`lm_name`) the LM lacks or has in another shape; a `vision_encoder.` tensor
     that is neither the given tower's (its HF names, behind a wrapper's `tower.` or not) in the same shape nor one of
-    open_clip's ViT tensors within the tower's depth (open_clip's layout is not the tower's: those are placed by
-    name, never compared by value). Derived buffers (`_DERIVED_BUFFER`) are skipped. Reads no tensor data."""
+    open_clip's ViT tensors within the tower's depth (their shapes and values are `check_frozen_vision`'s). Derived
+    buffers (`_DERIVED_BUFFER`) are skipped. Reads no tensor data."""
     ours_lm, ours_vision = lm_tensors(lm), vision.state_dict()
     layers_path = find_decoder_layers(lm)
     depth = getattr(getattr(vision, "config", None), "num_hidden_layers", None)
@@ -435,7 +459,7 @@ def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples
     be the LM's: raise when they differ (another LM, or another conversion of it, than the checkpoint's), at the
     lower precision of the two. `samples` of them, spread over the LM, are compared (another LM differs in every
     tensor): the rest of a memory-mapped checkpoint is never read. `unplaced_backbone_tensors` refuses, before,
-    those with no place in the LM; the vision tower's are placed, not compared."""
+    those with no place in the LM; `check_frozen_vision` compares the vision tower's."""
     ours = lm_tensors(lm)
     layers_path = find_decoder_layers(lm)
     pairs = []
@@ -448,6 +472,26 @@ def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples
     if differ:
         raise ValueError(f"the checkpoint holds the frozen LM it was trained on, and its tensors differ from the "
                          f"given LM's (e.g. {differ[0]!r}): pass the LM the checkpoint was trained on (--lm)")
+
+
+def check_frozen_vision(state: dict[str, torch.Tensor], vision: torch.nn.Module,
+                        samples: int = FROZEN_VISION_SAMPLES) -> None:
+    """`check_frozen_lm` for the frozen vision tower a whole checkpoint holds under `vision_encoder.`, in the HF
+    tower's layout or open_clip's (Med-Flamingo's `model.pt`): each tensor naming one of the given tower's
+    (`tower_name`) must have its shape, and `samples` of them, spread over the tower, its values at the lower
+    precision of the two. Another tower of the same shape (another ViT-L/14) differs in every tensor."""
+    ours = vision.state_dict()
+    pairs = [(key, name, value) for key, value in state.items() if key.startswith("vision_encoder.")
+             and value.is_floating_point() and (name := tower_name(key, ours)) is not None]
+    step = max(1, -(-len(pairs) // samples))
+    differ = [(key, tuple(value.shape)) for key, name, value in pairs if ours[name].shape != value.shape]
+    differ = differ or [(key, None) for key, name, value in pairs[::step] if not _close(ours[name], value)]
+    if differ:
+        key, shape = differ[0]
+        given = f": {shape} there, {tuple(ours[tower_name(key, ours)].shape)} in the given tower" if shape else ""
+        raise ValueError(f"the checkpoint holds the frozen vision tower it was trained on, and its tensors differ from "
+                         f"the given tower's (e.g. {key!r}{given}): pass the vision tower the checkpoint was trained "
+                         "on (--vision)")
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:

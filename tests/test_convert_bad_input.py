@@ -126,6 +126,7 @@ def test_a_truncated_idefics_checkpoint_names_its_file(idefics_dir, tmp_path, ca
 @pytest.mark.parametrize("case,words", [
     ("missing_block_tensor", "has no tensor 'model.gated_cross_attn_layers.1.mlp.up_proj.weight'"),
     ("missing_added_rows", "has no tensor 'model.embed_tokens.additional_embedding.weight'"),
+    ("missing_added_head_rows", "lacks lm_head.additional_fc.weight \\(its config does not tie the head"),
     ("interval_of_other_tensors", "has no tensor 'model.gated_cross_attn_layers.2."),
     ("extra_tensor", "has no place for: \\['model.something_else.weight'\\]"),
     ("extra_head_bias", "has no place for: \\['lm_head.bias'\\]"),
@@ -141,6 +142,7 @@ def test_an_incomplete_or_mismatched_idefics_checkpoint_is_refused_by_name(idefi
             model, lambda s: s.pop("model.gated_cross_attn_layers.1.mlp.up_proj.weight")),
         "missing_added_rows": lambda: _edit_tensors(
             model, lambda s: s.pop("model.embed_tokens.additional_embedding.weight")),
+        "missing_added_head_rows": lambda: _edit_tensors(model, lambda s: s.pop("lm_head.additional_fc.weight")),
         "interval_of_other_tensors": lambda: _edit_config(model / "config.json", cross_layer_interval=1),
         "extra_tensor": lambda: _edit_tensors(
             model, lambda s: s.__setitem__("model.something_else.weight", torch.zeros(2))),
@@ -153,6 +155,16 @@ def test_an_incomplete_or_mismatched_idefics_checkpoint_is_refused_by_name(idefi
     edits[case]()
     with pytest.raises(ValueError, match=words):
         from_idefics(str(model))
+
+
+def test_a_tied_idefics_takes_the_head_from_the_embedding(idefics_dir, tmp_path):
+    """`tie_word_embeddings: true`: IDEFICS's `tie_weights` ties the head and its added rows to the input table, and
+    its save holds neither head tensor."""
+    model = _copy(idefics_dir, tmp_path)
+    _edit_config(model / "config.json", tie_word_embeddings=True)
+    _edit_tensors(model, lambda s: [s.pop(k) for k in ("lm_head.weight", "lm_head.additional_fc.weight")])
+    ours, _ = from_idefics(str(model))
+    assert torch.equal(ours.new_lm_head, ours.new_token_embeddings)
 
 
 def _adapter_dir(tmp_path, **config):

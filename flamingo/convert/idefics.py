@@ -157,10 +157,20 @@ def _lm_state(config: IdeficsConfig, tensors: Mapping[str, torch.Tensor]) -> dic
     embed, head = tensors["model.embed_tokens.weight"], tensors[head_key]
     if config.additional_vocab_size:
         embed = torch.cat([embed, tensors[added]])
-        head = torch.cat([head, tensors["lm_head.additional_fc.weight" if "lm_head.additional_fc.weight" in tensors
-                                        else added]])
+        head = torch.cat([head, tensors[added_head_key(config, tensors)]])
     out["lm.model.embed_tokens.weight"], out["lm.lm_head.weight"] = embed, head
     return out
+
+
+def added_head_key(config: IdeficsConfig, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The tensor holding the head's rows of the added tokens: `lm_head.additional_fc.weight`, or the added input
+    rows where the config ties the head to the embedding (IDEFICS's `tie_weights` ties them then, and only then)."""
+    key = "lm_head.additional_fc.weight"
+    if key in tensors:
+        return key
+    if not config.tie_word_embeddings:
+        raise ValueError(f"IDEFICS checkpoint lacks {key} (its config does not tie the head to the embedding)")
+    return "model.embed_tokens.additional_embedding.weight"
 
 
 class _Reads(Mapping[str, torch.Tensor]):
@@ -240,8 +250,7 @@ def _trained_state(config: IdeficsConfig, flamingo: FlamingoConfig, source: Mapp
     if config.additional_vocab_size:  # the added rows, as IDEFICS's decoupled tables hold them
         added = "model.embed_tokens.additional_embedding.weight"
         out["new_token_embeddings"] = source[added]
-        out["new_lm_head"] = source["lm_head.additional_fc.weight" if "lm_head.additional_fc.weight" in source
-                                    else added]
+        out["new_lm_head"] = source[added_head_key(config, source)]
     unread = [k for k in source if k.startswith(("model.perceiver_resampler.", "model.gated_cross_attn_layers."))
               and k not in state.read]
     if unread:

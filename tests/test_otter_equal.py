@@ -9,9 +9,11 @@ import contextlib
 import copy
 import io
 import json
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.peer
@@ -240,6 +242,15 @@ def test_bad_checkpoints_are_refused(tmp_path, monkeypatch):
     (directory / "config.json").write_text(json.dumps({**config, "cross_attn_every_n_layers": 4}))
     with pytest.raises(ValueError, match="every 2 layers, its config says 4"):
         from_otter(directory, tokenizer=tok_dir)
+    (directory / "config.json").write_text(json.dumps(config))
+    whole = load_file(directory / "model.safetensors")
+    for key in ("lang_encoder.model.layers.3.gated_cross_attn_layer.attn_gate", "perceiver.latents",
+                "lang_encoder.model.layers.1.gated_cross_attn_layer.feed_forward.1.weight",
+                "perceiver.layers.0.feed_forward.0.weight", "perceiver.layers.0.to_kv.weight"):
+        save_file({k: v for k, v in whole.items() if k != key}, directory / "model.safetensors",
+                  metadata={"format": "pt"})  # a damaged file: its missing tensor named as the file names it
+        with pytest.raises(ValueError, match=f"^the Otter checkpoint lacks '{re.escape(key)}'$"):
+            from_otter(directory, tokenizer=tok_dir)
     with pytest.raises(ValueError, match="LoRA"):
         split_otter_state({"lang_encoder.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
                            torch.zeros(1)})

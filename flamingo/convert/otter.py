@@ -66,7 +66,7 @@ from .checkpoints import (
     refuse_quantized,
 )
 from .lm_families import mpt_config, mpt_from_state
-from .openflamingo import convert_openflamingo, param_name
+from .openflamingo import convert_openflamingo, module_names, param_name
 
 # model_type -> the markers its tokenizer adds after `<|endofchunk|>`, `<image>`, and the processor's template
 FORMATS: dict[str, tuple[tuple[str, ...], str]] = {"otter": (("<answer>",), "otter"), "flamingo": ((), "flamingo")}
@@ -142,6 +142,38 @@ def split_otter_state(names: Iterable[str]) -> tuple[dict[str, str], dict[str, s
     if not vision or not lm:
         raise ValueError("the checkpoint lacks the vision tower (vision_encoder.*) or the LM (lang_encoder.*)")
     return vision, lm, of
+
+
+def otter_key(of_key: str, layers_path: str) -> str:
+    """An OpenFlamingo name of the resampler or a block -> Otter's (`split_otter_state` read backwards); `layers_path`
+    is where Otter's LM keeps its wrapped layers (`model.layers`, `transformer.blocks`)."""
+    m = re.match(r"perceiver\.layers\.(\d+)\.([01])\.(.*)$", of_key)
+    if m:
+        return f"perceiver.layers.{m.group(1)}.{'feed_forward.' if m.group(2) == '1' else ''}{m.group(3)}"
+    m = re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.*)$", of_key)
+    if m:
+        rest = re.sub(r"^ff\.", "feed_forward.", m.group(2))
+        return f"lang_encoder.{layers_path}.{m.group(1)}.gated_cross_attn_layer.{rest}"
+    return of_key
+
+
+def check_otter_trained(of: dict[str, str]) -> None:
+    """Every tensor of the resampler and of each block present (`split_otter_state`'s OpenFlamingo names -> Otter's):
+    a damaged file's missing tensor is named as the Otter file names it, before `convert_openflamingo` would name
+    OpenFlamingo's key. A block missing whole is `convert_openflamingo`'s (the layers it expects)."""
+    if "perceiver.latents" not in of:
+        raise ValueError("the Otter checkpoint lacks 'perceiver.latents'")
+    depth = 1 + max((int(m.group(1)) for k in of if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))), default=0)
+    layers = sorted({int(m.group(1)) for k in of
+                     if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
+    if not layers:
+        raise ValueError("the Otter checkpoint has no gated cross-attention layers "
+                         "(`lang_encoder.<layers>.{L}.gated_cross_attn_layer.*`)")
+    block = next(v for k, v in of.items() if k.startswith("lang_encoder."))
+    layers_path = _LAYER.match(block).group(1)
+    missing = [name for name, _ in module_names(depth, layers) if name not in of]
+    if missing:
+        raise ValueError(f"the Otter checkpoint lacks {otter_key(missing[0], layers_path)!r}")
 
 
 def otter_vision(vision_config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
@@ -275,6 +307,7 @@ def from_otter(source: Union[str, os.PathLike], tokenizer: TokenizerArg = None, 
     if "lora_config" in config:  # its LM saved under PEFT's LoRA (Otter's converting_otter_to_lora.py): merged
         tensors = merge_saved_peft(tensors, float(config["lora_config"]["lora_alpha"]))
     vision_names, lm_names, of_names = split_otter_state(tensors)
+    check_otter_trained(of_names)
     dtype = torch_dtype or next(d for d in map(tensors.dtype_of, lm_names.values()) if d.is_floating_point)
     tensors = tensors.cast(dtype)
     parts = otter_processor_kwargs(config, directory, tokenizer, image_processor)

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,16 +288,18 @@ def create_app(engine: Engine, settings: ServeSettings, connections: Optional[Op
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def emitter(k: int, job: Job) -> Any:
+        def emitter(k: int, cancelled: threading.Event) -> Any:
+            # closes over the job's event, not the job: the job holds its emit, and a cycle through it would keep a
+            # finished job (its prompt, its media) until the cyclic collector runs
             def emit(event: Event) -> None:
                 try:
                     loop.call_soon_threadsafe(events.put_nowait, (k, event))
                 except RuntimeError:  # the loop is gone (server stopped)
-                    job.cancelled.set()
+                    cancelled.set()
             return emit
 
         for k, job in enumerate(jobs):
-            job.emit, job.request_id = emitter(k, job), request.scope[REQUEST_ID]
+            job.emit, job.request_id = emitter(k, job.cancelled), request.scope[REQUEST_ID]
         try:
             engine.submit_all(jobs)
         except QueueFull as e:

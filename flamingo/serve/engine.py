@@ -340,7 +340,9 @@ class Engine:
                     return
                 job = self._waiting.popleft()
                 self.metrics.set_gauge("queue_depth", len(self._waiting))
-            media, salt = job.media, job.cache_salt
+            # the prefill holds the media while it needs them; the job, which lives as long as its answer (and, in
+            # the reference cycles of a cut stream's traceback, until the collector runs), no longer does
+            media, salt, job.media = job.media, job.cache_salt, {}
             prefix = None if self.prefix_cache is None else self.prefix_cache.salted(salt)  # its salt's entries
             vision = None if self.vision_cache is None else self.vision_cache.salted(salt)
             try:

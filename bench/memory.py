@@ -122,6 +122,8 @@ def _optimizer(model: torch.nn.Module, kind: str, fused: bool) -> torch.optim.Op
 def prepare_ours(master: torch.nn.Module, spec: dict[str, Any], device: str) -> torch.nn.Module:
     """A copy of our model stored as `spec` says, on `device`."""
     model = copy.deepcopy(master)
+    if spec.get("lora"):  # before the cast, as the trainer builds them (from the config): the adapters train in fp32
+        _lora(model)
     frozen = spec.get("frozen", "fp32")
     low = torch.bfloat16 if (frozen == "bf16" or (device.startswith("cuda") and frozen != "fp32")) else None
     if low is not None:
@@ -129,8 +131,6 @@ def prepare_ours(master: torch.nn.Module, spec: dict[str, Any], device: str) -> 
     model.to(device)
     if frozen in ("int8", "int4", "nf4"):
         quantize_frozen(model, frozen)
-    if spec.get("lora"):
-        _lora(model)
     if spec.get("checkpointing"):
         model.gradient_checkpointing_enable()
     return model.train()

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("torchao")
 
-from bench.memory import goals, peak_during, run_rows  # noqa: E402
+from bench.common import build_pair  # noqa: E402
+from bench.memory import TRAIN_ROWS, goals, peak_during, prepare_ours, run_rows  # noqa: E402
 
 
 def _args(**overrides):
@@ -44,6 +45,14 @@ def test_rows_at_the_tiny_shape(one_thread):
     assert infer["fp16"]["weights_mib"] == pytest.approx(infer["fp32"]["weights_mib"] / 2, rel=1e-3)
     assert infer["int8"]["backbones_mib"] < infer["fp32"]["backbones_mib"]
     assert 0 < infer["int8"]["logit_mad_rel"] < 0.01 and infer["int8"]["decode_tok_s"] > 0
+
+
+def test_the_lora_row_trains_float32_adapters_over_a_bf16_lm_as_the_trainer_does(one_thread):
+    """The row added the adapters after casting the LM to bf16, so PEFT made them (and AdamW their states) bf16."""
+    model = prepare_ours(build_pair("tiny").ours, TRAIN_ROWS["lora"], "cpu")
+    adapters = {p.dtype for n, p in model.lm.named_parameters() if ".lora_" in n}
+    assert adapters == {torch.float32}
+    assert {p.dtype for p in model.lm.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
 @pytest.mark.slow

@@ -226,6 +226,23 @@ def test_lora_adapts_subclasses_of_linear_and_is_the_bare_lm_at_init():
         assert (model(**text).logits[..., :ref.shape[-1]] - ref).abs().max() == 0
 
 
+def test_adapters_added_to_a_bf16_frozen_lm_train_in_float32(make_model):
+    """cast_frozen(bf16) then apply_lora: PEFT makes an adapter in its base layer's dtype, so they were bf16, with
+    bf16 AdamW states, where the trainer keeps them float32. They are float32 now, and the LM stays bf16."""
+    from flamingo.model.quantize import cast_frozen
+
+    model, processor = make_model("llama")
+    cast_frozen(model, torch.bfloat16)
+    lora.apply_lora(model.lm, SPEC)
+    adapters = {n: p for n, p in model.lm.named_parameters() if lora.is_adapter_key(n)}
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters.values())
+    assert {p.dtype for n, p in model.lm.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    text = processor("Question: what is in the image? Short answer: a red circle.")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**text, labels=text["input_ids"]).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters.values())
+
+
 def test_adapters_on_an_already_quantized_lm_are_refused_with_the_order_to_use(make_model):
     """apply_lora after quantize_frozen said the targets named no linear layer, though q_proj is one (a
     QuantizedLinear): the message now says to add the adapters first."""

@@ -92,7 +92,17 @@ def apply_lora(lm: nn.Module, spec: dict[str, Any], new: bool = True) -> nn.Modu
     config = peft.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
                              lora_dropout=spec["dropout"], bias="none", init_lora_weights=True, fan_in_fan_out=conv1d)
     peft.inject_adapter_in_model(config, lm, adapter_name=ADAPTER_NAME)
+    _float32_adapters(lm)
     return lm
+
+
+def _float32_adapters(lm: nn.Module) -> None:
+    """Adapters in float32 where PEFT made them in their base layer's half dtype (an LM cast to bf16 before
+    `apply_lora`): trained parameters keep float32 weights and AdamW states, as the trainer's (PEFT's
+    `autocast_adapter_dtype` rule); PEFT casts the input to the adapter's dtype and the result back."""
+    for name, p in lm.named_parameters():
+        if ADAPTER_MARK in f".{name}" and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -80,8 +80,9 @@ def _adamw8bit() -> type:
     except ImportError as e:
         raise ImportError("optim.kind=adamw8bit needs torchao: pip install 'flamingo-vlm[memory]'") from e
     if not _has_compiler():
-        raise RuntimeError("optim.kind=adamw8bit compiles its update with torch.compile, which on a CPU needs a C++ "
-                           "compiler (g++ or clang++, or $CXX): install one or use optim.kind=adamw")
+        # a ValueError: an option this machine cannot run (as QuantizationUnavailable), said in the CLI's one line
+        raise ValueError("optim.kind=adamw8bit compiles its update with torch.compile, which on a CPU needs a C++ "
+                         "compiler (g++ or clang++, or $CXX): install one or use optim.kind=adamw")
     return AdamW8bit
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -100,6 +101,11 @@ def from_backbones(vision: Backbone, lm: Backbone, tokenizer: Optional[Union[str
     model = Flamingo(vision_model, lm_model, config, resampler_and_blocks_on_meta=resampler_and_blocks_on_meta)
     if torch_dtype is not None:  # the resampler and blocks in the backbones' dtype (built in the default one)
         to_dtype(model, torch_dtype)
+    if config.quantize_frozen != "none":  # packed on the device the model will run on, not here (int4 is CUDA's)
+        warnings.warn(f"FlamingoConfig.quantize_frozen={config.quantize_frozen!r} is applied when a model loads "
+                      "(load_pretrained) or trains (flamingo train), not by from_backbones: these backbones are in "
+                      "float. Call flamingo.model.quantize.quantize_frozen(model) after model.to(device) to run them "
+                      "quantized (a save records the mode, and loads quantized)", stacklevel=2)
     return model, processor
 
 

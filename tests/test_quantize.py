@@ -133,7 +133,9 @@ def backbone_dirs(tmp_path):
 
 @pytest.mark.parametrize("mode", CPU_MODES)
 def test_trained_only_save_load_requantizes_to_the_same_logits(backbone_dirs, tmp_path, mode):
-    model, processor = from_backbones(*backbone_dirs, config=tiny_flamingo_config(quantize_frozen=mode))
+    with pytest.warns(UserWarning, match=rf"quantize_frozen='{mode}' is applied when a model loads .* not by "
+                      r"from_backbones: these backbones are in float"):  # the model below ran in float, silently
+        model, processor = from_backbones(*backbone_dirs, config=tiny_flamingo_config(quantize_frozen=mode))
     set_gates(model, 0.7)
     assert quantized_mode(model) == "none"  # the config asks; quantize_frozen applies it once on the device
     quantize_frozen(model)
@@ -232,6 +234,25 @@ def test_quantized_layer_gives_a_float_layers_dtype(make_model, mode):
         assert layer(x).dtype == layer(x.requires_grad_()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", CPU_MODES)
+def test_deepcopy_of_a_quantized_model_is_bit_equal(make_model, mode):
+    """The tiny LM's nf4 layers have fewer than 256 blocks, so they get a smaller scaler block; torchao's NF4 clone
+    (what deepcopy called) quantized again with 256 and failed. The copy now holds the same stored tensors."""
+    model, processor = make_model()
+    quantize_frozen(model, mode)
+    twin = copy.deepcopy(model)
+    assert quantized_mode(twin) == mode
+    weights = {n: p for n, p in model.named_parameters() if is_quantized(p)}
+    copied = {n: p for n, p in twin.named_parameters() if is_quantized(p)}
+    assert weights.keys() == copied.keys() and all(copied[n] is not p for n, p in weights.items())
+    for name, weight in weights.items():  # the stored tensors (packed data, scales), not their dequantized values
+        inner, _ = weight.__tensor_flatten__()
+        assert all(torch.equal(getattr(copied[name], t), getattr(weight, t)) for t in inner)
+    batch = _batch(processor)
+    with torch.no_grad():
+        assert torch.equal(twin(**batch).logits, model(**batch).logits)
+
+
 def test_unavailable_modes_and_trained_backbones_fail_clearly(make_model):
     with pytest.raises(QuantizationUnavailable, match="nf4"):
         check_available("int4", "cpu")
@@ -265,6 +286,23 @@ def test_cli_generates_with_quantized_backbones_and_refuses_int4_on_the_cpu(tmp_
     assert capsys.readouterr().out == processor.decode(out[0, batch["input_ids"].shape[1]:]) + "\n"
     assert main(args + ["--quantize-frozen", "int4"]) == 2
     assert "nf4" in capsys.readouterr().err
+
+
+def test_a_model_saved_as_int4_names_its_saved_mode_and_the_override_on_the_cpu(tmp_path, capsys):
+    """A GPU run's int4 model loaded on the CPU: the error said "use nf4 or int8" to a user who passed no mode."""
+    model, processor = tiny_flamingo()
+    model.config.quantize_frozen = "int4"  # as a GPU run saves it
+    model.save_pretrained(str(tmp_path / "model"), processor=processor)
+    random_image(0).save(tmp_path / "a.png")
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt", "<image>A", "--image",
+            str(tmp_path / "a.png"), "--max-new-tokens", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "int4 is the model config's mode (a saved model's" in err and "--quantize-frozen nf4|int8|none" in err
+    assert main(args + ["--quantize-frozen", "none"]) == 0
+    with pytest.raises(QuantizationUnavailable) as given:  # a mode given here is not the config's
+        quantize_frozen(model, "int4")
+    assert "config's mode" not in str(given.value)
 
 
 def test_trainer_quantizes_after_building_and_saves_trained_only(tmp_path):

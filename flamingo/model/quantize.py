@@ -23,6 +23,7 @@ backbones saves trained-only checkpoints (the backbones are re-loaded by name an
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -173,6 +174,17 @@ class QuantizedLinear(nn.Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "QuantizedLinear":
+        """`copy.deepcopy` with the weight copied as stored. (An NF4 weight's own deepcopy, torchao's `clone`,
+        quantizes its dequantized values again with the default 256 scales per block, which fails on a layer given
+        fewer, `_quantize_weight`.)"""
+        if id(self.weight) not in memo:
+            memo[id(self.weight)] = nn.Parameter(_copy_stored(self.weight.data), requires_grad=False)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             y = _FrozenLinear.apply(x, self.weight, self.bias)
@@ -182,6 +194,16 @@ class QuantizedLinear(nn.Linear):
         # LM's saved activations in a bf16 training step)
         kind = x.device.type
         return y.to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype)
+
+
+def _copy_stored(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a quantized weight: NF4's inner tensors cloned under the same block sizes (bit-equal); other
+    formats by their own deepcopy."""
+    if _mode_of(weight) != "nf4":
+        return copy.deepcopy(weight)
+    names, meta = weight.__tensor_flatten__()
+    inner = {name: getattr(weight, name).clone() for name in names}
+    return type(weight).__tensor_unflatten__(inner, meta, weight.size(), weight.stride())
 
 
 def cast_frozen(model: "Flamingo", dtype: torch.dtype) -> None:
@@ -197,7 +219,8 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
     on the device they are on, and record the mode in the config. Returns counts: layers quantized, layers left
     in their dtype (`kept`: a width the format cannot split; `skipped`: an `nn.Linear` subclass, `skipped_linears`,
     also warned about), and the backbones' weight bytes before and after (of the layers quantized or kept)."""
-    mode = model.config.quantize_frozen if mode is None else mode
+    configured = mode is None
+    mode = model.config.quantize_frozen if configured else mode
     current = quantized_mode(model)
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize_frozen must be one of {', '.join(QUANTIZE_MODES)}; got {mode!r}")
@@ -229,7 +252,14 @@ def quantize_frozen(model: "Flamingo", mode: Optional[str] = None) -> dict[str, 
         if current != "none":  # interrupted after its last layer, before recording the mode
             model.config.quantize_frozen = mode
         return _counts(skipped=len(skipped))
-    check_available(mode, linears[0][2].weight.device)
+    try:
+        check_available(mode, linears[0][2].weight.device)
+    except QuantizationUnavailable as e:
+        if not configured:
+            raise
+        raise QuantizationUnavailable(f"{e}. {mode} is the model config's mode (a saved model's, unless one is given "
+                                      "at load): load with quantize_frozen='nf4', 'int8' or 'none' (on the command "
+                                      "line --quantize-frozen nf4|int8|none)") from e
     before = sum(tensor_bytes(m.weight) for _, _, m in linears)
     quantized = kept = 0
     after = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -311,8 +312,10 @@ def test_trainer_quantizes_after_building_and_saves_trained_only(tmp_path):
     data = write_datasets(os.path.join(root, "data"), n_pairs=8, n_docs=4)
     path = train_config(root, vision, lm, data, steps=3, out=os.path.join(root, "run"), interleaved=False)
     config = load_config(path, ["model.flamingo.quantize_frozen=nf4"])
-    trainer = Trainer(config)
-    assert quantized_mode(trainer.model) == "nf4"
+    with warnings.catch_warnings():  # from_backbones' "call quantize_frozen yourself" is not the trainer's: it does
+        warnings.filterwarnings("error", message=".*is applied when a model loads")
+        trainer = Trainer(config)
+    assert quantized_mode(trainer.model) == "nf4" and trainer.model.config.quantize_frozen == "nf4"
     out = trainer.run()
     loaded, _ = load_pretrained(out)
     assert quantized_mode(loaded) == "nf4"

@@ -159,8 +159,13 @@ def build_model(config: TrainConfig, revisions: Optional[dict[str, str]] = None
         raise ValueError("model.vision and model.lm (or model.init_from) are required")
     pinned = {k: v for k, v in (revisions or {}).items()  # a backbone now given by a local path has no revisions
               if is_hub_reference(str(m.vision if k == "vision_revision" else m.lm))}
-    # the commits the run trained on win over a branch or tag model.flamingo names, which may have moved since
-    return from_backbones(m.vision, m.lm, m.tokenizer, FlamingoConfig(**{**m.flamingo, **pinned}))
+    # the commits the run trained on win over a branch or tag model.flamingo names, which may have moved since;
+    # built float, its backbones quantized (to model.flamingo's mode) by the Trainer, once on its device
+    config = FlamingoConfig(**{**m.flamingo, **pinned})
+    mode, config.quantize_frozen = config.quantize_frozen, "none"
+    model, processor = from_backbones(m.vision, m.lm, m.tokenizer, config)
+    model.config.quantize_frozen = mode
+    return model, processor
 
 
 def _planned_quantize_mode(config: TrainConfig) -> str:

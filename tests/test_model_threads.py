@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import torch
 
@@ -135,3 +136,85 @@ def test_checkpointing_in_training_mode_keeps_dropout_off_for_calls_on_two_threa
     assert [name for name, training in seen if training] == []
     torch.testing.assert_close(scores["A"], scores["B"], atol=0, rtol=0)
     assert layers[0].training  # left as the training forward needs it
+
+
+def test_a_training_forward_keeps_its_flags_while_another_thread_scores(make_model):
+    """A training forward under checkpointing did not hold the frozen layers' flags: a layer HF left unwrapped while
+    a scorer on another thread had them off then ran its dropout once the scorer switched them back on. A training
+    forward now waits for the scorer, then holds them; here it starts while B is inside its first layer."""
+    model, processor = make_model("opt", gates=0.8, lm_overrides=dict(dropout=0.3))
+    batch = processor("<image>Question: what is this? Short answer: a cat", images=[random_image(1)])
+    cont = [processor.tokenizer(" a cat", add_special_tokens=False)["input_ids"]]
+    model.gradient_checkpointing_enable()
+    model.train()
+    layers = model.lm.get_submodule(model.decoder_layers_path)
+    seen: list[bool] = []
+    b_inside, a_waiting, b_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hook(layer: torch.nn.Module) -> Any:
+        def inside_the_layer(module: torch.nn.Module, args: tuple) -> None:  # within its forward, checkpointed or not
+            name = threading.current_thread().name
+            if layer is layers[0] and name == "B" and not b_inside.is_set():
+                b_inside.set()
+                a_waiting.wait(1.0)  # A, if it is let in, enters its first layer now
+            elif name == "A":
+                if layer is layers[0] and not a_waiting.is_set():
+                    a_waiting.set()
+                    b_done.wait(5.0)  # ... and computes it after B has left
+                seen.append(layer.training)  # what the layer's own dropout reads
+        return inside_the_layer
+
+    def score() -> None:
+        model.score(batch["input_ids"], cont, images=batch["images"])
+        b_done.set()
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(layer)) for layer in layers]
+    a = threading.Thread(target=lambda: model(**batch, labels=batch["input_ids"]).loss.backward(), name="A")
+    b = threading.Thread(target=score, name="B")
+    try:
+        b.start()
+        assert b_inside.wait(30)
+        a.start()
+        b.join()
+        a.join()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and not any(seen), seen
+
+
+def test_eval_on_another_thread_during_a_call_leaves_the_layers_in_eval(make_model):
+    """`model.eval()` on another thread while a call had the frozen layers' flags off: the call's end switched them
+    back on, and the model, in eval mode, ran OPT's dropout in every later call. `train` / `eval` wait for the call."""
+    model, processor = make_model("opt", gates=0.8, lm_overrides=dict(dropout=0.3))
+    batch = processor("<image>Question: what is this? Short answer:", images=[random_image(1)])
+    cont = [processor.tokenizer(" a cat", add_special_tokens=False)["input_ids"]]
+    expected = model.eval().score(batch["input_ids"], cont, images=batch["images"])
+    model.gradient_checkpointing_enable()
+    model.train()
+    layers = model.lm.get_submodule(model.decoder_layers_path)
+    inside, evaluated = threading.Event(), threading.Event()
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if module is layers[0] and not inside.is_set():
+            inside.set()
+            evaluated.wait(1.0)  # B's eval(), if it is let through, happens now
+
+    def to_eval() -> None:
+        model.eval()
+        evaluated.set()
+
+    handle = layers[0].register_forward_pre_hook(hook)
+    a = threading.Thread(target=model.score, args=(batch["input_ids"], cont), kwargs={"images": batch["images"]})
+    b = threading.Thread(target=to_eval)
+    try:
+        a.start()
+        assert inside.wait(30)
+        b.start()
+        a.join()
+        b.join()
+    finally:
+        handle.remove()
+    assert not model.training and [layer.training for layer in layers] == [False] * len(layers)
+    torch.testing.assert_close(model.score(batch["input_ids"], cont, images=batch["images"]), expected,
+                               atol=0, rtol=0)

@@ -89,10 +89,11 @@ log = logging.getLogger(__name__)
 # bare `model.lm`, the one-time LM probes) stays the bare LM while another thread is inside one. Not on the module:
 # a model is copied and pickled with no thread state.
 _CALLS = threading.local()
-# Held while a frozen LM's decoder layers have their training flags switched off (`Flamingo._layers_run_in_eval`):
-# the flags are shared by every thread, so a thread that switches them off holds them off until it is done, and
-# calls that switch them (only on a model in training mode under activation checkpointing) run one at a time.
-# Module-level for the same reason as `_CALLS`; reentrant: a checkpointed layer's recompute nests inside a call.
+# Held by every call of a model in training mode under activation checkpointing with a frozen LM, whose decoder
+# layers carry a training flag only for HF to checkpoint them and have it switched off while they compute
+# (`Flamingo._layers_run_in_eval`), and by `Flamingo.train`: the flags are shared by every thread, so such calls run
+# one at a time and a mode change waits for them. Module-level for the same reason as `_CALLS`; reentrant: a
+# checkpointed layer's forward and recompute nest inside a call.
 _LAYER_FLAGS = threading.RLock()
 
 
@@ -333,8 +334,11 @@ class Flamingo(nn.Module):
         flagged = self.training and self._activation_checkpointing and self.config.freeze_lm  # (else none is)
         training_forward = getattr(ctx, "phase", None) is Phase.FORWARD and torch.is_grad_enabled()
         try:
-            with self._layers_run_in_eval() if flagged and not training_forward else nullcontext():
-                yield ctx
+            # the flags are shared by threads: a call on such a model holds them for its whole length, so that
+            # another thread's call cannot switch them under it (HF decides each layer's checkpointing from them)
+            with _LAYER_FLAGS if flagged else nullcontext():
+                with self._layers_run_in_eval() if flagged and not training_forward else nullcontext():
+                    yield ctx
         finally:
             del contexts[id(self)]
 
@@ -830,7 +834,12 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------------------------------ parameters
     def train(self, mode: bool = True) -> "Flamingo":
-        """Frozen backbones stay in eval mode (no dropout): frozen means the same function at every step."""
+        """Frozen backbones stay in eval mode (no dropout): frozen means the same function at every step. Waits for
+        the calls of other threads that hold the frozen layers' flags (`_LAYER_FLAGS`)."""
+        with _LAYER_FLAGS:
+            return self._set_mode(mode)
+
+    def _set_mode(self, mode: bool) -> "Flamingo":
         super().train(mode)
         if self.config.freeze_vision:
             self.vision.eval()
@@ -890,8 +899,9 @@ class Flamingo(nn.Module):
             try:
                 yield
             finally:
-                for layer in layers:
-                    layer.training = True
+                if self.training:  # (not when the model was put in eval mode inside the call)
+                    for layer in layers:
+                        layer.training = True
 
     def merge_lora(self) -> None:
         """Fold the LM's LoRA adapters into its weights (inference: no adapter matmuls; the same logits). The LM is a

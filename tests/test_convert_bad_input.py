@@ -270,18 +270,27 @@ def test_frozen_backbone_copies_of_a_whole_state_checkpoint_are_allowed(openflam
     assert torch.equal(model.lm.state_dict()["model.norm.weight"], frozen["lang_encoder.model.norm.weight"])
 
 
-def _open_clip_tower(tower: dict) -> dict:
-    """An HF CLIP tower's state in open_clip's ViT layout (OpenFlamingo's `vision_encoder`, Med-Flamingo's file),
-    as far as the two map one to one."""
+def open_clip_tower(tower: dict, prefix: str = "vision_encoder.") -> dict:
+    """An HF CLIP tower's state in open_clip's ViT layout under `prefix` (`vision_encoder.`: OpenFlamingo 2.x's;
+    `vision_encoder.visual.`: v1's whole CLIP, Med-Flamingo's file): q, k and v fused into `in_proj`, and a
+    projection `proj` outside the HF tower."""
     names = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
              "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
-             "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight"}
-    for i in range(2):
+             "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+             "ln_post.bias": "post_layernorm.bias"}
+    layers = len({k.split(".")[2] for k in tower if k.startswith("encoder.layers.")})
+    state = {}
+    for i in range(layers):
         for theirs, ours in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                              ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
             names.update({f"transformer.resblocks.{i}.{theirs}.{p}": f"encoder.layers.{i}.{ours}.{p}"
                           for p in ("weight", "bias")})
-    return {f"vision_encoder.{k}": tower[v].clone() for k, v in names.items()}
+        for p in ("weight", "bias"):
+            state[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
+                [tower[f"encoder.layers.{i}.self_attn.{x}_proj.{p}"] for x in "qkv"])
+    state.update({k: tower[v].clone() for k, v in names.items()})
+    state["proj"] = torch.ones(tower["post_layernorm.weight"].shape[0], 8)
+    return {prefix + k: v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("layout", ["hf", "open_clip"])
@@ -295,7 +304,7 @@ def test_a_whole_state_checkpoint_with_another_vision_tower_is_refused(openflami
 
     def frozen(tower):
         if layout == "open_clip":
-            return _open_clip_tower(tower)
+            return open_clip_tower(tower)
         return {f"vision_encoder.tower.{k}": v.clone() for k, v in tower.items() if not k.endswith("position_ids")}
 
     _convert(openflamingo, lambda s: s.update(frozen(own)))  # its own tower: accepted
@@ -308,6 +317,26 @@ def test_a_whole_state_checkpoint_with_another_vision_tower_is_refused(openflami
         with pytest.raises(ValueError, match="'vision_encoder.positional_embedding': \\(577, 32\\) there, "
                                              "\\(17, 32\\) in the given tower"):
             _convert(openflamingo, lambda s: s.update(wider))
+
+
+def test_clip_text_tower_is_skipped_beside_a_v1_tower_only(openflamingo):
+    """open_flamingo 0.0.x (v1) saves open_clip's whole CLIP: the tower under `vision_encoder.visual.`, the text
+    tower beside it under `vision_encoder.` (frozen, never run). Those names are read as the text tower's only where
+    a `visual.` tower is; in 2.x's layout `vision_encoder.` is the tower and CLIP's text tensors have no place."""
+    _, vision, _, _ = openflamingo
+    text = {"vision_encoder.token_embedding.weight": torch.zeros(64, 16),
+            "vision_encoder.positional_embedding": torch.zeros(77, 16),  # the text tower's 77 positions, not the ViT's
+            "vision_encoder.transformer.resblocks.5.mlp.c_fc.weight": torch.zeros(64, 16),  # past the ViT's depth
+            "vision_encoder.ln_final.weight": torch.ones(16), "vision_encoder.logit_scale": torch.tensor(4.6)}
+    v1 = open_clip_tower(vision.state_dict(), "vision_encoder.visual.")
+    _convert(openflamingo, lambda s: s.update({**v1, **text}))
+    with pytest.raises(ValueError, match="no place for: \\['vision_encoder.token_embedding.weight', "
+                                         "'vision_encoder.transformer.resblocks.5.mlp.c_fc.weight', "
+                                         "'vision_encoder.ln_final.weight', 'vision_encoder.logit_scale'\\]"):
+        _convert(openflamingo, lambda s: s.update(text))
+    for stray in ("vision_encoder.visual.extra.weight", "vision_encoder.visual_projection.weight"):
+        with pytest.raises(ValueError, match=f"no place for: \\['{stray}'\\]"):
+            _convert(openflamingo, lambda s: s.update({**v1, **text, stray: torch.ones(16)}))
 
 
 def test_an_embedding_table_of_another_tokenizer_is_refused(openflamingo):

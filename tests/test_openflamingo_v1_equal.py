@@ -12,12 +12,14 @@ import torch
 
 pytestmark = pytest.mark.peer
 pytest.importorskip("einops_exts", reason="the OpenFlamingo peer needs einops-exts")
+from test_convert_bad_input import open_clip_tower  # noqa: E402
+
 from flamingo.convert import convert_openflamingo, save_openflamingo_checkpoint  # noqa: E402
 from flamingo.model.generation import generate, score_batch  # noqa: E402
 from flamingo.model.prefill import Prefill  # noqa: E402
 from flamingo.peers.openflamingo import openflamingo_v1_dir  # noqa: E402
 from flamingo.runtime.compat import CONTINUOUS_BATCHING  # noqa: E402
-from flamingo.tiny import random_image, tiny_image_processor, tiny_lm  # noqa: E402
+from flamingo.tiny import random_image, tiny_image_processor, tiny_lm, tiny_vision  # noqa: E402
 
 from helpers import (  # noqa: E402
     continuous_batch_greedy,
@@ -191,6 +193,56 @@ def test_a_whole_checkpoint_refuses_another_lm(v1):
     with pytest.raises(ValueError, match="differ from the given LM"):
         convert_openflamingo(copy.deepcopy(peer.state_dict()), copy.deepcopy(vision), other, copy.deepcopy(tok),
                              image_processor=tiny_image_processor("clip"), attend_next_image=True)
+
+
+def _with_tower(peer, tower: dict) -> dict:
+    """The peer's whole state with its tower replaced by `tower` (keys under `vision_encoder.visual.`)."""
+    state = {k: v.clone() for k, v in peer.state_dict().items() if not k.startswith("vision_encoder.visual.")}
+    return {**state, **tower}
+
+
+def _hf_tower(tower: dict) -> dict:
+    return {f"vision_encoder.visual.tower.{k}": v.clone() for k, v in tower.items()}
+
+
+def test_a_whole_v1_state_holds_clip_and_converts_with_its_tower_in_either_naming(v1):
+    """open_flamingo 0.0.2 keeps open_clip's whole CLIP as `vision_encoder` (and runs its `.visual`): a whole
+    `state_dict()` holds the tower under `vision_encoder.visual.` and CLIP's text tower beside it, whose 77 positions
+    and other width are not the tower's. The text tower is skipped, the tower compared: under the peer's HF names (the
+    fixture) or open_clip's (Med-Flamingo's model.pt), v1's logits."""
+    peer, _, processor, (vision, lm, tok) = v1
+    state = peer.state_dict()
+    assert "vision_encoder.visual.tower.embeddings.patch_embedding.weight" in state
+    assert state["vision_encoder.positional_embedding"].shape == (77, 16)
+    assert "vision_encoder.transformer.resblocks.0.attn.in_proj_weight" in state
+    med = _with_tower(peer, open_clip_tower(vision.state_dict(), "vision_encoder.visual."))
+    ours, _ = convert_openflamingo(med, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                   image_processor=tiny_image_processor("clip"), attend_next_image=True)
+    batch = processor(PROMPTS, images=MEDIA, padding_side="right")
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        assert (ours(**batch).logits[real] - _peer_logits(peer, batch)[real]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("naming", ["hf", "open_clip"])
+def test_a_whole_v1_state_refuses_another_tower(v1, naming):
+    """Another tower of the same shape, under `vision_encoder.visual.`, differs in its values; in open_clip's names
+    one of other shapes is named by the tower's tensor (not the text tower's `positional_embedding` beside it)."""
+    peer, _, _, (vision, lm, tok) = v1
+    layout = _hf_tower if naming == "hf" else (lambda t: open_clip_tower(t, "vision_encoder.visual."))
+
+    def convert(state):
+        return convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                    image_processor=tiny_image_processor("clip"), attend_next_image=True)
+
+    with pytest.raises(ValueError, match="frozen vision tower it was trained on, and its tensors differ from the "
+                                         "given tower's .*--vision"):
+        convert(_with_tower(peer, layout(tiny_vision("clip", seed=7).state_dict())))
+    if naming == "open_clip":
+        wider = {**layout(vision.state_dict()), "vision_encoder.visual.positional_embedding": torch.zeros(577, 32)}
+        with pytest.raises(ValueError, match="'vision_encoder.visual.positional_embedding': \\(577, 32\\) there, "
+                                             "\\(17, 32\\) in the given tower"):
+            convert(_with_tower(peer, wider))
 
 
 def test_published_med_flamingo_converts_offline_from_the_hub_cache(tmp_path):

@@ -1,7 +1,9 @@
 """OpenFlamingo checkpoints (2.x, and v1: open_flamingo 0.0.x, Med-Flamingo) -> our model.
 
-OpenFlamingo v1 has 2.x's modules and checkpoint layout; only its masking differs: at inference (its
+OpenFlamingo v1 has 2.x's modules and names for its trained parts; its masking differs: at inference (its
 `attend_previous=False`) a text token sees the next image, none after the row's last, an `<image>` token its own.
+And its `vision_encoder` is open_clip's whole CLIP (2.x keeps the `.visual` alone): a whole v1 `state_dict()` holds
+the tower under `vision_encoder.visual.` and CLIP's text tower beside it (`tower_prefix`).
 A v1 checkpoint converts with `attend_next_image=True` (config `attend_next_image`), so that the model computes what
 v1 computed (tests/test_openflamingo_v1_equal.py, against open_flamingo 0.0.2's classes).
 
@@ -379,10 +381,17 @@ def tied_copies(lm: torch.nn.Module, state: Mapping[str, torch.Tensor], shape: t
 # buffers older transformers saved and newer ones compute (rotary frequencies and caches, position ids, causal mask
 # scalars; causal masks are bool): never weights, so a whole-state checkpoint's copies have no place to take
 _DERIVED_BUFFER = re.compile(r"(^|\.)(inv_freq|cos_cached|sin_cached|masked_bias|position_ids)$")
-# open_clip's VisionTransformer, as OpenFlamingo's `vision_encoder` (the `.visual` of its CLIP) saves it
+# open_clip's VisionTransformer, as OpenFlamingo 2.x's `vision_encoder` (the `.visual` of its CLIP) saves it
 _OPEN_CLIP_VIT = re.compile(r"(conv1\.weight|class_embedding|positional_embedding|proj|ln_(pre|post)\.(weight|bias)"
                             r"|transformer\.resblocks\.(?P<layer>\d+)\.(ln_[12]\.(weight|bias)|attn\.in_proj_(weight|bias)"
                             r"|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias)|ls_[12]\.gamma))$")
+# v1 (open_flamingo 0.0.x: Med-Flamingo, Multimodal-GPT) keeps open_clip's whole CLIP as `vision_encoder` and runs its
+# `.visual`: the tower sits under this prefix, and CLIP's text tower (frozen, never run) beside it under these names
+_V1_TOWER = "vision_encoder.visual."
+_OPEN_CLIP_TEXT = re.compile(r"(positional_embedding|text_projection|logit_scale|token_embedding\.weight"
+                             r"|ln_final\.(weight|bias)|transformer\.resblocks\.\d+\.(ln_[12]\.(weight|bias)"
+                             r"|attn\.in_proj_(weight|bias)|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias)"
+                             r"|ls_[12]\.gamma))$")
 
 
 # open_clip's ViT tensor -> the HF CLIP tower's holding the same values (transformers' CLIP conversion copies them);
@@ -411,11 +420,19 @@ def lm_tensors(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name.replace(".base_layer.", "."): value for name, value in lm.state_dict().items() if ".lora_" not in name}
 
 
-def tower_name(key: str, ours: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """A whole-state checkpoint's `vision_encoder.` key -> the name in `ours` (the given tower's state) of the tensor
-    it copies: its HF name (behind a wrapper's `tower.` or not, with or without `vision_model.`), or the HF name of an
-    open_clip tensor (`_OPEN_CLIP_TO_HF`); None where there is none."""
-    name = key[len("vision_encoder."):].removeprefix("tower.")
+def tower_prefix(state: Mapping[str, Any]) -> str:
+    """Where a whole-state checkpoint holds its vision tower: under `vision_encoder.visual.` where any key is (v1's
+    whole CLIP; its other `vision_encoder.` keys are the text tower), under `vision_encoder.` otherwise (2.x)."""
+    return _V1_TOWER if any(key.startswith(_V1_TOWER) for key in state) else "vision_encoder."
+
+
+def tower_name(key: str, ours: Mapping[str, torch.Tensor], prefix: str = "vision_encoder.") -> Optional[str]:
+    """A whole-state checkpoint's key under the tower's `prefix` (`tower_prefix`) -> the name in `ours` (the given
+    tower's state) of the tensor it copies: its HF name (behind a wrapper's `tower.` or not, with or without
+    `vision_model.`), or the HF name of an open_clip tensor (`_OPEN_CLIP_TO_HF`); None where there is none."""
+    if not key.startswith(prefix):
+        return None
+    name = key[len(prefix):].removeprefix("tower.")
     name = next((re.sub(f"^{pattern}$", hf, name) for pattern, hf in _OPEN_CLIP_TO_HF if re.fullmatch(pattern, name)),
                 name)
     return next((n for n in (name, f"vision_model.{name}", name.removeprefix("vision_model.")) if n in ours), None)
@@ -428,20 +445,25 @@ def _derived(name: str, value: torch.Tensor) -> bool:
 def unplaced_backbone_tensors(state: Mapping[str, torch.Tensor], lm: torch.nn.Module, vision: torch.nn.Module
                               ) -> list[str]:
     """The keys of a whole-state checkpoint's frozen backbone copies with no place in the given backbones: an
-    `lang_encoder.` tensor whose name (`lm_name`) the LM lacks or has in another shape; a `vision_encoder.` tensor
-    that is neither the given tower's (its HF names, behind a wrapper's `tower.` or not) in the same shape nor one of
-    open_clip's ViT tensors within the tower's depth (their shapes and values are `check_frozen_vision`'s). Derived
-    buffers (`_DERIVED_BUFFER`) are skipped. Reads no tensor data."""
+    `lang_encoder.` tensor whose name (`lm_name`) the LM lacks or has in another shape; a tensor under the tower's
+    prefix (`tower_prefix`) that is neither the given tower's (its HF names, behind a wrapper's `tower.` or not) in
+    the same shape nor one of open_clip's ViT tensors within the tower's depth (their shapes and values are
+    `check_frozen_vision`'s); beside a v1 tower, a `vision_encoder.` tensor not of CLIP's text tower. Derived buffers
+    (`_DERIVED_BUFFER`) are skipped. Reads no tensor data."""
     ours_lm, ours_vision = lm_tensors(lm), vision.state_dict()
     layers_path = find_decoder_layers(lm)
     depth = getattr(getattr(vision, "config", None), "num_hidden_layers", None)
+    prefix = tower_prefix(state)
     unplaced = []
     for key, value in state.items():
         if key.startswith("lang_encoder."):
             name = lm_name(key, layers_path)
             placed = name in ours_lm and ours_lm[name].shape == value.shape
+        elif key.startswith("vision_encoder.") and not key.startswith(prefix):  # v1's text tower: frozen, unused
+            name = key[len("vision_encoder."):]
+            placed = bool(_OPEN_CLIP_TEXT.fullmatch(name))
         elif key.startswith("vision_encoder."):
-            name = key[len("vision_encoder."):].removeprefix("tower.")
+            name = key[len(prefix):].removeprefix("tower.")
             names = (name, f"vision_model.{name}", name.removeprefix("vision_model."))
             placed = any(n in ours_vision and ours_vision[n].shape == value.shape for n in names)
             m = _OPEN_CLIP_VIT.fullmatch(name)
@@ -476,19 +498,21 @@ def check_frozen_lm(state: dict[str, torch.Tensor], lm: torch.nn.Module, samples
 
 def check_frozen_vision(state: dict[str, torch.Tensor], vision: torch.nn.Module,
                         samples: int = FROZEN_VISION_SAMPLES) -> None:
-    """`check_frozen_lm` for the frozen vision tower a whole checkpoint holds under `vision_encoder.`, in the HF
-    tower's layout or open_clip's (Med-Flamingo's `model.pt`): each tensor naming one of the given tower's
-    (`tower_name`) must have its shape, and `samples` of them, spread over the tower, its values at the lower
-    precision of the two. Another tower of the same shape (another ViT-L/14) differs in every tensor."""
+    """`check_frozen_lm` for the frozen vision tower a whole checkpoint holds under `vision_encoder.` (2.x) or
+    `vision_encoder.visual.` (v1: Med-Flamingo's `model.pt`; `tower_prefix`), in the HF tower's layout or open_clip's:
+    each tensor naming one of the given tower's (`tower_name`) must have its shape, and `samples` of them, spread over
+    the tower, its values at the lower precision of the two. Another tower of the same shape (another ViT-L/14)
+    differs in every tensor. v1's CLIP text tower beside it is not compared: the model never runs it."""
     ours = vision.state_dict()
-    pairs = [(key, name, value) for key, value in state.items() if key.startswith("vision_encoder.")
-             and value.is_floating_point() and (name := tower_name(key, ours)) is not None]
+    prefix = tower_prefix(state)
+    pairs = [(key, name, value) for key, value in state.items()
+             if value.is_floating_point() and (name := tower_name(key, ours, prefix)) is not None]
     step = max(1, -(-len(pairs) // samples))
-    differ = [(key, tuple(value.shape)) for key, name, value in pairs if ours[name].shape != value.shape]
-    differ = differ or [(key, None) for key, name, value in pairs[::step] if not _close(ours[name], value)]
+    differ = [(key, name, tuple(value.shape)) for key, name, value in pairs if ours[name].shape != value.shape]
+    differ = differ or [(key, name, None) for key, name, value in pairs[::step] if not _close(ours[name], value)]
     if differ:
-        key, shape = differ[0]
-        given = f": {shape} there, {tuple(ours[tower_name(key, ours)].shape)} in the given tower" if shape else ""
+        key, name, shape = differ[0]
+        given = f": {shape} there, {tuple(ours[name].shape)} in the given tower" if shape else ""
         raise ValueError(f"the checkpoint holds the frozen vision tower it was trained on, and its tensors differ from "
                          f"the given tower's (e.g. {key!r}{given}): pass the vision tower the checkpoint was trained "
                          "on (--vision)")

@@ -14,9 +14,11 @@ loaded from there the same way, under another private name.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import types
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -96,6 +98,30 @@ class HFVisualForOpenFlamingo(nn.Module):
         return tokens.mean(dim=1), tokens
 
 
+class CLIPForOpenFlamingo(nn.Module):
+    """open_clip's whole CLIP as OpenFlamingo's factory passes it: the tower as `.visual` (`HFVisualForOpenFlamingo`)
+    and a text tower under open_clip's names beside it. 2.x keeps the `.visual` alone; v1 keeps the whole module, so
+    its `state_dict()` holds both, as Med-Flamingo's `model.pt` does. The text tower is never run (Flamingo reads only
+    images): a tiny random one (context 77, `width` wide) stands in for CLIP's by its names, not its size."""
+
+    def __init__(self, tower: nn.Module, width: int = 16, layers: int = 1, vocab: int = 64) -> None:
+        super().__init__()
+        self.visual = HFVisualForOpenFlamingo(tower)
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as without it
+            torch.manual_seed(0)
+            self.token_embedding = nn.Embedding(vocab, width)
+            self.positional_embedding = nn.Parameter(0.01 * torch.randn(77, width))
+            self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(
+                nn.ModuleDict({"ln_1": nn.LayerNorm(width), "attn": nn.MultiheadAttention(width, 2),
+                               "ln_2": nn.LayerNorm(width),
+                               "mlp": nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
+                                                                c_proj=nn.Linear(4 * width, width)))})
+                for _ in range(layers))})
+            self.ln_final = nn.LayerNorm(width)
+            self.text_projection = nn.Parameter(torch.randn(width, width) / math.sqrt(width))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
 def _mixin_with_optional_mask(base: type) -> type:
     """OpenFlamingo's mixin wants `attention_mask` positionally; HF 5's generate may omit it."""
 
@@ -124,7 +150,7 @@ def build_openflamingo(vision: nn.Module, lm: nn.Module, tokenizer: Any, cross_a
         decoder_layers_attr_name = _DECODER_LAYERS[model_type]
     lm.set_decoder_layers_attr_name(decoder_layers_attr_name)
     lm.resize_token_embeddings(len(tokenizer))
-    model = of.Flamingo(types.SimpleNamespace(visual=HFVisualForOpenFlamingo(vision)), lm,
+    model = of.Flamingo(CLIPForOpenFlamingo(vision), lm,
                         tokenizer.encode("<|endofchunk|>")[-1], tokenizer.encode("<image>")[-1],
                         vis_dim=vision.config.hidden_size, cross_attn_every_n_layers=cross_attn_every_n_layers)
     model.requires_grad_(False)

@@ -218,3 +218,68 @@ def test_eval_on_another_thread_during_a_call_leaves_the_layers_in_eval(make_mod
     assert not model.training and [layer.training for layer in layers] == [False] * len(layers)
     torch.testing.assert_close(model.score(batch["input_ids"], cont, images=batch["images"]), expected,
                                atol=0, rtol=0)
+
+
+def test_two_threads_first_lm_probes_at_once_leave_the_lms_modes_as_they_were(make_model):
+    """A one-time LM probe saves every LM module's mode, puts the LM in eval and restores them: a second thread's
+    probe inside the first saved the eval modes and restored them last, leaving a training model's LM in eval mode
+    (dropout off, or a frozen LM's checkpointing off) for good. Probes take turns."""
+    model, _ = make_model("llama", freeze_lm=False)
+    model.train()
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    calls = {"A": 0, "B": 0}
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        name = threading.current_thread().name
+        calls[name] += 1
+        if name == "A" and calls[name] == 1:
+            a_in.set()
+            b_in.wait(1.0)  # B, if it is let in, starts its probe now
+        elif name == "B" and calls[name] == 1:
+            b_in.set()
+        elif name == "B" and calls[name] == 3:
+            a_done.wait(5.0)  # ... and restores after A
+
+    def first() -> None:
+        model.pads_exactly()
+        a_done.set()
+
+    handle = model.lm.register_forward_pre_hook(hook, with_kwargs=True)
+    a = threading.Thread(target=first, name="A")
+    b = threading.Thread(target=model.pads_exactly, name="B")
+    try:
+        a.start()
+        assert a_in.wait(30)
+        b.start()
+        a.join()
+        b.join()
+    finally:
+        handle.remove()
+    assert model.lm.training and all(m.training for m in model.lm.modules())
+
+
+def test_the_heads_probe_counts_its_own_call_only(make_model):
+    """`head_is_last_op` hooks the shared output head and expects one output: another thread's call through the head
+    during the probe made it two, the probe answered False for good, and the chunked loss was off from then on."""
+    model, processor = make_model("llama")
+    batch = processor("<image>A photo of a dog", images=[random_image(0)])
+    inside, generated = threading.Event(), threading.Event()
+
+    def hold(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.current_thread().name == "A" and not inside.is_set():
+            inside.set()
+            generated.wait(5.0)  # another thread's generate runs the head now
+
+    result: dict[str, bool] = {}
+    handle = model.lm.register_forward_pre_hook(hold, with_kwargs=True)
+    a = threading.Thread(target=lambda: result.update(probe=model.head_is_last_op()), name="A")
+    try:
+        a.start()
+        assert inside.wait(30)
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=1, do_sample=False)
+        generated.set()
+        a.join()
+    finally:
+        handle.remove()
+    assert result["probe"] is True

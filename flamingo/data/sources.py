@@ -17,6 +17,7 @@ import re
 import stat
 import tarfile
 import tempfile
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -235,8 +236,9 @@ class TarShard:
 
     def read(self, member: tarfile.TarInfo) -> bytes:
         try:
-            f = self._open_file().extractfile(member)
-            data = f.read() if f is not None else None
+            with _SHARD_FILES:  # tarfile seeks, then reads, the file the readers of a path share (`_SHARD_FILES`)
+                f = self._open_file().extractfile(member)
+                data = f.read() if f is not None else None
         except Exception as e:  # a truncated shard fails here
             raise SkipSample("bad_shard", f"cannot read {member.name!r} from {self.path!r}: {e}") from e
         if data is None or len(data) != member.size:
@@ -272,6 +274,10 @@ def _close(shard: TarShard) -> None:
 
 
 _MAX_OPEN_SHARDS = 4
+# Held while a shard's file is opened and read, and while the open shards close: the readers of a path in a process
+# share one file (`_OPEN_SHARDS`), whose seek and read another thread's must not split (a record would get bytes of
+# the right length from elsewhere in the shard), and an evicted shard's file closes under no reader
+_SHARD_FILES = threading.RLock()
 # (process id, path) -> the shard with its open file: a forked DataLoader worker never reads its parent's file object
 _OPEN_SHARDS: LRU[tuple[int, str], TarShard] = LRU(max_size=_MAX_OPEN_SHARDS, on_evict=_close)
 
@@ -282,7 +288,8 @@ def close_open_shards() -> None:
     All of them, another stream's in this process too: records still waiting for a closed shard open it again
     (`TarShard._open_file`; a compressed one's copy stays with its shard object, so that costs an open, no
     decompression)."""
-    _OPEN_SHARDS.clear()
+    with _SHARD_FILES:
+        _OPEN_SHARDS.clear()
 
 
 if hasattr(os, "register_at_fork"):  # (no fork on Windows)

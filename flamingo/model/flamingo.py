@@ -789,14 +789,16 @@ class Flamingo(nn.Module):
     @contextmanager
     def _lm_in_eval_mode(self) -> Iterator[None]:
         """The LM in eval mode (no dropout) for a probe, and every module's own mode back afterwards: a frozen LM
-        in eval mode keeps its decoder layers in train mode for activation checkpointing (`train`)."""
-        modes = [(module, module.training) for module in self.lm.modules()]
-        self.lm.eval()
-        try:
-            yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        in eval mode keeps its decoder layers in train mode for activation checkpointing (`train`). Under
+        `_LAYER_FLAGS`: two threads' probes restoring each other's saved modes would leave the LM in eval."""
+        with _LAYER_FLAGS:
+            modes = [(module, module.training) for module in self.lm.modules()]
+            self.lm.eval()
+            try:
+                yield
+            finally:
+                for module, mode in modes:
+                    module.training = mode
 
     def head_is_last_op(self) -> bool:
         """Whether the LM's logits are its output head's output, unchanged (up to a cast to fp32): what a chunked
@@ -809,7 +811,13 @@ class Flamingo(nn.Module):
 
     def _probe_head(self, head: nn.Module) -> bool:
         seen: list[torch.Tensor] = []
-        handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
+        probing = threading.get_ident()  # another thread's LM call through the head is not the probe's
+
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if threading.get_ident() == probing:
+                seen.append(output)
+
+        handle = head.register_forward_hook(record)
         ids = self._plain_token_ids(8)  # (1, 8)
         try:
             with self._lm_in_eval_mode(), torch.no_grad():

@@ -9,6 +9,7 @@ cold instead of shipping its contents.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Optional, TypeVar
 
@@ -41,6 +42,9 @@ class LRU(Generic[K, V]):
         self.size = 0
         self.hits = 0
         self._items: OrderedDict[K, V] = OrderedDict()
+        # one caller at a time (callers on several threads: a model's vision cache shared by an app's threads); an
+        # `on_evict` may use the store again
+        self._lock = threading.RLock()
 
     def _size(self, value: V) -> int:
         return 1 if self.size_of is None else self.size_of(value)
@@ -56,16 +60,21 @@ class LRU(Generic[K, V]):
         return self._items.get(key)
 
     def get(self, key: K) -> Optional[V]:
-        value = self._items.get(key)
-        if value is None:
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
 
     def put(self, key: K, value: V) -> None:
         """Store `value` under `key`. A value already there leaves (`on_evict` runs for it, unless it is `value`
         itself), also when `value` is too large to store: the key never keeps a stale value."""
+        with self._lock:
+            self._put(key, value)
+
+    def _put(self, key: K, value: V) -> None:
         old = self._items.pop(key, None)
         if old is not None:
             if old is value:
@@ -83,9 +92,10 @@ class LRU(Generic[K, V]):
 
     def clear(self) -> None:
         """Every item leaves, least recently used first (`on_evict` runs for each)."""
-        while self._items:
-            _, value = self._items.popitem(last=False)
-            self._leave(value)
+        with self._lock:
+            while self._items:
+                _, value = self._items.popitem(last=False)
+                self._leave(value)
 
     def _leave(self, value: V) -> None:
         self.size -= self._size(value)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
+import signal
 import sys
 import tarfile
 import threading
+import time
 from typing import Any, Callable
 
+import pytest
 import torch
 
 from flamingo.data.sources import read_records
@@ -105,3 +109,44 @@ def test_an_lru_shared_by_threads_keeps_its_items_and_its_count():
     out = _run_parked(trace, lambda: store.get("a"), evict, parked, go)
     assert torch.equal(out["parked"], torch.zeros(1))
     assert store.size == len(store) == 2 and "d" in store
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_another_thread_holds_the_stores_works(tmp_path):
+    """A DataLoader worker forked while another thread of the parent held a store's lock (reading a shard, using a
+    cache) inherited it held by a thread it does not have: its first read, and the fork handler that closes its
+    parent's shards, waited forever. The child starts with fresh locks."""
+    from flamingo.data import sources
+
+    path = str(tmp_path / "shard-000.tar")
+    _shard(path, {"s000": b"A" * 100})
+    record = next(iter(read_records(path)))
+    store: LRU[str, int] = LRU(4)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sources._SHARD_FILES, store._lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one thread, the locks' holder left behind
+            try:
+                store.put("a", 1)
+                ok = store.get("a") == 1 and record.shard.read(record.payload["bin"]) == b"A" * 100
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child hung or failed"
+    finally:
+        release.set()
+        holder.join(30)

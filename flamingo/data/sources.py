@@ -292,8 +292,16 @@ def close_open_shards() -> None:
         _OPEN_SHARDS.clear()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child's shards: a fresh `_SHARD_FILES` (another thread of the parent may have held it at the fork,
+    and would hold it for good in the child, which has one thread), then its parent's files closed."""
+    global _SHARD_FILES
+    _SHARD_FILES = threading.RLock()
+    close_open_shards()
+
+
 if hasattr(os, "register_at_fork"):  # (no fork on Windows)
-    os.register_at_fork(after_in_child=close_open_shards)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -9,7 +9,9 @@ cold instead of shipping its contents.
 from __future__ import annotations
 
 import math
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Optional, TypeVar
 
@@ -25,6 +27,20 @@ def budget_bytes(mib: float, what: str) -> int:
     if not isinstance(mib, (int, float)) or not math.isfinite(mib) or mib < 0:
         raise ValueError(f"{what} needs a size that is a finite number >= 0 MiB, got {mib}")
     return max(1, math.ceil(mib * 2**20)) if mib > 0 else 0
+
+
+# Every store of this process: a child forked while another thread of the parent held a store's lock would find it
+# held for good (the child has one thread), so each store gets a fresh lock there
+_STORES: "weakref.WeakSet[LRU]" = weakref.WeakSet()
+
+
+def _fresh_locks_after_fork() -> None:
+    for store in list(_STORES):
+        store._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 class LRU(Generic[K, V]):
@@ -45,6 +61,7 @@ class LRU(Generic[K, V]):
         # one caller at a time (callers on several threads: a model's vision cache shared by an app's threads); an
         # `on_evict` may use the store again
         self._lock = threading.RLock()
+        _STORES.add(self)
 
     def _size(self, value: V) -> int:
         return 1 if self.size_of is None else self.size_of(value)

@@ -114,18 +114,22 @@ def test_an_lru_shared_by_threads_keeps_its_items_and_its_count():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_child_forked_while_another_thread_holds_the_stores_works(tmp_path):
     """A DataLoader worker forked while another thread of the parent held a store's lock (reading a shard, using a
-    cache) inherited it held by a thread it does not have: its first read, and the fork handler that closes its
-    parent's shards, waited forever. The child starts with fresh locks."""
-    from flamingo.data import sources
+    cache, opening an image) inherited it held by a thread it does not have: its first read, and the fork handler
+    that closes its parent's shards, waited forever. The child starts with fresh locks."""
+    from PIL import Image
 
-    path = str(tmp_path / "shard-000.tar")
+    from flamingo.data import sources
+    from flamingo.runtime import media_formats
+
+    path, png = str(tmp_path / "shard-000.tar"), str(tmp_path / "image.png")
     _shard(path, {"s000": b"A" * 100})
+    Image.new("RGB", (4, 4)).save(png)
     record = next(iter(read_records(path)))
     store: LRU[str, int] = LRU(4)
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with sources._SHARD_FILES, store._lock:
+        with sources._SHARD_FILES, store._lock, media_formats._SILENCED:
             holding.set()
             release.wait(30)
 
@@ -138,6 +142,8 @@ def test_a_child_forked_while_another_thread_holds_the_stores_works(tmp_path):
             try:
                 store.put("a", 1)
                 ok = store.get("a") == 1 and record.shard.read(record.payload["bin"]) == b"A" * 100
+                with media_formats.open_image(png) as image:
+                    ok = ok and image.size == (4, 4)
             finally:
                 os._exit(0 if ok else 1)
         deadline = time.monotonic() + 20

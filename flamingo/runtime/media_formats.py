@@ -6,6 +6,7 @@ files, sockets and URLs the file names."""
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Union
@@ -51,6 +52,17 @@ def image_formats() -> tuple[str, ...]:
 # whole process, and two threads' `catch_warnings` blocks that overlap restore each other's filters, leaving one in
 # place for good. Only a file's header is read under it.
 _SILENCED = threading.Lock()
+
+
+def _fresh_lock_after_fork() -> None:
+    """A forked child (a DataLoader worker) has one thread: the lock another thread of the parent held at the fork
+    would stay held there for good."""
+    global _SILENCED
+    _SILENCED = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def open_image(source: Union[str, IO[bytes]]) -> "PILImage.Image":

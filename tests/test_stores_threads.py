@@ -93,6 +93,26 @@ def test_two_threads_reading_one_shard_each_get_their_own_bytes(tmp_path):
     assert out["parked"] == blobs["s000"] and out["other"] == blobs["s001"]
 
 
+def test_opening_other_shards_never_closes_one_a_thread_is_reading(tmp_path):
+    """Opening a shard may evict the least recently used open one and close its file: another thread's read of that
+    shard failed ("I/O operation on closed file") and its sample was counted as bad_shard."""
+    from flamingo.data.sources import _MAX_OPEN_SHARDS, open_shard
+
+    paths = [str(tmp_path / f"shard-{i:03d}.tar") for i in range(_MAX_OPEN_SHARDS + 1)]
+    for path in paths:
+        _shard(path, {"s000": b"A" * 5000})
+    first = next(iter(read_records(paths[0])))
+    parked, go = threading.Event(), threading.Event()
+    trace = _parked_at(tarfile._FileInFile.read, "self.fileobj.read(length)", parked, go)
+
+    def open_others() -> None:
+        for path in paths[1:]:
+            open_shard(path)
+
+    out = _run_parked(trace, lambda: first.shard.read(first.payload["bin"]), open_others, parked, go)
+    assert out["parked"] == b"A" * 5000
+
+
 def test_an_lru_shared_by_threads_keeps_its_items_and_its_count():
     """`get` found a key, then another thread's `put` evicted it before `get` moved it to the end: a bare KeyError,
     and the byte count could drift until every later call failed. One caller at a time now."""
@@ -112,47 +132,57 @@ def test_an_lru_shared_by_threads_keeps_its_items_and_its_count():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_child_forked_while_another_thread_holds_the_stores_works(tmp_path):
-    """A DataLoader worker forked while another thread of the parent held a store's lock (reading a shard, using a
-    cache, opening an image) inherited it held by a thread it does not have: its first read, and the fork handler
-    that closes its parent's shards, waited forever. The child starts with fresh locks."""
+def test_a_child_forked_while_other_threads_use_the_stores_works(tmp_path):
+    """A DataLoader worker forked while another thread of the parent held a store's lock (using a cache, opening an
+    image) or was reading a shard (its file's own lock held) inherited them held by a thread it does not have: its
+    first cache use or image, or the fork handler closing its parent's shards, waited forever. A fork now waits for
+    the shard being read, and the child's stores start with fresh locks."""
     from PIL import Image
 
-    from flamingo.data import sources
     from flamingo.runtime import media_formats
 
     path, png = str(tmp_path / "shard-000.tar"), str(tmp_path / "image.png")
-    _shard(path, {"s000": b"A" * 100})
+    _shard(path, {f"s{i:03d}": os.urandom(1_000_000) for i in range(8)})
     Image.new("RGB", (4, 4)).save(png)
-    record = next(iter(read_records(path)))
+    records = list(read_records(path))
     store: LRU[str, int] = LRU(4)
-    holding, release = threading.Event(), threading.Event()
+    holding, release, reading = threading.Event(), threading.Event(), threading.Event()
 
     def hold() -> None:
-        with sources._SHARD_FILES, store._lock, media_formats._SILENCED:
+        with store._lock, media_formats._SILENCED:
             holding.set()
-            release.wait(30)
+            release.wait(60)
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(30)
+    def read() -> None:
+        while not release.is_set():
+            for record in records:
+                record.shard.read(record.payload["bin"])
+                reading.set()
+
+    threads = [threading.Thread(target=hold), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    assert holding.wait(30) and reading.wait(30)
     try:
-        pid = os.fork()
-        if pid == 0:  # the child: one thread, the locks' holder left behind
-            try:
-                store.put("a", 1)
-                ok = store.get("a") == 1 and record.shard.read(record.payload["bin"]) == b"A" * 100
-                with media_formats.open_image(png) as image:
-                    ok = ok and image.size == (4, 4)
-            finally:
-                os._exit(0 if ok else 1)
-        deadline = time.monotonic() + 20
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if done[0] == 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child hung or failed"
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:  # the child: one thread, the locks' holders left behind
+                ok = False
+                try:
+                    store.put("a", 1)
+                    with media_formats.open_image(png) as image:
+                        ok = store.get("a") == 1 and image.size == (4, 4) and \
+                            len(records[0].shard.read(records[0].payload["bin"])) == 1_000_000
+                finally:
+                    os._exit(0 if ok else 1)
+            deadline = time.monotonic() + 20
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if done[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child hung or failed"
     finally:
         release.set()
-        holder.join(30)
+        for thread in threads:
+            thread.join(30)

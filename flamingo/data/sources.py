@@ -293,15 +293,16 @@ def close_open_shards() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child's shards: a fresh `_SHARD_FILES` (another thread of the parent may have held it at the fork,
-    and would hold it for good in the child, which has one thread), then its parent's files closed."""
-    global _SHARD_FILES
-    _SHARD_FILES = threading.RLock()
+    """A forked child's shards: its parent's files closed. The fork happened holding `_SHARD_FILES`, so no other
+    thread of the parent was inside a read (a file's own lock held by a thread the child, which has one thread, does
+    not have would hang its close) nor is left holding it."""
+    _SHARD_FILES.release()
     close_open_shards()
 
 
 if hasattr(os, "register_at_fork"):  # (no fork on Windows)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_SHARD_FILES.acquire, after_in_parent=_SHARD_FILES.release,
+                        after_in_child=_after_fork_in_child)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -385,7 +386,8 @@ def open_shard(path: str) -> TarShard:
     by_basename = _unique_names(members, lambda m: os.path.basename(m.name), kept)
     shard = TarShard(path, groups, by_name, by_basename, error, cut, repeated, _file=tf, _plain=plain,
                      identity=identity)
-    _OPEN_SHARDS.put(cache_key, shard)
+    with _SHARD_FILES:  # the put may evict, and close, a shard another thread is reading
+        _OPEN_SHARDS.put(cache_key, shard)
     return shard
 
 

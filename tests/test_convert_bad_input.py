@@ -231,7 +231,7 @@ def openflamingo():
     return state, vision, lm, tok
 
 
-def _convert(openflamingo, edit=None, tokenizer=None):
+def _convert(openflamingo, edit=None, tokenizer=None, v1=False):
     import copy
 
     from flamingo.convert import convert_openflamingo
@@ -242,7 +242,7 @@ def _convert(openflamingo, edit=None, tokenizer=None):
     if edit is not None:
         edit(state)
     return convert_openflamingo(state, copy.deepcopy(vision), copy.deepcopy(lm), tokenizer or copy.deepcopy(tok),
-                                image_processor=tiny_image_processor())
+                                image_processor=tiny_image_processor(), attend_next_image=v1)
 
 
 @pytest.mark.parametrize("key", ["perceiver.layers.0.0.to_q.bias",
@@ -329,14 +329,14 @@ def test_clip_text_tower_is_skipped_beside_a_v1_tower_only(openflamingo):
             "vision_encoder.transformer.resblocks.5.mlp.c_fc.weight": torch.zeros(64, 16),  # past the ViT's depth
             "vision_encoder.ln_final.weight": torch.ones(16), "vision_encoder.logit_scale": torch.tensor(4.6)}
     v1 = open_clip_tower(vision.state_dict(), "vision_encoder.visual.")
-    _convert(openflamingo, lambda s: s.update({**v1, **text}))
+    _convert(openflamingo, lambda s: s.update({**v1, **text}), v1=True)
     with pytest.raises(ValueError, match="no place for: \\['vision_encoder.token_embedding.weight', "
                                          "'vision_encoder.transformer.resblocks.5.mlp.c_fc.weight', "
                                          "'vision_encoder.ln_final.weight', 'vision_encoder.logit_scale'\\]"):
         _convert(openflamingo, lambda s: s.update(text))
     for stray in ("vision_encoder.visual.extra.weight", "vision_encoder.visual_projection.weight"):
         with pytest.raises(ValueError, match=f"no place for: \\['{stray}'\\]"):
-            _convert(openflamingo, lambda s: s.update({**v1, **text, stray: torch.ones(16)}))
+            _convert(openflamingo, lambda s: s.update({**v1, **text, stray: torch.ones(16)}), v1=True)
 
 
 def test_an_embedding_table_of_another_tokenizer_is_refused(openflamingo):

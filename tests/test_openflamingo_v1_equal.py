@@ -42,10 +42,10 @@ def _peer(every: int = 2, seed: int = 0):
     return openflamingo_peer(every, seed, v1=True, attn_gates=(0.5, 1.0))
 
 
-def _convert(peer, vision, lm, tok, attend_next_image: bool = True):
+def _convert(peer, vision, lm, tok):
     return convert_openflamingo(copy.deepcopy(peer.state_dict()), copy.deepcopy(vision), copy.deepcopy(lm),
                                 copy.deepcopy(tok), image_processor=tiny_image_processor("clip"),
-                                attend_next_image=attend_next_image)
+                                attend_next_image=True)
 
 
 def _peer_logits(peer, batch):
@@ -71,8 +71,12 @@ def test_logits_equal_openflamingo_v1(v1):
     real = batch["attention_mask"].bool()
     assert (mine[real] - theirs[real]).abs().max() <= 1e-5
 
-    # Not vacuous: the paper's rule (2.x's) computes something else on the same weights ...
-    v2_rule, _ = _convert(peer, *backbones, attend_next_image=False)
+    # Not vacuous: the paper's rule (2.x's) computes something else on the same weights (the state without v1's
+    # whole CLIP, which only a v1 conversion takes) ...
+    vision, lm, tok = backbones
+    v2_rule, _ = convert_openflamingo({k: v for k, v in peer.state_dict().items() if not k.startswith("vision_")},
+                                      copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                                      image_processor=tiny_image_processor("clip"))
     with torch.no_grad():
         assert (v2_rule(**batch).logits[real] - theirs[real]).abs().max() > 1e-3
 
@@ -222,6 +226,15 @@ def test_a_whole_v1_state_holds_clip_and_converts_with_its_tower_in_either_namin
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         assert (ours(**batch).logits[real] - _peer_logits(peer, batch)[real]).abs().max() <= 1e-5
+
+
+def test_a_whole_v1_state_without_the_v1_rule_is_refused(v1):
+    """Only open_flamingo 0.0.x saves its whole CLIP: converted with 2.x's rule (no --v1), its logits were up to 0.54
+    off v1's, without a word."""
+    peer, _, _, (vision, lm, tok) = v1
+    with pytest.raises(ValueError, match="OpenFlamingo v1's whole CLIP .* --v1"):
+        convert_openflamingo(peer.state_dict(), copy.deepcopy(vision), copy.deepcopy(lm), copy.deepcopy(tok),
+                             image_processor=tiny_image_processor("clip"))
 
 
 @pytest.mark.parametrize("naming", ["hf", "open_clip"])

@@ -229,6 +229,10 @@ def convert_openflamingo(checkpoint: Union[str, os.PathLike, dict], vision: Any,
     that already holds them (saved beside an OpenFlamingo or a model of ours) adds nothing, and a checkpoint table
     with rows past the LM's is refused (`check_tokens_added`): those rows would be dropped."""
     state = load_openflamingo_state(checkpoint)
+    if tower_prefix(state) == _V1_TOWER and not attend_next_image:  # only open_flamingo 0.0.x saves its whole CLIP
+        raise ValueError("the checkpoint holds OpenFlamingo v1's whole CLIP (vision_encoder.visual.*): it is a v1 "
+                         "checkpoint (open_flamingo 0.0.x: OpenFlamingo-9B v1, Med-Flamingo), whose text sees the "
+                         "next image; convert it with --v1 (attend_next_image=True)")
     config = infer_config(state, config)
     config.attend_next_image = attend_next_image
     if isinstance(lm, (str, os.PathLike)):

@@ -274,6 +274,7 @@ def open_clip_tower(tower: dict, prefix: str = "vision_encoder.") -> dict:
     """An HF CLIP tower's state in open_clip's ViT layout under `prefix` (`vision_encoder.`: OpenFlamingo 2.x's;
     `vision_encoder.visual.`: v1's whole CLIP, Med-Flamingo's file): q, k and v fused into `in_proj`, and a
     projection `proj` outside the HF tower."""
+    tower = {k.removeprefix("vision_model."): v for k, v in tower.items()}  # (transformers 4's tower has the prefix)
     names = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
              "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
              "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
